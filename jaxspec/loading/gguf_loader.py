@@ -1,0 +1,194 @@
+"""LLaMA-family weights from GGUF files (llama.cpp's format), read with the `gguf` package.
+
+Tensors are dequantized one at a time and handed to JAX before the next is read, so peak memory stays near the
+size of the f32 weights. llama.cpp's converter permutes the rows of the Q and K projections so that rotary
+embeddings act on interleaved pairs; we undo that permutation, as Hugging Face transformers does, and use the
+half-split rotary layout everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.loading.errors import ModelLoadError
+from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers
+
+LLAMA_FAMILY = ("llama", "mistral", "smollm", "granite")  # architectures stored with llama.cpp's llama layout
+SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
+                    "Q6_K")
+
+
+def _open(path: str):
+  import gguf  # imported lazily: only GGUF users pay for it
+
+  if not os.path.isfile(path):
+    raise ModelLoadError(f"No model file at {path!r}. Pass the path of a .gguf file or a Hugging Face model folder.")
+  try:
+    return gguf.GGUFReader(path)
+  except Exception as e:  # gguf raises ValueError, struct.error, IndexError... on damaged files
+    raise ModelLoadError(f"{path!r} is not a readable GGUF file ({type(e).__name__}: {e}). The file is truncated "
+                         "or corrupt: download or convert it again.") from e
+
+
+def _field(reader, key: str, default: Any = None):
+  f = reader.fields.get(key)
+  if f is None:
+    if default is None:
+      raise ModelLoadError(f"GGUF metadata has no {key!r}; this file is not a complete LLaMA-family model.")
+    return default
+  return f.contents()
+
+
+def config_from_gguf(reader) -> LlamaConfig:
+  """The architecture described by a GGUF file's metadata."""
+  arch = _field(reader, "general.architecture")
+  if arch not in LLAMA_FAMILY:
+    raise ModelLoadError(f"GGUF architecture {arch!r} is not supported; jaxspec loads {', '.join(LLAMA_FAMILY)}.")
+  a = arch
+  n_heads = int(_field(reader, f"{a}.attention.head_count"))
+  d_model = int(_field(reader, f"{a}.embedding_length"))
+  head_dim = int(_field(reader, f"{a}.attention.key_length", d_model // n_heads))
+  rope_dim = int(_field(reader, f"{a}.rope.dimension_count", head_dim))
+  if rope_dim != head_dim:
+    raise ModelLoadError(f"Partial rotary embeddings (rope dim {rope_dim} < head dim {head_dim}) are not supported.")
+  scaling = reader.fields.get(f"{a}.rope.scaling.type")
+  if scaling is not None and scaling.contents() not in ("none",):
+    raise ModelLoadError(f"RoPE scaling {scaling.contents()!r} is not supported yet.")
+  names = {t.name for t in reader.tensors}
+  vocab = reader.fields.get(f"{a}.vocab_size")
+  vocab_size = int(vocab.contents()) if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"].data)
+  return LlamaConfig(
+      vocab_size=vocab_size,
+      d_model=d_model,
+      n_layers=int(_field(reader, f"{a}.block_count")),
+      n_heads=n_heads,
+      n_kv_heads=int(_field(reader, f"{a}.attention.head_count_kv", n_heads)),
+      head_dim=head_dim,
+      d_ff=int(_field(reader, f"{a}.feed_forward_length")),
+      rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
+      norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+      tie_embeddings="output.weight" not in names,
+      max_seq_len=int(_field(reader, f"{a}.context_length", 2048)),
+  )
+
+
+def _unpermute_rows(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
+  """Inverse of llama.cpp's Q/K permutation (interleaved rotary pairs back to the half-split layout)."""
+  o, i = w_OxI.shape
+  return w_OxI.reshape(n_heads, o // n_heads // 2, 2, i).swapaxes(1, 2).reshape(o, i)
+
+
+def _dequantize(t) -> np.ndarray:
+  import gguf
+
+  qname = t.tensor_type.name
+  if qname not in SUPPORTED_QTYPES:
+    raise ModelLoadError(f"Tensor {t.name!r} uses quantization {qname}, which jaxspec cannot dequantize.")
+  try:
+    w = gguf.quants.dequantize(t.data, t.tensor_type)
+  except Exception as e:
+    raise ModelLoadError(f"Could not dequantize tensor {t.name!r} ({qname}): {e}. The file may be corrupt.") from e
+  shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
+  if int(np.prod(shape)) != w.size:
+    raise ModelLoadError(f"Tensor {t.name!r} holds {w.size} values, its header says {shape}: the file is corrupt.")
+  return w.reshape(shape).astype(np.float32, copy=False)
+
+
+def _target(name: str, cfg: LlamaConfig):
+  """Maps a GGUF tensor name to (param path, transform)."""
+  if name == "token_embd.weight":
+    return ("embed", "embedding"), None
+  if name == "output_norm.weight":
+    return ("final_norm", "scale"), None
+  if name == "output.weight":
+    return ("lm_head", "kernel"), "T"
+  if not name.startswith("blk."):
+    return None, None
+  _, idx, *rest = name.split(".")
+  key = ".".join(rest)
+  layer = f"layers_{int(idx)}"
+  table = {
+      "attn_norm.weight": (("attn_norm", "scale"), None),
+      "ffn_norm.weight": (("mlp_norm", "scale"), None),
+      "attn_q.weight": (("attn", "q", "kernel"), ("perm", cfg.n_heads)),
+      "attn_k.weight": (("attn", "k", "kernel"), ("perm", cfg.n_kv_heads)),
+      "attn_v.weight": (("attn", "v", "kernel"), "T"),
+      "attn_output.weight": (("attn", "o", "kernel"), "T"),
+      "ffn_gate.weight": (("mlp", "gate", "kernel"), "T"),
+      "ffn_up.weight": (("mlp", "up", "kernel"), "T"),
+      "ffn_down.weight": (("mlp", "down", "kernel"), "T"),
+  }
+  if key not in table:
+    return None, None
+  path, fn = table[key]
+  return (layer, *path), fn
+
+
+def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = False) -> tuple[LlamaLM, dict]:
+  """Loads a LLaMA-family GGUF file.
+
+  Args:
+    path_or_reader: the .gguf file, or a `gguf.GGUFReader` of it (whose metadata fields are released here: read the
+      tokenizer from it first).
+    dtype: parameter and activation dtype ("float32" is fastest on CPU; "bfloat16" halves memory on TPU/GPU).
+    scan_layers: stack layers for `lax.scan` (faster compiles) instead of unrolling them.
+
+  Returns:
+    `(model, params)`.
+
+  Raises:
+    ModelLoadError: a missing, corrupt or unsupported file, with what to do.
+  """
+  reader = _open(path_or_reader) if isinstance(path_or_reader, (str, os.PathLike)) else path_or_reader
+  path = getattr(getattr(reader, "data", None), "filename", None) or str(path_or_reader)
+  cfg = config_from_gguf(reader)
+  # The parsed metadata (tokenizer vocabularies: ~10^5 small numpy views) costs ~180 MB; release it before the
+  # weights arrive so peak memory stays near the f32 weights alone.
+  reader.fields.clear()
+  gc.collect()
+  cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+  params: dict = {}
+  seen = set()
+  for t in reader.tensors:
+    target, fn = _target(t.name, cfg)
+    if target is None:
+      continue
+    w = _dequantize(t)
+    if isinstance(fn, tuple):  # Q/K: undo the permutation, then [out, in] -> kernel [in, out]
+      w = _unpermute_rows(w, fn[1]).T
+    elif fn == "T":
+      w = w.T
+    node = params
+    for k in target[:-1]:
+      node = node.setdefault(k, {})
+    node[target[-1]] = jnp.asarray(w, dtype=dtype)  # copies into a JAX buffer; the numpy copy is freed next
+    del w
+    seen.add(target)
+  _check_complete(params, cfg, path)
+  model = LlamaLM(cfg)
+  if scan_layers:
+    params = stack_layers(params, cfg.n_layers)
+  return model, params
+
+
+def _check_complete(params: dict, cfg: LlamaConfig, path: str) -> None:
+  # Shapes of a one-layer model stand for every layer: tracing the full init would take seconds.
+  one = jax.eval_shape(LlamaLM(dataclasses.replace(cfg, scan_layers=False, n_layers=1)).init_params, jax.random.key(0))
+  one = dict(one)
+  layer = one.pop("layers_0")
+  expected = {**one, **{f"layers_{i}": layer for i in range(cfg.n_layers)}}
+  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
+  have = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  missing = sorted(set(want) - set(have))
+  if missing:
+    raise ModelLoadError(f"{path!r} lacks tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
+  bad = [(k, have[k], want[k]) for k in want if have[k] != want[k]]
+  if bad:
+    raise ModelLoadError(f"{path!r} has tensors of unexpected shapes (name, file, expected): {bad[:3]}.")

@@ -1,0 +1,277 @@
+"""Decoder-only LLaMA-family transformer (RMSNorm, RoPE, grouped-query attention, SwiGLU) in Flax linen.
+
+One forward takes T new tokens with their positions and a `[B, T, T]` mask among them, attends to the committed
+part of an explicit `KVCache`, and returns logits, final hidden states and the cache with the new keys and values
+written. The same call serves prefill (causal mask), one-token steps, chains of k tokens and trees of N tokens
+(ancestor mask, depth-based positions).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxspec.models.cache import KVCache
+
+Array = jax.Array
+_NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Architecture of a LLaMA-family model. Frozen and hashable, so it can be a static jit argument."""
+
+  vocab_size: int
+  d_model: int
+  n_layers: int
+  n_heads: int
+  n_kv_heads: int
+  head_dim: int
+  d_ff: int
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  max_seq_len: int = 8192
+  dtype: str = "float32"  # activations; XLA:CPU runs bf16 far slower than f32, so f32 is the CPU default
+  param_dtype: str = "float32"
+  scan_layers: bool = False  # stack layers under lax.scan: faster compiles (TPU), slower steps on CPU
+
+  def __post_init__(self):
+    if self.n_heads % self.n_kv_heads:
+      raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+  @property
+  def n_params(self) -> int:
+    d, f, h = self.d_model, self.d_ff, self.head_dim
+    per_layer = d * h * (self.n_heads * 2 + self.n_kv_heads * 2) + 3 * d * f + 2 * d
+    head = 0 if self.tie_embeddings else self.vocab_size * d
+    return self.vocab_size * d + self.n_layers * per_layer + d + head
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+  """A few-thousand-parameter config for unit tests."""
+  base = dict(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, d_ff=64,
+              rope_theta=10000.0, max_seq_len=512)
+  base.update(overrides)
+  return LlamaConfig(**base)
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (y * scale).astype(self.dtype)
+
+
+def rope_tables(positions_BxT: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
+  """cos and sin `[B, T, H/2]` for rotary embeddings in the half-split (Hugging Face) layout."""
+  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x_BxTxNxH: Array, cos_BxTxH2: Array, sin_BxTxH2: Array) -> Array:
+  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
+  cos, sin = cos_BxTxH2[:, :, None, :], sin_BxTxH2[:, :, None, :]
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
+
+
+def _write(buf_BxSxKxH: Array, new_BxTxKxH: Array, start_B: Array) -> Array:
+  return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n, s, axis=0))(buf_BxSxKxH, new_BxTxKxH,
+                                                                                        start_B)
+
+
+class Attention(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, rope, kv, lengths_B, visible_BxTxS):
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    dense = lambda n, name: nn.DenseGeneral(n, use_bias=False, dtype=dt, param_dtype=jnp.dtype(cfg.param_dtype),
+                                            name=name)
+    b, t, _ = x_BxTxD.shape
+    q_BxTxNxH = dense(cfg.n_heads * cfg.head_dim, "q")(x_BxTxD).reshape(b, t, cfg.n_heads, cfg.head_dim)
+    k_BxTxKxH = dense(cfg.n_kv_heads * cfg.head_dim, "k")(x_BxTxD).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    v_BxTxKxH = dense(cfg.n_kv_heads * cfg.head_dim, "v")(x_BxTxD).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    q_BxTxNxH = apply_rope(q_BxTxNxH, *rope)
+    k_BxTxKxH = apply_rope(k_BxTxKxH, *rope)
+
+    cache_k, cache_v = kv
+    cache_k = _write(cache_k, k_BxTxKxH.astype(cache_k.dtype), lengths_B)
+    cache_v = _write(cache_v, v_BxTxKxH.astype(cache_v.dtype), lengths_B)
+
+    g = cfg.n_heads // cfg.n_kv_heads
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim) * (cfg.head_dim ** -0.5)
+    scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, cache_k.astype(dt),
+                                  preferred_element_type=jnp.float32)
+    scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, _NEG_INF)
+    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dt)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, cache_v.astype(dt))
+    out_BxTxD = out_BxTxKxGxH.reshape(b, t, cfg.n_heads * cfg.head_dim)
+    return dense(cfg.d_model, "o")(out_BxTxD), (cache_k, cache_v)
+
+
+class MLP(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.cfg
+    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                                     param_dtype=jnp.dtype(cfg.param_dtype), name=name)
+    return dense(cfg.d_model, "down")(nn.silu(dense(cfg.d_ff, "gate")(x_BxTxD)) * dense(cfg.d_ff, "up")(x_BxTxD))
+
+
+class Block(nn.Module):
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, kv, rope, lengths_B, visible_BxTxS):
+    cfg = self.cfg
+    dt = jnp.dtype(cfg.dtype)
+    h, kv = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x_BxTxD), rope, kv, lengths_B,
+                                        visible_BxTxS)
+    x_BxTxD = x_BxTxD + h
+    x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x_BxTxD))
+    return x_BxTxD, kv
+
+
+class _ScanBlock(nn.Module):
+  """`Block` with the (carry, xs) signature `nn.scan` expects."""
+  cfg: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, kv, rope, lengths_B, visible_BxTxS):
+    return Block(self.cfg, name="block")(x_BxTxD, kv, rope, lengths_B, visible_BxTxS)
+
+
+def visible_slots(lengths_B: Array, mask_BxTxT: Array, capacity: int) -> Array:
+  """Which cache slots each new token sees: the committed context plus the new tokens its mask allows."""
+  t = mask_BxTxT.shape[-1]
+  rel_BxS = jnp.arange(capacity)[None, :] - lengths_B[:, None]
+  in_new_BxS = (rel_BxS >= 0) & (rel_BxS < t)
+  new_BxTxS = jnp.take_along_axis(mask_BxTxT, jnp.clip(rel_BxS, 0, t - 1)[:, None, :], axis=2)
+  return (rel_BxS < 0)[:, None, :] | (in_new_BxS[:, None, :] & new_BxTxS)
+
+
+class Llama(nn.Module):
+  """The Flax module. Use it through `LlamaLM`, which holds the static parts and the cache layout."""
+
+  cfg: LlamaConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),
+                          param_dtype=jnp.dtype(cfg.param_dtype),
+                          embedding_init=nn.initializers.normal(0.02), name="embed")
+    if cfg.scan_layers:
+      self.layers = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers)(cfg,
+                                                                                                       name="layers")
+    else:
+      self.layers = [Block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
+    self.final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), name="final_norm")
+    if not cfg.tie_embeddings:
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
+                              param_dtype=jnp.dtype(cfg.param_dtype), name="lm_head")
+
+  def __call__(self, tokens_BxT, positions_BxT, cache: KVCache, mask_BxTxT):
+    cfg = self.cfg
+    if mask_BxTxT.ndim == 2:
+      mask_BxTxT = jnp.broadcast_to(mask_BxTxT, (tokens_BxT.shape[0], *mask_BxTxT.shape))
+    x_BxTxD = self.embed(tokens_BxT)
+    rope = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+    visible_BxTxS = visible_slots(cache.lengths, mask_BxTxT, cache.capacity)
+    if cfg.scan_layers:
+      x_BxTxD, (ks, vs) = self.layers(x_BxTxD, (cache.k, cache.v), rope, cache.lengths, visible_BxTxS)
+    else:
+      ks, vs = [], []
+      for layer, k, v in zip(self.layers, cache.k, cache.v):
+        x_BxTxD, (k, v) = layer(x_BxTxD, (k, v), rope, cache.lengths, visible_BxTxS)
+        ks.append(k)
+        vs.append(v)
+      ks, vs = tuple(ks), tuple(vs)
+    return self.final_norm(x_BxTxD), cache.replace(k=ks, v=vs)
+
+  def logits(self, hidden_BxTxD):
+    if self.cfg.tie_embeddings:
+      return self.embed.attend(hidden_BxTxD).astype(jnp.float32)
+    return self.lm_head(hidden_BxTxD).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaLM:
+  """A LLaMA-family model behind the decoding boundary (`jaxspec.decoding.LanguageModel`).
+
+  Static and hashable: pass it to `jax.jit` as a static argument; params and caches are the arrays.
+  """
+
+  cfg: LlamaConfig
+
+  @property
+  def module(self) -> Llama:
+    return Llama(self.cfg)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.cfg.vocab_size
+
+  def init_params(self, rng: Array) -> dict:
+    cache = self.init_cache(1, 8)
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return self.module.init(rng, tokens, tokens, cache, jnp.ones((1, 1, 1), bool))["params"]
+
+  def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
+    """An empty cache of `capacity` slots per row."""
+    cfg = self.cfg
+    dtype = jnp.dtype(dtype or cfg.dtype)
+    shape = (batch_size, capacity, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.scan_layers:
+      z = jnp.zeros((cfg.n_layers, *shape), dtype)
+      k, v = z, z
+    else:
+      k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+      v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+    return KVCache(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32))
+
+  def forward(self, params, tokens_BxT: Array, positions_BxT: Array, cache: KVCache, mask_BxTxT: Array, *,
+              logits: bool = True):
+    """Runs T new tokens against the cache. Jittable.
+
+    Args:
+      params: the model's parameters.
+      tokens_BxT: new token ids.
+      positions_BxT: their absolute positions (RoPE); for a tree, the committed length plus the node depth.
+      cache: committed context; the new keys and values are written at `[lengths, lengths + T)`.
+      mask_BxTxT: `mask[b, i, j]` says whether new token i attends to new token j (causal for chains, ancestor
+        mask for trees).
+      logits: whether to compute logits for every new token (prefill only needs the hidden states).
+
+    Returns:
+      `(logits_BxTxV or None, hidden_BxTxD, cache)`, `lengths` unchanged.
+    """
+    hidden, cache = self.module.apply({"params": params}, tokens_BxT, positions_BxT, cache, mask_BxTxT)
+    return (self.logits(params, hidden) if logits else None), hidden, cache
+
+  def logits(self, params, hidden_BxTxD: Array) -> Array:
+    """f32 logits from final hidden states. Jittable."""
+    return self.module.apply({"params": params}, hidden_BxTxD, method=Llama.logits)
+
+
+def stack_layers(params: dict, n_layers: int) -> dict:
+  """Converts per-layer params (`layers_0`, ...) to the stacked layout `scan_layers=True` uses."""
+  out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+  out["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(n_layers)])}
+  return out
