@@ -1,5 +1,5 @@
-"""Errors a user can meet while loading models; the CLI prints their message without a traceback."""
+"""Loading errors (re-exported from `jaxspec.errors`)."""
 
+from jaxspec.errors import ModelLoadError
 
-class ModelLoadError(ValueError):
-  """A model path that is missing, corrupt or unsupported. The message says what to do."""
+__all__ = ["ModelLoadError"]

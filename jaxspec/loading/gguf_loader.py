@@ -25,7 +25,7 @@ SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"
                     "Q6_K")
 
 
-def _open(path: str):
+def open_gguf(path: str):
   import gguf  # imported lazily: only GGUF users pay for it
 
   if not os.path.isfile(path):
@@ -146,7 +146,7 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
   Raises:
     ModelLoadError: a missing, corrupt or unsupported file, with what to do.
   """
-  reader = _open(path_or_reader) if isinstance(path_or_reader, (str, os.PathLike)) else path_or_reader
+  reader = open_gguf(path_or_reader) if isinstance(path_or_reader, (str, os.PathLike)) else path_or_reader
   path = getattr(getattr(reader, "data", None), "filename", None) or str(path_or_reader)
   cfg = config_from_gguf(reader)
   # The parsed metadata (tokenizer vocabularies: ~10^5 small numpy views) costs ~180 MB; release it before the
@@ -171,14 +171,15 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
     node[target[-1]] = jnp.asarray(w, dtype=dtype)  # copies into a JAX buffer; the numpy copy is freed next
     del w
     seen.add(target)
-  _check_complete(params, cfg, path)
+  check_complete(params, cfg, path)
   model = LlamaLM(cfg)
   if scan_layers:
     params = stack_layers(params, cfg.n_layers)
   return model, params
 
 
-def _check_complete(params: dict, cfg: LlamaConfig, path: str) -> None:
+def check_complete(params: dict, cfg: LlamaConfig, path: str) -> None:
+  """Raises `ModelLoadError` naming missing tensors or tensors of the wrong shape."""
   # Shapes of a one-layer model stand for every layer: tracing the full init would take seconds.
   one = jax.eval_shape(LlamaLM(dataclasses.replace(cfg, scan_layers=False, n_layers=1)).init_params, jax.random.key(0))
   one = dict(one)

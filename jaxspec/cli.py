@@ -1,0 +1,72 @@
+"""`jaxspec` on the command line. Thin: every command is a library call; user errors end with one message."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from jaxspec.errors import InputError, JaxspecError
+
+
+def _positive_int(text: str) -> int:
+  v = int(text)
+  if v < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+  return v
+
+
+def _cmd_generate(args) -> int:
+  from jaxspec.decoding.generate import generate
+  from jaxspec.loading import load_model
+
+  if not args.prompt.strip():
+    raise InputError("The prompt is empty: pass some text with --prompt.")
+  model, params, tok = load_model(args.model, dtype=args.dtype)
+  text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+  ids = tok.encode(text)
+  eos = [tok.eos_id] if tok.eos_id is not None else []
+  res = generate(model, params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 top_k=args.top_k, top_p=args.top_p, eos_ids=eos, pad_id=tok.pad_id or 0, seed=args.seed,
+                 max_len=args.max_len)
+  out = res.tokens[0]
+  shown = out[:-1] if out and out[-1] in eos else out
+  print(tok.decode(shown), flush=True)
+  n = len(out)
+  print(f"[{n} tokens in {res.run_s:.2f} s: {n / res.run_s:.1f} tok/s; compile {res.compile_s:.1f} s; prompt "
+        f"{len(ids)} tokens]", file=sys.stderr)
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="jaxspec", description="Fast, lossless decoding of autoregressive models in JAX.")
+  sub = p.add_subparsers(dest="command", required=True)
+  g = sub.add_parser("generate", help="generate text from a prompt")
+  g.add_argument("--prompt", required=True, help="the input text")
+  g.add_argument("--model", default=None,
+                 help="a .gguf file or Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
+  g.add_argument("--max-new-tokens", type=_positive_int, default=128)
+  g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  g.add_argument("--top-k", type=int, default=0)
+  g.add_argument("--top-p", type=float, default=1.0)
+  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+  g.add_argument("--max-len", type=_positive_int, default=None, help="cache length (default: model context length)")
+  g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  g.set_defaults(func=_cmd_generate)
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = build_parser().parse_args(argv)
+  try:
+    return args.func(args)
+  except JaxspecError as e:
+    print(f"jaxspec: error: {e}", file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print("jaxspec: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,143 @@
+"""The host-side entry point: pad prompts to buckets, pick the rule, run the jitted loop, unpad."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.decoding.accept import GreedyAcceptance, SampleAcceptance
+from jaxspec.decoding.loop import DecodeOutput, NoDraft, decode_jit
+from jaxspec.decoding.sampling import SamplingParams, Warp
+from jaxspec.errors import InputError
+
+MIN_PROMPT_BUCKET = 16
+CAPACITY_ROUND = 128  # attention runs over the whole cache buffer, so keep it close to what the request needs
+
+
+def bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
+  """The padded length for n: the next power of two (at least `minimum`), so few shapes are ever compiled."""
+  return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+@dataclasses.dataclass
+class GenerationResult:
+  """Generated token ids per prompt (EOS included when reached) and the loop's counters."""
+
+  tokens: list[list[int]]
+  target_calls: int
+  drafter_calls: int
+  active_calls: list[int]
+  step_tokens: list[int]
+  accept_hist: np.ndarray  # [B, T + 1]
+  compile_s: float = 0.0  # lowering + compilation, 0 when the program was already compiled
+  run_s: float = 0.0  # the generation itself, device to host included
+
+  @property
+  def tau(self) -> float:
+    """New tokens per target call after prefill, over the batch (Spec-Bench's τ)."""
+    calls = sum(self.active_calls)
+    return sum(self.step_tokens) / calls if calls else float("nan")
+
+
+def make_acceptor(temperature: float, top_k: int = 0, top_p: float = 1.0):
+  """Greedy for temperature 0 (T5X's convention), else sampling with the static top-k / top-p parts."""
+  if temperature == 0:
+    return GreedyAcceptance()
+  return SampleAcceptance(Warp(top_k=int(top_k), use_top_p=top_p < 1.0))
+
+
+def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], max_len: int, extra: int,
+            pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+  """Checks and pads a batch: returns (prompts_BxP, lengths_B, max_new_B, out_len, capacity)."""
+  if not prompts:
+    raise InputError("No prompts given.")
+  lengths = [len(p) for p in prompts]
+  if min(lengths) == 0:
+    raise InputError("A prompt is empty: give at least one token.")
+  max_new = [int(max_new_tokens)] * len(prompts) if np.isscalar(max_new_tokens) else list(max_new_tokens)
+  if len(max_new) != len(prompts) or min(max_new) < 1:
+    raise InputError("max_new_tokens must be >= 1, one value or one per prompt.")
+  worst = max(l + m for l, m in zip(lengths, max_new))
+  if worst > max_len:
+    raise InputError(f"A prompt of {max(lengths)} tokens plus {max(max_new)} new tokens needs {worst} cache slots, "
+                     f"more than the cache length {max_len}: shorten the prompt, lower max_new_tokens, or raise "
+                     "max_len (up to the model's context length).")
+  p = bucket(max(lengths))
+  out_len = round_up(max(max_new), 32)
+  capacity = round_up(p + out_len + extra + 1, CAPACITY_ROUND)
+  arr = np.full((len(prompts), p), pad_id, np.int32)
+  for i, pr in enumerate(prompts):
+    arr[i, :len(pr)] = pr
+  return arr, np.asarray(lengths, np.int32), np.asarray(max_new, np.int32), out_len, capacity
+
+
+def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int] = 128,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
+             pad_id: int = 0, seed: int = 0, drafter=None, draft_params: Any = None, acceptor=None,
+             max_len: int | None = None) -> GenerationResult:
+  """Generates continuations of a batch of token-id prompts with one jitted program.
+
+  Args:
+    model: a `LanguageModel` (e.g. `LlamaLM`).
+    params: its parameters.
+    prompts: token ids per prompt (lengths may differ; they are padded to a power-of-two bucket).
+    max_new_tokens: new tokens per prompt (one value or one per prompt).
+    temperature: 0 for greedy, else sampling; top_k / top_p filter the sampling distribution.
+    eos_ids: tokens that end a row.
+    pad_id: filler past each row's end in the jitted buffers.
+    seed: sampling seed.
+    drafter: proposes tokens to verify (`NoDraft()` = plain decoding).
+    draft_params: the drafter's parameters.
+    acceptor: acceptance rule; by default chosen from temperature / top_k / top_p.
+    max_len: cache length limit; defaults to the model's context length.
+
+  Returns:
+    A `GenerationResult`.
+
+  Raises:
+    InputError: empty prompts, or a request that does not fit the cache.
+  """
+  drafter = drafter or NoDraft()
+  acceptor = acceptor or make_acceptor(temperature, top_k, top_p)
+  max_len = max_len or getattr(getattr(model, "cfg", None), "max_seq_len", 1 << 30)
+  arr, lengths, max_new, out_len, capacity = prepare(prompts, max_new_tokens, max_len, drafter.num_nodes, pad_id)
+  args = (params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new),
+          jnp.asarray(list(eos_ids) or [-1], jnp.int32), jax.random.key(seed), SamplingParams.make(temperature, top_p),
+          draft_params)
+  static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=out_len, capacity=capacity, pad_id=pad_id)
+  program, compile_s = compiled_program(args, static)
+  t0 = time.perf_counter()
+  out: DecodeOutput = program(*args)
+  toks, lens, st = jax.device_get((out.tokens_BxO, out.lengths_B, out.stats))
+  run_s = time.perf_counter() - t0
+  return GenerationResult(
+      tokens=[row[:n].tolist() for row, n in zip(toks, lens)], target_calls=int(st.target_calls),
+      drafter_calls=int(st.drafter_calls), active_calls=st.active_calls_B.tolist(),
+      step_tokens=st.step_tokens_B.tolist(), accept_hist=np.asarray(st.accept_hist_BxA), compile_s=compile_s,
+      run_s=run_s)
+
+
+_PROGRAMS: dict = {}
+
+
+def compiled_program(args: tuple, static: dict):
+  """The compiled decode program for these static settings and argument shapes, and the seconds spent compiling it
+  now (0 on a cache hit). Explicit ahead-of-time compilation lets callers report compile time apart from run time."""
+  leaves, treedef = jax.tree.flatten(args)
+  key = (tuple(sorted(static.items())), treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
+  if key in _PROGRAMS:
+    return _PROGRAMS[key], 0.0
+  t0 = time.perf_counter()
+  rest = {k: v for k, v in static.items() if k != "model"}
+  program = decode_jit.lower(static["model"], *args, **rest).compile()
+  _PROGRAMS[key] = program
+  return program, time.perf_counter() - t0

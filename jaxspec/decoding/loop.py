@@ -1,0 +1,188 @@
+"""The one decode loop: draft -> verify -> accept -> commit, as a single jitted program.
+
+Prefill and every step run inside one `jax.jit`: a `lax.while_loop` over `LoopState` with fixed buffers, no host
+round trip per token. Rows of a batch accept different numbers of tokens; per-row lengths and masks handle it, and
+a finished row idles (its cache stops growing, its output is frozen). Plain decoding is the case of a drafter with
+no nodes: one token per target call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxspec.decoding.protocol import Draft, Drafter, LanguageModel, PrefillInfo, Verified
+from jaxspec.decoding.sampling import SamplingParams
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class Stats:
+  """Counters of one generation. τ = step_tokens / active_calls (Spec-Bench's convention: tokens per target call
+  after prefill, the bonus token included)."""
+
+  target_calls: Array  # verify forwards after prefill (shared by the batch)
+  drafter_calls: Array  # drafter forwards (0 for drafters that read the target's own forward)
+  active_calls_B: Array  # verify forwards while the row was still generating
+  step_tokens_B: Array  # tokens the row received from steps (the first token comes from prefill)
+  accept_hist_BxA: Array  # accept_hist[b, a]: steps of row b that committed a tokens (a = 1..T)
+
+
+@flax.struct.dataclass
+class LoopState:
+  """What the loop carries. The first token after the prompt comes from prefill; `pending_B` is the last emitted
+  token, whose keys and values enter the cache with the next forward (at the head of the next verified block)."""
+
+  step: Array
+  tokens_BxO: Array  # output buffer, with T slots of slack past the longest output
+  n_out_B: Array
+  done_B: Array
+  pending_B: Array
+  max_new_B: Array
+  cache: Any
+  dstate: Any
+  rng: Array
+  sp: SamplingParams
+  stats: Stats
+
+  @property
+  def active_B(self) -> Array:
+    return ~self.done_B
+
+
+@flax.struct.dataclass
+class DecodeOutput:
+  tokens_BxO: Array  # generated tokens, `pad_id` past each row's length
+  lengths_B: Array
+  stats: Stats
+
+
+@dataclasses.dataclass(frozen=True)
+class NoDraft:
+  """The empty drafter: plain autoregressive decoding, one token per target call."""
+
+  num_nodes: int = 0
+  is_chain: bool = True
+  calls_per_step: int = 0
+
+  def init(self, draft_params, prefill: PrefillInfo):
+    return ()
+
+  def propose(self, draft_params, dstate, loop: LoopState):
+    b = loop.pending_B.shape[0]
+    z = jnp.zeros((b, 0), jnp.int32)
+    return Draft(z, z, jnp.zeros((b, 0, 0), bool), z), dstate
+
+  def update(self, draft_params, dstate, verified: Verified):
+    return dstate
+
+
+def _is_eos(tokens: Array, eos_ids_E: Array) -> Array:
+  return jnp.any(tokens[..., None] == eos_ids_E, axis=-1)
+
+
+def _block_mask(draft: Draft) -> Array:
+  """`[B, T, T]` mask of the verified block `[pending, nodes]`: everything sees the pending token."""
+  b, n = draft.tokens_BxN.shape
+  top = jnp.zeros((b, 1, n), bool)
+  left = jnp.ones((b, n + 1, 1), bool)
+  return jnp.concatenate([left, jnp.concatenate([top, draft.mask_BxNxN], axis=1)], axis=2)
+
+
+def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array, max_new_B: Array,
+           eos_ids_E: Array, rng: Array, sp: SamplingParams, draft_params=None, *, drafter: Drafter, acceptor,
+           out_len: int, capacity: int, pad_id: int = 0) -> DecodeOutput:
+  """Prefill + the draft/verify/accept loop. Jittable; `drafter`, `acceptor`, `out_len`, `capacity`, `pad_id` and
+  `model` are static.
+
+  Args:
+    model: the target, through the `LanguageModel` boundary.
+    params: its parameters.
+    prompts_BxP: prompts, left-aligned and padded to a bucket length P.
+    prompt_len_B: true prompt lengths (>= 1).
+    max_new_B: new tokens wanted per row (<= out_len).
+    eos_ids_E: tokens that end a row (the EOS is kept in the output, as in T5X).
+    rng: random key (unused by greedy rules).
+    sp: runtime sampling settings.
+    draft_params: the drafter's parameters (heads, draft model), if any.
+    drafter: proposes N nodes per step (static).
+    acceptor: acceptance rule (static), e.g. `GreedyAcceptance()`.
+    out_len: size of the output buffer (static).
+    capacity: KV cache slots per row; must hold P + out_len + N + 1.
+    pad_id: written past each row's end.
+
+  Returns:
+    tokens, lengths and counters.
+  """
+  b, p = prompts_BxP.shape
+  t = drafter.num_nodes + 1
+  cache = model.init_cache(b, capacity)
+  positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+  _, hidden_BxPxD, cache = model.forward(params, prompts_BxP, positions_BxP, cache, jnp.tril(jnp.ones((p, p), bool)),
+                                         logits=False)
+  last_BxD = jnp.take_along_axis(hidden_BxPxD, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
+  logits_BxV = model.logits(params, last_BxD[:, None])[:, 0]
+  cache = cache.advance(prompt_len_B)
+  rng, r0 = jax.random.split(rng)
+  first_B = acceptor.first_token(r0, logits_BxV, sp)
+  tokens_BxO = jnp.full((b, out_len + t), pad_id, jnp.int32).at[:, 0].set(first_B)
+  dstate = drafter.init(draft_params, PrefillInfo(prompts_BxP, prompt_len_B, last_BxD, logits_BxV, first_B,
+                                                  capacity=capacity))
+  zeros_B = jnp.zeros((b,), jnp.int32)
+  state = LoopState(
+      step=jnp.int32(0), tokens_BxO=tokens_BxO, n_out_B=jnp.ones((b,), jnp.int32),
+      done_B=_is_eos(first_B, eos_ids_E) | (max_new_B <= 1), pending_B=first_B, max_new_B=max_new_B, cache=cache,
+      dstate=dstate, rng=rng, sp=sp,
+      stats=Stats(jnp.int32(0), jnp.int32(0), zeros_B, zeros_B, jnp.zeros((b, t + 1), jnp.int32)))
+
+  def step(s: LoopState) -> LoopState:
+    active_B = s.active_B
+    draft, dstate = drafter.propose(draft_params, s.dstate, s)
+    block_BxT = jnp.concatenate([s.pending_B[:, None], draft.tokens_BxN], axis=1)
+    depth_BxT = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), draft.depth_BxN], axis=1)
+    logits_BxTxV, hidden_BxTxD, cache = model.forward(params, block_BxT, s.cache.lengths[:, None] + depth_BxT,
+                                                      s.cache, _block_mask(draft))
+    rng, r = jax.random.split(s.rng)
+    acc = acceptor.accept(r, draft, logits_BxTxV, s.sp, drafter.is_chain)
+    n_commit_B = jnp.where(active_B, acc.n_commit_B, 0)
+    cache = cache.advance(n_commit_B) if acc.is_prefix else cache.compact(acc.path_BxT, n_commit_B, t)
+
+    # New tokens end at the first EOS and at max_new.
+    idx_T = jnp.arange(t)[None]
+    eos_BxT = _is_eos(acc.emitted_BxT, eos_ids_E) & (idx_T < n_commit_B[:, None])
+    first_eos_B = jnp.argmax(eos_BxT, axis=-1)
+    hit_eos_B = jnp.any(eos_BxT, axis=-1)
+    n_new_B = jnp.where(hit_eos_B, first_eos_B + 1, n_commit_B)
+    n_new_B = jnp.minimum(n_new_B, s.max_new_B - s.n_out_B)
+    n_new_B = jnp.where(active_B, n_new_B, 0)
+    written = jnp.where(idx_T < n_new_B[:, None], acc.emitted_BxT, pad_id)
+    tokens_BxO = jax.vmap(lambda buf, new, at: jax.lax.dynamic_update_slice_in_dim(buf, new, at, axis=0))(
+        s.tokens_BxO, written, s.n_out_B)
+    n_out_B = s.n_out_B + n_new_B
+    pending_B = jnp.take_along_axis(acc.emitted_BxT, jnp.maximum(acc.n_commit_B - 1, 0)[:, None], axis=1)[:, 0]
+    done_B = s.done_B | hit_eos_B | (n_out_B >= s.max_new_B)
+
+    st = s.stats
+    stats = Stats(
+        target_calls=st.target_calls + 1,
+        drafter_calls=st.drafter_calls + drafter.calls_per_step,
+        active_calls_B=st.active_calls_B + active_B.astype(jnp.int32),
+        step_tokens_B=st.step_tokens_B + n_new_B,
+        accept_hist_BxA=st.accept_hist_BxA + jax.nn.one_hot(n_commit_B, t + 1, dtype=jnp.int32))
+    dstate = drafter.update(draft_params, dstate, Verified(draft, logits_BxTxV, hidden_BxTxD, acc, active_B))
+    return LoopState(step=s.step + 1, tokens_BxO=tokens_BxO, n_out_B=n_out_B, done_B=done_B,
+                     pending_B=jnp.where(active_B, pending_B, s.pending_B), max_new_B=s.max_new_B, cache=cache,
+                     dstate=dstate, rng=rng, sp=s.sp, stats=stats)
+
+  state = jax.lax.while_loop(lambda s: jnp.any(s.active_B) & (s.step < out_len), step, state)
+  keep_BxO = jnp.arange(out_len)[None] < state.n_out_B[:, None]
+  return DecodeOutput(tokens_BxO=jnp.where(keep_BxO, state.tokens_BxO[:, :out_len], pad_id),
+                      lengths_B=state.n_out_B, stats=state.stats)
+
+
+decode_jit = jax.jit(decode, static_argnames=("model", "drafter", "acceptor", "out_len", "capacity", "pad_id"))

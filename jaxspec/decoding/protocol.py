@@ -1,0 +1,102 @@
+"""The boundaries of the decode loop: the model it calls, the drafter that proposes, the rule that accepts.
+
+`jaxspec.decoding` sees a model only through `LanguageModel`, as T5X's decoding sees only `tokens_to_logits`.
+Drafters and acceptance rules are small frozen dataclasses (static jit arguments); what they carry across steps is
+an array pytree in the loop state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import flax.struct
+import jax
+
+Array = jax.Array
+
+
+class LanguageModel(Protocol):
+  """What the decode loop needs from a model. `jaxspec.models.LlamaLM` is one."""
+
+  vocab_size: int
+
+  def init_cache(self, batch_size: int, capacity: int) -> Any:
+    """An empty cache with `capacity` slots per row; it has `lengths` `[B]` and `advance` / `compact` methods."""
+
+  def forward(self, params, tokens_BxT: Array, positions_BxT: Array, cache, mask_BxTxT: Array, *,
+              logits: bool = True) -> tuple[Array | None, Array, Any]:
+    """T new tokens against the cache -> (logits `[B,T,V]`, hidden `[B,T,D]`, cache with the new entries written)."""
+
+  def logits(self, params, hidden_BxTxD: Array) -> Array:
+    """f32 logits from final hidden states."""
+
+
+@flax.struct.dataclass
+class Draft:
+  """What a drafter proposes for one step: N nodes after the pending token.
+
+  The target runs `[pending, tokens_BxN]` in one forward. Node i sits at depth `depth_BxN[b, i]` (1 for children of
+  the pending token) and attends to the nodes `mask_BxNxN[b, i]` allows (itself and its ancestors); a chain has
+  depths 1..N and a lower-triangular mask. `parent_BxN` (-1 = the pending token) lets acceptance rules walk trees.
+  `probs_BxNxV` are the drafter's probabilities for each node's token (sampling acceptance needs them), or None.
+  """
+
+  tokens_BxN: Array
+  depth_BxN: Array
+  mask_BxNxN: Array
+  parent_BxN: Array
+  probs_BxNxV: Array | None = None
+
+
+@flax.struct.dataclass
+class Acceptance:
+  """What an acceptance rule keeps of a verified block `[pending, nodes...]` of T = N + 1 tokens.
+
+  `path_BxT[b, :n_commit_B[b]]` are the block indices whose cache entries are kept, in order (0, the pending token,
+  always first); `emitted_BxT[b, :n_commit_B[b]]` are the new output tokens: the accepted draft tokens and then the
+  target's correction or bonus token, which becomes the next pending token. A chain's path is 0, 1, 2, ...
+  """
+
+  emitted_BxT: Array
+  path_BxT: Array
+  n_commit_B: Array
+  is_prefix: bool = flax.struct.field(pytree_node=False, default=True)  # path is 0..n-1: no cache compaction
+
+
+class Drafter(Protocol):
+  """Proposes tokens for the target to verify. Frozen, hashable; its per-step memory is the `dstate` pytree."""
+
+  num_nodes: int  # N, static
+
+  def init(self, draft_params, prefill: "PrefillInfo") -> Any:
+    """Drafter state after the prompt (may run the drafter's own prefill)."""
+
+  def propose(self, draft_params, dstate, loop) -> tuple[Draft, Any]:
+    """Draft for the next step, given the loop state (pending tokens, positions, output so far)."""
+
+  def update(self, draft_params, dstate, verified: "Verified") -> Any:
+    """Learns from the verify forward and what was accepted (e.g. BPD heads read the accepted hidden state)."""
+
+
+@flax.struct.dataclass
+class PrefillInfo:
+  """What drafters see of the prompt: tokens, lengths, the target's final hidden state and logits at the last prompt
+  token, the first generated token and the loop's random key."""
+
+  tokens_BxP: Array
+  lengths_B: Array
+  hidden_BxD: Array
+  logits_BxV: Array
+  first_B: Array
+  capacity: int = flax.struct.field(pytree_node=False)
+
+
+@flax.struct.dataclass
+class Verified:
+  """The verify forward and its outcome, for `Drafter.update`."""
+
+  draft: Draft
+  logits_BxTxV: Array
+  hidden_BxTxD: Array
+  acceptance: Acceptance
+  active_B: Array  # rows still generating before this step

@@ -1,0 +1,66 @@
+"""Turning logits into tokens: greedy and temperature / top-k / top-p sampling.
+
+Temperature and top-p are arrays (part of the loop state), so changing them does not recompile; top-k changes the
+program's shapes and is static.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxspec.errors import InputError
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class SamplingParams:
+  """Runtime sampling settings, broadcast over rows. temperature 0 means greedy (as in T5X)."""
+
+  temperature: Array
+  top_p: Array
+
+  @classmethod
+  def make(cls, temperature: float = 0.0, top_p: float = 1.0) -> "SamplingParams":
+    if temperature < 0:
+      raise InputError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+      raise InputError(f"top_p must be in (0, 1], got {top_p}")
+    return cls(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p))
+
+
+@dataclasses.dataclass(frozen=True)
+class Warp:
+  """The static part of a sampling rule: top-k (0 = off) and whether top-p filtering is compiled in."""
+
+  top_k: int = 0
+  use_top_p: bool = False
+
+  def log_probs(self, logits_xV: Array, sp: SamplingParams) -> Array:
+    """Log-probabilities of the warped distribution (temperature, then top-k, then top-p). Jittable."""
+    t = jnp.maximum(sp.temperature, 1e-6)
+    logits = logits_xV.astype(jnp.float32) / t
+    neg = jnp.finfo(jnp.float32).min
+    if self.top_k:
+      kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
+      logits = jnp.where(logits < kth, neg, logits)
+    if self.use_top_p:
+      sorted_desc = -jnp.sort(-logits, axis=-1)
+      probs = jax.nn.softmax(sorted_desc, axis=-1)
+      cum_before = jnp.cumsum(probs, axis=-1) - probs
+      # Keep the smallest prefix whose mass reaches top_p: tokens whose preceding mass is already >= top_p go.
+      keep = cum_before < sp.top_p
+      cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+      logits = jnp.where(logits < cutoff, neg, logits)
+    return jax.nn.log_softmax(logits, axis=-1)
+
+  def probs(self, logits_xV: Array, sp: SamplingParams) -> Array:
+    return jnp.exp(self.log_probs(logits_xV, sp))
+
+  def sample(self, rng: Array, logits_xV: Array, sp: SamplingParams) -> Array:
+    """One token per row from the warped distribution. Jittable."""
+    return jax.random.categorical(rng, self.log_probs(logits_xV, sp), axis=-1).astype(jnp.int32)

@@ -1,0 +1,149 @@
+"""LLaMA-family weights from a Hugging Face folder: `config.json` plus `*.safetensors`."""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import re
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.loading.errors import ModelLoadError
+from jaxspec.loading.gguf_loader import check_complete
+from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers
+
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+def config_from_hf(cfg: dict) -> LlamaConfig:
+  """A `LlamaConfig` from a transformers `config.json` dict."""
+  archs = cfg.get("architectures") or []
+  if archs and not set(archs) & set(SUPPORTED):
+    raise ModelLoadError(f"config.json describes {archs}; jaxspec loads {', '.join(SUPPORTED)}.")
+  scaling = cfg.get("rope_scaling")
+  if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
+    raise ModelLoadError(f"rope_scaling {scaling} is not supported yet.")
+  try:
+    n_heads = int(cfg["num_attention_heads"])
+    d_model = int(cfg["hidden_size"])
+    return LlamaConfig(
+        vocab_size=int(cfg["vocab_size"]), d_model=d_model, n_layers=int(cfg["num_hidden_layers"]),
+        n_heads=n_heads, n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
+        head_dim=int(cfg.get("head_dim") or d_model // n_heads), d_ff=int(cfg["intermediate_size"]),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_seq_len=int(cfg.get("max_position_embeddings", 2048)))
+  except KeyError as e:
+    raise ModelLoadError(f"config.json lacks {e.args[0]!r}, which a LLaMA-family model needs.") from e
+
+
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_NAMES = {
+    "input_layernorm.weight": ("attn_norm", "scale"),
+    "post_attention_layernorm.weight": ("mlp_norm", "scale"),
+    "self_attn.q_proj.weight": ("attn", "q", "kernel"),
+    "self_attn.k_proj.weight": ("attn", "k", "kernel"),
+    "self_attn.v_proj.weight": ("attn", "v", "kernel"),
+    "self_attn.o_proj.weight": ("attn", "o", "kernel"),
+    "mlp.gate_proj.weight": ("mlp", "gate", "kernel"),
+    "mlp.up_proj.weight": ("mlp", "up", "kernel"),
+    "mlp.down_proj.weight": ("mlp", "down", "kernel"),
+}
+
+
+def _target(name: str):
+  if name == "model.embed_tokens.weight":
+    return ("embed", "embedding")
+  if name == "model.norm.weight":
+    return ("final_norm", "scale")
+  if name == "lm_head.weight":
+    return ("lm_head", "kernel")
+  m = _LAYER.fullmatch(name)
+  if m and m.group(2) in _NAMES:
+    return (f"layers_{int(m.group(1))}", *_NAMES[m.group(2)])
+  return None
+
+
+def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False) -> tuple[LlamaLM, dict]:
+  """Loads a Hugging Face LLaMA-family checkpoint folder, one tensor at a time.
+
+  Raises:
+    ModelLoadError: a missing or unreadable config or weights file, or an unsupported architecture.
+  """
+  from safetensors import safe_open
+
+  cfg_path = os.path.join(folder, "config.json")
+  if not os.path.isfile(cfg_path):
+    raise ModelLoadError(f"{folder!r} has no config.json: pass a Hugging Face model folder or a .gguf file.")
+  try:
+    with open(cfg_path) as f:
+      raw = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ModelLoadError(f"Could not read {cfg_path!r}: {e}") from e
+  cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+  files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+  if not files:
+    raise ModelLoadError(f"{folder!r} has no *.safetensors weights (PyTorch .bin files are not read).")
+  params: dict = {}
+  for path in files:
+    try:
+      # "flax" hands back jax arrays, which also covers bfloat16 checkpoints that numpy cannot represent.
+      with safe_open(path, framework="flax") as f:
+        for name in f.keys():
+          target = _target(name)
+          if target is None or (target[0] == "lm_head" and cfg.tie_embeddings):
+            continue
+          w = f.get_tensor(name).astype(dtype)
+          if target[-1] == "kernel":
+            w = w.T  # torch Linear [out, in] -> kernel [in, out]
+          node = params
+          for k in target[:-1]:
+            node = node.setdefault(k, {})
+          node[target[-1]] = jnp.asarray(w)
+    except ModelLoadError:
+      raise
+    except Exception as e:  # safetensors raises its own error types on damaged headers
+      raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}); the file may be corrupt.") from e
+  check_complete(params, cfg, folder)
+  return LlamaLM(cfg), (stack_layers(params, cfg.n_layers) if scan_layers else params)
+
+
+def save_hf(folder: str, model: LlamaLM, params: dict) -> None:
+  """Writes params as a Hugging Face LLaMA folder (config.json + model.safetensors); the inverse of `load_hf`."""
+  from safetensors.numpy import save_file
+
+  cfg = model.cfg
+  os.makedirs(folder, exist_ok=True)
+  inverse = {v: k for k, v in _NAMES.items()}
+  tensors = {}
+  for key, leaf in _flatten(params):
+    if key == ("embed", "embedding"):
+      name = "model.embed_tokens.weight"
+    elif key == ("final_norm", "scale"):
+      name = "model.norm.weight"
+    elif key == ("lm_head", "kernel"):
+      name = "lm_head.weight"
+    else:
+      name = f"model.layers.{int(key[0].split('_')[1])}.{inverse[key[1:]]}"
+    arr = np.asarray(leaf, np.float32)
+    tensors[name] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
+  save_file(tensors, os.path.join(folder, "model.safetensors"))
+  hf_cfg = {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+      "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
+      "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+      "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": "float32"}
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(hf_cfg, f, indent=2)
+
+
+def _flatten(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v

@@ -1,0 +1,515 @@
+"""Tokenizers for jaxspec models: byte-level BPE built from GGUF metadata, or a Hugging Face `tokenizer.json`.
+
+Both paths produce a `tokenizers.Tokenizer` (the Rust library, no torch or transformers), wrapped in `Tokenizer`,
+which adds the model's special token ids and its chat template rendered with a sandboxed jinja2 environment.
+
+A GGUF file carries no `tokenizer.json`, only llama.cpp's description of one: the vocabulary, the merges, a type per
+token and the name of the pre-tokenizer (`tokenizer.ggml.pre`) whose regular expressions llama.cpp hard-codes. We
+rebuild the same pipeline from those, so ids match llama.cpp and the model's original Hugging Face tokenizer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import mmap
+import os
+import struct
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+from jaxspec.loading.errors import ModelLoadError
+
+# llama.cpp's token types (`llama_token_type`), as stored in `tokenizer.ggml.token_type`.
+TOKEN_NORMAL = 1
+TOKEN_UNKNOWN = 2
+TOKEN_CONTROL = 3
+TOKEN_USER_DEFINED = 4
+TOKEN_UNUSED = 5
+TOKEN_BYTE = 6
+
+# Control and unknown tokens are special: matched whole in text and dropped by `decode(skip_special_tokens=True)`.
+# User-defined ones (e.g. `<think>`) are also matched whole, as llama.cpp does, but are ordinary text on decode.
+_SPECIAL_TYPES = (TOKEN_UNKNOWN, TOKEN_CONTROL)
+
+_TOKENIZER_KEYS = (
+    "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
+    "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_eos_token", "tokenizer.chat_template",
+)
+
+
+def _gpt2_byte_level_pre_tokenizer():
+  # The GPT-2 regex ('s|'t|...| ?\p{L}+| ?\p{N}+|...) is built into ByteLevel; no prefix space, as llama.cpp.
+  return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+
+
+def _smollm_pre_tokenizer():
+  # llama.cpp's "smollm" splits every digit on its own, then applies the GPT-2 regex; the original SmolLM
+  # tokenizer.json says the same with Digits(individual_digits=True) before ByteLevel.
+  return pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      _gpt2_byte_level_pre_tokenizer(),
+  ])
+
+
+# `tokenizer.ggml.pre` values we reproduce exactly, for `tokenizer.ggml.model == "gpt2"`. Others have their own
+# regular expressions in llama.cpp; guessing them would silently give wrong ids, so they are refused.
+GGUF_PRE_TOKENIZERS: dict[str, Callable[[], Any]] = {
+    "gpt-2": _gpt2_byte_level_pre_tokenizer,
+    "smollm": _smollm_pre_tokenizer,
+}
+SUPPORTED_GGUF_MODELS = ("gpt2",)
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+  """GPT-2's reversible map from bytes to printable characters, in which byte-level vocabularies are spelled."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  mapping = {b: chr(b) for b in printable}
+  extra = 0
+  for b in range(256):
+    if b not in mapping:
+      mapping[b] = chr(256 + extra)
+      extra += 1
+  return mapping
+
+
+# --- GGUF metadata --------------------------------------------------------------------------------------------------
+
+# GGUF value types (gguf.GGUFValueType) -> struct format of one scalar.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING = 8
+_GGUF_ARRAY = 9
+
+
+def read_gguf_metadata(path: str | os.PathLike, keys: Iterable[str] | None = None) -> dict[str, Any]:
+  """Reads the key/value metadata of a GGUF file, without its tensors.
+
+  `gguf.GGUFReader` builds a numpy view per array element, which takes seconds on a 49k-token vocabulary; this
+  walks the header once with `struct` and takes tens of milliseconds.
+
+  Args:
+    path: the .gguf file.
+    keys: if given, only these keys are returned (the others are still walked over: GGUF has no index).
+
+  Returns:
+    A dict from key to value: str, int, float, bool, or a list of those for arrays (as `GGUFReader`'s
+    `field.contents()` would give).
+
+  Raises:
+    ModelLoadError: the file is missing, is not GGUF, or is truncated.
+  """
+  wanted = None if keys is None else set(keys)
+  try:
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+      return _parse_gguf_metadata(buf, wanted)
+  except FileNotFoundError as e:
+    raise ModelLoadError(f"No model file at {os.fspath(path)!r}.") from e
+  except (struct.error, ValueError, IndexError, UnicodeDecodeError) as e:
+    if isinstance(e, ModelLoadError):
+      raise
+    raise ModelLoadError(f"{os.fspath(path)!r} is not a readable GGUF file ({type(e).__name__}: {e}). "
+                         "The file is truncated or corrupt: download or convert it again.") from e
+
+
+def _parse_gguf_metadata(buf, wanted: set[str] | None) -> dict[str, Any]:
+  if bytes(buf[:4]) != b"GGUF":
+    raise ModelLoadError("Not a GGUF file (bad magic bytes).")
+  # A big-endian file reads its small version number as a multiple of 2**16 when taken as little-endian.
+  order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"
+  version = struct.unpack_from(order + "I", buf, 4)[0]
+  if version < 2:
+    raise ModelLoadError(f"GGUF version {version} is too old; convert the model again with a recent llama.cpp.")
+  _, kv_count = struct.unpack_from(order + "QQ", buf, 8)
+  u64 = struct.Struct(order + "Q")
+  u32 = struct.Struct(order + "I")
+  off = 24
+
+  def read_string(off: int) -> tuple[str, int]:
+    n = u64.unpack_from(buf, off)[0]
+    start = off + 8
+    return buf[start:start + n].decode("utf-8"), start + n
+
+  def skip_string(off: int) -> int:
+    return off + 8 + u64.unpack_from(buf, off)[0]
+
+  def read_value(vtype: int, off: int, keep: bool) -> tuple[Any, int]:
+    if vtype == _GGUF_STRING:
+      return read_string(off) if keep else (None, skip_string(off))
+    if vtype in _GGUF_SCALARS:
+      s = struct.Struct(order + _GGUF_SCALARS[vtype])
+      return (s.unpack_from(buf, off)[0] if keep else None), off + s.size
+    if vtype == _GGUF_ARRAY:
+      etype = u32.unpack_from(buf, off)[0]
+      count = u64.unpack_from(buf, off + 4)[0]
+      off += 12
+      if etype in _GGUF_SCALARS:
+        s = struct.Struct(f"{order}{count}{_GGUF_SCALARS[etype]}")
+        return (list(s.unpack_from(buf, off)) if keep else None), off + s.size
+      if etype == _GGUF_STRING:
+        if not keep:
+          for _ in range(count):
+            off = skip_string(off)
+          return None, off
+        items = []
+        append = items.append
+        for _ in range(count):
+          n = u64.unpack_from(buf, off)[0]
+          off += 8
+          append(buf[off:off + n].decode("utf-8"))
+          off += n
+        return items, off
+      items = []
+      for _ in range(count):  # arrays of arrays: rare, never large
+        item, off = read_value(etype, off, keep)
+        items.append(item)
+      return (items if keep else None), off
+    raise ModelLoadError(f"Unknown GGUF value type {vtype}.")
+
+  out: dict[str, Any] = {}
+  for _ in range(kv_count):
+    key, off = read_string(off)
+    vtype = u32.unpack_from(buf, off)[0]
+    keep = wanted is None or key in wanted
+    value, off = read_value(vtype, off + 4, keep)
+    if keep:
+      out[key] = value
+  return out
+
+
+def _reader_metadata(reader, keys: Iterable[str]) -> dict[str, Any]:
+  """The same dict as `read_gguf_metadata`, from an already opened `gguf.GGUFReader`."""
+  out = {}
+  for key in keys:
+    field = reader.fields.get(key)
+    if field is not None:
+      out[key] = field.contents()
+  return out
+
+
+# --- chat templates -------------------------------------------------------------------------------------------------
+
+
+def _tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=False):
+  # jinja2's own tojson escapes <, >, & and ' for HTML, which would change the text the model sees.
+  return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+
+
+def _raise_exception(message):
+  import jinja2
+  raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt):
+  return datetime.datetime.now().strftime(fmt)
+
+
+def _compile_chat_template(source: str):
+  import jinja2
+  from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+  # The same environment settings as Hugging Face's chat templates, which these templates are written for; the
+  # sandbox stops a template shipped inside a model file from reaching Python internals.
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+  env.filters["tojson"] = _tojson
+  env.globals["raise_exception"] = _raise_exception
+  env.globals["strftime_now"] = _strftime_now
+  return env.from_string(source)
+
+
+# --- the tokenizer --------------------------------------------------------------------------------------------------
+
+
+class Tokenizer:
+  """A model's tokenizer: text <-> ids, special token ids and the chat template.
+
+  Build one with `Tokenizer.from_gguf` or `Tokenizer.from_tokenizer_json`.
+  """
+
+  def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int | None = None, eos_id: int | None = None,
+               pad_id: int | None = None, unk_id: int | None = None, chat_template: str | None = None,
+               add_bos_token: bool = False, name: str = "model"):
+    """Wraps a `tokenizers.Tokenizer`.
+
+    Args:
+      backend: the tokenizer doing the work.
+      bos_id: beginning-of-sequence id, or None if the model has none.
+      eos_id: end-of-sequence id (for chat models, the end-of-turn token), or None.
+      pad_id: padding id, or None.
+      unk_id: unknown-token id, or None.
+      chat_template: the jinja2 chat template source, or None if the model has none.
+      add_bos_token: whether the model expects BOS in front of every prompt (only informs `encode(add_bos=None)`).
+      name: where the tokenizer came from, used in error messages.
+    """
+    self._backend = backend
+    self._bos_id = bos_id
+    self._eos_id = eos_id
+    self._pad_id = pad_id
+    self._unk_id = unk_id
+    self._chat_template = chat_template
+    self._compiled_template = None
+    self.add_bos_token = bool(add_bos_token)
+    self.name = name
+
+  # -- construction --
+
+  @classmethod
+  def from_gguf(cls, path_or_reader) -> "Tokenizer":
+    """Builds the tokenizer described by a GGUF file's metadata.
+
+    Args:
+      path_or_reader: a .gguf path, or a `gguf.GGUFReader` already opened on it (its fields are reused, so a
+        caller that loads the weights too parses the file once).
+
+    Returns:
+      The tokenizer, with special ids and chat template from the file.
+
+    Raises:
+      ModelLoadError (a ValueError): the file has no tokenizer, or one of a kind we do not rebuild exactly
+        (`tokenizer.ggml.model` other than "gpt2", or an unknown `tokenizer.ggml.pre`).
+    """
+    if hasattr(path_or_reader, "fields"):
+      meta = _reader_metadata(path_or_reader, _TOKENIZER_KEYS)
+      name = os.fspath(getattr(getattr(path_or_reader, "data", None), "filename", None) or "GGUF reader")
+    else:
+      name = os.fspath(path_or_reader)
+      meta = read_gguf_metadata(name, _TOKENIZER_KEYS)
+    return cls._from_gguf_metadata(meta, name)
+
+  @classmethod
+  def _from_gguf_metadata(cls, meta: Mapping[str, Any], name: str) -> "Tokenizer":
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None or "tokenizer.ggml.tokens" not in meta:
+      raise ModelLoadError(f"{name}: the GGUF file has no tokenizer (no tokenizer.ggml.model / tokens).")
+    if kind not in SUPPORTED_GGUF_MODELS:
+      raise ModelLoadError(
+          f"{name}: GGUF tokenizer model {kind!r} is not supported; jaxspec builds {', '.join(SUPPORTED_GGUF_MODELS)} "
+          "(byte-level BPE). Pass a Hugging Face tokenizer.json instead.")
+    pre = meta.get("tokenizer.ggml.pre")
+    if pre not in GGUF_PRE_TOKENIZERS:
+      raise ModelLoadError(
+          f"{name}: GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; jaxspec reproduces "
+          f"{', '.join(sorted(GGUF_PRE_TOKENIZERS))}. Pass a Hugging Face tokenizer.json instead.")
+
+    tokens: Sequence[str] = meta["tokenizer.ggml.tokens"]
+    types: Sequence[int] = meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+      raise ModelLoadError(f"{name}: {len(tokens)} tokens but {len(types)} token types in the GGUF metadata.")
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or ()]
+
+    alphabet = _bytes_to_unicode()
+    alphabet_chars = frozenset(alphabet.values())
+    vocab: dict[str, int] = {}
+    added: list[AddedToken] = []
+    for i, (token, ttype) in enumerate(zip(tokens, types)):
+      whole = ttype in _SPECIAL_TYPES or ttype == TOKEN_USER_DEFINED
+      if not whole and not alphabet_chars.issuperset(token):
+        # A normal token written as raw text (some converters do): respell it in the byte alphabet the BPE uses.
+        token = "".join(alphabet[b] for b in token.encode("utf-8"))
+      # Added tokens are kept as written: they are matched in the raw text, and their vocab entry gives their id.
+      vocab.setdefault(token, i)
+      if whole:
+        added.append(AddedToken(token, special=ttype in _SPECIAL_TYPES, normalized=False))
+
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    backend.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
+    backend.decoder = decoders.ByteLevel()
+    # Special and user-defined tokens are registered in id order; their content is in the vocab already, so
+    # adding them grows nothing and only makes them matched whole.
+    backend.add_special_tokens([t for t in added if t.special])
+    backend.add_tokens([t for t in added if not t.special])
+
+    def token_id(key):
+      value = meta.get(key)
+      return None if value is None or not 0 <= int(value) < len(tokens) else int(value)
+
+    return cls(
+        backend,
+        bos_id=token_id("tokenizer.ggml.bos_token_id"),
+        eos_id=token_id("tokenizer.ggml.eos_token_id"),
+        pad_id=token_id("tokenizer.ggml.padding_token_id"),
+        unk_id=token_id("tokenizer.ggml.unknown_token_id"),
+        chat_template=meta.get("tokenizer.chat_template"),
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        name=name,
+    )
+
+  @classmethod
+  def from_tokenizer_json(cls, path: str | os.PathLike) -> "Tokenizer":
+    """Loads a Hugging Face `tokenizer.json`, with `tokenizer_config.json` next to it if present.
+
+    The config gives the chat template and the bos/eos/pad/unk tokens; a `chat_template.jinja` file next to it, as
+    newer Hugging Face saves write, takes precedence for the template.
+
+    Args:
+      path: the tokenizer.json file, or the folder holding it.
+
+    Raises:
+      ModelLoadError (a ValueError): no tokenizer.json there, or one `tokenizers` cannot read.
+    """
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      path = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(path):
+      raise ModelLoadError(f"No tokenizer.json at {path!r}.")
+    try:
+      backend = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
+      raise ModelLoadError(f"{path!r} is not a readable tokenizer.json ({e}).") from e
+
+    folder = os.path.dirname(path)
+    config: dict[str, Any] = {}
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    if os.path.isfile(config_path):
+      with open(config_path, encoding="utf-8") as f:
+        config = json.load(f)
+
+    template = config.get("chat_template")
+    if isinstance(template, list):  # several named templates: the one named "default" is the chat template
+      named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+      template = named.get("default")
+    jinja_path = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+      with open(jinja_path, encoding="utf-8") as f:
+        template = f.read()
+
+    def token_id(key):
+      value = config.get(key)
+      if isinstance(value, dict):  # serialized AddedToken
+        value = value.get("content")
+      return backend.token_to_id(value) if isinstance(value, str) else None
+
+    return cls(
+        backend,
+        bos_id=token_id("bos_token"),
+        eos_id=token_id("eos_token"),
+        pad_id=token_id("pad_token"),
+        unk_id=token_id("unk_token"),
+        chat_template=template,
+        add_bos_token=bool(config.get("add_bos_token", False)),
+        name=path,
+    )
+
+  def save(self, folder: str | os.PathLike) -> None:
+    """Writes `tokenizer.json` and `tokenizer_config.json` into `folder`, readable by `from_tokenizer_json`."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    self._backend.save(os.path.join(folder, "tokenizer.json"))
+    config: dict[str, Any] = {"add_bos_token": self.add_bos_token}
+    for key, token_id in (("bos_token", self._bos_id), ("eos_token", self._eos_id), ("pad_token", self._pad_id),
+                          ("unk_token", self._unk_id)):
+      if token_id is not None:
+        config[key] = self.id_to_token(token_id)
+    if self._chat_template is not None:
+      config["chat_template"] = self._chat_template
+    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+      json.dump(config, f, ensure_ascii=False, indent=2)
+
+  # -- text <-> ids --
+
+  def encode(self, text: str, *, add_bos: bool | None = False) -> list[int]:
+    """Token ids of `text`; special tokens written in it (e.g. `<|im_start|>`) become their single ids.
+
+    Args:
+      text: the text.
+      add_bos: put `bos_id` first; None follows the model's `add_bos_token`.
+    """
+    ids = self._backend.encode(text, add_special_tokens=False).ids
+    if add_bos is None:
+      add_bos = self.add_bos_token
+    if add_bos and self._bos_id is not None and (not ids or ids[0] != self._bos_id):
+      ids = [self._bos_id] + ids
+    return ids
+
+  def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
+    """The text of `ids`. With the default `skip_special_tokens=False`, `decode(encode(s)) == s` exactly.
+
+    Args:
+      ids: token ids (any iterable of ints, e.g. a list or a numpy array).
+      skip_special_tokens: drop control tokens such as `<|im_end|>`.
+    """
+    return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+  def id_to_token(self, token_id: int) -> str | None:
+    """The vocabulary entry of `token_id` (byte-level spelling, e.g. 'Ġthe'), or None."""
+    return self._backend.id_to_token(int(token_id))
+
+  def token_to_id(self, token: str) -> int | None:
+    """The id of a vocabulary entry, or None."""
+    return self._backend.token_to_id(token)
+
+  # -- properties --
+
+  @property
+  def backend(self) -> tokenizers.Tokenizer:
+    """The underlying `tokenizers.Tokenizer`."""
+    return self._backend
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._bos_id
+
+  @property
+  def eos_id(self) -> int | None:
+    return self._eos_id
+
+  @property
+  def pad_id(self) -> int | None:
+    return self._pad_id
+
+  @property
+  def unk_id(self) -> int | None:
+    return self._unk_id
+
+  @property
+  def vocab_size(self) -> int:
+    """Number of ids, added tokens included."""
+    return self._backend.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def chat_template(self) -> str | None:
+    """The jinja2 chat template source, or None."""
+    return self._chat_template
+
+  # -- chat --
+
+  def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                          **kwargs: Any) -> str:
+    """Renders a conversation into the prompt text the model was trained on.
+
+    Args:
+      messages: e.g. `[{"role": "user", "content": "Hi"}]`.
+      add_generation_prompt: end with the header of an assistant turn, so the model answers.
+      **kwargs: extra template variables (e.g. `tools`).
+
+    Returns:
+      The text; pass it to `encode` (it already holds any special tokens the template writes).
+
+    Raises:
+      ValueError: the model has no chat template, or the template rejected the messages.
+    """
+    if self._chat_template is None:
+      raise ValueError(f"{self.name}: the model has no chat template; give it a raw prompt instead of chat "
+                       "messages.")
+    import jinja2
+
+    if self._compiled_template is None:
+      self._compiled_template = _compile_chat_template(self._chat_template)
+    variables = {"bos_token": self._text_of(self._bos_id), "eos_token": self._text_of(self._eos_id),
+                 "pad_token": self._text_of(self._pad_id), "unk_token": self._text_of(self._unk_id)}
+    variables.update(kwargs)
+    try:
+      return self._compiled_template.render(
+          messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)
+    except jinja2.exceptions.TemplateError as e:
+      raise ValueError(f"{self.name}: the chat template failed: {e}") from e
+
+  def _text_of(self, token_id: int | None) -> str:
+    return "" if token_id is None else self.decode([token_id])
+
+  def __repr__(self) -> str:
+    return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos_id={self._bos_id}, eos_id={self._eos_id}, "
+            f"pad_id={self._pad_id}, chat_template={'yes' if self._chat_template else 'no'})")
