@@ -83,7 +83,7 @@ class NoDraft:
 
 
 def _is_eos(tokens: Array, eos_ids_E: Array) -> Array:
-  return jnp.any(tokens[..., None] == eos_ids_E, axis=-1)
+  return jnp.any(tokens[..., None] == eos_ids_E.reshape((1,) * tokens.ndim + (-1,)), axis=-1)
 
 
 def _block_mask(draft: Draft) -> Array:

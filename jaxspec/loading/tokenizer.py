@@ -450,18 +450,22 @@ class Tokenizer:
 
   @property
   def bos_id(self) -> int | None:
+    """Beginning-of-sequence id, or None."""
     return self._bos_id
 
   @property
   def eos_id(self) -> int | None:
+    """End-of-sequence id (for chat models the end-of-turn token, e.g. `<|im_end|>`), or None."""
     return self._eos_id
 
   @property
   def pad_id(self) -> int | None:
+    """Padding id, or None."""
     return self._pad_id
 
   @property
   def unk_id(self) -> int | None:
+    """Unknown-token id, or None."""
     return self._unk_id
 
   @property

@@ -71,13 +71,13 @@ class RMSNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (y * scale).astype(self.dtype)
+    return (y * scale.reshape((1,) * (y.ndim - 1) + (-1,))).astype(self.dtype)
 
 
 def rope_tables(positions_BxT: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
   """cos and sin `[B, T, H/2]` for rotary embeddings in the half-split (Hugging Face) layout."""
   inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   return jnp.cos(angles), jnp.sin(angles)
 
 

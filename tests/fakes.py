@@ -1,0 +1,131 @@
+"""Fake models and drafters that drive the decode loop with known answers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.decoding.loop import LoopState
+from jaxspec.decoding.protocol import Draft
+from jaxspec.models.cache import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class BigramLM:
+  """A context-free model: the logits after token x are `table[x]` (a tuple of tuples, so the model is hashable).
+  It keeps no real keys and values: its cache only tracks lengths."""
+
+  table: tuple
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.table)
+
+  @classmethod
+  def random(cls, vocab: int, seed: int = 0) -> "BigramLM":
+    rng = np.random.default_rng(seed)
+    return cls(tuple(map(tuple, rng.normal(size=(vocab, vocab)).round(3).tolist())))
+
+  def next_token(self, x: int) -> int:
+    return int(np.argmax(self.table[x]))
+
+  def greedy(self, first: int, n: int) -> list[int]:
+    out, x = [], first
+    for _ in range(n):
+      x = self.next_token(x)
+      out.append(x)
+    return out
+
+  def init_cache(self, batch_size: int, capacity: int) -> KVCache:
+    z = jnp.zeros((batch_size, capacity, 1, 1), jnp.float32)
+    return KVCache(k=(z,), v=(z,), lengths=jnp.zeros((batch_size,), jnp.int32))
+
+  def forward(self, params, tokens_BxT, positions_BxT, cache, mask_BxTxT, *, logits=True):
+    table = jnp.asarray(self.table, jnp.float32)
+    hidden = table[tokens_BxT]
+    return (hidden if logits else None), hidden, cache
+
+  def logits(self, params, hidden_BxTxD):
+    return hidden_BxTxD
+
+
+@dataclasses.dataclass(frozen=True)
+class OracleChain:
+  """Proposes the bigram model's own greedy continuation, with the nodes in `wrong` replaced by a wrong token."""
+
+  lm: BigramLM
+  num_nodes: int
+  wrong: tuple = ()
+  is_chain: bool = True
+  calls_per_step: int = 0
+
+  def init(self, draft_params, prefill):
+    return ()
+
+  def propose(self, draft_params, dstate, loop: LoopState):
+    nxt = jnp.argmax(jnp.asarray(self.lm.table), axis=-1).astype(jnp.int32)
+    toks, x = [], loop.pending_B
+    for i in range(self.num_nodes):
+      x = nxt[x]
+      toks.append(jnp.where(i in self.wrong, (x + 1) % self.lm.vocab_size, x))
+      if i in self.wrong:
+        x = toks[-1]
+    b, n = loop.pending_B.shape[0], self.num_nodes
+    tokens = jnp.stack(toks, axis=1)
+    depth = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (b, n))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (b, n, n))
+    parent = jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (b, n))
+    return Draft(tokens, depth, mask, parent), dstate
+
+  def update(self, draft_params, dstate, verified):
+    return dstate
+
+
+def tree_arrays(parents: list[int]):
+  """depth, ancestor-or-self mask for a tree given each node's parent (-1 = the pending token)."""
+  n = len(parents)
+  depth = np.zeros(n, np.int32)
+  mask = np.zeros((n, n), bool)
+  for i, p in enumerate(parents):
+    depth[i] = 1 if p < 0 else depth[p] + 1
+    mask[i, i] = True
+    if p >= 0:
+      mask[i] |= mask[p]
+  return depth, mask
+
+
+@dataclasses.dataclass(frozen=True)
+class OracleTree:
+  """A fixed tree whose branches follow the bigram model's greedy path only along `good` (node indices); all other
+  nodes carry wrong tokens. `parents` lists each node's parent (-1 = pending), in topological order."""
+
+  lm: BigramLM
+  parents: tuple
+  good: tuple
+  is_chain: bool = False
+  calls_per_step: int = 0
+
+  @property
+  def num_nodes(self) -> int:
+    return len(self.parents)
+
+  def init(self, draft_params, prefill):
+    return ()
+
+  def propose(self, draft_params, dstate, loop: LoopState):
+    nxt = jnp.argmax(jnp.asarray(self.lm.table), axis=-1).astype(jnp.int32)
+    b, n = loop.pending_B.shape[0], self.num_nodes
+    toks = []
+    for i, p in enumerate(self.parents):
+      parent_tok = loop.pending_B if p < 0 else toks[p]
+      right = nxt[parent_tok]
+      toks.append(right if i in self.good else (right + 1 + i) % self.lm.vocab_size)
+    depth, mask = tree_arrays(list(self.parents))
+    bc = lambda a: jnp.broadcast_to(jnp.asarray(a), (b, *np.shape(a)))
+    return Draft(jnp.stack(toks, 1), bc(depth), bc(mask), bc(np.asarray(self.parents, np.int32))), dstate
+
+  def update(self, draft_params, dstate, verified):
+    return dstate

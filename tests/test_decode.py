@@ -1,0 +1,169 @@
+"""The decode loop: exact token sequences with fake models, greedy equivalence, batching, buckets, sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from fakes import BigramLM, OracleChain, OracleTree
+from jaxspec.decoding import generate as gen
+from jaxspec.decoding.accept import GreedyAcceptance
+from jaxspec.decoding.loop import decode
+from jaxspec.decoding.sampling import SamplingParams, Warp
+from jaxspec.errors import InputError
+
+LM = BigramLM.random(32, seed=3)
+
+
+def test_greedy_follows_the_model_exactly():
+  res = gen.generate(LM, None, [[5, 9], [4]], max_new_tokens=12)
+  assert res.tokens[0] == LM.greedy(9, 12)
+  assert res.tokens[1] == LM.greedy(4, 12)
+  assert res.target_calls == 11  # the first token comes from prefill
+  assert res.tau == 1.0
+
+
+def test_eos_and_per_row_max_new_tokens():
+  seq = LM.greedy(9, 20)
+  eos = seq[6]
+  first = seq.index(eos)
+  res = gen.generate(LM, None, [[9], [9], [9]], max_new_tokens=[20, 3, 20], eos_ids=[eos])
+  assert res.tokens[0] == seq[:first + 1]  # EOS kept, nothing after it
+  assert res.tokens[1] == seq[:3]
+  assert res.tokens[2] == res.tokens[0]
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_oracle_chain_accepts_k_plus_one_per_call(k):
+  res = gen.generate(LM, None, [[9], [2]], max_new_tokens=1 + (k + 1) * 5, drafter=OracleChain(LM, k))
+  assert res.tokens[0] == LM.greedy(9, 1 + (k + 1) * 5)
+  assert res.tokens[1] == LM.greedy(2, 1 + (k + 1) * 5)
+  assert res.active_calls == [5, 5]
+  assert res.tau == k + 1
+  assert res.accept_hist[:, k + 1].tolist() == [5, 5]
+
+
+def test_wrong_drafts_are_rejected_and_output_stays_greedy():
+  drafter = OracleChain(LM, 4, wrong=(2,))  # nodes 0, 1 right, node 2 wrong: 2 accepted + 1 bonus per call
+  res = gen.generate(LM, None, [[9]], max_new_tokens=31, drafter=drafter)
+  assert res.tokens[0] == LM.greedy(9, 31)
+  assert res.active_calls == [10]
+  assert res.accept_hist[0, 3] == 10
+
+
+def test_tree_acceptance_takes_the_longest_right_branch():
+  # Children of pending: 0 (wrong), 1 (right), 2 (right); 3 under 1 (wrong), 4 under 2 (right), 5 under 4 (right).
+  drafter = OracleTree(LM, parents=(-1, -1, -1, 1, 2, 4), good=(1, 2, 4, 5))
+  res = gen.generate(LM, None, [[9], [3]], max_new_tokens=1 + 4 * 6, drafter=drafter)
+  assert res.tokens[0] == LM.greedy(9, 25)
+  assert res.tokens[1] == LM.greedy(3, 25)
+  assert res.active_calls == [6, 6]  # 3 nodes + bonus per call
+
+
+def test_tree_on_a_real_model_matches_greedy(tiny):
+  model, params = tiny
+  prompts = [[1, 2, 3, 4, 5], [7, 8]]
+  want = gen.generate(model, params, prompts, max_new_tokens=16).tokens
+
+  class Drafter(OracleTree):  # a tree whose good branch is filled with the tiny model's own greedy tokens
+    pass
+
+  # Without an oracle for the tiny model, use a tree of arbitrary tokens: whatever is accepted must be right.
+  drafter = OracleTree(LM, parents=(-1, -1, 0, 1, 2), good=(0, 1, 2, 3, 4))
+  got = gen.generate(model, params, prompts, max_new_tokens=16, drafter=drafter)
+  assert got.tokens == want
+
+
+def _reference_greedy(model, params, prompt, n, width=32):
+  """Greedy by recomputing the whole sequence every step, no cache reuse (right-padded: causal attention makes the
+  padding invisible to earlier positions)."""
+  fwd = jax.jit(lambda seq: model.forward(params, seq, jnp.arange(width)[None], model.init_cache(1, width),
+                                          jnp.tril(jnp.ones((width, width), bool)))[0])
+  seq = list(prompt)
+  for _ in range(n):
+    logits = fwd(jnp.asarray([seq + [0] * (width - len(seq))]))
+    seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+  return seq[len(prompt):]
+
+
+def test_greedy_loop_equals_uncached_greedy(tiny):
+  model, params = tiny
+  prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+  assert gen.generate(model, params, [prompt], max_new_tokens=20).tokens[0] == _reference_greedy(
+      model, params, prompt, 20)
+
+
+def test_each_batch_row_equals_its_batch_of_one(tiny):
+  model, params = tiny
+  prompts = [[5], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18], [200, 100, 50]]
+  batch = gen.generate(model, params, prompts, max_new_tokens=[10, 17, 4]).tokens
+  for p, n, row in zip(prompts, [10, 17, 4], batch):
+    assert row == gen.generate(model, params, [p], max_new_tokens=n).tokens[0]
+
+
+def test_prompt_lengths_in_one_bucket_share_one_program(tiny):
+  model, params = tiny
+  gen.generate(model, params, [[1] * 17], max_new_tokens=8)
+  n = len(gen._PROGRAMS)
+  gen.generate(model, params, [[2] * 30], max_new_tokens=8)
+  gen.generate(model, params, [[3] * 20], max_new_tokens=8, temperature=0.0)
+  assert len(gen._PROGRAMS) == n
+  r1 = gen.generate(model, params, [[3] * 20], max_new_tokens=8, temperature=0.7)
+  r2 = gen.generate(model, params, [[3] * 20], max_new_tokens=8, temperature=1.3)
+  assert r1.compile_s > 0 and r2.compile_s == 0  # a new temperature does not recompile
+
+
+def test_decode_is_jittable_and_matches_outside_jit(tiny):
+  model, params = tiny
+  arr, lengths, max_new, out_len, cap = gen.prepare([[1, 2, 3]], 6, 512, 0, 0)
+  args = (model, params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new), jnp.asarray([-1]),
+          jax.random.key(0), SamplingParams.make())
+  kw = dict(drafter=gen.NoDraft(), acceptor=GreedyAcceptance(), out_len=out_len, capacity=cap)
+  with jax.disable_jit():
+    eager = decode(*args, **kw)
+  np.testing.assert_array_equal(eager.tokens_BxO, gen.decode_jit(*args, **kw).tokens_BxO)
+
+
+def test_bad_requests_are_clear_errors(tiny):
+  model, params = tiny
+  with pytest.raises(InputError, match="empty"):
+    gen.generate(model, params, [[]])
+  with pytest.raises(InputError, match="cache length 64"):
+    gen.generate(model, params, [[1] * 60], max_new_tokens=10, max_len=64)
+  with pytest.raises(InputError, match="temperature"):
+    gen.generate(model, params, [[1]], temperature=-1.0)
+
+
+def test_warp_top_k_and_top_p_keep_the_right_tokens():
+  logits = jnp.log(jnp.asarray([[0.5, 0.2, 0.15, 0.1, 0.05]]))
+  sp = SamplingParams.make(temperature=1.0, top_p=0.8)
+  kept = np.isfinite(np.asarray(Warp(use_top_p=True).log_probs(logits, sp))) & (
+      np.asarray(Warp(use_top_p=True).probs(logits, sp)) > 0)
+  assert kept.tolist() == [[True, True, True, False, False]]  # 0.5 + 0.2 < 0.8 <= 0.5 + 0.2 + 0.15
+  p = np.asarray(Warp(top_k=2).probs(logits, SamplingParams.make(1.0)))
+  np.testing.assert_allclose(p, [[0.5 / 0.7, 0.2 / 0.7, 0, 0, 0]], atol=1e-6)
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.5, 5, 1.0)])
+def test_sampled_first_tokens_follow_the_warped_distribution(tiny, temperature, top_k, top_p):
+  """χ² goodness of fit of 4000 sampled tokens against the warped softmax; fails if sampling were biased."""
+  model, params = tiny
+  prompt = [10, 20, 30]
+  res = gen.generate(model, params, [prompt] * 4000, max_new_tokens=1, temperature=temperature, top_k=top_k,
+                     top_p=top_p, seed=1)
+  t = len(prompt)
+  logits = model.forward(params, jnp.asarray([prompt]), jnp.arange(t)[None], model.init_cache(1, 8),
+                         jnp.tril(jnp.ones((t, t), bool)))[0][:, -1]
+  p = np.asarray(Warp(top_k, top_p < 1).probs(logits, SamplingParams.make(temperature, top_p)))[0].astype(np.float64)
+  p /= p.sum()
+  counts = np.bincount([r[0] for r in res.tokens], minlength=p.size)
+  assert counts[p == 0].sum() == 0
+  support = p > 0
+  expected = p[support] * counts.sum()
+  big = expected >= 5  # pool rare tokens so the χ² approximation holds
+  obs = np.append(counts[support][big], counts[support][~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  if exp[-1] == 0:
+    obs, exp = obs[:-1], exp[:-1]
+  assert sps.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3

@@ -1,0 +1,118 @@
+"""The model boundary: cached decoding, chains and trees against teacher-forced forwards."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fakes import tree_arrays
+from jaxspec.models.llama import LlamaLM, stack_layers, tiny_config
+
+
+def causal(t):
+  return jnp.tril(jnp.ones((t, t), bool))
+
+
+def full_forward(model, params, tokens_BxT):
+  b, t = tokens_BxT.shape
+  cache = model.init_cache(b, max(t, 8))
+  pos = jnp.broadcast_to(jnp.arange(t), (b, t))
+  return model.forward(params, tokens_BxT, pos, cache, causal(t))[0]
+
+
+@pytest.mark.parametrize("use_jit", [False, True])
+def test_cached_one_token_steps_equal_teacher_forced(tiny, use_jit):
+  model, params = tiny
+  fwd = jax.jit(model.forward) if use_jit else model.forward
+  tokens = jax.random.randint(jax.random.key(1), (2, 12), 0, model.vocab_size)
+  full = full_forward(model, params, tokens)
+  cache = model.init_cache(2, 16)
+  steps = []
+  for i in range(12):
+    pos = jnp.full((2, 1), i)
+    logits, _, cache = fwd(params, tokens[:, i:i + 1], pos, cache, jnp.ones((1, 1), bool))
+    cache = cache.advance(jnp.ones((2,), jnp.int32))
+    steps.append(logits)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_scan_layers_match_unrolled(tiny):
+  model, params = tiny
+  scanned = LlamaLM(tiny_config(scan_layers=True))
+  tokens = jax.random.randint(jax.random.key(2), (2, 9), 0, model.vocab_size)
+  np.testing.assert_allclose(full_forward(scanned, stack_layers(params, model.cfg.n_layers), tokens),
+                             full_forward(model, params, tokens), atol=1e-5, rtol=1e-5)
+
+
+def _prefilled(model, params, prefix_BxP, capacity=32):
+  b, p = prefix_BxP.shape
+  cache = model.init_cache(b, capacity)
+  _, _, cache = model.forward(params, prefix_BxP, jnp.broadcast_to(jnp.arange(p), (b, p)), cache, causal(p))
+  return cache.advance(jnp.full((b,), p, jnp.int32))
+
+
+def test_chain_in_one_forward_equals_one_token_forwards(tiny):
+  model, params = tiny
+  tokens = jax.random.randint(jax.random.key(3), (2, 11), 0, model.vocab_size)
+  prefix, chain = tokens[:, :5], tokens[:, 5:]
+  cache = _prefilled(model, params, prefix)
+  k = chain.shape[1]
+  chain_logits, _, _ = model.forward(params, chain, 5 + jnp.broadcast_to(jnp.arange(k), (2, k)), cache, causal(k))
+  c, singles = cache, []
+  for i in range(k):
+    logits, _, c = model.forward(params, chain[:, i:i + 1], jnp.full((2, 1), 5 + i), c, jnp.ones((1, 1), bool))
+    c = c.advance(jnp.ones((2,), jnp.int32))
+    singles.append(logits)
+  np.testing.assert_allclose(chain_logits, np.concatenate(singles, axis=1), atol=1e-5, rtol=1e-5)
+
+
+def test_tree_mask_gives_each_node_its_root_path_logits(tiny):
+  model, params = tiny
+  #        root(0)
+  #       /   |   \
+  #      1    2    3
+  #     / \        |
+  #    4   5       6
+  #    |
+  #    7
+  parents = [-1, 0, 0, 0, 1, 1, 3, 4]
+  n = len(parents) + 0
+  depth_N, anc_NxN = tree_arrays([-1] + [p + 1 if p >= 0 else 0 for p in parents[1:]])
+  tokens_N = jnp.asarray([7, 11, 13, 17, 19, 23, 29, 31])
+  prefix = jax.random.randint(jax.random.key(4), (1, 6), 0, model.vocab_size)
+  cache = _prefilled(model, params, prefix)
+  positions = 6 + jnp.asarray(depth_N)[None] - 1
+  tree_logits, _, _ = model.forward(params, tokens_N[None], positions, cache, jnp.asarray(anc_NxN)[None])
+  for i in range(n):
+    path = [j for j in range(n) if anc_NxN[i, j]]  # ancestors are earlier in topological order
+    seq = jnp.concatenate([prefix, tokens_N[jnp.asarray(path)][None]], axis=1)
+    np.testing.assert_allclose(tree_logits[0, i], full_forward(model, params, seq)[0, -1], atol=1e-4, rtol=1e-4)
+
+
+def test_compact_keeps_the_accepted_path(tiny):
+  model, params = tiny
+  prefix = jax.random.randint(jax.random.key(5), (2, 4), 0, model.vocab_size)
+  cache = _prefilled(model, params, prefix)
+  # Block [a, b, c, d] where b and c are siblings under a and d is c's child; keep a, c, d.
+  block = jnp.asarray([[3, 5, 7, 9], [4, 6, 8, 10]])
+  depth = jnp.asarray([[0, 1, 1, 2]] * 2)
+  mask = jnp.asarray([[1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [1, 0, 1, 1]], bool)
+  _, _, c = model.forward(params, block, 4 + depth, cache, mask)
+  c = c.compact(jnp.asarray([[0, 2, 3, 0]] * 2), jnp.asarray([3, 3]), window=4)
+  probe = jnp.asarray([[42], [43]])
+  got = model.forward(params, probe, jnp.full((2, 1), 7), c, jnp.ones((1, 1), bool))[0][:, 0]
+  want = full_forward(model, params, jnp.concatenate([prefix, block[:, jnp.asarray([0, 2, 3])], probe], 1))[:, -1]
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_default_model_cached_steps_equal_teacher_forced(default_model):
+  model, params, tok = default_model
+  ids = jnp.asarray([tok.encode("The quick brown fox jumps over the lazy dog, and then")])
+  t = ids.shape[1]
+  full = full_forward(model, params, ids)
+  cache = _prefilled(model, params, ids[:, :4], capacity=64)
+  step = jax.jit(model.forward)
+  for i in range(4, t):
+    logits, _, cache = step(params, ids[:, i:i + 1], jnp.full((1, 1), i), cache, jnp.ones((1, 1), bool))
+    cache = cache.advance(jnp.ones((1,), jnp.int32))
+    np.testing.assert_allclose(logits[0, 0], full[0, i], atol=2e-3, rtol=1e-3)

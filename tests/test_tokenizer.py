@@ -1,0 +1,259 @@
+"""The tokenizer against Hugging Face's on the default model (tests/fixtures/smollm2_hf_reference.npz), and on
+small GGUF files written here."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import gguf
+import numpy as np
+import pytest
+import tokenizers
+
+from jaxspec.loading.default import default_model_path
+from jaxspec.loading.errors import ModelLoadError
+from jaxspec.loading.tokenizer import Tokenizer, read_gguf_metadata
+
+FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "smollm2_hf_reference.npz")
+
+with np.load(FIXTURE) as _ref:
+  STRINGS = [str(s) for s in _ref["strings"]]
+
+
+@pytest.fixture(scope="module")
+def ref():
+  with np.load(FIXTURE) as data:
+    return {key: data[key] for key in data.files}
+
+
+@pytest.fixture(scope="session")
+def tok() -> Tokenizer:
+  return Tokenizer.from_gguf(default_model_path())
+
+
+def _ref_ids(ref, i: int, suffix: str = "") -> list[int]:
+  offsets = ref["string_offsets" + suffix]
+  return ref["string_ids" + suffix][offsets[i]:offsets[i + 1]].tolist()
+
+
+# --- the default model against the reference -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("i", range(len(STRINGS)), ids=[f"s{i}" for i in range(len(STRINGS))])
+def test_ids_match_reference(tok, ref, i):
+  assert tok.encode(STRINGS[i]) == _ref_ids(ref, i)
+
+
+@pytest.mark.parametrize("i", range(len(STRINGS)), ids=[f"s{i}" for i in range(len(STRINGS))])
+def test_decode_round_trip(tok, i):
+  assert tok.decode(tok.encode(STRINGS[i])) == STRINGS[i]
+
+
+def test_digits_split_like_llama_cpp_not_like_transformers_gguf(tok, ref):
+  # The fixture holds strings where transformers' GGUF loader (no "smollm" pre-tokenizer) gives other ids; we follow
+  # llama.cpp and the model's own tokenizer.json, which split digits off before the GPT-2 regex.
+  differing = [i for i in range(len(STRINGS)) if _ref_ids(ref, i) != _ref_ids(ref, i, "_hf_gguf")]
+  assert differing, "the fixture should exercise the whitespace-before-digit case"
+  for i in differing:
+    assert tok.encode(STRINGS[i]) == _ref_ids(ref, i)
+  ids = tok.encode("a  12")
+  assert [tok.id_to_token(t) for t in ids] == ["a", "ĠĠ", "1", "2"]
+
+
+def test_chat_template_matches_reference(tok, ref):
+  messages = json.loads(str(ref["chat_messages_json"]))
+  text = tok.apply_chat_template(messages, add_generation_prompt=True)
+  assert text == str(ref["chat_text"])
+  assert tok.encode(text) == ref["prompt_ids"].tolist()
+  assert tok.decode(ref["prompt_ids"]) == text
+
+
+def test_special_tokens(tok, ref):
+  assert tok.vocab_size == 49152
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
+  assert tok.add_bos_token is False
+  assert tok.encode("<|im_start|>user\nHi<|im_end|>")[0] == 1
+  assert tok.encode("<|im_start|>user\nHi<|im_end|>")[-1] == 2
+  assert tok.decode([1, 4093, 2], skip_special_tokens=True) == tok.decode([4093])
+  assert tok.encode("hi", add_bos=True)[0] == tok.bos_id
+  assert tok.encode("hi", add_bos=None) == tok.encode("hi")  # the model adds no BOS
+  # The greedy reference continuation decodes and re-encodes to itself, special tokens included.
+  text = tok.decode(ref["greedy_ids"])
+  assert "<|im_end|>" in text
+  assert tok.decode(tok.encode(text)) == text
+
+
+def test_generation_prompt_flag(tok):
+  messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+  with_prompt = tok.apply_chat_template(messages)
+  without = tok.apply_chat_template(messages, add_generation_prompt=False)
+  assert with_prompt == without + "<|im_start|>assistant\n"
+  assert without == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+
+
+def test_tokenizer_json_round_trip(tok, ref, tmp_path):
+  # A bare tokenizer.json written by the `tokenizers` library: same ids, but no config means no special ids.
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  tok.backend.save(str(bare / "tokenizer.json"))
+  loaded = Tokenizer.from_tokenizer_json(bare / "tokenizer.json")
+  for i, s in enumerate(STRINGS):
+    assert loaded.encode(s) == _ref_ids(ref, i), s
+    assert loaded.decode(loaded.encode(s)) == s
+  assert loaded.vocab_size == tok.vocab_size
+  assert loaded.bos_id is None and loaded.chat_template is None
+  with pytest.raises(ValueError, match="no chat template"):
+    loaded.apply_chat_template([{"role": "user", "content": "Hi"}])
+
+  # With tokenizer_config.json next to it, from `save`: special ids and the chat template come back too.
+  full = tmp_path / "full"
+  tok.save(full)
+  loaded = Tokenizer.from_tokenizer_json(full)
+  assert (loaded.bos_id, loaded.eos_id, loaded.pad_id, loaded.unk_id) == (tok.bos_id, tok.eos_id, tok.pad_id,
+                                                                          tok.unk_id)
+  messages = json.loads(str(ref["chat_messages_json"]))
+  assert loaded.apply_chat_template(messages) == str(ref["chat_text"])
+  assert loaded.encode(str(ref["chat_text"])) == ref["prompt_ids"].tolist()
+
+
+def test_tokenizer_config_variants(tok, tmp_path):
+  tok.backend.save(str(tmp_path / "tokenizer.json"))
+  config = {"bos_token": {"content": "<|im_start|>", "special": True}, "eos_token": "<|im_end|>",
+            "chat_template": [{"name": "default", "template": "{{ messages[0]['content'] }}!"},
+                              {"name": "tool_use", "template": "tools"}]}
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+  loaded = Tokenizer.from_tokenizer_json(tmp_path)
+  assert (loaded.bos_id, loaded.eos_id) == (1, 2)
+  assert loaded.apply_chat_template([{"role": "user", "content": "Hi"}]) == "Hi!"
+  # A chat_template.jinja file, as newer Hugging Face saves write, wins over the config's.
+  (tmp_path / "chat_template.jinja").write_text("[{{ messages | length }}]")
+  assert Tokenizer.from_tokenizer_json(tmp_path).apply_chat_template([{"role": "user", "content": "Hi"}]) == "[1]"
+
+
+def test_missing_tokenizer_json(tmp_path):
+  with pytest.raises(ModelLoadError, match="No tokenizer.json"):
+    Tokenizer.from_tokenizer_json(tmp_path)
+
+
+def test_fast_metadata_reader_matches_gguf_reader(tok):
+  # The tokenizer reads GGUF metadata with its own parser (GGUFReader takes seconds on a 49k vocabulary); it must
+  # agree with the gguf package on every key, and a tokenizer built from a reader must equal one built from the path.
+  path = default_model_path()
+  reader = gguf.GGUFReader(path)
+  ours = read_gguf_metadata(path)
+  assert set(ours) == set(reader.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+  for key, value in ours.items():
+    expected = reader.fields[key].contents()
+    if isinstance(expected, float):
+      assert value == pytest.approx(expected), key
+    else:
+      assert value == expected, key
+  assert Tokenizer.from_gguf(reader).backend.to_str() == tok.backend.to_str()
+
+
+# --- small GGUF files written here ---------------------------------------------------------------------------------
+
+
+def _alphabet() -> list[str]:
+  # The 256 byte-level characters, in byte order, so every text can be tokenized.
+  printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+  extra = iter(range(256, 512))
+  return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+def _write_gguf(path, *, model="gpt2", pre="smollm", endian=gguf.GGUFEndian.LITTLE, template=None):
+  tokens = ["<s>", "</s>", "<think>"] + _alphabet() + ["he", "ll", "hell", "hello", "Ġw"]
+  types = [3, 3, 4] + [1] * 256 + [1] * 5
+  merges = ["h e", "l l", "he ll", "hell o", "Ġ w"]
+  writer = gguf.GGUFWriter(str(path), "llama", endianess=endian)
+  writer.add_uint32("llama.vocab_size", len(tokens))
+  writer.add_float32("test.float", 0.5)
+  writer.add_array("test.ints", [3, 1, 4])
+  if model is not None:
+    writer.add_tokenizer_model(model)
+  if pre is not None:
+    writer.add_tokenizer_pre(pre)
+  writer.add_token_list(tokens)
+  writer.add_token_types(types)
+  writer.add_token_merges(merges)
+  writer.add_bos_token_id(0)
+  writer.add_eos_token_id(1)
+  if template is not None:
+    writer.add_chat_template(template)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return str(path)
+
+
+@pytest.mark.parametrize("endian", [gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG], ids=["little", "big"])
+def test_small_gguf(tmp_path, endian):
+  path = _write_gguf(tmp_path / "tiny.gguf", endian=endian, template="{% for m in messages %}<{{ m.content }}>"
+                     "{% endfor %}{% if add_generation_prompt %}{{ eos_token }}{% endif %}")
+  meta = read_gguf_metadata(path)
+  assert meta["test.ints"] == [3, 1, 4] and meta["test.float"] == 0.5 and meta["tokenizer.ggml.pre"] == "smollm"
+  tok = Tokenizer.from_gguf(path)
+  assert tok.vocab_size == 3 + 256 + 5
+  assert (tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, None)
+  hello = tok.token_to_id("hello")
+  assert tok.encode("hello<s> world12") == [hello, 0, tok.token_to_id("Ġw"), *tok.encode("orld"), *tok.encode("1"),
+                                            *tok.encode("2")]
+  # User-defined tokens are matched whole but are text, not special: skip_special_tokens keeps them.
+  ids = tok.encode("<think>hello</s>")
+  assert ids == [2, hello, 1]
+  assert tok.decode(ids, skip_special_tokens=True) == "<think>hello"
+  for s in ["héllo wörld ✓ 😀", "a\n\tb  c", "<s></s><think>"]:
+    assert tok.decode(tok.encode(s)) == s
+  assert tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == "<a><b></s>"
+  assert tok.apply_chat_template([{"role": "user", "content": "a"}], add_generation_prompt=False) == "<a>"
+
+
+@pytest.mark.parametrize("model,pre,match", [
+    ("llama", "default", "tokenizer model 'llama' is not supported"),
+    ("bert", "smollm", "tokenizer model 'bert' is not supported"),
+    ("gpt2", "llama-bpe", "pre-tokenizer 'llama-bpe'"),
+    ("gpt2", None, "pre-tokenizer None"),
+    (None, "smollm", "has no tokenizer"),
+])
+def test_unsupported_gguf_tokenizer(tmp_path, model, pre, match):
+  path = _write_gguf(tmp_path / "bad.gguf", model=model, pre=pre)
+  with pytest.raises(ValueError, match=match):
+    Tokenizer.from_gguf(path)
+  with pytest.raises(ModelLoadError, match=match):
+    Tokenizer.from_gguf(gguf.GGUFReader(path))
+
+
+def test_unreadable_gguf(tmp_path):
+  junk = tmp_path / "junk.gguf"
+  junk.write_bytes(b"not a gguf file at all")
+  with pytest.raises(ModelLoadError, match="GGUF"):
+    Tokenizer.from_gguf(junk)
+  good = _write_gguf(tmp_path / "tiny.gguf")
+  truncated = tmp_path / "truncated.gguf"
+  truncated.write_bytes(open(good, "rb").read()[:200])
+  with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+    Tokenizer.from_gguf(truncated)
+  with pytest.raises(ModelLoadError, match="No model file"):
+    Tokenizer.from_gguf(tmp_path / "missing.gguf")
+
+
+def test_chat_template_environment(tmp_path):
+  template = ("{% if messages[0]['role'] == 'bad' %}{{ raise_exception('no bad roles') }}{% endif %}"
+              "{{ messages | tojson }}")
+  tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "t.gguf", template=template))
+  # tojson keeps the text as is: jinja2's own would HTML-escape <, > and &.
+  assert tok.apply_chat_template([{"role": "user", "content": "<é & ü>"}]) == \
+      '[{"role": "user", "content": "<é & ü>"}]'
+  with pytest.raises(ValueError, match="no bad roles"):
+    tok.apply_chat_template([{"role": "bad", "content": ""}])
+  # The sandbox refuses to reach Python internals from a template shipped in a model file.
+  evil = Tokenizer(tok.backend, chat_template="{{ messages.__class__.__mro__ }}")
+  with pytest.raises(ValueError):
+    evil.apply_chat_template([])
+
+
+def test_backend_is_a_tokenizers_tokenizer(tok):
+  assert isinstance(tok.backend, tokenizers.Tokenizer)
+  assert "vocab_size=49152" in repr(tok)
