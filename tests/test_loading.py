@@ -1,0 +1,143 @@
+"""Loading: GGUF written by the gguf package (quantized, Q/K permuted as llama.cpp does), Hugging Face folders,
+and clear errors on files that are missing or damaged."""
+
+import os
+import shutil
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import make_tiny
+from jaxspec.errors import ModelLoadError
+from jaxspec.loading import load_model
+from jaxspec.loading.gguf_loader import load_gguf
+from jaxspec.loading.hf import load_hf, save_hf
+
+
+def llama_cpp_permute(w_OxI, n_heads):
+  """What llama.cpp's converter does to Q and K rows (the loader must undo it)."""
+  o, i = w_OxI.shape
+  return w_OxI.reshape(n_heads, 2, o // n_heads // 2, i).swapaxes(1, 2).reshape(o, i)
+
+
+def write_gguf(path, model, params, qtype):
+  """Writes params as llama.cpp would; returns the params as the file holds them (after quantization)."""
+  cfg = model.cfg
+  held = jax.tree.map(np.asarray, params)
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(cfg.n_layers)
+  w.add_context_length(cfg.max_seq_len)
+  w.add_embedding_length(cfg.d_model)
+  w.add_feed_forward_length(cfg.d_ff)
+  w.add_head_count(cfg.n_heads)
+  w.add_head_count_kv(cfg.n_kv_heads)
+  w.add_rope_freq_base(cfg.rope_theta)
+  w.add_layer_norm_rms_eps(cfg.norm_eps)
+  w.add_vocab_size(cfg.vocab_size)
+
+  def add(name, arr, quantize=True):
+    arr = np.ascontiguousarray(np.asarray(arr, np.float32))
+    if quantize and qtype != gguf.GGMLQuantizationType.F32:
+      q = gguf.quants.quantize(arr, qtype)
+      w.add_tensor(name, q, raw_dtype=qtype)
+      return gguf.quants.dequantize(q, qtype).reshape(arr.shape)
+    w.add_tensor(name, arr)
+    return arr
+
+  held["embed"]["embedding"] = add("token_embd.weight", params["embed"]["embedding"])
+  add("output_norm.weight", params["final_norm"]["scale"], quantize=False)
+  for i in range(cfg.n_layers):
+    p, h = params[f"layers_{i}"], held[f"layers_{i}"]
+    add(f"blk.{i}.attn_norm.weight", p["attn_norm"]["scale"], quantize=False)
+    add(f"blk.{i}.ffn_norm.weight", p["mlp_norm"]["scale"], quantize=False)
+    for key, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads)):
+      stored = add(f"blk.{i}.attn_{key}.weight", llama_cpp_permute(np.asarray(p["attn"][key]["kernel"]).T, heads))
+      h["attn"][key]["kernel"] = unpermute_reference(stored, heads).T
+    for gname, (mod, key) in (("attn_v", ("attn", "v")), ("attn_output", ("attn", "o")), ("ffn_gate", ("mlp", "gate")),
+                              ("ffn_up", ("mlp", "up")), ("ffn_down", ("mlp", "down"))):
+      h[mod][key]["kernel"] = add(f"blk.{i}.{gname}.weight", np.asarray(p[mod][key]["kernel"]).T).T
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return held
+
+
+def unpermute_reference(w_OxI, n_heads):
+  """Inverse of `llama_cpp_permute`, written independently of the loader: invert the row index map."""
+  o = w_OxI.shape[0]
+  idx = llama_cpp_permute(np.arange(o, dtype=np.float64)[:, None], n_heads)[:, 0].astype(int)
+  out = np.empty_like(w_OxI)
+  out[idx] = w_OxI
+  return out
+
+
+def logits_of(model, params, tokens):
+  t = tokens.shape[1]
+  return model.forward(params, tokens, jnp.arange(t)[None], model.init_cache(1, t),
+                       jnp.tril(jnp.ones((t, t), bool)))[0]
+
+
+Q = gguf.GGMLQuantizationType
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.F16, Q.Q8_0, Q.Q4_0, Q.Q4_1])
+def test_gguf_round_trip_undoes_the_qk_permutation(tmp_path, qtype):
+  model, params = make_tiny(seed=1, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=64)  # blocks of 32
+  path = tmp_path / "tiny.gguf"
+  held = write_gguf(path, model, params, qtype)
+  loaded_model, loaded = load_gguf(str(path))
+  assert loaded_model.cfg.tie_embeddings and loaded_model.cfg.n_kv_heads == 2
+  # The loader must give back exactly what the file holds, in the model's layout.
+  for a, b in zip(jax.tree.leaves(held), jax.tree.leaves(loaded)):
+    np.testing.assert_allclose(np.asarray(b), a, atol=1e-6)
+  tokens = jnp.asarray([[1, 5, 9, 200, 17, 3]])
+  want, got = logits_of(model, held, tokens), logits_of(loaded_model, loaded, tokens)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  if qtype == Q.F32:
+    # Without the un-permutation RoPE would rotate the wrong pairs: prove the test would notice.
+    bad = jax.tree.map(lambda x: x, loaded)
+    bad["layers_0"]["attn"]["q"]["kernel"] = jnp.asarray(
+        llama_cpp_permute(np.asarray(loaded["layers_0"]["attn"]["q"]["kernel"]).T, 4).T)
+    assert float(jnp.max(jnp.abs(logits_of(loaded_model, bad, tokens) - want))) > 1e-3
+
+
+def test_hf_folder_round_trip(tmp_path, tiny):
+  model, params = tiny
+  save_hf(str(tmp_path), model, params)
+  loaded_model, loaded = load_hf(str(tmp_path))
+  tokens = jnp.asarray([[4, 8, 15, 16, 23, 42]])
+  np.testing.assert_allclose(logits_of(loaded_model, loaded, tokens), logits_of(model, params, tokens), atol=1e-5)
+
+
+def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
+  with pytest.raises(ModelLoadError, match="No model"):
+    load_model(str(tmp_path / "nope.gguf"))
+  junk = tmp_path / "junk.gguf"
+  junk.write_bytes(os.urandom(4096))
+  with pytest.raises(ModelLoadError, match="not a readable GGUF"):
+    load_model(str(junk))
+  with pytest.raises(ModelLoadError, match="config.json"):
+    load_model(str(tmp_path))  # a folder that is not a Hugging Face model
+
+
+def test_truncated_gguf_is_a_clear_error(tmp_path, tiny):
+  model, params = tiny
+  path = tmp_path / "t.gguf"
+  write_gguf(path, model, params, Q.F32)
+  data = path.read_bytes()
+  cut = tmp_path / "cut.gguf"
+  cut.write_bytes(data[: len(data) * 2 // 3])
+  with pytest.raises(ModelLoadError):
+    load_gguf(str(cut))
+
+
+def test_corrupt_safetensors_is_a_clear_error(tmp_path, tiny):
+  model, params = tiny
+  save_hf(str(tmp_path), model, params)
+  (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+  with pytest.raises(ModelLoadError, match="corrupt"):
+    load_hf(str(tmp_path))
