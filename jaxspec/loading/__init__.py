@@ -33,10 +33,10 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
   if os.path.isdir(path):
     from jaxspec.loading.hf import load_hf
 
+    model, params = load_hf(path, dtype=dtype, scan_layers=scan_layers)
     tok_json = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tok_json):
-      raise ModelLoadError(f"{path!r} has no tokenizer.json.")
-    model, params = load_hf(path, dtype=dtype, scan_layers=scan_layers)
+      raise ModelLoadError(f"{path!r} has no tokenizer.json; copy it from the model's original folder.")
     return model, params, Tokenizer.from_tokenizer_json(tok_json)
   if not os.path.exists(path):
     raise ModelLoadError(f"No model at {path!r}: pass a .gguf file or a Hugging Face model folder.")
