@@ -2,12 +2,17 @@
 
 Run it with the separate reference venv, never the project's (torch and transformers are not jaxspec dependencies):
 
+  python3 -m venv /work/hfenv
+  /work/hfenv/bin/pip install torch==2.13.0   # the CPU wheel
+  /work/hfenv/bin/pip install transformers accelerate gguf numpy tokenizers jinja2   # accelerate: GGUF loading
   /work/hfenv/bin/python scripts/hf_reference.py [--model PATH] [--out PATH]
 
 transformers dequantizes the Q4_1 weights to f32 and undoes llama.cpp's Q/K row permutation, so its outputs are an
 independent reference for jaxspec's own GGUF loading, tokenizer and decoding. The fixture holds:
 
-  * tokenizer ids of a fixed list of test strings (`strings`, `string_ids` split by `string_offsets`);
+  * tokenizer ids of a fixed list of test strings (`strings`, `string_ids` split by `string_offsets`), as SmolLM2's
+    tokenizer (llama.cpp's "smollm" pre-tokenizer) gives them, and as transformers' GGUF tokenizer gives them
+    (`string_ids_hf_gguf`, `string_offsets_hf_gguf`), which misses the digit split;
   * a chat-formatted prompt (`chat_messages_json`, `chat_text`, `prompt_ids`);
   * f32 full-forward logits of that prompt at a few positions on a fixed subset of the vocabulary
     (`logits_positions`, `logits_vocab_ids`, `logits`);
@@ -64,9 +69,15 @@ TEST_STRINGS = [
     "   \n\t  \n",
     "https://example.com/path?query=1&b=two#frag",
     "\u00a0non-breaking\u2009thin\u200bzero-width",
+    # Whitespace runs before digits: here transformers' GGUF tokenizer differs from llama.cpp and SmolLM2's own
+    # tokenizer.json, which split digits off first (see `_smollm_backend`).
+    "Total:   42 items",
+    "  12\n\n  345",
+    "x\r\n2 y\t\t7",
+    "indent\n    1. first\n    2. second",
 ]
 
-CHAT_MESSAGES = [{"role": "user", "content": "Write a short poem about the sea."}]
+CHAT_MESSAGES = [{"role": "user", "content": "Write a haiku about the sea."}]
 NUM_NEW_TOKENS = 80
 NUM_LOGIT_IDS = 1024
 SEED = 0
@@ -87,6 +98,31 @@ def _default_gguf() -> str:
   return found[0]
 
 
+def _smollm_backend(hf_tokenizer):
+  """A copy of transformers' GGUF-built tokenizer with SmolLM2's real pre-tokenizer.
+
+  transformers builds a "gpt2" GGUF vocabulary with plain GPT-2 byte-level splitting and has no entry for the file's
+  `tokenizer.ggml.pre = "smollm"`. llama.cpp's "smollm" (and SmolLM2's tokenizer.json) first split off every digit,
+  then apply the GPT-2 regex. The two differ when whitespace precedes a digit: "  12" is [" ", " ", "1", "2"] for
+  transformers' GGUF loader but ["  ", "1", "2"] for the model's own tokenizer. Vocabulary, merges and added tokens
+  stay transformers' own.
+  """
+  import tokenizers
+  from tokenizers import pre_tokenizers
+
+  backend = tokenizers.Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+  backend.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Digits(individual_digits=True),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+  ])
+  return backend
+
+
+def _ragged(rows):
+  offsets = np.cumsum([0] + [len(r) for r in rows]).astype(np.int32)
+  return np.array([i for r in rows for i in r], dtype=np.int32), offsets
+
+
 def _sha256(path: str) -> str:
   digest = hashlib.sha256()
   with open(path, "rb") as f:
@@ -103,6 +139,7 @@ def main() -> None:
   path = os.path.abspath(args.model or _default_gguf())
 
   # One thread and deterministic kernels: the reduction order, hence the last bits of every logit, stays fixed.
+  transformers.utils.logging.disable_progress_bar()  # the GGUF dequantization bar would bury the output
   torch.set_num_threads(1)
   torch.manual_seed(SEED)
   torch.use_deterministic_algorithms(True)
@@ -114,15 +151,19 @@ def main() -> None:
   model.eval()
 
   strings = list(TEST_STRINGS)
-  encoded = [tokenizer.encode(s, add_special_tokens=False) for s in strings]
+  smollm = _smollm_backend(tokenizer)
+  encoded = [smollm.encode(s, add_special_tokens=False).ids for s in strings]
+  encoded_hf_gguf = [tokenizer.encode(s, add_special_tokens=False) for s in strings]
   for s, ids in zip(strings, encoded):
-    # A string the HF tokenizer cannot reproduce would make a useless reference.
+    # A string the tokenizer cannot reproduce would make a useless reference.
     assert tokenizer.decode(ids, skip_special_tokens=False) == s, s
-  offsets = np.cumsum([0] + [len(ids) for ids in encoded]).astype(np.int32)
-  flat_ids = np.array([i for ids in encoded for i in ids], dtype=np.int32)
+  flat_ids, offsets = _ragged(encoded)
+  flat_ids_hf_gguf, offsets_hf_gguf = _ragged(encoded_hf_gguf)
+  differing = [s for s, a, b in zip(strings, encoded, encoded_hf_gguf) if a != b]
 
   chat_text = tokenizer.apply_chat_template(CHAT_MESSAGES, tokenize=False, add_generation_prompt=True)
-  prompt_ids = tokenizer.encode(chat_text, add_special_tokens=False)
+  prompt_ids = smollm.encode(chat_text, add_special_tokens=False).ids
+  assert prompt_ids == tokenizer.encode(chat_text, add_special_tokens=False)  # no digits: both pipelines agree
   n = len(prompt_ids)
   input_ids = torch.tensor([prompt_ids], dtype=torch.long)
 
@@ -174,6 +215,8 @@ def main() -> None:
       "strings": np.array(strings, dtype=np.str_),
       "string_ids": flat_ids,
       "string_offsets": offsets,
+      "string_ids_hf_gguf": flat_ids_hf_gguf,
+      "string_offsets_hf_gguf": offsets_hf_gguf,
       "chat_messages_json": np.array(json.dumps(CHAT_MESSAGES)),
       "chat_text": np.array(chat_text),
       "prompt_ids": np.array(prompt_ids, dtype=np.int32),
@@ -193,6 +236,7 @@ def main() -> None:
   np.savez_compressed(args.out, **fixture)
 
   print(f"wrote {args.out} ({os.path.getsize(args.out)} bytes)")
+  print(f"{len(differing)} strings tokenize differently with transformers' GGUF pre-tokenizer: {differing}")
   print(f"prompt: {n} tokens; greedy: {len(greedy_ids)} tokens; uncached argmax mismatches: {mismatches}; "
         f"smallest top-2 margin {margin.min():.4f} at step {int(margin.argmin())}")
   print("continuation:", repr(tokenizer.decode(greedy_ids.tolist(), skip_special_tokens=False)))
