@@ -40,8 +40,9 @@ class BigramLM:
     return out
 
   def init_cache(self, batch_size: int, capacity: int) -> KVCache:
-    z = jnp.zeros((batch_size, capacity, 1, 1), jnp.float32)
-    return KVCache(k=(z,), v=(z,), lengths=jnp.zeros((batch_size,), jnp.int32))
+    k = jnp.zeros((batch_size, 1, 1, capacity), jnp.float32)
+    v = jnp.zeros((batch_size, 1, capacity, 1), jnp.float32)
+    return KVCache(k=(k,), v=(v,), lengths=jnp.zeros((batch_size,), jnp.int32))
 
   def forward(self, params, tokens_BxT, positions_BxT, cache, mask_BxTxT, *, logits=True):
     table = jnp.asarray(self.table, jnp.float32)

@@ -121,7 +121,8 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
   """
   b, p = prompts_BxP.shape
   t = drafter.num_nodes + 1
-  cache = model.init_cache(b, capacity)
+  # The barrier keeps XLA from constant-folding attention over the all-zero empty cache (minutes of compile time).
+  cache = jax.lax.optimization_barrier(model.init_cache(b, capacity))
   positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
   _, hidden_BxPxD, cache = model.forward(params, prompts_BxP, positions_BxP, cache, jnp.tril(jnp.ones((p, p), bool)),
                                          logits=False)

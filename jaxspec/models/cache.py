@@ -19,10 +19,12 @@ Array = jax.Array
 
 @flax.struct.dataclass
 class KVCache:
-  """Keys and values of every layer, `[B, S, K, H]` each, plus the committed length of every row.
+  """Keys `[B, K, H, S]` and values `[B, K, S, H]` of every layer, plus the committed length of every row.
 
-  With stacked layers (`scan_layers=True`) `k` and `v` are single arrays `[L, B, S, K, H]`; otherwise tuples of L
-  arrays, which XLA updates in place more readily on CPU.
+  The layouts are the operand layouts of attention's two batched matmuls (q·kᵀ and p·v over batch dims B, K), so XLA
+  never transposes the cache: with `[B, S, K, H]` it copied every layer's cache each step, which made a step at 1152
+  slots 2.3x slower on XLA:CPU (benchmarks/README.md). With stacked layers (`scan_layers=True`) each of `k` and `v`
+  is one array with a leading L axis; otherwise tuples of L arrays, which XLA updates in place more readily on CPU.
   """
 
   k: Any
@@ -32,8 +34,8 @@ class KVCache:
   @property
   def capacity(self) -> int:
     """S, the number of slots per row (static)."""
-    leaf = self.k if not isinstance(self.k, tuple) else self.k[0]
-    return leaf.shape[-3]
+    leaf = self.v if not isinstance(self.v, tuple) else self.v[0]
+    return leaf.shape[-2]
 
   @property
   def batch_size(self) -> int:
@@ -51,14 +53,17 @@ class KVCache:
     moved too but stay uncommitted. Jittable.
     """
 
-    def row(buf_SxKxH, start, src_A):
-      window_WxKxH = jax.lax.dynamic_slice_in_dim(buf_SxKxH, start, window, axis=0)
-      return jax.lax.dynamic_update_slice_in_dim(buf_SxKxH, window_WxKxH[src_A], start, axis=0)
+    def mover(axis):  # axis: the slot axis of one row's buffer
+      def row(buf, start, src_A):
+        win = jax.lax.dynamic_slice_in_dim(buf, start, window, axis=axis)
+        return jax.lax.dynamic_update_slice_in_dim(buf, jnp.take(win, src_A, axis=axis), start, axis=axis)
+      return jax.vmap(row)
 
-    move = jax.vmap(row)
+    move_k, move_v = mover(2), mover(1)  # row buffers: k [K, H, S], v [K, S, H]
     if isinstance(self.k, tuple):
-      k, v = tuple(move(x, self.lengths, src_BxA) for x in self.k), tuple(move(x, self.lengths, src_BxA) for x in self.v)
+      k = tuple(move_k(x, self.lengths, src_BxA) for x in self.k)
+      v = tuple(move_v(x, self.lengths, src_BxA) for x in self.v)
     else:  # stacked layers
-      move_l = jax.vmap(move, in_axes=(0, None, None))
-      k, v = move_l(self.k, self.lengths, src_BxA), move_l(self.v, self.lengths, src_BxA)
+      k = jax.vmap(move_k, in_axes=(0, None, None))(self.k, self.lengths, src_BxA)
+      v = jax.vmap(move_v, in_axes=(0, None, None))(self.v, self.lengths, src_BxA)
     return self.replace(k=k, v=v).advance(n_B)

@@ -87,16 +87,31 @@ def apply_rope(x_BxTxNxH: Array, cos_BxTxH2: Array, sin_BxTxH2: Array) -> Array:
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
 
 
-def _write(buf_BxSxKxH: Array, new_BxTxKxH: Array, start_B: Array) -> Array:
-  return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n, s, axis=0))(buf_BxSxKxH, new_BxTxKxH,
-                                                                                        start_B)
+_UNROLLED_WRITE_MAX_BATCH = 32
+
+
+def _write(buf: Array, new: Array, start_B: Array, axis: int) -> Array:
+  """Writes each row's new entries at its own offset along the slot axis (`axis` of the full buffer).
+
+  Up to 32 rows: one plain dynamic-update-slice per row. A vmapped update becomes a scatter whose out-of-bounds
+  handling reads the old slots, which made XLA:CPU copy the cache of every layer on every step; per-row updates
+  stay in place. Beyond that the scatter keeps the program small.
+  """
+  if buf.shape[0] > _UNROLLED_WRITE_MAX_BATCH:
+    row_axis = axis - 1
+    return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n, s, axis=row_axis))(buf, new, start_B)
+  for b in range(buf.shape[0]):
+    starts = [0] * buf.ndim
+    starts[0], starts[axis] = b, start_B[b]
+    buf = jax.lax.dynamic_update_slice(buf, jax.lax.slice_in_dim(new, b, b + 1, axis=0), starts)
+  return buf
 
 
 class Attention(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, rope, kv, lengths_B, visible_BxTxS):
+  def __call__(self, x_BxTxD, rope, kv, lengths_B, visible):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     dense = lambda n, name: nn.DenseGeneral(n, use_bias=False, dtype=dt, param_dtype=jnp.dtype(cfg.param_dtype),
@@ -108,19 +123,31 @@ class Attention(nn.Module):
     q_BxTxNxH = apply_rope(q_BxTxNxH, *rope)
     k_BxTxKxH = apply_rope(k_BxTxKxH, *rope)
 
-    cache_k, cache_v = kv
-    cache_k = _write(cache_k, k_BxTxKxH.astype(cache_k.dtype), lengths_B)
-    cache_v = _write(cache_v, v_BxTxKxH.astype(cache_v.dtype), lengths_B)
-
+    # Attention reads the committed cache and the new keys/values as two blocks, and the cache is written after:
+    # when attention read the freshly written cache, XLA:CPU fused the write into both consumers and copied every
+    # layer's cache twice per step (now once; see benchmarks/README.md). It also needs no gathered slot mask.
+    committed_BxS, mask_BxTxT = visible
+    cache_k_BxKxHxS, cache_v_BxKxSxH = kv
     g = cfg.n_heads // cfg.n_kv_heads
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim) * (cfg.head_dim ** -0.5)
-    scores_BxKxGxTxS = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, cache_k.astype(dt),
-                                  preferred_element_type=jnp.float32)
-    scores_BxKxGxTxS = jnp.where(visible_BxTxS[:, None, None], scores_BxKxGxTxS, _NEG_INF)
-    probs = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(dt)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, cache_v.astype(dt))
-    out_BxTxD = out_BxTxKxGxH.reshape(b, t, cfg.n_heads * cfg.head_dim)
-    return dense(cfg.d_model, "o")(out_BxTxD), (cache_k, cache_v)
+    # Queries of one kv head's G heads and T tokens form the M = G*T rows of one matmul per (b, k).
+    q_BxKxMxH = (q_BxTxNxH.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim).transpose(0, 2, 3, 1, 4)
+                 .reshape(b, cfg.n_kv_heads, g * t, cfg.head_dim)) * (cfg.head_dim ** -0.5)
+    k_BxKxHxT = k_BxTxKxH.transpose(0, 2, 3, 1)
+    v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
+    old_BxKxMxS = jnp.einsum("bkmh,bkhs->bkms", q_BxKxMxH, cache_k_BxKxHxS.astype(dt),
+                             preferred_element_type=jnp.float32)
+    new_BxKxMxT = jnp.einsum("bkmh,bkht->bkmt", q_BxKxMxH, k_BxKxHxT, preferred_element_type=jnp.float32)
+    old_BxKxMxS = jnp.where(committed_BxS[:, None, None, :], old_BxKxMxS, _NEG_INF)
+    new_BxKxMxT = jnp.where(jnp.tile(mask_BxTxT, (1, g, 1))[:, None], new_BxKxMxT, _NEG_INF)  # row m = g_i*T + t
+    probs = jax.nn.softmax(jnp.concatenate([old_BxKxMxS, new_BxKxMxT], axis=-1), axis=-1).astype(dt)
+    s = old_BxKxMxS.shape[-1]
+    out_BxKxMxH = (jnp.einsum("bkms,bksh->bkmh", probs[..., :s], cache_v_BxKxSxH.astype(dt))
+                   + jnp.einsum("bkmt,bkth->bkmh", probs[..., s:], v_BxKxTxH))
+    out_BxTxD = (out_BxKxMxH.reshape(b, cfg.n_kv_heads, g, t, cfg.head_dim).transpose(0, 3, 1, 2, 4)
+                 .reshape(b, t, cfg.n_heads * cfg.head_dim))
+    cache_k_BxKxHxS = _write(cache_k_BxKxHxS, k_BxKxHxT.astype(cache_k_BxKxHxS.dtype), lengths_B, axis=3)
+    cache_v_BxKxSxH = _write(cache_v_BxKxSxH, v_BxKxTxH.astype(cache_v_BxKxSxH.dtype), lengths_B, axis=2)
+    return dense(cfg.d_model, "o")(out_BxTxD), (cache_k_BxKxHxS, cache_v_BxKxSxH)
 
 
 class MLP(nn.Module):
@@ -138,11 +165,11 @@ class Block(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, kv, rope, lengths_B, visible_BxTxS):
+  def __call__(self, x_BxTxD, kv, rope, lengths_B, visible):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
     h, kv = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x_BxTxD), rope, kv, lengths_B,
-                                        visible_BxTxS)
+                                        visible)
     x_BxTxD = x_BxTxD + h
     x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x_BxTxD))
     return x_BxTxD, kv
@@ -153,17 +180,8 @@ class _ScanBlock(nn.Module):
   cfg: LlamaConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, kv, rope, lengths_B, visible_BxTxS):
-    return Block(self.cfg, name="block")(x_BxTxD, kv, rope, lengths_B, visible_BxTxS)
-
-
-def visible_slots(lengths_B: Array, mask_BxTxT: Array, capacity: int) -> Array:
-  """Which cache slots each new token sees: the committed context plus the new tokens its mask allows."""
-  t = mask_BxTxT.shape[-1]
-  rel_BxS = jnp.arange(capacity)[None, :] - lengths_B[:, None]
-  in_new_BxS = (rel_BxS >= 0) & (rel_BxS < t)
-  new_BxTxS = jnp.take_along_axis(mask_BxTxT, jnp.clip(rel_BxS, 0, t - 1)[:, None, :], axis=2)
-  return (rel_BxS < 0)[:, None, :] | (in_new_BxS[:, None, :] & new_BxTxS)
+  def __call__(self, x_BxTxD, kv, rope, lengths_B, visible):
+    return Block(self.cfg, name="block")(x_BxTxD, kv, rope, lengths_B, visible)
 
 
 class Llama(nn.Module):
@@ -193,13 +211,13 @@ class Llama(nn.Module):
       mask_BxTxT = jnp.broadcast_to(mask_BxTxT, (tokens_BxT.shape[0], *mask_BxTxT.shape))
     x_BxTxD = self.embed(tokens_BxT)
     rope = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
-    visible_BxTxS = visible_slots(cache.lengths, mask_BxTxT, cache.capacity)
+    visible = (jnp.arange(cache.capacity)[None, :] < cache.lengths[:, None], mask_BxTxT)
     if cfg.scan_layers:
-      x_BxTxD, (ks, vs) = self.layers(x_BxTxD, (cache.k, cache.v), rope, cache.lengths, visible_BxTxS)
+      x_BxTxD, (ks, vs) = self.layers(x_BxTxD, (cache.k, cache.v), rope, cache.lengths, visible)
     else:
       ks, vs = [], []
       for layer, k, v in zip(self.layers, cache.k, cache.v):
-        x_BxTxD, (k, v) = layer(x_BxTxD, (k, v), rope, cache.lengths, visible_BxTxS)
+        x_BxTxD, (k, v) = layer(x_BxTxD, (k, v), rope, cache.lengths, visible)
         ks.append(k)
         vs.append(v)
       ks, vs = tuple(ks), tuple(vs)
@@ -237,13 +255,13 @@ class LlamaLM:
     """An empty cache of `capacity` slots per row."""
     cfg = self.cfg
     dtype = jnp.dtype(dtype or cfg.dtype)
-    shape = (batch_size, capacity, cfg.n_kv_heads, cfg.head_dim)
+    k_shape = (batch_size, cfg.n_kv_heads, cfg.head_dim, capacity)
+    v_shape = (batch_size, cfg.n_kv_heads, capacity, cfg.head_dim)
     if cfg.scan_layers:
-      z = jnp.zeros((cfg.n_layers, *shape), dtype)
-      k, v = z, z
+      k, v = jnp.zeros((cfg.n_layers, *k_shape), dtype), jnp.zeros((cfg.n_layers, *v_shape), dtype)
     else:
-      k = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
-      v = tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layers))
+      k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers))
+      v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers))
     return KVCache(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32))
 
   def forward(self, params, tokens_BxT: Array, positions_BxT: Array, cache: KVCache, mask_BxTxT: Array, *,

@@ -1,0 +1,90 @@
+"""Speed of the foundation on the default model: greedy tokens/s, compile time, peak RSS, verify-cost curve.
+
+    python benchmarks/speed.py [--model PATH] [--new-tokens 128] [--repeats 3]
+
+The verify-cost curve is t(k)/t(1): the time of one target forward over k new tokens against a cache already
+filled to the given context, relative to one token. It is what a draft of k tokens costs to check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import psutil
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--model", default=None)
+  ap.add_argument("--new-tokens", type=int, default=128)
+  ap.add_argument("--repeats", type=int, default=3)
+  ap.add_argument("--ks", default="1,2,4,8,16,32")
+  ap.add_argument("--contexts", default="128,1024")
+  ap.add_argument("--json", default=None, help="also write the figures here")
+  args = ap.parse_args()
+
+  from jaxspec.decoding.generate import CAPACITY_ROUND, generate, round_up
+  from jaxspec.loading import load_model
+
+  base_rss = psutil.Process().memory_info().rss / 2**20
+  t0 = time.perf_counter()
+  model, params, tok = load_model(args.model)
+  load_s = time.perf_counter() - t0
+  load_peak = peak_rss_mb()
+  weights_mb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 2**20
+  print(f"devices: {jax.devices()}  jax {jax.__version__}  {platform.processor() or platform.machine()}")
+  print(f"load: {load_s:.1f} s, f32 weights {weights_mb:.0f} MiB, peak RSS {load_peak:.0f} MiB "
+        f"(+{load_peak - base_rss:.0f} MiB over the {base_rss:.0f} MiB before loading)")
+
+  prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a story about a lighthouse."}]))
+  results = {"load_s": load_s, "load_peak_rss_mb": load_peak, "rss_before_load_mb": base_rss,
+             "weights_mb": weights_mb, "greedy": {}, "verify_cost": {}}
+  for b in (1, 8):
+    first = generate(model, params, [prompt] * b, max_new_tokens=args.new_tokens)
+    runs = [generate(model, params, [prompt] * b, max_new_tokens=args.new_tokens) for _ in range(args.repeats)]
+    tps = statistics.median(sum(len(t) for t in r.tokens) / r.run_s for r in runs)
+    results["greedy"][b] = {"tokens_per_s": tps, "compile_s": first.compile_s}
+    print(f"greedy batch {b}: {tps:.1f} tok/s (median of {args.repeats}, {args.new_tokens} new tokens, prompt "
+          f"{len(prompt)}), compile {first.compile_s:.1f} s")
+
+  ks = [int(k) for k in args.ks.split(",")]
+  # The cache is donated, as inside the decode loop, so its update is in place rather than a copy of every layer.
+  fwd = jax.jit(lambda p, t, pos, c, m: model.forward(p, t, pos, c, m)[::2], donate_argnums=(3,))
+  for ctx in (int(c) for c in args.contexts.split(",")):
+    capacity = round_up(ctx + max(ks) + 1, CAPACITY_ROUND)
+    cache = model.init_cache(1, capacity).advance(jnp.asarray([ctx], jnp.int32))
+    times = {k: [] for k in ks}
+    calls = {k: (jnp.zeros((1, k), jnp.int32), ctx + jnp.arange(k)[None], jnp.tril(jnp.ones((k, k), bool)))
+             for k in ks}
+    for k in ks:
+      _, cache = jax.block_until_ready(fwd(params, calls[k][0], calls[k][1], cache, calls[k][2]))
+    for _ in range(max(5, args.repeats * 3)):  # interleave k so machine drift hits every k alike
+      for k in ks:
+        t = time.perf_counter()
+        _, cache = jax.block_until_ready(fwd(params, calls[k][0], calls[k][1], cache, calls[k][2]))
+        times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    results["verify_cost"][ctx] = {k: {"ms": med[k] * 1e3, "ratio": med[k] / med[1]} for k in ks}
+    print(f"verify cost at context {ctx} (cache {capacity} slots): " +
+          "  ".join(f"t({k})={med[k] * 1e3:.1f}ms [{med[k] / med[1]:.2f}x]" for k in ks))
+  results["peak_rss_mb"] = peak_rss_mb()
+  print(f"peak RSS over the whole run: {results['peak_rss_mb']:.0f} MiB")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
