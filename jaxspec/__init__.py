@@ -1,6 +1,6 @@
 """jaxspec: fast, lossless decoding of autoregressive models in JAX."""
 
-from jaxspec.decoding import generate
+from jaxspec.decoding.generate import generate
 from jaxspec.errors import InputError, JaxspecError, ModelLoadError
 from jaxspec.loading import load_model
 
