@@ -107,6 +107,11 @@ def _write(buf: Array, new: Array, start_B: Array, axis: int) -> Array:
   return buf
 
 
+def _dense(cfg: LlamaConfig, features: int, name: str) -> nn.Dense:
+  return nn.Dense(features, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                  name=name)
+
+
 class Attention(nn.Module):
   cfg: LlamaConfig
 
@@ -114,8 +119,7 @@ class Attention(nn.Module):
   def __call__(self, x_BxTxD, rope, kv, lengths_B, visible):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    dense = lambda n, name: nn.DenseGeneral(n, use_bias=False, dtype=dt, param_dtype=jnp.dtype(cfg.param_dtype),
-                                            name=name)
+    dense = lambda n, name: _dense(cfg, n, name)
     b, t, _ = x_BxTxD.shape
     q_BxTxNxH = dense(cfg.n_heads * cfg.head_dim, "q")(x_BxTxD).reshape(b, t, cfg.n_heads, cfg.head_dim)
     k_BxTxKxH = dense(cfg.n_kv_heads * cfg.head_dim, "k")(x_BxTxD).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
@@ -156,8 +160,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD):
     cfg = self.cfg
-    dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=jnp.dtype(cfg.dtype),
-                                     param_dtype=jnp.dtype(cfg.param_dtype), name=name)
+    dense = lambda n, name: _dense(cfg, n, name)
     return dense(cfg.d_model, "down")(nn.silu(dense(cfg.d_ff, "gate")(x_BxTxD)) * dense(cfg.d_ff, "up")(x_BxTxD))
 
 
