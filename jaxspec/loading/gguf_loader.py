@@ -20,7 +20,7 @@ import numpy as np
 from jaxspec.loading.errors import ModelLoadError
 from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers
 
-LLAMA_FAMILY = ("llama", "mistral", "smollm", "granite")  # architectures stored with llama.cpp's llama layout
+LLAMA_FAMILY = ("llama", "mistral")  # architectures stored with llama.cpp's llama layout
 SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                     "Q6_K")
 
