@@ -129,7 +129,7 @@ class Attention(nn.Module):
 
     # Attention reads the committed cache and the new keys/values as two blocks, and the cache is written after:
     # when attention read the freshly written cache, XLA:CPU fused the write into both consumers and copied every
-    # layer's cache twice per step (now once; see benchmarks/README.md). It also needs no gathered slot mask.
+    # layer's cache four times per step (now twice; see benchmarks/README.md). It also needs no gathered slot mask.
     committed_BxS, mask_BxTxT = visible
     cache_k_BxKxHxS, cache_v_BxKxSxH = kv
     g = cfg.n_heads // cfg.n_kv_heads
