@@ -76,7 +76,7 @@ def test_tree_mask_gives_each_node_its_root_path_logits(tiny):
   #    |
   #    7
   parents = [-1, 0, 0, 0, 1, 1, 3, 4]
-  n = len(parents) + 0
+  n = len(parents)
   depth_N, anc_NxN = tree_arrays([-1] + [p + 1 if p >= 0 else 0 for p in parents[1:]])
   tokens_N = jnp.asarray([7, 11, 13, 17, 19, 23, 29, 31])
   prefix = jax.random.randint(jax.random.key(4), (1, 6), 0, model.vocab_size)

@@ -155,7 +155,6 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
   gc.collect()
   cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
   params: dict = {}
-  seen = set()
   for t in reader.tensors:
     target, fn = _target(t.name, cfg)
     if target is None:
@@ -170,7 +169,6 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
       node = node.setdefault(k, {})
     node[target[-1]] = jnp.asarray(w, dtype=dtype)  # copies into a JAX buffer; the numpy copy is freed next
     del w
-    seen.add(target)
   check_complete(params, cfg, path)
   model = LlamaLM(cfg)
   if scan_layers:
