@@ -37,6 +37,29 @@ def _cmd_generate(args) -> int:
   return 0
 
 
+def _cmd_bench(args) -> int:
+  from jaxspec.bench import METHODS, BenchConfig, run_bench
+  from jaxspec.bench.report import summary_lines
+
+  if args.list_methods:
+    for name, spec in METHODS.items():
+      opts = f" [options: {', '.join(spec.options)}]" if spec.options else ""
+      print(f"{name:<12} {spec.description}{opts}")
+    return 0
+  methods = tuple(m for m in args.methods.split(",") if m.strip()) if args.methods else None
+  if methods is None:
+    methods = tuple(METHODS)  # everything; what cannot run here is reported as unavailable
+  cfg = BenchConfig(prompts=args.prompts, methods=methods, limit=args.limit,
+                    categories=tuple(args.categories.split(",")) if args.categories else None,
+                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
+                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=args.out, t5x_src=args.t5x_src,
+                    model=args.model, quick=args.quick)
+  res = run_bench(cfg)
+  print("\n".join(summary_lines(res)))
+  print(f"[results in {args.out}/: results.json, report.md, *.png]", file=sys.stderr)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="jaxspec", description="Fast, lossless decoding of autoregressive models in JAX.")
   sub = p.add_subparsers(dest="command", required=True)
@@ -53,6 +76,27 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--max-len", type=_positive_int, default=None, help="cache length (default: model context length)")
   g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   g.set_defaults(func=_cmd_generate)
+
+  b = sub.add_parser("bench", help="tau, speedup and exactness of decoding methods on Spec-Bench-format prompts")
+  b.add_argument("--prompts", default=None,
+                 help="JSONL with question_id, category, turns (default: jaxspec's own quick prompt set; the "
+                      "Spec-Bench dev prompts are ../shared/data/spec_bench_dev.jsonl in a development checkout)")
+  b.add_argument("--methods", default=None,
+                 help="comma-separated method names, options after colons (bpd:k=4); default: all")
+  b.add_argument("--list-methods", action="store_true", help="print the method names and exit")
+  b.add_argument("--limit", type=_positive_int, default=None, help="prompts per category")
+  b.add_argument("--categories", default=None, help="comma-separated categories to keep")
+  b.add_argument("--max-new-tokens", type=_positive_int, default=128)
+  b.add_argument("--batch-size", type=_positive_int, default=1)
+  b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+  b.add_argument("--top-k", type=int, default=0)
+  b.add_argument("--top-p", type=float, default=1.0)
+  b.add_argument("--seed", type=int, default=0)
+  b.add_argument("--out", default="bench_out", help="folder for results.json, report.md and plots")
+  b.add_argument("--t5x-src", default=None, help="a T5X source checkout, for the t5x-greedy baseline")
+  b.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
+  b.add_argument("--quick", action="store_true", help="one prompt per category, 64 new tokens (a few minutes)")
+  b.set_defaults(func=_cmd_bench)
   return p
 
 

@@ -40,6 +40,7 @@ class GenerationResult:
   accept_hist: np.ndarray  # [B, T + 1]
   compile_s: float = 0.0  # lowering + compilation, 0 when the program was already compiled
   run_s: float = 0.0  # the generation itself, device to host included
+  program_bytes: int = 0  # device memory of the compiled program: arguments + outputs + temporaries (XLA's count)
 
   @property
   def tau(self) -> float:
@@ -114,7 +115,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
           jnp.asarray(list(eos_ids) or [-1], jnp.int32), jax.random.key(seed), SamplingParams.make(temperature, top_p),
           draft_params)
   static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=out_len, capacity=capacity, pad_id=pad_id)
-  program, compile_s = compiled_program(args, static)
+  program, compile_s, program_bytes = compiled_program(args, static)
   t0 = time.perf_counter()
   out: DecodeOutput = program(*args)
   toks, lens, st = jax.device_get((out.tokens_BxO, out.lengths_B, out.stats))
@@ -123,21 +124,35 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
       tokens=[row[:n].tolist() for row, n in zip(toks, lens)], target_calls=int(st.target_calls),
       drafter_calls=int(st.drafter_calls), active_calls=st.active_calls_B.tolist(),
       step_tokens=st.step_tokens_B.tolist(), accept_hist=np.asarray(st.accept_hist_BxA), compile_s=compile_s,
-      run_s=run_s)
+      run_s=run_s, program_bytes=program_bytes)
 
 
 _PROGRAMS: dict = {}
 
 
-def compiled_program(args: tuple, static: dict):
-  """The compiled decode program for these static settings and argument shapes, and the seconds spent compiling it
-  now (0 on a cache hit). Explicit ahead-of-time compilation lets callers report compile time apart from run time."""
+def compiled_program(args: tuple, static: dict, fn=None):
+  """The compiled program for these static settings and argument shapes, the seconds spent compiling it now (0 on a
+  cache hit) and its memory in bytes. Explicit ahead-of-time compilation lets callers report compile time apart from
+  run time. `fn` is a jitted function taking `model` first (default: the decode loop)."""
+  fn = fn or decode_jit
   leaves, treedef = jax.tree.flatten(args)
-  key = (tuple(sorted(static.items())), treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
+  key = (fn, tuple(sorted(static.items())), treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
   if key in _PROGRAMS:
-    return _PROGRAMS[key], 0.0
+    program, nbytes = _PROGRAMS[key]
+    return program, 0.0, nbytes
   t0 = time.perf_counter()
   rest = {k: v for k, v in static.items() if k != "model"}
-  program = decode_jit.lower(static["model"], *args, **rest).compile()
-  _PROGRAMS[key] = program
-  return program, time.perf_counter() - t0
+  program = fn.lower(static["model"], *args, **rest).compile()
+  compile_s = time.perf_counter() - t0
+  nbytes = program_memory_bytes(program)
+  _PROGRAMS[key] = (program, nbytes)
+  return program, compile_s, nbytes
+
+
+def program_memory_bytes(program) -> int:
+  """Arguments + outputs + temporaries of a compiled program, as XLA counts them (0 where the backend does not say)."""
+  try:
+    m = program.memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+  except Exception:  # noqa: BLE001 - not every backend reports memory
+    return 0

@@ -1,0 +1,180 @@
+"""Baselines outside jaxspec's loop, on the same weights: T5X's `temperature_sample` and Hugging Face `generate`.
+
+Both are optional. T5X is not on PyPI: pass a source checkout (`--t5x-src DIR`); only `t5x/decoding.py` and
+`t5x/binary_search.py` are imported, which need nothing beyond jax, flax and numpy (T5X's package `__init__`
+imports the whole framework, so the two modules are loaded on their own). Hugging Face needs torch and
+transformers installed in the same environment.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.bench.methods import BenchContext, Runner, Unavailable
+from jaxspec.decoding.generate import GenerationResult, bucket, compiled_program, round_up
+from jaxspec.errors import InputError
+
+
+def load_t5x_decoding(src: str | os.PathLike | None):
+  """`t5x.decoding` from an installed T5X or from a source checkout (the folder holding `t5x/`, or `t5x/` itself).
+
+  Raises:
+    Unavailable: no checkout given and T5X not installed, or the checkout lacks `t5x/decoding.py`.
+  """
+  if src is None:
+    try:
+      return importlib.import_module("t5x.decoding")
+    except Exception as e:  # noqa: BLE001 - T5X's own imports may fail in many ways
+      raise Unavailable(f"T5X is not importable ({type(e).__name__}); pass a T5X source checkout with --t5x-src") from None
+  root = Path(src)
+  pkg = root / "t5x" if (root / "t5x" / "decoding.py").is_file() else root
+  if not (pkg / "decoding.py").is_file() or not (pkg / "binary_search.py").is_file():
+    raise Unavailable(f"{src} is not a T5X checkout: no t5x/decoding.py and t5x/binary_search.py in it")
+  name = "_jaxspec_t5x"  # a private package name, so an installed `t5x` is never shadowed
+  if f"{name}.decoding" in sys.modules:
+    return sys.modules[f"{name}.decoding"]
+  package = types.ModuleType(name)
+  package.__path__ = [str(pkg)]
+  sys.modules[name] = package
+  sys.modules.setdefault("t5x", package)  # decoding.py does `from t5x import binary_search`
+  for sub in ("binary_search", "decoding"):
+    spec = importlib.util.spec_from_file_location(f"{name}.{sub}", pkg / f"{sub}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[f"{name}.{sub}"] = module
+    if sub == "binary_search" and sys.modules["t5x"] is package:
+      package.binary_search = module
+    spec.loader.exec_module(module)
+  return sys.modules[f"{name}.decoding"]
+
+
+@functools.partial(jax.jit, static_argnames=("model", "decoding", "capacity", "max_new", "eos_id", "topk", "topp"))
+def _t5x_program(model, params, prompts_BxP, lengths_B, rng, temperature, *, decoding, capacity: int, max_new: int,
+                 eos_id: int, topk: int, topp: float):
+  """Prefill all but the last prompt token (as T5X's decoder-only models do), then T5X's loop feeds the last prompt
+  token and decodes one token per `tokens_to_logits` call."""
+  b, p = prompts_BxP.shape
+  cache = jax.lax.optimization_barrier(model.init_cache(b, capacity))
+  positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+  _, _, cache = model.forward(params, prompts_BxP, positions_BxP, cache, jnp.tril(jnp.ones((p, p), bool)),
+                              logits=False)
+  cache = cache.advance(lengths_B - 1)
+  # T5X's layout: position 0 is a BOS slot, the prompt follows, 0 marks positions to decode.
+  width = 1 + p + max_new
+  inputs_BxW = jnp.zeros((b, width), jnp.int32).at[:, 1:p + 1].set(
+      jnp.where(jnp.arange(p)[None] < lengths_B[:, None], prompts_BxP, 0))
+
+  def tokens_to_logits(state):
+    c = state.cache
+    logits_Bx1xV, _, c = model.forward(params, state.cur_token, c.lengths[:, None], c, jnp.ones((1, 1), bool))
+    return logits_Bx1xV[:, 0], c.advance(jnp.ones((b,), jnp.int32))
+
+  decodes, _ = decoding.temperature_sample(
+      inputs_BxW, cache, tokens_to_logits, eos_id, rng, num_decodes=1, temperature=temperature, topk=topk,
+      topp=topp, initial_index=lengths_B, max_decode_steps=max_new)
+  return decodes[:, 0]  # [B, W]: the prompt from index 0, then the decoded tokens from index L, then 0s
+
+
+def t5x_runner(ctx: BenchContext) -> Runner:
+  """T5X's `temperature_sample` driving the jaxspec model through a `tokens_to_logits` callable."""
+  decoding = load_t5x_decoding(ctx.t5x_src)
+  eos = ctx.eos_ids[0] if ctx.eos_ids else -1
+
+  def run(prompts, max_new_tokens, seed):
+    if any(0 in p for p in prompts):
+      raise InputError("A prompt contains token id 0, which T5X's temperature_sample reads as padding.")
+    lengths = [len(p) for p in prompts]
+    p = bucket(max(lengths))
+    arr = np.zeros((len(prompts), p), np.int32)
+    for i, pr in enumerate(prompts):
+      arr[i, :len(pr)] = pr
+    capacity = round_up(p + max_new_tokens + 1, 128)
+    topp = ctx.top_p if ctx.top_p < 1.0 else 0.0
+    args = (ctx.params, jnp.asarray(arr), jnp.asarray(lengths, jnp.int32), jax.random.key_data(jax.random.key(seed)),
+            jnp.float32(ctx.temperature))
+    static = dict(model=ctx.model, decoding=decoding, capacity=capacity, max_new=int(max_new_tokens), eos_id=eos,
+                  topk=int(ctx.top_k), topp=float(topp))
+    program, compile_s, nbytes = compiled_program(args, static, fn=_t5x_program)
+    t0 = time.perf_counter()
+    out = np.asarray(jax.device_get(program(*args)))
+    run_s = time.perf_counter() - t0
+    tokens = []
+    for row, n in zip(out, lengths):
+      new = row[n:n + max_new_tokens].tolist()  # T5X returns sequences[:, 1:]: output[i] came from loop index i
+      if eos in new:
+        new = new[:new.index(eos) + 1]
+      tokens.append(new)
+    counts = [len(t) for t in tokens]  # one token per call while the row is live (its first comes from a call too)
+    return GenerationResult(tokens=tokens, target_calls=max(counts), drafter_calls=0, active_calls=counts,
+                            step_tokens=counts, accept_hist=_ones_hist(counts), compile_s=compile_s, run_s=run_s,
+                            program_bytes=nbytes)
+
+  return run
+
+
+def _ones_hist(counts) -> np.ndarray:
+  """Accepted-length histogram of one-token-per-call decoding: every step commits 1 token."""
+  h = np.zeros((len(counts), 2), np.int64)
+  h[:, 1] = counts
+  return h
+
+
+def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runner:
+  """Hugging Face `generate` (greedy, or prompt lookup with `num_tokens` candidates) on the same weights, written
+  out as a Hugging Face folder first. One prompt at a time: prompt lookup in transformers takes batch 1."""
+  try:
+    import torch
+    import transformers
+  except Exception as e:  # noqa: BLE001
+    raise Unavailable(f"torch + transformers are not importable here ({type(e).__name__}: {e})") from None
+  key = ("hf", id(ctx.params))
+  if key not in ctx.cache:
+    from jaxspec.loading.hf import save_hf
+    with tempfile.TemporaryDirectory() as tmp:
+      save_hf(tmp, ctx.model, jax.device_get(ctx.params))
+      hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+    hf.eval()
+    calls = [0]
+    hf.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
+    ctx.cache[key] = (hf, calls)
+  hf, calls = ctx.cache[key]
+  eos = ctx.eos_ids
+  sample = ctx.temperature > 0
+
+  def run(prompts, max_new_tokens, seed):
+    tokens, active, run_s, hist = [], [], 0.0, []
+    for ids in prompts:
+      torch.manual_seed(seed)
+      config = transformers.GenerationConfig(
+          do_sample=sample, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
+          pad_token_id=ctx.pad_id, temperature=ctx.temperature if sample else None,
+          top_k=(ctx.top_k or None) if sample else None, top_p=ctx.top_p if sample else None,
+          prompt_lookup_num_tokens=num_tokens if lookup else None, use_cache=True)
+      x = torch.tensor([list(ids)])
+      calls[0] = 0
+      t0 = time.perf_counter()
+      with torch.no_grad():
+        out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)
+      run_s += time.perf_counter() - t0
+      new = out[0, len(ids):].tolist()
+      if eos and eos[0] in new:
+        new = new[:new.index(eos[0]) + 1]
+      tokens.append(new)
+      active.append(max(calls[0] - 1, 1))  # the first call is the prefill, which also yields the first token
+    steps = [max(len(t) - 1, 0) for t in tokens]
+    h = np.zeros((len(tokens), 2), np.int64)
+    return GenerationResult(tokens=tokens, target_calls=max(active), drafter_calls=0, active_calls=active,
+                            step_tokens=steps, accept_hist=h, compile_s=0.0, run_s=run_s, program_bytes=0)
+
+  return run

@@ -1,0 +1,148 @@
+"""The methods the harness can run, by stable name.
+
+A method is built from a `BenchContext` (the target, its tokenizer, the sampling settings and the user's options)
+into a `Runner`: something that decodes a batch of token-id prompts and returns a `GenerationResult`. jaxspec's own
+methods are a drafter + an acceptance rule on the shared loop; baselines (T5X, Hugging Face) wrap other code. A
+method whose parts are missing raises `Unavailable` with the reason, and the report lists it as unavailable.
+
+A method name may carry options after colons: `bpd:k=4`, `opt-tree:budget=16:depth=6`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Protocol, Sequence
+
+from jaxspec.decoding.generate import GenerationResult, generate
+from jaxspec.errors import InputError
+
+
+class Unavailable(Exception):
+  """A method that cannot run here (not built yet, an optional dependency missing, no trained parts)."""
+
+
+@dataclasses.dataclass
+class BenchContext:
+  model: Any
+  params: Any
+  tokenizer: Any
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  t5x_src: str | None = None
+  cache: dict = dataclasses.field(default_factory=dict)  # shared loaded parts (e.g. a draft model), by key
+
+  @property
+  def eos_ids(self) -> list[int]:
+    return [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
+
+  @property
+  def pad_id(self) -> int:
+    return self.tokenizer.pad_id or 0
+
+
+class Runner(Protocol):
+  def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, seed: int) -> GenerationResult:
+    ...
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+  name: str
+  description: str
+  lossless: bool  # with greedy acceptance, the output must equal greedy decoding token for token
+  build: Callable[[BenchContext, dict], Runner]
+  baseline: bool = False  # other code driving the same weights (checked for agreement, not part of jaxspec)
+  options: tuple[str, ...] = ()
+
+
+def loop_runner(ctx: BenchContext, drafter=None, draft_params=None, acceptor=None) -> Runner:
+  """A runner on jaxspec's own decode loop."""
+
+  def run(prompts, max_new_tokens, seed):
+    return generate(ctx.model, ctx.params, prompts, max_new_tokens=max_new_tokens, temperature=ctx.temperature,
+                    top_k=ctx.top_k, top_p=ctx.top_p, eos_ids=ctx.eos_ids, pad_id=ctx.pad_id, seed=seed,
+                    drafter=drafter, draft_params=draft_params, acceptor=acceptor)
+
+  return run
+
+
+def _greedy(ctx: BenchContext, opts: dict) -> Runner:
+  return loop_runner(ctx)
+
+
+def _not_built(issue: str) -> Callable[[BenchContext, dict], Runner]:
+  def build(ctx, opts):
+    raise Unavailable(f"not built yet ({issue})")
+  return build
+
+
+def _t5x(ctx: BenchContext, opts: dict) -> Runner:
+  from jaxspec.bench import baselines
+  return baselines.t5x_runner(ctx)
+
+
+def _hf(lookup: bool) -> Callable[[BenchContext, dict], Runner]:
+  def build(ctx, opts):
+    from jaxspec.bench import baselines
+    return baselines.hf_runner(ctx, lookup=lookup, num_tokens=int(opts.get("n", 10)))
+  return build
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> MethodSpec:
+  METHODS[spec.name] = spec
+  return spec
+
+
+for _spec in [
+    MethodSpec("greedy", "jaxspec's own autoregressive loop: one token per target call (the reference)", True,
+               _greedy),
+    MethodSpec("bpd", "blockwise parallel decoding with k trained heads (Stern et al. 2018)", True,
+               _not_built("issue 4"), options=("k",)),
+    MethodSpec("bpd-ngram", "BPD with the heads' top-t lattice rescored by an n-gram LM (Kim et al. 2024)", True,
+               _not_built("issue 8")),
+    MethodSpec("bpd-neural", "BPD with the lattice rescored by a small neural LM (Kim et al. 2024)", True,
+               _not_built("issue 8")),
+    MethodSpec("spec", "speculative sampling with a distilled draft model (Leviathan et al. 2023, Chen et al. 2023)",
+               True, _not_built("issue 5")),
+    MethodSpec("lookup", "prompt lookup: n-gram matches in the context as the draft, no model", True,
+               _not_built("issue 5")),
+    MethodSpec("layerskip", "self-speculation: the target's first layers draft", True, _not_built("issue 5")),
+    MethodSpec("jacobi", "Jacobi fixed-point iteration over an n-token window (Kou et al. 2024)", True,
+               _not_built("issue 6")),
+    MethodSpec("cllm", "Jacobi decoding of the consistency-distilled model (Kou et al. 2024)", True,
+               _not_built("issue 6")),
+    MethodSpec("opt-tree", "adaptive draft trees maximising expected acceptance length (Wang et al. 2024)", True,
+               _not_built("issue 7")),
+    MethodSpec("t5x-greedy", "T5X's decoding.temperature_sample(temperature=0) driving the same model (baseline)",
+               True, _t5x, baseline=True),
+    MethodSpec("hf-greedy", "Hugging Face transformers greedy generate on the same weights, batch 1 (baseline)",
+               True, _hf(False), baseline=True),
+    MethodSpec("hf-lookup", "Hugging Face prompt-lookup generation on the same weights, batch 1 (baseline)", True,
+               _hf(True), baseline=True, options=("n",)),
+]:
+  register(_spec)
+
+BASELINES = tuple(n for n, s in METHODS.items() if s.baseline)
+
+
+def parse_method(text: str) -> tuple[str, str, dict]:
+  """`"bpd:k=4"` -> (label `"bpd:k=4"`, name `"bpd"`, options `{"k": "4"}`)."""
+  label = text.strip()
+  name, *parts = label.split(":")
+  if name not in METHODS:
+    raise InputError(f"Unknown method {name!r}; the methods are: {', '.join(METHODS)}.")
+  opts = {}
+  for part in parts:
+    if "=" not in part:
+      raise InputError(f"Method option {part!r} in {label!r} is not key=value.")
+    k, v = part.split("=", 1)
+    if k not in METHODS[name].options:
+      allowed = ", ".join(METHODS[name].options) or "none"
+      raise InputError(f"Method {name!r} has no option {k!r} (options: {allowed}).")
+    opts[k] = v
+  return label, name, opts

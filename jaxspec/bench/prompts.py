@@ -1,0 +1,70 @@
+"""Benchmark prompts in Spec-Bench's JSONL format: one object per line with `question_id`, `category`, `turns`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+from jaxspec.errors import InputError
+
+QUICK_PROMPTS = Path(__file__).parent / "data" / "quick.jsonl"
+"""The project's own small prompt set (2 per Spec-Bench category, written for jaxspec): the default of `bench`."""
+
+SPEC_BENCH_DEV = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "spec_bench_dev.jsonl"
+"""Where the Spec-Bench dev prompts sit next to a development checkout (not shipped with the package)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+  question_id: int | str
+  category: str
+  text: str  # the first turn: Spec-Bench's single-turn convention for speculative decoding
+
+
+def load_prompts(path: str | os.PathLike, *, categories: Sequence[str] | None = None,
+                 limit: int | None = None) -> list[Prompt]:
+  """Reads a Spec-Bench-format JSONL file, keeping file order.
+
+  Args:
+    path: the JSONL file.
+    categories: keep only these categories (all when None).
+    limit: keep at most this many prompts per category (the first ones in the file).
+
+  Raises:
+    InputError: a missing file, a line that is not JSON, a missing field, or a category filter that matches nothing.
+  """
+  path = Path(path)
+  if not path.is_file():
+    raise InputError(f"Prompt file {path} not found: pass a JSONL file in Spec-Bench format with --prompts.")
+  prompts, per_cat, seen = [], {}, set()
+  with path.open(encoding="utf-8") as f:
+    for n, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise InputError(f"{path}:{n} is not valid JSON ({e.msg}).") from None
+      missing = [k for k in ("question_id", "category", "turns") if k not in row]
+      if missing:
+        raise InputError(f"{path}:{n} lacks the field(s) {', '.join(missing)}; each line needs question_id, "
+                         "category and turns (a list of strings).")
+      turns = row["turns"]
+      if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
+        raise InputError(f"{path}:{n}: 'turns' must be a non-empty list whose first item is the prompt text.")
+      cat = str(row["category"])
+      seen.add(cat)
+      if categories and cat not in categories:
+        continue
+      if limit is not None and per_cat.get(cat, 0) >= limit:
+        continue
+      per_cat[cat] = per_cat.get(cat, 0) + 1
+      prompts.append(Prompt(row["question_id"], cat, turns[0]))
+  absent = sorted(set(categories or ()) - seen)
+  if absent or not prompts:
+    raise InputError(f"No prompts of the categories {', '.join(absent or ['(any)'])} in {path}; its categories are "
+                     f"{', '.join(sorted(seen)) or 'none'}.")
+  return prompts

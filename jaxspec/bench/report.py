@@ -1,0 +1,227 @@
+"""Figures from benchmark records: results.json, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+MAX_LISTED_MISMATCHES = 50
+
+
+def tau(records) -> float:
+  """τ: new tokens from steps / target calls after prefill, the bonus token included (Spec-Bench's convention)."""
+  calls = sum(r.active_calls for r in records)
+  return sum(r.steps_tokens for r in records) / calls if calls else float("nan")
+
+
+def _hist(records) -> list[int]:
+  width = max((len(r.accept_hist) for r in records), default=0)
+  total = np.zeros(width, np.int64)
+  for r in records:
+    total[:len(r.accept_hist)] += r.accept_hist
+  return total.tolist()
+
+
+def _num(x: float) -> float | None:
+  return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+
+
+def _figures(recs, ref_recs, mism) -> dict:
+  seconds = sum(r.seconds for r in recs)
+  ref_seconds = sum(r.seconds for r in ref_recs)
+  new = sum(r.new_tokens for r in recs)
+  return {
+      "tau": _num(tau(recs)), "speedup": _num(ref_seconds / seconds if seconds else float("nan")),
+      "tokens_per_s": _num(new / seconds if seconds else float("nan")), "mismatches": len(mism),
+      "n_prompts": len(recs), "new_tokens": new, "target_calls": sum(r.active_calls for r in recs),
+      "drafter_calls": sum(r.drafter_calls for r in recs), "run_s": seconds, "accept_hist": _hist(recs)}
+
+
+def results(cfg, env: dict, prompts, specs: dict, records: dict, compile_s: dict, program_bytes: dict,
+            mismatches: dict, unavailable: dict, *, complete: bool, wall_s: float, peak_rss_bytes: int) -> dict:
+  """The content of results.json: every figure per method, overall and per category, and the environment."""
+  from jaxspec.bench.runner import REFERENCE
+
+  cats = sorted({p.category for p in prompts})
+  ref = records[REFERENCE]
+  methods = {}
+  for label, spec in specs.items():
+    entry = {"description": spec.description, "lossless": spec.lossless, "baseline": spec.baseline}
+    if label in unavailable:
+      entry.update(available=False, reason=unavailable[label], tau=None, speedup=None, tokens_per_s=None,
+                   mismatches=None, n_prompts=0, per_category={})
+      methods[label] = entry
+      continue
+    recs = records[label]
+    refs = ref[:len(recs)]
+    mism = mismatches[label]
+    entry.update(available=True, **_figures(recs, refs, mism), compile_s=compile_s[label],
+                 program_bytes=program_bytes[label])
+    entry["per_category"] = {}
+    for c in cats:
+      idx = [i for i, r in enumerate(recs) if r.category == c]
+      if idx:
+        entry["per_category"][c] = _figures([recs[i] for i in idx], [refs[i] for i in idx],
+                                            [m for m in mism if m["category"] == c])
+    entry["mismatch_list"] = mism
+    entry["per_prompt"] = [{k: v for k, v in dataclasses.asdict(r).items() if k != "tokens"} for r in recs]
+    methods[label] = entry
+  return {
+      "complete": complete,
+      "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
+      "environment": dict(env, wall_s=wall_s, peak_rss_bytes=peak_rss_bytes),
+      "prompts": {"file": str(cfg.prompts or "quick (jaxspec/bench/data/quick.jsonl)"), "n": len(prompts),
+                  "per_category": {c: sum(p.category == c for p in prompts) for c in cats}},
+      "methods": methods,
+  }
+
+
+def _fmt(x, spec=".2f", none="—") -> str:
+  return none if x is None else format(x, spec)
+
+
+def markdown(res: dict) -> str:
+  """report.md: the tables of a results dict."""
+  cfg, env, methods = res["config"], res["environment"], res["methods"]
+  avail = {k: v for k, v in methods.items() if v["available"]}
+  cats = list(res["prompts"]["per_category"])
+  greedy = cfg["temperature"] == 0
+  lines = ["# jaxspec bench report", ""]
+  if not res["complete"]:
+    lines += ["**Incomplete run**: these figures cover the batches finished before it stopped.", ""]
+  lines += [
+      f"- prompts: `{res['prompts']['file']}`, {res['prompts']['n']} prompts "
+      f"({', '.join(f'{c} {n}' for c, n in res['prompts']['per_category'].items())})",
+      f"- model: `{cfg['model'] or 'embedded SmolLM2-135M-Instruct'}`; max new tokens {cfg['max_new_tokens']}; "
+      f"batch size {cfg['batch_size']}; " + ("greedy" if greedy else
+                                             f"temperature {cfg['temperature']}, top-k {cfg['top_k']}, "
+                                             f"top-p {cfg['top_p']}"),
+      f"- jax {env['jax']} on {env['backend']} ({', '.join(sorted(set(env['devices'])))} ×{env['device_count']}), "
+      f"CPU {env['cpu']} ×{env['cpu_count']}, load average at start {_load(env['load_avg'])}",
+      f"- wall time {env['wall_s']:.0f} s, peak RSS {env['peak_rss_bytes'] / 2**20:.0f} MiB",
+      "",
+      "τ = new tokens / target calls after prefill (bonus token included). Speedup = wall time of jaxspec's greedy "
+      "loop / the method's, same prompts, same run, after compilation. Program memory = XLA's arguments + outputs + "
+      "temporaries of the compiled decode program (largest shape).",
+      "",
+      "## Overall", "",
+      "| method | τ | speedup | tokens/s | mismatches | drafter calls | compile s | program MiB |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for label, m in avail.items():
+    mm = str(m["mismatches"]) if greedy and m["lossless"] and label != "greedy" else "n/a"
+    lines.append(f"| {label} | {_fmt(m['tau'])} | {_fmt(m['speedup'])}× | {_fmt(m['tokens_per_s'], '.1f')} | {mm} | "
+                 f"{m['drafter_calls']:.0f} | {m['compile_s']:.1f} | {_fmt(m['program_bytes'] / 2**20 or None, '.0f')} |")
+  for key, title in (("tau", "τ per category"), ("speedup", "Speedup per category")):
+    lines += ["", f"## {title}", "", "| method | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
+    for label, m in avail.items():
+      lines.append(f"| {label} | " + " | ".join(_fmt(m["per_category"].get(c, {}).get(key)) for c in cats) + " |")
+  off = {k: v for k, v in methods.items() if not v["available"]}
+  if off:
+    lines += ["", "## Unavailable", ""] + [f"- `{k}`: {v['reason']}" for k, v in off.items()]
+  if greedy:
+    lines += ["", "## Exactness", ""]
+    for label, m in avail.items():
+      if label == "greedy" or not m["lossless"]:
+        continue
+      lines.append(f"- `{label}`: {m['mismatches']} of {m['n_prompts']} outputs differ from greedy")
+      for mm in m["mismatch_list"][:MAX_LISTED_MISMATCHES]:
+        lines.append(f"  - question {mm['question_id']} ({mm['category']}): first difference at token "
+                     f"{mm['first_diff']}; greedy `{mm['expected']!r}` vs `{mm['got']!r}`")
+  lines += ["", "## Plots", "", "![τ per category](tau_per_category.png)", "", "![speedup](speedup.png)", "",
+            "![accepted lengths](accept_hist.png)", ""]
+  return "\n".join(lines)
+
+
+def _load(load) -> str:
+  return "n/a" if not load else " / ".join(f"{x:.2f}" for x in load)
+
+
+def plots(res: dict, out: Path) -> list[Path]:
+  """τ per category per method, speedup bars, and accepted-length histograms, as PNG files."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  avail = {k: v for k, v in res["methods"].items() if v["available"]}
+  cats = list(res["prompts"]["per_category"])
+  names = list(avail)
+  paths = []
+
+  fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(cats) + 2), 4))
+  width = 0.8 / max(1, len(names))
+  for i, label in enumerate(names):
+    vals = [avail[label]["per_category"].get(c, {}).get("tau") or 0 for c in cats]
+    ax.bar(np.arange(len(cats)) + i * width, vals, width, label=label)
+  ax.set_xticks(np.arange(len(cats)) + width * (len(names) - 1) / 2, cats, rotation=30, ha="right")
+  ax.set_ylabel("τ (tokens per target call)")
+  ax.set_title("τ per category")
+  ax.legend(fontsize="small", ncol=2)
+  fig.tight_layout()
+  paths.append(_save(fig, out / "tau_per_category.png"))
+
+  fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.5))
+  speed = [avail[n]["speedup"] or 0 for n in names]
+  ax.barh(names, speed, color=["#888" if n == "greedy" else "#2a7" for n in names])
+  ax.axvline(1.0, color="k", lw=0.8)
+  for y, s in enumerate(speed):
+    ax.text(s, y, f" {s:.2f}×", va="center", fontsize="small")
+  ax.set_xlabel("wall-clock speedup over jaxspec greedy (same run)")
+  ax.invert_yaxis()
+  fig.tight_layout()
+  paths.append(_save(fig, out / "speedup.png"))
+
+  cols = min(3, len(names))
+  rows = -(-len(names) // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+  for ax, label in zip(axes.flat, names):
+    h = np.asarray(avail[label]["accept_hist"], float)
+    if h.sum() > 0:
+      h = h / h.sum()
+    ax.bar(np.arange(len(h)), h)
+    ax.set_title(f"{label} (τ {_fmt(avail[label]['tau'])})", fontsize="small")
+    ax.set_xlabel("tokens committed per step")
+  for ax in list(axes.flat)[len(names):]:
+    ax.axis("off")
+  fig.tight_layout()
+  paths.append(_save(fig, out / "accept_hist.png"))
+  return paths
+
+
+def _save(fig, path: Path) -> Path:
+  import matplotlib.pyplot as plt
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def write_all(out: Path, res: dict) -> None:
+  """results.json, report.md and the plots, each written whole or not at all."""
+  out.mkdir(parents=True, exist_ok=True)
+  for name, text in (("results.json", json.dumps(res, indent=1)), ("report.md", markdown(res))):
+    tmp = out / (name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out / name)
+  plots(res, out)
+
+
+def load(path: str | os.PathLike) -> dict:
+  return json.loads(Path(path).read_text())
+
+
+def summary_lines(res: dict) -> Sequence[str]:
+  """A short table for the terminal."""
+  rows = [f"{'method':<22} {'tau':>6} {'speedup':>8} {'tok/s':>8} {'mismatch':>8}"]
+  for label, m in res["methods"].items():
+    if not m["available"]:
+      rows.append(f"{label:<22} unavailable: {m['reason']}")
+    else:
+      rows.append(f"{label:<22} {_fmt(m['tau']):>6} {_fmt(m['speedup']):>7}× {_fmt(m['tokens_per_s'], '.1f'):>8} "
+                  f"{m['mismatches']:>8}")
+  return rows

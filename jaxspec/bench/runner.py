@@ -1,0 +1,226 @@
+"""The benchmark run: every method on the same prompts, interleaved prompt batch by prompt batch.
+
+Timing: each method first runs the first batch once untimed (compilation and warm-up), then every batch is run by
+every method in turn, in an order that rotates from batch to batch, so drift of this machine's speed touches all
+methods alike. Compilation of a new prompt-length bucket is timed apart (ahead-of-time), never as run time.
+
+Exactness: with greedy decoding, every lossless method's output is compared token for token with jaxspec's own
+greedy loop on the same batch; every difference is counted and listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxspec.bench.methods import METHODS, BenchContext, Unavailable, parse_method
+from jaxspec.bench.prompts import QUICK_PROMPTS, Prompt, load_prompts
+from jaxspec.errors import InputError
+
+REFERENCE = "greedy"
+
+
+@dataclasses.dataclass
+class BenchConfig:
+  """What to run. `prompts=None` means the project's own quick prompt set."""
+
+  prompts: str | None = None
+  methods: tuple[str, ...] = ("greedy",)
+  limit: int | None = None
+  categories: tuple[str, ...] | None = None
+  max_new_tokens: int = 128
+  batch_size: int = 1
+  temperature: float = 0.0
+  top_k: int = 0
+  top_p: float = 1.0
+  seed: int = 0
+  out: str = "bench_out"
+  t5x_src: str | None = None
+  model: str | None = None
+  quick: bool = False
+
+  def resolved(self) -> "BenchConfig":
+    """`--quick`: at most one prompt per category and 64 new tokens, unless set explicitly."""
+    if not self.quick:
+      return self
+    return dataclasses.replace(self, limit=self.limit or 1, max_new_tokens=min(self.max_new_tokens, 64))
+
+
+@dataclasses.dataclass
+class Record:
+  """One prompt decoded by one method."""
+
+  question_id: Any
+  category: str
+  new_tokens: int
+  steps_tokens: int  # tokens from steps after prefill (τ's numerator)
+  active_calls: int  # target calls while the row was live (τ's denominator)
+  seconds: float  # the row's share of its batch's run time
+  drafter_calls: float  # the row's share of the batch's drafter calls
+  accept_hist: list[int]
+  tokens: list[int]
+
+
+def environment() -> dict:
+  """What the figures were measured on."""
+  devices = jax.devices()
+  cpu = platform.processor() or ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+  except OSError:
+    pass
+  try:
+    load = os.getloadavg()
+  except OSError:
+    load = None
+  return {
+      "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or _version("jaxlib"),
+      "flax": _version("flax"), "python": sys.version.split()[0], "platform": platform.platform(),
+      "backend": jax.default_backend(), "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
+      "device_count": len(devices), "cpu": cpu, "cpu_count": os.cpu_count(), "load_avg": load,
+  }
+
+
+def _version(pkg: str) -> str | None:
+  from importlib.metadata import PackageNotFoundError, version
+  try:
+    return version(pkg)
+  except PackageNotFoundError:
+    return None
+
+
+def _peak_rss_bytes() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _encode(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+  if tokenizer.chat_template:
+    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p.text}])) for p in prompts]
+  return [tokenizer.encode(p.text, add_bos=None) for p in prompts]
+
+
+def _atomic_json(path: Path, obj) -> None:
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=1))
+  os.replace(tmp, path)
+
+
+def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, progress: bool = True) -> dict:
+  """Runs the benchmark and writes `results.json`, `report.md` and plots under `cfg.out`.
+
+  Args:
+    cfg: what to run.
+    model, params, tokenizer: the target; loaded from `cfg.model` (default: the embedded model) when None.
+    progress: show a progress bar over prompt batches.
+
+  Returns:
+    The results (the content of results.json).
+  """
+  from jaxspec.bench import report
+
+  cfg = cfg.resolved()
+  if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+    raise InputError("batch_size and max_new_tokens must be >= 1.")
+  prompts = load_prompts(cfg.prompts or QUICK_PROMPTS, categories=cfg.categories, limit=cfg.limit)
+  labels = [parse_method(m)[0] for m in cfg.methods]
+  if len(set(labels)) != len(labels):
+    raise InputError(f"A method is listed twice in {', '.join(labels)}.")
+  if REFERENCE not in labels:
+    labels.insert(0, REFERENCE)  # speedups and exactness are measured against it, in the same run
+  if model is None:
+    from jaxspec.loading import load_model
+    model, params, tokenizer = load_model(cfg.model)
+  ctx = BenchContext(model, params, tokenizer, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                     seed=cfg.seed, t5x_src=cfg.t5x_src)
+  out = Path(cfg.out)
+  out.mkdir(parents=True, exist_ok=True)
+
+  runners, unavailable, specs = {}, {}, {}
+  for label in labels:
+    _, name, opts = parse_method(label)
+    specs[label] = METHODS[name]
+    try:
+      runners[label] = METHODS[name].build(ctx, opts)
+    except Unavailable as e:
+      unavailable[label] = str(e)
+  if REFERENCE in unavailable:
+    raise InputError(f"The reference method cannot run: {unavailable[REFERENCE]}")
+
+  ids = _encode(tokenizer, prompts)
+  batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
+  records: dict[str, list[Record]] = {l: [] for l in runners}
+  compile_s = {l: 0.0 for l in runners}
+  program_bytes = {l: 0 for l in runners}
+  mismatches: dict[str, list[dict]] = {l: [] for l in runners}
+  env = environment()
+  started = time.time()
+
+  def snapshot(complete: bool) -> dict:
+    return report.results(cfg, env, prompts, specs, records, compile_s, program_bytes, mismatches, unavailable,
+                          complete=complete, wall_s=time.time() - started, peak_rss_bytes=_peak_rss_bytes())
+
+  # Warm-up: compile and run each method once on the first batch, untimed.
+  warm = [ids[i] for i in batches[0]]
+  for label, run in tqdm(list(runners.items()), desc="warm-up", disable=not progress, leave=False):
+    res = run(warm, cfg.max_new_tokens, cfg.seed)
+    compile_s[label] += res.compile_s
+    program_bytes[label] = max(program_bytes[label], res.program_bytes)
+
+  order = list(runners)
+  bar = tqdm(batches, desc="bench", unit="batch", disable=not progress)
+  for bi, batch in enumerate(bar):
+    rows = [ids[i] for i in batch]
+    seed = cfg.seed + bi
+    outputs = {}
+    rot = bi % len(order)
+    for label in order[rot:] + order[:rot]:
+      res = runners[label](rows, cfg.max_new_tokens, seed)
+      outputs[label] = res
+      compile_s[label] += res.compile_s
+      program_bytes[label] = max(program_bytes[label], res.program_bytes)
+      n = len(batch)
+      for r, pi in enumerate(batch):
+        records[label].append(Record(
+            question_id=prompts[pi].question_id, category=prompts[pi].category, new_tokens=len(res.tokens[r]),
+            steps_tokens=int(res.step_tokens[r]), active_calls=int(res.active_calls[r]), seconds=res.run_s / n,
+            drafter_calls=res.drafter_calls / n, accept_hist=np.asarray(res.accept_hist[r]).tolist(),
+            tokens=res.tokens[r]))
+    if cfg.temperature == 0:
+      ref = outputs[REFERENCE].tokens
+      for label, res in outputs.items():
+        if label == REFERENCE or not specs[label].lossless:
+          continue
+        for r, pi in enumerate(batch):
+          if res.tokens[r] != ref[r]:
+            mismatches[label].append(_mismatch(tokenizer, prompts[pi], ref[r], res.tokens[r]))
+    _atomic_json(out / "results.json", snapshot(complete=False))
+    if progress:
+      bar.set_postfix_str(" ".join(f"{l}:{report.tau(records[l]):.2f}" for l in order))
+  results = snapshot(complete=True)
+  report.write_all(out, results)
+  with open(out / "outputs.jsonl", "w", encoding="utf-8") as f:
+    for label, recs in records.items():
+      for r in recs:
+        f.write(json.dumps({"method": label, "question_id": r.question_id, "category": r.category,
+                            "tokens": r.tokens, "text": tokenizer.decode(r.tokens)}) + "\n")
+  return results
+
+
+def _mismatch(tokenizer, prompt: Prompt, expected: list[int], got: list[int]) -> dict:
+  i = next((j for j, (a, b) in enumerate(zip(expected, got)) if a != b), min(len(expected), len(got)))
+  lo = max(0, i - 8)
+  return {"question_id": prompt.question_id, "category": prompt.category, "first_diff": i,
+          "expected_len": len(expected), "got_len": len(got),
+          "expected": tokenizer.decode(expected[lo:i + 8]), "got": tokenizer.decode(got[lo:i + 8])}

@@ -1,0 +1,161 @@
+"""The benchmark harness on fake models: τ counting, the exactness check, the files it writes, prompt files."""
+
+import dataclasses
+import json
+
+import pytest
+
+from jaxspec.bench import METHODS, BenchConfig, MethodSpec, load_prompts, run_bench
+from jaxspec.bench.methods import Unavailable, loop_runner, parse_method
+from jaxspec.cli import main
+from jaxspec.errors import InputError
+from tests.fakes import BigramLM, OracleChain
+
+VOCAB = 23
+
+
+class ByteTokenizer:
+  """Characters to ids modulo a small vocabulary (id 0 never used, so T5X-style padding stays unambiguous)."""
+
+  chat_template = None
+  eos_id = None
+  pad_id = 0
+
+  def encode(self, text, add_bos=None):
+    return [1 + ord(c) % (VOCAB - 1) for c in text]
+
+  def decode(self, ids, skip_special_tokens=False):
+    return " ".join(map(str, ids))
+
+
+def write_prompts(path, rows):
+  path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+  return str(path)
+
+
+@pytest.fixture
+def prompt_file(tmp_path):
+  rows = [{"question_id": i, "category": c, "turns": [f"prompt {i} about {c}", "second turn"]}
+          for i, c in enumerate(["qa", "qa", "math", "math", "math", "rag"])]
+  return write_prompts(tmp_path / "p.jsonl", rows)
+
+
+@pytest.fixture
+def methods(monkeypatch):
+  """Two test methods: an oracle chain of k=3 (drafts the model's own greedy continuation) and a planted liar."""
+  lm = BigramLM.random(VOCAB, seed=3)
+  specs = dict(METHODS)
+
+  def oracle(ctx, opts):
+    return loop_runner(ctx, drafter=OracleChain(lm, 3))
+
+  def liar(ctx, opts):
+    inner = loop_runner(ctx)
+
+    def run(prompts, max_new_tokens, seed):
+      res = inner(prompts, max_new_tokens, seed)
+      tokens = [list(t) for t in res.tokens]
+      for t, p in zip(tokens, prompts):
+        if p == prompts_to_corrupt[0]:
+          t[5] = (t[5] + 1) % VOCAB  # one wrong token in one output
+      return dataclasses.replace(res, tokens=tokens)
+
+    return run
+
+  prompts_to_corrupt = [ByteTokenizer().encode("prompt 2 about math")]
+  specs["oracle"] = MethodSpec("oracle", "test oracle", True, oracle)
+  specs["liar"] = MethodSpec("liar", "test liar", True, liar)
+  specs["missing"] = MethodSpec("missing", "test", True, lambda ctx, o: (_ for _ in ()).throw(Unavailable("no parts")))
+  monkeypatch.setattr("jaxspec.bench.methods.METHODS", specs)
+  monkeypatch.setattr("jaxspec.bench.runner.METHODS", specs)
+  return lm
+
+
+def test_tau_counts_exactness_and_files(tmp_path, prompt_file, methods):
+  out = tmp_path / "out"
+  cfg = BenchConfig(prompts=prompt_file, methods=("oracle", "liar", "missing"), max_new_tokens=13, batch_size=2,
+                    out=str(out))
+  res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  m = res["methods"]
+  assert list(m) == ["greedy", "oracle", "liar", "missing"]  # the reference is added first
+  # Greedy: the first token comes from prefill, then 12 steps of one token each.
+  assert m["greedy"]["tau"] == 1.0 and m["greedy"]["target_calls"] == 6 * 12
+  # Oracle chain, k = 3: 12 tokens after the first in steps of 4 -> 3 calls per prompt, τ = 4 exactly.
+  assert m["oracle"]["tau"] == 4.0 and m["oracle"]["target_calls"] == 6 * 3
+  assert m["oracle"]["accept_hist"][4] == 18 and sum(m["oracle"]["accept_hist"]) == 18
+  assert m["oracle"]["mismatches"] == 0
+  # The liar differs from greedy in exactly one output, and the report names it.
+  assert m["liar"]["mismatches"] == 1
+  (mm,) = m["liar"]["mismatch_list"]
+  assert mm["question_id"] == 2 and mm["category"] == "math" and mm["first_diff"] == 5
+  assert m["liar"]["per_category"]["math"]["mismatches"] == 1 and m["liar"]["per_category"]["qa"]["mismatches"] == 0
+  assert m["missing"] == {**m["missing"], "available": False, "reason": "no parts"}
+
+  saved = json.loads((out / "results.json").read_text())
+  assert saved["complete"] is True
+  for name in ("greedy", "oracle", "liar"):
+    entry = saved["methods"][name]
+    for key, typ in (("tau", float), ("speedup", float), ("tokens_per_s", float), ("mismatches", int),
+                     ("n_prompts", int), ("per_category", dict)):
+      assert isinstance(entry[key], typ), (name, key)
+    assert set(entry["per_category"]) == {"qa", "math", "rag"}
+    assert entry["n_prompts"] == 6
+  assert saved["methods"]["greedy"]["speedup"] == 1.0
+  assert {"jax", "devices", "cpu"} <= set(saved["environment"])
+  report = (out / "report.md").read_text()
+  assert "| oracle | 4.00 |" in report and "`liar`: 1 of 6 outputs differ" in report and "no parts" in report
+  for png in ("tau_per_category.png", "speedup.png", "accept_hist.png"):
+    assert (out / png).stat().st_size > 1000
+  lines = (out / "outputs.jsonl").read_text().splitlines()
+  assert len(lines) == 3 * 6
+
+
+def test_per_category_limit_and_filter(prompt_file):
+  assert [p.question_id for p in load_prompts(prompt_file, limit=1)] == [0, 2, 5]
+  ps = load_prompts(prompt_file, categories=["math"], limit=2)
+  assert [p.question_id for p in ps] == [2, 3] and ps[0].text == "prompt 2 about math"  # the first turn
+
+
+@pytest.mark.parametrize("line,msg", [
+    ("not json", "not valid JSON"),
+    ('{"question_id": 1, "turns": ["x"]}', r"lacks the field\(s\) category"),
+    ('{"question_id": 1, "category": "qa", "turns": []}', "non-empty list"),
+])
+def test_bad_prompt_files_are_clear_errors(tmp_path, line, msg):
+  path = tmp_path / "bad.jsonl"
+  path.write_text(line + "\n")
+  with pytest.raises(InputError, match=msg):
+    load_prompts(path)
+
+
+def test_unknown_category_and_missing_file(tmp_path, prompt_file):
+  with pytest.raises(InputError, match="categories are math, qa, rag"):
+    load_prompts(prompt_file, categories=["poetry"])
+  with pytest.raises(InputError, match="not found"):
+    load_prompts(tmp_path / "nope.jsonl")
+
+
+def test_method_names_and_options():
+  assert parse_method("greedy") == ("greedy", "greedy", {})
+  assert parse_method("bpd:k=4") == ("bpd:k=4", "bpd", {"k": "4"})
+  with pytest.raises(InputError, match="Unknown method 'beam'"):
+    parse_method("beam")
+  with pytest.raises(InputError, match="no option 'x'"):
+    parse_method("bpd:x=1")
+  for name in ("greedy", "bpd", "bpd-ngram", "bpd-neural", "spec", "lookup", "layerskip", "jacobi", "cllm",
+               "opt-tree"):
+    assert name in METHODS
+
+
+def test_list_methods_cli(capsys):
+  assert main(["bench", "--list-methods"]) == 0
+  names = [l.split()[0] for l in capsys.readouterr().out.splitlines()]
+  assert names[:3] == ["greedy", "bpd", "bpd-ngram"] and "opt-tree" in names and "t5x-greedy" in names
+
+
+def test_missing_t5x_checkout_is_reported_unavailable(tmp_path, prompt_file, methods):
+  cfg = BenchConfig(prompts=prompt_file, methods=("t5x-greedy",), max_new_tokens=4, limit=1, out=str(tmp_path),
+                    t5x_src=str(tmp_path))
+  res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert res["methods"]["t5x-greedy"]["available"] is False
+  assert "not a T5X checkout" in res["methods"]["t5x-greedy"]["reason"]
