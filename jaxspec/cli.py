@@ -60,6 +60,16 @@ def _cmd_bench(args) -> int:
   return 0
 
 
+def _cmd_train(args) -> int:
+  try:
+    from training.bpd import main_train
+  except ImportError as e:
+    raise InputError(f"The training package is not importable ({e}); install jaxspec from a source checkout "
+                     "(pip install -e .).") from None
+  main_train(args.config, args.overrides)
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="jaxspec", description="Fast, lossless decoding of autoregressive models in JAX.")
   sub = p.add_subparsers(dest="command", required=True)
@@ -97,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
   b.add_argument("--quick", action="store_true", help="one prompt per category, 64 new tokens (a few minutes)")
   b.set_defaults(func=_cmd_bench)
+
+  t = sub.add_parser("train", help="train from a config file (BPD heads, ...); resumes from its checkpoints")
+  t.add_argument("config", help="a YAML or TOML file, e.g. configs/bpd_smollm2.yaml")
+  t.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (optim.lr=3e-4)")
+  t.set_defaults(func=_cmd_train)
   return p
 
 

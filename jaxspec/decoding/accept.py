@@ -16,7 +16,7 @@ from jaxspec.decoding.sampling import SamplingParams, Warp
 Array = jax.Array
 
 
-def _prefix_length(ok_BxN: Array) -> Array:
+def prefix_length(ok_BxN: Array) -> Array:
   return jnp.sum(jnp.cumprod(ok_BxN.astype(jnp.int32), axis=-1), axis=-1)
 
 
@@ -60,7 +60,7 @@ class GreedyAcceptance:
     expected_BxN = jnp.take_along_axis(target_BxT, draft.parent_BxN + 1, axis=1)
     ok_BxN = draft.tokens_BxN == expected_BxN
     if is_chain:
-      n_commit_B = _prefix_length(ok_BxN) + 1
+      n_commit_B = prefix_length(ok_BxN) + 1
       path_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
       return Acceptance(target_BxT, path_BxT, n_commit_B)
     path_BxT, n_commit_B = tree_paths(draft, ok_BxN)
@@ -97,7 +97,7 @@ class SampleAcceptance:
     r_accept, r_fix = jax.random.split(rng)
     u_BxN = jax.random.uniform(r_accept, (b, n))
     ok_BxN = u_BxN * q_tok < p_tok  # accept with probability min(1, p/q)
-    n_acc_B = _prefix_length(ok_BxN)
+    n_acc_B = prefix_length(ok_BxN)
     # The correction at the first rejection samples from norm(max(0, p - q)); after a full accept, p itself.
     q_pad_BxTxV = jnp.concatenate([q_BxNxV, jnp.zeros_like(p_BxTxV[:, :1])], axis=1)
     p_at = jnp.take_along_axis(p_BxTxV, n_acc_B[:, None, None], axis=1)[:, 0]

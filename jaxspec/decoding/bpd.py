@@ -1,0 +1,103 @@
+"""Blockwise parallel decoding (Stern, Shazeer, Uszkoreit 2018) as a drafter on the shared loop.
+
+Predict: the k heads read the target's hidden state at the last committed token (and the embedding of the pending
+token the target chose after it) and propose the k tokens after the pending one. Verify: the target runs
+`[pending, d_1..d_k]` in one forward. Accept: the longest prefix equal to the target's argmax (exact), or, with
+`TopKAcceptance`, Stern's approximate rule (each token within the target's top-k; not lossless). The verify
+forward's hidden state at the last accepted position is what the heads read next, so scoring and proposing share
+one target call per step.
+
+`draft_params` is built once per model and heads by `bpd_draft_params` (the heads, their output projection and the
+target's embedding table, which the heads read for the pending token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jaxspec.decoding.accept import prefix_length
+from jaxspec.decoding.protocol import Acceptance, Draft, PrefillInfo, Verified
+from jaxspec.decoding.sampling import SamplingParams
+from jaxspec.models.bpd import BPDModel, output_projection
+
+Array = jax.Array
+
+
+def bpd_draft_params(model, target_params, bpd: BPDModel, bpd_params: dict) -> dict:
+  """The arrays the BPD drafter needs inside the jitted loop."""
+  out = {"bpd": bpd_params, "proj_DxM": output_projection(model, target_params, bpd_params)}
+  if bpd.cfg.use_next_token:
+    out["embed_VxD"] = target_params["embed"]["embedding"]
+  return out
+
+
+def chain_draft(tokens_BxN: Array) -> Draft:
+  b, n = tokens_BxN.shape
+  depth = jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (b, n))
+  mask = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (b, n, n))
+  parent = jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (b, n))
+  return Draft(tokens_BxN, depth, mask, parent)
+
+
+@dataclasses.dataclass(frozen=True)
+class BPDDrafter:
+  """k heads propose a chain of k tokens; `dstate` is the hidden state `[B, D]` that predicted the pending token."""
+
+  bpd: BPDModel
+  is_chain: bool = True
+  calls_per_step: int = 0  # the heads run on the target's own forward: no separate drafter calls
+
+  @property
+  def num_nodes(self) -> int:
+    return self.bpd.num_heads
+
+  def head_logits(self, draft_params, hidden_BxD: Array, pending_B: Array) -> Array:
+    """`[B, k, M]` logits of the heads over their vocabulary."""
+    emb = draft_params["embed_VxD"][pending_B].astype(jnp.float32) if self.bpd.cfg.use_next_token else None
+    states_BxKxD = self.bpd.head_states(draft_params["bpd"], hidden_BxD, emb)
+    return jnp.einsum("bkd,dm->bkm", states_BxKxD, draft_params["proj_DxM"])
+
+  def init(self, draft_params, prefill: PrefillInfo):
+    return prefill.hidden_BxD.astype(jnp.float32)
+
+  def propose(self, draft_params, dstate, loop):
+    top_BxK = jnp.argmax(self.head_logits(draft_params, dstate, loop.pending_B), axis=-1).astype(jnp.int32)
+    if "vocab_ids" in draft_params["bpd"]:
+      top_BxK = draft_params["bpd"]["vocab_ids"][top_BxK]
+    return chain_draft(top_BxK), dstate
+
+  def update(self, draft_params, dstate, verified: Verified):
+    last_B = verified.acceptance.n_commit_B - 1
+    h_BxD = jnp.take_along_axis(verified.hidden_BxTxD, last_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    return jnp.where(verified.active_B[:, None], h_BxD, dstate)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKAcceptance:
+  """Stern's approximate acceptance: keep drafted tokens that are within the target's top-k at their position; the
+  token after them is the target's argmax. NOT lossless: the output can differ from greedy decoding."""
+
+  top_k: int = 2
+  lossless = False
+
+  def first_token(self, rng: Array, logits_BxV: Array, sp: SamplingParams) -> Array:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+
+  def accept(self, rng: Array, draft: Draft, logits_BxTxV: Array, sp: SamplingParams, is_chain: bool) -> Acceptance:
+    if not is_chain:
+      raise ValueError("TopKAcceptance verifies chains.")
+    b, t, _ = logits_BxTxV.shape
+    target_BxT = jnp.argmax(logits_BxTxV, axis=-1).astype(jnp.int32)
+    path_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if t == 1:
+      return Acceptance(target_BxT, path_BxT, jnp.ones((b,), jnp.int32))
+    _, top_BxNxK = jax.lax.top_k(logits_BxTxV[:, :-1], self.top_k)
+    ok_BxN = jnp.any(top_BxNxK == draft.tokens_BxN[..., None], axis=-1)
+    n_acc_B = prefix_length(ok_BxN)
+    drafted_BxT = jnp.concatenate([draft.tokens_BxN, jnp.zeros((b, 1), jnp.int32)], axis=1)
+    fix_B = jnp.take_along_axis(target_BxT, n_acc_B[:, None], axis=1)[:, 0]
+    emitted_BxT = jnp.where(jnp.arange(t)[None] < n_acc_B[:, None], drafted_BxT, fix_B[:, None])
+    return Acceptance(emitted_BxT, path_BxT, n_acc_B + 1)

@@ -1,0 +1,163 @@
+"""Blockwise parallel decoding heads (Stern, Shazeer, Uszkoreit 2018).
+
+Head i (i = 1..k) reads the target's final hidden state h_t at position t and predicts token t + 1 + i, i.e. the
+i-th token after the one the base model itself predicts. Each head is one feed-forward layer with a residual
+connection, `h + W_out,i · silu(W_in,i · [h; e(x_{t+1})])`, followed by the target's own output projection (shared,
+frozen). `W_out` starts at zero, so every head starts as the base next-token prediction.
+
+`e(x_{t+1})` is the embedding of the token the target has just chosen at t+1; the decode loop always knows it when
+it drafts (it is the pending token), so the heads may read it (`use_next_token`, on by default; Stern's heads read
+h_t only, and `use_next_token=False` gives exactly that).
+
+The output projection may be restricted to a subset of the vocabulary (`vocab_ids`, e.g. the tokens seen in the
+training data): the heads only ever propose those tokens, and each draft costs k·M instead of k·V multiply-adds.
+Drafts are only proposals: the target verifies every token, so the subset changes speed, never the output.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.errors import ModelLoadError
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class BPDConfig:
+  num_heads: int = 4  # k
+  d_model: int = 576
+  d_hidden: int = 576  # width of each head's feed-forward layer
+  use_next_token: bool = True
+  vocab_subset: int = 0  # M > 0: the heads project onto M token ids (stored with the params); 0 = whole vocabulary
+
+  def __post_init__(self):
+    if not 1 <= self.num_heads <= 16:
+      raise ValueError(f"num_heads must be in 1..16, got {self.num_heads}")
+
+
+class BPDHeads(nn.Module):
+  """k residual feed-forward heads: `[..., D]` (+ next-token embeddings `[..., D]`) -> `[..., k, D]`."""
+
+  cfg: BPDConfig
+
+  @nn.compact
+  def __call__(self, hidden_NxD: Array, next_emb_NxD: Array | None = None) -> Array:
+    cfg = self.cfg
+    x = hidden_NxD
+    if cfg.use_next_token:
+      x = jnp.concatenate([hidden_NxD, next_emb_NxD], axis=-1)
+    w_in = self.param("w_in", nn.initializers.lecun_normal(batch_axis=(0,)),
+                      (cfg.num_heads, x.shape[-1], cfg.d_hidden), jnp.float32)
+    b_in = self.param("b_in", nn.initializers.zeros, (cfg.num_heads, cfg.d_hidden), jnp.float32)
+    w_out = self.param("w_out", nn.initializers.zeros, (cfg.num_heads, cfg.d_hidden, cfg.d_model), jnp.float32)
+    pre_NxKxF = jnp.einsum("...d,kdf->...kf", x.astype(jnp.float32), w_in)
+    u_NxKxF = nn.silu(pre_NxKxF + b_in.reshape((1,) * (pre_NxKxF.ndim - 2) + b_in.shape))
+    return hidden_NxD[..., None, :].astype(jnp.float32) + jnp.einsum("...kf,kfd->...kd", u_NxKxF, w_out)
+
+
+@dataclasses.dataclass(frozen=True)
+class BPDModel:
+  """The heads behind a static, hashable wrapper (like `LlamaLM`). Params: `{"heads": ..., "vocab_ids": [M]}`."""
+
+  cfg: BPDConfig
+
+  @property
+  def module(self) -> BPDHeads:
+    return BPDHeads(self.cfg)
+
+  @property
+  def num_heads(self) -> int:
+    return self.cfg.num_heads
+
+  def init_params(self, rng: Array, vocab_ids: np.ndarray | None = None) -> dict:
+    d = self.cfg.d_model
+    heads = self.module.init(rng, jnp.zeros((1, d)), jnp.zeros((1, d)) if self.cfg.use_next_token else None)
+    params = {"heads": heads["params"]}
+    if self.cfg.vocab_subset:
+      if vocab_ids is None or len(vocab_ids) != self.cfg.vocab_subset:
+        raise ValueError(f"vocab_subset={self.cfg.vocab_subset} needs that many vocab_ids")
+      params["vocab_ids"] = jnp.asarray(vocab_ids, jnp.int32)
+    return params
+
+  def head_states(self, params, hidden_NxD: Array, next_emb_NxD: Array | None) -> Array:
+    """`[..., k, D]` head outputs, ready for the output projection."""
+    return self.module.apply({"params": params["heads"]}, hidden_NxD, next_emb_NxD)
+
+
+def output_projection(model, target_params, bpd_params: dict) -> Array:
+  """`[D, M]` f32 matrix the heads' states are projected with: the target's output embedding, restricted to the
+  heads' vocabulary subset if they have one. Computed once per generation, outside the decode loop."""
+  cfg = model.cfg
+  if cfg.tie_embeddings:
+    table_VxD = target_params["embed"]["embedding"]
+  else:
+    table_VxD = target_params["lm_head"]["kernel"].T
+  if "vocab_ids" in bpd_params:
+    table_VxD = table_VxD[bpd_params["vocab_ids"]]
+  return table_VxD.astype(jnp.float32).T
+
+
+def token_embeddings(target_params, tokens: Array) -> Array:
+  return target_params["embed"]["embedding"][tokens].astype(jnp.float32)
+
+
+# ---- files: the trained heads are small enough to ship as safetensors + a JSON config ----
+
+def save_bpd(folder: str | os.PathLike, bpd: BPDModel, params: dict, meta: dict | None = None) -> None:
+  """Writes `config.json` and `heads.safetensors` (f32)."""
+  from safetensors.numpy import save_file
+
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  flat = {f"heads.{k}": np.asarray(v, np.float32) for k, v in params["heads"].items()}
+  if "vocab_ids" in params:
+    flat["vocab_ids"] = np.asarray(params["vocab_ids"], np.int32)
+  tmp = folder / "heads.safetensors.tmp"
+  save_file(flat, str(tmp))
+  os.replace(tmp, folder / "heads.safetensors")
+  (folder / "config.json").write_text(json.dumps({"bpd": dataclasses.asdict(bpd.cfg), **(meta or {})}, indent=1))
+
+
+def load_bpd(folder: str | os.PathLike, num_heads: int | None = None) -> tuple[BPDModel, dict]:
+  """Reads heads written by `save_bpd`; `num_heads` keeps only the first heads (head i never depends on others).
+
+  Raises:
+    ModelLoadError: a missing folder or file, a corrupt file, or parameters that do not match the config.
+  """
+  from safetensors.numpy import load_file
+
+  folder = Path(folder)
+  cfg_path, w_path = folder / "config.json", folder / "heads.safetensors"
+  if not cfg_path.is_file() or not w_path.is_file():
+    raise ModelLoadError(f"{folder} does not hold BPD heads (config.json + heads.safetensors): train them with "
+                         "`jaxspec train configs/bpd_smollm2.yaml` or pass the right folder.")
+  try:
+    cfg = BPDConfig(**json.loads(cfg_path.read_text())["bpd"])
+    flat = load_file(str(w_path))
+  except Exception as e:  # noqa: BLE001 - truncated file, bad JSON, unknown keys
+    raise ModelLoadError(f"BPD heads in {folder} are unreadable ({type(e).__name__}: {e}); retrain or re-copy "
+                         "them.") from None
+  heads = {k[len("heads."):]: jnp.asarray(v) for k, v in flat.items() if k.startswith("heads.")}
+  expect = {"w_in": (cfg.num_heads, cfg.d_model * (2 if cfg.use_next_token else 1), cfg.d_hidden),
+            "b_in": (cfg.num_heads, cfg.d_hidden), "w_out": (cfg.num_heads, cfg.d_hidden, cfg.d_model)}
+  got = {k: tuple(v.shape) for k, v in heads.items()}
+  if got != expect:
+    raise ModelLoadError(f"BPD heads in {folder} have shapes {got}, but their config says {expect}.")
+  params = {"heads": heads}
+  if cfg.vocab_subset:
+    params["vocab_ids"] = jnp.asarray(flat["vocab_ids"], jnp.int32)
+  if num_heads is not None:
+    if not 1 <= num_heads <= cfg.num_heads:
+      raise ModelLoadError(f"Asked for {num_heads} heads; {folder} has {cfg.num_heads}.")
+    cfg = dataclasses.replace(cfg, num_heads=num_heads)
+    params["heads"] = {k: v[:num_heads] for k, v in heads.items()}
+  return BPDModel(cfg), params

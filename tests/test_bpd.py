@@ -1,0 +1,176 @@
+"""Blockwise parallel decoding: the drafter on the loop, exactness, head training, configs, the shipped heads."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.decoding.bpd import BPDDrafter, TopKAcceptance, bpd_draft_params
+from jaxspec.decoding.generate import generate
+from jaxspec.errors import ModelLoadError
+from jaxspec.models.bpd import BPDConfig, BPDModel, load_bpd, save_bpd
+from tests.fakes import BigramLM
+from training.bpd import BPDTrainConfig, load_bpd_config, train_bpd
+from training.config import ConfigError
+
+TINY_VOCAB = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class OracleHeads(BPDDrafter):
+  """BPD whose heads are perfect: head i names the bigram model's greedy token i steps after the pending one."""
+
+  lm: BigramLM = None
+
+  def head_logits(self, draft_params, hidden_BxD, pending_B):
+    nxt = jnp.argmax(jnp.asarray(self.lm.table), axis=-1)
+    out, x = [], pending_B
+    for _ in range(self.num_nodes):
+      x = nxt[x]
+      out.append(jax.nn.one_hot(x, self.lm.vocab_size))
+    return jnp.stack(out, axis=1)
+
+
+@pytest.mark.parametrize("k", [2, 4, 7])
+def test_oracle_heads_accept_k_plus_one_per_step(k):
+  lm = BigramLM.random(19, seed=k)
+  drafter = OracleHeads(BPDModel(BPDConfig(num_heads=k, d_model=19, use_next_token=False)), lm=lm)
+  new = 1 + 3 * (k + 1)
+  res = generate(lm, None, [[3], [5, 6]], max_new_tokens=new, drafter=drafter, draft_params={"bpd": {}})
+  assert res.tokens == [lm.greedy(3, new), lm.greedy(6, new)]
+  assert res.active_calls == [3, 3] and res.tau == k + 1
+  assert res.accept_hist[:, k + 1].tolist() == [3, 3]
+
+
+def random_heads(tiny, k, use_next_token=True, seed=1):
+  model, params = tiny
+  bpd = BPDModel(BPDConfig(num_heads=k, d_model=model.cfg.d_model, d_hidden=16, use_next_token=use_next_token))
+  p = bpd.init_params(jax.random.key(seed))
+  # Nonzero output weights, so the heads make real (mostly wrong) guesses instead of repeating the base prediction.
+  p["heads"]["w_out"] = jax.random.normal(jax.random.key(seed + 1), p["heads"]["w_out"].shape) * 0.5
+  return bpd, p
+
+
+@pytest.mark.parametrize("k,use_next", [(2, True), (5, False)])
+def test_bpd_equals_greedy_on_tiny_model(tiny, k, use_next):
+  model, params = tiny
+  bpd, p = random_heads(tiny, k, use_next)
+  prompts = [[1, 2, 3], [7] * 9, [100, 5]]
+  greedy = generate(model, params, prompts, max_new_tokens=40)
+  res = generate(model, params, prompts, max_new_tokens=40, drafter=BPDDrafter(bpd),
+                 draft_params=bpd_draft_params(model, params, bpd, p))
+  assert res.tokens == greedy.tokens
+  assert res.tau >= 1.0 and res.target_calls <= greedy.target_calls
+
+
+def test_approximate_acceptance_keeps_target_top_k_tokens(tiny):
+  model, params = tiny
+  bpd, p = random_heads(tiny, 3)
+  dp = bpd_draft_params(model, params, bpd, p)
+  exact = generate(model, params, [[4, 8, 15]], max_new_tokens=30, drafter=BPDDrafter(bpd), draft_params=dp)
+  approx = generate(model, params, [[4, 8, 15]], max_new_tokens=30, drafter=BPDDrafter(bpd), draft_params=dp,
+                    acceptor=TopKAcceptance(top_k=TINY_VOCAB))
+  # With k = the whole vocabulary every drafted token is accepted: k + 1 tokens per call.
+  assert approx.tau > exact.tau and max(approx.step_tokens) > 0
+  assert approx.accept_hist[0, 4] == approx.active_calls[0] - (1 if approx.accept_hist[0, 4] < approx.active_calls[0]
+                                                                 else 0)
+  assert not TopKAcceptance.lossless
+
+
+class ByteTokenizer:
+  chat_template = None
+  eos_id = None
+  pad_id = 0
+
+  def encode(self, text, add_bos=None):
+    return [1 + ord(c) % (TINY_VOCAB - 1) for c in text]
+
+  def decode(self, ids, skip_special_tokens=False):
+    return " ".join(map(str, ids))
+
+
+def tiny_train_config(tmp_path, **train):
+  prompts = tmp_path / "prompts.jsonl"
+  words = ["alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india", "juliet"]
+  prompts.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [f"{w} {i} {w[::-1]}"]})
+                               for i, w in enumerate(words * 4)) + "\n")
+  base = BPDTrainConfig()
+  return dataclasses.replace(
+      base, out=str(tmp_path / "heads"),
+      heads=dataclasses.replace(base.heads, num_heads=3, d_hidden=32),
+      data=dataclasses.replace(base.data, prompts=str(prompts), max_new_tokens=48, dataset_dir=str(tmp_path / "data"),
+                               eval_fraction=0.1),
+      optim=dataclasses.replace(base.optim, lr=3e-3, total_steps=train.get("steps", 150), warmup_steps=10),
+      train=dataclasses.replace(base.train, batch_size=128, checkpoint_dir=str(tmp_path / "ckpt"), checkpoint_every=50,
+                                eval_every=50, log_every=10, **train))
+
+
+def test_head_training_lowers_loss_and_speeds_up_decoding(tiny, tmp_path):
+  model, params = tiny
+  cfg = tiny_train_config(tmp_path, steps=150)
+  summary = train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  metrics = [json.loads(l) for l in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+  train_loss = [m["loss"] for m in metrics if "loss" in m]
+  assert train_loss[-1] < 0.5 * train_loss[0]
+  assert summary["final_eval"]["eval/acc_h1"] > 0.5
+  bpd, p = load_bpd(tmp_path / "heads")
+  assert bpd.num_heads == 3 and bpd.cfg.vocab_subset > 0
+  prompts = [ByteTokenizer().encode("kilo 99 olik"), ByteTokenizer().encode("alpha 3 ahpla")]
+  greedy = generate(model, params, prompts, max_new_tokens=48)
+  res = generate(model, params, prompts, max_new_tokens=48, drafter=BPDDrafter(bpd),
+                 draft_params=bpd_draft_params(model, params, bpd, p))
+  assert res.tokens == greedy.tokens
+  assert res.tau > 1.5, res.tau
+  # Fewer heads from the same file: the first heads, still exact.
+  bpd2, p2 = load_bpd(tmp_path / "heads", num_heads=2)
+  res2 = generate(model, params, prompts, max_new_tokens=48, drafter=BPDDrafter(bpd2),
+                  draft_params=bpd_draft_params(model, params, bpd2, p2))
+  assert res2.tokens == greedy.tokens and res2.tau <= 3.0
+
+
+def test_training_resumes_from_its_checkpoint(tiny, tmp_path):
+  model, params = tiny
+  train_bpd(tiny_train_config(tmp_path, steps=50), model=model, params=params, tokenizer=ByteTokenizer(),
+            progress=False)
+  summary = train_bpd(tiny_train_config(tmp_path, steps=100), model=model, params=params, tokenizer=ByteTokenizer(),
+                      progress=False)
+  steps = [json.loads(l)["step"] for l in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+  assert steps == sorted(steps) and steps[-1] == 100 and steps.count(10) == 1  # went on from 50, not from 0
+  assert summary["final_eval"]
+
+
+def test_joint_objective_trains_base_and_heads(tiny, tmp_path):
+  model, params = tiny
+  base = tiny_train_config(tmp_path, steps=30)
+  cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, objective="joint", batch_size=4, seq_len=64))
+  summary = train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  assert "eval/base_loss" in summary["final_eval"]
+  assert (tmp_path / "heads" / "base" / "config.json").exists()
+
+
+def test_config_errors_name_the_key(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("task: bpd\nheads:\n  num_head: 4\n")
+  with pytest.raises(ConfigError, match="heads.num_head"):
+    load_bpd_config(path)
+  path.write_text("task: bpd\ntrain:\n  steps: many\n")
+  with pytest.raises(ConfigError, match="train.steps"):
+    load_bpd_config(path)
+  path.write_text("task: bpd\n")
+  with pytest.raises(ConfigError, match="train.objective"):
+    load_bpd_config(path, ["train.objective=both"])
+  assert load_bpd_config(path, ["heads.num_heads=6"]).heads.num_heads == 6
+
+
+def test_corrupt_or_missing_heads_are_clear_errors(tmp_path, tiny):
+  with pytest.raises(ModelLoadError, match="does not hold BPD heads"):
+    load_bpd(tmp_path)
+  bpd, p = random_heads(tiny, 2)
+  save_bpd(tmp_path, bpd, p)
+  raw = (tmp_path / "heads.safetensors").read_bytes()
+  (tmp_path / "heads.safetensors").write_bytes(raw[:len(raw) // 2])
+  with pytest.raises(ModelLoadError, match="unreadable"):
+    load_bpd(tmp_path)

@@ -1,0 +1,420 @@
+"""The generic training infrastructure: config files, checkpoints, the trainer and resumption after a kill."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.errors import JaxspecError
+from training.checkpoint import Checkpointer, CheckpointError
+from training.config import ConfigError, config_from_dict, dump_config, load_config, to_dict
+from training.trainer import OptimConfig, TrainState, Trainer, init_state, make_optimizer, make_schedule
+
+import train_tiny
+
+# --- config ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  prompts: str
+  max_len: int = 128
+  shuffle: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+  name: str
+  data: DataConfig
+  optim: OptimConfig = OptimConfig()
+  mode: Literal["draft", "heads"] = "heads"
+  dims: tuple[int, ...] = (64, 64)
+  note: Optional[str] = None
+  eval_data: Optional[DataConfig] = None
+
+
+YAML = """\
+name: run1
+mode: draft
+dims: [32, 16, 8]
+data:
+  prompts: data/prompts.jsonl
+  max_len: 256
+optim:
+  lr: 3e-4
+  warmup_steps: 10
+  schedule: linear
+  total_steps: 500
+"""
+
+TOML = """\
+name = "run1"
+mode = "draft"
+dims = [32, 16, 8]
+
+[data]
+prompts = "data/prompts.jsonl"
+max_len = 256
+
+[optim]
+lr = 3e-4
+warmup_steps = 10
+schedule = "linear"
+total_steps = 500
+"""
+
+
+def _write(tmp_path: Path, name: str, text: str) -> Path:
+  path = tmp_path / name
+  path.write_text(text)
+  return path
+
+
+@pytest.mark.parametrize("name,text", [("run.yaml", YAML), ("run.toml", TOML)])
+def test_config_round_trip(tmp_path, name, text):
+  cfg = load_config(_write(tmp_path, name, text), RunConfig)
+  want = RunConfig(
+      name="run1",
+      mode="draft",
+      dims=(32, 16, 8),
+      data=DataConfig(prompts="data/prompts.jsonl", max_len=256),
+      optim=OptimConfig(lr=3e-4, warmup_steps=10, schedule="linear", total_steps=500),
+  )
+  assert cfg == want
+  assert isinstance(cfg.optim.lr, float) and isinstance(cfg.dims, tuple)
+  dump_config(cfg, tmp_path / "out" / "config.yaml")
+  assert load_config(tmp_path / "out" / "config.yaml", RunConfig) == cfg
+  assert config_from_dict(to_dict(cfg), RunConfig) == cfg
+
+
+def test_config_overrides(tmp_path):
+  path = _write(tmp_path, "run.yaml", YAML)
+  cfg = load_config(
+      path,
+      RunConfig,
+      ["optim.lr=1e-2", "data.prompts=foo.jsonl", "dims=[4, 5]", "name=123", "note=hello", "mode=heads",
+       "optim.clip_norm=2", "data.shuffle=false", "eval_data.prompts=eval.jsonl"],
+  )
+  assert cfg.optim.lr == 1e-2 and cfg.optim.warmup_steps == 10
+  assert cfg.optim.clip_norm == 2.0 and isinstance(cfg.optim.clip_norm, float)
+  assert cfg.data == DataConfig(prompts="foo.jsonl", max_len=256, shuffle=False)
+  assert cfg.dims == (4, 5)
+  assert cfg.name == "123"  # a str field keeps the text
+  assert cfg.note == "hello" and cfg.mode == "heads"
+  assert cfg.eval_data == DataConfig(prompts="eval.jsonl")
+  assert load_config(path, RunConfig, ["note=null"]).note is None
+
+
+def test_config_unknown_key_names_it_and_the_valid_keys(tmp_path):
+  with pytest.raises(ConfigError) as e:
+    load_config(_write(tmp_path, "run.yaml", YAML + "  lrr: 0.1\n"), RunConfig)
+  msg = str(e.value)
+  assert "'optim.lrr'" in msg and "warmup_steps" in msg and "grad_accum" in msg
+  with pytest.raises(ConfigError, match=r"'data\.promts'.*did you mean 'data\.prompts'"):
+    load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, ["data.promts=x"])
+  with pytest.raises(ConfigError, match=r"'bogus'.*name, data, optim"):
+    load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, ["bogus=1"])
+  with pytest.raises(ConfigError, match=r"'optim\.lr' is a value"):
+    load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, ["optim.lr.x=1"])
+  assert issubclass(ConfigError, JaxspecError)
+
+
+@pytest.mark.parametrize(
+    "override,pattern",
+    [
+        ("optim.warmup_steps=ten", r"'optim\.warmup_steps' must be int, got 'ten'"),
+        ("optim.warmup_steps=1.5", r"'optim\.warmup_steps' must be int, got 1\.5"),
+        ("optim.total_steps=true", r"'optim\.total_steps' must be int, got True"),
+        ("optim.lr=fast", r"'optim\.lr' must be float, got 'fast'"),
+        ("data.shuffle=3", r"'data\.shuffle' must be bool, got 3"),
+        ("dims=[1, x]", r"'dims\[1\]' must be int, got 'x'"),
+        ("dims=7", r"'dims' must be a list of int, got 7"),
+        ("data=5", r"'data' must be a section \(DataConfig\), got 5"),
+    ],
+)
+def test_config_wrong_type(tmp_path, override, pattern):
+  with pytest.raises(ConfigError, match=pattern):
+    load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, [override])
+
+
+def test_config_literal(tmp_path):
+  pattern = r"'optim\.schedule' must be one of 'constant', 'cosine', 'linear', got 'exp'"
+  with pytest.raises(ConfigError, match=pattern):
+    load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, ["optim.schedule=exp"])
+  with pytest.raises(ConfigError, match=r"'mode' must be one of 'draft', 'heads'"):
+    load_config(_write(tmp_path, "run.toml", TOML.replace('"draft"', '"tree"')), RunConfig)
+
+
+def test_config_other_errors(tmp_path):
+  with pytest.raises(ConfigError, match=r"missing required key 'data\.prompts'"):
+    config_from_dict({"name": "x", "data": {"max_len": 3}}, RunConfig)
+  with pytest.raises(ConfigError, match=r"missing required key 'name'"):
+    config_from_dict({"data": {"prompts": "p"}}, RunConfig)
+  with pytest.raises(ConfigError, match=r"override 'optim\.lr' must look like key=value"):
+    load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, ["optim.lr"])
+  with pytest.raises(ConfigError, match=r"does not exist"):
+    load_config(tmp_path / "nope.yaml", RunConfig)
+  with pytest.raises(ConfigError, match=r"not valid TOML"):
+    load_config(_write(tmp_path, "bad.toml", "name = \n"), RunConfig)
+  with pytest.raises(ConfigError, match=r"grad_accum must be >= 1"):
+    load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, ["optim.grad_accum=0"])
+
+
+# --- optimizer -----------------------------------------------------------------------------------------------
+
+
+def test_schedule():
+  lr = make_schedule(OptimConfig(lr=1.0, warmup_steps=4, schedule="cosine", total_steps=14))
+  assert [float(lr(i)) for i in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+  assert float(lr(9)) == pytest.approx(0.5) and float(lr(14)) == pytest.approx(0.0, abs=1e-7)
+  linear = make_schedule(OptimConfig(lr=2.0, schedule="linear", total_steps=10))
+  assert float(linear(0)) == pytest.approx(2.0) and float(linear(5)) == pytest.approx(1.0)
+  constant = make_schedule(OptimConfig(lr=0.3, schedule="constant"))
+  assert float(constant(999)) == pytest.approx(0.3)
+
+
+def _quadratic_loss(params, frozen, batch, rng):
+  err = batch["x"] @ params["w"] - batch["y"]
+  return jnp.mean(err**2), {}
+
+
+def test_grad_accum_matches_one_full_batch():
+  cfg = OptimConfig(lr=0.05, schedule="constant", clip_norm=0.0)
+  full = train_tiny.batch_at(0, size=8)
+  halves = [{k: v[:4] for k, v in full.items()}, {k: v[4:] for k, v in full.items()}]
+  w0 = np.arange(1.0, 5.0, dtype=np.float32)
+
+  one = Trainer(_quadratic_loss, make_optimizer(cfg), progress=False)
+  state_one, _ = one.train_step(init_state({"w": jnp.asarray(w0)}, make_optimizer(cfg), 0), full)
+
+  accum_tx = make_optimizer(dataclasses.replace(cfg, grad_accum=2))
+  two = Trainer(_quadratic_loss, accum_tx, progress=False)
+  state_two = init_state({"w": jnp.asarray(w0)}, accum_tx, 0)  # each state gets its own arrays: they are donated
+  state_two, _ = two.train_step(state_two, halves[0])
+  np.testing.assert_array_equal(state_two.params["w"], w0)  # nothing applied after one micro-batch
+  state_two, _ = two.train_step(state_two, halves[1])
+
+  assert not np.allclose(state_one.params["w"], w0)
+  np.testing.assert_allclose(state_two.params["w"], state_one.params["w"], rtol=1e-5, atol=1e-6)
+  assert int(state_two.step) == 2 and int(state_one.step) == 1
+
+
+# --- trainer ---------------------------------------------------------------------------------------------------
+
+
+def test_trainer_loss_goes_down(tmp_path):
+  trainer = train_tiny.make_trainer(tmp_path / "run", every=10)
+  eval_batches = lambda: [train_tiny.batch_at(10_000 + i) for i in range(2)]
+  state, history = trainer.fit(train_tiny.fresh_state(), train_tiny.batches_from, 40, eval_batches, eval_every=20)
+  train = [r for r in history if "loss" in r]
+  evals = [r for r in history if "eval/loss" in r]
+  assert [r["step"] for r in train] == list(range(1, 41))
+  assert train[-1]["loss"] < 1e-3 * train[0]["loss"]
+  assert {"mae", "grad_norm", "steps_per_sec"} <= set(train[0])
+  assert [r["step"] for r in evals] == [20, 40] and evals[1]["eval/loss"] < evals[0]["eval/loss"]
+  assert set(evals[0]) == {"step", "eval/loss", "eval/mae"}
+  assert int(state.step) == 40
+  np.testing.assert_allclose(state.params["w_D"], train_tiny.W_TRUE_D, atol=0.1)
+
+  lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line) for line in lines] == history
+  assert _committed_steps(tmp_path / "run") == [20, 30, 40]  # every 10, newest 3 kept
+
+  # Fitting again to the same step only restores; to a later one continues from the checkpoint.
+  again, more = trainer.fit(train_tiny.fresh_state(), train_tiny.batches_from, 40)
+  assert more == [] and int(again.step) == 40
+  np.testing.assert_array_equal(again.params["w_D"], state.params["w_D"])
+
+
+def _params_after(trainer, num_steps, batches=train_tiny.batches_from):
+  state, _ = trainer.fit(train_tiny.fresh_state(), batches, num_steps)
+  return {k: np.asarray(v) for k, v in state.params.items()}
+
+
+def test_resume_matches_an_unbroken_run(tmp_path):
+  want = _params_after(train_tiny.make_trainer(None, every=1), 12)
+  trainer = train_tiny.make_trainer(tmp_path / "run", every=4)
+  _params_after(trainer, 7)  # saves 4 and 7
+  # A plain iterable starts at step 0; the trainer skips the 7 batches already used.
+  batches = [train_tiny.batch_at(s) for s in range(12)]
+  state, history = trainer.fit(train_tiny.fresh_state(), batches, 12)
+  assert history[0]["step"] == 8
+  for k, v in want.items():
+    np.testing.assert_allclose(state.params[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_interrupt_saves_a_checkpoint(tmp_path):
+  trainer = train_tiny.make_trainer(tmp_path / "run", every=100)
+
+  def batches(start, signum):
+    for s in range(start, 1000):
+      if s == start + 2:
+        signal.raise_signal(signum)  # caught while step `s` is under way, acted on when it is done
+      yield train_tiny.batch_at(s)
+
+  with pytest.raises(KeyboardInterrupt):
+    trainer.fit(train_tiny.fresh_state(), lambda s: batches(s, signal.SIGINT), 50)
+  assert _committed_steps(tmp_path / "run") == [3]
+
+  got = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+  try:
+    state, _ = trainer.fit(train_tiny.fresh_state(), lambda s: batches(s, signal.SIGTERM), 50)
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+  assert got == [signal.SIGTERM]  # handed on to the handler that was there before
+  assert int(state.step) == 6 and _committed_steps(tmp_path / "run") == [3, 6]
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------------
+
+
+def _state(seed: int = 0) -> TrainState:
+  params = {"w_DxH": jax.random.normal(jax.random.key(seed), (8, 16)), "b_H": jnp.zeros((16,), jnp.bfloat16)}
+  tx = make_optimizer(OptimConfig(grad_accum=2))
+  return init_state(params, tx, seed).replace(step=jnp.int32(3 + seed))
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      x, y = jax.random.key_data(x), jax.random.key_data(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_checkpoint_round_trip(tmp_path):
+  with Checkpointer(tmp_path / "ck", max_to_keep=2, every=2) as ckpt:
+    assert ckpt.latest_step() is None
+    saved = [ckpt.save(s, _state(s), {"step": s, "loss": np.float32(0.5)}) for s in range(1, 7)]
+    assert saved == [False, True, False, True, False, True]
+    assert ckpt.save(7, _state(7), {"step": 7}, force=True) and not ckpt.save(7, _state(7), {}, force=True)
+    assert ckpt.all_steps() == [6, 7]
+  with Checkpointer(tmp_path / "ck") as ckpt:
+    state, meta = ckpt.restore(_state(0))
+    _assert_trees_equal(state, _state(7))
+    assert meta == {"step": 7}
+    state, meta = ckpt.restore(jax.eval_shape(lambda: _state(0)), step=6)
+    _assert_trees_equal(state, _state(6))
+    assert meta == {"step": 6, "loss": 0.5}
+    with pytest.raises(CheckpointError, match=r"no checkpoint for step 2 .*steps there: 6, 7"):
+      ckpt.restore(_state(0), step=2)
+  with Checkpointer(tmp_path / "empty") as ckpt, pytest.raises(CheckpointError, match="no checkpoint in"):
+    ckpt.restore(_state(0))
+
+
+def test_incompatible_checkpoint(tmp_path):
+  with Checkpointer(tmp_path / "ck") as ckpt:
+    ckpt.save(1, _state(0), {"step": 1})
+    other = _state(0).replace(params={"w_DxH": jnp.zeros((8, 15)), "b_H": jnp.zeros((16,), jnp.bfloat16)})
+    with pytest.raises(CheckpointError, match=r"does not fit.*w_DxH \(checkpoint \(8, 16\), template \(8, 15\)\)"):
+      ckpt.restore(other)
+    with pytest.raises(CheckpointError, match=r"not in the checkpoint: params/extra"):
+      ckpt.restore(_state(0).replace(params={**_state(0).params, "extra": jnp.zeros(3)}))
+
+
+def _largest_file(directory: Path) -> Path:
+  return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "overwrite", "metadata"])
+def test_corrupt_checkpoint(tmp_path, damage):
+  with Checkpointer(tmp_path / "ck") as ckpt:
+    ckpt.save(1, _state(0), {"step": 1})
+    ckpt.save(2, _state(1), {"step": 2})
+  step_dir = tmp_path / "ck" / "2"
+  if damage == "truncate":
+    target = _largest_file(step_dir / "state")
+    with target.open("r+b") as f:
+      f.truncate(target.stat().st_size // 3)
+  elif damage == "overwrite":  # same size: Orbax alone would restore wrong numbers without a word
+    target = _largest_file(step_dir / "state")
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 32] = b"\xa5" * 32
+    target.write_bytes(bytes(data))
+  else:
+    (step_dir / "state" / "_METADATA").write_text('{"tree_metadata": {')
+  with Checkpointer(tmp_path / "ck") as ckpt:
+    with pytest.raises(CheckpointError, match=r"step 2 .* corrupt.*delete '.*ck/2' to resume from step 1"):
+      ckpt.restore(_state(0))
+    state, _ = ckpt.restore(_state(0), step=1)
+    _assert_trees_equal(state, _state(0))
+
+
+def test_unfinished_save_is_ignored(tmp_path):
+  """What a save killed before its rename leaves: `<step>.orbax-checkpoint-tmp`, never taken for a checkpoint."""
+  with Checkpointer(tmp_path / "ck") as ckpt:
+    ckpt.save(1, _state(0), {"step": 1})
+  tmp = tmp_path / "ck" / "5.orbax-checkpoint-tmp"
+  (tmp / "state").mkdir(parents=True)
+  (tmp / "state" / "_METADATA").write_text("{")
+  with Checkpointer(tmp_path / "ck") as ckpt:
+    assert ckpt.all_steps() == [1]
+    state, meta = ckpt.restore(_state(0))
+    assert meta == {"step": 1}
+    assert ckpt.save(5, _state(1), {"step": 5}, force=True)
+  assert not tmp.exists() and _committed_steps(tmp_path / "ck") == [1, 5]
+
+
+# --- a killed run ----------------------------------------------------------------------------------------------
+
+
+def _committed_steps(directory: Path) -> list[int]:
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def test_sigkill_then_resume(tmp_path):
+  num_steps, every = 24, 4
+  want = _params_after(train_tiny.make_trainer(None, every=1), num_steps)
+
+  ckpt_dir = tmp_path / "run"
+  script = str(Path(train_tiny.__file__))
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.Popen(
+      [sys.executable, script, str(ckpt_dir), str(num_steps), str(every), "0.15", str(tmp_path / "a.npz")],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+  )
+  deadline = time.monotonic() + 30
+  while not _committed_steps(ckpt_dir) and proc.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  time.sleep(0.2)  # let it run on into the next steps, so the kill lands mid-run
+  killed = proc.poll() is None
+  proc.kill()
+  out, err = proc.communicate()
+  assert killed, f"the run ended before it could be killed: {out.decode()} {err.decode()[-2000:]}"
+  assert proc.returncode == -signal.SIGKILL
+  assert not (tmp_path / "a.npz").exists()
+
+  steps = _committed_steps(ckpt_dir)
+  assert steps and steps[-1] % every == 0 and 0 < steps[-1] < num_steps
+  with Checkpointer(ckpt_dir) as ckpt:
+    state, meta = ckpt.restore(train_tiny.fresh_state())
+  assert int(state.step) == meta["step"] == steps[-1]
+
+  done = subprocess.run(
+      [sys.executable, script, str(ckpt_dir), str(num_steps), str(every), "0", str(tmp_path / "b.npz")],
+      capture_output=True, env=env, timeout=60,
+  )
+  assert done.returncode == 0, done.stderr.decode()[-3000:]
+  assert f"first_step={steps[-1] + 1}" in done.stdout.decode()
+  got = np.load(tmp_path / "b.npz")
+  for k, v in want.items():
+    np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7)
+  records = [json.loads(line) for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records] == list(range(1, num_steps + 1))  # the kill's extra records are dropped

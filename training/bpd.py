@@ -1,0 +1,337 @@
+"""Training BPD heads: self-distillation data, the objectives, and the run a config file describes.
+
+Default objective ("heads"): the base model is frozen, so its final hidden states are computed once over the data
+and the heads train on (h_t, x_{t+1}) -> x_{t+1+i} examples, one per position. Head i's loss is cross-entropy over
+the heads' vocabulary (the tokens in the data). Metrics per head: loss and top-1 accuracy, and `tau_proxy`, the
+expected tokens per step of a chain of the heads' top-1 guesses (1 + Σ_i P[heads 1..i all right]).
+
+Option ("joint", Stern's setting): base and heads train together on token sequences, the base's own next-token
+loss kept in the sum, so the base stays a good model while it learns to serve the heads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from jaxspec.models.bpd import BPDConfig, BPDModel, save_bpd
+from training import datasets
+from training.config import ConfigError, dump_config, load_config, to_dict
+from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+  path: Optional[str] = None  # None: the embedded SmolLM2-135M-Instruct
+  dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsSection:
+  num_heads: int = 8
+  d_hidden: int = 576
+  use_next_token: bool = True
+  vocab_subset: bool = True  # project onto the tokens seen in the data only
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+  prompts: Optional[str] = None  # Spec-Bench-format JSONL; None: training/data/prompts.jsonl
+  limit: Optional[int] = None  # use the first N prompts
+  max_new_tokens: int = 192
+  gen_batch_size: int = 16
+  text_files: tuple[str, ...] = ()  # plain text, used instead of self-distillation when given
+  dataset_dir: str = "runs/bpd/data"
+  eval_fraction: float = 0.05
+  loss_on_prompt: bool = False  # also train on positions inside the prompt
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+  objective: Literal["heads", "joint"] = "heads"
+  steps: int = 1000
+  batch_size: int = 256  # positions per step ("heads"), sequences per step ("joint")
+  seq_len: int = 256  # "joint": sequences are cut/padded to this
+  base_loss_weight: float = 1.0  # "joint": weight of the base's own next-token loss
+  seed: int = 0
+  checkpoint_dir: str = "runs/bpd/ckpt"
+  checkpoint_every: int = 200
+  eval_every: int = 200
+  log_every: int = 25
+
+
+@dataclasses.dataclass(frozen=True)
+class BPDTrainConfig:
+  task: Literal["bpd"] = "bpd"
+  out: str = "runs/bpd/heads"  # where the trained heads are exported (config.json + heads.safetensors)
+  model: ModelSection = ModelSection()
+  heads: HeadsSection = HeadsSection()
+  data: DataSection = DataSection()
+  optim: OptimConfig = OptimConfig()
+  train: TrainSection = TrainSection()
+
+
+# ---- data --------------------------------------------------------------------------------------------------
+
+def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: bool = True) -> datasets.Sequences:
+  if cfg.data.text_files:
+    return datasets.text_sequences(tokenizer, cfg.data.text_files, cfg.data.dataset_dir, seq_len=cfg.train.seq_len)
+  texts = datasets.read_prompt_texts(cfg.data.prompts, cfg.data.limit)
+  return datasets.self_distill(model, params, tokenizer, texts, cfg.data.dataset_dir,
+                               max_new_tokens=cfg.data.max_new_tokens, batch_size=cfg.data.gen_batch_size,
+                               progress=progress)
+
+
+def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int = 8,
+                        progress: bool = True) -> list[np.ndarray]:
+  """The frozen target's final hidden states `[len, D]` for each sequence (one causal forward each)."""
+  from jaxspec.decoding.generate import bucket
+
+  @jax.jit
+  def run(params, tokens_BxL):
+    b, l = tokens_BxL.shape
+    cache = jax.lax.optimization_barrier(model.init_cache(b, l))
+    pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    _, hidden, _ = model.forward(params, tokens_BxL, pos, cache, jnp.tril(jnp.ones((l, l), bool)), logits=False)
+    return hidden.astype(jnp.float32)
+
+  order = sorted(range(len(seqs)), key=lambda i: len(seqs.tokens[i]))
+  out: list[np.ndarray | None] = [None] * len(seqs)
+  bar = tqdm(total=len(seqs), desc="hidden states", unit="seq", disable=not progress)
+  for s in range(0, len(order), batch_size):
+    idx = order[s:s + batch_size]
+    l = bucket(max(len(seqs.tokens[i]) for i in idx), 32)
+    arr = np.zeros((len(idx), l), np.int32)
+    for r, i in enumerate(idx):
+      arr[r, :len(seqs.tokens[i])] = seqs.tokens[i]
+    h = np.asarray(run(params, jnp.asarray(arr)))
+    for r, i in enumerate(idx):
+      out[i] = h[r, :len(seqs.tokens[i])]
+    bar.update(len(idx))
+  bar.close()
+  return out
+
+
+@dataclasses.dataclass
+class HeadExamples:
+  """One example per position t: the hidden state h_t, the next token x_{t+1} and the targets x_{t+1+i}
+  (`-1` past the sequence end), the targets as indices into the heads' vocabulary."""
+
+  hidden_NxD: np.ndarray
+  next_N: np.ndarray
+  targets_NxK: np.ndarray
+
+  def __len__(self):
+    return len(self.next_N)
+
+  def batch(self, idx) -> dict:
+    return {"hidden": self.hidden_NxD[idx], "next": self.next_N[idx], "targets": self.targets_NxK[idx]}
+
+
+def head_examples(seqs: datasets.Sequences, hidden: list[np.ndarray], k: int, vocab_ids: np.ndarray | None,
+                  loss_on_prompt: bool = False) -> HeadExamples:
+  hs, nx, tg = [], [], []
+  for toks, h, plen in zip(seqs.tokens, hidden, seqs.prompt_lens):
+    n = len(toks)
+    first = 0 if loss_on_prompt else max(int(plen) - 1, 0)
+    ts = np.arange(first, n - 2)  # t + 2 <= n - 1: head 1 has a target
+    if len(ts) == 0:
+      continue
+    off = ts[:, None] + 1 + np.arange(1, k + 1)[None]
+    targets = np.where(off < n, toks[np.minimum(off, n - 1)], -1)
+    hs.append(h[ts])
+    nx.append(toks[ts + 1])
+    tg.append(targets)
+  targets = np.concatenate(tg).astype(np.int64)
+  if vocab_ids is not None:
+    pos = np.searchsorted(vocab_ids, np.maximum(targets, 0))
+    targets = np.where(targets >= 0, pos, -1)
+  return HeadExamples(np.concatenate(hs).astype(np.float32), np.concatenate(nx).astype(np.int32),
+                      targets.astype(np.int32))
+
+
+# ---- objectives ----------------------------------------------------------------------------------------------
+
+def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array) -> tuple[jax.Array, dict]:
+  """Mean cross-entropy over valid targets (summed over heads) and per-head loss / top-1 accuracy / τ proxy."""
+  valid = targets_NxK >= 0
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits_NxKxM, jnp.maximum(targets_NxK, 0))
+  count_K = jnp.maximum(valid.sum(0), 1)
+  loss_K = jnp.where(valid, ce, 0).sum(0) / count_K
+  right = (jnp.argmax(logits_NxKxM, -1) == targets_NxK) & valid
+  acc_K = right.sum(0) / count_K
+  # Chains stop at the first wrong head; positions whose later targets run past the end count as stopping there.
+  chain = jnp.cumprod(right.astype(jnp.float32), axis=1)
+  metrics = {f"loss_h{i + 1}": loss_K[i] for i in range(loss_K.shape[0])}
+  metrics.update({f"acc_h{i + 1}": acc_K[i] for i in range(acc_K.shape[0])})
+  metrics["tau_proxy"] = 1.0 + chain.sum(1).mean()
+  return loss_K.sum(), metrics
+
+
+def heads_loss(bpd: BPDModel):
+  """Frozen-base objective on precomputed hidden states. `frozen` = {"proj_DxM", "embed_VxD"}."""
+
+  def loss_fn(params, frozen, batch, rng):
+    emb = frozen["embed_VxD"][batch["next"]].astype(jnp.float32) if bpd.cfg.use_next_token else None
+    states = bpd.head_states(params, batch["hidden"], emb)
+    logits = jnp.einsum("nkd,dm->nkm", states, frozen["proj_DxM"])
+    return head_metrics(logits, batch["targets"])
+
+  return loss_fn
+
+
+def joint_loss(model, bpd: BPDModel, base_weight: float):
+  """Stern's setting: base + heads trained together; params = {"base": ..., "bpd": ...}; batch = {"tokens": [B, L],
+  "mask": [B, L] (positions whose next token is trained on)}. `frozen` = {"vocab_ids": [M]} or {}."""
+
+  def loss_fn(params, frozen, batch, rng):
+    from jaxspec.models.bpd import output_projection
+    tokens = batch["tokens"]
+    b, l = tokens.shape
+    k = bpd.num_heads
+    cache = jax.lax.optimization_barrier(model.init_cache(b, l))
+    pos = jnp.broadcast_to(jnp.arange(l, dtype=jnp.int32), (b, l))
+    logits_BxLxV, hidden, _ = model.forward(params["base"], tokens, pos, cache, jnp.tril(jnp.ones((l, l), bool)))
+    mask = batch["mask"][:, :-1]
+    base_ce = optax.softmax_cross_entropy_with_integer_labels(logits_BxLxV[:, :-1], tokens[:, 1:])
+    base_loss = jnp.sum(base_ce * mask) / jnp.maximum(mask.sum(), 1)
+    # Head i at t predicts t + 1 + i; the heads read h_t and x_{t+1}.
+    h = hidden[:, :l - 1]
+    emb = params["base"]["embed"]["embedding"][tokens[:, 1:]].astype(jnp.float32) if bpd.cfg.use_next_token else None
+    states = bpd.head_states(params["bpd"], h, emb)  # [B, L-1, k, D]
+    logits = jnp.einsum("blkd,dm->blkm", states, output_projection(model, params["base"], {**params["bpd"], **frozen}))
+    idx = jnp.arange(l - 1)[:, None] + 1 + jnp.arange(1, k + 1)[None]  # [L-1, k]
+    tgt = jnp.where((idx < l)[None], tokens[:, jnp.minimum(idx, l - 1)], -1)
+    tgt = jnp.where(mask[:, :, None] > 0, tgt, -1)
+    if "vocab_ids" in frozen:
+      found = jnp.searchsorted(frozen["vocab_ids"], jnp.maximum(tgt, 0))
+      tgt = jnp.where(tgt >= 0, found, -1)
+    head_loss, metrics = head_metrics(logits.reshape(b * (l - 1), k, -1), tgt.reshape(b * (l - 1), k))
+    metrics["base_loss"] = base_loss
+    return base_weight * base_loss + head_loss, metrics
+
+  return loss_fn
+
+
+# ---- the run -------------------------------------------------------------------------------------------------
+
+def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, progress: bool = True) -> dict:
+  """Builds the data (resumable), trains the heads (resumable from Orbax checkpoints) and exports them to
+  `cfg.out`. Returns a summary: data size, final metrics, times."""
+  from jaxspec.loading import load_model
+
+  t_start = time.time()
+  if model is None:
+    model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
+  ckpt_dir = Path(cfg.train.checkpoint_dir)
+  dump_config(cfg, ckpt_dir / "config.yaml")
+  t0 = time.time()
+  seqs = build_sequences(cfg, model, params, tokenizer, progress)
+  data_s = time.time() - t0
+  train_seqs, eval_seqs = seqs.split(cfg.data.eval_fraction, seed=cfg.train.seed)
+  k = cfg.heads.num_heads
+  vocab_ids = np.unique(np.concatenate(seqs.tokens)).astype(np.int32) if cfg.heads.vocab_subset else None
+  bpd = BPDModel(BPDConfig(num_heads=k, d_model=model.cfg.d_model, d_hidden=cfg.heads.d_hidden,
+                           use_next_token=cfg.heads.use_next_token,
+                           vocab_subset=len(vocab_ids) if vocab_ids is not None else 0))
+  rng = jax.random.key(cfg.train.seed)
+  bpd_params = bpd.init_params(rng, vocab_ids)
+  optimizer = make_optimizer(cfg.optim)
+  t0 = time.time()
+  if cfg.train.objective == "heads":
+    from jaxspec.models.bpd import output_projection
+    tr = head_examples(train_seqs, final_hidden_states(model, params, train_seqs, progress=progress), k, vocab_ids,
+                       cfg.data.loss_on_prompt)
+    ev = head_examples(eval_seqs, final_hidden_states(model, params, eval_seqs, progress=progress), k, vocab_ids,
+                       cfg.data.loss_on_prompt)
+    frozen = {"proj_DxM": output_projection(model, params, bpd_params), "embed_VxD": params["embed"]["embedding"]}
+    loss = heads_loss(bpd)
+    bs = cfg.train.batch_size
+
+    def batches_from(step):
+      for idx in datasets.iterate_positions(len(tr), bs, cfg.train.seed, step):
+        yield tr.batch(np.sort(idx))
+
+    def eval_batches():
+      for s in range(0, len(ev), bs):
+        yield ev.batch(np.arange(s, min(s + bs, len(ev))))
+
+    trainable = {"heads": bpd_params["heads"]}
+  else:
+    frozen = {"vocab_ids": bpd_params["vocab_ids"]} if "vocab_ids" in bpd_params else {}
+    loss = joint_loss(model, bpd, cfg.train.base_loss_weight)
+    tr_tok, tr_mask = _padded(train_seqs, cfg.train.seq_len, cfg.data.loss_on_prompt)
+    ev_tok, ev_mask = _padded(eval_seqs, cfg.train.seq_len, cfg.data.loss_on_prompt)
+    bs = cfg.train.batch_size
+
+    def batches_from(step):
+      for idx in datasets.iterate_positions(len(tr_tok), bs, cfg.train.seed, step):
+        yield {"tokens": tr_tok[idx], "mask": tr_mask[idx]}
+
+    def eval_batches():
+      for s in range(0, len(ev_tok), bs):
+        yield {"tokens": ev_tok[s:s + bs], "mask": ev_mask[s:s + bs]}
+
+    trainable = {"base": params, "bpd": {"heads": bpd_params["heads"]}}
+  prep_s = time.time() - t0
+  trainer = Trainer(loss, optimizer, frozen=frozen, checkpoint_dir=ckpt_dir, checkpoint_every=cfg.train.checkpoint_every,
+                    eval_fn=None, log_every=cfg.train.log_every, progress=progress)
+  t0 = time.time()
+  state, history = trainer.fit(init_state(trainable, optimizer, cfg.train.seed), batches_from, cfg.train.steps,
+                               eval_batches=eval_batches, eval_every=cfg.train.eval_every)
+  train_s = time.time() - t0
+  evals = [h for h in history if any(k.startswith("eval/") for k in h)]
+  final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
+  out_params = dict(bpd_params)
+  if cfg.train.objective == "heads":
+    out_params["heads"] = jax.device_get(state.params["heads"])
+  else:
+    out_params["heads"] = jax.device_get(state.params["bpd"]["heads"])
+    from jaxspec.loading.hf import save_hf
+    save_hf(str(Path(cfg.out) / "base"), model, jax.device_get(state.params["base"]))
+  summary = {"sequences": len(seqs), "tokens": seqs.num_tokens, "train_examples": len(tr) if cfg.train.objective ==
+             "heads" else len(tr_tok), "vocab_subset": int(bpd.cfg.vocab_subset), "data_s": round(data_s, 1),
+             "prep_s": round(prep_s, 1), "train_s": round(train_s, 1), "total_s": round(time.time() - t_start, 1),
+             "final_eval": {k: float(v) for k, v in final_eval.items()}, "config": to_dict(cfg)}
+  save_bpd(cfg.out, bpd, out_params, meta={"training": summary})
+  return summary
+
+
+def _padded(seqs: datasets.Sequences, seq_len: int, loss_on_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
+  tok = np.zeros((len(seqs), seq_len), np.int32)
+  mask = np.zeros((len(seqs), seq_len), np.float32)
+  for i, (t, p) in enumerate(zip(seqs.tokens, seqs.prompt_lens)):
+    t = t[:seq_len]
+    tok[i, :len(t)] = t
+    mask[i, (0 if loss_on_prompt else max(int(p) - 1, 0)):len(t)] = 1.0
+  return tok, mask
+
+
+def load_bpd_config(path, overrides=()) -> BPDTrainConfig:
+  return load_config(path, BPDTrainConfig, overrides)
+
+
+TASKS = {"bpd": (BPDTrainConfig, train_bpd)}
+
+
+def main_train(path: str, overrides=(), progress: bool = True) -> dict:
+  """`jaxspec train CONFIG [key=value ...]`: the `task` key of the file picks the run."""
+  from training.config import read_config_file
+  raw = read_config_file(path)
+  task = raw.get("task", "bpd")
+  if task not in TASKS:
+    raise ConfigError(f"unknown task {task!r} in {path}; tasks: {', '.join(TASKS)}")
+  cls, fn = TASKS[task]
+  cfg = load_config(path, cls, overrides)
+  summary = fn(cfg, progress=progress)
+  print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+  return summary

@@ -1,0 +1,388 @@
+"""Config files for training runs: YAML or TOML into typed, frozen dataclasses.
+
+A run is described by a (possibly nested) dataclass. `load_config` reads a file, applies `key=value` overrides
+from the command line (dotted keys for nested sections, e.g. `optim.lr=3e-4`) and checks every value against
+the field's type, so a typo or a wrong type fails at startup with the full dotted key instead of hours later.
+`dump_config` writes the resolved config back as YAML, to keep next to the run's checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import re
+import tomllib
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from jaxspec.errors import JaxspecError
+
+T = TypeVar("T")
+
+_YAML_SUFFIXES = (".yaml", ".yml")
+_TOML_SUFFIXES = (".toml",)
+# YAML 1.1 (PyYAML) reads `3e-4` as a string because its float pattern needs a dot; such strings are
+# accepted for float fields when they match this pattern.
+_FLOAT_RE = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+_SPECIAL_FLOATS = ("inf", "+inf", "-inf", "nan", "infinity", "+infinity", "-infinity")
+
+
+class ConfigError(JaxspecError):
+  """A config file or override that does not match the run's config dataclass."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Override:
+  """A value given on the command line: parsed as YAML, but kept as text for `str` fields (`name=123`)."""
+
+  text: str
+
+  def parsed(self) -> Any:
+    try:
+      return yaml.safe_load(self.text) if self.text.strip() else ""
+    except yaml.YAMLError:
+      return self.text
+
+
+def load_config(path: str | os.PathLike[str], cls: type[T], overrides: Sequence[str] = ()) -> T:
+  """Reads a YAML or TOML file into the dataclass `cls`, then applies `key=value` overrides.
+
+  Args:
+    path: a `.yaml`, `.yml` or `.toml` file.
+    cls: the config dataclass (frozen, possibly with nested dataclass sections).
+    overrides: `key=value` strings; dotted keys reach nested sections (`optim.lr=3e-4`); values are parsed as
+      YAML (`[1, 2]`, `null`, `true`) and then type-checked like the file's values.
+
+  Returns:
+    An instance of `cls`.
+
+  Raises:
+    ConfigError: the file is missing or unreadable, or a key or value does not fit `cls`.
+  """
+  raw = read_config_file(path)
+  raw = apply_overrides(raw, overrides, cls)
+  return config_from_dict(raw, cls)
+
+
+def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+  """The top-level mapping of a YAML or TOML file (an empty file gives `{}`)."""
+  path = Path(path)
+  suffix = path.suffix.lower()
+  if suffix not in _YAML_SUFFIXES + _TOML_SUFFIXES:
+    raise ConfigError(f"config file {str(path)!r} must end in .yaml, .yml or .toml")
+  if not path.is_file():
+    raise ConfigError(f"config file {str(path)!r} does not exist")
+  try:
+    if suffix in _TOML_SUFFIXES:
+      with path.open("rb") as f:
+        data = tomllib.load(f)
+    else:
+      with path.open("r", encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+  except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+    raise ConfigError(f"config file {str(path)!r} is not valid {suffix[1:].upper()}: {e}") from e
+  if data is None:
+    return {}
+  if not isinstance(data, Mapping):
+    raise ConfigError(f"config file {str(path)!r} must hold a mapping of keys at the top, got {type(data).__name__}")
+  return dict(data)
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], cls: type | None = None) -> dict[str, Any]:
+  """Returns a copy of `raw` with `key=value` overrides set (the values are type-checked later).
+
+  With `cls`, each dotted key is checked against the dataclass as it is applied, so an unknown key or a key
+  that goes through a non-section field fails with the valid keys of that section.
+  """
+  if isinstance(overrides, str):
+    raise TypeError("overrides must be a sequence of 'key=value' strings, not one string")
+  result = _copy_sections(raw)
+  for item in overrides:
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+      raise ConfigError(f"override {item!r} must look like key=value (e.g. optim.lr=3e-4)")
+    parts = key.split(".")
+    if any(not p for p in parts):
+      raise ConfigError(f"override {item!r} has an empty part in its key {key!r}")
+    if cls is not None:
+      _check_override_path(parts, cls)
+    node = result
+    for depth, part in enumerate(parts[:-1]):
+      child = node.get(part)
+      if child is None:
+        child = node[part] = {}
+      elif not isinstance(child, dict):
+        section = ".".join(parts[: depth + 1])
+        raise ConfigError(f"override {item!r}: {section!r} is a value ({child!r}), not a section")
+      node = child
+    node[parts[-1]] = _Override(value)
+  return result
+
+
+def config_from_dict(d: Mapping[str, Any], cls: type[T], *, prefix: str = "") -> T:
+  """Builds the dataclass `cls` from a mapping, checking keys and value types.
+
+  Args:
+    d: keys to values; nested dataclass fields take nested mappings.
+    cls: the config dataclass.
+    prefix: the dotted key of this section, for error messages (`""` at the top).
+
+  Returns:
+    An instance of `cls`.
+
+  Raises:
+    ConfigError: an unknown key, a missing required key, or a value of the wrong type.
+  """
+  if not dataclasses.is_dataclass(cls) or not isinstance(cls, type):
+    raise TypeError(f"{cls!r} is not a dataclass type")
+  if not isinstance(d, Mapping):
+    raise ConfigError(f"{_where(prefix)} must be a mapping of keys, got {_show(d)}")
+  fields = _init_fields(cls)
+  hints = typing.get_type_hints(cls)
+  unknown = [k for k in d if k not in fields]
+  if unknown:
+    raise _unknown_key_error(_join(prefix, str(unknown[0])), str(unknown[0]), cls, prefix)
+  kwargs = {}
+  for name, field in fields.items():
+    key = _join(prefix, name)
+    if name in d:
+      kwargs[name] = _coerce(d[name], hints[name], key)
+    elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+      raise ConfigError(f"missing required key {key!r} ({_type_name(hints[name])})")
+  try:
+    return cls(**kwargs)
+  except JaxspecError:
+    raise
+  except (TypeError, ValueError) as e:  # a __post_init__ check of the dataclass
+    raise ConfigError(f"{_where(prefix)}: {e}") from e
+
+
+def to_dict(cfg: Any) -> Any:
+  """A config dataclass as plain YAML/JSON-friendly data (tuples become lists)."""
+  if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+    return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg) if f.init}
+  if isinstance(cfg, Mapping):
+    return {str(k): to_dict(v) for k, v in cfg.items()}
+  if isinstance(cfg, (list, tuple)):
+    return [to_dict(v) for v in cfg]
+  return cfg
+
+
+def dump_config(cfg: Any, path: str | os.PathLike[str]) -> None:
+  """Writes a config dataclass as YAML (atomically), readable back with `load_config(path, type(cfg))`."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text, encoding="utf-8")
+  os.replace(tmp, path)
+
+
+# --- type checking ---------------------------------------------------------------------------------------
+
+
+class _Mismatch(Exception):
+  """A value that does not fit a type; turned into a ConfigError naming the key by the caller."""
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+  """`value` checked against (and where lossless, converted to) the type `tp`."""
+  try:
+    return _convert(value, tp, key)
+  except _Mismatch:
+    shown = value.parsed() if isinstance(value, _Override) else value
+    raise ConfigError(f"{key!r} must be {_type_name(tp)}, got {_show(shown)}") from None
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+  if isinstance(value, _Override):
+    try:
+      return _convert(value.parsed(), tp, key)
+    except (_Mismatch, ConfigError):
+      if _accepts_str(tp):
+        return _convert(value.text, tp, key)
+      raise
+  if tp is Any:
+    return value
+  origin = typing.get_origin(tp)
+  args = typing.get_args(tp)
+  if origin is Union or origin is types.UnionType:
+    return _convert_union(value, args, key)
+  if origin is Literal:
+    for choice in args:
+      if value == choice and type(value) is type(choice):
+        return choice
+    raise _Mismatch
+  if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+    if isinstance(value, tp):
+      return value
+    if not isinstance(value, Mapping):
+      raise _Mismatch
+    return config_from_dict(value, tp, prefix=key)
+  if origin in (tuple, list, Sequence, typing.Sequence) or tp in (tuple, list):
+    return _convert_sequence(value, tp, origin or tp, args, key)
+  if origin in (dict, Mapping, typing.Mapping) or tp is dict:
+    if not isinstance(value, Mapping):
+      raise _Mismatch
+    key_tp, value_tp = args if args else (Any, Any)
+    return {_convert(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
+  return _convert_scalar(value, tp)
+
+
+def _convert_union(value: Any, args: tuple[Any, ...], key: str) -> Any:
+  if value is None:
+    if type(None) in args:
+      return None
+    raise _Mismatch
+  arms = [a for a in args if a is not type(None)]
+  # Exact scalar matches first, so `int | float` keeps an int and `float | str` does not read "3e-4" as text.
+  for arm in sorted(arms, key=lambda a: a is str):
+    try:
+      return _convert(value, arm, key)
+    except _Mismatch:
+      continue
+  if len(arms) == 1:  # Optional[X]: report X's own error (a nested section's unknown key, a Literal choice)
+    return _convert(value, arms[0], key)
+  raise _Mismatch
+
+
+def _convert_sequence(value: Any, tp: Any, origin: Any, args: tuple[Any, ...], key: str) -> Any:
+  if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, (list, tuple)):
+    raise _Mismatch
+  if origin is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+    if len(value) != len(args):
+      raise _Mismatch
+    return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+  item_tp = args[0] if args else Any
+  items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+  return items if origin is list else tuple(items)
+
+
+def _convert_scalar(value: Any, tp: Any) -> Any:
+  if tp is bool:
+    if isinstance(value, bool):
+      return value
+    raise _Mismatch
+  if tp is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+    raise _Mismatch
+  if tp is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+    if isinstance(value, str) and (_FLOAT_RE.match(value.strip()) or value.strip().lower() in _SPECIAL_FLOATS):
+      return float(value.strip())
+    raise _Mismatch
+  if tp is str:
+    if isinstance(value, str):
+      return value
+    raise _Mismatch
+  if tp is type(None):
+    if value is None:
+      return None
+    raise _Mismatch
+  if isinstance(tp, type):
+    if isinstance(value, tp):
+      return value
+    raise _Mismatch
+  raise TypeError(f"config fields of type {tp!r} are not supported")
+
+
+def _accepts_str(tp: Any) -> bool:
+  if tp is str or tp is Any:
+    return True
+  origin = typing.get_origin(tp)
+  if origin is Union or origin is types.UnionType:
+    return any(_accepts_str(a) for a in typing.get_args(tp))
+  return False
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _init_fields(cls: type) -> dict[str, dataclasses.Field]:
+  return {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
+def _section_class(tp: Any) -> type | None:
+  """The dataclass a field's type names, also through `Optional[...]`; None for a plain value."""
+  if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+    return tp
+  if typing.get_origin(tp) in (Union, types.UnionType):
+    sections = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a) and isinstance(a, type)]
+    if len(sections) == 1:
+      return sections[0]
+  return None
+
+
+def _check_override_path(parts: list[str], cls: type) -> None:
+  section: type | None = cls
+  for depth, part in enumerate(parts):
+    prefix = ".".join(parts[:depth])
+    key = ".".join(parts[: depth + 1])
+    if section is None:
+      raise ConfigError(f"unknown key {'.'.join(parts)!r}: {prefix!r} is a value, not a section")
+    fields = _init_fields(section)
+    if part not in fields:
+      raise _unknown_key_error(key, part, section, prefix)
+    section = _section_class(typing.get_type_hints(section)[part])
+
+
+def _unknown_key_error(key: str, name: str, cls: type, prefix: str) -> ConfigError:
+  valid = list(_init_fields(cls))
+  close = difflib.get_close_matches(name, valid, n=1)
+  hint = f"; did you mean {_join(prefix, close[0])!r}?" if close else ""
+  return ConfigError(f"unknown key {key!r}; valid keys of {_where(prefix)} are: {', '.join(valid)}{hint}")
+
+
+def _join(prefix: str, name: str) -> str:
+  return f"{prefix}.{name}" if prefix else name
+
+
+def _where(prefix: str) -> str:
+  return f"section {prefix!r}" if prefix else "the config"
+
+
+def _type_name(tp: Any) -> str:
+  if tp is type(None):
+    return "null"
+  if tp is Any:
+    return "any value"
+  origin = typing.get_origin(tp)
+  args = typing.get_args(tp)
+  if origin is Union or origin is types.UnionType:
+    return " or ".join(_type_name(a) for a in args)
+  if origin is Literal:
+    return "one of " + ", ".join(repr(a) for a in args)
+  if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+    return f"a list of {_type_name(args[0])}"
+  if origin is tuple and args:
+    return f"a list of {len(args)} items ({', '.join(_type_name(a) for a in args)})"
+  if origin in (list, Sequence, typing.Sequence) and args:
+    return f"a list of {_type_name(args[0])}"
+  if origin in (dict, Mapping, typing.Mapping):
+    return "a mapping"
+  if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+    return f"a section ({tp.__name__})"
+  return getattr(tp, "__name__", repr(tp))
+
+
+def _show(value: Any) -> str:
+  if isinstance(value, float) and not math.isfinite(value):
+    return f"{value} (float)"
+  text = repr(value)
+  if len(text) > 80:
+    text = text[:77] + "..."
+  return f"{text} ({type(value).__name__})"
+
+
+def _copy_sections(raw: Mapping[str, Any]) -> dict[str, Any]:
+  return {k: _copy_sections(v) if isinstance(v, Mapping) else v for k, v in raw.items()}

@@ -1,0 +1,163 @@
+"""Training data: the target's own greedy continuations of a prompt set (self-distillation), and plain text files.
+
+A dataset is a folder of shards, `shard_NNNNN.npz`, each holding token sequences as `tokens` (concatenated int32),
+`offsets` (`[n + 1]`) and `prompt_lens` (`[n]`: how many leading tokens of each sequence are prompt). Shards are
+written whole (to a temporary name, then renamed), so a run that is killed loses at most the shard it was on, and a
+rerun of the same command skips the shards that exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxspec.errors import InputError
+
+SHIPPED_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
+"""Training prompts written for this project (none from Spec-Bench); see training/data/README.md."""
+
+
+@dataclasses.dataclass
+class Sequences:
+  """Token sequences with the length of their prompt part."""
+
+  tokens: list[np.ndarray]
+  prompt_lens: np.ndarray
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  @property
+  def num_tokens(self) -> int:
+    return int(sum(len(t) for t in self.tokens))
+
+  def split(self, eval_fraction: float, seed: int = 0) -> tuple["Sequences", "Sequences"]:
+    """A deterministic split into (train, eval) by sequence."""
+    order = np.random.default_rng(seed).permutation(len(self))
+    n_eval = max(1, int(round(eval_fraction * len(self)))) if eval_fraction > 0 else 0
+    pick = lambda idx: Sequences([self.tokens[i] for i in idx], self.prompt_lens[idx])
+    return pick(np.sort(order[n_eval:])), pick(np.sort(order[:n_eval]))
+
+
+def _write_shard(path: Path, seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> None:
+  offsets = np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64)
+  flat = np.concatenate([np.asarray(s, np.int32) for s in seqs]) if seqs else np.zeros(0, np.int32)
+  tmp = path.with_name(path.name + ".tmp.npz")
+  np.savez(tmp, tokens=flat, offsets=offsets, prompt_lens=np.asarray(prompt_lens, np.int32))
+  os.replace(tmp, path)
+
+
+def load_sequences(folder: str | os.PathLike) -> Sequences:
+  """All shards of a dataset folder, in shard order.
+
+  Raises:
+    InputError: no shards in the folder, or a shard that cannot be read (delete it and rerun the command that
+      made it).
+  """
+  folder = Path(folder)
+  shards = sorted(folder.glob("shard_*.npz"))
+  shards = [s for s in shards if not s.name.endswith(".tmp.npz")]
+  if not shards:
+    raise InputError(f"No dataset shards (shard_*.npz) in {folder}: build the dataset first.")
+  tokens, plens = [], []
+  for s in shards:
+    try:
+      with np.load(s) as z:
+        flat, off, pl = z["tokens"], z["offsets"], z["prompt_lens"]
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file
+      raise InputError(f"Dataset shard {s} is unreadable ({type(e).__name__}): delete it and rerun the command "
+                       "that built the dataset; the other shards are kept.") from None
+    tokens += [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+    plens.append(pl)
+  return Sequences(tokens, np.concatenate(plens) if plens else np.zeros(0, np.int32))
+
+
+def chat_prompt_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+  """Prompt texts as token ids in the model's chat template (the format the target answers in)."""
+  if tokenizer.chat_template:
+    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
+  return [tokenizer.encode(t, add_bos=None) for t in texts]
+
+
+def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str | os.PathLike, *,
+                 max_new_tokens: int = 192, batch_size: int = 16, shard_size: int = 64,
+                 progress: bool = True) -> Sequences:
+  """Writes the target's greedy continuations of the prompts (prompt + continuation per sequence) to `out`.
+
+  Prompts are sorted by length so each batch pads little; shards hold `shard_size` sequences and are skipped when
+  they already exist, so a killed run continues where it stopped.
+  """
+  from jaxspec.decoding.generate import generate
+
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  ids = chat_prompt_ids(tokenizer, prompt_texts)
+  order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+  meta = {"kind": "self-distillation", "num_prompts": len(ids), "max_new_tokens": max_new_tokens,
+          "shard_size": shard_size}
+  meta_path = out / "meta.json"
+  if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
+    raise InputError(f"{out} holds a dataset built with other settings ({meta_path}); use another folder.")
+  meta_path.write_text(json.dumps(meta, indent=1))
+  eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+  shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
+  bar = tqdm(total=len(order), desc="self-distill", unit="prompt", disable=not progress)
+  for si, shard in enumerate(shards):
+    path = out / f"shard_{si:05d}.npz"
+    if path.exists():
+      bar.update(len(shard))
+      continue
+    seqs, plens = [], []
+    for bi in range(0, len(shard), batch_size):
+      rows = [ids[i] for i in shard[bi:bi + batch_size]]
+      res = generate(model, params, rows, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_id or 0)
+      for p, t in zip(rows, res.tokens):
+        seqs.append(list(p) + list(t))
+        plens.append(len(p))
+      bar.update(len(rows))
+    _write_shard(path, seqs, plens)
+  bar.close()
+  return load_sequences(out)
+
+
+def text_sequences(tokenizer, paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
+                   seq_len: int = 256) -> Sequences:
+  """Plain text files cut into `seq_len`-token sequences (no prompt part), written as one shard."""
+  chunks = []
+  for p in paths:
+    p = Path(p)
+    if not p.is_file():
+      raise InputError(f"Text file {p} not found.")
+    ids = tokenizer.encode(p.read_text(encoding="utf-8"))
+    chunks += [ids[i:i + seq_len] for i in range(0, len(ids), seq_len) if len(ids[i:i + seq_len]) > 1]
+  if not chunks:
+    raise InputError("The text files hold no usable text.")
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  _write_shard(out / "shard_00000.npz", chunks, [0] * len(chunks))
+  return load_sequences(out)
+
+
+def read_prompt_texts(path: str | os.PathLike | None = None, limit: int | None = None) -> list[str]:
+  """First turns of a Spec-Bench-format JSONL file (default: the shipped training prompts)."""
+  from jaxspec.bench.prompts import load_prompts
+  prompts = [p.text for p in load_prompts(path or SHIPPED_PROMPTS)]
+  return prompts[:limit] if limit else prompts
+
+
+def iterate_positions(n: int, batch: int, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:
+  """Index batches over n examples, reshuffled each epoch, deterministic by step (so a resumed run sees the same
+  data as one that was never stopped)."""
+  per_epoch = max(1, n // batch)
+  step = start_step
+  while True:
+    epoch, i = divmod(step, per_epoch)
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    yield perm[i * batch:(i + 1) * batch]
+    step += 1

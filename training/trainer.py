@@ -1,0 +1,408 @@
+"""A generic Optax training loop with checkpoint resumption, periodic evaluation and metric logs.
+
+The model is given as a loss function `loss_fn(params, frozen, batch, rng) -> (loss, metrics)`: `params` are
+trained, `frozen` (e.g. a base model's weights) is passed to every step but never updated or donated, `metrics`
+is a dict of scalars to log. A step's random key is `fold_in(state.rng, state.step)`, so a run that resumes
+from a checkpoint draws the same keys as one that never stopped.
+
+The data position is the step: `Trainer.fit` asks `batches_from(step)` for the batches from that step on, so
+a resumed run continues the data where the checkpoint left it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from tqdm.auto import tqdm
+
+from training.checkpoint import Checkpointer, CheckpointError
+from training.config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+Batch = Any
+Params = Any
+Metrics = dict[str, jax.Array]
+LossFn = Callable[[Params, Any, Batch, jax.Array], tuple[jax.Array, Metrics]]
+BatchSource = Callable[[int], Iterable[Batch]] | Iterable[Batch]
+
+METRICS_FILE = "metrics.jsonl"
+_EVAL_STREAM = 2**31 - 1  # folded into the key for evaluation; training steps (int32) never reach it
+
+
+@struct.dataclass
+class TrainState:
+  """What a training run checkpoints.
+
+  Attributes:
+    step: int32 scalar, the number of batches consumed (micro-batches when accumulating gradients).
+    params: the trained pytree.
+    opt_state: the optimizer's state.
+    rng: the run's base key; step `s` uses `jax.random.fold_in(rng, s)`.
+  """
+
+  step: jax.Array
+  params: Params
+  opt_state: optax.OptState
+  rng: jax.Array
+
+
+def init_state(params: Params, optimizer: optax.GradientTransformation, rng: jax.Array | int) -> TrainState:
+  """A step-0 state for `params` (a key or an integer seed for `rng`)."""
+  if isinstance(rng, int):
+    rng = jax.random.key(rng)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW with warmup, a decay schedule, global-norm clipping and optional gradient accumulation.
+
+  Attributes:
+    lr: the peak learning rate.
+    warmup_steps: optimizer updates over which the rate rises linearly to `lr` (update i uses lr*(i+1)/warmup).
+    schedule: after warmup, keep `lr` ("constant") or decay it to 0 at `total_steps` ("cosine", "linear").
+    total_steps: optimizer updates in the run; with `grad_accum` > 1 that is batches / grad_accum.
+    weight_decay: AdamW's decoupled weight decay.
+    clip_norm: the global gradient norm is clipped to this; 0 turns clipping off.
+    b1: Adam's first-moment decay.
+    b2: Adam's second-moment decay.
+    grad_accum: batches whose mean gradient makes one update (`optax.MultiSteps`); params change every
+      `grad_accum` steps.
+  """
+
+  lr: float = 1e-3
+  warmup_steps: int = 0
+  schedule: Literal["constant", "cosine", "linear"] = "cosine"
+  total_steps: int = 1000
+  weight_decay: float = 0.0
+  clip_norm: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.999
+  grad_accum: int = 1
+
+  def __post_init__(self):
+    checks = [
+        (self.lr >= 0, "lr must be >= 0"),
+        (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
+        (self.total_steps >= 1, "total_steps must be >= 1"),
+        (self.warmup_steps <= self.total_steps, "warmup_steps must be <= total_steps"),
+        (self.weight_decay >= 0, "weight_decay must be >= 0"),
+        (self.clip_norm >= 0, "clip_norm must be >= 0 (0 turns clipping off)"),
+        (0 <= self.b1 < 1 and 0 <= self.b2 < 1, "b1 and b2 must be in [0, 1)"),
+        (self.grad_accum >= 1, "grad_accum must be >= 1"),
+    ]
+    for ok, message in checks:
+      if not ok:
+        raise ConfigError(f"optimizer config: {message} (got {self})")
+
+
+def make_schedule(cfg: OptimConfig) -> optax.Schedule:
+  """The learning rate as a function of the optimizer update count."""
+  lr, warmup, total = cfg.lr, cfg.warmup_steps, cfg.total_steps
+  decay_steps = max(total - warmup, 1)
+
+  def schedule(count: jax.Array) -> jax.Array:
+    count = jnp.asarray(count, jnp.float32)
+    ramp = jnp.minimum(1.0, (count + 1.0) / warmup) if warmup > 0 else jnp.float32(1.0)
+    progress = jnp.clip((count - warmup) / decay_steps, 0.0, 1.0)
+    if cfg.schedule == "cosine":
+      decay = 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    elif cfg.schedule == "linear":
+      decay = 1.0 - progress
+    else:
+      decay = jnp.float32(1.0)
+    return lr * ramp * decay
+
+  return schedule
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  """Clipping, then AdamW on `make_schedule(cfg)`, wrapped in `optax.MultiSteps` when `grad_accum` > 1."""
+  parts = []
+  if cfg.clip_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.clip_norm))
+  parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+  tx = optax.chain(*parts)
+  if cfg.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum).gradient_transformation()
+  return tx
+
+
+class Trainer:
+  """Runs a jitted Optax train step over batches, with checkpoints, evaluation and logs."""
+
+  def __init__(
+      self,
+      loss_fn: LossFn,
+      optimizer: optax.GradientTransformation,
+      *,
+      frozen: Any = None,
+      checkpoint_dir: str | os.PathLike[str] | None = None,
+      checkpoint_every: int = 1000,
+      max_to_keep: int | None = 3,
+      eval_fn: LossFn | None = None,
+      log_every: int = 50,
+      progress: bool | None = None,
+  ):
+    """Sets up a trainer.
+
+    Args:
+      loss_fn: `(params, frozen, batch, rng) -> (loss scalar, {name: scalar})`, traced by `jax.jit`.
+      optimizer: e.g. `make_optimizer(cfg)`.
+      frozen: a pytree passed to every step as-is (not trained, not donated); None when unused.
+      checkpoint_dir: where checkpoints and `metrics.jsonl` go; None trains without either.
+      checkpoint_every: save every this many steps (and always at the end or on SIGTERM/Ctrl-C).
+      max_to_keep: how many of the newest checkpoints to keep.
+      eval_fn: like `loss_fn`, for evaluation; defaults to `loss_fn`.
+      log_every: average the train metrics over this many steps per logged record.
+      progress: show a tqdm bar; None shows it only on a terminal.
+    """
+    if checkpoint_every < 1 or log_every < 1:
+      raise ConfigError(f"checkpoint_every and log_every must be >= 1, got {checkpoint_every} and {log_every}")
+    self.loss_fn = loss_fn
+    self.optimizer = optimizer
+    self.frozen = frozen
+    self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    self.checkpoint_every = checkpoint_every
+    self.max_to_keep = max_to_keep
+    self.eval_fn = eval_fn or loss_fn
+    self.log_every = log_every
+    self.progress = progress
+    self._train_step = jax.jit(self._step, donate_argnums=(0,))
+    self._eval_step = jax.jit(self._eval)
+
+  # --- steps ---------------------------------------------------------------------------------------------
+
+  def _step(self, state: TrainState, frozen: Any, batch: Batch) -> tuple[TrainState, Metrics]:
+    rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(self.loss_fn, has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, frozen, batch, rng)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def _eval(self, params: Params, frozen: Any, batch: Batch, rng: jax.Array) -> Metrics:
+    loss, metrics = self.eval_fn(params, frozen, batch, rng)
+    return {**metrics, "loss": loss}
+
+  def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    """One jitted update. `state` is donated: use only the returned state afterwards."""
+    return self._train_step(state, self.frozen, batch)
+
+  def evaluate(self, state: TrainState, batches: Iterable[Batch]) -> dict[str, float]:
+    """The mean over `batches` of each eval metric, named `eval/<name>` (empty when there are no batches)."""
+    base = jax.random.fold_in(state.rng, _EVAL_STREAM)
+    results = [
+        self._eval_step(state.params, self.frozen, batch, jax.random.fold_in(base, i))
+        for i, batch in enumerate(batches)
+    ]
+    if not results:
+      return {}
+    return {f"eval/{k}": v for k, v in _mean(jax.device_get(results)).items()}
+
+  # --- the loop ------------------------------------------------------------------------------------------
+
+  def fit(
+      self,
+      state: TrainState,
+      batches_from: BatchSource,
+      num_steps: int,
+      eval_batches: Callable[[], Iterable[Batch]] | None = None,
+      eval_every: int | None = None,
+  ) -> tuple[TrainState, list[dict[str, float]]]:
+    """Trains until `state.step == num_steps`, resuming from the latest checkpoint in `checkpoint_dir`.
+
+    Args:
+      state: the initial state (e.g. `init_state(...)`); with a checkpoint present only its structure is used.
+        Its arrays are donated to the first step: use the returned state afterwards.
+      batches_from: `step -> iterable of the batches from that step on` (so a resumed run continues the data
+        where it stopped); a plain iterable is taken to start at step 0, and the steps already done are
+        skipped.
+      num_steps: the step to train up to (an absolute count, not a number of further steps).
+      eval_batches: `() -> iterable of eval batches`, evaluated every `eval_every` steps and at the end.
+      eval_every: steps between evaluations; None evaluates only at the end.
+
+    Returns:
+      `(state, history)`: the final state and the records logged by this call (dicts with "step", the train
+      metrics averaged over the last `log_every` steps plus "steps_per_sec", or the `eval/` metrics).
+
+    Raises:
+      CheckpointError: the checkpoint directory holds a corrupt checkpoint or one for another state.
+      KeyboardInterrupt: after Ctrl-C, once a checkpoint of the last finished step is saved. SIGTERM saves the
+        same way and then ends the process with the signal's previous handler.
+    """
+    if eval_every is not None and eval_every < 1:
+      raise ConfigError(f"eval_every must be >= 1 or None, got {eval_every}")
+    ckpt = None
+    if self.checkpoint_dir is not None:
+      ckpt = Checkpointer(self.checkpoint_dir, max_to_keep=self.max_to_keep, every=self.checkpoint_every)
+    history: list[dict[str, float]] = []
+    try:
+      if ckpt is not None and ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        if int(meta.get("step", int(state.step))) != int(state.step):
+          raise CheckpointError(
+              f"checkpoint in {str(ckpt.directory)!r} says step {meta['step']} but its state is at step "
+              f"{int(state.step)}; delete that step directory or use another checkpoint directory"
+          )
+        logger.info("resuming from step %d of %s", int(state.step), ckpt.directory)
+      start = int(state.step)
+      if self.checkpoint_dir is not None:
+        _truncate_metrics(self.checkpoint_dir / METRICS_FILE, start)
+      if start >= num_steps:
+        return state, history
+      with _SignalGuard() as guard:
+        state = self._loop(state, start, num_steps, _batches(batches_from, start), eval_batches, eval_every,
+                           ckpt, history, guard)
+      if guard.signum is not None:
+        if ckpt is not None:
+          ckpt.close()
+        guard.redeliver()
+      return state, history
+    finally:
+      if ckpt is not None:
+        ckpt.close()
+
+  def _loop(
+      self,
+      state: TrainState,
+      start: int,
+      num_steps: int,
+      batches: Iterator[Batch],
+      eval_batches: Callable[[], Iterable[Batch]] | None,
+      eval_every: int | None,
+      ckpt: Checkpointer | None,
+      history: list[dict[str, float]],
+      guard: _SignalGuard,
+  ) -> TrainState:
+    step = start
+    window: list[Metrics] = []
+    window_start = time.perf_counter()
+    bar = tqdm(total=num_steps, initial=start, desc="train", dynamic_ncols=True,
+               disable=None if self.progress is None else not self.progress)
+
+    def meta(s: int) -> dict[str, Any]:
+      return {"step": s, "num_steps": num_steps, "time": time.time()}
+
+    try:
+      while step < num_steps and guard.signum is None:
+        batch = next(batches, _END)
+        if batch is _END:
+          logger.warning("the batches ran out at step %d of %d; stopping there", step, num_steps)
+          break
+        state, metrics = self._train_step(state, self.frozen, batch)
+        step += 1
+        window.append(metrics)
+        bar.update(1)
+        if step % self.log_every == 0 or step == num_steps:
+          elapsed = time.perf_counter() - window_start
+          record = {"step": step, **_mean(jax.device_get(window)), "steps_per_sec": len(window) / max(elapsed, 1e-9)}
+          window, window_start = [], time.perf_counter()
+          self._record(record, history, bar)
+        if eval_batches is not None and ((eval_every and step % eval_every == 0) or step == num_steps):
+          self._record({"step": step, **self.evaluate(state, eval_batches())}, history, bar)
+        if ckpt is not None:
+          ckpt.save(step, state, meta(step))
+      if ckpt is not None:  # the end, the batches running out, or a signal: keep what was done
+        ckpt.save(step, state, meta(step), force=True)
+    finally:
+      bar.close()
+    return state
+
+  def _record(self, record: dict[str, float], history: list[dict[str, float]], bar: tqdm) -> None:
+    history.append(record)
+    bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"}, refresh=False)
+    logger.info("step %d: %s", record["step"], ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
+    if self.checkpoint_dir is not None:
+      self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+      with (self.checkpoint_dir / METRICS_FILE).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+_END = object()
+
+
+def _batches(source: BatchSource, start: int) -> Iterator[Batch]:
+  if callable(source) and not isinstance(source, Iterable):
+    return iter(source(start))
+  return itertools.islice(iter(source), start, None)
+
+
+def _mean(records: list[Mapping[str, Any]]) -> dict[str, float]:
+  keys = list(dict.fromkeys(k for r in records for k in r))
+  return {k: float(np.mean([np.asarray(r[k], np.float64) for r in records if k in r])) for k in keys}
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+  """Drops the records a killed run logged after its last checkpoint (they are about to be redone)."""
+  if not path.is_file():
+    return
+  kept = []
+  for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:  # a line cut short by a kill
+      continue
+    if isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and record["step"] <= step:
+      kept.append(line)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+  os.replace(tmp, path)
+
+
+class _SignalGuard:
+  """Turns SIGINT/SIGTERM into a flag checked between steps, so a step's donated state is never lost.
+
+  A second signal while the first is pending raises KeyboardInterrupt at once. Signals are only caught on the
+  main thread (elsewhere they cannot be) and only where they are not ignored.
+  """
+
+  def __init__(self):
+    self.signum: int | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> _SignalGuard:
+    if threading.current_thread() is threading.main_thread():
+      for signum in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+          self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc_info: object) -> None:
+    self._restore()
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    if self.signum is not None:
+      self._restore()
+      raise KeyboardInterrupt
+    self.signum = signum
+    logger.warning("got %s; saving a checkpoint after this step", signal.Signals(signum).name)
+
+  def _restore(self) -> None:
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+    self._previous = {}
+
+  def redeliver(self) -> None:
+    """Acts on the caught signal as it would have been without the guard (after the checkpoint is saved)."""
+    if self.signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    if self.signum is not None:
+      signal.raise_signal(self.signum)
