@@ -283,8 +283,8 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
 
     trainable = {"base": params, "bpd": {"heads": bpd_params["heads"]}}
   prep_s = time.time() - t0
-  trainer = Trainer(loss, optimizer, frozen=frozen, checkpoint_dir=ckpt_dir, checkpoint_every=cfg.train.checkpoint_every,
-                    eval_fn=None, log_every=cfg.train.log_every, progress=progress)
+  trainer = Trainer(loss, optimizer, frozen=frozen, checkpoint_dir=ckpt_dir,
+                    checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress)
   t0 = time.time()
   state, history = trainer.fit(init_state(trainable, optimizer, cfg.train.seed), batches_from, cfg.train.steps,
                                eval_batches=eval_batches, eval_every=cfg.train.eval_every)

@@ -37,7 +37,8 @@ def load_t5x_decoding(src: str | os.PathLike | None):
     try:
       return importlib.import_module("t5x.decoding")
     except Exception as e:  # noqa: BLE001 - T5X's own imports may fail in many ways
-      raise Unavailable(f"T5X is not importable ({type(e).__name__}); pass a T5X source checkout with --t5x-src") from None
+      raise Unavailable(f"T5X is not importable ({type(e).__name__}); pass a T5X source checkout with "
+                        "--t5x-src") from None
   root = Path(src)
   pkg = root / "t5x" if (root / "t5x" / "decoding.py").is_file() else root
   if not (pkg / "decoding.py").is_file() or not (pkg / "binary_search.py").is_file():

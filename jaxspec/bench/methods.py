@@ -11,6 +11,7 @@ A method name may carry options after colons: `bpd:k=4`, `opt-tree:budget=16:dep
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from jaxspec.decoding.generate import GenerationResult, generate
@@ -72,6 +73,33 @@ def _greedy(ctx: BenchContext, opts: dict) -> Runner:
   return loop_runner(ctx)
 
 
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+DEFAULT_BPD_HEADS = ASSETS / "bpd_smollm2"
+
+
+def _bpd(ctx: BenchContext, opts: dict) -> Runner:
+  from jaxspec.decoding.bpd import BPDDrafter, TopKAcceptance, bpd_draft_params
+  from jaxspec.errors import ModelLoadError
+  from jaxspec.models.bpd import load_bpd
+
+  folder = Path(opts.get("heads", DEFAULT_BPD_HEADS))
+  if not (folder / "heads.safetensors").exists():
+    raise Unavailable(f"no BPD heads in {folder}: train them with `jaxspec train configs/bpd_smollm2.yaml` or pass "
+                      "bpd:heads=FOLDER")
+  try:
+    bpd, bpd_params = load_bpd(folder, int(opts["k"]) if "k" in opts else None)
+  except ModelLoadError as e:
+    raise Unavailable(str(e)) from None
+  if bpd.cfg.d_model != ctx.model.cfg.d_model:
+    raise Unavailable(f"the heads in {folder} were trained for d_model {bpd.cfg.d_model}, the target has "
+                      f"{ctx.model.cfg.d_model}: train heads for this model")
+  acceptor = TopKAcceptance(int(opts["approx"])) if "approx" in opts else None
+  run = loop_runner(ctx, BPDDrafter(bpd), bpd_draft_params(ctx.model, ctx.params, bpd, bpd_params), acceptor)
+  if acceptor is not None:
+    run.lossless = False  # Stern's approximate acceptance: not token-identical to greedy
+  return run
+
+
 def _not_built(issue: str) -> Callable[[BenchContext, dict], Runner]:
   def build(ctx, opts):
     raise Unavailable(f"not built yet ({issue})")
@@ -101,8 +129,8 @@ def register(spec: MethodSpec) -> MethodSpec:
 for _spec in [
     MethodSpec("greedy", "jaxspec's own autoregressive loop: one token per target call (the reference)", True,
                _greedy),
-    MethodSpec("bpd", "blockwise parallel decoding with k trained heads (Stern et al. 2018)", True,
-               _not_built("issue 4"), options=("k",)),
+    MethodSpec("bpd", "blockwise parallel decoding with k trained heads (Stern et al. 2018); approx=K accepts "
+               "target top-K tokens (not lossless)", True, _bpd, options=("k", "heads", "approx")),
     MethodSpec("bpd-ngram", "BPD with the heads' top-t lattice rescored by an n-gram LM (Kim et al. 2024)", True,
                _not_built("issue 8")),
     MethodSpec("bpd-neural", "BPD with the lattice rescored by a small neural LM (Kim et al. 2024)", True,

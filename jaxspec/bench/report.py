@@ -43,8 +43,9 @@ def _figures(recs, ref_recs, mism) -> dict:
       "drafter_calls": sum(r.drafter_calls for r in recs), "run_s": seconds, "accept_hist": _hist(recs)}
 
 
-def results(cfg, env: dict, prompts, specs: dict, records: dict, compile_s: dict, program_bytes: dict,
-            mismatches: dict, unavailable: dict, *, complete: bool, wall_s: float, peak_rss_bytes: int) -> dict:
+def results(cfg, env: dict, prompts, specs: dict, lossless: dict, records: dict, compile_s: dict,
+            program_bytes: dict, mismatches: dict, unavailable: dict, *, complete: bool, wall_s: float,
+            peak_rss_bytes: int) -> dict:
   """The content of results.json: every figure per method, overall and per category, and the environment."""
   from jaxspec.bench.runner import REFERENCE
 
@@ -52,7 +53,8 @@ def results(cfg, env: dict, prompts, specs: dict, records: dict, compile_s: dict
   ref = records[REFERENCE]
   methods = {}
   for label, spec in specs.items():
-    entry = {"description": spec.description, "lossless": spec.lossless, "baseline": spec.baseline}
+    entry = {"description": spec.description, "lossless": lossless.get(label, spec.lossless),
+             "baseline": spec.baseline}
     if label in unavailable:
       entry.update(available=False, reason=unavailable[label], tau=None, speedup=None, tokens_per_s=None,
                    mismatches=None, n_prompts=0, per_category={})
@@ -116,8 +118,9 @@ def markdown(res: dict) -> str:
   ]
   for label, m in avail.items():
     mm = str(m["mismatches"]) if greedy and m["lossless"] and label != "greedy" else "n/a"
+    mib = _fmt(m["program_bytes"] / 2**20 or None, ".0f")
     lines.append(f"| {label} | {_fmt(m['tau'])} | {_fmt(m['speedup'])}× | {_fmt(m['tokens_per_s'], '.1f')} | {mm} | "
-                 f"{m['drafter_calls']:.0f} | {m['compile_s']:.1f} | {_fmt(m['program_bytes'] / 2**20 or None, '.0f')} |")
+                 f"{m['drafter_calls']:.0f} | {m['compile_s']:.1f} | {mib} |")
   for key, title in (("tau", "τ per category"), ("speedup", "Speedup per category")):
     lines += ["", f"## {title}", "", "| method | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
     for label, m in avail.items():

@@ -155,6 +155,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
       runners[label] = METHODS[name].build(ctx, opts)
     except Unavailable as e:
       unavailable[label] = str(e)
+  lossless = {l: getattr(r, "lossless", specs[l].lossless) for l, r in runners.items()}
   if REFERENCE in unavailable:
     raise InputError(f"The reference method cannot run: {unavailable[REFERENCE]}")
 
@@ -168,8 +169,9 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   started = time.time()
 
   def snapshot(complete: bool) -> dict:
-    return report.results(cfg, env, prompts, specs, records, compile_s, program_bytes, mismatches, unavailable,
-                          complete=complete, wall_s=time.time() - started, peak_rss_bytes=_peak_rss_bytes())
+    return report.results(cfg, env, prompts, specs, lossless, records, compile_s, program_bytes, mismatches,
+                          unavailable, complete=complete, wall_s=time.time() - started,
+                          peak_rss_bytes=_peak_rss_bytes())
 
   # Warm-up: compile and run each method once on the first batch, untimed.
   warm = [ids[i] for i in batches[0]]
@@ -200,7 +202,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
     if cfg.temperature == 0:
       ref = outputs[REFERENCE].tokens
       for label, res in outputs.items():
-        if label == REFERENCE or not specs[label].lossless:
+        if label == REFERENCE or not lossless[label]:
           continue
         for r, pi in enumerate(batch):
           if res.tokens[r] != ref[r]:
