@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 
 import pytest
 
@@ -159,3 +160,26 @@ def test_missing_t5x_checkout_is_reported_unavailable(tmp_path, prompt_file, met
   res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
   assert res["methods"]["t5x-greedy"]["available"] is False
   assert "not a T5X checkout" in res["methods"]["t5x-greedy"]["reason"]
+
+
+T5X_SRC = os.environ.get("JAXSPEC_T5X_SRC")
+
+
+@pytest.mark.skipif(not T5X_SRC, reason="T5X is not on PyPI: set JAXSPEC_T5X_SRC to a T5X source checkout to run "
+                    "the T5X baseline check")
+def test_t5x_greedy_equals_jaxspec_greedy(tiny, tmp_path):
+  model, params = tiny
+  rows = [{"question_id": i, "category": "c", "turns": [t]} for i, t in enumerate(["abc", "hello there", "x" * 40])]
+  cfg = BenchConfig(prompts=write_prompts(tmp_path / "p.jsonl", rows), methods=("t5x-greedy",), max_new_tokens=24,
+                    batch_size=2, out=str(tmp_path / "out"), t5x_src=T5X_SRC)
+  res = run_bench(cfg, model, params, TinyTokenizer(), progress=False)
+  m = res["methods"]["t5x-greedy"]
+  assert m["available"], m.get("reason")
+  assert m["mismatches"] == 0 and m["n_prompts"] == 3 and m["tau"] == 1.0
+
+
+class TinyTokenizer(ByteTokenizer):
+  eos_id = 7
+
+  def encode(self, text, add_bos=None):
+    return [1 + ord(c) % 250 for c in text]

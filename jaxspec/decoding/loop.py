@@ -129,11 +129,11 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
   last_BxD = jnp.take_along_axis(hidden_BxPxD, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
   logits_BxV = model.logits(params, last_BxD[:, None])[:, 0]
   cache = cache.advance(prompt_len_B)
-  rng, r0 = jax.random.split(rng)
+  rng, r0, r_draft = jax.random.split(rng, 3)  # rng, r0 equal split(rng)'s (partitionable threefry, the default)
   first_B = acceptor.first_token(r0, logits_BxV, sp)
   tokens_BxO = jnp.full((b, out_len + t), pad_id, jnp.int32).at[:, 0].set(first_B)
   dstate = drafter.init(draft_params, PrefillInfo(prompts_BxP, prompt_len_B, last_BxD, logits_BxV, first_B,
-                                                  capacity=capacity))
+                                                  capacity=capacity, rng=r_draft))
   zeros_B = jnp.zeros((b,), jnp.int32)
   state = LoopState(
       step=jnp.int32(0), tokens_BxO=tokens_BxO, n_out_B=jnp.ones((b,), jnp.int32),

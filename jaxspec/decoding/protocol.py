@@ -89,6 +89,7 @@ class PrefillInfo:
   logits_BxV: Array
   first_B: Array
   capacity: int = flax.struct.field(pytree_node=False)
+  rng: Array | None = None  # the drafter's own key, split from the loop's (drafters that sample need it)
 
 
 @flax.struct.dataclass

@@ -1,0 +1,127 @@
+"""Prompt lookup decoding: a model-free drafter that copies from the context.
+
+Predict: find the most recent earlier occurrence of the context's last n tokens (n from `max_ngram` down to
+`min_ngram`; the longest n that matches wins) and propose the N tokens that followed it. Verify and accept as for any
+chain; with greedy acceptance the output is exactly greedy decoding, whatever the draft. No drafter forward runs:
+proposing is a few vectorised comparisons over the context buffer.
+
+The context is a fixed `[B, C]` buffer (C = the loop's cache capacity) holding the prompt and then every committed
+token; its last token is always the pending token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxspec.decoding.bpd import chain_draft
+from jaxspec.decoding.protocol import PrefillInfo, Verified
+from jaxspec.errors import InputError
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class LookupState:
+  """The drafter's memory: the context `context_BxC[b, :lengths_B[b]]` (prompt, then committed tokens; the last one
+  is the pending token). Slots past a row's length hold no meaning."""
+
+  context_BxC: Array
+  lengths_B: Array
+
+
+def append_tokens(context_BxC: Array, lengths_B: Array, new_BxT: Array, n_new_B: Array) -> tuple[Array, Array]:
+  """Writes `new_BxT[b, :n_new_B[b]]` after each row's context; writes past the buffer's end are dropped."""
+  b, t = new_BxT.shape
+  c = context_BxC.shape[1]
+  idx_T = jnp.arange(t, dtype=jnp.int32)[None]
+  cols_BxT = jnp.where(idx_T < n_new_B[:, None], lengths_B[:, None] + idx_T, c)  # column c is out of range: dropped
+  rows_BxT = jnp.broadcast_to(jnp.arange(b, dtype=jnp.int32)[:, None], (b, t))
+  context_BxC = context_BxC.at[rows_BxT, cols_BxT].set(new_BxT.astype(context_BxC.dtype), mode="drop")
+  return context_BxC, jnp.minimum(lengths_B + n_new_B, c)
+
+
+def last_match(context_BxC: Array, lengths_B: Array, n: int) -> Array:
+  """Start of the most recent earlier occurrence of each row's last n tokens, or -1 where there is none.
+
+  An occurrence at j counts when it is followed by at least one token and is not the suffix itself: j + n < length.
+  """
+  b, c = context_BxC.shape
+  if n > c - 1:
+    return jnp.full((b,), -1, jnp.int32)
+  width = c - n + 1  # candidate starts j = 0..c-n
+  suffix_start_B = jnp.maximum(lengths_B - n, 0)
+  match_BxW = jnp.ones((b, width), bool)
+  for k in range(n):  # n is small and static: n shifted compares of the whole buffer
+    want_B = jnp.take_along_axis(context_BxC, (suffix_start_B + k)[:, None], axis=1)
+    match_BxW = match_BxW & (context_BxC[:, k:k + width] == want_B)
+  j_W = jnp.arange(width, dtype=jnp.int32)
+  valid_BxW = (j_W[None] + n) < lengths_B[:, None]
+  return jnp.max(jnp.where(match_BxW & valid_BxW, j_W[None], -1), axis=-1)
+
+
+def lookup_tokens(context_BxC: Array, lengths_B: Array, num_nodes: int, max_ngram: int, min_ngram: int) -> Array:
+  """The `[B, N]` tokens that followed the most recent occurrence of the longest matching suffix n-gram.
+
+  The copied span is `context[s:length]` (s = match start + n). Where N runs past the end of the context the span
+  repeats, which continues a periodic context exactly (the span's length is the period the match implies). A row
+  with no match proposes its last token repeated.
+  """
+  best_j_B = jnp.full(lengths_B.shape, -1, jnp.int32)
+  best_n_B = jnp.zeros(lengths_B.shape, jnp.int32)
+  for n in range(max_ngram, min_ngram - 1, -1):
+    j_B = last_match(context_BxC, lengths_B, n)
+    take_B = (best_j_B < 0) & (j_B >= 0)
+    best_j_B = jnp.where(take_B, j_B, best_j_B)
+    best_n_B = jnp.where(take_B, n, best_n_B)
+  start_B = jnp.where(best_j_B >= 0, best_j_B + best_n_B, jnp.maximum(lengths_B - 1, 0))
+  span_B = jnp.maximum(lengths_B - start_B, 1)
+  offsets_BxN = jnp.arange(num_nodes, dtype=jnp.int32)[None] % span_B[:, None]
+  return jnp.take_along_axis(context_BxC, start_B[:, None] + offsets_BxN, axis=1).astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupDrafter:
+  """Prompt lookup decoding (method `lookup`): proposes a chain of N tokens copied from the context.
+
+  Attributes:
+    num_nodes: N, tokens proposed per step.
+    max_ngram: the longest suffix n-gram searched for.
+    min_ngram: the shortest; below it the drafter gives up and proposes filler (which verification rejects).
+  """
+
+  num_nodes: int = 8
+  max_ngram: int = 3
+  min_ngram: int = 1
+  is_chain: bool = True
+  calls_per_step: int = 0  # no drafter model runs
+
+  def __post_init__(self):
+    if self.num_nodes < 1:
+      raise InputError(f"lookup: num_nodes must be >= 1, got {self.num_nodes}.")
+    if not 1 <= self.min_ngram <= self.max_ngram:
+      raise InputError(f"lookup: need 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram}, "
+                       f"max_ngram={self.max_ngram}.")
+
+  def init(self, draft_params, prefill: PrefillInfo) -> LookupState:
+    b, p = prefill.tokens_BxP.shape
+    if prefill.capacity <= p:
+      raise InputError(f"lookup: the context buffer ({prefill.capacity}) must be longer than the prompt ({p}).")
+    keep_BxP = jnp.arange(p)[None] < prefill.lengths_B[:, None]
+    prompt_BxP = jnp.where(keep_BxP, prefill.tokens_BxP, 0).astype(jnp.int32)
+    context_BxC = jnp.zeros((b, prefill.capacity), jnp.int32).at[:, :p].set(prompt_BxP)
+    context_BxC, lengths_B = append_tokens(context_BxC, prefill.lengths_B.astype(jnp.int32), prefill.first_B[:, None],
+                                           jnp.ones((b,), jnp.int32))
+    return LookupState(context_BxC, lengths_B)
+
+  def propose(self, draft_params, dstate: LookupState, loop):
+    tokens_BxN = lookup_tokens(dstate.context_BxC, dstate.lengths_B, self.num_nodes, self.max_ngram, self.min_ngram)
+    return chain_draft(tokens_BxN), dstate
+
+  def update(self, draft_params, dstate: LookupState, verified: Verified) -> LookupState:
+    acc = verified.acceptance
+    n_new_B = jnp.where(verified.active_B, acc.n_commit_B, 0)
+    return LookupState(*append_tokens(dstate.context_BxC, dstate.lengths_B, acc.emitted_BxT, n_new_B))

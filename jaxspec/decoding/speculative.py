@@ -1,0 +1,203 @@
+"""Speculative sampling with a draft model (Leviathan et al. 2023; Chen et al. 2023) as a drafter on the shared loop.
+
+Draft: a small model with the target's vocabulary runs γ autoregressive steps after the pending token, each one
+forward of one token against its own KV cache. Verify: the target runs `[pending, d_1..d_γ]` in one forward.
+Accept: `GreedyAcceptance` keeps the prefix equal to the target's argmax (output identical to greedy decoding);
+`SampleAcceptance` runs modified rejection sampling with the draft's probabilities q (output distributed exactly as
+the target's warped distribution).
+
+The draft cache and acceptance. A step whose target cache holds L committed tokens commits `n_commit` more
+(pending + accepted drafts); the draft ran `[pending, d_1..d_{γ-1}]` but never d_γ, so after a step that accepts
+all γ drafts it lacks the entry of d_γ. The drafter keeps its cache ONE TOKEN BEHIND the target's: it holds every
+committed token but the last one (`DraftState.last_B`), and each propose begins with a two-token causal forward
+`[last, pending]` at positions `[L - 1, L]`, which writes (or rewrites) the last committed token's entry and reads
+the first draft off the pending token. Rolling back is then only setting the draft cache's length to the target's
+committed length minus one: every entry it keeps was computed against the accepted prefix. The scheme has no
+branch and one static shape for both cases; its price is one extra token in the first of the γ draft forwards
+(a forward is memory-bound, so a second token is nearly free; in the all-accepted case that token is needed anyway).
+
+Everything is jittable with static shapes; rows of a batch accept different numbers of tokens and each row's draft
+cache keeps its own length. `layerskip_draft` makes a self-speculative draft from the target's first layers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified
+from jaxspec.decoding.sampling import SamplingParams, Warp
+from jaxspec.errors import InputError
+from jaxspec.models.llama import LlamaLM
+
+Array = jax.Array
+
+
+def vocab_check(target: LanguageModel, draft: LanguageModel) -> None:
+  """Checks that a draft model can propose tokens for a target: both must share one vocabulary.
+
+  Raises:
+    InputError: the vocabulary sizes differ.
+  """
+  if target.vocab_size != draft.vocab_size:
+    raise InputError(f"draft and target vocabularies differ: the target has {target.vocab_size} tokens, the draft "
+                     f"{draft.vocab_size}; use a draft model trained with the target's tokenizer.")
+
+
+def layerskip_draft(model: LlamaLM, params, n_layers: int) -> tuple[LlamaLM, dict]:
+  """A self-speculative draft: the target's first `n_layers` layers, then its final norm and head (no training).
+
+  Args:
+    model: the target.
+    params: its parameters.
+    n_layers: layers the draft keeps, 1 <= n_layers < the target's layers.
+
+  Returns:
+    `(draft_model, draft_params)`. The draft's params are the target's own arrays (embedding, `layers_0` ..
+    `layers_{n-1}`, final norm, output head if untied), not copies; with `scan_layers=True` the stacked layer arrays
+    are sliced, which copies the first n layers.
+
+  Raises:
+    InputError: `n_layers` out of range.
+  """
+  total = model.cfg.n_layers
+  if not 1 <= n_layers < total:
+    raise InputError(f"A layer-skip draft keeps 1 to {total - 1} of the target's {total} layers, got n_layers="
+                     f"{n_layers}.")
+  draft = LlamaLM(dataclasses.replace(model.cfg, n_layers=n_layers))
+  out = {}
+  for name, value in params.items():
+    if name == "layers":  # stacked layers: [L, ...] leaves
+      out[name] = jax.tree.map(lambda x: x[:n_layers], value)
+    elif name.startswith("layers_"):
+      if int(name.removeprefix("layers_")) < n_layers:
+        out[name] = value
+    else:
+      out[name] = value
+  return draft, out
+
+
+@flax.struct.dataclass
+class DraftState:
+  """What the drafter carries across steps.
+
+  Between steps `cache.lengths[b]` is the target's committed length minus one: the draft cache holds every committed
+  token but the last, `last_B`, whose entry the next propose writes. `pending_B` is the token the last propose
+  started from (the head of the verified block), kept for `update`.
+  """
+
+  cache: Any
+  last_B: Array
+  pending_B: Array
+  rng: Array
+
+
+def _causal_BxTxT(b: int, t: int) -> Array:
+  return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+
+
+@dataclasses.dataclass(frozen=True)
+class DraftModelDrafter:
+  """γ tokens per step from a draft model with its own KV cache.
+
+  Attributes:
+    draft_model: the draft, a `LanguageModel` with the target's vocabulary (static; its params are `draft_params`).
+    gamma: γ, drafted tokens per step (>= 1).
+    warp: the static part of the sampling rule; use the acceptor's, so q is warped as the target's p is.
+    greedy: draft the argmax (q is then a point mass, so `SampleAcceptance` stays exact); False samples each draft
+      token from the draft's warped distribution q (temperature, top-k, top-p from `warp` and the loop's runtime
+      `SamplingParams`) and reports q for modified rejection sampling.
+  """
+
+  draft_model: LanguageModel
+  gamma: int
+  warp: Warp = Warp()
+  greedy: bool = True
+  is_chain = True
+
+  def __post_init__(self):
+    if self.gamma < 1:
+      raise InputError(f"gamma (draft tokens per step) must be >= 1, got {self.gamma}")
+
+  @property
+  def num_nodes(self) -> int:
+    return self.gamma
+
+  @property
+  def calls_per_step(self) -> int:
+    """Draft forwards per step: γ (the first takes two tokens)."""
+    return self.gamma
+
+  def init(self, draft_params, prefill: PrefillInfo) -> DraftState:
+    """The draft's prefill over the prompt; it commits all prompt tokens but the last."""
+    tokens_BxP, lengths_B = prefill.tokens_BxP, prefill.lengths_B
+    b, p = tokens_BxP.shape
+    if prefill.rng is None and not self.greedy:
+      raise ValueError("A sampling DraftModelDrafter needs a random key (PrefillInfo.rng).")
+    rng = prefill.rng if prefill.rng is not None else jax.random.key(0)
+    # As in the loop's prefill: keep XLA from constant-folding attention over the all-zero empty cache.
+    cache = jax.lax.optimization_barrier(self.draft_model.init_cache(b, prefill.capacity))
+    positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    _, _, cache = self.draft_model.forward(draft_params, tokens_BxP, positions_BxP, cache, _causal_BxTxT(b, p),
+                                           logits=False)
+    cache = cache.advance(lengths_B - 1)
+    last_B = jnp.take_along_axis(tokens_BxP, (lengths_B - 1)[:, None], axis=1)[:, 0].astype(jnp.int32)
+    return DraftState(cache=cache, last_B=last_B, pending_B=prefill.first_B.astype(jnp.int32), rng=rng)
+
+  def _draw(self, rng: Array, logits_BxV: Array, sp: SamplingParams) -> tuple[Array, Array]:
+    """A draft token per row and the distribution q `[B, V]` it was drawn from."""
+    if self.greedy:
+      tok_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+      return tok_B, jax.nn.one_hot(tok_B, logits_BxV.shape[-1], dtype=jnp.float32)
+    logq_BxV = self.warp.log_probs(logits_BxV, sp)
+    return jax.random.categorical(rng, logq_BxV, axis=-1).astype(jnp.int32), jnp.exp(logq_BxV)
+
+  def propose(self, draft_params, dstate: DraftState, loop) -> tuple[Draft, DraftState]:
+    """γ draft forwards: `[last, pending]` -> d_1, then d_1 -> d_2, ..., d_{γ-1} -> d_γ."""
+    b = loop.pending_B.shape[0]
+    rng, r = jax.random.split(dstate.rng)
+    keys_N = jax.random.split(r, self.gamma)
+    fwd = self.draft_model.forward
+    ones_B = jnp.ones((b,), jnp.int32)
+
+    cache = dstate.cache
+    pair_Bx2 = jnp.stack([dstate.last_B, loop.pending_B], axis=1)
+    positions_Bx2 = cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
+    logits_Bx2xV, _, cache = fwd(draft_params, pair_Bx2, positions_Bx2, cache, _causal_BxTxT(b, 2))
+    cache = cache.advance(2 * ones_B)
+    tok_B, q_BxV = self._draw(keys_N[0], logits_Bx2xV[:, 1], loop.sp)
+
+    def one(carry, key):
+      cache, tok_B = carry
+      logits_Bx1xV, _, cache = fwd(draft_params, tok_B[:, None], cache.lengths[:, None], cache,
+                                   jnp.ones((b, 1, 1), bool))
+      nxt_B, q_BxV = self._draw(key, logits_Bx1xV[:, 0], loop.sp)
+      return (cache.advance(ones_B), nxt_B), (nxt_B, q_BxV)
+
+    (cache, _), (rest_MxB, rest_MxBxV) = jax.lax.scan(one, (cache, tok_B), keys_N[1:])
+    tokens_BxN = jnp.concatenate([tok_B[:, None], rest_MxB.T], axis=1)
+    q_BxNxV = jnp.concatenate([q_BxV[:, None], rest_MxBxV.transpose(1, 0, 2)], axis=1)
+    n = self.gamma
+    draft = Draft(tokens_BxN=tokens_BxN,
+                  depth_BxN=jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (b, n)),
+                  mask_BxNxN=_causal_BxTxT(b, n),
+                  parent_BxN=jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (b, n)),
+                  probs_BxNxV=q_BxNxV)
+    return draft, DraftState(cache=cache, last_B=dstate.last_B, pending_B=loop.pending_B, rng=rng)
+
+  def update(self, draft_params, dstate: DraftState, verified: Verified) -> DraftState:
+    """Rolls the draft cache back to the target's committed length minus one (idle rows: to before the step)."""
+    acc = verified.acceptance
+    if not acc.is_prefix:
+      raise ValueError("DraftModelDrafter drafts chains: its acceptance must keep a prefix of the block.")
+    n_commit_B = acc.n_commit_B
+    active_B = verified.active_B
+    base_B = dstate.cache.lengths - (self.gamma + 1)  # before the propose: the target's length L - 1
+    block_BxT = jnp.concatenate([dstate.pending_B[:, None], verified.draft.tokens_BxN], axis=1)
+    last_B = jnp.take_along_axis(block_BxT, jnp.maximum(n_commit_B - 1, 0)[:, None], axis=1)[:, 0]
+    cache = dstate.cache.replace(lengths=jnp.where(active_B, base_B + n_commit_B, base_B))
+    return dstate.replace(cache=cache, last_B=jnp.where(active_B, last_B, dstate.last_B))

@@ -1,0 +1,155 @@
+"""Prompt lookup decoding: n-gram matching, context bookkeeping, exactness on the loop, τ on repetitive output."""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.decoding.accept import GreedyAcceptance
+from jaxspec.decoding.generate import generate
+from jaxspec.decoding.lookup import LookupDrafter, LookupState
+from jaxspec.decoding.protocol import Acceptance, PrefillInfo, Verified
+from jaxspec.errors import InputError
+from tests.fakes import BigramLM
+
+
+@flax.struct.dataclass
+class FakeLoop:
+  pending_B: jax.Array
+
+
+def propose_on(drafter, rows, capacity=16):
+  """Proposes from hand-made contexts (one list per row; slots past each row's end hold junk that must be ignored)."""
+  context = np.full((len(rows), capacity), 5, np.int32)
+  for b, row in enumerate(rows):
+    context[b, :len(row)] = row
+  lengths = jnp.asarray([len(r) for r in rows], jnp.int32)
+  loop = FakeLoop(jnp.asarray([r[-1] for r in rows], jnp.int32))
+  draft, state = jax.jit(lambda ds, lp: drafter.propose(None, ds, lp))(LookupState(jnp.asarray(context), lengths),
+                                                                        loop)
+  assert draft.tokens_BxN.shape == (len(rows), drafter.num_nodes)
+  assert draft.depth_BxN[0].tolist() == list(range(1, drafter.num_nodes + 1))
+  return draft.tokens_BxN.tolist()
+
+
+ROWS = [
+    [1, 2, 3, 4, 5, 9, 2, 3, 6, 7, 1, 2, 3],  # [1 2 3] at 0 beats the more recent [2 3] at 6
+    [7, 8, 9, 1, 7, 8, 9, 2, 0, 7, 8, 9],  # [7 8 9] at 0 and 4: the most recent wins; the span then repeats
+    [1, 2, 3, 4, 5],  # 5 never occurred before (the junk 5s past the end do not count): filler
+    [8, 1, 2, 1, 2],  # only [1 2] matches, with one token between it and the end: the period 2 continues
+]
+
+
+def test_longest_then_most_recent_match():
+  assert propose_on(LookupDrafter(num_nodes=4), ROWS) == [
+      [4, 5, 9, 2], [2, 0, 7, 8], [5, 5, 5, 5], [1, 2, 1, 2]]
+  # Past the end of the context the copied span [2 0 7 8 9] repeats.
+  assert propose_on(LookupDrafter(num_nodes=7), ROWS[1:2]) == [[2, 0, 7, 8, 9, 2, 0]]
+  # With unigrams only, row 0 follows the most recent 3 (at 7); without unigrams, row 3 still matches [1 2].
+  assert propose_on(LookupDrafter(num_nodes=4, max_ngram=1), ROWS[:1]) == [[6, 7, 1, 2]]
+  assert propose_on(LookupDrafter(num_nodes=3, min_ngram=2), ROWS[2:]) == [[5, 5, 5], [1, 2, 1]]
+
+
+def test_bad_settings_are_input_errors():
+  for kw in (dict(num_nodes=0), dict(min_ngram=0), dict(max_ngram=2, min_ngram=3)):
+    with pytest.raises(InputError):
+      LookupDrafter(**kw)
+
+
+def test_update_appends_committed_tokens_of_active_rows():
+  drafter = LookupDrafter(num_nodes=3)
+  context = jnp.zeros((3, 8), jnp.int32).at[:, :2].set(jnp.asarray([[1, 2], [3, 4], [5, 6]]))
+  state = LookupState(context.at[2, 2:6].set(7), jnp.asarray([2, 2, 6], jnp.int32))
+  emitted = jnp.asarray([[10, 11, 12, 13], [20, 21, 22, 23], [30, 31, 32, 33]], jnp.int32)
+  acc = Acceptance(emitted, jnp.broadcast_to(jnp.arange(4), (3, 4)), jnp.asarray([3, 4, 4], jnp.int32))
+  verified = Verified(None, None, None, acc, jnp.asarray([True, False, True]))
+  new = drafter.update(None, state, verified)
+  assert new.lengths_B.tolist() == [5, 2, 8]
+  assert new.context_BxC[0, :5].tolist() == [1, 2, 10, 11, 12]
+  assert new.context_BxC[1].tolist() == context[1].tolist()  # inactive: unchanged
+  assert new.context_BxC[2].tolist() == [5, 6, 7, 7, 7, 7, 30, 31]  # what does not fit is dropped
+
+
+def drive(lm: BigramLM, drafter: LookupDrafter, prompts, steps_per_row, capacity=64):
+  """The decode loop by hand on a bigram model: init, then propose -> greedy accept -> update while a row lasts."""
+  b, p = len(prompts), max(map(len, prompts))
+  arr = np.zeros((b, p), np.int32)
+  for i, pr in enumerate(prompts):
+    arr[i, :len(pr)] = pr
+  table = jnp.asarray(lm.table, jnp.float32)
+  logits_BxV = table[jnp.asarray([pr[-1] for pr in prompts])]
+  first_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  state = drafter.init(None, PrefillInfo(jnp.asarray(arr), jnp.asarray([len(pr) for pr in prompts], jnp.int32),
+                                         logits_BxV, logits_BxV, first_B, capacity=capacity))
+  out, pending_B = [[int(f)] for f in first_B], first_B
+  for step in range(max(steps_per_row)):
+    active_B = jnp.asarray([step < s for s in steps_per_row])
+    draft, state = drafter.propose(None, state, FakeLoop(pending_B))
+    logits_BxTxV, hidden, _ = lm.forward(None, jnp.concatenate([pending_B[:, None], draft.tokens_BxN], 1), None,
+                                         None, None)
+    acc = GreedyAcceptance().accept(None, draft, logits_BxTxV, None, True)
+    state = drafter.update(None, state, Verified(draft, logits_BxTxV, hidden, acc, active_B))
+    for i in range(b):
+      if active_B[i]:
+        out[i] += acc.emitted_BxT[i, :acc.n_commit_B[i]].tolist()
+    last_B = jnp.take_along_axis(acc.emitted_BxT, (acc.n_commit_B - 1)[:, None], axis=1)[:, 0]
+    pending_B = jnp.where(active_B, last_B, pending_B)
+  return state, out
+
+
+def test_context_is_prompt_then_output():
+  lm = BigramLM.random(32, seed=3)
+  prompts = [[9, 4, 4], [2], [7, 1, 7, 1, 7]]
+  state, out = drive(lm, LookupDrafter(num_nodes=3), prompts, steps_per_row=[6, 3, 5])
+  for i, pr in enumerate(prompts):
+    assert out[i] == lm.greedy(pr[-1], len(out[i]))
+    n = len(pr) + len(out[i])
+    assert int(state.lengths_B[i]) == n
+    assert state.context_BxC[i, :n].tolist() == pr + out[i]
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_periodic_bigram_output_is_copied_whole(k):
+  # Greedy output of a bigram model is periodic: once a period is in the context, every draft is right.
+  lm = BigramLM.random(97, seed=5)
+  starts = [1, 0]
+  new = 60
+  res = generate(lm, None, [[s] for s in starts], max_new_tokens=new, drafter=LookupDrafter(num_nodes=k))
+  assert res.tokens == [lm.greedy(s, new) for s in starts]
+  for i, s in enumerate(starts):
+    seq = [s] + lm.greedy(s, new)
+    # The first step whose pending token already occurred: from then on k + 1 tokens per call.
+    warm = next(j for j in range(1, len(seq)) if seq[j] in seq[:j])
+    assert res.active_calls[i] <= warm - 1 + -(-(new - warm) // (k + 1)), (res.active_calls, warm)
+  print(f"bigram k={k} tau:", res.tau)
+
+
+def test_lookup_equals_greedy_on_tiny_model(tiny):
+  model, params = tiny
+  # Different lengths (one bucket of 16), one prompt repetitive; the tiny model's greedy output soon repeats.
+  prompts = [[1, 2, 3], [7] * 9, [100, 5, 17] * 3, list(range(40, 51))]
+  greedy = generate(model, params, prompts, max_new_tokens=40)
+  taus = {}
+  for k in (1, 4, 10):
+    res = generate(model, params, prompts, max_new_tokens=40, drafter=LookupDrafter(num_nodes=k))
+    assert res.tokens == greedy.tokens, k
+    assert res.drafter_calls == 0
+    taus[k] = res.tau
+  print("tiny model tau by num_nodes:", taus)
+  # k = 1 can reach at most 2; more nodes copy more of the repeating output per call.
+  assert greedy.tau == 1.0 and 1.5 < taus[1] <= 2.0
+  assert taus[1] < taus[4] < taus[10]
+
+
+def test_lookup_equals_greedy_on_default_model(default_model):
+  model, params, tok = default_model
+  questions = ["Repeat this sentence three times: the cat sat on the mat.",
+               "Write a Python function that returns the sum of a list, then call it on [1, 2, 3]."]
+  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
+  kw = dict(max_new_tokens=48, eos_ids=[tok.eos_id])
+  greedy = generate(model, params, prompts, **kw)
+  res = generate(model, params, prompts, drafter=LookupDrafter(), **kw)
+  print("default model lookup tau:", res.tau, "target calls", res.target_calls, "vs", greedy.target_calls)
+  assert res.tokens == greedy.tokens
+  assert res.tau > 1.0 and res.target_calls < greedy.target_calls
