@@ -16,24 +16,30 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_generate(args) -> int:
-  from jaxspec.decoding.generate import generate
+  from jaxspec.bench.methods import BenchContext, Unavailable, parse_method
   from jaxspec.loading import load_model
 
   if not args.prompt.strip():
     raise InputError("The prompt is empty: pass some text with --prompt.")
+  label, name, opts = parse_method(args.method)
   model, params, tok = load_model(args.model, dtype=args.dtype)
   text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
   ids = tok.encode(text)
-  eos = [tok.eos_id] if tok.eos_id is not None else []
-  res = generate(model, params, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                 top_k=args.top_k, top_p=args.top_p, eos_ids=eos, pad_id=tok.pad_id or 0, seed=args.seed,
-                 max_len=args.max_len)
+  ctx = BenchContext(model, params, tok, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                     seed=args.seed, max_len=args.max_len)
+  from jaxspec.bench.methods import METHODS
+  try:
+    run = METHODS[name].build(ctx, opts)
+  except Unavailable as e:
+    raise InputError(f"Method {label!r} cannot run here: {e}.") from None
+  res = run([ids], args.max_new_tokens, args.seed)
+  eos = ctx.eos_ids
   out = res.tokens[0]
   shown = out[:-1] if out and out[-1] in eos else out
   print(tok.decode(shown), flush=True)
   n = len(out)
-  print(f"[{n} tokens in {res.run_s:.2f} s: {n / res.run_s:.1f} tok/s; compile {res.compile_s:.1f} s; prompt "
-        f"{len(ids)} tokens]", file=sys.stderr)
+  print(f"[{label}: {n} tokens in {res.run_s:.2f} s: {n / res.run_s:.1f} tok/s, tau {res.tau:.2f} tokens per target "
+        f"call; compile {res.compile_s:.1f} s; prompt {len(ids)} tokens]", file=sys.stderr)
   return 0
 
 
@@ -85,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
   g.add_argument("--max-len", type=_positive_int, default=None, help="cache length (default: model context length)")
   g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  g.add_argument("--method", default="greedy",
+                 help="decoding method, as in `jaxspec bench --list-methods` (e.g. bpd, bpd:k=4); all but approximate "
+                      "ones give the same tokens as greedy")
   g.set_defaults(func=_cmd_generate)
 
   b = sub.add_parser("bench", help="tau, speedup and exactness of decoding methods on Spec-Bench-format prompts")

@@ -136,6 +136,7 @@ def test_lookup_equals_greedy_on_tiny_model(tiny):
     assert res.tokens == greedy.tokens, k
     assert res.drafter_calls == 0
     taus[k] = res.tau
+    print(k, res.compile_s, res.run_s)
   print("tiny model tau by num_nodes:", taus)
   # k = 1 can reach at most 2; more nodes copy more of the repeating output per call.
   assert greedy.tau == 1.0 and 1.5 < taus[1] <= 2.0
@@ -150,6 +151,7 @@ def test_lookup_equals_greedy_on_default_model(default_model):
   kw = dict(max_new_tokens=48, eos_ids=[tok.eos_id])
   greedy = generate(model, params, prompts, **kw)
   res = generate(model, params, prompts, drafter=LookupDrafter(), **kw)
-  print("default model lookup tau:", res.tau, "target calls", res.target_calls, "vs", greedy.target_calls)
+  print("default model lookup tau:", res.tau, "target calls", res.target_calls, "vs", greedy.target_calls,
+        greedy.compile_s, greedy.run_s, res.compile_s, res.run_s)
   assert res.tokens == greedy.tokens
   assert res.tau > 1.0 and res.target_calls < greedy.target_calls
