@@ -82,19 +82,25 @@ def drive(lm: BigramLM, drafter: LookupDrafter, prompts, steps_per_row, capacity
   first_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   state = drafter.init(None, PrefillInfo(jnp.asarray(arr), jnp.asarray([len(pr) for pr in prompts], jnp.int32),
                                          logits_BxV, logits_BxV, first_B, capacity=capacity))
-  out, pending_B = [[int(f)] for f in first_B], first_B
-  for step in range(max(steps_per_row)):
-    active_B = jnp.asarray([step < s for s in steps_per_row])
+
+  @jax.jit
+  def step(state, pending_B, active_B):
     draft, state = drafter.propose(None, state, FakeLoop(pending_B))
     logits_BxTxV, hidden, _ = lm.forward(None, jnp.concatenate([pending_B[:, None], draft.tokens_BxN], 1), None,
                                          None, None)
     acc = GreedyAcceptance().accept(None, draft, logits_BxTxV, None, True)
     state = drafter.update(None, state, Verified(draft, logits_BxTxV, hidden, acc, active_B))
-    for i in range(b):
-      if active_B[i]:
-        out[i] += acc.emitted_BxT[i, :acc.n_commit_B[i]].tolist()
     last_B = jnp.take_along_axis(acc.emitted_BxT, (acc.n_commit_B - 1)[:, None], axis=1)[:, 0]
-    pending_B = jnp.where(active_B, last_B, pending_B)
+    return state, jnp.where(active_B, last_B, pending_B), acc
+
+  out, pending_B = [[int(f)] for f in first_B], first_B
+  for t in range(max(steps_per_row)):
+    active = [t < s for s in steps_per_row]
+    state, pending_B, acc = step(state, pending_B, jnp.asarray(active))
+    emitted, n_commit = jax.device_get((acc.emitted_BxT, acc.n_commit_B))
+    for i in range(b):
+      if active[i]:
+        out[i] += emitted[i, :n_commit[i]].tolist()
   return state, out
 
 
@@ -109,8 +115,7 @@ def test_context_is_prompt_then_output():
     assert state.context_BxC[i, :n].tolist() == pr + out[i]
 
 
-@pytest.mark.parametrize("k", [2, 5])
-def test_periodic_bigram_output_is_copied_whole(k):
+def test_periodic_bigram_output_is_copied_whole(k=4):
   # Greedy output of a bigram model is periodic: once a period is in the context, every draft is right.
   lm = BigramLM.random(97, seed=5)
   starts = [1, 0]
@@ -136,7 +141,6 @@ def test_lookup_equals_greedy_on_tiny_model(tiny):
     assert res.tokens == greedy.tokens, k
     assert res.drafter_calls == 0
     taus[k] = res.tau
-    print(k, res.compile_s, res.run_s)
   print("tiny model tau by num_nodes:", taus)
   # k = 1 can reach at most 2; more nodes copy more of the repeating output per call.
   assert greedy.tau == 1.0 and 1.5 < taus[1] <= 2.0
@@ -145,13 +149,12 @@ def test_lookup_equals_greedy_on_tiny_model(tiny):
 
 def test_lookup_equals_greedy_on_default_model(default_model):
   model, params, tok = default_model
-  questions = ["Repeat this sentence three times: the cat sat on the mat.",
+  questions = ["Copy this list exactly: apple, banana, cherry, apple, banana, cherry.",
                "Write a Python function that returns the sum of a list, then call it on [1, 2, 3]."]
   prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
   kw = dict(max_new_tokens=48, eos_ids=[tok.eos_id])
   greedy = generate(model, params, prompts, **kw)
   res = generate(model, params, prompts, drafter=LookupDrafter(), **kw)
-  print("default model lookup tau:", res.tau, "target calls", res.target_calls, "vs", greedy.target_calls,
-        greedy.compile_s, greedy.run_s, res.compile_s, res.run_s)
+  print("default model lookup tau:", res.tau, "target calls", res.target_calls, "vs", greedy.target_calls)
   assert res.tokens == greedy.tokens
   assert res.tau > 1.0 and res.target_calls < greedy.target_calls

@@ -101,6 +101,12 @@ def _bpd(ctx: BenchContext, opts: dict) -> Runner:
   return run
 
 
+def _lookup(ctx: BenchContext, opts: dict) -> Runner:
+  from jaxspec.decoding.lookup import LookupDrafter
+  drafter = LookupDrafter(num_nodes=int(opts.get("n", 8)), max_ngram=int(opts.get("ngram", 3)))
+  return loop_runner(ctx, drafter)
+
+
 def _not_built(issue: str) -> Callable[[BenchContext, dict], Runner]:
   def build(ctx, opts):
     raise Unavailable(f"not built yet ({issue})")
@@ -138,8 +144,8 @@ for _spec in [
                _not_built("issue 8")),
     MethodSpec("spec", "speculative sampling with a distilled draft model (Leviathan et al. 2023, Chen et al. 2023)",
                True, _not_built("issue 5")),
-    MethodSpec("lookup", "prompt lookup: n-gram matches in the context as the draft, no model", True,
-               _not_built("issue 5")),
+    MethodSpec("lookup", "prompt lookup: the tokens after the latest match of the context's last n-gram, no model",
+               True, _lookup, options=("n", "ngram")),
     MethodSpec("layerskip", "self-speculation: the target's first layers draft", True, _not_built("issue 5")),
     MethodSpec("jacobi", "Jacobi fixed-point iteration over an n-token window (Kou et al. 2024)", True,
                _not_built("issue 6")),
