@@ -107,6 +107,13 @@ def _lookup(ctx: BenchContext, opts: dict) -> Runner:
   return loop_runner(ctx, drafter)
 
 
+def _jacobi(ctx: BenchContext, opts: dict) -> Runner:
+  from jaxspec.decoding.jacobi import JacobiDrafter
+  if ctx.temperature > 0:
+    raise Unavailable("Jacobi decoding here is greedy only (its drafts carry no probabilities)")
+  return loop_runner(ctx, JacobiDrafter(window=int(opts.get("n", 8))))
+
+
 def _not_built(issue: str) -> Callable[[BenchContext, dict], Runner]:
   def build(ctx, opts):
     raise Unavailable(f"not built yet ({issue})")
@@ -147,8 +154,8 @@ for _spec in [
     MethodSpec("lookup", "prompt lookup: the tokens after the latest match of the context's last n-gram, no model",
                True, _lookup, options=("n", "ngram")),
     MethodSpec("layerskip", "self-speculation: the target's first layers draft", True, _not_built("issue 5")),
-    MethodSpec("jacobi", "Jacobi fixed-point iteration over an n-token window (Kou et al. 2024)", True,
-               _not_built("issue 6")),
+    MethodSpec("jacobi", "Jacobi fixed-point iteration over an n-token window (Kou et al. 2024)", True, _jacobi,
+               options=("n",)),
     MethodSpec("cllm", "Jacobi decoding of the consistency-distilled model (Kou et al. 2024)", True,
                _not_built("issue 6")),
     MethodSpec("opt-tree", "adaptive draft trees maximising expected acceptance length (Wang et al. 2024)", True,

@@ -41,6 +41,7 @@ class GenerationResult:
   compile_s: float = 0.0  # lowering + compilation, 0 when the program was already compiled
   run_s: float = 0.0  # the generation itself, device to host included
   program_bytes: int = 0  # device memory of the compiled program: arguments + outputs + temporaries (XLA's count)
+  drafter_stats: dict = dataclasses.field(default_factory=dict)  # the drafter's own counters, if it has any
 
   @property
   def tau(self) -> float:
@@ -118,13 +119,13 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   program, compile_s, program_bytes = compiled_program(args, static)
   t0 = time.perf_counter()
   out: DecodeOutput = program(*args)
-  toks, lens, st = jax.device_get((out.tokens_BxO, out.lengths_B, out.stats))
+  toks, lens, st, dst = jax.device_get((out.tokens_BxO, out.lengths_B, out.stats, out.drafter_stats))
   run_s = time.perf_counter() - t0
   return GenerationResult(
       tokens=[row[:n].tolist() for row, n in zip(toks, lens)], target_calls=int(st.target_calls),
       drafter_calls=int(st.drafter_calls), active_calls=st.active_calls_B.tolist(),
       step_tokens=st.step_tokens_B.tolist(), accept_hist=np.asarray(st.accept_hist_BxA), compile_s=compile_s,
-      run_s=run_s, program_bytes=program_bytes)
+      run_s=run_s, program_bytes=program_bytes, drafter_stats={k: np.asarray(v) for k, v in dst.items()})
 
 
 _PROGRAMS: dict = {}

@@ -60,6 +60,7 @@ class DecodeOutput:
   tokens_BxO: Array  # generated tokens, `pad_id` past each row's length
   lengths_B: Array
   stats: Stats
+  drafter_stats: dict = flax.struct.field(default_factory=dict)  # `drafter.stats(dstate)` if the drafter has it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,7 +184,8 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
   state = jax.lax.while_loop(lambda s: jnp.any(s.active_B) & (s.step < out_len), step, state)
   keep_BxO = jnp.arange(out_len)[None] < state.n_out_B[:, None]
   return DecodeOutput(tokens_BxO=jnp.where(keep_BxO, state.tokens_BxO[:, :out_len], pad_id),
-                      lengths_B=state.n_out_B, stats=state.stats)
+                      lengths_B=state.n_out_B, stats=state.stats,
+                      drafter_stats=drafter.stats(state.dstate) if hasattr(drafter, "stats") else {})
 
 
 decode_jit = jax.jit(decode, static_argnames=("model", "drafter", "acceptor", "out_len", "capacity", "pad_id"))
