@@ -114,6 +114,39 @@ def _jacobi(ctx: BenchContext, opts: dict) -> Runner:
   return loop_runner(ctx, JacobiDrafter(window=int(opts.get("n", 8))))
 
 
+DEFAULT_DRAFT = ASSETS / "draft_smollm2"
+
+
+def _speculative_runner(ctx: BenchContext, draft_model, draft_params, gamma: int) -> Runner:
+  from jaxspec.decoding.sampling import Warp
+  from jaxspec.decoding.speculative import DraftModelDrafter, vocab_check
+
+  vocab_check(ctx.model, draft_model)
+  warp = Warp(top_k=int(ctx.top_k), use_top_p=ctx.top_p < 1.0)
+  return loop_runner(ctx, DraftModelDrafter(draft_model, gamma, warp=warp, greedy=ctx.temperature == 0), draft_params)
+
+
+def _spec(ctx: BenchContext, opts: dict) -> Runner:
+  from jaxspec.loading import load_model
+  path = Path(opts.get("draft", DEFAULT_DRAFT))
+  if not path.exists():
+    raise Unavailable(f"no draft model at {path}: pass spec:draft=PATH (a GGUF file or Hugging Face folder with the "
+                      "target's vocabulary)")
+  key = ("draft", str(path))
+  if key not in ctx.cache:
+    draft, draft_params, _ = load_model(str(path))
+    ctx.cache[key] = (draft, draft_params)
+  draft, draft_params = ctx.cache[key]
+  return _speculative_runner(ctx, draft, draft_params, int(opts.get("gamma", 4)))
+
+
+def _layerskip(ctx: BenchContext, opts: dict) -> Runner:
+  from jaxspec.decoding.speculative import layerskip_draft
+  n = int(opts.get("layers", max(1, ctx.model.cfg.n_layers // 4)))
+  draft, draft_params = layerskip_draft(ctx.model, ctx.params, n)
+  return _speculative_runner(ctx, draft, draft_params, int(opts.get("gamma", 4)))
+
+
 def _not_built(issue: str) -> Callable[[BenchContext, dict], Runner]:
   def build(ctx, opts):
     raise Unavailable(f"not built yet ({issue})")
@@ -149,11 +182,12 @@ for _spec in [
                _not_built("issue 8")),
     MethodSpec("bpd-neural", "BPD with the lattice rescored by a small neural LM (Kim et al. 2024)", True,
                _not_built("issue 8")),
-    MethodSpec("spec", "speculative sampling with a distilled draft model (Leviathan et al. 2023, Chen et al. 2023)",
-               True, _not_built("issue 5")),
+    MethodSpec("spec", "speculative sampling with a draft model (Leviathan et al. 2023, Chen et al. 2023)", True,
+               _spec, options=("draft", "gamma")),
     MethodSpec("lookup", "prompt lookup: the tokens after the latest match of the context's last n-gram, no model",
                True, _lookup, options=("n", "ngram")),
-    MethodSpec("layerskip", "self-speculation: the target's first layers draft", True, _not_built("issue 5")),
+    MethodSpec("layerskip", "self-speculation: the target's first layers + final norm + head draft, no training",
+               True, _layerskip, options=("layers", "gamma")),
     MethodSpec("jacobi", "Jacobi fixed-point iteration over an n-token window (Kou et al. 2024)", True, _jacobi,
                options=("n",)),
     MethodSpec("cllm", "Jacobi decoding of the consistency-distilled model (Kou et al. 2024)", True,

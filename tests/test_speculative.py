@@ -1,0 +1,260 @@
+"""Speculative sampling with a draft model: greedy equivalence, the draft cache under ragged acceptance, vocabulary
+checks, layer-skip drafts, and statistical exactness of the sampled output (with a broken acceptor as a control)."""
+
+import dataclasses
+import itertools
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from jaxspec.decoding import generate as gen
+from jaxspec.decoding.accept import SampleAcceptance
+from jaxspec.decoding.protocol import Acceptance, PrefillInfo, Verified
+from jaxspec.decoding.sampling import SamplingParams, Warp
+from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft, vocab_check
+from jaxspec.errors import InputError
+from jaxspec.models.llama import LlamaLM, tiny_config
+from tests.conftest import make_tiny
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9] * 11]  # different lengths, one bucket
+NEW = 20
+
+
+@pytest.fixture(scope="module")
+def other_tiny():
+  """A second tiny model with the same vocabulary: a draft that often disagrees with the target."""
+  return make_tiny(seed=1)
+
+
+@pytest.fixture(scope="module")
+def greedy_ref(tiny):
+  model, params = tiny
+  return gen.generate(model, params, PROMPTS, max_new_tokens=NEW).tokens
+
+
+@pytest.mark.parametrize("gamma", [1, 4])
+def test_greedy_speculation_equals_greedy(tiny, other_tiny, greedy_ref, gamma):
+  model, params = tiny
+  draft_model, draft_params = other_tiny
+  res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=DraftModelDrafter(draft_model, gamma),
+                     draft_params=draft_params)
+  assert res.tokens == greedy_ref
+  assert res.drafter_calls == gamma * res.target_calls
+
+  # The target as its own draft: every step accepts all γ drafts (the all-accepted case every time), so τ = γ + 1
+  # but for the truncation of the last step. Same config, same compiled program as above.
+  res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=DraftModelDrafter(model, gamma),
+                     draft_params=params)
+  assert res.tokens == greedy_ref
+  calls = -(-(NEW - 1) // (gamma + 1))
+  assert res.active_calls == [calls] * len(PROMPTS)
+  assert res.accept_hist[:, gamma + 1].tolist() == [calls] * len(PROMPTS)
+  assert res.tau == (NEW - 1) / calls
+
+
+def test_layerskip_draft_equals_greedy(tiny, greedy_ref):
+  model, params = tiny
+  draft_model, draft_params = layerskip_draft(model, params, 1)
+  assert draft_model.cfg.n_layers == 1 and set(draft_params) == {"embed", "layers_0", "final_norm"}
+  assert draft_params["layers_0"] is params["layers_0"]  # shared, not copied
+  res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=DraftModelDrafter(draft_model, 2),
+                     draft_params=draft_params)
+  assert res.tokens == greedy_ref
+
+
+def test_layerskip_draft_checks_its_depth(tiny):
+  model, params = tiny
+  for bad in (0, model.cfg.n_layers):
+    with pytest.raises(InputError, match="layer-skip"):
+      layerskip_draft(model, params, bad)
+
+
+def test_vocabulary_mismatch_is_a_clear_error():
+  vocab_check(LlamaLM(tiny_config()), LlamaLM(tiny_config(n_layers=1)))
+  with pytest.raises(InputError, match="draft and target vocabularies differ.*256.*128.*tokenizer"):
+    vocab_check(LlamaLM(tiny_config()), LlamaLM(tiny_config(vocab_size=128)))
+  with pytest.raises(InputError, match="gamma"):
+    DraftModelDrafter(LlamaLM(tiny_config()), 0)
+
+
+def test_draft_cache_follows_ragged_acceptance():
+  """Drives init / propose / update by hand with chosen per-row commits (none, some, all γ drafts accepted; an idle
+  row) and checks every drafted distribution q against the draft model run from scratch on the committed text."""
+  model = LlamaLM(tiny_config(vocab_size=64, n_layers=1))  # unscaled init: q depends on all the context
+  params = model.init_params(jax.random.key(7))
+  gamma, v, width = 3, 64, 32
+  drafter = DraftModelDrafter(model, gamma, greedy=False)
+  sp = SamplingParams.make(1.0)
+  prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+  b = len(prompts)
+  first = [20, 21, 22]
+  prefill = PrefillInfo(jnp.asarray([p + [0] * (5 - len(p)) for p in prompts]), jnp.asarray([len(p) for p in prompts]),
+                        jnp.zeros((b, 1)), jnp.zeros((b, v)), jnp.asarray(first), capacity=64, rng=jax.random.key(0))
+  init = jax.jit(drafter.init)
+  propose = jax.jit(lambda dstate, pending_B: drafter.propose(params, dstate, types.SimpleNamespace(pending_B=pending_B,
+                                                                                                    sp=sp)))
+  update = jax.jit(lambda dstate, draft, acc, active_B: drafter.update(params, dstate,
+                                                                       Verified(draft, None, None, acc, active_B)))
+
+  @jax.jit
+  def uncached_log_probs(seq_1xW):  # right padding is invisible to earlier positions under the causal mask
+    logits = model.forward(params, seq_1xW, jnp.arange(width)[None], model.init_cache(1, width),
+                           jnp.tril(jnp.ones((1, width, width), bool)))[0]
+    return jax.nn.log_softmax(logits[0], axis=-1)
+
+  dstate = init(params, prefill)
+  seqs = [p + [f] for p, f in zip(prompts, first)]  # committed tokens + the pending one
+  # n_commit per row and step (1: no draft accepted; γ + 1: all accepted); 0 marks an idle row.
+  for step, commits in enumerate([[1, 4, 2], [4, 4, 0], [2, 1, 4], [4, 3, 4]]):
+    draft, dstate = propose(dstate, jnp.asarray([s[-1] for s in seqs]))
+    toks = np.asarray(draft.tokens_BxN)
+    logq = np.log(np.asarray(draft.probs_BxNxV))
+    for r in range(b):
+      seq = seqs[r] + toks[r, :gamma - 1].tolist()
+      ref = np.asarray(uncached_log_probs(jnp.asarray([seq + [0] * (width - len(seq))])))
+      np.testing.assert_allclose(logq[r], ref[len(seqs[r]) - 1:len(seq)], atol=2e-4, err_msg=f"step {step}, row {r}")
+    active = np.asarray(commits) > 0
+    n_commit = np.maximum(commits, 1)
+    acc = Acceptance(jnp.zeros((b, gamma + 1), jnp.int32), jnp.broadcast_to(jnp.arange(gamma + 1), (b, gamma + 1)),
+                     jnp.asarray(n_commit, jnp.int32))
+    dstate = update(dstate, draft, acc, jnp.asarray(active))
+    for r in range(b):
+      if active[r]:  # accepted drafts, then a correction / bonus token as the new pending token
+        seqs[r] = seqs[r] + toks[r, :n_commit[r] - 1].tolist() + [(step * 7 + r * 3) % v]
+    np.testing.assert_array_equal(dstate.cache.lengths, [len(s) - 2 for s in seqs])
+
+
+# ---- Statistical exactness --------------------------------------------------------------------------------------
+
+V = 8
+PROMPT = [3, 1, 4, 1, 5]
+N_NEW = 3
+ROWS, SEEDS = 25_000, 4  # 10^5 samples of N_NEW tokens per setting
+
+
+def small_lm(seed: int, scale: float = 8.0):
+  """A random 8-token model whose conditionals are spread out (largest probability about 0.2 to 0.6)."""
+  model = LlamaLM(tiny_config(vocab_size=V, n_layers=1))
+  params = dict(model.init_params(jax.random.key(seed)))
+  params["embed"] = {"embedding": params["embed"]["embedding"] * scale}
+  return model, params
+
+
+@pytest.fixture(scope="module")
+def stat_models():
+  return small_lm(0), small_lm(1)  # target, draft (different)
+
+
+@pytest.fixture(scope="module")
+def continuation_logits(stat_models):
+  """All V^N_NEW continuations of PROMPT (row i is i read as a base-V number) and the target's logits `[n, N_NEW, V]`
+  before each of their tokens, from one forward over the whole sequences."""
+  (model, params), _ = stat_models
+  conts = np.asarray(list(itertools.product(range(V), repeat=N_NEW)), np.int32)
+  n, p = len(conts), len(PROMPT)
+  t = p + N_NEW
+  seqs = np.concatenate([np.broadcast_to(np.asarray(PROMPT, np.int32), (n, p)), conts], axis=1)
+  fwd = jax.jit(lambda seqs: model.forward(params, seqs, jnp.broadcast_to(jnp.arange(t), (n, t)),
+                                           model.init_cache(n, t),
+                                           jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (n, t, t)))[0])
+  return conts, fwd(jnp.asarray(seqs))[:, p - 1:t - 1]
+
+
+def exact_distribution(continuation_logits, warp: Warp, sp: SamplingParams) -> np.ndarray:
+  """P(continuation) under the target: the product of its warped conditionals along the continuation."""
+  conts, logits = continuation_logits
+  probs_NxKxV = np.asarray(warp.probs(logits, sp), np.float64)
+  probs = np.prod(np.take_along_axis(probs_NxKxV, conts[:, :, None], axis=-1)[..., 0], axis=-1)
+  return probs / probs.sum()
+
+
+def sample_counts(stat_models, gamma, temperature, top_k, top_p, greedy=False, acceptor=None) -> np.ndarray:
+  """Counts of each continuation over ROWS * SEEDS speculative generations (the jitted loop called directly, with
+  a cache just long enough, so 10^5 samples take seconds)."""
+  (model, params), (draft_model, draft_params) = stat_models
+  warp = Warp(top_k, top_p < 1)
+  p = len(PROMPT)
+  args = lambda seed: (params, jnp.asarray(np.tile(PROMPT, (ROWS, 1)), jnp.int32), jnp.full((ROWS,), p, jnp.int32),
+                       jnp.full((ROWS,), N_NEW, jnp.int32), jnp.asarray([-1], jnp.int32), jax.random.key(seed),
+                       SamplingParams.make(temperature, top_p), draft_params)
+  static = dict(model=model, drafter=DraftModelDrafter(draft_model, gamma, warp, greedy=greedy),
+                acceptor=acceptor or SampleAcceptance(warp), out_len=N_NEW, capacity=p + N_NEW + gamma + 1, pad_id=0)
+  program, _, _ = gen.compiled_program(args(0), static)
+  counts = np.zeros(V ** N_NEW, np.int64)
+  for seed in range(SEEDS):
+    out = program(*args(seed))
+    assert np.all(np.asarray(out.lengths_B) == N_NEW)
+    counts += np.bincount(np.asarray(out.tokens_BxO) @ (V ** np.arange(N_NEW - 1, -1, -1)), minlength=V ** N_NEW)
+  return counts
+
+
+def chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
+  """χ² goodness of fit; cells with expected count < 5 are pooled. A sample outside the support gives 0."""
+  if counts[probs == 0].sum():
+    return 0.0
+  expected = probs * counts.sum()
+  big = expected >= 5
+  obs = np.append(counts[big], counts[~big].sum())
+  exp = np.append(expected[big], expected[~big].sum())
+  if exp[-1] < 5:  # a pool too small to stand alone joins the smallest big cell
+    i = np.argmin(exp[:-1])
+    obs[i] += obs[-1]
+    exp[i] += exp[-1]
+    obs, exp = obs[:-1], exp[:-1]
+  return float(sps.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
+
+
+# Each setting compiles its own loop (~10 s on a busy 2-core CPU); two run only with `-m slow`.
+@pytest.mark.parametrize("gamma,temperature,top_k,top_p,greedy", [
+    (2, 1.0, 0, 1.0, False),
+    pytest.param(3, 0.7, 0, 0.9, False, marks=pytest.mark.slow),
+    (1, 1.3, 3, 1.0, False),
+    pytest.param(2, 1.0, 0, 1.0, True, marks=pytest.mark.slow),  # argmax drafts: q is a point mass, still exact
+])
+def test_speculative_sampling_is_exact(stat_models, continuation_logits, gamma, temperature, top_k, top_p, greedy):
+  """The continuations of 10^5 speculative generations follow the target's own warped distribution (χ² test)."""
+  probs = exact_distribution(continuation_logits, Warp(top_k, top_p < 1), SamplingParams.make(temperature, top_p))
+  counts = sample_counts(stat_models, gamma, temperature, top_k, top_p, greedy)
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"γ={gamma} T={temperature} top_k={top_k} top_p={top_p} greedy={greedy}: p = {pvalue:.3g}")
+  assert pvalue > 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectFromP(SampleAcceptance):
+  """BROKEN on purpose: after a rejection the correction is sampled from p instead of norm(max(0, p - q))."""
+
+  def accept(self, rng, draft, logits_BxTxV, sp, is_chain):
+    acc = super().accept(rng, draft, logits_BxTxV, sp, is_chain)
+    n_acc_B = acc.n_commit_B - 1
+    p_BxV = jnp.take_along_axis(self.warp.probs(logits_BxTxV, sp), n_acc_B[:, None, None], axis=1)[:, 0]
+    fix_B = jax.random.categorical(jax.random.fold_in(rng, 1), jnp.log(p_BxV), axis=-1).astype(jnp.int32)
+    t = logits_BxTxV.shape[1]
+    emitted_BxT = jnp.where(jnp.arange(t)[None] < n_acc_B[:, None], acc.emitted_BxT, fix_B[:, None])
+    return Acceptance(emitted_BxT, acc.path_BxT, acc.n_commit_B)
+
+
+@dataclasses.dataclass(frozen=True)
+class AcceptEverything(SampleAcceptance):
+  """BROKEN on purpose: keeps every drafted token, then samples a bonus token from p."""
+
+  def accept(self, rng, draft, logits_BxTxV, sp, is_chain):
+    b, t, _ = logits_BxTxV.shape
+    bonus_B = self.warp.sample(rng, logits_BxTxV[:, -1], sp)
+    return Acceptance(jnp.concatenate([draft.tokens_BxN, bonus_B[:, None]], axis=1),
+                      jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)), jnp.full((b,), t, jnp.int32))
+
+
+@pytest.mark.parametrize("broken", [CorrectFromP(), pytest.param(AcceptEverything(), marks=pytest.mark.slow)],
+                         ids=["correction_from_p", "accept_everything"])
+def test_the_exactness_test_catches_a_broken_rule(stat_models, continuation_logits, broken):
+  """Power: the same χ² test on the same number of samples rejects a rule that is not exact."""
+  probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
+  counts = sample_counts(stat_models, 2, 1.0, 0, 1.0, acceptor=broken)
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"{type(broken).__name__}: p = {pvalue:.3g}")
+  assert pvalue < 1e-6
