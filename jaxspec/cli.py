@@ -68,7 +68,7 @@ def _cmd_bench(args) -> int:
 
 def _cmd_train(args) -> int:
   try:
-    from training.bpd import main_train
+    from training.tasks import main_train
   except ImportError as e:
     raise InputError(f"The training package is not importable ({e}); install jaxspec from a source checkout "
                      "(pip install -e .).") from None

@@ -1,0 +1,182 @@
+"""Distilled draft models for speculative sampling: small LLaMAs that share the target's tokenizer.
+
+A draft keeps the target's width, heads and vocabulary and has fewer layers (`training/draft.py` distills one
+from the target). Its folder is a Hugging Face LLaMA folder, `config.json` + `model.safetensors` with the HF
+tensor names, plus a `jaxspec_draft` entry in config.json (transformers ignores unknown keys)::
+
+  "jaxspec_draft": {"format": 1, "embeddings": "target" | "included", "dtype": "bfloat16",
+                    "target": {"vocab_size": V, "d_model": D, "embed_fingerprint": "bf16-crc32:..."}, ...}
+
+`"embeddings": "target"`: the vocabulary-sized matrices (the token embedding, and the output head when it is not
+tied) are not in the file. They are the target's own, kept frozen in training, and `load_draft(folder,
+target_params)` takes them from the target's params (the same arrays, not copies). The fingerprint (a CRC32 of
+the embedding rounded to bfloat16, so a float32 and a bfloat16 load of one target agree) catches a wrong target.
+
+`"embeddings": "included"`: every tensor is in the file; the folder is a complete HF LLaMA folder that `load_hf`
+reads too, and `load_draft` needs no target. `load_draft` also reads any plain HF LLaMA folder as a draft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import zlib
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.errors import ModelLoadError
+from jaxspec.models.llama import LlamaLM
+
+FORMAT = 1
+WEIGHTS_FILE = "model.safetensors"
+VOCAB_PARAMS = ("embed", "lm_head")  # the vocabulary-sized matrices a draft may share with its target
+
+
+def embed_fingerprint(params: dict) -> str:
+  """A fingerprint of a model's vocabulary matrices: CRC32 of the embedding (and untied head) rounded to bf16."""
+  crc = 0
+  for name in VOCAB_PARAMS:
+    if name in params:
+      leaf = next(iter(params[name].values()))
+      data = np.asarray(jax.device_get(jnp.asarray(leaf).astype(jnp.bfloat16)))
+      crc = zlib.crc32(np.ascontiguousarray(data).view(np.uint16).reshape(-1).view(np.uint8), crc)
+  return f"bf16-crc32:{crc:08x}"
+
+
+def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, include_embeddings: bool = False,
+               dtype: Literal["float32", "bfloat16"] = "bfloat16", meta: dict | None = None) -> None:
+  """Writes a draft folder (config.json, model.safetensors, README.md) that `load_draft` reads back.
+
+  Args:
+    folder: created if missing; the three files are replaced.
+    draft: the draft model (per-layer params, not `scan_layers`).
+    params: its full params; with `include_embeddings=False` their embedding (and untied head) must be the
+      target's, which the fingerprint records.
+    include_embeddings: also write the vocabulary-sized matrices (needed when they were trained).
+    dtype: the dtype of the stored tensors.
+    meta: more JSON entries for `jaxspec_draft` (e.g. a training summary).
+  """
+  from safetensors.numpy import save_file
+
+  from jaxspec.loading.hf import _NAMES
+
+  if "layers" in params:
+    raise ValueError("save_draft takes per-layer params (layers_0, ...), not the stacked scan_layers layout")
+  cfg = draft.cfg
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  np_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[dtype]
+  inverse = {v: k for k, v in _NAMES.items()}
+  tensors = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    key = tuple(p.key for p in path)
+    if key[0] in VOCAB_PARAMS and not include_embeddings:
+      continue
+    if key == ("embed", "embedding"):
+      name = "model.embed_tokens.weight"
+    elif key == ("final_norm", "scale"):
+      name = "model.norm.weight"
+    elif key == ("lm_head", "kernel"):
+      name = "lm_head.weight"
+    else:
+      name = f"model.layers.{int(key[0].removeprefix('layers_'))}.{inverse[key[1:]]}"
+    arr = np.asarray(jax.device_get(jnp.asarray(leaf).astype(np_dtype)))
+    tensors[name] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
+  tmp = folder / (WEIGHTS_FILE + ".tmp")
+  save_file(tensors, str(tmp))
+  os.replace(tmp, folder / WEIGHTS_FILE)
+  info = {"format": FORMAT, "embeddings": "included" if include_embeddings else "target", "dtype": dtype,
+          "target": {"vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "tie_embeddings": cfg.tie_embeddings,
+                     "embed_fingerprint": embed_fingerprint(params)},
+          **(meta or {})}
+  hf_cfg = {
+      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+      "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+      "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
+      "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+      "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": dtype,
+      "jaxspec_draft": info}
+  (folder / "config.json").write_text(json.dumps(hf_cfg, indent=1))
+  shared = ("The token embedding" + ("" if cfg.tie_embeddings else " and the output head")
+            + " are NOT in model.safetensors: they are the target's own (frozen in training). Load with\n"
+            "`jaxspec.models.draft.load_draft(folder, target_params)`, which takes them from the target.\n")
+  (folder / "README.md").write_text(
+      f"# Draft model ({cfg.n_layers} layers, d_model {cfg.d_model}, vocabulary {cfg.vocab_size})\n\n"
+      "A LLaMA-family draft for speculative sampling that shares its target's tokenizer. Hugging Face layout\n"
+      f"(config.json + {WEIGHTS_FILE}, {dtype}); `jaxspec_draft` in config.json says how it was made.\n\n"
+      + (shared if not include_embeddings else "Every tensor is included: this is a complete HF LLaMA folder.\n"))
+
+
+def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, dtype: str = "float32",
+               check_target: bool = True) -> tuple[LlamaLM, dict]:
+  """Reads a draft folder written by `save_draft` (or any HF LLaMA folder) into `(draft_model, draft_params)`.
+
+  Args:
+    folder: the draft folder.
+    target_params: the target's params; needed when the draft takes its embedding from the target.
+    dtype: the draft's parameter and activation dtype.
+    check_target: compare the target's embedding fingerprint with the one the draft was trained against.
+
+  Returns:
+    `(LlamaLM, params)`; shared matrices are the target's own arrays (cast only if `dtype` differs).
+
+  Raises:
+    ModelLoadError: a missing or corrupt folder, a missing target, or a target the draft was not trained for.
+  """
+  from safetensors import safe_open
+
+  from jaxspec.loading.gguf_loader import check_complete
+  from jaxspec.loading.hf import _target, config_from_hf
+
+  folder = Path(folder)
+  cfg_path, w_path = folder / "config.json", folder / WEIGHTS_FILE
+  if not cfg_path.is_file() or not w_path.is_file():
+    raise ModelLoadError(f"{folder} does not hold a draft model (config.json + {WEIGHTS_FILE}): train one with "
+                         "`jaxspec train configs/draft_smollm2.yaml` or pass the right folder.")
+  try:
+    raw = json.loads(cfg_path.read_text())
+    info = raw.get("jaxspec_draft", {"embeddings": "included"})
+    cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=dtype, scan_layers=False)
+    params: dict = {}
+    with safe_open(str(w_path), framework="flax") as f:
+      for name in f.keys():
+        target = _target(name)
+        if target is None or (target[0] == "lm_head" and cfg.tie_embeddings):
+          continue
+        w = f.get_tensor(name).astype(dtype)
+        node = params
+        for k in target[:-1]:
+          node = node.setdefault(k, {})
+        node[target[-1]] = w.T if target[-1] == "kernel" else w
+  except ModelLoadError:
+    raise
+  except Exception as e:  # noqa: BLE001 - truncated safetensors, bad JSON
+    raise ModelLoadError(f"The draft model in {folder} is unreadable ({type(e).__name__}: {e}); retrain or re-copy "
+                         "it.") from None
+  if info.get("embeddings") == "target":
+    if target_params is None:
+      raise ModelLoadError(f"The draft in {folder} uses its target's embedding, which is not in the folder: pass "
+                           "the target's params (load_draft(folder, target_params)).")
+    emb = target_params.get("embed", {}).get("embedding")
+    if emb is None or tuple(emb.shape) != (cfg.vocab_size, cfg.d_model):
+      got = None if emb is None else tuple(emb.shape)
+      raise ModelLoadError(f"The draft in {folder} needs a target embedding of shape {(cfg.vocab_size, cfg.d_model)}"
+                           f", the target's is {got}: it was trained for another target model.")
+    for name in VOCAB_PARAMS:
+      if name in target_params and (name != "lm_head" or not cfg.tie_embeddings):
+        params[name] = jax.tree.map(lambda x: x if x.dtype == jnp.dtype(dtype) else x.astype(dtype),
+                                    target_params[name])
+    want = info.get("target", {}).get("embed_fingerprint")
+    if check_target and want is not None:
+      got = embed_fingerprint(params)
+      if got != want:
+        raise ModelLoadError(f"The draft in {folder} was trained against a target whose embedding has fingerprint "
+                             f"{want}; this target's is {got}. Pass the draft's own target (or "
+                             "check_target=False to use it anyway: output stays exact, acceptance may drop).")
+  check_complete(params, cfg, str(folder))
+  return LlamaLM(cfg), params

@@ -1,0 +1,221 @@
+"""Draft-model distillation: the top-K KL objective, a tiny training run, the exported draft in speculative
+decoding, resumption, the file format and config errors."""
+
+import dataclasses
+import functools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from jaxspec.decoding.generate import generate
+from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft
+from jaxspec.errors import ModelLoadError
+from jaxspec.loading.hf import load_hf
+from jaxspec.models.draft import load_draft, save_draft
+from tests.conftest import make_tiny
+from tests.test_bpd import ByteTokenizer
+from training.config import ConfigError
+from training.draft import (DraftTrainConfig, init_draft, load_draft_config, outside_logsumexp, topk_kl,
+                            train_draft)
+from training.tasks import TASKS, load_task_config
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+GAMMA = 4
+STEPS = 40  # the run stops at 20 and resumes to 40
+
+
+# ---- the objective -------------------------------------------------------------------------------------------
+
+@functools.partial(jax.jit, static_argnums=2)
+def coarse_kl(logp, logq, k):
+  """(KL coarsened to the top k of p, log of p's mass outside them, d KL / d draft logits)."""
+  top_logp, top_ids = jax.lax.top_k(logp, k)
+  other = outside_logsumexp(logp, top_ids)
+  kl_of = lambda logits: topk_kl(jax.nn.log_softmax(logits), top_ids, top_logp, other)
+  return kl_of(logq), other, jax.grad(lambda x: kl_of(x).sum())(logq)
+
+
+def test_topk_kl_is_the_kl_of_the_coarsened_distributions():
+  rng = np.random.default_rng(0)
+  v, k = 50, 7
+  logp = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(2, 3, v)) * 2, jnp.float32))
+  logq = jax.nn.log_softmax(jnp.asarray(rng.normal(size=(2, 3, v)) * 2, jnp.float32))
+  p, q = np.exp(np.asarray(logp, np.float64)), np.exp(np.asarray(logq, np.float64))
+  full = np.sum(p * np.log(p / q), -1)
+  np.testing.assert_allclose(coarse_kl(logp, logq, v)[0], full, rtol=1e-5)  # K = V: the exact KL
+  kl, other, _ = coarse_kl(logp, logq, k)
+  ids = np.asarray(jax.lax.top_k(logp, k)[1])
+  pk, qk = np.take_along_axis(p, ids, -1), np.take_along_axis(q, ids, -1)
+  po, qo = 1 - pk.sum(-1), 1 - qk.sum(-1)
+  np.testing.assert_allclose(np.exp(other), po, rtol=1e-5)
+  np.testing.assert_allclose(kl, np.sum(pk * np.log(pk / qk), -1) + po * np.log(po / qo), rtol=1e-5)
+  assert np.all(np.asarray(kl) <= full + 1e-6)  # coarsening never adds divergence
+  # A target with nearly all its mass in the top K: the tiny outside masses keep their precision (no 1 - Σ in f32).
+  sharp = jax.nn.log_softmax(jnp.zeros((1, 1, v)).at[0, 0, :k].set(30.0))
+  kl, other, grad = coarse_kl(sharp, sharp, k)
+  np.testing.assert_allclose(np.exp(other), (v - k) * np.exp(-30.0) / k, rtol=1e-4)
+  np.testing.assert_allclose(kl, 0.0, atol=1e-7)
+  np.testing.assert_allclose(grad, 0.0, atol=1e-6)
+
+
+# ---- a tiny run ------------------------------------------------------------------------------------------------
+
+def tiny_draft_config(root, name, steps):
+  prompts = root / "prompts.jsonl"
+  if not prompts.exists():
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india", "juliet"]
+    prompts.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [f"{w} {i} {w[::-1]}"]})
+                                 for i, w in enumerate(words * 4)) + "\n")
+  base = DraftTrainConfig()
+  return dataclasses.replace(
+      base, out=str(root / name / "draft"),
+      draft=dataclasses.replace(base.draft, n_layers=1),
+      data=dataclasses.replace(base.data, prompts=str(prompts), max_new_tokens=48, gen_batch_size=40,
+                               dataset_dir=str(root / "data"), eval_fraction=0.1),
+      objective=dataclasses.replace(base.objective, top_k=16, gamma=GAMMA),
+      optim=dataclasses.replace(base.optim, lr=3e-3, warmup_steps=10, total_steps=STEPS),
+      train=dataclasses.replace(base.train, steps=steps, batch_size=8, seq_len=96,
+                                checkpoint_dir=str(root / name / "ckpt"), checkpoint_every=100, eval_every=50,
+                                log_every=10))
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+  return tmp_path_factory.mktemp("draft")  # the self-distilled dataset is built once and shared by the runs
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, root):
+  """A 40-step run, stopped at step 20 and resumed: `(config, summary of the first part, summary)`."""
+  model, params = tiny
+  first = train_draft(tiny_draft_config(root, "main", STEPS // 2), model=model, params=params,
+                      tokenizer=ByteTokenizer(), progress=False)
+  cfg = tiny_draft_config(root, "main", STEPS)
+  summary = train_draft(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  return cfg, first, summary
+
+
+def read_metrics(cfg):
+  path = f"{cfg.train.checkpoint_dir}/metrics.jsonl"
+  return [json.loads(line) for line in open(path).read().splitlines()]
+
+
+def test_distillation_lowers_the_kl(tiny, trained):
+  cfg, _, summary = trained
+  train = [m for m in read_metrics(cfg) if "kl" in m]
+  assert train[-1]["kl"] < 0.5 * train[0]["kl"], (train[0], train[-1])
+  before, after = summary["init_eval"], summary["final_eval"]
+  assert after["eval/kl"] < 0.5 * before["eval/kl"], (before, after)
+  assert after["eval/agree"] > before["eval/agree"] and after["eval/tau_proxy"] > before["eval/tau_proxy"]
+  assert 1.0 <= after["eval/tau_proxy"] <= GAMMA + 1
+  assert 0.0 <= after["eval/other_mass"] < 1.0
+  _, dp = init_draft(*tiny, 1)  # the embedding stays frozen: only the layer and the final norm train
+  assert summary["trainable_params"] == sum(x.size for k, v in dp.items() if k != "embed" for x in jax.tree.leaves(v))
+
+
+def test_exported_draft_decodes_exactly_and_beats_a_random_draft(tiny, trained):
+  model, params = tiny
+  cfg, _, summary = trained
+  folder = cfg.out
+  info = json.load(open(f"{folder}/config.json"))["jaxspec_draft"]
+  assert info["embeddings"] == "target" and info["dtype"] == "bfloat16"
+  assert info["training"]["final_eval"] == summary["final_eval"]
+  with pytest.raises(ModelLoadError, match="target's params"):
+    load_draft(folder)
+  draft, dparams = load_draft(folder, params)
+  assert draft.cfg.n_layers == 1 and draft.vocab_size == model.vocab_size
+  assert dparams["embed"]["embedding"] is params["embed"]["embedding"]  # the target's own array
+
+  tok = ByteTokenizer()
+  prompts = [tok.encode("kilo 99 olik"), tok.encode("alpha 3 ahpla"), tok.encode("lima 7")]
+  greedy = generate(model, params, prompts, max_new_tokens=48)
+
+  def tau(d, p):
+    res = generate(model, params, prompts, max_new_tokens=48, drafter=DraftModelDrafter(d, GAMMA, greedy=True),
+                   draft_params=p)
+    assert res.tokens == greedy.tokens
+    return res.tau
+
+  tau_trained = tau(draft, dparams)
+  tau_random = tau(draft, draft.init_params(jax.random.key(3)))  # an untrained draft of the same shape
+  tau_layerskip = tau(*layerskip_draft(model, params, 1))  # the starting point, for the record
+  print(f"tau: distilled {tau_trained:.3f}, layer-skip {tau_layerskip:.3f}, random {tau_random:.3f}")
+  assert tau_trained > tau_random, (tau_trained, tau_random)
+
+
+def test_training_resumed_from_its_checkpoint(trained):
+  cfg, first, summary = trained
+  metrics = read_metrics(cfg)
+  assert [m["step"] for m in metrics if "kl" in m] == [10, 20, 30, 40]  # went on from 20, not from 0
+  assert [m["step"] for m in metrics if "eval/kl" in m] == [20, 40]
+  assert first["final_eval"]["eval/kl"] == next(m for m in metrics if "eval/kl" in m)["eval/kl"]
+  assert first["init_eval"] == summary["init_eval"] and first["sequences"] == summary["sequences"]
+
+
+# ---- the file format -------------------------------------------------------------------------------------------
+
+def test_draft_files_round_trip(tiny, tmp_path):
+  model, params = tiny
+  draft, dp = init_draft(model, params, 1)
+  dp["layers_0"] = jax.tree.map(lambda x: x + 0.01, dp["layers_0"])
+  # Embeddings included, float32: a complete HF folder, read back exactly, no target needed.
+  save_draft(tmp_path / "full", draft, dp, include_embeddings=True, dtype="float32")
+  d2, p2 = load_draft(tmp_path / "full")
+  _, p3 = load_hf(str(tmp_path / "full"))
+  for other in (p2, p3):
+    jax.tree.map(np.testing.assert_array_equal, other, dp)
+  assert d2.cfg == draft.cfg
+  # The target's embedding, bfloat16: only the layers and norm are stored.
+  save_draft(tmp_path / "small", draft, dp)
+  with safe_open(str(tmp_path / "small" / "model.safetensors"), framework="numpy") as f:
+    assert not any("embed" in name or "lm_head" in name for name in f.keys())
+  assert "target's own" in (tmp_path / "small" / "README.md").read_text()
+  _, p4 = load_draft(tmp_path / "small", params)
+  rounded = jax.tree.map(lambda x: np.asarray(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32)), dp["layers_0"])
+  jax.tree.map(np.testing.assert_array_equal, p4["layers_0"], rounded)
+  # Another target (same shapes): the fingerprint catches it unless told otherwise.
+  _, other_params = make_tiny(seed=1)
+  with pytest.raises(ModelLoadError, match="fingerprint"):
+    load_draft(tmp_path / "small", other_params)
+  assert load_draft(tmp_path / "small", other_params, check_target=False)[0].cfg.n_layers == 1
+  raw = (tmp_path / "small" / "model.safetensors").read_bytes()
+  (tmp_path / "small" / "model.safetensors").write_bytes(raw[:len(raw) // 2])
+  with pytest.raises(ModelLoadError, match="unreadable"):
+    load_draft(tmp_path / "small", params)
+  with pytest.raises(ModelLoadError, match="does not hold a draft"):
+    load_draft(tmp_path / "nothing", params)
+
+
+# ---- configs ---------------------------------------------------------------------------------------------------
+
+def test_config_errors_name_the_key(tmp_path, tiny):
+  path = tmp_path / "c.yaml"
+  path.write_text("task: draft\ndraft:\n  n_layer: 2\n")
+  with pytest.raises(ConfigError, match="draft.n_layer"):
+    load_draft_config(path)
+  path.write_text("task: draft\ndraft:\n  init: copy\n")
+  with pytest.raises(ConfigError, match="draft.init"):
+    load_draft_config(path)
+  path.write_text("task: draft\nobjective:\n  top_k: 0\n")
+  with pytest.raises(ConfigError, match="objective.*top_k"):
+    load_draft_config(path)
+  path.write_text("task: draft\n")
+  with pytest.raises(ConfigError, match="train.seq_len"):
+    load_draft_config(path, ["train.seq_len=long"])
+  cfg, fn = load_task_config(path, ["draft.n_layers=2", "objective.ce_weight=0.5"])
+  assert isinstance(cfg, DraftTrainConfig) and fn is TASKS["draft"][1]
+  assert cfg.draft.n_layers == 2 and cfg.objective.ce_weight == 0.5
+  assert cfg.data.dataset_dir == "runs/bpd_smollm2/data"  # shares the BPD run's self-distilled data
+  path.write_text("task: drafts\n")
+  with pytest.raises(ConfigError, match="unknown task 'drafts'.*bpd, draft"):
+    load_task_config(path)
+  assert type(load_task_config(CONFIGS / "draft_smollm2.yaml")[0]) is DraftTrainConfig
+  assert type(load_task_config(CONFIGS / "bpd_smollm2.yaml")[0]).__name__ == "BPDTrainConfig"
+  model, params = tiny
+  with pytest.raises(ConfigError, match="draft.n_layers"):
+    init_draft(model, params, 3)

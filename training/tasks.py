@@ -1,0 +1,42 @@
+"""The training runs a config file can describe, picked by its `task` key: `jaxspec train CONFIG [key=value ...]`.
+
+  bpd    BPD heads (training/bpd.py, configs/bpd_smollm2.yaml)
+  draft  a distilled draft model for speculative sampling (training/draft.py, configs/draft_smollm2.yaml)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+from training.bpd import BPDTrainConfig, train_bpd
+from training.config import ConfigError, load_config, read_config_file
+from training.draft import DraftTrainConfig, train_draft
+
+TASKS: dict[str, tuple[type, Callable[..., dict]]] = {
+    "bpd": (BPDTrainConfig, train_bpd),
+    "draft": (DraftTrainConfig, train_draft),
+}
+DEFAULT_TASK = "bpd"  # a file without a `task` key (the first configs had none)
+
+
+def load_task_config(path: str, overrides=()) -> tuple[Any, Callable[..., dict]]:
+  """`(config, run function)` for a config file, by its `task` key (an override `task=...` is not honoured).
+
+  Raises:
+    ConfigError: an unknown task, or a key or value that does not fit that task's config.
+  """
+  raw = read_config_file(path)
+  task = raw.get("task", DEFAULT_TASK)
+  if not isinstance(task, str) or task not in TASKS:
+    raise ConfigError(f"unknown task {task!r} in {path}; tasks: {', '.join(TASKS)}")
+  cls, fn = TASKS[task]
+  return load_config(path, cls, overrides), fn
+
+
+def main_train(path: str, overrides=(), progress: bool = True) -> dict:
+  """`jaxspec train CONFIG [key=value ...]`: runs the task the file names and prints its summary."""
+  cfg, fn = load_task_config(path, overrides)
+  summary = fn(cfg, progress=progress)
+  print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+  return summary
