@@ -134,7 +134,11 @@ def _spec(ctx: BenchContext, opts: dict) -> Runner:
                       "target's vocabulary)")
   key = ("draft", str(path))
   if key not in ctx.cache:
-    draft, draft_params, _ = load_model(str(path))
+    if path.is_dir() and (path / "config.json").exists() and "jaxspec_draft" in (path / "config.json").read_text():
+      from jaxspec.models.draft import load_draft
+      draft, draft_params = load_draft(path, ctx.params)  # a distilled draft sharing the target's embedding
+    else:
+      draft, draft_params, _ = load_model(str(path))
     ctx.cache[key] = (draft, draft_params)
   draft, draft_params = ctx.cache[key]
   return _speculative_runner(ctx, draft, draft_params, int(opts.get("gamma", 4)))
