@@ -51,10 +51,12 @@ class BenchConfig:
   quick: bool = False
 
   def resolved(self) -> "BenchConfig":
-    """`--quick`: at most one prompt per category and 64 new tokens, unless set explicitly."""
+    """`--quick`: at most one prompt per category, 64 new tokens, and all prompts in one batch (one compiled program
+    per method instead of one per prompt-length bucket), unless a limit or batch size is given."""
     if not self.quick:
       return self
-    return dataclasses.replace(self, limit=self.limit or 1, max_new_tokens=min(self.max_new_tokens, 64))
+    return dataclasses.replace(self, limit=self.limit or 1, max_new_tokens=min(self.max_new_tokens, 64),
+                               batch_size=self.batch_size if self.batch_size > 1 else 16)
 
 
 @dataclasses.dataclass

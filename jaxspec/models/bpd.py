@@ -112,13 +112,15 @@ def token_embeddings(target_params, tokens: Array) -> Array:
 
 # ---- files: the trained heads are small enough to ship as safetensors + a JSON config ----
 
-def save_bpd(folder: str | os.PathLike, bpd: BPDModel, params: dict, meta: dict | None = None) -> None:
-  """Writes `config.json` and `heads.safetensors` (f32)."""
+def save_bpd(folder: str | os.PathLike, bpd: BPDModel, params: dict, meta: dict | None = None,
+             dtype: str = "float16") -> None:
+  """Writes `config.json` and `heads.safetensors` (weights in `dtype`, float16 by default: half the size of f32 and
+  well within its range for these small weights; they are read back as f32)."""
   from safetensors.numpy import save_file
 
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
-  flat = {f"heads.{k}": np.asarray(v, np.float32) for k, v in params["heads"].items()}
+  flat = {f"heads.{k}": np.asarray(v, np.float32).astype(dtype) for k, v in params["heads"].items()}
   if "vocab_ids" in params:
     flat["vocab_ids"] = np.asarray(params["vocab_ids"], np.int32)
   tmp = folder / "heads.safetensors.tmp"
@@ -146,7 +148,7 @@ def load_bpd(folder: str | os.PathLike, num_heads: int | None = None) -> tuple[B
   except Exception as e:  # noqa: BLE001 - truncated file, bad JSON, unknown keys
     raise ModelLoadError(f"BPD heads in {folder} are unreadable ({type(e).__name__}: {e}); retrain or re-copy "
                          "them.") from None
-  heads = {k[len("heads."):]: jnp.asarray(v) for k, v in flat.items() if k.startswith("heads.")}
+  heads = {k[len("heads."):]: jnp.asarray(v, jnp.float32) for k, v in flat.items() if k.startswith("heads.")}
   expect = {"w_in": (cfg.num_heads, cfg.d_model * (2 if cfg.use_next_token else 1), cfg.d_hidden),
             "b_in": (cfg.num_heads, cfg.d_hidden), "w_out": (cfg.num_heads, cfg.d_hidden, cfg.d_model)}
   got = {k: tuple(v.shape) for k, v in heads.items()}
