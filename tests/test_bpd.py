@@ -189,3 +189,9 @@ def test_shipped_heads_equal_greedy_on_default_model(default_model):
                  draft_params=bpd_draft_params(model, params, bpd, p))
   assert res.tokens == greedy.tokens
   assert res.target_calls < greedy.target_calls  # the trained heads do get tokens accepted
+
+
+def test_joint_training_leaves_the_callers_params_alive(tiny):
+  model, params = tiny  # the session fixture: the joint test above must not have donated its arrays
+  leaves = jax.tree.leaves(params)
+  assert all(not leaf.is_deleted() for leaf in leaves)

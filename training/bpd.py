@@ -281,7 +281,8 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
       for s in range(0, len(ev_tok), bs):
         yield {"tokens": ev_tok[s:s + bs], "mask": ev_mask[s:s + bs]}
 
-    trainable = {"base": params, "bpd": {"heads": bpd_params["heads"]}}
+    # Copies: the train step donates its state, and the caller keeps using the model's own params.
+    trainable = {"base": jax.tree.map(jnp.array, params), "bpd": {"heads": bpd_params["heads"]}}
   prep_s = time.time() - t0
   trainer = Trainer(loss, optimizer, frozen=frozen, checkpoint_dir=ckpt_dir,
                     checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress)
