@@ -159,9 +159,10 @@ def plots(res: dict, out: Path) -> list[Path]:
 
   fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(cats) + 2), 4))
   width = 0.8 / max(1, len(names))
+  colors = plt.get_cmap("tab20").colors
   for i, label in enumerate(names):
     vals = [avail[label]["per_category"].get(c, {}).get("tau") or 0 for c in cats]
-    ax.bar(np.arange(len(cats)) + i * width, vals, width, label=label)
+    ax.bar(np.arange(len(cats)) + i * width, vals, width, label=label, color=colors[i % len(colors)])
   ax.set_xticks(np.arange(len(cats)) + width * (len(names) - 1) / 2, cats, rotation=30, ha="right")
   ax.set_ylabel("τ (tokens per target call)")
   ax.set_title("τ per category")
