@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--t5x-src", default=None, help="a T5X source checkout, for the t5x-greedy baseline")
   b.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
   b.add_argument("--quick", action="store_true",
-                 help="one prompt per category, 64 new tokens, one batch (a few minutes)")
+                 help="one prompt per category, 32 new tokens, one batch, no warm-up run (a few minutes)")
   b.set_defaults(func=_cmd_bench)
 
   t = sub.add_parser("train", help="train from a config file (BPD heads, ...); resumes from its checkpoints")
