@@ -257,13 +257,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
     loss = heads_loss(bpd)
     bs = cfg.train.batch_size
 
-    def batches_from(step):
-      for idx in datasets.iterate_positions(len(tr), bs, cfg.train.seed, step):
-        yield tr.batch(np.sort(idx))
-
-    def eval_batches():
-      for s in range(0, len(ev), bs):
-        yield ev.batch(np.arange(s, min(s + bs, len(ev))))
+    batches_from, eval_batches = datasets.batch_sources(tr, ev, bs, cfg.train.seed)
 
     trainable = {"heads": bpd_params["heads"]}
   else:

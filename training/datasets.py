@@ -78,13 +78,6 @@ def load_sequences(folder: str | os.PathLike) -> Sequences:
   return Sequences(tokens, np.concatenate(plens) if plens else np.zeros(0, np.int32))
 
 
-def chat_prompt_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
-  """Prompt texts as token ids in the model's chat template (the format the target answers in)."""
-  if tokenizer.chat_template:
-    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
-  return [tokenizer.encode(t, add_bos=None) for t in texts]
-
-
 def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str | os.PathLike, *,
                  max_new_tokens: int = 192, batch_size: int = 16, shard_size: int = 64,
                  progress: bool = True) -> Sequences:
@@ -97,6 +90,8 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
 
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
+  from jaxspec.bench.runner import chat_prompt_ids
+
   ids = chat_prompt_ids(tokenizer, prompt_texts)
   order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
   meta = {"kind": "self-distillation", "num_prompts": len(ids), "max_new_tokens": max_new_tokens,
@@ -161,3 +156,18 @@ def iterate_positions(n: int, batch: int, seed: int, start_step: int = 0) -> Ite
     perm = np.random.default_rng([seed, epoch]).permutation(n)
     yield perm[i * batch:(i + 1) * batch]
     step += 1
+
+
+def batch_sources(train, evals, batch: int, seed: int):
+  """`(batches_from, eval_batches)` for `Trainer.fit` over two example sets with a `.batch(indices)` method and a
+  length: shuffled training batches that resume by step, and the eval set in order."""
+
+  def batches_from(step):
+    for idx in iterate_positions(len(train), batch, seed, step):
+      yield train.batch(np.sort(idx))
+
+  def eval_batches():
+    for s in range(0, len(evals), batch):
+      yield evals.batch(np.arange(s, min(s + batch, len(evals))))
+
+  return batches_from, eval_batches

@@ -364,13 +364,7 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   optimizer = make_optimizer(cfg.optim)
   bs = cfg.train.batch_size
 
-  def batches_from(step):
-    for idx in datasets.iterate_positions(len(tr), bs, cfg.train.seed, step):
-      yield tr.batch(np.sort(idx))
-
-  def eval_batches():
-    for s in range(0, len(ev), bs):
-      yield ev.batch(np.arange(s, min(s + bs, len(ev))))
+  batches_from, eval_batches = datasets.batch_sources(tr, ev, bs, cfg.train.seed)
 
   trainer = Trainer(distill_loss(draft, cfg.objective), optimizer, frozen=frozen, checkpoint_dir=ckpt_dir,
                     checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress)

@@ -108,10 +108,11 @@ def _peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _encode(tokenizer, prompts: Sequence[Prompt]) -> list[list[int]]:
+def chat_prompt_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+  """Prompt texts as token ids in the model's chat template (plain encoding when it has none)."""
   if tokenizer.chat_template:
-    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": p.text}])) for p in prompts]
-  return [tokenizer.encode(p.text, add_bos=None) for p in prompts]
+    return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
+  return [tokenizer.encode(t, add_bos=None) for t in texts]
 
 
 def _atomic_json(path: Path, obj) -> None:
@@ -162,7 +163,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   if REFERENCE in unavailable:
     raise InputError(f"The reference method cannot run: {unavailable[REFERENCE]}")
 
-  ids = _encode(tokenizer, prompts)
+  ids = chat_prompt_ids(tokenizer, [p.text for p in prompts])
   batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
   records: dict[str, list[Record]] = {l: [] for l in runners}
   compile_s = {l: 0.0 for l in runners}

@@ -111,25 +111,26 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False) -
   return LlamaLM(cfg), (stack_layers(params, cfg.n_layers) if scan_layers else params)
 
 
+def hf_tensor_name(key: tuple[str, ...]) -> str:
+  """The Hugging Face tensor name of a jaxspec param path, e.g. ("layers_3", "attn", "q", "kernel")."""
+  fixed = {("embed", "embedding"): "model.embed_tokens.weight", ("final_norm", "scale"): "model.norm.weight",
+           ("lm_head", "kernel"): "lm_head.weight"}
+  if key in fixed:
+    return fixed[key]
+  inverse = {v: k for k, v in _NAMES.items()}
+  return f"model.layers.{int(key[0].split('_')[1])}.{inverse[key[1:]]}"
+
+
 def save_hf(folder: str, model: LlamaLM, params: dict) -> None:
   """Writes params as a Hugging Face LLaMA folder (config.json + model.safetensors); the inverse of `load_hf`."""
   from safetensors.numpy import save_file
 
   cfg = model.cfg
   os.makedirs(folder, exist_ok=True)
-  inverse = {v: k for k, v in _NAMES.items()}
   tensors = {}
   for key, leaf in _flatten(params):
-    if key == ("embed", "embedding"):
-      name = "model.embed_tokens.weight"
-    elif key == ("final_norm", "scale"):
-      name = "model.norm.weight"
-    elif key == ("lm_head", "kernel"):
-      name = "lm_head.weight"
-    else:
-      name = f"model.layers.{int(key[0].split('_')[1])}.{inverse[key[1:]]}"
     arr = np.asarray(leaf, np.float32)
-    tensors[name] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
+    tensors[hf_tensor_name(key)] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
   save_file(tensors, os.path.join(folder, "model.safetensors"))
   hf_cfg = {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,

@@ -63,7 +63,7 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
   """
   from safetensors.numpy import save_file
 
-  from jaxspec.loading.hf import _NAMES
+  from jaxspec.loading.hf import hf_tensor_name
 
   if "layers" in params:
     raise ValueError("save_draft takes per-layer params (layers_0, ...), not the stacked scan_layers layout")
@@ -71,22 +71,13 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   np_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[dtype]
-  inverse = {v: k for k, v in _NAMES.items()}
   tensors = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     key = tuple(p.key for p in path)
     if key[0] in VOCAB_PARAMS and not include_embeddings:
       continue
-    if key == ("embed", "embedding"):
-      name = "model.embed_tokens.weight"
-    elif key == ("final_norm", "scale"):
-      name = "model.norm.weight"
-    elif key == ("lm_head", "kernel"):
-      name = "lm_head.weight"
-    else:
-      name = f"model.layers.{int(key[0].removeprefix('layers_'))}.{inverse[key[1:]]}"
     arr = np.asarray(jax.device_get(jnp.asarray(leaf).astype(np_dtype)))
-    tensors[name] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
+    tensors[hf_tensor_name(key)] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
   tmp = folder / (WEIGHTS_FILE + ".tmp")
   save_file(tensors, str(tmp))
   os.replace(tmp, folder / WEIGHTS_FILE)
