@@ -78,15 +78,16 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_BPD_HEADS = ASSETS / "bpd_smollm2"
 
 
-def _bpd(ctx: BenchContext, opts: dict) -> Runner:
-  from jaxspec.decoding.bpd import BPDDrafter, TopKAcceptance, bpd_draft_params
+def _load_heads(ctx: BenchContext, opts: dict):
+  """`(bpd, bpd_draft_params)` for the heads a method's options name (default: the shipped ones)."""
+  from jaxspec.decoding.bpd import bpd_draft_params
   from jaxspec.errors import ModelLoadError
   from jaxspec.models.bpd import load_bpd
 
   folder = Path(opts.get("heads", DEFAULT_BPD_HEADS))
   if not (folder / "heads.safetensors").exists():
     raise Unavailable(f"no BPD heads in {folder}: train them with `jaxspec train configs/bpd_smollm2.yaml` or pass "
-                      "bpd:heads=FOLDER")
+                      "heads=FOLDER")
   try:
     bpd, bpd_params = load_bpd(folder, int(opts["k"]) if "k" in opts else None)
   except ModelLoadError as e:
@@ -94,10 +95,89 @@ def _bpd(ctx: BenchContext, opts: dict) -> Runner:
   if bpd.cfg.d_model != ctx.model.cfg.d_model:
     raise Unavailable(f"the heads in {folder} were trained for d_model {bpd.cfg.d_model}, the target has "
                       f"{ctx.model.cfg.d_model}: train heads for this model")
+  return bpd, bpd_draft_params(ctx.model, ctx.params, bpd, bpd_params)
+
+
+def _bpd(ctx: BenchContext, opts: dict) -> Runner:
+  from jaxspec.decoding.bpd import BPDDrafter, TopKAcceptance
+
+  bpd, dp = _load_heads(ctx, opts)
   acceptor = TopKAcceptance(int(opts["approx"])) if "approx" in opts else None
-  run = loop_runner(ctx, BPDDrafter(bpd), bpd_draft_params(ctx.model, ctx.params, bpd, bpd_params), acceptor)
+  run = loop_runner(ctx, BPDDrafter(bpd), dp, acceptor)
   if acceptor is not None:
     run.lossless = False  # Stern's approximate acceptance: not token-identical to greedy
+  return run
+
+
+DEFAULT_RESCORE = ASSETS / "bpd_rescore_smollm2"
+
+
+def _rescore_setup(ctx: BenchContext, opts: dict, what: str):
+  """The tuned settings of the shipped rescorers (or `rescore=FOLDER`), the n-gram tables and the heads."""
+  from jaxspec.errors import ModelLoadError
+  from jaxspec.models.ngram import load_ngram
+
+  if ctx.temperature > 0:
+    raise Unavailable(f"{what} drafts carry no probabilities: greedy only")
+  folder = Path(opts.get("rescore", DEFAULT_RESCORE))
+  try:
+    lm, tables, cfg = load_ngram(folder)
+  except ModelLoadError as e:
+    raise Unavailable(str(e)) from None
+  if lm.vocab_size != ctx.model.vocab_size:
+    raise Unavailable(f"the n-gram LM in {folder} has a vocabulary of {lm.vocab_size}, the target {ctx.model.vocab_size}")
+  tuned = cfg.get("tuned", {})
+  opts = {"k": str(tuned.get("k", 4)), **opts}
+  bpd, dp = _load_heads(ctx, opts)
+  return lm, tables, tuned, bpd, dp, opts
+
+
+def _bpd_ngram(ctx: BenchContext, opts: dict) -> Runner:
+  from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
+
+  lm, tables, tuned, bpd, dp, opts = _rescore_setup(ctx, opts, "bpd-ngram")
+  drafter = LatticeDrafter(bpd, "ngram", top_t=int(opts.get("t", tuned.get("top_t", 16))),
+                           beams=int(opts.get("beams", tuned.get("beams", 4))), ngram=lm)
+  weight = float(opts.get("weight", tuned.get("ngram_weight", 0.3)))
+  return loop_runner(ctx, drafter, lattice_draft_params(dp, weight=weight, ngram=tables))
+
+
+def _bpd_neural(ctx: BenchContext, opts: dict) -> Runner:
+  from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
+  from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft, vocab_check
+
+  _, _, tuned, bpd, dp, opts = _rescore_setup(ctx, opts, "bpd-neural")
+  if "draft" in opts:
+    from jaxspec.loading import load_model
+    lm, lm_params, _ = load_model(opts["draft"])
+    vocab_check(ctx.model, lm)
+  else:
+    lm, lm_params = layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", tuned.get("neural_layers", 4))))
+  drafter = LatticeDrafter(bpd, "neural", top_t=int(opts.get("t", tuned.get("top_t", 16))),
+                           lm=DraftModelDrafter(lm, bpd.num_heads))
+  weight = float(opts.get("weight", tuned.get("neural_weight", 0.5)))
+  return loop_runner(ctx, drafter, lattice_draft_params(dp, weight=weight, lm=lm_params))
+
+
+def _bpd_oracle(ctx: BenchContext, opts: dict) -> Runner:
+  import numpy as np
+
+  from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
+
+  if ctx.temperature > 0:
+    raise Unavailable("the lattice oracle follows the greedy output: greedy only")
+  opts = {"k": "4", **opts}
+  bpd, dp = _load_heads(ctx, opts)
+  drafter = LatticeDrafter(bpd, "oracle", top_t=int(opts.get("t", 16)))
+  greedy = loop_runner(ctx)
+
+  def run(prompts, max_new_tokens, seed):
+    ref = greedy(prompts, max_new_tokens, seed).tokens  # what the oracle looks for in the lattice (untimed part)
+    ref_BxR = np.full((len(prompts), max_new_tokens + bpd.num_heads + 1), -1, np.int32)
+    for i, r in enumerate(ref):
+      ref_BxR[i, :len(r)] = r
+    return loop_runner(ctx, drafter, lattice_draft_params(dp, reference_BxR=ref_BxR))(prompts, max_new_tokens, seed)
+
   return run
 
 
@@ -182,10 +262,14 @@ for _spec in [
                _greedy),
     MethodSpec("bpd", "blockwise parallel decoding with k trained heads (Stern et al. 2018); approx=K accepts "
                "target top-K tokens (not lossless)", True, _bpd, options=("k", "heads", "approx")),
-    MethodSpec("bpd-ngram", "BPD with the heads' top-t lattice rescored by an n-gram LM (Kim et al. 2024)", True,
-               _not_built("issue 8")),
-    MethodSpec("bpd-neural", "BPD with the lattice rescored by a small neural LM (Kim et al. 2024)", True,
-               _not_built("issue 8")),
+    MethodSpec("bpd-ngram", "BPD with the heads' top-t lattice rescored by an n-gram LM, the p best paths verified "
+               "as one tree (Kim et al. 2024)", True, _bpd_ngram,
+               options=("k", "heads", "rescore", "t", "beams", "weight")),
+    MethodSpec("bpd-neural", "BPD with the lattice rescored left to right by a small neural LM (default: the "
+               "target's first layers; Kim et al. 2024)", True, _bpd_neural,
+               options=("k", "heads", "rescore", "t", "weight", "layers", "draft")),
+    MethodSpec("bpd-oracle", "analysis: the greedy continuation wherever it lies in the heads' top-t lattice (the "
+               "block efficiency of a perfect rescorer)", True, _bpd_oracle, options=("k", "heads", "t")),
     MethodSpec("spec", "speculative sampling with a draft model (Leviathan et al. 2023, Chen et al. 2023)", True,
                _spec, options=("draft", "gamma")),
     MethodSpec("lookup", "prompt lookup: the tokens after the latest match of the context's last n-gram, no model",

@@ -158,36 +158,59 @@ class DraftModelDrafter:
 
   def propose(self, draft_params, dstate: DraftState, loop) -> tuple[Draft, DraftState]:
     """γ draft forwards: `[last, pending]` -> d_1, then d_1 -> d_2, ..., d_{γ-1} -> d_γ."""
-    b = loop.pending_B.shape[0]
     rng, r = jax.random.split(dstate.rng)
-    keys_N = jax.random.split(r, self.gamma)
-    fwd = self.draft_model.forward
-    ones_B = jnp.ones((b,), jnp.int32)
 
-    cache = dstate.cache
-    pair_Bx2 = jnp.stack([dstate.last_B, loop.pending_B], axis=1)
-    positions_Bx2 = cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
-    logits_Bx2xV, _, cache = fwd(draft_params, pair_Bx2, positions_Bx2, cache, _causal_BxTxT(b, 2))
-    cache = cache.advance(2 * ones_B)
-    tok_B, q_BxV = self._draw(keys_N[0], logits_Bx2xV[:, 1], loop.sp)
+    def choose(hidden_BxD, key):
+      return self._draw(key, self.draft_model.logits(draft_params, hidden_BxD[:, None])[:, 0], loop.sp)
 
-    def one(carry, key):
-      cache, tok_B = carry
-      logits_Bx1xV, _, cache = fwd(draft_params, tok_B[:, None], cache.lengths[:, None], cache,
-                                   jnp.ones((b, 1, 1), bool))
-      nxt_B, q_BxV = self._draw(key, logits_Bx1xV[:, 0], loop.sp)
-      return (cache.advance(ones_B), nxt_B), (nxt_B, q_BxV)
-
-    (cache, _), (rest_MxB, rest_MxBxV) = jax.lax.scan(one, (cache, tok_B), keys_N[1:])
-    tokens_BxN = jnp.concatenate([tok_B[:, None], rest_MxB.T], axis=1)
-    q_BxNxV = jnp.concatenate([q_BxV[:, None], rest_MxBxV.transpose(1, 0, 2)], axis=1)
-    n = self.gamma
+    tokens_BxN, q_BxNxV, dstate = self.roll(draft_params, dstate, loop.pending_B, choose,
+                                            jax.random.split(r, self.gamma))
+    b, n = tokens_BxN.shape
     draft = Draft(tokens_BxN=tokens_BxN,
                   depth_BxN=jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (b, n)),
                   mask_BxNxN=_causal_BxTxT(b, n),
                   parent_BxN=jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (b, n)),
                   probs_BxNxV=q_BxNxV)
-    return draft, DraftState(cache=cache, last_B=dstate.last_B, pending_B=loop.pending_B, rng=rng)
+    return draft, dstate.replace(rng=rng)
+
+  def roll(self, draft_params, dstate: DraftState, pending_B: Array, choose, xs) -> tuple[Array, Any, DraftState]:
+    """Runs the draft γ steps from the pending token, picking each next token with `choose`.
+
+    Args:
+      draft_params: the draft's params.
+      dstate: the state after the last update.
+      pending_B: the loop's pending token.
+      choose: `(hidden_BxD, x) -> (token_B, aux)`: the next token from the draft's final hidden state at the last
+        token and this step's slice of `xs`.
+      xs: a pytree with leading axis γ (one slice per drafted token, e.g. random keys).
+
+    Returns:
+      `(tokens_BxN, aux stacked as [B, N, ...], state)`: the cache holds the γ new entries.
+    """
+    b = pending_B.shape[0]
+    fwd = self.draft_model.forward
+    ones_B = jnp.ones((b,), jnp.int32)
+    first_x = jax.tree.map(lambda x: x[0], xs)
+    rest_xs = jax.tree.map(lambda x: x[1:], xs)
+
+    cache = dstate.cache
+    pair_Bx2 = jnp.stack([dstate.last_B, pending_B], axis=1)
+    positions_Bx2 = cache.lengths[:, None] + jnp.arange(2, dtype=jnp.int32)[None]
+    _, hidden_Bx2xD, cache = fwd(draft_params, pair_Bx2, positions_Bx2, cache, _causal_BxTxT(b, 2), logits=False)
+    cache = cache.advance(2 * ones_B)
+    tok_B, aux = choose(hidden_Bx2xD[:, 1], first_x)
+
+    def one(carry, x):
+      cache, tok_B = carry
+      _, hidden_Bx1xD, cache = fwd(draft_params, tok_B[:, None], cache.lengths[:, None], cache,
+                                   jnp.ones((b, 1, 1), bool), logits=False)
+      nxt_B, aux = choose(hidden_Bx1xD[:, 0], x)
+      return (cache.advance(ones_B), nxt_B), (nxt_B, aux)
+
+    (cache, _), (rest_MxB, rest_aux) = jax.lax.scan(one, (cache, tok_B), rest_xs)
+    tokens_BxN = jnp.concatenate([tok_B[:, None], rest_MxB.T], axis=1)
+    aux_all = jax.tree.map(lambda a, r: jnp.concatenate([a[:, None], jnp.moveaxis(r, 0, 1)], axis=1), aux, rest_aux)
+    return tokens_BxN, aux_all, dstate.replace(cache=cache, pending_B=pending_B)
 
   def update(self, draft_params, dstate: DraftState, verified: Verified) -> DraftState:
     """Rolls the draft cache back to the target's committed length minus one (idle rows: to before the step)."""

@@ -1,0 +1,268 @@
+"""Better BPD drafts (Kim et al. 2024): rescore the heads' top-t lattice before verifying.
+
+The k BPD heads give, for each of the next k positions, a distribution over tokens; position i's top-t tokens form
+column i of a lattice of t^k paths. Plain BPD verifies the path of per-column argmaxes, which ignores how the tokens
+fit together (the heads do not see each other, so drafts often repeat a token or break the grammar). Rescoring picks
+paths by an interpolated score, (1 - w) * log p_head + w * log p_LM, where w is a runtime weight (`draft_params`,
+tuned on training prompts, so changing it does not recompile):
+
+- `ngram`: global rescoring with an n-gram LM (`jaxspec.models.ngram`): a beam search over the lattice keeps the p
+  best paths; the p drafts are verified in one target forward as p branches of a tree.
+- `neural`: local rescoring with a small neural LM (any model with the target's vocabulary; by default the target's
+  first layers): left to right, the LM reads the chosen prefix and picks, in column i, the candidate with the best
+  interpolated score. Only the t candidates' logits are computed (the LM's softmax normaliser is one constant per
+  column, so it does not change the choice).
+- `oracle`: the headroom. Given the greedy output, column i drafts the greedy token whenever it is in the column's
+  top-t, so the accepted length is the longest prefix of greedy tokens inside the lattice: the block efficiency of
+  a perfect rescorer.
+- `none`: the per-column argmax, i.e. plain BPD (on the same code path, for comparisons).
+
+Every draft is verified by the target with greedy acceptance, so outputs stay token-identical to greedy decoding
+whatever the rescorer picks. The drafter also counts what the paper analyses: each head's entropy and top-1
+probability, and the consecutive-repetition rate of the raw (per-column argmax) and of the verified first draft.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxspec.decoding.bpd import BPDDrafter
+from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified
+from jaxspec.decoding.speculative import DraftModelDrafter
+from jaxspec.errors import InputError
+from jaxspec.models.bpd import BPDModel
+from jaxspec.models.ngram import NgramLM
+
+Array = jax.Array
+
+RESCORERS = ("none", "ngram", "neural", "oracle")
+
+
+@flax.struct.dataclass
+class LatticeState:
+  """What the drafter carries: the heads' input, the recent tokens, the neural LM's state and its counters."""
+
+  hidden_BxD: Array  # the target's hidden state that predicted the pending token
+  hist_BxH: Array  # the H committed tokens before the pending token, oldest first (-1: before the text)
+  pending_B: Array  # the pending token of the last propose
+  lm: Any  # the neural LM's `DraftState`, or ()
+  entropy_K: Array  # sum over proposals of each head's entropy (nats)
+  top1_K: Array  # sum over proposals of each head's top-1 probability
+  proposals: Array  # proposals counted (active rows x steps)
+  raw_repeats: Array  # adjacent equal tokens in [pending, raw draft] (k pairs per proposal)
+  draft_repeats: Array  # the same in the first verified draft
+
+
+def forest_draft(drafts_BxPxK: Array) -> Draft:
+  """P chains of K tokens after the pending token as one tree of N = P * K nodes (chain j is nodes jK .. jK+K-1)."""
+  b, p, k = drafts_BxPxK.shape
+  i_N = jnp.tile(jnp.arange(k, dtype=jnp.int32), p)
+  j_N = jnp.repeat(jnp.arange(p, dtype=jnp.int32), k)
+  n_idx = jnp.arange(p * k, dtype=jnp.int32)
+  parent_N = jnp.where(i_N == 0, -1, n_idx - 1)
+  mask_NxN = (j_N[:, None] == j_N[None, :]) & (i_N[None, :] <= i_N[:, None])
+  bc = lambda x: jnp.broadcast_to(x, (b,) + x.shape)
+  return Draft(drafts_BxPxK.reshape(b, p * k), bc(i_N + 1), bc(mask_NxN), bc(parent_N))
+
+
+def _repeats(pending_B: Array, draft_BxK: Array) -> Array:
+  seq_BxT = jnp.concatenate([pending_B[:, None], draft_BxK], axis=1)
+  return jnp.sum((seq_BxT[:, 1:] == seq_BxT[:, :-1]).astype(jnp.int32), axis=-1)
+
+
+def output_rows(model, params, ids: Array) -> Array:
+  """Rows of a LLaMA-family model's output projection for token ids: `[..., D]` f32."""
+  if model.cfg.tie_embeddings:
+    return params["embed"]["embedding"][ids].astype(jnp.float32)
+  return params["lm_head"]["kernel"].T[ids].astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatticeDrafter:
+  """BPD drafts chosen from the heads' top-t lattice by a rescorer.
+
+  Attributes:
+    bpd: the heads (static part; params in `draft_params["bpd"]`, built by `lattice_draft_params`).
+    rescorer: "none", "ngram", "neural" or "oracle" (see the module docstring).
+    top_t: candidates per lattice column.
+    beams: p, drafts verified per step (ngram and none; neural and oracle verify one chain).
+    keep_raw: make the heads' own per-column argmax one of the p drafts (needs beams >= 2).
+    ngram: the n-gram LM (rescorer "ngram").
+    lm: the neural LM's drafter (rescorer "neural"): a greedy `DraftModelDrafter` with gamma = k.
+  """
+
+  bpd: BPDModel
+  rescorer: str = "none"
+  top_t: int = 16
+  beams: int = 1
+  keep_raw: bool = False
+  ngram: NgramLM | None = None
+  lm: DraftModelDrafter | None = None
+
+  def __post_init__(self):
+    if self.rescorer not in RESCORERS:
+      raise InputError(f"Unknown lattice rescorer {self.rescorer!r}; choose from {', '.join(RESCORERS)}.")
+    if self.beams < 1 or self.top_t < self.beams:
+      raise InputError(f"Need 1 <= beams <= top_t, got beams={self.beams}, top_t={self.top_t}.")
+    if self.rescorer in ("neural", "oracle") and self.beams != 1:
+      raise InputError(f"The {self.rescorer} rescorer picks one draft per step: use beams=1.")
+    if self.keep_raw and self.beams < 2:
+      raise InputError("keep_raw verifies the raw draft beside rescored ones: it needs beams >= 2.")
+    if self.rescorer == "ngram" and self.ngram is None:
+      raise InputError("The ngram rescorer needs an n-gram LM.")
+    if self.rescorer == "neural" and (self.lm is None or self.lm.gamma != self.bpd.num_heads):
+      raise InputError("The neural rescorer needs a neural LM drafter with gamma equal to the number of heads.")
+
+  @property
+  def num_nodes(self) -> int:
+    return self.bpd.num_heads * self.beams
+
+  @property
+  def is_chain(self) -> bool:
+    return self.beams == 1
+
+  @property
+  def calls_per_step(self) -> int:
+    return self.lm.calls_per_step if self.rescorer == "neural" else 0
+
+  @property
+  def _hist_len(self) -> int:
+    return self.ngram.order - 1 if self.ngram is not None else 1
+
+  def init(self, draft_params, prefill: PrefillInfo) -> LatticeState:
+    h = self._hist_len
+    idx_BxH = prefill.lengths_B[:, None] - h + jnp.arange(h, dtype=jnp.int32)[None]
+    hist_BxH = jnp.where(idx_BxH >= 0, jnp.take_along_axis(prefill.tokens_BxP, jnp.maximum(idx_BxH, 0), axis=1), -1)
+    lm = self.lm.init(draft_params["lm"], prefill) if self.rescorer == "neural" else ()
+    k = self.bpd.num_heads
+    z_K = jnp.zeros((k,), jnp.float32)
+    zero = jnp.int32(0)
+    return LatticeState(prefill.hidden_BxD.astype(jnp.float32), hist_BxH.astype(jnp.int32),
+                        prefill.first_B.astype(jnp.int32), lm, z_K, z_K, zero, zero, zero)
+
+  def lattice(self, draft_params, dstate: LatticeState, pending_B: Array) -> tuple[Array, Array, Array]:
+    """`(candidates_BxKxT, head log-probs_BxKxT, full head log-probs_BxKxM)` of the current lattice."""
+    logits_BxKxM = BPDDrafter(self.bpd).head_logits(draft_params["bpd"], dstate.hidden_BxD, pending_B)
+    logp_BxKxM = jax.nn.log_softmax(logits_BxKxM, axis=-1)
+    val_BxKxT, idx_BxKxT = jax.lax.top_k(logp_BxKxM, self.top_t)
+    idx_BxKxT = idx_BxKxT.astype(jnp.int32)
+    if "vocab_ids" in draft_params["bpd"]["bpd"]:
+      idx_BxKxT = draft_params["bpd"]["bpd"]["vocab_ids"][idx_BxKxT]
+    return idx_BxKxT, val_BxKxT, logp_BxKxM
+
+  def propose(self, draft_params, dstate: LatticeState, loop) -> tuple[Draft, LatticeState]:
+    pending_B = loop.pending_B
+    cand_BxKxT, logp_BxKxT, full_BxKxM = self.lattice(draft_params, dstate, pending_B)
+    raw_BxK = cand_BxKxT[..., 0]
+    lm = dstate.lm
+    if self.rescorer == "none":
+      drafts_BxPxK = self._beam(draft_params, dstate, pending_B, cand_BxKxT, logp_BxKxT, use_ngram=False)
+    elif self.rescorer == "ngram":
+      drafts_BxPxK = self._beam(draft_params, dstate, pending_B, cand_BxKxT, logp_BxKxT, use_ngram=True)
+    elif self.rescorer == "neural":
+      chain_BxK, lm = self._neural(draft_params, dstate, pending_B, cand_BxKxT, logp_BxKxT)
+      drafts_BxPxK = chain_BxK[:, None]
+    else:
+      drafts_BxPxK = self._oracle(draft_params, loop, cand_BxKxT, raw_BxK)[:, None]
+    if self.keep_raw:
+      drafts_BxPxK = jnp.concatenate([drafts_BxPxK[:, :self.beams - 1], raw_BxK[:, None]], axis=1)
+
+    act_B = loop.active_B
+    act_f = act_B.astype(jnp.float32)
+    probs_BxKxM = jnp.exp(full_BxKxM)
+    entropy_BxK = -jnp.sum(probs_BxKxM * full_BxKxM, axis=-1)
+    act_i = act_B.astype(jnp.int32)
+    dstate = dstate.replace(
+        pending_B=pending_B, lm=lm,
+        entropy_K=dstate.entropy_K + jnp.einsum("b,bk->k", act_f, entropy_BxK),
+        top1_K=dstate.top1_K + jnp.einsum("b,bk->k", act_f, jnp.exp(logp_BxKxT[..., 0])),
+        proposals=dstate.proposals + jnp.sum(act_i),
+        raw_repeats=dstate.raw_repeats + jnp.sum(act_i * _repeats(pending_B, raw_BxK)),
+        draft_repeats=dstate.draft_repeats + jnp.sum(act_i * _repeats(pending_B, drafts_BxPxK[:, 0])))
+    return forest_draft(drafts_BxPxK), dstate
+
+  def _beam(self, draft_params, dstate, pending_B, cand_BxKxT, logp_BxKxT, use_ngram: bool) -> Array:
+    """The p best lattice paths by (1 - w) * head + w * n-gram log-probability (head alone without the n-gram)."""
+    b, k, t = cand_BxKxT.shape
+    p = self.beams
+    h = self._hist_len
+    base_BxH = jnp.concatenate([dstate.hist_BxH, pending_B[:, None]], axis=1)[:, -h:]
+    w = draft_params["weight"] if use_ngram else 0.0
+    beams_BxPxK = jnp.zeros((b, p, k), jnp.int32)
+    score_BxP = jnp.where(jnp.arange(p) == 0, 0.0, -jnp.inf)[None].repeat(b, axis=0)
+    for i in range(k):
+      step_BxPxT = jnp.broadcast_to((1.0 - w) * logp_BxKxT[:, None, i], (b, p, t))
+      if use_ngram:
+        ctx_BxPxH = jnp.concatenate([jnp.broadcast_to(base_BxH[:, None], (b, p, h)), beams_BxPxK[:, :, :i]],
+                                    axis=-1)[..., -h:]
+        lp_BxPxT = self.ngram.log_prob(draft_params["ngram"], jnp.broadcast_to(ctx_BxPxH[:, :, None], (b, p, t, h)),
+                                       jnp.broadcast_to(cand_BxKxT[:, None, i], (b, p, t)))
+        step_BxPxT = step_BxPxT + w * lp_BxPxT
+      total_BxPT = (score_BxP[:, :, None] + step_BxPxT).reshape(b, p * t)
+      score_BxP, top_BxP = jax.lax.top_k(total_BxPT, p)
+      parent_BxP, c_BxP = top_BxP // t, top_BxP % t
+      beams_BxPxK = jnp.take_along_axis(beams_BxPxK, parent_BxP[:, :, None], axis=1)
+      beams_BxPxK = beams_BxPxK.at[:, :, i].set(jnp.take_along_axis(cand_BxKxT[:, i], c_BxP, axis=1))
+    return beams_BxPxK
+
+  def _neural(self, draft_params, dstate, pending_B, cand_BxKxT, logp_BxKxT) -> tuple[Array, Any]:
+    """Left to right, the neural LM picks each column's candidate with the best interpolated score."""
+    w = draft_params["weight"]
+    lm_params = draft_params["lm"]
+    lm_model = self.lm.draft_model
+
+    def choose(hidden_BxD, x):
+      cand_BxT, lp_BxT = x
+      z_BxT = jnp.einsum("bd,btd->bt", hidden_BxD.astype(jnp.float32), output_rows(lm_model, lm_params, cand_BxT))
+      j_B = jnp.argmax((1.0 - w) * lp_BxT + w * z_BxT, axis=-1)
+      return jnp.take_along_axis(cand_BxT, j_B[:, None], axis=1)[:, 0], ()
+
+    xs = (jnp.moveaxis(cand_BxKxT, 1, 0), jnp.moveaxis(logp_BxKxT, 1, 0))
+    chain_BxK, _, lm = self.lm.roll(lm_params, dstate.lm, pending_B, choose, xs)
+    return chain_BxK, lm
+
+  def _oracle(self, draft_params, loop, cand_BxKxT, raw_BxK) -> Array:
+    """The greedy continuation where it lies in the lattice, else the raw draft."""
+    ref_BxR = draft_params["reference_BxR"]
+    k = raw_BxK.shape[1]
+    idx_BxK = loop.n_out_B[:, None] - 1 + jnp.arange(1, k + 1, dtype=jnp.int32)[None]
+    ref_BxK = jnp.take_along_axis(ref_BxR, jnp.minimum(idx_BxK, ref_BxR.shape[1] - 1), axis=1)
+    hit_BxK = jnp.any(cand_BxKxT == ref_BxK[..., None], axis=-1)
+    return jnp.where(hit_BxK, ref_BxK, raw_BxK)
+
+  def update(self, draft_params, dstate: LatticeState, verified: Verified) -> LatticeState:
+    acc = verified.acceptance
+    active_B = verified.active_B
+    n_commit_B = acc.n_commit_B
+    last_B = jnp.take_along_axis(acc.path_BxT, (n_commit_B - 1)[:, None], axis=1)[:, 0]
+    h_BxD = jnp.take_along_axis(verified.hidden_BxTxD, last_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    # The committed tokens before the new pending one: the old history, the old pending token, the accepted drafts.
+    h = self._hist_len
+    buf_BxL = jnp.concatenate([dstate.hist_BxH, dstate.pending_B[:, None], acc.emitted_BxT.astype(jnp.int32)], axis=1)
+    hist_BxH = jnp.take_along_axis(buf_BxL, n_commit_B[:, None] + jnp.arange(h, dtype=jnp.int32)[None], axis=1)
+    lm = self.lm.update(draft_params["lm"], dstate.lm, verified) if self.rescorer == "neural" else dstate.lm
+    return dstate.replace(hidden_BxD=jnp.where(active_B[:, None], h_BxD, dstate.hidden_BxD),
+                          hist_BxH=jnp.where(active_B[:, None], hist_BxH, dstate.hist_BxH), lm=lm)
+
+  def stats(self, dstate: LatticeState) -> dict[str, Array]:
+    """Sums for the analysis (divide by `proposals`, or by k * `proposals` for the repeat counts)."""
+    return {"head_entropy_K": dstate.entropy_K, "head_top1_K": dstate.top1_K, "proposals": dstate.proposals,
+            "raw_repeats": dstate.raw_repeats, "draft_repeats": dstate.draft_repeats}
+
+
+def lattice_draft_params(bpd_draft: dict, *, weight: float = 0.0, ngram: dict | None = None, lm: Any = None,
+                         reference_BxR: Array | None = None) -> dict:
+  """The drafter's arrays: the BPD drafter's (`bpd_draft_params`), the interpolation weight and the rescorer's."""
+  out = {"bpd": bpd_draft, "weight": jnp.float32(weight)}
+  if ngram is not None:
+    out["ngram"] = ngram
+  if lm is not None:
+    out["lm"] = lm
+  if reference_BxR is not None:
+    out["reference_BxR"] = jnp.asarray(reference_BxR, jnp.int32)
+  return out

@@ -1,0 +1,226 @@
+"""Better BPD drafts: the n-gram LM, lattice rescoring (n-gram, neural, oracle), exactness, the tuning task."""
+
+import dataclasses
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.decoding.bpd import BPDDrafter, bpd_draft_params
+from jaxspec.decoding.generate import generate
+from jaxspec.decoding.lattice import LatticeDrafter, forest_draft, lattice_draft_params
+from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft
+from jaxspec.errors import InputError, ModelLoadError
+from jaxspec.models.bpd import save_bpd
+from jaxspec.models.ngram import build_ngram, exact_prob, load_ngram, save_ngram, sorted_lookup
+from tests.test_bpd import ByteTokenizer, random_heads, tiny_train_config
+
+PROMPTS = [[1, 2, 3], [7] * 9, [100, 5]]
+NEW = 40
+
+
+def ngram_logp(lm, tables, context, token):
+  t = {k: jnp.asarray(v) for k, v in tables.items()}
+  return float(lm.log_prob(t, jnp.asarray([context], jnp.int32), jnp.asarray([token], jnp.int32))[0])
+
+
+def test_ngram_probabilities_follow_the_smoothing_formula():
+  lm, tables, info = build_ngram([[1, 2, 1, 2, 1, 3]], order=2, vocab_size=5)
+  # Unigrams 1:3, 2:2, 3:1 of 6 tokens; bigrams (1,2):2, (2,1):2, (1,3):1. Ney's discounts n1 / (n1 + 2 n2).
+  d1, d2 = 1 / (1 + 2 * 1), 1 / (1 + 2 * 2)
+  assert info["discounts"] == {1: round(d1, 4), 2: round(d2, 4)}
+  p1 = lambda w, c: max(c - d1, 0) / 6 + d1 * 3 / 6 / 5
+  p_2_after_1 = (2 - d2) / 3 + d2 * 2 / 3 * p1(2, 2)
+  assert math.isclose(math.exp(ngram_logp(lm, tables, [1], 2)), p_2_after_1, rel_tol=1e-5)
+  assert math.isclose(math.exp(ngram_logp(lm, tables, [1], 4)), d2 * 2 / 3 * p1(4, 0), rel_tol=1e-5)
+  # An unseen context and an unknown one fall back to the unigram.
+  assert math.isclose(math.exp(ngram_logp(lm, tables, [4], 1)), p1(1, 3), rel_tol=1e-5)
+  assert math.isclose(math.exp(ngram_logp(lm, tables, [-1], 1)), p1(1, 3), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("order", [2, 3, 4])
+def test_ngram_distributions_sum_to_one_and_match_the_host_reference(order):
+  rng = np.random.default_rng(order)
+  seqs = [rng.integers(0, 12, size=rng.integers(5, 40)).tolist() for _ in range(30)]
+  lm, tables, _ = build_ngram(seqs, order, vocab_size=16)
+  t = {k: jnp.asarray(v) for k, v in tables.items()}
+  contexts = [seqs[0][:order - 1], seqs[3][2:order + 1], [-1] * (order - 1), [15] * (order - 1)]
+  for ctx in contexts:
+    ctx = ctx[-(order - 1):]
+    lp = lm.log_prob(t, jnp.broadcast_to(jnp.asarray(ctx, jnp.int32), (16, order - 1)), jnp.arange(16))
+    assert abs(float(jnp.sum(jnp.exp(lp))) - 1.0) < 1e-5
+    for w in (0, 5, 11, 15):
+      assert math.isclose(float(jnp.exp(lp[w])), exact_prob(tables, lm, list(ctx), w), rel_tol=1e-5)
+
+
+def test_sorted_lookup_finds_exactly_the_stored_keys():
+  rng = np.random.default_rng(0)
+  hi = rng.integers(0, 50, 300).astype(np.uint32)
+  lo = rng.integers(0, 2**32 - 1, 300, dtype=np.uint64).astype(np.uint32)
+  keys = sorted(set(zip(hi.tolist(), lo.tolist())))
+  k_hi = jnp.asarray([a for a, _ in keys], jnp.uint32)
+  k_lo = jnp.asarray([b for _, b in keys], jnp.uint32)
+  vals = jnp.arange(len(keys), dtype=jnp.float32)
+  q = keys[::7] + [(7, 123), (51, 0), (0, 0)]
+  got = sorted_lookup(k_hi, k_lo, vals, jnp.asarray([a for a, _ in q], jnp.uint32),
+                      jnp.asarray([b for _, b in q], jnp.uint32), -1.0)
+  want = [keys.index(x) if x in keys else -1 for x in q]
+  assert got.tolist() == want
+
+
+def test_ngram_files_round_trip_and_corrupt_files_are_clear_errors(tmp_path):
+  lm, tables, _ = build_ngram([[1, 2, 3, 1, 2, 4]], 3, 8)
+  save_ngram(tmp_path, lm, tables, meta={"tuned": {"ngram_weight": 0.3}})
+  lm2, t2, cfg = load_ngram(tmp_path)
+  assert lm2 == lm and cfg["tuned"]["ngram_weight"] == 0.3
+  assert all(np.array_equal(np.asarray(t2[k]), v) for k, v in tables.items())
+  raw = (tmp_path / "ngram.safetensors").read_bytes()
+  (tmp_path / "ngram.safetensors").write_bytes(raw[:len(raw) // 3])
+  with pytest.raises(ModelLoadError, match="unreadable"):
+    load_ngram(tmp_path)
+  with pytest.raises(ModelLoadError, match="missing"):
+    load_ngram(tmp_path / "nothing")
+  with pytest.raises(InputError, match="vocabulary"):
+    build_ngram([[1, 9]], 2, 8)
+
+
+def test_forest_draft_is_independent_chains():
+  d = forest_draft(jnp.asarray([[[5, 6, 7], [5, 8, 9]]], jnp.int32))
+  assert d.tokens_BxN.tolist() == [[5, 6, 7, 5, 8, 9]]
+  assert d.parent_BxN.tolist() == [[-1, 0, 1, -1, 3, 4]]
+  assert d.depth_BxN.tolist() == [[1, 2, 3, 1, 2, 3]]
+  want = np.zeros((6, 6), bool)
+  for j in (0, 3):
+    for a in range(3):
+      want[j + a, j:j + a + 1] = True
+  assert np.array_equal(np.asarray(d.mask_BxNxN[0]), want)
+
+
+@pytest.fixture(scope="module")
+def setup(tiny):
+  model, params = tiny
+  bpd, p = random_heads(tiny, 3)
+  greedy = generate(model, params, PROMPTS, max_new_tokens=NEW)
+  # An n-gram LM of the model's own greedy text: it knows what the target will say.
+  lm, tables, _ = build_ngram(greedy.tokens, 3, model.vocab_size)
+  ng = {k: jnp.asarray(v) for k, v in tables.items()}
+  return model, params, bpd, bpd_draft_params(model, params, bpd, p), greedy, lm, ng
+
+
+def _reference(greedy, extra=8):
+  return np.array([t + [-1] * (NEW + extra - len(t)) for t in greedy.tokens], np.int32)
+
+
+def _run(setup, drafter, **dp):
+  model, params, _, bdp, *_ = setup
+  return generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=drafter,
+                  draft_params=lattice_draft_params(bdp, **dp))
+
+
+@pytest.mark.parametrize("rescorer,beams,keep_raw", [("none", 1, False), ("none", 3, False), ("ngram", 1, False),
+                                                     ("ngram", 3, False), ("ngram", 2, True), ("neural", 1, False),
+                                                     ("oracle", 1, False)])
+def test_rescored_bpd_equals_greedy(setup, rescorer, beams, keep_raw):
+  model, params, bpd, _, greedy, lm, ng = setup
+  kw = {}
+  lm_drafter = None
+  if rescorer == "ngram":
+    kw = dict(weight=0.5, ngram=ng)
+  elif rescorer == "neural":
+    draft, draft_params = layerskip_draft(model, params, 1)
+    lm_drafter = DraftModelDrafter(draft, bpd.num_heads)
+    kw = dict(weight=0.5, lm=draft_params)
+  elif rescorer == "oracle":
+    kw = dict(reference_BxR=_reference(greedy))
+  drafter = LatticeDrafter(bpd, rescorer, top_t=4, beams=beams, keep_raw=keep_raw,
+                           ngram=lm if rescorer == "ngram" else None, lm=lm_drafter)
+  res = _run(setup, drafter, **kw)
+  assert res.tokens == greedy.tokens
+  st = res.drafter_stats
+  assert int(st["proposals"]) == sum(res.active_calls)
+  assert np.all(st["head_entropy_K"] >= 0) and np.all(st["head_entropy_K"] <= np.log(model.vocab_size) * st["proposals"])
+  assert np.all(st["head_top1_K"] > 0) and np.all(st["head_top1_K"] <= st["proposals"])
+  assert 0 <= st["raw_repeats"] <= bpd.num_heads * st["proposals"]
+  if rescorer == "neural":
+    assert res.drafter_calls == bpd.num_heads * res.target_calls
+
+
+def test_unrescored_lattice_is_plain_bpd(setup):
+  _, _, bpd, bdp, greedy, *_ = setup
+  model, params = setup[:2]
+  plain = generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=BPDDrafter(bpd), draft_params=bdp)
+  for drafter, kw in [(LatticeDrafter(bpd, "none", top_t=4), {}),
+                      (LatticeDrafter(bpd, "ngram", top_t=4, ngram=setup[5]), dict(weight=0.0, ngram=setup[6])),
+                      (LatticeDrafter(bpd, "oracle", top_t=1), dict(reference_BxR=_reference(greedy)))]:
+    res = _run(setup, drafter, **kw)
+    assert np.array_equal(res.accept_hist, plain.accept_hist), drafter.rescorer
+
+
+def test_oracle_over_the_whole_vocabulary_accepts_every_draft(setup):
+  model, _, bpd, _, greedy, *_ = setup
+  k = bpd.num_heads
+  res = _run(setup, LatticeDrafter(bpd, "oracle", top_t=model.vocab_size), reference_BxR=_reference(greedy))
+  # Every step but a row's last commits k + 1 tokens: the greedy token is always somewhere in a full lattice.
+  assert np.all(res.accept_hist[:, k + 1] >= np.asarray(res.active_calls) - 1)
+  assert res.tau > k
+
+
+def test_a_knowing_ngram_lm_lengthens_accepted_blocks(setup):
+  _, _, bpd, _, greedy, lm, ng = setup
+  plain = _run(setup, LatticeDrafter(bpd, "none", top_t=8))
+  rescored = _run(setup, LatticeDrafter(bpd, "ngram", top_t=8, ngram=lm), weight=0.7, ngram=ng)
+  oracle = _run(setup, LatticeDrafter(bpd, "oracle", top_t=8), reference_BxR=_reference(greedy))
+  assert rescored.tau > plain.tau * 1.2, (rescored.tau, plain.tau)
+  assert oracle.tau >= plain.tau
+
+
+def test_bad_lattice_settings_are_clear_errors(setup):
+  bpd = setup[2]
+  with pytest.raises(InputError, match="rescorer"):
+    LatticeDrafter(bpd, "magic")
+  with pytest.raises(InputError, match="beams"):
+    LatticeDrafter(bpd, "none", top_t=2, beams=3)
+  with pytest.raises(InputError, match="beams=1"):
+    LatticeDrafter(bpd, "oracle", beams=2)
+  with pytest.raises(InputError, match="keep_raw"):
+    LatticeDrafter(bpd, "none", keep_raw=True)
+  with pytest.raises(InputError, match="n-gram"):
+    LatticeDrafter(bpd, "ngram")
+
+
+def test_rescore_task_builds_the_ngram_and_tunes_the_weights(tiny, tmp_path):
+  from training.rescore import RescoreConfig, TuneSection, train_rescore
+
+  model, params = tiny
+  bpd, p = random_heads(tiny, 3)
+  save_bpd(tmp_path / "heads", bpd, p)
+  data = tiny_train_config(tmp_path).data
+  cfg = RescoreConfig(out=str(tmp_path / "rescore"), heads=str(tmp_path / "heads"),
+                      data=dataclasses.replace(data, eval_fraction=0.1),
+                      tune=TuneSection(k=3, top_t=4, beams=2, weights=(0.0, 0.5), neural_layers=1,
+                                       neural_weights=(0.0, 0.5), max_new_tokens=24, batch_size=8))
+  summary = train_rescore(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  lm, tables, saved = load_ngram(tmp_path / "rescore")
+  tuned = saved["tuned"]
+  assert lm.order == 4 and summary["held_out_prompts"] == 4 and summary["sequences"] == 36
+  assert [r["weight"] for r in tuned["ngram_tuning"]] == [0.0, 0.5]
+  assert tuned["ngram_weight"] == max(tuned["ngram_tuning"], key=lambda r: r["tau"])["weight"]
+  assert tuned["neural_weight"] == max(tuned["neural_tuning"], key=lambda r: r["tau"])["weight"]
+  assert all(r["tau"] >= 1.0 for r in tuned["ngram_tuning"] + tuned["neural_tuning"])
+
+
+def test_shipped_rescorers_equal_greedy_on_default_model(default_model):
+  from jaxspec.bench.methods import METHODS, BenchContext
+
+  model, params, tok = default_model
+  ctx = BenchContext(model, params, tok)
+  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
+             for q in ("Name three rivers in Europe.", "Explain what a prime number is.")]
+  greedy = METHODS["greedy"].build(ctx, {})(prompts, 32, 0)
+  for name in ("bpd-ngram", "bpd-neural"):
+    res = METHODS[name].build(ctx, {})(prompts, 32, 0)
+    assert res.tokens == greedy.tokens, name
+    assert res.target_calls < greedy.target_calls, name

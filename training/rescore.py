@@ -1,0 +1,144 @@
+"""The lattice rescorers of `bpd-ngram` and `bpd-neural` (Kim et al. 2024): build the n-gram LM, tune the weights.
+
+`jaxspec train configs/bpd_rescore_smollm2.yaml`:
+1. the self-distilled dataset of the BPD heads (the target's greedy continuations of the training prompts; built and
+   resumable as for `bpd`, shared when `data.dataset_dir` is the same folder);
+2. the same train / held-out split the heads were trained with (`data.eval_fraction`, `split_seed`): the n-gram LM
+   is counted on the training part only;
+3. the interpolation weights tuned on the held-out prompts, which neither the heads nor the n-gram LM have seen: each
+   candidate weight decodes them with the rescored drafts and the weight with the best block efficiency (tokens per
+   target call) wins; every tuning run is also checked against greedy decoding;
+4. `out/ngram.safetensors` and `out/config.json` (order, counts, the tuned weights and the tuning table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+from tqdm.auto import tqdm
+
+from training.bpd import BPDTrainConfig, DataSection, ModelSection, build_sequences
+from training.config import load_config, to_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramSection:
+  order: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneSection:
+  k: int = 4  # heads used
+  top_t: int = 16  # lattice width
+  beams: int = 4  # n-gram drafts verified per step (as a tree)
+  weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)  # n-gram weights tried
+  neural: bool = True  # also tune the neural rescorer (the target's first `neural_layers` layers)
+  neural_layers: int = 4
+  neural_weights: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8)
+  max_new_tokens: int = 64
+  batch_size: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class RescoreConfig:
+  task: Literal["rescore"] = "rescore"
+  out: str = "runs/rescore"  # ngram.safetensors + config.json
+  heads: Optional[str] = None  # BPD heads folder; None: jaxspec/assets/bpd_smollm2
+  split_seed: int = 0  # with data.eval_fraction: the heads' train / held-out split (their `train.seed`)
+  model: ModelSection = ModelSection()
+  data: DataSection = DataSection()
+  ngram: NgramSection = NgramSection()
+  tune: TuneSection = TuneSection()
+
+
+def tune_weight(model, params, prompts, eos_ids, pad_id, make, weights, greedy_tokens, max_new_tokens: int,
+                batch_size: int, desc: str, progress: bool) -> list[dict]:
+  """Block efficiency of the rescored drafts per weight on `prompts` (the weight is runtime data: one compile).
+
+  `make(weight) -> (drafter, draft_params)`. Raises AssertionError if any output differs from greedy decoding.
+  """
+  from jaxspec.decoding.generate import generate
+
+  rows = []
+  for w in tqdm(weights, desc=desc, disable=not progress, leave=False):
+    drafter, dp = make(w)
+    steps = calls = 0
+    t0 = time.perf_counter()
+    for s in range(0, len(prompts), batch_size):
+      batch = prompts[s:s + batch_size]
+      res = generate(model, params, batch, max_new_tokens=max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                     drafter=drafter, draft_params=dp)
+      if res.tokens != greedy_tokens[s:s + batch_size]:
+        raise AssertionError(f"{desc}: rescored BPD differs from greedy decoding at weight {w}")
+      steps += sum(res.step_tokens)
+      calls += sum(res.active_calls)
+    rows.append({"weight": float(w), "tau": steps / calls, "seconds": round(time.perf_counter() - t0, 1)})
+  return rows
+
+
+def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None, progress: bool = True) -> dict:
+  """Builds the n-gram LM and tunes both rescorers' weights; writes `cfg.out`. Returns a summary."""
+  import jax.numpy as jnp
+
+  from jaxspec.bench.methods import DEFAULT_BPD_HEADS
+  from jaxspec.decoding.bpd import bpd_draft_params
+  from jaxspec.decoding.generate import generate
+  from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
+  from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft
+  from jaxspec.loading import load_model
+  from jaxspec.models.bpd import load_bpd
+  from jaxspec.models.ngram import build_ngram, save_ngram
+
+  t_start = time.time()
+  if model is None:
+    model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
+  seqs = build_sequences(BPDTrainConfig(data=cfg.data), model, params, tokenizer, progress)
+  train_seqs, held = seqs.split(cfg.data.eval_fraction, seed=cfg.split_seed)
+  t0 = time.time()
+  lm, tables, info = build_ngram(train_seqs.tokens, cfg.ngram.order, model.vocab_size)
+  build_s = time.time() - t0
+
+  bpd, bpd_params = load_bpd(Path(cfg.heads or DEFAULT_BPD_HEADS), cfg.tune.k)
+  bdp = bpd_draft_params(model, params, bpd, bpd_params)
+  # Held-out prompts; text data has no prompt part, so its first half (at most 32 tokens) stands for one.
+  prompts = [list(map(int, t[:p if p > 0 else max(1, min(32, len(t) // 2))]))
+             for t, p in zip(held.tokens, held.prompt_lens)]
+  eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+  pad = tokenizer.pad_id or 0
+  tc = cfg.tune
+  greedy = []
+  for s in range(0, len(prompts), tc.batch_size):
+    greedy += generate(model, params, prompts[s:s + tc.batch_size], max_new_tokens=tc.max_new_tokens, eos_ids=eos,
+                       pad_id=pad).tokens
+  ng = {k: jnp.asarray(v) for k, v in tables.items()}
+  t0 = time.time()
+  ngram_drafter = LatticeDrafter(bpd, "ngram", top_t=tc.top_t, beams=tc.beams, ngram=lm)
+  ngram_rows = tune_weight(model, params, prompts, eos, pad,
+                           lambda w: (ngram_drafter, lattice_draft_params(bdp, weight=w, ngram=ng)), tc.weights,
+                           greedy, tc.max_new_tokens, tc.batch_size, "tune n-gram weight", progress)
+  best_ngram = max(ngram_rows, key=lambda r: r["tau"])
+  tuned = {"k": tc.k, "top_t": tc.top_t, "beams": tc.beams, "ngram_weight": best_ngram["weight"],
+           "ngram_tuning": ngram_rows}
+  if tc.neural:
+    draft, draft_params = layerskip_draft(model, params, tc.neural_layers)
+    neural = LatticeDrafter(bpd, "neural", top_t=tc.top_t, lm=DraftModelDrafter(draft, tc.k))
+    neural_rows = tune_weight(model, params, prompts, eos, pad,
+                              lambda w: (neural, lattice_draft_params(bdp, weight=w, lm=draft_params)),
+                              tc.neural_weights, greedy, tc.max_new_tokens, tc.batch_size, "tune neural weight",
+                              progress)
+    tuned.update(neural_layers=tc.neural_layers, neural_weight=max(neural_rows, key=lambda r: r["tau"])["weight"],
+                 neural_tuning=neural_rows)
+  tune_s = time.time() - t0
+  summary = {"sequences": len(train_seqs), "held_out_prompts": len(prompts), **info, "tuned": tuned,
+             "build_s": round(build_s, 1), "tune_s": round(tune_s, 1), "total_s": round(time.time() - t_start, 1),
+             "config": to_dict(cfg)}
+  save_ngram(cfg.out, lm, tables, meta={"tuned": tuned, "training": summary})
+  return summary
+
+
+def load_rescore_config(path, overrides=()) -> RescoreConfig:
+  return load_config(path, RescoreConfig, overrides)
+
