@@ -1,10 +1,21 @@
-"""Shared fixtures: the real default model is loaded once per test session."""
+"""Shared fixtures: the real default model is loaded once per test session.
 
-import jax
-import jax.numpy as jnp
-import pytest
+The session runs on 8 CPU devices (`--xla_force_host_platform_device_count=8`) so that tests/test_sharding.py can
+shard over a real mesh in the default run; everything else still runs on device 0, as it does without the flag.
+"""
 
-from jaxspec.models.llama import LlamaLM, tiny_config
+import os
+
+FORCED_DEVICES = 8
+# XLA reads the flag when the CPU backend starts (the first use of a device), so it is set before anything runs.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={FORCED_DEVICES}"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxspec.models.llama import LlamaLM, tiny_config  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

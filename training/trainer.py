@@ -30,6 +30,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
+from jaxspec import sharding
 from training.checkpoint import Checkpointer, CheckpointError
 from training.config import ConfigError
 
@@ -159,6 +160,7 @@ class Trainer:
       eval_fn: LossFn | None = None,
       log_every: int = 50,
       progress: bool | None = None,
+      mesh: Any = None,
   ):
     """Sets up a trainer.
 
@@ -172,6 +174,10 @@ class Trainer:
       eval_fn: like `loss_fn`, for evaluation; defaults to `loss_fn`.
       log_every: average the train metrics over this many steps per logged record.
       progress: show a tqdm bar; None shows it only on a terminal.
+      mesh: train sharded on a device mesh (a `jax.sharding.Mesh` with `data` / `model` axes, a spec such as
+        `"data=2,model=4"`, or a `jaxspec.sharding.Partitioner`): params, optimizer state and `frozen` are placed
+        by the logical axis rules of `jaxspec.sharding`, batches are split over `data` (dimension 0), and each
+        step keeps the state's shardings. None: one device, as before.
     """
     if checkpoint_every < 1 or log_every < 1:
       raise ConfigError(f"checkpoint_every and log_every must be >= 1, got {checkpoint_every} and {log_every}")
@@ -184,6 +190,9 @@ class Trainer:
     self.eval_fn = eval_fn or loss_fn
     self.log_every = log_every
     self.progress = progress
+    self.partitioner = sharding.partitioner(mesh)
+    if self.partitioner is not None and frozen is not None:
+      self.frozen = self.partitioner.shard_params(frozen)
     self._train_step = jax.jit(self._step, donate_argnums=(0,))
     self._eval_step = jax.jit(self._eval)
 
@@ -196,21 +205,44 @@ class Trainer:
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if self.partitioner is not None:  # the next step then gets (and donates) arrays laid out like this one's
+      new = self.partitioner.constrain(new, self.state_shardings(new))
+    return new, metrics
 
   def _eval(self, params: Params, frozen: Any, batch: Batch, rng: jax.Array) -> Metrics:
     loss, metrics = self.eval_fn(params, frozen, batch, rng)
     return {**metrics, "loss": loss}
 
   def train_step(self, state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-    """One jitted update. `state` is donated: use only the returned state afterwards."""
-    return self._train_step(state, self.frozen, batch)
+    """One jitted update. `state` is donated: use only the returned state afterwards. With a mesh, `state` and
+    `batch` are placed on it first (`shard_state`)."""
+    return self._train_step(self.shard_state(state), self.frozen, self._place_batch(batch))
+
+  # --- sharding ------------------------------------------------------------------------------------------
+
+  def state_shardings(self, state: TrainState) -> Any:
+    """Shardings of a train state on the mesh: params and optimizer state by the parameter rules (an optimizer
+    state's paths end in its param's path), step and key replicated. Needs a mesh."""
+    part = self.partitioner
+    return state.replace(step=part.replicated, params=part.param_shardings(state.params),
+                         opt_state=part.param_shardings(state.opt_state), rng=part.replicated)
+
+  def shard_state(self, state: TrainState) -> TrainState:
+    """`state` placed on the mesh by `state_shardings` (arrays already there are not copied); unchanged
+    without a mesh."""
+    if self.partitioner is None:
+      return state
+    return sharding.place(state, self.state_shardings(state))
+
+  def _place_batch(self, batch: Batch) -> Batch:
+    return batch if self.partitioner is None else self.partitioner.shard_batch(batch)
 
   def evaluate(self, state: TrainState, batches: Iterable[Batch]) -> dict[str, float]:
     """The mean over `batches` of each eval metric, named `eval/<name>` (empty when there are no batches)."""
     base = jax.random.fold_in(state.rng, _EVAL_STREAM)
     results = [
-        self._eval_step(state.params, self.frozen, batch, jax.random.fold_in(base, i))
+        self._eval_step(state.params, self.frozen, self._place_batch(batch), jax.random.fold_in(base, i))
         for i, batch in enumerate(batches)
     ]
     if not results:
@@ -255,6 +287,7 @@ class Trainer:
       ckpt = Checkpointer(self.checkpoint_dir, max_to_keep=self.max_to_keep, every=self.checkpoint_every)
     history: list[dict[str, float]] = []
     try:
+      state = self.shard_state(state)  # before a restore, which reads into the template's shardings
       if ckpt is not None and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
         if int(meta.get("step", int(state.step))) != int(state.step):
@@ -307,7 +340,7 @@ class Trainer:
         if batch is _END:
           logger.warning("the batches ran out at step %d of %d; stopping there", step, num_steps)
           break
-        state, metrics = self._train_step(state, self.frozen, batch)
+        state, metrics = self._train_step(state, self.frozen, self._place_batch(batch))
         step += 1
         window.append(metrics)
         bar.update(1)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import sharding
 from jaxspec.decoding.accept import GreedyAcceptance, SampleAcceptance
 from jaxspec.decoding.loop import DecodeOutput, NoDraft, decode_jit
 from jaxspec.decoding.sampling import SamplingParams, Warp
@@ -85,7 +86,7 @@ def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int
 def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int] = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
              pad_id: int = 0, seed: int = 0, drafter=None, draft_params: Any = None, acceptor=None,
-             max_len: int | None = None) -> GenerationResult:
+             max_len: int | None = None, mesh: Any = None) -> GenerationResult:
   """Generates continuations of a batch of token-id prompts with one jitted program.
 
   Args:
@@ -101,12 +102,16 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     draft_params: the drafter's parameters.
     acceptor: acceptance rule; by default chosen from temperature / top_k / top_p.
     max_len: cache length limit; defaults to the model's context length.
+    mesh: run sharded on a device mesh: a `jax.sharding.Mesh` with `data` / `model` axes, a spec such as
+      `"data=2,model=4"`, or a `jaxspec.sharding.Partitioner`. Params and draft params are placed by the logical
+      axis rules (already placed arrays are not copied again), prompts split over `data`, and the caches and loop
+      state are constrained inside the program. None: one device, as before.
 
   Returns:
     A `GenerationResult`.
 
   Raises:
-    InputError: empty prompts, or a request that does not fit the cache.
+    InputError: empty prompts, a request that does not fit the cache, or a mesh that does not fit the devices.
   """
   drafter = drafter or NoDraft()
   acceptor = acceptor or make_acceptor(temperature, top_k, top_p)
@@ -116,16 +121,30 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
           jnp.asarray(list(eos_ids) or [-1], jnp.int32), jax.random.key(seed), SamplingParams.make(temperature, top_p),
           draft_params)
   static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=out_len, capacity=capacity, pad_id=pad_id)
+  part = sharding.partitioner(mesh, model)
+  if part is not None:
+    args = sharding.place(args, decode_arg_shardings(part, args))
+    static["partitioner"] = part
   program, compile_s, program_bytes = compiled_program(args, static)
   t0 = time.perf_counter()
   out: DecodeOutput = program(*args)
-  toks, lens, st, dst = jax.device_get((out.tokens_BxO, out.lengths_B, out.stats, out.drafter_stats))
+  toks, lens, st, dst = sharding.fetch((out.tokens_BxO, out.lengths_B, out.stats, out.drafter_stats))
   run_s = time.perf_counter() - t0
   return GenerationResult(
       tokens=[row[:n].tolist() for row, n in zip(toks, lens)], target_calls=int(st.target_calls),
       drafter_calls=int(st.drafter_calls), active_calls=st.active_calls_B.tolist(),
       step_tokens=st.step_tokens_B.tolist(), accept_hist=np.asarray(st.accept_hist_BxA), compile_s=compile_s,
       run_s=run_s, program_bytes=program_bytes, drafter_stats={k: np.asarray(v) for k, v in dst.items()})
+
+
+def decode_arg_shardings(part: sharding.Partitioner, args: tuple) -> tuple:
+  """Shardings of `decode`'s array arguments `(params, prompts, lengths, max_new, eos, rng, sp, draft_params)`:
+  params by the rules, the per-row arrays split over `data`, the rest replicated."""
+  params, prompts_BxP, lengths_B, max_new_B, eos_E, rng, sp, draft_params = args
+  rows = lambda x: part.sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, "prompts")
+  repl = lambda tree: jax.tree.map(lambda _: part.replicated, tree)
+  return (part.param_shardings(params), rows(prompts_BxP), rows(lengths_B), rows(max_new_B), part.replicated,
+          part.replicated, repl(sp), part.param_shardings(draft_params))
 
 
 _PROGRAMS: dict = {}
@@ -137,7 +156,9 @@ def compiled_program(args: tuple, static: dict, fn=None):
   run time. `fn` is a jitted function taking `model` first (default: the decode loop)."""
   fn = fn or decode_jit
   leaves, treedef = jax.tree.flatten(args)
-  key = (fn, tuple(sorted(static.items())), treedef, tuple((x.shape, str(x.dtype)) for x in leaves))
+  # Shardings are part of the key: a program compiled for arrays on one device rejects arrays on a mesh.
+  key = (fn, tuple(sorted(static.items())), treedef,
+         tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves))
   if key in _PROGRAMS:
     program, nbytes = _PROGRAMS[key]
     return program, 0.0, nbytes

@@ -97,9 +97,9 @@ def _block_mask(draft: Draft) -> Array:
 
 def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array, max_new_B: Array,
            eos_ids_E: Array, rng: Array, sp: SamplingParams, draft_params=None, *, drafter: Drafter, acceptor,
-           out_len: int, capacity: int, pad_id: int = 0) -> DecodeOutput:
-  """Prefill + the draft/verify/accept loop. Jittable; `drafter`, `acceptor`, `out_len`, `capacity`, `pad_id` and
-  `model` are static.
+           out_len: int, capacity: int, pad_id: int = 0, partitioner=None) -> DecodeOutput:
+  """Prefill + the draft/verify/accept loop. Jittable; `drafter`, `acceptor`, `out_len`, `capacity`, `pad_id`,
+  `partitioner` and `model` are static.
 
   Args:
     model: the target, through the `LanguageModel` boundary.
@@ -116,17 +116,22 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
     out_len: size of the output buffer (static).
     capacity: KV cache slots per row; must hold P + out_len + N + 1.
     pad_id: written past each row's end.
+    partitioner: a `jaxspec.sharding.Partitioner` (static) to run on a device mesh: the KV caches (the target's
+      and any in the drafter state) and the loop's batch arrays are constrained to its shardings where they are
+      made and at every step. None (unsharded) leaves the program as it was.
 
   Returns:
     tokens, lengths and counters.
   """
   b, p = prompts_BxP.shape
   t = drafter.num_nodes + 1
+  shard = partitioner.constrain_state if partitioner is not None else (lambda tree: tree)
   # The barrier keeps XLA from constant-folding attention over the all-zero empty cache (minutes of compile time).
-  cache = jax.lax.optimization_barrier(model.init_cache(b, capacity))
+  cache = shard(jax.lax.optimization_barrier(shard(model.init_cache(b, capacity))))
   positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
   _, hidden_BxPxD, cache = model.forward(params, prompts_BxP, positions_BxP, cache, jnp.tril(jnp.ones((p, p), bool)),
                                          logits=False)
+  cache = shard(cache)
   last_BxD = jnp.take_along_axis(hidden_BxPxD, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
   logits_BxV = model.logits(params, last_BxD[:, None])[:, 0]
   cache = cache.advance(prompt_len_B)
@@ -136,11 +141,11 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
   dstate = drafter.init(draft_params, PrefillInfo(prompts_BxP, prompt_len_B, last_BxD, logits_BxV, first_B,
                                                   capacity=capacity, rng=r_draft))
   zeros_B = jnp.zeros((b,), jnp.int32)
-  state = LoopState(
+  state = shard(LoopState(
       step=jnp.int32(0), tokens_BxO=tokens_BxO, n_out_B=jnp.ones((b,), jnp.int32),
       done_B=_is_eos(first_B, eos_ids_E) | (max_new_B <= 1), pending_B=first_B, max_new_B=max_new_B, cache=cache,
       dstate=dstate, rng=rng, sp=sp,
-      stats=Stats(jnp.int32(0), jnp.int32(0), zeros_B, zeros_B, jnp.zeros((b, t + 1), jnp.int32)))
+      stats=Stats(jnp.int32(0), jnp.int32(0), zeros_B, zeros_B, jnp.zeros((b, t + 1), jnp.int32))))
 
   def step(s: LoopState) -> LoopState:
     active_B = s.active_B
@@ -177,9 +182,9 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
         step_tokens_B=st.step_tokens_B + n_new_B,
         accept_hist_BxA=st.accept_hist_BxA + jax.nn.one_hot(n_commit_B, t + 1, dtype=jnp.int32))
     dstate = drafter.update(draft_params, dstate, Verified(draft, logits_BxTxV, hidden_BxTxD, acc, active_B))
-    return LoopState(step=s.step + 1, tokens_BxO=tokens_BxO, n_out_B=n_out_B, done_B=done_B,
-                     pending_B=jnp.where(active_B, pending_B, s.pending_B), max_new_B=s.max_new_B, cache=cache,
-                     dstate=dstate, rng=rng, sp=s.sp, stats=stats)
+    return shard(LoopState(step=s.step + 1, tokens_BxO=tokens_BxO, n_out_B=n_out_B, done_B=done_B,
+                           pending_B=jnp.where(active_B, pending_B, s.pending_B), max_new_B=s.max_new_B, cache=cache,
+                           dstate=dstate, rng=rng, sp=s.sp, stats=stats))
 
   state = jax.lax.while_loop(lambda s: jnp.any(s.active_B) & (s.step < out_len), step, state)
   keep_BxO = jnp.arange(out_len)[None] < state.n_out_B[:, None]
@@ -188,4 +193,5 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
                       drafter_stats=drafter.stats(state.dstate) if hasattr(drafter, "stats") else {})
 
 
-decode_jit = jax.jit(decode, static_argnames=("model", "drafter", "acceptor", "out_len", "capacity", "pad_id"))
+decode_jit = jax.jit(decode, static_argnames=("model", "drafter", "acceptor", "out_len", "capacity", "pad_id",
+                                             "partitioner"))

@@ -1,0 +1,393 @@
+"""Sharding over a device mesh with `data` and `model` axes, by logical-axis rules (as T5X's partitioner does).
+
+Every array dimension that matters gets a logical name (`batch`, `heads`, `kv_heads`, `mlp`, `vocab`, `embed`,
+...); `RULES` maps logical names to mesh axes (batch -> data; heads, kv_heads, mlp, vocab -> model), and a
+`Partitioner` turns names and shapes into `NamedSharding`s. A dimension that a mesh axis cannot divide (2 kv heads
+on a model axis of 4, a batch of 3 on a data axis of 2) falls back to replication instead of failing, and the
+partitioner logs it once.
+
+Where the names come from:
+  - parameters: `PARAM_AXES`, regular expressions matched against the end of a parameter's path, so the same
+    rules cover a LlamaLM's params, a draft model nested in a dict, optimizer states (whose paths end in the
+    param's) and stacked layers (extra leading dimensions are replicated). Anything unmatched is replicated.
+  - KV caches (`jaxspec.models.cache.KVCache`): keys `[B, K, H, S]`, values `[B, K, S, H]`, lengths `[B]`.
+  - loop state and batches: the shape suffix of a field's name (`tokens_BxO`: B is the batch), or dimension 0 of
+    a training batch.
+
+A mesh is written `"data=2,model=4"` (-1 fills in the devices left over) and must use every device; the model is
+the same program on any mesh, so sharded decoding gives the tokens of unsharded decoding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxspec.errors import InputError
+
+logger = logging.getLogger(__name__)
+
+DATA = "data"
+MODEL = "model"
+MESH_AXES = (DATA, MODEL)
+
+# Logical axis -> mesh axis (None: replicated). Data in the T5X manner: a list of pairs, first match wins.
+RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", DATA),
+    ("heads", MODEL),
+    ("kv_heads", MODEL),
+    ("mlp", MODEL),
+    ("vocab", MODEL),
+    ("embed", None),
+    ("head_dim", None),
+    ("length", None),
+    ("layers", None),
+)
+
+# Parameter path (its end, '/'-joined) -> logical axes of its last dimensions.
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"(^|/)embed/embedding$", ("vocab", "embed")),
+    (r"attn/q/kernel$", ("embed", "heads")),
+    (r"attn/[kv]/kernel$", ("embed", "kv_heads")),
+    (r"attn/o/kernel$", ("heads", "embed")),
+    (r"mlp/(gate|up)/kernel$", ("embed", "mlp")),
+    (r"mlp/down/kernel$", ("mlp", "embed")),
+    (r"(^|/)lm_head/kernel$", ("embed", "vocab")),
+    (r"(^|/)proj_DxM$", ("embed", "vocab")),  # BPD heads' output projection (decode and training)
+    (r"(^|/)embed_VxD$", ("vocab", "embed")),  # the target embedding BPD heads read
+)
+
+# Shape letters of field names (STYLE.md's glossary) that name a logical axis; the others stay replicated.
+_LETTER_AXES = {"B": "batch"}
+_SHAPE_SUFFIX = re.compile(r"_([A-Z][A-Za-z0-9]*(?:x[A-Z][A-Za-z0-9]*)*)$")
+
+
+# ---- meshes ----------------------------------------------------------------------------------------------------
+
+def parse_mesh_shape(spec: str | Sequence[int]) -> dict[str, int]:
+  """`"data=2,model=4"`, `"2,4"` or `(2, 4)` -> `{"data": 2, "model": 4}`; a missing axis is 1, -1 fills in."""
+  if isinstance(spec, str):
+    text = spec.replace(" ", "")
+    if not text:
+      raise InputError("The mesh is empty: write it like data=2,model=4.")
+    parts = text.split(",")
+    if all("=" not in p for p in parts):
+      spec = parts
+    else:
+      out = {}
+      for p in parts:
+        name, sep, value = p.partition("=")
+        if not sep or name not in MESH_AXES or name in out:
+          raise InputError(f"Bad mesh {spec!r}: write it like data=2,model=4 (axes: {', '.join(MESH_AXES)}).")
+        out[name] = _mesh_size(value, spec)
+      return {a: out.get(a, 1) for a in MESH_AXES}
+  sizes = list(spec)
+  if len(sizes) != len(MESH_AXES):
+    raise InputError(f"Bad mesh {spec!r}: give {len(MESH_AXES)} sizes ({', '.join(MESH_AXES)}), e.g. 2,4.")
+  return {a: _mesh_size(s, spec) for a, s in zip(MESH_AXES, sizes)}
+
+
+def _mesh_size(value: Any, spec: Any) -> int:
+  try:
+    n = int(value)
+  except (TypeError, ValueError):
+    n = 0
+  if n < 1 and n != -1:
+    raise InputError(f"Bad mesh {spec!r}: every axis size must be a positive integer or -1, got {value!r}.")
+  return n
+
+
+def make_mesh(spec: str | Sequence[int], devices: Sequence[Any] | None = None) -> Mesh:
+  """A `data` x `model` mesh over all devices (all processes' devices under `jax.distributed`).
+
+  Args:
+    spec: the shape, e.g. `"data=2,model=4"` or `(2, 4)`; one size may be -1 (the devices left over).
+    devices: the devices to use (default: `jax.devices()`); the shape must use all of them.
+
+  Returns:
+    A `jax.sharding.Mesh` with `Auto` axes (shardings propagate through the program as in T5X/pjit).
+
+  Raises:
+    InputError: a malformed spec, or a shape that does not match the number of devices.
+  """
+  sizes = parse_mesh_shape(spec)
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  known = math.prod(s for s in sizes.values() if s != -1)
+  fills = [a for a, s in sizes.items() if s == -1]
+  if len(fills) > 1:
+    raise InputError(f"Bad mesh {spec!r}: only one axis may be -1.")
+  if fills:
+    if n % known:
+      raise InputError(f"Mesh {spec!r}: {n} devices cannot be split into axes of {known}.")
+    sizes[fills[0]] = n // known
+  shown = ",".join(f"{a}={s}" for a, s in sizes.items())
+  if math.prod(sizes.values()) != n:
+    raise InputError(
+        f"Mesh {shown} needs {math.prod(sizes.values())} devices, found {n}: {_device_summary(devices)}. Choose "
+        f"sizes whose product is {n} (e.g. data=-1,model=1), run on more devices (jax.distributed for multi-host), "
+        "or on CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting.")
+  shape = tuple(sizes[a] for a in MESH_AXES)
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape), devices=devices)
+
+
+def _device_summary(devices: Sequence[Any]) -> str:
+  kinds = sorted({getattr(d, "device_kind", str(d)) for d in devices})
+  return f"{len(devices)} x {'/'.join(kinds)} over {jax.process_count()} process(es)"
+
+
+def as_auto(mesh: Mesh) -> Mesh:
+  """The mesh with `Auto` axes: shardings propagate through the program rather than being part of array types."""
+  if all(t == AxisType.Auto for t in mesh.axis_types):
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
+# ---- the partitioner -------------------------------------------------------------------------------------------
+
+def _key_name(k: Any) -> str:
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def path_str(path: Sequence[Any]) -> str:
+  """A tree path as `a/b/c` (dict keys, attribute names and indices)."""
+  return "/".join(_key_name(k) for k in path)
+
+
+def axes_from_name(name: str, ndim: int) -> tuple[str | None, ...] | None:
+  """Logical axes from a shape-suffixed name (`tokens_BxO` -> ("batch", None)); None if the name has no suffix
+  that fits `ndim`."""
+  m = _SHAPE_SUFFIX.search(name)
+  if not m:
+    return None
+  letters = m.group(1).split("x")
+  if len(letters) != ndim:
+    return None
+  return tuple(_LETTER_AXES.get(letter) for letter in letters)
+
+
+@dataclasses.dataclass(frozen=True)
+class Partitioner:
+  """Shardings of params, caches, loop state and batches on a mesh. Frozen and hashable: a static jit argument.
+
+  Attributes:
+    mesh: the device mesh (`data`, `model` axes; an axis it lacks counts as size 1).
+    rules: logical axis -> mesh axis pairs (`RULES`).
+    param_axes: parameter path pattern -> logical axes pairs (`PARAM_AXES`).
+    units: logical axis -> how many units the dimension holds where that is not its size: a kernel's `heads`
+      dimension is N*H wide but holds N heads, and is split over the model axis only if N is divisible
+      (e.g. `(("heads", 4), ("kv_heads", 2))`; `units_of(model)` reads them off a LlamaLM).
+  """
+
+  mesh: Mesh
+  rules: tuple[tuple[str, str | None], ...] = RULES
+  param_axes: tuple[tuple[str, tuple[str | None, ...]], ...] = PARAM_AXES
+  units: tuple[tuple[str, int], ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "mesh", as_auto(self.mesh))
+
+  # -- specs --
+
+  def axis_size(self, mesh_axis: str | None) -> int:
+    return int(self.mesh.shape.get(mesh_axis, 1)) if mesh_axis else 1
+
+  def spec(self, logical_axes: Sequence[str | None], shape: Sequence[int], what: str = "") -> PartitionSpec:
+    """The PartitionSpec for an array of `shape` whose last dimensions have `logical_axes` (leading extra
+    dimensions are replicated). A mesh axis that cannot divide a dimension, or is already used by an earlier
+    dimension, leaves it replicated."""
+    rules = dict(reversed(self.rules))  # the first pair for a name wins
+    units = dict(self.units)
+    logical = tuple(logical_axes)[max(0, len(logical_axes) - len(shape)):]
+    axes = (None,) * (len(shape) - len(logical)) + logical
+    out, used = [], set()
+    for name, dim in zip(axes, shape):
+      mesh_axis = rules.get(name) if name else None
+      if mesh_axis is None or mesh_axis not in self.mesh.shape or mesh_axis in used:
+        out.append(None)
+        continue
+      size = self.axis_size(mesh_axis)
+      n = units.get(name, dim)
+      if dim % size or n % size:
+        _note_fallback(f"{what or 'an array'}: {name} ({n}) is not divisible by {mesh_axis}={size}; replicated")
+        out.append(None)
+        continue
+      out.append(mesh_axis)
+      used.add(mesh_axis)
+    while out and out[-1] is None:
+      out.pop()
+    return PartitionSpec(*out)
+
+  def sharding(self, logical_axes: Sequence[str | None], shape: Sequence[int], what: str = "") -> NamedSharding:
+    return NamedSharding(self.mesh, self.spec(logical_axes, shape, what))
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, PartitionSpec())
+
+  def param_logical_axes(self, path: str) -> tuple[str | None, ...]:
+    """The logical axes of a parameter by its path (`()`, i.e. replicated, when no pattern matches)."""
+    for pattern, axes in self.param_axes:
+      if re.search(pattern, path):
+        return axes
+    return ()
+
+  # -- trees --
+
+  def param_shardings(self, params: Any) -> Any:
+    """A NamedSharding per leaf of a parameter tree (or an optimizer state, or a train state). Works on arrays,
+    `ShapeDtypeStruct`s and tracers."""
+    def one(path, x):
+      p = path_str(path)
+      return self.sharding(self.param_logical_axes(p), np.shape(x), p)
+    return jax.tree_util.tree_map_with_path(one, params)
+
+  def cache_shardings(self, cache: Any) -> Any:
+    """Shardings of a `KVCache` (tuples of per-layer arrays or stacked `[L, ...]` arrays)."""
+    k_axes = ("batch", "kv_heads", "head_dim", "length")
+    v_axes = ("batch", "kv_heads", "length", "head_dim")
+    return cache.replace(
+        k=jax.tree.map(lambda x: self.sharding(k_axes, x.shape, "cache keys"), cache.k),
+        v=jax.tree.map(lambda x: self.sharding(v_axes, x.shape, "cache values"), cache.v),
+        lengths=self.sharding(("batch",), cache.lengths.shape, "cache lengths"))
+
+  def batch_shardings(self, batch: Any) -> Any:
+    """Training batches: dimension 0 of every array is the batch (split over `data`)."""
+    return jax.tree.map(lambda x: self.sharding(("batch",) + (None,) * (np.ndim(x) - 1), np.shape(x), "batch")
+                        if np.ndim(x) else self.replicated, batch)
+
+  def state_shardings(self, tree: Any) -> Any:
+    """Shardings for decode-loop state: KV caches by `cache_shardings`, arrays whose name ends in a shape suffix
+    by its letters (B -> batch), and None (left to propagation) for the rest."""
+    from jaxspec.models.cache import KVCache
+
+    is_cache = lambda x: isinstance(x, KVCache)
+
+    def one(path, x):
+      if is_cache(x):
+        return self.cache_shardings(x)
+      axes = axes_from_name(_key_name(path[-1]), np.ndim(x)) if path else None
+      return self.sharding(axes, np.shape(x), path_str(path)) if axes else None
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=is_cache)
+
+  # -- applying shardings --
+
+  def constrain(self, tree: Any, shardings: Any) -> Any:
+    """`with_sharding_constraint` leaf by leaf; a None sharding leaves its leaf to propagation. Jittable (inside
+    jit)."""
+    return _map_with_shardings(lambda x, s: jax.lax.with_sharding_constraint(x, s), tree, shardings)
+
+  def constrain_state(self, tree: Any) -> Any:
+    """Constrains decode-loop state (caches, batch arrays) to `state_shardings`. Jittable."""
+    return self.constrain(tree, self.state_shardings(tree))
+
+  def shard_params(self, params: Any) -> Any:
+    """Parameters placed on the mesh by the rules (outside jit)."""
+    return place(params, self.param_shardings(params))
+
+  def shard_batch(self, batch: Any) -> Any:
+    """A training batch placed on the mesh, split over `data` (outside jit)."""
+    return place(batch, self.batch_shardings(batch))
+
+
+def _map_with_shardings(fn, tree: Any, shardings: Any) -> Any:
+  """`fn(leaf, sharding)` for every leaf of `tree` whose sharding (same structure, possibly None) is not None."""
+  flat_x, treedef = jax.tree.flatten(tree)
+  flat_s = treedef.flatten_up_to(shardings)
+  return treedef.unflatten([x if s is None else fn(x, s) for x, s in zip(flat_x, flat_s)])
+
+
+_FALLBACKS: set[str] = set()
+
+
+def _note_fallback(message: str) -> None:
+  if message not in _FALLBACKS:
+    _FALLBACKS.add(message)
+    logger.info("sharding: %s", message)
+
+
+def units_of(model: Any) -> tuple[tuple[str, int], ...]:
+  """How many heads / kv heads a model's kernels hold (read off `model.cfg` when it is a LlamaLM-like config)."""
+  cfg = getattr(model, "cfg", None)
+  out = []
+  for name, attr in (("heads", "n_heads"), ("kv_heads", "n_kv_heads")):
+    if isinstance(getattr(cfg, attr, None), int):
+      out.append((name, getattr(cfg, attr)))
+  return tuple(out)
+
+
+def partitioner(mesh: Mesh | Partitioner | str | Sequence[int] | None, model: Any = None) -> Partitioner | None:
+  """A `Partitioner` from a mesh, a mesh spec (`"data=2,model=4"`) or a partitioner; None stays None. With
+  `model`, kernels are split by whole heads (`units_of(model)`)."""
+  if mesh is None or isinstance(mesh, Partitioner):
+    return mesh
+  if not isinstance(mesh, Mesh):
+    mesh = make_mesh(mesh)
+  return Partitioner(mesh, units=units_of(model) if model is not None else ())
+
+
+# ---- host <-> mesh ----------------------------------------------------------------------------------------------
+
+def place(tree: Any, shardings: Any) -> Any:
+  """Puts a pytree of host or device arrays onto the mesh with the given shardings (None: left where it is).
+
+  On one process this is `jax.device_put`. Under `jax.distributed`, where a sharding spans devices of other
+  processes, every process must pass the same values (the same checkpoint, the same batch): each builds its own
+  shards from them.
+  """
+  def one(x, s):
+    if getattr(x, "sharding", None) == s:
+      return x
+    if s.is_fully_addressable:
+      return jax.device_put(x, s)
+    if jax.dtypes.issubdtype(getattr(x, "dtype", np.float32), jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+  return _map_with_shardings(one, tree, shardings)
+
+
+def fetch(tree: Any) -> Any:
+  """Device arrays to host numpy, gathering shards held by other processes when there are any."""
+  leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+  if all(x.is_fully_addressable or x.is_fully_replicated for x in leaves):
+    return jax.device_get(tree)
+  from jax.experimental import multihost_utils
+  return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def initialize_distributed() -> None:
+  """`jax.distributed.initialize()` with its automatic settings (Cloud TPU VMs, SLURM, ...); once per process,
+  before anything touches a device. Every process then sees all processes' devices in `jax.devices()`."""
+  try:
+    jax.distributed.initialize()
+  except Exception as e:  # noqa: BLE001 - JAX raises RuntimeError/ValueError depending on the cluster detection
+    raise InputError(f"jax.distributed.initialize() failed ({e}); --distributed needs a multi-host environment JAX "
+                     "detects (e.g. every worker of a Cloud TPU VM slice, started with --worker=all).") from None
+  logger.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
+              jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def describe(tree: Any, shardings: Any) -> list[str]:
+  """`path shape -> spec` lines, for logs and debugging."""
+  flat_x, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  flat_s = treedef.flatten_up_to(shardings)
+  return [f"{path_str(p)} {tuple(np.shape(x))} -> {getattr(s, 'spec', s)}" for (p, x), s in zip(flat_x, flat_s)]
+
+
+def mesh_info(mesh: Mesh | None) -> Mapping[str, int] | None:
+  """`{"data": 2, "model": 4}` for a mesh, None for none (for results files)."""
+  return None if mesh is None else {a: int(s) for a, s in mesh.shape.items()}

@@ -1,0 +1,325 @@
+"""Sharding on a `data` x `model` mesh of 8 CPU devices (tests/conftest.py forces them for the whole session).
+
+Every decoding method on a mesh gives the tokens of 1-device decoding, token for token; a sharded train step
+gives the unsharded step's params within float tolerance; params, caches (also inside the jitted loop) and train
+state are laid out as the logical axis rules say.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from jaxspec import sharding
+from jaxspec.decoding.bpd import BPDDrafter, bpd_draft_params
+from jaxspec.decoding.generate import generate
+from jaxspec.decoding.jacobi import JacobiDrafter
+from jaxspec.decoding.lookup import LookupDrafter
+from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft
+from jaxspec.errors import InputError
+from jaxspec.models.bpd import BPDConfig, BPDModel
+from tests.conftest import FORCED_DEVICES, make_tiny
+from tests.fakes import BigramLM
+from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
+
+PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [20, 21, 22, 23], [40, 41, 42]]
+NEW = 24
+
+
+def test_the_session_has_eight_devices():
+  assert jax.device_count() == FORCED_DEVICES == 8, (
+      f"{jax.device_count()} devices: XLA_FLAGS={__import__('os').environ.get('XLA_FLAGS')!r} did not reach the "
+      "CPU backend (tests/conftest.py must set it before anything initialises JAX)")
+
+
+@pytest.fixture(scope="module")
+def wide():
+  """A tiny LLaMA whose every model-axis dimension divides by 4: 8 heads, 4 kv heads, d_ff 64, vocab 256."""
+  return make_tiny(seed=3, n_heads=8, n_kv_heads=4, head_dim=4)
+
+
+@pytest.fixture(scope="module")
+def mesh24():
+  return sharding.make_mesh("data=2,model=4")
+
+
+# ---- meshes and rules ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec,shape", [("data=2,model=4", (2, 4)), ("model=8", (1, 8)), ("data=-1", (8, 1)),
+                                        ("data=-1,model=2", (4, 2)), ((4, 2), (4, 2)), ("2,4", (2, 4))])
+def test_make_mesh(spec, shape):
+  mesh = sharding.make_mesh(spec)
+  assert tuple(mesh.shape[a] for a in sharding.MESH_AXES) == shape
+  assert mesh.axis_names == sharding.MESH_AXES and mesh.devices.size == jax.device_count()
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("data=4,model=4", "data=4,model=4 needs 16 devices, found 8"),
+    ("data=3", "data=3,model=1 needs 3 devices, found 8"),
+    ("data=-1,model=3", "8 devices cannot be split"),
+    ("data=-1,model=-1", "only one axis may be -1"),
+    ("pipe=2", "axes: data, model"),
+    ("data=two", "positive integer"),
+    ((2, 2, 2), "give 2 sizes"),
+])
+def test_bad_mesh_is_an_input_error(spec, message):
+  with pytest.raises(InputError, match=message):
+    sharding.make_mesh(spec)
+
+
+def specs(tree, shardings):
+  return {sharding.path_str(p): s.spec for (p, _), s in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                                                            jax.tree.leaves(shardings))}
+
+
+def test_param_and_cache_shardings_follow_the_rules(wide, mesh24):
+  model, params = wide
+  part = sharding.partitioner(mesh24, model)
+  got = specs(params, part.param_shardings(params))
+  expected = {"embed/embedding": P("model"), "final_norm/scale": P()}
+  for i in range(model.cfg.n_layers):
+    expected.update({f"layers_{i}/attn/{n}/kernel": P(None, "model") for n in "qkv"})
+    expected.update({f"layers_{i}/attn/o/kernel": P("model"), f"layers_{i}/mlp/down/kernel": P("model"),
+                     f"layers_{i}/mlp/gate/kernel": P(None, "model"), f"layers_{i}/mlp/up/kernel": P(None, "model"),
+                     f"layers_{i}/attn_norm/scale": P(), f"layers_{i}/mlp_norm/scale": P()})
+  assert got == expected
+  placed = part.shard_params(params)
+  q = placed["layers_0"]["attn"]["q"]["kernel"]
+  assert q.sharding.spec == P(None, "model") and len(q.addressable_shards) == 8
+  assert {s.data.shape for s in q.addressable_shards} == {(q.shape[0], q.shape[1] // 4)}
+  assert np.array_equal(np.asarray(q), np.asarray(params["layers_0"]["attn"]["q"]["kernel"]))
+
+  cache = model.init_cache(4, 64)
+  got = specs(cache, part.cache_shardings(cache))
+  assert got == {**{f"k/{i}": P("data", "model") for i in range(2)}, **{f"v/{i}": P("data", "model") for i in range(2)},
+                 "lengths": P("data")}
+
+
+def test_indivisible_dimensions_fall_back_to_replication(tiny, mesh24):
+  model, params = tiny  # 2 kv heads: not divisible by model=4, so kv kernels and the cache's K stay whole
+  part = sharding.partitioner(mesh24, model)
+  got = specs(params, part.param_shardings(params))
+  assert got["layers_0/attn/k/kernel"] == P() and got["layers_0/attn/q/kernel"] == P(None, "model")
+  cache = model.init_cache(3, 64)  # 3 rows: not divisible by data=2
+  assert specs(cache, part.cache_shardings(cache))["k/0"] == P()
+  assert specs(cache, part.cache_shardings(model.init_cache(4, 64)))["k/0"] == P("data")
+  # On model=2 the 2 kv heads split.
+  part42 = sharding.partitioner("data=4,model=2", model)
+  assert specs(params, part42.param_shardings(params))["layers_0/attn/k/kernel"] == P(None, "model")
+
+
+def test_stacked_layers_and_unknown_params(wide, mesh24):
+  model, params = wide
+  from jaxspec.models.llama import stack_layers
+  stacked = stack_layers(params, model.cfg.n_layers)
+  part = sharding.partitioner(mesh24, model)
+  got = specs(stacked, part.param_shardings(stacked))
+  assert got["layers/block/attn/q/kernel"] == P(None, None, "model")  # [L, D, N*H]: L replicated
+  assert got["layers/block/mlp/down/kernel"] == P(None, "model")
+  unknown = {"heads": {"w_in": jnp.zeros((4, 32, 16))}, "proj_DxM": jnp.zeros((32, 256))}
+  got = specs(unknown, part.param_shardings(unknown))
+  assert got == {"heads/w_in": P(), "proj_DxM": P(None, "model")}
+
+
+# ---- decoding: every method on a mesh equals 1-device decoding -----------------------------------------------------
+
+def random_heads(model, k, seed=1):
+  bpd = BPDModel(BPDConfig(num_heads=k, d_model=model.cfg.d_model, d_hidden=16, use_next_token=True))
+  p = bpd.init_params(jax.random.key(seed))
+  p["heads"]["w_out"] = jax.random.normal(jax.random.key(seed + 1), p["heads"]["w_out"].shape) * 0.5
+  return bpd, p
+
+
+@dataclasses.dataclass(frozen=True)
+class OracleHeads(BPDDrafter):
+  """BPD heads that name the bigram model's greedy continuation (every draft is accepted)."""
+
+  lm: BigramLM = None
+
+  def head_logits(self, draft_params, hidden_BxD, pending_B):
+    nxt = jnp.argmax(jnp.asarray(self.lm.table), axis=-1)
+    out, x = [], pending_B
+    for _ in range(self.num_nodes):
+      x = nxt[x]
+      out.append(jax.nn.one_hot(x, self.lm.vocab_size))
+    return jnp.stack(out, axis=1)
+
+
+def method(name, model, params):
+  """(generate kwargs) of a decoding method on the tiny model."""
+  if name == "greedy":
+    return {}
+  if name == "sampling":
+    return dict(temperature=0.9, top_p=0.95, seed=7)
+  if name == "bpd":
+    bpd, heads = random_heads(model, 3)
+    return dict(drafter=BPDDrafter(bpd), draft_params=bpd_draft_params(model, params, bpd, heads))
+  if name == "lookup":
+    return dict(drafter=LookupDrafter(num_nodes=4, max_ngram=2))
+  if name == "jacobi":
+    return dict(drafter=JacobiDrafter(window=4))
+  if name in ("layerskip", "layerskip-sampling"):
+    draft, draft_params = layerskip_draft(model, params, 1)
+    if name == "layerskip":
+      return dict(drafter=DraftModelDrafter(draft, 3), draft_params=draft_params)
+    from jaxspec.decoding.sampling import Warp
+    return dict(drafter=DraftModelDrafter(draft, 3, warp=Warp(use_top_p=True), greedy=False),
+                draft_params=draft_params, temperature=0.9, top_p=0.95, seed=7)
+  raise ValueError(name)
+
+
+METHODS = ["greedy", "sampling", "bpd", "lookup", "jacobi", "layerskip", "layerskip-sampling"]
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_sharded_decoding_equals_one_device(wide, mesh24, name):
+  model, params = wide
+  kw = method(name, model, params)
+  ref = generate(model, params, PROMPTS, max_new_tokens=NEW, **kw)
+  res = generate(model, params, PROMPTS, max_new_tokens=NEW, mesh=mesh24, **kw)
+  assert res.tokens == ref.tokens
+  assert [len(t) for t in res.tokens] == [NEW] * len(PROMPTS)
+  assert (res.target_calls, res.active_calls, res.step_tokens) == (ref.target_calls, ref.active_calls,
+                                                                    ref.step_tokens)
+  np.testing.assert_array_equal(res.accept_hist, ref.accept_hist)
+  if name in ("bpd", "layerskip", "lookup", "jacobi"):  # drafts were proposed and some were accepted
+    assert res.tau > 1.0 or name in ("lookup", "jacobi")
+
+
+@pytest.mark.parametrize("mesh,prompts", [("data=4,model=2", PROMPTS), ("data=8,model=1", PROMPTS),
+                                          ("data=2,model=4", PROMPTS[:3])])
+def test_greedy_on_other_meshes_and_indivisible_batches(tiny, mesh, prompts):
+  model, params = tiny
+  ref = generate(model, params, prompts, max_new_tokens=NEW)
+  assert generate(model, params, prompts, max_new_tokens=NEW, mesh=mesh).tokens == ref.tokens
+
+
+def test_oracle_bpd_on_a_mesh():
+  lm = BigramLM.random(19, seed=2)
+  k = 3
+  drafter = OracleHeads(BPDModel(BPDConfig(num_heads=k, d_model=19, use_next_token=False)), lm=lm)
+  new = 1 + 3 * (k + 1)
+  res = generate(lm, None, [[3], [5, 6]], max_new_tokens=new, drafter=drafter, draft_params={"bpd": {}},
+                 mesh="data=2,model=4")
+  assert res.tokens == [lm.greedy(3, new), lm.greedy(6, new)] and res.tau == k + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingSpy:
+  """Wraps a drafter and records, at compile time, how the loop's caches are sharded inside the while loop."""
+
+  inner: object
+  seen: list = dataclasses.field(default_factory=list, compare=False, hash=False)
+
+  def __getattr__(self, name):
+    return getattr(self.inner, name)
+
+  def init(self, draft_params, prefill):
+    return self.inner.init(draft_params, prefill)
+
+  def propose(self, draft_params, dstate, loop):
+    jax.debug.inspect_array_sharding(loop.cache.k[0], callback=lambda s: self.seen.append(("target k", s)))
+    jax.debug.inspect_array_sharding(loop.tokens_BxO, callback=lambda s: self.seen.append(("tokens", s)))
+    if hasattr(dstate, "cache"):
+      jax.debug.inspect_array_sharding(dstate.cache.v[0], callback=lambda s: self.seen.append(("draft v", s)))
+    return self.inner.propose(draft_params, dstate, loop)
+
+  def update(self, draft_params, dstate, verified):
+    return self.inner.update(draft_params, dstate, verified)
+
+
+def test_caches_inside_the_loop_are_sharded(wide, mesh24):
+  model, params = wide
+  draft, draft_params = layerskip_draft(model, params, 1)
+  spy = ShardingSpy(DraftModelDrafter(draft, 2))
+  generate(model, params, PROMPTS, max_new_tokens=8, drafter=spy, draft_params=draft_params, mesh=mesh24)
+  seen = {name: s for name, s in spy.seen}
+  assert set(seen) == {"target k", "tokens", "draft v"}, spy.seen
+  # [B, K, H, S] keys and [B, K, S, H] values: rows over data, kv heads over model, i.e. 8 distinct tiles.
+  for name in ("target k", "draft v"):
+    s = seen[name]
+    assert s.is_equivalent_to(jax.sharding.NamedSharding(mesh24, P("data", "model")), 4), (name, s)
+  assert seen["tokens"].is_equivalent_to(jax.sharding.NamedSharding(mesh24, P("data")), 2)
+
+
+def test_without_a_mesh_the_program_has_no_sharding_constraints(wide, mesh24):
+  """mesh=None lowers the loop exactly as before: the constraints exist only in the partitioned program."""
+  model, params = wide
+  from jaxspec.decoding.generate import decode_arg_shardings, prepare
+  from jaxspec.decoding.loop import NoDraft, decode_jit
+  from jaxspec.decoding.accept import GreedyAcceptance
+  from jaxspec.decoding.sampling import SamplingParams
+  arr, lengths, max_new, out_len, capacity = prepare(PROMPTS, 4, 512, 0, 0)
+  args = (params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new), jnp.asarray([-1], jnp.int32),
+          jax.random.key(0), SamplingParams.make(0.0, 1.0), None)
+  static = dict(drafter=NoDraft(), acceptor=GreedyAcceptance(), out_len=out_len, capacity=capacity)
+  plain = decode_jit.lower(model, *args, **static).as_text()
+  part = sharding.partitioner(mesh24, model)
+  placed = sharding.place(args, decode_arg_shardings(part, args))
+  sharded = decode_jit.lower(model, *placed, partitioner=part, **static).as_text()
+  constraints = lambda text: text.count("sdy.sharding_constraint") - text.count("<@empty_mesh")  # jax.random's own
+  assert constraints(plain) == 0 and "sdy.mesh @mesh" not in plain
+  assert constraints(sharded) >= 10 and "sdy.mesh @mesh" in sharded
+
+
+# ---- training ----------------------------------------------------------------------------------------------------
+
+def lm_loss(model):
+  def loss_fn(params, frozen, batch, rng):
+    tok_BxL = batch["tokens"]
+    b, l = tok_BxL.shape
+    logits_BxLxV, _, _ = model.forward(params, tok_BxL, jnp.broadcast_to(jnp.arange(l), (b, l)),
+                                       model.init_cache(b, l), jnp.tril(jnp.ones((l, l), bool)))
+    logp = jax.nn.log_softmax(logits_BxLxV[:, :-1])
+    nll_BxL = -jnp.take_along_axis(logp, tok_BxL[:, 1:, None], axis=-1)[..., 0]
+    return nll_BxL.mean(), {"nll": nll_BxL.mean()}
+  return loss_fn
+
+
+def test_sharded_train_step_equals_unsharded(wide, mesh24):
+  model, params = wide
+  lr = 1e-2
+  opt = make_optimizer(OptimConfig(lr=lr, total_steps=10, schedule="constant"))
+  rng = np.random.default_rng(0)
+  batches = [{"tokens": rng.integers(0, model.vocab_size, (4, 16)).astype(np.int32)} for _ in range(2)]
+  one = Trainer(lm_loss(model), opt)
+  sharded = Trainer(lm_loss(model), opt, mesh=sharding.partitioner(mesh24, model))
+  s1 = init_state(jax.tree.map(jnp.array, params), opt, 0)
+  s8 = init_state(jax.tree.map(jnp.array, params), opt, 0)
+  for batch in batches:
+    s1, m1 = one.train_step(s1, batch)
+    s8, m8 = sharded.train_step(s8, batch)
+    np.testing.assert_allclose(float(m8["loss"]), float(m1["loss"]), rtol=1e-5)
+    np.testing.assert_allclose(float(m8["grad_norm"]), float(m1["grad_norm"]), rtol=1e-4)
+  # Adam moves every weight by about lr per step whatever its gradient, so compare to a fraction of lr.
+  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(s1.params)[0], jax.tree.leaves(s8.params)):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=lr * 1e-2, rtol=1e-4,
+                               err_msg=sharding.path_str(path))
+  assert not np.allclose(np.asarray(s8.params["layers_0"]["mlp"]["up"]["kernel"]),
+                         np.asarray(params["layers_0"]["mlp"]["up"]["kernel"]))  # the steps did train
+  # The state stays laid out by the rules across steps: params and Adam moments alike.
+  assert s8.params["layers_0"]["mlp"]["up"]["kernel"].sharding.spec == P(None, "model")
+  mus = [x for p, x in jax.tree_util.tree_flatten_with_path(s8.opt_state)[0]
+         if sharding.path_str(p).endswith("mu/layers_0/attn/o/kernel")]
+  assert len(mus) == 1 and mus[0].sharding.spec == P("model")
+  assert sharded.partitioner.shard_batch(batches[0])["tokens"].sharding.spec == P("data")
+
+
+def test_sharded_fit_checkpoints_and_resumes(wide, mesh24, tmp_path):
+  """fit() on a mesh saves Orbax checkpoints of the sharded state and resumes into the same shardings."""
+  model, params = wide
+  opt = make_optimizer(OptimConfig(lr=1e-2, total_steps=4, schedule="constant"))
+  rng = np.random.default_rng(1)
+  data = [{"tokens": rng.integers(0, model.vocab_size, (4, 8)).astype(np.int32)} for _ in range(4)]
+  mk = lambda: Trainer(lm_loss(model), opt, mesh=mesh24, checkpoint_dir=tmp_path, checkpoint_every=2,
+                       progress=False)
+  state, _ = mk().fit(init_state(jax.tree.map(jnp.array, params), opt, 0), data, 2)
+  assert int(state.step) == 2
+  resumed, _ = mk().fit(init_state(jax.tree.map(jnp.array, params), opt, 0), data, 2)  # restores step 2
+  assert int(resumed.step) == 2
+  k = resumed.params["layers_1"]["attn"]["k"]["kernel"]
+  assert k.sharding.spec == P(None, "model")
+  np.testing.assert_array_equal(np.asarray(k), np.asarray(state.params["layers_1"]["attn"]["k"]["kernel"]))
