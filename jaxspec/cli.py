@@ -15,6 +15,12 @@ def _positive_int(text: str) -> int:
   return v
 
 
+def _mesh(args):
+  """The `--mesh` of a command as a `jax.sharding.Mesh` (None without one); checked before any model is loaded."""
+  from jaxspec import sharding
+  return sharding.make_mesh(args.mesh) if args.mesh else None
+
+
 def _cmd_generate(args) -> int:
   from jaxspec.bench.methods import BenchContext, Unavailable, parse_method
   from jaxspec.loading import load_model
@@ -22,11 +28,15 @@ def _cmd_generate(args) -> int:
   if not args.prompt.strip():
     raise InputError("The prompt is empty: pass some text with --prompt.")
   label, name, opts = parse_method(args.method)
+  mesh = _mesh(args)
   model, params, tok = load_model(args.model, dtype=args.dtype)
+  if mesh is not None:
+    from jaxspec import sharding
+    params = sharding.partitioner(mesh, model).shard_params(params)
   text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
   ids = tok.encode(text)
   ctx = BenchContext(model, params, tok, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     seed=args.seed, max_len=args.max_len)
+                     seed=args.seed, max_len=args.max_len, mesh=mesh)
   from jaxspec.bench.methods import METHODS
   try:
     run = METHODS[name].build(ctx, opts)
@@ -59,7 +69,7 @@ def _cmd_bench(args) -> int:
                     categories=tuple(args.categories.split(",")) if args.categories else None,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=args.out, t5x_src=args.t5x_src,
-                    model=args.model, quick=args.quick)
+                    model=args.model, quick=args.quick, mesh=args.mesh)
   res = run_bench(cfg)
   print("\n".join(summary_lines(res)))
   print(f"[results in {args.out}/: results.json, report.md, *.png]", file=sys.stderr)
@@ -76,10 +86,18 @@ def _cmd_train(args) -> int:
   return 0
 
 
+MESH_HELP = ("shard over a device mesh, e.g. data=2,model=4 (batch over data; heads, mlp, vocab over model; -1 takes "
+             "the devices left over); the sizes must multiply to the number of devices")
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="jaxspec", description="Fast, lossless decoding of autoregressive models in JAX.")
   sub = p.add_subparsers(dest="command", required=True)
-  g = sub.add_parser("generate", help="generate text from a prompt")
+  # Every command: join a multi-host run (jax.distributed; Cloud TPU VM slices are detected automatically).
+  common = argparse.ArgumentParser(add_help=False)
+  common.add_argument("--distributed", action="store_true",
+                      help="call jax.distributed.initialize() first: run the same command on every host of a slice")
+  g = sub.add_parser("generate", help="generate text from a prompt", parents=[common])
   g.add_argument("--prompt", required=True, help="the input text")
   g.add_argument("--model", default=None,
                  help="a .gguf file or Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
@@ -94,9 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--method", default="greedy",
                  help="decoding method, as in `jaxspec bench --list-methods` (e.g. bpd, bpd:k=4); all but approximate "
                       "ones give the same tokens as greedy")
+  g.add_argument("--mesh", default=None, help=MESH_HELP)
   g.set_defaults(func=_cmd_generate)
 
-  b = sub.add_parser("bench", help="tau, speedup and exactness of decoding methods on Spec-Bench-format prompts")
+  b = sub.add_parser("bench", help="tau, speedup and exactness of decoding methods on Spec-Bench-format prompts",
+                     parents=[common])
   b.add_argument("--prompts", default=None,
                  help="JSONL with question_id, category, turns (default: jaxspec's own quick prompt set; the "
                       "Spec-Bench dev prompts are ../shared/data/spec_bench_dev.jsonl in a development checkout)")
@@ -116,11 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
   b.add_argument("--quick", action="store_true",
                  help="one prompt per category, 32 new tokens, one batch, no warm-up run (a few minutes)")
+  b.add_argument("--mesh", default=None, help=MESH_HELP + " (baselines other than jaxspec's own loop run unsharded)")
   b.set_defaults(func=_cmd_bench)
 
-  t = sub.add_parser("train", help="train from a config file (BPD heads, ...); resumes from its checkpoints")
+  t = sub.add_parser("train", help="train from a config file (BPD heads, ...); resumes from its checkpoints",
+                     parents=[common])
   t.add_argument("config", help="a YAML or TOML file, e.g. configs/bpd_smollm2.yaml")
-  t.add_argument("overrides", nargs="*", help="key=value overrides, dotted for sections (optim.lr=3e-4)")
+  t.add_argument("overrides", nargs="*",
+                 help="key=value overrides, dotted for sections (optim.lr=3e-4); mesh=data=2,model=4 trains sharded")
   t.set_defaults(func=_cmd_train)
   return p
 
@@ -128,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   try:
+    if args.distributed:
+      from jaxspec.sharding import initialize_distributed
+      initialize_distributed()
     return args.func(args)
   except JaxspecError as e:
     print(f"jaxspec: error: {e}", file=sys.stderr)

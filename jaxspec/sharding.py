@@ -8,8 +8,8 @@ partitioner logs it once.
 
 Where the names come from:
   - parameters: `PARAM_AXES`, regular expressions matched against the end of a parameter's path, so the same
-    rules cover a LlamaLM's params, a draft model nested in a dict, optimizer states (whose paths end in the
-    param's) and stacked layers (extra leading dimensions are replicated). Anything unmatched is replicated.
+    rules cover a LlamaLM's params, a draft model nested in a dict, BPD heads, optimizer states (whose paths end in
+    the param's) and stacked layers (extra leading dimensions are replicated). Anything unmatched is replicated.
   - KV caches (`jaxspec.models.cache.KVCache`): keys `[B, K, H, S]`, values `[B, K, S, H]`, lengths `[B]`.
   - loop state and batches: the shape suffix of a field's name (`tokens_BxO`: B is the batch), or dimension 0 of
     a training batch.
@@ -61,6 +61,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"mlp/(gate|up)/kernel$", ("embed", "mlp")),
     (r"mlp/down/kernel$", ("mlp", "embed")),
     (r"(^|/)lm_head/kernel$", ("embed", "vocab")),
+    (r"(^|/)heads/w_in$", (None, "embed", "mlp")),  # BPD heads (jaxspec.models.bpd): [M, D(+D), F]
+    (r"(^|/)heads/b_in$", (None, "mlp")),
+    (r"(^|/)heads/w_out$", (None, "mlp", "embed")),
     (r"(^|/)proj_DxM$", ("embed", "vocab")),  # BPD heads' output projection (decode and training)
     (r"(^|/)embed_VxD$", ("vocab", "embed")),  # the target embedding BPD heads read
 )

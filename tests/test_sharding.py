@@ -119,9 +119,11 @@ def test_stacked_layers_and_unknown_params(wide, mesh24):
   got = specs(stacked, part.param_shardings(stacked))
   assert got["layers/block/attn/q/kernel"] == P(None, None, "model")  # [L, D, N*H]: L replicated
   assert got["layers/block/mlp/down/kernel"] == P(None, "model")
-  unknown = {"heads": {"w_in": jnp.zeros((4, 32, 16))}, "proj_DxM": jnp.zeros((32, 256))}
-  got = specs(unknown, part.param_shardings(unknown))
-  assert got == {"heads/w_in": P(), "proj_DxM": P(None, "model")}
+  other = {"bpd": {"heads": {"w_in": jnp.zeros((4, 64, 16)), "w_out": jnp.zeros((4, 16, 32))}},
+           "proj_DxM": jnp.zeros((32, 256)), "mystery": {"kernel": jnp.zeros((32, 64))}}
+  got = specs(other, part.param_shardings(other))
+  assert got == {"bpd/heads/w_in": P(None, None, "model"), "bpd/heads/w_out": P(None, "model"),
+                 "proj_DxM": P(None, "model"), "mystery/kernel": P()}  # unknown: replicated
 
 
 # ---- decoding: every method on a mesh equals 1-device decoding -----------------------------------------------------
@@ -323,3 +325,35 @@ def test_sharded_fit_checkpoints_and_resumes(wide, mesh24, tmp_path):
   k = resumed.params["layers_1"]["attn"]["k"]["kernel"]
   assert k.sharding.spec == P(None, "model")
   np.testing.assert_array_equal(np.asarray(k), np.asarray(state.params["layers_1"]["attn"]["k"]["kernel"]))
+
+
+def test_bpd_training_run_on_a_mesh(tiny, tmp_path):
+  """`jaxspec train` with `mesh=...`: the BPD run trains its heads sharded and exports them."""
+  from jaxspec.models.bpd import load_bpd
+  from tests.test_bpd import ByteTokenizer, tiny_train_config
+  from training.bpd import train_bpd
+  model, params = tiny
+  cfg = tiny_train_config(tmp_path, steps=12)
+  cfg = dataclasses.replace(cfg, mesh="data=2,model=4", optim=dataclasses.replace(cfg.optim, warmup_steps=2),
+                            data=dataclasses.replace(cfg.data, limit=12, max_new_tokens=24),
+                            train=dataclasses.replace(cfg.train, batch_size=32))
+  summary = train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  assert summary["config"]["mesh"] == "data=2,model=4" and np.isfinite(summary["final_eval"]["eval/loss"])
+  bpd, heads = load_bpd(tmp_path / "heads")
+  assert bpd.num_heads == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(heads["heads"]))
+
+
+def test_mesh_in_configs_and_on_the_command_line(tmp_path, capsys):
+  from jaxspec import cli
+  from training.tasks import load_task_config
+  for path in ("configs/bpd_smollm2.yaml", "configs/draft_smollm2.yaml"):
+    assert load_task_config(path)[0].mesh is None
+    assert load_task_config(path, ["mesh=data=2,model=4"])[0].mesh == "data=2,model=4"
+  # A mesh that does not fit the devices ends with one line before any model is loaded or data built.
+  bad = tmp_path / "bad.yaml"
+  bad.write_text(f"task: bpd\nmesh: data=4,model=4\nmodel:\n  path: {tmp_path / 'missing.gguf'}\n")
+  for argv in (["train", str(bad)], ["generate", "--prompt", "hi", "--mesh", "data=4,model=4"],
+               ["bench", "--mesh", "data=4,model=4", "--out", str(tmp_path / "b")]):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "data=4,model=4 needs 16 devices, found 8" in err and err.count("\n") == 1, err

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jaxspec import sharding
 from jaxspec.models.bpd import BPDConfig, BPDModel, save_bpd
 from training import datasets
 from training.config import ConfigError, dump_config, load_config, to_dict
@@ -78,6 +79,7 @@ class BPDTrainConfig:
   data: DataSection = DataSection()
   optim: OptimConfig = OptimConfig()
   train: TrainSection = TrainSection()
+  mesh: Optional[str] = None  # train sharded, e.g. "data=2,model=4" (jaxspec.sharding); None: one device
 
 
 # ---- data --------------------------------------------------------------------------------------------------
@@ -230,6 +232,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   from jaxspec.loading import load_model
 
   t_start = time.time()
+  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before any work
   if model is None:
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
   ckpt_dir = Path(cfg.train.checkpoint_dir)
@@ -279,7 +282,8 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
     trainable = {"base": jax.tree.map(jnp.array, params), "bpd": {"heads": bpd_params["heads"]}}
   prep_s = time.time() - t0
   trainer = Trainer(loss, optimizer, frozen=frozen, checkpoint_dir=ckpt_dir,
-                    checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress)
+                    checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress,
+                    mesh=sharding.partitioner(mesh, model))
   t0 = time.time()
   state, history = trainer.fit(init_state(trainable, optimizer, cfg.train.seed), batches_from, cfg.train.steps,
                                eval_batches=eval_batches, eval_every=cfg.train.eval_every)
@@ -288,11 +292,11 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
   out_params = dict(bpd_params)
   if cfg.train.objective == "heads":
-    out_params["heads"] = jax.device_get(state.params["heads"])
+    out_params["heads"] = sharding.fetch(state.params["heads"])  # also gathers across hosts
   else:
-    out_params["heads"] = jax.device_get(state.params["bpd"]["heads"])
+    out_params["heads"] = sharding.fetch(state.params["bpd"]["heads"])
     from jaxspec.loading.hf import save_hf
-    save_hf(str(Path(cfg.out) / "base"), model, jax.device_get(state.params["base"]))
+    save_hf(str(Path(cfg.out) / "base"), model, sharding.fetch(state.params["base"]))
   summary = {"sequences": len(seqs), "tokens": seqs.num_tokens, "train_examples": len(tr) if cfg.train.objective ==
              "heads" else len(tr_tok), "vocab_subset": int(bpd.cfg.vocab_subset), "data_s": round(data_s, 1),
              "prep_s": round(prep_s, 1), "train_s": round(train_s, 1), "total_s": round(time.time() - t_start, 1),

@@ -30,13 +30,14 @@ import json
 import time
 import zlib
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.models.draft import VOCAB_PARAMS, embed_fingerprint, load_draft, save_draft  # noqa: F401 (re-export)
+from jaxspec import sharding
 from jaxspec.models.llama import LlamaLM
 from training import datasets
 from training.bpd import DataSection, ModelSection, build_sequences
@@ -103,6 +104,7 @@ class DraftTrainConfig:
   objective: ObjectiveSection = ObjectiveSection()
   optim: OptimConfig = OptimConfig(lr=5e-4, warmup_steps=100, total_steps=2000)
   train: TrainSection = TrainSection()
+  mesh: Optional[str] = None  # train sharded, e.g. "data=2,model=4" (jaxspec.sharding); None: one device
 
 
 def load_draft_config(path, overrides=()) -> DraftTrainConfig:
@@ -336,6 +338,7 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   from jaxspec.loading import load_model
 
   t_start = time.time()
+  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before any work
   if model is None:
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
   if cfg.draft.init == "target_layers" and cfg.draft.n_layers > model.cfg.n_layers:
@@ -367,7 +370,8 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   batches_from, eval_batches = datasets.batch_sources(tr, ev, bs, cfg.train.seed)
 
   trainer = Trainer(distill_loss(draft, cfg.objective), optimizer, frozen=frozen, checkpoint_dir=ckpt_dir,
-                    checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress)
+                    checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress,
+                    mesh=sharding.partitioner(mesh, draft))
   state = init_state(trainable, optimizer, cfg.train.seed)
   init_eval = trainer.evaluate(state, eval_batches())  # the undistilled draft (e.g. the layer-skip draft)
   t0 = time.time()
@@ -376,7 +380,7 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   train_s = time.time() - t0
   evals = [h for h in history if any(k.startswith("eval/") for k in h)]
   final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
-  out_params = {**frozen, **jax.device_get(state.params)}
+  out_params = {**frozen, **sharding.fetch(state.params)}
   summary = {"sequences": len(seqs), "tokens": seqs.num_tokens, "train_sequences": len(tr),
              "eval_sequences": len(ev), "truncated_sequences": int(tr_cut + ev_cut),
              "trainable_params": int(sum(x.size for x in jax.tree.leaves(trainable))),

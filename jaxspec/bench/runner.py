@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxspec import sharding
 from jaxspec.bench.methods import METHODS, BenchContext, Unavailable, parse_method
 from jaxspec.bench.prompts import QUICK_PROMPTS, Prompt, load_prompts
 from jaxspec.errors import InputError
@@ -49,6 +50,7 @@ class BenchConfig:
   t5x_src: str | None = None
   model: str | None = None
   quick: bool = False
+  mesh: str | None = None  # run every jaxspec method sharded on this mesh, e.g. "data=2,model=4" (jaxspec.sharding)
 
   def resolved(self) -> "BenchConfig":
     """`--quick`: at most one prompt per category, 32 new tokens, all prompts in one batch (one compiled program per
@@ -92,7 +94,8 @@ def environment() -> dict:
       "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or _version("jaxlib"),
       "flax": _version("flax"), "python": sys.version.split()[0], "platform": platform.platform(),
       "backend": jax.default_backend(), "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
-      "device_count": len(devices), "cpu": cpu, "cpu_count": os.cpu_count(), "load_avg": load,
+      "device_count": len(devices), "process_count": jax.process_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
+      "load_avg": load,
   }
 
 
@@ -137,6 +140,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   cfg = cfg.resolved()
   if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
     raise InputError("batch_size and max_new_tokens must be >= 1.")
+  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before the model loads
   prompts = load_prompts(cfg.prompts or QUICK_PROMPTS, categories=cfg.categories, limit=cfg.limit)
   labels = [parse_method(m)[0] for m in cfg.methods]
   if len(set(labels)) != len(labels):
@@ -146,8 +150,10 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   if model is None:
     from jaxspec.loading import load_model
     model, params, tokenizer = load_model(cfg.model)
+  if mesh is not None:  # placed once here; generate() then finds the params already on the mesh
+    params = sharding.partitioner(mesh, model).shard_params(params)
   ctx = BenchContext(model, params, tokenizer, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                     seed=cfg.seed, t5x_src=cfg.t5x_src)
+                     seed=cfg.seed, t5x_src=cfg.t5x_src, mesh=mesh)
   out = Path(cfg.out)
   out.mkdir(parents=True, exist_ok=True)
 
