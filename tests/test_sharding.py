@@ -270,6 +270,27 @@ def test_layerskip_equals_one_device_with_sharded_caches(wide, mesh24):
   assert seen["tokens"].is_equivalent_to(jax.sharding.NamedSharding(mesh24, P("data")), 2)
 
 
+def test_the_loop_constrains_its_caches_even_from_replicated_inputs(wide, mesh24):
+  """With every input replicated, propagation alone would leave the cache replicated: the loop's constraints are
+  what split it by rows and kv heads."""
+  model, params = wide
+  from jaxspec.decoding.accept import GreedyAcceptance
+  from jaxspec.decoding.generate import prepare
+  from jaxspec.decoding.loop import NoDraft, decode_jit
+  from jaxspec.decoding.sampling import SamplingParams
+  arr, lengths, max_new, out_len, capacity = prepare(PROMPTS, 4, 512, 0, 0)
+  args = (params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new), jnp.asarray([-1], jnp.int32),
+          jax.random.key(0), SamplingParams.make(0.0, 1.0), None)
+  part = sharding.partitioner(mesh24, model)
+  args = sharding.place(args, jax.tree.map(lambda _: part.replicated, args))
+  spy = ShardingSpy(NoDraft())
+  decode_jit.lower(model, *args, drafter=spy, acceptor=GreedyAcceptance(), out_len=out_len, capacity=capacity,
+                   partitioner=part).compile()
+  seen = dict(spy.seen)
+  assert seen["target k"].is_equivalent_to(jax.sharding.NamedSharding(mesh24, P("data", "model")), 4), seen
+  assert seen["tokens"].is_equivalent_to(jax.sharding.NamedSharding(mesh24, P("data")), 2), seen
+
+
 def test_without_a_mesh_the_program_has_no_sharding_constraints(wide, mesh24):
   """mesh=None lowers the loop exactly as before: the constraints exist only in the partitioned program."""
   model, params = wide
