@@ -191,6 +191,7 @@ def test_bad_lattice_settings_are_clear_errors(setup):
     LatticeDrafter(bpd, "ngram")
 
 
+@pytest.mark.slow  # about a minute of tiny-model compiles; run before resolving
 def test_rescore_task_builds_the_ngram_and_tunes_the_weights(tiny, tmp_path):
   from training.rescore import RescoreConfig, TuneSection, train_rescore
 

@@ -354,6 +354,7 @@ def test_sharded_train_step_equals_unsharded(wide, mesh24):
   assert sharded.partitioner.shard_batch(batches[0])["tokens"].sharding.spec == P("data")
 
 
+@pytest.mark.slow  # run before resolving; kept out of the default run for time
 def test_sharded_fit_checkpoints_and_resumes(wide, mesh24, tmp_path):
   """fit() on a mesh saves Orbax checkpoints of the sharded state and resumes into the same shardings."""
   model, params = wide
@@ -371,6 +372,7 @@ def test_sharded_fit_checkpoints_and_resumes(wide, mesh24, tmp_path):
   np.testing.assert_array_equal(np.asarray(k), np.asarray(state.params["layers_1"]["attn"]["k"]["kernel"]))
 
 
+@pytest.mark.slow  # run before resolving; kept out of the default run for time
 def test_bpd_training_run_on_a_mesh(tiny, tmp_path):
   """`jaxspec train` with `mesh=...`: the BPD run trains its heads sharded and exports them."""
   from jaxspec.models.bpd import load_bpd
