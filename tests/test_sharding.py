@@ -188,11 +188,20 @@ def method(name, model, params):
     from jaxspec.decoding.sampling import Warp
     return dict(drafter=DraftModelDrafter(draft, 3, warp=Warp(use_top_p=True), greedy=False),
                 draft_params=draft_params, temperature=0.9, top_p=0.95, seed=7)
+  if name == "bpd-ngram":  # lattice rescoring: n-gram tables (replicated) and a 2-branch tree per step
+    from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
+    from jaxspec.models.ngram import build_ngram
+    bpd, heads = random_heads(model, 3)
+    rng = np.random.default_rng(0)
+    lm, tables, _ = build_ngram([rng.integers(0, model.vocab_size, 200).tolist()], 3, model.vocab_size)
+    return dict(drafter=LatticeDrafter(bpd, "ngram", top_t=4, beams=2, ngram=lm),
+                draft_params=lattice_draft_params(bpd_draft_params(model, params, bpd, heads), weight=0.5,
+                                                  ngram={k: jnp.asarray(v) for k, v in tables.items()}))
   raise ValueError(name)
 
 
 # Layer-skip greedy is checked with its caches in test_layerskip_equals_one_device_with_sharded_caches.
-METHODS = ["greedy", "sampling", "bpd", "lookup", "jacobi", "layerskip-sampling"]
+METHODS = ["greedy", "sampling", "bpd", "bpd-ngram", "lookup", "jacobi", "layerskip-sampling"]
 
 
 @pytest.mark.parametrize("name", METHODS)
