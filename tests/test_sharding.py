@@ -24,6 +24,7 @@ from jaxspec.models.bpd import BPDConfig, BPDModel
 from jaxspec.models.llama import LlamaLM, tiny_config
 from tests.conftest import FORCED_DEVICES
 from tests.fakes import BigramLM
+from tests.test_bpd import OracleHeads, random_heads
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
 
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7], [9, 8], [20, 21, 22, 23], [40, 41, 42]]
@@ -146,28 +147,6 @@ def test_stacked_layers_and_unknown_params(wide, mesh24):
 
 # ---- decoding: every method on a mesh equals 1-device decoding -----------------------------------------------------
 
-def random_heads(model, k, seed=1):
-  bpd = BPDModel(BPDConfig(num_heads=k, d_model=model.cfg.d_model, d_hidden=16, use_next_token=True))
-  p = bpd.init_params(jax.random.key(seed))
-  p["heads"]["w_out"] = jax.random.normal(jax.random.key(seed + 1), p["heads"]["w_out"].shape) * 0.5
-  return bpd, p
-
-
-@dataclasses.dataclass(frozen=True)
-class OracleHeads(BPDDrafter):
-  """BPD heads that name the bigram model's greedy continuation (every draft is accepted)."""
-
-  lm: BigramLM = None
-
-  def head_logits(self, draft_params, hidden_BxD, pending_B):
-    nxt = jnp.argmax(jnp.asarray(self.lm.table), axis=-1)
-    out, x = [], pending_B
-    for _ in range(self.num_nodes):
-      x = nxt[x]
-      out.append(jax.nn.one_hot(x, self.lm.vocab_size))
-    return jnp.stack(out, axis=1)
-
-
 def method(name, model, params):
   """(generate kwargs) of a decoding method on the tiny model."""
   if name == "greedy":
@@ -175,7 +154,7 @@ def method(name, model, params):
   if name == "sampling":
     return dict(temperature=0.9, top_p=0.95, seed=7)
   if name == "bpd":
-    bpd, heads = random_heads(model, 3)
+    bpd, heads = random_heads((model, params), 3)
     return dict(drafter=BPDDrafter(bpd), draft_params=bpd_draft_params(model, params, bpd, heads))
   if name == "lookup":
     return dict(drafter=LookupDrafter(num_nodes=4, max_ngram=2))
@@ -191,7 +170,7 @@ def method(name, model, params):
   if name == "bpd-ngram":  # lattice rescoring: n-gram tables (replicated) and a 2-branch tree per step
     from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
     from jaxspec.models.ngram import build_ngram
-    bpd, heads = random_heads(model, 3)
+    bpd, heads = random_heads((model, params), 3)
     rng = np.random.default_rng(0)
     lm, tables, _ = build_ngram([rng.integers(0, model.vocab_size, 200).tolist()], 3, model.vocab_size)
     return dict(drafter=LatticeDrafter(bpd, "ngram", top_t=4, beams=2, ngram=lm),
