@@ -232,6 +232,109 @@ def _layerskip(ctx: BenchContext, opts: dict) -> Runner:
   return _speculative_runner(ctx, draft, draft_params, int(opts.get("gamma", 4)))
 
 
+TRAINING_PROMPTS = Path(__file__).resolve().parents[2] / "training" / "data" / "prompts.jsonl"
+QUICK = Path(__file__).resolve().parent / "data" / "quick.jsonl"
+
+
+def calibration_prompts(ctx: BenchContext, n: int = 4) -> list[list[int]]:
+  """Token ids of a few of the project's training prompts (never the evaluation set), chat-formatted."""
+  from jaxspec.bench.prompts import load_prompts
+  from jaxspec.bench.runner import chat_prompt_ids
+
+  path = TRAINING_PROMPTS if TRAINING_PROMPTS.exists() else QUICK
+  texts = [p.text for p in load_prompts(path)]
+  return chat_prompt_ids(ctx.tokenizer, texts[::max(1, len(texts) // n)][:n])
+
+
+def _tree_source(ctx: BenchContext, opts: dict):
+  """`(source, source params, draft forward model or None)` for opt-tree's `drafter=` option."""
+  from jaxspec.decoding.opt_tree import HeadsTreeSource, LMTreeSource
+  from jaxspec.decoding.speculative import layerskip_draft, vocab_check
+
+  kind = opts.get("drafter", "heads")
+  if kind == "heads":
+    bpd, dp = _load_heads(ctx, {k: v for k, v in opts.items() if k == "heads"})
+    return HeadsTreeSource(bpd), dp, None
+  if kind == "layerskip":
+    lm, lm_params = layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", max(1, ctx.model.cfg.n_layers // 4))))
+  elif kind == "draft":
+    if "draft" not in opts:
+      raise InputError("opt-tree:drafter=draft needs draft=PATH (a draft model with the target's vocabulary).")
+    from jaxspec.loading import load_model
+    lm, lm_params, _ = load_model(opts["draft"])
+    vocab_check(ctx.model, lm)
+  else:
+    raise InputError(f"opt-tree drafter {kind!r} is not one of heads, layerskip, draft.")
+  return LMTreeSource(lm), lm_params, (lm, lm_params)
+
+
+def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
+  """OPT-Tree, or a fixed tree (shape=static, shape=chain) on the same drafter for comparisons at equal budgets."""
+  from jaxspec.decoding.generate import generate
+  from jaxspec.decoding.opt_tree import (OptTreeDrafter, calibrated_prior, choose_budget, expected_accept,
+                                         static_draft_params)
+  from jaxspec.decoding.sampling import Warp
+  from jaxspec.bench.cost import forward_cost
+
+  source, sp, lm = _tree_source(ctx, opts)
+  warp = Warp(top_k=int(ctx.top_k), use_top_p=ctx.top_p < 1.0) if ctx.temperature > 0 else None
+  shape = opts.get("shape", "dynamic")
+  width, branch = int(opts.get("width", 4)), int(opts.get("branch", 4))
+  max_depth = source.bpd.num_heads if lm is None else 8
+  depth = int(opts.get("depth", min(6, max_depth)))
+  threshold = float(opts.get("threshold", 0.0))
+  notes = []
+
+  def calibrate(drafter, dp):
+    res = generate(ctx.model, ctx.params, calibration_prompts(ctx), max_new_tokens=48, eos_ids=ctx.eos_ids,
+                   pad_id=ctx.pad_id, drafter=drafter, draft_params=dp, max_len=ctx.max_len)
+    return res.drafter_stats
+
+  nodes = opts.get("nodes", "16")
+  if nodes == "auto":  # budget from cost: E[A](n, d) of a large calibration tree, t(n) measured here
+    big_n, big_d = 64, max_depth
+    key = ("opt-tree-calibration", opts.get("drafter", "heads"), opts.get("heads"), opts.get("layers"),
+           opts.get("draft"), width, branch)
+    if key not in ctx.cache:
+      stats = calibrate(OptTreeDrafter(source, nodes=big_n, depth=big_d, width=max(width, 8), branch=max(branch, 8)),
+                        sp)
+      grid = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+      verify = forward_cost(ctx.model, ctx.params, [n + 1 for n in grid], context=256)
+      draft_step = draft_base = 0.0
+      if lm is not None:
+        dcost = forward_cost(lm[0], lm[1], [width, big_d + 2], context=256)
+        draft_step, draft_base = dcost[width], dcost[big_d + 2]
+      ctx.cache[key] = (expected_accept(stats), {n: verify[n + 1] for n in grid}, draft_step, draft_base)
+    ea, verify_s, draft_step, draft_base = ctx.cache[key]
+    n_best, d_best, table = choose_budget(ea, verify_s, draft_step, draft_base)
+    depth = min(int(opts["depth"]), n_best) if "depth" in opts else d_best
+    nodes = n_best
+    notes.append(f"budget from cost: nodes={n_best}, depth={d_best} (predicted {table[(n_best, d_best)]:.1f} "
+                 f"tokens/s; t(n)/t(1): " + ", ".join(f"{n}:{verify_s[n] / verify_s[1]:.2f}" for n in verify_s) + ")")
+  nodes = int(nodes)
+  depth = min(depth, nodes)
+  if shape == "chain":
+    drafter = OptTreeDrafter.chain(source, nodes, warp)
+    dp = sp
+  else:
+    branch = max(branch, -(-nodes // (width * depth)))
+    drafter = OptTreeDrafter(source, nodes=nodes, depth=depth, width=width, branch=branch, threshold=threshold,
+                             shape="dynamic" if shape == "dynamic" else "static", warp=warp)
+    dp = sp
+    if shape == "static":  # Medusa-style: a fixed tree from the drafter's calibrated confidence by depth and rank
+      dyn = dataclasses.replace(drafter, shape="dynamic", threshold=0.0)
+      key = ("opt-tree-prior", opts.get("drafter", "heads"), opts.get("heads"), opts.get("layers"), opts.get("draft"),
+             nodes, depth, width, branch)
+      if key not in ctx.cache:
+        ctx.cache[key] = calibrated_prior(calibrate(dyn, sp))
+      dp = static_draft_params(sp, ctx.cache[key])
+  run = loop_runner(ctx, drafter, dp)
+  notes.append(f"nodes={drafter.nodes} depth={drafter.depth} width={drafter.width} branch={drafter.branch} "
+               f"shape={drafter.shape}")
+  run.note = "; ".join(notes)
+  return run
+
+
 def _not_built(issue: str) -> Callable[[BenchContext, dict], Runner]:
   def build(ctx, opts):
     raise Unavailable(f"not built yet ({issue})")
@@ -281,8 +384,11 @@ for _spec in [
                options=("n",)),
     MethodSpec("cllm", "Jacobi decoding of the consistency-distilled model (Kou et al. 2024)", True,
                _not_built("issue 6")),
-    MethodSpec("opt-tree", "adaptive draft trees maximising expected acceptance length (Wang et al. 2024)", True,
-               _not_built("issue 7")),
+    MethodSpec("opt-tree", "draft trees grown to maximise expected acceptance length under a node budget (Wang et al. "
+               "2024); shape=static / shape=chain: fixed trees on the same drafter; nodes=auto picks the budget from "
+               "the measured verify cost", True, _opt_tree,
+               options=("drafter", "heads", "layers", "draft", "nodes", "depth", "width", "branch", "threshold",
+                        "shape")),
     MethodSpec("t5x-greedy", "T5X's decoding.temperature_sample(temperature=0) driving the same model (baseline)",
                True, _t5x, baseline=True),
     MethodSpec("hf-greedy", "Hugging Face transformers greedy generate on the same weights, batch 1 (baseline)",

@@ -30,16 +30,81 @@ def tree_paths(draft: Draft, ok_BxN: Array) -> tuple[Array, Array]:
   Returns:
     `(path_BxT, n_commit_B)`: block indices 0 (pending), then the accepted nodes (+1), shallowest first.
   """
-  b, n = ok_BxN.shape
   # A node is accepted when it and all its ancestors are ok; mask_BxNxN is the ancestor-or-self relation.
   accepted_BxN = jnp.all(jnp.where(draft.mask_BxNxN, ok_BxN[:, None, :], True), axis=-1)
   depth_BxN = jnp.where(accepted_BxN, draft.depth_BxN, 0)
-  best_B = jnp.argmax(depth_BxN, axis=-1)
-  n_acc_B = jnp.max(depth_BxN, axis=-1)
-  on_path_BxN = jnp.take_along_axis(draft.mask_BxNxN, best_B[:, None, None], axis=1)[:, 0] & (n_acc_B[:, None] > 0)
+  return path_to(draft, jnp.argmax(depth_BxN, axis=-1), jnp.max(depth_BxN, axis=-1))
+
+
+def path_to(draft: Draft, node_B: Array, n_acc_B: Array) -> tuple[Array, Array]:
+  """`(path_BxT, n_commit_B)` of the root path ending at node `node_B` (`n_acc_B` nodes deep; 0: the root alone)."""
+  b, n = draft.tokens_BxN.shape
+  on_path_BxN = jnp.take_along_axis(draft.mask_BxNxN, node_B[:, None, None], axis=1)[:, 0] & (n_acc_B[:, None] > 0)
   order_BxN = jnp.sort(jnp.where(on_path_BxN, jnp.arange(n)[None], n), axis=-1) + 1  # ancestors precede descendants
   path_BxT = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), jnp.minimum(order_BxN, n).astype(jnp.int32)], axis=-1)
   return path_BxT, n_acc_B + 1
+
+
+def tree_rejection(rng: Array, draft: Draft, p_BxTxV: Array, remove_rejected: bool = True) -> Acceptance:
+  """Multi-draft recursive rejection sampling over a tree (SpecInfer; Sequoia): the emitted tokens are distributed
+  exactly as ancestral sampling from the target's (warped) distributions `p_BxTxV`.
+
+  Starting at the root, the children of the current node are tried in node order. Child i with token x, drawn from
+  the drafter's q_i (`draft.probs_BxNxV[:, i]`; None means point masses: deterministic drafts such as top-k trees),
+  is accepted with probability min(1, r(x) / q_i(x)), where r is the target's distribution at the current node;
+  acceptance moves to the child (r becomes the target's distribution there), rejection replaces r by
+  norm(max(0, r - q_i)) (for a point mass: r without x). When no child is accepted, the correction token is sampled
+  from r. Exact when each child's token is drawn from its q_i given its earlier siblings (i.i.d. children from one
+  q, without-replacement draws with q renormalised, or deterministic point masses). Nodes must be in topological
+  order; one pass over them visits every tried child, since a node's children all come after it.
+
+  Args:
+    rng: random key.
+    draft: the tree.
+    p_BxTxV: the target's warped probabilities for the verified block `[pending, nodes]`.
+    remove_rejected: False breaks the rule on purpose (r is left unchanged after a rejection), for tests that the
+      statistical check has power.
+  """
+  b, t, _ = p_BxTxV.shape
+  n = t - 1
+  r_u, r_fix = jax.random.split(rng)
+  u_NxB = jax.random.uniform(r_u, (n, b))
+  q_NxBxV = None if draft.probs_BxNxV is None else jnp.moveaxis(draft.probs_BxNxV, 1, 0)
+
+  def visit(carry, xs):
+    cur_B, r_BxV = carry
+    i, u_B = xs[0], xs[1]
+    x_B = jax.lax.dynamic_index_in_dim(draft.tokens_BxN, i, axis=1, keepdims=False)
+    parent_B = jax.lax.dynamic_index_in_dim(draft.parent_BxN, i, axis=1, keepdims=False)
+    child_B = parent_B + 1 == cur_B
+    r_x = jnp.take_along_axis(r_BxV, x_B[:, None], axis=1)[:, 0]
+    if q_NxBxV is None:
+      q_x = 1.0
+      left_BxV = jnp.where(jnp.arange(r_BxV.shape[1])[None] == x_B[:, None], 0.0, r_BxV)
+    else:
+      q_BxV = xs[2]
+      q_x = jnp.take_along_axis(q_BxV, x_B[:, None], axis=1)[:, 0]
+      left_BxV = jnp.maximum(r_BxV - q_BxV, 0.0)
+    ok_B = child_B & (u_B * q_x < r_x)
+    mass_B = jnp.sum(left_BxV, axis=-1, keepdims=True)
+    # An empty remainder means the child could not be rejected (r(x) >= q(x) everywhere q lives); keep r then.
+    left_BxV = jnp.where(mass_B > 0, left_BxV / jnp.where(mass_B > 0, mass_B, 1.0), r_BxV)
+    if not remove_rejected:
+      left_BxV = r_BxV
+    p_child_BxV = jax.lax.dynamic_index_in_dim(p_BxTxV, i + 1, axis=1, keepdims=False)
+    r_BxV = jnp.where(ok_B[:, None], p_child_BxV, jnp.where(child_B[:, None], left_BxV, r_BxV))
+    return (jnp.where(ok_B, i + 1, cur_B), r_BxV), None
+
+  xs = (jnp.arange(n), u_NxB) if q_NxBxV is None else (jnp.arange(n), u_NxB, q_NxBxV)
+  (cur_B, r_BxV), _ = jax.lax.scan(visit, (jnp.zeros((b,), jnp.int32), p_BxTxV[:, 0]), xs)
+  fix_B = jax.random.categorical(r_fix, jnp.log(r_BxV), axis=-1).astype(jnp.int32)
+  node_B = jnp.maximum(cur_B - 1, 0)
+  n_acc_B = jnp.where(cur_B > 0, jnp.take_along_axis(draft.depth_BxN, node_B[:, None], axis=1)[:, 0], 0)
+  path_BxT, n_commit_B = path_to(draft, node_B, n_acc_B)
+  path_tok_BxN = jnp.take_along_axis(draft.tokens_BxN, path_BxT[:, 1:] - 1, axis=1)
+  path_tok_BxT = jnp.concatenate([path_tok_BxN, jnp.zeros((b, 1), jnp.int32)], axis=1)
+  emitted_BxT = jnp.where(jnp.arange(t)[None] < n_acc_B[:, None], path_tok_BxT, fix_B[:, None])
+  return Acceptance(emitted_BxT, path_BxT, n_commit_B, is_prefix=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +137,11 @@ class GreedyAcceptance:
 @dataclasses.dataclass(frozen=True)
 class SampleAcceptance:
   """Sampling from the target's warped distribution; with a chain draft, modified rejection sampling (Leviathan et
-  al. 2023, Chen et al. 2023): the output distribution is exactly the target's."""
+  al. 2023, Chen et al. 2023), with a tree, multi-draft recursive rejection sampling (`tree_rejection`): the output
+  distribution is exactly the target's."""
 
   warp: Warp = Warp()
+  remove_rejected: bool = True  # False: a deliberately broken tree rule, for tests of the statistical check
 
   def first_token(self, rng: Array, logits_BxV: Array, sp: SamplingParams) -> Array:
     return self.warp.sample(rng, logits_BxV, sp)
@@ -84,10 +151,8 @@ class SampleAcceptance:
     path_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if t == 1:
       return Acceptance(self.warp.sample(rng, logits_BxTxV, sp), path_BxT, jnp.ones((b,), jnp.int32))
-    if not is_chain:
-      raise ValueError("SampleAcceptance verifies chains; trees need multi-draft rejection sampling.")
-    if draft.probs_BxNxV is None:
-      raise ValueError("Sampling acceptance needs the drafter's probabilities (Draft.probs_BxNxV).")
+    if not is_chain or draft.probs_BxNxV is None:  # trees, and chains of point-mass (deterministic) drafts
+      return tree_rejection(rng, draft, self.warp.probs(logits_BxTxV, sp), self.remove_rejected)
     n = t - 1
     p_BxTxV = self.warp.probs(logits_BxTxV, sp)
     q_BxNxV = draft.probs_BxNxV

@@ -141,7 +141,10 @@ class Attention(nn.Module):
     old_BxKxMxS = jnp.einsum("bkmh,bkhs->bkms", q_BxKxMxH, cache_k_BxKxHxS.astype(dt),
                              preferred_element_type=jnp.float32)
     new_BxKxMxT = jnp.einsum("bkmh,bkht->bkmt", q_BxKxMxH, k_BxKxHxT, preferred_element_type=jnp.float32)
-    old_BxKxMxS = jnp.where(committed_BxS[:, None, None, :], old_BxKxMxS, _NEG_INF)
+    if committed_BxS.ndim == 2:
+      old_BxKxMxS = jnp.where(committed_BxS[:, None, None, :], old_BxKxMxS, _NEG_INF)
+    else:  # a per-token cache mask `[B, T, S]` (draft trees grown in the cache)
+      old_BxKxMxS = jnp.where(jnp.tile(committed_BxS, (1, g, 1))[:, None], old_BxKxMxS, _NEG_INF)
     new_BxKxMxT = jnp.where(jnp.tile(mask_BxTxT, (1, g, 1))[:, None], new_BxKxMxT, _NEG_INF)  # row m = g_i*T + t
     probs = jax.nn.softmax(jnp.concatenate([old_BxKxMxS, new_BxKxMxT], axis=-1), axis=-1).astype(dt)
     s = old_BxKxMxS.shape[-1]
@@ -208,13 +211,14 @@ class Llama(nn.Module):
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
                               param_dtype=jnp.dtype(cfg.param_dtype), name="lm_head")
 
-  def __call__(self, tokens_BxT, positions_BxT, cache: KVCache, mask_BxTxT):
+  def __call__(self, tokens_BxT, positions_BxT, cache: KVCache, mask_BxTxT, cache_mask_BxTxS=None):
     cfg = self.cfg
     if mask_BxTxT.ndim == 2:
       mask_BxTxT = jnp.broadcast_to(mask_BxTxT, (tokens_BxT.shape[0], *mask_BxTxT.shape))
     x_BxTxD = self.embed(tokens_BxT)
     rope = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
-    visible = (jnp.arange(cache.capacity)[None, :] < cache.lengths[:, None], mask_BxTxT)
+    committed = jnp.arange(cache.capacity)[None, :] < cache.lengths[:, None]
+    visible = (committed if cache_mask_BxTxS is None else cache_mask_BxTxS, mask_BxTxT)
     if cfg.scan_layers:
       x_BxTxD, (ks, vs) = self.layers(x_BxTxD, (cache.k, cache.v), rope, cache.lengths, visible)
     else:
@@ -268,7 +272,7 @@ class LlamaLM:
     return KVCache(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32))
 
   def forward(self, params, tokens_BxT: Array, positions_BxT: Array, cache: KVCache, mask_BxTxT: Array, *,
-              logits: bool = True):
+              logits: bool = True, cache_mask_BxTxS: Array | None = None):
     """Runs T new tokens against the cache. Jittable.
 
     Args:
@@ -279,11 +283,14 @@ class LlamaLM:
       mask_BxTxT: `mask[b, i, j]` says whether new token i attends to new token j (causal for chains, ancestor
         mask for trees).
       logits: whether to compute logits for every new token (prefill only needs the hidden states).
+      cache_mask_BxTxS: which cache slots each new token reads; None (the default) reads slots `[0, lengths)`. A
+        draft tree grown depth by depth keeps its nodes past `lengths` and lets each node read its ancestors.
 
     Returns:
       `(logits_BxTxV or None, hidden_BxTxD, cache)`, `lengths` unchanged.
     """
-    hidden, cache = self.module.apply({"params": params}, tokens_BxT, positions_BxT, cache, mask_BxTxT)
+    hidden, cache = self.module.apply({"params": params}, tokens_BxT, positions_BxT, cache, mask_BxTxT,
+                                      cache_mask_BxTxS)
     return (self.logits(params, hidden) if logits else None), hidden, cache
 
   def logits(self, params, hidden_BxTxD: Array) -> Array:

@@ -1,0 +1,38 @@
+"""What one forward costs on this machine: the verify-cost curve t(n) that draft-tree budgets are chosen from.
+
+The time of a forward over n new tokens against a cache of a given context is flat in n while the hardware has
+spare parallelism and grows once it does not: far flatter on a GPU or TPU than on a few CPU cores. So the best node
+budget of a draft tree is measured, not assumed (`jaxspec.decoding.opt_tree.choose_budget`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def forward_cost(model, params, sizes: Sequence[int], *, context: int = 256, batch: int = 1,
+                 repeats: int = 5) -> dict[int, float]:
+  """Seconds of one forward over `n` new tokens (a chain, attending to `context` cached slots), by n.
+
+  The cache is donated, as inside the decode loop, so its update is in place. Sizes are interleaved in every round,
+  so drift of a noisy machine hits each alike, and the best of `repeats` rounds is kept.
+  """
+  sizes = sorted(set(int(n) for n in sizes))
+  capacity = context + max(sizes) + 8
+  fwd = jax.jit(lambda p, t, pos, c, m: model.forward(p, t, pos, c, m)[::2], donate_argnums=(3,))
+  cache = model.init_cache(batch, capacity).advance(jnp.full((batch,), context, jnp.int32))
+  calls = {n: (jnp.zeros((batch, n), jnp.int32), jnp.broadcast_to(context + jnp.arange(n), (batch, n)),
+               jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (batch, n, n))) for n in sizes}
+  for n in sizes:  # compile and warm
+    _, cache = jax.block_until_ready(fwd(params, *calls[n][:2], cache, calls[n][2]))
+  best = {n: float("inf") for n in sizes}
+  for _ in range(repeats):
+    for n in sizes:
+      t0 = time.perf_counter()
+      _, cache = jax.block_until_ready(fwd(params, *calls[n][:2], cache, calls[n][2]))
+      best[n] = min(best[n], time.perf_counter() - t0)
+  return best

@@ -1,0 +1,359 @@
+"""Draft trees: masks, positions and paths on hand-built trees, tree acceptance on fake logits, OPT-Tree's selection
+against a brute-force search, greedy equivalence (dynamic, static and chain trees; draft LM and BPD heads), budget
+choice from cost, and statistical exactness of tree sampling with a broken rule as a control."""
+
+import dataclasses
+import heapq
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.decoding import generate as gen
+from jaxspec.decoding.accept import GreedyAcceptance, SampleAcceptance, tree_rejection
+from jaxspec.decoding.bpd import bpd_draft_params
+from jaxspec.decoding.loop import _block_mask
+from jaxspec.decoding.opt_tree import (HeadsTreeSource, LMTreeSource, OptTreeDrafter, ancestor_mask,
+                                       calibrated_prior, choose_budget, geometric_prior, static_draft_params)
+from jaxspec.decoding.protocol import Draft, PrefillInfo
+from jaxspec.decoding.sampling import SamplingParams, Warp
+from jaxspec.errors import InputError
+from tests.conftest import make_tiny
+from tests.test_bpd import random_heads
+from tests.test_speculative import N_NEW, PROMPT, ROWS, SEEDS, V, chi2_pvalue, continuation_logits  # noqa: F401
+from tests.test_speculative import exact_distribution, small_lm, stat_models  # noqa: F401
+
+# A hand-built tree: two root children (0, 1); 2 and 3 under 0; 4 under 2; 5 under 1.
+PARENT = [-1, -1, 0, 0, 2, 1]
+DEPTH = [1, 1, 2, 2, 3, 2]
+TOKENS = [10, 11, 12, 13, 14, 15]
+ANCESTORS = [{0}, {1}, {0, 2}, {0, 3}, {0, 2, 4}, {1, 5}]
+
+
+def hand_tree(rows: int) -> Draft:
+  n = len(PARENT)
+  mask = np.zeros((n, n), bool)
+  for i, anc in enumerate(ANCESTORS):
+    mask[i, list(anc)] = True
+  bc = lambda x, dt: jnp.broadcast_to(jnp.asarray(x, dt), (rows,) + np.shape(x))
+  return Draft(bc(TOKENS, jnp.int32), bc(DEPTH, jnp.int32), bc(mask, bool), bc(PARENT, jnp.int32))
+
+
+def test_ancestor_mask_of_a_hand_built_tree():
+  mask = np.asarray(ancestor_mask(jnp.asarray([PARENT]), max_depth=3))[0]
+  assert [set(np.flatnonzero(row)) for row in mask] == ANCESTORS
+  # The verified block [pending, nodes]: every node sees the pending token, itself and its ancestors only.
+  block = np.asarray(_block_mask(hand_tree(1)))[0]
+  assert block[:, 0].all() and block[0].sum() == 1
+  assert [set(np.flatnonzero(row[1:])) for row in block[1:]] == ANCESTORS
+
+
+def one_hot_logits(argmax_per_block, vocab=100):
+  """Logits `[B, T, V]` whose argmax at block index t of row b is `argmax_per_block[b][t]`."""
+  return jax.nn.one_hot(jnp.asarray(argmax_per_block), vocab) * 20.0
+
+
+# Row 0: the target picks node 1 (11), then node 5 (15), then 7. Row 1: 10, 12, 14 (the deepest path), then 9.
+# Row 2: 99 after the pending token, which no child has. Block index = node index + 1.
+TARGET = [[11, 0, 15, 0, 0, 0, 7], [10, 12, 0, 14, 0, 9, 0], [99, 0, 0, 0, 0, 0, 0]]
+WANT_PATHS = [[0, 2, 6], [0, 1, 3, 5], [0]]
+WANT_EMITTED = [[11, 15, 7], [10, 12, 14, 9], [99]]
+
+
+def check_acceptance(acc):
+  for b in range(3):
+    n = int(acc.n_commit_B[b])
+    assert np.asarray(acc.path_BxT[b, :n]).tolist() == WANT_PATHS[b]
+    assert np.asarray(acc.emitted_BxT[b, :n]).tolist() == WANT_EMITTED[b]
+
+
+def test_greedy_tree_acceptance_on_fake_logits():
+  acc = GreedyAcceptance().accept(None, hand_tree(3), one_hot_logits(TARGET), SamplingParams.make(), is_chain=False)
+  check_acceptance(acc)
+
+
+def test_tree_rejection_sampling_on_point_mass_targets():
+  """With target distributions that are point masses, sampling must walk exactly the greedy path (rows apart)."""
+  p = jax.nn.one_hot(jnp.asarray(TARGET), 100)
+  for seed in range(3):
+    check_acceptance(tree_rejection(jax.random.key(seed), hand_tree(3), p))
+
+
+def test_tree_positions_and_masks_give_each_node_its_path_logits(tiny):
+  """One tree-masked forward with depth-based positions = a plain forward over each node's root path."""
+  model, params = tiny
+  prompt = [5, 9, 2, 7]
+  L = len(prompt) - 1  # the last prompt token plays the pending token
+  draft = hand_tree(1)
+  cache = model.init_cache(1, 32)
+  _, _, cache = model.forward(params, jnp.asarray([prompt[:L]]), jnp.arange(L)[None], cache,
+                              jnp.tril(jnp.ones((L, L), bool)))
+  cache = cache.advance(jnp.asarray([L]))
+  block = jnp.concatenate([jnp.asarray([[prompt[-1]]]), draft.tokens_BxN], axis=1)
+  positions = L + jnp.concatenate([jnp.zeros((1, 1), jnp.int32), draft.depth_BxN], axis=1)
+  tree_logits, _, _ = model.forward(params, block, positions, cache, _block_mask(draft))
+  for i, anc in enumerate(ANCESTORS):
+    seq = prompt + [TOKENS[j] for j in sorted(anc)]
+    t = len(seq)
+    chain_logits, _, _ = model.forward(params, jnp.asarray([seq]), jnp.arange(t)[None], model.init_cache(1, 32),
+                                       jnp.tril(jnp.ones((t, t), bool)))
+    np.testing.assert_allclose(tree_logits[0, i + 1], chain_logits[0, -1], atol=2e-4, rtol=2e-4)
+
+
+def fake_loop(pending, active=None):
+  b = len(pending)
+  return types.SimpleNamespace(pending_B=jnp.asarray(pending, jnp.int32),
+                               active_B=jnp.ones((b,), bool) if active is None else jnp.asarray(active),
+                               sp=SamplingParams.make(0.0))
+
+
+def best_first_paths(model, params, prefix, n):
+  """The n root paths of highest draft probability, by best-first search with uncached forwards (the reference)."""
+
+  def logp(path):
+    seq = prefix + list(path)
+    t = len(seq)
+    logits, _, _ = model.forward(params, jnp.asarray([seq]), jnp.arange(t)[None], model.init_cache(1, t + 1),
+                                 jnp.tril(jnp.ones((t, t), bool)))
+    return np.asarray(jax.nn.log_softmax(logits[0, -1]), np.float64)
+
+  heap = [(-v, (int(x),)) for x, v in enumerate(logp(()))]
+  heapq.heapify(heap)
+  out = {}
+  while len(out) < n:
+    neg, path = heapq.heappop(heap)
+    out[path] = -neg
+    for x, v in enumerate(logp(path)):
+      heapq.heappush(heap, (neg - v, path + (x,)))
+  return out
+
+
+def draft_paths(draft: Draft, row: int = 0) -> list[tuple]:
+  tok, par = np.asarray(draft.tokens_BxN[row]), np.asarray(draft.parent_BxN[row])
+  paths = []
+  for i in range(len(tok)):
+    path, j = [], i
+    while j >= 0:
+      path.append(int(tok[j]))
+      j = par[j]
+    paths.append(tuple(reversed(path)))
+  return paths
+
+
+def test_tree_is_the_n_most_probable_paths(tiny):
+  """With a frontier and branching as wide as the budget, the grown tree (its depths >= 2 read from the draft cache
+  through ancestor masks) is exactly the N most probable root paths of the draft LM, and E[A] is their sum."""
+  draft_model, draft_params = make_tiny(seed=3)  # a random model with flat-ish distributions: many branches
+  draft_params = dict(draft_params, embed={"embedding": draft_params["embed"]["embedding"] / 10.0})
+  n = 10
+  prompt = [3, 14, 15, 92]
+  drafter = OptTreeDrafter(LMTreeSource(draft_model), nodes=n, depth=4, width=n, branch=n)
+  tokens = jnp.asarray([prompt[:-1]], jnp.int32)
+  prefill = PrefillInfo(tokens, jnp.asarray([len(prompt) - 1]), jnp.zeros((1, 8)), jnp.zeros((1, 8)),
+                        jnp.asarray([prompt[-1]]), capacity=32)
+  dstate = drafter.init(draft_params, prefill)
+  draft, dstate = drafter.propose(draft_params, dstate, fake_loop([prompt[-1]]))
+  want = best_first_paths(draft_model, draft_params, prompt, n)
+  got = draft_paths(draft)
+  assert sorted(got) == sorted(want)
+  assert np.asarray(draft.depth_BxN[0]).tolist() == [len(p) for p in got]
+  assert sorted(np.asarray(draft.depth_BxN[0]).tolist()) == np.asarray(draft.depth_BxN[0]).tolist()  # parents first
+  ea = float(dstate.expected_accept_DxN[-1, -1])
+  assert abs(ea - sum(np.exp(v) for v in want.values())) < 1e-4
+
+
+PROMPTS = [[1, 2, 3], [7] * 9, [100, 5, 17, 4]]
+NEW = 30
+
+
+@pytest.fixture(scope="module")
+def greedy_ref(tiny):
+  model, params = tiny
+  return gen.generate(model, params, PROMPTS, max_new_tokens=NEW).tokens
+
+
+def tree_drafters(tiny):
+  model, params = tiny
+  other, other_params = make_tiny(seed=1)
+  bpd, hp = random_heads(tiny, 4)
+  heads = bpd_draft_params(model, params, bpd, hp)
+  return {
+      "lm-dynamic": (OptTreeDrafter(LMTreeSource(other), nodes=8, depth=4, width=2, branch=3), other_params),
+      "lm-self-early-stop": (OptTreeDrafter(LMTreeSource(model), nodes=8, depth=4, width=2, branch=3, threshold=1.5),
+                             params),
+      "lm-chain": (OptTreeDrafter.chain(LMTreeSource(other), 5), other_params),
+      "heads-dynamic": (OptTreeDrafter(HeadsTreeSource(bpd), nodes=10, depth=4, width=3, branch=3), heads),
+      "heads-static": (OptTreeDrafter(HeadsTreeSource(bpd), nodes=10, depth=4, width=3, branch=3, shape="static"),
+                       static_draft_params(heads, geometric_prior(4, 9))),
+  }
+
+
+@pytest.mark.parametrize("name", ["lm-dynamic", "lm-self-early-stop", "lm-chain", "heads-dynamic", "heads-static"])
+def test_trees_equal_greedy_and_rows_are_independent(tiny, greedy_ref, name):
+  model, params = tiny
+  drafter, dp = tree_drafters(tiny)[name]
+  res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=drafter, draft_params=dp)
+  assert res.tokens == greedy_ref
+  stats = res.drafter_stats
+  if name == "lm-self-early-stop":
+    # The target as its own draft: each depth adds about 1 to E[A], below the threshold of 1.5, so growth stops
+    # after depth 2 in every step, and nearly every step accepts both drafted depths.
+    assert stats["reached_D"][1] == stats["proposals"] > 0
+    assert res.tau > 2.5
+  # A row decoded alone takes the same steps as in the batch.
+  alone = gen.generate(model, params, PROMPTS[2:], max_new_tokens=NEW, drafter=drafter, draft_params=dp)
+  assert alone.tokens == greedy_ref[2:] and alone.active_calls == res.active_calls[2:]
+
+
+def test_budget_follows_the_verify_cost():
+  """The same acceptance curve gives a small tree on a steep cost curve (CPU-like) and a big one when it is flat."""
+  n_grid = [1, 2, 4, 8, 16, 32]
+  ea = np.asarray([[1.0 - 0.8 ** n for n in range(1, 33)]]) * 3.0  # E[A] saturating at 3 (depth 1 only, for brevity)
+  steep = {n: 1.0 + 0.2 * n for n in n_grid}
+  flat = {n: 1.0 + 0.001 * n for n in n_grid}
+  n_steep, _, table = choose_budget(ea, steep)
+  n_flat, _, _ = choose_budget(ea, flat)
+  assert n_steep < n_flat == 32
+  assert table[(n_steep, 1)] == max(table.values())
+  with pytest.raises(InputError):
+    choose_budget(ea, {64: 1.0})
+
+
+def test_calibrated_prior_is_the_mean_log_probability():
+  stats = {"proposals": np.int32(4), "rank_prob_DxC": np.asarray([[2.0, 1.0, 0.0], [3.0, 0.4, 0.0]])}
+  prior = calibrated_prior(stats)
+  np.testing.assert_allclose(prior[:, :2], np.log([[0.5, 0.25], [0.75, 0.1]]), rtol=1e-6)
+  assert prior[0, 2] == pytest.approx(np.log(1e-6))
+
+
+def test_bad_tree_settings_are_clear_errors(tiny):
+  model, _ = tiny
+  src = LMTreeSource(model)
+  with pytest.raises(InputError, match="shape"):
+    OptTreeDrafter(src, shape="bushy")
+  with pytest.raises(InputError, match="deep"):
+    OptTreeDrafter(src, nodes=4, depth=6)
+  with pytest.raises(InputError, match="cannot fill"):
+    OptTreeDrafter(src, nodes=40, depth=2, width=2, branch=2)
+  bpd, _ = random_heads(tiny, 3)
+  prefill = PrefillInfo(jnp.zeros((1, 2), jnp.int32), jnp.asarray([2]), jnp.zeros((1, 4)), jnp.zeros((1, 4)),
+                        jnp.zeros((1,), jnp.int32), capacity=8)
+  with pytest.raises(InputError, match="BPD heads"):
+    OptTreeDrafter(HeadsTreeSource(bpd), nodes=8, depth=5).init({}, prefill)
+
+
+# --- Exact sampling over trees -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class IidTree:
+  """SpecInfer-style sampled tree of fixed shape: every node's token is drawn i.i.d. from one context-free q."""
+
+  logits_V: tuple
+  parent: tuple = (-1, -1, 0, 0, 1, 2)
+  is_chain = False
+  calls_per_step = 0
+
+  @property
+  def num_nodes(self):
+    return len(self.parent)
+
+  def init(self, draft_params, prefill):
+    return prefill.rng
+
+  def propose(self, draft_params, dstate, loop):
+    rng, r = jax.random.split(dstate)
+    b, n = loop.pending_B.shape[0], self.num_nodes
+    q_V = jax.nn.softmax(jnp.asarray(self.logits_V, jnp.float32))
+    tokens = jax.random.categorical(r, jnp.log(q_V), shape=(b, n)).astype(jnp.int32)
+    parent = jnp.asarray(self.parent, jnp.int32)
+    depth = [1] * n
+    for i, p in enumerate(self.parent):
+      depth[i] = 1 if p < 0 else depth[p] + 1
+    bc = lambda x: jnp.broadcast_to(x, (b,) + x.shape)
+    return Draft(tokens, bc(jnp.asarray(depth, jnp.int32)), bc(ancestor_mask(parent[None], 4)[0]), bc(parent),
+                 jnp.broadcast_to(q_V, (b, n, q_V.shape[0]))), rng
+
+  def update(self, draft_params, dstate, verified):
+    return dstate
+
+
+def tree_sample_counts(stat_models, drafter, draft_params, temperature, top_p, acceptor) -> np.ndarray:
+  """Counts of each continuation over ROWS * SEEDS tree-speculative generations (the jitted loop called directly)."""
+  (model, params), _ = stat_models
+  p = len(PROMPT)
+  args = lambda seed: (params, jnp.asarray(np.tile(PROMPT, (ROWS, 1)), jnp.int32), jnp.full((ROWS,), p, jnp.int32),
+                       jnp.full((ROWS,), N_NEW, jnp.int32), jnp.asarray([-1], jnp.int32), jax.random.key(seed),
+                       SamplingParams.make(temperature, top_p), draft_params)
+  static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=N_NEW,
+                capacity=p + N_NEW + drafter.num_nodes + 1, pad_id=0)
+  program, _, _ = gen.compiled_program(args(0), static)
+  counts = np.zeros(V ** N_NEW, np.int64)
+  for seed in range(SEEDS):
+    out = program(*args(seed))
+    assert np.all(np.asarray(out.lengths_B) == N_NEW)
+    counts += np.bincount(np.asarray(out.tokens_BxO) @ (V ** np.arange(N_NEW - 1, -1, -1)), minlength=V ** N_NEW)
+  return counts
+
+
+def opt_tree_stat_drafter(stat_models, temperature, top_p):
+  _, (draft_model, draft_params) = stat_models
+  warp = Warp(0, top_p < 1)
+  return OptTreeDrafter(LMTreeSource(draft_model), nodes=5, depth=3, width=2, branch=2, warp=warp), draft_params, warp
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), pytest.param(0.7, 0.9, marks=pytest.mark.slow)])
+def test_opt_tree_sampling_is_exact(stat_models, continuation_logits, temperature, top_p):
+  """10^5 generations with OPT-Tree drafts (top-k children: point-mass proposals) follow the target's distribution."""
+  drafter, dp, warp = opt_tree_stat_drafter(stat_models, temperature, top_p)
+  probs = exact_distribution(continuation_logits, warp, SamplingParams.make(temperature, top_p))
+  counts = tree_sample_counts(stat_models, drafter, dp, temperature, top_p, SampleAcceptance(warp))
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"opt-tree T={temperature} top_p={top_p}: p = {pvalue:.3g}")
+  assert pvalue > 1e-3
+
+
+@pytest.mark.slow
+def test_iid_sampled_tree_is_exact(stat_models, continuation_logits):
+  """SpecInfer's setting: children drawn i.i.d. from a draft q, rejection with r <- norm(max(0, r - q))."""
+  logits = tuple(np.random.default_rng(5).normal(size=V).round(3).tolist())
+  probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
+  counts = tree_sample_counts(stat_models, IidTree(logits), None, 1.0, 1.0, SampleAcceptance())
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"i.i.d. tree: p = {pvalue:.3g}")
+  assert pvalue > 1e-3
+
+
+def test_the_tree_exactness_test_catches_a_broken_rule(stat_models, continuation_logits):
+  """Power: leaving the target's distribution unchanged after a rejected child (instead of removing that child)
+  over-samples drafted tokens, and the same χ² test on the same number of samples rejects it."""
+  drafter, dp, warp = opt_tree_stat_drafter(stat_models, 1.0, 1.0)
+  probs = exact_distribution(continuation_logits, warp, SamplingParams.make(1.0))
+  broken = SampleAcceptance(warp, remove_rejected=False)
+  counts = tree_sample_counts(stat_models, drafter, dp, 1.0, 1.0, broken)
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"broken tree rule: p = {pvalue:.3g}")
+  assert pvalue < 1e-6
+
+
+@pytest.mark.slow
+def test_trees_equal_greedy_on_default_model(default_model):
+  """The shipped BPD heads and a layer-skip draft, as dynamic and static trees, on the real model."""
+  from jaxspec.bench.methods import DEFAULT_BPD_HEADS
+  from jaxspec.decoding.speculative import layerskip_draft
+  from jaxspec.models.bpd import load_bpd
+
+  model, params, tok = default_model
+  prompts = [tok.encode(t) for t in ["The capital of France is", "def fibonacci(n):\n  ", "Once upon a time"]]
+  ref = gen.generate(model, params, prompts, max_new_tokens=32).tokens
+  bpd, hp = load_bpd(DEFAULT_BPD_HEADS)
+  heads = bpd_draft_params(model, params, bpd, hp)
+  lm, lm_params = layerskip_draft(model, params, 8)
+  for drafter, dp in [(OptTreeDrafter(HeadsTreeSource(bpd), nodes=16, depth=5), heads),
+                      (OptTreeDrafter(HeadsTreeSource(bpd), nodes=16, depth=5, shape="static"),
+                       static_draft_params(heads, geometric_prior(5, 16))),
+                      (OptTreeDrafter(LMTreeSource(lm), nodes=12, depth=4, width=3, branch=4), lm_params)]:
+    res = gen.generate(model, params, prompts, max_new_tokens=32, drafter=drafter, draft_params=dp)
+    assert res.tokens == ref, drafter
