@@ -45,7 +45,7 @@ def _figures(recs, ref_recs, mism) -> dict:
 
 def results(cfg, env: dict, prompts, specs: dict, lossless: dict, records: dict, compile_s: dict,
             program_bytes: dict, mismatches: dict, unavailable: dict, *, complete: bool, wall_s: float,
-            peak_rss_bytes: int) -> dict:
+            peak_rss_bytes: int, notes: dict | None = None) -> dict:
   """The content of results.json: every figure per method, overall and per category, and the environment."""
   from jaxspec.bench.runner import REFERENCE
 
@@ -55,6 +55,8 @@ def results(cfg, env: dict, prompts, specs: dict, lossless: dict, records: dict,
   for label, spec in specs.items():
     entry = {"description": spec.description, "lossless": lossless.get(label, spec.lossless),
              "baseline": spec.baseline}
+    if notes and notes.get(label):
+      entry["note"] = notes[label]  # what the method chose when it was built (e.g. a tree budget from cost)
     if label in unavailable:
       entry.update(available=False, reason=unavailable[label], tau=None, speedup=None, tokens_per_s=None,
                    mismatches=None, n_prompts=0, per_category={})
@@ -125,6 +127,9 @@ def markdown(res: dict) -> str:
     lines += ["", f"## {title}", "", "| method | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]
     for label, m in avail.items():
       lines.append(f"| {label} | " + " | ".join(_fmt(m["per_category"].get(c, {}).get(key)) for c in cats) + " |")
+  noted = {k: v["note"] for k, v in avail.items() if v.get("note")}
+  if noted:
+    lines += ["", "## Settings chosen by the methods", ""] + [f"- `{k}`: {v}" for k, v in noted.items()]
   off = {k: v for k, v in methods.items() if not v["available"]}
   if off:
     lines += ["", "## Unavailable", ""] + [f"- `{k}`: {v['reason']}" for k, v in off.items()]

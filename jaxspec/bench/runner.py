@@ -166,6 +166,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
     except Unavailable as e:
       unavailable[label] = str(e)
   lossless = {l: getattr(r, "lossless", specs[l].lossless) for l, r in runners.items()}
+  notes = {l: getattr(r, "note", None) for l, r in runners.items()}
   if REFERENCE in unavailable:
     raise InputError(f"The reference method cannot run: {unavailable[REFERENCE]}")
 
@@ -181,7 +182,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   def snapshot(complete: bool) -> dict:
     return report.results(cfg, env, prompts, specs, lossless, records, compile_s, program_bytes, mismatches,
                           unavailable, complete=complete, wall_s=time.time() - started,
-                          peak_rss_bytes=_peak_rss_bytes())
+                          peak_rss_bytes=_peak_rss_bytes(), notes=notes)
 
   # Warm-up: compile and run each method once on the first batch, untimed (skipped by --quick: compilation is
   # ahead-of-time and timed apart, so only first-run effects go unexcluded).
