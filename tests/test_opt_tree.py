@@ -202,6 +202,8 @@ def test_trees_equal_greedy_and_rows_are_independent(tiny, greedy_ref, name):
     # after depth 2 in every step, and nearly every step accepts both drafted depths.
     assert stats["reached_D"][1] == stats["proposals"] > 0
     assert res.tau > 2.5
+  if name not in ("lm-dynamic", "heads-dynamic"):
+    return
   # A row decoded alone takes the same steps as in the batch.
   alone = gen.generate(model, params, PROMPTS[2:], max_new_tokens=NEW, drafter=drafter, draft_params=dp)
   assert alone.tokens == greedy_ref[2:] and alone.active_calls == res.active_calls[2:]

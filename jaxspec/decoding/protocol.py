@@ -25,7 +25,11 @@ class LanguageModel(Protocol):
 
   def forward(self, params, tokens_BxT: Array, positions_BxT: Array, cache, mask_BxTxT: Array, *,
               logits: bool = True) -> tuple[Array | None, Array, Any]:
-    """T new tokens against the cache -> (logits `[B,T,V]`, hidden `[B,T,D]`, cache with the new entries written)."""
+    """T new tokens against the cache -> (logits `[B,T,V]`, hidden `[B,T,D]`, cache with the new entries written).
+
+    Draft models that grow trees in their own cache (`jaxspec.decoding.opt_tree.LMTreeSource`) also pass
+    `cache_mask_BxTxS`, the cache slots each new token reads; the target never needs it.
+    """
 
   def logits(self, params, hidden_BxTxD: Array) -> Array:
     """f32 logits from final hidden states."""
