@@ -17,8 +17,6 @@ import resource
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import psutil
 
 
@@ -36,7 +34,8 @@ def main():
   ap.add_argument("--json", default=None, help="also write the figures here")
   args = ap.parse_args()
 
-  from jaxspec.decoding.generate import CAPACITY_ROUND, generate, round_up
+  from jaxspec.bench.cost import forward_cost
+  from jaxspec.decoding.generate import generate
   from jaxspec.loading import load_model
 
   base_rss = psutil.Process().memory_info().rss / 2**20
@@ -62,24 +61,10 @@ def main():
           f"{len(prompt)}), compile {first.compile_s:.1f} s")
 
   ks = [int(k) for k in args.ks.split(",")]
-  # The cache is donated, as inside the decode loop, so its update is in place rather than a copy of every layer.
-  fwd = jax.jit(lambda p, t, pos, c, m: model.forward(p, t, pos, c, m)[::2], donate_argnums=(3,))
   for ctx in (int(c) for c in args.contexts.split(",")):
-    capacity = round_up(ctx + max(ks) + 1, CAPACITY_ROUND)
-    cache = model.init_cache(1, capacity).advance(jnp.asarray([ctx], jnp.int32))
-    times = {k: [] for k in ks}
-    calls = {k: (jnp.zeros((1, k), jnp.int32), ctx + jnp.arange(k)[None], jnp.tril(jnp.ones((k, k), bool)))
-             for k in ks}
-    for k in ks:
-      _, cache = jax.block_until_ready(fwd(params, calls[k][0], calls[k][1], cache, calls[k][2]))
-    for _ in range(max(5, args.repeats * 3)):  # interleave k so machine drift hits every k alike
-      for k in ks:
-        t = time.perf_counter()
-        _, cache = jax.block_until_ready(fwd(params, calls[k][0], calls[k][1], cache, calls[k][2]))
-        times[k].append(time.perf_counter() - t)
-    med = {k: min(v) for k, v in times.items()}
+    med = forward_cost(model, params, ks, context=ctx, repeats=max(5, args.repeats * 3))
     results["verify_cost"][ctx] = {k: {"ms": med[k] * 1e3, "ratio": med[k] / med[1]} for k in ks}
-    print(f"verify cost at context {ctx} (cache {capacity} slots): " +
+    print(f"verify cost at context {ctx}: " +
           "  ".join(f"t({k})={med[k] * 1e3:.1f}ms [{med[k] / med[1]:.2f}x]" for k in ks))
   results["peak_rss_mb"] = peak_rss_mb()
   print(f"peak RSS over the whole run: {results['peak_rss_mb']:.0f} MiB")
