@@ -184,13 +184,16 @@ def tree_drafters(tiny):
       "lm-self-early-stop": (OptTreeDrafter(LMTreeSource(model), nodes=8, depth=4, width=2, branch=3, threshold=1.5),
                              params),
       "lm-chain": (OptTreeDrafter.chain(LMTreeSource(other), 5), other_params),
+      "lm-static": (OptTreeDrafter(LMTreeSource(other), nodes=8, depth=4, width=2, branch=3, shape="static"),
+                    static_draft_params(other_params, geometric_prior(4, 6))),
       "heads-dynamic": (OptTreeDrafter(HeadsTreeSource(bpd), nodes=10, depth=4, width=3, branch=3), heads),
       "heads-static": (OptTreeDrafter(HeadsTreeSource(bpd), nodes=10, depth=4, width=3, branch=3, shape="static"),
                        static_draft_params(heads, geometric_prior(4, 9))),
   }
 
 
-@pytest.mark.parametrize("name", ["lm-dynamic", "lm-self-early-stop", "lm-chain", "heads-dynamic", "heads-static"])
+@pytest.mark.parametrize("name", ["lm-dynamic", "lm-self-early-stop", "lm-chain", "lm-static", "heads-dynamic",
+                                  "heads-static"])
 def test_trees_equal_greedy_and_rows_are_independent(tiny, greedy_ref, name):
   model, params = tiny
   drafter, dp = tree_drafters(tiny)[name]

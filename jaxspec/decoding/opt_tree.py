@@ -266,7 +266,7 @@ class OptTreeDrafter:
 
   def init(self, draft_params, prefill: PrefillInfo) -> TreeState:
     extra = self.depth * self.width + self.depth + 2
-    sstate = self.source.init(draft_params, prefill, extra, self.depth)
+    sstate = self.source.init(self._source_params(draft_params), prefill, extra, self.depth)
     d, n, c = self.depth, self.nodes, self._cands
     return TreeState(source=sstate, ctx=None, expected_accept_DxN=jnp.zeros((d, n), jnp.float32),
                      reached_D=jnp.zeros((d,), jnp.int32), rank_prob_DxC=jnp.zeros((d, c), jnp.float32),
@@ -286,7 +286,7 @@ class OptTreeDrafter:
     r = max(dmax - 1, 1) * w  # draft-cache slots of the fed frontiers (depths 1 .. D-1)
     logp_fn = self._logp_fn(loop)
     static = self.shape == "static"
-    src_params = draft_params["source"] if static else draft_params
+    src_params = self._source_params(draft_params)
     root_BxV, ctx, sstate = self.source.begin(src_params, dstate.source, loop, logp_fn)
     lp1_BxC, tok1_BxC = jax.lax.top_k(root_BxV, c)
     tok1_BxC = self._to_tokens(src_params, tok1_BxC)
@@ -394,8 +394,12 @@ class OptTreeDrafter:
     return Draft(tok_BxN, depth_BxN, ancestor_mask(parent_BxN, dmax), parent_BxN)
 
   def update(self, draft_params, dstate: TreeState, verified: Verified) -> TreeState:
-    src_params = draft_params["source"] if self.shape == "static" else draft_params
+    src_params = self._source_params(draft_params)
     return dstate.replace(source=self.source.update(src_params, dstate.source, dstate.ctx, verified), ctx=None)
+
+  def _source_params(self, draft_params):
+    """The source's params: a static tree keeps them beside its prior (`static_draft_params`)."""
+    return draft_params["source"] if self.shape == "static" else draft_params
 
   def stats(self, dstate: TreeState) -> dict[str, Array]:
     """Sums over proposals (divide by `proposals`): E[A] by depth limit and budget, where growth stopped, and the
