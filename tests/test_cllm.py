@@ -109,7 +109,8 @@ def test_collection_resumes_after_an_interruption(varied, collected, tmp_path, m
   traj = collect_trajectories(model, params, prompts, tmp_path, **kwargs)
   assert (tmp_path / "shard_00000.npz").stat().st_mtime_ns == first  # kept, not recomputed
   assert len(sorted(tmp_path.glob("shard_*.npz"))) == 3
-  for a, b in zip(traj.tokens + [s for w in traj.states for s in w], whole.tokens + [s for w in whole.states for s in w]):
+  flat = lambda t: t.tokens + [s for w in t.states for s in w]
+  for a, b in zip(flat(traj), flat(whole), strict=True):
     np.testing.assert_array_equal(a, b)
   with pytest.raises(InputError, match="other settings"):
     collect_trajectories(model, params, prompts, tmp_path, **{**kwargs, "window": N + 1})
@@ -213,7 +214,8 @@ def test_lora_merges_into_either_layer_layout(tiny):
   lora = init_lora(params, cfg, 0)
   lora = jax.tree.map(lambda x: x + 0.1, lora)  # a nonzero B
   merged = merge_lora(params, lora, cfg.alpha)
-  w, a, b = params["layers_1"]["attn"]["q"]["kernel"], lora["layers_1"]["attn"]["q"]["a"], lora["layers_1"]["attn"]["q"]["b"]
+  q = lora["layers_1"]["attn"]["q"]
+  w, a, b = params["layers_1"]["attn"]["q"]["kernel"], q["a"], q["b"]
   np.testing.assert_allclose(merged["layers_1"]["attn"]["q"]["kernel"], w + 2.0 * a @ b, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(merged["layers_1"]["attn"]["k"]["kernel"], params["layers_1"]["attn"]["k"]["kernel"])
   stacked = stack_layers(params, 2)

@@ -168,7 +168,7 @@ def prefill(model, params, prompts_BxP: jax.Array, capacity: int, lengths_B: jax
   """A cache of `capacity` slots holding each row's prompt except its last token (the window forward's first
   input). Jittable (jitted)."""
   b, p = prompts_BxP.shape
-  cache = model.init_cache(b, capacity)
+  cache = jax.lax.optimization_barrier(model.init_cache(b, capacity))
   pos_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
   _, _, cache = model.forward(params, prompts_BxP, pos_BxP, cache, jnp.tril(jnp.ones((p, p), bool)), logits=False)
   return cache.replace(lengths=(lengths_B - 1).astype(jnp.int32))
@@ -494,7 +494,7 @@ def window_logits(model, params, prefix_BxP: jax.Array, prefix_len_B: jax.Array,
   n = windows[0].shape[1]
   w = n + 1
   prefix_params = params if prefix_params is None else prefix_params
-  cache = model.init_cache(b, p + w)
+  cache = jax.lax.optimization_barrier(model.init_cache(b, p + w))  # else XLA constant-folds attention on zeros
   pos_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
   _, _, cache = model.forward(prefix_params, prefix_BxP, pos_BxP, cache, jnp.tril(jnp.ones((p, p), bool)),
                               logits=False)
