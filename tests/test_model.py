@@ -116,3 +116,11 @@ def test_default_model_cached_steps_equal_teacher_forced(default_model):
     logits, _, cache = step(params, ids[:, i:i + 1], jnp.full((1, 1), i), cache, jnp.ones((1, 1), bool))
     cache = cache.advance(jnp.ones((1,), jnp.int32))
     np.testing.assert_allclose(logits[0, 0], full[0, i], atol=2e-3, rtol=1e-3)
+
+
+def test_untied_model_initialises_its_output_head():
+  model = LlamaLM(tiny_config(tie_embeddings=False))
+  params = model.init_params(jax.random.key(0))
+  assert params["lm_head"]["kernel"].shape == (model.cfg.d_model, model.cfg.vocab_size)
+  hidden = jnp.ones((1, 1, model.cfg.d_model))
+  np.testing.assert_allclose(model.logits(params, hidden)[0, 0], hidden[0, 0] @ params["lm_head"]["kernel"], rtol=1e-5)

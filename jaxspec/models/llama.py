@@ -256,7 +256,11 @@ class LlamaLM:
   def init_params(self, rng: Array) -> dict:
     cache = self.init_cache(1, 8)
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return self.module.init(rng, tokens, tokens, cache, jnp.ones((1, 1, 1), bool))["params"]
+    params = dict(self.module.init(rng, tokens, tokens, cache, jnp.ones((1, 1, 1), bool))["params"])
+    if not self.cfg.tie_embeddings:  # `__call__` stops at the final norm: the untied head is made by `logits`
+      hidden = jnp.zeros((1, 1, self.cfg.d_model), jnp.dtype(self.cfg.dtype))
+      params["lm_head"] = self.module.init(jax.random.fold_in(rng, 1), hidden, method=Llama.logits)["params"]["lm_head"]
+    return params
 
   def init_cache(self, batch_size: int, capacity: int, dtype: Any = None) -> KVCache:
     """An empty cache of `capacity` slots per row."""
