@@ -50,8 +50,8 @@ def main():
   ap.add_argument("--out", default=None, help="write quality.json here")
   args = ap.parse_args()
 
-  from jaxspec.bench.prompts import load_prompts
-  from jaxspec.bench.runner import QUICK_PROMPTS, chat_prompt_ids
+  from jaxspec.bench.prompts import QUICK_PROMPTS, load_prompts
+  from jaxspec.bench.runner import chat_prompt_ids
   from jaxspec.decoding.generate import generate
   from jaxspec.decoding.jacobi import JacobiDrafter
   from jaxspec.loading import load_model
