@@ -213,6 +213,7 @@ def test_rescore_task_builds_the_ngram_and_tunes_the_weights(tiny, tmp_path):
   assert all(r["tau"] >= 1.0 for r in tuned["ngram_tuning"] + tuned["neural_tuning"])
 
 
+@pytest.mark.slow  # 75 s; the default run keeps the default-model checks of bpd, jacobi and lookup
 def test_shipped_rescorers_equal_greedy_on_default_model(default_model):
   from jaxspec.bench.methods import METHODS, BenchContext
 

@@ -1,6 +1,7 @@
-"""Draft trees: masks, positions and paths on hand-built trees, tree acceptance on fake logits, OPT-Tree's selection
-against a brute-force search, greedy equivalence (dynamic, static and chain trees; draft LM and BPD heads), budget
-choice from cost, and statistical exactness of tree sampling with a broken rule as a control."""
+"""Draft trees: masks and paths on hand-built trees (tree masks and depth positions in the model's forward are
+tested in test_model.py), tree acceptance on fake logits, OPT-Tree's selection against a brute-force search, greedy
+equivalence (dynamic, static and chain trees; draft LM and BPD heads), budget choice from cost, and statistical
+exactness of tree sampling with a broken rule as a control."""
 
 import dataclasses
 import heapq
@@ -79,27 +80,6 @@ def test_tree_rejection_sampling_on_point_mass_targets():
   p = jax.nn.one_hot(jnp.asarray(TARGET), 100)
   for seed in range(3):
     check_acceptance(tree_rejection(jax.random.key(seed), hand_tree(3), p))
-
-
-def test_tree_positions_and_masks_give_each_node_its_path_logits(tiny):
-  """One tree-masked forward with depth-based positions = a plain forward over each node's root path."""
-  model, params = tiny
-  prompt = [5, 9, 2, 7]
-  L = len(prompt) - 1  # the last prompt token plays the pending token
-  draft = hand_tree(1)
-  cache = model.init_cache(1, 32)
-  _, _, cache = model.forward(params, jnp.asarray([prompt[:L]]), jnp.arange(L)[None], cache,
-                              jnp.tril(jnp.ones((L, L), bool)))
-  cache = cache.advance(jnp.asarray([L]))
-  block = jnp.concatenate([jnp.asarray([[prompt[-1]]]), draft.tokens_BxN], axis=1)
-  positions = L + jnp.concatenate([jnp.zeros((1, 1), jnp.int32), draft.depth_BxN], axis=1)
-  tree_logits, _, _ = model.forward(params, block, positions, cache, _block_mask(draft))
-  for i, anc in enumerate(ANCESTORS):
-    seq = prompt + [TOKENS[j] for j in sorted(anc)]
-    t = len(seq)
-    chain_logits, _, _ = model.forward(params, jnp.asarray([seq]), jnp.arange(t)[None], model.init_cache(1, 32),
-                                       jnp.tril(jnp.ones((t, t), bool)))
-    np.testing.assert_allclose(tree_logits[0, i + 1], chain_logits[0, -1], atol=2e-4, rtol=2e-4)
 
 
 def fake_loop(pending, active=None):
