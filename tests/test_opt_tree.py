@@ -23,8 +23,8 @@ from jaxspec.decoding.sampling import SamplingParams, Warp
 from jaxspec.errors import InputError
 from tests.conftest import make_tiny
 from tests.test_bpd import random_heads
-from tests.test_speculative import N_NEW, PROMPT, ROWS, SEEDS, V, chi2_pvalue, continuation_logits  # noqa: F401
-from tests.test_speculative import exact_distribution, small_lm, stat_models  # noqa: F401
+from tests.test_speculative import V, chi2_pvalue, continuation_logits, drafter_sample_counts  # noqa: F401
+from tests.test_speculative import exact_distribution, stat_models  # noqa: F401
 
 # A hand-built tree: two root children (0, 1); 2 and 3 under 0; 4 under 2; 5 under 1.
 PARENT = [-1, -1, 0, 0, 2, 1]
@@ -265,24 +265,6 @@ class IidTree:
     return dstate
 
 
-def tree_sample_counts(stat_models, drafter, draft_params, temperature, top_p, acceptor) -> np.ndarray:
-  """Counts of each continuation over ROWS * SEEDS tree-speculative generations (the jitted loop called directly)."""
-  (model, params), _ = stat_models
-  p = len(PROMPT)
-  args = lambda seed: (params, jnp.asarray(np.tile(PROMPT, (ROWS, 1)), jnp.int32), jnp.full((ROWS,), p, jnp.int32),
-                       jnp.full((ROWS,), N_NEW, jnp.int32), jnp.asarray([-1], jnp.int32), jax.random.key(seed),
-                       SamplingParams.make(temperature, top_p), draft_params)
-  static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=N_NEW,
-                capacity=p + N_NEW + drafter.num_nodes + 1, pad_id=0)
-  program, _, _ = gen.compiled_program(args(0), static)
-  counts = np.zeros(V ** N_NEW, np.int64)
-  for seed in range(SEEDS):
-    out = program(*args(seed))
-    assert np.all(np.asarray(out.lengths_B) == N_NEW)
-    counts += np.bincount(np.asarray(out.tokens_BxO) @ (V ** np.arange(N_NEW - 1, -1, -1)), minlength=V ** N_NEW)
-  return counts
-
-
 def opt_tree_stat_drafter(stat_models, temperature, top_p):
   _, (draft_model, draft_params) = stat_models
   warp = Warp(0, top_p < 1)
@@ -294,7 +276,7 @@ def test_opt_tree_sampling_is_exact(stat_models, continuation_logits, temperatur
   """10^5 generations with OPT-Tree drafts (top-k children: point-mass proposals) follow the target's distribution."""
   drafter, dp, warp = opt_tree_stat_drafter(stat_models, temperature, top_p)
   probs = exact_distribution(continuation_logits, warp, SamplingParams.make(temperature, top_p))
-  counts = tree_sample_counts(stat_models, drafter, dp, temperature, top_p, SampleAcceptance(warp))
+  counts = drafter_sample_counts(stat_models[0], drafter, dp, temperature, top_p, SampleAcceptance(warp))
   pvalue = chi2_pvalue(counts, probs)
   print(f"opt-tree T={temperature} top_p={top_p}: p = {pvalue:.3g}")
   assert pvalue > 1e-3
@@ -305,7 +287,7 @@ def test_iid_sampled_tree_is_exact(stat_models, continuation_logits):
   """SpecInfer's setting: children drawn i.i.d. from a draft q, rejection with r <- norm(max(0, r - q))."""
   logits = tuple(np.random.default_rng(5).normal(size=V).round(3).tolist())
   probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
-  counts = tree_sample_counts(stat_models, IidTree(logits), None, 1.0, 1.0, SampleAcceptance())
+  counts = drafter_sample_counts(stat_models[0], IidTree(logits), None, 1.0, 1.0, SampleAcceptance())
   pvalue = chi2_pvalue(counts, probs)
   print(f"i.i.d. tree: p = {pvalue:.3g}")
   assert pvalue > 1e-3
@@ -317,7 +299,7 @@ def test_the_tree_exactness_test_catches_a_broken_rule(stat_models, continuation
   drafter, dp, warp = opt_tree_stat_drafter(stat_models, 1.0, 1.0)
   probs = exact_distribution(continuation_logits, warp, SamplingParams.make(1.0))
   broken = SampleAcceptance(warp, remove_rejected=False)
-  counts = tree_sample_counts(stat_models, drafter, dp, 1.0, 1.0, broken)
+  counts = drafter_sample_counts(stat_models[0], drafter, dp, 1.0, 1.0, broken)
   pvalue = chi2_pvalue(counts, probs)
   print(f"broken tree rule: p = {pvalue:.3g}")
   assert pvalue < 1e-6

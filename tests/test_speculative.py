@@ -173,16 +173,23 @@ def exact_distribution(continuation_logits, warp: Warp, sp: SamplingParams) -> n
 
 
 def sample_counts(stat_models, gamma, temperature, top_k, top_p, greedy=False, acceptor=None) -> np.ndarray:
-  """Counts of each continuation over ROWS * SEEDS speculative generations (the jitted loop called directly, with
-  a cache just long enough, so 10^5 samples take seconds)."""
-  (model, params), (draft_model, draft_params) = stat_models
+  """Counts of each continuation over ROWS * SEEDS speculative generations with the draft model of `stat_models`."""
+  _, (draft_model, draft_params) = stat_models
   warp = Warp(top_k, top_p < 1)
+  return drafter_sample_counts(stat_models[0], DraftModelDrafter(draft_model, gamma, warp, greedy=greedy),
+                               draft_params, temperature, top_p, acceptor or SampleAcceptance(warp))
+
+
+def drafter_sample_counts(target, drafter, draft_params, temperature, top_p, acceptor) -> np.ndarray:
+  """Counts of each continuation over ROWS * SEEDS generations of `target` with any drafter and acceptor (the
+  jitted loop called directly, with a cache just long enough, so 10^5 samples take seconds)."""
+  model, params = target
   p = len(PROMPT)
   args = lambda seed: (params, jnp.asarray(np.tile(PROMPT, (ROWS, 1)), jnp.int32), jnp.full((ROWS,), p, jnp.int32),
                        jnp.full((ROWS,), N_NEW, jnp.int32), jnp.asarray([-1], jnp.int32), jax.random.key(seed),
                        SamplingParams.make(temperature, top_p), draft_params)
-  static = dict(model=model, drafter=DraftModelDrafter(draft_model, gamma, warp, greedy=greedy),
-                acceptor=acceptor or SampleAcceptance(warp), out_len=N_NEW, capacity=p + N_NEW + gamma + 1, pad_id=0)
+  static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=N_NEW,
+                capacity=p + N_NEW + drafter.num_nodes + 1, pad_id=0)
   program, _, _ = gen.compiled_program(args(0), static)
   counts = np.zeros(V ** N_NEW, np.int64)
   for seed in range(SEEDS):

@@ -313,14 +313,13 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
                  f"tokens/s; t(n)/t(1): " + ", ".join(f"{n}:{verify_s[n] / verify_s[1]:.2f}" for n in verify_s) + ")")
   nodes = int(nodes)
   depth = min(depth, nodes)
+  dp = sp
   if shape == "chain":
     drafter = OptTreeDrafter.chain(source, nodes, warp)
-    dp = sp
   else:
     branch = max(branch, -(-nodes // (width * depth)))
     drafter = OptTreeDrafter(source, nodes=nodes, depth=depth, width=width, branch=branch, threshold=threshold,
-                             shape="dynamic" if shape == "dynamic" else "static", warp=warp)
-    dp = sp
+                             shape=shape, warp=warp)
     if shape == "static":  # Medusa-style: a fixed tree from the drafter's calibrated confidence by depth and rank
       dyn = dataclasses.replace(drafter, shape="dynamic", threshold=0.0)
       key = ("opt-tree-prior", opts.get("drafter", "heads"), opts.get("heads"), opts.get("layers"), opts.get("draft"),

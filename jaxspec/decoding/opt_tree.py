@@ -86,6 +86,9 @@ class LMTreeSource:
   def calls(self, depth: int) -> int:
     return depth  # the catch-up forward (the root's distribution), then one per depth after the first
 
+  def to_tokens(self, draft_params, idx):
+    return idx.astype(jnp.int32)
+
   def init(self, draft_params, prefill: PrefillInfo, extra_slots: int, depth: int) -> LMSourceState:
     tokens_BxP, lengths_B = prefill.tokens_BxP, prefill.lengths_B
     b, p = tokens_BxP.shape
@@ -161,8 +164,10 @@ class HeadsTreeSource:
       raise InputError(f"A tree of depth {depth} needs {depth} BPD heads; these have {self.bpd.num_heads}.")
     return prefill.hidden_BxD.astype(jnp.float32)
 
-  def _to_vocab(self, draft_params, idx):
-    return draft_params["bpd"]["vocab_ids"][idx] if "vocab_ids" in draft_params["bpd"] else idx
+  def to_tokens(self, draft_params, idx):
+    """Token ids of candidate indices (heads restricted to a vocabulary subset index into it)."""
+    ids = draft_params["bpd"]["vocab_ids"][idx] if "vocab_ids" in draft_params["bpd"] else idx
+    return ids.astype(jnp.int32)
 
   def begin(self, draft_params, sstate: Array, loop, logp_fn) -> tuple[Array, Any, Array]:
     logits_BxKxM = BPDDrafter(self.bpd).head_logits(draft_params, sstate, loop.pending_B)
@@ -289,7 +294,7 @@ class OptTreeDrafter:
     src_params = self._source_params(draft_params)
     root_BxV, ctx, sstate = self.source.begin(src_params, dstate.source, loop, logp_fn)
     lp1_BxC, tok1_BxC = jax.lax.top_k(root_BxV, c)
-    tok1_BxC = self._to_tokens(src_params, tok1_BxC)
+    tok1_BxC = self.source.to_tokens(src_params, tok1_BxC)
     key1_BxC = (jnp.broadcast_to(self._prior(draft_params, 0, jnp.arange(c)), (b, c)) if static else lp1_BxC)
 
     pool_tok = jnp.zeros((b, dmax, c), jnp.int32).at[:, 0].set(tok1_BxC)
@@ -300,10 +305,12 @@ class OptTreeDrafter:
     rank_DxC = jnp.zeros((dmax, c), jnp.float32).at[0].set(jnp.sum(jnp.exp(lp1_BxC) * loop.active_B[:, None], 0))
     depth_idx_DxC = jnp.broadcast_to(jnp.arange(dmax)[:, None], (dmax, c))
 
-    def best_tree_value(lv, key, d):  # E[A] of the N best nodes of depth <= d
+    def best_values(lv, key, d):  # path probabilities `[B, N]` of the N best nodes of depth <= d, best first
       sel_key = jnp.where(depth_idx_DxC[None] < d, key - _DEPTH_PENALTY * depth_idx_DxC[None], -jnp.inf)
       top_key, top_i = jax.lax.top_k(sel_key.reshape(b, -1), n)
-      return jnp.sum(jnp.where(top_key > -jnp.inf, jnp.exp(jnp.take_along_axis(lv.reshape(b, -1), top_i, 1)), 0), -1)
+      return jnp.where(top_key > -jnp.inf, jnp.exp(jnp.take_along_axis(lv.reshape(b, -1), top_i, 1)), 0.0)
+
+    best_tree_value = lambda lv, key, d: jnp.sum(best_values(lv, key, d), axis=-1)  # E[A] of that tree
 
     def cond(carry):
       d, go = carry[0], carry[1]
@@ -323,7 +330,7 @@ class OptTreeDrafter:
       front = jax.lax.dynamic_update_index_in_dim(front, fslot_BxW, d - 2, axis=1)
       logp_BxWxV, ctx = self.source.expand(src_params, ctx, d, ftok_BxW, anc_BxWxR, logp_fn)
       lp_BxWxK, tok_BxWxK = jax.lax.top_k(logp_BxWxV, k)
-      tok_BxWxK = self._to_tokens(src_params, tok_BxWxK)
+      tok_BxWxK = self.source.to_tokens(src_params, tok_BxWxK)
       lv_BxWxK = flv_BxW[:, :, None] + lp_BxWxK
       if static:
         key_BxWxK = fkey_BxW[:, :, None] + self._prior(draft_params, d - 1, jnp.arange(k))[None, None]
@@ -352,10 +359,7 @@ class OptTreeDrafter:
     act_f = loop.active_B.astype(jnp.float32)
 
     def curve(dl):
-      sel_key = jnp.where(depth_idx_DxC[None] < dl, pool_key - _DEPTH_PENALTY * depth_idx_DxC[None], -jnp.inf)
-      top_key, top_i = jax.lax.top_k(sel_key.reshape(b, -1), n)
-      v = jnp.where(top_key > -jnp.inf, jnp.exp(jnp.take_along_axis(pool_lv.reshape(b, -1), top_i, 1)), 0.0)
-      return jnp.einsum("b,bn->n", act_f, jnp.cumsum(v, axis=-1))
+      return jnp.einsum("b,bn->n", act_f, jnp.cumsum(best_values(pool_lv, pool_key, dl), axis=-1))
 
     ea_DxN = jnp.stack([curve(dl) for dl in range(1, dmax + 1)])
     reached = jax.nn.one_hot(d_end - 2, dmax, dtype=jnp.int32) * jnp.sum(loop.active_B.astype(jnp.int32))
@@ -363,11 +367,6 @@ class OptTreeDrafter:
                             reached_D=dstate.reached_D + reached, rank_prob_DxC=dstate.rank_prob_DxC + rank_DxC,
                             proposals=dstate.proposals + jnp.sum(loop.active_B.astype(jnp.int32)))
     return draft, dstate
-
-  def _to_tokens(self, src_params, idx):
-    if isinstance(self.source, HeadsTreeSource):
-      return self.source._to_vocab(src_params, idx).astype(jnp.int32)
-    return idx.astype(jnp.int32)
 
   def _select(self, pool_tok, pool_key, pool_pf, front_BxDxW) -> Draft:
     """The N best pool nodes as a `Draft`, sorted by depth (parents first)."""
