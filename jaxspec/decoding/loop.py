@@ -15,7 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxspec.decoding.protocol import Draft, Drafter, LanguageModel, PrefillInfo, Verified
+from jaxspec.decoding.protocol import Draft, Drafter, LanguageModel, PrefillInfo, Verified, start
 from jaxspec.decoding.sampling import SamplingParams
 
 Array = jax.Array
@@ -128,13 +128,16 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
   shard = partitioner.constrain_state if partitioner is not None else (lambda tree: tree)
   # The barrier keeps XLA from constant-folding attention over the all-zero empty cache (minutes of compile time).
   cache = shard(jax.lax.optimization_barrier(shard(model.init_cache(b, capacity))))
-  positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-  _, hidden_BxPxD, cache = model.forward(params, prompts_BxP, positions_BxP, cache, jnp.tril(jnp.ones((p, p), bool)),
+  # Encoder-decoders encode the prompts here and prefill their decoder on the start token.
+  own_BxQ, own_len_B, cache = start(model, params, prompts_BxP, prompt_len_B, cache)
+  q = own_BxQ.shape[1]
+  positions_BxQ = jnp.broadcast_to(jnp.arange(q, dtype=jnp.int32), (b, q))
+  _, hidden_BxQxD, cache = model.forward(params, own_BxQ, positions_BxQ, cache, jnp.tril(jnp.ones((q, q), bool)),
                                          logits=False)
   cache = shard(cache)
-  last_BxD = jnp.take_along_axis(hidden_BxPxD, (prompt_len_B - 1)[:, None, None], axis=1)[:, 0]
+  last_BxD = jnp.take_along_axis(hidden_BxQxD, (own_len_B - 1)[:, None, None], axis=1)[:, 0]
   logits_BxV = model.logits(params, last_BxD[:, None])[:, 0]
-  cache = cache.advance(prompt_len_B)
+  cache = cache.advance(own_len_B)
   rng, r0, r_draft = jax.random.split(rng, 3)  # rng, r0 equal split(rng)'s (partitionable threefry, the default)
   first_B = acceptor.first_token(r0, logits_BxV, sp)
   tokens_BxO = jnp.full((b, out_len + t), pad_id, jnp.int32).at[:, 0].set(first_B)

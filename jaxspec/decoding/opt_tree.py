@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.decoding.bpd import BPDDrafter
-from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified
+from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified, start
 from jaxspec.decoding.sampling import Warp
 from jaxspec.errors import InputError
 from jaxspec.models.bpd import BPDModel
@@ -90,9 +90,10 @@ class LMTreeSource:
     return idx.astype(jnp.int32)
 
   def init(self, draft_params, prefill: PrefillInfo, extra_slots: int, depth: int) -> LMSourceState:
-    tokens_BxP, lengths_B = prefill.tokens_BxP, prefill.lengths_B
-    b, p = tokens_BxP.shape
+    b = prefill.tokens_BxP.shape[0]
     cache = jax.lax.optimization_barrier(self.model.init_cache(b, prefill.capacity + extra_slots))
+    tokens_BxP, lengths_B, cache = start(self.model, draft_params, prefill.tokens_BxP, prefill.lengths_B, cache)
+    p = tokens_BxP.shape[1]
     positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
     _, _, cache = self.model.forward(draft_params, tokens_BxP, positions_BxP, cache, causal, logits=False)

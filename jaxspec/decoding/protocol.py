@@ -34,6 +34,17 @@ class LanguageModel(Protocol):
   def logits(self, params, hidden_BxTxD: Array) -> Array:
     """f32 logits from final hidden states."""
 
+  # Optional: `start(params, prompts_BxP, lengths_B, cache) -> (tokens_BxQ, lengths_B, cache)`, the model's own
+  # prompt after it has read the loop's prompts. Encoder-decoders (`jaxspec.models.T5LM`) encode the prompts into
+  # a cross-attention cache there and return the decoder's start token; decoder-only models have no `start`.
+
+
+def start(model: LanguageModel, params, prompts_BxP: Array, lengths_B: Array, cache) -> tuple[Array, Array, Any]:
+  """What `forward` prefills on: `model.start(...)` where the model has one (encoder-decoders), else the prompts
+  themselves. Every prefill (the loop's, draft models', draft trees') goes through here. Jittable."""
+  fn = getattr(model, "start", None)
+  return (prompts_BxP, lengths_B, cache) if fn is None else fn(params, prompts_BxP, lengths_B, cache)
+
 
 @flax.struct.dataclass
 class Draft:

@@ -29,7 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified
+from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified, start
 from jaxspec.decoding.sampling import SamplingParams, Warp
 from jaxspec.errors import InputError
 from jaxspec.models.llama import LlamaLM
@@ -134,13 +134,15 @@ class DraftModelDrafter:
 
   def init(self, draft_params, prefill: PrefillInfo) -> DraftState:
     """The draft's prefill over the prompt; it commits all prompt tokens but the last."""
-    tokens_BxP, lengths_B = prefill.tokens_BxP, prefill.lengths_B
-    b, p = tokens_BxP.shape
+    b = prefill.tokens_BxP.shape[0]
     if prefill.rng is None and not self.greedy:
       raise ValueError("A sampling DraftModelDrafter needs a random key (PrefillInfo.rng).")
     rng = prefill.rng if prefill.rng is not None else jax.random.key(0)
     # As in the loop's prefill: keep XLA from constant-folding attention over the all-zero empty cache.
     cache = jax.lax.optimization_barrier(self.draft_model.init_cache(b, prefill.capacity))
+    # An encoder-decoder draft encodes the prompts itself; its decoder's prompt is the start token.
+    tokens_BxP, lengths_B, cache = start(self.draft_model, draft_params, prefill.tokens_BxP, prefill.lengths_B, cache)
+    p = tokens_BxP.shape[1]
     positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     _, _, cache = self.draft_model.forward(draft_params, tokens_BxP, positions_BxP, cache, _causal_BxTxT(b, p),
                                            logits=False)

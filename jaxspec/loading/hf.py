@@ -68,7 +68,8 @@ def _target(name: str):
 
 
 def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False) -> tuple[LlamaLM, dict]:
-  """Loads a Hugging Face LLaMA-family checkpoint folder, one tensor at a time.
+  """Loads a Hugging Face LLaMA-family checkpoint folder, one tensor at a time (T5 folders go to
+  `jaxspec.loading.t5_hf.load_t5`).
 
   Raises:
     ModelLoadError: a missing or unreadable config or weights file, or an unsupported architecture.
@@ -83,6 +84,9 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False) -
       raw = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise ModelLoadError(f"Could not read {cfg_path!r}: {e}") from e
+  from jaxspec.loading.t5_hf import is_t5_config, load_t5
+  if is_t5_config(raw):  # an encoder-decoder
+    return load_t5(folder, raw, dtype=dtype)
   cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
   files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
   if not files:

@@ -1,0 +1,188 @@
+"""T5-family weights from a Hugging Face folder (`config.json` + `*.safetensors`), and the way back.
+
+Reads `T5ForConditionalGeneration` checkpoints: T5 v1.1 (gated-GELU, untied head) and the original T5 (ReLU, tied
+head). Tensor names follow transformers: `encoder.block.{i}.layer.{j}...`, `decoder.block.{i}.layer.{j}...`,
+`shared.weight`, `lm_head.weight`; the relative position tables sit in block 0 of each stack.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.loading.errors import ModelLoadError
+from jaxspec.models.t5 import T5Config, T5LM
+
+ARCHITECTURES = ("T5ForConditionalGeneration", "T5Model", "MT5ForConditionalGeneration")
+
+_ATTN = {"q": "q", "k": "k", "v": "v", "o": "o"}
+_FF = {"wi_0": "wi_0", "wi_1": "wi_1", "wi": "wi", "wo": "wo"}
+_ENC = re.compile(r"encoder\.block\.(\d+)\.layer\.(\d)\.(.+)\.weight")
+_DEC = re.compile(r"decoder\.block\.(\d+)\.layer\.(\d)\.(.+)\.weight")
+
+
+def is_t5_config(raw: dict) -> bool:
+  return raw.get("model_type") in ("t5", "mt5") or bool(set(raw.get("architectures") or []) & set(ARCHITECTURES))
+
+
+def config_from_hf(raw: dict) -> T5Config:
+  """A `T5Config` from a transformers T5 `config.json` dict."""
+  try:
+    proj = raw.get("feed_forward_proj", "relu")
+    if proj in ("gated-gelu", "gated-gelu_new"):
+      ff = "gated-gelu"
+    elif proj == "relu":
+      ff = "relu"
+    else:
+      raise ModelLoadError(f"feed_forward_proj={proj!r} is not supported; jaxspec reads 'gated-gelu' and 'relu'.")
+    n_layers = int(raw["num_layers"])
+    return T5Config(
+        vocab_size=int(raw["vocab_size"]), d_model=int(raw["d_model"]), d_kv=int(raw["d_kv"]),
+        d_ff=int(raw["d_ff"]), n_heads=int(raw["num_heads"]), n_enc_layers=n_layers,
+        n_dec_layers=int(raw.get("num_decoder_layers") or n_layers),
+        rel_buckets=int(raw.get("relative_attention_num_buckets", 32)),
+        rel_max_distance=int(raw.get("relative_attention_max_distance", 128)),
+        norm_eps=float(raw.get("layer_norm_epsilon", 1e-6)), ff=ff,
+        tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        decoder_start_id=int(raw.get("decoder_start_token_id", 0) or 0),
+        max_seq_len=int(raw.get("n_positions", 2048) or 2048))
+  except KeyError as e:
+    raise ModelLoadError(f"config.json lacks {e.args[0]!r}, which a T5 model needs.") from e
+
+
+def _target(name: str) -> tuple[str, ...] | None:
+  """The jaxspec param path of a transformers T5 tensor name (None: a tensor jaxspec does not use)."""
+  if name == "shared.weight":
+    return ("shared", "embedding")
+  if name == "lm_head.weight":
+    return ("lm_head", "kernel")
+  if name in ("encoder.final_layer_norm.weight", "decoder.final_layer_norm.weight"):
+    return (name[:3] + "_norm", "scale")
+  for rx, stack in ((_ENC, "enc"), (_DEC, "dec")):
+    m = rx.fullmatch(name)
+    if not m:
+      continue
+    i, j, rest = int(m.group(1)), int(m.group(2)), m.group(3)
+    if rest == "SelfAttention.relative_attention_bias":
+      return (f"{stack}_bias", "embedding") if i == 0 else None
+    parts = rest.split(".")
+    if stack == "enc":
+      sub = {0: ("attn", "attn_norm"), 1: ("mlp", "mlp_norm")}.get(j)
+    else:
+      sub = {0: ("self_attn", "self_norm"), 1: ("cross_attn", "cross_norm"), 2: ("mlp", "mlp_norm")}.get(j)
+    if sub is None:
+      return None
+    if parts == ["layer_norm"]:
+      return (f"{stack}_{i}", sub[1], "scale")
+    if len(parts) == 2 and parts[0] in ("SelfAttention", "EncDecAttention") and parts[1] in _ATTN:
+      return (f"{stack}_{i}", sub[0], _ATTN[parts[1]], "kernel")
+    if len(parts) == 2 and parts[0] == "DenseReluDense" and parts[1] in _FF:
+      return (f"{stack}_{i}", sub[0], _FF[parts[1]], "kernel")
+  return None
+
+
+def _source(key: tuple[str, ...]) -> str:
+  """The transformers tensor name of a jaxspec param path (the inverse of `_target`)."""
+  if key == ("shared", "embedding"):
+    return "shared.weight"
+  if key == ("lm_head", "kernel"):
+    return "lm_head.weight"
+  if key[0] in ("enc_norm", "dec_norm"):
+    return f"{'encoder' if key[0] == 'enc_norm' else 'decoder'}.final_layer_norm.weight"
+  if key[0] in ("enc_bias", "dec_bias"):
+    return f"{'encoder' if key[0] == 'enc_bias' else 'decoder'}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+  stack, i = key[0].split("_")
+  full = "encoder" if stack == "enc" else "decoder"
+  index = ({"attn": 0, "attn_norm": 0, "mlp": 1, "mlp_norm": 1} if stack == "enc" else
+           {"self_attn": 0, "self_norm": 0, "cross_attn": 1, "cross_norm": 1, "mlp": 2, "mlp_norm": 2})[key[1]]
+  prefix = f"{full}.block.{i}.layer.{index}"
+  if key[1].endswith("norm"):
+    return f"{prefix}.layer_norm.weight"
+  module = {"attn": "SelfAttention", "self_attn": "SelfAttention", "cross_attn": "EncDecAttention",
+            "mlp": "DenseReluDense"}[key[1]]
+  return f"{prefix}.{module}.{key[2]}.weight"
+
+
+def _expected(model: T5LM) -> set[tuple[str, ...]]:
+  import jax
+  shapes = jax.eval_shape(model.init_params, jax.random.key(0))
+  return {tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+
+
+def load_t5(folder: str, raw: dict, *, dtype: str = "float32") -> tuple[T5LM, dict]:
+  """Loads a transformers T5 checkpoint folder whose `config.json` is `raw`.
+
+  Raises:
+    ModelLoadError: missing or unreadable weights, a missing tensor, or an unsupported variant.
+  """
+  from safetensors import safe_open
+
+  import dataclasses
+  cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=dtype)
+  model = T5LM(cfg)
+  files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
+  if not files:
+    raise ModelLoadError(f"{folder!r} has no *.safetensors weights (PyTorch .bin files are not read).")
+  params: dict = {}
+  for path in files:
+    try:
+      with safe_open(path, framework="flax") as f:
+        for name in f.keys():
+          key = _target(name)
+          if key is None or (key[0] == "lm_head" and cfg.tie_embeddings):
+            continue
+          w = f.get_tensor(name).astype(dtype)
+          if key[-1] == "kernel":
+            w = w.T  # torch Linear [out, in] -> kernel [in, out]
+          node = params
+          for k in key[:-1]:
+            node = node.setdefault(k, {})
+          node[key[-1]] = jnp.asarray(w)
+    except Exception as e:  # safetensors raises its own error types on damaged headers
+      raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}); the file may be corrupt.") from e
+  got = {k for k, _ in _flatten(params)}
+  missing = sorted(_expected(model) - got)
+  if missing:
+    raise ModelLoadError(f"{folder!r} lacks {len(missing)} tensors of a {cfg.n_enc_layers}+{cfg.n_dec_layers}-layer "
+                         f"T5, e.g. {_source(missing[0])!r}; the checkpoint is incomplete or of another model.")
+  return model, params
+
+
+def save_t5(folder: str, model: T5LM, params: dict, extra_config: dict | None = None) -> None:
+  """Writes params as a transformers T5 folder (config.json + model.safetensors); the inverse of `load_t5`."""
+  from safetensors.numpy import save_file
+
+  cfg = model.cfg
+  os.makedirs(folder, exist_ok=True)
+  tensors = {}
+  for key, leaf in _flatten(params):
+    arr = np.asarray(leaf, np.float32)
+    tensors[_source(key)] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
+  tmp = os.path.join(folder, "model.safetensors.tmp")
+  save_file(tensors, tmp)
+  os.replace(tmp, os.path.join(folder, "model.safetensors"))
+  hf = {
+      "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": cfg.vocab_size,
+      "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff, "num_heads": cfg.n_heads,
+      "num_layers": cfg.n_enc_layers, "num_decoder_layers": cfg.n_dec_layers,
+      "relative_attention_num_buckets": cfg.rel_buckets, "relative_attention_max_distance": cfg.rel_max_distance,
+      "layer_norm_epsilon": cfg.norm_eps, "feed_forward_proj": "gated-gelu" if cfg.ff == "gated-gelu" else "relu",
+      "is_gated_act": cfg.ff == "gated-gelu", "dense_act_fn": "gelu_new" if cfg.ff == "gated-gelu" else "relu",
+      "tie_word_embeddings": cfg.tie_embeddings, "decoder_start_token_id": cfg.decoder_start_id,
+      "pad_token_id": 0, "eos_token_id": 1, "n_positions": cfg.max_seq_len, "is_encoder_decoder": True,
+      "dropout_rate": 0.0, "torch_dtype": "float32", **(extra_config or {})}
+  with open(os.path.join(folder, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+
+
+def _flatten(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
