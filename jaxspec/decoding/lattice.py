@@ -76,10 +76,8 @@ def _repeats(pending_B: Array, draft_BxK: Array) -> Array:
 
 
 def output_rows(model, params, ids: Array) -> Array:
-  """Rows of a LLaMA-family model's output projection for token ids: `[..., D]` f32."""
-  if model.cfg.tie_embeddings:
-    return params["embed"]["embedding"][ids].astype(jnp.float32)
-  return params["lm_head"]["kernel"].T[ids].astype(jnp.float32)
+  """Rows of a model's output projection for token ids: `[..., D]` f32."""
+  return model.output_table(params)[ids].astype(jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)

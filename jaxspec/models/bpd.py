@@ -96,18 +96,12 @@ class BPDModel:
 def output_projection(model, target_params, bpd_params: dict) -> Array:
   """`[D, M]` f32 matrix the heads' states are projected with: the target's output embedding, restricted to the
   heads' vocabulary subset if they have one. Computed once per generation, outside the decode loop."""
-  cfg = model.cfg
-  if cfg.tie_embeddings:
-    table_VxD = target_params["embed"]["embedding"]
-  else:
-    table_VxD = target_params["lm_head"]["kernel"].T
+  table_VxD = model.output_table(target_params)
   if "vocab_ids" in bpd_params:
     table_VxD = table_VxD[bpd_params["vocab_ids"]]
   return table_VxD.astype(jnp.float32).T
 
 
-def token_embeddings(target_params, tokens: Array) -> Array:
-  return target_params["embed"]["embedding"][tokens].astype(jnp.float32)
 
 
 # ---- files: the trained heads are small enough to ship as safetensors + a JSON config ----

@@ -301,6 +301,14 @@ class LlamaLM:
     """f32 logits from final hidden states. Jittable."""
     return self.module.apply({"params": params}, hidden_BxTxD, method=Llama.logits)
 
+  def input_table(self, params) -> Array:
+    """The token embedding `[V, D]`."""
+    return params["embed"]["embedding"]
+
+  def output_table(self, params) -> Array:
+    """`[V, D]`, so that logits = hidden @ table.T (the tied embedding or the untied head)."""
+    return params["embed"]["embedding"] if self.cfg.tie_embeddings else params["lm_head"]["kernel"].T
+
 
 def stack_layers(params: dict, n_layers: int) -> dict:
   """Converts per-layer params (`layers_0`, ...) to the stacked layout `scan_layers=True` uses."""

@@ -117,9 +117,9 @@ def relative_bucket(rel: Array, bidirectional: bool, num_buckets: int, max_dista
   return ret + jnp.where(n < max_exact, n, large)
 
 
-def _dense(cfg: T5Config, features: int, name: str) -> nn.Dense:
+def _dense(cfg: T5Config, features: int, name: str, scale: float = 1.0) -> nn.Dense:
   return nn.Dense(features, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                  name=name)
+                  kernel_init=nn.initializers.variance_scaling(scale, "fan_in", "normal"), name=name)
 
 
 class RelativeBias(nn.Module):
@@ -146,7 +146,7 @@ class Attention(nn.Module):
 
   def setup(self):
     inner = self.cfg.n_heads * self.cfg.d_kv
-    self.q = _dense(self.cfg, inner, "q")
+    self.q = _dense(self.cfg, inner, "q", scale=1.0 / self.cfg.d_kv)  # T5 folds 1/sqrt(d_kv) into q's init
     self.k = _dense(self.cfg, inner, "k")
     self.v = _dense(self.cfg, inner, "v")
     self.o = _dense(self.cfg, self.cfg.d_model, "o")
@@ -220,20 +220,25 @@ class DecoderLayer(nn.Module):
     return self.cross_attn.heads(enc_BxPxD, "k").transpose(0, 1, 3, 2), self.cross_attn.heads(enc_BxPxD, "v")
 
   def __call__(self, x_BxTxD, kv, cross, lengths_B, visible, bias):
+    """`kv` None: no self-attention cache (teacher-forced training), nothing read or written."""
     committed, mask_BxTxT = visible
     bias_old, bias_new = bias
-    cache_k, cache_v = kv
     h = self.self_norm(x_BxTxD)
     q = self.self_attn.heads(h, "q")
     k_new = self.self_attn.heads(h, "k").transpose(0, 1, 3, 2)  # [B, N, H, T]
     v_new = self.self_attn.heads(h, "v")
-    x_BxTxD = x_BxTxD + self.self_attn(q, [(cache_k, cache_v, bias_old, committed),
-                                           (k_new, v_new, bias_new, mask_BxTxT)])
+    blocks = [(k_new, v_new, bias_new, mask_BxTxT)]
+    if kv is not None:
+      blocks.insert(0, (*kv, bias_old, committed))
+    x_BxTxD = x_BxTxD + self.self_attn(q, blocks)
     cross_k, cross_v, enc_valid_BxP = cross
     h = self.cross_norm(x_BxTxD)
     x_BxTxD = x_BxTxD + self.cross_attn(self.cross_attn.heads(h, "q"),
                                         [(cross_k, cross_v, None, enc_valid_BxP[:, None, :])])
     x_BxTxD = x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+    if kv is None:
+      return x_BxTxD, None
+    cache_k, cache_v = kv
     cache_k = _write(cache_k, k_new.astype(cache_k.dtype), lengths_B, axis=3)
     cache_v = _write(cache_v, v_new.astype(cache_v.dtype), lengths_B, axis=2)
     return x_BxTxD, (cache_k, cache_v)
@@ -291,6 +296,18 @@ class T5(nn.Module):
     if self.cfg.tie_embeddings:
       return self.shared.attend(hidden_BxTxD * (self.cfg.d_model ** -0.5)).astype(jnp.float32)
     return self.lm_head(hidden_BxTxD).astype(jnp.float32)
+
+  def teacher_forced(self, src_BxP, valid_BxP, tokens_BxT):
+    """Decoder states `[B, T, D]` for whole target sequences at positions 0..T-1, causal, without a cache."""
+    b, t = tokens_BxT.shape
+    enc = self.encode(src_BxP, valid_BxP)
+    pos_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    bias = (None, self.dec_bias(pos_BxT, pos_BxT))
+    visible = (None, jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t)))
+    x = self.shared(tokens_BxT)
+    for layer in self.dec_layers:
+      x, _ = layer(x, None, (*layer.cross_kv(enc), valid_BxP), None, visible, bias)
+    return self.dec_norm(x)
 
   def __call__(self, src_BxP, valid_BxP, tokens_BxT, positions_BxT, cache, mask_BxTxT):
     """Every submodule once (for `init`)."""
@@ -367,11 +384,18 @@ class T5LM:
   def logits(self, params, hidden_BxTxD: Array) -> Array:
     return self.module.apply({"params": params}, hidden_BxTxD, method=T5.logits)
 
+  def input_table(self, params) -> Array:
+    """The shared token embedding `[V, D]`."""
+    return params["shared"]["embedding"]
+
+  def output_table(self, params) -> Array:
+    """`[V, D]`, so that logits = hidden @ table.T (a tied head includes T5's d_model^-1/2 scale)."""
+    if self.cfg.tie_embeddings:
+      return params["shared"]["embedding"] * (self.cfg.d_model ** -0.5)
+    return params["lm_head"]["kernel"].T
+
   def teacher_forced(self, params, src_BxP: Array, src_len_B: Array, dec_in_BxT: Array) -> tuple[Array, Array]:
     """Training forward: logits `[B, T, V]` and decoder hidden states for decoder inputs `[start, y_1..]`."""
-    b, t = dec_in_BxT.shape
-    cache = self.init_cache(b, t, source_len=src_BxP.shape[1])
-    _, _, cache = self.start(params, src_BxP, src_len_B, cache)
-    pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    out, hidden, _ = self.forward(params, dec_in_BxT, pos, cache, jnp.tril(jnp.ones((t, t), bool)))
-    return out, hidden
+    valid = jnp.arange(src_BxP.shape[1])[None] < src_len_B[:, None]
+    hidden = self.module.apply({"params": params}, src_BxP, valid, dec_in_BxT, method=T5.teacher_forced)
+    return self.logits(params, hidden), hidden

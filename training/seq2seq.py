@@ -1,0 +1,199 @@
+"""Training a small T5-family encoder-decoder from scratch on the synthetic numbers task (`training/synthetic.py`).
+
+`jaxspec train configs/t5_numbers.yaml` builds the tokenizer (or reuses one, so a draft model shares the target's
+vocabulary), trains with teacher forcing (cross-entropy on the target tokens, EOS included), checkpoints with Orbax
+(a killed run resumes), and exports a Hugging Face T5 folder: `config.json`, `model.safetensors`, `tokenizer.json`,
+plus `training.json` with the run's figures. The export loads with `jaxspec.loading.load_model(folder)` and
+decodes with every method of the library (the prompt is the encoder input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxspec.models.t5 import T5Config, T5LM
+from training import synthetic
+from training.config import ConfigError, dump_config, to_dict
+from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+  d_model: int = 128
+  d_kv: int = 32
+  n_heads: int = 4
+  d_ff: int = 256
+  n_enc_layers: int = 2
+  n_dec_layers: int = 2
+  rel_buckets: int = 16
+  rel_max_distance: int = 64
+  ff: Literal["gated-gelu", "relu"] = "gated-gelu"
+  tie_embeddings: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSection:
+  task: Literal["numbers"] = "numbers"
+  train_examples: int = 20000
+  eval_examples: int = 512
+  seed: int = 0  # train examples use `seed`, eval examples `seed + 1` (the bench prompts use 1234)
+  tokenizer: Optional[str] = None  # a folder with tokenizer.json to reuse (e.g. the target's, for a draft model)
+  vocab_size: int = 256  # of a new tokenizer
+  src_len: int = 64  # longer examples are left out (and counted)
+  tgt_len: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+  steps: int = 3000
+  batch_size: int = 64
+  seed: int = 0
+  checkpoint_dir: str = "runs/t5_numbers/ckpt"
+  checkpoint_every: int = 500
+  eval_every: int = 500
+  log_every: int = 50
+  exact_match_examples: int = 256  # greedy decodes of eval sources after training, scored as exact matches
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqTrainConfig:
+  task: Literal["seq2seq"] = "seq2seq"
+  out: str = "runs/t5_numbers/model"
+  model: ModelSection = ModelSection()
+  data: DataSection = DataSection()
+  optim: OptimConfig = OptimConfig()
+  train: TrainSection = TrainSection()
+
+
+def _tokenizer(cfg: DataSection, train_rows):
+  if cfg.tokenizer:
+    from jaxspec.loading.tokenizer import Tokenizer
+    path = Path(cfg.tokenizer)
+    path = path / "tokenizer.json" if path.is_dir() else path
+    if not path.is_file():
+      raise ConfigError(f"data.tokenizer: no tokenizer.json at {cfg.tokenizer!r}; train the target first or set "
+                        "data.tokenizer=null to build a new one.")
+    return Tokenizer.from_tokenizer_json(path)
+  return synthetic.train_tokenizer([t for _, s, tg in train_rows for t in (s, tg)], cfg.vocab_size)
+
+
+def encode_pairs(tokenizer, rows, src_len: int, tgt_len: int, start_id: int) -> tuple[dict, int]:
+  """Padded arrays `src`, `src_len`, `dec_in` (start token + target), `labels` (target + EOS), `mask`; and how many
+  examples were too long."""
+  eos = tokenizer.eos_id
+  src, dec, lab, lens = [], [], [], []
+  dropped = 0
+  for _, s, t in rows:
+    s_ids, t_ids = tokenizer.encode(s), tokenizer.encode(t) + [eos]
+    if len(s_ids) > src_len or len(t_ids) > tgt_len:
+      dropped += 1
+      continue
+    src.append(s_ids)
+    lens.append(len(s_ids))
+    lab.append(t_ids)
+    dec.append([start_id] + t_ids[:-1])
+  n = len(src)
+  out = {"src": np.zeros((n, src_len), np.int32), "src_len": np.asarray(lens, np.int32),
+         "dec_in": np.zeros((n, tgt_len), np.int32), "labels": np.zeros((n, tgt_len), np.int32),
+         "mask": np.zeros((n, tgt_len), np.float32)}
+  for i in range(n):
+    out["src"][i, :len(src[i])] = src[i]
+    out["dec_in"][i, :len(dec[i])] = dec[i]
+    out["labels"][i, :len(lab[i])] = lab[i]
+    out["mask"][i, :len(lab[i])] = 1.0
+  return out, dropped
+
+
+def seq2seq_loss(model: T5LM):
+  def loss_fn(params, frozen, batch, rng):
+    logits, _ = model.teacher_forced(params, batch["src"], batch["src_len"], batch["dec_in"])
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["labels"])
+    mask = batch["mask"]
+    denom = jnp.maximum(mask.sum(), 1.0)
+    loss = jnp.sum(ce * mask) / denom
+    acc = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * mask) / denom
+    return loss, {"token_acc": acc}
+  return loss_fn
+
+
+def exact_match(model, params, tokenizer, rows, batch_size: int = 64) -> float:
+  """Share of sources whose greedy decode (`jaxspec.decoding.generate`) is exactly the target text."""
+  from jaxspec.decoding.generate import generate
+  hits = 0
+  for s in range(0, len(rows), batch_size):
+    chunk = rows[s:s + batch_size]
+    res = generate(model, params, [tokenizer.encode(src) for _, src, _ in chunk], max_new_tokens=96,
+                   eos_ids=[tokenizer.eos_id])
+    for (_, _, tgt), toks in zip(chunk, res.tokens):
+      hits += tokenizer.decode(toks, skip_special_tokens=True) == tgt
+  return hits / max(len(rows), 1)
+
+
+def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
+  """Builds data and tokenizer, trains (resumable), exports the model folder to `cfg.out`; returns a summary."""
+  from jaxspec.loading.t5_hf import save_t5
+
+  t_start = time.time()
+  ckpt_dir = Path(cfg.train.checkpoint_dir)
+  dump_config(cfg, ckpt_dir / "config.yaml")
+  train_rows = synthetic.examples(cfg.data.train_examples, cfg.data.seed)
+  eval_rows = synthetic.examples(cfg.data.eval_examples, cfg.data.seed + 1)
+  tok_dir = ckpt_dir / "tokenizer"
+  if (tok_dir / "tokenizer.json").is_file() and not cfg.data.tokenizer:  # a resumed run keeps its tokenizer
+    from jaxspec.loading.tokenizer import Tokenizer
+    tokenizer = Tokenizer.from_tokenizer_json(tok_dir / "tokenizer.json")
+  else:
+    tokenizer = _tokenizer(cfg.data, train_rows)
+    tokenizer.save(tok_dir)
+  m = cfg.model
+  model = T5LM(T5Config(vocab_size=tokenizer.vocab_size, d_model=m.d_model, d_kv=m.d_kv, d_ff=m.d_ff,
+                        n_heads=m.n_heads, n_enc_layers=m.n_enc_layers, n_dec_layers=m.n_dec_layers,
+                        rel_buckets=m.rel_buckets, rel_max_distance=m.rel_max_distance, ff=m.ff,
+                        tie_embeddings=m.tie_embeddings, decoder_start_id=tokenizer.pad_id or 0))
+  start = model.cfg.decoder_start_id
+  tr, dropped = encode_pairs(tokenizer, train_rows, cfg.data.src_len, cfg.data.tgt_len, start)
+  ev, _ = encode_pairs(tokenizer, eval_rows, cfg.data.src_len, cfg.data.tgt_len, start)
+  if len(tr["src"]) == 0:
+    raise ConfigError("data: every training example is longer than data.src_len / data.tgt_len; raise them.")
+  optimizer = make_optimizer(cfg.optim)
+  params = model.init_params(jax.random.key(cfg.train.seed))
+  bs = cfg.train.batch_size
+
+  def batches_from(step):
+    from training.datasets import iterate_positions
+    for idx in iterate_positions(len(tr["src"]), bs, cfg.train.seed, step):
+      yield {k: v[idx] for k, v in tr.items()}
+
+  def eval_batches():
+    for s in range(0, len(ev["src"]), bs):
+      yield {k: v[s:s + bs] for k, v in ev.items()}
+
+  trainer = Trainer(seq2seq_loss(model), optimizer, checkpoint_dir=ckpt_dir, checkpoint_every=cfg.train.checkpoint_every,
+                    log_every=cfg.train.log_every, progress=progress)
+  t0 = time.time()
+  state, history = trainer.fit(init_state(params, optimizer, cfg.train.seed), batches_from, cfg.train.steps,
+                               eval_batches=eval_batches, eval_every=cfg.train.eval_every)
+  train_s = time.time() - t0
+  params = jax.device_get(state.params)
+  evals = [h for h in history if any(k.startswith("eval/") for k in h)]
+  final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
+  em = exact_match(model, params, tokenizer, eval_rows[:cfg.train.exact_match_examples])
+  summary = {"params": int(sum(x.size for x in jax.tree.leaves(params))), "vocab_size": tokenizer.vocab_size,
+             "train_examples": int(len(tr["src"])), "dropped_long": int(dropped), "train_s": round(train_s, 1),
+             "total_s": round(time.time() - t_start, 1),
+             "final_eval": {k: float(v) for k, v in final_eval.items() if k != "step"},
+             "eval_exact_match": round(em, 4), "config": to_dict(cfg)}
+  out = Path(cfg.out)
+  save_t5(str(out), model, params)
+  tokenizer.save(out)
+  (out / "training.json").write_text(json.dumps(summary, indent=1))
+  return summary

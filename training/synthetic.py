@@ -1,0 +1,107 @@
+"""A transduction task that needs no download, for the encoder-decoder setting: numbers <-> English words.
+
+Two directions, told apart by the source's first word:
+
+  spell: 4821, 17, 300   ->  four thousand eight hundred twenty-one, seventeen, three hundred
+  digits: seventeen, three hundred  ->  17, 300
+
+Each example holds 1-4 numbers below one billion, drawn log-uniformly so that short and long numbers are both
+common. The spelled side is long and highly predictable once its first words are known (the setting where blockwise
+heads and draft models accept many tokens); the digit side is short. Examples come from a seeded generator, so the
+training set, the evaluation set and the benchmark prompts (`jaxspec/bench/data/numbers_dev.jsonl`, seed 1234) are
+reproducible and disjoint by seed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
+         "seventeen eighteen nineteen").split()
+_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
+_SCALES = ((10 ** 9, "billion"), (10 ** 6, "million"), (1000, "thousand"))
+TASKS = ("spell", "digits")
+
+
+def _below_thousand(n: int) -> list[str]:
+  words = []
+  if n >= 100:
+    words += [_ONES[n // 100], "hundred"]
+    n %= 100
+  if n >= 20:
+    words.append(_TENS[n // 10] + (f"-{_ONES[n % 10]}" if n % 10 else ""))
+  elif n or not words:
+    words.append(_ONES[n])
+  return words
+
+
+def number_words(n: int) -> str:
+  """English words of 0 <= n < 10^12, e.g. 4821 -> "four thousand eight hundred twenty-one"."""
+  if not 0 <= n < 10 ** 12:
+    raise ValueError(f"number_words takes 0 <= n < 10^12, got {n}")
+  if n == 0:
+    return "zero"
+  words = []
+  for value, name in _SCALES:
+    if n >= value:
+      words += _below_thousand(n // value) + [name]
+      n %= value
+  if n:
+    words += _below_thousand(n)
+  return " ".join(words)
+
+
+def random_numbers(rng: np.random.Generator, max_count: int = 4) -> list[int]:
+  count = int(rng.integers(1, max_count + 1))
+  digits = rng.integers(1, 10, size=count)  # 1..9 digits, uniform: log-uniform magnitudes
+  return [int(rng.integers(10 ** (d - 1) if d > 1 else 0, 10 ** d)) for d in digits]
+
+
+def example(task: str, numbers: list[int]) -> tuple[str, str]:
+  """(source, target) texts of one example."""
+  spelled = ", ".join(number_words(n) for n in numbers)
+  digits = ", ".join(str(n) for n in numbers)
+  if task == "spell":
+    return f"spell: {digits}", spelled
+  if task == "digits":
+    return f"digits: {spelled}", digits
+  raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
+
+
+def examples(n: int, seed: int, tasks: tuple[str, ...] = TASKS) -> list[tuple[str, str, str]]:
+  """n `(task, source, target)` triples, the tasks in turn."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for i in range(n):
+    task = tasks[i % len(tasks)]
+    out.append((task, *example(task, random_numbers(rng))))
+  return out
+
+
+def write_prompt_file(path: str | Path, n_per_task: int, seed: int) -> None:
+  """A Spec-Bench-format JSONL file of task sources (category = task), e.g. the encoder-decoder bench prompts."""
+  rows = examples(n_per_task * len(TASKS), seed)
+  with open(path, "w", encoding="utf-8") as f:
+    for i, (task, src, _) in enumerate(rows):
+      f.write(json.dumps({"question_id": i, "category": task, "turns": [src]}) + "\n")
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+  """A byte-level BPE tokenizer (`tokenizers`) trained on the task's texts, digits split one per token, with T5's
+  special ids: 0 `<pad>` (also the decoder start), 1 `</s>` (EOS), 2 `<unk>`. Returns a `jaxspec` Tokenizer."""
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+
+  from jaxspec.loading.tokenizer import Tokenizer
+
+  backend = tokenizers.Tokenizer(models.BPE(unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                   pre_tokenizers.ByteLevel(add_prefix_space=False)])
+  backend.decoder = decoders.ByteLevel()
+  trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"],
+                                show_progress=False)  # only the bytes the task uses: others read as <unk>
+  backend.train_from_iterator(texts, trainer)
+  return Tokenizer(backend, eos_id=1, pad_id=0, unk_id=2, name="numbers-bpe")
