@@ -60,6 +60,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"attn/o/kernel$", ("heads", "embed")),
     (r"mlp/(gate|up)/kernel$", ("embed", "mlp")),
     (r"mlp/down/kernel$", ("mlp", "embed")),
+    (r"(^|/)shared/embedding$", ("vocab", "embed")),  # T5 (jaxspec.models.t5): shared embedding, gated-GELU MLP
+    (r"mlp/wi(_0|_1)?/kernel$", ("embed", "mlp")),
+    (r"mlp/wo/kernel$", ("mlp", "embed")),
     (r"(^|/)lm_head/kernel$", ("embed", "vocab")),
     (r"(^|/)heads/w_in$", (None, "embed", "mlp")),  # BPD heads (jaxspec.models.bpd): [M, D(+D), F]
     (r"(^|/)heads/b_in$", (None, "mlp")),
@@ -257,13 +260,20 @@ class Partitioner:
     return jax.tree_util.tree_map_with_path(one, params)
 
   def cache_shardings(self, cache: Any) -> Any:
-    """Shardings of a `KVCache` (tuples of per-layer arrays or stacked `[L, ...]` arrays)."""
+    """Shardings of a `KVCache` (tuples of per-layer arrays or stacked `[L, ...]` arrays), and of an encoder-decoder's
+    cross-attention cache (same layouts, source positions for slots) when it has one."""
     k_axes = ("batch", "kv_heads", "head_dim", "length")
     v_axes = ("batch", "kv_heads", "length", "head_dim")
-    return cache.replace(
+    out = cache.replace(
         k=jax.tree.map(lambda x: self.sharding(k_axes, x.shape, "cache keys"), cache.k),
         v=jax.tree.map(lambda x: self.sharding(v_axes, x.shape, "cache values"), cache.v),
         lengths=self.sharding(("batch",), cache.lengths.shape, "cache lengths"))
+    if hasattr(cache, "cross_k"):
+      out = out.replace(
+          cross_k=jax.tree.map(lambda x: self.sharding(k_axes, x.shape, "cross keys"), cache.cross_k),
+          cross_v=jax.tree.map(lambda x: self.sharding(v_axes, x.shape, "cross values"), cache.cross_v),
+          enc_valid_BxP=self.sharding(("batch", None), cache.enc_valid_BxP.shape, "encoder mask"))
+    return out
 
   def batch_shardings(self, batch: Any) -> Any:
     """Training batches: dimension 0 of every array is the batch (split over `data`)."""
@@ -328,6 +338,8 @@ def units_of(model: Any) -> tuple[tuple[str, int], ...]:
   for name, attr in (("heads", "n_heads"), ("kv_heads", "n_kv_heads")):
     if isinstance(getattr(cfg, attr, None), int):
       out.append((name, getattr(cfg, attr)))
+  if getattr(model, "is_encoder_decoder", False) and isinstance(getattr(cfg, "n_heads", None), int):
+    out.append(("kv_heads", cfg.n_heads))  # T5 attention has as many key/value heads as query heads
   return tuple(out)
 
 

@@ -113,6 +113,15 @@ def encode_pairs(tokenizer, rows, src_len: int, tgt_len: int, start_id: int) -> 
   return out, dropped
 
 
+def trim(batch: dict, multiple: int = 16) -> dict:
+  """Cuts a batch's padding to its longest source and target, rounded up to `multiple` (few distinct shapes, so
+  few compilations; most examples are far shorter than the limits)."""
+  s = -(-int(batch["src_len"].max()) // multiple) * multiple
+  t = -(-int(batch["mask"].sum(axis=1).max()) // multiple) * multiple
+  return {**batch, "src": batch["src"][:, :s], "dec_in": batch["dec_in"][:, :t], "labels": batch["labels"][:, :t],
+          "mask": batch["mask"][:, :t]}
+
+
 def seq2seq_loss(model: T5LM):
   def loss_fn(params, frozen, batch, rng):
     logits, _ = model.teacher_forced(params, batch["src"], batch["src_len"], batch["dec_in"])
@@ -171,11 +180,11 @@ def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
   def batches_from(step):
     from training.datasets import iterate_positions
     for idx in iterate_positions(len(tr["src"]), bs, cfg.train.seed, step):
-      yield {k: v[idx] for k, v in tr.items()}
+      yield trim({k: v[idx] for k, v in tr.items()})
 
   def eval_batches():
     for s in range(0, len(ev["src"]), bs):
-      yield {k: v[s:s + bs] for k, v in ev.items()}
+      yield trim({k: v[s:s + bs] for k, v in ev.items()})
 
   trainer = Trainer(seq2seq_loss(model), optimizer, checkpoint_dir=ckpt_dir, checkpoint_every=cfg.train.checkpoint_every,
                     log_every=cfg.train.log_every, progress=progress)

@@ -5,7 +5,7 @@ Two directions, told apart by the source's first word:
   spell: 4821, 17, 300   ->  four thousand eight hundred twenty-one, seventeen, three hundred
   digits: seventeen, three hundred  ->  17, 300
 
-Each example holds 1-4 numbers below one billion, drawn log-uniformly so that short and long numbers are both
+Each example holds 1-3 numbers below one million, drawn log-uniformly so that short and long numbers are both
 common. The spelled side is long and highly predictable once its first words are known (the setting where blockwise
 heads and draft models accept many tokens); the digit side is short. Examples come from a seeded generator, so the
 training set, the evaluation set and the benchmark prompts (`jaxspec/bench/data/numbers_dev.jsonl`, seed 1234) are
@@ -54,9 +54,9 @@ def number_words(n: int) -> str:
   return " ".join(words)
 
 
-def random_numbers(rng: np.random.Generator, max_count: int = 4) -> list[int]:
+def random_numbers(rng: np.random.Generator, max_count: int = 3, max_digits: int = 6) -> list[int]:
   count = int(rng.integers(1, max_count + 1))
-  digits = rng.integers(1, 10, size=count)  # 1..9 digits, uniform: log-uniform magnitudes
+  digits = rng.integers(1, max_digits + 1, size=count)  # uniform digit counts: log-uniform magnitudes
   return [int(rng.integers(10 ** (d - 1) if d > 1 else 0, 10 ** d)) for d in digits]
 
 

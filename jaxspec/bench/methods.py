@@ -226,8 +226,8 @@ def _spec(ctx: BenchContext, opts: dict) -> Runner:
 
 
 def _layerskip(ctx: BenchContext, opts: dict) -> Runner:
-  from jaxspec.decoding.speculative import layerskip_draft
-  n = int(opts.get("layers", max(1, ctx.model.cfg.n_layers // 4)))
+  from jaxspec.decoding.speculative import decoder_layers, layerskip_draft
+  n = int(opts.get("layers", max(1, decoder_layers(ctx.model) // 4)))
   draft, draft_params = layerskip_draft(ctx.model, ctx.params, n)
   return _speculative_runner(ctx, draft, draft_params, int(opts.get("gamma", 4)))
 
@@ -249,14 +249,14 @@ def calibration_prompts(ctx: BenchContext, n: int = 4) -> list[list[int]]:
 def _tree_source(ctx: BenchContext, opts: dict):
   """`(source, source params, draft forward model or None)` for opt-tree's `drafter=` option."""
   from jaxspec.decoding.opt_tree import HeadsTreeSource, LMTreeSource
-  from jaxspec.decoding.speculative import layerskip_draft, vocab_check
+  from jaxspec.decoding.speculative import decoder_layers, layerskip_draft, vocab_check
 
   kind = opts.get("drafter", "heads")
   if kind == "heads":
     bpd, dp = _load_heads(ctx, {k: v for k, v in opts.items() if k == "heads"})
     return HeadsTreeSource(bpd), dp, None
   if kind == "layerskip":
-    lm, lm_params = layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", max(1, ctx.model.cfg.n_layers // 4))))
+    lm, lm_params = layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", max(1, decoder_layers(ctx.model) // 4))))
   elif kind == "draft":
     if "draft" not in opts:
       raise InputError("opt-tree:drafter=draft needs draft=PATH (a draft model with the target's vocabulary).")

@@ -48,6 +48,11 @@ def vocab_check(target: LanguageModel, draft: LanguageModel) -> None:
                      f"{draft.vocab_size}; use a draft model trained with the target's tokenizer.")
 
 
+def decoder_layers(model) -> int:
+  """The layers a layer-skip draft can keep from: a decoder-only model's, or an encoder-decoder's decoder layers."""
+  return model.cfg.n_dec_layers if getattr(model, "is_encoder_decoder", False) else model.cfg.n_layers
+
+
 def layerskip_draft(model: LlamaLM, params, n_layers: int) -> tuple[LlamaLM, dict]:
   """A self-speculative draft: the target's first `n_layers` layers, then its final norm and head (no training).
 
@@ -61,13 +66,19 @@ def layerskip_draft(model: LlamaLM, params, n_layers: int) -> tuple[LlamaLM, dic
     `layers_{n-1}`, final norm, output head if untied), not copies; with `scan_layers=True` the stacked layer arrays
     are sliced, which copies the first n layers.
 
+  An encoder-decoder's draft keeps the whole encoder and the first `n_layers` decoder layers.
+
   Raises:
     InputError: `n_layers` out of range.
   """
-  total = model.cfg.n_layers
+  total = decoder_layers(model)
   if not 1 <= n_layers < total:
     raise InputError(f"A layer-skip draft keeps 1 to {total - 1} of the target's {total} layers, got n_layers="
                      f"{n_layers}.")
+  if getattr(model, "is_encoder_decoder", False):
+    cut = {f"dec_{i}" for i in range(n_layers, total)}
+    return (type(model)(dataclasses.replace(model.cfg, n_dec_layers=n_layers)),
+            {k: v for k, v in params.items() if k not in cut})
   draft = LlamaLM(dataclasses.replace(model.cfg, n_layers=n_layers))
   out = {}
   for name, value in params.items():
