@@ -3,10 +3,19 @@
 Reads `T5ForConditionalGeneration` checkpoints: T5 v1.1 (gated-GELU, untied head) and the original T5 (ReLU, tied
 head). Tensor names follow transformers: `encoder.block.{i}.layer.{j}...`, `decoder.block.{i}.layer.{j}...`,
 `shared.weight`, `lm_head.weight`; the relative position tables sit in block 0 of each stack.
+
+The head follows transformers 5, which reads both its own folders and older ones: the hidden state is scaled by
+d_model^-1/2 before the head when `scale_decoder_outputs` is true, or, where a config lacks that key (transformers
+4), unless `tie_word_embeddings` is false; the head is `shared` unless the checkpoint holds an `lm_head.weight` that
+differs from it. transformers 5 writes `tie_word_embeddings: true` for every T5, untied v1.1 included, so neither
+can be read from that key alone. jaxspec's `T5Config.tie_embeddings` means tied and scaled; the two other
+combinations load as an untied head: a copy of `shared` (tied, unscaled: what transformers 5 makes of a new
+`T5Config(tie_word_embeddings=False)`) or `lm_head` with the scale folded in (untied, scaled).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import os
@@ -48,11 +57,18 @@ def config_from_hf(raw: dict) -> T5Config:
         rel_buckets=int(raw.get("relative_attention_num_buckets", 32)),
         rel_max_distance=int(raw.get("relative_attention_max_distance", 128)),
         norm_eps=float(raw.get("layer_norm_epsilon", 1e-6)), ff=ff,
-        tie_embeddings=bool(raw.get("tie_word_embeddings", True)),
+        tie_embeddings=_scales_output(raw),  # `load_t5` settles it with the checkpoint's lm_head.weight
         decoder_start_id=int(raw.get("decoder_start_token_id", 0) or 0),
         max_seq_len=int(raw.get("n_positions", 2048) or 2048))
   except KeyError as e:
     raise ModelLoadError(f"config.json lacks {e.args[0]!r}, which a T5 model needs.") from e
+
+
+def _scales_output(raw: dict) -> bool:
+  """Whether transformers scales the decoder output by d_model^-1/2 before the head for this config."""
+  if "scale_decoder_outputs" in raw:  # transformers >= 5 writes it
+    return bool(raw["scale_decoder_outputs"])
+  return raw.get("tie_word_embeddings", True) is not False
 
 
 def _target(name: str) -> tuple[str, ...] | None:
@@ -122,9 +138,7 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32") -> tuple[T5LM, di
   """
   from safetensors import safe_open
 
-  import dataclasses
   cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=dtype)
-  model = T5LM(cfg)
   files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
   if not files:
     raise ModelLoadError(f"{folder!r} has no *.safetensors weights (PyTorch .bin files are not read).")
@@ -134,7 +148,7 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32") -> tuple[T5LM, di
       with safe_open(path, framework="flax") as f:
         for name in f.keys():
           key = _target(name)
-          if key is None or (key[0] == "lm_head" and cfg.tie_embeddings):
+          if key is None:
             continue
           w = f.get_tensor(name).astype(dtype)
           if key[-1] == "kernel":
@@ -145,12 +159,34 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32") -> tuple[T5LM, di
           node[key[-1]] = jnp.asarray(w)
     except Exception as e:  # safetensors raises its own error types on damaged headers
       raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}); the file may be corrupt.") from e
+  params, cfg = _settle_head(params, cfg)
+  model = T5LM(cfg)
   got = {k for k, _ in _flatten(params)}
   missing = sorted(_expected(model) - got)
   if missing:
     raise ModelLoadError(f"{folder!r} lacks {len(missing)} tensors of a {cfg.n_enc_layers}+{cfg.n_dec_layers}-layer "
                          f"T5, e.g. {_source(missing[0])!r}; the checkpoint is incomplete or of another model.")
   return model, params
+
+
+def _settle_head(params: dict, cfg: T5Config) -> tuple[dict, T5Config]:
+  """The head as transformers uses it (see the module docstring). `cfg.tie_embeddings` says whether the output is
+  scaled; the head is tied when the checkpoint has no lm_head.weight or one equal to shared.weight."""
+  head = params.pop("lm_head", None)
+  shared = params.get("shared", {}).get("embedding")
+  if shared is None:  # reported as a missing tensor by the caller
+    return params, cfg
+  scale = cfg.tie_embeddings
+  tied = head is None or bool(jnp.array_equal(head["kernel"].T, shared))
+  if tied and scale:
+    return params, cfg
+  if not tied and not scale:
+    kernel = head["kernel"]
+  elif tied:  # tied without the scale: an untied head holding a copy of shared
+    kernel = jnp.array(shared.T)
+  else:  # untied with the scale: the scale goes into the head
+    kernel = (head["kernel"].astype(jnp.float32) * cfg.d_model ** -0.5).astype(head["kernel"].dtype)
+  return {**params, "lm_head": {"kernel": kernel}}, dataclasses.replace(cfg, tie_embeddings=False)
 
 
 def save_t5(folder: str, model: T5LM, params: dict, extra_config: dict | None = None) -> None:
@@ -173,7 +209,8 @@ def save_t5(folder: str, model: T5LM, params: dict, extra_config: dict | None = 
       "relative_attention_num_buckets": cfg.rel_buckets, "relative_attention_max_distance": cfg.rel_max_distance,
       "layer_norm_epsilon": cfg.norm_eps, "feed_forward_proj": "gated-gelu" if cfg.ff == "gated-gelu" else "relu",
       "is_gated_act": cfg.ff == "gated-gelu", "dense_act_fn": "gelu_new" if cfg.ff == "gated-gelu" else "relu",
-      "tie_word_embeddings": cfg.tie_embeddings, "decoder_start_token_id": cfg.decoder_start_id,
+      "tie_word_embeddings": cfg.tie_embeddings, "scale_decoder_outputs": cfg.tie_embeddings,
+      "decoder_start_token_id": cfg.decoder_start_id,
       "pad_token_id": 0, "eos_token_id": 1, "n_positions": cfg.max_seq_len, "is_encoder_decoder": True,
       "dropout_rate": 0.0, "torch_dtype": "float32", **(extra_config or {})}
   with open(os.path.join(folder, "config.json"), "w") as f:
