@@ -1,0 +1,71 @@
+"""The shipped encoder-decoder parts (jaxspec/assets/t5_numbers, t5_numbers_draft, bpd_t5_numbers): the model does
+its task, and greedy, BPD, the draft model and Jacobi give the same tokens on the encoder-decoder bench prompts."""
+
+from pathlib import Path
+
+import pytest
+
+from jaxspec.bench.methods import BenchContext, METHODS, parse_method
+from jaxspec.bench.prompts import load_prompts
+from training import synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "jaxspec" / "assets"
+PROMPTS = ROOT / "jaxspec" / "bench" / "data" / "numbers_dev.jsonl"
+NEW = 48
+
+
+@pytest.fixture(scope="module")
+def numbers():
+  from jaxspec.loading import load_model
+  return load_model(str(ASSETS / "t5_numbers"))
+
+
+@pytest.fixture(scope="module")
+def sources():
+  return [p.text for p in load_prompts(PROMPTS, limit=6)]  # 6 per task
+
+
+def run(numbers, method: str, ids):
+  model, params, tok = numbers
+  _, name, opts = parse_method(method)
+  return METHODS[name].build(BenchContext(model, params, tok), opts)(ids, NEW, 0)
+
+
+def expected(source: str) -> str:
+  task, _, rest = source.partition(": ")
+  if task == "spell":
+    return ", ".join(synthetic.number_words(int(x)) for x in rest.split(", "))
+  words = {synthetic.number_words(n): n for n in range(1000)}  # enough to read the spelled numbers back
+  out = []
+  for part in rest.split(", "):
+    n, acc = 0, 0
+    for w in part.split():
+      if w == "thousand":
+        n, acc = n + acc * 1000, 0
+      elif w == "hundred":
+        acc *= 100
+      else:
+        acc += words[w]
+    out.append(str(n + acc))
+  return ", ".join(out)
+
+
+def test_the_shipped_model_does_its_task(numbers, sources):
+  _, _, tok = numbers
+  res = run(numbers, "greedy", [tok.encode(s) for s in sources])
+  got = [tok.decode(t, skip_special_tokens=True) for t in res.tokens]
+  right = sum(g == expected(s) for g, s in zip(got, sources))
+  assert right >= 0.75 * len(sources), list(zip(sources, got))
+
+
+@pytest.mark.parametrize("method", ["bpd:heads={a}/bpd_t5_numbers:k=4", "spec:draft={a}/t5_numbers_draft:gamma=4",
+                                    "jacobi:n=6", "opt-tree:drafter=heads:heads={a}/bpd_t5_numbers:nodes=8:depth=4"])
+def test_methods_give_the_greedy_tokens_on_the_shipped_model(numbers, sources, method):
+  _, _, tok = numbers
+  ids = [tok.encode(s) for s in sources]
+  ref = run(numbers, "greedy", ids)
+  res = run(numbers, method.format(a=ASSETS), ids)
+  assert res.tokens == ref.tokens
+  if not method.startswith("jacobi"):
+    assert res.tau > 1.5  # trained drafts: well above one token per target call
