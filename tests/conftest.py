@@ -40,3 +40,15 @@ def default_model():
   from jaxspec.loading import load_model
 
   return load_model()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+  """Drops every compiled program after each test module. XLA:CPU maps each executable's code into memory; kept for
+  the whole session (jaxspec's program cache and jax's own), hundreds of them exhausted the process's memory-map
+  budget (vm.max_map_count) and the next compilation crashed late in the run."""
+  yield
+  from jaxspec.decoding import generate as gen
+
+  gen._PROGRAMS.clear()
+  jax.clear_caches()
