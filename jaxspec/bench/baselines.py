@@ -134,26 +134,9 @@ def t5x_runner(ctx: BenchContext) -> Runner:
     arr = np.zeros((len(prompts), p), np.int32)
     for i, pr in enumerate(prompts):
       arr[i, :len(pr)] = pr
-    capacity = round_up(p + max_new_tokens + 1, 128)
-    topp = ctx.top_p if ctx.top_p < 1.0 else 0.0
-    args = (ctx.params, jnp.asarray(arr), jnp.asarray(lengths, jnp.int32), jax.random.key_data(jax.random.key(seed)),
-            jnp.float32(ctx.temperature))
-    static = dict(model=ctx.model, decoding=decoding, capacity=capacity, max_new=int(max_new_tokens), eos_id=eos,
-                  topk=int(ctx.top_k), topp=float(topp))
-    program, compile_s, nbytes = compiled_program(args, static, fn=_t5x_program)
-    t0 = time.perf_counter()
-    out = np.asarray(jax.device_get(program(*args)))
-    run_s = time.perf_counter() - t0
-    tokens = []
-    for row, n in zip(out, lengths):
-      new = row[n:n + max_new_tokens].tolist()  # T5X returns sequences[:, 1:]: output[i] came from loop index i
-      if eos in new:
-        new = new[:new.index(eos) + 1]
-      tokens.append(new)
-    counts = [len(t) for t in tokens]  # one token per call while the row is live (its first comes from a call too)
-    return GenerationResult(tokens=tokens, target_calls=max(counts), drafter_calls=0, active_calls=counts,
-                            step_tokens=counts, accept_hist=_ones_hist(counts), compile_s=compile_s, run_s=run_s,
-                            program_bytes=nbytes)
+    # T5X returns sequences[:, 1:]: output[i] came from loop index i, so row b's new tokens start at its length.
+    return _run_t5x(ctx, decoding, _t5x_program, arr, lengths, round_up(p + max_new_tokens + 1, 128), max_new_tokens,
+                    seed, eos, starts=lengths)
 
   return run
 
@@ -172,28 +155,36 @@ def _t5x_encdec_runner(ctx: BenchContext, decoding, eos: int) -> Runner:
     arr = np.full((len(prompts), bucket(max(lengths))), ctx.pad_id, np.int32)
     for i, pr in enumerate(prompts):
       arr[i, :len(pr)] = pr
-    capacity = round_up(max_new_tokens + 1, 128)  # the decoder's own tokens only; the encoder has the cross cache
-    topp = ctx.top_p if ctx.top_p < 1.0 else 0.0
-    args = (ctx.params, jnp.asarray(arr), jnp.asarray(lengths, jnp.int32), jax.random.key_data(jax.random.key(seed)),
-            jnp.float32(ctx.temperature))
-    static = dict(model=ctx.model, decoding=decoding, capacity=capacity, max_new=int(max_new_tokens), eos_id=eos,
-                  topk=int(ctx.top_k), topp=float(topp))
-    program, compile_s, nbytes = compiled_program(args, static, fn=_t5x_encdec_program)
-    t0 = time.perf_counter()
-    out = np.asarray(jax.device_get(program(*args)))
-    run_s = time.perf_counter() - t0
-    tokens = []
-    for row in out:
-      new = row[:max_new_tokens].tolist()
-      if eos in new:
-        new = new[:new.index(eos) + 1]
-      tokens.append(new)
-    counts = [len(t) for t in tokens]  # one token per call while the row is live, the first from the start token
-    return GenerationResult(tokens=tokens, target_calls=max(counts), drafter_calls=0, active_calls=counts,
-                            step_tokens=counts, accept_hist=_ones_hist(counts), compile_s=compile_s, run_s=run_s,
-                            program_bytes=nbytes)
+    # The decoder's own tokens only (the encoder has the cross cache); the output starts at loop index 0.
+    return _run_t5x(ctx, decoding, _t5x_encdec_program, arr, lengths, round_up(max_new_tokens + 1, 128),
+                    max_new_tokens, seed, eos, starts=[0] * len(prompts))
 
   return run
+
+
+def _run_t5x(ctx: BenchContext, decoding, fn, arr: np.ndarray, lengths: list[int], capacity: int,
+             max_new_tokens: int, seed: int, eos: int, starts: list[int]) -> GenerationResult:
+  """Runs a T5X program (`_t5x_program` or `_t5x_encdec_program`) on padded prompts; row b's new tokens are its
+  output from `starts[b]` on, cut after the first EOS. One token per call while the row is live."""
+  topp = ctx.top_p if ctx.top_p < 1.0 else 0.0
+  args = (ctx.params, jnp.asarray(arr), jnp.asarray(lengths, jnp.int32), jax.random.key_data(jax.random.key(seed)),
+          jnp.float32(ctx.temperature))
+  static = dict(model=ctx.model, decoding=decoding, capacity=capacity, max_new=int(max_new_tokens), eos_id=eos,
+                topk=int(ctx.top_k), topp=float(topp))
+  program, compile_s, nbytes = compiled_program(args, static, fn=fn)
+  t0 = time.perf_counter()
+  out = np.asarray(jax.device_get(program(*args)))
+  run_s = time.perf_counter() - t0
+  tokens = []
+  for row, n in zip(out, starts):
+    new = row[n:n + max_new_tokens].tolist()
+    if eos in new:
+      new = new[:new.index(eos) + 1]
+    tokens.append(new)
+  counts = [len(t) for t in tokens]  # the first token comes from a call too
+  return GenerationResult(tokens=tokens, target_calls=max(counts), drafter_calls=0, active_calls=counts,
+                          step_tokens=counts, accept_hist=_ones_hist(counts), compile_s=compile_s, run_s=run_s,
+                          program_bytes=nbytes)
 
 
 def _ones_hist(counts) -> np.ndarray:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.loading.errors import ModelLoadError
+from jaxspec.loading.hf import _flatten
 from jaxspec.models.t5 import T5Config, T5LM
 
 ARCHITECTURES = ("T5ForConditionalGeneration", "T5Model", "MT5ForConditionalGeneration")
@@ -215,11 +216,3 @@ def save_t5(folder: str, model: T5LM, params: dict, extra_config: dict | None = 
       "dropout_rate": 0.0, "torch_dtype": "float32", **(extra_config or {})}
   with open(os.path.join(folder, "config.json"), "w") as f:
     json.dump(hf, f, indent=2)
-
-
-def _flatten(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _flatten(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
