@@ -145,13 +145,11 @@ def _bpd_ngram(ctx: BenchContext, opts: dict) -> Runner:
 
 def _bpd_neural(ctx: BenchContext, opts: dict) -> Runner:
   from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
-  from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft, vocab_check
+  from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft
 
   _, _, tuned, bpd, dp, opts = _rescore_setup(ctx, opts, "bpd-neural")
   if "draft" in opts:
-    from jaxspec.loading import load_model
-    lm, lm_params, _ = load_model(opts["draft"])
-    vocab_check(ctx.model, lm)
+    lm, lm_params = _draft_model(ctx, opts["draft"])
   else:
     lm, lm_params = layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", tuned.get("neural_layers", 4))))
   drafter = LatticeDrafter(bpd, "neural", top_t=int(opts.get("t", tuned.get("top_t", 16))),
@@ -207,12 +205,19 @@ def _speculative_runner(ctx: BenchContext, draft_model, draft_params, gamma: int
   return loop_runner(ctx, DraftModelDrafter(draft_model, gamma, warp=warp, greedy=ctx.temperature == 0), draft_params)
 
 
-def _spec(ctx: BenchContext, opts: dict) -> Runner:
+def _draft_model(ctx: BenchContext, path) -> tuple:
+  """`(draft model, draft params)` from a path, loaded once per bench run and checked against the target's vocabulary.
+
+  A folder written by the draft training (`config.json` with `jaxspec_draft`) shares the target's embedding and is
+  completed with the target's parameters; anything else is loaded as a model of its own (GGUF, Hugging Face folder).
+  """
+  from jaxspec.decoding.speculative import vocab_check
   from jaxspec.loading import load_model
-  path = Path(opts.get("draft", DEFAULT_DRAFT))
+
+  path = Path(path)
   if not path.exists():
-    raise Unavailable(f"no draft model at {path}: pass spec:draft=PATH (a GGUF file or Hugging Face folder with the "
-                      "target's vocabulary)")
+    raise Unavailable(f"no draft model at {path}: pass draft=PATH (a GGUF file or Hugging Face folder with the "
+                      "target's vocabulary), or build the default one with: jaxspec train configs/draft_smollm2.yaml")
   key = ("draft", str(path))
   if key not in ctx.cache:
     if path.is_dir() and (path / "config.json").exists() and "jaxspec_draft" in (path / "config.json").read_text():
@@ -220,8 +225,13 @@ def _spec(ctx: BenchContext, opts: dict) -> Runner:
       draft, draft_params = load_draft(path, ctx.params)  # a distilled draft sharing the target's embedding
     else:
       draft, draft_params, _ = load_model(str(path))
+    vocab_check(ctx.model, draft)
     ctx.cache[key] = (draft, draft_params)
-  draft, draft_params = ctx.cache[key]
+  return ctx.cache[key]
+
+
+def _spec(ctx: BenchContext, opts: dict) -> Runner:
+  draft, draft_params = _draft_model(ctx, opts.get("draft", DEFAULT_DRAFT))
   return _speculative_runner(ctx, draft, draft_params, int(opts.get("gamma", 4)))
 
 
@@ -249,7 +259,7 @@ def calibration_prompts(ctx: BenchContext, n: int = 4) -> list[list[int]]:
 def _tree_source(ctx: BenchContext, opts: dict):
   """`(source, source params, draft forward model or None)` for opt-tree's `drafter=` option."""
   from jaxspec.decoding.opt_tree import HeadsTreeSource, LMTreeSource
-  from jaxspec.decoding.speculative import decoder_layers, layerskip_draft, vocab_check
+  from jaxspec.decoding.speculative import decoder_layers, layerskip_draft
 
   kind = opts.get("drafter", "heads")
   if kind == "heads":
@@ -258,11 +268,7 @@ def _tree_source(ctx: BenchContext, opts: dict):
   if kind == "layerskip":
     lm, lm_params = layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", max(1, decoder_layers(ctx.model) // 4))))
   elif kind == "draft":
-    if "draft" not in opts:
-      raise InputError("opt-tree:drafter=draft needs draft=PATH (a draft model with the target's vocabulary).")
-    from jaxspec.loading import load_model
-    lm, lm_params, _ = load_model(opts["draft"])
-    vocab_check(ctx.model, lm)
+    lm, lm_params = _draft_model(ctx, opts.get("draft", DEFAULT_DRAFT))
   else:
     raise InputError(f"opt-tree drafter {kind!r} is not one of heads, layerskip, draft.")
   return LMTreeSource(lm), lm_params, (lm, lm_params)
