@@ -219,3 +219,27 @@ def test_config_errors_name_the_key(tmp_path, tiny):
   model, params = tiny
   with pytest.raises(ConfigError, match="draft.n_layers"):
     init_draft(model, params, 3)
+
+
+def test_shipped_draft_equals_greedy_on_default_model(default_model):
+  """The distilled draft shipped for SmolLM2 (configs/draft_smollm2.yaml): same tokens as greedy, fewer target
+  calls than the layer-skip draft it started from."""
+  from jaxspec.bench.methods import DEFAULT_DRAFT
+
+  model, params, tok = default_model
+  draft, dparams = load_draft(DEFAULT_DRAFT, params)
+  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
+             for q in ("List the planets of the solar system in order.", "Write a haiku about rain.")]
+  greedy = generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id])
+
+  def run(d, p):
+    res = generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id],
+                   drafter=DraftModelDrafter(d, GAMMA, greedy=True), draft_params=p)
+    assert res.tokens == greedy.tokens
+    return res
+
+  distilled = run(draft, dparams)
+  start = run(*layerskip_draft(model, params, draft.cfg.n_layers))
+  print(f"target calls: greedy {greedy.target_calls}, distilled draft {distilled.target_calls}, "
+        f"layer-skip start {start.target_calls}")
+  assert distilled.target_calls < start.target_calls
