@@ -61,7 +61,8 @@ def main():
 
   # First, before this process grows: the whole generate job in a child process.
   job_rss, job_line = cli_job_peak_rss_mb(args.model, args.new_tokens)
-  print(f"jaxspec generate (batch 1, {args.new_tokens} new tokens, own process): peak RSS {job_rss:.0f} MiB  {job_line}")
+  print(f"jaxspec generate (batch 1, {args.new_tokens} new tokens, own process): peak RSS {job_rss:.0f} MiB  "
+        f"{job_line}")
 
   base_rss = psutil.Process().memory_info().rss / 2**20
   t0 = time.perf_counter()

@@ -235,10 +235,14 @@ def _spec(ctx: BenchContext, opts: dict) -> Runner:
   return _speculative_runner(ctx, draft, draft_params, int(opts.get("gamma", 4)))
 
 
-def _layerskip(ctx: BenchContext, opts: dict) -> Runner:
+def _layerskip_lm(ctx: BenchContext, opts: dict) -> tuple:
+  """The target's first `layers=` layers as a draft (default: a quarter of its decoder layers)."""
   from jaxspec.decoding.speculative import decoder_layers, layerskip_draft
-  n = int(opts.get("layers", max(1, decoder_layers(ctx.model) // 4)))
-  draft, draft_params = layerskip_draft(ctx.model, ctx.params, n)
+  return layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", max(1, decoder_layers(ctx.model) // 4))))
+
+
+def _layerskip(ctx: BenchContext, opts: dict) -> Runner:
+  draft, draft_params = _layerskip_lm(ctx, opts)
   return _speculative_runner(ctx, draft, draft_params, int(opts.get("gamma", 4)))
 
 
@@ -259,14 +263,13 @@ def calibration_prompts(ctx: BenchContext, n: int = 4) -> list[list[int]]:
 def _tree_source(ctx: BenchContext, opts: dict):
   """`(source, source params, draft forward model or None)` for opt-tree's `drafter=` option."""
   from jaxspec.decoding.opt_tree import HeadsTreeSource, LMTreeSource
-  from jaxspec.decoding.speculative import decoder_layers, layerskip_draft
 
   kind = opts.get("drafter", "heads")
   if kind == "heads":
     bpd, dp = _load_heads(ctx, {k: v for k, v in opts.items() if k == "heads"})
     return HeadsTreeSource(bpd), dp, None
   if kind == "layerskip":
-    lm, lm_params = layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", max(1, decoder_layers(ctx.model) // 4))))
+    lm, lm_params = _layerskip_lm(ctx, opts)
   elif kind == "draft":
     lm, lm_params = _draft_model(ctx, opts.get("draft", DEFAULT_DRAFT))
   else:
