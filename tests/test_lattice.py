@@ -191,18 +191,25 @@ def test_bad_lattice_settings_are_clear_errors(setup):
     LatticeDrafter(bpd, "ngram")
 
 
-@pytest.mark.slow  # about a minute of tiny-model compiles; run before resolving
-def test_rescore_task_builds_the_ngram_and_tunes_the_weights(tiny, tmp_path):
+@pytest.mark.slow  # about a minute of tiny-model compiles per case; run before resolving
+@pytest.mark.parametrize("neural_lm", ["layerskip", "draft folder"])
+def test_rescore_task_builds_the_ngram_and_tunes_the_weights(tiny, tmp_path, neural_lm):
+  from jaxspec.decoding.speculative import layerskip_draft
+  from jaxspec.models.draft import save_draft
   from training.rescore import RescoreConfig, TuneSection, train_rescore
 
   model, params = tiny
   bpd, p = random_heads(tiny, 3)
   save_bpd(tmp_path / "heads", bpd, p)
+  neural_draft = "layerskip"
+  if neural_lm == "draft folder":  # a distilled-draft folder sharing the target's embedding, as the shipped one
+    neural_draft = str(tmp_path / "draft")
+    save_draft(neural_draft, *layerskip_draft(model, params, 1), dtype="float32")
   data = tiny_train_config(tmp_path).data
   cfg = RescoreConfig(out=str(tmp_path / "rescore"), heads=str(tmp_path / "heads"),
                       data=dataclasses.replace(data, eval_fraction=0.1),
-                      tune=TuneSection(k=3, top_t=4, beams=2, weights=(0.0, 0.5), neural_layers=1,
-                                       neural_weights=(0.0, 0.5), max_new_tokens=24, batch_size=8))
+                      tune=TuneSection(k=3, top_t=4, beams=2, weights=(0.0, 0.5), neural_draft=neural_draft,
+                                       neural_layers=1, neural_weights=(0.0, 0.5), max_new_tokens=24, batch_size=8))
   summary = train_rescore(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   lm, tables, saved = load_ngram(tmp_path / "rescore")
   tuned = saved["tuned"]
@@ -211,6 +218,7 @@ def test_rescore_task_builds_the_ngram_and_tunes_the_weights(tiny, tmp_path):
   assert tuned["ngram_weight"] == max(tuned["ngram_tuning"], key=lambda r: r["tau"])["weight"]
   assert tuned["neural_weight"] == max(tuned["neural_tuning"], key=lambda r: r["tau"])["weight"]
   assert all(r["tau"] >= 1.0 for r in tuned["ngram_tuning"] + tuned["neural_tuning"])
+  assert tuned["neural_lm"] == ("layerskip:1" if neural_lm == "layerskip" else neural_draft)
 
 
 @pytest.mark.slow  # 75 s; the default run keeps the default-model checks of bpd, jacobi and lookup

@@ -35,7 +35,10 @@ class TuneSection:
   top_t: int = 16  # lattice width
   beams: int = 4  # n-gram drafts verified per step (as a tree)
   weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)  # n-gram weights tried
-  neural: bool = True  # also tune the neural rescorer (the target's first `neural_layers` layers)
+  neural: bool = True  # also tune the neural rescorer
+  # The neural LM: a distilled-draft folder (None: the shipped jaxspec/assets/draft_smollm2) or "layerskip" (the
+  # target's first `neural_layers` layers, untrained).
+  neural_draft: Optional[str] = None
   neural_layers: int = 4
   neural_weights: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8)
   max_new_tokens: int = 64
@@ -83,13 +86,14 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   """Builds the n-gram LM and tunes both rescorers' weights; writes `cfg.out`. Returns a summary."""
   import jax.numpy as jnp
 
-  from jaxspec.bench.methods import DEFAULT_BPD_HEADS
+  from jaxspec.bench.methods import DEFAULT_BPD_HEADS, DEFAULT_DRAFT
   from jaxspec.decoding.bpd import bpd_draft_params
   from jaxspec.decoding.generate import generate
   from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
-  from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft
+  from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft, vocab_check
   from jaxspec.loading import load_model
   from jaxspec.models.bpd import load_bpd
+  from jaxspec.models.draft import load_draft
   from jaxspec.models.ngram import build_ngram, save_ngram
 
   t_start = time.time()
@@ -123,13 +127,20 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   tuned = {"k": tc.k, "top_t": tc.top_t, "beams": tc.beams, "ngram_weight": best_ngram["weight"],
            "ngram_tuning": ngram_rows}
   if tc.neural:
-    draft, draft_params = layerskip_draft(model, params, tc.neural_layers)
+    if tc.neural_draft == "layerskip":
+      draft, draft_params = layerskip_draft(model, params, tc.neural_layers)
+      neural_lm = f"layerskip:{tc.neural_layers}"
+    else:
+      folder = Path(tc.neural_draft or DEFAULT_DRAFT)
+      draft, draft_params = load_draft(folder, params)
+      vocab_check(model, draft)
+      neural_lm = str(folder) if tc.neural_draft else "default"
     neural = LatticeDrafter(bpd, "neural", top_t=tc.top_t, lm=DraftModelDrafter(draft, tc.k))
     neural_rows = tune_weight(model, params, prompts, eos, pad,
                               lambda w: (neural, lattice_draft_params(bdp, weight=w, lm=draft_params)),
                               tc.neural_weights, greedy, tc.max_new_tokens, tc.batch_size, "tune neural weight",
                               progress)
-    tuned.update(neural_layers=tc.neural_layers, neural_weight=max(neural_rows, key=lambda r: r["tau"])["weight"],
+    tuned.update(neural_lm=neural_lm, neural_layers=tc.neural_layers, neural_weight=max(neural_rows, key=lambda r: r["tau"])["weight"],
                  neural_tuning=neural_rows)
   tune_s = time.time() - t0
   summary = {"sequences": len(train_seqs), "held_out_prompts": len(prompts), **info, "tuned": tuned,

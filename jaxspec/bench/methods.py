@@ -148,8 +148,10 @@ def _bpd_neural(ctx: BenchContext, opts: dict) -> Runner:
   from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft
 
   _, _, tuned, bpd, dp, opts = _rescore_setup(ctx, opts, "bpd-neural")
-  if "draft" in opts:
-    lm, lm_params = _draft_model(ctx, opts["draft"])
+  # The LM the weight was tuned with unless the options name one: a draft folder / model file, or layer skipping.
+  tuned_lm = tuned.get("neural_lm", "layerskip")
+  if "draft" in opts or ("layers" not in opts and not tuned_lm.startswith("layerskip")):
+    lm, lm_params = _draft_model(ctx, opts.get("draft", DEFAULT_DRAFT if tuned_lm == "default" else tuned_lm))
   else:
     lm, lm_params = layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", tuned.get("neural_layers", 4))))
   drafter = LatticeDrafter(bpd, "neural", top_t=int(opts.get("t", tuned.get("top_t", 16))),
@@ -400,7 +402,7 @@ for _spec in [
                "as one tree (Kim et al. 2024)", True, _bpd_ngram,
                options=("k", "heads", "rescore", "t", "beams", "weight")),
     MethodSpec("bpd-neural", "BPD with the lattice rescored left to right by a small neural LM (default: the "
-               "target's first layers; Kim et al. 2024)", True, _bpd_neural,
+               "shipped distilled draft; Kim et al. 2024)", True, _bpd_neural,
                options=("k", "heads", "rescore", "t", "weight", "layers", "draft")),
     MethodSpec("bpd-oracle", "analysis: the greedy continuation wherever it lies in the heads' top-t lattice (the "
                "block efficiency of a perfect rescorer)", True, _bpd_oracle, options=("k", "heads", "t")),
