@@ -37,13 +37,13 @@ def main(argv=None) -> int:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  from jaxspec.bench.methods import DEFAULT_BPD_HEADS, DEFAULT_RESCORE
+  from jaxspec.bench.methods import DEFAULT_BPD_HEADS, DEFAULT_RESCORE, BenchContext, rescore_lm
   from jaxspec.bench.prompts import QUICK_PROMPTS, load_prompts
   from jaxspec.bench.runner import chat_prompt_ids
   from jaxspec.decoding.bpd import bpd_draft_params
   from jaxspec.decoding.generate import generate
   from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
-  from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft
+  from jaxspec.decoding.speculative import DraftModelDrafter
   from jaxspec.loading import load_model
   from jaxspec.models.bpd import load_bpd
   from jaxspec.models.ngram import load_ngram
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
   top_t = args.top_t or tuned["top_t"]
   bpd, bp = load_bpd(DEFAULT_BPD_HEADS, args.k)
   bdp = bpd_draft_params(model, params, bpd, bp)
-  lm, lm_params = layerskip_draft(model, params, tuned.get("neural_layers", 4))
+  lm, lm_params = rescore_lm(BenchContext(model, params, tok), tuned)  # the LM the neural weight was tuned with
   eos = [tok.eos_id]
   pad = tok.pad_id or 0
   batches = [list(range(i, min(i + args.batch_size, len(ids)))) for i in range(0, len(ids), args.batch_size)]

@@ -143,17 +143,24 @@ def _bpd_ngram(ctx: BenchContext, opts: dict) -> Runner:
   return loop_runner(ctx, drafter, lattice_draft_params(dp, weight=weight, ngram=tables))
 
 
-def _bpd_neural(ctx: BenchContext, opts: dict) -> Runner:
-  from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
-  from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft
+def rescore_lm(ctx: BenchContext, tuned: dict, opts: dict | None = None) -> tuple:
+  """`(model, params)` of bpd-neural's rescoring LM: the one its weight was tuned with (`tuned["neural_lm"]`), unless
+  the options name another (`draft=PATH`, or `layers=N` for the target's first N layers)."""
+  from jaxspec.decoding.speculative import layerskip_draft
 
-  _, _, tuned, bpd, dp, opts = _rescore_setup(ctx, opts, "bpd-neural")
-  # The LM the weight was tuned with unless the options name one: a draft folder / model file, or layer skipping.
+  opts = opts or {}
   tuned_lm = tuned.get("neural_lm", "layerskip")
   if "draft" in opts or ("layers" not in opts and not tuned_lm.startswith("layerskip")):
-    lm, lm_params = _draft_model(ctx, opts.get("draft", DEFAULT_DRAFT if tuned_lm == "default" else tuned_lm))
-  else:
-    lm, lm_params = layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", tuned.get("neural_layers", 4))))
+    return _draft_model(ctx, opts.get("draft", DEFAULT_DRAFT if tuned_lm == "default" else tuned_lm))
+  return layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", tuned.get("neural_layers", 4))))
+
+
+def _bpd_neural(ctx: BenchContext, opts: dict) -> Runner:
+  from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
+  from jaxspec.decoding.speculative import DraftModelDrafter
+
+  _, _, tuned, bpd, dp, opts = _rescore_setup(ctx, opts, "bpd-neural")
+  lm, lm_params = rescore_lm(ctx, tuned, opts)
   drafter = LatticeDrafter(bpd, "neural", top_t=int(opts.get("t", tuned.get("top_t", 16))),
                            lm=DraftModelDrafter(lm, bpd.num_heads))
   weight = float(opts.get("weight", tuned.get("neural_weight", 0.5)))
