@@ -86,14 +86,13 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   """Builds the n-gram LM and tunes both rescorers' weights; writes `cfg.out`. Returns a summary."""
   import jax.numpy as jnp
 
-  from jaxspec.bench.methods import DEFAULT_BPD_HEADS, DEFAULT_DRAFT
+  from jaxspec.bench.methods import DEFAULT_BPD_HEADS, BenchContext, rescore_lm
   from jaxspec.decoding.bpd import bpd_draft_params
   from jaxspec.decoding.generate import generate
   from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
-  from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft, vocab_check
+  from jaxspec.decoding.speculative import DraftModelDrafter
   from jaxspec.loading import load_model
   from jaxspec.models.bpd import load_bpd
-  from jaxspec.models.draft import load_draft
   from jaxspec.models.ngram import build_ngram, save_ngram
 
   t_start = time.time()
@@ -127,21 +126,18 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   tuned = {"k": tc.k, "top_t": tc.top_t, "beams": tc.beams, "ngram_weight": best_ngram["weight"],
            "ngram_tuning": ngram_rows}
   if tc.neural:
-    if tc.neural_draft == "layerskip":
-      draft, draft_params = layerskip_draft(model, params, tc.neural_layers)
-      neural_lm = f"layerskip:{tc.neural_layers}"
-    else:
-      folder = Path(tc.neural_draft or DEFAULT_DRAFT)
-      draft, draft_params = load_draft(folder, params)
-      vocab_check(model, draft)
-      neural_lm = str(folder) if tc.neural_draft else "default"
+    # Recorded as `neural_lm`; bpd-neural loads the same LM from it through the same function.
+    neural_lm = ("default" if tc.neural_draft is None else
+                 f"layerskip:{tc.neural_layers}" if tc.neural_draft == "layerskip" else tc.neural_draft)
+    draft, draft_params = rescore_lm(BenchContext(model, params, tokenizer),
+                                     {"neural_lm": neural_lm, "neural_layers": tc.neural_layers})
     neural = LatticeDrafter(bpd, "neural", top_t=tc.top_t, lm=DraftModelDrafter(draft, tc.k))
     neural_rows = tune_weight(model, params, prompts, eos, pad,
                               lambda w: (neural, lattice_draft_params(bdp, weight=w, lm=draft_params)),
                               tc.neural_weights, greedy, tc.max_new_tokens, tc.batch_size, "tune neural weight",
                               progress)
-    tuned.update(neural_lm=neural_lm, neural_layers=tc.neural_layers, neural_weight=max(neural_rows, key=lambda r: r["tau"])["weight"],
-                 neural_tuning=neural_rows)
+    tuned.update(neural_lm=neural_lm, neural_layers=tc.neural_layers,
+                 neural_weight=max(neural_rows, key=lambda r: r["tau"])["weight"], neural_tuning=neural_rows)
   tune_s = time.time() - t0
   summary = {"sequences": len(train_seqs), "held_out_prompts": len(prompts), **info, "tuned": tuned,
              "build_s": round(build_s, 1), "tune_s": round(tune_s, 1), "total_s": round(time.time() - t_start, 1),

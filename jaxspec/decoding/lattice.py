@@ -9,9 +9,9 @@ tuned on training prompts, so changing it does not recompile):
 - `ngram`: global rescoring with an n-gram LM (`jaxspec.models.ngram`): a beam search over the lattice keeps the p
   best paths; the p drafts are verified in one target forward as p branches of a tree.
 - `neural`: local rescoring with a small neural LM (any model with the target's vocabulary; the bench's default is
-  the shipped distilled draft, the target's first layers also work): left to right, the LM reads the chosen prefix and picks, in column i, the candidate with the best
-  interpolated score. Only the t candidates' logits are computed (the LM's softmax normaliser is one constant per
-  column, so it does not change the choice).
+  the shipped distilled draft, the target's first layers also work): left to right, the LM reads the chosen prefix
+  and picks, in column i, the candidate with the best interpolated score. Only the t candidates' logits are computed
+  (the LM's softmax normaliser is one constant per column, so it does not change the choice).
 - `oracle`: the headroom. Given the greedy output, column i drafts the greedy token whenever it is in the column's
   top-t, so the accepted length is the longest prefix of greedy tokens inside the lattice: the block efficiency of
   a perfect rescorer.
