@@ -152,8 +152,14 @@ class Attention(nn.Module):
                    + jnp.einsum("bkmt,bkth->bkmh", probs[..., s:], v_BxKxTxH))
     out_BxTxD = (out_BxKxMxH.reshape(b, cfg.n_kv_heads, g, t, cfg.head_dim).transpose(0, 3, 1, 2, 4)
                  .reshape(b, t, cfg.n_heads * cfg.head_dim))
-    cache_k_BxKxHxS = _write(cache_k_BxKxHxS, k_BxKxHxT.astype(cache_k_BxKxHxS.dtype), lengths_B, axis=3)
-    cache_v_BxKxSxH = _write(cache_v_BxKxSxH, v_BxKxTxH.astype(cache_v_BxKxSxH.dtype), lengths_B, axis=2)
+    # The writes below must come after both reads above. Without a data dependence XLA:CPU cannot order them and
+    # copies each cache buffer twice per step; adding 0 * (one attention output) to the new entries orders them
+    # (XLA keeps 0 * x for floats), and the caches are updated in place.
+    after_reads = 0.0 * jax.lax.slice(out_BxKxMxH, (0, 0, 0, 0), (1, 1, 1, 1))
+    cache_k_BxKxHxS = _write(cache_k_BxKxHxS, (k_BxKxHxT + after_reads).astype(cache_k_BxKxHxS.dtype), lengths_B,
+                             axis=3)
+    cache_v_BxKxSxH = _write(cache_v_BxKxSxH, (v_BxKxTxH + after_reads).astype(cache_v_BxKxSxH.dtype), lengths_B,
+                             axis=2)
     return dense(cfg.d_model, "o")(out_BxTxD), (cache_k_BxKxHxS, cache_v_BxKxSxH)
 
 
