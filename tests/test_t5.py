@@ -190,3 +190,13 @@ def test_sharded_decoding_equals_one_device(t5, t5_draft, greedy_ref):
     res = gen.generate(model, params, PROMPTS + [[1, 2]], max_new_tokens=NEW, drafter=drafter, draft_params=dp,
                        mesh="data=2,model=4")
     assert res.tokens[:3] == greedy_ref, name
+
+
+def test_decoder_cache_is_updated_in_place(t5):
+  from tests.test_model import cache_buffer_copies
+  model, params = t5
+  src = jnp.asarray([p + [0] * (13 - len(p)) for p in PROMPTS], jnp.int32)
+  lengths = jnp.asarray([len(p) for p in PROMPTS], jnp.int32)
+  _, _, cache = model.start(params, src, lengths, model.init_cache(3, 64, source_len=13))
+  cache = cache.advance(jnp.full((3,), 5, jnp.int32))
+  assert cache_buffer_copies(model, params, cache) == []

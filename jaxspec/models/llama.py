@@ -90,13 +90,19 @@ def apply_rope(x_BxTxNxH: Array, cos_BxTxH2: Array, sin_BxTxH2: Array) -> Array:
 _UNROLLED_WRITE_MAX_BATCH = 32
 
 
-def _write(buf: Array, new: Array, start_B: Array, axis: int) -> Array:
+def _write(buf: Array, new: Array, start_B: Array, axis: int, after: Array) -> Array:
   """Writes each row's new entries at its own offset along the slot axis (`axis` of the full buffer).
+
+  `after` is a value computed from every read of `buf` (the attention output): the new entries get a data
+  dependence on it (`+ 0 * after[0, ..., 0]`; XLA keeps `0 * x` for floats), so the write is ordered after the
+  reads. Without it XLA:CPU copied each cache buffer twice per step to keep the reads safe (an optimization barrier
+  did not help), and at 1024 slots a one-token step took 51 ms instead of 27 (benchmarks/README.md).
 
   Up to 32 rows: one plain dynamic-update-slice per row. A vmapped update becomes a scatter whose out-of-bounds
   handling reads the old slots, which made XLA:CPU copy the cache of every layer on every step; per-row updates
   stay in place. Beyond that the scatter keeps the program small.
   """
+  new = new + 0 * after[(0,) * after.ndim].astype(new.dtype)
   if buf.shape[0] > _UNROLLED_WRITE_MAX_BATCH:
     row_axis = axis - 1
     return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n, s, axis=row_axis))(buf, new, start_B)
@@ -152,14 +158,11 @@ class Attention(nn.Module):
                    + jnp.einsum("bkmt,bkth->bkmh", probs[..., s:], v_BxKxTxH))
     out_BxTxD = (out_BxKxMxH.reshape(b, cfg.n_kv_heads, g, t, cfg.head_dim).transpose(0, 3, 1, 2, 4)
                  .reshape(b, t, cfg.n_heads * cfg.head_dim))
-    # The writes below must come after both reads above. Without a data dependence XLA:CPU cannot order them and
-    # copies each cache buffer twice per step; adding 0 * (one attention output) to the new entries orders them
-    # (XLA keeps 0 * x for floats), and the caches are updated in place.
-    after_reads = 0.0 * jax.lax.slice(out_BxKxMxH, (0, 0, 0, 0), (1, 1, 1, 1))
-    cache_k_BxKxHxS = _write(cache_k_BxKxHxS, (k_BxKxHxT + after_reads).astype(cache_k_BxKxHxS.dtype), lengths_B,
-                             axis=3)
-    cache_v_BxKxSxH = _write(cache_v_BxKxSxH, (v_BxKxTxH + after_reads).astype(cache_v_BxKxSxH.dtype), lengths_B,
-                             axis=2)
+    # Written after both reads above (`after`), so XLA updates the caches in place.
+    cache_k_BxKxHxS = _write(cache_k_BxKxHxS, k_BxKxHxT.astype(cache_k_BxKxHxS.dtype), lengths_B, axis=3,
+                             after=out_BxKxMxH)
+    cache_v_BxKxSxH = _write(cache_v_BxKxSxH, v_BxKxTxH.astype(cache_v_BxKxSxH.dtype), lengths_B, axis=2,
+                             after=out_BxKxMxH)
     return dense(cfg.d_model, "o")(out_BxTxD), (cache_k_BxKxHxS, cache_v_BxKxSxH)
 
 

@@ -239,8 +239,8 @@ class DecoderLayer(nn.Module):
     if kv is None:
       return x_BxTxD, None
     cache_k, cache_v = kv
-    cache_k = _write(cache_k, k_new.astype(cache_k.dtype), lengths_B, axis=3)
-    cache_v = _write(cache_v, v_new.astype(cache_v.dtype), lengths_B, axis=2)
+    cache_k = _write(cache_k, k_new.astype(cache_k.dtype), lengths_B, axis=3, after=x_BxTxD)  # after the reads
+    cache_v = _write(cache_v, v_new.astype(cache_v.dtype), lengths_B, axis=2, after=x_BxTxD)
     return x_BxTxD, (cache_k, cache_v)
 
 
