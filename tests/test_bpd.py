@@ -45,6 +45,44 @@ def test_oracle_heads_accept_k_plus_one_per_step(k):
   assert res.accept_hist[:, k + 1].tolist() == [3, 3]
 
 
+
+@dataclasses.dataclass(frozen=True)
+class EveryOtherStep(OracleHeads):
+  """Oracle heads that ask for verification on even steps only: odd steps must be one-token greedy steps."""
+
+  def propose(self, draft_params, dstate, loop):
+    draft, dstate = super().propose(draft_params, dstate, loop)
+    b = loop.pending_B.shape[0]
+    return draft.replace(verify_B=jnp.full((b,), loop.step % 2 == 0)), dstate
+
+
+def test_gated_steps_verify_only_the_pending_token():
+  k, lm = 3, BigramLM.random(19, seed=4)
+  drafter = EveryOtherStep(BPDModel(BPDConfig(num_heads=k, d_model=19, use_next_token=False)), lm=lm)
+  new = 1 + 3 * (k + 1) + 3  # 3 verified steps of k + 1 and 3 gated steps of 1
+  res = generate(lm, None, [[3], [5, 6]], max_new_tokens=new, drafter=drafter, draft_params={"bpd": {}})
+  assert res.tokens == [lm.greedy(3, new), lm.greedy(6, new)]
+  assert res.accept_hist[:, k + 1].tolist() == [3, 3] and res.accept_hist[:, 1].tolist() == [3, 3]
+
+
+@pytest.mark.parametrize("gate", [0.02, 0.5])
+def test_gated_bpd_equals_greedy_on_tiny_model(tiny, gate):
+  model, params = tiny
+  bpd, p = random_heads(tiny, 4)
+  prompts = [[1, 2, 3], [7] * 9, [100, 5]]
+  greedy = generate(model, params, prompts, max_new_tokens=40)
+  res = generate(model, params, prompts, max_new_tokens=40, drafter=BPDDrafter(bpd, gate=gate),
+                 draft_params=bpd_draft_params(model, params, bpd, p))
+  assert res.tokens == greedy.tokens
+
+
+def test_gated_draft_needs_greedy_acceptance(tiny):
+  model, params = tiny
+  bpd, p = random_heads(tiny, 2)
+  with pytest.raises(ValueError, match="greedy acceptance"):
+    generate(model, params, [[1, 2]], max_new_tokens=8, temperature=1.0, drafter=BPDDrafter(bpd, gate=0.5),
+             draft_params=bpd_draft_params(model, params, bpd, p))
+
 def random_heads(tiny, k, use_next_token=True, seed=1):
   model, params = tiny
   bpd = BPDModel(BPDConfig(num_heads=k, d_model=model.cfg.d_model, d_hidden=16, use_next_token=use_next_token))
@@ -189,6 +227,10 @@ def test_shipped_heads_equal_greedy_on_default_model(default_model):
                  draft_params=bpd_draft_params(model, params, bpd, p))
   assert res.tokens == greedy.tokens
   assert res.target_calls < greedy.target_calls  # the trained heads do get tokens accepted
+  gated = generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id], drafter=BPDDrafter(bpd, gate=0.8),
+                   draft_params=bpd_draft_params(model, params, bpd, p))
+  assert gated.tokens == greedy.tokens
+  assert gated.target_calls < greedy.target_calls  # the gate lets confident drafts through
 
 
 def test_joint_training_leaves_the_callers_params_alive(tiny):

@@ -104,7 +104,12 @@ def _bpd(ctx: BenchContext, opts: dict) -> Runner:
 
   bpd, dp = _load_heads(ctx, opts)
   acceptor = TopKAcceptance(int(opts["approx"])) if "approx" in opts else None
-  run = loop_runner(ctx, BPDDrafter(bpd), dp, acceptor)
+  gate = float(opts.get("gate", 0.0))
+  if gate and acceptor is not None:
+    raise InputError("bpd: gate= works with exact (greedy) acceptance only, not with approx=.")
+  if gate and ctx.temperature > 0:
+    raise InputError("bpd: gate= needs greedy decoding (temperature 0).")
+  run = loop_runner(ctx, BPDDrafter(bpd, gate=gate), dp, acceptor)
   if acceptor is not None:
     run.lossless = False  # Stern's approximate acceptance: not token-identical to greedy
   return run
@@ -404,7 +409,8 @@ for _spec in [
     MethodSpec("greedy", "jaxspec's own autoregressive loop: one token per target call (the reference)", True,
                _greedy),
     MethodSpec("bpd", "blockwise parallel decoding with k trained heads (Stern et al. 2018); approx=K accepts "
-               "target top-K tokens (not lossless)", True, _bpd, options=("k", "heads", "approx")),
+               "target top-K tokens (not lossless); gate=G verifies a draft only when the heads expect >= G "
+               "accepted tokens, else takes a one-token step", True, _bpd, options=("k", "heads", "approx", "gate")),
     MethodSpec("bpd-ngram", "BPD with the heads' top-t lattice rescored by an n-gram LM, the p best paths verified "
                "as one tree (Kim et al. 2024)", True, _bpd_ngram,
                options=("k", "heads", "rescore", "t", "beams", "weight")),

@@ -49,6 +49,9 @@ class BPDDrafter:
   bpd: BPDModel
   is_chain: bool = True
   calls_per_step: int = 0  # the heads run on the target's own forward: no separate drafter calls
+  # > 0: skip verifying a draft whose expected accepted length, sum_i prod_{j<=i} p_j over the heads' top
+  # probabilities, is below `gate`; that step is then a one-token greedy step (greedy acceptance only).
+  gate: float = 0.0
 
   @property
   def num_nodes(self) -> int:
@@ -64,10 +67,15 @@ class BPDDrafter:
     return prefill.hidden_BxD.astype(jnp.float32)
 
   def propose(self, draft_params, dstate, loop):
-    top_BxK = jnp.argmax(self.head_logits(draft_params, dstate, loop.pending_B), axis=-1).astype(jnp.int32)
+    logits_BxKxM = self.head_logits(draft_params, dstate, loop.pending_B)
+    top_BxK = jnp.argmax(logits_BxKxM, axis=-1).astype(jnp.int32)
     if "vocab_ids" in draft_params["bpd"]:
       top_BxK = draft_params["bpd"]["vocab_ids"][top_BxK]
-    return chain_draft(top_BxK), dstate
+    draft = chain_draft(top_BxK)
+    if self.gate > 0:
+      p_BxK = jnp.max(jax.nn.softmax(logits_BxKxM, axis=-1), axis=-1)
+      draft = draft.replace(verify_B=jnp.sum(jnp.cumprod(p_BxK, axis=-1), axis=-1) >= self.gate)
+    return draft, dstate
 
   def update(self, draft_params, dstate, verified: Verified):
     last_B = verified.acceptance.n_commit_B - 1

@@ -15,6 +15,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxspec.decoding.accept import GreedyAcceptance
 from jaxspec.decoding.protocol import Draft, Drafter, LanguageModel, PrefillInfo, Verified, start
 from jaxspec.decoding.sampling import SamplingParams
 
@@ -95,6 +96,30 @@ def _block_mask(draft: Draft) -> Array:
   return jnp.concatenate([left, jnp.concatenate([top, draft.mask_BxNxN], axis=1)], axis=2)
 
 
+def _gated_verify(model, params, block_BxT, positions_BxT, cache, draft: Draft, active_B, acceptor, drafter,
+                  verify_all):
+  """Verifies the whole block if any active row asks for it (`draft.verify_B`), else only the pending token.
+
+  The one-token branch returns its logits and hidden state broadcast to the block's shape and a draft whose tokens
+  are -1, which no argmax equals: greedy acceptance then commits exactly the target's next token, as a plain greedy
+  step would, so the output is unchanged. Only greedy acceptance of chains is allowed: rejection sampling would
+  read the draft's probability of token -1.
+  """
+  if not (isinstance(acceptor, GreedyAcceptance) and drafter.is_chain):
+    raise ValueError("Gated drafts (Draft.verify_B) need greedy acceptance of a chain.")
+  b, t = block_BxT.shape
+
+  def pending_only(c):
+    logits_Bx1xV, hidden_Bx1xD, c = model.forward(params, block_BxT[:, :1], positions_BxT[:, :1], c,
+                                                  jnp.ones((b, 1, 1), bool))
+    return (jnp.broadcast_to(logits_Bx1xV, (b, t, logits_Bx1xV.shape[-1])),
+            jnp.broadcast_to(hidden_Bx1xD, (b, t, hidden_Bx1xD.shape[-1])), c)
+
+  go = jnp.any(active_B & draft.verify_B)
+  logits_BxTxV, hidden_BxTxD, cache = jax.lax.cond(go, verify_all, pending_only, cache)
+  return logits_BxTxV, hidden_BxTxD, cache, draft.replace(tokens_BxN=jnp.where(go, draft.tokens_BxN, -1))
+
+
 def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array, max_new_B: Array,
            eos_ids_E: Array, rng: Array, sp: SamplingParams, draft_params=None, *, drafter: Drafter, acceptor,
            out_len: int, capacity: int, pad_id: int = 0, partitioner=None) -> DecodeOutput:
@@ -155,8 +180,13 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
     draft, dstate = drafter.propose(draft_params, s.dstate, s)
     block_BxT = jnp.concatenate([s.pending_B[:, None], draft.tokens_BxN], axis=1)
     depth_BxT = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), draft.depth_BxN], axis=1)
-    logits_BxTxV, hidden_BxTxD, cache = model.forward(params, block_BxT, s.cache.lengths[:, None] + depth_BxT,
-                                                      s.cache, _block_mask(draft))
+    positions_BxT = s.cache.lengths[:, None] + depth_BxT
+    verify_all = lambda c: model.forward(params, block_BxT, positions_BxT, c, _block_mask(draft))
+    if draft.verify_B is None or t == 1:
+      logits_BxTxV, hidden_BxTxD, cache = verify_all(s.cache)
+    else:
+      logits_BxTxV, hidden_BxTxD, cache, draft = _gated_verify(model, params, block_BxT, positions_BxT, s.cache,
+                                                               draft, active_B, acceptor, drafter, verify_all)
     rng, r = jax.random.split(s.rng)
     acc = acceptor.accept(r, draft, logits_BxTxV, s.sp, drafter.is_chain)
     n_commit_B = jnp.where(active_B, acc.n_commit_B, 0)

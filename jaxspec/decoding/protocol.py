@@ -54,6 +54,8 @@ class Draft:
   the pending token) and attends to the nodes `mask_BxNxN[b, i]` allows (itself and its ancestors); a chain has
   depths 1..N and a lower-triangular mask. `parent_BxN` (-1 = the pending token) lets acceptance rules walk trees.
   `probs_BxNxV` are the drafter's probabilities for each node's token (sampling acceptance needs them), or None.
+  `verify_B`, if given, says which rows think their draft worth checking: when no active row does, the loop runs a
+  one-token forward instead of the whole block (a greedy step), which is cheaper where t(N+1) > t(1).
   """
 
   tokens_BxN: Array
@@ -61,6 +63,7 @@ class Draft:
   mask_BxNxN: Array
   parent_BxN: Array
   probs_BxNxV: Array | None = None
+  verify_B: Array | None = None
 
 
 @flax.struct.dataclass
