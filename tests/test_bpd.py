@@ -76,6 +76,34 @@ def test_gated_bpd_equals_greedy_on_tiny_model(tiny, gate):
   assert res.tokens == greedy.tokens
 
 
+
+def test_gated_loop_does_not_copy_the_cache(tiny):
+  """The gate's lax.cond runs forwards that return their new keys and values; the cache is written after it. When
+  the branches wrote the cache themselves, XLA copied every cache buffer in and out of them on every step."""
+  import re
+
+  from jaxspec.decoding import generate as gen
+
+  model, params = tiny
+  bpd, p = random_heads(tiny, 4)
+  before = set(gen._PROGRAMS)
+  generate(model, params, [[1, 2, 3]], max_new_tokens=12, drafter=BPDDrafter(bpd, gate=0.3),
+           draft_params=bpd_draft_params(model, params, bpd, p))
+  (key,) = set(gen._PROGRAMS) - before
+  hlo = gen._PROGRAMS[key][0].as_text()
+  k, h = model.cfg.n_kv_heads, model.cfg.head_dim
+  cache_copy = re.compile(rf"= f32\[1,{k},({h},(\d+)|(\d+),{h})\]\{{[^}}]*\}} copy\(")
+  comp, copies = None, []
+  for line in hlo.splitlines():
+    m = re.match(r"^(ENTRY )?%(\S+) ", line)
+    if m and line.rstrip().endswith("{"):
+      comp = m.group(2)
+    c = cache_copy.search(line)
+    if c and comp and not comp.startswith("fused") and int(c.group(2) or c.group(3)) > 8:  # not the T-slot blocks
+      copies.append((comp, line.strip()[:160]))
+  loop_copies = [c for c in copies if not c[0].startswith("main")]  # the entry makes the zero-filled caches once
+  assert loop_copies == [], loop_copies[:3]
+
 def test_gated_draft_needs_greedy_acceptance(tiny):
   model, params = tiny
   bpd, p = random_heads(tiny, 2)

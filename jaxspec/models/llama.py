@@ -90,7 +90,7 @@ def apply_rope(x_BxTxNxH: Array, cos_BxTxH2: Array, sin_BxTxH2: Array) -> Array:
 _UNROLLED_WRITE_MAX_BATCH = 32
 
 
-def _write(buf: Array, new: Array, start_B: Array, axis: int, after: Array) -> Array:
+def _write(buf: Array, new: Array, start_B: Array, axis: int, after: Array | None) -> Array:
   """Writes each row's new entries at its own offset along the slot axis (`axis` of the full buffer).
 
   `after` is a value computed from every read of `buf` (the attention output): the new entries get a data
@@ -102,7 +102,8 @@ def _write(buf: Array, new: Array, start_B: Array, axis: int, after: Array) -> A
   handling reads the old slots, which made XLA:CPU copy the cache of every layer on every step; per-row updates
   stay in place. Beyond that the scatter keeps the program small.
   """
-  new = new + 0 * after[(0,) * after.ndim].astype(new.dtype)
+  if after is not None:  # None: `new` itself was computed after the reads
+    new = new + 0 * after[(0,) * after.ndim].astype(new.dtype)
   if buf.shape[0] > _UNROLLED_WRITE_MAX_BATCH:
     row_axis = axis - 1
     return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice_in_dim(b, n, s, axis=row_axis))(buf, new, start_B)
@@ -120,6 +121,7 @@ def _dense(cfg: LlamaConfig, features: int, name: str) -> nn.Dense:
 
 class Attention(nn.Module):
   cfg: LlamaConfig
+  write: bool = True  # False: leave the cache alone and return the new keys and values instead
 
   @nn.compact
   def __call__(self, x_BxTxD, rope, kv, lengths_B, visible):
@@ -158,6 +160,8 @@ class Attention(nn.Module):
                    + jnp.einsum("bkmt,bkth->bkmh", probs[..., s:], v_BxKxTxH))
     out_BxTxD = (out_BxKxMxH.reshape(b, cfg.n_kv_heads, g, t, cfg.head_dim).transpose(0, 3, 1, 2, 4)
                  .reshape(b, t, cfg.n_heads * cfg.head_dim))
+    if not self.write:
+      return dense(cfg.d_model, "o")(out_BxTxD), (k_BxKxHxT, v_BxKxTxH)
     # Written after both reads above (`after`), so XLA updates the caches in place.
     cache_k_BxKxHxS = _write(cache_k_BxKxHxS, k_BxKxHxT.astype(cache_k_BxKxHxS.dtype), lengths_B, axis=3,
                              after=out_BxKxMxH)
@@ -178,12 +182,13 @@ class MLP(nn.Module):
 
 class Block(nn.Module):
   cfg: LlamaConfig
+  write: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD, kv, rope, lengths_B, visible):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    h, kv = Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x_BxTxD), rope, kv, lengths_B,
+    h, kv = Attention(cfg, self.write, name="attn")(RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x_BxTxD), rope, kv, lengths_B,
                                         visible)
     x_BxTxD = x_BxTxD + h
     x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x_BxTxD))
@@ -193,16 +198,18 @@ class Block(nn.Module):
 class _ScanBlock(nn.Module):
   """`Block` with the (carry, xs) signature `nn.scan` expects."""
   cfg: LlamaConfig
+  write: bool = True
 
   @nn.compact
   def __call__(self, x_BxTxD, kv, rope, lengths_B, visible):
-    return Block(self.cfg, name="block")(x_BxTxD, kv, rope, lengths_B, visible)
+    return Block(self.cfg, self.write, name="block")(x_BxTxD, kv, rope, lengths_B, visible)
 
 
 class Llama(nn.Module):
   """The Flax module. Use it through `LlamaLM`, which holds the static parts and the cache layout."""
 
   cfg: LlamaConfig
+  write: bool = True  # False: `__call__` returns the new keys and values per layer instead of the updated cache
 
   def setup(self):
     cfg = self.cfg
@@ -211,10 +218,10 @@ class Llama(nn.Module):
                           embedding_init=nn.initializers.normal(0.02), name="embed")
     if cfg.scan_layers:
       self.layers = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers)(cfg,
-                                                                                                       name="layers")
+                            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers)(
+                                cfg, self.write, name="layers")
     else:
-      self.layers = [Block(cfg, name=f"layers_{i}") for i in range(cfg.n_layers)]
+      self.layers = [Block(cfg, self.write, name=f"layers_{i}") for i in range(cfg.n_layers)]
     self.final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), name="final_norm")
     if not cfg.tie_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
@@ -237,6 +244,8 @@ class Llama(nn.Module):
         ks.append(k)
         vs.append(v)
       ks, vs = tuple(ks), tuple(vs)
+    if not self.write:
+      return self.final_norm(x_BxTxD), (ks, vs)
     return self.final_norm(x_BxTxD), cache.replace(k=ks, v=vs)
 
   def logits(self, hidden_BxTxD):
@@ -285,7 +294,7 @@ class LlamaLM:
     return KVCache(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32))
 
   def forward(self, params, tokens_BxT: Array, positions_BxT: Array, cache: KVCache, mask_BxTxT: Array, *,
-              logits: bool = True, cache_mask_BxTxS: Array | None = None):
+              logits: bool = True, cache_mask_BxTxS: Array | None = None, write: bool = True):
     """Runs T new tokens against the cache. Jittable.
 
     Args:
@@ -298,13 +307,31 @@ class LlamaLM:
       logits: whether to compute logits for every new token (prefill only needs the hidden states).
       cache_mask_BxTxS: which cache slots each new token reads; None (the default) reads slots `[0, lengths)`. A
         draft tree grown depth by depth keeps its nodes past `lengths` and lets each node read its ancestors.
+      write: False leaves the cache unwritten and returns the new keys and values in its place, for `write_kv`
+        to write later. The decode loop does this when the forward runs inside a `lax.cond`: XLA:CPU copies a
+        cache that a conditional's branches update in place.
 
     Returns:
-      `(logits_BxTxV or None, hidden_BxTxD, cache)`, `lengths` unchanged.
+      `(logits_BxTxV or None, hidden_BxTxD, cache)`, `lengths` unchanged; with `write=False`, the new keys and
+      values `(ks, vs)` instead of the cache.
     """
-    hidden, cache = self.module.apply({"params": params}, tokens_BxT, positions_BxT, cache, mask_BxTxT,
-                                      cache_mask_BxTxS)
+    hidden, cache = Llama(self.cfg, write).apply({"params": params}, tokens_BxT, positions_BxT, cache, mask_BxTxT,
+                                                 cache_mask_BxTxS)
     return (self.logits(params, hidden) if logits else None), hidden, cache
+
+  @property
+  def can_defer_write(self) -> bool:
+    """Whether `forward(write=False)` and `write_kv` are available (not with stacked, scanned layers)."""
+    return not self.cfg.scan_layers
+
+  def write_kv(self, cache: KVCache, new_kv) -> KVCache:
+    """Writes the new keys and values a `forward(write=False)` returned at each row's `[lengths, lengths + T)`."""
+    if self.cfg.scan_layers:
+      raise ValueError("write_kv needs per-layer caches (scan_layers=False).")
+    ks, vs = new_kv
+    return cache.replace(
+        k=tuple(_write(c, n.astype(c.dtype), cache.lengths, axis=3, after=None) for c, n in zip(cache.k, ks)),
+        v=tuple(_write(c, n.astype(c.dtype), cache.lengths, axis=2, after=None) for c, n in zip(cache.v, vs)))
 
   def logits(self, params, hidden_BxTxD: Array) -> Array:
     """f32 logits from final hidden states. Jittable."""
