@@ -13,6 +13,7 @@ from jaxspec.decoding.generate import generate
 from jaxspec.errors import ModelLoadError
 from jaxspec.models.bpd import BPDConfig, BPDModel, load_bpd, save_bpd
 from tests.fakes import BigramLM
+from tests.test_model import cache_copies
 from training.bpd import BPDTrainConfig, load_bpd_config, train_bpd
 from training.config import ConfigError
 
@@ -45,7 +46,6 @@ def test_oracle_heads_accept_k_plus_one_per_step(k):
   assert res.accept_hist[:, k + 1].tolist() == [3, 3]
 
 
-
 @dataclasses.dataclass(frozen=True)
 class EveryOtherStep(OracleHeads):
   """Oracle heads that ask for verification on even steps only: odd steps must be one-token greedy steps."""
@@ -76,12 +76,9 @@ def test_gated_bpd_equals_greedy_on_tiny_model(tiny, gate):
   assert res.tokens == greedy.tokens
 
 
-
 def test_gated_loop_does_not_copy_the_cache(tiny):
   """The gate's lax.cond runs forwards that return their new keys and values; the cache is written after it. When
   the branches wrote the cache themselves, XLA copied every cache buffer in and out of them on every step."""
-  import re
-
   from jaxspec.decoding import generate as gen
 
   model, params = tiny
@@ -90,19 +87,12 @@ def test_gated_loop_does_not_copy_the_cache(tiny):
   generate(model, params, [[1, 2, 3]], max_new_tokens=12, drafter=BPDDrafter(bpd, gate=0.3),
            draft_params=bpd_draft_params(model, params, bpd, p))
   (key,) = set(gen._PROGRAMS) - before
-  hlo = gen._PROGRAMS[key][0].as_text()
   k, h = model.cfg.n_kv_heads, model.cfg.head_dim
-  cache_copy = re.compile(rf"= f32\[1,{k},({h},(\d+)|(\d+),{h})\]\{{[^}}]*\}} copy\(")
-  comp, copies = None, []
-  for line in hlo.splitlines():
-    m = re.match(r"^(ENTRY )?%(\S+) ", line)
-    if m and line.rstrip().endswith("{"):
-      comp = m.group(2)
-    c = cache_copy.search(line)
-    if c and comp and not comp.startswith("fused") and int(c.group(2) or c.group(3)) > 8:  # not the T-slot blocks
-      copies.append((comp, line.strip()[:160]))
+  # Buffers of 10+ slots (the caches), not the T-slot blocks of new entries.
+  copies = cache_copies(gen._PROGRAMS[key][0].as_text(), rf"f32\[1,{k},({h},\d\d+|\d\d+,{h})\]")
   loop_copies = [c for c in copies if not c[0].startswith("main")]  # the entry makes the zero-filled caches once
   assert loop_copies == [], loop_copies[:3]
+
 
 def test_gated_draft_needs_greedy_acceptance(tiny):
   model, params = tiny
@@ -110,6 +100,7 @@ def test_gated_draft_needs_greedy_acceptance(tiny):
   with pytest.raises(ValueError, match="greedy acceptance"):
     generate(model, params, [[1, 2]], max_new_tokens=8, temperature=1.0, drafter=BPDDrafter(bpd, gate=0.5),
              draft_params=bpd_draft_params(model, params, bpd, p))
+
 
 def random_heads(tiny, k, use_next_token=True, seed=1):
   model, params = tiny
@@ -255,8 +246,8 @@ def test_shipped_heads_equal_greedy_on_default_model(default_model):
                  draft_params=bpd_draft_params(model, params, bpd, p))
   assert res.tokens == greedy.tokens
   assert res.target_calls < greedy.target_calls  # the trained heads do get tokens accepted
-  gated = generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id], drafter=BPDDrafter(bpd, gate=0.8),
-                   draft_params=bpd_draft_params(model, params, bpd, p))
+  gated = generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id],
+                   drafter=BPDDrafter(bpd, gate=0.8), draft_params=bpd_draft_params(model, params, bpd, p))
   assert gated.tokens == greedy.tokens
   assert gated.target_calls < greedy.target_calls  # the gate lets confident drafts through
 

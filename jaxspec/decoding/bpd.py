@@ -73,7 +73,7 @@ class BPDDrafter:
       top_BxK = draft_params["bpd"]["vocab_ids"][top_BxK]
     draft = chain_draft(top_BxK)
     if self.gate > 0:
-      p_BxK = jnp.max(jax.nn.softmax(logits_BxKxM, axis=-1), axis=-1)
+      p_BxK = jnp.exp(jnp.max(logits_BxKxM, axis=-1) - jax.nn.logsumexp(logits_BxKxM, axis=-1))  # top probability
       draft = draft.replace(verify_B=jnp.sum(jnp.cumprod(p_BxK, axis=-1), axis=-1) >= self.gate)
     return draft, dstate
 

@@ -97,7 +97,7 @@ def _block_mask(draft: Draft) -> Array:
 
 
 def _gated_verify(model, params, block_BxT, positions_BxT, mask_BxTxT, cache, draft: Draft, active_B, acceptor,
-                  drafter, verify_all):
+                  drafter):
   """Verifies the whole block if any active row asks for it (`draft.verify_B`), else only the pending token.
 
   The one-token branch returns its logits and hidden state broadcast to the block's shape and a draft whose tokens
@@ -108,14 +108,17 @@ def _gated_verify(model, params, block_BxT, positions_BxT, mask_BxTxT, cache, dr
   if not (isinstance(acceptor, GreedyAcceptance) and drafter.is_chain):
     raise ValueError("Gated drafts (Draft.verify_B) need greedy acceptance of a chain.")
   b, t = block_BxT.shape
-
   # A conditional whose branches update the cache in place makes XLA:CPU copy it in and out (180 copies per step
   # on the default model). Models that can return their new keys and values instead are written after the cond.
   defer = getattr(model, "can_defer_write", False)
+  kw = {"write": False} if defer else {}
+
+  def whole(c):
+    return model.forward(params, block_BxT, positions_BxT, c, mask_BxTxT, **kw)
 
   def pending_only(c):
     logits_Bx1xV, hidden_Bx1xD, c = model.forward(params, block_BxT[:, :1], positions_BxT[:, :1], c,
-                                                  jnp.ones((b, 1, 1), bool), **({"write": False} if defer else {}))
+                                                  jnp.ones((b, 1, 1), bool), **kw)
     if defer:  # pad the one new entry to the block's T slots; only the first is committed
       ks, vs = c
       c = (tuple(jnp.pad(k, [(0, 0)] * 3 + [(0, t - 1)]) for k in ks),
@@ -124,12 +127,8 @@ def _gated_verify(model, params, block_BxT, positions_BxT, mask_BxTxT, cache, dr
             jnp.broadcast_to(hidden_Bx1xD, (b, t, hidden_Bx1xD.shape[-1])), c)
 
   go = jnp.any(active_B & draft.verify_B)
-  if defer:
-    whole = lambda c: model.forward(params, block_BxT, positions_BxT, c, mask_BxTxT, write=False)
-    logits_BxTxV, hidden_BxTxD, new_kv = jax.lax.cond(go, whole, pending_only, cache)
-    cache = model.write_kv(cache, new_kv)
-  else:
-    logits_BxTxV, hidden_BxTxD, cache = jax.lax.cond(go, verify_all, pending_only, cache)
+  logits_BxTxV, hidden_BxTxD, out = jax.lax.cond(go, whole, pending_only, cache)
+  cache = model.write_kv(cache, out) if defer else out
   return logits_BxTxV, hidden_BxTxD, cache, draft.replace(tokens_BxN=jnp.where(go, draft.tokens_BxN, -1))
 
 
@@ -194,13 +193,12 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
     block_BxT = jnp.concatenate([s.pending_B[:, None], draft.tokens_BxN], axis=1)
     depth_BxT = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), draft.depth_BxN], axis=1)
     positions_BxT = s.cache.lengths[:, None] + depth_BxT
-    verify_all = lambda c: model.forward(params, block_BxT, positions_BxT, c, _block_mask(draft))
+    mask_BxTxT = _block_mask(draft)
     if draft.verify_B is None or t == 1:
-      logits_BxTxV, hidden_BxTxD, cache = verify_all(s.cache)
+      logits_BxTxV, hidden_BxTxD, cache = model.forward(params, block_BxT, positions_BxT, s.cache, mask_BxTxT)
     else:
-      logits_BxTxV, hidden_BxTxD, cache, draft = _gated_verify(model, params, block_BxT, positions_BxT,
-                                                               _block_mask(draft), s.cache, draft, active_B,
-                                                               acceptor, drafter, verify_all)
+      logits_BxTxV, hidden_BxTxD, cache, draft = _gated_verify(model, params, block_BxT, positions_BxT, mask_BxTxT,
+                                                               s.cache, draft, active_B, acceptor, drafter)
     rng, r = jax.random.split(s.rng)
     acc = acceptor.accept(r, draft, logits_BxTxV, s.sp, drafter.is_chain)
     n_commit_B = jnp.where(active_B, acc.n_commit_B, 0)

@@ -188,8 +188,8 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD, kv, rope, lengths_B, visible):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    h, kv = Attention(cfg, self.write, name="attn")(RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x_BxTxD), rope, kv, lengths_B,
-                                        visible)
+    h, kv = Attention(cfg, self.write, name="attn")(RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x_BxTxD), rope, kv,
+                                                    lengths_B, visible)
     x_BxTxD = x_BxTxD + h
     x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x_BxTxD))
     return x_BxTxD, kv
