@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxspec.decoding.accept import GreedyAcceptance
 from jaxspec.decoding.bpd import BPDDrafter, TopKAcceptance, bpd_draft_params
 from jaxspec.decoding.generate import generate
 from jaxspec.errors import ModelLoadError
@@ -94,11 +95,18 @@ def test_gated_loop_does_not_copy_the_cache(tiny):
   assert loop_copies == [], loop_copies[:3]
 
 
-def test_gated_draft_needs_greedy_acceptance(tiny):
+@dataclasses.dataclass(frozen=True)
+class NoGaps(GreedyAcceptance):
+  """An acceptance rule that does not declare it can skip unproposed (-1) tokens."""
+
+  handles_unproposed = False
+
+
+def test_gated_draft_needs_a_rule_that_skips_unproposed_tokens(tiny):
   model, params = tiny
   bpd, p = random_heads(tiny, 2)
-  with pytest.raises(ValueError, match="greedy acceptance"):
-    generate(model, params, [[1, 2]], max_new_tokens=8, temperature=1.0, drafter=BPDDrafter(bpd, gate=0.5),
+  with pytest.raises(ValueError, match="unproposed"):
+    generate(model, params, [[1, 2]], max_new_tokens=8, drafter=BPDDrafter(bpd, gate=0.5), acceptor=NoGaps(),
              draft_params=bpd_draft_params(model, params, bpd, p))
 
 

@@ -19,8 +19,9 @@ class FakeLoop:
   pending_B: jax.Array
 
 
-def propose_on(drafter, rows, capacity=16):
-  """Proposes from hand-made contexts (one list per row; slots past each row's end hold junk that must be ignored)."""
+def propose_on(drafter, rows, capacity=16, verify=False):
+  """Proposes from hand-made contexts (one list per row; slots past each row's end hold junk that must be ignored).
+  Returns the draft tokens, or with `verify` the rows' `verify_B` (None for an ungated drafter)."""
   context = np.full((len(rows), capacity), 5, np.int32)
   for b, row in enumerate(rows):
     context[b, :len(row)] = row
@@ -30,6 +31,8 @@ def propose_on(drafter, rows, capacity=16):
                                                                         loop)
   assert draft.tokens_BxN.shape == (len(rows), drafter.num_nodes)
   assert draft.depth_BxN[0].tolist() == list(range(1, drafter.num_nodes + 1))
+  if verify:
+    return None if draft.verify_B is None else draft.verify_B.tolist()
   return draft.tokens_BxN.tolist()
 
 
@@ -51,8 +54,18 @@ def test_longest_then_most_recent_match():
   assert propose_on(LookupDrafter(num_nodes=3, min_ngram=2), ROWS[2:]) == [[5, 5, 5], [1, 2, 1]]
 
 
+def test_gate_asks_to_verify_rows_whose_match_is_long_enough():
+  # The rows' longest matches: 3, 3, none, 2 tokens.
+  assert propose_on(LookupDrafter(num_nodes=4), ROWS, verify=True) is None
+  assert propose_on(LookupDrafter(num_nodes=4, gate=1), ROWS, verify=True) == [True, True, False, True]
+  assert propose_on(LookupDrafter(num_nodes=4, gate=3), ROWS, verify=True) == [True, True, False, False]
+  # The gate changes whether a draft is verified, never the draft itself.
+  assert propose_on(LookupDrafter(num_nodes=4, gate=3), ROWS) == propose_on(LookupDrafter(num_nodes=4), ROWS)
+
+
 def test_bad_settings_are_input_errors():
-  for kw in (dict(num_nodes=0), dict(min_ngram=0), dict(max_ngram=2, min_ngram=3)):
+  for kw in (dict(num_nodes=0), dict(min_ngram=0), dict(max_ngram=2, min_ngram=3), dict(gate=-1),
+             dict(max_ngram=3, gate=4)):
     with pytest.raises(InputError):
       LookupDrafter(**kw)
 
@@ -145,6 +158,9 @@ def test_lookup_equals_greedy_on_tiny_model(tiny):
   # k = 1 can reach at most 2; more nodes copy more of the repeating output per call.
   assert greedy.tau == 1.0 and 1.5 < taus[1] <= 2.0
   assert taus[1] < taus[4] < taus[10]
+  for gate in (1, 3):
+    res = generate(model, params, prompts, max_new_tokens=40, drafter=LookupDrafter(num_nodes=4, gate=gate))
+    assert res.tokens == greedy.tokens, gate
 
 
 def test_lookup_equals_greedy_on_default_model(default_model):
@@ -155,6 +171,9 @@ def test_lookup_equals_greedy_on_default_model(default_model):
   kw = dict(max_new_tokens=48, eos_ids=[tok.eos_id])
   greedy = generate(model, params, prompts, **kw)
   res = generate(model, params, prompts, drafter=LookupDrafter(), **kw)
-  print("default model lookup tau:", res.tau, "target calls", res.target_calls, "vs", greedy.target_calls)
-  assert res.tokens == greedy.tokens
+  gated = generate(model, params, prompts, drafter=LookupDrafter(gate=2), **kw)
+  print("default model lookup tau:", res.tau, "gated", gated.tau, "target calls", res.target_calls, gated.target_calls,
+        "vs", greedy.target_calls)
+  assert res.tokens == greedy.tokens and gated.tokens == greedy.tokens
   assert res.tau > 1.0 and res.target_calls < greedy.target_calls
+  assert gated.target_calls < greedy.target_calls

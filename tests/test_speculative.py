@@ -13,6 +13,7 @@ from scipy import stats as sps
 
 from jaxspec.decoding import generate as gen
 from jaxspec.decoding.accept import SampleAcceptance
+from jaxspec.decoding.loop import decode
 from jaxspec.decoding.protocol import Acceptance, PrefillInfo, Verified
 from jaxspec.decoding.sampling import SamplingParams, Warp
 from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft, vocab_check
@@ -54,6 +55,41 @@ def test_greedy_speculation_equals_greedy(tiny, other_tiny, greedy_ref, gamma):
   assert res.active_calls == [calls] * len(PROMPTS)
   assert res.accept_hist[:, gamma + 1].tolist() == [calls] * len(PROMPTS)
   assert res.tau == (NEW - 1) / calls
+
+
+def test_adaptive_and_gated_drafts_equal_greedy(tiny, other_tiny, greedy_ref):
+  model, params = tiny
+  draft_model, draft_params = other_tiny
+  # A flatter draft (final norm scaled down): its confidences spread, so stops and gates take both ways.
+  draft_params = dict(draft_params, final_norm=jax.tree.map(lambda x: 0.3 * x, draft_params["final_norm"]))
+  runs = {}
+  for stop, gate in [(0.0, 0.0), (0.1, 0.0), (0.0, 0.2), (0.1, 0.2), (0.0, 0.5)]:
+    res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, draft_params=draft_params,
+                       drafter=DraftModelDrafter(draft_model, 4, stop=stop, gate=gate))
+    assert res.tokens == greedy_ref, (stop, gate)
+    runs[stop, gate] = res
+  print("draft forwards, target calls, accept histogram by (stop, gate):",
+        {k: (int(r.drafter_stats["draft_forwards"]), r.target_calls, r.accept_hist.sum(0).tolist())
+         for k, r in runs.items()})
+  full = runs[0.0, 0.0]
+  assert int(full.drafter_stats["draft_forwards"]) == 4 * full.target_calls
+  stopped = runs[0.1, 0.0]
+  assert stopped.target_calls < int(stopped.drafter_stats["draft_forwards"]) < 4 * stopped.target_calls
+  # Gate 0.2 verifies some steps (all 4 drafts accepted in some) and not others; gate 0.5 verifies none: every
+  # step commits one token, as greedy decoding does.
+  hist = runs[0.0, 0.2].accept_hist.sum(0)
+  assert hist[1] > 0 and hist[5] > 0
+  assert runs[0.0, 0.5].accept_hist.sum(0)[2:].sum() == 0 and runs[0.0, 0.5].target_calls == NEW - 1
+
+  # The target as its own draft, one row: every proposed token is accepted and none past a stop, so each step
+  # commits its m proposed tokens + 1, and the draft ran m forwards for them.
+  for prompt, ref in zip(PROMPTS, greedy_ref):
+    res = gen.generate(model, params, [prompt], max_new_tokens=NEW, drafter=DraftModelDrafter(model, 4, stop=0.999),
+                       draft_params=params)
+    assert res.tokens == [ref]
+    hist = res.accept_hist[0]
+    assert hist[1] == 0 and hist[2] > 0
+    assert int(res.drafter_stats["draft_forwards"]) == int(hist @ np.arange(len(hist))) - res.target_calls
 
 
 def test_layerskip_draft_equals_greedy(tiny, greedy_ref):
@@ -229,6 +265,74 @@ def test_speculative_sampling_is_exact(stat_models, continuation_logits, gamma, 
   pvalue = chi2_pvalue(counts, probs)
   print(f"γ={gamma} T={temperature} top_k={top_k} top_p={top_p} greedy={greedy}: p = {pvalue:.3g}")
   assert pvalue > 1e-3
+
+
+def per_row_sample_counts(target, drafter, draft_params, acceptor) -> np.ndarray:
+  """As `drafter_sample_counts` at temperature 1, but every generation is its own batch of one (the loop vmapped
+  over rows), so a gate decides per generation. In one batch of 25,000 rows some row always asks for
+  verification and the one-token branch would never run; under vmap the loop's `lax.cond` runs both branches and
+  selects per row, which is what batch-1 decoding computes."""
+  model, params = target
+  p = len(PROMPT)
+  prompt_1xP = jnp.asarray([PROMPT], jnp.int32)
+
+  def one(key):
+    out = decode(model, params, prompt_1xP, jnp.asarray([p], jnp.int32), jnp.asarray([N_NEW], jnp.int32),
+                     jnp.asarray([-1], jnp.int32), key, SamplingParams.make(1.0), draft_params, drafter=drafter,
+                     acceptor=acceptor, out_len=N_NEW, capacity=p + N_NEW + drafter.num_nodes + 1, pad_id=0)
+    return out.tokens_BxO[0], out.lengths_B[0]
+
+  run = jax.jit(jax.vmap(one))
+  counts = np.zeros(V ** N_NEW, np.int64)
+  for seed in range(SEEDS):
+    tokens, lengths = run(jax.random.split(jax.random.key(seed), ROWS))
+    assert np.all(np.asarray(lengths) == N_NEW)
+    counts += np.bincount(np.asarray(tokens) @ (V ** np.arange(N_NEW - 1, -1, -1)), minlength=V ** N_NEW)
+  return counts
+
+
+# Adaptive γ and gating at temperature 1: drafts that stop early, and steps that verify only the pending token
+# (drafted tokens set to -1). Both acceptance paths: q from a sampling draft (chain rule), point masses from an
+# argmax draft (tree rule). On these 8-token models the thresholds make stopped, full and gated steps all common.
+@pytest.mark.parametrize("greedy,stop,gate", [
+    (False, 0.3, 0.45),
+    pytest.param(False, 0.3, 0.0, marks=pytest.mark.slow),
+    pytest.param(True, 0.45, 1.0, marks=pytest.mark.slow),
+])
+def test_adaptive_and_gated_speculative_sampling_is_exact(stat_models, continuation_logits, greedy, stop, gate):
+  _, (draft_model, draft_params) = stat_models
+  probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
+  drafter = DraftModelDrafter(draft_model, 3, greedy=greedy, stop=stop, gate=gate)
+  counts = per_row_sample_counts(stat_models[0], drafter, draft_params, SampleAcceptance())
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"stop={stop} gate={gate} greedy draft={greedy}: p = {pvalue:.3g}")
+  assert pvalue > 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleDependentGate(DraftModelDrafter):
+  """BROKEN on purpose: gates a sampling draft on the probabilities of its own draws, Σ_i Π_{j<=i} q_j(d_j)."""
+
+  def gate_score(self, draft, conf_BxN):
+    return jnp.sum(jnp.cumprod(conf_BxN, axis=-1), axis=-1)
+
+
+@pytest.mark.parametrize("case", ["q_kept_at_unproposed_tokens",
+                                  pytest.param("sample_dependent_gate", marks=pytest.mark.slow)])
+def test_the_exactness_test_catches_a_broken_gate(stat_models, continuation_logits, case):
+  """Power: the same χ² test on as many samples rejects (1) a gated step that keeps the draft's q at its unproposed
+  (-1) tokens, whose one token is then drawn from norm(max(0, p - q)) instead of p, and (2) a gate that reads the
+  draft's draws, which conditions them."""
+  _, (draft_model, draft_params) = stat_models
+  probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
+  if case == "q_kept_at_unproposed_tokens":
+    drafter, acceptor = DraftModelDrafter(draft_model, 3, greedy=False, gate=0.45), SampleAcceptance(
+        skip_unproposed=False)
+  else:
+    drafter, acceptor = SampleDependentGate(draft_model, 3, greedy=False, gate=0.3), SampleAcceptance()
+  pvalue = chi2_pvalue(per_row_sample_counts(stat_models[0], drafter, draft_params, acceptor), probs)
+  print(f"{case}: p = {pvalue:.3g}")
+  assert pvalue < 1e-6
 
 
 @dataclasses.dataclass(frozen=True)

@@ -104,12 +104,7 @@ def _bpd(ctx: BenchContext, opts: dict) -> Runner:
 
   bpd, dp = _load_heads(ctx, opts)
   acceptor = TopKAcceptance(int(opts["approx"])) if "approx" in opts else None
-  gate = float(opts.get("gate", 0.0))
-  if gate and acceptor is not None:
-    raise InputError("bpd: gate= works with exact (greedy) acceptance only, not with approx=.")
-  if gate and ctx.temperature > 0:
-    raise InputError("bpd: gate= needs greedy decoding (temperature 0).")
-  run = loop_runner(ctx, BPDDrafter(bpd, gate=gate), dp, acceptor)
+  run = loop_runner(ctx, BPDDrafter(bpd, gate=float(opts.get("gate", 0.0))), dp, acceptor)
   if acceptor is not None:
     run.lossless = False  # Stern's approximate acceptance: not token-identical to greedy
   return run
@@ -196,7 +191,8 @@ def _bpd_oracle(ctx: BenchContext, opts: dict) -> Runner:
 
 def _lookup(ctx: BenchContext, opts: dict) -> Runner:
   from jaxspec.decoding.lookup import LookupDrafter
-  drafter = LookupDrafter(num_nodes=int(opts.get("n", 8)), max_ngram=int(opts.get("ngram", 3)))
+  drafter = LookupDrafter(num_nodes=int(opts.get("n", 8)), max_ngram=int(opts.get("ngram", 3)),
+                          gate=int(opts.get("gate", 0)))
   return loop_runner(ctx, drafter)
 
 
@@ -210,13 +206,15 @@ def _jacobi(ctx: BenchContext, opts: dict) -> Runner:
 DEFAULT_DRAFT = ASSETS / "draft_smollm2"
 
 
-def _speculative_runner(ctx: BenchContext, draft_model, draft_params, gamma: int) -> Runner:
+def _speculative_runner(ctx: BenchContext, draft_model, draft_params, opts: dict) -> Runner:
   from jaxspec.decoding.sampling import Warp
   from jaxspec.decoding.speculative import DraftModelDrafter, vocab_check
 
   vocab_check(ctx.model, draft_model)
   warp = Warp(top_k=int(ctx.top_k), use_top_p=ctx.top_p < 1.0)
-  return loop_runner(ctx, DraftModelDrafter(draft_model, gamma, warp=warp, greedy=ctx.temperature == 0), draft_params)
+  drafter = DraftModelDrafter(draft_model, int(opts.get("gamma", 4)), warp=warp, greedy=ctx.temperature == 0,
+                              stop=float(opts.get("stop", 0.0)), gate=float(opts.get("gate", 0.0)))
+  return loop_runner(ctx, drafter, draft_params)
 
 
 def _draft_model(ctx: BenchContext, path) -> tuple:
@@ -246,7 +244,7 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
 
 def _spec(ctx: BenchContext, opts: dict) -> Runner:
   draft, draft_params = _draft_model(ctx, opts.get("draft", DEFAULT_DRAFT))
-  return _speculative_runner(ctx, draft, draft_params, int(opts.get("gamma", 4)))
+  return _speculative_runner(ctx, draft, draft_params, opts)
 
 
 def _layerskip_lm(ctx: BenchContext, opts: dict) -> tuple:
@@ -257,7 +255,7 @@ def _layerskip_lm(ctx: BenchContext, opts: dict) -> tuple:
 
 def _layerskip(ctx: BenchContext, opts: dict) -> Runner:
   draft, draft_params = _layerskip_lm(ctx, opts)
-  return _speculative_runner(ctx, draft, draft_params, int(opts.get("gamma", 4)))
+  return _speculative_runner(ctx, draft, draft_params, opts)
 
 
 TRAINING_PROMPTS = Path(__file__).resolve().parents[2] / "training" / "data" / "prompts.jsonl"
@@ -419,12 +417,15 @@ for _spec in [
                options=("k", "heads", "rescore", "t", "weight", "layers", "draft")),
     MethodSpec("bpd-oracle", "analysis: the greedy continuation wherever it lies in the heads' top-t lattice (the "
                "block efficiency of a perfect rescorer)", True, _bpd_oracle, options=("k", "heads", "t")),
-    MethodSpec("spec", "speculative sampling with a draft model (Leviathan et al. 2023, Chen et al. 2023)", True,
-               _spec, options=("draft", "gamma")),
-    MethodSpec("lookup", "prompt lookup: the tokens after the latest match of the context's last n-gram, no model",
-               True, _lookup, options=("n", "ngram")),
+    MethodSpec("spec", "speculative sampling with a draft model (Leviathan et al. 2023, Chen et al. 2023); stop=S "
+               "ends a draft after a token of confidence < S (adaptive gamma); gate=G verifies a draft only when it "
+               "expects >= G accepted tokens, else takes a one-token step", True, _spec,
+               options=("draft", "gamma", "stop", "gate")),
+    MethodSpec("lookup", "prompt lookup: the tokens after the latest match of the context's last n-gram, no model; "
+               "gate=G verifies a draft only when its match is >= G tokens long, else takes a one-token step",
+               True, _lookup, options=("n", "ngram", "gate")),
     MethodSpec("layerskip", "self-speculation: the target's first layers + final norm + head draft, no training",
-               True, _layerskip, options=("layers", "gamma")),
+               True, _layerskip, options=("layers", "gamma", "stop", "gate")),
     MethodSpec("jacobi", "Jacobi fixed-point iteration over an n-token window (Kou et al. 2024)", True, _jacobi,
                options=("n",)),
     MethodSpec("cllm", "Jacobi decoding of the consistency-distilled model (Kou et al. 2024): greedy-identical to "

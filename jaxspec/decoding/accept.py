@@ -56,7 +56,8 @@ def tree_rejection(rng: Array, draft: Draft, p_BxTxV: Array, remove_rejected: bo
   norm(max(0, r - q_i)) (for a point mass: r without x). When no child is accepted, the correction token is sampled
   from r. Exact when each child's token is drawn from its q_i given its earlier siblings (i.i.d. children from one
   q, without-replacement draws with q renormalised, or deterministic point masses). Nodes must be in topological
-  order; one pass over them visits every tried child, since a node's children all come after it.
+  order; one pass over them visits every tried child, since a node's children all come after it. A node whose
+  token is -1 was not proposed (a gated step, or a draft that stopped early) and is skipped.
 
   Args:
     rng: random key.
@@ -76,7 +77,8 @@ def tree_rejection(rng: Array, draft: Draft, p_BxTxV: Array, remove_rejected: bo
     i, u_B = xs[0], xs[1]
     x_B = jax.lax.dynamic_index_in_dim(draft.tokens_BxN, i, axis=1, keepdims=False)
     parent_B = jax.lax.dynamic_index_in_dim(draft.parent_BxN, i, axis=1, keepdims=False)
-    child_B = parent_B + 1 == cur_B
+    child_B = (parent_B + 1 == cur_B) & (x_B >= 0)  # token -1: not proposed, never tried
+    x_B = jnp.maximum(x_B, 0)
     r_x = jnp.take_along_axis(r_BxV, x_B[:, None], axis=1)[:, 0]
     if q_NxBxV is None:
       q_x = 1.0
@@ -109,7 +111,10 @@ def tree_rejection(rng: Array, draft: Draft, p_BxTxV: Array, remove_rejected: bo
 
 @dataclasses.dataclass(frozen=True)
 class GreedyAcceptance:
-  """Keeps drafted tokens that equal the target's argmax: output identical to greedy decoding (T5X temperature 0)."""
+  """Keeps drafted tokens that equal the target's argmax: output identical to greedy decoding (T5X temperature 0).
+  A token -1 (not proposed) equals no argmax, so it ends the accepted prefix."""
+
+  handles_unproposed = True  # drafts may mark nodes -1 (`Draft.verify_B` gating, adaptive draft length)
 
   def first_token(self, rng: Array, logits_BxV: Array, sp: SamplingParams) -> Array:
     del rng, sp
@@ -138,10 +143,13 @@ class GreedyAcceptance:
 class SampleAcceptance:
   """Sampling from the target's warped distribution; with a chain draft, modified rejection sampling (Leviathan et
   al. 2023, Chen et al. 2023), with a tree, multi-draft recursive rejection sampling (`tree_rejection`): the output
-  distribution is exactly the target's."""
+  distribution is exactly the target's. Draft tokens -1 are not proposed: a chain stops before its first -1 and the
+  next token is drawn from p there, as after a full accept."""
 
+  handles_unproposed = True
   warp: Warp = Warp()
   remove_rejected: bool = True  # False: a deliberately broken tree rule, for tests of the statistical check
+  skip_unproposed: bool = True  # False: a deliberately broken chain rule (q kept at -1 tokens), for the same tests
 
   def first_token(self, rng: Array, logits_BxV: Array, sp: SamplingParams) -> Array:
     return self.warp.sample(rng, logits_BxV, sp)
@@ -156,12 +164,15 @@ class SampleAcceptance:
     n = t - 1
     p_BxTxV = self.warp.probs(logits_BxTxV, sp)
     q_BxNxV = draft.probs_BxNxV
-    tok_BxNx1 = draft.tokens_BxN[..., None]
+    proposed_BxN = draft.tokens_BxN >= 0
+    if self.skip_unproposed:  # the draw after the last proposed token is from p
+      q_BxNxV = jnp.where(proposed_BxN[..., None], q_BxNxV, 0.0)
+    tok_BxNx1 = jnp.maximum(draft.tokens_BxN, 0)[..., None]
     p_tok = jnp.take_along_axis(p_BxTxV[:, :n], tok_BxNx1, axis=-1)[..., 0]
     q_tok = jnp.take_along_axis(q_BxNxV, tok_BxNx1, axis=-1)[..., 0]
     r_accept, r_fix = jax.random.split(rng)
     u_BxN = jax.random.uniform(r_accept, (b, n))
-    ok_BxN = u_BxN * q_tok < p_tok  # accept with probability min(1, p/q)
+    ok_BxN = proposed_BxN & (u_BxN * q_tok < p_tok)  # accept with probability min(1, p/q)
     n_acc_B = prefix_length(ok_BxN)
     # The correction at the first rejection samples from norm(max(0, p - q)); after a full accept, p itself.
     q_pad_BxTxV = jnp.concatenate([q_BxNxV, jnp.zeros_like(p_BxTxV[:, :1])], axis=1)

@@ -90,6 +90,7 @@ class TopKAcceptance:
 
   top_k: int = 2
   lossless = False
+  handles_unproposed = True  # a -1 token is in no top-k: the prefix ends there and the target's argmax follows
 
   def first_token(self, rng: Array, logits_BxV: Array, sp: SamplingParams) -> Array:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)

@@ -63,8 +63,10 @@ def last_match(context_BxC: Array, lengths_B: Array, n: int) -> Array:
   return jnp.max(jnp.where(match_BxW & valid_BxW, j_W[None], -1), axis=-1)
 
 
-def lookup_tokens(context_BxC: Array, lengths_B: Array, num_nodes: int, max_ngram: int, min_ngram: int) -> Array:
-  """The `[B, N]` tokens that followed the most recent occurrence of the longest matching suffix n-gram.
+def lookup_tokens(context_BxC: Array, lengths_B: Array, num_nodes: int, max_ngram: int,
+                  min_ngram: int) -> tuple[Array, Array]:
+  """The `[B, N]` tokens that followed the most recent occurrence of the longest matching suffix n-gram, and that
+  n-gram's length `[B]` (0 where nothing matched).
 
   The copied span is `context[s:length]` (s = match start + n). Where N runs past the end of the context the span
   repeats, which continues a periodic context exactly (the span's length is the period the match implies). A row
@@ -80,7 +82,8 @@ def lookup_tokens(context_BxC: Array, lengths_B: Array, num_nodes: int, max_ngra
   start_B = jnp.where(best_j_B >= 0, best_j_B + best_n_B, jnp.maximum(lengths_B - 1, 0))
   span_B = jnp.maximum(lengths_B - start_B, 1)
   offsets_BxN = jnp.arange(num_nodes, dtype=jnp.int32)[None] % span_B[:, None]
-  return jnp.take_along_axis(context_BxC, start_B[:, None] + offsets_BxN, axis=1).astype(jnp.int32)
+  tokens_BxN = jnp.take_along_axis(context_BxC, start_B[:, None] + offsets_BxN, axis=1).astype(jnp.int32)
+  return tokens_BxN, best_n_B
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +94,16 @@ class LookupDrafter:
     num_nodes: N, tokens proposed per step.
     max_ngram: the longest suffix n-gram searched for.
     min_ngram: the shortest; below it the drafter gives up and proposes filler (which verification rejects).
+    gate: 0 verifies every draft. g >= 1 verifies the block only when some active row's draft comes from a match
+      of at least g tokens; otherwise the step is a one-token forward (`Draft.verify_B`; greedy decoding only).
+      Copies after a short match are mostly wrong, and on hardware where t(N+1) > t(1) a one-token step is cheaper
+      than verifying them. The output is greedy decoding's either way.
   """
 
   num_nodes: int = 8
   max_ngram: int = 3
   min_ngram: int = 1
+  gate: int = 0
   is_chain: bool = True
   calls_per_step: int = 0  # no drafter model runs
 
@@ -105,6 +113,9 @@ class LookupDrafter:
     if not 1 <= self.min_ngram <= self.max_ngram:
       raise InputError(f"lookup: need 1 <= min_ngram <= max_ngram, got min_ngram={self.min_ngram}, "
                        f"max_ngram={self.max_ngram}.")
+    if not 0 <= self.gate <= self.max_ngram:
+      raise InputError(f"lookup: gate must be between 0 (verify every draft) and max_ngram={self.max_ngram}, "
+                       f"got {self.gate}.")
 
   def init(self, draft_params, prefill: PrefillInfo) -> LookupState:
     b, p = prefill.tokens_BxP.shape
@@ -118,8 +129,12 @@ class LookupDrafter:
     return LookupState(context_BxC, lengths_B)
 
   def propose(self, draft_params, dstate: LookupState, loop):
-    tokens_BxN = lookup_tokens(dstate.context_BxC, dstate.lengths_B, self.num_nodes, self.max_ngram, self.min_ngram)
-    return chain_draft(tokens_BxN), dstate
+    tokens_BxN, ngram_B = lookup_tokens(dstate.context_BxC, dstate.lengths_B, self.num_nodes, self.max_ngram,
+                                        self.min_ngram)
+    draft = chain_draft(tokens_BxN)
+    if self.gate:
+      draft = draft.replace(verify_B=ngram_B >= self.gate)
+    return draft, dstate
 
   def update(self, draft_params, dstate: LookupState, verified: Verified) -> LookupState:
     acc = verified.acceptance

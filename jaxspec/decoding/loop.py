@@ -15,7 +15,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxspec.decoding.accept import GreedyAcceptance
 from jaxspec.decoding.protocol import Draft, Drafter, LanguageModel, PrefillInfo, Verified, start
 from jaxspec.decoding.sampling import SamplingParams
 
@@ -101,12 +100,14 @@ def _gated_verify(model, params, block_BxT, positions_BxT, mask_BxTxT, cache, dr
   """Verifies the whole block if any active row asks for it (`draft.verify_B`), else only the pending token.
 
   The one-token branch returns its logits and hidden state broadcast to the block's shape and a draft whose tokens
-  are -1, which no argmax equals: greedy acceptance then commits exactly the target's next token, as a plain greedy
-  step would, so the output is unchanged. Only greedy acceptance of chains is allowed: rejection sampling would
-  read the draft's probability of token -1.
+  are -1 (not proposed): greedy acceptance then commits exactly the target's next token, and rejection sampling
+  draws it from the target's distribution, as a plain step would, so the output is unchanged. The acceptance rule
+  must declare that it handles such tokens (`handles_unproposed`; greedy and rejection sampling do, Stern's
+  approximate top-k acceptance does not).
   """
-  if not (isinstance(acceptor, GreedyAcceptance) and drafter.is_chain):
-    raise ValueError("Gated drafts (Draft.verify_B) need greedy acceptance of a chain.")
+  if not getattr(acceptor, "handles_unproposed", False):
+    raise ValueError(f"Gated drafts (Draft.verify_B) need an acceptance rule that skips unproposed (-1) tokens; "
+                     f"{type(acceptor).__name__} does not.")
   b, t = block_BxT.shape
   # A conditional whose branches update the cache in place makes XLA:CPU copy it in and out (180 copies per step
   # on the default model). Models that can return their new keys and values instead are written after the cond.

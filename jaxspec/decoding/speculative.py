@@ -105,6 +105,7 @@ class DraftState:
   last_B: Array
   pending_B: Array
   rng: Array
+  forwards: Array  # draft forwards run so far (the two-token one counts once); fewer than γ a step with `stop`
 
 
 def _causal_BxTxT(b: int, t: int) -> Array:
@@ -122,17 +123,35 @@ class DraftModelDrafter:
     greedy: draft the argmax (q is then a point mass, so `SampleAcceptance` stays exact); False samples each draft
       token from the draft's warped distribution q (temperature, top-k, top-p from `warp` and the loop's runtime
       `SamplingParams`) and reports q for modified rejection sampling.
+    stop: adaptive γ. A row stops drafting after a token whose confidence is below `stop`, and the draft forwards
+      end as soon as every active row has stopped (a while loop, so stopped steps cost fewer forwards). The
+      confidence is the draft's top probability (greedy drafts) or q of the sampled token; tokens after a stop
+      are -1, which acceptance treats as not proposed. 0 drafts all γ tokens.
+    gate: with `gate > 0` a step verifies the block only when some active row's draft scores at least `gate`;
+      otherwise it is a one-token step of the target (`Draft.verify_B`). Greedy drafts score their expected
+      accepted tokens, Σ_i Π_{j<=i} c_j over the drafted tokens' confidences. Sampling drafts score max q_1, the
+      top probability of the first draft distribution, which no draw has touched yet: a score that read the draws
+      would condition them and bias the output (`test_the_exactness_test_catches_a_sample_dependent_gate`).
+    Both options keep the output exact: greedy stays greedy, and sampling stays distributed as the target (a draft
+    that stops after token i still drew token i from q; tests in tests/test_speculative.py).
   """
 
   draft_model: LanguageModel
   gamma: int
   warp: Warp = Warp()
   greedy: bool = True
+  stop: float = 0.0
+  gate: float = 0.0
   is_chain = True
 
   def __post_init__(self):
     if self.gamma < 1:
       raise InputError(f"gamma (draft tokens per step) must be >= 1, got {self.gamma}")
+    if not 0.0 <= self.stop < 1.0:
+      raise InputError(f"stop (the confidence below which drafting stops) must be in [0, 1), got {self.stop}")
+    if not 0.0 <= self.gate <= self.gamma:
+      raise InputError(f"gate (the expected accepted tokens a draft needs to be verified) must be in [0, gamma="
+                       f"{self.gamma}], got {self.gate}")
 
   @property
   def num_nodes(self) -> int:
@@ -159,34 +178,54 @@ class DraftModelDrafter:
                                            logits=False)
     cache = cache.advance(lengths_B - 1)
     last_B = jnp.take_along_axis(tokens_BxP, (lengths_B - 1)[:, None], axis=1)[:, 0].astype(jnp.int32)
-    return DraftState(cache=cache, last_B=last_B, pending_B=prefill.first_B.astype(jnp.int32), rng=rng)
+    return DraftState(cache=cache, last_B=last_B, pending_B=prefill.first_B.astype(jnp.int32), rng=rng,
+                      forwards=jnp.int32(0))
 
-  def _draw(self, rng: Array, logits_BxV: Array, sp: SamplingParams) -> tuple[Array, Array]:
-    """A draft token per row and the distribution q `[B, V]` it was drawn from."""
+  def stats(self, dstate: DraftState) -> dict:
+    """Host-readable counters; the loop returns them as `DecodeOutput.drafter_stats`."""
+    return {"draft_forwards": dstate.forwards}
+
+  def _draw(self, rng: Array, logits_BxV: Array, sp: SamplingParams) -> tuple[Array, Array, Array]:
+    """A draft token per row, the distribution q `[B, V]` it was drawn from and its confidence `[B]` (see `stop`)."""
     if self.greedy:
       tok_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-      return tok_B, jax.nn.one_hot(tok_B, logits_BxV.shape[-1], dtype=jnp.float32)
+      conf_B = 1.0 / jnp.sum(jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True)), axis=-1)
+      return tok_B, jax.nn.one_hot(tok_B, logits_BxV.shape[-1], dtype=jnp.float32), conf_B
     logq_BxV = self.warp.log_probs(logits_BxV, sp)
-    return jax.random.categorical(rng, logq_BxV, axis=-1).astype(jnp.int32), jnp.exp(logq_BxV)
+    tok_B = jax.random.categorical(rng, logq_BxV, axis=-1).astype(jnp.int32)
+    return tok_B, jnp.exp(logq_BxV), jnp.exp(jnp.take_along_axis(logq_BxV, tok_B[:, None], axis=-1)[:, 0])
 
   def propose(self, draft_params, dstate: DraftState, loop) -> tuple[Draft, DraftState]:
-    """γ draft forwards: `[last, pending]` -> d_1, then d_1 -> d_2, ..., d_{γ-1} -> d_γ."""
+    """γ draft forwards: `[last, pending]` -> d_1, then d_1 -> d_2, ..., d_{γ-1} -> d_γ (fewer with `stop`)."""
     rng, r = jax.random.split(dstate.rng)
 
     def choose(hidden_BxD, key):
-      return self._draw(key, self.draft_model.logits(draft_params, hidden_BxD[:, None])[:, 0], loop.sp)
+      tok_B, q_BxV, conf_B = self._draw(key, self.draft_model.logits(draft_params, hidden_BxD[:, None])[:, 0],
+                                        loop.sp)
+      return tok_B, (q_BxV, conf_B)
 
-    tokens_BxN, q_BxNxV, dstate = self.roll(draft_params, dstate, loop.pending_B, choose,
-                                            jax.random.split(r, self.gamma))
+    until, live_B = ((lambda aux: aux[1] < self.stop), loop.active_B) if self.stop > 0 else (None, None)
+    tokens_BxN, (q_BxNxV, conf_BxN), dstate = self.roll(draft_params, dstate, loop.pending_B, choose,
+                                                        jax.random.split(r, self.gamma), until=until, live_B=live_B)
     b, n = tokens_BxN.shape
     draft = Draft(tokens_BxN=tokens_BxN,
                   depth_BxN=jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (b, n)),
                   mask_BxNxN=_causal_BxTxT(b, n),
                   parent_BxN=jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (b, n)),
                   probs_BxNxV=q_BxNxV)
+    if self.gate > 0:
+      draft = draft.replace(verify_B=self.gate_score(draft, conf_BxN) >= self.gate)
     return draft, dstate.replace(rng=rng)
 
-  def roll(self, draft_params, dstate: DraftState, pending_B: Array, choose, xs) -> tuple[Array, Any, DraftState]:
+  def gate_score(self, draft: Draft, conf_BxN: Array) -> Array:
+    """`[B]` score a draft must reach to be verified (see `gate`): expected accepted tokens for greedy drafts
+    (confidences after a stop are 0), max q_1 for sampling drafts."""
+    if self.greedy:
+      return jnp.sum(jnp.cumprod(conf_BxN, axis=-1), axis=-1)
+    return jnp.max(draft.probs_BxNxV[:, 0], axis=-1)
+
+  def roll(self, draft_params, dstate: DraftState, pending_B: Array, choose, xs, until=None,
+           live_B: Array | None = None) -> tuple[Array, Any, DraftState]:
     """Runs the draft γ steps from the pending token, picking each next token with `choose`.
 
     Args:
@@ -196,9 +235,13 @@ class DraftModelDrafter:
       choose: `(hidden_BxD, x) -> (token_B, aux)`: the next token from the draft's final hidden state at the last
         token and this step's slice of `xs`.
       xs: a pytree with leading axis γ (one slice per drafted token, e.g. random keys).
+      until: None runs all γ steps. Otherwise `aux -> stop_B`: a row stops after a token whose aux says so, its
+        later tokens are -1 and their aux zeros, and the forwards end once no live row drafts (a while loop).
+      live_B: rows that draft at all (the loop's active rows); with `until`, the others count as stopped.
 
     Returns:
-      `(tokens_BxN, aux stacked as [B, N, ...], state)`: the cache holds the γ new entries.
+      `(tokens_BxN, aux stacked as [B, N, ...], state)`: the cache lengths advance by γ + 1 (the pair and γ - 1
+      tokens); entries after a row's stop are stale.
     """
     b = pending_B.shape[0]
     fwd = self.draft_model.forward
@@ -215,15 +258,42 @@ class DraftModelDrafter:
 
     def one(carry, x):
       cache, tok_B = carry
-      _, hidden_Bx1xD, cache = fwd(draft_params, tok_B[:, None], cache.lengths[:, None], cache,
+      _, hidden_Bx1xD, cache = fwd(draft_params, jnp.maximum(tok_B, 0)[:, None], cache.lengths[:, None], cache,
                                    jnp.ones((b, 1, 1), bool), logits=False)
       nxt_B, aux = choose(hidden_Bx1xD[:, 0], x)
       return (cache.advance(ones_B), nxt_B), (nxt_B, aux)
 
-    (cache, _), (rest_MxB, rest_aux) = jax.lax.scan(one, (cache, tok_B), rest_xs)
-    tokens_BxN = jnp.concatenate([tok_B[:, None], rest_MxB.T], axis=1)
-    aux_all = jax.tree.map(lambda a, r: jnp.concatenate([a[:, None], jnp.moveaxis(r, 0, 1)], axis=1), aux, rest_aux)
-    return tokens_BxN, aux_all, dstate.replace(cache=cache, pending_B=pending_B)
+    n_fwd = jnp.int32(self.gamma)
+    if until is None:
+      (cache, _), (rest_MxB, rest_aux) = jax.lax.scan(one, (cache, tok_B), rest_xs)
+      tokens_BxN = jnp.concatenate([tok_B[:, None], rest_MxB.T], axis=1)
+      aux_all = jax.tree.map(lambda a, r: jnp.concatenate([a[:, None], jnp.moveaxis(r, 0, 1)], axis=1), aux,
+                             rest_aux)
+      return tokens_BxN, aux_all, dstate.replace(cache=cache, pending_B=pending_B, forwards=dstate.forwards + n_fwd)
+
+    # Adaptive γ: token i + 1 is drafted only for rows still live after token i; the loop ends when none is.
+    n = self.gamma
+    live_B = (jnp.ones((b,), bool) if live_B is None else live_B) & ~until(aux)
+    tokens_BxN = jnp.full((b, n), -1, jnp.int32).at[:, 0].set(tok_B)
+    aux_all = jax.tree.map(lambda a: jnp.zeros((b, n) + a.shape[1:], a.dtype).at[:, 0].set(a), aux)
+    start_B = cache.lengths - 2
+
+    def cond(c):
+      i, live_B = c[0], c[3]
+      return (i < n) & jnp.any(live_B)
+
+    def body(c):
+      i, cache, tok_B, live_B, tokens_BxN, aux_all = c
+      (cache, nxt_B), (_, aux) = one((cache, tok_B), jax.tree.map(lambda x: x[i - 1], rest_xs))
+      tokens_BxN = tokens_BxN.at[:, i].set(jnp.where(live_B, nxt_B, -1))
+      aux_all = jax.tree.map(lambda buf, a: buf.at[:, i].set(jnp.where(live_B.reshape((b,) + (1,) * (a.ndim - 1)),
+                                                                       a, 0)), aux_all, aux)
+      return i + 1, cache, jnp.where(live_B, nxt_B, -1), live_B & ~until(aux), tokens_BxN, aux_all
+
+    n_fwd, cache, _, _, tokens_BxN, aux_all = jax.lax.while_loop(
+        cond, body, (jnp.int32(1), cache, jnp.where(live_B, tok_B, -1), live_B, tokens_BxN, aux_all))
+    cache = cache.replace(lengths=start_B + n + 1)  # as if all γ forwards ran: `update` rolls back from here
+    return tokens_BxN, aux_all, dstate.replace(cache=cache, pending_B=pending_B, forwards=dstate.forwards + n_fwd)
 
   def update(self, draft_params, dstate: DraftState, verified: Verified) -> DraftState:
     """Rolls the draft cache back to the target's committed length minus one (idle rows: to before the step)."""
