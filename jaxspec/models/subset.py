@@ -1,0 +1,83 @@
+"""A draft whose output head scores only a subset of the vocabulary.
+
+A small draft spends much of each step on its output head: the default 4-layer draft has about 15M weights in its
+layers and 28M in the 49,152-token head it shares with the target. `SubsetHeadLM` projects onto M chosen tokens
+(e.g. the ~8k seen in the draft's training data) and gives the others logit -1e30, probability 0, so every caller
+still sees `[.., V]` logits over the target's vocabulary.
+
+Exactness is untouched: a greedy draft proposes the best subset token and verification keeps only what equals the
+target's argmax; a sampling draft's q is a distribution that is 0 outside the subset, which modified rejection
+sampling allows (the correction draws from norm(max(0, p - q)), which covers the tokens q never proposes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxspec.errors import InputError
+
+Array = jax.Array
+_NEG_INF = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetHeadLM:
+  """`base` with its output head restricted to `params["vocab_ids"]` (decoder-only models).
+
+  Params: `{"base": the base model's params, "vocab_ids": [M] int32, "table_MxD": the base's output rows for those
+  ids}`. Build them with `subset_head`.
+  """
+
+  base: Any
+
+  @property
+  def cfg(self):
+    return self.base.cfg
+
+  @property
+  def vocab_size(self) -> int:
+    return self.base.vocab_size
+
+  @property
+  def can_defer_write(self) -> bool:
+    return getattr(self.base, "can_defer_write", False)
+
+  def init_cache(self, batch_size: int, capacity: int, *args, **kwargs):
+    return self.base.init_cache(batch_size, capacity, *args, **kwargs)
+
+  def write_kv(self, cache, new_kv):
+    return self.base.write_kv(cache, new_kv)
+
+  def forward(self, params, tokens_BxT: Array, positions_BxT: Array, cache, mask_BxTxT: Array, *, logits: bool = True,
+              **kwargs):
+    _, hidden_BxTxD, cache = self.base.forward(params["base"], tokens_BxT, positions_BxT, cache, mask_BxTxT,
+                                               logits=False, **kwargs)
+    return (self.logits(params, hidden_BxTxD) if logits else None), hidden_BxTxD, cache
+
+  def logits(self, params, hidden_BxTxD: Array) -> Array:
+    """f32 logits `[B, T, V]`: the subset's scores, -1e30 elsewhere."""
+    sub_BxTxM = jnp.einsum("btd,md->btm", hidden_BxTxD, params["table_MxD"].astype(hidden_BxTxD.dtype),
+                           preferred_element_type=jnp.float32)
+    full = jnp.full(sub_BxTxM.shape[:-1] + (self.vocab_size,), _NEG_INF, jnp.float32)
+    return full.at[..., params["vocab_ids"]].set(sub_BxTxM)
+
+
+def subset_head(model, params, vocab_ids) -> tuple[SubsetHeadLM, dict]:
+  """`(SubsetHeadLM, params)` scoring only `vocab_ids` of `model` (a `LlamaLM` with `output_table`).
+
+  Raises:
+    InputError: empty or out-of-range ids, or a model with its own `start` (encoder-decoders are not supported).
+  """
+  ids = np.unique(np.asarray(vocab_ids, np.int64))
+  if ids.size == 0 or ids[0] < 0 or ids[-1] >= model.vocab_size:
+    raise InputError(f"A subset head needs token ids in [0, {model.vocab_size}); got {ids.size} ids"
+                     + (f" from {ids[0]} to {ids[-1]}." if ids.size else "."))
+  if hasattr(model, "start"):
+    raise InputError("A subset head wraps decoder-only models; this one encodes its prompts itself (`start`).")
+  ids = jnp.asarray(ids, jnp.int32)
+  return SubsetHeadLM(model), {"base": params, "vocab_ids": ids, "table_MxD": model.output_table(params)[ids]}
