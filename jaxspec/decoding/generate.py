@@ -132,7 +132,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   run_s = time.perf_counter() - t0
   return GenerationResult(
       tokens=[row[:n].tolist() for row, n in zip(toks, lens)], target_calls=int(st.target_calls),
-      drafter_calls=int(st.drafter_calls), active_calls=st.active_calls_B.tolist(),
+      # Drafters whose forwards vary per step (a draft model with `stop`) count them; the loop counts a fixed number.
+      drafter_calls=int(dst["draft_forwards"]) if "draft_forwards" in dst else int(st.drafter_calls), active_calls=st.active_calls_B.tolist(),
       step_tokens=st.step_tokens_B.tolist(), accept_hist=np.asarray(st.accept_hist_BxA), compile_s=compile_s,
       run_s=run_s, program_bytes=program_bytes, drafter_stats={k: np.asarray(v) for k, v in dst.items()})
 
