@@ -129,9 +129,10 @@ class DraftModelDrafter:
       are -1, which acceptance treats as not proposed. 0 drafts all γ tokens.
     gate: with `gate > 0` a step verifies the block only when some active row's draft scores at least `gate`;
       otherwise it is a one-token step of the target (`Draft.verify_B`). Greedy drafts score their expected
-      accepted tokens, Σ_i Π_{j<=i} c_j over the drafted tokens' confidences. Sampling drafts score max q_1, the
-      top probability of the first draft distribution, which no draw has touched yet: a score that read the draws
-      would condition them and bias the output (`test_the_exactness_test_catches_a_sample_dependent_gate`).
+      accepted tokens, Σ_i Π_{j<=i} c_j over the drafted tokens' confidences. Sampling drafts score Σ_{i<=γ} m^i,
+      the same sum as if every token were as sure as the first, from m = max q_1, the top probability of the first
+      draft distribution, which no draw has touched yet: a score that read the draws would condition them and bias
+      the output (`test_the_exactness_test_catches_a_broken_gate`).
     Both options keep the output exact: greedy stays greedy, and sampling stays distributed as the target (a draft
     that stops after token i still drew token i from q; tests in tests/test_speculative.py).
   """
@@ -219,10 +220,11 @@ class DraftModelDrafter:
 
   def gate_score(self, draft: Draft, conf_BxN: Array) -> Array:
     """`[B]` score a draft must reach to be verified (see `gate`): expected accepted tokens for greedy drafts
-    (confidences after a stop are 0), max q_1 for sampling drafts."""
+    (confidences after a stop are 0); for sampling drafts the same from max q_1 alone."""
     if self.greedy:
       return jnp.sum(jnp.cumprod(conf_BxN, axis=-1), axis=-1)
-    return jnp.max(draft.probs_BxNxV[:, 0], axis=-1)
+    m_B = jnp.max(draft.probs_BxNxV[:, 0], axis=-1)
+    return jnp.sum(m_B[:, None] ** jnp.arange(1, self.gamma + 1, dtype=jnp.float32)[None], axis=-1)
 
   def roll(self, draft_params, dstate: DraftState, pending_B: Array, choose, xs, until=None,
            live_B: Array | None = None) -> tuple[Array, Any, DraftState]:
