@@ -50,7 +50,7 @@ class BPDDrafter:
   is_chain: bool = True
   calls_per_step: int = 0  # the heads run on the target's own forward: no separate drafter calls
   # > 0: skip verifying a draft whose expected accepted length, sum_i prod_{j<=i} p_j over the heads' top
-  # probabilities, is below `gate`; that step is then a one-token greedy step (greedy acceptance only).
+  # probabilities, is below `gate`; that step is then a one-token step of the target (output unchanged).
   gate: float = 0.0
 
   @property

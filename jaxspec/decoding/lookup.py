@@ -95,9 +95,10 @@ class LookupDrafter:
     max_ngram: the longest suffix n-gram searched for.
     min_ngram: the shortest; below it the drafter gives up and proposes filler (which verification rejects).
     gate: 0 verifies every draft. g >= 1 verifies the block only when some active row's draft comes from a match
-      of at least g tokens; otherwise the step is a one-token forward (`Draft.verify_B`; greedy decoding only).
-      Copies after a short match are mostly wrong, and on hardware where t(N+1) > t(1) a one-token step is cheaper
-      than verifying them. The output is greedy decoding's either way.
+      of at least g tokens; otherwise the step is a one-token forward (`Draft.verify_B`). Copies after a short
+      match are mostly wrong, and on hardware where t(N+1) > t(1) a one-token step is cheaper than verifying them.
+      The output is unchanged: greedy decoding's, or when sampling the target's distribution (the gate reads the
+      committed context only).
   """
 
   num_nodes: int = 8

@@ -102,8 +102,8 @@ def _gated_verify(model, params, block_BxT, positions_BxT, mask_BxTxT, cache, dr
   The one-token branch returns its logits and hidden state broadcast to the block's shape and a draft whose tokens
   are -1 (not proposed): greedy acceptance then commits exactly the target's next token, and rejection sampling
   draws it from the target's distribution, as a plain step would, so the output is unchanged. The acceptance rule
-  must declare that it handles such tokens (`handles_unproposed`; greedy and rejection sampling do, Stern's
-  approximate top-k acceptance does not).
+  must declare that it handles such tokens (`handles_unproposed`: greedy acceptance, rejection sampling and Stern's
+  top-k acceptance do).
   """
   if not getattr(acceptor, "handles_unproposed", False):
     raise ValueError(f"Gated drafts (Draft.verify_B) need an acceptance rule that skips unproposed (-1) tokens; "
