@@ -21,6 +21,7 @@ from jaxspec.decoding.opt_tree import (HeadsTreeSource, LMTreeSource, OptTreeDra
 from jaxspec.decoding.protocol import Draft, PrefillInfo
 from jaxspec.decoding.sampling import SamplingParams, Warp
 from jaxspec.errors import InputError
+from jaxspec.models.subset import subset_head
 from tests.conftest import make_tiny
 from tests.test_bpd import random_heads
 from tests.test_speculative import V, chi2_pvalue, continuation_logits, drafter_sample_counts  # noqa: F401
@@ -159,11 +160,14 @@ def tree_drafters(tiny):
   other, other_params = make_tiny(seed=1)
   bpd, hp = random_heads(tiny, 4)
   heads = bpd_draft_params(model, params, bpd, hp)
+  sub, sub_params = subset_head(other, other_params, np.arange(0, 256, 2)[:100])
   return {
       "lm-dynamic": (OptTreeDrafter(LMTreeSource(other), nodes=8, depth=4, width=2, branch=3), other_params),
       "lm-self-early-stop": (OptTreeDrafter(LMTreeSource(model), nodes=8, depth=4, width=2, branch=3, threshold=1.5),
                              params),
       "lm-chain": (OptTreeDrafter.chain(LMTreeSource(other), 5), other_params),
+      # A draft head over 100 of the 256 tokens, grown in the draft's own cache like any draft LM.
+      "lm-subset-head": (OptTreeDrafter(LMTreeSource(sub), nodes=8, depth=4, width=2, branch=3), sub_params),
       "lm-static": (OptTreeDrafter(LMTreeSource(other), nodes=8, depth=4, width=2, branch=3, shape="static"),
                     static_draft_params(other_params, geometric_prior(4, 6))),
       "heads-dynamic": (OptTreeDrafter(HeadsTreeSource(bpd), nodes=10, depth=4, width=3, branch=3), heads),
@@ -172,8 +176,8 @@ def tree_drafters(tiny):
   }
 
 
-@pytest.mark.parametrize("name", ["lm-dynamic", "lm-self-early-stop", "lm-chain", "lm-static", "heads-dynamic",
-                                  "heads-static"])
+@pytest.mark.parametrize("name", ["lm-dynamic", "lm-self-early-stop", "lm-chain", "lm-subset-head", "lm-static",
+                                  "heads-dynamic", "heads-static"])
 def test_trees_equal_greedy_and_rows_are_independent(tiny, greedy_ref, name):
   model, params = tiny
   drafter, dp = tree_drafters(tiny)[name]

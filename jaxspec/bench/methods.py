@@ -240,24 +240,31 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
   return ctx.cache[key]
 
 
-def _spec(ctx: BenchContext, opts: dict) -> Runner:
+def _draft_with_vocab(ctx: BenchContext, opts: dict) -> tuple:
+  """The `draft=` model with the head `vocab=` asks for: `full` scores the whole vocabulary, `subset` only the
+  tokens listed in the draft folder's vocab_ids.safetensors (`jaxspec.models.subset`), `auto` (default) the subset
+  when the folder lists one."""
   path = opts.get("draft", DEFAULT_DRAFT)
   draft, draft_params = _draft_model(ctx, path)
   vocab = opts.get("vocab", "auto")
   if vocab not in ("auto", "subset", "full"):
-    raise InputError(f"spec: vocab={vocab!r} is not auto, subset or full.")
-  if vocab != "full":
-    from jaxspec.models.draft import load_draft_vocab
-    from jaxspec.models.subset import subset_head
-    try:
-      ids = load_draft_vocab(path) if Path(path).is_dir() else None
-    except ModelLoadError as e:
-      raise Unavailable(str(e)) from None
-    if ids is None and vocab == "subset":
-      raise Unavailable(f"vocab=subset: {path} has no vocab_ids.safetensors (drafts trained by `jaxspec train` "
-                        "write one); use vocab=full")
-    if ids is not None:
-      draft, draft_params = subset_head(draft, draft_params, ids)
+    raise InputError(f"vocab={vocab!r} is not auto, subset or full.")
+  if vocab == "full":
+    return draft, draft_params
+  from jaxspec.models.draft import load_draft_vocab
+  from jaxspec.models.subset import subset_head
+  try:
+    ids = load_draft_vocab(path) if Path(path).is_dir() else None
+  except ModelLoadError as e:
+    raise Unavailable(str(e)) from None
+  if ids is None and vocab == "subset":
+    raise Unavailable(f"vocab=subset: {path} has no vocab_ids.safetensors (drafts trained by `jaxspec train` "
+                      "write one); use vocab=full")
+  return (draft, draft_params) if ids is None else subset_head(draft, draft_params, ids)
+
+
+def _spec(ctx: BenchContext, opts: dict) -> Runner:
+  draft, draft_params = _draft_with_vocab(ctx, opts)
   return _speculative_runner(ctx, draft, draft_params, opts)
 
 
@@ -297,7 +304,7 @@ def _tree_source(ctx: BenchContext, opts: dict):
   if kind == "layerskip":
     lm, lm_params = _layerskip_lm(ctx, opts)
   elif kind == "draft":
-    lm, lm_params = _draft_model(ctx, opts.get("draft", DEFAULT_DRAFT))
+    lm, lm_params = _draft_with_vocab(ctx, opts)
   else:
     raise InputError(f"opt-tree drafter {kind!r} is not one of heads, layerskip, draft.")
   return LMTreeSource(lm), lm_params, (lm, lm_params)
@@ -447,8 +454,8 @@ for _spec in [
     MethodSpec("opt-tree", "draft trees grown to maximise expected acceptance length under a node budget (Wang et al. "
                "2024); shape=static / shape=chain: fixed trees on the same drafter; nodes=auto picks the budget from "
                "the measured verify cost", True, _opt_tree,
-               options=("drafter", "heads", "layers", "draft", "nodes", "depth", "width", "branch", "threshold",
-                        "shape")),
+               options=("drafter", "heads", "layers", "draft", "vocab", "nodes", "depth", "width", "branch",
+                        "threshold", "shape")),
     MethodSpec("t5x-greedy", "T5X's decoding.temperature_sample(temperature=0) driving the same model (baseline)",
                True, _t5x, baseline=True),
     MethodSpec("hf-greedy", "Hugging Face transformers greedy generate on the same weights, batch 1 (baseline)",
