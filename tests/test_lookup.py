@@ -171,9 +171,19 @@ def test_lookup_equals_greedy_on_default_model(default_model):
   kw = dict(max_new_tokens=48, eos_ids=[tok.eos_id])
   greedy = generate(model, params, prompts, **kw)
   res = generate(model, params, prompts, drafter=LookupDrafter(), **kw)
-  gated = generate(model, params, prompts, drafter=LookupDrafter(gate=2), **kw)
-  print("default model lookup tau:", res.tau, "gated", gated.tau, "target calls", res.target_calls, gated.target_calls,
-        "vs", greedy.target_calls)
-  assert res.tokens == greedy.tokens and gated.tokens == greedy.tokens
+  print("default model lookup tau:", res.tau, "target calls", res.target_calls, "vs", greedy.target_calls)
+  assert res.tokens == greedy.tokens
   assert res.tau > 1.0 and res.target_calls < greedy.target_calls
-  assert gated.target_calls < greedy.target_calls
+
+
+@pytest.mark.slow  # one more compile of the default model; the gate's logic is covered on the tiny model above
+def test_gated_lookup_equals_greedy_on_default_model(default_model):
+  model, params, tok = default_model
+  questions = ["Copy this list exactly: apple, banana, cherry, apple, banana, cherry.",
+               "Write a Python function that returns the sum of a list, then call it on [1, 2, 3]."]
+  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
+  kw = dict(max_new_tokens=48, eos_ids=[tok.eos_id])
+  greedy = generate(model, params, prompts, **kw)
+  gated = generate(model, params, prompts, drafter=LookupDrafter(gate=2), **kw)
+  print("default model gated lookup tau:", gated.tau, "target calls", gated.target_calls, "vs", greedy.target_calls)
+  assert gated.tokens == greedy.tokens and gated.target_calls < greedy.target_calls
