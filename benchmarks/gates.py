@@ -57,6 +57,7 @@ def main():
   args = ap.parse_args()
 
   from jaxspec.bench.methods import METHODS, BenchContext, parse_method
+  from jaxspec.bench.runner import chat_prompt_ids
   from jaxspec.loading import load_model
 
   model, params, tok = load_model(None)
@@ -67,8 +68,7 @@ def main():
     _, name, opts = parse_method(label)
     runs[label] = METHODS[name].build(ctx, opts)
   sets = ["open", "context"] if args.prompts == "all" else [args.prompts]
-  prompts = [(name, tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])))
-             for name in sets for q in SETS[name]]
+  prompts = [(name, ids) for name in sets for ids in chat_prompt_ids(tok, SETS[name])]
   secs, toks, calls, rows = (collections.Counter() for _ in range(4))
   for name, p in prompts:
     for run in runs.values():  # compile for this prompt's length bucket

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxspec.bench.runner import chat_prompt_ids
 from jaxspec.decoding.accept import GreedyAcceptance
 from jaxspec.decoding.generate import generate
 from jaxspec.decoding.lookup import LookupDrafter, LookupState
@@ -163,11 +164,13 @@ def test_lookup_equals_greedy_on_tiny_model(tiny):
     assert res.tokens == greedy.tokens, gate
 
 
+DEFAULT_MODEL_QUESTIONS = ["Copy this list exactly: apple, banana, cherry, apple, banana, cherry.",
+                           "Write a Python function that returns the sum of a list, then call it on [1, 2, 3]."]
+
+
 def test_lookup_equals_greedy_on_default_model(default_model):
   model, params, tok = default_model
-  questions = ["Copy this list exactly: apple, banana, cherry, apple, banana, cherry.",
-               "Write a Python function that returns the sum of a list, then call it on [1, 2, 3]."]
-  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
+  prompts = chat_prompt_ids(tok, DEFAULT_MODEL_QUESTIONS)
   kw = dict(max_new_tokens=48, eos_ids=[tok.eos_id])
   greedy = generate(model, params, prompts, **kw)
   res = generate(model, params, prompts, drafter=LookupDrafter(), **kw)
@@ -179,9 +182,7 @@ def test_lookup_equals_greedy_on_default_model(default_model):
 @pytest.mark.slow  # one more compile of the default model; the gate's logic is covered on the tiny model above
 def test_gated_lookup_equals_greedy_on_default_model(default_model):
   model, params, tok = default_model
-  questions = ["Copy this list exactly: apple, banana, cherry, apple, banana, cherry.",
-               "Write a Python function that returns the sum of a list, then call it on [1, 2, 3]."]
-  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in questions]
+  prompts = chat_prompt_ids(tok, DEFAULT_MODEL_QUESTIONS)
   kw = dict(max_new_tokens=48, eos_ids=[tok.eos_id])
   greedy = generate(model, params, prompts, **kw)
   gated = generate(model, params, prompts, drafter=LookupDrafter(gate=2), **kw)

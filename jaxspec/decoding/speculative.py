@@ -190,7 +190,10 @@ class DraftModelDrafter:
     """A draft token per row, the distribution q `[B, V]` it was drawn from and its confidence `[B]` (see `stop`)."""
     if self.greedy:
       tok_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-      conf_B = 1.0 / jnp.sum(jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True)), axis=-1)
+      if self.stop > 0 or self.gate > 0:  # the top probability, over the whole vocabulary: only when it is read
+        conf_B = 1.0 / jnp.sum(jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True)), axis=-1)
+      else:
+        conf_B = jnp.ones(tok_B.shape, jnp.float32)
       return tok_B, jax.nn.one_hot(tok_B, logits_BxV.shape[-1], dtype=jnp.float32), conf_B
     logq_BxV = self.warp.log_probs(logits_BxV, sp)
     tok_B = jax.random.categorical(rng, logq_BxV, axis=-1).astype(jnp.int32)
