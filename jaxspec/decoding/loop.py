@@ -180,7 +180,7 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
   first_B = acceptor.first_token(r0, logits_BxV, sp)
   tokens_BxO = jnp.full((b, out_len + t), pad_id, jnp.int32).at[:, 0].set(first_B)
   dstate = drafter.init(draft_params, PrefillInfo(prompts_BxP, prompt_len_B, last_BxD, logits_BxV, first_B,
-                                                  capacity=capacity, rng=r_draft))
+                                                  capacity=capacity, rng=r_draft, hidden_BxQxD=hidden_BxQxD))
   zeros_B = jnp.zeros((b,), jnp.int32)
   state = shard(LoopState(
       step=jnp.int32(0), tokens_BxO=tokens_BxO, n_out_B=jnp.ones((b,), jnp.int32),

@@ -99,7 +99,8 @@ class Drafter(Protocol):
 @flax.struct.dataclass
 class PrefillInfo:
   """What drafters see of the prompt: tokens, lengths, the target's final hidden state and logits at the last prompt
-  token, the first generated token and the loop's random key."""
+  token, the first generated token and the loop's random key; also the final hidden states of every position the
+  target prefilled (feature-level drafts read them; an encoder-decoder's are its decoder's, not the prompt's)."""
 
   tokens_BxP: Array
   lengths_B: Array
@@ -108,6 +109,7 @@ class PrefillInfo:
   first_B: Array
   capacity: int = flax.struct.field(pytree_node=False)
   rng: Array | None = None  # the drafter's own key, split from the loop's (drafters that sample need it)
+  hidden_BxQxD: Array | None = None
 
 
 @flax.struct.dataclass

@@ -92,6 +92,26 @@ def layerskip_draft(model: LlamaLM, params, n_layers: int) -> tuple[LlamaLM, dic
   return draft, out
 
 
+def draw(warp: Warp, greedy: bool, rng: Array, logits_BxV: Array, sp: SamplingParams,
+         confidence: bool = False) -> tuple[Array, Array, Array]:
+  """A draft token per row, the distribution q `[B, V]` it was drawn from and its confidence `[B]`.
+
+  Greedy drafts take the argmax (q a point mass); their confidence is the top probability over the whole
+  vocabulary when `confidence` asks for it, else 1. Sampling drafts draw from the warped distribution (`warp` and
+  the loop's runtime `sp`); their confidence is q of the drawn token.
+  """
+  if greedy:
+    tok_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    if confidence:
+      conf_B = 1.0 / jnp.sum(jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True)), axis=-1)
+    else:
+      conf_B = jnp.ones(tok_B.shape, jnp.float32)
+    return tok_B, jax.nn.one_hot(tok_B, logits_BxV.shape[-1], dtype=jnp.float32), conf_B
+  logq_BxV = warp.log_probs(logits_BxV, sp)
+  tok_B = jax.random.categorical(rng, logq_BxV, axis=-1).astype(jnp.int32)
+  return tok_B, jnp.exp(logq_BxV), jnp.exp(jnp.take_along_axis(logq_BxV, tok_B[:, None], axis=-1)[:, 0])
+
+
 @flax.struct.dataclass
 class DraftState:
   """What the drafter carries across steps.
@@ -187,17 +207,7 @@ class DraftModelDrafter:
     return {"draft_forwards": dstate.forwards}
 
   def _draw(self, rng: Array, logits_BxV: Array, sp: SamplingParams) -> tuple[Array, Array, Array]:
-    """A draft token per row, the distribution q `[B, V]` it was drawn from and its confidence `[B]` (see `stop`)."""
-    if self.greedy:
-      tok_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-      if self.stop > 0 or self.gate > 0:  # the top probability, over the whole vocabulary: only when it is read
-        conf_B = 1.0 / jnp.sum(jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True)), axis=-1)
-      else:
-        conf_B = jnp.ones(tok_B.shape, jnp.float32)
-      return tok_B, jax.nn.one_hot(tok_B, logits_BxV.shape[-1], dtype=jnp.float32), conf_B
-    logq_BxV = self.warp.log_probs(logits_BxV, sp)
-    tok_B = jax.random.categorical(rng, logq_BxV, axis=-1).astype(jnp.int32)
-    return tok_B, jnp.exp(logq_BxV), jnp.exp(jnp.take_along_axis(logq_BxV, tok_B[:, None], axis=-1)[:, 0])
+    return draw(self.warp, self.greedy, rng, logits_BxV, sp, confidence=self.stop > 0 or self.gate > 0)
 
   def propose(self, draft_params, dstate: DraftState, loop) -> tuple[Draft, DraftState]:
     """γ draft forwards: `[last, pending]` -> d_1, then d_1 -> d_2, ..., d_{γ-1} -> d_γ (fewer with `stop`)."""

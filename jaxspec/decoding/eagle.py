@@ -1,0 +1,150 @@
+"""Speculative decoding with a feature-level draft (EAGLE, Li et al. 2024) on the shared loop.
+
+The draft (`jaxspec.models.eagle.EagleDraft`) keeps one entry per committed target position t: the target's final
+hidden state f_t and the token x_{t+1} after it. Its output at the last entry is a predicted feature f̂ for the
+position of the pending token, which the target's output rows turn into the first draft token d_1. Token d_{i+1}
+comes from one more entry, (f̂ of d_i's position, d_i): the draft runs on its own predictions past the pending token.
+
+Per step, with the target's cache holding L committed tokens and the draft's cache the same L entries:
+
+  propose  d_1 from the stored f̂; then γ - 1 one-entry forwards (f̂, d_i) -> d_{i+1}, written at L, L+1, ...
+  verify   the target runs [pending, d_1..d_γ] (the loop); its hidden states give f_L .. f_{L+γ}
+  update   the draft's cache goes back to L and one forward of γ + 1 entries (f_{L+j}, emitted_j) rewrites them
+           with the target's true features; n_commit are kept, and the output at the last kept one is the next f̂
+
+So the draft never keeps an entry built on its own guesses, rolling back is setting a length, and a step costs γ
+draft forwards (the γ + 1 entries of the update are one forward). Greedy drafts propose the draft's argmax and
+`GreedyAcceptance` keeps the output identical to greedy decoding; sampling drafts report q for `SampleAcceptance`
+(modified rejection sampling), so the output is distributed exactly as the target's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified
+from jaxspec.decoding.sampling import Warp
+from jaxspec.decoding.speculative import draw
+from jaxspec.errors import InputError
+from jaxspec.models.eagle import EagleDraft
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class EagleState:
+  """Between steps the draft cache holds the target's L committed positions; `feat_BxD` is the draft's predicted
+  feature at the pending token's position (it scores d_1)."""
+
+  cache: Any
+  feat_BxD: Array
+  rng: Array
+  forwards: Array  # draft forwards so far
+
+
+def _causal(b: int, t: int) -> Array:
+  return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleDrafter:
+  """γ draft tokens per step from a feature-level draft.
+
+  Attributes:
+    draft: the draft (static); its params, with the target's vocabulary matrices, are the loop's `draft_params`.
+    gamma: γ, drafted tokens per step (>= 1).
+    warp: the static part of the sampling rule; use the acceptor's, so q is warped as the target's p is.
+    greedy: draft the argmax (q a point mass); False samples each token from the draft's warped distribution.
+  """
+
+  draft: EagleDraft
+  gamma: int
+  warp: Warp = Warp()
+  greedy: bool = True
+  is_chain = True
+
+  def __post_init__(self):
+    if self.gamma < 1:
+      raise InputError(f"gamma (draft tokens per step) must be >= 1, got {self.gamma}")
+
+  @property
+  def num_nodes(self) -> int:
+    return self.gamma
+
+  @property
+  def calls_per_step(self) -> int:
+    """Draft forwards per step: γ - 1 in propose, one (γ + 1 entries) in update."""
+    return self.gamma
+
+  def init(self, draft_params, prefill: PrefillInfo) -> EagleState:
+    """The draft's prefill: entries (f_t, x_{t+1}) for every prompt position, the last one's x being the first
+    generated token."""
+    tokens_BxP = prefill.tokens_BxP
+    b, p = tokens_BxP.shape
+    hidden = prefill.hidden_BxQxD
+    if hidden is None or hidden.shape[:2] != (b, p):
+      raise ValueError("EagleDrafter reads the target's hidden states at every prompt position (PrefillInfo."
+                       "hidden_BxQxD); it needs a decoder-only target.")
+    if prefill.rng is None and not self.greedy:
+      raise ValueError("A sampling EagleDrafter needs a random key (PrefillInfo.rng).")
+    lengths_B = prefill.lengths_B
+    nxt_BxP = jnp.concatenate([tokens_BxP[:, 1:], jnp.zeros((b, 1), tokens_BxP.dtype)], axis=1)
+    nxt_BxP = jnp.where(jnp.arange(p)[None] == (lengths_B - 1)[:, None], prefill.first_B[:, None], nxt_BxP)
+    cache = jax.lax.optimization_barrier(self.draft.init_cache(b, prefill.capacity))
+    pos_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    out_BxPxD, cache = self.draft.forward(draft_params, hidden, nxt_BxP.astype(jnp.int32), pos_BxP, cache,
+                                          _causal(b, p))
+    feat_BxD = jnp.take_along_axis(out_BxPxD, (lengths_B - 1)[:, None, None], axis=1)[:, 0]
+    rng = prefill.rng if prefill.rng is not None else jax.random.key(0)
+    return EagleState(cache=cache.advance(lengths_B), feat_BxD=feat_BxD, rng=rng, forwards=jnp.int32(0))
+
+  def stats(self, dstate: EagleState) -> dict:
+    return {"draft_forwards": dstate.forwards}
+
+  def propose(self, draft_params, dstate: EagleState, loop) -> tuple[Draft, EagleState]:
+    rng, r = jax.random.split(dstate.rng)
+    keys = jax.random.split(r, self.gamma)
+    b = dstate.feat_BxD.shape[0]
+    choose = lambda key, feat_BxD: draw(self.warp, self.greedy, key,
+                                        self.draft.logits(draft_params, feat_BxD[:, None])[:, 0], loop.sp)[:2]
+    tok_B, q_BxV = choose(keys[0], dstate.feat_BxD)
+
+    def one(carry, key):
+      cache, feat_BxD, tok_B = carry
+      out_Bx1xD, cache = self.draft.forward(draft_params, feat_BxD[:, None], tok_B[:, None], cache.lengths[:, None],
+                                            cache, jnp.ones((b, 1, 1), bool))
+      nxt_B, q_BxV = choose(key, out_Bx1xD[:, 0])
+      return (cache.advance(jnp.ones((b,), jnp.int32)), out_Bx1xD[:, 0], nxt_B), (nxt_B, q_BxV)
+
+    (cache, _, _), (rest_MxB, rest_q_MxBxV) = jax.lax.scan(one, (dstate.cache, dstate.feat_BxD, tok_B), keys[1:])
+    tokens_BxN = jnp.concatenate([tok_B[:, None], rest_MxB.T], axis=1)
+    q_BxNxV = jnp.concatenate([q_BxV[:, None], jnp.moveaxis(rest_q_MxBxV, 0, 1)], axis=1)
+    n = self.gamma
+    draft = Draft(tokens_BxN=tokens_BxN,
+                  depth_BxN=jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (b, n)),
+                  mask_BxNxN=_causal(b, n),
+                  parent_BxN=jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (b, n)),
+                  probs_BxNxV=q_BxNxV)
+    return draft, dstate.replace(cache=cache, rng=rng, forwards=dstate.forwards + (n - 1))
+
+  def update(self, draft_params, dstate: EagleState, verified: Verified) -> EagleState:
+    """Rewrites the step's entries with the target's features and keeps the committed ones."""
+    acc = verified.acceptance
+    if not acc.is_prefix:
+      raise ValueError("EagleDrafter drafts chains: its acceptance must keep a prefix of the block.")
+    active_B = verified.active_B
+    base_B = dstate.cache.lengths - (self.gamma - 1)  # the target's committed length before the step
+    hidden_BxTxD = verified.hidden_BxTxD
+    b, t = acc.emitted_BxT.shape
+    cache = dstate.cache.replace(lengths=base_B)
+    pos_BxT = base_B[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    out_BxTxD, cache = self.draft.forward(draft_params, hidden_BxTxD, acc.emitted_BxT, pos_BxT, cache, _causal(b, t))
+    n_B = jnp.where(active_B, acc.n_commit_B, 0)
+    feat_BxD = jnp.take_along_axis(out_BxTxD, jnp.maximum(n_B - 1, 0)[:, None, None], axis=1)[:, 0]
+    return dstate.replace(cache=cache.advance(n_B), feat_BxD=jnp.where(active_B[:, None], feat_BxD, dstate.feat_BxD),
+                          forwards=dstate.forwards + 1)

@@ -1,0 +1,213 @@
+"""Feature-level drafts (EAGLE): greedy equivalence, the draft state after ragged acceptance, the training passes
+against the decode loop's drafts, statistical exactness under sampling, a tiny training run, the folder format."""
+
+import dataclasses
+import json
+import types
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.decoding import generate as gen
+from jaxspec.decoding.accept import SampleAcceptance
+from jaxspec.decoding.eagle import EagleDrafter
+from jaxspec.decoding.protocol import Acceptance, PrefillInfo, Verified
+from jaxspec.decoding.sampling import SamplingParams, Warp
+from jaxspec.errors import InputError, ModelLoadError
+from jaxspec.models.eagle import EagleDraft, load_eagle, save_eagle
+from tests.conftest import make_tiny
+from tests.test_bpd import ByteTokenizer
+from tests.test_speculative import (chi2_pvalue, continuation_logits, drafter_sample_counts,  # noqa: F401
+                                    exact_distribution, per_row_sample_counts, stat_models)
+from training.config import ConfigError
+from training.eagle import EagleTrainConfig, pass_masks, train_eagle, unrolled_outputs
+from training.tasks import load_task_config
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9] * 11]
+NEW = 20
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+def random_draft(model, params, seed=3, vocab_ids=None, scale=1.0):
+  draft = EagleDraft(model.cfg, 1)
+  dp = draft.init_params(jax.random.key(seed), params, vocab_ids, init="random")
+  dp["fc"] = jax.tree.map(lambda x: x * scale, dp["fc"])
+  return draft, dp
+
+
+def features(model, params, tokens):
+  """The target's final hidden states `[1, L, D]` over one sequence (teacher-forced)."""
+  t = len(tokens)
+  _, hidden, _ = model.forward(params, jnp.asarray([tokens], jnp.int32), jnp.arange(t)[None], model.init_cache(1, t),
+                               jnp.tril(jnp.ones((1, t, t), bool)), logits=False)
+  return hidden
+
+
+def prefill_info(model, params, prompt, first, rng=None):
+  hidden = features(model, params, prompt)
+  return PrefillInfo(jnp.asarray([prompt], jnp.int32), jnp.asarray([len(prompt)], jnp.int32), hidden[:, -1],
+                     jnp.zeros((1, model.vocab_size)), jnp.asarray([first], jnp.int32), capacity=64,
+                     rng=rng if rng is not None else jax.random.key(0), hidden_BxQxD=hidden)
+
+
+@pytest.mark.parametrize("gamma", [1, 3])
+def test_eagle_equals_greedy(tiny, gamma):
+  model, params = tiny
+  draft, dp = random_draft(model, params)
+  ref = gen.generate(model, params, PROMPTS, max_new_tokens=NEW).tokens
+  res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=EagleDrafter(draft, gamma), draft_params=dp)
+  assert res.tokens == ref
+  assert res.drafter_calls == gamma * res.target_calls
+  assert int(res.drafter_stats["draft_forwards"]) == gamma * res.target_calls
+
+
+def test_training_passes_are_the_drafts_decoding_makes(tiny):
+  """Pass s of the unrolled training forward, at entry t0 + s - 1, gives exactly the distribution the decode loop's
+  drafter samples draft token s from when its step starts after entry t0 (same cache, same masks)."""
+  model, params = tiny
+  draft, dp = random_draft(model, params, scale=3.0)
+  prefix = [5, 17, 33, 2, 90, 41, 7, 64]  # x_0 .. x_{t0 + 1}: prompt x_0..x_t0, then the pending token
+  t0 = len(prefix) - 2
+  drafter = EagleDrafter(draft, 3, greedy=False)
+  state = drafter.init(dp, prefill_info(model, params, prefix[:-1], prefix[-1], rng=jax.random.key(5)))
+  proposed, _ = drafter.propose(dp, state, types.SimpleNamespace(sp=SamplingParams.make(1.0)))
+  drafted = [int(x) for x in proposed.tokens_BxN[0]]
+  seq = prefix + drafted
+  next_ = jnp.asarray([seq[1:] + [0]], jnp.int32)
+  outs = unrolled_outputs(draft, dp, features(model, params, seq), next_, 3)
+  for s in range(1, 4):
+    q_train = jax.nn.softmax(draft.logits(dp, outs[s - 1][:, t0 + s - 1][:, None])[:, 0])
+    np.testing.assert_allclose(q_train[0], proposed.probs_BxNxV[0, s - 1], atol=2e-5)
+  # The distributions are not trivially equal: they differ from pass to pass.
+  assert float(jnp.abs(proposed.probs_BxNxV[0, 0] - proposed.probs_BxNxV[0, 1]).max()) > 1e-3
+
+
+def test_pass_masks_on_a_small_case():
+  own, seen = pass_masks(4, 3)
+  assert own.tolist() == np.eye(4, dtype=bool).tolist()
+  # Pass 3 at t: pass-1 entries j <= t - 2, the pass-2 entry at t - 1.
+  assert seen[:, :4].astype(int).tolist() == [[0, 0, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0]]
+  assert seen[:, 4:].astype(int).tolist() == [[0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]
+  own, seen = pass_masks(3, 1)
+  assert seen is None and own.astype(int).tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+
+
+@pytest.mark.parametrize("n_commit", [1, 2, 4])
+def test_update_leaves_the_state_a_fresh_prefill_would(tiny, n_commit):
+  """After a verified step that commits n tokens, the draft's next-token feature is the one a prefill over the
+  committed sequence gives: the cache keeps no entry built on the draft's own guesses."""
+  model, params = tiny
+  draft, dp = random_draft(model, params, scale=3.0)
+  drafter = EagleDrafter(draft, 3)
+  prompt, pending = [5, 17, 33, 2, 90], 41
+  state = drafter.init(dp, prefill_info(model, params, prompt, pending))
+  proposal, state = drafter.propose(dp, state, types.SimpleNamespace(sp=SamplingParams.make(0.0)))
+  block = [pending] + [int(x) for x in proposal.tokens_BxN[0]]
+  correction = 77
+  emitted = block[1:n_commit] + [correction] + [0] * (4 - n_commit)
+  hidden = features(model, params, prompt + block)[:, len(prompt):]
+  acc = Acceptance(jnp.asarray([emitted], jnp.int32), jnp.arange(4)[None], jnp.asarray([n_commit], jnp.int32))
+  verified = Verified(proposal, jnp.zeros((1, 4, model.vocab_size)), hidden, acc, jnp.asarray([True]))
+  state = drafter.update(dp, state, verified)
+  fresh = drafter.init(dp, prefill_info(model, params, prompt + block[:n_commit], correction))
+  assert int(state.cache.lengths[0]) == int(fresh.cache.lengths[0]) == len(prompt) + n_commit
+  np.testing.assert_allclose(state.feat_BxD, fresh.feat_BxD, atol=1e-5)
+
+
+def test_eagle_sampling_is_exact(stat_models, continuation_logits):
+  """10^5 generations with a sampling feature-level draft follow the target's distribution (χ²), at two settings."""
+  target = stat_models[0]
+  draft, dp = random_draft(*target, seed=4, scale=2.0)
+  for temperature, top_p in [(1.0, 1.0), (0.7, 0.9)]:
+    warp = Warp(0, top_p < 1)
+    probs = exact_distribution(continuation_logits, warp, SamplingParams.make(temperature, top_p))
+    counts = drafter_sample_counts(target, EagleDrafter(draft, 2, warp, greedy=False), dp, temperature, top_p,
+                                   SampleAcceptance(warp))
+    pvalue = chi2_pvalue(counts, probs)
+    print(f"eagle T={temperature} top_p={top_p}: p = {pvalue:.3g}")
+    assert pvalue > 1e-3
+
+
+def test_eagle_sampling_with_a_subset_head_is_exact(stat_models, continuation_logits):
+  target = stat_models[0]
+  draft, dp = random_draft(*target, seed=4, vocab_ids=[0, 2, 3, 6], scale=2.0)
+  probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
+  counts = per_row_sample_counts(target, EagleDrafter(draft, 3, greedy=False), dp, SampleAcceptance())
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"eagle subset head: p = {pvalue:.3g}")
+  assert pvalue > 1e-3
+
+
+# ---- a tiny training run, the folder, config errors ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+  root = tmp_path_factory.mktemp("eagle")
+  prompts = root / "prompts.jsonl"
+  words = ["alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india", "juliet"]
+  prompts.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [f"{w} {i} {w[::-1]}"]})
+                               for i, w in enumerate(words * 4)) + "\n")
+  base = EagleTrainConfig()
+  cfg = dataclasses.replace(
+      base, out=str(root / "out"),
+      data=dataclasses.replace(base.data, prompts=str(prompts), max_new_tokens=48, gen_batch_size=40,
+                               dataset_dir=str(root / "data"), eval_fraction=0.1),
+      optim=dataclasses.replace(base.optim, lr=3e-3, warmup_steps=10, total_steps=60),
+      train=dataclasses.replace(base.train, steps=60, batch_size=8, seq_len=96, checkpoint_dir=str(root / "ckpt"),
+                                checkpoint_every=100, eval_every=60, log_every=20))
+  model, params = tiny
+  return cfg, train_eagle(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+
+
+def test_training_raises_agreement_and_the_result_decodes_exactly(tiny, trained):
+  cfg, summary = trained
+  before, after = summary["init_eval"], summary["final_eval"]
+  assert after["eval/kl_1"] < 0.7 * before["eval/kl_1"]
+  assert after["eval/agree_1"] > before["eval/agree_1"] + 0.2
+  assert after["eval/tau_proxy"] > before["eval/tau_proxy"] + 0.5
+  model, params = tiny
+  draft, dp = load_eagle(cfg.out, model, params)
+  prompts = [list(b"alpha 0 ahpla"), list(b"golf 6 flog")]
+  ref = gen.generate(model, params, prompts, max_new_tokens=40)
+  res = gen.generate(model, params, prompts, max_new_tokens=40, drafter=EagleDrafter(draft, 3), draft_params=dp)
+  assert res.tokens == ref.tokens
+  untrained, udp = random_draft(model, params)
+  base = gen.generate(model, params, prompts, max_new_tokens=40, drafter=EagleDrafter(untrained, 3),
+                      draft_params=udp)
+  assert res.tau > base.tau + 0.5
+
+
+def test_folder_round_trip_and_clear_errors(tiny, tmp_path):
+  model, params = tiny
+  draft, dp = random_draft(model, params, vocab_ids=[1, 5, 9, 200])
+  save_eagle(tmp_path / "d", draft, dp, dtype="float32")
+  d2, dp2 = load_eagle(tmp_path / "d", model, params)
+  assert d2 == draft
+  for a, b in zip(jax.tree.leaves(dp), jax.tree.leaves(dp2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ModelLoadError, match="does not hold a feature-level draft"):
+    load_eagle(tmp_path / "nothing", model, params)
+  other_model, other_params = make_tiny(seed=1)
+  with pytest.raises(ModelLoadError, match="fingerprint"):
+    load_eagle(tmp_path / "d", other_model, other_params)
+  wide_model, wide_params = make_tiny(seed=0, d_model=48)
+  with pytest.raises(ModelLoadError, match="another target"):
+    load_eagle(tmp_path / "d", wide_model, wide_params)
+  w = tmp_path / "d" / "model.safetensors"
+  w.write_bytes(w.read_bytes()[:200])
+  with pytest.raises(ModelLoadError, match="unreadable"):
+    load_eagle(tmp_path / "d", model, params)
+  with pytest.raises(InputError, match="gamma"):
+    EagleDrafter(draft, 0)
+
+
+def test_config_file_loads_and_rejects_bad_keys():
+  cfg, fn = load_task_config(str(CONFIGS / "eagle_smollm2.yaml"))
+  assert fn is train_eagle and cfg.eagle.n_layers == 1 and cfg.objective.unroll == 3
+  with pytest.raises(ConfigError, match="unrol"):
+    load_task_config(str(CONFIGS / "eagle_smollm2.yaml"), ["objective.unrol=2"])
+  with pytest.raises((ConfigError, ValueError), match="unroll"):
+    load_task_config(str(CONFIGS / "eagle_smollm2.yaml"), ["objective.unroll=0"])
