@@ -211,3 +211,50 @@ def test_config_file_loads_and_rejects_bad_keys():
     load_task_config(str(CONFIGS / "eagle_smollm2.yaml"), ["objective.unrol=2"])
   with pytest.raises((ConfigError, ValueError), match="unroll"):
     load_task_config(str(CONFIGS / "eagle_smollm2.yaml"), ["objective.unroll=0"])
+
+
+# ---- draft trees ---------------------------------------------------------------------------------------------
+
+def test_a_chain_tree_drafts_what_the_chain_drafter_drafts(tiny, trained):
+  """OPT-Tree's chain shape on the feature-level source proposes, step for step, the chain drafter's tokens: the
+  same accepted counts at every step (the tree's expansion and update feed the draft as the chain drafter does).
+  A wider tree from the same draft accepts more per step."""
+  from jaxspec.decoding.eagle import EagleTreeSource
+  from jaxspec.decoding.opt_tree import OptTreeDrafter
+
+  model, params = tiny
+  draft, dp = load_eagle(trained[0].out, model, params)
+  prompts = [list(b"alpha 0 ahpla"), list(b"golf 6 flog"), list(b"india 8")]
+  run = lambda drafter: gen.generate(model, params, prompts, max_new_tokens=40, drafter=drafter, draft_params=dp)
+  ref = gen.generate(model, params, prompts, max_new_tokens=40)
+  chain, tree = run(EagleDrafter(draft, 3)), run(OptTreeDrafter.chain(EagleTreeSource(draft, 1), 3))
+  assert tree.tokens == chain.tokens == ref.tokens
+  np.testing.assert_array_equal(tree.accept_hist, chain.accept_hist)
+  assert 1.5 < chain.tau < 4.0  # drafts were accepted and rejected: both cases were compared
+  wide = run(OptTreeDrafter(EagleTreeSource(draft, 3), nodes=12, depth=4, width=3, branch=3))
+  assert wide.tokens == ref.tokens
+  assert wide.tau > chain.tau
+
+
+def test_eagle_trees_equal_greedy_and_sample_exactly(tiny, stat_models, continuation_logits):
+  from jaxspec.decoding.eagle import EagleTreeSource
+  from jaxspec.decoding.opt_tree import OptTreeDrafter
+
+  model, params = tiny
+  draft, dp = random_draft(model, params, scale=3.0)
+  ref = gen.generate(model, params, PROMPTS, max_new_tokens=NEW)
+  res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, draft_params=dp,
+                     drafter=OptTreeDrafter(EagleTreeSource(draft, 2), nodes=8, depth=4, width=2, branch=2))
+  assert res.tokens == ref.tokens
+  with pytest.raises(ValueError, match="width"):
+    gen.generate(model, params, PROMPTS, max_new_tokens=4, draft_params=dp,
+                 drafter=OptTreeDrafter(EagleTreeSource(draft, 3), nodes=8, depth=4, width=2, branch=2))
+
+  target = stat_models[0]
+  sdraft, sdp = random_draft(*target, seed=4, scale=2.0)
+  probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
+  drafter = OptTreeDrafter(EagleTreeSource(sdraft, 2), nodes=5, depth=3, width=2, branch=2, warp=Warp())
+  counts = drafter_sample_counts(target, drafter, sdp, 1.0, 1.0, SampleAcceptance())
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"eagle tree: p = {pvalue:.3g}")
+  assert pvalue > 1e-3

@@ -268,6 +268,36 @@ def _spec(ctx: BenchContext, opts: dict) -> Runner:
   return _speculative_runner(ctx, draft, draft_params, opts)
 
 
+DEFAULT_EAGLE = ASSETS / "eagle_smollm2"
+
+
+def _eagle(ctx: BenchContext, opts: dict) -> Runner:
+  """A feature-level draft (`draft=` folder written by `jaxspec train configs/eagle_smollm2.yaml`)."""
+  from jaxspec.decoding.eagle import EagleDrafter
+  from jaxspec.decoding.sampling import Warp
+  from jaxspec.models.eagle import load_eagle
+  from jaxspec.models.llama import LlamaLM
+
+  path = Path(opts.get("draft", DEFAULT_EAGLE))
+  if not isinstance(ctx.model, LlamaLM):
+    raise Unavailable("feature-level drafts read a decoder-only LLaMA-family target's hidden states")
+  if not path.exists():
+    raise Unavailable(f"no feature-level draft at {path}: build the default one with `jaxspec train "
+                      "configs/eagle_smollm2.yaml`, or pass draft=PATH")
+  key = ("eagle", str(path))
+  if key not in ctx.cache:
+    try:
+      ctx.cache[key] = load_eagle(path, ctx.model, ctx.params)
+    except ModelLoadError as e:
+      raise Unavailable(str(e)) from None
+  draft, draft_params = ctx.cache[key]
+  warp = Warp(top_k=int(ctx.top_k), use_top_p=ctx.top_p < 1.0)
+  drafter = EagleDrafter(draft, int(opts.get("gamma", 4)), warp=warp, greedy=ctx.temperature == 0)
+  run = loop_runner(ctx, drafter, draft_params)
+  run.drafter, run.draft_params = drafter, draft_params
+  return run
+
+
 def _layerskip_lm(ctx: BenchContext, opts: dict) -> tuple:
   """The target's first `layers=` layers as a draft (default: a quarter of its decoder layers)."""
   from jaxspec.decoding.speculative import decoder_layers, layerskip_draft
@@ -294,20 +324,25 @@ def calibration_prompts(ctx: BenchContext, n: int = 4) -> list[list[int]]:
 
 
 def _tree_source(ctx: BenchContext, opts: dict):
-  """`(source, source params, draft forward model or None)` for opt-tree's `drafter=` option."""
+  """`(make_source(width), source params, max depth, draft forward model or None)` for opt-tree's `drafter=` option.
+  The draft model (LM drafters) lets `nodes=auto` measure a draft forward's cost."""
   from jaxspec.decoding.opt_tree import HeadsTreeSource, LMTreeSource
 
   kind = opts.get("drafter", "heads")
   if kind == "heads":
     bpd, dp = _load_heads(ctx, {k: v for k, v in opts.items() if k == "heads"})
-    return HeadsTreeSource(bpd), dp, None
+    return (lambda width: HeadsTreeSource(bpd)), dp, bpd.num_heads, None
+  if kind == "eagle":
+    from jaxspec.decoding.eagle import EagleTreeSource
+    run = _eagle(ctx, {k: v for k, v in opts.items() if k == "draft"})
+    return (lambda width: EagleTreeSource(run.drafter.draft, width)), run.draft_params, 8, None
   if kind == "layerskip":
     lm, lm_params = _layerskip_lm(ctx, opts)
   elif kind == "draft":
     lm, lm_params = _draft_with_vocab(ctx, opts)
   else:
-    raise InputError(f"opt-tree drafter {kind!r} is not one of heads, layerskip, draft.")
-  return LMTreeSource(lm), lm_params, (lm, lm_params)
+    raise InputError(f"opt-tree drafter {kind!r} is not one of heads, eagle, layerskip, draft.")
+  return (lambda width: LMTreeSource(lm)), lm_params, 8, (lm, lm_params)
 
 
 def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
@@ -318,11 +353,10 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   from jaxspec.decoding.sampling import Warp
   from jaxspec.bench.cost import forward_cost
 
-  source, sp, lm = _tree_source(ctx, opts)
+  make_source, sp, max_depth, lm = _tree_source(ctx, opts)
   warp = Warp(top_k=int(ctx.top_k), use_top_p=ctx.top_p < 1.0) if ctx.temperature > 0 else None
   shape = opts.get("shape", "dynamic")
   width, branch = int(opts.get("width", 4)), int(opts.get("branch", 4))
-  max_depth = source.bpd.num_heads if lm is None else 8
   depth = int(opts.get("depth", min(6, max_depth)))
   threshold = float(opts.get("threshold", 0.0))
   notes = []
@@ -338,8 +372,8 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
     key = ("opt-tree-calibration", opts.get("drafter", "heads"), opts.get("heads"), opts.get("layers"),
            opts.get("draft"), width, branch)
     if key not in ctx.cache:
-      stats = calibrate(OptTreeDrafter(source, nodes=big_n, depth=big_d, width=max(width, 8), branch=max(branch, 8)),
-                        sp)
+      stats = calibrate(OptTreeDrafter(make_source(max(width, 8)), nodes=big_n, depth=big_d, width=max(width, 8),
+                                       branch=max(branch, 8)), sp)
       grid = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
       verify = forward_cost(ctx.model, ctx.params, [n + 1 for n in grid], context=256)
       draft_step = draft_base = 0.0
@@ -357,10 +391,11 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   depth = min(depth, nodes)
   dp = sp
   if shape == "chain":
-    drafter = OptTreeDrafter.chain(source, nodes, warp)
+    drafter = OptTreeDrafter.chain(make_source(1), nodes, warp)
   else:
     branch = max(branch, -(-nodes // (width * depth)))
-    drafter = OptTreeDrafter(source, nodes=nodes, depth=depth, width=width, branch=branch, threshold=threshold,
+    drafter = OptTreeDrafter(make_source(width), nodes=nodes, depth=depth, width=width, branch=branch,
+                             threshold=threshold,
                              shape=shape, warp=warp)
     if shape == "static":  # Medusa-style: a fixed tree from the drafter's calibrated confidence by depth and rank
       dyn = dataclasses.replace(drafter, shape="dynamic", threshold=0.0)
@@ -442,6 +477,9 @@ for _spec in [
                "expects >= G accepted tokens, else takes a one-token step; vocab=full scores the whole vocabulary "
                "(default auto: only the draft's training tokens when its folder lists them)", True, _spec,
                options=("draft", "gamma", "stop", "gate", "vocab")),
+    MethodSpec("eagle", "speculative sampling with a feature-level draft (EAGLE, Li et al. 2024): one layer that "
+               "reads the target's hidden states; default draft jaxspec/assets/eagle_smollm2", True, _eagle,
+               options=("draft", "gamma")),
     MethodSpec("lookup", "prompt lookup: the tokens after the latest match of the context's last n-gram, no model; "
                "gate=G verifies a draft only when its match is >= G tokens long, else takes a one-token step",
                True, _lookup, options=("n", "ngram", "gate")),
@@ -453,7 +491,7 @@ for _spec in [
                "the distilled model, which may differ from the base", False, _cllm, options=("lora", "n")),
     MethodSpec("opt-tree", "draft trees grown to maximise expected acceptance length under a node budget (Wang et al. "
                "2024); shape=static / shape=chain: fixed trees on the same drafter; nodes=auto picks the budget from "
-               "the measured verify cost", True, _opt_tree,
+               "the measured verify cost; drafter=heads|eagle|draft|layerskip", True, _opt_tree,
                options=("drafter", "heads", "layers", "draft", "vocab", "nodes", "depth", "width", "branch",
                         "threshold", "shape")),
     MethodSpec("t5x-greedy", "T5X's decoding.temperature_sample(temperature=0) driving the same model (baseline)",

@@ -148,3 +148,97 @@ class EagleDrafter:
     feat_BxD = jnp.take_along_axis(out_BxTxD, jnp.maximum(n_B - 1, 0)[:, None, None], axis=1)[:, 0]
     return dstate.replace(cache=cache.advance(n_B), feat_BxD=jnp.where(active_B[:, None], feat_BxD, dstate.feat_BxD),
                           forwards=dstate.forwards + 1)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Draft trees (OPT-Tree / EAGLE-2): the same draft as a source for `jaxspec.decoding.opt_tree.OptTreeDrafter`.
+
+
+@flax.struct.dataclass
+class EagleSourceState:
+  """The draft cache (the target's L committed positions), the predicted feature at the pending token's position and
+  the committed length before the last propose (idle rows return to it)."""
+
+  cache: Any
+  feat_BxD: Array
+  base_B: Array
+  path_len: int = flax.struct.field(pytree_node=False, default=1)  # entries `update` rewrites: depth + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class EagleTreeSource:
+  """Tree distributions from a feature-level draft.
+
+  A tree node's entry is (its parent's predicted feature, its token): depth-1 nodes read the feature the last update
+  predicted for the pending token's position, deeper nodes their parent's output. Each depth is one W-entry forward
+  whose entries are written past the committed length and read their ancestors' entries through a per-entry cache
+  mask, as `LMTreeSource` does. After verification `update` rewrites the accepted path's entries with the target's
+  features (one forward of depth + 1 entries), which also predicts the next root's feature.
+
+  Attributes:
+    draft: the draft.
+    width: W of the `OptTreeDrafter` it serves (the frontier's size, static: the growth loop carries W features).
+  """
+
+  draft: EagleDraft
+  width: int
+
+  def calls(self, depth: int) -> int:
+    return depth  # depth - 1 expansions and the update
+
+  def to_tokens(self, draft_params, idx):
+    return idx.astype(jnp.int32)
+
+  def init(self, draft_params, prefill: PrefillInfo, extra_slots: int, depth: int) -> EagleSourceState:
+    chain = EagleDrafter(self.draft, 1)
+    state = chain.init(draft_params, prefill.replace(capacity=prefill.capacity + extra_slots))
+    return EagleSourceState(state.cache, state.feat_BxD, state.cache.lengths, path_len=depth + 1)
+
+  def begin(self, draft_params, sstate: EagleSourceState, loop, logp_fn):
+    logp_BxV = logp_fn(self.draft.logits(draft_params, sstate.feat_BxD[:, None])[:, 0])
+    b, d = sstate.feat_BxD.shape
+    prev_BxWxD = jnp.broadcast_to(sstate.feat_BxD[:, None], (b, self.width, d))
+    return logp_BxV, (sstate.cache, prev_BxWxD), sstate.replace(base_B=sstate.cache.lengths)
+
+  def expand(self, draft_params, ctx, d: Array, front_BxW: Array, anc_BxWxR: Array, logp_fn):
+    """Log-probabilities `[B, W, V]` of the children of the depth-(d-1) frontier; writes the frontier's entries."""
+    cache, prev_BxPxD = ctx
+    b, w = front_BxW.shape
+    if w != self.width:
+      raise ValueError(f"EagleTreeSource(width={self.width}) serves a tree of width {self.width}, not {w}.")
+    r = anc_BxWxR.shape[-1]
+    # The parent of each frontier node: the root's feature at depth 1, else its frontier slot one depth up.
+    slots_R = jnp.arange(r)
+    in_prev = (slots_R >= (d - 3) * w) & (slots_R < (d - 2) * w)
+    parent_BxW = jnp.argmax(anc_BxWxR & in_prev[None, None], axis=-1) - (d - 3) * w
+    parent_BxW = jnp.where(d > 2, jnp.clip(parent_BxW, 0, prev_BxPxD.shape[1] - 1), 0)
+    feat_BxWxD = jnp.take_along_axis(prev_BxPxD, parent_BxW[:, :, None], axis=1)
+    committed_B = cache.lengths
+    rel_BxS = jnp.arange(cache.capacity, dtype=jnp.int32)[None] - committed_B[:, None]
+    in_tree_BxS = (rel_BxS >= 0) & (rel_BxS < r)
+    anc_BxWxS = jnp.take_along_axis(anc_BxWxR, jnp.clip(rel_BxS, 0, r - 1)[:, None, :].repeat(w, axis=1), axis=2)
+    visible_BxWxS = (rel_BxS < 0)[:, None] | (in_tree_BxS[:, None] & anc_BxWxS)
+    positions_BxW = jnp.broadcast_to((committed_B + d - 2)[:, None], (b, w))
+    eye = jnp.broadcast_to(jnp.eye(w, dtype=bool), (b, w, w))
+    out_BxWxD, cache = self.draft.forward(draft_params, feat_BxWxD, front_BxW, positions_BxW,
+                                          cache.replace(lengths=committed_B + (d - 2) * w), eye, visible_BxWxS)
+    logp_BxWxV = logp_fn(self.draft.logits(draft_params, out_BxWxD))
+    return logp_BxWxV, (cache.replace(lengths=committed_B), jnp.broadcast_to(out_BxWxD, (b, w, out_BxWxD.shape[-1])))
+
+  def update(self, draft_params, sstate: EagleSourceState, ctx, verified: Verified) -> EagleSourceState:
+    """Rewrites the accepted path's entries with the target's features; idle rows keep their state."""
+    cache, _ = ctx
+    acc = verified.acceptance
+    active_B = verified.active_B
+    u = min(sstate.path_len, acc.path_BxT.shape[1])
+    path_BxU = acc.path_BxT[:, :u]
+    hidden_BxUxD = jnp.take_along_axis(verified.hidden_BxTxD, path_BxU[:, :, None], axis=1)
+    b = path_BxU.shape[0]
+    base_B = sstate.base_B
+    pos_BxU = base_B[:, None] + jnp.arange(u, dtype=jnp.int32)[None]
+    out_BxUxD, cache = self.draft.forward(draft_params, hidden_BxUxD, acc.emitted_BxT[:, :u], pos_BxU,
+                                          cache.replace(lengths=base_B), _causal(b, u))
+    n_B = jnp.where(active_B, acc.n_commit_B, 0)
+    feat_BxD = jnp.take_along_axis(out_BxUxD, jnp.maximum(n_B - 1, 0)[:, None, None], axis=1)[:, 0]
+    return sstate.replace(cache=cache.advance(n_B),
+                          feat_BxD=jnp.where(active_B[:, None], feat_BxD, sstate.feat_BxD))
