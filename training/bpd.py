@@ -52,6 +52,11 @@ class DataSection:
   gen_batch_size: int = 16
   text_files: tuple[str, ...] = ()  # plain text, used instead of self-distillation when given
   dataset_dir: str = "runs/bpd/data"
+  samples: int = 1  # continuations per prompt (more than 1 needs temperature > 0)
+  temperature: float = 0.0  # 0: the target's greedy continuations; above 0: sampled ones
+  # With temperature > 0: also the greedy continuations of the same prompts, from (or built into) this folder, e.g.
+  # the BPD run's dataset_dir; None: the sampled continuations only.
+  greedy_dataset_dir: Optional[str] = None
   eval_fraction: float = 0.05
   loss_on_prompt: bool = False  # also train on positions inside the prompt
 
@@ -88,9 +93,15 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
   if cfg.data.text_files:
     return datasets.text_sequences(tokenizer, cfg.data.text_files, cfg.data.dataset_dir, seq_len=cfg.train.seq_len)
   texts = datasets.read_prompt_texts(cfg.data.prompts, cfg.data.limit)
-  return datasets.self_distill(model, params, tokenizer, texts, cfg.data.dataset_dir,
+  seqs = datasets.self_distill(model, params, tokenizer, texts, cfg.data.dataset_dir,
                                max_new_tokens=cfg.data.max_new_tokens, batch_size=cfg.data.gen_batch_size,
-                               progress=progress)
+                               samples=cfg.data.samples, temperature=cfg.data.temperature, progress=progress)
+  if cfg.data.greedy_dataset_dir and cfg.data.temperature > 0:
+    more = datasets.self_distill(model, params, tokenizer, texts, cfg.data.greedy_dataset_dir,
+                                 max_new_tokens=cfg.data.max_new_tokens, batch_size=cfg.data.gen_batch_size,
+                                 progress=progress)
+    seqs = datasets.Sequences(more.tokens + seqs.tokens, np.concatenate([more.prompt_lens, seqs.prompt_lens]))
+  return seqs
 
 
 def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int = 8,

@@ -38,11 +38,18 @@ class Sequences:
     return int(sum(len(t) for t in self.tokens))
 
   def split(self, eval_fraction: float, seed: int = 0) -> tuple["Sequences", "Sequences"]:
-    """A deterministic split into (train, eval) by sequence."""
-    order = np.random.default_rng(seed).permutation(len(self))
-    n_eval = max(1, int(round(eval_fraction * len(self)))) if eval_fraction > 0 else 0
-    pick = lambda idx: Sequences([self.tokens[i] for i in idx], self.prompt_lens[idx])
-    return pick(np.sort(order[n_eval:])), pick(np.sort(order[:n_eval]))
+    """A deterministic split into (train, eval) by prompt: sequences that share their prompt part (several samples
+    of one prompt) land on the same side. Without repeated prompts this is a split by sequence."""
+    groups: dict[bytes, list[int]] = {}
+    for i, (t, p) in enumerate(zip(self.tokens, self.prompt_lens)):
+      key = np.asarray(t[:p], np.int32).tobytes() if p > 0 else i.to_bytes(8, "little") + b"#"
+      groups.setdefault(key, []).append(i)
+    members = list(groups.values())
+    order = np.random.default_rng(seed).permutation(len(members))
+    n_eval = max(1, int(round(eval_fraction * len(members)))) if eval_fraction > 0 else 0
+    pick = lambda gs: Sequences([self.tokens[i] for i in sorted(j for g in gs for j in members[g])],
+                                self.prompt_lens[sorted(j for g in gs for j in members[g])])
+    return pick(order[n_eval:]), pick(order[:n_eval])
 
 
 def _write_shard(path: Path, seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> None:
@@ -79,12 +86,14 @@ def load_sequences(folder: str | os.PathLike) -> Sequences:
 
 
 def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str | os.PathLike, *,
-                 max_new_tokens: int = 192, batch_size: int = 16, shard_size: int = 64,
-                 progress: bool = True) -> Sequences:
-  """Writes the target's greedy continuations of the prompts (prompt + continuation per sequence) to `out`.
+                 max_new_tokens: int = 192, batch_size: int = 16, shard_size: int = 64, samples: int = 1,
+                 temperature: float = 0.0, progress: bool = True) -> Sequences:
+  """Writes the target's continuations of the prompts (prompt + continuation per sequence) to `out`.
 
-  Prompts are sorted by length so each batch pads little; shards hold `shard_size` sequences and are skipped when
-  they already exist, so a killed run continues where it stopped.
+  `temperature` 0 writes the greedy continuation of each prompt; above 0, `samples` sampled continuations of each
+  (seeded by shard and batch, so a rerun writes the same data). Prompts are sorted by length so each batch pads
+  little; shards hold `shard_size` sequences and are skipped when they already exist, so a killed run continues
+  where it stopped.
   """
   from jaxspec.decoding.generate import generate
 
@@ -92,10 +101,16 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   out.mkdir(parents=True, exist_ok=True)
   from jaxspec.bench.runner import chat_prompt_ids
 
+  if samples < 1 or temperature < 0 or (samples > 1 and temperature == 0):
+    raise InputError(f"self-distillation takes samples >= 1 and temperature >= 0, and several samples of a prompt "
+                     f"need temperature > 0 (got samples={samples}, temperature={temperature}).")
   ids = chat_prompt_ids(tokenizer, prompt_texts)
   order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+  order = [i for i in order for _ in range(samples)]
   meta = {"kind": "self-distillation", "num_prompts": len(ids), "max_new_tokens": max_new_tokens,
           "shard_size": shard_size}
+  if temperature > 0:  # greedy datasets keep the meta they were written with
+    meta.update(temperature=temperature, samples=samples)
   meta_path = out / "meta.json"
   if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
     raise InputError(f"{out} holds a dataset built with other settings ({meta_path}); use another folder.")
@@ -111,7 +126,8 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
     seqs, plens = [], []
     for bi in range(0, len(shard), batch_size):
       rows = [ids[i] for i in shard[bi:bi + batch_size]]
-      res = generate(model, params, rows, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_id or 0)
+      res = generate(model, params, rows, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_id or 0,
+                     temperature=temperature, seed=si * 100_003 + bi)
       for p, t in zip(rows, res.tokens):
         seqs.append(list(p) + list(t))
         plens.append(len(p))
