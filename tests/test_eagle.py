@@ -62,6 +62,10 @@ def test_eagle_equals_greedy(tiny, gamma):
   assert res.tokens == ref
   assert res.drafter_calls == gamma * res.target_calls
   assert int(res.drafter_stats["draft_forwards"]) == gamma * res.target_calls
+  # A gate no draft reaches: every step is a one-token step, still greedy.
+  res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=EagleDrafter(draft, gamma, gate=gamma),
+                     draft_params=dp)
+  assert res.tokens == ref and res.tau == 1.0
 
 
 def test_training_passes_are_the_drafts_decoding_makes(tiny):
@@ -131,13 +135,14 @@ def test_eagle_sampling_is_exact(stat_models, continuation_logits):
     assert pvalue > 1e-3
 
 
-def test_eagle_sampling_with_a_subset_head_is_exact(stat_models, continuation_logits):
+def test_gated_eagle_sampling_with_a_subset_head_is_exact(stat_models, continuation_logits):
+  """A draft that proposes 4 of the 8 tokens, gated per row (some rows verify, some take one-token steps)."""
   target = stat_models[0]
   draft, dp = random_draft(*target, seed=4, vocab_ids=[0, 2, 3, 6], scale=2.0)
   probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
-  counts = per_row_sample_counts(target, EagleDrafter(draft, 3, greedy=False), dp, SampleAcceptance())
+  counts = per_row_sample_counts(target, EagleDrafter(draft, 3, greedy=False, gate=0.6), dp, SampleAcceptance())
   pvalue = chi2_pvalue(counts, probs)
-  print(f"eagle subset head: p = {pvalue:.3g}")
+  print(f"gated eagle, subset head: p = {pvalue:.3g}")
   assert pvalue > 1e-3
 
 

@@ -292,7 +292,8 @@ def _eagle(ctx: BenchContext, opts: dict) -> Runner:
       raise Unavailable(str(e)) from None
   draft, draft_params = ctx.cache[key]
   warp = Warp(top_k=int(ctx.top_k), use_top_p=ctx.top_p < 1.0)
-  drafter = EagleDrafter(draft, int(opts.get("gamma", 4)), warp=warp, greedy=ctx.temperature == 0)
+  drafter = EagleDrafter(draft, int(opts.get("gamma", 4)), warp=warp, greedy=ctx.temperature == 0,
+                         gate=float(opts.get("gate", 0.0)))
   run = loop_runner(ctx, drafter, draft_params)
   run.drafter, run.draft_params = drafter, draft_params
   return run
@@ -478,8 +479,9 @@ for _spec in [
                "(default auto: only the draft's training tokens when its folder lists them)", True, _spec,
                options=("draft", "gamma", "stop", "gate", "vocab")),
     MethodSpec("eagle", "speculative sampling with a feature-level draft (EAGLE, Li et al. 2024): one layer that "
-               "reads the target's hidden states; default draft jaxspec/assets/eagle_smollm2", True, _eagle,
-               options=("draft", "gamma")),
+               "reads the target's hidden states; default draft jaxspec/assets/eagle_smollm2; gate=G verifies a "
+               "draft only when it expects >= G accepted tokens, else takes a one-token step", True, _eagle,
+               options=("draft", "gamma", "gate")),
     MethodSpec("lookup", "prompt lookup: the tokens after the latest match of the context's last n-gram, no model; "
                "gate=G verifies a draft only when its match is >= G tokens long, else takes a one-token step",
                True, _lookup, options=("n", "ngram", "gate")),

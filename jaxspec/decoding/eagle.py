@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified
 from jaxspec.decoding.sampling import Warp
-from jaxspec.decoding.speculative import draw
+from jaxspec.decoding.speculative import draw, gate_score
 from jaxspec.errors import InputError
 from jaxspec.models.eagle import EagleDraft
 
@@ -60,17 +60,23 @@ class EagleDrafter:
     gamma: γ, drafted tokens per step (>= 1).
     warp: the static part of the sampling rule; use the acceptor's, so q is warped as the target's p is.
     greedy: draft the argmax (q a point mass); False samples each token from the draft's warped distribution.
+    gate: with `gate > 0` a step verifies the block only when some active row's draft expects at least `gate`
+      accepted tokens, else it is a one-token target step (as `DraftModelDrafter.gate`, and exact the same way).
   """
 
   draft: EagleDraft
   gamma: int
   warp: Warp = Warp()
   greedy: bool = True
+  gate: float = 0.0
   is_chain = True
 
   def __post_init__(self):
     if self.gamma < 1:
       raise InputError(f"gamma (draft tokens per step) must be >= 1, got {self.gamma}")
+    if not 0.0 <= self.gate <= self.gamma:
+      raise InputError(f"gate (the expected accepted tokens a draft needs to be verified) must be in [0, gamma="
+                       f"{self.gamma}], got {self.gate}")
 
   @property
   def num_nodes(self) -> int:
@@ -111,25 +117,30 @@ class EagleDrafter:
     keys = jax.random.split(r, self.gamma)
     b = dstate.feat_BxD.shape[0]
     choose = lambda key, feat_BxD: draw(self.warp, self.greedy, key,
-                                        self.draft.logits(draft_params, feat_BxD[:, None])[:, 0], loop.sp)[:2]
-    tok_B, q_BxV = choose(keys[0], dstate.feat_BxD)
+                                        self.draft.logits(draft_params, feat_BxD[:, None])[:, 0], loop.sp,
+                                        confidence=self.gate > 0)
+    tok_B, q_BxV, conf_B = choose(keys[0], dstate.feat_BxD)
 
     def one(carry, key):
       cache, feat_BxD, tok_B = carry
       out_Bx1xD, cache = self.draft.forward(draft_params, feat_BxD[:, None], tok_B[:, None], cache.lengths[:, None],
                                             cache, jnp.ones((b, 1, 1), bool))
-      nxt_B, q_BxV = choose(key, out_Bx1xD[:, 0])
-      return (cache.advance(jnp.ones((b,), jnp.int32)), out_Bx1xD[:, 0], nxt_B), (nxt_B, q_BxV)
+      nxt_B, q_BxV, conf_B = choose(key, out_Bx1xD[:, 0])
+      return (cache.advance(jnp.ones((b,), jnp.int32)), out_Bx1xD[:, 0], nxt_B), (nxt_B, q_BxV, conf_B)
 
-    (cache, _, _), (rest_MxB, rest_q_MxBxV) = jax.lax.scan(one, (dstate.cache, dstate.feat_BxD, tok_B), keys[1:])
+    (cache, _, _), (rest_MxB, rest_q_MxBxV, rest_conf_MxB) = jax.lax.scan(
+        one, (dstate.cache, dstate.feat_BxD, tok_B), keys[1:])
     tokens_BxN = jnp.concatenate([tok_B[:, None], rest_MxB.T], axis=1)
     q_BxNxV = jnp.concatenate([q_BxV[:, None], jnp.moveaxis(rest_q_MxBxV, 0, 1)], axis=1)
+    conf_BxN = jnp.concatenate([conf_B[:, None], rest_conf_MxB.T], axis=1)
     n = self.gamma
     draft = Draft(tokens_BxN=tokens_BxN,
                   depth_BxN=jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (b, n)),
                   mask_BxNxN=_causal(b, n),
                   parent_BxN=jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (b, n)),
                   probs_BxNxV=q_BxNxV)
+    if self.gate > 0:
+      draft = draft.replace(verify_B=gate_score(self.greedy, draft, conf_BxN) >= self.gate)
     return draft, dstate.replace(cache=cache, rng=rng, forwards=dstate.forwards + (n - 1))
 
   def update(self, draft_params, dstate: EagleState, verified: Verified) -> EagleState:

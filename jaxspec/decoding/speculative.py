@@ -112,6 +112,17 @@ def draw(warp: Warp, greedy: bool, rng: Array, logits_BxV: Array, sp: SamplingPa
   return tok_B, jnp.exp(logq_BxV), jnp.exp(jnp.take_along_axis(logq_BxV, tok_B[:, None], axis=-1)[:, 0])
 
 
+def gate_score(greedy: bool, draft: Draft, conf_BxN: Array) -> Array:
+  """`[B]` score a chain draft must reach to be verified: expected accepted tokens Σ_i Π_{j<=i} c_j for greedy drafts
+  (confidences after a stop are 0); for sampling drafts Σ_{i<=γ} m^i from m = max q_1 alone, the top probability of
+  the first draft distribution, which no draw has touched (a score that read the draws would bias the output)."""
+  if greedy:
+    return jnp.sum(jnp.cumprod(conf_BxN, axis=-1), axis=-1)
+  m_B = jnp.max(draft.probs_BxNxV[:, 0], axis=-1)
+  gamma = draft.tokens_BxN.shape[1]
+  return jnp.sum(m_B[:, None] ** jnp.arange(1, gamma + 1, dtype=jnp.float32)[None], axis=-1)
+
+
 @flax.struct.dataclass
 class DraftState:
   """What the drafter carries across steps.
@@ -232,12 +243,7 @@ class DraftModelDrafter:
     return draft, dstate.replace(rng=rng)
 
   def gate_score(self, draft: Draft, conf_BxN: Array) -> Array:
-    """`[B]` score a draft must reach to be verified (see `gate`): expected accepted tokens for greedy drafts
-    (confidences after a stop are 0); for sampling drafts the same from max q_1 alone."""
-    if self.greedy:
-      return jnp.sum(jnp.cumprod(conf_BxN, axis=-1), axis=-1)
-    m_B = jnp.max(draft.probs_BxNxV[:, 0], axis=-1)
-    return jnp.sum(m_B[:, None] ** jnp.arange(1, self.gamma + 1, dtype=jnp.float32)[None], axis=-1)
+    return gate_score(self.greedy, draft, conf_BxN)
 
   def roll(self, draft_params, dstate: DraftState, pending_B: Array, choose, xs, until=None,
            live_B: Array | None = None) -> tuple[Array, Any, DraftState]:
