@@ -264,3 +264,34 @@ def test_joint_training_leaves_the_callers_params_alive(tiny):
   model, params = tiny  # the session fixture: the joint test above must not have donated its arrays
   leaves = jax.tree.leaves(params)
   assert all(not leaf.is_deleted() for leaf in leaves)
+
+
+def test_sampled_self_distillation_is_reproducible_and_splits_by_prompt(tmp_path):
+  from jaxspec.errors import InputError
+  from jaxspec.models.llama import LlamaLM, tiny_config
+  from training import datasets
+
+  model = LlamaLM(tiny_config(vocab_size=TINY_VOCAB))  # spread-out next-token distributions: samples differ
+  params = model.init_params(jax.random.key(0))
+  texts = ["alpha 1", "bravo 22", "charlie 333", "delta 4444"]
+  build = lambda out, **kw: datasets.self_distill(model, params, ByteTokenizer(), texts, out, max_new_tokens=12,
+                                                  batch_size=5, shard_size=6, progress=False, **kw)
+  seqs = build(tmp_path / "s", samples=3, temperature=1.0)
+  assert len(seqs) == 12
+  prompts = [tuple(t[:p]) for t, p in zip(seqs.tokens, seqs.prompt_lens)]
+  assert sorted(set(prompts)) == sorted(tuple(ByteTokenizer().encode(x)) for x in texts)
+  assert all(prompts.count(p) == 3 for p in set(prompts))
+  assert len({tuple(t) for t in seqs.tokens}) > 4  # several different continuations of a prompt
+  # A killed run redoes only its missing shard, and writes the same sequences (seeded by shard and batch).
+  (tmp_path / "s" / "shard_00001.npz").unlink()
+  again = build(tmp_path / "s", samples=3, temperature=1.0)
+  assert [t.tolist() for t in again.tokens] == [t.tolist() for t in seqs.tokens]
+  # Every sample of a prompt is on the same side of the split.
+  train, ev = seqs.split(0.25)
+  ev_prompts = {tuple(t[:p]) for t, p in zip(ev.tokens, ev.prompt_lens)}
+  assert len(ev) == 3 and len(ev_prompts) == 1
+  assert not ev_prompts & {tuple(t[:p]) for t, p in zip(train.tokens, train.prompt_lens)}
+  with pytest.raises(InputError, match="temperature > 0"):
+    build(tmp_path / "g", samples=2)
+  with pytest.raises(InputError, match="other settings"):
+    build(tmp_path / "s", samples=2, temperature=1.0)

@@ -175,7 +175,7 @@ def test_training_raises_agreement_and_the_result_decodes_exactly(tiny, trained)
   assert after["eval/tau_proxy"] > before["eval/tau_proxy"] + 0.5
   model, params = tiny
   draft, dp = load_eagle(cfg.out, model, params)
-  prompts = [list(b"alpha 0 ahpla"), list(b"golf 6 flog")]
+  prompts = [ByteTokenizer().encode(t) for t in ("alpha 0 ahpla", "golf 6 flog")]
   ref = gen.generate(model, params, prompts, max_new_tokens=40)
   res = gen.generate(model, params, prompts, max_new_tokens=40, drafter=EagleDrafter(draft, 3), draft_params=dp)
   assert res.tokens == ref.tokens
@@ -229,7 +229,7 @@ def test_a_chain_tree_drafts_what_the_chain_drafter_drafts(tiny, trained):
 
   model, params = tiny
   draft, dp = load_eagle(trained[0].out, model, params)
-  prompts = [list(b"alpha 0 ahpla"), list(b"golf 6 flog"), list(b"india 8")]
+  prompts = [ByteTokenizer().encode(t) for t in ("alpha 0 ahpla", "golf 6 flog", "india 8")]
   run = lambda drafter: gen.generate(model, params, prompts, max_new_tokens=40, drafter=drafter, draft_params=dp)
   ref = gen.generate(model, params, prompts, max_new_tokens=40)
   chain, tree = run(EagleDrafter(draft, 3)), run(OptTreeDrafter.chain(EagleTreeSource(draft, 1), 3))
@@ -263,3 +263,20 @@ def test_eagle_trees_equal_greedy_and_sample_exactly(tiny, stat_models, continua
   pvalue = chi2_pvalue(counts, probs)
   print(f"eagle tree: p = {pvalue:.3g}")
   assert pvalue > 1e-3
+
+
+def test_shipped_eagle_equals_greedy_on_default_model(default_model):
+  """The feature-level draft shipped for SmolLM2 (configs/eagle_smollm2.yaml): same tokens as greedy, fewer target
+  calls."""
+  from jaxspec.bench.methods import DEFAULT_EAGLE
+
+  model, params, tok = default_model
+  draft, dp = load_eagle(DEFAULT_EAGLE, model, params)
+  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
+             for q in ("List the planets of the solar system in order.", "Write a haiku about rain.")]
+  greedy = gen.generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id])
+  res = gen.generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id], drafter=EagleDrafter(draft, 4),
+                     draft_params=dp)
+  print(f"target calls: greedy {greedy.target_calls}, eagle {res.target_calls}")
+  assert res.tokens == greedy.tokens
+  assert res.target_calls < 0.85 * greedy.target_calls
