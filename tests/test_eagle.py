@@ -53,7 +53,7 @@ def prefill_info(model, params, prompt, first, rng=None):
                      rng=rng if rng is not None else jax.random.key(0), hidden_BxQxD=hidden)
 
 
-@pytest.mark.parametrize("gamma", [1, 3])
+@pytest.mark.parametrize("gamma", [pytest.param(1, marks=pytest.mark.slow), 3])
 def test_eagle_equals_greedy(tiny, gamma):
   model, params = tiny
   draft, dp = random_draft(model, params)
@@ -121,18 +121,18 @@ def test_update_leaves_the_state_a_fresh_prefill_would(tiny, n_commit):
   np.testing.assert_allclose(state.feat_BxD, fresh.feat_BxD, atol=1e-5)
 
 
-def test_eagle_sampling_is_exact(stat_models, continuation_logits):
-  """10^5 generations with a sampling feature-level draft follow the target's distribution (χ²), at two settings."""
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), pytest.param(0.7, 0.9, marks=pytest.mark.slow)])
+def test_eagle_sampling_is_exact(stat_models, continuation_logits, temperature, top_p):
+  """10^5 generations with a sampling feature-level draft follow the target's warped distribution (χ²)."""
   target = stat_models[0]
   draft, dp = random_draft(*target, seed=4, scale=2.0)
-  for temperature, top_p in [(1.0, 1.0), (0.7, 0.9)]:
-    warp = Warp(0, top_p < 1)
-    probs = exact_distribution(continuation_logits, warp, SamplingParams.make(temperature, top_p))
-    counts = drafter_sample_counts(target, EagleDrafter(draft, 2, warp, greedy=False), dp, temperature, top_p,
-                                   SampleAcceptance(warp))
-    pvalue = chi2_pvalue(counts, probs)
-    print(f"eagle T={temperature} top_p={top_p}: p = {pvalue:.3g}")
-    assert pvalue > 1e-3
+  warp = Warp(0, top_p < 1)
+  probs = exact_distribution(continuation_logits, warp, SamplingParams.make(temperature, top_p))
+  counts = drafter_sample_counts(target, EagleDrafter(draft, 2, warp, greedy=False), dp, temperature, top_p,
+                                 SampleAcceptance(warp))
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"eagle T={temperature} top_p={top_p}: p = {pvalue:.3g}")
+  assert pvalue > 1e-3
 
 
 def test_gated_eagle_sampling_with_a_subset_head_is_exact(stat_models, continuation_logits):
@@ -241,7 +241,7 @@ def test_a_chain_tree_drafts_what_the_chain_drafter_drafts(tiny, trained):
   assert wide.tau > chain.tau
 
 
-def test_eagle_trees_equal_greedy_and_sample_exactly(tiny, stat_models, continuation_logits):
+def test_eagle_trees_equal_greedy(tiny):
   from jaxspec.decoding.eagle import EagleTreeSource
   from jaxspec.decoding.opt_tree import OptTreeDrafter
 
@@ -254,6 +254,12 @@ def test_eagle_trees_equal_greedy_and_sample_exactly(tiny, stat_models, continua
   with pytest.raises(ValueError, match="width"):
     gen.generate(model, params, PROMPTS, max_new_tokens=4, draft_params=dp,
                  drafter=OptTreeDrafter(EagleTreeSource(draft, 3), nodes=8, depth=4, width=2, branch=2))
+
+
+@pytest.mark.slow  # tree sampling itself is checked in tests/test_opt_tree.py; this adds the feature-level source
+def test_eagle_trees_sample_exactly(stat_models, continuation_logits):
+  from jaxspec.decoding.eagle import EagleTreeSource
+  from jaxspec.decoding.opt_tree import OptTreeDrafter
 
   target = stat_models[0]
   sdraft, sdp = random_draft(*target, seed=4, scale=2.0)
