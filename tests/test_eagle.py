@@ -135,6 +135,7 @@ def test_eagle_sampling_is_exact(stat_models, continuation_logits, temperature, 
   assert pvalue > 1e-3
 
 
+@pytest.mark.slow  # the gate score is DraftModelDrafter's (its gated χ² tests run by default)
 def test_gated_eagle_sampling_with_a_subset_head_is_exact(stat_models, continuation_logits):
   """A draft that proposes 4 of the 8 tokens, gated per row (some rows verify, some take one-token steps)."""
   target = stat_models[0]
