@@ -39,7 +39,7 @@ from jaxspec.models.eagle import EagleDraft, own_params, save_eagle
 from training import datasets
 from training.bpd import DataSection, ModelSection, build_sequences, final_hidden_states
 from training.config import ConfigError, dump_config, load_config, to_dict
-from training.draft import padded, train_vocab
+from training.draft import TrainSection, padded, train_vocab
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
 
 FEATURES_FILE = "features.npz"
@@ -74,24 +74,6 @@ class ObjectiveSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSection:
-  steps: int = 600
-  batch_size: int = 8  # sequences per step
-  seq_len: int = 272  # sequences are cut/padded to this
-  seed: int = 0
-  checkpoint_dir: str = "runs/eagle_smollm2/ckpt"  # also holds the cached target features
-  checkpoint_every: int = 100
-  eval_every: int = 100
-  log_every: int = 25
-
-  def __post_init__(self):
-    if self.batch_size < 1:
-      raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-    if self.seq_len < 3:
-      raise ValueError(f"seq_len must be >= 3, got {self.seq_len}")
-
-
-@dataclasses.dataclass(frozen=True)
 class EagleTrainConfig:
   task: Literal["eagle"] = "eagle"
   out: str = "jaxspec/assets/eagle_smollm2"
@@ -100,7 +82,8 @@ class EagleTrainConfig:
   data: DataSection = DataSection(dataset_dir="runs/bpd_smollm2/data")  # shared with the BPD and draft runs
   objective: ObjectiveSection = ObjectiveSection()
   optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=50, total_steps=600)
-  train: TrainSection = TrainSection()
+  train: TrainSection = TrainSection(steps=600, checkpoint_dir="runs/eagle_smollm2/ckpt", checkpoint_every=100,
+                                     eval_every=100)  # checkpoint_dir also holds the cached target features
   mesh: Optional[str] = None  # train sharded, e.g. "data=2,model=1" (jaxspec.sharding); None: one device
 
 
