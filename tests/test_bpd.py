@@ -241,19 +241,26 @@ def test_corrupt_or_missing_heads_are_clear_errors(tmp_path, tiny):
     load_bpd(tmp_path)
 
 
-def test_shipped_heads_equal_greedy_on_default_model(default_model):
+def test_shipped_heads_equal_greedy_on_default_model(default_model, default_greedy):
   from jaxspec.bench.methods import DEFAULT_BPD_HEADS
 
   model, params, tok = default_model
+  prompts, greedy = default_greedy
   bpd, p = load_bpd(DEFAULT_BPD_HEADS, num_heads=4)
   assert bpd.cfg.d_model == model.cfg.d_model
-  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
-             for q in ("List the planets of the solar system in order.", "Write a haiku about rain.")]
-  greedy = generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id])
   res = generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id], drafter=BPDDrafter(bpd),
                  draft_params=bpd_draft_params(model, params, bpd, p))
   assert res.tokens == greedy.tokens
   assert res.target_calls < greedy.target_calls  # the trained heads do get tokens accepted
+
+
+@pytest.mark.slow  # one more compile of the default model; the gate's logic is covered on the tiny model
+def test_shipped_heads_with_a_gate_equal_greedy_on_default_model(default_model, default_greedy):
+  from jaxspec.bench.methods import DEFAULT_BPD_HEADS
+
+  model, params, tok = default_model
+  prompts, greedy = default_greedy
+  bpd, p = load_bpd(DEFAULT_BPD_HEADS, num_heads=4)
   gated = generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id],
                    drafter=BPDDrafter(bpd, gate=0.8), draft_params=bpd_draft_params(model, params, bpd, p))
   assert gated.tokens == greedy.tokens

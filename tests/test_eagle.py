@@ -99,7 +99,7 @@ def test_pass_masks_on_a_small_case():
   assert seen is None and own.astype(int).tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
 
 
-@pytest.mark.parametrize("n_commit", [1, 2, 4])
+@pytest.mark.parametrize("n_commit", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(4, marks=pytest.mark.slow)])
 def test_update_leaves_the_state_a_fresh_prefill_would(tiny, n_commit):
   """After a verified step that commits n tokens, the draft's next-token feature is the one a prefill over the
   committed sequence gives: the cache keeps no entry built on the draft's own guesses."""
@@ -221,6 +221,7 @@ def test_config_file_loads_and_rejects_bad_keys():
 
 # ---- draft trees ---------------------------------------------------------------------------------------------
 
+@pytest.mark.slow  # run before resolving; by default test_eagle_trees_equal_greedy checks the tree source
 def test_a_chain_tree_drafts_what_the_chain_drafter_drafts(tiny, trained):
   """OPT-Tree's chain shape on the feature-level source proposes, step for step, the chain drafter's tokens: the
   same accepted counts at every step (the tree's expansion and update feed the draft as the chain drafter does).
@@ -272,16 +273,14 @@ def test_eagle_trees_sample_exactly(stat_models, continuation_logits):
   assert pvalue > 1e-3
 
 
-def test_shipped_eagle_equals_greedy_on_default_model(default_model):
+def test_shipped_eagle_equals_greedy_on_default_model(default_model, default_greedy):
   """The feature-level draft shipped for SmolLM2 (configs/eagle_smollm2.yaml): same tokens as greedy, fewer target
   calls."""
   from jaxspec.bench.methods import DEFAULT_EAGLE
 
   model, params, tok = default_model
+  prompts, greedy = default_greedy
   draft, dp = load_eagle(DEFAULT_EAGLE, model, params)
-  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]))
-             for q in ("List the planets of the solar system in order.", "Write a haiku about rain.")]
-  greedy = gen.generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id])
   res = gen.generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id], drafter=EagleDrafter(draft, 4),
                      draft_params=dp)
   print(f"target calls: greedy {greedy.target_calls}, eagle {res.target_calls}")

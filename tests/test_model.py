@@ -85,10 +85,14 @@ def test_tree_mask_gives_each_node_its_root_path_logits(tiny):
   cache = _prefilled(model, params, prefix)
   positions = 6 + jnp.asarray(depth_N)[None] - 1
   tree_logits, _, _ = model.forward(params, tokens_N[None], positions, cache, jnp.asarray(anc_NxN)[None])
+  width = prefix.shape[1] + n  # root paths padded to one length (causal: what follows changes nothing), one jit
+  path_logits = jax.jit(lambda seq_1xW, last: full_forward(model, params, seq_1xW)[0, last])
   for i in range(n):
     path = [j for j in range(n) if anc_NxN[i, j]]  # ancestors are earlier in topological order
     seq = jnp.concatenate([prefix, tokens_N[jnp.asarray(path)][None]], axis=1)
-    np.testing.assert_allclose(tree_logits[0, i], full_forward(model, params, seq)[0, -1], atol=1e-4, rtol=1e-4)
+    seq = jnp.pad(seq, ((0, 0), (0, width - seq.shape[1])))
+    np.testing.assert_allclose(tree_logits[0, i], path_logits(seq, prefix.shape[1] + len(path) - 1),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_compact_keeps_the_accepted_path(tiny):

@@ -93,12 +93,17 @@ def fake_loop(pending, active=None):
 def best_first_paths(model, params, prefix, n):
   """The n root paths of highest draft probability, by best-first search with uncached forwards (the reference)."""
 
+  width = len(prefix) + n  # every path is padded to one length (causal: padding after it changes nothing), one jit
+
+  @jax.jit
+  def last_logp(seq_1xW, last):
+    logits, _, _ = model.forward(params, seq_1xW, jnp.arange(width)[None], model.init_cache(1, width),
+                                 jnp.tril(jnp.ones((width, width), bool)))
+    return jax.nn.log_softmax(logits[0, last])
+
   def logp(path):
     seq = prefix + list(path)
-    t = len(seq)
-    logits, _, _ = model.forward(params, jnp.asarray([seq]), jnp.arange(t)[None], model.init_cache(1, t + 1),
-                                 jnp.tril(jnp.ones((t, t), bool)))
-    return np.asarray(jax.nn.log_softmax(logits[0, -1]), np.float64)
+    return np.asarray(last_logp(jnp.asarray([seq + [0] * (width - len(seq))]), len(seq) - 1), np.float64)
 
   heap = [(-v, (int(x),)) for x, v in enumerate(logp(()))]
   heapq.heapify(heap)
@@ -134,8 +139,9 @@ def test_tree_is_the_n_most_probable_paths(tiny):
   tokens = jnp.asarray([prompt[:-1]], jnp.int32)
   prefill = PrefillInfo(tokens, jnp.asarray([len(prompt) - 1]), jnp.zeros((1, 8)), jnp.zeros((1, 8)),
                         jnp.asarray([prompt[-1]]), capacity=32)
-  dstate = drafter.init(draft_params, prefill)
-  draft, dstate = drafter.propose(draft_params, dstate, fake_loop([prompt[-1]]))
+  dstate = jax.jit(drafter.init)(draft_params, prefill)
+  loop = fake_loop([prompt[-1]])
+  draft, dstate = jax.jit(lambda p, s: drafter.propose(p, s, loop))(draft_params, dstate)
   want = best_first_paths(draft_model, draft_params, prompt, n)
   got = draft_paths(draft)
   assert sorted(got) == sorted(want)

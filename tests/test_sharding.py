@@ -180,7 +180,10 @@ def method(name, model, params):
 
 
 # Layer-skip greedy is checked with its caches in test_layerskip_equals_one_device_with_sharded_caches.
-METHODS = ["greedy", "sampling", "bpd", "bpd-ngram", "lookup", "jacobi", "layerskip-sampling"]
+# The lattice and layer-skip sampling cases are slow-marked for time (run before resolving): by default, sampling and
+# BPD cover sharded warps and heads, and test_layerskip_equals_one_device_with_sharded_caches a sharded draft cache.
+METHODS = ["greedy", "sampling", "bpd", pytest.param("bpd-ngram", marks=pytest.mark.slow), "lookup", "jacobi",
+           pytest.param("layerskip-sampling", marks=pytest.mark.slow)]
 
 
 @pytest.mark.parametrize("name", METHODS)

@@ -183,6 +183,12 @@ def test_schedule():
   assert float(linear(0)) == pytest.approx(2.0) and float(linear(5)) == pytest.approx(1.0)
   constant = make_schedule(OptimConfig(lr=0.3, schedule="constant"))
   assert float(constant(999)) == pytest.approx(0.3)
+  # Two cycles of 14: the second repeats the first (warm restart), and the end stays at 0.
+  two = make_schedule(OptimConfig(lr=1.0, warmup_steps=4, schedule="cosine", total_steps=28, cycles=2))
+  assert [float(two(i)) for i in range(28)] == pytest.approx([float(lr(i % 14)) for i in range(28)], abs=1e-6)
+  assert float(two(28)) == pytest.approx(0.0, abs=1e-7) and float(two(40)) == pytest.approx(0.0, abs=1e-7)
+  with pytest.raises(ConfigError, match="cycles must be >= 1 and divide total_steps"):
+    OptimConfig(total_steps=10, cycles=3)
 
 
 def _quadratic_loss(params, frozen, batch, rng):

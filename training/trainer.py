@@ -85,6 +85,9 @@ class OptimConfig:
     b2: Adam's second-moment decay.
     grad_accum: batches whose mean gradient makes one update (`optax.MultiSteps`); params change every
       `grad_accum` steps.
+    cycles: warm restarts: the run is `cycles` equal cycles of warmup + decay (`total_steps` / `cycles` updates
+      each). Training a finished run's checkpoint further with `cycles=2` and twice the steps gives what one fresh
+      run with those settings gives.
   """
 
   lr: float = 1e-3
@@ -96,6 +99,7 @@ class OptimConfig:
   b1: float = 0.9
   b2: float = 0.999
   grad_accum: int = 1
+  cycles: int = 1
 
   def __post_init__(self):
     checks = [
@@ -107,6 +111,8 @@ class OptimConfig:
         (self.clip_norm >= 0, "clip_norm must be >= 0 (0 turns clipping off)"),
         (0 <= self.b1 < 1 and 0 <= self.b2 < 1, "b1 and b2 must be in [0, 1)"),
         (self.grad_accum >= 1, "grad_accum must be >= 1"),
+        (self.cycles >= 1 and self.total_steps % self.cycles == 0, "cycles must be >= 1 and divide total_steps"),
+        (self.warmup_steps <= self.total_steps // max(self.cycles, 1), "warmup_steps must fit in one cycle"),
     ]
     for ok, message in checks:
       if not ok:
@@ -115,11 +121,13 @@ class OptimConfig:
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
   """The learning rate as a function of the optimizer update count."""
-  lr, warmup, total = cfg.lr, cfg.warmup_steps, cfg.total_steps
+  lr, warmup, total = cfg.lr, cfg.warmup_steps, cfg.total_steps // cfg.cycles
   decay_steps = max(total - warmup, 1)
 
   def schedule(count: jax.Array) -> jax.Array:
     count = jnp.asarray(count, jnp.float32)
+    if cfg.cycles > 1:  # the count within its cycle; the last cycle runs on past total_steps like a single one
+      count = count - total * jnp.minimum(jnp.floor(count / total), cfg.cycles - 1)
     ramp = jnp.minimum(1.0, (count + 1.0) / warmup) if warmup > 0 else jnp.float32(1.0)
     progress = jnp.clip((count - warmup) / decay_steps, 0.0, 1.0)
     if cfg.schedule == "cosine":
