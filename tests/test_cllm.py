@@ -172,6 +172,32 @@ def test_consistency_loss_is_zero_at_the_fixed_point_and_masks_converged_positio
   np.testing.assert_allclose(ce, expect + entropy, rtol=1e-4)
 
 
+def test_positions_after_eos_are_left_out_of_both_losses(varied, collected):
+  """With a token of the first fixed point taken as EOS (first at window token j): positions j..n (reading the EOS
+  or what follows it, so their targets follow the EOS) are invalid and what stands after the EOS changes neither
+  loss; positions 0..j-1 (j-1 predicts the EOS itself) still count."""
+  model, params = varied
+  _, _, traj = collected
+  plain = WindowExamples(traj, prefix_len=48).batch(np.arange(4))
+  assert plain["valid"].all()  # no EOS ids: every position counts
+  eos = int(plain["fixed"][0, N - 2])
+  j = 1 + int(np.flatnonzero(plain["fixed"][0] == eos)[0])
+  batch = WindowExamples(traj, prefix_len=48, eos_ids=[eos]).batch(np.arange(4))
+  assert batch["valid"][0].tolist() == [True] * j + [False] * (N + 1 - j)
+  loss_fn = jax.jit(cllm_loss(model, ObjectiveSection(ar_weight=1.0)))
+  loss, metrics = loss_fn(params, {}, batch, None)
+  changed = {k: np.array(v) for k, v in batch.items()}
+  changed["fixed"][0, j:] = (changed["fixed"][0, j:] + 7) % 256  # after the EOS: targets and teacher inputs
+  changed["state"][0, j:] = (changed["state"][0, j:] + 3) % 256
+  loss2, metrics2 = loss_fn(params, {}, changed, None)
+  np.testing.assert_allclose(loss2, loss, rtol=1e-5)
+  np.testing.assert_allclose(metrics2["ar"], metrics["ar"], rtol=1e-5)
+  # Without the EOS the same change does count: the test would catch a mask that is ignored.
+  loss3, _ = loss_fn(params, {}, {**changed, "valid": plain["valid"]}, None)
+  loss4, _ = loss_fn(params, {}, {**batch, "valid": plain["valid"]}, None)
+  assert abs(float(loss3) - float(loss4)) > 1e-4
+
+
 def test_a_few_full_finetuning_steps_lower_the_loss(collected):
   model, params = make_tiny()
   _, _, traj = collected

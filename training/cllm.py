@@ -19,6 +19,8 @@ Objective, for a state y of the window after prefix x (y* its fixed point):
     the last prefix token, always is).
   - AR loss: next-token cross-entropy on `[x, y*]` at the window positions (targets y*), which keeps the model's
     greedy output; its logits are also the `self` teacher's.
+  - Both skip the positions whose target comes after the fixed point's first EOS token (greedy tokens decoding
+    never emits, CLLM pads them out too).
 The prefix is run once per example into a KV cache without gradient (`prefix_grad: false`, the default; the
 gradient then flows only through the 2(n + 1) window tokens, which is what makes a step affordable on a CPU), or
 with it (`prefix_grad: true`). States equal to y* are left out of the examples: they add nothing to the consistency
@@ -436,10 +438,12 @@ class WindowExamples:
   """One example per (prompt, window, state): the prefix (prompt + earlier fixed points), the state, the fixed point.
 
   States equal to their fixed point are left out (see the module docstring), as are windows whose prefix is
-  longer than `prefix_len` (counted in `skipped_windows`).
+  longer than `prefix_len` (counted in `skipped_windows`). A fixed point that ends its sequence with an EOS token
+  holds greedy tokens after it that decoding never emits: `valid` `[B, n + 1]` marks the window positions whose
+  target is at or before the first EOS, and the losses ignore the rest.
   """
 
-  def __init__(self, traj: Trajectories, prefix_len: int):
+  def __init__(self, traj: Trajectories, prefix_len: int, eos_ids: Sequence[int] = ()):
     self.traj, self.prefix_len, self.window = traj, prefix_len, traj.window
     seq, start, state, fixed = [], [], [], []
     self.skipped_windows = 0
@@ -461,6 +465,9 @@ class WindowExamples:
     self.start_E = np.asarray(start, np.int32)
     self.state_ExN = np.asarray(state, np.int32).reshape(-1, n)
     self.fixed_ExN = np.asarray(fixed, np.int32).reshape(-1, n)
+    # Position i (reading window token i, predicting token i + 1) is valid while no EOS is among tokens 1..i.
+    after_eos_ExN = np.cumsum(np.isin(self.fixed_ExN, np.asarray(list(eos_ids), np.int32)), axis=1) > 0
+    self.valid_ExW = np.concatenate([np.ones((len(self.fixed_ExN), 1), bool), ~after_eos_ExN], axis=1)
 
   def __len__(self) -> int:
     return len(self.seq_E)
@@ -471,7 +478,7 @@ class WindowExamples:
     for r, e in enumerate(idx):
       prefix[r, :self.start_E[e]] = self.traj.tokens[self.seq_E[e]][:self.start_E[e]]
     return {"prefix": prefix, "prefix_len": self.start_E[idx], "state": self.state_ExN[idx],
-            "fixed": self.fixed_ExN[idx]}
+            "fixed": self.fixed_ExN[idx], "valid": self.valid_ExW[idx]}
 
 
 # ---- the objective -----------------------------------------------------------------------------------------------
@@ -544,15 +551,19 @@ def cllm_loss(model, objective: ObjectiveSection, lora_alpha: float | None = Non
       (t_logits,) = window_logits(model, frozen["base"], batch["prefix"], batch["prefix_len"], [star_BxN])
     else:
       t_logits = star_logits
-    mask_BxW = unconverged_mask(y_BxN, star_BxN)
+    valid_BxW = batch.get("valid", jnp.ones((y_BxN.shape[0], n + 1), bool))
+    mask_BxW = unconverged_mask(y_BxN, star_BxN) & valid_BxW
     consistency = consistency_terms(s_logits, t_logits, mask_BxW, objective.consistency)
-    ar = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(star_logits[:, :n], star_BxN))
+    valid_BxN = valid_BxW[:, :n].astype(jnp.float32)
+    count = jnp.maximum(jnp.sum(valid_BxN), 1.0)
+    ce_BxN = optax.softmax_cross_entropy_with_integer_labels(star_logits[:, :n], star_BxN)
+    ar = jnp.sum(ce_BxN * valid_BxN) / count
     right_BxN = (jnp.argmax(s_logits[:, :n], axis=-1) == star_BxN).astype(jnp.float32)
     unconv_BxN = mask_BxW[:, :n].astype(jnp.float32)
     loss = objective.consistency_weight * consistency + objective.ar_weight * ar
-    return loss, {"consistency": consistency, "ar": ar, "window_acc": jnp.mean(right_BxN),
+    return loss, {"consistency": consistency, "ar": ar, "window_acc": jnp.sum(right_BxN * valid_BxN) / count,
                   "unconverged_acc": jnp.sum(right_BxN * unconv_BxN) / jnp.maximum(jnp.sum(unconv_BxN), 1.0),
-                  "converged_frac": 1.0 - jnp.mean(unconv_BxN)}
+                  "converged_frac": 1.0 - jnp.sum(unconv_BxN) / count}
 
   return loss_fn
 
@@ -651,7 +662,7 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
   collect_s = time.time() - t0
   collect_stats = traj.collect_stats
   train_traj, eval_traj = traj.split(t.eval_fraction, seed=t.seed)
-  tr, ev = WindowExamples(train_traj, t.prefix_len), WindowExamples(eval_traj, t.prefix_len)
+  tr, ev = WindowExamples(train_traj, t.prefix_len, eos), WindowExamples(eval_traj, t.prefix_len, eos)
   if len(tr) == 0 or len(ev) == 0:
     raise ConfigError(f"no training or eval examples ({len(tr)} and {len(ev)}): every window converged at once or "
                       f"train.prefix_len={t.prefix_len} is shorter than the prefixes; raise it or collect more")
