@@ -551,10 +551,9 @@ def cllm_loss(model, objective: ObjectiveSection, lora_alpha: float | None = Non
       (t_logits,) = window_logits(model, frozen["base"], batch["prefix"], batch["prefix_len"], [star_BxN])
     else:
       t_logits = star_logits
-    valid_BxW = batch.get("valid", jnp.ones((y_BxN.shape[0], n + 1), bool))
-    mask_BxW = unconverged_mask(y_BxN, star_BxN) & valid_BxW
+    mask_BxW = unconverged_mask(y_BxN, star_BxN) & batch["valid"]
     consistency = consistency_terms(s_logits, t_logits, mask_BxW, objective.consistency)
-    valid_BxN = valid_BxW[:, :n].astype(jnp.float32)
+    valid_BxN = batch["valid"][:, :n].astype(jnp.float32)
     count = jnp.maximum(jnp.sum(valid_BxN), 1.0)
     ce_BxN = optax.softmax_cross_entropy_with_integer_labels(star_logits[:, :n], star_BxN)
     ar = jnp.sum(ce_BxN * valid_BxN) / count

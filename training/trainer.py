@@ -106,13 +106,13 @@ class OptimConfig:
         (self.lr >= 0, "lr must be >= 0"),
         (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
         (self.total_steps >= 1, "total_steps must be >= 1"),
-        (self.warmup_steps <= self.total_steps, "warmup_steps must be <= total_steps"),
         (self.weight_decay >= 0, "weight_decay must be >= 0"),
         (self.clip_norm >= 0, "clip_norm must be >= 0 (0 turns clipping off)"),
         (0 <= self.b1 < 1 and 0 <= self.b2 < 1, "b1 and b2 must be in [0, 1)"),
         (self.grad_accum >= 1, "grad_accum must be >= 1"),
         (self.cycles >= 1 and self.total_steps % self.cycles == 0, "cycles must be >= 1 and divide total_steps"),
-        (self.warmup_steps <= self.total_steps // max(self.cycles, 1), "warmup_steps must fit in one cycle"),
+        (self.warmup_steps <= self.total_steps // max(self.cycles, 1),
+         "warmup_steps must be <= total_steps / cycles (the steps of one cycle)"),
     ]
     for ok, message in checks:
       if not ok:
