@@ -15,6 +15,8 @@ from jaxspec.errors import ModelLoadError
 from jaxspec.models.bpd import BPDConfig, BPDModel, load_bpd, save_bpd
 from tests.fakes import BigramLM
 from tests.test_model import cache_copies
+from training import bpd as bpd_training
+from training import datasets
 from training.bpd import BPDTrainConfig, load_bpd_config, train_bpd
 from training.config import ConfigError
 
@@ -196,10 +198,25 @@ def test_head_training_lowers_loss_and_speeds_up_decoding(tiny, tmp_path):
   assert res2.tokens == greedy.tokens and res2.tau <= 3.0
 
 
-def test_training_resumes_from_its_checkpoint(tiny, tmp_path):
+def test_training_resumes_from_its_checkpoint(tiny, tmp_path, monkeypatch):
+  """The resumed run goes on from the checkpoint and reuses the target's hidden states cached by the first run."""
   model, params = tiny
   train_bpd(tiny_train_config(tmp_path, steps=50), model=model, params=params, tokenizer=ByteTokenizer(),
             progress=False)
+  with np.load(tmp_path / "ckpt" / bpd_training.FEATURES_FILE) as z:
+    cached = z["feats"]
+  train, ev = datasets.load_sequences(tmp_path / "data").split(0.1, seed=0)  # the run's split: train rows first
+  both = datasets.Sequences(train.tokens + ev.tokens, np.concatenate([train.prompt_lens, ev.prompt_lens]))
+  fresh = bpd_training.final_hidden_states(model, params, both, progress=False)
+  assert cached.shape[0] == len(both)
+  for c, h in zip(cached, fresh):  # each sequence's states, to float16 precision, and zeros after its end
+    np.testing.assert_allclose(c[:len(h)], h, atol=2e-3, rtol=2e-3)
+    assert not c[len(h):].any()
+
+  def recompute(*args, **kwargs):
+    raise AssertionError("the resumed run recomputed the hidden states")
+
+  monkeypatch.setattr(bpd_training, "final_hidden_states", recompute)
   summary = train_bpd(tiny_train_config(tmp_path, steps=100), model=model, params=params, tokenizer=ByteTokenizer(),
                       progress=False)
   steps = [json.loads(l)["step"] for l in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]

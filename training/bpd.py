@@ -1,8 +1,9 @@
 """Training BPD heads: self-distillation data, the objectives, and the run a config file describes.
 
 Default objective ("heads"): the base model is frozen, so its final hidden states are computed once over the data
-and the heads train on (h_t, x_{t+1}) -> x_{t+1+i} examples, one per position. Head i's loss is cross-entropy over
-the heads' vocabulary (the tokens in the data). Metrics per head: loss and top-1 accuracy, and `tau_proxy`, the
+(for a decoder-only target cached in the checkpoint folder as `features.npz`, so a resumed run reuses them) and the
+heads train on (h_t, x_{t+1}) -> x_{t+1+i} examples, one per position. Head i's loss is cross-entropy over the
+heads' vocabulary (the tokens in the data). Metrics per head: loss and top-1 accuracy, and `tau_proxy`, the
 expected tokens per step of a chain of the heads' top-1 guesses (1 + Σ_i P[heads 1..i all right]).
 
 Option ("joint", Stern's setting): base and heads train together on token sequences, the base's own next-token
@@ -14,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import zlib
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -29,6 +31,7 @@ from training import datasets
 from training.config import ConfigError, dump_config, load_config, to_dict
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
 
+FEATURES_FILE = "features.npz"  # the frozen target's hidden states, cached in the checkpoint folder
 
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
@@ -66,7 +69,7 @@ class TrainSection:
   objective: Literal["heads", "joint"] = "heads"
   steps: int = 1000
   batch_size: int = 256  # positions per step ("heads"), sequences per step ("joint")
-  seq_len: int = 256  # "joint": sequences are cut/padded to this
+  seq_len: int = 256  # sequences are cut to this ("joint": and padded; "heads": the hidden states cached at it)
   base_loss_weight: float = 1.0  # "joint": weight of the base's own next-token loss
   seed: int = 0
   checkpoint_dir: str = "runs/bpd/ckpt"
@@ -140,6 +143,37 @@ def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: 
     bar.update(len(idx))
   bar.close()
   return out
+
+
+def cached_features(path: Path, model, params, seqs: datasets.Sequences, seq_len: int, *,
+                    progress: bool = True) -> np.ndarray:
+  """The target's final hidden states `[N, seq_len, D]` (float16, zeros past each end), cached in `path` and reused
+  while the sequences and the target are the same."""
+  from jaxspec.models.draft import embed_fingerprint
+
+  crc = 0
+  for t in seqs.tokens:
+    crc = zlib.crc32(np.ascontiguousarray(np.asarray(t[:seq_len], np.int32)).view(np.uint8), crc)
+  key = json.dumps({"tokens": f"{len(seqs)}:{crc:08x}", "seq_len": seq_len,
+                    "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
+                    "embed": embed_fingerprint(params)}, sort_keys=True)
+  if path.is_file():
+    try:
+      with np.load(path) as z:
+        if str(z["key"]) == key:
+          return z["feats"]
+    except Exception:  # noqa: BLE001 - a partial or foreign file: recompute
+      pass
+  cut = datasets.Sequences([np.asarray(t[:seq_len]) for t in seqs.tokens], seqs.prompt_lens)
+  hidden = final_hidden_states(model, params, cut, progress=progress)
+  feats = np.zeros((len(seqs), seq_len, model.cfg.d_model), np.float16)
+  for i, h in enumerate(hidden):
+    feats[i, :len(h)] = h
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp.npz")
+  np.savez(tmp, feats=feats, key=np.array(key))
+  tmp.replace(path)
+  return feats
 
 
 def _encdec_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int,
@@ -296,10 +330,21 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   t0 = time.time()
   if cfg.train.objective == "heads":
     from jaxspec.models.bpd import output_projection
-    tr = head_examples(train_seqs, final_hidden_states(model, params, train_seqs, progress=progress), k, vocab_ids,
-                       cfg.data.loss_on_prompt)
-    ev = head_examples(eval_seqs, final_hidden_states(model, params, eval_seqs, progress=progress), k, vocab_ids,
-                       cfg.data.loss_on_prompt)
+    if getattr(model, "is_encoder_decoder", False):
+      tr_hidden = final_hidden_states(model, params, train_seqs, progress=progress)
+      ev_hidden = final_hidden_states(model, params, eval_seqs, progress=progress)
+    else:  # cached in the checkpoint folder: a killed or repeated run does not recompute them
+      l = cfg.train.seq_len
+      train_seqs, eval_seqs = (datasets.Sequences([np.asarray(t[:l]) for t in s.tokens], s.prompt_lens)
+                               for s in (train_seqs, eval_seqs))
+      feats = cached_features(ckpt_dir / FEATURES_FILE, model, params,
+                              datasets.Sequences(train_seqs.tokens + eval_seqs.tokens,
+                                                 np.concatenate([train_seqs.prompt_lens, eval_seqs.prompt_lens])),
+                              l, progress=progress)
+      hidden = [feats[i, :len(t)] for i, t in enumerate(train_seqs.tokens + eval_seqs.tokens)]
+      tr_hidden, ev_hidden = hidden[:len(train_seqs)], hidden[len(train_seqs):]
+    tr = head_examples(train_seqs, tr_hidden, k, vocab_ids, cfg.data.loss_on_prompt)
+    ev = head_examples(eval_seqs, ev_hidden, k, vocab_ids, cfg.data.loss_on_prompt)
     frozen = {"proj_DxM": output_projection(model, params, bpd_params), "embed_VxD": model.input_table(params)}
     loss = heads_loss(bpd)
     bs = cfg.train.batch_size

@@ -37,13 +37,10 @@ import numpy as np
 from jaxspec import sharding
 from jaxspec.models.eagle import EagleDraft, own_params, save_eagle
 from training import datasets
-from training.bpd import DataSection, ModelSection, build_sequences, final_hidden_states
+from training.bpd import FEATURES_FILE, DataSection, ModelSection, build_sequences, cached_features
 from training.config import ConfigError, dump_config, load_config, to_dict
 from training.draft import TrainSection, padded, train_vocab
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
-
-FEATURES_FILE = "features.npz"
-
 
 @dataclasses.dataclass(frozen=True)
 class EagleSection:
@@ -107,37 +104,6 @@ class EagleData:
   def batch(self, idx) -> dict:
     return {"tokens": self.tokens_NxL[idx], "mask": self.mask_NxL[idx],
             "feats": self.feats_NxLxD[idx].astype(np.float32)}
-
-
-def cached_features(path: Path, model, params, seqs: datasets.Sequences, seq_len: int, *,
-                    progress: bool = True) -> np.ndarray:
-  """The target's final hidden states `[N, seq_len, D]` (float16, zeros past each end), cached in `path` and reused
-  while the sequences and the target are the same."""
-  from jaxspec.models.draft import embed_fingerprint
-
-  crc = 0
-  for t in seqs.tokens:
-    crc = zlib.crc32(np.ascontiguousarray(np.asarray(t[:seq_len], np.int32)).view(np.uint8), crc)
-  key = json.dumps({"tokens": f"{len(seqs)}:{crc:08x}", "seq_len": seq_len,
-                    "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
-                    "embed": embed_fingerprint(params)}, sort_keys=True)
-  if path.is_file():
-    try:
-      with np.load(path) as z:
-        if str(z["key"]) == key:
-          return z["feats"]
-    except Exception:  # noqa: BLE001 - a partial or foreign file: recompute
-      pass
-  cut = datasets.Sequences([np.asarray(t[:seq_len]) for t in seqs.tokens], seqs.prompt_lens)
-  hidden = final_hidden_states(model, params, cut, progress=progress)
-  feats = np.zeros((len(seqs), seq_len, model.cfg.d_model), np.float16)
-  for i, h in enumerate(hidden):
-    feats[i, :len(h)] = h
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, feats=feats, key=np.array(key))
-  tmp.replace(path)
-  return feats
 
 
 # ---- the objective -------------------------------------------------------------------------------------------
