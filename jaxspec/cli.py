@@ -36,7 +36,7 @@ def _cmd_generate(args) -> int:
   text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
   ids = tok.encode(text)
   ctx = BenchContext(model, params, tok, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     seed=args.seed, max_len=args.max_len, mesh=mesh)
+                     seed=args.seed, max_len=args.max_len, mesh=mesh, buckets=args.cache_buckets)
   from jaxspec.bench.methods import METHODS
   try:
     run = METHODS[name].build(ctx, opts)
@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help="decoding method, as in `jaxspec bench --list-methods` (e.g. bpd, bpd:k=4); all but approximate "
                       "ones give the same tokens as greedy")
   g.add_argument("--mesh", default=None, help=MESH_HELP)
+  g.add_argument("--cache-buckets", action="store_true",
+                 help="bound attention in the loop by cache buckets (512, 1024, ... slots): one compiled forward per "
+                      "bucket, same output; for long generations on accelerators (on this CPU it does not pay)")
   g.set_defaults(func=_cmd_generate)
 
   b = sub.add_parser("bench", help="tau, speedup and exactness of decoding methods on Spec-Bench-format prompts",

@@ -68,14 +68,19 @@ def test_gated_steps_verify_only_the_pending_token():
   assert res.accept_hist[:, k + 1].tolist() == [3, 3] and res.accept_hist[:, 1].tolist() == [3, 3]
 
 
-@pytest.mark.parametrize("gate", [0.02, 0.5])
-def test_gated_bpd_equals_greedy_on_tiny_model(tiny, gate):
+@pytest.mark.parametrize("gate,bucket", [(0.02, None), (0.5, None), (0.5, 16)])
+def test_gated_bpd_equals_greedy_on_tiny_model(tiny, monkeypatch, gate, bucket):
+  """Also with cache buckets (from 16 slots): the gate's conditional then holds the bucket switch in both branches."""
+  from jaxspec.decoding import generate as gen
+
   model, params = tiny
   bpd, p = random_heads(tiny, 4)
   prompts = [[1, 2, 3], [7] * 9, [100, 5]]
   greedy = generate(model, params, prompts, max_new_tokens=40)
+  if bucket:
+    monkeypatch.setattr(gen, "BUCKET_SMALLEST", bucket)
   res = generate(model, params, prompts, max_new_tokens=40, drafter=BPDDrafter(bpd, gate=gate),
-                 draft_params=bpd_draft_params(model, params, bpd, p))
+                 draft_params=bpd_draft_params(model, params, bpd, p), buckets=bucket is not None)
   assert res.tokens == greedy.tokens
 
 

@@ -19,6 +19,21 @@ def test_generate_prints_text_and_speed(shared_model, capsys):
   assert "tok/s" in err
 
 
+def test_generate_with_cache_buckets_prints_the_same_text(shared_model, capsys, monkeypatch):
+  """Buckets from 16 slots, so the chat prompt and its answer cross several of them on the real model."""
+  from jaxspec.decoding import generate as gen
+
+  argv = ["generate", "--prompt", "Name three colors.", "--chat", "--max-new-tokens", "24"]
+  assert cli.main(argv) == 0
+  plain = capsys.readouterr().out
+  monkeypatch.setattr(gen, "BUCKET_SMALLEST", 16)
+  before = set(gen._PROGRAMS)
+  assert cli.main(argv + ["--cache-buckets"]) == 0
+  assert capsys.readouterr().out == plain
+  (key,) = set(gen._PROGRAMS) - before
+  assert len(dict(key[1])["attn_buckets"]) >= 3
+
+
 @pytest.mark.parametrize("argv,message", [
     (["generate", "--prompt", "hi", "--model", "/nonexistent/model.gguf"], "No model at"),
     (["generate", "--prompt", "   "], "prompt is empty"),

@@ -163,3 +163,42 @@ def test_sampled_first_tokens_follow_the_warped_distribution(tiny, temperature, 
   if exp[-1] == 0:
     obs, exp = obs[:-1], exp[:-1]
   assert sps.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("case", ["plain", "tree", "sampled"])
+def test_cache_buckets_leave_the_output_unchanged(tiny, monkeypatch, case):
+  """Buckets from 16 slots: the rows cross four of them; every token and call count equals reading the whole cache
+  (a bucket chosen too small would drop committed context and change the tokens)."""
+  model, params = tiny
+  monkeypatch.setattr(gen, "BUCKET_SMALLEST", 16)
+  prompts = [[1, 2, 3, 4, 5], list(range(10, 40))]
+  kw = dict(max_new_tokens=[100, 70])
+  if case == "tree":  # compacts accepted paths into the cache
+    kw["drafter"] = OracleTree(LM, parents=(-1, -1, 0, 1, 2), good=(0, 1, 2, 3, 4))
+  if case == "sampled":
+    kw["temperature"] = 1.0
+  before = set(gen._PROGRAMS)
+  on = gen.generate(model, params, prompts, buckets=True, **kw)
+  (key,) = set(gen._PROGRAMS) - before
+  assert dict(key[1])["attn_buckets"] == (16, 32, 64, 128, 256)
+  off = gen.generate(model, params, prompts, buckets=False, **kw)
+  assert on.tokens == off.tokens and on.active_calls == off.active_calls
+  assert [len(t) for t in on.tokens] == [100, 70]
+
+
+def test_bucketed_loop_does_not_copy_the_cache(tiny, monkeypatch):
+  """The bucket switch reads the cache in its branches and the new entries are written after it; a branch that
+  wrote the cache itself would make XLA:CPU copy every buffer in and out on every step."""
+  from test_model import cache_copies
+
+  model, params = tiny
+  monkeypatch.setattr(gen, "BUCKET_SMALLEST", 16)
+  before = set(gen._PROGRAMS)
+  gen.generate(model, params, [list(range(1, 41))], max_new_tokens=90, buckets=True)
+  (key,) = set(gen._PROGRAMS) - before
+  static = dict(key[1])
+  cap = static["capacity"]
+  assert len(static["attn_buckets"]) > 2
+  k, h = model.cfg.n_kv_heads, model.cfg.head_dim
+  copies = cache_copies(gen._PROGRAMS[key][0].as_text(), rf"f32\[1,{k},({h},{cap}|{cap},{h})\]")
+  assert [c for c in copies if not c[0].startswith("main")] == []

@@ -38,6 +38,33 @@ def test_cached_one_token_steps_equal_teacher_forced(tiny, use_jit):
   np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_attention_bounded_to_the_filled_slots_is_unchanged(tiny, scan):
+  model, params = tiny
+  if scan:
+    model, params = LlamaLM(tiny_config(scan_layers=True)), stack_layers(params, model.cfg.n_layers)
+  tokens = jax.random.randint(jax.random.key(4), (2, 10), 0, model.vocab_size)
+  cache = _prefilled(model, params, tokens[:, :6], capacity=64)
+  chain, pos = tokens[:, 6:], 6 + jnp.broadcast_to(jnp.arange(4), (2, 4))
+  want_logits, _, want_cache = model.forward(params, chain, pos, cache, causal(4))
+  for slots in (6, 16):
+    logits, _, got_cache = model.forward(params, chain, pos, cache, causal(4), attn_slots=slots)
+    np.testing.assert_allclose(logits, want_logits, atol=1e-5, rtol=1e-5)
+    for got, want in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+      # The new entries still go to the full buffer (deeper layers' keys differ in rounding: shorter reductions).
+      np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  # Fewer slots than the committed ones drop context: the bound is real.
+  short = model.forward(params, chain, pos, cache, causal(4), attn_slots=3)[0]
+  assert np.abs(np.asarray(short) - np.asarray(want_logits)).max() > 1e-2
+  # A prefill into an empty cache reads none of it.
+  empty = model.init_cache(2, 64)
+  prefill = model.forward(params, tokens, jnp.broadcast_to(jnp.arange(10), (2, 10)), empty, causal(10))
+  skipped = model.forward(params, tokens, jnp.broadcast_to(jnp.arange(10), (2, 10)), empty, causal(10), attn_slots=0)
+  np.testing.assert_allclose(skipped[0], prefill[0], atol=1e-5, rtol=1e-5)
+  with pytest.raises(ValueError, match="attn_slots=65"):
+    model.forward(params, chain, pos, cache, causal(4), attn_slots=65)
+
+
 def test_scan_layers_match_unrolled(tiny):
   model, params = tiny
   scanned = LlamaLM(tiny_config(scan_layers=True))

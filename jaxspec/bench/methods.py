@@ -35,6 +35,7 @@ class BenchContext:
   max_len: int | None = None
   cache: dict = dataclasses.field(default_factory=dict)  # shared loaded parts (e.g. a draft model), by key
   mesh: Any = None  # a jax.sharding.Mesh: jaxspec's own methods run sharded on it (see jaxspec/sharding.py)
+  buckets: bool = False  # bound the loop's attention by cache buckets (`generate(buckets=...)`)
 
   @property
   def eos_ids(self) -> list[int]:
@@ -66,7 +67,8 @@ def loop_runner(ctx: BenchContext, drafter=None, draft_params=None, acceptor=Non
   def run(prompts, max_new_tokens, seed):
     return generate(ctx.model, ctx.params, prompts, max_new_tokens=max_new_tokens, temperature=ctx.temperature,
                     top_k=ctx.top_k, top_p=ctx.top_p, eos_ids=ctx.eos_ids, pad_id=ctx.pad_id, seed=seed,
-                    drafter=drafter, draft_params=draft_params, acceptor=acceptor, max_len=ctx.max_len, mesh=ctx.mesh)
+                    drafter=drafter, draft_params=draft_params, acceptor=acceptor, max_len=ctx.max_len, mesh=ctx.mesh,
+                    buckets=ctx.buckets)
 
   return run
 

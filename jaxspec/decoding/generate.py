@@ -12,12 +12,13 @@ import numpy as np
 
 from jaxspec import sharding
 from jaxspec.decoding.accept import GreedyAcceptance, SampleAcceptance
-from jaxspec.decoding.loop import DecodeOutput, NoDraft, decode_jit
+from jaxspec.decoding.loop import DecodeOutput, NoDraft, cache_buckets, decode_jit
 from jaxspec.decoding.sampling import SamplingParams, Warp
 from jaxspec.errors import InputError
 
 MIN_PROMPT_BUCKET = 16
-CAPACITY_ROUND = 128  # attention runs over the whole cache buffer, so keep it close to what the request needs
+CAPACITY_ROUND = 128  # keep the cache close to what the request needs
+BUCKET_SMALLEST = 512  # the smallest cache bucket: below it one more compiled forward costs more than it saves
 
 
 def bucket(n: int, minimum: int = MIN_PROMPT_BUCKET) -> int:
@@ -86,7 +87,7 @@ def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int
 def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int] = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
              pad_id: int = 0, seed: int = 0, drafter=None, draft_params: Any = None, acceptor=None,
-             max_len: int | None = None, mesh: Any = None) -> GenerationResult:
+             max_len: int | None = None, mesh: Any = None, buckets: bool = False) -> GenerationResult:
   """Generates continuations of a batch of token-id prompts with one jitted program.
 
   Args:
@@ -106,6 +107,10 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
       `"data=2,model=4"`, or a `jaxspec.sharding.Partitioner`. Params and draft params are placed by the logical
       axis rules (already placed arrays are not copied again), prompts split over `data`, and the caches and loop
       state are constrained inside the program. None: one device, as before.
+    buckets: bound the target's attention in the loop by cache buckets (`jaxspec.decoding.loop.cache_buckets`)
+      where the model supports it; the output is the same either way. Off by default: on XLA:CPU the per-step
+      switch between bucket forwards costs about what it saves (benchmarks/README.md, "Cache buckets"), and each
+      bucket adds a compiled forward. Prefill skips the empty cache whether or not this is set.
 
   Returns:
     A `GenerationResult`.
@@ -121,6 +126,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
           jnp.asarray(list(eos_ids) or [-1], jnp.int32), jax.random.key(seed), SamplingParams.make(temperature, top_p),
           draft_params)
   static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=out_len, capacity=capacity, pad_id=pad_id)
+  if buckets and getattr(model, "bounds_attention", False):
+    static["attn_buckets"] = cache_buckets(capacity, BUCKET_SMALLEST)
   part = sharding.partitioner(mesh, model)
   if part is not None:
     args = sharding.place(args, decode_arg_shardings(part, args))

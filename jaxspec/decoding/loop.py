@@ -9,13 +9,15 @@ no nodes: one token per target call.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxspec.decoding.protocol import Draft, Drafter, LanguageModel, PrefillInfo, Verified, start
+from jaxspec.decoding.protocol import (Draft, Drafter, LanguageModel, PrefillInfo, Verified, empty_prefill_kwargs,
+                                       start)
 from jaxspec.decoding.sampling import SamplingParams
 
 Array = jax.Array
@@ -95,31 +97,48 @@ def _block_mask(draft: Draft) -> Array:
   return jnp.concatenate([left, jnp.concatenate([top, draft.mask_BxNxN], axis=1)], axis=2)
 
 
-def _gated_verify(model, params, block_BxT, positions_BxT, mask_BxTxT, cache, draft: Draft, active_B, acceptor,
-                  drafter):
+def _verify_forward(model, params, buckets: tuple[int, ...] | None, defer: bool):
+  """`forward(tokens_BxT, positions_BxT, cache, mask_BxTxT)` for the verify step: with `defer` it returns the new
+  keys and values (`forward(write=False)`) for `model.write_kv` to write after any conditional around it.
+
+  With cache buckets (static slot counts, ascending, the last the whole buffer) attention reads only the smallest
+  bucket that holds every row's committed slots, chosen at run time by a `lax.switch` whose branches are the same
+  forward compiled for each bucket. The new block is read apart from the cache, so committed slots are all a step
+  needs; the output is the same in every branch, only the cost differs.
+  """
+  kw = {"write": False} if defer else {}
+
+  def fwd(tokens_BxT, positions_BxT, cache, mask_BxTxT):
+    if not buckets:
+      return model.forward(params, tokens_BxT, positions_BxT, cache, mask_BxTxT, **kw)
+    branches = [functools.partial(lambda c, w: model.forward(params, tokens_BxT, positions_BxT, c, mask_BxTxT,
+                                                             attn_slots=w, **kw), w=w) for w in buckets]
+    idx = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), jnp.max(cache.lengths), side="left")
+    return jax.lax.switch(jnp.minimum(idx, len(buckets) - 1), branches, cache)
+
+  return fwd
+
+
+def _gated_verify(fwd, block_BxT, positions_BxT, mask_BxTxT, cache, draft: Draft, active_B, acceptor, defer: bool):
   """Verifies the whole block if any active row asks for it (`draft.verify_B`), else only the pending token.
 
   The one-token branch returns its logits and hidden state broadcast to the block's shape and a draft whose tokens
   are -1 (not proposed): greedy acceptance then commits exactly the target's next token, and rejection sampling
   draws it from the target's distribution, as a plain step would, so the output is unchanged. The acceptance rule
   must declare that it handles such tokens (`handles_unproposed`: greedy acceptance, rejection sampling and Stern's
-  top-k acceptance do).
+  top-k acceptance do). `fwd` is `_verify_forward`'s function; with `defer` it returns new keys and values, padded
+  here to the block's T entries (only the first is committed after a one-token step).
   """
   if not getattr(acceptor, "handles_unproposed", False):
     raise ValueError(f"Gated drafts (Draft.verify_B) need an acceptance rule that skips unproposed (-1) tokens; "
                      f"{type(acceptor).__name__} does not.")
   b, t = block_BxT.shape
-  # A conditional whose branches update the cache in place makes XLA:CPU copy it in and out (180 copies per step
-  # on the default model). Models that can return their new keys and values instead are written after the cond.
-  defer = getattr(model, "can_defer_write", False)
-  kw = {"write": False} if defer else {}
 
   def whole(c):
-    return model.forward(params, block_BxT, positions_BxT, c, mask_BxTxT, **kw)
+    return fwd(block_BxT, positions_BxT, c, mask_BxTxT)
 
   def pending_only(c):
-    logits_Bx1xV, hidden_Bx1xD, c = model.forward(params, block_BxT[:, :1], positions_BxT[:, :1], c,
-                                                  jnp.ones((b, 1, 1), bool), **kw)
+    logits_Bx1xV, hidden_Bx1xD, c = fwd(block_BxT[:, :1], positions_BxT[:, :1], c, jnp.ones((b, 1, 1), bool))
     if defer:  # pad the one new entry to the block's T slots; only the first is committed
       ks, vs = c
       c = (tuple(jnp.pad(k, [(0, 0)] * 3 + [(0, t - 1)]) for k in ks),
@@ -129,15 +148,26 @@ def _gated_verify(model, params, block_BxT, positions_BxT, mask_BxTxT, cache, dr
 
   go = jnp.any(active_B & draft.verify_B)
   logits_BxTxV, hidden_BxTxD, out = jax.lax.cond(go, whole, pending_only, cache)
-  cache = model.write_kv(cache, out) if defer else out
-  return logits_BxTxV, hidden_BxTxD, cache, draft.replace(tokens_BxN=jnp.where(go, draft.tokens_BxN, -1))
+  return logits_BxTxV, hidden_BxTxD, out, draft.replace(tokens_BxN=jnp.where(go, draft.tokens_BxN, -1))
+
+
+def cache_buckets(capacity: int, smallest: int = 256) -> tuple[int, ...] | None:
+  """Slot counts attention may be bounded to in a loop over a `capacity`-slot cache: `smallest`, doubling, then the
+  whole buffer; None when one bucket would be all of it. Each bucket adds one compiled forward to the program."""
+  sizes = []
+  w = smallest
+  while w < capacity:
+    sizes.append(w)
+    w *= 2
+  return tuple(sizes) + (capacity,) if sizes else None
 
 
 def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array, max_new_B: Array,
            eos_ids_E: Array, rng: Array, sp: SamplingParams, draft_params=None, *, drafter: Drafter, acceptor,
-           out_len: int, capacity: int, pad_id: int = 0, partitioner=None) -> DecodeOutput:
+           out_len: int, capacity: int, pad_id: int = 0, partitioner=None,
+           attn_buckets: tuple[int, ...] | None = None) -> DecodeOutput:
   """Prefill + the draft/verify/accept loop. Jittable; `drafter`, `acceptor`, `out_len`, `capacity`, `pad_id`,
-  `partitioner` and `model` are static.
+  `partitioner`, `attn_buckets` and `model` are static.
 
   Args:
     model: the target, through the `LanguageModel` boundary.
@@ -157,12 +187,19 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
     partitioner: a `jaxspec.sharding.Partitioner` (static) to run on a device mesh: the KV caches (the target's
       and any in the drafter state) and the loop's batch arrays are constrained to its shardings where they are
       made and at every step. None (unsharded) leaves the program as it was.
+    attn_buckets: cache buckets (`cache_buckets`): the target's attention reads only the smallest bucket holding
+      the committed context, so a step's cost follows the filled length, not `capacity`. Needs a model with
+      `bounds_attention`; None reads the whole buffer every step.
 
   Returns:
     tokens, lengths and counters.
   """
   b, p = prompts_BxP.shape
   t = drafter.num_nodes + 1
+  bounded = getattr(model, "bounds_attention", False)
+  if attn_buckets and (not bounded or attn_buckets[-1] != capacity or list(attn_buckets) != sorted(attn_buckets)):
+    raise ValueError(f"Cache buckets {attn_buckets} need a model with `bounds_attention` and ascending slot counts "
+                     f"ending at the capacity {capacity}.")
   shard = partitioner.constrain_state if partitioner is not None else (lambda tree: tree)
   # The barrier keeps XLA from constant-folding attention over the all-zero empty cache (minutes of compile time).
   cache = shard(jax.lax.optimization_barrier(shard(model.init_cache(b, capacity))))
@@ -171,7 +208,7 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
   q = own_BxQ.shape[1]
   positions_BxQ = jnp.broadcast_to(jnp.arange(q, dtype=jnp.int32), (b, q))
   _, hidden_BxQxD, cache = model.forward(params, own_BxQ, positions_BxQ, cache, jnp.tril(jnp.ones((q, q), bool)),
-                                         logits=False)
+                                         logits=False, **empty_prefill_kwargs(model))
   cache = shard(cache)
   last_BxD = jnp.take_along_axis(hidden_BxQxD, (own_len_B - 1)[:, None, None], axis=1)[:, 0]
   logits_BxV = model.logits(params, last_BxD[:, None])[:, 0]
@@ -195,11 +232,17 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
     depth_BxT = jnp.concatenate([jnp.zeros((b, 1), jnp.int32), draft.depth_BxN], axis=1)
     positions_BxT = s.cache.lengths[:, None] + depth_BxT
     mask_BxTxT = _block_mask(draft)
-    if draft.verify_B is None or t == 1:
-      logits_BxTxV, hidden_BxTxD, cache = model.forward(params, block_BxT, positions_BxT, s.cache, mask_BxTxT)
+    gated = draft.verify_B is not None and t > 1
+    # A conditional whose branches update the cache in place makes XLA:CPU copy it in and out (180 copies per step
+    # on the default model). Models that can return their new keys and values instead are written after it.
+    defer = (gated or bool(attn_buckets)) and getattr(model, "can_defer_write", False)
+    fwd = _verify_forward(model, params, attn_buckets, defer)
+    if gated:
+      logits_BxTxV, hidden_BxTxD, out, draft = _gated_verify(fwd, block_BxT, positions_BxT, mask_BxTxT, s.cache,
+                                                             draft, active_B, acceptor, defer)
     else:
-      logits_BxTxV, hidden_BxTxD, cache, draft = _gated_verify(model, params, block_BxT, positions_BxT, mask_BxTxT,
-                                                               s.cache, draft, active_B, acceptor, drafter)
+      logits_BxTxV, hidden_BxTxD, out = fwd(block_BxT, positions_BxT, s.cache, mask_BxTxT)
+    cache = model.write_kv(s.cache, out) if defer else out
     rng, r = jax.random.split(s.rng)
     acc = acceptor.accept(r, draft, logits_BxTxV, s.sp, drafter.is_chain)
     n_commit_B = jnp.where(active_B, acc.n_commit_B, 0)
@@ -240,4 +283,4 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
 
 
 decode_jit = jax.jit(decode, static_argnames=("model", "drafter", "acceptor", "out_len", "capacity", "pad_id",
-                                             "partitioner"))
+                                             "partitioner", "attn_buckets"))

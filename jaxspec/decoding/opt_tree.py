@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.decoding.bpd import BPDDrafter
-from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified, start
+from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified, empty_prefill_kwargs, start
 from jaxspec.decoding.sampling import Warp
 from jaxspec.errors import InputError
 from jaxspec.models.bpd import BPDModel
@@ -96,7 +96,8 @@ class LMTreeSource:
     p = tokens_BxP.shape[1]
     positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (b, p, p))
-    _, _, cache = self.model.forward(draft_params, tokens_BxP, positions_BxP, cache, causal, logits=False)
+    _, _, cache = self.model.forward(draft_params, tokens_BxP, positions_BxP, cache, causal, logits=False,
+                                     **empty_prefill_kwargs(self.model))
     cache = cache.advance(lengths_B)
     u = depth + 2
     todo_BxU = jnp.zeros((b, u), jnp.int32).at[:, 0].set(prefill.first_B.astype(jnp.int32))

@@ -29,7 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified, start
+from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified, empty_prefill_kwargs, start
 from jaxspec.decoding.sampling import SamplingParams, Warp
 from jaxspec.errors import InputError
 from jaxspec.models.llama import LlamaLM
@@ -207,7 +207,7 @@ class DraftModelDrafter:
     p = tokens_BxP.shape[1]
     positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     _, _, cache = self.draft_model.forward(draft_params, tokens_BxP, positions_BxP, cache, _causal_BxTxT(b, p),
-                                           logits=False)
+                                           logits=False, **empty_prefill_kwargs(self.draft_model))
     cache = cache.advance(lengths_B - 1)
     last_B = jnp.take_along_axis(tokens_BxP, (lengths_B - 1)[:, None], axis=1)[:, 0].astype(jnp.int32)
     return DraftState(cache=cache, last_B=last_B, pending_B=prefill.first_B.astype(jnp.int32), rng=rng,

@@ -122,6 +122,7 @@ def _dense(cfg: LlamaConfig, features: int, name: str) -> nn.Dense:
 class Attention(nn.Module):
   cfg: LlamaConfig
   write: bool = True  # False: leave the cache alone and return the new keys and values instead
+  attn_slots: int | None = None  # read only the first slots of the cache (None: all of them)
 
   @nn.compact
   def __call__(self, x_BxTxD, rope, kv, lengths_B, visible):
@@ -140,13 +141,16 @@ class Attention(nn.Module):
     # layer's cache four times per step (now twice; see benchmarks/README.md). It also needs no gathered slot mask.
     committed_BxS, mask_BxTxT = visible
     cache_k_BxKxHxS, cache_v_BxKxSxH = kv
+    read_k, read_v = cache_k_BxKxHxS, cache_v_BxKxSxH
+    if self.attn_slots is not None:  # every committed slot lies below attn_slots (the caller's promise)
+      read_k, read_v = read_k[..., :self.attn_slots], read_v[:, :, :self.attn_slots]
     g = cfg.n_heads // cfg.n_kv_heads
     # Queries of one kv head's G heads and T tokens form the M = G*T rows of one matmul per (b, k).
     q_BxKxMxH = (q_BxTxNxH.reshape(b, t, cfg.n_kv_heads, g, cfg.head_dim).transpose(0, 2, 3, 1, 4)
                  .reshape(b, cfg.n_kv_heads, g * t, cfg.head_dim)) * (cfg.head_dim ** -0.5)
     k_BxKxHxT = k_BxTxKxH.transpose(0, 2, 3, 1)
     v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
-    old_BxKxMxS = jnp.einsum("bkmh,bkhs->bkms", q_BxKxMxH, cache_k_BxKxHxS.astype(dt),
+    old_BxKxMxS = jnp.einsum("bkmh,bkhs->bkms", q_BxKxMxH, read_k.astype(dt),
                              preferred_element_type=jnp.float32)
     new_BxKxMxT = jnp.einsum("bkmh,bkht->bkmt", q_BxKxMxH, k_BxKxHxT, preferred_element_type=jnp.float32)
     if committed_BxS.ndim == 2:
@@ -156,7 +160,7 @@ class Attention(nn.Module):
     new_BxKxMxT = jnp.where(jnp.tile(mask_BxTxT, (1, g, 1))[:, None], new_BxKxMxT, _NEG_INF)  # row m = g_i*T + t
     probs = jax.nn.softmax(jnp.concatenate([old_BxKxMxS, new_BxKxMxT], axis=-1), axis=-1).astype(dt)
     s = old_BxKxMxS.shape[-1]
-    out_BxKxMxH = (jnp.einsum("bkms,bksh->bkmh", probs[..., :s], cache_v_BxKxSxH.astype(dt))
+    out_BxKxMxH = (jnp.einsum("bkms,bksh->bkmh", probs[..., :s], read_v.astype(dt))
                    + jnp.einsum("bkmt,bkth->bkmh", probs[..., s:], v_BxKxTxH))
     out_BxTxD = (out_BxKxMxH.reshape(b, cfg.n_kv_heads, g, t, cfg.head_dim).transpose(0, 3, 1, 2, 4)
                  .reshape(b, t, cfg.n_heads * cfg.head_dim))
@@ -183,12 +187,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
   cfg: LlamaConfig
   write: bool = True
+  attn_slots: int | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD, kv, rope, lengths_B, visible):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    h, kv = Attention(cfg, self.write, name="attn")(RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x_BxTxD), rope, kv,
+    h, kv = Attention(cfg, self.write, self.attn_slots, name="attn")(RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x_BxTxD), rope, kv,
                                                     lengths_B, visible)
     x_BxTxD = x_BxTxD + h
     x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x_BxTxD))
@@ -199,10 +204,11 @@ class _ScanBlock(nn.Module):
   """`Block` with the (carry, xs) signature `nn.scan` expects."""
   cfg: LlamaConfig
   write: bool = True
+  attn_slots: int | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD, kv, rope, lengths_B, visible):
-    return Block(self.cfg, self.write, name="block")(x_BxTxD, kv, rope, lengths_B, visible)
+    return Block(self.cfg, self.write, self.attn_slots, name="block")(x_BxTxD, kv, rope, lengths_B, visible)
 
 
 class Llama(nn.Module):
@@ -210,6 +216,7 @@ class Llama(nn.Module):
 
   cfg: LlamaConfig
   write: bool = True  # False: `__call__` returns the new keys and values per layer instead of the updated cache
+  attn_slots: int | None = None  # attention reads only cache slots [0, attn_slots) (None: the whole buffer)
 
   def setup(self):
     cfg = self.cfg
@@ -219,9 +226,9 @@ class Llama(nn.Module):
     if cfg.scan_layers:
       self.layers = nn.scan(_ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=cfg.n_layers)(
-                                cfg, self.write, name="layers")
+                                cfg, self.write, self.attn_slots, name="layers")
     else:
-      self.layers = [Block(cfg, self.write, name=f"layers_{i}") for i in range(cfg.n_layers)]
+      self.layers = [Block(cfg, self.write, self.attn_slots, name=f"layers_{i}") for i in range(cfg.n_layers)]
     self.final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), name="final_norm")
     if not cfg.tie_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
@@ -233,7 +240,10 @@ class Llama(nn.Module):
       mask_BxTxT = jnp.broadcast_to(mask_BxTxT, (tokens_BxT.shape[0], *mask_BxTxT.shape))
     x_BxTxD = self.embed(tokens_BxT)
     rope = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
-    committed = jnp.arange(cache.capacity)[None, :] < cache.lengths[:, None]
+    slots = cache.capacity if self.attn_slots is None else self.attn_slots
+    committed = jnp.arange(slots)[None, :] < cache.lengths[:, None]
+    if cache_mask_BxTxS is not None:
+      cache_mask_BxTxS = cache_mask_BxTxS[..., :slots]
     visible = (committed if cache_mask_BxTxS is None else cache_mask_BxTxS, mask_BxTxT)
     if cfg.scan_layers:
       x_BxTxD, (ks, vs) = self.layers(x_BxTxD, (cache.k, cache.v), rope, cache.lengths, visible)
@@ -294,7 +304,8 @@ class LlamaLM:
     return KVCache(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32))
 
   def forward(self, params, tokens_BxT: Array, positions_BxT: Array, cache: KVCache, mask_BxTxT: Array, *,
-              logits: bool = True, cache_mask_BxTxS: Array | None = None, write: bool = True):
+              logits: bool = True, cache_mask_BxTxS: Array | None = None, write: bool = True,
+              attn_slots: int | None = None):
     """Runs T new tokens against the cache. Jittable.
 
     Args:
@@ -310,12 +321,17 @@ class LlamaLM:
       write: False leaves the cache unwritten and returns the new keys and values in its place, for `write_kv`
         to write later. The decode loop does this when the forward runs inside a `lax.cond`: XLA:CPU copies a
         cache that a conditional's branches update in place.
+      attn_slots: static; attention reads only cache slots `[0, attn_slots)`, so its cost follows the filled
+        length instead of the buffer's (the decode loop's cache buckets). Every slot a token may read must lie
+        below it; 0 skips the cache (a prefill into an empty cache). None reads the whole buffer.
 
     Returns:
       `(logits_BxTxV or None, hidden_BxTxD, cache)`, `lengths` unchanged; with `write=False`, the new keys and
       values `(ks, vs)` instead of the cache.
     """
-    hidden, cache = Llama(self.cfg, write).apply({"params": params}, tokens_BxT, positions_BxT, cache, mask_BxTxT,
+    if attn_slots is not None and not 0 <= attn_slots <= cache.capacity:
+      raise ValueError(f"attn_slots={attn_slots} is outside [0, {cache.capacity}], the cache's slots.")
+    hidden, cache = Llama(self.cfg, write, attn_slots).apply({"params": params}, tokens_BxT, positions_BxT, cache, mask_BxTxT,
                                                  cache_mask_BxTxS)
     return (self.logits(params, hidden) if logits else None), hidden, cache
 
@@ -323,6 +339,11 @@ class LlamaLM:
   def can_defer_write(self) -> bool:
     """Whether `forward(write=False)` and `write_kv` are available (not with stacked, scanned layers)."""
     return not self.cfg.scan_layers
+
+  @property
+  def bounds_attention(self) -> bool:
+    """Whether `forward` takes `attn_slots` (the decode loop's cache buckets use it)."""
+    return True
 
   def write_kv(self, cache: KVCache, new_kv) -> KVCache:
     """Writes the new keys and values a `forward(write=False)` returned at each row's `[lengths, lengths + T)`."""

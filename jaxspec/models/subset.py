@@ -47,6 +47,10 @@ class SubsetHeadLM:
   def can_defer_write(self) -> bool:
     return getattr(self.base, "can_defer_write", False)
 
+  @property
+  def bounds_attention(self) -> bool:
+    return getattr(self.base, "bounds_attention", False)
+
   def init_cache(self, batch_size: int, capacity: int, *args, **kwargs):
     return self.base.init_cache(batch_size, capacity, *args, **kwargs)
 
