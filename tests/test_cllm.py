@@ -142,6 +142,8 @@ def test_unconverged_mask():
   state = jnp.asarray([[1, 2, 3, 4], [1, 2, 3, 9], [9, 2, 3, 4]])
   np.testing.assert_array_equal(unconverged_mask(state, fixed),
                                 [[0, 0, 0, 0, 0], [0, 0, 0, 0, 1], [0, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(unconverged_mask(state, fixed, horizon=2),
+                                [[0, 0, 0, 0, 0], [0, 0, 0, 0, 1], [0, 1, 1, 0, 0]])
 
 
 def test_consistency_loss_is_zero_at_the_fixed_point_and_masks_converged_positions(varied, collected):

@@ -94,6 +94,7 @@ class ObjectiveSection:
   ar_weight: float = 1.0
   ar_label_smoothing: float = 0.0  # AR targets (1 - e) one-hot + e uniform (CLLM's recipe uses label smoothing)
   prefix_grad: bool = False  # backpropagate through the prefix's keys and values too (slower)
+  horizon: int = 0  # > 0: the consistency loss counts only the first `horizon` unconverged positions of each state
 
   def __post_init__(self):
     if self.consistency_weight < 0 or self.ar_weight < 0 or self.consistency_weight + self.ar_weight == 0:
@@ -101,6 +102,8 @@ class ObjectiveSection:
                        f"{self.consistency_weight} and {self.ar_weight}")
     if not 0.0 <= self.ar_label_smoothing < 1.0:
       raise ValueError(f"ar_label_smoothing must be in [0, 1), got {self.ar_label_smoothing}")
+    if self.horizon < 0:
+      raise ValueError(f"horizon must be >= 0 (0: every unconverged position), got {self.horizon}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,11 +489,19 @@ class WindowExamples:
 
 # ---- the objective -----------------------------------------------------------------------------------------------
 
-def unconverged_mask(state_BxN: jax.Array, fixed_BxN: jax.Array) -> jax.Array:
-  """`[B, n + 1]`: window position i (reading window tokens 1..i) differs from the fixed point's input."""
+def unconverged_mask(state_BxN: jax.Array, fixed_BxN: jax.Array, horizon: int = 0) -> jax.Array:
+  """`[B, n + 1]`: window position i (reading window tokens 1..i) differs from the fixed point's input.
+
+  `horizon` > 0 keeps only the first `horizon` such positions of each row: the ones that read a window whose
+  context is right up to the first wrong token, from which Jacobi decoding fast-forwards. 0 keeps all (CLLM's
+  global consistency loss).
+  """
   diff_BxN = (state_BxN != fixed_BxN).astype(jnp.int32)
   seen_BxN = jnp.cumsum(diff_BxN, axis=1) > 0
-  return jnp.concatenate([jnp.zeros_like(seen_BxN[:, :1]), seen_BxN], axis=1)
+  mask_BxW = jnp.concatenate([jnp.zeros_like(seen_BxN[:, :1]), seen_BxN], axis=1)
+  if horizon:
+    mask_BxW &= jnp.cumsum(mask_BxW.astype(jnp.int32), axis=1) <= horizon
+  return mask_BxW
 
 
 def window_logits(model, params, prefix_BxP: jax.Array, prefix_len_B: jax.Array, windows: Sequence[jax.Array],
@@ -554,7 +565,7 @@ def cllm_loss(model, objective: ObjectiveSection, lora_alpha: float | None = Non
       (t_logits,) = window_logits(model, frozen["base"], batch["prefix"], batch["prefix_len"], [star_BxN])
     else:
       t_logits = star_logits
-    mask_BxW = unconverged_mask(y_BxN, star_BxN) & batch["valid"]
+    mask_BxW = unconverged_mask(y_BxN, star_BxN, objective.horizon) & batch["valid"]
     consistency = consistency_terms(s_logits, t_logits, mask_BxW, objective.consistency)
     valid_BxN = batch["valid"][:, :n].astype(jnp.float32)
     count = jnp.maximum(jnp.sum(valid_BxN), 1.0)
