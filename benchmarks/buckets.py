@@ -58,7 +58,8 @@ def main():
         same = ("yes" if r.tokens == base.tokens else "NO") if on else ""
         print(f"{label:24s} {n:5d} {'on' if on else 'off':>8s} {r.compile_s:9.1f} {toks / r.run_s:7.1f} "
               f"{speed:>8s} {same}", flush=True)
-  print(f"buckets start at {BUCKET_SMALLEST} slots and double up to the cache, e.g. {cache_buckets(4096 + 128, BUCKET_SMALLEST)}")
+  example = cache_buckets(4096 + 128, BUCKET_SMALLEST)
+  print(f"buckets start at {BUCKET_SMALLEST} slots and double up to the cache, e.g. {example}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ no nodes: one token per target call.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import flax.struct
@@ -111,8 +110,10 @@ def _verify_forward(model, params, buckets: tuple[int, ...] | None, defer: bool)
   def fwd(tokens_BxT, positions_BxT, cache, mask_BxTxT):
     if not buckets:
       return model.forward(params, tokens_BxT, positions_BxT, cache, mask_BxTxT, **kw)
-    branches = [functools.partial(lambda c, w: model.forward(params, tokens_BxT, positions_BxT, c, mask_BxTxT,
-                                                             attn_slots=w, **kw), w=w) for w in buckets]
+    def bounded(slots):
+      return lambda c: model.forward(params, tokens_BxT, positions_BxT, c, mask_BxTxT, attn_slots=slots, **kw)
+
+    branches = [bounded(w) for w in buckets]
     idx = jnp.searchsorted(jnp.asarray(buckets, jnp.int32), jnp.max(cache.lengths), side="left")
     return jax.lax.switch(jnp.minimum(idx, len(buckets) - 1), branches, cache)
 
@@ -151,7 +152,7 @@ def _gated_verify(fwd, block_BxT, positions_BxT, mask_BxTxT, cache, draft: Draft
   return logits_BxTxV, hidden_BxTxD, out, draft.replace(tokens_BxN=jnp.where(go, draft.tokens_BxN, -1))
 
 
-def cache_buckets(capacity: int, smallest: int = 256) -> tuple[int, ...] | None:
+def cache_buckets(capacity: int, smallest: int) -> tuple[int, ...] | None:
   """Slot counts attention may be bounded to in a loop over a `capacity`-slot cache: `smallest`, doubling, then the
   whole buffer; None when one bucket would be all of it. Each bucket adds one compiled forward to the program."""
   sizes = []

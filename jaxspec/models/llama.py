@@ -193,8 +193,8 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD, kv, rope, lengths_B, visible):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    h, kv = Attention(cfg, self.write, self.attn_slots, name="attn")(RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x_BxTxD), rope, kv,
-                                                    lengths_B, visible)
+    attn = Attention(cfg, self.write, self.attn_slots, name="attn")
+    h, kv = attn(RMSNorm(cfg.norm_eps, dt, name="attn_norm")(x_BxTxD), rope, kv, lengths_B, visible)
     x_BxTxD = x_BxTxD + h
     x_BxTxD = x_BxTxD + MLP(cfg, name="mlp")(RMSNorm(cfg.norm_eps, dt, name="mlp_norm")(x_BxTxD))
     return x_BxTxD, kv
@@ -331,8 +331,8 @@ class LlamaLM:
     """
     if attn_slots is not None and not 0 <= attn_slots <= cache.capacity:
       raise ValueError(f"attn_slots={attn_slots} is outside [0, {cache.capacity}], the cache's slots.")
-    hidden, cache = Llama(self.cfg, write, attn_slots).apply({"params": params}, tokens_BxT, positions_BxT, cache, mask_BxTxT,
-                                                 cache_mask_BxTxS)
+    hidden, cache = Llama(self.cfg, write, attn_slots).apply({"params": params}, tokens_BxT, positions_BxT, cache,
+                                                             mask_BxTxT, cache_mask_BxTxS)
     return (self.logits(params, hidden) if logits else None), hidden, cache
 
   @property
