@@ -1,5 +1,7 @@
 """Prompt lookup decoding: n-gram matching, context bookkeeping, exactness on the loop, τ on repetitive output."""
 
+import dataclasses
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -9,10 +11,12 @@ import pytest
 from jaxspec.bench.runner import chat_prompt_ids
 from jaxspec.decoding.accept import GreedyAcceptance
 from jaxspec.decoding.generate import generate
-from jaxspec.decoding.lookup import LookupDrafter, LookupState
+from jaxspec.decoding.bpd import chain_draft
+from jaxspec.decoding.lookup import LookupDrafter, LookupState, WithLookup, WithLookupState
 from jaxspec.decoding.protocol import Acceptance, PrefillInfo, Verified
 from jaxspec.errors import InputError
 from tests.fakes import BigramLM
+from tests.test_speculative import continuation_logits, stat_models  # noqa: F401 (fixtures)
 
 
 @flax.struct.dataclass
@@ -188,3 +192,128 @@ def test_gated_lookup_equals_greedy_on_default_model(default_model):
   gated = generate(model, params, prompts, drafter=LookupDrafter(gate=2), **kw)
   print("default model gated lookup tau:", gated.tau, "target calls", gated.target_calls, "vs", greedy.target_calls)
   assert gated.tokens == greedy.tokens and gated.target_calls < greedy.target_calls
+
+
+# ---- copies in place of another drafter's draft (`WithLookup`, methods `bpd:lookup=M`, `eagle:lookup=M`) ----------
+
+@dataclasses.dataclass(frozen=True)
+class FixedDraft:
+  """A replaceable chain drafter that always proposes tokens 11, 12, ... with point-mass probabilities over V."""
+
+  num_nodes: int = 3
+  vocab: int = 16
+  gate: bool = False
+  is_chain = True
+  calls_per_step = 0
+  draft_replaceable = True
+
+  def propose(self, draft_params, dstate, loop):
+    b = loop.pending_B.shape[0]
+    tokens_BxN = jnp.broadcast_to(jnp.arange(11, 11 + self.num_nodes, dtype=jnp.int32), (b, self.num_nodes))
+    draft = chain_draft(tokens_BxN).replace(probs_BxNxV=jax.nn.one_hot(tokens_BxN, self.vocab))
+    return (draft.replace(verify_B=jnp.zeros((b,), bool)) if self.gate else draft), dstate
+
+
+def test_copies_replace_the_draft_only_where_the_match_is_long_enough():
+  rows = [[1, 2, 3, 4, 5, 9, 2, 3, 6, 7, 1, 2, 3],  # matches [1 2 3]: copy 4 5 9
+          [8, 1, 2, 1, 2],  # only a 2-token match [1 2]: copy with min_match=2, not with 3
+          [1, 2, 3, 4, 5]]  # no match: the drafter's own tokens
+  context = np.full((3, 16), 5, np.int32)
+  for b, row in enumerate(rows):
+    context[b, :len(row)] = row
+  lookup = LookupState(jnp.asarray(context), jnp.asarray([len(r) for r in rows], jnp.int32))
+  loop = FakeLoop(jnp.asarray([r[-1] for r in rows], jnp.int32))
+  for min_match, copied in ((2, [True, True, False]), (3, [True, False, False])):
+    for gate in (False, True):
+      wl = WithLookup(FixedDraft(gate=gate), min_match=min_match)
+      state = WithLookupState(None, lookup, jnp.zeros((3,), bool), jnp.int32(0))
+      draft, state = wl.propose(None, state, loop)
+      want = [[4, 5, 9], [1, 2, 1], [11, 12, 13]]
+      assert draft.tokens_BxN.tolist() == [w if c else [11, 12, 13] for w, c in zip(want, copied)]
+      assert state.copy_B.tolist() == copied
+      # q follows the verified tokens: one-hot on the copy where a row copies.
+      assert jnp.argmax(draft.probs_BxNxV, -1).tolist() == draft.tokens_BxN.tolist()
+      assert (draft.verify_B is None) == (not gate)
+      if gate:  # the drafter asked for no verification; copied rows ask for it
+        assert draft.verify_B.tolist() == copied
+
+
+def test_drafters_that_read_their_own_draft_cannot_be_wrapped(tiny):
+  from jaxspec.decoding.speculative import DraftModelDrafter
+
+  model, _ = tiny
+  with pytest.raises(InputError, match="cannot have its drafts replaced"):
+    WithLookup(DraftModelDrafter(model, 2))
+  with pytest.raises(InputError, match="match length"):
+    WithLookup(FixedDraft(), min_match=4, max_ngram=3)
+
+
+def test_bpd_eagle_and_jacobi_with_copies_equal_greedy_on_tiny_model(tiny):
+  from jaxspec.decoding.bpd import BPDDrafter, bpd_draft_params
+  from jaxspec.decoding.eagle import EagleDrafter
+  from jaxspec.decoding.jacobi import JacobiDrafter
+  from tests.test_bpd import random_heads
+  from tests.test_eagle import random_draft
+
+  model, params = tiny
+  prompts = [[1, 2, 3], [7] * 9, [100, 5, 17] * 3, list(range(40, 51))]
+  greedy = generate(model, params, prompts, max_new_tokens=40)
+  bpd, p = random_heads(tiny, 4)
+  eagle, ep = random_draft(model, params)
+  for inner, dp in ((BPDDrafter(bpd), bpd_draft_params(model, params, bpd, p)),
+                    (BPDDrafter(bpd, gate=3.5), bpd_draft_params(model, params, bpd, p)),
+                    (EagleDrafter(eagle, 3), ep), (JacobiDrafter(window=4), None)):
+    plain = generate(model, params, prompts, max_new_tokens=40, drafter=inner, draft_params=dp)
+    res = generate(model, params, prompts, max_new_tokens=40, drafter=WithLookup(inner), draft_params=dp)
+    assert res.tokens == greedy.tokens == plain.tokens, inner
+    copied = int(res.drafter_stats["copied_steps"])
+    print(f"{type(inner).__name__}: tau {plain.tau:.2f} -> {res.tau:.2f} with copies ({copied} copied row-steps)")
+    # The tiny model's greedy output repeats itself, so copies are taken and raise tau over the random drafts.
+    assert 0 < copied <= sum(res.active_calls)
+    assert res.tau > plain.tau
+
+
+@dataclasses.dataclass(frozen=True)
+class CopiesKeepDraftersQ(WithLookup):
+  """Deliberately wrong: a copied token is verified against the q of the token the drafter had drawn there."""
+
+  def copy_probs(self, probs_BxNxV, copy_BxN, copy_B):
+    return probs_BxNxV
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_sampling_with_copies_is_exact(stat_models, continuation_logits, broken):
+  """10^5 generations at temperature 1 with a sampling feature-level draft whose drafts copies replace after a
+  1-token match follow the target's distribution (χ²); labelling the copies with the drafter's q fails the test."""
+  from jaxspec.decoding.accept import SampleAcceptance
+  from jaxspec.decoding.eagle import EagleDrafter
+  from jaxspec.decoding.sampling import SamplingParams, Warp
+  from tests.test_eagle import random_draft
+  from tests.test_speculative import chi2_pvalue, drafter_sample_counts, exact_distribution
+
+  target = stat_models[0]
+  draft, dp = random_draft(*target, seed=4, scale=2.0)
+  wrap = CopiesKeepDraftersQ if broken else WithLookup
+  drafter = wrap(EagleDrafter(draft, 2, greedy=False), min_match=1)
+  probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
+  counts = drafter_sample_counts(target, drafter, dp, 1.0, 1.0, SampleAcceptance())
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"eagle with copies, broken={broken}: p = {pvalue:.3g}")
+  assert (pvalue < 1e-6) if broken else (pvalue > 1e-3)
+
+
+def test_shipped_heads_with_copies_equal_greedy_on_default_model(default_model):
+  from jaxspec.bench.methods import DEFAULT_BPD_HEADS
+  from jaxspec.decoding.bpd import BPDDrafter, bpd_draft_params
+  from jaxspec.models.bpd import load_bpd
+
+  model, params, tok = default_model
+  prompts = chat_prompt_ids(tok, DEFAULT_MODEL_QUESTIONS)
+  kw = dict(max_new_tokens=48, eos_ids=[tok.eos_id])
+  greedy = generate(model, params, prompts, **kw)
+  bpd, p = load_bpd(DEFAULT_BPD_HEADS, num_heads=4)
+  res = generate(model, params, prompts, drafter=WithLookup(BPDDrafter(bpd)),
+                 draft_params=bpd_draft_params(model, params, bpd, p), **kw)
+  print("default model bpd + copies: tau", res.tau, "copied row-steps", res.drafter_stats["copied_steps"])
+  assert res.tokens == greedy.tokens
+  assert int(res.drafter_stats["copied_steps"]) > 0 and res.target_calls < greedy.target_calls

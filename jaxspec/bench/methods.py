@@ -100,12 +100,21 @@ def _load_heads(ctx: BenchContext, opts: dict):
   return bpd, bpd_draft_params(ctx.model, ctx.params, bpd, bpd_params)
 
 
+def with_lookup(drafter, opts: dict):
+  """The drafter, or with the option `lookup=G` the drafter whose draft a prompt-lookup copy replaces in rows whose
+  context's last G+ tokens occurred before (`jaxspec.decoding.lookup.WithLookup`)."""
+  if "lookup" not in opts:
+    return drafter
+  from jaxspec.decoding.lookup import WithLookup
+  return WithLookup(drafter, min_match=int(opts["lookup"]))
+
+
 def _bpd(ctx: BenchContext, opts: dict) -> Runner:
   from jaxspec.decoding.bpd import BPDDrafter, TopKAcceptance
 
   bpd, dp = _load_heads(ctx, opts)
   acceptor = TopKAcceptance(int(opts["approx"])) if "approx" in opts else None
-  run = loop_runner(ctx, BPDDrafter(bpd, gate=float(opts.get("gate", 0.0))), dp, acceptor)
+  run = loop_runner(ctx, with_lookup(BPDDrafter(bpd, gate=float(opts.get("gate", 0.0))), opts), dp, acceptor)
   if acceptor is not None:
     run.lossless = False  # Stern's approximate acceptance: not token-identical to greedy
   return run
@@ -200,7 +209,7 @@ def _jacobi(ctx: BenchContext, opts: dict) -> Runner:
   from jaxspec.decoding.jacobi import JacobiDrafter
   if ctx.temperature > 0:
     raise Unavailable("Jacobi decoding here is greedy only (its drafts carry no probabilities)")
-  return loop_runner(ctx, JacobiDrafter(window=int(opts.get("n", 8))))
+  return loop_runner(ctx, with_lookup(JacobiDrafter(window=int(opts.get("n", 8))), opts))
 
 
 DEFAULT_DRAFT = ASSETS / "draft_smollm2"
@@ -294,8 +303,8 @@ def _eagle(ctx: BenchContext, opts: dict) -> Runner:
       raise Unavailable(str(e)) from None
   draft, draft_params = ctx.cache[key]
   warp = Warp(top_k=int(ctx.top_k), use_top_p=ctx.top_p < 1.0)
-  drafter = EagleDrafter(draft, int(opts.get("gamma", 4)), warp=warp, greedy=ctx.temperature == 0,
-                         gate=float(opts.get("gate", 0.0)))
+  drafter = with_lookup(EagleDrafter(draft, int(opts.get("gamma", 4)), warp=warp, greedy=ctx.temperature == 0,
+                                     gate=float(opts.get("gate", 0.0))), opts)
   run = loop_runner(ctx, drafter, draft_params)
   run.drafter, run.draft_params = drafter, draft_params
   return run
@@ -466,7 +475,9 @@ for _spec in [
                _greedy),
     MethodSpec("bpd", "blockwise parallel decoding with k trained heads (Stern et al. 2018); approx=K accepts "
                "target top-K tokens (not lossless); gate=G verifies a draft only when the heads expect >= G "
-               "accepted tokens, else takes a one-token step", True, _bpd, options=("k", "heads", "approx", "gate")),
+               "accepted tokens, else takes a one-token step; lookup=M verifies a prompt-lookup copy instead of the "
+               "heads' draft where the context's last M+ tokens occurred before", True, _bpd,
+               options=("k", "heads", "approx", "gate", "lookup")),
     MethodSpec("bpd-ngram", "BPD with the heads' top-t lattice rescored by an n-gram LM, the p best paths verified "
                "as one tree (Kim et al. 2024)", True, _bpd_ngram,
                options=("k", "heads", "rescore", "t", "beams", "weight")),
@@ -482,15 +493,15 @@ for _spec in [
                options=("draft", "gamma", "stop", "gate", "vocab")),
     MethodSpec("eagle", "speculative sampling with a feature-level draft (EAGLE, Li et al. 2024): one layer that "
                "reads the target's hidden states; default draft jaxspec/assets/eagle_smollm2; gate=G verifies a "
-               "draft only when it expects >= G accepted tokens, else takes a one-token step", True, _eagle,
-               options=("draft", "gamma", "gate")),
+               "draft only when it expects >= G accepted tokens, else takes a one-token step; lookup=M as for bpd",
+               True, _eagle, options=("draft", "gamma", "gate", "lookup")),
     MethodSpec("lookup", "prompt lookup: the tokens after the latest match of the context's last n-gram, no model; "
                "gate=G verifies a draft only when its match is >= G tokens long, else takes a one-token step",
                True, _lookup, options=("n", "ngram", "gate")),
     MethodSpec("layerskip", "self-speculation: the target's first layers + final norm + head draft, no training",
                True, _layerskip, options=("layers", "gamma", "stop", "gate")),
-    MethodSpec("jacobi", "Jacobi fixed-point iteration over an n-token window (Kou et al. 2024)", True, _jacobi,
-               options=("n",)),
+    MethodSpec("jacobi", "Jacobi fixed-point iteration over an n-token window (Kou et al. 2024); lookup=M as for "
+               "bpd", True, _jacobi, options=("n", "lookup")),
     MethodSpec("cllm", "Jacobi decoding of the consistency-distilled model (Kou et al. 2024): greedy-identical to "
                "the distilled model, which may differ from the base", False, _cllm, options=("lora", "n")),
     MethodSpec("opt-tree", "draft trees grown to maximise expected acceptance length under a node budget (Wang et al. "

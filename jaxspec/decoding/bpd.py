@@ -49,6 +49,7 @@ class BPDDrafter:
   bpd: BPDModel
   is_chain: bool = True
   calls_per_step: int = 0  # the heads run on the target's own forward: no separate drafter calls
+  draft_replaceable = True  # update reads the verify outcome only (`jaxspec.decoding.lookup.WithLookup`)
   # > 0: skip verifying a draft whose expected accepted length, sum_i prod_{j<=i} p_j over the heads' top
   # probabilities, is below `gate`; that step is then a one-token step of the target (output unchanged).
   gate: float = 0.0

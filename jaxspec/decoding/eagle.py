@@ -70,6 +70,7 @@ class EagleDrafter:
   greedy: bool = True
   gate: float = 0.0
   is_chain = True
+  draft_replaceable = True  # update rewrites the step from the emitted tokens (`WithLookup` may swap the draft)
 
   def __post_init__(self):
     if self.gamma < 1:

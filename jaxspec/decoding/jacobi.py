@@ -102,6 +102,7 @@ class JacobiDrafter:
   pad_id: int = 0
   is_chain: bool = True
   calls_per_step: int = 0  # the guesses come from the target's own verify forward
+  draft_replaceable = True  # the next guess is the verify forward's argmax, whatever was verified
 
   def __post_init__(self):
     if self.window < 1:

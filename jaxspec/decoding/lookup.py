@@ -12,6 +12,7 @@ token; its last token is always the pending token.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.struct
 import jax
@@ -141,3 +142,93 @@ class LookupDrafter:
     acc = verified.acceptance
     n_new_B = jnp.where(verified.active_B, acc.n_commit_B, 0)
     return LookupState(*append_tokens(dstate.context_BxC, dstate.lengths_B, acc.emitted_BxT, n_new_B))
+
+
+@flax.struct.dataclass
+class WithLookupState:
+  """The wrapped drafter's state, the context for lookups, which rows verified a copy in the current step, and the
+  copies verified so far (active rows, summed over the batch)."""
+
+  inner: Any
+  lookup: LookupState
+  copy_B: Array
+  copies: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class WithLookup:
+  """A chain drafter whose draft a prompt-lookup copy replaces, row by row, when the copy looks better.
+
+  Each step the wrapped drafter proposes its N tokens as usual; where the context's last `min_match` or more tokens
+  occurred earlier (the longest suffix n-gram up to `max_ngram`, most recent occurrence), the N tokens that followed
+  that occurrence are verified instead. Copies win where the output repeats its context (summaries, extraction,
+  answers quoting a document, code that restates names), and the drafter keeps the other steps. A step costs what
+  the wrapped drafter's step costs: the lookup is a few comparisons over the context, and the block stays N tokens.
+
+  The choice reads only committed tokens, so the output is unchanged: greedy decoding's with greedy acceptance, and
+  under sampling the target's distribution (a copy is a point mass q, reported as one-hot `probs_BxNxV` when the
+  wrapped drafter reports probabilities, and rejection sampling is exact for whichever q a row's context picked).
+  With a gated drafter (`Draft.verify_B`) a copied row always asks to be verified.
+
+  Attributes:
+    inner: a chain drafter whose `update` reads only the verify outcome, never its own proposal
+      (`draft_replaceable`): BPD heads, feature-level drafts, Jacobi.
+    min_match: the shortest suffix match (tokens) whose copy replaces the drafter's draft.
+    max_ngram: the longest suffix n-gram searched for.
+  """
+
+  inner: Any
+  min_match: int = 2
+  max_ngram: int = 3
+  is_chain: bool = True
+
+  def __post_init__(self):
+    if not (getattr(self.inner, "is_chain", False) and getattr(self.inner, "draft_replaceable", False)):
+      raise InputError(f"lookup=: {type(self.inner).__name__} cannot have its drafts replaced by copies (it needs a "
+                       "chain drafter whose update reads only the verify outcome: BPD heads, eagle, jacobi).")
+    if not 1 <= self.min_match <= self.max_ngram:
+      raise InputError(f"lookup=: the match length must be between 1 and max_ngram={self.max_ngram}, got "
+                       f"{self.min_match}.")
+
+  @property
+  def num_nodes(self) -> int:
+    return self.inner.num_nodes
+
+  @property
+  def calls_per_step(self) -> int:
+    return self.inner.calls_per_step
+
+  def init(self, draft_params, prefill: PrefillInfo) -> WithLookupState:
+    b = prefill.first_B.shape[0]
+    lookup = LookupDrafter(num_nodes=self.num_nodes, max_ngram=self.max_ngram).init(None, prefill)
+    return WithLookupState(self.inner.init(draft_params, prefill), lookup, jnp.zeros((b,), bool), jnp.int32(0))
+
+  def propose(self, draft_params, dstate: WithLookupState, loop):
+    draft, inner = self.inner.propose(draft_params, dstate.inner, loop)
+    copy_BxN, match_B = lookup_tokens(dstate.lookup.context_BxC, dstate.lookup.lengths_B, self.num_nodes,
+                                      self.max_ngram, self.min_match)
+    copy_B = match_B >= self.min_match
+    verify = None if draft.verify_B is None else draft.verify_B | copy_B
+    draft = draft.replace(tokens_BxN=jnp.where(copy_B[:, None], copy_BxN, draft.tokens_BxN),
+                          probs_BxNxV=self.copy_probs(draft.probs_BxNxV, copy_BxN, copy_B), verify_B=verify)
+    return draft, dstate.replace(inner=inner, copy_B=copy_B)
+
+  def copy_probs(self, probs_BxNxV: Array | None, copy_BxN: Array, copy_B: Array) -> Array | None:
+    """The draft's q where rows copy: a point mass on each copied token (None stays None: point masses already)."""
+    if probs_BxNxV is None:
+      return None
+    onehot_BxNxV = jax.nn.one_hot(copy_BxN, probs_BxNxV.shape[-1], dtype=probs_BxNxV.dtype)
+    return jnp.where(copy_B[:, None, None], onehot_BxNxV, probs_BxNxV)
+
+  def update(self, draft_params, dstate: WithLookupState, verified: Verified) -> WithLookupState:
+    inner = self.inner.update(draft_params, dstate.inner, verified)
+    acc = verified.acceptance
+    n_new_B = jnp.where(verified.active_B, acc.n_commit_B, 0)
+    lookup = LookupState(*append_tokens(dstate.lookup.context_BxC, dstate.lookup.lengths_B, acc.emitted_BxT, n_new_B))
+    copies = dstate.copies + jnp.sum(dstate.copy_B & verified.active_B).astype(jnp.int32)
+    return WithLookupState(inner, lookup, dstate.copy_B, copies)
+
+  def stats(self, dstate: WithLookupState) -> dict:
+    """The wrapped drafter's counters and `copied_steps`: row-steps that verified a copy."""
+    inner = self.inner.stats(dstate.inner) if hasattr(self.inner, "stats") else {}
+    return {**inner, "copied_steps": dstate.copies}
