@@ -13,7 +13,7 @@ from jaxspec.decoding.accept import GreedyAcceptance
 from jaxspec.decoding.generate import generate
 from jaxspec.decoding.bpd import chain_draft
 from jaxspec.decoding.lookup import LookupDrafter, LookupState, WithLookup, WithLookupState
-from jaxspec.decoding.protocol import Acceptance, PrefillInfo, Verified
+from jaxspec.decoding.protocol import Acceptance, Draft, PrefillInfo, Verified
 from jaxspec.errors import InputError
 from tests.fakes import BigramLM
 from tests.test_speculative import continuation_logits, stat_models  # noqa: F401 (fixtures)
@@ -317,3 +317,77 @@ def test_shipped_heads_with_copies_equal_greedy_on_default_model(default_model):
   print("default model bpd + copies: tau", res.tau, "copied row-steps", res.drafter_stats["copied_steps"])
   assert res.tokens == greedy.tokens
   assert int(res.drafter_stats["copied_steps"]) > 0 and res.target_calls < greedy.target_calls
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedTree:
+  """A replaceable tree drafter: two depth-2 paths (11 -> 13, 12 -> 14), so its deepest path is 2 nodes."""
+
+  num_nodes = 4
+  max_path = 2
+  is_chain = False
+  calls_per_step = 0
+  draft_replaceable = True
+
+  def propose(self, draft_params, dstate, loop):
+    from jaxspec.decoding.opt_tree import ancestor_mask
+
+    b = loop.pending_B.shape[0]
+    bc = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.int32), (b, 4))
+    parent = bc([-1, -1, 0, 1])
+    return Draft(bc([11, 12, 13, 14]), bc([1, 1, 2, 2]), ancestor_mask(parent, 2), parent), dstate
+
+
+def test_a_copy_replaces_a_tree_with_a_chain_as_deep_as_the_tree():
+  from jaxspec.decoding.opt_tree import ancestor_mask
+
+  rows = [[1, 2, 3, 4, 5, 9, 2, 3, 6, 7, 1, 2, 3], [1, 2, 3, 4, 5]]  # a 3-token match; none
+  context = np.full((2, 16), 5, np.int32)
+  for b, row in enumerate(rows):
+    context[b, :len(row)] = row
+  lookup = LookupState(jnp.asarray(context), jnp.asarray([len(r) for r in rows], jnp.int32))
+  wl = WithLookup(FixedTree())
+  assert not wl.is_chain and wl.copy_len == 2
+  draft, _ = wl.propose(None, WithLookupState(None, lookup, jnp.zeros((2,), bool), jnp.int32(0)),
+                        FakeLoop(jnp.asarray([3, 5], jnp.int32)))
+  assert draft.tokens_BxN.tolist() == [[4, 5, -1, -1], [11, 12, 13, 14]]  # nodes past the tree's depth unproposed
+  assert draft.depth_BxN.tolist() == [[1, 2, 3, 4], [1, 1, 2, 2]]
+  assert draft.parent_BxN.tolist() == [[-1, 0, 1, 2], [-1, -1, 0, 1]]
+  assert draft.mask_BxNxN[0].tolist() == np.tril(np.ones((4, 4), bool)).tolist()
+  assert draft.mask_BxNxN[1].tolist() == ancestor_mask(jnp.asarray([[-1, -1, 0, 1]]), 2)[0].tolist()
+  assert draft.probs_BxNxV is None
+
+
+def test_trees_with_copies_equal_greedy_on_tiny_model(tiny):
+  from tests.test_opt_tree import tree_drafters
+
+  model, params = tiny
+  prompts = [[1, 2, 3], [7] * 9, [100, 5, 17] * 3, list(range(40, 51))]
+  greedy = generate(model, params, prompts, max_new_tokens=40)
+  drafters = tree_drafters(tiny)
+  for name in ("lm-dynamic", "heads-dynamic"):
+    inner, dp = drafters[name]
+    plain = generate(model, params, prompts, max_new_tokens=40, drafter=inner, draft_params=dp)
+    res = generate(model, params, prompts, max_new_tokens=40, drafter=WithLookup(inner), draft_params=dp)
+    assert res.tokens == greedy.tokens == plain.tokens, name
+    copied = int(res.drafter_stats["copied_steps"])
+    print(f"{name}: tau {plain.tau:.2f} -> {res.tau:.2f} with copies ({copied} copied row-steps)")
+    assert copied > 0 and res.tau > plain.tau
+    # Never more than the tree's depth accepted per step (+1: the target's own token).
+    assert not res.accept_hist[:, inner.depth + 2:].any()
+
+
+def test_tree_sampling_with_copies_is_exact(stat_models, continuation_logits):
+  """OPT-Tree drafts from a draft LM, replaced by copies after a 1-token match: the target's distribution (χ²)."""
+  from jaxspec.decoding.accept import SampleAcceptance
+  from jaxspec.decoding.sampling import SamplingParams
+  from tests.test_opt_tree import opt_tree_stat_drafter
+  from tests.test_speculative import chi2_pvalue, drafter_sample_counts, exact_distribution
+
+  inner, dp, warp = opt_tree_stat_drafter(stat_models, 1.0, 1.0)
+  probs = exact_distribution(continuation_logits, warp, SamplingParams.make(1.0))
+  counts = drafter_sample_counts(stat_models[0], WithLookup(inner, min_match=1), dp, 1.0, 1.0,
+                                 SampleAcceptance(warp))
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"opt-tree with copies: p = {pvalue:.3g}")
+  assert pvalue > 1e-3

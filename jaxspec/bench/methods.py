@@ -416,9 +416,9 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
       if key not in ctx.cache:
         ctx.cache[key] = calibrated_prior(calibrate(dyn, sp))
       dp = static_draft_params(sp, ctx.cache[key])
-  run = loop_runner(ctx, drafter, dp)
+  run = loop_runner(ctx, with_lookup(drafter, opts), dp)
   notes.append(f"nodes={drafter.nodes} depth={drafter.depth} width={drafter.width} branch={drafter.branch} "
-               f"shape={drafter.shape}")
+               f"shape={drafter.shape}" + (f" lookup={opts['lookup']}" if "lookup" in opts else ""))
   run.note = "; ".join(notes)
   return run
 
@@ -506,9 +506,10 @@ for _spec in [
                "the distilled model, which may differ from the base", False, _cllm, options=("lora", "n")),
     MethodSpec("opt-tree", "draft trees grown to maximise expected acceptance length under a node budget (Wang et al. "
                "2024); shape=static / shape=chain: fixed trees on the same drafter; nodes=auto picks the budget from "
-               "the measured verify cost; drafter=heads|eagle|draft|layerskip", True, _opt_tree,
-               options=("drafter", "heads", "layers", "draft", "vocab", "nodes", "depth", "width", "branch",
-                        "threshold", "shape")),
+               "the measured verify cost; drafter=heads|eagle|draft|layerskip; lookup=M verifies a prompt-lookup "
+               "copy (as deep as the tree) instead of the tree where the context's last M+ tokens occurred before",
+               True, _opt_tree, options=("drafter", "heads", "layers", "draft", "vocab", "nodes", "depth", "width",
+                                         "branch", "threshold", "shape", "lookup")),
     MethodSpec("t5x-greedy", "T5X's decoding.temperature_sample(temperature=0) driving the same model (baseline)",
                True, _t5x, baseline=True),
     MethodSpec("hf-greedy", "Hugging Face transformers greedy generate on the same weights, batch 1 (baseline)",

@@ -157,13 +157,16 @@ class WithLookupState:
 
 @dataclasses.dataclass(frozen=True)
 class WithLookup:
-  """A chain drafter whose draft a prompt-lookup copy replaces, row by row, when the copy looks better.
+  """A drafter whose draft a prompt-lookup copy replaces, row by row, when the context repeats itself.
 
-  Each step the wrapped drafter proposes its N tokens as usual; where the context's last `min_match` or more tokens
-  occurred earlier (the longest suffix n-gram up to `max_ngram`, most recent occurrence), the N tokens that followed
-  that occurrence are verified instead. Copies win where the output repeats its context (summaries, extraction,
-  answers quoting a document, code that restates names), and the drafter keeps the other steps. A step costs what
-  the wrapped drafter's step costs: the lookup is a few comparisons over the context, and the block stays N tokens.
+  Each step the wrapped drafter proposes its N nodes as usual; where the context's last `min_match` or more tokens
+  occurred earlier (the longest suffix n-gram up to `max_ngram`, most recent occurrence), the tokens that followed
+  that occurrence are verified instead, as a chain. Copies win where the output repeats its context (summaries,
+  extraction, answers quoting a document, code that restates names), and the drafter keeps the other steps. A step
+  costs what the wrapped drafter's step costs: the lookup is a few comparisons over the context, and the block stays
+  N nodes. A chain drafter's N tokens are replaced by N copied ones. A tree drafter's whole tree is replaced by a
+  chain of as many copied tokens as its deepest path (`max_path`: its draft state expects no longer accepted path);
+  the nodes past them are left unproposed (-1), so they are never accepted.
 
   The choice reads only committed tokens, so the output is unchanged: greedy decoding's with greedy acceptance, and
   under sampling the target's distribution (a copy is a point mass q, reported as one-hot `probs_BxNxV` when the
@@ -171,8 +174,8 @@ class WithLookup:
   With a gated drafter (`Draft.verify_B`) a copied row always asks to be verified.
 
   Attributes:
-    inner: a chain drafter whose `update` reads only the verify outcome, never its own proposal
-      (`draft_replaceable`): BPD heads, feature-level drafts, Jacobi.
+    inner: a drafter whose `update` reads only the verify outcome, never its own proposal (`draft_replaceable`):
+      BPD heads, feature-level drafts, Jacobi, OPT-Tree.
     min_match: the shortest suffix match (tokens) whose copy replaces the drafter's draft.
     max_ngram: the longest suffix n-gram searched for.
   """
@@ -180,12 +183,11 @@ class WithLookup:
   inner: Any
   min_match: int = 2
   max_ngram: int = 3
-  is_chain: bool = True
 
   def __post_init__(self):
-    if not (getattr(self.inner, "is_chain", False) and getattr(self.inner, "draft_replaceable", False)):
+    if not getattr(self.inner, "draft_replaceable", False):
       raise InputError(f"lookup=: {type(self.inner).__name__} cannot have its drafts replaced by copies (it needs a "
-                       "chain drafter whose update reads only the verify outcome: BPD heads, eagle, jacobi).")
+                       "drafter whose update reads only the verify outcome: BPD heads, eagle, jacobi, opt-tree).")
     if not 1 <= self.min_match <= self.max_ngram:
       raise InputError(f"lookup=: the match length must be between 1 and max_ngram={self.max_ngram}, got "
                        f"{self.min_match}.")
@@ -193,6 +195,15 @@ class WithLookup:
   @property
   def num_nodes(self) -> int:
     return self.inner.num_nodes
+
+  @property
+  def is_chain(self) -> bool:
+    return self.inner.is_chain
+
+  @property
+  def copy_len(self) -> int:
+    """Copied tokens per step: N for a chain drafter, a tree's deepest path."""
+    return min(self.num_nodes, getattr(self.inner, "max_path", self.num_nodes))
 
   @property
   def calls_per_step(self) -> int:
@@ -208,8 +219,15 @@ class WithLookup:
     copy_BxN, match_B = lookup_tokens(dstate.lookup.context_BxC, dstate.lookup.lengths_B, self.num_nodes,
                                       self.max_ngram, self.min_match)
     copy_B = match_B >= self.min_match
+    n = self.num_nodes
+    copy_BxN = jnp.where(jnp.arange(n)[None] < self.copy_len, copy_BxN, -1)  # past a tree's depth: unproposed
+    chain = chain_draft(copy_BxN)
+    pick = lambda c, d: jnp.where(copy_B.reshape(copy_B.shape + (1,) * (d.ndim - 1)), c, d)
     verify = None if draft.verify_B is None else draft.verify_B | copy_B
-    draft = draft.replace(tokens_BxN=jnp.where(copy_B[:, None], copy_BxN, draft.tokens_BxN),
+    draft = draft.replace(tokens_BxN=pick(chain.tokens_BxN, draft.tokens_BxN),
+                          depth_BxN=pick(chain.depth_BxN, draft.depth_BxN),
+                          mask_BxNxN=pick(chain.mask_BxNxN, draft.mask_BxNxN),
+                          parent_BxN=pick(chain.parent_BxN, draft.parent_BxN),
                           probs_BxNxV=self.copy_probs(draft.probs_BxNxV, copy_BxN, copy_B), verify_B=verify)
     return draft, dstate.replace(inner=inner, copy_B=copy_B)
 

@@ -263,6 +263,14 @@ class OptTreeDrafter:
   def is_chain(self) -> bool:
     return self.shape == "chain"
 
+  # The sources' updates read only the verify outcome, so `jaxspec.decoding.lookup.WithLookup` may verify a copy
+  # in place of a tree, as long as the copy is no deeper than a tree (the sources keep room for `max_path` tokens).
+  draft_replaceable = True
+
+  @property
+  def max_path(self) -> int:
+    return self.depth
+
   @property
   def calls_per_step(self) -> int:
     return self.source.calls(self.depth)
