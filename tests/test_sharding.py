@@ -17,7 +17,7 @@ from jaxspec import sharding
 from jaxspec.decoding.bpd import BPDDrafter, bpd_draft_params
 from jaxspec.decoding.generate import generate
 from jaxspec.decoding.jacobi import JacobiDrafter
-from jaxspec.decoding.lookup import LookupDrafter
+from jaxspec.decoding.lookup import LookupDrafter, WithLookup
 from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft
 from jaxspec.errors import InputError
 from jaxspec.models.bpd import BPDConfig, BPDModel
@@ -158,6 +158,10 @@ def method(name, model, params):
     return dict(drafter=BPDDrafter(bpd), draft_params=bpd_draft_params(model, params, bpd, heads))
   if name == "lookup":
     return dict(drafter=LookupDrafter(num_nodes=4, max_ngram=2))
+  if name == "bpd-copies":  # the context buffer inside a wrapped drafter's state
+    bpd, heads = random_heads((model, params), 3)
+    return dict(drafter=WithLookup(BPDDrafter(bpd), min_match=1),
+                draft_params=bpd_draft_params(model, params, bpd, heads))
   if name == "jacobi":
     return dict(drafter=JacobiDrafter(window=4))
   if name in ("layerskip", "layerskip-sampling"):
@@ -183,7 +187,7 @@ def method(name, model, params):
 # The lattice and layer-skip sampling cases are slow-marked for time (run before resolving): by default, sampling and
 # BPD cover sharded warps and heads, and test_layerskip_equals_one_device_with_sharded_caches a sharded draft cache.
 METHODS = ["greedy", "sampling", "bpd", pytest.param("bpd-ngram", marks=pytest.mark.slow), "lookup", "jacobi",
-           pytest.param("layerskip-sampling", marks=pytest.mark.slow)]
+           pytest.param("layerskip-sampling", marks=pytest.mark.slow), "bpd-copies"]
 
 
 @pytest.mark.parametrize("name", METHODS)
