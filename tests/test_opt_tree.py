@@ -334,3 +334,44 @@ def test_trees_equal_greedy_on_default_model(default_model):
                       (OptTreeDrafter(LMTreeSource(lm), nodes=12, depth=4, width=3, branch=4), lm_params)]:
     res = gen.generate(model, params, prompts, max_new_tokens=32, drafter=drafter, draft_params=dp)
     assert res.tokens == ref, drafter
+
+
+def test_a_draft_lm_tree_after_a_step_is_the_tree_a_fresh_prefill_grows(tiny):
+  """After a verified step the draft LM's cache holds exactly the committed tokens: the next tree (tokens and E[A])
+  equals the tree of a drafter prefilled on the committed sequence. A token fed twice would change both."""
+  from jaxspec.decoding.protocol import Acceptance, Verified
+
+  model, params = tiny
+  other, other_params = make_tiny(seed=1)
+  drafter = OptTreeDrafter(LMTreeSource(other), nodes=6, depth=3, width=2, branch=3)
+  v = model.vocab_size
+
+  def prefill(tokens, first):
+    return PrefillInfo(jnp.asarray([tokens], jnp.int32), jnp.asarray([len(tokens)], jnp.int32),
+                       jnp.zeros((1, model.cfg.d_model)), jnp.zeros((1, v)), jnp.asarray([first], jnp.int32),
+                       capacity=48)
+
+  def propose(state, pending):
+    loop = types.SimpleNamespace(pending_B=jnp.asarray([pending], jnp.int32), sp=SamplingParams.make(0.0),
+                                 active_B=jnp.asarray([True]))
+    before = state.expected_accept_DxN
+    draft, state = drafter.propose(other_params, state, loop)
+    return draft, state, state.expected_accept_DxN - before
+
+  prompt, first, correction = [5, 17, 33, 2, 90], 41, 77
+  draft, state, _ = propose(drafter.init(other_params, prefill(prompt, first)), first)
+  node = int(jnp.argmax(draft.depth_BxN[0] == 2))  # a depth-2 node: commit its parent, itself and a correction
+  parent = int(draft.parent_BxN[0, node])
+  path = [parent, node]
+  emitted = [int(draft.tokens_BxN[0, i]) for i in path] + [correction]
+  t = drafter.nodes + 1
+  acc = Acceptance(jnp.asarray([emitted + [0] * (t - 3)], jnp.int32),
+                   jnp.asarray([[0] + [i + 1 for i in path] + [0] * (t - 3)], jnp.int32), jnp.asarray([3], jnp.int32),
+                   is_prefix=False)
+  state = drafter.update(other_params, state, Verified(draft, jnp.zeros((1, t, v)), jnp.zeros((1, t, 8)), acc,
+                                                       jnp.asarray([True])))
+  draft2, _, ea2 = propose(state, correction)
+  fresh, _, ea_fresh = propose(drafter.init(other_params, prefill(prompt + [first] + emitted[:2], correction)),
+                               correction)
+  assert draft2.tokens_BxN.tolist() == fresh.tokens_BxN.tolist()
+  np.testing.assert_allclose(ea2, ea_fresh, rtol=1e-5, atol=1e-6)

@@ -214,8 +214,8 @@ def sample_counts(stat_models, gamma, temperature, top_k, top_p, greedy=False, a
                                draft_params, temperature, top_p, acceptor or SampleAcceptance(warp))
 
 
-def drafter_sample_counts(target, drafter, draft_params, temperature, top_p, acceptor) -> np.ndarray:
-  """Counts of each continuation over ROWS * SEEDS generations of `target` with any drafter and acceptor (the
+def drafter_sample_counts(target, drafter, draft_params, temperature, top_p, acceptor, seeds=SEEDS) -> np.ndarray:
+  """Counts of each continuation over ROWS * seeds generations of `target` with any drafter and acceptor (the
   jitted loop called directly, with a cache just long enough, so 10^5 samples take seconds)."""
   model, params = target
   p = len(PROMPT)
@@ -226,7 +226,7 @@ def drafter_sample_counts(target, drafter, draft_params, temperature, top_p, acc
                 capacity=p + N_NEW + drafter.num_nodes + 1, pad_id=0)
   program, _, _ = gen.compiled_program(args(0), static)
   counts = np.zeros(V ** N_NEW, np.int64)
-  for seed in range(SEEDS):
+  for seed in range(seeds):
     out = program(*args(seed))
     assert np.all(np.asarray(out.lengths_B) == N_NEW)
     counts += np.bincount(np.asarray(out.tokens_BxO) @ (V ** np.arange(N_NEW - 1, -1, -1)), minlength=V ** N_NEW)

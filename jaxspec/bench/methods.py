@@ -390,8 +390,8 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
       verify = forward_cost(ctx.model, ctx.params, [n + 1 for n in grid], context=256)
       draft_step = draft_base = 0.0
       if lm is not None:
-        dcost = forward_cost(lm[0], lm[1], [width, big_d + 2], context=256)
-        draft_step, draft_base = dcost[width], dcost[big_d + 2]
+        dcost = forward_cost(lm[0], lm[1], [width, big_d + 1], context=256)
+        draft_step, draft_base = dcost[width], dcost[big_d + 1]
       ctx.cache[key] = (expected_accept(stats), {n: verify[n + 1] for n in grid}, draft_step, draft_base)
     ea, verify_s, draft_step, draft_base = ctx.cache[key]
     n_best, d_best, table = choose_budget(ea, verify_s, draft_step, draft_base)

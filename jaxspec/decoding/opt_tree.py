@@ -18,7 +18,7 @@ Every shape is static: the pool of candidates is `[B, D, C]`, the draft always h
   layers). Each depth is one draft forward over the W frontier nodes; the nodes are written into the draft cache past
   its committed length, and each reads its own ancestors there through a per-token cache mask, so a depth costs a
   W-token forward whatever the tree's shape. After verification the committed tokens are fed to the draft at the
-  start of the next step (one forward of at most D + 2 tokens, which also yields the root's distribution).
+  start of the next step (one forward of at most D + 1 tokens, which also yields the root's distribution).
 - `HeadsTreeSource`: BPD heads. Head d's distribution is the same for every depth-d node (the heads read the
   target's hidden state, not the draft), so the tree is the top-N paths of the heads' lattice. No draft forwards.
 
@@ -70,7 +70,6 @@ class LMSourceState:
   todo_BxU: Array  # tokens to feed at the next step, left-aligned
   n_todo_B: Array
   base_B: Array  # the cache's committed length before the last propose (idle rows return to it)
-  pending_B: Array  # the pending token of the last propose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,9 +98,9 @@ class LMTreeSource:
     _, _, cache = self.model.forward(draft_params, tokens_BxP, positions_BxP, cache, causal, logits=False,
                                      **empty_prefill_kwargs(self.model))
     cache = cache.advance(lengths_B)
-    u = depth + 2
+    u = depth + 1  # a step commits at most depth + 1 tokens
     todo_BxU = jnp.zeros((b, u), jnp.int32).at[:, 0].set(prefill.first_B.astype(jnp.int32))
-    return LMSourceState(cache, todo_BxU, jnp.ones((b,), jnp.int32), cache.lengths, prefill.first_B.astype(jnp.int32))
+    return LMSourceState(cache, todo_BxU, jnp.ones((b,), jnp.int32), cache.lengths)
 
   def begin(self, draft_params, sstate: LMSourceState, loop, logp_fn) -> tuple[Array, Any, LMSourceState]:
     """Feeds the committed tokens; returns the root's log-probabilities `[B, V]` and the growth context."""
@@ -115,7 +114,7 @@ class LMTreeSource:
     logp_BxV = logp_fn(self.model.logits(draft_params, last_BxD[:, None])[:, 0])
     base_B = cache.lengths
     cache = cache.advance(sstate.n_todo_B)
-    return logp_BxV, cache, sstate.replace(base_B=base_B, pending_B=loop.pending_B)
+    return logp_BxV, cache, sstate.replace(base_B=base_B)
 
   def expand(self, draft_params, ctx, d: Array, front_BxW: Array, anc_BxWxR: Array, logp_fn) -> tuple[Array, Any]:
     """Log-probabilities `[B, W, V]` of the children of the depth-(d-1) frontier; writes the frontier's entries."""
@@ -137,16 +136,17 @@ class LMTreeSource:
     return logp_fn(logits_BxWxV), cache.replace(lengths=committed_B)
 
   def update(self, draft_params, sstate: LMSourceState, ctx, verified: Verified) -> LMSourceState:
-    """The next step feeds the old pending token, the accepted nodes and the new pending token."""
+    """The next step feeds the accepted nodes and the new pending token (the old pending token was fed by `begin`,
+    so the draft cache then holds exactly the target's committed tokens)."""
     cache = ctx
     acc = verified.acceptance
     active_B = verified.active_B
     u = sstate.todo_BxU.shape[1]
-    todo_BxU = jnp.concatenate([sstate.pending_B[:, None], acc.emitted_BxT[:, :u - 1].astype(jnp.int32)], axis=1)
+    todo_BxU = acc.emitted_BxT[:, :u].astype(jnp.int32)
     lengths_B = jnp.where(active_B, cache.lengths, sstate.base_B)
     return sstate.replace(cache=cache.replace(lengths=lengths_B),
                           todo_BxU=jnp.where(active_B[:, None], todo_BxU, sstate.todo_BxU),
-                          n_todo_B=jnp.where(active_B, acc.n_commit_B + 1, sstate.n_todo_B))
+                          n_todo_B=jnp.where(active_B, acc.n_commit_B, sstate.n_todo_B))
 
 
 @dataclasses.dataclass(frozen=True)
