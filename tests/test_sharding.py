@@ -202,6 +202,8 @@ def test_sharded_decoding_equals_one_device(wide, mesh24, name):
   assert (res.target_calls, res.active_calls, res.step_tokens) == (ref.target_calls, ref.active_calls,
                                                                     ref.step_tokens)
   np.testing.assert_array_equal(res.accept_hist, ref.accept_hist)
+  if name == "bpd-copies":  # copies were taken, in the same steps
+    assert int(res.drafter_stats["copied_steps"]) == int(ref.drafter_stats["copied_steps"]) > 0
 
 
 @pytest.mark.parametrize("mesh,prompts", [("data=4,model=2", PROMPTS), ("data=2,model=4", PROMPTS[:3])])

@@ -171,7 +171,8 @@ class WithLookup:
   The choice reads only committed tokens, so the output is unchanged: greedy decoding's with greedy acceptance, and
   under sampling the target's distribution (a copy is a point mass q, reported as one-hot `probs_BxNxV` when the
   wrapped drafter reports probabilities, and rejection sampling is exact for whichever q a row's context picked).
-  With a gated drafter (`Draft.verify_B`) a copied row always asks to be verified.
+  With a gated drafter (`Draft.verify_B`) a copied row always asks to be verified. The wrapped drafter's own
+  counters see the copies as its drafts (Jacobi's fast-forward and stationary counts include copied tokens).
 
   Attributes:
     inner: a drafter whose `update` reads only the verify outcome, never its own proposal (`draft_replaceable`):
