@@ -210,10 +210,15 @@ class WithLookup:
   def calls_per_step(self) -> int:
     return self.inner.calls_per_step
 
+  @property
+  def lookup(self) -> LookupDrafter:
+    """The lookup drafter whose context this one keeps (and whose matches shorter than `min_match` it ignores)."""
+    return LookupDrafter(num_nodes=self.num_nodes, max_ngram=self.max_ngram, min_ngram=self.min_match)
+
   def init(self, draft_params, prefill: PrefillInfo) -> WithLookupState:
     b = prefill.first_B.shape[0]
-    lookup = LookupDrafter(num_nodes=self.num_nodes, max_ngram=self.max_ngram).init(None, prefill)
-    return WithLookupState(self.inner.init(draft_params, prefill), lookup, jnp.zeros((b,), bool), jnp.int32(0))
+    return WithLookupState(self.inner.init(draft_params, prefill), self.lookup.init(None, prefill),
+                           jnp.zeros((b,), bool), jnp.int32(0))
 
   def propose(self, draft_params, dstate: WithLookupState, loop):
     draft, inner = self.inner.propose(draft_params, dstate.inner, loop)
@@ -240,12 +245,9 @@ class WithLookup:
     return jnp.where(copy_B[:, None, None], onehot_BxNxV, probs_BxNxV)
 
   def update(self, draft_params, dstate: WithLookupState, verified: Verified) -> WithLookupState:
-    inner = self.inner.update(draft_params, dstate.inner, verified)
-    acc = verified.acceptance
-    n_new_B = jnp.where(verified.active_B, acc.n_commit_B, 0)
-    lookup = LookupState(*append_tokens(dstate.lookup.context_BxC, dstate.lookup.lengths_B, acc.emitted_BxT, n_new_B))
     copies = dstate.copies + jnp.sum(dstate.copy_B & verified.active_B).astype(jnp.int32)
-    return WithLookupState(inner, lookup, dstate.copy_B, copies)
+    return WithLookupState(self.inner.update(draft_params, dstate.inner, verified),
+                           self.lookup.update(None, dstate.lookup, verified), dstate.copy_B, copies)
 
   def stats(self, dstate: WithLookupState) -> dict:
     """The wrapped drafter's counters and `copied_steps`: row-steps that verified a copy."""
