@@ -338,7 +338,7 @@ class FixedTree:
     return Draft(bc([11, 12, 13, 14]), bc([1, 1, 2, 2]), ancestor_mask(parent, 2), parent), dstate
 
 
-def test_a_copy_replaces_a_tree_with_a_chain_as_deep_as_the_tree():
+def test_without_grafting_a_copy_replaces_a_tree_with_a_chain_as_deep_as_the_tree():
   from jaxspec.decoding.opt_tree import ancestor_mask
 
   rows = [[1, 2, 3, 4, 5, 9, 2, 3, 6, 7, 1, 2, 3], [1, 2, 3, 4, 5]]  # a 3-token match; none
@@ -346,7 +346,7 @@ def test_a_copy_replaces_a_tree_with_a_chain_as_deep_as_the_tree():
   for b, row in enumerate(rows):
     context[b, :len(row)] = row
   lookup = LookupState(jnp.asarray(context), jnp.asarray([len(r) for r in rows], jnp.int32))
-  wl = WithLookup(FixedTree())
+  wl = WithLookup(FixedTree(), graft=False)
   assert not wl.is_chain and wl.copy_len == 2
   draft, _ = wl.propose(None, WithLookupState(None, lookup, jnp.zeros((2,), bool), jnp.int32(0)),
                         FakeLoop(jnp.asarray([3, 5], jnp.int32)))
@@ -356,6 +356,88 @@ def test_a_copy_replaces_a_tree_with_a_chain_as_deep_as_the_tree():
   assert draft.mask_BxNxN[0].tolist() == np.tril(np.ones((4, 4), bool)).tolist()
   assert draft.mask_BxNxN[1].tolist() == ancestor_mask(jnp.asarray([[-1, -1, 0, 1]]), 2)[0].tolist()
   assert draft.probs_BxNxV is None
+
+
+def test_a_copy_joins_a_tree_as_a_branch_sharing_the_path_the_tree_already_has():
+  from jaxspec.decoding.opt_tree import ancestor_mask
+
+  rows = [[1, 2, 3, 4, 5, 9, 2, 3, 6, 7, 1, 2, 3],  # copy 4 5: no node shared, the two depth-2 nodes make room
+          [1, 2, 11, 9, 7, 1, 2],  # copy 11 9: node 11 shared, 9 hangs below it in place of the last node (14)
+          [1, 2, 12, 14, 7, 1, 2],  # copy 12 14: already a path of the tree, nothing changes
+          [1, 2, 3, 4, 5]]  # no match
+  context = np.full((4, 16), 5, np.int32)
+  for b, row in enumerate(rows):
+    context[b, :len(row)] = row
+  lookup = LookupState(jnp.asarray(context), jnp.asarray([len(r) for r in rows], jnp.int32))
+  wl = WithLookup(FixedTree())
+  draft, state = wl.propose(None, WithLookupState(None, lookup, jnp.zeros((4,), bool), jnp.int32(0)),
+                            FakeLoop(jnp.asarray([r[-1] for r in rows], jnp.int32)))
+  assert state.copy_B.tolist() == [True, True, True, False]
+  assert draft.tokens_BxN.tolist() == [[11, 12, 4, 5], [11, 12, 13, 9], [11, 12, 13, 14], [11, 12, 13, 14]]
+  assert draft.parent_BxN.tolist() == [[-1, -1, -1, 2], [-1, -1, 0, 0], [-1, -1, 0, 1], [-1, -1, 0, 1]]
+  assert draft.depth_BxN.tolist() == [[1, 1, 1, 2], [1, 1, 2, 2], [1, 1, 2, 2], [1, 1, 2, 2]]
+  assert draft.mask_BxNxN.tolist() == ancestor_mask(draft.parent_BxN, 2).tolist()
+  assert draft.probs_BxNxV is None
+
+
+def _random_tree(rng, n: int, depth: int, vocab: int):
+  """A random tree of n nodes in topological order, depths <= depth, siblings with distinct tokens."""
+  parent, dep, tok = [], [], []
+  for i in range(n):
+    full = lambda j: sum(q == j for q in parent) >= vocab
+    choices = [j for j in [-1] + [j for j in range(i) if dep[j] < depth] if not full(j)]
+    par = int(rng.choice(choices))
+    taken = {tok[j] for j in range(i) if parent[j] == par}
+    parent.append(par)
+    dep.append(1 if par < 0 else dep[par] + 1)
+    tok.append(int(rng.choice([t for t in range(vocab) if t not in taken])))
+  return np.asarray(tok), np.asarray(parent), np.asarray(dep)
+
+
+def _root_paths(tok, parent):
+  paths = []
+  for i in range(len(tok)):
+    path, j = [], i
+    while j >= 0:
+      path.append(int(tok[j]))
+      j = int(parent[j])
+    paths.append(tuple(path[::-1]))
+  return paths
+
+
+def test_grafted_trees_keep_n_nodes_the_copy_and_the_shallow_part_of_the_tree():
+  """Random trees and copies: the result is a tree in topological order whose root paths include the copy and
+  every path of the tree but those through the dropped (last, off-copy) nodes; nothing changes where no row copies."""
+  from jaxspec.decoding.lookup import graft_chain
+  from jaxspec.decoding.opt_tree import ancestor_mask
+
+  rng = np.random.default_rng(0)
+  n, depth, vocab, b = 8, 4, 3, 64
+  trees = [_random_tree(rng, n, depth, vocab) for _ in range(b)]
+  tok, parent, dep = (jnp.asarray(np.stack(x)) for x in zip(*trees))
+  draft = Draft(tok.astype(jnp.int32), dep.astype(jnp.int32), ancestor_mask(parent.astype(jnp.int32), depth),
+                parent.astype(jnp.int32))
+  for l in (1, 3, 4):
+    copy = rng.integers(0, vocab, (b, l)).astype(np.int32)
+    use = rng.random(b) < 0.8
+    out = graft_chain(draft, jnp.asarray(copy), jnp.asarray(use), depth)
+    for r in range(b):
+      t, p, d = (np.asarray(x[r]) for x in (out.tokens_BxN, out.parent_BxN, out.depth_BxN))
+      assert all(p[i] < i for i in range(n))  # topological
+      assert all(d[i] == (1 if p[i] < 0 else d[p[i]] + 1) for i in range(n))
+      assert np.asarray(out.mask_BxNxN[r]).tolist() == ancestor_mask(jnp.asarray(p[None]), depth)[0].tolist()
+      new_paths, old_paths = _root_paths(t, p), _root_paths(*trees[r][:2])
+      if not use[r]:
+        assert t.tolist() == trees[r][0].tolist() and p.tolist() == trees[r][1].tolist()
+        continue
+      # The copy's prefixes already in the tree stay; the last nodes off them make room for the rest of the copy.
+      shared = max(k for k in range(l + 1) if k == 0 or tuple(copy[r, :k]) in old_paths)
+      on_copy = {i for i, path in enumerate(old_paths) if path == tuple(copy[r, :len(path)])}
+      dropped = [i for i in range(n) if i not in on_copy][::-1][:l - shared]
+      want = {old_paths[i] for i in range(n) if i not in dropped} | {tuple(copy[r, :k]) for k in range(1, l + 1)}
+      assert len(set(new_paths)) == len(new_paths) == n  # siblings stay distinct: no path twice
+      assert set(new_paths) == want
+      assert new_paths[:n - (l - shared)] == [old_paths[i] for i in range(n) if i not in dropped]  # order kept
 
 
 def test_trees_with_copies_equal_greedy_on_tiny_model(tiny):
@@ -368,13 +450,15 @@ def test_trees_with_copies_equal_greedy_on_tiny_model(tiny):
   for name in ("lm-dynamic", "heads-dynamic"):
     inner, dp = drafters[name]
     plain = generate(model, params, prompts, max_new_tokens=40, drafter=inner, draft_params=dp)
-    res = generate(model, params, prompts, max_new_tokens=40, drafter=WithLookup(inner), draft_params=dp)
-    assert res.tokens == greedy.tokens == plain.tokens, name
-    copied = int(res.drafter_stats["copied_steps"])
-    print(f"{name}: tau {plain.tau:.2f} -> {res.tau:.2f} with copies ({copied} copied row-steps)")
-    assert copied > 0 and res.tau > plain.tau
-    # Never more than the tree's depth accepted per step (+1: the target's own token).
-    assert not res.accept_hist[:, inner.depth + 2:].any()
+    for graft in (True, False):
+      res = generate(model, params, prompts, max_new_tokens=40, drafter=WithLookup(inner, graft=graft),
+                     draft_params=dp)
+      assert res.tokens == greedy.tokens == plain.tokens, name
+      copied = int(res.drafter_stats["copied_steps"])
+      print(f"{name}, graft={graft}: tau {plain.tau:.2f} -> {res.tau:.2f} with copies ({copied} copied row-steps)")
+      assert copied > 0 and res.tau > plain.tau
+      # Never more than the tree's depth accepted per step (+1: the target's own token).
+      assert not res.accept_hist[:, inner.depth + 2:].any()
 
 
 @pytest.mark.slow  # 10^6 samples (about 2 minutes); the chain case above, with its broken control, runs by default

@@ -19,6 +19,9 @@ Objective, for a state y of the window after prefix x (y* its fixed point):
     the last prefix token, always is).
   - AR loss: next-token cross-entropy on `[x, y*]` at the window positions (targets y*), which keeps the model's
     greedy output; its logits are also the `self` teacher's.
+  - anchor (`anchor_weight` > 0): KL(base || student) of the next-token distributions given `[x, y*]` at the window
+    positions, with the frozen base params: the AR loss only pins the argmax token, this pins the whole distribution
+    the student decodes from.
   - Both skip the positions whose target comes after the fixed point's first EOS token (greedy tokens decoding
     never emits, CLLM pads them out too).
 The prefix is run once per example into a KV cache without gradient (`prefix_grad: false`, the default; the
@@ -95,6 +98,7 @@ class ObjectiveSection:
   ar_label_smoothing: float = 0.0  # AR targets (1 - e) one-hot + e uniform (CLLM's recipe uses label smoothing)
   prefix_grad: bool = False  # backpropagate through the prefix's keys and values too (slower)
   horizon: int = 0  # > 0: the consistency loss counts only the first `horizon` unconverged positions of each state
+  anchor_weight: float = 0.0  # KL(base || student) given the fixed point, at every window position (keeps decoding)
 
   def __post_init__(self):
     if self.consistency_weight < 0 or self.ar_weight < 0 or self.consistency_weight + self.ar_weight == 0:
@@ -104,6 +108,8 @@ class ObjectiveSection:
       raise ValueError(f"ar_label_smoothing must be in [0, 1), got {self.ar_label_smoothing}")
     if self.horizon < 0:
       raise ValueError(f"horizon must be >= 0 (0: every unconverged position), got {self.horizon}")
+    if self.anchor_weight < 0:
+      raise ValueError(f"anchor_weight must be >= 0, got {self.anchor_weight}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -561,10 +567,9 @@ def cllm_loss(model, objective: ObjectiveSection, lora_alpha: float | None = Non
     n = y_BxN.shape[1]
     s_logits, star_logits = window_logits(model, params, batch["prefix"], batch["prefix_len"], [y_BxN, star_BxN],
                                           prefix_params=prefix_params)
-    if objective.teacher == "base":
-      (t_logits,) = window_logits(model, frozen["base"], batch["prefix"], batch["prefix_len"], [star_BxN])
-    else:
-      t_logits = star_logits
+    if objective.teacher == "base" or objective.anchor_weight:
+      (base_logits,) = window_logits(model, frozen["base"], batch["prefix"], batch["prefix_len"], [star_BxN])
+    t_logits = base_logits if objective.teacher == "base" else star_logits
     mask_BxW = unconverged_mask(y_BxN, star_BxN, objective.horizon) & batch["valid"]
     consistency = consistency_terms(s_logits, t_logits, mask_BxW, objective.consistency)
     valid_BxN = batch["valid"][:, :n].astype(jnp.float32)
@@ -578,7 +583,12 @@ def cllm_loss(model, objective: ObjectiveSection, lora_alpha: float | None = Non
     right_BxN = (jnp.argmax(s_logits[:, :n], axis=-1) == star_BxN).astype(jnp.float32)
     unconv_BxN = mask_BxW[:, :n].astype(jnp.float32)
     loss = objective.consistency_weight * consistency + objective.ar_weight * ar
-    return loss, {"consistency": consistency, "ar": ar, "window_acc": jnp.sum(right_BxN * valid_BxN) / count,
+    metrics = {}
+    if objective.anchor_weight:
+      anchor = consistency_terms(star_logits, base_logits, batch["valid"], "kl")
+      loss = loss + objective.anchor_weight * anchor
+      metrics["anchor"] = anchor
+    return loss, {**metrics, "consistency": consistency, "ar": ar, "window_acc": jnp.sum(right_BxN * valid_BxN) / count,
                   "unconverged_acc": jnp.sum(right_BxN * unconv_BxN) / jnp.maximum(jnp.sum(unconv_BxN), 1.0),
                   "converged_frac": 1.0 - jnp.sum(unconv_BxN) / count}
 
@@ -697,7 +707,7 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
   else:
     lcfg = None
     trainable = jax.tree.map(jnp.array, params)  # copies: the train step donates them
-    frozen = {"base": base} if o.teacher == "base" else {}
+    frozen = {"base": base} if o.teacher == "base" or o.anchor_weight else {}
     to_params = lambda p: p
     loss = cllm_loss(model, o)
   monitor = None

@@ -101,12 +101,15 @@ def _load_heads(ctx: BenchContext, opts: dict):
 
 
 def with_lookup(drafter, opts: dict):
-  """The drafter, or with the option `lookup=G` the drafter whose draft a prompt-lookup copy replaces in rows whose
-  context's last G+ tokens occurred before (`jaxspec.decoding.lookup.WithLookup`)."""
+  """The drafter, or with the option `lookup=G` the drafter that verifies a prompt-lookup copy in rows whose
+  context's last G+ tokens occurred before (`jaxspec.decoding.lookup.WithLookup`): in place of a chain, or as one
+  more branch of a tree (`graft=0`: in place of the tree)."""
   if "lookup" not in opts:
+    if "graft" in opts:
+      raise InputError("graft= applies to copies: give lookup=M too.")
     return drafter
   from jaxspec.decoding.lookup import WithLookup
-  return WithLookup(drafter, min_match=int(opts["lookup"]))
+  return WithLookup(drafter, min_match=int(opts["lookup"]), graft=bool(int(opts.get("graft", 1))))
 
 
 def _bpd(ctx: BenchContext, opts: dict) -> Runner:
@@ -418,7 +421,8 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
       dp = static_draft_params(sp, ctx.cache[key])
   run = loop_runner(ctx, with_lookup(drafter, opts), dp)
   notes.append(f"nodes={drafter.nodes} depth={drafter.depth} width={drafter.width} branch={drafter.branch} "
-               f"shape={drafter.shape}" + (f" lookup={opts['lookup']}" if "lookup" in opts else ""))
+               f"shape={drafter.shape}" + (f" lookup={opts['lookup']}" if "lookup" in opts else "")
+               + (f" graft={opts['graft']}" if "graft" in opts else ""))
   run.note = "; ".join(notes)
   return run
 
@@ -506,10 +510,11 @@ for _spec in [
                "the distilled model, which may differ from the base", False, _cllm, options=("lora", "n")),
     MethodSpec("opt-tree", "draft trees grown to maximise expected acceptance length under a node budget (Wang et al. "
                "2024); shape=static / shape=chain: fixed trees on the same drafter; nodes=auto picks the budget from "
-               "the measured verify cost; drafter=heads|eagle|draft|layerskip; lookup=M verifies a prompt-lookup "
-               "copy (as deep as the tree) instead of the tree where the context's last M+ tokens occurred before",
+               "the measured verify cost; drafter=heads|eagle|draft|layerskip; lookup=M adds a prompt-lookup copy "
+               "(as deep as the tree) to the tree as one more branch where the context's last M+ tokens occurred "
+               "before (graft=0: in place of the tree)",
                True, _opt_tree, options=("drafter", "heads", "layers", "draft", "vocab", "nodes", "depth", "width",
-                                         "branch", "threshold", "shape", "lookup")),
+                                         "branch", "threshold", "shape", "lookup", "graft")),
     MethodSpec("t5x-greedy", "T5X's decoding.temperature_sample(temperature=0) driving the same model (baseline)",
                True, _t5x, baseline=True),
     MethodSpec("hf-greedy", "Hugging Face transformers greedy generate on the same weights, batch 1 (baseline)",

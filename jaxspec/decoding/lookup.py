@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decoding.bpd import chain_draft
-from jaxspec.decoding.protocol import PrefillInfo, Verified
+from jaxspec.decoding.opt_tree import ancestor_mask
+from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified
 from jaxspec.errors import InputError
 
 Array = jax.Array
@@ -144,6 +145,53 @@ class LookupDrafter:
     return LookupState(*append_tokens(dstate.context_BxC, dstate.lengths_B, acc.emitted_BxT, n_new_B))
 
 
+def graft_chain(draft: Draft, copy_BxL: Array, use_B: Array, max_depth: int) -> Draft:
+  """The tree `draft` with the chain `copy_BxL` grafted in, in the rows `use_B`; still N nodes.
+
+  The copy's longest prefix that is already a root path of the tree (j tokens) costs nothing: the rest of the copy,
+  L - j tokens, hangs below that path's last node. To keep N nodes, the last L - j nodes in node order that are not
+  on that path are dropped; nodes are in topological order, so those are the deepest nodes (the least likely ones in
+  a tree sorted by depth) and every dropped node's descendants are dropped with it. The kept nodes keep their order
+  and the copied nodes come after them, so the draft stays topologically ordered. Needs L <= N; `max_depth` bounds
+  the depth of the tree and of the copy (static). Jittable.
+
+  Every node is a point mass (`probs_BxNxV` None): a grafted node is one more deterministic child, tried after its
+  tree siblings by `tree_rejection`, which stays exact.
+  """
+  b, n = draft.tokens_BxN.shape
+  l = copy_BxL.shape[1]
+  # A tree node is on the copy's path when it and all its ancestors hold the copy's token for their depth.
+  copy_at_BxN = jnp.take_along_axis(copy_BxL, jnp.clip(draft.depth_BxN - 1, 0, l - 1), axis=1)
+  ok_BxN = (draft.depth_BxN <= l) & (draft.tokens_BxN >= 0) & (draft.tokens_BxN == copy_at_BxN)
+  on_path_BxN = jnp.all(jnp.where(draft.mask_BxNxN, ok_BxN[:, None, :], True), axis=-1)
+  j_B = jnp.max(jnp.where(on_path_BxN, draft.depth_BxN, 0), axis=-1)
+  attach_B = jnp.argmax(jnp.where(on_path_BxN, draft.depth_BxN, 0), axis=-1)  # the deepest such node (if j > 0)
+  keep_path_BxN = jnp.take_along_axis(draft.mask_BxNxN, attach_B[:, None, None], axis=1)[:, 0] & (j_B[:, None] > 0)
+  need_B = jnp.where(use_B, l - j_B, 0)
+  # Drop the last `need` nodes off the attach path (counting from the end of the node order).
+  free_BxN = ~keep_path_BxN
+  from_end_BxN = jnp.cumsum(free_BxN[:, ::-1].astype(jnp.int32), axis=1)[:, ::-1]
+  keep_BxN = ~(free_BxN & (from_end_BxN <= need_B[:, None]))
+  idx_N = jnp.arange(n, dtype=jnp.int32)
+  old_of_new_BxN = jnp.argsort(jnp.where(keep_BxN, idx_N[None], n + idx_N[None]), axis=1).astype(jnp.int32)
+  new_of_old_BxN = jnp.argsort(old_of_new_BxN, axis=1).astype(jnp.int32)
+  n_keep_B = n - need_B
+  grafted_BxN = idx_N[None] >= n_keep_B[:, None]
+  t_BxN = idx_N[None] - n_keep_B[:, None]  # the grafted node's place in the rest of the copy
+  take = lambda x_BxN: jnp.take_along_axis(x_BxN, old_of_new_BxN, axis=1)
+  old_parent_BxN = take(draft.parent_BxN)
+  kept_parent_BxN = jnp.where(old_parent_BxN >= 0,
+                              jnp.take_along_axis(new_of_old_BxN, jnp.maximum(old_parent_BxN, 0), axis=1), -1)
+  attach_new_B = jnp.where(j_B > 0, jnp.take_along_axis(new_of_old_BxN, attach_B[:, None], axis=1)[:, 0], -1)
+  graft_parent_BxN = jnp.where(t_BxN == 0, attach_new_B[:, None], idx_N[None] - 1)
+  parent_BxN = jnp.where(grafted_BxN, graft_parent_BxN, kept_parent_BxN).astype(jnp.int32)
+  copy_tok_BxN = jnp.take_along_axis(copy_BxL, jnp.clip(j_B[:, None] + t_BxN, 0, l - 1), axis=1)
+  tokens_BxN = jnp.where(grafted_BxN, copy_tok_BxN, take(draft.tokens_BxN))
+  depth_BxN = jnp.where(grafted_BxN, j_B[:, None] + t_BxN + 1, take(draft.depth_BxN)).astype(jnp.int32)
+  return draft.replace(tokens_BxN=tokens_BxN, depth_BxN=depth_BxN, parent_BxN=parent_BxN,
+                       mask_BxNxN=ancestor_mask(parent_BxN, max_depth))
+
+
 @flax.struct.dataclass
 class WithLookupState:
   """The wrapped drafter's state, the context for lookups, which rows verified a copy in the current step, and the
@@ -157,16 +205,18 @@ class WithLookupState:
 
 @dataclasses.dataclass(frozen=True)
 class WithLookup:
-  """A drafter whose draft a prompt-lookup copy replaces, row by row, when the context repeats itself.
+  """A drafter whose draft takes in a prompt-lookup copy, row by row, when the context repeats itself.
 
   Each step the wrapped drafter proposes its N nodes as usual; where the context's last `min_match` or more tokens
   occurred earlier (the longest suffix n-gram up to `max_ngram`, most recent occurrence), the tokens that followed
   that occurrence are verified instead, as a chain. Copies win where the output repeats its context (summaries,
   extraction, answers quoting a document, code that restates names), and the drafter keeps the other steps. A step
   costs what the wrapped drafter's step costs: the lookup is a few comparisons over the context, and the block stays
-  N nodes. A chain drafter's N tokens are replaced by N copied ones. A tree drafter's whole tree is replaced by a
-  chain of as many copied tokens as its deepest path (`max_path`: its draft state expects no longer accepted path);
-  the nodes past them are left unproposed (-1), so they are never accepted.
+  N nodes. A chain drafter's N tokens are replaced by N copied ones. A tree drafter's tree keeps most of its nodes
+  and takes a chain of as many copied tokens as its deepest path (`max_path`: its draft state expects no longer
+  accepted path) as one more branch (`graft_chain`: the part of the copy the tree already holds costs nothing, and
+  the tree's deepest nodes make room for the rest). With `graft=False` the copy replaces the whole tree instead, and
+  the nodes past it are left unproposed (-1), never accepted.
 
   The choice reads only committed tokens, so the output is unchanged: greedy decoding's with greedy acceptance, and
   under sampling the target's distribution (a copy is a point mass q, reported as one-hot `probs_BxNxV` when the
@@ -179,11 +229,13 @@ class WithLookup:
       BPD heads, feature-level drafts, Jacobi, OPT-Tree.
     min_match: the shortest suffix match (tokens) whose copy replaces the drafter's draft.
     max_ngram: the longest suffix n-gram searched for.
+    graft: trees (of point masses) take the copy as a branch (True) or are replaced by it (False).
   """
 
   inner: Any
   min_match: int = 2
   max_ngram: int = 3
+  graft: bool = True
 
   def __post_init__(self):
     if not getattr(self.inner, "draft_replaceable", False):
@@ -225,17 +277,25 @@ class WithLookup:
     copy_BxN, match_B = lookup_tokens(dstate.lookup.context_BxC, dstate.lookup.lengths_B, self.num_nodes,
                                       self.max_ngram, self.min_match)
     copy_B = match_B >= self.min_match
+    verify = None if draft.verify_B is None else draft.verify_B | copy_B
+    if self.grafts(draft):
+      draft = graft_chain(draft, copy_BxN[:, :self.copy_len], copy_B,
+                          getattr(self.inner, "max_path", self.num_nodes)).replace(verify_B=verify)
+      return draft, dstate.replace(inner=inner, copy_B=copy_B)
     n = self.num_nodes
     copy_BxN = jnp.where(jnp.arange(n)[None] < self.copy_len, copy_BxN, -1)  # past a tree's depth: unproposed
     chain = chain_draft(copy_BxN)
     pick = lambda c, d: jnp.where(copy_B.reshape(copy_B.shape + (1,) * (d.ndim - 1)), c, d)
-    verify = None if draft.verify_B is None else draft.verify_B | copy_B
     draft = draft.replace(tokens_BxN=pick(chain.tokens_BxN, draft.tokens_BxN),
                           depth_BxN=pick(chain.depth_BxN, draft.depth_BxN),
                           mask_BxNxN=pick(chain.mask_BxNxN, draft.mask_BxNxN),
                           parent_BxN=pick(chain.parent_BxN, draft.parent_BxN),
                           probs_BxNxV=self.copy_probs(draft.probs_BxNxV, copy_BxN, copy_B), verify_B=verify)
     return draft, dstate.replace(inner=inner, copy_B=copy_B)
+
+  def grafts(self, draft: Draft) -> bool:
+    """Whether the copy joins the draft (`graft_chain`) rather than replacing it: trees of point masses, `graft`."""
+    return self.graft and not self.inner.is_chain and draft.probs_BxNxV is None
 
   def copy_probs(self, probs_BxNxV: Array | None, copy_BxN: Array, copy_B: Array) -> Array | None:
     """The draft's q where rows copy: a point mass on each copied token (None stays None: point masses already)."""
