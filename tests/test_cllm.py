@@ -191,6 +191,26 @@ def test_label_smoothed_ar_loss_matches_optax_smoothed_targets(varied, collected
   assert abs(float(expect) - float(jnp.mean(optax.softmax_cross_entropy(star_logits[:, :N], onehot)))) > 1e-2
 
 
+def test_the_anchor_is_the_kl_from_the_base_at_the_fixed_point(varied, collected):
+  """`anchor_weight=w`: the loss adds w * KL(base || student) over the window given the fixed point; zero when the
+  student is the base."""
+  model, params = varied
+  _, _, traj = collected
+  batch = WindowExamples(traj, prefix_len=48).batch(np.arange(4))
+  moved = jax.tree.map(lambda x: x * 1.05, params)
+  plain, anchored = (jax.jit(cllm_loss(model, ObjectiveSection(anchor_weight=w))) for w in (0.0, 3.0))
+  _, metrics = anchored(params, {"base": params}, batch, None)
+  assert abs(float(metrics["anchor"])) < 1e-6
+  loss0, _ = plain(moved, {"base": params}, batch, None)
+  loss, metrics = anchored(moved, {"base": params}, batch, None)
+  logits = jax.jit(lambda p, b: window_logits(model, p, b["prefix"], b["prefix_len"], [b["fixed"]])[0])
+  logq, logp = jax.nn.log_softmax(logits(moved, batch)), jax.nn.log_softmax(logits(params, batch))
+  expect = jnp.mean(jnp.sum(jnp.exp(logp) * (logp - logq), -1))
+  assert float(expect) > 1e-4
+  np.testing.assert_allclose(metrics["anchor"], expect, rtol=1e-4)
+  np.testing.assert_allclose(loss, loss0 + 3.0 * expect, rtol=1e-4)
+
+
 def test_positions_after_eos_are_left_out_of_both_losses(varied, collected):
   """With a token of the first fixed point taken as EOS (first at window token j): positions j..n (reading the EOS
   or what follows it, so their targets follow the EOS) are invalid and what stands after the EOS changes neither
