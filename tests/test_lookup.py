@@ -429,6 +429,7 @@ def test_grafted_trees_keep_n_nodes_the_copy_and_the_shallow_part_of_the_tree():
       new_paths, old_paths = _root_paths(t, p), _root_paths(*trees[r][:2])
       if not use[r]:
         assert t.tolist() == trees[r][0].tolist() and p.tolist() == trees[r][1].tolist()
+        assert np.asarray(out.mask_BxNxN[r]).tolist() == np.asarray(draft.mask_BxNxN[r]).tolist()
         continue
       # The copy's prefixes already in the tree stay; the last nodes off them make room for the rest of the copy.
       shared = max(k for k in range(l + 1) if k == 0 or tuple(copy[r, :k]) in old_paths)

@@ -150,8 +150,9 @@ def graft_chain(draft: Draft, copy_BxL: Array, use_B: Array, max_depth: int) -> 
 
   The copy's longest prefix that is already a root path of the tree (j tokens) costs nothing: the rest of the copy,
   L - j tokens, hangs below that path's last node. To keep N nodes, the last L - j nodes in node order that are not
-  on that path are dropped; nodes are in topological order, so those are the deepest nodes (the least likely ones in
-  a tree sorted by depth) and every dropped node's descendants are dropped with it. The kept nodes keep their order
+  on that path are dropped; nodes are in topological order, so every dropped node's descendants are dropped with it,
+  and in a tree sorted by depth (OPT-Tree's) they are its deepest nodes, about the least likely ones (within a depth
+  OPT-Tree orders nodes by frontier slot, then rank, not strictly by probability). The kept nodes keep their order
   and the copied nodes come after them, so the draft stays topologically ordered. Needs L <= N; `max_depth` bounds
   the depth of the tree and of the copy (static). Jittable.
 
