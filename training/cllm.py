@@ -583,14 +583,13 @@ def cllm_loss(model, objective: ObjectiveSection, lora_alpha: float | None = Non
     right_BxN = (jnp.argmax(s_logits[:, :n], axis=-1) == star_BxN).astype(jnp.float32)
     unconv_BxN = mask_BxW[:, :n].astype(jnp.float32)
     loss = objective.consistency_weight * consistency + objective.ar_weight * ar
-    metrics = {}
+    metrics = {"consistency": consistency, "ar": ar, "window_acc": jnp.sum(right_BxN * valid_BxN) / count,
+               "unconverged_acc": jnp.sum(right_BxN * unconv_BxN) / jnp.maximum(jnp.sum(unconv_BxN), 1.0),
+               "converged_frac": 1.0 - jnp.sum(unconv_BxN) / count}
     if objective.anchor_weight:
-      anchor = consistency_terms(star_logits, base_logits, batch["valid"], "kl")
-      loss = loss + objective.anchor_weight * anchor
-      metrics["anchor"] = anchor
-    return loss, {**metrics, "consistency": consistency, "ar": ar, "window_acc": jnp.sum(right_BxN * valid_BxN) / count,
-                  "unconverged_acc": jnp.sum(right_BxN * unconv_BxN) / jnp.maximum(jnp.sum(unconv_BxN), 1.0),
-                  "converged_frac": 1.0 - jnp.sum(unconv_BxN) / count}
+      metrics["anchor"] = consistency_terms(star_logits, base_logits, batch["valid"], "kl")
+      loss = loss + objective.anchor_weight * metrics["anchor"]
+    return loss, metrics
 
   return loss_fn
 

@@ -30,10 +30,16 @@ def tree_paths(draft: Draft, ok_BxN: Array) -> tuple[Array, Array]:
   Returns:
     `(path_BxT, n_commit_B)`: block indices 0 (pending), then the accepted nodes (+1), shallowest first.
   """
-  # A node is accepted when it and all its ancestors are ok; mask_BxNxN is the ancestor-or-self relation.
-  accepted_BxN = jnp.all(jnp.where(draft.mask_BxNxN, ok_BxN[:, None, :], True), axis=-1)
-  depth_BxN = jnp.where(accepted_BxN, draft.depth_BxN, 0)
-  return path_to(draft, jnp.argmax(depth_BxN, axis=-1), jnp.max(depth_BxN, axis=-1))
+  return path_to(draft, *deepest_ok_path(draft, ok_BxN))
+
+
+def deepest_ok_path(draft: Draft, ok_BxN: Array) -> tuple[Array, Array]:
+  """`(node_B, depth_B)`: the deepest node whose root path is all ok (the first such in node order), and its depth
+  (0 where even the root's children fail; node_B is then 0)."""
+  # A node's path is ok when it and all its ancestors are; mask_BxNxN is the ancestor-or-self relation.
+  path_ok_BxN = jnp.all(jnp.where(draft.mask_BxNxN, ok_BxN[:, None, :], True), axis=-1)
+  depth_BxN = jnp.where(path_ok_BxN, draft.depth_BxN, 0)
+  return jnp.argmax(depth_BxN, axis=-1), jnp.max(depth_BxN, axis=-1)
 
 
 def path_to(draft: Draft, node_B: Array, n_acc_B: Array) -> tuple[Array, Array]:

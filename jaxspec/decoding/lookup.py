@@ -18,6 +18,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxspec.decoding.accept import deepest_ok_path
 from jaxspec.decoding.bpd import chain_draft
 from jaxspec.decoding.opt_tree import ancestor_mask
 from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified
@@ -161,12 +162,10 @@ def graft_chain(draft: Draft, copy_BxL: Array, use_B: Array, max_depth: int) -> 
   """
   b, n = draft.tokens_BxN.shape
   l = copy_BxL.shape[1]
-  # A tree node is on the copy's path when it and all its ancestors hold the copy's token for their depth.
+  # The tree's share of the copy: the deepest node whose root path holds the copy's tokens for its depths.
   copy_at_BxN = jnp.take_along_axis(copy_BxL, jnp.clip(draft.depth_BxN - 1, 0, l - 1), axis=1)
   ok_BxN = (draft.depth_BxN <= l) & (draft.tokens_BxN >= 0) & (draft.tokens_BxN == copy_at_BxN)
-  on_path_BxN = jnp.all(jnp.where(draft.mask_BxNxN, ok_BxN[:, None, :], True), axis=-1)
-  j_B = jnp.max(jnp.where(on_path_BxN, draft.depth_BxN, 0), axis=-1)
-  attach_B = jnp.argmax(jnp.where(on_path_BxN, draft.depth_BxN, 0), axis=-1)  # the deepest such node (if j > 0)
+  attach_B, j_B = deepest_ok_path(draft, ok_BxN)
   keep_path_BxN = jnp.take_along_axis(draft.mask_BxNxN, attach_B[:, None, None], axis=1)[:, 0] & (j_B[:, None] > 0)
   need_B = jnp.where(use_B, l - j_B, 0)
   # Drop the last `need` nodes off the attach path (counting from the end of the node order).
@@ -280,8 +279,8 @@ class WithLookup:
     copy_B = match_B >= self.min_match
     verify = None if draft.verify_B is None else draft.verify_B | copy_B
     if self.grafts(draft):
-      draft = graft_chain(draft, copy_BxN[:, :self.copy_len], copy_B,
-                          getattr(self.inner, "max_path", self.num_nodes)).replace(verify_B=verify)
+      # copy_len bounds the tree's depth too (a tree's max_path, at most N).
+      draft = graft_chain(draft, copy_BxN[:, :self.copy_len], copy_B, self.copy_len).replace(verify_B=verify)
       return draft, dstate.replace(inner=inner, copy_B=copy_B)
     n = self.num_nodes
     copy_BxN = jnp.where(jnp.arange(n)[None] < self.copy_len, copy_BxN, -1)  # past a tree's depth: unproposed
