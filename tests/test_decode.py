@@ -10,7 +10,7 @@ from fakes import BigramLM, OracleChain, OracleTree
 from jaxspec.decoding import generate as gen
 from jaxspec.decoding.accept import GreedyAcceptance
 from jaxspec.decoding.loop import decode
-from jaxspec.decoding.sampling import SamplingParams, Warp
+from jaxspec.decoding.sampling import SamplingParams, Warp, argmax
 from jaxspec.errors import InputError
 
 LM = BigramLM.random(32, seed=3)
@@ -129,6 +129,18 @@ def test_bad_requests_are_clear_errors(tiny):
     gen.generate(model, params, [[1] * 60], max_new_tokens=10, max_len=64)
   with pytest.raises(InputError, match="temperature"):
     gen.generate(model, params, [[1]], temperature=-1.0)
+
+
+def test_argmax_is_jnp_argmax():
+  """The two-reduction argmax the greedy rules use picks what jnp.argmax picks: the first maximum on ties, the first
+  NaN, index 0 of an all -inf row; on random logits of a verify block's shape too."""
+  special = jnp.asarray([[1.0, 3.0, 3.0, 2.0], [jnp.nan, 1.0, jnp.nan, 5.0], [-jnp.inf] * 4, [0.0, jnp.inf, 1.0, jnp.inf],
+                         [2.0, 2.0, 2.0, 2.0]])
+  rand = jnp.round(jax.random.normal(jax.random.key(0), (3, 17, 999)), 1)  # rounding makes ties common
+  for x in (special, rand, rand.astype(jnp.bfloat16)):
+    got = jax.jit(argmax)(x)
+    assert got.dtype == jnp.int32
+    np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
 
 
 def test_warp_top_k_and_top_p_keep_the_right_tokens():

@@ -253,6 +253,12 @@ def test_eagle_trees_equal_greedy(tiny):
   res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, draft_params=dp,
                      drafter=OptTreeDrafter(EagleTreeSource(draft, 2), nodes=8, depth=4, width=2, branch=2))
   assert res.tokens == ref.tokens
+  # Gated (row 2 alone, whose trees' E[A] sit near 1.05): some steps verify, some are one-token steps.
+  calls = [gen.generate(model, params, PROMPTS[2:], max_new_tokens=NEW, draft_params=dp,
+                        drafter=OptTreeDrafter(EagleTreeSource(draft, 2), nodes=8, depth=4, width=2, branch=2,
+                                               gate=g)) for g in (0.0, 1.05)]
+  assert all(r.tokens == ref.tokens[2:] for r in calls)
+  assert calls[0].target_calls < calls[1].target_calls < NEW - 1
   with pytest.raises(ValueError, match="width"):
     gen.generate(model, params, PROMPTS, max_new_tokens=4, draft_params=dp,
                  drafter=OptTreeDrafter(EagleTreeSource(draft, 3), nodes=8, depth=4, width=2, branch=2))

@@ -25,7 +25,7 @@ from jaxspec.models.subset import subset_head
 from tests.conftest import make_tiny
 from tests.test_bpd import random_heads
 from tests.test_speculative import V, chi2_pvalue, continuation_logits, drafter_sample_counts  # noqa: F401
-from tests.test_speculative import exact_distribution, stat_models  # noqa: F401
+from tests.test_speculative import exact_distribution, per_row_sample_counts, stat_models  # noqa: F401
 
 # A hand-built tree: two root children (0, 1); 2 and 3 under 0; 4 under 2; 5 under 1.
 PARENT = [-1, -1, 0, 0, 2, 1]
@@ -202,6 +202,23 @@ def test_trees_equal_greedy_and_rows_are_independent(tiny, greedy_ref, name):
   assert alone.tokens == greedy_ref[2:] and alone.active_calls == res.active_calls[2:]
 
 
+@pytest.mark.parametrize("name,gate", [("heads-dynamic", 3.0), ("lm-dynamic", 1.8)])
+def test_gated_trees_equal_greedy(tiny, greedy_ref, name, gate):
+  """A gate between the steps' E[A] values: some steps verify the tree, the others take one-token steps (fewer
+  tokens per call than ungated, more than never verifying); the output is greedy decoding's in every setting. Rows
+  run alone, since in a batch one row asking to verify verifies every row's tree."""
+  model, params = tiny
+  drafter, dp = tree_drafters(tiny)[name]
+  calls = []
+  for i, prompt in enumerate(PROMPTS):
+    runs = [gen.generate(model, params, [prompt], max_new_tokens=NEW, drafter=dataclasses.replace(drafter, gate=g),
+                         draft_params=dp) for g in (0.0, gate, 1e9)]
+    assert all(r.tokens == [greedy_ref[i]] for r in runs)
+    calls.append([r.target_calls for r in runs])
+  ungated, gated, never = calls[0]
+  assert ungated < gated < never == NEW - 1
+
+
 def test_budget_follows_the_verify_cost():
   """The same acceptance curve gives a small tree on a steep cost curve (CPU-like) and a big one when it is flat."""
   n_grid = [1, 2, 4, 8, 16, 32]
@@ -232,6 +249,8 @@ def test_bad_tree_settings_are_clear_errors(tiny):
     OptTreeDrafter(src, nodes=4, depth=6)
   with pytest.raises(InputError, match="cannot fill"):
     OptTreeDrafter(src, nodes=40, depth=2, width=2, branch=2)
+  with pytest.raises(InputError, match="gate"):
+    OptTreeDrafter(src, gate=-1.0)
   bpd, _ = random_heads(tiny, 3)
   prefill = PrefillInfo(jnp.zeros((1, 2), jnp.int32), jnp.asarray([2]), jnp.zeros((1, 4)), jnp.zeros((1, 4)),
                         jnp.zeros((1,), jnp.int32), capacity=8)
@@ -289,6 +308,17 @@ def test_opt_tree_sampling_is_exact(stat_models, continuation_logits, temperatur
   counts = drafter_sample_counts(stat_models[0], drafter, dp, temperature, top_p, SampleAcceptance(warp))
   pvalue = chi2_pvalue(counts, probs)
   print(f"opt-tree T={temperature} top_p={top_p}: p = {pvalue:.3g}")
+  assert pvalue > 1e-3
+
+
+def test_gated_opt_tree_sampling_is_exact(stat_models, continuation_logits):
+  """A gate of 0.9 on these 8-token models: about a fifth of the generations verify one tree for both new tokens,
+  the others take one-token steps (each generation is its own batch of one, so the gate decides per generation)."""
+  drafter, dp, warp = opt_tree_stat_drafter(stat_models, 1.0, 1.0)
+  probs = exact_distribution(continuation_logits, warp, SamplingParams.make(1.0))
+  counts = per_row_sample_counts(stat_models[0], dataclasses.replace(drafter, gate=0.9), dp, SampleAcceptance(warp))
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"gated opt-tree: p = {pvalue:.3g}")
   assert pvalue > 1e-3
 
 

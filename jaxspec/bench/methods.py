@@ -81,8 +81,9 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_BPD_HEADS = ASSETS / "bpd_smollm2"
 
 
-def _load_heads(ctx: BenchContext, opts: dict):
-  """`(bpd, bpd_draft_params)` for the heads a method's options name (default: the shipped ones)."""
+def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None):
+  """`(bpd, bpd_draft_params)` for the heads a method's options name (default: the shipped ones): the first `k` of
+  them (an option), or the first `num_heads`, or all."""
   from jaxspec.decoding.bpd import bpd_draft_params
   from jaxspec.models.bpd import load_bpd
 
@@ -91,7 +92,7 @@ def _load_heads(ctx: BenchContext, opts: dict):
     raise Unavailable(f"no BPD heads in {folder}: train them with `jaxspec train configs/bpd_smollm2.yaml` or pass "
                       "heads=FOLDER")
   try:
-    bpd, bpd_params = load_bpd(folder, int(opts["k"]) if "k" in opts else None)
+    bpd, bpd_params = load_bpd(folder, int(opts["k"]) if "k" in opts else num_heads)
   except ModelLoadError as e:
     raise Unavailable(str(e)) from None
   if bpd.cfg.d_model != ctx.model.cfg.d_model:
@@ -338,14 +339,15 @@ def calibration_prompts(ctx: BenchContext, n: int = 4) -> list[list[int]]:
   return chat_prompt_ids(ctx.tokenizer, texts[::max(1, len(texts) // n)][:n])
 
 
-def _tree_source(ctx: BenchContext, opts: dict):
+def _tree_source(ctx: BenchContext, opts: dict, depth: int | None = None):
   """`(make_source(width), source params, max depth, draft forward model or None)` for opt-tree's `drafter=` option.
-  The draft model (LM drafters) lets `nodes=auto` measure a draft forward's cost."""
+  The draft model (LM drafters) lets `nodes=auto` measure a draft forward's cost. With `depth`, BPD heads keep only
+  the first `depth` heads: a tree never reads the others, and each head costs a read of its weights per step."""
   from jaxspec.decoding.opt_tree import HeadsTreeSource, LMTreeSource
 
   kind = opts.get("drafter", "heads")
   if kind == "heads":
-    bpd, dp = _load_heads(ctx, {k: v for k, v in opts.items() if k == "heads"})
+    bpd, dp = _load_heads(ctx, {"heads": opts["heads"]} if "heads" in opts else {}, depth)
     return (lambda width: HeadsTreeSource(bpd)), dp, bpd.num_heads, None
   if kind == "eagle":
     from jaxspec.decoding.eagle import EagleTreeSource
@@ -404,16 +406,26 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
                  f"tokens/s; t(n)/t(1): " + ", ".join(f"{n}:{verify_s[n] / verify_s[1]:.2f}" for n in verify_s) + ")")
   nodes = int(nodes)
   depth = min(depth, nodes)
+  if opts.get("drafter", "heads") == "heads" and depth < max_depth:
+    make_source, sp, _, _ = _tree_source(ctx, opts, depth)
+  gate = opts.get("gate", "0")
+  if gate == "auto":  # verify where E[A] > t(N + 1) / t(1) - 1, the break-even of a calibrated drafter
+    key = ("verify-cost", nodes + 1)
+    if key not in ctx.cache:
+      ctx.cache[key] = forward_cost(ctx.model, ctx.params, [1, nodes + 1], context=256)
+    cost = ctx.cache[key]
+    gate = max(cost[nodes + 1] / cost[1] - 1.0, 0.0)
+    notes.append(f"gate from cost: t({nodes + 1})/t(1) - 1 = {gate:.2f}")
+  gate = float(gate)
   dp = sp
   if shape == "chain":
-    drafter = OptTreeDrafter.chain(make_source(1), nodes, warp)
+    drafter = dataclasses.replace(OptTreeDrafter.chain(make_source(1), nodes, warp), gate=gate)
   else:
     branch = max(branch, -(-nodes // (width * depth)))
     drafter = OptTreeDrafter(make_source(width), nodes=nodes, depth=depth, width=width, branch=branch,
-                             threshold=threshold,
-                             shape=shape, warp=warp)
+                             threshold=threshold, shape=shape, warp=warp, gate=gate)
     if shape == "static":  # Medusa-style: a fixed tree from the drafter's calibrated confidence by depth and rank
-      dyn = dataclasses.replace(drafter, shape="dynamic", threshold=0.0)
+      dyn = dataclasses.replace(drafter, shape="dynamic", threshold=0.0, gate=0.0)
       key = ("opt-tree-prior", opts.get("drafter", "heads"), opts.get("heads"), opts.get("layers"), opts.get("draft"),
              nodes, depth, width, branch)
       if key not in ctx.cache:
@@ -422,7 +434,8 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   run = loop_runner(ctx, with_lookup(drafter, opts), dp)
   notes.append(f"nodes={drafter.nodes} depth={drafter.depth} width={drafter.width} branch={drafter.branch} "
                f"shape={drafter.shape}" + (f" lookup={opts['lookup']}" if "lookup" in opts else "")
-               + (f" graft={opts['graft']}" if "graft" in opts else ""))
+               + (f" graft={opts['graft']}" if "graft" in opts else "")
+               + (f" gate={drafter.gate:.2f}" if drafter.gate else ""))
   run.note = "; ".join(notes)
   return run
 
@@ -512,9 +525,10 @@ for _spec in [
                "2024); shape=static / shape=chain: fixed trees on the same drafter; nodes=auto picks the budget from "
                "the measured verify cost; drafter=heads|eagle|draft|layerskip; lookup=M adds a prompt-lookup copy "
                "(as deep as the tree) to the tree as one more branch where the context's last M+ tokens occurred "
-               "before (graft=0: in place of the tree)",
+               "before (graft=0: in place of the tree); gate=G verifies a tree only when its E[A] >= G, else takes a "
+               "one-token step (gate=auto: G = t(N+1)/t(1) - 1 measured here)",
                True, _opt_tree, options=("drafter", "heads", "layers", "draft", "vocab", "nodes", "depth", "width",
-                                         "branch", "threshold", "shape", "lookup", "graft")),
+                                         "branch", "threshold", "shape", "lookup", "graft", "gate")),
     MethodSpec("t5x-greedy", "T5X's decoding.temperature_sample(temperature=0) driving the same model (baseline)",
                True, _t5x, baseline=True),
     MethodSpec("hf-greedy", "Hugging Face transformers greedy generate on the same weights, batch 1 (baseline)",

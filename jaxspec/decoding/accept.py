@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decoding.protocol import Acceptance, Draft
-from jaxspec.decoding.sampling import SamplingParams, Warp
+from jaxspec.decoding.sampling import SamplingParams, Warp, argmax
 
 Array = jax.Array
 
@@ -124,11 +124,11 @@ class GreedyAcceptance:
 
   def first_token(self, rng: Array, logits_BxV: Array, sp: SamplingParams) -> Array:
     del rng, sp
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return argmax(logits_BxV)
 
   def accept(self, rng: Array, draft: Draft, logits_BxTxV: Array, sp: SamplingParams, is_chain: bool) -> Acceptance:
     del rng, sp
-    target_BxT = jnp.argmax(logits_BxTxV, axis=-1).astype(jnp.int32)
+    target_BxT = argmax(logits_BxTxV)
     b, t = target_BxT.shape
     if t == 1:
       return Acceptance(target_BxT, jnp.zeros((b, 1), jnp.int32), jnp.ones((b,), jnp.int32))

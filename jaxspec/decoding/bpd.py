@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from jaxspec.decoding.accept import prefix_length
 from jaxspec.decoding.protocol import Acceptance, Draft, PrefillInfo, Verified
-from jaxspec.decoding.sampling import SamplingParams
+from jaxspec.decoding.sampling import SamplingParams, argmax
 from jaxspec.models.bpd import BPDModel, output_projection
 
 Array = jax.Array
@@ -69,7 +69,7 @@ class BPDDrafter:
 
   def propose(self, draft_params, dstate, loop):
     logits_BxKxM = self.head_logits(draft_params, dstate, loop.pending_B)
-    top_BxK = jnp.argmax(logits_BxKxM, axis=-1).astype(jnp.int32)
+    top_BxK = argmax(logits_BxKxM)
     if "vocab_ids" in draft_params["bpd"]:
       top_BxK = draft_params["bpd"]["vocab_ids"][top_BxK]
     draft = chain_draft(top_BxK)
@@ -94,13 +94,13 @@ class TopKAcceptance:
   handles_unproposed = True  # a -1 token is in no top-k: the prefix ends there and the target's argmax follows
 
   def first_token(self, rng: Array, logits_BxV: Array, sp: SamplingParams) -> Array:
-    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    return argmax(logits_BxV)
 
   def accept(self, rng: Array, draft: Draft, logits_BxTxV: Array, sp: SamplingParams, is_chain: bool) -> Acceptance:
     if not is_chain:
       raise ValueError("TopKAcceptance verifies chains.")
     b, t, _ = logits_BxTxV.shape
-    target_BxT = jnp.argmax(logits_BxTxV, axis=-1).astype(jnp.int32)
+    target_BxT = argmax(logits_BxTxV)
     path_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if t == 1:
       return Acceptance(target_BxT, path_BxT, jnp.ones((b,), jnp.int32))

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 from jaxspec.decoding.bpd import chain_draft
 from jaxspec.decoding.protocol import PrefillInfo, Verified
+from jaxspec.decoding.sampling import argmax
 from jaxspec.errors import InputError
 
 Array = jax.Array
@@ -144,7 +145,7 @@ class JacobiDrafter:
     n = self.window
     active_B = verified.active_B
     n_commit_B = verified.acceptance.n_commit_B
-    target_BxT = jnp.argmax(verified.logits_BxTxV, axis=-1).astype(jnp.int32)
+    target_BxT = argmax(verified.logits_BxTxV)
     guess_BxN = self.next_guess(target_BxT, n_commit_B)
 
     # Stationary: accepted draft token i (absolute position pending + 1 + i) sat at index i + shift of the previous

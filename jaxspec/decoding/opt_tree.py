@@ -226,6 +226,10 @@ class OptTreeDrafter:
     shape: "dynamic" (OPT-Tree), "static" (a fixed tree from `draft_params["tree_prior_DxC"]`) or "chain".
     warp: None for greedy decoding (trees from the drafter's plain distributions); the acceptor's `Warp` when
       sampling, so the tree follows the drafter's warped distribution.
+    gate: verify the tree only in steps where some active row's tree has E[A] >= gate; other steps run a one-token
+      forward (`Draft.verify_B`), which is cheaper where t(N + 1) > t(1). With the drafter's probabilities
+      calibrated, verifying pays when E[A] > t(N + 1) / t(1) - 1. 0 verifies every tree. Greedy output stays
+      greedy decoding's and sampling stays exact: the decision reads only the draft.
   """
 
   source: Any
@@ -236,6 +240,7 @@ class OptTreeDrafter:
   threshold: float = 0.0
   shape: str = "dynamic"
   warp: Warp | None = None
+  gate: float = 0.0
 
   def __post_init__(self):
     if self.shape not in SHAPES:
@@ -247,6 +252,8 @@ class OptTreeDrafter:
                        f"{self.branch}.")
     if self.depth > self.nodes:
       raise InputError(f"A tree of {self.nodes} nodes is at most {self.nodes} deep, got depth={self.depth}.")
+    if not self.gate >= 0:
+      raise InputError(f"A tree's gate is an expected acceptance length >= 0, got {self.gate}.")
     if self.depth * self.width * self.branch < self.nodes:
       raise InputError(f"A pool of depth x width x branch = {self.depth * self.width * self.branch} candidates "
                        f"cannot fill {self.nodes} nodes.")
@@ -363,7 +370,9 @@ class OptTreeDrafter:
              jnp.zeros((b, w, r), bool), ctx, best_tree_value(pool_lv, pool_key, 1), rank_DxC)
     carry = jax.lax.while_loop(cond, body, carry)
     d_end, _, pool_tok, pool_lv, pool_key, pool_pf, front_BxDxW, _, ctx, _, rank_DxC = carry
-    draft = self._select(pool_tok, pool_key, pool_pf, front_BxDxW)
+    draft, ea_sel_B = self._select(pool_tok, pool_lv, pool_key, pool_pf, front_BxDxW)
+    if self.gate > 0:
+      draft = draft.replace(verify_B=ea_sel_B >= self.gate)
 
     # Statistics: E[A] for every budget n <= N and depth limit d <= D (the best tree by the selection key).
     act_f = loop.active_B.astype(jnp.float32)
@@ -378,8 +387,8 @@ class OptTreeDrafter:
                             proposals=dstate.proposals + jnp.sum(loop.active_B.astype(jnp.int32)))
     return draft, dstate
 
-  def _select(self, pool_tok, pool_key, pool_pf, front_BxDxW) -> Draft:
-    """The N best pool nodes as a `Draft`, sorted by depth (parents first)."""
+  def _select(self, pool_tok, pool_lv, pool_key, pool_pf, front_BxDxW) -> tuple[Draft, Array]:
+    """The N best pool nodes as a `Draft`, sorted by depth (parents first), and the draft's E[A] `[B]`."""
     b, dmax, c = pool_tok.shape
     n = self.nodes
     depth_idx = jnp.arange(dmax)[:, None]
@@ -398,9 +407,13 @@ class OptTreeDrafter:
     match_BxNxN = idx_BxN[:, None, :] == par_flat_BxN[:, :, None]
     parent_BxN = jnp.where((depth_BxN > 1) & valid_BxN, jnp.argmax(match_BxNxN, axis=-1), -1).astype(jnp.int32)
     depth_BxN = jnp.where(valid_BxN, depth_BxN, 1).astype(jnp.int32)
+    lv_BxN = jnp.take_along_axis(pool_lv.reshape(b, -1), idx_BxN, axis=-1)
+    ea_B = jnp.sum(jnp.where(valid_BxN, jnp.exp(lv_BxN), 0.0), axis=-1)
     if self.shape == "chain":
-      return Draft(tok_BxN, depth_BxN, jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (b, n, n)), parent_BxN)
-    return Draft(tok_BxN, depth_BxN, ancestor_mask(parent_BxN, dmax), parent_BxN)
+      mask_BxNxN = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (b, n, n))
+    else:
+      mask_BxNxN = ancestor_mask(parent_BxN, dmax)
+    return Draft(tok_BxN, depth_BxN, mask_BxNxN, parent_BxN), ea_B
 
   def update(self, draft_params, dstate: TreeState, verified: Verified) -> TreeState:
     src_params = self._source_params(draft_params)

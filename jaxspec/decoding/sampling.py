@@ -17,6 +17,19 @@ from jaxspec.errors import InputError
 Array = jax.Array
 
 
+def argmax(x_xV: Array) -> Array:
+  """`jnp.argmax(x, axis=-1)` as int32: the first index of the maximum (of the first NaN, if any).
+
+  Written as a max and a min reduction because XLA:CPU runs `argmax` as a variadic reduce, which is several times
+  slower over a vocabulary: 1.8 ms against 0.34 ms for the 17 x 49152 logits of a 16-node verify on the 2-core test
+  machine, and every greedy step takes the target's argmax over its whole block.
+  """
+  m = jnp.max(x_xV, axis=-1, keepdims=True)
+  hit = (x_xV == m) | (jnp.isnan(x_xV) & jnp.isnan(m))
+  idx = jax.lax.broadcasted_iota(jnp.int32, x_xV.shape, x_xV.ndim - 1)
+  return jnp.min(jnp.where(hit, idx, x_xV.shape[-1]), axis=-1)
+
+
 @flax.struct.dataclass
 class SamplingParams:
   """Runtime sampling settings, broadcast over rows. temperature 0 means greedy (as in T5X)."""

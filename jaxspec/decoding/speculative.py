@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified, empty_prefill_kwargs, start
-from jaxspec.decoding.sampling import SamplingParams, Warp
+from jaxspec.decoding.sampling import SamplingParams, Warp, argmax
 from jaxspec.errors import InputError
 from jaxspec.models.llama import LlamaLM
 
@@ -101,7 +101,7 @@ def draw(warp: Warp, greedy: bool, rng: Array, logits_BxV: Array, sp: SamplingPa
   the loop's runtime `sp`); their confidence is q of the drawn token.
   """
   if greedy:
-    tok_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+    tok_B = argmax(logits_BxV)
     if confidence:
       conf_B = 1.0 / jnp.sum(jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True)), axis=-1)
     else:
