@@ -370,9 +370,9 @@ class OptTreeDrafter:
              jnp.zeros((b, w, r), bool), ctx, best_tree_value(pool_lv, pool_key, 1), rank_DxC)
     carry = jax.lax.while_loop(cond, body, carry)
     d_end, _, pool_tok, pool_lv, pool_key, pool_pf, front_BxDxW, _, ctx, _, rank_DxC = carry
-    draft, ea_sel_B = self._select(pool_tok, pool_lv, pool_key, pool_pf, front_BxDxW)
-    if self.gate > 0:
-      draft = draft.replace(verify_B=ea_sel_B >= self.gate)
+    draft = self._select(pool_tok, pool_key, pool_pf, front_BxDxW)
+    if self.gate > 0:  # the draft is the N best nodes by the selection key, so its E[A] is the best tree's value
+      draft = draft.replace(verify_B=best_tree_value(pool_lv, pool_key, dmax) >= self.gate)
 
     # Statistics: E[A] for every budget n <= N and depth limit d <= D (the best tree by the selection key).
     act_f = loop.active_B.astype(jnp.float32)
@@ -387,8 +387,8 @@ class OptTreeDrafter:
                             proposals=dstate.proposals + jnp.sum(loop.active_B.astype(jnp.int32)))
     return draft, dstate
 
-  def _select(self, pool_tok, pool_lv, pool_key, pool_pf, front_BxDxW) -> tuple[Draft, Array]:
-    """The N best pool nodes as a `Draft`, sorted by depth (parents first), and the draft's E[A] `[B]`."""
+  def _select(self, pool_tok, pool_key, pool_pf, front_BxDxW) -> Draft:
+    """The N best pool nodes as a `Draft`, sorted by depth (parents first)."""
     b, dmax, c = pool_tok.shape
     n = self.nodes
     depth_idx = jnp.arange(dmax)[:, None]
@@ -407,13 +407,9 @@ class OptTreeDrafter:
     match_BxNxN = idx_BxN[:, None, :] == par_flat_BxN[:, :, None]
     parent_BxN = jnp.where((depth_BxN > 1) & valid_BxN, jnp.argmax(match_BxNxN, axis=-1), -1).astype(jnp.int32)
     depth_BxN = jnp.where(valid_BxN, depth_BxN, 1).astype(jnp.int32)
-    lv_BxN = jnp.take_along_axis(pool_lv.reshape(b, -1), idx_BxN, axis=-1)
-    ea_B = jnp.sum(jnp.where(valid_BxN, jnp.exp(lv_BxN), 0.0), axis=-1)
     if self.shape == "chain":
-      mask_BxNxN = jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (b, n, n))
-    else:
-      mask_BxNxN = ancestor_mask(parent_BxN, dmax)
-    return Draft(tok_BxN, depth_BxN, mask_BxNxN, parent_BxN), ea_B
+      return Draft(tok_BxN, depth_BxN, jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (b, n, n)), parent_BxN)
+    return Draft(tok_BxN, depth_BxN, ancestor_mask(parent_BxN, dmax), parent_BxN)
 
   def update(self, draft_params, dstate: TreeState, verified: Verified) -> TreeState:
     src_params = self._source_params(draft_params)
