@@ -1,4 +1,5 @@
-"""Speed of the foundation on the default model: greedy tokens/s, compile time, peak RSS, verify-cost curve.
+"""Speed of the foundation on the default model: greedy and sampled tokens/s, compile time, peak RSS, verify-cost
+curve.
 
 Peak RSS is reported twice: for the main job alone (`jaxspec generate` at batch 1, in a process of its own) and for
 this whole script, which also holds the batch-8 programs and the long-context verify probes.
@@ -77,14 +78,19 @@ def main():
 
   prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a story about a lighthouse."}]))
   results = {"load_s": load_s, "load_peak_rss_mb": load_peak, "rss_before_load_mb": base_rss,
-             "weights_mb": weights_mb, "generate_job_peak_rss_mb": job_rss, "greedy": {}, "verify_cost": {}}
-  for b in (1, 8):
-    first = generate(model, params, [prompt] * b, max_new_tokens=args.new_tokens)
-    runs = [generate(model, params, [prompt] * b, max_new_tokens=args.new_tokens) for _ in range(args.repeats)]
-    tps = max(sum(len(t) for t in r.tokens) / r.run_s for r in runs)
-    results["greedy"][b] = {"tokens_per_s": tps, "compile_s": first.compile_s}
-    print(f"greedy batch {b}: {tps:.1f} tok/s (best of {args.repeats}, {args.new_tokens} new tokens, prompt "
-          f"{len(prompt)}), compile {first.compile_s:.1f} s")
+             "weights_mb": weights_mb, "generate_job_peak_rss_mb": job_rss, "greedy": {}, "sampled": {}, "verify_cost": {}}
+  # Sampling runs the same loop and forward; the difference is the cost of drawing a token from the vocabulary.
+  for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
+    for b in (1, 8):
+      run = lambda seed: generate(model, params, [prompt] * b, max_new_tokens=args.new_tokens,
+                                  temperature=temperature, seed=seed)
+      first = run(0)
+      runs = [run(seed) for seed in range(1, args.repeats + 1)]
+      tps = max(sum(len(t) for t in r.tokens) / r.run_s for r in runs)
+      results[mode][b] = {"tokens_per_s": tps, "compile_s": first.compile_s}
+      what = "greedy" if mode == "greedy" else f"sampled (temperature {temperature:g})"
+      print(f"{what} batch {b}: {tps:.1f} tok/s (best of {args.repeats}, {args.new_tokens} new tokens, prompt "
+            f"{len(prompt)}), compile {first.compile_s:.1f} s")
 
   ks = [int(k) for k in args.ks.split(",")]
   for ctx in (int(c) for c in args.contexts.split(",")):

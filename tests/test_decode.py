@@ -10,7 +10,7 @@ from fakes import BigramLM, OracleChain, OracleTree
 from jaxspec.decoding import generate as gen
 from jaxspec.decoding.accept import GreedyAcceptance
 from jaxspec.decoding.loop import decode
-from jaxspec.decoding.sampling import SamplingParams, Warp, argmax
+from jaxspec.decoding.sampling import SamplingParams, Warp, argmax, categorical
 from jaxspec.errors import InputError
 
 LM = BigramLM.random(32, seed=3)
@@ -141,6 +141,21 @@ def test_argmax_is_jnp_argmax():
     got = jax.jit(argmax)(x)
     assert got.dtype == jnp.int32
     np.testing.assert_array_equal(got, jnp.argmax(x, axis=-1))
+
+
+def test_categorical_is_jax_random_categorical():
+  """The sampler built on that argmax draws the token jax.random.categorical draws from the same key: on warped
+  logits with -inf entries (top-k / top-p), rows of one hot logit, batches and bf16."""
+  logits = jax.random.normal(jax.random.key(1), (4, 999)) * 3
+  cut = logits.at[:, 7:].set(-jnp.inf)
+  one = jnp.full((2, 999), -jnp.inf).at[:, 5].set(0.0)
+  for x in (logits, cut, one, logits.astype(jnp.bfloat16), logits[0]):
+    for i in range(20):
+      key = jax.random.key(i)
+      got = jax.jit(categorical)(key, x)
+      assert got.dtype == jnp.int32
+      np.testing.assert_array_equal(got, jax.random.categorical(key, x, axis=-1))
+  assert set(np.asarray(jax.jit(categorical)(jax.random.key(0), cut)).tolist()) <= set(range(7))
 
 
 def test_warp_top_k_and_top_p_keep_the_right_tokens():

@@ -57,6 +57,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jaxspec.decoding.sampling import argmax
 from jaxspec.errors import InputError
 from jaxspec.models.lora import ALL_TARGETS, LoraConfig, init_lora, lora_size, merge_lora, save_lora
 from training import datasets
@@ -226,7 +227,7 @@ def jacobi_window(model, params, cache, last_B: jax.Array, guess_BxN: jax.Array,
     it, guess_BxN, states, count_B, done_B, cache_ = carry
     tokens_BxW = jnp.concatenate([last_B[:, None].astype(jnp.int32), guess_BxN], axis=1)
     logits_BxWxV, _, cache_ = model.forward(params, tokens_BxW, pos_BxW, cache_, mask_WxW)
-    new_BxN = jnp.argmax(logits_BxWxV[:, :n], axis=-1).astype(jnp.int32)
+    new_BxN = argmax(logits_BxWxV[:, :n])
     changed_B = jnp.any(new_BxN != guess_BxN, axis=-1)
     record_B = ~done_B & changed_B
     at_BxK = (slots_K[None] == count_B[:, None]) & record_B[:, None]

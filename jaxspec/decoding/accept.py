@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decoding.protocol import Acceptance, Draft
-from jaxspec.decoding.sampling import SamplingParams, Warp, argmax
+from jaxspec.decoding.sampling import SamplingParams, Warp, argmax, categorical
 
 Array = jax.Array
 
@@ -105,7 +105,7 @@ def tree_rejection(rng: Array, draft: Draft, p_BxTxV: Array, remove_rejected: bo
 
   xs = (jnp.arange(n), u_NxB) if q_NxBxV is None else (jnp.arange(n), u_NxB, q_NxBxV)
   (cur_B, r_BxV), _ = jax.lax.scan(visit, (jnp.zeros((b,), jnp.int32), p_BxTxV[:, 0]), xs)
-  fix_B = jax.random.categorical(r_fix, jnp.log(r_BxV), axis=-1).astype(jnp.int32)
+  fix_B = categorical(r_fix, jnp.log(r_BxV))
   node_B = jnp.maximum(cur_B - 1, 0)
   n_acc_B = jnp.where(cur_B > 0, jnp.take_along_axis(draft.depth_BxN, node_B[:, None], axis=1)[:, 0], 0)
   path_BxT, n_commit_B = path_to(draft, node_B, n_acc_B)
@@ -187,7 +187,7 @@ class SampleAcceptance:
     residual = jnp.maximum(p_at - q_at, 0.0)
     # If p == q exactly the residual is empty (and that position is never rejected); fall back to p.
     residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, p_at)
-    fix_B = jax.random.categorical(r_fix, jnp.log(residual), axis=-1).astype(jnp.int32)
+    fix_B = categorical(r_fix, jnp.log(residual))
     pos_T = jnp.arange(t)[None]
     drafted_BxT = jnp.concatenate([draft.tokens_BxN, jnp.zeros((b, 1), jnp.int32)], axis=1)
     emitted_BxT = jnp.where(pos_T < n_acc_B[:, None], drafted_BxT, fix_B[:, None])

@@ -30,6 +30,12 @@ def argmax(x_xV: Array) -> Array:
   return jnp.min(jnp.where(hit, idx, x_xV.shape[-1]), axis=-1)
 
 
+def categorical(rng: Array, logits_xV: Array) -> Array:
+  """`jax.random.categorical(rng, logits, axis=-1)` as int32, token for token: the same Gumbel noise, taken with
+  `argmax` above instead of `jnp.argmax` (1.7 ms against 0.44 ms for one row of a 49152-token vocabulary here)."""
+  return argmax(jax.random.gumbel(rng, logits_xV.shape, logits_xV.dtype) + logits_xV)
+
+
 @flax.struct.dataclass
 class SamplingParams:
   """Runtime sampling settings, broadcast over rows. temperature 0 means greedy (as in T5X)."""
@@ -76,4 +82,4 @@ class Warp:
 
   def sample(self, rng: Array, logits_xV: Array, sp: SamplingParams) -> Array:
     """One token per row from the warped distribution. Jittable."""
-    return jax.random.categorical(rng, self.log_probs(logits_xV, sp), axis=-1).astype(jnp.int32)
+    return categorical(rng, self.log_probs(logits_xV, sp))

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified, empty_prefill_kwargs, start
-from jaxspec.decoding.sampling import SamplingParams, Warp, argmax
+from jaxspec.decoding.sampling import SamplingParams, Warp, argmax, categorical
 from jaxspec.errors import InputError
 from jaxspec.models.llama import LlamaLM
 
@@ -108,7 +108,7 @@ def draw(warp: Warp, greedy: bool, rng: Array, logits_BxV: Array, sp: SamplingPa
       conf_B = jnp.ones(tok_B.shape, jnp.float32)
     return tok_B, jax.nn.one_hot(tok_B, logits_BxV.shape[-1], dtype=jnp.float32), conf_B
   logq_BxV = warp.log_probs(logits_BxV, sp)
-  tok_B = jax.random.categorical(rng, logq_BxV, axis=-1).astype(jnp.int32)
+  tok_B = categorical(rng, logq_BxV)
   return tok_B, jnp.exp(logq_BxV), jnp.exp(jnp.take_along_axis(logq_BxV, tok_B[:, None], axis=-1)[:, 0])
 
 
