@@ -141,7 +141,7 @@ def test_gated_eagle_sampling_with_a_subset_head_is_exact(stat_models, continuat
   target = stat_models[0]
   draft, dp = random_draft(*target, seed=4, vocab_ids=[0, 2, 3, 6], scale=2.0)
   probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
-  counts = per_row_sample_counts(target, EagleDrafter(draft, 3, greedy=False, gate=0.6), dp, SampleAcceptance())
+  counts, _ = per_row_sample_counts(target, EagleDrafter(draft, 3, greedy=False, gate=0.6), dp, SampleAcceptance())
   pvalue = chi2_pvalue(counts, probs)
   print(f"gated eagle, subset head: p = {pvalue:.3g}")
   assert pvalue > 1e-3

@@ -313,13 +313,19 @@ def test_opt_tree_sampling_is_exact(stat_models, continuation_logits, temperatur
 
 def test_gated_opt_tree_sampling_is_exact(stat_models, continuation_logits):
   """A gate of 0.9 on these 8-token models: about a fifth of the generations verify one tree for both new tokens,
-  the others take one-token steps (each generation is its own batch of one, so the gate decides per generation)."""
+  the others take one-token steps (each generation is its own batch of one, so the gate decides per generation).
+  Both branches must run: generations that take both new tokens in one call (a verified tree) must be rarer than
+  without the gate, and not absent."""
   drafter, dp, warp = opt_tree_stat_drafter(stat_models, 1.0, 1.0)
   probs = exact_distribution(continuation_logits, warp, SamplingParams.make(1.0))
-  counts = per_row_sample_counts(stat_models[0], dataclasses.replace(drafter, gate=0.9), dp, SampleAcceptance(warp))
+  counts, calls = per_row_sample_counts(stat_models[0], dataclasses.replace(drafter, gate=0.9), dp,
+                                        SampleAcceptance(warp))
   pvalue = chi2_pvalue(counts, probs)
-  print(f"gated opt-tree: p = {pvalue:.3g}")
+  _, calls_ungated = per_row_sample_counts(stat_models[0], drafter, dp, SampleAcceptance(warp), seeds=1)
+  one_call, one_call_ungated = np.mean(calls == 1), np.mean(calls_ungated == 1)
+  print(f"gated opt-tree: p = {pvalue:.3g}; one-call generations {one_call:.3f} (ungated {one_call_ungated:.3f})")
   assert pvalue > 1e-3
+  assert 0 < one_call < 0.8 * one_call_ungated
 
 
 @pytest.mark.slow

@@ -265,7 +265,7 @@ def test_speculative_sampling_is_exact(stat_models, continuation_logits, gamma, 
   assert pvalue > 1e-3
 
 
-def per_row_sample_counts(target, drafter, draft_params, acceptor) -> np.ndarray:
+def per_row_sample_counts(target, drafter, draft_params, acceptor, seeds: int = SEEDS) -> tuple[np.ndarray, np.ndarray]:
   """As `drafter_sample_counts` at temperature 1, but every generation is its own batch of one (the loop vmapped
   over rows), so a gate decides per generation. In one batch of 25,000 rows some row always asks for
   verification and the one-token branch would never run; under vmap the loop's `lax.cond` runs both branches and
@@ -278,15 +278,17 @@ def per_row_sample_counts(target, drafter, draft_params, acceptor) -> np.ndarray
     out = decode(model, params, prompt_1xP, jnp.asarray([p], jnp.int32), jnp.asarray([N_NEW], jnp.int32),
                      jnp.asarray([-1], jnp.int32), key, SamplingParams.make(1.0), draft_params, drafter=drafter,
                      acceptor=acceptor, out_len=N_NEW, capacity=p + N_NEW + drafter.num_nodes + 1, pad_id=0)
-    return out.tokens_BxO[0], out.lengths_B[0]
+    return out.tokens_BxO[0], out.lengths_B[0], out.stats.target_calls
 
   run = jax.jit(jax.vmap(one))
   counts = np.zeros(V ** N_NEW, np.int64)
-  for seed in range(SEEDS):
-    tokens, lengths = run(jax.random.split(jax.random.key(seed), ROWS))
+  calls = []
+  for seed in range(seeds):
+    tokens, lengths, calls_R = run(jax.random.split(jax.random.key(seed), ROWS))
     assert np.all(np.asarray(lengths) == N_NEW)
     counts += np.bincount(np.asarray(tokens) @ (V ** np.arange(N_NEW - 1, -1, -1)), minlength=V ** N_NEW)
-  return counts
+    calls.append(np.asarray(calls_R))
+  return counts, np.concatenate(calls)
 
 
 # Adaptive γ and gating at temperature 1: drafts that stop early, and steps that verify only the pending token
@@ -301,7 +303,7 @@ def test_adaptive_and_gated_speculative_sampling_is_exact(stat_models, continuat
   _, (draft_model, draft_params) = stat_models
   probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
   drafter = DraftModelDrafter(draft_model, 3, greedy=greedy, stop=stop, gate=gate)
-  counts = per_row_sample_counts(stat_models[0], drafter, draft_params, SampleAcceptance())
+  counts, _ = per_row_sample_counts(stat_models[0], drafter, draft_params, SampleAcceptance())
   pvalue = chi2_pvalue(counts, probs)
   print(f"stop={stop} gate={gate} greedy draft={greedy}: p = {pvalue:.3g}")
   assert pvalue > 1e-3
@@ -342,7 +344,7 @@ def test_the_exactness_test_catches_a_broken_gate(stat_models, continuation_logi
         skip_unproposed=False)
   else:
     drafter, acceptor = SampleDependentGate(draft_model, 3, greedy=False, gate=0.3), SampleAcceptance()
-  pvalue = chi2_pvalue(per_row_sample_counts(stat_models[0], drafter, draft_params, acceptor), probs)
+  pvalue = chi2_pvalue(per_row_sample_counts(stat_models[0], drafter, draft_params, acceptor)[0], probs)
   print(f"{case}: p = {pvalue:.3g}")
   assert pvalue < 1e-6
 

@@ -62,7 +62,9 @@ def test_the_shipped_model_does_its_task(numbers, sources):
 @pytest.mark.parametrize("method", ["bpd:heads={a}/bpd_t5_numbers:k=4", "spec:draft={a}/t5_numbers_draft:gamma=4",
                                     "jacobi:n=6", "opt-tree:drafter=heads:heads={a}/bpd_t5_numbers:nodes=8:depth=4",
                                     "opt-tree:drafter=draft:draft={a}/t5_numbers_draft:nodes=8:depth=4",
-                                    "opt-tree:drafter=heads:heads={a}/bpd_t5_numbers:nodes=8:depth=3:gate=auto"])
+                                    "opt-tree:drafter=heads:heads={a}/bpd_t5_numbers:nodes=8:depth=3:gate=auto",
+                                    # a chain reads `nodes` heads whatever `depth` says
+                                    "opt-tree:drafter=heads:heads={a}/bpd_t5_numbers:nodes=5:depth=3:shape=chain"])
 def test_methods_give_the_greedy_tokens_on_the_shipped_model(numbers, sources, method):
   _, _, tok = numbers
   ids = [tok.encode(s) for s in sources]

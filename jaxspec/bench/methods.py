@@ -406,8 +406,9 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
                  f"tokens/s; t(n)/t(1): " + ", ".join(f"{n}:{verify_s[n] / verify_s[1]:.2f}" for n in verify_s) + ")")
   nodes = int(nodes)
   depth = min(depth, nodes)
-  if opts.get("drafter", "heads") == "heads" and depth < max_depth:
-    make_source, sp, _, _ = _tree_source(ctx, opts, depth)
+  reads = nodes if shape == "chain" else depth  # the deepest head a tree reads: a chain of N nodes reads N
+  if opts.get("drafter", "heads") == "heads" and reads < max_depth:
+    make_source, sp, _, _ = _tree_source(ctx, opts, reads)
   gate = opts.get("gate", "0")
   if gate == "auto":  # verify where E[A] > t(N + 1) / t(1) - 1, the break-even of a calibrated drafter
     key = ("verify-cost", nodes + 1)

@@ -27,7 +27,8 @@ def argmax(x_xV: Array) -> Array:
   m = jnp.max(x_xV, axis=-1, keepdims=True)
   hit = (x_xV == m) | (jnp.isnan(x_xV) & jnp.isnan(m))
   idx = jax.lax.broadcasted_iota(jnp.int32, x_xV.shape, x_xV.ndim - 1)
-  return jnp.min(jnp.where(hit, idx, x_xV.shape[-1]), axis=-1)
+  # The clamp keeps the index in range should XLA ever recompute x differently for the max and the comparison.
+  return jnp.minimum(jnp.min(jnp.where(hit, idx, x_xV.shape[-1]), axis=-1), x_xV.shape[-1] - 1)
 
 
 def categorical(rng: Array, logits_xV: Array) -> Array:
