@@ -78,7 +78,8 @@ def main():
 
   prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a story about a lighthouse."}]))
   results = {"load_s": load_s, "load_peak_rss_mb": load_peak, "rss_before_load_mb": base_rss,
-             "weights_mb": weights_mb, "generate_job_peak_rss_mb": job_rss, "greedy": {}, "sampled": {}, "verify_cost": {}}
+             "weights_mb": weights_mb, "generate_job_peak_rss_mb": job_rss, "greedy": {}, "sampled": {},
+             "verify_cost": {}}
   # Sampling runs the same loop and forward; the difference is the cost of drawing a token from the vocabulary.
   for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):
     for b in (1, 8):

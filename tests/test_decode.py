@@ -134,7 +134,8 @@ def test_bad_requests_are_clear_errors(tiny):
 def test_argmax_is_jnp_argmax():
   """The two-reduction argmax the greedy rules use picks what jnp.argmax picks: the first maximum on ties, the first
   NaN, index 0 of an all -inf row; on random logits of a verify block's shape too."""
-  special = jnp.asarray([[1.0, 3.0, 3.0, 2.0], [jnp.nan, 1.0, jnp.nan, 5.0], [-jnp.inf] * 4, [0.0, jnp.inf, 1.0, jnp.inf],
+  special = jnp.asarray([[1.0, 3.0, 3.0, 2.0], [jnp.nan, 1.0, jnp.nan, 5.0], [-jnp.inf] * 4,
+                         [0.0, jnp.inf, 1.0, jnp.inf],
                          [2.0, 2.0, 2.0, 2.0]])
   rand = jnp.round(jax.random.normal(jax.random.key(0), (3, 17, 999)), 1)  # rounding makes ties common
   for x in (special, rand, rand.astype(jnp.bfloat16)):

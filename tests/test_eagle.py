@@ -20,8 +20,8 @@ from jaxspec.errors import InputError, ModelLoadError
 from jaxspec.models.eagle import EagleDraft, load_eagle, save_eagle
 from tests.conftest import make_tiny
 from tests.test_bpd import ByteTokenizer
-from tests.test_speculative import (chi2_pvalue, continuation_logits, drafter_sample_counts,  # noqa: F401
-                                    exact_distribution, per_row_sample_counts, stat_models)
+from tests.test_speculative import (assert_gate_skips_some_drafts, chi2_pvalue, continuation_logits,  # noqa: F401
+                                    drafter_sample_counts, exact_distribution, per_row_sample_counts, stat_models)
 from training.config import ConfigError
 from training.eagle import EagleTrainConfig, pass_masks, train_eagle, unrolled_outputs
 from training.tasks import load_task_config
@@ -141,10 +141,12 @@ def test_gated_eagle_sampling_with_a_subset_head_is_exact(stat_models, continuat
   target = stat_models[0]
   draft, dp = random_draft(*target, seed=4, vocab_ids=[0, 2, 3, 6], scale=2.0)
   probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
-  counts, _ = per_row_sample_counts(target, EagleDrafter(draft, 3, greedy=False, gate=0.6), dp, SampleAcceptance())
+  counts, calls = per_row_sample_counts(target, EagleDrafter(draft, 3, greedy=False, gate=0.6), dp,
+                                        SampleAcceptance())
   pvalue = chi2_pvalue(counts, probs)
   print(f"gated eagle, subset head: p = {pvalue:.3g}")
   assert pvalue > 1e-3
+  assert_gate_skips_some_drafts(target, EagleDrafter(draft, 3, greedy=False), dp, SampleAcceptance(), calls)
 
 
 # ---- a tiny training run, the folder, config errors ------------------------------------------------------------

@@ -25,7 +25,8 @@ from jaxspec.models.subset import subset_head
 from tests.conftest import make_tiny
 from tests.test_bpd import random_heads
 from tests.test_speculative import V, chi2_pvalue, continuation_logits, drafter_sample_counts  # noqa: F401
-from tests.test_speculative import exact_distribution, per_row_sample_counts, stat_models  # noqa: F401
+from tests.test_speculative import (assert_gate_skips_some_drafts, exact_distribution,  # noqa: F401
+                                    per_row_sample_counts, stat_models)
 
 # A hand-built tree: two root children (0, 1); 2 and 3 under 0; 4 under 2; 5 under 1.
 PARENT = [-1, -1, 0, 0, 2, 1]
@@ -314,18 +315,15 @@ def test_opt_tree_sampling_is_exact(stat_models, continuation_logits, temperatur
 def test_gated_opt_tree_sampling_is_exact(stat_models, continuation_logits):
   """A gate of 0.9 on these 8-token models: about a fifth of the generations verify one tree for both new tokens,
   the others take one-token steps (each generation is its own batch of one, so the gate decides per generation).
-  Both branches must run: generations that take both new tokens in one call (a verified tree) must be rarer than
-  without the gate, and not absent."""
+  Both branches must run."""
   drafter, dp, warp = opt_tree_stat_drafter(stat_models, 1.0, 1.0)
   probs = exact_distribution(continuation_logits, warp, SamplingParams.make(1.0))
   counts, calls = per_row_sample_counts(stat_models[0], dataclasses.replace(drafter, gate=0.9), dp,
                                         SampleAcceptance(warp))
   pvalue = chi2_pvalue(counts, probs)
-  _, calls_ungated = per_row_sample_counts(stat_models[0], drafter, dp, SampleAcceptance(warp), seeds=1)
-  one_call, one_call_ungated = np.mean(calls == 1), np.mean(calls_ungated == 1)
-  print(f"gated opt-tree: p = {pvalue:.3g}; one-call generations {one_call:.3f} (ungated {one_call_ungated:.3f})")
+  print(f"gated opt-tree: p = {pvalue:.3g}")
   assert pvalue > 1e-3
-  assert 0 < one_call < 0.8 * one_call_ungated
+  assert_gate_skips_some_drafts(stat_models[0], drafter, dp, SampleAcceptance(warp), calls)
 
 
 @pytest.mark.slow

@@ -291,6 +291,15 @@ def per_row_sample_counts(target, drafter, draft_params, acceptor, seeds: int = 
   return counts, np.concatenate(calls)
 
 
+def assert_gate_skips_some_drafts(target, ungated, draft_params, acceptor, calls_gated: np.ndarray) -> None:
+  """A gated χ² test only tests the gate if both branches ran: generations that take all their new tokens in one
+  call (a verified draft) must be rarer than without the gate, and not absent."""
+  _, calls_ungated = per_row_sample_counts(target, ungated, draft_params, acceptor, seeds=1)
+  one, one_ungated = np.mean(calls_gated == 1), np.mean(calls_ungated == 1)
+  print(f"one-call generations {one:.3f} (ungated {one_ungated:.3f})")
+  assert 0 < one < 0.8 * one_ungated
+
+
 # Adaptive γ and gating at temperature 1: drafts that stop early, and steps that verify only the pending token
 # (drafted tokens set to -1). Both acceptance paths: q from a sampling draft (chain rule), point masses from an
 # argmax draft (tree rule). On these 8-token models the thresholds make stopped, full and gated steps all common.
@@ -303,10 +312,13 @@ def test_adaptive_and_gated_speculative_sampling_is_exact(stat_models, continuat
   _, (draft_model, draft_params) = stat_models
   probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
   drafter = DraftModelDrafter(draft_model, 3, greedy=greedy, stop=stop, gate=gate)
-  counts, _ = per_row_sample_counts(stat_models[0], drafter, draft_params, SampleAcceptance())
+  counts, calls = per_row_sample_counts(stat_models[0], drafter, draft_params, SampleAcceptance())
   pvalue = chi2_pvalue(counts, probs)
   print(f"stop={stop} gate={gate} greedy draft={greedy}: p = {pvalue:.3g}")
   assert pvalue > 1e-3
+  if gate:
+    assert_gate_skips_some_drafts(stat_models[0], dataclasses.replace(drafter, gate=0.0), draft_params,
+                                  SampleAcceptance(), calls)
 
 
 def test_speculative_sampling_with_a_subset_head_is_exact(stat_models, continuation_logits):

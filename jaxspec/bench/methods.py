@@ -139,7 +139,8 @@ def _rescore_setup(ctx: BenchContext, opts: dict, what: str):
   except ModelLoadError as e:
     raise Unavailable(str(e)) from None
   if lm.vocab_size != ctx.model.vocab_size:
-    raise Unavailable(f"the n-gram LM in {folder} has a vocabulary of {lm.vocab_size}, the target {ctx.model.vocab_size}")
+    raise Unavailable(f"the n-gram LM in {folder} has a vocabulary of {lm.vocab_size}, "
+                      f"the target {ctx.model.vocab_size}")
   tuned = cfg.get("tuned", {})
   opts = {"k": str(tuned.get("k", 4)), **opts}
   bpd, dp = _load_heads(ctx, opts)
