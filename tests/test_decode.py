@@ -230,3 +230,15 @@ def test_bucketed_loop_does_not_copy_the_cache(tiny, monkeypatch):
   k, h = model.cfg.n_kv_heads, model.cfg.head_dim
   copies = cache_copies(gen._PROGRAMS[key][0].as_text(), rf"f32\[1,{k},({h},{cap}|{cap},{h})\]")
   assert [c for c in copies if not c[0].startswith("main")] == []
+
+
+def test_forward_cost_times_every_size_alone_and_in_a_loop(tiny):
+  """The verify-cost probe runs the forward at every size, called on its own and inside a loop (the decode loop's
+  setting, which budget and gate choices read)."""
+  from jaxspec.bench.cost import forward_cost
+
+  model, params = tiny
+  for in_loop in (0, 3):
+    cost = forward_cost(model, params, [4, 1, 4, 2], context=8, repeats=2, in_loop=in_loop)
+    assert sorted(cost) == [1, 2, 4]
+    assert all(0 < s < 10 for s in cost.values())

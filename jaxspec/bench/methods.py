@@ -363,6 +363,9 @@ def _tree_source(ctx: BenchContext, opts: dict, depth: int | None = None):
   return (lambda width: LMTreeSource(lm)), lm_params, 8, (lm, lm_params)
 
 
+IN_LOOP = 8  # budget and gate choices time forwards inside a loop, as decoding runs them (no per-call dispatch)
+
+
 def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   """OPT-Tree, or a fixed tree (shape=static, shape=chain) on the same drafter for comparisons at equal budgets."""
   from jaxspec.decoding.generate import generate
@@ -393,10 +396,10 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
       stats = calibrate(OptTreeDrafter(make_source(max(width, 8)), nodes=big_n, depth=big_d, width=max(width, 8),
                                        branch=max(branch, 8)), sp)
       grid = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
-      verify = forward_cost(ctx.model, ctx.params, [n + 1 for n in grid], context=256)
+      verify = forward_cost(ctx.model, ctx.params, [n + 1 for n in grid], context=256, in_loop=IN_LOOP)
       draft_step = draft_base = 0.0
       if lm is not None:
-        dcost = forward_cost(lm[0], lm[1], [width, big_d + 1], context=256)
+        dcost = forward_cost(lm[0], lm[1], [width, big_d + 1], context=256, in_loop=IN_LOOP)
         draft_step, draft_base = dcost[width], dcost[big_d + 1]
       ctx.cache[key] = (expected_accept(stats), {n: verify[n + 1] for n in grid}, draft_step, draft_base)
     ea, verify_s, draft_step, draft_base = ctx.cache[key]
@@ -414,7 +417,7 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   if gate == "auto":  # verify where E[A] > t(N + 1) / t(1) - 1, the break-even of a calibrated drafter
     key = ("verify-cost", nodes + 1)
     if key not in ctx.cache:
-      ctx.cache[key] = forward_cost(ctx.model, ctx.params, [1, nodes + 1], context=256)
+      ctx.cache[key] = forward_cost(ctx.model, ctx.params, [1, nodes + 1], context=256, in_loop=IN_LOOP)
     cost = ctx.cache[key]
     gate = max(cost[nodes + 1] / cost[1] - 1.0, 0.0)
     notes.append(f"gate from cost: t({nodes + 1})/t(1) - 1 = {gate:.2f}")
