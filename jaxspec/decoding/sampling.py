@@ -27,7 +27,9 @@ def argmax(x_xV: Array) -> Array:
   m = jnp.max(x_xV, axis=-1, keepdims=True)
   hit = (x_xV == m) | (jnp.isnan(x_xV) & jnp.isnan(m))
   idx = jax.lax.broadcasted_iota(jnp.int32, x_xV.shape, x_xV.ndim - 1)
-  # The clamp keeps the index in range should XLA ever recompute x differently for the max and the comparison.
+  # If XLA ever computed x differently for the max and for the comparison, no index would match. The clamp then
+  # returns V - 1 (in range, but not the argmax). No test has seen this: `test_argmax_is_jnp_argmax` and
+  # `test_categorical_is_jax_random_categorical` compare jitted results with jnp.argmax / jax.random.categorical.
   return jnp.minimum(jnp.min(jnp.where(hit, idx, x_xV.shape[-1]), axis=-1), x_xV.shape[-1] - 1)
 
 
