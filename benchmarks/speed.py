@@ -9,8 +9,8 @@ this whole script, which also holds the batch-8 programs and the long-context ve
 Figures are the best of the repeats, not medians: on a small shared machine other processes only ever add time.
 The verify-cost curve is t(k)/t(1): the time of one target forward over k new tokens against a cache already
 filled to the given context, relative to one token. It is what a draft of k tokens costs to check. It is measured
-twice: each forward called on its own, and forwards run 8 at a time inside a loop, as decoding runs them (a call
-on its own also pays the host's dispatch, about 1 ms here).
+twice: each forward called on its own, and forwards run 8 at a time inside a loop, as decoding runs them (one
+token measured about 1 ms less in a loop here, likely the host's dispatch per call).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def main():
     results["verify_cost"][ctx] = {k: {"ms": med[k] * 1e3, "ratio": med[k] / med[1]} for k in ks}
     print(f"verify cost at context {ctx}: " +
           "  ".join(f"t({k})={med[k] * 1e3:.1f}ms [{med[k] / med[1]:.2f}x]" for k in ks))
-    # The same forwards 8 at a time inside a loop, as decoding runs them: no host dispatch per forward.
+    # The same forwards 8 at a time inside a loop, as decoding runs them.
     loop = forward_cost(model, params, ks, context=ctx, repeats=max(3, args.repeats), in_loop=8)
     results.setdefault("verify_cost_in_loop", {})[ctx] = {k: {"ms": loop[k] * 1e3, "ratio": loop[k] / loop[1]}
                                                           for k in ks}

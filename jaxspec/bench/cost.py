@@ -13,6 +13,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from jaxspec.decoding.sampling import argmax
+
 
 def forward_cost(model, params, sizes: Sequence[int], *, context: int = 256, batch: int = 1,
                  repeats: int = 5, in_loop: int = 0) -> dict[int, float]:
@@ -30,8 +32,6 @@ def forward_cost(model, params, sizes: Sequence[int], *, context: int = 256, bat
   sizes = sorted(set(int(n) for n in sizes))
   capacity = context + max(sizes) + 8
   if in_loop:
-    from jaxspec.decoding.sampling import argmax
-
     def looped(p, t, pos, c, m):
       def body(_, carry):
         c, toks = carry
