@@ -169,6 +169,34 @@ def test_warp_top_k_and_top_p_keep_the_right_tokens():
   np.testing.assert_allclose(p, [[0.5 / 0.7, 0.2 / 0.7, 0, 0, 0]], atol=1e-6)
 
 
+def numpy_warp(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+  """The warped distribution written out for one row, independently of `Warp`: softmax(logits / T), then the top-k
+  tokens, then the smallest set of most likely tokens whose mass reaches top_p, renormalised each time."""
+  p = np.exp((logits - logits.max()) / temperature)
+  p /= p.sum()
+  order = np.argsort(-p, kind="stable")
+  if top_k:
+    p[order[top_k:]] = 0
+    p /= p.sum()
+  if top_p < 1:
+    before = np.cumsum(p[order]) - p[order]
+    p[order[before >= top_p]] = 0
+    p /= p.sum()
+  return p
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.5, 0, 1.0), (1.0, 0, 1.0), (1.7, 0, 1.0), (0.5, 3, 1.0),
+                                                     (0.5, 0, 0.7), (1.7, 0, 0.9), (0.8, 4, 0.6)])
+def test_warp_matches_a_numpy_reference(temperature, top_k, top_p):
+  """The χ² tests compare samplers with `Warp.probs`; this checks `Warp.probs` itself at T != 1 with top-k / top-p."""
+  logits = np.asarray(jax.random.normal(jax.random.key(3), (6, 50)) * 2.5, np.float64)
+  got = np.asarray(Warp(top_k, top_p < 1).probs(jnp.asarray(logits, jnp.float32),
+                                                   SamplingParams.make(temperature, top_p)))
+  want = np.stack([numpy_warp(row, temperature, top_k, top_p) for row in logits])
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  assert ((got > 0) == (want > 0)).all()
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.5, 5, 1.0)])
 def test_sampled_first_tokens_follow_the_warped_distribution(tiny, temperature, top_k, top_p):
   """χ² goodness of fit of 4000 sampled tokens against the warped softmax; fails if sampling were biased."""

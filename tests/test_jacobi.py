@@ -202,4 +202,4 @@ def test_jacobi_equals_greedy_on_default_model(default_model):
   print("default model jacobi tau:", res.tau, {k: v.tolist() for k, v in res.drafter_stats.items()})
   assert res.tokens == greedy.tokens
   check_counters(res, 8)
-  assert res.tau >= 1.0  # plain Jacobi rarely fast-forwards on a real model (τ 1.0-1.02 measured here)
+  # No bound on τ: plain Jacobi rarely fast-forwards on a real model (τ 1.0-1.02 measured here).

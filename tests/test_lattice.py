@@ -217,7 +217,6 @@ def test_rescore_task_builds_the_ngram_and_tunes_the_weights(tiny, tmp_path, neu
   assert [r["weight"] for r in tuned["ngram_tuning"]] == [0.0, 0.5]
   assert tuned["ngram_weight"] == max(tuned["ngram_tuning"], key=lambda r: r["tau"])["weight"]
   assert tuned["neural_weight"] == max(tuned["neural_tuning"], key=lambda r: r["tau"])["weight"]
-  assert all(r["tau"] >= 1.0 for r in tuned["ngram_tuning"] + tuned["neural_tuning"])
   assert tuned["neural_lm"] == ("layerskip:1" if neural_lm == "layerskip" else neural_draft)
 
 

@@ -190,6 +190,7 @@ def test_trees_equal_greedy_and_rows_are_independent(tiny, greedy_ref, name):
   drafter, dp = tree_drafters(tiny)[name]
   res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=drafter, draft_params=dp)
   assert res.tokens == greedy_ref
+  assert res.accept_hist[:, 2:].sum() > 0  # tree nodes were accepted (τ 1.18-2.9 across the cases here)
   stats = res.drafter_stats
   if name == "lm-self-early-stop":
     # The target as its own draft: each depth adds about 1 to E[A], below the threshold of 1.5, so growth stops
@@ -310,6 +311,22 @@ def test_opt_tree_sampling_is_exact(stat_models, continuation_logits, temperatur
   pvalue = chi2_pvalue(counts, probs)
   print(f"opt-tree T={temperature} top_p={top_p}: p = {pvalue:.3g}")
   assert pvalue > 1e-3
+
+
+def test_heads_tree_sampling_is_exact(stat_models, continuation_logits):
+  """`opt-tree:drafter=heads` at temperature 1: trees grown from BPD heads' distributions (point-mass children)
+  follow the target's distribution over 10^5 generations (χ²), and some take all their tokens in one call (so
+  tree nodes were accepted, not only corrections drawn)."""
+  target = stat_models[0]
+  model, params = target
+  bpd, p = random_heads(target, 2, seed=3)
+  drafter = OptTreeDrafter(HeadsTreeSource(bpd), nodes=5, depth=2, width=2, branch=3)
+  probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
+  counts, calls = per_row_sample_counts(target, drafter, bpd_draft_params(model, params, bpd, p), SampleAcceptance())
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"heads tree: p = {pvalue:.3g}, one-call generations {np.mean(calls == 1):.3f}")
+  assert pvalue > 1e-3
+  assert np.mean(calls == 1) > 0.1
 
 
 def test_gated_opt_tree_sampling_is_exact(stat_models, continuation_logits):

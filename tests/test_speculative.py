@@ -13,7 +13,7 @@ from scipy import stats as sps
 
 from jaxspec.decoding import generate as gen
 from jaxspec.decoding.accept import SampleAcceptance
-from jaxspec.decoding.loop import decode
+from jaxspec.decoding.loop import NoDraft, decode
 from jaxspec.decoding.protocol import Acceptance, PrefillInfo, Verified
 from jaxspec.decoding.sampling import SamplingParams, Warp
 from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft, vocab_check
@@ -187,7 +187,12 @@ def stat_models():
 def continuation_logits(stat_models):
   """All V^N_NEW continuations of PROMPT (row i is i read as a base-V number) and the target's logits `[n, N_NEW, V]`
   before each of their tokens, from one forward over the whole sequences."""
-  (model, params), _ = stat_models
+  return stat_continuation_logits(stat_models[0])
+
+
+def stat_continuation_logits(target):
+  """`continuation_logits` for any small target `(model, params)`."""
+  model, params = target
   conts = np.asarray(list(itertools.product(range(V), repeat=N_NEW)), np.int32)
   n, p = len(conts), len(PROMPT)
   t = p + N_NEW
@@ -263,6 +268,35 @@ def test_speculative_sampling_is_exact(stat_models, continuation_logits, gamma, 
   pvalue = chi2_pvalue(counts, probs)
   print(f"γ={gamma} T={temperature} top_k={top_k} top_p={top_p} greedy={greedy}: p = {pvalue:.3g}")
   assert pvalue > 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class ReusedKey(SampleAcceptance):
+  """BROKEN on purpose: every one-token step draws with the same key (the loop's key not advanced). Each token is
+  still drawn from its own conditional, but the steps' Gumbel noises are equal, so the tokens of a continuation
+  are dependent."""
+
+  def accept(self, rng, draft, logits_BxTxV, sp, is_chain):
+    return super().accept(jax.random.key(7), draft, logits_BxTxV, sp, is_chain)
+
+
+# The loop's own sampling (no draft): the prefill's token and the one-token steps after it, jointly.
+@pytest.mark.parametrize("temperature,top_k,top_p,broken", [
+    (1.0, 0, 1.0, False),
+    (0.6, 0, 0.8, False),
+    pytest.param(1.4, 3, 1.0, False, marks=pytest.mark.slow),
+    (1.0, 0, 1.0, True),
+])
+def test_plain_sampling_is_exact(stat_models, continuation_logits, temperature, top_k, top_p, broken):
+  """10^5 plain sampled continuations of N_NEW tokens follow the target's warped distribution (χ²), and the same
+  test rejects a loop that reuses one key for every step."""
+  warp = Warp(top_k, top_p < 1)
+  probs = exact_distribution(continuation_logits, warp, SamplingParams.make(temperature, top_p))
+  acceptor = (ReusedKey if broken else SampleAcceptance)(warp)
+  counts = drafter_sample_counts(stat_models[0], NoDraft(), None, temperature, top_p, acceptor)
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"plain T={temperature} top_k={top_k} top_p={top_p} broken={broken}: p = {pvalue:.3g}")
+  assert (pvalue < 1e-6) if broken else (pvalue > 1e-3)
 
 
 def per_row_sample_counts(target, drafter, draft_params, acceptor, seeds: int = SEEDS) -> tuple[np.ndarray, np.ndarray]:
