@@ -3,15 +3,47 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from jaxspec.errors import InputError, JaxspecError
 
 
 def _positive_int(text: str) -> int:
-  v = int(text)
+  v = _int(text)
   if v < 1:
     raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+  return v
+
+
+def _int(text: str) -> int:
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+
+
+def _top_k(text: str) -> int:
+  v = _int(text)
+  if v < 0:
+    raise argparse.ArgumentTypeError(f"must be >= 0 (0: no top-k filter), got {v}")
+  return v
+
+
+def _seed(text: str) -> int:
+  v = _int(text)
+  if not -2 ** 63 <= v < 2 ** 63:
+    raise argparse.ArgumentTypeError(f"must fit in 64 bits, got {v}")
+  return v
+
+
+def _temperature(text: str) -> float:
+  try:
+    v = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+  if not (math.isfinite(v) and v >= 0):
+    raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: greedy), got {text}")
   return v
 
 
@@ -41,7 +73,7 @@ def _cmd_generate(args) -> int:
   try:
     run = METHODS[name].build(ctx, opts)
   except Unavailable as e:
-    raise InputError(f"Method {label!r} cannot run here: {e}.") from None
+    raise InputError(f"Method {label!r} cannot run here: {str(e).rstrip('.')}.") from None
   res = run([ids], args.max_new_tokens, args.seed)
   eos = ctx.eos_ids
   out = res.tokens[0]
@@ -62,15 +94,21 @@ def _cmd_bench(args) -> int:
       opts = f" [options: {', '.join(spec.options)}]" if spec.options else ""
       print(f"{name:<12} {spec.description}{opts}")
     return 0
-  methods = tuple(m for m in args.methods.split(",") if m.strip()) if args.methods else None
+  methods = tuple(m for m in args.methods.split(",") if m.strip()) if args.methods is not None else None
+  if methods == ():
+    raise InputError("--methods names no method: give comma-separated names (jaxspec bench --list-methods).")
+  named = methods is not None  # methods the user named must all run; of all methods, those that can
   if methods is None:
     methods = tuple(METHODS)  # everything; what cannot run here is reported as unavailable
+  categories = tuple(c for c in args.categories.split(",") if c.strip()) if args.categories is not None else None
+  if categories == ():
+    raise InputError("--categories names no category: give comma-separated category names.")
   cfg = BenchConfig(prompts=args.prompts, methods=methods, limit=args.limit,
-                    categories=tuple(args.categories.split(",")) if args.categories else None,
+                    categories=categories,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=args.out, t5x_src=args.t5x_src,
                     model=args.model, quick=args.quick, mesh=args.mesh)
-  res = run_bench(cfg)
+  res = run_bench(cfg, require_all=named)
   print("\n".join(summary_lines(res)))
   print(f"[results in {args.out}/: results.json, report.md, *.png]", file=sys.stderr)
   return 0
@@ -102,10 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--model", default=None,
                  help="a .gguf file or Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
   g.add_argument("--max-new-tokens", type=_positive_int, default=128)
-  g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  g.add_argument("--top-k", type=int, default=0)
+  g.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
+  g.add_argument("--top-k", type=_top_k, default=0)
   g.add_argument("--top-p", type=float, default=1.0)
-  g.add_argument("--seed", type=int, default=0)
+  g.add_argument("--seed", type=_seed, default=0)
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
   g.add_argument("--max-len", type=_positive_int, default=None, help="cache length (default: model context length)")
   g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -130,10 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--categories", default=None, help="comma-separated categories to keep")
   b.add_argument("--max-new-tokens", type=_positive_int, default=128)
   b.add_argument("--batch-size", type=_positive_int, default=1)
-  b.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-  b.add_argument("--top-k", type=int, default=0)
+  b.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
+  b.add_argument("--top-k", type=_top_k, default=0)
   b.add_argument("--top-p", type=float, default=1.0)
-  b.add_argument("--seed", type=int, default=0)
+  b.add_argument("--seed", type=_seed, default=0)
   b.add_argument("--out", default="bench_out", help="folder for results.json, report.md and plots")
   b.add_argument("--t5x-src", default=None, help="a T5X source checkout, for the t5x-greedy baseline")
   b.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")

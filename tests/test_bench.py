@@ -121,12 +121,55 @@ def test_per_category_limit_and_filter(prompt_file):
     ("not json", "not valid JSON"),
     ('{"question_id": 1, "turns": ["x"]}', r"lacks the field\(s\) category"),
     ('{"question_id": 1, "category": "qa", "turns": []}', "non-empty list"),
+    ("123", "is a JSON int, not an object"),
+    ("\n", "holds no prompts"),
 ])
 def test_bad_prompt_files_are_clear_errors(tmp_path, line, msg):
   path = tmp_path / "bad.jsonl"
   path.write_text(line + "\n")
   with pytest.raises(InputError, match=msg):
     load_prompts(path)
+
+
+def test_prompt_files_that_are_not_utf8_text_or_not_files(tmp_path):
+  path = tmp_path / "utf16.jsonl"
+  path.write_text('{"question_id": 1, "category": "qa", "turns": ["x"]}\n', encoding="utf-16")
+  with pytest.raises(InputError, match="not UTF-8"):
+    load_prompts(path)
+  with pytest.raises(InputError, match="is a folder"):
+    load_prompts(tmp_path)
+
+
+def test_bad_method_option_values_are_clear_errors():
+  for text, msg in [("bpd:k=abc", "k='abc' of 'bpd' must be a whole number >= 1"),
+                    ("opt-tree:width=0", "width='0' of 'opt-tree' must be a whole number >= 1"),
+                    ("spec:stop=nan", "stop='nan' of 'spec' must be a number >= 0"),
+                    ("opt-tree:gate=x", "must be a number >= 0 or auto"),
+                    ("lookup:gate=0.5", "gate='0.5' of 'lookup' must be a whole number >= 0")]:
+    with pytest.raises(InputError, match=msg):
+      parse_method(text)
+  assert parse_method("opt-tree:nodes=auto:gate=auto")[2] == {"nodes": "auto", "gate": "auto"}
+  assert parse_method("spec:gate=1.5:stop=0.6")[2] == {"gate": "1.5", "stop": "0.6"}
+
+
+def test_named_methods_must_all_run_and_the_results_folder_must_be_writable(tmp_path, prompt_file, methods):
+  cfg = BenchConfig(prompts=prompt_file, methods=("greedy", "missing"), max_new_tokens=4, limit=1,
+                    out=str(tmp_path / "out"))
+  assert run_bench(cfg, methods, None, ByteTokenizer(), progress=False)["methods"]["missing"]["available"] is False
+  with pytest.raises(InputError, match="Cannot run missing: no parts"):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False, require_all=True)
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(InputError, match="Cannot write the results folder"):
+    run_bench(dataclasses.replace(cfg, out=str(tmp_path / "file")), methods, None, ByteTokenizer(), progress=False)
+
+
+def test_a_prompt_longer_than_the_context_is_named_before_the_run(tmp_path, tiny):
+  model, params = tiny  # context: 512 tokens
+  path = write_prompts(tmp_path / "p.jsonl", [{"question_id": "short", "category": "qa", "turns": ["hi"]},
+                                              {"question_id": "long-7", "category": "qa", "turns": ["x" * 600]}])
+  cfg = BenchConfig(prompts=path, methods=("greedy",), max_new_tokens=4, out=str(tmp_path / "out"))
+  with pytest.raises(InputError, match="Prompt 'long-7' .* 60[0-9] tokens long"):
+    run_bench(cfg, model, params, ByteTokenizer(), progress=False)
 
 
 def test_unknown_category_and_missing_file(tmp_path, prompt_file):

@@ -60,3 +60,31 @@ def test_bad_number_is_an_argparse_error(capsys):
   with pytest.raises(SystemExit) as e:
     cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "0"])
   assert e.value.code == 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--temperature", "nan"], "finite number >= 0"),
+    (["--temperature", "-1"], "finite number >= 0"),
+    (["--top-k", "-5"], "must be >= 0"),
+    (["--seed", str(10 ** 20)], "must fit in 64 bits"),
+    (["--max-new-tokens", "abc"], "must be a whole number, got 'abc'"),
+])
+def test_bad_numbers_are_argparse_errors_that_say_why(flags, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main(["generate", "--prompt", "hi", *flags])
+  assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--method", "nosuch"], "Unknown method 'nosuch'"),
+    (["--method", "bpd:k=abc"], "k='abc' of 'bpd' must be a whole number"),
+    (["--method", "jacobi", "--temperature", "0.8"], "Method 'jacobi' cannot run here: Jacobi decoding here is greedy"),
+    (["--method", "opt-tree:nodes=100000"], "nodes=100000 is more than 1024"),
+    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    (["--temperature", "1", "--top-k", "100000"], "more than the model's vocabulary (49152 tokens)"),
+    (["--max-len", "100000"], "more than the model's context length (8192 tokens)"),
+])
+def test_bad_settings_give_one_clear_message(shared_model, flags, message, capsys):
+  assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "4", *flags]) == 2
+  err = capsys.readouterr().err
+  assert message in err and "Traceback" not in err and err.count("\n") == 1

@@ -141,3 +141,9 @@ def test_corrupt_safetensors_is_a_clear_error(tmp_path, tiny):
   (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
   with pytest.raises(ModelLoadError, match="corrupt"):
     load_hf(str(tmp_path))
+
+
+def test_config_json_that_is_not_an_object_is_a_clear_error(tmp_path):
+  (tmp_path / "config.json").write_text("[1, 2]")
+  with pytest.raises(ModelLoadError, match="holds a JSON list, not the object"):
+    load_model(str(tmp_path))

@@ -175,6 +175,34 @@ def test_config_other_errors(tmp_path):
 # --- optimizer -----------------------------------------------------------------------------------------------
 
 
+def test_task_configs_need_a_task_positive_counts_and_writable_folders(tmp_path):
+  """`jaxspec train`'s checks before any work: the file names its task; counts such as steps and batch sizes are at
+  least 1; the output and checkpoint folders can be written (else a long run would fail only when it saves)."""
+  from training.tasks import check_writable, load_task_config, main_train
+
+  path = tmp_path / "c.yaml"
+  path.write_text("model:\n  path: null\n")
+  with pytest.raises(ConfigError, match="no 'task' key.*bpd, draft"):
+    load_task_config(str(path))
+  path.write_text("task: seq2seq\n")
+  for override, key in [("train.steps=0", "train.steps"), ("train.batch_size=-2", "train.batch_size"),
+                        ("data.train_examples=0", "data.train_examples")]:
+    with pytest.raises(ConfigError, match=f"{key} must be >= 1"):
+      load_task_config(str(path), [override])
+  (tmp_path / "a_file").write_text("x")
+  for override, key in [(f"out={tmp_path / 'a_file'}", "out"),
+                        (f"train.checkpoint_dir={tmp_path / 'a_file' / 'ckpt'}", "train.checkpoint_dir")]:
+    cfg, _ = load_task_config(str(path), [override])
+    with pytest.raises(ConfigError, match=key):
+      check_writable(cfg)
+    with pytest.raises(ConfigError, match=key):  # the command fails before it trains
+      main_train(str(path), [override], progress=False)
+  cfg, _ = load_task_config(str(path), [f"out={tmp_path / 'new' / 'model'}",
+                                        f"train.checkpoint_dir={tmp_path / 'new' / 'ckpt'}"])
+  check_writable(cfg)
+  assert not (tmp_path / "new").exists()  # checked without leaving folders behind
+
+
 def test_schedule():
   lr = make_schedule(OptimConfig(lr=1.0, warmup_steps=4, schedule="cosine", total_steps=14))
   assert [float(lr(i)) for i in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])

@@ -13,7 +13,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import tempfile
+from pathlib import Path
 from typing import Any, Callable
 
 from training.bpd import BPDTrainConfig, train_bpd
@@ -32,26 +35,67 @@ TASKS: dict[str, tuple[type, Callable[..., dict]]] = {
     "cllm": (CLLMTrainConfig, train_cllm),
     "seq2seq": (Seq2SeqTrainConfig, train_seq2seq),
 }
-DEFAULT_TASK = "bpd"  # a file without a `task` key (the first configs had none)
+# Settings that count something a run needs at least one of (a 0 or negative value would train nothing, divide by
+# zero, or export an untrained model), wherever they appear in a task's config.
+POSITIVE = ("steps", "batch_size", "gen_batch_size", "train_examples", "shard_size", "seq_len", "window", "windows",
+            "max_new_tokens")
 
 
 def load_task_config(path: str, overrides=()) -> tuple[Any, Callable[..., dict]]:
   """`(config, run function)` for a config file, by its `task` key (an override `task=...` is not honoured).
 
   Raises:
-    ConfigError: an unknown task, or a key or value that does not fit that task's config.
+    ConfigError: a missing or unknown task, a key or value that does not fit that task's config, or a count below 1.
   """
   raw = read_config_file(path)
-  task = raw.get("task", DEFAULT_TASK)
+  if "task" not in raw:
+    raise ConfigError(f"{path} has no 'task' key: name what to train, one of {', '.join(TASKS)} (e.g. task: bpd; "
+                      "see configs/).")
+  task = raw["task"]
   if not isinstance(task, str) or task not in TASKS:
     raise ConfigError(f"unknown task {task!r} in {path}; tasks: {', '.join(TASKS)}")
   cls, fn = TASKS[task]
-  return load_config(path, cls, overrides), fn
+  cfg = load_config(path, cls, overrides)
+  _check_counts(cfg)
+  return cfg, fn
+
+
+def _check_counts(cfg: Any, prefix: str = "") -> None:
+  for f in dataclasses.fields(cfg):
+    value = getattr(cfg, f.name)
+    if dataclasses.is_dataclass(value):
+      _check_counts(value, f"{prefix}{f.name}.")
+    elif f.name in POSITIVE and isinstance(value, int) and not isinstance(value, bool) and value < 1:
+      raise ConfigError(f"{prefix}{f.name} must be >= 1, got {value}")
+
+
+def check_writable(cfg: Any) -> None:
+  """Fails before any work when the run's output or checkpoint folder cannot be written (so a long run does not end
+  in an error when it saves)."""
+  folders = [("out", getattr(cfg, "out", None))]
+  train = getattr(cfg, "train", None)
+  folders.append(("train.checkpoint_dir", getattr(train, "checkpoint_dir", None)))
+  for key, folder in folders:
+    if not folder:
+      continue
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+      raise ConfigError(f"{key}={str(folder)!r} is a file, not a folder: choose another path")
+    probe = folder if folder.exists() else next((p for p in folder.parents if p.exists()), None)
+    try:
+      if probe is None or not probe.is_dir():
+        raise OSError(f"{probe} is not a folder")
+      with tempfile.TemporaryFile(dir=probe):
+        pass
+    except OSError as e:
+      raise ConfigError(f"{key}={str(folder)!r} cannot be written ({getattr(e, 'strerror', None) or e}): choose "
+                        "another path") from None
 
 
 def main_train(path: str, overrides=(), progress: bool = True) -> dict:
   """`jaxspec train CONFIG [key=value ...]`: runs the task the file names and prints its summary."""
   cfg, fn = load_task_config(path, overrides)
+  check_writable(cfg)
   summary = fn(cfg, progress=progress)
   print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
   return summary

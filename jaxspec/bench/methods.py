@@ -366,6 +366,9 @@ def _tree_source(ctx: BenchContext, opts: dict, depth: int | None = None):
 IN_LOOP = 8  # budget and gate choices time forwards inside a loop, as decoding runs them (no per-call dispatch)
 
 
+MAX_TREE_NODES = 1024
+
+
 def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   """OPT-Tree, or a fixed tree (shape=static, shape=chain) on the same drafter for comparisons at equal budgets."""
   from jaxspec.decoding.generate import generate
@@ -409,6 +412,9 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
     notes.append(f"budget from cost: nodes={n_best}, depth={d_best} (predicted {table[(n_best, d_best)]:.1f} "
                  f"tokens/s; t(n)/t(1): " + ", ".join(f"{n}:{verify_s[n] / verify_s[1]:.2f}" for n in verify_s) + ")")
   nodes = int(nodes)
+  if nodes > MAX_TREE_NODES:
+    raise InputError(f"opt-tree: nodes={nodes} is more than {MAX_TREE_NODES}; the target verifies every node in one "
+                     "forward, so such a tree cannot pay. Use fewer nodes, or nodes=auto.")
   depth = min(depth, nodes)
   reads = nodes if shape == "chain" else depth  # the deepest head a tree reads: a chain of N nodes reads N
   if opts.get("drafter", "heads") == "heads" and reads < max_depth:
@@ -546,8 +552,42 @@ for _spec in [
 BASELINES = tuple(n for n, s in METHODS.items() if s.baseline)
 
 
+# Numeric options, checked when a method is parsed, so a typo is one clear error and not a traceback from the
+# builder: (kind, smallest value). Kinds: "int", "float", "int|auto", "float|auto". Keys are an option name, or
+# (method, option) where a method reads the option differently. Options not listed here are paths or choices, which
+# the builders check.
+_NUMERIC_OPTIONS: dict = {
+    "k": ("int", 1), "approx": ("int", 1), "lookup": ("int", 1), "graft": ("int", 0), "t": ("int", 1),
+    "beams": ("int", 1), "weight": ("float", 0.0), "layers": ("int", 1), "gamma": ("int", 1),
+    "stop": ("float", 0.0), "n": ("int", 1), "ngram": ("int", 1), "gate": ("float", 0.0), "depth": ("int", 1),
+    "width": ("int", 1), "branch": ("int", 1), "threshold": ("float", 0.0),
+    ("lookup", "gate"): ("int", 0), ("opt-tree", "gate"): ("float|auto", 0.0),
+    ("opt-tree", "nodes"): ("int|auto", 1),
+}
+
+
+def _check_option(name: str, key: str, value: str) -> None:
+  kind, low = _NUMERIC_OPTIONS.get((name, key), _NUMERIC_OPTIONS.get(key, (None, None)))
+  if kind is None or (kind.endswith("|auto") and value == "auto"):
+    return
+  whole = kind.startswith("int")
+  try:
+    number = int(value) if whole else float(value)
+    ok = number >= low and number == number  # NaN fails the second test
+  except ValueError:
+    ok = False
+  if not ok:
+    what = "a whole number" if whole else "a number"
+    auto = " or auto" if kind.endswith("|auto") else ""
+    raise InputError(f"Method option {key}={value!r} of {name!r} must be {what} >= {low:g}{auto}.")
+
+
 def parse_method(text: str) -> tuple[str, str, dict]:
-  """`"bpd:k=4"` -> (label `"bpd:k=4"`, name `"bpd"`, options `{"k": "4"}`)."""
+  """`"bpd:k=4"` -> (label `"bpd:k=4"`, name `"bpd"`, options `{"k": "4"}`). Numeric options are checked here.
+
+  Raises:
+    InputError: an unknown method or option, or an option value of the wrong kind.
+  """
   label = text.strip()
   name, *parts = label.split(":")
   if name not in METHODS:
@@ -560,5 +600,6 @@ def parse_method(text: str) -> tuple[str, str, dict]:
     if k not in METHODS[name].options:
       allowed = ", ".join(METHODS[name].options) or "none"
       raise InputError(f"Method {name!r} has no option {k!r} (options: {allowed}).")
+    _check_option(name, k, v)
     opts[k] = v
   return label, name, opts

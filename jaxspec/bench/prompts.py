@@ -37,34 +37,44 @@ def load_prompts(path: str | os.PathLike, *, categories: Sequence[str] | None = 
     InputError: a missing file, a line that is not JSON, a missing field, or a category filter that matches nothing.
   """
   path = Path(path)
+  if path.is_dir():
+    raise InputError(f"Prompt file {path} is a folder: pass a JSONL file in Spec-Bench format with --prompts.")
   if not path.is_file():
     raise InputError(f"Prompt file {path} not found: pass a JSONL file in Spec-Bench format with --prompts.")
   prompts, per_cat, seen = [], {}, set()
-  with path.open(encoding="utf-8") as f:
-    for n, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise InputError(f"{path}:{n} is not valid JSON ({e.msg}).") from None
-      missing = [k for k in ("question_id", "category", "turns") if k not in row]
-      if missing:
-        raise InputError(f"{path}:{n} lacks the field(s) {', '.join(missing)}; each line needs question_id, "
-                         "category and turns (a list of strings).")
-      turns = row["turns"]
-      if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
-        raise InputError(f"{path}:{n}: 'turns' must be a non-empty list whose first item is the prompt text.")
-      cat = str(row["category"])
-      seen.add(cat)
-      if categories and cat not in categories:
-        continue
-      if limit is not None and per_cat.get(cat, 0) >= limit:
-        continue
-      per_cat[cat] = per_cat.get(cat, 0) + 1
-      prompts.append(Prompt(row["question_id"], cat, turns[0]))
+  try:
+    lines = path.read_text(encoding="utf-8").splitlines()
+  except UnicodeDecodeError as e:
+    raise InputError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8 JSONL.") from None
+  for n, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise InputError(f"{path}:{n} is not valid JSON ({e.msg}).") from None
+    if not isinstance(row, dict):
+      raise InputError(f"{path}:{n} is a JSON {type(row).__name__}, not an object with question_id, category and "
+                       "turns.")
+    missing = [k for k in ("question_id", "category", "turns") if k not in row]
+    if missing:
+      raise InputError(f"{path}:{n} lacks the field(s) {', '.join(missing)}; each line needs question_id, "
+                       "category and turns (a list of strings).")
+    turns = row["turns"]
+    if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
+      raise InputError(f"{path}:{n}: 'turns' must be a non-empty list whose first item is the prompt text.")
+    cat = str(row["category"])
+    seen.add(cat)
+    if categories and cat not in categories:
+      continue
+    if limit is not None and per_cat.get(cat, 0) >= limit:
+      continue
+    per_cat[cat] = per_cat.get(cat, 0) + 1
+    prompts.append(Prompt(row["question_id"], cat, turns[0]))
+  if not seen:
+    raise InputError(f"{path} holds no prompts: each line is a JSON object with question_id, category and turns.")
   absent = sorted(set(categories or ()) - seen)
   if absent or not prompts:
     raise InputError(f"No prompts of the categories {', '.join(absent or ['(any)'])} in {path}; its categories are "
-                     f"{', '.join(sorted(seen)) or 'none'}.")
+                     f"{', '.join(sorted(seen))}.")
   return prompts

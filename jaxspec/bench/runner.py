@@ -124,13 +124,16 @@ def _atomic_json(path: Path, obj) -> None:
   os.replace(tmp, path)
 
 
-def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, progress: bool = True) -> dict:
+def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, progress: bool = True,
+              require_all: bool = False) -> dict:
   """Runs the benchmark and writes `results.json`, `report.md` and plots under `cfg.out`.
 
   Args:
     cfg: what to run.
     model, params, tokenizer: the target; loaded from `cfg.model` (default: the embedded model) when None.
     progress: show a progress bar over prompt batches.
+    require_all: fail before decoding anything when a method cannot run here (methods a user named), instead of
+      reporting it as unavailable (what a run of every method does with baselines that are not installed).
 
   Returns:
     The results (the content of results.json).
@@ -147,6 +150,13 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
     raise InputError(f"A method is listed twice in {', '.join(labels)}.")
   if REFERENCE not in labels:
     labels.insert(0, REFERENCE)  # speedups and exactness are measured against it, in the same run
+  out = Path(cfg.out)
+  try:  # before the model loads: a results folder that cannot be written fails now, not after the run
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".write_check").touch()
+    (out / ".write_check").unlink()
+  except OSError as e:
+    raise InputError(f"Cannot write the results folder {out}: {e.strerror or e}. Pass another --out.") from None
   if model is None:
     from jaxspec.loading import load_model
     model, params, tokenizer = load_model(cfg.model)
@@ -154,8 +164,6 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
     params = sharding.partitioner(mesh, model).shard_params(params)
   ctx = BenchContext(model, params, tokenizer, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                      seed=cfg.seed, t5x_src=cfg.t5x_src, mesh=mesh)
-  out = Path(cfg.out)
-  out.mkdir(parents=True, exist_ok=True)
 
   runners, unavailable, specs = {}, {}, {}
   for label in labels:
@@ -169,8 +177,16 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   notes = {l: getattr(r, "note", None) for l, r in runners.items()}
   if REFERENCE in unavailable:
     raise InputError(f"The reference method cannot run: {unavailable[REFERENCE]}")
+  if require_all and unavailable:
+    raise InputError("Cannot run " + "; ".join(f"{l}: {why.rstrip('.')}" for l, why in unavailable.items()) + ".")
 
   ids = chat_prompt_ids(tokenizer, [p.text for p in prompts])
+  context = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+  for p, row in zip(prompts, ids):
+    if context and len(row) + cfg.max_new_tokens > context:
+      raise InputError(f"Prompt {p.question_id!r} ({p.category}) is {len(row)} tokens long: with {cfg.max_new_tokens} "
+                       f"new tokens it needs more than the model's context length ({context}). Lower "
+                       "--max-new-tokens, or leave the prompt out of the file.")
   batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
   records: dict[str, list[Record]] = {l: [] for l in runners}
   compile_s = {l: 0.0 for l in runners}

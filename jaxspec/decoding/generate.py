@@ -119,8 +119,16 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     InputError: empty prompts, a request that does not fit the cache, or a mesh that does not fit the devices.
   """
   drafter = drafter or NoDraft()
+  vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
+  if temperature > 0 and vocab is not None and top_k > vocab:
+    raise InputError(f"top_k={top_k} is more than the model's vocabulary ({vocab} tokens): use 0 (no filter) or "
+                     "fewer.")
   acceptor = acceptor or make_acceptor(temperature, top_k, top_p)
-  max_len = max_len or getattr(getattr(model, "cfg", None), "max_seq_len", 1 << 30)
+  context = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+  if max_len and context and max_len > context:
+    raise InputError(f"max_len={max_len} is more than the model's context length ({context} tokens): use at most "
+                     f"{context}, or leave it unset.")
+  max_len = max_len or context or 1 << 30
   arr, lengths, max_new, out_len, capacity = prepare(prompts, max_new_tokens, max_len, drafter.num_nodes, pad_id)
   args = (params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new),
           jnp.asarray(list(eos_ids) or [-1], jnp.int32), jax.random.key(seed), SamplingParams.make(temperature, top_p),

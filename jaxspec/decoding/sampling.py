@@ -7,6 +7,7 @@ program's shapes and is static.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.struct
 import jax
@@ -48,8 +49,8 @@ class SamplingParams:
 
   @classmethod
   def make(cls, temperature: float = 0.0, top_p: float = 1.0) -> "SamplingParams":
-    if temperature < 0:
-      raise InputError(f"temperature must be >= 0, got {temperature}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+      raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
       raise InputError(f"top_p must be in (0, 1], got {top_p}")
     return cls(temperature=jnp.float32(temperature), top_p=jnp.float32(top_p))
@@ -61,6 +62,10 @@ class Warp:
 
   top_k: int = 0
   use_top_p: bool = False
+
+  def __post_init__(self):
+    if self.top_k < 0:
+      raise InputError(f"top_k must be >= 0 (0: no top-k filter), got {self.top_k}")
 
   def log_probs(self, logits_xV: Array, sp: SamplingParams) -> Array:
     """Log-probabilities of the warped distribution (temperature, then top-k, then top-p). Jittable."""

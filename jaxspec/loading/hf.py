@@ -82,8 +82,11 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False) -
   try:
     with open(cfg_path) as f:
       raw = json.load(f)
-  except (OSError, json.JSONDecodeError) as e:
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ModelLoadError(f"Could not read {cfg_path!r}: {e}") from e
+  if not isinstance(raw, dict):
+    raise ModelLoadError(f"{cfg_path!r} holds a JSON {type(raw).__name__}, not the object of a Hugging Face model "
+                         "config.")
   from jaxspec.loading.t5_hf import is_t5_config, load_t5
   if is_t5_config(raw):  # an encoder-decoder
     return load_t5(folder, raw, dtype=dtype)

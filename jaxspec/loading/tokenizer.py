@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
+from jaxspec.errors import InputError
 from jaxspec.loading.errors import ModelLoadError
 
 # llama.cpp's token types (`llama_token_type`), as stored in `tokenizer.ggml.token_type`.
@@ -493,11 +494,11 @@ class Tokenizer:
       The text; pass it to `encode` (it already holds any special tokens the template writes).
 
     Raises:
-      ValueError: the model has no chat template, or the template rejected the messages.
+      InputError (a ValueError): the model has no chat template, or the template rejected the messages.
     """
     if self._chat_template is None:
-      raise ValueError(f"{self.name}: the model has no chat template; give it a raw prompt instead of chat "
-                       "messages.")
+      raise InputError(f"{self.name}: the model has no chat template; give it a raw prompt instead of chat "
+                       "messages (leave out --chat).")
     import jinja2
 
     if self._compiled_template is None:
@@ -509,7 +510,7 @@ class Tokenizer:
       return self._compiled_template.render(
           messages=list(messages), add_generation_prompt=add_generation_prompt, **variables)
     except jinja2.exceptions.TemplateError as e:
-      raise ValueError(f"{self.name}: the chat template failed: {e}") from e
+      raise InputError(f"{self.name}: the chat template failed: {e}") from e
 
   def _text_of(self, token_id: int | None) -> str:
     return "" if token_id is None else self.decode([token_id])
