@@ -147,3 +147,12 @@ def test_config_json_that_is_not_an_object_is_a_clear_error(tmp_path):
   (tmp_path / "config.json").write_text("[1, 2]")
   with pytest.raises(ModelLoadError, match="holds a JSON list, not the object"):
     load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize("folder,message", [("draft_smollm2", "spec:draft=FOLDER"), ("bpd_smollm2", "bpd:heads=FOLDER"),
+                                            ("eagle_smollm2", "eagle:draft=FOLDER")])
+def test_a_trained_part_is_not_loaded_as_a_model(folder, message):
+  """The folders jaxspec's training writes are parts of a method, not models: the error says where they go."""
+  from jaxspec.bench.methods import ASSETS
+  with pytest.raises(ModelLoadError, match=message):
+    load_model(str(ASSETS / folder))

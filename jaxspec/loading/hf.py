@@ -67,6 +67,18 @@ def _target(name: str):
   return None
 
 
+# Folders jaxspec's training writes that are parts to add to a target, not models (their config.json key, what,
+# how to use them).
+_JAXSPEC_PARTS = (
+    ("jaxspec_draft", "a distilled draft that shares its target's embedding",
+     "pass it to a draft method, e.g. --method spec:draft=FOLDER"),
+    ("jaxspec_eagle", "a feature-level (EAGLE) draft", "pass it as --method eagle:draft=FOLDER"),
+    ("bpd", "BPD heads", "pass them as --method bpd:heads=FOLDER"),
+    ("ngram", "the n-gram tables of BPD lattice rescoring", "pass them as --method bpd-ngram:rescore=FOLDER"),
+    ("lora", "a LoRA adapter", "pass it as --method cllm:lora=FOLDER"),
+)
+
+
 def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False) -> tuple[LlamaLM, dict]:
   """Loads a Hugging Face LLaMA-family checkpoint folder, one tensor at a time (T5 folders go to
   `jaxspec.loading.t5_hf.load_t5`).
@@ -87,6 +99,9 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False) -
   if not isinstance(raw, dict):
     raise ModelLoadError(f"{cfg_path!r} holds a JSON {type(raw).__name__}, not the object of a Hugging Face model "
                          "config.")
+  for key, what, use in _JAXSPEC_PARTS:
+    if key in raw:
+      raise ModelLoadError(f"{folder!r} holds {what}, not a model of its own: {use}.")
   from jaxspec.loading.t5_hf import is_t5_config, load_t5
   if is_t5_config(raw):  # an encoder-decoder
     return load_t5(folder, raw, dtype=dtype)

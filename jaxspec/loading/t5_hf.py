@@ -125,10 +125,12 @@ def _source(key: tuple[str, ...]) -> str:
   return f"{prefix}.{module}.{key[2]}.weight"
 
 
-def _expected(model: T5LM) -> set[tuple[str, ...]]:
+def _expected(model: T5LM) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """The parameter paths the model's config implies, with their shapes."""
   import jax
   shapes = jax.eval_shape(model.init_params, jax.random.key(0))
-  return {tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]}
+  return {tuple(k.key for k in path): tuple(x.shape)
+          for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
 
 
 def load_t5(folder: str, raw: dict, *, dtype: str = "float32") -> tuple[T5LM, dict]:
@@ -162,11 +164,18 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32") -> tuple[T5LM, di
       raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}); the file may be corrupt.") from e
   params, cfg = _settle_head(params, cfg)
   model = T5LM(cfg)
-  got = {k for k, _ in _flatten(params)}
-  missing = sorted(_expected(model) - got)
+  got = dict(_flatten(params))
+  expected = _expected(model)
+  missing = sorted(set(expected) - set(got))
   if missing:
     raise ModelLoadError(f"{folder!r} lacks {len(missing)} tensors of a {cfg.n_enc_layers}+{cfg.n_dec_layers}-layer "
                          f"T5, e.g. {_source(missing[0])!r}; the checkpoint is incomplete or of another model.")
+  for key, shape in expected.items():
+    if tuple(got[key].shape) != shape:
+      w = got[key].shape[::-1] if key[-1] == "kernel" else got[key].shape  # as the file stores it
+      want = shape[::-1] if key[-1] == "kernel" else shape
+      raise ModelLoadError(f"{folder!r}: {_source(key)} is {tuple(w)}, but config.json implies {tuple(want)}; the "
+                           "config and the weights are of different models.")
   return model, params
 
 
