@@ -100,7 +100,8 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False) -
     raise ModelLoadError(f"{cfg_path!r} holds a JSON {type(raw).__name__}, not the object of a Hugging Face model "
                          "config.")
   for key, what, use in _JAXSPEC_PARTS:
-    if key in raw:
+    # A draft saved with its own embeddings is a complete model; one that shares the target's is a part.
+    if key in raw and not (key == "jaxspec_draft" and (raw[key] or {}).get("embeddings") == "included"):
       raise ModelLoadError(f"{folder!r} holds {what}, not a model of its own: {use}.")
   from jaxspec.loading.t5_hf import is_t5_config, load_t5
   if is_t5_config(raw):  # an encoder-decoder
