@@ -185,6 +185,8 @@ def test_task_configs_need_a_task_positive_counts_and_writable_folders(tmp_path)
   with pytest.raises(ConfigError, match="no 'task' key.*bpd, draft"):
     load_task_config(str(path))
   path.write_text("task: seq2seq\n")
+  with pytest.raises(ConfigError, match="task comes from the config file"):
+    load_task_config(str(path), ["task=bpd"])
   for override, key in [("train.steps=0", "train.steps"), ("train.batch_size=-2", "train.batch_size"),
                         ("data.train_examples=0", "data.train_examples")]:
     with pytest.raises(ConfigError, match=f"{key} must be >= 1"):

@@ -47,6 +47,9 @@ def load_task_config(path: str, overrides=()) -> tuple[Any, Callable[..., dict]]
   Raises:
     ConfigError: a missing or unknown task, a key or value that does not fit that task's config, or a count below 1.
   """
+  if any(str(o).split("=", 1)[0].strip() == "task" for o in overrides):
+    raise ConfigError(f"the task comes from the config file ({path}), not from an override: use a config file of "
+                      "that task (configs/)")
   raw = read_config_file(path)
   if "task" not in raw:
     raise ConfigError(f"{path} has no 'task' key: name what to train, one of {', '.join(TASKS)} (e.g. task: bpd; "
