@@ -138,6 +138,10 @@ def test_prompt_files_that_are_not_utf8_text_or_not_files(tmp_path):
     load_prompts(path)
   with pytest.raises(InputError, match="is a folder"):
     load_prompts(tmp_path)
+  # A line break that JSON strings may hold unescaped (U+2028) does not split a line.
+  path.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["a\u2028b"]}, ensure_ascii=False) + "\n",
+                  encoding="utf-8")
+  assert [p.text for p in load_prompts(path)] == ["a\u2028b"]
 
 
 def test_bad_method_option_values_are_clear_errors():
@@ -158,6 +162,10 @@ def test_named_methods_must_all_run_and_the_results_folder_must_be_writable(tmp_
   assert run_bench(cfg, methods, None, ByteTokenizer(), progress=False)["methods"]["missing"]["available"] is False
   with pytest.raises(InputError, match="Cannot run missing: no parts"):
     run_bench(cfg, methods, None, ByteTokenizer(), progress=False, require_all=True)
+  # A baseline whose code is not installed stays a row of its own.
+  base = dataclasses.replace(cfg, methods=("greedy", "t5x-greedy"), t5x_src=str(tmp_path))
+  res = run_bench(base, methods, None, ByteTokenizer(), progress=False, require_all=True)
+  assert res["methods"]["t5x-greedy"]["available"] is False
   (tmp_path / "file").write_text("x")
   with pytest.raises(InputError, match="Cannot write the results folder"):
     run_bench(dataclasses.replace(cfg, out=str(tmp_path / "file")), methods, None, ByteTokenizer(), progress=False)

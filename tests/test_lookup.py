@@ -491,8 +491,7 @@ def test_lookup_sampling_is_exact(stat_models, continuation_logits, gate):
   (each generation runs alone, vmapped): 27 % take their tokens in one call, against 35 % ungated."""
   from jaxspec.decoding.accept import SampleAcceptance
   from jaxspec.decoding.sampling import SamplingParams, Warp
-  from tests.test_speculative import (assert_gate_skips_some_drafts, chi2_pvalue, drafter_sample_counts,
-                                      exact_distribution, per_row_sample_counts)
+  from tests.test_speculative import chi2_pvalue, drafter_sample_counts, exact_distribution, per_row_sample_counts
 
   target = stat_models[0]
   drafter = LookupDrafter(num_nodes=2, max_ngram=2, gate=gate)
@@ -505,4 +504,10 @@ def test_lookup_sampling_is_exact(stat_models, continuation_logits, gate):
   print(f"lookup gate={gate}: p = {pvalue:.3g}")
   assert pvalue > 1e-3
   if gate:
-    assert_gate_skips_some_drafts(target, dataclasses.replace(drafter, gate=0), None, SampleAcceptance(), calls)
+    # Both branches ran: fewer generations take their tokens in one call than ungated (27 % against 35 %, each over
+    # 10^5 generations, so the gap is about 20 standard errors), and some still do.
+    _, calls_ungated = per_row_sample_counts(target, dataclasses.replace(drafter, gate=0), None, SampleAcceptance(),
+                                             seeds=1)
+    one, one_ungated = np.mean(calls == 1), np.mean(calls_ungated == 1)
+    print(f"one-call generations {one:.3f} (ungated {one_ungated:.3f})")
+    assert 0 < one < one_ungated - 0.03

@@ -5,7 +5,7 @@ into a `Runner`: something that decodes a batch of token-id prompts and returns 
 methods are a drafter + an acceptance rule on the shared loop; baselines (T5X, Hugging Face) wrap other code. A
 method whose parts are missing raises `Unavailable` with the reason, and the report lists it as unavailable.
 
-A method name may carry options after colons: `bpd:k=4`, `opt-tree:budget=16:depth=6`.
+A method name may carry options after colons: `bpd:k=4`, `opt-tree:nodes=16:depth=6`.
 """
 
 from __future__ import annotations

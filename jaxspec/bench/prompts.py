@@ -43,7 +43,8 @@ def load_prompts(path: str | os.PathLike, *, categories: Sequence[str] | None = 
     raise InputError(f"Prompt file {path} not found: pass a JSONL file in Spec-Bench format with --prompts.")
   prompts, per_cat, seen = [], {}, set()
   try:
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # Split at newlines only: JSON strings may hold U+2028 and the other breaks `str.splitlines` splits at.
+    lines = path.read_text(encoding="utf-8").split("\n")
   except UnicodeDecodeError as e:
     raise InputError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8 JSONL.") from None
   for n, line in enumerate(lines, 1):

@@ -125,7 +125,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
                      "fewer.")
   acceptor = acceptor or make_acceptor(temperature, top_k, top_p)
   context = getattr(getattr(model, "cfg", None), "max_seq_len", None)
-  if max_len and context and max_len > context:
+  if max_len and context and max_len > context and getattr(model, "context_is_limit", False):
     raise InputError(f"max_len={max_len} is more than the model's context length ({context} tokens): use at most "
                      f"{context}, or leave it unset.")
   max_len = max_len or context or 1 << 30

@@ -67,15 +67,15 @@ def _target(name: str):
   return None
 
 
-# Folders jaxspec's training writes that are parts to add to a target, not models (their config.json key, what,
-# how to use them).
+# Folders jaxspec's training writes that are parts to add to a target, not models: their config.json key, a field
+# jaxspec always writes under it, what they are, how to use them.
 _JAXSPEC_PARTS = (
-    ("jaxspec_draft", "a distilled draft that shares its target's embedding",
+    ("jaxspec_draft", "format", "a distilled draft that shares its target's embedding",
      "pass it to a draft method, e.g. --method spec:draft=FOLDER"),
-    ("jaxspec_eagle", "a feature-level (EAGLE) draft", "pass it as --method eagle:draft=FOLDER"),
-    ("bpd", "BPD heads", "pass them as --method bpd:heads=FOLDER"),
-    ("ngram", "the n-gram tables of BPD lattice rescoring", "pass them as --method bpd-ngram:rescore=FOLDER"),
-    ("lora", "a LoRA adapter", "pass it as --method cllm:lora=FOLDER"),
+    ("jaxspec_eagle", "format", "a feature-level (EAGLE) draft", "pass it as --method eagle:draft=FOLDER"),
+    ("bpd", "num_heads", "BPD heads", "pass them as --method bpd:heads=FOLDER"),
+    ("ngram", "order", "the n-gram tables of BPD lattice rescoring", "pass them as --method bpd-ngram:rescore=FOLDER"),
+    ("lora", "rank", "a LoRA adapter", "pass it as --method cllm:lora=FOLDER"),
 )
 
 
@@ -99,9 +99,11 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False) -
   if not isinstance(raw, dict):
     raise ModelLoadError(f"{cfg_path!r} holds a JSON {type(raw).__name__}, not the object of a Hugging Face model "
                          "config.")
-  for key, what, use in _JAXSPEC_PARTS:
-    # A draft saved with its own embeddings is a complete model; one that shares the target's is a part.
-    if key in raw and not (key == "jaxspec_draft" and (raw[key] or {}).get("embeddings") == "included"):
+  for key, field, what, use in _JAXSPEC_PARTS:
+    entry = raw.get(key)
+    # Only jaxspec's own entries (other configs may use the same key, e.g. ProphetNet's integer "ngram"). A draft
+    # saved with its own embeddings is a complete model; one that shares the target's is a part.
+    if isinstance(entry, dict) and field in entry and entry.get("embeddings") != "included":
       raise ModelLoadError(f"{folder!r} holds {what}, not a model of its own: {use}.")
   from jaxspec.loading.t5_hf import is_t5_config, load_t5
   if is_t5_config(raw):  # an encoder-decoder

@@ -345,6 +345,12 @@ class LlamaLM:
     """Whether `forward` takes `attn_slots` (the decode loop's cache buckets use it)."""
     return True
 
+  @property
+  def context_is_limit(self) -> bool:
+    """Whether `cfg.max_seq_len` is the context the model was trained for (rotary positions), so no request may ask
+    for a longer cache. T5's relative positions have no such limit."""
+    return True
+
   def write_kv(self, cache: KVCache, new_kv) -> KVCache:
     """Writes the new keys and values a `forward(write=False)` returned at each row's `[lengths, lengths + T)`."""
     if self.cfg.scan_layers:
