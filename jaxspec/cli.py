@@ -9,32 +9,23 @@ import sys
 from jaxspec.errors import InputError, JaxspecError
 
 
-def _positive_int(text: str) -> int:
-  v = _int(text)
-  if v < 1:
-    raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-  return v
+def _whole_number(ok, rule: str):
+  """An argparse type: a whole number for which `ok` holds, else an error that states `rule`."""
+  def parse(text: str) -> int:
+    try:
+      v = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if not ok(v):
+      raise argparse.ArgumentTypeError(f"{rule}, got {v}")
+    return v
+  return parse
 
 
-def _int(text: str) -> int:
-  try:
-    return int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
-
-
-def _top_k(text: str) -> int:
-  v = _int(text)
-  if v < 0:
-    raise argparse.ArgumentTypeError(f"must be >= 0 (0: no top-k filter), got {v}")
-  return v
-
-
-def _seed(text: str) -> int:
-  v = _int(text)
-  if not -2 ** 62 < v < 2 ** 62:  # bench adds the batch index; keys take 64-bit integers
-    raise argparse.ArgumentTypeError(f"must be between -2**62 and 2**62, got {v}")
-  return v
+_positive_int = _whole_number(lambda v: v >= 1, "must be >= 1")
+_top_k = _whole_number(lambda v: v >= 0, "must be >= 0 (0: no top-k filter)")
+# bench adds the batch index to the seed, and random keys take 64-bit integers
+_seed = _whole_number(lambda v: -2 ** 62 < v < 2 ** 62, "must be between -2**62 and 2**62")
 
 
 def _temperature(text: str) -> float:

@@ -158,11 +158,8 @@ def text_sequences(tokenizer, paths: Sequence[str | os.PathLike], out: str | os.
 def read_prompt_texts(path: str | os.PathLike | None = None, limit: int | None = None) -> list[str]:
   """First turns of a Spec-Bench-format JSONL file (default: the shipped training prompts)."""
   from jaxspec.bench.prompts import load_prompts
-  try:
-    prompts = [p.text for p in load_prompts(path or SHIPPED_PROMPTS)]
-  except InputError as e:  # the bench's message names its own flag; here the file is a config setting
-    raise InputError(str(e).replace("with --prompts", "as the config's prompts file (data.prompts= or "
-                                    "collect.prompts=)")) from None
+  prompts = [p.text for p in load_prompts(path or SHIPPED_PROMPTS,
+                                          given="as the config's prompts file (data.prompts= or collect.prompts=)")]
   return prompts[:limit] if limit else prompts
 
 

@@ -417,11 +417,12 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
                      "forward, so such a tree cannot pay. Use fewer nodes, or nodes=auto.")
   depth = min(depth, nodes)
   reads = nodes if shape == "chain" else depth  # the deepest head a tree reads: a chain of N nodes reads N
-  if opts.get("drafter", "heads") == "heads" and reads > max_depth:
+  from_heads = opts.get("drafter", "heads") == "heads"
+  if from_heads and reads > max_depth:
     raise InputError(f"opt-tree: a {shape} of depth {reads} from BPD heads needs {reads} heads; these have "
                      f"{max_depth}. Use " + (f"nodes={max_depth} or fewer with shape=chain."
                                              if shape == "chain" else f"depth={max_depth} or less."))
-  if opts.get("drafter", "heads") == "heads" and reads < max_depth:
+  if from_heads and reads < max_depth:
     make_source, sp, _, _ = _tree_source(ctx, opts, reads)
   gate = opts.get("gate", "0")
   if gate == "auto":  # verify where E[A] > t(N + 1) / t(1) - 1, the break-even of a calibrated drafter

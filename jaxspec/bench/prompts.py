@@ -25,22 +25,23 @@ class Prompt:
 
 
 def load_prompts(path: str | os.PathLike, *, categories: Sequence[str] | None = None,
-                 limit: int | None = None) -> list[Prompt]:
+                 limit: int | None = None, given: str = "with --prompts") -> list[Prompt]:
   """Reads a Spec-Bench-format JSONL file, keeping file order.
 
   Args:
     path: the JSONL file.
     categories: keep only these categories (all when None).
     limit: keep at most this many prompts per category (the first ones in the file).
+    given: how the user names the file, for the error messages (the bench's flag by default).
 
   Raises:
     InputError: a missing file, a line that is not JSON, a missing field, or a category filter that matches nothing.
   """
   path = Path(path)
   if path.is_dir():
-    raise InputError(f"Prompt file {path} is a folder: pass a JSONL file in Spec-Bench format with --prompts.")
+    raise InputError(f"Prompt file {path} is a folder: pass a JSONL file in Spec-Bench format {given}.")
   if not path.is_file():
-    raise InputError(f"Prompt file {path} not found: pass a JSONL file in Spec-Bench format with --prompts.")
+    raise InputError(f"Prompt file {path} not found: pass a JSONL file in Spec-Bench format {given}.")
   prompts, per_cat, seen = [], {}, set()
   try:
     # Split at newlines only: JSON strings may hold U+2028 and the other breaks `str.splitlines` splits at.
