@@ -98,8 +98,13 @@ def _cmd_bench(args) -> int:
                     categories=categories,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=args.out, t5x_src=args.t5x_src,
-                    model=args.model, quick=args.quick, mesh=args.mesh)
-  res = run_bench(cfg, require_all=named)
+                    model=args.model, quick=args.quick, mesh=args.mesh, fresh=args.fresh)
+  try:
+    res = run_bench(cfg, require_all=named)
+  except KeyboardInterrupt:
+    print(f"jaxspec bench: the finished batches are kept in {args.out}/progress.jsonl; the same command goes on "
+          "from there", file=sys.stderr)
+    raise
   print("\n".join(summary_lines(res)))
   print(f"[results in {args.out}/: results.json, report.md, *.png]", file=sys.stderr)
   return 0
@@ -169,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--quick", action="store_true",
                  help="one prompt per category, 32 new tokens, one batch, no warm-up run (a few minutes)")
   b.add_argument("--mesh", default=None, help=MESH_HELP + " (baselines other than jaxspec's own loop run unsharded)")
+  b.add_argument("--fresh", action="store_true",
+                 help="start over: by default a run with the settings of a killed one in the same --out decodes only "
+                      "the prompt batches that one did not finish")
   b.set_defaults(func=_cmd_bench)
 
   t = sub.add_parser("train", help="train from a config file (BPD heads, ...); resumes from its checkpoints",

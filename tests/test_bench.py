@@ -234,3 +234,77 @@ class TinyTokenizer(ByteTokenizer):
 
   def encode(self, text, add_bos=None):
     return [1 + ord(c) % 250 for c in text]
+
+
+
+@pytest.fixture
+def bomb(monkeypatch, methods):
+  """A method `bomb` (an oracle chain) that raises KeyboardInterrupt, as a kill would stop a run, in its third call
+  (the warm-up, batch 0, then batch 1) while `armed`; `calls` lists the seed of each call."""
+  state = {"armed": True, "calls": []}
+
+  def build(ctx, opts):
+    inner = loop_runner(ctx, drafter=OracleChain(methods, 3))
+
+    def run(prompts, max_new_tokens, seed):
+      state["calls"].append(seed)
+      if state["armed"] and len(state["calls"]) == 3:
+        raise KeyboardInterrupt
+      return inner(prompts, max_new_tokens, seed)
+
+    return run
+
+  import jaxspec.bench.runner as runner_mod
+  monkeypatch.setitem(runner_mod.METHODS, "bomb", MethodSpec("bomb", "test: killed in its third call", True, build))
+  return state
+
+
+def test_a_killed_run_goes_on_where_it_stopped(tmp_path, prompt_file, methods, bomb):
+  """Batches finished before a kill are kept; the same call decodes only the rest and ends as an unbroken run."""
+  cfg = BenchConfig(prompts=prompt_file, methods=("liar", "bomb"), max_new_tokens=13, batch_size=2, seed=5,
+                    out=str(tmp_path / "out"))
+  with pytest.raises(KeyboardInterrupt):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  prog = tmp_path / "out" / "progress.jsonl"
+  assert len(prog.read_text().splitlines()) == 2  # the fingerprint and batch 0
+  with open(prog, "a") as f:
+    f.write('{"batch": 1, "records": {"gre')  # a line cut short by the kill is dropped
+  bomb["armed"] = False
+  bomb["calls"].clear()
+  res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert bomb["calls"] == [5, 5 + 1, 5 + 2]  # the warm-up (seed 5), then batches 1 and 2 only
+  assert res["complete"] and res["environment"]["resumed_batches"] == 1 and not prog.exists()
+  assert "resumed after a kill: prompt batches restored from the killed process: 1" in (tmp_path / "out" / "report.md").read_text()
+
+  whole = run_bench(dataclasses.replace(cfg, out=str(tmp_path / "whole")), methods, None, ByteTokenizer(),
+                    progress=False)
+  assert "resumed_batches" not in whole["environment"]
+  for label in ("greedy", "liar", "bomb"):
+    a, b = res["methods"][label], whole["methods"][label]
+    for key in ("tau", "target_calls", "accept_hist", "mismatches", "n_prompts", "mismatch_list"):
+      assert a[key] == b[key], (label, key)
+  assert res["methods"]["liar"]["mismatches"] == 1  # found in batch 1, decoded after the resume
+  outputs = lambda d: sorted((tmp_path / d / "outputs.jsonl").read_text().splitlines())
+  assert outputs("out") == outputs("whole")
+
+
+def test_other_settings_or_fresh_start_over(tmp_path, prompt_file, methods, bomb):
+  cfg = BenchConfig(prompts=prompt_file, methods=("bomb",), max_new_tokens=6, batch_size=2, out=str(tmp_path))
+  with pytest.raises(KeyboardInterrupt):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  bomb["armed"] = False
+  prog = tmp_path / "progress.jsonl"
+  kept = prog.read_text()
+  from jaxspec.bench import progress as saved
+  want = json.loads(kept.splitlines()[0])["fingerprint"]
+  assert saved.restore(prog, want)[0][0]["batch"] == 0
+  other = dict(want, config=dict(want["config"], max_new_tokens=7), backend="tpu")
+  batches, why = saved.restore(prog, other)
+  assert batches == [] and "other settings (backend, config.max_new_tokens)" in why
+  for changed in (dataclasses.replace(cfg, max_new_tokens=7), dataclasses.replace(cfg, fresh=True)):
+    prog.write_text(kept)
+    bomb["calls"].clear()
+    res = run_bench(changed, methods, None, ByteTokenizer(), progress=False)
+    assert "resumed_batches" not in res["environment"] and len(bomb["calls"]) == 1 + 3
+  prog.write_text("not json\n")
+  assert saved.restore(prog, want) == ([], f"{prog} is not a bench progress file; starting over")

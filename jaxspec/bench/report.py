@@ -108,7 +108,10 @@ def markdown(res: dict) -> str:
                                              f"top-p {cfg['top_p']}"),
       f"- jax {env['jax']} on {env['backend']} ({', '.join(sorted(set(env['devices'])))} ×{env['device_count']}), "
       f"CPU {env['cpu']} ×{env['cpu_count']}, load average at start {_load(env['load_avg'])}",
-      f"- wall time {env['wall_s']:.0f} s, peak RSS {env['peak_rss_bytes'] / 2**20:.0f} MiB",
+      f"- wall time {env['wall_s']:.0f} s, peak RSS {env['peak_rss_bytes'] / 2**20:.0f} MiB"
+      + (f"; resumed after a kill: prompt batches restored from the killed process: {env['resumed_batches']} "
+         "(wall time and peak RSS are this process's, compile time both's)"
+         if env.get("resumed_batches") else ""),
       "",
       "τ = new tokens / target calls after prefill (bonus token included). Speedup = wall time of jaxspec's greedy "
       "loop / the method's, same prompts, same run, after compilation. Program memory = XLA's arguments + outputs + "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import platform
 import resource
@@ -25,11 +26,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxspec import sharding
+from jaxspec.bench import progress as saved
 from jaxspec.bench.methods import METHODS, BenchContext, Unavailable, parse_method
 from jaxspec.bench.prompts import QUICK_PROMPTS, Prompt, load_prompts
 from jaxspec.errors import InputError
 
 REFERENCE = "greedy"
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -51,6 +54,7 @@ class BenchConfig:
   model: str | None = None
   quick: bool = False
   mesh: str | None = None  # run every jaxspec method sharded on this mesh, e.g. "data=2,model=4" (jaxspec.sharding)
+  fresh: bool = False  # start over even when OUT/progress.jsonl holds batches of a killed run of the same settings
 
   def resolved(self) -> "BenchConfig":
     """`--quick`: at most one prompt per category, 32 new tokens, all prompts in one batch (one compiled program per
@@ -136,6 +140,9 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
       named), instead of reporting it as unavailable. Baselines whose code is not installed (T5X, Hugging Face)
       are reported as unavailable either way.
 
+  A run that is killed keeps every finished batch in `OUT/progress.jsonl`; the same call again decodes only the
+  batches that are missing (`jaxspec.bench.progress`), unless `cfg.fresh`.
+
   Returns:
     The results (the content of results.json).
   """
@@ -198,6 +205,27 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   env = environment()
   started = time.time()
 
+  def log(msg: str) -> None:
+    logger.info(msg)
+    if progress:
+      tqdm.write(f"jaxspec bench: {msg}", file=sys.stderr)
+
+  progress_path = out / saved.FILE
+  head = saved.fingerprint(cfg, prompts, ids, list(runners))
+  done, why_not = ([], None) if cfg.fresh else saved.restore(progress_path, head)
+  if why_not:
+    log(why_not)
+  for entry in done:
+    for label in runners:
+      records[label] += [Record(**r) for r in entry["records"][label]]
+      mismatches[label] += entry["mismatches"][label]
+      compile_s[label] += entry["compile_s"][label]
+      program_bytes[label] = max(program_bytes[label], entry["program_bytes"][label])
+  if done:
+    env["resumed_batches"] = len(done)  # decoded by an earlier process of the same settings
+    log(f"resuming: {len(done)} of {len(batches)} batches restored from {progress_path} (--fresh starts over)")
+  saved.start(progress_path, head, done)
+
   def snapshot(complete: bool) -> dict:
     return report.results(cfg, env, prompts, specs, lossless, records, compile_s, program_bytes, mismatches,
                           unavailable, complete=complete, wall_s=time.time() - started,
@@ -205,32 +233,34 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
 
   # Warm-up: compile and run each method once on the first batch, untimed (skipped by --quick: compilation is
   # ahead-of-time and timed apart, so only first-run effects go unexcluded).
-  warm = [ids[i] for i in batches[0]]
-  for label, run in tqdm(list(runners.items()) if not cfg.quick else [], desc="warm-up", disable=not progress,
-                         leave=False):
+  todo = list(range(len(done), len(batches)))
+  warm = [ids[i] for i in batches[todo[0] if todo else 0]]
+  for label, run in tqdm(list(runners.items()) if todo and not cfg.quick else [], desc="warm-up",
+                         disable=not progress, leave=False):
     res = run(warm, cfg.max_new_tokens, cfg.seed)
     compile_s[label] += res.compile_s
     program_bytes[label] = max(program_bytes[label], res.program_bytes)
 
   order = list(runners)
-  bar = tqdm(batches, desc="bench", unit="batch", disable=not progress)
-  for bi, batch in enumerate(bar):
+  bar = tqdm(todo, desc="bench", unit="batch", disable=not progress, initial=len(done), total=len(batches))
+  for bi in bar:
+    batch = batches[bi]
     rows = [ids[i] for i in batch]
     seed = cfg.seed + bi
     outputs = {}
+    new = {"batch": bi, "records": {}, "mismatches": {l: [] for l in order}, "compile_s": {}, "program_bytes": {}}
     rot = bi % len(order)
     for label in order[rot:] + order[:rot]:
       res = runners[label](rows, cfg.max_new_tokens, seed)
       outputs[label] = res
-      compile_s[label] += res.compile_s
-      program_bytes[label] = max(program_bytes[label], res.program_bytes)
+      new["compile_s"][label] = res.compile_s
+      new["program_bytes"][label] = res.program_bytes
       n = len(batch)
-      for r, pi in enumerate(batch):
-        records[label].append(Record(
-            question_id=prompts[pi].question_id, category=prompts[pi].category, new_tokens=len(res.tokens[r]),
-            steps_tokens=int(res.step_tokens[r]), active_calls=int(res.active_calls[r]), seconds=res.run_s / n,
-            drafter_calls=res.drafter_calls / n, accept_hist=np.asarray(res.accept_hist[r]).tolist(),
-            tokens=res.tokens[r]))
+      new["records"][label] = [Record(
+          question_id=prompts[pi].question_id, category=prompts[pi].category, new_tokens=len(res.tokens[r]),
+          steps_tokens=int(res.step_tokens[r]), active_calls=int(res.active_calls[r]), seconds=res.run_s / n,
+          drafter_calls=res.drafter_calls / n, accept_hist=np.asarray(res.accept_hist[r]).tolist(),
+          tokens=list(map(int, res.tokens[r]))) for r, pi in enumerate(batch)]
     if cfg.temperature == 0:
       ref = outputs[REFERENCE].tokens
       for label, res in outputs.items():
@@ -238,7 +268,14 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
           continue
         for r, pi in enumerate(batch):
           if res.tokens[r] != ref[r]:
-            mismatches[label].append(_mismatch(tokenizer, prompts[pi], ref[r], res.tokens[r]))
+            new["mismatches"][label].append(_mismatch(tokenizer, prompts[pi], ref[r], res.tokens[r]))
+    for label in order:
+      records[label] += new["records"][label]
+      mismatches[label] += new["mismatches"][label]
+      compile_s[label] += new["compile_s"][label]
+      program_bytes[label] = max(program_bytes[label], new["program_bytes"][label])
+    new["records"] = {l: [dataclasses.asdict(r) for r in recs] for l, recs in new["records"].items()}
+    saved.append(progress_path, new)
     _atomic_json(out / "results.json", snapshot(complete=False))
     if progress:
       bar.set_postfix_str(" ".join(f"{l}:{report.tau(records[l]):.2f}" for l in order))
@@ -249,6 +286,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
       for r in recs:
         f.write(json.dumps({"method": label, "question_id": r.question_id, "category": r.category,
                             "tokens": r.tokens, "text": tokenizer.decode(r.tokens)}) + "\n")
+  progress_path.unlink()  # everything it held is in results.json and outputs.jsonl now
   return results
 
 
