@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from jaxspec import sharding
 from jaxspec.models.bpd import BPDConfig, BPDModel, save_bpd
-from training import datasets
+from training import datasets, rowcache
 from training.config import ConfigError, dump_config, load_config, to_dict
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
 
@@ -148,7 +148,7 @@ def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: 
 def cached_features(path: Path, model, params, seqs: datasets.Sequences, seq_len: int, *,
                     progress: bool = True) -> np.ndarray:
   """The target's final hidden states `[N, seq_len, D]` (float16, zeros past each end), cached in `path` and reused
-  while the sequences and the target are the same."""
+  while the sequences and the target are the same; computed in parts that a killed run keeps (`training.rowcache`)."""
   from jaxspec.models.draft import embed_fingerprint
 
   crc = 0
@@ -157,23 +157,17 @@ def cached_features(path: Path, model, params, seqs: datasets.Sequences, seq_len
   key = json.dumps({"tokens": f"{len(seqs)}:{crc:08x}", "seq_len": seq_len,
                     "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
                     "embed": embed_fingerprint(params)}, sort_keys=True)
-  if path.is_file():
-    try:
-      with np.load(path) as z:
-        if str(z["key"]) == key:
-          return z["feats"]
-    except Exception:  # noqa: BLE001 - a partial or foreign file: recompute
-      pass
-  cut = datasets.Sequences([np.asarray(t[:seq_len]) for t in seqs.tokens], seqs.prompt_lens)
-  hidden = final_hidden_states(model, params, cut, progress=progress)
-  feats = np.zeros((len(seqs), seq_len, model.cfg.d_model), np.float16)
-  for i, h in enumerate(hidden):
-    feats[i, :len(h)] = h
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, feats=feats, key=np.array(key))
-  tmp.replace(path)
-  return feats
+  cut = [np.asarray(t[:seq_len]) for t in seqs.tokens]
+
+  def compute(idx: np.ndarray) -> dict[str, np.ndarray]:
+    part = datasets.Sequences([cut[i] for i in idx], np.asarray(seqs.prompt_lens)[idx])
+    feats = np.zeros((len(idx), seq_len, model.cfg.d_model), np.float16)
+    for r, h in enumerate(final_hidden_states(model, params, part, progress=False)):
+      feats[r, :len(h)] = h
+    return {"feats": feats}
+
+  order = np.argsort([len(t) for t in cut], kind="stable")  # parts of similar lengths share compiled shapes
+  return rowcache.cached_rows(path, key, order, compute, desc="hidden states", progress=progress)["feats"]
 
 
 def _encdec_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int,

@@ -40,7 +40,7 @@ from jaxspec.models.draft import (VOCAB_PARAMS, embed_fingerprint, load_draft, s
                                   save_draft_vocab)
 from jaxspec import sharding
 from jaxspec.models.llama import LlamaLM
-from training import datasets
+from training import datasets, rowcache
 from training.bpd import DataSection, ModelSection, build_sequences
 from training.config import ConfigError, dump_config, load_config, to_dict
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
@@ -199,33 +199,29 @@ def padded(seqs: datasets.Sequences, seq_len: int, loss_on_prompt: bool) -> tupl
 
 
 def teacher_topk(model, params, tokens_NxL: np.ndarray, lengths_N: np.ndarray, k: int, *, batch_size: int = 8,
-                 progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The target's top-k next-token ids `[N, L, k]` (int32) and log-probabilities (f32) at every position, and the
-  log of its mass outside them `[N, L]`.
+  log of its mass outside them `[N, L]`, for the sequences `rows` (default: all; the result has one row each).
 
-  Rows are run in order of length, each batch cut to a power-of-two bucket of its longest row; positions past a
-  row's end hold id 0 and log-probabilities 0 (they are masked out of the loss).
+  Rows are run in order of length, each batch cut to a power-of-two bucket of its longest row; positions past that
+  bucket hold id 0 and log-probabilities 0, and positions past a row's end are masked out of the loss.
   """
-  from tqdm.auto import tqdm
-
   from jaxspec.decoding.generate import bucket
 
-  n, length = tokens_NxL.shape
+  rows = np.arange(len(tokens_NxL)) if rows is None else np.asarray(rows)
+  n, length = len(rows), tokens_NxL.shape[1]
   k = min(k, model.vocab_size)
-
   ids = np.zeros((n, length, k), np.int32)
   logp = np.zeros((n, length, k), np.float32)
   other = np.zeros((n, length), np.float32)
-  order = np.argsort(lengths_N, kind="stable")
-  bar = tqdm(total=n, desc="teacher top-k", unit="seq", disable=not progress)
+  order = np.argsort(lengths_N[rows], kind="stable")
   for s in range(0, n, batch_size):
-    start = min(s, max(n - batch_size, 0))  # a short last batch re-runs a few rows instead of compiling a new shape
-    idx = order[start:start + batch_size]
-    l = min(bucket(max(int(lengths_N[idx].max()), 1), 32), length)
-    out = _teacher_batch(model, k, params, jnp.asarray(tokens_NxL[idx, :l]))
-    ids[idx, :l], logp[idx, :l], other[idx, :l] = jax.device_get(out)
-    bar.update(min(batch_size, n - s))
-  bar.close()
+    idx = order[s:s + batch_size]
+    # A short last batch is padded with its own last row instead of compiling a new shape.
+    run = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])]) if len(idx) < batch_size else idx
+    l = min(bucket(max(int(lengths_N[rows[run]].max()), 1), 32), length)
+    out = jax.device_get(_teacher_batch(model, k, params, jnp.asarray(tokens_NxL[rows[run], :l])))
+    ids[idx, :l], logp[idx, :l], other[idx, :l] = (a[:len(idx)] for a in out)
   return ids, logp, other
 
 
@@ -242,23 +238,19 @@ def _teacher_batch(model, k: int, params, tokens_BxL):
 
 def cached_teacher_topk(path: Path, model, params, tokens_NxL, lengths_N, k: int, *,
                         progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """`teacher_topk`, stored in `path` and reused while the tokens, k and the target are the same."""
+  """`teacher_topk`, stored in `path` and reused while the tokens, k and the target are the same; computed in parts
+  that a killed run keeps (`training.rowcache`)."""
   key = json.dumps({"k": min(k, model.vocab_size), "tokens": _crc(tokens_NxL), "lengths": _crc(lengths_N),
                     "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
                     "embed": embed_fingerprint(params)}, sort_keys=True)
-  if path.is_file():
-    try:
-      with np.load(path) as z:
-        if str(z["key"]) == key:
-          return z["ids"], z["logp"], z["other"]
-    except Exception:  # noqa: BLE001 - a partial or foreign file: recompute
-      pass
-  ids, logp, other = teacher_topk(model, params, tokens_NxL, lengths_N, k, progress=progress)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, ids=ids, logp=logp, other=other, key=np.array(key))
-  tmp.replace(path)
-  return ids, logp, other
+
+  def compute(idx: np.ndarray) -> dict[str, np.ndarray]:
+    ids, logp, other = teacher_topk(model, params, tokens_NxL, lengths_N, k, rows=idx)
+    return {"ids": ids, "logp": logp, "other": other}
+
+  z = rowcache.cached_rows(path, key, np.argsort(lengths_N, kind="stable"), compute, desc="teacher top-k",
+                           progress=progress)
+  return z["ids"], z["logp"], z["other"]
 
 
 def _crc(a: np.ndarray) -> str:

@@ -1,0 +1,75 @@
+"""Arrays computed once from the frozen target (hidden states, teacher top-k) survive a kill part by part."""
+
+import numpy as np
+import pytest
+
+from training import datasets, rowcache
+from training.bpd import cached_features, final_hidden_states
+from training.draft import cached_teacher_topk, teacher_topk
+
+
+class Killed(Exception):
+  pass
+
+
+def squares(calls, kill_after=None):
+  def compute(idx):
+    if kill_after is not None and len(calls) == kill_after:
+      raise Killed
+    calls.append(list(idx))
+    return {"sq": np.asarray(idx, np.int64)[:, None] ** 2 * np.ones((1, 3), np.int64), "id": np.asarray(idx)}
+  return compute
+
+
+def test_a_killed_computation_keeps_its_finished_parts(tmp_path):
+  path, order = tmp_path / "c.npz", np.array([4, 0, 3, 1, 2, 6, 5])
+  calls = []
+  with pytest.raises(Killed):
+    rowcache.cached_rows(path, "k1", order, squares(calls, kill_after=2), part_rows=2, progress=False)
+  assert calls == [[4, 0], [3, 1]] and not path.exists()
+  parts = sorted(p.name for p in (tmp_path / "c.npz.parts").iterdir())
+  assert parts == ["meta.json", "part_00000.npz", "part_00001.npz"]
+  (tmp_path / "c.npz.parts" / "part_00001.npz").write_bytes(b"cut short")  # a part the kill left broken
+
+  calls.clear()
+  z = rowcache.cached_rows(path, "k1", order, squares(calls), part_rows=2, progress=False)
+  assert calls == [[3, 1], [2, 6], [5]]  # the broken part and the missing ones only
+  np.testing.assert_array_equal(z["id"], np.arange(7))  # row i is sequence i, whatever the order
+  np.testing.assert_array_equal(z["sq"], np.arange(7)[:, None] ** 2 * np.ones((1, 3), np.int64))
+  assert path.exists() and not (tmp_path / "c.npz.parts").exists()
+
+  calls.clear()
+  assert rowcache.cached_rows(path, "k1", order, squares(calls), part_rows=2, progress=False)["sq"].shape == (7, 3)
+  assert calls == []  # the finished file is reused as it is
+  with pytest.raises(Killed):  # another key: nothing of the old data is reused
+    rowcache.cached_rows(path, "k2", order, squares(calls, kill_after=1), part_rows=2, progress=False)
+  calls.clear()
+  rowcache.cached_rows(tmp_path / "c.npz", "k3", order, squares(calls), part_rows=2, progress=False)
+  assert len(calls) == 4  # parts of the k2 run are not taken for k3
+
+
+def test_teacher_topk_and_features_through_the_cache_equal_a_direct_computation(tiny, tmp_path, monkeypatch):
+  model, params = tiny
+  rng = np.random.default_rng(0)
+  lengths = np.array([5, 17, 9, 33, 12, 3, 20])
+  tokens = np.zeros((len(lengths), 40), np.int32)
+  for i, l in enumerate(lengths):
+    tokens[i, :l] = rng.integers(1, model.vocab_size, l)
+  monkeypatch.setattr(rowcache, "cached_rows", _small_parts(rowcache.cached_rows))
+  ids, logp, other = cached_teacher_topk(tmp_path / "t.npz", model, params, tokens, lengths, 4, progress=False)
+  ref = teacher_topk(model, params, tokens, lengths, 4, batch_size=len(lengths))  # one batch, no parts
+  for a, b in zip((ids, logp, other), ref):  # within each row (past its end: whatever its batch's bucket held)
+    for i, l in enumerate(lengths):
+      np.testing.assert_allclose(a[i, :l], b[i, :l], rtol=1e-5, atol=1e-5)
+
+  seqs = datasets.Sequences([tokens[i, :l] for i, l in enumerate(lengths)], np.ones(len(lengths), np.int32))
+  feats = cached_features(tmp_path / "f.npz", model, params, seqs, 24, progress=False)
+  cut = datasets.Sequences([t[:24] for t in seqs.tokens], seqs.prompt_lens)
+  for f, h in zip(feats, final_hidden_states(model, params, cut, progress=False)):
+    np.testing.assert_allclose(f[:len(h)], h, atol=2e-3, rtol=2e-3)
+    assert not f[len(h):].any()
+
+
+def _small_parts(cached_rows):
+  """The real cache with parts of 3 sequences, so that a few sequences already span several parts."""
+  return lambda *a, **kw: cached_rows(*a, **{**kw, "part_rows": 3})
