@@ -25,7 +25,7 @@ def _whole_number(ok, rule: str):
 _positive_int = _whole_number(lambda v: v >= 1, "must be >= 1")
 _top_k = _whole_number(lambda v: v >= 0, "must be >= 0 (0: no top-k filter)")
 # bench adds the batch index to the seed, and random keys take 64-bit integers
-_seed = _whole_number(lambda v: -2 ** 62 < v < 2 ** 62, "must be between -2**62 and 2**62")
+_seed = _whole_number(lambda v: -2 ** 62 < v < 2 ** 62, "must be greater than -2**62 and less than 2**62")
 
 
 def _temperature(text: str) -> float:

@@ -153,6 +153,8 @@ def test_bad_method_option_values_are_clear_errors():
     with pytest.raises(InputError, match=msg):
       parse_method(text)
   assert parse_method("opt-tree:nodes=auto:gate=auto")[2] == {"nodes": "auto", "gate": "auto"}
+  with pytest.raises(InputError, match="a chain takes its length as nodes=N"):
+    METHODS["opt-tree"].build(None, parse_method("opt-tree:shape=chain:nodes=auto")[2])  # before any model work
   assert parse_method("spec:gate=1.5:stop=0.6")[2] == {"gate": "1.5", "stop": "0.6"}
 
 
@@ -171,12 +173,18 @@ def test_named_methods_must_all_run_and_the_results_folder_must_be_writable(tmp_
     run_bench(dataclasses.replace(cfg, out=str(tmp_path / "file")), methods, None, ByteTokenizer(), progress=False)
 
 
-def test_a_prompt_longer_than_the_context_is_named_before_the_run(tmp_path, tiny):
+def test_a_prompt_longer_than_the_context_is_named_before_the_run(tmp_path, tiny, monkeypatch):
   model, params = tiny  # context: 512 tokens
   path = write_prompts(tmp_path / "p.jsonl", [{"question_id": "short", "category": "qa", "turns": ["hi"]},
                                               {"question_id": "long-7", "category": "qa", "turns": ["x" * 600]}])
-  cfg = BenchConfig(prompts=path, methods=("greedy",), max_new_tokens=4, out=str(tmp_path / "out"))
-  with pytest.raises(InputError, match="Prompt 'long-7' .* 60[0-9] tokens long"):
+  import jaxspec.bench.runner as runner_mod
+
+  def costly(ctx, opts):
+    raise AssertionError("a method was built (some measure costs for minutes) before the prompts were checked")
+
+  monkeypatch.setitem(runner_mod.METHODS, "costly", MethodSpec("costly", "test", True, costly))
+  cfg = BenchConfig(prompts=path, methods=("greedy", "costly"), max_new_tokens=4, out=str(tmp_path / "out"))
+  with pytest.raises(InputError, match="Prompt 'long-7' .* 60[0-9] tokens long: .* the model's context length"):
     run_bench(cfg, model, params, ByteTokenizer(), progress=False)
 
 

@@ -66,7 +66,7 @@ def test_bad_number_is_an_argparse_error(capsys):
     (["--temperature", "nan"], "finite number >= 0"),
     (["--temperature", "-1"], "finite number >= 0"),
     (["--top-k", "-5"], "must be >= 0"),
-    (["--seed", str(10 ** 20)], "must be between -2**62 and 2**62"),
+    (["--seed", str(10 ** 20)], "must be greater than -2**62 and less than 2**62"),
     (["--max-new-tokens", "abc"], "must be a whole number, got 'abc'"),
 ])
 def test_bad_numbers_are_argparse_errors_that_say_why(flags, message, capsys):

@@ -377,6 +377,9 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   from jaxspec.decoding.sampling import Warp
   from jaxspec.bench.cost import forward_cost
 
+  if opts.get("nodes") == "auto" and opts.get("shape") == "chain":
+    raise InputError("opt-tree: nodes=auto chooses a tree's budget from an adaptive tree's expected acceptance; "
+                     "a chain takes its length as nodes=N.")
   make_source, sp, max_depth, lm = _tree_source(ctx, opts)
   warp = Warp(top_k=int(ctx.top_k), use_top_p=ctx.top_p < 1.0) if ctx.temperature > 0 else None
   shape = opts.get("shape", "dynamic")

@@ -168,6 +168,16 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   if model is None:
     from jaxspec.loading import load_model
     model, params, tokenizer = load_model(cfg.model)
+  # Before any method is built (some measure this machine's costs first): every prompt must fit.
+  ids = chat_prompt_ids(tokenizer, [p.text for p in prompts])
+  context = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+  bound = ("the model's context length" if getattr(model, "context_is_limit", False)
+           else "the model's max_seq_len, the decode loop's bound on prompt + output")
+  for p, row in zip(prompts, ids):
+    if context and len(row) + cfg.max_new_tokens > context:
+      raise InputError(f"Prompt {p.question_id!r} ({p.category}) is {len(row)} tokens long: with {cfg.max_new_tokens} "
+                       f"new tokens it needs more than {bound} ({context}). Lower --max-new-tokens, or leave the "
+                       "prompt out of the file.")
   if mesh is not None:  # placed once here; generate() then finds the params already on the mesh
     params = sharding.partitioner(mesh, model).shard_params(params)
   ctx = BenchContext(model, params, tokenizer, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -190,13 +200,6 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   if require_all and failed:
     raise InputError("Cannot run " + "; ".join(f"{l}: {why.rstrip('.')}" for l, why in failed.items()) + ".")
 
-  ids = chat_prompt_ids(tokenizer, [p.text for p in prompts])
-  context = getattr(getattr(model, "cfg", None), "max_seq_len", None)
-  for p, row in zip(prompts, ids):
-    if context and len(row) + cfg.max_new_tokens > context:
-      raise InputError(f"Prompt {p.question_id!r} ({p.category}) is {len(row)} tokens long: with {cfg.max_new_tokens} "
-                       f"new tokens it needs more than the model's context length ({context}). Lower "
-                       "--max-new-tokens, or leave the prompt out of the file.")
   batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
   records: dict[str, list[Record]] = {l: [] for l in runners}
   compile_s = {l: 0.0 for l in runners}

@@ -498,7 +498,7 @@ class Tokenizer:
     """
     if self._chat_template is None:
       raise InputError(f"{self.name}: the model has no chat template; give it a raw prompt instead of chat "
-                       "messages (leave out --chat).")
+                       "messages (on the command line: leave out --chat).")
     import jinja2
 
     if self._compiled_template is None:
