@@ -338,9 +338,11 @@ def test_sampled_self_distillation_is_reproducible_and_splits_by_prompt(tmp_path
 # ---- Sampling with BPD drafts ------------------------------------------------------------------------------------
 
 
-# These random heads score most steps between 1.0 and 1.05: a gate of 1.04 verifies about 2 % of the generations
-# in one call, against 35 % ungated (1.2 would verify none, and test nothing).
-@pytest.mark.parametrize("gate", [0.0, 1.04])
+# The gate reads the heads' scores after the first sampled token, so it splits the generations by that token. With
+# these random heads a gate of 1.02 verifies the first step for about 85 % of the probability mass (29.5 % of the
+# generations take their tokens in one call, against 34.9 % ungated) and 1.04 for about 6 % (2.0 %): between them
+# both branches carry most of the mass in one of the runs (1.2 would verify none, and test nothing).
+@pytest.mark.parametrize("gate", [0.0, 1.02, 1.04])
 def test_bpd_sampling_is_exact(gate):
   """`bpd` at temperature 1: the heads' argmax chain is a point-mass draft, verified by recursive rejection; 10^5
   generations follow the target's distribution (χ²). With a gate, each generation runs alone (vmapped), so both
@@ -363,4 +365,5 @@ def test_bpd_sampling_is_exact(gate):
   print(f"bpd gate={gate}: p = {pvalue:.3g}")
   assert pvalue > 1e-3
   if gate:
-    assert_gate_skips_some_drafts(target, BPDDrafter(bpd), dp, SampleAcceptance(), calls)
+    assert_gate_skips_some_drafts(target, BPDDrafter(bpd), dp, SampleAcceptance(), calls,
+                                  at_most=0.9 if gate < 1.03 else 0.8)
