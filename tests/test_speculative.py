@@ -118,19 +118,37 @@ def test_vocabulary_mismatch_is_a_clear_error():
 def test_draft_cache_follows_ragged_acceptance():
   """Drives init / propose / update by hand with chosen per-row commits (none, some, all γ drafts accepted; an idle
   row) and checks every drafted distribution q against the draft model run from scratch on the committed text."""
+  drive_draft_cache([[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]], lookup=0)
+
+
+def test_draft_cache_stays_in_step_after_copies():
+  """As above with copies (`lookup=1`): the prompts hold the corrections the steps commit, so rows copy in some steps
+  and draft in later ones, and those drafts must read a cache that holds the copied tokens."""
+  prompts = [[0, 50, 51, 52, 9], [3, 30, 31], [13, 40, 41, 12]]
+  copied_then_drafted = lambda row: any(c and not later for i, (_, c) in enumerate(row) for _, later in row[i + 1:])
+  steps = drive_draft_cache(prompts, lookup=1)  # rows copy and draft in the same step: drafts, then rewrites
+  assert sum(map(copied_then_drafted, steps)) == 2, steps
+  # One row a time, a copying step copies in every row: one forward over the copied block, no drafts.
+  alone = [drive_draft_cache([q], lookup=1, row=r)[0] for r, q in enumerate(prompts)]
+  assert alone == steps
+
+
+def drive_draft_cache(prompts, lookup: int, row: int = 0) -> list[list[tuple[int, bool]]]:
+  """The ragged-acceptance walk of the two tests above, for rows `row, row + 1, ...` of its schedule; returns per
+  row the (step, copied) of each step."""
   model = LlamaLM(tiny_config(vocab_size=64, n_layers=1))  # unscaled init: q depends on all the context
   params = model.init_params(jax.random.key(7))
   gamma, v, width = 3, 64, 32
-  drafter = DraftModelDrafter(model, gamma, greedy=False)
+  drafter = DraftModelDrafter(model, gamma, greedy=False, lookup=lookup)
   sp = SamplingParams.make(1.0)
-  prompts = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
   b = len(prompts)
-  first = [20, 21, 22]
-  prefill = PrefillInfo(jnp.asarray([p + [0] * (5 - len(p)) for p in prompts]), jnp.asarray([len(p) for p in prompts]),
+  first = [20, 21, 22][row:row + b]
+  p = max(map(len, prompts))
+  prefill = PrefillInfo(jnp.asarray([q + [0] * (p - len(q)) for q in prompts]), jnp.asarray([len(q) for q in prompts]),
                         jnp.zeros((b, 1)), jnp.zeros((b, v)), jnp.asarray(first), capacity=64, rng=jax.random.key(0))
   init = jax.jit(drafter.init)
-  propose = jax.jit(lambda dstate, pending_B: drafter.propose(params, dstate, types.SimpleNamespace(pending_B=pending_B,
-                                                                                                    sp=sp)))
+  loop = lambda pending_B: types.SimpleNamespace(pending_B=pending_B, sp=sp, active_B=jnp.ones((b,), bool))
+  propose = jax.jit(lambda dstate, pending_B: drafter.propose(params, dstate, loop(pending_B)))
   update = jax.jit(lambda dstate, draft, acc, active_B: drafter.update(params, dstate,
                                                                        Verified(draft, None, None, acc, active_B)))
 
@@ -141,25 +159,37 @@ def test_draft_cache_follows_ragged_acceptance():
     return jax.nn.log_softmax(logits[0], axis=-1)
 
   dstate = init(params, prefill)
-  seqs = [p + [f] for p, f in zip(prompts, first)]  # committed tokens + the pending one
+  seqs = [q + [f] for q, f in zip(prompts, first)]  # committed tokens + the pending one
+  steps = [[] for _ in range(b)]
   # n_commit per row and step (1: no draft accepted; γ + 1: all accepted); 0 marks an idle row.
   for step, commits in enumerate([[1, 4, 2], [4, 4, 0], [2, 1, 4], [4, 3, 4]]):
+    commits = commits[row:row + b]
     draft, dstate = propose(dstate, jnp.asarray([s[-1] for s in seqs]))
     toks = np.asarray(draft.tokens_BxN)
-    logq = np.log(np.asarray(draft.probs_BxNxV))
+    q = np.asarray(draft.probs_BxNxV)
+    copy_B = np.asarray(dstate.copy_B) if lookup else np.zeros(b, bool)
     for r in range(b):
+      steps[r].append((step, bool(copy_B[r])))
+      if copy_B[r]:  # a point mass on each copied token
+        np.testing.assert_array_equal(q[r], np.eye(v)[toks[r]])
+        continue
       seq = seqs[r] + toks[r, :gamma - 1].tolist()
       ref = np.asarray(uncached_log_probs(jnp.asarray([seq + [0] * (width - len(seq))])))
-      np.testing.assert_allclose(logq[r], ref[len(seqs[r]) - 1:len(seq)], atol=2e-4, err_msg=f"step {step}, row {r}")
+      np.testing.assert_allclose(np.log(q[r]), ref[len(seqs[r]) - 1:len(seq)], atol=2e-4,
+                                 err_msg=f"step {step}, row {r}")
     active = np.asarray(commits) > 0
     n_commit = np.maximum(commits, 1)
-    acc = Acceptance(jnp.zeros((b, gamma + 1), jnp.int32), jnp.broadcast_to(jnp.arange(gamma + 1), (b, gamma + 1)),
+    new_pending = [(step * 7 + (row + r) * 3) % v for r in range(b)]  # a correction / bonus token: the new pending
+    emitted = np.asarray([toks[r, :n_commit[r] - 1].tolist() + [new_pending[r]] + [0] * (gamma + 1 - n_commit[r])
+                          for r in range(b)], np.int32)
+    acc = Acceptance(jnp.asarray(emitted), jnp.broadcast_to(jnp.arange(gamma + 1), (b, gamma + 1)),
                      jnp.asarray(n_commit, jnp.int32))
     dstate = update(dstate, draft, acc, jnp.asarray(active))
     for r in range(b):
-      if active[r]:  # accepted drafts, then a correction / bonus token as the new pending token
-        seqs[r] = seqs[r] + toks[r, :n_commit[r] - 1].tolist() + [(step * 7 + r * 3) % v]
+      if active[r]:
+        seqs[r] = seqs[r] + toks[r, :n_commit[r] - 1].tolist() + [new_pending[r]]
     np.testing.assert_array_equal(dstate.cache.lengths, [len(s) - 2 for s in seqs])
+  return steps
 
 
 # ---- Statistical exactness --------------------------------------------------------------------------------------
@@ -430,3 +460,69 @@ def test_the_exactness_test_catches_a_broken_rule(stat_models, continuation_logi
   pvalue = chi2_pvalue(counts, probs)
   print(f"{type(broken).__name__}: p = {pvalue:.3g}")
   assert pvalue < 1e-6
+
+
+# ---- Copies in place of drafts (`lookup`) -------------------------------------------------------------------------
+
+REPEATING = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [1, 2, 3, 4, 5], [9, 10, 9, 10, 9, 10, 9]]  # two of three repeat
+
+
+@pytest.mark.parametrize("stop,gate", [(0.0, 0.0), (0.1, 0.3)])
+def test_copies_in_place_of_drafts_equal_greedy(tiny, other_tiny, stop, gate):
+  """Rows whose context repeats verify a copy, in a batch where rows copy and draft in the same step and in each row
+  alone (steps where the only row copies run one draft forward instead of γ). That the draft cache stays in step
+  is checked entry by entry in `test_draft_cache_stays_in_step_after_copies`."""
+  model, params = tiny
+  draft_model, draft_params = other_tiny
+  ref = gen.generate(model, params, REPEATING, max_new_tokens=NEW).tokens
+  plain = DraftModelDrafter(draft_model, 4, stop=stop, gate=gate)
+  copying = dataclasses.replace(plain, lookup=1)
+  res = gen.generate(model, params, REPEATING, max_new_tokens=NEW, drafter=copying, draft_params=draft_params)
+  assert res.tokens == ref
+  assert 0 < int(res.drafter_stats["copied_steps"]) < sum(res.active_calls)
+  for prompt, want in zip(REPEATING, ref):
+    alone = gen.generate(model, params, [prompt], max_new_tokens=NEW, drafter=copying, draft_params=draft_params)
+    base = gen.generate(model, params, [prompt], max_new_tokens=NEW, drafter=plain, draft_params=draft_params)
+    assert alone.tokens == [want] and base.tokens == [want]
+    copied = int(alone.drafter_stats["copied_steps"])
+    print(f"prompt {prompt[:4]}...: copied steps {copied} of {alone.target_calls}, draft forwards "
+          f"{int(alone.drafter_stats['draft_forwards'])} (without copies {int(base.drafter_stats['draft_forwards'])})")
+    if copied and not stop:  # a copied step costs one draft forward, a drafted one γ
+      assert int(alone.drafter_stats["draft_forwards"]) == copied + 4 * (alone.target_calls - copied)
+
+
+def test_bad_lookup_settings_are_clear_errors(other_tiny):
+  draft_model, _ = other_tiny
+  with pytest.raises(InputError, match="between 1 and lookup_ngram=3"):
+    DraftModelDrafter(draft_model, 4, lookup=4)
+
+
+@dataclasses.dataclass(frozen=True)
+class CopiesWithTheDraftsQ(DraftModelDrafter):
+  """BROKEN on purpose: copied rows report a uniform q instead of the point mass they are."""
+
+  def _with_copies(self, draft_params, dstate, loop, drafted):
+    tokens_BxN, q_BxNxV, conf_BxN, dstate = super()._with_copies(draft_params, dstate, loop, drafted)
+    uniform = jnp.full_like(q_BxNxV, 1.0 / q_BxNxV.shape[-1])
+    return tokens_BxN, jnp.where(dstate.copy_B[:, None, None], uniform, q_BxNxV), conf_BxN, dstate
+
+
+@pytest.mark.parametrize("drafter_cls,per_row", [(DraftModelDrafter, False), (DraftModelDrafter, True),
+                                                 (CopiesWithTheDraftsQ, False)])
+def test_speculative_sampling_with_copies_is_exact(stat_models, continuation_logits, drafter_cls, per_row):
+  """Copies under rejection sampling: a point mass q where the context repeats (the prompt does: a first token of 1,
+  3, 4 or 5 occurred before). In one batch rows copy and draft in the same step; per row (vmapped) a step copies or
+  drafts alone. A copy that reports the wrong q is caught."""
+  _, (draft_model, draft_params) = stat_models
+  probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
+  drafter = drafter_cls(draft_model, 2, greedy=False, lookup=1)
+  if per_row:
+    counts, _ = per_row_sample_counts(stat_models[0], drafter, draft_params, SampleAcceptance())
+  else:
+    counts = drafter_sample_counts(stat_models[0], drafter, draft_params, 1.0, 1.0, SampleAcceptance())
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"{drafter_cls.__name__} per_row={per_row}: p = {pvalue:.3g}")
+  if drafter_cls is DraftModelDrafter:
+    assert pvalue > 1e-3
+  else:
+    assert pvalue < 1e-6

@@ -227,7 +227,8 @@ def _speculative_runner(ctx: BenchContext, draft_model, draft_params, opts: dict
   vocab_check(ctx.model, draft_model)
   warp = Warp(top_k=int(ctx.top_k), use_top_p=ctx.top_p < 1.0)
   drafter = DraftModelDrafter(draft_model, int(opts.get("gamma", 4)), warp=warp, greedy=ctx.temperature == 0,
-                              stop=float(opts.get("stop", 0.0)), gate=float(opts.get("gate", 0.0)))
+                              stop=float(opts.get("stop", 0.0)), gate=float(opts.get("gate", 0.0)),
+                              lookup=int(opts.get("lookup", 0)))
   return loop_runner(ctx, drafter, draft_params)
 
 
@@ -525,8 +526,9 @@ for _spec in [
     MethodSpec("spec", "speculative sampling with a draft model (Leviathan et al. 2023, Chen et al. 2023); stop=S "
                "ends a draft after a token of confidence < S (adaptive gamma); gate=G verifies a draft only when it "
                "expects >= G accepted tokens, else takes a one-token step; vocab=full scores the whole vocabulary "
-               "(default auto: only the draft's training tokens when its folder lists them)", True, _spec,
-               options=("draft", "gamma", "stop", "gate", "vocab")),
+               "(default auto: only the draft's training tokens when its folder lists them); lookup=M verifies a "
+               "prompt-lookup copy instead of drafting where the context's last M+ tokens occurred before", True,
+               _spec, options=("draft", "gamma", "stop", "gate", "vocab", "lookup")),
     MethodSpec("eagle", "speculative sampling with a feature-level draft (EAGLE, Li et al. 2024): one layer that "
                "reads the target's hidden states; default draft jaxspec/assets/eagle_smollm2; gate=G verifies a "
                "draft only when it expects >= G accepted tokens, else takes a one-token step; lookup=M as for bpd",

@@ -29,6 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxspec.decoding.lookup import LookupDrafter, LookupState, append_tokens, lookup_tokens
 from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified, empty_prefill_kwargs, start
 from jaxspec.decoding.sampling import SamplingParams, Warp, argmax, categorical
 from jaxspec.errors import InputError
@@ -137,6 +138,10 @@ class DraftState:
   pending_B: Array
   rng: Array
   forwards: Array  # draft forwards run so far (the two-token one counts once); fewer than γ a step with `stop`
+  # With `lookup`: the committed context, the rows that verify a copy this step, and the row-steps that did so far.
+  context: LookupState | None = None
+  copy_B: Array | None = None
+  copies: Array | None = None
 
 
 def _causal_BxTxT(b: int, t: int) -> Array:
@@ -164,6 +169,12 @@ class DraftModelDrafter:
       the same sum as if every token were as sure as the first, from m = max q_1, the top probability of the first
       draft distribution, which no draw has touched yet: a score that read the draws would condition them and bias
       the output (`test_the_exactness_test_catches_a_broken_gate`).
+    lookup: M >= 1 verifies a prompt-lookup copy instead of a draft in rows whose context's last M or more tokens
+      (up to `lookup_ngram`) occurred before: the γ tokens that followed that occurrence. When every active row
+      copies, the step runs no draft steps at all, only one draft forward over the copied block to keep the draft
+      cache in step (the draft needs its entries for later drafts); rows that copy in a step where others draft
+      have their block rewritten by one such forward after drafting. A copy is a point mass q that reads only the
+      committed context, so greedy stays greedy and sampling stays exact; a copied row is always verified.
     Both options keep the output exact: greedy stays greedy, and sampling stays distributed as the target (a draft
     that stops after token i still drew token i from q; tests in tests/test_speculative.py).
   """
@@ -174,6 +185,8 @@ class DraftModelDrafter:
   greedy: bool = True
   stop: float = 0.0
   gate: float = 0.0
+  lookup: int = 0
+  lookup_ngram: int = 3
   is_chain = True
 
   def __post_init__(self):
@@ -184,6 +197,9 @@ class DraftModelDrafter:
     if not 0.0 <= self.gate <= self.gamma:
       raise InputError(f"gate (the expected accepted tokens a draft needs to be verified) must be in [0, gamma="
                        f"{self.gamma}], got {self.gate}")
+    if self.lookup and not 1 <= self.lookup <= self.lookup_ngram:
+      raise InputError(f"lookup (the match length that makes a row verify a copy) must be between 1 and "
+                       f"lookup_ngram={self.lookup_ngram}, or 0 for no copies; got {self.lookup}")
 
   @property
   def num_nodes(self) -> int:
@@ -210,12 +226,21 @@ class DraftModelDrafter:
                                            logits=False, **empty_prefill_kwargs(self.draft_model))
     cache = cache.advance(lengths_B - 1)
     last_B = jnp.take_along_axis(tokens_BxP, (lengths_B - 1)[:, None], axis=1)[:, 0].astype(jnp.int32)
-    return DraftState(cache=cache, last_B=last_B, pending_B=prefill.first_B.astype(jnp.int32), rng=rng,
-                      forwards=jnp.int32(0))
+    state = DraftState(cache=cache, last_B=last_B, pending_B=prefill.first_B.astype(jnp.int32), rng=rng,
+                       forwards=jnp.int32(0))
+    if self.lookup:
+      state = state.replace(context=self._lookup_drafter.init(None, prefill), copy_B=jnp.zeros((b,), bool),
+                            copies=jnp.int32(0))
+    return state
+
+  @property
+  def _lookup_drafter(self) -> LookupDrafter:
+    return LookupDrafter(num_nodes=self.gamma, max_ngram=self.lookup_ngram, min_ngram=self.lookup)
 
   def stats(self, dstate: DraftState) -> dict:
-    """Host-readable counters; the loop returns them as `DecodeOutput.drafter_stats`."""
-    return {"draft_forwards": dstate.forwards}
+    """Host-readable counters; the loop returns them as `DecodeOutput.drafter_stats` (with `lookup`, also
+    `copied_steps`: row-steps that verified a copy)."""
+    return {"draft_forwards": dstate.forwards, **({"copied_steps": dstate.copies} if self.lookup else {})}
 
   def _draw(self, rng: Array, logits_BxV: Array, sp: SamplingParams) -> tuple[Array, Array, Array]:
     return draw(self.warp, self.greedy, rng, logits_BxV, sp, confidence=self.stop > 0 or self.gate > 0)
@@ -230,8 +255,16 @@ class DraftModelDrafter:
       return tok_B, (q_BxV, conf_B)
 
     until, live_B = ((lambda aux: aux[1] < self.stop), loop.active_B) if self.stop > 0 else (None, None)
-    tokens_BxN, (q_BxNxV, conf_BxN), dstate = self.roll(draft_params, dstate, loop.pending_B, choose,
-                                                        jax.random.split(r, self.gamma), until=until, live_B=live_B)
+
+    def drafted(dstate):
+      tokens_BxN, (q_BxNxV, conf_BxN), dstate = self.roll(draft_params, dstate, loop.pending_B, choose,
+                                                          jax.random.split(r, self.gamma), until=until, live_B=live_B)
+      return tokens_BxN, q_BxNxV, conf_BxN, dstate
+
+    if not self.lookup:
+      tokens_BxN, q_BxNxV, conf_BxN, dstate = drafted(dstate)
+    else:
+      tokens_BxN, q_BxNxV, conf_BxN, dstate = self._with_copies(draft_params, dstate, loop, drafted)
     b, n = tokens_BxN.shape
     draft = Draft(tokens_BxN=tokens_BxN,
                   depth_BxN=jnp.broadcast_to(jnp.arange(1, n + 1, dtype=jnp.int32), (b, n)),
@@ -239,8 +272,46 @@ class DraftModelDrafter:
                   parent_BxN=jnp.broadcast_to(jnp.arange(-1, n - 1, dtype=jnp.int32), (b, n)),
                   probs_BxNxV=q_BxNxV)
     if self.gate > 0:
-      draft = draft.replace(verify_B=self.gate_score(draft, conf_BxN) >= self.gate)
+      verify_B = self.gate_score(draft, conf_BxN) >= self.gate
+      draft = draft.replace(verify_B=verify_B if not self.lookup else verify_B | dstate.copy_B)
     return draft, dstate.replace(rng=rng)
+
+  def _with_copies(self, draft_params, dstate: DraftState, loop, drafted):
+    """`drafted(dstate)`'s tokens, q and confidences with copies in the rows whose context repeats itself."""
+    ctx = dstate.context
+    copy_BxN, match_B = lookup_tokens(ctx.context_BxC, ctx.lengths_B, self.gamma, self.lookup_ngram, self.lookup)
+    copy_B = match_B >= self.lookup
+    b, n = copy_BxN.shape
+    v = self.draft_model.vocab_size
+    write = lambda st, tokens_BxN: st.replace(cache=self._write_block(draft_params, st, loop.pending_B, tokens_BxN),
+                                              forwards=st.forwards + 1)
+
+    def copied(dstate):  # every active row copies: one draft forward instead of γ
+      st = write(dstate, copy_BxN).replace(pending_B=loop.pending_B)
+      return copy_BxN, jax.nn.one_hot(copy_BxN, v, dtype=jnp.float32), jnp.ones((b, n), jnp.float32), st
+
+    def mixed(dstate):  # some rows draft: draft all, then rewrite the copying rows' block
+      tokens_BxN, q_BxNxV, conf_BxN, st = drafted(dstate)
+      rewind = lambda st: write(st.replace(cache=st.cache.replace(lengths=st.cache.lengths - (self.gamma + 1))),
+                                jnp.where(copy_B[:, None], copy_BxN, jnp.maximum(tokens_BxN, 0)))
+      st = jax.lax.cond(jnp.any(copy_B), rewind, lambda st: st, st)
+      return tokens_BxN, q_BxNxV, conf_BxN, st
+
+    tokens_BxN, q_BxNxV, conf_BxN, dstate = jax.lax.cond(jnp.all(copy_B | ~loop.active_B), copied, mixed, dstate)
+    onehot_BxNxV = jax.nn.one_hot(copy_BxN, v, dtype=q_BxNxV.dtype)
+    return (jnp.where(copy_B[:, None], copy_BxN, tokens_BxN), jnp.where(copy_B[:, None, None], onehot_BxNxV, q_BxNxV),
+            jnp.where(copy_B[:, None], 1.0, conf_BxN), dstate.replace(copy_B=copy_B))
+
+  def _write_block(self, draft_params, dstate: DraftState, pending_B: Array, tokens_BxN: Array):
+    """The draft cache after one forward over `[last, pending, t_1..t_{γ-1}]`: the entries `roll` writes."""
+    cache = dstate.cache
+    b = pending_B.shape[0]
+    t = self.gamma + 1
+    block_BxT = jnp.concatenate([dstate.last_B[:, None], pending_B[:, None], tokens_BxN[:, :self.gamma - 1]], axis=1)
+    positions_BxT = cache.lengths[:, None] + jnp.arange(t, dtype=jnp.int32)[None]
+    _, _, cache = self.draft_model.forward(draft_params, block_BxT.astype(jnp.int32), positions_BxT, cache,
+                                           _causal_BxTxT(b, t), logits=False)
+    return cache.advance(jnp.full((b,), t, jnp.int32))
 
   def gate_score(self, draft: Draft, conf_BxN: Array) -> Array:
     return gate_score(self.greedy, draft, conf_BxN)
@@ -327,4 +398,8 @@ class DraftModelDrafter:
     block_BxT = jnp.concatenate([dstate.pending_B[:, None], verified.draft.tokens_BxN], axis=1)
     last_B = jnp.take_along_axis(block_BxT, jnp.maximum(n_commit_B - 1, 0)[:, None], axis=1)[:, 0]
     cache = dstate.cache.replace(lengths=jnp.where(active_B, base_B + n_commit_B, base_B))
-    return dstate.replace(cache=cache, last_B=jnp.where(active_B, last_B, dstate.last_B))
+    dstate = dstate.replace(cache=cache, last_B=jnp.where(active_B, last_B, dstate.last_B))
+    if self.lookup:
+      dstate = dstate.replace(context=self._lookup_drafter.update(None, dstate.context, verified),
+                              copies=dstate.copies + jnp.sum(dstate.copy_B & active_B).astype(jnp.int32))
+    return dstate
