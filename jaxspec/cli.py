@@ -102,8 +102,10 @@ def _cmd_bench(args) -> int:
   try:
     res = run_bench(cfg, require_all=named)
   except KeyboardInterrupt:
-    print(f"jaxspec bench: the finished batches are kept in {args.out}/progress.jsonl; the same command goes on "
-          "from there", file=sys.stderr)
+    from pathlib import Path
+    if (Path(args.out) / "progress.jsonl").is_file():
+      print(f"jaxspec bench: the finished batches are kept in {args.out}/progress.jsonl; the same command goes on "
+            "from there", file=sys.stderr)
     raise
   print("\n".join(summary_lines(res)))
   print(f"[results in {args.out}/: results.json, report.md, *.png]", file=sys.stderr)

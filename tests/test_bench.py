@@ -316,3 +316,17 @@ def test_other_settings_or_fresh_start_over(tmp_path, prompt_file, methods, bomb
     assert "resumed_batches" not in res["environment"] and len(bomb["calls"]) == 1 + 3
   prog.write_text("not json\n")
   assert saved.restore(prog, want) == ([], f"{prog} is not a bench progress file; starting over")
+
+
+def test_an_interrupted_bench_says_how_to_go_on(tmp_path, monkeypatch, capsys):
+  def interrupted(cfg, require_all=False):
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr("jaxspec.bench.run_bench", interrupted)
+  out = tmp_path / "out"
+  assert main(["bench", "--methods", "greedy", "--out", str(out)]) == 130
+  assert "progress.jsonl" not in capsys.readouterr().err  # nothing was kept: no promise of it
+  out.mkdir()
+  (out / "progress.jsonl").write_text("{}\n")
+  assert main(["bench", "--methods", "greedy", "--out", str(out)]) == 130
+  assert "the same command goes on from there" in capsys.readouterr().err
