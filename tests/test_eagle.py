@@ -121,6 +121,31 @@ def test_update_leaves_the_state_a_fresh_prefill_would(tiny, n_commit):
   np.testing.assert_allclose(state.feat_BxD, fresh.feat_BxD, atol=1e-5)
 
 
+def test_a_skipped_propose_leaves_update_what_it_needs(tiny):
+  """`skip_propose` (a step where `WithLookup` copies in every row) moves the state as `propose` would for
+  `update`: after a copied block is verified the state equals a fresh prefill over the committed sequence."""
+  from jaxspec.decoding.bpd import chain_draft
+
+  model, params = tiny
+  draft, dp = random_draft(model, params, scale=3.0)
+  drafter = EagleDrafter(draft, 3)
+  prompt, pending, copy, n_commit = [5, 17, 33, 2, 90], 41, [5, 17, 33], 3
+  state = drafter.init(dp, prefill_info(model, params, prompt, pending))
+  state = drafter.skip_propose(dp, state, types.SimpleNamespace(sp=SamplingParams.make(0.0)))
+  block = [pending] + copy
+  correction = 77
+  emitted = block[1:n_commit] + [correction] + [0] * (4 - n_commit)
+  hidden = features(model, params, prompt + block)[:, len(prompt):]
+  acc = Acceptance(jnp.asarray([emitted], jnp.int32), jnp.arange(4)[None], jnp.asarray([n_commit], jnp.int32))
+  verified = Verified(chain_draft(jnp.asarray([copy], jnp.int32)), jnp.zeros((1, 4, model.vocab_size)), hidden, acc,
+                      jnp.asarray([True]))
+  state = drafter.update(dp, state, verified)
+  fresh = drafter.init(dp, prefill_info(model, params, prompt + block[:n_commit], correction))
+  assert int(state.cache.lengths[0]) == int(fresh.cache.lengths[0]) == len(prompt) + n_commit
+  np.testing.assert_allclose(state.feat_BxD, fresh.feat_BxD, atol=1e-5)
+  assert int(state.forwards) == 1  # the update's forward only
+
+
 @pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), pytest.param(0.7, 0.9, marks=pytest.mark.slow)])
 def test_eagle_sampling_is_exact(stat_models, continuation_logits, temperature, top_p):
   """10^5 generations with a sampling feature-level draft follow the target's warped distribution (χ²)."""

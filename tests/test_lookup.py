@@ -271,6 +271,13 @@ def test_bpd_eagle_and_jacobi_with_copies_equal_greedy_on_tiny_model(tiny):
     # The tiny model's greedy output repeats itself, so copies are taken and raise tau over the random drafts.
     assert 0 < copied <= sum(res.active_calls)
     assert res.tau > plain.tau
+    # One row at a time every copying step copies in all rows: the wrapped drafter does not run (its work saved).
+    for prompt, want in zip(prompts, greedy.tokens):
+      alone = generate(model, params, [prompt], max_new_tokens=40, drafter=WithLookup(inner), draft_params=dp)
+      assert alone.tokens == [want], (inner, prompt)
+      if isinstance(inner, EagleDrafter):  # γ - 1 draft forwards in a drafting propose, 1 in every update
+        drafted = alone.target_calls - int(alone.drafter_stats["copied_steps"])
+        assert int(alone.drafter_stats["draft_forwards"]) == alone.target_calls + 2 * drafted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,24 +288,28 @@ class CopiesKeepDraftersQ(WithLookup):
     return probs_BxNxV
 
 
-@pytest.mark.parametrize("broken", [False, True])
-def test_sampling_with_copies_is_exact(stat_models, continuation_logits, broken):
+@pytest.mark.parametrize("broken,per_row", [(False, False), (False, True), (True, False)])
+def test_sampling_with_copies_is_exact(stat_models, continuation_logits, broken, per_row):
   """10^5 generations at temperature 1 with a sampling feature-level draft whose drafts copies replace after a
-  1-token match follow the target's distribution (χ²); labelling the copies with the drafter's q fails the test."""
+  1-token match follow the target's distribution (χ²); labelling the copies with the drafter's q fails the test.
+  Per row (vmapped batches of one), steps that copy skip the draft's propose."""
   from jaxspec.decoding.accept import SampleAcceptance
   from jaxspec.decoding.eagle import EagleDrafter
   from jaxspec.decoding.sampling import SamplingParams, Warp
   from tests.test_eagle import random_draft
-  from tests.test_speculative import chi2_pvalue, drafter_sample_counts, exact_distribution
+  from tests.test_speculative import chi2_pvalue, drafter_sample_counts, exact_distribution, per_row_sample_counts
 
   target = stat_models[0]
   draft, dp = random_draft(*target, seed=4, scale=2.0)
   wrap = CopiesKeepDraftersQ if broken else WithLookup
   drafter = wrap(EagleDrafter(draft, 2, greedy=False), min_match=1)
   probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
-  counts = drafter_sample_counts(target, drafter, dp, 1.0, 1.0, SampleAcceptance())
+  if per_row:
+    counts, _ = per_row_sample_counts(target, drafter, dp, SampleAcceptance())
+  else:
+    counts = drafter_sample_counts(target, drafter, dp, 1.0, 1.0, SampleAcceptance())
   pvalue = chi2_pvalue(counts, probs)
-  print(f"eagle with copies, broken={broken}: p = {pvalue:.3g}")
+  print(f"eagle with copies, broken={broken}, per_row={per_row}: p = {pvalue:.3g}")
   assert (pvalue < 1e-6) if broken else (pvalue > 1e-3)
 
 
@@ -472,7 +483,7 @@ def test_tree_sampling_with_copies_is_exact(stat_models, continuation_logits):
   from jaxspec.decoding.accept import SampleAcceptance
   from jaxspec.decoding.sampling import SamplingParams
   from tests.test_opt_tree import opt_tree_stat_drafter
-  from tests.test_speculative import chi2_pvalue, drafter_sample_counts, exact_distribution
+  from tests.test_speculative import chi2_pvalue, drafter_sample_counts, exact_distribution, per_row_sample_counts
 
   inner, dp, warp = opt_tree_stat_drafter(stat_models, 1.0, 1.0)
   probs = exact_distribution(continuation_logits, warp, SamplingParams.make(1.0))

@@ -78,6 +78,10 @@ class BPDDrafter:
       draft = draft.replace(verify_B=jnp.sum(jnp.cumprod(p_BxK, axis=-1), axis=-1) >= self.gate)
     return draft, dstate
 
+  def skip_propose(self, draft_params, dstate, loop):
+    """The state `propose` would leave, without running the heads (`WithLookup`: every active row copies)."""
+    return dstate
+
   def update(self, draft_params, dstate, verified: Verified):
     last_B = verified.acceptance.n_commit_B - 1
     h_BxD = jnp.take_along_axis(verified.hidden_BxTxD, last_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)

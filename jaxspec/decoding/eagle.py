@@ -144,6 +144,13 @@ class EagleDrafter:
       draft = draft.replace(verify_B=gate_score(self.greedy, draft, conf_BxN) >= self.gate)
     return draft, dstate.replace(cache=cache, rng=rng, forwards=dstate.forwards + (n - 1))
 
+  def skip_propose(self, draft_params, dstate: EagleState, loop) -> EagleState:
+    """The state `propose` would leave, without its γ - 1 draft forwards (`WithLookup`: every active row copies):
+    `update` rewrites the step's entries anyway, so only the cache length and the random key move on."""
+    rng, _ = jax.random.split(dstate.rng)
+    b = dstate.feat_BxD.shape[0]
+    return dstate.replace(cache=dstate.cache.advance(jnp.full((b,), self.gamma - 1, jnp.int32)), rng=rng)
+
   def update(self, draft_params, dstate: EagleState, verified: Verified) -> EagleState:
     """Rewrites the step's entries with the target's features and keeps the committed ones."""
     acc = verified.acceptance

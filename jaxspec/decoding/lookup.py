@@ -211,8 +211,9 @@ class WithLookup:
   occurred earlier (the longest suffix n-gram up to `max_ngram`, most recent occurrence), the tokens that followed
   that occurrence are verified instead, as a chain. Copies win where the output repeats its context (summaries,
   extraction, answers quoting a document, code that restates names), and the drafter keeps the other steps. A step
-  costs what the wrapped drafter's step costs: the lookup is a few comparisons over the context, and the block stays
-  N nodes. A chain drafter's N tokens are replaced by N copied ones. A tree drafter's tree keeps most of its nodes
+  costs at most what the wrapped drafter's step costs: the lookup is a few comparisons over the context, and the
+  block stays N nodes; a chain drafter with `skip_propose` (BPD heads, `eagle`) does not even run in a step where
+  every active row copies. A chain drafter's N tokens are replaced by N copied ones. A tree drafter's tree keeps most of its nodes
   and takes a chain of as many copied tokens as its deepest path (`max_path`: its draft state expects no longer
   accepted path) as one more branch (`graft_chain`: the part of the copy the tree already holds costs nothing, and
   the tree's deepest nodes make room for the rest). With `graft=False` the copy replaces the whole tree instead, and
@@ -273,10 +274,10 @@ class WithLookup:
                            jnp.zeros((b,), bool), jnp.int32(0))
 
   def propose(self, draft_params, dstate: WithLookupState, loop):
-    draft, inner = self.inner.propose(draft_params, dstate.inner, loop)
     copy_BxN, match_B = lookup_tokens(dstate.lookup.context_BxC, dstate.lookup.lengths_B, self.num_nodes,
                                       self.max_ngram, self.min_match)
     copy_B = match_B >= self.min_match
+    draft, inner = self._inner_propose(draft_params, dstate.inner, loop, copy_BxN, copy_B)
     verify = None if draft.verify_B is None else draft.verify_B | copy_B
     if self.grafts(draft):
       # copy_len bounds the tree's depth too (a tree's max_path, at most N).
@@ -292,6 +293,29 @@ class WithLookup:
                           parent_BxN=pick(chain.parent_BxN, draft.parent_BxN),
                           probs_BxNxV=self.copy_probs(draft.probs_BxNxV, copy_BxN, copy_B), verify_B=verify)
     return draft, dstate.replace(inner=inner, copy_B=copy_B)
+
+  def _inner_propose(self, draft_params, inner_state, loop, copy_BxN: Array, copy_B: Array):
+    """The wrapped drafter's draft and state. A chain drafter with `skip_propose` (BPD heads, `eagle`) does not run
+    in steps where every active row copies: its draft would be replaced anyway, and its work (the heads' or the
+    draft's forwards) is saved. The draft in those steps is the copy, as `propose` below would make it."""
+    full = lambda st: self.inner.propose(draft_params, st, loop)
+    skip = getattr(self.inner, "skip_propose", None)
+    if skip is None or not self.inner.is_chain:
+      return full(inner_state)
+    shapes, _ = jax.eval_shape(full, inner_state)
+    chain = chain_draft(copy_BxN)
+
+    def skipped(st):
+      like = lambda x, ref: x.astype(ref.dtype) if ref is not None else None
+      draft = shapes.replace(  # the same pytree as the full branch's draft
+          tokens_BxN=like(chain.tokens_BxN, shapes.tokens_BxN), depth_BxN=like(chain.depth_BxN, shapes.depth_BxN),
+          mask_BxNxN=chain.mask_BxNxN, parent_BxN=like(chain.parent_BxN, shapes.parent_BxN),
+          probs_BxNxV=None if shapes.probs_BxNxV is None else jax.nn.one_hot(
+              copy_BxN, shapes.probs_BxNxV.shape[-1], dtype=shapes.probs_BxNxV.dtype),
+          verify_B=None if shapes.verify_B is None else copy_B)
+      return draft, skip(draft_params, st, loop)
+
+    return jax.lax.cond(jnp.all(copy_B | ~loop.active_B), skipped, full, inner_state)
 
   def grafts(self, draft: Draft) -> bool:
     """Whether the copy joins the draft (`graft_chain`) rather than replacing it: trees of point masses, `graft`."""
