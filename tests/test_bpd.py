@@ -342,7 +342,7 @@ def test_sampled_self_distillation_is_reproducible_and_splits_by_prompt(tmp_path
 # these random heads a gate of 1.02 verifies the first step for about 85 % of the probability mass (29.5 % of the
 # generations take their tokens in one call, against 34.9 % ungated) and 1.04 for about 6 % (2.0 %): between them
 # both branches carry most of the mass in one of the runs (1.2 would verify none, and test nothing).
-@pytest.mark.parametrize("gate", [0.0, 1.02, 1.04])
+@pytest.mark.parametrize("gate", [0.0, pytest.param(1.02, marks=pytest.mark.slow), 1.04])
 def test_bpd_sampling_is_exact(gate):
   """`bpd` at temperature 1: the heads' argmax chain is a point-mass draft, verified by recursive rejection; 10^5
   generations follow the target's distribution (χ²). With a gate, each generation runs alone (vmapped), so both

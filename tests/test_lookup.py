@@ -288,7 +288,8 @@ class CopiesKeepDraftersQ(WithLookup):
     return probs_BxNxV
 
 
-@pytest.mark.parametrize("broken,per_row", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("broken,per_row", [(False, False), pytest.param(False, True, marks=pytest.mark.slow),
+                                            (True, False)])
 def test_sampling_with_copies_is_exact(stat_models, continuation_logits, broken, per_row):
   """10^5 generations at temperature 1 with a sampling feature-level draft whose drafts copies replace after a
   1-token match follow the target's distribution (χ²); labelling the copies with the drafter's q fails the test.

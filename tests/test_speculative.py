@@ -507,8 +507,9 @@ class CopiesWithTheDraftsQ(DraftModelDrafter):
     return tokens_BxN, jnp.where(dstate.copy_B[:, None, None], uniform, q_BxNxV), conf_BxN, dstate
 
 
-@pytest.mark.parametrize("drafter_cls,per_row", [(DraftModelDrafter, False), (DraftModelDrafter, True),
-                                                 (CopiesWithTheDraftsQ, False)])
+@pytest.mark.parametrize("drafter_cls,per_row", [(DraftModelDrafter, False),
+                                                 pytest.param(DraftModelDrafter, True, marks=pytest.mark.slow),
+                                                 pytest.param(CopiesWithTheDraftsQ, False, marks=pytest.mark.slow)])
 def test_speculative_sampling_with_copies_is_exact(stat_models, continuation_logits, drafter_cls, per_row):
   """Copies under rejection sampling: a point mass q where the context repeats (the prompt does: a first token of 1,
   3, 4 or 5 occurred before). In one batch rows copy and draft in the same step; per row (vmapped) a step copies or
