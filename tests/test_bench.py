@@ -282,7 +282,8 @@ def test_a_killed_run_goes_on_where_it_stopped(tmp_path, prompt_file, methods, b
   res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
   assert bomb["calls"] == [5, 5 + 1, 5 + 2]  # the warm-up (seed 5), then batches 1 and 2 only
   assert res["complete"] and res["environment"]["resumed_batches"] == 1 and not prog.exists()
-  assert "resumed after a kill: prompt batches restored from the killed process: 1" in (tmp_path / "out" / "report.md").read_text()
+  report_md = (tmp_path / "out" / "report.md").read_text()
+  assert "resumed after a kill: prompt batches restored from the killed process: 1" in report_md
 
   whole = run_bench(dataclasses.replace(cfg, out=str(tmp_path / "whole")), methods, None, ByteTokenizer(),
                     progress=False)

@@ -213,8 +213,8 @@ class WithLookup:
   extraction, answers quoting a document, code that restates names), and the drafter keeps the other steps. A step
   costs at most what the wrapped drafter's step costs: the lookup is a few comparisons over the context, and the
   block stays N nodes; a chain drafter with `skip_propose` (BPD heads, `eagle`) does not even run in a step where
-  every active row copies. A chain drafter's N tokens are replaced by N copied ones. A tree drafter's tree keeps most of its nodes
-  and takes a chain of as many copied tokens as its deepest path (`max_path`: its draft state expects no longer
+  every active row copies. A chain drafter's N tokens are replaced by N copied ones. A tree drafter's tree keeps
+  most of its nodes and takes a chain of as many copied tokens as its deepest path (`max_path`: its draft state expects no longer
   accepted path) as one more branch (`graft_chain`: the part of the copy the tree already holds costs nothing, and
   the tree's deepest nodes make room for the rest). With `graft=False` the copy replaces the whole tree instead, and
   the nodes past it are left unproposed (-1), never accepted.
@@ -306,10 +306,10 @@ class WithLookup:
     chain = chain_draft(copy_BxN)
 
     def skipped(st):
-      like = lambda x, ref: x.astype(ref.dtype) if ref is not None else None
       draft = shapes.replace(  # the same pytree as the full branch's draft
-          tokens_BxN=like(chain.tokens_BxN, shapes.tokens_BxN), depth_BxN=like(chain.depth_BxN, shapes.depth_BxN),
-          mask_BxNxN=chain.mask_BxNxN, parent_BxN=like(chain.parent_BxN, shapes.parent_BxN),
+          tokens_BxN=chain.tokens_BxN.astype(shapes.tokens_BxN.dtype),
+          depth_BxN=chain.depth_BxN.astype(shapes.depth_BxN.dtype), mask_BxNxN=chain.mask_BxNxN,
+          parent_BxN=chain.parent_BxN.astype(shapes.parent_BxN.dtype),
           probs_BxNxV=None if shapes.probs_BxNxV is None else jax.nn.one_hot(
               copy_BxN, shapes.probs_BxNxV.shape[-1], dtype=shapes.probs_BxNxV.dtype),
           verify_B=None if shapes.verify_B is None else copy_B)

@@ -29,7 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxspec.decoding.lookup import LookupDrafter, LookupState, append_tokens, lookup_tokens
+from jaxspec.decoding.lookup import LookupDrafter, LookupState, lookup_tokens
 from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified, empty_prefill_kwargs, start
 from jaxspec.decoding.sampling import SamplingParams, Warp, argmax, categorical
 from jaxspec.errors import InputError
@@ -282,13 +282,13 @@ class DraftModelDrafter:
     copy_BxN, match_B = lookup_tokens(ctx.context_BxC, ctx.lengths_B, self.gamma, self.lookup_ngram, self.lookup)
     copy_B = match_B >= self.lookup
     b, n = copy_BxN.shape
-    v = self.draft_model.vocab_size
+    onehot_BxNxV = jax.nn.one_hot(copy_BxN, self.draft_model.vocab_size, dtype=jnp.float32)  # q of a copy
     write = lambda st, tokens_BxN: st.replace(cache=self._write_block(draft_params, st, loop.pending_B, tokens_BxN),
                                               forwards=st.forwards + 1)
 
     def copied(dstate):  # every active row copies: one draft forward instead of γ
       st = write(dstate, copy_BxN).replace(pending_B=loop.pending_B)
-      return copy_BxN, jax.nn.one_hot(copy_BxN, v, dtype=jnp.float32), jnp.ones((b, n), jnp.float32), st
+      return copy_BxN, onehot_BxNxV, jnp.ones((b, n), jnp.float32), st
 
     def mixed(dstate):  # some rows draft: draft all, then rewrite the copying rows' block
       tokens_BxN, q_BxNxV, conf_BxN, st = drafted(dstate)
@@ -298,7 +298,6 @@ class DraftModelDrafter:
       return tokens_BxN, q_BxNxV, conf_BxN, st
 
     tokens_BxN, q_BxNxV, conf_BxN, dstate = jax.lax.cond(jnp.all(copy_B | ~loop.active_B), copied, mixed, dstate)
-    onehot_BxNxV = jax.nn.one_hot(copy_BxN, v, dtype=q_BxNxV.dtype)
     return (jnp.where(copy_B[:, None], copy_BxN, tokens_BxN), jnp.where(copy_B[:, None, None], onehot_BxNxV, q_BxNxV),
             jnp.where(copy_B[:, None], 1.0, conf_BxN), dstate.replace(copy_B=copy_B))
 
