@@ -1,4 +1,4 @@
-"""Shared fixtures: the real default model is loaded once per test session.
+"""Shared fixtures: the real default model is loaded once per test session (once per worker under `pytest -n 2`).
 
 The session runs on 8 CPU devices (`--xla_force_host_platform_device_count=8`) so that tests/test_sharding.py can
 shard over a real mesh in the default run; everything else still runs on device 0, as it does without the flag.

@@ -12,6 +12,7 @@ from jaxspec.decoding.accept import GreedyAcceptance
 from jaxspec.decoding.bpd import BPDDrafter, TopKAcceptance, bpd_draft_params
 from jaxspec.decoding.generate import generate
 from jaxspec.errors import ModelLoadError
+from jaxspec.loading.hf import load_hf
 from jaxspec.models.bpd import BPDConfig, BPDModel, load_bpd, save_bpd
 from tests.fakes import BigramLM
 from tests.test_model import cache_copies
@@ -209,7 +210,8 @@ def test_head_training_lowers_loss_and_speeds_up_decoding(tiny, tmp_path):
   bpd2, p2 = load_bpd(tmp_path / "heads", num_heads=2)
   res2 = generate(model, params, prompts, max_new_tokens=48, drafter=BPDDrafter(bpd2),
                   draft_params=bpd_draft_params(model, params, bpd2, p2))
-  assert res2.tokens == greedy.tokens and res2.tau <= 3.0
+  assert bpd2.num_heads == 2 and res2.tokens == greedy.tokens
+  assert 1 < res2.tau < res.tau  # the two heads kept still get drafts accepted, fewer than three heads
 
 
 def test_training_resumes_from_its_checkpoint(tiny, tmp_path, monkeypatch):
@@ -244,7 +246,16 @@ def test_joint_objective_trains_base_and_heads(tiny, tmp_path):
   cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, objective="joint", batch_size=4, seq_len=64))
   summary = train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   assert "eval/base_loss" in summary["final_eval"]
-  assert (tmp_path / "heads" / "base" / "config.json").exists()
+  metrics = [json.loads(l) for l in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+  train_loss = [m["loss"] for m in metrics if "loss" in m]
+  assert train_loss[-1] < train_loss[0]
+  # The base was trained, not only the heads: the exported base is the tiny model with other weights.
+  _, trained = load_hf(str(tmp_path / "heads" / "base"))
+  before, after = jax.tree.leaves(params), jax.tree.leaves(trained)
+  assert [x.shape for x in before] == [x.shape for x in after]
+  assert any(not np.allclose(np.asarray(x), np.asarray(y)) for x, y in zip(before, after))
+  # The caller's params were not donated to the train step (the session fixture is used by later tests).
+  assert all(not leaf.is_deleted() for leaf in before)
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -296,12 +307,6 @@ def test_shipped_heads_with_a_gate_equal_greedy_on_default_model(default_model, 
                    drafter=BPDDrafter(bpd, gate=0.8), draft_params=bpd_draft_params(model, params, bpd, p))
   assert gated.tokens == greedy.tokens
   assert gated.target_calls < greedy.target_calls  # the gate lets confident drafts through
-
-
-def test_joint_training_leaves_the_callers_params_alive(tiny):
-  model, params = tiny  # the session fixture: the joint test above must not have donated its arrays
-  leaves = jax.tree.leaves(params)
-  assert all(not leaf.is_deleted() for leaf in leaves)
 
 
 def test_sampled_self_distillation_is_reproducible_and_splits_by_prompt(tmp_path):

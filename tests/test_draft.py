@@ -113,8 +113,6 @@ def test_distillation_lowers_the_kl(tiny, trained):
   before, after = summary["init_eval"], summary["final_eval"]
   assert after["eval/kl"] < 0.5 * before["eval/kl"], (before, after)
   assert after["eval/agree"] > before["eval/agree"] and after["eval/tau_proxy"] > before["eval/tau_proxy"]
-  assert 1.0 <= after["eval/tau_proxy"] <= GAMMA + 1
-  assert 0.0 <= after["eval/other_mass"] < 1.0
   _, dp = init_draft(*tiny, 1)  # the embedding stays frozen: only the layer and the final norm train
   assert summary["trainable_params"] == sum(x.size for k, v in dp.items() if k != "embed" for x in jax.tree.leaves(v))
 

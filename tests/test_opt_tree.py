@@ -197,9 +197,15 @@ def test_trees_equal_greedy_and_rows_are_independent(tiny, greedy_ref, name):
     # after depth 2 in every step, and nearly every step accepts both drafted depths.
     assert stats["reached_D"][1] == stats["proposals"] > 0
     assert res.tau > 2.5
-  if name not in ("lm-dynamic", "heads-dynamic"):
-    return
-  # A row decoded alone takes the same steps as in the batch.
+
+
+@pytest.mark.parametrize("name", ["lm-dynamic", "heads-dynamic"])
+def test_a_row_alone_takes_the_steps_it_takes_in_a_batch(tiny, greedy_ref, name):
+  """Rows of a batch do not affect each other's trees: one drafter of each kind (a draft LM, BPD heads) covers the
+  tree growth the other cases share."""
+  model, params = tiny
+  drafter, dp = tree_drafters(tiny)[name]
+  res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=drafter, draft_params=dp)
   alone = gen.generate(model, params, PROMPTS[2:], max_new_tokens=NEW, drafter=drafter, draft_params=dp)
   assert alone.tokens == greedy_ref[2:] and alone.active_calls == res.active_calls[2:]
 
