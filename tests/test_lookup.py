@@ -288,29 +288,39 @@ class CopiesKeepDraftersQ(WithLookup):
     return probs_BxNxV
 
 
-@pytest.mark.parametrize("broken,per_row", [(False, False), pytest.param(False, True, marks=pytest.mark.slow),
-                                            (True, False)])
-def test_sampling_with_copies_is_exact(stat_models, continuation_logits, broken, per_row):
-  """10^5 generations at temperature 1 with a sampling feature-level draft whose drafts copies replace after a
-  1-token match follow the target's distribution (χ²); labelling the copies with the drafter's q fails the test.
-  Per row (vmapped batches of one), steps that copy skip the draft's propose."""
+@pytest.mark.parametrize("inner,broken,per_row", [
+    ("eagle", False, False), pytest.param("eagle", False, True, marks=pytest.mark.slow), ("eagle", True, False),
+    ("bpd", False, False), pytest.param("bpd-gated", False, True, marks=pytest.mark.slow)])
+def test_sampling_with_copies_is_exact(stat_models, continuation_logits, inner, broken, per_row):
+  """10^5 generations at temperature 1, with copies in place of the drafts after a 1-token match, follow the target's
+  distribution (χ²): with a sampling feature-level draft, and with BPD heads (point-mass drafts; gated, so that a
+  step can verify a copy while the heads alone would not have verified). Labelling the copies with the drafter's q
+  fails the test (EAGLE's q: the heads' drafts and copies are both point masses, so that breaks nothing for BPD). Per row (vmapped batches of one), steps that copy skip the drafter's propose."""
   from jaxspec.decoding.accept import SampleAcceptance
+  from jaxspec.decoding.bpd import BPDDrafter, bpd_draft_params
   from jaxspec.decoding.eagle import EagleDrafter
   from jaxspec.decoding.sampling import SamplingParams, Warp
+  from tests.test_bpd import random_heads
   from tests.test_eagle import random_draft
   from tests.test_speculative import chi2_pvalue, drafter_sample_counts, exact_distribution, per_row_sample_counts
 
   target = stat_models[0]
-  draft, dp = random_draft(*target, seed=4, scale=2.0)
+  if inner == "eagle":
+    draft, dp = random_draft(*target, seed=4, scale=2.0)
+    chain = EagleDrafter(draft, 2, greedy=False)
+  else:  # the heads of test_bpd's sampling test; its gate of 1.04 verifies the first step for about 6 % of the mass
+    bpd, p = random_heads(target, 2, seed=3)
+    dp = bpd_draft_params(*target, bpd, p)
+    chain = BPDDrafter(bpd, gate=1.04 if inner == "bpd-gated" else 0.0)
   wrap = CopiesKeepDraftersQ if broken else WithLookup
-  drafter = wrap(EagleDrafter(draft, 2, greedy=False), min_match=1)
+  drafter = wrap(chain, min_match=1)
   probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
   if per_row:
     counts, _ = per_row_sample_counts(target, drafter, dp, SampleAcceptance())
   else:
     counts = drafter_sample_counts(target, drafter, dp, 1.0, 1.0, SampleAcceptance())
   pvalue = chi2_pvalue(counts, probs)
-  print(f"eagle with copies, broken={broken}, per_row={per_row}: p = {pvalue:.3g}")
+  print(f"{inner} with copies, broken={broken}, per_row={per_row}: p = {pvalue:.3g}")
   assert (pvalue < 1e-6) if broken else (pvalue > 1e-3)
 
 

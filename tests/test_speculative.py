@@ -302,9 +302,9 @@ def test_speculative_sampling_is_exact(stat_models, continuation_logits, gamma, 
 
 @dataclasses.dataclass(frozen=True)
 class ReusedKey(SampleAcceptance):
-  """BROKEN on purpose: every one-token step draws with the same key (the loop's key not advanced). Each token is
-  still drawn from its own conditional, but the steps' Gumbel noises are equal, so the tokens of a continuation
-  are dependent."""
+  """BROKEN on purpose: every one-token step draws with one fixed key, in every step and every seed (a crude form of
+  a loop key that is not advanced). Each token is still drawn from its own conditional, but the steps' Gumbel
+  noises are equal, so the tokens of a continuation are dependent."""
 
   def accept(self, rng, draft, logits_BxTxV, sp, is_chain):
     return super().accept(jax.random.key(7), draft, logits_BxTxV, sp, is_chain)
@@ -329,11 +329,12 @@ def test_plain_sampling_is_exact(stat_models, continuation_logits, temperature, 
   assert (pvalue < 1e-6) if broken else (pvalue > 1e-3)
 
 
-def per_row_sample_counts(target, drafter, draft_params, acceptor, seeds: int = SEEDS) -> tuple[np.ndarray, np.ndarray]:
+def per_row_sample_counts(target, drafter, draft_params, acceptor, seeds: int = SEEDS, draft_forwards: bool = False):
   """As `drafter_sample_counts` at temperature 1, but every generation is its own batch of one (the loop vmapped
   over rows), so a gate decides per generation. In one batch of 25,000 rows some row always asks for
   verification and the one-token branch would never run; under vmap the loop's `lax.cond` runs both branches and
-  selects per row, which is what batch-1 decoding computes."""
+  selects per row, which is what batch-1 decoding computes. Returns the counts and each generation's target calls
+  (and, with `draft_forwards`, its draft-model forwards)."""
   model, params = target
   p = len(PROMPT)
   prompt_1xP = jnp.asarray([PROMPT], jnp.int32)
@@ -342,16 +343,19 @@ def per_row_sample_counts(target, drafter, draft_params, acceptor, seeds: int = 
     out = decode(model, params, prompt_1xP, jnp.asarray([p], jnp.int32), jnp.asarray([N_NEW], jnp.int32),
                      jnp.asarray([-1], jnp.int32), key, SamplingParams.make(1.0), draft_params, drafter=drafter,
                      acceptor=acceptor, out_len=N_NEW, capacity=p + N_NEW + drafter.num_nodes + 1, pad_id=0)
-    return out.tokens_BxO[0], out.lengths_B[0], out.stats.target_calls
+    return out.tokens_BxO[0], out.lengths_B[0], out.stats.target_calls, out.drafter_stats.get("draft_forwards", 0)
 
   run = jax.jit(jax.vmap(one))
   counts = np.zeros(V ** N_NEW, np.int64)
-  calls = []
+  calls, forwards = [], []
   for seed in range(seeds):
-    tokens, lengths, calls_R = run(jax.random.split(jax.random.key(seed), ROWS))
+    tokens, lengths, calls_R, forwards_R = run(jax.random.split(jax.random.key(seed), ROWS))
     assert np.all(np.asarray(lengths) == N_NEW)
     counts += np.bincount(np.asarray(tokens) @ (V ** np.arange(N_NEW - 1, -1, -1)), minlength=V ** N_NEW)
     calls.append(np.asarray(calls_R))
+    forwards.append(np.broadcast_to(np.asarray(forwards_R), (ROWS,)))
+  if draft_forwards:
+    return counts, np.concatenate(calls), np.concatenate(forwards)
   return counts, np.concatenate(calls)
 
 
@@ -377,10 +381,17 @@ def test_adaptive_and_gated_speculative_sampling_is_exact(stat_models, continuat
   _, (draft_model, draft_params) = stat_models
   probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
   drafter = DraftModelDrafter(draft_model, 3, greedy=greedy, stop=stop, gate=gate)
-  counts, calls = per_row_sample_counts(stat_models[0], drafter, draft_params, SampleAcceptance())
+  counts, calls, forwards = per_row_sample_counts(stat_models[0], drafter, draft_params, SampleAcceptance(),
+                                                  draft_forwards=True)
   pvalue = chi2_pvalue(counts, probs)
   print(f"stop={stop} gate={gate} greedy draft={greedy}: p = {pvalue:.3g}")
   assert pvalue > 1e-3
+  # The stop rule did stop drafts: fewer draft forwards per target call than the same drafter without it.
+  _, calls_full, forwards_full = per_row_sample_counts(stat_models[0], dataclasses.replace(drafter, stop=0.0),
+                                                       draft_params, SampleAcceptance(), seeds=1, draft_forwards=True)
+  per_call, per_call_full = forwards.sum() / calls.sum(), forwards_full.sum() / calls_full.sum()
+  print(f"draft forwards per target call {per_call:.2f} (without stop {per_call_full:.2f})")
+  assert per_call < 0.95 * per_call_full
   if gate:
     assert_gate_skips_some_drafts(stat_models[0], dataclasses.replace(drafter, gate=0.0), draft_params,
                                   SampleAcceptance(), calls)
