@@ -245,8 +245,11 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
     program_bytes[label] = max(program_bytes[label], res.program_bytes)
 
   order = list(runners)
-  bar = tqdm(todo, desc="bench", unit="batch", disable=not progress, initial=len(done), total=len(batches))
-  for bi in bar:
+  # One tick per method and batch: with --quick every prompt is in one batch, which takes minutes.
+  bar = tqdm(desc="bench", unit="run", disable=not progress, initial=len(done) * len(order),
+             total=len(batches) * len(order))
+  taus = lambda: " ".join(f"{l}:{report.tau(records[l]):.2f}" for l in order if records[l])
+  for bi in todo:
     batch = batches[bi]
     rows = [ids[i] for i in batch]
     seed = cfg.seed + bi
@@ -254,7 +257,11 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
     new = {"batch": bi, "records": {}, "mismatches": {l: [] for l in order}, "compile_s": {}, "program_bytes": {}}
     rot = bi % len(order)
     for label in order[rot:] + order[:rot]:
+      if progress:
+        so_far = taus()
+        bar.set_postfix_str(f"batch {bi + 1}/{len(batches)}: {label}" + (f"; tau so far {so_far}" if so_far else ""))
       res = runners[label](rows, cfg.max_new_tokens, seed)
+      bar.update(1)
       outputs[label] = res
       new["compile_s"][label] = res.compile_s
       new["program_bytes"][label] = res.program_bytes
@@ -281,7 +288,8 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
     saved.append(progress_path, new)
     _atomic_json(out / "results.json", snapshot(complete=False))
     if progress:
-      bar.set_postfix_str(" ".join(f"{l}:{report.tau(records[l]):.2f}" for l in order))
+      bar.set_postfix_str(f"tau {taus()}")
+  bar.close()
   results = snapshot(complete=True)
   report.write_all(out, results)
   with open(out / "outputs.jsonl", "w", encoding="utf-8") as f:
