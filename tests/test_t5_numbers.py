@@ -65,7 +65,15 @@ def test_the_shipped_model_does_its_task(numbers, sources):
                                     "opt-tree:drafter=heads:heads={a}/bpd_t5_numbers:nodes=8:depth=3:gate=auto",
                                     # a chain reads `nodes` heads whatever `depth` says
                                     "opt-tree:drafter=heads:heads={a}/bpd_t5_numbers:nodes=5:depth=3:shape=chain"])
-def test_methods_give_the_greedy_tokens_on_the_shipped_model(numbers, sources, method):
+def test_methods_give_the_greedy_tokens_on_the_shipped_model(numbers, sources, method, monkeypatch):
+  if "gate=auto" in method:
+    # gate=auto prices a tree with verify times measured on the machine. On this tiny model they are microseconds,
+    # and a test process sharing the cores (pytest -n 2) once made t(9)/t(1) - 1 exceed every tree's E[A], so no
+    # tree was verified (τ 1.0). A fixed cost table, t(9)/t(1) = 1.6, keeps this check deterministic; the probe
+    # itself is tested in tests/test_decode.py.
+    from jaxspec.bench import cost
+    fixed = lambda model, params, sizes, **kw: {n: 1 + 0.075 * (n - 1) for n in sizes}
+    monkeypatch.setattr(cost, "forward_cost", fixed)
   _, _, tok = numbers
   ids = [tok.encode(s) for s in sources]
   ref = run(numbers, "greedy", ids)
