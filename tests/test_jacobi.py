@@ -110,12 +110,15 @@ def test_one_iteration_shifts_the_argmax_past_the_commit():
     assert new.ff_tokens_B.tolist() == [1, 3, 0] and new.stationary_B.tolist() == [0, 0, 0]
 
 
+BIGRAM_PROMPTS = [[3], [1, 2, 5, 9], [30, 4], [7, 7, 7, 7, 7, 7, 7]]
+BIGRAM_NEW = [40, 23, 31, 2]  # rows finish at different steps; the finished ones must keep their state
+
+
 @pytest.mark.parametrize("window", [1, 4, 9])
 @pytest.mark.parametrize("init", ["repeat", "pad"])
 def test_equals_greedy_and_reference_on_bigram(window, init):
   lm = BigramLM.random(37, seed=window)
-  prompts = [[3], [1, 2, 5, 9], [30, 4], [7, 7, 7, 7, 7, 7, 7]]
-  new = [40, 23, 31, 2]  # rows finish at different steps; the finished ones must keep their state
+  prompts, new = BIGRAM_PROMPTS, BIGRAM_NEW
   drafter = JacobiDrafter(window=window, guess_init=init, pad_id=4)
   res = generate(lm, None, prompts, max_new_tokens=new, drafter=drafter)
   assert res.tokens == [lm.greedy(p[-1], n) for p, n in zip(prompts, new)]
@@ -128,12 +131,11 @@ def test_rows_end_at_eos_mid_iteration(init, window=4):
   """Rows end at an EOS inside an iteration's accepted block: the counters keep what that iteration committed.
   One window that holds several tokens per iteration covers it (window 1 commits at most 2)."""
   lm = BigramLM.random(37, seed=window)
-  prompts = [[3], [1, 2, 5, 9], [30, 4], [7, 7, 7, 7, 7, 7, 7]]
-  new = [40, 23, 31, 2]
+  prompts, new = BIGRAM_PROMPTS, BIGRAM_NEW
   drafter = JacobiDrafter(window=window, guess_init=init, pad_id=4)
-  eos = [lm.greedy(3, 40)[17]]
-  res = generate(lm, None, prompts, max_new_tokens=new, drafter=drafter, eos_ids=eos)
   greedy0 = lm.greedy(3, 40)
+  eos = [greedy0[17]]
+  res = generate(lm, None, prompts, max_new_tokens=new, drafter=drafter, eos_ids=eos)
   assert len(res.tokens[0]) <= greedy0.index(eos[0]) + 1 < 40  # row 0 stopped at the EOS, before its token budget
   check_counters(res, window)
   check_against_reference(lm, res, prompts, new, drafter, eos)

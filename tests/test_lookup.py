@@ -295,7 +295,8 @@ def test_sampling_with_copies_is_exact(stat_models, continuation_logits, inner, 
   """10^5 generations at temperature 1, with copies in place of the drafts after a 1-token match, follow the target's
   distribution (χ²): with a sampling feature-level draft, and with BPD heads (point-mass drafts; gated, so that a
   step can verify a copy while the heads alone would not have verified). Labelling the copies with the drafter's q
-  fails the test (EAGLE's q: the heads' drafts and copies are both point masses, so that breaks nothing for BPD). Per row (vmapped batches of one), steps that copy skip the drafter's propose."""
+  fails the test (EAGLE's q: the heads' drafts and copies are both point masses, so that breaks nothing for BPD).
+  Per row (vmapped batches of one), steps that copy skip the drafter's propose."""
   from jaxspec.decoding.accept import SampleAcceptance
   from jaxspec.decoding.bpd import BPDDrafter, bpd_draft_params
   from jaxspec.decoding.eagle import EagleDrafter

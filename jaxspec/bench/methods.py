@@ -414,7 +414,8 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
     depth = min(int(opts["depth"]), n_best) if "depth" in opts else d_best
     nodes = n_best
     notes.append(f"budget from cost: nodes={n_best}, depth={d_best} (predicted {table[(n_best, d_best)]:.1f} "
-                 f"tokens/s; verify of n nodes / of 1 node: " + ", ".join(f"{n}:{verify_s[n] / verify_s[1]:.2f}" for n in verify_s) + ")")
+                 f"tokens/s; verify of n nodes / of 1 node: "
+                 + ", ".join(f"{n}:{verify_s[n] / verify_s[1]:.2f}" for n in verify_s) + ")")
   nodes = int(nodes)
   if nodes > MAX_TREE_NODES:
     raise InputError(f"opt-tree: nodes={nodes} is more than {MAX_TREE_NODES}; the target verifies every node in one "
