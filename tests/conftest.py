@@ -16,6 +16,11 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 # XLA_FLAGS=--xla_backend_optimization_level=2 to test at XLA's default level.
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# XLA:CPU's older loop emitters compile these programs in about half the time of its MLIR fusion emitters (the
+# default) and the tests compute the same tokens with either; XLA_FLAGS=--xla_cpu_use_fusion_emitters=true tests the
+# default emitters.
+if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
