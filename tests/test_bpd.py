@@ -214,6 +214,36 @@ def test_head_training_lowers_loss_and_speeds_up_decoding(tiny, tmp_path):
   assert 1 < res2.tau < res.tau  # the two heads kept still get drafts accepted, fewer than three heads
 
 
+def test_teacher_targets_are_the_targets_own_predictions(tiny, tmp_path):
+  """With train.targets=teacher each head learns the target's distribution at the position that predicted its token:
+  on greedy data the teacher's top-1 there is that token, for every head and every valid example (so the rows line
+  up), and the heads trained on it decode exactly and get drafts accepted."""
+  model, params = tiny
+  cfg = tiny_train_config(tmp_path, steps=100, targets="teacher")
+  summary = train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  seqs = datasets.load_sequences(tmp_path / "data")
+  hidden = bpd_training.final_hidden_states(model, params, seqs, progress=False)
+  ex = bpd_training.head_examples(seqs, hidden, 3, None, teacher=True)
+  batch = ex.batch(np.arange(len(ex)))
+  assert batch["teacher_hidden"].shape == (len(ex), 3, model.cfg.d_model)
+  top1 = np.asarray(jnp.argmax(model.logits(params, jnp.asarray(batch["teacher_hidden"])), -1))
+  valid = batch["targets"] >= 0
+  assert valid.sum() > 1000 and (~valid).any()
+  np.testing.assert_array_equal(top1[valid], batch["targets"][valid])
+  final = summary["final_eval"]
+  assert final["eval/agree_h1"] > 0.5 and final["eval/tau_teacher"] > 1.5
+  assert abs(final["eval/agree_h1"] - final["eval/acc_h1"]) < 0.02  # greedy data: the token is the teacher's top-1
+  bpd, p = load_bpd(tmp_path / "heads")
+  prompts = [ByteTokenizer().encode("kilo 99 olik"), ByteTokenizer().encode("alpha 3 ahpla")]
+  greedy = generate(model, params, prompts, max_new_tokens=48)
+  res = generate(model, params, prompts, max_new_tokens=48, drafter=BPDDrafter(bpd),
+                 draft_params=bpd_draft_params(model, params, bpd, p))
+  assert res.tokens == greedy.tokens and res.tau > 1.5, res.tau
+  joint = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, objective="joint"))
+  with pytest.raises(ConfigError, match="train.targets=teacher"):
+    train_bpd(joint, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+
+
 def test_training_resumes_from_its_checkpoint(tiny, tmp_path, monkeypatch):
   """The resumed run goes on from the checkpoint and reuses the target's hidden states cached by the first run."""
   model, params = tiny

@@ -71,6 +71,10 @@ class TrainSection:
   batch_size: int = 256  # positions per step ("heads"), sequences per step ("joint")
   seq_len: int = 256  # sequences are cut to this ("joint": and padded; "heads": the hidden states cached at it)
   base_loss_weight: float = 1.0  # "joint": weight of the base's own next-token loss
+  # "heads": what head i learns at position t. "tokens": the data's token x_{t+1+i} (cross-entropy). "teacher": the
+  # target's distribution for that token, softmax of its logits at t+i over the heads' vocabulary (distillation).
+  # On sampled data the token is often not the target's top-1, which is what greedy decoding accepts.
+  targets: Literal["tokens", "teacher"] = "tokens"
   seed: int = 0
   checkpoint_dir: str = "runs/bpd/ckpt"
   checkpoint_every: int = 200
@@ -196,68 +200,99 @@ def _encdec_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size
 
 @dataclasses.dataclass
 class HeadExamples:
-  """One example per position t: the hidden state h_t, the next token x_{t+1} and the targets x_{t+1+i}
-  (`-1` past the sequence end), the targets as indices into the heads' vocabulary."""
+  """One example per position t: where h_t sits in `hidden_PxD` (the target's final hidden states of every position,
+  one sequence after another), the next token x_{t+1} and the targets x_{t+1+i} (`-1` past the sequence end), the
+  targets as indices into the heads' vocabulary. Row `index + i` is the state from which the target predicted
+  x_{t+1+i}: with `teacher`, batches carry those rows so the loss can use the target's distribution there."""
 
-  hidden_NxD: np.ndarray
+  hidden_PxD: np.ndarray
+  index_N: np.ndarray
   next_N: np.ndarray
   targets_NxK: np.ndarray
+  teacher: bool = False
 
   def __len__(self):
     return len(self.next_N)
 
   def batch(self, idx) -> dict:
-    return {"hidden": self.hidden_NxD[idx], "next": self.next_N[idx], "targets": self.targets_NxK[idx]}
+    pos = self.index_N[idx]
+    out = {"hidden": self.hidden_PxD[pos].astype(np.float32), "next": self.next_N[idx],
+           "targets": self.targets_NxK[idx]}
+    if self.teacher:  # rows past a sequence's end belong to the next sequence; their targets are -1 (masked)
+      rows = np.minimum(pos[:, None] + np.arange(1, self.targets_NxK.shape[1] + 1), len(self.hidden_PxD) - 1)
+      out["teacher_hidden"] = self.hidden_PxD[rows].astype(np.float32)
+    return out
 
 
 def head_examples(seqs: datasets.Sequences, hidden: list[np.ndarray], k: int, vocab_ids: np.ndarray | None,
-                  loss_on_prompt: bool = False) -> HeadExamples:
-  hs, nx, tg = [], [], []
+                  loss_on_prompt: bool = False, teacher: bool = False) -> HeadExamples:
+  idx, nx, tg = [], [], []
+  start = 0
   for toks, h, plen in zip(seqs.tokens, hidden, seqs.prompt_lens):
     n = len(toks)
     first = 0 if loss_on_prompt else max(int(plen) - 1, 0)
     ts = np.arange(first, n - 2)  # t + 2 <= n - 1: head 1 has a target
-    if len(ts) == 0:
-      continue
-    off = ts[:, None] + 1 + np.arange(1, k + 1)[None]
-    targets = np.where(off < n, toks[np.minimum(off, n - 1)], -1)
-    hs.append(h[ts])
-    nx.append(toks[ts + 1])
-    tg.append(targets)
+    if len(ts):
+      off = ts[:, None] + 1 + np.arange(1, k + 1)[None]
+      tg.append(np.where(off < n, toks[np.minimum(off, n - 1)], -1))
+      idx.append(start + ts)
+      nx.append(toks[ts + 1])
+    start += n
   targets = np.concatenate(tg).astype(np.int64)
   if vocab_ids is not None:
     pos = np.searchsorted(vocab_ids, np.maximum(targets, 0))
     targets = np.where(targets >= 0, pos, -1)
-  return HeadExamples(np.concatenate(hs).astype(np.float32), np.concatenate(nx).astype(np.int32),
-                      targets.astype(np.int32))
+  return HeadExamples(np.concatenate([np.asarray(h)[:len(t)] for t, h in zip(seqs.tokens, hidden)]),
+                      np.concatenate(idx).astype(np.int64), np.concatenate(nx).astype(np.int32),
+                      targets.astype(np.int32), teacher)
 
 
 # ---- objectives ----------------------------------------------------------------------------------------------
 
-def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array) -> tuple[jax.Array, dict]:
-  """Mean cross-entropy over valid targets (summed over heads) and per-head loss / top-1 accuracy / τ proxy."""
+def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array,
+                 teacher_NxKxM: jax.Array | None = None) -> tuple[jax.Array, dict]:
+  """Mean loss over valid targets (summed over heads) and per-head loss / top-1 accuracy / τ proxy.
+
+  The loss is cross-entropy against the data's tokens, or with `teacher_NxKxM` (the target's logits at the
+  positions that predicted those tokens) against the target's distribution there. With a teacher, `agree_h{i}` is
+  head i's top-1 agreement with the target's own top-1, the token greedy decoding accepts, and `tau_teacher` the τ
+  proxy from it; on greedy data it equals the token accuracy, on sampled data it does not.
+  """
   valid = targets_NxK >= 0
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits_NxKxM, jnp.maximum(targets_NxK, 0))
   count_K = jnp.maximum(valid.sum(0), 1)
+  guess = jnp.argmax(logits_NxKxM, -1)
+  metrics = {}
+  if teacher_NxKxM is None:
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits_NxKxM, jnp.maximum(targets_NxK, 0))
+  else:
+    ce = optax.softmax_cross_entropy(logits_NxKxM, jax.nn.softmax(teacher_NxKxM, -1))
+    agree = (guess == jnp.argmax(teacher_NxKxM, -1)) & valid
+    agree_K = agree.sum(0) / count_K
+    metrics.update({f"agree_h{i + 1}": agree_K[i] for i in range(agree_K.shape[0])})
+    metrics["tau_teacher"] = 1.0 + jnp.cumprod(agree.astype(jnp.float32), axis=1).sum(1).mean()
   loss_K = jnp.where(valid, ce, 0).sum(0) / count_K
-  right = (jnp.argmax(logits_NxKxM, -1) == targets_NxK) & valid
+  right = (guess == targets_NxK) & valid
   acc_K = right.sum(0) / count_K
   # Chains stop at the first wrong head; positions whose later targets run past the end count as stopping there.
   chain = jnp.cumprod(right.astype(jnp.float32), axis=1)
-  metrics = {f"loss_h{i + 1}": loss_K[i] for i in range(loss_K.shape[0])}
+  metrics.update({f"loss_h{i + 1}": loss_K[i] for i in range(loss_K.shape[0])})
   metrics.update({f"acc_h{i + 1}": acc_K[i] for i in range(acc_K.shape[0])})
   metrics["tau_proxy"] = 1.0 + chain.sum(1).mean()
   return loss_K.sum(), metrics
 
 
 def heads_loss(bpd: BPDModel):
-  """Frozen-base objective on precomputed hidden states. `frozen` = {"proj_DxM", "embed_VxD"}."""
+  """Frozen-base objective on precomputed hidden states. `frozen` = {"proj_DxM", "embed_VxD"}; a batch with
+  `teacher_hidden` (`[N, k, D]`, see `HeadExamples`) trains on the target's distributions instead of the tokens."""
 
   def loss_fn(params, frozen, batch, rng):
     emb = frozen["embed_VxD"][batch["next"]].astype(jnp.float32) if bpd.cfg.use_next_token else None
     states = bpd.head_states(params, batch["hidden"], emb)
     logits = jnp.einsum("nkd,dm->nkm", states, frozen["proj_DxM"])
-    return head_metrics(logits, batch["targets"])
+    teacher = None
+    if "teacher_hidden" in batch:
+      teacher = jnp.einsum("nkd,dm->nkm", batch["teacher_hidden"], frozen["proj_DxM"])
+    return head_metrics(logits, batch["targets"], teacher)
 
   return loss_fn
 
@@ -307,6 +342,9 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before any work
   if model is None:
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
+  if cfg.train.objective == "joint" and cfg.train.targets == "teacher":
+    raise ConfigError("train.targets=teacher distils the frozen target's distributions into the heads; with "
+                      "train.objective=joint the base itself changes, so use train.targets=tokens there.")
   ckpt_dir = Path(cfg.train.checkpoint_dir)
   dump_config(cfg, ckpt_dir / "config.yaml")
   t0 = time.time()
@@ -337,8 +375,9 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
                               l, progress=progress)
       hidden = [feats[i, :len(t)] for i, t in enumerate(train_seqs.tokens + eval_seqs.tokens)]
       tr_hidden, ev_hidden = hidden[:len(train_seqs)], hidden[len(train_seqs):]
-    tr = head_examples(train_seqs, tr_hidden, k, vocab_ids, cfg.data.loss_on_prompt)
-    ev = head_examples(eval_seqs, ev_hidden, k, vocab_ids, cfg.data.loss_on_prompt)
+    teach = cfg.train.targets == "teacher"
+    tr = head_examples(train_seqs, tr_hidden, k, vocab_ids, cfg.data.loss_on_prompt, teach)
+    ev = head_examples(eval_seqs, ev_hidden, k, vocab_ids, cfg.data.loss_on_prompt, teach)
     frozen = {"proj_DxM": output_projection(model, params, bpd_params), "embed_VxD": model.input_table(params)}
     loss = heads_loss(bpd)
     bs = cfg.train.batch_size
