@@ -339,12 +339,12 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   from jaxspec.loading import load_model
 
   t_start = time.time()
-  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before any work
-  if model is None:
-    model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
   if cfg.train.objective == "joint" and cfg.train.targets == "teacher":
     raise ConfigError("train.targets=teacher distils the frozen target's distributions into the heads; with "
                       "train.objective=joint the base itself changes, so use train.targets=tokens there.")
+  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before any work
+  if model is None:
+    model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
   ckpt_dir = Path(cfg.train.checkpoint_dir)
   dump_config(cfg, ckpt_dir / "config.yaml")
   t0 = time.time()
