@@ -364,6 +364,14 @@ def test_sampled_self_distillation_is_reproducible_and_splits_by_prompt(tmp_path
   ev_prompts = {tuple(t[:p]) for t, p in zip(ev.tokens, ev.prompt_lens)}
   assert len(ev) == 3 and len(ev_prompts) == 1
   assert not ev_prompts & {tuple(t[:p]) for t, p in zip(train.tokens, train.prompt_lens)}
+  # Another seed draws other answers to the same prompts, in a folder of its own.
+  other = build(tmp_path / "s1", samples=3, temperature=1.0, seed=1)
+  assert [tuple(t[:p]) for t, p in zip(other.tokens, other.prompt_lens)] == prompts
+  assert sum(a.tolist() != b.tolist() for a, b in zip(other.tokens, seqs.tokens)) >= 6
+  with pytest.raises(InputError, match="other settings"):
+    build(tmp_path / "s", samples=3, temperature=1.0, seed=1)
+  with pytest.raises(InputError, match="greedy answers"):
+    build(tmp_path / "g", seed=1)
   with pytest.raises(InputError, match="temperature > 0"):
     build(tmp_path / "g", samples=2)
   with pytest.raises(InputError, match="other settings"):

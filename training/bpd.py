@@ -57,6 +57,7 @@ class DataSection:
   dataset_dir: str = "runs/bpd/data"
   samples: int = 1  # continuations per prompt (more than 1 needs temperature > 0)
   temperature: float = 0.0  # 0: the target's greedy continuations; above 0: sampled ones
+  seed: int = 0  # with temperature > 0: another seed draws other samples (use a new dataset_dir for them)
   # With temperature > 0: also the greedy continuations of the same prompts, from (or built into) this folder, e.g.
   # the BPD run's dataset_dir; None: the sampled continuations only.
   greedy_dataset_dir: Optional[str] = None
@@ -102,7 +103,8 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
   texts = datasets.read_prompt_texts(cfg.data.prompts, cfg.data.limit)
   seqs = datasets.self_distill(model, params, tokenizer, texts, cfg.data.dataset_dir,
                                max_new_tokens=cfg.data.max_new_tokens, batch_size=cfg.data.gen_batch_size,
-                               samples=cfg.data.samples, temperature=cfg.data.temperature, progress=progress)
+                               samples=cfg.data.samples, temperature=cfg.data.temperature, seed=cfg.data.seed,
+                               progress=progress)
   if cfg.data.greedy_dataset_dir and cfg.data.temperature > 0:
     more = datasets.self_distill(model, params, tokenizer, texts, cfg.data.greedy_dataset_dir,
                                  max_new_tokens=cfg.data.max_new_tokens, batch_size=cfg.data.gen_batch_size,

@@ -87,11 +87,12 @@ def load_sequences(folder: str | os.PathLike) -> Sequences:
 
 def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str | os.PathLike, *,
                  max_new_tokens: int = 192, batch_size: int = 16, shard_size: int = 64, samples: int = 1,
-                 temperature: float = 0.0, progress: bool = True) -> Sequences:
+                 temperature: float = 0.0, seed: int = 0, progress: bool = True) -> Sequences:
   """Writes the target's continuations of the prompts (prompt + continuation per sequence) to `out`.
 
   `temperature` 0 writes the greedy continuation of each prompt; above 0, `samples` sampled continuations of each
-  (seeded by shard and batch, so a rerun writes the same data). Prompts are sorted by length so each batch pads
+  (seeded by shard and batch, so a rerun writes the same data; `seed` > 0 draws other samples, for more answers to
+  the same prompts in another folder). Prompts are sorted by length so each batch pads
   little; shards hold `shard_size` sequences and are skipped when they already exist, so a killed run continues
   where it stopped.
   """
@@ -101,6 +102,9 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   out.mkdir(parents=True, exist_ok=True)
   from jaxspec.bench.runner import chat_prompt_ids
 
+  if seed and temperature == 0:
+    raise InputError(f"A sampling seed ({seed}) draws other sampled answers; greedy answers (temperature 0) are the "
+                     "same for every seed: leave the seed at 0 or set a temperature above 0.")
   if samples < 1 or temperature < 0 or (samples > 1 and temperature == 0):
     raise InputError(f"self-distillation takes samples >= 1 and temperature >= 0, and several samples of a prompt "
                      f"need temperature > 0 (got samples={samples}, temperature={temperature}).")
@@ -111,6 +115,8 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
           "shard_size": shard_size}
   if temperature > 0:  # greedy datasets keep the meta they were written with
     meta.update(temperature=temperature, samples=samples)
+    if seed:  # seed 0 keeps the meta of the folders written before seeds existed
+      meta["seed"] = seed
   meta_path = out / "meta.json"
   if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
     raise InputError(f"{out} holds a dataset built with other settings ({meta_path}); use another folder.")
@@ -127,7 +133,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
     for bi in range(0, len(shard), batch_size):
       rows = [ids[i] for i in shard[bi:bi + batch_size]]
       res = generate(model, params, rows, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_id or 0,
-                     temperature=temperature, seed=si * 100_003 + bi)
+                     temperature=temperature, seed=(si * 100_003 + bi + seed * 2_654_435_761) % 2**31)
       for p, t in zip(rows, res.tokens):
         seqs.append(list(p) + list(t))
         plens.append(len(p))
