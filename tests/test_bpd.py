@@ -378,6 +378,38 @@ def test_sampled_self_distillation_is_reproducible_and_splits_by_prompt(tmp_path
     build(tmp_path / "s", samples=2, temperature=1.0)
 
 
+def test_extra_dataset_dirs_add_finished_folders_only(tmp_path):
+  from jaxspec.errors import InputError
+  from jaxspec.models.llama import LlamaLM, tiny_config
+  from training.bpd import DataSection
+
+  model = LlamaLM(tiny_config(vocab_size=TINY_VOCAB))
+  params = model.init_params(jax.random.key(0))
+  prompts = tmp_path / "prompts.jsonl"
+  prompts.write_text("".join(json.dumps({"question_id": i, "category": "qa", "turns": [t]}) + "\n"
+                             for i, t in enumerate(["alpha 1", "bravo 22", "charlie 333"], 1)))
+  data = lambda d, **kw: BPDTrainConfig(data=DataSection(prompts=str(prompts), max_new_tokens=8, gen_batch_size=2,
+                                                         dataset_dir=str(tmp_path / d), samples=2, temperature=1.0,
+                                                         **kw))
+  tok = ByteTokenizer()
+  build = lambda cfg: bpd_training.build_sequences(cfg, model, params, tok, progress=False)
+  more = build(data("s1", seed=1))
+  base = build(data("s0"))
+  both = build(data("s0", extra_dataset_dirs=(str(tmp_path / "s1"),)))
+  assert [t.tolist() for t in both.tokens] == [t.tolist() for t in base.tokens + more.tokens]
+  assert list(both.prompt_lens) == list(base.prompt_lens) + list(more.prompt_lens)
+  # Both answers of every prompt in each folder, and the folders' answers are not the same draws.
+  assert len(both) == 12 and [t.tolist() for t in base.tokens] != [t.tolist() for t in more.tokens]
+  # A folder a killed run left unfinished (its one shard holds 6 of the 8 answers its meta promises), or one that was
+  # never built, is an error that says what to do.
+  meta = json.loads((tmp_path / "s1" / "meta.json").read_text())
+  (tmp_path / "s1" / "meta.json").write_text(json.dumps({**meta, "num_prompts": 4}))
+  with pytest.raises(InputError, match="stopped early"):
+    build(data("s0", extra_dataset_dirs=(str(tmp_path / "s1"),)))
+  with pytest.raises(InputError, match="not a self-distillation dataset"):
+    build(data("s0", extra_dataset_dirs=(str(tmp_path / "nowhere"),)))
+
+
 # ---- Sampling with BPD drafts ------------------------------------------------------------------------------------
 
 

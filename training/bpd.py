@@ -58,6 +58,9 @@ class DataSection:
   samples: int = 1  # continuations per prompt (more than 1 needs temperature > 0)
   temperature: float = 0.0  # 0: the target's greedy continuations; above 0: sampled ones
   seed: int = 0  # with temperature > 0: another seed draws other samples (use a new dataset_dir for them)
+  # Finished self-distillation folders of the same prompts added to the data, e.g. more samples drawn earlier with
+  # data.seed=1 into their own dataset_dir.
+  extra_dataset_dirs: tuple[str, ...] = ()
   # With temperature > 0: also the greedy continuations of the same prompts, from (or built into) this folder, e.g.
   # the BPD run's dataset_dir; None: the sampled continuations only.
   greedy_dataset_dir: Optional[str] = None
@@ -110,6 +113,9 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
                                  max_new_tokens=cfg.data.max_new_tokens, batch_size=cfg.data.gen_batch_size,
                                  progress=progress)
     seqs = datasets.Sequences(more.tokens + seqs.tokens, np.concatenate([more.prompt_lens, seqs.prompt_lens]))
+  for folder in cfg.data.extra_dataset_dirs:
+    more = datasets.load_finished(folder)
+    seqs = datasets.Sequences(seqs.tokens + more.tokens, np.concatenate([seqs.prompt_lens, more.prompt_lens]))
   return seqs
 
 

@@ -85,6 +85,26 @@ def load_sequences(folder: str | os.PathLike) -> Sequences:
   return Sequences(tokens, np.concatenate(plens) if plens else np.zeros(0, np.int32))
 
 
+def load_finished(folder: str | os.PathLike) -> Sequences:
+  """A self-distillation folder that `self_distill` has finished: every prompt's answers are there.
+
+  Raises:
+    InputError: no such dataset, or one that a killed run left unfinished (rerun the command that built it).
+  """
+  meta_path = Path(folder) / "meta.json"
+  try:
+    meta = json.loads(meta_path.read_text())
+    expect = int(meta["num_prompts"]) * int(meta.get("samples", 1))
+  except (OSError, ValueError, KeyError, TypeError):
+    raise InputError(f"{folder} is not a self-distillation dataset ({meta_path} is missing or unreadable): build it "
+                     "first, e.g. with `jaxspec train CONFIG data.seed=1 data.dataset_dir=" + str(folder) + "`.") from None
+  seqs = load_sequences(folder)
+  if len(seqs) != expect:
+    raise InputError(f"{folder} holds {len(seqs)} of its {expect} sequences: a run that built it stopped early; rerun "
+                     "that command (it continues where it stopped) before adding the folder to the data.")
+  return seqs
+
+
 def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str | os.PathLike, *,
                  max_new_tokens: int = 192, batch_size: int = 16, shard_size: int = 64, samples: int = 1,
                  temperature: float = 0.0, seed: int = 0, progress: bool = True) -> Sequences:
