@@ -108,15 +108,13 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
                                max_new_tokens=cfg.data.max_new_tokens, batch_size=cfg.data.gen_batch_size,
                                samples=cfg.data.samples, temperature=cfg.data.temperature, seed=cfg.data.seed,
                                progress=progress)
+  parts = [seqs]
   if cfg.data.greedy_dataset_dir and cfg.data.temperature > 0:
-    more = datasets.self_distill(model, params, tokenizer, texts, cfg.data.greedy_dataset_dir,
-                                 max_new_tokens=cfg.data.max_new_tokens, batch_size=cfg.data.gen_batch_size,
-                                 progress=progress)
-    seqs = datasets.Sequences(more.tokens + seqs.tokens, np.concatenate([more.prompt_lens, seqs.prompt_lens]))
-  for folder in cfg.data.extra_dataset_dirs:
-    more = datasets.load_finished(folder)
-    seqs = datasets.Sequences(seqs.tokens + more.tokens, np.concatenate([seqs.prompt_lens, more.prompt_lens]))
-  return seqs
+    parts.insert(0, datasets.self_distill(model, params, tokenizer, texts, cfg.data.greedy_dataset_dir,
+                                          max_new_tokens=cfg.data.max_new_tokens,
+                                          batch_size=cfg.data.gen_batch_size, progress=progress))
+  parts += [datasets.load_finished(folder) for folder in cfg.data.extra_dataset_dirs]
+  return datasets.Sequences([t for p in parts for t in p.tokens], np.concatenate([p.prompt_lens for p in parts]))
 
 
 def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int = 8,

@@ -97,7 +97,7 @@ def load_finished(folder: str | os.PathLike) -> Sequences:
     expect = int(meta["num_prompts"]) * int(meta.get("samples", 1))
   except (OSError, ValueError, KeyError, TypeError):
     raise InputError(f"{folder} is not a self-distillation dataset ({meta_path} is missing or unreadable): build it "
-                     "first, e.g. with `jaxspec train CONFIG data.seed=1 data.dataset_dir=" + str(folder) + "`.") from None
+                     f"first, e.g. with `jaxspec train CONFIG data.seed=1 data.dataset_dir={folder}`.") from None
   seqs = load_sequences(folder)
   if len(seqs) != expect:
     raise InputError(f"{folder} holds {len(seqs)} of its {expect} sequences: a run that built it stopped early; rerun "
@@ -118,16 +118,16 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   """
   from jaxspec.decoding.generate import generate
 
-  out = Path(out)
-  out.mkdir(parents=True, exist_ok=True)
-  from jaxspec.bench.runner import chat_prompt_ids
-
   if seed and temperature == 0:
     raise InputError(f"A sampling seed ({seed}) draws other sampled answers; greedy answers (temperature 0) are the "
                      "same for every seed: leave the seed at 0 or set a temperature above 0.")
   if samples < 1 or temperature < 0 or (samples > 1 and temperature == 0):
     raise InputError(f"self-distillation takes samples >= 1 and temperature >= 0, and several samples of a prompt "
                      f"need temperature > 0 (got samples={samples}, temperature={temperature}).")
+  out = Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  from jaxspec.bench.runner import chat_prompt_ids
+
   ids = chat_prompt_ids(tokenizer, prompt_texts)
   order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
   order = [i for i in order for _ in range(samples)]
