@@ -48,6 +48,45 @@ def test_a_killed_computation_keeps_its_finished_parts(tmp_path):
   assert len(calls) == 4  # parts of the k2 run are not taken for k3
 
 
+def test_rows_named_by_content_are_reused_when_data_is_added(tmp_path):
+  path = tmp_path / "c.npz"
+  keys = lambda ids: [rowcache.sequence_key(np.array([i, i + 1])) for i in ids]
+
+  def by_id(ids, calls, kill_after=None):
+    def compute(idx):
+      if kill_after is not None and len(calls) == kill_after:
+        raise Killed
+      calls.append(sorted(ids[j] for j in idx))
+      return {"sq": np.asarray([ids[j] for j in idx], np.int64)[:, None] ** 2 * np.ones((1, 3), np.int64)}
+    return compute
+
+  first = [10, 11, 12, 13, 14]
+  calls = []
+  rowcache.cached_rows(path, "t", np.arange(5), by_id(first, calls), row_keys=keys(first), part_rows=2,
+                       progress=False)
+  assert sorted(i for c in calls for i in c) == first
+  # The same sequences in another order and three new ones: only the new ones are computed.
+  more = [13, 20, 10, 12, 21, 11, 14, 22]
+  calls = []
+  with pytest.raises(Killed):  # killed after one part of the new rows
+    rowcache.cached_rows(path, "t", np.arange(8), by_id(more, calls, kill_after=1), row_keys=keys(more),
+                         part_rows=2, progress=False)
+  calls.clear()
+  z = rowcache.cached_rows(path, "t", np.arange(8), by_id(more, calls), row_keys=keys(more), part_rows=2,
+                           progress=False)
+  assert calls == [[22]]  # the finished part of the new rows survived the kill too
+  np.testing.assert_array_equal(z["sq"], np.asarray(more)[:, None] ** 2 * np.ones((1, 3), np.int64))
+  assert rowcache.ROW_KEYS not in z
+  calls.clear()  # the same data again: the file as it is
+  z2 = rowcache.cached_rows(path, "t", np.arange(8), by_id(more, calls), row_keys=keys(more), progress=False)
+  assert calls == [] and np.array_equal(z2["sq"], z["sq"])
+  # Another target (key): nothing is taken from the file.
+  rowcache.cached_rows(path, "u", np.arange(3), by_id(first[:3], calls), row_keys=keys(first[:3]), progress=False)
+  assert calls == [[10, 11, 12]]
+  with pytest.raises(ValueError, match="row keys"):
+    rowcache.cached_rows(path, "u", np.arange(3), by_id(first, calls), row_keys=keys(first[:2]), progress=False)
+
+
 def test_teacher_topk_and_features_through_the_cache_equal_a_direct_computation(tiny, tmp_path, monkeypatch):
   model, params = tiny
   rng = np.random.default_rng(0)
@@ -55,19 +94,36 @@ def test_teacher_topk_and_features_through_the_cache_equal_a_direct_computation(
   tokens = np.zeros((len(lengths), 40), np.int32)
   for i, l in enumerate(lengths):
     tokens[i, :l] = rng.integers(1, model.vocab_size, l)
-  monkeypatch.setattr(rowcache, "cached_rows", _small_parts(rowcache.cached_rows))
+  real = rowcache.cached_rows
+  monkeypatch.setattr(rowcache, "cached_rows", _small_parts(real))
+  cached_teacher_topk(tmp_path / "t.npz", model, params, tokens[:4], lengths[:4], 4, progress=False)
+  computed = []
+  monkeypatch.setattr(rowcache, "cached_rows", _counting(real, computed))
   ids, logp, other = cached_teacher_topk(tmp_path / "t.npz", model, params, tokens, lengths, 4, progress=False)
+  assert sorted(computed) == [4, 5, 6]  # the added sequences only
   ref = teacher_topk(model, params, tokens, lengths, 4, batch_size=len(lengths))  # one batch, no parts
   for a, b in zip((ids, logp, other), ref):  # within each row (past its end: whatever its batch's bucket held)
     for i, l in enumerate(lengths):
       np.testing.assert_allclose(a[i, :l], b[i, :l], rtol=1e-5, atol=1e-5)
 
   seqs = datasets.Sequences([tokens[i, :l] for i, l in enumerate(lengths)], np.ones(len(lengths), np.int32))
-  feats = cached_features(tmp_path / "f.npz", model, params, seqs, 24, progress=False)
+  head = datasets.Sequences(seqs.tokens[:4], seqs.prompt_lens[:4])
+  cached_features(tmp_path / "f.npz", model, params, head, 24, progress=False)
+  computed.clear()
+  feats = cached_features(tmp_path / "f.npz", model, params, seqs, 24, progress=False)  # 3 sequences added
+  assert sorted(computed) == [4, 5, 6]
   cut = datasets.Sequences([t[:24] for t in seqs.tokens], seqs.prompt_lens)
   for f, h in zip(feats, final_hidden_states(model, params, cut, progress=False)):
     np.testing.assert_allclose(f[:len(h)], h, atol=2e-3, rtol=2e-3)
     assert not f[len(h):].any()
+
+
+def _counting(cached_rows, computed):
+  """The real cache with parts of 3 sequences, recording which rows it computes."""
+  def run(path, key, order, compute, **kw):
+    return cached_rows(path, key, order, lambda idx: (computed.extend(int(i) for i in idx), compute(idx))[1],
+                       **{**kw, "part_rows": 3})
+  return run
 
 
 def _small_parts(cached_rows):

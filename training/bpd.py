@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import zlib
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -158,16 +157,13 @@ def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: 
 def cached_features(path: Path, model, params, seqs: datasets.Sequences, seq_len: int, *,
                     progress: bool = True) -> np.ndarray:
   """The target's final hidden states `[N, seq_len, D]` (float16, zeros past each end), cached in `path` and reused
-  while the sequences and the target are the same; computed in parts that a killed run keeps (`training.rowcache`)."""
+  while the target is the same: each sequence the file already holds is taken from it, so added data computes only
+  the added sequences; computed in parts that a killed run keeps (`training.rowcache`)."""
   from jaxspec.models.draft import embed_fingerprint
 
-  crc = 0
-  for t in seqs.tokens:
-    crc = zlib.crc32(np.ascontiguousarray(np.asarray(t[:seq_len], np.int32)).view(np.uint8), crc)
-  key = json.dumps({"tokens": f"{len(seqs)}:{crc:08x}", "seq_len": seq_len,
-                    "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
-                    "embed": embed_fingerprint(params)}, sort_keys=True)
   cut = [np.asarray(t[:seq_len]) for t in seqs.tokens]
+  key = json.dumps({"seq_len": seq_len, "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
+                    "embed": embed_fingerprint(params)}, sort_keys=True)
 
   def compute(idx: np.ndarray) -> dict[str, np.ndarray]:
     part = datasets.Sequences([cut[i] for i in idx], np.asarray(seqs.prompt_lens)[idx])
@@ -177,7 +173,8 @@ def cached_features(path: Path, model, params, seqs: datasets.Sequences, seq_len
     return {"feats": feats}
 
   order = np.argsort([len(t) for t in cut], kind="stable")  # parts of similar lengths share compiled shapes
-  return rowcache.cached_rows(path, key, order, compute, desc="hidden states", progress=progress)["feats"]
+  return rowcache.cached_rows(path, key, order, compute, row_keys=[rowcache.sequence_key(t) for t in cut],
+                              desc="hidden states", progress=progress)["feats"]
 
 
 def _encdec_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int,

@@ -28,7 +28,6 @@ import dataclasses
 import functools
 import json
 import time
-import zlib
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -238,9 +237,10 @@ def _teacher_batch(model, k: int, params, tokens_BxL):
 
 def cached_teacher_topk(path: Path, model, params, tokens_NxL, lengths_N, k: int, *,
                         progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """`teacher_topk`, stored in `path` and reused while the tokens, k and the target are the same; computed in parts
-  that a killed run keeps (`training.rowcache`)."""
-  key = json.dumps({"k": min(k, model.vocab_size), "tokens": _crc(tokens_NxL), "lengths": _crc(lengths_N),
+  """`teacher_topk`, stored in `path` and reused while k, the width and the target are the same: each sequence the
+  file already holds is taken from it, so added data computes only the added sequences; computed in parts that a
+  killed run keeps (`training.rowcache`)."""
+  key = json.dumps({"k": min(k, model.vocab_size), "width": int(tokens_NxL.shape[1]),
                     "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
                     "embed": embed_fingerprint(params)}, sort_keys=True)
 
@@ -248,13 +248,10 @@ def cached_teacher_topk(path: Path, model, params, tokens_NxL, lengths_N, k: int
     ids, logp, other = teacher_topk(model, params, tokens_NxL, lengths_N, k, rows=idx)
     return {"ids": ids, "logp": logp, "other": other}
 
-  z = rowcache.cached_rows(path, key, np.argsort(lengths_N, kind="stable"), compute, desc="teacher top-k",
-                           progress=progress)
+  row_keys = [rowcache.sequence_key(t[:n]) for t, n in zip(tokens_NxL, lengths_N)]
+  z = rowcache.cached_rows(path, key, np.argsort(lengths_N, kind="stable"), compute, row_keys=row_keys,
+                           desc="teacher top-k", progress=progress)
   return z["ids"], z["logp"], z["other"]
-
-
-def _crc(a: np.ndarray) -> str:
-  return f"{a.shape}:{zlib.crc32(np.ascontiguousarray(a).view(np.uint8)):08x}"
 
 
 # ---- the objective ---------------------------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import zlib
 from pathlib import Path
 from typing import Literal, Optional
 

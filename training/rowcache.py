@@ -6,10 +6,16 @@ part by part: each part of `part_rows` sequences is written whole to `<path>.par
 name, then a rename) next to `meta.json`, which holds the key. A rerun with the same key reuses the finished parts;
 a part that does not load, or a folder whose key differs, is recomputed. When every part is there, the arrays are
 joined into `path` and the parts are removed.
+
+With `row_keys` (one content key per sequence, `sequence_key`), `key` names only what the arrays are computed with
+(the target, the settings) and the data is named row by row: a file in `path` with the same `key` but other data
+gives every row whose sequence it already holds, and only the new sequences are computed. So adding data to a run
+(more samples, another folder) computes the target's arrays for the added sequences only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,6 +26,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 Compute = Callable[[np.ndarray], dict[str, np.ndarray]]
+ROW_KEYS = "row_keys"  # stored next to the arrays when the rows are named by content
+
+
+def sequence_key(tokens: np.ndarray) -> bytes:
+  """A 16-byte content key of one sequence's token ids (their values and count)."""
+  return hashlib.blake2b(np.ascontiguousarray(np.asarray(tokens, np.int32)).view(np.uint8), digest_size=16).digest()
 
 
 def _load(path: Path, key: str) -> dict[str, np.ndarray] | None:
@@ -39,16 +51,19 @@ def _save(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
   os.replace(tmp, path)
 
 
-def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, part_rows: int = 256,
+def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, row_keys=None, part_rows: int = 256,
                 desc: str = "rows", progress: bool = True) -> dict[str, np.ndarray]:
   """Arrays with one row per sequence, computed in parts that survive a kill.
 
   Args:
     path: the final `.npz` file.
-    key: what the arrays are a function of (data, model, settings); stored with them and checked on reuse.
+    key: what the arrays are a function of (data, model, settings); stored with them and checked on reuse. With
+      `row_keys`, the model and settings only.
     order: the sequence indices in the order to compute them (e.g. by length, so batches share a length); its
       length is the number of rows N.
     compute: `indices -> {name: array [len(indices), ...]}`, the same names, dtypes and trailing shapes each call.
+    row_keys: optional, N content keys (`sequence_key`): rows of sequences that a file in `path` with the same `key`
+      already holds are taken from it, and only the others are computed.
     part_rows: sequences per part.
     desc: the progress bar's label.
     progress: show a progress bar over sequences.
@@ -56,36 +71,59 @@ def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, pa
   Returns:
     `{name: array [N, ...]}`, row i for sequence i.
   """
-  whole = _load(path, key) if path.is_file() else None
-  if whole is not None:
-    return whole
   order = np.asarray(order)
+  n = len(order)
+  rk = None if row_keys is None else np.asarray(list(row_keys), dtype="S16")
+  if rk is not None and len(rk) != n:
+    raise ValueError(f"{len(rk)} row keys for {n} rows")
+  whole = _load(path, key) if path.is_file() else None
+  old: dict[str, np.ndarray] = {}
+  if whole is not None:
+    if rk is None:
+      whole.pop(ROW_KEYS, None)
+      return whole
+    held = whole.pop(ROW_KEYS, None)
+    if held is not None and np.array_equal(held, rk):
+      return whole
+    if held is not None:  # another run's data with the same target: keep the rows of the sequences both hold
+      where = {bytes(h): i for i, h in enumerate(held)}
+      found = np.array([where.get(bytes(r), -1) for r in rk], np.int64)
+      if (found >= 0).any():
+        old = {name: a[found[found >= 0]] for name, a in whole.items()}
+        old_rows = np.nonzero(found >= 0)[0]
+    del whole
+  parts_key = key if rk is None else key + ":" + hashlib.blake2b(rk.tobytes(), digest_size=16).hexdigest()
+  out: dict[str, np.ndarray] = {}
+  if old:
+    for name, a in old.items():
+      out[name] = np.zeros((n,) + a.shape[1:], a.dtype)
+      out[name][old_rows] = a
+    order = order[~np.isin(order, old_rows)]
+    del old
   parts_dir = path.with_name(path.name + ".parts")
   meta = parts_dir / "meta.json"
   try:
-    same = json.loads(meta.read_text())["key"] == key
+    same = json.loads(meta.read_text())["key"] == parts_key
   except (OSError, ValueError, KeyError):
     same = False
   if not same:  # parts of other data or another target: start over
     shutil.rmtree(parts_dir, ignore_errors=True)
     parts_dir.mkdir(parents=True)
-    meta.write_text(json.dumps({"key": key}))
-  n = len(order)
-  out: dict[str, np.ndarray] = {}
-  bar = tqdm(total=n, desc=desc, unit="seq", disable=not progress)
-  for pi, s in enumerate(range(0, n, part_rows)):
+    meta.write_text(json.dumps({"key": parts_key}))
+  bar = tqdm(total=n, initial=n - len(order), desc=desc, unit="seq", disable=not progress)
+  for pi, s in enumerate(range(0, len(order), part_rows)):
     idx = order[s:s + part_rows]
     part = parts_dir / f"part_{pi:05d}.npz"
-    arrays = _load(part, key) if part.is_file() else None
+    arrays = _load(part, parts_key) if part.is_file() else None
     if arrays is None or any(len(a) != len(idx) for a in arrays.values()):
       arrays = compute(idx)
-      _save(part, key, arrays)
+      _save(part, parts_key, arrays)
     for name, a in arrays.items():
       if name not in out:
         out[name] = np.zeros((n,) + a.shape[1:], a.dtype)
       out[name][idx] = a
     bar.update(len(idx))
   bar.close()
-  _save(path, key, out)
+  _save(path, key, out if rk is None else {**out, ROW_KEYS: rk})
   shutil.rmtree(parts_dir, ignore_errors=True)
   return out
