@@ -80,6 +80,20 @@ def test_rows_named_by_content_are_reused_when_data_is_added(tmp_path):
   calls.clear()  # the same data again: the file as it is
   z2 = rowcache.cached_rows(path, "t", np.arange(8), by_id(more, calls), row_keys=keys(more), progress=False)
   assert calls == [] and np.array_equal(z2["sq"], z["sq"])
+  # A run killed before a cache of other data was put in its folder: its parts name other rows, so they are not
+  # taken for the rows that remain.
+  other = tmp_path / "d.npz"
+  with pytest.raises(Killed):
+    rowcache.cached_rows(other, "t", np.arange(8), by_id(more, calls, kill_after=1), row_keys=keys(more),
+                         part_rows=2, progress=False)
+  rowcache.cached_rows(tmp_path / "e.npz", "t", np.arange(5), by_id(first, calls), row_keys=keys(first),
+                       progress=False)
+  (tmp_path / "e.npz").replace(other)
+  calls.clear()
+  z3 = rowcache.cached_rows(other, "t", np.arange(8), by_id(more, calls), row_keys=keys(more), part_rows=2,
+                            progress=False)
+  assert sorted(i for c in calls for i in c) == [20, 21, 22] and np.array_equal(z3["sq"], z["sq"])
+  calls.clear()
   # Another target (key): nothing is taken from the file.
   rowcache.cached_rows(path, "u", np.arange(3), by_id(first[:3], calls), row_keys=keys(first[:3]), progress=False)
   assert calls == [[10, 11, 12]]

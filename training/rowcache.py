@@ -44,6 +44,32 @@ def _load(path: Path, key: str) -> dict[str, np.ndarray] | None:
   return None
 
 
+def _take_rows(path: Path, key: str, rk: np.ndarray, out: dict[str, np.ndarray]) -> np.ndarray:
+  """Puts into `out` (arrays of len(rk) rows) the rows of the sequences in `rk` that the file in `path` holds, when
+  its key is `key` and its rows are named; returns their indices in `rk` (none for another or a broken file)."""
+  try:
+    with np.load(path) as z:
+      if str(z["key"]) != key or ROW_KEYS not in z.files:
+        return np.zeros(0, np.int64)
+      held = z[ROW_KEYS]
+      names = [name for name in z.files if name not in ("key", ROW_KEYS)]
+      if np.array_equal(held, rk):  # the same data
+        out.update((name, z[name]) for name in names)
+        return np.arange(len(rk))
+      where = {bytes(h): i for i, h in enumerate(held)}
+      found = np.array([where.get(bytes(r), -1) for r in rk], np.int64)
+      rows = np.nonzero(found >= 0)[0]
+      for name in names if len(rows) else ():
+        a = z[name]  # one array at a time
+        out[name] = np.zeros((len(rk),) + a.shape[1:], a.dtype)
+        out[name][rows] = a[found[rows]]
+        del a
+      return rows
+  except Exception:  # noqa: BLE001 - a partial or foreign file: recompute
+    out.clear()
+    return np.zeros(0, np.int64)
+
+
 def _save(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp.npz")
@@ -76,30 +102,19 @@ def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, ro
   rk = None if row_keys is None else np.asarray(list(row_keys), dtype="S16")
   if rk is not None and len(rk) != n:
     raise ValueError(f"{len(rk)} row keys for {n} rows")
-  whole = _load(path, key) if path.is_file() else None
-  old: dict[str, np.ndarray] = {}
-  if whole is not None:
-    if rk is None:
+  out: dict[str, np.ndarray] = {}
+  if rk is None:
+    whole = _load(path, key) if path.is_file() else None
+    if whole is not None:
       whole.pop(ROW_KEYS, None)
       return whole
-    held = whole.pop(ROW_KEYS, None)
-    if held is not None and np.array_equal(held, rk):
-      return whole
-    if held is not None:  # another run's data with the same target: keep the rows of the sequences both hold
-      where = {bytes(h): i for i, h in enumerate(held)}
-      found = np.array([where.get(bytes(r), -1) for r in rk], np.int64)
-      if (found >= 0).any():
-        old = {name: a[found[found >= 0]] for name, a in whole.items()}
-        old_rows = np.nonzero(found >= 0)[0]
-    del whole
-  parts_key = key if rk is None else key + ":" + hashlib.blake2b(rk.tobytes(), digest_size=16).hexdigest()
-  out: dict[str, np.ndarray] = {}
-  if old:
-    for name, a in old.items():
-      out[name] = np.zeros((n,) + a.shape[1:], a.dtype)
-      out[name][old_rows] = a
-    order = order[~np.isin(order, old_rows)]
-    del old
+  elif path.is_file():
+    held_rows = _take_rows(path, key, rk, out)
+    if len(held_rows) == n:
+      return out
+    order = order[~np.isin(order, held_rows)]
+  # Parts are named by the rows still to compute, so a rerun that finds other rows held computes its parts anew.
+  parts_key = key if rk is None else key + ":" + hashlib.blake2b(rk[order].tobytes(), digest_size=16).hexdigest()
   parts_dir = path.with_name(path.name + ".parts")
   meta = parts_dir / "meta.json"
   try:
