@@ -4,7 +4,10 @@ curve.
 Peak RSS is reported twice: for the main job alone (`jaxspec generate` at batch 1, in a process of its own) and for
 this whole script, which also holds the batch-8 programs and the long-context verify probes.
 
-    python benchmarks/speed.py [--model PATH] [--new-tokens 128] [--repeats 3]
+    python benchmarks/speed.py [--model PATH] [--new-tokens 128] [--repeats 3] [--dtype float32] [--scan-layers]
+
+`--dtype` and `--scan-layers` are the options of `jaxspec generate`: run the script once per setting to see what
+each costs on a machine.
 
 Figures are the best of the repeats, not medians: on a small shared machine other processes only ever add time.
 The verify-cost curve is t(k)/t(1): the time of one target forward over k new tokens against a cache already
@@ -32,11 +35,11 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def cli_job_peak_rss_mb(model, new_tokens: int) -> tuple[float, str]:
+def cli_job_peak_rss_mb(model, new_tokens: int, extra: list[str]) -> tuple[float, str]:
   """Peak RSS of the main job as a user runs it, in a process of its own: `jaxspec generate` (load, compile, decode
   `new_tokens` at batch 1, print). Returns `(MiB, the CLI's tokens/s line)`."""
   cmd = [sys.executable, "-c", "import sys; from jaxspec.cli import main; sys.exit(main())", "generate", "--prompt",
-         "Write a story about a lighthouse.", "--chat", "--max-new-tokens", str(new_tokens)]
+         "Write a story about a lighthouse.", "--chat", "--max-new-tokens", str(new_tokens), *extra]
   if model:
     cmd += ["--model", model]
   before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -56,30 +59,36 @@ def main():
   ap.add_argument("--ks", default="1,2,4,8,16,32")
   ap.add_argument("--contexts", default="128,1024")
   ap.add_argument("--json", default=None, help="also write the figures here")
+  ap.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+  ap.add_argument("--scan-layers", action="store_true", help="stack the layers under lax.scan")
   args = ap.parse_args()
 
   from jaxspec.bench.cost import forward_cost
   from jaxspec.decoding.generate import generate
-  from jaxspec.loading import load_model
+  from jaxspec.loading import check_dtype, load_model
 
   # First, before this process grows: the whole generate job in a child process.
-  job_rss, job_line = cli_job_peak_rss_mb(args.model, args.new_tokens)
+  dtype = check_dtype(args.dtype)
+  job_rss, job_line = cli_job_peak_rss_mb(args.model, args.new_tokens,
+                                          ["--dtype", dtype] + (["--scan-layers"] if args.scan_layers else []))
   print(f"jaxspec generate (batch 1, {args.new_tokens} new tokens, own process): peak RSS {job_rss:.0f} MiB  "
         f"{job_line}")
 
   base_rss = psutil.Process().memory_info().rss / 2**20
   t0 = time.perf_counter()
-  model, params, tok = load_model(args.model)
+  model, params, tok = load_model(args.model, dtype=dtype, scan_layers=args.scan_layers)
   load_s = time.perf_counter() - t0
   load_peak = peak_rss_mb()
   weights_mb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 2**20
   print(f"devices: {jax.devices()}  jax {jax.__version__}  {platform.processor() or platform.machine()}  "
         f"load average {os.getloadavg()[0]:.2f}")
-  print(f"load: {load_s:.1f} s, f32 weights {weights_mb:.0f} MiB, peak RSS {load_peak:.0f} MiB "
+  layout = " (stacked layers)" if args.scan_layers else ""
+  print(f"load: {load_s:.1f} s, {dtype} weights{layout} {weights_mb:.0f} MiB, peak RSS {load_peak:.0f} MiB "
         f"(+{load_peak - base_rss:.0f} MiB over the {base_rss:.0f} MiB before loading)")
 
   prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a story about a lighthouse."}]))
-  results = {"load_s": load_s, "load_peak_rss_mb": load_peak, "rss_before_load_mb": base_rss,
+  results = {"dtype": dtype, "scan_layers": args.scan_layers, "load_s": load_s, "load_peak_rss_mb": load_peak,
+             "rss_before_load_mb": base_rss,
              "weights_mb": weights_mb, "generate_job_peak_rss_mb": job_rss, "greedy": {}, "sampled": {},
              "verify_cost": {}}
   # Sampling runs the same loop and forward; the difference is the cost of drawing a token from the vocabulary.

@@ -44,6 +44,17 @@ def _mesh(args):
   return sharding.make_mesh(args.mesh) if args.mesh else None
 
 
+def _model_options(parser) -> None:
+  """The target's dtype and layer layout, for `generate` and `bench`."""
+  from jaxspec.loading import DTYPES
+
+  parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                      help="parameter and activation dtype (default float32: fastest on CPU, and bfloat16 can break "
+                           "the methods' token identity with greedy decoding at near-ties)")
+  parser.add_argument("--scan-layers", action="store_true",
+                      help="stack the layers under lax.scan: faster compiles (TPU, deep models), slower steps on CPU")
+
+
 def _cmd_generate(args) -> int:
   from jaxspec.bench.methods import BenchContext, Unavailable, parse_method
   from jaxspec.loading import load_model
@@ -52,7 +63,7 @@ def _cmd_generate(args) -> int:
     raise InputError("The prompt is empty: pass some text with --prompt.")
   label, name, opts = parse_method(args.method)
   mesh = _mesh(args)
-  model, params, tok = load_model(args.model, dtype=args.dtype)
+  model, params, tok = load_model(args.model, dtype=args.dtype, scan_layers=args.scan_layers)
   if mesh is not None:
     from jaxspec import sharding
     params = sharding.partitioner(mesh, model).shard_params(params)
@@ -98,7 +109,8 @@ def _cmd_bench(args) -> int:
                     categories=categories,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=args.out, t5x_src=args.t5x_src,
-                    model=args.model, quick=args.quick, mesh=args.mesh, fresh=args.fresh)
+                    model=args.model, quick=args.quick, mesh=args.mesh, fresh=args.fresh, dtype=args.dtype,
+                    scan_layers=args.scan_layers)
   try:
     res = run_bench(cfg, require_all=named)
   except KeyboardInterrupt:
@@ -144,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--seed", type=_seed, default=0)
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
   g.add_argument("--max-len", type=_positive_int, default=None, help="cache length (default: model context length)")
-  g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  _model_options(g)
   g.add_argument("--method", default="greedy",
                  help="decoding method, as in `jaxspec bench --list-methods` (e.g. bpd, bpd:k=4); all but approximate "
                       "ones give the same tokens as greedy")
@@ -173,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--out", default="bench_out", help="folder for results.json, report.md and plots")
   b.add_argument("--t5x-src", default=None, help="a T5X source checkout, for the t5x-greedy baseline")
   b.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
+  _model_options(b)
   b.add_argument("--quick", action="store_true",
                  help="one prompt per category, 32 new tokens, one batch, no warm-up run (a few minutes)")
   b.add_argument("--mesh", default=None, help=MESH_HELP + " (baselines other than jaxspec's own loop run unsharded)")

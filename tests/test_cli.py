@@ -88,3 +88,22 @@ def test_bad_settings_give_one_clear_message(shared_model, flags, message, capsy
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "4", *flags]) == 2
   err = capsys.readouterr().err
   assert message in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_dtype_and_layer_layout_reach_the_loader_and_the_bench_results(monkeypatch, default_model, tmp_path, capsys):
+  seen = []
+  monkeypatch.setattr(jaxspec.loading, "load_model", lambda path=None, **kw: seen.append(kw) or default_model)
+  assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+  assert seen[-1] == {"dtype": "float32", "scan_layers": False}
+  assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--dtype", "bfloat16", "--scan-layers"]) == 0
+  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": True}
+  out = tmp_path / "out"
+  assert cli.main(["bench", "--methods", "greedy", "--categories", "qa", "--limit", "1", "--max-new-tokens", "2",
+                   "--dtype", "bfloat16", "--out", str(out)]) == 0
+  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": False}
+  import json
+  assert json.loads((out / "results.json").read_text())["config"]["dtype"] == "bfloat16"
+  assert "(bfloat16)" in (out / "report.md").read_text()
+  with pytest.raises(SystemExit) as e:
+    cli.main(["generate", "--prompt", "hi", "--dtype", "float16"])
+  assert e.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err

@@ -113,6 +113,26 @@ def test_hf_folder_round_trip(tmp_path, tiny):
   np.testing.assert_allclose(logits_of(loaded_model, loaded, tokens), logits_of(model, params, tokens), atol=1e-5)
 
 
+def test_dtype_and_stacked_layers_reach_the_loaded_model(tmp_path, tiny):
+  """`--dtype` and `--scan-layers` of the CLI: a bfloat16 model holds bfloat16 weights and computes in bfloat16;
+  stacked layers give the per-layer model's logits; an unknown dtype is named before anything is read."""
+  model, params = tiny
+  save_hf(str(tmp_path), model, params)
+  tokens = jnp.asarray([[4, 8, 15, 16, 23, 42]])
+  want = logits_of(model, params, tokens)
+  bf_model, bf = load_hf(str(tmp_path), dtype="bfloat16")
+  assert bf_model.cfg.dtype == "bfloat16"
+  assert bf["layers_0"]["attn"]["q"]["kernel"].dtype == jnp.bfloat16 and bf["embed"]["embedding"].dtype == jnp.bfloat16
+  got = logits_of(bf_model, bf, tokens)
+  np.testing.assert_array_equal(got, got.astype(jnp.bfloat16).astype(got.dtype))  # computed in bfloat16
+  assert 0 < float(jnp.max(jnp.abs(got - want))) < 0.05 * float(jnp.max(jnp.abs(want)))
+  scan_model, stacked = load_hf(str(tmp_path), scan_layers=True)
+  assert scan_model.cfg.scan_layers and "layers" in stacked and "layers_0" not in stacked
+  np.testing.assert_allclose(logits_of(scan_model, stacked, tokens), want, atol=1e-5)
+  with pytest.raises(ModelLoadError, match="Unknown dtype 'float16': use one of float32, bfloat16"):
+    load_model(str(tmp_path / "not-read"), dtype="float16")
+
+
 def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
   with pytest.raises(ModelLoadError, match="No model"):
     load_model(str(tmp_path / "nope.gguf"))

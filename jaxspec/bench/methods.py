@@ -251,7 +251,8 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
       from jaxspec.models.draft import load_draft
       draft, draft_params = load_draft(path, ctx.params)  # a distilled draft sharing the target's embedding
     else:
-      draft, draft_params, _ = load_model(str(path))
+      # In the target's dtype: the draft's distributions are compared with the target's.
+      draft, draft_params, _ = load_model(str(path), dtype=str(getattr(ctx.model.cfg, "dtype", "float32")))
     vocab_check(ctx.model, draft)
     ctx.cache[key] = (draft, draft_params)
   return ctx.cache[key]

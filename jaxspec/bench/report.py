@@ -102,7 +102,8 @@ def markdown(res: dict) -> str:
   lines += [
       f"- prompts: `{res['prompts']['file']}`, {res['prompts']['n']} prompts "
       f"({', '.join(f'{c} {n}' for c, n in res['prompts']['per_category'].items())})",
-      f"- model: `{cfg['model'] or 'embedded SmolLM2-135M-Instruct'}`; max new tokens {cfg['max_new_tokens']}; "
+      f"- model: `{cfg['model'] or 'embedded SmolLM2-135M-Instruct'}` ({cfg.get('dtype', 'float32')}"
+      + (", layers under lax.scan" if cfg.get("scan_layers") else "") + f"); max new tokens {cfg['max_new_tokens']}; "
       f"batch size {cfg['batch_size']}; " + ("greedy" if greedy else
                                              f"temperature {cfg['temperature']}, top-k {cfg['top_k']}, "
                                              f"top-p {cfg['top_p']}"),
@@ -138,6 +139,10 @@ def markdown(res: dict) -> str:
     lines += ["", "## Unavailable", ""] + [f"- `{k}`: {v['reason']}" for k, v in off.items()]
   if greedy:
     lines += ["", "## Exactness", ""]
+    if cfg.get("dtype", "float32") != "float32":
+      lines += [f"The model ran in {cfg['dtype']}: a block verified in one forward and one-token steps round "
+                "differently there, so outputs can leave greedy decoding at near-ties without a fault in a method "
+                "(float32 keeps them identical; benchmarks/README.md, \"bfloat16\").", ""]
     for label, m in avail.items():
       if label == "greedy" or not m["lossless"]:
         continue

@@ -8,14 +8,37 @@ from jaxspec.loading.default import default_model_path
 from jaxspec.loading.errors import ModelLoadError
 
 
+DTYPES = ("float32", "bfloat16")
+"""What `load_model(dtype=...)`, `jaxspec generate --dtype` and `jaxspec bench --dtype` take.
+
+float32 is the default on every platform. On XLA:CPU it is also the fastest: bfloat16 matrix-vector products run
+several times slower there. On any platform bfloat16 activations break the methods' token identity with greedy
+decoding: a block of k tokens verified in one forward and k one-token steps accumulate in different orders, and
+bfloat16 rounding turns those last-bit differences into other argmax choices at near-ties (measured on the default
+model: benchmarks/README.md, "bfloat16"). Take bfloat16 for speed or memory on GPU and TPU knowing that.
+"""
+
+
+def check_dtype(dtype: str) -> str:
+  """`dtype` if jaxspec loads models in it.
+
+  Raises:
+    ModelLoadError: another name, with the choices.
+  """
+  if dtype not in DTYPES:
+    raise ModelLoadError(f"Unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}.")
+  return dtype
+
+
 def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: bool = False):
   """Loads a model and its tokenizer.
 
   Args:
     path: a .gguf file, a Hugging Face folder (config.json + *.safetensors + tokenizer.json), or None for the
       embedded default (SmolLM2-135M-Instruct).
-    dtype: parameter and activation dtype.
-    scan_layers: stack layers under `lax.scan`.
+    dtype: parameter and activation dtype, "float32" (default) or "bfloat16" (see `DTYPES`).
+    scan_layers: stack layers under `lax.scan`: one compiled layer instead of one per layer, so programs compile
+      faster (worth it on TPU and for deep models); on XLA:CPU separate layers step about 30 % faster.
 
   Returns:
     `(model, params, tokenizer)`.
@@ -25,6 +48,7 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
   """
   from jaxspec.loading.tokenizer import Tokenizer
 
+  check_dtype(dtype)
   if path is None:
     try:
       path = default_model_path()
@@ -53,4 +77,4 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
   return model, params, tokenizer
 
 
-__all__ = ["ModelLoadError", "default_model_path", "load_model"]
+__all__ = ["DTYPES", "ModelLoadError", "check_dtype", "default_model_path", "load_model"]
