@@ -61,6 +61,7 @@ def main():
   ap.add_argument("--json", default=None, help="also write the figures here")
   ap.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
   ap.add_argument("--scan-layers", action="store_true", help="stack the layers under lax.scan")
+  ap.add_argument("--param-dtype", default=None, help="the weights' dtype when it differs from --dtype")
   args = ap.parse_args()
 
   from jaxspec.bench.cost import forward_cost
@@ -70,24 +71,26 @@ def main():
   # First, before this process grows: the whole generate job in a child process.
   dtype = check_dtype(args.dtype)
   job_rss, job_line = cli_job_peak_rss_mb(args.model, args.new_tokens,
-                                          ["--dtype", dtype] + (["--scan-layers"] if args.scan_layers else []))
+                                          ["--dtype", dtype] + (["--scan-layers"] if args.scan_layers else [])
+                                          + (["--param-dtype", args.param_dtype] if args.param_dtype else []))
   print(f"jaxspec generate (batch 1, {args.new_tokens} new tokens, own process): peak RSS {job_rss:.0f} MiB  "
         f"{job_line}")
 
   base_rss = psutil.Process().memory_info().rss / 2**20
   t0 = time.perf_counter()
-  model, params, tok = load_model(args.model, dtype=dtype, scan_layers=args.scan_layers)
+  model, params, tok = load_model(args.model, dtype=dtype, scan_layers=args.scan_layers,
+                                  param_dtype=args.param_dtype)
   load_s = time.perf_counter() - t0
   load_peak = peak_rss_mb()
   weights_mb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 2**20
   print(f"devices: {jax.devices()}  jax {jax.__version__}  {platform.processor() or platform.machine()}  "
         f"load average {os.getloadavg()[0]:.2f}")
   layout = " (stacked layers)" if args.scan_layers else ""
-  print(f"load: {load_s:.1f} s, {dtype} weights{layout} {weights_mb:.0f} MiB, peak RSS {load_peak:.0f} MiB "
+  print(f"load: {load_s:.1f} s, {args.param_dtype or dtype} weights{layout} {weights_mb:.0f} MiB, peak RSS {load_peak:.0f} MiB "
         f"(+{load_peak - base_rss:.0f} MiB over the {base_rss:.0f} MiB before loading)")
 
   prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a story about a lighthouse."}]))
-  results = {"dtype": dtype, "scan_layers": args.scan_layers, "load_s": load_s, "load_peak_rss_mb": load_peak,
+  results = {"dtype": dtype, "param_dtype": args.param_dtype or dtype, "scan_layers": args.scan_layers, "load_s": load_s, "load_peak_rss_mb": load_peak,
              "rss_before_load_mb": base_rss,
              "weights_mb": weights_mb, "generate_job_peak_rss_mb": job_rss, "greedy": {}, "sampled": {},
              "verify_cost": {}}

@@ -51,6 +51,9 @@ def _model_options(parser) -> None:
   parser.add_argument("--dtype", default="float32", choices=DTYPES,
                       help="parameter and activation dtype (default float32: fastest on CPU, and bfloat16 can break "
                            "the methods' token identity with greedy decoding at near-ties)")
+  parser.add_argument("--param-dtype", default=None, choices=DTYPES,
+                      help="hold the weights in this dtype and compute in --dtype (default: --dtype); bfloat16 weights "
+                           "with float32 compute halve the weights' memory and keep greedy outputs identical")
   parser.add_argument("--scan-layers", action="store_true",
                       help="stack the layers under lax.scan: faster compiles (TPU, deep models), slower steps on CPU")
 
@@ -63,7 +66,8 @@ def _cmd_generate(args) -> int:
     raise InputError("The prompt is empty: pass some text with --prompt.")
   label, name, opts = parse_method(args.method)
   mesh = _mesh(args)
-  model, params, tok = load_model(args.model, dtype=args.dtype, scan_layers=args.scan_layers)
+  model, params, tok = load_model(args.model, dtype=args.dtype, scan_layers=args.scan_layers,
+                                  param_dtype=args.param_dtype)
   if mesh is not None:
     from jaxspec import sharding
     params = sharding.partitioner(mesh, model).shard_params(params)
@@ -110,7 +114,7 @@ def _cmd_bench(args) -> int:
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=args.out, t5x_src=args.t5x_src,
                     model=args.model, quick=args.quick, mesh=args.mesh, fresh=args.fresh, dtype=args.dtype,
-                    scan_layers=args.scan_layers)
+                    scan_layers=args.scan_layers, param_dtype=args.param_dtype)
   try:
     res = run_bench(cfg, require_all=named)
   except KeyboardInterrupt:

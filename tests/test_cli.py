@@ -94,13 +94,15 @@ def test_dtype_and_layer_layout_reach_the_loader_and_the_bench_results(monkeypat
   seen = []
   monkeypatch.setattr(jaxspec.loading, "load_model", lambda path=None, **kw: seen.append(kw) or default_model)
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
-  assert seen[-1] == {"dtype": "float32", "scan_layers": False}
+  assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": None}
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--dtype", "bfloat16", "--scan-layers"]) == 0
-  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": True}
+  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": True, "param_dtype": None}
+  assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--param-dtype", "bfloat16"]) == 0
+  assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": "bfloat16"}
   out = tmp_path / "out"
   assert cli.main(["bench", "--methods", "greedy", "--categories", "qa", "--limit", "1", "--max-new-tokens", "2",
                    "--dtype", "bfloat16", "--out", str(out)]) == 0
-  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": False}
+  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": False, "param_dtype": None}
   import json
   assert json.loads((out / "results.json").read_text())["config"]["dtype"] == "bfloat16"
   assert "(bfloat16)" in (out / "report.md").read_text()

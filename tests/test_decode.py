@@ -71,9 +71,11 @@ def test_tree_on_a_real_model_matches_greedy(tiny):
   assert got.tokens == want
 
 
-@pytest.mark.parametrize("dtype,scan", [("bfloat16", False), ("float32", True)])
-def test_drafts_verify_in_bfloat16_and_with_stacked_layers(tiny, dtype, scan):
-  """Models loaded with `--dtype bfloat16` or `--scan-layers` through the draft -> verify loop: a layer-skip draft
+@pytest.mark.parametrize("dtype,param_dtype,scan", [("bfloat16", "bfloat16", False), ("float32", "bfloat16", False),
+                                                     ("float32", "float32", True)])
+def test_drafts_verify_in_bfloat16_and_with_stacked_layers(tiny, dtype, param_dtype, scan):
+  """Models loaded with `--dtype bfloat16`, `--param-dtype bfloat16` or `--scan-layers` through the draft -> verify
+  loop: a layer-skip draft
   (the first layer, sliced out of the stacked arrays when scanned) and a tree of unrelated tokens leave the output
   equal to greedy decoding of the same model. The tiny model's choices are far from ties, so bfloat16 rounding does
   not move them here; on the default model it does (benchmarks/README.md, "bfloat16")."""
@@ -85,7 +87,7 @@ def test_drafts_verify_in_bfloat16_and_with_stacked_layers(tiny, dtype, scan):
   if scan:  # the session's tiny model, its layers stacked: the same function
     model, params = LlamaLM(tiny_config(scan_layers=True)), stack_layers(tiny[1], tiny[0].cfg.n_layers)
   else:
-    model, params = make_tiny(dtype=dtype, param_dtype=dtype)
+    model, params = make_tiny(dtype=dtype, param_dtype=param_dtype)
     assert jax.tree.leaves(params["layers_0"])[0].dtype == jnp.bfloat16
   want = gen.generate(model, params, prompts, max_new_tokens=16).tokens
   if scan:

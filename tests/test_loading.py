@@ -126,11 +126,17 @@ def test_dtype_and_stacked_layers_reach_the_loaded_model(tmp_path, tiny):
   got = logits_of(bf_model, bf, tokens)
   np.testing.assert_array_equal(got, got.astype(jnp.bfloat16).astype(got.dtype))  # computed in bfloat16
   assert 0 < float(jnp.max(jnp.abs(got - want))) < 0.05 * float(jnp.max(jnp.abs(want)))
+  # bfloat16 weights computed in float32: the float32 model's function on the rounded weights.
+  half_model, half = load_hf(str(tmp_path), param_dtype="bfloat16")
+  assert half_model.cfg.dtype == "float32" and half["layers_0"]["mlp"]["up"]["kernel"].dtype == jnp.bfloat16
+  rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), params)
+  np.testing.assert_allclose(logits_of(half_model, half, tokens), logits_of(model, rounded, tokens), atol=1e-5)
   scan_model, stacked = load_hf(str(tmp_path), scan_layers=True)
   assert scan_model.cfg.scan_layers and "layers" in stacked and "layers_0" not in stacked
   np.testing.assert_allclose(logits_of(scan_model, stacked, tokens), want, atol=1e-5)
-  with pytest.raises(ModelLoadError, match="Unknown dtype 'float16': use one of float32, bfloat16"):
-    load_model(str(tmp_path / "not-read"), dtype="float16")
+  for kw in ({"dtype": "float16"}, {"param_dtype": "float16"}):
+    with pytest.raises(ModelLoadError, match="Unknown dtype 'float16': use one of float32, bfloat16"):
+      load_model(str(tmp_path / "not-read"), **kw)
 
 
 def test_missing_and_corrupt_files_are_clear_errors(tmp_path):

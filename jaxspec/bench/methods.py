@@ -252,7 +252,9 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
       draft, draft_params = load_draft(path, ctx.params)  # a distilled draft sharing the target's embedding
     else:
       # In the target's dtype: the draft's distributions are compared with the target's.
-      draft, draft_params, _ = load_model(str(path), dtype=str(getattr(ctx.model.cfg, "dtype", "float32")))
+      mcfg = ctx.model.cfg
+      draft, draft_params, _ = load_model(str(path), dtype=str(getattr(mcfg, "dtype", "float32")),
+                                          param_dtype=getattr(mcfg, "param_dtype", None))
     vocab_check(ctx.model, draft)
     ctx.cache[key] = (draft, draft_params)
   return ctx.cache[key]

@@ -57,6 +57,7 @@ class BenchConfig:
   fresh: bool = False  # start over even when OUT/progress.jsonl holds batches of a killed run of the same settings
   dtype: str = "float32"  # the target's dtype when it is loaded here (jaxspec.loading.DTYPES)
   scan_layers: bool = False  # load the target with its layers stacked under lax.scan
+  param_dtype: str | None = None  # the target's weights' dtype when it differs from `dtype`
 
   def resolved(self) -> "BenchConfig":
     """`--quick`: at most one prompt per category, 32 new tokens, all prompts in one batch (one compiled program per
@@ -169,10 +170,13 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
     raise InputError(f"Cannot write the results folder {out}: {e.strerror or e}. Pass another --out.") from None
   if model is None:
     from jaxspec.loading import load_model
-    model, params, tokenizer = load_model(cfg.model, dtype=cfg.dtype, scan_layers=cfg.scan_layers)
+    model, params, tokenizer = load_model(cfg.model, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
+                                          param_dtype=cfg.param_dtype)
   else:  # a model passed in: record what it is
     mcfg = getattr(model, "cfg", None)
-    cfg = dataclasses.replace(cfg, dtype=str(getattr(mcfg, "dtype", cfg.dtype)),
+    dtype = str(getattr(mcfg, "dtype", cfg.dtype))
+    param_dtype = str(getattr(mcfg, "param_dtype", dtype))
+    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=param_dtype if param_dtype != dtype else None,
                               scan_layers=bool(getattr(mcfg, "scan_layers", cfg.scan_layers)))
   # Before any method is built (some measure this machine's costs first): every prompt must fit.
   ids = chat_prompt_ids(tokenizer, [p.text for p in prompts])

@@ -131,14 +131,16 @@ def _target(name: str, cfg: LlamaConfig):
   return (layer, *path), fn
 
 
-def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = False) -> tuple[LlamaLM, dict]:
+def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = False,
+              param_dtype: str | None = None) -> tuple[LlamaLM, dict]:
   """Loads a LLaMA-family GGUF file.
 
   Args:
     path_or_reader: the .gguf file, or a `gguf.GGUFReader` of it (whose metadata fields are released here: read the
       tokenizer from it first).
-    dtype: parameter and activation dtype ("float32" is fastest on CPU; "bfloat16" halves memory on TPU/GPU).
+    dtype: activation dtype, and parameter dtype unless `param_dtype` is given ("float32" is fastest on CPU).
     scan_layers: stack layers for `lax.scan` (faster compiles) instead of unrolling them.
+    param_dtype: the weights' dtype when it differs from `dtype` (bfloat16 weights computed in float32).
 
   Returns:
     `(model, params)`.
@@ -153,7 +155,8 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
   # weights arrive so peak memory stays near the f32 weights alone.
   reader.fields.clear()
   gc.collect()
-  cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+  param_dtype = param_dtype or dtype
+  cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
   params: dict = {}
   for t in reader.tensors:
     target, fn = _target(t.name, cfg)
@@ -167,7 +170,7 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
     node = params
     for k in target[:-1]:
       node = node.setdefault(k, {})
-    node[target[-1]] = jnp.asarray(w, dtype=dtype)  # copies into a JAX buffer; the numpy copy is freed next
+    node[target[-1]] = jnp.asarray(w, dtype=param_dtype)  # copies into a JAX buffer; the numpy copy is freed next
     del w
   check_complete(params, cfg, path)
   model = LlamaLM(cfg)

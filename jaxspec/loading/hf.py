@@ -79,9 +79,10 @@ _JAXSPEC_PARTS = (
 )
 
 
-def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False) -> tuple[LlamaLM, dict]:
+def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
+            param_dtype: str | None = None) -> tuple[LlamaLM, dict]:
   """Loads a Hugging Face LLaMA-family checkpoint folder, one tensor at a time (T5 folders go to
-  `jaxspec.loading.t5_hf.load_t5`).
+  `jaxspec.loading.t5_hf.load_t5`). Weights are held in `param_dtype` (default: `dtype`) and computed in `dtype`.
 
   Raises:
     ModelLoadError: a missing or unreadable config or weights file, or an unsupported architecture.
@@ -107,8 +108,9 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False) -
       raise ModelLoadError(f"{folder!r} holds {what}, not a model of its own: {use}.")
   from jaxspec.loading.t5_hf import is_t5_config, load_t5
   if is_t5_config(raw):  # an encoder-decoder
-    return load_t5(folder, raw, dtype=dtype)
-  cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=dtype, scan_layers=scan_layers)
+    return load_t5(folder, raw, dtype=dtype, param_dtype=param_dtype)
+  param_dtype = param_dtype or dtype
+  cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
   files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
   if not files:
     raise ModelLoadError(f"{folder!r} has no *.safetensors weights (PyTorch .bin files are not read).")
@@ -121,7 +123,7 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False) -
           target = _target(name)
           if target is None or (target[0] == "lm_head" and cfg.tie_embeddings):
             continue
-          w = f.get_tensor(name).astype(dtype)
+          w = f.get_tensor(name).astype(param_dtype)
           if target[-1] == "kernel":
             w = w.T  # torch Linear [out, in] -> kernel [in, out]
           node = params

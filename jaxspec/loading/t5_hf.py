@@ -133,7 +133,7 @@ def _expected(model: T5LM) -> dict[tuple[str, ...], tuple[int, ...]]:
           for path, x in jax.tree_util.tree_flatten_with_path(shapes)[0]}
 
 
-def load_t5(folder: str, raw: dict, *, dtype: str = "float32") -> tuple[T5LM, dict]:
+def load_t5(folder: str, raw: dict, *, dtype: str = "float32", param_dtype: str | None = None) -> tuple[T5LM, dict]:
   """Loads a transformers T5 checkpoint folder whose `config.json` is `raw`.
 
   Raises:
@@ -141,7 +141,8 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32") -> tuple[T5LM, di
   """
   from safetensors import safe_open
 
-  cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=dtype)
+  param_dtype = param_dtype or dtype
+  cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=param_dtype)
   files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
   if not files:
     raise ModelLoadError(f"{folder!r} has no *.safetensors weights (PyTorch .bin files are not read).")
@@ -153,7 +154,7 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32") -> tuple[T5LM, di
           key = _target(name)
           if key is None:
             continue
-          w = f.get_tensor(name).astype(dtype)
+          w = f.get_tensor(name).astype(param_dtype)
           if key[-1] == "kernel":
             w = w.T  # torch Linear [out, in] -> kernel [in, out]
           node = params
