@@ -41,8 +41,10 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
       "bfloat16" (see `DTYPES`).
     scan_layers: stack layers under `lax.scan`: one compiled layer instead of one per layer, so programs compile
       faster (worth it on TPU and for deep models); on XLA:CPU separate layers step faster.
-    param_dtype: the weights' dtype when it differs from `dtype`: bfloat16 weights computed in float32 halve the
-      weights' memory and keep the methods token-identical to greedy decoding (benchmarks/README.md, "bfloat16").
+    param_dtype: the weights' dtype when it differs from `dtype` (as Flax's `param_dtype`). bfloat16 weights
+      computed in float32 kept every method token-identical to greedy decoding where bfloat16 activations did not;
+      on XLA:CPU they are slower and the compiled program holds float32 copies of some weights, so memory grows
+      there (benchmarks/README.md, "bfloat16").
 
   Returns:
     `(model, params, tokenizer)`.
