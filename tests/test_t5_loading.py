@@ -109,6 +109,18 @@ def test_teacher_forced_logits_match_transformers(ref, variant):
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
+def test_bfloat16_weights_computed_in_float32(ref):
+  """`--param-dtype bfloat16` on an encoder-decoder: the weights are held in bfloat16, and the logits are the float32
+  model's on the rounded weights."""
+  model, params = load_hf(folder("v11"), param_dtype="bfloat16")
+  assert model.cfg.dtype == "float32" and model.cfg.param_dtype == "bfloat16"
+  assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"bfloat16"}
+  base_model, base = loaded("v11")
+  rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), base)
+  np.testing.assert_allclose(teacher_forced(model, params, ref, "v11"),
+                             teacher_forced(base_model, rounded, ref, "v11"), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_greedy_matches_transformers(ref, variant):
   """Each source alone (as transformers ran it), then both together: ragged rows padded to one bucket."""
