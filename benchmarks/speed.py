@@ -4,9 +4,10 @@ curve.
 Peak RSS is reported twice: for the main job alone (`jaxspec generate` at batch 1, in a process of its own) and for
 this whole script, which also holds the batch-8 programs and the long-context verify probes.
 
-    python benchmarks/speed.py [--model PATH] [--new-tokens 128] [--repeats 3] [--dtype float32] [--scan-layers]
+    python benchmarks/speed.py [--model PATH] [--new-tokens 128] [--repeats 3] [--dtype float32]
+                               [--param-dtype bfloat16] [--scan-layers]
 
-`--dtype` and `--scan-layers` are the options of `jaxspec generate`: run the script once per setting to see what
+`--dtype`, `--param-dtype` and `--scan-layers` are the options of `jaxspec generate`: run the script once per setting to see what
 each costs on a machine.
 
 Figures are the best of the repeats, not medians: on a small shared machine other processes only ever add time.
@@ -52,6 +53,8 @@ def cli_job_peak_rss_mb(model, new_tokens: int, extra: list[str]) -> tuple[float
 
 
 def main():
+  from jaxspec.loading import DTYPES
+
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", default=None)
   ap.add_argument("--new-tokens", type=int, default=128)
@@ -59,9 +62,9 @@ def main():
   ap.add_argument("--ks", default="1,2,4,8,16,32")
   ap.add_argument("--contexts", default="128,1024")
   ap.add_argument("--json", default=None, help="also write the figures here")
-  ap.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
+  ap.add_argument("--dtype", default="float32", choices=DTYPES, help="activations and weights (default float32)")
   ap.add_argument("--scan-layers", action="store_true", help="stack the layers under lax.scan")
-  ap.add_argument("--param-dtype", default=None, help="the weights' dtype when it differs from --dtype")
+  ap.add_argument("--param-dtype", default=None, choices=DTYPES, help="the weights' dtype when it differs from --dtype")
   args = ap.parse_args()
 
   from jaxspec.bench.cost import forward_cost

@@ -53,7 +53,7 @@ def _model_options(parser) -> None:
                            "the methods' token identity with greedy decoding at near-ties)")
   parser.add_argument("--param-dtype", default=None, choices=DTYPES,
                       help="hold the weights in this dtype and compute in --dtype (default: --dtype); bfloat16 weights "
-                           "with float32 compute keep greedy outputs identical (on CPU slower, not smaller)")
+                           "with float32 compute kept greedy outputs identical (on CPU no faster, and larger)")
   parser.add_argument("--scan-layers", action="store_true",
                       help="stack the layers under lax.scan: faster compiles (TPU, deep models), slower steps on CPU")
 

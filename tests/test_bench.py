@@ -331,3 +331,14 @@ def test_an_interrupted_bench_says_how_to_go_on(tmp_path, monkeypatch, capsys):
   (out / "progress.jsonl").write_text("{}\n")
   assert main(["bench", "--methods", "greedy", "--out", str(out)]) == 130
   assert "the same command goes on from there" in capsys.readouterr().err
+
+
+def test_model_settings_count_in_the_fingerprint_only_when_set():
+  """A progress file written before --dtype / --param-dtype / --scan-layers existed still resumes a default run;
+  a run in other settings does not take its batches."""
+  from jaxspec.bench.progress import fingerprint
+
+  conf = lambda **kw: fingerprint(BenchConfig(**kw), [], [], ["greedy"])["config"]
+  assert not {"dtype", "param_dtype", "scan_layers"} & set(conf())
+  assert conf(dtype="bfloat16")["dtype"] == "bfloat16" and conf(scan_layers=True)["scan_layers"] is True
+  assert conf(param_dtype="bfloat16")["param_dtype"] == "bfloat16"

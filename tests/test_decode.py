@@ -74,7 +74,7 @@ def test_tree_on_a_real_model_matches_greedy(tiny):
 @pytest.mark.parametrize("dtype,param_dtype,scan", [("bfloat16", "bfloat16", False), ("float32", "bfloat16", False),
                                                      ("float32", "float32", True)])
 def test_drafts_verify_in_bfloat16_and_with_stacked_layers(tiny, dtype, param_dtype, scan):
-  """Models loaded with `--dtype bfloat16`, `--param-dtype bfloat16` or `--scan-layers` through the draft -> verify
+  """Models as `--dtype bfloat16`, `--param-dtype bfloat16` or `--scan-layers` load them, through the draft -> verify
   loop: a layer-skip draft
   (the first layer, sliced out of the stacked arrays when scanned) and a tree of unrelated tokens leave the output
   equal to greedy decoding of the same model. The tiny model's choices are far from ties, so bfloat16 rounding does
@@ -95,7 +95,7 @@ def test_drafts_verify_in_bfloat16_and_with_stacked_layers(tiny, dtype, param_dt
   draft, draft_params = layerskip_draft(model, params, 1)
   got = gen.generate(model, params, prompts, max_new_tokens=16, drafter=DraftModelDrafter(draft, 3),
                      draft_params=draft_params)
-  assert got.tokens == want and got.target_calls < 2 * 15  # some drafts were accepted
+  assert got.tokens == want and got.target_calls < 15  # 15 one-token steps without drafts: some were accepted
   tree = OracleTree(LM, parents=(-1, -1, 0, 1, 2), good=(0, 1, 2, 3, 4))
   assert gen.generate(model, params, prompts, max_new_tokens=16, drafter=tree).tokens == want
 

@@ -134,6 +134,8 @@ def test_dtype_and_stacked_layers_reach_the_loaded_model(tmp_path, tiny):
   scan_model, stacked = load_hf(str(tmp_path), scan_layers=True)
   assert scan_model.cfg.scan_layers and "layers" in stacked and "layers_0" not in stacked
   np.testing.assert_allclose(logits_of(scan_model, stacked, tokens), want, atol=1e-5)
+  save_hf(str(tmp_path / "again"), scan_model, stacked)  # stacked layers are written per layer (the HF baselines)
+  np.testing.assert_allclose(logits_of(*load_hf(str(tmp_path / "again")), tokens), want, atol=1e-5)
   for kw in ({"dtype": "float16"}, {"param_dtype": "float16"}):
     with pytest.raises(ModelLoadError, match="Unknown dtype 'float16': use one of float32, bfloat16"):
       load_model(str(tmp_path / "not-read"), **kw)

@@ -119,6 +119,8 @@ def test_bfloat16_weights_computed_in_float32(ref):
   rounded = jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), base)
   np.testing.assert_allclose(teacher_forced(model, params, ref, "v11"),
                              teacher_forced(base_model, rounded, ref, "v11"), atol=1e-5, rtol=0)
+  with pytest.raises(ModelLoadError, match="encoder-decoder .* leave out --scan-layers"):
+    load_hf(folder("v11"), scan_layers=True)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

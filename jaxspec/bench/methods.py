@@ -251,10 +251,10 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
       from jaxspec.models.draft import load_draft
       draft, draft_params = load_draft(path, ctx.params)  # a distilled draft sharing the target's embedding
     else:
-      # In the target's dtype: the draft's distributions are compared with the target's.
-      mcfg = ctx.model.cfg
-      draft, draft_params, _ = load_model(str(path), dtype=str(getattr(mcfg, "dtype", "float32")),
-                                          param_dtype=getattr(mcfg, "param_dtype", None))
+      # A model file is loaded in the target's dtypes (a distilled draft above keeps the dtype it was saved in).
+      from jaxspec.bench.runner import BenchConfig, model_settings
+      kinds = model_settings(ctx.model, BenchConfig())
+      draft, draft_params, _ = load_model(str(path), dtype=kinds["dtype"], param_dtype=kinds["param_dtype"])
     vocab_check(ctx.model, draft)
     ctx.cache[key] = (draft, draft_params)
   return ctx.cache[key]

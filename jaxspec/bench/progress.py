@@ -26,6 +26,10 @@ def fingerprint(cfg, prompts, prompt_ids, labels) -> dict:
   """What a restored batch must share with this run for its figures to belong to it."""
   conf = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()
           if k not in ("out", "fresh")}
+  # Settings added later count only when set, so progress files written before them still resume.
+  for key, default in (("dtype", "float32"), ("param_dtype", None), ("scan_layers", False)):
+    if conf.get(key, default) == default:
+      conf.pop(key, None)
   h = hashlib.sha256(json.dumps([[str(p.question_id), p.category, ids] for p, ids in zip(prompts, prompt_ids)])
                      .encode()).hexdigest()
   return {"config": conf, "prompts_sha256": h, "methods": list(labels), "backend": jax.default_backend(),

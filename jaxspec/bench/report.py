@@ -143,7 +143,7 @@ def markdown(res: dict) -> str:
     if cfg.get("dtype", "float32") != "float32":
       lines += [f"The model ran in {cfg['dtype']}: a block verified in one forward and one-token steps round "
                 "differently there, so outputs can leave greedy decoding at near-ties without a fault in a method "
-                "(float32 keeps them identical; benchmarks/README.md, \"bfloat16\").", ""]
+                "(in float32 they stayed identical in every run measured; benchmarks/README.md, \"bfloat16\").", ""]
     for label, m in avail.items():
       if label == "greedy" or not m["lossless"]:
         continue

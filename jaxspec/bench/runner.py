@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -106,6 +107,21 @@ def environment() -> dict:
   }
 
 
+def dtype_name(x) -> str:
+  """"float32" for "float32", jnp.float32 or np.dtype("float32")."""
+  return jnp.dtype(x).name
+
+
+def model_settings(model, cfg: BenchConfig) -> dict:
+  """`dtype`, `param_dtype` (None when it equals `dtype`) and `scan_layers` of a model, as BenchConfig records them;
+  `cfg`'s own values where the model does not say (models without a `cfg`)."""
+  mcfg = getattr(model, "cfg", None)
+  dtype = dtype_name(getattr(mcfg, "dtype", None) or cfg.dtype)
+  param_dtype = dtype_name(getattr(mcfg, "param_dtype", None) or cfg.param_dtype or dtype)
+  return {"dtype": dtype, "param_dtype": param_dtype if param_dtype != dtype else None,
+          "scan_layers": bool(getattr(mcfg, "scan_layers", cfg.scan_layers))}
+
+
 def _version(pkg: str) -> str | None:
   from importlib.metadata import PackageNotFoundError, version
   try:
@@ -172,12 +188,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
     from jaxspec.loading import load_model
     model, params, tokenizer = load_model(cfg.model, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
                                           param_dtype=cfg.param_dtype)
-  else:  # a model passed in: record what it is
-    mcfg = getattr(model, "cfg", None)
-    dtype = str(getattr(mcfg, "dtype", cfg.dtype))
-    param_dtype = str(getattr(mcfg, "param_dtype", dtype))
-    cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=param_dtype if param_dtype != dtype else None,
-                              scan_layers=bool(getattr(mcfg, "scan_layers", cfg.scan_layers)))
+  cfg = dataclasses.replace(cfg, **model_settings(model, cfg))  # what the model is, loaded here or passed in
   # Before any method is built (some measure this machine's costs first): every prompt must fit.
   ids = chat_prompt_ids(tokenizer, [p.text for p in prompts])
   context = getattr(getattr(model, "cfg", None), "max_seq_len", None)

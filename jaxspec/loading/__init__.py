@@ -43,8 +43,7 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
       faster (worth it on TPU and for deep models); on XLA:CPU separate layers step faster.
     param_dtype: the weights' dtype when it differs from `dtype` (as Flax's `param_dtype`). bfloat16 weights
       computed in float32 kept every method token-identical to greedy decoding where bfloat16 activations did not;
-      on XLA:CPU they are slower and the compiled program holds float32 copies of some weights, so memory grows
-      there (benchmarks/README.md, "bfloat16").
+      on XLA:CPU they were no faster and the compiled programs larger (benchmarks/README.md, "bfloat16").
 
   Returns:
     `(model, params, tokenizer)`.

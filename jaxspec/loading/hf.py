@@ -13,7 +13,7 @@ import numpy as np
 
 from jaxspec.loading.errors import ModelLoadError
 from jaxspec.loading.gguf_loader import check_complete
-from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers
+from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers, unstack_layers
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
 
@@ -108,6 +108,9 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
       raise ModelLoadError(f"{folder!r} holds {what}, not a model of its own: {use}.")
   from jaxspec.loading.t5_hf import is_t5_config, load_t5
   if is_t5_config(raw):  # an encoder-decoder
+    if scan_layers:
+      raise ModelLoadError(f"{folder!r} is an encoder-decoder (T5), whose layers load one by one only: leave out "
+                           "--scan-layers.")
     return load_t5(folder, raw, dtype=dtype, param_dtype=param_dtype)
   param_dtype = param_dtype or dtype
   cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
@@ -155,7 +158,7 @@ def save_hf(folder: str, model: LlamaLM, params: dict) -> None:
   cfg = model.cfg
   os.makedirs(folder, exist_ok=True)
   tensors = {}
-  for key, leaf in _flatten(params):
+  for key, leaf in _flatten(unstack_layers(params)):
     arr = np.asarray(leaf, np.float32)
     tensors[hf_tensor_name(key)] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
   save_file(tensors, os.path.join(folder, "model.safetensors"))

@@ -378,3 +378,14 @@ def stack_layers(params: dict, n_layers: int) -> dict:
   out = {k: v for k, v in params.items() if not k.startswith("layers_")}
   out["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *[params[f"layers_{i}"] for i in range(n_layers)])}
   return out
+
+
+def unstack_layers(params: dict) -> dict:
+  """The per-layer layout (`layers_0`, ...) of params in either layout; the inverse of `stack_layers`."""
+  if "layers" not in params:
+    return params
+  out = {k: v for k, v in params.items() if k != "layers"}
+  block = params["layers"]["block"]
+  for i in range(len(jax.tree.leaves(block)[0])):
+    out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], block)
+  return out
