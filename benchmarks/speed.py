@@ -7,8 +7,8 @@ this whole script, which also holds the batch-8 programs and the long-context ve
     python benchmarks/speed.py [--model PATH] [--new-tokens 128] [--repeats 3] [--dtype float32]
                                [--param-dtype bfloat16] [--scan-layers]
 
-`--dtype`, `--param-dtype` and `--scan-layers` are the options of `jaxspec generate`: run the script once per setting to see what
-each costs on a machine.
+`--dtype`, `--param-dtype` and `--scan-layers` are the options of `jaxspec generate`: run the script once per
+setting to see what each costs on a machine.
 
 Figures are the best of the repeats, not medians: on a small shared machine other processes only ever add time.
 The verify-cost curve is t(k)/t(1): the time of one target forward over k new tokens against a cache already
@@ -69,10 +69,10 @@ def main():
 
   from jaxspec.bench.cost import forward_cost
   from jaxspec.decoding.generate import generate
-  from jaxspec.loading import check_dtype, load_model
+  from jaxspec.loading import load_model
 
   # First, before this process grows: the whole generate job in a child process.
-  dtype = check_dtype(args.dtype)
+  dtype = args.dtype
   job_rss, job_line = cli_job_peak_rss_mb(args.model, args.new_tokens,
                                           ["--dtype", dtype] + (["--scan-layers"] if args.scan_layers else [])
                                           + (["--param-dtype", args.param_dtype] if args.param_dtype else []))
@@ -89,13 +89,13 @@ def main():
   print(f"devices: {jax.devices()}  jax {jax.__version__}  {platform.processor() or platform.machine()}  "
         f"load average {os.getloadavg()[0]:.2f}")
   layout = " (stacked layers)" if args.scan_layers else ""
-  print(f"load: {load_s:.1f} s, {args.param_dtype or dtype} weights{layout} {weights_mb:.0f} MiB, peak RSS {load_peak:.0f} MiB "
+  print(f"load: {load_s:.1f} s, {args.param_dtype or dtype} weights{layout} {weights_mb:.0f} MiB, "
+        f"peak RSS {load_peak:.0f} MiB "
         f"(+{load_peak - base_rss:.0f} MiB over the {base_rss:.0f} MiB before loading)")
 
   prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a story about a lighthouse."}]))
-  results = {"dtype": dtype, "param_dtype": args.param_dtype or dtype, "scan_layers": args.scan_layers, "load_s": load_s, "load_peak_rss_mb": load_peak,
-             "rss_before_load_mb": base_rss,
-             "weights_mb": weights_mb, "generate_job_peak_rss_mb": job_rss, "greedy": {}, "sampled": {},
+  results = {"dtype": dtype, "param_dtype": args.param_dtype or dtype, "scan_layers": args.scan_layers,
+             "load_s": load_s, "load_peak_rss_mb": load_peak, "rss_before_load_mb": base_rss, "weights_mb": weights_mb, "generate_job_peak_rss_mb": job_rss, "greedy": {}, "sampled": {},
              "verify_cost": {}}
   # Sampling runs the same loop and forward; the difference is the cost of drawing a token from the vocabulary.
   for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):

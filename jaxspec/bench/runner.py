@@ -107,17 +107,13 @@ def environment() -> dict:
   }
 
 
-def dtype_name(x) -> str:
-  """"float32" for "float32", jnp.float32 or np.dtype("float32")."""
-  return jnp.dtype(x).name
-
-
 def model_settings(model, cfg: BenchConfig) -> dict:
   """`dtype`, `param_dtype` (None when it equals `dtype`) and `scan_layers` of a model, as BenchConfig records them;
-  `cfg`'s own values where the model does not say (models without a `cfg`)."""
+  `cfg`'s own values where the model does not say (models without a `cfg`). Names are normalised: "float32",
+  jnp.float32 and np.dtype("float32") are all "float32"."""
   mcfg = getattr(model, "cfg", None)
-  dtype = dtype_name(getattr(mcfg, "dtype", None) or cfg.dtype)
-  param_dtype = dtype_name(getattr(mcfg, "param_dtype", None) or cfg.param_dtype or dtype)
+  dtype = jnp.dtype(getattr(mcfg, "dtype", None) or cfg.dtype).name
+  param_dtype = jnp.dtype(getattr(mcfg, "param_dtype", None) or cfg.param_dtype or dtype).name
   return {"dtype": dtype, "param_dtype": param_dtype if param_dtype != dtype else None,
           "scan_layers": bool(getattr(mcfg, "scan_layers", cfg.scan_layers))}
 

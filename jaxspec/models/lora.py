@@ -24,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxspec.errors import ModelLoadError
+from jaxspec.models.llama import stack_layers, unstack_layers
 
 FORMAT = 1
 WEIGHTS_FILE = "lora.safetensors"
@@ -86,15 +87,9 @@ def _match_layout(lora: dict, params: Any) -> dict:
     n = len(jax.tree.leaves(params["layers"])[0])
     if not all(f"layers_{i}" in lora for i in range(n)):
       return lora  # left for the shape check to report
-    out = {k: v for k, v in lora.items() if not k.startswith("layers_")}
-    out["layers"] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs), *[lora[f"layers_{i}"] for i in range(n)])}
-    return out
+    return stack_layers(lora, n)
   if "layers" in lora and any(k.startswith("layers_") for k in params) and "block" in lora["layers"]:
-    out = {k: v for k, v in lora.items() if k != "layers"}
-    n = len(jax.tree.leaves(lora["layers"])[0])
-    for i in range(n):
-      out[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], lora["layers"]["block"])
-    return out
+    return unstack_layers(lora)
   return lora
 
 
