@@ -410,6 +410,39 @@ def test_extra_dataset_dirs_add_finished_folders_only(tmp_path):
     build(data("s0", extra_dataset_dirs=(str(tmp_path / "nowhere"),)))
 
 
+def test_more_prompts_add_their_greedy_continuations(tmp_path):
+  from jaxspec.models.llama import LlamaLM, tiny_config
+  from training.bpd import DataSection
+  from training.config import ConfigError
+
+  model = LlamaLM(tiny_config(vocab_size=TINY_VOCAB))
+  params = model.init_params(jax.random.key(0))
+
+  def prompt_file(name, texts):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"question_id": i, "category": "qa", "turns": [t]}) + "\n"
+                            for i, t in enumerate(texts, 1)))
+    return str(path)
+
+  first = prompt_file("a.jsonl", ["alpha 1", "bravo 22"])
+  more = prompt_file("b.jsonl", ["charlie 333", "delta 4444", "echo 5"])
+  tok = ByteTokenizer()
+  build = lambda **kw: bpd_training.build_sequences(
+      BPDTrainConfig(data=DataSection(prompts=first, max_new_tokens=8, gen_batch_size=2, **kw)), model, params,
+      tok, progress=False)
+  base = build(dataset_dir=str(tmp_path / "a"))
+  both = build(dataset_dir=str(tmp_path / "a"), more_prompts=more, more_dataset_dir=str(tmp_path / "b"),
+               more_max_new_tokens=5)
+  # The first file's sequences, then one greedy continuation of each added prompt, of the added length.
+  assert [t.tolist() for t in both.tokens[:2]] == [t.tolist() for t in base.tokens]
+  added = {tuple(t[:p].tolist()) for t, p in zip(both.tokens[2:], both.prompt_lens[2:])}
+  assert added == {tuple(tok.encode(x)) for x in ["charlie 333", "delta 4444", "echo 5"]}
+  assert all(len(t) - p <= 5 for t, p in zip(both.tokens[2:], both.prompt_lens[2:]))
+  assert max(len(t) - p for t, p in zip(both.tokens[2:], both.prompt_lens[2:])) == 5
+  with pytest.raises(ConfigError, match="more_dataset_dir"):
+    build(dataset_dir=str(tmp_path / "a"), more_prompts=more)
+
+
 # ---- Sampling with BPD drafts ------------------------------------------------------------------------------------
 
 

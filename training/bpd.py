@@ -63,6 +63,12 @@ class DataSection:
   # With temperature > 0: also the greedy continuations of the same prompts, from (or built into) this folder, e.g.
   # the BPD run's dataset_dir; None: the sampled continuations only.
   greedy_dataset_dir: Optional[str] = None
+  # Another prompt file (e.g. training/data/prompts_more.jsonl) whose greedy continuations, of more_max_new_tokens
+  # tokens (None: max_new_tokens), are built into more_dataset_dir and added to the data: new prompts bring new
+  # contexts, where more answers to the same prompts repeat them.
+  more_prompts: Optional[str] = None
+  more_dataset_dir: Optional[str] = None
+  more_max_new_tokens: Optional[int] = None
   eval_fraction: float = 0.05
   loss_on_prompt: bool = False  # also train on positions inside the prompt
 
@@ -113,6 +119,14 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
                                           max_new_tokens=cfg.data.max_new_tokens,
                                           batch_size=cfg.data.gen_batch_size, progress=progress))
   parts += [datasets.load_finished(folder) for folder in cfg.data.extra_dataset_dirs]
+  if cfg.data.more_prompts:
+    if not cfg.data.more_dataset_dir:
+      raise ConfigError("data.more_prompts needs data.more_dataset_dir, the folder its continuations are built into "
+                        "(e.g. data.more_dataset_dir=runs/more/data).")
+    parts.append(datasets.self_distill(model, params, tokenizer, datasets.read_prompt_texts(cfg.data.more_prompts),
+                                       cfg.data.more_dataset_dir,
+                                       max_new_tokens=cfg.data.more_max_new_tokens or cfg.data.max_new_tokens,
+                                       batch_size=cfg.data.gen_batch_size, progress=progress))
   return datasets.Sequences([t for p in parts for t in p.tokens], np.concatenate([p.prompt_lens for p in parts]))
 
 
