@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -475,3 +476,12 @@ def test_bpd_sampling_is_exact(gate):
   if gate:
     assert_gate_skips_some_drafts(target, BPDDrafter(bpd), dp, SampleAcceptance(), calls,
                                   at_most=0.9 if gate < 1.03 else 0.8)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parent.parent / "configs").glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+  """A config whose keys have drifted from the dataclasses fails here, not in a user's run."""
+  from training.tasks import load_task_config
+
+  cfg, _ = load_task_config(str(Path(__file__).parent.parent / "configs" / name))
+  assert dataclasses.is_dataclass(cfg)
