@@ -72,6 +72,11 @@ class DataSection:
   eval_fraction: float = 0.05
   loss_on_prompt: bool = False  # also train on positions inside the prompt
 
+  def __post_init__(self):
+    if self.more_prompts and not self.more_dataset_dir:
+      raise ValueError("more_prompts needs more_dataset_dir, the folder its continuations are built into "
+                       "(e.g. data.more_dataset_dir=runs/more/data)")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainSection:
@@ -120,9 +125,6 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
                                           batch_size=cfg.data.gen_batch_size, progress=progress))
   parts += [datasets.load_finished(folder) for folder in cfg.data.extra_dataset_dirs]
   if cfg.data.more_prompts:
-    if not cfg.data.more_dataset_dir:
-      raise ConfigError("data.more_prompts needs data.more_dataset_dir, the folder its continuations are built into "
-                        "(e.g. data.more_dataset_dir=runs/more/data).")
     parts.append(datasets.self_distill(model, params, tokenizer, datasets.read_prompt_texts(cfg.data.more_prompts),
                                        cfg.data.more_dataset_dir,
                                        max_new_tokens=cfg.data.more_max_new_tokens or cfg.data.max_new_tokens,
