@@ -289,6 +289,46 @@ def test_joint_objective_trains_base_and_heads(tiny, tmp_path):
   assert all(not leaf.is_deleted() for leaf in before)
 
 
+def test_subset_targets_leave_out_tokens_outside_the_heads_vocabulary():
+  vocab = np.array([3, 7, 9], np.int32)
+  targets = np.array([[-1, 3, 4], [9, 10, 7]])
+  want = [[-1, 0, -1], [2, -1, 1]]
+  np.testing.assert_array_equal(bpd_training.subset_targets(np, vocab, targets), want)
+  np.testing.assert_array_equal(bpd_training.subset_targets(jnp, jnp.asarray(vocab), jnp.asarray(targets)), want)
+
+
+def test_joint_run_starts_from_trained_heads_and_scales_the_base_rate(tiny, tmp_path):
+  """heads.init: the joint run starts from trained heads (their first num_heads), so its first steps already
+  predict; base_lr_scale=0 leaves the base as it was while the heads go on training; heads that do not fit the
+  config are a ConfigError naming what differs."""
+  model, params = tiny
+  (tmp_path / "a").mkdir()
+  (tmp_path / "b").mkdir()
+  first = tiny_train_config(tmp_path / "a", steps=100)
+  train_bpd(first, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  trained_dir = tmp_path / "a" / "heads"
+  base = tiny_train_config(tmp_path / "b", steps=10)
+  cfg = dataclasses.replace(
+      base, heads=dataclasses.replace(base.heads, num_heads=2, init=str(trained_dir)),
+      data=dataclasses.replace(base.data, dataset_dir=first.data.dataset_dir),
+      train=dataclasses.replace(base.train, objective="joint", batch_size=4, seq_len=64, base_lr_scale=0.0,
+                                log_every=1))
+  train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  metrics = [json.loads(l) for l in (tmp_path / "b" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+  assert metrics[0]["step"] == 1 and metrics[0]["acc_h1"] > 0.3  # fresh heads start near 1/vocab
+  _, kept = load_hf(str(tmp_path / "b" / "heads" / "base"))
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(kept)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  start, p0 = load_bpd(trained_dir, num_heads=2)
+  bpd, p1 = load_bpd(tmp_path / "b" / "heads")
+  assert bpd.num_heads == 2
+  np.testing.assert_array_equal(p0["vocab_ids"], p1["vocab_ids"])
+  assert not np.allclose(p0["heads"]["w_in"], p1["heads"]["w_in"])
+  wrong = dataclasses.replace(cfg, heads=dataclasses.replace(cfg.heads, d_hidden=16))
+  with pytest.raises(ConfigError, match="d_hidden=32"):
+    train_bpd(wrong, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+
+
 def test_config_errors_name_the_key(tmp_path):
   path = tmp_path / "c.yaml"
   path.write_text("task: bpd\nheads:\n  num_head: 4\n")

@@ -44,6 +44,10 @@ class HeadsSection:
   d_hidden: int = 576
   use_next_token: bool = True
   vocab_subset: bool = True  # project onto the tokens seen in the data only
+  # Start from trained heads (a folder a BPD run exported, e.g. jaxspec/assets/bpd_smollm2; its first num_heads
+  # heads) instead of fresh ones: their vocabulary subset is kept, and targets outside it are left out of the loss.
+  # The joint objective wants this: fresh heads' losses are ~100x the base's own and would wreck the base early.
+  init: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +89,7 @@ class TrainSection:
   batch_size: int = 256  # positions per step ("heads"), sequences per step ("joint")
   seq_len: int = 256  # sequences are cut to this ("joint": and padded; "heads": the hidden states cached at it)
   base_loss_weight: float = 1.0  # "joint": weight of the base's own next-token loss
+  base_lr_scale: float = 1.0  # "joint": the base's learning rate as a fraction of optim.lr (the heads get optim.lr)
   # "heads": what head i learns at position t. "tokens": the data's token x_{t+1+i} (cross-entropy). "teacher": the
   # target's distribution for that token, softmax of its logits at t+i over the heads' vocabulary (distillation).
   # On sampled data the token is often not the target's top-1, which is what greedy decoding accepts.
@@ -94,6 +99,11 @@ class TrainSection:
   checkpoint_every: int = 200
   eval_every: int = 200
   log_every: int = 25
+
+  def __post_init__(self):
+    if self.base_loss_weight < 0 or self.base_lr_scale < 0:
+      raise ValueError(f"base_loss_weight and base_lr_scale must be >= 0, got {self.base_loss_weight} and "
+                       f"{self.base_lr_scale}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,11 +269,18 @@ def head_examples(seqs: datasets.Sequences, hidden: list[np.ndarray], k: int, vo
     start += n
   targets = np.concatenate(tg).astype(np.int64)
   if vocab_ids is not None:
-    pos = np.searchsorted(vocab_ids, np.maximum(targets, 0))
-    targets = np.where(targets >= 0, pos, -1)
+    targets = subset_targets(np, vocab_ids, targets)
   return HeadExamples(np.concatenate([np.asarray(h)[:len(t)] for t, h in zip(seqs.tokens, hidden)]),
                       np.concatenate(idx).astype(np.int64), np.concatenate(nx).astype(np.int32),
                       targets.astype(np.int32), teacher)
+
+
+def subset_targets(xp, vocab_ids, targets):
+  """Token ids -> their rows in the sorted `vocab_ids` (the heads' output subset); -1 (no loss) for padding and for
+  tokens outside the subset, as when the heads started from trained ones (`heads.init`) and the data has new tokens.
+  `xp` is numpy or jax.numpy."""
+  pos = xp.minimum(xp.searchsorted(vocab_ids, xp.maximum(targets, 0)), len(vocab_ids) - 1)
+  return xp.where((targets >= 0) & (vocab_ids[pos] == targets), pos, -1)
 
 
 # ---- objectives ----------------------------------------------------------------------------------------------
@@ -341,8 +358,7 @@ def joint_loss(model, bpd: BPDModel, base_weight: float):
     tgt = jnp.where((idx < l)[None], tokens[:, jnp.minimum(idx, l - 1)], -1)
     tgt = jnp.where(mask[:, :, None] > 0, tgt, -1)
     if "vocab_ids" in frozen:
-      found = jnp.searchsorted(frozen["vocab_ids"], jnp.maximum(tgt, 0))
-      tgt = jnp.where(tgt >= 0, found, -1)
+      tgt = subset_targets(jnp, frozen["vocab_ids"], tgt)
     head_loss, metrics = head_metrics(logits.reshape(b * (l - 1), k, -1), tgt.reshape(b * (l - 1), k))
     metrics["base_loss"] = base_loss
     return base_weight * base_loss + head_loss, metrics
@@ -376,7 +392,10 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
                            use_next_token=cfg.heads.use_next_token,
                            vocab_subset=len(vocab_ids) if vocab_ids is not None else 0))
   rng = jax.random.key(cfg.train.seed)
-  bpd_params = bpd.init_params(rng, vocab_ids)
+  if cfg.heads.init:
+    bpd, bpd_params = _initial_heads(cfg, model)
+  else:
+    bpd_params = bpd.init_params(rng, vocab_ids)
   optimizer = make_optimizer(cfg.optim)
   t0 = time.time()
   if cfg.train.objective == "heads":
@@ -424,6 +443,9 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
 
     # Copies: the train step donates its state, and the caller keeps using the model's own params.
     trainable = {"base": jax.tree.map(jnp.array, params), "bpd": {"heads": bpd_params["heads"]}}
+    if cfg.train.base_lr_scale != 1.0:  # the base's updates scaled after AdamW: its learning rate times the scale
+      optimizer = optax.chain(optimizer, optax.masked(optax.scale(cfg.train.base_lr_scale),
+                                                      {"base": True, "bpd": False}))
   prep_s = time.time() - t0
   trainer = Trainer(loss, optimizer, frozen=frozen, checkpoint_dir=ckpt_dir,
                     checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress,
@@ -441,12 +463,29 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
     out_params["heads"] = sharding.fetch(state.params["bpd"]["heads"])
     from jaxspec.loading.hf import save_hf
     save_hf(str(Path(cfg.out) / "base"), model, sharding.fetch(state.params["base"]))
+    if hasattr(tokenizer, "save"):  # a model folder `jaxspec ... --model OUT/base` loads
+      tokenizer.save(Path(cfg.out) / "base")
   summary = {"sequences": len(seqs), "tokens": seqs.num_tokens, "train_examples": len(tr) if cfg.train.objective ==
              "heads" else len(tr_tok), "vocab_subset": int(bpd.cfg.vocab_subset), "data_s": round(data_s, 1),
              "prep_s": round(prep_s, 1), "train_s": round(train_s, 1), "total_s": round(time.time() - t_start, 1),
              "final_eval": {k: float(v) for k, v in final_eval.items()}, "config": to_dict(cfg)}
   save_bpd(cfg.out, bpd, out_params, meta={"training": summary})
   return summary
+
+
+def _initial_heads(cfg: BPDTrainConfig, model) -> tuple[BPDModel, dict]:
+  """The first num_heads of the trained heads in `heads.init`, checked against the config and the target."""
+  from jaxspec.models.bpd import load_bpd
+  bpd, params = load_bpd(cfg.heads.init, num_heads=cfg.heads.num_heads)
+  want = {"d_model": model.cfg.d_model, "d_hidden": cfg.heads.d_hidden, "use_next_token": cfg.heads.use_next_token,
+          "vocab_subset": cfg.heads.vocab_subset}
+  got = {"d_model": bpd.cfg.d_model, "d_hidden": bpd.cfg.d_hidden, "use_next_token": bpd.cfg.use_next_token,
+         "vocab_subset": bool(bpd.cfg.vocab_subset)}
+  diff = [f"{k}={got[k]} (config/target: {want[k]})" for k in want if got[k] != want[k]]
+  if diff:
+    raise ConfigError(f"heads.init={cfg.heads.init!r} does not fit this run: {', '.join(diff)}. Set the heads "
+                      "section to match those heads, or drop heads.init.")
+  return bpd, {k: (jax.tree.map(jnp.array, v) if k == "heads" else v) for k, v in params.items()}
 
 
 def _padded(seqs: datasets.Sequences, seq_len: int, loss_on_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
