@@ -305,17 +305,29 @@ def test_joint_run_starts_from_trained_heads_and_scales_the_base_rate(tiny, tmp_
   (tmp_path / "a").mkdir()
   (tmp_path / "b").mkdir()
   first = tiny_train_config(tmp_path / "a", steps=100)
+  first = dataclasses.replace(first, data=dataclasses.replace(first.data, limit=8))  # a smaller vocabulary
   train_bpd(first, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   trained_dir = tmp_path / "a" / "heads"
   base = tiny_train_config(tmp_path / "b", steps=10)
   cfg = dataclasses.replace(
       base, heads=dataclasses.replace(base.heads, num_heads=2, init=str(trained_dir)),
-      data=dataclasses.replace(base.data, dataset_dir=first.data.dataset_dir),
       train=dataclasses.replace(base.train, objective="joint", batch_size=4, seq_len=64, base_lr_scale=0.0,
                                 log_every=1))
   train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   metrics = [json.loads(l) for l in (tmp_path / "b" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
   assert metrics[0]["step"] == 1 and metrics[0]["acc_h1"] > 0.3  # fresh heads start near 1/vocab
+  # The frozen-base objective from the same heads, on data with tokens the heads never saw: the targets are mapped
+  # to the heads' own vocabulary rows (the data's would misalign them), so it also starts where the heads were.
+  data_vocab = np.unique(np.concatenate(datasets.load_sequences(tmp_path / "b" / "data").tokens))
+  assert len(data_vocab) > len(np.asarray(load_bpd(trained_dir)[1]["vocab_ids"]))
+  heads_cfg = dataclasses.replace(cfg, out=str(tmp_path / "c" / "heads"), train=dataclasses.replace(
+      base.train, steps=5, log_every=1, checkpoint_dir=str(tmp_path / "c" / "ckpt")))
+  train_bpd(heads_cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  metrics = [json.loads(l) for l in (tmp_path / "c" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
+  assert metrics[0]["step"] == 1 and metrics[0]["acc_h1"] > 0.3
+  with pytest.raises(ConfigError, match="objective=joint only"):
+    train_bpd(dataclasses.replace(heads_cfg, train=dataclasses.replace(heads_cfg.train, base_lr_scale=0.5)),
+              model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   _, kept = load_hf(str(tmp_path / "b" / "heads" / "base"))
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(kept)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -377,6 +377,9 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   if cfg.train.objective == "joint" and cfg.train.targets == "teacher":
     raise ConfigError("train.targets=teacher distils the frozen target's distributions into the heads; with "
                       "train.objective=joint the base itself changes, so use train.targets=tokens there.")
+  if cfg.train.objective == "heads" and (cfg.train.base_loss_weight != 1.0 or cfg.train.base_lr_scale != 1.0):
+    raise ConfigError("train.base_loss_weight and train.base_lr_scale apply to train.objective=joint only; the "
+                      "heads objective keeps the base frozen.")
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before any work
   if model is None:
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
@@ -394,6 +397,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   rng = jax.random.key(cfg.train.seed)
   if cfg.heads.init:
     bpd, bpd_params = _initial_heads(cfg, model)
+    vocab_ids = np.asarray(bpd_params["vocab_ids"]) if "vocab_ids" in bpd_params else None  # the heads' own rows
   else:
     bpd_params = bpd.init_params(rng, vocab_ids)
   optimizer = make_optimizer(cfg.optim)
