@@ -289,6 +289,27 @@ def test_joint_objective_trains_base_and_heads(tiny, tmp_path):
   assert all(not leaf.is_deleted() for leaf in before)
 
 
+def test_joint_loss_ignores_what_lies_past_each_sequence(tiny):
+  """The base gets no target after a sequence's last token and the heads none past it: whatever fills the padding,
+  the joint loss and its metrics are the same (before, the base learned to emit the pad id after every answer)."""
+  from training.draft import padded
+
+  model, params = tiny
+  bpd = BPDModel(BPDConfig(num_heads=3, d_model=model.cfg.d_model, use_next_token=True))
+  trainable = {"base": params, "bpd": bpd.init_params(jax.random.key(0), None)}
+  seqs = datasets.Sequences([np.arange(5, 12, dtype=np.int32), np.arange(20, 36, dtype=np.int32)],
+                            np.array([2, 3], np.int32))
+  tok, mask, _ = padded(seqs, 24, False)
+  lengths = np.array([7, 16], np.int32)
+  assert mask[0].tolist() == [0] + [1] * 5 + [0] * 18  # from the last prompt token to the second-to-last token
+  loss_fn = jax.jit(bpd_training.joint_loss(model, bpd, 2.0))
+  junk = np.where(np.arange(24)[None] < lengths[:, None], tok, 99)
+  got = [loss_fn(trainable, {}, {"tokens": t, "mask": mask, "lengths": lengths}, None) for t in (tok, junk)]
+  np.testing.assert_allclose(got[0][0], got[1][0], rtol=1e-6)
+  for name in got[0][1]:
+    np.testing.assert_allclose(got[0][1][name], got[1][1][name], rtol=1e-6, err_msg=name)
+
+
 def test_subset_targets_leave_out_tokens_outside_the_heads_vocabulary():
   vocab = np.array([3, 7, 9], np.int32)
   targets = np.array([[-1, 3, 4], [9, 10, 7]])

@@ -335,7 +335,8 @@ def heads_loss(bpd: BPDModel):
 
 def joint_loss(model, bpd: BPDModel, base_weight: float):
   """Stern's setting: base + heads trained together; params = {"base": ..., "bpd": ...}; batch = {"tokens": [B, L],
-  "mask": [B, L] (positions whose next token is trained on)}. `frozen` = {"vocab_ids": [M]} or {}."""
+  "mask": [B, L] (positions whose next token is trained on, as `training.draft.padded` makes it), "lengths": [B]
+  (real tokens per row; the heads get no target past them)}. `frozen` = {"vocab_ids": [M]} or {}."""
 
   def loss_fn(params, frozen, batch, rng):
     from jaxspec.models.bpd import output_projection
@@ -355,7 +356,7 @@ def joint_loss(model, bpd: BPDModel, base_weight: float):
     states = bpd.head_states(params["bpd"], h, emb)  # [B, L-1, k, D]
     logits = jnp.einsum("blkd,dm->blkm", states, output_projection(model, params["base"], {**params["bpd"], **frozen}))
     idx = jnp.arange(l - 1)[:, None] + 1 + jnp.arange(1, k + 1)[None]  # [L-1, k]
-    tgt = jnp.where((idx < l)[None], tokens[:, jnp.minimum(idx, l - 1)], -1)
+    tgt = jnp.where(idx[None] < batch["lengths"][:, None, None], tokens[:, jnp.minimum(idx, l - 1)], -1)
     tgt = jnp.where(mask[:, :, None] > 0, tgt, -1)
     if "vocab_ids" in frozen:
       tgt = subset_targets(jnp, frozen["vocab_ids"], tgt)
@@ -433,17 +434,20 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
                         "encoder-decoder.")
     frozen = {"vocab_ids": bpd_params["vocab_ids"]} if "vocab_ids" in bpd_params else {}
     loss = joint_loss(model, bpd, cfg.train.base_loss_weight)
-    tr_tok, tr_mask = _padded(train_seqs, cfg.train.seq_len, cfg.data.loss_on_prompt)
-    ev_tok, ev_mask = _padded(eval_seqs, cfg.train.seq_len, cfg.data.loss_on_prompt)
+    from training.draft import padded
+    tr_tok, tr_mask, _ = padded(train_seqs, cfg.train.seq_len, cfg.data.loss_on_prompt)
+    ev_tok, ev_mask, _ = padded(eval_seqs, cfg.train.seq_len, cfg.data.loss_on_prompt)
+    tr_len, ev_len = (np.asarray([min(len(t), cfg.train.seq_len) for t in s.tokens], np.int32)
+                      for s in (train_seqs, eval_seqs))
     bs = cfg.train.batch_size
 
     def batches_from(step):
       for idx in datasets.iterate_positions(len(tr_tok), bs, cfg.train.seed, step):
-        yield {"tokens": tr_tok[idx], "mask": tr_mask[idx]}
+        yield {"tokens": tr_tok[idx], "mask": tr_mask[idx], "lengths": tr_len[idx]}
 
     def eval_batches():
       for s in range(0, len(ev_tok), bs):
-        yield {"tokens": ev_tok[s:s + bs], "mask": ev_mask[s:s + bs]}
+        yield {"tokens": ev_tok[s:s + bs], "mask": ev_mask[s:s + bs], "lengths": ev_len[s:s + bs]}
 
     # Copies: the train step donates its state, and the caller keeps using the model's own params.
     trainable = {"base": jax.tree.map(jnp.array, params), "bpd": {"heads": bpd_params["heads"]}}
@@ -490,16 +494,6 @@ def _initial_heads(cfg: BPDTrainConfig, model) -> tuple[BPDModel, dict]:
     raise ConfigError(f"heads.init={cfg.heads.init!r} does not fit this run: {', '.join(diff)}. Set the heads "
                       "section to match those heads, or drop heads.init.")
   return bpd, {k: (jax.tree.map(jnp.array, v) if k == "heads" else v) for k, v in params.items()}
-
-
-def _padded(seqs: datasets.Sequences, seq_len: int, loss_on_prompt: bool) -> tuple[np.ndarray, np.ndarray]:
-  tok = np.zeros((len(seqs), seq_len), np.int32)
-  mask = np.zeros((len(seqs), seq_len), np.float32)
-  for i, (t, p) in enumerate(zip(seqs.tokens, seqs.prompt_lens)):
-    t = t[:seq_len]
-    tok[i, :len(t)] = t
-    mask[i, (0 if loss_on_prompt else max(int(p) - 1, 0)):len(t)] = 1.0
-  return tok, mask
 
 
 def load_bpd_config(path, overrides=()) -> BPDTrainConfig:
