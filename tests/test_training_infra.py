@@ -136,7 +136,7 @@ def test_config_unknown_key_names_it_and_the_valid_keys(tmp_path):
     [
         ("optim.warmup_steps=ten", r"'optim\.warmup_steps' must be int, got 'ten'"),
         ("optim.warmup_steps=1.5", r"'optim\.warmup_steps' must be int, got 1\.5"),
-        ("optim.total_steps=true", r"'optim\.total_steps' must be int, got True"),
+        ("optim.total_steps=true", r"'optim\.total_steps' must be int or null, got True"),
         ("optim.lr=fast", r"'optim\.lr' must be float, got 'fast'"),
         ("data.shuffle=3", r"'data\.shuffle' must be bool, got 3"),
         ("dims=[1, x]", r"'dims\[1\]' must be int, got 'x'"),
@@ -217,8 +217,31 @@ def test_schedule():
   two = make_schedule(OptimConfig(lr=1.0, warmup_steps=4, schedule="cosine", total_steps=28, cycles=2))
   assert [float(two(i)) for i in range(28)] == pytest.approx([float(lr(i % 14)) for i in range(28)], abs=1e-6)
   assert float(two(28)) == pytest.approx(0.0, abs=1e-7) and float(two(40)) == pytest.approx(0.0, abs=1e-7)
-  with pytest.raises(ConfigError, match="cycles must be >= 1 and divide total_steps"):
+  with pytest.raises(ConfigError, match="cycles must divide total_steps"):
     OptimConfig(total_steps=10, cycles=3)
+
+
+def test_schedule_follows_the_runs_steps_unless_set(caplog):
+  """`total_steps` unset spans the run (its batches / grad_accum): `train.steps=6000` on a config written for 3000
+  must not leave half the run at learning rate 0. An explicit span that differs is kept, with a warning."""
+  cfg = OptimConfig(lr=1.0, warmup_steps=2, schedule="cosine")
+  for steps, accum in [(3000, 1), (6000, 1), (6000, 4)]:
+    run = dataclasses.replace(cfg, grad_accum=accum).for_steps(steps)
+    assert run.total_steps == steps // accum
+    lr = make_schedule(run)
+    assert float(lr(run.total_steps // 2)) > 0.4 and float(lr(run.total_steps - 1)) > 0
+  with pytest.raises(ConfigError, match="total_steps is not set"):
+    make_schedule(cfg)
+  with pytest.raises(ConfigError, match="cycles must divide total_steps"):
+    dataclasses.replace(cfg, cycles=3).for_steps(10)
+  fixed = dataclasses.replace(cfg, total_steps=3000)
+  with caplog.at_level("WARNING", logger="training.trainer"):
+    assert fixed.for_steps(6000) is fixed
+  assert "the schedule ends before the run does" in caplog.text
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="training.trainer"):
+    fixed.for_steps(3000)
+  assert not caplog.text
 
 
 def _quadratic_loss(params, frozen, batch, rng):
@@ -320,7 +343,7 @@ def test_interrupt_saves_a_checkpoint(tmp_path):
 
 def _state(seed: int = 0) -> TrainState:
   params = {"w_DxH": jax.random.normal(jax.random.key(seed), (8, 16)), "b_H": jnp.zeros((16,), jnp.bfloat16)}
-  tx = make_optimizer(OptimConfig(grad_accum=2))
+  tx = make_optimizer(OptimConfig(grad_accum=2), 10)
   return init_state(params, tx, seed).replace(step=jnp.int32(3 + seed))
 
 

@@ -401,7 +401,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
     vocab_ids = np.asarray(bpd_params["vocab_ids"]) if "vocab_ids" in bpd_params else None  # the heads' own rows
   else:
     bpd_params = bpd.init_params(rng, vocab_ids)
-  optimizer = make_optimizer(cfg.optim)
+  optimizer = make_optimizer(cfg.optim, cfg.train.steps)
   t0 = time.time()
   if cfg.train.objective == "heads":
     from jaxspec.models.bpd import output_projection

@@ -167,7 +167,7 @@ class CLLMTrainConfig:
   collect: CollectSection = CollectSection()
   objective: ObjectiveSection = ObjectiveSection()
   lora: LoraSection = LoraSection()
-  optim: OptimConfig = OptimConfig(lr=2e-4, warmup_steps=20, total_steps=300)
+  optim: OptimConfig = OptimConfig(lr=2e-4, warmup_steps=20)
   train: TrainSection = TrainSection()
   monitor: MonitorSection = MonitorSection()
 
@@ -717,7 +717,7 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
     monitor = RepetitionMonitor(model, held_out, jax.jit(to_params), window=c.window,
                                 max_new_tokens=cfg.monitor.max_new_tokens, ngram=cfg.monitor.ngram, eos_ids=eos,
                                 pad_id=pad_id, base_params=base)
-  optimizer = make_optimizer(cfg.optim)
+  optimizer = make_optimizer(cfg.optim, cfg.train.steps)
   batches_from, all_eval = datasets.batch_sources(tr, ev, t.batch_size, t.seed)
   eval_batches = lambda: (b for _, b in zip(range(t.eval_batches), all_eval()))
   trainer = MonitoredTrainer(loss, optimizer, frozen=frozen, checkpoint_dir=ckpt_dir,

@@ -102,7 +102,7 @@ class DraftTrainConfig:
   draft: DraftSection = DraftSection()
   data: DataSection = DataSection(dataset_dir="runs/bpd_smollm2/data")  # shared with the BPD run
   objective: ObjectiveSection = ObjectiveSection()
-  optim: OptimConfig = OptimConfig(lr=5e-4, warmup_steps=100, total_steps=2000)
+  optim: OptimConfig = OptimConfig(lr=5e-4, warmup_steps=100)
   train: TrainSection = TrainSection()
   mesh: Optional[str] = None  # train sharded, e.g. "data=2,model=4" (jaxspec.sharding); None: one device
 
@@ -354,7 +354,7 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   draft, draft_params = init_draft(model, params, cfg.draft.n_layers, cfg.draft.init, cfg.train.seed)
   trainable, frozen = split_trainable(draft_params, cfg.draft.train_embeddings)
   trainable = jax.tree.map(jnp.array, trainable)  # copies: the train step donates them, the target keeps its own
-  optimizer = make_optimizer(cfg.optim)
+  optimizer = make_optimizer(cfg.optim, cfg.train.steps)
   bs = cfg.train.batch_size
 
   batches_from, eval_batches = datasets.batch_sources(tr, ev, bs, cfg.train.seed)

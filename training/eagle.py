@@ -77,7 +77,7 @@ class EagleTrainConfig:
   eagle: EagleSection = EagleSection()
   data: DataSection = DataSection(dataset_dir="runs/bpd_smollm2/data")  # shared with the BPD and draft runs
   objective: ObjectiveSection = ObjectiveSection()
-  optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=50, total_steps=600)
+  optim: OptimConfig = OptimConfig(lr=1e-3, warmup_steps=50)
   train: TrainSection = TrainSection(steps=600, checkpoint_dir="runs/eagle_smollm2/ckpt", checkpoint_every=100,
                                      eval_every=100)  # checkpoint_dir also holds the cached target features
   mesh: Optional[str] = None  # train sharded, e.g. "data=2,model=1" (jaxspec.sharding); None: one device
@@ -235,7 +235,7 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
   all_params = draft.init_params(jax.random.key(cfg.train.seed), params, train_vocab(train_seqs), cfg.eagle.init)
   trainable = own_params(all_params)
   frozen = {k: v for k, v in all_params.items() if k not in trainable}
-  optimizer = make_optimizer(cfg.optim)
+  optimizer = make_optimizer(cfg.optim, cfg.train.steps)
   batches_from, eval_batches = datasets.batch_sources(tr, ev, cfg.train.batch_size, cfg.train.seed)
   trainer = Trainer(eagle_loss(draft, cfg.objective), optimizer, frozen=frozen, checkpoint_dir=ckpt_dir,
                     checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress,

@@ -173,7 +173,7 @@ def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
   ev, _ = encode_pairs(tokenizer, eval_rows, cfg.data.src_len, cfg.data.tgt_len, start)
   if len(tr["src"]) == 0:
     raise ConfigError("data: every training example is longer than data.src_len / data.tgt_len; raise them.")
-  optimizer = make_optimizer(cfg.optim)
+  optimizer = make_optimizer(cfg.optim, cfg.train.steps)
   params = model.init_params(jax.random.key(cfg.train.seed))
   bs = cfg.train.batch_size
 

@@ -78,7 +78,10 @@ class OptimConfig:
     lr: the peak learning rate.
     warmup_steps: optimizer updates over which the rate rises linearly to `lr` (update i uses lr*(i+1)/warmup).
     schedule: after warmup, keep `lr` ("constant") or decay it to 0 at `total_steps` ("cosine", "linear").
-    total_steps: optimizer updates in the run; with `grad_accum` > 1 that is batches / grad_accum.
+    total_steps: optimizer updates the schedule spans; with `grad_accum` > 1 a run of n batches makes
+      n / grad_accum updates. None (the default) follows the run: its `train.steps` / `grad_accum`, so
+      `train.steps=6000` alone lengthens the schedule too. Set it only to decay over another span (a warning
+      says when it differs from the run's updates).
     weight_decay: AdamW's decoupled weight decay.
     clip_norm: the global gradient norm is clipped to this; 0 turns clipping off.
     b1: Adam's first-moment decay.
@@ -93,7 +96,7 @@ class OptimConfig:
   lr: float = 1e-3
   warmup_steps: int = 0
   schedule: Literal["constant", "cosine", "linear"] = "cosine"
-  total_steps: int = 1000
+  total_steps: int | None = None
   weight_decay: float = 0.0
   clip_norm: float = 1.0
   b1: float = 0.9
@@ -105,22 +108,49 @@ class OptimConfig:
     checks = [
         (self.lr >= 0, "lr must be >= 0"),
         (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-        (self.total_steps >= 1, "total_steps must be >= 1"),
+        (self.grad_accum >= 1, "grad_accum must be >= 1"),
+        (self.cycles >= 1, "cycles must be >= 1"),
         (self.weight_decay >= 0, "weight_decay must be >= 0"),
         (self.clip_norm >= 0, "clip_norm must be >= 0 (0 turns clipping off)"),
         (0 <= self.b1 < 1 and 0 <= self.b2 < 1, "b1 and b2 must be in [0, 1)"),
-        (self.grad_accum >= 1, "grad_accum must be >= 1"),
-        (self.cycles >= 1 and self.total_steps % self.cycles == 0, "cycles must be >= 1 and divide total_steps"),
-        (self.warmup_steps <= self.total_steps // max(self.cycles, 1),
-         "warmup_steps must be <= total_steps / cycles (the steps of one cycle)"),
     ]
+    if self.total_steps is not None:  # None is resolved from the run's steps by `for_steps`
+      checks += self._span_checks()
     for ok, message in checks:
       if not ok:
         raise ConfigError(f"optimizer config: {message} (got {self})")
 
+  def _span_checks(self):
+    return [
+        (self.total_steps >= 1, "total_steps must be >= 1"),
+        (self.total_steps % self.cycles == 0, "cycles must divide total_steps (train.steps / grad_accum when "
+                                              "total_steps is not set)"),
+        (self.warmup_steps <= self.total_steps // self.cycles,
+         "warmup_steps must be <= total_steps / cycles (the steps of one cycle)"),
+    ]
+
+  def for_steps(self, steps: int) -> "OptimConfig":
+    """This config for a run of `steps` batches: `total_steps` None becomes the run's updates
+    (steps / grad_accum); an explicit one that differs is kept, with a warning."""
+    updates = max(1, steps // self.grad_accum)
+    if self.total_steps is None:
+      return dataclasses.replace(self, total_steps=updates)
+    if self.total_steps != updates:
+      logger.warning("optim.total_steps=%d but the run makes %d optimizer updates (train.steps=%d / grad_accum=%d): "
+                     "the schedule %s. Leave optim.total_steps unset to follow the run.", self.total_steps,
+                     updates, steps, self.grad_accum,
+                     "ends before the run does" if self.total_steps < updates else "does not finish its decay")
+    return self
+
 
 def make_schedule(cfg: OptimConfig) -> optax.Schedule:
-  """The learning rate as a function of the optimizer update count."""
+  """The learning rate as a function of the optimizer update count (`cfg.total_steps` set: see
+  `OptimConfig.for_steps`)."""
+  if cfg.total_steps is None:
+    if cfg.schedule != "constant" or cfg.cycles > 1:
+      raise ConfigError(f"optim.total_steps is not set, and a {cfg.schedule} schedule with {cfg.cycles} cycle(s) "
+                        "needs its span: pass the run's steps (make_optimizer(cfg, steps)) or set it.")
+    cfg = dataclasses.replace(cfg, total_steps=max(cfg.warmup_steps, 1))  # a constant rate after warmup
   lr, warmup, total = cfg.lr, cfg.warmup_steps, cfg.total_steps // cfg.cycles
   decay_steps = max(total - warmup, 1)
 
@@ -141,8 +171,11 @@ def make_schedule(cfg: OptimConfig) -> optax.Schedule:
   return schedule
 
 
-def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  """Clipping, then AdamW on `make_schedule(cfg)`, wrapped in `optax.MultiSteps` when `grad_accum` > 1."""
+def make_optimizer(cfg: OptimConfig, steps: int | None = None) -> optax.GradientTransformation:
+  """Clipping, then AdamW on `make_schedule(cfg)`, wrapped in `optax.MultiSteps` when `grad_accum` > 1. `steps`:
+  the run's batches, which set the schedule's span when `cfg.total_steps` is None."""
+  if steps is not None:
+    cfg = cfg.for_steps(steps)
   parts = []
   if cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
