@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from jaxspec import sharding
 from jaxspec.models.bpd import BPDConfig, BPDModel, save_bpd
 from training import datasets, rowcache
-from training.config import ConfigError, dump_config, load_config, to_dict
+from training.config import ConfigError, record_run_config, load_config, to_dict
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
 
 FEATURES_FILE = "features.npz"  # the frozen target's hidden states, cached in the checkpoint folder
@@ -77,6 +77,8 @@ class DataSection:
   loss_on_prompt: bool = False  # also train on positions inside the prompt
 
   def __post_init__(self):
+    if not 0 < self.eval_fraction < 1:
+      raise ValueError(f"eval_fraction must be in (0, 1): the held-out share of the prompts; got {self.eval_fraction}")
     if self.more_prompts and not self.more_dataset_dir:
       raise ValueError("more_prompts needs more_dataset_dir, the folder its continuations are built into "
                        "(e.g. data.more_dataset_dir=runs/more/data)")
@@ -139,7 +141,10 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
                                        cfg.data.more_dataset_dir,
                                        max_new_tokens=cfg.data.more_max_new_tokens or cfg.data.max_new_tokens,
                                        batch_size=cfg.data.gen_batch_size, progress=progress))
-  return datasets.Sequences([t for p in parts for t in p.tokens], np.concatenate([p.prompt_lens for p in parts]))
+  part_ids = np.repeat([int(cfg.data.more_prompts is not None and i == len(parts) - 1) for i in range(len(parts))],
+                       [len(p) for p in parts])
+  return datasets.Sequences([t for p in parts for t in p.tokens], np.concatenate([p.prompt_lens for p in parts]),
+                            part_ids if cfg.data.more_prompts else None)
 
 
 def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int = 8,
@@ -385,7 +390,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   if model is None:
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
   ckpt_dir = Path(cfg.train.checkpoint_dir)
-  dump_config(cfg, ckpt_dir / "config.yaml")
+  record_run_config(cfg, ckpt_dir)
   t0 = time.time()
   seqs = build_sequences(cfg, model, params, tokenizer, progress)
   data_s = time.time() - t0

@@ -62,7 +62,7 @@ from jaxspec.errors import InputError
 from jaxspec.models.lora import ALL_TARGETS, LoraConfig, init_lora, lora_size, merge_lora, save_lora
 from training import datasets
 from training.bpd import ModelSection
-from training.config import ConfigError, dump_config, load_config, to_dict
+from training.config import ConfigError, record_run_config, load_config, to_dict
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -677,7 +677,7 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
   c, t, o = cfg.collect, cfg.train, cfg.objective
   ckpt_dir = Path(t.checkpoint_dir)
-  dump_config(cfg, ckpt_dir / "config.yaml")
+  record_run_config(cfg, ckpt_dir)
   texts = datasets.read_prompt_texts(c.prompts, c.limit)
   prompt_ids = chat_prompt_ids(tokenizer, texts)
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
@@ -752,5 +752,7 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
   else:
     from jaxspec.loading.hf import save_hf
     save_hf(cfg.out, model, out_params)
+    if hasattr(tokenizer, "save"):  # a model folder: `jaxspec ... --model OUT` loads it
+      tokenizer.save(Path(cfg.out))
     Path(cfg.out, "training.json").write_text(json.dumps(summary, indent=1))
   return summary

@@ -71,6 +71,22 @@ def load_config(path: str | os.PathLike[str], cls: type[T], overrides: Sequence[
   return config_from_dict(raw, cls)
 
 
+def _one_line(e: Exception) -> str:
+  """A parser's message on one line. PyYAML's span several (the problem, its context, a quoted source line and a
+  caret): keep the problem and the context with their 1-based line and column."""
+  def at(mark) -> str:
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+  if isinstance(e, yaml.MarkedYAMLError) and e.problem:
+    text = f"{e.problem}{at(e.problem_mark)}"
+    if e.context:
+      same = e.context_mark is None or (e.problem_mark is not None and (e.context_mark.line, e.context_mark.column)
+                                        == (e.problem_mark.line, e.problem_mark.column))
+      text += f" ({e.context}{'' if same else at(e.context_mark)})"
+    return " ".join(text.split())
+  return " ".join(str(e).split())
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
   """The top-level mapping of a YAML or TOML file (an empty file gives `{}`)."""
   path = Path(path)
@@ -87,7 +103,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
       with path.open("r", encoding="utf-8") as f:
         data = yaml.safe_load(f)
   except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-    raise ConfigError(f"config file {str(path)!r} is not valid {suffix[1:].upper()}: {e}") from e
+    raise ConfigError(f"config file {str(path)!r} is not valid {suffix[1:].upper()}: {_one_line(e)}") from e
   if data is None:
     return {}
   if not isinstance(data, Mapping):
@@ -184,6 +200,49 @@ def dump_config(cfg: Any, path: str | os.PathLike[str]) -> None:
   tmp = path.with_name(path.name + ".tmp")
   tmp.write_text(text, encoding="utf-8")
   os.replace(tmp, path)
+
+
+# Keys a resumed run may change: how long it runs and how it logs, the optimizer (warm restarts, a longer
+# schedule), where it exports, the mesh, what the CLLM monitor decodes. Anything else (the data, the split seed,
+# the model, the objective) would make the checkpoint a state of another run.
+RESUME_MAY_CHANGE = ("train.steps", "train.checkpoint_every", "train.eval_every", "train.log_every",
+                     "train.exact_match_examples", "train.base_lr_scale", "optim.", "out", "mesh", "monitor.",
+                     "data.gen_batch_size")
+
+
+def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
+  """Writes `cfg` to `checkpoint_dir/config.yaml`, after checking, when the folder holds checkpoints of an earlier
+  run, that the new config changes only keys a resumed run may change (`RESUME_MAY_CHANGE`).
+
+  Raises:
+    ConfigError: a resume with other settings than the checkpoints were trained with (e.g. `train.seed`, which
+      also picks the held-out prompts, or the data), naming each key.
+  """
+  path = Path(checkpoint_dir) / "config.yaml"
+  has_steps = path.parent.is_dir() and any(p.is_dir() and p.name.isdigit() for p in path.parent.iterdir())
+  if has_steps and path.is_file():
+    try:
+      old = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except yaml.YAMLError:
+      old = {}  # unreadable: nothing to compare with; it is rewritten below
+    new = _flat(to_dict(cfg))
+    changed = [k for k in new if k in old and old[k] != new[k]
+               and not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUME_MAY_CHANGE)]
+    if changed:
+      diffs = "; ".join(f"{k}: {old[k]!r} there, {new[k]!r} now" for k in changed)
+      raise ConfigError(f"{path.parent} holds checkpoints of a run with other settings ({diffs}). Resuming would "
+                        "mix two runs: put those values back to continue it, or set train.checkpoint_dir to a new "
+                        "folder to start another.")
+  dump_config(cfg, path)
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(d, Mapping):
+    return {prefix: d}
+  out: dict[str, Any] = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, Mapping) else {f"{prefix}{k}": v})
+  return out
 
 
 # --- type checking ---------------------------------------------------------------------------------------

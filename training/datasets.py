@@ -9,6 +9,7 @@ rerun of the same command skips the shards that exist.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,6 +30,9 @@ class Sequences:
 
   tokens: list[np.ndarray]
   prompt_lens: np.ndarray
+  # Which prompt set each sequence answers (0: the run's own prompts; 1: `data.more_prompts`), or None for one set.
+  # `split` splits each set on its own, so adding a set leaves the first set's held-out prompts where they were.
+  parts: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.tokens)
@@ -39,7 +43,12 @@ class Sequences:
 
   def split(self, eval_fraction: float, seed: int = 0) -> tuple["Sequences", "Sequences"]:
     """A deterministic split into (train, eval) by prompt: sequences that share their prompt part (several samples
-    of one prompt) land on the same side. Without repeated prompts this is a split by sequence."""
+    of one prompt) land on the same side. Without repeated prompts this is a split by sequence. With `parts`, each
+    prompt set is split on its own (the same fraction of each) and the sides are joined."""
+    if self.parts is not None and len(np.unique(self.parts)) > 1:
+      sides = [self._subset(np.flatnonzero(self.parts == p)).split(eval_fraction, seed) for p in np.unique(self.parts)]
+      return tuple(Sequences([t for side in pair for t in side.tokens],
+                             np.concatenate([side.prompt_lens for side in pair])) for pair in zip(*sides))
     groups: dict[bytes, list[int]] = {}
     for i, (t, p) in enumerate(zip(self.tokens, self.prompt_lens)):
       key = np.asarray(t[:p], np.int32).tobytes() if p > 0 else i.to_bytes(8, "little") + b"#"
@@ -50,6 +59,10 @@ class Sequences:
     pick = lambda gs: Sequences([self.tokens[i] for i in sorted(j for g in gs for j in members[g])],
                                 self.prompt_lens[sorted(j for g in gs for j in members[g])])
     return pick(order[n_eval:]), pick(order[:n_eval])
+
+
+  def _subset(self, rows: np.ndarray) -> "Sequences":
+    return Sequences([self.tokens[i] for i in rows], self.prompt_lens[rows])
 
 
 def _write_shard(path: Path, seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> None:
@@ -137,10 +150,26 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
     meta.update(temperature=temperature, samples=samples)
     if seed:  # seed 0 keeps the meta of the folders written before seeds existed
       meta["seed"] = seed
+  # Which target wrote the answers, to which prompts (hashed after the chat template, so the tokenizer counts too):
+  # a folder another model or an edited prompt file wrote must not be reused, or mixed with new shards after a kill.
+  from jaxspec.models.draft import embed_fingerprint
+  source = {"target": embed_fingerprint(params) if params is not None else None,
+            "prompt_ids_sha256": hashlib.sha256(json.dumps([list(map(int, p)) for p in ids]).encode()).hexdigest()}
   meta_path = out / "meta.json"
-  if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
-    raise InputError(f"{out} holds a dataset built with other settings ({meta_path}); use another folder.")
-  meta_path.write_text(json.dumps(meta, indent=1))
+  if meta_path.exists():
+    old = json.loads(meta_path.read_text())
+    if {k: v for k, v in old.items() if k not in source} != meta:
+      raise InputError(f"{out} holds a dataset built with other settings ({meta_path}: {old}); use another folder.")
+    # Folders written before the source was recorded take it on first use.
+    for key, value in source.items():
+      if old.get(key) is not None and value is not None and old[key] != value:
+        what = "another target model" if key == "target" else "other prompts (or another tokenizer)"
+        raise InputError(f"{out} holds answers written by {what} than this run's ({key} {old[key]} there, {value} "
+                         "here): use another data.dataset_dir for this run, or delete that folder to rebuild it.")
+  elif any(out.glob("shard_*.npz")):
+    raise InputError(f"{out} holds dataset shards but no meta.json: it was not written by self-distillation (or by "
+                     "a run from before meta files); use another folder, or delete it to rebuild.")
+  meta_path.write_text(json.dumps({**meta, **source}, indent=1))
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
   bar = tqdm(total=len(order), desc="self-distill", unit="prompt", disable=not progress)
@@ -177,7 +206,16 @@ def text_sequences(tokenizer, paths: Sequence[str | os.PathLike], out: str | os.
     raise InputError("The text files hold no usable text.")
   out = Path(out)
   out.mkdir(parents=True, exist_ok=True)
+  meta_path = out / "meta.json"
+  meta = {"kind": "text", "files": [str(p) for p in paths], "seq_len": seq_len}
+  old = json.loads(meta_path.read_text()) if meta_path.exists() else None
+  if (old is not None and old.get("kind") != "text") or (old is None and any(out.glob("shard_*.npz"))):
+    raise InputError(f"{out} holds another dataset ({old['kind'] if old else 'shards without a meta.json'}); the "
+                     "text files' sequences would overwrite it: set data.dataset_dir to a folder of their own.")
+  for stale in out.glob("shard_*.npz"):  # the text is cut again from the files each run
+    stale.unlink()
   _write_shard(out / "shard_00000.npz", chunks, [0] * len(chunks))
+  meta_path.write_text(json.dumps(meta, indent=1))
   return load_sequences(out)
 
 
@@ -186,7 +224,7 @@ def read_prompt_texts(path: str | os.PathLike | None = None, limit: int | None =
   from jaxspec.bench.prompts import load_prompts
   prompts = [p.text for p in load_prompts(path or SHIPPED_PROMPTS,
                                           given="as the config's prompts file (data.prompts= or collect.prompts=)")]
-  return prompts[:limit] if limit else prompts
+  return prompts[:limit] if limit is not None else prompts
 
 
 def iterate_positions(n: int, batch: int, seed: int, start_step: int = 0) -> Iterator[np.ndarray]:

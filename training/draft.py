@@ -41,7 +41,7 @@ from jaxspec import sharding
 from jaxspec.models.llama import LlamaLM
 from training import datasets, rowcache
 from training.bpd import DataSection, ModelSection, build_sequences
-from training.config import ConfigError, dump_config, load_config, to_dict
+from training.config import ConfigError, record_run_config, load_config, to_dict
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
 
 TEACHER_FILE = "teacher_top{k}.npz"
@@ -334,7 +334,7 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   if cfg.draft.init == "target_layers" and cfg.draft.n_layers > model.cfg.n_layers:
     raise ConfigError(f"draft.n_layers={cfg.draft.n_layers} is more than the target's {model.cfg.n_layers} layers")
   ckpt_dir = Path(cfg.train.checkpoint_dir)
-  dump_config(cfg, ckpt_dir / "config.yaml")
+  record_run_config(cfg, ckpt_dir)
   t0 = time.time()
   seqs = build_sequences(cfg, model, params, tokenizer, progress)
   data_s = time.time() - t0

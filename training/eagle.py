@@ -37,7 +37,7 @@ from jaxspec import sharding
 from jaxspec.models.eagle import EagleDraft, own_params, save_eagle
 from training import datasets
 from training.bpd import FEATURES_FILE, DataSection, ModelSection, build_sequences, cached_features
-from training.config import ConfigError, dump_config, load_config, to_dict
+from training.config import ConfigError, record_run_config, load_config, to_dict
 from training.draft import TrainSection, padded, train_vocab
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
 
@@ -212,7 +212,7 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
   if cfg.eagle.init == "target_last" and cfg.eagle.n_layers > model.cfg.n_layers:
     raise ConfigError(f"eagle.n_layers={cfg.eagle.n_layers} is more than the target's {model.cfg.n_layers} layers")
   ckpt_dir = Path(cfg.train.checkpoint_dir)
-  dump_config(cfg, ckpt_dir / "config.yaml")
+  record_run_config(cfg, ckpt_dir)
   t0 = time.time()
   seqs = build_sequences(cfg, model, params, tokenizer, progress)
   data_s = time.time() - t0

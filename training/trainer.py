@@ -280,15 +280,16 @@ class Trainer:
     return batch if self.partitioner is None else self.partitioner.shard_batch(batch)
 
   def evaluate(self, state: TrainState, batches: Iterable[Batch]) -> dict[str, float]:
-    """The mean over `batches` of each eval metric, named `eval/<name>` (empty when there are no batches)."""
+    """The mean over `batches` of each eval metric, named `eval/<name>` (empty when there are no batches). Batches
+    are weighted by their rows, so a short last batch counts for its rows only."""
     base = jax.random.fold_in(state.rng, _EVAL_STREAM)
-    results = [
-        self._eval_step(state.params, self.frozen, self._place_batch(batch), jax.random.fold_in(base, i))
-        for i, batch in enumerate(batches)
-    ]
+    results, sizes = [], []
+    for i, batch in enumerate(batches):
+      results.append(self._eval_step(state.params, self.frozen, self._place_batch(batch), jax.random.fold_in(base, i)))
+      sizes.append(_batch_size(batch))
     if not results:
       return {}
-    return {f"eval/{k}": v for k, v in _mean(jax.device_get(results)).items()}
+    return {f"eval/{k}": v for k, v in _mean(jax.device_get(results), sizes).items()}
 
   # --- the loop ------------------------------------------------------------------------------------------
 
@@ -419,9 +420,20 @@ def _batches(source: BatchSource, start: int) -> Iterator[Batch]:
   return itertools.islice(iter(source), start, None)
 
 
-def _mean(records: list[Mapping[str, Any]]) -> dict[str, float]:
+def _mean(records: list[Mapping[str, Any]], weights: list[float] | None = None) -> dict[str, float]:
   keys = list(dict.fromkeys(k for r in records for k in r))
-  return {k: float(np.mean([np.asarray(r[k], np.float64) for r in records if k in r])) for k in keys}
+  weights = [1.0] * len(records) if weights is None else weights
+  out = {}
+  for k in keys:
+    vals, w = zip(*[(np.asarray(r[k], np.float64), wt) for r, wt in zip(records, weights) if k in r])
+    out[k] = float(np.average(vals, weights=w))
+  return out
+
+
+def _batch_size(batch: Batch) -> int:
+  """Rows of a batch: the leading dimension of its arrays (1 for a batch without arrays)."""
+  leaves = [x for x in jax.tree.leaves(batch) if np.ndim(x) > 0]
+  return int(np.shape(leaves[0])[0]) if leaves else 1
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -1,0 +1,144 @@
+"""What a training run must refuse or get right around its data, checkpoints and configs: a resume with other
+settings, a dataset folder another model or prompt set wrote, text files written over a dataset, counts that
+cannot work, eval means over uneven batches, held-out prompts that stay held out, a full CLLM export."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.errors import InputError
+from tests.test_bpd import ByteTokenizer, tiny_train_config
+from training import datasets
+from training.bpd import train_bpd
+from training.config import ConfigError, record_run_config
+from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
+
+
+def test_a_resume_with_other_settings_is_refused_and_a_longer_one_is_not(tiny, tmp_path):
+  model, params = tiny
+  cfg = tiny_train_config(tmp_path)
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_new_tokens=8),
+                            optim=dataclasses.replace(cfg.optim, warmup_steps=1, total_steps=None),
+                            train=dataclasses.replace(cfg.train, steps=4, checkpoint_every=2))
+  train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  # train.seed also picks the held-out prompts: resuming under another seed would train on the eval set.
+  reseeded = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=7))
+  with pytest.raises(ConfigError, match=r"train\.seed: 0 there, 7 now.*train\.checkpoint_dir"):
+    train_bpd(reseeded, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  other_data = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, eval_fraction=0.3))
+  with pytest.raises(ConfigError, match=r"data\.eval_fraction"):
+    train_bpd(other_data, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  # More steps and another learning rate are what resuming is for.
+  longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=6),
+                               optim=dataclasses.replace(cfg.optim, lr=1e-3))
+  summary = train_bpd(longer, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  assert summary["final_eval"]
+  # A folder without checkpoints (a run killed while building its data) takes any settings.
+  fresh = tmp_path / "fresh"
+  record_run_config(cfg, fresh)
+  record_run_config(reseeded, fresh)
+
+
+def _distill(model, params, texts, out, tokenizer=None):
+  return datasets.self_distill(model, params, tokenizer or ByteTokenizer(), texts, out, max_new_tokens=4,
+                               batch_size=4, shard_size=4, progress=False)
+
+
+def test_a_dataset_folder_from_another_model_or_other_prompts_is_refused(tiny, tmp_path):
+  from jaxspec.models.llama import LlamaLM, tiny_config
+
+  model, params = tiny
+  texts = ["alpha 1", "bravo 2", "charlie 3"]
+  first = _distill(model, params, texts, tmp_path / "d")
+  assert len(first) == 3
+  assert len(_distill(model, params, texts, tmp_path / "d")) == 3  # the same run reuses its folder
+  other = LlamaLM(tiny_config(vocab_size=model.cfg.vocab_size))
+  with pytest.raises(InputError, match="another target model"):
+    _distill(other, other.init_params(jax.random.key(5)), texts, tmp_path / "d")
+  with pytest.raises(InputError, match="other prompts"):
+    _distill(model, params, ["alpha 1", "bravo 2", "charlie 4"], tmp_path / "d")
+  # A folder written before the source was recorded takes it on first use, and is checked from then on.
+  meta = json.loads((tmp_path / "d" / "meta.json").read_text())
+  legacy = {k: v for k, v in meta.items() if k not in ("target", "prompt_ids_sha256")}
+  (tmp_path / "d" / "meta.json").write_text(json.dumps(legacy))
+  assert len(_distill(model, params, texts, tmp_path / "d")) == 3
+  assert json.loads((tmp_path / "d" / "meta.json").read_text()) == meta
+
+
+def test_text_files_do_not_overwrite_a_self_distilled_dataset(tiny, tmp_path):
+  model, params = tiny
+  _distill(model, params, ["alpha 1", "bravo 2"], tmp_path / "d")
+  text = tmp_path / "t.txt"
+  text.write_text("some plain text to cut into sequences " * 20)
+  with pytest.raises(InputError, match="own"):
+    datasets.text_sequences(ByteTokenizer(), [text], tmp_path / "d", seq_len=32)
+  assert len(datasets.load_sequences(tmp_path / "d")) == 2
+  cut = datasets.text_sequences(ByteTokenizer(), [text], tmp_path / "t", seq_len=32)
+  assert len(datasets.text_sequences(ByteTokenizer(), [text], tmp_path / "t", seq_len=64)) < len(cut)
+  with pytest.raises(InputError, match="other settings"):  # and self-distillation does not reuse text shards
+    _distill(model, params, ["alpha 1"], tmp_path / "t")
+
+
+@pytest.mark.parametrize("override,key", [
+    ("data.eval_fraction=0", "eval_fraction"), ("data.eval_fraction=1.5", "eval_fraction"),
+    ("train.eval_every=0", "eval_every"), ("train.checkpoint_every=0", "checkpoint_every"),
+    ("train.log_every=0", "log_every"), ("data.limit=0", "limit"), ("train.steps=0", "steps"),
+])
+def test_counts_that_cannot_work_fail_when_the_config_loads(tmp_path, override, key):
+  """Before, these passed the config and failed (or did nothing) after the data and hidden states were built."""
+  from training.tasks import load_task_config
+
+  path = tmp_path / "c.yaml"
+  path.write_text("task: bpd\n")
+  with pytest.raises(ConfigError, match=key):
+    load_task_config(str(path), [override])
+
+
+def test_eval_means_weight_batches_by_their_rows():
+  """A last eval batch of one row must count for one row, not for as much as a full batch."""
+  def loss_fn(params, frozen, batch, rng):
+    return jnp.mean(batch["x"]), {"x": jnp.mean(batch["x"])}
+
+  tx = make_optimizer(OptimConfig(lr=0.1, schedule="constant"))
+  trainer = Trainer(loss_fn, tx, progress=False)
+  state = init_state({"w": jnp.zeros(())}, tx, 0)
+  got = trainer.evaluate(state, [{"x": np.zeros(100, np.float32)}, {"x": np.ones(1, np.float32)}])
+  assert got["eval/x"] == pytest.approx(1 / 101)
+
+
+def test_an_added_prompt_set_leaves_the_first_sets_held_out_prompts_in_place():
+  rng = np.random.default_rng(0)
+  def seqs(n, first_id):
+    return [np.array([first_id + i, 1, 2] + list(rng.integers(3, 50, 4)), np.int32) for i in range(n)]
+  base = datasets.Sequences(seqs(40, 100), np.full(40, 3, np.int32))
+  more = seqs(60, 500)
+  both = datasets.Sequences(base.tokens + more, np.full(100, 3, np.int32), np.repeat([0, 1], [40, 60]))
+  _, ev_base = base.split(0.1, seed=0)
+  tr, ev = both.split(0.1, seed=0)
+  first_ids = lambda s: {int(t[0]) for t in s.tokens}
+  assert first_ids(ev) & set(range(100, 140)) == first_ids(ev_base)  # the same held-out prompts as before
+  assert len(ev) == 4 + 6 and not first_ids(ev) & first_ids(tr)
+  # Without parts a second set reshuffles the first one's split (why `parts` exists).
+  _, ev_mixed = datasets.Sequences(both.tokens, both.prompt_lens).split(0.1, seed=0)
+  assert first_ids(ev_mixed) & set(range(100, 140)) != first_ids(ev_base)
+
+
+def test_a_full_cllm_fine_tune_exports_a_model_folder(tiny, tmp_path):
+  from jaxspec.loading import load_model
+  from tests.conftest import make_tiny
+  from tests.test_cllm import tiny_cllm_config
+  from training import synthetic
+  from training.cllm import train_cllm
+
+  tok = synthetic.train_tokenizer(["alpha bravo charlie delta 0123456789"] * 10, 256)
+  model, params = make_tiny(vocab_size=max(256, tok.vocab_size))
+  cfg = tiny_cllm_config(tmp_path, steps=2, finetune="full")
+  cfg = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, prompts=0))
+  train_cllm(cfg, model=model, params=params, tokenizer=tok, progress=False)
+  loaded, loaded_params, loaded_tok = load_model(cfg.out)
+  assert loaded_tok.encode("alpha 12") == tok.encode("alpha 12")
+  assert [x.shape for x in jax.tree.leaves(loaded_params)] == [x.shape for x in jax.tree.leaves(params)]
