@@ -38,6 +38,35 @@ def _temperature(text: str) -> float:
   return v
 
 
+def _check_top_p(args) -> None:
+  """`--top-p` in (0, 1], checked before any model loads (the library's own check names its parameter, top_p)."""
+  if not 0.0 < args.top_p <= 1.0:
+    raise InputError(f"--top-p {args.top_p:g} is out of range: top_p must be in (0, 1] (1: no top-p filter).")
+
+
+def _check_fits(args, model, n_prompt: int) -> None:
+  """The checks `generate()` makes on its settings, worded with `jaxspec generate`'s flags (the library's messages
+  name its Python parameters: top_k, max_len, max_new_tokens)."""
+  cfg = getattr(model, "cfg", None)
+  vocab, context = getattr(cfg, "vocab_size", None), getattr(cfg, "max_seq_len", None)
+  hard = bool(context) and getattr(model, "context_is_limit", False)  # the cache cannot be longer than this
+  if args.temperature > 0 and vocab and args.top_k > vocab:
+    raise InputError(f"--top-k {args.top_k} is more than the model's vocabulary ({vocab} tokens): use 0 (no filter) "
+                     "or fewer.")
+  if args.max_len and hard and args.max_len > context:
+    raise InputError(f"--max-len {args.max_len} is more than the model's context length ({context} tokens): use at "
+                     f"most {context}, or leave it out.")
+  max_len = args.max_len or context
+  need = n_prompt + args.max_new_tokens
+  if max_len and need > max_len:
+    fixes = ["shorten --prompt", "lower --max-new-tokens"]
+    if not (hard and max_len >= context):
+      fixes.append("raise --max-len" + (f" (up to the model's context length, {context})" if hard else ""))
+    raise InputError(f"A prompt of {n_prompt} tokens plus {args.max_new_tokens} new tokens needs {need} cache slots, "
+                     f"more than the cache length {max_len}: {', '.join(fixes[:-1])}{',' * (len(fixes) > 2)} or "
+                     f"{fixes[-1]}.")
+
+
 def _mesh(args):
   """The `--mesh` of a command as a `jax.sharding.Mesh` (None without one); checked before any model is loaded."""
   from jaxspec import sharding
@@ -64,6 +93,7 @@ def _cmd_generate(args) -> int:
 
   if not args.prompt.strip():
     raise InputError("The prompt is empty: pass some text with --prompt.")
+  _check_top_p(args)
   label, name, opts = parse_method(args.method)
   mesh = _mesh(args)
   model, params, tok = load_model(args.model, dtype=args.dtype, scan_layers=args.scan_layers,
@@ -73,6 +103,7 @@ def _cmd_generate(args) -> int:
     params = sharding.partitioner(mesh, model).shard_params(params)
   text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
   ids = tok.encode(text)
+  _check_fits(args, model, len(ids))
   ctx = BenchContext(model, params, tok, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                      seed=args.seed, max_len=args.max_len, mesh=mesh, buckets=args.cache_buckets)
   from jaxspec.bench.methods import METHODS
@@ -109,6 +140,7 @@ def _cmd_bench(args) -> int:
   categories = tuple(c for c in args.categories.split(",") if c.strip()) if args.categories is not None else None
   if categories == ():
     raise InputError("--categories names no category: give comma-separated category names.")
+  _check_top_p(args)
   cfg = BenchConfig(prompts=args.prompts, methods=methods, limit=args.limit,
                     categories=categories,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
@@ -162,8 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--max-len", type=_positive_int, default=None, help="cache length (default: model context length)")
   _model_options(g)
   g.add_argument("--method", default="greedy",
-                 help="decoding method, as in `jaxspec bench --list-methods` (e.g. bpd, bpd:k=4); all but approximate "
-                      "ones give the same tokens as greedy")
+                 help="decoding method, as in `jaxspec bench --list-methods` (e.g. bpd, bpd:k=4). The lossless ones "
+                      "give greedy decoding's tokens at --temperature 0 (in float32, see --dtype) and sample from the "
+                      "same distribution above it; not so bpd:approx=K, which accepts any of the target's top K "
+                      "tokens, and cllm, which decodes its own distilled model, whose output may differ from the base "
+                      "model's")
   g.add_argument("--mesh", default=None, help=MESH_HELP)
   g.add_argument("--cache-buckets", action="store_true",
                  help="bound attention in the loop by cache buckets (512, 1024, ... slots): one compiled forward per "

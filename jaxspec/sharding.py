@@ -80,6 +80,7 @@ _SHAPE_SUFFIX = re.compile(r"_([A-Z][A-Za-z0-9]*(?:x[A-Z][A-Za-z0-9]*)*)$")
 
 def parse_mesh_shape(spec: str | Sequence[int]) -> dict[str, int]:
   """`"data=2,model=4"`, `"2,4"` or `(2, 4)` -> `{"data": 2, "model": 4}`; a missing axis is 1, -1 fills in."""
+  shown = spec  # what the user wrote, for messages
   if isinstance(spec, str):
     text = spec.replace(" ", "")
     if not text:
@@ -92,13 +93,19 @@ def parse_mesh_shape(spec: str | Sequence[int]) -> dict[str, int]:
       for p in parts:
         name, sep, value = p.partition("=")
         if not sep or name not in MESH_AXES or name in out:
-          raise InputError(f"Bad mesh {spec!r}: write it like data=2,model=4 (axes: {', '.join(MESH_AXES)}).")
-        out[name] = _mesh_size(value, spec)
+          raise InputError(f"Bad mesh {shown!r} (axes: {', '.join(MESH_AXES)}): {_MESH_FORMS}.")
+        out[name] = _mesh_size(value, shown)
       return {a: out.get(a, 1) for a in MESH_AXES}
   sizes = list(spec)
   if len(sizes) != len(MESH_AXES):
-    raise InputError(f"Bad mesh {spec!r}: give {len(MESH_AXES)} sizes ({', '.join(MESH_AXES)}), e.g. 2,4.")
-  return {a: _mesh_size(s, spec) for a, s in zip(MESH_AXES, sizes)}
+    if isinstance(shown, str):
+      raise InputError(f"Bad mesh {shown!r}: {_MESH_FORMS}.")
+    raise InputError(f"Bad mesh {shown!r}: give {len(MESH_AXES)} sizes ({', '.join(MESH_AXES)}), e.g. (2, 4).")
+  return {a: _mesh_size(s, shown) for a, s in zip(MESH_AXES, sizes)}
+
+
+_MESH_FORMS = ("write it like data=2,model=4, or model=4 (an axis left out is 1), or 2,4 (sizes in the order data, "
+               "model); -1 takes the devices left over")
 
 
 def _mesh_size(value: Any, spec: Any) -> int:

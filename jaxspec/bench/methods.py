@@ -81,6 +81,42 @@ ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_BPD_HEADS = ASSETS / "bpd_smollm2"
 
 
+def _shown(path) -> str:
+  """A path as a user can type it here: relative to the working directory when under it."""
+  path = Path(path).resolve()
+  try:
+    return str(path.relative_to(Path.cwd()))
+  except ValueError:
+    return str(path)
+
+
+def _saved_num_heads(folder: Path) -> int | None:
+  """The number of heads a BPD folder's config.json records (None where it cannot be read: `load_bpd` says why)."""
+  import json
+  try:
+    return int(json.loads((folder / "config.json").read_text())["bpd"]["num_heads"])
+  except Exception:  # noqa: BLE001 - a missing or damaged config is reported by load_bpd
+    return None
+
+
+def _heads_for_width(d_model: int) -> list[tuple[str, str | None]]:
+  """`(folder, the model they were trained for)` of the shipped BPD heads that read hidden states of width `d_model`."""
+  import json
+  found = []
+  for cfg_path in sorted(ASSETS.glob("*/config.json")):
+    try:
+      raw = json.loads(cfg_path.read_text())
+      if raw["bpd"]["d_model"] == d_model and (cfg_path.parent / "heads.safetensors").exists():
+        found.append((_shown(cfg_path.parent), raw.get("training", {}).get("config", {}).get("model", {}).get("path")))
+    except Exception:  # noqa: BLE001 - other assets, or unreadable ones: not a suggestion
+      continue
+  return found
+
+
+_TRAIN_MORE_HEADS = ("jaxspec train configs/bpd_smollm2.yaml heads.num_heads={n} out=DIR "
+                     "train.checkpoint_dir=DIR/ckpt, then heads=DIR")
+
+
 def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None):
   """`(bpd, bpd_draft_params)` for the heads a method's options name (default: the shipped ones): the first `k` of
   them (an option), or the first `num_heads`, or all."""
@@ -91,13 +127,25 @@ def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None):
   if not (folder / "heads.safetensors").exists():
     raise Unavailable(f"no BPD heads in {folder}: train them with `jaxspec train configs/bpd_smollm2.yaml` or pass "
                       "heads=FOLDER")
+  if "k" in opts:
+    k, have = int(opts["k"]), _saved_num_heads(folder)
+    if have is not None and k > have:
+      train = (_TRAIN_MORE_HEADS.format(n=k) if folder.resolve() == DEFAULT_BPD_HEADS.resolve()
+               else f"heads.num_heads={k} in the config they were trained with")
+      raise Unavailable(f"k={k} asks for {k} heads; {folder} has {have}: use k={have} or fewer, or train more heads "
+                        f"({train})")
   try:
     bpd, bpd_params = load_bpd(folder, int(opts["k"]) if "k" in opts else num_heads)
   except ModelLoadError as e:
     raise Unavailable(str(e)) from None
-  if bpd.cfg.d_model != ctx.model.cfg.d_model:
-    raise Unavailable(f"the heads in {folder} were trained for d_model {bpd.cfg.d_model}, the target has "
-                      f"{ctx.model.cfg.d_model}: train heads for this model")
+  d_model = ctx.model.cfg.d_model
+  if bpd.cfg.d_model != d_model:
+    fitting = [f + (f" (for {m})" if m else "") for f, m in _heads_for_width(d_model)]
+    shipped = f"; the shipped ones of this width: {', '.join(fitting)}" if fitting else ""
+    raise Unavailable(f"the heads in {folder} were trained for a target with d_model {bpd.cfg.d_model}, this target's "
+                      f"is {d_model}: pass heads=FOLDER with heads trained for this model{shipped}. `jaxspec train` "
+                      "trains them from a `task: bpd` config whose model.path is this model, as "
+                      "configs/bpd_t5_numbers.yaml does for jaxspec/assets/t5_numbers")
   return bpd, bpd_draft_params(ctx.model, ctx.params, bpd, bpd_params)
 
 
@@ -245,17 +293,25 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
   if not path.exists():
     raise Unavailable(f"no draft model at {path}: pass draft=PATH (a GGUF file or Hugging Face folder with the "
                       "target's vocabulary), or build the default one with: jaxspec train configs/draft_smollm2.yaml")
+  if path.is_dir() and not (path / "config.json").exists():
+    raise Unavailable(f"draft={path} is a folder without config.json: a draft folder holds config.json + "
+                      "model.safetensors (as `jaxspec train configs/draft_smollm2.yaml` writes), or is a Hugging Face "
+                      "model folder of the target's vocabulary (config.json, *.safetensors, tokenizer.json); a .gguf "
+                      "file works too")
   key = ("draft", str(path))
   if key not in ctx.cache:
-    if path.is_dir() and (path / "config.json").exists() and "jaxspec_draft" in (path / "config.json").read_text():
-      from jaxspec.models.draft import load_draft
-      draft, draft_params = load_draft(path, ctx.params)  # a distilled draft sharing the target's embedding
-    else:
-      # A model file is loaded in the target's dtypes (a distilled draft above keeps the dtype it was saved in).
-      from jaxspec.bench.runner import BenchConfig, model_settings
-      kinds = model_settings(ctx.model, BenchConfig())
-      draft, draft_params, _ = load_model(str(path), dtype=kinds["dtype"], param_dtype=kinds["param_dtype"])
-    vocab_check(ctx.model, draft)
+    try:
+      if path.is_dir() and "jaxspec_draft" in (path / "config.json").read_text():
+        from jaxspec.models.draft import load_draft
+        draft, draft_params = load_draft(path, ctx.params)  # a distilled draft sharing the target's embedding
+      else:
+        # A model file is loaded in the target's dtypes (a distilled draft above keeps the dtype it was saved in).
+        from jaxspec.bench.runner import BenchConfig, model_settings
+        kinds = model_settings(ctx.model, BenchConfig())
+        draft, draft_params, _ = load_model(str(path), dtype=kinds["dtype"], param_dtype=kinds["param_dtype"])
+      vocab_check(ctx.model, draft)
+    except (ModelLoadError, InputError) as e:  # as for heads=: this method cannot run, the others can
+      raise Unavailable(f"draft={path}: {str(e).rstrip('.')}") from None
     ctx.cache[key] = (draft, draft_params)
   return ctx.cache[key]
 
@@ -427,9 +483,14 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   reads = nodes if shape == "chain" else depth  # the deepest head a tree reads: a chain of N nodes reads N
   from_heads = opts.get("drafter", "heads") == "heads"
   if from_heads and reads > max_depth:
-    raise InputError(f"opt-tree: a {shape} of depth {reads} from BPD heads needs {reads} heads; these have "
-                     f"{max_depth}. Use " + (f"nodes={max_depth} or fewer with shape=chain."
-                                             if shape == "chain" else f"depth={max_depth} or less."))
+    where = opts.get("heads") or _shown(DEFAULT_BPD_HEADS)
+    if shape == "chain":
+      asked = f"nodes={opts['nodes']}" if "nodes" in opts else f"the default nodes={nodes}"
+      raise InputError(f"opt-tree: shape=chain with {asked} reads one BPD head per node, and {where} holds "
+                       f"{max_depth} heads. Use nodes={max_depth} or fewer.")
+    asked = f"depth={opts['depth']}" if "depth" in opts else f"a tree of depth {reads}"
+    raise InputError(f"opt-tree: {asked} reads one BPD head per level of the tree, and {where} holds {max_depth} "
+                     f"heads. Use depth={max_depth} or less.")
   if from_heads and reads < max_depth:
     make_source, sp, _, _ = _tree_source(ctx, opts, reads)
   gate = opts.get("gate", "0")

@@ -94,10 +94,12 @@ def _dequantize(t) -> np.ndarray:
   try:
     w = gguf.quants.dequantize(t.data, t.tensor_type)
   except Exception as e:
-    raise ModelLoadError(f"Could not dequantize tensor {t.name!r} ({qname}): {e}. The file may be corrupt.") from e
+    raise ModelLoadError(f"Could not dequantize tensor {t.name!r} ({qname}): {e}. The file may be corrupt: "
+                         "download or convert it again.") from e
   shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
   if int(np.prod(shape)) != w.size:
-    raise ModelLoadError(f"Tensor {t.name!r} holds {w.size} values, its header says {shape}: the file is corrupt.")
+    raise ModelLoadError(f"Tensor {t.name!r} holds {w.size} values, its header says {shape}: the file is "
+                         "corrupt; download or convert it again.")
   return w.reshape(shape).astype(np.float32, copy=False)
 
 

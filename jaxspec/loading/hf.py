@@ -136,7 +136,8 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
     except ModelLoadError:
       raise
     except Exception as e:  # safetensors raises its own error types on damaged headers
-      raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}); the file may be corrupt.") from e
+      raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}); the file may be truncated or corrupt: "
+                           "download or export it again.") from e
   check_complete(params, cfg, folder)
   return LlamaLM(cfg), (stack_layers(params, cfg.n_layers) if scan_layers else params)
 

@@ -162,7 +162,8 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32", param_dtype: str 
             node = node.setdefault(k, {})
           node[key[-1]] = jnp.asarray(w)
     except Exception as e:  # safetensors raises its own error types on damaged headers
-      raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}); the file may be corrupt.") from e
+      raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}); the file may be truncated or "
+                           "corrupt: download or export it again.") from e
   params, cfg = _settle_head(params, cfg)
   model = T5LM(cfg)
   got = dict(_flatten(params))

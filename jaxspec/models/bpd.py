@@ -153,7 +153,8 @@ def load_bpd(folder: str | os.PathLike, num_heads: int | None = None) -> tuple[B
     params["vocab_ids"] = jnp.asarray(flat["vocab_ids"], jnp.int32)
   if num_heads is not None:
     if not 1 <= num_heads <= cfg.num_heads:
-      raise ModelLoadError(f"Asked for {num_heads} heads; {folder} has {cfg.num_heads}.")
+      raise ModelLoadError(f"Asked for {num_heads} heads; {folder} has {cfg.num_heads}: ask for 1 to {cfg.num_heads}, "
+                           "or train more (heads.num_heads in the training config, e.g. configs/bpd_smollm2.yaml).")
     cfg = dataclasses.replace(cfg, num_heads=num_heads)
     params["heads"] = {k: v[:num_heads] for k, v in heads.items()}
   return BPDModel(cfg), params

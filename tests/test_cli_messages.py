@@ -1,0 +1,196 @@
+"""What `jaxspec` says when the input is wrong: the user's own words quoted, the CLI's flags named, and what to do.
+
+Cheap: the tiny random LLaMA (conftest's `tiny`) or the small shipped T5 stands in for the target, and every case
+stops before decoding.
+"""
+
+from pathlib import Path
+
+import pytest
+
+import jaxspec.loading
+from jaxspec import cli, sharding
+from jaxspec.bench.methods import ASSETS, METHODS, BenchContext, Unavailable, parse_method
+from jaxspec.errors import InputError, ModelLoadError
+
+T5_HEADS = ASSETS / "bpd_t5_numbers"
+
+
+class CharTokenizer:
+  """One id per character (id 0 unused), no chat template: the prompt's length in tokens is its length in chars."""
+
+  chat_template = None
+  eos_id = None
+  pad_id = 0
+
+  def encode(self, text, add_bos=None):
+    return [1 + ord(c) % 255 for c in text]
+
+  def decode(self, ids, skip_special_tokens=False):
+    return " ".join(map(str, ids))
+
+
+@pytest.fixture
+def tiny_target(monkeypatch, tiny):
+  """The CLI's model is the tiny LLaMA (vocabulary 256, context 512, d_model 32)."""
+  model, params = tiny
+  monkeypatch.setattr(jaxspec.loading, "load_model", lambda path=None, **kw: (model, params, CharTokenizer()))
+  return model, params
+
+
+@pytest.fixture(scope="module")
+def t5():
+  """The shipped T5 numbers model (d_model 128), whose BPD heads are jaxspec/assets/bpd_t5_numbers."""
+  from jaxspec.loading import load_model
+  return load_model(str(ASSETS / "t5_numbers"))
+
+
+def fails(argv, capsys) -> str:
+  """The one-line error of a command that must fail with exit code 2."""
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jaxspec: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+  return err
+
+
+def build(ctx, method):
+  _, name, opts = parse_method(method)
+  return METHODS[name].build(ctx, opts)
+
+
+# ---- opt-tree deeper than the heads ------------------------------------------------------------------------------
+
+def test_opt_tree_quotes_the_depth_that_was_asked(t5):
+  ctx = BenchContext(*t5)
+  with pytest.raises(InputError) as e:
+    build(ctx, f"opt-tree:heads={T5_HEADS}:depth=20")  # nodes=16 cuts the tree to 16 levels: still say 20
+  msg = str(e.value)
+  assert "depth=20 reads one BPD head per level" in msg and "holds 6 heads" in msg and "Use depth=6 or less" in msg
+  assert "depth 16" not in msg and "a dynamic" not in msg
+  with pytest.raises(InputError, match=r"shape=chain with the default nodes=16 reads one BPD head per node.*"
+                                       r"Use nodes=6 or fewer"):
+    build(ctx, f"opt-tree:heads={T5_HEADS}:shape=chain")
+
+
+# ---- meshes ------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spec", ["foo", "2,4,8", "2"])
+def test_a_bad_mesh_quotes_the_string_and_shows_the_forms(spec):
+  with pytest.raises(InputError) as e:
+    sharding.parse_mesh_shape(spec)
+  msg = str(e.value)
+  assert f"Bad mesh {spec!r}" in msg and "data=2,model=4" in msg and "model=4" in msg and "2,4" in msg
+  assert "[" not in msg  # not the parsed list
+
+
+def test_a_bad_mesh_on_the_command_line(capsys, tmp_path, monkeypatch):
+  monkeypatch.setattr(jaxspec.loading, "load_model", lambda *a, **k: pytest.fail("the mesh is checked first"))
+  err = fails(["generate", "--prompt", "x", "--mesh", "foo"], capsys)
+  assert "Bad mesh 'foo'" in err and "data=2,model=4" in err
+  config = tmp_path / "c.yaml"
+  config.write_text(f"task: bpd\nout: {tmp_path / 'out'}\ntrain:\n  checkpoint_dir: {tmp_path / 'ckpt'}\n")
+  err = fails(["train", str(config), "mesh=foo"], capsys)
+  assert "Bad mesh 'foo'" in err and "data=2,model=4" in err
+
+
+# ---- config files ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,where", [("task: [\n", "line 2, column 1"),
+                                        ("task: bpd\n  heads: 2\n", "line 2, column 8"),
+                                        ('task: "bpd\n', "line 1, column 7")])
+def test_malformed_yaml_is_one_line_with_its_position(tmp_path, capsys, text, where):
+  config = tmp_path / "bad.yaml"
+  config.write_text(text)
+  err = fails(["train", str(config)], capsys)
+  assert "is not valid YAML" in err and where in err
+
+
+# ---- generate's flags --------------------------------------------------------------------------------------------
+
+def test_generate_names_its_flags(tiny_target, capsys):
+  err = fails(["generate", "--prompt", "w" * 600, "--max-new-tokens", "4"], capsys)
+  assert "needs 604 cache slots, more than the cache length 512: shorten --prompt or lower --max-new-tokens." in err
+  err = fails(["generate", "--prompt", "w" * 100, "--max-len", "64"], capsys)
+  assert ("shorten --prompt, lower --max-new-tokens, or raise --max-len (up to the model's context length, 512)"
+          in err)
+  err = fails(["generate", "--prompt", "hi", "--max-len", "1000"], capsys)
+  assert "--max-len 1000 is more than the model's context length (512 tokens)" in err
+  err = fails(["generate", "--prompt", "hi", "--temperature", "1", "--top-k", "300"], capsys)
+  assert "--top-k 300 is more than the model's vocabulary (256 tokens)" in err
+  for err in (fails(["generate", "--prompt", "hi", "--top-p", "2"], capsys),
+              fails(["bench", "--top-p", "0", "--out", "unused"], capsys)):
+    assert "--top-p" in err and "(0, 1]" in err
+  assert not Path("unused").exists()
+
+
+def test_the_method_help_says_which_methods_differ_from_greedy():
+  sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["generate"]
+  text = " ".join(sub.format_help().split())
+  assert "cllm" in text and "approx" in text and "all but approximate" not in text
+
+
+def test_distributed_goes_after_the_command_name():
+  """As README.md says: after `train` or at the end, not before the command or between a config and overrides."""
+  parser = cli.build_parser()
+  for argv in (["train", "--distributed", "c.yaml", "a=1"], ["train", "c.yaml", "a=1", "--distributed"]):
+    args = parser.parse_args(argv)
+    assert args.distributed and args.config == "c.yaml" and args.overrides == ["a=1"]
+  for argv in (["--distributed", "train", "c.yaml"], ["train", "c.yaml", "--distributed", "a=1"]):
+    with pytest.raises(SystemExit):
+      parser.parse_args(argv)
+
+
+# ---- what to do about heads, drafts and files ---------------------------------------------------------------------
+
+def test_heads_of_another_width_name_the_option_and_the_shipped_ones(t5, monkeypatch, capsys):
+  monkeypatch.setattr(jaxspec.loading, "load_model", lambda path=None, **kw: t5)
+  err = fails(["generate", "--prompt", "spell: 12", "--method", "bpd"], capsys)
+  assert "d_model 576, this target's is 128" in err and "heads=FOLDER" in err
+  assert "bpd_t5_numbers (for jaxspec/assets/t5_numbers)" in err and "task: bpd" in err
+
+
+def test_too_many_heads_says_how_many_there_are_and_how_to_train_more(tiny_target, capsys):
+  err = fails(["generate", "--prompt", "hi", "--method", "bpd:k=20"], capsys)
+  assert "k=20 asks for 20 heads" in err and "use k=8 or fewer" in err
+  assert "jaxspec train configs/bpd_smollm2.yaml heads.num_heads=20" in err and "then heads=DIR" in err
+  from jaxspec.models.bpd import load_bpd
+  with pytest.raises(ModelLoadError, match=r"has 6: ask for 1 to 6, or train more \(heads.num_heads"):
+    load_bpd(T5_HEADS, 7)
+
+
+def test_a_corrupt_weights_file_says_to_get_it_again(tmp_path, tiny):
+  from jaxspec.loading import load_model
+  from jaxspec.loading.hf import save_hf
+  model, params = tiny
+  save_hf(str(tmp_path), model, params)
+  (tmp_path / "model.safetensors").write_bytes(b"\x07" * 100)
+  with pytest.raises(ModelLoadError, match="truncated or corrupt: download or export it again"):
+    load_model(str(tmp_path))
+
+
+def test_a_bad_draft_folder_names_the_draft_option(tiny_target, tmp_path, capsys):
+  err = fails(["generate", "--prompt", "hi", "--method", f"spec:draft={tmp_path}"], capsys)
+  assert f"draft={tmp_path} is a folder without config.json" in err and "model.safetensors" in err
+  assert "pass a Hugging Face model folder" not in err  # the --model wording
+
+
+def test_a_bad_draft_is_the_method_s_problem_as_a_bad_heads_folder_is(tiny, tmp_path):
+  """Building the method says Unavailable (reported for that method), not a load error that ends the bench."""
+  from jaxspec.bench import BenchConfig, run_bench
+  from jaxspec.loading.hf import save_hf
+  model, params = tiny
+  ctx = BenchContext(model, params, CharTokenizer())
+  empty, corrupt, missing = tmp_path / "empty", tmp_path / "corrupt", tmp_path / "missing"
+  empty.mkdir()
+  save_hf(str(corrupt), model, params)
+  (corrupt / "model.safetensors").write_bytes(b"\x07" * 100)
+  for folder in (empty, corrupt, missing):
+    for method in (f"spec:draft={folder}", f"bpd:heads={folder}"):
+      with pytest.raises(Unavailable):
+        build(ctx, method)
+  # Named methods must all run: the bench stops before decoding anything, naming the method and its draft= option.
+  cfg = BenchConfig(methods=("greedy", f"spec:draft={empty}"), limit=1, categories=("qa",), max_new_tokens=4,
+                    out=str(tmp_path / "out"))
+  with pytest.raises(InputError) as e:
+    run_bench(cfg, model, params, CharTokenizer(), progress=False, require_all=True)
+  assert f"Cannot run spec:draft={empty}: draft={empty} is a folder without config.json" in str(e.value)
