@@ -105,6 +105,8 @@ def test_tau_counts_exactness_and_files(tmp_path, prompt_file, methods):
   assert {"jax", "devices", "cpu"} <= set(saved["environment"])
   report = (out / "report.md").read_text()
   assert "| oracle | 4.00 |" in report and "`liar`: 1 of 6 outputs differ" in report and "no parts" in report
+  # Batches of 2 are timed whole: the per-category speedups say they are shares of batch times.
+  assert "Prompts ran 2 to a batch" in report.split("## Speedup per category")[1].split("|")[0]
   for png in ("tau_per_category.png", "speedup.png", "accept_hist.png"):
     assert (out / png).stat().st_size > 1000
   lines = (out / "outputs.jsonl").read_text().splitlines()
@@ -342,3 +344,81 @@ def test_model_settings_count_in_the_fingerprint_only_when_set():
   assert not {"dtype", "param_dtype", "scan_layers"} & set(conf())
   assert conf(dtype="bfloat16")["dtype"] == "bfloat16" and conf(scan_layers=True)["scan_layers"] is True
   assert conf(param_dtype="bfloat16")["param_dtype"] == "bfloat16"
+
+
+def _record(qid, category, seconds, new_tokens, steps_tokens, active_calls):
+  from jaxspec.bench.runner import Record
+  return Record(question_id=qid, category=category, new_tokens=new_tokens, steps_tokens=steps_tokens,
+                active_calls=active_calls, seconds=seconds, drafter_calls=0.0, accept_hist=[0, active_calls],
+                tokens=[1] * new_tokens)
+
+
+def test_report_speedup_tokens_per_second_and_tau_per_category():
+  """The report's arithmetic on records of known times and counts: speedup = greedy seconds / method seconds on the
+  same prompts, tokens/s = new tokens / seconds, τ = step tokens / target calls, each overall and per category."""
+  from jaxspec.bench import report
+  from jaxspec.bench.prompts import Prompt
+  from jaxspec.bench.runner import environment
+
+  prompts = [Prompt(0, "qa", "a"), Prompt(1, "qa", "b"), Prompt(2, "math", "c")]
+  # Greedy: 2 s, 2 s and 3 s, 10 new tokens each (9 after the prefill's, one per call).
+  greedy = [_record(p.question_id, p.category, s, 10, 9, 9) for p, s in zip(prompts, [2.0, 2.0, 3.0])]
+  # "fast": 0.5 s on each qa prompt with τ 3 there (9 tokens in 3 calls); 1.5 s on the math prompt with τ 1.
+  fast = [_record(0, "qa", 0.5, 10, 9, 3), _record(1, "qa", 0.5, 10, 9, 3), _record(2, "math", 1.5, 10, 9, 9)]
+  # "slow": twice greedy's time everywhere, 8 new tokens per prompt.
+  slow = [_record(p.question_id, p.category, 2 * r.seconds, 8, 7, 7) for p, r in zip(prompts, greedy)]
+  specs = {name: MethodSpec(name, name, True, None) for name in ("greedy", "fast", "slow")}
+  records = {"greedy": greedy, "fast": fast, "slow": slow}
+  res = report.results(BenchConfig(prompts="p.jsonl", methods=("greedy", "fast", "slow")), environment(), prompts,
+                       specs, {}, records, {k: 0.0 for k in specs}, {k: 0 for k in specs}, {k: [] for k in specs}, {},
+                       complete=True, wall_s=1.0, peak_rss_bytes=0)
+  m = res["methods"]
+  approx = lambda x: pytest.approx(x, rel=1e-9)
+  assert m["greedy"]["speedup"] == 1.0 and m["greedy"]["tau"] == 1.0
+  assert m["greedy"]["tokens_per_s"] == approx(30 / 7.0)
+  assert m["fast"]["speedup"] == approx(7.0 / 2.5)  # greedy's 7 s over the method's 2.5 s: not 2.5 / 7
+  assert m["fast"]["tokens_per_s"] == approx(30 / 2.5)
+  assert m["fast"]["tau"] == approx(27 / 15)  # all step tokens over all calls, not a mean of per-prompt τ
+  assert m["slow"]["speedup"] == approx(0.5) and m["slow"]["tokens_per_s"] == approx(24 / 14.0)
+  qa, math = m["fast"]["per_category"]["qa"], m["fast"]["per_category"]["math"]
+  assert qa["tau"] == approx(3.0) and math["tau"] == approx(1.0)
+  assert qa["speedup"] == approx(4.0 / 1.0) and math["speedup"] == approx(3.0 / 1.5)
+  assert qa["tokens_per_s"] == approx(20 / 1.0) and math["tokens_per_s"] == approx(10 / 1.5)
+  assert qa["n_prompts"] == 2 and math["n_prompts"] == 1 and qa["target_calls"] == 6 and math["target_calls"] == 9
+  assert m["slow"]["per_category"]["qa"]["speedup"] == approx(0.5)
+  assert m["greedy"]["per_category"]["math"]["speedup"] == 1.0
+  # The tables show the same figures.
+  md = report.markdown(res)
+  assert "| fast | 1.80 | 2.80× | 12.0 |" in md and "| slow | 1.00 | 0.50× | 1.7 |" in md
+  tau_table = md.split("## τ per category")[1].split("##")[0]
+  speed_table = md.split("## Speedup per category")[1].split("##")[0]
+  assert "| math | qa |" in tau_table and "| fast | 1.00 | 3.00 |" in tau_table
+  assert "| fast | 2.00 | 4.00 |" in speed_table and "| slow | 0.50 | 0.50 |" in speed_table
+  assert any(l.split()[:3] == ["fast", "1.80", "2.80×"] for l in report.summary_lines(res))
+
+
+def test_bench_times_each_row_by_its_share_of_the_batch(tmp_path, prompt_file, methods, monkeypatch):
+  """Through the whole harness with the run times fixed: greedy takes 0.3 s per prompt and the oracle 0.1 s, in
+  batches of up to 2 (each row is timed at its share of its batch), so the oracle's speedup is 3 and its tokens/s 13
+  tokens / 0.1 s, overall and per category."""
+  import jaxspec.bench.runner as runner_mod
+
+  def timed(build, per_row):
+    def make(ctx, opts):
+      inner = build(ctx, opts)
+      return lambda prompts, new, seed: dataclasses.replace(inner(prompts, new, seed), run_s=per_row * len(prompts))
+    return make
+
+  specs = runner_mod.METHODS
+  monkeypatch.setitem(specs, "greedy", dataclasses.replace(specs["greedy"], build=timed(specs["greedy"].build, 0.3)))
+  monkeypatch.setitem(specs, "oracle", dataclasses.replace(specs["oracle"], build=timed(specs["oracle"].build, 0.1)))
+  cfg = BenchConfig(prompts=prompt_file, methods=("oracle",), max_new_tokens=13, batch_size=2,
+                    out=str(tmp_path / "out"))
+  m = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)["methods"]
+  assert m["oracle"]["speedup"] == pytest.approx(3.0) and m["greedy"]["speedup"] == 1.0
+  assert m["oracle"]["tokens_per_s"] == pytest.approx(130.0) and m["greedy"]["tokens_per_s"] == pytest.approx(130 / 3)
+  assert m["oracle"]["run_s"] == pytest.approx(0.6) and m["greedy"]["run_s"] == pytest.approx(1.8)
+  for c, n in (("qa", 2), ("math", 3), ("rag", 1)):
+    cat = m["oracle"]["per_category"][c]
+    assert cat["speedup"] == pytest.approx(3.0) and cat["tokens_per_s"] == pytest.approx(130.0), c
+    assert cat["run_s"] == pytest.approx(0.1 * n) and cat["tau"] == 4.0

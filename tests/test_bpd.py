@@ -357,7 +357,8 @@ def test_joint_run_starts_from_trained_heads_and_scales_the_base_rate(tiny, tmp_
   assert bpd.num_heads == 2
   np.testing.assert_array_equal(p0["vocab_ids"], p1["vocab_ids"])
   assert not np.allclose(p0["heads"]["w_in"], p1["heads"]["w_in"])
-  wrong = dataclasses.replace(cfg, heads=dataclasses.replace(cfg.heads, d_hidden=16))
+  wrong = dataclasses.replace(cfg, heads=dataclasses.replace(cfg.heads, d_hidden=16),
+                              train=dataclasses.replace(cfg.train, checkpoint_dir=str(tmp_path / "d" / "ckpt")))
   with pytest.raises(ConfigError, match="d_hidden=32"):
     train_bpd(wrong, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
 
@@ -558,3 +559,85 @@ def test_every_shipped_config_loads(name):
 
   cfg, _ = load_task_config(str(Path(__file__).parent.parent / "configs" / name))
   assert dataclasses.is_dataclass(cfg)
+
+
+# ---- Stern's approximate acceptance below the whole vocabulary ---------------------------------------------------
+
+
+def ranked_logits(ranked, vocab=10):
+  """Logits `[B, T, V]` whose position (b, t) ranks the tokens `ranked[b][t]` first, second, ... (the others after
+  them, in token order): distinct values, so every top-k set is unambiguous."""
+  out = np.zeros((len(ranked), len(ranked[0]), vocab), np.float32)
+  for b, row in enumerate(ranked):
+    for t, order in enumerate(row):
+      rest = [x for x in range(vocab) if x not in order]
+      for rank, x in enumerate(list(order) + rest):
+        out[b, t, x] = 10.0 - rank
+  return jnp.asarray(out)
+
+
+def test_top_k_acceptance_keeps_a_token_iff_it_is_in_the_target_top_k():
+  """k=3 on hand-made logits: a drafted token is kept while it is within the target's top 3 at its position, the
+  first one ranked 4th or lower ends the prefix, and the target's argmax there follows it."""
+  from jaxspec.decoding.bpd import chain_draft
+  from jaxspec.decoding.sampling import SamplingParams
+
+  # Each position ranks (first, second, third, fourth); block index t holds the target's choice after t drafts.
+  ranked = [[(1, 2, 3, 4), (5, 6, 7, 8), (2, 4, 6, 8), (9, 0, 1, 3), (7, 5, 3, 1)]] * 4  # the same in every row
+  drafts = [[3, 6, 2, 1],  # ranks 3, 2, 1, 3: all kept, then the bonus token 7
+            [2, 7, 8, 9],  # ranks 2, 3, then 4th: two kept, then the target's argmax 2 at block index 2
+            [4, 5, 2, 9],  # the first is ranked 4th: none kept, the target's argmax 1 (then ranks 1, 1, 1)
+            [1, 5, 0, 3]]  # ranks 1, 1, 5th, 4th: two kept, then 2
+  acc = TopKAcceptance(top_k=3).accept(None, chain_draft(jnp.asarray(drafts, jnp.int32)), ranked_logits(ranked),
+                                       SamplingParams.make(), is_chain=True)
+  want = [[3, 6, 2, 1, 7], [2, 7, 2], [1], [1, 5, 2]]
+  n = np.asarray(acc.n_commit_B).tolist()
+  assert n == [len(w) for w in want]
+  assert [np.asarray(acc.emitted_BxT[b, :n[b]]).tolist() for b in range(4)] == want
+  assert np.asarray(acc.path_BxT).tolist() == [list(range(5))] * 4 and acc.is_prefix
+  # The same drafts under k=2 and k=4: the 3rd-ranked tokens now end the prefix, the 4th-ranked ones are now kept.
+  k2 = TopKAcceptance(top_k=2).accept(None, chain_draft(jnp.asarray(drafts, jnp.int32)), ranked_logits(ranked),
+                                      SamplingParams.make(), is_chain=True)
+  assert np.asarray(k2.n_commit_B).tolist() == [1, 2, 1, 3]
+  k4 = TopKAcceptance(top_k=4).accept(None, chain_draft(jnp.asarray(drafts, jnp.int32)), ranked_logits(ranked),
+                                      SamplingParams.make(), is_chain=True)
+  assert np.asarray(k4.n_commit_B).tolist() == [5, 5, 5, 3]
+
+
+def test_top_1_acceptance_is_greedy_acceptance():
+  """k=1 keeps exactly the tokens greedy acceptance keeps, on random logits and drafts that follow the argmax for a
+  random number of tokens and then leave it."""
+  from jaxspec.decoding.bpd import chain_draft
+  from jaxspec.decoding.sampling import SamplingParams
+
+  rng = np.random.default_rng(0)
+  b, n, v = 16, 5, 12
+  logits = jnp.asarray(rng.normal(size=(b, n + 1, v)).astype(np.float32))
+  target = np.asarray(jnp.argmax(logits, -1))
+  drafts = target[:, :n].copy()
+  cut = rng.integers(0, n + 1, size=b)  # row r follows the argmax for cut[r] tokens
+  for r in range(b):
+    if cut[r] < n:
+      drafts[r, cut[r]] = (drafts[r, cut[r]] + 1 + rng.integers(0, v - 1)) % v  # any other token
+  draft = chain_draft(jnp.asarray(drafts, jnp.int32))
+  top1 = TopKAcceptance(top_k=1).accept(None, draft, logits, SamplingParams.make(), is_chain=True)
+  exact = GreedyAcceptance().accept(None, draft, logits, SamplingParams.make(), is_chain=True)
+  n1, ne = np.asarray(top1.n_commit_B), np.asarray(exact.n_commit_B)
+  assert n1.tolist() == ne.tolist() == (cut + 1).tolist()
+  for r in range(b):
+    assert np.asarray(top1.emitted_BxT[r, :n1[r]]).tolist() == np.asarray(exact.emitted_BxT[r, :ne[r]]).tolist()
+
+
+def test_top_1_acceptance_decodes_greedily_on_tiny_model(tiny):
+  """Stern's rule with k=1 is exact acceptance: BPD with it gives greedy decoding's tokens in the same steps."""
+  model, params = tiny
+  bpd, p = random_heads(tiny, 3)
+  dp = bpd_draft_params(model, params, bpd, p)
+  prompts = [[4, 8, 15], [16, 23, 42, 7]]
+  exact = generate(model, params, prompts, max_new_tokens=30, drafter=BPDDrafter(bpd), draft_params=dp)
+  top1 = generate(model, params, prompts, max_new_tokens=30, drafter=BPDDrafter(bpd), draft_params=dp,
+                  acceptor=TopKAcceptance(top_k=1))
+  assert top1.tokens == exact.tokens == generate(model, params, prompts, max_new_tokens=30).tokens
+  assert top1.accept_hist.tolist() == exact.accept_hist.tolist() and top1.active_calls == exact.active_calls
+  assert exact.accept_hist[:, 2:].sum() > 0  # some drafts are accepted, and some are not (below)
+  assert exact.tau < 4

@@ -106,7 +106,10 @@ def test_tree_mask_gives_each_node_its_root_path_logits(tiny):
   #    7
   parents = [-1, 0, 0, 0, 1, 1, 3, 4]
   n = len(parents)
-  depth_N, anc_NxN = tree_arrays([-1] + [p + 1 if p >= 0 else 0 for p in parents[1:]])
+  depth_N, anc_NxN = tree_arrays(parents)  # node 0 is the root, the first token after the prefix
+  assert depth_N.tolist() == [1, 2, 2, 2, 3, 3, 3, 4]  # the tree drawn above
+  assert [np.flatnonzero(row).tolist() for row in anc_NxN] == [[0], [0, 1], [0, 2], [0, 3], [0, 1, 4], [0, 1, 5],
+                                                              [0, 3, 6], [0, 1, 4, 7]]
   tokens_N = jnp.asarray([7, 11, 13, 17, 19, 23, 29, 31])
   prefix = jax.random.randint(jax.random.key(4), (1, 6), 0, model.vocab_size)
   cache = _prefilled(model, params, prefix)

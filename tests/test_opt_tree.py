@@ -23,6 +23,7 @@ from jaxspec.decoding.sampling import SamplingParams, Warp
 from jaxspec.errors import InputError
 from jaxspec.models.subset import subset_head
 from tests.conftest import make_tiny
+from tests.fakes import tree_arrays
 from tests.test_bpd import random_heads
 from tests.test_speculative import V, chi2_pvalue, continuation_logits, drafter_sample_counts  # noqa: F401
 from tests.test_speculative import (assert_gate_skips_some_drafts, exact_distribution,  # noqa: F401
@@ -432,3 +433,85 @@ def test_a_draft_lm_tree_after_a_step_is_the_tree_a_fresh_prefill_grows(tiny):
                                correction)
   assert draft2.tokens_BxN.tolist() == fresh.tokens_BxN.tolist()
   np.testing.assert_allclose(ea2, ea_fresh, rtol=1e-5, atol=1e-6)
+
+
+# --- Accepted tree paths on a model whose output depends on its context -------------------------------------------
+# The `tiny` fixture's greedy output barely depends on context (its peaked embedding dominates every layer), so a
+# tree step that kept the wrong cache entries would go unnoticed there. These trees run on a model with a mildly
+# scaled embedding whose next token does depend on what is in the cache, and get deep nodes accepted.
+
+
+@pytest.fixture(scope="module")
+def varied():
+  from jaxspec.models.llama import LlamaLM, tiny_config
+
+  model = LlamaLM(tiny_config())
+  params = dict(model.init_params(jax.random.key(0)))
+  params["embed"] = {"embedding": params["embed"]["embedding"] * 3.0}
+  return model, params
+
+
+VARIED_PROMPTS = [[1, 2, 3], [9, 30, 200, 41, 77], [100, 5, 17, 4]]
+
+
+@pytest.fixture(scope="module")
+def varied_ref(varied):
+  model, params = varied
+  ref = gen.generate(model, params, VARIED_PROMPTS, max_new_tokens=NEW).tokens
+  assert all(len(set(r)) > 5 for r in ref)  # the output varies with its context
+  return ref
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceTree:
+  """A fixed tree that knows the greedy output (`draft_params["ref_BxR"]`): the first root child is wrong, the second
+  right, and the right branch goes two deeper, so the accepted path, block [0, 2, 4, 5], is never a prefix of the
+  block and its cache entries must be gathered."""
+
+  parents: tuple = (-1, -1, 0, 1, 3)  # 0: wrong, 1: right, 2: wrong under 0, 3: right under 1, 4: right under 3
+  is_chain = False
+  calls_per_step = 0
+
+  @property
+  def num_nodes(self):
+    return len(self.parents)
+
+  def init(self, draft_params, prefill):
+    return ()
+
+  def propose(self, draft_params, dstate, loop):
+    ref_BxR = draft_params["ref_BxR"]
+    b = loop.pending_B.shape[0]
+    at = lambda i: jnp.take_along_axis(ref_BxR, jnp.minimum(loop.n_out_B + i, ref_BxR.shape[1] - 1)[:, None], 1)[:, 0]
+    wrong = lambda x: (x + 1) % 256
+    tokens = jnp.stack([wrong(at(0)), at(0), wrong(at(1)), at(1), at(2)], axis=1).astype(jnp.int32)
+    depth, mask = tree_arrays(list(self.parents))
+    bc = lambda a: jnp.broadcast_to(jnp.asarray(a), (b, *np.shape(a)))
+    return Draft(tokens, bc(depth), bc(mask), bc(np.asarray(self.parents, np.int32))), dstate
+
+  def update(self, draft_params, dstate, verified):
+    return dstate
+
+
+def test_accepted_tree_paths_keep_their_own_cache_entries(varied, varied_ref):
+  """Every step accepts the right branch (3 nodes and the bonus token) behind a wrong sibling: the output is greedy
+  decoding's only if the cache keeps the accepted nodes' keys and values, not the block's first entries."""
+  model, params = varied
+  ref = np.zeros((len(VARIED_PROMPTS), NEW + 8), np.int32)
+  ref[:, :NEW] = varied_ref
+  res = gen.generate(model, params, VARIED_PROMPTS, max_new_tokens=NEW, drafter=ReferenceTree(),
+                     draft_params={"ref_BxR": jnp.asarray(ref)})
+  assert res.tokens == varied_ref
+  # 29 tokens after the first: 7 steps of 4 and a last one (cut to 1 by max_new_tokens).
+  assert res.accept_hist[:, 4].tolist() == [7, 7, 7] and res.active_calls == [8, 8, 8]
+
+
+def test_self_drafted_tree_equals_greedy_with_deep_accepted_paths(varied, varied_ref):
+  """OPT-Tree with the target as its own draft LM: the draft's tree holds the target's greedy path, behind siblings
+  at depth 1 (this model's next-token distributions are flat, so the tree is bushy), so steps accept 2 nodes along
+  paths that are not a prefix of the block; the output is greedy decoding's, token for token."""
+  model, params = varied
+  drafter = OptTreeDrafter(LMTreeSource(model), nodes=8, depth=4, width=2, branch=2)
+  res = gen.generate(model, params, VARIED_PROMPTS, max_new_tokens=NEW, drafter=drafter, draft_params=params)
+  assert res.tokens == varied_ref
+  assert res.tau > 2.5 and res.accept_hist[:, 3:].sum() >= 0.9 * res.accept_hist.sum()

@@ -1,0 +1,146 @@
+"""Bench methods built by name with options (`bpd:k=2:gate=0.8`, `spec:stop=0.6`, `opt-tree:lookup=1`, ...): each
+option reaches the drafter or acceptance rule that the decode loop runs, and the lossless ones still give greedy
+decoding's tokens. On a tiny LLaMA whose output depends on its context, with BPD heads and a draft model saved to a
+temporary folder the way `jaxspec train` writes them."""
+
+import jax
+import pytest
+
+from jaxspec.bench import methods as methods_mod
+from jaxspec.bench.methods import METHODS, BenchContext, parse_method
+from jaxspec.decoding.bpd import BPDDrafter, TopKAcceptance
+from jaxspec.decoding.generate import generate
+from jaxspec.decoding.jacobi import JacobiDrafter
+from jaxspec.decoding.lookup import WithLookup
+from jaxspec.decoding.opt_tree import HeadsTreeSource, OptTreeDrafter
+from jaxspec.decoding.speculative import DraftModelDrafter
+from jaxspec.models.bpd import save_bpd
+from jaxspec.models.draft import save_draft
+from jaxspec.models.llama import LlamaLM, tiny_config
+from tests.test_bpd import random_heads
+
+# Prompts whose greedy continuations repeat some of their own tokens (so prompt-lookup copies are verified) and
+# otherwise vary.
+PROMPTS = [[1, 2, 3], [9, 30, 200, 41, 77], [100, 5, 17, 4]]
+NEW = 24
+
+
+class Tokenizer:
+  eos_id = None
+  pad_id = 0
+  chat_template = None
+
+
+@pytest.fixture(scope="module")
+def target():
+  """A tiny LLaMA with a mildly scaled embedding: its next token depends on the context (the `tiny` fixture's
+  output mostly repeats one token)."""
+  model = LlamaLM(tiny_config())
+  params = dict(model.init_params(jax.random.key(0)))
+  params["embed"] = {"embedding": params["embed"]["embedding"] * 3.0}
+  return model, params
+
+
+@pytest.fixture(scope="module")
+def parts(target, tmp_path_factory):
+  """Folders for `heads=` (3 random BPD heads) and `draft=` (the target's own layers, saved as draft training saves
+  a draft: every greedy draft token is right, and its flat distributions make adaptive drafts stop early)."""
+  root = tmp_path_factory.mktemp("parts")
+  bpd, p = random_heads(target, 3)
+  save_bpd(root / "heads", bpd, p)
+  save_draft(root / "draft", *target, dtype="float32")
+  return root
+
+
+@pytest.fixture(scope="module")
+def greedy(target):
+  model, params = target
+  return generate(model, params, PROMPTS, max_new_tokens=NEW).tokens
+
+
+def build_and_run(target, parts, text, monkeypatch):
+  """Builds the method `text` (`{p}` is the parts folder) through the bench's method table and decodes PROMPTS;
+  returns the runner, its result, and the keyword arguments it handed to `generate`."""
+  model, params = target
+  seen = []
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs)
+    return generate(*args, **kwargs)
+
+  monkeypatch.setattr(methods_mod, "generate", spy)
+  _, name, opts = parse_method(text.format(p=parts))
+  run = METHODS[name].build(BenchContext(model, params, Tokenizer()), opts)
+  res = run(PROMPTS, NEW, 0)
+  (kwargs,) = seen
+  return run, res, kwargs
+
+
+def _bpd(drafter, k, gate=0.0):
+  assert type(drafter) is BPDDrafter and drafter.bpd.num_heads == k and drafter.gate == gate
+
+
+def _spec(drafter, stop=0.0, gate=0.0, lookup=0):
+  assert type(drafter) is DraftModelDrafter and drafter.gamma == 4 and drafter.greedy
+  assert (drafter.stop, drafter.gate, drafter.lookup) == (stop, gate, lookup)
+
+
+def _tree(drafter, gate=0.0):
+  assert type(drafter) is OptTreeDrafter and isinstance(drafter.source, HeadsTreeSource)
+  assert (drafter.nodes, drafter.depth, drafter.gate) == (8, 3, gate)
+
+
+def _jacobi(drafter, window):
+  assert type(drafter) is JacobiDrafter and drafter.window == window
+
+
+def _lookup(drafter, min_match, graft=True):
+  assert type(drafter) is WithLookup and drafter.min_match == min_match and drafter.graft is graft
+  return drafter.inner
+
+
+# (method, check of the drafter the loop ran, whether the stats show verified prompt-lookup copies)
+CASES = [
+    ("bpd:heads={p}/heads:k=2:gate=0.8", lambda d: _bpd(d, 2, gate=0.8), False),
+    ("bpd:heads={p}/heads:k=2:lookup=2", lambda d: _bpd(_lookup(d, 2), 2), True),
+    ("spec:draft={p}/draft:lookup=1", lambda d: _spec(d, lookup=1), True),
+    ("opt-tree:heads={p}/heads:nodes=8:depth=3:lookup=1", lambda d: _tree(_lookup(d, 1)), True),
+    ("opt-tree:heads={p}/heads:nodes=8:depth=3:lookup=1:graft=0", lambda d: _tree(_lookup(d, 1, graft=False)), True),
+    ("jacobi:n=4:lookup=2", lambda d: _jacobi(_lookup(d, 2), 4), True),
+]
+
+
+@pytest.mark.parametrize("text,check,copies", CASES, ids=[c[0].replace("{p}/", "") for c in CASES])
+def test_method_options_reach_the_drafter_and_keep_greedy_output(target, parts, greedy, monkeypatch, text, check,
+                                                                   copies):
+  run, res, kwargs = build_and_run(target, parts, text, monkeypatch)
+  check(kwargs["drafter"])
+  assert kwargs["acceptor"] is None  # the loop's default: greedy acceptance at temperature 0
+  assert getattr(run, "lossless", True)
+  assert res.tokens == greedy
+  if copies:
+    assert int(res.drafter_stats["copied_steps"]) > 0  # the lookup option did verify copies
+  else:
+    assert "copied_steps" not in res.drafter_stats
+
+
+def test_spec_stop_reaches_the_draft_and_ends_drafts_early(target, parts, greedy, monkeypatch):
+  """stop=0.6 on a draft whose top probabilities are far below 0.6: each draft ends after its first token, so the
+  draft runs fewer forwards than without it, and no step accepts more than one drafted token; the output is still
+  greedy decoding's."""
+  _, full, kwargs = build_and_run(target, parts, "spec:draft={p}/draft", monkeypatch)
+  _spec(kwargs["drafter"])
+  _, stopped, kwargs = build_and_run(target, parts, "spec:draft={p}/draft:stop=0.6", monkeypatch)
+  _spec(kwargs["drafter"], stop=0.6)
+  assert full.tokens == stopped.tokens == greedy
+  assert int(stopped.drafter_stats["draft_forwards"]) < int(full.drafter_stats["draft_forwards"])
+  assert stopped.accept_hist[:, 3:].sum() == 0 < full.accept_hist[:, 3:].sum()
+
+
+def test_bpd_approx_builds_stern_top_k_acceptance(target, parts, monkeypatch):
+  """approx=K runs Stern's top-K rule, and the method is marked not lossless (the report then does not count its
+  differences from greedy as mismatches)."""
+  run, res, kwargs = build_and_run(target, parts, "bpd:heads={p}/heads:k=2:approx=3", monkeypatch)
+  _bpd(kwargs["drafter"], 2)
+  assert kwargs["acceptor"] == TopKAcceptance(top_k=3) and run.lossless is False
+  assert res.accept_hist[:, 2:].sum() > 0
