@@ -27,7 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified
+from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified, vocab_check
 from jaxspec.decoding.sampling import Warp
 from jaxspec.decoding.speculative import draw, gate_score
 from jaxspec.errors import InputError
@@ -87,6 +87,10 @@ class EagleDrafter:
   def calls_per_step(self) -> int:
     """Draft forwards per step: γ - 1 in propose, one (γ + 1 entries) in update."""
     return self.gamma
+
+  def check_target(self, target) -> None:
+    """The loop's check before tracing (`protocol.check_target`): the draft's output rows are the target's."""
+    vocab_check(target, self.draft)
 
   def init(self, draft_params, prefill: PrefillInfo) -> EagleState:
     """The draft's prefill: entries (f_t, x_{t+1}) for every prompt position, the last one's x being the first
@@ -202,8 +206,13 @@ class EagleTreeSource:
   draft: EagleDraft
   width: int
 
-  def calls(self, depth: int) -> int:
-    return depth  # depth - 1 expansions and the update
+  def calls(self, depth):
+    """Draft forwards of a step whose tree grew to `depth` (an int or a traced count): depth - 1 expansions and the
+    update."""
+    return depth
+
+  def check_target(self, target) -> None:
+    vocab_check(target, self.draft)
 
   def to_tokens(self, draft_params, idx):
     return idx.astype(jnp.int32)

@@ -60,21 +60,37 @@ def make_acceptor(temperature: float, top_k: int = 0, top_p: float = 1.0):
 
 
 def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], max_len: int, extra: int,
-            pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
-  """Checks and pads a batch: returns (prompts_BxP, lengths_B, max_new_B, out_len, capacity)."""
+            pad_id: int, *, vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+  """Checks and pads a batch: returns (prompts_BxP, lengths_B, max_new_B, out_len, capacity).
+
+  Token ids must lie in [0, vocab_size) (negative ones are refused even without `vocab_size`): inside the program an
+  id past the vocabulary embeds as NaN and a negative one wraps around, and neither raises.
+  """
   if not prompts:
     raise InputError("No prompts given.")
   lengths = [len(p) for p in prompts]
   if min(lengths) == 0:
-    raise InputError("A prompt is empty: give at least one token.")
+    raise InputError(f"Prompt {lengths.index(0)} is empty: give at least one token.")
   max_new = [int(max_new_tokens)] * len(prompts) if np.isscalar(max_new_tokens) else list(max_new_tokens)
   if len(max_new) != len(prompts) or min(max_new) < 1:
     raise InputError("max_new_tokens must be >= 1, one value or one per prompt.")
-  worst = max(l + m for l, m in zip(lengths, max_new))
+  for i, pr in enumerate(prompts):
+    ids = np.asarray(pr, np.int64)
+    bad = (ids < 0) | (ids >= vocab_size if vocab_size is not None else False)
+    if bad.any():
+      j = int(np.argmax(bad))
+      where = f"[0, {vocab_size})" if vocab_size is not None else "[0, vocab_size)"
+      raise InputError(f"Prompt {i} has token id {int(ids[j])} at position {j}, outside the model's vocabulary "
+                       f"{where}: encode prompts with the model's own tokenizer.")
+  # The row that needs the most cache slots, named with its own numbers (the longest prompt and the largest
+  # max_new_tokens may be different rows).
+  row = max(range(len(prompts)), key=lambda i: lengths[i] + max_new[i])
+  worst = lengths[row] + max_new[row]
   if worst > max_len:
-    raise InputError(f"A prompt of {max(lengths)} tokens plus {max(max_new)} new tokens needs {worst} cache slots, "
-                     f"more than the cache length {max_len}: shorten the prompt, lower max_new_tokens, or raise "
-                     "max_len (up to the model's context length).")
+    which = f"Prompt {row} ({lengths[row]} tokens)" if len(prompts) > 1 else f"A prompt of {lengths[row]} tokens"
+    raise InputError(f"{which} plus {max_new[row]} new tokens needs {worst} cache slots, more than the cache length "
+                     f"{max_len}: shorten the prompt, lower max_new_tokens, or raise max_len (up to the model's "
+                     "context length).")
   p = bucket(max(lengths))
   out_len = round_up(max(max_new), 32)
   capacity = round_up(p + out_len + extra + 1, CAPACITY_ROUND)
@@ -116,7 +132,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     A `GenerationResult`.
 
   Raises:
-    InputError: empty prompts, a request that does not fit the cache, or a mesh that does not fit the devices.
+    InputError: empty prompts, token ids outside the model's vocabulary, a request that does not fit the cache, a
+      drafter whose draft model has another vocabulary, or a mesh that does not fit the devices.
   """
   drafter = drafter or NoDraft()
   vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
@@ -129,7 +146,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     raise InputError(f"max_len={max_len} is more than the model's context length ({context} tokens): use at most "
                      f"{context}, or leave it unset.")
   max_len = max_len or context or 1 << 30
-  arr, lengths, max_new, out_len, capacity = prepare(prompts, max_new_tokens, max_len, drafter.num_nodes, pad_id)
+  arr, lengths, max_new, out_len, capacity = prepare(prompts, max_new_tokens, max_len, drafter.num_nodes, pad_id,
+                                                     vocab_size=getattr(model, "vocab_size", vocab))
   args = (params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new),
           jnp.asarray(list(eos_ids) or [-1], jnp.int32), jax.random.key(seed), SamplingParams.make(temperature, top_p),
           draft_params)
@@ -147,8 +165,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   run_s = time.perf_counter() - t0
   return GenerationResult(
       tokens=[row[:n].tolist() for row, n in zip(toks, lens)], target_calls=int(st.target_calls),
-      # Drafters whose forwards vary per step (a draft model with `stop`) count them; the loop counts a fixed number.
-      drafter_calls=int(dst["draft_forwards"]) if "draft_forwards" in dst else int(st.drafter_calls), active_calls=st.active_calls_B.tolist(),
+      # The loop reports the drafter's own count of its forwards where it keeps one (`draft_forwards`).
+      drafter_calls=int(st.drafter_calls), active_calls=st.active_calls_B.tolist(),
       step_tokens=st.step_tokens_B.tolist(), accept_hist=np.asarray(st.accept_hist_BxA), compile_s=compile_s,
       run_s=run_s, program_bytes=program_bytes, drafter_stats={k: np.asarray(v) for k, v in dst.items()})
 

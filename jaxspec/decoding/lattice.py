@@ -128,6 +128,10 @@ class LatticeDrafter:
   def calls_per_step(self) -> int:
     return self.lm.calls_per_step if self.rescorer == "neural" else 0
 
+  def check_target(self, target) -> None:
+    if self.rescorer == "neural":
+      self.lm.check_target(target)
+
   @property
   def _hist_len(self) -> int:
     return self.ngram.order - 1 if self.ngram is not None else 1

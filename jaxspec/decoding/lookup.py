@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxspec.decoding.accept import deepest_ok_path
 from jaxspec.decoding.bpd import chain_draft
 from jaxspec.decoding.opt_tree import ancestor_mask
-from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified
+from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified, check_target
 from jaxspec.errors import InputError
 
 Array = jax.Array
@@ -262,6 +262,9 @@ class WithLookup:
   @property
   def calls_per_step(self) -> int:
     return self.inner.calls_per_step
+
+  def check_target(self, target) -> None:
+    check_target(self.inner, target)
 
   @property
   def lookup(self) -> LookupDrafter:

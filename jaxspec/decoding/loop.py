@@ -14,10 +14,12 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jaxspec.decoding.protocol import (Draft, Drafter, LanguageModel, PrefillInfo, Verified, empty_prefill_kwargs,
-                                       start)
+from jaxspec.decoding.protocol import (Draft, Drafter, LanguageModel, PrefillInfo, Verified, check_target,
+                                       empty_prefill_kwargs, start)
 from jaxspec.decoding.sampling import SamplingParams
+from jaxspec.errors import InputError
 
 Array = jax.Array
 
@@ -31,7 +33,7 @@ class Stats:
   drafter_calls: Array  # drafter forwards (0 for drafters that read the target's own forward)
   active_calls_B: Array  # verify forwards while the row was still generating
   step_tokens_B: Array  # tokens the row received from steps (the first token comes from prefill)
-  accept_hist_BxA: Array  # accept_hist[b, a]: steps of row b that committed a tokens (a = 1..T)
+  accept_hist_BxA: Array  # accept_hist[b, a]: steps of row b, while active, that committed a tokens (a = 1..T)
 
 
 @flax.struct.dataclass
@@ -175,7 +177,8 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
     params: its parameters.
     prompts_BxP: prompts, left-aligned and padded to a bucket length P.
     prompt_len_B: true prompt lengths (>= 1).
-    max_new_B: new tokens wanted per row (<= out_len).
+    max_new_B: new tokens wanted per row (<= out_len; checked where the values are concrete, and cut to out_len
+      inside the program, where a traced value cannot be checked).
     eos_ids_E: tokens that end a row (the EOS is kept in the output, as in T5X).
     rng: random key (unused by greedy rules).
     sp: runtime sampling settings.
@@ -183,7 +186,7 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
     drafter: proposes N nodes per step (static).
     acceptor: acceptance rule (static), e.g. `GreedyAcceptance()`.
     out_len: size of the output buffer (static).
-    capacity: KV cache slots per row; must hold P + out_len + N + 1.
+    capacity: KV cache slots per row; must hold P + out_len + N + 1 (checked).
     pad_id: written past each row's end.
     partitioner: a `jaxspec.sharding.Partitioner` (static) to run on a device mesh: the KV caches (the target's
       and any in the drafter state) and the loop's batch arrays are constrained to its shardings where they are
@@ -193,10 +196,18 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
       `bounds_attention`; None reads the whole buffer every step.
 
   Returns:
-    tokens, lengths and counters.
+    tokens, lengths and counters. `stats.drafter_calls` is the drafter's own count of its forwards
+    (`drafter.stats(dstate)["draft_forwards"]`) where it keeps one, else `calls_per_step` per step.
+
+  Raises:
+    InputError: a drafter that cannot serve the model (`protocol.check_target`: e.g. another vocabulary), a cache
+      too small for the request, or per-row arrays that do not match the prompts. Only static shapes and settings
+      (and `max_new_B` where it is concrete) are checked: nothing here can read a traced value.
   """
   b, p = prompts_BxP.shape
   t = drafter.num_nodes + 1
+  check_target(drafter, model)
+  _check_request(b, p, t, prompt_len_B, max_new_B, out_len, capacity)
   bounded = getattr(model, "bounds_attention", False)
   if attn_buckets and (not bounded or attn_buckets[-1] != capacity or list(attn_buckets) != sorted(attn_buckets)):
     raise ValueError(f"Cache buckets {attn_buckets} need a model with `bounds_attention` and ascending slot counts "
@@ -220,6 +231,8 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
   dstate = drafter.init(draft_params, PrefillInfo(prompts_BxP, prompt_len_B, last_BxD, logits_BxV, first_B,
                                                   capacity=capacity, rng=r_draft, hidden_BxQxD=hidden_BxQxD))
   zeros_B = jnp.zeros((b,), jnp.int32)
+  # A row past out_len would overrun the output buffer and a cache sized for out_len; cut where it cannot be checked.
+  max_new_B = jnp.minimum(jnp.asarray(max_new_B, jnp.int32), out_len)
   state = shard(LoopState(
       step=jnp.int32(0), tokens_BxO=tokens_BxO, n_out_B=jnp.ones((b,), jnp.int32),
       done_B=_is_eos(first_B, eos_ids_E) | (max_new_B <= 1), pending_B=first_B, max_new_B=max_new_B, cache=cache,
@@ -270,7 +283,9 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
         drafter_calls=st.drafter_calls + drafter.calls_per_step,
         active_calls_B=st.active_calls_B + active_B.astype(jnp.int32),
         step_tokens_B=st.step_tokens_B + n_new_B,
-        accept_hist_BxA=st.accept_hist_BxA + jax.nn.one_hot(n_commit_B, t + 1, dtype=jnp.int32))
+        # Finished rows commit 0 tokens: counting them would add idle steps to bin 0 (rows sum to active_calls_B).
+        accept_hist_BxA=st.accept_hist_BxA + (jax.nn.one_hot(n_commit_B, t + 1, dtype=jnp.int32)
+                                              * active_B[:, None].astype(jnp.int32)))
     dstate = drafter.update(draft_params, dstate, Verified(draft, logits_BxTxV, hidden_BxTxD, acc, active_B))
     return shard(LoopState(step=s.step + 1, tokens_BxO=tokens_BxO, n_out_B=n_out_B, done_B=done_B,
                            pending_B=jnp.where(active_B, pending_B, s.pending_B), max_new_B=s.max_new_B, cache=cache,
@@ -278,9 +293,36 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
 
   state = jax.lax.while_loop(lambda s: jnp.any(s.active_B) & (s.step < out_len), step, state)
   keep_BxO = jnp.arange(out_len)[None] < state.n_out_B[:, None]
+  drafter_stats = drafter.stats(state.dstate) if hasattr(drafter, "stats") else {}
+  stats = state.stats
+  if "draft_forwards" in drafter_stats:
+    # The drafter's own count is the real one: the fixed `calls_per_step` over-counts steps whose drafting stops
+    # early (a draft model's `stop`, a tree's `threshold`, lookup copies).
+    stats = stats.replace(drafter_calls=jnp.asarray(drafter_stats["draft_forwards"], jnp.int32))
   return DecodeOutput(tokens_BxO=jnp.where(keep_BxO, state.tokens_BxO[:, :out_len], pad_id),
-                      lengths_B=state.n_out_B, stats=state.stats,
-                      drafter_stats=drafter.stats(state.dstate) if hasattr(drafter, "stats") else {})
+                      lengths_B=state.n_out_B, stats=stats, drafter_stats=drafter_stats)
+
+
+def _check_request(b: int, p: int, t: int, prompt_len_B, max_new_B, out_len: int, capacity: int) -> None:
+  """`decode`'s checks of what is known before tracing: the static shapes and settings, and `max_new_B` where it is
+  concrete (a call outside jit). Writes past the cache's end would not fail: `dynamic_update_slice` clamps them onto
+  committed slots, so an undersized cache would silently change the output."""
+  for name, x in (("prompt_len_B", prompt_len_B), ("max_new_B", max_new_B)):
+    if jnp.shape(x) != (b,):
+      raise InputError(f"decode: {name} must have one entry per prompt, shape ({b},); got shape {jnp.shape(x)}.")
+  if out_len < 1:
+    raise InputError(f"decode: out_len (the output buffer's size) must be >= 1, got {out_len}.")
+  need = p + out_len + t
+  if capacity < need:
+    raise InputError(f"decode: a KV cache of {capacity} slots per row cannot hold prompts padded to {p} tokens, "
+                     f"{out_len} output slots and the {t}-token verified block ({p} + {out_len} + {t} = {need}): "
+                     f"pass capacity >= {need} (`jaxspec.decoding.generate.prepare` computes it).")
+  if not isinstance(max_new_B, jax.core.Tracer):
+    max_new = np.asarray(max_new_B)
+    worst = int(np.argmax(max_new))
+    if max_new[worst] > out_len:
+      raise InputError(f"decode: row {worst} asks for {int(max_new[worst])} new tokens, more than the output buffer "
+                       f"of out_len={out_len}: raise out_len or lower max_new_B.")
 
 
 decode_jit = jax.jit(decode, static_argnames=("model", "drafter", "acceptor", "out_len", "capacity", "pad_id",

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.decoding.bpd import BPDDrafter
-from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified, empty_prefill_kwargs, start
+from jaxspec.decoding.protocol import (Draft, LanguageModel, PrefillInfo, Verified, check_target,
+                                       empty_prefill_kwargs, start, vocab_check)
 from jaxspec.decoding.sampling import Warp
 from jaxspec.errors import InputError
 from jaxspec.models.bpd import BPDModel
@@ -82,8 +83,13 @@ class LMTreeSource:
 
   model: LanguageModel
 
-  def calls(self, depth: int) -> int:
-    return depth  # the catch-up forward (the root's distribution), then one per depth after the first
+  def calls(self, depth):
+    """Draft forwards of a step whose tree grew to `depth` (an int or a traced count): the catch-up forward (the
+    root's distribution), then one per depth after the first."""
+    return depth
+
+  def check_target(self, target: LanguageModel) -> None:
+    vocab_check(target, self.model)
 
   def to_tokens(self, draft_params, idx):
     return idx.astype(jnp.int32)
@@ -158,7 +164,7 @@ class HeadsTreeSource:
 
   bpd: BPDModel
 
-  def calls(self, depth: int) -> int:
+  def calls(self, depth):
     return 0
 
   def init(self, draft_params, prefill: PrefillInfo, extra_slots: int, depth: int) -> Array:
@@ -199,6 +205,7 @@ class TreeState:
   reached_D: Array  # proposals whose growth stopped at depth d (index d - 1)
   rank_prob_DxC: Array  # sums of the rank-r child probability of the best frontier node at depth d
   proposals: Array
+  forwards: Array  # drafter forwards so far: growth that stops early (`threshold`) runs fewer than `depth` a step
 
 
 def ancestor_mask(parent_BxN: Array, max_depth: int) -> Array:
@@ -280,7 +287,11 @@ class OptTreeDrafter:
 
   @property
   def calls_per_step(self) -> int:
+    """Drafter forwards of a step grown to the full depth; `stats()["draft_forwards"]` counts the real ones."""
     return self.source.calls(self.depth)
+
+  def check_target(self, target: LanguageModel) -> None:
+    check_target(self.source, target)
 
   @property
   def _cands(self) -> int:
@@ -292,7 +303,7 @@ class OptTreeDrafter:
     d, n, c = self.depth, self.nodes, self._cands
     return TreeState(source=sstate, ctx=None, expected_accept_DxN=jnp.zeros((d, n), jnp.float32),
                      reached_D=jnp.zeros((d,), jnp.int32), rank_prob_DxC=jnp.zeros((d, c), jnp.float32),
-                     proposals=jnp.int32(0))
+                     proposals=jnp.int32(0), forwards=jnp.int32(0))
 
   def _logp_fn(self, loop):
     if self.warp is None:
@@ -384,7 +395,9 @@ class OptTreeDrafter:
     reached = jax.nn.one_hot(d_end - 2, dmax, dtype=jnp.int32) * jnp.sum(loop.active_B.astype(jnp.int32))
     dstate = dstate.replace(source=sstate, ctx=ctx, expected_accept_DxN=dstate.expected_accept_DxN + ea_DxN,
                             reached_D=dstate.reached_D + reached, rank_prob_DxC=dstate.rank_prob_DxC + rank_DxC,
-                            proposals=dstate.proposals + jnp.sum(loop.active_B.astype(jnp.int32)))
+                            proposals=dstate.proposals + jnp.sum(loop.active_B.astype(jnp.int32)),
+                            # the loop stopped at d_end after growing depths 1 .. d_end - 1
+                            forwards=dstate.forwards + jnp.asarray(self.source.calls(d_end - 1), jnp.int32))
     return draft, dstate
 
   def _select(self, pool_tok, pool_key, pool_pf, front_BxDxW) -> Draft:
@@ -421,9 +434,10 @@ class OptTreeDrafter:
 
   def stats(self, dstate: TreeState) -> dict[str, Array]:
     """Sums over proposals (divide by `proposals`): E[A] by depth limit and budget, where growth stopped, and the
-    draft's probability by depth and rank (what `calibrated_prior` turns into a static tree's prior)."""
+    draft's probability by depth and rank (what `calibrated_prior` turns into a static tree's prior); and the drafter
+    forwards run (`draft_forwards`, what the loop reports as drafter calls)."""
     return {"expected_accept_DxN": dstate.expected_accept_DxN, "reached_D": dstate.reached_D,
-            "rank_prob_DxC": dstate.rank_prob_DxC, "proposals": dstate.proposals}
+            "rank_prob_DxC": dstate.rank_prob_DxC, "proposals": dstate.proposals, "draft_forwards": dstate.forwards}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,8 @@ from typing import Any, Protocol
 import flax.struct
 import jax
 
+from jaxspec.errors import InputError
+
 Array = jax.Array
 
 
@@ -53,6 +55,27 @@ def empty_prefill_kwargs(model: LanguageModel) -> dict:
   if getattr(model, "bounds_attention", False) and not hasattr(model, "start"):
     return {"attn_slots": 0}
   return {}
+
+
+def vocab_check(target: LanguageModel, draft: LanguageModel) -> None:
+  """Checks that a draft model can propose tokens for a target: both must share one vocabulary.
+
+  Raises:
+    InputError: the vocabulary sizes differ.
+  """
+  if target.vocab_size != draft.vocab_size:
+    raise InputError(f"draft and target vocabularies differ: the target has {target.vocab_size} tokens, the draft "
+                     f"{draft.vocab_size}; use a draft model trained with the target's tokenizer.")
+
+
+def check_target(drafter, model: LanguageModel) -> None:
+  """Raises `InputError` where `drafter` cannot serve `model`, e.g. a draft model with another vocabulary: its ids
+  past the target's would embed as NaN and silently turn greedy output into token 0. Drafters (and tree sources) that
+  run a model of their own define `check_target(target)`; it reads static attributes only, so it runs before
+  anything is traced or compiled. Drafters without it are not checked."""
+  fn = getattr(drafter, "check_target", None)
+  if fn is not None:
+    fn(model)
 
 
 @flax.struct.dataclass
@@ -103,6 +126,10 @@ class Drafter(Protocol):
 
   def update(self, draft_params, dstate, verified: "Verified") -> Any:
     """Learns from the verify forward and what was accepted (e.g. BPD heads read the accepted hidden state)."""
+
+  # Optional: `check_target(target)` raises `InputError` where the drafter cannot serve the target (`check_target`
+  # below); `stats(dstate)` returns host-readable counters, and its `draft_forwards`, where present, is the loop's
+  # count of drafter forwards (drafters whose forwards vary per step count them in their state).
 
 
 @flax.struct.dataclass

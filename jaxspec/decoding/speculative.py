@@ -30,23 +30,14 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decoding.lookup import LookupDrafter, LookupState, lookup_tokens
-from jaxspec.decoding.protocol import Draft, LanguageModel, PrefillInfo, Verified, empty_prefill_kwargs, start
+# vocab_check lives beside the model protocol (tree sources need it too); it is imported from here as well.
+from jaxspec.decoding.protocol import (Draft, LanguageModel, PrefillInfo, Verified, empty_prefill_kwargs, start,
+                                       vocab_check)
 from jaxspec.decoding.sampling import SamplingParams, Warp, argmax, categorical
 from jaxspec.errors import InputError
 from jaxspec.models.llama import LlamaLM
 
 Array = jax.Array
-
-
-def vocab_check(target: LanguageModel, draft: LanguageModel) -> None:
-  """Checks that a draft model can propose tokens for a target: both must share one vocabulary.
-
-  Raises:
-    InputError: the vocabulary sizes differ.
-  """
-  if target.vocab_size != draft.vocab_size:
-    raise InputError(f"draft and target vocabularies differ: the target has {target.vocab_size} tokens, the draft "
-                     f"{draft.vocab_size}; use a draft model trained with the target's tokenizer.")
 
 
 def decoder_layers(model) -> int:
@@ -209,6 +200,10 @@ class DraftModelDrafter:
   def calls_per_step(self) -> int:
     """Draft forwards per step: γ (the first takes two tokens)."""
     return self.gamma
+
+  def check_target(self, target: LanguageModel) -> None:
+    """The loop's check before tracing (`protocol.check_target`): the draft must share the target's vocabulary."""
+    vocab_check(target, self.draft_model)
 
   def init(self, draft_params, prefill: PrefillInfo) -> DraftState:
     """The draft's prefill over the prompt; it commits all prompt tokens but the last."""

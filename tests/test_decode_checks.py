@@ -1,0 +1,156 @@
+"""Checks of what the decode loop is given, and its counters: a draft with another vocabulary, prompt ids outside the
+vocabulary, an undersized cache or output buffer, the row named in a too-long request, the drafter calls of trees
+that stop growing early, and the accepted-length histogram of rows that have finished."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fakes import BigramLM, OracleChain
+from jaxspec.decoding import generate as gen
+from jaxspec.decoding.accept import GreedyAcceptance
+from jaxspec.decoding.eagle import EagleTreeSource
+from jaxspec.decoding.loop import NoDraft, decode, decode_jit
+from jaxspec.decoding.opt_tree import LMTreeSource, OptTreeDrafter
+from jaxspec.decoding.sampling import SamplingParams
+from jaxspec.decoding.speculative import DraftModelDrafter
+from jaxspec.errors import InputError
+from jaxspec.models.eagle import EagleDraft
+from jaxspec.models.llama import LlamaLM
+from tests.conftest import make_tiny
+
+LM = BigramLM.random(32, seed=3)
+
+
+# --- The draft's vocabulary ----------------------------------------------------------------------------------------
+
+
+def test_a_draft_with_another_vocabulary_is_refused_before_decoding(tiny):
+  model, params = tiny  # 256 tokens
+  table = np.zeros((512, 512))
+  table[:, 300] = 5.0  # always proposes 300, an id the target does not have (it used to embed as NaN)
+  big = BigramLM(tuple(map(tuple, table.tolist())))
+  small, small_params = make_tiny(1, vocab_size=128)
+  cases = [(DraftModelDrafter(big, 3), None, 0.0), (DraftModelDrafter(small, 3, greedy=False), small_params, 1.0),
+           (OptTreeDrafter(LMTreeSource(small), nodes=4, depth=2, width=2, branch=2), small_params, 0.0)]
+  for drafter, draft_params, temperature in cases:
+    with pytest.raises(InputError, match=r"vocabularies differ: the target has 256 tokens, the draft (512|128)"):
+      gen.generate(model, params, [[1, 2, 3]], max_new_tokens=6, drafter=drafter, draft_params=draft_params,
+                   temperature=temperature)
+  # The loop itself checks, for callers that skip `generate`.
+  with pytest.raises(InputError, match="vocabularies differ"):
+    decode_jit(model, params, jnp.asarray([[1, 2, 3]]), jnp.asarray([3]), jnp.asarray([4]), jnp.asarray([-1]),
+               jax.random.key(0), SamplingParams.make(0.0), None, drafter=DraftModelDrafter(big, 3),
+               acceptor=GreedyAcceptance(), out_len=4, capacity=16)
+
+
+def test_an_eagle_tree_draft_with_another_vocabulary_is_refused(tiny):
+  model, params = tiny
+  other, other_params = make_tiny(1, vocab_size=128)
+  draft = EagleDraft(other.cfg, 1)
+  with pytest.raises(InputError, match="vocabularies differ"):
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, draft_params=draft.init_params(jax.random.key(0),
+                                                                                                other_params),
+                 drafter=OptTreeDrafter(EagleTreeSource(draft, 2), nodes=4, depth=2, width=2, branch=2))
+
+
+# --- Prompt token ids ----------------------------------------------------------------------------------------------
+
+
+def test_prompt_ids_outside_the_vocabulary_are_refused():
+  with pytest.raises(InputError, match=r"Prompt 1 has token id 40 at position 1, outside .* \[0, 32\)"):
+    gen.generate(LM, None, [[1, 2, 3], [4, 40]], max_new_tokens=3)
+  with pytest.raises(InputError, match="Prompt 0 has token id -3 at position 0"):
+    gen.generate(LM, None, [[-3, 1]], max_new_tokens=3)
+  with pytest.raises(InputError, match="token id -1"):  # negative ids are refused even where the vocabulary is unknown
+    gen.prepare([[1, -1]], 3, 64, 0, 0)
+  # The last id of the vocabulary is fine.
+  assert gen.generate(LM, None, [[31]], max_new_tokens=3).tokens == [LM.greedy(31, 3)]
+
+
+# --- Cache and output buffer ---------------------------------------------------------------------------------------
+
+
+def _decode(fn, capacity, max_new=32, out_len=32, drafter=NoDraft()):
+  prompt = np.arange(1, 17, dtype=np.int32)[None] % 32
+  return fn(LM, None, jnp.asarray(prompt), jnp.asarray([16]), jnp.asarray([max_new]), jnp.asarray([-1]),
+            jax.random.key(0), SamplingParams.make(0.0), None, drafter=drafter, acceptor=GreedyAcceptance(),
+            out_len=out_len, capacity=capacity)
+
+
+def test_decode_refuses_a_cache_too_small_for_the_request():
+  # P + out_len + N + 1 = 16 + 32 + 1; a smaller cache used to be overwritten in place (clamped writes).
+  with pytest.raises(InputError, match=r"KV cache of 24 slots .* capacity >= 49"):
+    _decode(decode_jit, 24)
+  chain = OracleChain(LM, 3)
+  with pytest.raises(InputError, match="capacity >= 52"):
+    _decode(decode_jit, 51, drafter=chain)
+  out = _decode(decode_jit, 52, drafter=chain)
+  assert np.asarray(out.tokens_BxO[0]).tolist() == LM.greedy(16, 32)
+
+
+def test_decode_refuses_or_cuts_more_new_tokens_than_the_output_buffer():
+  with pytest.raises(InputError, match="row 0 asks for 40 new tokens, more than the output buffer of out_len=32"):
+    _decode(decode, 128, max_new=40)  # concrete values: checked
+  out = _decode(decode_jit, 128, max_new=40, drafter=OracleChain(LM, 3))  # traced: cut to out_len
+  assert int(out.lengths_B[0]) == 32
+  assert np.asarray(out.tokens_BxO[0]).tolist() == LM.greedy(16, 32)
+
+
+def test_too_long_error_names_the_row_and_its_own_numbers():
+  with pytest.raises(InputError, match=r"Prompt 1 \(3 tokens\) plus 200 new tokens needs 203 cache slots, more than "
+                                       r"the cache length 150"):
+    gen.prepare([[1] * 100, [2] * 3], [1, 200], 150, 0, 0)
+  with pytest.raises(InputError, match="A prompt of 100 tokens plus 60 new tokens needs 160"):
+    gen.prepare([[1] * 100], 60, 150, 0, 0)
+
+
+# --- Counters ------------------------------------------------------------------------------------------------------
+
+
+_FORWARDS = [0]
+
+
+@dataclasses.dataclass(frozen=True)
+class CountingLM(LlamaLM):
+  """A LLaMA that counts its forwards as the compiled program runs them (a host callback per forward)."""
+
+  def forward(self, params, tokens, positions, cache, mask, **kw):
+    jax.debug.callback(lambda: _FORWARDS.__setitem__(0, _FORWARDS[0] + 1))
+    return super().forward(params, tokens, positions, cache, mask, **kw)
+
+
+def test_tree_drafter_calls_are_the_forwards_that_ran(tiny):
+  model, params = tiny
+  _, draft_params = make_tiny(1)
+  depth = 6
+  for threshold in (0.0, 100.0):  # 100 > any E[A] gain: growth stops after depth 2 every step
+    _FORWARDS[0] = 0
+    drafter = OptTreeDrafter(LMTreeSource(CountingLM(model.cfg)), nodes=8, depth=depth, width=2, branch=2,
+                             threshold=threshold)
+    res = gen.generate(model, params, [[1, 2, 3, 4]], max_new_tokens=20, drafter=drafter, draft_params=draft_params)
+    jax.effects_barrier()
+    ran = _FORWARDS[0] - 1  # the draft's prefill is not a step's call
+    assert res.drafter_calls == ran
+    assert int(res.drafter_stats["draft_forwards"]) == ran
+    assert ran == (depth if threshold == 0 else 2) * res.target_calls
+
+
+def test_eagle_tree_drafter_calls_follow_early_stops(tiny):
+  model, params = tiny
+  draft = EagleDraft(model.cfg, 1)
+  draft_params = draft.init_params(jax.random.key(5), params)
+  drafter = OptTreeDrafter(EagleTreeSource(draft, 2), nodes=8, depth=4, width=2, branch=2, threshold=100.0)
+  res = gen.generate(model, params, [[1, 2, 3, 4], [7, 8]], max_new_tokens=10, drafter=drafter,
+                     draft_params=draft_params)
+  assert res.drafter_calls == 2 * res.target_calls  # one expansion and the update, not depth = 4
+
+
+def test_accept_hist_counts_only_steps_of_active_rows():
+  res = gen.generate(LM, None, [[9], [2]], max_new_tokens=[25, 5], drafter=OracleChain(LM, 3, wrong=(2,)))
+  assert res.active_calls[0] > res.active_calls[1]  # row 1 idles for some steps
+  np.testing.assert_array_equal(res.accept_hist.sum(axis=1), res.active_calls)
+  assert not res.accept_hist[:, 0].any()  # an active row commits at least one token
