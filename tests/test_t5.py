@@ -202,3 +202,45 @@ def test_decoder_cache_is_updated_in_place(t5):
   _, _, cache = model.start(params, src, lengths, model.init_cache(3, 64, source_len=13))
   cache = cache.advance(jnp.full((3,), 5, jnp.int32))
   assert cache_buffer_copies(model, params, cache) == []
+
+
+def test_draft_tree_nodes_get_their_paths_probabilities():
+  """A T5 draft tree grown depth by depth keeps several nodes per depth in slots past the committed ones, so a node's
+  slot is not its position; the decoder's relative bias must read the positions. The tree's E[A] (the sum of its
+  nodes' path probabilities) must then equal the one plain chain forwards over each node's path give. With the slot
+  index as position, nodes of depth >= 3 got other probabilities (logits off by up to ~0.5)."""
+  import types
+
+  from jaxspec.decoding.protocol import PrefillInfo
+
+  model, params = make_t5(0)  # peaked enough that the best 12 nodes reach depth 3 and 4
+  drafter = OptTreeDrafter(LMTreeSource(model), nodes=12, depth=4, width=3, branch=3)
+  src, first, cap = [5, 6, 7, 8, 9, 10, 11], 17, 48
+  info = PrefillInfo(jnp.asarray([src], jnp.int32), jnp.asarray([len(src)], jnp.int32), jnp.zeros((1, 1)),
+                     jnp.zeros((1, model.vocab_size)), jnp.asarray([first], jnp.int32), capacity=cap)
+  loop = types.SimpleNamespace(pending_B=jnp.asarray([first], jnp.int32), sp=SamplingParams.make(0.0),
+                               active_B=jnp.asarray([True]))
+  state = drafter.init(params, info)
+  draft, state = drafter.propose(params, state, loop)
+  tokens, parents, depth = (np.asarray(x[0]) for x in (draft.tokens_BxN, draft.parent_BxN, draft.depth_BxN))
+  assert (depth >= 3).sum() >= 2  # nodes whose ancestors sit in slots other than their positions
+
+  def path(i):
+    out = []
+    while i >= 0:
+      out.append(int(tokens[i]))
+      i = int(parents[i])
+    return out[::-1]
+
+  cache = model.init_cache(1, cap, source_len=len(src))
+  _, _, cache = model.start(params, jnp.asarray([src]), jnp.asarray([len(src)]), cache)
+  want = 0.0
+  for i in range(len(tokens)):
+    chain = [model.cfg.decoder_start_id, first] + path(i)  # the node's path as one plain chain
+    n = len(chain)
+    logits, _, _ = model.forward(params, jnp.asarray([chain]), jnp.arange(n)[None], cache,
+                                 jnp.tril(jnp.ones((1, n, n), bool)))
+    logp = np.asarray(jax.nn.log_softmax(logits[0]))
+    want += float(np.exp(sum(logp[j, chain[j + 1]] for j in range(1, n - 1))))
+  got = float(np.asarray(state.expected_accept_DxN)[-1, -1])
+  assert got == pytest.approx(want, rel=1e-4)

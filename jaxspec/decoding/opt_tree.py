@@ -136,9 +136,12 @@ class LMTreeSource:
     offset = (d - 2) * w
     positions_BxW = jnp.broadcast_to((committed_B + d - 2)[:, None], (b, w))
     eye = jnp.broadcast_to(jnp.eye(w, dtype=bool), (b, w, w))
+    kw = {}
+    if getattr(self.model, "keys_need_positions", False):  # T5's relative bias: depth-(k+1) nodes sit k*w slots in
+      kw["cache_positions_BxS"] = jnp.where(rel_BxS < 0, s_S[None], committed_B[:, None] + jnp.maximum(rel_BxS, 0) // w)
     logits_BxWxV, _, cache = self.model.forward(draft_params, front_BxW, positions_BxW,
                                                 cache.replace(lengths=committed_B + offset), eye,
-                                                cache_mask_BxTxS=visible_BxWxS)
+                                                cache_mask_BxTxS=visible_BxWxS, **kw)
     return logp_fn(logits_BxWxV), cache.replace(lengths=committed_B)
 
   def update(self, draft_params, sstate: LMSourceState, ctx, verified: Verified) -> LMSourceState:

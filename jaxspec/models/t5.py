@@ -14,7 +14,10 @@ and the fixed cross cache. So chains, trees, Jacobi windows and draft models run
 
 Relative positions: a cache slot's position is its index, which holds for every committed entry (the loop keeps
 committed entries contiguous, from position 0 = the start token); new tokens use the positions they are given, so a
-tree's nodes see each other at their depth-based distances.
+tree's nodes see each other at their depth-based distances. A draft tree grown depth by depth keeps its uncommitted
+nodes in slots past the committed ones, several per depth, where slot and position differ: its source passes the
+keys' positions (`cache_positions_BxS`, see `keys_need_positions`), since the bias is computed from them at every
+read (RoPE models rotate a key once, when it is written, and need no such thing).
 """
 
 from __future__ import annotations
@@ -276,14 +279,16 @@ class T5(nn.Module):
     kvs = [layer.cross_kv(enc_BxPxD) for layer in self.dec_layers]
     return tuple(k for k, _ in kvs), tuple(v for _, v in kvs)
 
-  def decode(self, tokens_BxT, positions_BxT, cache: EncDecCache, mask_BxTxT, cache_mask_BxTxS=None):
+  def decode(self, tokens_BxT, positions_BxT, cache: EncDecCache, mask_BxTxT, cache_mask_BxTxS=None,
+             cache_positions_BxS=None):
     b = tokens_BxT.shape[0]
     if mask_BxTxT.ndim == 2:
       mask_BxTxT = jnp.broadcast_to(mask_BxTxT, (b, *mask_BxTxT.shape))
     slots_BxS = jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.int32), (b, cache.capacity))
     committed = slots_BxS < cache.lengths[:, None]
     committed = committed[:, None, :] if cache_mask_BxTxS is None else cache_mask_BxTxS
-    bias = (self.dec_bias(positions_BxT, slots_BxS), self.dec_bias(positions_BxT, positions_BxT))
+    key_pos_BxS = slots_BxS if cache_positions_BxS is None else cache_positions_BxS
+    bias = (self.dec_bias(positions_BxT, key_pos_BxS), self.dec_bias(positions_BxT, positions_BxT))
     x = self.shared(tokens_BxT)
     ks, vs = [], []
     for layer, k, v, ck, cv in zip(self.dec_layers, cache.k, cache.v, cache.cross_k, cache.cross_v):
@@ -374,11 +379,16 @@ class T5LM:
     b = prompts_BxP.shape[0]
     return (jnp.full((b, 1), self.cfg.decoder_start_id, jnp.int32), jnp.ones((b,), jnp.int32), cache)
 
+  # The relative bias reads each cached key's position at every forward: callers that keep uncommitted entries in
+  # slots other than their positions (a draft tree grown depth by depth) pass them as `cache_positions_BxS`.
+  keys_need_positions = True
+
   def forward(self, params, tokens_BxT: Array, positions_BxT: Array, cache: EncDecCache, mask_BxTxT: Array, *,
-              logits: bool = True, cache_mask_BxTxS: Array | None = None):
-    """The decoder over T new tokens against the cache (see `LlamaLM.forward`; the encoder ran in `start`)."""
+              logits: bool = True, cache_mask_BxTxS: Array | None = None, cache_positions_BxS: Array | None = None):
+    """The decoder over T new tokens against the cache (see `LlamaLM.forward`; the encoder ran in `start`).
+    `cache_positions_BxS`: the positions of the keys in the cache's slots (default: the slot index)."""
     hidden, cache = self.module.apply({"params": params}, tokens_BxT, positions_BxT, cache, mask_BxTxT,
-                                      cache_mask_BxTxS, method=T5.decode)
+                                      cache_mask_BxTxS, cache_positions_BxS, method=T5.decode)
     return (self.logits(params, hidden) if logits else None), hidden, cache
 
   def logits(self, params, hidden_BxTxD: Array) -> Array:
