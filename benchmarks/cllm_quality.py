@@ -60,11 +60,12 @@ def main():
   from jaxspec.decoding.generate import generate
   from jaxspec.decoding.jacobi import JacobiDrafter
   from jaxspec.loading import load_model
-  from jaxspec.models.lora import load_lora, merge_lora
+  from jaxspec.models.lora import check_base, load_lora, merge_lora
 
   model, base, tok = load_model()
   if args.lora:
     cfg, lora = load_lora(args.lora)
+    check_base(args.lora, base)
     distilled = merge_lora(base, lora, cfg.alpha)
   else:
     tuned_model, distilled, _ = load_model(args.model)

