@@ -21,6 +21,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 
+def _ratio(a: float, b: float) -> float:
+  return a / b if b else float("nan")
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--prompts", default=None, help="Spec-Bench-format JSONL (default: jaxspec's quick prompts)")
@@ -103,8 +107,9 @@ def main(argv=None) -> int:
         c[1] += res.active_calls[r]
     n = stats["proposals"]
     out["variants"][name] = {
-        "tau": sum(c[0] for c in per_cat.values()) / sum(c[1] for c in per_cat.values()),
-        "tau_per_category": {c: v[0] / v[1] for c, v in sorted(per_cat.items())},
+        # NaN where no verify step ran (every answer was one token long)
+        "tau": _ratio(sum(c[0] for c in per_cat.values()), sum(c[1] for c in per_cat.values())),
+        "tau_per_category": {c: _ratio(v[0], v[1]) for c, v in sorted(per_cat.items())},
         "head_entropy": (stats["head_entropy_K"] / n).tolist(), "head_top1": (stats["head_top1_K"] / n).tolist(),
         "raw_repeat_rate": float(stats["raw_repeats"] / (bpd.num_heads * n)),
         "draft_repeat_rate": float(stats["draft_repeats"] / (bpd.num_heads * n))}

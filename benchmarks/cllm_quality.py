@@ -99,8 +99,9 @@ def main():
       "base_ppl_on_base_outputs": float(np.exp(sum(r["nll_base"] for r in rows) / max(sum(r["n_base"] for r in rows), 1))),
       "rep4_base": float(np.mean([r["rep4_base"] for r in rows])),
       "rep4_distilled": float(np.mean([r["rep4_distilled"] for r in rows])),
-      "jacobi_tau_base": float(np.mean([r["tau_base"] for r in rows])),
-      "jacobi_tau_distilled": float(np.mean([r["tau_distilled"] for r in rows])),
+      # nanmean: a one-token answer has no verify step and no τ
+      "jacobi_tau_base": float(np.nanmean([r["tau_base"] for r in rows])),
+      "jacobi_tau_distilled": float(np.nanmean([r["tau_distilled"] for r in rows])),
   }
   print(json.dumps(summary, indent=1))
   if args.out:

@@ -21,7 +21,7 @@ from typing import Literal, Optional
 from tqdm.auto import tqdm
 
 from training.bpd import BPDTrainConfig, DataSection, ModelSection, build_sequences
-from training.config import load_config, to_dict
+from training.config import ConfigError, load_config, to_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +78,9 @@ def tune_weight(model, params, prompts, eos_ids, pad_id, make, weights, greedy_t
         raise AssertionError(f"{desc}: rescored BPD differs from greedy decoding at weight {w}")
       steps += sum(res.step_tokens)
       calls += sum(res.active_calls)
+    if not calls:
+      raise ConfigError("tuning ran no verify step (every answer ended after its first token): raise "
+                        "data.max_new_tokens.")
     rows.append({"weight": float(w), "tau": steps / calls, "seconds": round(time.perf_counter() - t0, 1)})
   return rows
 
