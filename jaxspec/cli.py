@@ -102,7 +102,8 @@ def _cmd_generate(args) -> int:
     from jaxspec import sharding
     params = sharding.partitioner(mesh, model).shard_params(params)
   text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-  ids = tok.encode(text)
+  # A chat template writes the special tokens itself; plain text gets the tokenizer's own (e.g. Llama 3's BOS).
+  ids = tok.encode(text, add_bos=False if args.chat else None)
   _check_fits(args, model, len(ids))
   ctx = BenchContext(model, params, tok, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                      seed=args.seed, max_len=args.max_len, mesh=mesh, buckets=args.cache_buckets)

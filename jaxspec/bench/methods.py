@@ -39,6 +39,10 @@ class BenchContext:
 
   @property
   def eos_ids(self) -> list[int]:
+    """Every id that ends a row: a model may name several (a generation_config.json list)."""
+    ids = getattr(self.tokenizer, "eos_ids", None)
+    if ids is not None:
+      return list(ids)
     return [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
 
   @property

@@ -62,13 +62,17 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
     except FileNotFoundError as e:
       raise ModelLoadError(str(e)) from e
   if os.path.isdir(path):
-    from jaxspec.loading.hf import load_hf
+    from jaxspec.loading.hf import check_hf_folder, load_hf
 
-    model, params = load_hf(path, dtype=dtype, scan_layers=scan_layers, param_dtype=param_dtype)
+    # Everything that needs no weights (config, weight file headers, tokenizer) is checked first: a model's weights
+    # can take minutes to load.
+    check_hf_folder(path)
     tok_json = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tok_json):
       raise ModelLoadError(f"{path!r} has no tokenizer.json; copy it from the model's original folder.")
-    return model, params, Tokenizer.from_tokenizer_json(tok_json)
+    tokenizer = Tokenizer.from_tokenizer_json(tok_json)
+    model, params = load_hf(path, dtype=dtype, scan_layers=scan_layers, param_dtype=param_dtype)
+    return model, params, tokenizer
   if not os.path.exists(path):
     raise ModelLoadError(f"No model at {path!r}: pass a .gguf file or a Hugging Face model folder.")
   from jaxspec.loading.gguf_loader import load_gguf, open_gguf

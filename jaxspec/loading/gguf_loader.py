@@ -25,11 +25,33 @@ SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"
                     "Q6_K")
 
 
+# Files of a Hugging Face model folder that users pass instead of the folder. (Other files count when a config.json
+# sits next to them; a lone .bin may be an old GGML model, which a "pass the folder" would mislead about.)
+_HF_FOLDER_FILES = (".safetensors", ".json")
+
+
+def check_not_folder_file(path: str) -> None:
+  """Raises `ModelLoadError` when `path` is a file of a Hugging Face model folder rather than a GGUF file: its
+  contents would otherwise be reported as a damaged GGUF file, and downloading it again would not help."""
+  try:
+    with open(path, "rb") as f:
+      magic = f.read(4)
+  except OSError:
+    return  # reported by the caller's own read
+  if magic == b"GGUF" or path.lower().endswith(".gguf"):  # a damaged .gguf is reported as such by the reader
+    return
+  folder = os.path.dirname(os.path.abspath(path))
+  if path.endswith(_HF_FOLDER_FILES) or os.path.isfile(os.path.join(folder, "config.json")):
+    raise ModelLoadError(f"{path!r} is a file of a Hugging Face model folder, not a GGUF file: pass the folder that "
+                         f"holds it ({folder!r}) or a .gguf file.")
+
+
 def open_gguf(path: str):
   import gguf  # imported lazily: only GGUF users pay for it
 
   if not os.path.isfile(path):
     raise ModelLoadError(f"No model file at {path!r}. Pass the path of a .gguf file or a Hugging Face model folder.")
+  check_not_folder_file(path)
   try:
     return gguf.GGUFReader(path)
   except Exception as e:  # gguf raises ValueError, struct.error, IndexError... on damaged files
@@ -85,12 +107,18 @@ def _unpermute_rows(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
   return w_OxI.reshape(n_heads, o // n_heads // 2, 2, i).swapaxes(1, 2).reshape(o, i)
 
 
+def _unsupported_qtype(name: str, qname: str) -> ModelLoadError:
+  return ModelLoadError(f"Tensor {name!r} uses quantization {qname}, which jaxspec cannot dequantize. Re-quantize "
+                        f"the model (llama.cpp's llama-quantize, from an F16/F32 GGUF) to one of "
+                        f"{', '.join(SUPPORTED_QTYPES)}, or pass its Hugging Face folder instead.")
+
+
 def _dequantize(t) -> np.ndarray:
   import gguf
 
   qname = t.tensor_type.name
   if qname not in SUPPORTED_QTYPES:
-    raise ModelLoadError(f"Tensor {t.name!r} uses quantization {qname}, which jaxspec cannot dequantize.")
+    raise _unsupported_qtype(t.name, qname)
   try:
     w = gguf.quants.dequantize(t.data, t.tensor_type)
   except Exception as e:
@@ -104,7 +132,18 @@ def _dequantize(t) -> np.ndarray:
 
 
 def _target(name: str, cfg: LlamaConfig):
-  """Maps a GGUF tensor name to (param path, transform)."""
+  """Maps a GGUF tensor name to (param path, transform); (None, None) for a tensor jaxspec does not use.
+
+  Raises:
+    ModelLoadError: a tensor that changes what the model computes and that jaxspec does not implement: skipping it
+      would run another function than the model's.
+  """
+  if name == "rope_freqs.weight":
+    raise ModelLoadError("The file holds rope_freqs.weight: per-frequency RoPE scaling (as Llama 3.1+ uses), which "
+                         "jaxspec does not implement (plain RoPE only); positions would be encoded wrongly.")
+  if name.endswith(".bias"):
+    raise ModelLoadError(f"The file holds {name!r}; jaxspec's LLaMA layers have no bias terms, so this model cannot "
+                         "run correctly.")
   if name == "token_embd.weight":
     return ("embed", "embedding"), None
   if name == "output_norm.weight":
@@ -128,7 +167,10 @@ def _target(name: str, cfg: LlamaConfig):
       "ffn_down.weight": (("mlp", "down", "kernel"), "T"),
   }
   if key not in table:
-    return None, None
+    if key == "attn_rot_embd.weight":  # a rotary table old conversions stored; jaxspec computes its own
+      return None, None
+    raise ModelLoadError(f"The file holds {name!r}, a layer tensor jaxspec's LLaMA does not have (e.g. a mixture of "
+                         f"experts or QK norms); jaxspec loads plain {', '.join(LLAMA_FAMILY)} models.")
   path, fn = table[key]
   return (layer, *path), fn
 
@@ -159,6 +201,10 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
   gc.collect()
   param_dtype = param_dtype or dtype
   cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+  # Every tensor is checked before the first is dequantized, so an unusable file fails at once, not minutes in.
+  for t in reader.tensors:
+    if _target(t.name, cfg)[0] is not None and t.tensor_type.name not in SUPPORTED_QTYPES:
+      raise _unsupported_qtype(t.name, t.tensor_type.name)
   params: dict = {}
   for t in reader.tensors:
     target, fn = _target(t.name, cfg)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -16,16 +15,27 @@ from jaxspec.loading.gguf_loader import check_complete
 from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers, unstack_layers
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
+MODEL_TYPES = ("llama", "mistral")  # the `model_type` of those, which is all a config without `architectures` says
+_ACTIVATIONS = ("silu", "swish")  # transformers maps both names to SiLU, the only MLP activation jaxspec's LLaMA has
 
 
 def config_from_hf(cfg: dict) -> LlamaConfig:
-  """A `LlamaConfig` from a transformers `config.json` dict."""
+  """A `LlamaConfig` from a transformers `config.json` dict.
+
+  Raises:
+    ModelLoadError: a missing key, or a model jaxspec's LLaMA would compute differently from the original: another
+      architecture, another activation, biases, sliding-window attention, RoPE scaling.
+  """
   archs = cfg.get("architectures") or []
   if archs and not set(archs) & set(SUPPORTED):
     raise ModelLoadError(f"config.json describes {archs}; jaxspec loads {', '.join(SUPPORTED)}.")
-  scaling = cfg.get("rope_scaling")
-  if scaling and scaling.get("rope_type", scaling.get("type")) not in (None, "default"):
-    raise ModelLoadError(f"rope_scaling {scaling} is not supported yet.")
+  model_type = cfg.get("model_type")
+  if not archs and model_type is not None and model_type not in MODEL_TYPES:
+    # Without `architectures` the model type is the only name of the family: a Qwen2 or Phi folder would otherwise
+    # load into the LLaMA layout with whatever it does differently silently dropped.
+    raise ModelLoadError(f"config.json describes model_type {model_type!r}; jaxspec loads {', '.join(MODEL_TYPES)} "
+                         f"({', '.join(SUPPORTED)}).")
+  _check_features(cfg)
   try:
     n_heads = int(cfg["num_attention_heads"])
     d_model = int(cfg["hidden_size"])
@@ -33,11 +43,54 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
         vocab_size=int(cfg["vocab_size"]), d_model=d_model, n_layers=int(cfg["num_hidden_layers"]),
         n_heads=n_heads, n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
         head_dim=int(cfg.get("head_dim") or d_model // n_heads), d_ff=int(cfg["intermediate_size"]),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(cfg), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_seq_len=int(cfg.get("max_position_embeddings", 2048)))
   except KeyError as e:
     raise ModelLoadError(f"config.json lacks {e.args[0]!r}, which a LLaMA-family model needs.") from e
+
+
+def _check_features(cfg: dict) -> None:
+  """Raises `ModelLoadError` for settings that make the model compute something jaxspec's LLaMA does not."""
+  act = cfg.get("hidden_act")
+  if act is not None and act not in _ACTIVATIONS:
+    raise ModelLoadError(f"config.json sets hidden_act={act!r}; jaxspec's LLaMA MLP computes SiLU (hidden_act "
+                         "'silu') only, so this model cannot run correctly.")
+  for key in ("attention_bias", "mlp_bias"):
+    if cfg.get(key):
+      raise ModelLoadError(f"config.json sets {key}=true; jaxspec's LLaMA layers have no bias terms, so this model "
+                           "cannot run correctly.")
+  window = cfg.get("sliding_window")
+  # A window at least as long as the context never hides anything: attention is the full causal attention jaxspec
+  # computes. (Qwen2-style configs carry a window that `use_sliding_window: false` switches off.)
+  if window is not None and cfg.get("use_sliding_window", True) is not False:
+    limit = int(cfg.get("max_position_embeddings", 2048))
+    if int(window) < limit:
+      raise ModelLoadError(
+          f"config.json sets sliding_window={window}, below max_position_embeddings={limit}; jaxspec does not "
+          f"implement sliding-window attention. To run the model within one window, where the two agree, set "
+          f"max_position_embeddings to {window} in config.json.")
+
+
+def _rope_theta(cfg: dict) -> float:
+  """The RoPE base, after refusing any RoPE scaling (jaxspec implements plain RoPE only)."""
+  # transformers 5 writes the base and the scaling together under `rope_parameters`; older configs write
+  # `rope_theta` and `rope_scaling` at the top level.
+  theta = cfg.get("rope_theta")
+  for key in ("rope_scaling", "rope_parameters"):
+    block = cfg.get(key)
+    if block is None:
+      continue
+    if not isinstance(block, dict):
+      raise ModelLoadError(f"config.json has {key}={block!r}, not the object transformers writes there; fix the "
+                           "config or download it again.")
+    kind = block.get("rope_type", block.get("type"))
+    if kind not in (None, "default"):
+      raise ModelLoadError(f"config.json asks for RoPE scaling {kind!r} ({key}={block}); jaxspec implements plain "
+                           "RoPE only (rope_type 'default'), so this model's positions would be encoded wrongly.")
+    if theta is None and key == "rope_parameters":
+      theta = block.get("rope_theta")
+  return float(10000.0 if theta is None else theta)
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -55,6 +108,15 @@ _NAMES = {
 
 
 def _target(name: str):
+  """The param path of a tensor name; None for a tensor jaxspec does not use.
+
+  Raises:
+    ModelLoadError: a bias, or a layer parameter jaxspec's LLaMA lacks (e.g. Qwen3's q_norm): skipping it would run
+      a different function from the model's.
+  """
+  if name.endswith(".bias"):
+    raise ModelLoadError(f"The weights hold {name!r}; jaxspec's LLaMA layers have no bias terms, so this model "
+                         "cannot run correctly.")
   if name == "model.embed_tokens.weight":
     return ("embed", "embedding")
   if name == "model.norm.weight":
@@ -64,7 +126,10 @@ def _target(name: str):
   m = _LAYER.fullmatch(name)
   if m and m.group(2) in _NAMES:
     return (f"layers_{int(m.group(1))}", *_NAMES[m.group(2)])
-  return None
+  if m and m.group(2).endswith(".weight"):
+    raise ModelLoadError(f"The weights hold {name!r}, a layer parameter jaxspec's LLaMA does not have; this is "
+                         f"another architecture than {', '.join(SUPPORTED)}.")
+  return None  # buffers such as an old rotary_emb.inv_freq, which jaxspec computes itself
 
 
 # Folders jaxspec's training writes that are parts to add to a target, not models: their config.json key, a field
@@ -79,16 +144,13 @@ _JAXSPEC_PARTS = (
 )
 
 
-def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
-            param_dtype: str | None = None) -> tuple[LlamaLM, dict]:
-  """Loads a Hugging Face LLaMA-family checkpoint folder, one tensor at a time (T5 folders go to
-  `jaxspec.loading.t5_hf.load_t5`). Weights are held in `param_dtype` (default: `dtype`) and computed in `dtype`.
+def read_hf_config(folder: str) -> dict:
+  """A model folder's `config.json`, checked for everything that needs no weights: that it is readable, a model
+  rather than a part jaxspec's training wrote, and of a family and variant jaxspec runs.
 
   Raises:
-    ModelLoadError: a missing or unreadable config or weights file, or an unsupported architecture.
+    ModelLoadError: what is wrong, and what to do.
   """
-  from safetensors import safe_open
-
   cfg_path = os.path.join(folder, "config.json")
   if not os.path.isfile(cfg_path):
     raise ModelLoadError(f"{folder!r} has no config.json: pass a Hugging Face model folder or a .gguf file.")
@@ -106,7 +168,116 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
     # saved with its own embeddings is a complete model; one that shares the target's is a part.
     if isinstance(entry, dict) and field in entry and entry.get("embeddings") != "included":
       raise ModelLoadError(f"{folder!r} holds {what}, not a model of its own: {use}.")
+  from jaxspec.loading import t5_hf
+  if t5_hf.is_t5_config(raw):
+    t5_hf.config_from_hf(raw)
+  else:
+    config_from_hf(raw)
+  return raw
+
+
+def weight_files(folder: str) -> list[str]:
+  """The safetensors files that hold a folder's model: those `model.safetensors.index.json` lists, else
+  `model*.safetensors`, else the folder's only `*.safetensors` file.
+
+  Other files (a consolidated copy, a draft's vocab_ids.safetensors, a stray export) are not read: their tensors
+  would override the model's own.
+
+  Raises:
+    ModelLoadError: no weights, shards the index lists but the folder lacks, or several files none of which is named
+      as a model's.
+  """
+  index = os.path.join(folder, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    try:
+      with open(index, encoding="utf-8") as f:
+        weight_map = json.load(f)["weight_map"]
+      names = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+      raise ModelLoadError(f"Could not read {index!r} ({type(e).__name__}: {e}); it should map tensor names to "
+                           "shard files under \"weight_map\": download it again.") from e
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+      raise ModelLoadError(f"{index!r} lists shards that are not in {folder!r}: {missing[:3]}; download them.")
+    return [os.path.join(folder, n) for n in names]
+  every = sorted(n for n in os.listdir(folder) if n.endswith(".safetensors"))
+  model = [n for n in every if n.startswith("model")]
+  if model:
+    return [os.path.join(folder, n) for n in model]
+  if len(every) == 1:
+    return [os.path.join(folder, every[0])]
+  if not every:
+    raise ModelLoadError(f"{folder!r} has no *.safetensors weights (PyTorch .bin files are not read).")
+  raise ModelLoadError(f"{folder!r} holds {every} but no model.safetensors, model-*.safetensors or "
+                       "model.safetensors.index.json, so which files hold the model is unclear: name its file "
+                       "model.safetensors, or move the others out.")
+
+
+def tensor_names(path: str) -> list[str]:
+  """The tensor names in a safetensors file's header.
+
+  Raises:
+    ModelLoadError: an unreadable header.
+  """
+  from safetensors import safe_open
+
+  try:
+    with safe_open(path, framework="numpy") as f:
+      return list(f.keys())
+  except Exception as e:  # safetensors raises its own error types on damaged headers
+    raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}); the file may be truncated or corrupt: "
+                         "download or export it again.") from e
+
+
+def check_weights(folder: str, raw: dict) -> list[str]:
+  """The folder's weight files (`weight_files`), after reading their headers only: each is readable, no tensor
+  name is in two of them (which file won would be up to file order), and, for a LLaMA-family `raw` config, no tensor
+  is one jaxspec would have to skip (a bias, a layer parameter it lacks).
+
+  Raises:
+    ModelLoadError: what is wrong, and what to do.
+  """
+  from jaxspec.loading.t5_hf import is_t5_config
+
+  llama = not is_t5_config(raw)
+  files = weight_files(folder)
+  seen: dict[str, str] = {}
+  for path in files:
+    for name in tensor_names(path):
+      if name in seen:
+        raise ModelLoadError(f"Tensor {name!r} is in both {seen[name]!r} and {path!r}; one of them is not part of "
+                             "the model (e.g. a leftover export): move it out of the folder.")
+      seen[name] = path
+      if llama:
+        _target(name)
+  return files
+
+
+def check_hf_folder(folder: str) -> dict:
+  """Checks all of a model folder that can be checked without reading its weights (`read_hf_config`,
+  `check_weights`: the config and the weight files' headers); returns the config.
+
+  Raises:
+    ModelLoadError: what is wrong, and what to do.
+  """
+  raw = read_hf_config(folder)
+  check_weights(folder, raw)
+  return raw
+
+
+def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
+            param_dtype: str | None = None) -> tuple[LlamaLM, dict]:
+  """Loads a Hugging Face LLaMA-family checkpoint folder, one tensor at a time (T5 folders go to
+  `jaxspec.loading.t5_hf.load_t5`). Weights are held in `param_dtype` (default: `dtype`) and computed in `dtype`.
+
+  Raises:
+    ModelLoadError: a missing or unreadable config or weights file, or an unsupported architecture.
+  """
+  from safetensors import safe_open
+
   from jaxspec.loading.t5_hf import is_t5_config, load_t5
+
+  raw = read_hf_config(folder)
   if is_t5_config(raw):  # an encoder-decoder
     if scan_layers:
       raise ModelLoadError(f"{folder!r} is an encoder-decoder (T5), whose layers load one by one only: leave out "
@@ -114,9 +285,7 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
     return load_t5(folder, raw, dtype=dtype, param_dtype=param_dtype)
   param_dtype = param_dtype or dtype
   cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
-  files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-  if not files:
-    raise ModelLoadError(f"{folder!r} has no *.safetensors weights (PyTorch .bin files are not read).")
+  files = check_weights(folder, raw)  # before any weight is read: a large model takes minutes to load
   params: dict = {}
   for path in files:
     try:

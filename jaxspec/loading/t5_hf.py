@@ -16,7 +16,6 @@ combinations load as an untied head: a copy of `shared` (tied, unscaled: what tr
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import os
 import re
@@ -25,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.loading.errors import ModelLoadError
-from jaxspec.loading.hf import _flatten
+from jaxspec.loading.hf import _flatten, check_weights
 from jaxspec.models.t5 import T5Config, T5LM
 
 ARCHITECTURES = ("T5ForConditionalGeneration", "T5Model", "MT5ForConditionalGeneration")
@@ -143,9 +142,7 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32", param_dtype: str 
 
   param_dtype = param_dtype or dtype
   cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=param_dtype)
-  files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-  if not files:
-    raise ModelLoadError(f"{folder!r} has no *.safetensors weights (PyTorch .bin files are not read).")
+  files = check_weights(folder, raw)  # before any weight is read
   params: dict = {}
   for path in files:
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import mmap
 import os
 import struct
@@ -22,6 +23,8 @@ from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
 from jaxspec.errors import InputError
 from jaxspec.loading.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 # llama.cpp's token types (`llama_token_type`), as stored in `tokenizer.ggml.token_type`.
 TOKEN_NORMAL = 1
@@ -221,6 +224,42 @@ def _compile_chat_template(source: str):
   return env.from_string(source)
 
 
+# --- files next to tokenizer.json -------------------------------------------------------------------------------------
+
+
+def _read_json_object(path: str, fix: str) -> dict[str, Any] | None:
+  """The JSON object in `path`, or None when there is no such file.
+
+  Raises:
+    ModelLoadError: the file is unreadable or holds something other than an object; the message ends with `fix`.
+  """
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      value = json.load(f)
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}): {fix}.") from e
+  if not isinstance(value, dict):
+    raise ModelLoadError(f"{path!r} holds a JSON {type(value).__name__}, not an object: {fix}.")
+  return value
+
+
+def _model_config_ids(folder: str, vocab_size: int) -> dict[str, list[int]]:
+  """`bos_token_id` and `eos_token_id` (each a list, maybe empty) of the model's generation_config.json, else its
+  config.json: where transformers' `generate` takes them when the tokenizer config names none."""
+  out: dict[str, list[int]] = {"bos_token_id": [], "eos_token_id": []}
+  for name in ("generation_config.json", "config.json"):
+    cfg = _read_json_object(os.path.join(folder, name), "fix it or download it again") or {}
+    for key in out:
+      value = cfg.get(key)
+      values = value if isinstance(value, list) else [value]
+      ids = [int(v) for v in values if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < vocab_size]
+      if ids and not out[key]:
+        out[key] = ids
+  return out
+
+
 # --- the tokenizer --------------------------------------------------------------------------------------------------
 
 
@@ -232,7 +271,7 @@ class Tokenizer:
 
   def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int | None = None, eos_id: int | None = None,
                pad_id: int | None = None, unk_id: int | None = None, chat_template: str | None = None,
-               add_bos_token: bool = False, name: str = "model"):
+               add_bos_token: bool = False, name: str = "model", eos_ids: Sequence[int] | None = None):
     """Wraps a `tokenizers.Tokenizer`.
 
     Args:
@@ -244,6 +283,8 @@ class Tokenizer:
       chat_template: the jinja2 chat template source, or None if the model has none.
       add_bos_token: whether the model expects BOS in front of every prompt (only informs `encode(add_bos=None)`).
       name: where the tokenizer came from, used in error messages.
+      eos_ids: every id that ends generation, when the model names several (a generation_config.json list);
+        default `[eos_id]`.
     """
     self._backend = backend
     self._bos_id = bos_id
@@ -254,6 +295,8 @@ class Tokenizer:
     self._compiled_template = None
     self.add_bos_token = bool(add_bos_token)
     self.name = name
+    ids = [] if eos_id is None else [int(eos_id)]
+    self._eos_ids = tuple(dict.fromkeys([*ids, *(int(i) for i in eos_ids or ())]))
 
   # -- construction --
 
@@ -343,13 +386,16 @@ class Tokenizer:
     """Loads a Hugging Face `tokenizer.json`, with `tokenizer_config.json` next to it if present.
 
     The config gives the chat template and the bos/eos/pad/unk tokens; a `chat_template.jinja` file next to it, as
-    newer Hugging Face saves write, takes precedence for the template.
+    newer Hugging Face saves write, takes precedence for the template. Where the config names no BOS or EOS, the
+    model's `generation_config.json` or `config.json` next to it (`bos_token_id`, `eos_token_id`: an id or a list)
+    give them, as they do for transformers' `generate`.
 
     Args:
       path: the tokenizer.json file, or the folder holding it.
 
     Raises:
-      ModelLoadError (a ValueError): no tokenizer.json there, or one `tokenizers` cannot read.
+      ModelLoadError (a ValueError): no tokenizer.json there, or one `tokenizers` cannot read, or an unreadable
+        tokenizer_config.json (or, when they are needed for the special ids, generation_config.json / config.json).
     """
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -362,11 +408,10 @@ class Tokenizer:
       raise ModelLoadError(f"{path!r} is not a readable tokenizer.json ({e}).") from e
 
     folder = os.path.dirname(path)
-    config: dict[str, Any] = {}
-    config_path = os.path.join(folder, "tokenizer_config.json")
-    if os.path.isfile(config_path):
-      with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
+    config = _read_json_object(
+        os.path.join(folder, "tokenizer_config.json"),
+        "copy it again from the model's original folder, or delete it (the special tokens then come from "
+        "generation_config.json / config.json, and there is no chat template)") or {}
 
     template = config.get("chat_template")
     if isinstance(template, list):  # several named templates: the one named "default" is the chat template
@@ -383,15 +428,29 @@ class Tokenizer:
         value = value.get("content")
       return backend.token_to_id(value) if isinstance(value, str) else None
 
+    bos_id, eos_id = token_id("bos_token"), token_id("eos_token")
+    eos_ids = None
+    if bos_id is None or eos_id is None:
+      model_ids = _model_config_ids(folder, backend.get_vocab_size(with_added_tokens=True))
+      if bos_id is None and model_ids["bos_token_id"]:
+        bos_id = model_ids["bos_token_id"][0]
+      if eos_id is None and model_ids["eos_token_id"]:
+        eos_id, eos_ids = model_ids["eos_token_id"][0], model_ids["eos_token_id"]
+    if eos_id is None:
+      # Not an error (a bare tokenizer.json is a valid tokenizer), but generation then only stops at its length limit.
+      logger.warning("%s: no EOS token (no eos_token in tokenizer_config.json, no eos_token_id in "
+                     "generation_config.json or config.json next to it); generation stops only at the token limit.",
+                     path)
     return cls(
         backend,
-        bos_id=token_id("bos_token"),
-        eos_id=token_id("eos_token"),
+        bos_id=bos_id,
+        eos_id=eos_id,
         pad_id=token_id("pad_token"),
         unk_id=token_id("unk_token"),
         chat_template=template,
         add_bos_token=bool(config.get("add_bos_token", False)),
         name=path,
+        eos_ids=eos_ids,
     )
 
   def save(self, folder: str | os.PathLike) -> None:
@@ -416,14 +475,32 @@ class Tokenizer:
 
     Args:
       text: the text.
-      add_bos: put `bos_id` first; None follows the model's `add_bos_token`.
+      add_bos: False: the text's own tokens only, for text that already holds the special tokens the model needs,
+        as `apply_chat_template` output does (a template writes the BOS itself). True: `bos_id` first too. None:
+        plain text as the model's own tokenizer encodes it, like transformers' `tokenizer(text)`: with the special
+        tokens of tokenizer.json's post-processor (e.g. Llama 3's BOS in front, T5's </s> at the end), and `bos_id`
+        first where the model sets `add_bos_token`.
     """
     ids = self._backend.encode(text, add_special_tokens=False).ids
     if add_bos is None:
+      if self._backend.post_processor is not None:
+        ids = self._post_processed(text, ids)
       add_bos = self.add_bos_token
     if add_bos and self._bos_id is not None and (not ids or ids[0] != self._bos_id):
       ids = [self._bos_id] + ids
     return ids
+
+  def _post_processed(self, text: str, ids: list[int]) -> list[int]:
+    """The ids of `text` with the special tokens the post-processor adds, `ids` being those without."""
+    full = self._backend.encode(text, add_special_tokens=True).ids
+    # A text that already starts with BOS or ends with EOS keeps one, as `add_bos=True` does: the model never saw
+    # two in a row in training.
+    bos, eos = self._bos_id, self._eos_id
+    if bos is not None and ids[:1] == [bos] and full[:2] == [bos, bos]:
+      full = full[1:]
+    if eos is not None and ids[-1:] == [eos] and full[-2:] == [eos, eos]:
+      full = full[:-1]
+    return full
 
   def decode(self, ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
     """The text of `ids`. With the default `skip_special_tokens=False`, `decode(encode(s)) == s` exactly.
@@ -458,6 +535,12 @@ class Tokenizer:
   def eos_id(self) -> int | None:
     """End-of-sequence id (for chat models the end-of-turn token, e.g. `<|im_end|>`), or None."""
     return self._eos_id
+
+  @property
+  def eos_ids(self) -> tuple[int, ...]:
+    """Every id that ends generation: `eos_id` first, then the others of an `eos_token_id` list in
+    generation_config.json / config.json where it gave the EOS (tokenizer_config.json naming none)."""
+    return self._eos_ids
 
   @property
   def pad_id(self) -> int | None:

@@ -1,0 +1,394 @@
+"""Loading refuses or fixes what would otherwise run silently wrong: special tokens a tokenizer.json's
+post-processor adds, EOS ids only the model config names, unreadable tokenizer configs, model variants jaxspec does
+not implement (other families, activations, biases, sliding windows, RoPE scaling), stray weight files, file paths
+passed for folders, a missing tokenizer found only after the weights, and unsupported GGUF quantizations.
+
+Every folder and file is built here from tiny models with the tokenizers / safetensors / gguf libraries."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tokenizers
+from safetensors.numpy import load_file, save_file
+from tokenizers import models, pre_tokenizers, processors
+
+from conftest import make_tiny
+from jaxspec.errors import ModelLoadError
+from jaxspec.loading import gguf_loader, load_model
+from jaxspec.loading.hf import load_hf, save_hf
+from jaxspec.loading.tokenizer import Tokenizer
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+# --- tokenizers -----------------------------------------------------------------------------------------------------
+
+VOCAB = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4, "<|user|>": 5}
+
+
+def write_tokenizer(folder: Path, post=None, tok_config: dict | None = None, **json_files) -> Path:
+  """A word-level tokenizer.json with `post` as its post-processor, tokenizer_config.json `tok_config` (none if
+  None), and other JSON files by name (e.g. generation_config=...)."""
+  folder.mkdir(parents=True, exist_ok=True)
+  backend = tokenizers.Tokenizer(models.WordLevel(VOCAB, unk_token="<unk>"))
+  backend.pre_tokenizer = pre_tokenizers.Whitespace()
+  backend.add_special_tokens(["<unk>", "<s>", "</s>", "<|user|>"])
+  if post is not None:
+    backend.post_processor = post
+  backend.save(str(folder / "tokenizer.json"))
+  if tok_config is not None:
+    (folder / "tokenizer_config.json").write_text(json.dumps(tok_config))
+  for name, content in json_files.items():
+    (folder / f"{name}.json").write_text(json.dumps(content))
+  return folder
+
+
+LLAMA3_POST = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+T5_POST = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 2)])
+# A template that writes the BOS itself, as Llama 3's does.
+CHAT = "{{ bos_token }}{% for m in messages %}<|user|> {{ m['content'] }}{% endfor %}"
+
+
+@pytest.mark.parametrize("post,want", [(LLAMA3_POST, [1, 3, 4]), (T5_POST, [3, 4, 2])], ids=["llama3", "t5"])
+def test_plain_text_gets_the_special_tokens_of_the_post_processor(tmp_path, post, want):
+  """`encode(text, add_bos=None)` (a plain prompt, as the bench encodes one for a model without chat template) is
+  what transformers' `tokenizer(text)` gives: the post-processor's BOS / EOS, with no add_bos_token in the config."""
+  folder = write_tokenizer(tmp_path, post, {"bos_token": "<s>", "eos_token": "</s>"})
+  tok = Tokenizer.from_tokenizer_json(folder)
+  backend = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+  assert tok.encode("hello world", add_bos=None) == backend.encode("hello world").ids == want
+  assert tok.encode("hello world") == [3, 4]  # the text's own tokens, as for chat-template output
+  from jaxspec.bench.runner import chat_prompt_ids
+  assert chat_prompt_ids(tok, ["hello world"]) == [want]
+
+
+def test_chat_prompt_keeps_one_bos(tmp_path):
+  """A chat template that writes the BOS itself is encoded without a second one, as transformers'
+  `apply_chat_template(tokenize=True)` does; plain text written with its own BOS keeps one too."""
+  folder = write_tokenizer(tmp_path, LLAMA3_POST, {"bos_token": "<s>", "eos_token": "</s>", "chat_template": CHAT})
+  tok = Tokenizer.from_tokenizer_json(folder)
+  from jaxspec.bench.runner import chat_prompt_ids
+  assert chat_prompt_ids(tok, ["hello"]) == [[1, 5, 3]]
+  assert tok.encode("<s> hello", add_bos=None) == [1, 3]
+  t5 = Tokenizer.from_tokenizer_json(write_tokenizer(tmp_path / "t5", T5_POST, {"eos_token": "</s>"}))
+  assert t5.encode("hello </s>", add_bos=None) == [3, 2]
+
+
+def test_default_model_prompts_are_unchanged():
+  """The default model (GGUF, no post-processor, add_bos_token false): plain and chat prompts get no BOS, and the
+  chat prompt is the transformers reference's ids."""
+  from jaxspec.bench.runner import chat_prompt_ids
+  from jaxspec.loading.default import default_model_path
+  tok = Tokenizer.from_gguf(default_model_path())
+  with np.load(FIXTURES / "smollm2_hf_reference.npz") as ref:
+    messages, prompt_ids = json.loads(str(ref["chat_messages_json"])), ref["prompt_ids"].tolist()
+  assert tok.encode(tok.apply_chat_template(messages)) == prompt_ids
+  assert tok.encode("Hello world", add_bos=None) == tok.encode("Hello world") == [19556, 905]
+  assert chat_prompt_ids(tok, ["Hi"])[0] == tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hi"}]))
+
+
+@pytest.mark.parametrize("files,want_eos,want_all,want_bos", [
+    ({"generation_config": {"bos_token_id": 1, "eos_token_id": [2, 5]}}, 2, (2, 5), 1),
+    ({"config": {"bos_token_id": 1, "eos_token_id": 2}}, 2, (2,), 1),
+    ({"generation_config": {"eos_token_id": 5}, "config": {"eos_token_id": 2}}, 5, (5,), None),
+], ids=["generation_config-list", "config-int", "generation_config-first"])
+def test_special_ids_fall_back_to_the_model_config(tmp_path, files, want_eos, want_all, want_bos):
+  """Without tokenizer_config.json, BOS and EOS come from generation_config.json, else config.json (an id or a
+  list), as transformers' generate takes them."""
+  tok = Tokenizer.from_tokenizer_json(write_tokenizer(tmp_path, **files))
+  assert (tok.eos_id, tok.eos_ids, tok.bos_id) == (want_eos, want_all, want_bos)
+
+
+def test_tokenizer_config_wins_over_the_model_config(tmp_path):
+  folder = write_tokenizer(tmp_path, tok_config={"eos_token": "<|user|>"}, generation_config={"eos_token_id": 2})
+  tok = Tokenizer.from_tokenizer_json(folder)
+  assert (tok.eos_id, tok.eos_ids) == (5, (5,))
+
+
+def test_no_eos_anywhere_is_said(tmp_path, caplog):
+  with caplog.at_level(logging.WARNING, logger="jaxspec.loading.tokenizer"):
+    tok = Tokenizer.from_tokenizer_json(write_tokenizer(tmp_path))
+  assert tok.eos_id is None and tok.eos_ids == ()
+  assert "no EOS token" in caplog.text
+
+
+@pytest.mark.parametrize("content,what", [("{bad json", "JSONDecodeError"), ("[1, 2]", "holds a JSON list")])
+def test_unreadable_tokenizer_config_is_a_clear_error(tmp_path, content, what):
+  folder = write_tokenizer(tmp_path)
+  (folder / "tokenizer_config.json").write_text(content)
+  with pytest.raises(ModelLoadError, match=f"tokenizer_config.json.*{what}.*copy it again") as e:
+    Tokenizer.from_tokenizer_json(folder)
+  assert str(folder / "tokenizer_config.json") in str(e.value)
+
+
+# --- Hugging Face folders -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+  """A save_hf folder of a tiny LLaMA, with a tokenizer; tests copy it before changing it."""
+  folder = tmp_path_factory.mktemp("hf") / "model"
+  model, params = make_tiny()
+  save_hf(str(folder), model, params)
+  write_tokenizer(folder, tok_config={"eos_token": "</s>"})
+  return folder
+
+
+def copy_of(folder: Path, tmp_path: Path, **config_changes) -> Path:
+  out = tmp_path / "copy"
+  shutil.copytree(folder, out)
+  cfg = json.loads((out / "config.json").read_text())
+  for key, value in config_changes.items():
+    if value is None:
+      cfg.pop(key, None)
+    else:
+      cfg[key] = value
+  (out / "config.json").write_text(json.dumps(cfg))
+  return out
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"architectures": None, "model_type": "qwen2"}, "model_type 'qwen2'; jaxspec loads llama, mistral"),
+    ({"hidden_act": "gelu"}, "hidden_act='gelu'.*SiLU"),
+    ({"attention_bias": True}, "attention_bias=true.*no bias"),
+    ({"mlp_bias": True}, "mlp_bias=true.*no bias"),
+    ({"sliding_window": 64}, "sliding_window=64, below max_position_embeddings=512.*set max_position_embeddings to 64"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling 'linear'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "RoPE scaling 'yarn'"),
+], ids=["qwen2-model-type", "gelu", "attention-bias", "mlp-bias", "sliding-window", "llama3-rope", "linear-rope",
+        "yarn-rope-parameters"])
+def test_unsupported_variants_are_refused(tiny_hf, tmp_path, changes, message):
+  folder = copy_of(tiny_hf, tmp_path, **changes)
+  with pytest.raises(ModelLoadError, match=message):
+    load_hf(str(folder))
+
+
+@pytest.mark.parametrize("changes", [
+    {"sliding_window": 512}, {"sliding_window": 4096}, {"sliding_window": None}, {"hidden_act": "silu"},
+    {"rope_scaling": {"rope_type": "default"}}, {"architectures": None}, {"architectures": None, "model_type": None},
+    {"architectures": None, "model_type": "mistral"}, {"attention_bias": False, "mlp_bias": False},
+    {"sliding_window": 64, "use_sliding_window": False},
+], ids=["window-equal", "window-larger", "window-null", "silu", "default-rope", "llama-type-only", "bare",
+        "mistral-type-only", "biases-off", "window-switched-off"])
+def test_what_jaxspec_computes_exactly_still_loads(tiny_hf, tmp_path, changes):
+  model, _ = load_hf(str(copy_of(tiny_hf, tmp_path, **changes)))
+  assert model.cfg.max_seq_len == 512
+
+
+def test_rope_theta_is_read_from_rope_parameters(tiny_hf, tmp_path):
+  """transformers 5 writes the RoPE base under rope_parameters; reading the default 10000 instead would be wrong."""
+  folder = copy_of(tiny_hf, tmp_path, rope_theta=None, rope_parameters={"rope_type": "default", "rope_theta": 5e5})
+  assert load_hf(str(folder))[0].cfg.rope_theta == 5e5
+
+
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.bias", "model.layers.1.self_attn.q_norm.weight"])
+def test_tensors_jaxspec_would_skip_are_refused(tiny_hf, tmp_path, name):
+  folder = copy_of(tiny_hf, tmp_path)
+  weights = load_file(str(folder / "model.safetensors"))
+  weights[name] = np.ones(4, np.float32)
+  save_file(weights, str(folder / "model.safetensors"))
+  with pytest.raises(ModelLoadError, match=name.replace(".", r"\.")):
+    load_hf(str(folder))
+
+
+def _embedding(folder: Path) -> np.ndarray:
+  return np.asarray(load_hf(str(folder))[1]["embed"]["embedding"])
+
+
+def test_a_stray_safetensors_file_is_not_read(tiny_hf, tmp_path):
+  want = _embedding(tiny_hf)
+  folder = copy_of(tiny_hf, tmp_path)
+  # Named to sort after model.safetensors, so that reading every file would let it win.
+  save_file({"model.embed_tokens.weight": np.full_like(want, 7.0)}, str(folder / "training_args.safetensors"))
+  np.testing.assert_array_equal(_embedding(folder), want)
+
+
+def _shard(folder: Path) -> dict[str, str]:
+  """Splits model.safetensors into two shards; returns the weight map."""
+  weights = load_file(str(folder / "model.safetensors"))
+  (folder / "model.safetensors").unlink()
+  names = sorted(weights)
+  weight_map = {}
+  for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+    shard = f"model-0000{i + 1}-of-00002.safetensors"
+    save_file({n: weights[n] for n in part}, str(folder / shard))
+    weight_map.update({n: shard for n in part})
+  return weight_map
+
+
+def test_sharded_folders_follow_their_index(tiny_hf, tmp_path):
+  want = _embedding(tiny_hf)
+  folder = copy_of(tiny_hf, tmp_path)
+  weight_map = _shard(folder)
+  np.testing.assert_array_equal(_embedding(folder), want)  # model-*.safetensors without an index
+  (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+  save_file({"model.embed_tokens.weight": np.zeros_like(want)}, str(folder / "model-extra.safetensors"))
+  np.testing.assert_array_equal(_embedding(folder), want)  # the index leaves the extra file out
+  (folder / "model-00002-of-00002.safetensors").unlink()
+  with pytest.raises(ModelLoadError, match="lists shards that are not in .*model-00002-of-00002"):
+    load_hf(str(folder))
+
+
+def test_a_tensor_in_two_files_is_refused(tiny_hf, tmp_path):
+  folder = copy_of(tiny_hf, tmp_path)
+  _shard(folder)
+  save_file({"model.norm.weight": np.ones(64, np.float32)}, str(folder / "model-00003-of-00003.safetensors"))
+  with pytest.raises(ModelLoadError, match="'model.norm.weight' is in both .* move it out"):
+    load_hf(str(folder))
+
+
+def test_several_files_none_a_model_s_are_refused(tiny_hf, tmp_path):
+  folder = copy_of(tiny_hf, tmp_path)
+  (folder / "model.safetensors").rename(folder / "weights.safetensors")
+  want = _embedding(tiny_hf)
+  np.testing.assert_array_equal(_embedding(folder), want)  # a single file is the model, whatever its name
+  save_file({"x": np.ones(1, np.float32)}, str(folder / "other.safetensors"))
+  with pytest.raises(ModelLoadError, match="which files hold the model is unclear"):
+    load_hf(str(folder))
+
+
+def test_t5_folder_ignores_a_stray_file(tmp_path):
+  folder = tmp_path / "t5"
+  shutil.copytree(FIXTURES / "t5_tiny_v11", folder)
+  _, want = load_hf(str(folder))
+  save_file({"shared.weight": np.zeros_like(np.asarray(want["shared"]["embedding"]))},
+            str(folder / "training_args.safetensors"))  # sorts after model.safetensors
+  _, got = load_hf(str(folder))
+  np.testing.assert_array_equal(np.asarray(got["shared"]["embedding"]), np.asarray(want["shared"]["embedding"]))
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_a_file_of_a_folder_says_to_pass_the_folder(tiny_hf, name):
+  with pytest.raises(ModelLoadError, match="file of a Hugging Face model folder.*pass the folder that holds it") as e:
+    load_model(str(tiny_hf / name))
+  assert str(tiny_hf) in str(e.value)
+
+
+def test_missing_tokenizer_is_found_before_the_weights_load(tiny_hf, tmp_path, monkeypatch):
+  import jaxspec.loading.hf as hf
+  loaded = []
+  monkeypatch.setattr(hf, "load_hf", lambda *a, **k: loaded.append(a) or pytest.fail("weights loaded first"))
+  folder = copy_of(tiny_hf, tmp_path)
+  (folder / "tokenizer.json").unlink()
+  with pytest.raises(ModelLoadError, match="has no tokenizer.json"):
+    load_model(str(folder))
+  write_tokenizer(folder)
+  (folder / "tokenizer_config.json").write_text("{bad")
+  with pytest.raises(ModelLoadError, match="tokenizer_config.json"):
+    load_model(str(folder))
+  assert not loaded
+
+
+def test_corrupt_weights_are_still_reported_as_such(tiny_hf, tmp_path):
+  """The header check that now runs before the tokenizer one still names a corrupt weights file."""
+  folder = copy_of(tiny_hf, tmp_path)
+  (folder / "tokenizer.json").unlink()
+  (folder / "model.safetensors").write_bytes(b"\x07" * 100)
+  with pytest.raises(ModelLoadError, match="truncated or corrupt: download or export it again"):
+    load_model(str(folder))
+
+
+def test_the_tokenizer_of_a_folder_model_gets_the_config_eos(tiny_hf, tmp_path):
+  folder = copy_of(tiny_hf, tmp_path, eos_token_id=[2, 5])
+  (folder / "tokenizer_config.json").unlink()
+  _, _, tok = load_model(str(folder))
+  assert (tok.eos_id, tok.eos_ids) == (2, (2, 5))
+
+
+# --- GGUF -----------------------------------------------------------------------------------------------------------
+
+Q = gguf.GGMLQuantizationType
+
+
+def write_gguf(path: Path, extra: dict | None = None, raw: dict | None = None) -> Path:
+  """A tiny LLaMA GGUF of F32 tensors (values as they come: these tests are about what loads), plus `extra`
+  tensors, and tensors in `raw` replaced by (bytes array, quantization type)."""
+  model, params = make_tiny(seed=1, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=64)
+  cfg = model.cfg
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(cfg.n_layers)
+  w.add_context_length(cfg.max_seq_len)
+  w.add_embedding_length(cfg.d_model)
+  w.add_feed_forward_length(cfg.d_ff)
+  w.add_head_count(cfg.n_heads)
+  w.add_head_count_kv(cfg.n_kv_heads)
+  w.add_rope_freq_base(cfg.rope_theta)
+  w.add_layer_norm_rms_eps(cfg.norm_eps)
+  w.add_vocab_size(cfg.vocab_size)
+  tensors = {"token_embd.weight": params["embed"]["embedding"], "output_norm.weight": params["final_norm"]["scale"]}
+  for i in range(cfg.n_layers):
+    p = params[f"layers_{i}"]
+    tensors[f"blk.{i}.attn_norm.weight"] = p["attn_norm"]["scale"]
+    tensors[f"blk.{i}.ffn_norm.weight"] = p["mlp_norm"]["scale"]
+    for name, (mod, key) in (("attn_q", ("attn", "q")), ("attn_k", ("attn", "k")), ("attn_v", ("attn", "v")),
+                             ("attn_output", ("attn", "o")), ("ffn_gate", ("mlp", "gate")), ("ffn_up", ("mlp", "up")),
+                             ("ffn_down", ("mlp", "down"))):
+      tensors[f"blk.{i}.{name}.weight"] = np.asarray(p[mod][key]["kernel"]).T  # torch layout [out, in]
+  tensors.update(extra or {})
+  for name, arr in tensors.items():
+    if raw and name in raw:
+      data, qtype = raw[name]
+      w.add_tensor(name, data, raw_dtype=qtype)
+    else:
+      w.add_tensor(name, np.ascontiguousarray(np.asarray(arr, np.float32)))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+def test_plain_gguf_loads(tmp_path):
+  model, params = gguf_loader.load_gguf(str(write_gguf(tmp_path / "m.gguf")))
+  assert model.cfg.n_kv_heads == 2 and "layers_0" in params
+
+
+@pytest.mark.parametrize("extra,message", [
+    ({"rope_freqs.weight": np.full(8, 8.0, np.float32)}, "rope_freqs.weight: per-frequency RoPE scaling"),
+    ({"blk.0.attn_q.bias": np.ones(64, np.float32)}, "'blk.0.attn_q.bias'; jaxspec's LLaMA layers have no bias"),
+    ({"blk.1.attn_q_norm.weight": np.ones(16, np.float32)}, "'blk.1.attn_q_norm.weight', a layer tensor"),
+], ids=["rope-freqs", "bias", "qk-norm"])
+def test_gguf_tensors_jaxspec_would_skip_are_refused(tmp_path, extra, message):
+  with pytest.raises(ModelLoadError, match=message):
+    gguf_loader.load_gguf(str(write_gguf(tmp_path / "m.gguf", extra=extra)))
+
+
+def test_unsupported_quantization_names_what_to_requantize_to(tmp_path, monkeypatch):
+  """IQ4_NL (blocks of 32 values in 18 bytes): the message names the types to re-quantize to, and comes before any
+  tensor is dequantized."""
+  path = write_gguf(tmp_path / "iq.gguf", raw={"blk.1.ffn_up.weight": (np.zeros((64, 2 * 18), np.uint8), Q.IQ4_NL)})
+  dequantized = []
+  real = gguf_loader._dequantize
+  monkeypatch.setattr(gguf_loader, "_dequantize", lambda t: dequantized.append(t.name) or real(t))
+  with pytest.raises(ModelLoadError, match="'blk.1.ffn_up.weight' uses quantization IQ4_NL.*Re-quantize") as e:
+    gguf_loader.load_gguf(str(path))
+  assert all(q in str(e.value) for q in gguf_loader.SUPPORTED_QTYPES)
+  assert dequantized == []
+
+
+def test_a_damaged_gguf_is_still_a_damaged_gguf(tmp_path):
+  """A .gguf without GGUF magic next to a config.json is not taken for a folder's file."""
+  (tmp_path / "config.json").write_text("{}")
+  (tmp_path / "m.gguf").write_bytes(b"\x00" * 64)
+  with pytest.raises(ModelLoadError, match="not a readable GGUF"):
+    load_model(str(tmp_path / "m.gguf"))
+
+
+def test_hf_round_trip_of_the_fixture_still_matches(tiny_hf):
+  """save_hf's folders load unchanged (the checks above must not refuse them)."""
+  model, params = make_tiny()
+  loaded_model, loaded = load_hf(str(tiny_hf))
+  tokens = jnp.asarray([[4, 8, 15, 16]])
+  t = tokens.shape[1]
+  mask = jnp.tril(jnp.ones((t, t), bool))
+  want = model.forward(params, tokens, jnp.arange(t)[None], model.init_cache(1, t), mask)[0]
+  got = loaded_model.forward(loaded, tokens, jnp.arange(t)[None], loaded_model.init_cache(1, t), mask)[0]
+  np.testing.assert_allclose(got, want, atol=1e-5)
