@@ -142,3 +142,50 @@ def test_a_full_cllm_fine_tune_exports_a_model_folder(tiny, tmp_path):
   loaded, loaded_params, loaded_tok = load_model(cfg.out)
   assert loaded_tok.encode("alpha 12") == tok.encode("alpha 12")
   assert [x.shape for x in jax.tree.leaves(loaded_params)] == [x.shape for x in jax.tree.leaves(params)]
+
+
+def test_resume_checks_accept_what_older_runs_wrote(tmp_path):
+  """A checkpoint folder given by another path, and a config.yaml from before `data.split_by_set` (whose runs
+  shuffled both prompt sets together): resuming such a run under the new per-set split must be refused, resuming it
+  with `data.split_by_set=false` or without a second prompt set must not."""
+  import yaml
+
+  from training.bpd import BPDTrainConfig
+  from training.config import to_dict
+
+  ckpt = tmp_path / "ckpt"
+  (ckpt / "100").mkdir(parents=True)
+  base = BPDTrainConfig()
+  cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, checkpoint_dir="runs/x/ckpt"))
+  record_run_config(cfg, ckpt)
+  record_run_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_dir=str(ckpt))), ckpt)
+
+  more = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, more_prompts="p.jsonl", more_dataset_dir="m"))
+  old = to_dict(more)
+  del old["data"]["split_by_set"]
+  (ckpt / "config.yaml").write_text(yaml.safe_dump(old))
+  with pytest.raises(ConfigError, match=r"data\.split_by_set: False there, True now"):
+    record_run_config(more, ckpt)
+  (ckpt / "config.yaml").write_text(yaml.safe_dump(old))
+  record_run_config(dataclasses.replace(more, data=dataclasses.replace(more.data, split_by_set=False)), ckpt)
+  plain = to_dict(cfg)
+  del plain["data"]["split_by_set"]
+  (ckpt / "config.yaml").write_text(yaml.safe_dump(plain))
+  record_run_config(cfg, ckpt)
+
+
+def test_a_short_run_of_a_long_config_shortens_its_warmup(caplog):
+  from training.tasks import load_task_config
+
+  cfg, _ = load_task_config("configs/bpd_joint_smollm2.yaml", ["train.steps=1", "optim.lr=1e-12"])
+  with caplog.at_level("WARNING", logger="training.trainer"):
+    run = cfg.optim.for_steps(cfg.train.steps)
+  assert (run.total_steps, run.warmup_steps) == (1, 1) and "warming up over 1" in caplog.text
+
+
+def test_a_text_folder_from_before_meta_files_is_still_a_text_folder(tmp_path):
+  (tmp_path / "t").mkdir()
+  datasets._write_shard(tmp_path / "t" / "shard_00000.npz", [[1, 2, 3], [4, 5]], [0, 0])  # as the old code wrote
+  text = tmp_path / "x.txt"
+  text.write_text("plain text " * 30)
+  assert len(datasets.text_sequences(ByteTokenizer(), [text], tmp_path / "t", seq_len=32)) > 2

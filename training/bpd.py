@@ -74,6 +74,9 @@ class DataSection:
   more_dataset_dir: Optional[str] = None
   more_max_new_tokens: Optional[int] = None
   eval_fraction: float = 0.05
+  # With more_prompts: split each prompt set into train / held-out on its own, so adding a set leaves the first
+  # set's held-out prompts held out. False shuffles both together, as runs checkpointed before 2026-12-03 did (to resume one).
+  split_by_set: bool = True
   loss_on_prompt: bool = False  # also train on positions inside the prompt
 
   def __post_init__(self):
@@ -144,7 +147,7 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
   part_ids = np.repeat([int(cfg.data.more_prompts is not None and i == len(parts) - 1) for i in range(len(parts))],
                        [len(p) for p in parts])
   return datasets.Sequences([t for p in parts for t in p.tokens], np.concatenate([p.prompt_lens for p in parts]),
-                            part_ids if cfg.data.more_prompts else None)
+                            part_ids if cfg.data.more_prompts and cfg.data.split_by_set else None)
 
 
 def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int = 8,

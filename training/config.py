@@ -206,8 +206,12 @@ def dump_config(cfg: Any, path: str | os.PathLike[str]) -> None:
 # schedule), where it exports, the mesh, what the CLLM monitor decodes. Anything else (the data, the split seed,
 # the model, the objective) would make the checkpoint a state of another run.
 RESUME_MAY_CHANGE = ("train.steps", "train.checkpoint_every", "train.eval_every", "train.log_every",
-                     "train.exact_match_examples", "train.base_lr_scale", "optim.", "out", "mesh", "monitor.",
-                     "data.gen_batch_size")
+                     "train.exact_match_examples", "train.base_lr_scale", "train.checkpoint_dir", "optim.", "out",
+                     "mesh", "monitor.", "data.gen_batch_size")
+# Settings added after runs were checkpointed without them: the value those runs had, where it differs from the
+# default now (a config.yaml without the key is compared as if it held this). With `data.more_prompts`, runs before
+# `data.split_by_set` shuffled both prompt sets together.
+_LEGACY = {"data.split_by_set": False}
 
 
 def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
@@ -226,6 +230,8 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
     except yaml.YAMLError:
       old = {}  # unreadable: nothing to compare with; it is rewritten below
     new = _flat(to_dict(cfg))
+    if new.get("data.more_prompts"):  # the split setting matters only with a second prompt set
+      old = {**{k: v for k, v in _LEGACY.items() if k in new}, **old}
     changed = [k for k in new if k in old and old[k] != new[k]
                and not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUME_MAY_CHANGE)]
     if changed:

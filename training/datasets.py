@@ -209,7 +209,11 @@ def text_sequences(tokenizer, paths: Sequence[str | os.PathLike], out: str | os.
   meta_path = out / "meta.json"
   meta = {"kind": "text", "files": [str(p) for p in paths], "seq_len": seq_len}
   old = json.loads(meta_path.read_text()) if meta_path.exists() else None
-  if (old is not None and old.get("kind") != "text") or (old is None and any(out.glob("shard_*.npz"))):
+  shards = sorted(out.glob("shard_*.npz"))
+  # Text folders written before meta files: one shard, no prompt parts (self-distilled shards always have them).
+  legacy_text = (old is None and [s.name for s in shards] == ["shard_00000.npz"]
+                 and not load_sequences(out).prompt_lens.any())
+  if (old is not None and old.get("kind") != "text") or (old is None and shards and not legacy_text):
     raise InputError(f"{out} holds another dataset ({old['kind'] if old else 'shards without a meta.json'}); the "
                      "text files' sequences would overwrite it: set data.dataset_dir to a folder of their own.")
   for stale in out.glob("shard_*.npz"):  # the text is cut again from the files each run

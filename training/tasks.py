@@ -60,6 +60,8 @@ def load_task_config(path: str, overrides=()) -> tuple[Any, Callable[..., dict]]
   cls, fn = TASKS[task]
   cfg = load_config(path, cls, overrides)
   _check_counts(cfg)
+  if hasattr(cfg, "optim") and hasattr(getattr(cfg, "train", None), "steps"):
+    cfg.optim.for_steps(cfg.train.steps)  # a schedule that cannot fit the run fails here, before any data is built
   return cfg, fn
 
 

@@ -131,10 +131,15 @@ class OptimConfig:
 
   def for_steps(self, steps: int) -> "OptimConfig":
     """This config for a run of `steps` batches: `total_steps` None becomes the run's updates
-    (steps / grad_accum); an explicit one that differs is kept, with a warning."""
+    (steps / grad_accum), and a warmup longer than a cycle of them is shortened to it (with a warning); an explicit
+    `total_steps` that differs is kept, with a warning."""
     updates = max(1, steps // self.grad_accum)
     if self.total_steps is None:
-      return dataclasses.replace(self, total_steps=updates)
+      warmup = min(self.warmup_steps, updates // self.cycles)
+      if warmup < self.warmup_steps:  # a short run (a smoke test, an evaluation) of a config written for a long one
+        logger.warning("optim.warmup_steps=%d is longer than this run's %d updates per cycle: warming up over %d.",
+                       self.warmup_steps, updates // self.cycles, warmup)
+      return dataclasses.replace(self, total_steps=updates, warmup_steps=warmup)
     if self.total_steps != updates:
       logger.warning("optim.total_steps=%d but the run makes %d optimizer updates (train.steps=%d / grad_accum=%d): "
                      "the schedule %s. Leave optim.total_steps unset to follow the run.", self.total_steps,
