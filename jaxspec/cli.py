@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import sys
 
@@ -243,8 +244,21 @@ def build_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _show_sharding_choices() -> None:
+  """The sharding's fallbacks (a dimension a mesh axis cannot divide is replicated, e.g. SmolLM2's 9 heads on
+  model=4) are INFO records of `jaxspec.sharding`: a command line prints them, once each, since they change what a
+  mesh buys."""
+  log = logging.getLogger("jaxspec.sharding")
+  if not log.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("jaxspec: %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
+  _show_sharding_choices()
   try:
     if args.distributed:
       from jaxspec.sharding import initialize_distributed

@@ -194,3 +194,25 @@ def test_a_bad_draft_is_the_method_s_problem_as_a_bad_heads_folder_is(tiny, tmp_
   with pytest.raises(InputError) as e:
     run_bench(cfg, model, params, CharTokenizer(), progress=False, require_all=True)
   assert f"Cannot run spec:draft={empty}: draft={empty} is a folder without config.json" in str(e.value)
+
+
+def test_the_command_line_prints_sharding_fallbacks(capsys):
+  """A replicated dimension changes what a mesh buys: the CLI shows the sharding's INFO records on stderr."""
+  import logging
+
+  from jaxspec import cli, sharding
+
+  log = logging.getLogger("jaxspec.sharding")
+  handlers, level = list(log.handlers), log.level
+  try:
+    for h in handlers:
+      log.removeHandler(h)
+    cli._show_sharding_choices()
+    sharding._note_fallback("heads (9) do not divide model=4: replicated (test)")
+    assert "jaxspec: sharding: heads (9) do not divide model=4" in capsys.readouterr().err
+  finally:
+    for h in list(log.handlers):
+      log.removeHandler(h)
+    for h in handlers:
+      log.addHandler(h)
+    log.setLevel(level)
