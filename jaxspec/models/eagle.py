@@ -69,7 +69,8 @@ class EagleDraft:
   """A feature-level draft for a decoder-only LLaMA-family target. Static and hashable (a jit argument).
 
   Attributes:
-    cfg: the target's config (the draft's blocks have the target's width and heads), float32.
+    cfg: the target's config (the draft's blocks have the target's width and heads, and compute in its dtype: a
+      bfloat16 target runs bfloat16 draft blocks; params are held in float32).
     n_layers: the draft's decoder layers (EAGLE uses 1).
   """
 
