@@ -31,12 +31,13 @@ from jaxspec.models.llama import LlamaLM, tiny_config  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-def make_tiny(seed: int = 0, **overrides):
-  """A tiny random LLaMA with peaked next-token distributions, so greedy choices are not near-ties."""
+def make_tiny(seed: int = 0, embed_scale: float = 40.0, **overrides):
+  """A tiny random LLaMA with peaked next-token distributions, so greedy choices are not near-ties. A mild
+  `embed_scale` (3) gives one whose next token depends on the context: at 40 its output mostly repeats one token."""
   model = LlamaLM(tiny_config(**overrides))
   params = model.init_params(jax.random.key(seed))
   params = dict(params)
-  params["embed"] = {"embedding": params["embed"]["embedding"] * 40.0}
+  params["embed"] = {"embedding": params["embed"]["embedding"] * embed_scale}
   return model, params
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from jaxspec.decoding.generate import generate
 from jaxspec.errors import InputError, ModelLoadError
-from jaxspec.models.llama import LlamaLM, stack_layers, tiny_config
+from jaxspec.models.llama import stack_layers
 from jaxspec.models.lora import LoraConfig, init_lora, load_lora, merge_lora, save_lora
 from tests.conftest import make_tiny
 from tests.test_bpd import ByteTokenizer
@@ -36,10 +36,7 @@ def tiny_prompts(count=5, seed=0):
 @pytest.fixture(scope="module")
 def varied():
   """A tiny model whose greedy outputs vary (the `tiny` fixture's peaked embedding mostly repeats one token)."""
-  model = LlamaLM(tiny_config())
-  params = dict(model.init_params(jax.random.key(0)))
-  params["embed"] = {"embedding": params["embed"]["embedding"] * 3.0}
-  return model, params
+  return make_tiny(embed_scale=3.0)
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,8 @@ def llama_cpp_permute(w_OxI, n_heads):
   return w_OxI.reshape(n_heads, 2, o // n_heads // 2, i).swapaxes(1, 2).reshape(o, i)
 
 
-def write_gguf(path, model, params, qtype):
-  """Writes params as llama.cpp would; returns the params as the file holds them (after quantization)."""
-  cfg = model.cfg
-  held = jax.tree.map(np.asarray, params)
+def gguf_writer(path, cfg) -> "gguf.GGUFWriter":
+  """A GGUF writer with a LLaMA model's hyperparameters in its header, as llama.cpp's converter writes them."""
   w = gguf.GGUFWriter(str(path), "llama")
   w.add_block_count(cfg.n_layers)
   w.add_context_length(cfg.max_seq_len)
@@ -37,6 +35,14 @@ def write_gguf(path, model, params, qtype):
   w.add_rope_freq_base(cfg.rope_theta)
   w.add_layer_norm_rms_eps(cfg.norm_eps)
   w.add_vocab_size(cfg.vocab_size)
+  return w
+
+
+def write_gguf(path, model, params, qtype):
+  """Writes params as llama.cpp would; returns the params as the file holds them (after quantization)."""
+  cfg = model.cfg
+  held = jax.tree.map(np.asarray, params)
+  w = gguf_writer(path, cfg)
 
   def add(name, arr, quantize=True):
     arr = np.ascontiguousarray(np.asarray(arr, np.float32))

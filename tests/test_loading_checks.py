@@ -20,11 +20,12 @@ import tokenizers
 from safetensors.numpy import load_file, save_file
 from tokenizers import models, pre_tokenizers, processors
 
-from conftest import make_tiny
 from jaxspec.errors import ModelLoadError
 from jaxspec.loading import gguf_loader, load_model
 from jaxspec.loading.hf import load_hf, save_hf
 from jaxspec.loading.tokenizer import Tokenizer
+from tests.conftest import make_tiny
+from tests.test_loading import gguf_writer
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -313,16 +314,7 @@ def write_gguf(path: Path, extra: dict | None = None, raw: dict | None = None) -
   tensors, and tensors in `raw` replaced by (bytes array, quantization type)."""
   model, params = make_tiny(seed=1, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=64)
   cfg = model.cfg
-  w = gguf.GGUFWriter(str(path), "llama")
-  w.add_block_count(cfg.n_layers)
-  w.add_context_length(cfg.max_seq_len)
-  w.add_embedding_length(cfg.d_model)
-  w.add_feed_forward_length(cfg.d_ff)
-  w.add_head_count(cfg.n_heads)
-  w.add_head_count_kv(cfg.n_kv_heads)
-  w.add_rope_freq_base(cfg.rope_theta)
-  w.add_layer_norm_rms_eps(cfg.norm_eps)
-  w.add_vocab_size(cfg.vocab_size)
+  w = gguf_writer(path, cfg)
   tensors = {"token_embd.weight": params["embed"]["embedding"], "output_norm.weight": params["final_norm"]["scale"]}
   for i in range(cfg.n_layers):
     p = params[f"layers_{i}"]

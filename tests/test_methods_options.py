@@ -16,7 +16,7 @@ from jaxspec.decoding.opt_tree import HeadsTreeSource, OptTreeDrafter
 from jaxspec.decoding.speculative import DraftModelDrafter
 from jaxspec.models.bpd import save_bpd
 from jaxspec.models.draft import save_draft
-from jaxspec.models.llama import LlamaLM, tiny_config
+from tests.conftest import make_tiny
 from tests.test_bpd import random_heads
 
 # Prompts whose greedy continuations repeat some of their own tokens (so prompt-lookup copies are verified) and
@@ -33,12 +33,8 @@ class Tokenizer:
 
 @pytest.fixture(scope="module")
 def target():
-  """A tiny LLaMA with a mildly scaled embedding: its next token depends on the context (the `tiny` fixture's
-  output mostly repeats one token)."""
-  model = LlamaLM(tiny_config())
-  params = dict(model.init_params(jax.random.key(0)))
-  params["embed"] = {"embedding": params["embed"]["embedding"] * 3.0}
-  return model, params
+  """A tiny LLaMA whose next token depends on the context (the `tiny` fixture's output mostly repeats one token)."""
+  return make_tiny(embed_scale=3.0)
 
 
 @pytest.fixture(scope="module")

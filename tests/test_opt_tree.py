@@ -443,12 +443,7 @@ def test_a_draft_lm_tree_after_a_step_is_the_tree_a_fresh_prefill_grows(tiny):
 
 @pytest.fixture(scope="module")
 def varied():
-  from jaxspec.models.llama import LlamaLM, tiny_config
-
-  model = LlamaLM(tiny_config())
-  params = dict(model.init_params(jax.random.key(0)))
-  params["embed"] = {"embedding": params["embed"]["embedding"] * 3.0}
-  return model, params
+  return make_tiny(embed_scale=3.0)
 
 
 VARIED_PROMPTS = [[1, 2, 3], [9, 30, 200, 41, 77], [100, 5, 17, 4]]
