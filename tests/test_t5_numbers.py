@@ -81,3 +81,24 @@ def test_methods_give_the_greedy_tokens_on_the_shipped_model(numbers, sources, m
   assert res.tokens == ref.tokens
   if not method.startswith("jacobi"):
     assert res.tau > 1.5  # trained drafts: well above one token per target call
+
+
+def test_bench_prompts_are_sources_no_shipped_part_trained_on(tmp_path):
+  import json
+  import yaml
+  seen = set()
+  for name in ("t5_numbers", "t5_numbers_draft"):
+    data = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())["data"]
+    seen |= synthetic.training_sources(data["train_examples"], data["seed"], data["eval_examples"])
+  heads_prompts = yaml.safe_load((ROOT / "configs" / "bpd_t5_numbers.yaml").read_text())["data"]["prompts"]
+  seen |= {p.text for p in load_prompts(ROOT / heads_prompts)}
+  bench = [p.text for p in load_prompts(PROMPTS)]
+  assert len(bench) == len(set(bench)) == 40
+  assert not set(bench) & seen, sorted(set(bench) & seen)
+  # the exclusion draws again rather than dropping: same count, none excluded, and short sources do recur
+  out = tmp_path / "p.jsonl"
+  synthetic.write_prompt_file(out, 20, 1234)
+  plain = [json.loads(line)["turns"][0] for line in out.read_text().splitlines()]
+  assert set(plain) & seen  # without the exclusion this seed hits training sources
+  synthetic.write_prompt_file(out, 20, 1234, exclude=seen)
+  assert [json.loads(line)["turns"][0] for line in out.read_text().splitlines()] == bench

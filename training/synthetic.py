@@ -9,12 +9,15 @@ Each example holds 1-3 numbers below one million, drawn log-uniformly so that sh
 common. The spelled side is long and highly predictable once its first words are known (the setting where blockwise
 heads and draft models accept many tokens); the digit side is short. Examples come from a seeded generator, so the
 training set, the evaluation set and the benchmark prompts (`jaxspec/bench/data/numbers_dev.jsonl`, seed 1234) are
-reproducible and disjoint by seed.
+reproducible. Seeds alone do not make them disjoint (short sources recur), so evaluation drops sources seen in training
+and the benchmark prompts are drawn with `exclude=` (training/data/README.md).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -81,12 +84,33 @@ def examples(n: int, seed: int, tasks: tuple[str, ...] = TASKS) -> list[tuple[st
   return out
 
 
-def write_prompt_file(path: str | Path, n_per_task: int, seed: int) -> None:
-  """A Spec-Bench-format JSONL file of task sources (category = task), e.g. the encoder-decoder bench prompts."""
-  rows = examples(n_per_task * len(TASKS), seed)
+def write_prompt_file(path: str | Path, n_per_task: int, seed: int, exclude: Iterable[str] = ()) -> None:
+  """A Spec-Bench-format JSONL file of task sources (category = task), e.g. the encoder-decoder bench prompts.
+
+  Sources in `exclude` are skipped and drawn again, so that benchmark prompts can be kept apart from every source a
+  model trained on (short ones such as `spell: 7` recur across seeds). With nothing excluded the file holds the first
+  `n_per_task` draws of each task of `examples(n_per_task * len(TASKS), seed)`, the tasks in turn."""
+  exclude = set(exclude)
+  rng = np.random.default_rng(seed)
+  kept: dict[str, list[str]] = {task: [] for task in TASKS}
+  for i in itertools.count():
+    if all(len(v) >= n_per_task for v in kept.values()):
+      break
+    if i > 1000 * n_per_task * len(TASKS):
+      raise ValueError(f"could not draw {n_per_task} sources per task outside the {len(exclude)} excluded ones")
+    task = TASKS[i % len(TASKS)]
+    src, _ = example(task, random_numbers(rng))
+    if len(kept[task]) < n_per_task and src not in exclude:
+      kept[task].append(src)
   with open(path, "w", encoding="utf-8") as f:
-    for i, (task, src, _) in enumerate(rows):
+    for i, (task, src) in enumerate((t, kept[t][j]) for j in range(n_per_task) for t in TASKS):
       f.write(json.dumps({"question_id": i, "category": task, "turns": [src]}) + "\n")
+
+
+def training_sources(train_examples: int, seed: int, eval_examples: int = 0) -> set[str]:
+  """The sources `jaxspec train` draws for a numbers model with `data.seed = seed` (its evaluation set uses seed + 1)."""
+  rows = examples(train_examples, seed) + examples(eval_examples, seed + 1)
+  return {src for _, src, _ in rows}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int):
