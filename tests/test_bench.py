@@ -237,6 +237,7 @@ def test_t5x_greedy_equals_jaxspec_greedy(tiny, tmp_path):
   m = res["methods"]["t5x-greedy"]
   assert m["available"], m.get("reason")
   assert m["mismatches"] == 0 and m["n_prompts"] == 3 and m["tau"] == 1.0
+  assert m["target_calls"] == res["methods"]["greedy"]["target_calls"]  # the same count of calls after prefill
 
 
 class TinyTokenizer(ByteTokenizer):

@@ -181,16 +181,18 @@ def _run_t5x(ctx: BenchContext, decoding, fn, arr: np.ndarray, lengths: list[int
     if eos in new:
       new = new[:new.index(eos) + 1]
     tokens.append(new)
-  counts = [len(t) for t in tokens]  # the first token comes from a call too
-  return GenerationResult(tokens=tokens, target_calls=max(counts), drafter_calls=0, active_calls=counts,
-                          step_tokens=counts, accept_hist=_ones_hist(counts), compile_s=compile_s, run_s=run_s,
+  # Counted as jaxspec's loop and `hf_runner` count: T5X's first call (the last prompt token, or the decoder's start
+  # token) finishes what jaxspec's prefill does and yields the first token, so neither enters the step counts.
+  steps = [max(len(t) - 1, 0) for t in tokens]
+  return GenerationResult(tokens=tokens, target_calls=max(steps), drafter_calls=0, active_calls=steps,
+                          step_tokens=steps, accept_hist=_ones_hist(steps), compile_s=compile_s, run_s=run_s,
                           program_bytes=nbytes)
 
 
-def _ones_hist(counts) -> np.ndarray:
+def _ones_hist(steps) -> np.ndarray:
   """Accepted-length histogram of one-token-per-call decoding: every step commits 1 token."""
-  h = np.zeros((len(counts), 2), np.int64)
-  h[:, 1] = counts
+  h = np.zeros((len(steps), 2), np.int64)
+  h[:, 1] = steps
   return h
 
 
