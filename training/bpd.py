@@ -466,9 +466,12 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   trainer = Trainer(loss, optimizer, frozen=frozen, checkpoint_dir=ckpt_dir,
                     checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress,
                     mesh=sharding.partitioner(mesh, model))
+  state = init_state(trainable, optimizer, cfg.train.seed)
+  # "before": the heads as they start (fresh, or heads.init's) on the untouched base, on the same held-out set
+  init_eval = {"step": 0, **trainer.evaluate(state, eval_batches())}
   t0 = time.time()
-  state, history = trainer.fit(init_state(trainable, optimizer, cfg.train.seed), batches_from, cfg.train.steps,
-                               eval_batches=eval_batches, eval_every=cfg.train.eval_every)
+  state, history = trainer.fit(state, batches_from, cfg.train.steps, eval_batches=eval_batches,
+                               eval_every=cfg.train.eval_every)
   train_s = time.time() - t0
   evals = [h for h in history if any(k.startswith("eval/") for k in h)]
   final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
@@ -484,6 +487,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   summary = {"sequences": len(seqs), "tokens": seqs.num_tokens, "train_examples": len(tr) if cfg.train.objective ==
              "heads" else len(tr_tok), "vocab_subset": int(bpd.cfg.vocab_subset), "data_s": round(data_s, 1),
              "prep_s": round(prep_s, 1), "train_s": round(train_s, 1), "total_s": round(time.time() - t_start, 1),
+             "init_eval": {k: float(v) for k, v in init_eval.items()},
              "final_eval": {k: float(v) for k, v in final_eval.items()}, "config": to_dict(cfg)}
   save_bpd(cfg.out, bpd, out_params, meta={"training": summary})
   return summary
