@@ -31,13 +31,20 @@ from jaxspec.models.llama import LlamaLM, tiny_config  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
-def make_tiny(seed: int = 0, embed_scale: float = 40.0, **overrides):
+def make_tiny(seed: int = 0, embed_scale: float = 40.0, attend: bool = True, **overrides):
   """A tiny random LLaMA with peaked next-token distributions, so greedy choices are not near-ties. A mild
-  `embed_scale` (3) gives one whose next token depends on the context: at 40 its output mostly repeats one token."""
+  `embed_scale` (3) gives one whose next token depends on the context: at 40 its output mostly repeats one token.
+  `attend=False` zeroes the attention outputs, so the next token is a fixed function of the current one: with
+  `embed_scale=1.5` a varied map that BPD heads can learn in a few hundred steps (the other two are not learnable
+  that fast: a random function of the whole context, or one repeated token that fresh heads already predict)."""
   model = LlamaLM(tiny_config(**overrides))
   params = model.init_params(jax.random.key(seed))
   params = dict(params)
   params["embed"] = {"embedding": params["embed"]["embedding"] * embed_scale}
+  if not attend:
+    for name in [k for k in params if k.startswith("layers_")]:
+      attn = {**params[name]["attn"], "o": {"kernel": jnp.zeros_like(params[name]["attn"]["o"]["kernel"])}}
+      params[name] = {**params[name], "attn": attn}
   return model, params
 
 

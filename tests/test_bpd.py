@@ -15,6 +15,7 @@ from jaxspec.decoding.generate import generate
 from jaxspec.errors import ModelLoadError
 from jaxspec.loading.hf import load_hf
 from jaxspec.models.bpd import BPDConfig, BPDModel, load_bpd, save_bpd
+from tests.conftest import make_tiny
 from tests.fakes import BigramLM
 from tests.test_model import cache_copies
 from training import bpd as bpd_training
@@ -191,26 +192,29 @@ def tiny_train_config(tmp_path, **train):
                                 eval_every=50, log_every=10, **train))
 
 
-def test_head_training_lowers_loss_and_speeds_up_decoding(tiny, tmp_path):
-  model, params = tiny
+def test_head_training_lowers_loss_and_speeds_up_decoding(tmp_path):
+  # A target whose next token is a varied function of the current one: fresh heads (which start as the base's
+  # next-token head) get none of the later tokens right, trained ones most, on held-out prompts too.
+  model, params = make_tiny(embed_scale=1.5, attend=False)
   cfg = tiny_train_config(tmp_path, steps=150)
   summary = train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   metrics = [json.loads(l) for l in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
   train_loss = [m["loss"] for m in metrics if "loss" in m]
   assert train_loss[-1] < 0.5 * train_loss[0]
-  assert summary["final_eval"]["eval/acc_h1"] > 0.5
-  # the "before" on the same held-out set, from the heads as they started (this tiny model's greedy output mostly
-  # repeats one token, so fresh heads, which start as the base's next-token head, already score well on it)
-  assert set(summary["init_eval"]) == set(summary["final_eval"]) and summary["init_eval"]["step"] == 0
-  assert summary["init_eval"]["eval/loss"] != summary["final_eval"]["eval/loss"]
+  before, after = summary["init_eval"], summary["final_eval"]  # the same held-out prompts, before and after
+  assert set(before) == set(after) and before["step"] == 0 and after["step"] == 150
+  for h in (1, 2, 3):
+    assert before[f"eval/acc_h{h}"] < 0.1 and after[f"eval/acc_h{h}"] > 0.6, (before, after)
+  assert after["eval/loss"] < 0.5 * before["eval/loss"]
   bpd, p = load_bpd(tmp_path / "heads")
   assert bpd.num_heads == 3 and bpd.cfg.vocab_subset > 0
   prompts = [ByteTokenizer().encode("kilo 99 olik"), ByteTokenizer().encode("alpha 3 ahpla")]
   greedy = generate(model, params, prompts, max_new_tokens=48)
   res = generate(model, params, prompts, max_new_tokens=48, drafter=BPDDrafter(bpd),
                  draft_params=bpd_draft_params(model, params, bpd, p))
+  assert all(len(set(t)) > 10 for t in greedy.tokens)  # varied text, not one token repeated
   assert res.tokens == greedy.tokens
-  assert res.tau > 1.5, res.tau
+  assert res.tau > 2.0, res.tau  # fresh heads: 1.0
   # Fewer heads from the same file: the first heads, still exact.
   bpd2, p2 = load_bpd(tmp_path / "heads", num_heads=2)
   res2 = generate(model, params, prompts, max_new_tokens=48, drafter=BPDDrafter(bpd2),
