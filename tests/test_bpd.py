@@ -223,11 +223,11 @@ def test_head_training_lowers_loss_and_speeds_up_decoding(tmp_path):
   assert 1 < res2.tau < res.tau  # the two heads kept still get drafts accepted, fewer than three heads
 
 
-def test_teacher_targets_are_the_targets_own_predictions(tiny, tmp_path):
+def test_teacher_targets_are_the_targets_own_predictions(tmp_path):
   """With train.targets=teacher each head learns the target's distribution at the position that predicted its token:
   on greedy data the teacher's top-1 there is that token, for every head and every valid example (so the rows line
   up), and the heads trained on it decode exactly and get drafts accepted."""
-  model, params = tiny
+  model, params = make_tiny(embed_scale=1.5, attend=False)  # learnable: fresh heads agree with none of it
   cfg = tiny_train_config(tmp_path, steps=100, targets="teacher")
   summary = train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   seqs = datasets.load_sequences(tmp_path / "data")
@@ -240,14 +240,15 @@ def test_teacher_targets_are_the_targets_own_predictions(tiny, tmp_path):
   assert valid.sum() > 1000 and (~valid).any()
   np.testing.assert_array_equal(top1[valid], batch["targets"][valid])
   final = summary["final_eval"]
-  assert final["eval/agree_h1"] > 0.5 and final["eval/tau_teacher"] > 1.5
+  assert summary["init_eval"]["eval/agree_h1"] < 0.1 and summary["init_eval"]["eval/tau_teacher"] < 1.1
+  assert final["eval/agree_h1"] > 0.3 and final["eval/tau_teacher"] > 1.3  # 0.40 and 1.53 when written
   assert abs(final["eval/agree_h1"] - final["eval/acc_h1"]) < 0.02  # greedy data: the token is the teacher's top-1
   bpd, p = load_bpd(tmp_path / "heads")
   prompts = [ByteTokenizer().encode("kilo 99 olik"), ByteTokenizer().encode("alpha 3 ahpla")]
   greedy = generate(model, params, prompts, max_new_tokens=48)
   res = generate(model, params, prompts, max_new_tokens=48, drafter=BPDDrafter(bpd),
                  draft_params=bpd_draft_params(model, params, bpd, p))
-  assert res.tokens == greedy.tokens and res.tau > 1.5, res.tau
+  assert res.tokens == greedy.tokens and res.tau > 1.2, res.tau  # 1.40 when written; fresh heads 1.0
   joint = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, objective="joint"))
   with pytest.raises(ConfigError, match="train.targets=teacher"):
     train_bpd(joint, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
