@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -74,14 +74,17 @@ def example(task: str, numbers: list[int]) -> tuple[str, str]:
   raise ValueError(f"unknown task {task!r}; tasks: {', '.join(TASKS)}")
 
 
+def _draws(seed: int, tasks: tuple[str, ...] = TASKS) -> Iterator[tuple[str, str, str]]:
+  """Endless `(task, source, target)` triples from one seeded generator, the tasks in turn."""
+  rng = np.random.default_rng(seed)
+  for i in itertools.count():
+    task = tasks[i % len(tasks)]
+    yield (task, *example(task, random_numbers(rng)))
+
+
 def examples(n: int, seed: int, tasks: tuple[str, ...] = TASKS) -> list[tuple[str, str, str]]:
   """n `(task, source, target)` triples, the tasks in turn."""
-  rng = np.random.default_rng(seed)
-  out = []
-  for i in range(n):
-    task = tasks[i % len(tasks)]
-    out.append((task, *example(task, random_numbers(rng))))
-  return out
+  return list(itertools.islice(_draws(seed, tasks), n))
 
 
 def write_prompt_file(path: str | Path, n_per_task: int, seed: int, exclude: Iterable[str] = ()) -> None:
@@ -91,15 +94,12 @@ def write_prompt_file(path: str | Path, n_per_task: int, seed: int, exclude: Ite
   model trained on (short ones such as `spell: 7` recur across seeds). With nothing excluded the file holds the first
   `n_per_task` draws of each task of `examples(n_per_task * len(TASKS), seed)`, the tasks in turn."""
   exclude = set(exclude)
-  rng = np.random.default_rng(seed)
   kept: dict[str, list[str]] = {task: [] for task in TASKS}
-  for i in itertools.count():
+  for i, (task, src, _) in enumerate(_draws(seed)):
     if all(len(v) >= n_per_task for v in kept.values()):
       break
     if i > 1000 * n_per_task * len(TASKS):
       raise ValueError(f"could not draw {n_per_task} sources per task outside the {len(exclude)} excluded ones")
-    task = TASKS[i % len(TASKS)]
-    src, _ = example(task, random_numbers(rng))
     if len(kept[task]) < n_per_task and src not in exclude:
       kept[task].append(src)
   with open(path, "w", encoding="utf-8") as f:
