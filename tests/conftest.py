@@ -50,7 +50,23 @@ def make_tiny(seed: int = 0, embed_scale: float = 40.0, attend: bool = True, **o
 
 @pytest.fixture(scope="session")
 def tiny():
+  """The tiny target most tests decode with: its next token depends on the context, so its greedy output varies
+  (a method that kept a stale cache entry or committed one token too many would change it)."""
+  return make_tiny(embed_scale=3.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_repeating():
+  """A tiny target whose greedy output soon repeats one token: for checks that need drafts to be accepted (copies of
+  a repeating output, a Jacobi window at its fixed point), never for equality with greedy decoding alone."""
   return make_tiny()
+
+
+@pytest.fixture(scope="session")
+def learnable():
+  """A tiny target a drafter can learn in a few dozen steps: the next token is a varied function of the current one
+  (attention off), so an untrained drafter agrees with little of it and training has something to find."""
+  return make_tiny(embed_scale=1.5, attend=False)
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +75,19 @@ def default_model():
   from jaxspec.loading import load_model
 
   return load_model()
+
+
+def assert_gates_mix(calls: dict) -> float:
+  """`calls`: target calls by gate, from 0 (verify every step) through gates in between to one no step reaches. The
+  ends must differ, and some gate in between must give a count strictly between them: its run verified some steps
+  and took one-token steps in others. Returns that gate. (Counts need not be monotone in the gate: skipping a
+  verify changes where later blocks start.)"""
+  gates = sorted(calls)
+  ungated, never = calls[gates[0]], calls[gates[-1]]
+  assert gates[0] == 0.0 and ungated < never, calls
+  mixed = [g for g in gates[1:-1] if ungated < calls[g] < never]
+  assert mixed, f"no gate in between verified some steps and skipped others: {calls}"
+  return mixed[0]
 
 
 SHIPPED_QUESTIONS = ("List the planets of the solar system in order.", "Write a haiku about rain.")

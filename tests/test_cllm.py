@@ -356,10 +356,10 @@ def tiny_cllm_config(root, steps=30, **objective):
       monitor=dataclasses.replace(base.monitor, prompts=2, max_new_tokens=16))
 
 
-def test_lora_distillation_lowers_the_loss_and_exports_an_adapter(tiny, tmp_path):
-  """The whole `train_cllm` run end to end on the tiny model (about 20 s): collection, LoRA training with the
+def test_lora_distillation_lowers_the_loss_and_exports_an_adapter(learnable, tmp_path):
+  """The whole `train_cllm` run end to end on a tiny model (about 20 s): collection, LoRA training with the
   repetition monitor, export, and a rerun that resumes with nothing left to do."""
-  model, params = tiny
+  model, params = learnable
   cfg = tiny_cllm_config(tmp_path)
   summary = train_cllm(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   metrics = [json.loads(l) for l in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]

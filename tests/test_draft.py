@@ -91,9 +91,9 @@ def root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(tiny, root):
+def trained(learnable, root):
   """A 40-step run, stopped at step 20 and resumed: `(config, summary of the first part, summary)`."""
-  model, params = tiny
+  model, params = learnable
   first = train_draft(tiny_draft_config(root, "main", STEPS // 2), model=model, params=params,
                       tokenizer=ByteTokenizer(), progress=False)
   cfg = tiny_draft_config(root, "main", STEPS)
@@ -106,19 +106,19 @@ def read_metrics(cfg):
   return [json.loads(line) for line in open(path).read().splitlines()]
 
 
-def test_distillation_lowers_the_kl(tiny, trained):
+def test_distillation_lowers_the_kl(learnable, trained):
   cfg, _, summary = trained
   train = [m for m in read_metrics(cfg) if "kl" in m]
   assert train[-1]["kl"] < 0.5 * train[0]["kl"], (train[0], train[-1])
   before, after = summary["init_eval"], summary["final_eval"]
   assert after["eval/kl"] < 0.5 * before["eval/kl"], (before, after)
   assert after["eval/agree"] > before["eval/agree"] and after["eval/tau_proxy"] > before["eval/tau_proxy"]
-  _, dp = init_draft(*tiny, 1)  # the embedding stays frozen: only the layer and the final norm train
+  _, dp = init_draft(*learnable, 1)  # the embedding stays frozen: only the layer and the final norm train
   assert summary["trainable_params"] == sum(x.size for k, v in dp.items() if k != "embed" for x in jax.tree.leaves(v))
 
 
-def test_exported_draft_decodes_exactly_and_beats_a_random_draft(tiny, trained):
-  model, params = tiny
+def test_exported_draft_decodes_exactly_and_beats_a_random_draft(learnable, trained):
+  model, params = learnable
   cfg, _, summary = trained
   folder = cfg.out
   info = json.load(open(f"{folder}/config.json"))["jaxspec_draft"]

@@ -18,7 +18,7 @@ from jaxspec.decoding.protocol import Acceptance, PrefillInfo, Verified
 from jaxspec.decoding.sampling import SamplingParams, Warp
 from jaxspec.errors import InputError, ModelLoadError
 from jaxspec.models.eagle import EagleDraft, load_eagle, save_eagle
-from tests.conftest import make_tiny
+from tests.conftest import assert_gates_mix, make_tiny
 from tests.test_bpd import ByteTokenizer
 from tests.test_speculative import (assert_gate_skips_some_drafts, chi2_pvalue, continuation_logits,  # noqa: F401
                                     drafter_sample_counts, exact_distribution, per_row_sample_counts, stat_models)
@@ -177,7 +177,7 @@ def test_gated_eagle_sampling_with_a_subset_head_is_exact(stat_models, continuat
 # ---- a tiny training run, the folder, config errors ------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def trained(tiny, tmp_path_factory):
+def trained(learnable, tmp_path_factory):
   root = tmp_path_factory.mktemp("eagle")
   prompts = root / "prompts.jsonl"
   words = ["alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india", "juliet"]
@@ -191,17 +191,17 @@ def trained(tiny, tmp_path_factory):
       optim=dataclasses.replace(base.optim, lr=3e-3, warmup_steps=10, total_steps=60),
       train=dataclasses.replace(base.train, steps=60, batch_size=8, seq_len=96, checkpoint_dir=str(root / "ckpt"),
                                 checkpoint_every=100, eval_every=60, log_every=20))
-  model, params = tiny
+  model, params = learnable
   return cfg, train_eagle(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
 
 
-def test_training_raises_agreement_and_the_result_decodes_exactly(tiny, trained):
+def test_training_raises_agreement_and_the_result_decodes_exactly(learnable, trained):
   cfg, summary = trained
   before, after = summary["init_eval"], summary["final_eval"]
   assert after["eval/kl_1"] < 0.7 * before["eval/kl_1"]
   assert after["eval/agree_1"] > before["eval/agree_1"] + 0.2
   assert after["eval/tau_proxy"] > before["eval/tau_proxy"] + 0.5
-  model, params = tiny
+  model, params = learnable
   draft, dp = load_eagle(cfg.out, model, params)
   prompts = [ByteTokenizer().encode(t) for t in ("alpha 0 ahpla", "golf 6 flog")]
   ref = gen.generate(model, params, prompts, max_new_tokens=40)
@@ -249,14 +249,14 @@ def test_config_file_loads_and_rejects_bad_keys():
 # ---- draft trees ---------------------------------------------------------------------------------------------
 
 @pytest.mark.slow  # run before resolving; by default test_eagle_trees_equal_greedy checks the tree source
-def test_a_chain_tree_drafts_what_the_chain_drafter_drafts(tiny, trained):
+def test_a_chain_tree_drafts_what_the_chain_drafter_drafts(learnable, trained):
   """OPT-Tree's chain shape on the feature-level source proposes, step for step, the chain drafter's tokens: the
   same accepted counts at every step (the tree's expansion and update feed the draft as the chain drafter does).
   A wider tree from the same draft accepts more per step."""
   from jaxspec.decoding.eagle import EagleTreeSource
   from jaxspec.decoding.opt_tree import OptTreeDrafter
 
-  model, params = tiny
+  model, params = learnable
   draft, dp = load_eagle(trained[0].out, model, params)
   prompts = [ByteTokenizer().encode(t) for t in ("alpha 0 ahpla", "golf 6 flog", "india 8")]
   run = lambda drafter: gen.generate(model, params, prompts, max_new_tokens=40, drafter=drafter, draft_params=dp)
@@ -280,15 +280,34 @@ def test_eagle_trees_equal_greedy(tiny):
   res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, draft_params=dp,
                      drafter=OptTreeDrafter(EagleTreeSource(draft, 2), nodes=8, depth=4, width=2, branch=2))
   assert res.tokens == ref.tokens
-  # Gated (row 2 alone, whose trees' E[A] sit near 1.05): some steps verify, some are one-token steps.
-  calls = [gen.generate(model, params, PROMPTS[2:], max_new_tokens=NEW, draft_params=dp,
-                        drafter=OptTreeDrafter(EagleTreeSource(draft, 2), nodes=8, depth=4, width=2, branch=2,
-                                               gate=g)) for g in (0.0, 1.05)]
-  assert all(r.tokens == ref.tokens[2:] for r in calls)
-  assert calls[0].target_calls < calls[1].target_calls < NEW - 1
   with pytest.raises(ValueError, match="width"):
     gen.generate(model, params, PROMPTS, max_new_tokens=4, draft_params=dp,
                  drafter=OptTreeDrafter(EagleTreeSource(draft, 3), nodes=8, depth=4, width=2, branch=2))
+
+
+def test_gated_eagle_trees_equal_greedy(learnable, trained):
+  """Gates among the steps' E[A] values, with the trained draft (a random one is rarely right, so its trees would
+  never be worth verifying): at some gate some steps verify the tree and the others are one-token steps. Rows run
+  alone, since in a batch one row asking to verify verifies every row's tree."""
+  from jaxspec.decoding.eagle import EagleTreeSource
+  from jaxspec.decoding.opt_tree import OptTreeDrafter
+
+  model, params = learnable
+  draft, dp = load_eagle(trained[0].out, model, params)
+  prompts = [ByteTokenizer().encode(t) for t in ("alpha 0 ahpla", "golf 6 flog", "india 8")]
+  ref = gen.generate(model, params, prompts, max_new_tokens=NEW).tokens
+  calls = {}
+  # This target's distributions are flat, so the draft's trees score E[A] of only 0.085 to 0.1 though their first
+  # tokens are mostly right (τ about 2); 9 > the 8 nodes: no tree's E[A] reaches it.
+  for g in (0.0, 0.08, 0.0825, 0.085, 0.0875, 0.09, 0.0925, 0.095, 0.0975, 9.0):
+    runs = [gen.generate(model, params, [p], max_new_tokens=NEW, draft_params=dp,
+                         drafter=OptTreeDrafter(EagleTreeSource(draft, 2), nodes=8, depth=4, width=2, branch=2,
+                                                gate=g)) for p in prompts]
+    assert [r.tokens[0] for r in runs] == ref, g
+    calls[g] = sum(r.target_calls for r in runs)
+  print("target calls by gate:", calls)
+  assert calls[9.0] == len(prompts) * (NEW - 1)
+  assert_gates_mix(calls)
 
 
 @pytest.mark.slow  # tree sampling itself is checked in tests/test_opt_tree.py; this adds the feature-level source

@@ -22,7 +22,7 @@ from jaxspec.decoding.protocol import Draft, PrefillInfo
 from jaxspec.decoding.sampling import SamplingParams, Warp
 from jaxspec.errors import InputError
 from jaxspec.models.subset import subset_head
-from tests.conftest import make_tiny
+from tests.conftest import assert_gates_mix, make_tiny
 from tests.fakes import tree_arrays
 from tests.test_bpd import random_heads
 from tests.test_speculative import V, chi2_pvalue, continuation_logits, drafter_sample_counts  # noqa: F401
@@ -211,21 +211,22 @@ def test_a_row_alone_takes_the_steps_it_takes_in_a_batch(tiny, greedy_ref, name)
   assert alone.tokens == greedy_ref[2:] and alone.active_calls == res.active_calls[2:]
 
 
-@pytest.mark.parametrize("name,gate", [("heads-dynamic", 3.0), ("lm-dynamic", 1.8)])
-def test_gated_trees_equal_greedy(tiny, greedy_ref, name, gate):
-  """A gate between the steps' E[A] values: some steps verify the tree, the others take one-token steps (fewer
-  tokens per call than ungated, more than never verifying); the output is greedy decoding's in every setting. Rows
-  run alone, since in a batch one row asking to verify verifies every row's tree."""
+@pytest.mark.parametrize("name,gates", [("heads-dynamic", (0.05, 0.1, 0.2)), ("lm-dynamic", (1.5, 1.8, 2.2, 3.0))])
+def test_gated_trees_equal_greedy(tiny, greedy_ref, name, gates):
+  """Gates among the steps' E[A] values: at some gate, some steps verify the tree and the others take one-token
+  steps (more calls than ungated, fewer than never verifying); the output is greedy decoding's in every setting.
+  Rows run alone, since in a batch one row asking to verify verifies every row's tree."""
   model, params = tiny
   drafter, dp = tree_drafters(tiny)[name]
-  calls = []
-  for i, prompt in enumerate(PROMPTS):
+  calls = {}
+  for g in (0.0, *gates, float(drafter.nodes) + 1):  # past the node budget: no tree's E[A] reaches it
     runs = [gen.generate(model, params, [prompt], max_new_tokens=NEW, drafter=dataclasses.replace(drafter, gate=g),
-                         draft_params=dp) for g in (0.0, gate, 1e9)]
-    assert all(r.tokens == [greedy_ref[i]] for r in runs)
-    calls.append([r.target_calls for r in runs])
-  ungated, gated, never = calls[0]
-  assert ungated < gated < never == NEW - 1
+                         draft_params=dp) for prompt in PROMPTS]
+    assert [r.tokens[0] for r in runs] == greedy_ref, g
+    calls[g] = sum(r.target_calls for r in runs)
+  print(name, "target calls by gate:", calls)
+  assert calls[float(drafter.nodes) + 1] == len(PROMPTS) * (NEW - 1)
+  assert_gates_mix(calls)
 
 
 def test_budget_follows_the_verify_cost():

@@ -63,7 +63,7 @@ def test_adaptive_and_gated_drafts_equal_greedy(tiny, other_tiny, greedy_ref):
   # A flatter draft (final norm scaled down): its confidences spread, so stops and gates take both ways.
   draft_params = dict(draft_params, final_norm=jax.tree.map(lambda x: 0.3 * x, draft_params["final_norm"]))
   runs = {}
-  for stop, gate in [(0.1, 0.0), (0.0, 0.2), (0.0, 0.5)]:  # without either, γ forwards a step: see above
+  for stop, gate in [(0.1, 0.0), (0.0, 0.2), (0.0, 4.0)]:  # without either, γ forwards a step: see above
     res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, draft_params=draft_params,
                        drafter=DraftModelDrafter(draft_model, 4, stop=stop, gate=gate))
     assert res.tokens == greedy_ref, (stop, gate)
@@ -73,11 +73,11 @@ def test_adaptive_and_gated_drafts_equal_greedy(tiny, other_tiny, greedy_ref):
          for k, r in runs.items()})
   stopped = runs[0.1, 0.0]
   assert stopped.target_calls < int(stopped.drafter_stats["draft_forwards"]) < 4 * stopped.target_calls
-  # Gate 0.2 verifies some steps (all 4 drafts accepted in some) and not others; gate 0.5 verifies none: every
-  # step commits one token, as greedy decoding does.
+  # Gate 0.2 verifies some steps (all 4 drafts accepted in some) and not others; gate 4 = γ verifies none (a score
+  # reaches γ only if all four confidences are 1): every step commits one token, as greedy decoding does.
   hist = runs[0.0, 0.2].accept_hist.sum(0)
   assert hist[1] > 0 and hist[5] > 0
-  assert runs[0.0, 0.5].accept_hist.sum(0)[2:].sum() == 0 and runs[0.0, 0.5].target_calls == NEW - 1
+  assert runs[0.0, 4.0].accept_hist.sum(0)[2:].sum() == 0 and runs[0.0, 4.0].target_calls == NEW - 1
 
   # The target as its own draft, one row: every proposed token is accepted and none past a stop, so each step
   # commits its m proposed tokens + 1, and the draft ran m forwards for them.
