@@ -130,3 +130,50 @@ class OracleTree:
 
   def update(self, draft_params, dstate, verified):
     return dstate
+
+
+@dataclasses.dataclass(frozen=True)
+class ScriptTree:
+  """A fixed tree for a real model whose greedy output is known in advance (`script`: each row's output tokens, from
+  a plain greedy run). Node i carries the row's scripted token at its depth unless a hash of (row, output length,
+  node) is 0 mod `miss`, where it carries a wrong one, so from step to step the accepted path changes length and
+  branch: the verify forward and the cache compaction run on real keys and values with paths of every depth
+  accepted."""
+
+  script: tuple  # tuple of per-row tuples
+  parents: tuple
+  vocab_size: int
+  miss: int = 3
+  is_chain: bool = False
+  calls_per_step: int = 0
+
+  @property
+  def num_nodes(self) -> int:
+    return len(self.parents)
+
+  def init(self, draft_params, prefill):
+    return ()
+
+  def propose(self, draft_params, dstate, loop: LoopState):
+    b, n = loop.pending_B.shape[0], self.num_nodes
+    width = max(map(len, self.script))
+    rows = [list(r) + [0] * (width - len(r)) for r in self.script] + [[0] * width] * (b - len(self.script))
+    script = jnp.asarray(rows, jnp.int32)
+    depth, mask = tree_arrays(list(self.parents))
+    # The node at depth d proposes output slot n_out + d - 1 (slot n_out - 1 holds the pending token).
+    slot = jnp.minimum(loop.n_out_B[:, None] + jnp.asarray(depth)[None] - 1, width - 1)
+    right = jnp.take_along_axis(script, slot, axis=1)
+    k = lambda c: np.uint32(c)
+    x = (loop.n_out_B.astype(jnp.uint32)[:, None] * k(0x9E3779B1)
+         + jnp.arange(1, n + 1, dtype=jnp.uint32)[None] * k(0x85EBCA77)
+         + jnp.arange(1, b + 1, dtype=jnp.uint32)[:, None] * k(0xC2B2AE3D))
+    x = x ^ (x >> 15)
+    x = x * k(0x2C1B3C6D)
+    x = (x ^ (x >> 13)) % k(self.miss)
+    hit = x != 0
+    toks = jnp.where(hit, right, (right + 1 + jnp.arange(n)[None]) % self.vocab_size)
+    bc = lambda a: jnp.broadcast_to(jnp.asarray(a), (b, *np.shape(a)))
+    return Draft(toks.astype(jnp.int32), bc(depth), bc(mask), bc(np.asarray(self.parents, np.int32))), dstate
+
+  def update(self, draft_params, dstate, verified):
+    return dstate

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from fakes import BigramLM, OracleChain, OracleTree
+from fakes import BigramLM, OracleChain, OracleTree, ScriptTree
 from jaxspec.decoding import generate as gen
 from jaxspec.decoding.accept import GreedyAcceptance
 from jaxspec.decoding.loop import decode
@@ -64,21 +64,37 @@ def test_tree_acceptance_takes_the_longest_right_branch():
 def test_tree_on_a_real_model_matches_greedy(tiny):
   model, params = tiny
   prompts = [[1, 2, 3, 4, 5], [7, 8]]
-  want = gen.generate(model, params, prompts, max_new_tokens=16).tokens
+  want = gen.generate(model, params, prompts, max_new_tokens=24).tokens
   # A tree of tokens unrelated to the tiny model: whatever is accepted must not change the output.
   drafter = OracleTree(LM, parents=(-1, -1, 0, 1, 2), good=(0, 1, 2, 3, 4))
-  got = gen.generate(model, params, prompts, max_new_tokens=16, drafter=drafter)
+  got = gen.generate(model, params, prompts, max_new_tokens=24, drafter=drafter)
   assert got.tokens == want
+  # A tree that follows the greedy output on some nodes: accepted paths of every depth, on either branch, are moved
+  # into the cache, and the output is still greedy.
+  got = gen.generate(model, params, prompts, max_new_tokens=24, drafter=script_tree(want, model))
+  assert got.tokens == want
+  assert_every_accept_length(got, 4)
+
+
+def script_tree(want, model):
+  """Two branches of the greedy output under the pending token, of depths 3 and 2 (nodes 0-2-4 and 1-3)."""
+  return ScriptTree(tuple(map(tuple, want)), parents=(-1, -1, 0, 1, 2), vocab_size=model.vocab_size)
+
+
+def assert_every_accept_length(res, most):
+  """Steps committed each of 1 .. `most` tokens (the drafts' accepted prefixes took every length)."""
+  per_length = res.accept_hist.sum(0)[1:most + 1]
+  assert (per_length > 0).all(), res.accept_hist
 
 
 @pytest.mark.parametrize("dtype,param_dtype,scan", [("bfloat16", "bfloat16", False), ("float32", "bfloat16", False),
                                                      ("float32", "float32", True)])
 def test_drafts_verify_in_bfloat16_and_with_stacked_layers(tiny, dtype, param_dtype, scan):
   """Models as `--dtype bfloat16`, `--param-dtype bfloat16` or `--scan-layers` load them, through the draft -> verify
-  loop: a layer-skip draft
-  (the first layer, sliced out of the stacked arrays when scanned) and a tree of unrelated tokens leave the output
-  equal to greedy decoding of the same model. The tiny model's choices are far from ties, so bfloat16 rounding does
-  not move them here; on the default model it does (benchmarks/README.md, "bfloat16")."""
+  loop: a layer-skip draft (the first layer, sliced out of the stacked arrays when scanned) and a tree that follows
+  the greedy output on some nodes leave the output equal to greedy decoding of the same model. The tiny model's
+  choices are far from ties, so bfloat16 rounding does not move them here; on the default model it does
+  (benchmarks/README.md, "bfloat16")."""
   from conftest import make_tiny
   from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft
   from jaxspec.models.llama import LlamaLM, stack_layers, tiny_config
@@ -96,8 +112,8 @@ def test_drafts_verify_in_bfloat16_and_with_stacked_layers(tiny, dtype, param_dt
   got = gen.generate(model, params, prompts, max_new_tokens=16, drafter=DraftModelDrafter(draft, 3),
                      draft_params=draft_params)
   assert got.tokens == want and got.target_calls < 15  # 15 one-token steps without drafts: some were accepted
-  tree = OracleTree(LM, parents=(-1, -1, 0, 1, 2), good=(0, 1, 2, 3, 4))
-  assert gen.generate(model, params, prompts, max_new_tokens=16, drafter=tree).tokens == want
+  got = gen.generate(model, params, prompts, max_new_tokens=16, drafter=script_tree(want, model))
+  assert got.tokens == want and got.accept_hist[:, 2:].sum() > 0  # some tree paths were accepted
 
 
 def _reference_greedy(model, params, prompt, n, width=32):
@@ -259,7 +275,8 @@ def test_cache_buckets_leave_the_output_unchanged(tiny, monkeypatch, case):
   prompts = [[1, 2, 3, 4, 5], list(range(10, 40))]
   kw = dict(max_new_tokens=[100, 70])
   if case == "tree":  # compacts accepted paths into the cache
-    kw["drafter"] = OracleTree(LM, parents=(-1, -1, 0, 1, 2), good=(0, 1, 2, 3, 4))
+    greedy = gen.generate(model, params, prompts, **kw).tokens
+    kw["drafter"] = script_tree(greedy, model)
   if case == "sampled":
     kw["temperature"] = 1.0
   before = set(gen._PROGRAMS)
@@ -269,6 +286,9 @@ def test_cache_buckets_leave_the_output_unchanged(tiny, monkeypatch, case):
   off = gen.generate(model, params, prompts, buckets=False, **kw)
   assert on.tokens == off.tokens and on.active_calls == off.active_calls
   assert [len(t) for t in on.tokens] == [100, 70]
+  if case == "tree":
+    assert on.tokens == greedy
+    assert_every_accept_length(on, 4)
 
 
 def test_bucketed_loop_does_not_copy_the_cache(tiny, monkeypatch):

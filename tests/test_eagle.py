@@ -285,6 +285,23 @@ def test_eagle_trees_equal_greedy(tiny):
                  drafter=OptTreeDrafter(EagleTreeSource(draft, 3), nodes=8, depth=4, width=2, branch=2))
 
 
+def test_trained_eagle_trees_equal_greedy_in_a_ragged_batch(learnable, trained):
+  """The random draft above is rarely right on the varied target; the trained one is, so here rows of different
+  lengths accept paths of different depths in the same steps."""
+  from jaxspec.decoding.eagle import EagleTreeSource
+  from jaxspec.decoding.opt_tree import OptTreeDrafter
+
+  model, params = learnable
+  draft, dp = load_eagle(trained[0].out, model, params)
+  prompts = [ByteTokenizer().encode(t) for t in ("alpha 0 ahpla", "golf 6", "india 8 aidni india")]
+  ref = gen.generate(model, params, prompts, max_new_tokens=NEW)
+  res = gen.generate(model, params, prompts, max_new_tokens=NEW, draft_params=dp,
+                     drafter=OptTreeDrafter(EagleTreeSource(draft, 2), nodes=8, depth=4, width=2, branch=2))
+  assert res.tokens == ref.tokens
+  print("trained eagle tree: tau", res.tau, "accept lengths", res.accept_hist.sum(0).tolist())
+  assert res.tau > 1.5 and (res.accept_hist[:, 3:].sum(1) > 0).all()  # every row accepted paths of depth >= 2
+
+
 def test_gated_eagle_trees_equal_greedy(learnable, trained):
   """Gates among the steps' E[A] values, with the trained draft (a random one is rarely right, so its trees would
   never be worth verifying): at some gate some steps verify the tree and the others are one-token steps. Rows run

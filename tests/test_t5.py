@@ -97,10 +97,13 @@ def methods(t5, t5_draft):
       "lookup": (LookupDrafter(num_nodes=4), None),
       "tree-heads": (OptTreeDrafter(HeadsTreeSource(bpd), nodes=8, depth=3, width=2, branch=3), heads),
       "tree-draft": (OptTreeDrafter(LMTreeSource(draft), nodes=8, depth=3, width=2, branch=3), draft_params),
+      # The target as its own tree draft: its top path is accepted whole, so compaction runs on every step.
+      "tree-self": (OptTreeDrafter(LMTreeSource(model), nodes=8, depth=3, width=2, branch=3), params),
   }
 
 
-@pytest.mark.parametrize("name", ["bpd", "spec-self", "spec-draft", "jacobi", "lookup", "tree-heads", "tree-draft"])
+@pytest.mark.parametrize("name", ["bpd", "spec-self", "spec-draft", "jacobi", "lookup", "tree-heads", "tree-draft",
+                                  "tree-self"])
 def test_methods_are_token_identical_to_greedy(t5, t5_draft, greedy_ref, name):
   model, params = t5
   drafter, dp = methods(t5, t5_draft)[name]
@@ -108,6 +111,8 @@ def test_methods_are_token_identical_to_greedy(t5, t5_draft, greedy_ref, name):
   assert res.tokens == greedy_ref
   if name == "spec-self":
     assert res.tau > 4.0  # 4 drafts + the bonus token per call, but for the last, cut steps
+  if name == "tree-self":
+    assert res.tau > 3.0  # a path of 3 + the bonus token per call, but for the last, cut steps
 
 
 def test_draft_with_another_vocabulary_is_rejected(t5):
