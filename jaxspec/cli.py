@@ -107,7 +107,8 @@ def _cmd_generate(args) -> int:
   ids = tok.encode(text, add_bos=False if args.chat else None)
   _check_fits(args, model, len(ids))
   ctx = BenchContext(model, params, tok, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                     seed=args.seed, max_len=args.max_len, mesh=mesh, buckets=args.cache_buckets)
+                     seed=args.seed, max_len=args.max_len, mesh=mesh, buckets=args.cache_buckets,
+                     t5x_src=args.t5x_src)
   from jaxspec.bench.methods import METHODS
   try:
     run = METHODS[name].build(ctx, opts)
@@ -119,6 +120,9 @@ def _cmd_generate(args) -> int:
   shown = out[:-1] if out and out[-1] in eos else out
   print(tok.decode(shown), flush=True)
   n = len(out)
+  if args.temperature > 0:  # the method's name alone reads as greedy decoding ("greedy" is plain sampling here)
+    label = ("sampling" if name == "greedy" else label) + f", temperature {args.temperature:g}" + (
+        f", top-k {args.top_k}" if args.top_k else "") + (f", top-p {args.top_p:g}" if args.top_p < 1 else "")
   print(f"[{label}: {n} tokens in {res.run_s:.2f} s: {n / res.run_s:.1f} tok/s, tau {res.tau:.2f} tokens per target "
         f"call; compile {res.compile_s:.1f} s; prompt {len(ids)} tokens]", file=sys.stderr)
   return 0
@@ -202,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "tokens, and cllm, which decodes its own distilled model, whose output may differ from the base "
                       "model's")
   g.add_argument("--mesh", default=None, help=MESH_HELP)
+  g.add_argument("--t5x-src", default=None, help="a T5X source checkout, for --method t5x-greedy")
   g.add_argument("--cache-buckets", action="store_true",
                  help="bound attention in the loop by cache buckets (512, 1024, ... slots): one compiled forward per "
                       "bucket, same output; for long generations on accelerators (on this CPU it does not pay)")
@@ -256,8 +261,20 @@ def _show_sharding_choices() -> None:
     log.setLevel(logging.INFO)
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """`build_parser().parse_args`, except that `train`'s key=value overrides may also follow its options: argparse
+  ends the overrides at the first option, so `train cfg --distributed a=1` would leave `a=1` unrecognized."""
+  parser = build_parser()
+  args, extra = parser.parse_known_args(argv)
+  if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
+    args.overrides = [*args.overrides, *extra]
+  elif extra:
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  return args
+
+
 def main(argv: list[str] | None = None) -> int:
-  args = build_parser().parse_args(argv)
+  args = parse_args(argv)
   _show_sharding_choices()
   try:
     if args.distributed:

@@ -396,6 +396,15 @@ def test_report_speedup_tokens_per_second_and_tau_per_category():
   assert "| math | qa |" in tau_table and "| fast | 1.00 | 3.00 |" in tau_table
   assert "| fast | 2.00 | 4.00 |" in speed_table and "| slow | 0.50 | 0.50 |" in speed_table
   assert any(l.split()[:3] == ["fast", "1.80", "2.80×"] for l in report.summary_lines(res))
+  # A label longer than the column (a heads folder in the options) widens it: every row's τ ends at one offset.
+  long = "bpd:heads=jaxspec/assets/bpd_t5_numbers:k=4"
+  res["methods"][long] = res["methods"]["fast"]
+  lines = report.summary_lines(res)
+  ends = {line.index("speedup") + len("speedup") for line in lines[:1]} | {line.index("×") + 1 for line in lines[1:]}
+  assert len(ends) == 1 and len(lines) == 5, lines
+  assert "3 prompts (" in md
+  res["prompts"]["n"] = 1
+  assert "1 prompt (" in report.markdown(res)
 
 
 def test_bench_times_each_row_by_its_share_of_the_batch(tmp_path, prompt_file, methods, monkeypatch):

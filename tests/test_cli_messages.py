@@ -123,6 +123,25 @@ def test_generate_names_its_flags(tiny_target, capsys):
   assert not Path("unused").exists()
 
 
+def test_a_sampled_run_is_not_labelled_greedy(tiny_target, capsys):
+  assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "3", "--temperature", "0.8", "--top-p", "0.9"]) == 0
+  err = capsys.readouterr().err
+  assert err.startswith("[sampling, temperature 0.8, top-p 0.9: 3 tokens in "), err
+  assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "3", "--method", "lookup"]) == 0
+  assert capsys.readouterr().err.startswith("[lookup: 3 tokens in ")
+
+
+def test_generate_takes_the_t5x_checkout_its_message_names(tiny_target, tmp_path, capsys):
+  err = fails(["generate", "--prompt", "hi", "--method", "t5x-greedy", "--t5x-src", str(tmp_path)], capsys)
+  assert f"{tmp_path} is not a T5X checkout" in err
+
+
+def test_a_file_that_is_no_gguf_says_so(tmp_path, capsys):
+  (tmp_path / "notes.md").write_text("# not a model\n")
+  err = fails(["generate", "--prompt", "hi", "--model", str(tmp_path / "notes.md")], capsys)
+  assert "is not a GGUF file: it does not begin with the GGUF magic bytes. Pass a .gguf model file" in err
+
+
 def test_the_method_help_says_which_methods_differ_from_greedy():
   sub = next(a for a in cli.build_parser()._actions if a.dest == "command").choices["generate"]
   text = " ".join(sub.format_help().split())
@@ -130,14 +149,15 @@ def test_the_method_help_says_which_methods_differ_from_greedy():
 
 
 def test_distributed_goes_after_the_command_name():
-  """As README.md says: after `train` or at the end, not before the command or between a config and overrides."""
-  parser = cli.build_parser()
-  for argv in (["train", "--distributed", "c.yaml", "a=1"], ["train", "c.yaml", "a=1", "--distributed"]):
-    args = parser.parse_args(argv)
-    assert args.distributed and args.config == "c.yaml" and args.overrides == ["a=1"]
-  for argv in (["--distributed", "train", "c.yaml"], ["train", "c.yaml", "--distributed", "a=1"]):
+  """As README.md says: anywhere after `train` (overrides may come before and after it), not before the command."""
+  for argv in (["train", "--distributed", "c.yaml", "a=1", "b=2"], ["train", "c.yaml", "a=1", "b=2", "--distributed"],
+               ["train", "c.yaml", "a=1", "--distributed", "b=2"], ["train", "c.yaml", "--distributed", "a=1", "b=2"]):
+    args = cli.parse_args(argv)
+    assert args.distributed and args.config == "c.yaml" and args.overrides == ["a=1", "b=2"], argv
+  for argv in (["--distributed", "train", "c.yaml"], ["train", "c.yaml", "--distributed", "a=1", "--bogus"],
+               ["train", "c.yaml", "--distributed", "a=1", "stray"], ["generate", "--prompt", "x", "a=1"]):
     with pytest.raises(SystemExit):
-      parser.parse_args(argv)
+      cli.parse_args(argv)
 
 
 # ---- what to do about heads, drafts and files ---------------------------------------------------------------------

@@ -152,7 +152,7 @@ def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
     load_model(str(tmp_path / "nope.gguf"))
   junk = tmp_path / "junk.gguf"
   junk.write_bytes(os.urandom(4096))
-  with pytest.raises(ModelLoadError, match="not a readable GGUF"):
+  with pytest.raises(ModelLoadError, match="is not a GGUF file: it does not begin with the GGUF magic"):
     load_model(str(junk))
   with pytest.raises(ModelLoadError, match="config.json"):
     load_model(str(tmp_path))  # a folder that is not a Hugging Face model

@@ -370,7 +370,7 @@ def test_a_damaged_gguf_is_still_a_damaged_gguf(tmp_path):
   """A .gguf without GGUF magic next to a config.json is not taken for a folder's file."""
   (tmp_path / "config.json").write_text("{}")
   (tmp_path / "m.gguf").write_bytes(b"\x00" * 64)
-  with pytest.raises(ModelLoadError, match="not a readable GGUF"):
+  with pytest.raises(ModelLoadError, match="not a GGUF file: it does not begin with the GGUF magic"):
     load_model(str(tmp_path / "m.gguf"))
 
 

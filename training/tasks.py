@@ -61,7 +61,8 @@ def load_task_config(path: str, overrides=()) -> tuple[Any, Callable[..., dict]]
   cfg = load_config(path, cls, overrides)
   _check_counts(cfg)
   if hasattr(cfg, "optim") and hasattr(getattr(cfg, "train", None), "steps"):
-    cfg.optim.for_steps(cfg.train.steps)  # a schedule that cannot fit the run fails here, before any data is built
+    # A schedule that cannot fit the run fails here, before any data is built (the warnings come with the optimizer).
+    cfg.optim.for_steps(cfg.train.steps, warn=False)
   return cfg, fn
 
 

@@ -129,18 +129,19 @@ class OptimConfig:
          "warmup_steps must be <= total_steps / cycles (the steps of one cycle)"),
     ]
 
-  def for_steps(self, steps: int) -> "OptimConfig":
+  def for_steps(self, steps: int, warn: bool = True) -> "OptimConfig":
     """This config for a run of `steps` batches: `total_steps` None becomes the run's updates
     (steps / grad_accum), and a warmup longer than a cycle of them is shortened to it (with a warning); an explicit
-    `total_steps` that differs is kept, with a warning."""
+    `total_steps` that differs is kept, with a warning. `warn=False`: the same checks without the warnings (a config
+    checked before its run, which warns when it builds its optimizer)."""
     updates = max(1, steps // self.grad_accum)
     if self.total_steps is None:
       warmup = min(self.warmup_steps, updates // self.cycles)
-      if warmup < self.warmup_steps:  # a short run (a smoke test, an evaluation) of a config written for a long one
+      if warmup < self.warmup_steps and warn:  # a short run (a smoke test) of a config written for a long one
         logger.warning("optim.warmup_steps=%d is longer than this run's %d updates per cycle: warming up over %d.",
                        self.warmup_steps, updates // self.cycles, warmup)
       return dataclasses.replace(self, total_steps=updates, warmup_steps=warmup)
-    if self.total_steps != updates:
+    if self.total_steps != updates and warn:
       logger.warning("optim.total_steps=%d but the run makes %d optimizer updates (train.steps=%d / grad_accum=%d): "
                      "the schedule %s. Leave optim.total_steps unset to follow the run.", self.total_steps,
                      updates, steps, self.grad_accum,

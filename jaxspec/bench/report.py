@@ -100,7 +100,7 @@ def markdown(res: dict) -> str:
   if not res["complete"]:
     lines += ["**Incomplete run**: these figures cover the batches finished before it stopped.", ""]
   lines += [
-      f"- prompts: `{res['prompts']['file']}`, {res['prompts']['n']} prompts "
+      f"- prompts: `{res['prompts']['file']}`, {res['prompts']['n']} prompt{'s' * (res['prompts']['n'] != 1)} "
       f"({', '.join(f'{c} {n}' for c, n in res['prompts']['per_category'].items())})",
       f"- model: `{cfg['model'] or 'embedded SmolLM2-135M-Instruct'}` ({cfg.get('dtype', 'float32')}"
       + (f", {cfg['param_dtype']} weights" if cfg.get("param_dtype") else "")
@@ -241,11 +241,12 @@ def load(path: str | os.PathLike) -> dict:
 
 def summary_lines(res: dict) -> Sequence[str]:
   """A short table for the terminal."""
-  rows = [f"{'method':<22} {'tau':>6} {'speedup':>8} {'tok/s':>8} {'mismatch':>8}"]
+  w = max([22, *map(len, res["methods"])])  # the widest label (long option values, e.g. a heads folder)
+  rows = [f"{'method':<{w}} {'tau':>6} {'speedup':>8} {'tok/s':>8} {'mismatch':>8}"]
   for label, m in res["methods"].items():
     if not m["available"]:
-      rows.append(f"{label:<22} unavailable: {m['reason']}")
+      rows.append(f"{label:<{w}} unavailable: {m['reason']}")
     else:
-      rows.append(f"{label:<22} {_fmt(m['tau']):>6} {_fmt(m['speedup']):>7}× {_fmt(m['tokens_per_s'], '.1f'):>8} "
+      rows.append(f"{label:<{w}} {_fmt(m['tau']):>6} {_fmt(m['speedup']):>7}× {_fmt(m['tokens_per_s'], '.1f'):>8} "
                   f"{m['mismatches']:>8}")
   return rows

@@ -52,6 +52,11 @@ def open_gguf(path: str):
   if not os.path.isfile(path):
     raise ModelLoadError(f"No model file at {path!r}. Pass the path of a .gguf file or a Hugging Face model folder.")
   check_not_folder_file(path)
+  with open(path, "rb") as f:
+    if f.read(4) != b"GGUF":
+      raise ModelLoadError(f"{path!r} is not a GGUF file: it does not begin with the GGUF magic bytes. Pass a .gguf "
+                           "model file or a Hugging Face model folder (a .gguf file without them is damaged: download "
+                           "or convert it again).")
   try:
     return gguf.GGUFReader(path)
   except Exception as e:  # gguf raises ValueError, struct.error, IndexError... on damaged files

@@ -114,14 +114,14 @@ def read_gguf_metadata(path: str | os.PathLike, keys: Iterable[str] | None = Non
     raise ModelLoadError(f"No model file at {os.fspath(path)!r}.") from e
   except (struct.error, ValueError, IndexError, UnicodeDecodeError) as e:
     if isinstance(e, ModelLoadError):
-      raise
+      raise ModelLoadError(f"{os.fspath(path)!r}: {e}") from e
     raise ModelLoadError(f"{os.fspath(path)!r} is not a readable GGUF file ({type(e).__name__}: {e}). "
                          "The file is truncated or corrupt: download or convert it again.") from e
 
 
 def _parse_gguf_metadata(buf, wanted: set[str] | None) -> dict[str, Any]:
   if bytes(buf[:4]) != b"GGUF":
-    raise ModelLoadError("Not a GGUF file (bad magic bytes).")
+    raise ModelLoadError("not a GGUF file: it does not begin with the GGUF magic bytes.")
   # A big-endian file reads its small version number as a multiple of 2**16 when taken as little-endian.
   order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"
   version = struct.unpack_from(order + "I", buf, 4)[0]
