@@ -98,16 +98,11 @@ def tree_arrays(parents: list[int]):
   return depth, mask
 
 
-@dataclasses.dataclass(frozen=True)
-class OracleTree:
-  """A fixed tree whose branches follow the bigram model's greedy path only along `good` (node indices); all other
-  nodes carry wrong tokens. `parents` lists each node's parent (-1 = pending), in topological order."""
+class _FixedTreeDrafter:
+  """What the fixed-tree fakes share: a tree of `parents` (-1 = the pending token), no state, no drafter forwards."""
 
-  lm: BigramLM
-  parents: tuple
-  good: tuple
-  is_chain: bool = False
-  calls_per_step: int = 0
+  is_chain = False
+  calls_per_step = 0
 
   @property
   def num_nodes(self) -> int:
@@ -116,24 +111,36 @@ class OracleTree:
   def init(self, draft_params, prefill):
     return ()
 
+  def update(self, draft_params, dstate, verified):
+    return dstate
+
+  def _draft(self, tokens_BxN) -> Draft:
+    depth, mask = tree_arrays(list(self.parents))
+    bc = lambda a: jnp.broadcast_to(jnp.asarray(a), (tokens_BxN.shape[0], *np.shape(a)))
+    return Draft(tokens_BxN.astype(jnp.int32), bc(depth), bc(mask), bc(np.asarray(self.parents, np.int32)))
+
+
+@dataclasses.dataclass(frozen=True)
+class OracleTree(_FixedTreeDrafter):
+  """A fixed tree whose branches follow the bigram model's greedy path only along `good` (node indices); all other
+  nodes carry wrong tokens. `parents` lists each node's parent (-1 = pending), in topological order."""
+
+  lm: BigramLM
+  parents: tuple
+  good: tuple
+
   def propose(self, draft_params, dstate, loop: LoopState):
     nxt = jnp.argmax(jnp.asarray(self.lm.table), axis=-1).astype(jnp.int32)
-    b, n = loop.pending_B.shape[0], self.num_nodes
     toks = []
     for i, p in enumerate(self.parents):
       parent_tok = loop.pending_B if p < 0 else toks[p]
       right = nxt[parent_tok]
       toks.append(right if i in self.good else (right + 1 + i) % self.lm.vocab_size)
-    depth, mask = tree_arrays(list(self.parents))
-    bc = lambda a: jnp.broadcast_to(jnp.asarray(a), (b, *np.shape(a)))
-    return Draft(jnp.stack(toks, 1), bc(depth), bc(mask), bc(np.asarray(self.parents, np.int32))), dstate
-
-  def update(self, draft_params, dstate, verified):
-    return dstate
+    return self._draft(jnp.stack(toks, 1)), dstate
 
 
 @dataclasses.dataclass(frozen=True)
-class ScriptTree:
+class ScriptTree(_FixedTreeDrafter):
   """A fixed tree for a real model whose greedy output is known in advance (`script`: each row's output tokens, from
   a plain greedy run). Node i carries the row's scripted token at its depth unless a hash of (row, output length,
   node) is 0 mod `miss`, where it carries a wrong one, so from step to step the accepted path changes length and
@@ -144,22 +151,13 @@ class ScriptTree:
   parents: tuple
   vocab_size: int
   miss: int = 3
-  is_chain: bool = False
-  calls_per_step: int = 0
-
-  @property
-  def num_nodes(self) -> int:
-    return len(self.parents)
-
-  def init(self, draft_params, prefill):
-    return ()
 
   def propose(self, draft_params, dstate, loop: LoopState):
     b, n = loop.pending_B.shape[0], self.num_nodes
     width = max(map(len, self.script))
     rows = [list(r) + [0] * (width - len(r)) for r in self.script] + [[0] * width] * (b - len(self.script))
     script = jnp.asarray(rows, jnp.int32)
-    depth, mask = tree_arrays(list(self.parents))
+    depth, _ = tree_arrays(list(self.parents))
     # The node at depth d proposes output slot n_out + d - 1 (slot n_out - 1 holds the pending token).
     slot = jnp.minimum(loop.n_out_B[:, None] + jnp.asarray(depth)[None] - 1, width - 1)
     right = jnp.take_along_axis(script, slot, axis=1)
@@ -171,9 +169,4 @@ class ScriptTree:
     x = x * k(0x2C1B3C6D)
     x = (x ^ (x >> 13)) % k(self.miss)
     hit = x != 0
-    toks = jnp.where(hit, right, (right + 1 + jnp.arange(n)[None]) % self.vocab_size)
-    bc = lambda a: jnp.broadcast_to(jnp.asarray(a), (b, *np.shape(a)))
-    return Draft(toks.astype(jnp.int32), bc(depth), bc(mask), bc(np.asarray(self.parents, np.int32))), dstate
-
-  def update(self, draft_params, dstate, verified):
-    return dstate
+    return self._draft(jnp.where(hit, right, (right + 1 + jnp.arange(n)[None]) % self.vocab_size)), dstate
