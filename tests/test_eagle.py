@@ -38,6 +38,14 @@ def random_draft(model, params, seed=3, vocab_ids=None, scale=1.0):
   return draft, dp
 
 
+def small_tree(draft, **kw):
+  """The 8-node, depth-4 tree (frontier width 2, 2 children each) over a feature-level draft."""
+  from jaxspec.decoding.eagle import EagleTreeSource
+  from jaxspec.decoding.opt_tree import OptTreeDrafter
+
+  return OptTreeDrafter(EagleTreeSource(draft, 2), nodes=8, depth=4, width=2, branch=2, **kw)
+
+
 def features(model, params, tokens):
   """The target's final hidden states `[1, L, D]` over one sequence (teacher-forced)."""
   t = len(tokens)
@@ -278,7 +286,7 @@ def test_eagle_trees_equal_greedy(tiny):
   draft, dp = random_draft(model, params, scale=3.0)
   ref = gen.generate(model, params, PROMPTS, max_new_tokens=NEW)
   res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, draft_params=dp,
-                     drafter=OptTreeDrafter(EagleTreeSource(draft, 2), nodes=8, depth=4, width=2, branch=2))
+                     drafter=small_tree(draft))
   assert res.tokens == ref.tokens
   with pytest.raises(ValueError, match="width"):
     gen.generate(model, params, PROMPTS, max_new_tokens=4, draft_params=dp,
@@ -288,15 +296,12 @@ def test_eagle_trees_equal_greedy(tiny):
 def test_trained_eagle_trees_equal_greedy_in_a_ragged_batch(learnable, trained):
   """The random draft above is rarely right on the varied target; the trained one is, so here rows of different
   lengths accept paths of different depths in the same steps."""
-  from jaxspec.decoding.eagle import EagleTreeSource
-  from jaxspec.decoding.opt_tree import OptTreeDrafter
-
   model, params = learnable
   draft, dp = load_eagle(trained[0].out, model, params)
   prompts = [ByteTokenizer().encode(t) for t in ("alpha 0 ahpla", "golf 6", "india 8 aidni india")]
   ref = gen.generate(model, params, prompts, max_new_tokens=NEW)
   res = gen.generate(model, params, prompts, max_new_tokens=NEW, draft_params=dp,
-                     drafter=OptTreeDrafter(EagleTreeSource(draft, 2), nodes=8, depth=4, width=2, branch=2))
+                     drafter=small_tree(draft))
   assert res.tokens == ref.tokens
   print("trained eagle tree: tau", res.tau, "accept lengths", res.accept_hist.sum(0).tolist())
   assert res.tau > 1.5 and (res.accept_hist[:, 3:].sum(1) > 0).all()  # every row accepted paths of depth >= 2
@@ -306,9 +311,6 @@ def test_gated_eagle_trees_equal_greedy(learnable, trained):
   """Gates among the steps' E[A] values, with the trained draft (a random one is rarely right, so its trees would
   never be worth verifying): at some gate some steps verify the tree and the others are one-token steps. Rows run
   alone, since in a batch one row asking to verify verifies every row's tree."""
-  from jaxspec.decoding.eagle import EagleTreeSource
-  from jaxspec.decoding.opt_tree import OptTreeDrafter
-
   model, params = learnable
   draft, dp = load_eagle(trained[0].out, model, params)
   prompts = [ByteTokenizer().encode(t) for t in ("alpha 0 ahpla", "golf 6 flog", "india 8")]
@@ -318,8 +320,7 @@ def test_gated_eagle_trees_equal_greedy(learnable, trained):
   # tokens are mostly right (τ about 2); 9 > the 8 nodes: no tree's E[A] reaches it.
   for g in (0.0, 0.08, 0.0825, 0.085, 0.0875, 0.09, 0.0925, 0.095, 0.0975, 9.0):
     runs = [gen.generate(model, params, [p], max_new_tokens=NEW, draft_params=dp,
-                         drafter=OptTreeDrafter(EagleTreeSource(draft, 2), nodes=8, depth=4, width=2, branch=2,
-                                                gate=g)) for p in prompts]
+                         drafter=small_tree(draft, gate=g)) for p in prompts]
     assert [r.tokens[0] for r in runs] == ref, g
     calls[g] = sum(r.target_calls for r in runs)
   print("target calls by gate:", calls)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.loading.errors import ModelLoadError
+from jaxspec.loading.tokenizer import GGUF_MAGIC, NOT_GGUF
 from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers
 
 LLAMA_FAMILY = ("llama", "mistral")  # architectures stored with llama.cpp's llama layout
@@ -53,10 +54,9 @@ def open_gguf(path: str):
     raise ModelLoadError(f"No model file at {path!r}. Pass the path of a .gguf file or a Hugging Face model folder.")
   check_not_folder_file(path)
   with open(path, "rb") as f:
-    if f.read(4) != b"GGUF":
-      raise ModelLoadError(f"{path!r} is not a GGUF file: it does not begin with the GGUF magic bytes. Pass a .gguf "
-                           "model file or a Hugging Face model folder (a .gguf file without them is damaged: download "
-                           "or convert it again).")
+    if f.read(len(GGUF_MAGIC)) != GGUF_MAGIC:
+      raise ModelLoadError(f"{path!r} is {NOT_GGUF}. Pass a .gguf model file or a Hugging Face model folder (a .gguf "
+                           "file without them is damaged: download or convert it again).")
   try:
     return gguf.GGUFReader(path)
   except Exception as e:  # gguf raises ValueError, struct.error, IndexError... on damaged files

@@ -119,9 +119,13 @@ def read_gguf_metadata(path: str | os.PathLike, keys: Iterable[str] | None = Non
                          "The file is truncated or corrupt: download or convert it again.") from e
 
 
+GGUF_MAGIC = b"GGUF"
+NOT_GGUF = "not a GGUF file: it does not begin with the GGUF magic bytes"
+
+
 def _parse_gguf_metadata(buf, wanted: set[str] | None) -> dict[str, Any]:
-  if bytes(buf[:4]) != b"GGUF":
-    raise ModelLoadError("not a GGUF file: it does not begin with the GGUF magic bytes.")
+  if bytes(buf[:4]) != GGUF_MAGIC:
+    raise ModelLoadError(f"{NOT_GGUF}.")
   # A big-endian file reads its small version number as a multiple of 2**16 when taken as little-endian.
   order = "<" if struct.unpack_from("<I", buf, 4)[0] & 0xFFFF else ">"
   version = struct.unpack_from(order + "I", buf, 4)[0]
