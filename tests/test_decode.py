@@ -176,6 +176,44 @@ def test_bad_requests_are_clear_errors(tiny):
     gen.generate(model, params, [[1]], temperature=-1.0)
 
 
+def test_prompt_batches_as_arrays_decode_like_lists(tiny):
+  model, params = tiny
+  rows = [[5, 6, 7], [9, 10, 11]]
+  want = gen.generate(model, params, rows, max_new_tokens=5).tokens
+  assert gen.generate(model, params, np.asarray(rows), max_new_tokens=np.int64(5)).tokens == want
+  assert gen.generate(model, params, jnp.asarray(rows), max_new_tokens=jnp.int32(5)).tokens == want
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompts=[5, 6, 7]), "give a list of prompts"),
+    (dict(prompts=np.asarray([5, 6, 7])), "must be 2-D"),
+    (dict(prompts="hello"), "not text"),
+    (dict(prompts=[[5, 6.5]]), "whole numbers"),
+    (dict(prompts=[[5, float("nan")]]), "whole numbers"),
+    (dict(prompts=[[5, 2 ** 70]]), "int32 range"),
+    (dict(max_new_tokens=4.5), "whole numbers"),
+    (dict(max_new_tokens=[2]), "1 values for 2 prompts"),
+    (dict(max_new_tokens=[2, 0]), ">= 1, got 0"),
+    (dict(eos_ids=2), r"sequence of token ids, e.g. \[2\]"),
+    (dict(eos_ids=[None]), "contains None"),
+    (dict(eos_ids=[2 ** 40]), "int32 range"),
+    (dict(pad_id=-1), "pad_id=-1 is outside"),
+])
+def test_malformed_arguments_are_clear_errors(tiny, kwargs, match):
+  model, params = tiny
+  args = dict(prompts=[[5, 6, 7], [9]], max_new_tokens=4) | kwargs
+  with pytest.raises(InputError, match=match):
+    gen.generate(model, params, args.pop("prompts"), **args)
+
+
+def test_a_pad_id_past_the_vocabulary_is_refused_not_decoded_as_nan(tiny):
+  """Padding slots are embedded: an id past the vocabulary embeds as NaN, and 0 * NaN through the masked attention
+  turned every row into token 0 before this was checked."""
+  model, params = tiny
+  with pytest.raises(InputError, match=f"pad_id={model.vocab_size} is outside"):
+    gen.generate(model, params, [[5, 6, 7]], max_new_tokens=4, pad_id=model.vocab_size)
+
+
 def test_argmax_is_jnp_argmax():
   """The two-reduction argmax the greedy rules use picks what jnp.argmax picks: the first maximum on ties, the first
   NaN, index 0 of an all -inf row; on random logits of a verify block's shape too."""
@@ -212,6 +250,11 @@ def test_warp_top_k_and_top_p_keep_the_right_tokens():
   assert kept.tolist() == [[True, True, True, False, False]]  # 0.5 + 0.2 < 0.8 <= 0.5 + 0.2 + 0.15
   p = np.asarray(Warp(top_k=2).probs(logits, SamplingParams.make(1.0)))
   np.testing.assert_allclose(p, [[0.5 / 0.7, 0.2 / 0.7, 0, 0, 0]], atol=1e-6)
+  # A top_p too small for float32 (it reads as 0 on CPU) keeps the most likely token, as any small top_p does, instead
+  # of keeping nothing and sampling uniformly.
+  for tiny_p in (1e-6, 1e-39):
+    p = np.asarray(Warp(use_top_p=True).probs(logits, SamplingParams.make(1.0, tiny_p)))
+    np.testing.assert_allclose(p, [[1, 0, 0, 0, 0]], atol=1e-6)
 
 
 def numpy_warp(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:

@@ -1,5 +1,5 @@
 """Checks of what the decode loop is given, and its counters: a draft with another vocabulary, prompt ids outside the
-vocabulary, an undersized cache or output buffer, the row named in a too-long request, the drafter calls of trees
+vocabulary, heads or drafts built for another target or given no params, an undersized cache or output buffer, the row named in a too-long request, the drafter calls of trees
 that stop growing early, and the accepted-length histogram of rows that have finished."""
 
 import dataclasses
@@ -12,14 +12,19 @@ import pytest
 from fakes import BigramLM, OracleChain
 from jaxspec.decoding import generate as gen
 from jaxspec.decoding.accept import GreedyAcceptance
-from jaxspec.decoding.eagle import EagleTreeSource
+from jaxspec.decoding.bpd import BPDDrafter, TopKAcceptance, bpd_draft_params
+from jaxspec.decoding.eagle import EagleDrafter, EagleTreeSource
+from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
+from jaxspec.decoding.lookup import WithLookup
 from jaxspec.decoding.loop import NoDraft, decode, decode_jit
-from jaxspec.decoding.opt_tree import LMTreeSource, OptTreeDrafter
+from jaxspec.decoding.opt_tree import HeadsTreeSource, LMTreeSource, OptTreeDrafter
 from jaxspec.decoding.sampling import SamplingParams
 from jaxspec.decoding.speculative import DraftModelDrafter
 from jaxspec.errors import InputError
+from jaxspec.models.bpd import BPDConfig, BPDModel
 from jaxspec.models.eagle import EagleDraft
 from jaxspec.models.llama import LlamaLM
+from jaxspec.models.ngram import build_ngram
 from tests.conftest import make_tiny
 
 LM = BigramLM.random(32, seed=3)
@@ -55,6 +60,70 @@ def test_an_eagle_tree_draft_with_another_vocabulary_is_refused(tiny):
     gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, draft_params=draft.init_params(jax.random.key(0),
                                                                                                 other_params),
                  drafter=OptTreeDrafter(EagleTreeSource(draft, 2), nodes=4, depth=2, width=2, branch=2))
+
+
+# --- Heads and feature-level drafts built for another target; missing draft params ------------------------------
+
+
+def _wide_and_narrow():
+  """The session's tiny target (d_model 32) and a target of another width with the same 256-token vocabulary."""
+  return make_tiny(1, vocab_size=256, d_model=48)
+
+
+def test_heads_or_an_eagle_draft_for_another_width_are_refused_before_tracing(tiny):
+  """Heads and EAGLE drafts read the target's hidden states: a width mismatch used to surface as flax's
+  ScopeParamShapeError from deep inside tracing, or, for heads built without their params checked, not at all until
+  the loop ran."""
+  model, params = tiny
+  other, other_params = _wide_and_narrow()
+  assert other.cfg.d_model != model.cfg.d_model and other.vocab_size == model.vocab_size
+  bpd = BPDModel(BPDConfig(num_heads=2, d_model=other.cfg.d_model, d_hidden=8))
+  heads = bpd.init_params(jax.random.key(0))
+  eagle = EagleDraft(other.cfg, 1)
+  eagle_params = eagle.init_params(jax.random.key(0), other_params, None, init="random")
+  cases = [(BPDDrafter(bpd), bpd_draft_params(other, other_params, bpd, heads), "these BPD heads"),
+           (OptTreeDrafter(HeadsTreeSource(bpd), nodes=2, depth=2, width=1, branch=1),
+            bpd_draft_params(other, other_params, bpd, heads), "these BPD heads"),
+           (EagleDrafter(eagle, 2), eagle_params, "this EAGLE draft"),
+           (OptTreeDrafter(EagleTreeSource(eagle, 2), nodes=4, depth=2, width=2, branch=2), eagle_params,
+            "this EAGLE draft")]
+  for drafter, draft_params, what in cases:
+    with pytest.raises(InputError, match=f"{what} read hidden states of width 48, but this target's are 32 wide"):
+      gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=drafter, draft_params=draft_params)
+
+
+def test_drafters_without_their_draft_params_say_what_builds_them(tiny):
+  model, params = tiny
+  bpd = BPDModel(BPDConfig(num_heads=2, d_model=model.cfg.d_model, d_hidden=8))
+  small, _ = make_tiny(1)
+  cases = [(BPDDrafter(bpd), "bpd_draft_params"), (WithLookup(BPDDrafter(bpd)), "bpd_draft_params"),
+           (DraftModelDrafter(small, 2), "load_draft"), (EagleDrafter(EagleDraft(model.cfg, 1), 2), "load_eagle"),
+           (OptTreeDrafter(LMTreeSource(small), nodes=4, depth=2, width=2, branch=2), "load_draft"),
+           (LatticeDrafter(bpd, "none", top_t=4), "lattice_draft_params")]
+  for drafter, hint in cases:
+    with pytest.raises(InputError, match=f"{type(drafter).__name__} needs draft_params .*{hint}"):
+      gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=drafter)
+  # A draft model without params of its own (a fake) still runs without them.
+  gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=DraftModelDrafter(BigramLM.random(256), 2))
+
+
+def test_mismatched_rescorers_acceptors_and_branching_are_input_errors(tiny):
+  model, params = tiny
+  bpd = BPDModel(BPDConfig(num_heads=2, d_model=model.cfg.d_model, d_hidden=8))
+  dp = bpd_draft_params(model, params, bpd, bpd.init_params(jax.random.key(0)))
+  ngram, tables, _ = build_ngram([[1, 2, 3, 1, 2]], 2, vocab_size=100)
+  with pytest.raises(InputError, match="counted over 100 token ids and the target has 256"):
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=LatticeDrafter(bpd, "ngram", top_t=4, ngram=ngram),
+                 draft_params=lattice_draft_params(dp, weight=0.5, ngram=tables))
+  with pytest.raises(InputError, match="needs the reference continuation"):
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=LatticeDrafter(bpd, "oracle", top_t=4),
+                 draft_params=lattice_draft_params(dp))
+  with pytest.raises(InputError, match="verifies chains"):
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, acceptor=TopKAcceptance(2), draft_params=dp,
+                 drafter=OptTreeDrafter(HeadsTreeSource(bpd), nodes=4, depth=2, width=2, branch=2))
+  with pytest.raises(InputError, match="branch=300 candidates per node is more than the target's vocabulary"):
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, draft_params=dp,
+                 drafter=OptTreeDrafter(HeadsTreeSource(bpd), nodes=4, depth=2, width=2, branch=300))
 
 
 # --- Prompt token ids ----------------------------------------------------------------------------------------------
@@ -154,3 +223,16 @@ def test_accept_hist_counts_only_steps_of_active_rows():
   assert res.active_calls[0] > res.active_calls[1]  # row 1 idles for some steps
   np.testing.assert_array_equal(res.accept_hist.sum(axis=1), res.active_calls)
   assert not res.accept_hist[:, 0].any()  # an active row commits at least one token
+
+
+def test_accept_hist_bins_whole_accepted_blocks_and_step_tokens_count_the_kept_ones():
+  """The histogram measures the drafter: a last block cut by max_new_tokens or EOS is binned whole, and step_tokens
+  (τ's numerator) counts what the output kept. Without a cut the two agree."""
+  ends = LM.greedy(9, 40)
+  for kw, cut in ((dict(max_new_tokens=[13, 9]), False), (dict(max_new_tokens=[7, 10]), True),
+                  (dict(max_new_tokens=[30, 30], eos_ids=[ends[12]]), True)):
+    res = gen.generate(LM, None, [[9], [2]], drafter=OracleChain(LM, 3), **kw)
+    accepted = (res.accept_hist * np.arange(res.accept_hist.shape[1])).sum(axis=1)
+    assert (accepted >= np.asarray(res.step_tokens)).all()
+    assert (accepted > np.asarray(res.step_tokens)).any() == cut, kw
+    assert (res.accept_hist[:, 4] > 0).all()  # the oracle's full blocks of 4

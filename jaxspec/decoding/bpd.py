@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decoding.accept import prefix_length
-from jaxspec.decoding.protocol import Acceptance, Draft, PrefillInfo, Verified
+from jaxspec.decoding.protocol import Acceptance, Draft, PrefillInfo, Verified, width_check
 from jaxspec.decoding.sampling import SamplingParams, argmax
+from jaxspec.errors import InputError
 from jaxspec.models.bpd import BPDModel, output_projection
 
 Array = jax.Array
@@ -49,6 +50,7 @@ class BPDDrafter:
   bpd: BPDModel
   is_chain: bool = True
   calls_per_step: int = 0  # the heads run on the target's own forward: no separate drafter calls
+  needs_params = "jaxspec.decoding.bpd.bpd_draft_params(model, params, bpd, heads)"
   draft_replaceable = True  # update reads the verify outcome only (`jaxspec.decoding.lookup.WithLookup`)
   # > 0: skip verifying a draft whose expected accepted length, sum_i prod_{j<=i} p_j over the heads' top
   # probabilities, is below `gate`; that step is then a one-token step of the target (output unchanged).
@@ -63,6 +65,9 @@ class BPDDrafter:
     emb = draft_params["embed_VxD"][pending_B].astype(jnp.float32) if self.bpd.cfg.use_next_token else None
     states_BxKxD = self.bpd.head_states(draft_params["bpd"], hidden_BxD, emb)
     return jnp.einsum("bkd,dm->bkm", states_BxKxD, draft_params["proj_DxM"])
+
+  def check_target(self, target) -> None:
+    width_check(target, self.bpd.cfg.d_model, "these BPD heads")
 
   def init(self, draft_params, prefill: PrefillInfo):
     return prefill.hidden_BxD.astype(jnp.float32)
@@ -102,7 +107,8 @@ class TopKAcceptance:
 
   def accept(self, rng: Array, draft: Draft, logits_BxTxV: Array, sp: SamplingParams, is_chain: bool) -> Acceptance:
     if not is_chain:
-      raise ValueError("TopKAcceptance verifies chains.")
+      raise InputError("TopKAcceptance (Stern's approximate acceptance) verifies chains: use a chain drafter such as "
+                       "BPDDrafter, not a tree.")
     b, t, _ = logits_BxTxV.shape
     target_BxT = argmax(logits_BxTxV)
     path_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))

@@ -27,7 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified, vocab_check
+from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified, vocab_check, width_check
 from jaxspec.decoding.sampling import Warp
 from jaxspec.decoding.speculative import draw, gate_score
 from jaxspec.errors import InputError
@@ -71,6 +71,7 @@ class EagleDrafter:
   gate: float = 0.0
   is_chain = True
   draft_replaceable = True  # update rewrites the step from the emitted tokens (`WithLookup` may swap the draft)
+  needs_params = "jaxspec.models.eagle.load_eagle(folder, target, target_params)"
 
   def __post_init__(self):
     if self.gamma < 1:
@@ -91,6 +92,7 @@ class EagleDrafter:
   def check_target(self, target) -> None:
     """The loop's check before tracing (`protocol.check_target`): the draft's output rows are the target's."""
     vocab_check(target, self.draft)
+    width_check(target, self.draft.cfg.d_model, "this EAGLE draft")
 
   def init(self, draft_params, prefill: PrefillInfo) -> EagleState:
     """The draft's prefill: entries (f_t, x_{t+1}) for every prompt position, the last one's x being the first
@@ -205,6 +207,7 @@ class EagleTreeSource:
 
   draft: EagleDraft
   width: int
+  needs_params = EagleDrafter.needs_params
 
   def calls(self, depth):
     """Draft forwards of a step whose tree grew to `depth` (an int or a traced count): depth - 1 expansions and the
@@ -213,6 +216,7 @@ class EagleTreeSource:
 
   def check_target(self, target) -> None:
     vocab_check(target, self.draft)
+    width_check(target, self.draft.cfg.d_model, "this EAGLE draft")
 
   def to_tokens(self, draft_params, idx):
     return idx.astype(jnp.int32)

@@ -66,16 +66,27 @@ def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int
   Token ids must lie in [0, vocab_size) (negative ones are refused even without `vocab_size`): inside the program an
   id past the vocabulary embeds as NaN and a negative one wraps around, and neither raises.
   """
+  prompts = _as_rows(prompts)
   if not prompts:
     raise InputError("No prompts given.")
   lengths = [len(p) for p in prompts]
   if min(lengths) == 0:
     raise InputError(f"Prompt {lengths.index(0)} is empty: give at least one token.")
-  max_new = [int(max_new_tokens)] * len(prompts) if np.isscalar(max_new_tokens) else list(max_new_tokens)
-  if len(max_new) != len(prompts) or min(max_new) < 1:
-    raise InputError("max_new_tokens must be >= 1, one value or one per prompt.")
+  max_new = _int_list(max_new_tokens, "max_new_tokens")
+  max_new = max_new * len(prompts) if np.ndim(max_new_tokens) == 0 else max_new
+  if len(max_new) != len(prompts):
+    raise InputError(f"max_new_tokens has {len(max_new)} values for {len(prompts)} prompts: give one value or one "
+                     "per prompt.")
+  if min(max_new) < 1:
+    raise InputError(f"max_new_tokens must be >= 1, got {min(max_new)}.")
+  if vocab_size is not None and not 0 <= pad_id < vocab_size:
+    # Padding slots are embedded like any token: an id past the vocabulary embeds as NaN, which reaches every row
+    # through the (masked, but 0 * NaN) attention and turns the whole output into token 0.
+    raise InputError(f"pad_id={pad_id} is outside the model's vocabulary [0, {vocab_size}): use an id the model "
+                     "can embed, e.g. 0 or the tokenizer's EOS id.")
   for i, pr in enumerate(prompts):
-    ids = np.asarray(pr, np.int64)
+    ids = _int_list(pr, f"Prompt {i}")
+    ids = np.asarray(ids, np.int64)
     bad = (ids < 0) | (ids >= vocab_size if vocab_size is not None else False)
     if bad.any():
       j = int(np.argmax(bad))
@@ -98,6 +109,50 @@ def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int
   for i, pr in enumerate(prompts):
     arr[i, :len(pr)] = pr
   return arr, np.asarray(lengths, np.int32), np.asarray(max_new, np.int32), out_len, capacity
+
+
+def _as_rows(prompts) -> list:
+  """A batch of prompts as a list of rows: a list/tuple of sequences, or a 2-D array (one row per prompt)."""
+  if isinstance(prompts, (np.ndarray, jax.Array)):
+    if prompts.ndim != 2:
+      raise InputError(f"prompts as an array must be 2-D (one row per prompt), got shape {tuple(prompts.shape)}: "
+                       "pass a list of prompts, e.g. [ids] for one.")
+    return list(np.asarray(prompts))
+  if isinstance(prompts, (str, bytes)):
+    raise InputError("prompts must be token ids, not text: encode them with the model's tokenizer first.")
+  rows = list(prompts)
+  if rows and any(np.ndim(r) == 0 for r in rows):
+    raise InputError("prompts is a batch: give a list of prompts, each a sequence of token ids (e.g. [ids] for one "
+                     "prompt).")
+  return rows
+
+
+def _int_list(values, what: str) -> list[int]:
+  """`values` (one number or a sequence) as Python ints in the int32 range; anything else is refused."""
+  try:
+    arr = np.asarray(values)
+    if arr.dtype.kind in "fO":  # floats, or Python ints too large for int64
+      arr = np.asarray(arr, np.float64)
+  except (TypeError, ValueError, OverflowError):
+    raise InputError(f"{what} must be whole numbers, got {values!r}.") from None
+  if arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+    raise InputError(f"{what} must be whole numbers (token ids or counts), got {values!r}.")
+  if arr.dtype.kind not in "iubf":
+    raise InputError(f"{what} must be whole numbers, got {values!r}.")
+  if arr.size and (arr.max() >= 2 ** 31 or arr.min() < -(2 ** 31)):
+    raise InputError(f"{what} has a value outside the int32 range.")
+  return [int(x) for x in np.ravel(arr)]
+
+
+def _eos_list(eos_ids) -> list[int]:
+  if eos_ids is None:
+    return []
+  if np.ndim(eos_ids) == 0:
+    raise InputError(f"eos_ids must be a sequence of token ids, e.g. [{eos_ids!r}], got {eos_ids!r}.")
+  if any(e is None for e in eos_ids):
+    raise InputError("eos_ids contains None (a tokenizer without an EOS token?): leave it out, or pass the ids that "
+                     "should end a row.")
+  return _int_list(list(eos_ids), "eos_ids") if len(eos_ids) else []
 
 
 def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int] = 128,
@@ -149,7 +204,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   arr, lengths, max_new, out_len, capacity = prepare(prompts, max_new_tokens, max_len, drafter.num_nodes, pad_id,
                                                      vocab_size=getattr(model, "vocab_size", vocab))
   args = (params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new),
-          jnp.asarray(list(eos_ids) or [-1], jnp.int32), jax.random.key(seed), SamplingParams.make(temperature, top_p),
+          jnp.asarray(_eos_list(eos_ids) or [-1], jnp.int32), jax.random.key(seed), SamplingParams.make(temperature, top_p),
           draft_params)
   static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=out_len, capacity=capacity, pad_id=pad_id)
   if buckets and getattr(model, "bounds_attention", False):

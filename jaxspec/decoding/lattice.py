@@ -101,6 +101,7 @@ class LatticeDrafter:
   keep_raw: bool = False
   ngram: NgramLM | None = None
   lm: DraftModelDrafter | None = None
+  needs_params = "jaxspec.decoding.lattice.lattice_draft_params(bpd_draft_params(...), ...)"
 
   def __post_init__(self):
     if self.rescorer not in RESCORERS:
@@ -129,8 +130,13 @@ class LatticeDrafter:
     return self.lm.calls_per_step if self.rescorer == "neural" else 0
 
   def check_target(self, target) -> None:
+    BPDDrafter(self.bpd).check_target(target)
     if self.rescorer == "neural":
       self.lm.check_target(target)
+    vocab = getattr(target, "vocab_size", None)
+    if self.rescorer == "ngram" and vocab is not None and self.ngram.vocab_size != vocab:
+      raise InputError(f"The n-gram LM was counted over {self.ngram.vocab_size} token ids and the target has {vocab}: "
+                       "count it on the target's tokens (jaxspec.models.ngram.build_ngram with its vocabulary size).")
 
   @property
   def _hist_len(self) -> int:
@@ -230,6 +236,9 @@ class LatticeDrafter:
 
   def _oracle(self, draft_params, loop, cand_BxKxT, raw_BxK) -> Array:
     """The greedy continuation where it lies in the lattice, else the raw draft."""
+    if "reference_BxR" not in draft_params:
+      raise InputError("The oracle rescorer needs the reference continuation: pass lattice_draft_params(..., "
+                       "reference_BxR=the greedy output).")
     ref_BxR = draft_params["reference_BxR"]
     k = raw_BxK.shape[1]
     idx_BxK = loop.n_out_B[:, None] - 1 + jnp.arange(1, k + 1, dtype=jnp.int32)[None]

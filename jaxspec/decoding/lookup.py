@@ -263,6 +263,10 @@ class WithLookup:
   def calls_per_step(self) -> int:
     return self.inner.calls_per_step
 
+  @property
+  def needs_params(self) -> str:
+    return getattr(self.inner, "needs_params", "")
+
   def check_target(self, target) -> None:
     check_target(self.inner, target)
 

@@ -16,8 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.decoding.protocol import (Draft, Drafter, LanguageModel, PrefillInfo, Verified, check_target,
-                                       empty_prefill_kwargs, start)
+from jaxspec.decoding.protocol import (Draft, Drafter, LanguageModel, PrefillInfo, Verified, check_params,
+                                       check_target, empty_prefill_kwargs, start)
 from jaxspec.decoding.sampling import SamplingParams
 from jaxspec.errors import InputError
 
@@ -33,7 +33,10 @@ class Stats:
   drafter_calls: Array  # drafter forwards (0 for drafters that read the target's own forward)
   active_calls_B: Array  # verify forwards while the row was still generating
   step_tokens_B: Array  # tokens the row received from steps (the first token comes from prefill)
-  accept_hist_BxA: Array  # accept_hist[b, a]: steps of row b, while active, that committed a tokens (a = 1..T)
+  # accept_hist[b, a]: steps of row b, while active, whose acceptance rule committed a tokens (a = 1..T): a measure of
+  # the drafter, so a last block that EOS or max_new_tokens cuts short is binned whole, and sum_a a * accept_hist[b, a]
+  # can exceed step_tokens_B[b] (the output's count, τ's numerator) by what those cuts dropped.
+  accept_hist_BxA: Array
 
 
 @flax.struct.dataclass
@@ -207,6 +210,7 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
   b, p = prompts_BxP.shape
   t = drafter.num_nodes + 1
   check_target(drafter, model)
+  check_params(drafter, draft_params)
   _check_request(b, p, t, prompt_len_B, max_new_B, out_len, capacity)
   bounded = getattr(model, "bounds_attention", False)
   if attn_buckets and (not bounded or attn_buckets[-1] != capacity or list(attn_buckets) != sorted(attn_buckets)):

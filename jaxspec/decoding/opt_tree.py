@@ -48,7 +48,7 @@ import numpy as np
 
 from jaxspec.decoding.bpd import BPDDrafter
 from jaxspec.decoding.protocol import (Draft, LanguageModel, PrefillInfo, Verified, check_target,
-                                       empty_prefill_kwargs, start, vocab_check)
+                                       draft_model_params_hint, empty_prefill_kwargs, start, vocab_check)
 from jaxspec.decoding.sampling import Warp
 from jaxspec.errors import InputError
 from jaxspec.models.bpd import BPDModel
@@ -82,6 +82,10 @@ class LMTreeSource:
   """
 
   model: LanguageModel
+
+  @property
+  def needs_params(self) -> str:
+    return draft_model_params_hint(self.model)
 
   def calls(self, depth):
     """Draft forwards of a step whose tree grew to `depth` (an int or a traced count): the catch-up forward (the
@@ -166,9 +170,13 @@ class HeadsTreeSource:
   """
 
   bpd: BPDModel
+  needs_params = BPDDrafter.needs_params
 
   def calls(self, depth):
     return 0
+
+  def check_target(self, target: LanguageModel) -> None:
+    BPDDrafter(self.bpd).check_target(target)
 
   def init(self, draft_params, prefill: PrefillInfo, extra_slots: int, depth: int) -> Array:
     if depth > self.bpd.num_heads:
@@ -293,8 +301,15 @@ class OptTreeDrafter:
     """Drafter forwards of a step grown to the full depth; `stats()["draft_forwards"]` counts the real ones."""
     return self.source.calls(self.depth)
 
+  @property
+  def needs_params(self) -> str:
+    return getattr(self.source, "needs_params", "")
+
   def check_target(self, target: LanguageModel) -> None:
     check_target(self.source, target)
+    vocab = getattr(target, "vocab_size", None)
+    if vocab is not None and self.branch > vocab:
+      raise InputError(f"branch={self.branch} candidates per node is more than the target's vocabulary ({vocab}).")
 
   @property
   def _cands(self) -> int:

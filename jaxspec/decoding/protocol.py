@@ -78,6 +78,31 @@ def check_target(drafter, model: LanguageModel) -> None:
     fn(model)
 
 
+def width_check(target: LanguageModel, d_model: int, what: str) -> None:
+  """Raises `InputError` where `what` (heads or a feature-level draft, which read the target's hidden states) was
+  built for a target of another width: flax would otherwise fail deep inside tracing with a parameter-shape error."""
+  width = getattr(getattr(target, "cfg", None), "d_model", None)
+  if width is not None and width != d_model:
+    raise InputError(f"{what} read hidden states of width {d_model}, but this target's are {width} wide: use {what} "
+                     "trained for this target.")
+
+
+def draft_model_params_hint(draft_model) -> str:
+  """What builds a draft model's params, for `check_params`; "" for models without params (e.g. fakes)."""
+  if not hasattr(draft_model, "init_params"):
+    return ""
+  return "the draft model's params (jaxspec.models.draft.load_draft, or layerskip_draft for layer skipping)"
+
+
+def check_params(drafter, draft_params) -> None:
+  """Raises `InputError` where `drafter` runs on arrays of its own (heads, a draft model) and `draft_params` is None.
+  Such drafters name the function that builds them in `needs_params`."""
+  how = getattr(drafter, "needs_params", "")
+  if draft_params is None and how:
+    raise InputError(f"{type(drafter).__name__} needs draft_params and none were given: build them with {how} and "
+                     "pass them to generate(..., draft_params=...).")
+
+
 @flax.struct.dataclass
 class Draft:
   """What a drafter proposes for one step: N nodes after the pending token.
@@ -128,7 +153,7 @@ class Drafter(Protocol):
     """Learns from the verify forward and what was accepted (e.g. BPD heads read the accepted hidden state)."""
 
   # Optional: `check_target(target)` raises `InputError` where the drafter cannot serve the target (`check_target`
-  # below); `stats(dstate)` returns host-readable counters, and its `draft_forwards`, where present, is the loop's
+  # below); `needs_params`, a non-empty string naming what builds the drafter's `draft_params` (`check_params`); `stats(dstate)` returns host-readable counters, and its `draft_forwards`, where present, is the loop's
   # count of drafter forwards (drafters whose forwards vary per step count them in their state).
 
 

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 
 from jaxspec.decoding.lookup import LookupDrafter, LookupState, lookup_tokens
 # vocab_check lives beside the model protocol (tree sources need it too); it is imported from here as well.
-from jaxspec.decoding.protocol import (Draft, LanguageModel, PrefillInfo, Verified, empty_prefill_kwargs, start,
-                                       vocab_check)
+from jaxspec.decoding.protocol import (Draft, LanguageModel, PrefillInfo, Verified, draft_model_params_hint,
+                                       empty_prefill_kwargs, start, vocab_check)
 from jaxspec.decoding.sampling import SamplingParams, Warp, argmax, categorical
 from jaxspec.errors import InputError
 from jaxspec.models.llama import LlamaLM
@@ -200,6 +200,10 @@ class DraftModelDrafter:
   def calls_per_step(self) -> int:
     """Draft forwards per step: γ (the first takes two tokens)."""
     return self.gamma
+
+  @property
+  def needs_params(self) -> str:
+    return draft_model_params_hint(self.draft_model)
 
   def check_target(self, target: LanguageModel) -> None:
     """The loop's check before tracing (`protocol.check_target`): the draft must share the target's vocabulary."""
