@@ -216,6 +216,29 @@ def test_rescore_task_builds_the_ngram_and_tunes_the_weights(tiny, tmp_path, neu
   assert tuned["ngram_weight"] == max(tuned["ngram_tuning"], key=lambda r: r["tau"])["weight"]
   assert tuned["neural_weight"] == max(tuned["neural_tuning"], key=lambda r: r["tau"])["weight"]
   assert tuned["neural_lm"] == ("layerskip:1" if neural_lm == "layerskip" else neural_draft)
+  # A rerun (after a kill, or with a weight added) reuses what the log holds: the same rows, timings included.
+  log = tmp_path / "data" / "rescore_tuning.jsonl"
+  assert cfg.data.dataset_dir == str(tmp_path / "data") and log.is_file()
+  more = dataclasses.replace(cfg, tune=dataclasses.replace(cfg.tune, weights=(0.0, 0.5, 0.3)))
+  again = train_rescore(more, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)["tuned"]
+  assert again["ngram_tuning"][:2] == tuned["ngram_tuning"] and again["neural_tuning"] == tuned["neural_tuning"]
+  assert [r["weight"] for r in again["ngram_tuning"]] == [0.0, 0.5, 0.3]
+
+
+def test_the_tuning_log_keeps_finished_weights_of_its_own_key(tmp_path):
+  from training.rescore import TuneLog
+  path = tmp_path / "tuning.jsonl"
+  log = TuneLog(path, "a")
+  log.put("greedy", [[1, 2]])
+  log.put("tune", {"weight": 0.5, "tau": 1.5}, 0.5)
+  TuneLog(path, "b").put("tune", {"weight": 0.5, "tau": 9.0}, 0.5)  # another run's settings
+  with open(path, "a") as f:
+    f.write('{"key": "a", "what": "tune", "wei')  # a line a kill cut short
+  back = TuneLog(path, "a")
+  assert back.get("greedy") == [[1, 2]] and back.get("tune", 0.5) == {"weight": 0.5, "tau": 1.5}
+  assert back.get("tune", 0.3) is None and TuneLog(path, "b").get("tune", 0.5)["tau"] == 9.0
+  back.put("tune", {"weight": 0.3, "tau": 1.2}, 0.3)  # after the cut line, not glued to it
+  assert TuneLog(path, "a").get("tune", 0.3) == {"weight": 0.3, "tau": 1.2}
 
 
 @pytest.mark.slow  # 75 s; the default run keeps the default-model checks of bpd, jacobi and lookup

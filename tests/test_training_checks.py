@@ -192,3 +192,34 @@ def test_a_text_folder_from_before_meta_files_is_still_a_text_folder(tmp_path):
   text = tmp_path / "x.txt"
   text.write_text("plain text " * 30)
   assert len(datasets.text_sequences(ByteTokenizer(), [text], tmp_path / "t", seq_len=32)) > 2
+
+
+def test_a_seq2seq_run_killed_before_its_first_checkpoint_rebuilds_a_tokenizer_of_other_settings(tmp_path):
+  """The tokenizer is saved in the checkpoint folder before any step checkpoint, where the run's settings are not
+  recorded yet: a rerun with another vocab_size used to reuse the old tokenizer silently (and export it)."""
+  from training import synthetic
+  from training.seq2seq import _resumed_tokenizer, _save_tokenizer
+  texts = [t for _, s, tg in synthetic.examples(300, 0) for t in (s, tg)]
+  tok_dir = tmp_path / "ckpt" / "tokenizer"
+  first = {"tokenizer": None, "vocab_size": 120, "train_examples": 300, "seed": 0}
+  assert _resumed_tokenizer(tok_dir, first) is None  # nothing saved yet
+  _save_tokenizer(synthetic.train_tokenizer(texts, 120), tok_dir, first)
+  assert not tok_dir.with_name("tokenizer.tmp").exists()
+  again = _resumed_tokenizer(tok_dir, first)
+  assert again is not None and again.vocab_size <= 120 and again.eos_id == 1
+  assert _resumed_tokenizer(tok_dir, {**first, "vocab_size": 200}) is None
+  # A folder that lost tokenizer_config.json (no EOS) is built again rather than failing later in encoding.
+  (tok_dir / "tokenizer_config.json").unlink()
+  assert _resumed_tokenizer(tok_dir, first) is None
+
+
+@pytest.mark.parametrize("content", ["", "{\"kind\": \"greedy\""])
+def test_an_unreadable_dataset_meta_is_an_input_error_naming_it(tmp_path, content):
+  folder = tmp_path / "data"
+  folder.mkdir()
+  (folder / "meta.json").write_text(content)
+  with pytest.raises(InputError, match=r"meta\.json cannot be read .*delete the whole folder"):
+    datasets.read_meta(folder / "meta.json")
+  datasets.write_meta(folder / "meta.json", {"kind": "text"})
+  assert datasets.read_meta(folder / "meta.json") == {"kind": "text"}
+  assert sorted(p.name for p in folder.iterdir()) == ["meta.json"]

@@ -318,7 +318,7 @@ def load_trajectories(folder: str | os.PathLike) -> Trajectories:
   shards = [s for s in sorted(folder.glob("shard_*.npz")) if not s.name.endswith(".tmp.npz")]
   if not shards or not (folder / META_FILE).is_file():
     raise InputError(f"No Jacobi trajectories (meta.json + shard_*.npz) in {folder}: collect them first.")
-  n = int(json.loads((folder / META_FILE).read_text())["window"])
+  n = int(datasets.read_meta(folder / META_FILE)["window"])
   tokens, plens, pidx, states = [], [], [], []
   for s in shards:
     try:
@@ -375,10 +375,11 @@ def collect_trajectories(model, params, prompts: Sequence[Sequence[int]], out: s
           "shard_size": shard_size, "seed": seed, "eos_ids": list(map(int, eos_ids)),
           "prompts_crc32": _prompts_crc(prompts)}
   meta_path = out / META_FILE
-  if meta_path.exists() and json.loads(meta_path.read_text()) != meta:
+  old = datasets.read_meta(meta_path)
+  if old is not None and old != meta:
     raise InputError(f"{out} holds trajectories collected with other settings or prompts ({meta_path}); use another "
                      "folder.")
-  meta_path.write_text(json.dumps(meta, indent=1))
+  datasets.write_meta(meta_path, meta)
   eos = np.asarray(list(eos_ids), np.int32)
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]

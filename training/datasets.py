@@ -65,6 +65,32 @@ class Sequences:
     return Sequences([self.tokens[i] for i in rows], self.prompt_lens[rows])
 
 
+def write_meta(path: Path, meta: dict) -> None:
+  """Writes a data folder's meta.json through a temporary file and a rename, so a kill never leaves it half-written."""
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(meta, indent=1))
+  os.replace(tmp, path)
+
+
+def read_meta(path: Path) -> dict | None:
+  """A data folder's meta.json, or None where there is none.
+
+  Raises:
+    InputError: a meta.json that cannot be read (e.g. emptied by a disk that filled up): the message names it and
+      says how to recover without losing the finished shards.
+  """
+  if not path.exists():
+    return None
+  try:
+    meta = json.loads(path.read_text())
+    if not isinstance(meta, dict):
+      raise ValueError("not a JSON object")
+  except (OSError, ValueError) as e:
+    raise InputError(f"{path} cannot be read ({e}). It records which settings wrote the shards next to it: restore "
+                     "it, or delete the whole folder to rebuild the data.") from None
+  return meta
+
+
 def _write_shard(path: Path, seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> None:
   offsets = np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64)
   flat = np.concatenate([np.asarray(s, np.int32) for s in seqs]) if seqs else np.zeros(0, np.int32)
@@ -156,8 +182,8 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   source = {"target": embed_fingerprint(params) if params is not None else None,
             "prompt_ids_sha256": hashlib.sha256(json.dumps([list(map(int, p)) for p in ids]).encode()).hexdigest()}
   meta_path = out / "meta.json"
-  if meta_path.exists():
-    old = json.loads(meta_path.read_text())
+  old = read_meta(meta_path)
+  if old is not None:
     if {k: v for k, v in old.items() if k not in source} != meta:
       raise InputError(f"{out} holds a dataset built with other settings ({meta_path}: {old}); use another folder.")
     # Folders written before the source was recorded take it on first use.
@@ -169,7 +195,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   elif any(out.glob("shard_*.npz")):
     raise InputError(f"{out} holds dataset shards but no meta.json: it was not written by self-distillation (or by "
                      "a run from before meta files); use another folder, or delete it to rebuild.")
-  meta_path.write_text(json.dumps({**meta, **source}, indent=1))
+  write_meta(meta_path, {**meta, **source})
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
   bar = tqdm(total=len(order), desc="self-distill", unit="prompt", disable=not progress)
@@ -208,7 +234,7 @@ def text_sequences(tokenizer, paths: Sequence[str | os.PathLike], out: str | os.
   out.mkdir(parents=True, exist_ok=True)
   meta_path = out / "meta.json"
   meta = {"kind": "text", "files": [str(p) for p in paths], "seq_len": seq_len}
-  old = json.loads(meta_path.read_text()) if meta_path.exists() else None
+  old = read_meta(meta_path)
   shards = sorted(out.glob("shard_*.npz"))
   # Text folders written before meta files: one shard, no prompt parts (self-distilled shards always have them).
   legacy_text = (old is None and [s.name for s in shards] == ["shard_00000.npz"]
@@ -219,7 +245,7 @@ def text_sequences(tokenizer, paths: Sequence[str | os.PathLike], out: str | os.
   for stale in out.glob("shard_*.npz"):  # the text is cut again from the files each run
     stale.unlink()
   _write_shard(out / "shard_00000.npz", chunks, [0] * len(chunks))
-  meta_path.write_text(json.dumps(meta, indent=1))
+  write_meta(meta_path, meta)
   return load_sequences(out)
 
 

@@ -14,6 +14,9 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
 import time
 from pathlib import Path
 from typing import Literal, Optional
@@ -57,16 +60,61 @@ class RescoreConfig:
   tune: TuneSection = TuneSection()
 
 
+class TuneLog:
+  """What a tuning run has finished, appended line by line to a JSONL file, so a killed run resumes where it was.
+
+  Every record carries `key`, a hash of everything that decides the figures (the config less the weight lists, the
+  held-out prompts, the heads' files): records of another key are ignored, and a file cut short by a kill loses at
+  most its last line.
+  """
+
+  def __init__(self, path: Path | None, key: str):
+    self.path, self.key, self.done = path, key, {}
+    if path is None or not path.is_file():
+      return
+    text = path.read_text(encoding="utf-8")
+    if text and not text.endswith("\n"):  # a line a kill cut short: end it, so the next record starts a line
+      with open(path, "a", encoding="utf-8") as f:
+        f.write("\n")
+    for line in text.splitlines():
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(rec, dict) and rec.get("key") == key:
+        self.done[(rec["what"], rec.get("weight"))] = rec["value"]
+
+  def get(self, what: str, weight: float | None = None):
+    return self.done.get((what, weight))
+
+  def put(self, what: str, value, weight: float | None = None) -> None:
+    self.done[(what, weight)] = value
+    if self.path is None:
+      return
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    with open(self.path, "a", encoding="utf-8") as f:
+      f.write(json.dumps({"key": self.key, "what": what, "weight": weight, "value": value}) + "\n")
+      f.flush()
+      os.fsync(f.fileno())
+
+
 def tune_weight(model, params, prompts, eos_ids, pad_id, make, weights, greedy_tokens, max_new_tokens: int,
-                batch_size: int, desc: str, progress: bool) -> list[dict]:
+                batch_size: int, desc: str, progress: bool, log: TuneLog | None = None) -> list[dict]:
   """Block efficiency of the rescored drafts per weight on `prompts` (the weight is runtime data: one compile).
 
   `make(weight) -> (drafter, draft_params)`. Raises AssertionError if any output differs from greedy decoding.
+  Weights `log` already holds are not run again.
   """
   from jaxspec.decoding.generate import generate
 
+  log = log or TuneLog(None, "")
   rows = []
-  for w in tqdm(weights, desc=desc, disable=not progress, leave=False):
+  bar = tqdm(total=len(weights) * len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False)
+  for w in weights:
+    if (row := log.get(desc, float(w))) is not None:
+      rows.append(row)
+      bar.update(len(prompts))
+      continue
     drafter, dp = make(w)
     steps = calls = 0
     t0 = time.perf_counter()
@@ -78,10 +126,13 @@ def tune_weight(model, params, prompts, eos_ids, pad_id, make, weights, greedy_t
         raise AssertionError(f"{desc}: rescored BPD differs from greedy decoding at weight {w}")
       steps += sum(res.step_tokens)
       calls += sum(res.active_calls)
+      bar.update(len(batch))
     if not calls:
       raise ConfigError("tuning ran no verify step (every answer ended after its first token): raise "
                         "data.max_new_tokens.")
     rows.append({"weight": float(w), "tau": steps / calls, "seconds": round(time.perf_counter() - t0, 1)})
+    log.put(desc, rows[-1], float(w))
+  bar.close()
   return rows
 
 
@@ -115,16 +166,21 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   pad = tokenizer.pad_id or 0
   tc = cfg.tune
-  greedy = []
-  for s in range(0, len(prompts), tc.batch_size):
-    greedy += generate(model, params, prompts[s:s + tc.batch_size], max_new_tokens=tc.max_new_tokens, eos_ids=eos,
-                       pad_id=pad).tokens
+  log = TuneLog(_tune_log_path(cfg), _tune_key(cfg, prompts, Path(cfg.heads or DEFAULT_BPD_HEADS)))
+  greedy = log.get("greedy")
+  if greedy is None:
+    greedy = []
+    for s in tqdm(range(0, len(prompts), tc.batch_size), desc="greedy reference", unit="batch", disable=not progress,
+                  leave=False):
+      greedy += generate(model, params, prompts[s:s + tc.batch_size], max_new_tokens=tc.max_new_tokens, eos_ids=eos,
+                         pad_id=pad).tokens
+    log.put("greedy", greedy)
   ng = {k: jnp.asarray(v) for k, v in tables.items()}
   t0 = time.time()
   ngram_drafter = LatticeDrafter(bpd, "ngram", top_t=tc.top_t, beams=tc.beams, ngram=lm)
   ngram_rows = tune_weight(model, params, prompts, eos, pad,
                            lambda w: (ngram_drafter, lattice_draft_params(bdp, weight=w, ngram=ng)), tc.weights,
-                           greedy, tc.max_new_tokens, tc.batch_size, "tune n-gram weight", progress)
+                           greedy, tc.max_new_tokens, tc.batch_size, "tune n-gram weight", progress, log)
   best_ngram = max(ngram_rows, key=lambda r: r["tau"])
   tuned = {"k": tc.k, "top_t": tc.top_t, "beams": tc.beams, "ngram_weight": best_ngram["weight"],
            "ngram_tuning": ngram_rows}
@@ -138,7 +194,7 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
     neural_rows = tune_weight(model, params, prompts, eos, pad,
                               lambda w: (neural, lattice_draft_params(bdp, weight=w, lm=draft_params)),
                               tc.neural_weights, greedy, tc.max_new_tokens, tc.batch_size, "tune neural weight",
-                              progress)
+                              progress, log)
     tuned.update(neural_lm=neural_lm, neural_layers=tc.neural_layers,
                  neural_weight=max(neural_rows, key=lambda r: r["tau"])["weight"], neural_tuning=neural_rows)
   tune_s = time.time() - t0
@@ -147,6 +203,23 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
              "config": to_dict(cfg)}
   save_ngram(cfg.out, lm, tables, meta={"tuned": tuned, "training": summary})
   return summary
+
+
+def _tune_log_path(cfg: RescoreConfig) -> Path | None:
+  """Where tuning records its progress: beside the dataset it tunes on (a working folder, not the exported one)."""
+  return Path(cfg.data.dataset_dir) / "rescore_tuning.jsonl" if cfg.data.dataset_dir else None
+
+
+def _tune_key(cfg: RescoreConfig, prompts, heads: Path) -> str:
+  """A hash of what decides the tuning figures: the config less the weight lists (a rerun may add weights) and the
+  output folder, the held-out prompts, and the heads' files."""
+  settings = {k: v for k, v in to_dict(cfg).items() if k != "out"}
+  settings["tune"] = {k: v for k, v in settings["tune"].items() if k not in ("weights", "neural_weights")}
+  h = hashlib.sha256(json.dumps([settings, prompts], sort_keys=True).encode())
+  for f in sorted(heads.rglob("*")) if heads.is_dir() else [heads]:
+    if f.is_file():
+      h.update(f.name.encode() + f.read_bytes())
+  return h.hexdigest()
 
 
 def load_rescore_config(path, overrides=()) -> RescoreConfig:

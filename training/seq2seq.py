@@ -86,6 +86,41 @@ def _tokenizer(cfg: DataSection, train_rows):
   return synthetic.train_tokenizer([t for _, s, tg in train_rows for t in (s, tg)], cfg.vocab_size)
 
 
+_BUILT_WITH = "built_with.json"
+
+
+def _resumed_tokenizer(tok_dir: Path, built_with: dict):
+  """The tokenizer a killed run saved in its checkpoint folder, if the data settings that built it are this run's.
+
+  A run killed before its first step checkpoint has no recorded config to compare against, so the tokenizer carries
+  its own settings: another vocab_size (or other data) builds a new one instead of silently reusing the old one.
+  Folders from before that record are reused as they are when they load.
+  """
+  from jaxspec.loading.tokenizer import Tokenizer
+  if not (tok_dir / "tokenizer.json").is_file():
+    return None
+  stamp = tok_dir / _BUILT_WITH
+  try:
+    if stamp.is_file() and json.loads(stamp.read_text()) != built_with:
+      return None
+    tokenizer = Tokenizer.from_tokenizer_json(tok_dir / "tokenizer.json")
+  except Exception:  # noqa: BLE001 - unreadable: build it again
+    return None
+  return tokenizer if tokenizer.eos_id is not None else None  # tokenizer_config.json lost: build it again
+
+
+def _save_tokenizer(tokenizer, tok_dir: Path, built_with: dict) -> None:
+  """Writes the tokenizer and its settings into a temporary folder renamed into place: a kill leaves either the old
+  folder or the whole new one, never tokenizer.json without tokenizer_config.json."""
+  import shutil
+  tmp = tok_dir.with_name(tok_dir.name + ".tmp")
+  shutil.rmtree(tmp, ignore_errors=True)
+  tokenizer.save(tmp)
+  (tmp / _BUILT_WITH).write_text(json.dumps(built_with))
+  shutil.rmtree(tok_dir, ignore_errors=True)
+  tmp.rename(tok_dir)
+
+
 def encode_pairs(tokenizer, rows, src_len: int, tgt_len: int, start_id: int) -> tuple[dict, int]:
   """Padded arrays `src`, `src_len`, `dec_in` (start token + target), `labels` (target + EOS), `mask`; and how many
   examples were too long."""
@@ -161,12 +196,12 @@ def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
   if not eval_rows:
     raise ConfigError("data: every eval example's source is also a training source; raise data.eval_examples.")
   tok_dir = ckpt_dir / "tokenizer"
-  if (tok_dir / "tokenizer.json").is_file() and not cfg.data.tokenizer:  # a resumed run keeps its tokenizer
-    from jaxspec.loading.tokenizer import Tokenizer
-    tokenizer = Tokenizer.from_tokenizer_json(tok_dir / "tokenizer.json")
-  else:
+  built_with = {"tokenizer": cfg.data.tokenizer, "vocab_size": cfg.data.vocab_size,
+                "train_examples": cfg.data.train_examples, "seed": cfg.data.seed}
+  tokenizer = _resumed_tokenizer(tok_dir, built_with)
+  if tokenizer is None:
     tokenizer = _tokenizer(cfg.data, train_rows)
-    tokenizer.save(tok_dir)
+    _save_tokenizer(tokenizer, tok_dir, built_with)
   m = cfg.model
   model = T5LM(T5Config(vocab_size=tokenizer.vocab_size, d_model=m.d_model, d_kv=m.d_kv, d_ff=m.d_ff,
                         n_heads=m.n_heads, n_enc_layers=m.n_enc_layers, n_dec_layers=m.n_dec_layers,
