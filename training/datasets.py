@@ -198,7 +198,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   write_meta(meta_path, {**meta, **source})
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
-  bar = tqdm(total=len(order), desc="self-distill", unit="prompt", disable=not progress)
+  bar = tqdm(total=len(order), desc="self-distill", unit="answer", disable=not progress)
   for si, shard in enumerate(shards):
     path = out / f"shard_{si:05d}.npz"
     if path.exists():

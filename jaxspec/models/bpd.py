@@ -117,10 +117,13 @@ def save_bpd(folder: str | os.PathLike, bpd: BPDModel, params: dict, meta: dict 
   flat = {f"heads.{k}": np.asarray(v, np.float32).astype(dtype) for k, v in params["heads"].items()}
   if "vocab_ids" in params:
     flat["vocab_ids"] = np.asarray(params["vocab_ids"], np.int32)
-  tmp = folder / "heads.safetensors.tmp"
+  # Both files are written in full first and then renamed one after the other, so a kill never leaves either one
+  # half-written (the shipped folder is the default output of `jaxspec train configs/bpd_smollm2.yaml`).
+  tmp, tmp_cfg = folder / "heads.safetensors.tmp", folder / "config.json.tmp"
   save_file(flat, str(tmp))
+  tmp_cfg.write_text(json.dumps({"bpd": dataclasses.asdict(bpd.cfg), **(meta or {})}, indent=1))
   os.replace(tmp, folder / "heads.safetensors")
-  (folder / "config.json").write_text(json.dumps({"bpd": dataclasses.asdict(bpd.cfg), **(meta or {})}, indent=1))
+  os.replace(tmp_cfg, folder / "config.json")
 
 
 def load_bpd(folder: str | os.PathLike, num_heads: int | None = None) -> tuple[BPDModel, dict]:

@@ -81,7 +81,6 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
     tensors[hf_tensor_name(key)] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
   tmp = folder / (WEIGHTS_FILE + ".tmp")
   save_file(tensors, str(tmp))
-  os.replace(tmp, folder / WEIGHTS_FILE)
   info = {"format": FORMAT, "embeddings": "included" if include_embeddings else "target", "dtype": dtype,
           "target": {"vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "tie_embeddings": cfg.tie_embeddings,
                      "embed_fingerprint": embed_fingerprint(params)},
@@ -93,7 +92,10 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
       "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": dtype,
       "jaxspec_draft": info}
-  (folder / "config.json").write_text(json.dumps(hf_cfg, indent=1))
+  # Weights and config are written in full, then renamed one after the other: a kill never leaves a half-written file.
+  (folder / "config.json.tmp").write_text(json.dumps(hf_cfg, indent=1))
+  os.replace(tmp, folder / WEIGHTS_FILE)
+  os.replace(folder / "config.json.tmp", folder / "config.json")
   shared = ("The token embedding" + ("" if cfg.tie_embeddings else " and the output head")
             + " are NOT in model.safetensors: they are the target's own (frozen in training). Load with\n"
             "`jaxspec.models.draft.load_draft(folder, target_params)`, which takes them from the target.\n")
