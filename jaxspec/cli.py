@@ -123,8 +123,13 @@ def _cmd_generate(args) -> int:
   if args.temperature > 0:  # the method's name alone reads as greedy decoding ("greedy" is plain sampling here)
     label = ("sampling" if name == "greedy" else label) + f", temperature {args.temperature:g}" + (
         f", top-k {args.top_k}" if args.top_k else "") + (f", top-p {args.top_p:g}" if args.top_p < 1 else "")
-  print(f"[{label}: {n} tokens in {res.run_s:.2f} s: {n / res.run_s:.1f} tok/s, tau {res.tau:.2f} tokens per target "
-        f"call; compile {res.compile_s:.1f} s; prompt {len(ids)} tokens]", file=sys.stderr)
+  # τ counts the steps after the first token; an answer that ended there has none.
+  tau = f"tau {res.tau:.2f} tokens per target call" if res.target_calls else "no verify step (one token)"
+  print(f"[{label}: {n} tokens in {res.run_s:.2f} s: {n / res.run_s:.1f} tok/s, {tau}; compile {res.compile_s:.1f} s; "
+        f"prompt {len(ids)} tokens]", file=sys.stderr)
+  if not shown and not args.chat and getattr(tok, "chat_template", None):
+    print("jaxspec: the model ended its answer at once (its first token was end-of-sequence). This model has a chat "
+          "template: instruct models answer prompts wrapped in it, so try again with --chat.", file=sys.stderr)
   return 0
 
 

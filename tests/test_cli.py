@@ -19,6 +19,17 @@ def test_generate_prints_text_and_speed(shared_model, capsys):
   assert "tok/s" in err
 
 
+def test_an_instruct_model_that_ends_at_once_without_chat_gets_a_hint(shared_model, capsys):
+  """SmolLM2-Instruct answers a bare prompt with end-of-sequence: the status line had said "tau nan" and nothing
+  told the user why the answer was empty."""
+  assert cli.main(["generate", "--prompt", "Write a short poem about the sea.", "--max-new-tokens", "8"]) == 0
+  out, err = capsys.readouterr()
+  assert out.strip() == "" and "1 tokens" in err and "nan" not in err
+  assert "no verify step" in err and "try again with --chat" in err
+  assert cli.main(["generate", "--prompt", "Write a short poem about the sea.", "--chat", "--max-new-tokens", "8"]) == 0
+  assert "--chat" not in capsys.readouterr().err
+
+
 def test_generate_with_cache_buckets_prints_the_same_text(shared_model, capsys, monkeypatch):
   """Buckets from 16 slots, so the chat prompt and its answer cross several of them on the real model."""
   from jaxspec.decoding import generate as gen
