@@ -158,14 +158,7 @@ def _cmd_bench(args) -> int:
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=args.out, t5x_src=args.t5x_src,
                     model=args.model, quick=args.quick, mesh=args.mesh, fresh=args.fresh, dtype=args.dtype,
                     scan_layers=args.scan_layers, param_dtype=args.param_dtype)
-  try:
-    res = run_bench(cfg, require_all=named)
-  except KeyboardInterrupt:
-    from pathlib import Path
-    if (Path(args.out) / "progress.jsonl").is_file():
-      print(f"jaxspec bench: the finished batches are kept in {args.out}/progress.jsonl; the same command goes on "
-            "from there", file=sys.stderr)
-    raise
+  res = run_bench(cfg, require_all=named)  # on Ctrl-C it says itself how many method runs it kept
   print("\n".join(summary_lines(res)))
   print(f"[results in {args.out}/: results.json, report.md, *.png]", file=sys.stderr)
   return 0
@@ -241,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="one prompt per category, 32 new tokens, one batch, no warm-up run (a few minutes)")
   b.add_argument("--mesh", default=None, help=MESH_HELP + " (baselines other than jaxspec's own loop run unsharded)")
   b.add_argument("--fresh", action="store_true",
-                 help="start over: by default a run with the settings of a killed one in the same --out decodes only "
-                      "the prompt batches that one did not finish")
+                 help="discard the method runs a killed run kept in --out (whatever its settings) and start over; by "
+                      "default a run of the same work goes on from them, and one of other work is refused")
   b.set_defaults(func=_cmd_bench)
 
   t = sub.add_parser("train", help="train from a config file (BPD heads, ...); resumes from its checkpoints",

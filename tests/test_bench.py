@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 
@@ -248,19 +249,23 @@ class TinyTokenizer(ByteTokenizer):
 
 
 
+class Killed(BaseException):
+  """What a kill -9 leaves: the run stops where it is and no handler of the process runs (KeyboardInterrupt's do)."""
+
+
 @pytest.fixture
 def bomb(monkeypatch, methods):
-  """A method `bomb` (an oracle chain) that raises KeyboardInterrupt, as a kill would stop a run, in its third call
-  (the warm-up, batch 0, then batch 1) while `armed`; `calls` lists the seed of each call."""
-  state = {"armed": True, "calls": []}
+  """A method `bomb` (an oracle chain) that raises `error` (KeyboardInterrupt, as Ctrl-C stops a run) in its call
+  number `at` (3: the warm-up, batch 0, then batch 1) while `armed`; `calls` lists the seed of each call."""
+  state = {"armed": True, "calls": [], "at": 3, "error": KeyboardInterrupt}
 
   def build(ctx, opts):
     inner = loop_runner(ctx, drafter=OracleChain(methods, 3))
 
     def run(prompts, max_new_tokens, seed):
       state["calls"].append(seed)
-      if state["armed"] and len(state["calls"]) == 3:
-        raise KeyboardInterrupt
+      if state["armed"] and len(state["calls"]) == state["at"]:
+        raise state["error"]
       return inner(prompts, max_new_tokens, seed)
 
     return run
@@ -270,70 +275,202 @@ def bomb(monkeypatch, methods):
   return state
 
 
+def count_calls(monkeypatch, names):
+  """The seed of every call of these methods, by name (their runs, warm-ups included)."""
+  import jaxspec.bench.runner as runner_mod
+  calls = {n: [] for n in names}
+
+  def counted(name, build):
+    def make(ctx, opts):
+      inner = build(ctx, opts)
+      return lambda prompts, new, seed: (calls[name].append(seed), inner(prompts, new, seed))[1]
+    return make
+
+  for n in names:
+    monkeypatch.setitem(runner_mod.METHODS, n, dataclasses.replace(runner_mod.METHODS[n],
+                                                                  build=counted(n, runner_mod.METHODS[n].build)))
+  return calls
+
+
+def assert_same_figures(tmp_path, res, whole, labels):
+  """A resumed run's figures and outputs are an unbroken run's (times apart), overall and per category."""
+  same = ("tau", "target_calls", "accept_hist", "mismatches", "n_prompts")
+  for label in labels:
+    a, b = res["methods"][label], whole["methods"][label]
+    assert a["mismatch_list"] == b["mismatch_list"] and a["per_category"].keys() == b["per_category"].keys()
+    for x, y in [(a, b), *zip(a["per_category"].values(), b["per_category"].values())]:
+      assert {k: x[k] for k in same} == {k: y[k] for k in same}, label
+  outputs = lambda d: sorted((tmp_path / d / "outputs.jsonl").read_text().splitlines())
+  assert outputs("out") == outputs("whole")
+
+
 def test_a_killed_run_goes_on_where_it_stopped(tmp_path, prompt_file, methods, bomb):
-  """Batches finished before a kill are kept; the same call decodes only the rest and ends as an unbroken run."""
+  """Runs finished before a kill are kept; the same call decodes only the rest and ends as an unbroken run."""
   cfg = BenchConfig(prompts=prompt_file, methods=("liar", "bomb"), max_new_tokens=13, batch_size=2, seed=5,
                     out=str(tmp_path / "out"))
   with pytest.raises(KeyboardInterrupt):
     run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
   prog = tmp_path / "out" / "progress.jsonl"
-  assert len(prog.read_text().splitlines()) == 2  # the fingerprint and batch 0
+  # The fingerprint, batch 0's three runs, and batch 1's run of liar (its order rotated: liar, bomb, greedy).
+  lines = prog.read_text().splitlines()
+  assert [(e["batch"], e["method"]) for e in map(json.loads, lines[1:])] == [
+      (0, "greedy"), (0, "liar"), (0, "bomb"), (1, "liar")]
+  assert json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["liar"]["n_prompts"] == 2
   with open(prog, "a") as f:
-    f.write('{"batch": 1, "records": {"gre')  # a line cut short by the kill is dropped
+    f.write('{"batch": 1, "method": "bomb", "records": [{"gre')  # a line cut short by the kill is dropped
   bomb["armed"] = False
   bomb["calls"].clear()
   res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
   assert bomb["calls"] == [5, 5 + 1, 5 + 2]  # the warm-up (seed 5), then batches 1 and 2 only
-  assert res["complete"] and res["environment"]["resumed_batches"] == 1 and not prog.exists()
+  assert res["complete"] and res["environment"]["resumed_runs"] == 4 and not prog.exists()
   report_md = (tmp_path / "out" / "report.md").read_text()
-  assert "resumed after a kill: prompt batches restored from the killed process: 1" in report_md
+  assert "method runs (a method on a prompt batch) restored from the killed process: 4" in report_md
 
   whole = run_bench(dataclasses.replace(cfg, out=str(tmp_path / "whole")), methods, None, ByteTokenizer(),
                     progress=False)
-  assert "resumed_batches" not in whole["environment"]
-  for label in ("greedy", "liar", "bomb"):
-    a, b = res["methods"][label], whole["methods"][label]
-    for key in ("tau", "target_calls", "accept_hist", "mismatches", "n_prompts", "mismatch_list"):
-      assert a[key] == b[key], (label, key)
+  assert "resumed_runs" not in whole["environment"]
+  assert_same_figures(tmp_path, res, whole, ("greedy", "liar", "bomb"))
   assert res["methods"]["liar"]["mismatches"] == 1  # found in batch 1, decoded after the resume
-  outputs = lambda d: sorted((tmp_path / d / "outputs.jsonl").read_text().splitlines())
-  assert outputs("out") == outputs("whole")
 
 
-def test_other_settings_or_fresh_start_over(tmp_path, prompt_file, methods, bomb):
+def test_a_run_in_one_batch_keeps_each_method_that_finished(tmp_path, prompt_file, methods, bomb, monkeypatch):
+  """--quick puts every prompt in one batch: killed (kill -9) in its fourth method, the three finished ones are
+  kept, and the same call runs only the fourth, with the figures of an unbroken run (the liar's mismatch is found
+  from the kept greedy tokens)."""
+  calls = count_calls(monkeypatch, ("greedy", "oracle", "liar"))
+  cfg = BenchConfig(prompts=prompt_file, methods=("oracle", "liar", "bomb"), quick=True, seed=3,
+                    out=str(tmp_path / "out"))
+  bomb.update(at=1, error=Killed)
+  with pytest.raises(Killed):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  prog = tmp_path / "out" / "progress.jsonl"
+  assert [json.loads(l)["method"] for l in prog.read_text().splitlines()[1:]] == ["greedy", "oracle", "liar"]
+  bomb["armed"] = False
+  bomb["calls"].clear()
+  for seeds in calls.values():
+    seeds.clear()
+  res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert bomb["calls"] == [3] and calls == {"greedy": [], "oracle": [], "liar": []}
+  assert res["complete"] and res["environment"]["resumed_runs"] == 3 and not prog.exists()
+
+  whole = run_bench(dataclasses.replace(cfg, out=str(tmp_path / "whole")), methods, None, ByteTokenizer(),
+                    progress=False)
+  assert_same_figures(tmp_path, res, whole, ("greedy", "oracle", "liar", "bomb"))
+  assert res["methods"]["liar"]["mismatches"] == 1
+
+
+def test_ctrl_c_says_how_much_was_kept(tmp_path, prompt_file, methods, bomb, monkeypatch, capsys):
+  """Ctrl-C in a one-batch run says how many method runs are kept; stopped before any ended, it promises nothing
+  (and leaves no progress file that would)."""
+  monkeypatch.setattr("jaxspec.loading.load_model", lambda *a, **k: (methods, None, ByteTokenizer()))
+  out = tmp_path / "out"
+  argv = ["bench", "--quick", "--prompts", prompt_file, "--out", str(out)]
+  bomb["at"] = 1
+  assert main(argv + ["--methods", "oracle,liar,bomb"]) == 130
+  err = capsys.readouterr().err
+  assert f"interrupted: 3 of 4 method runs (a method on a prompt batch) are kept in {out}/progress.jsonl; " in err
+  (out / "progress.jsonl").unlink()
+  bomb["calls"].clear()
+  assert main(argv + ["--methods", "bomb,greedy"]) == 130  # the bomb runs first
+  err = capsys.readouterr().err
+  assert "nothing was kept" in err and "kept in" not in err and "goes on from there" not in err
+  assert not (out / "progress.jsonl").exists()
+
+
+def test_a_run_that_starts_over_removes_the_previous_runs_files(tmp_path, prompt_file, methods, bomb):
+  """A finished run's report, outputs and plots go when another run starts in its folder, so a kill leaves no
+  complete-looking folder of old figures; the killed run's progress stays for the run that resumes it."""
+  out = tmp_path / "out"
+  cfg = BenchConfig(prompts=prompt_file, methods=("oracle",), quick=True, out=str(out))
+  run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  old = ["results.json", "report.md", "outputs.jsonl", "tau_per_category.png", "speedup.png", "accept_hist.png"]
+  assert all((out / name).exists() for name in old)
+  bomb.update(at=1, error=Killed)
+  again = dataclasses.replace(cfg, methods=("oracle", "bomb"), max_new_tokens=5)
+  with pytest.raises(Killed):
+    run_bench(again, methods, None, ByteTokenizer(), progress=False)
+  assert sorted(p.name for p in out.iterdir()) == ["progress.jsonl"]
+  bomb["armed"] = False
+  res = run_bench(again, methods, None, ByteTokenizer(), progress=False)
+  assert res["environment"]["resumed_runs"] == 2 and all((out / name).exists() for name in old)
+  assert json.loads((out / "results.json").read_text())["config"]["max_new_tokens"] == 5
+
+
+def test_the_same_prompts_named_another_way_resume(tmp_path, prompt_file, methods, bomb):
+  """The fingerprint holds the prompts, not how they were named: another path to the same file, or a --limit that
+  keeps them all, goes on from the kept runs."""
+  from jaxspec.bench import QUICK_PROMPTS
+  from jaxspec.bench import progress as saved
+
+  cfg = BenchConfig(prompts=prompt_file, methods=("bomb",), max_new_tokens=6, batch_size=2, out=str(tmp_path / "o"))
+  with pytest.raises(KeyboardInterrupt):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  bomb["armed"] = False
+  bomb["calls"].clear()
+  copy = tmp_path / "copy.jsonl"
+  copy.write_text(open(prompt_file).read())
+  res = run_bench(dataclasses.replace(cfg, prompts=str(copy), limit=3), methods, None, ByteTokenizer(),
+                  progress=False)
+  assert res["environment"]["resumed_runs"] == 2 and bomb["calls"] == [0, 1, 2]  # warm-up, batches 1 and 2
+  # The default prompt set and the same file named explicitly are one piece of work.
+  quick = load_prompts(QUICK_PROMPTS, limit=1)
+  ids = [ByteTokenizer().encode(p.text) for p in quick]
+  prints = [saved.fingerprint(BenchConfig(prompts=p, quick=True, limit=limit), quick, ids, ["greedy"])
+            for p, limit in ((None, 1), (str(QUICK_PROMPTS), 1), ("jaxspec/bench/data/quick.jsonl", None))]
+  assert prints[0] == prints[1] == prints[2]
+
+
+def test_kept_runs_of_other_work_are_refused_not_wiped(tmp_path, prompt_file, methods, bomb):
+  """Runs kept for other settings or methods stop the run before anything is built, naming what differs, and the
+  file stays as it was; --fresh discards them. A file that keeps no run is simply replaced."""
+  from jaxspec.bench import progress as saved
+
   cfg = BenchConfig(prompts=prompt_file, methods=("bomb",), max_new_tokens=6, batch_size=2, out=str(tmp_path))
   with pytest.raises(KeyboardInterrupt):
     run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
   bomb["armed"] = False
   prog = tmp_path / "progress.jsonl"
   kept = prog.read_text()
-  from jaxspec.bench import progress as saved
-  want = json.loads(kept.splitlines()[0])["fingerprint"]
-  assert saved.restore(prog, want)[0][0]["batch"] == 0
-  other = dict(want, config=dict(want["config"], max_new_tokens=7), backend="tpu")
-  batches, why = saved.restore(prog, other)
-  assert batches == [] and "other settings (backend, config.max_new_tokens)" in why
-  for changed in (dataclasses.replace(cfg, max_new_tokens=7), dataclasses.replace(cfg, fresh=True)):
-    prog.write_text(kept)
+  for changed, what in ((dataclasses.replace(cfg, max_new_tokens=7), "max_new_tokens: 6 there, 7 here"),
+                        (dataclasses.replace(cfg, seed=1, temperature=0.5), "seed: 0 there, 1 here; temperature"),
+                        (dataclasses.replace(cfg, methods=("bomb", "oracle")),
+                         "methods that can run: greedy, bomb there, greedy, bomb, oracle here"),
+                        (dataclasses.replace(cfg, limit=1), "the prompts (their ids, categories or text)")):
     bomb["calls"].clear()
-    res = run_bench(changed, methods, None, ByteTokenizer(), progress=False)
-    assert "resumed_batches" not in res["environment"] and len(bomb["calls"]) == 1 + 3
+    with pytest.raises(InputError, match=rf"progress.jsonl holds 2 finished method run\(s\) of a killed run that "
+                                         rf"differs from this one \({re.escape(what)}.*Pass another --out to keep "
+                                         "them, or --fresh to discard them"):
+      run_bench(changed, methods, None, ByteTokenizer(), progress=False)
+    assert prog.read_text() == kept and bomb["calls"] == []
+  bomb["calls"].clear()
+  res = run_bench(dataclasses.replace(cfg, max_new_tokens=7, fresh=True), methods, None, ByteTokenizer(),
+                  progress=False)
+  assert "resumed_runs" not in res["environment"] and len(bomb["calls"]) == 1 + 3
+  head = kept.splitlines()[0]
+  prog.write_text(head + "\n")  # a kill before any run ended: nothing to keep, so no refusal
+  bomb["calls"].clear()
+  res = run_bench(dataclasses.replace(cfg, max_new_tokens=7), methods, None, ByteTokenizer(), progress=False)
+  assert "resumed_runs" not in res["environment"] and len(bomb["calls"]) == 1 + 3
   prog.write_text("not json\n")
-  assert saved.restore(prog, want) == ([], f"{prog} is not a bench progress file; starting over")
+  assert saved.read(prog) == (None, {}, f"{prog} is not a bench progress file; starting over")
 
 
-def test_an_interrupted_bench_says_how_to_go_on(tmp_path, monkeypatch, capsys):
-  def interrupted(cfg, require_all=False):
-    raise KeyboardInterrupt
+def test_progress_files_of_whole_batches_still_resume(tmp_path):
+  """Files written when a batch was kept whole (every method's records in one line) and the fingerprint held the
+  prompt file's name: their runs are read one by one, and the name does not count."""
+  from jaxspec.bench import progress as saved
 
-  monkeypatch.setattr("jaxspec.bench.run_bench", interrupted)
-  out = tmp_path / "out"
-  assert main(["bench", "--methods", "greedy", "--out", str(out)]) == 130
-  assert "progress.jsonl" not in capsys.readouterr().err  # nothing was kept: no promise of it
-  out.mkdir()
-  (out / "progress.jsonl").write_text("{}\n")
-  assert main(["bench", "--methods", "greedy", "--out", str(out)]) == 130
-  assert "the same command goes on from there" in capsys.readouterr().err
+  want = saved.fingerprint(BenchConfig(prompts="a.jsonl", methods=("greedy", "x")), [], [], ["greedy", "x"])
+  old = dict(want, config=dict(want["config"], prompts="b.jsonl", limit=2, methods=["x"]))
+  rec = {"question_id": 0, "tokens": [1]}
+  batch = {"batch": 0, "records": {"greedy": [rec], "x": [rec]}, "mismatches": {"greedy": [], "x": []},
+           "compile_s": {"greedy": 1.0, "x": 2.0}, "program_bytes": {"greedy": 3, "x": 4}}
+  path = tmp_path / "progress.jsonl"
+  path.write_text(json.dumps({"fingerprint": old}) + "\n" + json.dumps(batch) + "\n")
+  head, runs, why = saved.read(path)
+  assert why is None and saved.differences(head, want) == []
+  assert runs[0, "x"] == {"batch": 0, "method": "x", "records": [rec], "compile_s": 2.0, "program_bytes": 4}
+  assert sorted(runs) == [(0, "greedy"), (0, "x")]
 
 
 def test_model_settings_count_in_the_fingerprint_only_when_set():

@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 MAX_LISTED_MISMATCHES = 50
+PLOTS = ("tau_per_category.png", "speedup.png", "accept_hist.png")  # what `plots` writes, in its order
 
 
 def tau(records) -> float:
@@ -111,9 +112,9 @@ def markdown(res: dict) -> str:
       f"- jax {env['jax']} on {env['backend']} ({', '.join(sorted(set(env['devices'])))} ×{env['device_count']}), "
       f"CPU {env['cpu']} ×{env['cpu_count']}, load average at start {_load(env['load_avg'])}",
       f"- wall time {env['wall_s']:.0f} s, peak RSS {env['peak_rss_bytes'] / 2**20:.0f} MiB"
-      + (f"; resumed after a kill: prompt batches restored from the killed process: {env['resumed_batches']} "
-         "(wall time and peak RSS are this process's, compile time both's)"
-         if env.get("resumed_batches") else ""),
+      + (f"; resumed after a kill: method runs (a method on a prompt batch) restored from the killed process: "
+         f"{env['resumed_runs']} (wall time and peak RSS are this process's, compile time both's)"
+         if env.get("resumed_runs") else ""),
       "",
       "τ = new tokens / target calls after prefill (bonus token included). Speedup = wall time of jaxspec's greedy "
       "loop / the method's, same prompts, same run, after compilation. Program memory = XLA's arguments + outputs + "
@@ -176,6 +177,7 @@ def plots(res: dict, out: Path) -> list[Path]:
   cats = list(res["prompts"]["per_category"])
   names = list(avail)
   paths = []
+  tau_png, speedup_png, hist_png = PLOTS
 
   fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(cats) + 2), 4))
   width = 0.8 / max(1, len(names))
@@ -188,7 +190,7 @@ def plots(res: dict, out: Path) -> list[Path]:
   ax.set_title("τ per category")
   ax.legend(fontsize="small", ncol=2)
   fig.tight_layout()
-  paths.append(_save(fig, out / "tau_per_category.png"))
+  paths.append(_save(fig, out / tau_png))
 
   fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.5))
   speed = [avail[n]["speedup"] or 0 for n in names]
@@ -199,7 +201,7 @@ def plots(res: dict, out: Path) -> list[Path]:
   ax.set_xlabel("wall-clock speedup over jaxspec greedy (same run)")
   ax.invert_yaxis()
   fig.tight_layout()
-  paths.append(_save(fig, out / "speedup.png"))
+  paths.append(_save(fig, out / speedup_png))
 
   cols = min(3, len(names))
   rows = -(-len(names) // cols)
@@ -214,7 +216,7 @@ def plots(res: dict, out: Path) -> list[Path]:
   for ax in list(axes.flat)[len(names):]:
     ax.axis("off")
   fig.tight_layout()
-  paths.append(_save(fig, out / "accept_hist.png"))
+  paths.append(_save(fig, out / hist_png))
   return paths
 
 

@@ -6,6 +6,10 @@ methods alike. Compilation of a new prompt-length bucket is timed apart (ahead-o
 
 Exactness: with greedy decoding, every lossless method's output is compared token for token with jaxspec's own
 greedy loop on the same batch; every difference is counted and listed.
+
+Progress: each method's run on a batch is saved as soon as it ends (`jaxspec.bench.progress`), so a killed run loses
+at most the run in flight and the same call goes on from there, in the same rotation. The figures cover whole batches
+only (every method's run done), so each method is always compared with greedy on the same prompts.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ class BenchConfig:
   model: str | None = None
   quick: bool = False
   mesh: str | None = None  # run every jaxspec method sharded on this mesh, e.g. "data=2,model=4" (jaxspec.sharding)
-  fresh: bool = False  # start over even when OUT/progress.jsonl holds batches of a killed run of the same settings
+  fresh: bool = False  # start over, discarding the runs a killed run kept in OUT/progress.jsonl (of any settings)
   dtype: str = "float32"  # the target's dtype when it is loaded here (jaxspec.loading.DTYPES)
   scan_layers: bool = False  # load the target with its layers stacked under lax.scan
   param_dtype: str | None = None  # the target's weights' dtype when it differs from `dtype`
@@ -155,8 +159,10 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
       named), instead of reporting it as unavailable. Baselines whose code is not installed (T5X, Hugging Face)
       are reported as unavailable either way.
 
-  A run that is killed keeps every finished batch in `OUT/progress.jsonl`; the same call again decodes only the
-  batches that are missing (`jaxspec.bench.progress`), unless `cfg.fresh`.
+  A run that is killed keeps each method's run on each prompt batch in `OUT/progress.jsonl` as soon as it ends; the
+  same call again runs only the ones that are missing (`jaxspec.bench.progress`), unless `cfg.fresh`. Runs kept for
+  other work (other prompts, methods or settings) are never discarded unasked: InputError, before anything is decoded.
+  A run that starts over first removes the previous run's results, report, outputs and plots from `cfg.out`.
 
   Returns:
     The results (the content of results.json).
@@ -195,6 +201,14 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
       raise InputError(f"Prompt {p.question_id!r} ({p.category}) is {len(row)} tokens long: with {cfg.max_new_tokens} "
                        f"new tokens it needs more than {bound} ({context}). Lower --max-new-tokens, or leave the "
                        "prompt out of the file.")
+  progress_path = out / saved.FILE
+  saved_head, restored, why_not = (None, {}, None) if cfg.fresh else saved.read(progress_path)
+  log = _logger(progress)
+  if why_not:
+    log(why_not)
+  # Before any method is built: saved runs of other work are refused now, not after minutes of building.
+  _refuse_other_work(progress_path, saved_head, restored, saved.fingerprint(cfg, prompts, ids, labels),
+                     skip=("methods",))
   if mesh is not None:  # placed once here; generate() then finds the params already on the mesh
     params = sharding.partitioner(mesh, model).shard_params(params)
   ctx = BenchContext(model, params, tokenizer, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -217,97 +231,97 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   if require_all and failed:
     raise InputError("Cannot run " + "; ".join(f"{l}: {why.rstrip('.')}" for l, why in failed.items()) + ".")
 
+  head = saved.fingerprint(cfg, prompts, ids, list(runners))
+  _refuse_other_work(progress_path, saved_head, restored, head)
   batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
-  records: dict[str, list[Record]] = {l: [] for l in runners}
-  compile_s = {l: 0.0 for l in runners}
-  program_bytes = {l: 0 for l in runners}
-  mismatches: dict[str, list[dict]] = {l: [] for l in runners}
+  order = list(runners)
+  # The unit of progress: one method's run on one batch, (records, compile s, program bytes), saved as it ends.
+  runs: dict[tuple[int, str], tuple[list[Record], float, int]] = {
+      key: ([Record(**r) for r in e["records"]], e["compile_s"], e["program_bytes"]) for key, e in restored.items()}
+  warm_compile = {l: 0.0 for l in runners}
+  warm_bytes = {l: 0 for l in runners}
   env = environment()
   started = time.time()
+  if runs:
+    env["resumed_runs"] = len(runs)  # decoded by an earlier process of the same settings
+    log(f"resuming: {len(runs)} of {len(batches) * len(order)} method runs restored from {progress_path} (--fresh "
+        "starts over)")
+  saved.start(progress_path, head, restored.values())
+  gone = _remove_previous_results(out)
+  if gone and not runs:
+    log(f"starting over: removed the previous run's {', '.join(gone)} from {out}")
 
-  def log(msg: str) -> None:
-    logger.info(msg)
-    if progress:
-      tqdm.write(f"jaxspec bench: {msg}", file=sys.stderr)
-
-  progress_path = out / saved.FILE
-  head = saved.fingerprint(cfg, prompts, ids, list(runners))
-  done, why_not = ([], None) if cfg.fresh else saved.restore(progress_path, head)
-  if why_not:
-    log(why_not)
-  for entry in done:
-    for label in runners:
-      records[label] += [Record(**r) for r in entry["records"][label]]
-      mismatches[label] += entry["mismatches"][label]
-      compile_s[label] += entry["compile_s"][label]
-      program_bytes[label] = max(program_bytes[label], entry["program_bytes"][label])
-  if done:
-    env["resumed_batches"] = len(done)  # decoded by an earlier process of the same settings
-    log(f"resuming: {len(done)} of {len(batches)} batches restored from {progress_path} (--fresh starts over)")
-  saved.start(progress_path, head, done)
+  def whole(bi: int) -> bool:
+    return all((bi, l) in runs for l in order)
 
   def snapshot(complete: bool) -> dict:
+    """The figures of the whole batches: every method measured on the same prompts."""
+    records = {l: [] for l in runners}
+    compile_s, program_bytes = dict(warm_compile), dict(warm_bytes)
+    mismatches: dict[str, list[dict]] = {l: [] for l in runners}
+    for bi in filter(whole, range(len(batches))):
+      ref = runs[bi, REFERENCE][0]
+      for label in order:
+        recs, comp, size = runs[bi, label]
+        records[label] += recs
+        compile_s[label] += comp
+        program_bytes[label] = max(program_bytes[label], size)
+        if cfg.temperature == 0 and label != REFERENCE and lossless[label]:
+          mismatches[label] += [_mismatch(tokenizer, prompts[pi], a.tokens, b.tokens)
+                                for pi, a, b in zip(batches[bi], ref, recs) if a.tokens != b.tokens]
     return report.results(cfg, env, prompts, specs, lossless, records, compile_s, program_bytes, mismatches,
                           unavailable, complete=complete, wall_s=time.time() - started,
                           peak_rss_bytes=_peak_rss_bytes(), notes=notes)
 
-  # Warm-up: compile and run each method once on the first batch, untimed (skipped by --quick: compilation is
-  # ahead-of-time and timed apart, so only first-run effects go unexcluded).
-  todo = list(range(len(done), len(batches)))
-  warm = [ids[i] for i in batches[todo[0] if todo else 0]]
-  for label, run in tqdm(list(runners.items()) if todo and not cfg.quick else [], desc="warm-up",
-                         disable=not progress, leave=False):
-    res = run(warm, cfg.max_new_tokens, cfg.seed)
-    compile_s[label] += res.compile_s
-    program_bytes[label] = max(program_bytes[label], res.program_bytes)
-
-  order = list(runners)
+  # Every batch is run by every method in turn, in an order that rotates from batch to batch; runs restored from a
+  # killed process are skipped.
+  todo = [(bi, label) for bi in range(len(batches)) for label in order[bi % len(order):] + order[:bi % len(order)]
+          if (bi, label) not in runs]
+  first = {}  # each method's warm-up batch: the first it has left
+  for bi, label in todo:
+    first.setdefault(label, bi)
   # One tick per method and batch: with --quick every prompt is in one batch, which takes minutes.
-  bar = tqdm(desc="bench", unit="run", disable=not progress, initial=len(done) * len(order),
-             total=len(batches) * len(order))
-  taus = lambda: " ".join(f"{l}:{report.tau(records[l]):.2f}" for l in order if records[l])
-  for bi in todo:
-    batch = batches[bi]
-    rows = [ids[i] for i in batch]
-    seed = cfg.seed + bi
-    outputs = {}
-    new = {"batch": bi, "records": {}, "mismatches": {l: [] for l in order}, "compile_s": {}, "program_bytes": {}}
-    rot = bi % len(order)
-    for label in order[rot:] + order[:rot]:
+  bar = tqdm(desc="bench", unit="run", disable=not progress, initial=len(runs), total=len(batches) * len(order))
+  try:
+    if any(map(whole, range(len(batches)))):
+      _atomic_json(out / "results.json", snapshot(complete=False))
+    # Warm-up: compile and run each method once, untimed (skipped by --quick: compilation is ahead-of-time and timed
+    # apart, so only first-run effects go unexcluded).
+    for label, bi in tqdm(list(first.items()) if not cfg.quick else [], desc="warm-up", disable=not progress,
+                          leave=False):
+      res = runners[label]([ids[i] for i in batches[bi]], cfg.max_new_tokens, cfg.seed)
+      warm_compile[label] += res.compile_s
+      warm_bytes[label] = max(warm_bytes[label], res.program_bytes)
+    for bi, label in todo:
+      batch = batches[bi]
       if progress:
-        so_far = taus()
+        so_far = " ".join(f"{l}:{report.tau(recs):.2f}" for l in order if (recs := _done(runs, l)))
         bar.set_postfix_str(f"batch {bi + 1}/{len(batches)}: {label}" + (f"; tau so far {so_far}" if so_far else ""))
-      res = runners[label](rows, cfg.max_new_tokens, seed)
-      bar.update(1)
-      outputs[label] = res
-      new["compile_s"][label] = res.compile_s
-      new["program_bytes"][label] = res.program_bytes
+      res = runners[label]([ids[i] for i in batch], cfg.max_new_tokens, cfg.seed + bi)
       n = len(batch)
-      new["records"][label] = [Record(
+      recs = [Record(
           question_id=prompts[pi].question_id, category=prompts[pi].category, new_tokens=len(res.tokens[r]),
           steps_tokens=int(res.step_tokens[r]), active_calls=int(res.active_calls[r]), seconds=res.run_s / n,
           drafter_calls=res.drafter_calls / n, accept_hist=np.asarray(res.accept_hist[r]).tolist(),
           tokens=list(map(int, res.tokens[r]))) for r, pi in enumerate(batch)]
-    if cfg.temperature == 0:
-      ref = outputs[REFERENCE].tokens
-      for label, res in outputs.items():
-        if label == REFERENCE or not lossless[label]:
-          continue
-        for r, pi in enumerate(batch):
-          if res.tokens[r] != ref[r]:
-            new["mismatches"][label].append(_mismatch(tokenizer, prompts[pi], ref[r], res.tokens[r]))
-    for label in order:
-      records[label] += new["records"][label]
-      mismatches[label] += new["mismatches"][label]
-      compile_s[label] += new["compile_s"][label]
-      program_bytes[label] = max(program_bytes[label], new["program_bytes"][label])
-    new["records"] = {l: [dataclasses.asdict(r) for r in recs] for l, recs in new["records"].items()}
-    saved.append(progress_path, new)
-    _atomic_json(out / "results.json", snapshot(complete=False))
-    if progress:
-      bar.set_postfix_str(f"tau {taus()}")
+      saved.append(progress_path, {"batch": bi, "method": label, "records": [dataclasses.asdict(r) for r in recs],
+                                   "compile_s": res.compile_s, "program_bytes": res.program_bytes})
+      runs[bi, label] = (recs, res.compile_s, res.program_bytes)
+      bar.update(1)
+      if whole(bi):
+        _atomic_json(out / "results.json", snapshot(complete=False))
+  except KeyboardInterrupt:
+    bar.close()
+    if runs:
+      log(f"interrupted: {len(runs)} of {len(batches) * len(order)} method runs (a method on a prompt batch) are kept "
+          f"in {progress_path}; the same command goes on from there")
+    else:  # only the fingerprint: nothing to go on from, so no file that says there is
+      progress_path.unlink(missing_ok=True)
+      log("interrupted before any method finished a prompt batch: nothing was kept")
+    raise
   bar.close()
   results = snapshot(complete=True)
+  records = {l: [r for bi in range(len(batches)) for r in runs[bi, l][0]] for l in order}
   report.write_all(out, results)
   with open(out / "outputs.jsonl", "w", encoding="utf-8") as f:
     for label, recs in records.items():
@@ -316,6 +330,47 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
                             "tokens": r.tokens, "text": tokenizer.decode(r.tokens)}) + "\n")
   progress_path.unlink()  # everything it held is in results.json and outputs.jsonl now
   return results
+
+
+def _done(runs: dict, label: str) -> list[Record]:
+  """A method's records so far, for the progress bar."""
+  return [r for (_, m), (recs, _, _) in runs.items() if m == label for r in recs]
+
+
+def _logger(progress: bool):
+  """Logs a line of the run, and shows it above the progress bar when there is one."""
+
+  def log(msg: str) -> None:
+    logger.info(msg)
+    if progress:
+      tqdm.write(f"jaxspec bench: {msg}", file=sys.stderr)
+
+  return log
+
+
+def _refuse_other_work(path: Path, head: dict | None, restored: dict, want: dict, skip=()) -> None:
+  """Saved runs of other work are never thrown away unasked: a careful user may want them (a kill, then a rerun
+  with a typo), and a file holding none costs nothing to replace."""
+  diff = saved.differences(head, want, skip) if head is not None else []
+  if restored and diff:
+    raise InputError(f"{path} holds {len(restored)} finished method run(s) of a killed run that differs from this "
+                     f"one ({'; '.join(diff)}). Pass another --out to keep them, or --fresh to discard them and "
+                     "start over.")
+
+
+def _remove_previous_results(out: Path) -> list[str]:
+  """Removes an earlier run's files from `out` and returns their names. Its report, outputs and plots beside this
+  run's progress would make the folder look complete and wrong, so they go before anything is decoded (results.json
+  is written again from the runs this one resumes from)."""
+  from jaxspec.bench.report import PLOTS
+  gone = []
+  for name in ("results.json", "report.md", "outputs.jsonl", *PLOTS):
+    try:
+      (out / name).unlink()
+      gone.append(name)
+    except FileNotFoundError:
+      pass
+  return gone
 
 
 def _mismatch(tokenizer, prompt: Prompt, expected: list[int], got: list[int]) -> dict:
