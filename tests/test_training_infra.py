@@ -314,6 +314,27 @@ def test_resume_matches_an_unbroken_run(tmp_path):
     np.testing.assert_allclose(state.params[k], v, rtol=1e-6, atol=1e-7)
 
 
+def test_fit_seconds_add_up_over_a_resumed_run(tmp_path):
+  """Run summaries' train_s is `Trainer.fit_s`: a resumed run counts the time its earlier processes spent on the
+  steps it kept, not only its own (a killed-and-resumed run used to report the last process's seconds alone)."""
+  def slow(start):
+    for s in range(start, 100):
+      time.sleep(0.05)
+      yield train_tiny.batch_at(s)
+
+  first = train_tiny.make_trainer(tmp_path / "run", every=4)
+  first.fit(train_tiny.fresh_state(), slow, 8)
+  assert first.fit_s >= 8 * 0.05
+  second = train_tiny.make_trainer(tmp_path / "run", every=4)  # a new process resuming the run
+  t0 = time.perf_counter()
+  second.fit(train_tiny.fresh_state(), slow, 12)
+  own = time.perf_counter() - t0
+  assert first.fit_s + 4 * 0.05 <= second.fit_s <= first.fit_s + own
+  done = train_tiny.make_trainer(tmp_path / "run", every=4)  # nothing left to train: the recorded total
+  done.fit(train_tiny.fresh_state(), slow, 12)
+  assert done.fit_s == pytest.approx(second.fit_s, abs=0.25)  # as of its last checkpoint save
+
+
 def test_interrupt_saves_a_checkpoint(tmp_path):
   trainer = train_tiny.make_trainer(tmp_path / "run", every=100)
 

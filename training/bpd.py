@@ -469,10 +469,9 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   state = init_state(trainable, optimizer, cfg.train.seed)
   # "before": the heads as they start (fresh, or heads.init's) on the untouched base, on the same held-out set
   init_eval = {"step": 0, **trainer.evaluate(state, eval_batches())}
-  t0 = time.time()
   state, history = trainer.fit(state, batches_from, cfg.train.steps, eval_batches=eval_batches,
                                eval_every=cfg.train.eval_every)
-  train_s = time.time() - t0
+  train_s = trainer.fit_s  # summed over a killed run's processes, as resumed
   evals = [h for h in history if any(k.startswith("eval/") for k in h)]
   final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
   out_params = dict(bpd_params)

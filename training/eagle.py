@@ -242,10 +242,9 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
                     mesh=sharding.partitioner(mesh, model))
   state = init_state(trainable, optimizer, cfg.train.seed)
   init_eval = trainer.evaluate(state, eval_batches())
-  t0 = time.time()
   state, history = trainer.fit(state, batches_from, cfg.train.steps, eval_batches=eval_batches,
                                eval_every=cfg.train.eval_every)
-  train_s = time.time() - t0
+  train_s = trainer.fit_s  # summed over a killed run's processes, as resumed
   evals = [h for h in history if any(k.startswith("eval/") for k in h)]
   final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
   summary = {"sequences": len(seqs), "tokens": seqs.num_tokens, "train_sequences": len(tr),

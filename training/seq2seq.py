@@ -227,10 +227,9 @@ def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
 
   trainer = Trainer(seq2seq_loss(model), optimizer, checkpoint_dir=ckpt_dir, checkpoint_every=cfg.train.checkpoint_every,
                     log_every=cfg.train.log_every, progress=progress)
-  t0 = time.time()
   state, history = trainer.fit(init_state(params, optimizer, cfg.train.seed), batches_from, cfg.train.steps,
                                eval_batches=eval_batches, eval_every=cfg.train.eval_every)
-  train_s = time.time() - t0
+  train_s = trainer.fit_s  # summed over a killed run's processes, as resumed
   params = jax.device_get(state.params)
   evals = [h for h in history if any(k.startswith("eval/") for k in h)]
   final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())

@@ -237,6 +237,7 @@ class Trainer:
     self.eval_fn = eval_fn or loss_fn
     self.log_every = log_every
     self.progress = progress
+    self.fit_s = 0.0  # set by `fit`: the seconds of training behind its state, resumed runs' earlier processes included
     self.partitioner = sharding.partitioner(mesh)
     if self.partitioner is not None and frozen is not None:
       self.frozen = self.partitioner.shard_params(frozen)
@@ -334,10 +335,12 @@ class Trainer:
     if self.checkpoint_dir is not None:
       ckpt = Checkpointer(self.checkpoint_dir, max_to_keep=self.max_to_keep, every=self.checkpoint_every)
     history: list[dict[str, float]] = []
+    self.fit_s = 0.0  # seconds of training behind the returned state, over every process that trained it
     try:
       state = self.shard_state(state)  # before a restore, which reads into the template's shardings
       if ckpt is not None and ckpt.latest_step() is not None:
         state, meta = ckpt.restore(state)
+        self.fit_s = float(meta.get("fit_s", 0.0))  # checkpoints from before this was recorded: 0
         if int(meta.get("step", int(state.step))) != int(state.step):
           raise CheckpointError(
               f"checkpoint in {str(ckpt.directory)!r} says step {meta['step']} but its state is at step "
@@ -375,12 +378,16 @@ class Trainer:
   ) -> TrainState:
     step = start
     window: list[Metrics] = []
-    window_start = time.perf_counter()
+    window_start = loop_start = time.perf_counter()
+    before = self.fit_s
     bar = tqdm(total=num_steps, initial=start, desc="train", dynamic_ncols=True,
                disable=None if self.progress is None else not self.progress)
 
     def meta(s: int) -> dict[str, Any]:
-      return {"step": s, "num_steps": num_steps, "time": time.time()}
+      # fit_s: the seconds the steps up to s took, summed over the processes of a run that was killed and resumed
+      # (steps a kill lost after the last checkpoint are not counted twice: only the run that redid them counts).
+      self.fit_s = before + time.perf_counter() - loop_start
+      return {"step": s, "num_steps": num_steps, "time": time.time(), "fit_s": self.fit_s}
 
     try:
       while step < num_steps and guard.signum is None:
@@ -403,6 +410,8 @@ class Trainer:
           ckpt.save(step, state, meta(step))
       if ckpt is not None:  # the end, the batches running out, or a signal: keep what was done
         ckpt.save(step, state, meta(step), force=True)
+      else:
+        self.fit_s = before + time.perf_counter() - loop_start
     finally:
       bar.close()
     return state
