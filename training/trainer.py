@@ -291,9 +291,16 @@ class Trainer:
     are weighted by their rows, so a short last batch counts for its rows only."""
     base = jax.random.fold_in(state.rng, _EVAL_STREAM)
     results, sizes = [], []
+    # A bar that follows the computation (each batch waited for), not the asynchronous dispatch; it goes when done.
+    bar = tqdm(desc="eval", unit="batch", leave=False, dynamic_ncols=True,
+               disable=None if self.progress is None else not self.progress)
     for i, batch in enumerate(batches):
       results.append(self._eval_step(state.params, self.frozen, self._place_batch(batch), jax.random.fold_in(base, i)))
       sizes.append(_batch_size(batch))
+      if not bar.disable:
+        jax.block_until_ready(results[-1])
+        bar.update(1)
+    bar.close()
     if not results:
       return {}
     return {f"eval/{k}": v for k, v in _mean(jax.device_get(results), sizes).items()}
