@@ -1,6 +1,7 @@
 """Checks of what the decode loop is given, and its counters: a draft with another vocabulary, prompt ids outside the
-vocabulary, heads or drafts built for another target or given no params, an undersized cache or output buffer, the row named in a too-long request, the drafter calls of trees
-that stop growing early, and the accepted-length histogram of rows that have finished."""
+vocabulary, heads or drafts built for another target or given no params, an undersized cache or output buffer, the
+row named in a too-long request, the drafter calls of trees that stop growing early, and the accepted-length
+histogram of rows that have finished."""
 
 import dataclasses
 
@@ -113,7 +114,8 @@ def test_mismatched_rescorers_acceptors_and_branching_are_input_errors(tiny):
   dp = bpd_draft_params(model, params, bpd, bpd.init_params(jax.random.key(0)))
   ngram, tables, _ = build_ngram([[1, 2, 3, 1, 2]], 2, vocab_size=100)
   with pytest.raises(InputError, match="counted over 100 token ids and the target has 256"):
-    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=LatticeDrafter(bpd, "ngram", top_t=4, ngram=ngram),
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4,
+                 drafter=LatticeDrafter(bpd, "ngram", top_t=4, ngram=ngram),
                  draft_params=lattice_draft_params(dp, weight=0.5, ngram=tables))
   with pytest.raises(InputError, match="needs the reference continuation"):
     gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=LatticeDrafter(bpd, "oracle", top_t=4),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -147,8 +147,9 @@ def _int_list(values, what: str) -> list[int]:
 def _eos_list(eos_ids) -> list[int]:
   if eos_ids is None:
     return []
-  if np.ndim(eos_ids) == 0:
+  if np.ndim(eos_ids) == 0 and not isinstance(eos_ids, Iterator):  # generators are sequences too
     raise InputError(f"eos_ids must be a sequence of token ids, e.g. [{eos_ids!r}], got {eos_ids!r}.")
+  eos_ids = list(eos_ids)
   if any(e is None for e in eos_ids):
     raise InputError("eos_ids contains None (a tokenizer without an EOS token?): leave it out, or pass the ids that "
                      "should end a row.")
@@ -204,8 +205,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   arr, lengths, max_new, out_len, capacity = prepare(prompts, max_new_tokens, max_len, drafter.num_nodes, pad_id,
                                                      vocab_size=getattr(model, "vocab_size", vocab))
   args = (params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new),
-          jnp.asarray(_eos_list(eos_ids) or [-1], jnp.int32), jax.random.key(seed), SamplingParams.make(temperature, top_p),
-          draft_params)
+          jnp.asarray(_eos_list(eos_ids) or [-1], jnp.int32), jax.random.key(seed),
+          SamplingParams.make(temperature, top_p), draft_params)
   static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=out_len, capacity=capacity, pad_id=pad_id)
   if buckets and getattr(model, "bounds_attention", False):
     static["attn_buckets"] = cache_buckets(capacity, BUCKET_SMALLEST)

@@ -153,8 +153,9 @@ class Drafter(Protocol):
     """Learns from the verify forward and what was accepted (e.g. BPD heads read the accepted hidden state)."""
 
   # Optional: `check_target(target)` raises `InputError` where the drafter cannot serve the target (`check_target`
-  # below); `needs_params`, a non-empty string naming what builds the drafter's `draft_params` (`check_params`); `stats(dstate)` returns host-readable counters, and its `draft_forwards`, where present, is the loop's
-  # count of drafter forwards (drafters whose forwards vary per step count them in their state).
+  # below); `needs_params`, a non-empty string, names what builds the drafter's `draft_params` (`check_params`);
+  # `stats(dstate)` returns host-readable counters, and its `draft_forwards`, where present, is the loop's count of
+  # drafter forwards (drafters whose forwards vary per step count them in their state).
 
 
 @flax.struct.dataclass
