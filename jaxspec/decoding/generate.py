@@ -72,7 +72,7 @@ def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int
   lengths = [len(p) for p in prompts]
   if min(lengths) == 0:
     raise InputError(f"Prompt {lengths.index(0)} is empty: give at least one token.")
-  max_new = _int_list(max_new_tokens, "max_new_tokens")
+  max_new = _ints(max_new_tokens, "max_new_tokens").tolist()
   max_new = max_new * len(prompts) if np.ndim(max_new_tokens) == 0 else max_new
   if len(max_new) != len(prompts):
     raise InputError(f"max_new_tokens has {len(max_new)} values for {len(prompts)} prompts: give one value or one "
@@ -84,9 +84,8 @@ def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int
     # through the (masked, but 0 * NaN) attention and turns the whole output into token 0.
     raise InputError(f"pad_id={pad_id} is outside the model's vocabulary [0, {vocab_size}): use an id the model "
                      "can embed, e.g. 0 or the tokenizer's EOS id.")
-  for i, pr in enumerate(prompts):
-    ids = _int_list(pr, f"Prompt {i}")
-    ids = np.asarray(ids, np.int64)
+  rows = [_ints(pr, f"Prompt {i}") for i, pr in enumerate(prompts)]
+  for i, ids in enumerate(rows):
     bad = (ids < 0) | (ids >= vocab_size if vocab_size is not None else False)
     if bad.any():
       j = int(np.argmax(bad))
@@ -106,8 +105,8 @@ def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int
   out_len = round_up(max(max_new), 32)
   capacity = round_up(p + out_len + extra + 1, CAPACITY_ROUND)
   arr = np.full((len(prompts), p), pad_id, np.int32)
-  for i, pr in enumerate(prompts):
-    arr[i, :len(pr)] = pr
+  for i, ids in enumerate(rows):
+    arr[i, :len(ids)] = ids
   return arr, np.asarray(lengths, np.int32), np.asarray(max_new, np.int32), out_len, capacity
 
 
@@ -127,8 +126,9 @@ def _as_rows(prompts) -> list:
   return rows
 
 
-def _int_list(values, what: str) -> list[int]:
-  """`values` (one number or a sequence) as Python ints in the int32 range; anything else is refused."""
+def _ints(values, what: str) -> np.ndarray:
+  """`values` (one number or a sequence) as a flat int64 array of whole numbers in the int32 range; anything else is
+  refused."""
   try:
     arr = np.asarray(values)
     if arr.dtype.kind in "fO":  # floats, or Python ints too large for int64
@@ -141,7 +141,7 @@ def _int_list(values, what: str) -> list[int]:
     raise InputError(f"{what} must be whole numbers, got {values!r}.")
   if arr.size and (arr.max() >= 2 ** 31 or arr.min() < -(2 ** 31)):
     raise InputError(f"{what} has a value outside the int32 range.")
-  return [int(x) for x in np.ravel(arr)]
+  return np.ravel(arr).astype(np.int64)
 
 
 def _eos_list(eos_ids) -> list[int]:
@@ -153,7 +153,7 @@ def _eos_list(eos_ids) -> list[int]:
   if any(e is None for e in eos_ids):
     raise InputError("eos_ids contains None (a tokenizer without an EOS token?): leave it out, or pass the ids that "
                      "should end a row.")
-  return _int_list(list(eos_ids), "eos_ids") if len(eos_ids) else []
+  return _ints(eos_ids, "eos_ids").tolist() if eos_ids else []
 
 
 def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int] = 128,
