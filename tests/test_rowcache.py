@@ -13,7 +13,7 @@ class Killed(Exception):
 
 
 def squares(calls, kill_after=None):
-  def compute(idx):
+  def compute(idx, advance):
     if kill_after is not None and len(calls) == kill_after:
       raise Killed
     calls.append(list(idx))
@@ -53,7 +53,7 @@ def test_rows_named_by_content_are_reused_when_data_is_added(tmp_path):
   keys = lambda ids: [rowcache.sequence_key(np.array([i, i + 1])) for i in ids]
 
   def by_id(ids, calls, kill_after=None):
-    def compute(idx):
+    def compute(idx, advance):
       if kill_after is not None and len(calls) == kill_after:
         raise Killed
       calls.append(sorted(ids[j] for j in idx))
@@ -135,7 +135,7 @@ def test_teacher_topk_and_features_through_the_cache_equal_a_direct_computation(
 def _counting(cached_rows, computed):
   """The real cache with parts of 3 sequences, recording which rows it computes."""
   def run(path, key, order, compute, **kw):
-    return cached_rows(path, key, order, lambda idx: (computed.extend(int(i) for i in idx), compute(idx))[1],
+    return cached_rows(path, key, order, lambda idx, advance: (computed.extend(int(i) for i in idx), compute(idx, advance))[1],
                        **{**kw, "part_rows": 3})
   return run
 
@@ -143,3 +143,28 @@ def _counting(cached_rows, computed):
 def _small_parts(cached_rows):
   """The real cache with parts of 3 sequences, so that a few sequences already span several parts."""
   return lambda *a, **kw: cached_rows(*a, **{**kw, "part_rows": 3})
+
+
+def test_the_bar_moves_with_each_batch_of_a_part(tmp_path, monkeypatch):
+  """A part reports its batches as they finish (`advance`), not only when the whole part ends; what it leaves
+  unreported is counted at its end, and it cannot report more rows than it has."""
+  moves = []
+
+  class Bar:
+    def __init__(self, total, initial=0, **kw):
+      moves.append(("start", initial))
+
+    def update(self, n):
+      moves.append(n)
+
+    def close(self):
+      pass
+
+  def compute(idx, advance):
+    advance(2)
+    advance(1)
+    return {"x": np.asarray(idx)}
+
+  monkeypatch.setattr(rowcache, "tqdm", Bar)
+  rowcache.cached_rows(tmp_path / "c.npz", "k", np.arange(7), compute, part_rows=5)
+  assert moves == [("start", 0), 2, 1, 2, 2, 0, 0]  # part of 5: 2, 1, then the 2 unreported; part of 2: 2, capped

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxspec import files
 from jaxspec.errors import JaxspecError
 from training.checkpoint import Checkpointer, CheckpointError
 from training.config import ConfigError, config_from_dict, dump_config, load_config, to_dict
@@ -80,6 +81,32 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
   path = tmp_path / name
   path.write_text(text)
   return path
+
+
+def test_files_are_replaced_whole_or_not_at_all(tmp_path):
+  """`jaxspec.files.write_files`: a writer that fails (as a kill would stop it) leaves every old file as it was and
+  no temporary file; a run that completes replaces them all. `.npz` files keep numpy's suffix while temporary."""
+  files.write_files(tmp_path, {"w.bin": files.text_writer("old weights"), "config.json": files.json_writer({"v": 1})})
+
+  def cut_short(tmp):
+    tmp.write_text('{"v": ')
+    raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    files.write_files(tmp_path, {"w.bin": files.text_writer("new weights"), "config.json": cut_short})
+  assert (tmp_path / "w.bin").read_text() == "old weights"
+  assert json.loads((tmp_path / "config.json").read_text()) == {"v": 1}
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "w.bin"]
+
+  files.write_files(tmp_path, {"w.bin": files.text_writer("new weights"), "config.json": files.json_writer({"v": 2})})
+  assert (tmp_path / "w.bin").read_text() == "new weights"
+  assert json.loads((tmp_path / "config.json").read_text()) == {"v": 2}
+
+  assert files.temporary(tmp_path / "shard_00000.npz").name == "shard_00000.npz.tmp.npz"
+  files.write_file(tmp_path / "sub" / "a.npz", lambda tmp: np.savez(tmp, x=np.arange(3)))
+  with np.load(tmp_path / "sub" / "a.npz") as z:
+    assert z["x"].tolist() == [0, 1, 2]
+  assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.npz"]
 
 
 @pytest.mark.parametrize("name,text", [("run.yaml", YAML), ("run.toml", TOML)])

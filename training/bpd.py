@@ -16,7 +16,7 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -150,8 +150,8 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
                             part_ids if cfg.data.more_prompts and cfg.data.split_by_set else None)
 
 
-def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int = 8,
-                        progress: bool = True) -> list[np.ndarray]:
+def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int = 8, progress: bool = True,
+                        advance: Callable[[int], None] | None = None) -> list[np.ndarray]:
   """The frozen target's final hidden states `[len, D]` for each sequence (one causal forward each).
 
   Row t is the state that predicts token t + 1. For an encoder-decoder a sequence is source + target (the prompt
@@ -161,7 +161,7 @@ def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: 
   from jaxspec.decoding.generate import bucket
 
   if getattr(model, "is_encoder_decoder", False):
-    return _encdec_hidden_states(model, params, seqs, batch_size=batch_size, progress=progress)
+    return _encdec_hidden_states(model, params, seqs, batch_size=batch_size, progress=progress, advance=advance)
 
   @jax.jit
   def run(params, tokens_BxL):
@@ -184,6 +184,8 @@ def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: 
     for r, i in enumerate(idx):
       out[i] = h[r, :len(seqs.tokens[i])]
     bar.update(len(idx))
+    if advance is not None:
+      advance(len(idx))
   bar.close()
   return out
 
@@ -199,10 +201,10 @@ def cached_features(path: Path, model, params, seqs: datasets.Sequences, seq_len
   key = json.dumps({"seq_len": seq_len, "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
                     "embed": embed_fingerprint(params)}, sort_keys=True)
 
-  def compute(idx: np.ndarray) -> dict[str, np.ndarray]:
+  def compute(idx: np.ndarray, advance) -> dict[str, np.ndarray]:
     part = datasets.Sequences([cut[i] for i in idx], np.asarray(seqs.prompt_lens)[idx])
     feats = np.zeros((len(idx), seq_len, model.cfg.d_model), np.float16)
-    for r, h in enumerate(final_hidden_states(model, params, part, progress=False)):
+    for r, h in enumerate(final_hidden_states(model, params, part, progress=False, advance=advance)):
       feats[r, :len(h)] = h
     return {"feats": feats}
 
@@ -211,8 +213,8 @@ def cached_features(path: Path, model, params, seqs: datasets.Sequences, seq_len
                               desc="hidden states", progress=progress)["feats"]
 
 
-def _encdec_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int,
-                          progress: bool) -> list[np.ndarray]:
+def _encdec_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int, progress: bool,
+                          advance: Callable[[int], None] | None) -> list[np.ndarray]:
   from jaxspec.decoding.generate import bucket
 
   run = jax.jit(lambda params, src, src_len, dec: model.teacher_forced(params, src, src_len, dec)[1])
@@ -231,6 +233,8 @@ def _encdec_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size
     for r, (t, p) in enumerate(rows):
       out.append(np.concatenate([np.zeros((p - 1, h.shape[-1]), np.float32), h[r, :len(t) - p + 1]]))
     bar.update(len(rows))
+    if advance is not None:
+      advance(len(rows))
   bar.close()
   return out
 

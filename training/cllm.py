@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -57,6 +56,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from jaxspec import files
 from jaxspec.decoding.sampling import argmax
 from jaxspec.errors import InputError
 from jaxspec.models.lora import ALL_TARGETS, LoraConfig, init_lora, lora_size, merge_lora, save_lora
@@ -303,9 +303,7 @@ def _write_shard(path: Path, seqs, prompt_lens, prompt_index, states) -> None:
       window_counts=np.asarray(counts_per_seq, np.int32),
       state_counts=np.asarray([len(k) for k in flat_states], np.int32),
       states=np.concatenate(flat_states).astype(np.int32) if flat_states else np.zeros((0, 1), np.int32))
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  files.write_file(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def load_trajectories(folder: str | os.PathLike) -> Trajectories:
@@ -627,22 +625,26 @@ class RepetitionMonitor:
 
   def __init__(self, model, prompts: Sequence[Sequence[int]], to_params: Callable[[Any], Any], *, window: int,
                max_new_tokens: int, ngram: int, eos_ids: Sequence[int] = (), pad_id: int = 0,
-               base_params: Any = None):
+               base_params: Any = None, progress: bool = False):
     self.model, self.prompts, self.to_params = model, [list(p) for p in prompts], to_params
     self.window, self.max_new_tokens, self.ngram = window, max_new_tokens, ngram
-    self.eos_ids, self.pad_id = list(eos_ids), pad_id
-    self.base_outputs = self._decode(base_params)[0] if base_params is not None else None
+    self.eos_ids, self.pad_id, self.progress = list(eos_ids), pad_id, progress
+    self.base_outputs = self._decode(base_params, "the base model")[0] if base_params is not None else None
 
-  def _decode(self, params):
+  def _decode(self, params, whose: str):
     from jaxspec.decoding.generate import generate
     from jaxspec.decoding.jacobi import JacobiDrafter
 
-    res = generate(self.model, params, self.prompts, max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids,
-                   pad_id=self.pad_id, drafter=JacobiDrafter(window=self.window))
+    # One batched decode: the bar says what the pause between an evaluation and the next steps is.
+    with tqdm(total=len(self.prompts), desc=f"monitor: Jacobi decode, {whose}", unit="prompt", leave=False,
+              disable=not self.progress) as bar:
+      res = generate(self.model, params, self.prompts, max_new_tokens=self.max_new_tokens, eos_ids=self.eos_ids,
+                     pad_id=self.pad_id, drafter=JacobiDrafter(window=self.window))
+      bar.update(len(self.prompts))
     return res.tokens, res.tau
 
   def __call__(self, trainable) -> dict[str, float]:
-    outputs, tau = self._decode(self.to_params(trainable))
+    outputs, tau = self._decode(self.to_params(trainable), "the model in training")
     metrics = {f"rep{self.ngram}": repeated_ngram_rate(outputs, self.ngram), "jacobi_tau": float(tau),
                "out_len": float(np.mean([len(o) for o in outputs]))}
     if self.base_outputs is not None:
@@ -717,7 +719,7 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
                 for i in range(min(cfg.monitor.prompts, len(eval_traj)))]
     monitor = RepetitionMonitor(model, held_out, jax.jit(to_params), window=c.window,
                                 max_new_tokens=cfg.monitor.max_new_tokens, ngram=cfg.monitor.ngram, eos_ids=eos,
-                                pad_id=pad_id, base_params=base)
+                                pad_id=pad_id, base_params=base, progress=progress)
   optimizer = make_optimizer(cfg.optim, cfg.train.steps)
   batches_from, all_eval = datasets.batch_sources(tr, ev, t.batch_size, t.seed)
   eval_batches = lambda: (b for _, b in zip(range(t.eval_batches), all_eval()))
@@ -754,5 +756,5 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
     save_hf(cfg.out, model, out_params)
     if hasattr(tokenizer, "save"):  # a model folder: `jaxspec ... --model OUT` loads it
       tokenizer.save(Path(cfg.out))
-    Path(cfg.out, "training.json").write_text(json.dumps(summary, indent=1))
+    files.write_json(Path(cfg.out, "training.json"), summary)
   return summary

@@ -22,6 +22,7 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from jaxspec import files
 from jaxspec.errors import JaxspecError
 
 T = TypeVar("T")
@@ -196,10 +197,7 @@ def dump_config(cfg: Any, path: str | os.PathLike[str]) -> None:
   """Writes a config dataclass as YAML (atomically), readable back with `load_config(path, type(cfg))`."""
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  text = yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
+  files.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False))
 
 
 # Keys a resumed run may change: how long it runs and how it logs, the optimizer (warm restarts, a longer

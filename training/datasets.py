@@ -18,6 +18,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxspec import files
 from jaxspec.errors import InputError
 
 SHIPPED_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
@@ -67,9 +68,7 @@ class Sequences:
 
 def write_meta(path: Path, meta: dict) -> None:
   """Writes a data folder's meta.json through a temporary file and a rename, so a kill never leaves it half-written."""
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(meta, indent=1))
-  os.replace(tmp, path)
+  files.write_json(path, meta)
 
 
 def read_meta(path: Path) -> dict | None:
@@ -94,9 +93,8 @@ def read_meta(path: Path) -> dict | None:
 def _write_shard(path: Path, seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> None:
   offsets = np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64)
   flat = np.concatenate([np.asarray(s, np.int32) for s in seqs]) if seqs else np.zeros(0, np.int32)
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, tokens=flat, offsets=offsets, prompt_lens=np.asarray(prompt_lens, np.int32))
-  os.replace(tmp, path)
+  files.write_file(path, lambda tmp: np.savez(tmp, tokens=flat, offsets=offsets,
+                                             prompt_lens=np.asarray(prompt_lens, np.int32)))
 
 
 def load_sequences(folder: str | os.PathLike) -> Sequences:

@@ -29,7 +29,7 @@ import functools
 import json
 import time
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Callable, Literal, Optional
 
 import jax
 import jax.numpy as jnp
@@ -198,9 +198,11 @@ def padded(seqs: datasets.Sequences, seq_len: int, loss_on_prompt: bool) -> tupl
 
 
 def teacher_topk(model, params, tokens_NxL: np.ndarray, lengths_N: np.ndarray, k: int, *, batch_size: int = 8,
-                 rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                 rows: np.ndarray | None = None,
+                 advance: Callable[[int], None] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The target's top-k next-token ids `[N, L, k]` (int32) and log-probabilities (f32) at every position, and the
   log of its mass outside them `[N, L]`, for the sequences `rows` (default: all; the result has one row each).
+  `advance(n)`, if given, is told of each batch of n rows done (a progress bar).
 
   Rows are run in order of length, each batch cut to a power-of-two bucket of its longest row; positions past that
   bucket hold id 0 and log-probabilities 0, and positions past a row's end are masked out of the loss.
@@ -221,6 +223,8 @@ def teacher_topk(model, params, tokens_NxL: np.ndarray, lengths_N: np.ndarray, k
     l = min(bucket(max(int(lengths_N[rows[run]].max()), 1), 32), length)
     out = jax.device_get(_teacher_batch(model, k, params, jnp.asarray(tokens_NxL[rows[run], :l])))
     ids[idx, :l], logp[idx, :l], other[idx, :l] = (a[:len(idx)] for a in out)
+    if advance is not None:
+      advance(len(idx))
   return ids, logp, other
 
 
@@ -244,8 +248,8 @@ def cached_teacher_topk(path: Path, model, params, tokens_NxL, lengths_N, k: int
                     "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
                     "embed": embed_fingerprint(params)}, sort_keys=True)
 
-  def compute(idx: np.ndarray) -> dict[str, np.ndarray]:
-    ids, logp, other = teacher_topk(model, params, tokens_NxL, lengths_N, k, rows=idx)
+  def compute(idx: np.ndarray, advance) -> dict[str, np.ndarray]:
+    ids, logp, other = teacher_topk(model, params, tokens_NxL, lengths_N, k, rows=idx, advance=advance)
     return {"ids": ids, "logp": logp, "other": other}
 
   row_keys = [rowcache.sequence_key(t[:n]) for t, n in zip(tokens_NxL, lengths_N)]

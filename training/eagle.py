@@ -24,7 +24,6 @@ target's own greedy text) is an estimate of τ. `tests/test_eagle.py` checks pas
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Literal, Optional

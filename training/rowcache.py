@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
@@ -25,7 +24,9 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-Compute = Callable[[np.ndarray], dict[str, np.ndarray]]
+from jaxspec import files
+
+Compute = Callable[[np.ndarray, Callable[[int], None]], dict[str, np.ndarray]]  # (indices, advance) -> arrays
 ROW_KEYS = "row_keys"  # stored next to the arrays when the rows are named by content
 
 
@@ -71,10 +72,7 @@ def _take_rows(path: Path, key: str, rk: np.ndarray, out: dict[str, np.ndarray])
 
 
 def _save(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp.npz")
-  np.savez(tmp, key=np.array(key), **arrays)
-  os.replace(tmp, path)
+  files.write_file(path, lambda tmp: np.savez(tmp, key=np.array(key), **arrays))
 
 
 def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, row_keys=None, part_rows: int = 256,
@@ -87,7 +85,9 @@ def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, ro
       `row_keys`, the model and settings only.
     order: the sequence indices in the order to compute them (e.g. by length, so batches share a length); its
       length is the number of rows N.
-    compute: `indices -> {name: array [len(indices), ...]}`, the same names, dtypes and trailing shapes each call.
+    compute: `(indices, advance) -> {name: array [len(indices), ...]}`, the same names, dtypes and trailing shapes
+      each call; `advance(n)` moves the progress bar by n sequences as batches of a part finish (whatever a part
+      does not report is counted when it ends).
     row_keys: optional, N content keys (`sequence_key`): rows of sequences that a file in `path` with the same `key`
       already holds are taken from it, and only the others are computed.
     part_rows: sequences per part.
@@ -124,20 +124,25 @@ def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, ro
   if not same:  # parts of other data or another target: start over
     shutil.rmtree(parts_dir, ignore_errors=True)
     parts_dir.mkdir(parents=True)
-    meta.write_text(json.dumps({"key": parts_key}))
+    files.write_json(meta, {"key": parts_key}, indent=None)
   bar = tqdm(total=n, initial=n - len(order), desc=desc, unit="seq", disable=not progress)
   for pi, s in enumerate(range(0, len(order), part_rows)):
     idx = order[s:s + part_rows]
     part = parts_dir / f"part_{pi:05d}.npz"
     arrays = _load(part, parts_key) if part.is_file() else None
+    reported = [0]
     if arrays is None or any(len(a) != len(idx) for a in arrays.values()):
-      arrays = compute(idx)
+      def advance(k: int) -> None:
+        k = min(k, len(idx) - reported[0])
+        reported[0] += k
+        bar.update(k)
+      arrays = compute(idx, advance)
       _save(part, parts_key, arrays)
     for name, a in arrays.items():
       if name not in out:
         out[name] = np.zeros((n,) + a.shape[1:], a.dtype)
       out[name][idx] = a
-    bar.update(len(idx))
+    bar.update(len(idx) - reported[0])
   bar.close()
   _save(path, key, out if rk is None else {**out, ROW_KEYS: rk})
   shutil.rmtree(parts_dir, ignore_errors=True)

@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm.auto import tqdm
 
+from jaxspec import files
 from jaxspec.models.t5 import T5Config, T5LM
 from training import synthetic
 from training.config import ConfigError, record_run_config, to_dict
@@ -169,16 +171,18 @@ def seq2seq_loss(model: T5LM):
   return loss_fn
 
 
-def exact_match(model, params, tokenizer, rows, batch_size: int = 64) -> float:
+def exact_match(model, params, tokenizer, rows, batch_size: int = 64, progress: bool = False) -> float:
   """Share of sources whose greedy decode (`jaxspec.decoding.generate`) is exactly the target text."""
   from jaxspec.decoding.generate import generate
   hits = 0
-  for s in range(0, len(rows), batch_size):
-    chunk = rows[s:s + batch_size]
-    res = generate(model, params, [tokenizer.encode(src) for _, src, _ in chunk], max_new_tokens=96,
-                   eos_ids=[tokenizer.eos_id])
-    for (_, _, tgt), toks in zip(chunk, res.tokens):
-      hits += tokenizer.decode(toks, skip_special_tokens=True) == tgt
+  with tqdm(total=len(rows), desc="exact match (greedy decode)", unit="example", disable=not progress) as bar:
+    for s in range(0, len(rows), batch_size):
+      chunk = rows[s:s + batch_size]
+      res = generate(model, params, [tokenizer.encode(src) for _, src, _ in chunk], max_new_tokens=96,
+                     eos_ids=[tokenizer.eos_id])
+      for (_, _, tgt), toks in zip(chunk, res.tokens):
+        hits += tokenizer.decode(toks, skip_special_tokens=True) == tgt
+      bar.update(len(chunk))
   return hits / max(len(rows), 1)
 
 
@@ -235,7 +239,7 @@ def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
   final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
   fits = [r for r in eval_rows if len(tokenizer.encode(r[1])) <= cfg.data.src_len
           and len(tokenizer.encode(r[2])) + 1 <= cfg.data.tgt_len]  # the rows `ev` holds
-  em = exact_match(model, params, tokenizer, fits[:cfg.train.exact_match_examples])
+  em = exact_match(model, params, tokenizer, fits[:cfg.train.exact_match_examples], progress=progress)
   summary = {"params": int(sum(x.size for x in jax.tree.leaves(params))), "vocab_size": tokenizer.vocab_size,
              "train_examples": int(len(tr["src"])), "dropped_long": int(dropped), "train_s": round(train_s, 1),
              "total_s": round(time.time() - t_start, 1),
@@ -244,5 +248,5 @@ def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
   out = Path(cfg.out)
   save_t5(str(out), model, params)
   tokenizer.save(out)
-  (out / "training.json").write_text(json.dumps(summary, indent=1))
+  files.write_json(out / "training.json", summary)
   return summary

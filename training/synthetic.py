@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxspec import files
+
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen "
          "seventeen eighteen nineteen").split()
 _TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
@@ -102,9 +104,8 @@ def write_prompt_file(path: str | Path, n_per_task: int, seed: int, exclude: Ite
       raise ValueError(f"could not draw {n_per_task} sources per task outside the {len(exclude)} excluded ones")
     if len(kept[task]) < n_per_task and src not in exclude:
       kept[task].append(src)
-  with open(path, "w", encoding="utf-8") as f:
-    for i, (task, src) in enumerate((t, kept[t][j]) for j in range(n_per_task) for t in TASKS):
-      f.write(json.dumps({"question_id": i, "category": task, "turns": [src]}) + "\n")
+  files.write_text(path, "".join(json.dumps({"question_id": i, "category": task, "turns": [src]}) + "\n" for i, (task, src)
+                                in enumerate((t, kept[t][j]) for j in range(n_per_task) for t in TASKS)))
 
 
 def training_sources(train_examples: int, seed: int, eval_examples: int = 0) -> set[str]:

@@ -30,7 +30,7 @@ import optax
 from flax import struct
 from tqdm.auto import tqdm
 
-from jaxspec import sharding
+from jaxspec import files, sharding
 from training.checkpoint import Checkpointer, CheckpointError
 from training.config import ConfigError
 
@@ -470,9 +470,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
       continue
     if isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and record["step"] <= step:
       kept.append(line)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-  os.replace(tmp, path)
+  files.write_text(path, "".join(line + "\n" for line in kept))
 
 
 class _SignalGuard:

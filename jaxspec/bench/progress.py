@@ -22,6 +22,8 @@ from typing import Any, Iterable
 
 import jax
 
+from jaxspec import files
+
 FILE = "progress.jsonl"
 # Config fields that name the work rather than define it: the prompts' hash and the method list say what they chose,
 # so the same prompts named another way (an explicit default file, a --limit above every category's count) resume.
@@ -98,9 +100,7 @@ def _split(entry: dict) -> list[dict]:
 
 def start(path: Path, head: dict, runs: Iterable[dict] = ()) -> None:
   """(Re)writes the progress file: the fingerprint and the runs kept (dropping a line cut short)."""
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text("".join(json.dumps(x) + "\n" for x in [{"fingerprint": head}, *runs]), encoding="utf-8")
-  os.replace(tmp, path)
+  files.write_text(path, "".join(json.dumps(x) + "\n" for x in [{"fingerprint": head}, *runs]))
 
 
 def append(path: Path, entry: dict[str, Any]) -> None:

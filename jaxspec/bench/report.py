@@ -11,6 +11,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxspec import files
+
 MAX_LISTED_MISMATCHES = 50
 PLOTS = ("tau_per_category.png", "speedup.png", "accept_hist.png")  # what `plots` writes, in its order
 
@@ -229,11 +231,7 @@ def _save(fig, path: Path) -> Path:
 
 def write_all(out: Path, res: dict) -> None:
   """results.json, report.md and the plots, each written whole or not at all."""
-  out.mkdir(parents=True, exist_ok=True)
-  for name, text in (("results.json", json.dumps(res, indent=1)), ("report.md", markdown(res))):
-    tmp = out / (name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, out / name)
+  files.write_files(out, {"results.json": files.json_writer(res), "report.md": files.text_writer(markdown(res))})
   plots(res, out)
 
 

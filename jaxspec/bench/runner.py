@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxspec import sharding
+from jaxspec import files, sharding
 from jaxspec.bench import progress as saved
 from jaxspec.bench.methods import METHODS, BenchContext, Unavailable, parse_method
 from jaxspec.bench.prompts import QUICK_PROMPTS, Prompt, load_prompts
@@ -139,12 +139,6 @@ def chat_prompt_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
   if tokenizer.chat_template:
     return [tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": t}])) for t in texts]
   return [tokenizer.encode(t, add_bos=None) for t in texts]
-
-
-def _atomic_json(path: Path, obj) -> None:
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1))
-  os.replace(tmp, path)
 
 
 def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, progress: bool = True,
@@ -284,7 +278,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   bar = tqdm(desc="bench", unit="run", disable=not progress, initial=len(runs), total=len(batches) * len(order))
   try:
     if any(map(whole, range(len(batches)))):
-      _atomic_json(out / "results.json", snapshot(complete=False))
+      files.write_json(out / "results.json", snapshot(complete=False))
     # Warm-up: compile and run each method once, untimed (skipped by --quick: compilation is ahead-of-time and timed
     # apart, so only first-run effects go unexcluded).
     for label, bi in tqdm(list(first.items()) if not cfg.quick else [], desc="warm-up", disable=not progress,
@@ -309,7 +303,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
       runs[bi, label] = (recs, res.compile_s, res.program_bytes)
       bar.update(1)
       if whole(bi):
-        _atomic_json(out / "results.json", snapshot(complete=False))
+        files.write_json(out / "results.json", snapshot(complete=False))
   except KeyboardInterrupt:
     bar.close()
     if runs:
@@ -323,11 +317,9 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   results = snapshot(complete=True)
   records = {l: [r for bi in range(len(batches)) for r in runs[bi, l][0]] for l in order}
   report.write_all(out, results)
-  with open(out / "outputs.jsonl", "w", encoding="utf-8") as f:
-    for label, recs in records.items():
-      for r in recs:
-        f.write(json.dumps({"method": label, "question_id": r.question_id, "category": r.category,
-                            "tokens": r.tokens, "text": tokenizer.decode(r.tokens)}) + "\n")
+  files.write_text(out / "outputs.jsonl", "".join(
+      json.dumps({"method": label, "question_id": r.question_id, "category": r.category, "tokens": r.tokens,
+                  "text": tokenizer.decode(r.tokens)}) + "\n" for label, recs in records.items() for r in recs))
   progress_path.unlink()  # everything it held is in results.json and outputs.jsonl now
   return results
 

@@ -10,6 +10,7 @@ import re
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import files
 from jaxspec.loading.errors import ModelLoadError
 from jaxspec.loading.gguf_loader import check_complete
 from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers, unstack_layers
@@ -326,20 +327,18 @@ def save_hf(folder: str, model: LlamaLM, params: dict) -> None:
   from safetensors.numpy import save_file
 
   cfg = model.cfg
-  os.makedirs(folder, exist_ok=True)
   tensors = {}
   for key, leaf in _flatten(unstack_layers(params)):
     arr = np.asarray(leaf, np.float32)
     tensors[hf_tensor_name(key)] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
-  save_file(tensors, os.path.join(folder, "model.safetensors"))
   hf_cfg = {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
       "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
       "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": "float32"}
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(hf_cfg, f, indent=2)
+  files.write_files(folder, {"model.safetensors": lambda tmp: save_file(tensors, str(tmp)),
+                             "config.json": files.json_writer(hf_cfg, indent=2)})
 
 
 def _flatten(tree, prefix=()):

@@ -16,13 +16,12 @@ combinations load as an untied head: a copy of `shared` (tied, unscaled: what tr
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import files
 from jaxspec.loading.errors import ModelLoadError
 from jaxspec.loading.hf import _flatten, check_weights
 from jaxspec.models.t5 import T5Config, T5LM
@@ -203,14 +202,10 @@ def save_t5(folder: str, model: T5LM, params: dict, extra_config: dict | None = 
   from safetensors.numpy import save_file
 
   cfg = model.cfg
-  os.makedirs(folder, exist_ok=True)
   tensors = {}
   for key, leaf in _flatten(params):
     arr = np.asarray(leaf, np.float32)
     tensors[_source(key)] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
-  tmp = os.path.join(folder, "model.safetensors.tmp")
-  save_file(tensors, tmp)
-  os.replace(tmp, os.path.join(folder, "model.safetensors"))
   hf = {
       "architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "vocab_size": cfg.vocab_size,
       "d_model": cfg.d_model, "d_kv": cfg.d_kv, "d_ff": cfg.d_ff, "num_heads": cfg.n_heads,
@@ -222,5 +217,5 @@ def save_t5(folder: str, model: T5LM, params: dict, extra_config: dict | None = 
       "decoder_start_token_id": cfg.decoder_start_id,
       "pad_token_id": 0, "eos_token_id": 1, "n_positions": cfg.max_seq_len, "is_encoder_decoder": True,
       "dropout_rate": 0.0, "torch_dtype": "float32", **(extra_config or {})}
-  with open(os.path.join(folder, "config.json"), "w") as f:
-    json.dump(hf, f, indent=2)
+  files.write_files(folder, {"model.safetensors": lambda tmp: save_file(tensors, str(tmp)),
+                             "config.json": files.json_writer(hf, indent=2)})

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import files
 from jaxspec.errors import ModelLoadError
 
 Array = jax.Array
@@ -112,18 +113,13 @@ def save_bpd(folder: str | os.PathLike, bpd: BPDModel, params: dict, meta: dict 
   well within its range for these small weights; they are read back as f32)."""
   from safetensors.numpy import save_file
 
-  folder = Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
   flat = {f"heads.{k}": np.asarray(v, np.float32).astype(dtype) for k, v in params["heads"].items()}
   if "vocab_ids" in params:
     flat["vocab_ids"] = np.asarray(params["vocab_ids"], np.int32)
-  # Both files are written in full first and then renamed one after the other, so a kill never leaves either one
-  # half-written (the shipped folder is the default output of `jaxspec train configs/bpd_smollm2.yaml`).
-  tmp, tmp_cfg = folder / "heads.safetensors.tmp", folder / "config.json.tmp"
-  save_file(flat, str(tmp))
-  tmp_cfg.write_text(json.dumps({"bpd": dataclasses.asdict(bpd.cfg), **(meta or {})}, indent=1))
-  os.replace(tmp, folder / "heads.safetensors")
-  os.replace(tmp_cfg, folder / "config.json")
+  # Neither file is ever left half-written: the shipped folder is the default output of
+  # `jaxspec train configs/bpd_smollm2.yaml`, so a killed export must not break it.
+  files.write_files(folder, {"heads.safetensors": lambda tmp: save_file(flat, str(tmp)),
+                             "config.json": files.json_writer({"bpd": dataclasses.asdict(bpd.cfg), **(meta or {})})})
 
 
 def load_bpd(folder: str | os.PathLike, num_heads: int | None = None) -> tuple[BPDModel, dict]:

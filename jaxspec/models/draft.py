@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import files
 from jaxspec.errors import ModelLoadError
 from jaxspec.models.llama import LlamaLM
 
@@ -70,7 +71,6 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
     raise ValueError("save_draft takes per-layer params (layers_0, ...), not the stacked scan_layers layout")
   cfg = draft.cfg
   folder = Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
   np_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[dtype]
   tensors = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -79,8 +79,6 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
       continue
     arr = np.asarray(jax.device_get(jnp.asarray(leaf).astype(np_dtype)))
     tensors[hf_tensor_name(key)] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
-  tmp = folder / (WEIGHTS_FILE + ".tmp")
-  save_file(tensors, str(tmp))
   info = {"format": FORMAT, "embeddings": "included" if include_embeddings else "target", "dtype": dtype,
           "target": {"vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "tie_embeddings": cfg.tie_embeddings,
                      "embed_fingerprint": embed_fingerprint(params)},
@@ -92,14 +90,13 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
       "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": dtype,
       "jaxspec_draft": info}
-  # Weights and config are written in full, then renamed one after the other: a kill never leaves a half-written file.
-  (folder / "config.json.tmp").write_text(json.dumps(hf_cfg, indent=1))
-  os.replace(tmp, folder / WEIGHTS_FILE)
-  os.replace(folder / "config.json.tmp", folder / "config.json")
+  files.write_files(folder, {WEIGHTS_FILE: lambda tmp: save_file(tensors, str(tmp)),
+                             "config.json": files.json_writer(hf_cfg)})
   shared = ("The token embedding" + ("" if cfg.tie_embeddings else " and the output head")
             + " are NOT in model.safetensors: they are the target's own (frozen in training). Load with\n"
             "`jaxspec.models.draft.load_draft(folder, target_params)`, which takes them from the target.\n")
-  (folder / "README.md").write_text(
+  files.write_text(
+      folder / "README.md",
       f"# Draft model ({cfg.n_layers} layers, d_model {cfg.d_model}, vocabulary {cfg.vocab_size})\n\n"
       "A LLaMA-family draft for speculative sampling that shares its target's tokenizer. Hugging Face layout\n"
       f"(config.json + {WEIGHTS_FILE}, {dtype}); `jaxspec_draft` in config.json says how it was made.\n\n"
@@ -110,9 +107,8 @@ def save_draft_vocab(folder: str | os.PathLike, vocab_ids) -> None:
   """Writes the token ids a subset head of the draft scores (`jaxspec.models.subset`) next to its weights."""
   from safetensors.numpy import save_file
 
-  tmp = Path(folder) / (VOCAB_FILE + ".tmp")
-  save_file({"vocab_ids": np.unique(np.asarray(vocab_ids)).astype(np.int32)}, str(tmp))
-  os.replace(tmp, Path(folder) / VOCAB_FILE)
+  ids = np.unique(np.asarray(vocab_ids)).astype(np.int32)
+  files.write_file(Path(folder) / VOCAB_FILE, lambda tmp: save_file({"vocab_ids": ids}, str(tmp)))
 
 
 def load_draft_vocab(folder: str | os.PathLike) -> np.ndarray | None:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import files
 from jaxspec.errors import ModelLoadError
 from jaxspec.models.cache import KVCache
 from jaxspec.models.llama import Block, LlamaConfig, LlamaLM, RMSNorm, rope_tables
@@ -165,31 +166,25 @@ def own_params(params: dict) -> dict:
 
 def save_eagle(folder: str | os.PathLike, draft: EagleDraft, params: dict, *,
                dtype: Literal["float32", "bfloat16"] = "bfloat16", meta: dict | None = None) -> None:
-  """Writes config.json, model.safetensors and vocab_ids.safetensors (each replaced atomically)."""
+  """Writes config.json, model.safetensors and vocab_ids.safetensors (each whole: `jaxspec.files`)."""
   from flax.traverse_util import flatten_dict
   from safetensors.numpy import save_file
 
   from jaxspec.models.draft import embed_fingerprint
 
-  folder = Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
   np_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[dtype]
   flat = flatten_dict(jax.device_get(own_params(params)), sep=".")
   tensors = {k: np.ascontiguousarray(np.asarray(jnp.asarray(v).astype(np_dtype))) for k, v in flat.items()}
-  for name, arrays in ((WEIGHTS_FILE, tensors),
-                       (VOCAB_FILE, {"vocab_ids": np.asarray(jax.device_get(params["vocab_ids"]), np.int32)})):
-    tmp = folder / (name + ".tmp")
-    save_file(arrays, str(tmp))
-    os.replace(tmp, folder / name)
+  vocab = {"vocab_ids": np.asarray(jax.device_get(params["vocab_ids"]), np.int32)}
   cfg = draft.cfg
   info = {"format": FORMAT, "n_layers": draft.n_layers, "dtype": dtype,
           "target": {"vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "n_heads": cfg.n_heads,
                      "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "d_ff": cfg.d_ff,
                      "embed_fingerprint": embed_fingerprint({"embed": {"embedding": params["embed_VxD"]}})},
           **(meta or {})}
-  tmp = folder / "config.json.tmp"
-  tmp.write_text(json.dumps({"jaxspec_eagle": info}, indent=1))
-  os.replace(tmp, folder / "config.json")
+  files.write_files(folder, {WEIGHTS_FILE: lambda tmp: save_file(tensors, str(tmp)),
+                             VOCAB_FILE: lambda tmp: save_file(vocab, str(tmp)),
+                             "config.json": files.json_writer({"jaxspec_eagle": info})})
 
 
 def load_eagle(folder: str | os.PathLike, target: LlamaLM, target_params: dict, *,

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxspec import files
 from jaxspec.errors import ModelLoadError
 from jaxspec.models.llama import stack_layers, unstack_layers
 
@@ -152,18 +153,12 @@ def save_lora(folder: str | os.PathLike, lora: dict, cfg: LoraConfig, *, meta: d
   """
   from safetensors.numpy import save_file
 
-  folder = Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
   tensors = {}
   for path, leaf in traverse_util.flatten_dict(dict(lora)).items():
     tensors[f"{'/'.join(path[:-1])}.lora_{path[-1]}"] = np.ascontiguousarray(np.asarray(leaf, np.float32).astype(dtype))
-  tmp = folder / (WEIGHTS_FILE + ".tmp")
-  save_file(tensors, str(tmp))
-  os.replace(tmp, folder / WEIGHTS_FILE)
   info = {"format": FORMAT, "rank": cfg.rank, "alpha": cfg.alpha, "targets": list(cfg.targets), "base": base or {}}
-  tmp = folder / (CONFIG_FILE + ".tmp")
-  tmp.write_text(json.dumps({"lora": info, **(meta or {})}, indent=1))
-  os.replace(tmp, folder / CONFIG_FILE)
+  files.write_files(folder, {WEIGHTS_FILE: lambda tmp: save_file(tensors, str(tmp)),
+                             CONFIG_FILE: files.json_writer({"lora": info, **(meta or {})})})
 
 
 def load_lora(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec import files
 from jaxspec.errors import InputError, ModelLoadError
 
 Array = jax.Array
@@ -205,15 +206,10 @@ def save_ngram(folder: str | os.PathLike, lm: NgramLM, params: dict, meta: dict 
   """Writes `ngram.safetensors` (the tables) and `config.json` (order, vocabulary and `meta`), atomically."""
   from safetensors.numpy import save_file
 
-  folder = Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  tmp = folder / "ngram.safetensors.tmp"
-  save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(tmp))
-  os.replace(tmp, folder / "ngram.safetensors")
   cfg = {"ngram": {"order": lm.order, "vocab_size": lm.vocab_size}, **(meta or {})}
-  tmp = folder / "config.json.tmp"
-  tmp.write_text(json.dumps(cfg, indent=1))
-  os.replace(tmp, folder / "config.json")
+  files.write_files(folder, {
+      "ngram.safetensors": lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(tmp)),
+      "config.json": files.json_writer(cfg)})
 
 
 def load_ngram(folder: str | os.PathLike) -> tuple[NgramLM, dict, dict]:

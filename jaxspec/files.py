@@ -1,0 +1,70 @@
+"""Files written whole or not at all.
+
+Every file jaxspec writes that a later run reads (exported weights and their configs, dataset shards and meta files,
+bench results, logs trimmed on resume) goes through here: it is written in full under a temporary name beside its
+place and then renamed over it. A rename within a folder is atomic, so a run killed at any moment leaves either the
+old file or the new one, never a half-written one.
+
+Temporary names are the file's name plus `.tmp`, and `.tmp.npz` for `.npz` files (numpy adds `.npz` to a name
+without it), so readers that list a folder skip them by that ending.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+Writer = Callable[[Path], None]  # writes the whole content to the path it is given
+
+
+def temporary(path: str | os.PathLike) -> Path:
+  """Where `path` is written before it is renamed into place."""
+  path = Path(path)
+  return path.with_name(path.name + (".tmp.npz" if path.suffix == ".npz" else ".tmp"))
+
+
+def write_files(folder: str | os.PathLike, writers: Mapping[str, Writer]) -> None:
+  """Writes files of one folder: each in full under its temporary name first, then renamed in the given order.
+
+  The renames come last, so a kill while writing leaves every old file in place; give the file that readers check
+  first (e.g. a config that names the weights) last.
+  """
+  folder = Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  tmps = {}
+  try:
+    for name, write in writers.items():
+      tmps[name] = temporary(folder / name)
+      write(tmps[name])
+  except BaseException:  # an error or Ctrl-C while writing: the old files stay, and no temporary file is left
+    for tmp in tmps.values():
+      tmp.unlink(missing_ok=True)
+    raise
+  for name, tmp in tmps.items():
+    os.replace(tmp, folder / name)
+
+
+def write_file(path: str | os.PathLike, write: Writer) -> None:
+  """Writes one file whole: `write(tmp)` and then a rename over `path`."""
+  path = Path(path)
+  write_files(path.parent, {path.name: write})
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+  write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
+  write_text(path, json.dumps(obj, indent=indent))
+
+
+def text_writer(text: str) -> Writer:
+  """A writer of `text`, for `write_files`."""
+  return lambda tmp: tmp.write_text(text, encoding="utf-8")
+
+
+def json_writer(obj: Any, indent: int | None = 1) -> Writer:
+  """A writer of `obj` as JSON, for `write_files`."""
+  return text_writer(json.dumps(obj, indent=indent))
