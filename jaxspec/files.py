@@ -68,3 +68,14 @@ def text_writer(text: str) -> Writer:
 def json_writer(obj: Any, indent: int | None = 1) -> Writer:
   """A writer of `obj` as JSON, for `write_files`."""
   return text_writer(json.dumps(obj, indent=indent))
+
+
+def write_figure(path: str | os.PathLike, fig: Any, dpi: int = 110) -> None:
+  """Saves a matplotlib figure whole (as PNG unless `path` ends otherwise) and closes it."""
+  import matplotlib.pyplot as plt
+
+  path = Path(path)
+  try:
+    write_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
+  finally:
+    plt.close(fig)

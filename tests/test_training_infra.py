@@ -19,6 +19,7 @@ import pytest
 
 from jaxspec import files
 from jaxspec.errors import JaxspecError
+from training import curves
 from training.checkpoint import Checkpointer, CheckpointError
 from training.config import ConfigError, config_from_dict, dump_config, load_config, to_dict
 from training.trainer import OptimConfig, TrainState, Trainer, init_state, make_optimizer, make_schedule
@@ -107,6 +108,28 @@ def test_files_are_replaced_whole_or_not_at_all(tmp_path):
   with np.load(tmp_path / "sub" / "a.npz") as z:
     assert z["x"].tolist() == [0, 1, 2]
   assert [p.name for p in (tmp_path / "sub").iterdir()] == ["a.npz"]
+
+
+def test_curves_pair_each_metric_with_its_held_out_value_and_group_numbered_families(tmp_path):
+  records = [{"step": 10, "loss": 2.0, "acc_h1": 0.1, "acc_h2": 0.05, "kl_0": 1.0, "steps_per_sec": 3.0},
+             {"step": 20, "loss": 1.0, "acc_h1": 0.2, "acc_h2": float("nan"), "kl_0": 0.5, "steps_per_sec": 3.0},
+             {"step": 20, "eval/loss": 1.5, "eval/acc_h1": 0.15, "eval/rep4": 0.1, "eval/flag": True}]
+  assert curves.panels(records) == {
+      "loss": {"train": [(10, 2.0), (20, 1.0)], "eval": [(20, 1.5)]},
+      "acc_*": {"acc_h1": [(10, 0.1), (20, 0.2)], "acc_h2": [(10, 0.05)], "eval acc_h1": [(20, 0.15)]},
+      "kl_*": {"kl_0": [(10, 1.0), (20, 0.5)]},
+      "rep4": {"eval": [(20, 0.1)]}}
+  path = tmp_path / "metrics.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 3')  # a line a kill cut short
+  assert [r["step"] for r in curves.read_metrics(path)] == [10, 20, 20]
+  assert curves.plot_metrics(path) == tmp_path / "curves.png"
+  assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["curves.png", "metrics.jsonl"]
+  empty = tmp_path / "empty" / "metrics.jsonl"
+  empty.parent.mkdir()
+  empty.write_text("")
+  assert curves.plot_metrics(empty) is None and curves.main([str(empty.parent)]) == 0
+  assert curves.main([str(tmp_path / "nowhere")]) == 2
 
 
 @pytest.mark.parametrize("name,text", [("run.yaml", YAML), ("run.toml", TOML)])
@@ -317,6 +340,7 @@ def test_trainer_loss_goes_down(tmp_path):
   lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
   assert [json.loads(line) for line in lines] == history
   assert _committed_steps(tmp_path / "run") == [20, 30, 40]  # every 10, newest 3 kept
+  assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # drawn at the end
 
   # Fitting again to the same step only restores; to a later one continues from the checkpoint.
   again, more = trainer.fit(train_tiny.fresh_state(), train_tiny.batches_from, 40)

@@ -31,6 +31,7 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from jaxspec import files, sharding
+from training import curves
 from training.checkpoint import Checkpointer, CheckpointError
 from training.config import ConfigError
 
@@ -208,6 +209,7 @@ class Trainer:
       log_every: int = 50,
       progress: bool | None = None,
       mesh: Any = None,
+      curves: bool = True,
   ):
     """Sets up a trainer.
 
@@ -225,6 +227,7 @@ class Trainer:
         `"data=2,model=4"`, or a `jaxspec.sharding.Partitioner`): params, optimizer state and `frozen` are placed
         by the logical axis rules of `jaxspec.sharding`, batches are split over `data` (dimension 0), and each
         step keeps the state's shardings. None: one device, as before.
+      curves: draw `curves.png` (`training.curves`) beside `metrics.jsonl` after evaluations and at the end.
     """
     if checkpoint_every < 1 or log_every < 1:
       raise ConfigError(f"checkpoint_every and log_every must be >= 1, got {checkpoint_every} and {log_every}")
@@ -238,6 +241,8 @@ class Trainer:
     self.log_every = log_every
     self.progress = progress
     self.fit_s = 0.0  # set by `fit`: the seconds of training behind its state, resumed runs' earlier processes included
+    self.curves = curves and self.checkpoint_dir is not None
+    self._curves_at = -float("inf")  # time.monotonic() of the last drawing
     self.partitioner = sharding.partitioner(mesh)
     if self.partitioner is not None and frozen is not None:
       self.frozen = self.partitioner.shard_params(frozen)
@@ -421,6 +426,7 @@ class Trainer:
         self.fit_s = before + time.perf_counter() - loop_start
     finally:
       bar.close()
+      self._draw_curves(force=True)  # also after Ctrl-C or an error: the curves up to the last record
     return state
 
   def _record(self, record: dict[str, float], history: list[dict[str, float]], bar: tqdm) -> None:
@@ -431,6 +437,22 @@ class Trainer:
       self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
       with (self.checkpoint_dir / METRICS_FILE).open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+    if any(k.startswith("eval/") for k in record):
+      self._draw_curves()
+
+  def _draw_curves(self, force: bool = False) -> None:
+    """Redraws curves.png from metrics.jsonl: after an evaluation at most once per `curves.MIN_INTERVAL_S`, and
+    always when `force`d. A plot that fails is a warning, never the end of a training run."""
+    if not self.curves or not (force or time.monotonic() - self._curves_at >= curves.MIN_INTERVAL_S):
+      return
+    path = self.checkpoint_dir / METRICS_FILE
+    if not path.is_file():
+      return
+    try:
+      curves.plot_metrics(path)
+    except Exception as e:  # noqa: BLE001 - e.g. a matplotlib problem
+      logger.warning("could not draw %s: %s", path.with_name(curves.CURVES_FILE), e)
+    self._curves_at = time.monotonic()
 
 
 _END = object()

@@ -223,9 +223,7 @@ def plots(res: dict, out: Path) -> list[Path]:
 
 
 def _save(fig, path: Path) -> Path:
-  import matplotlib.pyplot as plt
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+  files.write_figure(path, fig)
   return path
 
 

@@ -1,0 +1,111 @@
+"""Training curves: `curves.png` beside a run's `metrics.jsonl`, one panel per metric over the steps.
+
+The trainer redraws it after evaluations (at most once every `MIN_INTERVAL_S` seconds) and when it stops, so a run
+that is killed still leaves the curves up to its last evaluation. A training metric and its held-out counterpart
+(`loss` and `eval/loss`) share a panel, and numbered families (`acc_h1`, `acc_h2`, ... or `kl_0`, `kl_1`, ...) share
+one with a line per member. `python -m training.curves RUN_DIR` draws it for any run folder by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+from jaxspec import files
+
+CURVES_FILE = "curves.png"
+MIN_INTERVAL_S = 30.0
+SKIP = ("steps_per_sec",)  # the machine's speed, not the model's progress
+_MEMBER = re.compile(r"^(.*?)(?:_h|_)(\d+)$")  # acc_h3 -> ("acc", 3), kl_0 -> ("kl", 0)
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+  """The records of a metrics.jsonl (lines a kill cut short are skipped)."""
+  out = []
+  for line in Path(path).read_text(encoding="utf-8").splitlines():
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
+      out.append(rec)
+  return out
+
+
+def panels(records: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]]]:
+  """`{panel: {line label: [(step, value), ...]}}`, in the order metrics first appear."""
+  out: dict[str, dict[str, list[tuple[float, float]]]] = {}
+  for rec in records:
+    for key, value in rec.items():
+      if key == "step" or not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        continue
+      held_out = key.startswith("eval/")
+      name = key[5:] if held_out else key
+      if name in SKIP:
+        continue
+      m = _MEMBER.match(name)
+      panel = f"{m.group(1)}_*" if m else name
+      label = (name if m else "train") if not held_out else (f"eval {name}" if m else "eval")
+      out.setdefault(panel, {}).setdefault(label, []).append((rec["step"], float(value)))
+  return out
+
+
+def plot_metrics(metrics_path: str | Path, out: str | Path | None = None, title: str | None = None) -> Path | None:
+  """Draws the curves of a metrics.jsonl into `out` (default: curves.png beside it); None when it holds no values."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  metrics_path = Path(metrics_path)
+  groups = panels(read_metrics(metrics_path))
+  if not groups:
+    return None
+  cols = min(3, len(groups))
+  rows = math.ceil(len(groups) / cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.0 * rows), squeeze=False)
+  for ax, (panel, lines) in zip(axes.flat, groups.items()):
+    members = list(dict.fromkeys(label.removeprefix("eval").strip() for label in lines))
+    family = members != [""] and members != ["train", ""] and members != ["train"]
+    for label, points in lines.items():
+      steps, values = zip(*points)
+      held_out = label.startswith("eval")
+      # a family member keeps its colour on both sides (dashed with markers: held out); a lone metric is
+      # train in the first colour, eval in the second
+      colour = f"C{members.index(label.removeprefix('eval').strip()) % 10}" if family else ("C1" if held_out else "C0")
+      ax.plot(steps, values, marker="o" if held_out else None, markersize=3, linewidth=1.2 if held_out else 0.9,
+              linestyle="--" if held_out and family else "-", color=colour, label=label)
+    only_eval = all(label.startswith("eval") for label in lines)
+    ax.set_title(panel + (" (held out)" if only_eval else ""), fontsize="small")
+    ax.set_xlabel("step", fontsize="small")
+    ax.tick_params(labelsize="x-small")
+    if len(lines) > 1:
+      ax.legend(fontsize="xx-small", ncol=2 if len(lines) > 4 else 1)
+  for ax in list(axes.flat)[len(groups):]:
+    ax.axis("off")
+  fig.suptitle(title or str(metrics_path.parent), fontsize="small")
+  fig.tight_layout()
+  out = Path(out) if out is not None else metrics_path.with_name(CURVES_FILE)
+  files.write_figure(out, fig)
+  return out
+
+
+def main(argv: list[str] | None = None) -> int:
+  args = sys.argv[1:] if argv is None else argv
+  if len(args) != 1:
+    print("usage: python -m training.curves RUN_DIR (a checkpoint folder holding metrics.jsonl)", file=sys.stderr)
+    return 2
+  path = Path(args[0])
+  path = path / "metrics.jsonl" if path.is_dir() else path
+  if not path.is_file():
+    print(f"no metrics.jsonl at {path}: pass a run's checkpoint folder (train.checkpoint_dir)", file=sys.stderr)
+    return 2
+  out = plot_metrics(path)
+  print(out if out is not None else f"{path} holds no metrics yet")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
