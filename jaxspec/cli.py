@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import sys
+from pathlib import Path
 
 from jaxspec.errors import InputError, JaxspecError
 
@@ -60,7 +61,8 @@ def _check_fits(args, model, n_prompt: int) -> None:
   max_len = args.max_len or context
   need = n_prompt + args.max_new_tokens
   if max_len and need > max_len:
-    fixes = ["shorten --prompt", "lower --max-new-tokens"]
+    fixes = ["shorten " + ("the prompt file" if getattr(args, "prompt_file", None) else "--prompt"),
+             "lower --max-new-tokens"]
     if not (hard and max_len >= context):
       fixes.append("raise --max-len" + (f" (up to the model's context length, {context})" if hard else ""))
     raise InputError(f"A prompt of {n_prompt} tokens plus {args.max_new_tokens} new tokens needs {need} cache slots, "
@@ -88,12 +90,34 @@ def _model_options(parser) -> None:
                       help="stack the layers under lax.scan: faster compiles (TPU, deep models), slower steps on CPU")
 
 
+def _read_prompt_file(path: str) -> str:
+  """The text of --prompt-file (UTF-8; `-` reads standard input), without the newlines that end it, as the shell's
+  `$(cat FILE)` drops them: an editor's final newline is not part of the prompt."""
+  name = "standard input" if path == "-" else path
+  try:
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    return data.decode("utf-8").rstrip("\r\n")
+  except FileNotFoundError:
+    raise InputError(f"No prompt file at {path}: pass a text file with --prompt-file, or the text with "
+                     "--prompt.") from None
+  except IsADirectoryError:
+    raise InputError(f"--prompt-file {path} is a folder: pass a text file.") from None
+  except UnicodeDecodeError as e:
+    raise InputError(f"--prompt-file {name} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+  except OSError as e:
+    raise InputError(f"Cannot read --prompt-file {path}: {e.strerror}.") from None
+
+
 def _cmd_generate(args) -> int:
   from jaxspec.bench.methods import BenchContext, Unavailable, parse_method
   from jaxspec.loading import load_model
 
+  if args.prompt_file is not None:
+    args.prompt = _read_prompt_file(args.prompt_file)
   if not args.prompt.strip():
-    raise InputError("The prompt is empty: pass some text with --prompt.")
+    where = "standard input" if args.prompt_file == "-" else f"the file {args.prompt_file}"
+    raise InputError("The prompt is empty: pass some text with --prompt" + (f" ({where} holds none)."
+                                                                              if args.prompt_file else "."))
   _check_top_p(args)
   label, name, opts = parse_method(args.method)
   mesh = _mesh(args)
@@ -186,7 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
   common.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() first: run the same command on every host of a slice")
   g = sub.add_parser("generate", help="generate text from a prompt", parents=[common])
-  g.add_argument("--prompt", required=True, help="the input text")
+  given = g.add_mutually_exclusive_group(required=True)
+  given.add_argument("--prompt", help="the input text")
+  given.add_argument("--prompt-file", metavar="PATH", help="read the input text from a UTF-8 file (- reads stdin); the newlines that end it are dropped")
   g.add_argument("--model", default=None,
                  help="a .gguf file or Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
   g.add_argument("--max-new-tokens", type=_positive_int, default=128)

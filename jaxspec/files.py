@@ -2,8 +2,9 @@
 
 Every file jaxspec writes that a later run reads (exported weights and their configs, dataset shards and meta files,
 bench results, logs trimmed on resume) goes through here: it is written in full under a temporary name beside its
-place and then renamed over it. A rename within a folder is atomic, so a run killed at any moment leaves either the
-old file or the new one, never a half-written one.
+place and then renamed over it. A rename within a folder is atomic, so a process killed at any moment leaves either
+the old file or the new one, never a half-written one. (Nothing is fsynced: a power cut may still lose recent
+writes, as for any file the OS has not flushed.)
 
 Temporary names are the file's name plus `.tmp`, and `.tmp.npz` for `.npz` files (numpy adds `.npz` to a name
 without it), so readers that list a folder skip them by that ending.
@@ -71,11 +72,11 @@ def json_writer(obj: Any, indent: int | None = 1) -> Writer:
 
 
 def write_figure(path: str | os.PathLike, fig: Any, dpi: int = 110) -> None:
-  """Saves a matplotlib figure whole (as PNG unless `path` ends otherwise) and closes it."""
-  import matplotlib.pyplot as plt
-
+  """Saves a matplotlib figure whole (as PNG unless `path` ends otherwise); closes it if pyplot made it."""
   path = Path(path)
   try:
     write_file(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format=path.suffix.lstrip(".") or "png"))
   finally:
-    plt.close(fig)
+    if getattr(fig.canvas, "manager", None) is not None:
+      import matplotlib.pyplot as plt
+      plt.close(fig)

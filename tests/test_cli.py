@@ -55,6 +55,39 @@ def test_bad_input_gives_one_clear_message(argv, message, capsys):
   assert message in err and "Traceback" not in err and err.count("\n") == 1
 
 
+def test_prompt_file_and_stdin_give_what_the_same_text_with_prompt_gives(shared_model, capsys, tmp_path, monkeypatch):
+  import io
+  text = "What is the capital of France?"
+  assert cli.main(["generate", "--prompt", text, "--chat", "--max-new-tokens", "8"]) == 0
+  plain = capsys.readouterr().out
+  (tmp_path / "q.txt").write_text(text + "\n", encoding="utf-8")  # an editor's final newline is not prompt text
+  assert cli.main(["generate", "--prompt-file", str(tmp_path / "q.txt"), "--chat", "--max-new-tokens", "8"]) == 0
+  assert capsys.readouterr().out == plain
+  monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(text.encode("utf-8"))))
+  assert cli.main(["generate", "--prompt-file", "-", "--chat", "--max-new-tokens", "8"]) == 0
+  assert capsys.readouterr().out == plain
+
+
+def test_bad_prompt_files_give_one_clear_message(tmp_path, capsys, monkeypatch):
+  import io
+  (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+  (tmp_path / "blank.txt").write_text("  \n")
+  for arg, message in ((tmp_path / "missing.txt", "No prompt file at"), (tmp_path, "is a folder"),
+                       (tmp_path / "latin1.txt", "is not UTF-8 text"), (tmp_path / "blank.txt", "holds none")):
+    assert cli.main(["generate", "--prompt-file", str(arg)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+  for data, message in ((b"caf\xe9", "--prompt-file standard input is not UTF-8 text"),
+                        (b"\n", "standard input holds none")):
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(data)))
+    assert cli.main(["generate", "--prompt-file", "-"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1
+  with pytest.raises(SystemExit) as e:  # one of the two, not both
+    cli.main(["generate", "--prompt", "hi", "--prompt-file", str(tmp_path / "blank.txt")])
+  assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
+
+
 def test_corrupt_gguf(tmp_path, capsys):
   bad = tmp_path / "bad.gguf"
   bad.write_bytes(b"GGUF" + b"\xff" * 100)

@@ -55,9 +55,7 @@ def panels(records: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]
 
 def plot_metrics(metrics_path: str | Path, out: str | Path | None = None, title: str | None = None) -> Path | None:
   """Draws the curves of a metrics.jsonl into `out` (default: curves.png beside it); None when it holds no values."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure  # not pyplot: a notebook's backend and figures are left alone
 
   metrics_path = Path(metrics_path)
   groups = panels(read_metrics(metrics_path))
@@ -65,10 +63,11 @@ def plot_metrics(metrics_path: str | Path, out: str | Path | None = None, title:
     return None
   cols = min(3, len(groups))
   rows = math.ceil(len(groups) / cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.0 * rows), squeeze=False)
+  fig = Figure(figsize=(4.6 * cols, 3.0 * rows))
+  axes = fig.subplots(rows, cols, squeeze=False)
   for ax, (panel, lines) in zip(axes.flat, groups.items()):
     members = list(dict.fromkeys(label.removeprefix("eval").strip() for label in lines))
-    family = members != [""] and members != ["train", ""] and members != ["train"]
+    family = not set(members) <= {"", "train"}
     for label, points in lines.items():
       steps, values = zip(*points)
       held_out = label.startswith("eval")

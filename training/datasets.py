@@ -97,6 +97,11 @@ def _write_shard(path: Path, seqs: Sequence[Sequence[int]], prompt_lens: Sequenc
                                              prompt_lens=np.asarray(prompt_lens, np.int32)))
 
 
+def _shards(folder: Path) -> list[Path]:
+  """The finished shards of a folder, in order (not the temporary file of one a kill cut short)."""
+  return [s for s in sorted(folder.glob("shard_*.npz")) if not s.name.endswith(".tmp.npz")]
+
+
 def load_sequences(folder: str | os.PathLike) -> Sequences:
   """All shards of a dataset folder, in shard order.
 
@@ -105,8 +110,7 @@ def load_sequences(folder: str | os.PathLike) -> Sequences:
       made it).
   """
   folder = Path(folder)
-  shards = sorted(folder.glob("shard_*.npz"))
-  shards = [s for s in shards if not s.name.endswith(".tmp.npz")]
+  shards = _shards(folder)
   if not shards:
     raise InputError(f"No dataset shards (shard_*.npz) in {folder}: build the dataset first.")
   tokens, plens = [], []
@@ -233,7 +237,7 @@ def text_sequences(tokenizer, paths: Sequence[str | os.PathLike], out: str | os.
   meta_path = out / "meta.json"
   meta = {"kind": "text", "files": [str(p) for p in paths], "seq_len": seq_len}
   old = read_meta(meta_path)
-  shards = sorted(out.glob("shard_*.npz"))
+  shards = _shards(out)
   # Text folders written before meta files: one shard, no prompt parts (self-distilled shards always have them).
   legacy_text = (old is None and [s.name for s in shards] == ["shard_00000.npz"]
                  and not load_sequences(out).prompt_lens.any())

@@ -241,7 +241,7 @@ class Trainer:
     self.log_every = log_every
     self.progress = progress
     self.fit_s = 0.0  # set by `fit`: the seconds of training behind its state, resumed runs' earlier processes included
-    self.curves = curves and self.checkpoint_dir is not None
+    self.curves = curves and self.checkpoint_dir is not None and jax.process_index() == 0  # one host draws
     self._curves_at = -float("inf")  # time.monotonic() of the last drawing
     self.partitioner = sharding.partitioner(mesh)
     if self.partitioner is not None and frozen is not None:

@@ -219,7 +219,7 @@ def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runne
   sample = ctx.temperature > 0
 
   def run(prompts, max_new_tokens, seed):
-    tokens, active, run_s, hist = [], [], 0.0, []
+    tokens, active, run_s = [], [], 0.0
     for ids in prompts:
       torch.manual_seed(seed)
       config = transformers.GenerationConfig(

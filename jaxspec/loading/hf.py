@@ -241,9 +241,9 @@ def check_weights(folder: str, raw: dict) -> list[str]:
   from jaxspec.loading.t5_hf import is_t5_config
 
   llama = not is_t5_config(raw)
-  files = weight_files(folder)
+  weights = weight_files(folder)
   seen: dict[str, str] = {}
-  for path in files:
+  for path in weights:
     for name in tensor_names(path):
       if name in seen:
         raise ModelLoadError(f"Tensor {name!r} is in both {seen[name]!r} and {path!r}; one of them is not part of "
@@ -251,7 +251,7 @@ def check_weights(folder: str, raw: dict) -> list[str]:
       seen[name] = path
       if llama:
         _target(name)
-  return files
+  return weights
 
 
 def check_hf_folder(folder: str) -> dict:
@@ -286,9 +286,9 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
     return load_t5(folder, raw, dtype=dtype, param_dtype=param_dtype)
   param_dtype = param_dtype or dtype
   cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
-  files = check_weights(folder, raw)  # before any weight is read: a large model takes minutes to load
+  weights = check_weights(folder, raw)  # before any weight is read: a large model takes minutes to load
   params: dict = {}
-  for path in files:
+  for path in weights:
     try:
       # "flax" hands back jax arrays, which also covers bfloat16 checkpoints that numpy cannot represent.
       with safe_open(path, framework="flax") as f:

@@ -141,9 +141,9 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32", param_dtype: str 
 
   param_dtype = param_dtype or dtype
   cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=param_dtype)
-  files = check_weights(folder, raw)  # before any weight is read
+  weights = check_weights(folder, raw)  # before any weight is read
   params: dict = {}
-  for path in files:
+  for path in weights:
     try:
       with safe_open(path, framework="flax") as f:
         for name in f.keys():

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import tokenizers
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 
+from jaxspec import files
 from jaxspec.errors import InputError
 from jaxspec.loading.errors import ModelLoadError
 
@@ -459,9 +460,6 @@ class Tokenizer:
 
   def save(self, folder: str | os.PathLike) -> None:
     """Writes `tokenizer.json` and `tokenizer_config.json` into `folder`, readable by `from_tokenizer_json`."""
-    folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
-    self._backend.save(os.path.join(folder, "tokenizer.json"))
     config: dict[str, Any] = {"add_bos_token": self.add_bos_token}
     for key, token_id in (("bos_token", self._bos_id), ("eos_token", self._eos_id), ("pad_token", self._pad_id),
                           ("unk_token", self._unk_id)):
@@ -469,8 +467,9 @@ class Tokenizer:
         config[key] = self.id_to_token(token_id)
     if self._chat_template is not None:
       config["chat_template"] = self._chat_template
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-      json.dump(config, f, ensure_ascii=False, indent=2)
+    files.write_files(folder, {"tokenizer.json": lambda tmp: self._backend.save(str(tmp)),
+                               "tokenizer_config.json": files.text_writer(json.dumps(config, ensure_ascii=False,
+                                                                                     indent=2))})
 
   # -- text <-> ids --
 

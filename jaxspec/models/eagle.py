@@ -200,17 +200,17 @@ def load_eagle(folder: str | os.PathLike, target: LlamaLM, target_params: dict, 
   from jaxspec.models.draft import embed_fingerprint
 
   folder = Path(folder)
-  files = [folder / "config.json", folder / WEIGHTS_FILE, folder / VOCAB_FILE]
-  if not all(f.is_file() for f in files):
+  parts = [folder / "config.json", folder / WEIGHTS_FILE, folder / VOCAB_FILE]
+  if not all(f.is_file() for f in parts):
     raise ModelLoadError(f"{folder} does not hold a feature-level draft (config.json, {WEIGHTS_FILE}, {VOCAB_FILE}): "
                          "train one with `jaxspec train configs/eagle_smollm2.yaml` or pass the right folder.")
   if getattr(target, "is_encoder_decoder", False) or not isinstance(target, LlamaLM):
     raise ModelLoadError("Feature-level drafts read a decoder-only LLaMA-family target's hidden states; this target "
                          f"is a {type(target).__name__}.")
   try:
-    info = json.loads(files[0].read_text())["jaxspec_eagle"]
-    flat = load_file(str(files[1]))
-    ids = load_file(str(files[2]))["vocab_ids"]
+    info = json.loads(parts[0].read_text())["jaxspec_eagle"]
+    flat = load_file(str(parts[1]))
+    ids = load_file(str(parts[2]))["vocab_ids"]
     n_layers = int(info["n_layers"])
   except Exception as e:  # noqa: BLE001 - truncated safetensors, bad JSON, missing keys
     raise ModelLoadError(f"The feature-level draft in {folder} is unreadable ({type(e).__name__}: {e}); retrain or "
