@@ -107,6 +107,8 @@ def test_collection_resumes_after_an_interruption(varied, collected, tmp_path, m
   traj = collect_trajectories(model, params, prompts, tmp_path, **kwargs)
   assert (tmp_path / "shard_00000.npz").stat().st_mtime_ns == first  # kept, not recomputed
   assert len(sorted(tmp_path.glob("shard_*.npz"))) == 3
+  recorded = [float(np.load(s)["seconds"]) for s in sorted(tmp_path.glob("shard_*.npz"))]
+  assert all(r > 0 for r in recorded) and traj.build_s == pytest.approx(sum(recorded))  # the killed process's too
   flat = lambda t: t.tokens + [s for w in t.states for s in w]
   for a, b in zip(flat(traj), flat(whole), strict=True):
     np.testing.assert_array_equal(a, b)

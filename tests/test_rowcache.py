@@ -48,6 +48,27 @@ def test_a_killed_computation_keeps_its_finished_parts(tmp_path):
   assert len(calls) == 4  # parts of the k2 run are not taken for k3
 
 
+def test_compute_seconds_sum_every_process_of_a_killed_run(tmp_path, monkeypatch):
+  """Each part records the seconds its computation took (10 on a fake clock), and the joined file their sum: the
+  parts a killed process finished count, the part it was computing does not."""
+  class Clock:
+    now = 0.0
+
+    def perf_counter(self):
+      Clock.now += 10.0
+      return Clock.now
+
+  monkeypatch.setattr(rowcache, "time", Clock())
+  path, order = tmp_path / "c.npz", np.arange(7)
+  with pytest.raises(Killed):
+    rowcache.cached_rows(path, "k", order, squares([], kill_after=2), part_rows=2, progress=False)
+  assert rowcache.compute_seconds(path) == 0.0  # no file yet
+  rowcache.cached_rows(path, "k", order, squares([]), part_rows=2, progress=False)
+  assert rowcache.compute_seconds(path) == 40.0  # 2 parts from the killed process, 2 from this one
+  z = rowcache.cached_rows(path, "k", order, squares([]), part_rows=2, progress=False)
+  assert set(z) == {"sq", "id"}  # the record is not a row array
+
+
 def test_rows_named_by_content_are_reused_when_data_is_added(tmp_path):
   path = tmp_path / "c.npz"
   keys = lambda ids: [rowcache.sequence_key(np.array([i, i + 1])) for i in ids]

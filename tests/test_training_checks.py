@@ -69,6 +69,30 @@ def test_a_dataset_folder_from_another_model_or_other_prompts_is_refused(tiny, t
   assert json.loads((tmp_path / "d" / "meta.json").read_text()) == meta
 
 
+class TenSecondClock:
+  """Stands in for a module's `time`: each perf_counter() call is 10 s after the one before."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def perf_counter(self):
+    self.now += 10.0
+    return self.now
+
+
+def test_data_seconds_sum_every_process_that_wrote_a_shard(tiny, tmp_path, monkeypatch):
+  """A resumed run's data time counts the shards the killed process wrote, not only its own: each shard records
+  its seconds (here 10 each on a fake clock), and the dataset's `build_s` sums them."""
+  model, params = tiny
+  monkeypatch.setattr(datasets, "time", TenSecondClock())
+  texts = [f"prompt {i}" for i in range(10)]  # shards of 4: 3 shards
+  assert _distill(model, params, texts, tmp_path / "d").build_s == 30.0
+  (tmp_path / "d" / "shard_00001.npz").unlink()  # as if the first process had been killed before this shard
+  assert _distill(model, params, texts, tmp_path / "d").build_s == 30.0  # 2 old shards + 1 new one
+  datasets._write_shard(tmp_path / "d" / "shard_00001.npz", [[1, 2, 3]] * 4, [1] * 4)  # a shard from before the record
+  assert datasets.load_sequences(tmp_path / "d").build_s == 20.0
+
+
 def test_text_files_do_not_overwrite_a_self_distilled_dataset(tiny, tmp_path):
   model, params = tiny
   _distill(model, params, ["alpha 1", "bravo 2"], tmp_path / "d")

@@ -147,7 +147,8 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
   part_ids = np.repeat([int(cfg.data.more_prompts is not None and i == len(parts) - 1) for i in range(len(parts))],
                        [len(p) for p in parts])
   return datasets.Sequences([t for p in parts for t in p.tokens], np.concatenate([p.prompt_lens for p in parts]),
-                            part_ids if cfg.data.more_prompts and cfg.data.split_by_set else None)
+                            part_ids if cfg.data.more_prompts and cfg.data.split_by_set else None,
+                            build_s=sum(p.build_s for p in parts))
 
 
 def final_hidden_states(model, params, seqs: datasets.Sequences, *, batch_size: int = 8, progress: bool = True,
@@ -489,6 +490,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
       tokenizer.save(Path(cfg.out) / "base")
   summary = {"sequences": len(seqs), "tokens": seqs.num_tokens, "train_examples": len(tr) if cfg.train.objective ==
              "heads" else len(tr_tok), "vocab_subset": int(bpd.cfg.vocab_subset), "data_s": round(data_s, 1),
+             "data_build_s": round(seqs.build_s, 1),
              "prep_s": round(prep_s, 1), "train_s": round(train_s, 1), "total_s": round(time.time() - t_start, 1),
              "init_eval": {k: float(v) for k, v in init_eval.items()},
              "final_eval": {k: float(v) for k, v in final_eval.items()}, "config": to_dict(cfg)}

@@ -266,6 +266,9 @@ class Trajectories:
   prompt_index: np.ndarray
   states: list[list[np.ndarray]]
   collect_stats: dict = dataclasses.field(default_factory=dict)  # timing of the last collection call, if any
+  # Seconds spent collecting these trajectories, as each shard recorded it: summed over every process that wrote one
+  # (shards from before the record count 0).
+  build_s: float = 0.0
 
   def __len__(self) -> int:
     return len(self.tokens)
@@ -293,7 +296,7 @@ class Trajectories:
     return self.subset(np.sort(order[n_eval:])), self.subset(np.sort(order[:n_eval]))
 
 
-def _write_shard(path: Path, seqs, prompt_lens, prompt_index, states) -> None:
+def _write_shard(path: Path, seqs, prompt_lens, prompt_index, states, seconds: float) -> None:
   counts_per_seq = [len(s) for s in states]
   flat_states = [k for s in states for k in s]
   arrays = dict(
@@ -302,7 +305,8 @@ def _write_shard(path: Path, seqs, prompt_lens, prompt_index, states) -> None:
       prompt_lens=np.asarray(prompt_lens, np.int32), prompt_index=np.asarray(prompt_index, np.int64),
       window_counts=np.asarray(counts_per_seq, np.int32),
       state_counts=np.asarray([len(k) for k in flat_states], np.int32),
-      states=np.concatenate(flat_states).astype(np.int32) if flat_states else np.zeros((0, 1), np.int32))
+      states=np.concatenate(flat_states).astype(np.int32) if flat_states else np.zeros((0, 1), np.int32),
+      seconds=np.float64(seconds))
   files.write_file(path, lambda tmp: np.savez(tmp, **arrays))
 
 
@@ -317,7 +321,7 @@ def load_trajectories(folder: str | os.PathLike) -> Trajectories:
   if not shards or not (folder / META_FILE).is_file():
     raise InputError(f"No Jacobi trajectories (meta.json + shard_*.npz) in {folder}: collect them first.")
   n = int(datasets.read_meta(folder / META_FILE)["window"])
-  tokens, plens, pidx, states = [], [], [], []
+  tokens, plens, pidx, states, seconds = [], [], [], [], 0.0
   for s in shards:
     try:
       with np.load(s) as z:
@@ -331,10 +335,11 @@ def load_trajectories(folder: str | os.PathLike) -> Trajectories:
       states += [per_window[wb[i]:wb[i + 1]] for i in range(len(wc))]
       plens.append(z["prompt_lens"])
       pidx.append(z["prompt_index"])
+      seconds += float(z["seconds"]) if "seconds" in z else 0.0
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
       raise InputError(f"Trajectory shard {s} is unreadable ({type(e).__name__}): delete it and rerun the command "
                        "that collected it; the other shards are kept.") from None
-  return Trajectories(n, tokens, np.concatenate(plens), np.concatenate(pidx), states)
+  return Trajectories(n, tokens, np.concatenate(plens), np.concatenate(pidx), states, build_s=seconds)
 
 
 def collect_trajectories(model, params, prompts: Sequence[Sequence[int]], out: str | os.PathLike, *,
@@ -388,7 +393,7 @@ def collect_trajectories(model, params, prompts: Sequence[Sequence[int]], out: s
     if path.exists():
       bar.update(len(shard) * windows)
       continue
-    seqs, plens, pidx, states = [], [], [], []
+    seqs, plens, pidx, states, shard_t0 = [], [], [], [], time.perf_counter()
     for bi in range(0, len(shard), batch_size):
       rows = shard[bi:bi + batch_size]
       ids = [list(map(int, prompts[i])) for i in rows]
@@ -428,7 +433,7 @@ def collect_trajectories(model, params, prompts: Sequence[Sequence[int]], out: s
         plens.append(len(ids[r]))
         pidx.append(i)
         states.append(row_states[r])
-    _write_shard(path, seqs, plens, pidx, states)
+    _write_shard(path, seqs, plens, pidx, states, time.perf_counter() - shard_t0)
   bar.close()
   if calls:
     logger.info("collected %d batched windows in %.1f s (%.3f s each)", calls, call_s, call_s / calls)
@@ -738,7 +743,8 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
       "mean_forwards_per_window": round(mean_states, 2), "train_examples": len(tr), "eval_examples": len(ev),
       "skipped_windows": tr.skipped_windows + ev.skipped_windows,
       "trainable_params": int(sum(np.size(x) for x in jax.tree.leaves(trainable))),
-      "collect_s": round(collect_s, 1), "batched_window_s": collect_stats.get("window_s"),
+      "collect_s": round(collect_s, 1), "collect_build_s": round(traj.build_s, 1),
+      "batched_window_s": collect_stats.get("window_s"),
       "train_s": round(train_s, 1), "total_s": round(time.time() - t_start, 1),
       "init_eval": {k: float(v) for k, v in init_eval.items()},
       "final_eval": {k: float(v) for k, v in final_eval.items() if k != "step"},

@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -34,6 +35,10 @@ class Sequences:
   # Which prompt set each sequence answers (0: the run's own prompts; 1: `data.more_prompts`), or None for one set.
   # `split` splits each set on its own, so adding a set leaves the first set's held-out prompts where they were.
   parts: np.ndarray | None = None
+  # Seconds the target spent generating these sequences, as each shard recorded when it was written: summed over
+  # every process that wrote a shard, so a run killed and resumed counts all of them (shards from before the
+  # record count 0). A summary's `data_s` is only this process's time, which is ~0 for data that was there.
+  build_s: float = 0.0
 
   def __len__(self) -> int:
     return len(self.tokens)
@@ -90,11 +95,14 @@ def read_meta(path: Path) -> dict | None:
   return meta
 
 
-def _write_shard(path: Path, seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> None:
+def _write_shard(path: Path, seqs: Sequence[Sequence[int]], prompt_lens: Sequence[int],
+                 seconds: float | None = None) -> None:
+  """One shard: the sequences, their prompt lengths and the seconds it took to make them (None: not recorded)."""
   offsets = np.cumsum([0] + [len(s) for s in seqs]).astype(np.int64)
   flat = np.concatenate([np.asarray(s, np.int32) for s in seqs]) if seqs else np.zeros(0, np.int32)
+  timed = {} if seconds is None else {"seconds": np.float64(seconds)}
   files.write_file(path, lambda tmp: np.savez(tmp, tokens=flat, offsets=offsets,
-                                             prompt_lens=np.asarray(prompt_lens, np.int32)))
+                                             prompt_lens=np.asarray(prompt_lens, np.int32), **timed))
 
 
 def _shards(folder: Path) -> list[Path]:
@@ -113,17 +121,18 @@ def load_sequences(folder: str | os.PathLike) -> Sequences:
   shards = _shards(folder)
   if not shards:
     raise InputError(f"No dataset shards (shard_*.npz) in {folder}: build the dataset first.")
-  tokens, plens = [], []
+  tokens, plens, seconds = [], [], 0.0
   for s in shards:
     try:
       with np.load(s) as z:
         flat, off, pl = z["tokens"], z["offsets"], z["prompt_lens"]
+        seconds += float(z["seconds"]) if "seconds" in z.files else 0.0
     except Exception as e:  # noqa: BLE001 - a truncated or foreign file
       raise InputError(f"Dataset shard {s} is unreadable ({type(e).__name__}): delete it and rerun the command "
                        "that built the dataset; the other shards are kept.") from None
     tokens += [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]
     plens.append(pl)
-  return Sequences(tokens, np.concatenate(plens) if plens else np.zeros(0, np.int32))
+  return Sequences(tokens, np.concatenate(plens) if plens else np.zeros(0, np.int32), build_s=seconds)
 
 
 def load_finished(folder: str | os.PathLike) -> Sequences:
@@ -206,7 +215,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
     if path.exists():
       bar.update(len(shard))
       continue
-    seqs, plens = [], []
+    seqs, plens, t0 = [], [], time.perf_counter()
     for bi in range(0, len(shard), batch_size):
       rows = [ids[i] for i in shard[bi:bi + batch_size]]
       res = generate(model, params, rows, max_new_tokens=max_new_tokens, eos_ids=eos, pad_id=tokenizer.pad_id or 0,
@@ -215,7 +224,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
         seqs.append(list(p) + list(t))
         plens.append(len(p))
       bar.update(len(rows))
-    _write_shard(path, seqs, plens)
+    _write_shard(path, seqs, plens, time.perf_counter() - t0)
   bar.close()
   return load_sequences(out)
 
@@ -223,7 +232,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
 def text_sequences(tokenizer, paths: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                    seq_len: int = 256) -> Sequences:
   """Plain text files cut into `seq_len`-token sequences (no prompt part), written as one shard."""
-  chunks = []
+  chunks, t0 = [], time.perf_counter()
   for p in paths:
     p = Path(p)
     if not p.is_file():
@@ -246,7 +255,7 @@ def text_sequences(tokenizer, paths: Sequence[str | os.PathLike], out: str | os.
                      "text files' sequences would overwrite it: set data.dataset_dir to a folder of their own.")
   for stale in out.glob("shard_*.npz"):  # the text is cut again from the files each run
     stale.unlink()
-  _write_shard(out / "shard_00000.npz", chunks, [0] * len(chunks))
+  _write_shard(out / "shard_00000.npz", chunks, [0] * len(chunks), time.perf_counter() - t0)
   write_meta(meta_path, meta)
   return load_sequences(out)
 

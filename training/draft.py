@@ -348,8 +348,9 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   t0 = time.time()
   all_tok = np.concatenate([tr_tok, ev_tok])
   lengths = np.array([min(len(t), cfg.train.seq_len) for t in train_seqs.tokens + eval_seqs.tokens], np.int32)
-  ids, logp, other = cached_teacher_topk(ckpt_dir / TEACHER_FILE.format(k=cfg.objective.top_k), model, params, all_tok,
-                                  lengths, cfg.objective.top_k, progress=progress)
+  teacher_path = ckpt_dir / TEACHER_FILE.format(k=cfg.objective.top_k)
+  ids, logp, other = cached_teacher_topk(teacher_path, model, params, all_tok, lengths, cfg.objective.top_k,
+                                         progress=progress)
   teacher_s = time.time() - t0
   n_tr = len(tr_tok)
   tr = DistillData(tr_tok, tr_mask, ids[:n_tr], logp[:n_tr], other[:n_tr])
@@ -377,7 +378,8 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   summary = {"sequences": len(seqs), "tokens": seqs.num_tokens, "train_sequences": len(tr),
              "eval_sequences": len(ev), "truncated_sequences": int(tr_cut + ev_cut),
              "trainable_params": int(sum(x.size for x in jax.tree.leaves(trainable))),
-             "data_s": round(data_s, 1), "teacher_s": round(teacher_s, 1), "train_s": round(train_s, 1),
+             "data_s": round(data_s, 1), "data_build_s": round(seqs.build_s, 1), "teacher_s": round(teacher_s, 1),
+             "teacher_build_s": round(rowcache.compute_seconds(teacher_path), 1), "train_s": round(train_s, 1),
              "total_s": round(time.time() - t_start, 1),
              "init_eval": {k: float(v) for k, v in init_eval.items()},
              "final_eval": {k: float(v) for k, v in final_eval.items() if k != "step"}, "config": to_dict(cfg)}

@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxspec import sharding
 from jaxspec.models.eagle import EagleDraft, own_params, save_eagle
-from training import datasets
+from training import datasets, rowcache
 from training.bpd import FEATURES_FILE, DataSection, ModelSection, build_sequences, cached_features
 from training.config import ConfigError, record_run_config, load_config, to_dict
 from training.draft import TrainSection, padded, train_vocab
@@ -250,7 +250,10 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
              "eval_sequences": len(ev), "truncated_sequences": int(tr_cut + ev_cut),
              "trainable_params": int(sum(x.size for x in jax.tree.leaves(trainable))),
              "vocab": int(frozen["vocab_ids"].shape[0]),
-             "data_s": round(data_s, 1), "features_s": round(features_s, 1), "train_s": round(train_s, 1),
+             "data_s": round(data_s, 1), "data_build_s": round(seqs.build_s, 1),
+             "features_s": round(features_s, 1),
+             "features_build_s": round(rowcache.compute_seconds(ckpt_dir / FEATURES_FILE), 1),
+             "train_s": round(train_s, 1),
              "total_s": round(time.time() - t_start, 1),
              "init_eval": {k: float(v) for k, v in init_eval.items()},
              "final_eval": {k: float(v) for k, v in final_eval.items() if k != "step"}, "config": to_dict(cfg)}

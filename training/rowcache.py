@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +29,8 @@ from jaxspec import files
 
 Compute = Callable[[np.ndarray, Callable[[int], None]], dict[str, np.ndarray]]  # (indices, advance) -> arrays
 ROW_KEYS = "row_keys"  # stored next to the arrays when the rows are named by content
+SECONDS = "compute_s"  # stored with a part and with the joined file: seconds `compute` took (not a row array)
+_NOT_ROWS = ("key", ROW_KEYS, SECONDS)
 
 
 def sequence_key(tokens: np.ndarray) -> bytes:
@@ -39,7 +42,7 @@ def _load(path: Path, key: str) -> dict[str, np.ndarray] | None:
   try:
     with np.load(path) as z:
       if str(z["key"]) == key:
-        return {k: z[k] for k in z.files if k != "key"}
+        return {k: z[k] for k in z.files if k not in ("key", SECONDS)}
   except Exception:  # noqa: BLE001 - a partial or foreign file: recompute
     pass
   return None
@@ -53,7 +56,7 @@ def _take_rows(path: Path, key: str, rk: np.ndarray, out: dict[str, np.ndarray])
       if str(z["key"]) != key or ROW_KEYS not in z.files:
         return np.zeros(0, np.int64)
       held = z[ROW_KEYS]
-      names = [name for name in z.files if name not in ("key", ROW_KEYS)]
+      names = [name for name in z.files if name not in _NOT_ROWS]
       if np.array_equal(held, rk):  # the same data
         out.update((name, z[name]) for name in names)
         return np.arange(len(rk))
@@ -71,8 +74,20 @@ def _take_rows(path: Path, key: str, rk: np.ndarray, out: dict[str, np.ndarray])
     return np.zeros(0, np.int64)
 
 
-def _save(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
-  files.write_file(path, lambda tmp: np.savez(tmp, key=np.array(key), **arrays))
+def _save(path: Path, key: str, arrays: dict[str, np.ndarray], seconds: float) -> None:
+  files.write_file(path, lambda tmp: np.savez(tmp, key=np.array(key), **{SECONDS: np.float64(seconds)}, **arrays))
+
+
+def compute_seconds(path: Path) -> float:
+  """The seconds `compute` took for the rows of a file `cached_rows` wrote, summed over its parts and over every
+  process that computed one (a killed run's parts count once), plus those of the file it grew from when rows were
+  taken from one. 0 for a missing file or one written before this was recorded."""
+  try:
+    with np.load(path) as z:
+      return float(z[SECONDS]) if SECONDS in z.files else 0.0
+  except Exception:  # noqa: BLE001 - missing or unreadable: nothing recorded
+    return 0.0
+
 
 
 def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, row_keys=None, part_rows: int = 256,
@@ -108,10 +123,13 @@ def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, ro
     if whole is not None:
       whole.pop(ROW_KEYS, None)
       return whole
-  elif path.is_file():
+  seconds = 0.0  # of the rows taken from an earlier file, then of every part
+  if rk is not None and path.is_file():
     held_rows = _take_rows(path, key, rk, out)
     if len(held_rows) == n:
       return out
+    if len(held_rows):
+      seconds = compute_seconds(path)
     order = order[~np.isin(order, held_rows)]
   # Parts are named by the rows still to compute, so a rerun that finds other rows held computes its parts anew.
   parts_key = key if rk is None else key + ":" + hashlib.blake2b(rk[order].tobytes(), digest_size=16).hexdigest()
@@ -136,14 +154,19 @@ def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, ro
         k = min(k, len(idx) - reported[0])
         reported[0] += k
         bar.update(k)
+      t0 = time.perf_counter()
       arrays = compute(idx, advance)
-      _save(part, parts_key, arrays)
+      part_s = time.perf_counter() - t0
+      _save(part, parts_key, arrays, part_s)
+    else:  # computed by an earlier process that was killed
+      part_s = compute_seconds(part)
+    seconds += part_s
     for name, a in arrays.items():
       if name not in out:
         out[name] = np.zeros((n,) + a.shape[1:], a.dtype)
       out[name][idx] = a
     bar.update(len(idx) - reported[0])
   bar.close()
-  _save(path, key, out if rk is None else {**out, ROW_KEYS: rk})
+  _save(path, key, out if rk is None else {**out, ROW_KEYS: rk}, seconds)
   shutil.rmtree(parts_dir, ignore_errors=True)
   return out
