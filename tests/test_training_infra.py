@@ -111,9 +111,10 @@ def test_files_are_replaced_whole_or_not_at_all(tmp_path):
 
 
 def test_curves_pair_each_metric_with_its_held_out_value_and_group_numbered_families(tmp_path):
-  records = [{"step": 10, "loss": 2.0, "acc_h1": 0.1, "acc_h2": 0.05, "kl_0": 1.0, "steps_per_sec": 3.0},
+  records = [{"step": 10, "acc_h1": 0.1, "loss": 2.0, "acc_h2": 0.05, "kl_0": 1.0, "steps_per_sec": 3.0},
              {"step": 20, "loss": 1.0, "acc_h1": 0.2, "acc_h2": float("nan"), "kl_0": 0.5, "steps_per_sec": 3.0},
              {"step": 20, "eval/loss": 1.5, "eval/acc_h1": 0.15, "eval/rep4": 0.1, "eval/flag": True}]
+  assert list(curves.panels(records)) == ["loss", "acc_*", "kl_*", "rep4"]
   assert curves.panels(records) == {
       "loss": {"train": [(10, 2.0), (20, 1.0)], "eval": [(20, 1.5)]},
       "acc_*": {"acc_h1": [(10, 0.1), (20, 0.2)], "acc_h2": [(10, 0.05)], "eval acc_h1": [(20, 0.15)]},

@@ -36,7 +36,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def panels(records: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]]]:
-  """`{panel: {line label: [(step, value), ...]}}`, in the order metrics first appear."""
+  """`{panel: {line label: [(step, value), ...]}}`: `loss` first, the others in the order they first appear."""
   out: dict[str, dict[str, list[tuple[float, float]]]] = {}
   for rec in records:
     for key, value in rec.items():
@@ -50,7 +50,7 @@ def panels(records: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]
       panel = f"{m.group(1)}_*" if m else name
       label = (name if m else "train") if not held_out else (f"eval {name}" if m else "eval")
       out.setdefault(panel, {}).setdefault(label, []).append((rec["step"], float(value)))
-  return out
+  return dict(sorted(out.items(), key=lambda kv: kv[0] != "loss"))  # the objective first, then as they appear
 
 
 def plot_metrics(metrics_path: str | Path, out: str | Path | None = None, title: str | None = None) -> Path | None:
