@@ -66,7 +66,19 @@ def test_compute_seconds_sum_every_process_of_a_killed_run(tmp_path, monkeypatch
   rowcache.cached_rows(path, "k", order, squares([]), part_rows=2, progress=False)
   assert rowcache.compute_seconds(path) == 40.0  # 2 parts from the killed process, 2 from this one
   z = rowcache.cached_rows(path, "k", order, squares([]), part_rows=2, progress=False)
-  assert set(z) == {"sq", "id"}  # the record is not a row array
+  assert set(z) == {"sq", "id"}  # the record stays in the file
+
+  # Rows named by content carry their own seconds: a run that uses fewer rows of a file counts only those, and one
+  # that adds rows counts the added ones once (parts of 1 row: 10 s each).
+  keys = lambda ids: [rowcache.sequence_key(np.array([i])) for i in ids]
+  named = tmp_path / "named.npz"
+  rowcache.cached_rows(named, "k", np.arange(7), squares([]), row_keys=keys(range(7)), part_rows=1, progress=False)
+  assert rowcache.compute_seconds(named) == 70.0
+  calls = []
+  rowcache.cached_rows(named, "k", np.arange(3), squares(calls), row_keys=keys(range(3)), part_rows=1, progress=False)
+  assert calls == [] and rowcache.compute_seconds(named) == 30.0  # the file now holds this run's 3 rows
+  rowcache.cached_rows(named, "k", np.arange(5), squares(calls), row_keys=keys(range(5)), part_rows=1, progress=False)
+  assert calls == [[3], [4]] and rowcache.compute_seconds(named) == 50.0
 
 
 def test_rows_named_by_content_are_reused_when_data_is_added(tmp_path):

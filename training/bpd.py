@@ -416,6 +416,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
     bpd_params = bpd.init_params(rng, vocab_ids)
   optimizer = make_optimizer(cfg.optim, cfg.train.steps)
   t0 = time.time()
+  features_build_s = None  # the cached hidden states' compute time, whichever process computed them
   if cfg.train.objective == "heads":
     from jaxspec.models.bpd import output_projection
     if getattr(model, "is_encoder_decoder", False):
@@ -429,6 +430,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
                               datasets.Sequences(train_seqs.tokens + eval_seqs.tokens,
                                                  np.concatenate([train_seqs.prompt_lens, eval_seqs.prompt_lens])),
                               l, progress=progress)
+      features_build_s = round(rowcache.compute_seconds(ckpt_dir / FEATURES_FILE), 1)
       hidden = [feats[i, :len(t)] for i, t in enumerate(train_seqs.tokens + eval_seqs.tokens)]
       tr_hidden, ev_hidden = hidden[:len(train_seqs)], hidden[len(train_seqs):]
     teach = cfg.train.targets == "teacher"
@@ -490,7 +492,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
       tokenizer.save(Path(cfg.out) / "base")
   summary = {"sequences": len(seqs), "tokens": seqs.num_tokens, "train_examples": len(tr) if cfg.train.objective ==
              "heads" else len(tr_tok), "vocab_subset": int(bpd.cfg.vocab_subset), "data_s": round(data_s, 1),
-             "data_build_s": round(seqs.build_s, 1),
+             "data_build_s": round(seqs.build_s, 1), "features_build_s": features_build_s,
              "prep_s": round(prep_s, 1), "train_s": round(train_s, 1), "total_s": round(time.time() - t_start, 1),
              "init_eval": {k: float(v) for k, v in init_eval.items()},
              "final_eval": {k: float(v) for k, v in final_eval.items()}, "config": to_dict(cfg)}

@@ -29,8 +29,9 @@ from jaxspec import files
 
 Compute = Callable[[np.ndarray, Callable[[int], None]], dict[str, np.ndarray]]  # (indices, advance) -> arrays
 ROW_KEYS = "row_keys"  # stored next to the arrays when the rows are named by content
-SECONDS = "compute_s"  # stored with a part and with the joined file: seconds `compute` took (not a row array)
-_NOT_ROWS = ("key", ROW_KEYS, SECONDS)
+# Stored as one more row array: each row's share of the seconds its part's `compute` took, so rows taken from an
+# older file bring their own time along and `compute_seconds` counts the rows a file holds, whoever computed them.
+ROW_SECONDS = "row_seconds"
 
 
 def sequence_key(tokens: np.ndarray) -> bytes:
@@ -42,24 +43,25 @@ def _load(path: Path, key: str) -> dict[str, np.ndarray] | None:
   try:
     with np.load(path) as z:
       if str(z["key"]) == key:
-        return {k: z[k] for k in z.files if k not in ("key", SECONDS)}
+        return {k: z[k] for k in z.files if k != "key"}
   except Exception:  # noqa: BLE001 - a partial or foreign file: recompute
     pass
   return None
 
 
-def _take_rows(path: Path, key: str, rk: np.ndarray, out: dict[str, np.ndarray]) -> np.ndarray:
+def _take_rows(path: Path, key: str, rk: np.ndarray, out: dict[str, np.ndarray]) -> tuple[np.ndarray, bool]:
   """Puts into `out` (arrays of len(rk) rows) the rows of the sequences in `rk` that the file in `path` holds, when
-  its key is `key` and its rows are named; returns their indices in `rk` (none for another or a broken file)."""
+  its key is `key` and its rows are named; returns their indices in `rk` (none for another or a broken file) and
+  whether the file holds exactly these rows."""
   try:
     with np.load(path) as z:
       if str(z["key"]) != key or ROW_KEYS not in z.files:
-        return np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), False
       held = z[ROW_KEYS]
-      names = [name for name in z.files if name not in _NOT_ROWS]
+      names = [name for name in z.files if name not in ("key", ROW_KEYS)]
       if np.array_equal(held, rk):  # the same data
         out.update((name, z[name]) for name in names)
-        return np.arange(len(rk))
+        return np.arange(len(rk)), True
       where = {bytes(h): i for i, h in enumerate(held)}
       found = np.array([where.get(bytes(r), -1) for r in rk], np.int64)
       rows = np.nonzero(found >= 0)[0]
@@ -68,23 +70,23 @@ def _take_rows(path: Path, key: str, rk: np.ndarray, out: dict[str, np.ndarray])
         out[name] = np.zeros((len(rk),) + a.shape[1:], a.dtype)
         out[name][rows] = a[found[rows]]
         del a
-      return rows
+      return rows, False
   except Exception:  # noqa: BLE001 - a partial or foreign file: recompute
     out.clear()
-    return np.zeros(0, np.int64)
+    return np.zeros(0, np.int64), False
 
 
-def _save(path: Path, key: str, arrays: dict[str, np.ndarray], seconds: float) -> None:
-  files.write_file(path, lambda tmp: np.savez(tmp, key=np.array(key), **{SECONDS: np.float64(seconds)}, **arrays))
+def _save(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
+  files.write_file(path, lambda tmp: np.savez(tmp, key=np.array(key), **arrays))
 
 
 def compute_seconds(path: Path) -> float:
-  """The seconds `compute` took for the rows of a file `cached_rows` wrote, summed over its parts and over every
-  process that computed one (a killed run's parts count once), plus those of the file it grew from when rows were
-  taken from one. 0 for a missing file or one written before this was recorded."""
+  """The seconds the target spent computing the rows a file of `cached_rows` holds, whichever process computed
+  each (a killed run's finished parts count once). 0 for a missing file; rows written before this was recorded
+  count 0."""
   try:
     with np.load(path) as z:
-      return float(z[SECONDS]) if SECONDS in z.files else 0.0
+      return float(z[ROW_SECONDS].sum()) if ROW_SECONDS in z.files else 0.0
   except Exception:  # noqa: BLE001 - missing or unreadable: nothing recorded
     return 0.0
 
@@ -110,7 +112,8 @@ def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, ro
     progress: show a progress bar over sequences.
 
   Returns:
-    `{name: array [N, ...]}`, row i for sequence i.
+    `{name: array [N, ...]}`, row i for sequence i. The file also keeps each row's compute time
+    (`compute_seconds`).
   """
   order = np.asarray(order)
   n = len(order)
@@ -122,14 +125,15 @@ def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, ro
     whole = _load(path, key) if path.is_file() else None
     if whole is not None:
       whole.pop(ROW_KEYS, None)
+      whole.pop(ROW_SECONDS, None)
       return whole
-  seconds = 0.0  # of the rows taken from an earlier file, then of every part
-  if rk is not None and path.is_file():
-    held_rows = _take_rows(path, key, rk, out)
+  elif path.is_file():
+    held_rows, exact = _take_rows(path, key, rk, out)
     if len(held_rows) == n:
+      if not exact:  # a larger file: keep this run's rows only, as when some are computed
+        _save(path, key, {**out, ROW_KEYS: rk})
+      out.pop(ROW_SECONDS, None)
       return out
-    if len(held_rows):
-      seconds = compute_seconds(path)
     order = order[~np.isin(order, held_rows)]
   # Parts are named by the rows still to compute, so a rerun that finds other rows held computes its parts anew.
   parts_key = key if rk is None else key + ":" + hashlib.blake2b(rk[order].tobytes(), digest_size=16).hexdigest()
@@ -156,17 +160,15 @@ def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, ro
         bar.update(k)
       t0 = time.perf_counter()
       arrays = compute(idx, advance)
-      part_s = time.perf_counter() - t0
-      _save(part, parts_key, arrays, part_s)
-    else:  # computed by an earlier process that was killed
-      part_s = compute_seconds(part)
-    seconds += part_s
+      arrays[ROW_SECONDS] = np.full(len(idx), (time.perf_counter() - t0) / len(idx))
+      _save(part, parts_key, arrays)
     for name, a in arrays.items():
       if name not in out:
         out[name] = np.zeros((n,) + a.shape[1:], a.dtype)
       out[name][idx] = a
     bar.update(len(idx) - reported[0])
   bar.close()
-  _save(path, key, out if rk is None else {**out, ROW_KEYS: rk}, seconds)
+  _save(path, key, out if rk is None else {**out, ROW_KEYS: rk})
   shutil.rmtree(parts_dir, ignore_errors=True)
+  out.pop(ROW_SECONDS, None)
   return out
