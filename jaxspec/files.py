@@ -54,11 +54,11 @@ def write_file(path: str | os.PathLike, write: Writer) -> None:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-  write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+  write_file(path, text_writer(text))
 
 
 def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> None:
-  write_text(path, json.dumps(obj, indent=indent))
+  write_file(path, json_writer(obj, indent))
 
 
 def text_writer(text: str) -> Writer:

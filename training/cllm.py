@@ -317,7 +317,7 @@ def load_trajectories(folder: str | os.PathLike) -> Trajectories:
     InputError: no shards or no meta.json in the folder, or a shard that cannot be read (delete it and rerun).
   """
   folder = Path(folder)
-  shards = [s for s in sorted(folder.glob("shard_*.npz")) if not s.name.endswith(".tmp.npz")]
+  shards = datasets.shard_files(folder)
   if not shards or not (folder / META_FILE).is_file():
     raise InputError(f"No Jacobi trajectories (meta.json + shard_*.npz) in {folder}: collect them first.")
   n = int(datasets.read_meta(folder / META_FILE)["window"])

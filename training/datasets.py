@@ -105,7 +105,7 @@ def _write_shard(path: Path, seqs: Sequence[Sequence[int]], prompt_lens: Sequenc
                                              prompt_lens=np.asarray(prompt_lens, np.int32), **timed))
 
 
-def _shards(folder: Path) -> list[Path]:
+def shard_files(folder: Path) -> list[Path]:
   """The finished shards of a folder, in order (not the temporary file of one a kill cut short)."""
   return [s for s in sorted(folder.glob("shard_*.npz")) if not s.name.endswith(".tmp.npz")]
 
@@ -118,7 +118,7 @@ def load_sequences(folder: str | os.PathLike) -> Sequences:
       made it).
   """
   folder = Path(folder)
-  shards = _shards(folder)
+  shards = shard_files(folder)
   if not shards:
     raise InputError(f"No dataset shards (shard_*.npz) in {folder}: build the dataset first.")
   tokens, plens, seconds = [], [], 0.0
@@ -246,7 +246,7 @@ def text_sequences(tokenizer, paths: Sequence[str | os.PathLike], out: str | os.
   meta_path = out / "meta.json"
   meta = {"kind": "text", "files": [str(p) for p in paths], "seq_len": seq_len}
   old = read_meta(meta_path)
-  shards = _shards(out)
+  shards = shard_files(out)
   # Text folders written before meta files: one shard, no prompt parts (self-distilled shards always have them).
   legacy_text = (old is None and [s.name for s in shards] == ["shard_00000.npz"]
                  and not load_sequences(out).prompt_lens.any())

@@ -91,7 +91,6 @@ def compute_seconds(path: Path) -> float:
     return 0.0
 
 
-
 def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, row_keys=None, part_rows: int = 256,
                 desc: str = "rows", progress: bool = True) -> dict[str, np.ndarray]:
   """Arrays with one row per sequence, computed in parts that survive a kill.
