@@ -184,7 +184,9 @@ def _cmd_bench(args) -> int:
                     scan_layers=args.scan_layers, param_dtype=args.param_dtype)
   res = run_bench(cfg, require_all=named)  # on Ctrl-C it says itself how many method runs it kept
   print("\n".join(summary_lines(res)))
-  print(f"[results in {args.out}/: results.json, report.md, *.png]", file=sys.stderr)
+  from jaxspec import files
+  print(f"[results in {args.out}/: results.json, report.md, *.png]" if files.primary() else
+        f"[results written by process 0 in its {args.out}/]", file=sys.stderr)
   return 0
 
 

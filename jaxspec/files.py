@@ -6,14 +6,21 @@ place and then renamed over it. A rename within a folder is atomic, so a process
 the old file or the new one, never a half-written one. (Nothing is fsynced: a power cut may still lose recent
 writes, as for any file the OS has not flushed.)
 
-Temporary names are the file's name plus `.tmp`, and `.tmp.npz` for `.npz` files (numpy adds `.npz` to a name
-without it), so readers that list a folder skip them by that ending.
+Temporary names are the file's name, the host and process id, and `.tmp` (`.tmp.npz` for `.npz` files: numpy adds
+`.npz` to a name without it), so readers that list a folder skip them by that ending, and the processes of a
+multi-host run that write the same file into a shared folder (an NFS or gcsfuse mount) never write into each other's
+temporary: each renames a whole file, and the last rename wins. A process killed outright (SIGKILL, a power cut) can
+leave its temporary behind; nothing reads it, and it may be deleted.
+
+Files that are appended to (training metrics, bench progress) must have one writer: `primary()` says whether this
+process is it (process 0 of a multi-host run; the only process otherwise).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -21,9 +28,16 @@ Writer = Callable[[Path], None]  # writes the whole content to the path it is gi
 
 
 def temporary(path: str | os.PathLike) -> Path:
-  """Where `path` is written before it is renamed into place."""
+  """Where this process writes `path` before it renames it into place."""
   path = Path(path)
-  return path.with_name(path.name + (".tmp.npz" if path.suffix == ".npz" else ".tmp"))
+  tag = f"{socket.gethostname()}-{os.getpid()}"  # read at each call: a forked child writes its own
+  return path.with_name(f"{path.name}.{tag}" + (".tmp.npz" if path.suffix == ".npz" else ".tmp"))
+
+
+def primary() -> bool:
+  """Whether this process writes the files of a run that have one writer: process 0 of a multi-host run."""
+  import jax
+  return jax.process_index() == 0
 
 
 def write_files(folder: str | os.PathLike, writers: Mapping[str, Writer]) -> None:

@@ -21,8 +21,10 @@ the same program on any mesh, so sharded decoding gives the tokens of unsharded 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -391,14 +393,41 @@ def fetch(tree: Any) -> Any:
   return multihost_utils.process_allgather(tree, tiled=True)
 
 
+def from_first_process(obj: Any) -> Any:
+  """`obj` as process 0 has it, on every process of a multi-host run (a JSON value: what process 0 read from a file
+  that the others may not see, or may see changed); `obj` itself in a one-process run. Every process must call it."""
+  if jax.process_count() == 1:
+    return obj
+  from jax.experimental import multihost_utils
+  data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
+  buf = np.zeros(size, np.uint8)
+  if jax.process_index() == 0:
+    buf[:] = data
+  return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes().decode())
+
+
 def initialize_distributed() -> None:
-  """`jax.distributed.initialize()` with its automatic settings (Cloud TPU VMs, SLURM, ...); once per process,
-  before anything touches a device. Every process then sees all processes' devices in `jax.devices()`."""
+  """`jax.distributed.initialize()`; once per process, before anything touches a device. Every process then sees all
+  processes' devices in `jax.devices()`.
+
+  JAX finds the other processes by itself on the clusters it knows (Cloud TPU VMs, SLURM, Open MPI, Kubernetes
+  jobs). Anywhere else (GPU machines of your own, several processes on one machine) set on every process
+  `JAX_COORDINATOR_ADDRESS` (host:port of process 0, which JAX reads itself), `JAX_NUM_PROCESSES` and
+  `JAX_PROCESS_ID` (0 .. N-1)."""
+  kwargs = {}
+  for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+    if os.environ.get(var):
+      try:
+        kwargs[key] = int(os.environ[var])
+      except ValueError:
+        raise InputError(f"{var}={os.environ[var]!r} is not a whole number.") from None
   try:
-    jax.distributed.initialize()
+    jax.distributed.initialize(**kwargs)
   except Exception as e:  # noqa: BLE001 - JAX raises RuntimeError/ValueError depending on the cluster detection
     raise InputError(f"jax.distributed.initialize() failed ({e}); --distributed needs a multi-host environment JAX "
-                     "detects (e.g. every worker of a Cloud TPU VM slice, started with --worker=all).") from None
+                     "detects (e.g. every worker of a Cloud TPU VM slice, started with --worker=all), or "
+                     "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set on every process.") from None
   logger.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
               jax.process_count(), jax.local_device_count(), jax.device_count())
 

@@ -114,6 +114,16 @@ def test_tau_counts_exactness_and_files(tmp_path, prompt_file, methods):
   assert len(lines) == 3 * 6
 
 
+def test_only_process_0_writes_the_results_folder(tmp_path, prompt_file, methods, monkeypatch):
+  """The other processes of a multi-host run decode their part of every batch and write nothing: the folder may be
+  shared (tests/test_multihost.py runs two real processes)."""
+  monkeypatch.setattr("jaxspec.files.primary", lambda: False)
+  out = tmp_path / "out"
+  res = run_bench(BenchConfig(prompts=prompt_file, methods=("oracle",), max_new_tokens=5, batch_size=2, out=str(out)),
+                  methods, None, ByteTokenizer(), progress=False)
+  assert res["complete"] and res["methods"]["oracle"]["mismatches"] == 0 and res["methods"]["oracle"]["tau"] > 1
+  assert not out.exists()
+
 def test_per_category_limit_and_filter(prompt_file):
   assert [p.question_id for p in load_prompts(prompt_file, limit=1)] == [0, 2, 5]
   ps = load_prompts(prompt_file, categories=["math"], limit=2)

@@ -179,11 +179,14 @@ class ByteTokenizer:
     return " ".join(map(str, ids))
 
 
-def tiny_train_config(tmp_path, **train):
+def tiny_train_config(tmp_path, write_prompts=True, **train):
+  """A BPD run of the tiny target in `tmp_path`, with its prompt file (written there unless `write_prompts=False`,
+  for processes that share a folder another wrote it to)."""
   prompts = tmp_path / "prompts.jsonl"
   words = ["alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india", "juliet"]
-  prompts.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [f"{w} {i} {w[::-1]}"]})
-                               for i, w in enumerate(words * 4)) + "\n")
+  if write_prompts:
+    prompts.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [f"{w} {i} {w[::-1]}"]})
+                                 for i, w in enumerate(words * 4)) + "\n")
   base = BPDTrainConfig()
   return dataclasses.replace(
       base, out=str(tmp_path / "heads"),

@@ -160,6 +160,25 @@ def test_distributed_goes_after_the_command_name():
       cli.parse_args(argv)
 
 
+
+def test_distributed_reads_the_process_layout_from_the_environment(monkeypatch):
+  """Outside the clusters JAX detects, JAX_NUM_PROCESSES and JAX_PROCESS_ID (with JAX_COORDINATOR_ADDRESS, which
+  JAX reads itself) say where this process stands; a value that is not a number is one clear line."""
+  from jaxspec import sharding
+  calls = []
+  monkeypatch.setattr(sharding.jax.distributed, "initialize", lambda **kw: calls.append(kw))
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  sharding.initialize_distributed()
+  assert calls == [{"num_processes": 4, "process_id": 3}]
+  monkeypatch.delenv("JAX_NUM_PROCESSES")
+  monkeypatch.delenv("JAX_PROCESS_ID")
+  sharding.initialize_distributed()
+  assert calls[-1] == {}  # left to JAX's own detection
+  monkeypatch.setenv("JAX_PROCESS_ID", "first")
+  with pytest.raises(InputError, match="JAX_PROCESS_ID='first' is not a whole number"):
+    sharding.initialize_distributed()
+
 # ---- what to do about heads, drafts and files ---------------------------------------------------------------------
 
 def test_heads_of_another_width_name_the_option_and_the_shipped_ones(t5, monkeypatch, capsys):

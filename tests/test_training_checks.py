@@ -228,7 +228,7 @@ def test_a_seq2seq_run_killed_before_its_first_checkpoint_rebuilds_a_tokenizer_o
   first = {"tokenizer": None, "vocab_size": 120, "train_examples": 300, "seed": 0}
   assert _resumed_tokenizer(tok_dir, first) is None  # nothing saved yet
   _save_tokenizer(synthetic.train_tokenizer(texts, 120), tok_dir, first)
-  assert not tok_dir.with_name("tokenizer.tmp").exists()
+  assert [p.name for p in tok_dir.parent.iterdir()] == ["tokenizer"]  # the temporary folder is gone
   again = _resumed_tokenizer(tok_dir, first)
   assert again is not None and again.vocab_size <= 120 and again.eos_id == 1
   assert _resumed_tokenizer(tok_dir, {**first, "vocab_size": 200}) is None

@@ -103,7 +103,13 @@ def test_files_are_replaced_whole_or_not_at_all(tmp_path):
   assert (tmp_path / "w.bin").read_text() == "new weights"
   assert json.loads((tmp_path / "config.json").read_text()) == {"v": 2}
 
-  assert files.temporary(tmp_path / "shard_00000.npz").name == "shard_00000.npz.tmp.npz"
+  # Each process has its own temporary (processes of a multi-host run may write the same file into a shared folder);
+  # readers skip them by their ending.
+  tmp = files.temporary(tmp_path / "shard_00000.npz")
+  assert tmp.name.startswith("shard_00000.npz.") and tmp.name.endswith(".tmp.npz") and str(os.getpid()) in tmp.name
+  other = subprocess.run([sys.executable, "-c", "import sys; from jaxspec import files; print(files.temporary(sys.argv[1]))",
+                          str(tmp_path / "shard_00000.npz")], capture_output=True, text=True, check=True)
+  assert other.stdout.strip() not in ("", str(tmp))
   files.write_file(tmp_path / "sub" / "a.npz", lambda tmp: np.savez(tmp, x=np.arange(3)))
   with np.load(tmp_path / "sub" / "a.npz") as z:
     assert z["x"].tolist() == [0, 1, 2]

@@ -241,7 +241,7 @@ class Trainer:
     self.log_every = log_every
     self.progress = progress
     self.fit_s = 0.0  # set by `fit`: the seconds of training behind its state, resumed runs' earlier processes included
-    self.curves = curves and self.checkpoint_dir is not None and jax.process_index() == 0  # one host draws
+    self.curves = curves and self.checkpoint_dir is not None and files.primary()  # one host draws
     self._curves_at = -float("inf")  # time.monotonic() of the last drawing
     self.partitioner = sharding.partitioner(mesh)
     if self.partitioner is not None and frozen is not None:
@@ -360,7 +360,7 @@ class Trainer:
           )
         logger.info("resuming from step %d of %s", int(state.step), ckpt.directory)
       start = int(state.step)
-      if self.checkpoint_dir is not None:
+      if self.checkpoint_dir is not None and files.primary():  # metrics.jsonl has one writer: process 0
         _truncate_metrics(self.checkpoint_dir / METRICS_FILE, start)
       if start >= num_steps:
         return state, history
@@ -433,7 +433,7 @@ class Trainer:
     history.append(record)
     bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "step"}, refresh=False)
     logger.info("step %d: %s", record["step"], ", ".join(f"{k}={v:.4g}" for k, v in record.items() if k != "step"))
-    if self.checkpoint_dir is not None:
+    if self.checkpoint_dir is not None and files.primary():  # every process has the same (global) figures
       self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
       with (self.checkpoint_dir / METRICS_FILE).open("a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")

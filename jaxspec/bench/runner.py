@@ -174,10 +174,13 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   if REFERENCE not in labels:
     labels.insert(0, REFERENCE)  # speedups and exactness are measured against it, in the same run
   out = Path(cfg.out)
+  # One process writes the results folder: process 0 of a multi-host run (the others decode their part of each batch).
+  writer = files.primary()
   try:  # before the model loads: a results folder that cannot be written fails now, not after the run
-    out.mkdir(parents=True, exist_ok=True)
-    (out / ".write_check").touch()
-    (out / ".write_check").unlink()
+    if writer:
+      out.mkdir(parents=True, exist_ok=True)
+      (out / ".write_check").touch()
+      (out / ".write_check").unlink()
   except OSError as e:
     raise InputError(f"Cannot write the results folder {out}: {e.strerror or e}. Pass another --out.") from None
   if model is None:
@@ -196,7 +199,10 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
                        f"new tokens it needs more than {bound} ({context}). Lower --max-new-tokens, or leave the "
                        "prompt out of the file.")
   progress_path = out / saved.FILE
-  saved_head, restored, why_not = (None, {}, None) if cfg.fresh else saved.read(progress_path)
+  saved_head, restored, why_not = (None, {}, None) if cfg.fresh or not writer else saved.read(progress_path)
+  # Every process resumes the runs process 0 found, so all of them decode the same batches.
+  saved_head, kept, why_not = sharding.from_first_process([saved_head, list(restored.values()), why_not])
+  restored = {(int(e["batch"]), str(e["method"])): e for e in kept}
   log = _logger(progress)
   if why_not:
     log(why_not)
@@ -240,8 +246,9 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
     env["resumed_runs"] = len(runs)  # decoded by an earlier process of the same settings
     log(f"resuming: {len(runs)} of {len(batches) * len(order)} method runs restored from {progress_path} (--fresh "
         "starts over)")
-  saved.start(progress_path, head, restored.values())
-  gone = _remove_previous_results(out)
+  if writer:
+    saved.start(progress_path, head, restored.values())
+  gone = _remove_previous_results(out) if writer else []
   if gone and not runs:
     log(f"starting over: removed the previous run's {', '.join(gone)} from {out}")
 
@@ -277,7 +284,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   # One tick per method and batch: with --quick every prompt is in one batch, which takes minutes.
   bar = tqdm(desc="bench", unit="run", disable=not progress, initial=len(runs), total=len(batches) * len(order))
   try:
-    if any(map(whole, range(len(batches)))):
+    if writer and any(map(whole, range(len(batches)))):
       files.write_json(out / "results.json", snapshot(complete=False))
     # Warm-up: compile and run each method once, untimed (skipped by --quick: compilation is ahead-of-time and timed
     # apart, so only first-run effects go unexcluded).
@@ -298,23 +305,26 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
           steps_tokens=int(res.step_tokens[r]), active_calls=int(res.active_calls[r]), seconds=res.run_s / n,
           drafter_calls=res.drafter_calls / n, accept_hist=np.asarray(res.accept_hist[r]).tolist(),
           tokens=list(map(int, res.tokens[r]))) for r, pi in enumerate(batch)]
-      saved.append(progress_path, {"batch": bi, "method": label, "records": [dataclasses.asdict(r) for r in recs],
-                                   "compile_s": res.compile_s, "program_bytes": res.program_bytes})
+      if writer:
+        saved.append(progress_path, {"batch": bi, "method": label, "records": [dataclasses.asdict(r) for r in recs],
+                                     "compile_s": res.compile_s, "program_bytes": res.program_bytes})
       runs[bi, label] = (recs, res.compile_s, res.program_bytes)
       bar.update(1)
-      if whole(bi):
+      if writer and whole(bi):
         files.write_json(out / "results.json", snapshot(complete=False))
   except KeyboardInterrupt:
     bar.close()
     if runs:
       log(f"interrupted: {len(runs)} of {len(batches) * len(order)} method runs (a method on a prompt batch) are kept "
           f"in {progress_path}; the same command goes on from there")
-    else:  # only the fingerprint: nothing to go on from, so no file that says there is
+    elif writer:  # only the fingerprint: nothing to go on from, so no file that says there is
       progress_path.unlink(missing_ok=True)
       log("interrupted before any method finished a prompt batch: nothing was kept")
     raise
   bar.close()
   results = snapshot(complete=True)
+  if not writer:
+    return results
   records = {l: [r for bi in range(len(batches)) for r in runs[bi, l][0]] for l in order}
   report.write_all(out, results)
   files.write_text(out / "outputs.jsonl", "".join(
