@@ -1,5 +1,5 @@
-"""A real multi-process run: two JAX processes on this machine's CPU, joined by `jax.distributed` (gloo collectives),
-two devices each, against one process holding all four devices.
+"""Real multi-process runs: two JAX processes on this machine's CPU, joined by `jax.distributed` (gloo collectives),
+two devices each, against one process.
 
 Both runs train BPD heads on a `data=2,model=2` mesh, decode with them and run the bench (tests/multihost.py). The
 two processes share every folder, as hosts do on an NFS or gcsfuse mount. What must hold: the processes agree with
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +23,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from tests.test_bpd import tiny_train_config
+from training.trainer import STOP_CHECK_EVERY
 
 SCRIPT = Path(__file__).with_name("multihost.py")
+TRAIN_TINY = Path(__file__).with_name("train_tiny.py")
 MESH = "data=2,model=2"
 
 
@@ -32,20 +36,32 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start(workdir: Path, devices: int, env_extra: dict) -> subprocess.Popen:
+def _start(args: list, devices: int, env_extra: dict, script: Path = SCRIPT) -> subprocess.Popen:
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
   env.update(env_extra, PYTHONPATH=os.pathsep.join([str(SCRIPT.parents[1]), str(SCRIPT.parent)]),
              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
-  return subprocess.Popen([sys.executable, str(SCRIPT), str(workdir), MESH], env=env, stdout=subprocess.PIPE,
+  return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
 
 
-def _result(proc: subprocess.Popen) -> dict:
+def _processes(n: int) -> list[dict]:
+  """The environment of each of `n` processes joined through a fresh local coordinator port."""
+  port = _free_port()
+  return [{"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": str(n), "JAX_PROCESS_ID": str(i)}
+          for i in range(n)]
+
+
+def _finish(proc: subprocess.Popen) -> str:
   try:
     out, _ = proc.communicate(timeout=600)
   except subprocess.TimeoutExpired:
     proc.kill()
     out, _ = proc.communicate()
+  return out
+
+
+def _result(proc: subprocess.Popen) -> dict:
+  out = _finish(proc)
   lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
   assert proc.returncode == 0 and lines, out[-4000:]
   return json.loads(lines[-1][len("RESULT "):])
@@ -57,10 +73,8 @@ def test_two_processes_match_one_and_share_folders_safely(tmp_path):
   for d in (multi, single):
     d.mkdir()
     tiny_train_config(d)  # writes the prompt file both runs read
-  port = _free_port()
-  procs = [_start(multi, 2, {"JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-                             "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-  ref_proc = _start(single, 4, {})
+  procs = [_start([multi, MESH], 2, env) for env in _processes(2)]
+  ref_proc = _start([single, MESH], 4, {})
   results = [_result(p) for p in procs]
   ref = _result(ref_proc)
 
@@ -85,3 +99,36 @@ def test_two_processes_match_one_and_share_folders_safely(tmp_path):
   assert bench["complete"] and not (multi / "bench" / "progress.jsonl").exists()
   assert bench["environment"]["process_count"] == 2
   assert [p.name for p in multi.rglob("*") if ".tmp" in p.name] == []
+
+
+@pytest.mark.slow  # about 20 s; run before resolving
+def test_a_signal_to_one_process_stops_every_process_at_one_checkpoint(tmp_path):
+  """A preemption notice (SIGTERM) may reach one host only, or each host between different steps, while a checkpoint
+  is a collective save: the processes agree on stopping and save the same step; the run then resumes from it and
+  ends with the parameters of an uninterrupted run."""
+  ckpt, metrics = tmp_path / "ckpt", tmp_path / "ckpt" / "metrics.jsonl"
+  envs = _processes(2)
+  procs = [_start([ckpt, 60, 1000, 0.1, tmp_path / f"a{i}.npz"], 2, env, TRAIN_TINY) for i, env in enumerate(envs)]
+  deadline = time.monotonic() + 300
+  while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 12):
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [_finish(p)[-2000:] for p in procs]
+    time.sleep(0.1)
+  procs[1].send_signal(signal.SIGTERM)  # process 1 only
+  outs = [_finish(p) for p in procs]
+  assert procs[1].returncode == -signal.SIGTERM, outs[1][-3000:]
+  assert procs[0].returncode == 130 and "another process got a signal" in outs[0], outs[0][-3000:]
+  (saved,) = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]  # one checkpoint, the same for both
+  assert 12 <= saved < 60 and saved % STOP_CHECK_EVERY == 0, saved
+
+  procs = [_start([ckpt, 60, 1000, 0, tmp_path / f"b{i}.npz"], 2, env, TRAIN_TINY) for i, env in enumerate(_processes(2))]
+  ref = _start([tmp_path / "ref_ckpt", 60, 1000, 0, tmp_path / "ref.npz"], 2, {}, TRAIN_TINY)  # one process, unbroken
+  for p in [*procs, ref]:
+    out = _finish(p)
+    assert p.returncode == 0, out[-3000:]
+    assert f"first_step={saved + 1 if p is not ref else 1}" in out, out[-3000:]
+  with np.load(tmp_path / "ref.npz") as want:
+    for i in range(2):
+      with np.load(tmp_path / f"b{i}.npz") as got:
+        for k in want.files:
+          np.testing.assert_allclose(got[k], want[k], atol=1e-5, err_msg=k)
+  assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == list(range(1, 61))

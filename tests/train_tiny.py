@@ -2,11 +2,13 @@
 
 As a script: `python train_tiny.py CKPT_DIR NUM_STEPS EVERY SLEEP OUT.npz` trains (resuming from CKPT_DIR when
 it holds a checkpoint), sleeping SLEEP seconds before each batch, prints `first_step=<n>` for the first step it
-ran, and saves the final params to OUT.npz.
+ran, and saves the final params to OUT.npz. With `JAX_NUM_PROCESSES` set it is one process of a multi-process run
+(`jaxspec.sharding.initialize_distributed`) training on a mesh over every process's devices.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -17,6 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
+
+# One process of a multi-process run (tests/test_multihost.py): joined before anything below touches a device.
+MULTI_PROCESS = __name__ == "__main__" and bool(os.environ.get("JAX_NUM_PROCESSES"))
+if MULTI_PROCESS:
+  from jaxspec import sharding
+  sharding.initialize_distributed()
 
 DIM = 4
 BATCH = 16
@@ -66,8 +74,13 @@ def fresh_state():
 
 def main(argv: list[str]) -> None:
   ckpt_dir, num_steps, every, sleep, out = argv
-  trainer = make_trainer(ckpt_dir, int(every))
-  state, history = trainer.fit(fresh_state(), lambda s: batches_from(s, float(sleep)), int(num_steps))
+  mesh = "data=-1,model=1" if MULTI_PROCESS else None
+  trainer = make_trainer(ckpt_dir, int(every), mesh=mesh)
+  try:
+    state, history = trainer.fit(fresh_state(), lambda s: batches_from(s, float(sleep)), int(num_steps))
+  except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
   first = history[0]["step"] if history else int(state.step) + 1
   print(f"first_step={first}", flush=True)
   np.savez(out, **{k: np.asarray(v) for k, v in state.params.items()})

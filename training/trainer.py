@@ -44,6 +44,7 @@ LossFn = Callable[[Params, Any, Batch, jax.Array], tuple[jax.Array, Metrics]]
 BatchSource = Callable[[int], Iterable[Batch]] | Iterable[Batch]
 
 METRICS_FILE = "metrics.jsonl"
+STOP_CHECK_EVERY = 10  # steps between a multi-host run's agreements on whether a signal asks it to stop
 _EVAL_STREAM = 2**31 - 1  # folded into the key for evaluation; training steps (int32) never reach it
 
 
@@ -339,7 +340,9 @@ class Trainer:
     Raises:
       CheckpointError: the checkpoint directory holds a corrupt checkpoint or one for another state.
       KeyboardInterrupt: after Ctrl-C, once a checkpoint of the last finished step is saved. SIGTERM saves the
-        same way and then ends the process with the signal's previous handler.
+        same way and then ends the process with the signal's previous handler. In a multi-host run a signal to
+        any process stops all of them at the same step (within `STOP_CHECK_EVERY` steps), where they save
+        together; a process that got no signal itself then raises KeyboardInterrupt.
     """
     if eval_every is not None and eval_every < 1:
       raise ConfigError(f"eval_every must be >= 1 or None, got {eval_every}")
@@ -367,7 +370,7 @@ class Trainer:
       with _SignalGuard() as guard:
         state = self._loop(state, start, num_steps, _batches(batches_from, start), eval_batches, eval_every,
                            ckpt, history, guard)
-      if guard.signum is not None:
+      if guard.signum is not None or guard.peer_stopped:
         if ckpt is not None:
           ckpt.close()
         guard.redeliver()
@@ -402,7 +405,7 @@ class Trainer:
       return {"step": s, "num_steps": num_steps, "time": time.time(), "fit_s": self.fit_s}
 
     try:
-      while step < num_steps and guard.signum is None:
+      while step < num_steps and not guard.stop_requested(step):
         batch = next(batches, _END)
         if batch is _END:
           logger.warning("the batches ran out at step %d of %d; stopping there", step, num_steps)
@@ -504,6 +507,7 @@ class _SignalGuard:
 
   def __init__(self):
     self.signum: int | None = None
+    self.peer_stopped = False  # another process of a multi-host run got the signal, this one did not
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> _SignalGuard:
@@ -515,6 +519,23 @@ class _SignalGuard:
 
   def __exit__(self, *exc_info: object) -> None:
     self._restore()
+
+  def stop_requested(self, step: int) -> bool:
+    """Whether to stop before `step`: a signal reached this process, or in a multi-process run any process.
+
+    A checkpoint is a collective save, so the processes of a multi-host run must stop at the same step, though a
+    signal reaches each at its own moment (or only one of them). They agree on it every `STOP_CHECK_EVERY` steps
+    (a gather of one flag per process), so such a run stops up to that many steps after the signal."""
+    if jax.process_count() == 1:
+      return self.signum is not None
+    if step % STOP_CHECK_EVERY:
+      return False
+    from jax.experimental import multihost_utils
+    anyone = bool(np.any(multihost_utils.process_allgather(np.int32(self.signum is not None))))
+    self.peer_stopped = anyone and self.signum is None
+    if self.peer_stopped:
+      logger.warning("another process got a signal: saving a checkpoint at step %d and stopping", step)
+    return anyone
 
   def _handle(self, signum: int, frame: Any) -> None:
     if self.signum is not None:
@@ -529,8 +550,12 @@ class _SignalGuard:
     self._previous = {}
 
   def redeliver(self) -> None:
-    """Acts on the caught signal as it would have been without the guard (after the checkpoint is saved)."""
-    if self.signum == signal.SIGINT:
+    """Acts on the caught signal as it would have been without the guard (after the checkpoint is saved); a process
+    stopped by another's signal ends as after Ctrl-C."""
+    if self.signum == signal.SIGINT or (self.signum is None and self.peer_stopped):
       raise KeyboardInterrupt
     if self.signum is not None:
+      if jax.process_count() > 1 and signal.getsignal(self.signum) in (signal.SIG_DFL, None):
+        # The signal ends this process: leave the run first, or the others' exit waits for it and then aborts.
+        jax.distributed.shutdown()
       signal.raise_signal(self.signum)
