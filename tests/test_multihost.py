@@ -132,3 +132,14 @@ def test_a_signal_to_one_process_stops_every_process_at_one_checkpoint(tmp_path)
         for k in want.files:
           np.testing.assert_allclose(got[k], want[k], atol=1e-5, err_msg=k)
   assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == list(range(1, 61))
+
+  # Nine more steps (60 -> 69) pass no agreement point: a signal there is agreed on once the loop ends, so both
+  # processes still take the same exit after the last save.
+  procs = [_start([ckpt, 69, 1000, 0.2, tmp_path / f"c{i}.npz"], 2, env, TRAIN_TINY) for i, env in enumerate(_processes(2))]
+  while len(metrics.read_text().splitlines()) < 62:
+    assert time.monotonic() < deadline + 300 and all(p.poll() is None for p in procs), [_finish(p)[-2000:] for p in procs]
+    time.sleep(0.05)
+  procs[1].send_signal(signal.SIGTERM)
+  outs = [_finish(p) for p in procs]
+  assert procs[1].returncode == -signal.SIGTERM and procs[0].returncode == 130, [o[-3000:] for o in outs]
+  assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())[-1] == 69

@@ -370,7 +370,7 @@ class Trainer:
       with _SignalGuard() as guard:
         state = self._loop(state, start, num_steps, _batches(batches_from, start), eval_batches, eval_every,
                            ckpt, history, guard)
-      if guard.signum is not None or guard.peer_stopped:
+      if guard.must_stop():
         if ckpt is not None:
           ckpt.close()
         guard.redeliver()
@@ -423,6 +423,7 @@ class Trainer:
           self._record({"step": step, **self.evaluate(state, eval_batches())}, history, bar)
         if ckpt is not None:
           ckpt.save(step, state, meta(step))
+      guard.settle(step)  # multi-host: a signal after the last agreement is agreed on now, before the last save
       if ckpt is not None:  # the end, the batches running out, or a signal: keep what was done
         ckpt.save(step, state, meta(step), force=True)
       else:
@@ -508,6 +509,7 @@ class _SignalGuard:
   def __init__(self):
     self.signum: int | None = None
     self.peer_stopped = False  # another process of a multi-host run got the signal, this one did not
+    self.agreed: bool | None = None  # multi-host: whether the last agreement saw a signal (None: none yet)
     self._previous: dict[int, Any] = {}
 
   def __enter__(self) -> _SignalGuard:
@@ -528,14 +530,30 @@ class _SignalGuard:
     (a gather of one flag per process), so such a run stops up to that many steps after the signal."""
     if jax.process_count() == 1:
       return self.signum is not None
-    if step % STOP_CHECK_EVERY:
-      return False
+    return step % STOP_CHECK_EVERY == 0 and self._agree(step)
+
+  def settle(self, step: int) -> None:
+    """Once the loop has ended, at the same step everywhere: a last agreement in a multi-host run, unless the loop
+    ended on one, so that a signal in the last steps is acted on by every process or by none."""
+    if jax.process_count() > 1 and not self.agreed:
+      self._agree(step)
+
+  def must_stop(self) -> bool:
+    """Whether `fit` ends as interrupted (after its last save): the same answer in every process of a run. A signal
+    that reaches a multi-host run after its last agreement is only logged: the run has finished and saved."""
+    if jax.process_count() == 1:
+      return self.signum is not None
+    if self.signum is not None and not self.agreed:
+      logger.warning("got %s after the training's last step; finishing the run", signal.Signals(self.signum).name)
+    return bool(self.agreed)
+
+  def _agree(self, step: int) -> bool:
     from jax.experimental import multihost_utils
-    anyone = bool(np.any(multihost_utils.process_allgather(np.int32(self.signum is not None))))
-    self.peer_stopped = anyone and self.signum is None
+    self.agreed = bool(np.any(multihost_utils.process_allgather(np.int32(self.signum is not None))))
+    self.peer_stopped = self.agreed and self.signum is None
     if self.peer_stopped:
       logger.warning("another process got a signal: saving a checkpoint at step %d and stopping", step)
-    return anyone
+    return self.agreed
 
   def _handle(self, signum: int, frame: Any) -> None:
     if self.signum is not None:
