@@ -9,8 +9,8 @@ writes, as for any file the OS has not flushed.)
 Temporary names are the file's name, the host and process id, and `.tmp` (`.tmp.npz` for `.npz` files: numpy adds
 `.npz` to a name without it), so readers that list a folder skip them by that ending, and the processes of a
 multi-host run that write the same file into a shared folder (an NFS or gcsfuse mount) never write into each other's
-temporary: each renames a whole file, and the last rename wins. A process killed outright (SIGKILL, a power cut) can
-leave its temporary behind; nothing reads it, and it may be deleted.
+temporary: each renames a whole file, and the last rename wins. A process killed outright (SIGKILL, a power cut)
+leaves its temporary behind; nothing reads it, and the next write of the same file on that host removes it.
 
 Files that are appended to (training metrics, bench progress) must have one writer: `primary()` says whether this
 process is it (process 0 of a multi-host run; the only process otherwise).
@@ -34,6 +34,37 @@ def temporary(path: str | os.PathLike) -> Path:
   return path.with_name(f"{path.name}.{tag}" + (".tmp.npz" if path.suffix == ".npz" else ".tmp"))
 
 
+def is_temporary(path: str | os.PathLike) -> bool:
+  """Whether `path` is a temporary of `temporary()`'s form, which readers listing a folder must skip."""
+  return Path(path).name.endswith((".tmp", ".tmp.npz"))
+
+
+def remove_stale(path: str | os.PathLike) -> None:
+  """Removes temporaries of `path` left on this host by processes that no longer run (killed while writing)."""
+  import glob
+  import shutil
+  path = Path(path)
+  host = socket.gethostname()
+  for tmp in path.parent.glob(glob.escape(f"{path.name}.{host}-") + "*"):
+    pid = tmp.name[len(f"{path.name}.{host}-"):].split(".", 1)[0]
+    if not (is_temporary(tmp) and pid.isdigit()) or _alive(int(pid)):
+      continue
+    try:
+      shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
+    except OSError:  # removed meanwhile, or not ours to remove
+      pass
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's process
+    return True
+  return True
+
+
 def primary() -> bool:
   """Whether this process writes the files of a run that have one writer: process 0 of a multi-host run."""
   import jax
@@ -48,6 +79,8 @@ def write_files(folder: str | os.PathLike, writers: Mapping[str, Writer]) -> Non
   """
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
+  for name in writers:
+    remove_stale(folder / name)
   tmps = {}
   try:
     for name, write in writers.items():

@@ -1,7 +1,7 @@
 """Real multi-process runs: two JAX processes on this machine's CPU, joined by `jax.distributed` (gloo collectives),
 two devices each, against one process.
 
-Both runs train BPD heads on a `data=2,model=2` mesh, decode with them and run the bench (tests/multihost.py). The
+Both runs train BPD heads on a mesh of the four devices, decode with them and run the bench (tests/multihost.py). The
 two processes share every folder, as hosts do on an NFS or gcsfuse mount. What must hold: the processes agree with
 each other and with the one-process run (heads, losses, tokens), BPD decoding stays exact, and the shared folders
 hold each file once and whole (one metrics line per record, one bench result, no temporary files).
@@ -27,7 +27,6 @@ from training.trainer import STOP_CHECK_EVERY
 
 SCRIPT = Path(__file__).with_name("multihost.py")
 TRAIN_TINY = Path(__file__).with_name("train_tiny.py")
-MESH = "data=2,model=2"
 
 
 def _free_port() -> int:
@@ -67,14 +66,15 @@ def _result(proc: subprocess.Popen) -> dict:
   return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.mark.slow  # about a minute: three processes compile and train; run before resolving
-def test_two_processes_match_one_and_share_folders_safely(tmp_path):
+@pytest.mark.slow  # about 45 s each: three processes compile and train; run before resolving
+@pytest.mark.parametrize("mesh", ["data=2,model=2", "data=1,model=4"])  # the second splits params across processes
+def test_two_processes_match_one_and_share_folders_safely(tmp_path, mesh):
   multi, single = tmp_path / "multi", tmp_path / "single"
   for d in (multi, single):
     d.mkdir()
     tiny_train_config(d)  # writes the prompt file both runs read
-  procs = [_start([multi, MESH], 2, env) for env in _processes(2)]
-  ref_proc = _start([single, MESH], 4, {})
+  procs = [_start([multi, mesh], 2, env) for env in _processes(2)]
+  ref_proc = _start([single, mesh], 4, {})
   results = [_result(p) for p in procs]
   ref = _result(ref_proc)
 

@@ -110,6 +110,21 @@ def test_files_are_replaced_whole_or_not_at_all(tmp_path):
   other = subprocess.run([sys.executable, "-c", "import sys; from jaxspec import files; print(files.temporary(sys.argv[1]))",
                           str(tmp_path / "shard_00000.npz")], capture_output=True, text=True, check=True)
   assert other.stdout.strip() not in ("", str(tmp))
+  # A killed writer's temporary (its process is gone) goes at the next write of that file on this host; a running
+  # process's stays.
+  gone = Path(other.stdout.strip())
+  other_pid = lambda t: t.name.split(".tmp")[0].rsplit("-", 1)[1]
+  gone.write_text("half")
+  sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    running = gone.with_name(gone.name.replace(f"-{other_pid(gone)}.", f"-{sleeper.pid}."))
+    running.write_text("in progress")
+    files.write_file(tmp_path / "shard_00000.npz", lambda t: np.savez(t, x=np.arange(2)))
+    assert not gone.exists() and running.read_text() == "in progress"
+    assert files.is_temporary(running) and files.is_temporary(gone) and not files.is_temporary(tmp_path / "x.npz")
+  finally:
+    sleeper.kill()
+  running.unlink()
   files.write_file(tmp_path / "sub" / "a.npz", lambda tmp: np.savez(tmp, x=np.arange(3)))
   with np.load(tmp_path / "sub" / "a.npz") as z:
     assert z["x"].tolist() == [0, 1, 2]

@@ -9,7 +9,8 @@ Saves are atomic: Orbax writes `<step>.orbax-checkpoint-tmp/` and renames it to 
 disk. A process killed mid-save leaves only the temporary directory, which `latest_step` never reports and which
 is deleted when the next `Checkpointer` opens the directory.
 
-Single-process only: every array must be addressable from this process (the checksums read them to the host).
+In a multi-host run every process saves and restores together (Orbax writes each process's shards); the checksums
+gather an array split across processes to each of them, one array at a time.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxspec import sharding
 from jaxspec.errors import JaxspecError
 
 State = TypeVar("State")
@@ -272,6 +274,8 @@ def _digests(state: Any) -> dict[str, str]:
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
+    if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
+      leaf = sharding.fetch(leaf)  # a multi-host array split across processes: gathered (every process saves)
     array = np.ascontiguousarray(np.asarray(leaf)).reshape(-1)
     crc = zlib.crc32(array.view(np.uint8)) if array.size else 0
     shape = "x".join(map(str, np.shape(leaf)))

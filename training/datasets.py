@@ -107,7 +107,7 @@ def _write_shard(path: Path, seqs: Sequence[Sequence[int]], prompt_lens: Sequenc
 
 def shard_files(folder: Path) -> list[Path]:
   """The finished shards of a folder, in order (not the temporary file of one a kill cut short)."""
-  return [s for s in sorted(folder.glob("shard_*.npz")) if not s.name.endswith(".tmp.npz")]
+  return [s for s in sorted(folder.glob("shard_*.npz")) if not files.is_temporary(s)]
 
 
 def load_sequences(folder: str | os.PathLike) -> Sequences:
@@ -203,7 +203,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
         what = "another target model" if key == "target" else "other prompts (or another tokenizer)"
         raise InputError(f"{out} holds answers written by {what} than this run's ({key} {old[key]} there, {value} "
                          "here): use another data.dataset_dir for this run, or delete that folder to rebuild it.")
-  elif any(out.glob("shard_*.npz")):
+  elif shard_files(out):
     raise InputError(f"{out} holds dataset shards but no meta.json: it was not written by self-distillation (or by "
                      "a run from before meta files); use another folder, or delete it to rebuild.")
   write_meta(meta_path, {**meta, **source})
@@ -253,8 +253,11 @@ def text_sequences(tokenizer, paths: Sequence[str | os.PathLike], out: str | os.
   if (old is not None and old.get("kind") != "text") or (old is None and shards and not legacy_text):
     raise InputError(f"{out} holds another dataset ({old['kind'] if old else 'shards without a meta.json'}); the "
                      "text files' sequences would overwrite it: set data.dataset_dir to a folder of their own.")
-  for stale in out.glob("shard_*.npz"):  # the text is cut again from the files each run
-    stale.unlink()
+  # The text is cut again from the files each run. shard_00000 is replaced whole; only others are removed, so another
+  # process of a multi-host run reading this folder never finds it without its shard.
+  for stale in shards:
+    if stale.name != "shard_00000.npz":
+      stale.unlink(missing_ok=True)
   _write_shard(out / "shard_00000.npz", chunks, [0] * len(chunks), time.perf_counter() - t0)
   write_meta(meta_path, meta)
   return load_sequences(out)

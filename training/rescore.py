@@ -23,6 +23,7 @@ from typing import Literal, Optional
 
 from tqdm.auto import tqdm
 
+from jaxspec import files
 from training.bpd import BPDTrainConfig, DataSection, ModelSection, build_sequences
 from training.config import ConfigError, load_config, to_dict
 
@@ -217,7 +218,7 @@ def _tune_key(cfg: RescoreConfig, prompts, heads: Path) -> str:
   settings["tune"] = {k: v for k, v in settings["tune"].items() if k not in ("weights", "neural_weights")}
   h = hashlib.sha256(json.dumps([settings, prompts], sort_keys=True).encode())
   for f in sorted(heads.rglob("*")) if heads.is_dir() else [heads]:
-    if f.is_file():
+    if f.is_file() and not files.is_temporary(f):  # a killed writer's leftover is not part of the heads
       h.update(f.name.encode() + f.read_bytes())
   return h.hexdigest()
 

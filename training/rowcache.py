@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -136,7 +137,10 @@ def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, ro
     order = order[~np.isin(order, held_rows)]
   # Parts are named by the rows still to compute, so a rerun that finds other rows held computes its parts anew.
   parts_key = key if rk is None else key + ":" + hashlib.blake2b(rk[order].tobytes(), digest_size=16).hexdigest()
-  parts_dir = path.with_name(path.name + ".parts")
+  # Each process of a multi-host run computes every row itself: its parts are its own (the file they make is written
+  # whole by whichever process ends first, and again by the others).
+  index = jax.process_index()
+  parts_dir = path.with_name(path.name + ".parts" + (f".{index}" if index else ""))
   meta = parts_dir / "meta.json"
   try:
     same = json.loads(meta.read_text())["key"] == parts_key
@@ -144,7 +148,7 @@ def cached_rows(path: Path, key: str, order: np.ndarray, compute: Compute, *, ro
     same = False
   if not same:  # parts of other data or another target: start over
     shutil.rmtree(parts_dir, ignore_errors=True)
-    parts_dir.mkdir(parents=True)
+    parts_dir.mkdir(parents=True, exist_ok=True)
     files.write_json(meta, {"key": parts_key}, indent=None)
   bar = tqdm(total=n, initial=n - len(order), desc=desc, unit="seq", disable=not progress)
   for pi, s in enumerate(range(0, len(order), part_rows)):

@@ -115,6 +115,7 @@ def _save_tokenizer(tokenizer, tok_dir: Path, built_with: dict) -> None:
   """Writes the tokenizer and its settings into a temporary folder renamed into place: a kill leaves either the old
   folder or the whole new one, never tokenizer.json without tokenizer_config.json."""
   import shutil
+  files.remove_stale(tok_dir)
   tmp = files.temporary(tok_dir)
   shutil.rmtree(tmp, ignore_errors=True)
   tokenizer.save(tmp)
