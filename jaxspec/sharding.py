@@ -21,6 +21,7 @@ the same program on any mesh, so sharded decoding gives the tokens of unsharded 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -405,6 +406,17 @@ def from_first_process(obj: Any) -> Any:
   if jax.process_index() == 0:
     buf[:] = data
   return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(buf)).tobytes().decode())
+
+
+def same_everywhere(obj: Any) -> bool:
+  """Whether every process of a multi-host run holds the same JSON value `obj` (True in a one-process run); the same
+  answer on every process, so all of them can fail together. Every process must call it."""
+  if jax.process_count() == 1:
+    return True
+  from jax.experimental import multihost_utils
+  digest = np.frombuffer(hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).digest()[:8], np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(digest))
+  return bool((gathered == gathered[0]).all())
 
 
 def initialize_distributed() -> None:

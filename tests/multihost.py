@@ -60,7 +60,10 @@ def main(workdir: Path, mesh_spec: str) -> None:
   print("RESULT " + json.dumps({
       "process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),
       "final_loss": summary["final_eval"]["eval/loss"], "greedy": greedy.tokens, "drafted": drafted.tokens,
-      "tau": float(drafted.tau), "bench_mismatches": bench["methods"]["lookup"]["mismatches"]}), flush=True)
+      "tau": float(drafted.tau), "bench_mismatches": bench["methods"]["lookup"]["mismatches"],
+      # the agreements the bench relies on: process 0's value everywhere, and whether all processes hold one value
+      "first": sharding.from_first_process({"index": jax.process_index()}),
+      "agree": [sharding.same_everywhere("same"), sharding.same_everywhere(jax.process_index())]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -85,6 +85,7 @@ def test_two_processes_match_one_and_share_folders_safely(tmp_path, mesh):
     assert r["tau"] == ref["tau"] > 1.2  # the heads learned, and the same in both runs
     assert r["final_loss"] == pytest.approx(ref["final_loss"], rel=1e-5)
     assert r["bench_mismatches"] == 0
+    assert r["first"] == {"index": 0} and r["agree"] == [True, False]
 
   heads, ref_heads = (load_file(d / "heads" / "heads.safetensors") for d in (multi, single))
   assert heads.keys() == ref_heads.keys()

@@ -14,6 +14,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+from jaxspec import sharding
 from jaxspec.decoding.generate import GenerationResult, generate
 from jaxspec.errors import InputError, ModelLoadError
 
@@ -474,6 +475,8 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
       ctx.cache[key] = (expected_accept(stats), {n: verify[n + 1] for n in grid}, draft_step, draft_base)
     ea, verify_s, draft_step, draft_base = ctx.cache[key]
     n_best, d_best, table = choose_budget(ea, verify_s, draft_step, draft_base)
+    # Timings differ from host to host: every process of a multi-host run takes process 0's choice (one program).
+    n_best, d_best = sharding.from_first_process([n_best, d_best])
     depth = min(int(opts["depth"]), n_best) if "depth" in opts else d_best
     nodes = n_best
     notes.append(f"budget from cost: nodes={n_best}, depth={d_best} (predicted {table[(n_best, d_best)]:.1f} "
@@ -503,7 +506,7 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
     if key not in ctx.cache:
       ctx.cache[key] = forward_cost(ctx.model, ctx.params, [1, nodes + 1], context=256, in_loop=IN_LOOP)
     cost = ctx.cache[key]
-    gate = max(cost[nodes + 1] / cost[1] - 1.0, 0.0)
+    gate = sharding.from_first_process(max(cost[nodes + 1] / cost[1] - 1.0, 0.0))  # process 0's, as nodes=auto
     notes.append(f"gate from cost: t({nodes + 1})/t(1) - 1 = {gate:.2f}")
   gate = float(gate)
   dp = sp

@@ -176,13 +176,17 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   out = Path(cfg.out)
   # One process writes the results folder: process 0 of a multi-host run (the others decode their part of each batch).
   writer = files.primary()
+  unwritable = None
   try:  # before the model loads: a results folder that cannot be written fails now, not after the run
     if writer:
       out.mkdir(parents=True, exist_ok=True)
       (out / ".write_check").touch()
       (out / ".write_check").unlink()
   except OSError as e:
-    raise InputError(f"Cannot write the results folder {out}: {e.strerror or e}. Pass another --out.") from None
+    unwritable = f"Cannot write the results folder {out}: {e.strerror or e}. Pass another --out."
+  unwritable = sharding.from_first_process(unwritable)  # every process fails with process 0
+  if unwritable:
+    raise InputError(unwritable)
   if model is None:
     from jaxspec.loading import load_model
     model, params, tokenizer = load_model(cfg.model, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
@@ -207,8 +211,9 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   if why_not:
     log(why_not)
   # Before any method is built: saved runs of other work are refused now, not after minutes of building.
-  _refuse_other_work(progress_path, saved_head, restored, saved.fingerprint(cfg, prompts, ids, labels),
-                     skip=("methods",))
+  # Process 0's fingerprint (its paths) everywhere: it is the one compared with the file process 0 reads.
+  _refuse_other_work(progress_path, saved_head, restored,
+                     sharding.from_first_process(saved.fingerprint(cfg, prompts, ids, labels)), skip=("methods",))
   if mesh is not None:  # placed once here; generate() then finds the params already on the mesh
     params = sharding.partitioner(mesh, model).shard_params(params)
   ctx = BenchContext(model, params, tokenizer, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -231,7 +236,11 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   if require_all and failed:
     raise InputError("Cannot run " + "; ".join(f"{l}: {why.rstrip('.')}" for l, why in failed.items()) + ".")
 
-  head = saved.fingerprint(cfg, prompts, ids, list(runners))
+  if not sharding.same_everywhere([list(runners), sorted(unavailable)]):
+    raise InputError(f"The processes of this run can run different methods (process {jax.process_index()}: "
+                     f"{', '.join(runners)}): every host needs the same model, heads and draft files and the same "
+                     "packages.")
+  head = sharding.from_first_process(saved.fingerprint(cfg, prompts, ids, list(runners)))
   _refuse_other_work(progress_path, saved_head, restored, head)
   batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
   order = list(runners)
