@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -40,19 +42,25 @@ def is_temporary(path: str | os.PathLike) -> bool:
 
 
 def remove_stale(path: str | os.PathLike) -> None:
-  """Removes temporaries of `path` left on this host by processes that no longer run (killed while writing)."""
+  """Removes temporaries of `path` that processes of this host left when killed while writing: those whose process
+  no longer runs and that nothing has written for `STALE_AFTER_S` (hosts in separate PID namespaces may share a
+  name, so a dead-looking process id alone is not enough)."""
   import glob
   import shutil
   path = Path(path)
-  host = socket.gethostname()
-  for tmp in path.parent.glob(glob.escape(f"{path.name}.{host}-") + "*"):
-    pid = tmp.name[len(f"{path.name}.{host}-"):].split(".", 1)[0]
-    if not (is_temporary(tmp) and pid.isdigit()) or _alive(int(pid)):
-      continue
+  prefix = f"{path.name}.{socket.gethostname()}-"
+  for tmp in path.parent.glob(glob.escape(prefix) + "*"):
+    match = _STALE_NAME.fullmatch(tmp.name[len(prefix):])
     try:
+      if not match or _alive(int(match.group(1))) or time.time() - tmp.stat().st_mtime < STALE_AFTER_S:
+        continue
       shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
     except OSError:  # removed meanwhile, or not ours to remove
       pass
+
+
+STALE_AFTER_S = 3600.0
+_STALE_NAME = re.compile(r"([0-9]{1,9})\.tmp(\.npz)?")
 
 
 def _alive(pid: int) -> bool:
@@ -60,7 +68,7 @@ def _alive(pid: int) -> bool:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
-  except PermissionError:  # another user's process
+  except (PermissionError, OverflowError, ValueError):  # another user's process; an id this system cannot hold
     return True
   return True
 

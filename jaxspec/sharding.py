@@ -396,11 +396,13 @@ def fetch(tree: Any) -> Any:
 
 def from_first_process(obj: Any) -> Any:
   """`obj` as process 0 has it, on every process of a multi-host run (a JSON value: what process 0 read from a file
-  that the others may not see, or may see changed); `obj` itself in a one-process run. Every process must call it."""
+  that the others may not see, or may see changed). The value comes back through JSON in a one-process run too
+  (tuples as lists, dict keys as strings), so both behave alike. Every process must call it."""
+  text = json.dumps(obj)  # on every process, before any collective: a value JSON cannot hold fails everywhere
   if jax.process_count() == 1:
-    return obj
+    return json.loads(text)
   from jax.experimental import multihost_utils
-  data = np.frombuffer(json.dumps(obj).encode(), np.uint8) if jax.process_index() == 0 else np.zeros(0, np.uint8)
+  data = np.frombuffer(text.encode(), np.uint8)
   size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
   buf = np.zeros(size, np.uint8)
   if jax.process_index() == 0:

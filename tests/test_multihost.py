@@ -134,8 +134,8 @@ def test_a_signal_to_one_process_stops_every_process_at_one_checkpoint(tmp_path)
           np.testing.assert_allclose(got[k], want[k], atol=1e-5, err_msg=k)
   assert [json.loads(l)["step"] for l in metrics.read_text().splitlines()] == list(range(1, 61))
 
-  # Nine more steps (60 -> 69) pass no agreement point: a signal there is agreed on once the loop ends, so both
-  # processes still take the same exit after the last save.
+  # Nine more steps (60 -> 69): the agreement at step 60 comes before the signal, and none follows until the loop
+  # ends; the signal is agreed on then, so both processes still take the same exit after the last save.
   procs = [_start([ckpt, 69, 1000, 0.2, tmp_path / f"c{i}.npz"], 2, env, TRAIN_TINY) for i, env in enumerate(_processes(2))]
   while len(metrics.read_text().splitlines()) < 62:
     assert time.monotonic() < deadline + 300 and all(p.poll() is None for p in procs), [_finish(p)[-2000:] for p in procs]

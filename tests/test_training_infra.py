@@ -115,10 +115,15 @@ def test_files_are_replaced_whole_or_not_at_all(tmp_path):
   gone = Path(other.stdout.strip())
   other_pid = lambda t: t.name.split(".tmp")[0].rsplit("-", 1)[1]
   gone.write_text("half")
+  files.write_file(tmp_path / "shard_00000.npz", lambda t: np.savez(t, x=np.arange(2)))
+  assert gone.exists()  # its process is gone, but it was written a moment ago: left alone for an hour
+  old = time.time() - files.STALE_AFTER_S - 1
+  os.utime(gone, (old, old))
   sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   try:
     running = gone.with_name(gone.name.replace(f"-{other_pid(gone)}.", f"-{sleeper.pid}."))
     running.write_text("in progress")
+    os.utime(running, (old, old))  # quiet for an hour, but its process runs
     files.write_file(tmp_path / "shard_00000.npz", lambda t: np.savez(t, x=np.arange(2)))
     assert not gone.exists() and running.read_text() == "in progress"
     assert files.is_temporary(running) and files.is_temporary(gone) and not files.is_temporary(tmp_path / "x.npz")

@@ -3,7 +3,8 @@ on disk in parts, so that a run killed while computing them loses at most one pa
 
 `cached_rows(path, key, ...)` returns the arrays stored in `path` when its key matches. Otherwise it computes them
 part by part: each part of `part_rows` sequences is written whole to `<path>.parts/part_NNNNN.npz` (a temporary
-name, then a rename) next to `meta.json`, which holds the key. A rerun with the same key reuses the finished parts;
+name, then a rename) next to `meta.json`, which holds the key (`<path>.parts.<i>/` for process i > 0 of a multi-host
+run: each process computes every row, into parts of its own). A rerun with the same key reuses the finished parts;
 a part that does not load, or a folder whose key differs, is recomputed. When every part is there, the arrays are
 joined into `path` and the parts are removed.
 

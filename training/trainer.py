@@ -341,8 +341,9 @@ class Trainer:
       CheckpointError: the checkpoint directory holds a corrupt checkpoint or one for another state.
       KeyboardInterrupt: after Ctrl-C, once a checkpoint of the last finished step is saved. SIGTERM saves the
         same way and then ends the process with the signal's previous handler. In a multi-host run a signal to
-        any process stops all of them at the same step (within `STOP_CHECK_EVERY` steps), where they save
-        together; a process that got no signal itself then raises KeyboardInterrupt.
+        any process stops all of them at the same step (within `STOP_CHECK_EVERY` steps, or after the last step),
+        where they save together; a process that got no signal itself then raises KeyboardInterrupt. A signal
+        that comes after the last agreement (the run done and saved) is only logged.
     """
     if eval_every is not None and eval_every < 1:
       raise ConfigError(f"eval_every must be >= 1 or None, got {eval_every}")

@@ -202,6 +202,9 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
       raise InputError(f"Prompt {p.question_id!r} ({p.category}) is {len(row)} tokens long: with {cfg.max_new_tokens} "
                        f"new tokens it needs more than {bound} ({context}). Lower --max-new-tokens, or leave the "
                        "prompt out of the file.")
+  if not sharding.same_everywhere(saved.fingerprint(cfg, prompts, ids, labels)["prompts_sha256"]):
+    raise InputError(f"The processes of this run read different prompts ({cfg.prompts or 'the quick set'} on process "
+                     f"{jax.process_index()}): give every host the same prompt file.")
   progress_path = out / saved.FILE
   saved_head, restored, why_not = (None, {}, None) if cfg.fresh or not writer else saved.read(progress_path)
   # Every process resumes the runs process 0 found, so all of them decode the same batches.
@@ -227,6 +230,11 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
       runners[label] = METHODS[name].build(ctx, opts)
     except Unavailable as e:
       unavailable[label] = str(e)
+  # Before anything below can fail on one process only: a multi-host run's processes must have built the same methods.
+  if not sharding.same_everywhere([list(runners), sorted(unavailable)]):
+    raise InputError(f"The processes of this run can run different methods (process {jax.process_index()}: "
+                     f"{', '.join(runners)}): every host needs the same model, heads and draft files and the same "
+                     "packages.")
   lossless = {l: getattr(r, "lossless", specs[l].lossless) for l, r in runners.items()}
   notes = {l: getattr(r, "note", None) for l, r in runners.items()}
   if REFERENCE in unavailable:
@@ -236,10 +244,6 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   if require_all and failed:
     raise InputError("Cannot run " + "; ".join(f"{l}: {why.rstrip('.')}" for l, why in failed.items()) + ".")
 
-  if not sharding.same_everywhere([list(runners), sorted(unavailable)]):
-    raise InputError(f"The processes of this run can run different methods (process {jax.process_index()}: "
-                     f"{', '.join(runners)}): every host needs the same model, heads and draft files and the same "
-                     "packages.")
   head = sharding.from_first_process(saved.fingerprint(cfg, prompts, ids, list(runners)))
   _refuse_other_work(progress_path, saved_head, restored, head)
   batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
