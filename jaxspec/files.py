@@ -18,9 +18,11 @@ process is it (process 0 of a multi-host run; the only process otherwise).
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -45,8 +47,6 @@ def remove_stale(path: str | os.PathLike) -> None:
   """Removes temporaries of `path` that processes of this host left when killed while writing: those whose process
   no longer runs and that nothing has written for `STALE_AFTER_S` (hosts in separate PID namespaces may share a
   name, so a dead-looking process id alone is not enough)."""
-  import glob
-  import shutil
   path = Path(path)
   prefix = f"{path.name}.{socket.gethostname()}-"
   for tmp in path.parent.glob(glob.escape(prefix) + "*"):

@@ -274,9 +274,8 @@ def _digests(state: Any) -> dict[str, str]:
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
       leaf = jax.random.key_data(leaf)
-    if isinstance(leaf, jax.Array) and not (leaf.is_fully_addressable or leaf.is_fully_replicated):
-      leaf = sharding.fetch(leaf)  # a multi-host array split across processes: gathered (every process saves)
-    array = np.ascontiguousarray(np.asarray(leaf)).reshape(-1)
+    # sharding.fetch gathers an array split across the processes of a multi-host run (every process saves).
+    array = np.ascontiguousarray(sharding.fetch(leaf)).reshape(-1)
     crc = zlib.crc32(array.view(np.uint8)) if array.size else 0
     shape = "x".join(map(str, np.shape(leaf)))
     out[jax.tree_util.keystr(path)] = f"{array.dtype.name}:{shape}:{crc:08x}"

@@ -202,7 +202,8 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
       raise InputError(f"Prompt {p.question_id!r} ({p.category}) is {len(row)} tokens long: with {cfg.max_new_tokens} "
                        f"new tokens it needs more than {bound} ({context}). Lower --max-new-tokens, or leave the "
                        "prompt out of the file.")
-  if not sharding.same_everywhere(saved.fingerprint(cfg, prompts, ids, labels)["prompts_sha256"]):
+  asked = saved.fingerprint(cfg, prompts, ids, labels)  # the work as named, before any method is built
+  if not sharding.same_everywhere(asked["prompts_sha256"]):
     raise InputError(f"The processes of this run read different prompts ({cfg.prompts or 'the quick set'} on process "
                      f"{jax.process_index()}): give every host the same prompt file.")
   progress_path = out / saved.FILE
@@ -215,8 +216,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
     log(why_not)
   # Before any method is built: saved runs of other work are refused now, not after minutes of building.
   # Process 0's fingerprint (its paths) everywhere: it is the one compared with the file process 0 reads.
-  _refuse_other_work(progress_path, saved_head, restored,
-                     sharding.from_first_process(saved.fingerprint(cfg, prompts, ids, labels)), skip=("methods",))
+  _refuse_other_work(progress_path, saved_head, restored, sharding.from_first_process(asked), skip=("methods",))
   if mesh is not None:  # placed once here; generate() then finds the params already on the mesh
     params = sharding.partitioner(mesh, model).shard_params(params)
   ctx = BenchContext(model, params, tokenizer, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
