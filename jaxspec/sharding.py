@@ -413,12 +413,19 @@ def from_first_process(obj: Any) -> Any:
 def same_everywhere(obj: Any) -> bool:
   """Whether every process of a multi-host run holds the same JSON value `obj` (True in a one-process run); the same
   answer on every process, so all of them can fail together. Every process must call it."""
-  if jax.process_count() == 1:
-    return True
-  from jax.experimental import multihost_utils
   digest = np.frombuffer(hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).digest()[:8], np.int32)
-  gathered = np.asarray(multihost_utils.process_allgather(digest))
+  gathered = each_process(digest)
   return bool((gathered == gathered[0]).all())
+
+
+def each_process(value: Any) -> np.ndarray:
+  """Every process's `value` (a small integer array or scalar), stacked in process order: `[value]` in a
+  one-process run. Every process must call it."""
+  value = np.asarray(value, np.int32)
+  if jax.process_count() == 1:
+    return value[None]
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(value))
 
 
 def initialize_distributed() -> None:

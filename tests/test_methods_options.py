@@ -3,7 +3,7 @@ option reaches the drafter or acceptance rule that the decode loop runs, and the
 decoding's tokens. On a tiny LLaMA whose output depends on its context, with BPD heads and a draft model saved to a
 temporary folder the way `jaxspec train` writes them."""
 
-import jax
+import numpy as np
 import pytest
 
 from jaxspec.bench import methods as methods_mod
@@ -140,3 +140,54 @@ def test_bpd_approx_builds_stern_top_k_acceptance(target, parts, monkeypatch):
   _bpd(kwargs["drafter"], 2)
   assert kwargs["acceptor"] == TopKAcceptance(top_k=3) and run.lossless is False
   assert res.accept_hist[:, 2:].sum() > 0
+
+
+@pytest.fixture
+def peers(monkeypatch):
+  """Stands in for the other processes of a multi-host run in `BenchContext.ready`'s gather: `peers.states` are
+  theirs (0 built so far, 1 unavailable, 2 failed), `peers.calls` what this process contributed."""
+
+  class Peers:
+    states: list[int] = [0]
+    calls: list[int] = []
+
+  def each_process(value):
+    Peers.calls.append(int(value))
+    return np.array([int(value), *Peers.states])
+
+  monkeypatch.setattr(methods_mod.sharding, "each_process", each_process)
+  return Peers
+
+
+def test_a_method_another_process_cannot_build_is_unavailable_before_its_calibration(target, parts, peers,
+                                                                                    monkeypatch):
+  """opt-tree:nodes=auto calibrates on the devices while it is built. With a process that lacks its heads (state 1)
+  this one must stop before any of that work, which every process runs together, and say which process it was."""
+  model, params = target
+
+  def must_not_run(*args, **kwargs):
+    raise AssertionError("ran on the devices before the processes agreed")
+
+  monkeypatch.setattr("jaxspec.decoding.generate.generate", must_not_run)
+  monkeypatch.setattr("jaxspec.bench.cost.forward_cost", must_not_run)
+  ctx = BenchContext(model, params, Tokenizer())
+  peers.states = [1]
+  with pytest.raises(methods_mod.Unavailable, match="process 1 of this multi-host run cannot run it"):
+    methods_mod.build(ctx, "opt-tree", {"nodes": "auto", "heads": str(parts / "heads")})
+  peers.states = [2]
+  with pytest.raises(methods_mod.InputError, match="process 1 of this multi-host run failed"):
+    methods_mod.build(ctx, "opt-tree", {"nodes": "auto", "heads": str(parts / "heads")})
+  assert peers.calls == [0, 0]  # one agreement per build, from this process: built so far
+
+
+def test_every_build_meets_the_other_processes_once(target, parts, peers):
+  """A build that runs nothing on the devices agrees when it ends; one that fails agrees with its failure (so the
+  others are not left waiting) and raises its own error."""
+  model, params = target
+  ctx = BenchContext(model, params, Tokenizer())
+  methods_mod.build(ctx, "bpd", {"heads": str(parts / "heads")})
+  with pytest.raises(methods_mod.Unavailable, match="no BPD heads"):
+    methods_mod.build(ctx, "bpd", {"heads": str(parts / "missing")})
+  with pytest.raises(methods_mod.InputError, match="is not one of"):
+    methods_mod.build(ctx, "opt-tree", {"drafter": "nothing"})
+  assert peers.calls == [0, 1, 2]

@@ -144,3 +144,71 @@ def test_a_signal_to_one_process_stops_every_process_at_one_checkpoint(tmp_path)
   outs = [_finish(p) for p in procs]
   assert procs[1].returncode == -signal.SIGTERM and procs[0].returncode == 130, [o[-3000:] for o in outs]
   assert sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())[-1] == 69
+
+
+BENCH = Path(__file__).with_name("bench_multihost.py")
+
+
+def _bench_prompts(path: Path, n: int) -> Path:
+  path.write_text("".join(json.dumps({"question_id": i, "category": "c" if i % 2 else "d",
+                                      "turns": [f"alpha {i} bravo alpha {i}"]}) + "\n" for i in range(n)))
+  return path
+
+
+def _start_bench(cwd: Path, args: list, env_extra: dict) -> subprocess.Popen:
+  cwd.mkdir(exist_ok=True)
+  env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
+  env.update(env_extra, PYTHONPATH=os.pathsep.join([str(SCRIPT.parents[1]), str(SCRIPT.parent)]),
+             XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0")
+  return subprocess.Popen([sys.executable, str(BENCH), *map(str, args)], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow  # about 40 s; run before resolving
+def test_a_method_one_host_cannot_build_is_unavailable_on_every_host(tmp_path):
+  """`opt-tree:nodes=auto` measures costs on the devices while it is built, which every process must do together.
+  One host lacks the heads it reads (a relative heads= path, found in process 0's folder only): the other must not
+  wait for it in the calibration's collectives; the method is unavailable on both and the rest of the bench runs."""
+  prompts, out = _bench_prompts(tmp_path / "prompts.jsonl", 4), tmp_path / "out"
+  methods = "greedy,lookup,opt-tree:nodes=auto:heads=heads"
+  procs = [_start_bench(tmp_path / f"host{i}", [prompts, out, methods], {**env, "WRITE_HEADS": "1" if i == 0 else ""})
+           for i, env in enumerate(_processes(2))]
+  results = [_result(p) for p in procs]
+  for r in results:
+    assert r["complete"] and r["methods"]["lookup"]["mismatches"] == 0 and r["methods"]["lookup"]["n_prompts"] == 4
+    assert r["methods"]["opt-tree:nodes=auto:heads=heads"]["available"] is False
+  first, second = (r["methods"]["opt-tree:nodes=auto:heads=heads"]["reason"] for r in results)
+  assert "process 1 of this multi-host run cannot run it" in first, first
+  assert "no BPD heads in heads" in second, second
+  saved = json.loads((out / "results.json").read_text())["methods"]["opt-tree:nodes=auto:heads=heads"]
+  assert saved["reason"] == first  # process 0 writes
+
+
+@pytest.mark.slow  # about 60 s; run before resolving
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_to_one_bench_process_stops_both_after_the_same_run(tmp_path, signum):
+  """Ctrl-C or a preemption notice reaches one host of a bench: both processes stop after the method run in flight
+  (they agree between runs), the runs finished so far are kept, and the same command on both goes on from there."""
+  prompts, out = _bench_prompts(tmp_path / "prompts.jsonl", 12), tmp_path / "out"
+  args = [prompts, out, "greedy,lookup", 0.4]
+  procs = [_start_bench(tmp_path / f"host{i}", args, env) for i, env in enumerate(_processes(2))]
+  progress = out / "progress.jsonl"
+  deadline = time.monotonic() + 300
+  while not (progress.is_file() and len(progress.read_text().splitlines()) >= 4):  # a header line and 3 runs
+    assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [_finish(p)[-2000:] for p in procs]
+    time.sleep(0.05)
+  procs[1].send_signal(signum)
+  outs = [_finish(p) for p in procs]
+  assert procs[1].returncode == -signum, outs[1][-3000:]
+  assert procs[0].returncode != 0 and "another process got a signal: stopping after this method run" in outs[0], \
+      outs[0][-3000:]
+  kept = len(progress.read_text().splitlines()) - 1
+  assert 3 <= kept < 12, kept  # 6 batches of 2 prompts x 2 methods; stopped before the end
+  assert not (out / "report.md").exists()
+
+  procs = [_start_bench(tmp_path / f"host{i}", args[:3], env) for i, env in enumerate(_processes(2))]
+  results = [_result(p) for p in procs]
+  for r in results:
+    assert r["complete"] and r["resumed_runs"] == kept
+    assert r["methods"]["lookup"]["mismatches"] == 0 and r["methods"]["lookup"]["n_prompts"] == 12
+  assert (out / "report.md").is_file() and not progress.exists()

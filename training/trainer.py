@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -31,6 +30,7 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from jaxspec import files, sharding
+from jaxspec.signals import SignalGuard
 from training import curves
 from training.checkpoint import Checkpointer, CheckpointError
 from training.config import ConfigError
@@ -500,28 +500,12 @@ def _truncate_metrics(path: Path, step: int) -> None:
   files.write_text(path, "".join(line + "\n" for line in kept))
 
 
-class _SignalGuard:
-  """Turns SIGINT/SIGTERM into a flag checked between steps, so a step's donated state is never lost.
-
-  A second signal while the first is pending raises KeyboardInterrupt at once. Signals are only caught on the
-  main thread (elsewhere they cannot be) and only where they are not ignored.
-  """
+class _SignalGuard(SignalGuard):
+  """Turns SIGINT/SIGTERM into a flag checked between steps, so a step's donated state is never lost
+  (`jaxspec.signals`); a second signal while the first is pending raises KeyboardInterrupt at once."""
 
   def __init__(self):
-    self.signum: int | None = None
-    self.peer_stopped = False  # another process of a multi-host run got the signal, this one did not
-    self.agreed: bool | None = None  # multi-host: whether the last agreement saw a signal (None: none yet)
-    self._previous: dict[int, Any] = {}
-
-  def __enter__(self) -> _SignalGuard:
-    if threading.current_thread() is threading.main_thread():
-      for signum in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(signum) is not signal.SIG_IGN:
-          self._previous[signum] = signal.signal(signum, self._handle)
-    return self
-
-  def __exit__(self, *exc_info: object) -> None:
-    self._restore()
+    super().__init__(pending="saving a checkpoint after this step")
 
   def stop_requested(self, step: int) -> bool:
     """Whether to stop before `step`: a signal reached this process, or in a multi-process run any process.
@@ -531,13 +515,17 @@ class _SignalGuard:
     (a gather of one flag per process), so such a run stops up to that many steps after the signal."""
     if jax.process_count() == 1:
       return self.signum is not None
-    return step % STOP_CHECK_EVERY == 0 and self._agree(step)
+    if step % STOP_CHECK_EVERY:
+      return False
+    self.stopping = f"another process got a signal: saving a checkpoint at step {step} and stopping"
+    return self.agree()
 
   def settle(self, step: int) -> None:
     """Once the loop has ended, at the same step everywhere: a last agreement in a multi-host run, unless the loop
     ended on one, so that a signal in the last steps is acted on by every process or by none."""
     if jax.process_count() > 1 and not self.agreed:
-      self._agree(step)
+      self.stopping = f"another process got a signal: saving a checkpoint at step {step} and stopping"
+      self.agree()
 
   def must_stop(self) -> bool:
     """Whether `fit` ends as interrupted (after its last save): the same answer in every process of a run. A signal
@@ -547,34 +535,3 @@ class _SignalGuard:
     if self.signum is not None and not self.agreed:
       logger.warning("got %s after the training's last step; finishing the run", signal.Signals(self.signum).name)
     return bool(self.agreed)
-
-  def _agree(self, step: int) -> bool:
-    from jax.experimental import multihost_utils
-    self.agreed = bool(np.any(multihost_utils.process_allgather(np.int32(self.signum is not None))))
-    self.peer_stopped = self.agreed and self.signum is None
-    if self.peer_stopped:
-      logger.warning("another process got a signal: saving a checkpoint at step %d and stopping", step)
-    return self.agreed
-
-  def _handle(self, signum: int, frame: Any) -> None:
-    if self.signum is not None:
-      self._restore()
-      raise KeyboardInterrupt
-    self.signum = signum
-    logger.warning("got %s; saving a checkpoint after this step", signal.Signals(signum).name)
-
-  def _restore(self) -> None:
-    for signum, handler in self._previous.items():
-      signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-    self._previous = {}
-
-  def redeliver(self) -> None:
-    """Acts on the caught signal as it would have been without the guard (after the checkpoint is saved); a process
-    stopped by another's signal ends as after Ctrl-C."""
-    if self.signum == signal.SIGINT or (self.signum is None and self.peer_stopped):
-      raise KeyboardInterrupt
-    if self.signum is not None:
-      if jax.process_count() > 1 and signal.getsignal(self.signum) in (signal.SIG_DFL, None):
-        # The signal ends this process: leave the run first, or the others' exit waits for it and then aborts.
-        jax.distributed.shutdown()
-      signal.raise_signal(self.signum)

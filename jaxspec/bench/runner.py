@@ -20,6 +20,7 @@ import logging
 import os
 import platform
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -32,9 +33,10 @@ from tqdm.auto import tqdm
 
 from jaxspec import files, sharding
 from jaxspec.bench import progress as saved
-from jaxspec.bench.methods import METHODS, BenchContext, Unavailable, parse_method
+from jaxspec.bench.methods import METHODS, BenchContext, Unavailable, build, parse_method
 from jaxspec.bench.prompts import QUICK_PROMPTS, Prompt, load_prompts
 from jaxspec.errors import InputError
+from jaxspec.signals import SignalGuard
 
 REFERENCE = "greedy"
 logger = logging.getLogger(__name__)
@@ -158,9 +160,42 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   other work (other prompts, methods or settings) are never discarded unasked: InputError, before anything is decoded.
   A run that starts over first removes the previous run's results, report, outputs and plots from `cfg.out`.
 
+  In a multi-host run a first Ctrl-C or SIGTERM, on any host, stops every process after the method run in flight
+  (`jaxspec.signals`: they agree between runs), with the same runs kept; a second one stops that process at once.
+
   Returns:
     The results (the content of results.json).
   """
+  if jax.process_count() == 1:
+    return _run(cfg, model, params, tokenizer, progress, require_all, lambda: None)
+  guard = SignalGuard(pending="stopping every process after the method run in flight (again: this one at once)",
+                      stopping="another process got a signal: stopping after this method run")
+
+  def stop_point() -> None:
+    if guard.agree():
+      raise _Stopped
+
+  with guard:
+    try:
+      results = _run(cfg, model, params, tokenizer, progress, require_all, stop_point)
+    except _Stopped:
+      pass
+    else:
+      if guard.signum is not None:  # after the last agreement: the run is done and written
+        logger.warning("got %s after the bench's last run; its results are written",
+                       signal.Signals(guard.signum).name)
+      return results
+  guard.redeliver()
+  raise KeyboardInterrupt  # a handler of the signal returned: stop as after Ctrl-C
+
+
+class _Stopped(Exception):
+  """The processes of a multi-host bench agreed to stop (a signal reached one of them)."""
+
+
+def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all: bool, stop_point) -> dict:
+  """`run_bench`; `stop_point()` is called where every process is at the same point between method runs, and
+  raises `_Stopped` when the processes agree to stop."""
   from jaxspec.bench import report
 
   cfg = cfg.resolved()
@@ -227,7 +262,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
     _, name, opts = parse_method(label)
     specs[label] = METHODS[name]
     try:
-      runners[label] = METHODS[name].build(ctx, opts)
+      runners[label] = build(ctx, name, opts)  # by every process of a multi-host run, or by none
     except Unavailable as e:
       unavailable[label] = str(e)
   # Before anything below can fail on one process only: a multi-host run's processes must have built the same methods.
@@ -244,6 +279,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   if require_all and failed:
     raise InputError("Cannot run " + "; ".join(f"{l}: {why.rstrip('.')}" for l, why in failed.items()) + ".")
 
+  stop_point()  # a signal while the methods were built: nothing decoded yet
   head = sharding.from_first_process(saved.fingerprint(cfg, prompts, ids, list(runners)))
   _refuse_other_work(progress_path, saved_head, restored, head)
   batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
@@ -306,6 +342,7 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
       res = runners[label]([ids[i] for i in batches[bi]], cfg.max_new_tokens, cfg.seed)
       warm_compile[label] += res.compile_s
       warm_bytes[label] = max(warm_bytes[label], res.program_bytes)
+      stop_point()
     for bi, label in todo:
       batch = batches[bi]
       if progress:
@@ -325,7 +362,8 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
       bar.update(1)
       if writer and whole(bi):
         files.write_json(out / "results.json", snapshot(complete=False))
-  except KeyboardInterrupt:
+      stop_point()  # after the run is saved: the processes keep the same runs
+  except (KeyboardInterrupt, _Stopped):
     bar.close()
     if runs:
       log(f"interrupted: {len(runs)} of {len(batches) * len(order)} method runs (a method on a prompt batch) are kept "
