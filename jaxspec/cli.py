@@ -133,9 +133,9 @@ def _cmd_generate(args) -> int:
   ctx = BenchContext(model, params, tok, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                      seed=args.seed, max_len=args.max_len, mesh=mesh, buckets=args.cache_buckets,
                      t5x_src=args.t5x_src)
-  from jaxspec.bench.methods import METHODS
+  from jaxspec.bench.methods import build
   try:
-    run = METHODS[name].build(ctx, opts)
+    run = build(ctx, name, opts)  # by every process of a multi-host run, or by none
   except Unavailable as e:
     raise InputError(f"Method {label!r} cannot run here: {str(e).rstrip('.')}.") from None
   res = run([ids], args.max_new_tokens, args.seed)

@@ -3,6 +3,7 @@ option reaches the drafter or acceptance rule that the decode loop runs, and the
 decoding's tokens. On a tiny LLaMA whose output depends on its context, with BPD heads and a draft model saved to a
 temporary folder the way `jaxspec train` writes them."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -159,25 +160,61 @@ def peers(monkeypatch):
   return Peers
 
 
-def test_a_method_another_process_cannot_build_is_unavailable_before_its_calibration(target, parts, peers,
-                                                                                    monkeypatch):
-  """opt-tree:nodes=auto calibrates on the devices while it is built. With a process that lacks its heads (state 1)
-  this one must stop before any of that work, which every process runs together, and say which process it was."""
+@pytest.fixture(scope="module")
+def host_parts(target, tmp_path_factory):
+  """Files whose methods work on the target's arrays while they are built: BPD heads over a vocabulary subset (their
+  output table is gathered from the target's), a draft and a feature-level draft that take the target's embedding."""
+  from jaxspec.models.bpd import BPDConfig, BPDModel
+  from jaxspec.models.eagle import save_eagle
+  from tests.test_eagle import random_draft
+
   model, params = target
+  root = tmp_path_factory.mktemp("host_parts")
+  ids = np.arange(0, model.cfg.vocab_size, 3)
+  bpd = BPDModel(BPDConfig(num_heads=3, d_model=model.cfg.d_model, d_hidden=16, vocab_subset=len(ids)))
+  save_bpd(root / "heads", bpd, bpd.init_params(jax.random.key(1), ids))
+  save_draft(root / "draft", *target, dtype="float32")
+  save_eagle(root / "eagle", *random_draft(model, params), dtype="float32")
+  return root
 
-  def must_not_run(*args, **kwargs):
-    raise AssertionError("ran on the devices before the processes agreed")
 
-  monkeypatch.setattr("jaxspec.decoding.generate.generate", must_not_run)
-  monkeypatch.setattr("jaxspec.bench.cost.forward_cost", must_not_run)
+DEVICE_WORK = ["jaxspec.decoding.generate.generate", "jaxspec.bench.cost.forward_cost",
+               "jaxspec.decoding.bpd.bpd_draft_params", "jaxspec.models.bpd.output_projection",
+               "jaxspec.models.draft.embed_fingerprint", "jaxspec.models.eagle.EagleDraft.vocab_params",
+               "jaxspec.models.subset.subset_head", "jaxspec.models.lora.check_base"]
+
+
+@pytest.mark.parametrize("name,opts", [
+    ("bpd", {"heads": "heads"}),
+    ("opt-tree", {"nodes": "auto", "heads": "heads"}),
+    ("opt-tree", {"drafter": "draft", "draft": "draft", "nodes": "auto"}),
+    ("spec", {"draft": "draft"}),
+    ("eagle", {"draft": "eagle"}),
+    ("opt-tree", {"drafter": "eagle", "draft": "eagle"}),
+])
+def test_a_method_another_process_cannot_build_is_unavailable_before_any_device_work(target, host_parts, peers,
+                                                                                     monkeypatch, name, opts):
+  """Builds that work on the target's arrays (an output table gathered from the target's, a fingerprint of its
+  embedding, a calibration that measures costs) do it with every process when the arrays are split over hosts. With
+  a process that lacks the method's files (state 1) this one must stop before any of that work, and say which
+  process it was; with a process that failed (state 2) it stops with an error."""
+  model, params = target
+  opts = {k: str(host_parts / v) if k in ("heads", "draft") else v for k, v in opts.items()}
+  for path in DEVICE_WORK:
+    def must_not_run(*args, _path=path, **kwargs):
+      raise AssertionError(f"{_path} ran before the processes agreed")
+    monkeypatch.setattr(path, must_not_run)
   ctx = BenchContext(model, params, Tokenizer())
   peers.states = [1]
   with pytest.raises(methods_mod.Unavailable, match="process 1 of this multi-host run cannot run it"):
-    methods_mod.build(ctx, "opt-tree", {"nodes": "auto", "heads": str(parts / "heads")})
+    methods_mod.build(ctx, name, opts)
   peers.states = [2]
   with pytest.raises(methods_mod.InputError, match="process 1 of this multi-host run failed"):
-    methods_mod.build(ctx, "opt-tree", {"nodes": "auto", "heads": str(parts / "heads")})
+    methods_mod.build(ctx, name, opts)
   assert peers.calls == [0, 0]  # one agreement per build, from this process: built so far
+  monkeypatch.undo()  # and with every process able to, the same build runs (calibrations are tested elsewhere)
+  if opts.get("nodes") != "auto":
+    assert callable(methods_mod.build(ctx, name, opts))
 
 
 def test_every_build_meets_the_other_processes_once(target, parts, peers):
@@ -190,4 +227,7 @@ def test_every_build_meets_the_other_processes_once(target, parts, peers):
     methods_mod.build(ctx, "bpd", {"heads": str(parts / "missing")})
   with pytest.raises(methods_mod.InputError, match="is not one of"):
     methods_mod.build(ctx, "opt-tree", {"drafter": "nothing"})
-  assert peers.calls == [0, 1, 2]
+  peers.states = [2]  # a process that cannot run it meets one that failed: it stops too
+  with pytest.raises(methods_mod.InputError, match="process 1 of this multi-host run failed"):
+    methods_mod.build(ctx, "bpd", {"heads": str(parts / "missing")})
+  assert peers.calls == [0, 1, 2, 1]

@@ -166,12 +166,15 @@ def _start_bench(cwd: Path, args: list, env_extra: dict) -> subprocess.Popen:
 
 @pytest.mark.slow  # about 40 s; run before resolving
 def test_a_method_one_host_cannot_build_is_unavailable_on_every_host(tmp_path):
-  """`opt-tree:nodes=auto` measures costs on the devices while it is built, which every process must do together.
-  One host lacks the heads it reads (a relative heads= path, found in process 0's folder only): the other must not
-  wait for it in the calibration's collectives; the method is unavailable on both and the rest of the bench runs."""
+  """Building a method can work on the target's arrays, which every process must do together when they are split
+  over hosts (`model=4` on two hosts): `opt-tree:nodes=auto` measures costs, and heads over a vocabulary subset
+  gather their output table from the target's. One host lacks the heads (a relative heads= path, found in process
+  0's folder only): the other must not wait for it in that work's collectives; the method is unavailable on both
+  and the rest of the bench runs."""
   prompts, out = _bench_prompts(tmp_path / "prompts.jsonl", 4), tmp_path / "out"
   methods = "greedy,lookup,opt-tree:nodes=auto:heads=heads"
-  procs = [_start_bench(tmp_path / f"host{i}", [prompts, out, methods], {**env, "WRITE_HEADS": "1" if i == 0 else ""})
+  procs = [_start_bench(tmp_path / f"host{i}", [prompts, out, methods],
+                        {**env, "WRITE_HEADS": "1" if i == 0 else "", "MESH": "data=1,model=4"})
            for i, env in enumerate(_processes(2))]
   results = [_result(p) for p in procs]
   for r in results:

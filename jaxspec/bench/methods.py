@@ -25,6 +25,10 @@ class Unavailable(Exception):
   """A method that cannot run here (not built yet, an optional dependency missing, no trained parts)."""
 
 
+class PeerFailed(InputError):
+  """Another process of a multi-host run failed while building the same method (`BenchContext.ready`)."""
+
+
 @dataclasses.dataclass
 class BenchContext:
   model: Any
@@ -52,12 +56,14 @@ class BenchContext:
     self.agreed = True
     state = 0 if failure is None else 1 if isinstance(failure, Unavailable) else 2
     states = sharding.each_process(state)
-    if state or not states.any():
-      return  # this process raises its own failure; in a one-process run that is all
+    if state == 2 or not states.any():
+      return  # this process raises its own error; in a one-process run that is all
+    if (states == 2).any():  # an error stops the run: every process stops, not only the one that failed
+      raise PeerFailed(f"process {', '.join(map(str, np.flatnonzero(states == 2)))} of this multi-host run failed "
+                       "while building this method (its output says why); every process stops")
+    if state == 1:
+      return  # unavailable here too: this process says why
     bad = ", ".join(map(str, np.flatnonzero(states)))
-    if (states == 2).any():
-      raise InputError(f"process {bad} of this multi-host run failed while building this method (its output says "
-                       "why); every process stops")
     raise Unavailable(f"process {bad} of this multi-host run cannot run it (its output says why): every host needs "
                       "the same model, heads, draft and adapter files and the same packages")
 
@@ -189,6 +195,7 @@ def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None):
                       f"is {d_model}: pass heads=FOLDER with heads trained for this model{shipped}. `jaxspec train` "
                       "trains them from a `task: bpd` config whose model.path is this model, as "
                       "configs/bpd_t5_numbers.yaml does for jaxspec/assets/t5_numbers")
+  ctx.ready()  # the output projection is taken from the target's table on the devices, with every process
   return bpd, bpd_draft_params(ctx.model, ctx.params, bpd, bpd_params)
 
 
@@ -344,13 +351,15 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
     try:
       if path.is_dir() and "jaxspec_draft" in (path / "config.json").read_text():
         from jaxspec.models.draft import load_draft
-        draft, draft_params = load_draft(path, ctx.params)  # a distilled draft sharing the target's embedding
+        draft, draft_params = load_draft(path, ctx.params, ready=ctx.ready)  # shares the target's embedding
       else:
         # A model file is loaded in the target's dtypes (a distilled draft above keeps the dtype it was saved in).
         from jaxspec.bench.runner import BenchConfig, model_settings
         kinds = model_settings(ctx.model, BenchConfig())
         draft, draft_params, _ = load_model(str(path), dtype=kinds["dtype"], param_dtype=kinds["param_dtype"])
       vocab_check(ctx.model, draft)
+    except PeerFailed:
+      raise
     except (ModelLoadError, InputError) as e:  # as for heads=: this method cannot run, the others can
       raise Unavailable(f"draft={path}: {str(e).rstrip('.')}") from None
     ctx.cache[key] = (draft, draft_params)
@@ -378,9 +387,9 @@ def _draft_with_vocab(ctx: BenchContext, opts: dict) -> tuple:
     raise Unavailable(f"vocab=subset: {path} has no vocab_ids.safetensors (drafts trained by `jaxspec train` "
                       "write one); use vocab=full")
   ctx.ready()  # the subset head is gathered from the draft's on the devices, with every process
-  if not sharding.same_everywhere(ids is None):
+  if not sharding.same_everywhere(None if ids is None else ids.tolist()):
     raise InputError(f"The processes of this multi-host run see different draft folders at {path}: some have "
-                     "vocab_ids.safetensors and some do not. Give every host the same files.")
+                     "vocab_ids.safetensors and some do not, or they differ. Give every host the same files.")
   return (draft, draft_params) if ids is None else subset_head(draft, draft_params, ids)
 
 
@@ -408,7 +417,7 @@ def _eagle(ctx: BenchContext, opts: dict) -> Runner:
   key = ("eagle", str(path))
   if key not in ctx.cache:
     try:
-      ctx.cache[key] = load_eagle(path, ctx.model, ctx.params)
+      ctx.cache[key] = load_eagle(path, ctx.model, ctx.params, ready=ctx.ready)
     except ModelLoadError as e:
       raise Unavailable(str(e)) from None
   draft, draft_params = ctx.cache[key]
@@ -436,13 +445,14 @@ QUICK = Path(__file__).resolve().parent / "data" / "quick.jsonl"
 
 
 def calibration_prompts(ctx: BenchContext, n: int = 4) -> list[list[int]]:
-  """Token ids of a few of the project's training prompts (never the evaluation set), chat-formatted."""
+  """Token ids of a few of the project's training prompts (never the evaluation set), chat-formatted: process 0's
+  on every process of a multi-host run (an installed copy without training/ reads the quick set instead)."""
   from jaxspec.bench.prompts import load_prompts
   from jaxspec.bench.runner import chat_prompt_ids
 
   path = TRAINING_PROMPTS if TRAINING_PROMPTS.exists() else QUICK
   texts = [p.text for p in load_prompts(path)]
-  return chat_prompt_ids(ctx.tokenizer, texts[::max(1, len(texts) // n)][:n])
+  return sharding.from_first_process(chat_prompt_ids(ctx.tokenizer, texts[::max(1, len(texts) // n)][:n]))
 
 
 def _tree_source(ctx: BenchContext, opts: dict, depth: int | None = None):

@@ -23,13 +23,13 @@ import json
 import os
 import zlib
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import files
+from jaxspec import files, sharding
 from jaxspec.errors import ModelLoadError
 from jaxspec.models.llama import LlamaLM
 
@@ -45,7 +45,7 @@ def embed_fingerprint(params: dict) -> str:
   for name in VOCAB_PARAMS:
     if name in params:
       leaf = next(iter(params[name].values()))
-      data = np.asarray(jax.device_get(jnp.asarray(leaf).astype(jnp.bfloat16)))
+      data = np.asarray(sharding.fetch(jnp.asarray(leaf).astype(jnp.bfloat16)))  # gathered if split over hosts
       crc = zlib.crc32(np.ascontiguousarray(data).view(np.uint16).reshape(-1).view(np.uint8), crc)
   return f"bf16-crc32:{crc:08x}"
 
@@ -130,7 +130,7 @@ def load_draft_vocab(folder: str | os.PathLike) -> np.ndarray | None:
 
 
 def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, dtype: str = "float32",
-               check_target: bool = True) -> tuple[LlamaLM, dict]:
+               check_target: bool = True, ready: Callable[[], None] | None = None) -> tuple[LlamaLM, dict]:
   """Reads a draft folder written by `save_draft` (or any HF LLaMA folder) into `(draft_model, draft_params)`.
 
   Args:
@@ -138,6 +138,8 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
     target_params: the target's params; needed when the draft takes its embedding from the target.
     dtype: the draft's parameter and activation dtype.
     check_target: compare the target's embedding fingerprint with the one the draft was trained against.
+    ready: called once the files are read, before any work on the target's arrays (which, split over the hosts of
+      a multi-host run, every host must do together: `jaxspec.bench.methods.BenchContext.ready`).
 
   Returns:
     `(LlamaLM, params)`; shared matrices are the target's own arrays (cast only if `dtype` differs).
@@ -175,6 +177,8 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
   except Exception as e:  # noqa: BLE001 - truncated safetensors, bad JSON
     raise ModelLoadError(f"The draft model in {folder} is unreadable ({type(e).__name__}: {e}); retrain or re-copy "
                          "it.") from None
+  if ready is not None:
+    ready()
   if info.get("embeddings") == "target":
     if target_params is None:
       raise ModelLoadError(f"The draft in {folder} uses its target's embedding, which is not in the folder: pass "

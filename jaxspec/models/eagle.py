@@ -25,7 +25,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import flax.linen as nn
 import jax
@@ -188,8 +188,9 @@ def save_eagle(folder: str | os.PathLike, draft: EagleDraft, params: dict, *,
 
 
 def load_eagle(folder: str | os.PathLike, target: LlamaLM, target_params: dict, *,
-               check_target: bool = True) -> tuple[EagleDraft, dict]:
-  """Reads a folder written by `save_eagle` into `(EagleDraft, params)` for `target`.
+               check_target: bool = True, ready: Callable[[], None] | None = None) -> tuple[EagleDraft, dict]:
+  """Reads a folder written by `save_eagle` into `(EagleDraft, params)` for `target`. `ready` is called once the
+  files are read, before any work on the target's arrays (as in `jaxspec.models.draft.load_draft`).
 
   Raises:
     ModelLoadError: a missing or corrupt folder, or a target other than the one the draft was trained for.
@@ -223,6 +224,8 @@ def load_eagle(folder: str | os.PathLike, target: LlamaLM, target_params: dict, 
   if wrong:
     raise ModelLoadError(f"The feature-level draft in {folder} was trained for another target ({wrong}, as "
                          "(draft's target, this target)); train one for this target.")
+  if ready is not None:
+    ready()
   draft = EagleDraft(cfg, n_layers)
   params = {**unflatten_dict({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()}, sep="."),
             **draft.vocab_params(target_params, ids)}
