@@ -66,5 +66,44 @@ def main(workdir: Path, mesh_spec: str) -> None:
       "agree": [sharding.same_everywhere("same"), sharding.same_everywhere(jax.process_index())]}), flush=True)
 
 
+def drafts(workdir: Path, mesh_spec: str) -> None:
+  """`python tests/multihost.py WORKDIR MESH drafts`: trains a one-layer draft model and a feature-level (EAGLE)
+  draft of the tiny target on the mesh, exports both to WORKDIR, and decodes with them there."""
+  from safetensors.numpy import load_file
+
+  from jaxspec.decoding.eagle import EagleDrafter
+  from jaxspec.decoding.speculative import DraftModelDrafter
+  from jaxspec.models.draft import load_draft
+  from jaxspec.models.eagle import load_eagle
+  from tests.test_draft import tiny_draft_config
+  from tests.test_eagle import tiny_eagle_config
+  from training.draft import train_draft
+  from training.eagle import train_eagle
+
+  model, params = make_tiny(embed_scale=1.5, attend=False)
+  tok = ByteTokenizer()
+  mesh = sharding.make_mesh(mesh_spec)
+  prompts = [tok.encode("kilo 99 olik"), tok.encode("alpha 3 ahpla"), tok.encode("echo 7"), tok.encode("golf")]
+  draft_cfg = tiny_draft_config(workdir, "draft", 20)
+  draft_cfg = dataclasses.replace(draft_cfg, mesh=mesh_spec, optim=dataclasses.replace(draft_cfg.optim, total_steps=20))
+  eagle_cfg = dataclasses.replace(tiny_eagle_config(workdir / "eagle", 20), mesh=mesh_spec)
+  losses = [train_draft(draft_cfg, model=model, params=params, tokenizer=tok, progress=False)["final_eval"],
+            train_eagle(eagle_cfg, model=model, params=params, tokenizer=tok, progress=False)["final_eval"]]
+  params = sharding.partitioner(mesh, model).shard_params(params)
+  greedy = generate(model, params, prompts, max_new_tokens=24, mesh=mesh)
+  draft, draft_params = load_draft(draft_cfg.out, params)
+  spec = generate(model, params, prompts, max_new_tokens=24, mesh=mesh, drafter=DraftModelDrafter(draft, 3),
+                  draft_params=draft_params)
+  eagle, eagle_params = load_eagle(eagle_cfg.out, model, params)
+  feature = generate(model, params, prompts, max_new_tokens=24, mesh=mesh, drafter=EagleDrafter(eagle, 3),
+                     draft_params=eagle_params)
+  weights = {f"{what}/{k}": float(abs(v.astype("float64")).sum())
+             for what, folder in (("draft", draft_cfg.out), ("eagle", eagle_cfg.out))
+             for k, v in load_file(str(Path(folder) / "model.safetensors")).items()}
+  print("RESULT " + json.dumps({
+      "process": jax.process_index(), "evals": losses, "greedy": greedy.tokens, "spec": spec.tokens,
+      "eagle": feature.tokens, "tau": [float(spec.tau), float(feature.tau)], "weights": weights}), flush=True)
+
+
 if __name__ == "__main__":
-  main(Path(sys.argv[1]), sys.argv[2])
+  (drafts if sys.argv[3:] == ["drafts"] else main)(Path(sys.argv[1]), sys.argv[2])

@@ -186,21 +186,27 @@ def test_gated_eagle_sampling_with_a_subset_head_is_exact(stat_models, continuat
 
 @pytest.fixture(scope="module")
 def trained(learnable, tmp_path_factory):
-  root = tmp_path_factory.mktemp("eagle")
+  cfg = tiny_eagle_config(tmp_path_factory.mktemp("eagle"), 60)
+  model, params = learnable
+  return cfg, train_eagle(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+
+
+def tiny_eagle_config(root: Path, steps: int) -> EagleTrainConfig:
+  """A run of `steps` steps on the `learnable` target, everything under `root` (its prompt file written there)."""
+  root.mkdir(parents=True, exist_ok=True)
   prompts = root / "prompts.jsonl"
-  words = ["alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india", "juliet"]
-  prompts.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [f"{w} {i} {w[::-1]}"]})
-                               for i, w in enumerate(words * 4)) + "\n")
+  if not prompts.exists():  # processes of a multi-host test share the folder: written once, before they start
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india", "juliet"]
+    prompts.write_text("\n".join(json.dumps({"question_id": i, "category": "c", "turns": [f"{w} {i} {w[::-1]}"]})
+                                 for i, w in enumerate(words * 4)) + "\n")
   base = EagleTrainConfig()
-  cfg = dataclasses.replace(
+  return dataclasses.replace(
       base, out=str(root / "out"),
       data=dataclasses.replace(base.data, prompts=str(prompts), max_new_tokens=48, gen_batch_size=40,
                                dataset_dir=str(root / "data"), eval_fraction=0.1),
-      optim=dataclasses.replace(base.optim, lr=3e-3, warmup_steps=10, total_steps=60),
-      train=dataclasses.replace(base.train, steps=60, batch_size=8, seq_len=96, checkpoint_dir=str(root / "ckpt"),
-                                checkpoint_every=100, eval_every=60, log_every=20))
-  model, params = learnable
-  return cfg, train_eagle(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+      optim=dataclasses.replace(base.optim, lr=3e-3, warmup_steps=10, total_steps=steps),
+      train=dataclasses.replace(base.train, steps=steps, batch_size=8, seq_len=96, checkpoint_dir=str(root / "ckpt"),
+                                checkpoint_every=100, eval_every=steps, log_every=20))
 
 
 def test_training_raises_agreement_and_the_result_decodes_exactly(learnable, trained):

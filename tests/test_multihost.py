@@ -102,6 +102,33 @@ def test_two_processes_match_one_and_share_folders_safely(tmp_path, mesh):
   assert [p.name for p in multi.rglob("*") if ".tmp" in p.name] == []
 
 
+@pytest.mark.slow  # about 40 s; run before resolving
+def test_draft_models_train_export_and_decode_with_the_target_split_over_two_processes(tmp_path):
+  """The draft model and the feature-level draft share the target's embedding, which `model=4` splits over the two
+  processes: training, the export (each process writes the whole files) and the loaders' embedding checks gather
+  it. The exports equal the one-process run's and decoding with them stays exact."""
+  from tests.test_draft import tiny_draft_config
+  from tests.test_eagle import tiny_eagle_config
+
+  multi, single = tmp_path / "multi", tmp_path / "single"
+  for d in (multi, single):  # the prompt files, written before the processes share them
+    d.mkdir()
+    tiny_draft_config(d, "draft", 20), tiny_eagle_config(d / "eagle", 20)
+  procs = [_start([multi, "data=1,model=4", "drafts"], 2, env) for env in _processes(2)]
+  ref_proc = _start([single, "data=1,model=4", "drafts"], 4, {})
+  results = [_result(p) for p in procs]
+  ref = _result(ref_proc)
+  for r in results:
+    assert r["greedy"] == ref["greedy"] and r["spec"] == r["greedy"] and r["eagle"] == r["greedy"]
+    assert r["tau"] == pytest.approx(ref["tau"]) and min(r["tau"]) > 1.0
+    for got, want in zip(r["evals"], ref["evals"]):
+      assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert r["weights"].keys() == ref["weights"].keys() and len(ref["weights"]) > 10
+    for k, v in ref["weights"].items():
+      assert r["weights"][k] == pytest.approx(v, rel=1e-4), k
+  assert [p.name for p in multi.rglob("*") if ".tmp" in p.name] == []
+
+
 @pytest.mark.slow  # about 20 s; run before resolving
 def test_a_signal_to_one_process_stops_every_process_at_one_checkpoint(tmp_path):
   """A preemption notice (SIGTERM) may reach one host only, or each host between different steps, while a checkpoint
@@ -171,14 +198,22 @@ def test_a_method_one_host_cannot_build_is_unavailable_on_every_host(tmp_path):
   gather their output table from the target's. One host lacks the heads (a relative heads= path, found in process
   0's folder only): the other must not wait for it in that work's collectives; the method is unavailable on both
   and the rest of the bench runs."""
+  from jaxspec.models.draft import save_draft
+  from tests.conftest import make_tiny
+
   prompts, out = _bench_prompts(tmp_path / "prompts.jsonl", 4), tmp_path / "out"
-  methods = "greedy,lookup,opt-tree:nodes=auto:heads=heads"
+  # A draft that every host sees, sharing the target's embedding: its check of that embedding gathers the rows the
+  # other host holds.
+  save_draft(tmp_path / "draft", *make_tiny(embed_scale=3.0), dtype="float32")
+  methods = f"greedy,lookup,spec:draft={tmp_path / 'draft'},opt-tree:nodes=auto:heads=heads"
   procs = [_start_bench(tmp_path / f"host{i}", [prompts, out, methods],
                         {**env, "WRITE_HEADS": "1" if i == 0 else "", "MESH": "data=1,model=4"})
            for i, env in enumerate(_processes(2))]
   results = [_result(p) for p in procs]
   for r in results:
     assert r["complete"] and r["methods"]["lookup"]["mismatches"] == 0 and r["methods"]["lookup"]["n_prompts"] == 4
+    spec = r["methods"][f"spec:draft={tmp_path / 'draft'}"]
+    assert spec["mismatches"] == 0 and spec["tau"] > 2  # the draft is the target itself
     assert r["methods"]["opt-tree:nodes=auto:heads=heads"]["available"] is False
   first, second = (r["methods"]["opt-tree:nodes=auto:heads=heads"]["reason"] for r in results)
   assert "process 1 of this multi-host run cannot run it" in first, first
