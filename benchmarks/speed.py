@@ -53,7 +53,10 @@ def cli_job_peak_rss_mb(model, new_tokens: int, extra: list[str]) -> tuple[float
 
 
 def main():
+  from jaxspec import xla_defaults
   from jaxspec.loading import DTYPES
+
+  xla_defaults.apply_cpu_defaults()  # as `jaxspec generate` runs: before JAX's CPU backend starts
 
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", default=None)
@@ -87,7 +90,7 @@ def main():
   load_peak = peak_rss_mb()
   weights_mb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 2**20
   print(f"devices: {jax.devices()}  jax {jax.__version__}  {platform.processor() or platform.machine()}  "
-        f"load average {os.getloadavg()[0]:.2f}")
+        f"load average {os.getloadavg()[0]:.2f}  XLA_FLAGS {os.environ.get('XLA_FLAGS', '')!r}")
   layout = " (stacked layers)" if args.scan_layers else ""
   print(f"load: {load_s:.1f} s, {args.param_dtype or dtype} weights{layout} {weights_mb:.0f} MiB, "
         f"peak RSS {load_peak:.0f} MiB "
@@ -95,6 +98,7 @@ def main():
 
   prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a story about a lighthouse."}]))
   results = {"dtype": dtype, "param_dtype": args.param_dtype or dtype, "scan_layers": args.scan_layers,
+             "xla_flags": os.environ.get("XLA_FLAGS", ""),
              "load_s": load_s, "load_peak_rss_mb": load_peak, "rss_before_load_mb": base_rss, "weights_mb": weights_mb, "generate_job_peak_rss_mb": job_rss, "greedy": {}, "sampled": {},
              "verify_cost": {}}
   # Sampling runs the same loop and forward; the difference is the cost of drawing a token from the vocabulary.

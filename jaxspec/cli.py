@@ -300,6 +300,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+  from jaxspec import xla_defaults
+  xla_defaults.apply_cpu_defaults()  # before anything starts JAX's CPU backend (jaxspec/xla_defaults.py)
   args = parse_args(argv)
   _show_sharding_choices()
   try:

@@ -109,7 +109,7 @@ def environment() -> dict:
       "flax": _version("flax"), "python": sys.version.split()[0], "platform": platform.platform(),
       "backend": jax.default_backend(), "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
       "device_count": len(devices), "process_count": jax.process_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
-      "load_avg": load,
+      "load_avg": load, "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
 

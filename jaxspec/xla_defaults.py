@@ -1,0 +1,53 @@
+"""XLA options jaxspec's commands choose per CPU, by measurement (benchmarks/README.md, "Vector width").
+
+XLA:CPU compiles a one-token step's matrix-vector products and its fused element-wise work to LLVM code that uses
+256-bit vectors unless told otherwise. On CPUs with AVX-512, 512-bit vectors made a greedy step of the default model
+about 9 % shorter on the 2-core Intel Xeon VM this project ran on (the same tokens). XLA reads its options once, when
+the CPU backend starts, so they must be in `XLA_FLAGS` before anything touches a device: `jaxspec`'s command line
+calls `apply_cpu_defaults()` first thing; library users can call it the same way, before their first JAX operation.
+
+An option the user already gave in `XLA_FLAGS` (with any value) is left as it is, and `JAXSPEC_XLA_DEFAULTS=0` turns
+the defaults off.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# (a CPU feature flag of /proc/cpuinfo, the XLA option it enables)
+CPU_DEFAULTS = (("avx512f", "--xla_cpu_prefer_vector_width=512"),)
+OFF = "JAXSPEC_XLA_DEFAULTS"
+
+
+def cpu_features(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
+  """The feature flags of the first CPU in `cpuinfo` (empty where there is no such file, as on macOS)."""
+  try:
+    text = Path(cpuinfo).read_text()
+  except OSError:
+    return set()
+  for line in text.splitlines():
+    if line.startswith("flags") and ":" in line:
+      return set(line.split(":", 1)[1].split())
+  return set()
+
+
+def cpu_defaults(environ: dict | None = None, features: set[str] | None = None) -> list[str]:
+  """The options `apply_cpu_defaults` would add to `XLA_FLAGS` here."""
+  environ = os.environ if environ is None else environ
+  if environ.get(OFF, "1").strip().lower() in ("0", "false", "no", "off"):
+    return []
+  features = cpu_features() if features is None else features
+  given = environ.get("XLA_FLAGS", "")
+  return [flag for feature, flag in CPU_DEFAULTS
+          if feature in features and flag.split("=", 1)[0] not in given]
+
+
+def apply_cpu_defaults(environ: dict | None = None, features: set[str] | None = None) -> list[str]:
+  """Adds this CPU's options to `XLA_FLAGS` (see the module's text) and returns the ones it added. It has no effect
+  on a process whose JAX backends have already started."""
+  environ = os.environ if environ is None else environ
+  added = cpu_defaults(environ, features)
+  if added:
+    environ["XLA_FLAGS"] = " ".join([environ.get("XLA_FLAGS", "").strip(), *added]).strip()
+  return added

@@ -1,0 +1,51 @@
+"""The XLA options jaxspec's commands add per CPU (jaxspec/xla_defaults.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from jaxspec import xla_defaults
+
+
+def test_avx512_cpus_get_512_bit_vectors_unless_the_user_chose(tmp_path):
+  info = tmp_path / "cpuinfo"
+  info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+  features = xla_defaults.cpu_features(info)
+  assert {"avx2", "avx512f"} <= features and "fpu" in features
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  assert xla_defaults.apply_cpu_defaults(env, features) == ["--xla_cpu_prefer_vector_width=512"]
+  assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=2 --xla_cpu_prefer_vector_width=512"
+  assert xla_defaults.apply_cpu_defaults(env, features) == []  # once only
+  assert env["XLA_FLAGS"].count("prefer_vector_width") == 1
+  mine = {"XLA_FLAGS": "--xla_cpu_prefer_vector_width=256"}  # the user's own value stays
+  assert xla_defaults.apply_cpu_defaults(mine, features) == [] and mine["XLA_FLAGS"].endswith("=256")
+  empty = {}
+  assert xla_defaults.apply_cpu_defaults(empty, features) == ["--xla_cpu_prefer_vector_width=512"]
+  assert empty["XLA_FLAGS"] == "--xla_cpu_prefer_vector_width=512"
+  off = {xla_defaults.OFF: "0"}
+  assert xla_defaults.apply_cpu_defaults(off, features) == [] and "XLA_FLAGS" not in off
+  assert xla_defaults.apply_cpu_defaults({}, {"avx2"}) == []  # no AVX-512: nothing
+  assert xla_defaults.cpu_features(tmp_path / "missing") == set()
+
+
+def test_the_command_line_applies_them_first(monkeypatch):
+  from jaxspec import cli
+
+  calls = []
+  monkeypatch.setattr(xla_defaults, "apply_cpu_defaults", lambda: calls.append("applied") or [])
+  assert cli.main(["generate", "--prompt", " "]) == 2  # an empty prompt: an error before any model loads
+  assert calls == ["applied"]
+
+
+def test_xla_accepts_the_option():
+  """Set before JAX's first operation, the option reaches XLA, which accepts it (an unknown option would abort the
+  process)."""
+  code = ("import os, jax; from jaxspec import cli, xla_defaults; "
+          "added = xla_defaults.apply_cpu_defaults(features={'avx512f'}); jax.numpy.ones(2).block_until_ready(); "
+          "print(added, os.environ['XLA_FLAGS'])")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={"PATH": "/usr/bin:/bin", "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ["['--xla_cpu_prefer_vector_width=512']", "--xla_cpu_enable_fast_math=false",
+                                "--xla_cpu_prefer_vector_width=512"]
