@@ -1,4 +1,5 @@
-"""XLA options jaxspec's commands choose per CPU, by measurement (benchmarks/README.md, "Vector width").
+"""XLA options jaxspec's commands choose per CPU, by measurement (benchmarks/README.md, "512-bit vectors on AVX-512
+CPUs").
 
 XLA:CPU compiles a one-token step's matrix-vector products and its fused element-wise work to LLVM code that uses
 256-bit vectors unless told otherwise. On CPUs with AVX-512, 512-bit vectors made a greedy step of the default model
@@ -7,7 +8,8 @@ the CPU backend starts, so they must be in `XLA_FLAGS` before anything touches a
 calls `apply_cpu_defaults()` first thing; library users can call it the same way, before their first JAX operation.
 
 An option the user already gave in `XLA_FLAGS` (with any value) is left as it is, and `JAXSPEC_XLA_DEFAULTS=0` turns
-the defaults off.
+the defaults off. Nothing is added once JAX's backends have started (it would not take effect, and would only make
+`XLA_FLAGS` say something untrue to the processes this one starts), nor to an `XLA_FLAGS` that names a flags file.
 """
 
 from __future__ import annotations
@@ -37,8 +39,10 @@ def cpu_defaults(environ: dict | None = None, features: set[str] | None = None) 
   environ = os.environ if environ is None else environ
   if environ.get(OFF, "1").strip().lower() in ("0", "false", "no", "off"):
     return []
+  given = environ.get("XLA_FLAGS", "").strip()
+  if given and not given.startswith("-"):
+    return []  # XLA reads a value that is not options as the name of a file of options
   features = cpu_features() if features is None else features
-  given = environ.get("XLA_FLAGS", "")
   return [flag for feature, flag in CPU_DEFAULTS
           if feature in features and flag.split("=", 1)[0] not in given]
 
@@ -47,7 +51,18 @@ def apply_cpu_defaults(environ: dict | None = None, features: set[str] | None = 
   """Adds this CPU's options to `XLA_FLAGS` (see the module's text) and returns the ones it added. It has no effect
   on a process whose JAX backends have already started."""
   environ = os.environ if environ is None else environ
+  if backends_started():
+    return []
   added = cpu_defaults(environ, features)
   if added:
     environ["XLA_FLAGS"] = " ".join([environ.get("XLA_FLAGS", "").strip(), *added]).strip()
   return added
+
+
+def backends_started() -> bool:
+  """Whether this process's JAX backends have started (XLA has read its options)."""
+  try:
+    from jax._src import xla_bridge
+    return bool(xla_bridge.backends_are_initialized())
+  except (ImportError, AttributeError):  # another JAX: assume not, as the command calls this first thing
+    return False

@@ -22,6 +22,10 @@ if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
 if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_cpu_use_fusion_emitters=false"
 
+# The `jaxspec` command adds XLA options per CPU (jaxspec/xla_defaults.py); tests call it in this process after JAX
+# has started, where it adds nothing, and in subprocesses, which then run as this process does.
+os.environ.setdefault("JAXSPEC_XLA_DEFAULTS", "0")
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402

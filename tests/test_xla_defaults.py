@@ -8,7 +8,8 @@ import sys
 from jaxspec import xla_defaults
 
 
-def test_avx512_cpus_get_512_bit_vectors_unless_the_user_chose(tmp_path):
+def test_avx512_cpus_get_512_bit_vectors_unless_the_user_chose(tmp_path, monkeypatch):
+  monkeypatch.setattr(xla_defaults, "backends_started", lambda: False)  # as in a command before its first operation
   info = tmp_path / "cpuinfo"
   info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512bw\n\nprocessor\t: 1\nflags\t\t: fpu\n")
   features = xla_defaults.cpu_features(info)
@@ -23,10 +24,17 @@ def test_avx512_cpus_get_512_bit_vectors_unless_the_user_chose(tmp_path):
   empty = {}
   assert xla_defaults.apply_cpu_defaults(empty, features) == ["--xla_cpu_prefer_vector_width=512"]
   assert empty["XLA_FLAGS"] == "--xla_cpu_prefer_vector_width=512"
-  off = {xla_defaults.OFF: "0"}
-  assert xla_defaults.apply_cpu_defaults(off, features) == [] and "XLA_FLAGS" not in off
+  for value in ("0", "false", "Off", "no"):
+    off = {xla_defaults.OFF: value}
+    assert xla_defaults.apply_cpu_defaults(off, features) == [] and "XLA_FLAGS" not in off, value
+  assert xla_defaults.cpu_defaults({xla_defaults.OFF: ""}, features) == ["--xla_cpu_prefer_vector_width=512"]
+  assert xla_defaults.cpu_defaults({"XLA_FLAGS": ""}, features) == ["--xla_cpu_prefer_vector_width=512"]
+  assert xla_defaults.cpu_defaults({"XLA_FLAGS": "/etc/xla_flags.txt"}, features) == []  # a flags file: left alone
   assert xla_defaults.apply_cpu_defaults({}, {"avx2"}) == []  # no AVX-512: nothing
   assert xla_defaults.cpu_features(tmp_path / "missing") == set()
+  monkeypatch.setattr(xla_defaults, "backends_started", lambda: True)  # too late: XLA has read its options
+  late = {}
+  assert xla_defaults.apply_cpu_defaults(late, features) == [] and late == {}
 
 
 def test_the_command_line_applies_them_first(monkeypatch):
@@ -39,10 +47,11 @@ def test_the_command_line_applies_them_first(monkeypatch):
 
 
 def test_xla_accepts_the_option():
-  """Set before JAX's first operation, the option reaches XLA, which accepts it (an unknown option would abort the
-  process)."""
-  code = ("import os, jax; from jaxspec import cli, xla_defaults; "
+  """Importing the command line starts no JAX backend, so the option set next reaches XLA, which accepts it (an
+  unknown option would abort the process); once a backend has started nothing is added."""
+  code = ("import os, jax; from jaxspec import cli, xla_defaults; assert not xla_defaults.backends_started(); "
           "added = xla_defaults.apply_cpu_defaults(features={'avx512f'}); jax.numpy.ones(2).block_until_ready(); "
+          "assert xla_defaults.backends_started() and xla_defaults.apply_cpu_defaults(features={'avx512f'}) == []; "
           "print(added, os.environ['XLA_FLAGS'])")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={"PATH": "/usr/bin:/bin", "XLA_FLAGS": "--xla_cpu_enable_fast_math=false"})
