@@ -19,7 +19,8 @@ import threading
 from typing import Any
 
 import jax
-import numpy as np
+
+from jaxspec import sharding
 
 logger = logging.getLogger(__name__)
 
@@ -55,11 +56,7 @@ class SignalGuard:
   def agree(self) -> bool:
     """Whether any process of the run got a signal: the same answer on every process (a gather of one flag each),
     so every process must call it at the same point. In a one-process run, whether this one did."""
-    if jax.process_count() == 1:
-      self.agreed = self.signum is not None
-      return self.agreed
-    from jax.experimental import multihost_utils
-    self.agreed = bool(np.any(multihost_utils.process_allgather(np.int32(self.signum is not None))))
+    self.agreed = bool(sharding.each_process(self.signum is not None).any())
     self.peer_stopped = self.agreed and self.signum is None
     if self.peer_stopped:
       logger.warning(self.stopping)

@@ -3,8 +3,8 @@
 `python tests/bench_multihost.py PROMPTS OUT METHODS [DELAY]`, run in a working folder of its own (relative `heads=`
 paths in METHODS are read there, so one host can lack files the others have), with `JAX_COORDINATOR_ADDRESS`,
 `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` set and two CPU devices per process (`XLA_FLAGS`). It runs the bench of
-the tiny target on a mesh of all processes' devices (`MESH`, default `data=2,model=2`) into OUT; each method run first sleeps DELAY
-seconds (a slower machine, so that a test can signal a run midway). It prints `RESULT {...}` with what it saw.
+the tiny target on a mesh of all processes' devices (`MESH`, default `data=2,model=2`) into OUT; each method run
+first sleeps DELAY seconds (a slower machine, so that a test can signal a run midway). It prints `RESULT {...}` with what it saw.
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ if os.environ.get("JAX_NUM_PROCESSES"):
   sharding.initialize_distributed()  # before any device is touched
 
 import jax  # noqa: E402
-
-from jaxspec.bench import runner as bench_runner  # noqa: E402
 import numpy as np  # noqa: E402
 
+from jaxspec.bench import runner as bench_runner  # noqa: E402
 from jaxspec.models.bpd import BPDConfig, BPDModel, save_bpd  # noqa: E402
 from tests.conftest import make_tiny  # noqa: E402
 from tests.test_bpd import ByteTokenizer  # noqa: E402

@@ -515,17 +515,13 @@ class _SignalGuard(SignalGuard):
     (a gather of one flag per process), so such a run stops up to that many steps after the signal."""
     if jax.process_count() == 1:
       return self.signum is not None
-    if step % STOP_CHECK_EVERY:
-      return False
-    self.stopping = f"another process got a signal: saving a checkpoint at step {step} and stopping"
-    return self.agree()
+    return step % STOP_CHECK_EVERY == 0 and self._agree_at(step)
 
   def settle(self, step: int) -> None:
     """Once the loop has ended, at the same step everywhere: a last agreement in a multi-host run, unless the loop
     ended on one, so that a signal in the last steps is acted on by every process or by none."""
     if jax.process_count() > 1 and not self.agreed:
-      self.stopping = f"another process got a signal: saving a checkpoint at step {step} and stopping"
-      self.agree()
+      self._agree_at(step)
 
   def must_stop(self) -> bool:
     """Whether `fit` ends as interrupted (after its last save): the same answer in every process of a run. A signal
@@ -535,3 +531,7 @@ class _SignalGuard(SignalGuard):
     if self.signum is not None and not self.agreed:
       logger.warning("got %s after the training's last step; finishing the run", signal.Signals(self.signum).name)
     return bool(self.agreed)
+
+  def _agree_at(self, step: int) -> bool:
+    self.stopping = f"another process got a signal: saving a checkpoint at step {step} and stopping"
+    return self.agree()
