@@ -7,9 +7,11 @@ Every folder and file is built here from tiny models with the tokenizers / safet
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
+import types
 from pathlib import Path
 
 import gguf
@@ -190,6 +192,34 @@ def test_rope_theta_is_read_from_rope_parameters(tiny_hf, tmp_path):
   assert load_hf(str(folder))[0].cfg.rope_theta == 5e5
 
 
+@pytest.mark.parametrize("changes,message", [
+    ({"hidden_size": "abc"}, "config.json sets hidden_size to 'abc', which is not a whole number of at least 1"),
+    ({"num_attention_heads": 0}, "sets num_attention_heads to 0"),
+    ({"num_key_value_heads": 0}, "sets num_key_value_heads to 0"),
+    ({"num_hidden_layers": -1}, "sets num_hidden_layers to -1"),
+    ({"intermediate_size": 1.5}, "sets intermediate_size to 1.5"),
+    ({"rope_theta": "x"}, "sets rope_theta to 'x', which is not a finite number above 0"),
+    ({"rms_norm_eps": 0}, "sets rms_norm_eps to 0"),
+    ({"sliding_window": "x"}, "sets sliding_window to 'x'"),
+    ({"num_key_value_heads": 3}, "cannot be built: n_heads=4 must be a multiple of n_kv_heads=3"),
+    ({"head_dim": 5}, "cannot be built: head_dim=5 must be even"),
+    ({"num_hidden_layers": 1}, "holds weights for 2 layers and its config says 1 \\(num_hidden_layers in config.json"),
+], ids=["text", "zero-heads", "zero-kv-heads", "negative-layers", "fraction", "text-theta", "zero-eps", "text-window",
+        "kv-heads-not-dividing", "odd-head-dim", "fewer-layers-than-weights"])
+def test_bad_numbers_in_the_config_are_clear_errors(tiny_hf, tmp_path, changes, message):
+  """Each is one `ModelLoadError` naming the key, not a ValueError or ZeroDivisionError from deep in the loader (and
+  a config naming fewer layers than the weights hold is not run as a truncated model)."""
+  with pytest.raises(ModelLoadError, match=message):
+    load_hf(str(copy_of(tiny_hf, tmp_path, **changes)))
+
+
+def test_whole_floats_in_the_config_still_load(tiny_hf, tmp_path):
+  """JSON writers may write 64.0 for 64: that is the same number."""
+  cfg = json.loads((tiny_hf / "config.json").read_text())
+  model, _ = load_hf(str(copy_of(tiny_hf, tmp_path, hidden_size=float(cfg["hidden_size"]))))
+  assert model.cfg.d_model == cfg["hidden_size"]
+
+
 @pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.bias", "model.layers.1.self_attn.q_norm.weight"])
 def test_tensors_jaxspec_would_skip_are_refused(tiny_hf, tmp_path, name):
   folder = copy_of(tiny_hf, tmp_path)
@@ -309,12 +339,13 @@ def test_the_tokenizer_of_a_folder_model_gets_the_config_eos(tiny_hf, tmp_path):
 Q = gguf.GGMLQuantizationType
 
 
-def write_gguf(path: Path, extra: dict | None = None, raw: dict | None = None) -> Path:
+def write_gguf(path: Path, extra: dict | None = None, raw: dict | None = None, meta: dict | None = None) -> Path:
   """A tiny LLaMA GGUF of F32 tensors (values as they come: these tests are about what loads), plus `extra`
-  tensors, and tensors in `raw` replaced by (bytes array, quantization type)."""
+  tensors, and tensors in `raw` replaced by (bytes array, quantization type); `meta` changes the header's
+  hyperparameters (LlamaConfig field names), not the tensors."""
   model, params = make_tiny(seed=1, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=64)
   cfg = model.cfg
-  w = gguf_writer(path, cfg)
+  w = gguf_writer(path, types.SimpleNamespace(**{**dataclasses.asdict(cfg), **(meta or {})}))
   tensors = {"token_embd.weight": params["embed"]["embedding"], "output_norm.weight": params["final_norm"]["scale"]}
   for i in range(cfg.n_layers):
     p = params[f"layers_{i}"]
@@ -351,6 +382,18 @@ def test_plain_gguf_loads(tmp_path):
 def test_gguf_tensors_jaxspec_would_skip_are_refused(tmp_path, extra, message):
   with pytest.raises(ModelLoadError, match=message):
     gguf_loader.load_gguf(str(write_gguf(tmp_path / "m.gguf", extra=extra)))
+
+
+@pytest.mark.parametrize("meta,message", [
+    ({"n_heads": 0}, "the GGUF metadata sets llama.attention.head_count to 0, which is not a whole number"),
+    ({"n_kv_heads": 0}, "sets llama.attention.head_count_kv to 0"),
+    ({"n_heads": 3}, "cannot be built: n_heads=3 must be a multiple of n_kv_heads=2"),
+    ({"rope_theta": -1.0}, "sets llama.rope.freq_base to -1.0"),
+    ({"n_layers": 1}, "the GGUF file holds weights for 2 layers and its config says 1 \\(block_count"),
+], ids=["zero-heads", "zero-kv-heads", "kv-heads-not-dividing", "negative-theta", "fewer-layers-than-weights"])
+def test_bad_numbers_in_gguf_metadata_are_clear_errors(tmp_path, meta, message):
+  with pytest.raises(ModelLoadError, match=message):
+    gguf_loader.load_gguf(str(write_gguf(tmp_path / "m.gguf", meta=meta)))
 
 
 def test_unsupported_quantization_names_what_to_requantize_to(tmp_path, monkeypatch):

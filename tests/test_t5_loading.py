@@ -216,6 +216,18 @@ def test_unsupported_feed_forward_is_a_clear_error(tmp_path, proj):
     load_hf(str(path))
 
 
+@pytest.mark.parametrize("changes,message", [
+    ({"d_model": "abc"}, "sets d_model to 'abc', which is not a whole number of at least 1"),
+    ({"num_heads": 0}, "sets num_heads to 0"),
+    ({"layer_norm_epsilon": -1}, "sets layer_norm_epsilon to -1, which is not a finite number above 0"),
+], ids=["text", "zero", "negative-eps"])
+def test_bad_numbers_in_the_config_are_clear_errors(tmp_path, changes, message):
+  path = copy_fixture("orig", tmp_path)
+  edit_config(path, **changes)
+  with pytest.raises(ModelLoadError, match=message):
+    load_hf(str(path))
+
+
 def test_loaded_params_are_float32_by_default():
   model, params = loaded("orig")
   assert model.cfg.dtype == model.cfg.param_dtype == "float32"

@@ -25,7 +25,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxspec import sharding
-from jaxspec.models.bpd import BPDConfig, BPDModel, save_bpd
+from jaxspec.models.bpd import MAX_HEADS, BPDConfig, BPDModel, save_bpd
 from training import datasets, rowcache
 from training.config import ConfigError, record_run_config, load_config, to_dict
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
@@ -48,6 +48,12 @@ class HeadsSection:
   # heads) instead of fresh ones: their vocabulary subset is kept, and targets outside it are left out of the loss.
   # The joint objective wants this: fresh heads' losses are ~100x the base's own and would wreck the base early.
   init: Optional[str] = None
+
+  def __post_init__(self):
+    if not 1 <= self.num_heads <= MAX_HEADS:
+      raise ValueError(f"num_heads must be in 1..{MAX_HEADS}, got {self.num_heads}")
+    if self.d_hidden < 1:
+      raise ValueError(f"d_hidden must be >= 1, got {self.d_hidden}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,12 @@ class ModelSection:
   ff: Literal["gated-gelu", "relu"] = "gated-gelu"
   tie_embeddings: bool = False
 
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      value = getattr(self, f.name)
+      if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+        raise ValueError(f"{f.name} must be >= 1, got {value}")
+
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:

@@ -113,11 +113,25 @@ def check_writable(cfg: Any) -> None:
                         "another path") from None
 
 
+def check_inputs(cfg: Any) -> None:
+  """Fails before any work when a folder the run reads later (after building its data, which can take an hour) is
+  not there: trained heads to start from (`heads.init`), finished datasets to add (`data.extra_dataset_dirs`)."""
+  from training import datasets
+
+  init = getattr(getattr(cfg, "heads", None), "init", None)
+  if init and not (Path(init) / "config.json").is_file():
+    raise ConfigError(f"heads.init={init!r} is not a folder of trained BPD heads (it has no config.json): give the "
+                      "folder a BPD run exported (its `out`, e.g. jaxspec/assets/bpd_smollm2), or drop heads.init.")
+  for folder in getattr(getattr(cfg, "data", None), "extra_dataset_dirs", None) or ():
+    datasets.load_finished(folder)
+
+
 def main_train(path: str, overrides=(), progress: bool = True) -> dict:
   """`jaxspec train CONFIG [key=value ...]`: runs the task the file names and prints its summary."""
   cfg, fn = load_task_config(path, overrides)
   check_processes(cfg)
   check_writable(cfg)
+  check_inputs(cfg)
   summary = fn(cfg, progress=progress)
   print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
   return summary

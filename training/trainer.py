@@ -108,27 +108,29 @@ class OptimConfig:
 
   def __post_init__(self):
     checks = [
-        (self.lr >= 0, "lr must be >= 0"),
-        (self.warmup_steps >= 0, "warmup_steps must be >= 0"),
-        (self.grad_accum >= 1, "grad_accum must be >= 1"),
-        (self.cycles >= 1, "cycles must be >= 1"),
-        (self.weight_decay >= 0, "weight_decay must be >= 0"),
-        (self.clip_norm >= 0, "clip_norm must be >= 0 (0 turns clipping off)"),
-        (0 <= self.b1 < 1 and 0 <= self.b2 < 1, "b1 and b2 must be in [0, 1)"),
+        (self.lr >= 0, "lr must be >= 0", ("lr",)),
+        (self.warmup_steps >= 0, "warmup_steps must be >= 0", ("warmup_steps",)),
+        (self.grad_accum >= 1, "grad_accum must be >= 1", ("grad_accum",)),
+        (self.cycles >= 1, "cycles must be >= 1", ("cycles",)),
+        (self.weight_decay >= 0, "weight_decay must be >= 0", ("weight_decay",)),
+        (self.clip_norm >= 0, "clip_norm must be >= 0 (0 turns clipping off)", ("clip_norm",)),
+        (0 <= self.b1 < 1 and 0 <= self.b2 < 1, "b1 and b2 must be in [0, 1)", ("b1", "b2")),
     ]
     if self.total_steps is not None:  # None is resolved from the run's steps by `for_steps`
       checks += self._span_checks()
-    for ok, message in checks:
+    for ok, message, keys in checks:
       if not ok:
-        raise ConfigError(f"optimizer config: {message} (got {self})")
+        got = ", ".join(f"optim.{k}={getattr(self, k)!r}" for k in keys)
+        raise ConfigError(f"optimizer config: {message}; got {got}")
 
   def _span_checks(self):
     return [
-        (self.total_steps >= 1, "total_steps must be >= 1"),
+        (self.total_steps >= 1, "total_steps must be >= 1", ("total_steps",)),
         (self.total_steps % self.cycles == 0, "cycles must divide total_steps (train.steps / grad_accum when "
-                                              "total_steps is not set)"),
+                                              "total_steps is not set)", ("cycles", "total_steps")),
         (self.warmup_steps <= self.total_steps // self.cycles,
-         "warmup_steps must be <= total_steps / cycles (the steps of one cycle)"),
+         "warmup_steps must be <= total_steps / cycles (the steps of one cycle)",
+         ("warmup_steps", "total_steps", "cycles")),
     ]
 
   def for_steps(self, steps: int, warn: bool = True) -> "OptimConfig":

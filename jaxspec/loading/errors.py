@@ -1,5 +1,62 @@
-"""Loading errors (re-exported from `jaxspec.errors`)."""
+"""Loading errors (re-exported from `jaxspec.errors`), and the checks that turn a model file's bad settings into them."""
+
+from __future__ import annotations
+
+import math
 
 from jaxspec.errors import ModelLoadError
 
-__all__ = ["ModelLoadError"]
+__all__ = ["ModelLoadError", "model_config", "more_layers", "positive_number", "whole_number"]
+
+
+def _damaged(where: str, key: str, value, want: str) -> ModelLoadError:
+  return ModelLoadError(f"{where} sets {key} to {value!r}, which is not {want}. The file is damaged or was edited: "
+                        f"restore the value the model was trained with (or the original {where}).")
+
+
+def whole_number(value, key: str, where: str, minimum: int = 1) -> int:
+  """`value` as an int of at least `minimum`; `ModelLoadError` naming `key` and the file `where` otherwise.
+
+  Accepts ints and floats with no fraction (`576.0`), as JSON writers may produce; refuses strings, booleans, None.
+  """
+  want = f"a whole number of at least {minimum}"
+  if isinstance(value, (bool, str, bytes)) or value is None:
+    raise _damaged(where, key, value, want)
+  try:
+    number = float(value)
+    whole = int(value)
+  except (TypeError, ValueError, OverflowError):
+    raise _damaged(where, key, value, want) from None
+  if not math.isfinite(number) or number != whole or whole < minimum:
+    raise _damaged(where, key, value, want)
+  return whole
+
+
+def positive_number(value, key: str, where: str) -> float:
+  """`value` as a finite float above 0; `ModelLoadError` naming `key` and the file `where` otherwise."""
+  want = "a finite number above 0"
+  if isinstance(value, (bool, str, bytes)) or value is None:
+    raise _damaged(where, key, value, want)
+  try:
+    number = float(value)
+  except (TypeError, ValueError, OverflowError):
+    raise _damaged(where, key, value, want) from None
+  if not math.isfinite(number) or number <= 0:
+    raise _damaged(where, key, value, want)
+  return number
+
+
+def model_config(cls, where: str, **fields):
+  """`cls(**fields)`, with the config's own consistency checks (heads a multiple of kv heads, ...) as `ModelLoadError`."""
+  try:
+    return cls(**fields)
+  except ValueError as e:
+    raise ModelLoadError(f"{where} describes a model that cannot be built: {e}. The file is damaged or was edited: "
+                         f"restore the model's original {where}.") from None
+
+
+def more_layers(shown: str, layers: int, found: int, key: str) -> ModelLoadError:
+  """The error for weights of more layers than the config names (`shown`: the file or folder, as the message shows it)."""
+  return ModelLoadError(f"{shown} holds weights for {found} layers and its config says {layers} ({key}); running it "
+                        f"with {layers} would compute another model. Set {key} to the number of layers the weights "
+                        "were trained with.")

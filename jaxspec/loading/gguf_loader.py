@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.loading.errors import ModelLoadError
+from jaxspec.loading.errors import ModelLoadError, model_config, more_layers, positive_number, whole_number
 from jaxspec.loading.tokenizer import GGUF_MAGIC, NOT_GGUF
 from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers
 
@@ -79,10 +79,12 @@ def config_from_gguf(reader) -> LlamaConfig:
   if arch not in LLAMA_FAMILY:
     raise ModelLoadError(f"GGUF architecture {arch!r} is not supported; jaxspec loads {', '.join(LLAMA_FAMILY)}.")
   a = arch
-  n_heads = int(_field(reader, f"{a}.attention.head_count"))
-  d_model = int(_field(reader, f"{a}.embedding_length"))
-  head_dim = int(_field(reader, f"{a}.attention.key_length", d_model // n_heads))
-  rope_dim = int(_field(reader, f"{a}.rope.dimension_count", head_dim))
+  where = "the GGUF metadata"
+  num = lambda key, default=None: whole_number(_field(reader, key, default), key, where)
+  n_heads = num(f"{a}.attention.head_count")
+  d_model = num(f"{a}.embedding_length")
+  head_dim = num(f"{a}.attention.key_length", max(d_model // n_heads, 1))
+  rope_dim = num(f"{a}.rope.dimension_count", head_dim)
   if rope_dim != head_dim:
     raise ModelLoadError(f"Partial rotary embeddings (rope dim {rope_dim} < head dim {head_dim}) are not supported.")
   scaling = reader.fields.get(f"{a}.rope.scaling.type")
@@ -90,19 +92,21 @@ def config_from_gguf(reader) -> LlamaConfig:
     raise ModelLoadError(f"RoPE scaling {scaling.contents()!r} is not supported yet.")
   names = {t.name for t in reader.tensors}
   vocab = reader.fields.get(f"{a}.vocab_size")
-  vocab_size = int(vocab.contents()) if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"].data)
-  return LlamaConfig(
+  vocab_size = num(f"{a}.vocab_size") if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"].data)
+  return model_config(
+      LlamaConfig, where,
       vocab_size=vocab_size,
       d_model=d_model,
-      n_layers=int(_field(reader, f"{a}.block_count")),
+      n_layers=num(f"{a}.block_count"),
       n_heads=n_heads,
-      n_kv_heads=int(_field(reader, f"{a}.attention.head_count_kv", n_heads)),
+      n_kv_heads=num(f"{a}.attention.head_count_kv", n_heads),
       head_dim=head_dim,
-      d_ff=int(_field(reader, f"{a}.feed_forward_length")),
-      rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
-      norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5)),
+      d_ff=num(f"{a}.feed_forward_length"),
+      rope_theta=positive_number(_field(reader, f"{a}.rope.freq_base", 10000.0), f"{a}.rope.freq_base", where),
+      norm_eps=positive_number(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
+                               f"{a}.attention.layer_norm_rms_epsilon", where),
       tie_embeddings="output.weight" not in names,
-      max_seq_len=int(_field(reader, f"{a}.context_length", 2048)),
+      max_seq_len=num(f"{a}.context_length", 2048),
   )
 
 
@@ -159,6 +163,11 @@ def _target(name: str, cfg: LlamaConfig):
     return None, None
   _, idx, *rest = name.split(".")
   key = ".".join(rest)
+  if not idx.isdigit():
+    raise ModelLoadError(f"The file holds {name!r}, whose layer number is not a number; the file is damaged or was "
+                         "not written by a GGUF converter of a LLaMA-family model.")
+  if int(idx) >= cfg.n_layers:
+    raise more_layers("the GGUF file", cfg.n_layers, int(idx) + 1, "block_count in its metadata")
   layer = f"layers_{int(idx)}"
   table = {
       "attn_norm.weight": (("attn_norm", "scale"), None),
@@ -241,6 +250,10 @@ def check_complete(params: dict, cfg: LlamaConfig, path: str) -> None:
   expected = {**one, **{f"layers_{i}": layer for i in range(cfg.n_layers)}}
   want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
   have = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  extra = sorted(set(have) - set(want))
+  if extra:
+    raise ModelLoadError(f"{path!r} holds tensors its config has no place for: {extra[:5]}"
+                         f"{' ...' if len(extra) > 5 else ''}; the config and the weights describe different models.")
   missing = sorted(set(want) - set(have))
   if missing:
     raise ModelLoadError(f"{path!r} lacks tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''}.")

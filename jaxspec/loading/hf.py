@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec import files
-from jaxspec.loading.errors import ModelLoadError
+from jaxspec.loading.errors import ModelLoadError, model_config, more_layers, positive_number, whole_number
 from jaxspec.loading.gguf_loader import check_complete
 from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers, unstack_layers
 
@@ -37,16 +37,20 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
     raise ModelLoadError(f"config.json describes model_type {model_type!r}; jaxspec loads {', '.join(MODEL_TYPES)} "
                          f"({', '.join(SUPPORTED)}).")
   _check_features(cfg)
+  where = "config.json"
   try:
-    n_heads = int(cfg["num_attention_heads"])
-    d_model = int(cfg["hidden_size"])
-    return LlamaConfig(
-        vocab_size=int(cfg["vocab_size"]), d_model=d_model, n_layers=int(cfg["num_hidden_layers"]),
-        n_heads=n_heads, n_kv_heads=int(cfg.get("num_key_value_heads") or n_heads),
-        head_dim=int(cfg.get("head_dim") or d_model // n_heads), d_ff=int(cfg["intermediate_size"]),
-        rope_theta=_rope_theta(cfg), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+    n_heads = whole_number(cfg["num_attention_heads"], "num_attention_heads", where)
+    d_model = whole_number(cfg["hidden_size"], "hidden_size", where)
+    optional = lambda key, default: whole_number(default if cfg.get(key) is None else cfg[key], key, where)
+    n_kv_heads = optional("num_key_value_heads", n_heads)
+    return model_config(LlamaConfig, where,
+        vocab_size=whole_number(cfg["vocab_size"], "vocab_size", where), d_model=d_model,
+        n_layers=whole_number(cfg["num_hidden_layers"], "num_hidden_layers", where),
+        n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=optional("head_dim", max(d_model // n_heads, 1)),
+        d_ff=whole_number(cfg["intermediate_size"], "intermediate_size", where),
+        rope_theta=_rope_theta(cfg), norm_eps=positive_number(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_seq_len=int(cfg.get("max_position_embeddings", 2048)))
+        max_seq_len=optional("max_position_embeddings", 2048))
   except KeyError as e:
     raise ModelLoadError(f"config.json lacks {e.args[0]!r}, which a LLaMA-family model needs.") from e
 
@@ -65,8 +69,8 @@ def _check_features(cfg: dict) -> None:
   # A window at least as long as the context never hides anything: attention is the full causal attention jaxspec
   # computes. (Qwen2-style configs carry a window that `use_sliding_window: false` switches off.)
   if window is not None and cfg.get("use_sliding_window", True) is not False:
-    limit = int(cfg.get("max_position_embeddings", 2048))
-    if int(window) < limit:
+    limit = whole_number(cfg.get("max_position_embeddings", 2048), "max_position_embeddings", "config.json")
+    if whole_number(window, "sliding_window", "config.json") < limit:
       raise ModelLoadError(
           f"config.json sets sliding_window={window}, below max_position_embeddings={limit}; jaxspec does not "
           f"implement sliding-window attention. To run the model within one window, where the two agree, set "
@@ -91,7 +95,7 @@ def _rope_theta(cfg: dict) -> float:
                            "RoPE only (rope_type 'default'), so this model's positions would be encoded wrongly.")
     if theta is None and key == "rope_parameters":
       theta = block.get("rope_theta")
-  return float(10000.0 if theta is None else theta)
+  return positive_number(10000.0 if theta is None else theta, "rope_theta", "config.json")
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -251,6 +255,11 @@ def check_weights(folder: str, raw: dict) -> list[str]:
       seen[name] = path
       if llama:
         _target(name)
+  if llama:
+    layers = config_from_hf(raw).n_layers
+    beyond = sorted({int(m.group(1)) for m in map(_LAYER.fullmatch, seen) if m and int(m.group(1)) >= layers})
+    if beyond:
+      raise more_layers(repr(folder), layers, beyond[-1] + 1, "num_hidden_layers in config.json")
   return weights
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec import files
-from jaxspec.loading.errors import ModelLoadError
+from jaxspec.loading.errors import ModelLoadError, model_config, positive_number, whole_number
 from jaxspec.loading.hf import _flatten, check_weights
 from jaxspec.models.t5 import T5Config, T5LM
 
@@ -48,17 +48,22 @@ def config_from_hf(raw: dict) -> T5Config:
       ff = "relu"
     else:
       raise ModelLoadError(f"feed_forward_proj={proj!r} is not supported; jaxspec reads 'gated-gelu' and 'relu'.")
-    n_layers = int(raw["num_layers"])
-    return T5Config(
-        vocab_size=int(raw["vocab_size"]), d_model=int(raw["d_model"]), d_kv=int(raw["d_kv"]),
-        d_ff=int(raw["d_ff"]), n_heads=int(raw["num_heads"]), n_enc_layers=n_layers,
-        n_dec_layers=int(raw.get("num_decoder_layers") or n_layers),
-        rel_buckets=int(raw.get("relative_attention_num_buckets", 32)),
-        rel_max_distance=int(raw.get("relative_attention_max_distance", 128)),
-        norm_eps=float(raw.get("layer_norm_epsilon", 1e-6)), ff=ff,
+    where = "config.json"
+    num = lambda key, minimum=1: whole_number(raw[key], key, where, minimum)
+    opt = lambda key, default, minimum=1: whole_number(default if raw.get(key) is None else raw[key], key, where,
+                                                       minimum)
+    n_layers = num("num_layers")
+    return model_config(
+        T5Config, where,
+        vocab_size=num("vocab_size"), d_model=num("d_model"), d_kv=num("d_kv"),
+        d_ff=num("d_ff"), n_heads=num("num_heads"), n_enc_layers=n_layers,
+        n_dec_layers=opt("num_decoder_layers", n_layers),
+        rel_buckets=opt("relative_attention_num_buckets", 32),
+        rel_max_distance=opt("relative_attention_max_distance", 128),
+        norm_eps=positive_number(raw.get("layer_norm_epsilon", 1e-6), "layer_norm_epsilon", where), ff=ff,
         tie_embeddings=_scales_output(raw),  # `load_t5` settles it with the checkpoint's lm_head.weight
-        decoder_start_id=int(raw.get("decoder_start_token_id", 0) or 0),
-        max_seq_len=int(raw.get("n_positions", 2048) or 2048))
+        decoder_start_id=opt("decoder_start_token_id", 0, minimum=0),
+        max_seq_len=opt("n_positions", 2048))
   except KeyError as e:
     raise ModelLoadError(f"config.json lacks {e.args[0]!r}, which a T5 model needs.") from e
 

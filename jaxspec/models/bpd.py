@@ -32,6 +32,9 @@ from jaxspec.errors import ModelLoadError
 Array = jax.Array
 
 
+MAX_HEADS = 16  # the most heads a BPDConfig takes (drafts of k + 1 tokens per step)
+
+
 @dataclasses.dataclass(frozen=True)
 class BPDConfig:
   num_heads: int = 4  # k
@@ -41,8 +44,10 @@ class BPDConfig:
   vocab_subset: int = 0  # M > 0: the heads project onto M token ids (stored with the params); 0 = whole vocabulary
 
   def __post_init__(self):
-    if not 1 <= self.num_heads <= 16:
-      raise ValueError(f"num_heads must be in 1..16, got {self.num_heads}")
+    if not 1 <= self.num_heads <= MAX_HEADS:
+      raise ValueError(f"num_heads must be in 1..{MAX_HEADS}, got {self.num_heads}")
+    if self.d_model < 1 or self.d_hidden < 1:
+      raise ValueError(f"d_model and d_hidden must be >= 1, got {self.d_model} and {self.d_hidden}")
 
 
 class BPDHeads(nn.Module):

@@ -9,6 +9,8 @@ written. The same call serves prefill (causal mask), one-token steps, chains of 
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -41,6 +43,14 @@ class LlamaConfig:
   scan_layers: bool = False  # stack layers under lax.scan: faster compiles (TPU), slower steps on CPU
 
   def __post_init__(self):
+    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a whole number of at least 1")
+    for name in ("rope_theta", "norm_eps"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+        raise ValueError(f"{name}={value!r} must be a finite number above 0")
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2:
