@@ -158,13 +158,17 @@ def test_prompt_files_that_are_not_utf8_text_or_not_files(tmp_path):
 
 
 def test_bad_method_option_values_are_clear_errors():
-  for text, msg in [("bpd:k=abc", "k='abc' of 'bpd' must be a whole number >= 1"),
-                    ("opt-tree:width=0", "width='0' of 'opt-tree' must be a whole number >= 1"),
+  for text, msg in [("bpd:k=abc", "k='abc' of 'bpd' must be a whole number in 1..1024"),
+                    ("opt-tree:width=0", "width='0' of 'opt-tree' must be a whole number in 1..1024"),
+                    ("spec:gamma=100000", "gamma='100000' of 'spec' must be a whole number in 1..1024"),
+                    ("jacobi:n=5000", "n='5000' of 'jacobi' must be a whole number in 1..1024"),
                     ("spec:stop=nan", "stop='nan' of 'spec' must be a number >= 0"),
                     ("opt-tree:gate=x", "must be a number >= 0 or auto"),
-                    ("lookup:gate=0.5", "gate='0.5' of 'lookup' must be a whole number >= 0")]:
+                    ("lookup:gate=0.5", "gate='0.5' of 'lookup' must be a whole number in 0..1024")]:
     with pytest.raises(InputError, match=msg):
       parse_method(text)
+  with pytest.raises(InputError, match="option 'k' appears twice in 'bpd:k=4:k=2'"):
+    parse_method("bpd:k=4:k=2")
   assert parse_method("opt-tree:nodes=auto:gate=auto")[2] == {"nodes": "auto", "gate": "auto"}
   with pytest.raises(InputError, match="a chain takes its length as nodes=N"):
     METHODS["opt-tree"].build(None, parse_method("opt-tree:shape=chain:nodes=auto")[2])  # before any model work

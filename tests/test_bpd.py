@@ -12,7 +12,7 @@ import pytest
 from jaxspec.decoding.accept import GreedyAcceptance
 from jaxspec.decoding.bpd import BPDDrafter, TopKAcceptance, bpd_draft_params
 from jaxspec.decoding.generate import generate
-from jaxspec.errors import ModelLoadError
+from jaxspec.errors import InputError, ModelLoadError
 from jaxspec.loading.hf import load_hf
 from jaxspec.models.bpd import BPDConfig, BPDModel, load_bpd, save_bpd
 from tests.conftest import assert_gates_mix, make_tiny
@@ -430,7 +430,6 @@ def test_shipped_heads_with_a_gate_equal_greedy_on_default_model(default_model, 
 
 
 def test_sampled_self_distillation_is_reproducible_and_splits_by_prompt(tmp_path):
-  from jaxspec.errors import InputError
   from jaxspec.models.llama import LlamaLM, tiny_config
   from training import datasets
 
@@ -617,6 +616,13 @@ def test_top_k_acceptance_keeps_a_token_iff_it_is_in_the_target_top_k():
   k4 = TopKAcceptance(top_k=4).accept(None, chain_draft(jnp.asarray(drafts, jnp.int32)), ranked_logits(ranked),
                                       SamplingParams.make(), is_chain=True)
   assert np.asarray(k4.n_commit_B).tolist() == [5, 5, 5, 3]
+
+
+def test_top_k_beyond_the_vocabulary_is_a_clear_error():
+  from jaxspec.decoding.bpd import chain_draft
+  with pytest.raises(InputError, match="top 11 tokens: the model has 10; use a smaller k"):
+    TopKAcceptance(top_k=11).accept(None, chain_draft(jnp.zeros((1, 2), jnp.int32)), ranked_logits([[(1,)] * 3]),
+                                    SamplingParams.make(), is_chain=True)
 
 
 def test_top_1_acceptance_is_greedy_acceptance():

@@ -130,6 +130,17 @@ def draft_paths(draft: Draft, row: int = 0) -> list[tuple]:
   return paths
 
 
+def test_more_candidates_than_tokens_is_a_clear_error():
+  draft_model, draft_params = make_tiny(seed=3)
+  v = draft_model.vocab_size
+  drafter = OptTreeDrafter(LMTreeSource(draft_model), nodes=4, depth=2, width=v, branch=2)
+  prefill = PrefillInfo(jnp.asarray([[3, 14, 15]], jnp.int32), jnp.asarray([3]), jnp.zeros((1, 8)), jnp.zeros((1, 8)),
+                        jnp.asarray([92]), capacity=2 * v + 32)
+  dstate = jax.jit(drafter.init)(draft_params, prefill)
+  with pytest.raises(InputError, match=f"width x branch = {v} x 2 = {2 * v} candidates per level, more than the {v}"):
+    jax.jit(lambda p, s: drafter.propose(p, s, fake_loop([92])))(draft_params, dstate)
+
+
 def test_tree_is_the_n_most_probable_paths(tiny):
   """With a frontier and branching as wide as the budget, the grown tree (its depths >= 2 read from the draft cache
   through ancestor masks) is exactly the N most probable root paths of the draft LM, and E[A] is their sum."""

@@ -12,6 +12,7 @@ import pytest
 import tokenizers
 
 from jaxspec.loading.default import default_model_path
+from jaxspec.errors import InputError
 from jaxspec.loading.errors import ModelLoadError
 from jaxspec.loading.tokenizer import Tokenizer, read_gguf_metadata
 
@@ -129,6 +130,14 @@ def test_tokenizer_config_variants(tok, tmp_path):
   # A chat_template.jinja file, as newer Hugging Face saves write, wins over the config's.
   (tmp_path / "chat_template.jinja").write_text("[{{ messages | length }}]")
   assert Tokenizer.from_tokenizer_json(tmp_path).apply_chat_template([{"role": "user", "content": "Hi"}]) == "[1]"
+
+
+def test_a_chat_template_with_a_syntax_error_is_a_clear_error(tok, tmp_path):
+  tok.backend.save(str(tmp_path / "tokenizer.json"))
+  (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}")  # no endfor
+  loaded = Tokenizer.from_tokenizer_json(tmp_path)
+  with pytest.raises(InputError, match="the chat template is not valid jinja2 \\(line 1: .*endfor.*leave out --chat"):
+    loaded.apply_chat_template([{"role": "user", "content": "Hi"}])
 
 
 def test_missing_tokenizer_json(tmp_path):

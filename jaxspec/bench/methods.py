@@ -704,6 +704,11 @@ _NUMERIC_OPTIONS: dict = {
 }
 
 
+# The largest whole-number option: counts of draft tokens, nodes, heads, layers, top-t entries. A step verifies at most
+# this many tokens in one forward (the cache grows by as many slots), far past where a verify forward can pay.
+MAX_OPTION = 1024
+
+
 def _check_option(name: str, key: str, value: str) -> None:
   kind, low = _NUMERIC_OPTIONS.get((name, key), _NUMERIC_OPTIONS.get(key, (None, None)))
   if kind is None or (kind.endswith("|auto") and value == "auto"):
@@ -711,13 +716,13 @@ def _check_option(name: str, key: str, value: str) -> None:
   whole = kind.startswith("int")
   try:
     number = int(value) if whole else float(value)
-    ok = number >= low and number == number  # NaN fails the second test
+    ok = low <= number <= (MAX_OPTION if whole else float("inf"))  # NaN fails
   except ValueError:
     ok = False
   if not ok:
-    what = "a whole number" if whole else "a number"
+    what = f"a whole number in {low}..{MAX_OPTION}" if whole else f"a number >= {low:g}"
     auto = " or auto" if kind.endswith("|auto") else ""
-    raise InputError(f"Method option {key}={value!r} of {name!r} must be {what} >= {low:g}{auto}.")
+    raise InputError(f"Method option {key}={value!r} of {name!r} must be {what}{auto}.")
 
 
 def parse_method(text: str) -> tuple[str, str, dict]:
@@ -735,6 +740,8 @@ def parse_method(text: str) -> tuple[str, str, dict]:
     if "=" not in part:
       raise InputError(f"Method option {part!r} in {label!r} is not key=value.")
     k, v = part.split("=", 1)
+    if k in opts:
+      raise InputError(f"Method option {k!r} appears twice in {label!r}: give it once.")
     if k not in METHODS[name].options:
       allowed = ", ".join(METHODS[name].options) or "none"
       raise InputError(f"Method {name!r} has no option {k!r} (options: {allowed}).")

@@ -109,7 +109,10 @@ class TopKAcceptance:
     if not is_chain:
       raise InputError("TopKAcceptance (Stern's approximate acceptance) verifies chains: use a chain drafter such as "
                        "BPDDrafter, not a tree.")
-    b, t, _ = logits_BxTxV.shape
+    b, t, v = logits_BxTxV.shape
+    if self.top_k > v:
+      raise InputError(f"approximate acceptance within the top {self.top_k} tokens: the model has {v}; use a smaller "
+                       "k (bpd:approx=K with K <= the vocabulary size).")
     target_BxT = argmax(logits_BxTxV)
     path_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     if t == 1:

@@ -339,6 +339,9 @@ class OptTreeDrafter:
     static = self.shape == "static"
     src_params = self._source_params(draft_params)
     root_BxV, ctx, sstate = self.source.begin(src_params, dstate.source, loop, logp_fn)
+    if c > root_BxV.shape[-1]:  # a trace-time check: top_k would fail with a shape error
+      raise InputError(f"opt-tree: width x branch = {w} x {k} = {c} candidates per level, more than the "
+                       f"{root_BxV.shape[-1]} tokens its drafter predicts over; use a smaller width or branch.")
     lp1_BxC, tok1_BxC = jax.lax.top_k(root_BxV, c)
     tok1_BxC = self.source.to_tokens(src_params, tok1_BxC)
     key1_BxC = (jnp.broadcast_to(self._prior(draft_params, 0, jnp.arange(c)), (b, c)) if static else lp1_BxC)
