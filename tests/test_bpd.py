@@ -620,6 +620,7 @@ def test_top_k_acceptance_keeps_a_token_iff_it_is_in_the_target_top_k():
 
 def test_top_k_beyond_the_vocabulary_is_a_clear_error():
   from jaxspec.decoding.bpd import chain_draft
+  from jaxspec.decoding.sampling import SamplingParams
   with pytest.raises(InputError, match="top 11 tokens: the model has 10; use a smaller k"):
     TopKAcceptance(top_k=11).accept(None, chain_draft(jnp.zeros((1, 2), jnp.int32)), ranked_logits([[(1,)] * 3]),
                                     SamplingParams.make(), is_chain=True)
