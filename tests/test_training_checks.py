@@ -43,6 +43,20 @@ def test_a_resume_with_other_settings_is_refused_and_a_longer_one_is_not(tiny, t
   record_run_config(reseeded, fresh)
 
 
+@pytest.mark.parametrize("content", [b"\xff\xfe not utf-8", b"{{garbage", b"- 1\n- 2\n"], ids=["bytes", "yaml", "list"])
+def test_a_damaged_config_yaml_next_to_checkpoints_is_refused(tmp_path, content):
+  """Its settings cannot be compared with the new run's: refuse (saying what to do), not resume unchecked."""
+  cfg = tiny_train_config(tmp_path)
+  ckpt = tmp_path / "ck"
+  (ckpt / "4").mkdir(parents=True)
+  (ckpt / "config.yaml").write_bytes(content)
+  with pytest.raises(ConfigError, match="config.yaml is damaged .*delete .*set train.checkpoint_dir to a new folder"):
+    record_run_config(cfg, ckpt)
+  (ckpt / "config.yaml").unlink()  # the way out the message gives
+  record_run_config(cfg, ckpt)
+  assert (ckpt / "config.yaml").is_file()
+
+
 def _distill(model, params, texts, out, tokenizer=None):
   return datasets.self_distill(model, params, tokenizer or ByteTokenizer(), texts, out, max_new_tokens=4,
                                batch_size=4, shard_size=4, progress=False)

@@ -224,9 +224,15 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
   has_steps = path.parent.is_dir() and any(p.is_dir() and p.name.isdigit() for p in path.parent.iterdir())
   if has_steps and path.is_file():
     try:
-      old = _flat(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
-    except yaml.YAMLError:
-      old = {}  # unreadable: nothing to compare with; it is rewritten below
+      raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+      ok = isinstance(raw, Mapping)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+      ok = False
+    if not ok:  # the settings the checkpoints were trained with cannot be compared: refuse rather than guess
+      raise ConfigError(f"{path} is damaged (not a YAML mapping of the run's settings), so whether the checkpoints "
+                        f"in {path.parent} belong to this config cannot be checked. If they do, delete {path} (the "
+                        "run writes it again) and rerun; otherwise set train.checkpoint_dir to a new folder.")
+    old = _flat(raw)
     new = _flat(to_dict(cfg))
     if new.get("data.more_prompts"):  # the split setting matters only with a second prompt set
       old = {**{k: v for k, v in _LEGACY.items() if k in new}, **old}
