@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -511,6 +512,23 @@ def test_corrupt_checkpoint(tmp_path, damage):
       ckpt.restore(_state(0))
     state, _ = ckpt.restore(_state(0), step=1)
     _assert_trees_equal(state, _state(0))
+
+
+def test_closed_loop_reports_after_a_failed_read_are_dropped_and_others_are_not(tmp_path, monkeypatch):
+  """A damaged checkpoint's failed read left dozens of "Event loop is closed" tracebacks after the one clear error
+  (TensorStore finishing the other reads into the loop Orbax had closed); a Checkpointer drops those, only those."""
+  seen = []
+  monkeypatch.setattr(sys, "unraisablehook", lambda report: seen.append(str(report.exc_value)))
+  Checkpointer(tmp_path / "ck").close()
+  Checkpointer(tmp_path / "ck").close()  # installed once, not once per Checkpointer
+  report = lambda exc, obj=None: types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=None,
+                                                        err_msg=None, object=obj)
+  sys.unraisablehook(report(RuntimeError("Event loop is closed")))
+  assert seen == []
+  sys.unraisablehook(report(RuntimeError("something else")))
+  sys.unraisablehook(report(RuntimeError("Event loop is closed"), obj="a finalizer"))
+  sys.unraisablehook(report(ValueError("Event loop is closed")))
+  assert seen == ["something else", "Event loop is closed", "Event loop is closed"]
 
 
 def test_unfinished_save_is_ignored(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -37,6 +38,31 @@ _INTEGRITY_FORMAT = 1
 
 class CheckpointError(JaxspecError):
   """A checkpoint directory that cannot be used: missing, corrupt, or made for another model or optimizer."""
+
+
+_CLOSED_LOOP = "Event loop is closed"
+
+
+def _drop_closed_loop_reports(previous):
+  """An unraisable-exception hook that drops the reports of TensorStore callbacks into a closed asyncio loop.
+
+  When one read of a damaged checkpoint fails, Orbax raises at once and closes the asyncio loop it ran the reads in;
+  TensorStore then completes the other reads on its own threads, and handing each result to the closed loop raises
+  `RuntimeError("Event loop is closed")`, which Python prints as a traceback with no owner (dozens of them, after
+  the one clear error). They carry nothing the raised error does not. Every other report goes to `previous`.
+  """
+  def hook(report):
+    if (report.object is None and isinstance(report.exc_value, RuntimeError)
+        and str(report.exc_value) == _CLOSED_LOOP):
+      return
+    previous(report)
+  hook.drops_closed_loop_reports = True
+  return hook
+
+
+def _quiet_closed_loop_reports() -> None:
+  if not getattr(sys.unraisablehook, "drops_closed_loop_reports", False):
+    sys.unraisablehook = _drop_closed_loop_reports(sys.unraisablehook)
 
 
 class Checkpointer:
@@ -70,6 +96,7 @@ class Checkpointer:
       asynchronous: write in a background thread after copying the arrays to the host; `close` waits for it.
       verify: store a CRC32 of every array at save time and check it at restore time.
     """
+    _quiet_closed_loop_reports()
     if every < 1:
       raise CheckpointError(f"checkpoint interval must be >= 1 step, got {every}")
     if max_to_keep is not None and max_to_keep < 1:
