@@ -88,6 +88,11 @@ def write_files(folder: str | os.PathLike, writers: Mapping[str, Writer]) -> Non
   folder = Path(folder)
   folder.mkdir(parents=True, exist_ok=True)
   for name in writers:
+    if (folder / name).is_dir():  # checked before anything is written: the rename over it would fail at the end
+      from jaxspec.errors import InputError
+
+      raise InputError(f"{str(folder / name)!r} is a folder where jaxspec writes a file: move it away, or choose "
+                       "another output folder.")
     remove_stale(folder / name)
   tmps = {}
   try:

@@ -281,6 +281,20 @@ def test_task_configs_need_a_task_positive_counts_and_writable_folders(tmp_path)
                                         f"train.checkpoint_dir={tmp_path / 'new' / 'ckpt'}"])
   check_writable(cfg)
   assert not (tmp_path / "new").exists()  # checked without leaving folders behind
+  (tmp_path / "ck" / "metrics.jsonl").mkdir(parents=True)  # appended to at the first log, minutes in
+  cfg, _ = load_task_config(str(path), [f"train.checkpoint_dir={tmp_path / 'ck'}"])
+  with pytest.raises(ConfigError, match="metrics.jsonl' is a folder where the run writes a file"):
+    check_writable(cfg)
+
+
+def test_a_folder_in_the_place_of_a_file_is_a_clear_error(tmp_path):
+  from jaxspec import files
+  from jaxspec.errors import InputError
+
+  (tmp_path / "progress.jsonl").mkdir()
+  with pytest.raises(InputError, match="progress.jsonl' is a folder where jaxspec writes a file: move it away"):
+    files.write_files(tmp_path, {"a.txt": files.text_writer("a"), "progress.jsonl": files.text_writer("b")})
+  assert not (tmp_path / "a.txt").exists()  # nothing written before the check
 
 
 def test_schedule():

@@ -111,6 +111,14 @@ def check_writable(cfg: Any) -> None:
     except OSError as e:
       raise ConfigError(f"{key}={str(folder)!r} cannot be written ({getattr(e, 'strerror', None) or e}): choose "
                         "another path") from None
+    if key == "train.checkpoint_dir":  # files a run appends to or rewrites there, well after it starts
+      from training.curves import CURVES_FILE
+      from training.trainer import METRICS_FILE
+
+      for name in ("config.yaml", METRICS_FILE, CURVES_FILE):
+        if (folder / name).is_dir():
+          raise ConfigError(f"{str(folder / name)!r} is a folder where the run writes a file: move it away, or set "
+                            "train.checkpoint_dir to another folder")
 
 
 def check_inputs(cfg: Any) -> None:
