@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import sys
 import re
 
 import pytest
@@ -236,6 +237,25 @@ def test_missing_t5x_checkout_is_reported_unavailable(tmp_path, prompt_file, met
   res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
   assert res["methods"]["t5x-greedy"]["available"] is False
   assert "not a T5X checkout" in res["methods"]["t5x-greedy"]["reason"]
+
+
+def test_a_t5x_checkout_that_fails_to_import_is_reported_unavailable(tmp_path):
+  from jaxspec.bench.baselines import load_t5x_decoding
+
+  pkg = tmp_path / "t5x"
+  pkg.mkdir()
+  (pkg / "binary_search.py").write_text("")
+  (pkg / "decoding.py").write_text("import a_module_no_one_has\n")
+  with pytest.raises(Unavailable, match="decoding.py cannot be imported \\(ModuleNotFoundError: .*check it out again"):
+    load_t5x_decoding(tmp_path)
+  (pkg / "decoding.py").write_text("def temperature_sample():\n  pass\n")  # fixed: the same process tries again
+  try:
+    assert callable(load_t5x_decoding(tmp_path).temperature_sample)
+  finally:  # later tests of this process load a real checkout under the same private name
+    for key in [k for k in sys.modules if k.startswith("_jaxspec_t5x")]:
+      del sys.modules[key]
+    if getattr(sys.modules.get("t5x"), "__name__", None) == "_jaxspec_t5x":
+      del sys.modules["t5x"]
 
 
 T5X_SRC = os.environ.get("JAXSPEC_T5X_SRC")

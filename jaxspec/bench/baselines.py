@@ -61,7 +61,16 @@ def load_t5x_decoding(src: str | os.PathLike | None):
     sys.modules[f"{name}.{sub}"] = module
     if sub == "binary_search" and sys.modules["t5x"] is package:
       package.binary_search = module
-    spec.loader.exec_module(module)
+    try:
+      spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - the checkout's own code and imports may fail in many ways
+      for key in (f"{name}.binary_search", f"{name}.decoding", name):  # a fixed checkout can be tried again
+        sys.modules.pop(key, None)
+      if sys.modules.get("t5x") is package:
+        del sys.modules["t5x"]
+      raise Unavailable(f"{pkg / (sub + '.py')} cannot be imported ({type(e).__name__}: {e}); T5X's decoding needs "
+                        "only JAX and NumPy, so the checkout may be damaged or of another version: check it out "
+                        "again") from None
   return sys.modules[f"{name}.decoding"]
 
 
