@@ -61,13 +61,14 @@ def _check_fits(args, model, n_prompt: int) -> None:
   max_len = args.max_len or context
   need = n_prompt + args.max_new_tokens
   if max_len and need > max_len:
-    fixes = ["shorten " + ("the prompt file" if getattr(args, "prompt_file", None) else "--prompt"),
-             "lower --max-new-tokens"]
+    fixes = ["shorten " + ("the prompt file" if getattr(args, "prompt_file", None) else "--prompt")]
+    if n_prompt < max_len:  # new tokens fewer than max_len - n_prompt would fit; a prompt this long fits no answer
+      fixes.append(f"lower --max-new-tokens (to {max_len - n_prompt} or fewer)")
     if not (hard and max_len >= context):
       fixes.append("raise --max-len" + (f" (up to the model's context length, {context})" if hard else ""))
+    fix = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])}{',' * (len(fixes) > 2)} or {fixes[-1]}"
     raise InputError(f"A prompt of {n_prompt} tokens plus {args.max_new_tokens} new tokens needs {need} cache slots, "
-                     f"more than the cache length {max_len}: {', '.join(fixes[:-1])}{',' * (len(fixes) > 2)} or "
-                     f"{fixes[-1]}.")
+                     f"more than the cache length {max_len}: {fix}.")
 
 
 def _mesh(args):
@@ -129,6 +130,10 @@ def _cmd_generate(args) -> int:
   text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
   # A chat template writes the special tokens itself; plain text gets the tokenizer's own (e.g. Llama 3's BOS).
   ids = tok.encode(text, add_bos=False if args.chat else None)
+  if not ids:
+    raise InputError("The prompt's text encodes to no tokens with this model's tokenizer (none of its characters is "
+                     "in the vocabulary, and the tokenizer adds no start token): write the prompt in characters the "
+                     "model knows.")
   _check_fits(args, model, len(ids))
   ctx = BenchContext(model, params, tok, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                      seed=args.seed, max_len=args.max_len, mesh=mesh, buckets=args.cache_buckets,

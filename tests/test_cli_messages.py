@@ -108,11 +108,14 @@ def test_malformed_yaml_is_one_line_with_its_position(tmp_path, capsys, text, wh
 # ---- generate's flags --------------------------------------------------------------------------------------------
 
 def test_generate_names_its_flags(tiny_target, capsys):
-  err = fails(["generate", "--prompt", "w" * 600, "--max-new-tokens", "4"], capsys)
-  assert "needs 604 cache slots, more than the cache length 512: shorten --prompt or lower --max-new-tokens." in err
-  err = fails(["generate", "--prompt", "w" * 100, "--max-len", "64"], capsys)
-  assert ("shorten --prompt, lower --max-new-tokens, or raise --max-len (up to the model's context length, 512)"
-          in err)
+  err = fails(["generate", "--prompt", "w" * 500, "--max-new-tokens", "20"], capsys)
+  assert ("needs 520 cache slots, more than the cache length 512: shorten --prompt or lower --max-new-tokens (to 12 "
+          "or fewer).") in err
+  err = fails(["generate", "--prompt", "w" * 600, "--max-new-tokens", "4"], capsys)  # no answer fits: no such advice
+  assert "needs 604 cache slots, more than the cache length 512: shorten --prompt." in err
+  err = fails(["generate", "--prompt", "w" * 50, "--max-len", "64"], capsys)
+  assert ("shorten --prompt, lower --max-new-tokens (to 14 or fewer), or raise --max-len (up to the model's context "
+          "length, 512)") in err
   err = fails(["generate", "--prompt", "hi", "--max-len", "1000"], capsys)
   assert "--max-len 1000 is more than the model's context length (512 tokens)" in err
   err = fails(["generate", "--prompt", "hi", "--temperature", "1", "--top-k", "300"], capsys)
@@ -121,6 +124,18 @@ def test_generate_names_its_flags(tiny_target, capsys):
               fails(["bench", "--top-p", "0", "--out", "unused"], capsys)):
     assert "--top-p" in err and "(0, 1]" in err
   assert not Path("unused").exists()
+
+
+def test_text_that_encodes_to_no_tokens_is_said_so(tiny, monkeypatch, capsys):
+  """Not "the prompt is empty": the user gave text, which this tokenizer has no tokens for."""
+  class AsciiDigitsOnly(CharTokenizer):
+    def encode(self, text, add_bos=None):
+      return [1 + ord(c) for c in text if c.isdigit()]
+
+  model, params = tiny
+  monkeypatch.setattr(jaxspec.loading, "load_model", lambda path=None, **kw: (model, params, AsciiDigitsOnly()))
+  err = fails(["generate", "--prompt", "xyz"], capsys)
+  assert "encodes to no tokens with this model's tokenizer" in err
 
 
 def test_a_sampled_run_is_not_labelled_greedy(tiny_target, capsys):
