@@ -163,7 +163,8 @@ def read_hf_config(folder: str) -> dict:
     with open(cfg_path) as f:
       raw = json.load(f)
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-    raise ModelLoadError(f"Could not read {cfg_path!r}: {e}") from e
+    raise ModelLoadError(f"Could not read {cfg_path!r} ({type(e).__name__}: {e}); the file is damaged: restore "
+                         "it from the model's original folder.") from e
   if not isinstance(raw, dict):
     raise ModelLoadError(f"{cfg_path!r} holds a JSON {type(raw).__name__}, not the object of a Hugging Face model "
                          "config.")

@@ -336,12 +336,14 @@ class Tokenizer:
     if kind not in SUPPORTED_GGUF_MODELS:
       raise ModelLoadError(
           f"{name}: GGUF tokenizer model {kind!r} is not supported; jaxspec builds {', '.join(SUPPORTED_GGUF_MODELS)} "
-          "(byte-level BPE). Pass a Hugging Face tokenizer.json instead.")
+          "(byte-level BPE). Load the model from its Hugging Face folder instead (config.json, *.safetensors and "
+          "tokenizer.json: --model FOLDER), whose tokenizer.json jaxspec reads whatever its kind.")
     pre = meta.get("tokenizer.ggml.pre")
     if pre not in GGUF_PRE_TOKENIZERS:
       raise ModelLoadError(
           f"{name}: GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; jaxspec reproduces "
-          f"{', '.join(sorted(GGUF_PRE_TOKENIZERS))}. Pass a Hugging Face tokenizer.json instead.")
+          f"{', '.join(sorted(GGUF_PRE_TOKENIZERS))}. Load the model from its Hugging Face folder instead (config.json, "
+          "*.safetensors and tokenizer.json: --model FOLDER).")
 
     tokens: Sequence[str] = meta["tokenizer.ggml.tokens"]
     types: Sequence[int] = meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
