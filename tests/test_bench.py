@@ -204,6 +204,10 @@ def test_a_prompt_longer_than_the_context_is_named_before_the_run(tmp_path, tiny
   cfg = BenchConfig(prompts=path, methods=("greedy", "costly"), max_new_tokens=4, out=str(tmp_path / "out"))
   with pytest.raises(InputError, match="Prompt 'long-7' .* 60[0-9] tokens long: .* the model's context length"):
     run_bench(cfg, model, params, ByteTokenizer(), progress=False)
+  # So is a --top-k wider than the vocabulary (it failed at the first warm-up, after every build).
+  wide = dataclasses.replace(cfg, temperature=1.0, top_k=model.vocab_size + 1)
+  with pytest.raises(InputError, match=f"--top-k {model.vocab_size + 1} is more than the model's vocabulary"):
+    run_bench(wide, model, params, ByteTokenizer(), progress=False)
 
 
 def test_unknown_category_and_missing_file(tmp_path, prompt_file):

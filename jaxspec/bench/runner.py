@@ -227,6 +227,10 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
     model, params, tokenizer = load_model(cfg.model, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
                                           param_dtype=cfg.param_dtype)
   cfg = dataclasses.replace(cfg, **model_settings(model, cfg))  # what the model is, loaded here or passed in
+  vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
+  if cfg.temperature > 0 and vocab and cfg.top_k > vocab:  # before any method is built, not at the first warm-up
+    raise InputError(f"--top-k {cfg.top_k} is more than the model's vocabulary ({vocab} tokens): use 0 (no filter) "
+                     "or fewer.")
   # Before any method is built (some measure this machine's costs first): every prompt must fit.
   ids = chat_prompt_ids(tokenizer, [p.text for p in prompts])
   context = getattr(getattr(model, "cfg", None), "max_seq_len", None)
