@@ -427,3 +427,29 @@ def test_hf_round_trip_of_the_fixture_still_matches(tiny_hf):
   want = model.forward(params, tokens, jnp.arange(t)[None], model.init_cache(1, t), mask)[0]
   got = loaded_model.forward(loaded, tokens, jnp.arange(t)[None], loaded_model.init_cache(1, t), mask)[0]
   np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+# --- jaxspec's own parts in the wrong place ---------------------------------------------------------------------------
+
+def test_a_part_of_another_kind_says_what_it_is_and_where_it_goes(tiny_hf):
+  """Each loader of a part names what a folder holds when it is another part or a whole model (not "unreadable
+  (KeyError: 'jaxspec_eagle'); retrain or re-copy it", which sends the user to rebuild a part that is fine)."""
+  from jaxspec.bench.methods import ASSETS
+  from jaxspec.models.bpd import load_bpd
+  from jaxspec.models.draft import load_draft
+  from jaxspec.models.lora import load_lora
+  from jaxspec.models.ngram import load_ngram
+
+  with pytest.raises(ModelLoadError, match="holds a distilled draft .*, not BPD heads: pass it to a draft method"):
+    load_bpd(ASSETS / "draft_smollm2")
+  with pytest.raises(ModelLoadError, match="holds BPD heads, not the n-gram tables .*: pass them as --method bpd:heads"):
+    load_ngram(ASSETS / "bpd_smollm2")
+  with pytest.raises(ModelLoadError, match="holds a feature-level \\(EAGLE\\) draft, not a LoRA adapter"):
+    load_lora(ASSETS / "eagle_smollm2")
+  with pytest.raises(ModelLoadError, match="holds a model \\(a Hugging Face config.json\\), not BPD heads: pass it as "
+                                           "--model FOLDER"):
+    load_bpd(ASSETS / "t5_numbers")
+  with pytest.raises(ModelLoadError, match="holds BPD heads, not a distilled draft"):
+    load_draft(ASSETS / "bpd_t5_numbers")
+  model, _ = load_draft(tiny_hf)  # a whole LLaMA model is a draft too
+  assert model.vocab_size == make_tiny()[0].vocab_size

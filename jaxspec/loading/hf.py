@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -147,6 +148,26 @@ _JAXSPEC_PARTS = (
     ("ngram", "order", "the n-gram tables of BPD lattice rescoring", "pass them as --method bpd-ngram:rescore=FOLDER"),
     ("lora", "rank", "a LoRA adapter", "pass it as --method cllm:lora=FOLDER"),
 )
+
+
+def check_part(folder, key: str, *, models_ok: bool = False) -> None:
+  """Raises `ModelLoadError` when `folder` holds another kind of thing than the jaxspec part `key` names (a key of
+  `_JAXSPEC_PARTS`): another part, or (unless `models_ok`) a whole model, saying where that one goes. Does nothing
+  without a readable config.json: the caller's own checks say what is missing or damaged."""
+  try:
+    raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, ValueError):
+    return
+  if not isinstance(raw, dict) or isinstance(raw.get(key), dict):
+    return
+  want = next(what for k, _, what, _ in _JAXSPEC_PARTS if k == key)
+  for k, field, what, use in _JAXSPEC_PARTS:
+    entry = raw.get(k)
+    if isinstance(entry, dict) and field in entry:
+      raise ModelLoadError(f"{folder} holds {what}, not {want}: {use}.")
+  if not models_ok and ("architectures" in raw or "model_type" in raw):
+    raise ModelLoadError(f"{folder} holds a model (a Hugging Face config.json), not {want}: pass it as --model "
+                         "FOLDER.")
 
 
 def read_hf_config(folder: str) -> dict:

@@ -137,6 +137,8 @@ def load_bpd(folder: str | os.PathLike, num_heads: int | None = None) -> tuple[B
 
   folder = Path(folder)
   cfg_path, w_path = folder / "config.json", folder / "heads.safetensors"
+  from jaxspec.loading.hf import check_part
+  check_part(folder, "bpd")
   if not cfg_path.is_file() or not w_path.is_file():
     raise ModelLoadError(f"{folder} does not hold BPD heads (config.json + heads.safetensors): train them with "
                          "`jaxspec train configs/bpd_smollm2.yaml` or pass the right folder.")

@@ -150,9 +150,10 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
   from safetensors import safe_open
 
   from jaxspec.loading.gguf_loader import check_complete
-  from jaxspec.loading.hf import _target, config_from_hf
+  from jaxspec.loading.hf import _target, check_part, config_from_hf
 
   folder = Path(folder)
+  check_part(folder, "jaxspec_draft", models_ok=True)  # any LLaMA folder is a draft too
   cfg_path, w_path = folder / "config.json", folder / WEIGHTS_FILE
   if not cfg_path.is_file() or not w_path.is_file():
     raise ModelLoadError(f"{folder} does not hold a draft model (config.json + {WEIGHTS_FILE}): train one with "

@@ -202,6 +202,8 @@ def load_eagle(folder: str | os.PathLike, target: LlamaLM, target_params: dict, 
 
   folder = Path(folder)
   parts = [folder / "config.json", folder / WEIGHTS_FILE, folder / VOCAB_FILE]
+  from jaxspec.loading.hf import check_part
+  check_part(folder, "jaxspec_eagle")
   if not all(f.is_file() for f in parts):
     raise ModelLoadError(f"{folder} does not hold a feature-level draft (config.json, {WEIGHTS_FILE}, {VOCAB_FILE}): "
                          "train one with `jaxspec train configs/eagle_smollm2.yaml` or pass the right folder.")

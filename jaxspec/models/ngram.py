@@ -221,6 +221,8 @@ def load_ngram(folder: str | os.PathLike) -> tuple[NgramLM, dict, dict]:
   from safetensors.numpy import load_file
 
   folder = Path(folder)
+  from jaxspec.loading.hf import check_part
+  check_part(folder, "ngram")
   try:
     cfg = json.loads((folder / "config.json").read_text())
     lm = NgramLM(int(cfg["ngram"]["order"]), int(cfg["ngram"]["vocab_size"]))
