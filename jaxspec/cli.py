@@ -37,6 +37,9 @@ def _temperature(text: str) -> float:
     raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
   if not (math.isfinite(v) and v >= 0):
     raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: greedy), got {text}")
+  if v > 1e6:  # sampling is already uniform there; far above, T overflowed float32 with numpy warnings
+    raise argparse.ArgumentTypeError(f"must be at most 1e6 (at that temperature sampling is already uniform over "
+                                     f"the tokens top-k / top-p keep), got {text}")
   return v
 
 
