@@ -443,6 +443,10 @@ def initialize_distributed() -> None:
         kwargs[key] = int(os.environ[var])
       except ValueError:
         raise InputError(f"{var}={os.environ[var]!r} is not a whole number.") from None
+  address = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if address and not re.fullmatch(r".+:[0-9]{1,5}", address):
+    raise InputError(f"JAX_COORDINATOR_ADDRESS={address!r} is not host:port: give process 0's host and a free port "
+                     "on it, e.g. 10.0.0.2:1234.")
   try:
     jax.distributed.initialize(**kwargs)
   except Exception as e:  # noqa: BLE001 - JAX raises RuntimeError/ValueError depending on the cluster detection

@@ -193,6 +193,13 @@ def test_distributed_reads_the_process_layout_from_the_environment(monkeypatch):
   monkeypatch.setenv("JAX_PROCESS_ID", "first")
   with pytest.raises(InputError, match="JAX_PROCESS_ID='first' is not a whole number"):
     sharding.initialize_distributed()
+  monkeypatch.delenv("JAX_PROCESS_ID")
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "notahost")  # JAX's own error was "list index out of range"
+  with pytest.raises(InputError, match="JAX_COORDINATOR_ADDRESS='notahost' is not host:port"):
+    sharding.initialize_distributed()
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:1234")
+  sharding.initialize_distributed()
+  assert calls[-1] == {}
 
 # ---- what to do about heads, drafts and files ---------------------------------------------------------------------
 
