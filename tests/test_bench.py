@@ -189,6 +189,12 @@ def test_named_methods_must_all_run_and_the_results_folder_must_be_writable(tmp_
   (tmp_path / "file").write_text("x")
   with pytest.raises(InputError, match="Cannot write the results folder"):
     run_bench(dataclasses.replace(cfg, out=str(tmp_path / "file")), methods, None, ByteTokenizer(), progress=False)
+  for name in ("progress.jsonl", "report.md"):  # found before the model loads (model=None would load it)
+    (tmp_path / name / "x").mkdir(parents=True)
+    with pytest.raises(InputError, match=f"{name} is a folder where the bench writes a file"):
+      run_bench(dataclasses.replace(cfg, out=str(tmp_path)), None, None, ByteTokenizer(), progress=False)
+    (tmp_path / name / "x").rmdir()
+    (tmp_path / name).rmdir()
 
 
 def test_a_prompt_longer_than_the_context_is_named_before_the_run(tmp_path, tiny, monkeypatch):
@@ -252,6 +258,7 @@ def test_a_t5x_checkout_that_fails_to_import_is_reported_unavailable(tmp_path):
   (pkg / "decoding.py").write_text("import a_module_no_one_has\n")
   with pytest.raises(Unavailable, match="decoding.py cannot be imported \\(ModuleNotFoundError: .*check it out again"):
     load_t5x_decoding(tmp_path)
+  assert "t5x" not in sys.modules and not any(k.startswith("_jaxspec_t5x") for k in sys.modules)  # nothing half-loaded
   (pkg / "decoding.py").write_text("def temperature_sample():\n  pass\n")  # fixed: the same process tries again
   try:
     assert callable(load_t5x_decoding(tmp_path).temperature_sample)

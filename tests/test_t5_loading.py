@@ -220,7 +220,8 @@ def test_unsupported_feed_forward_is_a_clear_error(tmp_path, proj):
     ({"d_model": "abc"}, "sets d_model to 'abc', which is not a whole number of at least 1"),
     ({"num_heads": 0}, "sets num_heads to 0"),
     ({"layer_norm_epsilon": -1}, "sets layer_norm_epsilon to -1, which is not a finite number above 0"),
-], ids=["text", "zero", "negative-eps"])
+    ({"num_layers": 1, "num_decoder_layers": 1}, "holds weights for 2 layers and its config says 1 \\(num_layers"),
+], ids=["text", "zero", "negative-eps", "fewer-layers-than-weights"])
 def test_bad_numbers_in_the_config_are_clear_errors(tmp_path, changes, message):
   path = copy_fixture("orig", tmp_path)
   edit_config(path, **changes)

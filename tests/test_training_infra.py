@@ -311,6 +311,8 @@ def test_schedule():
   assert float(two(28)) == pytest.approx(0.0, abs=1e-7) and float(two(40)) == pytest.approx(0.0, abs=1e-7)
   with pytest.raises(ConfigError, match="cycles must divide total_steps"):
     OptimConfig(total_steps=10, cycles=3)
+  with pytest.raises(ConfigError, match="cycles must be >= 1; got optim.cycles=0"):  # not a ZeroDivisionError
+    OptimConfig(total_steps=10, cycles=0)
 
 
 def test_schedule_follows_the_runs_steps_unless_set(caplog):

@@ -127,9 +127,14 @@ def check_inputs(cfg: Any) -> None:
   from training import datasets
 
   init = getattr(getattr(cfg, "heads", None), "init", None)
-  if init and not (Path(init) / "config.json").is_file():
-    raise ConfigError(f"heads.init={init!r} is not a folder of trained BPD heads (it has no config.json): give the "
-                      "folder a BPD run exported (its `out`, e.g. jaxspec/assets/bpd_smollm2), or drop heads.init.")
+  if init:
+    from jaxspec.loading.hf import check_part
+
+    if not all((Path(init) / name).is_file() for name in ("config.json", "heads.safetensors")):
+      raise ConfigError(f"heads.init={init!r} is not a folder of trained BPD heads (config.json + heads.safetensors): "
+                        "give the folder a BPD run exported (its `out`, e.g. jaxspec/assets/bpd_smollm2), or drop "
+                        "heads.init.")
+    check_part(init, "bpd")  # a draft, an EAGLE draft or a model in its place is named now, not after the data
   for folder in getattr(getattr(cfg, "data", None), "extra_dataset_dirs", None) or ():
     datasets.load_finished(folder)
 

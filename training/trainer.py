@@ -116,7 +116,7 @@ class OptimConfig:
         (self.clip_norm >= 0, "clip_norm must be >= 0 (0 turns clipping off)", ("clip_norm",)),
         (0 <= self.b1 < 1 and 0 <= self.b2 < 1, "b1 and b2 must be in [0, 1)", ("b1", "b2")),
     ]
-    if self.total_steps is not None:  # None is resolved from the run's steps by `for_steps`
+    if self.total_steps is not None and self.cycles >= 1:  # None is resolved from the run's steps by `for_steps`
       checks += self._span_checks()
     for ok, message, keys in checks:
       if not ok:

@@ -69,8 +69,8 @@ def load_t5x_decoding(src: str | os.PathLike | None):
       if sys.modules.get("t5x") is package:
         del sys.modules["t5x"]
       raise Unavailable(f"{pkg / (sub + '.py')} cannot be imported ({type(e).__name__}: {e}); T5X's decoding needs "
-                        "only JAX and NumPy, so the checkout may be damaged or of another version: check it out "
-                        "again") from None
+                        "only JAX, Flax and NumPy, so the checkout may be damaged or of another version: check it "
+                        "out again") from None
   return sys.modules[f"{name}.decoding"]
 
 

@@ -219,6 +219,11 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
       (out / ".write_check").unlink()
   except OSError as e:
     unwritable = f"Cannot write the results folder {out}: {e.strerror or e}. Pass another --out."
+  if writer and not unwritable:
+    taken = [name for name in _result_files() if (out / name).is_dir()]
+    if taken:
+      unwritable = (f"{out / taken[0]} is a folder where the bench writes a file: move it away, or pass another "
+                    "--out.")
   unwritable = sharding.from_first_process(unwritable)  # every process fails with process 0
   if unwritable:
     raise InputError(unwritable)
@@ -415,13 +420,18 @@ def _refuse_other_work(path: Path, head: dict | None, restored: dict, want: dict
                      "start over.")
 
 
+def _result_files() -> tuple[str, ...]:
+  """Every file a run writes into its results folder."""
+  from jaxspec.bench.report import PLOTS
+  return (saved.FILE, "results.json", "report.md", "outputs.jsonl", *PLOTS)
+
+
 def _remove_previous_results(out: Path) -> list[str]:
   """Removes an earlier run's files from `out` and returns their names. Its report, outputs and plots beside this
   run's progress would make the folder look complete and wrong, so they go before anything is decoded (results.json
   is written again from the runs this one resumes from)."""
-  from jaxspec.bench.report import PLOTS
   gone = []
-  for name in ("results.json", "report.md", "outputs.jsonl", *PLOTS):
+  for name in _result_files()[1:]:
     try:
       (out / name).unlink()
       gone.append(name)

@@ -42,18 +42,23 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
   try:
     n_heads = whole_number(cfg["num_attention_heads"], "num_attention_heads", where)
     d_model = whole_number(cfg["hidden_size"], "hidden_size", where)
-    optional = lambda key, default: whole_number(default if cfg.get(key) is None else cfg[key], key, where)
+    optional = lambda key, default: whole_number(_or_default(cfg, key, default), key, where)
     n_kv_heads = optional("num_key_value_heads", n_heads)
     return model_config(LlamaConfig, where,
         vocab_size=whole_number(cfg["vocab_size"], "vocab_size", where), d_model=d_model,
         n_layers=whole_number(cfg["num_hidden_layers"], "num_hidden_layers", where),
         n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=optional("head_dim", max(d_model // n_heads, 1)),
         d_ff=whole_number(cfg["intermediate_size"], "intermediate_size", where),
-        rope_theta=_rope_theta(cfg), norm_eps=positive_number(cfg.get("rms_norm_eps", 1e-6), "rms_norm_eps", where),
+        rope_theta=_rope_theta(cfg), norm_eps=positive_number(_or_default(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_seq_len=optional("max_position_embeddings", 2048))
   except KeyError as e:
     raise ModelLoadError(f"config.json lacks {e.args[0]!r}, which a LLaMA-family model needs.") from e
+
+
+def _or_default(cfg: dict, key: str, default):
+  """`cfg[key]`, or `default` where the key is absent or null (as transformers reads a null setting)."""
+  return default if cfg.get(key) is None else cfg[key]
 
 
 def _check_features(cfg: dict) -> None:
@@ -70,7 +75,7 @@ def _check_features(cfg: dict) -> None:
   # A window at least as long as the context never hides anything: attention is the full causal attention jaxspec
   # computes. (Qwen2-style configs carry a window that `use_sliding_window: false` switches off.)
   if window is not None and cfg.get("use_sliding_window", True) is not False:
-    limit = whole_number(cfg.get("max_position_embeddings", 2048), "max_position_embeddings", "config.json")
+    limit = whole_number(_or_default(cfg, "max_position_embeddings", 2048), "max_position_embeddings", "config.json")
     if whole_number(window, "sliding_window", "config.json") < limit:
       raise ModelLoadError(
           f"config.json sets sliding_window={window}, below max_position_embeddings={limit}; jaxspec does not "
@@ -164,6 +169,8 @@ def check_part(folder, key: str, *, models_ok: bool = False) -> None:
   for k, field, what, use in _JAXSPEC_PARTS:
     entry = raw.get(k)
     if isinstance(entry, dict) and field in entry:
+      if k == "jaxspec_draft" and entry.get("embeddings") == "included":  # a whole model
+        what, use = "a distilled draft model", "pass it to a draft method (--method spec:draft=FOLDER) or as --model"
       raise ModelLoadError(f"{folder} holds {what}, not {want}: {use}.")
   if not models_ok and ("architectures" in raw or "model_type" in raw):
     raise ModelLoadError(f"{folder} holds a model (a Hugging Face config.json), not {want}: pass it as --model "
@@ -183,7 +190,9 @@ def read_hf_config(folder: str) -> dict:
   try:
     with open(cfg_path) as f:
       raw = json.load(f)
-  except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+  except OSError as e:
+    raise ModelLoadError(f"Could not read {cfg_path!r}: {e.strerror or e}.") from e
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ModelLoadError(f"Could not read {cfg_path!r} ({type(e).__name__}: {e}); the file is damaged: restore "
                          "it from the model's original folder.") from e
   if not isinstance(raw, dict):

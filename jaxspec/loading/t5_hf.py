@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec import files
-from jaxspec.loading.errors import ModelLoadError, model_config, positive_number, whole_number
+from jaxspec.loading.errors import ModelLoadError, model_config, more_layers, positive_number, whole_number
 from jaxspec.loading.hf import _flatten, check_weights
 from jaxspec.models.t5 import T5Config, T5LM
 
@@ -173,6 +173,10 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32", param_dtype: str 
   if missing:
     raise ModelLoadError(f"{folder!r} lacks {len(missing)} tensors of a {cfg.n_enc_layers}+{cfg.n_dec_layers}-layer "
                          f"T5, e.g. {_source(missing[0])!r}; the checkpoint is incomplete or of another model.")
+  for stack, layers, key in (("enc", cfg.n_enc_layers, "num_layers"), ("dec", cfg.n_dec_layers, "num_decoder_layers")):
+    found = [int(k[0][len(stack) + 1:]) for k in set(got) - set(expected) if re.fullmatch(rf"{stack}_\d+", k[0])]
+    if found:
+      raise more_layers(repr(folder), layers, max(found) + 1, f"{key} in config.json, for the {stack}oder")
   for key, shape in expected.items():
     if tuple(got[key].shape) != shape:
       w = got[key].shape[::-1] if key[-1] == "kernel" else got[key].shape  # as the file stores it

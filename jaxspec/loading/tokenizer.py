@@ -594,8 +594,8 @@ class Tokenizer:
         self._compiled_template = _compile_chat_template(self._chat_template)
       except jinja2.exceptions.TemplateSyntaxError as e:
         raise InputError(f"{self.name}: the chat template is not valid jinja2 (line {e.lineno}: {e.message}); fix "
-                         "the template in the model's files, or leave out --chat and give the prompt as plain "
-                         "text.") from e
+                         "it in the model's files (chat_template.jinja, or chat_template in tokenizer_config.json), "
+                         "or with `jaxspec generate` leave out --chat.") from e
     variables = {"bos_token": self._text_of(self._bos_id), "eos_token": self._text_of(self._eos_id),
                  "pad_token": self._text_of(self._pad_id), "unk_token": self._text_of(self._unk_id)}
     variables.update(kwargs)
