@@ -307,12 +307,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   return args
 
 
+def _redeliver_swallowed_interrupts() -> None:
+  """A Ctrl-C that lands inside a callback Python calls on its own (JAX's garbage-collection callback) is reported as
+  an "Exception ignored in ..." traceback and lost: the command went on as if never interrupted. Such a report is
+  turned back into an interrupt of the main thread, which then stops as any Ctrl-C does. It is sent from another
+  thread a moment later: raised inside the hook, it would be swallowed the same way."""
+  import _thread
+  import threading
+
+  previous = sys.unraisablehook
+  if getattr(previous, "redelivers_interrupts", False):
+    return
+
+  def hook(report):
+    if isinstance(report.exc_value, KeyboardInterrupt):
+      threading.Timer(0.01, _thread.interrupt_main).start()
+      return
+    previous(report)
+
+  hook.redelivers_interrupts = True
+  sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> int:
-  from jaxspec import xla_defaults
-  xla_defaults.apply_cpu_defaults()  # before anything starts JAX's CPU backend (jaxspec/xla_defaults.py)
-  args = parse_args(argv)
-  _show_sharding_choices()
   try:
+    _redeliver_swallowed_interrupts()
+    from jaxspec import xla_defaults
+    xla_defaults.apply_cpu_defaults()  # before anything starts JAX's CPU backend (jaxspec/xla_defaults.py)
+    args = parse_args(argv)
+    _show_sharding_choices()
     if args.distributed:
       from jaxspec.sharding import initialize_distributed
       initialize_distributed()
@@ -322,7 +345,24 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   except KeyboardInterrupt:
     print("jaxspec: interrupted", file=sys.stderr)
-    return 130
+    _exit_now(130)
+
+
+def _exit_now(code: int) -> None:
+  """Ends the process at once, after flushing output and logs. A Ctrl-C that lands while XLA compiles or runs leaves
+  XLA's threads working, and the interpreter's normal shutdown then crashed under them (a segmentation fault, exit
+  code 139, after the message). Everything jaxspec writes is already whole on disk at any instant (temporary names,
+  then renames; checkpoints waited for by the code the interrupt passed through), so nothing is lost by skipping it."""
+  import logging
+  import os
+
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except (OSError, ValueError):
+      pass
+  logging.shutdown()
+  os._exit(code)
 
 
 if __name__ == "__main__":

@@ -165,3 +165,43 @@ def test_dtype_and_layer_layout_reach_the_loader_and_the_bench_results(monkeypat
   with pytest.raises(SystemExit) as e:
     cli.main(["generate", "--prompt", "hi", "--dtype", "float16"])
   assert e.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err
+
+
+# ---- Ctrl-C ------------------------------------------------------------------------------------------------------
+
+def test_ctrl_c_while_jax_works_ends_with_the_message_and_130():
+  """A Ctrl-C during model loading or compilation printed the message and then crashed in the interpreter's shutdown
+  (segmentation fault, exit code 139); in the first second (imports) it printed a traceback."""
+  import signal
+  import subprocess
+  import sys
+  import time
+  from pathlib import Path
+
+  model = Path(jaxspec.__file__).parent / "assets" / "t5_numbers"
+  for delay in (0.5, 1.5):  # imports and loading; loading and compiling (the run takes over 2 s here)
+    proc = subprocess.Popen([sys.executable, "-m", "jaxspec.cli", "generate", "--model", str(model), "--prompt",
+                             "spell: 12"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (delay, proc.returncode, err[-2000:])
+    assert err.strip().endswith("jaxspec: interrupted") and "Traceback" not in err, (delay, err[-2000:])
+
+
+def test_an_interrupt_swallowed_by_a_callback_is_delivered_again(monkeypatch):
+  """Python reports a KeyboardInterrupt raised inside a callback it calls itself (JAX's gc callback) as "Exception
+  ignored" and goes on; the command line turns such a report back into an interrupt."""
+  import sys
+  import time
+  import types
+
+  monkeypatch.setattr(sys, "unraisablehook", lambda report: None)
+  cli._redeliver_swallowed_interrupts()
+  report = types.SimpleNamespace(exc_type=KeyboardInterrupt, exc_value=KeyboardInterrupt(), exc_traceback=None,
+                                 err_msg="Exception ignored in", object=None)
+  with pytest.raises(KeyboardInterrupt):
+    sys.unraisablehook(report)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the interrupt arrives from another thread a moment later
+      pass

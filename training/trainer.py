@@ -364,7 +364,8 @@ class Trainer:
               f"checkpoint in {str(ckpt.directory)!r} says step {meta['step']} but its state is at step "
               f"{int(state.step)}; delete that step directory or use another checkpoint directory"
           )
-        logger.info("resuming from step %d of %s", int(state.step), ckpt.directory)
+        # A warning, so the command line shows it: a rerun after a kill should say where it goes on from.
+        logger.warning("resuming from step %d of the checkpoints in %s", int(state.step), ckpt.directory)
       start = int(state.step)
       if self.checkpoint_dir is not None and files.primary():  # metrics.jsonl has one writer: process 0
         _truncate_metrics(self.checkpoint_dir / METRICS_FILE, start)
@@ -376,6 +377,8 @@ class Trainer:
       if guard.must_stop():
         if ckpt is not None:
           ckpt.close()
+          logger.warning("checkpoint of step %d saved in %s; the same command resumes from there", int(state.step),
+                         ckpt.directory)
         guard.redeliver()
       return state, history
     finally:
