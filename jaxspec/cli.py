@@ -330,6 +330,7 @@ def _redeliver_swallowed_interrupts() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+  args = None
   try:
     _redeliver_swallowed_interrupts()
     from jaxspec import xla_defaults
@@ -345,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   except KeyboardInterrupt:
     print("jaxspec: interrupted", file=sys.stderr)
+    if getattr(args, "distributed", False):
+      return 130  # the normal shutdown, whose jax.distributed barrier lets every host of the run leave together
     _exit_now(130)
 
 
@@ -352,7 +355,8 @@ def _exit_now(code: int) -> None:
   """Ends the process at once, after flushing output and logs. A Ctrl-C that lands while XLA compiles or runs leaves
   XLA's threads working, and the interpreter's normal shutdown then crashed under them (a segmentation fault, exit
   code 139, after the message). Everything jaxspec writes is already whole on disk at any instant (temporary names,
-  then renames; checkpoints waited for by the code the interrupt passed through), so nothing is lost by skipping it."""
+  then renames; checkpoints waited for by the code the interrupt passed through), so nothing is lost by skipping it.
+  Not used with --distributed, where the normal shutdown's barrier lets the hosts of a run leave together."""
   import logging
   import os
 
