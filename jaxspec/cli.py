@@ -346,9 +346,21 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   except KeyboardInterrupt:
     print("jaxspec: interrupted", file=sys.stderr)
-    if getattr(args, "distributed", False):
-      return 130  # the normal shutdown, whose jax.distributed barrier lets every host of the run leave together
-    _exit_now(130)
+    global _EXIT_AT_ONCE
+    # --distributed keeps the normal shutdown, whose jax.distributed barrier lets every host of the run leave together
+    _EXIT_AT_ONCE = not getattr(args, "distributed", False)
+    return 130
+
+
+_EXIT_AT_ONCE = False  # set by `main` when it was interrupted
+
+
+def run() -> None:
+  """The `jaxspec` program (`main` is the same without ending the process, for callers and tests)."""
+  code = main()
+  if code == 130 and _EXIT_AT_ONCE:
+    _exit_now(code)
+  sys.exit(code)
 
 
 def _exit_now(code: int) -> None:
@@ -356,7 +368,8 @@ def _exit_now(code: int) -> None:
   XLA's threads working, and the interpreter's normal shutdown then crashed under them (a segmentation fault, exit
   code 139, after the message). Everything jaxspec writes is already whole on disk at any instant (temporary names,
   then renames; checkpoints waited for by the code the interrupt passed through), so nothing is lost by skipping it.
-  Not used with --distributed, where the normal shutdown's barrier lets the hosts of a run leave together."""
+  The program does this after an interrupt (`run`), except with --distributed, where the normal shutdown's barrier
+  lets the hosts of a run leave together."""
   import logging
   import os
 
@@ -370,4 +383,4 @@ def _exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  run()
