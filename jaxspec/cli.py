@@ -315,18 +315,15 @@ def _redeliver_swallowed_interrupts() -> None:
   import _thread
   import threading
 
-  previous = sys.unraisablehook
-  if getattr(previous, "redelivers_interrupts", False):
-    return
+  from jaxspec.errors import filter_unraisable
 
-  def hook(report):
-    if isinstance(report.exc_value, KeyboardInterrupt):
-      threading.Timer(0.01, _thread.interrupt_main).start()
-      return
-    previous(report)
+  def redeliver(report) -> bool:
+    if not isinstance(report.exc_value, KeyboardInterrupt):
+      return False
+    threading.Timer(0.01, _thread.interrupt_main).start()
+    return True
 
-  hook.redelivers_interrupts = True
-  sys.unraisablehook = hook
+  filter_unraisable("redeliver-interrupts", redeliver)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,11 @@
 """Errors a user can meet. Each message says what was wrong and what to do; the CLI prints it without a traceback.
-Anything else that escapes is a bug and keeps its traceback."""
+Anything else that escapes is a bug and keeps its traceback. Also: filters of the reports Python prints for
+exceptions it cannot raise (`filter_unraisable`)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
 
 
 class JaxspecError(ValueError):
@@ -12,3 +18,19 @@ class ModelLoadError(JaxspecError):
 
 class InputError(JaxspecError):
   """A request that cannot run as given: an empty prompt, a prompt longer than the cache, a bad setting."""
+
+
+def filter_unraisable(name: str, consume: Callable[[Any], bool]) -> None:
+  """Puts `consume` in front of `sys.unraisablehook`, once per `name` however often it is called: each report goes to
+  `consume` first, and those it does not take (it returns False) to the hooks that were there before."""
+  previous = sys.unraisablehook
+  names = getattr(previous, "jaxspec_filters", frozenset())
+  if name in names:
+    return
+
+  def hook(report):
+    if not consume(report):
+      previous(report)
+
+  hook.jaxspec_filters = names | {name}
+  sys.unraisablehook = hook

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import zlib
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,7 +27,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxspec import sharding
-from jaxspec.errors import JaxspecError
+from jaxspec.errors import JaxspecError, filter_unraisable
 
 State = TypeVar("State")
 
@@ -43,26 +42,20 @@ class CheckpointError(JaxspecError):
 _CLOSED_LOOP = "Event loop is closed"
 
 
-def _drop_closed_loop_reports(previous):
-  """An unraisable-exception hook that drops the reports of TensorStore callbacks into a closed asyncio loop.
+def _is_closed_loop_report(report) -> bool:
+  """Whether an unraisable report is a TensorStore callback into a closed asyncio loop.
 
   When one read of a damaged checkpoint fails, Orbax raises at once and closes the asyncio loop it ran the reads in;
   TensorStore then completes the other reads on its own threads, and handing each result to the closed loop raises
   `RuntimeError("Event loop is closed")`, which Python prints as a traceback with no owner (dozens of them, after
-  the one clear error). They carry nothing the raised error does not. Every other report goes to `previous`.
+  the one clear error). They carry nothing the raised error does not, so they are dropped; every other report is not.
   """
-  def hook(report):
-    if (report.object is None and isinstance(report.exc_value, RuntimeError)
-        and str(report.exc_value) == _CLOSED_LOOP):
-      return
-    previous(report)
-  hook.drops_closed_loop_reports = True
-  return hook
+  return (report.object is None and isinstance(report.exc_value, RuntimeError)
+          and str(report.exc_value) == _CLOSED_LOOP)
 
 
 def _quiet_closed_loop_reports() -> None:
-  if not getattr(sys.unraisablehook, "drops_closed_loop_reports", False):
-    sys.unraisablehook = _drop_closed_loop_reports(sys.unraisablehook)
+  filter_unraisable("closed-loop-reports", _is_closed_loop_report)
 
 
 class Checkpointer:

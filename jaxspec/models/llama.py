@@ -43,14 +43,8 @@ class LlamaConfig:
   scan_layers: bool = False  # stack layers under lax.scan: faster compiles (TPU), slower steps on CPU
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a whole number of at least 1")
-    for name in ("rope_theta", "norm_eps"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
-        raise ValueError(f"{name}={value!r} must be a finite number above 0")
+    check_sizes(self, ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"),
+                ("rope_theta", "norm_eps"))
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2:
@@ -62,6 +56,19 @@ class LlamaConfig:
     per_layer = d * h * (self.n_heads * 2 + self.n_kv_heads * 2) + 3 * d * f + 2 * d
     head = 0 if self.tie_embeddings else self.vocab_size * d
     return self.vocab_size * d + self.n_layers * per_layer + d + head
+
+
+def check_sizes(cfg: Any, whole: tuple[str, ...], real: tuple[str, ...] = ()) -> None:
+  """Raises ValueError naming the first field of `cfg` in `whole` that is not an integer >= 1, or in `real` that is
+  not a finite number > 0 (a model config's own check, whoever builds it: a loader, a training config, a test)."""
+  for name in whole:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+      raise ValueError(f"{name}={value!r} must be a whole number of at least 1")
+  for name in real:
+    value = getattr(cfg, name)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+      raise ValueError(f"{name}={value!r} must be a finite number above 0")
 
 
 def tiny_config(**overrides) -> LlamaConfig:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -33,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.models.cache import KVCache
-from jaxspec.models.llama import RMSNorm, _write
+from jaxspec.models.llama import RMSNorm, _write, check_sizes
 
 Array = jax.Array
 _NEG_INF = -1e30
@@ -65,13 +64,8 @@ class T5Config:
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "n_heads", "n_enc_layers", "n_dec_layers", "rel_buckets",
-                 "rel_max_distance", "max_seq_len"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a whole number of at least 1")
-    if not isinstance(self.norm_eps, numbers.Real) or not 0 < self.norm_eps < math.inf:
-      raise ValueError(f"norm_eps={self.norm_eps!r} must be a finite number above 0")
+    check_sizes(self, ("vocab_size", "d_model", "d_kv", "d_ff", "n_heads", "n_enc_layers", "n_dec_layers",
+                       "rel_buckets", "rel_max_distance", "max_seq_len"), ("norm_eps",))
     if self.ff not in ("gated-gelu", "relu"):
       raise ValueError(f"ff must be 'gated-gelu' or 'relu', got {self.ff!r}")
 
