@@ -26,6 +26,15 @@ if "xla_cpu_use_fusion_emitters" not in os.environ["XLA_FLAGS"]:
 # has started, where it adds nothing, and in subprocesses, which then run as this process does.
 os.environ.setdefault("JAXSPEC_XLA_DEFAULTS", "0")
 
+# A shell starts a background job (`pytest ... &`, `nohup`) with SIGINT ignored, and every process it starts inherits
+# that, so Ctrl-C tests would see their signal dropped, as jaxspec does on purpose for such jobs (`jaxspec.signals`).
+# The tests are about a terminal's Ctrl-C: each pytest process gets Python's usual handler, and subprocesses it
+# starts the default disposition (a handler becomes SIG_DFL at exec), whatever the job that ran pytest.
+import signal  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402

@@ -454,6 +454,25 @@ def test_interrupt_saves_a_checkpoint(tmp_path):
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_an_ignored_interrupt_stays_ignored(tmp_path):
+  """A job started with SIGINT ignored (`nohup`, a shell's background job) is not stopped by one: training runs on."""
+  trainer = train_tiny.make_trainer(tmp_path / "run", every=100)
+
+  def batches(start):
+    for s in range(start, 1000):
+      if s == start + 2:
+        signal.raise_signal(signal.SIGINT)
+      yield train_tiny.batch_at(s)
+
+  previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+  try:
+    state, _ = trainer.fit(train_tiny.fresh_state(), batches, 6)
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  finally:
+    signal.signal(signal.SIGINT, previous)
+  assert int(state.step) == 6
+
+
 # --- checkpoints -----------------------------------------------------------------------------------------------
 
 
