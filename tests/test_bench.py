@@ -422,6 +422,29 @@ def test_ctrl_c_says_how_much_was_kept(tmp_path, prompt_file, methods, bomb, mon
   assert not (out / "progress.jsonl").exists()
 
 
+def test_ctrl_c_while_the_report_is_written_keeps_every_run(tmp_path, prompt_file, methods, monkeypatch, capsys):
+  """Every method has run and the report is being written when Ctrl-C comes: all runs are kept, and the same
+  command writes the report without decoding again."""
+  monkeypatch.setattr("jaxspec.loading.load_model", lambda *a, **k: (methods, None, ByteTokenizer()))
+  calls = count_calls(monkeypatch, ("greedy", "oracle"))
+  out = tmp_path / "out"
+  argv = ["bench", "--quick", "--prompts", prompt_file, "--out", str(out), "--methods", "oracle"]
+
+  def interrupted(*args):
+    raise KeyboardInterrupt
+
+  with monkeypatch.context() as m:
+    m.setattr("jaxspec.bench.report.write_all", interrupted)
+    assert main(argv) == 130
+  err = capsys.readouterr().err
+  assert f"interrupted while writing the report: all 2 method runs are kept in {out}/progress.jsonl" in err
+  for seeds in calls.values():
+    seeds.clear()
+  assert main(argv) == 0
+  assert calls == {"greedy": [], "oracle": []}
+  assert (out / "report.md").exists() and not (out / "progress.jsonl").exists()
+
+
 def test_a_run_that_starts_over_removes_the_previous_runs_files(tmp_path, prompt_file, methods, bomb):
   """A finished run's report, outputs and plots go when another run starts in its folder, so a kill leaves no
   complete-looking folder of old figures; the killed run's progress stays for the run that resumes it."""

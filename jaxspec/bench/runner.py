@@ -386,10 +386,15 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   if not writer:
     return results
   records = {l: [r for bi in range(len(batches)) for r in runs[bi, l][0]] for l in order}
-  report.write_all(out, results)
-  files.write_text(out / "outputs.jsonl", "".join(
-      json.dumps({"method": label, "question_id": r.question_id, "category": r.category, "tokens": r.tokens,
-                  "text": tokenizer.decode(r.tokens)}) + "\n" for label, recs in records.items() for r in recs))
+  try:
+    report.write_all(out, results)
+    files.write_text(out / "outputs.jsonl", "".join(
+        json.dumps({"method": label, "question_id": r.question_id, "category": r.category, "tokens": r.tokens,
+                    "text": tokenizer.decode(r.tokens)}) + "\n" for label, recs in records.items() for r in recs))
+  except KeyboardInterrupt:
+    log(f"interrupted while writing the report: all {len(runs)} method runs are kept in {progress_path}; the same "
+        "command writes the report without running them again")
+    raise
   progress_path.unlink()  # everything it held is in results.json and outputs.jsonl now
   return results
 
