@@ -104,6 +104,7 @@ def test_bad_number_is_an_argparse_error(capsys):
   with pytest.raises(SystemExit) as e:
     cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "0"])
   assert e.value.code == 2
+  assert "--max-new-tokens" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,message", [

@@ -171,8 +171,9 @@ def test_distributed_goes_after_the_command_name():
     assert args.distributed and args.config == "c.yaml" and args.overrides == ["a=1", "b=2"], argv
   for argv in (["--distributed", "train", "c.yaml"], ["train", "c.yaml", "--distributed", "a=1", "--bogus"],
                ["train", "c.yaml", "--distributed", "a=1", "stray"], ["generate", "--prompt", "x", "a=1"]):
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as e:
       cli.parse_args(argv)
+    assert e.value.code == 2, argv
 
 
 

@@ -68,6 +68,7 @@ def test_eagle_equals_greedy(tiny, gamma):
   ref = gen.generate(model, params, PROMPTS, max_new_tokens=NEW).tokens
   res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=EagleDrafter(draft, gamma), draft_params=dp)
   assert res.tokens == ref
+  assert res.accept_hist[:, 2:].sum() > 0  # some drafts were accepted
   assert res.drafter_calls == gamma * res.target_calls
   assert int(res.drafter_stats["draft_forwards"]) == gamma * res.target_calls
   # A gate no draft reaches: every step is a one-token step, still greedy.
@@ -294,6 +295,7 @@ def test_eagle_trees_equal_greedy(tiny):
   res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, draft_params=dp,
                      drafter=small_tree(draft))
   assert res.tokens == ref.tokens
+  assert res.accept_hist[:, 2:].sum() > 0  # some tree nodes were accepted
   with pytest.raises(ValueError, match="width"):
     gen.generate(model, params, PROMPTS, max_new_tokens=4, draft_params=dp,
                  drafter=OptTreeDrafter(EagleTreeSource(draft, 3), nodes=8, depth=4, width=2, branch=2))

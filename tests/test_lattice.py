@@ -139,6 +139,7 @@ def test_rescored_bpd_equals_greedy(setup, rescorer, beams, keep_raw):
                            ngram=lm if rescorer == "ngram" else None, lm=lm_drafter)
   res = _run(setup, drafter, **kw)
   assert res.tokens == greedy.tokens
+  assert res.accept_hist[:, 2:].sum() > 0  # some drafts were accepted
   st = res.drafter_stats
   assert int(st["proposals"]) == sum(res.active_calls)
   assert np.all(st["head_entropy_K"] > 0) and np.all(st["head_top1_K"] > 0)  # recorded for every head

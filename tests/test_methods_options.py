@@ -17,7 +17,6 @@ from jaxspec.decoding.opt_tree import HeadsTreeSource, OptTreeDrafter
 from jaxspec.decoding.speculative import DraftModelDrafter
 from jaxspec.models.bpd import save_bpd
 from jaxspec.models.draft import save_draft
-from tests.conftest import make_tiny
 from tests.test_bpd import random_heads
 
 # Prompts whose greedy continuations repeat some of their own tokens (so prompt-lookup copies are verified) and
@@ -33,9 +32,9 @@ class Tokenizer:
 
 
 @pytest.fixture(scope="module")
-def target():
-  """A tiny LLaMA whose next token depends on the context (the `tiny` fixture's output mostly repeats one token)."""
-  return make_tiny(embed_scale=3.0)
+def target(tiny):
+  """The `tiny` LLaMA, whose next token depends on the context."""
+  return tiny
 
 
 @pytest.fixture(scope="module")

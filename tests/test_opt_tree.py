@@ -448,14 +448,14 @@ def test_a_draft_lm_tree_after_a_step_is_the_tree_a_fresh_prefill_grows(tiny):
 
 
 # --- Accepted tree paths on a model whose output depends on its context -------------------------------------------
-# The `tiny` fixture's greedy output barely depends on context (its peaked embedding dominates every layer), so a
-# tree step that kept the wrong cache entries would go unnoticed there. These trees run on a model with a mildly
-# scaled embedding whose next token does depend on what is in the cache, and get deep nodes accepted.
+# A tree step that kept the wrong cache entries goes unnoticed on a model whose output barely depends on the context.
+# These trees run on `tiny`, whose mildly scaled embedding makes its next token depend on what is in the cache, and
+# get deep nodes accepted.
 
 
 @pytest.fixture(scope="module")
-def varied():
-  return make_tiny(embed_scale=3.0)
+def varied(tiny):
+  return tiny
 
 
 VARIED_PROMPTS = [[1, 2, 3], [9, 30, 200, 41, 77], [100, 5, 17, 4]]
