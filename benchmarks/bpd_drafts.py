@@ -36,7 +36,6 @@ def main(argv=None) -> int:
   ap.add_argument("--out", default="benchmarks/results/bpd_drafts")
   args = ap.parse_args(argv)
 
-  import jax.numpy as jnp
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt

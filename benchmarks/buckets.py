@@ -51,7 +51,7 @@ def main():
       for on in (False, True):
         run = METHODS[name].build(NoEos(model, params, tok, buckets=on), opts)
         out[on] = run([prompt], n, 0)
-      base, res = out[False], out[True]
+      base = out[False]
       for on, r in out.items():
         toks = sum(len(t) for t in r.tokens)
         speed = f"{base.run_s / r.run_s:.2f}x" if on else ""

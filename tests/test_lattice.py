@@ -1,10 +1,8 @@
 """Better BPD drafts: the n-gram LM, lattice rescoring (n-gram, neural, oracle), exactness, the tuning task."""
 
 import dataclasses
-import json
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 and clear errors on files that are missing or damaged."""
 
 import os
-import shutil
 
 import gguf
 import jax

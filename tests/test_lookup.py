@@ -497,7 +497,7 @@ def test_tree_sampling_with_copies_is_exact(stat_models, continuation_logits):
   from jaxspec.decoding.accept import SampleAcceptance
   from jaxspec.decoding.sampling import SamplingParams
   from tests.test_opt_tree import opt_tree_stat_drafter
-  from tests.test_speculative import chi2_pvalue, drafter_sample_counts, exact_distribution, per_row_sample_counts
+  from tests.test_speculative import chi2_pvalue, drafter_sample_counts, exact_distribution
 
   inner, dp, warp = opt_tree_stat_drafter(stat_models, 1.0, 1.0)
   probs = exact_distribution(continuation_logits, warp, SamplingParams.make(1.0))

@@ -217,7 +217,6 @@ def _strftime_now(fmt):
 
 
 def _compile_chat_template(source: str):
-  import jinja2
   from jinja2.sandbox import ImmutableSandboxedEnvironment
 
   # The same environment settings as Hugging Face's chat templates, which these templates are written for; the
