@@ -68,6 +68,8 @@ def main():
   ap.add_argument("--dtype", default="float32", choices=DTYPES, help="activations and weights (default float32)")
   ap.add_argument("--scan-layers", action="store_true", help="stack the layers under lax.scan")
   ap.add_argument("--param-dtype", default=None, choices=DTYPES, help="the weights' dtype when it differs from --dtype")
+  ap.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "default"),
+                  help="float32 products on GPU and TPU (as `jaxspec generate --matmul-precision`)")
   args = ap.parse_args()
 
   from jaxspec.bench.cost import forward_cost
@@ -78,14 +80,15 @@ def main():
   dtype = args.dtype
   job_rss, job_line = cli_job_peak_rss_mb(args.model, args.new_tokens,
                                           ["--dtype", dtype] + (["--scan-layers"] if args.scan_layers else [])
-                                          + (["--param-dtype", args.param_dtype] if args.param_dtype else []))
+                                          + (["--param-dtype", args.param_dtype] if args.param_dtype else [])
+                                          + ["--matmul-precision", args.matmul_precision])
   print(f"jaxspec generate (batch 1, {args.new_tokens} new tokens, own process): peak RSS {job_rss:.0f} MiB  "
         f"{job_line}")
 
   base_rss = psutil.Process().memory_info().rss / 2**20
   t0 = time.perf_counter()
   model, params, tok = load_model(args.model, dtype=dtype, scan_layers=args.scan_layers,
-                                  param_dtype=args.param_dtype)
+                                  param_dtype=args.param_dtype, matmul_precision=args.matmul_precision)
   load_s = time.perf_counter() - t0
   load_peak = peak_rss_mb()
   weights_mb = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)) / 2**20
@@ -98,6 +101,7 @@ def main():
 
   prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Write a story about a lighthouse."}]))
   results = {"dtype": dtype, "param_dtype": args.param_dtype or dtype, "scan_layers": args.scan_layers,
+             "matmul_precision": args.matmul_precision,
              "xla_flags": os.environ.get("XLA_FLAGS", ""),
              "load_s": load_s, "load_peak_rss_mb": load_peak, "rss_before_load_mb": base_rss, "weights_mb": weights_mb, "generate_job_peak_rss_mb": job_rss, "greedy": {}, "sampled": {},
              "verify_cost": {}}

@@ -92,6 +92,11 @@ def _model_options(parser) -> None:
                            "with float32 compute kept greedy outputs identical (on CPU no faster, and larger)")
   parser.add_argument("--scan-layers", action="store_true",
                       help="stack the layers under lax.scan: faster compiles (TPU, deep models), slower steps on CPU")
+  parser.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "default"),
+                      help="float32 matrix products on GPU and TPU: highest (the default) computes them in float32; "
+                           "high and default (JAX's own: bfloat16 passes on TPU, TensorFloat-32 on recent GPUs) are "
+                           "faster and can break the methods' token identity with greedy decoding at near-ties. "
+                           "No effect on CPU")
 
 
 def _read_prompt_file(path: str) -> str:
@@ -126,7 +131,7 @@ def _cmd_generate(args) -> int:
   label, name, opts = parse_method(args.method)
   mesh = _mesh(args)
   model, params, tok = load_model(args.model, dtype=args.dtype, scan_layers=args.scan_layers,
-                                  param_dtype=args.param_dtype)
+                                  param_dtype=args.param_dtype, matmul_precision=args.matmul_precision)
   if mesh is not None:
     from jaxspec import sharding
     params = sharding.partitioner(mesh, model).shard_params(params)
@@ -189,7 +194,8 @@ def _cmd_bench(args) -> int:
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=args.out, t5x_src=args.t5x_src,
                     model=args.model, quick=args.quick, mesh=args.mesh, fresh=args.fresh, dtype=args.dtype,
-                    scan_layers=args.scan_layers, param_dtype=args.param_dtype)
+                    scan_layers=args.scan_layers, param_dtype=args.param_dtype,
+                    matmul_precision=args.matmul_precision)
   res = run_bench(cfg, require_all=named)  # on Ctrl-C it says itself how many method runs it kept
   print("\n".join(summary_lines(res)))
   from jaxspec import files

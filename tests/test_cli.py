@@ -142,27 +142,29 @@ def test_dtype_and_layer_layout_reach_the_loader_and_the_bench_results(monkeypat
   seen = []
   monkeypatch.setattr(jaxspec.loading, "load_model", lambda path=None, **kw: seen.append(kw) or default_model)
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
-  assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": None}
+  assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": None, "matmul_precision": "highest"}
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--dtype", "bfloat16", "--scan-layers"]) == 0
-  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": True, "param_dtype": None}
-  assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--param-dtype", "bfloat16"]) == 0
-  assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": "bfloat16"}
+  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": True, "param_dtype": None, "matmul_precision": "highest"}
+  assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--param-dtype", "bfloat16",
+                   "--matmul-precision", "default"]) == 0
+  assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": "bfloat16", "matmul_precision": "default"}
   # The bench records what the loaded model is: here a bfloat16 model (the default's config, computing in bfloat16).
   import dataclasses
   import json
   from jaxspec.models.llama import LlamaLM
   model, params, tok = default_model
-  bf16 = LlamaLM(dataclasses.replace(model.cfg, dtype="bfloat16", param_dtype="bfloat16"))
+  bf16 = LlamaLM(dataclasses.replace(model.cfg, dtype="bfloat16", param_dtype="bfloat16", matmul_precision="high"))
   monkeypatch.setattr(jaxspec.loading, "load_model", lambda path=None, **kw: seen.append(kw) or (bf16, params, tok))
   out = tmp_path / "out"
   assert cli.main(["bench", "--methods", "greedy,lookup", "--categories", "qa", "--limit", "1", "--max-new-tokens",
-                   "2", "--dtype", "bfloat16", "--scan-layers", "--out", str(out)]) == 0
-  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": True, "param_dtype": None}
+                   "2", "--dtype", "bfloat16", "--scan-layers", "--matmul-precision", "high", "--out", str(out)]) == 0
+  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": True, "param_dtype": None, "matmul_precision": "high"}
   config = json.loads((out / "results.json").read_text())["config"]
   # The model handed back has separate layers, whatever was asked: the results say what ran.
-  assert (config["dtype"], config["param_dtype"], config["scan_layers"]) == ("bfloat16", None, False)
+  assert (config["dtype"], config["param_dtype"], config["scan_layers"], config["matmul_precision"]) == (
+      "bfloat16", None, False, "high")
   report = (out / "report.md").read_text()
-  assert "(bfloat16)" in report and "The model ran in bfloat16" in report
+  assert "(bfloat16, matmul precision high)" in report and "The model ran in bfloat16" in report
   with pytest.raises(SystemExit) as e:
     cli.main(["generate", "--prompt", "hi", "--dtype", "float16"])
   assert e.value.code == 2 and "invalid choice: 'float16'" in capsys.readouterr().err

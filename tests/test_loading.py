@@ -119,7 +119,8 @@ def test_hf_folder_round_trip(tmp_path, tiny):
 
 
 def test_dtype_and_stacked_layers_reach_the_loaded_model(tmp_path, tiny):
-  """`--dtype` and `--scan-layers` of the CLI: a bfloat16 model holds bfloat16 weights and computes in bfloat16;
+  """`--dtype` and `--scan-layers` of the CLI: a bfloat16 model holds bfloat16 weights and computes in bfloat16, with
+  float32 logits (products of bfloat16 inputs, not rounded to bfloat16, where ties of the argmax would be common);
   stacked layers give the per-layer model's logits; an unknown dtype is named before anything is read."""
   model, params = tiny
   save_hf(str(tmp_path), model, params)
@@ -128,8 +129,12 @@ def test_dtype_and_stacked_layers_reach_the_loaded_model(tmp_path, tiny):
   bf_model, bf = load_hf(str(tmp_path), dtype="bfloat16")
   assert bf_model.cfg.dtype == "bfloat16"
   assert bf["layers_0"]["attn"]["q"]["kernel"].dtype == jnp.bfloat16 and bf["embed"]["embedding"].dtype == jnp.bfloat16
-  got = logits_of(bf_model, bf, tokens)
-  np.testing.assert_array_equal(got, got.astype(jnp.bfloat16).astype(got.dtype))  # computed in bfloat16
+  got, hidden, _ = bf_model.forward(bf, tokens, jnp.arange(6)[None], bf_model.init_cache(1, 6),
+                                    jnp.tril(jnp.ones((6, 6), bool)))
+  assert hidden.dtype == jnp.bfloat16 and got.dtype == jnp.float32  # computed in bfloat16, logits in float32
+  table = bf["embed"]["embedding"].astype(jnp.float32)
+  np.testing.assert_allclose(got, hidden.astype(jnp.float32) @ table.T, rtol=1e-5, atol=1e-5)
+  assert not np.array_equal(got, got.astype(jnp.bfloat16).astype(got.dtype))
   assert 0 < float(jnp.max(jnp.abs(got - want))) < 0.05 * float(jnp.max(jnp.abs(want)))
   # bfloat16 weights computed in float32: the float32 model's function on the rounded weights.
   half_model, half = load_hf(str(tmp_path), param_dtype="bfloat16")

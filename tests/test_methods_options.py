@@ -230,3 +230,22 @@ def test_every_build_meets_the_other_processes_once(target, parts, peers):
   with pytest.raises(methods_mod.InputError, match="process 1 of this multi-host run failed"):
     methods_mod.build(ctx, "bpd", {"heads": str(parts / "missing")})
   assert peers.calls == [0, 1, 2, 1]
+
+
+def test_costs_for_a_budget_or_a_gate_are_measured_at_the_runs_batch(target, host_parts, monkeypatch):
+  """`nodes=auto` and `gate=auto` price verify and draft forwards at the rows the run decodes together: on an
+  accelerator a forward's cost depends on batch x nodes, so costs taken at one row would pick trees too large."""
+  model, params = target
+  batches = []
+
+  def fixed(model, params, sizes, **kw):
+    batches.append(kw.get("batch", 1))
+    return {n: 1 + 0.05 * (n - 1) for n in sizes}
+
+  monkeypatch.setattr("jaxspec.bench.cost.forward_cost", fixed)
+  from tests.test_bench import ByteTokenizer  # the calibration decodes the quick prompts
+
+  ctx = BenchContext(model, params, ByteTokenizer(), batch_size=3)
+  methods_mod.build(ctx, "opt-tree", {"drafter": "draft", "draft": str(host_parts / "draft"), "nodes": "auto",
+                                      "gate": "auto"})
+  assert batches == [3, 3, 3]  # the target's verify costs, the draft's, the gate's

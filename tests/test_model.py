@@ -194,3 +194,31 @@ def test_cache_is_updated_in_place(tiny, batch):
   model, params = tiny
   cache = model.init_cache(batch, 64).advance(jnp.full((batch,), 5, jnp.int32))
   assert cache_buffer_copies(model, params, cache) == []
+
+
+@pytest.mark.parametrize("precision", ["highest", "default"])
+def test_every_product_of_a_forward_runs_at_the_configured_precision(tiny, precision):
+  """JAX's default float32 product is bfloat16 passes on TPU and TensorFloat-32 on recent GPUs, where a verify forward
+  and one-token steps would then break ties differently: every product of the target's forward and of its logits
+  carries the config's precision (highest by default) into the program."""
+  import dataclasses
+
+  from jaxspec.models.t5 import T5Config, T5LM
+
+  model, params = tiny
+  assert model.cfg.matmul_precision == "highest"
+  model = dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, matmul_precision=precision))
+  cache = model.init_cache(1, 8)
+  text = jax.jit(lambda p, c: model.forward(p, jnp.ones((1, 3), jnp.int32), jnp.arange(3)[None], c, causal(3))[0]
+                 ).lower(params, cache).as_text()
+  t5 = T5LM(T5Config(vocab_size=32, d_model=16, d_kv=8, d_ff=32, n_heads=2, n_enc_layers=1, n_dec_layers=1,
+                     matmul_precision=precision))
+  t5_params = t5.init_params(jax.random.key(0))
+  src = jnp.ones((1, 4), jnp.int32)
+  text += jax.jit(lambda p: t5.teacher_forced(p, src, jnp.asarray([4]), src)[0]).lower(t5_params).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  assert len(dots) > 10
+  want = "HIGHEST" if precision == "highest" else "DEFAULT"
+  assert all(f"precision = [{want}, {want}]" in line for line in dots), [d for d in dots if want not in d][:2]
+  with pytest.raises(ValueError, match="matmul_precision='fast' must be one of highest, high, default"):
+    dataclasses.replace(model.cfg, matmul_precision="fast")

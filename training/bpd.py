@@ -36,6 +36,9 @@ FEATURES_FILE = "features.npz"  # the frozen target's hidden states, cached in t
 class ModelSection:
   path: Optional[str] = None  # None: the embedded SmolLM2-135M-Instruct
   dtype: Literal["float32", "bfloat16"] = "float32"
+  # float32 products on GPU and TPU (jaxspec.models.llama.MATMUL_PRECISIONS): "highest" keeps the target's data,
+  # teacher distributions and trajectories those of the model decoding runs; "default" is faster there.
+  matmul_precision: Literal["highest", "high", "default"] = "highest"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -402,7 +405,8 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
                       "heads objective keeps the base frozen.")
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before any work
   if model is None:
-    model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
+    model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
+                                                  matmul_precision=cfg.model.matmul_precision)
   ckpt_dir = Path(cfg.train.checkpoint_dir)
   record_run_config(cfg, ckpt_dir)
   t0 = time.time()

@@ -205,7 +205,7 @@ def dump_config(cfg: Any, path: str | os.PathLike[str]) -> None:
 # the model, the objective) would make the checkpoint a state of another run.
 RESUME_MAY_CHANGE = ("train.steps", "train.checkpoint_every", "train.eval_every", "train.log_every",
                      "train.exact_match_examples", "train.base_lr_scale", "train.checkpoint_dir", "optim.", "out",
-                     "mesh", "monitor.", "data.gen_batch_size")
+                     "mesh", "monitor.", "data.gen_batch_size", "model.matmul_precision")
 # Settings added after runs were checkpointed without them: the value those runs had, where it differs from the
 # default now (a config.yaml without the key is compared as if it held this). With `data.more_prompts`, runs before
 # `data.split_by_set` shuffled both prompt sets together.

@@ -334,7 +334,8 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   t_start = time.time()
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before any work
   if model is None:
-    model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
+    model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
+                                                  matmul_precision=cfg.model.matmul_precision)
   if cfg.draft.init == "target_layers" and cfg.draft.n_layers > model.cfg.n_layers:
     raise ConfigError(f"draft.n_layers={cfg.draft.n_layers} is more than the target's {model.cfg.n_layers} layers")
   ckpt_dir = Path(cfg.train.checkpoint_dir)

@@ -204,7 +204,8 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
   t_start = time.time()
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before any work
   if model is None:
-    model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
+    model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
+                                                  matmul_precision=cfg.model.matmul_precision)
   if not isinstance(model, LlamaLM) or model.cfg.scan_layers:
     raise ConfigError("task eagle trains a feature-level draft for a decoder-only LLaMA-family target with "
                       "per-layer params (scan_layers=False).")

@@ -152,7 +152,8 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
 
   t_start = time.time()
   if model is None:
-    model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype)
+    model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
+                                                  matmul_precision=cfg.model.matmul_precision)
   seqs = build_sequences(BPDTrainConfig(data=cfg.data), model, params, tokenizer, progress)
   train_seqs, held = seqs.split(cfg.data.eval_fraction, seed=cfg.split_seed)
   t0 = time.time()

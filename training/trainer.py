@@ -421,8 +421,9 @@ class Trainer:
         window.append(metrics)
         bar.update(1)
         if step % self.log_every == 0 or step == num_steps:
+          means = _mean(jax.device_get(window))  # waits for the window's steps: dispatch alone returns at once
           elapsed = time.perf_counter() - window_start
-          record = {"step": step, **_mean(jax.device_get(window)), "steps_per_sec": len(window) / max(elapsed, 1e-9)}
+          record = {"step": step, **means, "steps_per_sec": len(window) / max(elapsed, 1e-9)}
           window, window_start = [], time.perf_counter()
           self._record(record, history, bar)
         if eval_batches is not None and ((eval_every and step % eval_every == 0) or step == num_steps):
@@ -433,6 +434,7 @@ class Trainer:
       if ckpt is not None:  # the end, the batches running out, or a signal: keep what was done
         ckpt.save(step, state, meta(step), force=True)
       else:
+        jax.block_until_ready(state)  # the last steps may still be running on an accelerator
         self.fit_s = before + time.perf_counter() - loop_start
     finally:
       bar.close()

@@ -44,6 +44,7 @@ class BenchContext:
   mesh: Any = None  # a jax.sharding.Mesh: jaxspec's own methods run sharded on it (see jaxspec/sharding.py)
   buckets: bool = False  # bound the loop's attention by cache buckets (`generate(buckets=...)`)
   agreed: bool = False  # whether the method being built has met the other processes in `ready` (see `build`)
+  batch_size: int = 1  # rows decoded together: costs measured for a budget or a gate are measured at this batch
 
   def ready(self, failure: BaseException | None = None) -> None:
     """A method's build calls this before its first work on the devices (a calibration that measures costs, a merge
@@ -356,7 +357,8 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
         # A model file is loaded in the target's dtypes (a distilled draft above keeps the dtype it was saved in).
         from jaxspec.bench.runner import BenchConfig, model_settings
         kinds = model_settings(ctx.model, BenchConfig())
-        draft, draft_params, _ = load_model(str(path), dtype=kinds["dtype"], param_dtype=kinds["param_dtype"])
+        draft, draft_params, _ = load_model(str(path), dtype=kinds["dtype"], param_dtype=kinds["param_dtype"],
+                                            matmul_precision=kinds["matmul_precision"])
       vocab_check(ctx.model, draft)
     except PeerFailed:
       raise
@@ -518,10 +520,11 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
       stats = calibrate(OptTreeDrafter(make_source(max(width, 8)), nodes=big_n, depth=big_d, width=max(width, 8),
                                        branch=max(branch, 8)), sp)
       grid = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
-      verify = forward_cost(ctx.model, ctx.params, [n + 1 for n in grid], context=256, in_loop=IN_LOOP)
+      verify = forward_cost(ctx.model, ctx.params, [n + 1 for n in grid], context=256, batch=ctx.batch_size,
+                            in_loop=IN_LOOP)
       draft_step = draft_base = 0.0
       if lm is not None:
-        dcost = forward_cost(lm[0], lm[1], [width, big_d + 1], context=256, in_loop=IN_LOOP)
+        dcost = forward_cost(lm[0], lm[1], [width, big_d + 1], context=256, batch=ctx.batch_size, in_loop=IN_LOOP)
         draft_step, draft_base = dcost[width], dcost[big_d + 1]
       ctx.cache[key] = (expected_accept(stats), {n: verify[n + 1] for n in grid}, draft_step, draft_base)
     ea, verify_s, draft_step, draft_base = ctx.cache[key]
@@ -555,7 +558,8 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   if gate == "auto":  # verify where E[A] > t(N + 1) / t(1) - 1, the break-even of a calibrated drafter
     key = ("verify-cost", nodes + 1)
     if key not in ctx.cache:
-      ctx.cache[key] = forward_cost(ctx.model, ctx.params, [1, nodes + 1], context=256, in_loop=IN_LOOP)
+      ctx.cache[key] = forward_cost(ctx.model, ctx.params, [1, nodes + 1], context=256, batch=ctx.batch_size,
+                                    in_loop=IN_LOOP)
     cost = ctx.cache[key]
     gate = sharding.from_first_process(max(cost[nodes + 1] / cost[1] - 1.0, 0.0))  # process 0's, as nodes=auto
     notes.append(f"gate from cost: t({nodes + 1})/t(1) - 1 = {gate:.2f}")

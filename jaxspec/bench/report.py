@@ -107,7 +107,9 @@ def markdown(res: dict) -> str:
       f"({', '.join(f'{c} {n}' for c, n in res['prompts']['per_category'].items())})",
       f"- model: `{cfg['model'] or 'embedded SmolLM2-135M-Instruct'}` ({cfg.get('dtype', 'float32')}"
       + (f", {cfg['param_dtype']} weights" if cfg.get("param_dtype") else "")
-      + (", layers under lax.scan" if cfg.get("scan_layers") else "") + f"); max new tokens {cfg['max_new_tokens']}; "
+      + (", layers under lax.scan" if cfg.get("scan_layers") else "")
+      + (f", matmul precision {cfg['matmul_precision']}" if cfg.get("matmul_precision", "highest") != "highest"
+         else "") + f"); max new tokens {cfg['max_new_tokens']}; "
       f"batch size {cfg['batch_size']}; " + ("greedy" if greedy else
                                              f"temperature {cfg['temperature']}, top-k {cfg['top_k']}, "
                                              f"top-p {cfg['top_p']}"),

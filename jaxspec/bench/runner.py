@@ -65,6 +65,7 @@ class BenchConfig:
   dtype: str = "float32"  # the target's dtype when it is loaded here (jaxspec.loading.DTYPES)
   scan_layers: bool = False  # load the target with its layers stacked under lax.scan
   param_dtype: str | None = None  # the target's weights' dtype when it differs from `dtype`
+  matmul_precision: str = "highest"  # the target's float32 products on GPU and TPU (jaxspec.models.llama)
 
   def resolved(self) -> "BenchConfig":
     """`--quick`: at most one prompt per category, 32 new tokens, all prompts in one batch (one compiled program per
@@ -114,14 +115,16 @@ def environment() -> dict:
 
 
 def model_settings(model, cfg: BenchConfig) -> dict:
-  """`dtype`, `param_dtype` (None when it equals `dtype`) and `scan_layers` of a model, as BenchConfig records them;
+  """`dtype`, `param_dtype` (None when it equals `dtype`), `scan_layers` and `matmul_precision` of a model, as
+  BenchConfig records them;
   `cfg`'s own values where the model does not say (models without a `cfg`). Names are normalised: "float32",
   jnp.float32 and np.dtype("float32") are all "float32"."""
   mcfg = getattr(model, "cfg", None)
   dtype = jnp.dtype(getattr(mcfg, "dtype", None) or cfg.dtype).name
   param_dtype = jnp.dtype(getattr(mcfg, "param_dtype", None) or cfg.param_dtype or dtype).name
   return {"dtype": dtype, "param_dtype": param_dtype if param_dtype != dtype else None,
-          "scan_layers": bool(getattr(mcfg, "scan_layers", cfg.scan_layers))}
+          "scan_layers": bool(getattr(mcfg, "scan_layers", cfg.scan_layers)),
+          "matmul_precision": str(getattr(mcfg, "matmul_precision", cfg.matmul_precision))}
 
 
 def _version(pkg: str) -> str | None:
@@ -230,7 +233,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   if model is None:
     from jaxspec.loading import load_model
     model, params, tokenizer = load_model(cfg.model, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
-                                          param_dtype=cfg.param_dtype)
+                                          param_dtype=cfg.param_dtype, matmul_precision=cfg.matmul_precision)
   cfg = dataclasses.replace(cfg, **model_settings(model, cfg))  # what the model is, loaded here or passed in
   vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
   if cfg.temperature > 0 and vocab and cfg.top_k > vocab:  # before any method is built, not at the first warm-up
@@ -264,7 +267,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   if mesh is not None:  # placed once here; generate() then finds the params already on the mesh
     params = sharding.partitioner(mesh, model).shard_params(params)
   ctx = BenchContext(model, params, tokenizer, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                     seed=cfg.seed, t5x_src=cfg.t5x_src, mesh=mesh)
+                     seed=cfg.seed, t5x_src=cfg.t5x_src, mesh=mesh, batch_size=min(cfg.batch_size, len(prompts)))
 
   runners, unavailable, specs = {}, {}, {}
   for label in labels:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from jaxspec.loading.default import default_model_path
@@ -15,7 +16,9 @@ float32 is the default on every platform. On XLA:CPU it is also the fastest: bfl
 several times slower there. On any platform bfloat16 activations break the methods' token identity with greedy
 decoding: a block of k tokens verified in one forward and k one-token steps accumulate in different orders, and
 bfloat16 rounding turns those last-bit differences into other argmax choices at near-ties (measured on the default
-model: benchmarks/README.md, "bfloat16"). Take bfloat16 for speed or memory on GPU and TPU knowing that.
+model: benchmarks/README.md, "bfloat16"). Take bfloat16 for speed or memory on GPU and TPU knowing that. The same
+holds for float32 products computed at reduced precision, which is JAX's default on TPU and recent GPUs: jaxspec's
+models compute them in float32 unless told otherwise (`load_model(matmul_precision=...)`).
 """
 
 
@@ -31,7 +34,7 @@ def check_dtype(dtype: str) -> str:
 
 
 def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: bool = False,
-               param_dtype: str | None = None):
+               param_dtype: str | None = None, matmul_precision: str = "highest"):
   """Loads a model and its tokenizer.
 
   Args:
@@ -44,6 +47,9 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
     param_dtype: the weights' dtype when it differs from `dtype` (as Flax's `param_dtype`). bfloat16 weights
       computed in float32 kept every method token-identical to greedy decoding where bfloat16 activations did not;
       on XLA:CPU they were no faster and the compiled programs larger (benchmarks/README.md, "bfloat16").
+    matmul_precision: how float32 matrix products run on GPU and TPU: "highest" (float32 arithmetic), "high" or
+      "default" (JAX's default: faster, and near-ties of the argmax can then differ between a verify forward and
+      one-token steps); see `jaxspec.models.llama.MATMUL_PRECISIONS`. XLA:CPU computes float32 in full either way.
 
   Returns:
     `(model, params, tokenizer)`.
@@ -53,9 +59,13 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
   """
   from jaxspec.loading.tokenizer import Tokenizer
 
+  from jaxspec.models.llama import MATMUL_PRECISIONS
+
   check_dtype(dtype)
   if param_dtype is not None:
     check_dtype(param_dtype)
+  if matmul_precision not in MATMUL_PRECISIONS:
+    raise ModelLoadError(f"Unknown matmul precision {matmul_precision!r}: use one of {', '.join(MATMUL_PRECISIONS)}.")
   if path is None:
     try:
       path = default_model_path()
@@ -72,7 +82,7 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
       raise ModelLoadError(f"{path!r} has no tokenizer.json; copy it from the model's original folder.")
     tokenizer = Tokenizer.from_tokenizer_json(tok_json)
     model, params = load_hf(path, dtype=dtype, scan_layers=scan_layers, param_dtype=param_dtype)
-    return model, params, tokenizer
+    return _with_precision(model, matmul_precision), params, tokenizer
   if not os.path.exists(path):
     raise ModelLoadError(f"No model at {path!r}: pass a .gguf file or a Hugging Face model folder.")
   from jaxspec.loading.gguf_loader import load_gguf, open_gguf
@@ -85,7 +95,11 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
   except Exception as e:
     raise ModelLoadError(f"Could not build a tokenizer from {path!r}: {e}") from e
   model, params = load_gguf(reader, dtype=dtype, scan_layers=scan_layers, param_dtype=param_dtype)
-  return model, params, tokenizer
+  return _with_precision(model, matmul_precision), params, tokenizer
+
+
+def _with_precision(model, matmul_precision: str):
+  return dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, matmul_precision=matmul_precision))
 
 
 __all__ = ["DTYPES", "ModelLoadError", "check_dtype", "default_model_path", "load_model"]

@@ -9,6 +9,7 @@ written. The same call serves prefill (causal mask), one-token steps, chains of 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 from typing import Any
@@ -21,6 +22,27 @@ from jaxspec.models.cache import KVCache
 
 Array = jax.Array
 _NEG_INF = -1e30
+
+# How the model's float32 matrix products are computed on accelerators (`jax.default_matmul_precision`). JAX's own
+# default favours speed: bfloat16 passes on TPU, TensorFloat-32 on recent NVIDIA GPUs. A verify forward over k tokens
+# and k one-token steps are products of other shapes, so at that precision near-ties of the argmax go other ways
+# between them, as with bfloat16 activations, and methods stop matching greedy decoding token for token. "highest"
+# (the default) is float32 arithmetic; "high" and "default" trade that for speed. XLA:CPU computes float32 in full
+# either way.
+MATMUL_PRECISIONS = ("highest", "high", "default")
+
+
+def check_matmul_precision(cfg: Any) -> None:
+  """Raises ValueError unless `cfg.matmul_precision` is one of `MATMUL_PRECISIONS`."""
+  if cfg.matmul_precision not in MATMUL_PRECISIONS:
+    raise ValueError(f"matmul_precision={cfg.matmul_precision!r} must be one of {', '.join(MATMUL_PRECISIONS)}")
+
+
+def f32_logits(hidden: Array, table_VxD: Array, dtype: Any) -> Array:
+  """hidden @ table.T in `dtype` with float32 results: a bfloat16 model's logits are not rounded to bfloat16 (8
+  bits of mantissa would make ties of the argmax common)."""
+  return jnp.einsum("...d,vd->...v", hidden.astype(dtype), table_VxD.astype(dtype),
+                    preferred_element_type=jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +63,12 @@ class LlamaConfig:
   dtype: str = "float32"  # activations; XLA:CPU runs bf16 far slower than f32, so f32 is the CPU default
   param_dtype: str = "float32"
   scan_layers: bool = False  # stack layers under lax.scan: faster compiles (TPU), slower steps on CPU
+  matmul_precision: str = "highest"  # see MATMUL_PRECISIONS: float32 products in full on every platform
 
   def __post_init__(self):
     check_sizes(self, ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"),
                 ("rope_theta", "norm_eps"))
+    check_matmul_precision(self)
     if self.n_heads % self.n_kv_heads:
       raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2:
@@ -249,7 +273,9 @@ class Llama(nn.Module):
     self.final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), name="final_norm")
     if not cfg.tie_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
-                              param_dtype=jnp.dtype(cfg.param_dtype), name="lm_head")
+                              param_dtype=jnp.dtype(cfg.param_dtype), name="lm_head",
+                              dot_general=functools.partial(jax.lax.dot_general,
+                                                            preferred_element_type=jnp.float32))
 
   def __call__(self, tokens_BxT, positions_BxT, cache: KVCache, mask_BxTxT, cache_mask_BxTxS=None):
     cfg = self.cfg
@@ -277,7 +303,7 @@ class Llama(nn.Module):
 
   def logits(self, hidden_BxTxD):
     if self.cfg.tie_embeddings:
-      return self.embed.attend(hidden_BxTxD).astype(jnp.float32)
+      return f32_logits(hidden_BxTxD, self.embed.embedding, jnp.dtype(self.cfg.dtype))
     return self.lm_head(hidden_BxTxD).astype(jnp.float32)
 
 
@@ -348,8 +374,9 @@ class LlamaLM:
     """
     if attn_slots is not None and not 0 <= attn_slots <= cache.capacity:
       raise ValueError(f"attn_slots={attn_slots} is outside [0, {cache.capacity}], the cache's slots.")
-    hidden, cache = Llama(self.cfg, write, attn_slots).apply({"params": params}, tokens_BxT, positions_BxT, cache,
-                                                             mask_BxTxT, cache_mask_BxTxS)
+    with jax.default_matmul_precision(self.cfg.matmul_precision):
+      hidden, cache = Llama(self.cfg, write, attn_slots).apply({"params": params}, tokens_BxT, positions_BxT, cache,
+                                                               mask_BxTxT, cache_mask_BxTxS)
     return (self.logits(params, hidden) if logits else None), hidden, cache
 
   @property
@@ -379,7 +406,8 @@ class LlamaLM:
 
   def logits(self, params, hidden_BxTxD: Array) -> Array:
     """f32 logits from final hidden states. Jittable."""
-    return self.module.apply({"params": params}, hidden_BxTxD, method=Llama.logits)
+    with jax.default_matmul_precision(self.cfg.matmul_precision):
+      return self.module.apply({"params": params}, hidden_BxTxD, method=Llama.logits)
 
   def input_table(self, params) -> Array:
     """The token embedding `[V, D]`."""

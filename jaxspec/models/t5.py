@@ -23,6 +23,7 @@ read (RoPE models rotate a key once, when it is written, and need no such thing)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Literal
 
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.models.cache import KVCache
-from jaxspec.models.llama import RMSNorm, _write, check_sizes
+from jaxspec.models.llama import RMSNorm, _write, check_matmul_precision, check_sizes, f32_logits
 
 Array = jax.Array
 _NEG_INF = -1e30
@@ -62,10 +63,12 @@ class T5Config:
   max_seq_len: int = 2048
   dtype: str = "float32"
   param_dtype: str = "float32"
+  matmul_precision: str = "highest"  # as LlamaConfig's (jaxspec.models.llama.MATMUL_PRECISIONS)
 
   def __post_init__(self):
     check_sizes(self, ("vocab_size", "d_model", "d_kv", "d_ff", "n_heads", "n_enc_layers", "n_dec_layers",
                        "rel_buckets", "rel_max_distance", "max_seq_len"), ("norm_eps",))
+    check_matmul_precision(self)
     if self.ff not in ("gated-gelu", "relu"):
       raise ValueError(f"ff must be 'gated-gelu' or 'relu', got {self.ff!r}")
 
@@ -265,7 +268,10 @@ class T5(nn.Module):
     self.dec_bias = RelativeBias(cfg, bidirectional=False)
     self.dec_norm = RMSNorm(cfg.norm_eps, dt)
     if not cfg.tie_embeddings:
-      self.lm_head = _dense(cfg, cfg.vocab_size, "lm_head")
+      self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=jnp.dtype(cfg.param_dtype),
+                              kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal"), name="lm_head",
+                              dot_general=functools.partial(jax.lax.dot_general,
+                                                            preferred_element_type=jnp.float32))
 
   def encode(self, tokens_BxP: Array, valid_BxP: Array) -> Array:
     """Final encoder states `[B, P, D]` (padding positions are masked as keys; their own rows are unused)."""
@@ -301,7 +307,8 @@ class T5(nn.Module):
 
   def logits(self, hidden_BxTxD):
     if self.cfg.tie_embeddings:
-      return self.shared.attend(hidden_BxTxD * (self.cfg.d_model ** -0.5)).astype(jnp.float32)
+      dt = jnp.dtype(self.cfg.dtype)
+      return f32_logits(hidden_BxTxD.astype(dt) * (self.cfg.d_model ** -0.5), self.shared.embedding, dt)
     return self.lm_head(hidden_BxTxD).astype(jnp.float32)
 
   def teacher_forced(self, src_BxP, valid_BxP, tokens_BxT):
@@ -340,6 +347,11 @@ class T5LM:
   def module(self) -> T5:
     return T5(self.cfg)
 
+  def _apply(self, *args, **kwargs):
+    """`module.apply` at the config's matmul precision."""
+    with jax.default_matmul_precision(self.cfg.matmul_precision):
+      return self.module.apply(*args, **kwargs)
+
   @property
   def vocab_size(self) -> int:
     return self.cfg.vocab_size
@@ -367,14 +379,14 @@ class T5LM:
   def encode(self, params, src_BxP: Array, src_len_B: Array) -> Array:
     """Encoder states `[B, P, D]` of left-aligned sources with true lengths `src_len_B`. Jittable."""
     valid = jnp.arange(src_BxP.shape[1])[None] < src_len_B[:, None]
-    return self.module.apply({"params": params}, src_BxP, valid, method=T5.encode)
+    return self._apply({"params": params}, src_BxP, valid, method=T5.encode)
 
   def start(self, params, prompts_BxP: Array, lengths_B: Array, cache: EncDecCache):
     """Encodes the prompts into the cross cache; returns `(decoder tokens [B, 1], their lengths [B], cache)`:
     the decoder's prompt is the start token alone, and the self-attention cache stays empty. Jittable."""
     valid = jnp.arange(prompts_BxP.shape[1])[None] < lengths_B[:, None]
-    enc = self.module.apply({"params": params}, prompts_BxP, valid, method=T5.encode)
-    ck, cv = self.module.apply({"params": params}, enc, method=T5.cross_cache)
+    enc = self._apply({"params": params}, prompts_BxP, valid, method=T5.encode)
+    ck, cv = self._apply({"params": params}, enc, method=T5.cross_cache)
     dt = cache.k[0].dtype
     cache = cache.replace(cross_k=tuple(x.astype(dt) for x in ck), cross_v=tuple(x.astype(dt) for x in cv),
                           enc_valid_BxP=valid)
@@ -389,12 +401,12 @@ class T5LM:
               logits: bool = True, cache_mask_BxTxS: Array | None = None, cache_positions_BxS: Array | None = None):
     """The decoder over T new tokens against the cache (see `LlamaLM.forward`; the encoder ran in `start`).
     `cache_positions_BxS`: the positions of the keys in the cache's slots (default: the slot index)."""
-    hidden, cache = self.module.apply({"params": params}, tokens_BxT, positions_BxT, cache, mask_BxTxT,
+    hidden, cache = self._apply({"params": params}, tokens_BxT, positions_BxT, cache, mask_BxTxT,
                                       cache_mask_BxTxS, cache_positions_BxS, method=T5.decode)
     return (self.logits(params, hidden) if logits else None), hidden, cache
 
   def logits(self, params, hidden_BxTxD: Array) -> Array:
-    return self.module.apply({"params": params}, hidden_BxTxD, method=T5.logits)
+    return self._apply({"params": params}, hidden_BxTxD, method=T5.logits)
 
   def input_table(self, params) -> Array:
     """The shared token embedding `[V, D]`."""
@@ -409,5 +421,5 @@ class T5LM:
   def teacher_forced(self, params, src_BxP: Array, src_len_B: Array, dec_in_BxT: Array) -> tuple[Array, Array]:
     """Training forward: logits `[B, T, V]` and decoder hidden states for decoder inputs `[start, y_1..]`."""
     valid = jnp.arange(src_BxP.shape[1])[None] < src_len_B[:, None]
-    hidden = self.module.apply({"params": params}, src_BxP, valid, dec_in_BxT, method=T5.teacher_forced)
+    hidden = self._apply({"params": params}, src_BxP, valid, dec_in_BxT, method=T5.teacher_forced)
     return self.logits(params, hidden), hidden
