@@ -637,3 +637,22 @@ def test_bench_times_each_row_by_its_share_of_the_batch(tmp_path, prompt_file, m
     cat = m["oracle"]["per_category"][c]
     assert cat["speedup"] == pytest.approx(3.0) and cat["tokens_per_s"] == pytest.approx(130.0), c
     assert cat["run_s"] == pytest.approx(0.1 * n) and cat["tau"] == 4.0
+
+
+def test_device_memory_is_reported_where_the_devices_report_it(monkeypatch, tmp_path, prompt_file, methods):
+  """On GPU and TPU the arrays are not in the process's memory: the bench records the devices' peak, and on CPU,
+  whose devices report none, only the peak RSS."""
+  import types
+
+  import jaxspec.bench.runner as runner_mod
+
+  assert runner_mod.device_peak_bytes() is None  # this CPU
+  fake = [types.SimpleNamespace(memory_stats=lambda: {"peak_bytes_in_use": 3 << 20, "bytes_in_use": 1}),
+          types.SimpleNamespace(memory_stats=lambda: {"peak_bytes_in_use": 5 << 20}),
+          types.SimpleNamespace(memory_stats=lambda: None)]
+  monkeypatch.setattr(runner_mod.jax, "local_devices", lambda: fake)
+  assert runner_mod.device_peak_bytes() == 5 << 20
+  cfg = BenchConfig(prompts=prompt_file, methods=("oracle",), quick=True, out=str(tmp_path / "out"))
+  res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert res["environment"]["device_peak_bytes"] == 5 << 20
+  assert "peak device memory 5 MiB" in (tmp_path / "out" / "report.md").read_text()

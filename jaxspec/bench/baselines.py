@@ -207,7 +207,9 @@ def _ones_hist(steps) -> np.ndarray:
 
 def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runner:
   """Hugging Face `generate` (greedy, or prompt lookup with `num_tokens` candidates) on the same weights, written
-  out as a Hugging Face folder first. One prompt at a time: prompt lookup in transformers takes batch 1."""
+  out as a Hugging Face folder first. One prompt at a time: prompt lookup in transformers takes batch 1. When JAX
+  runs on a GPU and torch has CUDA, the model runs on the GPU too (timed after `torch.cuda.synchronize`), so the
+  two are compared on the same hardware."""
   try:
     import torch
     import transformers
@@ -220,6 +222,8 @@ def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runne
       save_hf(tmp, ctx.model, jax.device_get(ctx.params))
       hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
     hf.eval()
+    if jax.default_backend() == "gpu" and torch.cuda.is_available():
+      hf.to("cuda")
     calls = [0]
     hf.register_forward_pre_hook(lambda module, args: calls.__setitem__(0, calls[0] + 1))
     ctx.cache[key] = (hf, calls)
@@ -236,11 +240,16 @@ def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runne
           pad_token_id=ctx.pad_id, temperature=ctx.temperature if sample else None,
           top_k=(ctx.top_k or None) if sample else None, top_p=ctx.top_p if sample else None,
           prompt_lookup_num_tokens=num_tokens if lookup else None, use_cache=True)
-      x = torch.tensor([list(ids)])
+      x = torch.tensor([list(ids)], device=hf.device)
       calls[0] = 0
+      on_gpu = hf.device.type == "cuda"
+      if on_gpu:
+        torch.cuda.synchronize()
       t0 = time.perf_counter()
       with torch.no_grad():
         out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)
+      if on_gpu:
+        torch.cuda.synchronize()
       run_s += time.perf_counter() - t0
       new = out[0, len(ids):].tolist()
       if eos and eos[0] in new:

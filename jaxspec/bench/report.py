@@ -48,7 +48,7 @@ def _figures(recs, ref_recs, mism) -> dict:
 
 def results(cfg, env: dict, prompts, specs: dict, lossless: dict, records: dict, compile_s: dict,
             program_bytes: dict, mismatches: dict, unavailable: dict, *, complete: bool, wall_s: float,
-            peak_rss_bytes: int, notes: dict | None = None) -> dict:
+            peak_rss_bytes: int, device_peak_bytes: int | None = None, notes: dict | None = None) -> dict:
   """The content of results.json: every figure per method, overall and per category, and the environment."""
   from jaxspec.bench.runner import REFERENCE
 
@@ -82,7 +82,7 @@ def results(cfg, env: dict, prompts, specs: dict, lossless: dict, records: dict,
   return {
       "complete": complete,
       "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()},
-      "environment": dict(env, wall_s=wall_s, peak_rss_bytes=peak_rss_bytes),
+      "environment": dict(env, wall_s=wall_s, peak_rss_bytes=peak_rss_bytes, device_peak_bytes=device_peak_bytes),
       "prompts": {"file": str(cfg.prompts or "quick (jaxspec/bench/data/quick.jsonl)"), "n": len(prompts),
                   "per_category": {c: sum(p.category == c for p in prompts) for c in cats}},
       "methods": methods,
@@ -116,6 +116,7 @@ def markdown(res: dict) -> str:
       f"- jax {env['jax']} on {env['backend']} ({', '.join(sorted(set(env['devices'])))} ×{env['device_count']}), "
       f"CPU {env['cpu']} ×{env['cpu_count']}, load average at start {_load(env['load_avg'])}",
       f"- wall time {env['wall_s']:.0f} s, peak RSS {env['peak_rss_bytes'] / 2**20:.0f} MiB"
+      + (f", peak device memory {env['device_peak_bytes'] / 2**20:.0f} MiB" if env.get("device_peak_bytes") else "")
       + (f"; resumed after a kill: method runs (a method on a prompt batch) restored from the killed process: "
          f"{env['resumed_runs']} (wall time and peak RSS are this process's, compile time both's)"
          if env.get("resumed_runs") else ""),

@@ -139,6 +139,14 @@ def _peak_rss_bytes() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def device_peak_bytes() -> int | None:
+  """The largest peak of memory in use on this process's devices, where they report it (GPU, TPU); None on CPU,
+  whose arrays live in the process's memory (its peak RSS)."""
+  peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+  peaks = [int(p) for p in peaks if p is not None]
+  return max(peaks) if peaks else None
+
+
 def chat_prompt_ids(tokenizer, texts: Sequence[str]) -> list[list[int]]:
   """Prompt texts as token ids in the model's chat template (plain encoding when it has none)."""
   if tokenizer.chat_template:
@@ -333,7 +341,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
                                 for pi, a, b in zip(batches[bi], ref, recs) if a.tokens != b.tokens]
     return report.results(cfg, env, prompts, specs, lossless, records, compile_s, program_bytes, mismatches,
                           unavailable, complete=complete, wall_s=time.time() - started,
-                          peak_rss_bytes=_peak_rss_bytes(), notes=notes)
+                          peak_rss_bytes=_peak_rss_bytes(), device_peak_bytes=device_peak_bytes(), notes=notes)
 
   # Every batch is run by every method in turn, in an order that rotates from batch to batch; runs restored from a
   # killed process are skipped.
