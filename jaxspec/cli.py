@@ -131,10 +131,7 @@ def _cmd_generate(args) -> int:
   label, name, opts = parse_method(args.method)
   mesh = _mesh(args)
   model, params, tok = load_model(args.model, dtype=args.dtype, scan_layers=args.scan_layers,
-                                  param_dtype=args.param_dtype, matmul_precision=args.matmul_precision)
-  if mesh is not None:
-    from jaxspec import sharding
-    params = sharding.partitioner(mesh, model).shard_params(params)
+                                  param_dtype=args.param_dtype, matmul_precision=args.matmul_precision, mesh=mesh)
   text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
   # A chat template writes the special tokens itself; plain text gets the tokenizer's own (e.g. Llama 3's BOS).
   ids = tok.encode(text, add_bos=False if args.chat else None)

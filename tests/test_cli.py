@@ -142,12 +142,15 @@ def test_dtype_and_layer_layout_reach_the_loader_and_the_bench_results(monkeypat
   seen = []
   monkeypatch.setattr(jaxspec.loading, "load_model", lambda path=None, **kw: seen.append(kw) or default_model)
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
-  assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": None, "matmul_precision": "highest"}
+  assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": None, "matmul_precision": "highest",
+                      "mesh": None}
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--dtype", "bfloat16", "--scan-layers"]) == 0
-  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": True, "param_dtype": None, "matmul_precision": "highest"}
+  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": True, "param_dtype": None, "matmul_precision": "highest",
+                      "mesh": None}
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--param-dtype", "bfloat16",
                    "--matmul-precision", "default"]) == 0
-  assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": "bfloat16", "matmul_precision": "default"}
+  assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": "bfloat16", "matmul_precision": "default",
+                      "mesh": None}
   # The bench records what the loaded model is: here a bfloat16 model (the default's config, computing in bfloat16).
   import dataclasses
   import json
@@ -158,7 +161,8 @@ def test_dtype_and_layer_layout_reach_the_loader_and_the_bench_results(monkeypat
   out = tmp_path / "out"
   assert cli.main(["bench", "--methods", "greedy,lookup", "--categories", "qa", "--limit", "1", "--max-new-tokens",
                    "2", "--dtype", "bfloat16", "--scan-layers", "--matmul-precision", "high", "--out", str(out)]) == 0
-  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": True, "param_dtype": None, "matmul_precision": "high"}
+  assert seen[-1] == {"dtype": "bfloat16", "scan_layers": True, "param_dtype": None, "matmul_precision": "high",
+                      "mesh": None}
   config = json.loads((out / "results.json").read_text())["config"]
   # The model handed back has separate layers, whatever was asked: the results say what ran.
   assert (config["dtype"], config["param_dtype"], config["scan_layers"], config["matmul_precision"]) == (

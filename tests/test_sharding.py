@@ -413,3 +413,29 @@ def test_mesh_in_configs_and_on_the_command_line(tmp_path, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "data=4,model=4 needs 16 devices, found 8" in err and err.count("\n") == 1, err
+
+
+def test_a_model_loaded_onto_a_mesh_is_read_on_the_host_and_placed_split(wide, mesh24, monkeypatch):
+  """`load_model(mesh=...)` (the CLI's and the bench's --mesh) reads the weights with the CPU device as the default
+  device, so an accelerator never holds the whole model, and hands back every weight placed as the partitioner
+  splits it; a bad mesh fails before anything is read."""
+  import jaxspec.loading as loading
+
+  model, params = wide
+  during = []
+
+  def fake_load(*args):
+    during.append(jax.config.jax_default_device)
+    return model, jax.tree.map(np.asarray, params), "tokenizer"
+
+  monkeypatch.setattr(loading, "_load", fake_load)
+  got_model, got, tok = loading.load_model(None, mesh=mesh24)
+  assert during == [jax.local_devices(backend="cpu")[0]] and got_model is model and tok == "tokenizer"
+  want = sharding.partitioner(mesh24, model).param_shardings(params)
+  for x, s, y in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(params)):
+    assert x.sharding == s
+    np.testing.assert_array_equal(x, y)
+  assert any(not s.is_fully_replicated for s in jax.tree.leaves(want))  # some weights are split
+  with pytest.raises(InputError, match="needs 16 devices"):
+    loading.load_model(None, mesh="data=4,model=4")
+  assert len(during) == 1

@@ -241,7 +241,8 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   if model is None:
     from jaxspec.loading import load_model
     model, params, tokenizer = load_model(cfg.model, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
-                                          param_dtype=cfg.param_dtype, matmul_precision=cfg.matmul_precision)
+                                          param_dtype=cfg.param_dtype, matmul_precision=cfg.matmul_precision,
+                                          mesh=mesh)  # read on the host, each weight placed on the mesh
   cfg = dataclasses.replace(cfg, **model_settings(model, cfg))  # what the model is, loaded here or passed in
   vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
   if cfg.temperature > 0 and vocab and cfg.top_k > vocab:  # before any method is built, not at the first warm-up
@@ -272,7 +273,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   # Before any method is built: saved runs of other work are refused now, not after minutes of building.
   # Process 0's fingerprint (its paths) everywhere: it is the one compared with the file process 0 reads.
   _refuse_other_work(progress_path, saved_head, restored, sharding.from_first_process(asked), skip=("methods",))
-  if mesh is not None:  # placed once here; generate() then finds the params already on the mesh
+  if mesh is not None:  # placed once (a no-op for params loaded here); generate() then finds them on the mesh
     params = sharding.partitioner(mesh, model).shard_params(params)
   ctx = BenchContext(model, params, tokenizer, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                      seed=cfg.seed, t5x_src=cfg.t5x_src, mesh=mesh, batch_size=min(cfg.batch_size, len(prompts)))

@@ -34,7 +34,7 @@ def check_dtype(dtype: str) -> str:
 
 
 def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: bool = False,
-               param_dtype: str | None = None, matmul_precision: str = "highest"):
+               param_dtype: str | None = None, matmul_precision: str = "highest", mesh=None):
   """Loads a model and its tokenizer.
 
   Args:
@@ -50,6 +50,9 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
     matmul_precision: how float32 matrix products run on GPU and TPU: "highest" (float32 arithmetic), "high" or
       "default" (JAX's default: faster, and near-ties of the argmax can then differ between a verify forward and
       one-token steps); see `jaxspec.models.llama.MATMUL_PRECISIONS`. XLA:CPU computes float32 in full either way.
+    mesh: a `jax.sharding.Mesh` or mesh spec ("data=1,model=8"): the weights are read into host memory (the CPU
+      device) and each is placed on the mesh as the partitioner splits it (`jaxspec.sharding`), so no accelerator
+      ever holds the whole model: one that fits only split over the chips loads. None: the default device.
 
   Returns:
     `(model, params, tokenizer)`.
@@ -57,6 +60,19 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
   Raises:
     ModelLoadError: with a message that says what to do.
   """
+  if mesh is None:
+    return _load(path, dtype, scan_layers, param_dtype, matmul_precision)
+  import jax
+
+  from jaxspec import sharding
+
+  mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else sharding.make_mesh(mesh)  # a bad mesh fails before loading
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    model, params, tokenizer = _load(path, dtype, scan_layers, param_dtype, matmul_precision)
+  return model, sharding.partitioner(mesh, model).shard_params(params), tokenizer
+
+
+def _load(path, dtype, scan_layers, param_dtype, matmul_precision):
   from jaxspec.loading.tokenizer import Tokenizer
 
   from jaxspec.models.llama import MATMUL_PRECISIONS
