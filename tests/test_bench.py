@@ -542,14 +542,15 @@ def test_progress_files_of_whole_batches_still_resume(tmp_path):
 
 
 def test_model_settings_count_in_the_fingerprint_only_when_set():
-  """A progress file written before --dtype / --param-dtype / --scan-layers existed still resumes a default run;
-  a run in other settings does not take its batches."""
+  """A progress file written before --dtype / --param-dtype / --scan-layers / --matmul-precision existed still
+  resumes a default run; a run in other settings does not take its batches."""
   from jaxspec.bench.progress import fingerprint
 
   conf = lambda **kw: fingerprint(BenchConfig(**kw), [], [], ["greedy"])["config"]
-  assert not {"dtype", "param_dtype", "scan_layers"} & set(conf())
+  assert not {"dtype", "param_dtype", "scan_layers", "matmul_precision"} & set(conf())
   assert conf(dtype="bfloat16")["dtype"] == "bfloat16" and conf(scan_layers=True)["scan_layers"] is True
   assert conf(param_dtype="bfloat16")["param_dtype"] == "bfloat16"
+  assert conf(matmul_precision="default")["matmul_precision"] == "default"
 
 
 def _record(qid, category, seconds, new_tokens, steps_tokens, active_calls):
@@ -655,4 +656,4 @@ def test_device_memory_is_reported_where_the_devices_report_it(monkeypatch, tmp_
   cfg = BenchConfig(prompts=prompt_file, methods=("oracle",), quick=True, out=str(tmp_path / "out"))
   res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
   assert res["environment"]["device_peak_bytes"] == 5 << 20
-  assert "peak device memory 5 MiB" in (tmp_path / "out" / "report.md").read_text()
+  assert "peak memory of the fullest device 5 MiB (JAX's arrays)" in (tmp_path / "out" / "report.md").read_text()

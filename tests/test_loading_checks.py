@@ -15,6 +15,7 @@ import types
 from pathlib import Path
 
 import gguf
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,6 +27,7 @@ from jaxspec.errors import ModelLoadError
 from jaxspec.loading import gguf_loader, load_model
 from jaxspec.loading.hf import load_hf, save_hf
 from jaxspec.loading.tokenizer import Tokenizer
+from jaxspec.models.llama import LlamaLM, tiny_config
 from tests.conftest import make_tiny
 from tests.test_loading import gguf_writer
 
@@ -453,3 +455,24 @@ def test_a_part_of_another_kind_says_what_it_is_and_where_it_goes(tiny_hf):
     load_draft(ASSETS / "bpd_t5_numbers")
   model, _ = load_draft(tiny_hf)  # a whole LLaMA model is a draft too
   assert model.vocab_size == make_tiny()[0].vocab_size
+
+
+def test_the_matmul_precision_reaches_the_loaded_model(tiny_hf, tmp_path):
+  """`load_model(matmul_precision=...)` (`--matmul-precision`, `model.matmul_precision`) sets the loaded model's
+  config; highest by default; an unknown name is refused before any weight is read."""
+  assert load_model(str(tiny_hf))[0].cfg.matmul_precision == "highest"
+  assert load_model(str(tiny_hf), matmul_precision="default")[0].cfg.matmul_precision == "default"
+  with pytest.raises(ModelLoadError, match="Unknown matmul precision 'fast': use one of highest, high, default"):
+    load_model(str(tmp_path / "nothing here"), matmul_precision="fast")
+
+
+def test_untied_heads_give_float32_logits_of_bfloat16_products():
+  """An untied output head in a bfloat16 model: float32 logits of the bfloat16 product, not bfloat16 values."""
+  model = LlamaLM(tiny_config(tie_embeddings=False, dtype="bfloat16", param_dtype="bfloat16"))
+  params = model.init_params(jax.random.key(0))
+  hidden = jax.random.normal(jax.random.key(1), (1, 3, model.cfg.d_model)).astype(jnp.bfloat16)
+  got = model.logits(params, hidden)
+  kernel = params["lm_head"]["kernel"].astype(jnp.float32)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, hidden.astype(jnp.float32) @ kernel, rtol=1e-5, atol=1e-5)
+  assert not np.array_equal(got, got.astype(jnp.bfloat16).astype(jnp.float32))

@@ -222,3 +222,9 @@ def test_every_product_of_a_forward_runs_at_the_configured_precision(tiny, preci
   assert all(f"precision = [{want}, {want}]" in line for line in dots), [d for d in dots if want not in d][:2]
   with pytest.raises(ValueError, match="matmul_precision='fast' must be one of highest, high, default"):
     dataclasses.replace(model.cfg, matmul_precision="fast")
+  # Cache keys of the target's outputs (hidden states, teacher distributions) and adapters name the model by its repr,
+  # which leaves the setting out; the keys add it where it is not the default, so older files still match.
+  from jaxspec.models.llama import precision_key
+
+  assert "matmul_precision" not in repr(model.cfg) and model.cfg != dataclasses.replace(model.cfg, matmul_precision="high")
+  assert precision_key(model.cfg) == ({} if precision == "highest" else {"precision": precision})

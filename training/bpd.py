@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from jaxspec import sharding
 from jaxspec.models.bpd import MAX_HEADS, BPDConfig, BPDModel, save_bpd
+from jaxspec.models.llama import precision_key
 from training import datasets, rowcache
 from training.config import ConfigError, record_run_config, load_config, to_dict
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
@@ -36,8 +37,8 @@ FEATURES_FILE = "features.npz"  # the frozen target's hidden states, cached in t
 class ModelSection:
   path: Optional[str] = None  # None: the embedded SmolLM2-135M-Instruct
   dtype: Literal["float32", "bfloat16"] = "float32"
-  # float32 products on GPU and TPU (jaxspec.models.llama.MATMUL_PRECISIONS): "highest" keeps the target's data,
-  # teacher distributions and trajectories those of the model decoding runs; "default" is faster there.
+  # float32 products of the target's forwards on GPU and TPU (jaxspec.models.llama.MATMUL_PRECISIONS): "highest"
+  # keeps its greedy answers and Jacobi fixed points those that decoding finds; "default" is faster there.
   matmul_precision: Literal["highest", "high", "default"] = "highest"
 
 
@@ -209,7 +210,7 @@ def cached_features(path: Path, model, params, seqs: datasets.Sequences, seq_len
 
   cut = [np.asarray(t[:seq_len]) for t in seqs.tokens]
   key = json.dumps({"seq_len": seq_len, "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
-                    "embed": embed_fingerprint(params)}, sort_keys=True)
+                    "embed": embed_fingerprint(params), **precision_key(model.cfg)}, sort_keys=True)
 
   def compute(idx: np.ndarray, advance) -> dict[str, np.ndarray]:
     part = datasets.Sequences([cut[i] for i in idx], np.asarray(seqs.prompt_lens)[idx])

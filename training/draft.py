@@ -38,7 +38,7 @@ import numpy as np
 from jaxspec.models.draft import (VOCAB_PARAMS, embed_fingerprint, load_draft, save_draft,  # noqa: F401 (re-export)
                                   save_draft_vocab)
 from jaxspec import sharding
-from jaxspec.models.llama import LlamaLM
+from jaxspec.models.llama import LlamaLM, precision_key
 from training import datasets, rowcache
 from training.bpd import DataSection, ModelSection, build_sequences
 from training.config import ConfigError, record_run_config, load_config, to_dict
@@ -246,7 +246,7 @@ def cached_teacher_topk(path: Path, model, params, tokens_NxL, lengths_N, k: int
   killed run keeps (`training.rowcache`)."""
   key = json.dumps({"k": min(k, model.vocab_size), "width": int(tokens_NxL.shape[1]),
                     "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
-                    "embed": embed_fingerprint(params)}, sort_keys=True)
+                    "embed": embed_fingerprint(params), **precision_key(model.cfg)}, sort_keys=True)
 
   def compute(idx: np.ndarray, advance) -> dict[str, np.ndarray]:
     ids, logp, other = teacher_topk(model, params, tokens_NxL, lengths_N, k, rows=idx, advance=advance)

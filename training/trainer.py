@@ -424,12 +424,14 @@ class Trainer:
           means = _mean(jax.device_get(window))  # waits for the window's steps: dispatch alone returns at once
           elapsed = time.perf_counter() - window_start
           record = {"step": step, **means, "steps_per_sec": len(window) / max(elapsed, 1e-9)}
-          window, window_start = [], time.perf_counter()
+          window = []
           self._record(record, history, bar)
         if eval_batches is not None and ((eval_every and step % eval_every == 0) or step == num_steps):
           self._record({"step": step, **self.evaluate(state, eval_batches())}, history, bar)
         if ckpt is not None:
           ckpt.save(step, state, meta(step))
+        if not window:  # the next window's clock starts after this step's evaluation and checkpoint
+          window_start = time.perf_counter()
       guard.settle(step)  # multi-host: a signal after the last agreement is agreed on now, before the last save
       if ckpt is not None:  # the end, the batches running out, or a signal: keep what was done
         ckpt.save(step, state, meta(step), force=True)

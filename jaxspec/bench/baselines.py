@@ -209,7 +209,8 @@ def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runne
   """Hugging Face `generate` (greedy, or prompt lookup with `num_tokens` candidates) on the same weights, written
   out as a Hugging Face folder first. One prompt at a time: prompt lookup in transformers takes batch 1. When JAX
   runs on a GPU and torch has CUDA, the model runs on the GPU too (timed after `torch.cuda.synchronize`), so the
-  two are compared on the same hardware."""
+  two are compared on the same hardware. JAX takes 75 % of GPU memory when it starts: for a model that torch cannot
+  fit in the rest, run the bench with XLA_PYTHON_CLIENT_PREALLOCATE=false."""
   try:
     import torch
     import transformers

@@ -353,6 +353,9 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
       if path.is_dir() and "jaxspec_draft" in (path / "config.json").read_text():
         from jaxspec.models.draft import load_draft
         draft, draft_params = load_draft(path, ctx.params, ready=ctx.ready)  # shares the target's embedding
+        precision = getattr(getattr(ctx.model, "cfg", None), "matmul_precision", None)
+        if precision is not None:  # the target's products, as for a draft loaded as a model below
+          draft = dataclasses.replace(draft, cfg=dataclasses.replace(draft.cfg, matmul_precision=precision))
       else:
         # A model file is loaded in the target's dtypes (a distilled draft above keeps the dtype it was saved in).
         from jaxspec.bench.runner import BenchConfig, model_settings

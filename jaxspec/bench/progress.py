@@ -46,7 +46,8 @@ def _work(conf: dict) -> dict:
   """A fingerprint's config less the fields that only name the work (also those of files written before NAMING)."""
   conf = {k: v for k, v in conf.items() if k not in NAMING}
   # Settings added later count only when set, so progress files written before them still resume.
-  for key, default in (("dtype", "float32"), ("param_dtype", None), ("scan_layers", False)):
+  for key, default in (("dtype", "float32"), ("param_dtype", None), ("scan_layers", False),
+                       ("matmul_precision", "highest")):
     if conf.get(key, default) == default:
       conf.pop(key, None)
   return conf

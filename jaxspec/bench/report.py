@@ -116,7 +116,8 @@ def markdown(res: dict) -> str:
       f"- jax {env['jax']} on {env['backend']} ({', '.join(sorted(set(env['devices'])))} ×{env['device_count']}), "
       f"CPU {env['cpu']} ×{env['cpu_count']}, load average at start {_load(env['load_avg'])}",
       f"- wall time {env['wall_s']:.0f} s, peak RSS {env['peak_rss_bytes'] / 2**20:.0f} MiB"
-      + (f", peak device memory {env['device_peak_bytes'] / 2**20:.0f} MiB" if env.get("device_peak_bytes") else "")
+      + (f", peak memory of the fullest device {env['device_peak_bytes'] / 2**20:.0f} MiB (JAX's arrays)"
+         if env.get("device_peak_bytes") else "")
       + (f"; resumed after a kill: method runs (a method on a prompt batch) restored from the killed process: "
          f"{env['resumed_runs']} (wall time and peak RSS are this process's, compile time both's)"
          if env.get("resumed_runs") else ""),

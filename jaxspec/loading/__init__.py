@@ -67,7 +67,11 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
   from jaxspec import sharding
 
   mesh = mesh if isinstance(mesh, jax.sharding.Mesh) else sharding.make_mesh(mesh)  # a bad mesh fails before loading
-  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+  try:
+    host = jax.local_devices(backend="cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS without cpu: read onto the default device, as without a mesh
+    host = None
+  with jax.default_device(host):
     model, params, tokenizer = _load(path, dtype, scan_layers, param_dtype, matmul_precision)
   return model, sharding.partitioner(mesh, model).shard_params(params), tokenizer
 

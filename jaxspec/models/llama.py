@@ -38,6 +38,13 @@ def check_matmul_precision(cfg: Any) -> None:
     raise ValueError(f"matmul_precision={cfg.matmul_precision!r} must be one of {', '.join(MATMUL_PRECISIONS)}")
 
 
+def precision_key(cfg: Any) -> dict:
+  """`{"precision": ...}` for a cache key of a model's outputs when they are not computed at the default precision;
+  empty at the default, so keys of files written before the setting existed still match."""
+  value = getattr(cfg, "matmul_precision", "highest")
+  return {} if value == "highest" else {"precision": value}
+
+
 def f32_logits(hidden: Array, table_VxD: Array, dtype: Any) -> Array:
   """hidden @ table.T in `dtype` with float32 results: a bfloat16 model's logits are not rounded to bfloat16 (8
   bits of mantissa would make ties of the argmax common)."""
@@ -63,7 +70,9 @@ class LlamaConfig:
   dtype: str = "float32"  # activations; XLA:CPU runs bf16 far slower than f32, so f32 is the CPU default
   param_dtype: str = "float32"
   scan_layers: bool = False  # stack layers under lax.scan: faster compiles (TPU), slower steps on CPU
-  matmul_precision: str = "highest"  # see MATMUL_PRECISIONS: float32 products in full on every platform
+  # See MATMUL_PRECISIONS: float32 products in full on every platform. Left out of the repr, which names the weights'
+  # model in cache keys and adapters (`precision_key` adds it where it is not the default).
+  matmul_precision: str = dataclasses.field(default="highest", repr=False)
 
   def __post_init__(self):
     check_sizes(self, ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"),

@@ -63,7 +63,7 @@ class T5Config:
   max_seq_len: int = 2048
   dtype: str = "float32"
   param_dtype: str = "float32"
-  matmul_precision: str = "highest"  # as LlamaConfig's (jaxspec.models.llama.MATMUL_PRECISIONS)
+  matmul_precision: str = dataclasses.field(default="highest", repr=False)  # as LlamaConfig's
 
   def __post_init__(self):
     check_sizes(self, ("vocab_size", "d_model", "d_kv", "d_ff", "n_heads", "n_enc_layers", "n_dec_layers",
