@@ -355,7 +355,8 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
         draft, draft_params = load_draft(path, ctx.params, ready=ctx.ready)  # shares the target's embedding
         precision = getattr(getattr(ctx.model, "cfg", None), "matmul_precision", None)
         if precision is not None:  # the target's products, as for a draft loaded as a model below
-          draft = dataclasses.replace(draft, cfg=dataclasses.replace(draft.cfg, matmul_precision=precision))
+          from jaxspec.models.llama import with_matmul_precision
+          draft = with_matmul_precision(draft, precision)
       else:
         # A model file is loaded in the target's dtypes (a distilled draft above keeps the dtype it was saved in).
         from jaxspec.bench.runner import BenchConfig, model_settings

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from jaxspec.loading.default import default_model_path
@@ -79,7 +78,7 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
 def _load(path, dtype, scan_layers, param_dtype, matmul_precision):
   from jaxspec.loading.tokenizer import Tokenizer
 
-  from jaxspec.models.llama import MATMUL_PRECISIONS
+  from jaxspec.models.llama import MATMUL_PRECISIONS, with_matmul_precision
 
   check_dtype(dtype)
   if param_dtype is not None:
@@ -102,7 +101,7 @@ def _load(path, dtype, scan_layers, param_dtype, matmul_precision):
       raise ModelLoadError(f"{path!r} has no tokenizer.json; copy it from the model's original folder.")
     tokenizer = Tokenizer.from_tokenizer_json(tok_json)
     model, params = load_hf(path, dtype=dtype, scan_layers=scan_layers, param_dtype=param_dtype)
-    return _with_precision(model, matmul_precision), params, tokenizer
+    return with_matmul_precision(model, matmul_precision), params, tokenizer
   if not os.path.exists(path):
     raise ModelLoadError(f"No model at {path!r}: pass a .gguf file or a Hugging Face model folder.")
   from jaxspec.loading.gguf_loader import load_gguf, open_gguf
@@ -115,11 +114,7 @@ def _load(path, dtype, scan_layers, param_dtype, matmul_precision):
   except Exception as e:
     raise ModelLoadError(f"Could not build a tokenizer from {path!r}: {e}") from e
   model, params = load_gguf(reader, dtype=dtype, scan_layers=scan_layers, param_dtype=param_dtype)
-  return _with_precision(model, matmul_precision), params, tokenizer
-
-
-def _with_precision(model, matmul_precision: str):
-  return dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, matmul_precision=matmul_precision))
+  return with_matmul_precision(model, matmul_precision), params, tokenizer
 
 
 __all__ = ["DTYPES", "ModelLoadError", "check_dtype", "default_model_path", "load_model"]

@@ -38,6 +38,15 @@ def check_matmul_precision(cfg: Any) -> None:
     raise ValueError(f"matmul_precision={cfg.matmul_precision!r} must be one of {', '.join(MATMUL_PRECISIONS)}")
 
 
+def with_matmul_precision(model: Any, matmul_precision: str) -> Any:
+  """The model (a LlamaLM or T5LM, or a draft built like one) with its config's `matmul_precision` set."""
+  return dataclasses.replace(model, cfg=dataclasses.replace(model.cfg, matmul_precision=matmul_precision))
+
+
+# An output head's product with float32 results (nn.Dense's `dot_general`), as `f32_logits` for tied heads.
+f32_dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+
+
 def precision_key(cfg: Any) -> dict:
   """`{"precision": ...}` for a cache key of a model's outputs when they are not computed at the default precision;
   empty at the default, so keys of files written before the setting existed still match."""
@@ -283,8 +292,7 @@ class Llama(nn.Module):
     if not cfg.tie_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=jnp.dtype(cfg.dtype),
                               param_dtype=jnp.dtype(cfg.param_dtype), name="lm_head",
-                              dot_general=functools.partial(jax.lax.dot_general,
-                                                            preferred_element_type=jnp.float32))
+                              dot_general=f32_dot_general)
 
   def __call__(self, tokens_BxT, positions_BxT, cache: KVCache, mask_BxTxT, cache_mask_BxTxS=None):
     cfg = self.cfg

@@ -23,7 +23,6 @@ read (RoPE models rotate a key once, when it is written, and need no such thing)
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Literal
 
@@ -33,7 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.models.cache import KVCache
-from jaxspec.models.llama import RMSNorm, _write, check_matmul_precision, check_sizes, f32_logits
+from jaxspec.models.llama import (RMSNorm, _write, check_matmul_precision, check_sizes, f32_dot_general,
+                                  f32_logits)
 
 Array = jax.Array
 _NEG_INF = -1e30
@@ -270,8 +270,7 @@ class T5(nn.Module):
     if not cfg.tie_embeddings:
       self.lm_head = nn.Dense(cfg.vocab_size, use_bias=False, dtype=dt, param_dtype=jnp.dtype(cfg.param_dtype),
                               kernel_init=nn.initializers.variance_scaling(1.0, "fan_in", "normal"), name="lm_head",
-                              dot_general=functools.partial(jax.lax.dot_general,
-                                                            preferred_element_type=jnp.float32))
+                              dot_general=f32_dot_general)
 
   def encode(self, tokens_BxP: Array, valid_BxP: Array) -> Array:
     """Final encoder states `[B, P, D]` (padding positions are masked as keys; their own rows are unused)."""
