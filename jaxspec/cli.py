@@ -259,8 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--list-methods", action="store_true", help="print the method names and exit")
   b.add_argument("--limit", type=_positive_int, default=None, help="prompts per category")
   b.add_argument("--categories", default=None, help="comma-separated categories to keep")
-  b.add_argument("--max-new-tokens", type=_positive_int, default=128)
-  b.add_argument("--batch-size", type=_positive_int, default=1)
+  b.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default 128 (32 with --quick)")
+  b.add_argument("--batch-size", type=_positive_int, default=None,
+                 help="prompts decoded together (default 1; 16 with --quick)")
   b.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
   b.add_argument("--top-k", type=_top_k, default=0)
   b.add_argument("--top-p", type=float, default=1.0)
@@ -270,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
   _model_options(b)
   b.add_argument("--quick", action="store_true",
-                 help="one prompt per category, 32 new tokens, one batch, no warm-up run (a few minutes)")
+                 help="one prompt per category, 32 new tokens, one batch, no warm-up run (a few minutes); a "
+                      "--limit, --max-new-tokens or --batch-size given still applies")
   b.add_argument("--mesh", default=None, help=MESH_HELP + " (baselines other than jaxspec's own loop run unsharded)")
   b.add_argument("--fresh", action="store_true",
                  help="discard the method runs a killed run kept in --out (whatever its settings) and start over; by "

@@ -336,6 +336,9 @@ _FALLBACKS: set[str] = set()
 
 
 def _note_fallback(message: str) -> None:
+  """Logs a fallback once per kind of array: the same weight of every layer (`layers_0/...`, `layers_1/...`) is one
+  line, `layers_*/...`."""
+  message = re.sub(r"(?<![A-Za-z0-9])layers_\d+(?=/)", "layers_*", message)
   if message not in _FALLBACKS:
     _FALLBACKS.add(message)
     logger.info("sharding: %s", message)

@@ -422,6 +422,20 @@ def test_ctrl_c_says_how_much_was_kept(tmp_path, prompt_file, methods, bomb, mon
   assert not (out / "progress.jsonl").exists()
 
 
+def test_quick_keeps_the_settings_given(tmp_path, prompt_file, methods, monkeypatch):
+  """--quick fills in only what is not given: an explicit --batch-size 1 (each prompt timed alone) and more than 32
+  new tokens stay as given, and a run without them gets the quick settings."""
+  monkeypatch.setattr("jaxspec.loading.load_model", lambda *a, **k: (methods, None, ByteTokenizer()))
+  base = ["bench", "--quick", "--prompts", prompt_file, "--methods", "oracle"]
+  assert main(base + ["--out", str(tmp_path / "a"), "--batch-size", "1", "--max-new-tokens", "40"]) == 0
+  assert main(base + ["--out", str(tmp_path / "b")]) == 0
+  ran = [json.loads((tmp_path / d / "results.json").read_text())["config"] for d in "ab"]
+  assert [(c["batch_size"], c["max_new_tokens"], c["limit"]) for c in ran] == [(1, 40, 1), (16, 32, 1)]
+  assert "max new tokens 40; batch size 1" in (tmp_path / "a" / "report.md").read_text()
+  plain = BenchConfig(prompts=prompt_file).resolved()
+  assert (plain.batch_size, plain.max_new_tokens, plain.limit) == (1, 128, None)
+
+
 def test_ctrl_c_while_the_report_is_written_keeps_every_run(tmp_path, prompt_file, methods, monkeypatch, capsys):
   """Every method has run and the report is being written when Ctrl-C comes: all runs are kept, and the same
   command writes the report without decoding again."""

@@ -130,6 +130,20 @@ def test_indivisible_dimensions_fall_back_to_replication(tiny, mesh24):
   assert specs(params, part42.param_shardings(params))["layers_0/attn/k/kernel"] == P(None, "model")
 
 
+def test_a_fallback_is_logged_once_per_kind_of_weight(tiny, mesh24, caplog):
+  """The command line shows each fallback: the same weight of every layer is one line (`layers_*/...`), not one
+  per layer."""
+  model, params = tiny
+  assert sum(k.startswith("layers_") for k in params) >= 2
+  sharding._FALLBACKS.clear()
+  with caplog.at_level("INFO", logger="jaxspec.sharding"):
+    sharding.partitioner(mesh24, model).param_shardings(params)
+  lines = [r.getMessage() for r in caplog.records if r.name == "jaxspec.sharding"]
+  assert [l for l in lines if "attn/k/kernel" in l] == [
+    "sharding: layers_*/attn/k/kernel: kv_heads (2) is not divisible by model=4; replicated"]
+  assert len(lines) == len(set(lines)) and not any("layers_0" in l or "layers_1" in l for l in lines)
+
+
 def test_stacked_layers_and_unknown_params(wide, mesh24):
   model, params = wide
   from jaxspec.models.llama import stack_layers

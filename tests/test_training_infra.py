@@ -206,6 +206,8 @@ def test_config_unknown_key_names_it_and_the_valid_keys(tmp_path):
     load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, ["bogus=1"])
   with pytest.raises(ConfigError, match=r"'optim\.lr' is a value"):
     load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, ["optim.lr.x=1"])
+  with pytest.raises(ConfigError, match=r"'mesh'.*this task trains on one device \(the bpd, draft and eagle"):
+    load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, ["mesh=data=2"])
   assert issubclass(ConfigError, JaxspecError)
 
 

@@ -409,6 +409,8 @@ def _unknown_key_error(key: str, name: str, cls: type, prefix: str) -> ConfigErr
   valid = list(_init_fields(cls))
   close = difflib.get_close_matches(name, valid, n=1)
   hint = f"; did you mean {_join(prefix, close[0])!r}?" if close else ""
+  if key == "mesh":
+    hint = "; this task trains on one device (the bpd, draft and eagle tasks take a mesh)"
   return ConfigError(f"unknown key {key!r}; valid keys of {_where(prefix)} are: {', '.join(valid)}{hint}")
 
 

@@ -52,6 +52,7 @@ def results(cfg, env: dict, prompts, specs: dict, lossless: dict, records: dict,
   """The content of results.json: every figure per method, overall and per category, and the environment."""
   from jaxspec.bench.runner import REFERENCE
 
+  cfg = cfg.resolved()  # the settings the run used, the defaults filled in
   cats = sorted({p.category for p in prompts})
   ref = records[REFERENCE]
   methods = {}

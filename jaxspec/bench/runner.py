@@ -50,8 +50,8 @@ class BenchConfig:
   methods: tuple[str, ...] = ("greedy",)
   limit: int | None = None
   categories: tuple[str, ...] | None = None
-  max_new_tokens: int = 128
-  batch_size: int = 1
+  max_new_tokens: int | None = None  # None: 128, or 32 with `quick`
+  batch_size: int | None = None  # None: 1, or batches of 16 with `quick`
   temperature: float = 0.0
   top_k: int = 0
   top_p: float = 1.0
@@ -68,13 +68,14 @@ class BenchConfig:
   matmul_precision: str = "highest"  # the target's float32 products on GPU and TPU (jaxspec.models.llama)
 
   def resolved(self) -> "BenchConfig":
-    """`--quick`: at most one prompt per category, 32 new tokens, all prompts in one batch (one compiled program per
-    method instead of one per prompt-length bucket) and no warm-up run (compilation is timed apart anyway), unless a
-    limit or batch size is given."""
+    """The settings left unset, filled in: 128 new tokens at batch size 1; with `--quick`, at most one prompt per
+    category, 32 new tokens, all prompts in one batch (one compiled program per method instead of one per
+    prompt-length bucket) and no warm-up run (compilation is timed apart anyway). A limit, a number of new tokens or
+    a batch size that is given stays as given, with `--quick` too."""
     if not self.quick:
-      return self
-    return dataclasses.replace(self, limit=self.limit or 1, max_new_tokens=min(self.max_new_tokens, 32),
-                               batch_size=self.batch_size if self.batch_size > 1 else 16)
+      return dataclasses.replace(self, max_new_tokens=self.max_new_tokens or 128, batch_size=self.batch_size or 1)
+    return dataclasses.replace(self, limit=self.limit or 1, max_new_tokens=self.max_new_tokens or 32,
+                               batch_size=self.batch_size or 16)
 
 
 @dataclasses.dataclass
