@@ -195,10 +195,27 @@ def test_prompt_batches_as_arrays_decode_like_lists(tiny):
     (dict(max_new_tokens=4.5), "whole numbers"),
     (dict(max_new_tokens=[2]), "1 values for 2 prompts"),
     (dict(max_new_tokens=[2, 0]), ">= 1, got 0"),
-    (dict(eos_ids=2), r"sequence of token ids, e.g. \[2\]"),
+    (dict(eos_ids=2), r"list or tuple of token ids, e.g. \[2\]"),
     (dict(eos_ids=[None]), "contains None"),
     (dict(eos_ids=[2 ** 40]), "int32 range"),
     (dict(pad_id=-1), "pad_id=-1 is outside"),
+    # Each sampling setting is checked on the call that has it, greedy or not, before anything is traced: before,
+    # some ended in Python's TypeError or a tracer error, some ran with another value (top_k=2.5 as 2, max_len=0 as
+    # unset), and an EOS id past the vocabulary could never end a row.
+    (dict(temperature=None), r"temperature must be a number, got None"),
+    (dict(temperature="0.7"), r"temperature must be a number, got '0.7'"),
+    (dict(temperature=1.0, top_p=None), r"top_p must be a number, got None"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=1.0, seed=1.5), r"seed must be a whole number, got 1.5"),
+    (dict(seed=2 ** 64), r"seed must be in"),
+    (dict(temperature=1.0, top_k=2.5), r"top_k \(0: no top-k filter\) must be a whole number, got 2.5"),
+    (dict(top_k=-1), r"top_k \(0: no top-k filter\) must be >= 0, got -1"),
+    (dict(max_len=0), r"max_len \(None: the model's context length\) must be >= 1, got 0"),
+    (dict(eos_ids=[999]), r"eos_ids has 999, outside the model's vocabulary \[0, 256\)"),
+    (dict(eos_ids=[-5]), r"eos_ids has -5"),
+    (dict(eos_ids=[[1, 2]]), r"eos_ids must be a flat list of token ids"),
+    (dict(eos_ids={3}), r"eos_ids must be a list or tuple of token ids, e.g. \[3\], got \{3\}"),
+    (dict(eos_ids=np.int64(2)), r"eos_ids must be a list or tuple of token ids, e.g. \[2\], got"),
 ])
 def test_malformed_arguments_are_clear_errors(tiny, kwargs, match):
   model, params = tiny

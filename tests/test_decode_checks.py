@@ -93,6 +93,56 @@ def test_heads_or_an_eagle_draft_for_another_width_are_refused_before_tracing(ti
       gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=drafter, draft_params=draft_params)
 
 
+def test_heads_or_draft_params_for_another_vocabulary_are_refused(tiny):
+  """BPD heads over a vocabulary subset with ids past the target's, or draft params built with a target of the same
+  width and a larger vocabulary, drafted ids the target embeds as NaN: greedy output turned into token 0 without a
+  word. Both are refused, in every drafter that reads BPD params."""
+  model, params = tiny
+  d = model.cfg.d_model
+  subset = BPDModel(BPDConfig(num_heads=2, d_model=d, d_hidden=8, vocab_subset=4))
+  far = subset.init_params(jax.random.key(1), vocab_ids=np.array([300, 301, 302, 303]))
+  with pytest.raises(InputError, match="predict token ids up to 303, past this target's vocabulary of 256"):
+    bpd_draft_params(model, params, subset, far)
+  big, big_params = make_tiny(2, vocab_size=512)
+  assert big.cfg.d_model == d
+  for use_next in (True, False):
+    bpd = BPDModel(BPDConfig(num_heads=2, d_model=d, d_hidden=8, use_next_token=use_next))
+    dp = bpd_draft_params(big, big_params, bpd, bpd.init_params(jax.random.key(0)))
+    for drafter, p in ((BPDDrafter(bpd), dp), (WithLookup(BPDDrafter(bpd)), dp),
+                       (OptTreeDrafter(HeadsTreeSource(bpd), nodes=2, depth=2, width=1, branch=2), dp),
+                       (LatticeDrafter(bpd, "none", top_t=4), lattice_draft_params(dp))):
+      with pytest.raises(InputError, match="built for a target with 512 tokens, and this target has 256"):
+        gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=drafter, draft_params=p)
+  # Subset heads: their ids, carried in the draft params, are checked at decode time too.
+  ok = subset.init_params(jax.random.key(1), vocab_ids=np.array([1, 2, 3, 4]))
+  dp = bpd_draft_params(model, params, subset, ok)
+  gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=BPDDrafter(subset), draft_params=dp)
+  dp["bpd"] = dict(dp["bpd"], vocab_ids=jnp.asarray([1, 2, 3, 400]))
+  with pytest.raises(InputError, match="up to 400, past this target's vocabulary of 256"):
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=BPDDrafter(subset), draft_params=dp)
+
+
+def test_params_of_another_model_are_an_input_error(tiny):
+  """Params that do not fit the model (flax finds out while tracing) end as an InputError that says what to pass."""
+  model, params = tiny
+  small, small_params = make_tiny(1)
+  wide, wide_params = _wide_and_narrow()
+  with pytest.raises(InputError, match=r"The params do not fit the model .*shape \(256, 48\).*\(load_model\)"):
+    gen.generate(model, wide_params, [[1, 2, 3]], max_new_tokens=4)
+  with pytest.raises(InputError, match="draft params built for this drafter's model"):
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=DraftModelDrafter(small, 2),
+                 draft_params=wide_params)
+
+
+def test_a_greedy_only_drafter_refuses_sampling(tiny):
+  from jaxspec.decoding.jacobi import JacobiDrafter
+  model, params = tiny
+  for drafter in (JacobiDrafter(window=3), WithLookup(JacobiDrafter(window=3))):
+    with pytest.raises(InputError, match="JacobiDrafter is greedy only|WithLookup is greedy only"):
+      gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, temperature=1.0, drafter=drafter)
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=drafter)
+
+
 def test_drafters_without_their_draft_params_say_what_builds_them(tiny):
   model, params = tiny
   bpd = BPDModel(BPDConfig(num_heads=2, d_model=model.cfg.d_model, d_hidden=8))

@@ -448,8 +448,8 @@ def test_a_part_of_another_kind_says_what_it_is_and_where_it_goes(tiny_hf):
     load_ngram(ASSETS / "bpd_smollm2")
   with pytest.raises(ModelLoadError, match="holds a feature-level \\(EAGLE\\) draft, not a LoRA adapter"):
     load_lora(ASSETS / "eagle_smollm2")
-  with pytest.raises(ModelLoadError, match="holds a model \\(a Hugging Face config.json\\), not BPD heads: pass it as "
-                                           "--model FOLDER"):
+  with pytest.raises(ModelLoadError, match="holds a model \\(a Hugging Face config.json\\), not BPD heads: load it as "
+                                           "a model \\(--model FOLDER, or load_model\\(FOLDER\\) in Python\\)"):
     load_bpd(ASSETS / "t5_numbers")
   with pytest.raises(ModelLoadError, match="holds BPD heads, not a distilled draft"):
     load_draft(ASSETS / "bpd_t5_numbers")

@@ -51,6 +51,15 @@ def test_decode_round_trip(tok, i):
   assert tok.decode(tok.encode(STRINGS[i])) == STRINGS[i]
 
 
+def test_decode_refuses_negative_ids_and_skips_ids_past_the_vocabulary(tok):
+  """A negative id was an OverflowError from inside `tokenizers`; an id past the tokenizer (a model's output table
+  can be larger) decodes to nothing, as in `tokenizers`."""
+  from jaxspec.errors import InputError
+  with pytest.raises(InputError, match="Token id -1 is negative"):
+    tok.decode([5, -1])
+  assert tok.decode([5, tok.backend.get_vocab_size() + 10]) == tok.decode([5])
+
+
 def test_digits_split_like_llama_cpp_not_like_transformers_gguf(tok, ref):
   # The fixture holds strings where transformers' GGUF loader (no "smollm" pre-tokenizer) gives other ids; we follow
   # llama.cpp and the model's own tokenizer.json, which split digits off before the GPT-2 regex.

@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxspec.decoding.accept import prefix_length
 from jaxspec.decoding.protocol import Acceptance, Draft, PrefillInfo, Verified, width_check
@@ -28,11 +29,56 @@ Array = jax.Array
 
 
 def bpd_draft_params(model, target_params, bpd: BPDModel, bpd_params: dict) -> dict:
-  """The arrays the BPD drafter needs inside the jitted loop."""
+  """The arrays the BPD drafter needs inside the jitted loop, for the target they are used with.
+
+  Args:
+    model: the target (e.g. `LlamaLM`) whose hidden states the heads read.
+    target_params: its params; the heads project through its output table (the rows of `vocab_ids` where the heads
+      were trained on a subset of the vocabulary) and read its input embeddings (`use_next_token`).
+    bpd: the heads' module (`jaxspec.models.bpd.load_bpd`).
+    bpd_params: the heads' params, from the same `load_bpd` call.
+
+  Raises:
+    InputError: heads whose vocabulary subset holds ids past the target's vocabulary (heads trained for another
+      target), or heads of another width.
+  """
+  width_check(model, bpd.cfg.d_model, "these BPD heads")
+  _check_subset_ids(model, bpd_params)
   out = {"bpd": bpd_params, "proj_DxM": output_projection(model, target_params, bpd_params)}
   if bpd.cfg.use_next_token:
     out["embed_VxD"] = model.input_table(target_params)
   return out
+
+
+def _check_subset_ids(target, bpd_params) -> None:
+  """Heads over a vocabulary subset (`vocab_ids`) must name ids of the target's vocabulary; checked where the ids
+  are on hand (not traced, and on this host)."""
+  ids = bpd_params.get("vocab_ids") if isinstance(bpd_params, dict) else None
+  vocab = getattr(target, "vocab_size", None)
+  if ids is None or vocab is None or isinstance(ids, jax.core.Tracer) or not getattr(ids, "is_fully_addressable", True):
+    return
+  ids = np.asarray(ids)
+  if ids.size and (int(ids.max()) >= vocab or int(ids.min()) < 0):
+    raise InputError(f"These BPD heads predict token ids up to {int(ids.max())}, past this target's vocabulary of "
+                     f"{vocab} tokens: they were trained for another target; use heads trained for this one.")
+
+
+def check_bpd_draft_params(target, bpd: BPDModel, draft_params: dict) -> None:
+  """Raises `InputError` where BPD draft params were built (`bpd_draft_params`) with another target than `target`:
+  an output table over another vocabulary would draft ids the target cannot embed (NaN, then token 0 everywhere)."""
+  vocab = getattr(target, "vocab_size", None)
+  if vocab is None or not isinstance(draft_params, dict) or "proj_DxM" not in draft_params:
+    return
+  rows = int(np.shape(draft_params["proj_DxM"])[-1])
+  subset = "vocab_ids" in draft_params.get("bpd", {})
+  embed = draft_params.get("embed_VxD")
+  embed_rows = int(np.shape(embed)[0]) if embed is not None else vocab
+  if (not subset and rows != vocab) or embed_rows != vocab:
+    got = embed_rows if embed_rows != vocab else rows
+    raise InputError(f"These BPD draft params were built for a target with {got} tokens, and this target has "
+                     f"{vocab}: build them for it, bpd_draft_params(model, params, bpd, heads) with this model's "
+                     "params.")
+  _check_subset_ids(target, draft_params.get("bpd"))
 
 
 def chain_draft(tokens_BxN: Array) -> Draft:
@@ -68,6 +114,9 @@ class BPDDrafter:
 
   def check_target(self, target) -> None:
     width_check(target, self.bpd.cfg.d_model, "these BPD heads")
+
+  def check_draft_params(self, target, draft_params) -> None:
+    check_bpd_draft_params(target, self.bpd, draft_params)
 
   def init(self, draft_params, prefill: PrefillInfo):
     return prefill.hidden_BxD.astype(jnp.float32)

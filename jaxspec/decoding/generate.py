@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Iterator, Sequence
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ import numpy as np
 from jaxspec import sharding
 from jaxspec.decoding.accept import GreedyAcceptance, SampleAcceptance
 from jaxspec.decoding.loop import DecodeOutput, NoDraft, cache_buckets, decode_jit
+from jaxspec.decoding.protocol import check_draft_params
 from jaxspec.decoding.sampling import SamplingParams, Warp
 from jaxspec.errors import InputError
 
@@ -32,14 +35,19 @@ def round_up(n: int, multiple: int) -> int:
 
 @dataclasses.dataclass
 class GenerationResult:
-  """Generated token ids per prompt (EOS included when reached) and the loop's counters."""
+  """Generated token ids per prompt (EOS included when reached) and the loop's counters.
 
-  tokens: list[list[int]]
-  target_calls: int
-  drafter_calls: int
-  active_calls: list[int]
-  step_tokens: list[int]
-  accept_hist: np.ndarray  # [B, T + 1]
+  `tau` = sum(step_tokens) / sum(active_calls): new tokens per target call after prefill (Spec-Bench's τ; 1.0 for
+  greedy decoding). In a batch, `target_calls` counts each verify forward once, while `active_calls` counts it for
+  every row it served.
+  """
+
+  tokens: list[list[int]]  # per prompt, the new tokens only (the prompt is not repeated)
+  target_calls: int  # the target's verify forwards after prefill, shared by the batch
+  drafter_calls: int  # the drafter's own forwards (0 where it reads the target's forward: BPD heads, lookup)
+  active_calls: list[int]  # per row: the verify forwards while the row was still generating
+  step_tokens: list[int]  # per row: tokens from verify steps (all new tokens but the first, which prefill gives)
+  accept_hist: np.ndarray  # [B, T + 1]: [b, a] counts row b's steps that committed a tokens (a verify step commits 1+)
   compile_s: float = 0.0  # lowering + compilation, 0 when the program was already compiled
   run_s: float = 0.0  # the generation itself, device to host included
   program_bytes: int = 0  # device memory of the compiled program: arguments + outputs + temporaries (XLA's count)
@@ -144,16 +152,64 @@ def _ints(values, what: str) -> np.ndarray:
   return np.ravel(arr).astype(np.int64)
 
 
-def _eos_list(eos_ids) -> list[int]:
+def _eos_list(eos_ids, vocab_size: int | None = None) -> list[int]:
+  """`eos_ids` as a list of ids in the vocabulary: an id outside it could never end a row, so a wrong tokenizer's
+  EOS id would run every row to `max_new_tokens` without a word."""
   if eos_ids is None:
     return []
-  if np.ndim(eos_ids) == 0 and not isinstance(eos_ids, Iterator):  # generators are sequences too
-    raise InputError(f"eos_ids must be a sequence of token ids, e.g. [{eos_ids!r}], got {eos_ids!r}.")
+  if isinstance(eos_ids, (set, frozenset, dict)) or (np.ndim(eos_ids) == 0 and not isinstance(eos_ids, Iterator)):
+    # one id (or an unordered collection): name the form that works with the caller's own number
+    one = next(iter(eos_ids), "ID") if isinstance(eos_ids, (set, frozenset, dict)) else eos_ids
+    one = int(one) if isinstance(one, (int, np.integer)) else one
+    raise InputError(f"eos_ids must be a list or tuple of token ids, e.g. [{one!r}], got {eos_ids!r}.")
   eos_ids = list(eos_ids)
   if any(e is None for e in eos_ids):
     raise InputError("eos_ids contains None (a tokenizer without an EOS token?): leave it out, or pass the ids that "
                      "should end a row.")
-  return _ints(eos_ids, "eos_ids").tolist() if eos_ids else []
+  if any(np.ndim(e) != 0 for e in eos_ids):
+    raise InputError(f"eos_ids must be a flat list of token ids, got {eos_ids!r}.")
+  ids = _ints(eos_ids, "eos_ids").tolist() if eos_ids else []
+  bad = [e for e in ids if e < 0 or (vocab_size is not None and e >= vocab_size)]
+  if bad:
+    where = f"[0, {vocab_size})" if vocab_size is not None else "[0, vocab_size)"
+    raise InputError(f"eos_ids has {bad[0]}, outside the model's vocabulary {where}: it could never end a row; pass "
+                     "the EOS id of the model's own tokenizer (tok.eos_id).")
+  return ids
+
+
+def _real(value, what: str) -> float:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+    raise InputError(f"{what} must be a number, got {value!r}.")
+  return float(value)
+
+
+def _whole(value, what: str, minimum: int, maximum: int | None = None) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+    if not (isinstance(value, (float, np.floating)) and float(value).is_integer()):
+      raise InputError(f"{what} must be a whole number, got {value!r}.")
+  if value < minimum or (maximum is not None and value > maximum):
+    span = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+    raise InputError(f"{what} must be {span}, got {value!r}.")
+  return int(value)
+
+
+def check_settings(temperature, top_k, top_p, seed, max_len) -> tuple[float, int, float, int, int | None]:
+  """The sampling settings, seed and `max_len` as plain numbers, each checked whether or not it is used (top-k and
+  top-p only filter sampling; greedy ignores them), so a wrong value fails on the call that has it.
+
+  Raises:
+    InputError: a value of the wrong type or out of range.
+  """
+  temperature, top_p = _real(temperature, "temperature"), _real(top_p, "top_p")
+  if not (math.isfinite(temperature) and temperature >= 0):
+    raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+  if not 0.0 < top_p <= 1.0:
+    raise InputError(f"top_p must be in (0, 1] (1: no top-p filter), got {top_p}")
+  top_k = _whole(top_k, "top_k (0: no top-k filter)", 0)
+  seed = _whole(seed, "seed", -(2 ** 63), 2 ** 63 - 1)
+  if max_len is not None:
+    max_len = _whole(max_len, "max_len (None: the model's context length)", 1)
+  return temperature, top_k, top_p, seed, max_len
 
 
 def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int] = 128,
@@ -165,10 +221,13 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   Args:
     model: a `LanguageModel` (e.g. `LlamaLM`).
     params: its parameters.
-    prompts: token ids per prompt (lengths may differ; they are padded to a power-of-two bucket).
+    prompts: token ids per prompt: a list of sequences (lists, tuples or 1-D arrays), whose lengths may differ, or
+      a 2-D array with one whole row per prompt. They are padded to a power-of-two bucket, so a new length in the
+      same bucket reuses the compiled program.
     max_new_tokens: new tokens per prompt (one value or one per prompt).
-    temperature: 0 for greedy, else sampling; top_k / top_p filter the sampling distribution.
-    eos_ids: tokens that end a row.
+    temperature: 0 for greedy, else sampling; top_k (0: off) / top_p (1: off) filter the sampling distribution and
+      are ignored by greedy decoding (but still checked).
+    eos_ids: a list of token ids that end a row (e.g. `[tok.eos_id]`); the EOS is kept in the output.
     pad_id: filler past each row's end in the jitted buffers.
     seed: sampling seed.
     drafter: proposes tokens to verify (`NoDraft()` = plain decoding).
@@ -188,9 +247,13 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     A `GenerationResult`.
 
   Raises:
-    InputError: empty prompts, token ids outside the model's vocabulary, a request that does not fit the cache, a
-      drafter whose draft model has another vocabulary, or a mesh that does not fit the devices.
+    InputError: empty prompts, token ids outside the model's vocabulary (prompts, `eos_ids`, `pad_id`), a request
+      that does not fit the cache, `max_new_tokens` or sampling settings of the wrong type or out of range, a
+      drafter that cannot serve this target (a draft model with another vocabulary, heads or draft params built for
+      another target, a greedy-only drafter with sampling), params that do not fit the model, or a mesh that does
+      not fit the devices.
   """
+  temperature, top_k, top_p, seed, max_len = check_settings(temperature, top_k, top_p, seed, max_len)
   drafter = drafter or NoDraft()
   vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
   if temperature > 0 and vocab is not None and top_k > vocab:
@@ -202,11 +265,13 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     raise InputError(f"max_len={max_len} is more than the model's context length ({context} tokens): use at most "
                      f"{context}, or leave it unset.")
   max_len = max_len or context or 1 << 30
+  vocab = getattr(model, "vocab_size", vocab)
   arr, lengths, max_new, out_len, capacity = prepare(prompts, max_new_tokens, max_len, drafter.num_nodes, pad_id,
-                                                     vocab_size=getattr(model, "vocab_size", vocab))
+                                                     vocab_size=vocab)
   args = (params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new),
-          jnp.asarray(_eos_list(eos_ids) or [-1], jnp.int32), jax.random.key(seed),
+          jnp.asarray(_eos_list(eos_ids, vocab) or [-1], jnp.int32), jax.random.key(seed),
           SamplingParams.make(temperature, top_p), draft_params)
+  check_draft_params(drafter, model, draft_params)  # here the arrays are concrete: values are checked too
   static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=out_len, capacity=capacity, pad_id=pad_id)
   if buckets and getattr(model, "bounds_attention", False):
     static["attn_buckets"] = cache_buckets(capacity, BUCKET_SMALLEST)
@@ -214,7 +279,11 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   if part is not None:
     args = sharding.place(args, decode_arg_shardings(part, args))
     static["partitioner"] = part
-  program, compile_s, program_bytes = compiled_program(args, static)
+  try:
+    program, compile_s, program_bytes = compiled_program(args, static)
+  except flax.errors.ScopeParamShapeError as e:  # params of another model: flax finds out while tracing
+    raise InputError(f"The params do not fit the model they were passed with: {str(e).splitlines()[0]} Pass the params "
+                     "loaded with this model (load_model), and draft params built for this drafter's model.") from e
   t0 = time.perf_counter()
   out: DecodeOutput = program(*args)
   toks, lens, st, dst = sharding.fetch((out.tokens_BxO, out.lengths_B, out.stats, out.drafter_stats))

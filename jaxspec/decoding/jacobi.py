@@ -88,7 +88,8 @@ def jacobi_stats(dstate: JacobiState) -> dict[str, Array]:
 class JacobiDrafter:
   """Jacobi decoding (method `jacobi`): the draft is the previous iteration's argmax, shifted past what was committed.
 
-  Greedy only: the drafts carry no probabilities, so use it with `GreedyAcceptance` (temperature 0).
+  Greedy only (`greedy_only`: the loop refuses a sampling rule): its guesses are the target's argmax, which only
+  greedy decoding keeps.
 
   Attributes:
     window: n, the tokens after the pending token that are iterated together (the chain's length).
@@ -97,6 +98,8 @@ class JacobiDrafter:
       token, when the window slides past the block), "pad" writes `pad_id`.
     pad_id: the filler token for `guess_init="pad"` (must be a token id of the target's vocabulary).
   """
+
+  greedy_only = True
 
   window: int = 8
   guess_init: Literal["pad", "repeat"] = "repeat"

@@ -31,7 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxspec.decoding.bpd import BPDDrafter
+from jaxspec.decoding.bpd import BPDDrafter, check_bpd_draft_params
 from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified
 from jaxspec.decoding.speculative import DraftModelDrafter
 from jaxspec.errors import InputError
@@ -128,6 +128,9 @@ class LatticeDrafter:
   @property
   def calls_per_step(self) -> int:
     return self.lm.calls_per_step if self.rescorer == "neural" else 0
+
+  def check_draft_params(self, target, draft_params) -> None:
+    check_bpd_draft_params(target, self.bpd, draft_params.get("bpd") if isinstance(draft_params, dict) else None)
 
   def check_target(self, target) -> None:
     BPDDrafter(self.bpd).check_target(target)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jaxspec.decoding.accept import deepest_ok_path
 from jaxspec.decoding.bpd import chain_draft
 from jaxspec.decoding.opt_tree import ancestor_mask
-from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified, check_target
+from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified, check_draft_params, check_target
 from jaxspec.errors import InputError
 
 Array = jax.Array
@@ -269,6 +269,13 @@ class WithLookup:
 
   def check_target(self, target) -> None:
     check_target(self.inner, target)
+
+  def check_draft_params(self, target, draft_params) -> None:
+    check_draft_params(self.inner, target, draft_params)
+
+  @property
+  def greedy_only(self) -> bool:
+    return getattr(self.inner, "greedy_only", False)
 
   @property
   def lookup(self) -> LookupDrafter:

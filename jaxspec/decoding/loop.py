@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.decoding.protocol import (Draft, Drafter, LanguageModel, PrefillInfo, Verified, check_params,
+from jaxspec.decoding.protocol import (Draft, Drafter, LanguageModel, PrefillInfo, Verified, check_acceptor,
+                                       check_draft_params, check_params,
                                        check_target, empty_prefill_kwargs, start)
 from jaxspec.decoding.sampling import SamplingParams
 from jaxspec.errors import InputError
@@ -211,6 +212,8 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
   t = drafter.num_nodes + 1
   check_target(drafter, model)
   check_params(drafter, draft_params)
+  check_draft_params(drafter, model, draft_params)
+  check_acceptor(drafter, acceptor)
   _check_request(b, p, t, prompt_len_B, max_new_B, out_len, capacity)
   bounded = getattr(model, "bounds_attention", False)
   if attn_buckets and (not bounded or attn_buckets[-1] != capacity or list(attn_buckets) != sorted(attn_buckets)):

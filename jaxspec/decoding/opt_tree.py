@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.decoding.bpd import BPDDrafter
-from jaxspec.decoding.protocol import (Draft, LanguageModel, PrefillInfo, Verified, check_target,
+from jaxspec.decoding.bpd import BPDDrafter, check_bpd_draft_params
+from jaxspec.decoding.protocol import (Draft, LanguageModel, PrefillInfo, Verified, check_draft_params, check_target,
                                        draft_model_params_hint, empty_prefill_kwargs, start, vocab_check)
 from jaxspec.decoding.sampling import Warp
 from jaxspec.errors import InputError
@@ -178,6 +178,9 @@ class HeadsTreeSource:
   def check_target(self, target: LanguageModel) -> None:
     BPDDrafter(self.bpd).check_target(target)
 
+  def check_draft_params(self, target: LanguageModel, draft_params) -> None:
+    check_bpd_draft_params(target, self.bpd, draft_params)
+
   def init(self, draft_params, prefill: PrefillInfo, extra_slots: int, depth: int) -> Array:
     if depth > self.bpd.num_heads:
       raise InputError(f"A tree of depth {depth} needs {depth} BPD heads; these have {self.bpd.num_heads}.")
@@ -307,6 +310,9 @@ class OptTreeDrafter:
 
   def check_target(self, target: LanguageModel) -> None:
     check_target(self.source, target)
+
+  def check_draft_params(self, target: LanguageModel, draft_params) -> None:
+    check_draft_params(self.source, target, draft_params)
     vocab = getattr(target, "vocab_size", None)
     if vocab is not None and self.branch > vocab:
       raise InputError(f"branch={self.branch} candidates per node is more than the target's vocabulary ({vocab}).")

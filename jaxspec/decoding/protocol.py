@@ -94,6 +94,21 @@ def draft_model_params_hint(draft_model) -> str:
   return "the draft model's params (jaxspec.models.draft.load_draft, or layerskip_draft for layer skipping)"
 
 
+def check_draft_params(drafter, model: LanguageModel, draft_params) -> None:
+  """Raises `InputError` where `draft_params` were built for another target than `model` (BPD heads' output table
+  over another vocabulary): drafters that can tell from the arrays' shapes define `check_draft_params(target,
+  draft_params)`. They read shapes, and the values of small id arrays where those are concrete (not traced)."""
+  fn = getattr(drafter, "check_draft_params", None)
+  if fn is not None and draft_params is not None:
+    fn(model, draft_params)
+
+
+def check_acceptor(drafter, acceptor) -> None:
+  """Raises `InputError` where a drafter that is greedy only (`greedy_only = True`) gets a sampling rule."""
+  if getattr(drafter, "greedy_only", False) and hasattr(acceptor, "warp"):
+    raise InputError(f"{type(drafter).__name__} is greedy only: decode with temperature 0 (GreedyAcceptance).")
+
+
 def check_params(drafter, draft_params) -> None:
   """Raises `InputError` where `drafter` runs on arrays of its own (heads, a draft model) and `draft_params` is None.
   Such drafters name the function that builds them in `needs_params`."""

@@ -173,8 +173,8 @@ def check_part(folder, key: str, *, models_ok: bool = False) -> None:
         what, use = "a distilled draft model", "pass it to a draft method (--method spec:draft=FOLDER) or as --model"
       raise ModelLoadError(f"{folder} holds {what}, not {want}: {use}.")
   if not models_ok and ("architectures" in raw or "model_type" in raw):
-    raise ModelLoadError(f"{folder} holds a model (a Hugging Face config.json), not {want}: pass it as --model "
-                         "FOLDER.")
+    raise ModelLoadError(f"{folder} holds a model (a Hugging Face config.json), not {want}: load it as a model "
+                         "(--model FOLDER, or load_model(FOLDER) in Python).")
 
 
 def read_hf_config(folder: str) -> dict:

@@ -512,8 +512,17 @@ class Tokenizer:
     Args:
       ids: token ids (any iterable of ints, e.g. a list or a numpy array).
       skip_special_tokens: drop control tokens such as `<|im_end|>`.
+
+    Ids past the tokenizer's vocabulary decode to nothing, as in `tokenizers` (a model's output table can have more
+    rows than its tokenizer has entries).
+
+    Raises:
+      InputError: a negative id.
     """
-    return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+    ids = [int(i) for i in ids]
+    if ids and min(ids) < 0:
+      raise InputError(f"Token id {min(ids)} is negative: token ids start at 0.")
+    return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
   def id_to_token(self, token_id: int) -> str | None:
     """The vocabulary entry of `token_id` (byte-level spelling, e.g. 'Ġthe'), or None."""
