@@ -307,8 +307,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   args, extra = parser.parse_known_args(argv)
   if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
     args.overrides = [*args.overrides, *extra]
-  elif extra:
-    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  elif extra:  # said by the command's own parser, whose usage line shows the options it takes
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    sub = subs[0].choices.get(getattr(args, "command", None)) if subs else None
+    (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
   return args
 
 

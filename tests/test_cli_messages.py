@@ -176,6 +176,16 @@ def test_distributed_goes_after_the_command_name():
     assert e.value.code == 2, argv
 
 
+def test_an_unknown_option_is_named_by_the_commands_own_usage(capsys):
+  """A misspelled option after a command shows that command's usage (the options it takes), not the top level's."""
+  for argv, command in ((["train", "c.yaml", "a=1", "--distributd"], "train"),
+                        (["generate", "--prompt", "x", "--max-new-tokenz", "4"], "generate")):
+    with pytest.raises(SystemExit) as e:
+      cli.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"usage: jaxspec {command} " in err, err
+    assert f"jaxspec {command}: error: unrecognized arguments: " in err, err
+
 
 def test_distributed_reads_the_process_layout_from_the_environment(monkeypatch):
   """Outside the clusters JAX detects, JAX_NUM_PROCESSES and JAX_PROCESS_ID (with JAX_COORDINATOR_ADDRESS, which
