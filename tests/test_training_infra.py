@@ -551,6 +551,53 @@ def test_corrupt_checkpoint(tmp_path, damage):
     _assert_trees_equal(state, _state(0))
 
 
+def test_checksums_do_not_gather_and_agree_across_shardings_and_the_host(monkeypatch):
+  """Format-2 checksums are computed where each leaf lives: the same values give the same checksum on one device,
+  split over a mesh, or as numpy on the host; one changed element changes it; only scalars come back to the host."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from training import checkpoint as ck
+
+  mesh = jax.make_mesh((2, 4), ("data", "model"), devices=jax.devices()[:8])
+  host = [np.random.default_rng(0).normal(size=(8, 16)).astype(np.float32), np.arange(24, dtype=np.int32),
+          np.ones((4, 8), np.float16), np.array([True, False, True]), jnp.ones((8, 8), jnp.bfloat16)]
+  split = [jax.device_put(jnp.asarray(host[0]), NamedSharding(mesh, P("data", "model"))),
+           jax.device_put(jnp.asarray(host[1]), NamedSharding(mesh, P("model"))),
+           jax.device_put(jnp.asarray(host[2]), NamedSharding(mesh, P(None, "model"))),
+           jnp.asarray(host[3]), jax.device_put(host[4], NamedSharding(mesh, P("data")))]
+  fetched = []
+  real_fetch = ck.sharding.fetch
+  monkeypatch.setattr(ck.sharding, "fetch", lambda tree: fetched.append(tree) or real_fetch(tree))
+  on_host = ck._checksums([np.asarray(x) for x in host])
+  assert ck._checksums(split) == on_host == ck._checksums([jnp.asarray(x) for x in host])
+  assert fetched and all(np.ndim(x) == 0 for tree in fetched for x in jax.tree.leaves(tree))
+  changed = host[0].copy()
+  changed[3, 5] = np.nextafter(changed[3, 5], np.float32(np.inf))
+  assert ck._checksums([changed])[0] != on_host[0]
+  assert ck._checksums([host[0].T.copy()])[0] != on_host[0]  # positions count, not only values
+
+
+def test_checkpoints_of_the_earlier_integrity_format_still_verify(tmp_path, monkeypatch):
+  """A run killed before format 2 resumes from its checkpoints: format 1 (CRC-32 of gathered leaves) is still read,
+  and still finds damage."""
+  from training import checkpoint as ck
+
+  with monkeypatch.context() as m:
+    m.setattr(ck, "_INTEGRITY_FORMAT", 1)
+    with Checkpointer(tmp_path / "ck") as ckpt:
+      ckpt.save(1, _state(0), {"step": 1})
+      ckpt.save(2, _state(1), {"step": 2})
+  assert json.loads((tmp_path / "ck" / "2" / "integrity" / "metadata").read_text())["format"] == 1
+  with Checkpointer(tmp_path / "ck") as ckpt:
+    state, _ = ckpt.restore(_state(0))
+    _assert_trees_equal(state, _state(1))
+  target = _largest_file(tmp_path / "ck" / "2" / "state")
+  data = bytearray(target.read_bytes())
+  data[len(data) // 2 : len(data) // 2 + 32] = b"\xa5" * 32
+  target.write_bytes(bytes(data))
+  with Checkpointer(tmp_path / "ck") as ckpt, pytest.raises(CheckpointError, match=r"step 2 .* corrupt"):
+    ckpt.restore(_state(0))
+
+
 def test_closed_loop_reports_after_a_failed_read_are_dropped_and_others_are_not(tmp_path, monkeypatch):
   """A damaged checkpoint's failed read left dozens of "Event loop is closed" tracebacks after the one clear error
   (TensorStore finishing the other reads into the loop Orbax had closed); a Checkpointer drops those, only those."""

@@ -2,15 +2,17 @@
 
 Each checkpoint is a step directory `<directory>/<step>/` holding three items: `state` (the pytree, written by
 Orbax's StandardCheckpointHandler), `meta` (a JSON dict from the caller, e.g. the data position) and `integrity`
-(a CRC32 of every array, since Orbax stores no checksums: bytes overwritten inside an array file restore
+(a checksum of every array, since Orbax stores no checksums: bytes overwritten inside an array file restore
 silently as wrong numbers).
 
 Saves are atomic: Orbax writes `<step>.orbax-checkpoint-tmp/` and renames it to `<step>/` once everything is on
 disk. A process killed mid-save leaves only the temporary directory, which `latest_step` never reports and which
 is deleted when the next `Checkpointer` opens the directory.
 
-In a multi-host run every process saves and restores together (Orbax writes each process's shards); the checksums
-gather an array split across processes to each of them, one array at a time.
+In a multi-host run every process saves and restores together (Orbax writes each process's shards). The checksums
+are computed where the shards are, in one jitted program whose partial sums XLA combines, so no array is gathered
+onto a host (integrity format 2; checkpoints of format 1, CRC-32 of each array gathered onto every host, are still
+read).
 """
 
 from __future__ import annotations
@@ -32,7 +34,10 @@ from jaxspec.errors import JaxspecError, filter_unraisable
 State = TypeVar("State")
 
 _STATE, _META, _INTEGRITY = "state", "meta", "integrity"
-_INTEGRITY_FORMAT = 1
+# 2: each leaf's checksum is computed where the leaf lives (`_checksums`), so a sharded state is never gathered;
+# 1 (still read): CRC-32 of each leaf's bytes, gathered onto every host first.
+_INTEGRITY_FORMAT = 2
+_READABLE_FORMATS = (1, 2)
 
 
 class CheckpointError(JaxspecError):
@@ -158,7 +163,7 @@ class Checkpointer:
         _META: ocp.args.JsonSave(_jsonable(dict(meta or {}))),
     }
     if self._verify:
-      items[_INTEGRITY] = ocp.args.JsonSave({"format": _INTEGRITY_FORMAT, "leaves": _digests(state)})
+      items[_INTEGRITY] = ocp.args.JsonSave({"format": _INTEGRITY_FORMAT, "leaves": _digests(state, _INTEGRITY_FORMAT)})
     return bool(self._manager.save(step, args=ocp.args.Composite(**items), force=True))
 
   def restore(self, state_template: State, step: int | None = None) -> tuple[State, dict[str, Any]]:
@@ -275,11 +280,11 @@ class Checkpointer:
     )
 
   def _check_digests(self, step: int, state: Any, integrity: Any) -> None:
-    if not isinstance(integrity, dict) or integrity.get("format") != _INTEGRITY_FORMAT:
+    if not isinstance(integrity, dict) or integrity.get("format") not in _READABLE_FORMATS:
       raise self._corrupt(step, "its integrity record is unreadable")
     saved = integrity.get("leaves", {})
     bad = []
-    for key, digest in _digests(state).items():
+    for key, digest in _digests(state, integrity["format"]).items():
       want = saved.get(key)
       # A leaf restored as another dtype (cast to the template) cannot be compared byte for byte.
       if want is not None and want.split(":")[:2] == digest.split(":")[:2] and want != digest:
@@ -288,17 +293,80 @@ class Checkpointer:
       raise self._corrupt(step, f"checksum mismatch in {_list(bad)}")
 
 
-def _digests(state: Any) -> dict[str, str]:
-  """`{leaf path: "dtype:shape:crc32"}` of every leaf of a pytree."""
-  out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-    if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-      leaf = jax.random.key_data(leaf)
+def _digests(state: Any, fmt: int) -> dict[str, str]:
+  """`{leaf path: "dtype:shape:checksum"}` of every leaf of a pytree, in integrity format `fmt`."""
+  flat = jax.tree_util.tree_flatten_with_path(state)[0]
+  leaves = [jax.random.key_data(x) if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+            else x for _, x in flat]
+  if fmt == 1:
     # sharding.fetch gathers an array split across the processes of a multi-host run (every process saves).
-    array = np.ascontiguousarray(sharding.fetch(leaf)).reshape(-1)
-    crc = zlib.crc32(array.view(np.uint8)) if array.size else 0
-    shape = "x".join(map(str, np.shape(leaf)))
-    out[jax.tree_util.keystr(path)] = f"{array.dtype.name}:{shape}:{crc:08x}"
+    arrays = [np.ascontiguousarray(sharding.fetch(x)).reshape(-1) for x in leaves]
+    sums = [zlib.crc32(a.view(np.uint8)) if a.size else 0 for a in arrays]
+    names = [a.dtype.name for a in arrays]
+  else:
+    sums = _checksums(leaves)
+    names = [np.dtype(getattr(x, "dtype", None) or np.asarray(x).dtype).name for x in leaves]
+  return {jax.tree_util.keystr(path): f"{name}:{'x'.join(map(str, np.shape(x)))}:{int(c):08x}"
+          for (path, _), x, name, c in zip(flat, leaves, names, sums)}
+
+
+# Wrapping uint32 arithmetic: a checksum of 32-bit words, each mixed with its position, summed modulo 2**32. The sum
+# does not depend on the order of the reduction, so a leaf split over devices and hosts gets the checksum of the
+# whole array from partial sums XLA combines (no shard leaves its device), and numpy on the host computes the same.
+_GOLDEN, _MIX1, _MIX2 = 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35
+
+
+def _words(x, xp):
+  """`x`'s bits as uint32 words: wider types split into 32-bit words (a trailing axis), narrower ones zero-extended."""
+  size = np.dtype(x.dtype).itemsize
+  if x.dtype == bool:
+    return x.astype(xp.uint32)
+  narrow = {1: xp.uint8, 2: xp.uint16, 4: xp.uint32, 8: xp.uint32}[size]
+  if xp is np:
+    return np.ascontiguousarray(x).view(narrow).reshape(x.shape + ((2,) if size == 8 else ())).astype(np.uint32)
+  return jax.lax.bitcast_convert_type(x, narrow).astype(xp.uint32)
+
+
+def _mix(words, index, xp):
+  h = (words ^ (index * xp.uint32(_GOLDEN))) * xp.uint32(_MIX1)
+  h = h ^ (h >> xp.uint32(15))
+  h = h * xp.uint32(_MIX2)
+  return h ^ (h >> xp.uint32(13))
+
+
+@jax.jit
+def _device_checksums(leaves: list) -> list:
+  out = []
+  for x in leaves:
+    w = _words(x, jax.numpy)
+    index = jax.numpy.zeros(w.shape, jax.numpy.uint32)
+    stride = 1
+    for d in reversed(range(w.ndim)):  # the C-order position, built from iotas: no reshape of a sharded array
+      index = index + jax.lax.broadcasted_iota(jax.numpy.uint32, w.shape, d) * jax.numpy.uint32(stride % 2 ** 32)
+      stride *= w.shape[d]
+    out.append(jax.numpy.sum(_mix(w, index, jax.numpy), dtype=jax.numpy.uint32))
+  return out
+
+
+def _host_checksum(x) -> int:
+  w = _words(np.asarray(x), np).reshape(-1)
+  index = (np.arange(w.size, dtype=np.uint64) & 0xFFFFFFFF).astype(np.uint32)
+  with np.errstate(over="ignore"):
+    return int(np.sum(_mix(w, index, np), dtype=np.uint32))
+
+
+def _checksums(leaves: list) -> list[int]:
+  """The format-2 checksum of each leaf: device arrays on their devices (one jitted call for all of them; only the
+  scalars come back), anything else on the host."""
+  on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+  out: list[int] = [0] * len(leaves)
+  if on_device:
+    sums = sharding.fetch(_device_checksums([leaves[i] for i in on_device]))
+    for i, c in zip(on_device, sums):
+      out[i] = int(c)
+  for i, x in enumerate(leaves):
+    if not isinstance(x, jax.Array):
+      out[i] = _host_checksum(x)
   return out
 
 
