@@ -569,6 +569,8 @@ def test_checksums_do_not_gather_and_agree_across_shardings_and_the_host(monkeyp
   monkeypatch.setattr(ck.sharding, "fetch", lambda tree: fetched.append(tree) or real_fetch(tree))
   on_host = ck._checksums([np.asarray(x) for x in host])
   assert ck._checksums(split) == on_host == ck._checksums([jnp.asarray(x) for x in host])
+  elsewhere = [jax.device_put(jnp.asarray(x), jax.devices()[i % 3]) for i, x in enumerate(host)]  # committed apart
+  assert ck._checksums(elsewhere) == on_host
   assert fetched and all(np.ndim(x) == 0 for tree in fetched for x in jax.tree.leaves(tree))
   changed = host[0].copy()
   changed[3, 5] = np.nextafter(changed[3, 5], np.float32(np.inf))

@@ -358,11 +358,14 @@ def _host_checksum(x) -> int:
 def _checksums(leaves: list) -> list[int]:
   """The format-2 checksum of each leaf: device arrays on their devices (one jitted call for all of them; only the
   scalars come back), anything else on the host."""
-  on_device = [i for i, x in enumerate(leaves) if isinstance(x, jax.Array)]
+  groups: dict[frozenset, list[int]] = {}  # one program per set of devices: jit takes no mix of committed placements
+  for i, x in enumerate(leaves):
+    if isinstance(x, jax.Array):
+      groups.setdefault(frozenset(d.id for d in x.sharding.device_set), []).append(i)
   out: list[int] = [0] * len(leaves)
-  if on_device:
-    sums = sharding.fetch(_device_checksums([leaves[i] for i in on_device]))
-    for i, c in zip(on_device, sums):
+  for idx in groups.values():
+    sums = sharding.fetch(_device_checksums([leaves[i] for i in idx]))
+    for i, c in zip(idx, sums):
       out[i] = int(c)
   for i, x in enumerate(leaves):
     if not isinstance(x, jax.Array):
