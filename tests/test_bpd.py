@@ -377,9 +377,11 @@ def test_joint_run_starts_from_trained_heads_and_scales_the_base_rate(tiny, tmp_
   np.testing.assert_array_equal(p0["vocab_ids"], p1["vocab_ids"])
   assert not np.allclose(p0["heads"]["w_in"], p1["heads"]["w_in"])
   wrong = dataclasses.replace(cfg, heads=dataclasses.replace(cfg.heads, d_hidden=16),
+                              data=dataclasses.replace(cfg.data, dataset_dir=str(tmp_path / "d" / "data")),
                               train=dataclasses.replace(cfg.train, checkpoint_dir=str(tmp_path / "d" / "ckpt")))
   with pytest.raises(ConfigError, match="d_hidden=32"):
     train_bpd(wrong, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  assert not (tmp_path / "d" / "data").exists()  # refused before the data is built, not after
 
 
 def test_config_errors_name_the_key(tmp_path):
@@ -433,7 +435,7 @@ def test_shipped_heads_with_a_gate_equal_greedy_on_default_model(default_model, 
   assert gated.target_calls < greedy.target_calls  # the gate lets confident drafts through
 
 
-def test_sampled_self_distillation_is_reproducible_and_splits_by_prompt(tmp_path):
+def test_sampled_self_distillation_is_reproducible_and_splits_by_prompt(tmp_path, caplog):
   from jaxspec.models.llama import LlamaLM, tiny_config
   from training import datasets
 
@@ -450,8 +452,10 @@ def test_sampled_self_distillation_is_reproducible_and_splits_by_prompt(tmp_path
   assert len({tuple(t) for t in seqs.tokens}) > 4  # several different continuations of a prompt
   # A killed run redoes only its missing shard, and writes the same sequences (seeded by shard and batch).
   (tmp_path / "s" / "shard_00001.npz").unlink()
-  again = build(tmp_path / "s", samples=3, temperature=1.0)
+  with caplog.at_level("WARNING", logger="training.datasets"):
+    again = build(tmp_path / "s", samples=3, temperature=1.0)
   assert [t.tolist() for t in again.tokens] == [t.tolist() for t in seqs.tokens]
+  assert f"continuing the answers in {tmp_path / 's'}: 6 of 12 are there from an earlier run" in caplog.text
   # Every sample of a prompt is on the same side of the split.
   train, ev = seqs.split(0.25)
   ev_prompts = {tuple(t[:p]) for t, p in zip(ev.tokens, ev.prompt_lens)}

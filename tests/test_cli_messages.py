@@ -105,6 +105,20 @@ def test_malformed_yaml_is_one_line_with_its_position(tmp_path, capsys, text, wh
   assert "is not valid YAML" in err and where in err
 
 
+def test_a_key_written_twice_is_refused_and_merges_still_work(tmp_path, capsys):
+  """PyYAML keeps the last of two equal keys without a word: a second `task:` line ran another task. Both places
+  are named; YAML merge keys (`<<: *base`), whose keys a mapping may override, still load."""
+  from training.config import read_config_file
+  config = tmp_path / "twice.yaml"
+  for text, want in (("task: seq2seq\ntask: bpd\n", "key 'task' appears twice (line 1 and line 2)"),
+                     ("task: bpd\ntrain:\n  steps: 0\n  steps: 10\n", "key 'steps' appears twice (line 3 and line 4)")):
+    config.write_text(text)
+    err = fails(["train", str(config)], capsys)
+    assert "is not valid YAML" in err and want in err, err
+  config.write_text("base: &b {steps: 3, lr: 1}\ntrain:\n  <<: *b\n  steps: 5\n")
+  assert read_config_file(config)["train"] == {"steps": 5, "lr": 1}
+
+
 # ---- generate's flags --------------------------------------------------------------------------------------------
 
 def test_generate_names_its_flags(tiny_target, capsys):

@@ -408,6 +408,8 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   if model is None:
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
                                                   matmul_precision=cfg.model.matmul_precision)
+  # Heads to start from are read and checked against the run before the data is built (which can take an hour).
+  initial = _initial_heads(cfg, model) if cfg.heads.init else None
   ckpt_dir = Path(cfg.train.checkpoint_dir)
   record_run_config(cfg, ckpt_dir)
   t0 = time.time()
@@ -420,8 +422,8 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
                            use_next_token=cfg.heads.use_next_token,
                            vocab_subset=len(vocab_ids) if vocab_ids is not None else 0))
   rng = jax.random.key(cfg.train.seed)
-  if cfg.heads.init:
-    bpd, bpd_params = _initial_heads(cfg, model)
+  if initial is not None:
+    bpd, bpd_params = initial
     vocab_ids = np.asarray(bpd_params["vocab_ids"]) if "vocab_ids" in bpd_params else None  # the heads' own rows
   else:
     bpd_params = bpd.init_params(rng, vocab_ids)

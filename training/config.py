@@ -8,6 +8,7 @@ the field's type, so a typo or a wrong type fails at startup with the full dotte
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import math
@@ -88,6 +89,28 @@ def _one_line(e: Exception) -> str:
   return " ".join(str(e).split())
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+  """PyYAML's safe loader, refusing a key written twice in one mapping: plain PyYAML keeps the last value without a
+  word (a second `task:` line ran another task), where TOML refuses it."""
+
+  def construct_mapping(self, node, deep=False):
+    if isinstance(node, yaml.MappingNode):
+      seen = {}
+      for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys given here may override merged ones
+          continue
+        key = self.construct_object(key_node, deep=True)
+        if not isinstance(key, collections.abc.Hashable):
+          continue  # PyYAML's own check below names it
+        if key in seen:
+          raise yaml.constructor.ConstructorError(
+              f"while reading a mapping that starts at line {node.start_mark.line + 1}", None,
+              f"key {key!r} appears twice (line {seen[key] + 1} and line {key_node.start_mark.line + 1}): keep one",
+              key_node.start_mark)
+        seen[key] = key_node.start_mark.line
+    return super().construct_mapping(node, deep=deep)
+
+
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
   """The top-level mapping of a YAML or TOML file (an empty file gives `{}`)."""
   path = Path(path)
@@ -102,7 +125,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = tomllib.load(f)
     else:
       with path.open("r", encoding="utf-8") as f:
-        data = yaml.safe_load(f)
+        data = yaml.load(f, Loader=_UniqueKeyLoader)
   except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
     raise ConfigError(f"config file {str(path)!r} is not valid {suffix[1:].upper()}: {_one_line(e)}") from e
   if data is None:

@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     print("usage: python -m training.curves RUN_DIR (a checkpoint folder holding metrics.jsonl)", file=sys.stderr)
     return 2
   path = Path(args[0])
+  if not path.exists():
+    print(f"{path} does not exist: pass a run's checkpoint folder (train.checkpoint_dir)", file=sys.stderr)
+    return 2
   path = path / "metrics.jsonl" if path.is_dir() else path
   if not path.is_file():
     print(f"no metrics.jsonl at {path}: pass a run's checkpoint folder (train.checkpoint_dir)", file=sys.stderr)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -21,6 +22,8 @@ from tqdm.auto import tqdm
 
 from jaxspec import files
 from jaxspec.errors import InputError
+
+logger = logging.getLogger(__name__)
 
 SHIPPED_PROMPTS = Path(__file__).parent / "data" / "prompts.jsonl"
 """Training prompts written for this project (none from Spec-Bench); see training/data/README.md."""
@@ -209,6 +212,9 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   write_meta(meta_path, {**meta, **source})
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
+  done = sum(len(shard) for si, shard in enumerate(shards) if (out / f"shard_{si:05d}.npz").exists())
+  if 0 < done < len(order):  # a killed run's answers are kept: say so, as the trainer does for its checkpoints
+    logger.warning("continuing the answers in %s: %d of %d are there from an earlier run", out, done, len(order))
   bar = tqdm(total=len(order), desc="self-distill", unit="answer", disable=not progress)
   for si, shard in enumerate(shards):
     path = out / f"shard_{si:05d}.npz"
