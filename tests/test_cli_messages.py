@@ -72,6 +72,30 @@ def test_opt_tree_quotes_the_depth_that_was_asked(t5):
     build(ctx, f"opt-tree:heads={T5_HEADS}:shape=chain")
 
 
+# ---- a draft with another tokenizer ------------------------------------------------------------------------------
+
+def test_a_draft_with_another_tokenizer_of_the_same_size_is_warned_about(t5, tmp_path, caplog):
+  """Same number of ids, other tokens: the vocabulary-size check passes and the output stays the target's, but the
+  drafts name other tokens. The bench says so; the draft that shares the target's tokenizer gets no warning."""
+  import json
+  import shutil
+
+  ctx = BenchContext(*t5)
+  with caplog.at_level("WARNING", logger="jaxspec.bench.methods"):
+    build(ctx, f"spec:draft={ASSETS / 't5_numbers_draft'}")
+  assert "another tokenizer" not in caplog.text
+  other = tmp_path / "draft"
+  shutil.copytree(ASSETS / "t5_numbers_draft", other)
+  tok = json.loads((other / "tokenizer.json").read_text())
+  vocab = tok["model"]["vocab"]
+  a, b = sorted(vocab, key=vocab.get)[-2:]  # two ordinary tokens swap their ids
+  vocab[a], vocab[b] = vocab[b], vocab[a]
+  (other / "tokenizer.json").write_text(json.dumps(tok))
+  with caplog.at_level("WARNING", logger="jaxspec.bench.methods"):
+    build(ctx, f"spec:draft={other}")
+  assert f"draft={other} has another tokenizer than the target: 2 of its" in caplog.text
+
+
 # ---- meshes ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec", ["foo", "2,4,8", "2"])

@@ -11,6 +11,7 @@ A method name may carry options after colons: `bpd:k=4`, `opt-tree:nodes=16:dept
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -19,6 +20,8 @@ import numpy as np
 from jaxspec import sharding
 from jaxspec.decoding.generate import GenerationResult, generate
 from jaxspec.errors import InputError, ModelLoadError
+
+logger = logging.getLogger(__name__)
 
 
 class Unavailable(Exception):
@@ -329,6 +332,21 @@ def _speculative_runner(ctx: BenchContext, draft_model, draft_params, opts: dict
   return loop_runner(ctx, drafter, draft_params)
 
 
+def _warn_other_tokenizer(path, target_tok, draft_tok) -> None:
+  """A draft model with the target's number of ids but another tokenizer passes the vocabulary check: its drafts
+  are other tokens' ids, so few are accepted (the output is still the target's). Said once, as a warning."""
+  vocab = lambda tok: getattr(getattr(tok, "backend", None), "get_vocab", None)
+  a, b = vocab(target_tok), vocab(draft_tok)
+  if a is None or b is None:
+    return
+  va, vb = a(with_added_tokens=True), b(with_added_tokens=True)
+  if va != vb:
+    differ = sum(vb.get(token) != i for token, i in va.items())
+    logger.warning("draft=%s has another tokenizer than the target: %d of its %d tokens are spelled or numbered "
+                   "differently, so its drafts name other tokens and few will be accepted (the output is still the "
+                   "target's). Use a draft trained with the target's tokenizer.", path, differ, len(va))
+
+
 def _draft_model(ctx: BenchContext, path) -> tuple:
   """`(draft model, draft params)` from a path, loaded once per bench run and checked against the target's vocabulary.
 
@@ -353,6 +371,7 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
       if path.is_dir() and "jaxspec_draft" in (path / "config.json").read_text():
         from jaxspec.models.draft import load_draft
         draft, draft_params = load_draft(path, ctx.params, ready=ctx.ready)  # shares the target's embedding
+        draft_tok = None  # and its tokenizer
         precision = getattr(getattr(ctx.model, "cfg", None), "matmul_precision", None)
         if precision is not None:  # the target's products, as for a draft loaded as a model below
           from jaxspec.models.llama import with_matmul_precision
@@ -361,9 +380,10 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
         # A model file is loaded in the target's dtypes (a distilled draft above keeps the dtype it was saved in).
         from jaxspec.bench.runner import BenchConfig, model_settings
         kinds = model_settings(ctx.model, BenchConfig())
-        draft, draft_params, _ = load_model(str(path), dtype=kinds["dtype"], param_dtype=kinds["param_dtype"],
-                                            matmul_precision=kinds["matmul_precision"])
+        draft, draft_params, draft_tok = load_model(str(path), dtype=kinds["dtype"], param_dtype=kinds["param_dtype"],
+                                                    matmul_precision=kinds["matmul_precision"])
       vocab_check(ctx.model, draft)
+      _warn_other_tokenizer(path, ctx.tokenizer, draft_tok)
     except PeerFailed:
       raise
     except (ModelLoadError, InputError) as e:  # as for heads=: this method cannot run, the others can
