@@ -434,6 +434,10 @@ def test_quick_keeps_the_settings_given(tmp_path, prompt_file, methods, monkeypa
   assert "max new tokens 40; batch size 1" in (tmp_path / "a" / "report.md").read_text()
   plain = BenchConfig(prompts=prompt_file).resolved()
   assert (plain.batch_size, plain.max_new_tokens, plain.limit) == (1, 128, None)
+  for quick in (False, True):  # a 0 given is not taken for "unset": the run refuses it
+    with pytest.raises(InputError):
+      run_bench(BenchConfig(prompts=prompt_file, methods=("oracle",), quick=quick, batch_size=0, out=str(tmp_path)),
+                methods, None, ByteTokenizer(), progress=False)
 
 
 def test_ctrl_c_while_the_report_is_written_keeps_every_run(tmp_path, prompt_file, methods, monkeypatch, capsys):

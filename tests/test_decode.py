@@ -224,6 +224,18 @@ def test_malformed_arguments_are_clear_errors(tiny, kwargs, match):
     gen.generate(model, params, args.pop("prompts"), **args)
 
 
+def test_numpy_and_jax_scalars_are_settings_like_python_numbers(tiny):
+  """The settings' checks take a number in any form a caller holds it: numpy and JAX scalars and 0-d arrays."""
+  model, params = tiny
+  plain = gen.generate(model, params, [[5, 6, 7]], max_new_tokens=4, temperature=0.7, top_k=4, top_p=0.9, seed=3,
+                       max_len=64).tokens
+  for kinds in ((jnp.float32, jnp.int32, jnp.float32), (np.float64, np.int64, np.asarray)):
+    real, whole, third = kinds
+    got = gen.generate(model, params, [[5, 6, 7]], max_new_tokens=4, temperature=real(0.7), top_k=whole(4),
+                       top_p=third(0.9), seed=whole(3), max_len=whole(64)).tokens
+    assert got == plain
+
+
 def test_a_pad_id_past_the_vocabulary_is_refused_not_decoded_as_nan(tiny):
   """Padding slots are embedded: an id past the vocabulary embeds as NaN, and 0 * NaN through the masked attention
   turned every row into token 0 before this was checked."""

@@ -72,10 +72,12 @@ class BenchConfig:
     category, 32 new tokens, all prompts in one batch (one compiled program per method instead of one per
     prompt-length bucket) and no warm-up run (compilation is timed apart anyway). A limit, a number of new tokens or
     a batch size that is given stays as given, with `--quick` too."""
+    unset = lambda value, default: default if value is None else value  # 0 stays 0, and is refused by the run
     if not self.quick:
-      return dataclasses.replace(self, max_new_tokens=self.max_new_tokens or 128, batch_size=self.batch_size or 1)
-    return dataclasses.replace(self, limit=self.limit or 1, max_new_tokens=self.max_new_tokens or 32,
-                               batch_size=self.batch_size or 16)
+      return dataclasses.replace(self, max_new_tokens=unset(self.max_new_tokens, 128),
+                                 batch_size=unset(self.batch_size, 1))
+    return dataclasses.replace(self, limit=unset(self.limit, 1), max_new_tokens=unset(self.max_new_tokens, 32),
+                               batch_size=unset(self.batch_size, 16))
 
 
 @dataclasses.dataclass

@@ -177,20 +177,37 @@ def _eos_list(eos_ids, vocab_size: int | None = None) -> list[int]:
   return ids
 
 
+def _number_kind(value) -> str:
+  """"i" (an integer), "f" (a float) or "" (anything else, bools included) for a Python, numpy or JAX scalar or
+  0-d array."""
+  if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
+    return ""
+  if isinstance(value, int):
+    return "i"
+  if isinstance(value, float):
+    return "f"
+  dtype = getattr(value, "dtype", None)
+  if dtype is None or np.ndim(value) != 0:
+    return ""
+  kind = np.dtype(dtype).kind
+  return "i" if kind in "iu" else "f" if kind == "f" else ""
+
+
 def _real(value, what: str) -> float:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+  if not _number_kind(value):
     raise InputError(f"{what} must be a number, got {value!r}.")
   return float(value)
 
 
 def _whole(value, what: str, minimum: int, maximum: int | None = None) -> int:
-  if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-    if not (isinstance(value, (float, np.floating)) and float(value).is_integer()):
-      raise InputError(f"{what} must be a whole number, got {value!r}.")
+  kind = _number_kind(value)
+  if not (kind == "i" or (kind == "f" and float(value).is_integer())):
+    raise InputError(f"{what} must be a whole number, got {value!r}.")
+  value = int(value)
   if value < minimum or (maximum is not None and value > maximum):
     span = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
     raise InputError(f"{what} must be {span}, got {value!r}.")
-  return int(value)
+  return value
 
 
 def check_settings(temperature, top_k, top_p, seed, max_len) -> tuple[float, int, float, int, int | None]:

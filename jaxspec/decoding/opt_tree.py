@@ -310,12 +310,12 @@ class OptTreeDrafter:
 
   def check_target(self, target: LanguageModel) -> None:
     check_target(self.source, target)
-
-  def check_draft_params(self, target: LanguageModel, draft_params) -> None:
-    check_draft_params(self.source, target, draft_params)
     vocab = getattr(target, "vocab_size", None)
     if vocab is not None and self.branch > vocab:
       raise InputError(f"branch={self.branch} candidates per node is more than the target's vocabulary ({vocab}).")
+
+  def check_draft_params(self, target: LanguageModel, draft_params) -> None:
+    check_draft_params(self.source, target, draft_params)
 
   @property
   def _cands(self) -> int:
