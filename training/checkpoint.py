@@ -356,8 +356,8 @@ def _host_checksum(x) -> int:
 
 
 def _checksums(leaves: list) -> list[int]:
-  """The format-2 checksum of each leaf: device arrays on their devices (one jitted call for all of them; only the
-  scalars come back), anything else on the host."""
+  """The format-2 checksum of each leaf: device arrays on their devices (one jitted call per set of devices; only
+  the scalars come back), anything else on the host."""
   groups: dict[frozenset, list[int]] = {}  # one program per set of devices: jit takes no mix of committed placements
   for i, x in enumerate(leaves):
     if isinstance(x, jax.Array):

@@ -63,7 +63,7 @@ def _check_subset_ids(target, bpd_params) -> None:
                      f"{vocab} tokens: they were trained for another target; use heads trained for this one.")
 
 
-def check_bpd_draft_params(target, bpd: BPDModel, draft_params: dict) -> None:
+def check_bpd_draft_params(target, draft_params: dict) -> None:
   """Raises `InputError` where BPD draft params were built (`bpd_draft_params`) with another target than `target`:
   an output table over another vocabulary would draft ids the target cannot embed (NaN, then token 0 everywhere)."""
   vocab = getattr(target, "vocab_size", None)
@@ -116,7 +116,7 @@ class BPDDrafter:
     width_check(target, self.bpd.cfg.d_model, "these BPD heads")
 
   def check_draft_params(self, target, draft_params) -> None:
-    check_bpd_draft_params(target, self.bpd, draft_params)
+    check_bpd_draft_params(target, draft_params)
 
   def init(self, draft_params, prefill: PrefillInfo):
     return prefill.hidden_BxD.astype(jnp.float32)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Iterator, Sequence
 
@@ -218,10 +217,7 @@ def check_settings(temperature, top_k, top_p, seed, max_len) -> tuple[float, int
     InputError: a value of the wrong type or out of range.
   """
   temperature, top_p = _real(temperature, "temperature"), _real(top_p, "top_p")
-  if not (math.isfinite(temperature) and temperature >= 0):
-    raise InputError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
-  if not 0.0 < top_p <= 1.0:
-    raise InputError(f"top_p must be in (0, 1] (1: no top-p filter), got {top_p}")
+  SamplingParams.make(temperature, top_p)  # their ranges
   top_k = _whole(top_k, "top_k (0: no top-k filter)", 0)
   seed = _whole(seed, "seed", -(2 ** 63), 2 ** 63 - 1)
   if max_len is not None:

@@ -130,7 +130,7 @@ class LatticeDrafter:
     return self.lm.calls_per_step if self.rescorer == "neural" else 0
 
   def check_draft_params(self, target, draft_params) -> None:
-    check_bpd_draft_params(target, self.bpd, draft_params.get("bpd") if isinstance(draft_params, dict) else None)
+    check_bpd_draft_params(target, draft_params.get("bpd") if isinstance(draft_params, dict) else None)
 
   def check_target(self, target) -> None:
     BPDDrafter(self.bpd).check_target(target)

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.decoding.protocol import (Draft, Drafter, LanguageModel, PrefillInfo, Verified, check_acceptor,
-                                       check_draft_params, check_params,
-                                       check_target, empty_prefill_kwargs, start)
+                                       check_draft_params, check_params, check_target, empty_prefill_kwargs, start)
 from jaxspec.decoding.sampling import SamplingParams
 from jaxspec.errors import InputError
 

@@ -179,7 +179,7 @@ class HeadsTreeSource:
     BPDDrafter(self.bpd).check_target(target)
 
   def check_draft_params(self, target: LanguageModel, draft_params) -> None:
-    check_bpd_draft_params(target, self.bpd, draft_params)
+    check_bpd_draft_params(target, draft_params)
 
   def init(self, draft_params, prefill: PrefillInfo, extra_slots: int, depth: int) -> Array:
     if depth > self.bpd.num_heads:
