@@ -135,7 +135,9 @@ def test_a_key_written_twice_is_refused_and_merges_still_work(tmp_path, capsys):
   from training.config import read_config_file
   config = tmp_path / "twice.yaml"
   for text, want in (("task: seq2seq\ntask: bpd\n", "key 'task' appears twice (line 1 and line 2)"),
-                     ("task: bpd\ntrain:\n  steps: 0\n  steps: 10\n", "key 'steps' appears twice (line 3 and line 4)")):
+                     ("task: bpd\ntrain:\n  steps: 0\n  steps: 10\n", "key 'steps' appears twice (line 3 and line 4)"),
+                     # a key written as an alias is named at the alias, not at its anchor
+                     ("keys: [&s steps]\ntrain:\n  steps: 0\n  *s : 10\n", "key 'steps' appears twice (line 3 and line 4)")):
     config.write_text(text)
     err = fails(["train", str(config)], capsys)
     assert "is not valid YAML" in err and want in err, err

@@ -93,6 +93,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
   """PyYAML's safe loader, refusing a key written twice in one mapping: plain PyYAML keeps the last value without a
   word (a second `task:` line ran another task), where TOML refuses it."""
 
+  def compose_node(self, parent, index):
+    # A key written as an alias (`*name`) is the anchored node itself, which carries the anchor's position: a copy
+    # with the alias's own position lets a duplicate key be reported where it is written. Only scalars are copied;
+    # collections keep their identity (a document may refer to itself through them).
+    alias = self.peek_event() if self.check_event(yaml.AliasEvent) else None
+    node = super().compose_node(parent, index)
+    if alias is not None and isinstance(node, yaml.ScalarNode):
+      node = yaml.ScalarNode(node.tag, node.value, alias.start_mark, alias.end_mark, style=node.style)
+    return node
+
   def construct_mapping(self, node, deep=False):
     if isinstance(node, yaml.MappingNode):
       seen = {}
