@@ -43,10 +43,14 @@ def _temperature(text: str) -> float:
   return v
 
 
-def _check_top_p(args) -> None:
-  """`--top-p` in (0, 1], checked before any model loads (the library's own check names its parameter, top_p)."""
-  if not 0.0 < args.top_p <= 1.0:
-    raise InputError(f"--top-p {args.top_p:g} is out of range: top_p must be in (0, 1] (1: no top-p filter).")
+def _top_p(text: str) -> float:
+  try:
+    v = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+  if not 0.0 < v <= 1.0:  # NaN fails this too
+    raise argparse.ArgumentTypeError(f"must be in (0, 1] (1: no top-p filter), got {text}")
+  return v
 
 
 def _check_fits(args, model, n_prompt: int) -> None:
@@ -127,7 +131,6 @@ def _cmd_generate(args) -> int:
     where = "standard input" if args.prompt_file == "-" else f"the file {args.prompt_file}"
     raise InputError("The prompt is empty: pass some text with --prompt" + (f" ({where} holds none)."
                                                                               if args.prompt_file else "."))
-  _check_top_p(args)
   label, name, opts = parse_method(args.method)
   mesh = _mesh(args)
   model, params, tok = load_model(args.model, dtype=args.dtype, scan_layers=args.scan_layers,
@@ -185,7 +188,6 @@ def _cmd_bench(args) -> int:
   categories = tuple(c for c in args.categories.split(",") if c.strip()) if args.categories is not None else None
   if categories == ():
     raise InputError("--categories names no category: give comma-separated category names.")
-  _check_top_p(args)
   cfg = BenchConfig(prompts=args.prompts, methods=methods, limit=args.limit,
                     categories=categories,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
@@ -231,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--max-new-tokens", type=_positive_int, default=128)
   g.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
   g.add_argument("--top-k", type=_top_k, default=0)
-  g.add_argument("--top-p", type=float, default=1.0)
+  g.add_argument("--top-p", type=_top_p, default=1.0)
   g.add_argument("--seed", type=_seed, default=0)
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
   g.add_argument("--max-len", type=_positive_int, default=None, help="cache length (default: model context length)")
@@ -264,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                  help="prompts decoded together (default 1; 16 with --quick)")
   b.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
   b.add_argument("--top-k", type=_top_k, default=0)
-  b.add_argument("--top-p", type=float, default=1.0)
+  b.add_argument("--top-p", type=_top_p, default=1.0)
   b.add_argument("--seed", type=_seed, default=0)
   b.add_argument("--out", default="bench_out", help="folder for results.json, report.md and plots")
   b.add_argument("--t5x-src", default=None, help="a T5X source checkout, for the t5x-greedy baseline")

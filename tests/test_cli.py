@@ -114,6 +114,9 @@ def test_bad_number_is_an_argparse_error(capsys):
     (["--top-k", "-5"], "must be >= 0"),
     (["--seed", str(10 ** 20)], "must be greater than -2**62 and less than 2**62"),
     (["--max-new-tokens", "abc"], "must be a whole number, got 'abc'"),
+    (["--top-p", "1.5"], "argument --top-p: must be in (0, 1] (1: no top-p filter), got 1.5"),
+    (["--top-p", "nan"], "argument --top-p: must be in (0, 1]"),
+    (["--top-p", "x"], "argument --top-p: must be a number, got 'x'"),
 ])
 def test_bad_numbers_are_argparse_errors_that_say_why(flags, message, capsys):
   with pytest.raises(SystemExit) as e:
@@ -126,7 +129,6 @@ def test_bad_numbers_are_argparse_errors_that_say_why(flags, message, capsys):
     (["--method", "bpd:k=abc"], "k='abc' of 'bpd' must be a whole number"),
     (["--method", "jacobi", "--temperature", "0.8"], "Method 'jacobi' cannot run here: Jacobi decoding here is greedy"),
     (["--method", "opt-tree:nodes=100000"], "nodes='100000' of 'opt-tree' must be a whole number in 1..1024 or auto"),
-    (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     (["--temperature", "1", "--top-k", "100000"], "more than the model's vocabulary (49152 tokens)"),
     (["--max-len", "100000"], "more than the model's context length (8192 tokens)"),
 ])
