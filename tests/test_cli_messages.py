@@ -309,6 +309,81 @@ def test_a_bad_draft_is_the_method_s_problem_as_a_bad_heads_folder_is(tiny, tmp_
   assert f"Cannot run spec:draft={empty}: draft={empty} is a folder without config.json" in str(e.value)
 
 
+def test_heads_for_another_model_are_the_method_s_problem_and_name_the_option(tiny, tmp_path):
+  """Heads whose ids are past the target's vocabulary (the shipped SmolLM2 heads on a 576-wide model of another
+  tokenizer), or of the right shapes but trained for another model (told by the embedding fingerprint their config
+  records), make the method unavailable (a bench of every method goes on), with the folder and the option named."""
+  import jax
+  import numpy as np
+
+  from jaxspec.models.bpd import BPDConfig, BPDModel, load_bpd, save_bpd
+  from jaxspec.models.draft import embed_fingerprint
+  from tests.conftest import make_tiny
+
+  model, params = tiny
+  d = model.cfg.d_model
+  subset = BPDModel(BPDConfig(num_heads=2, d_model=d, d_hidden=8, vocab_subset=4))
+  save_bpd(tmp_path / "far", subset, subset.init_params(jax.random.key(1), vocab_ids=np.array([300, 301, 302, 303])))
+  ctx = BenchContext(model, params, CharTokenizer())
+  with pytest.raises(Unavailable, match=f"the heads in {tmp_path / 'far'}: These BPD heads predict token ids up to "
+                     r"303, past this target's vocabulary of 256 .* Pass heads=FOLDER with heads trained for this"):
+    build(ctx, f"bpd:heads={tmp_path / 'far'}")
+  bpd = BPDModel(BPDConfig(num_heads=2, d_model=d, d_hidden=8))
+  save_bpd(tmp_path / "mine", bpd, bpd.init_params(jax.random.key(0)),
+           meta={"target": {"embed_fingerprint": embed_fingerprint(params)}})
+  build(ctx, f"bpd:heads={tmp_path / 'mine'}")  # their own target
+  load_bpd(tmp_path / "mine", target_params=params)
+  other, other_params = make_tiny(1)  # the same shapes, other weights
+  with pytest.raises(Unavailable, match="trained for a target whose embedding has fingerprint bf16-crc32:.*this "
+                     "target's is bf16-crc32:.*another model.*pass heads=FOLDER"):
+    build(BenchContext(other, other_params, CharTokenizer()), f"bpd:heads={tmp_path / 'mine'}")
+  with pytest.raises(ModelLoadError, match="trained for a target whose embedding has fingerprint"):
+    load_bpd(tmp_path / "mine", target_params=other_params)
+  load_bpd(tmp_path / "far", target_params=other_params)  # heads saved without a fingerprint are not checked
+
+
+def test_the_shipped_heads_record_their_target(default_model):
+  from jaxspec.models.bpd import check_heads_target
+  from jaxspec.models.draft import embed_fingerprint
+
+  _, params, _ = default_model
+  check_heads_target(ASSETS / "bpd_smollm2", params)
+  import json
+  assert json.loads((ASSETS / "bpd_smollm2" / "config.json").read_text())["target"]["embed_fingerprint"] == \
+      embed_fingerprint(params)
+
+
+def test_layer_skipping_a_one_layer_target_says_there_is_nothing_to_skip(tmp_path):
+  from jaxspec.decoding.speculative import layerskip_draft
+  from tests.conftest import make_tiny
+
+  model, params = make_tiny(0, n_layers=1)
+  with pytest.raises(InputError, match="this target has 1 layer, so there is nothing to skip"):
+    layerskip_draft(model, params, 1)
+  ctx = BenchContext(model, params, CharTokenizer())
+  for method in ("layerskip", "opt-tree:drafter=layerskip"):
+    with pytest.raises(Unavailable, match="a layer-skip draft needs a target of 2 or more layers; this one has 1"):
+      build(ctx, method)
+
+
+def test_a_rescorer_brings_its_heads_and_names_rescore_for_another_vocabulary(tiny, tmp_path):
+  """bpd-ngram / bpd-neural with rescore=DIR use the heads that rescorer was tuned with (recorded in its config),
+  not the shipped ones; an n-gram LM over another vocabulary names the option to change."""
+  from jaxspec.models.ngram import build_ngram, save_ngram
+
+  model, params = tiny
+  ctx = BenchContext(model, params, CharTokenizer())
+  lm, tables, _ = build_ngram([[1, 2, 3, 4, 5, 1, 2, 3]], 3, model.vocab_size)
+  gone = tmp_path / "heads_gone"
+  save_ngram(tmp_path / "rescore", lm, tables, meta={"tuned": {"k": 2, "heads": str(gone)}})
+  with pytest.raises(Unavailable, match=f"no BPD heads in {gone}"):
+    build(ctx, f"bpd-ngram:rescore={tmp_path / 'rescore'}")
+  lm, tables, _ = build_ngram([[1, 2, 3, 4, 5, 1, 2, 3]], 3, 512)
+  save_ngram(tmp_path / "other", lm, tables, meta={"tuned": {"k": 2}})
+  with pytest.raises(Unavailable, match="has a vocabulary of 512, the target 256: pass rescore=FOLDER"):
+    build(ctx, f"bpd-ngram:rescore={tmp_path / 'other'}")
+
+
 def test_the_command_line_prints_sharding_fallbacks(capsys):
   """A replicated dimension changes what a mesh buys: the CLI shows the sharding's INFO records on stderr."""
   import logging

@@ -2,7 +2,9 @@
 
 import dataclasses
 import math
+from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -214,7 +216,9 @@ def test_rescore_task_builds_the_ngram_and_tunes_the_weights(tiny, tmp_path, neu
   assert [r["weight"] for r in tuned["ngram_tuning"]] == [0.0, 0.5]
   assert tuned["ngram_weight"] == max(tuned["ngram_tuning"], key=lambda r: r["tau"])["weight"]
   assert tuned["neural_weight"] == max(tuned["neural_tuning"], key=lambda r: r["tau"])["weight"]
-  assert tuned["neural_lm"] == ("layerskip:1" if neural_lm == "layerskip" else neural_draft)
+  # a folder is recorded whole, so bpd-neural finds it from any working directory; so are the heads
+  assert tuned["neural_lm"] == ("layerskip:1" if neural_lm == "layerskip" else str(Path(neural_draft).resolve()))
+  assert tuned["heads"] == str((tmp_path / "heads").resolve())
   # A rerun (after a kill, or with a weight added) reuses what the log holds: the same rows, timings included.
   log = tmp_path / "data" / "rescore_tuning.jsonl"
   assert cfg.data.dataset_dir == str(tmp_path / "data") and log.is_file()
@@ -222,6 +226,33 @@ def test_rescore_task_builds_the_ngram_and_tunes_the_weights(tiny, tmp_path, neu
   again = train_rescore(more, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)["tuned"]
   assert again["ngram_tuning"][:2] == tuned["ngram_tuning"] and again["neural_tuning"] == tuned["neural_tuning"]
   assert [r["weight"] for r in again["ngram_tuning"]] == [0.0, 0.5, 0.3]
+
+
+def test_the_rescore_task_checks_its_heads_and_neural_lm_before_building_data(tiny, tmp_path, monkeypatch):
+  """Heads or a neural LM that do not fit the target fail with the config key to change before the data and the
+  n-gram LM are built (minutes to an hour), not as a traceback after the n-gram tuning."""
+  import training.rescore as rescore
+  from jaxspec.models.bpd import BPDConfig, BPDModel
+  from training.config import ConfigError
+  from training.rescore import RescoreConfig, TuneSection, train_rescore
+
+  model, params = tiny
+  monkeypatch.setattr(rescore, "build_sequences", lambda *a, **k: pytest.fail("built the data first"))
+  wide = BPDModel(BPDConfig(num_heads=3, d_model=64, d_hidden=8))
+  save_bpd(tmp_path / "wide", wide, wide.init_params(jax.random.key(0)))
+  bpd, p = random_heads(tiny, 3)
+  save_bpd(tmp_path / "heads", bpd, p)
+  data = tiny_train_config(tmp_path).data
+  cases = [(dict(heads=str(tmp_path / "wide")), "heads: these BPD heads read hidden states of width 64.* Set heads= "),
+           (dict(heads=None), r"heads \(null: the shipped jaxspec/assets/bpd_smollm2, for the default model\): "),
+           (dict(heads=str(tmp_path / "heads"), tune=TuneSection(k=3, neural_draft=str(tmp_path / "no_draft"))),
+            "tune.neural_draft: .*no_draft.* Set tune.neural_draft to a draft trained for this model"),
+           (dict(heads=str(tmp_path / "heads"), tune=TuneSection(k=3)),
+            r"tune.neural_draft \(null: the shipped jaxspec/assets/draft_smollm2, for the default model\): ")]
+  for fields, message in cases:
+    cfg = RescoreConfig(out=str(tmp_path / "rescore"), data=data, **{"tune": TuneSection(k=3), **fields})
+    with pytest.raises(ConfigError, match=message):
+      train_rescore(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
 
 
 def test_the_tuning_log_keeps_finished_weights_of_its_own_key(tmp_path):

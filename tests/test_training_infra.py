@@ -289,6 +289,37 @@ def test_task_configs_need_a_task_positive_counts_and_writable_folders(tmp_path)
     check_writable(cfg)
 
 
+def test_a_run_for_another_model_does_not_write_over_the_shipped_parts(tmp_path):
+  """The shipped configs export into jaxspec/assets; pointing one at another model with `model.path=` alone would
+  replace the default model's heads (found by a review: `generate --method bpd` then failed). Refused before any
+  work, with what to set; the default model, named by its path too, and another `out` are fine."""
+  from jaxspec.bench.methods import ASSETS
+  from jaxspec.loading.default import default_model_path
+  from training.tasks import check_assets, load_task_config, main_train
+
+  root = Path(__file__).resolve().parents[1]
+  mine = str(tmp_path / "my_model")
+  for config, owner in [("bpd_smollm2.yaml", "the embedded default model"), ("draft_smollm2.yaml", "the embedded default model"),
+                        ("eagle_smollm2.yaml", "the embedded default model"),
+                        ("bpd_rescore_smollm2.yaml", "the embedded default model"),
+                        ("bpd_t5_numbers.yaml", "model.path=jaxspec/assets/t5_numbers")]:
+    path = str(root / "configs" / config)
+    out = ASSETS / load_task_config(path)[0].out.split("/")[-1]
+    cfg, _ = load_task_config(path, [f"model.path={mine}", f"out={out}"])
+    with pytest.raises(ConfigError, match=f"is the shipped folder jaxspec/assets/{out.name}, which belongs to {owner}"
+                       f".*trains for model.path={mine}.*out=runs/"):
+      check_assets(cfg)
+    check_assets(load_task_config(path, [f"model.path={mine}", f"out={tmp_path / 'out'}"])[0])
+  check_assets(load_task_config(str(root / "configs/bpd_smollm2.yaml"), [f"out={ASSETS / 'bpd_smollm2'}"])[0])
+  check_assets(load_task_config(str(root / "configs/bpd_smollm2.yaml"),
+                                [f"out={ASSETS / 'bpd_smollm2'}", f"model.path={default_model_path()}"])[0])
+  check_assets(load_task_config(str(root / "configs/bpd_t5_numbers.yaml"),
+                                [f"out={ASSETS / 'bpd_t5_numbers'}", f"model.path={ASSETS / 't5_numbers'}"])[0])
+  with pytest.raises(ConfigError, match="shipped folder jaxspec/assets/bpd_smollm2"):  # the command checks it
+    main_train(str(root / "configs/bpd_smollm2.yaml"), [f"model.path={mine}", f"out={ASSETS / 'bpd_smollm2'}"],
+               progress=False)
+
+
 def test_a_folder_in_the_place_of_a_file_is_a_clear_error(tmp_path):
   from jaxspec import files
   from jaxspec.errors import InputError

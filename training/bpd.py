@@ -495,12 +495,14 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   evals = [h for h in history if any(k.startswith("eval/") for k in h)]
   final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
   out_params = dict(bpd_params)
+  base_params = params  # the target the heads go with: the frozen one, or the base tuned with them
   if cfg.train.objective == "heads":
     out_params["heads"] = sharding.fetch(state.params["heads"])  # also gathers across hosts
   else:
     out_params["heads"] = sharding.fetch(state.params["bpd"]["heads"])
     from jaxspec.loading.hf import save_hf
-    save_hf(str(Path(cfg.out) / "base"), model, sharding.fetch(state.params["base"]))
+    base_params = sharding.fetch(state.params["base"])
+    save_hf(str(Path(cfg.out) / "base"), model, base_params)
     if hasattr(tokenizer, "save"):  # a model folder `jaxspec ... --model OUT/base` loads
       tokenizer.save(Path(cfg.out) / "base")
   summary = {"sequences": len(seqs), "tokens": seqs.num_tokens, "train_examples": len(tr) if cfg.train.objective ==
@@ -509,7 +511,9 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
              "prep_s": round(prep_s, 1), "train_s": round(train_s, 1), "total_s": round(time.time() - t_start, 1),
              "init_eval": {k: float(v) for k, v in init_eval.items()},
              "final_eval": {k: float(v) for k, v in final_eval.items()}, "config": to_dict(cfg)}
-  save_bpd(cfg.out, bpd, out_params, meta={"training": summary})
+  from jaxspec.models.draft import embed_fingerprint
+  save_bpd(cfg.out, bpd, out_params,
+           meta={"target": {"embed_fingerprint": embed_fingerprint(base_params)}, "training": summary})
   return summary
 
 

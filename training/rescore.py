@@ -141,11 +141,12 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   """Builds the n-gram LM and tunes both rescorers' weights; writes `cfg.out`. Returns a summary."""
   import jax.numpy as jnp
 
-  from jaxspec.bench.methods import DEFAULT_BPD_HEADS, BenchContext, rescore_lm
+  from jaxspec.bench.methods import DEFAULT_BPD_HEADS, BenchContext, Unavailable, rescore_lm
   from jaxspec.decoding.bpd import bpd_draft_params
   from jaxspec.decoding.generate import generate
   from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
   from jaxspec.decoding.speculative import DraftModelDrafter
+  from jaxspec.errors import InputError, ModelLoadError
   from jaxspec.loading import load_model
   from jaxspec.models.bpd import load_bpd
   from jaxspec.models.ngram import build_ngram, save_ngram
@@ -154,21 +155,40 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   if model is None:
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
                                                   matmul_precision=cfg.model.matmul_precision)
+  tc = cfg.tune
+  # The heads and the neural LM are checked against the target before the data and the n-gram LM are built.
+  heads = Path(cfg.heads) if cfg.heads else DEFAULT_BPD_HEADS
+  what = "heads" if cfg.heads else "heads (null: the shipped jaxspec/assets/bpd_smollm2, for the default model)"
+  try:
+    bpd, bpd_params = load_bpd(heads, cfg.tune.k, target_params=params)
+    bdp = bpd_draft_params(model, params, bpd, bpd_params)
+  except (ModelLoadError, InputError) as e:
+    raise ConfigError(f"{what}: {str(e).rstrip('.')}. Set heads= to a folder of BPD heads trained for this model.") \
+        from None
+  if tc.neural:
+    # Recorded as `neural_lm`; bpd-neural loads the same LM from it through the same function, from any folder.
+    neural_lm = ("default" if tc.neural_draft is None else f"layerskip:{tc.neural_layers}"
+                 if tc.neural_draft == "layerskip" else str(Path(tc.neural_draft).resolve()))
+    try:
+      draft, draft_params = rescore_lm(BenchContext(model, params, tokenizer),
+                                       {"neural_lm": neural_lm, "neural_layers": tc.neural_layers})
+    except (Unavailable, ModelLoadError, InputError) as e:
+      key = ("tune.neural_draft (null: the shipped jaxspec/assets/draft_smollm2, for the default model)"
+             if tc.neural_draft is None else "tune.neural_draft")
+      raise ConfigError(f"{key}: {str(e).rstrip('.')}. Set tune.neural_draft to a draft trained for this model "
+                        "(task: draft), or to layerskip, or tune.neural=false.") from None
   seqs = build_sequences(BPDTrainConfig(data=cfg.data), model, params, tokenizer, progress)
   train_seqs, held = seqs.split(cfg.data.eval_fraction, seed=cfg.split_seed)
   t0 = time.time()
   lm, tables, info = build_ngram(train_seqs.tokens, cfg.ngram.order, model.vocab_size)
   build_s = time.time() - t0
 
-  bpd, bpd_params = load_bpd(Path(cfg.heads or DEFAULT_BPD_HEADS), cfg.tune.k)
-  bdp = bpd_draft_params(model, params, bpd, bpd_params)
   # Held-out prompts; text data has no prompt part, so its first half (at most 32 tokens) stands for one.
   prompts = [list(map(int, t[:p if p > 0 else max(1, min(32, len(t) // 2))]))
              for t, p in zip(held.tokens, held.prompt_lens)]
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   pad = tokenizer.pad_id or 0
-  tc = cfg.tune
-  log = TuneLog(_tune_log_path(cfg), _tune_key(cfg, prompts, Path(cfg.heads or DEFAULT_BPD_HEADS)))
+  log = TuneLog(_tune_log_path(cfg), _tune_key(cfg, prompts, heads))
   greedy = log.get("greedy")
   if greedy is None:
     greedy = []
@@ -186,12 +206,9 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   best_ngram = max(ngram_rows, key=lambda r: r["tau"])
   tuned = {"k": tc.k, "top_t": tc.top_t, "beams": tc.beams, "ngram_weight": best_ngram["weight"],
            "ngram_tuning": ngram_rows}
+  if cfg.heads:  # the rescorers' default heads from then on (none recorded: the shipped ones)
+    tuned["heads"] = str(heads.resolve())
   if tc.neural:
-    # Recorded as `neural_lm`; bpd-neural loads the same LM from it through the same function.
-    neural_lm = ("default" if tc.neural_draft is None else
-                 f"layerskip:{tc.neural_layers}" if tc.neural_draft == "layerskip" else tc.neural_draft)
-    draft, draft_params = rescore_lm(BenchContext(model, params, tokenizer),
-                                     {"neural_lm": neural_lm, "neural_layers": tc.neural_layers})
     neural = LatticeDrafter(bpd, "neural", top_t=tc.top_t, lm=DraftModelDrafter(draft, tc.k))
     neural_rows = tune_weight(model, params, prompts, eos, pad,
                               lambda w: (neural, lattice_draft_params(bdp, weight=w, lm=draft_params)),

@@ -121,6 +121,51 @@ def check_writable(cfg: Any) -> None:
                             "train.checkpoint_dir to another folder")
 
 
+# The model each shipped folder of jaxspec/assets belongs to (None: the embedded default model; a name: another
+# shipped folder). `jaxspec generate` and the bench load these folders for that model by default.
+ASSET_TARGETS: dict[str, str | None] = {"bpd_smollm2": None, "draft_smollm2": None, "eagle_smollm2": None,
+                                        "bpd_rescore_smollm2": None, "bpd_t5_numbers": "t5_numbers",
+                                        "t5_numbers_draft": "t5_numbers"}
+
+
+def check_assets(cfg: Any) -> None:
+  """Fails before any work when a run would write over a shipped folder of `jaxspec/assets` with parts trained for
+  another model than the one the folder belongs to: the shipped configs export there, and a user who points one at
+  their own model with `model.path=...` alone would replace the default model's heads or drafts (which `generate`
+  and the bench then refuse, or use to no gain)."""
+  from jaxspec.bench.methods import ASSETS
+  from jaxspec.loading.default import default_model_path
+
+  out, path = getattr(cfg, "out", None), getattr(getattr(cfg, "model", None), "path", "")
+  if not out or not isinstance(path, (str, type(None))):  # seq2seq's model section describes a model, not a path
+    return
+  try:
+    name = Path(out).resolve().relative_to(ASSETS.resolve()).parts[0]
+  except (ValueError, IndexError):
+    return
+  if name not in ASSET_TARGETS:
+    return
+  owner = ASSET_TARGETS[name]
+  if owner is None:
+    if path is None:
+      return
+    try:
+      if Path(path).resolve() == Path(default_model_path()).resolve():
+        return
+    except FileNotFoundError:
+      pass
+    owner_text = "the embedded default model (model.path: null)"
+  else:
+    if path is not None and Path(path).resolve() == (ASSETS / owner).resolve():
+      return
+    owner_text = f"model.path=jaxspec/assets/{owner}"
+  given = "the default model" if path is None else f"model.path={path}"
+  raise ConfigError(f"out={out} is the shipped folder jaxspec/assets/{name}, which belongs to {owner_text}; this run "
+                    f"trains for {given}. Write the result to a folder of your own, e.g. out=runs/{Path(out).name}_mine "
+                    "(and give train.checkpoint_dir and the data.*dataset_dir folders paths of your own too; README: "
+                    "\"Training for your own model\").")
+
+
 def check_inputs(cfg: Any) -> None:
   """Fails before any work when a folder the run reads later (after building its data, which can take an hour) is
   not there: trained heads to start from (`heads.init`), finished datasets to add (`data.extra_dataset_dirs`)."""
@@ -144,6 +189,7 @@ def main_train(path: str, overrides=(), progress: bool = True) -> dict:
   cfg, fn = load_task_config(path, overrides)
   check_processes(cfg)
   check_writable(cfg)
+  check_assets(cfg)
   check_inputs(cfg)
   summary = fn(cfg, progress=progress)
   print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))

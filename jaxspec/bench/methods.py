@@ -19,12 +19,12 @@ import numpy as np
 
 from jaxspec import sharding
 from jaxspec.decoding.generate import GenerationResult, generate
-from jaxspec.errors import InputError, ModelLoadError
+from jaxspec.errors import InputError, JaxspecError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
 
-class Unavailable(Exception):
+class Unavailable(JaxspecError):
   """A method that cannot run here (not built yet, an optional dependency missing, no trained parts)."""
 
 
@@ -174,7 +174,7 @@ def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None):
   """`(bpd, bpd_draft_params)` for the heads a method's options name (default: the shipped ones): the first `k` of
   them (an option), or the first `num_heads`, or all."""
   from jaxspec.decoding.bpd import bpd_draft_params
-  from jaxspec.models.bpd import load_bpd
+  from jaxspec.models.bpd import check_heads_target, load_bpd
 
   folder = Path(opts.get("heads", DEFAULT_BPD_HEADS))
   if not (folder / "heads.safetensors").exists():
@@ -199,8 +199,16 @@ def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None):
                       f"is {d_model}: pass heads=FOLDER with heads trained for this model{shipped}. `jaxspec train` "
                       "trains them from a `task: bpd` config whose model.path is this model, as "
                       "configs/bpd_t5_numbers.yaml does for jaxspec/assets/t5_numbers")
+  try:
+    check_heads_target(folder, ctx.params)  # by every process (the fingerprint gathers split embeddings)
+  except ModelLoadError as e:
+    raise Unavailable(f"{str(e).rstrip('.')}: pass heads=FOLDER with heads trained for this model") from None
   ctx.ready()  # the output projection is taken from the target's table on the devices, with every process
-  return bpd, bpd_draft_params(ctx.model, ctx.params, bpd, bpd_params)
+  try:
+    return bpd, bpd_draft_params(ctx.model, ctx.params, bpd, bpd_params)
+  except InputError as e:  # heads over another vocabulary
+    raise Unavailable(f"the heads in {_shown(folder)}: {str(e).rstrip('.')}. Pass heads=FOLDER with heads trained "
+                      "for this model") from None
 
 
 def with_lookup(drafter, opts: dict):
@@ -241,10 +249,13 @@ def _rescore_setup(ctx: BenchContext, opts: dict, what: str):
   except ModelLoadError as e:
     raise Unavailable(str(e)) from None
   if lm.vocab_size != ctx.model.vocab_size:
-    raise Unavailable(f"the n-gram LM in {folder} has a vocabulary of {lm.vocab_size}, "
-                      f"the target {ctx.model.vocab_size}")
+    raise Unavailable(f"the n-gram LM in {_shown(folder)} has a vocabulary of {lm.vocab_size}, the target "
+                      f"{ctx.model.vocab_size}: pass rescore=FOLDER with a rescorer built for this model (a `task: "
+                      "rescore` config whose model.path is this model, as configs/bpd_rescore_smollm2.yaml is for the "
+                      "default one)")
   tuned = cfg.get("tuned", {})
-  opts = {"k": str(tuned.get("k", 4)), **opts}
+  # the heads the weights were tuned with, when the rescorer names them (else the shipped ones), unless given
+  opts = {"k": str(tuned.get("k", 4)), **({"heads": tuned["heads"]} if tuned.get("heads") else {}), **opts}
   bpd, dp = _load_heads(ctx, opts)
   return lm, tables, tuned, bpd, dp, opts
 
@@ -458,6 +469,9 @@ def _eagle(ctx: BenchContext, opts: dict) -> Runner:
 def _layerskip_lm(ctx: BenchContext, opts: dict) -> tuple:
   """The target's first `layers=` layers as a draft (default: a quarter of its decoder layers)."""
   from jaxspec.decoding.speculative import decoder_layers, layerskip_draft
+  if decoder_layers(ctx.model) < 2:  # a fact of the model, not of the options: listed as unavailable in a bench
+    raise Unavailable(f"a layer-skip draft needs a target of 2 or more layers; this one has "
+                      f"{decoder_layers(ctx.model)}")
   return layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", max(1, decoder_layers(ctx.model) // 4))))
 
 

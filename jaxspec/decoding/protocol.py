@@ -83,8 +83,8 @@ def width_check(target: LanguageModel, d_model: int, what: str) -> None:
   built for a target of another width: flax would otherwise fail deep inside tracing with a parameter-shape error."""
   width = getattr(getattr(target, "cfg", None), "d_model", None)
   if width is not None and width != d_model:
-    raise InputError(f"{what} read hidden states of width {d_model}, but this target's are {width} wide: use {what} "
-                     "trained for this target.")
+    raise InputError(f"{what} read hidden states of width {d_model}, but this target's are {width} wide: they were "
+                     "trained for another target; use ones trained for this one.")
 
 
 def draft_model_params_hint(draft_model) -> str:

@@ -64,6 +64,9 @@ def layerskip_draft(model: LlamaLM, params, n_layers: int) -> tuple[LlamaLM, dic
     InputError: `n_layers` out of range.
   """
   total = decoder_layers(model)
+  if total < 2:
+    raise InputError(f"A layer-skip draft keeps some of the target's layers and skips the rest: this target has "
+                     f"{total} layer, so there is nothing to skip (it needs 2 or more).")
   if not 1 <= n_layers < total:
     raise InputError(f"A layer-skip draft keeps 1 to {total - 1} of the target's {total} layers, got n_layers="
                      f"{n_layers}.")

@@ -127,11 +127,37 @@ def save_bpd(folder: str | os.PathLike, bpd: BPDModel, params: dict, meta: dict 
                              "config.json": files.json_writer({"bpd": dataclasses.asdict(bpd.cfg), **(meta or {})})})
 
 
-def load_bpd(folder: str | os.PathLike, num_heads: int | None = None) -> tuple[BPDModel, dict]:
+def check_heads_target(folder: str | os.PathLike, target_params: dict, config: dict | None = None) -> None:
+  """Raises `ModelLoadError` where the heads in `folder` record the embedding fingerprint of the target they were
+  trained for (`jaxspec.models.draft.embed_fingerprint`) and `target_params` have another: heads of the right shapes
+  trained for another model run without an error and keep the output exact, but their drafts are rarely accepted.
+  Heads written without a fingerprint are not checked. `config`: the folder's config.json, where already read."""
+  if config is None:
+    try:
+      config = json.loads((Path(folder) / "config.json").read_text())
+    except (OSError, ValueError):
+      return  # load_bpd says what is wrong with the folder
+  want = (config.get("target") or {}).get("embed_fingerprint") if isinstance(config, dict) else None
+  if want is None:
+    return
+  from jaxspec.models.draft import embed_fingerprint
+  if (got := embed_fingerprint(target_params)) != want:
+    raise ModelLoadError(f"The BPD heads in {folder} were trained for a target whose embedding has fingerprint "
+                         f"{want}; this target's is {got}: they were trained for another model (their drafts would "
+                         "rarely be accepted). Use heads trained for this one.")
+
+
+def load_bpd(folder: str | os.PathLike, num_heads: int | None = None,
+             target_params: dict | None = None) -> tuple[BPDModel, dict]:
   """Reads heads written by `save_bpd`; `num_heads` keeps only the first heads (head i never depends on others).
 
+  With `target_params`, the target's embedding fingerprint (`jaxspec.models.draft.embed_fingerprint`) is compared
+  with the one the heads were trained against, where their config records it: heads of the right shapes trained for
+  another model would run without an error and keep the output exact, but draft tokens that are rarely accepted.
+
   Raises:
-    ModelLoadError: a missing folder or file, a corrupt file, or parameters that do not match the config.
+    ModelLoadError: a missing folder or file, a corrupt file, parameters that do not match the config, or (with
+      `target_params`) heads trained for a target with another embedding.
   """
   from safetensors.numpy import load_file
 
@@ -143,7 +169,8 @@ def load_bpd(folder: str | os.PathLike, num_heads: int | None = None) -> tuple[B
     raise ModelLoadError(f"{folder} does not hold BPD heads (config.json + heads.safetensors): train them with "
                          "`jaxspec train configs/bpd_smollm2.yaml` or pass the right folder.")
   try:
-    cfg = BPDConfig(**json.loads(cfg_path.read_text())["bpd"])
+    raw = json.loads(cfg_path.read_text())
+    cfg = BPDConfig(**raw["bpd"])
     flat = load_file(str(w_path))
   except Exception as e:  # noqa: BLE001 - truncated file, bad JSON, unknown keys
     raise ModelLoadError(f"BPD heads in {folder} are unreadable ({type(e).__name__}: {e}); retrain or re-copy "
@@ -157,6 +184,8 @@ def load_bpd(folder: str | os.PathLike, num_heads: int | None = None) -> tuple[B
   params = {"heads": heads}
   if cfg.vocab_subset:
     params["vocab_ids"] = jnp.asarray(flat["vocab_ids"], jnp.int32)
+  if target_params is not None:
+    check_heads_target(folder, target_params, raw)
   if num_heads is not None:
     if not 1 <= num_heads <= cfg.num_heads:
       raise ModelLoadError(f"Asked for {num_heads} heads; {folder} has {cfg.num_heads}: ask for 1 to {cfg.num_heads}, "

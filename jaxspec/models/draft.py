@@ -199,7 +199,8 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
       got = embed_fingerprint(params)
       if got != want:
         raise ModelLoadError(f"The draft in {folder} was trained against a target whose embedding has fingerprint "
-                             f"{want}; this target's is {got}. Pass the draft's own target (or "
-                             "check_target=False to use it anyway: output stays exact, acceptance may drop).")
+                             f"{want}; this target's is {got}. Pass the draft's own target (or, in Python, "
+                             "load_draft(..., check_target=False) to use it anyway: output stays exact, acceptance "
+                             "may drop).")
   check_complete(params, cfg, str(folder))
   return LlamaLM(cfg), params
