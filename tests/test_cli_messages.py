@@ -335,7 +335,7 @@ def test_heads_for_another_model_are_the_method_s_problem_and_name_the_option(ti
   load_bpd(tmp_path / "mine", target_params=params)
   other, other_params = make_tiny(1)  # the same shapes, other weights
   with pytest.raises(Unavailable, match="trained for a target whose embedding has fingerprint bf16-crc32:.*this "
-                     "target's is bf16-crc32:.*another model.*pass heads=FOLDER"):
+                     "target's is bf16-crc32:.*another model.*Use heads trained for this one, with heads=FOLDER"):
     build(BenchContext(other, other_params, CharTokenizer()), f"bpd:heads={tmp_path / 'mine'}")
   with pytest.raises(ModelLoadError, match="trained for a target whose embedding has fingerprint"):
     load_bpd(tmp_path / "mine", target_params=other_params)

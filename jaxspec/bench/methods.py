@@ -202,7 +202,7 @@ def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None):
   try:
     check_heads_target(folder, ctx.params)  # by every process (the fingerprint gathers split embeddings)
   except ModelLoadError as e:
-    raise Unavailable(f"{str(e).rstrip('.')}: pass heads=FOLDER with heads trained for this model") from None
+    raise Unavailable(f"{str(e).rstrip('.')}, with heads=FOLDER") from None
   ctx.ready()  # the output projection is taken from the target's table on the devices, with every process
   try:
     return bpd, bpd_draft_params(ctx.model, ctx.params, bpd, bpd_params)
