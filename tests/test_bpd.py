@@ -211,6 +211,10 @@ def test_head_training_lowers_loss_and_speeds_up_decoding(tmp_path):
   metrics = [json.loads(l) for l in (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()]
   train_loss = [m["loss"] for m in metrics if "loss" in m]
   assert train_loss[-1] < 0.5 * train_loss[0]
+  # The exported heads name their target: loading them for another model is refused.
+  load_bpd(cfg.out, target_params=params)
+  with pytest.raises(ModelLoadError, match="trained for another model"):
+    load_bpd(cfg.out, target_params=make_tiny(3)[1])
   before, after = summary["init_eval"], summary["final_eval"]  # the same held-out prompts, before and after
   assert set(before) == set(after) and before["step"] == 0 and after["step"] == 150
   for h in (1, 2, 3):
@@ -304,6 +308,11 @@ def test_joint_objective_trains_base_and_heads(tiny, tmp_path):
   before, after = jax.tree.leaves(params), jax.tree.leaves(trained)
   assert [x.shape for x in before] == [x.shape for x in after]
   assert any(not np.allclose(np.asarray(x), np.asarray(y)) for x, y in zip(before, after))
+  # The heads go with the tuned base, and say so on the base they started from.
+  load_bpd(cfg.out, target_params=trained)
+  with pytest.raises(ModelLoadError, match=r"trained jointly with a fine-tuned base .* they go with the base their "
+                     r"run exported, .*heads/base"):
+    load_bpd(cfg.out, target_params=params)
   # The caller's params were not donated to the train step (the session fixture is used by later tests).
   assert all(not leaf.is_deleted() for leaf in before)
 

@@ -342,15 +342,25 @@ def test_heads_for_another_model_are_the_method_s_problem_and_name_the_option(ti
   load_bpd(tmp_path / "far", target_params=other_params)  # heads saved without a fingerprint are not checked
 
 
-def test_the_shipped_heads_record_their_target(default_model):
-  from jaxspec.models.bpd import check_heads_target
+def test_the_shipped_heads_record_their_target(default_model, t5):
+  """The shipped heads carry the fingerprint of their own target (SmolLM2's equals its distilled draft's; T5's
+  covers the shared embedding), and each refuses the other's."""
+  import json
+
+  from jaxspec.models.bpd import check_heads_target, target_fingerprint
   from jaxspec.models.draft import embed_fingerprint
 
-  _, params, _ = default_model
-  check_heads_target(ASSETS / "bpd_smollm2", params)
-  import json
-  assert json.loads((ASSETS / "bpd_smollm2" / "config.json").read_text())["target"]["embed_fingerprint"] == \
-      embed_fingerprint(params)
+  smollm2, t5_params = default_model[1], t5[1]
+  for folder, params, other in (("bpd_smollm2", smollm2, t5_params), ("bpd_t5_numbers", t5_params, smollm2)):
+    check_heads_target(ASSETS / folder, params)
+    with pytest.raises(ModelLoadError, match="trained for another model"):
+      check_heads_target(ASSETS / folder, other)
+    assert json.loads((ASSETS / folder / "config.json").read_text())["target"]["embed_fingerprint"] == \
+        target_fingerprint(params)
+  assert target_fingerprint(smollm2) == embed_fingerprint(smollm2)
+  shared_only = {"shared": t5_params["shared"]}
+  assert target_fingerprint(shared_only) != target_fingerprint({"shared": {"embedding": t5_params["shared"][
+      "embedding"] * 2}})  # a tied T5's fingerprint is its shared embedding's
 
 
 def test_layer_skipping_a_one_layer_target_says_there_is_nothing_to_skip(tmp_path):
@@ -362,7 +372,7 @@ def test_layer_skipping_a_one_layer_target_says_there_is_nothing_to_skip(tmp_pat
     layerskip_draft(model, params, 1)
   ctx = BenchContext(model, params, CharTokenizer())
   for method in ("layerskip", "opt-tree:drafter=layerskip"):
-    with pytest.raises(Unavailable, match="a layer-skip draft needs a target of 2 or more layers; this one has 1"):
+    with pytest.raises(Unavailable, match="this target has 1 layer, so there is nothing to skip"):
       build(ctx, method)
 
 
@@ -376,8 +386,15 @@ def test_a_rescorer_brings_its_heads_and_names_rescore_for_another_vocabulary(ti
   lm, tables, _ = build_ngram([[1, 2, 3, 4, 5, 1, 2, 3]], 3, model.vocab_size)
   gone = tmp_path / "heads_gone"
   save_ngram(tmp_path / "rescore", lm, tables, meta={"tuned": {"k": 2, "heads": str(gone)}})
-  with pytest.raises(Unavailable, match=f"no BPD heads in {gone}"):
+  with pytest.raises(Unavailable, match=f"was tuned with the heads in {gone} \\(its config.json\\), which are not "
+                     "there: pass heads=FOLDER"):
     build(ctx, f"bpd-ngram:rescore={tmp_path / 'rescore'}")
+  import jax
+
+  from jaxspec.models.bpd import BPDConfig, BPDModel, save_bpd
+  bpd = BPDModel(BPDConfig(num_heads=2, d_model=model.cfg.d_model, d_hidden=8))
+  save_bpd(tmp_path / "heads", bpd, bpd.init_params(jax.random.key(0)))
+  build(ctx, f"bpd-ngram:rescore={tmp_path / 'rescore'}:heads={tmp_path / 'heads'}")  # heads= overrides them
   lm, tables, _ = build_ngram([[1, 2, 3, 4, 5, 1, 2, 3]], 3, 512)
   save_ngram(tmp_path / "other", lm, tables, meta={"tuned": {"k": 2}})
   with pytest.raises(Unavailable, match="has a vocabulary of 512, the target 256: pass rescore=FOLDER"):

@@ -115,6 +115,15 @@ def test_collection_resumes_after_an_interruption(varied, collected, tmp_path, m
     np.testing.assert_array_equal(a, b)
   with pytest.raises(InputError, match="other settings"):
     collect_trajectories(model, params, prompts, tmp_path, **{**kwargs, "window": N + 1})
+  # Another model with the same settings and prompts (a fine-tune, say) does not reuse them; a folder from before
+  # the model was recorded takes this one's.
+  other = jax.tree.map(lambda x: x * 1.01, params)
+  with pytest.raises(InputError, match="holds trajectories another model collected"):
+    collect_trajectories(model, other, prompts, tmp_path, **kwargs)
+  meta = json.loads((tmp_path / "meta.json").read_text())
+  (tmp_path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "target"}))
+  collect_trajectories(model, params, prompts, tmp_path, **kwargs)
+  assert json.loads((tmp_path / "meta.json").read_text()) == meta
   (tmp_path / "shard_00001.npz").write_bytes(b"not a shard")
   with pytest.raises(InputError, match="shard_00001.npz is unreadable"):
     load_trajectories(tmp_path)

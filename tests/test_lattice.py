@@ -248,7 +248,11 @@ def test_the_rescore_task_checks_its_heads_and_neural_lm_before_building_data(ti
            (dict(heads=str(tmp_path / "heads"), tune=TuneSection(k=3, neural_draft=str(tmp_path / "no_draft"))),
             "tune.neural_draft: .*no_draft.* Set tune.neural_draft to a draft trained for this model"),
            (dict(heads=str(tmp_path / "heads"), tune=TuneSection(k=3)),
-            r"tune.neural_draft \(null: the shipped jaxspec/assets/draft_smollm2, for the default model\): ")]
+            r"tune.neural_draft \(null: the shipped jaxspec/assets/draft_smollm2, for the default model\): "),
+           (dict(heads=str(tmp_path / "heads"), tune=TuneSection(k=5)), "tune.k=5 asks for 5 heads; the heads in .* "
+            "have 3: lower tune.k"),
+           (dict(heads=str(tmp_path / "heads"), tune=TuneSection(k=3, neural_draft="layerskip", neural_layers=9)),
+            "tune.neural_layers: A layer-skip draft keeps 1 to 1 of the target's 2 layers")]
   for fields, message in cases:
     cfg = RescoreConfig(out=str(tmp_path / "rescore"), data=data, **{"tune": TuneSection(k=3), **fields})
     with pytest.raises(ConfigError, match=message):

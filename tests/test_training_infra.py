@@ -318,6 +318,22 @@ def test_a_run_for_another_model_does_not_write_over_the_shipped_parts(tmp_path)
   with pytest.raises(ConfigError, match="shipped folder jaxspec/assets/bpd_smollm2"):  # the command checks it
     main_train(str(root / "configs/bpd_smollm2.yaml"), [f"model.path={mine}", f"out={ASSETS / 'bpd_smollm2'}"],
                progress=False)
+  with pytest.raises(ConfigError, match="train.objective=joint makes a new model"):  # heads for a tuned base
+    check_assets(load_task_config(str(root / "configs/bpd_joint_smollm2.yaml"), [f"out={ASSETS / 'bpd_smollm2'}"])[0])
+
+
+def test_every_shipped_config_passes_the_checks_before_work_as_written(monkeypatch):
+  """From the repository root, as the configs' comments run them (they rebuild the shipped folders)."""
+  from training.tasks import check_assets, check_inputs, load_task_config
+
+  root = Path(__file__).resolve().parents[1]
+  monkeypatch.chdir(root)
+  configs = sorted((root / "configs").glob("*.yaml"))
+  assert len(configs) >= 10
+  for config in configs:
+    cfg, _ = load_task_config(str(config.relative_to(root)))
+    check_assets(cfg)
+    check_inputs(cfg)
 
 
 def test_a_folder_in_the_place_of_a_file_is_a_clear_error(tmp_path):

@@ -511,9 +511,9 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
              "prep_s": round(prep_s, 1), "train_s": round(train_s, 1), "total_s": round(time.time() - t_start, 1),
              "init_eval": {k: float(v) for k, v in init_eval.items()},
              "final_eval": {k: float(v) for k, v in final_eval.items()}, "config": to_dict(cfg)}
-  from jaxspec.models.draft import embed_fingerprint
+  from jaxspec.models.bpd import target_fingerprint
   save_bpd(cfg.out, bpd, out_params,
-           meta={"target": {"embed_fingerprint": embed_fingerprint(base_params)}, "training": summary})
+           meta={"target": {"embed_fingerprint": target_fingerprint(base_params)}, "training": summary})
   return summary
 
 

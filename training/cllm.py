@@ -377,12 +377,21 @@ def collect_trajectories(model, params, prompts: Sequence[Sequence[int]], out: s
   meta = {"kind": "jacobi-trajectories", "num_prompts": len(prompts), "window": window, "windows": windows,
           "shard_size": shard_size, "seed": seed, "eos_ids": list(map(int, eos_ids)),
           "prompts_crc32": _prompts_crc(prompts)}
+  # Which model's trajectories (a fine-tune of another model with the same tokenizer has the same prompts and
+  # settings); folders collected before it was recorded take it on first use.
+  from jaxspec.models.draft import embed_fingerprint
+  target = embed_fingerprint(params)
   meta_path = out / META_FILE
   old = datasets.read_meta(meta_path)
-  if old is not None and old != meta:
-    raise InputError(f"{out} holds trajectories collected with other settings or prompts ({meta_path}); use another "
-                     "folder.")
-  datasets.write_meta(meta_path, meta)
+  if old is not None:
+    if {k: v for k, v in old.items() if k != "target"} != meta:
+      raise InputError(f"{out} holds trajectories collected with other settings or prompts ({meta_path}); use "
+                       "another folder.")
+    if old.get("target") not in (None, target):
+      raise InputError(f"{out} holds trajectories another model collected (embedding fingerprint {old['target']} "
+                       f"there, {target} here): use another collect.dataset_dir for this run, or delete that folder "
+                       "to collect again.")
+  datasets.write_meta(meta_path, {**meta, "target": target})
   eos = np.asarray(list(eos_ids), np.int32)
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]

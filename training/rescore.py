@@ -141,7 +141,8 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   """Builds the n-gram LM and tunes both rescorers' weights; writes `cfg.out`. Returns a summary."""
   import jax.numpy as jnp
 
-  from jaxspec.bench.methods import DEFAULT_BPD_HEADS, BenchContext, Unavailable, rescore_lm
+  from jaxspec.bench.methods import (DEFAULT_BPD_HEADS, DEFAULT_DRAFT, BenchContext, Unavailable, saved_num_heads,
+                                     rescore_lm)
   from jaxspec.decoding.bpd import bpd_draft_params
   from jaxspec.decoding.generate import generate
   from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
@@ -158,23 +159,30 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   tc = cfg.tune
   # The heads and the neural LM are checked against the target before the data and the n-gram LM are built.
   heads = Path(cfg.heads) if cfg.heads else DEFAULT_BPD_HEADS
+  shipped_heads = heads.resolve() == DEFAULT_BPD_HEADS.resolve()
   what = "heads" if cfg.heads else "heads (null: the shipped jaxspec/assets/bpd_smollm2, for the default model)"
+  have = saved_num_heads(heads)
+  if have is not None and tc.k > have:
+    raise ConfigError(f"tune.k={tc.k} asks for {tc.k} heads; the heads in {heads} have {have}: lower tune.k.")
   try:
-    bpd, bpd_params = load_bpd(heads, cfg.tune.k, target_params=params)
+    bpd, bpd_params = load_bpd(heads, tc.k, target_params=params)
     bdp = bpd_draft_params(model, params, bpd, bpd_params)
   except (ModelLoadError, InputError) as e:
     raise ConfigError(f"{what}: {str(e).rstrip('.')}. Set heads= to a folder of BPD heads trained for this model.") \
         from None
   if tc.neural:
-    # Recorded as `neural_lm`; bpd-neural loads the same LM from it through the same function, from any folder.
-    neural_lm = ("default" if tc.neural_draft is None else f"layerskip:{tc.neural_layers}"
-                 if tc.neural_draft == "layerskip" else str(Path(tc.neural_draft).resolve()))
+    # Recorded as `neural_lm`; bpd-neural loads the same LM from it through the same function, from any folder
+    # (a path in the recorded config is whole; the shipped draft is named "default", wherever jaxspec is installed).
+    layerskip = tc.neural_draft == "layerskip"
+    neural_lm = ("default" if tc.neural_draft is None or Path(tc.neural_draft).resolve() == DEFAULT_DRAFT.resolve()
+                 else f"layerskip:{tc.neural_layers}" if layerskip else str(Path(tc.neural_draft).resolve()))
     try:
       draft, draft_params = rescore_lm(BenchContext(model, params, tokenizer),
                                        {"neural_lm": neural_lm, "neural_layers": tc.neural_layers})
     except (Unavailable, ModelLoadError, InputError) as e:
-      key = ("tune.neural_draft (null: the shipped jaxspec/assets/draft_smollm2, for the default model)"
-             if tc.neural_draft is None else "tune.neural_draft")
+      key = ("tune.neural_layers" if layerskip else
+             "tune.neural_draft (null: the shipped jaxspec/assets/draft_smollm2, for the default model)"
+             if neural_lm == "default" else "tune.neural_draft")
       raise ConfigError(f"{key}: {str(e).rstrip('.')}. Set tune.neural_draft to a draft trained for this model "
                         "(task: draft), or to layerskip, or tune.neural=false.") from None
   seqs = build_sequences(BPDTrainConfig(data=cfg.data), model, params, tokenizer, progress)
@@ -206,7 +214,7 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   best_ngram = max(ngram_rows, key=lambda r: r["tau"])
   tuned = {"k": tc.k, "top_t": tc.top_t, "beams": tc.beams, "ngram_weight": best_ngram["weight"],
            "ngram_tuning": ngram_rows}
-  if cfg.heads:  # the rescorers' default heads from then on (none recorded: the shipped ones)
+  if not shipped_heads:  # the rescorers' default heads from then on (none recorded: the shipped ones)
     tuned["heads"] = str(heads.resolve())
   if tc.neural:
     neural = LatticeDrafter(bpd, "neural", top_t=tc.top_t, lm=DraftModelDrafter(draft, tc.k))

@@ -136,15 +136,20 @@ def check_assets(cfg: Any) -> None:
   from jaxspec.bench.methods import ASSETS
   from jaxspec.loading.default import default_model_path
 
-  out, path = getattr(cfg, "out", None), getattr(getattr(cfg, "model", None), "path", "")
-  if not out or not isinstance(path, (str, type(None))):  # seq2seq's model section describes a model, not a path
+  out, model = getattr(cfg, "out", None), getattr(cfg, "model", None)
+  if not out or not hasattr(model, "path"):  # seq2seq's model section describes the model it trains, not a path
     return
+  path = model.path
   try:
     name = Path(out).resolve().relative_to(ASSETS.resolve()).parts[0]
   except (ValueError, IndexError):
     return
   if name not in ASSET_TARGETS:
     return
+  if getattr(getattr(cfg, "train", None), "objective", None) == "joint":
+    raise ConfigError(f"out={out} is the shipped folder jaxspec/assets/{name}, and train.objective=joint makes a new "
+                      "model: its heads go with the base it exports to out/base, not with the model the shipped "
+                      "heads serve. Write it to a folder of your own, e.g. out=runs/bpd_joint/heads.")
   owner = ASSET_TARGETS[name]
   if owner is None:
     if path is None:

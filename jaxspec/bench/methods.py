@@ -143,7 +143,7 @@ def _shown(path) -> str:
     return str(path)
 
 
-def _saved_num_heads(folder: Path) -> int | None:
+def saved_num_heads(folder: Path) -> int | None:
   """The number of heads a BPD folder's config.json records (None where it cannot be read: `load_bpd` says why)."""
   import json
   try:
@@ -174,14 +174,14 @@ def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None):
   """`(bpd, bpd_draft_params)` for the heads a method's options name (default: the shipped ones): the first `k` of
   them (an option), or the first `num_heads`, or all."""
   from jaxspec.decoding.bpd import bpd_draft_params
-  from jaxspec.models.bpd import check_heads_target, load_bpd
+  from jaxspec.models.bpd import check_heads_target, load_bpd, target_fingerprint
 
   folder = Path(opts.get("heads", DEFAULT_BPD_HEADS))
   if not (folder / "heads.safetensors").exists():
     raise Unavailable(f"no BPD heads in {folder}: train them with `jaxspec train configs/bpd_smollm2.yaml` or pass "
                       "heads=FOLDER")
   if "k" in opts:
-    k, have = int(opts["k"]), _saved_num_heads(folder)
+    k, have = int(opts["k"]), saved_num_heads(folder)
     if have is not None and k > have:
       train = (_TRAIN_MORE_HEADS.format(n=k) if folder.resolve() == DEFAULT_BPD_HEADS.resolve()
                else f"heads.num_heads={k} in the config they were trained with")
@@ -199,11 +199,13 @@ def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None):
                       f"is {d_model}: pass heads=FOLDER with heads trained for this model{shipped}. `jaxspec train` "
                       "trains them from a `task: bpd` config whose model.path is this model, as "
                       "configs/bpd_t5_numbers.yaml does for jaxspec/assets/t5_numbers")
+  ctx.ready()  # the output projection is taken from the target's table on the devices, with every process
+  if "target_fingerprint" not in ctx.cache:  # after ready(): it gathers split embeddings, with every process
+    ctx.cache["target_fingerprint"] = target_fingerprint(ctx.params)
   try:
-    check_heads_target(folder, ctx.params)  # by every process (the fingerprint gathers split embeddings)
+    check_heads_target(folder, ctx.params, fingerprint=ctx.cache["target_fingerprint"])
   except ModelLoadError as e:
     raise Unavailable(f"{str(e).rstrip('.')}, with heads=FOLDER") from None
-  ctx.ready()  # the output projection is taken from the target's table on the devices, with every process
   try:
     return bpd, bpd_draft_params(ctx.model, ctx.params, bpd, bpd_params)
   except InputError as e:  # heads over another vocabulary
@@ -255,7 +257,13 @@ def _rescore_setup(ctx: BenchContext, opts: dict, what: str):
                       "default one)")
   tuned = cfg.get("tuned", {})
   # the heads the weights were tuned with, when the rescorer names them (else the shipped ones), unless given
-  opts = {"k": str(tuned.get("k", 4)), **({"heads": tuned["heads"]} if tuned.get("heads") else {}), **opts}
+  if "heads" not in opts and tuned.get("heads"):
+    if not (Path(tuned["heads"]) / "heads.safetensors").exists():
+      raise Unavailable(f"the rescorer in {_shown(folder)} was tuned with the heads in {tuned['heads']} (its "
+                        "config.json), which are not there: pass heads=FOLDER with those heads, or others trained "
+                        "for this model")
+    opts = {"heads": tuned["heads"], **opts}
+  opts = {"k": str(tuned.get("k", 4)), **opts}
   bpd, dp = _load_heads(ctx, opts)
   return lm, tables, tuned, bpd, dp, opts
 
@@ -273,13 +281,11 @@ def _bpd_ngram(ctx: BenchContext, opts: dict) -> Runner:
 def rescore_lm(ctx: BenchContext, tuned: dict, opts: dict | None = None) -> tuple:
   """`(model, params)` of bpd-neural's rescoring LM: the one its weight was tuned with (`tuned["neural_lm"]`), unless
   the options name another (`draft=PATH`, or `layers=N` for the target's first N layers)."""
-  from jaxspec.decoding.speculative import layerskip_draft
-
   opts = opts or {}
   tuned_lm = tuned.get("neural_lm", "layerskip")
   if "draft" in opts or ("layers" not in opts and not tuned_lm.startswith("layerskip")):
     return _draft_model(ctx, opts.get("draft", DEFAULT_DRAFT if tuned_lm == "default" else tuned_lm))
-  return layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", tuned.get("neural_layers", 4))))
+  return _layerskip_lm(ctx, {"layers": opts.get("layers", tuned.get("neural_layers", 4))})
 
 
 def _bpd_neural(ctx: BenchContext, opts: dict) -> Runner:
@@ -468,10 +474,11 @@ def _eagle(ctx: BenchContext, opts: dict) -> Runner:
 
 def _layerskip_lm(ctx: BenchContext, opts: dict) -> tuple:
   """The target's first `layers=` layers as a draft (default: a quarter of its decoder layers)."""
-  from jaxspec.decoding.speculative import decoder_layers, layerskip_draft
-  if decoder_layers(ctx.model) < 2:  # a fact of the model, not of the options: listed as unavailable in a bench
-    raise Unavailable(f"a layer-skip draft needs a target of 2 or more layers; this one has "
-                      f"{decoder_layers(ctx.model)}")
+  from jaxspec.decoding.speculative import check_layerskip_target, decoder_layers, layerskip_draft
+  try:
+    check_layerskip_target(ctx.model)
+  except InputError as e:  # a fact of the model, not of the options: listed as unavailable in a bench
+    raise Unavailable(str(e)) from None
   return layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", max(1, decoder_layers(ctx.model) // 4))))
 
 

@@ -45,6 +45,13 @@ def decoder_layers(model) -> int:
   return model.cfg.n_dec_layers if getattr(model, "is_encoder_decoder", False) else model.cfg.n_layers
 
 
+def check_layerskip_target(model) -> None:
+  """Raises `InputError` for a target too shallow to skip layers of (one decoder layer)."""
+  if (total := decoder_layers(model)) < 2:
+    raise InputError(f"A layer-skip draft keeps some of the target's layers and skips the rest: this target has "
+                     f"{total} layer, so there is nothing to skip (it needs 2 or more).")
+
+
 def layerskip_draft(model: LlamaLM, params, n_layers: int) -> tuple[LlamaLM, dict]:
   """A self-speculative draft: the target's first `n_layers` layers, then its final norm and head (no training).
 
@@ -63,10 +70,8 @@ def layerskip_draft(model: LlamaLM, params, n_layers: int) -> tuple[LlamaLM, dic
   Raises:
     InputError: `n_layers` out of range.
   """
+  check_layerskip_target(model)
   total = decoder_layers(model)
-  if total < 2:
-    raise InputError(f"A layer-skip draft keeps some of the target's layers and skips the rest: this target has "
-                     f"{total} layer, so there is nothing to skip (it needs 2 or more).")
   if not 1 <= n_layers < total:
     raise InputError(f"A layer-skip draft keeps 1 to {total - 1} of the target's {total} layers, got n_layers="
                      f"{n_layers}.")

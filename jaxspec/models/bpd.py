@@ -127,11 +127,26 @@ def save_bpd(folder: str | os.PathLike, bpd: BPDModel, params: dict, meta: dict 
                              "config.json": files.json_writer({"bpd": dataclasses.asdict(bpd.cfg), **(meta or {})})})
 
 
-def check_heads_target(folder: str | os.PathLike, target_params: dict, config: dict | None = None) -> None:
+# The target's vocabulary matrices a heads fingerprint covers: a LLaMA's embedding and untied head, a T5's shared
+# embedding and untied head (the heads read the input table with `use_next_token` and project through the output one).
+HEADS_TARGET_PARAMS = ("embed", "shared", "lm_head")
+
+
+def target_fingerprint(target_params: dict) -> str:
+  """The fingerprint BPD heads record of the target they were trained for (`embed_fingerprint` over
+  `HEADS_TARGET_PARAMS`; for a LLaMA the same as a distilled draft's). Gathers arrays split over hosts: every process
+  of a multi-host run must call it at the same point."""
+  from jaxspec.models.draft import embed_fingerprint
+  return embed_fingerprint(target_params, HEADS_TARGET_PARAMS)
+
+
+def check_heads_target(folder: str | os.PathLike, target_params: dict, config: dict | None = None,
+                       fingerprint: str | None = None) -> None:
   """Raises `ModelLoadError` where the heads in `folder` record the embedding fingerprint of the target they were
   trained for (`jaxspec.models.draft.embed_fingerprint`) and `target_params` have another: heads of the right shapes
   trained for another model run without an error and keep the output exact, but their drafts are rarely accepted.
-  Heads written without a fingerprint are not checked. `config`: the folder's config.json, where already read."""
+  Heads written without a fingerprint are not checked. `config`: the folder's config.json, where already read;
+  `fingerprint`: the target's `target_fingerprint`, where already computed."""
   if config is None:
     try:
       config = json.loads((Path(folder) / "config.json").read_text())
@@ -140,11 +155,17 @@ def check_heads_target(folder: str | os.PathLike, target_params: dict, config: d
   want = (config.get("target") or {}).get("embed_fingerprint") if isinstance(config, dict) else None
   if want is None:
     return
-  from jaxspec.models.draft import embed_fingerprint
-  if (got := embed_fingerprint(target_params)) != want:
-    raise ModelLoadError(f"The BPD heads in {folder} were trained for a target whose embedding has fingerprint "
-                         f"{want}; this target's is {got}: they were trained for another model (their drafts would "
-                         "rarely be accepted). Use heads trained for this one.")
+  got = fingerprint or target_fingerprint(target_params)
+  if got == want:
+    return
+  joint = (config.get("training") or {}).get("config", {}).get("train", {}).get("objective") == "joint"
+  if joint:
+    raise ModelLoadError(f"The BPD heads in {folder} were trained jointly with a fine-tuned base (embedding "
+                         f"fingerprint {want}; this target's is {got}): they go with the base their run exported, "
+                         f"{Path(folder) / 'base'} (load it as the model, e.g. --model FOLDER/base).")
+  raise ModelLoadError(f"The BPD heads in {folder} were trained for a target whose embedding has fingerprint "
+                       f"{want}; this target's is {got}: they were trained for another model (their drafts would "
+                       "be accepted less often, or hardly at all). Use heads trained for this one.")
 
 
 def load_bpd(folder: str | os.PathLike, num_heads: int | None = None,

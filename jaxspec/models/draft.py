@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Callable, Literal
 
@@ -39,10 +40,11 @@ VOCAB_FILE = "vocab_ids.safetensors"  # optional: the tokens of the draft's trai
 VOCAB_PARAMS = ("embed", "lm_head")  # the vocabulary-sized matrices a draft may share with its target
 
 
-def embed_fingerprint(params: dict) -> str:
-  """A fingerprint of a model's vocabulary matrices: CRC32 of the embedding (and untied head) rounded to bf16."""
+def embed_fingerprint(params: dict, names: Sequence[str] = VOCAB_PARAMS) -> str:
+  """A fingerprint of a model's vocabulary matrices: CRC32 of the embedding (and untied head) rounded to bf16.
+  `names`: the params read, in order (`VOCAB_PARAMS`: a LLaMA's embedding and untied head)."""
   crc = 0
-  for name in VOCAB_PARAMS:
+  for name in names:
     if name in params:
       leaf = next(iter(params[name].values()))
       data = np.asarray(sharding.fetch(jnp.asarray(leaf).astype(jnp.bfloat16)))  # gathered if split over hosts
