@@ -29,8 +29,16 @@ def filter_unraisable(name: str, consume: Callable[[Any], bool]) -> None:
     return
 
   def hook(report):
-    if not consume(report):
-      previous(report)
+    try:
+      if not consume(report):
+        previous(report)
+    except KeyboardInterrupt:
+      # A Ctrl-C that lands while a hook runs (printing another report, say) would be ignored by Python, which
+      # swallows what an unraisable hook raises; it is sent to the main thread again, from another thread a moment
+      # later (raised here, it would be swallowed the same way).
+      import _thread
+      import threading
+      threading.Timer(0.01, _thread.interrupt_main).start()
 
   hook.jaxspec_filters = names | {name}
   sys.unraisablehook = hook

@@ -198,6 +198,33 @@ def test_ctrl_c_while_jax_works_ends_with_the_message_and_130():
     assert err.strip().endswith("jaxspec: interrupted") and "Traceback" not in err, (delay, err[-2000:])
 
 
+def test_an_interrupt_that_lands_inside_the_unraisable_hook_is_delivered_again(monkeypatch):
+  """A Ctrl-C that arrived while the hook itself ran (printing another report) was raised inside the hook, where
+  Python ignores it ("Exception ignored in sys.unraisablehook"), and the command went on to exit 0 (seen once in a
+  CI run under load). The hook now sends it to the main thread again."""
+  import sys
+  import time
+  import types
+
+  from jaxspec.errors import filter_unraisable
+
+  def lands_here(report):  # the signal handler raising while the previous hook prints
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(sys, "unraisablehook", lands_here)
+  filter_unraisable("test-interrupt-inside-the-hook", lambda report: False)
+  report = types.SimpleNamespace(exc_type=RuntimeError, exc_value=RuntimeError("other"), exc_traceback=None,
+                                 err_msg="Exception ignored in", object=None)
+  try:
+    sys.unraisablehook(report)
+  except KeyboardInterrupt:
+    pytest.fail("raised inside the hook, where Python would ignore it")
+  with pytest.raises(KeyboardInterrupt):
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the interrupt arrives from another thread a moment later
+      pass
+
+
 def test_an_interrupt_swallowed_by_a_callback_is_delivered_again(monkeypatch):
   """Python reports a KeyboardInterrupt raised inside a callback it calls itself (JAX's gc callback) as "Exception
   ignored" and goes on; the command line turns such a report back into an interrupt."""
