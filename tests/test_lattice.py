@@ -188,6 +188,9 @@ def test_bad_lattice_settings_are_clear_errors(setup):
     LatticeDrafter(bpd, "none", keep_raw=True)
   with pytest.raises(InputError, match="n-gram"):
     LatticeDrafter(bpd, "ngram")
+  model = setup[0]  # a lattice wider than the heads' vocabulary: before, a top_k shape error while compiling
+  with pytest.raises(InputError, match=f"width t={model.vocab_size + 1} is more than the {model.vocab_size} tokens"):
+    _run(setup, LatticeDrafter(bpd, "none", top_t=model.vocab_size + 1))
 
 
 @pytest.mark.slow  # about a minute of tiny-model compiles per case; run before resolving

@@ -73,6 +73,10 @@ def test_adaptive_and_gated_drafts_equal_greedy(tiny, other_tiny, greedy_ref):
          for k, r in runs.items()})
   stopped = runs[0.1, 0.0]
   assert stopped.target_calls < int(stopped.drafter_stats["draft_forwards"]) < 4 * stopped.target_calls
+  # γ = 1 with a stop (`spec:gamma=1:stop=0.6`) raised an IndexError while tracing (found by fuzzing)
+  res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, draft_params=draft_params,
+                     drafter=DraftModelDrafter(draft_model, 1, stop=0.5))
+  assert res.tokens == greedy_ref
   # Gate 0.2 verifies some steps (all 4 drafts accepted in some) and not others; gate 4 = γ verifies none (a score
   # reaches γ only if all four confidences are 1): every step commits one token, as greedy decoding does.
   hist = runs[0.0, 0.2].accept_hist.sum(0)

@@ -362,7 +362,7 @@ class DraftModelDrafter:
       return (cache.advance(ones_B), nxt_B), (nxt_B, aux)
 
     n_fwd = jnp.int32(self.gamma)
-    if until is None:
+    if until is None or self.gamma == 1:  # one token: nothing to stop early (the loop below would index no slices)
       (cache, _), (rest_MxB, rest_aux) = jax.lax.scan(one, (cache, tok_B), rest_xs)
       tokens_BxN = jnp.concatenate([tok_B[:, None], rest_MxB.T], axis=1)
       aux_all = jax.tree.map(lambda a, r: jnp.concatenate([a[:, None], jnp.moveaxis(r, 0, 1)], axis=1), aux,
