@@ -143,7 +143,7 @@ def target_fingerprint(target_params: dict) -> str:
 def check_heads_target(folder: str | os.PathLike, target_params: dict, config: dict | None = None,
                        fingerprint: str | None = None) -> None:
   """Raises `ModelLoadError` where the heads in `folder` record the embedding fingerprint of the target they were
-  trained for (`jaxspec.models.draft.embed_fingerprint`) and `target_params` have another: heads of the right shapes
+  trained for (`target_fingerprint`) and `target_params` have another: heads of the right shapes
   trained for another model run without an error and keep the output exact, but their drafts are rarely accepted.
   Heads written without a fingerprint are not checked. `config`: the folder's config.json, where already read;
   `fingerprint`: the target's `target_fingerprint`, where already computed."""
@@ -172,7 +172,7 @@ def load_bpd(folder: str | os.PathLike, num_heads: int | None = None,
              target_params: dict | None = None) -> tuple[BPDModel, dict]:
   """Reads heads written by `save_bpd`; `num_heads` keeps only the first heads (head i never depends on others).
 
-  With `target_params`, the target's embedding fingerprint (`jaxspec.models.draft.embed_fingerprint`) is compared
+  With `target_params`, the target's embedding fingerprint (`target_fingerprint`) is compared
   with the one the heads were trained against, where their config records it: heads of the right shapes trained for
   another model would run without an error and keep the output exact, but draft tokens that are rarely accepted.
 
