@@ -288,3 +288,28 @@ def test_accept_hist_bins_whole_accepted_blocks_and_step_tokens_count_the_kept_o
     assert (accepted >= np.asarray(res.step_tokens)).all()
     assert (accepted > np.asarray(res.step_tokens)).any() == cut, kw
     assert (res.accept_hist[:, 4] > 0).all()  # the oracle's full blocks of 4
+
+
+# --- Seeds ---------------------------------------------------------------------------------------------------------
+
+
+def test_every_64_bit_seed_draws_its_own_samples():
+  """`jax.random.key` keeps only a seed's low 32 bits (without 64-bit mode), so seeds 0 and 2**32, or -1 and
+  2**32 - 1, drew the same samples. Seeds below 2**32 still give `jax.random.key(seed)`'s samples."""
+  from jaxspec.decoding.sampling import seed_key
+
+  def draw(seed):
+    return gen.generate(LM, None, [[1, 2]] * 4, max_new_tokens=12, temperature=1.0, seed=seed).tokens
+
+  seeds = [0, 2 ** 32, 2 ** 32 - 1, -1, 2 ** 62, -2 ** 62, 2 ** 63 - 1, -2 ** 63]
+  drawn = [draw(s) for s in seeds]
+  assert len({str(d) for d in drawn}) == len(seeds)
+  assert draw(2 ** 32) == drawn[1]  # and each is reproducible
+  for s in [0, 7, 2 ** 31 + 5, 2 ** 32 - 1]:
+    assert np.array_equal(jax.random.key_data(seed_key(s)), jax.random.key_data(jax.random.key(s)))
+  for bad, message in [(2 ** 63, r"seed 9223372036854775808 is out of range: use a whole number from -2\*\*63"),
+                       (-2 ** 63 - 1, "out of range"), (1.5, "a seed must be a whole number, got 1.5")]:
+    with pytest.raises(InputError, match=message):
+      seed_key(bad)
+    with pytest.raises(InputError, match="seed must be"):  # `generate` checks the same range first
+      gen.generate(LM, None, [[1, 2]], max_new_tokens=4, temperature=1.0, seed=bad)

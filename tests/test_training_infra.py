@@ -271,6 +271,11 @@ def test_task_configs_need_a_task_positive_counts_and_writable_folders(tmp_path)
                         ("data.train_examples=0", "data.train_examples")]:
     with pytest.raises(ConfigError, match=f"{key} must be >= 1"):
       load_task_config(str(path), [override])
+  for override, key in [("train.seed=-1", "train.seed"), ("data.seed=-5", "data.seed")]:
+    # numpy's generators (splits, batch order) would fail on a negative seed only once the data is built
+    with pytest.raises(ConfigError, match=rf"{key} must be a whole number from 0 to 2\*\*63 - 1, got -"):
+      load_task_config(str(path), [override])
+  load_task_config(str(path), [f"train.seed={2 ** 63 - 1}"])
   (tmp_path / "a_file").write_text("x")
   for override, key in [(f"out={tmp_path / 'a_file'}", "out"),
                         (f"train.checkpoint_dir={tmp_path / 'a_file' / 'ckpt'}", "train.checkpoint_dir")]:

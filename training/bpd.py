@@ -25,6 +25,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxspec import sharding
+from jaxspec.decoding.sampling import seed_key
 from jaxspec.models.bpd import MAX_HEADS, BPDConfig, BPDModel, save_bpd
 from jaxspec.models.llama import precision_key
 from training import datasets, rowcache
@@ -421,7 +422,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   bpd = BPDModel(BPDConfig(num_heads=k, d_model=model.cfg.d_model, d_hidden=cfg.heads.d_hidden,
                            use_next_token=cfg.heads.use_next_token,
                            vocab_subset=len(vocab_ids) if vocab_ids is not None else 0))
-  rng = jax.random.key(cfg.train.seed)
+  rng = seed_key(cfg.train.seed)
   if initial is not None:
     bpd, bpd_params = initial
     vocab_ids = np.asarray(bpd_params["vocab_ids"]) if "vocab_ids" in bpd_params else None  # the heads' own rows

@@ -38,6 +38,7 @@ import numpy as np
 from jaxspec.models.draft import (VOCAB_PARAMS, embed_fingerprint, load_draft, save_draft,  # noqa: F401 (re-export)
                                   save_draft_vocab)
 from jaxspec import sharding
+from jaxspec.decoding.sampling import seed_key
 from jaxspec.models.llama import LlamaLM, precision_key
 from training import datasets, rowcache
 from training.bpd import DataSection, ModelSection, build_sequences
@@ -136,7 +137,7 @@ def init_draft(target: LlamaLM, target_params: dict, n_layers: int, init: str = 
                                       param_dtype="float32"))
   f32 = lambda tree: jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), tree)
   if init == "random":
-    params = dict(draft.init_params(jax.random.key(rng) if isinstance(rng, int) else rng))
+    params = dict(draft.init_params(seed_key(rng) if isinstance(rng, int) else rng))
   else:
     params = {"final_norm": f32(target_params["final_norm"])}
     for i in range(n_layers):

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec import sharding
+from jaxspec.decoding.sampling import seed_key
 from jaxspec.models.eagle import EagleDraft, own_params, save_eagle
 from training import datasets, rowcache
 from training.bpd import FEATURES_FILE, DataSection, ModelSection, build_sequences, cached_features
@@ -232,7 +233,7 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
 
   f32 = dataclasses.replace(model.cfg, dtype="float32", param_dtype="float32")
   draft = EagleDraft(f32, cfg.eagle.n_layers)
-  all_params = draft.init_params(jax.random.key(cfg.train.seed), params, train_vocab(train_seqs), cfg.eagle.init)
+  all_params = draft.init_params(seed_key(cfg.train.seed), params, train_vocab(train_seqs), cfg.eagle.init)
   trainable = own_params(all_params)
   frozen = {k: v for k, v in all_params.items() if k not in trainable}
   optimizer = make_optimizer(cfg.optim, cfg.train.steps)

@@ -22,6 +22,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxspec import files
+from jaxspec.decoding.sampling import seed_key
 from jaxspec.models.t5 import T5Config, T5LM
 from training import synthetic
 from training.config import ConfigError, record_run_config, to_dict
@@ -224,7 +225,7 @@ def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
   if len(tr["src"]) == 0:
     raise ConfigError("data: every training example is longer than data.src_len / data.tgt_len; raise them.")
   optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-  params = model.init_params(jax.random.key(cfg.train.seed))
+  params = model.init_params(seed_key(cfg.train.seed))
   bs = cfg.train.batch_size
 
   def batches_from(step):

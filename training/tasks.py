@@ -73,6 +73,9 @@ def _check_counts(cfg: Any, prefix: str = "") -> None:
       _check_counts(value, f"{prefix}{f.name}.")
     elif f.name in POSITIVE and isinstance(value, int) and not isinstance(value, bool) and value < 1:
       raise ConfigError(f"{prefix}{f.name} must be >= 1, got {value}")
+    elif f.name.endswith("seed") and isinstance(value, int) and not 0 <= value < 2 ** 63:
+      # numpy's generators (data splits, batch order, Jacobi guesses) take no negative seed
+      raise ConfigError(f"{prefix}{f.name} must be a whole number from 0 to 2**63 - 1, got {value}")
 
 
 def check_processes(cfg: Any) -> None:

@@ -30,6 +30,7 @@ from flax import struct
 from tqdm.auto import tqdm
 
 from jaxspec import files, sharding
+from jaxspec.decoding.sampling import seed_key
 from jaxspec.signals import SignalGuard
 from training import curves
 from training.checkpoint import Checkpointer, CheckpointError
@@ -68,7 +69,7 @@ class TrainState:
 def init_state(params: Params, optimizer: optax.GradientTransformation, rng: jax.Array | int) -> TrainState:
   """A step-0 state for `params` (a key or an integer seed for `rng`)."""
   if isinstance(rng, int):
-    rng = jax.random.key(rng)
+    rng = seed_key(rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params), rng=rng)
 
 

@@ -29,6 +29,7 @@ import numpy as np
 from jaxspec.bench.methods import BenchContext, Runner, Unavailable
 from jaxspec.decoding.generate import GenerationResult, bucket, compiled_program, round_up
 from jaxspec.decoding.protocol import start
+from jaxspec.decoding.sampling import seed_key
 from jaxspec.errors import InputError
 
 
@@ -176,7 +177,7 @@ def _run_t5x(ctx: BenchContext, decoding, fn, arr: np.ndarray, lengths: list[int
   """Runs a T5X program (`_t5x_program` or `_t5x_encdec_program`) on padded prompts; row b's new tokens are its
   output from `starts[b]` on, cut after the first EOS. One token per call while the row is live."""
   topp = ctx.top_p if ctx.top_p < 1.0 else 0.0
-  args = (ctx.params, jnp.asarray(arr), jnp.asarray(lengths, jnp.int32), jax.random.key_data(jax.random.key(seed)),
+  args = (ctx.params, jnp.asarray(arr), jnp.asarray(lengths, jnp.int32), jax.random.key_data(seed_key(seed)),
           jnp.float32(ctx.temperature))
   static = dict(model=ctx.model, decoding=decoding, capacity=capacity, max_new=int(max_new_tokens), eos_id=eos,
                 topk=int(ctx.top_k), topp=float(topp))

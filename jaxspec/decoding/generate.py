@@ -15,7 +15,7 @@ from jaxspec import sharding
 from jaxspec.decoding.accept import GreedyAcceptance, SampleAcceptance
 from jaxspec.decoding.loop import DecodeOutput, NoDraft, cache_buckets, decode_jit
 from jaxspec.decoding.protocol import check_draft_params
-from jaxspec.decoding.sampling import SamplingParams, Warp
+from jaxspec.decoding.sampling import SamplingParams, Warp, seed_key
 from jaxspec.errors import InputError
 
 MIN_PROMPT_BUCKET = 16
@@ -282,7 +282,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   arr, lengths, max_new, out_len, capacity = prepare(prompts, max_new_tokens, max_len, drafter.num_nodes, pad_id,
                                                      vocab_size=vocab)
   args = (params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new),
-          jnp.asarray(_eos_list(eos_ids, vocab) or [-1], jnp.int32), jax.random.key(seed),
+          jnp.asarray(_eos_list(eos_ids, vocab) or [-1], jnp.int32), seed_key(seed),
           SamplingParams.make(temperature, top_p), draft_params)
   check_draft_params(drafter, model, draft_params)  # here the arrays are concrete: values are checked too
   static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=out_len, capacity=capacity, pad_id=pad_id)

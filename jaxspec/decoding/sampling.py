@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 
 import flax.struct
 import jax
@@ -16,6 +17,32 @@ import jax.numpy as jnp
 from jaxspec.errors import InputError
 
 Array = jax.Array
+
+
+SEED_RANGE = (-2 ** 63, 2 ** 63)  # a 64-bit signed integer: [low, high)
+
+
+def seed_key(seed: int) -> Array:
+  """The PRNG key for a 64-bit integer seed (-2**63 to 2**63 - 1), a different key for each.
+
+  `jax.random.key(seed)` keeps only the low 32 bits of a seed when 64-bit mode is off (JAX's default), so seeds
+  0 and 2**32, or -1 and 2**32 - 1, would draw the same samples. Here a seed in [0, 2**32) gives exactly
+  `jax.random.key(seed)` (the samples of earlier runs stay as they were); for any other seed the high 32 bits of
+  its 64-bit two's complement form are folded into the key of the low 32 bits.
+
+  Raises:
+    InputError: a seed outside that range, or not a whole number.
+  """
+  try:
+    value = operator.index(seed)
+  except TypeError:
+    raise InputError(f"a seed must be a whole number, got {seed!r}") from None
+  if not SEED_RANGE[0] <= value < SEED_RANGE[1]:
+    raise InputError(f"seed {value} is out of range: use a whole number from -2**63 to 2**63 - 1")
+  value %= 2 ** 64
+  low, high = value & 0xFFFFFFFF, value >> 32
+  key = jax.random.key(low)
+  return jax.random.fold_in(key, high) if high else key
 
 
 def argmax(x_xV: Array) -> Array:

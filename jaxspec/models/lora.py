@@ -24,6 +24,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxspec import files
+from jaxspec.decoding.sampling import seed_key
 from jaxspec.errors import ModelLoadError
 from jaxspec.models.llama import stack_layers, unstack_layers
 
@@ -72,7 +73,7 @@ def init_lora(params: Any, cfg: LoraConfig, rng: jax.Array | int = 0, init_scale
   kernels = _kernel_paths(params, cfg.targets)
   if not kernels:
     raise ValueError(f"no Dense kernel named {cfg.targets} in the params; LLaMA blocks have {ALL_TARGETS}")
-  key = jax.random.key(rng) if isinstance(rng, int) else rng
+  key = seed_key(rng) if isinstance(rng, int) else rng
   flat = {}
   for i, (path, w) in enumerate(sorted(kernels.items())):
     *lead, d_in, d_out = w.shape
