@@ -315,6 +315,35 @@ def test_warp_matches_a_numpy_reference(temperature, top_k, top_p):
   assert ((got > 0) == (want > 0)).all()
 
 
+def test_warp_at_small_temperatures_keeps_the_gaps_between_logits():
+  """Below T = 1e-6 the temperature was clamped to 1e-6, and near it logits / T (~1e7) lost their gaps to float32
+  rounding: two logits 9.5e-7 apart got probabilities 0.72 / 0.28 at T = 1e-7 (exactly: 0.99993 / 0.00007), and a
+  static tree's prior calibrated at temperature 0 got a top-child probability above 1."""
+  logits = np.asarray([[10.0, 10.0 - 9.5e-7, 3.0, -np.inf]], np.float32)
+  gap = float(logits[0, 0]) - float(logits[0, 1])  # the gap float32 keeps
+  for temperature in (1e-7, 1e-6, 1e-3):
+    got = np.asarray(Warp().probs(jnp.asarray(logits), SamplingParams.make(temperature)))
+    want = np.asarray([1.0, np.exp(-gap / temperature), 0.0, 0.0])
+    np.testing.assert_allclose(got[0], want / want.sum(), rtol=1e-4, atol=1e-6)
+  big = np.asarray(jax.random.normal(jax.random.key(5), (4, 300)) * 30.0, np.float32)  # logits up to ~100
+  for temperature in (0.0, 1e-30, 1e-9):  # all the mass on the largest logit, never above 1 nor NaN
+    p = np.asarray(Warp(top_k=5, use_top_p=True).probs(jnp.asarray(big), SamplingParams.make(temperature, 0.9)))
+    np.testing.assert_array_equal(p, np.eye(300)[big.argmax(-1)])
+  ties = jnp.asarray([[2.0, 5.0, 5.0, 1.0]])
+  np.testing.assert_allclose(np.asarray(Warp().probs(ties, SamplingParams.make(0.0))), [[0, 0.5, 0.5, 0]])
+
+
+def test_an_argmax_acceptor_refuses_a_temperature():
+  """An acceptor that keeps tokens by the target's argmax (greedy, BPD's approximate top-k rule) with temperature > 0
+  gave greedy output labelled as sampled; generate now says so."""
+  from jaxspec.decoding.bpd import TopKAcceptance
+  for acceptor in (GreedyAcceptance(), TopKAcceptance(2)):
+    with pytest.raises(InputError, match=f"{type(acceptor).__name__} keeps tokens by the target's argmax, so it "
+                                         "does not sample: with temperature=1.5 leave acceptor unset"):
+      gen.generate(LM, None, [[1, 2, 3]], max_new_tokens=3, temperature=1.5, acceptor=acceptor)
+    gen.generate(LM, None, [[1, 2, 3]], max_new_tokens=3, acceptor=acceptor)
+
+
 @pytest.mark.parametrize("temperature,top_k,top_p", [(0.6, 0, 1.0), (0.7, 0, 0.9), (1.5, 5, 1.0)])
 def test_sampled_first_tokens_follow_the_warped_distribution(temperature, top_k, top_p):
   """`generate`'s own sampling options reach the sampler: 20000 first tokens of an 8-token model fit its warped

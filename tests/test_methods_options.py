@@ -249,3 +249,29 @@ def test_costs_for_a_budget_or_a_gate_are_measured_at_the_runs_batch(target, hos
   methods_mod.build(ctx, "opt-tree", {"drafter": "draft", "draft": str(host_parts / "draft"), "nodes": "auto",
                                       "gate": "auto"})
   assert batches == [3, 3, 3]  # the target's verify costs, the draft's, the gate's
+
+
+def test_sampling_runs_calibrate_trees_at_their_temperature_and_refuse_argmax_rules(target, parts, monkeypatch):
+  """A static tree's prior is calibrated at the run's sampling settings: calibrated at temperature 0, a sampling
+  tree's children below the first all got probability ~0 (the prior log(1e-6) = -13.8), so the tree was a chain, and
+  the first child's log-probability could come out above 0. BPD's approx=K takes the target's argmax, so at a
+  temperature it is unavailable rather than greedy output labelled as sampled."""
+  from tests.test_bench import ByteTokenizer  # the calibration decodes the quick prompts
+
+  model, params = target
+  seen = []
+
+  def spy(*args, **kwargs):
+    seen.append(kwargs)
+    return generate(*args, **kwargs)
+
+  monkeypatch.setattr(methods_mod, "generate", spy)
+  ctx = BenchContext(model, params, ByteTokenizer(), temperature=1.0)
+  run = methods_mod.build(ctx, "opt-tree", {"heads": str(parts / "heads"), "nodes": "8", "depth": "3",
+                                            "shape": "static"})
+  run(PROMPTS, 6, 0)
+  prior = np.asarray(seen[-1]["draft_params"]["tree_prior_DxC"])
+  assert prior.shape[0] == 3 and (prior <= 0).all()
+  assert (prior[:, :4] > np.log(1e-3)).all()  # random heads at temperature 1: every rank keeps real mass
+  with pytest.raises(methods_mod.Unavailable, match=r"approximate acceptance \(approx=K\).*greedy only"):
+    methods_mod.build(ctx, "bpd", {"heads": str(parts / "heads"), "approx": "3"})

@@ -228,6 +228,9 @@ def with_lookup(drafter, opts: dict):
 def _bpd(ctx: BenchContext, opts: dict) -> Runner:
   from jaxspec.decoding.bpd import BPDDrafter, TopKAcceptance
 
+  if "approx" in opts and ctx.temperature > 0:
+    raise Unavailable("approximate acceptance (approx=K) keeps drafts in the target's top K and then takes its "
+                      "argmax: greedy only")
   bpd, dp = _load_heads(ctx, opts)
   acceptor = TopKAcceptance(int(opts["approx"])) if "approx" in opts else None
   run = loop_runner(ctx, with_lookup(BPDDrafter(bpd, gate=float(opts.get("gate", 0.0))), opts), dp, acceptor)
@@ -552,8 +555,11 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   notes = []
 
   def calibrate(drafter, dp):
+    # At the run's sampling settings: a sampling tree's probabilities are the warped ones, and its budget and static
+    # prior come from those (at temperature 0 they would all sit on each level's first child).
     res = generate(ctx.model, ctx.params, calibration_prompts(ctx), max_new_tokens=48, eos_ids=ctx.eos_ids,
-                   pad_id=ctx.pad_id, drafter=drafter, draft_params=dp, max_len=ctx.max_len)
+                   pad_id=ctx.pad_id, drafter=drafter, draft_params=dp, max_len=ctx.max_len,
+                   temperature=ctx.temperature, top_k=ctx.top_k, top_p=ctx.top_p, seed=ctx.seed)
     return res.drafter_stats
 
   nodes = opts.get("nodes", "16")

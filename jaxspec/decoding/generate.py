@@ -272,6 +272,9 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   if temperature > 0 and vocab is not None and top_k > vocab:
     raise InputError(f"top_k={top_k} is more than the model's vocabulary ({vocab} tokens): use 0 (no filter) or "
                      "fewer.")
+  if acceptor is not None and temperature > 0 and not hasattr(acceptor, "warp"):
+    raise InputError(f"{type(acceptor).__name__} keeps tokens by the target's argmax, so it does not sample: with "
+                     f"temperature={temperature} leave acceptor unset (exact sampling), or decode with temperature 0.")
   acceptor = acceptor or make_acceptor(temperature, top_k, top_p)
   context = getattr(getattr(model, "cfg", None), "max_seq_len", None)
   if max_len and context and max_len > context and getattr(model, "context_is_limit", False):

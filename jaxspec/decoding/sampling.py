@@ -96,8 +96,14 @@ class Warp:
 
   def log_probs(self, logits_xV: Array, sp: SamplingParams) -> Array:
     """Log-probabilities of the warped distribution (temperature, then top-k, then top-p). Jittable."""
-    t = jnp.maximum(sp.temperature, 1e-6)
-    logits = logits_xV.astype(jnp.float32) / t
+    # The largest logit is taken off before dividing by the temperature, so a small temperature neither overflows
+    # float32 nor loses the gaps between logits to rounding (at T = 1e-6 the scaled logits were ~1e7, where float32
+    # steps by 1, and the top token's probability came out above 1). Temperature 0 (a sampling drafter's warp run
+    # greedily) is taken as the smallest positive float32: all the mass on the largest logit, shared by ties.
+    t = jnp.maximum(sp.temperature, jnp.finfo(jnp.float32).tiny)
+    logits = logits_xV.astype(jnp.float32)
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    logits = (logits - jnp.where(jnp.isfinite(top), top, 0.0)) / t
     neg = jnp.finfo(jnp.float32).min
     if self.top_k:
       kth = jax.lax.top_k(logits, self.top_k)[0][..., -1:]
