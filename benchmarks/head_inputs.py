@@ -22,15 +22,20 @@ import time
 import numpy as np
 
 
+WARMUP = 100  # steps of linear warm-up before the cosine decay
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--data", default="runs/bpd_smollm2/data", help="self-distillation folder")
   ap.add_argument("--layers", default="14,22", help="0-based decoder layers whose outputs the second heads read")
-  ap.add_argument("--steps", type=int, default=1500)
+  ap.add_argument("--steps", type=int, default=1500, help="training steps per variant (at least 101: 100 warm up)")
   ap.add_argument("--heads", type=int, default=4, help="heads per set (head i never depends on the others)")
   ap.add_argument("--seq-len", type=int, default=272)
   ap.add_argument("--eval-every", type=int, default=500)
   args = ap.parse_args(argv)
+  if args.steps <= WARMUP:
+    ap.error(f"--steps must be more than the {WARMUP} warm-up steps, got {args.steps}")
 
   import flax.linen as nn
   import jax
@@ -102,7 +107,7 @@ def main(argv=None) -> int:
     width = d * blocks
     p = heads.init(jax.random.key(0), jnp.zeros((1, width)), jnp.zeros((1, d)))
     opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(optax.warmup_cosine_decay_schedule(0, 1e-3, 100, args.steps), weight_decay=0.0))
+                      optax.adamw(optax.warmup_cosine_decay_schedule(0, 1e-3, WARMUP, args.steps), weight_decay=0.0))
     state = opt.init(p)
 
     def loss_fn(p, batch):

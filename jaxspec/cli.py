@@ -300,6 +300,7 @@ def _show_sharding_choices() -> None:
     handler.setFormatter(logging.Formatter("jaxspec: %(message)s"))
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    log.propagate = False  # `train` configures the root logger too: each record would print twice
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -404,20 +404,28 @@ def test_a_rescorer_brings_its_heads_and_names_rescore_for_another_vocabulary(ti
 def test_the_command_line_prints_sharding_fallbacks(capsys):
   """A replicated dimension changes what a mesh buys: the CLI shows the sharding's INFO records on stderr."""
   import logging
+  import sys
 
   from jaxspec import cli, sharding
 
-  log = logging.getLogger("jaxspec.sharding")
-  handlers, level = list(log.handlers), log.level
+  log, root = logging.getLogger("jaxspec.sharding"), logging.getLogger()
+  handlers, level, propagate = list(log.handlers), log.level, log.propagate
+  root_handler = logging.StreamHandler(sys.stderr)  # as when a library has configured the root logger (under train)
+  root_handler.setFormatter(logging.Formatter("%(levelname)s:%(name)s:%(message)s"))
+  root.addHandler(root_handler)
   try:
     for h in handlers:
       log.removeHandler(h)
     cli._show_sharding_choices()
     sharding._note_fallback("heads (9) do not divide model=4: replicated (test)")
-    assert "jaxspec: sharding: heads (9) do not divide model=4" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "jaxspec: sharding: heads (9) do not divide model=4" in err
+    assert err.count("heads (9) do not divide") == 1  # once, not again through the root logger
   finally:
+    root.removeHandler(root_handler)
     for h in list(log.handlers):
       log.removeHandler(h)
     for h in handlers:
       log.addHandler(h)
     log.setLevel(level)
+    log.propagate = propagate

@@ -130,9 +130,12 @@ def test_indivisible_dimensions_fall_back_to_replication(tiny, mesh24):
   assert specs(params, part42.param_shardings(params))["layers_0/attn/k/kernel"] == P(None, "model")
 
 
-def test_a_fallback_is_logged_once_per_kind_of_weight(tiny, mesh24, caplog):
+def test_a_fallback_is_logged_once_per_kind_of_weight(tiny, mesh24, caplog, monkeypatch):
   """The command line shows each fallback: the same weight of every layer is one line (`layers_*/...`), not one
   per layer."""
+  import logging
+  # caplog listens on the root logger, which the CLI's own handler cuts off (a CLI test may run first in-process)
+  monkeypatch.setattr(logging.getLogger("jaxspec.sharding"), "propagate", True)
   model, params = tiny
   assert sum(k.startswith("layers_") for k in params) >= 2
   sharding._FALLBACKS.clear()
