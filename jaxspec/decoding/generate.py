@@ -245,7 +245,9 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     seed: sampling seed.
     drafter: proposes tokens to verify (`NoDraft()` = plain decoding).
     draft_params: the drafter's parameters.
-    acceptor: acceptance rule; by default chosen from temperature / top_k / top_p.
+    acceptor: acceptance rule; by default chosen from temperature / top_k / top_p. With temperature > 0 it must
+      sample (have a `warp`, as `SampleAcceptance`): an argmax rule (`GreedyAcceptance`, BPD's `TopKAcceptance`)
+      is refused there.
     max_len: cache length limit; defaults to the model's context length.
     mesh: run sharded on a device mesh: a `jax.sharding.Mesh` with `data` / `model` axes, a spec such as
       `"data=2,model=4"`, or a `jaxspec.sharding.Partitioner`. Params and draft params are placed by the logical
@@ -263,7 +265,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     InputError: empty prompts, token ids outside the model's vocabulary (prompts, `eos_ids`, `pad_id`), a request
       that does not fit the cache, `max_new_tokens` or sampling settings of the wrong type or out of range, a
       drafter that cannot serve this target (a draft model with another vocabulary, heads or draft params built for
-      another target, a greedy-only drafter with sampling), params that do not fit the model, or a mesh that does
+      another target, a greedy-only drafter or acceptor with sampling), params that do not fit the model, or a mesh that does
       not fit the devices.
   """
   temperature, top_k, top_p, seed, max_len = check_settings(temperature, top_k, top_p, seed, max_len)
