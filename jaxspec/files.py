@@ -131,6 +131,20 @@ def json_writer(obj: Any, indent: int | None = 1) -> Writer:
   return text_writer(json.dumps(obj, indent=indent))
 
 
+def read_jsonl(path: str | os.PathLike) -> tuple[list[Any], list[int]]:
+  """The JSON values of a JSON-lines file, each line read on its own, and the numbers (from 1) of the lines that are
+  not JSON or not UTF-8 (cut short by a kill, or damaged): a bad line costs only itself. Blank lines are skipped."""
+  values, bad = [], []
+  for number, line in enumerate(Path(path).read_bytes().split(b"\n"), 1):
+    if not line.strip():
+      continue
+    try:
+      values.append(json.loads(line.decode("utf-8")))
+    except (UnicodeDecodeError, ValueError):
+      bad.append(number)
+  return values, bad
+
+
 def write_figure(path: str | os.PathLike, fig: Any, dpi: int = 110) -> None:
   """Saves a matplotlib figure whole (as PNG unless `path` ends otherwise); closes it if pyplot made it."""
   path = Path(path)

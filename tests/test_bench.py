@@ -183,7 +183,7 @@ def test_named_methods_must_all_run_and_the_results_folder_must_be_writable(tmp_
   with pytest.raises(InputError, match="Cannot run missing: no parts"):
     run_bench(cfg, methods, None, ByteTokenizer(), progress=False, require_all=True)
   # A baseline whose code is not installed stays a row of its own.
-  base = dataclasses.replace(cfg, methods=("greedy", "t5x-greedy"), t5x_src=str(tmp_path))
+  base = dataclasses.replace(cfg, methods=("greedy", "t5x-greedy"), t5x_src=str(tmp_path), out=str(tmp_path / "o2"))
   res = run_bench(base, methods, None, ByteTokenizer(), progress=False, require_all=True)
   assert res["methods"]["t5x-greedy"]["available"] is False
   (tmp_path / "file").write_text("x")
@@ -473,8 +473,15 @@ def test_a_run_that_starts_over_removes_the_previous_runs_files(tmp_path, prompt
   assert all((out / name).exists() for name in old)
   bomb.update(at=1, error=Killed)
   again = dataclasses.replace(cfg, methods=("oracle", "bomb"), max_new_tokens=5)
-  with pytest.raises(Killed):
+  before = {name: (out / name).read_bytes() for name in old}
+  # Finished results of other work are not replaced unasked either: refused before anything is decoded.
+  with pytest.raises(InputError, match=r"holds the finished results of another bench \(max_new_tokens: 32 there, 5 "
+                                       r"here; methods: oracle there, oracle,bomb here\)\. Pass another --out to keep "
+                                       "them, or --fresh to replace them"):
     run_bench(again, methods, None, ByteTokenizer(), progress=False)
+  assert {name: (out / name).read_bytes() for name in old} == before and bomb["calls"] == []
+  with pytest.raises(Killed):
+    run_bench(dataclasses.replace(again, fresh=True), methods, None, ByteTokenizer(), progress=False)
   assert sorted(p.name for p in out.iterdir()) == ["progress.jsonl"]
   bomb["armed"] = False
   res = run_bench(again, methods, None, ByteTokenizer(), progress=False)
@@ -538,7 +545,47 @@ def test_kept_runs_of_other_work_are_refused_not_wiped(tmp_path, prompt_file, me
   res = run_bench(dataclasses.replace(cfg, max_new_tokens=7), methods, None, ByteTokenizer(), progress=False)
   assert "resumed_runs" not in res["environment"] and len(bomb["calls"]) == 1 + 3
   prog.write_text("not json\n")
-  assert saved.read(prog) == (None, {}, f"{prog} is not a bench progress file; starting over")
+  assert saved.read(prog) == (None, {}, f"{prog} holds no run that can be read; starting over")
+
+
+def test_damaged_progress_lines_lose_only_their_own_runs(tmp_path, prompt_file, methods, bomb):
+  """A garbled line, or bytes that are not UTF-8, in the middle of the progress file lose only that line's run (all
+  later runs used to be dropped, or, for a bad byte, every run); a damaged first line, the settings the runs belong
+  to, with runs after it is refused instead of starting over, and --fresh discards them."""
+  from jaxspec.bench import progress as saved
+
+  cfg = BenchConfig(prompts=prompt_file, methods=("oracle", "bomb"), max_new_tokens=6, batch_size=1,
+                    out=str(tmp_path))
+  bomb.update(at=4, error=Killed)  # the warm-up, batches 0 and 1, then killed on batch 2
+  with pytest.raises(Killed):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  bomb["armed"] = False
+  prog = tmp_path / "progress.jsonl"
+  lines = prog.read_bytes().split(b"\n")[:-1]
+  head, runs, note = saved.read(prog)
+  assert len(lines) - 1 == len(runs) >= 4 and note is None
+  damaged = [lines[0], lines[1], b'{"batch": 0, "method": "gre', b"\xff\xfe garbled", *lines[2:], lines[3][:20]]
+  prog.write_bytes(b"\n".join(damaged) + b"\n")
+  head2, runs2, note = saved.read(prog)
+  assert head2 == head and runs2 == runs  # lines[3] is there whole, then cut short at the end (as by a kill)
+  assert note == f"{prog}: line(s) 3, 4 could not be read; their runs go again"
+  res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert res["environment"]["resumed_runs"] == len(runs)
+  # The first line damaged: the runs cannot be matched to any settings, so they are refused, not thrown away.
+  bomb.update(at=4, error=Killed, armed=True)
+  bomb["calls"].clear()
+  with pytest.raises(Killed):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  bomb["armed"] = False
+  kept = prog.read_bytes().split(b"\n")
+  prog.write_bytes(b"\n".join([b'{"fingerprint": {"config": {"max_new_tok', *kept[1:]]))
+  before = prog.read_bytes()
+  with pytest.raises(InputError, match=r"progress.jsonl holds \d+ finished method run\(s\), but its first line \(the "
+                                       r"settings they were run with\) is damaged.*Pass --fresh to discard them"):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert prog.read_bytes() == before
+  res = run_bench(dataclasses.replace(cfg, fresh=True), methods, None, ByteTokenizer(), progress=False)
+  assert res["complete"] and "resumed_runs" not in res["environment"]
 
 
 def test_progress_files_of_whole_batches_still_resume(tmp_path):

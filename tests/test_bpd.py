@@ -465,6 +465,16 @@ def test_sampled_self_distillation_is_reproducible_and_splits_by_prompt(tmp_path
     again = build(tmp_path / "s", samples=3, temperature=1.0)
   assert [t.tolist() for t in again.tokens] == [t.tolist() for t in seqs.tokens]
   assert f"continuing the answers in {tmp_path / 's'}: 6 of 12 are there from an earlier run" in caplog.text
+  # The batch size seeds the sampling: a killed folder goes on only at its own, and a finished one is read at any.
+  other_batch = lambda: datasets.self_distill(model, params, ByteTokenizer(), texts, tmp_path / "s", max_new_tokens=12,
+                                              batch_size=4, shard_size=6, progress=False, samples=3, temperature=1.0)
+  assert [t.tolist() for t in other_batch().tokens] == [t.tolist() for t in seqs.tokens]
+  (tmp_path / "s" / "shard_00001.npz").unlink()
+  with pytest.raises(InputError, match=r"holds sampled answers drawn 5 prompts per batch \(data.gen_batch_size\), "
+                                       r"which seeds the sampling: continue them with data.gen_batch_size=5"):
+    other_batch()
+  assert [t.tolist() for t in build(tmp_path / "s", samples=3, temperature=1.0).tokens] == [
+      t.tolist() for t in seqs.tokens]
   # Every sample of a prompt is on the same side of the split.
   train, ev = seqs.split(0.25)
   ev_prompts = {tuple(t[:p]) for t, p in zip(ev.tokens, ev.prompt_lens)}

@@ -14,6 +14,7 @@ from jaxspec.errors import InputError
 from tests.test_bpd import ByteTokenizer, tiny_train_config
 from training import datasets
 from training.bpd import train_bpd
+from training.checkpoint import CheckpointError
 from training.config import ConfigError, record_run_config
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
 
@@ -37,6 +38,9 @@ def test_a_resume_with_other_settings_is_refused_and_a_longer_one_is_not(tiny, t
                                optim=dataclasses.replace(cfg.optim, lr=1e-3))
   summary = train_bpd(longer, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   assert summary["final_eval"]
+  # Fewer steps than the checkpoints hold would export the step-6 model as a 4-step run.
+  with pytest.raises(CheckpointError, match=r"are at step 6, past this run's 4 steps: set train.steps to 6 or more"):
+    train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   # A folder without checkpoints (a run killed while building its data) takes any settings.
   fresh = tmp_path / "fresh"
   record_run_config(cfg, fresh)
@@ -261,3 +265,28 @@ def test_an_unreadable_dataset_meta_is_an_input_error_naming_it(tmp_path, conten
   datasets.write_meta(folder / "meta.json", {"kind": "text"})
   assert datasets.read_meta(folder / "meta.json") == {"kind": "text"}
   assert sorted(p.name for p in folder.iterdir()) == ["meta.json"]
+
+
+def test_damaged_log_lines_cost_only_themselves(tmp_path, caplog):
+  """metrics.jsonl and the rescore tuning log are read line by line: bytes that are not UTF-8, or a record without
+  its fields, used to end a resumed run in a traceback (UnicodeDecodeError, KeyError) after its data was built."""
+  from training.curves import read_metrics
+  from training.rescore import TuneLog
+  from training.trainer import _truncate_metrics
+
+  metrics = tmp_path / "metrics.jsonl"
+  metrics.write_bytes(b'{"step": 1, "loss": 2.0}\n\xff\xfe garbage\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')
+  assert [r["step"] for r in read_metrics(metrics)] == [1, 2]
+  with caplog.at_level("WARNING", logger="training.trainer"):
+    _truncate_metrics(metrics, 1)
+  assert "dropped line(s) 2, 4, which could not be read" in caplog.text
+  assert [json.loads(l) for l in metrics.read_text().splitlines()] == [{"step": 1, "loss": 2.0}]
+
+  log = tmp_path / "tuning.jsonl"
+  good = {"key": "k", "what": "ngram", "weight": 0.1, "value": 1.7}
+  log.write_bytes(json.dumps(good).encode() + b"\n\xff\xfe\n" + json.dumps({"key": "k"}).encode() + b"\n"
+                  + json.dumps({"key": "k", "what": "ngram", "weight": [1], "value": 2}).encode() + b'\n{"key": "k", "wh')
+  tune = TuneLog(log, "k")
+  assert tune.done == {("ngram", 0.1): 1.7}
+  tune.put("ngram", 1.9, weight=0.2)  # appended on a line of its own after the cut-short one
+  assert TuneLog(log, "k").done == {("ngram", 0.1): 1.7, ("ngram", 0.2): 1.9}

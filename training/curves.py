@@ -8,7 +8,6 @@ one with a line per member. `python -m training.curves RUN_DIR` draws it for any
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import sys
@@ -24,15 +23,8 @@ _MEMBER = re.compile(r"^(.*?)(?:_h|_)(\d+)$")  # acc_h3 -> ("acc", 3), kl_0 -> (
 
 def read_metrics(path: str | Path) -> list[dict]:
   """The records of a metrics.jsonl (lines a kill cut short are skipped)."""
-  out = []
-  for line in Path(path).read_text(encoding="utf-8").splitlines():
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(rec, dict) and isinstance(rec.get("step"), (int, float)):
-      out.append(rec)
-  return out
+  records, _ = files.read_jsonl(path)  # lines cut short or damaged are skipped
+  return [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), (int, float))]
 
 
 def panels(records: list[dict]) -> dict[str, dict[str, list[tuple[float, float]]]]:

@@ -198,7 +198,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   meta_path = out / "meta.json"
   old = read_meta(meta_path)
   if old is not None:
-    if {k: v for k, v in old.items() if k not in source} != meta:
+    if {k: v for k, v in old.items() if k not in (*source, "batch_size")} != meta:
       raise InputError(f"{out} holds a dataset built with other settings ({meta_path}: {old}); use another folder.")
     # Folders written before the source was recorded take it on first use.
     for key, value in source.items():
@@ -209,10 +209,17 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   elif shard_files(out):
     raise InputError(f"{out} holds dataset shards but no meta.json: it was not written by self-distillation (or by "
                      "a run from before meta files); use another folder, or delete it to rebuild.")
-  write_meta(meta_path, {**meta, **source})
-  eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
   done = sum(len(shard) for si, shard in enumerate(shards) if (out / f"shard_{si:05d}.npz").exists())
+  if temperature > 0:  # the batch size seeds the sampling: answers continued at another would be another draw
+    was = (old or {}).get("batch_size")
+    if was is not None and was != batch_size and done < len(order):
+      raise InputError(f"{out} holds sampled answers drawn {was} prompts per batch (data.gen_batch_size), which seeds "
+                       f"the sampling: continue them with data.gen_batch_size={was}, or use another "
+                       "data.dataset_dir.")
+    source["batch_size"] = batch_size if was is None or done < len(order) else was
+  write_meta(meta_path, {**meta, **source})
+  eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   if 0 < done < len(order):  # a killed run's answers are kept: say so, as the trainer does for its checkpoints
     logger.warning("continuing the answers in %s: %d of %d are there from an earlier run", out, done, len(order))
   bar = tqdm(total=len(order), desc="self-distill", unit="answer", disable=not progress)

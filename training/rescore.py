@@ -73,16 +73,14 @@ class TuneLog:
     self.path, self.key, self.done = path, key, {}
     if path is None or not path.is_file():
       return
-    text = path.read_text(encoding="utf-8")
-    if text and not text.endswith("\n"):  # a line a kill cut short: end it, so the next record starts a line
-      with open(path, "a", encoding="utf-8") as f:
-        f.write("\n")
-    for line in text.splitlines():
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(rec, dict) and rec.get("key") == key:
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):  # a line a kill cut short: end it, so the next record starts a line
+      with open(path, "ab") as f:
+        f.write(b"\n")
+    records, _ = files.read_jsonl(path)  # a line cut short or damaged is skipped: its figure is measured again
+    for rec in records:
+      if (isinstance(rec, dict) and rec.get("key") == key and isinstance(rec.get("what"), str) and "value" in rec
+          and isinstance(rec.get("weight"), (int, float, type(None)))):
         self.done[(rec["what"], rec.get("weight"))] = rec["value"]
 
   def get(self, what: str, weight: float | None = None):

@@ -370,7 +370,11 @@ class Trainer:
       start = int(state.step)
       if self.checkpoint_dir is not None and files.primary():  # metrics.jsonl has one writer: process 0
         _truncate_metrics(self.checkpoint_dir / METRICS_FILE, start)
-      if start >= num_steps:
+      if start > num_steps:  # else the model of step `start` would be exported as a run of num_steps steps
+        raise CheckpointError(f"the checkpoints in {str(self.checkpoint_dir)!r} are at step {start}, past this run's "
+                              f"{num_steps} steps: set train.steps to {start} or more to go on from them, or use "
+                              "another checkpoint directory to train a shorter run.")
+      if start == num_steps:
         return state, history
       with _SignalGuard() as guard:
         state = self._loop(state, start, num_steps, _batches(batches_from, start), eval_batches, eval_every,
@@ -499,15 +503,11 @@ def _truncate_metrics(path: Path, step: int) -> None:
   """Drops the records a killed run logged after its last checkpoint (they are about to be redone)."""
   if not path.is_file():
     return
-  kept = []
-  for line in path.read_text(encoding="utf-8").splitlines():
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:  # a line cut short by a kill
-      continue
-    if isinstance(record, dict) and isinstance(record.get("step"), (int, float)) and record["step"] <= step:
-      kept.append(line)
-  files.write_text(path, "".join(line + "\n" for line in kept))
+  records, bad = files.read_jsonl(path)  # a line cut short by a kill, or damaged, is dropped
+  if bad:
+    logger.warning("%s: dropped line(s) %s, which could not be read", path, ", ".join(map(str, bad)))
+  kept = [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), (int, float)) and r["step"] <= step]
+  files.write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
 class _SignalGuard(SignalGuard):

@@ -7,7 +7,8 @@ how it is timed, a hash of the prompts themselves (ids, categories, tokens: not 
 --categories that picked them), the methods that can run, and the backend. The same command run again finds the
 file, checks the fingerprint and runs only the (batch, method) pairs that are missing; each batch's seed is `seed +
 batch index` for every method, so the resumed run gives the tokens an uninterrupted one gives. Mismatches are not
-saved: they follow from the tokens. A line cut short by the kill is dropped (its run goes again). When the run
+saved: they follow from the tokens. A line cut short by the kill, or damaged otherwise, is dropped (its run goes
+again); a damaged fingerprint with runs after it is refused, not taken as a reason to start over. When the run
 completes the file is removed: results.json and outputs.jsonl hold it all.
 """
 
@@ -23,6 +24,7 @@ from typing import Any, Iterable
 import jax
 
 from jaxspec import files
+from jaxspec.errors import InputError
 
 FILE = "progress.jsonl"
 # Config fields that name the work rather than define it: the prompts' hash and the method list say what they chose,
@@ -73,24 +75,49 @@ def differences(have: dict, want: dict, skip: Iterable[str] = ()) -> list[str]:
 
 
 def read(path: Path) -> tuple[dict | None, dict[tuple[int, str], dict], str | None]:
-  """The fingerprint and the runs saved in `path` ((batch, method) -> entry), and why the file cannot be read (or
-  None). No file: (None, {}, None)."""
+  """The fingerprint and the runs saved in `path` ((batch, method) -> entry), and a note on lines that could not be
+  read (or None). No file: (None, {}, None). Each line is read on its own: a damaged line (cut short by a kill,
+  garbled, not UTF-8) loses only its own run, which goes again.
+
+  Raises:
+    InputError: the first line, the fingerprint, is damaged while runs were saved: they cannot be matched to this
+      run's settings, and they are not thrown away unasked.
+  """
   if not path.exists():
     return None, {}, None
   try:
-    lines = path.read_text(encoding="utf-8").split("\n")
-    head = json.loads(lines[0])["fingerprint"]
-  except (OSError, ValueError, KeyError, IndexError, TypeError, UnicodeDecodeError):
-    return None, {}, f"{path} is not a bench progress file; starting over"
-  runs = {}
-  for line in lines[1:]:
+    lines = path.read_bytes().split(b"\n")
+  except OSError as e:
+    raise InputError(f"{path} cannot be read ({e.strerror or e}): fix it, or pass --fresh or another --out.") from None
+  runs, damaged = {}, []
+  for number, line in enumerate(lines[1:], 2):
+    if not line.strip():
+      continue
     try:
-      entry = json.loads(line)
+      entry = json.loads(line.decode("utf-8"))
       entries = _split(entry) if isinstance(entry["records"], dict) else [entry]
+      for e in entries:
+        if not (isinstance(e["records"], list) and all(isinstance(r, dict) for r in e["records"])):
+          raise TypeError
+        float(e["compile_s"]), int(e["program_bytes"])  # noqa: B018 (present and numbers)
       runs.update({(int(e["batch"]), str(e["method"])): e for e in entries})
-    except (ValueError, KeyError, TypeError):
-      break  # the last line was cut short by the kill: that run goes again
-  return head, runs, None
+    except (ValueError, KeyError, TypeError, AttributeError):
+      damaged.append(number)
+  try:
+    head = json.loads(lines[0].decode("utf-8"))["fingerprint"]
+    if not isinstance(head, dict):
+      raise TypeError
+  except (ValueError, KeyError, TypeError, IndexError):
+    if runs:
+      raise InputError(f"{path} holds {len(runs)} finished method run(s), but its first line (the settings they were "
+                       "run with) is damaged, so they cannot be matched to this run. Pass --fresh to discard them "
+                       "and start over, or another --out to keep them.") from None
+    return None, {}, f"{path} holds no run that can be read; starting over"
+  last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
+  damaged = [n for n in damaged if n != last]  # the last line cut short by a kill is expected
+  note = (f"{path}: line(s) {', '.join(map(str, damaged))} could not be read; their runs go again" if damaged
+          else None)
+  return head, runs, note
 
 
 def _split(entry: dict) -> list[dict]:

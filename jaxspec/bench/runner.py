@@ -266,9 +266,19 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
     raise InputError(f"The processes of this run read different prompts ({cfg.prompts or 'the quick set'} on process "
                      f"{jax.process_index()}): give every host the same prompt file.")
   progress_path = out / saved.FILE
-  saved_head, restored, why_not = (None, {}, None) if cfg.fresh or not writer else saved.read(progress_path)
-  # Every process resumes the runs process 0 found, so all of them decode the same batches.
-  saved_head, kept, why_not = sharding.from_first_process([saved_head, list(restored.values()), why_not])
+  saved_head, restored, why_not, refused = None, {}, None, None
+  if writer and not cfg.fresh:
+    try:
+      saved_head, restored, why_not = saved.read(progress_path)
+      if not restored:
+        refused = _finished_other_work(out, asked, cfg)
+    except InputError as e:
+      refused = str(e)
+  # Every process resumes the runs process 0 found, so all of them decode the same batches (or all refuse).
+  saved_head, kept, why_not, refused = sharding.from_first_process([saved_head, list(restored.values()), why_not,
+                                                                    refused])
+  if refused:
+    raise InputError(refused)
   restored = {(int(e["batch"]), str(e["method"])): e for e in kept}
   log = _logger(progress)
   if why_not:
@@ -343,9 +353,11 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
         if cfg.temperature == 0 and label != REFERENCE and lossless[label]:
           mismatches[label] += [_mismatch(tokenizer, prompts[pi], a.tokens, b.tokens)
                                 for pi, a, b in zip(batches[bi], ref, recs) if a.tokens != b.tokens]
-    return report.results(cfg, env, prompts, specs, lossless, records, compile_s, program_bytes, mismatches,
-                          unavailable, complete=complete, wall_s=time.time() - started,
-                          peak_rss_bytes=_peak_rss_bytes(), device_peak_bytes=device_peak_bytes(), notes=notes)
+    res = report.results(cfg, env, prompts, specs, lossless, records, compile_s, program_bytes, mismatches,
+                         unavailable, complete=complete, wall_s=time.time() - started,
+                         peak_rss_bytes=_peak_rss_bytes(), device_peak_bytes=device_peak_bytes(), notes=notes)
+    res["fingerprint"] = head  # what a later run into the same --out compares with before replacing these results
+    return res
 
   # Every batch is run by every method in turn, in an order that rotates from batch to batch; runs restored from a
   # killed process are skipped.
@@ -438,6 +450,31 @@ def _refuse_other_work(path: Path, head: dict | None, restored: dict, want: dict
     raise InputError(f"{path} holds {len(restored)} finished method run(s) of a killed run that differs from this "
                      f"one ({'; '.join(diff)}). Pass another --out to keep them, or --fresh to discard them and "
                      "start over.")
+
+
+def _finished_other_work(out: Path, asked: dict, cfg) -> str | None:
+  """Why `out`'s finished results (results.json) may not be replaced by this run, or None: results of other work are
+  not thrown away unasked either (the same command again replaces them; so does --fresh)."""
+  try:
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    conf = dict(res["config"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None  # none, or nothing readable to keep
+  have = res.get("fingerprint")
+  if isinstance(have, dict):
+    diff = saved.differences(have, asked, skip=("methods",))
+  else:  # written before results recorded their fingerprint: the settings are what can be compared
+    for key in ("model", "t5x_src"):
+      if conf.get(key) and Path(conf[key]).exists():
+        conf[key] = str(Path(conf[key]).resolve())
+    diff = saved.differences({"config": conf}, {"config": asked["config"]})
+  methods = conf.get("methods")
+  if methods is not None and list(methods) != list(cfg.methods):
+    diff.append(f"methods: {','.join(methods)} there, {','.join(cfg.methods)} here")
+  if not diff:
+    return None
+  return (f"{out} holds the finished results of another bench ({'; '.join(diff)}). Pass another --out to keep them, "
+          "or --fresh to replace them.")
 
 
 def _result_files() -> tuple[str, ...]:
