@@ -411,7 +411,9 @@ class Tokenizer:
     try:
       backend = tokenizers.Tokenizer.from_file(path)
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
-      raise ModelLoadError(f"{path!r} is not a readable tokenizer.json ({e}).") from e
+      raise ModelLoadError(f"{path!r} is not a readable tokenizer.json ({e}): it is damaged or cut short; copy it "
+                           "again from where the model came from (or rerun the training command that exported "
+                           "it).") from e
 
     folder = os.path.dirname(path)
     config = _read_json_object(
