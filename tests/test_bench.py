@@ -487,6 +487,11 @@ def test_a_run_that_starts_over_removes_the_previous_runs_files(tmp_path, prompt
   res = run_bench(again, methods, None, ByteTokenizer(), progress=False)
   assert res["environment"]["resumed_runs"] == 2 and all((out / name).exists() for name in old)
   assert json.loads((out / "results.json").read_text())["config"]["max_new_tokens"] == 5
+  # The same command again replaces its own results; a results.json it cannot read is nothing to keep.
+  assert run_bench(again, methods, None, ByteTokenizer(), progress=False)["complete"]
+  for odd in ({"config": {}, "fingerprint": {"config": None}}, {"config": {"methods": 5}}, [1]):
+    (out / "results.json").write_text(json.dumps(odd))
+    assert run_bench(again, methods, None, ByteTokenizer(), progress=False)["complete"]
 
 
 def test_the_same_prompts_named_another_way_resume(tmp_path, prompt_file, methods, bomb):
@@ -564,11 +569,14 @@ def test_damaged_progress_lines_lose_only_their_own_runs(tmp_path, prompt_file, 
   lines = prog.read_bytes().split(b"\n")[:-1]
   head, runs, note = saved.read(prog)
   assert len(lines) - 1 == len(runs) >= 4 and note is None
-  damaged = [lines[0], lines[1], b'{"batch": 0, "method": "gre', b"\xff\xfe garbled", *lines[2:], lines[3][:20]]
+  no_tokens = json.loads(lines[1])
+  del no_tokens["records"][0]["tokens"]  # valid JSON, but not a run that can be read back
+  damaged = [lines[0], lines[1], b'{"batch": 0, "method": "gre', b"\xff\xfe garbled", json.dumps(no_tokens).encode(),
+             *lines[2:], lines[3][:20]]
   prog.write_bytes(b"\n".join(damaged) + b"\n")
   head2, runs2, note = saved.read(prog)
   assert head2 == head and runs2 == runs  # lines[3] is there whole, then cut short at the end (as by a kill)
-  assert note == f"{prog}: line(s) 3, 4 could not be read; their runs go again"
+  assert note == f"{prog}: line(s) 3, 4, 5 could not be read; their runs go again"
   res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
   assert res["environment"]["resumed_runs"] == len(runs)
   # The first line damaged: the runs cannot be matched to any settings, so they are refused, not thrown away.
@@ -595,7 +603,8 @@ def test_progress_files_of_whole_batches_still_resume(tmp_path):
 
   want = saved.fingerprint(BenchConfig(prompts="a.jsonl", methods=("greedy", "x")), [], [], ["greedy", "x"])
   old = dict(want, config=dict(want["config"], prompts="b.jsonl", limit=2, methods=["x"]))
-  rec = {"question_id": 0, "tokens": [1]}
+  rec = {"question_id": 0, "category": "qa", "new_tokens": 1, "steps_tokens": 0, "active_calls": 0, "seconds": 0.1,
+         "drafter_calls": 0.0, "accept_hist": [], "tokens": [1]}
   batch = {"batch": 0, "records": {"greedy": [rec], "x": [rec]}, "mismatches": {"greedy": [], "x": []},
            "compile_s": {"greedy": 1.0, "x": 2.0}, "program_bytes": {"greedy": 3, "x": 4}}
   path = tmp_path / "progress.jsonl"

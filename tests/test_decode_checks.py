@@ -307,6 +307,8 @@ def test_every_64_bit_seed_draws_its_own_samples():
   assert draw(2 ** 32) == drawn[1]  # and each is reproducible
   for s in [0, 7, 2 ** 31 + 5, 2 ** 32 - 1]:
     assert np.array_equal(jax.random.key_data(seed_key(s)), jax.random.key_data(jax.random.key(s)))
+  for s, words in [(2 ** 32, [1, 0]), (2 ** 32 + 9, [1, 9]), (-1, [2 ** 32 - 1] * 2), (-2 ** 63, [2 ** 31, 0])]:
+    assert jax.random.key_data(seed_key(s)).tolist() == words  # 64-bit mode's key of the seed: one key per seed
   for bad, message in [(2 ** 63, r"seed 9223372036854775808 is out of range: use a whole number from -2\*\*63"),
                        (-2 ** 63 - 1, "out of range"), (1.5, "a seed must be a whole number, got 1.5")]:
     with pytest.raises(InputError, match=message):

@@ -275,3 +275,17 @@ def test_sampling_runs_calibrate_trees_at_their_temperature_and_refuse_argmax_ru
   assert (prior[:, :4] > np.log(1e-3)).all()  # random heads at temperature 1: every rank keeps real mass
   with pytest.raises(methods_mod.Unavailable, match=r"approximate acceptance \(approx=K\).*greedy only"):
     methods_mod.build(ctx, "bpd", {"heads": str(parts / "heads"), "approx": "3"})
+  # nodes=auto's calibration tree samples with the run's warp too (its E[A] picks the budget).
+  import jaxspec.decoding.generate as gen_mod
+  calibrations = []
+
+  def calibrating(*args, **kwargs):
+    calibrations.append((kwargs["drafter"].warp, kwargs["temperature"], kwargs["top_k"], kwargs["top_p"]))
+    return generate(*args, **kwargs)
+
+  monkeypatch.setattr(gen_mod, "generate", calibrating)
+  monkeypatch.setattr("jaxspec.bench.cost.forward_cost", lambda model, params, sizes, **kw: {n: float(n) for n in sizes})
+  sampled = BenchContext(model, params, ByteTokenizer(), temperature=0.7, top_k=5, top_p=0.9)
+  methods_mod.build(sampled, "opt-tree", {"heads": str(parts / "heads"), "nodes": "auto"})
+  (warp, temperature, top_k, top_p), = calibrations
+  assert (warp.top_k, warp.use_top_p, temperature, top_k, top_p) == (5, True, 0.7, 5, 0.9)

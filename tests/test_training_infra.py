@@ -276,6 +276,11 @@ def test_task_configs_need_a_task_positive_counts_and_writable_folders(tmp_path)
     with pytest.raises(ConfigError, match=rf"{key} must be a whole number from 0 to 2\*\*63 - 1, got -"):
       load_task_config(str(path), [override])
   load_task_config(str(path), [f"train.seed={2 ** 63 - 1}"])
+  bpd = tmp_path / "bpd.yaml"
+  bpd.write_text("task: bpd\n")
+  with pytest.raises(ConfigError, match=r"data.seed must be below 2\*\*31 \(it seeds the sampled answers\)"):
+    load_task_config(str(bpd), [f"data.seed={2 ** 31}"])
+  load_task_config(str(bpd), [f"data.seed={2 ** 31 - 1}"])
   (tmp_path / "a_file").write_text("x")
   for override, key in [(f"out={tmp_path / 'a_file'}", "out"),
                         (f"train.checkpoint_dir={tmp_path / 'a_file' / 'ckpt'}", "train.checkpoint_dir")]:

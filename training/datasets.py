@@ -213,11 +213,11 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   done = sum(len(shard) for si, shard in enumerate(shards) if (out / f"shard_{si:05d}.npz").exists())
   if temperature > 0:  # the batch size seeds the sampling: answers continued at another would be another draw
     was = (old or {}).get("batch_size")
-    if was is not None and was != batch_size and done < len(order):
+    if was is not None and was != batch_size and 0 < done < len(order):
       raise InputError(f"{out} holds sampled answers drawn {was} prompts per batch (data.gen_batch_size), which seeds "
                        f"the sampling: continue them with data.gen_batch_size={was}, or use another "
                        "data.dataset_dir.")
-    source["batch_size"] = batch_size if was is None or done < len(order) else was
+    source["batch_size"] = was if was is not None and done == len(order) else batch_size
   write_meta(meta_path, {**meta, **source})
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   if 0 < done < len(order):  # a killed run's answers are kept: say so, as the trainer does for its checkpoints

@@ -569,7 +569,7 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
            opts.get("draft"), width, branch)
     if key not in ctx.cache:
       stats = calibrate(OptTreeDrafter(make_source(max(width, 8)), nodes=big_n, depth=big_d, width=max(width, 8),
-                                       branch=max(branch, 8)), sp)
+                                       branch=max(branch, 8), warp=warp), sp)
       grid = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
       verify = forward_cost(ctx.model, ctx.params, [n + 1 for n in grid], context=256, batch=ctx.batch_size,
                             in_loop=IN_LOOP)

@@ -89,6 +89,8 @@ def read(path: Path) -> tuple[dict | None, dict[tuple[int, str], dict], str | No
     lines = path.read_bytes().split(b"\n")
   except OSError as e:
     raise InputError(f"{path} cannot be read ({e.strerror or e}): fix it, or pass --fresh or another --out.") from None
+  from jaxspec.bench.runner import Record
+  fields = {f.name for f in dataclasses.fields(Record)}  # what a kept record must hold to be read back
   runs, damaged = {}, []
   for number, line in enumerate(lines[1:], 2):
     if not line.strip():
@@ -97,7 +99,8 @@ def read(path: Path) -> tuple[dict | None, dict[tuple[int, str], dict], str | No
       entry = json.loads(line.decode("utf-8"))
       entries = _split(entry) if isinstance(entry["records"], dict) else [entry]
       for e in entries:
-        if not (isinstance(e["records"], list) and all(isinstance(r, dict) for r in e["records"])):
+        if not (isinstance(e["records"], list) and all(isinstance(r, dict) and set(r) == fields
+                                                       for r in e["records"])):
           raise TypeError
         float(e["compile_s"]), int(e["program_bytes"])  # noqa: B018 (present and numbers)
       runs.update({(int(e["batch"]), str(e["method"])): e for e in entries})

@@ -458,19 +458,19 @@ def _finished_other_work(out: Path, asked: dict, cfg) -> str | None:
   try:
     res = json.loads((out / "results.json").read_text(encoding="utf-8"))
     conf = dict(res["config"])
-  except (OSError, ValueError, KeyError, TypeError):
+    have = res.get("fingerprint")
+    if isinstance(have, dict):
+      diff = saved.differences(have, asked, skip=("methods",))
+    else:  # written before results recorded their fingerprint: the settings are what can be compared
+      for key in ("model", "t5x_src"):
+        if conf.get(key) and Path(conf[key]).exists():
+          conf[key] = str(Path(conf[key]).resolve())
+      diff = saved.differences({"config": conf}, {"config": asked["config"]})
+    methods = conf.get("methods")
+    if methods is not None and list(map(str, methods)) != list(cfg.methods):
+      diff.append(f"methods: {','.join(map(str, methods))} there, {','.join(cfg.methods)} here")
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
     return None  # none, or nothing readable to keep
-  have = res.get("fingerprint")
-  if isinstance(have, dict):
-    diff = saved.differences(have, asked, skip=("methods",))
-  else:  # written before results recorded their fingerprint: the settings are what can be compared
-    for key in ("model", "t5x_src"):
-      if conf.get(key) and Path(conf[key]).exists():
-        conf[key] = str(Path(conf[key]).resolve())
-    diff = saved.differences({"config": conf}, {"config": asked["config"]})
-  methods = conf.get("methods")
-  if methods is not None and list(methods) != list(cfg.methods):
-    diff.append(f"methods: {','.join(methods)} there, {','.join(cfg.methods)} here")
   if not diff:
     return None
   return (f"{out} holds the finished results of another bench ({'; '.join(diff)}). Pass another --out to keep them, "

@@ -26,9 +26,10 @@ def seed_key(seed: int) -> Array:
   """The PRNG key for a 64-bit integer seed (-2**63 to 2**63 - 1), a different key for each.
 
   `jax.random.key(seed)` keeps only the low 32 bits of a seed when 64-bit mode is off (JAX's default), so seeds
-  0 and 2**32, or -1 and 2**32 - 1, would draw the same samples. Here a seed in [0, 2**32) gives exactly
-  `jax.random.key(seed)` (the samples of earlier runs stay as they were); for any other seed the high 32 bits of
-  its 64-bit two's complement form are folded into the key of the low 32 bits.
+  0 and 2**32, or -1 and 2**32 - 1, would draw the same samples. Here every seed gets the key 64-bit mode gives it:
+  for the default threefry keys the words [high, low] of its 64-bit two's complement form, one key per seed, and for
+  a seed in [0, 2**32) exactly `jax.random.key(seed)` (the samples of earlier runs stay as they were). Other key
+  implementations fold the high word into the key of the low one.
 
   Raises:
     InputError: a seed outside that range, or not a whole number.
@@ -42,7 +43,12 @@ def seed_key(seed: int) -> Array:
   value %= 2 ** 64
   low, high = value & 0xFFFFFFFF, value >> 32
   key = jax.random.key(low)
-  return jax.random.fold_in(key, high) if high else key
+  if not high:
+    return key
+  impl = jax.random.key_impl(key)
+  if str(impl) == "threefry2x32":
+    return jax.random.wrap_key_data(jnp.asarray([high, low], jnp.uint32), impl=impl)
+  return jax.random.fold_in(key, high)
 
 
 def argmax(x_xV: Array) -> Array:
