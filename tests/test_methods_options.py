@@ -54,17 +54,23 @@ def greedy(target):
   return generate(model, params, PROMPTS, max_new_tokens=NEW).tokens
 
 
-def build_and_run(target, parts, text, monkeypatch):
-  """Builds the method `text` (`{p}` is the parts folder) through the bench's method table and decodes PROMPTS;
-  returns the runner, its result, and the keyword arguments it handed to `generate`."""
-  model, params = target
+def spy_generate(monkeypatch, module=methods_mod) -> list[dict]:
+  """The keyword arguments of every `generate` call made through `module`, as a list that fills as they come."""
   seen = []
 
   def spy(*args, **kwargs):
     seen.append(kwargs)
     return generate(*args, **kwargs)
 
-  monkeypatch.setattr(methods_mod, "generate", spy)
+  monkeypatch.setattr(module, "generate", spy)
+  return seen
+
+
+def build_and_run(target, parts, text, monkeypatch):
+  """Builds the method `text` (`{p}` is the parts folder) through the bench's method table and decodes PROMPTS;
+  returns the runner, its result, and the keyword arguments it handed to `generate`."""
+  model, params = target
+  seen = spy_generate(monkeypatch)
   _, name, opts = parse_method(text.format(p=parts))
   run = METHODS[name].build(BenchContext(model, params, Tokenizer()), opts)
   res = run(PROMPTS, NEW, 0)
@@ -259,13 +265,7 @@ def test_sampling_runs_calibrate_trees_at_their_temperature_and_refuse_argmax_ru
   from tests.test_bench import ByteTokenizer  # the calibration decodes the quick prompts
 
   model, params = target
-  seen = []
-
-  def spy(*args, **kwargs):
-    seen.append(kwargs)
-    return generate(*args, **kwargs)
-
-  monkeypatch.setattr(methods_mod, "generate", spy)
+  seen = spy_generate(monkeypatch)
   ctx = BenchContext(model, params, ByteTokenizer(), temperature=1.0)
   run = methods_mod.build(ctx, "opt-tree", {"heads": str(parts / "heads"), "nodes": "8", "depth": "3",
                                             "shape": "static"})
@@ -277,15 +277,10 @@ def test_sampling_runs_calibrate_trees_at_their_temperature_and_refuse_argmax_ru
     methods_mod.build(ctx, "bpd", {"heads": str(parts / "heads"), "approx": "3"})
   # nodes=auto's calibration tree samples with the run's warp too (its E[A] picks the budget).
   import jaxspec.decoding.generate as gen_mod
-  calibrations = []
-
-  def calibrating(*args, **kwargs):
-    calibrations.append((kwargs["drafter"].warp, kwargs["temperature"], kwargs["top_k"], kwargs["top_p"]))
-    return generate(*args, **kwargs)
-
-  monkeypatch.setattr(gen_mod, "generate", calibrating)
+  calibrations = spy_generate(monkeypatch, gen_mod)
   monkeypatch.setattr("jaxspec.bench.cost.forward_cost", lambda model, params, sizes, **kw: {n: float(n) for n in sizes})
   sampled = BenchContext(model, params, ByteTokenizer(), temperature=0.7, top_k=5, top_p=0.9)
   methods_mod.build(sampled, "opt-tree", {"heads": str(parts / "heads"), "nodes": "auto"})
-  (warp, temperature, top_k, top_p), = calibrations
-  assert (warp.top_k, warp.use_top_p, temperature, top_k, top_p) == (5, True, 0.7, 5, 0.9)
+  (kw,) = calibrations
+  assert (kw["drafter"].warp.top_k, kw["drafter"].warp.use_top_p) == (5, True)
+  assert (kw["temperature"], kw["top_k"], kw["top_p"]) == (0.7, 5, 0.9)
