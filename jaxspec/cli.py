@@ -43,6 +43,13 @@ def _temperature(text: str) -> float:
   return v
 
 
+def _folder(text: str) -> str:
+  """A results folder: an empty name would write into (and clear old reports from) the current folder."""
+  if not text.strip():
+    raise argparse.ArgumentTypeError("must name a folder (use . for the current one)")
+  return text
+
+
 def _top_p(text: str) -> float:
   try:
     v = float(text)
@@ -109,7 +116,8 @@ def _read_prompt_file(path: str) -> str:
   name = "standard input" if path == "-" else path
   try:
     data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    return data.decode("utf-8").rstrip("\r\n")
+    # utf-8-sig: a byte-order mark is not text; Windows line ends read as "\n", as in the bench's prompt files
+    return data.decode("utf-8-sig").replace("\r\n", "\n").rstrip("\n")
   except FileNotFoundError:
     raise InputError(f"No prompt file at {path}: pass a text file with --prompt-file, or the text with "
                      "--prompt.") from None
@@ -179,13 +187,14 @@ def _cmd_bench(args) -> int:
       opts = f" [options: {', '.join(spec.options)}]" if spec.options else ""
       print(f"{name:<12} {spec.description}{opts}")
     return 0
-  methods = tuple(m for m in args.methods.split(",") if m.strip()) if args.methods is not None else None
+  methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods is not None else None
   if methods == ():
     raise InputError("--methods names no method: give comma-separated names (jaxspec bench --list-methods).")
   named = methods is not None  # methods the user named must all run; of all methods, those that can
   if methods is None:
     methods = tuple(METHODS)  # everything; what cannot run here is reported as unavailable
-  categories = tuple(c for c in args.categories.split(",") if c.strip()) if args.categories is not None else None
+  categories = (tuple(c.strip() for c in args.categories.split(",") if c.strip()) if args.categories is not None
+                else None)
   if categories == ():
     raise InputError("--categories names no category: give comma-separated category names.")
   cfg = BenchConfig(prompts=args.prompts, methods=methods, limit=args.limit,
@@ -268,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--top-k", type=_top_k, default=0)
   b.add_argument("--top-p", type=_top_p, default=1.0)
   b.add_argument("--seed", type=_seed, default=0)
-  b.add_argument("--out", default="bench_out", help="folder for results.json, report.md and plots")
+  b.add_argument("--out", type=_folder, default="bench_out", help="folder for results.json, report.md and plots")
   b.add_argument("--t5x-src", default=None, help="a T5X source checkout, for the t5x-greedy baseline")
   b.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
   _model_options(b)

@@ -140,7 +140,7 @@ def read_jsonl(path: str | os.PathLike) -> tuple[list[Any], list[int]]:
       continue
     try:
       values.append(json.loads(line.decode("utf-8")))
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
       bad.append(number)
   return values, bad
 

@@ -137,6 +137,9 @@ def test_per_category_limit_and_filter(prompt_file):
     ('{"question_id": 1, "category": "qa", "turns": []}', "non-empty list"),
     ("123", "is a JSON int, not an object"),
     ("\n", "holds no prompts"),
+    ('{"question_id": 1, "category": null, "turns": ["x"]}', "'category' must be a non-empty string, got None"),
+    ('{"question_id": NaN, "category": "qa", "turns": ["x"]}', "'question_id' must be a string or a finite number"),
+    ("[" * 100000, "its JSON is nested too deeply to read"),
 ])
 def test_bad_prompt_files_are_clear_errors(tmp_path, line, msg):
   path = tmp_path / "bad.jsonl"
@@ -156,6 +159,25 @@ def test_prompt_files_that_are_not_utf8_text_or_not_files(tmp_path):
   path.write_text(json.dumps({"question_id": 1, "category": "qa", "turns": ["a\u2028b"]}, ensure_ascii=False) + "\n",
                   encoding="utf-8")
   assert [p.text for p in load_prompts(path)] == ["a\u2028b"]
+  # A byte-order mark and Windows line ends, as some editors save them, read as the plain file does.
+  rows = [{"question_id": i, "category": "qa", "turns": [f"prompt {i}"]} for i in range(2)]
+  plain = "".join(json.dumps(r) + "\n" for r in rows)
+  path.write_bytes(b"\xef\xbb\xbf" + plain.replace("\n", "\r\n").encode())
+  assert load_prompts(path) == load_prompts(write_prompts(tmp_path / "plain.jsonl", rows))
+
+
+def test_a_prompt_file_may_be_a_pipe(tmp_path):
+  """`--prompts <(...)` names a pipe, not a regular file: it read as 'not found'."""
+  import os
+  import threading
+
+  fifo = tmp_path / "fifo"
+  os.mkfifo(fifo)
+  row = json.dumps({"question_id": 7, "category": "qa", "turns": ["x"]}) + "\n"
+  writer = threading.Thread(target=lambda: fifo.write_text(row))
+  writer.start()
+  assert [p.question_id for p in load_prompts(fifo)] == [7]
+  writer.join()
 
 
 def test_bad_method_option_values_are_clear_errors():
@@ -163,7 +185,9 @@ def test_bad_method_option_values_are_clear_errors():
                     ("opt-tree:width=0", "width='0' of 'opt-tree' must be a whole number in 1..1024"),
                     ("spec:gamma=100000", "gamma='100000' of 'spec' must be a whole number in 1..1024"),
                     ("jacobi:n=5000", "n='5000' of 'jacobi' must be a whole number in 1..1024"),
-                    ("spec:stop=nan", "stop='nan' of 'spec' must be a number >= 0"),
+                    ("spec:stop=nan", "stop='nan' of 'spec' must be a number >= 0 and below 1"),
+                    ("layerskip:stop=1", "stop='1' of 'layerskip' must be a number >= 0 and below 1"),
+                    ("bpd:heads=", "option 'heads' in 'bpd:heads=' has no value: write heads=VALUE"),
                     ("opt-tree:gate=x", "must be a number >= 0 or auto"),
                     ("lookup:gate=0.5", "gate='0.5' of 'lookup' must be a whole number in 0..1024")]:
     with pytest.raises(InputError, match=msg):

@@ -88,6 +88,34 @@ def test_bad_prompt_files_give_one_clear_message(tmp_path, capsys, monkeypatch):
   assert e.value.code == 2 and "not allowed with" in capsys.readouterr().err
 
 
+def test_odd_but_good_input_reads_as_plain_input(tmp_path, capsys, monkeypatch):
+  """A prompt file with a byte-order mark and Windows line ends is the plain text (both became prompt tokens); item
+  lists take spaces after commas; an empty --out is refused (it would write into, and clear reports from, the
+  current folder)."""
+  (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfSay hi.\r\nThen stop.\r\n")
+  assert cli._read_prompt_file(str(tmp_path / "bom.txt")) == "Say hi.\nThen stop."
+  with pytest.raises(SystemExit) as e:
+    cli.main(["bench", "--out", " "])
+  assert e.value.code == 2 and "--out: must name a folder" in capsys.readouterr().err
+  seen = {}
+
+  def spy(cfg, *args, **kwargs):
+    seen["cfg"] = cfg
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr("jaxspec.bench.run_bench", spy)
+  cli.main(["bench", "--methods", "greedy, lookup", "--categories", "qa, math", "--out", str(tmp_path / "o")])
+  assert seen["cfg"].methods == ("greedy", "lookup") and seen["cfg"].categories == ("qa", "math")
+
+
+def test_a_prompt_that_is_not_unicode_is_an_input_error(shared_model, capsys):
+  """Bytes that were not UTF-8 on the command line reach Python as lone surrogates, which the tokenizer took with a
+  TypeError traceback."""
+  assert cli.main(["generate", "--prompt", "hi \udcff there", "--max-new-tokens", "2"]) == 2
+  err = capsys.readouterr().err
+  assert "holds '\\udcff' at character 3, which is not a Unicode character" in err and "Traceback" not in err
+
+
 def test_corrupt_gguf(tmp_path, capsys):
   bad = tmp_path / "bad.gguf"
   bad.write_bytes(b"GGUF" + b"\xff" * 100)

@@ -752,7 +752,7 @@ BASELINES = tuple(n for n, s in METHODS.items() if s.baseline)
 _NUMERIC_OPTIONS: dict = {
     "k": ("int", 1), "approx": ("int", 1), "lookup": ("int", 1), "graft": ("int", 0), "t": ("int", 1),
     "beams": ("int", 1), "weight": ("float", 0.0), "layers": ("int", 1), "gamma": ("int", 1),
-    "stop": ("float", 0.0), "n": ("int", 1), "ngram": ("int", 1), "gate": ("float", 0.0), "depth": ("int", 1),
+    "stop": ("float", 0.0, 1.0), "n": ("int", 1), "ngram": ("int", 1), "gate": ("float", 0.0), "depth": ("int", 1),
     "width": ("int", 1), "branch": ("int", 1), "threshold": ("float", 0.0),
     ("lookup", "gate"): ("int", 0), ("opt-tree", "gate"): ("float|auto", 0.0),
     ("opt-tree", "nodes"): ("int|auto", 1),
@@ -765,17 +765,18 @@ MAX_OPTION = 1024
 
 
 def _check_option(name: str, key: str, value: str) -> None:
-  kind, low = _NUMERIC_OPTIONS.get((name, key), _NUMERIC_OPTIONS.get(key, (None, None)))
+  kind, low, *below = _NUMERIC_OPTIONS.get((name, key), _NUMERIC_OPTIONS.get(key, (None, None)))
   if kind is None or (kind.endswith("|auto") and value == "auto"):
     return
   whole = kind.startswith("int")
   try:
     number = int(value) if whole else float(value)
-    ok = low <= number <= (MAX_OPTION if whole else float("inf"))  # NaN fails
+    ok = low <= number <= (MAX_OPTION if whole else float("inf")) and (not below or number < below[0])  # NaN fails
   except ValueError:
     ok = False
   if not ok:
-    what = f"a whole number in {low}..{MAX_OPTION}" if whole else f"a number >= {low:g}"
+    what = (f"a whole number in {low}..{MAX_OPTION}" if whole else
+            f"a number >= {low:g} and below {below[0]:g}" if below else f"a number >= {low:g}")
     auto = " or auto" if kind.endswith("|auto") else ""
     raise InputError(f"Method option {key}={value!r} of {name!r} must be {what}{auto}.")
 
@@ -800,6 +801,8 @@ def parse_method(text: str) -> tuple[str, str, dict]:
     if k not in METHODS[name].options:
       allowed = ", ".join(METHODS[name].options) or "none"
       raise InputError(f"Method {name!r} has no option {k!r} (options: {allowed}).")
+    if not v.strip():
+      raise InputError(f"Method option {k!r} in {label!r} has no value: write {k}=VALUE.")
     _check_option(name, k, v)
     opts[k] = v
   return label, name, opts

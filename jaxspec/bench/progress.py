@@ -104,13 +104,13 @@ def read(path: Path) -> tuple[dict | None, dict[tuple[int, str], dict], str | No
           raise TypeError
         float(e["compile_s"]), int(e["program_bytes"])  # noqa: B018 (present and numbers)
       runs.update({(int(e["batch"]), str(e["method"])): e for e in entries})
-    except (ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
       damaged.append(number)
   try:
     head = json.loads(lines[0].decode("utf-8"))["fingerprint"]
     if not isinstance(head, dict):
       raise TypeError
-  except (ValueError, KeyError, TypeError, IndexError):
+  except (ValueError, KeyError, TypeError, IndexError, RecursionError):
     if runs:
       raise InputError(f"{path} holds {len(runs)} finished method run(s), but its first line (the settings they were "
                        "run with) is damaged, so they cannot be matched to this run. Pass --fresh to discard them "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Sequence
@@ -40,14 +41,17 @@ def load_prompts(path: str | os.PathLike, *, categories: Sequence[str] | None = 
   path = Path(path)
   if path.is_dir():
     raise InputError(f"Prompt file {path} is a folder: pass a JSONL file in Spec-Bench format {given}.")
-  if not path.is_file():
+  if not path.exists():  # a pipe (<(...)) or /dev/stdin is not a regular file, and reads as one
     raise InputError(f"Prompt file {path} not found: pass a JSONL file in Spec-Bench format {given}.")
   prompts, per_cat, seen = [], {}, set()
   try:
     # Split at newlines only: JSON strings may hold U+2028 and the other breaks `str.splitlines` splits at.
-    lines = path.read_text(encoding="utf-8").split("\n")
+    # utf-8-sig: a byte-order mark (as some editors write) is not part of the first line.
+    lines = path.read_bytes().decode("utf-8-sig").replace("\r\n", "\n").split("\n")
   except UnicodeDecodeError as e:
     raise InputError(f"{path} is not UTF-8 text (byte {e.start}): save it as UTF-8 JSONL.") from None
+  except OSError as e:
+    raise InputError(f"Cannot read the prompt file {path}: {e.strerror or e}.") from None
   for n, line in enumerate(lines, 1):
     if not line.strip():
       continue
@@ -55,6 +59,8 @@ def load_prompts(path: str | os.PathLike, *, categories: Sequence[str] | None = 
       row = json.loads(line)
     except json.JSONDecodeError as e:
       raise InputError(f"{path}:{n} is not valid JSON ({e.msg}).") from None
+    except RecursionError:
+      raise InputError(f"{path}:{n} is not a prompt: its JSON is nested too deeply to read.") from None
     if not isinstance(row, dict):
       raise InputError(f"{path}:{n} is a JSON {type(row).__name__}, not an object with question_id, category and "
                        "turns.")
@@ -65,7 +71,13 @@ def load_prompts(path: str | os.PathLike, *, categories: Sequence[str] | None = 
     turns = row["turns"]
     if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
       raise InputError(f"{path}:{n}: 'turns' must be a non-empty list whose first item is the prompt text.")
-    cat = str(row["category"])
+    if not isinstance(row["category"], str) or not row["category"].strip():
+      raise InputError(f"{path}:{n}: 'category' must be a non-empty string, got {row['category']!r}.")
+    qid = row["question_id"]
+    if isinstance(qid, bool) or not (isinstance(qid, str) or (isinstance(qid, int)) or
+                                     (isinstance(qid, float) and math.isfinite(qid))):
+      raise InputError(f"{path}:{n}: 'question_id' must be a string or a finite number, got {qid!r}.")
+    cat = row["category"]
     seen.add(cat)
     if categories and cat not in categories:
       continue

@@ -469,7 +469,7 @@ def _finished_other_work(out: Path, asked: dict, cfg) -> str | None:
     methods = conf.get("methods")
     if methods is not None and list(map(str, methods)) != list(cfg.methods):
       diff.append(f"methods: {','.join(map(str, methods))} there, {','.join(cfg.methods)} here")
-  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+  except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
     return None  # none, or nothing readable to keep
   if not diff:
     return None

@@ -161,7 +161,7 @@ def check_part(folder, key: str, *, models_ok: bool = False) -> None:
   without a readable config.json: the caller's own checks say what is missing or damaged."""
   try:
     raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-  except (OSError, UnicodeDecodeError, ValueError):
+  except (OSError, UnicodeDecodeError, ValueError, RecursionError):
     return
   if not isinstance(raw, dict) or isinstance(raw.get(key), dict):
     return
@@ -192,7 +192,7 @@ def read_hf_config(folder: str) -> dict:
       raw = json.load(f)
   except OSError as e:
     raise ModelLoadError(f"Could not read {cfg_path!r}: {e.strerror or e}.") from e
-  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+  except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
     raise ModelLoadError(f"Could not read {cfg_path!r} ({type(e).__name__}: {e}); the file is damaged: restore "
                          "it from the model's original folder.") from e
   if not isinstance(raw, dict):

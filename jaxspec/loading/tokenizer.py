@@ -487,6 +487,11 @@ class Tokenizer:
         tokens of tokenizer.json's post-processor (e.g. Llama 3's BOS in front, T5's </s> at the end), and `bos_id`
         first where the model sets `add_bos_token`.
     """
+    try:
+      text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8 on the command line or in a file
+      raise InputError(f"The text holds {text[e.start:e.end]!r} at character {e.start}, which is not a Unicode "
+                       "character (bytes that were not UTF-8?): pass UTF-8 text.") from None
     ids = self._backend.encode(text, add_special_tokens=False).ids
     if add_bos is None:
       if self._backend.post_processor is not None:
