@@ -134,8 +134,10 @@ def test_a_fallback_is_logged_once_per_kind_of_weight(tiny, mesh24, caplog, monk
   """The command line shows each fallback: the same weight of every layer is one line (`layers_*/...`), not one
   per layer."""
   import logging
-  # caplog listens on the root logger, which the CLI's own handler cuts off (a CLI test may run first in-process)
+  # caplog listens on the root logger, which the CLI's own handler cuts off (a CLI test may run first in-process,
+  # after which pytest may also have put its capture handlers on this logger: each record would be caught twice)
   monkeypatch.setattr(logging.getLogger("jaxspec.sharding"), "propagate", True)
+  monkeypatch.setattr(logging.getLogger("jaxspec.sharding"), "handlers", [])
   model, params = tiny
   assert sum(k.startswith("layers_") for k in params) >= 2
   sharding._FALLBACKS.clear()
