@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from training.bpd import BPDTrainConfig, train_bpd
+from training.bpd import BPDTrainConfig, DataSection, train_bpd
 from training.cllm import CLLMTrainConfig, train_cllm
 from training.config import ConfigError, load_config, read_config_file
 from training.draft import DraftTrainConfig, train_draft
@@ -76,7 +76,7 @@ def _check_counts(cfg: Any, prefix: str = "") -> None:
     elif f.name.endswith("seed") and isinstance(value, int) and not 0 <= value < 2 ** 63:
       # numpy's generators (data splits, batch order, Jacobi guesses) take no negative seed
       raise ConfigError(f"{prefix}{f.name} must be a whole number from 0 to 2**63 - 1, got {value}")
-    elif f.name == "seed" and type(cfg).__name__ == "DataSection" and isinstance(value, int) and value >= 2 ** 31:
+    elif f.name == "seed" and isinstance(cfg, DataSection) and isinstance(value, int) and value >= 2 ** 31:
       # self-distillation mixes it into 31-bit sampling seeds: seed and seed + 2**31 would draw the same answers
       raise ConfigError(f"{prefix}{f.name} must be below 2**31 (it seeds the sampled answers), got {value}")
 

@@ -34,14 +34,21 @@ NAMING = ("prompts", "limit", "categories", "methods", "out", "fresh")
 
 def fingerprint(cfg, prompts, prompt_ids, labels) -> dict:
   """What a restored run must share with this run for its figures to belong to it."""
-  conf = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}
-  for key in ("model", "t5x_src"):  # a path given relative or absolute, or through a link, names the same files
-    if conf.get(key) and Path(conf[key]).exists():
-      conf[key] = str(Path(conf[key]).resolve())
+  conf = resolve_paths({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()})
   h = hashlib.sha256(json.dumps([[str(p.question_id), p.category, ids] for p, ids in zip(prompts, prompt_ids)])
                      .encode()).hexdigest()
   return {"config": _work(conf), "prompts_sha256": h, "methods": list(labels), "backend": jax.default_backend(),
           "device_count": jax.device_count()}
+
+
+def resolve_paths(conf: dict) -> dict:
+  """`conf` with its `model` and `t5x_src` paths resolved: a path given relative or absolute, or through a link,
+  names the same files."""
+  conf = dict(conf)
+  for key in ("model", "t5x_src"):
+    if conf.get(key) and Path(conf[key]).exists():
+      conf[key] = str(Path(conf[key]).resolve())
+  return conf
 
 
 def _work(conf: dict) -> dict:

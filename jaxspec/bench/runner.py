@@ -462,10 +462,7 @@ def _finished_other_work(out: Path, asked: dict, cfg) -> str | None:
     if isinstance(have, dict):
       diff = saved.differences(have, asked, skip=("methods",))
     else:  # written before results recorded their fingerprint: the settings are what can be compared
-      for key in ("model", "t5x_src"):
-        if conf.get(key) and Path(conf[key]).exists():
-          conf[key] = str(Path(conf[key]).resolve())
-      diff = saved.differences({"config": conf}, {"config": asked["config"]})
+      diff = saved.differences({"config": saved.resolve_paths(conf)}, {"config": asked["config"]})
     methods = conf.get("methods")
     if methods is not None and list(map(str, methods)) != list(cfg.methods):
       diff.append(f"methods: {','.join(map(str, methods))} there, {','.join(cfg.methods)} here")
