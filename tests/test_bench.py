@@ -755,3 +755,25 @@ def test_device_memory_is_reported_where_the_devices_report_it(monkeypatch, tmp_
   res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
   assert res["environment"]["device_peak_bytes"] == 5 << 20
   assert "peak memory of the fullest device 5 MiB (JAX's arrays)" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_one_method_written_two_ways_is_refused_and_a_failed_run_leaves_no_empty_folder(tmp_path, prompt_file, tiny):
+  out = tmp_path / "new" / "out"
+  for methods, msg in [(("greedy", "lookup:n=8:gate=2", "lookup:gate=02:n=8"),
+                        "'lookup:gate=02:n=8' and 'lookup:n=8:gate=2' are the same method"),
+                       (("bpd:gate=0.80", "bpd:gate=0.8"), "'bpd:gate=0.8' and 'bpd:gate=0.80' are the same"),
+                       (("greedy", "greedy"), "'greedy' is listed twice")]:
+    cfg = BenchConfig(prompts=prompt_file, methods=methods, max_new_tokens=4, out=str(out))
+    with pytest.raises(InputError, match=msg):
+      run_bench(cfg, None, None, ByteTokenizer(), progress=False)  # model=None: refused before it would load
+  assert parse_method("lookup:n=08")[0] == "lookup:n=08"  # labels stay as written
+  # A run that fails after the results folder was made removes the folders it made, and only those.
+  (tmp_path / "new").mkdir()
+  model, params = tiny  # context: 512 tokens
+  cfg = BenchConfig(prompts=prompt_file, methods=("greedy",), max_new_tokens=600, out=str(out))
+  with pytest.raises(InputError, match="with 600 new tokens it needs more than"):
+    run_bench(cfg, model, params, ByteTokenizer(), progress=False)
+  assert (tmp_path / "new").is_dir() and not out.exists()
+  (tmp_path / "file").write_text("x")
+  with pytest.raises(InputError, match="Cannot write the results folder .*file: it is a file. Pass another --out"):
+    run_bench(dataclasses.replace(cfg, out=str(tmp_path / "file")), None, None, ByteTokenizer(), progress=False)

@@ -806,3 +806,14 @@ def parse_method(text: str) -> tuple[str, str, dict]:
     _check_option(name, k, v)
     opts[k] = v
   return label, name, opts
+
+
+def same_method_key(name: str, opts: dict) -> tuple:
+  """What makes two method labels the same run: the name and the options, in any order, numbers by value
+  (`lookup:n=08:gate=2` is `lookup:gate=2:n=8`)."""
+  def value(key, text):
+    kind = _NUMERIC_OPTIONS.get((name, key), _NUMERIC_OPTIONS.get(key, (None,)))[0]
+    if kind is None or text == "auto":
+      return text
+    return int(text) if kind.startswith("int") else float(text)
+  return name, tuple(sorted((k, value(k, v)) for k, v in opts.items()))

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from jaxspec import files, sharding
 from jaxspec.bench import progress as saved
-from jaxspec.bench.methods import METHODS, BenchContext, Unavailable, build, parse_method
+from jaxspec.bench.methods import METHODS, BenchContext, Unavailable, build, parse_method, same_method_key
 from jaxspec.bench.prompts import QUICK_PROMPTS, Prompt, load_prompts
 from jaxspec.errors import InputError
 from jaxspec.signals import SignalGuard
@@ -180,6 +180,28 @@ def run_bench(cfg: BenchConfig, model=None, params=None, tokenizer=None, *, prog
   Returns:
     The results (the content of results.json).
   """
+  made = _new_folders(Path(cfg.out)) if files.primary() else []
+  try:
+    return _run_bench(cfg, model, params, tokenizer, progress, require_all)
+  except BaseException:
+    for folder in made:  # a run that failed or was stopped before writing anything leaves no empty --out behind
+      try:
+        folder.rmdir()
+      except OSError:
+        break  # not empty (runs were kept), or not ours to remove
+    raise
+
+
+def _new_folders(out: Path) -> list[Path]:
+  """The folders creating `out` makes, deepest first."""
+  made = []
+  while not out.exists() and out != out.parent:
+    made.append(out)
+    out = out.parent
+  return made
+
+
+def _run_bench(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all: bool) -> dict:
   if jax.process_count() == 1:
     return _run(cfg, model, params, tokenizer, progress, require_all, lambda: None)
   guard = SignalGuard(pending="stopping every process after the method run in flight (again: this one at once)",
@@ -217,9 +239,15 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
     raise InputError("batch_size and max_new_tokens must be >= 1.")
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before the model loads
   prompts = load_prompts(cfg.prompts or QUICK_PROMPTS, categories=cfg.categories, limit=cfg.limit)
-  labels = [parse_method(m)[0] for m in cfg.methods]
-  if len(set(labels)) != len(labels):
-    raise InputError(f"A method is listed twice in {', '.join(labels)}.")
+  labels, seen = [], {}
+  for method in cfg.methods:
+    label, name, opts = parse_method(method)
+    key = same_method_key(name, opts)
+    if key in seen:
+      same = "is listed twice" if seen[key] == label else f"and {seen[key]!r} are the same method"
+      raise InputError(f"{label!r} {same} in --methods: give it once.")
+    seen[key] = label
+    labels.append(label)
   if REFERENCE not in labels:
     labels.insert(0, REFERENCE)  # speedups and exactness are measured against it, in the same run
   out = Path(cfg.out)
@@ -232,7 +260,8 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
       (out / ".write_check").touch()
       (out / ".write_check").unlink()
   except OSError as e:
-    unwritable = f"Cannot write the results folder {out}: {e.strerror or e}. Pass another --out."
+    why = "it is a file" if out.is_file() else e.strerror or e
+    unwritable = f"Cannot write the results folder {out}: {why}. Pass another --out."
   if writer and not unwritable:
     taken = [name for name in _result_files() if (out / name).is_dir()]
     if taken:
