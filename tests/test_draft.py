@@ -200,6 +200,11 @@ def test_draft_files_round_trip(tiny, tmp_path):
   (tmp_path / "small" / "vocab_ids.safetensors").write_bytes(b"\x00" * 9)
   with pytest.raises(ModelLoadError, match="vocab_ids.safetensors is unreadable"):
     load_draft_vocab(tmp_path / "small")
+  # Written with the weights in one go; a new export without ids removes an older export's.
+  save_draft(tmp_path / "small", draft, dp, vocab_ids=[9, 4])
+  np.testing.assert_array_equal(load_draft_vocab(tmp_path / "small"), [4, 9])
+  save_draft(tmp_path / "small", draft, dp)
+  assert load_draft_vocab(tmp_path / "small") is None
 
 
 def test_subset_head_scores_only_its_tokens(tiny):

@@ -386,9 +386,7 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
              "init_eval": {k: float(v) for k, v in init_eval.items()},
              "final_eval": {k: float(v) for k, v in final_eval.items() if k != "step"}, "config": to_dict(cfg)}
   save_draft(cfg.out, draft, out_params, include_embeddings=cfg.draft.train_embeddings, dtype=cfg.draft.export_dtype,
-             meta={"training": summary})
-  # The tokens the draft was trained on: a subset head (`jaxspec.models.subset`) scores only these.
-  save_draft_vocab(cfg.out, train_vocab(train_seqs))
+             meta={"training": summary}, vocab_ids=train_vocab(train_seqs))  # a subset head scores only these
   return summary
 
 

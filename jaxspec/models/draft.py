@@ -53,7 +53,8 @@ def embed_fingerprint(params: dict, names: Sequence[str] = VOCAB_PARAMS) -> str:
 
 
 def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, include_embeddings: bool = False,
-               dtype: Literal["float32", "bfloat16"] = "bfloat16", meta: dict | None = None) -> None:
+               dtype: Literal["float32", "bfloat16"] = "bfloat16", meta: dict | None = None,
+               vocab_ids=None) -> None:
   """Writes a draft folder (config.json, model.safetensors, README.md) that `load_draft` reads back.
 
   Args:
@@ -64,6 +65,8 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
     include_embeddings: also write the vocabulary-sized matrices (needed when they were trained).
     dtype: the dtype of the stored tensors.
     meta: more JSON entries for `jaxspec_draft` (e.g. a training summary).
+    vocab_ids: the tokens of the draft's training data (`save_draft_vocab`), written with the weights in one
+      `files.write_files` (a kill never pairs new weights with an older run's ids); None: a file there is removed.
   """
   from safetensors.numpy import save_file
 
@@ -92,8 +95,12 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
       "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": dtype,
       "jaxspec_draft": info}
-  files.write_files(folder, {WEIGHTS_FILE: lambda tmp: save_file(tensors, str(tmp)),
-                             "config.json": files.json_writer(hf_cfg)})
+  parts = {WEIGHTS_FILE: lambda tmp: save_file(tensors, str(tmp)), "config.json": files.json_writer(hf_cfg)}
+  if vocab_ids is not None:
+    parts = {VOCAB_FILE: _vocab_writer(vocab_ids), **parts}
+  else:
+    (folder / VOCAB_FILE).unlink(missing_ok=True)  # an earlier export's ids would not be this draft's
+  files.write_files(folder, parts)
   shared = ("The token embedding" + ("" if cfg.tie_embeddings else " and the output head")
             + " are NOT in model.safetensors: they are the target's own (frozen in training). Load with\n"
             "`jaxspec.models.draft.load_draft(folder, target_params)`, which takes them from the target.\n")
@@ -107,10 +114,14 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
 
 def save_draft_vocab(folder: str | os.PathLike, vocab_ids) -> None:
   """Writes the token ids a subset head of the draft scores (`jaxspec.models.subset`) next to its weights."""
+  files.write_file(Path(folder) / VOCAB_FILE, _vocab_writer(vocab_ids))
+
+
+def _vocab_writer(vocab_ids) -> files.Writer:
   from safetensors.numpy import save_file
 
   ids = np.unique(np.asarray(vocab_ids)).astype(np.int32)
-  files.write_file(Path(folder) / VOCAB_FILE, lambda tmp: save_file({"vocab_ids": ids}, str(tmp)))
+  return lambda tmp: save_file({"vocab_ids": ids}, str(tmp))
 
 
 def load_draft_vocab(folder: str | os.PathLike) -> np.ndarray | None:
