@@ -35,8 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.models.draft import (VOCAB_PARAMS, embed_fingerprint, load_draft, save_draft,  # noqa: F401 (re-export)
-                                  save_draft_vocab)
+from jaxspec.models.draft import VOCAB_PARAMS, embed_fingerprint, load_draft, save_draft  # noqa: F401 (re-export)
 from jaxspec import sharding
 from jaxspec.decoding.sampling import seed_key
 from jaxspec.models.llama import LlamaLM, precision_key
