@@ -152,20 +152,16 @@ def check_heads_target(folder: str | os.PathLike, target_params: dict, config: d
       config = json.loads((Path(folder) / "config.json").read_text())
     except (OSError, ValueError):
       return  # load_bpd says what is wrong with the folder
+  from jaxspec.models.draft import check_fingerprint
+
   want = (config.get("target") or {}).get("embed_fingerprint") if isinstance(config, dict) else None
-  if want is None:
-    return
-  got = fingerprint or target_fingerprint(target_params)
-  if got == want:
-    return
-  joint = (config.get("training") or {}).get("config", {}).get("train", {}).get("objective") == "joint"
-  if joint:
-    raise ModelLoadError(f"The BPD heads in {folder} were trained jointly with a fine-tuned base (embedding "
-                         f"fingerprint {want}; this target's is {got}): they go with the base their run exported, "
-                         f"{Path(folder) / 'base'} (load it as the model, e.g. --model FOLDER/base).")
-  raise ModelLoadError(f"The BPD heads in {folder} were trained for a target whose embedding has fingerprint "
-                       f"{want}; this target's is {got}: they were trained for another model (their drafts would "
-                       "be accepted less often, or hardly at all). Use heads trained for this one.")
+  got = lambda: fingerprint or target_fingerprint(target_params)
+  if (config.get("training") or {}).get("config", {}).get("train", {}).get("objective") == "joint":
+    check_fingerprint(want, got, f"The BPD heads in {folder}", "They were trained jointly with a fine-tuned base: "
+                      f"they go with the base their run exported, {Path(folder) / 'base'} (load it as the model, e.g. "
+                      "--model FOLDER/base).")
+  check_fingerprint(want, got, f"The BPD heads in {folder}", "They were trained for another model (their drafts "
+                    "would be accepted less often, or hardly at all). Use heads trained for this one.")
 
 
 def load_bpd(folder: str | os.PathLike, num_heads: int | None = None,

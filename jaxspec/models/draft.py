@@ -52,6 +52,20 @@ def embed_fingerprint(params: dict, names: Sequence[str] = VOCAB_PARAMS) -> str:
   return f"bf16-crc32:{crc:08x}"
 
 
+def check_fingerprint(want: str | None, got: str | Callable[[], str], what: str, todo: str,
+                      target: str = "a target") -> None:
+  """Raises `ModelLoadError` where `what` (e.g. "The draft in FOLDER") recorded the embedding fingerprint `want` of
+  the model it was trained for and this model's, `got` (a function: computed only where `want` is recorded), is
+  another. Parts saved without a fingerprint (`want` None) are not checked. `todo` says what to do instead."""
+  if want is None:
+    return
+  got = got() if callable(got) else got
+  if got != want:
+    this = "this target's" if target == "a target" else f"this {target.split()[-1]}'s"
+    raise ModelLoadError(f"{what} was trained for {target} whose embedding has fingerprint {want}; {this} is {got}. "
+                         f"{todo}")
+
+
 def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, include_embeddings: bool = False,
                dtype: Literal["float32", "bfloat16"] = "bfloat16", meta: dict | None = None,
                vocab_ids=None) -> None:
@@ -207,13 +221,9 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
       if name in target_params and (name != "lm_head" or not cfg.tie_embeddings):
         params[name] = jax.tree.map(lambda x: x if x.dtype == jnp.dtype(dtype) else x.astype(dtype),
                                     target_params[name])
-    want = info.get("target", {}).get("embed_fingerprint")
-    if check_target and want is not None:
-      got = embed_fingerprint(params)
-      if got != want:
-        raise ModelLoadError(f"The draft in {folder} was trained against a target whose embedding has fingerprint "
-                             f"{want}; this target's is {got}. Pass the draft's own target (or, in Python, "
-                             "load_draft(..., check_target=False) to use it anyway: output stays exact, acceptance "
-                             "may drop).")
+    if check_target:
+      check_fingerprint(info.get("target", {}).get("embed_fingerprint"), lambda: embed_fingerprint(params),
+                        f"The draft in {folder}", "Pass the draft's own target (or, in Python, load_draft(..., "
+                        "check_target=False) to use it anyway: output stays exact, acceptance may drop).")
   check_complete(params, cfg, str(folder))
   return LlamaLM(cfg), params

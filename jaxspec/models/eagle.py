@@ -198,7 +198,7 @@ def load_eagle(folder: str | os.PathLike, target: LlamaLM, target_params: dict, 
   from flax.traverse_util import unflatten_dict
   from safetensors.numpy import load_file
 
-  from jaxspec.models.draft import embed_fingerprint
+  from jaxspec.models.draft import check_fingerprint, embed_fingerprint
 
   folder = Path(folder)
   parts = [folder / "config.json", folder / WEIGHTS_FILE, folder / VOCAB_FILE]
@@ -236,10 +236,9 @@ def load_eagle(folder: str | os.PathLike, target: LlamaLM, target_params: dict, 
       a.shape != b.shape for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(own_params(params)))):
     raise ModelLoadError(f"The feature-level draft in {folder} does not have the tensors of a {n_layers}-layer draft "
                          "for this target; retrain or re-copy it.")
-  if check_target and want.get("embed_fingerprint") is not None:
-    fp = embed_fingerprint({"embed": {"embedding": params["embed_VxD"]}})
-    if fp != want["embed_fingerprint"]:
-      raise ModelLoadError(f"The feature-level draft in {folder} was trained against a target whose embedding has "
-                           f"fingerprint {want['embed_fingerprint']}; this target's is {fp}. Pass its own target.")
+  if check_target:
+    embed = {"embed": {"embedding": params["embed_VxD"]}}
+    check_fingerprint(want.get("embed_fingerprint"), lambda: embed_fingerprint(embed),
+                      f"The feature-level draft in {folder}", "Pass its own target.")
   return draft, params
 

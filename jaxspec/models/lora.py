@@ -214,13 +214,12 @@ def check_base(folder: str | os.PathLike, params: dict) -> None:
   Raises:
     ModelLoadError: the embedding fingerprints differ.
   """
-  from jaxspec.models.draft import embed_fingerprint
+  from jaxspec.models.draft import check_fingerprint, embed_fingerprint
 
   try:
     want = json.loads((Path(folder) / CONFIG_FILE).read_text())["lora"].get("base", {}).get("embed_fingerprint")
   except (OSError, ValueError, KeyError, AttributeError):
     want = None  # load_lora reports an unreadable config
-  if want is not None and (got := embed_fingerprint(params)) != want:
-    raise ModelLoadError(f"The LoRA adapter in {folder} was trained on a base whose embedding has fingerprint {want}; "
-                         f"this model's is {got}. Use the adapter with the model it was trained on (its config.json "
-                         "names it under lora.base), or train one for this model.")
+  check_fingerprint(want, lambda: embed_fingerprint(params), f"The LoRA adapter in {folder}",
+                    "Use the adapter with the model it was trained on (its config.json names it under lora.base), or "
+                    "train one for this model.", target="a base model")
