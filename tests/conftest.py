@@ -125,5 +125,5 @@ def _release_compiled_programs():
   yield
   from jaxspec.decoding import generate as gen
 
-  gen._PROGRAMS.clear()
+  gen.clear_programs()
   jax.clear_caches()

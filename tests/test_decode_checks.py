@@ -134,6 +134,85 @@ def test_params_of_another_model_are_an_input_error(tiny):
                  draft_params=wide_params)
 
 
+def test_params_not_shaped_as_params_and_wrong_settings_are_input_errors(tiny):
+  """From using the library by hand: a wrapped params dict, None, a missing layer, a 2-D prompt inside the list,
+  pad_id of the wrong type, and bools; each was a flax, numpy or lax error from deep inside tracing, or (the nested
+  prompt) a silent run on the first tokens of the first row."""
+  model, params = tiny
+  with pytest.raises(InputError, match=r"a dict holding only 'params': pass params\['params'\]"):
+    gen.generate(model, {"params": params}, [[1, 2, 3]], max_new_tokens=4)
+  with pytest.raises(InputError, match="The params do not fit the model"):
+    gen.generate(model, None, [[1, 2, 3]], max_new_tokens=4)
+  with pytest.raises(InputError, match="The params do not fit the model"):
+    gen.generate(model, {k: v for k, v in params.items() if k != "layers_1"}, [[1, 2, 3]], max_new_tokens=4)
+  for prompts in ([np.array([[1, 2, 3], [4, 5, 6]])], [[[1, 2]]], [np.ones((20, 20), np.int32)], [[1, [2, 3]]]):
+    with pytest.raises(InputError, match="Prompt 0 is not a flat sequence of token ids"):
+      gen.generate(model, params, prompts, max_new_tokens=4)
+  with pytest.raises(InputError, match="prompts must be a list of prompts"):
+    gen.generate(model, params, None, max_new_tokens=4)
+  for pad in (1.5, None, "0", True):
+    with pytest.raises(InputError, match="pad_id must be a whole number"):
+      gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, pad_id=pad)
+  with pytest.raises(InputError, match="max_new_tokens must be whole numbers"):
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=True)
+  with pytest.raises(InputError, match="Prompt 0 must be whole numbers"):
+    gen.generate(model, params, np.array([[True, False]]), max_new_tokens=4)
+  # Unset, max_len is the context length: no advice to raise it.
+  with pytest.raises(InputError, match=r"more than the model's context length \(512 tokens\): shorten the prompt or "
+                                       r"lower max_new_tokens\.$"):
+    gen.generate(model, params, [[1] * 500], max_new_tokens=20)
+
+
+def test_a_typed_key_is_a_seed(tiny):
+  model, params = tiny
+  run = lambda seed: gen.generate(model, params, [[1, 2, 3]] * 4, max_new_tokens=8, temperature=1.0,
+                                  seed=seed).tokens
+  assert run(jax.random.key(5)) == run(5)  # the key of a seed below 2**32 is jax.random.key(seed)
+  assert run(jax.random.key(6)) != run(jax.random.key(5))
+  for bad in (jax.random.PRNGKey(5), jax.random.split(jax.random.key(0), 2)):  # raw uint32 words; two keys
+    with pytest.raises(InputError, match=r"seed must be a whole number or a typed JAX key \(jax.random.key\(n\)\)"):
+      run(bad)
+
+
+def test_draft_params_of_another_form_and_mismatched_widths_are_input_errors(tiny):
+  """The heads' own params where bpd_draft_params' are due, or the target's params for an EAGLE draft, were a
+  KeyError while tracing; an EAGLE tree source of another width than its tree a ValueError there."""
+  model, params = tiny
+  d = model.cfg.d_model
+  for use_next in (True, False):
+    bpd = BPDModel(BPDConfig(num_heads=2, d_model=d, d_hidden=8, use_next_token=use_next))
+    heads = bpd.init_params(jax.random.key(0))
+    for drafter, p in ((BPDDrafter(bpd), heads), (WithLookup(BPDDrafter(bpd)), heads),
+                       (OptTreeDrafter(HeadsTreeSource(bpd), nodes=2, depth=2, width=1, branch=2), heads),
+                       (LatticeDrafter(bpd, "none", top_t=4), {"bpd": heads})):
+      with pytest.raises(InputError, match="A drafter from BPD heads takes draft_params holding bpd, proj_DxM.*"
+                                           "bpd_draft_params.*got a dict with .*missing"):
+        gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=drafter, draft_params=p)
+  eagle = EagleDraft(model.cfg, 1)
+  for drafter in (EagleDrafter(eagle, 2), OptTreeDrafter(EagleTreeSource(eagle, 2), nodes=4, depth=2, width=2,
+                                                          branch=2)):
+    with pytest.raises(InputError, match="takes draft_params holding embed_VxD, vocab_ids, table_MxD, built by "
+                                         "jaxspec.models.eagle.load_eagle"):
+      gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=drafter, draft_params=params)
+  with pytest.raises(InputError, match=r"EagleTreeSource\(width=2\) serves trees of width 2, and this tree has "
+                                       "width=4"):
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, draft_params=eagle.init_params(jax.random.key(0), params),
+                 drafter=OptTreeDrafter(EagleTreeSource(eagle, 2), nodes=4, depth=2, width=4, branch=2))
+
+
+def test_the_program_cache_is_bounded_and_can_be_cleared(tiny, monkeypatch):
+  model, params = tiny
+  monkeypatch.setattr(gen, "MAX_PROGRAMS", 2)
+  gen.clear_programs()
+  for n in (4, 40, 80):  # three output buffers: three programs
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=n)
+  assert len(gen._PROGRAMS) == 2
+  assert gen.generate(model, params, [[1, 2, 3]], max_new_tokens=80).compile_s == 0  # the latest stay
+  assert gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4).compile_s > 0  # the oldest left
+  gen.clear_programs()
+  assert not gen._PROGRAMS
+
+
 def test_a_greedy_only_drafter_refuses_sampling(tiny):
   from jaxspec.decoding.jacobi import JacobiDrafter
   model, params = tiny

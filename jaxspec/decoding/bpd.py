@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.decoding.accept import prefix_length
-from jaxspec.decoding.protocol import Acceptance, Draft, PrefillInfo, Verified, width_check
+from jaxspec.decoding.protocol import Acceptance, Draft, PrefillInfo, Verified, require_entries, width_check
 from jaxspec.decoding.sampling import SamplingParams, argmax
 from jaxspec.errors import InputError
 from jaxspec.models.bpd import BPDModel, output_projection
@@ -63,11 +63,15 @@ def _check_subset_ids(target, bpd_params) -> None:
                      f"{vocab} tokens: they were trained for another target; use heads trained for this one.")
 
 
-def check_bpd_draft_params(target, draft_params: dict) -> None:
-  """Raises `InputError` where BPD draft params were built (`bpd_draft_params`) with another target than `target`:
-  an output table over another vocabulary would draft ids the target cannot embed (NaN, then token 0 everywhere)."""
+def check_bpd_draft_params(target, draft_params: dict, bpd: BPDModel) -> None:
+  """Raises `InputError` where `draft_params` are not BPD draft params for `bpd` (`bpd_draft_params`: the heads' own
+  params alone lack the output table), or were built with another target than `target`: an output table over
+  another vocabulary would draft ids the target cannot embed (NaN, then token 0 everywhere)."""
+  names = ("bpd", "proj_DxM") + (("embed_VxD",) if bpd.cfg.use_next_token else ())
+  require_entries("A drafter from BPD heads", draft_params, names, "jaxspec.decoding.bpd.bpd_draft_params(model, params, bpd, "
+                  "heads)")
   vocab = getattr(target, "vocab_size", None)
-  if vocab is None or not isinstance(draft_params, dict) or "proj_DxM" not in draft_params:
+  if vocab is None:
     return
   rows = int(np.shape(draft_params["proj_DxM"])[-1])
   subset = "vocab_ids" in draft_params.get("bpd", {})
@@ -116,7 +120,7 @@ class BPDDrafter:
     width_check(target, self.bpd.cfg.d_model, "these BPD heads")
 
   def check_draft_params(self, target, draft_params) -> None:
-    check_bpd_draft_params(target, draft_params)
+    check_bpd_draft_params(target, draft_params, self.bpd)
 
   def init(self, draft_params, prefill: PrefillInfo):
     return prefill.hidden_BxD.astype(jnp.float32)

@@ -27,7 +27,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified, vocab_check, width_check
+from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified, require_entries, vocab_check, width_check
 from jaxspec.decoding.sampling import Warp
 from jaxspec.decoding.speculative import draw, gate_score
 from jaxspec.errors import InputError
@@ -49,6 +49,9 @@ class EagleState:
 
 def _causal(b: int, t: int) -> Array:
   return jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t))
+
+
+VOCAB_ENTRIES = ("embed_VxD", "vocab_ids", "table_MxD")  # what load_eagle adds to the draft's own params
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,6 +96,9 @@ class EagleDrafter:
     """The loop's check before tracing (`protocol.check_target`): the draft's output rows are the target's."""
     vocab_check(target, self.draft)
     width_check(target, self.draft.cfg.d_model, "this EAGLE draft")
+
+  def check_draft_params(self, target, draft_params) -> None:
+    require_entries("An EAGLE drafter", draft_params, VOCAB_ENTRIES, self.needs_params)
 
   def init(self, draft_params, prefill: PrefillInfo) -> EagleState:
     """The draft's prefill: entries (f_t, x_{t+1}) for every prompt position, the last one's x being the first
@@ -217,6 +223,9 @@ class EagleTreeSource:
   def check_target(self, target) -> None:
     vocab_check(target, self.draft)
     width_check(target, self.draft.cfg.d_model, "this EAGLE draft")
+
+  def check_draft_params(self, target, draft_params) -> None:
+    require_entries("An EAGLE drafter", draft_params, VOCAB_ENTRIES, self.needs_params)
 
   def to_tokens(self, draft_params, idx):
     return idx.astype(jnp.int32)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Any, Iterator, Sequence
@@ -67,7 +68,8 @@ def make_acceptor(temperature: float, top_k: int = 0, top_p: float = 1.0):
 
 
 def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], max_len: int, extra: int,
-            pad_id: int, *, vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+            pad_id: int, *, vocab_size: int | None = None,
+            max_len_is_context: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
   """Checks and pads a batch: returns (prompts_BxP, lengths_B, max_new_B, out_len, capacity).
 
   Token ids must lie in [0, vocab_size) (negative ones are refused even without `vocab_size`): inside the program an
@@ -76,6 +78,10 @@ def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int
   prompts = _as_rows(prompts)
   if not prompts:
     raise InputError("No prompts given.")
+  for i, row in enumerate(prompts):
+    if _ndim(row) != 1:
+      raise InputError(f"Prompt {i} is not a flat sequence of token ids ({_ndim(row)} dimensions): give each prompt "
+                       "as a list or 1-D array of ids.")
   lengths = [len(p) for p in prompts]
   if min(lengths) == 0:
     raise InputError(f"Prompt {lengths.index(0)} is empty: give at least one token.")
@@ -105,9 +111,10 @@ def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int
   worst = lengths[row] + max_new[row]
   if worst > max_len:
     which = f"Prompt {row} ({lengths[row]} tokens)" if len(prompts) > 1 else f"A prompt of {lengths[row]} tokens"
-    raise InputError(f"{which} plus {max_new[row]} new tokens needs {worst} cache slots, more than the cache length "
-                     f"{max_len}: shorten the prompt, lower max_new_tokens, or raise max_len (up to the model's "
-                     "context length).")
+    limit, more = ((f"the model's context length ({max_len} tokens)", "") if max_len_is_context else
+                   (f"the cache length {max_len}", ", or raise max_len (up to the model's context length)"))
+    raise InputError(f"{which} plus {max_new[row]} new tokens needs {worst} cache slots, more than {limit}: shorten "
+                     f"the prompt or lower max_new_tokens{more}.")
   p = bucket(max(lengths))
   out_len = round_up(max(max_new), 32)
   capacity = round_up(p + out_len + extra + 1, CAPACITY_ROUND)
@@ -126,11 +133,22 @@ def _as_rows(prompts) -> list:
     return list(np.asarray(prompts))
   if isinstance(prompts, (str, bytes)):
     raise InputError("prompts must be token ids, not text: encode them with the model's tokenizer first.")
-  rows = list(prompts)
-  if rows and any(np.ndim(r) == 0 for r in rows):
+  try:
+    rows = list(prompts)
+  except TypeError:
+    raise InputError(f"prompts must be a list of prompts, each a sequence of token ids, got {prompts!r}.") from None
+  if rows and any(_ndim(r) == 0 for r in rows):
     raise InputError("prompts is a batch: give a list of prompts, each a sequence of token ids (e.g. [ids] for one "
                      "prompt).")
   return rows
+
+
+def _ndim(value) -> int | str:
+  """`np.ndim`, or "nested" for lists of different lengths inside a list."""
+  try:
+    return np.ndim(value)
+  except ValueError:
+    return "nested"
 
 
 def _ints(values, what: str) -> np.ndarray:
@@ -144,7 +162,7 @@ def _ints(values, what: str) -> np.ndarray:
     raise InputError(f"{what} must be whole numbers, got {values!r}.") from None
   if arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
     raise InputError(f"{what} must be whole numbers (token ids or counts), got {values!r}.")
-  if arr.dtype.kind not in "iubf":
+  if arr.dtype.kind not in "iuf":  # bools too: True is no token id or count
     raise InputError(f"{what} must be whole numbers, got {values!r}.")
   if arr.size and (arr.max() >= 2 ** 31 or arr.min() < -(2 ** 31)):
     raise InputError(f"{what} has a value outside the int32 range.")
@@ -186,7 +204,7 @@ def _number_kind(value) -> str:
   if isinstance(value, float):
     return "f"
   dtype = getattr(value, "dtype", None)
-  if dtype is None or np.ndim(value) != 0:
+  if dtype is None or np.ndim(value) != 0 or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
     return ""
   kind = np.dtype(dtype).kind
   return "i" if kind in "iu" else "f" if kind == "f" else ""
@@ -209,7 +227,13 @@ def _whole(value, what: str, minimum: int, maximum: int | None = None) -> int:
   return value
 
 
-def check_settings(temperature, top_k, top_p, seed, max_len) -> tuple[float, int, float, int, int | None]:
+def is_key(value) -> bool:
+  """Whether `value` is one typed JAX PRNG key (`jax.random.key(n)`)."""
+  dtype = getattr(value, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and np.ndim(value) == 0
+
+
+def check_settings(temperature, top_k, top_p, seed, max_len) -> tuple[float, int, float, Any, int | None]:
   """The sampling settings, seed and `max_len` as plain numbers, each checked whether or not it is used (top-k and
   top-p only filter sampling; greedy ignores them), so a wrong value fails on the call that has it.
 
@@ -219,7 +243,11 @@ def check_settings(temperature, top_k, top_p, seed, max_len) -> tuple[float, int
   temperature, top_p = _real(temperature, "temperature"), _real(top_p, "top_p")
   SamplingParams.make(temperature, top_p)  # their ranges
   top_k = _whole(top_k, "top_k (0: no top-k filter)", 0)
-  seed = _whole(seed, "seed", -(2 ** 63), 2 ** 63 - 1)
+  if not is_key(seed):
+    kind = _number_kind(seed)
+    if not (kind == "i" or (kind == "f" and float(seed).is_integer())):
+      raise InputError(f"seed must be a whole number or a typed JAX key (jax.random.key(n)), got {seed!r}.")
+    seed = _whole(seed, "seed", -(2 ** 63), 2 ** 63 - 1)
   if max_len is not None:
     max_len = _whole(max_len, "max_len (None: the model's context length)", 1)
   return temperature, top_k, top_p, seed, max_len
@@ -241,8 +269,12 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     temperature: 0 for greedy, else sampling; top_k (0: off) / top_p (1: off) filter the sampling distribution and
       are ignored by greedy decoding (but still checked).
     eos_ids: a list of token ids that end a row (e.g. `[tok.eos_id]`); the EOS is kept in the output.
-    pad_id: filler past each row's end in the jitted buffers.
-    seed: sampling seed.
+    pad_id: filler past each row's end in the jitted buffers (a token id of the model; static: another value
+      compiles another program, as does another number of `eos_ids`).
+    seed: sampling seed: a whole number (64 bits; `jaxspec.decoding.sampling.seed_key`) or a typed JAX key
+      (`jax.random.key(n)`). Each row draws from its own stream of that key, chosen by its place in the batch: a
+      row's samples depend on the seed and its row index, so a prompt sampled in row 2 differs from the same prompt
+      sampled alone with the same seed.
     drafter: proposes tokens to verify (`NoDraft()` = plain decoding).
     draft_params: the drafter's parameters.
     acceptor: acceptance rule; by default chosen from temperature / top_k / top_p. With temperature > 0 it must
@@ -282,12 +314,14 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   if max_len and context and max_len > context and getattr(model, "context_is_limit", False):
     raise InputError(f"max_len={max_len} is more than the model's context length ({context} tokens): use at most "
                      f"{context}, or leave it unset.")
+  max_len_is_context = bool(context) and max_len in (None, context) and getattr(model, "context_is_limit", False)
   max_len = max_len or context or 1 << 30
   vocab = getattr(model, "vocab_size", vocab)
+  pad_id = _whole(pad_id, "pad_id", 0)
   arr, lengths, max_new, out_len, capacity = prepare(prompts, max_new_tokens, max_len, drafter.num_nodes, pad_id,
-                                                     vocab_size=vocab)
+                                                     vocab_size=vocab, max_len_is_context=max_len_is_context)
   args = (params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new),
-          jnp.asarray(_eos_list(eos_ids, vocab) or [-1], jnp.int32), seed_key(seed),
+          jnp.asarray(_eos_list(eos_ids, vocab) or [-1], jnp.int32), seed if is_key(seed) else seed_key(seed),
           SamplingParams.make(temperature, top_p), draft_params)
   check_draft_params(drafter, model, draft_params)  # here the arrays are concrete: values are checked too
   static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=out_len, capacity=capacity, pad_id=pad_id)
@@ -299,9 +333,12 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     static["partitioner"] = part
   try:
     program, compile_s, program_bytes = compiled_program(args, static)
-  except flax.errors.ScopeParamShapeError as e:  # params of another model: flax finds out while tracing
-    raise InputError(f"The params do not fit the model they were passed with: {str(e).splitlines()[0]} Pass the params "
-                     "loaded with this model (load_model), and draft params built for this drafter's model.") from e
+  except _PARAM_ERRORS as e:  # params of another model, or not params at all: flax finds out while tracing
+    wrapped = (" (a dict holding only 'params': pass params['params'], the tree load_model returns)"
+               if isinstance(params, dict) and set(params) == {"params"} else "")
+    raise InputError(f"The params do not fit the model they were passed with{wrapped}: {str(e).splitlines()[0]} Pass "
+                     "the params loaded with this model (load_model), and draft params built for this drafter's "
+                     "model.") from e
   t0 = time.perf_counter()
   out: DecodeOutput = program(*args)
   toks, lens, st, dst = sharding.fetch((out.tokens_BxO, out.lengths_B, out.stats, out.drafter_stats))
@@ -324,7 +361,20 @@ def decode_arg_shardings(part: sharding.Partitioner, args: tuple) -> tuple:
           part.replicated, repl(sp), part.param_shardings(draft_params))
 
 
-_PROGRAMS: dict = {}
+# flax's errors for params that are not the model's: other shapes, a missing entry, a tree of another form or type.
+_PARAM_ERRORS = (flax.errors.ScopeParamShapeError, flax.errors.ScopeParamNotFoundError,
+                 flax.errors.ApplyScopeInvalidVariablesStructureError, flax.errors.ApplyScopeInvalidVariablesTypeError)
+
+# The compiled programs of the latest settings and shapes, least recently used first. Each holds its executable
+# (and the host memory mappings XLA:CPU makes for it) until it leaves: a bound keeps a long-running process from
+# collecting one per shape it ever decoded. `clear_programs()` empties it.
+_PROGRAMS: collections.OrderedDict = collections.OrderedDict()
+MAX_PROGRAMS = 64
+
+
+def clear_programs() -> None:
+  """Forgets every compiled decode program (`jax.clear_caches()` does not reach them); the next call compiles."""
+  _PROGRAMS.clear()
 
 
 def compiled_program(args: tuple, static: dict, fn=None):
@@ -337,6 +387,7 @@ def compiled_program(args: tuple, static: dict, fn=None):
   key = (fn, tuple(sorted(static.items())), treedef,
          tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves))
   if key in _PROGRAMS:
+    _PROGRAMS.move_to_end(key)
     program, nbytes = _PROGRAMS[key]
     return program, 0.0, nbytes
   t0 = time.perf_counter()
@@ -345,6 +396,8 @@ def compiled_program(args: tuple, static: dict, fn=None):
   compile_s = time.perf_counter() - t0
   nbytes = program_memory_bytes(program)
   _PROGRAMS[key] = (program, nbytes)
+  while len(_PROGRAMS) > MAX_PROGRAMS:
+    _PROGRAMS.popitem(last=False)
   return program, compile_s, nbytes
 
 

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxspec.decoding.bpd import BPDDrafter, check_bpd_draft_params
-from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified
+from jaxspec.decoding.protocol import Draft, PrefillInfo, Verified, require_entries
 from jaxspec.decoding.speculative import DraftModelDrafter
 from jaxspec.errors import InputError
 from jaxspec.models.bpd import BPDModel
@@ -130,13 +130,13 @@ class LatticeDrafter:
     return self.lm.calls_per_step if self.rescorer == "neural" else 0
 
   def check_draft_params(self, target, draft_params) -> None:
-    bpd_params = draft_params.get("bpd") if isinstance(draft_params, dict) else None
-    check_bpd_draft_params(target, bpd_params)
-    if isinstance(bpd_params, dict) and "proj_DxM" in bpd_params:
-      m = int(jnp.shape(bpd_params["proj_DxM"])[-1])
-      if self.top_t > m:
-        raise InputError(f"The lattice's width t={self.top_t} is more than the {m} tokens these heads draft from: "
-                         f"give t={m} or less.")
+    require_entries("LatticeDrafter", draft_params, ("bpd",), self.needs_params)
+    bpd_params = draft_params["bpd"]
+    check_bpd_draft_params(target, bpd_params, self.bpd)
+    m = int(jnp.shape(bpd_params["proj_DxM"])[-1])
+    if self.top_t > m:
+      raise InputError(f"The lattice's width t={self.top_t} is more than the {m} tokens these heads draft from: "
+                       f"give t={m} or less.")
 
   def check_target(self, target) -> None:
     BPDDrafter(self.bpd).check_target(target)

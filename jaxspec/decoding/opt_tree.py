@@ -179,7 +179,7 @@ class HeadsTreeSource:
     BPDDrafter(self.bpd).check_target(target)
 
   def check_draft_params(self, target: LanguageModel, draft_params) -> None:
-    check_bpd_draft_params(target, draft_params)
+    check_bpd_draft_params(target, draft_params, self.bpd)
 
   def init(self, draft_params, prefill: PrefillInfo, extra_slots: int, depth: int) -> Array:
     if depth > self.bpd.num_heads:
@@ -310,6 +310,9 @@ class OptTreeDrafter:
 
   def check_target(self, target: LanguageModel) -> None:
     check_target(self.source, target)
+    if getattr(self.source, "width", self.width) != self.width:
+      raise InputError(f"{type(self.source).__name__}(width={self.source.width}) serves trees of width "
+                       f"{self.source.width}, and this tree has width={self.width}: give both the same width.")
     vocab = getattr(target, "vocab_size", None)
     if vocab is not None and self.branch > vocab:
       raise InputError(f"branch={self.branch} candidates per node is more than the target's vocabulary ({vocab}).")

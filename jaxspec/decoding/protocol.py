@@ -104,6 +104,17 @@ def check_draft_params(drafter, model: LanguageModel, draft_params) -> None:
     fn(model, draft_params)
 
 
+def require_entries(who: str, draft_params, names, how: str) -> None:
+  """Raises `InputError` where `draft_params` is not a dict holding `names` (what `how` builds) for the drafter `who`
+  names: another drafter's params, or the raw parts they are built from, would otherwise fail deep inside tracing
+  with a KeyError."""
+  missing = [n for n in names if n not in draft_params] if isinstance(draft_params, dict) else list(names)
+  if missing:
+    got = f"a dict with {sorted(draft_params)}" if isinstance(draft_params, dict) else type(draft_params).__name__
+    raise InputError(f"{who} takes draft_params holding {', '.join(names)}, built by {how}; got "
+                     f"{got} (missing {', '.join(missing)}).")
+
+
 def check_acceptor(drafter, acceptor) -> None:
   """Raises `InputError` where a drafter that is greedy only (`greedy_only = True`) gets a sampling rule."""
   if getattr(drafter, "greedy_only", False) and hasattr(acceptor, "warp"):
