@@ -206,7 +206,8 @@ def test_prompt_batches_as_arrays_decode_like_lists(tiny):
     (dict(temperature="0.7"), r"temperature must be a number, got '0.7'"),
     (dict(temperature=1.0, top_p=None), r"top_p must be a number, got None"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(temperature=1.0, seed=1.5), r"seed must be a whole number, got 1.5"),
+    (dict(temperature=1.0, seed=1.5), r"seed must be a whole number or a typed JAX key \(jax.random.key\(n\)\), "
+                                      r"got 1.5"),
     (dict(seed=2 ** 64), r"seed must be in"),
     (dict(temperature=1.0, top_k=2.5), r"top_k \(0: no top-k filter\) must be a whole number, got 2.5"),
     (dict(top_k=-1), r"top_k \(0: no top-k filter\) must be >= 0, got -1"),

@@ -317,7 +317,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   max_len_is_context = bool(context) and max_len in (None, context) and getattr(model, "context_is_limit", False)
   max_len = max_len or context or 1 << 30
   vocab = getattr(model, "vocab_size", vocab)
-  pad_id = _whole(pad_id, "pad_id", 0)
+  pad_id = _whole(pad_id, "pad_id", -(2 ** 31), 2 ** 31 - 1)  # its range: prepare, against the vocabulary
   arr, lengths, max_new, out_len, capacity = prepare(prompts, max_new_tokens, max_len, drafter.num_nodes, pad_id,
                                                      vocab_size=vocab, max_len_is_context=max_len_is_context)
   args = (params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new),
