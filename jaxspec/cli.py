@@ -88,7 +88,7 @@ def _check_fits(args, model, n_prompt: int) -> None:
 def _mesh(args):
   """The `--mesh` of a command as a `jax.sharding.Mesh` (None without one); checked before any model is loaded."""
   from jaxspec import sharding
-  return sharding.make_mesh(args.mesh) if args.mesh else None
+  return sharding.make_mesh(args.mesh) if args.mesh is not None else None
 
 
 def _model_options(parser) -> None:

@@ -85,7 +85,7 @@ def parse_mesh_shape(spec: str | Sequence[int]) -> dict[str, int]:
   """`"data=2,model=4"`, `"2,4"` or `(2, 4)` -> `{"data": 2, "model": 4}`; a missing axis is 1, -1 fills in."""
   shown = spec  # what the user wrote, for messages
   if isinstance(spec, str):
-    text = spec.replace(" ", "")
+    text = re.sub(r"\s", "", spec)
     if not text:
       raise InputError("The mesh is empty: write it like data=2,model=4.")
     parts = text.split(",")
@@ -95,7 +95,9 @@ def parse_mesh_shape(spec: str | Sequence[int]) -> dict[str, int]:
       out = {}
       for p in parts:
         name, sep, value = p.partition("=")
-        if not sep or name not in MESH_AXES or name in out:
+        if name in out:
+          raise InputError(f"Bad mesh {shown!r}: axis {name} is given twice; give each axis once.")
+        if not sep or name not in MESH_AXES:
           raise InputError(f"Bad mesh {shown!r} (axes: {', '.join(MESH_AXES)}): {_MESH_FORMS}.")
         out[name] = _mesh_size(value, shown)
       return {a: out.get(a, 1) for a in MESH_AXES}
@@ -236,7 +238,9 @@ class Partitioner:
       size = self.axis_size(mesh_axis)
       n = units.get(name, dim)
       if dim % size or n % size:
-        _note_fallback(f"{what or 'an array'}: {name} ({n}) is not divisible by {mesh_axis}={size}; replicated")
+        # Rows: one line for all of the batch's arrays (prompts, caches, loop state), not one per array.
+        whose = "the batch's arrays (prompts, caches, loop state)" if name == "batch" else what or "an array"
+        _note_fallback(f"{whose}: {name} ({n}) is not divisible by {mesh_axis}={size}; replicated")
         out.append(None)
         continue
       out.append(mesh_axis)
@@ -337,8 +341,10 @@ _FALLBACKS: set[str] = set()
 
 def _note_fallback(message: str) -> None:
   """Logs a fallback once per kind of array: the same weight of every layer (`layers_0/...`, `layers_1/...`) is one
-  line, `layers_*/...`."""
+  line, `layers_*/...`, and so is the same weight of a model inside another's params (a draft's `base/layers_0/...`
+  beside its target's)."""
   message = re.sub(r"(?<![A-Za-z0-9])layers_\d+(?=/)", "layers_*", message)
+  message = re.sub(r"^[^:]*?/(?=layers_\*/)", "", message)
   if message not in _FALLBACKS:
     _FALLBACKS.add(message)
     logger.info("sharding: %s", message)

@@ -777,3 +777,15 @@ def test_one_method_written_two_ways_is_refused_and_a_failed_run_leaves_no_empty
   (tmp_path / "file").write_text("x")
   with pytest.raises(InputError, match="Cannot write the results folder .*file: it is a file. Pass another --out"):
     run_bench(dataclasses.replace(cfg, out=str(tmp_path / "file")), None, None, ByteTokenizer(), progress=False)
+
+
+def test_a_mesh_written_another_way_resumes(tmp_path, prompt_file, methods, bomb):
+  """The saved work names the mesh by its sizes: "2,4", "data=2,model=-1" and "data=2,model=4" are one mesh (on the
+  8 test devices), so a run killed under one spelling goes on under another."""
+  cfg = BenchConfig(prompts=prompt_file, methods=("bomb",), max_new_tokens=6, batch_size=2, out=str(tmp_path / "o"),
+                    mesh="data=2,model=4")
+  with pytest.raises(KeyboardInterrupt):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  bomb["armed"] = False
+  res = run_bench(dataclasses.replace(cfg, mesh="2, -1"), methods, None, ByteTokenizer(), progress=False)
+  assert res["environment"]["resumed_runs"] == 2 and res["config"]["mesh"] == "data=2,model=4"

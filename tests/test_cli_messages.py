@@ -115,6 +115,10 @@ def test_a_bad_mesh_on_the_command_line(capsys, tmp_path, monkeypatch):
   config.write_text(f"task: bpd\nout: {tmp_path / 'out'}\ntrain:\n  checkpoint_dir: {tmp_path / 'ckpt'}\n")
   err = fails(["train", str(config), "mesh=foo"], capsys)
   assert "Bad mesh 'foo'" in err and "data=2,model=4" in err
+  # An empty --mesh is refused, not run on one device; a repeated axis is named; tabs are spaces.
+  assert "The mesh is empty" in fails(["generate", "--prompt", "x", "--mesh", ""], capsys)
+  assert "axis data is given twice" in fails(["generate", "--prompt", "x", "--mesh", "data=2,data=4"], capsys)
+  assert sharding.parse_mesh_shape("data=2,\tmodel=4") == {"data": 2, "model": 4}
 
 
 # ---- config files ------------------------------------------------------------------------------------------------

@@ -147,6 +147,17 @@ def test_a_fallback_is_logged_once_per_kind_of_weight(tiny, mesh24, caplog, monk
   assert [l for l in lines if "attn/k/kernel" in l] == [
     "sharding: layers_*/attn/k/kernel: kv_heads (2) is not divisible by model=4; replicated"]
   assert len(lines) == len(set(lines)) and not any("layers_0" in l or "layers_1" in l for l in lines)
+  # A batch the data axis cannot split is one line for all of its arrays; a draft's copy of a weight is its line.
+  caplog.clear()
+  part = sharding.partitioner(mesh24, model)
+  with caplog.at_level("INFO", logger="jaxspec.sharding"):
+    part.param_shardings({"base": params})
+    generate(model, params, [[1, 2, 3]] * 3, max_new_tokens=4, mesh=part)
+    generate(model, params, [[1, 2, 3]] * 3, max_new_tokens=40, mesh=part)
+  lines = [r.getMessage() for r in caplog.records if r.name == "jaxspec.sharding"]
+  assert [l for l in lines if "batch" in l] == [
+    "sharding: the batch's arrays (prompts, caches, loop state): batch (3) is not divisible by data=2; replicated"]
+  assert not any("kernel" in l for l in lines) and len(lines) == len(set(lines)) == 3, lines  # + cache keys, values
 
 
 def test_stacked_layers_and_unknown_params(wide, mesh24):

@@ -405,7 +405,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   if cfg.train.objective == "heads" and (cfg.train.base_loss_weight != 1.0 or cfg.train.base_lr_scale != 1.0):
     raise ConfigError("train.base_loss_weight and train.base_lr_scale apply to train.objective=joint only; the "
                       "heads objective keeps the base frozen.")
-  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before any work
+  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh is not None else None  # a bad mesh fails before any work
   if model is None:
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
                                                   matmul_precision=cfg.model.matmul_precision)

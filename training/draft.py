@@ -332,7 +332,7 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   from jaxspec.loading import load_model
 
   t_start = time.time()
-  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before any work
+  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh is not None else None  # a bad mesh fails before any work
   if model is None:
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
                                                   matmul_precision=cfg.model.matmul_precision)

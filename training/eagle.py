@@ -203,7 +203,7 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
   from jaxspec.models.llama import LlamaLM
 
   t_start = time.time()
-  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before any work
+  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh is not None else None  # a bad mesh fails before any work
   if model is None:
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
                                                   matmul_precision=cfg.model.matmul_precision)

@@ -237,7 +237,9 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   cfg = cfg.resolved()
   if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
     raise InputError("batch_size and max_new_tokens must be >= 1.")
-  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh else None  # a bad mesh fails before the model loads
+  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh is not None else None  # a bad mesh fails before the model loads
+  if mesh is not None:  # the mesh by its sizes (-1 filled in): "2,4" and "data=2,model=4" are the same work
+    cfg = dataclasses.replace(cfg, mesh=",".join(f"{a}={n}" for a, n in sharding.mesh_info(mesh).items()))
   prompts = load_prompts(cfg.prompts or QUICK_PROMPTS, categories=cfg.categories, limit=cfg.limit)
   labels, seen = [], {}
   for method in cfg.methods:
