@@ -9,7 +9,7 @@ import re
 import pytest
 
 from jaxspec.bench import METHODS, BenchConfig, MethodSpec, load_prompts, run_bench
-from jaxspec.bench.methods import Unavailable, loop_runner, parse_method
+from jaxspec.bench.methods import BenchContext, Unavailable, loop_runner, parse_method
 from jaxspec.cli import main
 from jaxspec.errors import InputError
 from tests.fakes import BigramLM, OracleChain
@@ -271,6 +271,21 @@ def test_missing_t5x_checkout_is_reported_unavailable(tmp_path, prompt_file, met
   res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
   assert res["methods"]["t5x-greedy"]["available"] is False
   assert "not a T5X checkout" in res["methods"]["t5x-greedy"]["reason"]
+
+
+def test_baselines_that_cannot_take_the_settings_or_the_model_say_why(tmp_path):
+  """T5X's sampler takes top-k or top-p, not both (it raised inside T5X, ending the bench), and the Hugging Face
+  baseline writes LLaMA folders (a T5 target failed half-way with a KeyError)."""
+  from jaxspec.bench.baselines import hf_runner, t5x_runner
+  from jaxspec.models.t5 import T5LM, tiny_t5_config
+
+  ctx = BenchContext(None, None, ByteTokenizer(), temperature=1.0, top_k=5, top_p=0.9, t5x_src=str(tmp_path))
+  with pytest.raises(Unavailable, match=r"top-k or top-p, not both \(--top-k 5 --top-p 0.9\)"):
+    t5x_runner(ctx)
+  t5 = T5LM(tiny_t5_config(vocab_size=64))
+  for lookup in (False, True):
+    with pytest.raises(Unavailable, match="runs decoder-only LLaMA-family models; this target is T5LM"):
+      hf_runner(BenchContext(t5, None, ByteTokenizer()), lookup=lookup)
 
 
 def test_a_t5x_checkout_that_fails_to_import_is_reported_unavailable(tmp_path):
@@ -709,6 +724,10 @@ def test_report_speedup_tokens_per_second_and_tau_per_category():
   assert "3 prompts (" in md
   res["prompts"]["n"] = 1
   assert "1 prompt (" in report.markdown(res)
+  # Outputs are compared only under greedy decoding: the terminal says n/a where report.md does (it said 0).
+  assert [l.split()[-1] for l in lines[1:3]] == ["n/a", "0"]  # greedy itself, then fast
+  res["config"]["temperature"] = 1.0
+  assert {l.split()[-1] for l in report.summary_lines(res)[1:]} == {"n/a"}
 
 
 def test_bench_times_each_row_by_its_share_of_the_batch(tmp_path, prompt_file, methods, monkeypatch):

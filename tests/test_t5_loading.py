@@ -148,6 +148,29 @@ def test_older_config_spellings_mean_the_same(ref, tmp_path, variant, changes):
   np.testing.assert_allclose(teacher_forced(model, params, ref, variant), ref[f"{variant}_logits"], atol=1e-4, rtol=0)
 
 
+def test_an_mt5_config_of_transformers_5_is_not_scaled(ref, tmp_path):
+  """transformers 5 writes MT5 configs with tie_word_embeddings: true and no scale_decoder_outputs, and its MT5 never
+  scales the decoder output: read as a T5 config, the logits were d_model^-1/2 of transformers'."""
+  path = copy_fixture("v11_tied", tmp_path)
+  edit_config(path, scale_decoder_outputs=None, tie_word_embeddings=True, model_type="mt5",
+              architectures=["MT5ForConditionalGeneration"])
+  model, params = load_hf(str(path))
+  np.testing.assert_allclose(teacher_forced(model, params, ref, "v11_tied"), ref["v11_tied_logits"], atol=1e-4,
+                             rtol=0)
+
+
+@pytest.mark.parametrize("changes,match", [
+    (dict(relative_attention_num_buckets=1), "relative_attention_num_buckets.*at least 4"),
+    (dict(relative_attention_num_buckets=8, relative_attention_max_distance=4),
+     "relative_attention_max_distance.*at least 5"),
+])
+def test_relative_buckets_that_cannot_work_are_refused(tmp_path, changes, match):
+  path = copy_fixture("v11", tmp_path)
+  edit_config(path, **changes)
+  with pytest.raises(ModelLoadError, match=match):
+    load_hf(str(path))
+
+
 def test_untied_head_with_scaling_folds_the_scale_in(ref, tmp_path):
   """An lm_head.weight that differs from shared.weight in a scaling config (transformers 5 unties it and keeps the
   d_model^-1/2 scale): logits = (hidden * d_model^-1/2) @ lm_head.T."""

@@ -131,6 +131,9 @@ def _t5x_encdec_program(model, params, prompts_BxP, lengths_B, rng, temperature,
 
 def t5x_runner(ctx: BenchContext) -> Runner:
   """T5X's `temperature_sample` driving the jaxspec model through a `tokens_to_logits` callable."""
+  if ctx.temperature > 0 and ctx.top_k and ctx.top_p < 1.0:
+    raise Unavailable(f"T5X's temperature_sample takes top-k or top-p, not both (--top-k {ctx.top_k} --top-p "
+                      f"{ctx.top_p:g})")
   decoding = load_t5x_decoding(ctx.t5x_src)
   eos = ctx.eos_ids[0] if ctx.eos_ids else -1
   if getattr(ctx.model, "is_encoder_decoder", False):
@@ -212,6 +215,11 @@ def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runne
   runs on a GPU and torch has CUDA, the model runs on the GPU too (timed after `torch.cuda.synchronize`), so the
   two are compared on the same hardware. JAX takes 75 % of GPU memory when it starts: for a model that torch cannot
   fit in the rest, run the bench with XLA_PYTHON_CLIENT_PREALLOCATE=false."""
+  from jaxspec.models.llama import LlamaLM
+
+  if not isinstance(ctx.model, LlamaLM):  # save_hf writes LLaMA folders: a T5 would fail half-way, with a traceback
+    raise Unavailable(f"the Hugging Face baseline runs decoder-only LLaMA-family models; this target is "
+                      f"{type(ctx.model).__name__}")
   try:
     import torch
     import transformers

@@ -132,7 +132,7 @@ def markdown(res: dict) -> str:
       "|---|---|---|---|---|---|---|---|",
   ]
   for label, m in avail.items():
-    mm = str(m["mismatches"]) if greedy and m["lossless"] and label != "greedy" else "n/a"
+    mm = compared_mismatches(res, label)
     mib = _fmt(m["program_bytes"] / 2**20 or None, ".0f")
     lines.append(f"| {label} | {_fmt(m['tau'])} | {_fmt(m['speedup'])}× | {_fmt(m['tokens_per_s'], '.1f')} | {mm} | "
                  f"{m['drafter_calls']:.0f} | {m['compile_s']:.1f} | {mib} |")
@@ -251,5 +251,13 @@ def summary_lines(res: dict) -> Sequence[str]:
       rows.append(f"{label:<{w}} unavailable: {m['reason']}")
     else:
       rows.append(f"{label:<{w}} {_fmt(m['tau']):>6} {_fmt(m['speedup']):>7}× {_fmt(m['tokens_per_s'], '.1f'):>8} "
-                  f"{m['mismatches']:>8}")
+                  f"{compared_mismatches(res, label):>8}")
   return rows
+
+
+def compared_mismatches(res: dict, label: str) -> str:
+  """A method's count of outputs that differ from greedy's, or "n/a" where none were compared: sampling, the
+  reference itself, methods that are not lossless."""
+  m = res["methods"][label]
+  greedy = res["config"]["temperature"] == 0
+  return str(m["mismatches"]) if greedy and m["lossless"] and label != "greedy" else "n/a"

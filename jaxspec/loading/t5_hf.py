@@ -6,7 +6,7 @@ head). Tensor names follow transformers: `encoder.block.{i}.layer.{j}...`, `deco
 
 The head follows transformers 5, which reads both its own folders and older ones: the hidden state is scaled by
 d_model^-1/2 before the head when `scale_decoder_outputs` is true, or, where a config lacks that key (transformers
-4), unless `tie_word_embeddings` is false; the head is `shared` unless the checkpoint holds an `lm_head.weight` that
+4), unless `tie_word_embeddings` is false (MT5, `model_type: mt5`, is never scaled); the head is `shared` unless the checkpoint holds an `lm_head.weight` that
 differs from it. transformers 5 writes `tie_word_embeddings: true` for every T5, untied v1.1 included, so neither
 can be read from that key alone. jaxspec's `T5Config.tie_embeddings` means tied and scaled; the two other
 combinations load as an untied head: a copy of `shared` (tied, unscaled: what transformers 5 makes of a new
@@ -58,8 +58,12 @@ def config_from_hf(raw: dict) -> T5Config:
         vocab_size=num("vocab_size"), d_model=num("d_model"), d_kv=num("d_kv"),
         d_ff=num("d_ff"), n_heads=num("num_heads"), n_enc_layers=n_layers,
         n_dec_layers=opt("num_decoder_layers", n_layers),
-        rel_buckets=opt("relative_attention_num_buckets", 32),
-        rel_max_distance=opt("relative_attention_max_distance", 128),
+        # T5's buckets: half per direction in the encoder, and half of those exact; the rest are log-spaced from
+        # there to the max distance. Fewer than 4 leaves no exact bucket (a division by zero), and a max distance at
+        # or below the decoder's exact ones a log(1) = 0 denominator.
+        rel_buckets=opt("relative_attention_num_buckets", 32, minimum=4),
+        rel_max_distance=opt("relative_attention_max_distance", 128,
+                             minimum=opt("relative_attention_num_buckets", 32, minimum=4) // 2 + 1),
         norm_eps=positive_number(raw.get("layer_norm_epsilon", 1e-6), "layer_norm_epsilon", where), ff=ff,
         tie_embeddings=_scales_output(raw),  # `load_t5` settles it with the checkpoint's lm_head.weight
         decoder_start_id=opt("decoder_start_token_id", 0, minimum=0),
@@ -70,8 +74,10 @@ def config_from_hf(raw: dict) -> T5Config:
 
 def _scales_output(raw: dict) -> bool:
   """Whether transformers scales the decoder output by d_model^-1/2 before the head for this config."""
-  if "scale_decoder_outputs" in raw:  # transformers >= 5 writes it
+  if "scale_decoder_outputs" in raw:  # transformers >= 5 writes it for T5
     return bool(raw["scale_decoder_outputs"])
+  if raw.get("model_type") == "mt5":  # transformers 5's MT5 never scales (and writes tie_word_embeddings: true)
+    return False
   return raw.get("tie_word_embeddings", True) is not False
 
 
