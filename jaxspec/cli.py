@@ -73,16 +73,19 @@ def _check_fits(args, model, n_prompt: int) -> None:
     raise InputError(f"--max-len {args.max_len} is more than the model's context length ({context} tokens): use at "
                      f"most {context}, or leave it out.")
   max_len = args.max_len or context
-  need = n_prompt + args.max_new_tokens
+  dec = getattr(model, "decoder_prompt_len", None)  # an encoder-decoder's cache holds its decoder's tokens only
+  slots = dec or n_prompt
+  need = slots + args.max_new_tokens
   if max_len and need > max_len:
-    fixes = ["shorten " + ("the prompt file" if getattr(args, "prompt_file", None) else "--prompt")]
-    if n_prompt < max_len:  # new tokens fewer than max_len - n_prompt would fit; a prompt this long fits no answer
-      fixes.append(f"lower --max-new-tokens (to {max_len - n_prompt} or fewer)")
+    fixes = [] if dec else ["shorten " + ("the prompt file" if getattr(args, "prompt_file", None) else "--prompt")]
+    if slots < max_len:  # new tokens fewer than max_len - slots would fit; a prompt this long fits no answer
+      fixes.append(f"lower --max-new-tokens (to {max_len - slots} or fewer)")
     if not (hard and max_len >= context):
       fixes.append("raise --max-len" + (f" (up to the model's context length, {context})" if hard else ""))
     fix = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])}{',' * (len(fixes) > 2)} or {fixes[-1]}"
-    raise InputError(f"A prompt of {n_prompt} tokens plus {args.max_new_tokens} new tokens needs {need} cache slots, "
-                     f"more than the cache length {max_len}: {fix}.")
+    what = "The decoder's start token" if dec else f"A prompt of {n_prompt} tokens"
+    raise InputError(f"{what} plus {args.max_new_tokens} new tokens needs {need} cache slots, more than the cache "
+                     f"length {max_len}: {fix}.")
 
 
 def _mesh(args):

@@ -310,8 +310,9 @@ def test_joint_objective_trains_base_and_heads(tiny, tmp_path):
   assert any(not np.allclose(np.asarray(x), np.asarray(y)) for x, y in zip(before, after))
   # The heads go with the tuned base, and say so on the base they started from.
   load_bpd(cfg.out, target_params=trained)
-  with pytest.raises(ModelLoadError, match=r"trained jointly with a fine-tuned base .* they go with the base their "
-                     r"run exported, .*heads/base"):
+  with pytest.raises(ModelLoadError, match=r"heads in .* were trained for a target whose embedding has fingerprint "
+                     r".*They were trained jointly with a fine-tuned base: they go with the base their run exported, "
+                     r".*heads/base"):
     load_bpd(cfg.out, target_params=params)
   # The caller's params were not donated to the train step (the session fixture is used by later tests).
   assert all(not leaf.is_deleted() for leaf in before)

@@ -107,6 +107,18 @@ def test_a_bad_mesh_quotes_the_string_and_shows_the_forms(spec):
   assert "[" not in msg  # not the parsed list
 
 
+def test_an_encoder_decoders_limit_is_its_decoders_tokens(capsys, tmp_path):
+  """An encoder input longer than max_seq_len decodes (the decoder's cache holds its own tokens only); the new tokens
+  are what the limit bounds, and shortening the prompt is no advice there."""
+  t5 = str(ASSETS / "t5_numbers")
+  (tmp_path / "long.txt").write_text(" ".join(["twelve"] * 2100))
+  assert cli.main(["generate", "--model", t5, "--prompt-file", str(tmp_path / "long.txt"), "--max-new-tokens", "2"]) == 0
+  assert "prompt 2100 tokens" in capsys.readouterr().err  # past max_seq_len, 2048
+  err = fails(["generate", "--model", t5, "--prompt", "12", "--max-new-tokens", "2048"], capsys)
+  assert ("The decoder's start token plus 2048 new tokens needs 2049 cache slots, more than the cache length 2048: "
+          "lower --max-new-tokens (to 2047 or fewer) or raise --max-len.") in err
+
+
 def test_a_bad_mesh_on_the_command_line(capsys, tmp_path, monkeypatch):
   monkeypatch.setattr(jaxspec.loading, "load_model", lambda *a, **k: pytest.fail("the mesh is checked first"))
   err = fails(["generate", "--prompt", "x", "--mesh", "foo"], capsys)

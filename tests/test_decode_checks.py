@@ -18,7 +18,7 @@ from jaxspec.decoding.eagle import EagleDrafter, EagleTreeSource
 from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
 from jaxspec.decoding.lookup import WithLookup
 from jaxspec.decoding.loop import NoDraft, decode, decode_jit
-from jaxspec.decoding.opt_tree import HeadsTreeSource, LMTreeSource, OptTreeDrafter
+from jaxspec.decoding.opt_tree import HeadsTreeSource, LMTreeSource, OptTreeDrafter, static_draft_params
 from jaxspec.decoding.sampling import SamplingParams
 from jaxspec.decoding.speculative import DraftModelDrafter
 from jaxspec.errors import InputError
@@ -184,9 +184,11 @@ def test_draft_params_of_another_form_and_mismatched_widths_are_input_errors(tin
     heads = bpd.init_params(jax.random.key(0))
     for drafter, p in ((BPDDrafter(bpd), heads), (WithLookup(BPDDrafter(bpd)), heads),
                        (OptTreeDrafter(HeadsTreeSource(bpd), nodes=2, depth=2, width=1, branch=2), heads),
+                       (OptTreeDrafter(HeadsTreeSource(bpd), nodes=2, depth=2, width=1, branch=2, shape="static"),
+                        static_draft_params(heads, np.ones((2, 2)))),
                        (LatticeDrafter(bpd, "none", top_t=4), {"bpd": heads})):
-      with pytest.raises(InputError, match="A drafter from BPD heads takes draft_params holding bpd, proj_DxM.*"
-                                           "bpd_draft_params.*got a dict with .*missing"):
+      with pytest.raises(InputError, match="A drafter from BPD heads takes draft_params holding bpd, built by .*"
+                                           "bpd_draft_params.*got a dict with .*missing bpd"):
         gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=drafter, draft_params=p)
   eagle = EagleDraft(model.cfg, 1)
   for drafter in (EagleDrafter(eagle, 2), OptTreeDrafter(EagleTreeSource(eagle, 2), nodes=4, depth=2, width=2,

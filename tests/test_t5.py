@@ -77,6 +77,35 @@ def test_cached_greedy_equals_full_recomputation(t5, greedy_ref):
   assert len({tuple(t) for t in greedy_ref}) == len(PROMPTS)
 
 
+def test_the_decoder_cache_is_sized_by_the_decoder_not_the_encoder_input(t5, t5_draft):
+  """The decoder's self-attention cache holds the start token and the output: an encoder input longer than
+  max_seq_len (512 here) decodes, with a cache of the same size as a short one's, and lookup still copies from the
+  source (its context buffer holds the source and the output). It was sized as if the source were in it: 7x the cost
+  per step for long sources, and sources past max_seq_len refused."""
+  model, params = t5
+  long_src = ([7, 8, 9, 10, 11, 12] * 110)[:640]
+  assert len(long_src) > model.cfg.max_seq_len
+  *_, cap_long = gen.prepare([long_src], 8, 512, 4, 0, decoder_prompt_len=model.decoder_prompt_len)
+  *_, cap_short = gen.prepare([[3, 4]], 8, 512, 4, 0, decoder_prompt_len=model.decoder_prompt_len)
+  assert cap_long == cap_short < len(long_src)
+  res = gen.generate(model, params, [long_src, [3, 4]], max_new_tokens=8)
+  src = jnp.asarray([long_src])
+  dec = np.zeros((1, 9), np.int32)
+  dec[0, 0] = model.cfg.decoder_start_id
+  for j in range(8):
+    logits, _ = model.teacher_forced(params, src, jnp.asarray([len(long_src)]), jnp.asarray(dec))
+    dec[0, j + 1] = int(jnp.argmax(logits[0, j]))
+  assert res.tokens[0] == dec[0, 1:].tolist()
+  for name in ("lookup", "spec-draft", "tree-draft"):
+    drafter, dp = methods(t5, t5_draft)[name]
+    assert gen.generate(model, params, [long_src, [3, 4]], max_new_tokens=8, drafter=drafter,
+                        draft_params=dp).tokens == res.tokens, name
+  # The decoder's tokens are what max_len bounds.
+  with pytest.raises(InputError, match=r"The decoder's start token plus 600 new tokens needs 601 cache slots, more "
+                                       r"than the cache length 512: lower max_new_tokens, or raise max_len\.$"):
+    gen.generate(model, params, [[3, 4]], max_new_tokens=600)
+
+
 def random_heads(model, k: int, seed: int = 1):
   bpd = BPDModel(BPDConfig(num_heads=k, d_model=model.cfg.d_model, d_hidden=16))
   p = bpd.init_params(jax.random.key(seed))

@@ -287,8 +287,12 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   context = getattr(getattr(model, "cfg", None), "max_seq_len", None)
   bound = ("the model's context length" if getattr(model, "context_is_limit", False)
            else "the model's max_seq_len, the decode loop's bound on prompt + output")
+  dec = getattr(model, "decoder_prompt_len", None)  # an encoder-decoder's cache holds its decoder's tokens only
+  if context and dec and dec + cfg.max_new_tokens > context:
+    raise InputError(f"--max-new-tokens {cfg.max_new_tokens} after the decoder's start token is more than {bound} "
+                     f"({context}): lower it.")
   for p, row in zip(prompts, ids):
-    if context and len(row) + cfg.max_new_tokens > context:
+    if context and (dec or len(row)) + cfg.max_new_tokens > context:
       raise InputError(f"Prompt {p.question_id!r} ({p.category}) is {len(row)} tokens long: with {cfg.max_new_tokens} "
                        f"new tokens it needs more than {bound} ({context}). Lower --max-new-tokens, or leave the "
                        "prompt out of the file.")

@@ -68,9 +68,12 @@ def make_acceptor(temperature: float, top_k: int = 0, top_p: float = 1.0):
 
 
 def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int], max_len: int, extra: int,
-            pad_id: int, *, vocab_size: int | None = None,
-            max_len_is_context: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+            pad_id: int, *, vocab_size: int | None = None, max_len_is_context: bool = False,
+            decoder_prompt_len: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
   """Checks and pads a batch: returns (prompts_BxP, lengths_B, max_new_B, out_len, capacity).
+
+  `decoder_prompt_len`: an encoder-decoder's (`model.decoder_prompt_len`): its cache holds that many prompt slots
+  (the decoder's start token), whatever the encoder input's length, and `max_len` bounds the decoder's tokens.
 
   Token ids must lie in [0, vocab_size) (negative ones are refused even without `vocab_size`): inside the program an
   id past the vocabulary embeds as NaN and a negative one wraps around, and neither raises.
@@ -107,17 +110,21 @@ def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int
                        f"{where}: encode prompts with the model's own tokenizer.")
   # The row that needs the most cache slots, named with its own numbers (the longest prompt and the largest
   # max_new_tokens may be different rows).
-  row = max(range(len(prompts)), key=lambda i: lengths[i] + max_new[i])
-  worst = lengths[row] + max_new[row]
+  slots = [decoder_prompt_len or n for n in lengths]
+  row = max(range(len(prompts)), key=lambda i: slots[i] + max_new[i])
+  worst = slots[row] + max_new[row]
   if worst > max_len:
-    which = f"Prompt {row} ({lengths[row]} tokens)" if len(prompts) > 1 else f"A prompt of {lengths[row]} tokens"
+    which = (f"The decoder's start token" if decoder_prompt_len else
+             f"Prompt {row} ({lengths[row]} tokens)" if len(prompts) > 1 else f"A prompt of {lengths[row]} tokens")
     limit, more = ((f"the model's context length ({max_len} tokens)", "") if max_len_is_context else
-                   (f"the cache length {max_len}", ", or raise max_len (up to the model's context length)"))
-    raise InputError(f"{which} plus {max_new[row]} new tokens needs {worst} cache slots, more than {limit}: shorten "
-                     f"the prompt or lower max_new_tokens{more}.")
+                   (f"the cache length {max_len}", ", or raise max_len" + (
+                       "" if decoder_prompt_len else " (up to the model's context length)")))
+    fix = "lower max_new_tokens" if decoder_prompt_len else "shorten the prompt or lower max_new_tokens"
+    raise InputError(f"{which} plus {max_new[row]} new tokens needs {worst} cache slots, more than {limit}: "
+                     f"{fix}{more}.")
   p = bucket(max(lengths))
   out_len = round_up(max(max_new), 32)
-  capacity = round_up(p + out_len + extra + 1, CAPACITY_ROUND)
+  capacity = round_up((decoder_prompt_len or p) + out_len + extra + 1, CAPACITY_ROUND)
   arr = np.full((len(prompts), p), pad_id, np.int32)
   for i, ids in enumerate(rows):
     arr[i, :len(ids)] = ids
@@ -319,7 +326,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   vocab = getattr(model, "vocab_size", vocab)
   pad_id = _whole(pad_id, "pad_id", -(2 ** 31), 2 ** 31 - 1)  # its range: prepare, against the vocabulary
   arr, lengths, max_new, out_len, capacity = prepare(prompts, max_new_tokens, max_len, drafter.num_nodes, pad_id,
-                                                     vocab_size=vocab, max_len_is_context=max_len_is_context)
+                                                     vocab_size=vocab, max_len_is_context=max_len_is_context,
+                                                     decoder_prompt_len=getattr(model, "decoder_prompt_len", None))
   args = (params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new),
           jnp.asarray(_eos_list(eos_ids, vocab) or [-1], jnp.int32), seed if is_key(seed) else seed_key(seed),
           SamplingParams.make(temperature, top_p), draft_params)

@@ -123,11 +123,12 @@ class LookupDrafter:
 
   def init(self, draft_params, prefill: PrefillInfo) -> LookupState:
     b, p = prefill.tokens_BxP.shape
-    if prefill.capacity <= p:
-      raise InputError(f"lookup: the context buffer ({prefill.capacity}) must be longer than the prompt ({p}).")
+    c = prefill.context or prefill.capacity  # the prompt and every committed token (an encoder-decoder's source too)
+    if c <= p:
+      raise InputError(f"lookup: the context buffer ({c}) must be longer than the prompt ({p}).")
     keep_BxP = jnp.arange(p)[None] < prefill.lengths_B[:, None]
     prompt_BxP = jnp.where(keep_BxP, prefill.tokens_BxP, 0).astype(jnp.int32)
-    context_BxC = jnp.zeros((b, prefill.capacity), jnp.int32).at[:, :p].set(prompt_BxP)
+    context_BxC = jnp.zeros((b, c), jnp.int32).at[:, :p].set(prompt_BxP)
     context_BxC, lengths_B = append_tokens(context_BxC, prefill.lengths_B.astype(jnp.int32), prefill.first_B[:, None],
                                            jnp.ones((b,), jnp.int32))
     return LookupState(context_BxC, lengths_B)

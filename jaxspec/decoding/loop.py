@@ -189,7 +189,8 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
     drafter: proposes N nodes per step (static).
     acceptor: acceptance rule (static), e.g. `GreedyAcceptance()`.
     out_len: size of the output buffer (static).
-    capacity: KV cache slots per row; must hold P + out_len + N + 1 (checked).
+    capacity: KV cache slots per row; must hold P + out_len + N + 1 (checked), where an encoder-decoder's P is its
+      decoder's prompt (`model.decoder_prompt_len`: the start token), not the encoder input.
     pad_id: written past each row's end.
     partitioner: a `jaxspec.sharding.Partitioner` (static) to run on a device mesh: the KV caches (the target's
       and any in the drafter state) and the loop's batch arrays are constrained to its shardings where they are
@@ -213,7 +214,8 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
   check_params(drafter, draft_params)
   check_draft_params(drafter, model, draft_params)
   check_acceptor(drafter, acceptor)
-  _check_request(b, p, t, prompt_len_B, max_new_B, out_len, capacity)
+  q_cache = getattr(model, "decoder_prompt_len", None) or p  # the prompt's slots in the target's cache
+  _check_request(b, q_cache, t, prompt_len_B, max_new_B, out_len, capacity)
   bounded = getattr(model, "bounds_attention", False)
   if attn_buckets and (not bounded or attn_buckets[-1] != capacity or list(attn_buckets) != sorted(attn_buckets)):
     raise ValueError(f"Cache buckets {attn_buckets} need a model with `bounds_attention` and ascending slot counts "
@@ -235,7 +237,8 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
   first_B = acceptor.first_token(r0, logits_BxV, sp)
   tokens_BxO = jnp.full((b, out_len + t), pad_id, jnp.int32).at[:, 0].set(first_B)
   dstate = drafter.init(draft_params, PrefillInfo(prompts_BxP, prompt_len_B, last_BxD, logits_BxV, first_B,
-                                                  capacity=capacity, rng=r_draft, hidden_BxQxD=hidden_BxQxD))
+                                                  capacity=capacity, rng=r_draft, hidden_BxQxD=hidden_BxQxD,
+                                                  context=capacity - q_cache + p))
   zeros_B = jnp.zeros((b,), jnp.int32)
   # A row past out_len would overrun the output buffer and a cache sized for out_len; cut where it cannot be checked.
   max_new_B = jnp.minimum(jnp.asarray(max_new_B, jnp.int32), out_len)
@@ -320,7 +323,7 @@ def _check_request(b: int, p: int, t: int, prompt_len_B, max_new_B, out_len: int
     raise InputError(f"decode: out_len (the output buffer's size) must be >= 1, got {out_len}.")
   need = p + out_len + t
   if capacity < need:
-    raise InputError(f"decode: a KV cache of {capacity} slots per row cannot hold prompts padded to {p} tokens, "
+    raise InputError(f"decode: a KV cache of {capacity} slots per row cannot hold prompts of {p} slots, "
                      f"{out_len} output slots and the {t}-token verified block ({p} + {out_len} + {t} = {need}): "
                      f"pass capacity >= {need} (`jaxspec.decoding.generate.prepare` computes it).")
   if not isinstance(max_new_B, jax.core.Tracer):

@@ -318,6 +318,11 @@ class OptTreeDrafter:
       raise InputError(f"branch={self.branch} candidates per node is more than the target's vocabulary ({vocab}).")
 
   def check_draft_params(self, target: LanguageModel, draft_params) -> None:
+    if self.shape == "static":  # the source's params beside the calibrated prior (`static_tree_params`)
+      from jaxspec.decoding.protocol import require_entries
+      require_entries("A static tree", draft_params, ("source", "tree_prior_DxC"),
+                      "jaxspec.decoding.opt_tree.static_draft_params")
+      draft_params = draft_params["source"]
     check_draft_params(self.source, target, draft_params)
 
   @property

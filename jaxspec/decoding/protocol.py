@@ -198,6 +198,9 @@ class PrefillInfo:
   first_B: Array
   capacity: int = flax.struct.field(pytree_node=False)
   rng: Array | None = None  # the drafter's own key, split from the loop's (drafters that sample need it)
+  # Slots for the prompt and every committed token (0: `capacity`). An encoder-decoder's cache holds only its
+  # decoder's tokens, so a buffer of the prompt's tokens and the output (prompt lookup's) needs more than it.
+  context: int = flax.struct.field(pytree_node=False, default=0)
   hidden_BxQxD: Array | None = None
 
 

@@ -157,10 +157,10 @@ def check_heads_target(folder: str | os.PathLike, target_params: dict, config: d
   want = (config.get("target") or {}).get("embed_fingerprint") if isinstance(config, dict) else None
   got = lambda: fingerprint or target_fingerprint(target_params)
   if (config.get("training") or {}).get("config", {}).get("train", {}).get("objective") == "joint":
-    check_fingerprint(want, got, f"The BPD heads in {folder}", "They were trained jointly with a fine-tuned base: "
+    check_fingerprint(want, got, f"The BPD heads in {folder} were", "They were trained jointly with a fine-tuned base: "
                       f"they go with the base their run exported, {Path(folder) / 'base'} (load it as the model, e.g. "
                       "--model FOLDER/base).")
-  check_fingerprint(want, got, f"The BPD heads in {folder}", "They were trained for another model (their drafts "
+  check_fingerprint(want, got, f"The BPD heads in {folder} were", "They were trained for another model (their drafts "
                     "would be accepted less often, or hardly at all). Use heads trained for this one.")
 
 

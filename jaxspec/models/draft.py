@@ -54,7 +54,7 @@ def embed_fingerprint(params: dict, names: Sequence[str] = VOCAB_PARAMS) -> str:
 
 def check_fingerprint(want: str | None, got: str | Callable[[], str], what: str, todo: str,
                       target: str = "a target") -> None:
-  """Raises `ModelLoadError` where `what` (e.g. "The draft in FOLDER") recorded the embedding fingerprint `want` of
+  """Raises `ModelLoadError` where `what` (e.g. "The draft in FOLDER was", with its verb) recorded the embedding fingerprint `want` of
   the model it was trained for and this model's, `got` (a function: computed only where `want` is recorded), is
   another. Parts saved without a fingerprint (`want` None) are not checked. `todo` says what to do instead."""
   if want is None:
@@ -62,7 +62,7 @@ def check_fingerprint(want: str | None, got: str | Callable[[], str], what: str,
   got = got() if callable(got) else got
   if got != want:
     this = "this target's" if target == "a target" else f"this {target.split()[-1]}'s"
-    raise ModelLoadError(f"{what} was trained for {target} whose embedding has fingerprint {want}; {this} is {got}. "
+    raise ModelLoadError(f"{what} trained for {target} whose embedding has fingerprint {want}; {this} is {got}. "
                          f"{todo}")
 
 
@@ -223,7 +223,7 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
                                     target_params[name])
     if check_target:
       check_fingerprint(info.get("target", {}).get("embed_fingerprint"), lambda: embed_fingerprint(params),
-                        f"The draft in {folder}", "Pass the draft's own target (or, in Python, load_draft(..., "
+                        f"The draft in {folder} was", "Pass the draft's own target (or, in Python, load_draft(..., "
                         "check_target=False) to use it anyway: output stays exact, acceptance may drop).")
   check_complete(params, cfg, str(folder))
   return LlamaLM(cfg), params

@@ -239,6 +239,6 @@ def load_eagle(folder: str | os.PathLike, target: LlamaLM, target_params: dict, 
   if check_target:
     embed = {"embed": {"embedding": params["embed_VxD"]}}
     check_fingerprint(want.get("embed_fingerprint"), lambda: embed_fingerprint(embed),
-                      f"The feature-level draft in {folder}", "Pass its own target.")
+                      f"The feature-level draft in {folder} was", "Pass its own target.")
   return draft, params
 

@@ -220,6 +220,6 @@ def check_base(folder: str | os.PathLike, params: dict) -> None:
     want = json.loads((Path(folder) / CONFIG_FILE).read_text())["lora"].get("base", {}).get("embed_fingerprint")
   except (OSError, ValueError, KeyError, AttributeError):
     want = None  # load_lora reports an unreadable config
-  check_fingerprint(want, lambda: embed_fingerprint(params), f"The LoRA adapter in {folder}",
+  check_fingerprint(want, lambda: embed_fingerprint(params), f"The LoRA adapter in {folder} was",
                     "Use the adapter with the model it was trained on (its config.json names it under lora.base), or "
                     "train one for this model.", target="a base model")

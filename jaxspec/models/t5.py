@@ -43,8 +43,9 @@ _NEG_INF = -1e30
 class T5Config:
   """Architecture of a T5-family encoder-decoder. Frozen and hashable (a static jit argument).
 
-  `max_seq_len` bounds prompt + output in the loop's checks (the cache is sized from the request); relative
-  positions themselves have no limit.
+  `max_seq_len` bounds the decoder's tokens (the start token + output) in the loop's checks; the decoder's cache is
+  sized from the request, and the encoder input is bounded by nothing but memory (relative positions have no
+  limit).
   """
 
   vocab_size: int
@@ -341,6 +342,8 @@ class T5LM:
 
   cfg: T5Config
   is_encoder_decoder = True
+  # The decoder's own prompt, in its self-attention cache: the start token alone (the prompt is the encoder's).
+  decoder_prompt_len = 1
 
   @property
   def module(self) -> T5:
