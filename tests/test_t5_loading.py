@@ -171,6 +171,38 @@ def test_relative_buckets_that_cannot_work_are_refused(tmp_path, changes, match)
     load_hf(str(path))
 
 
+@pytest.mark.parametrize("name,match", [
+    ("decoder.block.0.layer.0.SelfAttention.q.bias", "no bias terms"),
+    ("lm_head.bias", "no bias terms"),
+    ("decoder.block.1.layer.0.SelfAttention.relative_attention_bias.weight", "jaxspec's T5 does not have"),
+    ("encoder.block.0.layer.2.DenseReluDense.wo.weight", "jaxspec's T5 does not have"),
+    ("foo.weight", "jaxspec's T5 does not have"),
+])
+def test_tensors_the_t5_would_skip_are_refused(tmp_path, name, match):
+  """The LLaMA loader refuses tensors it would skip; the T5 loader skipped them without a word (a bias changes the
+  function). The stacks' copies of the shared embedding are still read as the copies they are."""
+  path = copy_fixture("v11", tmp_path)
+  weights = str(path / "model.safetensors")
+  tensors = load_file(weights)
+  save_file({**tensors, name: np.zeros((8, 4), np.float32)}, weights)
+  with pytest.raises(ModelLoadError, match=f"{name}.*{match}"):
+    load_hf(str(path))
+  save_file({**tensors, "encoder.embed_tokens.weight": tensors["shared.weight"]}, weights)
+  load_hf(str(path))
+
+
+def test_a_tensor_of_the_other_feed_forward_variant_is_named(tmp_path):
+  """A ReLU T5's wi inside a gated-GELU T5's layers was reported as more layers than the config has."""
+  path = copy_fixture("v11", tmp_path)
+  weights = str(path / "model.safetensors")
+  tensors = load_file(weights)
+  wi = tensors["decoder.block.0.layer.2.DenseReluDense.wi_0.weight"]
+  save_file({**tensors, "decoder.block.0.layer.2.DenseReluDense.wi.weight": wi}, weights)
+  with pytest.raises(ModelLoadError, match=r"holds 'decoder\.block\.0\.layer\.2\.DenseReluDense\.wi\.weight', "
+                                           r"which a T5 with feed_forward_proj 'gated-gelu'"):
+    load_hf(str(path))
+
+
 def test_untied_head_with_scaling_folds_the_scale_in(ref, tmp_path):
   """An lm_head.weight that differs from shared.weight in a scaling config (transformers 5 unties it and keeps the
   d_model^-1/2 scale): logits = (hidden * d_model^-1/2) @ lm_head.T."""

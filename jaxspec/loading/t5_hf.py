@@ -112,6 +112,23 @@ def _target(name: str) -> tuple[str, ...] | None:
   return None
 
 
+# Tensors T5 checkpoints may hold that jaxspec reads elsewhere: the stacks' copies of the shared embedding.
+_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+
+
+def check_name(name: str) -> None:
+  """Raises `ModelLoadError` for a tensor jaxspec's T5 would skip: a bias, a second relative position table, or
+  any other weight of another architecture; skipping it would run a different function from the model's."""
+  if name in _COPIES or _target(name) is not None:
+    return
+  if name.endswith(".bias"):
+    raise ModelLoadError(f"The weights hold {name!r}; jaxspec's T5 layers have no bias terms, so this model cannot "
+                         "run correctly.")
+  raise ModelLoadError(f"The weights hold {name!r}, which jaxspec's T5 does not have (it reads T5 and T5 v1.1 "
+                       "tensors, with one relative position table per stack, in block 0); this is another "
+                       "architecture, and skipping the tensor would run another function.")
+
+
 def _source(key: tuple[str, ...]) -> str:
   """The transformers tensor name of a jaxspec param path (the inverse of `_target`)."""
   if key == ("shared", "embedding"):
@@ -179,10 +196,15 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32", param_dtype: str 
   if missing:
     raise ModelLoadError(f"{folder!r} lacks {len(missing)} tensors of a {cfg.n_enc_layers}+{cfg.n_dec_layers}-layer "
                          f"T5, e.g. {_source(missing[0])!r}; the checkpoint is incomplete or of another model.")
+  extra = sorted(set(got) - set(expected))
   for stack, layers, key in (("enc", cfg.n_enc_layers, "num_layers"), ("dec", cfg.n_dec_layers, "num_decoder_layers")):
-    found = [int(k[0][len(stack) + 1:]) for k in set(got) - set(expected) if re.fullmatch(rf"{stack}_\d+", k[0])]
-    if found:
+    found = [int(k[0][len(stack) + 1:]) for k in extra if re.fullmatch(rf"{stack}_\d+", k[0])]
+    if found and max(found) >= layers:
       raise more_layers(repr(folder), layers, max(found) + 1, f"{key} in config.json, for the {stack}oder")
+  if extra:  # inside the layers: a tensor of the other feed-forward variant (wi beside wi_0 / wi_1)
+    raise ModelLoadError(f"{folder!r} holds {_source(extra[0])!r}, which a T5 with feed_forward_proj "
+                         f"{raw.get('feed_forward_proj', 'relu')!r} (as config.json says) does not have; the config "
+                         "and the weights are of different variants.")
   for key, shape in expected.items():
     if tuple(got[key].shape) != shape:
       w = got[key].shape[::-1] if key[-1] == "kernel" else got[key].shape  # as the file stores it
