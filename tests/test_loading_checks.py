@@ -168,8 +168,11 @@ def copy_of(folder: Path, tmp_path: Path, **config_changes) -> Path:
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling 'linear'"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "RoPE scaling 'yarn'"),
+    ({"architectures": ["UMT5ForConditionalGeneration"], "model_type": "umt5"},
+     r"describes \['UMT5ForConditionalGeneration'\]; jaxspec loads .*MistralForCausalLM and the encoder-decoders "
+     "T5ForConditionalGeneration, T5Model, MT5ForConditionalGeneration"),
 ], ids=["qwen2-model-type", "gelu", "attention-bias", "mlp-bias", "sliding-window", "llama3-rope", "linear-rope",
-        "yarn-rope-parameters"])
+        "yarn-rope-parameters", "umt5"])
 def test_unsupported_variants_are_refused(tiny_hf, tmp_path, changes, message):
   folder = copy_of(tiny_hf, tmp_path, **changes)
   with pytest.raises(ModelLoadError, match=message):

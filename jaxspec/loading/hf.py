@@ -30,7 +30,10 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
   """
   archs = cfg.get("architectures") or []
   if archs and not set(archs) & set(SUPPORTED):
-    raise ModelLoadError(f"config.json describes {archs}; jaxspec loads {', '.join(SUPPORTED)}.")
+    from jaxspec.loading.t5_hf import ARCHITECTURES as T5_ARCHITECTURES
+
+    raise ModelLoadError(f"config.json describes {archs}; jaxspec loads {', '.join(SUPPORTED)} and the encoder-"
+                         f"decoders {', '.join(T5_ARCHITECTURES)}.")
   model_type = cfg.get("model_type")
   if not archs and model_type is not None and model_type not in MODEL_TYPES:
     # Without `architectures` the model type is the only name of the family: a Qwen2 or Phi folder would otherwise
