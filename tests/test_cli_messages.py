@@ -358,6 +358,14 @@ def test_heads_for_another_model_are_the_method_s_problem_and_name_the_option(ti
   load_bpd(tmp_path / "far", target_params=other_params)  # heads saved without a fingerprint are not checked
 
 
+def test_the_default_draft_on_a_t5_target_names_the_shipped_t5_draft(t5):
+  model, params, tok = t5
+  with pytest.raises(Unavailable, match=r"draft=.*draft_smollm2: .*; a shipped draft for this target's vocabulary: "
+                                        r"draft=.*jaxspec/assets/t5_numbers_draft$"):
+    build(BenchContext(model, params, tok), "spec")
+  build(BenchContext(model, params, tok), f"spec:draft={ASSETS / 't5_numbers_draft'}")
+
+
 def test_the_shipped_heads_record_their_target(default_model, t5):
   """The shipped heads carry the fingerprint of their own target (SmolLM2's equals its distilled draft's; T5's
   covers the shared embedding), and each refuses the other's."""

@@ -407,9 +407,25 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
     except PeerFailed:
       raise
     except (ModelLoadError, InputError) as e:  # as for heads=: this method cannot run, the others can
-      raise Unavailable(f"draft={path}: {str(e).rstrip('.')}") from None
+      vocab = getattr(ctx.model, "vocab_size", None)
+      others = [f for f in _drafts_for_vocab(vocab) if Path(f).resolve() != path.resolve()]
+      hint = f"; a shipped draft for this target's vocabulary: draft={others[0]}" if others else ""
+      raise Unavailable(f"draft={path}: {str(e).rstrip('.')}{hint}") from None
     ctx.cache[key] = (draft, draft_params)
   return ctx.cache[key]
+
+
+def _drafts_for_vocab(vocab: int | None) -> list[str]:
+  """The shipped draft models (asset folders named `*draft*`) over a vocabulary of `vocab` tokens."""
+  import json
+  found = []
+  for cfg_path in sorted(ASSETS.glob("*draft*/config.json")):
+    try:
+      if vocab is not None and json.loads(cfg_path.read_text()).get("vocab_size") == vocab:
+        found.append(_shown(cfg_path.parent))
+    except Exception:  # noqa: BLE001 - an unreadable asset is no suggestion
+      continue
+  return found
 
 
 def _draft_with_vocab(ctx: BenchContext, opts: dict) -> tuple:
