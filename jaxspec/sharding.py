@@ -239,7 +239,7 @@ class Partitioner:
       n = units.get(name, dim)
       if dim % size or n % size:
         # Rows: one line for all of the batch's arrays (prompts, caches, loop state), not one per array.
-        whose = "the batch's arrays (prompts, caches, loop state)" if name == "batch" else what or "an array"
+        whose = "the batch's arrays" if name == "batch" else what or "an array"
         _note_fallback(f"{whose}: {name} ({n}) is not divisible by {mesh_axis}={size}; replicated")
         out.append(None)
         continue

@@ -156,7 +156,7 @@ def test_a_fallback_is_logged_once_per_kind_of_weight(tiny, mesh24, caplog, monk
     generate(model, params, [[1, 2, 3]] * 3, max_new_tokens=40, mesh=part)
   lines = [r.getMessage() for r in caplog.records if r.name == "jaxspec.sharding"]
   assert [l for l in lines if "batch" in l] == [
-    "sharding: the batch's arrays (prompts, caches, loop state): batch (3) is not divisible by data=2; replicated"]
+    "sharding: the batch's arrays: batch (3) is not divisible by data=2; replicated"]
   assert not any("kernel" in l for l in lines) and len(lines) == len(set(lines)) == 3, lines  # + cache keys, values
 
 

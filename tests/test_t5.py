@@ -21,6 +21,7 @@ from jaxspec.errors import InputError
 from jaxspec.models.bpd import BPDConfig, BPDModel
 from jaxspec.models.t5 import T5LM, relative_bucket, tiny_t5_config
 from tests import test_speculative as spec_tests
+from tests.conftest import make_tiny
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [12] * 13]  # encoder inputs of different lengths
 NEW = 20
@@ -100,6 +101,11 @@ def test_the_decoder_cache_is_sized_by_the_decoder_not_the_encoder_input(t5, t5_
     drafter, dp = methods(t5, t5_draft)[name]
     assert gen.generate(model, params, [long_src, [3, 4]], max_new_tokens=8, drafter=drafter,
                         draft_params=dp).tokens == res.tokens, name
+  # A decoder-only draft of the same vocabulary prefills on the whole source: its own cache holds it.
+  llama, llama_params = make_tiny(1, vocab_size=model.vocab_size)
+  for drafter in (DraftModelDrafter(llama, 3), OptTreeDrafter(LMTreeSource(llama), nodes=8, depth=3, width=2, branch=3)):
+    assert gen.generate(model, params, [long_src, [3, 4]], max_new_tokens=8, drafter=drafter,
+                        draft_params=llama_params).tokens == res.tokens
   # The decoder's tokens are what max_len bounds.
   with pytest.raises(InputError, match=r"The decoder's start token plus 600 new tokens needs 601 cache slots, more "
                                        r"than the cache length 512: lower max_new_tokens, or raise max_len\.$"):

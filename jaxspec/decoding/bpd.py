@@ -63,9 +63,9 @@ def _check_subset_ids(target, bpd_params) -> None:
                      f"{vocab} tokens: they were trained for another target; use heads trained for this one.")
 
 
-def check_bpd_draft_params(target, draft_params: dict, bpd: BPDModel) -> None:
-  """Raises `InputError` where `draft_params` are not BPD draft params for `bpd` (`bpd_draft_params`: the heads' own
-  params alone lack the output table), or were built with another target than `target`: an output table over
+def check_bpd_draft_params(target, draft_params: dict) -> None:
+  """Raises `InputError` where `draft_params` are not BPD draft params (`bpd_draft_params`; the heads' own params
+  alone were a KeyError inside tracing), or were built with another target than `target`: an output table over
   another vocabulary would draft ids the target cannot embed (NaN, then token 0 everywhere)."""
   # "bpd" only: drafters built on BPDDrafter may score the heads another way (an oracle's heads need no table).
   require_entries("A drafter from BPD heads", draft_params, ("bpd",), "jaxspec.decoding.bpd.bpd_draft_params(model, "
@@ -122,7 +122,7 @@ class BPDDrafter:
     width_check(target, self.bpd.cfg.d_model, "these BPD heads")
 
   def check_draft_params(self, target, draft_params) -> None:
-    check_bpd_draft_params(target, draft_params, self.bpd)
+    check_bpd_draft_params(target, draft_params)
 
   def init(self, draft_params, prefill: PrefillInfo):
     return prefill.hidden_BxD.astype(jnp.float32)

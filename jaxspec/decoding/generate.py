@@ -114,7 +114,7 @@ def prepare(prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int
   row = max(range(len(prompts)), key=lambda i: slots[i] + max_new[i])
   worst = slots[row] + max_new[row]
   if worst > max_len:
-    which = (f"The decoder's start token" if decoder_prompt_len else
+    which = ("The decoder's start token" if decoder_prompt_len else
              f"Prompt {row} ({lengths[row]} tokens)" if len(prompts) > 1 else f"A prompt of {lengths[row]} tokens")
     limit, more = ((f"the model's context length ({max_len} tokens)", "") if max_len_is_context else
                    (f"the cache length {max_len}", ", or raise max_len" + (

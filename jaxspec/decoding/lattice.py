@@ -132,7 +132,8 @@ class LatticeDrafter:
   def check_draft_params(self, target, draft_params) -> None:
     require_entries("LatticeDrafter", draft_params, ("bpd",), self.needs_params)
     bpd_params = draft_params["bpd"]
-    check_bpd_draft_params(target, bpd_params, self.bpd)
+    check_bpd_draft_params(target, bpd_params)
+    require_entries("LatticeDrafter's heads", bpd_params, ("proj_DxM",), "jaxspec.decoding.bpd.bpd_draft_params")
     m = int(jnp.shape(bpd_params["proj_DxM"])[-1])
     if self.top_t > m:
       raise InputError(f"The lattice's width t={self.top_t} is more than the {m} tokens these heads draft from: "

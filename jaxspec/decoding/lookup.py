@@ -5,8 +5,9 @@ Predict: find the most recent earlier occurrence of the context's last n tokens 
 chain; with greedy acceptance the output is exactly greedy decoding, whatever the draft. No drafter forward runs:
 proposing is a few vectorised comparisons over the context buffer.
 
-The context is a fixed `[B, C]` buffer (C = the loop's cache capacity) holding the prompt and then every committed
-token; its last token is always the pending token.
+The context is a fixed `[B, C]` buffer (C = `PrefillInfo.context`: the loop's cache capacity, with an encoder-decoder's
+source in place of its decoder's start token) holding the prompt and then every committed token; its last token is
+always the pending token.
 """
 
 from __future__ import annotations

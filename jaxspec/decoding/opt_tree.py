@@ -48,7 +48,8 @@ import numpy as np
 
 from jaxspec.decoding.bpd import BPDDrafter, check_bpd_draft_params
 from jaxspec.decoding.protocol import (Draft, LanguageModel, PrefillInfo, Verified, check_draft_params, check_target,
-                                       draft_model_params_hint, empty_prefill_kwargs, start, vocab_check)
+                                       draft_cache_slots, draft_model_params_hint, empty_prefill_kwargs, start,
+                                       vocab_check)
 from jaxspec.decoding.sampling import Warp
 from jaxspec.errors import InputError
 from jaxspec.models.bpd import BPDModel
@@ -100,7 +101,8 @@ class LMTreeSource:
 
   def init(self, draft_params, prefill: PrefillInfo, extra_slots: int, depth: int) -> LMSourceState:
     b = prefill.tokens_BxP.shape[0]
-    cache = jax.lax.optimization_barrier(self.model.init_cache(b, prefill.capacity + extra_slots))
+    slots = draft_cache_slots(self.model, prefill) + extra_slots
+    cache = jax.lax.optimization_barrier(self.model.init_cache(b, slots))
     tokens_BxP, lengths_B, cache = start(self.model, draft_params, prefill.tokens_BxP, prefill.lengths_B, cache)
     p = tokens_BxP.shape[1]
     positions_BxP = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
@@ -179,7 +181,7 @@ class HeadsTreeSource:
     BPDDrafter(self.bpd).check_target(target)
 
   def check_draft_params(self, target: LanguageModel, draft_params) -> None:
-    check_bpd_draft_params(target, draft_params, self.bpd)
+    check_bpd_draft_params(target, draft_params)
 
   def init(self, draft_params, prefill: PrefillInfo, extra_slots: int, depth: int) -> Array:
     if depth > self.bpd.num_heads:

@@ -104,6 +104,15 @@ def check_draft_params(drafter, model: LanguageModel, draft_params) -> None:
     fn(model, draft_params)
 
 
+def draft_cache_slots(draft_model, prefill: "PrefillInfo") -> int:
+  """Cache slots for a draft model's own cache: the target's (`prefill.capacity`) less the target's prompt slots
+  plus the draft's. A decoder-only draft of an encoder-decoder target (whose cache holds only its decoder's start
+  token) prefills on the whole prompt, so it needs the slots of `prefill.context`."""
+  if getattr(draft_model, "decoder_prompt_len", None):
+    return prefill.capacity  # the draft's decoder prompt, like an encoder-decoder target's, is its start token
+  return max(prefill.capacity, prefill.context)
+
+
 def require_entries(who: str, draft_params, names, how: str) -> None:
   """Raises `InputError` where `draft_params` is not a dict holding `names` (what `how` builds) for the drafter `who`
   names: another drafter's params, or the raw parts they are built from, would otherwise fail deep inside tracing

@@ -31,8 +31,8 @@ import jax.numpy as jnp
 
 from jaxspec.decoding.lookup import LookupDrafter, LookupState, lookup_tokens
 # vocab_check lives beside the model protocol (tree sources need it too); it is imported from here as well.
-from jaxspec.decoding.protocol import (Draft, LanguageModel, PrefillInfo, Verified, draft_model_params_hint,
-                                       empty_prefill_kwargs, start, vocab_check)
+from jaxspec.decoding.protocol import (Draft, LanguageModel, PrefillInfo, Verified, draft_cache_slots,
+                                       draft_model_params_hint, empty_prefill_kwargs, start, vocab_check)
 from jaxspec.decoding.sampling import SamplingParams, Warp, argmax, categorical
 from jaxspec.errors import InputError
 from jaxspec.models.llama import LlamaLM
@@ -224,7 +224,8 @@ class DraftModelDrafter:
       raise ValueError("A sampling DraftModelDrafter needs a random key (PrefillInfo.rng).")
     rng = prefill.rng if prefill.rng is not None else jax.random.key(0)
     # As in the loop's prefill: keep XLA from constant-folding attention over the all-zero empty cache.
-    cache = jax.lax.optimization_barrier(self.draft_model.init_cache(b, prefill.capacity))
+    slots = draft_cache_slots(self.draft_model, prefill)
+    cache = jax.lax.optimization_barrier(self.draft_model.init_cache(b, slots))
     # An encoder-decoder draft encodes the prompts itself; its decoder's prompt is the start token.
     tokens_BxP, lengths_B, cache = start(self.draft_model, draft_params, prefill.tokens_BxP, prefill.lengths_B, cache)
     p = tokens_BxP.shape[1]

@@ -276,7 +276,7 @@ def check_weights(folder: str, raw: dict) -> list[str]:
   Raises:
     ModelLoadError: what is wrong, and what to do.
   """
-  from jaxspec.loading.t5_hf import check_name, is_t5_config
+  from jaxspec.loading.t5_hf import is_t5_config
 
   llama = not is_t5_config(raw)
   weights = weight_files(folder)
@@ -287,7 +287,8 @@ def check_weights(folder: str, raw: dict) -> list[str]:
         raise ModelLoadError(f"Tensor {name!r} is in both {seen[name]!r} and {path!r}; one of them is not part of "
                              "the model (e.g. a leftover export): move it out of the folder.")
       seen[name] = path
-      _target(name) if llama else check_name(name)
+      if llama:
+        _target(name)
   if llama:
     layers = config_from_hf(raw).n_layers
     beyond = sorted({int(m.group(1)) for m in map(_LAYER.fullmatch, seen) if m and int(m.group(1)) >= layers})

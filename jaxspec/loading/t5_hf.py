@@ -6,16 +6,18 @@ head). Tensor names follow transformers: `encoder.block.{i}.layer.{j}...`, `deco
 
 The head follows transformers 5, which reads both its own folders and older ones: the hidden state is scaled by
 d_model^-1/2 before the head when `scale_decoder_outputs` is true, or, where a config lacks that key (transformers
-4), unless `tie_word_embeddings` is false (MT5, `model_type: mt5`, is never scaled); the head is `shared` unless the checkpoint holds an `lm_head.weight` that
-differs from it. transformers 5 writes `tie_word_embeddings: true` for every T5, untied v1.1 included, so neither
-can be read from that key alone. jaxspec's `T5Config.tie_embeddings` means tied and scaled; the two other
-combinations load as an untied head: a copy of `shared` (tied, unscaled: what transformers 5 makes of a new
-`T5Config(tie_word_embeddings=False)`) or `lm_head` with the scale folded in (untied, scaled).
+4), unless `tie_word_embeddings` is false (MT5, `model_type: mt5`, is never scaled); the head is `shared` unless the
+checkpoint holds an `lm_head.weight` that differs from it. transformers 5 writes `tie_word_embeddings: true` for
+every T5, untied v1.1 included, so neither can be read from that key alone. jaxspec's `T5Config.tie_embeddings`
+means tied and scaled; the two other combinations load as an untied head: a copy of `shared` (tied, unscaled: what
+transformers 5 makes of a new `T5Config(tie_word_embeddings=False)`) or `lm_head` with the scale folded in (untied,
+scaled).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 
 import jax.numpy as jnp
@@ -25,6 +27,8 @@ from jaxspec import files
 from jaxspec.loading.errors import ModelLoadError, model_config, more_layers, positive_number, whole_number
 from jaxspec.loading.hf import _flatten, check_weights
 from jaxspec.models.t5 import T5Config, T5LM
+
+logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("T5ForConditionalGeneration", "T5Model", "MT5ForConditionalGeneration")
 
@@ -59,8 +63,8 @@ def config_from_hf(raw: dict) -> T5Config:
         d_ff=num("d_ff"), n_heads=num("num_heads"), n_enc_layers=n_layers,
         n_dec_layers=opt("num_decoder_layers", n_layers),
         # T5's buckets: half per direction in the encoder, and half of those exact; the rest are log-spaced from
-        # there to the max distance. Fewer than 4 leaves no exact bucket (a division by zero), and a max distance at
-        # or below the decoder's exact ones a log(1) = 0 denominator.
+        # there to the max distance. Fewer than 4 leaves no exact bucket (a division by zero); a max distance equal
+        # to the decoder's exact ones gives a log(1) = 0 denominator, and one below them buckets that run backwards.
         rel_buckets=opt("relative_attention_num_buckets", 32, minimum=4),
         rel_max_distance=opt("relative_attention_max_distance", 128,
                              minimum=opt("relative_attention_num_buckets", 32, minimum=4) // 2 + 1),
@@ -112,21 +116,21 @@ def _target(name: str) -> tuple[str, ...] | None:
   return None
 
 
-# Tensors T5 checkpoints may hold that jaxspec reads elsewhere: the stacks' copies of the shared embedding.
-_COPIES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
+# Tensors T5 checkpoints may hold that neither jaxspec nor transformers reads: the stacks' copies of the shared
+# embedding, and a cross-attention position table older checkpoints still carry (transformers' ignore list).
+_UNREAD = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+           "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight")
 
 
-def check_name(name: str) -> None:
-  """Raises `ModelLoadError` for a tensor jaxspec's T5 would skip: a bias, a second relative position table, or
-  any other weight of another architecture; skipping it would run a different function from the model's."""
-  if name in _COPIES or _target(name) is not None:
-    return
-  if name.endswith(".bias"):
-    raise ModelLoadError(f"The weights hold {name!r}; jaxspec's T5 layers have no bias terms, so this model cannot "
-                         "run correctly.")
-  raise ModelLoadError(f"The weights hold {name!r}, which jaxspec's T5 does not have (it reads T5 and T5 v1.1 "
-                       "tensors, with one relative position table per stack, in block 0); this is another "
-                       "architecture, and skipping the tensor would run another function.")
+def warn_unread(folder: str, names) -> None:
+  """Warns of tensors jaxspec's T5 does not read (other than `_UNREAD`): transformers' T5 skips them too (with a
+  warning), so the output is still transformers', but a model that needs them (biases, per-layer position tables)
+  is another architecture."""
+  unread = [n for n in names if n not in _UNREAD and _target(n) is None]
+  if unread:
+    logger.warning("%s holds %d tensors jaxspec's T5 does not read, e.g. %r; they are skipped, as transformers' T5 "
+                   "skips them: if the model needs them (biases, a position table per layer), it is another "
+                   "architecture and its outputs will differ.", folder, len(unread), unread[0])
 
 
 def _source(key: tuple[str, ...]) -> str:
@@ -171,12 +175,14 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32", param_dtype: str 
   cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=param_dtype)
   weights = check_weights(folder, raw)  # before any weight is read
   params: dict = {}
+  skipped = []
   for path in weights:
     try:
       with safe_open(path, framework="flax") as f:
         for name in f.keys():
           key = _target(name)
           if key is None:
+            skipped.append(name)
             continue
           w = f.get_tensor(name).astype(param_dtype)
           if key[-1] == "kernel":
@@ -188,6 +194,7 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32", param_dtype: str 
     except Exception as e:  # safetensors raises its own error types on damaged headers
       raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}); the file may be truncated or "
                            "corrupt: download or export it again.") from e
+  warn_unread(folder, skipped)
   params, cfg = _settle_head(params, cfg)
   model = T5LM(cfg)
   got = dict(_flatten(params))

@@ -154,14 +154,18 @@ def check_heads_target(folder: str | os.PathLike, target_params: dict, config: d
       return  # load_bpd says what is wrong with the folder
   from jaxspec.models.draft import check_fingerprint
 
-  want = (config.get("target") or {}).get("embed_fingerprint") if isinstance(config, dict) else None
+  if not isinstance(config, dict):
+    return  # load_bpd says what is wrong with the config
+  want = (config.get("target") or {}).get("embed_fingerprint")
   got = lambda: fingerprint or target_fingerprint(target_params)
+  what = f"The BPD heads in {folder} were"
   if (config.get("training") or {}).get("config", {}).get("train", {}).get("objective") == "joint":
-    check_fingerprint(want, got, f"The BPD heads in {folder} were", "They were trained jointly with a fine-tuned base: "
-                      f"they go with the base their run exported, {Path(folder) / 'base'} (load it as the model, e.g. "
-                      "--model FOLDER/base).")
-  check_fingerprint(want, got, f"The BPD heads in {folder} were", "They were trained for another model (their drafts "
-                    "would be accepted less often, or hardly at all). Use heads trained for this one.")
+    todo = (f"They were trained jointly with a fine-tuned base: they go with the base their run exported, "
+            f"{Path(folder) / 'base'} (load it as the model, e.g. --model FOLDER/base).")
+  else:
+    todo = ("They were trained for another model (their drafts would be accepted less often, or hardly at all). Use "
+            "heads trained for this one.")
+  check_fingerprint(want, got, what, todo)
 
 
 def load_bpd(folder: str | os.PathLike, num_heads: int | None = None,

@@ -54,9 +54,10 @@ def embed_fingerprint(params: dict, names: Sequence[str] = VOCAB_PARAMS) -> str:
 
 def check_fingerprint(want: str | None, got: str | Callable[[], str], what: str, todo: str,
                       target: str = "a target") -> None:
-  """Raises `ModelLoadError` where `what` (e.g. "The draft in FOLDER was", with its verb) recorded the embedding fingerprint `want` of
-  the model it was trained for and this model's, `got` (a function: computed only where `want` is recorded), is
-  another. Parts saved without a fingerprint (`want` None) are not checked. `todo` says what to do instead."""
+  """Raises `ModelLoadError` where `what` (e.g. "The draft in FOLDER was", with its verb) recorded the embedding
+  fingerprint `want` of the model it was trained for and this model's, `got` (a function: computed only where `want`
+  is recorded), is another. Parts saved without a fingerprint (`want` None) are not checked. `todo` says what to do
+  instead."""
   if want is None:
     return
   got = got() if callable(got) else got
