@@ -184,7 +184,7 @@ def test_tensors_the_t5_does_not_read_are_named(tmp_path, caplog, name):
   save_file({**tensors, name: np.zeros((8, 4), np.float32)}, weights)
   with caplog.at_level("WARNING", logger="jaxspec.loading.t5_hf"):
     load_hf(str(path))
-  assert f"holds 1 tensors jaxspec's T5 does not read, e.g. {name!r}" in caplog.text
+  assert f"holds 1 tensor jaxspec's T5 does not read, e.g. {name!r}" in caplog.text
   caplog.clear()
   quiet = {"encoder.embed_tokens.weight": tensors["shared.weight"],
            "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight": np.zeros((8, 4), np.float32)}

@@ -105,9 +105,10 @@ def check_draft_params(drafter, model: LanguageModel, draft_params) -> None:
 
 
 def draft_cache_slots(draft_model, prefill: "PrefillInfo") -> int:
-  """Cache slots for a draft model's own cache: the target's (`prefill.capacity`) less the target's prompt slots
-  plus the draft's. A decoder-only draft of an encoder-decoder target (whose cache holds only its decoder's start
-  token) prefills on the whole prompt, so it needs the slots of `prefill.context`."""
+  """Cache slots for a draft model's own cache: the target's (`prefill.capacity`), or, for a decoder-only draft of an
+  encoder-decoder target (whose cache holds only its decoder's start token), `prefill.context`: such a draft
+  prefills on the whole prompt. An encoder-decoder draft's decoder starts from its start token too, so the target's
+  capacity holds it."""
   if getattr(draft_model, "decoder_prompt_len", None):
     return prefill.capacity  # the draft's decoder prompt, like an encoder-decoder target's, is its start token
   return max(prefill.capacity, prefill.context)

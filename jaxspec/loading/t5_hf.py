@@ -128,9 +128,9 @@ def warn_unread(folder: str, names) -> None:
   is another architecture."""
   unread = [n for n in names if n not in _UNREAD and _target(n) is None]
   if unread:
-    logger.warning("%s holds %d tensors jaxspec's T5 does not read, e.g. %r; they are skipped, as transformers' T5 "
-                   "skips them: if the model needs them (biases, a position table per layer), it is another "
-                   "architecture and its outputs will differ.", folder, len(unread), unread[0])
+    logger.warning("%s holds %d %s jaxspec's T5 does not read, e.g. %r; skipped, as transformers' T5 skips them: if "
+                   "the model needs them (biases, a position table per layer), it is another architecture and its "
+                   "outputs will differ.", folder, len(unread), "tensor" if len(unread) == 1 else "tensors", unread[0])
 
 
 def _source(key: tuple[str, ...]) -> str:
