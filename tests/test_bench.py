@@ -781,6 +781,7 @@ def test_one_method_written_two_ways_is_refused_and_a_failed_run_leaves_no_empty
   for methods, msg in [(("greedy", "lookup:n=8:gate=2", "lookup:gate=02:n=8"),
                         "'lookup:gate=02:n=8' and 'lookup:n=8:gate=2' are the same method"),
                        (("bpd:gate=0.80", "bpd:gate=0.8"), "'bpd:gate=0.8' and 'bpd:gate=0.80' are the same"),
+                       (("spec:draft=out/d/", "spec:draft=./out/d"), "'spec:draft=./out/d' and 'spec:draft=out/d/'"),
                        (("greedy", "greedy"), "'greedy' is listed twice")]:
     cfg = BenchConfig(prompts=prompt_file, methods=methods, max_new_tokens=4, out=str(out))
     with pytest.raises(InputError, match=msg):

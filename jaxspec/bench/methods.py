@@ -826,10 +826,12 @@ def parse_method(text: str) -> tuple[str, str, dict]:
 
 def same_method_key(name: str, opts: dict) -> tuple:
   """What makes two method labels the same run: the name and the options, in any order, numbers by value
-  (`lookup:n=08:gate=2` is `lookup:gate=2:n=8`)."""
+  (`lookup:n=08:gate=2` is `lookup:gate=2:n=8`), paths by their normal form (`heads=./a` is `heads=a`)."""
+  import os
+
   def value(key, text):
     kind = _NUMERIC_OPTIONS.get((name, key), _NUMERIC_OPTIONS.get(key, (None,)))[0]
     if kind is None or text == "auto":
-      return text
+      return os.path.normpath(text)  # a path, or a choice (which normpath leaves as it is)
     return int(text) if kind.startswith("int") else float(text)
   return name, tuple(sorted((k, value(k, v)) for k, v in opts.items()))
