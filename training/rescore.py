@@ -73,10 +73,11 @@ class TuneLog:
     self.path, self.key, self.done = path, key, {}
     if path is None or not path.is_file():
       return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):  # a line a kill cut short: end it, so the next record starts a line
-      with open(path, "ab") as f:
-        f.write(b"\n")
+    with open(path, "rb+") as f:  # a line a kill cut short: end it, so the next record starts a line
+      if f.seek(0, os.SEEK_END):
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+          f.write(b"\n")
     records, _ = files.read_jsonl(path)  # a line cut short or damaged is skipped: its figure is measured again
     for rec in records:
       if (isinstance(rec, dict) and rec.get("key") == key and isinstance(rec.get("what"), str) and "value" in rec

@@ -152,18 +152,26 @@ def saved_num_heads(folder: Path) -> int | None:
     return None
 
 
-def _heads_for_width(d_model: int) -> list[tuple[str, str | None]]:
-  """`(folder, the model they were trained for)` of the shipped BPD heads that read hidden states of width `d_model`."""
+def _shipped(pattern: str, test: Callable[[Path, dict], bool]) -> list[tuple[Path, dict]]:
+  """`(folder, its config.json)` of the shipped assets matching `pattern` whose config passes `test`."""
   import json
   found = []
-  for cfg_path in sorted(ASSETS.glob("*/config.json")):
+  for cfg_path in sorted(ASSETS.glob(f"{pattern}/config.json")):
     try:
       raw = json.loads(cfg_path.read_text())
-      if raw["bpd"]["d_model"] == d_model and (cfg_path.parent / "heads.safetensors").exists():
-        found.append((_shown(cfg_path.parent), raw.get("training", {}).get("config", {}).get("model", {}).get("path")))
+      if test(cfg_path.parent, raw):
+        found.append((cfg_path.parent, raw))
     except Exception:  # noqa: BLE001 - other assets, or unreadable ones: not a suggestion
       continue
   return found
+
+
+def _heads_for_width(d_model: int) -> list[tuple[str, str | None]]:
+  """`(folder, the model they were trained for)` of the shipped BPD heads that read hidden states of width `d_model`."""
+  heads = _shipped("*", lambda folder, raw: raw["bpd"]["d_model"] == d_model
+                   and (folder / "heads.safetensors").exists())
+  return [(_shown(folder), raw.get("training", {}).get("config", {}).get("model", {}).get("path"))
+          for folder, raw in heads]
 
 
 _TRAIN_MORE_HEADS = ("jaxspec train configs/bpd_smollm2.yaml heads.num_heads={n} out=DIR "
@@ -417,15 +425,8 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
 
 def _drafts_for_vocab(vocab: int | None) -> list[str]:
   """The shipped draft models (asset folders named `*draft*`) over a vocabulary of `vocab` tokens."""
-  import json
-  found = []
-  for cfg_path in sorted(ASSETS.glob("*draft*/config.json")):
-    try:
-      if vocab is not None and json.loads(cfg_path.read_text()).get("vocab_size") == vocab:
-        found.append(_shown(cfg_path.parent))
-    except Exception:  # noqa: BLE001 - an unreadable asset is no suggestion
-      continue
-  return found
+  drafts = _shipped("*draft*", lambda folder, raw: vocab is not None and raw.get("vocab_size") == vocab)
+  return [_shown(folder) for folder, _ in drafts]
 
 
 def _draft_with_vocab(ctx: BenchContext, opts: dict) -> tuple:

@@ -292,7 +292,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
     raise InputError(f"--max-new-tokens {cfg.max_new_tokens} after the decoder's start token is more than {bound} "
                      f"({context}): lower it.")
   for p, row in zip(prompts, ids):
-    if context and (dec or len(row)) + cfg.max_new_tokens > context:
+    if context and not dec and len(row) + cfg.max_new_tokens > context:
       raise InputError(f"Prompt {p.question_id!r} ({p.category}) is {len(row)} tokens long: with {cfg.max_new_tokens} "
                        f"new tokens it needs more than {bound} ({context}). Lower --max-new-tokens, or leave the "
                        "prompt out of the file.")

@@ -48,8 +48,8 @@ import numpy as np
 
 from jaxspec.decoding.bpd import BPDDrafter, check_bpd_draft_params
 from jaxspec.decoding.protocol import (Draft, LanguageModel, PrefillInfo, Verified, check_draft_params, check_target,
-                                       draft_cache_slots, draft_model_params_hint, empty_prefill_kwargs, start,
-                                       vocab_check)
+                                       draft_cache_slots, draft_model_params_hint, empty_prefill_kwargs,
+                                       require_entries, start, vocab_check)
 from jaxspec.decoding.sampling import Warp
 from jaxspec.errors import InputError
 from jaxspec.models.bpd import BPDModel
@@ -321,7 +321,6 @@ class OptTreeDrafter:
 
   def check_draft_params(self, target: LanguageModel, draft_params) -> None:
     if self.shape == "static":  # the source's params beside the calibrated prior (`static_tree_params`)
-      from jaxspec.decoding.protocol import require_entries
       require_entries("A static tree", draft_params, ("source", "tree_prior_DxC"),
                       "jaxspec.decoding.opt_tree.static_draft_params")
       draft_params = draft_params["source"]

@@ -57,6 +57,7 @@ def config_from_hf(raw: dict) -> T5Config:
     opt = lambda key, default, minimum=1: whole_number(default if raw.get(key) is None else raw[key], key, where,
                                                        minimum)
     n_layers = num("num_layers")
+    buckets = opt("relative_attention_num_buckets", 32, minimum=4)
     return model_config(
         T5Config, where,
         vocab_size=num("vocab_size"), d_model=num("d_model"), d_kv=num("d_kv"),
@@ -65,9 +66,7 @@ def config_from_hf(raw: dict) -> T5Config:
         # T5's buckets: half per direction in the encoder, and half of those exact; the rest are log-spaced from
         # there to the max distance. Fewer than 4 leaves no exact bucket (a division by zero); a max distance equal
         # to the decoder's exact ones gives a log(1) = 0 denominator, and one below them buckets that run backwards.
-        rel_buckets=opt("relative_attention_num_buckets", 32, minimum=4),
-        rel_max_distance=opt("relative_attention_max_distance", 128,
-                             minimum=opt("relative_attention_num_buckets", 32, minimum=4) // 2 + 1),
+        rel_buckets=buckets, rel_max_distance=opt("relative_attention_max_distance", 128, minimum=buckets // 2 + 1),
         norm_eps=positive_number(raw.get("layer_norm_epsilon", 1e-6), "layer_norm_epsilon", where), ff=ff,
         tie_embeddings=_scales_output(raw),  # `load_t5` settles it with the checkpoint's lm_head.weight
         decoder_start_id=opt("decoder_start_token_id", 0, minimum=0),
