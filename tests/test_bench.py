@@ -715,6 +715,10 @@ def test_report_speedup_tokens_per_second_and_tau_per_category():
   assert "| math | qa |" in tau_table and "| fast | 1.00 | 3.00 |" in tau_table
   assert "| fast | 2.00 | 4.00 |" in speed_table and "| slow | 0.50 | 0.50 |" in speed_table
   assert any(l.split()[:3] == ["fast", "1.80", "2.80×"] for l in report.summary_lines(res))
+  # Compile times read from JAX's persistent cache are load times: the report says a cache was on.
+  assert res["environment"]["compilation_cache_dir"] is None and "compilation cache" not in md
+  res["environment"]["compilation_cache_dir"] = "/tmp/xla-cache"
+  assert "persistent compilation cache /tmp/xla-cache" in report.markdown(res)
   # A label longer than the column (a heads folder in the options) widens it: every row's τ ends at one offset.
   long = "bpd:heads=jaxspec/assets/bpd_t5_numbers:k=4"
   res["methods"][long] = res["methods"]["fast"]

@@ -121,7 +121,9 @@ def markdown(res: dict) -> str:
          if env.get("device_peak_bytes") else "")
       + (f"; resumed after a kill: method runs (a method on a prompt batch) restored from the killed process: "
          f"{env['resumed_runs']} (wall time and peak RSS are this process's, compile time both's)"
-         if env.get("resumed_runs") else ""),
+         if env.get("resumed_runs") else "")
+      + (f"; persistent compilation cache {env['compilation_cache_dir']} (a compile time may be a load from it)"
+         if env.get("compilation_cache_dir") else ""),
       "",
       "τ = new tokens / target calls after prefill (bonus token included). Speedup = wall time of jaxspec's greedy "
       "loop / the method's, same prompts, same run, after compilation. Program memory = XLA's arguments + outputs + "

@@ -114,6 +114,8 @@ def environment() -> dict:
       "backend": jax.default_backend(), "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
       "device_count": len(devices), "process_count": jax.process_count(), "cpu": cpu, "cpu_count": os.cpu_count(),
       "load_avg": load, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      # JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR): compile times read from it are load times
+      "compilation_cache_dir": jax.config.jax_compilation_cache_dir or None,
   }
 
 
