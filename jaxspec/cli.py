@@ -63,6 +63,8 @@ def _top_p(text: str) -> float:
 def _check_fits(args, model, n_prompt: int) -> None:
   """The checks `generate()` makes on its settings, worded with `jaxspec generate`'s flags (the library's messages
   name its Python parameters: top_k, max_len, max_new_tokens)."""
+  from jaxspec.decoding.protocol import decoder_prompt_len
+
   cfg = getattr(model, "cfg", None)
   vocab, context = getattr(cfg, "vocab_size", None), getattr(cfg, "max_seq_len", None)
   hard = bool(context) and getattr(model, "context_is_limit", False)  # the cache cannot be longer than this
@@ -73,7 +75,7 @@ def _check_fits(args, model, n_prompt: int) -> None:
     raise InputError(f"--max-len {args.max_len} is more than the model's context length ({context} tokens): use at "
                      f"most {context}, or leave it out.")
   max_len = args.max_len or context
-  dec = getattr(model, "decoder_prompt_len", None)  # an encoder-decoder's cache holds its decoder's tokens only
+  dec = decoder_prompt_len(model)  # an encoder-decoder's cache holds its decoder's tokens only
   slots = dec or n_prompt
   need = slots + args.max_new_tokens
   if max_len and need > max_len:

@@ -35,6 +35,7 @@ from jaxspec import files, sharding
 from jaxspec.bench import progress as saved
 from jaxspec.bench.methods import METHODS, BenchContext, Unavailable, build, parse_method, same_method_key
 from jaxspec.bench.prompts import QUICK_PROMPTS, Prompt, load_prompts
+from jaxspec.decoding.protocol import decoder_prompt_len
 from jaxspec.errors import InputError
 from jaxspec.signals import SignalGuard
 
@@ -289,7 +290,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   context = getattr(getattr(model, "cfg", None), "max_seq_len", None)
   bound = ("the model's context length" if getattr(model, "context_is_limit", False)
            else "the model's max_seq_len, the decode loop's bound on prompt + output")
-  dec = getattr(model, "decoder_prompt_len", None)  # an encoder-decoder's cache holds its decoder's tokens only
+  dec = decoder_prompt_len(model)  # an encoder-decoder's cache holds its decoder's tokens only
   if context and dec and dec + cfg.max_new_tokens > context:
     raise InputError(f"--max-new-tokens {cfg.max_new_tokens} after the decoder's start token is more than {bound} "
                      f"({context}): lower it.")

@@ -15,7 +15,7 @@ import numpy as np
 from jaxspec import sharding
 from jaxspec.decoding.accept import GreedyAcceptance, SampleAcceptance
 from jaxspec.decoding.loop import DecodeOutput, NoDraft, cache_buckets, decode_jit
-from jaxspec.decoding.protocol import check_draft_params
+from jaxspec.decoding.protocol import check_draft_params, decoder_prompt_len as cache_prompt_slots
 from jaxspec.decoding.sampling import SamplingParams, Warp, seed_key
 from jaxspec.errors import InputError
 
@@ -327,7 +327,7 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   pad_id = _whole(pad_id, "pad_id", -(2 ** 31), 2 ** 31 - 1)  # its range: prepare, against the vocabulary
   arr, lengths, max_new, out_len, capacity = prepare(prompts, max_new_tokens, max_len, drafter.num_nodes, pad_id,
                                                      vocab_size=vocab, max_len_is_context=max_len_is_context,
-                                                     decoder_prompt_len=getattr(model, "decoder_prompt_len", None))
+                                                     decoder_prompt_len=cache_prompt_slots(model))
   args = (params, jnp.asarray(arr), jnp.asarray(lengths), jnp.asarray(max_new),
           jnp.asarray(_eos_list(eos_ids, vocab) or [-1], jnp.int32), seed if is_key(seed) else seed_key(seed),
           SamplingParams.make(temperature, top_p), draft_params)

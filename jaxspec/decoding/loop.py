@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec.decoding.protocol import (Draft, Drafter, LanguageModel, PrefillInfo, Verified, check_acceptor,
-                                       check_draft_params, check_params, check_target, empty_prefill_kwargs, start)
+                                       check_draft_params, check_params, check_target, decoder_prompt_len,
+                                       empty_prefill_kwargs, start)
 from jaxspec.decoding.sampling import SamplingParams
 from jaxspec.errors import InputError
 
@@ -214,7 +215,7 @@ def decode(model: LanguageModel, params, prompts_BxP: Array, prompt_len_B: Array
   check_params(drafter, draft_params)
   check_draft_params(drafter, model, draft_params)
   check_acceptor(drafter, acceptor)
-  q_cache = getattr(model, "decoder_prompt_len", None) or p  # the prompt's slots in the target's cache
+  q_cache = decoder_prompt_len(model) or p  # the prompt's slots in the target's cache
   _check_request(b, q_cache, t, prompt_len_B, max_new_B, out_len, capacity)
   bounded = getattr(model, "bounds_attention", False)
   if attn_buckets and (not bounded or attn_buckets[-1] != capacity or list(attn_buckets) != sorted(attn_buckets)):

@@ -104,12 +104,18 @@ def check_draft_params(drafter, model: LanguageModel, draft_params) -> None:
     fn(model, draft_params)
 
 
+def decoder_prompt_len(model) -> int | None:
+  """The prompt slots an encoder-decoder's cache holds (its decoder's start token: `model.decoder_prompt_len`), or
+  None for a decoder-only model, whose cache holds the whole prompt."""
+  return getattr(model, "decoder_prompt_len", None) or None
+
+
 def draft_cache_slots(draft_model, prefill: "PrefillInfo") -> int:
   """Cache slots for a draft model's own cache: the target's (`prefill.capacity`), or, for a decoder-only draft of an
   encoder-decoder target (whose cache holds only its decoder's start token), `prefill.context`: such a draft
   prefills on the whole prompt. An encoder-decoder draft's decoder starts from its start token too, so the target's
   capacity holds it."""
-  if getattr(draft_model, "decoder_prompt_len", None):
+  if decoder_prompt_len(draft_model):
     return prefill.capacity  # the draft's decoder prompt, like an encoder-decoder target's, is its start token
   return max(prefill.capacity, prefill.context)
 
