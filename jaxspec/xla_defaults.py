@@ -8,7 +8,8 @@ the CPU backend starts, so they must be in `XLA_FLAGS` before anything touches a
 calls `apply_cpu_defaults()` first thing; library users can call it the same way, before their first JAX operation.
 
 An option the user already gave in `XLA_FLAGS` (with any value) is left as it is, and `JAXSPEC_XLA_DEFAULTS=0` turns
-the defaults off. Nothing is added once JAX's backends have started (it would not take effect, and would only make
+the defaults off. Options are added only under the jaxlib releases they were seen to work with (`KNOWN_JAXLIB`): XLA
+ends the process at an option it does not know, and releases drop options. Nothing is added once JAX's backends have started (it would not take effect, and would only make
 `XLA_FLAGS` say something untrue to the processes this one starts), nor to an `XLA_FLAGS` that names a flags file.
 """
 
@@ -20,6 +21,17 @@ from pathlib import Path
 # (a CPU feature flag of /proc/cpuinfo, the XLA option it enables)
 CPU_DEFAULTS = (("avx512f", "--xla_cpu_prefer_vector_width=512"),)
 OFF = "JAXSPEC_XLA_DEFAULTS"
+# jaxlib releases whose XLA takes the options above: 0.10.2 (pinned, tested) and 0.11.2 (ran them on a GPU machine)
+KNOWN_JAXLIB = ("0.10.", "0.11.")
+
+
+def jaxlib_version() -> str | None:
+  """The installed jaxlib's version, read without importing it (None where it is not installed)."""
+  from importlib import metadata
+  try:
+    return metadata.version("jaxlib")
+  except metadata.PackageNotFoundError:
+    return None
 
 
 def cpu_features(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
@@ -34,11 +46,16 @@ def cpu_features(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
   return set()
 
 
-def cpu_defaults(environ: dict | None = None, features: set[str] | None = None) -> list[str]:
-  """The options `apply_cpu_defaults` would add to `XLA_FLAGS` here."""
+def cpu_defaults(environ: dict | None = None, features: set[str] | None = None,
+                 jaxlib: str | None = "installed") -> list[str]:
+  """The options `apply_cpu_defaults` would add to `XLA_FLAGS` here (`jaxlib`: a version to decide for instead of the
+  installed one)."""
   environ = os.environ if environ is None else environ
   if environ.get(OFF, "1").strip().lower() in ("0", "false", "no", "off"):
     return []
+  jaxlib = jaxlib_version() if jaxlib == "installed" else jaxlib
+  if not (jaxlib or "").startswith(KNOWN_JAXLIB):
+    return []  # an XLA these options were not tried with may not know them, and would end the process
   given = environ.get("XLA_FLAGS", "").strip()
   if given and not given.startswith("-"):
     return []  # XLA reads a value that is not options as the name of a file of options
