@@ -235,6 +235,24 @@ def test_tensors_jaxspec_would_skip_are_refused(tiny_hf, tmp_path, name):
     load_hf(str(folder))
 
 
+def test_tensors_outside_the_layers_it_does_not_read_are_named(tiny_hf, tmp_path, caplog):
+  """A vision tower's weights are skipped with a warning that names them; a rotary buffer is skipped quietly."""
+  folder = copy_of(tiny_hf, tmp_path)
+  weights = load_file(str(folder / "model.safetensors"))
+  weights["model.vision_tower.proj.weight"] = np.ones((4, 4), np.float32)
+  weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
+  save_file(weights, str(folder / "model.safetensors"))
+  with caplog.at_level("WARNING", logger="jaxspec.loading"):
+    load_hf(str(folder))
+  warned = [r.getMessage() for r in caplog.records if r.name == "jaxspec.loading"]
+  assert len(warned) == 1 and "holds 1 tensor outside the layers" in warned[0], warned
+  assert "'model.vision_tower.proj.weight'; skipped" in warned[0] and "inv_freq" not in warned[0]
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="jaxspec.loading"):
+    load_hf(str(tiny_hf))
+  assert not [r for r in caplog.records if r.name == "jaxspec.loading"]
+
+
 def _embedding(folder: Path) -> np.ndarray:
   return np.asarray(load_hf(str(folder))[1]["embed"]["embedding"])
 
@@ -387,6 +405,18 @@ def test_plain_gguf_loads(tmp_path):
 def test_gguf_tensors_jaxspec_would_skip_are_refused(tmp_path, extra, message):
   with pytest.raises(ModelLoadError, match=message):
     gguf_loader.load_gguf(str(write_gguf(tmp_path / "m.gguf", extra=extra)))
+
+
+def test_gguf_tensors_outside_the_layers_it_does_not_read_are_named(tmp_path, caplog):
+  extra = {"mm.proj.weight": np.ones((4, 4), np.float32), "blk.0.attn_rot_embd.weight": np.ones(4, np.float32)}
+  with caplog.at_level("WARNING", logger="jaxspec.loading"):
+    gguf_loader.load_gguf(str(write_gguf(tmp_path / "m.gguf", extra=extra)))
+  warned = [r.getMessage() for r in caplog.records if r.name == "jaxspec.loading"]
+  assert len(warned) == 1 and "holds 1 tensor outside the layers" in warned[0] and "'mm.proj.weight'" in warned[0]
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="jaxspec.loading"):
+    gguf_loader.load_gguf(str(write_gguf(tmp_path / "plain.gguf")))
+  assert not [r for r in caplog.records if r.name == "jaxspec.loading"]
 
 
 @pytest.mark.parametrize("meta,message", [

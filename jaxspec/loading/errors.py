@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 from jaxspec.errors import ModelLoadError
 
-__all__ = ["ModelLoadError", "model_config", "more_layers", "positive_number", "whole_number"]
+__all__ = ["ModelLoadError", "model_config", "more_layers", "positive_number", "unread_tensors", "whole_number"]
+
+logger = logging.getLogger("jaxspec.loading")
 
 
 def _damaged(where: str, key: str, value, want: str) -> ModelLoadError:
@@ -53,6 +56,17 @@ def model_config(cls, where: str, **fields):
   except ValueError as e:
     raise ModelLoadError(f"{where} describes a model that cannot be built: {e}. The file is damaged or was edited: "
                          f"restore the model's original {where}.") from None
+
+
+def unread_tensors(shown: str, names: list[str]) -> None:
+  """Warns of tensors outside the layers that jaxspec's LLaMA does not read (`shown`: the file or folder). Inside the
+  layers such a tensor is refused (it changes what every layer computes); outside them it may be a part a text model
+  runs without, such as a multimodal model's vision tower, so it is skipped and named."""
+  if names:
+    logger.warning("%s holds %d %s outside the layers that jaxspec's LLaMA does not read, e.g. %r; skipped. A text "
+                   "model with extra parts (a vision tower, a projector) runs as the text model without them; if "
+                   "the model needs them it is another architecture, and its outputs will differ.", shown,
+                   len(names), "tensor" if len(names) == 1 else "tensors", names[0])
 
 
 def more_layers(shown: str, layers: int, found: int, key: str) -> ModelLoadError:

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.loading.errors import ModelLoadError, model_config, more_layers, positive_number, whole_number
+from jaxspec.loading.errors import (ModelLoadError, model_config, more_layers, positive_number, unread_tensors,
+                                     whole_number)
 from jaxspec.loading.tokenizer import GGUF_MAGIC, NOT_GGUF
 from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers
 
@@ -220,6 +221,8 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
     if _target(t.name, cfg)[0] is not None and t.tensor_type.name not in SUPPORTED_QTYPES:
       raise _unsupported_qtype(t.name, t.tensor_type.name)
   params: dict = {}
+  unread_tensors(repr(path), [t.name for t in reader.tensors if not t.name.startswith("blk.")
+                              and _target(t.name, cfg)[0] is None])
   for t in reader.tensors:
     target, fn = _target(t.name, cfg)
     if target is None:

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec import files
-from jaxspec.loading.errors import ModelLoadError, model_config, more_layers, positive_number, whole_number
+from jaxspec.loading.errors import (ModelLoadError, model_config, more_layers, positive_number, unread_tensors,
+                                     whole_number)
 from jaxspec.loading.gguf_loader import check_complete
 from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers, unstack_layers
 
@@ -331,12 +332,15 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
   cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
   weights = check_weights(folder, raw)  # before any weight is read: a large model takes minutes to load
   params: dict = {}
+  unread = []
   for path in weights:
     try:
       # "flax" hands back jax arrays, which also covers bfloat16 checkpoints that numpy cannot represent.
       with safe_open(path, framework="flax") as f:
         for name in f.keys():
           target = _target(name)
+          if target is None and not (_LAYER.fullmatch(name) or name.endswith("inv_freq")):
+            unread.append(name)  # not a layer's buffer (a rotary table jaxspec computes itself)
           if target is None or (target[0] == "lm_head" and cfg.tie_embeddings):
             continue
           w = f.get_tensor(name).astype(param_dtype)
@@ -352,6 +356,7 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
       raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}); the file may be truncated or corrupt: "
                            "download or export it again.") from e
   check_complete(params, cfg, folder)
+  unread_tensors(repr(folder), unread)
   return LlamaLM(cfg), (stack_layers(params, cfg.n_layers) if scan_layers else params)
 
 
