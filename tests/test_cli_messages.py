@@ -244,6 +244,18 @@ def test_an_unknown_option_is_named_by_the_commands_own_usage(capsys):
     assert f"jaxspec {command}: error: unrecognized arguments: " in err, err
 
 
+def test_an_option_before_the_command_says_where_it_goes(capsys):
+  """argparse called `--distributed` unknown there (under a usage line listing it), and took a value for the command."""
+  for argv, option, command in ((["--distributed", "train", "c.yaml"], "--distributed", "train"),
+                                (["--max-new-tokens", "3", "generate", "--prompt", "x"], "--max-new-tokens", "generate"),
+                                (["--mesh=data=2", "bench"], "--mesh", "bench")):
+    with pytest.raises(SystemExit) as e:
+      cli.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {option} goes after the command's name: jaxspec {command} " in err, err
+  assert cli.parse_args(["generate", "--prompt", "train"]).prompt == "train"  # a command's name as a value is fine
+
+
 def test_distributed_reads_the_process_layout_from_the_environment(monkeypatch):
   """Outside the clusters JAX detects, JAX_NUM_PROCESSES and JAX_PROCESS_ID (with JAX_COORDINATOR_ADDRESS, which
   JAX reads itself) say where this process stands; a value that is not a number is one clear line."""
