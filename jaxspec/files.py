@@ -30,6 +30,13 @@ from typing import Any, Callable, Mapping
 
 Writer = Callable[[Path], None]  # writes the whole content to the path it is given
 
+# The permissions a new file gets from open() under this process's umask. Some writers (safetensors' save_file)
+# create their files readable by their owner only; every file written here gets these instead, so an export in a
+# shared folder is readable by whom the umask allows, like the config.json beside it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK
+
 
 def temporary(path: str | os.PathLike) -> Path:
   """Where this process writes `path` before it renames it into place."""
@@ -99,6 +106,8 @@ def write_files(folder: str | os.PathLike, writers: Mapping[str, Writer]) -> Non
     for name, write in writers.items():
       tmps[name] = temporary(folder / name)
       write(tmps[name])
+      if tmps[name].is_file():
+        os.chmod(tmps[name], FILE_MODE)
   except BaseException:  # an error or Ctrl-C while writing: the old files stay, and no temporary file is left
     for tmp in tmps.values():
       tmp.unlink(missing_ok=True)

@@ -85,6 +85,20 @@ def _write(tmp_path: Path, name: str, text: str) -> Path:
   return path
 
 
+def test_written_files_get_the_umask_s_permissions_whatever_the_writer(tmp_path):
+  """safetensors' save_file makes its files readable by their owner only; exported weights beside a config.json
+  anyone may read were then unreadable to the other hosts or users sharing the folder."""
+  from safetensors.numpy import save_file
+
+  files.write_files(tmp_path, {"w.safetensors": lambda t: save_file({"a": np.zeros(2, np.float32)}, str(t)),
+                               "config.json": files.json_writer({})})
+  mode = lambda name: (tmp_path / name).stat().st_mode & 0o777
+  assert mode("w.safetensors") == mode("config.json") == files.FILE_MODE
+  umask = os.umask(0)
+  os.umask(umask)
+  assert files.FILE_MODE == 0o666 & ~umask
+
+
 def test_files_are_replaced_whole_or_not_at_all(tmp_path):
   """`jaxspec.files.write_files`: a writer that fails (as a kill would stop it) leaves every old file as it was and
   no temporary file; a run that completes replaces them all. `.npz` files keep numpy's suffix while temporary."""
