@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import signal
@@ -231,7 +232,10 @@ def test_config_unknown_key_names_it_and_the_valid_keys(tmp_path):
         ("optim.warmup_steps=ten", r"'optim\.warmup_steps' must be int, got 'ten'"),
         ("optim.warmup_steps=1.5", r"'optim\.warmup_steps' must be int, got 1\.5"),
         ("optim.total_steps=true", r"'optim\.total_steps' must be int or null, got True"),
-        ("optim.lr=fast", r"'optim\.lr' must be float, got 'fast'"),
+        ("optim.lr=fast", r"'optim\.lr' must be a finite float, got 'fast'"),
+        ("optim.lr=inf", r"'optim\.lr' must be a finite float, got 'inf'"),  # trained on to NaN weights
+        ("optim.lr=-Infinity", r"'optim\.lr' must be a finite float, got '-Infinity'"),
+        ("optim.lr=nan", r"'optim\.lr' must be a finite float, got 'nan'"),
         ("data.shuffle=3", r"'data\.shuffle' must be bool, got 3"),
         ("dims=[1, x]", r"'dims\[1\]' must be int, got 'x'"),
         ("dims=7", r"'dims' must be a list of int, got 7"),
@@ -241,6 +245,11 @@ def test_config_unknown_key_names_it_and_the_valid_keys(tmp_path):
 def test_config_wrong_type(tmp_path, override, pattern):
   with pytest.raises(ConfigError, match=pattern):
     load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, [override])
+
+
+def test_config_file_infinity_is_refused(tmp_path):
+  with pytest.raises(ConfigError, match=r"'optim\.lr' must be a finite float, got inf \(float\)"):
+    load_config(_write(tmp_path, "run.yaml", YAML.replace("lr: 3e-4", "lr: .inf")), RunConfig, [])
 
 
 def test_config_literal(tmp_path):
@@ -463,6 +472,30 @@ def test_trainer_loss_goes_down(tmp_path):
   again, more = trainer.fit(train_tiny.fresh_state(), train_tiny.batches_from, 40)
   assert more == [] and int(again.step) == 40
   np.testing.assert_array_equal(again.params["w_D"], state.params["w_D"])
+
+
+def test_a_diverging_run_stops_before_saving_non_finite_weights(tmp_path):
+  """A batch that makes the loss and then the weights NaN (as optim.lr=inf did, which trained on and exported NaN
+  weights) stops the run with what to do; the checkpoints kept are the finite ones, and a rerun resumes from them.
+  Caught by the logged loss, and, with nothing logged before the checkpoint, by the weights themselves."""
+  from training.trainer import TrainingDiverged
+
+  def poisoned(start):
+    for s in itertools.count(start):
+      batch = train_tiny.batch_at(s)
+      yield {**batch, "x": batch["x"] * np.float32("nan")} if s == 5 else batch  # the 6th step
+
+  for log_every, found in ((1, "loss became nan by step 6"), (100, "the weights or the optimizer state hold inf or NaN by step 8")):
+    run = tmp_path / f"log{log_every}"
+    trainer = Trainer(train_tiny.loss_fn, make_optimizer(train_tiny.OPTIM), frozen=train_tiny.FROZEN, checkpoint_dir=run,
+                      checkpoint_every=4, log_every=log_every, progress=False)
+    with pytest.raises(TrainingDiverged, match=f"{found}.*Lower optim.lr.*the last checkpoint, at step 4, holds"):
+      trainer.fit(train_tiny.fresh_state(), poisoned, 12)
+    assert _committed_steps(run) == [4]
+    state, history = trainer.fit(train_tiny.fresh_state(), train_tiny.batches_from, 12)
+    assert int(state.step) == 12 and np.isfinite(np.asarray(state.params["w_D"])).all()
+  with pytest.raises(TrainingDiverged, match="no checkpoint was saved, so a rerun starts from the beginning"):
+    train_tiny.make_trainer(None, every=4).fit(train_tiny.fresh_state(), poisoned, 12)
 
 
 def _params_after(trainer, num_steps, batches=train_tiny.batches_from):

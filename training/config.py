@@ -33,7 +33,6 @@ _TOML_SUFFIXES = (".toml",)
 # YAML 1.1 (PyYAML) reads `3e-4` as a string because its float pattern needs a dot; such strings are
 # accepted for float fields when they match this pattern.
 _FLOAT_RE = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
-_SPECIAL_FLOATS = ("inf", "+inf", "-inf", "nan", "infinity", "+infinity", "-infinity")
 
 
 class ConfigError(JaxspecError):
@@ -377,10 +376,10 @@ def _convert_scalar(value: Any, tp: Any) -> Any:
     if isinstance(value, int) and not isinstance(value, bool):
       return value
     raise _Mismatch
-  if tp is float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+  if tp is float:  # finite only: no setting means anything at inf or nan (lr=inf trained on to NaN weights)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
       return float(value)
-    if isinstance(value, str) and (_FLOAT_RE.match(value.strip()) or value.strip().lower() in _SPECIAL_FLOATS):
+    if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
       return float(value.strip())
     raise _Mismatch
   if tp is str:
@@ -476,6 +475,8 @@ def _type_name(tp: Any) -> str:
     return "a mapping"
   if dataclasses.is_dataclass(tp) and isinstance(tp, type):
     return f"a section ({tp.__name__})"
+  if tp is float:
+    return "a finite float"
   return getattr(tp, "__name__", repr(tp))
 
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from jaxspec import files, sharding
 from jaxspec.decoding.sampling import seed_key
+from jaxspec.errors import JaxspecError
 from jaxspec.signals import SignalGuard
 from training import curves
 from training.checkpoint import Checkpointer, CheckpointError
@@ -427,6 +428,7 @@ class Trainer:
         bar.update(1)
         if step % self.log_every == 0 or step == num_steps:
           means = _mean(jax.device_get(window))  # waits for the window's steps: dispatch alone returns at once
+          _check_losses(means, step, ckpt)
           elapsed = time.perf_counter() - window_start
           record = {"step": step, **means, "steps_per_sec": len(window) / max(elapsed, 1e-9)}
           window = []
@@ -434,11 +436,14 @@ class Trainer:
         if eval_batches is not None and ((eval_every and step % eval_every == 0) or step == num_steps):
           self._record({"step": step, **self.evaluate(state, eval_batches())}, history, bar)
         if ckpt is not None:
+          if ckpt.should_save(step):
+            _check_state(state, step, ckpt)  # a checkpoint of NaN weights would be resumed from, or exported
           ckpt.save(step, state, meta(step))
         if not window:  # the next window's clock starts after this step's evaluation and checkpoint
           window_start = time.perf_counter()
       guard.settle(step)  # multi-host: a signal after the last agreement is agreed on now, before the last save
       if ckpt is not None:  # the end, the batches running out, or a signal: keep what was done
+        _check_state(state, step, ckpt)
         ckpt.save(step, state, meta(step), force=True)
       else:
         jax.block_until_ready(state)  # the last steps may still be running on an accelerator
@@ -475,6 +480,38 @@ class Trainer:
 
 
 _END = object()
+
+
+class TrainingDiverged(JaxspecError):
+  """The loss or the weights became inf or NaN: nothing after the last finite checkpoint is saved."""
+
+
+def _diverged(what: str, step: int, ckpt: Checkpointer | None) -> TrainingDiverged:
+  last = ckpt.latest_step() if ckpt is not None else None
+  where = (f"the last checkpoint, at step {last}, holds finite weights, and a rerun resumes from it" if last else
+           "no checkpoint was saved, so a rerun starts from the beginning")
+  return TrainingDiverged(f"training diverged: {what} by step {step}, so nothing later is saved. Lower optim.lr "
+                          f"(or set optim.clip_norm, or lengthen optim.warmup_steps) and run again: {where} (the "
+                          "optimizer settings may change on resume).")
+
+
+def _check_losses(means: Mapping[str, float], step: int, ckpt: Checkpointer | None) -> None:
+  bad = [k for k, v in means.items() if "loss" in k and not np.isfinite(v)]
+  if bad:
+    raise _diverged(f"{bad[0]} became {means[bad[0]]}", step, ckpt)
+
+
+def _check_state(state: Any, step: int, ckpt: Checkpointer | None) -> None:
+  """Raises `TrainingDiverged` where a floating-point array of `state` holds inf or NaN (one reduction on the
+  devices, then one number fetched: a checkpoint waits for the state anyway)."""
+  leaves = [x for x in jax.tree.leaves(state) if jnp.issubdtype(jnp.result_type(x), jnp.floating)]
+  if leaves and not bool(jax.device_get(_all_finite(leaves))):
+    raise _diverged("the weights or the optimizer state hold inf or NaN", step, ckpt)
+
+
+@jax.jit
+def _all_finite(leaves: list) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def _batches(source: BatchSource, start: int) -> Iterator[Batch]:
