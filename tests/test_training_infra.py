@@ -247,6 +247,21 @@ def test_config_wrong_type(tmp_path, override, pattern):
     load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, [override])
 
 
+def test_empty_text_settings_are_refused(tmp_path):
+  """`out=$DIR` with DIR unset wrote an export into the current folder (over a README.md there), and an empty
+  prompts path silently meant the default prompts."""
+  for override, pattern in (("name=", r"'name' is empty: give it a value, or leave it out for its default\.$"),
+                            ("name=  ", r"'name' is empty"), ("data.prompts=", r"'data\.prompts' is empty"),
+                            ("note=", r"'note' is empty.*\(or null for none\)\.$"),
+                            ("dims=[1, '']", None)):
+    if pattern is None:  # not a text setting: the type error as before
+      pattern = r"'dims\[1\]' must be int"
+    with pytest.raises(ConfigError, match=pattern):
+      load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, [override])
+  with pytest.raises(ConfigError, match=r"'data\.prompts' is empty"):
+    load_config(_write(tmp_path, "run.yaml", YAML.replace("data/prompts.jsonl", "''")), RunConfig, [])
+
+
 def test_config_file_infinity_is_refused(tmp_path):
   with pytest.raises(ConfigError, match=r"'optim\.lr' must be a finite float, got inf \(float\)"):
     load_config(_write(tmp_path, "run.yaml", YAML.replace("lr: 3e-4", "lr: .inf")), RunConfig, [])
@@ -320,6 +335,20 @@ def test_task_configs_need_a_task_positive_counts_and_writable_folders(tmp_path)
   cfg, _ = load_task_config(str(path), [f"train.checkpoint_dir={tmp_path / 'ck'}"])
   with pytest.raises(ConfigError, match="metrics.jsonl' is a folder where the run writes a file"):
     check_writable(cfg)
+  # An `out` folder of other files (a project's root, say) is not an export: the export's README.md would replace
+  # theirs. A new or empty folder, an earlier export (config.json), or one left with only temporaries is fine.
+  project = tmp_path / "project"
+  project.mkdir()
+  (project / "README.md").write_text("mine")
+  cfg, _ = load_task_config(str(path), [f"out={project}"])
+  with pytest.raises(ConfigError, match=r"holds other files \(README\.md\) and no earlier export"):
+    check_writable(cfg)
+  (project / "README.md").unlink()
+  (project / files.temporary("config.json").name).write_text("{")
+  check_writable(cfg)
+  (project / "config.json").write_text("{}")
+  (project / "README.md").write_text("an earlier export's")
+  check_writable(cfg)
 
 
 def test_a_run_for_another_model_does_not_write_over_the_shipped_parts(tmp_path):

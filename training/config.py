@@ -311,6 +311,11 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
       if _accepts_str(tp):
         return _convert(value.text, tp, key)
       raise
+  if isinstance(value, str) and not value.strip() and _accepts_str(tp):
+    # Every text setting is a path, a name or a choice: empty is a slip (`out=$DIR` with DIR unset), and as a path it
+    # meant the current folder, where an export wrote over the files there.
+    raise ConfigError(f"{key!r} is empty: give it a value, or leave it out for its default"
+                      + (" (or null for none)." if type(None) in typing.get_args(tp) else "."))
   if tp is Any:
     return value
   origin = typing.get_origin(tp)

@@ -19,6 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from jaxspec import files
 from training.bpd import BPDTrainConfig, DataSection, train_bpd
 from training.cllm import CLLMTrainConfig, train_cllm
 from training.config import ConfigError, load_config, read_config_file
@@ -125,6 +126,14 @@ def check_writable(cfg: Any) -> None:
         if (folder / name).is_dir():
           raise ConfigError(f"{str(folder / name)!r} is a folder where the run writes a file: move it away, or set "
                             "train.checkpoint_dir to another folder")
+    if key == "out" and folder.is_dir():
+      # Every export writes a config.json (last or with its weights): a folder of other files is not an export,
+      # and the export's config.json, weights and README.md would replace files of the same names there.
+      others = sorted(p.name for p in folder.iterdir() if p.is_file() and not files.is_temporary(p))
+      if others and "config.json" not in others:
+        raise ConfigError(f"out={str(folder)!r} holds other files ({', '.join(others[:3])}"
+                          f"{', ...' if len(others) > 3 else ''}) and no earlier export: the export would write "
+                          "over files of the same names there. Choose a new or empty folder.")
 
 
 # The model each shipped folder of jaxspec/assets belongs to (None: the embedded default model; a name: another
