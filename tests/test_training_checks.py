@@ -290,3 +290,21 @@ def test_damaged_log_lines_cost_only_themselves(tmp_path, caplog):
   assert tune.done == {("ngram", 0.1): 1.7}
   tune.put("ngram", 1.9, weight=0.2)  # appended on a line of its own after the cut-short one
   assert TuneLog(log, "k").done == {("ngram", 0.1): 1.7, ("ngram", 0.2): 1.9}
+
+
+def test_llama_only_tasks_refuse_an_encoder_decoder_target_before_any_data(tmp_path, monkeypatch):
+  """`task: draft` on a T5 target ended in an AttributeError (after building its data with `draft.init=random`), and
+  `task: cllm` trained to the end and then failed to export, on every rerun."""
+  from jaxspec.models.t5 import T5LM, tiny_t5_config
+  from tests.test_cllm import tiny_cllm_config
+  from tests.test_draft import tiny_draft_config
+  from training import cllm, draft
+
+  t5 = T5LM(tiny_t5_config(vocab_size=64))
+  params = t5.init_params(jax.random.key(0))
+  for module, cfg, message in ((draft, tiny_draft_config(tmp_path, "d", 2), "task draft distills a LLaMA-family draft"),
+                               (cllm, tiny_cllm_config(tmp_path, steps=2), "task cllm fine-tunes a decoder-only")):
+    monkeypatch.setattr(module, "record_run_config", lambda *a: pytest.fail("got past the check"))
+    run = draft.train_draft if module is draft else cllm.train_cllm
+    with pytest.raises(ConfigError, match=f"{message}.*is a T5LM"):
+      run(cfg, model=t5, params=params, tokenizer=ByteTokenizer(), progress=False)

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 from jaxspec import files
 from jaxspec.decoding.sampling import argmax
 from jaxspec.errors import InputError
+from jaxspec.models.llama import LlamaLM
 from jaxspec.models.lora import ALL_TARGETS, LoraConfig, init_lora, lora_size, merge_lora, save_lora
 from training import datasets
 from training.bpd import ModelSection
@@ -694,6 +695,10 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
   if model is None:
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
                                                   matmul_precision=cfg.model.matmul_precision)
+  if not isinstance(model, LlamaLM):  # before the trajectories, which take the longest
+    raise ConfigError(f"task cllm fine-tunes a decoder-only LLaMA-family target; {cfg.model.path!r} is a "
+                      f"{type(model).__name__}. Jacobi decoding runs on an encoder-decoder (--method jacobi), but "
+                      "its consistency training is not implemented.")
   c, t, o = cfg.collect, cfg.train, cfg.objective
   ckpt_dir = Path(t.checkpoint_dir)
   record_run_config(cfg, ckpt_dir)
