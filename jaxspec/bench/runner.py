@@ -18,6 +18,7 @@ import dataclasses
 import json
 import logging
 import os
+import math
 import platform
 import resource
 import signal
@@ -420,7 +421,9 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
     for bi, label in todo:
       batch = batches[bi]
       if progress:
-        so_far = " ".join(f"{l}:{report.tau(recs):.2f}" for l in order if (recs := _done(runs, l)))
+        # (no τ yet for a method whose outputs so far took no call after the prefill: one token each)
+        taus = {l: report.tau(recs) for l in order if (recs := _done(runs, l))}
+        so_far = " ".join(f"{l}:{t:.2f}" for l, t in taus.items() if math.isfinite(t))
         bar.set_postfix_str(f"batch {bi + 1}/{len(batches)}: {label}" + (f"; tau so far {so_far}" if so_far else ""))
       res = runners[label]([ids[i] for i in batch], cfg.max_new_tokens, cfg.seed + bi)
       n = len(batch)
