@@ -317,20 +317,20 @@ def _show_sharding_choices() -> None:
     log.propagate = False  # `train` configures the root logger too: each record would print twice
 
 
-COMMANDS = ("generate", "bench", "train")
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   """`build_parser().parse_args`, except that `train`'s key=value overrides may also follow its options: argparse
   ends the overrides at the first option, so `train cfg --distributed a=1` would leave `a=1` unrecognized."""
   parser = build_parser()
   argv = sys.argv[1:] if argv is None else list(argv)
-  commands = [i for i, a in enumerate(argv) if a in COMMANDS]
-  early = [a for a in argv[:commands[0]] if a.startswith("-") and a not in ("-h", "--help")] if commands else []
-  if early:  # `jaxspec --distributed train ...`: argparse would call the option unknown, or its value the command
-    command = argv[commands[0]]
-    parser.error(f"{early[0].split('=', 1)[0]} goes after the command's name: jaxspec {command} {early[0]} ... "
-                 f"(jaxspec {command} --help lists its options).")
+  if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+    # `jaxspec --distributed train ...`: argparse calls the option unknown, or takes its value for the command. Said
+    # when a command named later takes the option (a command's name may also be an option's value: --prompt train).
+    option = argv[0].split("=", 1)[0]
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    command = next((a for a in argv[1:] if a in subs and option in subs[a]._option_string_actions), None)
+    if command:
+      parser.error(f"{option} goes after the command's name: jaxspec {command} {argv[0]} ... (jaxspec {command} "
+                   "--help lists its options).")
   args, extra = parser.parse_known_args(argv)
   if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
     args.overrides = [*args.overrides, *extra]

@@ -30,12 +30,19 @@ from typing import Any, Callable, Mapping
 
 Writer = Callable[[Path], None]  # writes the whole content to the path it is given
 
-# The permissions a new file gets from open() under this process's umask. Some writers (safetensors' save_file)
-# create their files readable by their owner only; every file written here gets these instead, so an export in a
-# shared folder is readable by whom the umask allows, like the config.json beside it.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-FILE_MODE = 0o666 & ~_UMASK
+
+
+def file_mode() -> int:
+  """The permissions open() gives a new file under this process's umask now. Some writers (safetensors' save_file)
+  create their files readable by their owner only; every file written here gets these instead, so an export in a
+  shared folder is readable by whom the umask allows, like the config.json beside it."""
+  try:
+    with open("/proc/self/status") as f:  # Linux: the umask read without changing it
+      umask = next(int(l.split()[1], 8) for l in f if l.startswith("Umask:"))
+  except (OSError, StopIteration, ValueError, IndexError):
+    umask = os.umask(0o022)  # elsewhere: set and put back at once
+    os.umask(umask)
+  return 0o666 & ~umask
 
 
 def temporary(path: str | os.PathLike) -> Path:
@@ -106,14 +113,21 @@ def write_files(folder: str | os.PathLike, writers: Mapping[str, Writer]) -> Non
     for name, write in writers.items():
       tmps[name] = temporary(folder / name)
       write(tmps[name])
-      if tmps[name].is_file():
-        os.chmod(tmps[name], FILE_MODE)
+      _set_mode(tmps[name])
   except BaseException:  # an error or Ctrl-C while writing: the old files stay, and no temporary file is left
     for tmp in tmps.values():
       tmp.unlink(missing_ok=True)
     raise
   for name, tmp in tmps.items():
     os.replace(tmp, folder / name)
+
+
+def _set_mode(path: Path) -> None:
+  try:
+    if path.is_file():
+      os.chmod(path, file_mode())
+  except OSError:  # a file system without modes (vfat, some network mounts): the file stays as its writer made it
+    pass
 
 
 def write_file(path: str | os.PathLike, write: Writer) -> None:

@@ -254,6 +254,16 @@ def test_an_option_before_the_command_says_where_it_goes(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"error: {option} goes after the command's name: jaxspec {command} " in err, err
   assert cli.parse_args(["generate", "--prompt", "train"]).prompt == "train"  # a command's name as a value is fine
+  # The command named is one that takes the option, not an option's value that is a command's name.
+  with pytest.raises(SystemExit):
+    cli.parse_args(["--prompt-file", "bench", "generate"])
+  assert "jaxspec generate --prompt-file ..." in capsys.readouterr().err
+  for argv, said in ((["genrate", "--prompt", "train"], "invalid choice: 'genrate'"),  # argparse's own words
+                     (["--prompt", "train"], "error: ")):
+    with pytest.raises(SystemExit):
+      cli.parse_args(argv)
+    err = capsys.readouterr().err
+    assert said in err and "goes after" not in err, err
 
 
 def test_distributed_reads_the_process_layout_from_the_environment(monkeypatch):

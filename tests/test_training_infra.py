@@ -94,10 +94,15 @@ def test_written_files_get_the_umask_s_permissions_whatever_the_writer(tmp_path)
   files.write_files(tmp_path, {"w.safetensors": lambda t: save_file({"a": np.zeros(2, np.float32)}, str(t)),
                                "config.json": files.json_writer({})})
   mode = lambda name: (tmp_path / name).stat().st_mode & 0o777
-  assert mode("w.safetensors") == mode("config.json") == files.FILE_MODE
-  umask = os.umask(0)
-  os.umask(umask)
-  assert files.FILE_MODE == 0o666 & ~umask
+  assert mode("w.safetensors") == mode("config.json") == files.file_mode()
+  umask = os.umask(0o027)  # read at each write, not once: a program may set its umask after importing jaxspec
+  try:
+    assert files.file_mode() == 0o640
+    files.write_files(tmp_path, {"w.safetensors": lambda t: save_file({"a": np.zeros(2, np.float32)}, str(t))})
+    assert mode("w.safetensors") == 0o640
+  finally:
+    os.umask(umask)
+  assert files.file_mode() == 0o666 & ~umask
 
 
 def test_files_are_replaced_whole_or_not_at_all(tmp_path):
@@ -236,6 +241,8 @@ def test_config_unknown_key_names_it_and_the_valid_keys(tmp_path):
         ("optim.lr=inf", r"'optim\.lr' must be a finite float, got 'inf'"),  # trained on to NaN weights
         ("optim.lr=-Infinity", r"'optim\.lr' must be a finite float, got '-Infinity'"),
         ("optim.lr=nan", r"'optim\.lr' must be a finite float, got 'nan'"),
+        ("optim.lr=1e999", r"'optim\.lr' must be a finite float, got '1e999'"),  # YAML reads it as text; float: inf
+        ("optim.lr=1" + "0" * 400, r"'optim\.lr' must be a finite float, got 1000"),  # an int beyond float's range
         ("data.shuffle=3", r"'data\.shuffle' must be bool, got 3"),
         ("dims=[1, x]", r"'dims\[1\]' must be int, got 'x'"),
         ("dims=7", r"'dims' must be a list of int, got 7"),
@@ -335,16 +342,18 @@ def test_task_configs_need_a_task_positive_counts_and_writable_folders(tmp_path)
   cfg, _ = load_task_config(str(path), [f"train.checkpoint_dir={tmp_path / 'ck'}"])
   with pytest.raises(ConfigError, match="metrics.jsonl' is a folder where the run writes a file"):
     check_writable(cfg)
-  # An `out` folder of other files (a project's root, say) is not an export: the export's README.md would replace
-  # theirs. A new or empty folder, an earlier export (config.json), or one left with only temporaries is fine.
+  # An `out` folder with a README.md of its own (a project's root, say) and no earlier export: the export's would
+  # replace it. A new or empty folder, an earlier export (config.json), a folder of hidden files, temporaries,
+  # weights a killed export left, or the run's own checkpoint files (out = train.checkpoint_dir) is fine.
   project = tmp_path / "project"
   project.mkdir()
   (project / "README.md").write_text("mine")
   cfg, _ = load_task_config(str(path), [f"out={project}"])
-  with pytest.raises(ConfigError, match=r"holds other files \(README\.md\) and no earlier export"):
+  with pytest.raises(ConfigError, match=r"holds README\.md and no earlier export \(no config\.json\)"):
     check_writable(cfg)
   (project / "README.md").unlink()
-  (project / files.temporary("config.json").name).write_text("{")
+  for name in (".gitkeep", files.temporary("config.json").name, "model.safetensors", "config.yaml", "metrics.jsonl"):
+    (project / name).write_text("x")
   check_writable(cfg)
   (project / "config.json").write_text("{}")
   (project / "README.md").write_text("an earlier export's")

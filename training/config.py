@@ -382,11 +382,18 @@ def _convert_scalar(value: Any, tp: Any) -> Any:
       return value
     raise _Mismatch
   if tp is float:  # finite only: no setting means anything at inf or nan (lr=inf trained on to NaN weights)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-      return float(value)
-    if isinstance(value, str) and _FLOAT_RE.match(value.strip()):
-      return float(value.strip())
-    raise _Mismatch
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      number = value
+    elif isinstance(value, str) and _FLOAT_RE.match(value.strip()):
+      number = value.strip()
+    try:
+      number = float(number) if number is not None else None
+    except OverflowError:  # an int beyond float's range
+      number = None
+    if number is None or not math.isfinite(number):  # "1e999" reads as inf
+      raise _Mismatch
+    return number
   if tp is str:
     if isinstance(value, str):
       return value

@@ -338,8 +338,9 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
                                                   matmul_precision=cfg.model.matmul_precision)
   if not isinstance(model, LlamaLM):  # before the data, which takes the longest
     raise ConfigError(f"task draft distills a LLaMA-family draft from a decoder-only LLaMA-family target; "
-                      f"{cfg.model.path!r} is a {type(model).__name__}. For an encoder-decoder (T5) target, train a "
-                      "smaller T5 on the same data with task seq2seq (as configs/t5_numbers_draft.yaml does).")
+                      f"{cfg.model.path!r} is a {type(model).__name__}. For an encoder-decoder (T5) target a smaller "
+                      "T5 trained on the same task serves as the draft (configs/t5_numbers_draft.yaml trains one for "
+                      "the shipped numbers T5 with task seq2seq).")
   if cfg.draft.init == "target_layers" and cfg.draft.n_layers > model.cfg.n_layers:
     raise ConfigError(f"draft.n_layers={cfg.draft.n_layers} is more than the target's {model.cfg.n_layers} layers")
   ckpt_dir = Path(cfg.train.checkpoint_dir)

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from jaxspec import files
 from training.bpd import BPDTrainConfig, DataSection, train_bpd
 from training.cllm import CLLMTrainConfig, train_cllm
 from training.config import ConfigError, load_config, read_config_file
@@ -97,6 +96,10 @@ def check_processes(cfg: Any) -> None:
                       "e.g. mesh=data=-1,model=1, so the processes train one model together.")
 
 
+# Files the exports write besides config.json and their weights, which a folder of someone's own may hold too.
+EXPORT_TEXT_FILES = ("README.md", "training.json", "tokenizer.json")
+
+
 def check_writable(cfg: Any) -> None:
   """Fails before any work when the run's output or checkpoint folder cannot be written (so a long run does not end
   in an error when it saves)."""
@@ -126,14 +129,13 @@ def check_writable(cfg: Any) -> None:
         if (folder / name).is_dir():
           raise ConfigError(f"{str(folder / name)!r} is a folder where the run writes a file: move it away, or set "
                             "train.checkpoint_dir to another folder")
-    if key == "out" and folder.is_dir():
-      # Every export writes a config.json (last or with its weights): a folder of other files is not an export,
-      # and the export's config.json, weights and README.md would replace files of the same names there.
-      others = sorted(p.name for p in folder.iterdir() if p.is_file() and not files.is_temporary(p))
-      if others and "config.json" not in others:
-        raise ConfigError(f"out={str(folder)!r} holds other files ({', '.join(others[:3])}"
-                          f"{', ...' if len(others) > 3 else ''}) and no earlier export: the export would write "
-                          "over files of the same names there. Choose a new or empty folder.")
+    if key == "out" and folder.is_dir() and not (folder / "config.json").exists():
+      # Not an earlier export (each writes a config.json): files there that an export would replace are someone's
+      # own, such as a project's README.md. Anything else (hidden files, a checkpoint folder's files) is left alone.
+      mine = sorted(n for n in EXPORT_TEXT_FILES if (folder / n).is_file())
+      if mine:
+        raise ConfigError(f"out={str(folder)!r} holds {', '.join(mine)} and no earlier export (no config.json): the "
+                          "export would write over it. Choose a new or empty folder.")
 
 
 # The model each shipped folder of jaxspec/assets belongs to (None: the embedded default model; a name: another
