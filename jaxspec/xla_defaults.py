@@ -2,8 +2,9 @@
 CPUs").
 
 XLA:CPU compiles a one-token step's matrix-vector products and its fused element-wise work to LLVM code that uses
-256-bit vectors unless told otherwise. On CPUs with AVX-512, 512-bit vectors made a greedy step of the default model
-about 9 % shorter on the 2-core Intel Xeon VM this project ran on (the same tokens). XLA reads its options once, when
+256-bit vectors unless told otherwise. On Intel CPUs with AVX-512, 512-bit vectors made a greedy step of the default
+model about 9 % shorter on the 2-core Intel Xeon VM this project ran on (the same tokens); on an AMD EPYC with AVX-512
+they did not (no faster in two runs each, greedy at batch 1 10 % slower in one), so they are chosen for Intel only. XLA reads its options once, when
 the CPU backend starts, so they must be in `XLA_FLAGS` before anything touches a device: `jaxspec`'s command line
 calls `apply_cpu_defaults()` first thing; library users can call it the same way, before their first JAX operation.
 
@@ -18,8 +19,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# (a CPU feature flag of /proc/cpuinfo, the XLA option it enables)
-CPU_DEFAULTS = (("avx512f", "--xla_cpu_prefer_vector_width=512"),)
+# (what /proc/cpuinfo must list: feature flags and the vendor_id, the XLA option they enable)
+CPU_DEFAULTS = ((("avx512f", "GenuineIntel"), "--xla_cpu_prefer_vector_width=512"),)
 OFF = "JAXSPEC_XLA_DEFAULTS"
 # jaxlib releases whose XLA takes the options above: 0.10.2 (pinned, tested) and 0.11.2 (ran them on a GPU machine)
 KNOWN_JAXLIB = ("0.10.", "0.11.")
@@ -35,15 +36,20 @@ def jaxlib_version() -> str | None:
 
 
 def cpu_features(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> set[str]:
-  """The feature flags of the first CPU in `cpuinfo` (empty where there is no such file, as on macOS)."""
+  """The feature flags of the first CPU in `cpuinfo` and its vendor_id, e.g. {"avx512f", ..., "GenuineIntel"}
+  (empty where there is no such file, as on macOS)."""
   try:
     text = Path(cpuinfo).read_text()
   except OSError:
     return set()
-  for line in text.splitlines():
-    if line.startswith("flags") and ":" in line:
-      return set(line.split(":", 1)[1].split())
-  return set()
+  found: set[str] = set()
+  for line in text.split("\n\n", 1)[0].splitlines():  # the first CPU's block
+    key, _, value = line.partition(":")
+    if key.strip() == "flags":
+      found |= set(value.split())
+    elif key.strip() == "vendor_id":
+      found.add(value.strip())
+  return found
 
 
 def cpu_defaults(environ: dict | None = None, features: set[str] | None = None,
@@ -60,8 +66,8 @@ def cpu_defaults(environ: dict | None = None, features: set[str] | None = None,
   if given and not given.startswith("-"):
     return []  # XLA reads a value that is not options as the name of a file of options
   features = cpu_features() if features is None else features
-  return [flag for feature, flag in CPU_DEFAULTS
-          if feature in features and flag.split("=", 1)[0] not in given]
+  return [flag for needs, flag in CPU_DEFAULTS
+          if set(needs) <= features and flag.split("=", 1)[0] not in given]
 
 
 def apply_cpu_defaults(environ: dict | None = None, features: set[str] | None = None) -> list[str]:
