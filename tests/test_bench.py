@@ -723,6 +723,11 @@ def test_report_speedup_tokens_per_second_and_tau_per_category():
   assert "compilation cache" not in report.markdown(res)
   res["environment"]["compilation_cache_dir"] = "/tmp/xla-cache"
   assert "persistent compilation cache /tmp/xla-cache" in report.markdown(res)
+  # Sampled runs compare no tokens; the report says how exactness is shown instead of leaving "n/a" unexplained.
+  assert "differ from greedy" in md and "random draws" not in md
+  sampled = report.markdown({**res, "config": {**res["config"], "temperature": 1.0}})
+  assert "## Exactness" in sampled and "Sampled outputs are random draws" in sampled
+  assert "differ from greedy" not in sampled
   # A label longer than the column (a heads folder in the options) widens it: every row's τ ends at one offset.
   long = "bpd:heads=jaxspec/assets/bpd_t5_numbers:k=4"
   res["methods"][long] = res["methods"]["fast"]
