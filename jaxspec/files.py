@@ -31,7 +31,6 @@ from typing import Any, Callable, Mapping
 Writer = Callable[[Path], None]  # writes the whole content to the path it is given
 
 
-
 def file_mode() -> int:
   """The permissions open() gives a new file under this process's umask now. Some writers (safetensors' save_file)
   create their files readable by their owner only; every file written here gets these instead, so an export in a

@@ -17,8 +17,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import math
+import os
 import platform
 import resource
 import signal

@@ -58,15 +58,17 @@ def model_config(cls, where: str, **fields):
                          f"restore the model's original {where}.") from None
 
 
-def unread_tensors(shown: str, names: list[str]) -> None:
-  """Warns of tensors outside the layers that jaxspec's LLaMA does not read (`shown`: the file or folder). Inside the
-  layers such a tensor is refused (it changes what every layer computes); outside them it may be a part a text model
-  runs without, such as a multimodal model's vision tower, so it is skipped and named."""
+def unread_tensors(shown: str, names: list[str], what: str = "outside the layers that jaxspec's LLaMA does not read",
+                   note: str = "skipped. A text model with extra parts (a vision tower, a projector) runs as the text "
+                               "model without them; if the model needs them it is another architecture, and its "
+                               "outputs will differ.") -> None:
+  """Warns of the tensors `names` a loader skips (`shown`: the file or folder; `what`: which they are; `note`: why
+  skipping them is allowed and what it risks). The defaults are the LLaMA loaders': inside the layers an unknown
+  tensor is refused (it changes what every layer computes); outside them it may be a part a text model runs
+  without, such as a multimodal model's vision tower, so it is skipped and named."""
   if names:
-    logger.warning("%s holds %d %s outside the layers that jaxspec's LLaMA does not read, e.g. %r; skipped. A text "
-                   "model with extra parts (a vision tower, a projector) runs as the text model without them; if "
-                   "the model needs them it is another architecture, and its outputs will differ.", shown,
-                   len(names), "tensor" if len(names) == 1 else "tensors", names[0])
+    logger.warning("%s holds %d %s %s, e.g. %r; %s", shown, len(names), "tensor" if len(names) == 1 else "tensors",
+                   what, names[0], note)
 
 
 def more_layers(shown: str, layers: int, found: int, key: str) -> ModelLoadError:

@@ -17,18 +17,16 @@ scaled).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import re
 
 import jax.numpy as jnp
 import numpy as np
 
 from jaxspec import files
-from jaxspec.loading.errors import ModelLoadError, model_config, more_layers, positive_number, whole_number
+from jaxspec.loading.errors import (ModelLoadError, model_config, more_layers, positive_number, unread_tensors,
+                                     whole_number)
 from jaxspec.loading.hf import _flatten, check_weights
 from jaxspec.models.t5 import T5Config, T5LM
-
-logger = logging.getLogger(__name__)
 
 ARCHITECTURES = ("T5ForConditionalGeneration", "T5Model", "MT5ForConditionalGeneration")
 
@@ -125,11 +123,9 @@ def warn_unread(folder: str, names) -> None:
   """Warns of tensors jaxspec's T5 does not read (other than `_UNREAD`): transformers' T5 skips them too (with a
   warning), so the output is still transformers', but a model that needs them (biases, per-layer position tables)
   is another architecture."""
-  unread = [n for n in names if n not in _UNREAD and _target(n) is None]
-  if unread:
-    logger.warning("%s holds %d %s jaxspec's T5 does not read, e.g. %r; skipped, as transformers' T5 skips them: if "
-                   "the model needs them (biases, a position table per layer), it is another architecture and its "
-                   "outputs will differ.", folder, len(unread), "tensor" if len(unread) == 1 else "tensors", unread[0])
+  unread_tensors(folder, [n for n in names if n not in _UNREAD and _target(n) is None], "jaxspec's T5 does not read",
+                 "skipped, as transformers' T5 skips them: if the model needs them (biases, a position table per "
+                 "layer), it is another architecture and its outputs will differ.")
 
 
 def _source(key: tuple[str, ...]) -> str:
