@@ -355,9 +355,23 @@ def test_task_configs_need_a_task_positive_counts_and_writable_folders(tmp_path)
   for name in (".gitkeep", files.temporary("config.json").name, "model.safetensors", "config.yaml", "metrics.jsonl"):
     (project / name).write_text("x")
   check_writable(cfg)
-  (project / "config.json").write_text("{}")
-  (project / "README.md").write_text("an earlier export's")
+  # A config.json no export wrote (a Hugging Face model's folder, say, or one that does not parse) is refused too;
+  # an export's (known by its entry in config.json, or a T5 export's training.json beside it) may be replaced.
+  (project / "README.md").write_text("a model card")
+  for text in ('{"model_type": "llama"}', "{", "[]"):
+    (project / "config.json").write_text(text)
+    with pytest.raises(ConfigError, match=r"holds a config\.json that no jaxspec export wrote \(a model's folder\?\)"):
+      check_writable(cfg)
+  for marker in ("bpd", "ngram", "jaxspec_eagle", "jaxspec_draft", "lora"):
+    (project / "config.json").write_text(json.dumps({marker: {}}))
+    check_writable(cfg)
+  (project / "config.json").write_text('{"model_type": "t5"}')
+  (project / "training.json").write_text("{}")
   check_writable(cfg)
+  from jaxspec.bench.methods import ASSETS
+  from training.tasks import earlier_export
+  shipped = sorted(p for p in ASSETS.iterdir() if (p / "config.json").is_file())
+  assert len(shipped) >= 7 and all(earlier_export(p) for p in shipped)  # every kind of export is known by its files
 
 
 def test_a_run_for_another_model_does_not_write_over_the_shipped_parts(tmp_path):

@@ -129,13 +129,34 @@ def check_writable(cfg: Any) -> None:
         if (folder / name).is_dir():
           raise ConfigError(f"{str(folder / name)!r} is a folder where the run writes a file: move it away, or set "
                             "train.checkpoint_dir to another folder")
-    if key == "out" and folder.is_dir() and not (folder / "config.json").exists():
-      # Not an earlier export (each writes a config.json): files there that an export would replace are someone's
-      # own, such as a project's README.md. Anything else (hidden files, a checkpoint folder's files) is left alone.
+    if key == "out" and folder.is_dir():
+      if (folder / "config.json").exists():
+        if not earlier_export(folder):  # a model's own folder, say: the export would replace its config.json
+          raise ConfigError(f"out={str(folder)!r} holds a config.json that no jaxspec export wrote (a model's "
+                            "folder?): the export would write over it. Choose a new or empty folder.")
+        continue
+      # Not an earlier export: files there that an export would replace are someone's own, such as a project's
+      # README.md. Anything else (hidden files, a checkpoint folder's files) is left alone.
       mine = sorted(n for n in EXPORT_TEXT_FILES if (folder / n).is_file())
       if mine:
         raise ConfigError(f"out={str(folder)!r} holds {', '.join(mine)} and no earlier export (no config.json): the "
                           "export would write over it. Choose a new or empty folder.")
+
+
+# The entry of config.json by which each export is known: BPD heads, n-gram rescorer, EAGLE draft, distilled draft,
+# LoRA adapter. A seq2seq (T5) export is a plain Hugging Face folder known by the training.json beside it.
+EXPORT_MARKERS = ("bpd", "ngram", "jaxspec_eagle", "jaxspec_draft", "lora")
+
+
+def earlier_export(folder: Path) -> bool:
+  """Whether `folder` holds what a `jaxspec train` run exported (which a rerun may replace)."""
+  if (folder / "training.json").is_file():
+    return True
+  try:
+    config = json.loads((folder / "config.json").read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(config, dict) and any(k in config for k in EXPORT_MARKERS)
 
 
 # The model each shipped folder of jaxspec/assets belongs to (None: the embedded default model; a name: another
