@@ -225,7 +225,8 @@ def test_whole_floats_in_the_config_still_load(tiny_hf, tmp_path):
   assert model.cfg.d_model == cfg["hidden_size"]
 
 
-@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.bias", "model.layers.1.self_attn.q_norm.weight"])
+@pytest.mark.parametrize("name", ["model.layers.0.self_attn.q_proj.bias", "model.layers.1.self_attn.q_norm.weight",
+                                  "lm_head.bias"])
 def test_tensors_jaxspec_would_skip_are_refused(tiny_hf, tmp_path, name):
   folder = copy_of(tiny_hf, tmp_path)
   weights = load_file(str(folder / "model.safetensors"))
@@ -236,17 +237,20 @@ def test_tensors_jaxspec_would_skip_are_refused(tiny_hf, tmp_path, name):
 
 
 def test_tensors_outside_the_layers_it_does_not_read_are_named(tiny_hf, tmp_path, caplog):
-  """A vision tower's weights are skipped with a warning that names them; a rotary buffer is skipped quietly."""
+  """A vision tower's weights (and biases: the layers have none, a tower has) are skipped with a warning that names
+  them; a rotary buffer is skipped quietly."""
   folder = copy_of(tiny_hf, tmp_path)
   weights = load_file(str(folder / "model.safetensors"))
   weights["model.vision_tower.proj.weight"] = np.ones((4, 4), np.float32)
+  weights["model.vision_tower.proj.bias"] = np.ones(4, np.float32)
   weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(4, np.float32)
   save_file(weights, str(folder / "model.safetensors"))
   with caplog.at_level("WARNING", logger="jaxspec.loading"):
     load_hf(str(folder))
   warned = [r.getMessage() for r in caplog.records if r.name == "jaxspec.loading"]
-  assert len(warned) == 1 and "holds 1 tensor outside the layers" in warned[0], warned
-  assert "'model.vision_tower.proj.weight'; skipped" in warned[0] and "inv_freq" not in warned[0]
+  assert len(warned) == 1 and "holds 2 tensors outside the layers" in warned[0], warned
+  assert "e.g. 'model.vision_tower.proj." in warned[0], warned
+  assert "inv_freq" not in warned[0]
   caplog.clear()
   with caplog.at_level("WARNING", logger="jaxspec.loading"):
     load_hf(str(tiny_hf))
@@ -401,18 +405,21 @@ def test_plain_gguf_loads(tmp_path):
     ({"rope_freqs.weight": np.full(8, 8.0, np.float32)}, "rope_freqs.weight: per-frequency RoPE scaling"),
     ({"blk.0.attn_q.bias": np.ones(64, np.float32)}, "'blk.0.attn_q.bias'; jaxspec's LLaMA layers have no bias"),
     ({"blk.1.attn_q_norm.weight": np.ones(16, np.float32)}, "'blk.1.attn_q_norm.weight', a layer tensor"),
-], ids=["rope-freqs", "bias", "qk-norm"])
+    ({"output.bias": np.ones(8, np.float32)}, "'output.bias'; jaxspec's LLaMA layers have no bias"),
+], ids=["rope-freqs", "bias", "qk-norm", "output-bias"])
 def test_gguf_tensors_jaxspec_would_skip_are_refused(tmp_path, extra, message):
   with pytest.raises(ModelLoadError, match=message):
     gguf_loader.load_gguf(str(write_gguf(tmp_path / "m.gguf", extra=extra)))
 
 
 def test_gguf_tensors_outside_the_layers_it_does_not_read_are_named(tmp_path, caplog):
-  extra = {"mm.proj.weight": np.ones((4, 4), np.float32), "blk.0.attn_rot_embd.weight": np.ones(4, np.float32)}
+  extra = {"mm.proj.weight": np.ones((4, 4), np.float32), "mm.proj.bias": np.ones(4, np.float32),
+           "blk.0.attn_rot_embd.weight": np.ones(4, np.float32)}
   with caplog.at_level("WARNING", logger="jaxspec.loading"):
     gguf_loader.load_gguf(str(write_gguf(tmp_path / "m.gguf", extra=extra)))
   warned = [r.getMessage() for r in caplog.records if r.name == "jaxspec.loading"]
-  assert len(warned) == 1 and "holds 1 tensor outside the layers" in warned[0] and "'mm.proj.weight'" in warned[0]
+  assert len(warned) == 1 and "holds 2 tensors outside the layers" in warned[0], warned
+  assert "e.g. 'mm.proj." in warned[0], warned
   caplog.clear()
   with caplog.at_level("WARNING", logger="jaxspec.loading"):
     gguf_loader.load_gguf(str(write_gguf(tmp_path / "plain.gguf")))

@@ -151,7 +151,9 @@ def _target(name: str, cfg: LlamaConfig):
   if name == "rope_freqs.weight":
     raise ModelLoadError("The file holds rope_freqs.weight: per-frequency RoPE scaling (as Llama 3.1+ uses), which "
                          "jaxspec does not implement (plain RoPE only); positions would be encoded wrongly.")
-  if name.endswith(".bias"):
+  if name.endswith(".bias") and (name.startswith("blk.") or name in ("token_embd.bias", "output_norm.bias",
+                                                                      "output.bias")):
+    # (a bias outside the blocks on a tensor jaxspec does not read, a vision projector's say, is skipped with it)
     raise ModelLoadError(f"The file holds {name!r}; jaxspec's LLaMA layers have no bias terms, so this model cannot "
                          "run correctly.")
   if name == "token_embd.weight":

@@ -122,14 +122,20 @@ _NAMES = {
 }
 
 
+# Biases of the tensors outside the layers that jaxspec reads; biases elsewhere outside the layers (a vision tower's,
+# say) belong to parts jaxspec does not run, and are skipped with the rest of those parts.
+_READ_BIASES = ("model.embed_tokens.bias", "model.norm.bias", "lm_head.bias")
+
+
 def _target(name: str):
   """The param path of a tensor name; None for a tensor jaxspec does not use.
 
   Raises:
-    ModelLoadError: a bias, or a layer parameter jaxspec's LLaMA lacks (e.g. Qwen3's q_norm): skipping it would run
+    ModelLoadError: a bias in the layers or on the embedding, final norm or output head, or a layer parameter
+      jaxspec's LLaMA lacks (e.g. Qwen3's q_norm): skipping it would run
       a different function from the model's.
   """
-  if name.endswith(".bias"):
+  if name.endswith(".bias") and (_LAYER.fullmatch(name) or name in _READ_BIASES):
     raise ModelLoadError(f"The weights hold {name!r}; jaxspec's LLaMA layers have no bias terms, so this model "
                          "cannot run correctly.")
   if name == "model.embed_tokens.weight":
