@@ -3,15 +3,17 @@ CPUs").
 
 XLA:CPU compiles a one-token step's matrix-vector products and its fused element-wise work to LLVM code that uses
 256-bit vectors unless told otherwise. On Intel CPUs with AVX-512, 512-bit vectors made a greedy step of the default
-model about 9 % shorter on the 2-core Intel Xeon VM this project ran on (the same tokens); on an AMD EPYC with AVX-512
-they did not (no faster in two runs each, greedy at batch 1 10 % slower in one), so they are chosen for Intel only. XLA reads its options once, when
-the CPU backend starts, so they must be in `XLA_FLAGS` before anything touches a device: `jaxspec`'s command line
-calls `apply_cpu_defaults()` first thing; library users can call it the same way, before their first JAX operation.
+model about 9 % shorter on the 2-core Intel Xeon VM this project ran on (the same tokens); on a 2-core AMD EPYC with
+AVX-512 they did not (greedy at batch 1 15 % and 5 % slower in two runs each), so they are chosen for Intel only. XLA
+reads its options once, when the CPU backend starts, so they must be in `XLA_FLAGS` before anything touches a device:
+`jaxspec`'s command line calls `apply_cpu_defaults()` first thing; library users can call it the same way, before
+their first JAX operation.
 
 An option the user already gave in `XLA_FLAGS` (with any value) is left as it is, and `JAXSPEC_XLA_DEFAULTS=0` turns
 the defaults off. Options are added only under the jaxlib releases they were seen to work with (`KNOWN_JAXLIB`): XLA
-ends the process at an option it does not know, and releases drop options. Nothing is added once JAX's backends have started (it would not take effect, and would only make
-`XLA_FLAGS` say something untrue to the processes this one starts), nor to an `XLA_FLAGS` that names a flags file.
+ends the process at an option it does not know, and releases drop options. Nothing is added once JAX's backends have
+started (it would not take effect, and would only make `XLA_FLAGS` say something untrue to the processes this one
+starts), nor to an `XLA_FLAGS` that names a flags file.
 """
 
 from __future__ import annotations
