@@ -243,6 +243,8 @@ def test_config_unknown_key_names_it_and_the_valid_keys(tmp_path):
         ("optim.lr=nan", r"'optim\.lr' must be a finite float, got 'nan'"),
         ("optim.lr=1e999", r"'optim\.lr' must be a finite float, got '1e999'"),  # YAML reads it as text; float: inf
         ("optim.lr=1" + "0" * 400, r"'optim\.lr' must be a finite float, got 1000"),  # an int beyond float's range
+        ("optim.lr=" + "9" * 5000, r"'optim\.lr' must be a finite float, got '9999"),  # more digits than int() reads
+        ("optim.warmup_steps=" + "9" * 5000, r"'optim\.warmup_steps' must be int, got '9999"),
         ("data.shuffle=3", r"'data\.shuffle' must be bool, got 3"),
         ("dims=[1, x]", r"'dims\[1\]' must be int, got 'x'"),
         ("dims=7", r"'dims' must be a list of int, got 7"),
@@ -272,6 +274,11 @@ def test_empty_text_settings_are_refused(tmp_path):
 def test_config_file_infinity_is_refused(tmp_path):
   with pytest.raises(ConfigError, match=r"'optim\.lr' must be a finite float, got inf \(float\)"):
     load_config(_write(tmp_path, "run.yaml", YAML.replace("lr: 3e-4", "lr: .inf")), RunConfig, [])
+  # A whole number of more digits than Python's int() reads ended in a ValueError traceback from the YAML reader.
+  with pytest.raises(ConfigError, match=r"holds a whole number of more than \d+ digits, which Python does not read"):
+    load_config(_write(tmp_path, "run.yaml", YAML.replace("lr: 3e-4", "lr: " + "9" * 5000)), RunConfig, [])
+  from training.config import _type_name
+  assert _type_name(tuple[float, ...]) == "a list of finite floats"  # not "a list of a finite float"
 
 
 def test_config_literal(tmp_path):

@@ -14,6 +14,7 @@ import difflib
 import math
 import os
 import re
+import sys
 import tomllib
 import types
 import typing
@@ -48,7 +49,7 @@ class _Override:
   def parsed(self) -> Any:
     try:
       return yaml.safe_load(self.text) if self.text.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError):  # ValueError: an int of more digits than Python converts (4300)
       return self.text
 
 
@@ -135,7 +136,10 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     else:
       with path.open("r", encoding="utf-8") as f:
         data = yaml.load(f, Loader=_UniqueKeyLoader)
-  except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+  except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as e:
+    if type(e) is ValueError:  # from Python's int(): no setting takes a whole number of thousands of digits
+      raise ConfigError(f"config file {str(path)!r} holds a whole number of more than "
+                        f"{sys.get_int_max_str_digits()} digits, which Python does not read: no setting needs one") from e
     raise ConfigError(f"config file {str(path)!r} is not valid {suffix[1:].upper()}: {_one_line(e)}") from e
   if data is None:
     return {}
@@ -258,7 +262,7 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
     try:
       raw = yaml.safe_load(path.read_text(encoding="utf-8"))
       ok = isinstance(raw, Mapping)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError):
       ok = False
     if not ok:  # the settings the checkpoints were trained with cannot be compared: refuse rather than guess
       raise ConfigError(f"{path} is damaged (not a YAML mapping of the run's settings), so whether the checkpoints "
@@ -478,11 +482,11 @@ def _type_name(tp: Any) -> str:
   if origin is Literal:
     return "one of " + ", ".join(repr(a) for a in args)
   if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-    return f"a list of {_type_name(args[0])}"
+    return f"a list of {'finite floats' if args[0] is float else _type_name(args[0])}"
   if origin is tuple and args:
     return f"a list of {len(args)} items ({', '.join(_type_name(a) for a in args)})"
   if origin in (list, Sequence, typing.Sequence) and args:
-    return f"a list of {_type_name(args[0])}"
+    return f"a list of {'finite floats' if args[0] is float else _type_name(args[0])}"
   if origin in (dict, Mapping, typing.Mapping):
     return "a mapping"
   if dataclasses.is_dataclass(tp) and isinstance(tp, type):
