@@ -719,6 +719,13 @@ def test_report_speedup_tokens_per_second_and_tau_per_category():
   import jax
 
   assert environment()["compilation_cache_dir"] == (jax.config.jax_compilation_cache_dir or None)
+  # ... and the folder a user names in JAX_COMPILATION_CACHE_DIR is the one recorded (checked in a fresh process).
+  import subprocess
+  import sys
+  code = "from jaxspec.bench.runner import environment; print(environment()['compilation_cache_dir'])"
+  env = dict(os.environ, JAX_COMPILATION_CACHE_DIR="/tmp/users-xla-cache")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+  assert out.stdout.strip().splitlines()[-1:] == ["/tmp/users-xla-cache"], out.stderr[-2000:]
   res["environment"]["compilation_cache_dir"] = None  # as without JAX_COMPILATION_CACHE_DIR
   assert "compilation cache" not in report.markdown(res)
   res["environment"]["compilation_cache_dir"] = "/tmp/xla-cache"
