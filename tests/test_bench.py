@@ -408,7 +408,7 @@ def test_a_killed_run_goes_on_where_it_stopped(tmp_path, prompt_file, methods, b
   assert bomb["calls"] == [5, 5 + 1, 5 + 2]  # the warm-up (seed 5), then batches 1 and 2 only
   assert res["complete"] and res["environment"]["resumed_runs"] == 4 and not prog.exists()
   report_md = (tmp_path / "out" / "report.md").read_text()
-  assert "method runs (a method on a prompt batch) restored from the killed process: 4" in report_md
+  assert "method runs (a method on a prompt batch) restored from earlier processes: 4" in report_md
 
   whole = run_bench(dataclasses.replace(cfg, out=str(tmp_path / "whole")), methods, None, ByteTokenizer(),
                     progress=False)
@@ -502,9 +502,10 @@ def test_ctrl_c_while_the_report_is_written_keeps_every_run(tmp_path, prompt_fil
   assert (out / "report.md").exists() and not (out / "progress.jsonl").exists()
 
 
-def test_a_run_that_starts_over_removes_the_previous_runs_files(tmp_path, prompt_file, methods, bomb):
-  """A finished run's report, outputs and plots go when another run starts in its folder, so a kill leaves no
-  complete-looking folder of old figures; the killed run's progress stays for the run that resumes it."""
+def test_a_run_that_starts_over_removes_the_previous_runs_files(tmp_path, prompt_file, methods, bomb, monkeypatch):
+  """A finished run's report, outputs and plots go when another run in its folder has kept a run of its own, so a
+  kill leaves no complete-looking folder of old figures; the killed run's progress stays for the run that resumes
+  it. A run stopped before it kept anything leaves the old results as they were (they were deleted at its start)."""
   out = tmp_path / "out"
   cfg = BenchConfig(prompts=prompt_file, methods=("oracle",), quick=True, out=str(out))
   run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
@@ -519,6 +520,17 @@ def test_a_run_that_starts_over_removes_the_previous_runs_files(tmp_path, prompt
                                        "them, or --fresh to replace them"):
     run_bench(again, methods, None, ByteTokenizer(), progress=False)
   assert {name: (out / name).read_bytes() for name in old} == before and bomb["calls"] == []
+  import jaxspec.bench.runner as runner_mod
+
+  def stopped(ctx, opts):
+    def run(*args):
+      raise KeyboardInterrupt
+    return run
+  with monkeypatch.context() as m:  # the same command again, stopped (Ctrl-C) in its first run
+    m.setitem(runner_mod.METHODS, "greedy", MethodSpec("greedy", "test: stopped at once", True, stopped))
+    with pytest.raises(KeyboardInterrupt):
+      run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert {name: (out / name).read_bytes() for name in old} == before and not (out / "progress.jsonl").exists()
   with pytest.raises(Killed):
     run_bench(dataclasses.replace(again, fresh=True), methods, None, ByteTokenizer(), progress=False)
   assert sorted(p.name for p in out.iterdir()) == ["progress.jsonl"]
@@ -721,7 +733,6 @@ def test_report_speedup_tokens_per_second_and_tau_per_category():
   assert environment()["compilation_cache_dir"] == (jax.config.jax_compilation_cache_dir or None)
   # ... and the folder a user names in JAX_COMPILATION_CACHE_DIR is the one recorded (checked in a fresh process).
   import subprocess
-  import sys
   code = "from jaxspec.bench.runner import environment; print(environment()['compilation_cache_dir'])"
   env = dict(os.environ, JAX_COMPILATION_CACHE_DIR="/tmp/users-xla-cache")
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
@@ -735,6 +746,10 @@ def test_report_speedup_tokens_per_second_and_tau_per_category():
   sampled = report.markdown({**res, "config": {**res["config"], "temperature": 1.0}})
   assert "## Exactness" in sampled and "Sampled outputs are random draws" in sampled
   assert "differ from greedy" not in sampled
+  # The header names what the figures depend on: a sampled run's seed, a mesh (the audit found neither there).
+  assert "top-p 1.0, seed 0" in sampled and "seed" not in md.split("##")[0] and "mesh" not in md
+  meshed = report.markdown({**res, "config": {**res["config"], "mesh": "data=2,model=4"}})
+  assert "params sharded over the mesh data=2,model=4" in meshed.split("##")[0]
   # A label longer than the column (a heads folder in the options) widens it: every row's τ ends at one offset.
   long = "bpd:heads=jaxspec/assets/bpd_t5_numbers:k=4"
   res["methods"][long] = res["methods"]["fast"]
@@ -817,6 +832,40 @@ def test_one_method_written_two_ways_is_refused_and_a_failed_run_leaves_no_empty
   (tmp_path / "file").write_text("x")
   with pytest.raises(InputError, match="Cannot write the results folder .*file: it is a file. Pass another --out"):
     run_bench(dataclasses.replace(cfg, out=str(tmp_path / "file")), None, None, ByteTokenizer(), progress=False)
+
+
+def test_a_resumed_bench_takes_what_its_methods_measured(tmp_path, prompt_file, methods, monkeypatch):
+  """A choice a method measures when it is built (opt-tree's nodes=auto budget, gate=auto) is kept with the runs, and
+  a resumed run's build is given it back: measured anew (on a busier machine, say) it could differ, and the results
+  would merge runs of two settings under the last one's name."""
+  import jaxspec.bench.runner as runner_mod
+
+  given, calls, budgets = [], [], iter([16, 32, 48])
+
+  def build(ctx, opts):
+    given.append(dict(ctx.measured))
+    nodes = ctx.measured.get("nodes") or next(budgets)
+    inner = loop_runner(ctx)
+
+    def run(prompts, max_new_tokens, seed):
+      calls.append(seed)
+      if len(calls) == 3 and len(given) == 1:  # the first process is killed in batch 1
+        raise KeyboardInterrupt
+      return inner(prompts, max_new_tokens, seed)
+
+    run.measured, run.note = {"nodes": nodes}, f"nodes={nodes}"
+    return run
+
+  monkeypatch.setitem(runner_mod.METHODS, "auto", MethodSpec("auto", "test: measures when built", True, build))
+  cfg = BenchConfig(prompts=prompt_file, methods=("auto",), max_new_tokens=6, batch_size=2, out=str(tmp_path / "o"))
+  with pytest.raises(KeyboardInterrupt):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert given == [{}, {"nodes": 16}] and res["environment"]["resumed_runs"] == 2
+  assert res["methods"]["auto"]["note"] == "nodes=16"
+  # The same command over the finished results starts over, and measures again.
+  res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert given[-1] == {} and res["methods"]["auto"]["note"] == "nodes=32"
 
 
 def test_a_mesh_written_another_way_resumes(tmp_path, prompt_file, methods, bomb):

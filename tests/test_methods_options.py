@@ -257,6 +257,37 @@ def test_costs_for_a_budget_or_a_gate_are_measured_at_the_runs_batch(target, hos
   assert batches == [3, 3, 3]  # the target's verify costs, the draft's, the gate's
 
 
+def test_a_resumed_run_takes_the_budget_and_gate_its_killed_run_measured(target, host_parts, monkeypatch):
+  """`nodes=auto` and `gate=auto` are measured on the machine as it is: a bench resumed on a busier machine measured
+  anew and merged runs of a 16-node tree with runs of a 32-node one under the second's name (found by an audit). The
+  build reports what it measured (`run.measured`), and given it back (`ctx.measured`) it measures nothing."""
+  from tests.test_bench import ByteTokenizer  # the calibration decodes the quick prompts
+
+  model, params = target
+  monkeypatch.setattr("jaxspec.bench.cost.forward_cost",
+                      lambda model, params, sizes, **kw: {n: 1 + 0.05 * (n - 1) for n in sizes})
+  opts = {"drafter": "draft", "draft": str(host_parts / "draft"), "nodes": "auto", "gate": "auto"}
+  first = methods_mod.build(BenchContext(model, params, ByteTokenizer()), "opt-tree", opts)
+  assert set(first.measured) == {"nodes", "depth", "nodes_note", "gate", "gate_note"}
+  n, d, g = first.measured["nodes"], first.measured["depth"], first.measured["gate"]
+
+  def measures(*args, **kwargs):
+    raise AssertionError("measured again")
+  monkeypatch.setattr("jaxspec.bench.cost.forward_cost", measures)
+  monkeypatch.setattr("jaxspec.decoding.generate.generate", measures)
+  earlier = dict(first.measured, nodes=n + 3, gate=g + 0.5)  # as a busier machine's run might have chosen
+  again = methods_mod.build(BenchContext(model, params, ByteTokenizer(), measured=earlier), "opt-tree", opts)
+  assert again.measured == earlier and f"nodes={n + 3} depth={min(d, n + 3)}" in again.note
+  assert f"gate={g + 0.5:.2f}" in again.note and "measured by the process this run resumes" in again.note
+  # Something unreadable there is measured again, not trusted.
+  monkeypatch.undo()
+  monkeypatch.setattr("jaxspec.bench.cost.forward_cost",
+                      lambda model, params, sizes, **kw: {n: 1 + 0.05 * (n - 1) for n in sizes})
+  fresh = methods_mod.build(BenchContext(model, params, ByteTokenizer(), measured={"nodes": "x", "gate": None}),
+                            "opt-tree", opts)
+  assert fresh.measured == first.measured and "resumes" not in fresh.note
+
+
 def test_sampling_runs_calibrate_trees_at_their_temperature_and_refuse_argmax_rules(target, parts, monkeypatch):
   """A static tree's prior is calibrated at the run's sampling settings: calibrated at temperature 0, a sampling
   tree's children below the first all got probability ~0 (the prior log(1e-6) = -13.8), so the tree was a chain, and

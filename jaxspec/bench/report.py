@@ -113,14 +113,16 @@ def markdown(res: dict) -> str:
          else "") + f"); max new tokens {cfg['max_new_tokens']}; "
       f"batch size {cfg['batch_size']}; " + ("greedy" if greedy else
                                              f"temperature {cfg['temperature']}, top-k {cfg['top_k']}, "
-                                             f"top-p {cfg['top_p']}"),
+                                             f"top-p {cfg['top_p']}, seed {cfg.get('seed', 0)}")
+      + (f"; params sharded over the mesh {cfg['mesh']} (the Hugging Face baselines run in torch, off it)"
+         if cfg.get("mesh") else ""),
       f"- jax {env['jax']} on {env['backend']} ({', '.join(sorted(set(env['devices'])))} ×{env['device_count']}), "
       f"CPU {env['cpu']} ×{env['cpu_count']}, load average at start {_load(env['load_avg'])}",
       f"- wall time {env['wall_s']:.0f} s, peak RSS {env['peak_rss_bytes'] / 2**20:.0f} MiB"
       + (f", peak memory of the fullest device {env['device_peak_bytes'] / 2**20:.0f} MiB (JAX's arrays)"
          if env.get("device_peak_bytes") else "")
-      + (f"; resumed after a kill: method runs (a method on a prompt batch) restored from the killed process: "
-         f"{env['resumed_runs']} (wall time and peak RSS are this process's, compile time both's)"
+      + (f"; resumed after a kill: method runs (a method on a prompt batch) restored from earlier processes: "
+         f"{env['resumed_runs']} (wall time and peak RSS are the last process's, compile time all of theirs)"
          if env.get("resumed_runs") else "")
       + (f"; persistent compilation cache {env['compilation_cache_dir']} (a compile time may be a load from it)"
          if env.get("compilation_cache_dir") else ""),

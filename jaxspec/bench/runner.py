@@ -330,10 +330,15 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   ctx = BenchContext(model, params, tokenizer, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                      seed=cfg.seed, t5x_src=cfg.t5x_src, mesh=mesh, batch_size=min(cfg.batch_size, len(prompts)))
 
+  # What the resumed run's methods measured (opt-tree's nodes=auto, gate=auto): taken again, so that every run of a
+  # method in these results used the same setting (measured anew they may differ, on a busier machine say).
+  earlier = (saved_head or {}).get("measured") if restored else None
+  earlier = earlier if isinstance(earlier, dict) else {}
   runners, unavailable, specs = {}, {}, {}
   for label in labels:
     _, name, opts = parse_method(label)
     specs[label] = METHODS[name]
+    ctx.measured = earlier[label] if isinstance(earlier.get(label), dict) else {}
     try:
       runners[label] = build(ctx, name, opts)  # by every process of a multi-host run, or by none
     except Unavailable as e:
@@ -353,7 +358,11 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
     raise InputError("Cannot run " + "; ".join(f"{l}: {why.rstrip('.')}" for l, why in failed.items()) + ".")
 
   stop_point()  # a signal while the methods were built: nothing decoded yet
-  head = sharding.from_first_process(saved.fingerprint(cfg, prompts, ids, list(runners)))
+  head = saved.fingerprint(cfg, prompts, ids, list(runners))
+  measured = {l: m for l, r in runners.items() if (m := getattr(r, "measured", None))}
+  if measured:  # kept with the runs, for a resumed run to take (not compared: it takes them)
+    head["measured"] = measured
+  head = sharding.from_first_process(head)
   _refuse_other_work(progress_path, saved_head, restored, head)
   batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
   order = list(runners)
@@ -370,9 +379,20 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
         "starts over)")
   if writer:
     saved.start(progress_path, head, restored.values())
-  gone = _remove_previous_results(out) if writer else []
-  if gone and not runs:
-    log(f"starting over: removed the previous run's {', '.join(gone)} from {out}")
+  # A resumed run's own partial results go now (results.json is written again from its runs). A finished run's
+  # results, which this one starts over from, stay until this one has kept a run of its own: a run stopped before
+  # that leaves them as they were.
+  replace_previous = writer and not runs
+  if writer and runs:
+    _remove_previous_results(out)
+
+  def kept_a_run() -> None:
+    nonlocal replace_previous
+    if replace_previous:
+      replace_previous = False
+      gone = _remove_previous_results(out)
+      if gone:
+        log(f"starting over: removed the previous run's {', '.join(gone)} from {out}")
 
   def whole(bi: int) -> bool:
     return all((bi, l) in runs for l in order)
@@ -435,6 +455,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
       if writer:
         saved.append(progress_path, {"batch": bi, "method": label, "records": [dataclasses.asdict(r) for r in recs],
                                      "compile_s": res.compile_s, "program_bytes": res.program_bytes})
+        kept_a_run()
       runs[bi, label] = (recs, res.compile_s, res.program_bytes)
       bar.update(1)
       if writer and whole(bi):
@@ -447,7 +468,8 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
           f"in {progress_path}; the same command goes on from there")
     elif writer:  # only the fingerprint: nothing to go on from, so no file that says there is
       progress_path.unlink(missing_ok=True)
-      log("interrupted before any method finished a prompt batch: nothing was kept")
+      earlier = " (the previous run's results there are as they were)" if (out / "results.json").exists() else ""
+      log(f"interrupted before any method finished a prompt batch: nothing was kept{earlier}")
     raise
   bar.close()
   results = snapshot(complete=True)
@@ -523,8 +545,8 @@ def _result_files() -> tuple[str, ...]:
 
 def _remove_previous_results(out: Path) -> list[str]:
   """Removes an earlier run's files from `out` and returns their names. Its report, outputs and plots beside this
-  run's progress would make the folder look complete and wrong, so they go before anything is decoded (results.json
-  is written again from the runs this one resumes from)."""
+  run's progress would make the folder look complete and wrong, so they go once this run has runs of its own (a
+  resumed run's before anything is decoded: results.json is written again from the runs it resumes from)."""
   gone = []
   for name in _result_files()[1:]:
     try:
