@@ -156,6 +156,9 @@ def _cmd_generate(args) -> int:
                      "in the vocabulary, and the tokenizer adds no start token): write the prompt in characters the "
                      "model knows.")
   _check_fits(args, model, len(ids))
+  if args.cache_buckets and not getattr(model, "bounds_attention", False):
+    raise InputError("--cache-buckets bounds a decoder-only (LLaMA-family) model's attention by its filled cache; "
+                     "this model's decoder does not take it (it would run as without it): leave the option out.")
   ctx = BenchContext(model, params, tok, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                      seed=args.seed, max_len=args.max_len, mesh=mesh, buckets=args.cache_buckets,
                      t5x_src=args.t5x_src)
@@ -241,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
   g = sub.add_parser("generate", help="generate text from a prompt", parents=[common])
   given = g.add_mutually_exclusive_group(required=True)
   given.add_argument("--prompt", help="the input text")
-  given.add_argument("--prompt-file", metavar="PATH", help="read the input text from a UTF-8 file (- reads stdin); the newlines that end it are dropped")
+  given.add_argument("--prompt-file", metavar="PATH",
+                     help="read the input text from a UTF-8 file (- reads stdin); the newlines that end it are dropped")
   g.add_argument("--model", default=None,
                  help="a .gguf file or Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
   g.add_argument("--max-new-tokens", type=_positive_int, default=128)
@@ -262,7 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--t5x-src", default=None, help="a T5X source checkout, for --method t5x-greedy")
   g.add_argument("--cache-buckets", action="store_true",
                  help="bound attention in the loop by cache buckets (512, 1024, ... slots): one compiled forward per "
-                      "bucket, same output; for long generations on accelerators (on this CPU it does not pay)")
+                      "bucket, same output; for long generations on accelerators (on this CPU it does not pay); "
+                      "decoder-only (LLaMA-family) models")
   g.set_defaults(func=_cmd_generate)
 
   b = sub.add_parser("bench", help="tau, speedup and exactness of decoding methods on Spec-Bench-format prompts",

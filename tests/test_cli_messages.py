@@ -117,6 +117,9 @@ def test_an_encoder_decoders_limit_is_its_decoders_tokens(capsys, tmp_path):
   err = fails(["generate", "--model", t5, "--prompt", "12", "--max-new-tokens", "2048"], capsys)
   assert ("The decoder's start token plus 2048 new tokens needs 2049 cache slots, more than the cache length 2048: "
           "lower --max-new-tokens (to 2047 or fewer) or raise --max-len.") in err
+  # --cache-buckets bounds a decoder-only model's attention; on T5 it was silently a no-op (found by an audit).
+  err = fails(["generate", "--model", t5, "--prompt", "12", "--max-new-tokens", "2", "--cache-buckets"], capsys)
+  assert "--cache-buckets bounds a decoder-only (LLaMA-family) model's attention" in err and "leave the option" in err
 
 
 def test_a_bad_mesh_on_the_command_line(capsys, tmp_path, monkeypatch):

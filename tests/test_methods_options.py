@@ -4,6 +4,7 @@ decoding's tokens. On a tiny LLaMA whose output depends on its context, with BPD
 temporary folder the way `jaxspec train` writes them."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -315,3 +316,21 @@ def test_sampling_runs_calibrate_trees_at_their_temperature_and_refuse_argmax_ru
   (kw,) = calibrations
   assert (kw["drafter"].warp.top_k, kw["drafter"].warp.use_top_p) == (5, True)
   assert (kw["temperature"], kw["top_k"], kw["top_p"]) == (0.7, 5, 0.9)
+
+
+def test_a_distilled_draft_runs_in_the_targets_dtypes(target, parts):
+  """A draft folder is loaded in the target's dtypes, as a draft given as a model file is: it held float32 layers and a
+  float32 copy of a bfloat16 target's embedding (113 MB for the default model) while the docs said it kept the
+  dtype it was saved in (found by an audit)."""
+  import dataclasses
+
+  from jaxspec.models.llama import LlamaLM
+  model, params = target
+  for dtype, param_dtype in (("bfloat16", "bfloat16"), ("float32", "bfloat16"), ("float32", "float32")):
+    cfg = dataclasses.replace(model.cfg, dtype=dtype, param_dtype=param_dtype)
+    cast = jax.tree.map(lambda x: x.astype(param_dtype), params)
+    ctx = BenchContext(LlamaLM(cfg), cast, Tokenizer())
+    draft, dp = methods_mod._draft_model(ctx, parts / "draft")
+    assert (jnp.dtype(draft.cfg.dtype), jnp.dtype(draft.cfg.param_dtype)) == (dtype, param_dtype)
+    assert {x.dtype for x in jax.tree.leaves(dp)} == {jnp.dtype(param_dtype)}
+    assert dp["embed"]["embedding"] is cast["embed"]["embedding"]  # the target's own array, not a copy

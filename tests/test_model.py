@@ -216,6 +216,11 @@ def test_every_product_of_a_forward_runs_at_the_configured_precision(tiny, preci
   t5_params = t5.init_params(jax.random.key(0))
   src = jnp.ones((1, 4), jnp.int32)
   text += jax.jit(lambda p: t5.teacher_forced(p, src, jnp.asarray([4]), src)[0]).lower(t5_params).as_text()
+  # A draft's head over a vocabulary subset (the default for spec and draft trees) too (found by an audit).
+  from jaxspec.models.subset import subset_head
+  sub, sub_params = subset_head(model, params, [1, 5, 9])
+  text += jax.jit(lambda p, c: sub.forward(p, jnp.ones((1, 3), jnp.int32), jnp.arange(3)[None], c, causal(3))[0]
+                  ).lower(sub_params, cache).as_text()
   dots = [line for line in text.splitlines() if "dot_general" in line]
   assert len(dots) > 10
   want = "HIGHEST" if precision == "highest" else "DEFAULT"

@@ -399,18 +399,18 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
   key = ("draft", str(path))
   if key not in ctx.cache:
     try:
+      from jaxspec.bench.runner import BenchConfig, model_settings
+      kinds = model_settings(ctx.model, BenchConfig())  # a draft runs in the target's dtypes
       if path.is_dir() and "jaxspec_draft" in (path / "config.json").read_text():
         from jaxspec.models.draft import load_draft
-        draft, draft_params = load_draft(path, ctx.params, ready=ctx.ready)  # shares the target's embedding
+        draft, draft_params = load_draft(path, ctx.params, dtype=kinds["dtype"], param_dtype=kinds["param_dtype"],
+                                         ready=ctx.ready)  # shares the target's embedding (its very array)
         draft_tok = None  # and its tokenizer
         precision = getattr(getattr(ctx.model, "cfg", None), "matmul_precision", None)
         if precision is not None:  # the target's products, as for a draft loaded as a model below
           from jaxspec.models.llama import with_matmul_precision
           draft = with_matmul_precision(draft, precision)
       else:
-        # A model file is loaded in the target's dtypes (a distilled draft above keeps the dtype it was saved in).
-        from jaxspec.bench.runner import BenchConfig, model_settings
-        kinds = model_settings(ctx.model, BenchConfig())
         draft, draft_params, draft_tok = load_model(str(path), dtype=kinds["dtype"], param_dtype=kinds["param_dtype"],
                                                     matmul_precision=kinds["matmul_precision"])
       vocab_check(ctx.model, draft)

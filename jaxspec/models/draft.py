@@ -158,13 +158,16 @@ def load_draft_vocab(folder: str | os.PathLike) -> np.ndarray | None:
 
 
 def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, dtype: str = "float32",
-               check_target: bool = True, ready: Callable[[], None] | None = None) -> tuple[LlamaLM, dict]:
+               param_dtype: str | None = None, check_target: bool = True,
+               ready: Callable[[], None] | None = None) -> tuple[LlamaLM, dict]:
   """Reads a draft folder written by `save_draft` (or any HF LLaMA folder) into `(draft_model, draft_params)`.
 
   Args:
     folder: the draft folder.
     target_params: the target's params; needed when the draft takes its embedding from the target.
-    dtype: the draft's parameter and activation dtype.
+    dtype: the draft's activation dtype, and its parameters' unless `param_dtype` is given (as `load_model`'s:
+      give a draft the target's dtypes, so it shares the target's embedding array instead of a converted copy).
+    param_dtype: the draft's parameter dtype when it differs from `dtype`.
     check_target: compare the target's embedding fingerprint with the one the draft was trained against.
     ready: called once the files are read, before any work on the target's arrays (which, split over the hosts of
       a multi-host run, every host must do together: `jaxspec.bench.methods.BenchContext.ready`).
@@ -181,6 +184,7 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
   from jaxspec.loading.hf import _target, check_part, config_from_hf
 
   folder = Path(folder)
+  pdt = param_dtype or dtype
   check_part(folder, "jaxspec_draft", models_ok=True)  # any LLaMA folder is a draft too
   cfg_path, w_path = folder / "config.json", folder / WEIGHTS_FILE
   if not cfg_path.is_file() or not w_path.is_file():
@@ -189,14 +193,14 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
   try:
     raw = json.loads(cfg_path.read_text())
     info = raw.get("jaxspec_draft", {"embeddings": "included"})
-    cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=dtype, scan_layers=False)
+    cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=pdt, scan_layers=False)
     params: dict = {}
     with safe_open(str(w_path), framework="flax") as f:
       for name in f.keys():
         target = _target(name)
         if target is None or (target[0] == "lm_head" and cfg.tie_embeddings):
           continue
-        w = f.get_tensor(name).astype(dtype)
+        w = f.get_tensor(name).astype(pdt)
         node = params
         for k in target[:-1]:
           node = node.setdefault(k, {})
@@ -220,7 +224,7 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
                            "target model. Give a draft trained for this one (e.g. spec:draft=FOLDER).")
     for name in VOCAB_PARAMS:
       if name in target_params and (name != "lm_head" or not cfg.tie_embeddings):
-        params[name] = jax.tree.map(lambda x: x if x.dtype == jnp.dtype(dtype) else x.astype(dtype),
+        params[name] = jax.tree.map(lambda x: x if x.dtype == jnp.dtype(pdt) else x.astype(pdt),
                                     target_params[name])
     if check_target:
       check_fingerprint(info.get("target", {}).get("embed_fingerprint"), lambda: embed_fingerprint(params),

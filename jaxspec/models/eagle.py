@@ -70,8 +70,8 @@ class EagleDraft:
   """A feature-level draft for a decoder-only LLaMA-family target. Static and hashable (a jit argument).
 
   Attributes:
-    cfg: the target's config (the draft's blocks have the target's width and heads, and compute in its dtype: a
-      bfloat16 target runs bfloat16 draft blocks; params are held in float32).
+    cfg: the target's config (the draft's blocks have the target's width and heads; `load_eagle` and the training
+      set its dtypes to float32, so a bfloat16 target's draft still computes and holds its params in float32).
     n_layers: the draft's decoder layers (EAGLE uses 1).
   """
 
@@ -116,7 +116,10 @@ class EagleDraft:
     if init == "target_last":
       n_target = sum(1 for k in target_params if k.startswith("layers_"))
       if n_target < self.n_layers:
-        raise ValueError(f"init=target_last needs at least {self.n_layers} target layers (per-layer params)")
+        stacked = (" (these hold stacked layers: load the target without scan_layers)" if "layers" in target_params
+                   else "")
+        raise ValueError(f"init=target_last copies the target's last {self.n_layers} layers from per-layer params "
+                         f"(layers_0, ...); the target params hold {n_target}{stacked}")
       for i in range(self.n_layers):
         src = target_params[f"layers_{n_target - self.n_layers + i}"]
         params[f"layers_{i}"] = jax.tree.map(lambda x: jnp.array(x, jnp.float32), src)

@@ -64,9 +64,11 @@ class SubsetHeadLM:
     return (self.logits(params, hidden_BxTxD) if logits else None), hidden_BxTxD, cache
 
   def logits(self, params, hidden_BxTxD: Array) -> Array:
-    """f32 logits `[B, T, V]`: the subset's scores, -1e30 elsewhere."""
-    sub_BxTxM = jnp.einsum("btd,md->btm", hidden_BxTxD, params["table_MxD"].astype(hidden_BxTxD.dtype),
-                           preferred_element_type=jnp.float32)
+    """f32 logits `[B, T, V]`: the subset's scores, -1e30 elsewhere (at the base's matmul precision, as its own
+    head's)."""
+    with jax.default_matmul_precision(getattr(self.cfg, "matmul_precision", None) or "highest"):
+      sub_BxTxM = jnp.einsum("btd,md->btm", hidden_BxTxD, params["table_MxD"].astype(hidden_BxTxD.dtype),
+                             preferred_element_type=jnp.float32)
     full = jnp.full(sub_BxTxM.shape[:-1] + (self.vocab_size,), _NEG_INF, jnp.float32)
     return full.at[..., params["vocab_ids"]].set(sub_BxTxM)
 
