@@ -545,6 +545,31 @@ def test_a_run_that_starts_over_removes_the_previous_runs_files(tmp_path, prompt
     assert run_bench(again, methods, None, ByteTokenizer(), progress=False)["complete"]
 
 
+def test_fresh_over_an_unfinished_run_discards_its_partial_results(tmp_path, prompt_file, methods, bomb, monkeypatch):
+  """--fresh over a killed run, stopped before it kept a run of its own, left the killed run's partial results.json
+  without its progress, and the next run refused it as 'finished results of another bench' (found by a review)."""
+  import jaxspec.bench.runner as runner_mod
+
+  out = tmp_path / "o"
+  cfg = BenchConfig(prompts=prompt_file, methods=("bomb",), max_new_tokens=6, batch_size=2, out=str(out))
+  with pytest.raises(KeyboardInterrupt):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert json.loads((out / "results.json").read_text())["complete"] is False
+
+  def stopped(ctx, opts):
+    def run(*args):
+      raise KeyboardInterrupt
+    return run
+  other = dataclasses.replace(cfg, max_new_tokens=7)
+  with monkeypatch.context() as m:
+    m.setitem(runner_mod.METHODS, "greedy", MethodSpec("greedy", "test: stopped at once", True, stopped))
+    with pytest.raises(KeyboardInterrupt):
+      run_bench(dataclasses.replace(other, fresh=True), methods, None, ByteTokenizer(), progress=False)
+  assert list(out.iterdir()) == []
+  bomb["armed"] = False
+  assert run_bench(other, methods, None, ByteTokenizer(), progress=False)["complete"]
+
+
 def test_the_same_prompts_named_another_way_resume(tmp_path, prompt_file, methods, bomb):
   """The fingerprint holds the prompts, not how they were named: another path to the same file, or a --limit that
   keeps them all, goes on from the kept runs."""
@@ -840,16 +865,18 @@ def test_a_resumed_bench_takes_what_its_methods_measured(tmp_path, prompt_file, 
   would merge runs of two settings under the last one's name."""
   import jaxspec.bench.runner as runner_mod
 
-  given, calls, budgets = [], [], iter([16, 32, 48])
+  given, budgets, kill = [], iter([16, 32, 48, 64]), {"armed": True, "calls": 0}
 
   def build(ctx, opts):
     given.append(dict(ctx.measured))
     nodes = ctx.measured.get("nodes") or next(budgets)
     inner = loop_runner(ctx)
+    kill["calls"] = 0
 
     def run(prompts, max_new_tokens, seed):
-      calls.append(seed)
-      if len(calls) == 3 and len(given) == 1:  # the first process is killed in batch 1
+      kill["calls"] += 1
+      if kill["armed"] and kill["calls"] == 3:  # the process is killed in batch 1 (after a warm-up and batch 0)
+        kill["armed"] = False
         raise KeyboardInterrupt
       return inner(prompts, max_new_tokens, seed)
 
@@ -866,6 +893,19 @@ def test_a_resumed_bench_takes_what_its_methods_measured(tmp_path, prompt_file, 
   # The same command over the finished results starts over, and measures again.
   res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
   assert given[-1] == {} and res["methods"]["auto"]["note"] == "nodes=32"
+  # Runs kept by a version that did not record the choice: measured again, and the note and the log say so.
+  kill["armed"] = True
+  with pytest.raises(KeyboardInterrupt):
+    run_bench(dataclasses.replace(cfg, fresh=True), methods, None, ByteTokenizer(), progress=False)
+  prog = tmp_path / "o" / "progress.jsonl"
+  lines = prog.read_text().splitlines()
+  head = json.loads(lines[0])
+  assert head["fingerprint"].pop("measured") == {"auto": {"nodes": 48}}
+  prog.write_text("\n".join([json.dumps(head), *lines[1:]]) + "\n")
+  res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert given[-1] == {} and res["environment"]["resumed_runs"] == 2
+  assert res["methods"]["auto"]["note"] == ("nodes=64; measured again: the run this one resumes did not record its "
+                                            "choice, so its kept runs may have used another")
 
 
 def test_a_mesh_written_another_way_resumes(tmp_path, prompt_file, methods, bomb):

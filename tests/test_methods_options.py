@@ -284,9 +284,9 @@ def test_a_resumed_run_takes_the_budget_and_gate_its_killed_run_measured(target,
   monkeypatch.undo()
   monkeypatch.setattr("jaxspec.bench.cost.forward_cost",
                       lambda model, params, sizes, **kw: {n: 1 + 0.05 * (n - 1) for n in sizes})
-  fresh = methods_mod.build(BenchContext(model, params, ByteTokenizer(), measured={"nodes": "x", "gate": None}),
-                            "opt-tree", opts)
-  assert fresh.measured == first.measured and "resumes" not in fresh.note
+  for bad in ({"nodes": "x", "gate": None}, dict(first.measured, nodes=0, gate=float("inf"))):
+    fresh = methods_mod.build(BenchContext(model, params, ByteTokenizer(), measured=bad), "opt-tree", opts)
+    assert fresh.measured == first.measured and "resumes" not in fresh.note
 
 
 def test_sampling_runs_calibrate_trees_at_their_temperature_and_refuse_argmax_rules(target, parts, monkeypatch):

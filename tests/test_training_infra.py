@@ -277,6 +277,9 @@ def test_config_file_infinity_is_refused(tmp_path):
   # A whole number of more digits than Python's int() reads ended in a ValueError traceback from the YAML reader.
   with pytest.raises(ConfigError, match=r"holds a whole number of more than \d+ digits, which Python does not read"):
     load_config(_write(tmp_path, "run.yaml", YAML.replace("lr: 3e-4", "lr: " + "9" * 5000)), RunConfig, [])
+  # ... and another ValueError of the YAML reader (a date that does not exist) says the file is not valid YAML.
+  with pytest.raises(ConfigError, match=r"is not valid YAML: .*month must be in 1\.\.12"):
+    load_config(_write(tmp_path, "run.yaml", YAML.replace("lr: 3e-4", "lr: 2024-13-01")), RunConfig, [])
   from training.config import _type_name
   assert _type_name(tuple[float, ...]) == "a list of finite floats"  # not "a list of a finite float"
 
@@ -365,12 +368,13 @@ def test_task_configs_need_a_task_positive_counts_and_writable_folders(tmp_path)
   # A config.json no export wrote (a Hugging Face model's folder, say, or one that does not parse) is refused too;
   # an export's (known by its entry in config.json, or a T5 export's training.json beside it) may be replaced.
   (project / "README.md").write_text("a model card")
-  for text in ('{"model_type": "llama"}', "{", "[]"):
+  for text in ('{"model_type": "llama"}', "{", "[]", '{"model_type": "prophetnet", "ngram": 2}', '{"lora": {}}'):
     (project / "config.json").write_text(text)
     with pytest.raises(ConfigError, match=r"holds a config\.json that no jaxspec export wrote \(a model's folder\?\)"):
       check_writable(cfg)
-  for marker in ("bpd", "ngram", "jaxspec_eagle", "jaxspec_draft", "lora"):
-    (project / "config.json").write_text(json.dumps({marker: {}}))
+  for marker, field in (("bpd", "num_heads"), ("ngram", "order"), ("jaxspec_eagle", "format"),
+                        ("jaxspec_draft", "format"), ("lora", "rank")):
+    (project / "config.json").write_text(json.dumps({marker: {field: 1}}))
     check_writable(cfg)
   (project / "config.json").write_text('{"model_type": "t5"}')
   (project / "training.json").write_text("{}")

@@ -775,8 +775,9 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
     summary["lora_params"] = lora_size(out_params)
   else:
     from jaxspec.loading.hf import save_hf
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)  # training.json first: it marks the folder as an export
+    files.write_json(Path(cfg.out, "training.json"), summary)  # (`training.tasks.earlier_export`), for a rerun
     save_hf(cfg.out, model, out_params)
     if hasattr(tokenizer, "save"):  # a model folder: `jaxspec ... --model OUT` loads it
       tokenizer.save(Path(cfg.out))
-    files.write_json(Path(cfg.out, "training.json"), summary)
   return summary

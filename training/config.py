@@ -49,7 +49,7 @@ class _Override:
   def parsed(self) -> Any:
     try:
       return yaml.safe_load(self.text) if self.text.strip() else ""
-    except (yaml.YAMLError, ValueError):  # ValueError: an int of more digits than Python converts (4300)
+    except (yaml.YAMLError, ValueError):  # ValueError: an int of more digits than Python converts, a bad date
       return self.text
 
 
@@ -137,7 +137,7 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
       with path.open("r", encoding="utf-8") as f:
         data = yaml.load(f, Loader=_UniqueKeyLoader)
   except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as e:
-    if type(e) is ValueError:  # from Python's int(): no setting takes a whole number of thousands of digits
+    if type(e) is ValueError and "integer string conversion" in str(e):  # Python's int(): too many digits
       raise ConfigError(f"config file {str(path)!r} holds a whole number of more than "
                         f"{sys.get_int_max_str_digits()} digits, which Python does not read: no setting needs one") from e
     raise ConfigError(f"config file {str(path)!r} is not valid {suffix[1:].upper()}: {_one_line(e)}") from e

@@ -254,7 +254,10 @@ def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
              "final_eval": {k: float(v) for k, v in final_eval.items() if k != "step"},
              "eval_exact_match": round(em, 4), "config": to_dict(cfg)}
   out = Path(cfg.out)
+  # training.json first: it marks the folder as this task's export (`training.tasks.earlier_export`), so a run killed
+  # while writing the model can be run again into it.
+  out.mkdir(parents=True, exist_ok=True)
+  files.write_json(out / "training.json", summary)
   save_t5(str(out), model, params)
   tokenizer.save(out)
-  files.write_json(out / "training.json", summary)
   return summary

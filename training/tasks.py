@@ -143,20 +143,21 @@ def check_writable(cfg: Any) -> None:
                           "export would write over it. Choose a new or empty folder.")
 
 
-# The entry of config.json by which each export is known: BPD heads, n-gram rescorer, EAGLE draft, distilled draft,
-# LoRA adapter. A seq2seq (T5) export is a plain Hugging Face folder known by the training.json beside it.
-EXPORT_MARKERS = ("bpd", "ngram", "jaxspec_eagle", "jaxspec_draft", "lora")
-
-
 def earlier_export(folder: Path) -> bool:
-  """Whether `folder` holds what a `jaxspec train` run exported (which a rerun may replace)."""
+  """Whether `folder` holds what a `jaxspec train` run exported (which a rerun may replace): a part known by its entry
+  in config.json (BPD heads, n-gram rescorer, EAGLE or distilled draft, LoRA adapter: `loading.hf._JAXSPEC_PARTS`,
+  an entry with the field jaxspec always writes, so a model's own `ngram` setting is not one), or a whole model
+  (seq2seq, CLLM full fine-tuning) known by the training.json those tasks write before it."""
+  from jaxspec.loading.hf import _JAXSPEC_PARTS
+
   if (folder / "training.json").is_file():
     return True
   try:
     config = json.loads((folder / "config.json").read_text())
   except (OSError, ValueError):
     return False
-  return isinstance(config, dict) and any(k in config for k in EXPORT_MARKERS)
+  return isinstance(config, dict) and any(isinstance(config.get(key), dict) and field in config[key]
+                                          for key, field, *_ in _JAXSPEC_PARTS)
 
 
 # The model each shipped folder of jaxspec/assets belongs to (None: the embedded default model; a name: another

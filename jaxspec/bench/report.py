@@ -122,7 +122,8 @@ def markdown(res: dict) -> str:
       + (f", peak memory of the fullest device {env['device_peak_bytes'] / 2**20:.0f} MiB (JAX's arrays)"
          if env.get("device_peak_bytes") else "")
       + (f"; resumed after a kill: method runs (a method on a prompt batch) restored from earlier processes: "
-         f"{env['resumed_runs']} (wall time and peak RSS are the last process's, compile time all of theirs)"
+         f"{env['resumed_runs']} (wall time, peak RSS and warm-up compile time are the last process's; each run's "
+         "own compile time is that of the process that ran it)"
          if env.get("resumed_runs") else "")
       + (f"; persistent compilation cache {env['compilation_cache_dir']} (a compile time may be a load from it)"
          if env.get("compilation_cache_dir") else ""),

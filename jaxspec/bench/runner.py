@@ -360,6 +360,12 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   stop_point()  # a signal while the methods were built: nothing decoded yet
   head = saved.fingerprint(cfg, prompts, ids, list(runners))
   measured = {l: m for l, r in runners.items() if (m := getattr(r, "measured", None))}
+  for label in measured.keys() - earlier.keys():
+    if any(method == label for _, method in restored):  # kept by a jaxspec that did not record what it measured
+      again = ("measured again: the run this one resumes did not record its choice, so its kept runs may have used "
+               "another")
+      notes[label] = f"{notes[label]}; {again}" if notes.get(label) else again
+      log(f"{label}: {again}; --fresh runs every batch with one choice")
   if measured:  # kept with the runs, for a resumed run to take (not compared: it takes them)
     head["measured"] = measured
   head = sharding.from_first_process(head)
@@ -379,12 +385,15 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
         "starts over)")
   if writer:
     saved.start(progress_path, head, restored.values())
-  # A resumed run's own partial results go now (results.json is written again from its runs). A finished run's
-  # results, which this one starts over from, stay until this one has kept a run of its own: a run stopped before
-  # that leaves them as they were.
-  replace_previous = writer and not runs
-  if writer and runs:
-    _remove_previous_results(out)
+  # A finished run's results, which this one starts over from, stay until this one has kept a run of its own: a run
+  # stopped before that leaves them as they were. Anything else goes now: a resumed run's own partial results
+  # (results.json is written again from its runs), or an unfinished run's that --fresh discards (whose progress is
+  # gone, so its partial results.json would later pass for finished work).
+  replace_previous = writer and not runs and _finished_results(out)
+  if writer and not replace_previous:
+    gone = _remove_previous_results(out)
+    if gone and not runs:
+      log(f"starting over: removed the previous run's {', '.join(gone)} from {out}")
 
   def kept_a_run() -> None:
     nonlocal replace_previous
@@ -455,8 +464,9 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
       if writer:
         saved.append(progress_path, {"batch": bi, "method": label, "records": [dataclasses.asdict(r) for r in recs],
                                      "compile_s": res.compile_s, "program_bytes": res.program_bytes})
+      runs[bi, label] = (recs, res.compile_s, res.program_bytes)  # kept: from here a stop keeps progress.jsonl
+      if writer:
         kept_a_run()
-      runs[bi, label] = (recs, res.compile_s, res.program_bytes)
       bar.update(1)
       if writer and whole(bi):
         files.write_json(out / "results.json", snapshot(complete=False))
@@ -533,7 +543,8 @@ def _finished_other_work(out: Path, asked: dict, cfg) -> str | None:
     return None  # none, or nothing readable to keep
   if not diff:
     return None
-  return (f"{out} holds the finished results of another bench ({'; '.join(diff)}). Pass another --out to keep them, "
+  which = "finished" if res.get("complete") is True else "unfinished"
+  return (f"{out} holds the {which} results of another bench ({'; '.join(diff)}). Pass another --out to keep them, "
           "or --fresh to replace them.")
 
 
@@ -541,6 +552,14 @@ def _result_files() -> tuple[str, ...]:
   """Every file a run writes into its results folder."""
   from jaxspec.bench.report import PLOTS
   return (saved.FILE, "results.json", "report.md", "outputs.jsonl", *PLOTS)
+
+
+def _finished_results(out: Path) -> bool:
+  """Whether `out` holds a finished run's results.json."""
+  try:
+    return json.loads((out / "results.json").read_text(encoding="utf-8")).get("complete") is True
+  except (OSError, ValueError, AttributeError, RecursionError):
+    return False
 
 
 def _remove_previous_results(out: Path) -> list[str]:
