@@ -847,3 +847,21 @@ def test_sigkill_then_resume(tmp_path):
     np.testing.assert_allclose(got[k], v, rtol=1e-6, atol=1e-7)
   records = [json.loads(line) for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in records] == list(range(1, num_steps + 1))  # the kill's extra records are dropped
+
+
+def test_prompts_that_fill_the_sequence_length_leave_nothing_to_learn():
+  """Prompts longer than train.seq_len leave no generated token to learn: BPD ended in a numpy traceback, and the
+  draft and EAGLE tasks trained on nothing and exported the untrained part (found by an audit). One clear error."""
+  from jaxspec.errors import InputError
+  from training.datasets import Sequences, check_targets
+
+  seqs = Sequences([np.arange(10), np.arange(12)], np.array([8, 11]))  # 2 and 1 generated tokens
+  check_targets({"training": seqs}, 16, False)  # a generated token within 16
+  check_targets({"training": seqs}, 16, False, need=2)  # BPD's head 1 needs two
+  with pytest.raises(InputError, match=r"No held-out sequence has 2 generated tokens within train.seq_len=10 \(the "
+                                       r"longest prompt there is 11 tokens\): raise train.seq_len"):
+    check_targets({"training": seqs, "held-out": Sequences([np.arange(12)], np.array([11]))}, 10, False, need=2)
+  with pytest.raises(InputError, match=r"No training sequence has a generated token within train.seq_len=8"):
+    check_targets({"training": seqs}, 8, False)
+  check_targets({"training": seqs}, 8, True)  # with data.loss_on_prompt the prompt's tokens are learnt too
+  check_targets({"held-out": Sequences([], np.zeros(0, np.int64))}, 8, False)  # no held-out set: nothing to check

@@ -417,6 +417,9 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   seqs = build_sequences(cfg, model, params, tokenizer, progress)
   data_s = time.time() - t0
   train_seqs, eval_seqs = seqs.split(cfg.data.eval_fraction, seed=cfg.train.seed)
+  if not getattr(model, "is_encoder_decoder", False):  # (a T5 target's sequences are not cut to train.seq_len)
+    datasets.check_targets({"training": train_seqs, "held-out": eval_seqs}, cfg.train.seq_len,
+                           cfg.data.loss_on_prompt, need=2)  # head 1 learns token t + 2
   k = cfg.heads.num_heads
   vocab_ids = np.unique(np.concatenate(seqs.tokens)).astype(np.int32) if cfg.heads.vocab_subset else None
   bpd = BPDModel(BPDConfig(num_heads=k, d_model=model.cfg.d_model, d_hidden=cfg.heads.d_hidden,

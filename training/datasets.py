@@ -113,6 +113,21 @@ def shard_files(folder: Path) -> list[Path]:
   return [s for s in sorted(folder.glob("shard_*.npz")) if not files.is_temporary(s)]
 
 
+def check_targets(sides: dict[str, "Sequences"], seq_len: int, loss_on_prompt: bool, need: int = 1) -> None:
+  """Raises `InputError` when a side of the split (name -> sequences) has no sequence with `need` tokens to learn
+  within its first `seq_len` (prompts that fill `train.seq_len` leave none): training would fail deep in the batching,
+  or run on nothing and export an untrained part."""
+  for side, seqs in sides.items():
+    if not len(seqs.tokens):
+      continue
+    left = [min(len(t), seq_len) - (0 if loss_on_prompt else int(p)) for t, p in zip(seqs.tokens, seqs.prompt_lens)]
+    if max(left) < need:
+      longest = int(max(seqs.prompt_lens))
+      raise InputError(f"No {side} sequence has {'a generated token' if need == 1 else f'{need} generated tokens'} "
+                       f"within train.seq_len={seq_len} (the longest prompt there is {longest} tokens): raise "
+                       "train.seq_len above the prompts' length, or use shorter prompts.")
+
+
 def load_sequences(folder: str | os.PathLike) -> Sequences:
   """All shards of a dataset folder, in shard order.
 

@@ -349,6 +349,8 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   seqs = build_sequences(cfg, model, params, tokenizer, progress)
   data_s = time.time() - t0
   train_seqs, eval_seqs = seqs.split(cfg.data.eval_fraction, seed=cfg.train.seed)
+  datasets.check_targets({"training": train_seqs, "held-out": eval_seqs}, cfg.train.seq_len,
+                         cfg.data.loss_on_prompt)
   tr_tok, tr_mask, tr_cut = padded(train_seqs, cfg.train.seq_len, cfg.data.loss_on_prompt)
   ev_tok, ev_mask, ev_cut = padded(eval_seqs, cfg.train.seq_len, cfg.data.loss_on_prompt)
   t0 = time.time()
