@@ -865,3 +865,23 @@ def test_prompts_that_fill_the_sequence_length_leave_nothing_to_learn():
     check_targets({"training": seqs}, 8, False)
   check_targets({"training": seqs}, 8, True)  # with data.loss_on_prompt the prompt's tokens are learnt too
   check_targets({"held-out": Sequences([], np.zeros(0, np.int64))}, 8, False)  # no held-out set: nothing to check
+
+
+def test_a_prompt_too_long_for_the_context_is_named_before_any_answer_is_written():
+  """Self-distillation and CLLM's collection decode the prompts shortest first: a prompt too long for the context
+  failed at the end of the work ('Prompt 0 ...', its row in the last batch), or, in the collection, with an
+  out-of-memory traceback (found by an audit). Checked first, naming the prompt."""
+  from jaxspec.errors import InputError
+  from training.datasets import check_prompts_fit
+
+  model = types.SimpleNamespace(cfg=types.SimpleNamespace(max_seq_len=32))
+  texts = ["short", "a  long\nprompt " * 10]
+  check_prompts_fit(model, [[1] * 5, [1] * 24], texts, 8, "data.max_new_tokens")  # 24 + 8 = 32 fits
+  with pytest.raises(InputError, match=r"^Prompt 2 of 2 \('a long prompt a long prompt .*\.\.\.', 25 tokens\) plus "
+                                       r"data.max_new_tokens=8 new tokens needs 33 positions, more than the model's "
+                                       r"context \(32\): lower data.max_new_tokens, or leave the prompt out"):
+    check_prompts_fit(model, [[1] * 5, [1] * 25], texts, 8, "data.max_new_tokens")
+  encdec = types.SimpleNamespace(cfg=model.cfg, decoder_prompt_len=1)  # a T5: its decoder's tokens count
+  check_prompts_fit(encdec, [[1] * 500], ["x"], 31, "data.max_new_tokens")
+  with pytest.raises(InputError, match=r"^The decoder's start token plus data.max_new_tokens=32 needs 33 positions"):
+    check_prompts_fit(encdec, [[1] * 5], ["x"], 32, "data.max_new_tokens")

@@ -704,6 +704,9 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
   record_run_config(cfg, ckpt_dir)
   texts = datasets.read_prompt_texts(c.prompts, c.limit)
   prompt_ids = chat_prompt_ids(tokenizer, texts)
+  # Each prompt takes collect.windows windows of collect.window tokens: all must fit in the context, checked before
+  # any is collected (the longest come last).
+  datasets.check_prompts_fit(model, prompt_ids, texts, c.window * c.windows, "collect.window x collect.windows")
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   pad_id = tokenizer.pad_id or 0
   t0 = time.time()

@@ -173,6 +173,27 @@ def load_finished(folder: str | os.PathLike) -> Sequences:
   return seqs
 
 
+def check_prompts_fit(model, ids: Sequence[Sequence[int]], texts: Sequence[str], new_tokens: int, key: str) -> None:
+  """Raises `InputError` naming the first prompt that cannot take `new_tokens` more tokens in the model's context,
+  before any is decoded (prompts are decoded shortest first, so the error would otherwise come at the end of the
+  work). Encoder-decoders bound their decoder's tokens only."""
+  from jaxspec.decoding.protocol import decoder_prompt_len
+
+  context = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+  if not context:
+    return
+  dec = decoder_prompt_len(model)
+  for i, row in enumerate(ids):
+    need = (dec if dec else len(row)) + new_tokens
+    if need > context:
+      text = " ".join(str(texts[i]).split())
+      shown = text[:60] + ("..." if len(text) > 60 else "")
+      what = f"The decoder's start token plus {key}={new_tokens}" if dec else (
+          f"Prompt {i + 1} of {len(ids)} ({shown!r}, {len(row)} tokens) plus {key}={new_tokens} new tokens")
+      raise InputError(f"{what} needs {need} positions, more than the model's context ({context}): lower {key}"
+                       + ("." if dec else ", or leave the prompt out of the file."))
+
+
 def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str | os.PathLike, *,
                  max_new_tokens: int = 192, batch_size: int = 16, shard_size: int = 64, samples: int = 1,
                  temperature: float = 0.0, seed: int = 0, progress: bool = True) -> Sequences:
@@ -197,6 +218,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   from jaxspec.bench.runner import chat_prompt_ids
 
   ids = chat_prompt_ids(tokenizer, prompt_texts)
+  check_prompts_fit(model, ids, prompt_texts, max_new_tokens, "data.max_new_tokens")
   order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
   order = [i for i in order for _ in range(samples)]
   meta = {"kind": "self-distillation", "num_prompts": len(ids), "max_new_tokens": max_new_tokens,
