@@ -231,6 +231,23 @@ def test_rescore_task_builds_the_ngram_and_tunes_the_weights(tiny, tmp_path, neu
   assert [r["weight"] for r in again["ngram_tuning"]] == [0.0, 0.5, 0.3]
 
 
+def test_the_rescore_tuning_log_is_keyed_by_the_neural_draft_and_the_target(tmp_path):
+  """The tuning log is reused by a rerun with the same key: a neural draft retrained in place, or another target's
+  weights under one path, kept the old figures (found by an audit)."""
+  from training.rescore import RescoreConfig, _tune_key
+
+  cfg = RescoreConfig(out=str(tmp_path / "r"), heads=str(tmp_path / "heads"))
+  (tmp_path / "heads").mkdir()
+  (tmp_path / "heads" / "heads.safetensors").write_bytes(b"heads")
+  (tmp_path / "draft").mkdir()
+  (tmp_path / "draft" / "model.safetensors").write_bytes(b"draft 1")
+  key = lambda target="bf16-crc32:1": _tune_key(cfg, [[1, 2]], tmp_path / "heads", target, tmp_path / "draft")
+  first = key()
+  assert key() == first and key("bf16-crc32:2") != first
+  (tmp_path / "draft" / "model.safetensors").write_bytes(b"draft 2")  # retrained in place
+  assert key() != first
+
+
 def test_the_rescore_task_checks_its_heads_and_neural_lm_before_building_data(tiny, tmp_path, monkeypatch):
   """Heads or a neural LM that do not fit the target fail with the config key to change before the data and the
   n-gram LM are built (minutes to an hour), not as a traceback after the n-gram tuning."""

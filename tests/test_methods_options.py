@@ -231,12 +231,14 @@ def test_every_build_meets_the_other_processes_once(target, parts, peers):
   methods_mod.build(ctx, "bpd", {"heads": str(parts / "heads")})
   with pytest.raises(methods_mod.Unavailable, match="no BPD heads"):
     methods_mod.build(ctx, "bpd", {"heads": str(parts / "missing")})
+  with pytest.raises(methods_mod.Unavailable, match=r"distilled draft.*spec:draft=FOLDER"):  # said "no BPD heads"
+    methods_mod.build(ctx, "bpd", {"heads": str(parts / "draft")})
   with pytest.raises(methods_mod.InputError, match="is not one of"):
     methods_mod.build(ctx, "opt-tree", {"drafter": "nothing"})
   peers.states = [2]  # a process that cannot run it meets one that failed: it stops too
   with pytest.raises(methods_mod.InputError, match="process 1 of this multi-host run failed"):
     methods_mod.build(ctx, "bpd", {"heads": str(parts / "missing")})
-  assert peers.calls == [0, 1, 2, 1]
+  assert peers.calls == [0, 1, 1, 2, 1]
 
 
 def test_costs_for_a_budget_or_a_gate_are_measured_at_the_runs_batch(target, host_parts, monkeypatch):

@@ -75,8 +75,11 @@ def test_a_dataset_folder_from_another_model_or_other_prompts_is_refused(tiny, t
   assert len(first) == 3
   assert len(_distill(model, params, texts, tmp_path / "d")) == 3  # the same run reuses its folder
   other = LlamaLM(tiny_config(vocab_size=model.cfg.vocab_size))
-  with pytest.raises(InputError, match="another target model"):
+  with pytest.raises(InputError, match="another target model.*use another data.dataset_dir for this run"):
     _distill(other, other.init_params(jax.random.key(5)), texts, tmp_path / "d")
+  with pytest.raises(InputError, match="use another data.greedy_dataset_dir"):  # the key that named the folder
+    datasets.self_distill(other, other.init_params(jax.random.key(5)), ByteTokenizer(), texts, tmp_path / "d",
+                          max_new_tokens=4, batch_size=4, shard_size=4, progress=False, key="data.greedy_dataset_dir")
   with pytest.raises(InputError, match="other prompts"):
     _distill(model, params, ["alpha 1", "bravo 2", "charlie 4"], tmp_path / "d")
   # A folder written before the source was recorded takes it on first use, and is checked from then on.

@@ -372,13 +372,21 @@ def test_task_configs_need_a_task_positive_counts_and_writable_folders(tmp_path)
     (project / "config.json").write_text(text)
     with pytest.raises(ConfigError, match=r"holds a config\.json that no jaxspec export wrote \(a model's folder\?\)"):
       check_writable(cfg)
-  for marker, field in (("bpd", "num_heads"), ("ngram", "order"), ("jaxspec_eagle", "format"),
-                        ("jaxspec_draft", "format"), ("lora", "rank")):
+  # A task's earlier export may be replaced by a rerun of that task; another task's is refused (the two would mix).
+  for marker, field, task in (("bpd", "num_heads", "bpd"), ("ngram", "order", "rescore"),
+                              ("jaxspec_eagle", "format", "eagle"), ("jaxspec_draft", "format", "draft"),
+                              ("lora", "rank", "cllm")):
     (project / "config.json").write_text(json.dumps({marker: {field: 1}}))
-    check_writable(cfg)
+    (tmp_path / "t.yaml").write_text(f"task: {task}\n")
+    check_writable(load_task_config(str(tmp_path / "t.yaml"), [f"out={project}"])[0])
+    with pytest.raises(ConfigError, match=r"holds another task's export \(.*\): this run's would mix with it"):
+      check_writable(cfg)  # a seq2seq run
   (project / "config.json").write_text('{"model_type": "t5"}')
   (project / "training.json").write_text("{}")
   check_writable(cfg)
+  (tmp_path / "t.yaml").write_text("task: bpd\n")
+  with pytest.raises(ConfigError, match=r"holds another task's export \(a trained model\)"):
+    check_writable(load_task_config(str(tmp_path / "t.yaml"), [f"out={project}"])[0])
   from jaxspec.bench.methods import ASSETS
   from training.tasks import earlier_export
   shipped = sorted(p for p in ASSETS.iterdir() if (p / "config.json").is_file())

@@ -148,13 +148,17 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
   if cfg.data.greedy_dataset_dir and cfg.data.temperature > 0:
     parts.insert(0, datasets.self_distill(model, params, tokenizer, texts, cfg.data.greedy_dataset_dir,
                                           max_new_tokens=cfg.data.max_new_tokens,
-                                          batch_size=cfg.data.gen_batch_size, progress=progress))
+                                          batch_size=cfg.data.gen_batch_size, progress=progress,
+                                          key="data.greedy_dataset_dir"))
   parts += [datasets.load_finished(folder) for folder in cfg.data.extra_dataset_dirs]
   if cfg.data.more_prompts:
     parts.append(datasets.self_distill(model, params, tokenizer, datasets.read_prompt_texts(cfg.data.more_prompts),
                                        cfg.data.more_dataset_dir,
                                        max_new_tokens=cfg.data.more_max_new_tokens or cfg.data.max_new_tokens,
-                                       batch_size=cfg.data.gen_batch_size, progress=progress))
+                                       batch_size=cfg.data.gen_batch_size, progress=progress,
+                                       key="data.more_dataset_dir",
+                                       tokens_key=("data.more_max_new_tokens" if cfg.data.more_max_new_tokens
+                                                   else "data.max_new_tokens")))
   part_ids = np.repeat([int(cfg.data.more_prompts is not None and i == len(parts) - 1) for i in range(len(parts))],
                        [len(p) for p in parts])
   return datasets.Sequences([t for p in parts for t in p.tokens], np.concatenate([p.prompt_lens for p in parts]),

@@ -138,8 +138,9 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         data = yaml.load(f, Loader=_UniqueKeyLoader)
   except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError, ValueError) as e:
     if type(e) is ValueError and "integer string conversion" in str(e):  # Python's int(): too many digits
-      raise ConfigError(f"config file {str(path)!r} holds a whole number of more than "
-                        f"{sys.get_int_max_str_digits()} digits, which Python does not read: no setting needs one") from e
+      digits = sys.get_int_max_str_digits()
+      raise ConfigError(f"config file {str(path)!r} holds a whole number of more than {digits} digits, which Python "
+                        "does not read: no setting needs one") from e
     raise ConfigError(f"config file {str(path)!r} is not valid {suffix[1:].upper()}: {_one_line(e)}") from e
   if data is None:
     return {}

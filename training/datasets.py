@@ -196,8 +196,11 @@ def check_prompts_fit(model, ids: Sequence[Sequence[int]], texts: Sequence[str],
 
 def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str | os.PathLike, *,
                  max_new_tokens: int = 192, batch_size: int = 16, shard_size: int = 64, samples: int = 1,
-                 temperature: float = 0.0, seed: int = 0, progress: bool = True) -> Sequences:
+                 temperature: float = 0.0, seed: int = 0, progress: bool = True, key: str = "data.dataset_dir",
+                 tokens_key: str = "data.max_new_tokens") -> Sequences:
   """Writes the target's continuations of the prompts (prompt + continuation per sequence) to `out`.
+
+  `key` and `tokens_key` are the config keys that set `out` and `max_new_tokens`, for the errors to name.
 
   `temperature` 0 writes the greedy continuation of each prompt; above 0, `samples` sampled continuations of each
   (seeded by shard and batch, so a rerun writes the same data; `seed` > 0 draws other samples, for more answers to
@@ -218,7 +221,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   from jaxspec.bench.runner import chat_prompt_ids
 
   ids = chat_prompt_ids(tokenizer, prompt_texts)
-  check_prompts_fit(model, ids, prompt_texts, max_new_tokens, "data.max_new_tokens")
+  check_prompts_fit(model, ids, prompt_texts, max_new_tokens, tokens_key)
   order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
   order = [i for i in order for _ in range(samples)]
   meta = {"kind": "self-distillation", "num_prompts": len(ids), "max_new_tokens": max_new_tokens,
@@ -238,11 +241,11 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
     if {k: v for k, v in old.items() if k not in (*source, "batch_size")} != meta:
       raise InputError(f"{out} holds a dataset built with other settings ({meta_path}: {old}); use another folder.")
     # Folders written before the source was recorded take it on first use.
-    for key, value in source.items():
-      if old.get(key) is not None and value is not None and old[key] != value:
-        what = "another target model" if key == "target" else "other prompts (or another tokenizer)"
-        raise InputError(f"{out} holds answers written by {what} than this run's ({key} {old[key]} there, {value} "
-                         "here): use another data.dataset_dir for this run, or delete that folder to rebuild it.")
+    for field, value in source.items():
+      if old.get(field) is not None and value is not None and old[field] != value:
+        what = "another target model" if field == "target" else "other prompts (or another tokenizer)"
+        raise InputError(f"{out} holds answers written by {what} than this run's ({field} {old[field]} there, {value} "
+                         f"here): use another {key} for this run, or delete that folder to rebuild it.")
   elif shard_files(out):
     raise InputError(f"{out} holds dataset shards but no meta.json: it was not written by self-distillation (or by "
                      "a run from before meta files); use another folder, or delete it to rebuild.")
@@ -252,8 +255,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
     was = (old or {}).get("batch_size")
     if was is not None and was != batch_size and 0 < done < len(order):
       raise InputError(f"{out} holds sampled answers drawn {was} prompts per batch (data.gen_batch_size), which seeds "
-                       f"the sampling: continue them with data.gen_batch_size={was}, or use another "
-                       "data.dataset_dir.")
+                       f"the sampling: continue them with data.gen_batch_size={was}, or use another {key}.")
     source["batch_size"] = was if was is not None and done == len(order) else batch_size
   write_meta(meta_path, {**meta, **source})
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []

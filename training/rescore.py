@@ -182,8 +182,11 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
       key = ("tune.neural_layers" if layerskip else
              "tune.neural_draft (null: the shipped jaxspec/assets/draft_smollm2, for the default model)"
              if neural_lm == "default" else "tune.neural_draft")
-      raise ConfigError(f"{key}: {str(e).rstrip('.')}. Set tune.neural_draft to a draft trained for this model "
-                        "(task: draft), or to layerskip, or tune.neural=false.") from None
+      fix = ("Set tune.neural_layers below the model's layers, or tune.neural_draft to a draft trained for this "
+             "model (task: draft), or tune.neural=false." if layerskip else
+             "Set tune.neural_draft to a draft trained for this model (task: draft), or to layerskip, or "
+             "tune.neural=false.")
+      raise ConfigError(f"{key}: {str(e).rstrip('.')}. {fix}") from None
   seqs = build_sequences(BPDTrainConfig(data=cfg.data), model, params, tokenizer, progress)
   train_seqs, held = seqs.split(cfg.data.eval_fraction, seed=cfg.split_seed)
   t0 = time.time()
@@ -195,7 +198,11 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
              for t, p in zip(held.tokens, held.prompt_lens)]
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   pad = tokenizer.pad_id or 0
-  log = TuneLog(_tune_log_path(cfg), _tune_key(cfg, prompts, heads))
+  from jaxspec.models.draft import embed_fingerprint
+  neural_files = None
+  if tc.neural and tc.neural_draft != "layerskip":
+    neural_files = DEFAULT_DRAFT if tc.neural_draft is None else Path(tc.neural_draft)
+  log = TuneLog(_tune_log_path(cfg), _tune_key(cfg, prompts, heads, embed_fingerprint(params), neural_files))
   greedy = log.get("greedy")
   if greedy is None:
     greedy = []
@@ -236,15 +243,22 @@ def _tune_log_path(cfg: RescoreConfig) -> Path | None:
   return Path(cfg.data.dataset_dir) / "rescore_tuning.jsonl" if cfg.data.dataset_dir else None
 
 
-def _tune_key(cfg: RescoreConfig, prompts, heads: Path) -> str:
+def _tune_key(cfg: RescoreConfig, prompts, heads: Path, target: str | None = None,
+              neural_draft: Path | None = None) -> str:
   """A hash of what decides the tuning figures: the config less the weight lists (a rerun may add weights) and the
-  output folder, the held-out prompts, and the heads' files."""
+  output folder, the held-out prompts, the target's embedding fingerprint (its weights may change under one path),
+  and the files of the heads and of the neural rescorer's draft (retrained in place, they tune otherwise)."""
   settings = {k: v for k, v in to_dict(cfg).items() if k != "out"}
   settings["tune"] = {k: v for k, v in settings["tune"].items() if k not in ("weights", "neural_weights")}
   h = hashlib.sha256(json.dumps([settings, prompts], sort_keys=True).encode())
-  for f in sorted(heads.rglob("*")) if heads.is_dir() else [heads]:
-    if f.is_file() and not files.is_temporary(f):  # a killed writer's leftover is not part of the heads
-      h.update(f.name.encode() + f.read_bytes())
+  if target is not None:
+    h.update(b"target:" + target.encode())
+  for folder in (heads, neural_draft):
+    if folder is None:
+      continue
+    for f in sorted(folder.rglob("*")) if folder.is_dir() else [folder]:
+      if f.is_file() and not files.is_temporary(f):  # a killed writer's leftover is not part of them
+        h.update(f.name.encode() + f.read_bytes())
   return h.hexdigest()
 
 

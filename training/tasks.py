@@ -131,9 +131,16 @@ def check_writable(cfg: Any) -> None:
                             "train.checkpoint_dir to another folder")
     if key == "out" and folder.is_dir():
       if (folder / "config.json").exists():
-        if not earlier_export(folder):  # a model's own folder, say: the export would replace its config.json
+        kind = export_kind(folder)
+        if kind is None:  # a model's own folder, say: the export would replace its config.json
           raise ConfigError(f"out={str(folder)!r} holds a config.json that no jaxspec export wrote (a model's "
                             "folder?): the export would write over it. Choose a new or empty folder.")
+        wants = _EXPORTS.get(type(cfg))
+        if wants is not None and kind not in wants:  # another task's export: the two would mix in one folder
+          from jaxspec.loading.hf import _JAXSPEC_PARTS
+          what = next((w for k, _, w, _ in _JAXSPEC_PARTS if k == kind), "a trained model")
+          raise ConfigError(f"out={str(folder)!r} holds another task's export ({what}): this run's would mix with "
+                            "it in one folder. Choose a new or empty folder.")
         continue
       # Not an earlier export: files there that an export would replace are someone's own, such as a project's
       # README.md. Anything else (hidden files, a checkpoint folder's files) is left alone.
@@ -143,21 +150,34 @@ def check_writable(cfg: Any) -> None:
                           "export would write over it. Choose a new or empty folder.")
 
 
-def earlier_export(folder: Path) -> bool:
-  """Whether `folder` holds what a `jaxspec train` run exported (which a rerun may replace): a part known by its entry
-  in config.json (BPD heads, n-gram rescorer, EAGLE or distilled draft, LoRA adapter: `loading.hf._JAXSPEC_PARTS`,
-  an entry with the field jaxspec always writes, so a model's own `ngram` setting is not one), or a whole model
-  (seq2seq, CLLM full fine-tuning) known by the training.json those tasks write before it."""
+# The kinds of export (`export_kind`) each task's `out` may hold from an earlier run of it.
+_EXPORTS: dict[type, tuple[str, ...]] = {
+    BPDTrainConfig: ("bpd",), DraftTrainConfig: ("jaxspec_draft",), EagleTrainConfig: ("jaxspec_eagle",),
+    RescoreConfig: ("ngram",), CLLMTrainConfig: ("lora", "model"), Seq2SeqTrainConfig: ("model",)}
+
+
+def export_kind(folder: Path) -> str | None:
+  """What a `jaxspec train` run exported into `folder` (which a rerun of that task may replace), or None: a part known
+  by its entry in config.json (`bpd` heads, `ngram` rescorer, `jaxspec_eagle` or `jaxspec_draft` draft, `lora`
+  adapter: `loading.hf._JAXSPEC_PARTS`, an entry with the field jaxspec always writes, so a model's own `ngram`
+  setting is not one), or `model`, a whole model (seq2seq, CLLM full fine-tuning) known by the training.json those
+  tasks write before it."""
   from jaxspec.loading.hf import _JAXSPEC_PARTS
 
-  if (folder / "training.json").is_file():
-    return True
   try:
     config = json.loads((folder / "config.json").read_text())
   except (OSError, ValueError):
-    return False
-  return isinstance(config, dict) and any(isinstance(config.get(key), dict) and field in config[key]
-                                          for key, field, *_ in _JAXSPEC_PARTS)
+    config = None
+  if isinstance(config, dict):
+    for key, field, *_ in _JAXSPEC_PARTS:
+      if isinstance(config.get(key), dict) and field in config[key]:
+        return key
+  return "model" if (folder / "training.json").is_file() else None
+
+
+def earlier_export(folder: Path) -> bool:
+  """Whether `folder` holds what a `jaxspec train` run exported (`export_kind`)."""
+  return export_kind(folder) is not None
 
 
 # The model each shipped folder of jaxspec/assets belongs to (None: the embedded default model; a name: another

