@@ -311,3 +311,21 @@ def test_llama_only_tasks_refuse_an_encoder_decoder_target_before_any_data(tmp_p
     run = draft.train_draft if module is draft else cllm.train_cllm
     with pytest.raises(ConfigError, match=f"{message}.*is a T5LM"):
       run(cfg, model=t5, params=params, tokenizer=ByteTokenizer(), progress=False)
+
+
+def test_checkpoints_of_another_target_under_the_same_path_are_refused(tmp_path):
+  """The settings name the target by its path: weights replaced at that path resumed the checkpoints trained on the
+  old ones and exported them under the new fingerprint (found by an audit). The target's fingerprint is recorded
+  beside the checkpoints and compared; checkpoints from before it was recorded take it on first use."""
+  cfg = tiny_train_config(tmp_path)
+  ckpt = tmp_path / "ck"
+  record_run_config(cfg, ckpt, target="bf16-crc32:1")  # no checkpoints yet: any target
+  (ckpt / "4").mkdir()
+  record_run_config(cfg, ckpt, target="bf16-crc32:1")
+  with pytest.raises(ConfigError, match=r"trained on another target model \(embedding fingerprint bf16-crc32:1 "
+                                        r"there, bf16-crc32:2 now.*set train.checkpoint_dir to a new folder"):
+    record_run_config(cfg, ckpt, target="bf16-crc32:2")
+  (ckpt / "target.json").unlink()  # as a run from before the fingerprint was recorded
+  record_run_config(cfg, ckpt, target="bf16-crc32:2")
+  with pytest.raises(ConfigError, match="another target model"):
+    record_run_config(cfg, ckpt, target="bf16-crc32:1")

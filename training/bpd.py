@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from jaxspec import sharding
 from jaxspec.decoding.sampling import seed_key
 from jaxspec.models.bpd import MAX_HEADS, BPDConfig, BPDModel, save_bpd
+from jaxspec.models.draft import embed_fingerprint
 from jaxspec.models.llama import precision_key
 from training import datasets, rowcache
 from training.config import ConfigError, record_run_config, load_config, to_dict
@@ -211,7 +212,6 @@ def cached_features(path: Path, model, params, seqs: datasets.Sequences, seq_len
   """The target's final hidden states `[N, seq_len, D]` (float16, zeros past each end), cached in `path` and reused
   while the target is the same: each sequence the file already holds is taken from it, so added data computes only
   the added sequences; computed in parts that a killed run keeps (`training.rowcache`)."""
-  from jaxspec.models.draft import embed_fingerprint
 
   cut = [np.asarray(t[:seq_len]) for t in seqs.tokens]
   key = json.dumps({"seq_len": seq_len, "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
@@ -416,7 +416,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   # Heads to start from are read and checked against the run before the data is built (which can take an hour).
   initial = _initial_heads(cfg, model) if cfg.heads.init else None
   ckpt_dir = Path(cfg.train.checkpoint_dir)
-  record_run_config(cfg, ckpt_dir)
+  record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params))  # checkpoints of another target are refused
   t0 = time.time()
   seqs = build_sequences(cfg, model, params, tokenizer, progress)
   data_s = time.time() - t0

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 from jaxspec import files
 from jaxspec.decoding.sampling import argmax
 from jaxspec.errors import InputError
+from jaxspec.models.draft import embed_fingerprint
 from jaxspec.models.llama import LlamaLM
 from jaxspec.models.lora import ALL_TARGETS, LoraConfig, init_lora, lora_size, merge_lora, save_lora
 from training import datasets
@@ -380,7 +381,6 @@ def collect_trajectories(model, params, prompts: Sequence[Sequence[int]], out: s
           "prompts_crc32": _prompts_crc(prompts)}
   # Which model's trajectories (a fine-tune of another model with the same tokenizer has the same prompts and
   # settings); folders collected before it was recorded take it on first use.
-  from jaxspec.models.draft import embed_fingerprint
   target = embed_fingerprint(params)
   meta_path = out / META_FILE
   old = datasets.read_meta(meta_path)
@@ -701,7 +701,7 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
                       "its consistency training is not implemented.")
   c, t, o = cfg.collect, cfg.train, cfg.objective
   ckpt_dir = Path(t.checkpoint_dir)
-  record_run_config(cfg, ckpt_dir)
+  record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params))  # checkpoints of another target are refused
   texts = datasets.read_prompt_texts(c.prompts, c.limit)
   prompt_ids = chat_prompt_ids(tokenizer, texts)
   # Each prompt takes collect.windows windows of collect.window tokens: all must fit in the context, checked before
@@ -771,7 +771,6 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
       "config": to_dict(cfg)}
   out_params = jax.device_get(state.params)
   if lcfg is not None:
-    from jaxspec.models.draft import embed_fingerprint
     save_lora(cfg.out, out_params, lcfg, meta={"training": summary}, dtype=cfg.lora.export_dtype,
               base={"model": repr(dataclasses.replace(model.cfg, scan_layers=False)),
                     "embed_fingerprint": embed_fingerprint(params)})

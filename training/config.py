@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -249,16 +250,31 @@ RESUME_MAY_CHANGE = ("train.steps", "train.checkpoint_every", "train.eval_every"
 _LEGACY = {"data.split_by_set": False}
 
 
-def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
+TARGET_FILE = "target.json"  # beside config.yaml: the fingerprint of the target the checkpoints were trained on
+
+
+def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: str | None = None) -> None:
   """Writes `cfg` to `checkpoint_dir/config.yaml`, after checking, when the folder holds checkpoints of an earlier
-  run, that the new config changes only keys a resumed run may change (`RESUME_MAY_CHANGE`).
+  run, that the new config changes only keys a resumed run may change (`RESUME_MAY_CHANGE`), and, given the target's
+  fingerprint (`jaxspec.models.draft.embed_fingerprint`), that the checkpoints were trained on this target: the
+  weights at `model.path` may change while the path does not.
 
   Raises:
     ConfigError: a resume with other settings than the checkpoints were trained with (e.g. `train.seed`, which
-      also picks the held-out prompts, or the data), naming each key.
+      also picks the held-out prompts, or the data), naming each key; or with another target.
   """
   path = Path(checkpoint_dir) / "config.yaml"
   has_steps = path.parent.is_dir() and any(p.is_dir() and p.name.isdigit() for p in path.parent.iterdir())
+  target_path = path.with_name(TARGET_FILE)
+  if target is not None and has_steps and target_path.is_file():  # (runs from before it was recorded take it now)
+    try:
+      was = json.loads(target_path.read_text(encoding="utf-8")).get("embed_fingerprint")
+    except (OSError, ValueError, AttributeError):
+      was = None
+    if was is not None and was != target:
+      raise ConfigError(f"{path.parent} holds checkpoints trained on another target model (embedding fingerprint "
+                        f"{was} there, {target} now: the weights at model.path changed). Resuming would continue "
+                        "them on this one: set train.checkpoint_dir to a new folder.")
   if has_steps and path.is_file():
     try:
       raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -281,6 +297,8 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str]) -> None:
                         "mix two runs: put those values back to continue it, or set train.checkpoint_dir to a new "
                         "folder to start another.")
   dump_config(cfg, path)
+  if target is not None:
+    files.write_json(target_path, {"embed_fingerprint": target})
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

@@ -344,7 +344,7 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   if cfg.draft.init == "target_layers" and cfg.draft.n_layers > model.cfg.n_layers:
     raise ConfigError(f"draft.n_layers={cfg.draft.n_layers} is more than the target's {model.cfg.n_layers} layers")
   ckpt_dir = Path(cfg.train.checkpoint_dir)
-  record_run_config(cfg, ckpt_dir)
+  record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params))  # checkpoints of another target are refused
   t0 = time.time()
   seqs = build_sequences(cfg, model, params, tokenizer, progress)
   data_s = time.time() - t0

@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxspec import sharding
 from jaxspec.decoding.sampling import seed_key
+from jaxspec.models.draft import embed_fingerprint
 from jaxspec.models.eagle import EagleDraft, own_params, save_eagle
 from training import datasets, rowcache
 from training.bpd import FEATURES_FILE, DataSection, ModelSection, build_sequences, cached_features
@@ -213,7 +214,7 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
   if cfg.eagle.init == "target_last" and cfg.eagle.n_layers > model.cfg.n_layers:
     raise ConfigError(f"eagle.n_layers={cfg.eagle.n_layers} is more than the target's {model.cfg.n_layers} layers")
   ckpt_dir = Path(cfg.train.checkpoint_dir)
-  record_run_config(cfg, ckpt_dir)
+  record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params))  # checkpoints of another target are refused
   t0 = time.time()
   seqs = build_sequences(cfg, model, params, tokenizer, progress)
   data_s = time.time() - t0
