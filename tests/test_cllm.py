@@ -391,6 +391,8 @@ def test_lora_distillation_lowers_the_loss_and_exports_an_adapter(learnable, tmp
   again = train_cllm(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   # Resumed at the last step: the trajectories were kept and no training step ran again.
   assert again["windows"] == summary["windows"]
+  # Its summary holds the whole run's evaluations, those of the process it resumed from (it held none of them).
+  assert again["repetition"] == summary["repetition"] and again["final_eval"] == summary["final_eval"]
   after = (tmp_path / "ckpt" / "metrics.jsonl").read_text().splitlines()
   # A run that started over would have cut the log back to step 0 and rewritten it (new steps_per_sec figures).
   assert after[:len(lines)] == lines

@@ -754,7 +754,8 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
   init_eval = trainer.evaluate(state, eval_batches())
   state, history = trainer.fit(state, batches_from, t.steps, eval_batches=eval_batches, eval_every=t.eval_every)
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed
-  evals = [h for h in history if any(k.startswith("eval/") for k in h)]
+  # The evaluations of every process of a killed and resumed run (the repetition record is the run's whole story).
+  evals = [h for h in trainer.logged(history) if any(k.startswith("eval/") for k in h)]
   final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
   mean_states = float(np.mean([len(k) for s in traj.states for k in s])) if traj.num_windows else 0.0
   summary = {

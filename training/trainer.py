@@ -464,6 +464,23 @@ class Trainer:
     if any(k.startswith("eval/") for k in record):
       self._draw_curves()
 
+  def logged(self, history: list[dict[str, float]]) -> list[dict[str, float]]:
+    """Every record of this run in metrics.jsonl: those of the processes a killed run was resumed from too, which
+    `fit`'s own history (`history`) lacks. `history` where there is no file to read (no checkpoint folder, or a
+    process of a multi-host run that does not see process 0's)."""
+    path = self.checkpoint_dir / METRICS_FILE if self.checkpoint_dir is not None else None
+    if path is None or not path.is_file():
+      return history
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue  # a line a kill cut short
+      if isinstance(record, dict) and "step" in record:
+        records.append(record)
+    return records or history
+
   def _draw_curves(self, force: bool = False) -> None:
     """Redraws curves.png from metrics.jsonl: after an evaluation at most once per `curves.MIN_INTERVAL_S`, and
     always when `force`d. A plot that fails is a warning, never the end of a training run."""
