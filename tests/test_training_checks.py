@@ -325,6 +325,10 @@ def test_checkpoints_of_another_target_under_the_same_path_are_refused(tmp_path)
   with pytest.raises(ConfigError, match=r"trained on another target model \(embedding fingerprint bf16-crc32:1 "
                                         r"there, bf16-crc32:2 now.*set train.checkpoint_dir to a new folder"):
     record_run_config(cfg, ckpt, target="bf16-crc32:2")
+  # Another model.path is named as the setting that changed (not blamed on the weights).
+  other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, path="/models/other"))
+  with pytest.raises(ConfigError, match=r"model\.path: None there, '/models/other' now"):
+    record_run_config(other, ckpt, target="bf16-crc32:2")
   (ckpt / "target.json").unlink()  # as a run from before the fingerprint was recorded
   record_run_config(cfg, ckpt, target="bf16-crc32:2")
   with pytest.raises(ConfigError, match="another target model"):

@@ -387,6 +387,11 @@ def test_task_configs_need_a_task_positive_counts_and_writable_folders(tmp_path)
   (tmp_path / "t.yaml").write_text("task: bpd\n")
   with pytest.raises(ConfigError, match=r"holds another task's export \(a trained model\)"):
     check_writable(load_task_config(str(tmp_path / "t.yaml"), [f"out={project}"])[0])
+  # CLLM writes an adapter or a whole model: a rerun of the other kind into the same folder would mix them too.
+  (tmp_path / "t.yaml").write_text("task: cllm\n")
+  check_writable(load_task_config(str(tmp_path / "t.yaml"), [f"out={project}", "objective.finetune=full"])[0])
+  with pytest.raises(ConfigError, match=r"holds another task's export \(a trained model\)"):
+    check_writable(load_task_config(str(tmp_path / "t.yaml"), [f"out={project}"])[0])  # LoRA by default
   from jaxspec.bench.methods import ASSETS
   from training.tasks import earlier_export
   shipped = sorted(p for p in ASSETS.iterdir() if (p / "config.json").is_file())
@@ -872,6 +877,8 @@ def test_prompts_that_fill_the_sequence_length_leave_nothing_to_learn():
   with pytest.raises(InputError, match=r"No training sequence has a generated token within train.seq_len=8"):
     check_targets({"training": seqs}, 8, False)
   check_targets({"training": seqs}, 8, True)  # with data.loss_on_prompt the prompt's tokens are learnt too
+  with pytest.raises(InputError, match="has 2 generated tokens within train.seq_len=2"):  # (from the second token)
+    check_targets({"training": seqs}, 2, True, need=2)
   check_targets({"held-out": Sequences([], np.zeros(0, np.int64))}, 8, False)  # no held-out set: nothing to check
 
 
@@ -885,6 +892,8 @@ def test_a_prompt_too_long_for_the_context_is_named_before_any_answer_is_written
   model = types.SimpleNamespace(cfg=types.SimpleNamespace(max_seq_len=32))
   texts = ["short", "a  long\nprompt " * 10]
   check_prompts_fit(model, [[1] * 5, [1] * 24], texts, 8, "data.max_new_tokens")  # 24 + 8 = 32 fits
+  with pytest.raises(InputError, match=r"^Prompt 2 of 2 in data.more_prompts \('a long"):  # which file, when named
+    check_prompts_fit(model, [[1] * 5, [1] * 25], texts, 8, "data.max_new_tokens", "data.more_prompts")
   with pytest.raises(InputError, match=r"^Prompt 2 of 2 \('a long prompt a long prompt .*\.\.\.', 25 tokens\) plus "
                                        r"data.max_new_tokens=8 new tokens needs 33 positions, more than the model's "
                                        r"context \(32\): lower data.max_new_tokens, or leave the prompt out"):

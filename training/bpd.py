@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from jaxspec import sharding
 from jaxspec.decoding.sampling import seed_key
-from jaxspec.models.bpd import MAX_HEADS, BPDConfig, BPDModel, save_bpd
+from jaxspec.models.bpd import MAX_HEADS, BPDConfig, BPDModel, save_bpd, target_fingerprint
 from jaxspec.models.draft import embed_fingerprint
 from jaxspec.models.llama import precision_key
 from training import datasets, rowcache
@@ -141,25 +141,29 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
   if cfg.data.text_files:
     return datasets.text_sequences(tokenizer, cfg.data.text_files, cfg.data.dataset_dir, seq_len=cfg.train.seq_len)
   texts = datasets.read_prompt_texts(cfg.data.prompts, cfg.data.limit)
+  more = datasets.read_prompt_texts(cfg.data.more_prompts) if cfg.data.more_prompts else None
+  more_tokens = ("data.more_max_new_tokens", cfg.data.more_max_new_tokens) if cfg.data.more_max_new_tokens else (
+      "data.max_new_tokens", cfg.data.max_new_tokens)
+  if more:  # before any answer is written (each set is checked as its answers start: this one's would come last)
+    from jaxspec.bench.runner import chat_prompt_ids
+    datasets.check_prompts_fit(model, chat_prompt_ids(tokenizer, more), more, more_tokens[1], more_tokens[0],
+                               "data.more_prompts")
   seqs = datasets.self_distill(model, params, tokenizer, texts, cfg.data.dataset_dir,
                                max_new_tokens=cfg.data.max_new_tokens, batch_size=cfg.data.gen_batch_size,
                                samples=cfg.data.samples, temperature=cfg.data.temperature, seed=cfg.data.seed,
-                               progress=progress)
+                               progress=progress, where="data.prompts")
   parts = [seqs]
   if cfg.data.greedy_dataset_dir and cfg.data.temperature > 0:
     parts.insert(0, datasets.self_distill(model, params, tokenizer, texts, cfg.data.greedy_dataset_dir,
                                           max_new_tokens=cfg.data.max_new_tokens,
                                           batch_size=cfg.data.gen_batch_size, progress=progress,
-                                          key="data.greedy_dataset_dir"))
+                                          key="data.greedy_dataset_dir", where="data.prompts"))
   parts += [datasets.load_finished(folder) for folder in cfg.data.extra_dataset_dirs]
   if cfg.data.more_prompts:
-    parts.append(datasets.self_distill(model, params, tokenizer, datasets.read_prompt_texts(cfg.data.more_prompts),
-                                       cfg.data.more_dataset_dir,
-                                       max_new_tokens=cfg.data.more_max_new_tokens or cfg.data.max_new_tokens,
-                                       batch_size=cfg.data.gen_batch_size, progress=progress,
-                                       key="data.more_dataset_dir",
-                                       tokens_key=("data.more_max_new_tokens" if cfg.data.more_max_new_tokens
-                                                   else "data.max_new_tokens")))
+    parts.append(datasets.self_distill(model, params, tokenizer, more, cfg.data.more_dataset_dir,
+                                       max_new_tokens=more_tokens[1], batch_size=cfg.data.gen_batch_size,
+                                       progress=progress, key="data.more_dataset_dir", tokens_key=more_tokens[0],
+                                       where="data.more_prompts"))
   part_ids = np.repeat([int(cfg.data.more_prompts is not None and i == len(parts) - 1) for i in range(len(parts))],
                        [len(p) for p in parts])
   return datasets.Sequences([t for p in parts for t in p.tokens], np.concatenate([p.prompt_lens for p in parts]),
@@ -416,7 +420,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   # Heads to start from are read and checked against the run before the data is built (which can take an hour).
   initial = _initial_heads(cfg, model) if cfg.heads.init else None
   ckpt_dir = Path(cfg.train.checkpoint_dir)
-  record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params))  # checkpoints of another target are refused
+  record_run_config(cfg, ckpt_dir, target=target_fingerprint(params))  # checkpoints of another target are refused
   t0 = time.time()
   seqs = build_sequences(cfg, model, params, tokenizer, progress)
   data_s = time.time() - t0
@@ -519,7 +523,6 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
              "prep_s": round(prep_s, 1), "train_s": round(train_s, 1), "total_s": round(time.time() - t_start, 1),
              "init_eval": {k: float(v) for k, v in init_eval.items()},
              "final_eval": {k: float(v) for k, v in final_eval.items()}, "config": to_dict(cfg)}
-  from jaxspec.models.bpd import target_fingerprint
   save_bpd(cfg.out, bpd, out_params,
            meta={"target": {"embed_fingerprint": target_fingerprint(base_params)}, "training": summary})
   return summary

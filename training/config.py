@@ -265,16 +265,6 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: 
   """
   path = Path(checkpoint_dir) / "config.yaml"
   has_steps = path.parent.is_dir() and any(p.is_dir() and p.name.isdigit() for p in path.parent.iterdir())
-  target_path = path.with_name(TARGET_FILE)
-  if target is not None and has_steps and target_path.is_file():  # (runs from before it was recorded take it now)
-    try:
-      was = json.loads(target_path.read_text(encoding="utf-8")).get("embed_fingerprint")
-    except (OSError, ValueError, AttributeError):
-      was = None
-    if was is not None and was != target:
-      raise ConfigError(f"{path.parent} holds checkpoints trained on another target model (embedding fingerprint "
-                        f"{was} there, {target} now: the weights at model.path changed). Resuming would continue "
-                        "them on this one: set train.checkpoint_dir to a new folder.")
   if has_steps and path.is_file():
     try:
       raw = yaml.safe_load(path.read_text(encoding="utf-8"))
@@ -296,6 +286,16 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: 
       raise ConfigError(f"{path.parent} holds checkpoints of a run with other settings ({diffs}). Resuming would "
                         "mix two runs: put those values back to continue it, or set train.checkpoint_dir to a new "
                         "folder to start another.")
+  target_path = path.with_name(TARGET_FILE)
+  if target is not None and has_steps and target_path.is_file():  # (runs from before it was recorded take it now)
+    try:
+      was = json.loads(target_path.read_text(encoding="utf-8")).get("embed_fingerprint")
+    except (OSError, ValueError, AttributeError):
+      was = None
+    if was is not None and was != target:  # (after the settings: a changed model.path is named as such)
+      raise ConfigError(f"{path.parent} holds checkpoints trained on another target model (embedding fingerprint "
+                        f"{was} there, {target} now: other weights at model.path). Resuming would continue them on "
+                        "this one: set train.checkpoint_dir to a new folder.")
   dump_config(cfg, path)
   if target is not None:
     files.write_json(target_path, {"embed_fingerprint": target})

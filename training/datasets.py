@@ -120,7 +120,9 @@ def check_targets(sides: dict[str, "Sequences"], seq_len: int, loss_on_prompt: b
   for side, seqs in sides.items():
     if not len(seqs.tokens):
       continue
-    left = [min(len(t), seq_len) - (0 if loss_on_prompt else int(p)) for t, p in zip(seqs.tokens, seqs.prompt_lens)]
+    # (a target at position t + 1 >= 1: with data.loss_on_prompt from the second token on, else from the answer's)
+    left = [min(len(t), seq_len) - (1 if loss_on_prompt else max(int(p), 1))
+            for t, p in zip(seqs.tokens, seqs.prompt_lens)]
     if max(left) < need:
       longest = int(max(seqs.prompt_lens))
       raise InputError(f"No {side} sequence has {'a generated token' if need == 1 else f'{need} generated tokens'} "
@@ -173,7 +175,8 @@ def load_finished(folder: str | os.PathLike) -> Sequences:
   return seqs
 
 
-def check_prompts_fit(model, ids: Sequence[Sequence[int]], texts: Sequence[str], new_tokens: int, key: str) -> None:
+def check_prompts_fit(model, ids: Sequence[Sequence[int]], texts: Sequence[str], new_tokens: int, key: str,
+                      where: str | None = None) -> None:
   """Raises `InputError` naming the first prompt that cannot take `new_tokens` more tokens in the model's context,
   before any is decoded (prompts are decoded shortest first, so the error would otherwise come at the end of the
   work). Encoder-decoders bound their decoder's tokens only."""
@@ -189,7 +192,8 @@ def check_prompts_fit(model, ids: Sequence[Sequence[int]], texts: Sequence[str],
       text = " ".join(str(texts[i]).split())
       shown = text[:60] + ("..." if len(text) > 60 else "")
       what = f"The decoder's start token plus {key}={new_tokens}" if dec else (
-          f"Prompt {i + 1} of {len(ids)} ({shown!r}, {len(row)} tokens) plus {key}={new_tokens} new tokens")
+          f"Prompt {i + 1} of {len(ids)}{f' in {where}' if where else ''} ({shown!r}, {len(row)} tokens) plus "
+          f"{key}={new_tokens} new tokens")
       raise InputError(f"{what} needs {need} positions, more than the model's context ({context}): lower {key}"
                        + ("." if dec else ", or leave the prompt out of the file."))
 
@@ -197,10 +201,11 @@ def check_prompts_fit(model, ids: Sequence[Sequence[int]], texts: Sequence[str],
 def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str | os.PathLike, *,
                  max_new_tokens: int = 192, batch_size: int = 16, shard_size: int = 64, samples: int = 1,
                  temperature: float = 0.0, seed: int = 0, progress: bool = True, key: str = "data.dataset_dir",
-                 tokens_key: str = "data.max_new_tokens") -> Sequences:
+                 tokens_key: str = "data.max_new_tokens", where: str | None = None) -> Sequences:
   """Writes the target's continuations of the prompts (prompt + continuation per sequence) to `out`.
 
-  `key` and `tokens_key` are the config keys that set `out` and `max_new_tokens`, for the errors to name.
+  `key` and `tokens_key` are the config keys that set `out` and `max_new_tokens`, and `where` the prompts' (a config
+  key or a file), for the errors to name.
 
   `temperature` 0 writes the greedy continuation of each prompt; above 0, `samples` sampled continuations of each
   (seeded by shard and batch, so a rerun writes the same data; `seed` > 0 draws other samples, for more answers to
@@ -221,7 +226,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   from jaxspec.bench.runner import chat_prompt_ids
 
   ids = chat_prompt_ids(tokenizer, prompt_texts)
-  check_prompts_fit(model, ids, prompt_texts, max_new_tokens, tokens_key)
+  check_prompts_fit(model, ids, prompt_texts, max_new_tokens, tokens_key, where)
   order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
   order = [i for i in order for _ in range(samples)]
   meta = {"kind": "self-distillation", "num_prompts": len(ids), "max_new_tokens": max_new_tokens,

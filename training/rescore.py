@@ -198,11 +198,11 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
              for t, p in zip(held.tokens, held.prompt_lens)]
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   pad = tokenizer.pad_id or 0
-  from jaxspec.models.draft import embed_fingerprint
+  from jaxspec.models.bpd import target_fingerprint
   neural_files = None
   if tc.neural and tc.neural_draft != "layerskip":
     neural_files = DEFAULT_DRAFT if tc.neural_draft is None else Path(tc.neural_draft)
-  log = TuneLog(_tune_log_path(cfg), _tune_key(cfg, prompts, heads, embed_fingerprint(params), neural_files))
+  log = TuneLog(_tune_log_path(cfg), _tune_key(cfg, prompts, heads, target_fingerprint(params), neural_files))
   greedy = log.get("greedy")
   if greedy is None:
     greedy = []

@@ -136,6 +136,8 @@ def check_writable(cfg: Any) -> None:
           raise ConfigError(f"out={str(folder)!r} holds a config.json that no jaxspec export wrote (a model's "
                             "folder?): the export would write over it. Choose a new or empty folder.")
         wants = _EXPORTS.get(type(cfg))
+        if isinstance(cfg, CLLMTrainConfig):  # an adapter, or a whole fine-tuned model: not one over the other
+          wants = ("lora",) if cfg.objective.finetune == "lora" else ("model",)
         if wants is not None and kind not in wants:  # another task's export: the two would mix in one folder
           from jaxspec.loading.hf import _JAXSPEC_PARTS
           what = next((w for k, _, w, _ in _JAXSPEC_PARTS if k == kind), "a trained model")

