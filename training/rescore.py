@@ -182,8 +182,10 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
       key = ("tune.neural_layers" if layerskip else
              "tune.neural_draft (null: the shipped jaxspec/assets/draft_smollm2, for the default model)"
              if neural_lm == "default" else "tune.neural_draft")
-      fix = ("Set tune.neural_layers below the model's layers, or tune.neural_draft to a draft trained for this "
-             "model (task: draft), or tune.neural=false." if layerskip else
+      deep = getattr(getattr(model, "cfg", None), "n_layers", 2) > 1  # a 1-layer model has no first layers to skip to
+      fix = (("Set tune.neural_layers below the model's layers, or " if deep else "Set ")
+             + "tune.neural_draft to a draft trained for this model (task: draft), or tune.neural=false."
+             if layerskip else
              "Set tune.neural_draft to a draft trained for this model (task: draft), or to layerskip, or "
              "tune.neural=false.")
       raise ConfigError(f"{key}: {str(e).rstrip('.')}. {fix}") from None
