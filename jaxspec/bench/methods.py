@@ -596,7 +596,7 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
     n_best, d_best, note = earlier
     depth = min(int(opts["depth"]), n_best) if "depth" in opts else d_best
     nodes = n_best
-    notes.append(note if note.endswith(_EARLIER) else note + _EARLIER)
+    notes.append(note + _EARLIER)  # (the note is kept as measured, without this)
     measured.update(nodes=n_best, depth=d_best, nodes_note=note)
   elif nodes == "auto":  # budget from cost: E[A](n, d) of a large calibration tree, t(n) measured here
     big_n, big_d = 64, max_depth
@@ -645,7 +645,7 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   earlier = _earlier_choice(ctx.measured, gate=float, gate_note=str) if gate == "auto" else None
   if earlier is not None:
     gate, note = earlier
-    notes.append(note if note.endswith(_EARLIER) else note + _EARLIER)
+    notes.append(note + _EARLIER)  # (the note is kept as measured, without this)
     measured.update(gate=gate, gate_note=note)
   elif gate == "auto":  # verify where E[A] > t(N + 1) / t(1) - 1, the break-even of a calibrated drafter
     key = ("verify-cost", nodes + 1)

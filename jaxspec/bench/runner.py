@@ -25,7 +25,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -391,17 +391,13 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   # gone, so its partial results.json would later pass for finished work).
   replace_previous = writer and not runs and _finished_results(out)
   if writer and not replace_previous:
-    gone = _remove_previous_results(out)
-    if gone and not runs:
-      log(f"starting over: removed the previous run's {', '.join(gone)} from {out}")
+    _remove_previous_results(out, log=None if runs else log)
 
   def kept_a_run() -> None:
     nonlocal replace_previous
     if replace_previous:
       replace_previous = False
-      gone = _remove_previous_results(out)
-      if gone:
-        log(f"starting over: removed the previous run's {', '.join(gone)} from {out}")
+      _remove_previous_results(out, log=log)
 
   def whole(bi: int) -> bool:
     return all((bi, l) in runs for l in order)
@@ -478,8 +474,8 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
           f"in {progress_path}; the same command goes on from there")
     elif writer:  # only the fingerprint: nothing to go on from, so no file that says there is
       progress_path.unlink(missing_ok=True)
-      earlier = " (the previous run's results there are as they were)" if (out / "results.json").exists() else ""
-      log(f"interrupted before any method finished a prompt batch: nothing was kept{earlier}")
+      old = " (the previous run's results there are as they were)" if (out / "results.json").exists() else ""
+      log(f"interrupted before any method finished a prompt batch: nothing was kept{old}")
     raise
   bar.close()
   results = snapshot(complete=True)
@@ -562,10 +558,11 @@ def _finished_results(out: Path) -> bool:
     return False
 
 
-def _remove_previous_results(out: Path) -> list[str]:
+def _remove_previous_results(out: Path, log: Callable[[str], None] | None = None) -> list[str]:
   """Removes an earlier run's files from `out` and returns their names. Its report, outputs and plots beside this
   run's progress would make the folder look complete and wrong, so they go once this run has runs of its own (a
-  resumed run's before anything is decoded: results.json is written again from the runs it resumes from)."""
+  resumed run's before anything is decoded: results.json is written again from the runs it resumes from). `log`:
+  where to say what went, if anything did."""
   gone = []
   for name in _result_files()[1:]:
     try:
@@ -573,6 +570,8 @@ def _remove_previous_results(out: Path) -> list[str]:
       gone.append(name)
     except FileNotFoundError:
       pass
+  if gone and log is not None:
+    log(f"starting over: removed the previous run's {', '.join(gone)} from {out}")
   return gone
 
 
