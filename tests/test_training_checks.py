@@ -4,6 +4,7 @@ cannot work, eval means over uneven batches, held-out prompts that stay held out
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -333,3 +334,29 @@ def test_checkpoints_of_another_target_under_the_same_path_are_refused(tmp_path)
   record_run_config(cfg, ckpt, target="bf16-crc32:2")
   with pytest.raises(ConfigError, match="another target model"):
     record_run_config(cfg, ckpt, target="bf16-crc32:1")
+
+
+def test_train_tasks_name_prompts_that_fill_seq_len_or_the_context_before_training(tiny, tmp_path):
+  """Through the tasks themselves, not only their helpers: prompts that fill `train.seq_len` are one error naming
+  it (BPD failed in the batching, the draft task trained on nothing), and prompts too long for the model's context
+  are named before any continuation is generated (no shard is written)."""
+  from tests.test_draft import tiny_draft_config
+  from training.draft import train_draft
+
+  model, params = tiny
+  (tmp_path / "b").mkdir()
+  (tmp_path / "d").mkdir()
+  for name, run, cfg in (("bpd", train_bpd, tiny_train_config(tmp_path / "b")),
+                         ("draft", train_draft, tiny_draft_config(tmp_path / "d", "d", 4))):
+    (tmp_path / name).mkdir()
+    too_long = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_new_tokens=510,
+                                                                 dataset_dir=str(tmp_path / name / "long")))
+    with pytest.raises(InputError, match=r"Prompt \d+ of 40 .* plus data.max_new_tokens=510 new tokens needs \d+ "
+                                         r"positions, more than the model's context \(512\)"):
+      run(too_long, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+    assert not list((tmp_path / name / "long").glob("shard_*"))
+    short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seq_len=8),
+                                data=dataclasses.replace(cfg.data, max_new_tokens=4))
+    with pytest.raises(InputError, match=r"within train.seq_len=8 \(the longest prompt there is \d+ tokens\)"):
+      run(short, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+    assert not list(Path(cfg.train.checkpoint_dir).glob("[0-9]*")), f"{name} saved a checkpoint"
