@@ -360,3 +360,31 @@ def test_train_tasks_name_prompts_that_fill_seq_len_or_the_context_before_traini
     with pytest.raises(InputError, match=r"within train.seq_len=8 \(the longest prompt there is \d+ tokens\)"):
       run(short, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
     assert not list(Path(cfg.train.checkpoint_dir).glob("[0-9]*")), f"{name} saved a checkpoint"
+
+
+def test_decoding_lengths_of_the_cllm_monitor_and_the_rescore_tuning_are_checked_before_they_run(tiny, tmp_path):
+  """`monitor.max_new_tokens` and `tune.max_new_tokens` were bounded by no check: a prompt too long for them failed
+  in the first evaluation or in the tuning's greedy reference, with generate's message naming no config key."""
+  from tests.test_cllm import tiny_cllm_config
+  from tests.test_lattice import random_heads, save_bpd
+  from training.cllm import train_cllm
+  from training.rescore import RescoreConfig, TuneSection, train_rescore
+
+  model, params = tiny
+  (tmp_path / "c").mkdir()
+  cfg = tiny_cllm_config(tmp_path / "c", steps=2)
+  cfg = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, max_new_tokens=508))
+  with pytest.raises(InputError, match=r"Prompt \d+ of 2 in the monitored held-out prompts .* plus "
+                                       r"monitor.max_new_tokens=508 new tokens needs \d+ positions"):
+    train_cllm(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  assert not list(Path(cfg.train.checkpoint_dir).glob("[0-9]*"))
+  bpd, p = random_heads(tiny, 3)
+  save_bpd(tmp_path / "heads", bpd, p)
+  data = tiny_train_config(tmp_path).data
+  cfg = RescoreConfig(out=str(tmp_path / "rescore"), heads=str(tmp_path / "heads"),
+                      data=dataclasses.replace(data, eval_fraction=0.1),
+                      tune=TuneSection(k=3, neural_draft="layerskip", neural_layers=1, max_new_tokens=508))
+  with pytest.raises(InputError, match=r"Prompt \d+ of 4 in the held-out prompts .* plus tune.max_new_tokens=508 new "
+                                       r"tokens needs \d+ positions, more than the model's context \(512\)"):
+    train_rescore(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  assert not (Path(data.dataset_dir) / "rescore_tuning.jsonl").exists()

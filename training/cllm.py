@@ -741,6 +741,10 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
   if cfg.monitor.prompts:
     held_out = [list(map(int, eval_traj.tokens[i][:eval_traj.prompt_lens[i]]))
                 for i in range(min(cfg.monitor.prompts, len(eval_traj)))]
+    # (the collection's check bounded collect.window x collect.windows new tokens, not the monitor's: named here,
+    # before any training step, rather than by the first evaluation)
+    datasets.check_prompts_fit(model, held_out, [tokenizer.decode(p) for p in held_out], cfg.monitor.max_new_tokens,
+                               "monitor.max_new_tokens", where="the monitored held-out prompts")
     monitor = RepetitionMonitor(model, held_out, jax.jit(to_params), window=c.window,
                                 max_new_tokens=cfg.monitor.max_new_tokens, ngram=cfg.monitor.ngram, eos_ids=eos,
                                 pad_id=pad_id, base_params=base, progress=progress)

@@ -24,6 +24,7 @@ from typing import Literal, Optional
 from tqdm.auto import tqdm
 
 from jaxspec import files
+from training import datasets
 from training.bpd import BPDTrainConfig, DataSection, ModelSection, build_sequences
 from training.config import ConfigError, load_config, to_dict
 
@@ -198,6 +199,9 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   # Held-out prompts; text data has no prompt part, so its first half (at most 32 tokens) stands for one.
   prompts = [list(map(int, t[:p if p > 0 else max(1, min(32, len(t) // 2))]))
              for t, p in zip(held.tokens, held.prompt_lens)]
+  # (the data's check bounded data.max_new_tokens; tuning decodes tune.max_new_tokens: named before any decoding)
+  datasets.check_prompts_fit(model, prompts, [tokenizer.decode(p) for p in prompts], tc.max_new_tokens,
+                             "tune.max_new_tokens", where="the held-out prompts")
   eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
   pad = tokenizer.pad_id or 0
   from jaxspec.models.bpd import target_fingerprint
