@@ -918,3 +918,37 @@ def test_a_mesh_written_another_way_resumes(tmp_path, prompt_file, methods, bomb
   bomb["armed"] = False
   res = run_bench(dataclasses.replace(cfg, mesh="2, -1"), methods, None, ByteTokenizer(), progress=False)
   assert res["environment"]["resumed_runs"] == 2 and res["config"]["mesh"] == "data=2,model=4"
+
+
+def test_a_method_that_is_not_lossless_is_compared_as_agreement_and_sampling_compares_nothing(
+    tmp_path, prompt_file, methods, monkeypatch):
+  """results.json said `mismatches: 0` for an approximate method whose every output differed from greedy (it was not
+  compared), and the report's exactness section was an empty heading (found by an audit). A model passed to
+  run_bench was reported as the embedded default, and τ was not the ratio of two results.json fields."""
+  import jaxspec.bench.methods as methods_mod
+  from jaxspec.bench import report
+
+  specs = dict(methods_mod.METHODS)  # the fixture's, with its liar (one output differs from greedy)
+  specs["approx"] = dataclasses.replace(specs["liar"], name="approx", lossless=False)
+  monkeypatch.setattr("jaxspec.bench.methods.METHODS", specs)
+  monkeypatch.setattr("jaxspec.bench.runner.METHODS", specs)
+  out = tmp_path / "out"
+  res = run_bench(BenchConfig(prompts=prompt_file, methods=("approx", "oracle"), max_new_tokens=9, batch_size=2,
+                              out=str(out)), methods, None, ByteTokenizer(), progress=False)
+  m = res["methods"]
+  assert m["approx"]["mismatches"] is None and m["approx"]["differ_from_greedy"] == 1
+  assert m["approx"]["per_category"]["math"]["differ_from_greedy"] == 1 and len(m["approx"]["difference_list"]) == 1
+  assert m["oracle"]["mismatches"] == 0 and "differ_from_greedy" not in m["oracle"]
+  for entry in m.values():
+    assert entry["tau"] == entry["step_tokens"] / entry["target_calls"]
+  md = (out / "report.md").read_text()
+  assert "- `approx` (not lossless, so agreement rather than exactness): 1 of 6 outputs differ from greedy" in md
+  assert "model: `a BigramLM passed to run_bench`" in md
+  assert [l.split()[-1] for l in report.summary_lines(res)[1:]] == ["n/a", "differ)", "0"]
+  sampled = run_bench(BenchConfig(prompts=prompt_file, methods=("approx",), max_new_tokens=9, batch_size=2,
+                                  temperature=1.0, out=str(tmp_path / "s")), methods, None, ByteTokenizer(),
+                      progress=False)["methods"]
+  assert sampled["approx"]["mismatches"] is None and "differ_from_greedy" not in sampled["approx"]
+  only = run_bench(BenchConfig(prompts=prompt_file, methods=("greedy",), max_new_tokens=5, out=str(tmp_path / "g")),
+                   methods, None, ByteTokenizer(), progress=False)
+  assert "Only greedy decoding ran" in (tmp_path / "g" / "report.md").read_text() and only["complete"]

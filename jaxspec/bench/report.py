@@ -35,15 +35,25 @@ def _num(x: float) -> float | None:
   return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
 
 
-def _figures(recs, ref_recs, mism) -> dict:
+def _figures(recs, ref_recs, mism, compared: str | None) -> dict:
+  """A method's figures on some prompts. `compared`: what its outputs' differences from greedy's are, "mismatches"
+  (a lossless method at temperature 0), "differ_from_greedy" (another method at temperature 0: agreement, not
+  exactness) or None (nothing compared: sampling, or greedy itself)."""
   seconds = sum(r.seconds for r in recs)
   ref_seconds = sum(r.seconds for r in ref_recs)
   new = sum(r.new_tokens for r in recs)
-  return {
+  figures = {
       "tau": _num(tau(recs)), "speedup": _num(ref_seconds / seconds if seconds else float("nan")),
-      "tokens_per_s": _num(new / seconds if seconds else float("nan")), "mismatches": len(mism),
-      "n_prompts": len(recs), "new_tokens": new, "target_calls": sum(r.active_calls for r in recs),
+      "tokens_per_s": _num(new / seconds if seconds else float("nan")),
+      "mismatches": len(mism) if compared == "mismatches" else None,
+      "n_prompts": len(recs), "new_tokens": new,
+      # τ = step_tokens / target_calls: the new tokens but each output's first (prefill's) over the verify forwards
+      # each prompt took part in (a batch's shared forward counted once per prompt it served)
+      "step_tokens": sum(r.steps_tokens for r in recs), "target_calls": sum(r.active_calls for r in recs),
       "drafter_calls": sum(r.drafter_calls for r in recs), "run_s": seconds, "accept_hist": _hist(recs)}
+  if compared == "differ_from_greedy":
+    figures["differ_from_greedy"] = len(mism)
+  return figures
 
 
 def results(cfg, env: dict, prompts, specs: dict, lossless: dict, records: dict, compile_s: dict,
@@ -69,15 +79,17 @@ def results(cfg, env: dict, prompts, specs: dict, lossless: dict, records: dict,
     recs = records[label]
     refs = ref[:len(recs)]
     mism = mismatches[label]
-    entry.update(available=True, **_figures(recs, refs, mism), compile_s=compile_s[label],
+    compared = (None if cfg.temperature > 0 else "mismatches" if entry["lossless"]
+                else None if label == REFERENCE else "differ_from_greedy")
+    entry.update(available=True, **_figures(recs, refs, mism, compared), compile_s=compile_s[label],
                  program_bytes=program_bytes[label])
     entry["per_category"] = {}
     for c in cats:
       idx = [i for i, r in enumerate(recs) if r.category == c]
       if idx:
         entry["per_category"][c] = _figures([recs[i] for i in idx], [refs[i] for i in idx],
-                                            [m for m in mism if m["category"] == c])
-    entry["mismatch_list"] = mism
+                                            [m for m in mism if m["category"] == c], compared)
+    entry["difference_list" if compared == "differ_from_greedy" else "mismatch_list"] = mism
     entry["per_prompt"] = [{k: v for k, v in dataclasses.asdict(r).items() if k != "tokens"} for r in recs]
     methods[label] = entry
   return {
@@ -106,7 +118,8 @@ def markdown(res: dict) -> str:
   lines += [
       f"- prompts: `{res['prompts']['file']}`, {res['prompts']['n']} prompt{'s' * (res['prompts']['n'] != 1)} "
       f"({', '.join(f'{c} {n}' for c, n in res['prompts']['per_category'].items())})",
-      f"- model: `{cfg['model'] or 'embedded SmolLM2-135M-Instruct'}` ({cfg.get('dtype', 'float32')}"
+      f"- model: `{cfg['model'] or env.get('model_given') or 'embedded SmolLM2-135M-Instruct'}` "
+      f"({cfg.get('dtype', 'float32')}"
       + (f", {cfg['param_dtype']} weights" if cfg.get("param_dtype") else "")
       + (", layers under lax.scan" if cfg.get("scan_layers") else "")
       + (f", matmul precision {cfg['matmul_precision']}" if cfg.get("matmul_precision", "highest") != "highest"
@@ -128,9 +141,12 @@ def markdown(res: dict) -> str:
       + (f"; persistent compilation cache {env['compilation_cache_dir']} (a compile time may be a load from it)"
          if env.get("compilation_cache_dir") else ""),
       "",
-      "τ = new tokens / target calls after prefill (bonus token included). Speedup = wall time of jaxspec's greedy "
-      "loop / the method's, same prompts, same run, after compilation. Program memory = XLA's arguments + outputs + "
-      "temporaries of the compiled decode program (largest shape).",
+      "τ = new tokens from verify steps (every output token but the first, which prefill gives; bonus token "
+      "included) / the verify forwards each prompt took part in after prefill (`step_tokens / target_calls` in "
+      "results.json). Speedup = wall time of jaxspec's plain decoding loop, `greedy` (one token per target call"
+      + ("" if greedy else "; at this run's temperature it samples") + ") / the method's, same prompts, same run, "
+      "after compilation. Program memory = XLA's arguments + outputs + temporaries of the compiled decode program "
+      "(largest shape).",
       "",
       "## Overall", "",
       "| method | τ | speedup | tokens/s | mismatches | drafter calls | compile s | program MiB |",
@@ -163,11 +179,19 @@ def markdown(res: dict) -> str:
       lines += [f"The model ran in {cfg['dtype']}: a block verified in one forward and one-token steps round "
                 "differently there, so outputs can leave greedy decoding at near-ties without a fault in a method "
                 "(in float32 they stayed identical in every run measured; benchmarks/README.md, \"bfloat16\").", ""]
-    for label, m in avail.items():
-      if label == "greedy" or not m["lossless"]:
-        continue
-      lines.append(f"- `{label}`: {m['mismatches']} of {m['n_prompts']} outputs differ from greedy")
-      for mm in m["mismatch_list"][:MAX_LISTED_MISMATCHES]:
+    others = [label for label in avail if label != "greedy"]
+    if not others:
+      lines.append("Only greedy decoding ran: there was nothing to compare with it.")
+    for label in others:
+      m = avail[label]
+      if m["lossless"]:
+        lines.append(f"- `{label}`: {m['mismatches']} of {m['n_prompts']} outputs differ from greedy")
+        listed = m["mismatch_list"]
+      else:
+        lines.append(f"- `{label}` (not lossless, so agreement rather than exactness): {m.get('differ_from_greedy', '?')} of "
+                     f"{m['n_prompts']} outputs differ from greedy")
+        listed = m.get("difference_list", [])
+      for mm in listed[:MAX_LISTED_MISMATCHES]:
         lines.append(f"  - question {mm['question_id']} ({mm['category']}): first difference at token "
                      f"{mm['first_diff']}; greedy `{mm['expected']!r}` vs `{mm['got']!r}`")
   else:
@@ -179,7 +203,9 @@ def markdown(res: dict) -> str:
               "broken acceptance rules that they reject. Run with `--temperature 0` to check token identity with "
               "greedy decoding here."]
   lines += ["", "## Plots", "", "![τ per category](tau_per_category.png)", "", "![speedup](speedup.png)", "",
-            "![accepted lengths](accept_hist.png)", ""]
+            "![accepted lengths](accept_hist.png)", "",
+            "The accepted lengths are what each step's acceptance rule committed, a measure of the drafter: a last "
+            "block that EOS or the token limit cut short counts whole, so a histogram's mean can be above τ.", ""]
   return "\n".join(lines)
 
 
@@ -189,53 +215,78 @@ def _load(load) -> str:
 
 def plots(res: dict, out: Path) -> list[Path]:
   """τ per category per method, speedup bars, and accepted-length histograms, as PNG files."""
+  import textwrap
+
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
 
   avail = {k: v for k, v in res["methods"].items() if v["available"]}
   cats = list(res["prompts"]["per_category"])
   names = list(avail)
   paths = []
   tau_png, speedup_png, hist_png = PLOTS
+  greedy = res["config"]["temperature"] == 0
+  run = "greedy" if greedy else f"temperature {res['config']['temperature']}"
+  # Long labels (a heads folder in the options) are wrapped rather than let run off the figure.
+  wrap = lambda label, width=38: "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
 
-  fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(cats) + 2), 4))
+  # Missing figures (a category a method did not reach) are gaps, not bars of height 0.
+  value = lambda x: float("nan") if x is None else x
+  # The legend goes under the axes, in columns, with the figure grown to hold it (long labels crushed the bars).
+  ncol = 1 if len(names) <= 2 else 2 if len(names) <= 8 else 3
+  lines_below = sum(max(wrap(n).count("\n") + 1 for n in names[i:i + ncol]) for i in range(0, len(names), ncol))
+  fig, ax = plt.subplots(figsize=(max(8.0, 1.0 * len(cats) + 2, 3.4 * ncol), 4.2 + 0.2 * lines_below),
+                         layout="constrained")
   width = 0.8 / max(1, len(names))
   colors = plt.get_cmap("tab20").colors
   for i, label in enumerate(names):
-    vals = [avail[label]["per_category"].get(c, {}).get("tau") or 0 for c in cats]
-    ax.bar(np.arange(len(cats)) + i * width, vals, width, label=label, color=colors[i % len(colors)])
+    vals = [value(avail[label]["per_category"].get(c, {}).get("tau")) for c in cats]
+    ax.bar(np.arange(len(cats)) + i * width, vals, width, label=wrap(label), color=colors[i % len(colors)])
   ax.set_xticks(np.arange(len(cats)) + width * (len(names) - 1) / 2, cats, rotation=30, ha="right")
-  ax.set_ylabel("τ (tokens per target call)")
-  ax.set_title("τ per category")
-  ax.legend(fontsize="small", ncol=2)
-  fig.tight_layout()
+  ax.set_ylabel("τ (new tokens per target call)")
+  ax.set_xlabel("prompt category")
+  ax.set_title(f"τ per category ({run})")
+  fig.legend(fontsize="small", loc="outside lower center", ncol=ncol)
   paths.append(_save(fig, out / tau_png))
 
-  fig, ax = plt.subplots(figsize=(6, 0.45 * len(names) + 1.5))
-  speed = [avail[n]["speedup"] or 0 for n in names]
-  ax.barh(names, speed, color=["#888" if n == "greedy" else "#2a7" for n in names])
+  fig, ax = plt.subplots(figsize=(7.5, 0.5 * len(names) + 1.8), layout="constrained")
+  speed = [value(avail[n]["speedup"]) for n in names]
+  ax.barh([wrap(n) for n in names], speed, color=["#888" if n == "greedy" else "#2a7" for n in names])
   ax.axvline(1.0, color="k", lw=0.8)
+  top = max([s for s in speed if math.isfinite(s)], default=1.0)
+  ax.set_xlim(0, max(1.0, top) * 1.22)  # room for the labels right of the bars
   for y, s in enumerate(speed):
-    ax.text(s, y, f" {s:.2f}×", va="center", fontsize="small")
-  ax.set_xlabel("wall-clock speedup over jaxspec greedy (same run)")
+    ax.annotate("n/a" if not math.isfinite(s) else f"{s:.2f}×", (0 if not math.isfinite(s) else s, y),
+                xytext=(4, 0), textcoords="offset points", va="center", fontsize="small")
+  ax.set_xlabel(f"speedup over jaxspec's plain loop `greedy` ({'' if greedy else 'sampling, '}same run): wall time "
+                "ratio", fontsize="small")
+  ax.set_title(f"Wall-clock speedup ({run})")
   ax.invert_yaxis()
-  fig.tight_layout()
   paths.append(_save(fig, out / speedup_png))
 
   cols = min(3, len(names))
   rows = -(-len(names) // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows), squeeze=False)
+  fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.8 * rows + 0.4), squeeze=False, layout="constrained")
   for ax, label in zip(axes.flat, names):
     h = np.asarray(avail[label]["accept_hist"], float)
-    if h.sum() > 0:
-      h = h / h.sum()
+    steps = h.sum()
+    if steps > 0:
+      h = h / steps
     ax.bar(np.arange(len(h)), h)
-    ax.set_title(f"{label} (τ {_fmt(avail[label]['tau'])})", fontsize="small")
-    ax.set_xlabel("tokens committed per step")
+    mean = float(np.dot(np.arange(len(h)), h)) if steps > 0 else float("nan")
+    ax.set_title(wrap(f"{label}: τ {_fmt(avail[label]['tau'])}, mean {_fmt(_num(mean))}", 44), fontsize="small")
+    ax.set_xlabel("tokens committed per step", fontsize="small")
+    ax.set_ylabel("fraction of steps", fontsize="small")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    last = int(np.flatnonzero(h)[-1]) if steps > 0 else 1
+    ax.set_xlim(-0.6, max(last, 1) + 0.6)  # up to the longest step seen, not the drafter's whole width
+    ax.tick_params(labelsize="x-small")
   for ax in list(axes.flat)[len(names):]:
     ax.axis("off")
-  fig.tight_layout()
+  fig.suptitle("Accepted tokens per verify step (a last block cut by EOS or the token limit counts whole)",
+               fontsize="small")
   paths.append(_save(fig, out / hist_png))
   return paths
 
@@ -269,8 +320,11 @@ def summary_lines(res: dict) -> Sequence[str]:
 
 
 def compared_mismatches(res: dict, label: str) -> str:
-  """A method's count of outputs that differ from greedy's, or "n/a" where none were compared: sampling, the
-  reference itself, methods that are not lossless."""
+  """A method's count of outputs that differ from greedy's, or "n/a" where none were compared as a check: sampling,
+  the reference itself, methods that are not lossless (their count of differences follows, as agreement)."""
   m = res["methods"][label]
-  greedy = res["config"]["temperature"] == 0
-  return str(m["mismatches"]) if greedy and m["lossless"] and label != "greedy" else "n/a"
+  if res["config"]["temperature"] > 0 or label == "greedy":
+    return "n/a"
+  if m.get("mismatches") is not None:
+    return str(m["mismatches"])
+  return f"n/a ({m['differ_from_greedy']} differ)" if m.get("differ_from_greedy") is not None else "n/a"

@@ -5,7 +5,8 @@ every method in turn, in an order that rotates from batch to batch, so drift of 
 methods alike. Compilation of a new prompt-length bucket is timed apart (ahead-of-time), never as run time.
 
 Exactness: with greedy decoding, every lossless method's output is compared token for token with jaxspec's own
-greedy loop on the same batch; every difference is counted and listed.
+greedy loop on the same batch; every difference is counted and listed. A method that is not lossless (approximate
+acceptance, a distilled model) is compared too, as agreement with greedy decoding (`differ_from_greedy`).
 
 Progress: each method's run on a batch is saved as soon as it ends (`jaxspec.bench.progress`), so a killed run loses
 at most the run in flight and the same call goes on from there, in the same rotation. The figures cover whole batches
@@ -276,6 +277,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   unwritable = sharding.from_first_process(unwritable)  # every process fails with process 0
   if unwritable:
     raise InputError(unwritable)
+  given = None if model is None or cfg.model else f"a {type(model).__name__} passed to run_bench"  # for the report
   if model is None:
     from jaxspec.loading import load_model
     model, params, tokenizer = load_model(cfg.model, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
@@ -378,6 +380,8 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   warm_compile = {l: 0.0 for l in runners}
   warm_bytes = {l: 0 for l in runners}
   env = environment()
+  if given:
+    env["model_given"] = given  # not the default model, which `config.model` null would say
   started = time.time()
   if runs:
     env["resumed_runs"] = len(runs)  # decoded by an earlier process of the same settings
@@ -414,7 +418,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
         records[label] += recs
         compile_s[label] += comp
         program_bytes[label] = max(program_bytes[label], size)
-        if cfg.temperature == 0 and label != REFERENCE and lossless[label]:
+        if cfg.temperature == 0 and label != REFERENCE:  # a lossless method's mismatches, another's differences
           mismatches[label] += [_mismatch(tokenizer, prompts[pi], a.tokens, b.tokens)
                                 for pi, a, b in zip(batches[bi], ref, recs) if a.tokens != b.tokens]
     res = report.results(cfg, env, prompts, specs, lossless, records, compile_s, program_bytes, mismatches,
