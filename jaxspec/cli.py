@@ -191,9 +191,12 @@ def _cmd_bench(args) -> int:
   from jaxspec.bench.report import summary_lines
 
   if args.list_methods:
+    from jaxspec.bench.methods import option_help
+    print("Methods, and their options (written method:key=value:key=value, e.g. bpd:k=4:gate=0.8):")
     for name, spec in METHODS.items():
-      opts = f" [options: {', '.join(spec.options)}]" if spec.options else ""
-      print(f"{name:<12} {spec.description}{opts}")
+      print(f"{name:<12} {spec.description}")
+      for key in spec.options:
+        print(f"{'':<14}{key}=  {option_help(name, key)}")
     return 0
   methods = tuple(m.strip() for m in args.methods.split(",") if m.strip()) if args.methods is not None else None
   if methods == ():

@@ -188,7 +188,9 @@ def test_bad_method_option_values_are_clear_errors():
                     ("spec:stop=nan", "stop='nan' of 'spec' must be a number >= 0 and below 1"),
                     ("layerskip:stop=1", "stop='1' of 'layerskip' must be a number >= 0 and below 1"),
                     ("bpd:heads=", "option 'heads' in 'bpd:heads=' has no value: write heads=VALUE"),
-                    ("opt-tree:gate=x", "must be a number >= 0 or auto"),
+                    ("opt-tree:gate=x", "must be a finite number >= 0 or auto"),
+                    ("bpd:gate=inf", "gate='inf' of 'bpd' must be a finite number >= 0"),
+                    ("bpd-ngram:weight=inf", "weight='inf' of 'bpd-ngram' must be a finite number >= 0"),
                     ("lookup:gate=0.5", "gate='0.5' of 'lookup' must be a whole number in 0..1024")]:
     with pytest.raises(InputError, match=msg):
       parse_method(text)
@@ -198,6 +200,19 @@ def test_bad_method_option_values_are_clear_errors():
   with pytest.raises(InputError, match="a chain takes its length as nodes=N"):
     METHODS["opt-tree"].build(None, parse_method("opt-tree:shape=chain:nodes=auto")[2])  # before any model work
   assert parse_method("spec:gate=1.5:stop=0.6")[2] == {"gate": "1.5", "stop": "0.6"}
+  # Options the drafter never reads were dropped without a word (opt-tree ran from the heads with draft=/nonexistent).
+  for text, msg in [("opt-tree:draft=/nonexistent", r"draft= in .* is for drafter=eagle or drafter=draft; "
+                                                     r"drafter=heads \(the default\) reads heads=: drop draft="),
+                    ("opt-tree:drafter=eagle:heads=h", "heads= in .* is for drafter=heads; drafter=eagle reads draft="),
+                    ("opt-tree:drafter=draft:layers=3", "layers= .* is for drafter=layerskip; drafter=draft reads "
+                                                        "draft= and vocab="),
+                    ("opt-tree:drafter=layerskip:vocab=full", "vocab= .* is for drafter=draft"),
+                    ("bpd-neural:layers=3:draft=x", "names two rescoring LMs")]:
+    with pytest.raises(InputError, match=msg):
+      parse_method(text)
+  for text in ("opt-tree:drafter=eagle:draft=d", "opt-tree:drafter=draft:draft=d:vocab=full", "opt-tree:heads=h",
+               "opt-tree:drafter=layerskip:layers=2", "bpd-neural:layers=2"):
+    parse_method(text)
 
 
 def test_named_methods_must_all_run_and_the_results_folder_must_be_writable(tmp_path, prompt_file, methods):
@@ -261,8 +276,15 @@ def test_method_names_and_options():
 
 def test_list_methods_cli(capsys):
   assert main(["bench", "--list-methods"]) == 0
-  names = [l.split()[0] for l in capsys.readouterr().out.splitlines()]
+  lines = capsys.readouterr().out.splitlines()[1:]
+  names = [l.split()[0] for l in lines if not l.startswith(" ")]
   assert names[:3] == ["greedy", "bpd", "bpd-ngram"] and "opt-tree" in names and "t5x-greedy" in names
+  # every option of every method is listed with what it does (the audit found options no help named)
+  for name in names:
+    block = lines[lines.index(next(l for l in lines if l.split()[0] == name)) + 1:]
+    listed = [l.split("=")[0].strip() for l in block[:len(METHODS[name].options)]]
+    assert listed == list(METHODS[name].options), name
+    assert all(len(l.split("=  ", 1)[1]) > 10 for l in block[:len(listed)]), name
 
 
 def test_missing_t5x_checkout_is_reported_unavailable(tmp_path, prompt_file, methods):

@@ -752,11 +752,8 @@ def register(spec: MethodSpec) -> MethodSpec:
 for _spec in [
     MethodSpec("greedy", "jaxspec's own autoregressive loop: one token per target call (the reference)", True,
                _greedy),
-    MethodSpec("bpd", "blockwise parallel decoding with k trained heads (Stern et al. 2018); approx=K accepts "
-               "target top-K tokens (not lossless); gate=G verifies a draft only when the heads expect >= G "
-               "accepted tokens, else takes a one-token step; lookup=M verifies a prompt-lookup copy instead of the "
-               "heads' draft where the context's last M+ tokens occurred before", True, _bpd,
-               options=("k", "heads", "approx", "gate", "lookup")),
+    MethodSpec("bpd", "blockwise parallel decoding with k trained heads (Stern et al. 2018); approx=K is Stern's "
+               "approximate acceptance", True, _bpd, options=("k", "heads", "approx", "gate", "lookup")),
     MethodSpec("bpd-ngram", "BPD with the heads' top-t lattice rescored by an n-gram LM, the p best paths verified "
                "as one tree (Kim et al. 2024)", True, _bpd_ngram,
                options=("k", "heads", "rescore", "t", "beams", "weight")),
@@ -765,33 +762,22 @@ for _spec in [
                options=("k", "heads", "rescore", "t", "weight", "layers", "draft")),
     MethodSpec("bpd-oracle", "analysis: the greedy continuation wherever it lies in the heads' top-t lattice (the "
                "block efficiency of a perfect rescorer)", True, _bpd_oracle, options=("k", "heads", "t")),
-    MethodSpec("spec", "speculative sampling with a draft model (Leviathan et al. 2023, Chen et al. 2023); stop=S "
-               "ends a draft after a token of confidence < S (adaptive gamma); gate=G verifies a draft only when it "
-               "expects >= G accepted tokens, else takes a one-token step; vocab=full scores the whole vocabulary "
-               "(default auto: only the draft's training tokens when its folder lists them); lookup=M verifies a "
-               "prompt-lookup copy instead of drafting where the context's last M+ tokens occurred before", True,
+    MethodSpec("spec", "speculative sampling with a draft model (Leviathan et al. 2023, Chen et al. 2023)", True,
                _spec, options=("draft", "gamma", "stop", "gate", "vocab", "lookup")),
     MethodSpec("eagle", "speculative sampling with a feature-level draft (EAGLE, Li et al. 2024): one layer that "
-               "reads the target's hidden states; default draft jaxspec/assets/eagle_smollm2; gate=G verifies a "
-               "draft only when it expects >= G accepted tokens, else takes a one-token step; lookup=M as for bpd",
-               True, _eagle, options=("draft", "gamma", "gate", "lookup")),
-    MethodSpec("lookup", "prompt lookup: the tokens after the latest match of the context's last n-gram, no model; "
-               "gate=G verifies a draft only when its match is >= G tokens long, else takes a one-token step",
+               "reads the target's hidden states", True, _eagle, options=("draft", "gamma", "gate", "lookup")),
+    MethodSpec("lookup", "prompt lookup: the tokens after the latest match of the context's last n-gram, no model",
                True, _lookup, options=("n", "ngram", "gate")),
     MethodSpec("layerskip", "self-speculation: the target's first layers + final norm + head draft, no training",
                True, _layerskip, options=("layers", "gamma", "stop", "gate")),
-    MethodSpec("jacobi", "Jacobi fixed-point iteration over an n-token window (Kou et al. 2024); lookup=M as for "
-               "bpd", True, _jacobi, options=("n", "lookup")),
+    MethodSpec("jacobi", "Jacobi fixed-point iteration over an n-token window (Kou et al. 2024)", True, _jacobi,
+               options=("n", "lookup")),
     MethodSpec("cllm", "Jacobi decoding of the consistency-distilled model (Kou et al. 2024): greedy-identical to "
                "the distilled model, which may differ from the base", False, _cllm, options=("lora", "n")),
     MethodSpec("opt-tree", "draft trees grown to maximise expected acceptance length under a node budget (Wang et al. "
-               "2024); shape=static / shape=chain: fixed trees on the same drafter; nodes=auto picks the budget from "
-               "the measured verify cost; drafter=heads|eagle|draft|layerskip; lookup=M adds a prompt-lookup copy "
-               "(as deep as the tree) to the tree as one more branch where the context's last M+ tokens occurred "
-               "before (graft=0: in place of the tree); gate=G verifies a tree only when its E[A] >= G, else takes a "
-               "one-token step (gate=auto: G = t(N+1)/t(1) - 1 measured here)",
-               True, _opt_tree, options=("drafter", "heads", "layers", "draft", "vocab", "nodes", "depth", "width",
-                                         "branch", "threshold", "shape", "lookup", "graft", "gate")),
+               "2024); shape=static / shape=chain: fixed trees on the same drafter, as baselines", True, _opt_tree,
+               options=("drafter", "heads", "layers", "draft", "vocab", "nodes", "depth", "width", "branch",
+                        "threshold", "shape", "lookup", "graft", "gate")),
     MethodSpec("t5x-greedy", "T5X's decoding.temperature_sample(temperature=0) driving the same model (baseline)",
                True, _t5x, baseline=True),
     MethodSpec("hf-greedy", "Hugging Face transformers greedy generate on the same weights, batch 1 (baseline)",
@@ -802,6 +788,65 @@ for _spec in [
   register(_spec)
 
 BASELINES = tuple(n for n, s in METHODS.items() if s.baseline)
+
+# What each option does and its default, for `jaxspec bench --list-methods`: keyed by option, or by (method, option)
+# where a method reads it otherwise.
+OPTION_HELP: dict = {
+    "k": "heads used (default: all the heads in the folder)",
+    ("bpd-ngram", "k"): "heads used (default: the rescorer's tuned k)",
+    ("bpd-neural", "k"): "heads used (default: the rescorer's tuned k)",
+    ("bpd-oracle", "k"): "heads used (default 4)",
+    "heads": "BPD heads folder (default jaxspec/assets/bpd_smollm2)",
+    ("bpd-ngram", "heads"): "BPD heads folder (default: the heads the rescorer was tuned with)",
+    ("bpd-neural", "heads"): "BPD heads folder (default: the heads the rescorer was tuned with)",
+    "approx": "accept draft tokens in the target's top K (not lossless; default: exact acceptance)",
+    "gate": "verify a draft only when it expects >= G accepted tokens, else take a one-token step (default 0: always)",
+    ("lookup", "gate"): "verify a copy only after a match of >= G tokens (default 0: always)",
+    ("opt-tree", "gate"): "verify a tree only when its E[A] >= G, or auto: G = t(N+1)/t(1) - 1 measured here "
+                          "(default 0: always)",
+    "lookup": "verify a prompt-lookup copy instead of the draft where the context's last M+ tokens occurred before "
+              "(default: off)",
+    ("opt-tree", "lookup"): "graft a prompt-lookup copy into the tree as one more branch where the context's last M+ "
+                            "tokens occurred before (default: off)",
+    "graft": "with lookup=M: 1 adds the copy as a branch, 0 puts it in place of the tree (default 1)",
+    "rescore": "rescorer folder (default jaxspec/assets/bpd_rescore_smollm2)",
+    "t": "lattice entries per head (default: the rescorer's tuned t)",
+    ("bpd-oracle", "t"): "lattice entries per head (default 16)",
+    "beams": "n-gram drafts verified per step, as one tree (default: the rescorer's tuned value)",
+    "weight": "rescoring LM weight (default: the rescorer's tuned weight)",
+    ("bpd-neural", "layers"): "rescore with the target's first N layers instead of a draft model",
+    ("bpd-neural", "draft"): "rescoring draft model folder (default: the LM the rescorer was tuned with)",
+    "draft": "draft model: a distilled-draft folder, GGUF file or Hugging Face folder with the target's vocabulary "
+             "(default jaxspec/assets/draft_smollm2)",
+    ("eagle", "draft"): "EAGLE draft folder (default jaxspec/assets/eagle_smollm2)",
+    ("opt-tree", "draft"): "with drafter=draft: the draft model (default jaxspec/assets/draft_smollm2); with "
+                           "drafter=eagle: the EAGLE draft (default jaxspec/assets/eagle_smollm2)",
+    "gamma": "draft tokens per step (default 4)",
+    "stop": "end a draft after a token whose confidence (the draft's top probability, or q of a sampled token) is "
+            "< S (adaptive gamma; default 0: never)",
+    "vocab": "the draft's output head: auto (default; its training tokens when the folder lists them), subset or full",
+    "n": "tokens proposed per step (default 8)",
+    ("lookup", "ngram"): "longest n-gram of the context's end to search for (default 3)",
+    ("jacobi", "n"): "Jacobi window, tokens per iteration (default 8)",
+    ("cllm", "n"): "Jacobi window, tokens per iteration (default 16)",
+    ("cllm", "lora"): "the consistency-distilled LoRA adapter folder (none is shipped)",
+    ("hf-lookup", "n"): "prompt_lookup_num_tokens of transformers (default 10)",
+    "layers": "the target's first N layers draft (default: a quarter of its layers)",
+    ("opt-tree", "layers"): "with drafter=layerskip: the target's first N layers draft (default: a quarter of them)",
+    ("opt-tree", "heads"): "with drafter=heads: the BPD heads folder (default jaxspec/assets/bpd_smollm2)",
+    ("opt-tree", "vocab"): "with drafter=draft: the draft's output head, auto (default), subset or full",
+    "drafter": "heads (default), eagle, draft or layerskip",
+    "nodes": "node budget N, or auto: chosen from the verify cost measured here (default 16)",
+    "depth": "deepest level of the tree (default 6, at most the drafter's reach)",
+    "width": "frontier nodes expanded per level (default 4)",
+    "branch": "children considered per expanded node (default 4)",
+    "threshold": "stop growing when a level adds less than this to E[A] (default 0)",
+    "shape": "dynamic (default: OPT-Tree), static (a Medusa-style tree) or chain",
+}
+
+
+def option_help(name: str, key: str) -> str:
+  return OPTION_HELP.get((name, key), OPTION_HELP.get(key, ""))
 
 
 # Numeric options, checked when a method is parsed, so a typo is one clear error and not a traceback from the
@@ -830,12 +875,13 @@ def _check_option(name: str, key: str, value: str) -> None:
   whole = kind.startswith("int")
   try:
     number = int(value) if whole else float(value)
-    ok = low <= number <= (MAX_OPTION if whole else float("inf")) and (not below or number < below[0])  # NaN fails
+    ok = (low <= number <= (MAX_OPTION if whole else float("inf")) and (not below or number < below[0])  # NaN fails
+          and math.isfinite(number))
   except ValueError:
     ok = False
   if not ok:
     what = (f"a whole number in {low}..{MAX_OPTION}" if whole else
-            f"a number >= {low:g} and below {below[0]:g}" if below else f"a number >= {low:g}")
+            f"a number >= {low:g} and below {below[0]:g}" if below else f"a finite number >= {low:g}")
     auto = " or auto" if kind.endswith("|auto") else ""
     raise InputError(f"Method option {key}={value!r} of {name!r} must be {what}{auto}.")
 
@@ -864,7 +910,28 @@ def parse_method(text: str) -> tuple[str, str, dict]:
       raise InputError(f"Method option {k!r} in {label!r} has no value: write {k}=VALUE.")
     _check_option(name, k, v)
     opts[k] = v
+  _check_combination(name, label, opts)
   return label, name, opts
+
+
+# opt-tree's options that pick a drafter's parts, by the drafter that reads them
+_TREE_PARTS = {"heads": ("heads",), "eagle": ("draft",), "draft": ("draft", "vocab"), "layerskip": ("layers",)}
+
+
+def _check_combination(name: str, label: str, opts: dict) -> None:
+  """Options that the other options make meaningless are refused, not dropped without a word."""
+  if name == "opt-tree" and opts.get("drafter", "heads") in _TREE_PARTS:
+    drafter = opts.get("drafter", "heads")
+    reads = _TREE_PARTS[drafter]
+    for key in ("heads", "draft", "vocab", "layers"):
+      if key in opts and key not in reads:
+        users = [d for d, parts in _TREE_PARTS.items() if key in parts]
+        raise InputError(f"Method option {key}= in {label!r} is for drafter={' or drafter='.join(users)}; "
+                         f"drafter={drafter}{' (the default)' if 'drafter' not in opts else ''} reads "
+                         f"{' and '.join(k + '=' for k in reads)}: drop {key}=, or pick its drafter.")
+  if name == "bpd-neural" and "layers" in opts and "draft" in opts:
+    raise InputError(f"{label!r} names two rescoring LMs: layers=N takes the target's first N layers, draft=PATH a "
+                     "draft model. Give one of them.")
 
 
 def same_method_key(name: str, opts: dict) -> tuple:

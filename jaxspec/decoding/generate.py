@@ -47,7 +47,9 @@ class GenerationResult:
   drafter_calls: int  # the drafter's own forwards (0 where it reads the target's forward: BPD heads, lookup)
   active_calls: list[int]  # per row: the verify forwards while the row was still generating
   step_tokens: list[int]  # per row: tokens from verify steps (all new tokens but the first, which prefill gives)
-  accept_hist: np.ndarray  # [B, T + 1]: [b, a] counts row b's steps that committed a tokens (a verify step commits 1+)
+  # [B, T + 1]: [b, a] counts row b's steps whose acceptance rule committed a tokens (a verify step commits 1+); a
+  # last block that EOS or max_new_tokens cut short counts whole, so its mean can exceed `tau`
+  accept_hist: np.ndarray
   compile_s: float = 0.0  # lowering + compilation, 0 when the program was already compiled
   run_s: float = 0.0  # the generation itself, device to host included
   program_bytes: int = 0  # device memory of the compiled program: arguments + outputs + temporaries (XLA's count)
