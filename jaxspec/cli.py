@@ -295,18 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
   _model_options(b)
   b.add_argument("--quick", action="store_true",
-                 help="one prompt per category, 32 new tokens, one batch, no warm-up run (a few minutes); a "
-                      "--limit, --max-new-tokens or --batch-size given still applies")
+                 help="one prompt per category, 32 new tokens, batches of 16 (one batch for the quick set), no "
+                      "warm-up run (a few minutes); a --limit, --max-new-tokens or --batch-size given still applies")
   b.add_argument("--mesh", default=None, help=MESH_HELP + " (baselines other than jaxspec's own loop run unsharded)")
   b.add_argument("--fresh", action="store_true",
-                 help="discard the method runs a killed run kept in --out (whatever its settings) and start over; by "
-                      "default a run of the same work goes on from them, and one of other work is refused")
+                 help="start over: discard the method runs a killed run kept in --out, or a finished run's results, "
+                      "whatever their settings; by default a run of the same work goes on from them, and one of other "
+                      "work is refused")
   b.set_defaults(func=_cmd_bench)
 
   t = sub.add_parser("train", help="train from a config file (BPD heads, ...); resumes from its checkpoints",
                      parents=[common])
   t.add_argument("config", help="a YAML or TOML file, e.g. configs/bpd_smollm2.yaml")
-  t.add_argument("overrides", nargs="*",
+  t.add_argument("overrides", nargs="*", default=[],  # (a default: argparse called it required without one)
                  help="key=value overrides, dotted for sections (optim.lr=3e-4); mesh=data=2,model=4 trains sharded")
   t.set_defaults(func=_cmd_train)
   return p

@@ -152,6 +152,14 @@ def test_bad_numbers_are_argparse_errors_that_say_why(flags, message, capsys):
   assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_train_without_a_config_names_only_the_config_as_missing(capsys):
+  """The overrides are optional: argparse called them required too (found by an audit)."""
+  with pytest.raises(SystemExit) as e:
+    cli.main(["train"])
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.rstrip().endswith("the following arguments are required: config")
+
+
 @pytest.mark.parametrize("flags,message", [
     (["--method", "nosuch"], "Unknown method 'nosuch'"),
     (["--method", "bpd:k=abc"], "k='abc' of 'bpd' must be a whole number"),

@@ -18,6 +18,13 @@ from jaxspec import files
 CURVES_FILE = "curves.png"
 MIN_INTERVAL_S = 30.0
 SKIP = ("steps_per_sec",)  # the machine's speed, not the model's progress
+# The y axis of a panel, by its metric's name (a family's stem): what the number is and in what unit.
+UNITS = {"loss": "objective (nats; the sum of its weighted terms)", "loss_*": "loss of each part (nats per token)", "ce": "cross-entropy (nats per token)",
+         "kl": "KL divergence (nats per token)", "acc": "top-1 accuracy (fraction)", "token_acc": "accuracy (fraction)",
+         "agree": "agreement with the target (fraction)", "tau_proxy": "τ estimate (tokens per step)",
+         "grad_norm": "gradient norm (global L2)", "other_mass": "target mass outside the draft's vocabulary (fraction)",
+         "consistency": "consistency loss (nats per token)", "ar": "AR loss (nats per token)",
+         "repetition": "repeated n-grams (fraction)", "jacobi_tau": "Jacobi τ (tokens per iteration)"}
 _MEMBER = re.compile(r"^(.*?)(?:_h|_)(\d+)$")  # acc_h3 -> ("acc", 3), kl_0 -> ("kl", 0)
 
 
@@ -66,17 +73,21 @@ def plot_metrics(metrics_path: str | Path, out: str | Path | None = None, title:
       # a family member keeps its colour on both sides (dashed with markers: held out); a lone metric is
       # train in the first colour, eval in the second
       colour = f"C{members.index(label.removeprefix('eval').strip()) % 10}" if family else ("C1" if held_out else "C0")
-      ax.plot(steps, values, marker="o" if held_out else None, markersize=3, linewidth=1.2 if held_out else 0.9,
+      # (a training line of one point, before its second log, would be invisible without a marker)
+      ax.plot(steps, values, marker="o" if held_out else "." if len(steps) == 1 else None, markersize=3, linewidth=1.2 if held_out else 0.9,
               linestyle="--" if held_out and family else "-", color=colour, label=label)
     only_eval = all(label.startswith("eval") for label in lines)
     ax.set_title(panel + (" (held out)" if only_eval else ""), fontsize="small")
     ax.set_xlabel("step", fontsize="small")
+    stem = panel.removesuffix("_*")
+    ax.set_ylabel(UNITS.get(panel, UNITS.get(stem, UNITS.get(stem.split("_")[0], stem))), fontsize="x-small")
     ax.tick_params(labelsize="x-small")
     if len(lines) > 1:
-      ax.legend(fontsize="xx-small", ncol=2 if len(lines) > 4 else 1)
+      ax.legend(fontsize="xx-small", ncol=2 if len(lines) > 4 else 1, framealpha=0.6)
   for ax in list(axes.flat)[len(groups):]:
     ax.axis("off")
-  fig.suptitle(title or str(metrics_path.parent), fontsize="small")
+  fig.suptitle(title or f"Training curves of {metrics_path.parent} (held-out evaluations marked with dots)",
+               fontsize="small")
   fig.tight_layout()
   out = Path(out) if out is not None else metrics_path.with_name(CURVES_FILE)
   files.write_figure(out, fig)

@@ -37,7 +37,7 @@ class LanguageModel(Protocol):
     """f32 logits from final hidden states."""
 
   # Optional: `start(params, prompts_BxP, lengths_B, cache) -> (tokens_BxQ, lengths_B, cache)`, the model's own
-  # prompt after it has read the loop's prompts. Encoder-decoders (`jaxspec.models.T5LM`) encode the prompts into
+  # prompt after it has read the loop's prompts. Encoder-decoders (`jaxspec.models.t5.T5LM`) encode the prompts into
   # a cross-attention cache there and return the decoder's start token; decoder-only models have no `start`.
 
 

@@ -58,6 +58,7 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
 
   Raises:
     ModelLoadError: with a message that says what to do.
+    InputError: a `mesh` that is not a valid shape for the devices.
   """
   if mesh is None:
     return _load(path, dtype, scan_layers, param_dtype, matmul_precision)
