@@ -35,6 +35,21 @@ def test_eos_and_per_row_max_new_tokens():
   assert res.tokens[2] == res.tokens[0]
 
 
+@pytest.mark.parametrize("k", [0, 3])
+def test_every_eos_id_ends_a_row(k):
+  """Tokenizers often have several EOS ids (a chat model's end-of-turn and end-of-text): any of them ends a row, in
+  one-token steps and inside an accepted block. Only the first was checked, and no test had two (an audit's
+  mutant)."""
+  seq = LM.greedy(9, 20)
+  late, early = seq[12], seq[4]
+  assert early not in seq[:4] and late not in seq[:seq.index(early) + 1]
+  unused = next(t for t in range(LM.vocab_size) if t not in seq)
+  drafter = OracleChain(LM, k) if k else None
+  for eos in ([late, early], [unused, early], [early, unused]):
+    res = gen.generate(LM, None, [[9], [9]], max_new_tokens=20, eos_ids=eos, drafter=drafter)
+    assert res.tokens == [seq[:5], seq[:5]], eos
+
+
 @pytest.mark.parametrize("k", [1, 3, 6])
 def test_oracle_chain_accepts_k_plus_one_per_call(k):
   res = gen.generate(LM, None, [[9], [2]], max_new_tokens=1 + (k + 1) * 5, drafter=OracleChain(LM, k))

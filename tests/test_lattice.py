@@ -308,3 +308,39 @@ def test_shipped_rescorers_equal_greedy_on_default_model(default_model):
     res = METHODS[name].build(ctx, {})(prompts, 32, 0)
     assert res.tokens == greedy.tokens, name
     assert res.target_calls < greedy.target_calls, name
+
+
+def test_updates_read_the_hidden_state_and_the_tokens_of_the_accepted_path(tiny):
+  """After a verify step, heads read the hidden state of the last committed block position (for a tree, the node at
+  the end of the accepted path, not its depth), and the n-gram rescorer's history is the last h committed tokens.
+  Wrong indices here keep the output exact and only lose drafts, which no end-to-end test saw (an audit's mutants)."""
+  from jaxspec.decoding.opt_tree import HeadsTreeSource
+  from jaxspec.decoding.lattice import LatticeState
+  from jaxspec.decoding.protocol import Acceptance, Verified
+
+  bpd, _ = random_heads(tiny, 3)
+  B, T, D = 2, 6, 2
+  hidden = jnp.asarray(np.arange(B * T)[:, None].repeat(D, 1).reshape(B, T, D), jnp.float32)  # [b, t] = b * T + t
+  emitted = jnp.asarray([[50, 51, 52, 0, 0, 0], [60, 61, 0, 0, 0, 0]], jnp.int32)
+
+  def verified(path, n_commit, active=(True, True)):
+    acc = Acceptance(emitted_BxT=emitted, path_BxT=jnp.asarray(path, jnp.int32),
+                     n_commit_B=jnp.asarray(n_commit, jnp.int32), is_prefix=False)
+    return Verified(draft=None, logits_BxTxV=jnp.zeros((B, T, 1)), hidden_BxTxD=hidden, acceptance=acc,
+                    active_B=jnp.asarray(active))
+
+  old = jnp.full((B, D), -1.0)
+  chain = verified([[0, 1, 2, 3, 4, 5]] * 2, [3, 2])
+  assert BPDDrafter(bpd).update(None, old, chain)[:, 0].tolist() == [2, T + 1]
+  tree = verified([[0, 3, 5, 0, 0, 0], [0, 4, 0, 0, 0, 0]], [3, 2], active=(True, False))
+  assert HeadsTreeSource(bpd).update(None, old, None, tree)[:, 0].tolist() == [5, -1]  # an ended row keeps its own
+  lm, _, _ = build_ngram([[1, 2, 3, 1, 2, 4]], 4, 64)
+  drafter = LatticeDrafter(bpd, "ngram", top_t=4, ngram=lm)
+  zeros = jnp.zeros((B,), jnp.float32)
+  state = LatticeState(hidden_BxD=old, hist_BxH=jnp.asarray([[7, 8, 9], [17, 18, 19]], jnp.int32),
+                       pending_B=jnp.asarray([10, 20], jnp.int32), lm=(), entropy_K=zeros, top1_K=zeros,
+                       proposals=zeros, raw_repeats=zeros, draft_repeats=zeros)
+  new = drafter.update(None, state, verified([[0, 3, 5, 0, 0, 0], [0, 4, 0, 0, 0, 0]], [3, 2]))
+  assert new.hidden_BxD[:, 0].tolist() == [5, T + 4]
+  # committed: pending 10, then 50, 51 (52 is the new pending); pending 20, then 60 (61 pending)
+  assert new.hist_BxH.tolist() == [[10, 50, 51], [19, 20, 60]]

@@ -125,6 +125,7 @@ def draft_paths(draft: Draft, row: int = 0) -> list[tuple]:
     path, j = [], i
     while j >= 0:
       path.append(int(tok[j]))
+      assert len(path) <= len(tok), f"the parents of node {i} form a cycle"  # (a wrong parent table hung this loop)
       j = par[j]
     paths.append(tuple(reversed(path)))
   return paths

@@ -421,6 +421,19 @@ def test_adaptive_and_gated_speculative_sampling_is_exact(stat_models, continuat
                                   SampleAcceptance(), calls)
 
 
+def test_adaptive_speculative_sampling_is_exact_in_a_batch(stat_models, continuation_logits):
+  """The vmapped tests above run each generation as its own batch, where a row that stopped drafting stops the draft
+  loop; in one batch of many rows a stopped row waits while the others draft on, and its later draft tokens must be
+  marked as not proposed. Keeping them (q zeroed, so a p > 0 accepts them) fails this test (p = 0 in an audit)."""
+  _, (draft_model, draft_params) = stat_models
+  probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))
+  counts = drafter_sample_counts(stat_models[0], DraftModelDrafter(draft_model, 3, greedy=False, stop=0.3),
+                                 draft_params, 1.0, 1.0, SampleAcceptance())
+  pvalue = chi2_pvalue(counts, probs)
+  print(f"batched stop=0.3: p = {pvalue:.3g}")
+  assert pvalue > 1e-3
+
+
 def test_speculative_sampling_with_a_subset_head_is_exact(stat_models, continuation_logits):
   """A draft that can propose only 4 of the 8 tokens (q = 0 on the rest): the output is still the target's."""
   from jaxspec.models.subset import subset_head
