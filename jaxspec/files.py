@@ -10,7 +10,9 @@ Temporary names are the file's name, the host and process id, and `.tmp` (`.tmp.
 `.npz` to a name without it), so readers that list a folder skip them by that ending, and the processes of a
 multi-host run that write the same file into a shared folder (an NFS or gcsfuse mount) never write into each other's
 temporary: each renames a whole file, and the last rename wins. A process killed outright (SIGKILL, a power cut)
-leaves its temporary behind; nothing reads it, and the next write of the same file on that host removes it.
+leaves its temporary behind; nothing reads it, and a later write of the same file on that host removes it once its
+process is gone and it is `STALE_AFTER_S` (an hour) old (a rerun straight after a kill leaves it for then: containers
+that share a host name may share process ids, so a younger one may be another live process's).
 
 Files that are appended to (training metrics, bench progress) must have one writer: `primary()` says whether this
 process is it (process 0 of a multi-host run; the only process otherwise).

@@ -392,6 +392,24 @@ def test_task_configs_need_a_task_positive_counts_and_writable_folders(tmp_path)
   check_writable(load_task_config(str(tmp_path / "t.yaml"), [f"out={project}", "objective.finetune=full"])[0])
   with pytest.raises(ConfigError, match=r"holds another task's export \(a trained model\)"):
     check_writable(load_task_config(str(tmp_path / "t.yaml"), [f"out={project}"])[0])  # LoRA by default
+  # A whole-model export writes training.json first: killed before its config.json, a rerun of the same task and kind
+  # finishes it (it was refused as someone's own training.json, found by an audit); other runs are still refused.
+  killed = tmp_path / "killed"
+  killed.mkdir()
+  (tmp_path / "s.yaml").write_text("task: seq2seq\n")
+  (tmp_path / "t.yaml").write_text("task: cllm\n")
+  seq2seq = load_task_config(str(tmp_path / "s.yaml"), [f"out={killed}"])[0]
+  full = load_task_config(str(tmp_path / "t.yaml"), [f"out={killed}", "objective.finetune=full"])[0]
+  lora = load_task_config(str(tmp_path / "t.yaml"), [f"out={killed}"])[0]
+  for written, fine, refused in ((seq2seq, seq2seq, (full, lora)), (full, full, (seq2seq, lora))):
+    files.write_json(killed / "training.json", {"final_eval": {}, "config": to_dict(written)})
+    check_writable(fine)
+    for other in refused:
+      with pytest.raises(ConfigError, match=r"holds training\.json and no earlier export"):
+        check_writable(other)
+  (killed / "training.json").write_text('{"config": "not a run\'s"')
+  with pytest.raises(ConfigError, match=r"holds training\.json and no earlier export"):
+    check_writable(seq2seq)
   from jaxspec.bench.methods import ASSETS
   from training.tasks import earlier_export
   shipped = sorted(p for p in ASSETS.iterdir() if (p / "config.json").is_file())
@@ -577,6 +595,25 @@ def test_a_diverging_run_stops_before_saving_non_finite_weights(tmp_path):
 def _params_after(trainer, num_steps, batches=train_tiny.batches_from):
   state, _ = trainer.fit(train_tiny.fresh_state(), batches, num_steps)
   return {k: np.asarray(v) for k, v in state.params.items()}
+
+
+def test_a_finished_run_takes_its_final_evaluation_from_its_log(tmp_path, monkeypatch):
+  """A rerun of a finished run (or of one killed while exporting) has no history: it evaluated again, and BPD's
+  summary lost the evaluation's step (found by an audit). The logged one, of the last step, is taken instead."""
+  trainer = train_tiny.make_trainer(tmp_path / "run", every=4)
+  evals = lambda: [train_tiny.batch_at(1000)]
+  state, history = trainer.fit(train_tiny.fresh_state(), train_tiny.batches_from, 8, eval_batches=evals, eval_every=4)
+  first = trainer.final_evaluation(state, history, evals)
+  assert first["step"] == 8 and first == [h for h in history if "eval/loss" in h][-1]
+  again = train_tiny.make_trainer(tmp_path / "run", every=4)
+  state, history = again.fit(train_tiny.fresh_state(), train_tiny.batches_from, 8, eval_batches=evals, eval_every=4)
+  assert not history
+  monkeypatch.setattr(again, "evaluate", lambda *a: pytest.fail("evaluated again"))
+  assert again.final_evaluation(state, history, evals) == first
+  monkeypatch.undo()
+  # without a record of the state's step (a longer run's state, say), it evaluates, and names the step
+  longer = again.fit(train_tiny.fresh_state(), train_tiny.batches_from, 9)[0]
+  assert again.final_evaluation(longer, [], evals)["step"] == 9
 
 
 def test_resume_matches_an_unbroken_run(tmp_path):

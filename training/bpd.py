@@ -504,8 +504,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   state, history = trainer.fit(state, batches_from, cfg.train.steps, eval_batches=eval_batches,
                                eval_every=cfg.train.eval_every)
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed
-  evals = [h for h in history if any(k.startswith("eval/") for k in h)]
-  final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
+  final_eval = trainer.final_evaluation(state, history, eval_batches)
   out_params = dict(bpd_params)
   base_params = params  # the target the heads go with: the frozen one, or the base tuned with them
   if cfg.train.objective == "heads":

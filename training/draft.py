@@ -380,8 +380,7 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   state, history = trainer.fit(state, batches_from, cfg.train.steps, eval_batches=eval_batches,
                                eval_every=cfg.train.eval_every)
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed
-  evals = [h for h in history if any(k.startswith("eval/") for k in h)]
-  final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
+  final_eval = trainer.final_evaluation(state, history, eval_batches)
   out_params = {**frozen, **sharding.fetch(state.params)}
   summary = {"sequences": len(seqs), "tokens": seqs.num_tokens, "train_sequences": len(tr),
              "eval_sequences": len(ev), "truncated_sequences": int(tr_cut + ev_cut),

@@ -243,8 +243,7 @@ def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
                                eval_batches=eval_batches, eval_every=cfg.train.eval_every)
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed
   params = jax.device_get(state.params)
-  evals = [h for h in history if any(k.startswith("eval/") for k in h)]
-  final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
+  final_eval = trainer.final_evaluation(state, history, eval_batches)
   fits = [r for r in eval_rows if len(tokenizer.encode(r[1])) <= cfg.data.src_len
           and len(tokenizer.encode(r[2])) + 1 <= cfg.data.tgt_len]  # the rows `ev` holds
   em = exact_match(model, params, tokenizer, fits[:cfg.train.exact_match_examples], progress=progress)

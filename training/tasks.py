@@ -144,12 +144,31 @@ def check_writable(cfg: Any) -> None:
           raise ConfigError(f"out={str(folder)!r} holds another task's export ({what}): this run's would mix with "
                             "it in one folder. Choose a new or empty folder.")
         continue
+      if _killed_export(folder, cfg):  # this task's export, killed before its config.json: a rerun finishes it
+        continue
       # Not an earlier export: files there that an export would replace are someone's own, such as a project's
       # README.md. Anything else (hidden files, a checkpoint folder's files) is left alone.
       mine = sorted(n for n in EXPORT_TEXT_FILES if (folder / n).is_file())
       if mine:
         raise ConfigError(f"out={str(folder)!r} holds {', '.join(mine)} and no earlier export (no config.json): the "
                           "export would write over it. Choose a new or empty folder.")
+
+
+def _killed_export(folder: Path, cfg: Any) -> bool:
+  """Whether `folder` holds the training.json that a whole-model export (seq2seq, CLLM full fine-tuning) writes
+  before the model, from a run of the same task and kind, with no config.json yet: an export that was killed."""
+  if not isinstance(cfg, (Seq2SeqTrainConfig, CLLMTrainConfig)):
+    return False
+  try:
+    written = json.loads((folder / "training.json").read_text()).get("config", {})
+  except (OSError, ValueError, AttributeError):
+    return False
+  if not isinstance(written, dict) or written.get("task") != cfg.task:
+    return False
+  if isinstance(cfg, CLLMTrainConfig):
+    objective = written.get("objective")
+    return cfg.objective.finetune == "full" and isinstance(objective, dict) and objective.get("finetune") == "full"
+  return True
 
 
 # The kinds of export (`export_kind`) each task's `out` may hold from an earlier run of it.

@@ -464,6 +464,16 @@ class Trainer:
     if any(k.startswith("eval/") for k in record):
       self._draw_curves()
 
+  def final_evaluation(self, state, history: list[dict[str, float]], eval_batches) -> dict[str, float]:
+    """The held-out figures of the trained `state`, with its step: those `fit` logged at that step, or a new
+    evaluation where there are none. A rerun of a finished run (or one killed after its last step, during the export)
+    takes its evaluation from metrics.jsonl rather than run it again. Multi-host runs take `fit`'s own history, which
+    every process holds alike (an evaluation is a step they must all run or all skip)."""
+    step = int(jax.device_get(state.step))
+    records = self.logged(history) if jax.process_count() == 1 else history
+    evals = [h for h in records if h.get("step") == step and any(k.startswith("eval/") for k in h)]
+    return evals[-1] if evals else {"step": step, **self.evaluate(state, eval_batches())}
+
   def logged(self, history: list[dict[str, float]]) -> list[dict[str, float]]:
     """Every record of this run in metrics.jsonl: those of the processes a killed run was resumed from too, which
     `fit`'s own history (`history`) lacks. `history` where there is no file to read (no checkpoint folder, or a
