@@ -356,6 +356,7 @@ def _redeliver_swallowed_interrupts() -> None:
   turned back into an interrupt of the main thread, which then stops as any Ctrl-C does. It is sent from another
   thread a moment later: raised inside the hook, it would be swallowed the same way."""
   import _thread
+  import signal
   import threading
 
   from jaxspec.errors import filter_unraisable
@@ -363,7 +364,8 @@ def _redeliver_swallowed_interrupts() -> None:
   def redeliver(report) -> bool:
     if not isinstance(report.exc_value, KeyboardInterrupt):
       return False
-    threading.Timer(0.01, _thread.interrupt_main).start()
+    signum = signal.SIGTERM if isinstance(report.exc_value, Terminated) else signal.SIGINT  # the same signal again
+    threading.Timer(0.01, _thread.interrupt_main, (signum,)).start()
     return True
 
   filter_unraisable("redeliver-interrupts", redeliver)
@@ -384,21 +386,35 @@ def main(argv: list[str] | None = None) -> int:
   except JaxspecError as e:
     print(f"jaxspec: error: {e}", file=sys.stderr)
     return 2
-  except KeyboardInterrupt:
-    print("jaxspec: interrupted", file=sys.stderr)
+  except KeyboardInterrupt as e:
+    terminated = isinstance(e, Terminated)
+    print("jaxspec: terminated (SIGTERM)" if terminated else "jaxspec: interrupted", file=sys.stderr)
     global _EXIT_AT_ONCE
     # --distributed keeps the normal shutdown, whose jax.distributed barrier lets every host of the run leave together
     _EXIT_AT_ONCE = not getattr(args, "distributed", False)
-    return 130
+    return 143 if terminated else 130
 
 
 _EXIT_AT_ONCE = False  # set by `main` when it was interrupted
 
 
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (a job scheduler's stop, `kill`), raised where it lands as Ctrl-C's KeyboardInterrupt is: the program
+  then ends with a message and exit code 143 instead of dying silently. The training loop and the bench still catch
+  it first where they save their work (`jaxspec.signals`)."""
+
+
+def _raise_terminated(signum, frame) -> None:
+  raise Terminated
+
+
 def run() -> None:
   """The `jaxspec` program (`main` is the same without ending the process, for callers and tests)."""
+  import signal
+  if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # (one a caller set, or SIG_IGN, is left alone)
+    signal.signal(signal.SIGTERM, _raise_terminated)
   code = main()
-  if code == 130 and _EXIT_AT_ONCE:
+  if code in (130, 143) and _EXIT_AT_ONCE:
     _exit_now(code)
   sys.exit(code)
 
