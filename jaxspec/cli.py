@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from jaxspec.errors import InputError, JaxspecError
+from jaxspec.errors import InputError, JaxspecError, Terminated
 
 
 def _whole_number(ok, rule: str):
@@ -396,12 +396,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _EXIT_AT_ONCE = False  # set by `main` when it was interrupted
-
-
-class Terminated(KeyboardInterrupt):
-  """SIGTERM (a job scheduler's stop, `kill`), raised where it lands as Ctrl-C's KeyboardInterrupt is: the program
-  then ends with a message and exit code 143 instead of dying silently. The training loop and the bench still catch
-  it first where they save their work (`jaxspec.signals`)."""
 
 
 def _raise_terminated(signum, frame) -> None:

@@ -37,8 +37,18 @@ def filter_unraisable(name: str, consume: Callable[[Any], bool]) -> None:
       # swallows what an unraisable hook raises; it is sent to the main thread again, from another thread a moment
       # later (raised here, it would be swallowed the same way).
       import _thread
+      import signal
+      import sys as _sys
       import threading
-      threading.Timer(0.01, _thread.interrupt_main).start()
+      signum = signal.SIGTERM if isinstance(_sys.exc_info()[1], Terminated) else signal.SIGINT  # the same again
+      threading.Timer(0.01, _thread.interrupt_main, (signum,)).start()
 
   hook.jaxspec_filters = names | {name}
   sys.unraisablehook = hook
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM (a job scheduler's stop, `kill`), raised where it lands as Ctrl-C's KeyboardInterrupt is, once the
+  `jaxspec` program has set its handler (`jaxspec.cli.run`): the program then ends with a message and exit code 143
+  instead of dying silently. The training loop and the bench still catch the signal first where they save their work
+  (`jaxspec.signals`)."""

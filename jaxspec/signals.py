@@ -21,6 +21,7 @@ from typing import Any
 import jax
 
 from jaxspec import sharding
+from jaxspec.errors import Terminated
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class SignalGuard:
   def _handle(self, signum: int, frame: Any) -> None:
     if self.signum is not None:
       self._restore()
-      raise KeyboardInterrupt
+      raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
     self.signum = signum
     logger.warning("got %s; %s", signal.Signals(signum).name, self.pending)
 

@@ -966,7 +966,13 @@ def test_a_method_that_is_not_lossless_is_compared_as_agreement_and_sampling_com
   md = (out / "report.md").read_text()
   assert "- `approx` (not lossless, so agreement rather than exactness): 1 of 6 outputs differ from greedy" in md
   assert "model: `a BigramLM passed to run_bench`" in md
-  assert [l.split()[-1] for l in report.summary_lines(res)[1:]] == ["n/a", "differ)", "0"]
+  assert [l.split()[-1] for l in report.summary_lines(res)[1:]] == ["n/a", "differ", "0"]
+  # results.json of older versions held mismatches 0 for a method that is not lossless, uncompared: not shown as 0
+  old = {**res, "methods": {**m, "approx": {k: v for k, v in m["approx"].items()
+                                           if k not in ("differ_from_greedy", "difference_list")} | {"mismatches": 0}}}
+  assert report.summary_lines(old)[2].split()[-1] == "n/a"
+  assert "`approx` (not lossless): not compared with greedy (results written by an older jaxspec)" in \
+      report.markdown(old)
   sampled = run_bench(BenchConfig(prompts=prompt_file, methods=("approx",), max_new_tokens=9, batch_size=2,
                                   temperature=1.0, out=str(tmp_path / "s")), methods, None, ByteTokenizer(),
                       progress=False)["methods"]

@@ -760,7 +760,7 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed
   # The evaluations of every process of a killed and resumed run (the repetition record is the run's whole story).
   evals = [h for h in trainer.logged(history) if any(k.startswith("eval/") for k in h)]
-  final_eval = evals[-1] if evals else trainer.evaluate(state, eval_batches())
+  final_eval = trainer.final_evaluation(state, history, eval_batches)
   mean_states = float(np.mean([len(k) for s in traj.states for k in s])) if traj.num_windows else 0.0
   summary = {
       "prompts": len(traj), "windows": traj.num_windows, "states": traj.num_states,

@@ -22,9 +22,10 @@ SKIP = ("steps_per_sec",)  # the machine's speed, not the model's progress
 UNITS = {"loss": "objective (nats; the sum of its weighted terms)", "loss_*": "loss of each part (nats per token)", "ce": "cross-entropy (nats per token)",
          "kl": "KL divergence (nats per token)", "acc": "top-1 accuracy (fraction)", "token_acc": "accuracy (fraction)",
          "agree": "agreement with the target (fraction)", "tau_proxy": "τ estimate (tokens per step)",
-         "grad_norm": "gradient norm (global L2)", "other_mass": "target mass outside the draft's vocabulary (fraction)",
+         "grad_norm": "gradient norm (global L2)", "other_mass": "target mass outside its stored top K (fraction)",
          "consistency": "consistency loss (nats per token)", "ar": "AR loss (nats per token)",
-         "repetition": "repeated n-grams (fraction)", "jacobi_tau": "Jacobi τ (tokens per iteration)"}
+         "rep": "n-grams seen earlier in the output (fraction)", "out_len": "output length (tokens)",
+         "agree_base": "common prefix with the base's output (fraction)", "jacobi_tau": "Jacobi τ (tokens per iteration)"}
 _MEMBER = re.compile(r"^(.*?)(?:_h|_)(\d+)$")  # acc_h3 -> ("acc", 3), kl_0 -> ("kl", 0)
 
 
@@ -80,7 +81,9 @@ def plot_metrics(metrics_path: str | Path, out: str | Path | None = None, title:
     ax.set_title(panel + (" (held out)" if only_eval else ""), fontsize="small")
     ax.set_xlabel("step", fontsize="small")
     stem = panel.removesuffix("_*")
-    ax.set_ylabel(UNITS.get(panel, UNITS.get(stem, UNITS.get(stem.split("_")[0], stem))), fontsize="x-small")
+    # (by the panel's name, its stem, or the stem without its number: eval/rep4 is CLLM's rep<n>)
+    unit = next((UNITS[k] for k in (panel, stem, stem.split("_")[0], stem.rstrip("0123456789")) if k in UNITS), stem)
+    ax.set_ylabel(unit, fontsize="x-small")
     ax.tick_params(labelsize="x-small")
     if len(lines) > 1:
       ax.legend(fontsize="xx-small", ncol=2 if len(lines) > 4 else 1, framealpha=0.6)

@@ -804,10 +804,10 @@ OPTION_HELP: dict = {
     ("lookup", "gate"): "verify a copy only after a match of >= G tokens (default 0: always)",
     ("opt-tree", "gate"): "verify a tree only when its E[A] >= G, or auto: G = t(N+1)/t(1) - 1 measured here "
                           "(default 0: always)",
-    "lookup": "verify a prompt-lookup copy instead of the draft where the context's last M+ tokens occurred before "
-              "(default: off)",
+    "lookup": "verify a prompt-lookup copy instead of the draft where the context's last M+ tokens occurred before, "
+              "M in 1..3 (default: off)",
     ("opt-tree", "lookup"): "graft a prompt-lookup copy into the tree as one more branch where the context's last M+ "
-                            "tokens occurred before (default: off)",
+                            "tokens occurred before, M in 1..3 (default: off)",
     "graft": "with lookup=M: 1 adds the copy as a branch, 0 puts it in place of the tree (default 1)",
     "rescore": "rescorer folder (default jaxspec/assets/bpd_rescore_smollm2)",
     "t": "lattice entries per head (default: the rescorer's tuned t)",
@@ -837,9 +837,10 @@ OPTION_HELP: dict = {
     ("opt-tree", "vocab"): "with drafter=draft: the draft's output head, auto (default), subset or full",
     "drafter": "heads (default), eagle, draft or layerskip",
     "nodes": "node budget N, or auto: chosen from the verify cost measured here (default 16)",
-    "depth": "deepest level of the tree (default 6, at most the drafter's reach)",
+    "depth": "deepest level of the tree (default 6, or with nodes=auto the depth chosen with the budget; at most "
+             "nodes and the drafter's reach)",
     "width": "frontier nodes expanded per level (default 4)",
-    "branch": "children considered per expanded node (default 4)",
+    "branch": "children considered per expanded node (default 4, raised where width x depth x branch < nodes)",
     "threshold": "stop growing when a level adds less than this to E[A] (default 0)",
     "shape": "dynamic (default: OPT-Tree), static (a Medusa-style tree) or chain",
 }

@@ -37,8 +37,8 @@ def _num(x: float) -> float | None:
 
 def _figures(recs, ref_recs, mism, compared: str | None) -> dict:
   """A method's figures on some prompts. `compared`: what its outputs' differences from greedy's are, "mismatches"
-  (a lossless method at temperature 0), "differ_from_greedy" (another method at temperature 0: agreement, not
-  exactness) or None (nothing compared: sampling, or greedy itself)."""
+  (a lossless method at temperature 0; 0 for greedy itself), "differ_from_greedy" (another method at temperature 0:
+  agreement, not exactness) or None (nothing compared: sampling)."""
   seconds = sum(r.seconds for r in recs)
   ref_seconds = sum(r.seconds for r in ref_recs)
   new = sum(r.new_tokens for r in recs)
@@ -79,8 +79,7 @@ def results(cfg, env: dict, prompts, specs: dict, lossless: dict, records: dict,
     recs = records[label]
     refs = ref[:len(recs)]
     mism = mismatches[label]
-    compared = (None if cfg.temperature > 0 else "mismatches" if entry["lossless"]
-                else None if label == REFERENCE else "differ_from_greedy")
+    compared = None if cfg.temperature > 0 else "mismatches" if entry["lossless"] else "differ_from_greedy"
     entry.update(available=True, **_figures(recs, refs, mism, compared), compile_s=compile_s[label],
                  program_bytes=program_bytes[label])
     entry["per_category"] = {}
@@ -188,9 +187,12 @@ def markdown(res: dict) -> str:
         lines.append(f"- `{label}`: {m['mismatches']} of {m['n_prompts']} outputs differ from greedy")
         listed = m["mismatch_list"]
       else:
-        lines.append(f"- `{label}` (not lossless, so agreement rather than exactness): {m.get('differ_from_greedy', '?')} of "
+        if "differ_from_greedy" not in m:
+          lines.append(f"- `{label}` (not lossless): not compared with greedy (results written by an older jaxspec)")
+          continue
+        lines.append(f"- `{label}` (not lossless, so agreement rather than exactness): {m['differ_from_greedy']} of "
                      f"{m['n_prompts']} outputs differ from greedy")
-        listed = m.get("difference_list", [])
+        listed = m["difference_list"]
       for mm in listed[:MAX_LISTED_MISMATCHES]:
         lines.append(f"  - question {mm['question_id']} ({mm['category']}): first difference at token "
                      f"{mm['first_diff']}; greedy `{mm['expected']!r}` vs `{mm['got']!r}`")
@@ -320,11 +322,11 @@ def summary_lines(res: dict) -> Sequence[str]:
 
 
 def compared_mismatches(res: dict, label: str) -> str:
-  """A method's count of outputs that differ from greedy's, or "n/a" where none were compared as a check: sampling,
-  the reference itself, methods that are not lossless (their count of differences follows, as agreement)."""
+  """A method's count of outputs that differ from greedy's, or "n/a" where none were compared: sampling, the
+  reference itself. A method that is not lossless gets "N differ" (agreement, not a check)."""
   m = res["methods"][label]
   if res["config"]["temperature"] > 0 or label == "greedy":
     return "n/a"
-  if m.get("mismatches") is not None:
-    return str(m["mismatches"])
-  return f"n/a ({m['differ_from_greedy']} differ)" if m.get("differ_from_greedy") is not None else "n/a"
+  if not m["lossless"]:  # (results.json of older versions hold mismatches 0 for these, uncompared)
+    return f"{m['differ_from_greedy']} differ" if m.get("differ_from_greedy") is not None else "n/a"
+  return str(m["mismatches"]) if m.get("mismatches") is not None else "n/a"
