@@ -980,3 +980,15 @@ def test_a_method_that_is_not_lossless_is_compared_as_agreement_and_sampling_com
   only = run_bench(BenchConfig(prompts=prompt_file, methods=("greedy",), max_new_tokens=5, out=str(tmp_path / "g")),
                    methods, None, ByteTokenizer(), progress=False)
   assert "Only greedy decoding ran" in (tmp_path / "g" / "report.md").read_text() and only["complete"]
+
+
+def test_the_t5x_baseline_is_unavailable_for_a_model_with_several_eos_ids():
+  """T5X's temperature_sample stops at one EOS id: with several it decoded past the others and every such output
+  counted as a mismatch of a lossless baseline (found by an audit)."""
+  from jaxspec.bench.baselines import t5x_runner
+
+  class TwoEos(ByteTokenizer):
+    eos_ids = [3, 4]
+
+  with pytest.raises(Unavailable, match=r"takes one EOS id, and this model has 2 \(3, 4\)"):
+    t5x_runner(BenchContext(None, None, TwoEos()))

@@ -134,6 +134,9 @@ def t5x_runner(ctx: BenchContext) -> Runner:
   if ctx.temperature > 0 and ctx.top_k and ctx.top_p < 1.0:
     raise Unavailable(f"T5X's temperature_sample takes top-k or top-p, not both (--top-k {ctx.top_k} --top-p "
                       f"{ctx.top_p:g})")
+  if len(ctx.eos_ids) > 1:  # it would decode past the others, and every such output would count as a mismatch
+    raise Unavailable(f"T5X's temperature_sample takes one EOS id, and this model has {len(ctx.eos_ids)} "
+                      f"({', '.join(map(str, ctx.eos_ids))})")
   decoding = load_t5x_decoding(ctx.t5x_src)
   eos = ctx.eos_ids[0] if ctx.eos_ids else -1
   if getattr(ctx.model, "is_encoder_decoder", False):
@@ -248,7 +251,8 @@ def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runne
       config = transformers.GenerationConfig(
           do_sample=sample, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=eos or None,
           pad_token_id=ctx.pad_id, temperature=ctx.temperature if sample else None,
-          top_k=(ctx.top_k or None) if sample else None, top_p=ctx.top_p if sample else None,
+          # top_k=0 turns transformers' filter off; None would take its default of 50
+          top_k=ctx.top_k if sample else None, top_p=ctx.top_p if sample else None,
           prompt_lookup_num_tokens=num_tokens if lookup else None, use_cache=True)
       x = torch.tensor([list(ids)], device=hf.device)
       calls[0] = 0

@@ -780,7 +780,8 @@ for _spec in [
                         "threshold", "shape", "lookup", "graft", "gate")),
     MethodSpec("t5x-greedy", "T5X's decoding.temperature_sample(temperature=0) driving the same model (baseline)",
                True, _t5x, baseline=True),
-    MethodSpec("hf-greedy", "Hugging Face transformers greedy generate on the same weights, batch 1 (baseline)",
+    MethodSpec("hf-greedy", "Hugging Face transformers generate on the same weights, batch 1: greedy, or sampling "
+               "at the run's temperature / top-k / top-p (baseline)",
                True, _hf(False), baseline=True),
     MethodSpec("hf-lookup", "Hugging Face prompt-lookup generation on the same weights, batch 1 (baseline)", True,
                _hf(True), baseline=True, options=("n",)),

@@ -283,7 +283,9 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     seed: sampling seed: a whole number (64 bits; `jaxspec.decoding.sampling.seed_key`) or a typed JAX key
       (`jax.random.key(n)`). Each row draws from its own stream of that key, chosen by its place in the batch: a
       row's samples depend on the seed and its row index, so a prompt sampled in row 2 differs from the same prompt
-      sampled alone with the same seed.
+      sampled alone with the same seed. With a gated drafter (`gate=`) they also depend on the other rows: a step
+      verifies the whole batch's drafts when any row asks for it, which draws differently from a one-token step (the
+      distribution is the target's either way).
     drafter: proposes tokens to verify (`NoDraft()` = plain decoding).
     draft_params: the drafter's parameters.
     acceptor: acceptance rule; by default chosen from temperature / top_k / top_p. With temperature > 0 it must

@@ -119,7 +119,9 @@ class Warp:
       probs = jax.nn.softmax(sorted_desc, axis=-1)
       cum_before = jnp.cumsum(probs, axis=-1) - probs
       # Keep the smallest prefix whose mass reaches top_p: tokens whose preceding mass is already >= top_p go.
-      # The most likely token always stays (a top_p below float32's smallest normal number reads as 0 on CPU).
+      # The most likely token always stays (a top_p below float32's smallest normal number reads as 0 on CPU). The
+      # cut is a logit value, so tokens tied with the last one kept stay too (as T5X's top-p mask keeps them;
+      # transformers keeps an arbitrary part of such a tie, by its sort order).
       keep = (cum_before < sp.top_p) | (jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == 0)
       cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
       logits = jnp.where(logits < cutoff, neg, logits)
