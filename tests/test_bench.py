@@ -992,3 +992,11 @@ def test_the_t5x_baseline_is_unavailable_for_a_model_with_several_eos_ids():
 
   with pytest.raises(Unavailable, match=r"takes one EOS id, and this model has 2 \(3, 4\)"):
     t5x_runner(BenchContext(None, None, TwoEos()))
+
+
+def test_cllm_on_an_encoder_decoder_says_it_needs_a_decoder_only_model():
+  """The advice to train an adapter led a T5 user to `task: cllm`, which refuses a T5 (found by an audit)."""
+  from jaxspec.models.t5 import T5LM, tiny_t5_config
+
+  with pytest.raises(Unavailable, match="fine-tunes a decoder-only model; on this T5LM use plain Jacobi decoding"):
+    METHODS["cllm"].build(BenchContext(T5LM(tiny_t5_config()), None, ByteTokenizer()), {})

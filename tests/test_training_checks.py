@@ -91,6 +91,28 @@ def test_a_dataset_folder_from_another_model_or_other_prompts_is_refused(tiny, t
   assert json.loads((tmp_path / "d" / "meta.json").read_text()) == meta
 
 
+def test_a_dataset_folder_of_another_tied_t5_is_refused(tmp_path):
+  """A T5 keeps its embedding as `shared`, which the data folder's fingerprint did not read: every T5 with a tied
+  head had the same one, and a run for another such T5 reused the first one's answers (found by an audit). A folder
+  whose older fingerprint did tell its (untied) T5 apart is still taken by it."""
+  from jaxspec.models.draft import embed_fingerprint
+  from jaxspec.models.t5 import T5LM, tiny_t5_config
+
+  tied = T5LM(tiny_t5_config(tie_embeddings=True))
+  texts = ["alpha 1", "bravo 2"]
+  assert len(_distill(tied, tied.init_params(jax.random.key(0)), texts, tmp_path / "d")) == 2
+  with pytest.raises(InputError, match="another target model"):
+    _distill(tied, tied.init_params(jax.random.key(1)), texts, tmp_path / "d")
+  untied = T5LM(tiny_t5_config())
+  params = untied.init_params(jax.random.key(0))
+  _distill(untied, params, texts, tmp_path / "u")
+  meta = json.loads((tmp_path / "u" / "meta.json").read_text())
+  (tmp_path / "u" / "meta.json").write_text(json.dumps({**meta, "target": embed_fingerprint(params)}))  # older run
+  assert len(_distill(untied, params, texts, tmp_path / "u")) == 2
+  with pytest.raises(InputError, match="another target model"):
+    _distill(untied, untied.init_params(jax.random.key(1)), texts, tmp_path / "u")
+
+
 class TenSecondClock:
   """Stands in for a module's `time`: each perf_counter() call is 10 s after the one before."""
 

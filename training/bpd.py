@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from jaxspec import sharding
 from jaxspec.decoding.sampling import seed_key
 from jaxspec.models.bpd import MAX_HEADS, BPDConfig, BPDModel, save_bpd, target_fingerprint
-from jaxspec.models.draft import embed_fingerprint
 from jaxspec.models.llama import precision_key
 from training import datasets, rowcache
 from training.config import ConfigError, record_run_config, load_config, to_dict
@@ -219,7 +218,7 @@ def cached_features(path: Path, model, params, seqs: datasets.Sequences, seq_len
 
   cut = [np.asarray(t[:seq_len]) for t in seqs.tokens]
   key = json.dumps({"seq_len": seq_len, "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
-                    "embed": embed_fingerprint(params), **precision_key(model.cfg)}, sort_keys=True)
+                    "embed": target_fingerprint(params), **precision_key(model.cfg)}, sort_keys=True)
 
   def compute(idx: np.ndarray, advance) -> dict[str, np.ndarray]:
     part = datasets.Sequences([cut[i] for i in idx], np.asarray(seqs.prompt_lens)[idx])

@@ -237,8 +237,11 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
       meta["seed"] = seed
   # Which target wrote the answers, to which prompts (hashed after the chat template, so the tokenizer counts too):
   # a folder another model or an edited prompt file wrote must not be reused, or mixed with new shards after a kill.
+  # (`target_fingerprint` reads a T5's shared embedding too: `embed_fingerprint` alone saw nothing of a tied T5, so
+  # every tied T5 looked the same; folders written with that older fingerprint are taken where it saw something)
+  from jaxspec.models.bpd import target_fingerprint
   from jaxspec.models.draft import embed_fingerprint
-  source = {"target": embed_fingerprint(params) if params is not None else None,
+  source = {"target": target_fingerprint(params) if params is not None else None,
             "prompt_ids_sha256": hashlib.sha256(json.dumps([list(map(int, p)) for p in ids]).encode()).hexdigest()}
   meta_path = out / "meta.json"
   old = read_meta(meta_path)
@@ -246,7 +249,11 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
     if {k: v for k, v in old.items() if k not in (*source, "batch_size")} != meta:
       raise InputError(f"{out} holds a dataset built with other settings ({meta_path}: {old}); use another folder.")
     # Folders written before the source was recorded take it on first use.
+    older = embed_fingerprint(params) if params is not None else None
+    older = None if older == embed_fingerprint({}) else older  # (it read no array: it tells no model apart)
     for field, value in source.items():
+      if field == "target" and old.get(field) is not None and old[field] == older:
+        continue
       if old.get(field) is not None and value is not None and old[field] != value:
         what = "another target model" if field == "target" else "other prompts (or another tokenizer)"
         raise InputError(f"{out} holds answers written by {what} than this run's ({field} {old[field]} there, {value} "

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxspec.models.bpd import target_fingerprint
 from jaxspec.models.draft import VOCAB_PARAMS, embed_fingerprint, load_draft, save_draft  # noqa: F401 (re-export)
 from jaxspec import sharding
 from jaxspec.decoding.sampling import seed_key
@@ -246,7 +247,7 @@ def cached_teacher_topk(path: Path, model, params, tokens_NxL, lengths_N, k: int
   killed run keeps (`training.rowcache`)."""
   key = json.dumps({"k": min(k, model.vocab_size), "width": int(tokens_NxL.shape[1]),
                     "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
-                    "embed": embed_fingerprint(params), **precision_key(model.cfg)}, sort_keys=True)
+                    "embed": target_fingerprint(params), **precision_key(model.cfg)}, sort_keys=True)
 
   def compute(idx: np.ndarray, advance) -> dict[str, np.ndarray]:
     ids, logp, other = teacher_topk(model, params, tokens_NxL, lengths_N, k, rows=idx, advance=advance)

@@ -705,6 +705,9 @@ def _cllm(ctx: BenchContext, opts: dict) -> Runner:
 
   if ctx.temperature > 0:
     raise Unavailable("Jacobi decoding here is greedy only (its drafts carry no probabilities)")
+  if getattr(ctx.model, "is_encoder_decoder", False):  # (the advice below would send a T5 to a task that refuses it)
+    raise Unavailable("consistency distillation (task cllm) fine-tunes a decoder-only model; on this "
+                      f"{type(ctx.model).__name__} use plain Jacobi decoding, --method jacobi")
   folder = Path(opts.get("lora", DEFAULT_CLLM))
   if not folder.exists():
     raise Unavailable(f"no consistency-distilled adapter at {folder}: train one with `jaxspec train "
