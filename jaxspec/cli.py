@@ -399,6 +399,17 @@ _EXIT_AT_ONCE = False  # set by `main` when it was interrupted
 
 
 def _raise_terminated(signum, frame) -> None:
+  """SIGTERM's handler. Raised inside an import (JAX's takes a second), the exception left a half-initialized module
+  that failed later with a traceback: the signal is then delivered again a moment later, after the import."""
+  f = frame
+  while f is not None:
+    if f.f_code.co_filename.startswith("<frozen importlib"):
+      import _thread
+      import signal
+      import threading
+      threading.Timer(0.05, _thread.interrupt_main, (signal.SIGTERM,)).start()
+      return
+    f = f.f_back
   raise Terminated
 
 
