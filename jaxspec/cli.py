@@ -355,17 +355,12 @@ def _redeliver_swallowed_interrupts() -> None:
   an "Exception ignored in ..." traceback and lost: the command went on as if never interrupted. Such a report is
   turned back into an interrupt of the main thread, which then stops as any Ctrl-C does. It is sent from another
   thread a moment later: raised inside the hook, it would be swallowed the same way."""
-  import _thread
-  import signal
-  import threading
-
-  from jaxspec.errors import filter_unraisable
+  from jaxspec.errors import filter_unraisable, interrupt_again
 
   def redeliver(report) -> bool:
     if not isinstance(report.exc_value, KeyboardInterrupt):
       return False
-    signum = signal.SIGTERM if isinstance(report.exc_value, Terminated) else signal.SIGINT  # the same signal again
-    threading.Timer(0.01, _thread.interrupt_main, (signum,)).start()
+    interrupt_again(report.exc_value)  # the same signal again
     return True
 
   filter_unraisable("redeliver-interrupts", redeliver)
@@ -404,10 +399,8 @@ def _raise_terminated(signum, frame) -> None:
   f = frame
   while f is not None:
     if f.f_code.co_filename.startswith("<frozen importlib"):
-      import _thread
-      import signal
-      import threading
-      threading.Timer(0.05, _thread.interrupt_main, (signal.SIGTERM,)).start()
+      from jaxspec.errors import interrupt_again
+      interrupt_again(Terminated(), after_s=0.05)
       return
     f = f.f_back
   raise Terminated

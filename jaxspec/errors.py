@@ -36,12 +36,7 @@ def filter_unraisable(name: str, consume: Callable[[Any], bool]) -> None:
       # A Ctrl-C that lands while a hook runs (printing another report, say) would be ignored by Python, which
       # swallows what an unraisable hook raises; it is sent to the main thread again, from another thread a moment
       # later (raised here, it would be swallowed the same way).
-      import _thread
-      import signal
-      import sys as _sys
-      import threading
-      signum = signal.SIGTERM if isinstance(_sys.exc_info()[1], Terminated) else signal.SIGINT  # the same again
-      threading.Timer(0.01, _thread.interrupt_main, (signum,)).start()
+      interrupt_again(sys.exc_info()[1])
 
   hook.jaxspec_filters = names | {name}
   sys.unraisablehook = hook
@@ -52,3 +47,13 @@ class Terminated(KeyboardInterrupt):
   `jaxspec` program has set its handler (`jaxspec.cli.run`): the program then ends with a message and exit code 143
   instead of dying silently. The training loop and the bench still catch the signal first where they save their work
   (`jaxspec.signals`)."""
+
+
+def interrupt_again(error: BaseException, after_s: float = 0.01) -> None:
+  """Sends the main thread the signal behind `error` (SIGTERM for `Terminated`, else SIGINT) again, from another
+  thread `after_s` later: for an interrupt that landed where Python swallows it or where raising it would break."""
+  import _thread
+  import signal
+  import threading
+  signum = signal.SIGTERM if isinstance(error, Terminated) else signal.SIGINT
+  threading.Timer(after_s, _thread.interrupt_main, (signum,)).start()
