@@ -385,9 +385,13 @@ def test_heads_for_another_model_are_the_method_s_problem_and_name_the_option(ti
 
 def test_the_default_draft_on_a_t5_target_names_the_shipped_t5_draft(t5):
   model, params, tok = t5
-  with pytest.raises(Unavailable, match=r"draft=.*draft_smollm2: .*; a shipped draft for this target's vocabulary: "
+  with pytest.raises(Unavailable, match=r"draft=.*draft_smollm2: .*this target is an encoder-decoder \(T5: its "
+                                        r"table is params\['shared'\]\), not a decoder-only model: .* Give a draft "
+                                        r"trained for this one; a shipped draft for this target's vocabulary: "
                                         r"draft=.*jaxspec/assets/t5_numbers_draft$"):
     build(BenchContext(model, params, tok), "spec")
+  with pytest.raises(Unavailable, match=r"trained for this one; a shipped"):  # no other method's option named
+    build(BenchContext(model, params, tok), "opt-tree:drafter=draft")
   build(BenchContext(model, params, tok), f"spec:draft={ASSETS / 't5_numbers_draft'}")
 
 
@@ -423,6 +427,11 @@ def test_layer_skipping_a_one_layer_target_says_there_is_nothing_to_skip(tmp_pat
   for method in ("layerskip", "opt-tree:drafter=layerskip"):
     with pytest.raises(Unavailable, match="this target has 1 layer, so there is nothing to skip"):
       build(ctx, method)
+  two, two_params = make_tiny(0)  # 2 layers: the option the user wrote is the one named, with the range
+  for method in ("layerskip:layers=5", "opt-tree:drafter=layerskip:layers=5"):
+    with pytest.raises(InputError, match=r"keeps 1 to 1 of the target's 2 layers, not 5\.$") as e:
+      build(BenchContext(two, two_params, CharTokenizer()), method)
+    assert "n_layers" not in str(e.value)
 
 
 def test_a_rescorer_brings_its_heads_and_names_rescore_for_another_vocabulary(tiny, tmp_path):

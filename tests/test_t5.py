@@ -288,3 +288,49 @@ def test_draft_tree_nodes_get_their_paths_probabilities():
     want += float(np.exp(sum(logp[j, chain[j + 1]] for j in range(1, n - 1))))
   got = float(np.asarray(state.expected_accept_DxN)[-1, -1])
   assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_decoder_only_training_on_a_t5_is_refused_before_the_data(t5, tmp_path):
+  """BPD's joint objective and the EAGLE draft train decoder-only targets: on a T5 each says so, and what to train
+  instead, before the data (the longest part) is built."""
+  import dataclasses
+
+  from training.bpd import BPDTrainConfig, train_bpd
+  from training.config import ConfigError
+  from training.eagle import EagleTrainConfig, train_eagle
+
+  model, params = t5
+  bpd = BPDTrainConfig()
+  joint = dataclasses.replace(bpd, out=str(tmp_path / "heads"),
+                              data=dataclasses.replace(bpd.data, dataset_dir=str(tmp_path / "data")),
+                              train=dataclasses.replace(bpd.train, objective="joint", targets="tokens",
+                                                        checkpoint_dir=str(tmp_path / "ckpt")))
+  with pytest.raises(ConfigError, match="train.objective=joint trains decoder-only models; use train.objective=heads"):
+    train_bpd(joint, model=model, params=params, tokenizer=None, progress=False)
+  eagle = EagleTrainConfig()
+  eagle = dataclasses.replace(eagle, out=str(tmp_path / "eagle"),
+                              data=dataclasses.replace(eagle.data, dataset_dir=str(tmp_path / "data")),
+                              train=dataclasses.replace(eagle.train, checkpoint_dir=str(tmp_path / "ckpt")))
+  with pytest.raises(ConfigError, match=r"is a T5LM\. For an encoder-decoder \(T5\) target, train BPD heads") as e:
+    train_eagle(eagle, model=model, params=params, tokenizer=None, progress=False)
+  assert "scan_layers" not in str(e.value)
+  assert not (tmp_path / "data").exists() and not (tmp_path / "ckpt").exists()
+
+
+def test_the_rescorer_on_a_t5_asks_for_a_t5_draft(t5, tmp_path, monkeypatch):
+  """The neural rescorer's LM for a T5 target is a smaller T5 (task seq2seq): `task: draft` refuses T5 targets, so the
+  advice names the task that trains one."""
+  from jaxspec.models.bpd import save_bpd
+  from training import rescore
+  from training.config import ConfigError
+  from training.rescore import RescoreConfig, TuneSection, train_rescore
+
+  model, params = t5
+  monkeypatch.setattr(rescore, "build_sequences", lambda *a, **k: pytest.fail("built the data first"))
+  bpd = BPDModel(BPDConfig(num_heads=3, d_model=model.cfg.d_model, d_hidden=8))
+  save_bpd(tmp_path / "heads", bpd, bpd.init_params(jax.random.key(0)))
+  cfg = RescoreConfig(out=str(tmp_path / "rescore"), heads=str(tmp_path / "heads"),
+                      tune=TuneSection(k=3, neural_draft=str(tmp_path / "no_draft")))
+  with pytest.raises(ConfigError, match=r"Set tune.neural_draft to a smaller T5 trained on the same task \(task: "
+                                        r"seq2seq\), or to layerskip, or tune.neural=false"):
+    train_rescore(cfg, model=model, params=params, tokenizer=None, progress=False)

@@ -416,6 +416,9 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   if model is None:
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
                                                   matmul_precision=cfg.model.matmul_precision)
+  if cfg.train.objective == "joint" and getattr(model, "is_encoder_decoder", False):  # before the data
+    raise ConfigError("train.objective=joint trains decoder-only models; use train.objective=heads for an "
+                      "encoder-decoder.")
   # Heads to start from are read and checked against the run before the data is built (which can take an hour).
   initial = _initial_heads(cfg, model) if cfg.heads.init else None
   ckpt_dir = Path(cfg.train.checkpoint_dir)
@@ -468,9 +471,6 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
 
     trainable = {"heads": bpd_params["heads"]}
   else:
-    if getattr(model, "is_encoder_decoder", False):
-      raise ConfigError("train.objective=joint trains decoder-only models; use objective=heads for an "
-                        "encoder-decoder.")
     frozen = {"vocab_ids": bpd_params["vocab_ids"]} if "vocab_ids" in bpd_params else {}
     loss = joint_loss(model, bpd, cfg.train.base_loss_weight)
     from training.draft import padded

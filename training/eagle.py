@@ -208,9 +208,14 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
   if model is None:
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
                                                   matmul_precision=cfg.model.matmul_precision)
-  if not isinstance(model, LlamaLM) or model.cfg.scan_layers:
-    raise ConfigError("task eagle trains a feature-level draft for a decoder-only LLaMA-family target with "
-                      "per-layer params (scan_layers=False).")
+  if not isinstance(model, LlamaLM):
+    raise ConfigError(f"task eagle trains a feature-level draft for a decoder-only LLaMA-family target; "
+                      f"{cfg.model.path!r} is a {type(model).__name__}. For an encoder-decoder (T5) target, train BPD "
+                      "heads (task bpd, as configs/bpd_t5_numbers.yaml does) or a smaller T5 as its draft (task "
+                      "seq2seq, configs/t5_numbers_draft.yaml).")
+  if model.cfg.scan_layers:
+    raise ConfigError("task eagle reads the target's per-layer params: load it without stacked layers "
+                      "(scan_layers=False).")
   if cfg.eagle.init == "target_last" and cfg.eagle.n_layers > model.cfg.n_layers:
     raise ConfigError(f"eagle.n_layers={cfg.eagle.n_layers} is more than the target's {model.cfg.n_layers} layers")
   ckpt_dir = Path(cfg.train.checkpoint_dir)

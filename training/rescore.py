@@ -183,12 +183,14 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
       key = ("tune.neural_layers" if layerskip else
              "tune.neural_draft (null: the shipped jaxspec/assets/draft_smollm2, for the default model)"
              if neural_lm == "default" else "tune.neural_draft")
-      deep = getattr(getattr(model, "cfg", None), "n_layers", 2) > 1  # a 1-layer model has no first layers to skip to
+      from jaxspec.decoding.speculative import decoder_layers
+      deep = decoder_layers(model) > 1  # a 1-layer model has no first layers to skip to
+      trained = ("a smaller T5 trained on the same task (task: seq2seq)" if getattr(model, "is_encoder_decoder", False)
+                 else "a draft trained for this model (task: draft)")
       fix = (("Set tune.neural_layers below the model's layers, or " if deep else "Set ")
-             + "tune.neural_draft to a draft trained for this model (task: draft), or tune.neural=false."
+             + f"tune.neural_draft to {trained}, or tune.neural=false."
              if layerskip else
-             "Set tune.neural_draft to a draft trained for this model (task: draft), or to layerskip, or "
-             "tune.neural=false.")
+             f"Set tune.neural_draft to {trained}, or to layerskip, or tune.neural=false.")
       raise ConfigError(f"{key}: {str(e).rstrip('.')}. {fix}") from None
   seqs = build_sequences(BPDTrainConfig(data=cfg.data), model, params, tokenizer, progress)
   train_seqs, held = seqs.split(cfg.data.eval_fraction, seed=cfg.split_seed)

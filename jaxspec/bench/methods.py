@@ -781,7 +781,8 @@ for _spec in [
                "2024); shape=static / shape=chain: fixed trees on the same drafter, as baselines", True, _opt_tree,
                options=("drafter", "heads", "layers", "draft", "vocab", "nodes", "depth", "width", "branch",
                         "threshold", "shape", "lookup", "graft", "gate")),
-    MethodSpec("t5x-greedy", "T5X's decoding.temperature_sample(temperature=0) driving the same model (baseline)",
+    MethodSpec("t5x-greedy", "T5X's decoding.temperature_sample driving the same model: temperature=0, or the run's "
+               "temperature / top-k / top-p (baseline)",
                True, _t5x, baseline=True),
     MethodSpec("hf-greedy", "Hugging Face transformers generate on the same weights, batch 1: greedy, or sampling "
                "at the run's temperature / top-k / top-p (baseline)",

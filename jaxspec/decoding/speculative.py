@@ -73,8 +73,7 @@ def layerskip_draft(model: LlamaLM, params, n_layers: int) -> tuple[LlamaLM, dic
   check_layerskip_target(model)
   total = decoder_layers(model)
   if not 1 <= n_layers < total:
-    raise InputError(f"A layer-skip draft keeps 1 to {total - 1} of the target's {total} layers, got n_layers="
-                     f"{n_layers}.")
+    raise InputError(f"A layer-skip draft keeps 1 to {total - 1} of the target's {total} layers, not {n_layers}.")
   if getattr(model, "is_encoder_decoder", False):
     cut = {f"dec_{i}" for i in range(n_layers, total)}
     return (type(model)(dataclasses.replace(model.cfg, n_dec_layers=n_layers)),

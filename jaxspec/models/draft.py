@@ -218,10 +218,15 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
                            "the target's params (load_draft(folder, target_params)).")
     emb = target_params.get("embed", {}).get("embedding")
     if emb is None or tuple(emb.shape) != (cfg.vocab_size, cfg.d_model):
-      got = "has no token embedding of its own (params['embed'])" if emb is None else f"has {tuple(emb.shape)}"
+      if emb is None and "shared" in target_params:
+        got = "is an encoder-decoder (T5: its table is params['shared']), not a decoder-only model"
+      elif emb is None:
+        got = "has no token embedding (params['embed'])"
+      else:
+        got = f"has {tuple(emb.shape)}"
       raise ModelLoadError(f"The draft in {folder} takes its target's token embedding, of shape "
                            f"{(cfg.vocab_size, cfg.d_model)}, and this target {got}: the draft was trained for another "
-                           "target model. Give a draft trained for this one (e.g. spec:draft=FOLDER).")
+                           "target model. Give a draft trained for this one.")
     for name in VOCAB_PARAMS:
       if name in target_params and (name != "lm_head" or not cfg.tie_embeddings):
         params[name] = jax.tree.map(lambda x: x if x.dtype == jnp.dtype(pdt) else x.astype(pdt),
