@@ -123,6 +123,85 @@ def write_files(folder: str | os.PathLike, writers: Mapping[str, Writer]) -> Non
     os.replace(tmp, folder / name)
 
 
+# ---- pairs of files: a config and the weights it describes ----
+#
+# `write_files` renames its files one after another, so a kill between two renames leaves a folder with the new
+# weights and the old config. Exports therefore carry a digest of their arrays in both: in each safetensors file's
+# metadata and in the config, under `EXPORT_TAG`. Loaders compare the two (`check_export_tag`) and refuse a folder
+# whose files come from different exports, naming the fix, instead of running weights under another config. The
+# digest depends on the arrays only, so exporting the same weights twice writes the same bytes.
+
+EXPORT_TAG = "jaxspec_export"
+
+
+def export_tag(*arrays: Mapping[str, Any]) -> str:
+  """A digest of named arrays (names, dtypes, shapes and bytes), for `EXPORT_TAG`."""
+  import hashlib
+
+  import numpy as np
+
+  digest = hashlib.blake2b(digest_size=12)
+  for group in arrays:
+    for name in sorted(group):
+      a = np.ascontiguousarray(group[name])
+      digest.update(f"{name}|{a.dtype}|{a.shape}|".encode())
+      digest.update(a.reshape(-1).view(np.uint8).data)
+  return digest.hexdigest()
+
+
+def save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike, metadata: dict | None = None) -> None:
+  """`safetensors.numpy.save_file`, with the metadata's keys in sorted order: the library writes them in a random
+  order per process, and an export of the same arrays must give the same bytes."""
+  from safetensors.numpy import save_file
+
+  save_file(dict(tensors), str(path), metadata=metadata)
+  if metadata and len(metadata) > 1:
+    with open(path, "r+b") as f:
+      size = int.from_bytes(f.read(8), "little")
+      header = f.read(size)
+      found = json.loads(header).get("__metadata__") or {}
+      written = json.dumps(found, separators=(",", ":")).encode()
+      wanted = json.dumps(dict(sorted(found.items())), separators=(",", ":")).encode()
+      if written != wanted and header.count(written) == 1:  # the same bytes in another order: the length holds
+        f.seek(8)
+        f.write(header.replace(written, wanted))
+
+
+def safetensors_metadata(path: str | os.PathLike) -> dict:
+  """The `__metadata__` of a safetensors file's header ({} without one), read without its tensors."""
+  with open(path, "rb") as f:
+    size = int.from_bytes(f.read(8), "little")
+    if not 2 <= size <= 100_000_000:
+      raise ValueError(f"{path} has no safetensors header")
+    header = json.loads(f.read(size))
+  return header.get("__metadata__") or {}
+
+
+def check_export_tag(folder: str | os.PathLike, weights: list[str], config: str = "config.json",
+                     remedy: str = "rerun the command that wrote it (a finished training run writes its export "
+                                   "again), or copy the whole folder again") -> None:
+  """Raises `ModelLoadError` when the folder's `config` records an `EXPORT_TAG` that one of the safetensors files
+  named in `weights` does not carry: the folder was being replaced when its writer stopped. A config without the tag
+  (written before it existed, or by another program) is not checked, nor are files that cannot be read (the loader's
+  own reading says what is wrong with them)."""
+  try:
+    want = json.loads(Path(folder, config).read_text(encoding="utf-8")).get(EXPORT_TAG)
+  except (OSError, ValueError, AttributeError):
+    return
+  if want is None:
+    return
+  for name in weights:
+    try:
+      got = safetensors_metadata(Path(folder) / name).get(EXPORT_TAG)
+    except (OSError, ValueError):  # missing or unreadable: the loader's own reading says so
+      continue
+    if got != want:
+      from jaxspec.errors import ModelLoadError
+
+      raise ModelLoadError(f"{folder}: its config and {name} come from different exports (a run was stopped while "
+                           f"it replaced them, or files were copied from two folders): {remedy}.")
+
+
 def _set_mode(path: Path) -> None:
   try:
     if path.is_file():

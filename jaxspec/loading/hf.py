@@ -329,6 +329,7 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
   from jaxspec.loading.t5_hf import is_t5_config, load_t5
 
   raw = read_hf_config(folder)
+  files.check_export_tag(folder, ["model.safetensors"])  # a folder jaxspec exported: weights of its config
   if is_t5_config(raw):  # an encoder-decoder
     if scan_layers:
       raise ModelLoadError(f"{folder!r} is an encoder-decoder (T5), whose layers load one by one only: leave out "
@@ -378,8 +379,6 @@ def hf_tensor_name(key: tuple[str, ...]) -> str:
 
 def save_hf(folder: str, model: LlamaLM, params: dict) -> None:
   """Writes params as a Hugging Face LLaMA folder (config.json + model.safetensors); the inverse of `load_hf`."""
-  from safetensors.numpy import save_file
-
   cfg = model.cfg
   tensors = {}
   for key, leaf in _flatten(unstack_layers(params)):
@@ -391,7 +390,10 @@ def save_hf(folder: str, model: LlamaLM, params: dict) -> None:
       "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
       "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": "float32"}
-  files.write_files(folder, {"model.safetensors": lambda tmp: save_file(tensors, str(tmp)),
+  tag = {files.EXPORT_TAG: files.export_tag(tensors)}  # the pair's link (files.check_export_tag)
+  hf_cfg.update(tag)
+  pt = {"format": "pt", **tag}  # transformers refuses metadata without a format
+  files.write_files(folder, {"model.safetensors": lambda tmp: files.save_safetensors(tensors, tmp, pt),
                              "config.json": files.json_writer(hf_cfg, indent=2)})
 
 

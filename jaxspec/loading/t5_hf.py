@@ -238,8 +238,6 @@ def _settle_head(params: dict, cfg: T5Config) -> tuple[dict, T5Config]:
 
 def save_t5(folder: str, model: T5LM, params: dict, extra_config: dict | None = None) -> None:
   """Writes params as a transformers T5 folder (config.json + model.safetensors); the inverse of `load_t5`."""
-  from safetensors.numpy import save_file
-
   cfg = model.cfg
   tensors = {}
   for key, leaf in _flatten(params):
@@ -256,5 +254,8 @@ def save_t5(folder: str, model: T5LM, params: dict, extra_config: dict | None = 
       "decoder_start_token_id": cfg.decoder_start_id,
       "pad_token_id": 0, "eos_token_id": 1, "n_positions": cfg.max_seq_len, "is_encoder_decoder": True,
       "dropout_rate": 0.0, "torch_dtype": "float32", **(extra_config or {})}
-  files.write_files(folder, {"model.safetensors": lambda tmp: save_file(tensors, str(tmp)),
+  tag = {files.EXPORT_TAG: files.export_tag(tensors)}  # the pair's link (files.check_export_tag)
+  hf.update(tag)
+  pt = {"format": "pt", **tag}  # transformers refuses metadata without a format
+  files.write_files(folder, {"model.safetensors": lambda tmp: files.save_safetensors(tensors, tmp, pt),
                              "config.json": files.json_writer(hf, indent=2)})

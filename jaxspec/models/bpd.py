@@ -116,15 +116,15 @@ def save_bpd(folder: str | os.PathLike, bpd: BPDModel, params: dict, meta: dict 
              dtype: str = "float16") -> None:
   """Writes `config.json` and `heads.safetensors` (weights in `dtype`, float16 by default: half the size of f32 and
   well within its range for these small weights; they are read back as f32)."""
-  from safetensors.numpy import save_file
-
   flat = {f"heads.{k}": np.asarray(v, np.float32).astype(dtype) for k, v in params["heads"].items()}
   if "vocab_ids" in params:
     flat["vocab_ids"] = np.asarray(params["vocab_ids"], np.int32)
   # Neither file is ever left half-written: the shipped folder is the default output of
   # `jaxspec train configs/bpd_smollm2.yaml`, so a killed export must not break it.
-  files.write_files(folder, {"heads.safetensors": lambda tmp: save_file(flat, str(tmp)),
-                             "config.json": files.json_writer({"bpd": dataclasses.asdict(bpd.cfg), **(meta or {})})})
+  tag = {files.EXPORT_TAG: files.export_tag(flat)}  # the pair's link (files.check_export_tag)
+  files.write_files(folder, {"heads.safetensors": lambda tmp: files.save_safetensors(flat, tmp, tag),
+                             "config.json": files.json_writer({"bpd": dataclasses.asdict(bpd.cfg), **(meta or {}),
+                                                               **tag})})
 
 
 # The target's vocabulary matrices a heads fingerprint covers: a LLaMA's embedding and untied head, a T5's shared
@@ -189,6 +189,7 @@ def load_bpd(folder: str | os.PathLike, num_heads: int | None = None,
   if not cfg_path.is_file() or not w_path.is_file():
     raise ModelLoadError(f"{folder} does not hold BPD heads (config.json + heads.safetensors): train them with "
                          "`jaxspec train configs/bpd_smollm2.yaml` or pass the right folder.")
+  files.check_export_tag(folder, ["heads.safetensors"])
   try:
     raw = json.loads(cfg_path.read_text())
     cfg = BPDConfig(**raw["bpd"])

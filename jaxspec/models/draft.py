@@ -83,8 +83,6 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
     vocab_ids: the tokens of the draft's training data (`save_draft_vocab`), written with the weights in one
       `files.write_files` (a kill never pairs new weights with an older run's ids); None: a file there is removed.
   """
-  from safetensors.numpy import save_file
-
   from jaxspec.loading.hf import hf_tensor_name
 
   if "layers" in params:
@@ -110,9 +108,14 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
       "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": dtype,
       "jaxspec_draft": info}
-  parts = {WEIGHTS_FILE: lambda tmp: save_file(tensors, str(tmp)), "config.json": files.json_writer(hf_cfg)}
-  if vocab_ids is not None:
-    parts = {VOCAB_FILE: _vocab_writer(vocab_ids), **parts}
+  ids = None if vocab_ids is None else _vocab_ids(vocab_ids)
+  tag = {files.EXPORT_TAG: files.export_tag(tensors, {} if ids is None else {"vocab_ids": ids})}  # the files' link
+  hf_cfg.update(tag)
+  pt = {"format": "pt", **tag}  # transformers refuses metadata without a format
+  parts = {WEIGHTS_FILE: lambda tmp: files.save_safetensors(tensors, tmp, pt),
+           "config.json": files.json_writer(hf_cfg)}
+  if ids is not None:
+    parts = {VOCAB_FILE: lambda tmp: files.save_safetensors({"vocab_ids": ids}, tmp, tag), **parts}
   else:
     (folder / VOCAB_FILE).unlink(missing_ok=True)  # an earlier export's ids would not be this draft's
   files.write_files(folder, parts)
@@ -129,14 +132,17 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
 
 def save_draft_vocab(folder: str | os.PathLike, vocab_ids) -> None:
   """Writes the token ids a subset head of the draft scores (`jaxspec.models.subset`) next to its weights."""
-  files.write_file(Path(folder) / VOCAB_FILE, _vocab_writer(vocab_ids))
+  try:  # the list joins the export beside it: it carries that export's tag (files.check_export_tag)
+    tag = json.loads((Path(folder) / "config.json").read_text()).get(files.EXPORT_TAG)
+  except (OSError, ValueError, AttributeError):
+    tag = None
+  ids = _vocab_ids(vocab_ids)
+  files.write_file(Path(folder) / VOCAB_FILE, lambda tmp: files.save_safetensors(
+      {"vocab_ids": ids}, tmp, None if tag is None else {files.EXPORT_TAG: tag}))
 
 
-def _vocab_writer(vocab_ids) -> files.Writer:
-  from safetensors.numpy import save_file
-
-  ids = np.unique(np.asarray(vocab_ids)).astype(np.int32)
-  return lambda tmp: save_file({"vocab_ids": ids}, str(tmp))
+def _vocab_ids(vocab_ids) -> np.ndarray:
+  return np.unique(np.asarray(vocab_ids)).astype(np.int32)
 
 
 def load_draft_vocab(folder: str | os.PathLike) -> np.ndarray | None:
@@ -190,6 +196,7 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
   if not cfg_path.is_file() or not w_path.is_file():
     raise ModelLoadError(f"{folder} does not hold a draft model (config.json + {WEIGHTS_FILE}): train one with "
                          "`jaxspec train configs/draft_smollm2.yaml` or pass the right folder.")
+  files.check_export_tag(folder, [WEIGHTS_FILE, VOCAB_FILE])
   try:
     raw = json.loads(cfg_path.read_text())
     info = raw.get("jaxspec_draft", {"embeddings": "included"})

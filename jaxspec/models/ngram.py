@@ -204,12 +204,11 @@ def exact_prob(params: dict, lm: NgramLM, context: Sequence[int], token: int) ->
 
 def save_ngram(folder: str | os.PathLike, lm: NgramLM, params: dict, meta: dict | None = None) -> None:
   """Writes `ngram.safetensors` (the tables) and `config.json` (order, vocabulary and `meta`), atomically."""
-  from safetensors.numpy import save_file
-
-  cfg = {"ngram": {"order": lm.order, "vocab_size": lm.vocab_size}, **(meta or {})}
-  files.write_files(folder, {
-      "ngram.safetensors": lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(tmp)),
-      "config.json": files.json_writer(cfg)})
+  tables = {k: np.ascontiguousarray(v) for k, v in params.items()}
+  tag = {files.EXPORT_TAG: files.export_tag(tables)}  # the pair's link (files.check_export_tag)
+  cfg = {"ngram": {"order": lm.order, "vocab_size": lm.vocab_size}, **(meta or {}), **tag}
+  files.write_files(folder, {"ngram.safetensors": lambda tmp: files.save_safetensors(tables, tmp, tag),
+                             "config.json": files.json_writer(cfg)})
 
 
 def load_ngram(folder: str | os.PathLike) -> tuple[NgramLM, dict, dict]:
@@ -223,6 +222,7 @@ def load_ngram(folder: str | os.PathLike) -> tuple[NgramLM, dict, dict]:
   folder = Path(folder)
   from jaxspec.loading.hf import check_part
   check_part(folder, "ngram")
+  files.check_export_tag(folder, ["ngram.safetensors"])
   try:
     cfg = json.loads((folder / "config.json").read_text())
     lm = NgramLM(int(cfg["ngram"]["order"]), int(cfg["ngram"]["vocab_size"]))
