@@ -616,6 +616,32 @@ def test_a_finished_run_takes_its_final_evaluation_from_its_log(tmp_path, monkey
   assert again.final_evaluation(longer, [], evals)["step"] == 9
 
 
+def test_the_starting_point_is_evaluated_once_per_run(tmp_path, monkeypatch):
+  """Every resume, and every rerun of a finished run, evaluated the starting point again before training (a CLLM
+  evaluation decodes the monitor's prompts): the figures are kept in the checkpoint folder with the run's config,
+  and read back while the config is the same."""
+  from training.trainer import INIT_EVAL_FILE
+
+  evals = lambda: [train_tiny.batch_at(1000)]
+  trainer = train_tiny.make_trainer(tmp_path / "run", every=4)
+  first = trainer.initial_evaluation(train_tiny.fresh_state(), evals, {"lr": 1})
+  assert first == {k: float(v) for k, v in trainer.evaluate(train_tiny.fresh_state(), evals()).items()} and first
+  again = train_tiny.make_trainer(tmp_path / "run", every=4)
+  monkeypatch.setattr(again, "evaluate", lambda *a: pytest.fail("evaluated again"))
+  assert again.initial_evaluation(train_tiny.fresh_state(), evals, {"lr": 1}) == first
+  monkeypatch.undo()
+  calls = []
+  monkeypatch.setattr(again, "evaluate", lambda *a: calls.append(1) or {"eval/loss": 2.5})
+  assert again.initial_evaluation(train_tiny.fresh_state(), evals, {"lr": 2}) == {"eval/loss": 2.5}  # another run
+  (tmp_path / "run" / INIT_EVAL_FILE).write_text("{damaged")
+  assert again.initial_evaluation(train_tiny.fresh_state(), evals, {"lr": 2}) == {"eval/loss": 2.5}
+  assert len(calls) == 2
+  assert again.initial_evaluation(train_tiny.fresh_state(), evals, {"lr": 2}) == {"eval/loss": 2.5} and len(calls) == 2
+  # without a checkpoint folder it evaluates each time
+  alone = train_tiny.make_trainer(None, every=4)
+  assert alone.initial_evaluation(train_tiny.fresh_state(), evals, {"lr": 1}) == first
+
+
 def test_resume_matches_an_unbroken_run(tmp_path):
   want = _params_after(train_tiny.make_trainer(None, every=1), 12)
   trainer = train_tiny.make_trainer(tmp_path / "run", every=4)

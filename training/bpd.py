@@ -499,7 +499,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
                     mesh=sharding.partitioner(mesh, model))
   state = init_state(trainable, optimizer, cfg.train.seed)
   # "before": the heads as they start (fresh, or heads.init's) on the untouched base, on the same held-out set
-  init_eval = {"step": 0, **trainer.evaluate(state, eval_batches())}
+  init_eval = {"step": 0, **trainer.initial_evaluation(state, eval_batches, to_dict(cfg))}
   state, history = trainer.fit(state, batches_from, cfg.train.steps, eval_batches=eval_batches,
                                eval_every=cfg.train.eval_every)
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed

@@ -755,7 +755,7 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
                              checkpoint_every=t.checkpoint_every, log_every=t.log_every, progress=progress,
                              monitor=monitor)
   state = init_state(trainable, optimizer, t.seed)
-  init_eval = trainer.evaluate(state, eval_batches())
+  init_eval = trainer.initial_evaluation(state, eval_batches, to_dict(cfg))
   state, history = trainer.fit(state, batches_from, t.steps, eval_batches=eval_batches, eval_every=t.eval_every)
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed
   # The evaluations of every process of a killed and resumed run (the repetition record is the run's whole story).

@@ -250,7 +250,7 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
                     checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress,
                     mesh=sharding.partitioner(mesh, model))
   state = init_state(trainable, optimizer, cfg.train.seed)
-  init_eval = trainer.evaluate(state, eval_batches())
+  init_eval = trainer.initial_evaluation(state, eval_batches, to_dict(cfg))
   state, history = trainer.fit(state, batches_from, cfg.train.steps, eval_batches=eval_batches,
                                eval_every=cfg.train.eval_every)
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed

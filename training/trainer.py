@@ -46,6 +46,7 @@ LossFn = Callable[[Params, Any, Batch, jax.Array], tuple[jax.Array, Metrics]]
 BatchSource = Callable[[int], Iterable[Batch]] | Iterable[Batch]
 
 METRICS_FILE = "metrics.jsonl"
+INIT_EVAL_FILE = "init_eval.json"  # the starting point's held-out figures, kept for resumes (initial_evaluation)
 STOP_CHECK_EVERY = 10  # steps between a multi-host run's agreements on whether a signal asks it to stop
 _EVAL_STREAM = 2**31 - 1  # folded into the key for evaluation; training steps (int32) never reach it
 
@@ -463,6 +464,29 @@ class Trainer:
         f.write(json.dumps(record) + "\n")
     if any(k.startswith("eval/") for k in record):
       self._draw_curves()
+
+  def initial_evaluation(self, state, eval_batches, key: Any) -> dict[str, float]:
+    """The held-out figures of the starting `state`, evaluated once per run: kept in the checkpoint folder
+    (`INIT_EVAL_FILE`) with `key` (a JSON value of what they depend on: the run's resolved config), so a resumed run,
+    or a finished run run again, reads them instead of evaluating again. Process 0's file decides for every process
+    of a multi-host run (an evaluation is a step they must all run or all skip)."""
+    path = self.checkpoint_dir / INIT_EVAL_FILE if self.checkpoint_dir is not None else None
+    key = json.loads(json.dumps(key))  # as it reads back
+    saved = None
+    if path is not None and path.is_file():
+      try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        if record.get("key") == key:
+          saved = {k: float(v) for k, v in record["eval"].items()}
+      except (ValueError, KeyError, TypeError, AttributeError):  # damaged: evaluated again and rewritten
+        saved = None
+    saved = sharding.from_first_process(saved)
+    if saved is not None:
+      return saved
+    figures = {k: float(v) for k, v in self.evaluate(state, eval_batches()).items()}
+    if path is not None and files.primary():
+      files.write_json(path, {"key": key, "eval": figures})
+    return figures
 
   def final_evaluation(self, state, history: list[dict[str, float]], eval_batches) -> dict[str, float]:
     """The held-out figures of the trained `state`, with its step: those `fit` logged at that step, or a new
