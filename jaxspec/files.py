@@ -160,8 +160,9 @@ def save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike, metada
       size = int.from_bytes(f.read(8), "little")
       header = f.read(size)
       found = json.loads(header).get("__metadata__") or {}
-      written = json.dumps(found, separators=(",", ":")).encode()
-      wanted = json.dumps(dict(sorted(found.items())), separators=(",", ":")).encode()
+      # (unescaped non-ASCII, as the library writes it: else a key or value with one is never found, nor sorted)
+      written = json.dumps(found, separators=(",", ":"), ensure_ascii=False).encode()
+      wanted = json.dumps(dict(sorted(found.items())), separators=(",", ":"), ensure_ascii=False).encode()
       if written != wanted and header.count(written) == 1:  # the same bytes in another order: the length holds
         f.seek(8)
         f.write(header.replace(written, wanted))
@@ -174,7 +175,10 @@ def safetensors_metadata(path: str | os.PathLike) -> dict:
     if not 2 <= size <= 100_000_000:
       raise ValueError(f"{path} has no safetensors header")
     header = json.loads(f.read(size))
-  return header.get("__metadata__") or {}
+  metadata = header.get("__metadata__") if isinstance(header, dict) else None
+  if not isinstance(header, dict) or not isinstance(metadata, (dict, type(None))):
+    raise ValueError(f"{path} has a damaged safetensors header")
+  return metadata or {}
 
 
 def check_export_tag(folder: str | os.PathLike, weights: list[str], config: str = "config.json",
@@ -183,7 +187,10 @@ def check_export_tag(folder: str | os.PathLike, weights: list[str], config: str 
   """Raises `ModelLoadError` when the folder's `config` records an `EXPORT_TAG` that one of the safetensors files
   named in `weights` does not carry: the folder was being replaced when its writer stopped. A config without the tag
   (written before it existed, or by another program) is not checked, nor are files that cannot be read (the loader's
-  own reading says what is wrong with them)."""
+  own reading says what is wrong with them), nor weights that carry no tag at all: another program wrote them (e.g.
+  transformers' `save_pretrained` of a model loaded from an export, which keeps the config's unknown keys, the tag
+  among them, and writes `{"format": "pt"}` alone), and a kill never leaves such weights beside a tagged config, as
+  exports rename their config last."""
   try:
     want = json.loads(Path(folder, config).read_text(encoding="utf-8")).get(EXPORT_TAG)
   except (OSError, ValueError, AttributeError):
@@ -195,7 +202,7 @@ def check_export_tag(folder: str | os.PathLike, weights: list[str], config: str 
       got = safetensors_metadata(Path(folder) / name).get(EXPORT_TAG)
     except (OSError, ValueError):  # missing or unreadable: the loader's own reading says so
       continue
-    if got != want:
+    if got is not None and got != want:
       from jaxspec.errors import ModelLoadError
 
       raise ModelLoadError(f"{folder}: its config and {name} come from different exports (a run was stopped while "

@@ -82,9 +82,11 @@ def test_a_folder_whose_files_come_from_two_exports_is_refused(tiny, tmp_path, k
     assert files.safetensors_metadata(tmp_path / "a" / name)[files.EXPORT_TAG] == tag
   load(tmp_path / "a")
   # The same weights exported again: the same bytes (a rerun's export equals the first one's).
+  # (safetensors writes metadata keys in a random order per call: six more writes catch an unsorted one but for 1/64)
   before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
-  save_a(tmp_path / "a")
-  assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
+  for _ in range(6):
+    save_a(tmp_path / "a")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before
   # Killed between the renames: b's weights in place, a's config still there.
   for name in weights:
     mixed = tmp_path / "mixed"
@@ -112,9 +114,41 @@ def test_a_vocabulary_list_added_to_a_draft_joins_its_export(tiny, tmp_path):
 
 
 def test_exports_stay_readable_by_transformers_layout_rules(tiny, tmp_path):
-  """transformers refuses a safetensors file whose metadata has no `format` it knows; the Hugging Face exports say
+  """transformers 4.x refuses a safetensors file whose metadata has no `format` it knows; the Hugging Face exports say
   `pt` (their tensors are in its layout)."""
-  from jaxspec.loading.hf import save_hf
+  for i, kind in enumerate((_hf, _t5, _draft)):  # a draft folder is a Hugging Face LLaMA folder too
+    kind(*tiny, 1)[0](tmp_path / str(i))
+    assert files.safetensors_metadata(tmp_path / str(i) / "model.safetensors")["format"] == "pt"
+
+
+def test_weights_another_program_rewrote_beside_a_tagged_config_still_load(tiny, tmp_path):
+  """transformers' save_pretrained of a model loaded from an export keeps the config's unknown keys (the tag among
+  them) and writes weights with {"format": "pt"} alone: such a folder is not one a kill left half replaced."""
+  from safetensors.numpy import load_file, save_file
+
+  from jaxspec.loading.hf import load_hf, save_hf
   model, params = tiny
   save_hf(str(tmp_path), model, params)
-  assert files.safetensors_metadata(tmp_path / "model.safetensors")["format"] == "pt"
+  tensors = load_file(str(tmp_path / "model.safetensors"))
+  save_file(tensors, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+  assert files.EXPORT_TAG in json.loads((tmp_path / "config.json").read_text())
+  load_hf(str(tmp_path))
+
+
+@pytest.mark.parametrize("header", [b"[1,2]", b'{"__metadata__":"x"}', b'{"__metadata__":["a"]}'])
+def test_a_damaged_header_is_the_loader_s_error_not_a_traceback(tiny, tmp_path, header):
+  import struct
+  save, load, weights = _bpd(*tiny, 1)
+  save(tmp_path)
+  (tmp_path / weights[0]).write_bytes(struct.pack("<Q", len(header)) + header)
+  with pytest.raises(ModelLoadError, match="unreadable"):
+    load(tmp_path)
+
+
+def test_metadata_with_non_ascii_text_is_written_in_one_order(tmp_path):
+  tensors = {"a": np.arange(3, dtype=np.float32)}
+  seen = set()
+  for _ in range(12):
+    files.save_safetensors(tensors, tmp_path / "x.safetensors", {"b": "\u00e9", "a": "x", "c": "y"})
+    seen.add((tmp_path / "x.safetensors").read_bytes())
+  assert len(seen) == 1

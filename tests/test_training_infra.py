@@ -626,6 +626,15 @@ def test_the_starting_point_is_evaluated_once_per_run(tmp_path, monkeypatch):
   trainer = train_tiny.make_trainer(tmp_path / "run", every=4)
   first = trainer.initial_evaluation(train_tiny.fresh_state(), evals, {"lr": 1})
   assert first == {k: float(v) for k, v in trainer.evaluate(train_tiny.fresh_state(), evals()).items()} and first
+  # Killed before its first checkpoint: the rerun starts afresh (perhaps on other weights at the same model.path,
+  # which the key does not see), so it evaluates again.
+  fresh = train_tiny.make_trainer(tmp_path / "run", every=4)
+  monkeypatch.setattr(fresh, "evaluate", lambda *a: {"eval/loss": 7.0})
+  assert fresh.initial_evaluation(train_tiny.fresh_state(), evals, {"lr": 1}) == {"eval/loss": 7.0}
+  monkeypatch.undo()
+  (tmp_path / "run").joinpath(INIT_EVAL_FILE).unlink()
+  first = trainer.initial_evaluation(train_tiny.fresh_state(), evals, {"lr": 1})
+  trainer.fit(train_tiny.fresh_state(), train_tiny.batches_from, 4)  # a checkpoint of this run: resumes read it
   again = train_tiny.make_trainer(tmp_path / "run", every=4)
   monkeypatch.setattr(again, "evaluate", lambda *a: pytest.fail("evaluated again"))
   assert again.initial_evaluation(train_tiny.fresh_state(), evals, {"lr": 1}) == first
@@ -965,3 +974,21 @@ def test_a_prompt_too_long_for_the_context_is_named_before_any_answer_is_written
   check_prompts_fit(encdec, [[1] * 500], ["x"], 31, "data.max_new_tokens")
   with pytest.raises(InputError, match=r"^The decoder's start token plus data.max_new_tokens=32 needs 33 positions"):
     check_prompts_fit(encdec, [[1] * 5], ["x"], 32, "data.max_new_tokens")
+
+
+def test_the_starting_point_s_key_leaves_out_what_a_resume_changes_without_changing_it():
+  """More steps, another optimizer or output folder (what resumes change most) keep the cached starting point;
+  the numerics (matmul precision, the mesh) and the monitor's settings, which its figures depend on, do not."""
+  import dataclasses
+
+  from training.cllm import CLLMTrainConfig
+  from training.config import starting_point_key
+
+  cfg = CLLMTrainConfig()
+  same = dataclasses.replace(cfg, out="elsewhere", train=dataclasses.replace(cfg.train, steps=cfg.train.steps * 2),
+                             optim=dataclasses.replace(cfg.optim, lr=cfg.optim.lr / 2))
+  assert starting_point_key(same) == starting_point_key(cfg)
+  other = dataclasses.replace(cfg, monitor=dataclasses.replace(cfg.monitor, prompts=cfg.monitor.prompts + 1))
+  assert starting_point_key(other) != starting_point_key(cfg)
+  other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, matmul_precision="default"))
+  assert starting_point_key(other) != starting_point_key(cfg)

@@ -29,7 +29,7 @@ from jaxspec.decoding.sampling import seed_key
 from jaxspec.models.bpd import MAX_HEADS, BPDConfig, BPDModel, save_bpd, target_fingerprint
 from jaxspec.models.llama import precision_key
 from training import datasets, rowcache
-from training.config import ConfigError, record_run_config, load_config, to_dict
+from training.config import ConfigError, record_run_config, load_config, starting_point_key, to_dict
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
 
 FEATURES_FILE = "features.npz"  # the frozen target's hidden states, cached in the checkpoint folder
@@ -499,7 +499,7 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
                     mesh=sharding.partitioner(mesh, model))
   state = init_state(trainable, optimizer, cfg.train.seed)
   # "before": the heads as they start (fresh, or heads.init's) on the untouched base, on the same held-out set
-  init_eval = {"step": 0, **trainer.initial_evaluation(state, eval_batches, to_dict(cfg))}
+  init_eval = {"step": 0, **trainer.initial_evaluation(state, eval_batches, starting_point_key(cfg))}
   state, history = trainer.fit(state, batches_from, cfg.train.steps, eval_batches=eval_batches,
                                eval_every=cfg.train.eval_every)
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed

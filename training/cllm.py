@@ -64,7 +64,7 @@ from jaxspec.models.llama import LlamaLM
 from jaxspec.models.lora import ALL_TARGETS, LoraConfig, init_lora, lora_size, merge_lora, save_lora
 from training import datasets
 from training.bpd import ModelSection
-from training.config import ConfigError, record_run_config, load_config, to_dict
+from training.config import ConfigError, record_run_config, load_config, starting_point_key, to_dict
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -755,7 +755,7 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
                              checkpoint_every=t.checkpoint_every, log_every=t.log_every, progress=progress,
                              monitor=monitor)
   state = init_state(trainable, optimizer, t.seed)
-  init_eval = trainer.initial_evaluation(state, eval_batches, to_dict(cfg))
+  init_eval = trainer.initial_evaluation(state, eval_batches, starting_point_key(cfg))
   state, history = trainer.fit(state, batches_from, t.steps, eval_batches=eval_batches, eval_every=t.eval_every)
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed
   # The evaluations of every process of a killed and resumed run (the repetition record is the run's whole story).

@@ -250,6 +250,19 @@ RESUME_MAY_CHANGE = ("train.steps", "train.checkpoint_every", "train.eval_every"
 _LEGACY = {"data.split_by_set": False}
 
 
+# Keys a resume may change that no evaluation of the starting point depends on: left out of its key
+# (`starting_point_key`), so that a resume with more steps or another optimizer reads the evaluation it already has.
+NOT_IN_STARTING_POINT = ("train.steps", "train.checkpoint_every", "train.eval_every", "train.log_every",
+                         "train.base_lr_scale", "train.checkpoint_dir", "optim.", "out")
+
+
+def starting_point_key(cfg: Any) -> dict[str, Any]:
+  """The run's resolved settings that its starting point's held-out evaluation depends on
+  (`training.trainer.Trainer.initial_evaluation`): all but `NOT_IN_STARTING_POINT`."""
+  return {k: v for k, v in _flat(to_dict(cfg)).items()
+          if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in NOT_IN_STARTING_POINT)}
+
+
 TARGET_FILE = "target.json"  # beside config.yaml: the fingerprint of the target the checkpoints were trained on
 
 

@@ -42,7 +42,7 @@ from jaxspec.decoding.sampling import seed_key
 from jaxspec.models.llama import LlamaLM, precision_key
 from training import datasets, rowcache
 from training.bpd import DataSection, ModelSection, build_sequences
-from training.config import ConfigError, record_run_config, load_config, to_dict
+from training.config import ConfigError, record_run_config, load_config, starting_point_key, to_dict
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
 
 TEACHER_FILE = "teacher_top{k}.npz"
@@ -377,7 +377,7 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
                     checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress,
                     mesh=sharding.partitioner(mesh, draft))
   state = init_state(trainable, optimizer, cfg.train.seed)
-  init_eval = trainer.initial_evaluation(state, eval_batches, to_dict(cfg))  # the undistilled draft
+  init_eval = trainer.initial_evaluation(state, eval_batches, starting_point_key(cfg))  # the undistilled draft
   state, history = trainer.fit(state, batches_from, cfg.train.steps, eval_batches=eval_batches,
                                eval_every=cfg.train.eval_every)
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed

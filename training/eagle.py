@@ -38,7 +38,7 @@ from jaxspec.models.draft import embed_fingerprint
 from jaxspec.models.eagle import EagleDraft, own_params, save_eagle
 from training import datasets, rowcache
 from training.bpd import FEATURES_FILE, DataSection, ModelSection, build_sequences, cached_features
-from training.config import ConfigError, record_run_config, load_config, to_dict
+from training.config import ConfigError, record_run_config, load_config, starting_point_key, to_dict
 from training.draft import TrainSection, padded, train_vocab
 from training.trainer import OptimConfig, Trainer, init_state, make_optimizer
 
@@ -250,7 +250,7 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
                     checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress,
                     mesh=sharding.partitioner(mesh, model))
   state = init_state(trainable, optimizer, cfg.train.seed)
-  init_eval = trainer.initial_evaluation(state, eval_batches, to_dict(cfg))
+  init_eval = trainer.initial_evaluation(state, eval_batches, starting_point_key(cfg))
   state, history = trainer.fit(state, batches_from, cfg.train.steps, eval_batches=eval_batches,
                                eval_every=cfg.train.eval_every)
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed

@@ -392,7 +392,7 @@ def save_hf(folder: str, model: LlamaLM, params: dict) -> None:
       "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": "float32"}
   tag = {files.EXPORT_TAG: files.export_tag(tensors)}  # the pair's link (files.check_export_tag)
   hf_cfg.update(tag)
-  pt = {"format": "pt", **tag}  # transformers refuses metadata without a format
+  pt = {"format": "pt", **tag}  # transformers 4.x refuses metadata without a format
   files.write_files(folder, {"model.safetensors": lambda tmp: files.save_safetensors(tensors, tmp, pt),
                              "config.json": files.json_writer(hf_cfg, indent=2)})
 

@@ -256,6 +256,6 @@ def save_t5(folder: str, model: T5LM, params: dict, extra_config: dict | None = 
       "dropout_rate": 0.0, "torch_dtype": "float32", **(extra_config or {})}
   tag = {files.EXPORT_TAG: files.export_tag(tensors)}  # the pair's link (files.check_export_tag)
   hf.update(tag)
-  pt = {"format": "pt", **tag}  # transformers refuses metadata without a format
+  pt = {"format": "pt", **tag}  # transformers 4.x refuses metadata without a format
   files.write_files(folder, {"model.safetensors": lambda tmp: files.save_safetensors(tensors, tmp, pt),
                              "config.json": files.json_writer(hf, indent=2)})

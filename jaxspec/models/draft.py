@@ -111,7 +111,7 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
   ids = None if vocab_ids is None else _vocab_ids(vocab_ids)
   tag = {files.EXPORT_TAG: files.export_tag(tensors, {} if ids is None else {"vocab_ids": ids})}  # the files' link
   hf_cfg.update(tag)
-  pt = {"format": "pt", **tag}  # transformers refuses metadata without a format
+  pt = {"format": "pt", **tag}  # transformers 4.x refuses metadata without a format
   parts = {WEIGHTS_FILE: lambda tmp: files.save_safetensors(tensors, tmp, pt),
            "config.json": files.json_writer(hf_cfg)}
   if ids is not None:
