@@ -81,7 +81,7 @@ def test_a_folder_whose_files_come_from_two_exports_is_refused(tiny, tmp_path, k
   for name in weights:  # every weights file of the export carries its config's tag
     assert files.safetensors_metadata(tmp_path / "a" / name)[files.EXPORT_TAG] == tag
   load(tmp_path / "a")
-  # The same weights exported again: the same bytes (a rerun's export equals the first one's).
+  # The same export written again: the same bytes (a rerun's weights files equal the first run's).
   # (safetensors writes metadata keys in a random order per call: six more writes catch an unsorted one but for 1/64)
   before = {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()}
   for _ in range(6):
