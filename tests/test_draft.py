@@ -284,3 +284,66 @@ def test_shipped_draft_beats_the_layerskip_draft_it_started_from(default_model, 
   start = _run_shipped(default_model, default_greedy, use_layerskip_start=True)
   print(f"target calls: distilled draft {distilled.target_calls}, layer-skip start {start.target_calls}")
   assert distilled.target_calls < start.target_calls
+
+
+def test_distill_loss_terms_are_means_over_the_trained_positions(tiny):
+  """Each term is a mean over the positions of the mask: the top-K KL (p's top K and the rest as one bucket), the
+  cross-entropy of the next token in the data, agreement of the draft's top-1 with the target's, and tau_proxy = 1 +
+  the mean, over trained positions s, of the drafts 1..γ accepted in a row from s (agreement at s .. s + i - 1, all
+  trained). Worked out in numpy from the draft's logits."""
+  from training.draft import DistillData, ObjectiveSection, distill_loss, padded, split_trainable, teacher_topk
+  from training.datasets import Sequences
+
+  model, params = tiny
+  draft, dp = init_draft(model, params, 1)
+  prompts = [[5, 17], [9, 8, 7]]  # and the target's greedy answers, as in the data; the draft agrees here and there
+  answers = generate(model, params, prompts, max_new_tokens=9).tokens
+  seqs = Sequences([np.asarray(p + a, np.int32) for p, a in zip(prompts, answers)], np.array([2, 3], np.int32))
+  tokens, mask, _ = padded(seqs, 14, False)
+  k, gamma = 8, 3
+  ids, logp, other = teacher_topk(model, params, tokens, np.array([len(t) for t in seqs.tokens]), k)
+  batch = DistillData(tokens, mask, ids, logp, other).batch(np.arange(2))
+  objective = ObjectiveSection(top_k=k, kl_weight=1.0, ce_weight=0.5, gamma=gamma)
+  trainable, frozen = split_trainable(dp, False)
+  loss, m = jax.jit(distill_loss(draft, objective))(trainable, frozen, batch, None)
+
+  l = tokens.shape[1]
+  pos = jnp.broadcast_to(jnp.arange(l), (2, l))
+  logits, _, _ = draft.forward(dp, jnp.asarray(tokens), pos, draft.init_cache(2, l), jnp.tril(jnp.ones((l, l), bool)))
+  logits = np.asarray(logits, np.float64)
+  logq = logits - logits.max(-1, keepdims=True)
+  logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
+  trained = [(b, t) for b in range(2) for t in range(l) if mask[b, t]]
+  kl, ce, agree = {}, {}, np.zeros((2, l), bool)
+  for b, t in trained:
+    p_k, q_k = np.exp(logp[b, t].astype(np.float64)), np.exp(logq[b, t, ids[b, t]])
+    p_o, q_o = 1 - p_k.sum(), 1 - q_k.sum()
+    kl[b, t] = np.sum(p_k * np.log(p_k / q_k)) + p_o * np.log(p_o / q_o)
+    ce[b, t] = -logq[b, t, tokens[b, t + 1]]
+    agree[b, t] = logq[b, t].argmax() == ids[b, t, 0]
+  runs = []
+  for b, s in trained:
+    i = 0
+    while i < gamma and s + i < l and agree[b, s + i] and mask[b, s + i]:
+      i += 1
+    runs.append(i)
+  assert 0 < np.mean([agree[bt] for bt in trained]) < 1 and max(runs) > 1
+  want = {"kl": np.mean(list(kl.values())), "ce": np.mean(list(ce.values())),
+          "agree": np.mean([agree[bt] for bt in trained]), "tau_proxy": 1 + np.mean(runs)}
+  for name, value in want.items():
+    np.testing.assert_allclose(m[name], value, rtol=2e-4, err_msg=name)
+  np.testing.assert_allclose(loss, want["kl"] + 0.5 * want["ce"], rtol=2e-4)
+
+
+def test_vocabulary_matrices_train_only_with_train_embeddings(tiny):
+  """`draft.train_embeddings`: the embedding (and an untied head) are trained, and so shipped; by default they are
+  frozen, and everything else trains."""
+  from training.draft import VOCAB_PARAMS, split_trainable
+
+  model, params = tiny
+  _, dp = init_draft(model, params, 1)
+  trainable, frozen = split_trainable(dp, False)
+  assert "embed" in frozen and set(frozen) == {k for k in dp if k in VOCAB_PARAMS}
+  assert set(trainable) == set(dp) - set(frozen) and "layers_0" in trainable
+  trainable, frozen = split_trainable(dp, True)
+  assert frozen == {} and set(trainable) == set(dp)

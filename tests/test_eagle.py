@@ -364,3 +364,60 @@ def test_shipped_eagle_equals_greedy_on_default_model(default_model, default_gre
   print(f"target calls: greedy {greedy.target_calls}, eagle {res.target_calls}")
   assert res.tokens == greedy.tokens
   assert res.target_calls < 0.85 * greedy.target_calls
+
+
+def test_the_loss_counts_each_pass_at_the_entries_a_step_drafts_from(tiny):
+  """Entry t is trained when x_{t+2} is a training target (mask[t + 1]), and pass s from entry s - 1 on (an earlier
+  entry has no pass s - 1 feature before it). Each pass's kl, feature and agree are means over those entries, and
+  tau_proxy is 1 + the mean, over the trained entries t0, of how many passes agree in a row along a step (pass i at
+  entry t0 + i - 1): worked out in numpy from the draft's unrolled outputs."""
+  from training.eagle import ObjectiveSection, eagle_loss
+
+  model, params = tiny
+  # A draft scoring two tokens: its top-1 agrees with the target's at some entries and not at others.
+  draft, dp = random_draft(model, params, scale=3.0, vocab_ids=np.array([3, 7], np.int32))
+  u, l = 3, 10
+  tokens = np.zeros((2, l), np.int32)
+  tokens[0, :9] = [5, 17, 33, 2, 90, 41, 7, 64, 12]
+  tokens[1, :7] = [9, 8, 7, 6, 5, 4, 3]
+  mask = np.zeros((2, l), np.float32)
+  mask[0, 0:8] = 1  # every next token of a 9-token row (data.loss_on_prompt)
+  mask[1, 2:6] = 1  # the answer of a 7-token row after a 3-token prompt
+  pos = jnp.broadcast_to(jnp.arange(l), (2, l))
+  _, feats, _ = model.forward(params, jnp.asarray(tokens), pos, model.init_cache(2, l),
+                              jnp.tril(jnp.ones((2, l, l), bool)), logits=False)
+  feats = np.asarray(feats, np.float32)
+  batch = {"tokens": tokens, "mask": mask, "feats": feats}
+  loss, m = jax.jit(eagle_loss(draft, ObjectiveSection(unroll=u)))(dp, {}, batch, jax.random.key(0))
+
+  nxt = np.concatenate([tokens[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
+  outs = np.asarray(unrolled_outputs(draft, dp, jnp.asarray(feats), jnp.asarray(nxt), u), np.float64)
+  target = np.concatenate([feats[:, 1:], np.zeros_like(feats[:, :1])], axis=1).astype(np.float64)
+  log_softmax = lambda x: x - x.max(-1, keepdims=True) - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1,
+                                                                                                     keepdims=True))
+  table = np.asarray(dp["table_MxD"], np.float64)
+  logp = log_softmax(target @ table.T)
+  trained = [(b, t) for b in range(2) for t in range(l - 1) if mask[b, t + 1]]
+  agree = np.zeros((u, 2, l), bool)
+  want_loss = 0.0
+  for s in range(1, u + 1):
+    entries = [(b, t) for b, t in trained if t >= s - 1]
+    logq = log_softmax(outs[s - 1] @ table.T)
+    kl = np.mean([np.sum(np.exp(logp[b, t]) * (logp[b, t] - logq[b, t])) for b, t in entries])
+    d = np.abs(outs[s - 1] - target)
+    smooth = np.where(d < 1, 0.5 * d * d, d - 0.5).mean(-1)
+    feature = np.mean([smooth[b, t] for b, t in entries])
+    for b, t in entries:
+      agree[s - 1, b, t] = logq[b, t].argmax() == logp[b, t].argmax()
+    np.testing.assert_allclose([m[f"kl_{s}"], m[f"feature_{s}"]], [kl, feature], rtol=2e-4, err_msg=f"pass {s}")
+    np.testing.assert_allclose(m[f"agree_{s}"], np.mean([agree[s - 1, b, t] for b, t in entries]), rtol=1e-6)
+    want_loss += kl + 0.1 * feature
+  np.testing.assert_allclose(loss, want_loss / u, rtol=2e-4)
+  runs = []
+  for b, t0 in trained:
+    i = 0
+    while i < u and t0 + i < l and agree[i, b, t0 + i]:
+      i += 1
+    runs.append(i)
+  assert 0 < np.mean(runs) < u
+  np.testing.assert_allclose(m["tau_proxy"], 1 + np.mean(runs), rtol=1e-6)

@@ -201,3 +201,29 @@ def test_the_bar_moves_with_each_batch_of_a_part(tmp_path, monkeypatch):
   monkeypatch.setattr(rowcache, "tqdm", Bar)
   rowcache.cached_rows(tmp_path / "c.npz", "k", np.arange(7), compute, part_rows=5)
   assert moves == [("start", 0), 2, 1, 2, 2, 0, 0]  # part of 5: 2, 1, then the 2 unreported; part of 2: 2, capped
+
+
+def test_as_many_rows_of_other_sequences_are_computed_not_taken_from_the_file(tmp_path):
+  """A file holding the same number of rows for other sequences (the data replaced, not added to) gives none of its
+  rows: they are computed for the new sequences."""
+  path = tmp_path / "c.npz"
+  keys = lambda ids: [rowcache.sequence_key(np.array([i, i + 1])) for i in ids]
+
+  def by_id(ids, calls):
+    def compute(idx, advance):
+      calls.append(sorted(ids[j] for j in idx))
+      return {"sq": np.asarray([ids[j] for j in idx], np.int64) ** 2}
+    return compute
+
+  calls = []
+  rowcache.cached_rows(path, "t", np.arange(3), by_id([1, 2, 3], calls), row_keys=keys([1, 2, 3]), progress=False)
+  calls.clear()
+  z = rowcache.cached_rows(path, "t", np.arange(3), by_id([7, 8, 9], calls), row_keys=keys([7, 8, 9]),
+                           progress=False)
+  assert calls == [[7, 8, 9]]
+  np.testing.assert_array_equal(z["sq"], [49, 64, 81])
+  calls.clear()  # two of them again, with one of the first data: only that one is computed
+  z = rowcache.cached_rows(path, "t", np.arange(3), by_id([9, 1, 7], calls), row_keys=keys([9, 1, 7]),
+                           progress=False)
+  assert calls == [[1]]
+  np.testing.assert_array_equal(z["sq"], [81, 1, 49])

@@ -3,6 +3,7 @@ settings, a dataset folder another model or prompt set wrote, text files written
 cannot work, eval means over uneven batches, held-out prompts that stay held out, a full CLLM export."""
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -410,3 +411,123 @@ def test_decoding_lengths_of_the_cllm_monitor_and_the_rescore_tuning_are_checked
                                        r"tokens needs \d+ positions, more than the model's context \(512\)"):
     train_rescore(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   assert not (Path(data.dataset_dir) / "rescore_tuning.jsonl").exists()
+
+
+class _Digits:
+  """A tokenizer of space-separated numbers: "3 4" -> [5, 6]; EOS is 1."""
+  eos_id = 1
+
+  def encode(self, text):
+    return [2 + int(w) for w in text.split()]
+
+
+def test_seq2seq_examples_shift_the_target_right_and_learn_its_eos():
+  """Decoder inputs are the start token then the target; labels are the target then EOS, all of it trained on (the
+  mask), padding not; an example longer than a limit is dropped and counted, one that fills it exactly is kept."""
+  from training.seq2seq import encode_pairs, trim
+
+  rows = [(0, "3 4", "5 6 7"), (1, "3", "8"), (2, "3 4 5 6", "5"), (3, "3", "5 6 7 8")]
+  out, dropped = encode_pairs(_Digits(), rows, src_len=3, tgt_len=4, start_id=0)
+  assert dropped == 2  # a source of 4 tokens (> 3), a target of 4 tokens + EOS (> 4)
+  np.testing.assert_array_equal(out["src"], [[5, 6, 0], [5, 0, 0]])
+  np.testing.assert_array_equal(out["src_len"], [2, 1])
+  np.testing.assert_array_equal(out["labels"], [[7, 8, 9, 1], [10, 1, 0, 0]])
+  np.testing.assert_array_equal(out["dec_in"], [[0, 7, 8, 9], [0, 10, 0, 0]])
+  np.testing.assert_array_equal(out["mask"], [[1, 1, 1, 1], [1, 1, 0, 0]])
+  wide, _ = encode_pairs(_Digits(), rows[:2], src_len=8, tgt_len=8, start_id=0)
+  cut = trim(wide, multiple=4)  # the longest source (2) and target (4) rounded up to 4: only padding goes
+  assert {k: v.shape for k, v in cut.items()} == {"src": (2, 4), "src_len": (2,), "dec_in": (2, 4), "labels": (2, 4),
+                                                  "mask": (2, 4)}
+  for k in ("src", "dec_in", "labels", "mask"):
+    np.testing.assert_array_equal(cut[k], out[k][:, :4] if k != "src" else wide["src"][:, :4])
+
+
+def test_seq2seq_loss_and_accuracy_count_the_masked_target_positions_only():
+  """The cross-entropy and token accuracy are means over the positions of the mask, whatever the labels hold past
+  it (checked against log-softmax figures worked out in numpy from the model's logits)."""
+  from jaxspec.models.t5 import T5LM, tiny_t5_config
+  from training.seq2seq import seq2seq_loss
+
+  model = T5LM(tiny_t5_config())
+  params = model.init_params(jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"src": rng.integers(2, 50, (2, 5)).astype(np.int32), "src_len": np.array([5, 3], np.int32),
+           "dec_in": rng.integers(2, 50, (2, 6)).astype(np.int32),
+           "labels": rng.integers(2, 50, (2, 6)).astype(np.int32),
+           "mask": np.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], np.float32)}
+  logits = np.asarray(model.teacher_forced(params, batch["src"], batch["src_len"], batch["dec_in"])[0], np.float64)
+  guess = logits.argmax(-1)
+  batch["labels"][0, :2] = guess[0, :2]  # right guesses inside the mask, and past it (which must not count)
+  batch["labels"][1, 3:] = guess[1, 3:]
+  shifted = logits - logits.max(-1, keepdims=True)
+  logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+  picked = np.take_along_axis(logp, batch["labels"][..., None].astype(np.int64), -1)[..., 0]
+  m = batch["mask"]
+  loss, metrics = seq2seq_loss(model)(params, None, batch, jax.random.key(0))
+  assert float(loss) == pytest.approx(-(picked * m).sum() / m.sum(), rel=1e-5)
+  assert float(metrics["token_acc"]) == pytest.approx(((guess == batch["labels"]) * m).sum() / m.sum(), rel=1e-6)
+  assert float(metrics["token_acc"]) < 1.0 and ((guess == batch["labels"]) * m).sum() >= 2
+
+
+def test_training_batches_reshuffle_each_epoch_resume_by_step_and_eval_covers_every_example():
+  """`iterate_positions`: an epoch is n // batch steps of distinct examples, each epoch in a new order; the batches
+  from step s are those an unbroken run gets from s on. `batch_sources`: training batches at step s are those
+  positions (sorted), and the eval batches hold every example once, in order, the last one short."""
+  first = list(itertools.islice(datasets.iterate_positions(10, 3, seed=5), 9))  # 3 epochs of 3 batches
+  for e in range(3):
+    assert len(set(np.concatenate(first[3 * e:3 * e + 3]).tolist())) == 9
+  assert any(not np.array_equal(first[i], first[i + 3]) for i in range(3))  # another order in the next epoch
+  for want, got in zip(first[4:], datasets.iterate_positions(10, 3, seed=5, start_step=4)):
+    np.testing.assert_array_equal(got, want)
+  assert any(not np.array_equal(a, b) for a, b in zip(first, datasets.iterate_positions(10, 3, seed=6)))
+
+  class Rows:
+    def __init__(self, n):
+      self.n = n
+
+    def __len__(self):
+      return self.n
+
+    def batch(self, idx):
+      return np.asarray(idx).tolist()
+
+  batches_from, eval_batches = datasets.batch_sources(Rows(10), Rows(7), 3, seed=5)
+  assert list(eval_batches()) == [[0, 1, 2], [3, 4, 5], [6]]
+  assert list(itertools.islice(batches_from(4), 2)) == [sorted(first[4].tolist()), sorted(first[5].tolist())]
+
+
+def test_a_small_eval_fraction_still_holds_out_a_prompt_and_samples_of_a_prompt_stay_together():
+  """`Sequences.split` by prompt: at least one prompt is held out when the fraction is above 0, none at 0, and the
+  several answers of one prompt land on one side."""
+  prompts = [np.array([1, i], np.int32) for i in range(10)]
+  tokens = [np.concatenate([p, [50 + j, 60 + j]]).astype(np.int32) for p in prompts for j in range(3)]
+  seqs = datasets.Sequences(tokens, np.full(len(tokens), 2, np.int32))
+  train, held = seqs.split(0.01, seed=0)
+  assert len(held) == 3 and len(train) == 27  # one prompt of ten, with its three answers
+  assert {tuple(t[:2]) for t in held.tokens}.isdisjoint({tuple(t[:2]) for t in train.tokens})
+  train, held = seqs.split(0.0, seed=0)
+  assert len(held) == 0 and len(train) == 30
+
+
+@pytest.mark.parametrize("key,value", [("train.steps", 9), ("train.checkpoint_every", 3), ("train.eval_every", 3),
+                                       ("train.log_every", 3), ("train.checkpoint_dir", "elsewhere"),
+                                       ("optim.lr", 0.5), ("out", "other"), ("mesh", "data=2"),
+                                       ("data.gen_batch_size", 4), ("model.matmul_precision", "high")])
+def test_a_resume_may_change_how_long_it_runs_logs_and_computes(tmp_path, key, value):
+  """The settings a resumed run may change (its length, logging, optimizer, export folder, mesh, the batch size of
+  the data generation and the matmul precision) are accepted over checkpoints; the data and split settings are not."""
+  from training.bpd import BPDTrainConfig
+  from training.config import config_from_dict, to_dict
+
+  ckpt = tmp_path / "ckpt"
+  (ckpt / "4").mkdir(parents=True)
+  base = BPDTrainConfig()
+  record_run_config(base, ckpt)
+  raw = to_dict(base)
+  section, _, name = key.rpartition(".")
+  (raw[section] if section else raw)[name] = value
+  changed = config_from_dict(raw, BPDTrainConfig)
+  record_run_config(changed, ckpt)  # accepted
+  reseeded = dataclasses.replace(changed, data=dataclasses.replace(changed.data, eval_fraction=0.5))
+  with pytest.raises(ConfigError, match=r"data\.eval_fraction"):
+    record_run_config(reseeded, ckpt)

@@ -992,3 +992,120 @@ def test_the_starting_point_s_key_leaves_out_what_a_resume_changes_without_chang
   assert starting_point_key(other) != starting_point_key(cfg)
   other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, matmul_precision="default"))
   assert starting_point_key(other) != starting_point_key(cfg)
+
+
+def test_a_short_run_of_a_warm_restart_config_warms_up_within_each_cycle():
+  """A run too short for the warmup shortens it to one cycle's updates, not the run's (which no cycle can hold)."""
+  run = OptimConfig(lr=1.0, warmup_steps=100, schedule="cosine", cycles=2).for_steps(40, warn=False)
+  assert (run.total_steps, run.warmup_steps) == (40, 20)
+  lr = make_schedule(run)
+  assert float(lr(19)) == pytest.approx(1.0) and float(lr(20)) == pytest.approx(1 / 20)  # the second cycle restarts
+
+
+def test_optimizer_updates_are_clipped_adamw_with_the_configured_settings():
+  """`make_optimizer`: global-norm clipping, then AdamW with the config's b1, b2 and decoupled weight decay. Two
+  updates checked against AdamW written out in numpy (Adam's first update alone sees neither b1, b2 nor a clip)."""
+  cfg = OptimConfig(lr=0.1, schedule="constant", clip_norm=1.0, weight_decay=0.5, b1=0.5, b2=0.6)
+  tx = make_optimizer(cfg)
+  want = np.array([1.0, -2.0, 3.0])
+  params = jnp.asarray(want, jnp.float32)
+  state = tx.init(params)
+  m = v = np.zeros(3)
+  for t, g in enumerate([np.array([6.0, 0.0, 8.0]), np.array([0.1, -0.3, 0.2])], start=1):  # norm 10 (clipped), 0.37
+    updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
+    params = params + updates
+    g = g * min(1.0, cfg.clip_norm / np.linalg.norm(g))
+    m = cfg.b1 * m + (1 - cfg.b1) * g
+    v = cfg.b2 * v + (1 - cfg.b2) * g * g
+    direction = (m / (1 - cfg.b1**t)) / (np.sqrt(v / (1 - cfg.b2**t)) + 1e-8)
+    want = want - cfg.lr * (direction + cfg.weight_decay * want)
+    np.testing.assert_allclose(np.asarray(params), want, rtol=1e-5, atol=1e-7)
+
+
+def test_each_step_draws_the_key_of_its_step_also_after_a_resume(tmp_path):
+  """Step s's key is `fold_in(state.rng, s)` (the module's contract): every step a fresh key, and a resumed run
+  draws the keys an unbroken one would."""
+  from jaxspec.decoding.sampling import seed_key
+
+  def loss_fn(params, frozen, batch, rng):
+    loss, metrics = train_tiny.loss_fn(params, frozen, batch, rng)
+    return loss, {**metrics, "draw": jax.random.uniform(rng)}
+
+  make = lambda: Trainer(loss_fn, make_optimizer(train_tiny.OPTIM), frozen=train_tiny.FROZEN,
+                         checkpoint_dir=tmp_path / "run", checkpoint_every=2, log_every=1, progress=False)
+  make().fit(train_tiny.fresh_state(), train_tiny.batches_from, 3)
+  resumed = make()
+  _, history = resumed.fit(train_tiny.fresh_state(), train_tiny.batches_from, 5)
+  assert [r["step"] for r in history if "draw" in r] == [4, 5]
+  draws = [r["draw"] for r in resumed.logged(history) if "draw" in r]
+  want = [float(jax.random.uniform(jax.random.fold_in(seed_key(0), s))) for s in range(5)]
+  np.testing.assert_allclose(draws, want, rtol=1e-6)
+
+
+def test_the_last_step_is_logged_and_evaluated_off_the_intervals():
+  """Records every `log_every` steps average the steps since the last one; the last step is logged (its own window)
+  and evaluated even when no interval ends there."""
+  each = train_tiny.make_trainer(None, every=100)  # log_every=1: every step's own figures
+  _, per_step = each.fit(train_tiny.fresh_state(), train_tiny.batches_from, 7)
+  losses = [r["loss"] for r in per_step]
+  trainer = Trainer(train_tiny.loss_fn, make_optimizer(train_tiny.OPTIM), frozen=train_tiny.FROZEN, log_every=3,
+                    progress=False)
+  evals = lambda: [train_tiny.batch_at(1000)]
+  _, history = trainer.fit(train_tiny.fresh_state(), train_tiny.batches_from, 7, eval_batches=evals, eval_every=3)
+  train = [r for r in history if "loss" in r]
+  assert [r["step"] for r in train] == [3, 6, 7]
+  np.testing.assert_allclose([r["loss"] for r in train], [np.mean(losses[0:3]), np.mean(losses[3:6]), losses[6]],
+                             rtol=1e-5)
+  assert [r["step"] for r in history if "eval/loss" in r] == [3, 6, 7]
+
+
+def test_a_union_of_a_number_and_text_reads_numbers_as_numbers(tmp_path):
+  """A value that fits several arms of a union takes the exact scalar first, text last whatever the order written:
+  YAML's `3e-4` (text to PyYAML) is a float for `str | float`, an int stays an int for `int | float`; text that is
+  no number stays text."""
+
+  @dataclasses.dataclass(frozen=True)
+  class Mixed:
+    rate: str | float = "auto"
+    count: int | float = 1
+
+  path = _write(tmp_path, "m.yaml", "rate: 3e-4\ncount: 3\n")
+  got = load_config(path, Mixed)
+  assert got.rate == 3e-4 and isinstance(got.rate, float) and got.count == 3 and isinstance(got.count, int)
+  assert load_config(path, Mixed, ["rate=auto", "count=2.5"]) == Mixed(rate="auto", count=2.5)
+
+
+def test_a_checkpoint_is_verified_against_its_checksums(tmp_path):
+  """The integrity record is checked at restore: values that do not match their stored checksum (as bytes changed
+  inside an array file, which Orbax itself restores without a word) are a corrupt checkpoint naming the leaf, and the
+  newest older checkpoint is offered."""
+  with Checkpointer(tmp_path / "ck") as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, _state(step - 1), {"step": step})
+  record = tmp_path / "ck" / "3" / "integrity" / "metadata"
+  integrity = json.loads(record.read_text())
+  leaf = ".params['w_DxH']"
+  kind, checksum = integrity["leaves"][leaf].rsplit(":", 1)
+  integrity["leaves"][leaf] = f"{kind}:{int(checksum, 16) ^ 1:08x}"  # as if the values had changed since the save
+  record.write_text(json.dumps(integrity))
+  with Checkpointer(tmp_path / "ck") as ckpt:
+    with pytest.raises(CheckpointError, match=r"step 3 .*checksum mismatch in \.params\['w_DxH'\].*resume from step 2"):
+      ckpt.restore(_state(0))  # the newest older checkpoint is offered
+    _assert_trees_equal(ckpt.restore(_state(0), step=2)[0], _state(1))
+
+
+def test_a_due_step_older_than_the_latest_checkpoint_is_not_saved(tmp_path):
+  """`save` without `force` writes multiples of `every` newer than the latest checkpoint only: a state of an older
+  step never becomes a checkpoint beside newer ones."""
+  with Checkpointer(tmp_path / "ck", every=2) as ckpt:
+    assert ckpt.save(4, _state(1), {"step": 4})
+    assert not ckpt.should_save(2) and not ckpt.save(2, _state(0), {"step": 2})
+    assert ckpt.should_save(6) and not ckpt.should_save(5)
+    assert ckpt.all_steps() == [4]
+
+
+def test_checkpoints_one_step_past_the_run_are_refused(tmp_path):
+  """A run of n steps over checkpoints of step n + 1 would export the model of step n + 1 as a run of n steps."""
+  train_tiny.make_trainer(tmp_path / "run", every=5).fit(train_tiny.fresh_state(), train_tiny.batches_from, 5)
+  with pytest.raises(CheckpointError, match=r"are at step 5, past this run's 4 steps"):
+    train_tiny.make_trainer(tmp_path / "run", every=5).fit(train_tiny.fresh_state(), train_tiny.batches_from, 4)

@@ -316,17 +316,22 @@ def subset_targets(xp, vocab_ids, targets):
 
 # ---- objectives ----------------------------------------------------------------------------------------------
 
-def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array,
-                 teacher_NxKxM: jax.Array | None = None) -> tuple[jax.Array, dict]:
+def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array, teacher_NxKxM: jax.Array | None = None,
+                 examples_N: jax.Array | None = None) -> tuple[jax.Array, dict]:
   """Mean loss over valid targets (summed over heads) and per-head loss / top-1 accuracy / τ proxy.
 
   The loss is cross-entropy against the data's tokens, or with `teacher_NxKxM` (the target's logits at the
   positions that predicted those tokens) against the target's distribution there. With a teacher, `agree_h{i}` is
   head i's top-1 agreement with the target's own top-1, the token greedy decoding accepts, and `tau_teacher` the τ
   proxy from it; on greedy data it equals the token accuracy, on sampled data it does not.
+
+  The τ proxies are means over the examples: every row, or the rows `examples_N` marks (the joint objective's rows
+  are every position of its batch, padding and prompt included, which are no examples).
   """
   valid = targets_NxK >= 0
   count_K = jnp.maximum(valid.sum(0), 1)
+  num_examples = targets_NxK.shape[0] if examples_N is None else jnp.maximum(examples_N.sum(), 1)
+  per_example = lambda chains_NxK: chains_NxK.sum() / num_examples  # rows that are no example have no valid target
   guess = jnp.argmax(logits_NxKxM, -1)
   metrics = {}
   if teacher_NxKxM is None:
@@ -336,7 +341,7 @@ def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array,
     agree = (guess == jnp.argmax(teacher_NxKxM, -1)) & valid
     agree_K = agree.sum(0) / count_K
     metrics.update({f"agree_h{i + 1}": agree_K[i] for i in range(agree_K.shape[0])})
-    metrics["tau_teacher"] = 1.0 + jnp.cumprod(agree.astype(jnp.float32), axis=1).sum(1).mean()
+    metrics["tau_teacher"] = 1.0 + per_example(jnp.cumprod(agree.astype(jnp.float32), axis=1))
   loss_K = jnp.where(valid, ce, 0).sum(0) / count_K
   right = (guess == targets_NxK) & valid
   acc_K = right.sum(0) / count_K
@@ -344,7 +349,7 @@ def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array,
   chain = jnp.cumprod(right.astype(jnp.float32), axis=1)
   metrics.update({f"loss_h{i + 1}": loss_K[i] for i in range(loss_K.shape[0])})
   metrics.update({f"acc_h{i + 1}": acc_K[i] for i in range(acc_K.shape[0])})
-  metrics["tau_proxy"] = 1.0 + chain.sum(1).mean()
+  metrics["tau_proxy"] = 1.0 + per_example(chain)
   return loss_K.sum(), metrics
 
 
@@ -389,9 +394,11 @@ def joint_loss(model, bpd: BPDModel, base_weight: float):
     idx = jnp.arange(l - 1)[:, None] + 1 + jnp.arange(1, k + 1)[None]  # [L-1, k]
     tgt = jnp.where(idx[None] < batch["lengths"][:, None, None], tokens[:, jnp.minimum(idx, l - 1)], -1)
     tgt = jnp.where(mask[:, :, None] > 0, tgt, -1)
+    examples = tgt[:, :, 0] >= 0  # head 1 has a target: the positions the heads objective makes examples of
     if "vocab_ids" in frozen:
       tgt = subset_targets(jnp, frozen["vocab_ids"], tgt)
-    head_loss, metrics = head_metrics(logits.reshape(b * (l - 1), k, -1), tgt.reshape(b * (l - 1), k))
+    head_loss, metrics = head_metrics(logits.reshape(b * (l - 1), k, -1), tgt.reshape(b * (l - 1), k),
+                                      examples_N=examples.reshape(-1))
     metrics["base_loss"] = base_loss
     return base_weight * base_loss + head_loss, metrics
 
