@@ -6,6 +6,7 @@ import os
 import sys
 import re
 
+import numpy as np
 import pytest
 
 from jaxspec.bench import METHODS, BenchConfig, MethodSpec, load_prompts, run_bench
@@ -1000,3 +1001,292 @@ def test_cllm_on_an_encoder_decoder_says_it_needs_a_decoder_only_model():
 
   with pytest.raises(Unavailable, match="fine-tunes a decoder-only model; on this T5LM use plain Jacobi decoding"):
     METHODS["cllm"].build(BenchContext(T5LM(tiny_t5_config()), None, ByteTokenizer()), {})
+
+
+# ---- Scripted runs: every counter of a run known in advance ------------------------------------------------------
+
+def _scripted_greedy(prompt, new):
+  """A scripted greedy output: its length depends on the prompt (rows that reach EOS at different steps)."""
+  return [1 + (prompt[0] + 3 * i) % (VOCAB - 1) for i in range(min(new, 10 + len(prompt) % 7))]
+
+
+_CUT = ByteTokenizer().encode("prompt 3 about math")  # `twos` stops early here: its output is a prefix of greedy's
+_WRONG = ByteTokenizer().encode("prompt 4 about math")  # and here its 11th token differs
+
+
+def _scripted_twos(prompt, new):
+  tokens = _scripted_greedy(prompt, new)
+  if prompt == _CUT:
+    return tokens[:11]
+  if prompt == _WRONG:
+    return tokens[:10] + [1 + tokens[10] % (VOCAB - 1)] + tokens[11:]
+  return tokens
+
+
+def _scripted_result(tokens, active, hist, *, drafter_calls, compile_s, run_s, program_bytes):
+  from jaxspec.decoding.generate import GenerationResult
+  return GenerationResult(tokens=tokens, target_calls=max(active), drafter_calls=drafter_calls, active_calls=active,
+                          step_tokens=[len(t) - 1 for t in tokens], accept_hist=np.asarray(hist), compile_s=compile_s,
+                          run_s=run_s, program_bytes=program_bytes)
+
+
+@pytest.fixture
+def scripted(monkeypatch, methods):
+  """`greedy` and two methods whose results are scripted: every figure of a run follows from the script by hand.
+
+  greedy: one token per call, 0.2 s and 2 MiB of program per row, 0.5 s to compile per call. `twos`: greedy's
+  tokens (but for two prompts) in steps of 2 tokens, so a row takes ceil(steps / 2) calls while a batch's
+  `target_calls` is its longest row's; 7 drafter calls per batch, 0.1 s and 3 MiB per row, 0.25 s to compile per
+  call. `approx2`: `twos` whose runner says it is not lossless (its method's spec says it is)."""
+  import jaxspec.bench.runner as runner_mod
+
+  def greedy(ctx, opts):
+    def run(prompts, new, seed):
+      tokens = [_scripted_greedy(p, new) for p in prompts]
+      steps = [len(t) - 1 for t in tokens]
+      return _scripted_result(tokens, steps, [[0, s, 0] for s in steps], drafter_calls=0, compile_s=0.5,
+                              run_s=0.2 * len(prompts), program_bytes=2 * len(prompts) << 20)
+    return run
+
+  def twos(lossless):
+    def build(ctx, opts):
+      def run(prompts, new, seed):
+        tokens = [_scripted_twos(p, new) for p in prompts]
+        steps = [len(t) - 1 for t in tokens]
+        return _scripted_result(tokens, [(s + 1) // 2 for s in steps], [[0, s % 2, s // 2] for s in steps],
+                                drafter_calls=7, compile_s=0.25, run_s=0.1 * len(prompts),
+                                program_bytes=3 * len(prompts) << 20)
+      if not lossless:
+        run.lossless = False
+      return run
+    return build
+
+  specs = runner_mod.METHODS
+  monkeypatch.setitem(specs, "greedy", dataclasses.replace(specs["greedy"], build=greedy))
+  monkeypatch.setitem(specs, "twos", MethodSpec("twos", "test: scripted", True, twos(True)))
+  monkeypatch.setitem(specs, "approx2", MethodSpec("approx2", "test: scripted, not lossless", True, twos(False)))
+  return methods
+
+
+def test_scripted_run_figures_follow_from_each_rows_counts(tmp_path, prompt_file, scripted):
+  """results.json's figures, by hand from the script: τ over each row's own calls (not its batch's longest row's),
+  the drafter calls and compile time of every run (the warm-up's compile included, once), the largest program, the
+  accepted lengths of every row, speedup from run time only (compile excluded), and an output that stops early as a
+  mismatch at the token where it stopped (rows of other lengths than greedy's are not equal to greedy's)."""
+  out = tmp_path / "out"
+  new = 20
+  cfg = BenchConfig(prompts=prompt_file, methods=("twos", "approx2"), max_new_tokens=new, batch_size=4, out=str(out))
+  res = run_bench(cfg, scripted, None, ByteTokenizer(), progress=False)
+  m = res["methods"]
+  prompts = load_prompts(prompt_file)
+  ids = [ByteTokenizer().encode(p.text) for p in prompts]
+  g = [_scripted_greedy(i, new) for i in ids]
+  t = [_scripted_twos(i, new) for i in ids]
+  assert len({len(x) for x in g}) > 1  # rows end at different steps
+  n_batches = 2  # 6 prompts in batches of 4: prompts 0-3, then 4-5
+  for label in ("twos", "approx2"):
+    e = m[label]
+    steps = [len(x) - 1 for x in t]
+    calls = [(s + 1) // 2 for s in steps]
+    assert e["new_tokens"] == sum(map(len, t)) and e["step_tokens"] == sum(steps)
+    assert e["target_calls"] == sum(calls) and e["tau"] == pytest.approx(sum(steps) / sum(calls))
+    assert e["drafter_calls"] == pytest.approx(7 * n_batches)
+    assert e["compile_s"] == pytest.approx(0.25 * (1 + n_batches))  # the warm-up's and every batch's
+    assert e["program_bytes"] == 3 * 4 << 20  # the largest: a batch of 4
+    assert e["accept_hist"] == [0, sum(s % 2 for s in steps), sum(s // 2 for s in steps)]
+    assert e["run_s"] == pytest.approx(0.1 * 6) and e["speedup"] == pytest.approx(2.0)
+    assert e["tokens_per_s"] == pytest.approx(sum(map(len, t)) / 0.6)
+    assert [(r["question_id"], r["new_tokens"], r["steps_tokens"], r["active_calls"]) for r in e["per_prompt"]] == [
+        (p.question_id, len(x), len(x) - 1, c) for p, x, c in zip(prompts, t, calls)]
+    assert all("tokens" not in r for r in e["per_prompt"])  # the outputs are in outputs.jsonl
+    for c in ("qa", "math", "rag"):
+      rows = [i for i, p in enumerate(prompts) if p.category == c]
+      cat = e["per_category"][c]
+      assert cat["tau"] == pytest.approx(sum(steps[i] for i in rows) / sum(calls[i] for i in rows)), c
+      assert cat["target_calls"] == sum(calls[i] for i in rows) and cat["speedup"] == pytest.approx(2.0), c
+  assert m["greedy"]["compile_s"] == pytest.approx(0.5 * (1 + n_batches)) and m["greedy"]["program_bytes"] == 8 << 20
+  assert m["greedy"]["tau"] == 1.0 and m["greedy"]["target_calls"] == sum(len(x) - 1 for x in g)
+  assert res["prompts"] == {"file": prompt_file, "n": 6, "per_category": {"math": 3, "qa": 2, "rag": 1}}
+
+  # Two outputs differ: one stops early (a prefix of greedy's), one has a wrong token.
+  decode = ByteTokenizer().decode
+  expected = [{"question_id": 3, "category": "math", "first_diff": 11, "expected_len": len(g[3]), "got_len": 11,
+               "expected": decode(g[3][3:19]), "got": decode(t[3][3:19])},
+              {"question_id": 4, "category": "math", "first_diff": 10, "expected_len": len(g[4]),
+               "got_len": len(g[4]), "expected": decode(g[4][2:18]), "got": decode(t[4][2:18])}]
+  assert m["twos"]["mismatches"] == 2 and m["twos"]["mismatch_list"] == expected
+  assert m["twos"]["per_category"]["math"]["mismatches"] == 2 and m["twos"]["per_category"]["qa"]["mismatches"] == 0
+  # The runner's own word on losslessness wins over its method's (bpd:approx=K): agreement, not mismatches.
+  assert m["approx2"]["lossless"] is False and m["approx2"]["mismatches"] is None
+  assert m["approx2"]["differ_from_greedy"] == 2 and m["approx2"]["difference_list"] == expected
+  outputs = [json.loads(l) for l in (out / "outputs.jsonl").read_text().splitlines()]
+  assert [o["tokens"] for o in outputs if o["method"] == "twos"] == t
+
+  md = (out / "report.md").read_text()
+  assert "- `twos`: 2 of 6 outputs differ from greedy" in md
+  assert f"  - question 3 (math): first difference at token 11; greedy `{expected[0]['expected']!r}` vs " \
+         f"`{expected[0]['got']!r}`" in md
+  assert "- `approx2` (not lossless, so agreement rather than exactness): 2 of 6 outputs differ from greedy" in md
+  # The tables show results.json's figures.
+  shown = {"greedy": "n/a", "twos": "2", "approx2": "2 differ"}
+  for label, e in m.items():
+    row = (f"| {label} | {e['tau']:.2f} | {e['speedup']:.2f}× | {e['tokens_per_s']:.1f} | {shown[label]} | "
+           f"{e['drafter_calls']:.0f} | {e['compile_s']:.1f} | {e['program_bytes'] / 2**20:.0f} |")
+    assert row in md.split("## Overall")[1].split("##")[0], row
+    for key, title in (("tau", "τ per category"), ("speedup", "Speedup per category")):
+      table = md.split(f"## {title}")[1].split("##")[0]
+      cats = list(res["prompts"]["per_category"])
+      assert f"| method | {' | '.join(cats)} |" in table
+      assert f"| {label} | " + " | ".join(f"{e['per_category'][c][key]:.2f}" for c in cats) + " |" in table, key
+
+  # Sampled, nothing is compared: no mismatches listed either.
+  sampled = run_bench(dataclasses.replace(cfg, temperature=1.0, out=str(tmp_path / "s")), scripted, None,
+                      ByteTokenizer(), progress=False)["methods"]
+  for label in ("twos", "approx2"):
+    assert sampled[label]["mismatches"] is None and sampled[label]["mismatch_list"] == []
+    assert "differ_from_greedy" not in sampled[label]
+
+
+def test_plots_show_the_figures_of_results_json(tmp_path, prompt_file, scripted, monkeypatch):
+  """The bars of tau_per_category.png are each method's τ per category, speedup.png's each method's speedup, and
+  accept_hist.png's each method's accepted lengths as fractions of its steps."""
+  from jaxspec.bench import report
+
+  cfg = BenchConfig(prompts=prompt_file, methods=("twos",), max_new_tokens=20, batch_size=4, out=str(tmp_path / "o"))
+  res = run_bench(cfg, scripted, None, ByteTokenizer(), progress=False)
+  figures = {}
+  monkeypatch.setattr(report, "_save", lambda fig, path: figures.setdefault(path.name, fig) and path)
+  report.plots(res, tmp_path)
+  m, cats, names = res["methods"], list(res["prompts"]["per_category"]), ["greedy", "twos"]
+  tau_bars = figures["tau_per_category.png"].axes[0].containers
+  assert [b.get_height() for bars in tau_bars for b in bars] == pytest.approx(
+      [m[n]["per_category"][c]["tau"] for n in names for c in cats])
+  assert [len(bars) for bars in tau_bars] == [len(cats)] * len(names)
+  (speed_bars,) = figures["speedup.png"].axes[0].containers
+  assert [b.get_width() for b in speed_bars] == pytest.approx([m[n]["speedup"] for n in names])
+  for ax, n in zip(figures["accept_hist.png"].axes, names):
+    hist = np.asarray(m[n]["accept_hist"], float)
+    assert [b.get_height() for b in ax.containers[0]] == pytest.approx(list(hist / hist.sum()))
+    assert ax.get_title().startswith(f"{n}: τ {m[n]['tau']:.2f}")
+
+
+def test_a_figure_without_a_value_is_null_in_results_json(tmp_path, prompt_file, methods):
+  """One new token per prompt: prefill gives it, no verify step runs, so τ is 0 / 0. results.json says null, not
+  NaN (which is not JSON), and the tables say —."""
+  out = tmp_path / "out"
+  res = run_bench(BenchConfig(prompts=prompt_file, methods=("oracle",), max_new_tokens=1, batch_size=2, out=str(out)),
+                  methods, None, ByteTokenizer(), progress=False)
+  assert res["methods"]["oracle"]["target_calls"] == 0 and res["methods"]["oracle"]["tau"] is None
+
+  def no_nan(name):
+    raise AssertionError(f"results.json holds {name}")
+
+  saved = json.loads((out / "results.json").read_text(), parse_constant=no_nan)
+  assert saved["methods"]["oracle"]["tau"] is None and saved["methods"]["oracle"]["per_category"]["qa"]["tau"] is None
+  assert "| oracle | — |" in (out / "report.md").read_text()
+
+
+def test_the_report_says_when_a_run_is_incomplete_and_lists_at_most_50_differences(tmp_path, prompt_file, methods):
+  from jaxspec.bench import report
+
+  res = run_bench(BenchConfig(prompts=prompt_file, methods=("liar",), max_new_tokens=9, batch_size=2,
+                              out=str(tmp_path / "o")), methods, None, ByteTokenizer(), progress=False)
+  assert "Incomplete run" not in report.markdown(res)
+  assert "**Incomplete run**" in report.markdown({**res, "complete": False})
+  one = res["methods"]["liar"]["mismatch_list"][0]
+  many = [dict(one, question_id=f"q{i}") for i in range(report.MAX_LISTED_MISMATCHES + 7)]
+  md = report.markdown({**res, "methods": {**res["methods"], "liar": {**res["methods"]["liar"],
+                                                                      "mismatch_list": many}}})
+  listed = [l for l in md.splitlines() if l.startswith("  - question q")]
+  assert len(listed) == report.MAX_LISTED_MISMATCHES and listed[0].startswith("  - question q0 (math)")
+
+
+def test_kept_runs_of_another_batch_size_are_refused(tmp_path, prompt_file, methods, bomb):
+  """Runs are kept by batch index: runs of batches of 2 resumed by a run of batches of 3 would be taken for the
+  wrong prompts. The batch size is part of the work, as the seed is."""
+  cfg = BenchConfig(prompts=prompt_file, methods=("bomb",), max_new_tokens=6, batch_size=2, out=str(tmp_path))
+  with pytest.raises(KeyboardInterrupt):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  bomb["armed"] = False
+  with pytest.raises(InputError, match="batch_size: 2 there, 3 here"):
+    run_bench(dataclasses.replace(cfg, batch_size=3), methods, None, ByteTokenizer(), progress=False)
+
+
+def test_kept_runs_of_other_prompt_text_are_refused(tmp_path, prompt_file, methods, bomb):
+  """The same ids and categories with another text (a prompt edited in place) are other work."""
+  cfg = BenchConfig(prompts=prompt_file, methods=("bomb",), max_new_tokens=6, batch_size=2, out=str(tmp_path / "o"))
+  with pytest.raises(KeyboardInterrupt):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  bomb["armed"] = False
+  rows = [json.loads(l) for l in open(prompt_file)]
+  rows[0]["turns"] = ["another text for prompt 0"]
+  edited = write_prompts(tmp_path / "edited.jsonl", rows)
+  with pytest.raises(InputError, match=r"differs from this one \(the prompts \(their ids, categories or text\)\)"):
+    run_bench(dataclasses.replace(cfg, prompts=edited), methods, None, ByteTokenizer(), progress=False)
+
+
+def test_a_category_filter_naming_an_absent_category_is_refused(prompt_file):
+  """`--categories math,poetry` on a file without poetry is a typo to report, not a run of math alone."""
+  with pytest.raises(InputError, match="No prompts of the categories poetry in .*its categories are math, qa, rag"):
+    load_prompts(prompt_file, categories=["math", "poetry"])
+  assert [p.question_id for p in load_prompts(prompt_file, categories=["rag", "qa"])] == [0, 1, 5]
+
+
+def test_option_bounds_are_inclusive_and_values_may_hold_equals_signs():
+  """Whole-number options take 1..1024 (and gate/graft from 0), both ends included; a value is everything after the
+  first '=' (a folder may have one in its name)."""
+  for text in ("spec:gamma=1024", "spec:gamma=1", "lookup:gate=0", "bpd:gate=0", "opt-tree:lookup=1:graft=0",
+               "spec:stop=0", "opt-tree:threshold=0"):
+    parse_method(text)
+  for text in ("spec:gamma=1025", "spec:gamma=0", "jacobi:n=0", "opt-tree:graft=-1", "bpd:gate=-0.1"):
+    with pytest.raises(InputError, match="must be"):
+      parse_method(text)
+  assert parse_method("bpd:heads=/data/run=3/heads:k=2")[2] == {"heads": "/data/run=3/heads", "k": "2"}
+  # graft= says what to do with copies: without lookup= there are none, and the option would be dropped unsaid.
+  from jaxspec.bench.methods import with_lookup
+  with pytest.raises(InputError, match="graft= applies to copies: give lookup=M too"):
+    with_lookup(object(), parse_method("opt-tree:graft=0")[2])
+
+
+def test_methods_are_built_with_the_runs_settings(tmp_path, prompt_file, methods, monkeypatch):
+  """A method's build sees the run's sampling settings and seed, and the rows decoded together: no more than the
+  prompts (a budget or a gate measured at 16 rows would be priced for a batch the run never decodes)."""
+  import jaxspec.bench.runner as runner_mod
+
+  seen = []
+
+  def build(ctx, opts):
+    seen.append((ctx.temperature, ctx.top_k, ctx.top_p, ctx.seed, ctx.batch_size))
+    return loop_runner(ctx)
+
+  monkeypatch.setitem(runner_mod.METHODS, "probe", MethodSpec("probe", "test: records its context", True, build))
+  cfg = BenchConfig(prompts=prompt_file, methods=("probe",), max_new_tokens=3, batch_size=16, temperature=0.5,
+                    top_k=4, top_p=0.9, seed=7, out=str(tmp_path / "o"))
+  run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert seen == [(0.5, 4, 0.9, 7, 6)]
+
+
+def test_kept_runs_of_another_machine_are_refused(monkeypatch):
+  """Times and compiled programs belong to a backend and a device count: runs kept on others are other work."""
+  from jaxspec.bench import progress as saved
+
+  here = saved.fingerprint(BenchConfig(), [], [], ["greedy"])
+  n = here["device_count"]
+  monkeypatch.setattr(saved.jax, "device_count", lambda: n + 1)
+  monkeypatch.setattr(saved.jax, "default_backend", lambda: "tpu")
+  there = saved.fingerprint(BenchConfig(), [], [], ["greedy"])
+  assert saved.differences(there, here) == [f"backend: 'tpu' there, {here['backend']!r} here",
+                                            f"device_count: {n + 1} there, {n} here"]
+
+
+def test_a_reference_that_cannot_run_stops_the_run(tmp_path, prompt_file, methods, monkeypatch):
+  """Speedups and exactness are measured against greedy decoding: without it there is nothing to report."""
+  import jaxspec.bench.runner as runner_mod
+
+  def unavailable(ctx, opts):
+    raise Unavailable("no greedy here")
+
+  monkeypatch.setitem(runner_mod.METHODS, "greedy", MethodSpec("greedy", "test: cannot run", True, unavailable))
+  cfg = BenchConfig(prompts=prompt_file, methods=("oracle",), max_new_tokens=3, out=str(tmp_path / "o"))
+  with pytest.raises(InputError, match="The reference method cannot run: no greedy here"):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)

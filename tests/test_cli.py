@@ -294,3 +294,30 @@ def test_an_interrupt_swallowed_by_a_callback_is_delivered_again(monkeypatch):
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:  # the interrupt arrives from another thread a moment later
       pass
+
+
+def test_every_bench_flag_reaches_the_run(monkeypatch, tmp_path, capsys):
+  """Each flag of `jaxspec bench` sets its own BenchConfig field; methods named on the command line must all run,
+  while the default (every method) reports the ones that cannot run as unavailable."""
+  from jaxspec.bench import METHODS, BenchConfig
+
+  seen = []
+
+  def spy(cfg, **kwargs):
+    seen.append((cfg, kwargs))
+    return {"config": {"temperature": cfg.temperature}, "methods": {}}
+
+  monkeypatch.setattr("jaxspec.bench.run_bench", spy)
+  out = str(tmp_path / "o")
+  assert cli.main(["bench", "--prompts", "p.jsonl", "--methods", "greedy,lookup:n=4", "--limit", "3", "--categories",
+                   "qa,math", "--max-new-tokens", "17", "--batch-size", "5", "--temperature", "0.7", "--top-k", "9",
+                   "--top-p", "0.8", "--seed", "11", "--out", out, "--t5x-src", "/t5x", "--model", "m.gguf",
+                   "--quick", "--mesh", "data=2", "--fresh", "--dtype", "bfloat16", "--scan-layers", "--param-dtype",
+                   "float32", "--matmul-precision", "default"]) == 0
+  assert seen[-1] == (BenchConfig(
+      prompts="p.jsonl", methods=("greedy", "lookup:n=4"), limit=3, categories=("qa", "math"), max_new_tokens=17,
+      batch_size=5, temperature=0.7, top_k=9, top_p=0.8, seed=11, out=out, t5x_src="/t5x", model="m.gguf",
+      quick=True, mesh="data=2", fresh=True, dtype="bfloat16", scan_layers=True, param_dtype="float32",
+      matmul_precision="default"), {"require_all": True})
+  assert cli.main(["bench", "--out", out]) == 0
+  assert seen[-1] == (BenchConfig(methods=tuple(METHODS), out=out), {"require_all": False})

@@ -439,3 +439,27 @@ def test_forward_cost_times_every_size_alone_and_in_a_loop(tiny):
     cost = forward_cost(model, params, [4, 1, 4, 2], context=8, repeats=2, in_loop=in_loop)
     assert sorted(cost) == [1, 2, 4]
     assert all(0 < s < 10 for s in cost.values())
+
+
+def test_forward_cost_keeps_each_sizes_fastest_round_per_forward(tiny, monkeypatch):
+  """On a clock that says how long each probe took: a size's cost is its fastest round (not its last), and a looped
+  probe's time is divided by the forwards it ran."""
+  import types
+
+  from jaxspec.bench import cost as cost_mod
+
+  model, params = tiny
+  for in_loop in (0, 3):
+    took = iter([3.0, 5.0, 7.0, 2.0, 6.0, 4.0])  # round 1: sizes 1, 2, 4; round 2: the same
+    clock = {"now": 0.0, "calls": 0}
+
+    def perf_counter():
+      clock["calls"] += 1
+      if clock["calls"] % 2 == 0:  # the end of a probe
+        clock["now"] += next(took)
+      return clock["now"]
+
+    monkeypatch.setattr(cost_mod, "time", types.SimpleNamespace(perf_counter=perf_counter))
+    cost = cost_mod.forward_cost(model, params, [4, 1, 2], context=8, repeats=2, in_loop=in_loop)
+    per = max(in_loop, 1)
+    assert cost == pytest.approx({1: 2.0 / per, 2: 5.0 / per, 4: 4.0 / per}), in_loop

@@ -3,6 +3,8 @@ option reaches the drafter or acceptance rule that the decode loop runs, and the
 decoding's tokens. On a tiny LLaMA whose output depends on its context, with BPD heads and a draft model saved to a
 temporary folder the way `jaxspec train` writes them."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -336,3 +338,34 @@ def test_a_distilled_draft_runs_in_the_targets_dtypes(target, parts):
     assert (jnp.dtype(draft.cfg.dtype), jnp.dtype(draft.cfg.param_dtype)) == (dtype, param_dtype)
     assert {x.dtype for x in jax.tree.leaves(dp)} == {jnp.dtype(param_dtype)}
     assert dp["embed"]["embedding"] is cast["embed"]["embedding"]  # the target's own array, not a copy
+
+
+def test_the_defaults_the_method_help_states_are_the_ones_built(target, parts, monkeypatch):
+  """`jaxspec bench --list-methods` states each option's default: a method built without the option runs with it."""
+  from jaxspec.decoding.lookup import LookupDrafter
+
+  model, params = target
+  bpd, p = random_heads(target, 8)
+  save_bpd(parts / "heads8", bpd, p)
+  seen = []
+  monkeypatch.setattr(methods_mod, "generate", lambda *args, **kwargs: seen.append(kwargs))
+
+  def drafter(text):
+    _, name, opts = parse_method(text.format(p=parts))
+    METHODS[name].build(BenchContext(model, params, Tokenizer()), opts)(PROMPTS, 4, 0)
+    return name, seen[-1]["drafter"]
+
+  cases = [("lookup", {"n": "num_nodes", "ngram": "max_ngram", "gate": "gate"}),
+           ("jacobi", {"n": "window"}),
+           ("spec:draft={p}/draft", {"gamma": "gamma", "stop": "stop", "gate": "gate"}),
+           ("bpd:heads={p}/heads8:k=8", {"gate": "gate"}),
+           ("opt-tree:heads={p}/heads8", {"nodes": "nodes", "depth": "depth", "width": "width", "branch": "branch",
+                                          "threshold": "threshold", "gate": "gate"})]
+  for text, attributes in cases:
+    name, d = drafter(text)
+    for key, attribute in attributes.items():
+      default = re.search(r"default:? (\d+)", methods_mod.option_help(name, key)).group(1)
+      assert getattr(d, attribute) == int(default), (name, key)
+  assert type(drafter("lookup")[1]) is LookupDrafter  # no copies unless lookup= is given
+  name, d = drafter("bpd:heads={p}/heads:lookup=2")
+  assert "default 1" in methods_mod.option_help(name, "graft") and d.graft is True
