@@ -269,7 +269,8 @@ def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runne
       if eos and eos[0] in new:
         new = new[:new.index(eos[0]) + 1]
       tokens.append(new)
-      active.append(max(calls[0] - 1, 1))  # the first call is the prefill, which also yields the first token
+      active.append(max(calls[0] - 1, 0))  # the first call is the prefill, which also yields the first token (as in
+      # jaxspec's loop, a one-token output took no call after it)
     steps = [max(len(t) - 1, 0) for t in tokens]
     h = np.zeros((len(tokens), 2), np.int64)
     return GenerationResult(tokens=tokens, target_calls=max(active), drafter_calls=0, active_calls=active,
