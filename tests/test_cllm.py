@@ -328,6 +328,21 @@ def test_lora_files_round_trip(tiny, tmp_path):
     load_lora(tmp_path / "h")
 
 
+
+def test_a_saved_adapter_keeps_its_alpha(tiny, tmp_path):
+  """The merge scale alpha / r comes from the adapter's config.json: an alpha other than the 2 r the tests above
+  use is read back as saved, and the merged kernel is W + (alpha / r) A @ B."""
+  _, params = tiny
+  cfg = LoraConfig(rank=2, alpha=3.0, targets=("q",))
+  lora = jax.tree.map(lambda x: x + 0.1, init_lora(params, cfg, 0))
+  save_lora(tmp_path / "a", lora, cfg)
+  cfg2, lora2 = load_lora(tmp_path / "a")
+  assert (cfg2.rank, cfg2.alpha) == (2, 3.0)
+  q = lora2["layers_0"]["attn"]["q"]
+  want = np.asarray(params["layers_0"]["attn"]["q"]["kernel"]) + 1.5 * np.asarray(q["a"]) @ np.asarray(q["b"])
+  got = merge_lora(params, lora2, cfg2.alpha)["layers_0"]["attn"]["q"]["kernel"]
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
 def test_an_adapter_refuses_a_base_it_was_not_trained_on(tiny, tmp_path):
   """Merged into another base of the same shapes an adapter would run silently and give another model's output:
   the base's embedding fingerprint, saved with it, is checked (by `cllm:lora=` and benchmarks/cllm_quality.py)."""

@@ -207,6 +207,22 @@ def test_draft_files_round_trip(tiny, tmp_path):
   assert load_draft_vocab(tmp_path / "small") is None
 
 
+
+def test_a_draft_of_an_untied_target_takes_the_target_s_head(tmp_path):
+  """An untied target's output head is one of the vocabulary-sized matrices a draft shares: not in the folder, taken
+  from the target's params on load (the same values), so the draft scores with the target's head."""
+  model, params = make_tiny(seed=2, tie_embeddings=False)
+  draft, dp = init_draft(model, params, 1)
+  save_draft(tmp_path / "d", draft, dp, dtype="float32")
+  with safe_open(str(tmp_path / "d" / "model.safetensors"), framework="numpy") as f:
+    assert not any("embed" in name or "lm_head" in name for name in f.keys())
+  loaded, lp = load_draft(tmp_path / "d", params)
+  assert not loaded.cfg.tie_embeddings
+  np.testing.assert_array_equal(lp["lm_head"]["kernel"], params["lm_head"]["kernel"])
+  tokens = jnp.asarray([[1, 2, 3]])
+  args = (tokens, jnp.arange(3)[None], loaded.init_cache(1, 8), jnp.tril(jnp.ones((1, 3, 3), bool)))
+  np.testing.assert_allclose(loaded.forward(lp, *args)[0], draft.forward(dp, *args)[0], rtol=1e-5, atol=1e-5)
+
 def test_subset_head_scores_only_its_tokens(tiny):
   model, params = tiny
   ids = [0, 5, 17, 200, 255]

@@ -37,11 +37,21 @@ def gguf_writer(path, cfg) -> "gguf.GGUFWriter":
   return w
 
 
-def write_gguf(path, model, params, qtype):
-  """Writes params as llama.cpp would; returns the params as the file holds them (after quantization)."""
+def write_gguf(path, model, params, qtype, byte_tokenizer=False):
+  """Writes params as llama.cpp would; returns the params as the file holds them (after quantization).
+  `byte_tokenizer`: with a byte-level tokenizer of the 256 bytes (no merges), so `load_model` reads the file."""
   cfg = model.cfg
   held = jax.tree.map(np.asarray, params)
   w = gguf_writer(path, cfg)
+  if byte_tokenizer:
+    from jaxspec.loading.tokenizer import _bytes_to_unicode
+
+    alphabet = _bytes_to_unicode()
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list([alphabet[b] for b in range(256)])
+    w.add_token_types([1] * 256)
+    w.add_token_merges([])
 
   def add(name, arr, quantize=True):
     arr = np.ascontiguousarray(np.asarray(arr, np.float32))
@@ -194,3 +204,90 @@ def test_a_trained_part_is_not_loaded_as_a_model(folder, message):
   from jaxspec.bench.methods import ASSETS
   with pytest.raises(ModelLoadError, match=message):
     load_model(str(ASSETS / folder))
+
+
+def test_gguf_metadata_and_untied_head_reach_the_loaded_model(tmp_path):
+  """The GGUF header's RMSNorm epsilon, RoPE base, context length and head width (`key_length`, here not
+  d_model / n_heads) are the loaded config's, and an `output.weight` is an untied head: the tiny round trip above
+  writes the default epsilon and base and ties its head, so none of these was checked."""
+  model, params = make_tiny(seed=2, embed_scale=3.0, d_model=32, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=64,
+                            norm_eps=0.25, rope_theta=300.0, max_seq_len=96, tie_embeddings=False)
+  cfg = model.cfg
+  path = tmp_path / "untied.gguf"
+  w = gguf_writer(path, cfg)
+  w.add_key_length(cfg.head_dim)
+  w.add_value_length(cfg.head_dim)
+  w.add_rope_dimension_count(cfg.head_dim)
+  f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))
+  w.add_tensor("token_embd.weight", f32(params["embed"]["embedding"]))
+  w.add_tensor("output_norm.weight", f32(params["final_norm"]["scale"]))
+  w.add_tensor("output.weight", f32(np.asarray(params["lm_head"]["kernel"]).T))  # [V, D], as llama.cpp stores it
+  for i in range(cfg.n_layers):
+    p = params[f"layers_{i}"]
+    w.add_tensor(f"blk.{i}.attn_norm.weight", f32(p["attn_norm"]["scale"]))
+    w.add_tensor(f"blk.{i}.ffn_norm.weight", f32(p["mlp_norm"]["scale"]))
+    for key, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads)):
+      w.add_tensor(f"blk.{i}.attn_{key}.weight", f32(llama_cpp_permute(np.asarray(p["attn"][key]["kernel"]).T, heads)))
+    for gname, (mod, key) in (("attn_v", ("attn", "v")), ("attn_output", ("attn", "o")), ("ffn_gate", ("mlp", "gate")),
+                              ("ffn_up", ("mlp", "up")), ("ffn_down", ("mlp", "down"))):
+      w.add_tensor(f"blk.{i}.{gname}.weight", f32(np.asarray(p[mod][key]["kernel"]).T))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  loaded_model, loaded = load_gguf(str(path))
+  got = loaded_model.cfg
+  assert (got.norm_eps, got.rope_theta, got.max_seq_len, got.head_dim) == (0.25, 300.0, 96, 16)
+  assert not got.tie_embeddings
+  np.testing.assert_array_equal(loaded["lm_head"]["kernel"], params["lm_head"]["kernel"])
+  tokens = jnp.asarray([[1, 5, 9, 200, 17, 3]])
+  np.testing.assert_allclose(logits_of(loaded_model, loaded, tokens), logits_of(model, params, tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("scaling", ["linear", "yarn"])
+def test_gguf_rope_scaling_is_refused(tmp_path, scaling):
+  """A GGUF header asking for RoPE scaling (long-context variants) is refused: jaxspec implements plain RoPE, and
+  positions would be encoded wrongly. A header that says "none" loads."""
+  model, params = make_tiny(seed=1, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=64)
+  for kind in (scaling, "none"):
+    path = tmp_path / f"{kind}.gguf"
+    w = gguf_writer(path, model.cfg)
+    w.add_rope_scaling_type(gguf.RopeScalingType(kind))
+    w.add_rope_scaling_factor(4.0)
+    w.add_tensor("token_embd.weight", np.ascontiguousarray(np.asarray(params["embed"]["embedding"], np.float32)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    if kind == "none":
+      with pytest.raises(ModelLoadError, match="lacks tensors"):  # the scaling passes; the missing layers do not
+        load_gguf(str(path))
+    else:
+      with pytest.raises(ModelLoadError, match=f"RoPE scaling '{scaling}' is not supported"):
+        load_gguf(str(path))
+
+
+def test_dtype_options_reach_a_loaded_gguf_file(tmp_path):
+  """`load_model(dtype=, param_dtype=, scan_layers=)` on a GGUF file (the test above covers `load_hf` only): bfloat16
+  weights and activations, bfloat16 weights computed in float32 (the float32 model on the rounded weights), and
+  stacked layers (the per-layer model's logits)."""
+  model, params = make_tiny(seed=1, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=64, embed_scale=3.0)
+  path = tmp_path / "m.gguf"
+  held = write_gguf(path, model, params, Q.F32, byte_tokenizer=True)
+  tokens = jnp.asarray([[4, 8, 15, 16, 23, 42]])
+  want = logits_of(model, held, tokens)
+  bf_model, bf, tok = load_model(str(path), dtype="bfloat16")
+  assert tok.vocab_size == 256 and (bf_model.cfg.dtype, bf_model.cfg.param_dtype) == ("bfloat16", "bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(bf)} == {jnp.dtype(jnp.bfloat16)}
+  got, hidden, _ = bf_model.forward(bf, tokens, jnp.arange(6)[None], bf_model.init_cache(1, 6),
+                                    jnp.tril(jnp.ones((6, 6), bool)))
+  assert hidden.dtype == jnp.bfloat16 and got.dtype == jnp.float32
+  assert 0 < float(jnp.max(jnp.abs(got - want))) < 0.05 * float(jnp.max(jnp.abs(want)))
+  half_model, half, _ = load_model(str(path), param_dtype="bfloat16")
+  assert (half_model.cfg.dtype, half_model.cfg.param_dtype) == ("float32", "bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(half)} == {jnp.dtype(jnp.bfloat16)}
+  rounded = jax.tree.map(lambda x: jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32), held)
+  np.testing.assert_allclose(logits_of(half_model, half, tokens), logits_of(model, rounded, tokens), atol=1e-5)
+  scan_model, stacked, _ = load_model(str(path), scan_layers=True)
+  assert scan_model.cfg.scan_layers and "layers" in stacked and "layers_0" not in stacked
+  np.testing.assert_allclose(logits_of(scan_model, stacked, tokens), want, atol=1e-5)

@@ -86,6 +86,18 @@ def test_chat_prompt_keeps_one_bos(tmp_path):
   assert t5.encode("hello </s>", add_bos=None) == [3, 2]
 
 
+
+def test_add_bos_token_of_the_tokenizer_config_gives_plain_prompts_a_bos(tmp_path):
+  """A tokenizer_config.json with add_bos_token true and no post-processor (as older Llama 2 / Mistral folders): a
+  plain prompt gets one BOS in front, as transformers' `tokenizer(text)` gives it, and text holding the special
+  tokens already (a chat template's output) gets none added."""
+  folder = write_tokenizer(tmp_path, None, {"bos_token": "<s>", "eos_token": "</s>", "add_bos_token": True})
+  tok = Tokenizer.from_tokenizer_json(folder)
+  assert tok.add_bos_token
+  assert tok.encode("hello world", add_bos=None) == [1, 3, 4]
+  assert tok.encode("<s> hello", add_bos=None) == [1, 3]
+  assert tok.encode("hello world") == [3, 4]
+
 def test_default_model_prompts_are_unchanged():
   """The default model (GGUF, no post-processor, add_bos_token false): plain and chat prompts get no BOS, and the
   chat prompt is the transformers reference's ids."""
@@ -103,7 +115,8 @@ def test_default_model_prompts_are_unchanged():
     ({"generation_config": {"bos_token_id": 1, "eos_token_id": [2, 5]}}, 2, (2, 5), 1),
     ({"config": {"bos_token_id": 1, "eos_token_id": 2}}, 2, (2,), 1),
     ({"generation_config": {"eos_token_id": 5}, "config": {"eos_token_id": 2}}, 5, (5,), None),
-], ids=["generation_config-list", "config-int", "generation_config-first"])
+    ({"generation_config": {"bos_token_id": True, "eos_token_id": [99, True, 2, -1]}}, 2, (2,), None),
+], ids=["generation_config-list", "config-int", "generation_config-first", "not-ids-skipped"])
 def test_special_ids_fall_back_to_the_model_config(tmp_path, files, want_eos, want_all, want_bos):
   """Without tokenizer_config.json, BOS and EOS come from generation_config.json, else config.json (an id or a
   list), as transformers' generate takes them."""
@@ -116,6 +129,14 @@ def test_tokenizer_config_wins_over_the_model_config(tmp_path):
   tok = Tokenizer.from_tokenizer_json(folder)
   assert (tok.eos_id, tok.eos_ids) == (5, (5,))
 
+
+
+def test_chat_template_gets_the_special_tokens_by_name(tmp_path):
+  """A chat template reads bos_token, eos_token, pad_token and unk_token, each the text of its own token."""
+  template = "{{ bos_token }}|{{ eos_token }}|{{ pad_token }}|{{ unk_token }}"
+  folder = write_tokenizer(tmp_path, None, {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<|user|>",
+                                            "unk_token": "<unk>", "chat_template": template})
+  assert Tokenizer.from_tokenizer_json(folder).apply_chat_template([]) == "<s>|</s>|<|user|>|<unk>"
 
 def test_no_eos_anywhere_is_said(tmp_path, caplog):
   with caplog.at_level(logging.WARNING, logger="jaxspec.loading.tokenizer"):
@@ -471,6 +492,53 @@ def test_hf_round_trip_of_the_fixture_still_matches(tiny_hf):
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+
+def _logits(model, params, tokens):
+  t = tokens.shape[1]
+  return model.forward(params, tokens, jnp.arange(t)[None], model.init_cache(1, t), jnp.tril(jnp.ones((t, t), bool)))[0]
+
+
+def test_hf_config_values_reach_the_loaded_model(tmp_path):
+  """rms_norm_eps, rope_theta, head_dim (here not hidden_size / num_attention_heads), max_position_embeddings and an
+  untied head are read from config.json: the fixture above has the default epsilon and base, a tied head and
+  head_dim = hidden_size / heads, so a loader that dropped any of them would still pass there."""
+  model, params = make_tiny(seed=2, embed_scale=3.0, head_dim=16, norm_eps=0.25, rope_theta=300.0, max_seq_len=96,
+                            tie_embeddings=False)
+  save_hf(str(tmp_path), model, params)
+  loaded_model, loaded = load_hf(str(tmp_path))
+  assert loaded_model.cfg == model.cfg
+  tokens = jnp.asarray([[4, 8, 15, 16, 23, 42]])
+  np.testing.assert_allclose(_logits(loaded_model, loaded, tokens), _logits(model, params, tokens), atol=1e-5)
+
+
+def test_hf_head_follows_tie_word_embeddings(tmp_path):
+  """transformers' LLaMA config unties the head when tie_word_embeddings is absent (its default is false), and a
+  tied model's folder may still hold an lm_head.weight (a copy of the embedding), which the tied head ignores."""
+  model, params = make_tiny(seed=2, embed_scale=3.0, tie_embeddings=False)
+  save_hf(str(tmp_path / "untied"), model, params)
+  folder = copy_of(tmp_path / "untied", tmp_path, tie_word_embeddings=None)
+  loaded_model, loaded = load_hf(str(folder))
+  assert not loaded_model.cfg.tie_embeddings
+  np.testing.assert_array_equal(loaded["lm_head"]["kernel"], params["lm_head"]["kernel"])
+  tied_model, tied = make_tiny(seed=3)
+  save_hf(str(tmp_path / "tied"), tied_model, tied)
+  weights = load_file(str(tmp_path / "tied" / "model.safetensors"))
+  weights["lm_head.weight"] = weights["model.embed_tokens.weight"].copy()
+  save_file(weights, str(tmp_path / "tied" / "model.safetensors"))
+  loaded_model, loaded = load_hf(str(tmp_path / "tied"))
+  assert loaded_model.cfg.tie_embeddings and "lm_head" not in loaded
+
+
+def test_hf_config_without_num_key_value_heads_is_multi_head(tmp_path):
+  """Without num_key_value_heads every head has its own keys and values (transformers' default), not one shared pair."""
+  model, params = make_tiny(seed=2, embed_scale=3.0, n_heads=4, n_kv_heads=4)
+  save_hf(str(tmp_path / "mha"), model, params)
+  folder = copy_of(tmp_path / "mha", tmp_path, num_key_value_heads=None)
+  loaded_model, loaded = load_hf(str(folder))
+  assert loaded_model.cfg.n_kv_heads == 4
+  tokens = jnp.asarray([[4, 8, 15, 16]])
+  np.testing.assert_allclose(_logits(loaded_model, loaded, tokens), _logits(model, params, tokens), atol=1e-5)
+
 # --- jaxspec's own parts in the wrong place ---------------------------------------------------------------------------
 
 def test_a_part_of_another_kind_says_what_it_is_and_where_it_goes(tiny_hf):
@@ -505,6 +573,17 @@ def test_the_matmul_precision_reaches_the_loaded_model(tiny_hf, tmp_path):
   with pytest.raises(ModelLoadError, match="Unknown matmul precision 'fast': use one of highest, high, default"):
     load_model(str(tmp_path / "nothing here"), matmul_precision="fast")
 
+
+
+def test_dtype_options_of_load_model_reach_a_folder_model(tiny_hf):
+  """`load_model(dtype=, param_dtype=, scan_layers=)` hands each option to the folder loader (`load_hf`'s own
+  handling of them is tested in test_loading.py)."""
+  model, params, _ = load_model(str(tiny_hf), param_dtype="bfloat16")
+  assert (model.cfg.dtype, model.cfg.param_dtype) == ("float32", "bfloat16")
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+  model, params, _ = load_model(str(tiny_hf), dtype="bfloat16", scan_layers=True)
+  assert (model.cfg.dtype, model.cfg.param_dtype, model.cfg.scan_layers) == ("bfloat16", "bfloat16", True)
+  assert "layers" in params and {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 
 def test_untied_heads_give_float32_logits_of_bfloat16_products():
   """An untied output head in a bfloat16 model: float32 logits of the bfloat16 product, not bfloat16 values."""

@@ -233,3 +233,80 @@ def test_every_product_of_a_forward_runs_at_the_configured_precision(tiny, preci
 
   assert "matmul_precision" not in repr(model.cfg) and model.cfg != dataclasses.replace(model.cfg, matmul_precision="high")
   assert precision_key(model.cfg) == ({} if precision == "highest" else {"precision": precision})
+
+
+def test_rms_norm_uses_its_epsilon():
+  """RMSNorm is x / sqrt(mean(x^2) + eps) * scale with the config's eps (the default model's 1e-5 is too small for
+  its logits to tell whether eps is read at all)."""
+  from jaxspec.models.llama import RMSNorm
+
+  x = np.asarray(jax.random.normal(jax.random.key(0), (2, 3, 8)), np.float32) * 0.3
+  scale = np.linspace(0.5, 2.0, 8, dtype=np.float32)
+  for eps in (0.5, 1e-5):
+    got = RMSNorm(eps, jnp.float32).apply({"params": {"scale": jnp.asarray(scale)}}, jnp.asarray(x))
+    want = x / np.sqrt(np.mean(x.astype(np.float64) ** 2, axis=-1, keepdims=True) + eps) * scale
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_untied_output_table_is_the_head():
+  """`output_table` of an untied model is its head (rows of lm_head), which BPD heads, EAGLE drafts and subset heads
+  score with: logits = hidden @ table.T, and a subset head of the model scores its tokens as the model does."""
+  from jaxspec.models.subset import subset_head
+
+  model = LlamaLM(tiny_config(tie_embeddings=False))
+  params = model.init_params(jax.random.key(0))
+  table = model.output_table(params)
+  assert table.shape == (model.vocab_size, model.cfg.d_model)
+  np.testing.assert_array_equal(table, np.asarray(params["lm_head"]["kernel"]).T)
+  tokens = jnp.asarray([[1, 2, 3]])
+  args = (tokens, jnp.arange(3)[None], model.init_cache(1, 8), causal(3))
+  full, hidden, _ = model.forward(params, *args)
+  np.testing.assert_allclose(full, hidden @ table.T, rtol=1e-5, atol=1e-5)
+  ids = [0, 5, 17, 200]
+  sub, sub_params = subset_head(model, params, ids)
+  np.testing.assert_allclose(sub.forward(sub_params, *args)[0][..., ids], full[..., ids], rtol=1e-5, atol=1e-5)
+
+
+def test_per_row_cache_lengths_in_a_batch_past_the_unrolled_writes(tiny):
+  """Rows with different committed lengths each write their new keys at their own length and read only their own
+  slots, both with per-row writes (up to 32 rows) and with the batched write beyond: each row's chain logits, and a
+  probe token's after the chain is committed, equal its own sequence's full forward."""
+  model, params = tiny
+  fwd = jax.jit(model.forward)
+  for b in (3, 34):
+    tokens = jax.random.randint(jax.random.key(b), (b, 9), 0, model.vocab_size)
+    lengths = jnp.asarray([2 + i % 4 for i in range(b)], jnp.int32)
+    cache = model.init_cache(b, 16)
+    _, _, cache = fwd(params, tokens[:, :5], jnp.broadcast_to(jnp.arange(5), (b, 5)), cache, causal(5))
+    cache = cache.advance(lengths)  # row i keeps its first lengths[i] tokens
+    rows = np.arange(b)[:, None]
+    chain = tokens[rows, lengths[:, None] + jnp.arange(3)[None]]  # the next 3 tokens of each row
+    logits, _, cache = fwd(params, chain, lengths[:, None] + jnp.arange(3)[None], cache, causal(3))
+    cache = cache.advance(jnp.full((b,), 3, jnp.int32))
+    probe = jnp.full((b, 1), 7)
+    last = fwd(params, probe, lengths[:, None] + 3, cache, jnp.ones((1, 1), bool))[0]
+    # Each row's own sequence, tokens[:n + 3] then the probe, padded at the end (causal: the padding changes nothing).
+    seq = jnp.where(jnp.arange(9)[None] < lengths[:, None] + 3, tokens, 0)
+    seq = jnp.concatenate([seq, jnp.zeros((b, 1), seq.dtype)], axis=1).at[rows[:, 0], lengths + 3].set(7)
+    full = full_forward(model, params, seq)
+    idx = lengths[:, None] + jnp.arange(4)[None]
+    np.testing.assert_allclose(logits, full[rows, idx[:, :3]], atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(last[:, 0], full[rows[:, 0], idx[:, 3]], atol=1e-4, rtol=1e-4)
+
+
+def test_per_token_cache_masks_read_each_token_s_own_slots(tiny):
+  """With `cache_mask_BxTxS` (draft trees grown in the cache) each new token reads the cache slots of its own row
+  of the mask, for every query head of a key/value head group (tiny has 2 query heads per kv head): in one forward
+  each token's logits are those of a forward of that token alone with its row."""
+  model, params = tiny
+  assert model.cfg.n_heads > model.cfg.n_kv_heads
+  prefix = jax.random.randint(jax.random.key(6), (1, 6), 0, model.vocab_size)
+  cache = _prefilled(model, params, prefix, capacity=16)
+  tokens, pos = jnp.asarray([[7, 11, 13]]), jnp.full((1, 3), 6)
+  rows = [[1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 0], [0, 0, 0, 1, 1, 1]]
+  cache_mask = jnp.asarray([[r + [0] * 10 for r in rows]], bool)
+  got = model.forward(params, tokens, pos, cache, jnp.eye(3, dtype=bool), cache_mask_BxTxS=cache_mask)[0]
+  for t in range(3):
+    want = model.forward(params, tokens[:, t:t + 1], pos[:, t:t + 1], cache, jnp.ones((1, 1), bool),
+                         cache_mask_BxTxS=cache_mask[:, t:t + 1])[0]
+    np.testing.assert_allclose(got[0, t], want[0, 0], atol=1e-5, rtol=1e-5)

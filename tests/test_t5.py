@@ -62,6 +62,18 @@ def test_relative_buckets_follow_t5():
   assert bi[:2] == [0, 1] and bi[9] == 4 + 1 and bi[-1] == 7 and bi[8] == 3
 
 
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_output_table_gives_the_model_s_logits(tied):
+  """`output_table` (what BPD heads, subset heads and tree drafts score with) gives the model's own logits,
+  hidden @ table.T; a tied head includes the original T5's d_model^-1/2 scaling of the hidden state."""
+  model = T5LM(tiny_t5_config(tie_embeddings=tied))
+  params = model.init_params(jax.random.key(0))
+  hidden = jax.random.normal(jax.random.key(1), (1, 3, model.cfg.d_model))
+  table = model.output_table(params)
+  assert table.shape == (model.vocab_size, model.cfg.d_model)
+  np.testing.assert_allclose(model.logits(params, hidden), hidden @ table.T, rtol=1e-5, atol=1e-5)
+
 def test_cached_greedy_equals_full_recomputation(t5, greedy_ref):
   """The loop's cached decoder (encoder once, one token per step) against re-running the whole decoder on the
   growing output every step, for a ragged batch."""

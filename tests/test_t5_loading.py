@@ -159,6 +159,16 @@ def test_an_mt5_config_of_transformers_5_is_not_scaled(ref, tmp_path):
                              rtol=0)
 
 
+
+def test_the_decoder_start_token_is_read_from_the_config(tmp_path):
+  """decoder_start_token_id is the decoder's first input (0, the pad id, in every fixture here, so a loader that
+  left it at 0 would pass the tests above): another value reaches the config, which `start` hands the
+  decode loop as the decoder's prompt."""
+  path = copy_fixture("v11", tmp_path)
+  edit_config(path, decoder_start_token_id=5)
+  model, _ = load_hf(str(path))
+  assert model.cfg.decoder_start_id == 5
+
 @pytest.mark.parametrize("changes,match", [
     (dict(relative_attention_num_buckets=1), "relative_attention_num_buckets.*at least 4"),
     (dict(relative_attention_num_buckets=8, relative_attention_max_distance=4),

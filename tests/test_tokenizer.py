@@ -180,10 +180,11 @@ def _alphabet() -> list[str]:
   return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
 
 
-def _write_gguf(path, *, model="gpt2", pre="smollm", endian=gguf.GGUFEndian.LITTLE, template=None):
-  tokens = ["<s>", "</s>", "<think>"] + _alphabet() + ["he", "ll", "hell", "hello", "Ġw"]
-  types = [3, 3, 4] + [1] * 256 + [1] * 5
-  merges = ["h e", "l l", "he ll", "hell o", "Ġ w"]
+def _write_gguf(path, *, model="gpt2", pre="smollm", endian=gguf.GGUFEndian.LITTLE, template=None, add_bos=None,
+                eos_id=1, extra_tokens=(), extra_merges=()):
+  tokens = ["<s>", "</s>", "<think>"] + _alphabet() + ["he", "ll", "hell", "hello", "Ġw", *extra_tokens]
+  types = [3, 3, 4] + [1] * 256 + [1] * (5 + len(extra_tokens))
+  merges = ["h e", "l l", "he ll", "hell o", "Ġ w", *extra_merges]
   writer = gguf.GGUFWriter(str(path), "llama", endianess=endian)
   writer.add_uint32("llama.vocab_size", len(tokens))
   writer.add_float32("test.float", 0.5)
@@ -196,7 +197,9 @@ def _write_gguf(path, *, model="gpt2", pre="smollm", endian=gguf.GGUFEndian.LITT
   writer.add_token_types(types)
   writer.add_token_merges(merges)
   writer.add_bos_token_id(0)
-  writer.add_eos_token_id(1)
+  writer.add_eos_token_id(eos_id)
+  if add_bos is not None:
+    writer.add_add_bos_token(add_bos)
   if template is not None:
     writer.add_chat_template(template)
   writer.write_header_to_file()
@@ -227,6 +230,36 @@ def test_small_gguf(tmp_path, endian):
   assert tok.apply_chat_template([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]) == "<a><b></s>"
   assert tok.apply_chat_template([{"role": "user", "content": "a"}], add_generation_prompt=False) == "<a>"
 
+
+
+@pytest.mark.parametrize("add_bos", [True, False, None], ids=["bos", "no-bos", "unset"])
+def test_gguf_add_bos_token_decides_plain_prompts(tmp_path, add_bos):
+  """tokenizer.ggml.add_bos_token says whether the model expects BOS in front of a plain prompt (Llama 2 and Mistral
+  GGUFs set it): `encode(text, add_bos=None)` follows it, and text that already starts with BOS keeps one."""
+  tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "t.gguf", add_bos=add_bos))
+  assert tok.add_bos_token is bool(add_bos)
+  hello = tok.token_to_id("hello")
+  assert tok.encode("hello", add_bos=None) == ([0, hello] if add_bos else [hello])
+  assert tok.encode("<s>hello", add_bos=None) == [0, hello]
+  assert tok.encode("hello") == [hello]  # chat-template output: the text's own tokens only
+
+
+def test_gguf_special_ids_outside_the_vocabulary_are_none(tmp_path):
+  """A special id the vocabulary does not have (a converter's "unset" 2^32 - 1, say) is no id: None, not an id that
+  would never be generated or would index past the embedding."""
+  tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "t.gguf", eos_id=2**32 - 1))
+  assert (tok.bos_id, tok.eos_id, tok.eos_ids) == (0, None, ())
+  tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "u.gguf", eos_id=3 + 256 + 5))  # one past the last token
+  assert tok.eos_id is None
+
+
+def test_gguf_tokens_written_as_raw_text_are_respelled_in_the_byte_alphabet(tmp_path):
+  """Some converters write normal tokens as raw text (" wo") while the merges use the byte-level spelling ("Ġw o"):
+  such tokens are respelled, so the merges reach them and they keep their ids."""
+  tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "raw.gguf", extra_tokens=[" wo"], extra_merges=["Ġw o"]))
+  space_wo = 3 + 256 + 5
+  assert tok.encode(" wo") == [space_wo] and tok.encode("hello wo") == [tok.token_to_id("hello"), space_wo]
+  assert tok.decode([space_wo]) == " wo"
 
 @pytest.mark.parametrize("model,pre,match", [
     ("llama", "default", "tokenizer model 'llama' is not supported"),
