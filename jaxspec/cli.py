@@ -393,24 +393,29 @@ def main(argv: list[str] | None = None) -> int:
 _EXIT_AT_ONCE = False  # set by `main` when it was interrupted
 
 
-def _raise_terminated(signum, frame) -> None:
-  """SIGTERM's handler. Raised inside an import (JAX's takes a second), the exception left a half-initialized module
-  that failed later with a traceback: the signal is then delivered again a moment later, after the import."""
+def _raise_outside_imports(signum, frame) -> None:
+  """SIGTERM's and SIGINT's handler. Raised inside an import (JAX's and numpy's take a second), the exception left a
+  half-initialized module that failed later with a traceback, exit 1 (numpy turns an interrupt inside its import into
+  an ImportError): the signal is then delivered again a moment later, after the import."""
+  import signal
+  error = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
   f = frame
   while f is not None:
     if f.f_code.co_filename.startswith("<frozen importlib"):
       from jaxspec.errors import interrupt_again
-      interrupt_again(Terminated(), after_s=0.05)
+      interrupt_again(error, after_s=0.05)
       return
     f = f.f_back
-  raise Terminated
+  raise error
 
 
 def run() -> None:
   """The `jaxspec` program (`main` is the same without ending the process, for callers and tests)."""
   import signal
   if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # (one a caller set, or SIG_IGN, is left alone)
-    signal.signal(signal.SIGTERM, _raise_terminated)
+    signal.signal(signal.SIGTERM, _raise_outside_imports)
+  if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Python's own: KeyboardInterrupt at once
+    signal.signal(signal.SIGINT, _raise_outside_imports)
   code = main()
   if code in (130, 143) and _EXIT_AT_ONCE:
     _exit_now(code)
