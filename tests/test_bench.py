@@ -1245,7 +1245,9 @@ def test_option_bounds_are_inclusive_and_values_may_hold_equals_signs():
   # graft= says what to do with copies: without lookup= there are none, and the option would be dropped unsaid.
   from jaxspec.bench.methods import with_lookup
   with pytest.raises(InputError, match="graft= applies to copies: give lookup=M too"):
-    with_lookup(object(), parse_method("opt-tree:graft=0")[2])
+    with_lookup(object(), {"graft": "0"})
+  with pytest.raises(InputError, match="graft= in 'opt-tree:graft=0' applies to copies: give lookup=M too"):
+    parse_method("opt-tree:graft=0")  # when the string is read, before a model loads
 
 
 def test_methods_are_built_with_the_runs_settings(tmp_path, prompt_file, methods, monkeypatch):

@@ -935,6 +935,8 @@ def _check_combination(name: str, label: str, opts: dict) -> None:
         raise InputError(f"Method option {key}= in {label!r} is for drafter={' or drafter='.join(users)}; "
                          f"drafter={drafter}{' (the default)' if 'drafter' not in opts else ''} reads "
                          f"{' and '.join(k + '=' for k in reads)}: drop {key}=, or pick its drafter.")
+  if "graft" in opts and "lookup" not in opts:  # said when the method string is read, before any model loads
+    raise InputError(f"Method option graft= in {label!r} applies to copies: give lookup=M too.")
   if name == "bpd-neural" and "layers" in opts and "draft" in opts:
     raise InputError(f"{label!r} names two rescoring LMs: layers=N takes the target's first N layers, draft=PATH a "
                      "draft model. Give one of them.")
