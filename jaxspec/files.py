@@ -157,8 +157,7 @@ def save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike, metada
   save_file(dict(tensors), str(path), metadata=metadata)
   if metadata and len(metadata) > 1:
     with open(path, "r+b") as f:
-      size = int.from_bytes(f.read(8), "little")
-      header = f.read(size)
+      header = _header_bytes(f, path)
       found = json.loads(header).get("__metadata__") or {}
       # (unescaped non-ASCII, as the library writes it: else a key or value with one is never found, nor sorted)
       written = json.dumps(found, separators=(",", ":"), ensure_ascii=False).encode()
@@ -168,22 +167,33 @@ def save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike, metada
         f.write(header.replace(written, wanted))
 
 
+def _header_bytes(f, path) -> bytes:
+  """The JSON header of the safetensors file open as `f` (its first 8 bytes give the header's length)."""
+  size = int.from_bytes(f.read(8), "little")
+  if not 2 <= size <= 100_000_000:
+    raise ValueError(f"{path} has no safetensors header")
+  return f.read(size)
+
+
 def safetensors_metadata(path: str | os.PathLike) -> dict:
   """The `__metadata__` of a safetensors file's header ({} without one), read without its tensors."""
   with open(path, "rb") as f:
-    size = int.from_bytes(f.read(8), "little")
-    if not 2 <= size <= 100_000_000:
-      raise ValueError(f"{path} has no safetensors header")
-    header = json.loads(f.read(size))
+    header = json.loads(_header_bytes(f, path))
   metadata = header.get("__metadata__") if isinstance(header, dict) else None
   if not isinstance(header, dict) or not isinstance(metadata, (dict, type(None))):
     raise ValueError(f"{path} has a damaged safetensors header")
   return metadata or {}
 
 
-def check_export_tag(folder: str | os.PathLike, weights: list[str], config: str = "config.json",
-                     remedy: str = "rerun the command that wrote it (a finished training run writes its export "
-                                   "again), or copy the whole folder again") -> None:
+def recorded_tag(folder: str | os.PathLike, config: str = "config.json") -> str | None:
+  """The `EXPORT_TAG` the folder's config records (None: none, or no readable JSON object)."""
+  try:
+    return json.loads(Path(folder, config).read_text(encoding="utf-8")).get(EXPORT_TAG)
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
+def check_export_tag(folder: str | os.PathLike, weights: list[str], config: str = "config.json") -> None:
   """Raises `ModelLoadError` when the folder's `config` records an `EXPORT_TAG` that one of the safetensors files
   named in `weights` does not carry: the folder was being replaced when its writer stopped. A config without the tag
   (written before it existed, or by another program) is not checked, nor are files that cannot be read (the loader's
@@ -191,10 +201,7 @@ def check_export_tag(folder: str | os.PathLike, weights: list[str], config: str 
   transformers' `save_pretrained` of a model loaded from an export, which keeps the config's unknown keys, the tag
   among them, and writes `{"format": "pt"}` alone), and a kill never leaves such weights beside a tagged config, as
   exports rename their config last."""
-  try:
-    want = json.loads(Path(folder, config).read_text(encoding="utf-8")).get(EXPORT_TAG)
-  except (OSError, ValueError, AttributeError):
-    return
+  want = recorded_tag(folder, config)
   if want is None:
     return
   for name in weights:
@@ -206,7 +213,8 @@ def check_export_tag(folder: str | os.PathLike, weights: list[str], config: str 
       from jaxspec.errors import ModelLoadError
 
       raise ModelLoadError(f"{folder}: its config and {name} come from different exports (a run was stopped while "
-                           f"it replaced them, or files were copied from two folders): {remedy}.")
+                           "it replaced them, or files were copied from two folders): rerun the command that wrote it "
+                           "(a finished training run writes its export again), or copy the whole folder again.")
 
 
 def _set_mode(path: Path) -> None:

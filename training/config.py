@@ -263,6 +263,14 @@ def starting_point_key(cfg: Any) -> dict[str, Any]:
           if not any(k == a or (a.endswith(".") and k.startswith(a)) for a in NOT_IN_STARTING_POINT)}
 
 
+def has_step_folders(folder: Path) -> bool:
+  """Whether `folder` holds a checkpoint step folder (a run's checkpoints, not just its files)."""
+  try:
+    return any(p.is_dir() and p.name.isdigit() for p in folder.iterdir())
+  except OSError:  # missing, or not a folder
+    return False
+
+
 TARGET_FILE = "target.json"  # beside config.yaml: the fingerprint of the target the checkpoints were trained on
 
 
@@ -277,7 +285,7 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: 
       also picks the held-out prompts, or the data), naming each key; or with another target.
   """
   path = Path(checkpoint_dir) / "config.yaml"
-  has_steps = path.parent.is_dir() and any(p.is_dir() and p.name.isdigit() for p in path.parent.iterdir())
+  has_steps = has_step_folders(path.parent)
   if has_steps and path.is_file():
     try:
       raw = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -35,7 +35,7 @@ from jaxspec.errors import JaxspecError
 from jaxspec.signals import SignalGuard
 from training import curves
 from training.checkpoint import Checkpointer, CheckpointError
-from training.config import ConfigError
+from training.config import ConfigError, has_step_folders
 
 logger = logging.getLogger(__name__)
 
@@ -476,7 +476,7 @@ class Trainer:
     # Only beside checkpoints of this run: `record_run_config` has then checked the target and the settings, and the
     # run goes on from them. Without one the run starts afresh, perhaps on other weights at the same model.path or
     # other heads.init files, which the key does not see.
-    if path is not None and path.is_file() and _has_checkpoints(self.checkpoint_dir):
+    if path is not None and path.is_file() and has_step_folders(self.checkpoint_dir):
       try:
         record = json.loads(path.read_text(encoding="utf-8"))
         if record.get("key") == key:
@@ -588,14 +588,6 @@ def _batch_size(batch: Batch) -> int:
   """Rows of a batch: the leading dimension of its arrays (1 for a batch without arrays)."""
   leaves = [x for x in jax.tree.leaves(batch) if np.ndim(x) > 0]
   return int(np.shape(leaves[0])[0]) if leaves else 1
-
-
-def _has_checkpoints(folder: Path) -> bool:
-  """Whether `folder` holds a step folder (as `training.config.record_run_config` tells them)."""
-  try:
-    return any(p.is_dir() and p.name.isdigit() for p in folder.iterdir())
-  except OSError:
-    return False
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

@@ -132,10 +132,7 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
 
 def save_draft_vocab(folder: str | os.PathLike, vocab_ids) -> None:
   """Writes the token ids a subset head of the draft scores (`jaxspec.models.subset`) next to its weights."""
-  try:  # the list joins the export beside it: it carries that export's tag (files.check_export_tag)
-    tag = json.loads((Path(folder) / "config.json").read_text()).get(files.EXPORT_TAG)
-  except (OSError, ValueError, AttributeError):
-    tag = None
+  tag = files.recorded_tag(folder)  # the list joins the export beside it: it carries that export's tag
   ids = _vocab_ids(vocab_ids)
   files.write_file(Path(folder) / VOCAB_FILE, lambda tmp: files.save_safetensors(
       {"vocab_ids": ids}, tmp, None if tag is None else {files.EXPORT_TAG: tag}))
