@@ -860,12 +860,21 @@ def test_device_memory_is_reported_where_the_devices_report_it(monkeypatch, tmp_
 
 
 def test_one_method_written_two_ways_is_refused_and_a_failed_run_leaves_no_empty_folder(tmp_path, prompt_file, tiny):
+  from jaxspec.bench.methods import DEFAULT_EAGLE
+
   out = tmp_path / "new" / "out"
+  eagle = os.path.relpath(DEFAULT_EAGLE)  # the shipped draft, from wherever the tests run
   for methods, msg in [(("greedy", "lookup:n=8:gate=2", "lookup:gate=02:n=8"),
                         "'lookup:gate=02:n=8' and 'lookup:n=8:gate=2' are the same method"),
                        (("bpd:gate=0.80", "bpd:gate=0.8"), "'bpd:gate=0.8' and 'bpd:gate=0.80' are the same"),
                        (("spec:draft=out/d/", "spec:draft=./out/d"), "'spec:draft=./out/d' and 'spec:draft=out/d/'"),
-                       (("greedy", "greedy"), "'greedy' is listed twice")]:
+                       (("greedy", "greedy"), "'greedy' is listed twice"),
+                       # an option given at its stated default is the method without it (they ran twice)
+                       (("spec", "spec:gamma=4"), "'spec:gamma=4' and 'spec' are the same"),
+                       (("opt-tree:shape=chain", "opt-tree:shape=chain:nodes=16:drafter=heads"), "are the same"),
+                       (("opt-tree:lookup=2:graft=1", "opt-tree:lookup=2"),
+                        "'opt-tree:lookup=2' and 'opt-tree:lookup=2:graft=1'"),
+                       ((f"eagle:draft={eagle}", "eagle"), "'eagle' and 'eagle:draft=")]:
     cfg = BenchConfig(prompts=prompt_file, methods=methods, max_new_tokens=4, out=str(out))
     with pytest.raises(InputError, match=msg):
       run_bench(cfg, None, None, ByteTokenizer(), progress=False)  # model=None: refused before it would load

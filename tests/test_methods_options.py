@@ -314,7 +314,8 @@ def test_sampling_runs_calibrate_trees_at_their_temperature_and_refuse_argmax_ru
   # nodes=auto's calibration tree samples with the run's warp too (its E[A] picks the budget).
   import jaxspec.decoding.generate as gen_mod
   calibrations = spy_generate(monkeypatch, gen_mod)
-  monkeypatch.setattr("jaxspec.bench.cost.forward_cost", lambda model, params, sizes, **kw: {n: float(n) for n in sizes})
+  monkeypatch.setattr("jaxspec.bench.cost.forward_cost",
+                      lambda model, params, sizes, **kw: {n: float(n) for n in sizes})
   sampled = BenchContext(model, params, ByteTokenizer(), temperature=0.7, top_k=5, top_p=0.9)
   methods_mod.build(sampled, "opt-tree", {"heads": str(parts / "heads"), "nodes": "auto"})
   (kw,) = calibrations
@@ -369,3 +370,28 @@ def test_the_defaults_the_method_help_states_are_the_ones_built(target, parts, m
   assert type(drafter("lookup")[1]) is LookupDrafter  # no copies unless lookup= is given
   name, d = drafter("bpd:heads={p}/heads:lookup=2")
   assert "default 1" in methods_mod.option_help(name, "graft") and d.graft is True
+
+
+def test_the_defaults_two_labels_are_compared_with_are_the_stated_ones():
+  """`same_method_key` fills in `_FIXED_DEFAULTS` (so `spec` and `spec:gamma=4` are one run): each entry is the
+  default `--list-methods` states, which the test above checks against what a build runs."""
+  from pathlib import Path
+
+  fixed = [(name, key, value) for name, opts in methods_mod._FIXED_DEFAULTS.items() for key, value in opts.items()]
+  fixed += [("opt-tree", key, value) for opts in methods_mod._TREE_DRAFTER_DEFAULTS.values()
+            for key, value in opts.items()]
+  assert len(fixed) > 30
+  for name, key, value in fixed:
+    assert key in METHODS[name].options, (name, key)
+    shown = f"jaxspec/assets/{Path(value).name}" if isinstance(value, Path) else value
+    assert isinstance(value, Path) == (key in methods_mod._PATH_OPTIONS), (name, key)
+    stated = methods_mod.option_help(name, key)
+    assert re.search(rf"(default:? {re.escape(shown)}\b|\b{re.escape(shown)} \(default\b)", stated), (name, key, stated)
+  # a default stated for every option these methods have, where the default does not depend on a folder or model
+  key = methods_mod.same_method_key
+  assert key("lookup", {}) == key("lookup", {"n": "8", "ngram": "03", "gate": "0"})
+  assert key("lookup", {}) != key("lookup", {"n": "9"})
+  assert key("opt-tree", {"drafter": "draft"}) == key("opt-tree", {"drafter": "draft", "vocab": "auto"})
+  assert key("opt-tree", {"drafter": "draft"}) != key("opt-tree", {"drafter": "draft", "vocab": "full"})
+  assert key("opt-tree", {"lookup": "2"}) != key("opt-tree", {"lookup": "2", "graft": "0"})
+  assert key("bpd", {}) != key("bpd", {"k": "4"})  # k's default is the number of heads the folder holds

@@ -942,14 +942,52 @@ def _check_combination(name: str, label: str, opts: dict) -> None:
                      "draft model. Give one of them.")
 
 
+# Option defaults that depend on nothing but the method (and, for opt-tree, its drafter): `same_method_key` fills them
+# in, so that `spec` and `spec:gamma=4` are one run. Defaults read from a folder (bpd's k: the heads it holds; a
+# rescorer's tuned values) or from the model (layerskip's layers) are not here: labels differing there may be one
+# run, and are run twice. tests/test_methods_options.py checks each entry against what a build without it runs.
+_FIXED_DEFAULTS: dict = {
+    "bpd": {"heads": DEFAULT_BPD_HEADS, "gate": "0"},
+    "bpd-ngram": {"rescore": DEFAULT_RESCORE},
+    "bpd-neural": {"rescore": DEFAULT_RESCORE},
+    "bpd-oracle": {"heads": DEFAULT_BPD_HEADS, "k": "4", "t": "16"},
+    "spec": {"draft": DEFAULT_DRAFT, "gamma": "4", "stop": "0", "gate": "0", "vocab": "auto"},
+    "eagle": {"draft": DEFAULT_EAGLE, "gamma": "4", "gate": "0"},
+    "lookup": {"n": "8", "ngram": "3", "gate": "0"},
+    "layerskip": {"gamma": "4", "stop": "0", "gate": "0"},
+    "jacobi": {"n": "8"},
+    "cllm": {"n": "16"},
+    "opt-tree": {"drafter": "heads", "nodes": "16", "width": "4", "branch": "4", "threshold": "0",
+                 "shape": "dynamic", "gate": "0"},
+    "hf-lookup": {"n": "10"},
+}
+_TREE_DRAFTER_DEFAULTS = {"heads": {"heads": DEFAULT_BPD_HEADS}, "eagle": {"draft": DEFAULT_EAGLE},
+                          "draft": {"draft": DEFAULT_DRAFT, "vocab": "auto"}}
+_PATH_OPTIONS = ("heads", "rescore", "draft", "lora")
+
+
+def with_fixed_defaults(name: str, opts: dict) -> dict:
+  """`opts` with the defaults of `_FIXED_DEFAULTS` that apply filled in, as strings."""
+  full = {k: str(v) for k, v in _FIXED_DEFAULTS.get(name, {}).items()}
+  if name == "opt-tree":
+    full.update({k: str(v) for k, v in _TREE_DRAFTER_DEFAULTS.get(opts.get("drafter", "heads"), {}).items()})
+  if "lookup" in opts and "graft" in METHODS[name].options:
+    full["graft"] = "1"
+  return {**full, **opts}
+
+
 def same_method_key(name: str, opts: dict) -> tuple:
   """What makes two method labels the same run: the name and the options, in any order, numbers by value
-  (`lookup:n=08:gate=2` is `lookup:gate=2:n=8`), paths by their normal form (`heads=./a` is `heads=a`)."""
+  (`lookup:n=08:gate=2` is `lookup:gate=2:n=8`), paths by where they lead from here (`heads=./a` is `heads=a`), an
+  option left out equal to its stated default where that does not depend on the model or a folder (`spec` is
+  `spec:gamma=4`)."""
   import os
 
   def value(key, text):
     kind = _NUMERIC_OPTIONS.get((name, key), _NUMERIC_OPTIONS.get(key, (None,)))[0]
+    if key in _PATH_OPTIONS:
+      return os.path.abspath(text)
     if kind is None or text == "auto":
-      return os.path.normpath(text)  # a path, or a choice (which normpath leaves as it is)
+      return text  # a choice
     return int(text) if kind.startswith("int") else float(text)
-  return name, tuple(sorted((k, value(k, v)) for k, v in opts.items()))
+  return name, tuple(sorted((k, value(k, v)) for k, v in with_fixed_defaults(name, opts).items()))
