@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from jaxspec.errors import InputError, JaxspecError, Terminated
+from jaxspec.errors import InputError, JaxspecError, OutOfMemory, Terminated
 
 
 def _whole_number(ok, rule: str):
@@ -379,6 +379,8 @@ def main(argv: list[str] | None = None) -> int:
       initialize_distributed()
     return args.func(args)
   except JaxspecError as e:
+    if isinstance(e, OutOfMemory) and getattr(args, "command", None) in _MEMORY_ADVICE:
+      e = e.with_advice(_MEMORY_ADVICE[args.command])  # the command's flags, not the library's parameters
     print(f"jaxspec: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt as e:
@@ -391,6 +393,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _EXIT_AT_ONCE = False  # set by `main` when it was interrupted
+
+# What to make smaller when a decode does not fit the devices' memory, in each command's flags.
+_MEMORY_ADVICE = {
+    "generate": "shorten the prompt (an encoder-decoder's encoder input grows its memory with its square), lower "
+                "--max-new-tokens or a method's draft size, run in --dtype bfloat16, or shard over more devices "
+                "(--mesh).",
+    "bench": "lower --batch-size or --max-new-tokens (or a method's draft size), pass shorter prompts (--prompts), "
+             "run in --dtype bfloat16, or shard over more devices (--mesh).",
+}
 
 
 def _raise_outside_imports(signum, frame) -> None:

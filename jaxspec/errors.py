@@ -20,6 +20,18 @@ class InputError(JaxspecError):
   """A request that cannot run as given: an empty prompt, a prompt longer than the cache, a bad setting."""
 
 
+class OutOfMemory(InputError):
+  """A request whose program needs more memory than its devices have free (`jaxspec.memory`). `what` says how much
+  was needed and found; `advice` what to make smaller, in the words of the caller (the CLI names its flags)."""
+
+  def __init__(self, what: str, advice: str):
+    super().__init__(f"{what}: {advice}")
+    self.what, self.advice = what, advice
+
+  def with_advice(self, advice: str) -> "OutOfMemory":
+    return OutOfMemory(self.what, advice)
+
+
 def filter_unraisable(name: str, consume: Callable[[Any], bool]) -> None:
   """Puts `consume` in front of `sys.unraisablehook`, once per `name` however often it is called: each report goes to
   `consume` first, and those it does not take (it returns False) to the hooks that were there before."""

@@ -12,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec import sharding
+from jaxspec import memory, sharding
 from jaxspec.decoding.accept import GreedyAcceptance, SampleAcceptance
 from jaxspec.decoding.loop import DecodeOutput, NoDraft, cache_buckets, decode_jit
 from jaxspec.decoding.protocol import check_draft_params, decoder_prompt_len as cache_prompt_slots
 from jaxspec.decoding.sampling import SamplingParams, Warp, seed_key
-from jaxspec.errors import InputError
+from jaxspec.errors import InputError, OutOfMemory
 
 MIN_PROMPT_BUCKET = 16
 CAPACITY_ROUND = 128  # keep the cache close to what the request needs
@@ -351,8 +351,16 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     raise InputError(f"The params do not fit the model they were passed with{wrapped}: {str(e).splitlines()[0]} Pass "
                      "the params loaded with this model (load_model), and draft params built for this drafter's "
                      "model.") from e
+  memory.check_fits(program, {d for x in jax.tree.leaves(args) if isinstance(x, jax.Array) for d in x.devices()},
+                    MEMORY_ADVICE)
   t0 = time.perf_counter()
-  out: DecodeOutput = program(*args)
+  try:
+    out: DecodeOutput = program(*args)
+  except jax.errors.JaxRuntimeError as e:
+    if not memory.is_out_of_memory(e):
+      raise
+    raise OutOfMemory(f"The devices ran out of memory while decoding ({str(e).splitlines()[0][:200]})",
+                      MEMORY_ADVICE) from e
   toks, lens, st, dst = sharding.fetch((out.tokens_BxO, out.lengths_B, out.stats, out.drafter_stats))
   run_s = time.perf_counter() - t0
   return GenerationResult(
@@ -361,6 +369,11 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
       drafter_calls=int(st.drafter_calls), active_calls=st.active_calls_B.tolist(),
       step_tokens=st.step_tokens_B.tolist(), accept_hist=np.asarray(st.accept_hist_BxA), compile_s=compile_s,
       run_s=run_s, program_bytes=program_bytes, drafter_stats={k: np.asarray(v) for k, v in dst.items()})
+
+
+MEMORY_ADVICE = ("decode shorter prompts (an encoder-decoder's encoder input grows its memory with its square), fewer "
+                 "prompts at once, fewer new tokens (max_new_tokens, max_len) or draft tokens, in bfloat16 (dtype), "
+                 "or sharded over more devices (mesh).")
 
 
 def decode_arg_shardings(part: sharding.Partitioner, args: tuple) -> tuple:

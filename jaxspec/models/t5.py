@@ -45,7 +45,7 @@ class T5Config:
 
   `max_seq_len` bounds the decoder's tokens (the start token + output) in the loop's checks; the decoder's cache is
   sized from the request, and the encoder input is bounded by nothing but memory (relative positions have no
-  limit).
+  limit; `jaxspec.memory` checks that a decode fits before it runs).
   """
 
   vocab_size: int

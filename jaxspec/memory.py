@@ -1,0 +1,91 @@
+"""Whether a compiled program fits the memory left on its devices, checked before it runs.
+
+XLA says what a compiled program needs (`memory_analysis`: its outputs and temporaries; its arguments are already
+held). A request that cannot fit — a T5 encoder input of 30k tokens, whose attention scores grow with its square, or a
+batch whose cache outgrows the device — is refused with the sizes and what to change, instead of an XLA
+`RESOURCE_EXHAUSTED` traceback on a GPU or TPU, or the kernel killing the process on a CPU host.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable
+
+import jax
+import numpy as np
+
+from jaxspec.errors import OutOfMemory
+
+_CGROUP = Path("/sys/fs/cgroup")
+
+
+def new_bytes(program) -> int:
+  """Bytes running a compiled program adds on each of its devices: outputs and temporaries not aliased to its
+  arguments (0 where the backend does not say)."""
+  try:
+    m = program.memory_analysis()
+    return max(int(m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes), 0)
+  except Exception:  # noqa: BLE001 - not every backend reports memory
+    return 0
+
+
+def host_available_bytes() -> int:
+  """Memory this process can still take on the host: the kernel's estimate of available memory, within the room left
+  under the cgroup's limit where one is set (a container's limit is not in /proc/meminfo)."""
+  import psutil
+
+  room = int(psutil.virtual_memory().available)
+  try:
+    limit = (_CGROUP / "memory.max").read_text().strip()
+    if limit != "max":
+      room = min(room, int(limit) - int((_CGROUP / "memory.current").read_text()))
+  except (OSError, ValueError):
+    pass  # no cgroup v2 limit to read
+  return max(room, 0)
+
+
+def free_bytes(devices: Iterable[Any]) -> int | None:
+  """The least memory free on any of this process's `devices` for a program that takes the same amount on each: a
+  GPU's or TPU's limit less what is in use; CPU devices share the host's memory, so it is split among them. None
+  where a device does not say."""
+  devices = [d for d in devices if d.process_index == jax.process_index()]
+  if not devices:
+    return None
+  if all(d.platform == "cpu" for d in devices):
+    return host_available_bytes() // len(devices)
+  room = []
+  for d in devices:
+    stats = d.memory_stats() if hasattr(d, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+      return None
+    room.append(int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+  return min(room)
+
+
+def check_fits(program, devices: Iterable[Any], advice: str) -> None:
+  """Raises OutOfMemory (an InputError) when `program` needs more than its devices have free; `advice` says what to make smaller. In
+  a multi-host run every process must call it: the shortest process decides for all (one of them refusing alone
+  would leave the others waiting in the program)."""
+  devices = list(devices)
+  need, room = new_bytes(program), free_bytes(devices)
+  mib = np.array([need >> 20, -1 if room is None else room >> 20], np.int64)
+  if jax.process_count() > 1:
+    from jaxspec import sharding
+
+    each = sharding.each_process(np.minimum(mib, np.iinfo(np.int32).max).astype(np.int32))
+    known = each[each[:, 1] >= 0]
+    if not len(known):
+      return
+    mib = known[np.argmin(known[:, 1] - known[:, 0])]
+  need_mib, room_mib = int(mib[0]), int(mib[1])
+  if room_mib < 0 or need_mib <= room_mib:
+    return
+  where = "the host" if all(d.platform == "cpu" for d in devices) else "a device"
+  raise OutOfMemory(f"This request needs about {need_mib / 1024:.1f} GiB more memory per device to decode, and "
+                    f"{where} has {room_mib / 1024:.1f} GiB free", advice)
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+  """Whether an error from running a program is XLA running out of memory (the check above could not see it
+  coming: other programs took the memory meanwhile, or the allocator's pieces were too small)."""
+  return isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error)

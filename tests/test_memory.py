@@ -1,0 +1,112 @@
+"""A decode that cannot fit the memory left is refused before it runs (`jaxspec.memory`), with the sizes and what to
+make smaller; an XLA out-of-memory error while it runs becomes the same kind of error."""
+
+import types
+
+import jax
+import numpy as np
+import pytest
+
+from jaxspec import cli, memory, sharding
+from jaxspec.bench.methods import ASSETS
+from jaxspec.decoding import generate as gen_mod
+from jaxspec.decoding.generate import generate
+from jaxspec.errors import InputError, OutOfMemory
+
+
+@pytest.fixture(scope="module")
+def t5():
+  """The shipped T5 numbers model: 4 heads, no limit on its encoder input (relative positions)."""
+  from jaxspec.loading import load_model
+  return load_model(str(ASSETS / "t5_numbers"))
+
+
+def test_an_encoder_input_too_long_for_the_host_is_refused_before_it_runs(t5, monkeypatch):
+  model, params, _ = t5
+  seen = []
+  real = memory.new_bytes
+  monkeypatch.setattr(memory, "new_bytes", lambda program: seen.append(real(program)) or seen[-1])
+  generate(model, params, [[5] * 100], max_new_tokens=2)
+  short = seen[-1]
+  # 2100 tokens pad to 4096: one layer's attention scores alone are 4 heads x 4096^2 float32 = 256 MiB.
+  monkeypatch.setattr(memory, "host_available_bytes", lambda: 200 << 20)
+  with pytest.raises(OutOfMemory, match=r"needs about \d+\.\d GiB more memory per device to decode, and the host has "
+                                        r"0\.2 GiB free: decode shorter prompts \(an encoder-decoder's encoder input"):
+    generate(model, params, [[5] * 2100], max_new_tokens=2)
+  assert seen[-1] >= model.cfg.n_heads * 4096 ** 2 * 4 > 200 << 20 > short  # XLA's count holds the scores
+  monkeypatch.setattr(memory, "host_available_bytes", lambda: seen[-1] + (1 << 20))  # room for it: it runs
+  assert len(generate(model, params, [[5] * 2100], max_new_tokens=2).tokens[0]) == 2
+
+
+def test_the_cli_names_its_own_flags(t5, monkeypatch, capsys):
+  monkeypatch.setattr(memory, "host_available_bytes", lambda: 100 << 20)
+  argv = ["--model", str(ASSETS / "t5_numbers"), "--max-new-tokens", "2"]
+  assert cli.main(["generate", "--prompt", " ".join(["twelve"] * 2100)] + argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jaxspec: error: This request needs about") and err.count("\n") == 1, err
+  assert "lower --max-new-tokens" in err and "--dtype bfloat16" in err and "(--mesh)" in err, err
+  assert "max_new_tokens" not in err  # the library's parameter names are for Python callers
+
+
+def test_free_memory_of_accelerators_and_of_the_host(tmp_path, monkeypatch):
+  def device(platform, stats, process=0):
+    return types.SimpleNamespace(platform=platform, process_index=process, memory_stats=lambda: stats)
+
+  gpus = [device("gpu", {"bytes_limit": 10 << 30, "bytes_in_use": 4 << 30}),
+          device("gpu", {"bytes_limit": 10 << 30, "bytes_in_use": 7 << 30}),
+          device("gpu", {"bytes_limit": 1 << 30}, process=1)]  # another host's: not this process's to count
+  assert memory.free_bytes(gpus) == 3 << 30  # the fullest device decides
+  assert memory.free_bytes(gpus + [device("gpu", None)]) is None  # a device that does not say: no check
+  assert memory.free_bytes(gpus[2:]) is None
+  # CPU devices share the host's memory, and a cgroup's limit is the host's for this process.
+  monkeypatch.setattr(memory, "_CGROUP", tmp_path)
+  (tmp_path / "memory.max").write_text("max\n")
+  free = memory.host_available_bytes()
+  assert 0 < free <= __import__("psutil").virtual_memory().total
+  (tmp_path / "memory.max").write_text(f"{3 << 20}\n")
+  (tmp_path / "memory.current").write_text(f"{1 << 20}\n")
+  assert memory.host_available_bytes() == 2 << 20
+  cpus = [device("cpu", None), device("cpu", None)]
+  assert memory.free_bytes(cpus) == 1 << 20
+
+
+def test_every_process_of_a_multi_host_run_refuses_with_the_shortest_one(monkeypatch):
+  """One process refusing alone would leave the others waiting in the collective program."""
+  program = types.SimpleNamespace(memory_analysis=lambda: types.SimpleNamespace(
+      output_size_in_bytes=1 << 30, temp_size_in_bytes=1 << 30, alias_size_in_bytes=0))
+  gpu = types.SimpleNamespace(platform="gpu", process_index=0,
+                              memory_stats=lambda: {"bytes_limit": 8 << 30, "bytes_in_use": 0})
+  memory.check_fits(program, [gpu], "advice")  # 2 GiB of 8 GiB: fits here
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  for case, room in {"roomy": 8 << 10, "short": 1 << 10}.items():  # MiB free on the other process
+    def each_process(value, room=room):
+      assert value.tolist() == [2 << 10, 8 << 10]  # this process's need and room, in MiB
+      return np.array([value, [2 << 10, room]])
+    monkeypatch.setattr(sharding, "each_process", each_process)
+    if case == "short":
+      with pytest.raises(OutOfMemory, match="needs about 2.0 GiB .* a device has 1.0 GiB free: advice"):
+        memory.check_fits(program, [gpu], "advice")
+    else:
+      memory.check_fits(program, [gpu], "advice")
+  monkeypatch.setattr(sharding, "each_process", lambda value: np.array([[2 << 10, -1], [2 << 10, -1]]))
+  memory.check_fits(program, [gpu], "advice")  # no process can say: no check
+
+
+def test_xla_running_out_of_memory_while_decoding_says_what_to_do(tiny, monkeypatch):
+  model, params = tiny
+
+  def program_raising(error):
+    def program(*args):
+      raise error
+    return lambda args, static: (program, 0.0, 0)
+
+  oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.")
+  monkeypatch.setattr(gen_mod, "compiled_program", program_raising(oom))
+  with pytest.raises(OutOfMemory, match=r"ran out of memory while decoding \(RESOURCE_EXHAUSTED: Out of memory while "
+                                        r"trying to allocate 123 bytes\.\): decode shorter prompts") as e:
+    generate(model, params, [[1, 2, 3]], max_new_tokens=2)
+  assert isinstance(e.value, InputError) and e.value.__cause__ is oom
+  other = jax.errors.JaxRuntimeError("INTERNAL: something else")
+  monkeypatch.setattr(gen_mod, "compiled_program", program_raising(other))
+  with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # a bug stays a bug, with its traceback
+    generate(model, params, [[1, 2, 3]], max_new_tokens=2)
