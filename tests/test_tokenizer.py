@@ -308,3 +308,27 @@ def test_chat_template_environment(tmp_path):
 def test_backend_is_a_tokenizers_tokenizer(tok):
   assert isinstance(tok.backend, tokenizers.Tokenizer)
   assert "vocab_size=49152" in repr(tok)
+
+
+def test_a_gguf_token_listed_twice_encodes_to_its_last_id_and_both_ids_decode(tmp_path):
+  """llama.cpp keeps a GGUF vocabulary's last id for a repeated token's text and decodes every id to its own text:
+  the first id decoded to nothing here (tokenizer.json's vocabulary holds a token once), and text encoded to it."""
+  tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "dup.gguf", extra_tokens=["hello", "ll"]))
+  first, last = 3 + 256 + 3, 3 + 256 + 5  # "hello" after the base list's "he", "ll", "hell", and at the end
+  first_ll, last_ll = 3 + 256 + 1, 3 + 256 + 6
+  assert tok.vocab_size == 3 + 256 + 7  # every id counts
+  assert tok.encode("hello") == [last] and tok.token_to_id("hello") == last
+  assert tok.encode("ll") == [last_ll]
+  assert tok.decode([first, last]) == "hellohello" and tok.decode([first_ll]) == "ll"
+  assert tok.id_to_token(first) == tok.id_to_token(last) == "hello"
+  for s in ["hello world", "ll hell"]:
+    assert tok.decode(tok.encode(s)) == s
+  # tokenizer.json cannot list a token twice: the saved tokenizer keeps the aliases beside it.
+  tok.save(tmp_path / "saved")
+  again = Tokenizer.from_tokenizer_json(tmp_path / "saved")
+  assert again.vocab_size == tok.vocab_size and again.decode([first, first_ll]) == "helloll"
+  assert again.encode("hello ll") == tok.encode("hello ll")
+  config = tmp_path / "saved" / "tokenizer_config.json"
+  config.write_text(config.read_text().replace('"262": 264', '"262": "x"'))
+  with pytest.raises(ModelLoadError, match="jaxspec_token_aliases is not a map of token ids"):
+    Tokenizer.from_tokenizer_json(tmp_path / "saved")

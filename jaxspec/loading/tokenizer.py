@@ -249,6 +249,20 @@ def _read_json_object(path: str, fix: str) -> dict[str, Any] | None:
   return value
 
 
+# tokenizer_config.json's key for `Tokenizer`'s aliases, written by `save` (other programs ignore it)
+ALIASES_KEY = "jaxspec_token_aliases"
+
+
+def _read_aliases(value, path: str) -> dict[int, int]:
+  if value is None:
+    return {}
+  try:
+    return {int(k): int(v) for k, v in value.items()}
+  except (AttributeError, TypeError, ValueError):
+    raise ModelLoadError(f"{path}: tokenizer_config.json's {ALIASES_KEY} is not a map of token ids to token ids: "
+                         "export the tokenizer again (jaxspec writes it), or delete the key.") from None
+
+
 def _model_config_ids(folder: str, vocab_size: int) -> dict[str, list[int]]:
   """`bos_token_id` and `eos_token_id` (each a list, maybe empty) of the model's generation_config.json, else its
   config.json: where transformers' `generate` takes them when the tokenizer config names none."""
@@ -275,7 +289,8 @@ class Tokenizer:
 
   def __init__(self, backend: tokenizers.Tokenizer, *, bos_id: int | None = None, eos_id: int | None = None,
                pad_id: int | None = None, unk_id: int | None = None, chat_template: str | None = None,
-               add_bos_token: bool = False, name: str = "model", eos_ids: Sequence[int] | None = None):
+               add_bos_token: bool = False, name: str = "model", eos_ids: Sequence[int] | None = None,
+               aliases: Mapping[int, int] | None = None):
     """Wraps a `tokenizers.Tokenizer`.
 
     Args:
@@ -289,6 +304,8 @@ class Tokenizer:
       name: where the tokenizer came from, used in error messages.
       eos_ids: every id that ends generation, when the model names several (a generation_config.json list);
         default `[eos_id]`.
+      aliases: ids whose text another id holds in `backend` (a GGUF vocabulary listing one token twice): id -> that
+        id. They decode as it does; text encodes to the other id, as llama.cpp does.
     """
     self._backend = backend
     self._bos_id = bos_id
@@ -301,6 +318,7 @@ class Tokenizer:
     self.name = name
     ids = [] if eos_id is None else [int(eos_id)]
     self._eos_ids = tuple(dict.fromkeys([*ids, *(int(i) for i in eos_ids or ())]))
+    self._aliases = {int(k): int(v) for k, v in (aliases or {}).items()}
 
   # -- construction --
 
@@ -353,6 +371,7 @@ class Tokenizer:
     alphabet = _bytes_to_unicode()
     alphabet_chars = frozenset(alphabet.values())
     vocab: dict[str, int] = {}
+    spelled: list[str] = []
     added: list[AddedToken] = []
     for i, (token, ttype) in enumerate(zip(tokens, types)):
       whole = ttype in _SPECIAL_TYPES or ttype == TOKEN_USER_DEFINED
@@ -360,7 +379,9 @@ class Tokenizer:
         # A normal token written as raw text (some converters do): respell it in the byte alphabet the BPE uses.
         token = "".join(alphabet[b] for b in token.encode("utf-8"))
       # Added tokens are kept as written: they are matched in the raw text, and their vocab entry gives their id.
-      vocab.setdefault(token, i)
+      # A token listed twice encodes to its last id, as in llama.cpp (whose text -> id map keeps the last write).
+      vocab[token] = i
+      spelled.append(token)
       if whole:
         added.append(AddedToken(token, special=ttype in _SPECIAL_TYPES, normalized=False))
 
@@ -385,6 +406,7 @@ class Tokenizer:
         chat_template=meta.get("tokenizer.chat_template"),
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         name=name,
+        aliases={i: vocab[t] for i, t in enumerate(spelled) if vocab[t] != i},  # the earlier ids of repeated tokens
     )
 
   @classmethod
@@ -459,6 +481,7 @@ class Tokenizer:
         add_bos_token=bool(config.get("add_bos_token", False)),
         name=path,
         eos_ids=eos_ids,
+        aliases=_read_aliases(config.get(ALIASES_KEY), path),
     )
 
   def save(self, folder: str | os.PathLike) -> None:
@@ -470,6 +493,8 @@ class Tokenizer:
         config[key] = self.id_to_token(token_id)
     if self._chat_template is not None:
       config["chat_template"] = self._chat_template
+    if self._aliases:  # tokenizer.json's vocabulary cannot hold a token twice
+      config[ALIASES_KEY] = {str(k): v for k, v in sorted(self._aliases.items())}
     files.write_files(folder, {"tokenizer.json": lambda tmp: self._backend.save(str(tmp)),
                                "tokenizer_config.json": files.text_writer(json.dumps(config, ensure_ascii=False,
                                                                                      indent=2))})
@@ -529,11 +554,14 @@ class Tokenizer:
     ids = [int(i) for i in ids]
     if ids and min(ids) < 0:
       raise InputError(f"Token id {min(ids)} is negative: token ids start at 0.")
+    if self._aliases:
+      ids = [self._aliases.get(i, i) for i in ids]
     return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
   def id_to_token(self, token_id: int) -> str | None:
     """The vocabulary entry of `token_id` (byte-level spelling, e.g. 'Ġthe'), or None."""
-    return self._backend.id_to_token(int(token_id))
+    token_id = int(token_id)
+    return self._backend.id_to_token(self._aliases.get(token_id, token_id))
 
   def token_to_id(self, token: str) -> int | None:
     """The id of a vocabulary entry, or None."""
@@ -575,7 +603,7 @@ class Tokenizer:
   @property
   def vocab_size(self) -> int:
     """Number of ids, added tokens included."""
-    return self._backend.get_vocab_size(with_added_tokens=True)
+    return self._backend.get_vocab_size(with_added_tokens=True) + len(self._aliases)
 
   @property
   def chat_template(self) -> str | None:
