@@ -24,8 +24,8 @@ def t5():
 def test_an_encoder_input_too_long_for_the_host_is_refused_before_it_runs(t5, monkeypatch):
   model, params, _ = t5
   seen = []
-  real = memory.new_bytes
-  monkeypatch.setattr(memory, "new_bytes", lambda program: seen.append(real(program)) or seen[-1])
+  real = memory.check_fits
+  monkeypatch.setattr(memory, "check_fits", lambda need, *args: seen.append(need) or real(need, *args))
   generate(model, params, [[5] * 100], max_new_tokens=2)
   short = seen[-1]
   # 2100 tokens pad to 4096: one layer's attention scores alone are 4 heads x 4096^2 float32 = 256 MiB.
@@ -73,10 +73,13 @@ def test_free_memory_of_accelerators_and_of_the_host(tmp_path, monkeypatch):
 def test_every_process_of_a_multi_host_run_refuses_with_the_shortest_one(monkeypatch):
   """One process refusing alone would leave the others waiting in the collective program."""
   program = types.SimpleNamespace(memory_analysis=lambda: types.SimpleNamespace(
-      output_size_in_bytes=1 << 30, temp_size_in_bytes=1 << 30, alias_size_in_bytes=0))
+      argument_size_in_bytes=5 << 30, output_size_in_bytes=1 << 30, temp_size_in_bytes=3 << 30,
+      alias_size_in_bytes=2 << 30))
+  assert memory.program_bytes(program) == (7 << 30, 2 << 30)  # the arguments are held already: 2 GiB more
+  need = memory.program_bytes(program)[1]
   gpu = types.SimpleNamespace(platform="gpu", process_index=0,
                               memory_stats=lambda: {"bytes_limit": 8 << 30, "bytes_in_use": 0})
-  memory.check_fits(program, [gpu], "advice")  # 2 GiB of 8 GiB: fits here
+  memory.check_fits(need, [gpu], "advice")  # 2 GiB of 8 GiB: fits here
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   for case, room in {"roomy": 8 << 10, "short": 1 << 10}.items():  # MiB free on the other process
     def each_process(value, room=room):
@@ -85,11 +88,11 @@ def test_every_process_of_a_multi_host_run_refuses_with_the_shortest_one(monkeyp
     monkeypatch.setattr(sharding, "each_process", each_process)
     if case == "short":
       with pytest.raises(OutOfMemory, match="needs about 2.0 GiB .* a device has 1.0 GiB free: advice"):
-        memory.check_fits(program, [gpu], "advice")
+        memory.check_fits(need, [gpu], "advice")
     else:
-      memory.check_fits(program, [gpu], "advice")
+      memory.check_fits(need, [gpu], "advice")
   monkeypatch.setattr(sharding, "each_process", lambda value: np.array([[2 << 10, -1], [2 << 10, -1]]))
-  memory.check_fits(program, [gpu], "advice")  # no process can say: no check
+  memory.check_fits(need, [gpu], "advice")  # no process can say: no check
 
 
 def test_xla_running_out_of_memory_while_decoding_says_what_to_do(tiny, monkeypatch):
@@ -98,7 +101,7 @@ def test_xla_running_out_of_memory_while_decoding_says_what_to_do(tiny, monkeypa
   def program_raising(error):
     def program(*args):
       raise error
-    return lambda args, static: (program, 0.0, 0)
+    return lambda args, static: (program, 0.0, 0, 0)
 
   oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 123 bytes.")
   monkeypatch.setattr(gen_mod, "compiled_program", program_raising(oom))

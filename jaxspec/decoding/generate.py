@@ -344,14 +344,14 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     args = sharding.place(args, decode_arg_shardings(part, args))
     static["partitioner"] = part
   try:
-    program, compile_s, program_bytes = compiled_program(args, static)
+    program, compile_s, program_bytes, need = compiled_program(args, static)
   except _PARAM_ERRORS as e:  # params of another model, or not params at all: flax finds out while tracing
     wrapped = (" (a dict holding only 'params': pass params['params'], the tree load_model returns)"
                if isinstance(params, dict) and set(params) == {"params"} else "")
     raise InputError(f"The params do not fit the model they were passed with{wrapped}: {str(e).splitlines()[0]} Pass "
                      "the params loaded with this model (load_model), and draft params built for this drafter's "
                      "model.") from e
-  memory.check_fits(program, {d for x in jax.tree.leaves(args) if isinstance(x, jax.Array) for d in x.devices()},
+  memory.check_fits(need, {d for x in jax.tree.leaves(args) if isinstance(x, jax.Array) for d in x.devices()},
                     MEMORY_ADVICE)
   t0 = time.perf_counter()
   try:
@@ -404,7 +404,7 @@ def clear_programs() -> None:
 
 def compiled_program(args: tuple, static: dict, fn=None):
   """The compiled program for these static settings and argument shapes, the seconds spent compiling it now (0 on a
-  cache hit) and its memory in bytes. Explicit ahead-of-time compilation lets callers report compile time apart from
+  cache hit), and its memory in bytes in all and what running it adds (`jaxspec.memory.program_bytes`). Explicit ahead-of-time compilation lets callers report compile time apart from
   run time. `fn` is a jitted function taking `model` first (default: the decode loop)."""
   fn = fn or decode_jit
   leaves, treedef = jax.tree.flatten(args)
@@ -413,23 +413,13 @@ def compiled_program(args: tuple, static: dict, fn=None):
          tuple((x.shape, str(x.dtype), getattr(x, "sharding", None)) for x in leaves))
   if key in _PROGRAMS:
     _PROGRAMS.move_to_end(key)
-    program, nbytes = _PROGRAMS[key]
-    return program, 0.0, nbytes
+    return (_PROGRAMS[key][0], 0.0, *_PROGRAMS[key][1:])
   t0 = time.perf_counter()
   rest = {k: v for k, v in static.items() if k != "model"}
   program = fn.lower(static["model"], *args, **rest).compile()
   compile_s = time.perf_counter() - t0
-  nbytes = program_memory_bytes(program)
-  _PROGRAMS[key] = (program, nbytes)
+  sizes = memory.program_bytes(program)
+  _PROGRAMS[key] = (program, *sizes)
   while len(_PROGRAMS) > MAX_PROGRAMS:
     _PROGRAMS.popitem(last=False)
-  return program, compile_s, nbytes
-
-
-def program_memory_bytes(program) -> int:
-  """Arguments + outputs + temporaries of a compiled program, as XLA counts them (0 where the backend does not say)."""
-  try:
-    m = program.memory_analysis()
-    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
-  except Exception:  # noqa: BLE001 - not every backend reports memory
-    return 0
+  return (program, compile_s, *sizes)
