@@ -266,7 +266,7 @@ def drafter_sample_counts(target, drafter, draft_params, temperature, top_p, acc
                        SamplingParams.make(temperature, top_p), draft_params)
   static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=n_new,
                 capacity=p + n_new + drafter.num_nodes + 1, pad_id=0)
-  program, _, _ = gen.compiled_program(args(0), static)
+  program, *_ = gen.compiled_program(args(0), static)
   counts = np.zeros(v ** n_new, np.int64)
   for seed in range(seeds):
     out = program(*args(seed))
