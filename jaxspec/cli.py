@@ -237,8 +237,26 @@ MESH_HELP = ("shard over a device mesh, e.g. data=2,model=4 (batch over data; he
              "the devices left over); the sizes must multiply to the number of devices")
 
 
+def _versions() -> str:
+  """jaxspec's version and those of the libraries its results depend on (read from the installed packages' metadata,
+  without importing JAX)."""
+  from importlib.metadata import PackageNotFoundError, version
+
+  from jaxspec import __version__
+
+  parts = []
+  for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
+    try:
+      parts.append(f"{name} {version(name)}")
+    except PackageNotFoundError:
+      parts.append(f"{name} not installed")
+  return f"jaxspec {__version__} ({', '.join(parts)})"
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="jaxspec", description="Fast, lossless decoding of autoregressive models in JAX.")
+  p = argparse.ArgumentParser(prog="jaxspec", description="Fast, lossless decoding of autoregressive models in JAX.",
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # (the version on one line)
+  p.add_argument("--version", action="version", version=_versions())
   sub = p.add_subparsers(dest="command", required=True)
   # Every command: join a multi-host run (jax.distributed; Cloud TPU VM slices are detected automatically).
   common = argparse.ArgumentParser(add_help=False)

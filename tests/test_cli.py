@@ -358,3 +358,18 @@ def test_every_bench_flag_reaches_the_run(monkeypatch, tmp_path, capsys):
       matmul_precision="default"), {"require_all": True})
   assert cli.main(["bench", "--out", out]) == 0
   assert seen[-1] == (BenchConfig(methods=tuple(METHODS), out=out), {"require_all": False})
+
+
+def test_version(capsys):
+  """`jaxspec --version` names the installed jaxspec (the package's metadata and `jaxspec.__version__` agree) and the
+  JAX libraries, on one line, without a model or JAX being loaded."""
+  from importlib.metadata import version
+
+  import jaxspec
+
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--version"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert out.count("\n") == 1 and out.startswith(f"jaxspec {jaxspec.__version__} (jax {version('jax')}, ")
+  assert version("jaxspec") == jaxspec.__version__
