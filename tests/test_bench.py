@@ -1301,3 +1301,47 @@ def test_a_reference_that_cannot_run_stops_the_run(tmp_path, prompt_file, method
   cfg = BenchConfig(prompts=prompt_file, methods=("oracle",), max_new_tokens=3, out=str(tmp_path / "o"))
   with pytest.raises(InputError, match="The reference method cannot run: no greedy here"):
     run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+
+
+def test_results_name_the_jaxspec_source_they_were_measured_with(tmp_path, monkeypatch):
+  """results.json and report.md say which jaxspec ran: its version, and the commit of a git checkout it runs from
+  (benchmarks/results hold runs of many commits), marked where its files had changes."""
+  import shutil
+  import subprocess
+
+  import jaxspec
+  from jaxspec.bench import report, runner
+
+  env = runner.environment()
+  assert env["jaxspec"] == jaxspec.__version__
+  if shutil.which("git") is None:
+    pytest.skip("git is not installed: the commit cannot be read (the version is checked above)")
+  # A checkout of its own, so the answer does not depend on the state of the tests' checkout.
+  src = tmp_path / "src"
+  (src / "jaxspec" / "bench").mkdir(parents=True)
+  (src / "jaxspec" / "x.py").write_text("x = 1\n")
+  git = lambda *a: subprocess.run(["git", "-C", str(src), *a], check=True, capture_output=True, text=True).stdout
+  git("init", "-q")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x", "--allow-empty")
+  git("add", "jaxspec")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "y")
+  head = git("rev-parse", "HEAD").strip()
+  monkeypatch.setattr(runner, "__file__", str(src / "jaxspec" / "bench" / "runner.py"))
+  assert runner.source_commit() == head
+  (src / "jaxspec" / "x.py").write_text("x = 2\n")
+  assert runner.source_commit() == head + "+changes"
+  (src / "other.txt").write_text("not jaxspec")
+  git("add", "other.txt")
+  (src / "jaxspec" / "x.py").write_text("x = 1\n")
+  assert runner.source_commit() == head  # changes outside jaxspec's code do not count
+  shutil.rmtree(src / ".git")
+  assert runner.source_commit() is None  # not a checkout (an installed package)
+  from jaxspec.bench.prompts import Prompt
+
+  prompts = [Prompt(0, "qa", "a")]
+  specs = {"greedy": MethodSpec("greedy", "greedy", True, None)}
+  res = report.results(BenchConfig(prompts="p.jsonl", methods=("greedy",)), dict(env, jaxspec_commit=head + "+changes"),
+                       prompts, specs, {}, {"greedy": [_record(0, "qa", 1.0, 4, 3, 3)]}, {"greedy": 0.0},
+                       {"greedy": 0}, {"greedy": []}, {}, complete=True, wall_s=1.0, peak_rss_bytes=0)
+  assert res["environment"]["jaxspec"] == jaxspec.__version__
+  assert f"- jaxspec {jaxspec.__version__} (commit {head}+changes), jax " in report.markdown(res)

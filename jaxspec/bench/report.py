@@ -128,7 +128,9 @@ def markdown(res: dict) -> str:
                                              f"top-p {cfg['top_p']}, seed {cfg.get('seed', 0)}")
       + (f"; params sharded over the mesh {cfg['mesh']} (the Hugging Face baselines run in torch, off it)"
          if cfg.get("mesh") else ""),
-      f"- jax {env['jax']} on {env['backend']} ({', '.join(sorted(set(env['devices'])))} ×{env['device_count']}), "
+      f"- jaxspec {env.get('jaxspec') or '(version not recorded)'}"
+      + (f" (commit {env['jaxspec_commit']})" if env.get("jaxspec_commit") else "") + ", "
+      f"jax {env['jax']} on {env['backend']} ({', '.join(sorted(set(env['devices'])))} ×{env['device_count']}), "
       f"CPU {env['cpu']} ×{env['cpu_count']}, load average at start {_load(env['load_avg'])}",
       f"- wall time {env['wall_s']:.0f} s, peak RSS {env['peak_rss_bytes'] / 2**20:.0f} MiB"
       + (f", peak memory of the fullest device {env['device_peak_bytes'] / 2**20:.0f} MiB (JAX's arrays)"

@@ -111,7 +111,9 @@ def environment() -> dict:
     load = os.getloadavg()
   except OSError:
     load = None
+  from jaxspec import __version__
   return {
+      "jaxspec": __version__, "jaxspec_commit": source_commit(),
       "jax": jax.__version__, "jaxlib": getattr(jax.lib, "__version__", None) or _version("jaxlib"),
       "flax": _version("flax"), "python": sys.version.split()[0], "platform": platform.platform(),
       "backend": jax.default_backend(), "devices": [f"{d.platform}:{d.device_kind}" for d in devices],
@@ -120,6 +122,26 @@ def environment() -> dict:
       # JAX's persistent compilation cache (JAX_COMPILATION_CACHE_DIR): compile times read from it are load times
       "compilation_cache_dir": jax.config.jax_compilation_cache_dir or None,
   }
+
+
+def source_commit() -> str | None:
+  """The git commit of the jaxspec source that runs, with "+changes" where its tracked files differ from it; None
+  where jaxspec is not run from a git checkout (an installed wheel) or git is missing."""
+  import subprocess
+
+  root = Path(__file__).resolve().parents[2]
+  try:
+    git = lambda *a: subprocess.run(["git", "-C", str(root), *a], capture_output=True, text=True, timeout=10)
+    head = git("rev-parse", "--show-toplevel", "HEAD")
+    if head.returncode != 0:
+      return None
+    top, commit = head.stdout.split()
+    if Path(top).resolve() != root:  # jaxspec installed inside another project's checkout
+      return None
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", "jaxspec", "training")
+    return commit + ("+changes" if changed.returncode != 0 or changed.stdout.strip() else "")
+  except (OSError, ValueError, subprocess.SubprocessError):
+    return None
 
 
 def model_settings(model, cfg: BenchConfig) -> dict:
