@@ -73,8 +73,8 @@ class BenchConfig:
   def resolved(self) -> "BenchConfig":
     """The settings left unset, filled in: 128 new tokens at batch size 1; with `--quick`, at most one prompt per
     category, 32 new tokens, batches of 16 prompts (one batch for the quick set's 13 categories: one compiled
-    program per method instead of one per prompt-length bucket) and no warm-up run (compilation is timed apart anyway). A limit, a number of new tokens or
-    a batch size that is given stays as given, with `--quick` too."""
+    program per method instead of one per prompt-length bucket) and no warm-up run (compilation is timed apart
+    anyway). A limit, a number of new tokens or a batch size that is given stays as given, with `--quick` too."""
     unset = lambda value, default: default if value is None else value  # 0 stays 0, and is refused by the run
     if not self.quick:
       return dataclasses.replace(self, max_new_tokens=unset(self.max_new_tokens, 128),

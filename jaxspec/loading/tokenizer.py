@@ -359,8 +359,8 @@ class Tokenizer:
     if pre not in GGUF_PRE_TOKENIZERS:
       raise ModelLoadError(
           f"{name}: GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; jaxspec reproduces "
-          f"{', '.join(sorted(GGUF_PRE_TOKENIZERS))}. Load the model from its Hugging Face folder instead (config.json, "
-          "*.safetensors and tokenizer.json: --model FOLDER).")
+          f"{', '.join(sorted(GGUF_PRE_TOKENIZERS))}. Load the model from its Hugging Face folder instead "
+          "(config.json, *.safetensors and tokenizer.json: --model FOLDER).")
 
     tokens: Sequence[str] = meta["tokenizer.ggml.tokens"]
     types: Sequence[int] = meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
