@@ -43,6 +43,9 @@ def main(workdir: Path, mesh_spec: str) -> None:
                             data=dataclasses.replace(cfg.data, limit=12, max_new_tokens=24),
                             train=dataclasses.replace(cfg.train, batch_size=32, checkpoint_every=5, eval_every=6,
                                                       log_every=3))
+  # On the mesh from the start, as `jaxspec train` loads a target whose config names a mesh (load_model(mesh=)): the
+  # data, the cached features and the training all run on the split weights.
+  params = sharding.partitioner(sharding.make_mesh(mesh_spec), model).shard_params(params)
   summary = train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   bpd, heads = load_bpd(workdir / "heads")
 

@@ -96,7 +96,12 @@ def test_two_processes_match_one_and_share_folders_safely(tmp_path, mesh):
   heads, ref_heads = (load_file(d / "heads" / "heads.safetensors") for d in (multi, single))
   assert heads.keys() == ref_heads.keys()
   for k in heads:
-    np.testing.assert_allclose(heads[k], ref_heads[k], atol=1e-5, err_msg=k)
+    # The target's weights are split over the processes as over the one process's devices, but a sum across two
+    # processes adds its parts in another order than one across devices of one process: the saved (float16) heads
+    # may differ by one rounding step (a relative 2^-10) on a few elements, nothing more.
+    a, b = heads[k].astype(np.float32), ref_heads[k].astype(np.float32)
+    np.testing.assert_allclose(a, b, rtol=2 ** -9, atol=1e-5, err_msg=k)
+    assert np.mean(np.abs(a - b) > 1e-5) < 0.02, k
 
   # Shared folders: one writer for appended files, whole files, no temporaries left.
   steps = lambda d: [json.loads(l)["step"] for l in (d / "ckpt" / "metrics.jsonl").read_text().splitlines()]

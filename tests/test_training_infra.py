@@ -1109,3 +1109,39 @@ def test_checkpoints_one_step_past_the_run_are_refused(tmp_path):
   train_tiny.make_trainer(tmp_path / "run", every=5).fit(train_tiny.fresh_state(), train_tiny.batches_from, 5)
   with pytest.raises(CheckpointError, match=r"are at step 5, past this run's 4 steps"):
     train_tiny.make_trainer(tmp_path / "run", every=5).fit(train_tiny.fresh_state(), train_tiny.batches_from, 4)
+
+
+def test_tasks_with_a_mesh_load_the_target_onto_it(tmp_path, monkeypatch):
+  """bpd, draft and eagle runs with a `mesh` read the target onto the mesh weight by weight (`load_model(mesh=)`):
+  they loaded it whole onto one device first, so a target that fits the mesh but not one device could not train.
+  (tests/multihost.py trains on params split this way, across two processes.)"""
+  import dataclasses
+
+  import jaxspec.loading
+  from tests.test_bpd import tiny_train_config
+  from tests.test_draft import tiny_draft_config
+  from tests.test_eagle import tiny_eagle_config
+  from training.bpd import train_bpd
+  from training.draft import train_draft
+  from training.eagle import train_eagle
+
+  class Loaded(Exception):
+    pass
+
+  seen = []
+
+  def load_model(path=None, **kwargs):
+    seen.append(kwargs.get("mesh"))
+    raise Loaded
+
+  monkeypatch.setattr(jaxspec.loading, "load_model", load_model)
+  (tmp_path / "bpd").mkdir()
+  runs = [(train_bpd, tiny_train_config(tmp_path / "bpd")), (train_draft, tiny_draft_config(tmp_path, "draft", 10)),
+          (train_eagle, tiny_eagle_config(tmp_path / "eagle", 10))]
+  for train, cfg in runs:
+    with pytest.raises(Loaded):
+      train(dataclasses.replace(cfg, mesh="data=2,model=4"), progress=False)
+    assert dict(seen[-1].shape) == {"data": 2, "model": 4}, train.__name__
+    with pytest.raises(Loaded):
+      train(cfg, progress=False)
+    assert seen[-1] is None  # no mesh: one device, as before

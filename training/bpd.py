@@ -421,8 +421,9 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
                       "heads objective keeps the base frozen.")
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh is not None else None  # a bad mesh fails before any work
   if model is None:
+    # On the mesh as each weight is read: a target that fits the mesh but not one device trains too.
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
-                                                  matmul_precision=cfg.model.matmul_precision)
+                                          matmul_precision=cfg.model.matmul_precision, mesh=mesh)
   if cfg.train.objective == "joint" and getattr(model, "is_encoder_decoder", False):  # before the data
     raise ConfigError("train.objective=joint trains decoder-only models; use train.objective=heads for an "
                       "encoder-decoder.")

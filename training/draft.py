@@ -335,8 +335,9 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
   t_start = time.time()
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh is not None else None  # a bad mesh fails before any work
   if model is None:
+    # On the mesh as each weight is read: a target that fits the mesh but not one device trains too.
     model, params, tokenizer = load_model(cfg.model.path, dtype=cfg.model.dtype,
-                                                  matmul_precision=cfg.model.matmul_precision)
+                                          matmul_precision=cfg.model.matmul_precision, mesh=mesh)
   if not isinstance(model, LlamaLM):  # before the data, which takes the longest
     raise ConfigError(f"task draft distills a LLaMA-family draft from a decoder-only LLaMA-family target; "
                       f"{cfg.model.path!r} is a {type(model).__name__}. For an encoder-decoder (T5) target a smaller "
