@@ -119,6 +119,9 @@ def _read_prompt_file(path: str) -> str:
   """The text of --prompt-file (UTF-8; `-` reads standard input), without the newlines that end it, as the shell's
   `$(cat FILE)` drops them: an editor's final newline is not part of the prompt."""
   name = "standard input" if path == "-" else path
+  if path == "-" and sys.stdin is None:  # Python's sys.stdin when the program started with it closed (`<&-`)
+    raise InputError("--prompt-file - reads standard input, which is closed: pipe the text in, or pass a file or "
+                     "--prompt.")
   try:
     data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     # utf-8-sig: a byte-order mark is not text; Windows line ends read as "\n", as in the bench's prompt files

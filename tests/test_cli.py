@@ -373,3 +373,150 @@ def test_version(capsys):
   out = capsys.readouterr().out
   assert out.count("\n") == 1 and out.startswith(f"jaxspec {jaxspec.__version__} (jax {version('jax')}, ")
   assert version("jaxspec") == jaxspec.__version__
+
+
+@pytest.mark.parametrize("raised,code,message", [("KeyboardInterrupt", 130, "jaxspec: interrupted"),
+                                                 ("Terminated", 143, "jaxspec: terminated (SIGTERM)")])
+def test_an_interrupt_ends_the_command_at_once_unless_distributed(monkeypatch, capsys, tmp_path, raised, code, message):
+  """In-process: `main` says which interrupt it was and returns 130 or 143 (128 + the signal's number, as a shell
+  reports a process the signal ended), and `run` then ends the process at once, except under --distributed, whose
+  normal shutdown lets every host of the run leave together. Other exit codes take the normal shutdown."""
+  import signal
+
+  from jaxspec import sharding
+  from jaxspec.errors import Terminated
+
+  error = Terminated if raised == "Terminated" else KeyboardInterrupt
+  assert code == 128 + (signal.SIGTERM if error is Terminated else signal.SIGINT)
+
+  def interrupted(*args, **kwargs):
+    raise error
+
+  monkeypatch.setattr("jaxspec.bench.run_bench", interrupted)
+  monkeypatch.setattr(sharding, "initialize_distributed", lambda: None)
+  monkeypatch.setattr(cli, "_EXIT_AT_ONCE", False)
+  for flags, at_once in (([], True), (["--distributed"], False)):
+    assert cli.main(["bench", "--out", str(tmp_path / "o"), *flags]) == code
+    assert capsys.readouterr().err.strip().endswith(message)
+    assert cli._EXIT_AT_ONCE is at_once, flags
+
+  exits = []
+  monkeypatch.setattr(cli, "_exit_now", exits.append)
+  for returned, at_once in ((code, True), (code, False), (2, True), (0, True)):
+    monkeypatch.setattr(cli, "main", lambda: returned)
+    monkeypatch.setattr(cli, "_EXIT_AT_ONCE", at_once)
+    with pytest.raises(SystemExit) as e:  # (_exit_now is a recorder here: run goes on to sys.exit)
+      cli.run()
+    assert e.value.code == returned
+    assert exits == ([returned] if returned == code and at_once else []), (returned, at_once)
+    exits.clear()
+
+
+def test_the_program_sets_its_handlers_only_over_python_s_defaults(monkeypatch):
+  """`run` catches SIGINT and SIGTERM (their handler raises outside imports and delivers them again after one) where
+  Python's own defaults are set; a handler a caller set, or an ignored signal (a `nohup` job's SIGINT), stays."""
+  import signal
+
+  seen = {}
+
+  def fake_main():
+    seen["handlers"] = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    return 0
+
+  monkeypatch.setattr(cli, "main", fake_main)
+  previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+  mine = lambda signum, frame: None
+  try:
+    for before, after in (((signal.default_int_handler, signal.SIG_DFL), (cli._raise_outside_imports,) * 2),
+                          ((signal.SIG_IGN, mine), (signal.SIG_IGN, mine)),
+                          ((mine, signal.SIG_IGN), (mine, signal.SIG_IGN))):
+      signal.signal(signal.SIGINT, before[0])
+      signal.signal(signal.SIGTERM, before[1])
+      with pytest.raises(SystemExit):
+        cli.run()
+      assert seen["handlers"] == after
+  finally:
+    signal.signal(signal.SIGINT, previous[0])
+    signal.signal(signal.SIGTERM, previous[1])
+
+
+def test_exiting_at_once_flushes_what_was_printed(monkeypatch):
+  """os._exit skips the interpreter's shutdown, which flushes the output streams: `_exit_now` flushes them first, so
+  the answer printed so far (stdout into a pipe or file is block-buffered) is not lost, and exits with the code."""
+  import io
+  import logging
+  import os
+  import sys
+
+  class Exited(Exception):
+    pass
+
+  def exit_(code):
+    raise Exited(code)
+
+  monkeypatch.setattr(os, "_exit", exit_)
+  shut = []
+  monkeypatch.setattr(logging, "shutdown", lambda: shut.append(True))  # (the real one would close pytest's handlers)
+  streams = {name: io.TextIOWrapper(io.BytesIO(), write_through=False) for name in ("stdout", "stderr")}
+  for name, stream in streams.items():
+    monkeypatch.setattr(sys, name, stream)
+    stream.write(f"written to {name}")
+  with pytest.raises(Exited) as e:
+    cli._exit_now(143)
+  assert e.value.args == (143,) and shut == [True]
+  for name, stream in streams.items():
+    assert stream.buffer.getvalue() == f"written to {name}".encode(), name
+
+
+def test_the_sharding_choices_are_printed_once_however_often_main_runs(capsys):
+  """`main` sets up the printing each time it runs (tests and library callers run it many times in one process): a
+  handler added at each call printed each record once per call."""
+  import logging
+
+  from jaxspec import sharding
+
+  log = logging.getLogger("jaxspec.sharding")
+  handlers, level, propagate = list(log.handlers), log.level, log.propagate
+  try:
+    for h in handlers:
+      log.removeHandler(h)
+    cli._show_sharding_choices()
+    cli._show_sharding_choices()
+    sharding._note_fallback("heads (9) do not divide model=4: replicated (test of printing once)")
+    assert capsys.readouterr().err.count("heads (9) do not divide") == 1
+  finally:
+    for h in list(log.handlers):
+      log.removeHandler(h)
+    for h in handlers:
+      log.addHandler(h)
+    log.setLevel(level)
+    log.propagate = propagate
+
+
+def test_unraisable_filters_take_only_their_reports_and_install_once(monkeypatch):
+  """Each filter sees each report once however often it is installed (every `main` call installs the CLI's), filters
+  of other names stay installed beside it, a report a filter takes goes no further, and one it leaves (or one the
+  CLI's filter leaves: anything but an interrupt) reaches the hooks that were there before, untouched."""
+  import sys
+  import types
+
+  from jaxspec.errors import filter_unraisable
+
+  before = []
+  monkeypatch.setattr(sys, "unraisablehook", before.append)
+  seen = {"a": [], "b": []}
+  filter_unraisable("test-a", lambda report: seen["a"].append(report) or report.exc_type is KeyError)
+  filter_unraisable("test-b", lambda report: seen["b"].append(report) or False)
+  filter_unraisable("test-a", lambda report: pytest.fail("installed twice"))
+  cli._redeliver_swallowed_interrupts()
+  cli._redeliver_swallowed_interrupts()
+
+  def report(error):
+    return types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
+                                 err_msg="Exception ignored in", object=None)
+
+  other, taken = report(RuntimeError("other")), report(KeyError("taken"))
+  sys.unraisablehook(other)
+  assert before == [other] and seen["a"] == [other] and seen["b"] == [other]
+  sys.unraisablehook(taken)
+  assert before == [other] and seen["a"] == [other, taken] and seen["b"] == [other, taken]

@@ -487,3 +487,118 @@ def test_the_command_line_prints_sharding_fallbacks(capsys):
       log.addHandler(h)
     log.setLevel(level)
     log.propagate = propagate
+
+
+# ---- the edges of each rule ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags,dest,value", [
+    (["--max-new-tokens", "1"], "max_new_tokens", 1),
+    (["--top-k", "0"], "top_k", 0),  # "0: no top-k filter"
+    (["--temperature", "0"], "temperature", 0.0),  # "0: greedy"
+    (["--temperature", "1e6"], "temperature", 1e6),  # "at most 1e6"
+    (["--top-p", "1"], "top_p", 1.0),  # "(0, 1]"
+    (["--seed", str(2 ** 62 - 1)], "seed", 2 ** 62 - 1),  # "less than 2**62"
+    (["--seed", str(1 - 2 ** 62)], "seed", 1 - 2 ** 62),
+])
+def test_the_edge_values_each_rule_names_are_accepted(flags, dest, value):
+  """The values each flag's own rule allows at its edge ("must be >= 0 (0: no top-k filter)", "(0, 1]", ...) parse:
+  the defaults (0 for --top-k and --temperature, 1 for --top-p) never pass through the parsers, so a rule that
+  refused them went unnoticed."""
+  args = cli.parse_args(["generate", "--prompt", "x", *flags])
+  assert getattr(args, dest) == value and type(getattr(args, dest)) is type(value)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--seed", str(2 ** 62)], "less than 2**62"),
+    (["--seed", str(-2 ** 62)], "greater than -2**62"),
+    (["--temperature", "inf"], "must be a finite number >= 0"),  # said as not finite, not as "at most 1e6"
+    (["--temperature", "1000001"], "must be at most 1e6"),
+])
+def test_just_past_the_edge_is_refused(flags, message, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.parse_args(["generate", "--prompt", "x", *flags])
+  assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def _fits(n_prompt, context_is_limit=True, **flags):
+  """`generate`'s checks (`cli._check_fits`) for a decoder-only model of 256 tokens and a 512-token context."""
+  import argparse
+  import types
+
+  model = types.SimpleNamespace(cfg=types.SimpleNamespace(vocab_size=256, max_seq_len=512),
+                                context_is_limit=context_is_limit)
+  args = argparse.Namespace(**{"temperature": 0.0, "top_k": 0, "max_len": None, "max_new_tokens": 16,
+                               "prompt_file": None, **flags})
+  cli._check_fits(args, model, n_prompt)
+
+
+def test_what_fits_exactly_is_accepted():
+  """The checks refuse what does not fit, and nothing that does: a cache filled to its last slot, --max-len at the
+  context length, --top-k of the whole vocabulary; greedy decoding, which applies no top-k filter, ignores --top-k."""
+  _fits(500, max_new_tokens=12)  # 512 slots of 512
+  _fits(50, max_len=64, max_new_tokens=14)
+  _fits(10, max_len=512)
+  _fits(10, temperature=1.0, top_k=256)
+  _fits(10, temperature=0.0, top_k=1000)
+  with pytest.raises(InputError, match="needs 513 cache slots, more than the cache length 512"):
+    _fits(500, max_new_tokens=13)
+  with pytest.raises(InputError, match="--top-k 257 is more than"):
+    _fits(10, temperature=1.0, top_k=257)
+  with pytest.raises(InputError, match="--max-len 513 is more than"):
+    _fits(10, max_len=513)
+
+
+def test_a_prompt_that_fills_the_cache_gets_no_advice_to_lower_new_tokens():
+  """A prompt of exactly the cache's length leaves no slot for any answer: "lower --max-new-tokens (to 0 or fewer)"
+  is no fix (--max-new-tokens must be >= 1)."""
+  with pytest.raises(InputError) as e:
+    _fits(512, max_new_tokens=1)
+  assert str(e.value).endswith("more than the cache length 512: shorten --prompt."), e.value
+  with pytest.raises(InputError) as e:  # a context that is not a hard limit: --max-len may go past it
+    _fits(512, context_is_limit=False, max_new_tokens=1)
+  assert str(e.value).endswith(": shorten --prompt or raise --max-len."), e.value
+
+
+@pytest.mark.parametrize("flags,message", [(["--methods", " , "], "--methods names no method"),
+                                           (["--categories", ","], "--categories names no category")])
+def test_a_list_of_no_names_is_refused_before_the_bench_runs(flags, message, monkeypatch, capsys, tmp_path):
+  """Not an empty tuple handed on (which the bench reads as "nothing to run", or as no filter)."""
+  monkeypatch.setattr("jaxspec.bench.run_bench", lambda *a, **k: pytest.fail("the list is checked first"))
+  assert message in fails(["bench", "--out", str(tmp_path / "o"), *flags], capsys)
+
+
+def test_help_before_a_command_is_the_programs_help(capsys):
+  """`jaxspec -h bench` shows the top-level help (exit 0), not "-h goes after the command's name": every command
+  takes -h too, which the check for options written before the command would otherwise find."""
+  with pytest.raises(SystemExit) as e:
+    cli.parse_args(["-h", "bench"])
+  out = capsys.readouterr().out
+  assert e.value.code == 0 and out.startswith("usage: jaxspec [-h]") and "goes after" not in out
+
+
+def test_an_option_after_train_s_overrides_is_not_taken_as_one(capsys):
+  """`key=value` words after train's options are overrides; an unknown option with an = in it is not one."""
+  with pytest.raises(SystemExit) as e:
+    cli.parse_args(["train", "c.yaml", "a=1", "--bogus=2"])
+  assert e.value.code == 2 and "unrecognized arguments: --bogus=2" in capsys.readouterr().err
+
+
+def test_train_without_its_package_is_one_clear_message(monkeypatch, capsys):
+  """An installed wheel has no `training` package (it ships from a source checkout): the message says how to get it."""
+  import sys
+  monkeypatch.setitem(sys.modules, "training.tasks", None)  # importing it raises ImportError
+  err = fails(["train", "c.yaml"], capsys)
+  assert "The training package is not importable" in err and "pip install -e ." in err
+
+
+def test_prompt_file_edge_cases(tmp_path, monkeypatch, capsys):
+  """Only the newlines that end the file are dropped, as `$(cat FILE)` drops them: trailing spaces are text. A path
+  through a file is one message; so is standard input that is closed (`jaxspec ... --prompt-file - <&-`: Python's
+  sys.stdin is None there, and reading it was an AttributeError traceback)."""
+  (tmp_path / "q.txt").write_text("Say hi.  \n\n", encoding="utf-8")
+  assert cli._read_prompt_file(str(tmp_path / "q.txt")) == "Say hi.  "
+  err = fails(["generate", "--prompt-file", str(tmp_path / "q.txt" / "x")], capsys)
+  assert f"Cannot read --prompt-file {tmp_path / 'q.txt' / 'x'}: Not a directory." in err
+  monkeypatch.setattr("sys.stdin", None)
+  err = fails(["generate", "--prompt-file", "-"], capsys)
+  assert "standard input, which is closed" in err

@@ -152,3 +152,50 @@ def test_metadata_with_non_ascii_text_is_written_in_one_order(tmp_path):
     files.save_safetensors(tensors, tmp_path / "x.safetensors", {"b": "\u00e9", "a": "x", "c": "y"})
     seen.add((tmp_path / "x.safetensors").read_bytes())
   assert len(seen) == 1
+
+
+def test_the_tag_covers_names_dtypes_shapes_bytes_and_every_group_in_any_key_order():
+  """Weights that differ in any of these are other weights, so their tags differ; the order a dict was built in is
+  not part of them (flattening a tree may list the same arrays in another order)."""
+  a = np.arange(6, dtype=np.float32).reshape(2, 3)
+  b = np.ones(2, np.int32)
+  tag = files.export_tag({"a": a, "b": b})
+  assert files.export_tag({"b": b, "a": a}) == tag
+  assert files.export_tag({"a": a.copy(), "b": b.copy()}) == tag
+  for other in ({"a": a.reshape(3, 2), "b": b},  # same bytes, another shape
+                {"a": a.view(np.int32), "b": b},  # same bytes, another dtype
+                {"a": a, "c": b},  # another name (in the same sorted place)
+                {"a": a + 1, "b": b}):  # other values
+    assert files.export_tag(other) != tag, other
+  ids = {"vocab_ids": np.array([1, 2])}
+  assert files.export_tag({"a": a}, ids) != files.export_tag({"a": a}, {"vocab_ids": np.array([1, 3])})
+
+
+def test_metadata_of_two_keys_is_written_in_one_order(tmp_path):
+  """An export's metadata is often just `format` and the tag: two keys, written in a random order per process."""
+  tensors = {"a": np.arange(3, dtype=np.float32)}
+  seen = set()
+  for metadata in ({"format": "pt", "z": "1"}, {"z": "1", "format": "pt"}):
+    for _ in range(8):
+      files.save_safetensors(tensors, tmp_path / "x.safetensors", metadata)
+      seen.add((tmp_path / "x.safetensors").read_bytes())
+  assert len(seen) == 1
+  assert list(files.safetensors_metadata(tmp_path / "x.safetensors")) == ["format", "z"]
+
+
+@pytest.mark.parametrize("length", [0, 1, 2 ** 63])
+def test_a_header_length_no_file_can_have_is_refused_before_reading(tmp_path, length):
+  """The first 8 bytes give the header's length: one too short for JSON, or too long to read (a file damaged there,
+  or not a safetensors file), is the loader's "no safetensors header", not a MemoryError or a read of the whole file."""
+  path = tmp_path / "x.safetensors"
+  path.write_bytes(length.to_bytes(8, "little") + b"{}" + b" " * 6)
+  with pytest.raises(ValueError, match="has no safetensors header"):
+    files.safetensors_metadata(path)
+
+
+def test_a_config_that_is_no_json_object_records_no_tag(tmp_path):
+  """Its weights are then not checked: the loader's own reading of the config says what is wrong with it."""
+  for text in ("[1, 2]", "{not json", '"text"'):
+    (tmp_path / "config.json").write_text(text)
+    assert files.recorded_tag(tmp_path) is None
+    files.check_export_tag(tmp_path, ["model.safetensors"])

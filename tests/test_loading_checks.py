@@ -595,3 +595,29 @@ def test_untied_heads_give_float32_logits_of_bfloat16_products():
   assert got.dtype == jnp.float32
   np.testing.assert_allclose(got, hidden.astype(jnp.float32) @ kernel, rtol=1e-5, atol=1e-5)
   assert not np.array_equal(got, got.astype(jnp.bfloat16).astype(jnp.float32))
+
+
+def test_config_numbers_are_checked_as_the_values_they_must_be():
+  """A JSON `true` is no layer count, nor an infinite or NaN epsilon a positive number: each is named as damaged,
+  never run as 1 or inf. Whole floats (576.0, as some JSON writers produce) are whole numbers."""
+  from jaxspec.loading.errors import positive_number, whole_number
+
+  assert whole_number(576.0, "hidden_size", "config.json") == 576 and whole_number(0, "k", "f", minimum=0) == 0
+  for value in (True, False, "2", None, 2.5, float("inf"), float("nan"), 0, -1):
+    with pytest.raises(ModelLoadError, match=r"config.json sets hidden_size to .*, which is not a whole number of at "
+                                             r"least 1\. The file is damaged or was edited"):
+      whole_number(value, "hidden_size", "config.json")
+  assert positive_number(1e-6, "rms_norm_eps", "config.json") == 1e-6 and positive_number(3, "k", "f") == 3.0
+  for value in (True, "1e-6", None, float("inf"), float("-inf"), float("nan"), 0, -1e-6):
+    with pytest.raises(ModelLoadError, match=r"sets rms_norm_eps to .*, which is not a finite number above 0"):
+      positive_number(value, "rms_norm_eps", "config.json")
+
+
+def test_skipped_tensors_are_named_only_when_there_are_some(caplog):
+  from jaxspec.loading.errors import unread_tensors
+
+  with caplog.at_level("WARNING", logger="jaxspec.loading"):
+    unread_tensors("model.safetensors", [])
+    assert caplog.text == ""
+    unread_tensors("model.safetensors", ["vision.proj"])
+  assert "model.safetensors holds 1 tensor outside the layers" in caplog.text and "'vision.proj'" in caplog.text
