@@ -256,10 +256,20 @@ def _versions() -> str:
   return f"jaxspec {__version__} ({', '.join(parts)})"
 
 
+class _VersionAction(argparse.Action):
+  """`--version`: the versions are read when asked for, not on every start."""
+
+  def __init__(self, option_strings, dest, **kwargs):
+    super().__init__(option_strings, dest, nargs=0, help="print jaxspec's version and its JAX libraries' and exit")
+
+  def __call__(self, parser, namespace, values, option_string=None):
+    print(_versions())
+    parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog="jaxspec", description="Fast, lossless decoding of autoregressive models in JAX.",
-                              formatter_class=argparse.RawDescriptionHelpFormatter)  # (the version on one line)
-  p.add_argument("--version", action="version", version=_versions())
+  p = argparse.ArgumentParser(prog="jaxspec", description="Fast, lossless decoding of autoregressive models in JAX.")
+  p.add_argument("--version", action=_VersionAction)
   sub = p.add_subparsers(dest="command", required=True)
   # Every command: join a multi-host run (jax.distributed; Cloud TPU VM slices are detected automatically).
   common = argparse.ArgumentParser(add_help=False)
@@ -422,6 +432,9 @@ _MEMORY_ADVICE = {
                 "(--mesh).",
     "bench": "lower --batch-size or --max-new-tokens (or a method's draft size), pass shorter prompts (--prompts), "
              "run in --dtype bfloat16, or shard over more devices (--mesh).",
+    "train": "lower the config's data.gen_batch_size or data.max_new_tokens (the target's answers are decoded "
+             "in batches), pass shorter prompts, set model.dtype=bfloat16, or shard over more devices (mesh=, for "
+             "the bpd, draft and eagle tasks).",
 }
 
 

@@ -8,6 +8,7 @@ batch whose cache outgrows the device — is refused with the sizes and what to 
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -31,18 +32,48 @@ def program_bytes(program) -> tuple[int, int]:
     return 0, 0
 
 
+@functools.lru_cache(maxsize=None)
+def _cgroup_dirs(root: Path) -> tuple[Path, ...]:
+  """This process's cgroup v2 folder and its ancestors up to `_CGROUP`, innermost first: a limit set on any of them
+  binds (a container sees its own cgroup as the root; a SLURM job or systemd unit on a host sits deeper). Read once:
+  a process stays in its cgroup."""
+  try:
+    rel = next((line[3:].strip() for line in Path("/proc/self/cgroup").read_text().splitlines()
+                if line.startswith("0::")), "/")
+  except OSError:
+    rel = "/"
+  here = root / rel.lstrip("/")
+  return tuple(d for d in (here, *here.parents) if d == root or root in d.parents) or (root,)
+
+
+def _cgroup_room(folder: Path) -> int | None:
+  """Room left under `folder`'s memory.max, counting its reclaimable page cache as free (memory.current holds the
+  file cache, e.g. the model's weights as read, which the kernel drops before it kills anything); None: no limit."""
+  try:
+    limit = (folder / "memory.max").read_text().strip()
+    if limit == "max":
+      return None
+    used = int((folder / "memory.current").read_text())
+  except (OSError, ValueError):
+    return None
+  try:
+    stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if line.strip())
+    used -= int(stat.get("inactive_file", 0)) + int(stat.get("active_file", 0))
+  except (OSError, ValueError):
+    pass
+  return int(limit) - max(used, 0)
+
+
 def host_available_bytes() -> int:
   """Memory this process can still take on the host: the kernel's estimate of available memory, within the room left
   under the cgroup's limit where one is set (a container's limit is not in /proc/meminfo)."""
   import psutil
 
   room = int(psutil.virtual_memory().available)
-  try:
-    limit = (_CGROUP / "memory.max").read_text().strip()
-    if limit != "max":
-      room = min(room, int(limit) - int((_CGROUP / "memory.current").read_text()))
-  except (OSError, ValueError):
-    pass  # no cgroup v2 limit to read
+  for folder in _cgroup_dirs(_CGROUP):
+    left = _cgroup_room(folder)
+    if left is not None:
+      room = min(room, left)
   return max(room, 0)
 
 
@@ -72,7 +103,9 @@ def check_fits(need: int, devices: Iterable[Any], advice: str) -> None:
   devices = list(devices)
   room = free_bytes(devices)
   mib = np.array([need >> 20, -1 if room is None else room >> 20], np.int64)
-  if jax.process_count() > 1:
+  # Only a program over other processes' devices runs in step with them: a program on this process's devices alone
+  # (no mesh, or a mesh of local devices) decides alone, and may be run by this process only.
+  if jax.process_count() > 1 and any(d.process_index != jax.process_index() for d in devices):
     from jaxspec import sharding
 
     each = sharding.each_process(np.minimum(mib, np.iinfo(np.int32).max).astype(np.int32))

@@ -859,6 +859,24 @@ def test_device_memory_is_reported_where_the_devices_report_it(monkeypatch, tmp_
   assert "peak memory of the fullest device 5 MiB (JAX's arrays)" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_process_zero_decides_whether_two_labels_are_one_method(monkeypatch, prompt_file, tmp_path):
+  """Labels are compared by where their paths lead from each process's folder and by its install's default paths:
+  in a multi-host run process 0's answer is everyone's, or one process would refuse alone while the others wait."""
+  import jaxspec.bench.runner as runner_mod
+
+  answers = []
+
+  def from_first_process(obj):  # process 0 found a duplicate this process did not
+    answers.append(obj)
+    return "'spec' and 'spec:draft=d' are the same method in --methods: give it once." if len(answers) == 1 else obj
+
+  monkeypatch.setattr(runner_mod.sharding, "from_first_process", from_first_process)
+  cfg = BenchConfig(prompts=prompt_file, methods=("greedy", "lookup"), max_new_tokens=4, out=str(tmp_path / "o"))
+  with pytest.raises(InputError, match="'spec' and 'spec:draft=d' are the same method"):
+    run_bench(cfg, None, None, ByteTokenizer(), progress=False)  # refused before the model would load
+  assert answers[0] is None  # this process's own answer: no duplicate
+
+
 def test_one_method_written_two_ways_is_refused_and_a_failed_run_leaves_no_empty_folder(tmp_path, prompt_file, tiny):
   from jaxspec.bench.methods import DEFAULT_EAGLE
 
@@ -1345,3 +1363,24 @@ def test_results_name_the_jaxspec_source_they_were_measured_with(tmp_path, monke
                        {"greedy": 0}, {"greedy": []}, {}, complete=True, wall_s=1.0, peak_rss_bytes=0)
   assert res["environment"]["jaxspec"] == jaxspec.__version__
   assert f"- jaxspec {jaxspec.__version__} (commit {head}+changes), jax " in report.markdown(res)
+
+
+def test_the_t5x_runner_takes_the_compiled_program_generate_compiles_with():
+  """_run_t5x compiles through generate's program cache (compiled_program), whose tuple it unpacks: checked without
+  a T5X checkout (the T5X tests skip without one), with a stand-in for T5X's program."""
+  import functools
+
+  import jax
+  import jax.numpy as jnp
+
+  from jaxspec.bench import baselines
+
+  @functools.partial(jax.jit, static_argnums=0,
+                     static_argnames=("decoding", "capacity", "max_new", "eos_id", "topk", "topp"))
+  def program(model, params, arr, lengths, key, temperature, *, decoding, capacity, max_new, eos_id, topk, topp):
+    return jnp.pad(arr, ((0, 0), (0, max_new))) + 1  # "T5X's output": every token one more
+
+  ctx = BenchContext(None, {"w": jnp.zeros(2)}, ByteTokenizer())
+  arr = np.array([[5, 6, 0, 0]], np.int32)
+  res = baselines._run_t5x(ctx, None, program, arr, [2], 128, 3, 0, -1, starts=[2])
+  assert res.tokens == [[1, 1, 1]] and res.program_bytes >= 0

@@ -66,6 +66,13 @@ def test_free_memory_of_accelerators_and_of_the_host(tmp_path, monkeypatch):
   (tmp_path / "memory.max").write_text(f"{3 << 20}\n")
   (tmp_path / "memory.current").write_text(f"{1 << 20}\n")
   assert memory.host_available_bytes() == 2 << 20
+  # The page cache charged to the cgroup (a model's files as read) is reclaimed before anything is killed: room.
+  (tmp_path / "memory.current").write_text(f"{3 << 20}\n")
+  (tmp_path / "memory.stat").write_text(f"anon {1 << 20}\nfile {2 << 20}\nactive_file {1 << 20}\n"
+                                        f"inactive_file {1 << 20}\n")
+  assert memory.host_available_bytes() == 2 << 20
+  (tmp_path / "memory.stat").unlink()
+  (tmp_path / "memory.current").write_text(f"{1 << 20}\n")
   cpus = [device("cpu", None), device("cpu", None)]
   assert memory.free_bytes(cpus) == 1 << 20
 
@@ -81,6 +88,11 @@ def test_every_process_of_a_multi_host_run_refuses_with_the_shortest_one(monkeyp
                               memory_stats=lambda: {"bytes_limit": 8 << 30, "bytes_in_use": 0})
   memory.check_fits(need, [gpu], "advice")  # 2 GiB of 8 GiB: fits here
   monkeypatch.setattr(jax, "process_count", lambda: 2)
+  # A program on this process's devices alone runs alone (maybe on this process only): no collective.
+  monkeypatch.setattr(sharding, "each_process", lambda value: pytest.fail("a collective for a local program"))
+  memory.check_fits(need, [gpu], "advice")
+  # A program over both processes' devices: they decide together.
+  both = [gpu, types.SimpleNamespace(platform="gpu", process_index=1, memory_stats=lambda: None)]
   for case, room in {"roomy": 8 << 10, "short": 1 << 10}.items():  # MiB free on the other process
     def each_process(value, room=room):
       assert value.tolist() == [2 << 10, 8 << 10]  # this process's need and room, in MiB
@@ -88,11 +100,11 @@ def test_every_process_of_a_multi_host_run_refuses_with_the_shortest_one(monkeyp
     monkeypatch.setattr(sharding, "each_process", each_process)
     if case == "short":
       with pytest.raises(OutOfMemory, match="needs about 2.0 GiB .* a device has 1.0 GiB free: advice"):
-        memory.check_fits(need, [gpu], "advice")
+        memory.check_fits(need, both, "advice")
     else:
-      memory.check_fits(need, [gpu], "advice")
+      memory.check_fits(need, both, "advice")
   monkeypatch.setattr(sharding, "each_process", lambda value: np.array([[2 << 10, -1], [2 << 10, -1]]))
-  memory.check_fits(need, [gpu], "advice")  # no process can say: no check
+  memory.check_fits(need, both, "advice")  # no process can say: no check
 
 
 def test_xla_running_out_of_memory_while_decoding_says_what_to_do(tiny, monkeypatch):
@@ -113,3 +125,19 @@ def test_xla_running_out_of_memory_while_decoding_says_what_to_do(tiny, monkeypa
   monkeypatch.setattr(gen_mod, "compiled_program", program_raising(other))
   with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # a bug stays a bug, with its traceback
     generate(model, params, [[1, 2, 3]], max_new_tokens=2)
+
+
+@pytest.mark.parametrize("command,flags", [("generate", ["--prompt", "x"]), ("bench", []), ("train", ["c.yaml"])])
+def test_each_command_words_the_advice_with_its_own_settings(monkeypatch, capsys, command, flags):
+  def run(args):
+    raise OutOfMemory("This request needs about 9.0 GiB more memory per device to decode, and the host has 1.0 GiB "
+                      "free", gen_mod.MEMORY_ADVICE)
+
+  monkeypatch.setattr(cli, f"_cmd_{command}", run)
+  assert cli.main([command, *flags]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("jaxspec: error: This request needs about 9.0 GiB") and err.count("\n") == 1
+  advice = err.split("free: ", 1)[1]
+  assert advice.strip() == cli._MEMORY_ADVICE[command] and "max_new_tokens," not in advice
+  settings = {"generate": "--max-new-tokens", "bench": "--batch-size", "train": "data.gen_batch_size"}
+  assert settings[command] in advice

@@ -332,3 +332,15 @@ def test_a_gguf_token_listed_twice_encodes_to_its_last_id_and_both_ids_decode(tm
   config.write_text(config.read_text().replace('"262": 264', '"262": "x"'))
   with pytest.raises(ModelLoadError, match="jaxspec_token_aliases is not a map of token ids"):
     Tokenizer.from_tokenizer_json(tmp_path / "saved")
+
+
+def test_a_special_token_at_the_earlier_id_of_a_repeated_token_keeps_that_id_through_save(tmp_path):
+  """The GGUF names the first id of a token listed twice as EOS (the id the model emits): the saved tokenizer stops at
+  that id too, though the token's text reads back as the last id."""
+  base = Tokenizer.from_gguf(_write_gguf(tmp_path / "dup.gguf", extra_tokens=["hello"]))
+  first, last = 3 + 256 + 3, 3 + 256 + 5
+  tok = Tokenizer(base.backend, bos_id=0, eos_id=first, aliases={first: last})
+  tok.save(tmp_path / "saved")
+  again = Tokenizer.from_tokenizer_json(tmp_path / "saved")
+  assert (again.bos_id, again.eos_id, again.eos_ids) == (0, first, (first,))
+  assert again.encode("hello") == [last]

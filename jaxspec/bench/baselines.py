@@ -187,7 +187,7 @@ def _run_t5x(ctx: BenchContext, decoding, fn, arr: np.ndarray, lengths: list[int
           jnp.float32(ctx.temperature))
   static = dict(model=ctx.model, decoding=decoding, capacity=capacity, max_new=int(max_new_tokens), eos_id=eos,
                 topk=int(ctx.top_k), topp=float(topp))
-  program, compile_s, nbytes = compiled_program(args, static, fn=fn)
+  program, compile_s, nbytes, _ = compiled_program(args, static, fn=fn)
   t0 = time.perf_counter()
   out = np.asarray(jax.device_get(program(*args)))
   run_s = time.perf_counter() - t0

@@ -135,7 +135,7 @@ def source_commit() -> str | None:
     head = git("rev-parse", "--show-toplevel", "HEAD")
     if head.returncode != 0:
       return None
-    top, commit = head.stdout.split()
+    top, commit = head.stdout.splitlines()  # (a path may hold spaces)
     if Path(top).resolve() != root:  # jaxspec installed inside another project's checkout
       return None
     changed = git("status", "--porcelain", "--untracked-files=no", "--", "jaxspec", "training")
@@ -268,15 +268,20 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   if mesh is not None:  # the mesh by its sizes (-1 filled in): "2,4" and "data=2,model=4" are the same work
     cfg = dataclasses.replace(cfg, mesh=",".join(f"{a}={n}" for a, n in sharding.mesh_info(mesh).items()))
   prompts = load_prompts(cfg.prompts or QUICK_PROMPTS, categories=cfg.categories, limit=cfg.limit)
-  labels, seen = [], {}
+  labels, seen, twice = [], {}, None
   for method in cfg.methods:
     label, name, opts = parse_method(method)
     key = same_method_key(name, opts)
-    if key in seen:
+    if key in seen and twice is None:
       same = "is listed twice" if seen[key] == label else f"and {seen[key]!r} are the same method"
-      raise InputError(f"{label!r} {same} in --methods: give it once.")
+      twice = f"{label!r} {same} in --methods: give it once."
     seen[key] = label
     labels.append(label)
+  # Paths are compared where they lead from here, and the defaults are this install's: process 0 decides for every
+  # process of a multi-host run (one refusing alone would leave the others waiting for it).
+  twice = sharding.from_first_process(twice)
+  if twice:
+    raise InputError(twice)
   if REFERENCE not in labels:
     labels.insert(0, REFERENCE)  # speedups and exactness are measured against it, in the same run
   out = Path(cfg.out)

@@ -356,12 +356,13 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
   t0 = time.perf_counter()
   try:
     out: DecodeOutput = program(*args)
+    # (the fetch too: a dispatched program may report its allocation failing only when its results are read)
+    toks, lens, st, dst = sharding.fetch((out.tokens_BxO, out.lengths_B, out.stats, out.drafter_stats))
   except jax.errors.JaxRuntimeError as e:
     if not memory.is_out_of_memory(e):
       raise
     raise OutOfMemory(f"The devices ran out of memory while decoding ({str(e).splitlines()[0][:200]})",
                       MEMORY_ADVICE) from e
-  toks, lens, st, dst = sharding.fetch((out.tokens_BxO, out.lengths_B, out.stats, out.drafter_stats))
   run_s = time.perf_counter() - t0
   return GenerationResult(
       tokens=[row[:n].tolist() for row, n in zip(toks, lens)], target_calls=int(st.target_calls),

@@ -251,6 +251,8 @@ def _read_json_object(path: str, fix: str) -> dict[str, Any] | None:
 
 # tokenizer_config.json's key for `Tokenizer`'s aliases, written by `save` (other programs ignore it)
 ALIASES_KEY = "jaxspec_token_aliases"
+# and its key for special tokens at aliased ids (their text alone would read back as the other id)
+ALIAS_SPECIAL_IDS_KEY = "jaxspec_alias_special_ids"
 
 
 def _read_aliases(value, path: str) -> dict[int, int]:
@@ -458,7 +460,16 @@ class Tokenizer:
         value = value.get("content")
       return backend.token_to_id(value) if isinstance(value, str) else None
 
-    bos_id, eos_id = token_id("bos_token"), token_id("eos_token")
+    aliases = _read_aliases(config.get(ALIASES_KEY), path)
+    # An aliased id (the earlier id of a token listed twice) is not what its text encodes to: `save` writes it.
+    named = config.get(ALIAS_SPECIAL_IDS_KEY) if aliases else None
+    named = named if isinstance(named, dict) else {}
+
+    def special_id(key):
+      value = named.get(key)
+      return int(value) if isinstance(value, int) and int(value) in aliases else token_id(key)
+
+    bos_id, eos_id = special_id("bos_token"), special_id("eos_token")
     eos_ids = None
     if bos_id is None or eos_id is None:
       model_ids = _model_config_ids(folder, backend.get_vocab_size(with_added_tokens=True))
@@ -475,13 +486,13 @@ class Tokenizer:
         backend,
         bos_id=bos_id,
         eos_id=eos_id,
-        pad_id=token_id("pad_token"),
-        unk_id=token_id("unk_token"),
+        pad_id=special_id("pad_token"),
+        unk_id=special_id("unk_token"),
         chat_template=template,
         add_bos_token=bool(config.get("add_bos_token", False)),
         name=path,
         eos_ids=eos_ids,
-        aliases=_read_aliases(config.get(ALIASES_KEY), path),
+        aliases=aliases,
     )
 
   def save(self, folder: str | os.PathLike) -> None:
@@ -495,6 +506,12 @@ class Tokenizer:
       config["chat_template"] = self._chat_template
     if self._aliases:  # tokenizer.json's vocabulary cannot hold a token twice
       config[ALIASES_KEY] = {str(k): v for k, v in sorted(self._aliases.items())}
+      # a special token at an aliased id: its text reads back as the last id, so the id itself is kept
+      special = {key: token_id for key, token_id in (("bos_token", self._bos_id), ("eos_token", self._eos_id),
+                                                     ("pad_token", self._pad_id), ("unk_token", self._unk_id))
+                 if token_id is not None and token_id in self._aliases}
+      if special:
+        config[ALIAS_SPECIAL_IDS_KEY] = special
     files.write_files(folder, {"tokenizer.json": lambda tmp: self._backend.save(str(tmp)),
                                "tokenizer_config.json": files.text_writer(json.dumps(config, ensure_ascii=False,
                                                                                      indent=2))})
