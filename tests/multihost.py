@@ -90,9 +90,10 @@ def drafts(workdir: Path, mesh_spec: str) -> None:
   draft_cfg = tiny_draft_config(workdir, "draft", 20)
   draft_cfg = dataclasses.replace(draft_cfg, mesh=mesh_spec, optim=dataclasses.replace(draft_cfg.optim, total_steps=20))
   eagle_cfg = dataclasses.replace(tiny_eagle_config(workdir / "eagle", 20), mesh=mesh_spec)
+  # The target split over the mesh from the start, as `jaxspec train` loads it for a config with a mesh.
+  params = sharding.partitioner(mesh, model).shard_params(params)
   losses = [train_draft(draft_cfg, model=model, params=params, tokenizer=tok, progress=False)["final_eval"],
             train_eagle(eagle_cfg, model=model, params=params, tokenizer=tok, progress=False)["final_eval"]]
-  params = sharding.partitioner(mesh, model).shard_params(params)
   greedy = generate(model, params, prompts, max_new_tokens=24, mesh=mesh)
   draft, draft_params = load_draft(draft_cfg.out, params)
   spec = generate(model, params, prompts, max_new_tokens=24, mesh=mesh, drafter=DraftModelDrafter(draft, 3),

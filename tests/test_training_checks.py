@@ -92,6 +92,30 @@ def test_a_dataset_folder_from_another_model_or_other_prompts_is_refused(tiny, t
   assert json.loads((tmp_path / "d" / "meta.json").read_text()) == meta
 
 
+def test_what_a_data_folder_holds_is_read_by_process_zero_for_every_process(tiny, tmp_path, monkeypatch):
+  """Every process of a multi-host run writes the data folder's files, so each read them at another moment: one took
+  the branch that checks an earlier meta.json (a collective over a split target) while the other went on to decode,
+  and both waited for ever (seen with the draft and EAGLE tasks on split weights). Process 0's reading is everyone's."""
+  import jaxspec.decoding.generate as gen_mod
+  from jaxspec import sharding
+
+  model, params = tiny
+  texts = ["alpha 1", "bravo 2", "charlie 3"]
+  _distill(model, params, texts, tmp_path / "d")  # this process sees a finished folder
+  real, views, seen = sharding.from_first_process, [], []
+  monkeypatch.setattr(sharding, "from_first_process",
+                      lambda obj: seen.append(obj) or real(views.pop(0) if views else obj))
+  real_generate, decoded = gen_mod.generate, []
+  monkeypatch.setattr(gen_mod, "generate", lambda *a, **k: decoded.append(1) or real_generate(*a, **k))
+  assert len(_distill(model, params, texts, tmp_path / "d")) == 3 and decoded == []  # alone: nothing to decode
+  views.append([None, None, False, [False]])  # process 0 read the folder before any file was there
+  assert len(_distill(model, params, texts, tmp_path / "d")) == 3
+  assert seen[-1][2:] == [True, [True]] and decoded  # its own view said "done"; it decoded with process 0
+  views.append([None, "meta.json there is damaged: delete it", False, [False]])
+  with pytest.raises(InputError, match="meta.json there is damaged"):  # process 0's error, on every process
+    _distill(model, params, texts, tmp_path / "d")
+
+
 def test_a_dataset_folder_of_another_tied_t5_is_refused(tmp_path):
   """A T5 keeps its embedding as `shared`, which the data folder's fingerprint did not read: every T5 with a tied
   head had the same one, and a run for another such T5 reused the first one's answers (found by an audit). A folder

@@ -20,7 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxspec import files
+from jaxspec import files, sharding
 from jaxspec.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -244,7 +244,18 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   source = {"target": target_fingerprint(params) if params is not None else None,
             "prompt_ids_sha256": hashlib.sha256(json.dumps([list(map(int, p)) for p in ids]).encode()).hexdigest()}
   meta_path = out / "meta.json"
-  old = read_meta(meta_path)
+  shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
+  # What the folder holds, as process 0 reads it: in a multi-host run every process writes the folder's files too, so
+  # another process may read them before or after one wrote them, and the branches below run collectives (the
+  # fingerprints of a split target, the decoding).
+  try:
+    found = [read_meta(meta_path), None]
+  except InputError as e:
+    found = [None, str(e)]
+  old, unreadable, has_shards, present = sharding.from_first_process(
+      found + [bool(shard_files(out)), [(out / f"shard_{si:05d}.npz").exists() for si in range(len(shards))]])
+  if unreadable:
+    raise InputError(unreadable)
   if old is not None:
     if {k: v for k, v in old.items() if k not in (*source, "batch_size")} != meta:
       raise InputError(f"{out} holds a dataset built with other settings ({meta_path}: {old}); use another folder.")
@@ -258,11 +269,10 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
         what = "another target model" if field == "target" else "other prompts (or another tokenizer)"
         raise InputError(f"{out} holds answers written by {what} than this run's ({field} {old[field]} there, {value} "
                          f"here): use another {key} for this run, or delete that folder to rebuild it.")
-  elif shard_files(out):
+  elif has_shards:
     raise InputError(f"{out} holds dataset shards but no meta.json: it was not written by self-distillation (or by "
                      "a run from before meta files); use another folder, or delete it to rebuild.")
-  shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
-  done = sum(len(shard) for si, shard in enumerate(shards) if (out / f"shard_{si:05d}.npz").exists())
+  done = sum(len(shard) for si, shard in enumerate(shards) if present[si])
   if temperature > 0:  # the batch size seeds the sampling: answers continued at another would be another draw
     was = (old or {}).get("batch_size")
     if was is not None and was != batch_size and 0 < done < len(order):
@@ -276,7 +286,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   bar = tqdm(total=len(order), desc="self-distill", unit="answer", disable=not progress)
   for si, shard in enumerate(shards):
     path = out / f"shard_{si:05d}.npz"
-    if path.exists():
+    if present[si]:
       bar.update(len(shard))
       continue
     seqs, plens, t0 = [], [], time.perf_counter()

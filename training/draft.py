@@ -222,7 +222,8 @@ def teacher_topk(model, params, tokens_NxL: np.ndarray, lengths_N: np.ndarray, k
     # A short last batch is padded with its own last row instead of compiling a new shape.
     run = np.concatenate([idx, np.full(batch_size - len(idx), idx[-1])]) if len(idx) < batch_size else idx
     l = min(bucket(max(int(lengths_N[rows[run]].max()), 1), 32), length)
-    out = jax.device_get(_teacher_batch(model, k, params, jnp.asarray(tokens_NxL[rows[run], :l])))
+    # (fetch: a target split over hosts gives a vocabulary split over them, gathered here)
+    out = sharding.fetch(_teacher_batch(model, k, params, jnp.asarray(tokens_NxL[rows[run], :l])))
     ids[idx, :l], logp[idx, :l], other[idx, :l] = (a[:len(idx)] for a in out)
     if advance is not None:
       advance(len(idx))
