@@ -98,7 +98,7 @@ def test_a_draft_with_another_tokenizer_of_the_same_size_is_warned_about(t5, tmp
 
 # ---- meshes ------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("spec", ["foo", "2,4,8", "2"])
+@pytest.mark.parametrize("spec", ["foo", "2,4,8", "2", "data=2,4"])  # the last: named and bare sizes mixed
 def test_a_bad_mesh_quotes_the_string_and_shows_the_forms(spec):
   with pytest.raises(InputError) as e:
     sharding.parse_mesh_shape(spec)
@@ -290,6 +290,10 @@ def test_distributed_reads_the_process_layout_from_the_environment(monkeypatch):
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "notahost")  # JAX's own error was "list index out of range"
   with pytest.raises(InputError, match="JAX_COORDINATOR_ADDRESS='notahost' is not host:port"):
     sharding.initialize_distributed()
+  for bad in ("10.0.0.2:1234/x", "10.0.0.2:123456"):  # the whole value is host:port, not just a part of it
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", bad)
+    with pytest.raises(InputError, match="is not host:port"):
+      sharding.initialize_distributed()
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:1234")
   sharding.initialize_distributed()
   assert calls[-1] == {}

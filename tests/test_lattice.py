@@ -188,6 +188,9 @@ def test_bad_lattice_settings_are_clear_errors(setup):
     LatticeDrafter(bpd, "none", keep_raw=True)
   with pytest.raises(InputError, match="n-gram"):
     LatticeDrafter(bpd, "ngram")
+  with pytest.raises(InputError, match="gamma equal to the number of heads"):
+    LatticeDrafter(bpd, "neural", lm=DraftModelDrafter(setup[0], bpd.num_heads + 1))
+  assert LatticeDrafter(bpd, "none", top_t=2, beams=2).beams == 2  # as many beams as candidates is fine
   model = setup[0]  # a lattice wider than the heads' vocabulary: before, a top_k shape error while compiling
   with pytest.raises(InputError, match=f"width t={model.vocab_size + 1} is more than the {model.vocab_size} tokens"):
     _run(setup, LatticeDrafter(bpd, "none", top_t=model.vocab_size + 1))
@@ -344,3 +347,161 @@ def test_updates_read_the_hidden_state_and_the_tokens_of_the_accepted_path(tiny)
   assert new.hidden_BxD[:, 0].tolist() == [5, T + 4]
   # committed: pending 10, then 50, 51 (52 is the new pending); pending 20, then 60 (61 pending)
   assert new.hist_BxH.tolist() == [[10, 50, 51], [19, 20, 60]]
+  # A row that has ended keeps its state.
+  new = drafter.update(None, state, verified([[0, 3, 5, 0, 0, 0], [0, 4, 0, 0, 0, 0]], [3, 2], active=(True, False)))
+  assert new.hidden_BxD[:, 0].tolist() == [5, -1] and new.hist_BxH.tolist() == [[10, 50, 51], [17, 18, 19]]
+
+
+# --- The drafter's parts on hand-made lattices ----------------------------------------------------------------------
+# Rescoring, the oracle, keep_raw and the statistics only change which drafts are verified (the output stays greedy
+# decoding's), so the end-to-end tests above cannot see most of their mistakes; these check them against values
+# worked out by hand or by brute force.
+
+
+def _fake_loop(pending, active, n_out=None):
+  import types
+  b = len(pending)
+  return types.SimpleNamespace(pending_B=jnp.asarray(pending, jnp.int32), active_B=jnp.asarray(active),
+                               n_out_B=jnp.asarray(n_out if n_out is not None else [1] * b, jnp.int32))
+
+
+def _state(hist, pending, k):
+  from jaxspec.decoding.lattice import LatticeState
+  b = len(pending)
+  z_K, zero = jnp.zeros((k,), jnp.float32), jnp.int32(0)
+  return LatticeState(hidden_BxD=jnp.zeros((b, 4), jnp.float32), hist_BxH=jnp.asarray(hist, jnp.int32),
+                      pending_B=jnp.asarray(pending, jnp.int32), lm=(), entropy_K=z_K, top1_K=z_K, proposals=zero,
+                      raw_repeats=zero, draft_repeats=zero)
+
+
+# Row 0's heads over 8 tokens: column 0 prefers 5 (0.5) to 7 (0.4), column 1 is sure of 5 (0.7), column 2 of 6 (0.8),
+# so the raw draft is [5, 5, 6] and the second-best path swaps column 0's token (0.4 / 0.5 beats 0.1 / 0.7 and
+# 0.1 / 0.8): [7, 5, 6]. Row 1 is uniform. Unlisted tokens share what is left of each column.
+HAND_PROBS = [[{5: 0.5, 7: 0.4, 3: 0.06}, {5: 0.7, 2: 0.1, 4: 0.09}, {6: 0.8, 1: 0.1, 0: 0.05}],
+              [{}, {}, {}]]
+
+
+def _hand_probs():
+  p = np.zeros((2, 3, 8))
+  for b, row in enumerate(HAND_PROBS):
+    for i, col in enumerate(row):
+      rest = [t for t in range(8) if t not in col]
+      p[b, i, rest] = (1.0 - sum(col.values())) / len(rest)
+      for t, q in col.items():
+        p[b, i, t] = q
+  return p
+
+
+@dataclasses.dataclass(frozen=True)
+class HandLattice(LatticeDrafter):
+  """The lattice of `HAND_PROBS` in place of the heads'."""
+
+  def lattice(self, draft_params, dstate, pending_B):
+    logp = jnp.asarray(np.log(_hand_probs()), jnp.float32)
+    val, idx = jax.lax.top_k(logp, self.top_t)
+    return idx.astype(jnp.int32), val, logp
+
+
+def test_drafts_and_statistics_of_a_hand_made_lattice(setup):
+  bpd = setup[2]
+  p = _hand_probs()
+  pending, active = [5, 3], [True, False]
+  loop = _fake_loop(pending, active)
+
+  def propose(drafter, dp=None):
+    draft, state = drafter.propose(dp or {}, _state([[1], [1]], [0, 0], 3), loop)
+    return np.asarray(draft.tokens_BxN[0]).reshape(drafter.beams, 3).tolist(), state
+
+  # The p best paths by head probability; keep_raw puts the raw draft last.
+  chains, state = propose(HandLattice(bpd, "none", top_t=3, beams=2))
+  assert chains == [[5, 5, 6], [7, 5, 6]]
+  assert propose(HandLattice(bpd, "none", top_t=3, beams=3, keep_raw=True))[0] == [[5, 5, 6], [7, 5, 6], [5, 5, 6]]
+  # Statistics of the active row only: its heads' entropies and top-1 probabilities, and adjacent equal tokens in
+  # [pending, raw draft] and [pending, first draft]: 5 5 5 6 has two.
+  np.testing.assert_allclose(state.entropy_K, -np.sum(p[0] * np.log(p[0]), axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(state.top1_K, [0.5, 0.7, 0.8], rtol=1e-5)
+  assert (int(state.proposals), int(state.raw_repeats), int(state.draft_repeats)) == (1, 2, 2)
+  assert state.pending_B.tolist() == pending  # what update() reads as the last committed token
+  # A first draft other than the raw one: the oracle drafts the reference's tokens where the lattice holds them
+  # (the top 3 of each column) and the raw token elsewhere. The row has 1 output token: the draft is refs 1..3.
+  ref = np.full((2, 8), -1, np.int32)
+  ref[0, :4] = [5, 7, 9, 1]  # 7 is column 0's rank 2, 9 is not in column 1, 1 is column 2's rank 2
+  chains, state = propose(HandLattice(bpd, "oracle", top_t=3), {"reference_BxR": jnp.asarray(ref)})
+  assert chains == [[7, 5, 1]]
+  assert (int(state.raw_repeats), int(state.draft_repeats)) == (2, 0)
+  assert propose(HandLattice(bpd, "oracle", top_t=3), {"reference_BxR": jnp.asarray(-ref - 2)})[0] == [[5, 5, 6]]
+
+
+def test_the_beam_search_keeps_the_best_lattice_paths():
+  """The rescorer's beam search, column by column, keeps the p best partial paths by (1 - w) * head + w * n-gram
+  log-probability, the n-gram reading the history, the pending token and the path before each column (a plain
+  beam search is the reference); scored by the heads alone its beams are exactly the p best of all t^k paths."""
+  rng = np.random.default_rng(7)
+  v, k, t, p, w = 16, 3, 4, 3, 0.6
+  lm, tables, _ = build_ngram([rng.integers(0, 12, 60).tolist() for _ in range(20)], 3, v)
+  ng = {key: jnp.asarray(x) for key, x in tables.items()}
+  drafter = LatticeDrafter(None, "ngram", top_t=t, beams=p, ngram=lm)
+  hist, pending = [[3, 4], [-1, 9]], [5, 2]  # h = order - 1 = 2 tokens of history; row 1's text starts at 9
+  cand = np.stack([np.stack([rng.permutation(12)[:t] for _ in range(k)]) for _ in range(2)])
+  logp = np.log(rng.dirichlet(np.ones(t), size=(2, k)))
+
+  def beams(use_ngram):
+    got = drafter._beam({"weight": jnp.float32(w), "ngram": ng}, _state(hist, pending, k), jnp.asarray(pending),
+                        jnp.asarray(cand, jnp.int32), jnp.asarray(logp, jnp.float32), use_ngram=use_ngram)
+    return [[tuple(x) for x in row] for row in np.asarray(got).tolist()]
+
+  got = beams(True)
+  for b in range(2):
+    kept = [((), 0.0)]
+    for i in range(k):
+      kept = sorted(((path + (int(x),), s + (1 - w) * logp[b, i, c]
+                      + w * math.log(exact_prob(tables, lm, hist[b] + [pending[b]] + list(path), int(x))))
+                     for path, s in kept for c, x in enumerate(cand[b, i])), key=lambda e: e[1], reverse=True)[:p]
+    assert got[b] == [path for path, _ in kept], b
+  got = beams(False)
+  for b in range(2):
+    score = {tuple(int(cand[b, i, c]) for i, c in enumerate(ch)): sum(logp[b, i, c] for i, c in enumerate(ch))
+             for ch in np.ndindex(*(t,) * k)}
+    assert got[b] == sorted(score, key=score.get, reverse=True)[:p], b
+
+
+def test_init_history_is_the_prompts_last_tokens(setup):
+  """The n-gram rescorer's history starts as the prompt's last order - 1 tokens (-1 before the text)."""
+  from jaxspec.decoding.protocol import PrefillInfo
+  bpd, lm = setup[2], build_ngram([[1, 2, 3]], 3, 8)[0]
+  prefill = PrefillInfo(jnp.asarray([[5, 6, 7, 0], [9, 0, 0, 0], [4, 8, 0, 0]], jnp.int32), jnp.asarray([3, 1, 2]),
+                        jnp.zeros((3, 4)), jnp.zeros((3, 8)), jnp.asarray([11, 12, 13]), capacity=16)
+  state = LatticeDrafter(bpd, "ngram", top_t=2, ngram=lm).init({}, prefill)
+  assert state.hist_BxH.tolist() == [[6, 7], [-1, 9], [4, 8]] and state.pending_B.tolist() == [11, 12, 13]
+
+
+def test_a_neural_lm_that_is_the_target_drafts_its_greedy_continuation(setup):
+  """With weight 1 the neural rescorer picks, column by column, the LM's favourite among the lattice's candidates;
+  with every token a candidate and the target as the LM, that is the greedy continuation: every draft is accepted,
+  as with the oracle."""
+  model, params, bpd, _, greedy, *_ = setup
+  k = bpd.num_heads
+  drafter = LatticeDrafter(bpd, "neural", top_t=model.vocab_size, lm=DraftModelDrafter(model, k))
+  res = _run(setup, drafter, weight=1.0, lm=params)
+  assert res.tokens == greedy.tokens
+  assert np.all(res.accept_hist[:, k + 1] >= np.asarray(res.active_calls) - 1) and res.tau > k
+
+
+def test_heads_over_a_vocabulary_subset_draft_token_ids(setup):
+  """Heads trained on a subset of the vocabulary score indices into it: the lattice maps them to token ids, so the
+  unrescored lattice drafts what plain BPD drafts (an unmapped index would be another token, rarely accepted)."""
+  from jaxspec.models.bpd import BPDConfig, BPDModel
+  model, params, _, _, greedy, *_ = setup
+  # The subset holds the greedy output's tokens (so drafts can be accepted) and others, shuffled: index != id.
+  rng = np.random.default_rng(0)
+  used = sorted({t for row in greedy.tokens for t in row})
+  ids = rng.permutation(used + [t for t in rng.permutation(model.vocab_size).tolist() if t not in used][:64])
+  bpd = BPDModel(BPDConfig(num_heads=3, d_model=model.cfg.d_model, d_hidden=16, vocab_subset=len(ids)))
+  hp = bpd.init_params(jax.random.key(1), vocab_ids=ids)
+  hp["heads"]["w_out"] = jax.random.normal(jax.random.key(2), hp["heads"]["w_out"].shape) * 0.5
+  dp = bpd_draft_params(model, params, bpd, hp)
+  plain = generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=BPDDrafter(bpd), draft_params=dp)
+  res = generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=LatticeDrafter(bpd, "none", top_t=4),
+                 draft_params=lattice_draft_params(dp))
+  assert res.tokens == greedy.tokens and plain.accept_hist[:, 2:].sum() > 0
+  np.testing.assert_array_equal(res.accept_hist, plain.accept_hist)

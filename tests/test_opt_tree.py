@@ -21,6 +21,7 @@ from jaxspec.decoding.opt_tree import (HeadsTreeSource, LMTreeSource, OptTreeDra
 from jaxspec.decoding.protocol import Draft, PrefillInfo
 from jaxspec.decoding.sampling import SamplingParams, Warp
 from jaxspec.errors import InputError
+from jaxspec.models.bpd import BPDConfig, BPDModel
 from jaxspec.models.subset import subset_head
 from tests.conftest import assert_gates_mix, make_tiny
 from tests.fakes import tree_arrays
@@ -92,8 +93,9 @@ def fake_loop(pending, active=None):
                                sp=SamplingParams.make(0.0))
 
 
-def best_first_paths(model, params, prefix, n):
-  """The n root paths of highest draft probability, by best-first search with uncached forwards (the reference)."""
+def best_first_paths(model, params, prefix, n, max_depth=None):
+  """The n root paths of highest draft probability (of at most `max_depth` tokens), by best-first search with uncached
+  forwards (the reference)."""
 
   width = len(prefix) + n  # every path is padded to one length (causal: padding after it changes nothing), one jit
 
@@ -113,6 +115,8 @@ def best_first_paths(model, params, prefix, n):
   while len(out) < n:
     neg, path = heapq.heappop(heap)
     out[path] = -neg
+    if max_depth is not None and len(path) >= max_depth:
+      continue
     for x, v in enumerate(logp(path)):
       heapq.heappush(heap, (neg - v, path + (x,)))
   return out
@@ -163,6 +167,25 @@ def test_tree_is_the_n_most_probable_paths(tiny):
   assert sorted(np.asarray(draft.depth_BxN[0]).tolist()) == np.asarray(draft.depth_BxN[0]).tolist()  # parents first
   ea = float(dstate.expected_accept_DxN[-1, -1])
   assert abs(ea - sum(np.exp(v) for v in want.values())) < 1e-4
+  # The statistics: E[A] of the best m-node tree of depth <= d, for every m and d (choose_budget's input), is the sum
+  # of the m most probable paths of at most d tokens; with threshold 0 growth reaches the maximum depth, one draft
+  # forward per depth; the rank-r child probabilities are the root's (depth 1) and the best depth-1 node's (depth 2).
+  for d in range(1, drafter.depth + 1):
+    best = sorted(np.exp(list(best_first_paths(draft_model, draft_params, prompt, n, max_depth=d).values())))[::-1]
+    np.testing.assert_allclose(dstate.expected_accept_DxN[d - 1], np.cumsum(best), atol=1e-4, err_msg=f"depth {d}")
+  assert dstate.reached_D.tolist() == [0, 0, 0, 1] and int(dstate.forwards) == drafter.depth
+  root = np.exp(_logp_after(draft_model, draft_params, prompt))
+  np.testing.assert_allclose(dstate.rank_prob_DxC[0], np.sort(root)[::-1][:n * n], atol=1e-5)
+  child = np.exp(_logp_after(draft_model, draft_params, prompt + [int(np.argmax(root))]))
+  np.testing.assert_allclose(dstate.rank_prob_DxC[1, :n], np.sort(child)[::-1][:n], atol=1e-5)
+
+
+def _logp_after(model, params, seq):
+  """The model's next-token log-probabilities after `seq`, by an uncached forward."""
+  w = len(seq)
+  logits, _, _ = model.forward(params, jnp.asarray([seq]), jnp.arange(w)[None], model.init_cache(1, w),
+                               jnp.tril(jnp.ones((w, w), bool)))
+  return np.asarray(jax.nn.log_softmax(logits[0, -1].astype(jnp.float32)), np.float64)
 
 
 PROMPTS = [[1, 2, 3], [7] * 9, [100, 5, 17, 4]]
@@ -407,14 +430,18 @@ def test_trees_equal_greedy_on_default_model(default_model):
     assert res.tokens == ref, drafter
 
 
-def test_a_draft_lm_tree_after_a_step_is_the_tree_a_fresh_prefill_grows(tiny):
+# (2, 3, 2): a depth-2 node of a bushy tree and a correction; (1, 2, 3): a 6-node pool taken whole, so it has depth-3
+# nodes, and a depth-3 path plus the correction commits depth + 1 tokens, the most a step commits.
+@pytest.mark.parametrize("width,branch,node_depth", [(2, 3, 2), (1, 2, 3)])
+def test_a_draft_lm_tree_after_a_step_is_the_tree_a_fresh_prefill_grows(tiny, width, branch, node_depth):
   """After a verified step the draft LM's cache holds exactly the committed tokens: the next tree (tokens and E[A])
-  equals the tree of a drafter prefilled on the committed sequence. A token fed twice would change both."""
+  equals the tree of a drafter prefilled on the committed sequence. A token fed twice, or one left out, would change
+  both."""
   from jaxspec.decoding.protocol import Acceptance, Verified
 
   model, params = tiny
   other, other_params = make_tiny(seed=1)
-  drafter = OptTreeDrafter(LMTreeSource(other), nodes=6, depth=3, width=2, branch=3)
+  drafter = OptTreeDrafter(LMTreeSource(other), nodes=6, depth=3, width=width, branch=branch)
   v = model.vocab_size
 
   def prefill(tokens, first):
@@ -431,18 +458,20 @@ def test_a_draft_lm_tree_after_a_step_is_the_tree_a_fresh_prefill_grows(tiny):
 
   prompt, first, correction = [5, 17, 33, 2, 90], 41, 77
   draft, state, _ = propose(drafter.init(other_params, prefill(prompt, first)), first)
-  node = int(jnp.argmax(draft.depth_BxN[0] == 2))  # a depth-2 node: commit its parent, itself and a correction
-  parent = int(draft.parent_BxN[0, node])
-  path = [parent, node]
+  node = int(jnp.argmax(draft.depth_BxN[0] == node_depth))  # commit its ancestors, itself and a correction
+  assert int(draft.depth_BxN[0, node]) == node_depth
+  path = [node]
+  while int(draft.parent_BxN[0, path[0]]) >= 0:
+    path.insert(0, int(draft.parent_BxN[0, path[0]]))
   emitted = [int(draft.tokens_BxN[0, i]) for i in path] + [correction]
-  t = drafter.nodes + 1
-  acc = Acceptance(jnp.asarray([emitted + [0] * (t - 3)], jnp.int32),
-                   jnp.asarray([[0] + [i + 1 for i in path] + [0] * (t - 3)], jnp.int32), jnp.asarray([3], jnp.int32),
+  t, c = drafter.nodes + 1, len(emitted)
+  acc = Acceptance(jnp.asarray([emitted + [0] * (t - c)], jnp.int32),
+                   jnp.asarray([[0] + [i + 1 for i in path] + [0] * (t - c)], jnp.int32), jnp.asarray([c], jnp.int32),
                    is_prefix=False)
   state = drafter.update(other_params, state, Verified(draft, jnp.zeros((1, t, v)), jnp.zeros((1, t, 8)), acc,
                                                        jnp.asarray([True])))
   draft2, _, ea2 = propose(state, correction)
-  fresh, _, ea_fresh = propose(drafter.init(other_params, prefill(prompt + [first] + emitted[:2], correction)),
+  fresh, _, ea_fresh = propose(drafter.init(other_params, prefill(prompt + [first] + emitted[:-1], correction)),
                                correction)
   assert draft2.tokens_BxN.tolist() == fresh.tokens_BxN.tolist()
   np.testing.assert_allclose(ea2, ea_fresh, rtol=1e-5, atol=1e-6)
@@ -523,3 +552,165 @@ def test_self_drafted_tree_equals_greedy_with_deep_accepted_paths(varied, varied
   res = gen.generate(model, params, VARIED_PROMPTS, max_new_tokens=NEW, drafter=drafter, draft_params=params)
   assert res.tokens == varied_ref
   assert res.tau > 2.5 and res.accept_hist[:, 3:].sum() >= 0.9 * res.accept_hist.sum()
+
+
+# --- Trees from BPD heads, checked against the heads' lattice ------------------------------------------------------
+# A wrong head, a wrong token mapping, a wrong selection key or wrong statistics leave the output greedy decoding's
+# (only fewer drafts are accepted), so these compare the grown tree with values worked out from the heads directly.
+
+
+def heads_propose(tiny, drafter, dp, bpd, rows=2, active=None, seed=0):
+  """One propose of `drafter` on random hidden states; also returns the heads' log-probabilities `[B, K, M]`."""
+  from jaxspec.decoding.bpd import BPDDrafter
+  model, _ = tiny
+  rng = np.random.default_rng(seed)
+  hidden = jnp.asarray(rng.normal(size=(rows, model.cfg.d_model)), jnp.float32)
+  pending = rng.integers(0, model.vocab_size, rows).tolist()
+  prefill = PrefillInfo(jnp.zeros((rows, 2), jnp.int32), jnp.full((rows,), 2), hidden,
+                        jnp.zeros((rows, model.vocab_size)), jnp.asarray(pending, jnp.int32), capacity=8)
+  loop = fake_loop(pending, active)
+  draft, state = jax.jit(lambda p, s: drafter.propose(p, s, loop))(dp, drafter.init(dp, prefill))
+  src_params = dp["source"] if drafter.shape == "static" else dp
+  logits = np.asarray(BPDDrafter(bpd).head_logits(src_params, hidden, jnp.asarray(pending, jnp.int32)), np.float64)
+  z = logits - logits.max(-1, keepdims=True)
+  return draft, state, z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def check_tree(draft):
+  """A draft's depths, parents and masks agree: roots have depth 1, a child is one deeper than its parent and comes
+  after it, and each node sees exactly itself and its ancestors."""
+  for b in range(draft.tokens_BxN.shape[0]):
+    depth, parent = np.asarray(draft.depth_BxN[b]).tolist(), np.asarray(draft.parent_BxN[b]).tolist()
+    mask = np.asarray(draft.mask_BxNxN[b])
+    for i, (d, p) in enumerate(zip(depth, parent)):
+      assert (p == -1) == (d == 1) and p < i, (b, i, depth, parent)
+      assert p == -1 or depth[p] == d - 1, (b, i, depth, parent)
+      want = {i} | (set(np.flatnonzero(mask[p])) if p >= 0 else set())
+      assert set(np.flatnonzero(mask[i])) == want, (b, i)
+
+
+def test_a_heads_tree_is_the_n_best_paths_of_the_heads_lattice(tiny):
+  """Heads over a subset of the vocabulary, a frontier and branching wide enough to hold the 8 best paths: the tree
+  is the 8 most probable paths of at most 3 tokens (head d scoring depth d, indices mapped to token ids), whatever
+  the rows; E[A] and the rank probabilities count the active row only."""
+  model, params = tiny
+  m, k, n = 64, 3, 8
+  ids = np.random.default_rng(3).permutation(model.vocab_size)[:m]
+  bpd = BPDModel(BPDConfig(num_heads=k, d_model=model.cfg.d_model, d_hidden=16, vocab_subset=m))
+  hp = bpd.init_params(jax.random.key(1), vocab_ids=ids)
+  hp["heads"]["w_out"] = jax.random.normal(jax.random.key(2), hp["heads"]["w_out"].shape) * 0.5
+  dp = bpd_draft_params(model, params, bpd, hp)
+  dp = dict(dp, proj_DxM=dp["proj_DxM"] * 20.0)  # sharper heads: the best paths reach depth 3
+  # Each of the 8 best paths has its ancestors among them, so at most 7 nodes of one depth expand and at most 7
+  # children of one node are kept: width 7 and branch 8 hold them all.
+  drafter = OptTreeDrafter(HeadsTreeSource(bpd), nodes=n, depth=k, width=7, branch=8)
+  draft, state, logp = heads_propose(tiny, drafter, dp, bpd, active=[True, False])
+  check_tree(draft)
+  assert all(row == sorted(row) for row in draft.depth_BxN.tolist())  # sorted by depth, as the module promises
+  assert draft.depth_BxN[:, -1].tolist() == [3, 3]  # the precondition: depth-3 nodes, whose parents are not roots
+  for b in range(2):
+    value = {(i,): logp[b, 0, i] for i in range(m)}
+    for d in (1, 2):
+      value.update({p + (i,): v + logp[b, d, i] for p, v in value.items() if len(p) == d for i in range(m)})
+    by_depth = [sorted((v for p, v in value.items() if len(p) <= d), reverse=True)[:n] for d in (1, 2, 3)]
+    want = sorted(value, key=value.get, reverse=True)[:n]
+    assert sorted(draft_paths(draft, b)) == sorted(tuple(int(ids[i]) for i in p) for p in want), b
+    if b == 0:
+      for d in range(3):
+        np.testing.assert_allclose(state.expected_accept_DxN[d], np.cumsum(np.exp(by_depth[d])), rtol=1e-4)
+  c = drafter.width * drafter.branch
+  np.testing.assert_allclose(state.rank_prob_DxC[0], np.sort(np.exp(logp[0, 0]))[::-1][:c], atol=1e-6)
+  for d in (1, 2):
+    np.testing.assert_allclose(state.rank_prob_DxC[d], np.pad(np.sort(np.exp(logp[0, d]))[::-1][:8], (0, c - 8)),
+                               atol=1e-6)
+  assert int(state.proposals) == 1
+
+
+def test_a_static_tree_follows_its_prior_not_the_step(tiny):
+  """A static tree's topology comes from its prior by depth and rank. With prior [[0, -3], [-1, -2]], 3 nodes, width
+  1 and branch 2: depth 1 ranks score 0 and -3, the rank-0 node expands, its children score 0 - 1 and 0 - 2, and
+  both beat the rank-1 root (-3): a root with two children in every row, whatever the heads' probabilities."""
+  model, params = tiny
+  bpd, hp = random_heads(tiny, 2)
+  dp = static_draft_params(bpd_draft_params(model, params, bpd, hp), [[0.0, -3.0], [-1.0, -2.0]])
+  drafter = OptTreeDrafter(HeadsTreeSource(bpd), nodes=3, depth=2, width=1, branch=2, shape="static")
+  draft, _, logp = heads_propose(tiny, drafter, dp, bpd)
+  check_tree(draft)
+  assert draft.depth_BxN.tolist() == [[1, 2, 2]] * 2 and draft.parent_BxN.tolist() == [[-1, 0, 0]] * 2
+  for b in range(2):
+    assert draft.tokens_BxN[b].tolist() == [int(np.argmax(logp[b, 0])), *np.argsort(-logp[b, 1])[:2].tolist()]
+
+
+def test_growth_stops_and_ties_still_give_well_formed_trees(tiny):
+  """Trees stay well formed (depths, parents and masks agree) where the pool holds fewer grown nodes than the
+  budget (growth stopped early: the rest are harmless depth-1 padding) and where a child ties its parent (a child
+  probability of exactly 1, where the depth penalty must keep the parent first). A threshold of 0 grows to the
+  maximum depth even when a depth adds nothing."""
+  model, params = tiny
+  bpd, hp = random_heads(tiny, 4)
+  dp = bpd_draft_params(model, params, bpd, hp)
+  # Early stop: 8 nodes, 4 grown (2 roots, 2 children of the better one).
+  drafter = OptTreeDrafter(HeadsTreeSource(bpd), nodes=8, depth=4, width=1, branch=2, threshold=10.0)
+  draft, state, logp = heads_propose(tiny, drafter, dp, bpd)
+  check_tree(draft)
+  assert state.reached_D.tolist() == [0, 2, 0, 0]
+  for b in range(2):
+    r0, r1 = np.argsort(-logp[b, 0])[:2].tolist()
+    c0, c1 = np.argsort(-logp[b, 1])[:2].tolist()
+    assert {(r0,), (r1,), (r0, c0), (r0, c1)} <= set(draft_paths(draft, b))
+    assert sorted(draft.depth_BxN[b].tolist()) == [1] * 6 + [2] * 2  # the 4 others: roots that nothing follows
+  # A chain ignores the threshold: its mask is a chain's whatever grew, so it always grows its whole length.
+  chain = OptTreeDrafter(HeadsTreeSource(bpd), nodes=4, depth=4, width=1, branch=1, shape="chain", threshold=10.0)
+  draft, state, _ = heads_propose(tiny, chain, dp, bpd)
+  check_tree(draft)
+  assert draft.depth_BxN.tolist() == [[1, 2, 3, 4]] * 2 and state.reached_D.tolist() == [0, 0, 0, 2]
+  # Point masses: every head's top token is 40 nats or more ahead (log-probability exactly 0 in float32), so each node
+  # ties its chain of top children. 4 nodes of width 2, branch 1: the roots x and a, and x's chain x' x'' (tied with
+  # x) beats a's (40 nats below); the depth penalty must keep x, x', x'' and a, not a'' (tied with a) in place of a.
+  _, _, logp = heads_propose(tiny, drafter, dp, bpd)
+  top2 = -np.sort(-logp, axis=-1)[..., :2]
+  sharp = dict(dp, proj_DxM=dp["proj_DxM"] * 40.0 / np.min(top2[..., 0] - top2[..., 1]))
+  drafter = OptTreeDrafter(HeadsTreeSource(bpd), nodes=4, depth=3, width=2, branch=1)
+  draft, _, logp = heads_propose(tiny, drafter, sharp, bpd)
+  top2 = -np.sort(-logp, axis=-1)[..., :2]
+  assert np.all(top2[..., 0] - top2[..., 1] >= 40.0 - 1e-3)  # the precondition
+  check_tree(draft)
+  for b in range(2):
+    x, a = np.argsort(-logp[b, 0])[:2].tolist()
+    x1, x2 = int(np.argmax(logp[b, 1])), int(np.argmax(logp[b, 2]))
+    assert sorted(draft_paths(draft, b)) == sorted([(x,), (a,), (x, x1), (x, x1, x2)])
+  # Nearly uniform heads: the 3 roots beat any child, so depths 2 and 3 add nothing to E[A]; threshold 0 still grows
+  # them.
+  flat = dict(dp, proj_DxM=dp["proj_DxM"] * 1e-3)
+  drafter = OptTreeDrafter(HeadsTreeSource(bpd), nodes=3, depth=3, width=3, branch=1)
+  draft, state, _ = heads_propose(tiny, drafter, flat, bpd)
+  assert draft.depth_BxN.tolist() == [[1, 1, 1]] * 2 and state.reached_D.tolist() == [0, 0, 2]
+
+
+def test_only_active_rows_decide_whether_a_tree_grows(tiny):
+  """Growth stops when one more depth adds less than the threshold to E[A] in every active row: a row that has ended
+  does not keep it growing. Each row alone measures its gain from depth 2; a threshold between the two gains stops
+  growth after depth 2 when only the row of the smaller gain is active, and not when only the other is."""
+  model, params = tiny
+  bpd, hp = random_heads(tiny, 3)
+  dp = bpd_draft_params(model, params, bpd, hp)
+  drafter = OptTreeDrafter(HeadsTreeSource(bpd), nodes=8, depth=3, width=2, branch=2)
+  alone = [[True, False], [False, True]]
+  gains = []
+  for active in alone:
+    ea = heads_propose(tiny, drafter, dp, bpd, active=active)[1].expected_accept_DxN
+    gains.append(float(ea[1, -1] - ea[0, -1]))
+  small = int(np.argmin(gains))
+  assert gains[1 - small] > gains[small] * 1.1, gains  # apart by far more than float error
+  stopping = dataclasses.replace(drafter, threshold=float(np.mean(gains)))
+  assert heads_propose(tiny, stopping, dp, bpd, active=alone[small])[1].reached_D.tolist() == [0, 1, 0]
+  assert heads_propose(tiny, stopping, dp, bpd, active=alone[1 - small])[1].reached_D.tolist() == [0, 0, 1]
+
+
+def test_budget_counts_the_draft_forwards_of_each_depth():
+  """Predicted speed (1 + E[A]) / (verify + base + (d - 1) draft forwards): the catch-up forward is the base, each
+  depth after the first one more forward. Here depth 2 gains 0.5 tokens for 0.5 s more, which does not pay."""
+  ea = np.asarray([[1.0], [1.5]])
+  n, d, table = choose_budget(ea, {1: 1.0}, draft_step_s=0.5, draft_base_s=0.25)
+  assert (n, d) == (1, 1)
+  assert table[(1, 1)] == pytest.approx(2.0 / 1.25) and table[(1, 2)] == pytest.approx(2.5 / 1.75)

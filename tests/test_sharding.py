@@ -469,3 +469,88 @@ def test_a_model_loaded_onto_a_mesh_is_read_on_the_host_and_placed_split(wide, m
   with pytest.raises(InputError, match="needs 16 devices"):
     loading.load_model(None, mesh="data=4,model=4")
   assert len(during) == 1
+
+
+# ---- the rules in detail -------------------------------------------------------------------------------------------
+# A rule applied wrongly mostly costs memory or speed, not tokens (the program is the same on any layout), so the
+# decoding tests above cannot see it; these read the layouts directly.
+
+def test_spec_edge_cases(mesh24):
+  part = sharding.Partitioner(mesh24)
+  # The first rule for a name wins; a mesh axis splits one dimension at most (the second stays whole).
+  assert sharding.Partitioner(mesh24, rules=(("batch", "data"), ("batch", None))).spec(("batch",), (4,)) == P("data")
+  assert part.spec(("heads", "mlp"), (8, 64)) == P("model")
+  # Axes name an array's last dimensions, whichever is longer: extra leading dimensions are replicated, extra
+  # leading names are dropped.
+  assert part.spec(("embed", "vocab"), (256,)) == P("model") and part.spec(("vocab",), (3, 256)) == P(None, "model")
+  # A dimension splits only if both its size and its units divide by the axis.
+  units = sharding.Partitioner(mesh24, units=(("heads", 4),))
+  assert units.spec(("embed", "heads"), (32, 6)) == P() and units.spec(("embed", "heads"), (32, 8)) == P(None, "model")
+  # A mesh without a model axis splits by data only.
+  data_only = sharding.Partitioner(jax.sharding.Mesh(np.asarray(jax.devices()), ("data",)))
+  assert data_only.spec(("batch", "heads"), (8, 8)) == P("data")
+  # An explicit-axis mesh (wholly or in part) is made Auto: shardings propagate as in T5X.
+  for types in [(jax.sharding.AxisType.Explicit,) * 2, (jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto)]:
+    mesh = jax.make_mesh((2, 4), sharding.MESH_AXES, axis_types=types)
+    assert sharding.Partitioner(mesh).mesh.axis_types == (jax.sharding.AxisType.Auto,) * 2, types
+  # make_mesh uses the devices it is given, all of them.
+  assert list(sharding.make_mesh("data=2,model=2", devices=jax.devices()[4:]).devices.flat) == jax.devices()[4:]
+
+
+def test_rules_for_heads_untied_outputs_and_state(mesh24):
+  part = sharding.Partitioner(mesh24)
+  params = {"lm_head": {"kernel": jnp.zeros((32, 256))}, "embed_VxD": jnp.zeros((256, 32)),
+            "bpd": {"heads": {"b_in": jnp.zeros((3, 16)), "w_in": jnp.zeros((3, 64, 16))}}}
+  assert specs(params, part.param_shardings(params)) == {
+      "lm_head/kernel": P(None, "model"), "embed_VxD": P("model"), "bpd/heads/b_in": P(None, "model"),
+      "bpd/heads/w_in": P(None, None, "model")}
+  # Loop state: a shape suffix names the batch dimension; a name without one (or one of another rank) is left to
+  # propagation (None), not pinned to a replicated layout.
+  state = {"tokens_BxO": jnp.zeros((4, 3), jnp.int32), "count": jnp.zeros((4, 3)), "odd_BxO": jnp.zeros((4,))}
+  got = part.state_shardings(state)
+  assert got["tokens_BxO"].spec == P("data") and got["count"] is None and got["odd_BxO"] is None
+  assert sharding.axes_from_name("tokens_BxO", 2) == ("batch", None)
+  assert sharding.axes_from_name("tokens_BxO", 1) is None
+
+
+def test_an_encoder_decoder_splits_by_whole_heads_and_its_cross_cache_by_rows():
+  from jaxspec.models.t5 import T5LM, tiny_t5_config
+  part = sharding.partitioner("data=2,model=4", T5LM(tiny_t5_config()))  # 4 heads
+  model = T5LM(tiny_t5_config())
+  params = jax.eval_shape(model.init_params, jax.random.key(0))
+  got = specs(params, part.param_shardings(params))
+  assert got["shared/embedding"] == P("model") and got["lm_head/kernel"] == P(None, "model")
+  assert got["dec_0/mlp/wi_0/kernel"] == got["enc_1/mlp/wi_1/kernel"] == P(None, "model")
+  assert got["dec_0/mlp/wo/kernel"] == P("model") and got["dec_0/cross_attn/k/kernel"] == P(None, "model")
+  cache = model.init_cache(4, 16, source_len=6)
+  got = specs(cache, part.cache_shardings(cache))
+  both = P("data", "model")
+  assert got == {**{f"{n}/{i}": both for n in ("k", "v", "cross_k", "cross_v") for i in range(2)},
+                 "lengths": P("data"), "enc_valid_BxP": P("data")}
+  # 2 heads of 8: the kernels' 16 columns divide by 4, the heads do not, so keys and values stay whole.
+  two = T5LM(tiny_t5_config(n_heads=2))
+  params = jax.eval_shape(two.init_params, jax.random.key(0))
+  got = specs(params, sharding.partitioner("data=2,model=4", two).param_shardings(params))
+  assert got["dec_0/self_attn/k/kernel"] == got["dec_0/cross_attn/v/kernel"] == P()
+
+
+def test_fallback_lines_fold_every_layer_number(monkeypatch, caplog):
+  import logging
+  monkeypatch.setattr(logging.getLogger("jaxspec.sharding"), "propagate", True)  # as in the test above
+  monkeypatch.setattr(logging.getLogger("jaxspec.sharding"), "handlers", [])
+  sharding._FALLBACKS.clear()
+  with caplog.at_level("INFO", logger="jaxspec.sharding"):
+    for i in (3, 12, 117):
+      sharding._note_fallback(f"draft/layers_{i}/attn/k/kernel: kv_heads (2) is not divisible by model=4; replicated")
+  assert [r.getMessage() for r in caplog.records if r.name == "jaxspec.sharding"] == [
+      "sharding: layers_*/attn/k/kernel: kv_heads (2) is not divisible by model=4; replicated"]
+
+
+def test_same_everywhere_compares_every_process(monkeypatch):
+  assert sharding.each_process(3).tolist() == [3] and sharding.each_process([1, 2]).tolist() == [[1, 2]]
+  assert sharding.same_everywhere({"a": [1, 2]})  # one process
+  # Two processes (each_process stands in for the all-gather): the same value, then another on the second.
+  monkeypatch.setattr(sharding, "each_process", lambda v: np.stack([np.asarray(v)] * 2))
+  assert sharding.same_everywhere("x")
+  monkeypatch.setattr(sharding, "each_process", lambda v: np.stack([np.asarray(v), np.asarray(v) ^ 1]))
+  assert not sharding.same_everywhere("x")

@@ -205,7 +205,8 @@ class LatticeDrafter:
     return forest_draft(drafts_BxPxK), dstate
 
   def _beam(self, draft_params, dstate, pending_B, cand_BxKxT, logp_BxKxT, use_ngram: bool) -> Array:
-    """The p best lattice paths by (1 - w) * head + w * n-gram log-probability (head alone without the n-gram)."""
+    """The p beams of a beam search over the lattice by (1 - w) * head + w * n-gram log-probability: exact by heads
+    alone (without the n-gram), and with it a path whose early prefix fell out of the beam is not found."""
     b, k, t = cand_BxKxT.shape
     p = self.beams
     h = self._hist_len
