@@ -468,31 +468,6 @@ def test_exiting_at_once_flushes_what_was_printed(monkeypatch):
     assert stream.buffer.getvalue() == f"written to {name}".encode(), name
 
 
-def test_the_sharding_choices_are_printed_once_however_often_main_runs(capsys):
-  """`main` sets up the printing each time it runs (tests and library callers run it many times in one process): a
-  handler added at each call printed each record once per call."""
-  import logging
-
-  from jaxspec import sharding
-
-  log = logging.getLogger("jaxspec.sharding")
-  handlers, level, propagate = list(log.handlers), log.level, log.propagate
-  try:
-    for h in handlers:
-      log.removeHandler(h)
-    cli._show_sharding_choices()
-    cli._show_sharding_choices()
-    sharding._note_fallback("heads (9) do not divide model=4: replicated (test of printing once)")
-    assert capsys.readouterr().err.count("heads (9) do not divide") == 1
-  finally:
-    for h in list(log.handlers):
-      log.removeHandler(h)
-    for h in handlers:
-      log.addHandler(h)
-    log.setLevel(level)
-    log.propagate = propagate
-
-
 def test_unraisable_filters_take_only_their_reports_and_install_once(monkeypatch):
   """Each filter sees each report once however often it is installed (every `main` call installs the CLI's), filters
   of other names stay installed beside it, a report a filter takes goes no further, and one it leaves (or one the

@@ -464,7 +464,9 @@ def test_a_rescorer_brings_its_heads_and_names_rescore_for_another_vocabulary(ti
 
 
 def test_the_command_line_prints_sharding_fallbacks(capsys):
-  """A replicated dimension changes what a mesh buys: the CLI shows the sharding's INFO records on stderr."""
+  """A replicated dimension changes what a mesh buys: the CLI shows the sharding's INFO records on stderr, once each
+  however often `main` runs (tests and library callers run it many times in one process: a handler added at each
+  call printed each record once per call)."""
   import logging
   import sys
 
@@ -479,6 +481,7 @@ def test_the_command_line_prints_sharding_fallbacks(capsys):
     for h in handlers:
       log.removeHandler(h)
     cli._show_sharding_choices()
+    cli._show_sharding_choices()  # as a second run of `main` does
     sharding._note_fallback("heads (9) do not divide model=4: replicated (test)")
     err = capsys.readouterr().err
     assert "jaxspec: sharding: heads (9) do not divide model=4" in err
