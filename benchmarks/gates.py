@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import argparse
 import collections
+import sys
+
+from script_args import method_list, positive_int
+from script_args import run as run_script
 
 # Prompts written for this script: none from Spec-Bench, none from training/data/prompts.jsonl.
 OPEN = [
@@ -48,13 +52,15 @@ CONTEXT = [
 SETS = {"open": OPEN, "context": CONTEXT, "all": OPEN + CONTEXT}
 
 
-def main():
+def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--methods", default="greedy,bpd:k=4,bpd:k=4:gate=0.8,bpd:k=4:gate=1.2,bpd:k=4:gate=1.6")
-  ap.add_argument("--new-tokens", type=int, default=64)
+  ap.add_argument("--methods", type=method_list,
+                  default="greedy,bpd:k=4,bpd:k=4:gate=0.8,bpd:k=4:gate=1.2,bpd:k=4:gate=1.6",
+                  help="comma-separated methods as in `jaxspec bench --list-methods`; speedups are over the first")
+  ap.add_argument("--new-tokens", type=positive_int, default=64)
   ap.add_argument("--prompts", choices=sorted(SETS), default="all",
                   help="open: 8 open-ended questions; context: 6 prompts with a text to work from; all: both")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
 
   from jaxspec.bench.methods import METHODS, BenchContext, parse_method
   from jaxspec.bench.runner import chat_prompt_ids
@@ -62,7 +68,7 @@ def main():
 
   model, params, tok = load_model(None)
   ctx = BenchContext(model, params, tok)
-  labels = args.methods.split(",")
+  labels = args.methods
   runs = {}
   for label in labels:
     _, name, opts = parse_method(label)
@@ -88,6 +94,8 @@ def main():
       tau = (toks[key] - rows[key]) / max(calls[key], 1)  # the first token of each row comes from prefill
       print(f"{label:28s} speedup over {base} {secs[base, name] / secs[key]:.2f}x  tau {tau:.2f}  "
             f"tok/s {toks[key] / secs[key]:.1f}")
+  return 0
+
 
 if __name__ == "__main__":
-  main()
+  sys.exit(run_script(main, __file__))

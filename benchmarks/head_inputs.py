@@ -21,6 +21,8 @@ import time
 
 import numpy as np
 
+from script_args import int_list, positive_int, run, whole_number
+
 
 WARMUP = 100  # steps of linear warm-up before the cosine decay
 
@@ -28,11 +30,12 @@ WARMUP = 100  # steps of linear warm-up before the cosine decay
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--data", default="runs/bpd_smollm2/data", help="self-distillation folder")
-  ap.add_argument("--layers", default="14,22", help="0-based decoder layers whose outputs the second heads read")
+  ap.add_argument("--layers", type=int_list(0), default="14,22",
+                  help="0-based decoder layers whose outputs the second heads read")
   ap.add_argument("--steps", type=int, default=1500, help="training steps per variant (at least 101: 100 warm up)")
-  ap.add_argument("--heads", type=int, default=4, help="heads per set (head i never depends on the others)")
-  ap.add_argument("--seq-len", type=int, default=272)
-  ap.add_argument("--eval-every", type=int, default=500)
+  ap.add_argument("--heads", type=positive_int, default=4, help="heads per set (head i never depends on the others)")
+  ap.add_argument("--seq-len", type=whole_number(3), default=272, help="sequences are cut to this many tokens")
+  ap.add_argument("--eval-every", type=positive_int, default=500)
   args = ap.parse_args(argv)
   if args.steps <= WARMUP:
     ap.error(f"--steps must be more than the {WARMUP} warm-up steps, got {args.steps}")
@@ -46,14 +49,25 @@ def main(argv=None) -> int:
   from jaxspec.loading import load_model
   from jaxspec.models.llama import Llama
   from training import datasets
+  from jaxspec.errors import InputError
   from training.bpd import head_examples
 
-  layers = [int(x) for x in args.layers.split(",") if x]
+  layers = args.layers
   k = args.heads
+  seqs = datasets.load_sequences(args.data)  # a wrong folder is said before the model loads
+  seqs = datasets.Sequences([np.asarray(t[:args.seq_len]) for t in seqs.tokens], seqs.prompt_lens)
+  train_seqs, eval_seqs = seqs.split(0.05, seed=0)
+  for what, part in (("training", train_seqs), ("held-out", eval_seqs)):
+    # head 1 of position t learns x_{t+2}, and positions start at the prompt's last token
+    if not any(len(t) >= max(int(plen) - 1, 0) + 3 for t, plen in zip(part.tokens, part.prompt_lens)):
+      raise InputError(f"No {what} position to train or score a head on: every {what} sequence ends inside its "
+                       f"prompt at --seq-len {args.seq_len} (prompts of up to {max(map(int, seqs.prompt_lens))} "
+                       "tokens): raise --seq-len.")
   model, params, _ = load_model(None)
   d = model.cfg.d_model
-  seqs = datasets.load_sequences(args.data)
-  seqs = datasets.Sequences([np.asarray(t[:args.seq_len]) for t in seqs.tokens], seqs.prompt_lens)
+  if max(layers) >= model.cfg.n_layers:
+    raise InputError(f"--layers {','.join(map(str, layers))}: the model's decoder layers are 0 to "
+                     f"{model.cfg.n_layers - 1}.")
   names = {f"layers_{i}" for i in layers}
 
   @jax.jit
@@ -80,7 +94,6 @@ def main(argv=None) -> int:
       feats[i] = out[r, :len(seqs.tokens[i])]
   print(json.dumps({"features_s": round(time.time() - t0, 1), "layers": layers}), flush=True)
 
-  train_seqs, eval_seqs = seqs.split(0.05, seed=0)
   by_key = {np.asarray(t).tobytes(): f for t, f in zip(seqs.tokens, feats)}
   vocab = np.unique(np.concatenate(seqs.tokens)).astype(np.int32)
   tr, ev = (head_examples(s, [by_key[np.asarray(t).tobytes()] for t in s.tokens], k, vocab)
@@ -147,4 +160,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  raise SystemExit(main())
+  raise SystemExit(run(main, __file__))

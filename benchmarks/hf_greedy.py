@@ -24,14 +24,17 @@ import os
 import sys
 import time
 
-import torch
-import transformers
+try:  # not jaxspec dependencies: a venv of their own (tests/fixtures/README.md)
+  import torch
+  import transformers
+except ImportError as e:
+  torch = transformers = None
+  MISSING = e
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO_ROOT, "scripts"))
-from hf_reference import CHAT_MESSAGES, _default_gguf  # noqa: E402  (the same model and prompt as the fixture)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = ("bfloat16", "float32")  # torch dtypes of these names
 
 
 def _load(path: str, dtype):
@@ -80,19 +83,24 @@ def _verify_curve(model, vocab: int, contexts, ks, repeats: int) -> dict[tuple[i
   return times
 
 
-def main() -> None:
+def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
   parser.add_argument("--new-tokens", type=int, default=128)
   parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-  parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
-  parser.add_argument("--curve-dtypes", nargs="+", default=["float32"], choices=sorted(DTYPES))
+  parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=DTYPES)
+  parser.add_argument("--curve-dtypes", nargs="+", default=["float32"], choices=DTYPES)
   parser.add_argument("--contexts", type=int, nargs="+", default=[128, 1024])
   parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
   parser.add_argument("--repeats", type=int, default=7, help="timed forwards per (context, k)")
   parser.add_argument("--gen-repeats", type=int, default=3, help="timed generate calls per (dtype, batch)")
   parser.add_argument("--threads", type=int, default=os.cpu_count())
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  if torch is None:
+    parser.exit(2, f"{parser.prog}: error: this baseline needs torch and transformers, which jaxspec does not install "
+                   f"({MISSING}): run it with the Python of a venv that has them (tests/fixtures/README.md).\n")
+  from hf_reference import CHAT_MESSAGES, _default_gguf  # the same model and prompt as the fixture
+
   path = os.path.abspath(args.model or _default_gguf())
 
   transformers.utils.logging.disable_progress_bar()  # the GGUF dequantization bar would bury the output
@@ -109,7 +117,7 @@ def main() -> None:
   rows = []
   curves = {}
   for dtype_name in dict.fromkeys(args.dtypes + args.curve_dtypes):
-    model = _load(path, DTYPES[dtype_name])
+    model = _load(path, getattr(torch, dtype_name))
     if dtype_name in args.dtypes:
       _generate_time(model, prompt_ids, 8)  # warm-up: first-call allocations and kernel selection
       for batch in args.batches:

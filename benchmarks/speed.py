@@ -31,6 +31,8 @@ import time
 import jax
 import psutil
 
+from script_args import int_list, positive_int, run
+
 
 def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -44,7 +46,12 @@ def cli_job_peak_rss_mb(model, new_tokens: int, extra: list[str]) -> tuple[float
   if model:
     cmd += ["--model", model]
   before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-  out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+  out = subprocess.run(cmd, capture_output=True, text=True)
+  if out.returncode:  # its own one-line message (a model path that is none, say), not a CalledProcessError
+    from jaxspec.errors import InputError
+    said = [line for line in out.stderr.splitlines() if line.strip()]
+    raise InputError(f"the generate job (`jaxspec generate`, own process) failed with exit code {out.returncode}: "
+                     + (said[-1] if said else "it printed nothing"))
   peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
   if peak <= before:
     raise RuntimeError("the generate job's peak RSS is hidden by an earlier, larger child process")
@@ -52,7 +59,7 @@ def cli_job_peak_rss_mb(model, new_tokens: int, extra: list[str]) -> tuple[float
   return peak / 1024, (last[-1] if last else "")
 
 
-def main():
+def main(argv=None) -> int:
   from jaxspec import xla_defaults
   from jaxspec.loading import DTYPES
 
@@ -60,17 +67,19 @@ def main():
 
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--model", default=None)
-  ap.add_argument("--new-tokens", type=int, default=128)
-  ap.add_argument("--repeats", type=int, default=3)
-  ap.add_argument("--ks", default="1,2,4,8,16,32")
-  ap.add_argument("--contexts", default="128,1024")
+  ap.add_argument("--new-tokens", type=positive_int, default=128)
+  ap.add_argument("--repeats", type=positive_int, default=3)
+  ap.add_argument("--ks", type=int_list(1), default="1,2,4,8,16,32",
+                  help="new tokens k of the verify-cost curve, comma-separated (1 is always measured)")
+  ap.add_argument("--contexts", type=int_list(1), default="128,1024",
+                  help="filled cache lengths of the verify-cost curve, comma-separated")
   ap.add_argument("--json", default=None, help="also write the figures here")
   ap.add_argument("--dtype", default="float32", choices=DTYPES, help="activations and weights (default float32)")
   ap.add_argument("--scan-layers", action="store_true", help="stack the layers under lax.scan")
   ap.add_argument("--param-dtype", default=None, choices=DTYPES, help="the weights' dtype when it differs from --dtype")
   ap.add_argument("--matmul-precision", default="highest", choices=("highest", "high", "default"),
                   help="float32 products on GPU and TPU (as `jaxspec generate --matmul-precision`)")
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
 
   from jaxspec.bench.cost import forward_cost
   from jaxspec.decoding.generate import generate
@@ -118,8 +127,8 @@ def main():
       print(f"{what} batch {b}: {tps:.1f} tok/s (best of {args.repeats}, {args.new_tokens} new tokens, prompt "
             f"{len(prompt)}), compile {first.compile_s:.1f} s")
 
-  ks = sorted({1, *(int(k) for k in args.ks.split(","))})  # ratios are to t(1): it is always measured
-  for ctx in (int(c) for c in args.contexts.split(",")):
+  ks = sorted({1, *args.ks})  # ratios are to t(1): it is always measured
+  for ctx in args.contexts:
     med = forward_cost(model, params, ks, context=ctx, repeats=max(5, args.repeats * 3))
     results["verify_cost"][ctx] = {k: {"ms": med[k] * 1e3, "ratio": med[k] / med[1]} for k in ks}
     print(f"verify cost at context {ctx}: " +
@@ -136,7 +145,8 @@ def main():
   if args.json:
     with open(args.json, "w") as f:
       json.dump(results, f, indent=2)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(run(main, __file__))

@@ -9,11 +9,14 @@ once per set, on an idle machine:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 
 
-def main() -> None:
+def main(argv=None) -> None:
+  argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
+
   from jaxspec.bench.cost import forward_cost
   from jaxspec.decoding.generate import generate
   from jaxspec.loading import load_model

@@ -81,7 +81,8 @@ class ObjectiveSection:
 class TrainSection:
   steps: int = 2000
   batch_size: int = 8  # sequences per step
-  seq_len: int = 272  # sequences are cut/padded to this (the shipped data: prompt <= 77 + 192 generated tokens)
+  seq_len: int = 272  # sequences are cut/padded to this (80 prompt tokens + 192 generated; the shipped prompts run
+  # up to 222 tokens with the chat template)
   seed: int = 0
   checkpoint_dir: str = "runs/draft_smollm2/ckpt"  # also holds the cached teacher top-K arrays
   checkpoint_every: int = 250
