@@ -25,6 +25,10 @@ except metadata.PackageNotFoundError:
 # XLA_FLAGS=--xla_backend_optimization_level=2 to test at XLA's default level.
 if PINNED_JAXLIB and "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
   os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+  os.environ["JAXSPEC_TESTS_LEVEL_0"] = "1"  # read again where tests import this file as `tests.conftest`
+# The χ² tests run each of their programs over 10^5 generations, and there XLA's default level saves more run time
+# than it adds compile time (a third off the tree tests' time here): their helpers compile with these options.
+SAMPLING_COMPILE_OPTIONS = {"xla_backend_optimization_level": 2} if os.environ.get("JAXSPEC_TESTS_LEVEL_0") else None
 # XLA:CPU's older loop emitters compile the tiny models' decode loops in about half the time of its MLIR fusion
 # emitters (the default), the default model's in about three quarters; the whole suite passes with either.
 # XLA_FLAGS=--xla_cpu_use_fusion_emitters=true tests the default emitters.

@@ -19,7 +19,7 @@ from jaxspec.decoding.sampling import SamplingParams, Warp
 from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft, vocab_check
 from jaxspec.errors import InputError
 from jaxspec.models.llama import LlamaLM, tiny_config
-from tests.conftest import make_tiny
+from tests.conftest import SAMPLING_COMPILE_OPTIONS, make_tiny
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9] * 11]  # different lengths, one bucket
 NEW = 20
@@ -266,7 +266,8 @@ def drafter_sample_counts(target, drafter, draft_params, temperature, top_p, acc
                        SamplingParams.make(temperature, top_p), draft_params)
   static = dict(model=model, drafter=drafter, acceptor=acceptor, out_len=n_new,
                 capacity=p + n_new + drafter.num_nodes + 1, pad_id=0)
-  program, *_ = gen.compiled_program(args(0), static)
+  rest = {k: v for k, v in static.items() if k != "model"}
+  program = gen.decode_jit.lower(model, *args(0), **rest).compile(SAMPLING_COMPILE_OPTIONS)
   counts = np.zeros(v ** n_new, np.int64)
   for seed in range(seeds):
     out = program(*args(seed))
@@ -369,7 +370,7 @@ def per_row_sample_counts(target, drafter, draft_params, acceptor, seeds: int = 
                      acceptor=acceptor, out_len=N_NEW, capacity=p + N_NEW + drafter.num_nodes + 1, pad_id=0)
     return out.tokens_BxO[0], out.lengths_B[0], out.stats.target_calls, out.drafter_stats.get("draft_forwards", 0)
 
-  run = jax.jit(jax.vmap(one))
+  run = jax.jit(jax.vmap(one)).lower(jax.random.split(jax.random.key(0), ROWS)).compile(SAMPLING_COMPILE_OPTIONS)
   counts = np.zeros(V ** N_NEW, np.int64)
   calls, forwards = [], []
   for seed in range(seeds):
