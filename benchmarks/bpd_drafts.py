@@ -151,7 +151,8 @@ def main(argv=None) -> int:
            "|---|---|---|---|---|" + "---|" * len(cats)]
   for n, r in v.items():
     lines.append(f"| {n} | {r['tau']:.3f} | {r['tau'] / plain['tau'] - 1:+.1%} | {r['raw_repeat_rate']:.3f} | "
-                 f"{r['draft_repeat_rate']:.3f} | " + " | ".join(f"{r['tau_per_category'][c]:.2f}" for c in cats) + " |")
+                 f"{r['draft_repeat_rate']:.3f} | "
+                 + " | ".join(f"{r['tau_per_category'][c]:.2f}" for c in cats) + " |")
   lines += ["", "| head | " + " | ".join(str(i) for i in heads) + " |", "|---|" + "---|" * len(heads),
             "| entropy (nats) | " + " | ".join(f"{e:.2f}" for e in plain["head_entropy"]) + " |",
             "| top-1 probability | " + " | ".join(f"{e:.2f}" for e in plain["head_top1"]) + " |", "",

@@ -105,7 +105,8 @@ def main(argv=None) -> int:
       "mean_prefix_fraction": float(np.mean([r["prefix_frac"] for r in rows])),
       "base_ppl_on_distilled_outputs": float(np.exp(sum(r["nll_distilled"] for r in rows) /
                                                     max(sum(r["n_distilled"] for r in rows), 1))),
-      "base_ppl_on_base_outputs": float(np.exp(sum(r["nll_base"] for r in rows) / max(sum(r["n_base"] for r in rows), 1))),
+      "base_ppl_on_base_outputs": float(np.exp(sum(r["nll_base"] for r in rows) /
+                                               max(sum(r["n_base"] for r in rows), 1))),
       "rep4_base": float(np.mean([r["rep4_base"] for r in rows])),
       "rep4_distilled": float(np.mean([r["rep4_distilled"] for r in rows])),
       # nanmean: a one-token answer has no verify step and no τ

@@ -128,7 +128,8 @@ def main(argv=None) -> int:
       tg = batch["targets"]
       valid = tg >= 0
       ce = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(tg, 0))
-      return (jnp.where(valid, ce, 0).sum(0) / jnp.maximum(valid.sum(0), 1)).sum(), (jnp.argmax(logits, -1) == tg) & valid
+      loss = (jnp.where(valid, ce, 0).sum(0) / jnp.maximum(valid.sum(0), 1)).sum()
+      return loss, (jnp.argmax(logits, -1) == tg) & valid
 
     @jax.jit
     def step(p, state, batch):

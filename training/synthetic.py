@@ -104,12 +104,14 @@ def write_prompt_file(path: str | Path, n_per_task: int, seed: int, exclude: Ite
       raise ValueError(f"could not draw {n_per_task} sources per task outside the {len(exclude)} excluded ones")
     if len(kept[task]) < n_per_task and src not in exclude:
       kept[task].append(src)
-  files.write_text(path, "".join(json.dumps({"question_id": i, "category": task, "turns": [src]}) + "\n" for i, (task, src)
-                                in enumerate((t, kept[t][j]) for j in range(n_per_task) for t in TASKS)))
+  rows = enumerate((t, kept[t][j]) for j in range(n_per_task) for t in TASKS)
+  files.write_text(path, "".join(json.dumps({"question_id": i, "category": task, "turns": [src]}) + "\n"
+                                 for i, (task, src) in rows))
 
 
 def training_sources(train_examples: int, seed: int, eval_examples: int = 0) -> set[str]:
-  """The sources `jaxspec train` draws for a numbers model with `data.seed = seed` (its evaluation set uses seed + 1)."""
+  """The sources `jaxspec train` draws for a numbers model with `data.seed = seed` (its evaluation set uses
+  seed + 1)."""
   rows = examples(train_examples, seed) + examples(eval_examples, seed + 1)
   return {src for _, src, _ in rows}
 

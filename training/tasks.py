@@ -246,9 +246,9 @@ def check_assets(cfg: Any) -> None:
     owner_text = f"model.path=jaxspec/assets/{owner}"
   given = "the default model" if path is None else f"model.path={path}"
   raise ConfigError(f"out={out} is the shipped folder jaxspec/assets/{name}, which belongs to {owner_text}; this run "
-                    f"trains for {given}. Write the result to a folder of your own, e.g. out=runs/{Path(out).name}_mine "
-                    "(and give train.checkpoint_dir and the data.*dataset_dir folders paths of your own too; README: "
-                    "\"Training for your own model\").")
+                    f"trains for {given}. Write the result to a folder of your own, e.g. "
+                    f"out=runs/{Path(out).name}_mine (and give train.checkpoint_dir and the data.*dataset_dir "
+                    "folders paths of your own too; README: \"Training for your own model\").")
 
 
 def check_inputs(cfg: Any) -> None:

@@ -308,8 +308,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     InputError: empty prompts, token ids outside the model's vocabulary (prompts, `eos_ids`, `pad_id`), a request
       that does not fit the cache, `max_new_tokens` or sampling settings of the wrong type or out of range, a
       drafter that cannot serve this target (a draft model with another vocabulary, heads or draft params built for
-      another target, a greedy-only drafter or acceptor with sampling), params that do not fit the model, or a mesh that does
-      not fit the devices.
+      another target, a greedy-only drafter or acceptor with sampling), params that do not fit the model, or a mesh
+      that does not fit the devices.
   """
   temperature, top_k, top_p, seed, max_len = check_settings(temperature, top_k, top_p, seed, max_len)
   drafter = drafter or NoDraft()
@@ -405,8 +405,9 @@ def clear_programs() -> None:
 
 def compiled_program(args: tuple, static: dict, fn=None):
   """The compiled program for these static settings and argument shapes, the seconds spent compiling it now (0 on a
-  cache hit), and its memory in bytes in all and what running it adds (`jaxspec.memory.program_bytes`). Explicit ahead-of-time compilation lets callers report compile time apart from
-  run time. `fn` is a jitted function taking `model` first (default: the decode loop)."""
+  cache hit), and its memory in bytes in all and what running it adds (`jaxspec.memory.program_bytes`). Explicit
+  ahead-of-time compilation lets callers report compile time apart from run time. `fn` is a jitted function taking
+  `model` first (default: the decode loop)."""
   fn = fn or decode_jit
   leaves, treedef = jax.tree.flatten(args)
   # Shardings are part of the key: a program compiled for arrays on one device rejects arrays on a mesh.

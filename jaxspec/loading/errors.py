@@ -1,4 +1,5 @@
-"""Loading errors (re-exported from `jaxspec.errors`), and the checks that turn a model file's bad settings into them."""
+"""Loading errors (re-exported from `jaxspec.errors`), and the checks that turn a model file's bad settings into
+them."""
 
 from __future__ import annotations
 
@@ -50,7 +51,8 @@ def positive_number(value, key: str, where: str) -> float:
 
 
 def model_config(cls, where: str, **fields):
-  """`cls(**fields)`, with the config's own consistency checks (heads a multiple of kv heads, ...) as `ModelLoadError`."""
+  """`cls(**fields)`, with the config's own consistency checks (heads a multiple of kv heads, ...) as
+  `ModelLoadError`."""
   try:
     return cls(**fields)
   except ValueError as e:
@@ -72,7 +74,8 @@ def unread_tensors(shown: str, names: list[str], what: str = "outside the layers
 
 
 def more_layers(shown: str, layers: int, found: int, key: str) -> ModelLoadError:
-  """The error for weights of more layers than the config names (`shown`: the file or folder, as the message shows it)."""
+  """The error for weights of more layers than the config names (`shown`: the file or folder, as the message shows
+  it)."""
   return ModelLoadError(f"{shown} holds weights for {found} layers and its config says {layers} ({key}); running it "
                         f"with {layers} would compute another model. Set {key} to the number of layers the weights "
                         "were trained with.")

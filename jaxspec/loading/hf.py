@@ -53,7 +53,8 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
         n_layers=whole_number(cfg["num_hidden_layers"], "num_hidden_layers", where),
         n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=optional("head_dim", max(d_model // n_heads, 1)),
         d_ff=whole_number(cfg["intermediate_size"], "intermediate_size", where),
-        rope_theta=_rope_theta(cfg), norm_eps=positive_number(_or_default(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
+        rope_theta=_rope_theta(cfg),
+        norm_eps=positive_number(_or_default(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_seq_len=optional("max_position_embeddings", 2048))
   except KeyError as e:

@@ -137,7 +137,8 @@ def _source(key: tuple[str, ...]) -> str:
   if key[0] in ("enc_norm", "dec_norm"):
     return f"{'encoder' if key[0] == 'enc_norm' else 'decoder'}.final_layer_norm.weight"
   if key[0] in ("enc_bias", "dec_bias"):
-    return f"{'encoder' if key[0] == 'enc_bias' else 'decoder'}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    stack = "encoder" if key[0] == "enc_bias" else "decoder"
+    return f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
   stack, i = key[0].split("_")
   full = "encoder" if stack == "enc" else "decoder"
   index = ({"attn": 0, "attn_norm": 0, "mlp": 1, "mlp_norm": 1} if stack == "enc" else
