@@ -423,6 +423,12 @@ def test_a_killed_run_goes_on_where_it_stopped(tmp_path, prompt_file, methods, b
   assert [(e["batch"], e["method"]) for e in map(json.loads, lines[1:])] == [
       (0, "greedy"), (0, "liar"), (0, "bomb"), (1, "liar")]
   assert json.loads((tmp_path / "out" / "results.json").read_text())["methods"]["liar"]["n_prompts"] == 2
+  # Each saved run names the source that ran it; here one is made to come from another commit, as after a pull.
+  from jaxspec.bench.runner import source_commit
+  entries = [json.loads(line) for line in lines[1:]]
+  assert {e["commit"] for e in entries} == {source_commit()}
+  entries[1]["commit"] = "0123abc"
+  prog.write_text("\n".join([lines[0], *map(json.dumps, entries)]) + "\n")
   with open(prog, "a") as f:
     f.write('{"batch": 1, "method": "bomb", "records": [{"gre')  # a line cut short by the kill is dropped
   bomb["armed"] = False
@@ -432,6 +438,8 @@ def test_a_killed_run_goes_on_where_it_stopped(tmp_path, prompt_file, methods, b
   assert res["complete"] and res["environment"]["resumed_runs"] == 4 and not prog.exists()
   report_md = (tmp_path / "out" / "report.md").read_text()
   assert "method runs (a method on a prompt batch) restored from earlier processes: 4" in report_md
+  assert res["environment"]["resumed_commits"] == sorted(["0123abc", str(source_commit())])
+  assert f"the restored runs ran jaxspec commit {', '.join(res['environment']['resumed_commits'])}" in report_md
 
   whole = run_bench(dataclasses.replace(cfg, out=str(tmp_path / "whole")), methods, None, ByteTokenizer(),
                     progress=False)
@@ -459,6 +467,7 @@ def test_a_run_in_one_batch_keeps_each_method_that_finished(tmp_path, prompt_fil
   res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
   assert bomb["calls"] == [3] and calls == {"greedy": [], "oracle": [], "liar": []}
   assert res["complete"] and res["environment"]["resumed_runs"] == 3 and not prog.exists()
+  assert "resumed_commits" not in res["environment"]  # every run restored came from this source
 
   whole = run_bench(dataclasses.replace(cfg, out=str(tmp_path / "whole")), methods, None, ByteTokenizer(),
                     progress=False)

@@ -138,6 +138,8 @@ def markdown(res: dict) -> str:
       + (f"; resumed after a kill: method runs (a method on a prompt batch) restored from earlier processes: "
          f"{env['resumed_runs']} (wall time, peak RSS and warm-up compile time are the last process's; each run's "
          "own compile time is that of the process that ran it)"
+         + (f"; the restored runs ran jaxspec commit {', '.join(env['resumed_commits'])}, not only the one above"
+            if env.get("resumed_commits") else "")
          if env.get("resumed_runs") else "")
       + (f"; persistent compilation cache {env['compilation_cache_dir']} (a compile time may be a load from it)"
          if env.get("compilation_cache_dir") else ""),

@@ -412,6 +412,10 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   started = time.time()
   if runs:
     env["resumed_runs"] = len(runs)  # decoded by an earlier process of the same settings
+    # Each saved run names the source it ran (progress files from before 2026-12-06 do not: "not recorded").
+    commits = {e.get("commit", "not recorded") for e in restored.values()}
+    if commits != {env["jaxspec_commit"]}:
+      env["resumed_commits"] = sorted(map(str, commits))
     log(f"resuming: {len(runs)} of {len(batches) * len(order)} method runs restored from {progress_path} (--fresh "
         "starts over)")
   if writer:
@@ -490,7 +494,8 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
           tokens=list(map(int, res.tokens[r]))) for r, pi in enumerate(batch)]
       if writer:
         saved.append(progress_path, {"batch": bi, "method": label, "records": [dataclasses.asdict(r) for r in recs],
-                                     "compile_s": res.compile_s, "program_bytes": res.program_bytes})
+                                     "compile_s": res.compile_s, "program_bytes": res.program_bytes,
+                                     "commit": env["jaxspec_commit"]})
       runs[bi, label] = (recs, res.compile_s, res.program_bytes)  # kept: from here a stop keeps progress.jsonl
       if writer:
         kept_a_run()
