@@ -315,6 +315,7 @@ def test_trained_eagle_trees_equal_greedy_in_a_ragged_batch(learnable, trained):
   assert res.tau > 1.5 and (res.accept_hist[:, 3:].sum(1) > 0).all()  # every row accepted paths of depth >= 2
 
 
+@pytest.mark.slow  # each gate compiles its own loop; tree gates are checked on BPD heads' trees in the default run
 def test_gated_eagle_trees_equal_greedy(learnable, trained):
   """Gates among the steps' E[A] values, with the trained draft (a random one is rarely right, so its trees would
   never be worth verifying): at some gate some steps verify the tree and the others are one-token steps. Rows run
