@@ -141,3 +141,13 @@ def test_hf_greedy_without_torch_says_what_it_needs(monkeypatch, capsys):
     module.main(["--new-tokens", "1"])
   assert e.value.code == 2
   assert "needs torch and transformers" in one_error_line(capsys, "hf_greedy.py")
+
+
+def test_layer_subsets_reads_ranges_and_refuses_nonsense(monkeypatch):
+  parse = script("layer_subsets", monkeypatch).parse_subset
+  assert parse("0-3,26-29", 30) == [0, 1, 2, 3, 26, 27, 28, 29]
+  assert parse("every4", 30) == [0, 4, 8, 12, 16, 20, 24, 28] and parse("even", 6) == [0, 2, 4]
+  assert parse(" 5, 1-2 ", 30) == [1, 2, 5]
+  for bad in ("0-3,2", "0-30", "a-b", "", "every1", "0-5"):
+    with pytest.raises(InputError, match="subset"):
+      parse(bad, 6 if bad == "0-5" else 30)
