@@ -723,6 +723,67 @@ def test_progress_files_of_whole_batches_still_resume(tmp_path):
   assert sorted(runs) == [(0, "greedy"), (0, "x")]
 
 
+def test_progress_lines_that_cannot_be_read_back_are_damaged(tmp_path):
+  """A run read back is one the resumed run can restore: a line missing a key, a record of other fields, a time or
+  size that is no number, or JSON nested past what the parser takes, is damaged (its run goes again) instead of
+  failing the resumed run later. A first line without a fingerprint object is damaged too; a file that cannot be
+  read is a clear error."""
+  from jaxspec.bench import progress as saved
+
+  rec = {"question_id": 0, "category": "qa", "new_tokens": 1, "steps_tokens": 0, "active_calls": 0, "seconds": 0.1,
+         "drafter_calls": 0.0, "accept_hist": [], "tokens": [1]}
+  good = {"batch": 0, "method": "greedy", "records": [rec], "compile_s": 1.0, "program_bytes": 3, "commit": "abc"}
+  path, head = tmp_path / "progress.jsonl", {"config": {}}
+  saved.start(path, head, [good])
+  assert saved.read(path) == (head, {(0, "greedy"): good}, None)  # (re)started with the runs it keeps
+  bad = [{k: v for k, v in good.items() if k != "method"}, dict(good, records=[dict(rec, extra=1)]),
+         dict(good, compile_s="fast"), dict(good, program_bytes=None), dict(good, records="")]
+  with open(path, "a") as f:
+    f.write("".join(json.dumps(entry) + "\n" for entry in bad) + "[" * 100_000 + "\n")  # lines 3 to 8
+  saved.append(path, dict(good, batch=1))
+  assert saved.read(path) == (head, {(0, "greedy"): good, (1, "greedy"): dict(good, batch=1)},
+                              f"{path}: line(s) 3, 4, 5, 6, 7, 8 could not be read; their runs go again")
+  runs = path.read_bytes().split(b"\n", 1)[1]
+  for first in (b'{"fingerprint": [1]}', b'{"fingerprint": {"config": {}}', b"[" * 100_000):
+    path.write_bytes(first + b"\n" + runs)
+    with pytest.raises(InputError, match=r"holds 2 finished method run\(s\), but its first line .* is damaged"):
+      saved.read(path)
+  path.write_bytes(b'{"fingerprint": 5}\n')
+  assert saved.read(path) == (None, {}, f"{path} holds no run that can be read; starting over")
+  path.unlink()
+  path.mkdir()
+  with pytest.raises(InputError, match="progress.jsonl cannot be read"):
+    saved.read(path)
+
+
+def test_a_run_resumed_twice_keeps_its_restored_runs_and_names_where_they_came_from(tmp_path, prompt_file, methods,
+                                                                                     bomb):
+  """A resumed run killed in turn keeps the runs it restored (it rewrites the progress file with them), and the run
+  that completes names every source its restored runs came from: those saved before runs named their commit are
+  "not recorded"."""
+  from jaxspec.bench import progress as saved
+  from jaxspec.bench.runner import source_commit
+
+  cfg = BenchConfig(prompts=prompt_file, methods=("bomb",), max_new_tokens=6, batch_size=2, out=str(tmp_path / "o"))
+  with pytest.raises(KeyboardInterrupt):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)  # stopped in batch 1: batch 0's two runs kept
+  prog = tmp_path / "o" / "progress.jsonl"
+  lines = prog.read_text().splitlines()
+  old = [{k: v for k, v in json.loads(line).items() if k != "commit"} for line in lines[1:]]  # before 2026-12-06
+  prog.write_text("\n".join([lines[0], *map(json.dumps, old)]) + "\n")
+  bomb["calls"].clear()  # stopped again in its third call: the warm-up, batch 1, then batch 2
+  with pytest.raises(KeyboardInterrupt):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  runs = saved.read(prog)[1]
+  assert sorted(runs) == [(0, "bomb"), (0, "greedy"), (1, "bomb"), (1, "greedy"), (2, "greedy")]
+  assert "commit" not in runs[0, "bomb"] and runs[1, "bomb"]["commit"] == source_commit()
+  bomb["armed"] = False
+  bomb["calls"].clear()
+  res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert bomb["calls"] == [0, 2] and res["complete"] and res["environment"]["resumed_runs"] == 5
+  assert res["environment"]["resumed_commits"] == sorted(["not recorded", str(source_commit())])
+
+
 def test_model_settings_count_in_the_fingerprint_only_when_set():
   """A progress file written before --dtype / --param-dtype / --scan-layers / --matmul-precision existed still
   resumes a default run; a run in other settings does not take its batches."""

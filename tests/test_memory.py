@@ -141,3 +141,84 @@ def test_each_command_words_the_advice_with_its_own_settings(monkeypatch, capsys
   assert advice.strip() == cli._MEMORY_ADVICE[command] and "max_new_tokens," not in advice
   settings = {"generate": "--max-new-tokens", "bench": "--batch-size", "train": "data.gen_batch_size"}
   assert settings[command] in advice
+
+
+def test_a_limit_on_any_cgroup_above_this_process_binds(tmp_path, monkeypatch):
+  """This process's cgroup v2 folder and each one above it up to the root are read (a systemd slice's or a SLURM
+  job's limit sits above the process's own folder), and the least room decides; a folder beside the path, or one
+  without a limit (a host's root cgroup has no memory.max), does not count. A folder over its limit has no room."""
+  proc = tmp_path / "proc_self_cgroup"
+  proc.write_text("4:memory:/elsewhere\n0::/job/step\n")  # a v1 line before the v2 one
+  real_path = memory.Path
+  monkeypatch.setattr(memory, "Path", lambda p: proc if p == "/proc/self/cgroup" else real_path(p))
+  root = tmp_path / "cgroup"
+  step, job, other = root / "job" / "step", root / "job", root / "other"
+  for folder in (step, other):
+    folder.mkdir(parents=True)
+
+  def limit(folder, most, used):
+    (folder / "memory.max").write_text(f"{most}\n")
+    (folder / "memory.current").write_text(f"{used}\n")
+
+  limit(job, 4 << 20, 1 << 20)
+  limit(step, 8 << 20, 1 << 20)
+  limit(other, 1 << 20, 1 << 20)
+  monkeypatch.setattr(memory, "_CGROUP", root)
+  memory._cgroup_dirs.cache_clear()
+  try:
+    assert memory._cgroup_dirs(root) == (step, job, root)
+    assert memory.host_available_bytes() == 3 << 20  # the job's limit, above the step's own
+    (job / "memory.max").write_text("max\n")
+    assert memory.host_available_bytes() == 7 << 20
+    (step / "memory.stat").write_text("a garbled line\n")  # read as nothing to take off
+    assert memory.host_available_bytes() == 7 << 20
+    (step / "memory.stat").write_text(f"active_file {2 << 20}\n")  # read at another moment than memory.current
+    assert memory.host_available_bytes() == 8 << 20
+    (step / "memory.stat").unlink()
+    (step / "memory.current").write_text(f"{9 << 20}\n")  # over its limit (the kernel is reclaiming): no room
+    assert memory.host_available_bytes() == 0
+  finally:
+    memory._cgroup_dirs.cache_clear()
+
+
+def test_free_memory_of_devices_that_say_only_part(monkeypatch):
+  """A device that reports no limit cannot be checked (None); one that reports no use has its whole limit free."""
+  def gpu(stats, process=0):
+    return types.SimpleNamespace(platform="gpu", process_index=process, memory_stats=lambda: stats)
+
+  assert memory.free_bytes([gpu({"bytes_in_use": 1 << 30})]) is None
+  assert memory.free_bytes([gpu({"bytes_limit": 5 << 30})]) == 5 << 30
+  assert memory.free_bytes([types.SimpleNamespace(platform="gpu", process_index=0)]) is None  # no memory_stats
+
+
+def test_check_fits_at_the_edges(monkeypatch):
+  """A program that takes exactly the room left fits; a full device refuses any program; a device that does not
+  say runs it unchecked. Across processes the one with the least room to spare decides, whatever each needs."""
+  def gpu(free, process=0):
+    return types.SimpleNamespace(platform="gpu", process_index=process,
+                                 memory_stats=lambda: None if free is None else {"bytes_limit": free})
+
+  memory.check_fits(8 << 30, [gpu(8 << 30)], "advice")  # exactly the room left: fits
+  with pytest.raises(OutOfMemory, match="needs about 8.0 GiB .* a device has 8.0 GiB free"):
+    memory.check_fits((8 << 30) + (1 << 20), [gpu(8 << 30)], "advice")
+  with pytest.raises(OutOfMemory, match="needs about 0.0 GiB .* a device has 0.0 GiB free"):
+    memory.check_fits(1 << 20, [gpu(0)], "advice")  # full: known, not unknown
+  memory.check_fits(1 << 40, [gpu(None)], "advice")  # does not say: no check
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  both = [gpu(8 << 30), gpu(None, process=1)]
+  for other, error in (([9 << 10, 8 << 10], "needs about 9.0 GiB .* a device has 8.0 GiB free"),
+                       ([1 << 10, 0], "needs about 1.0 GiB .* a device has 0.0 GiB free")):
+    monkeypatch.setattr(sharding, "each_process", lambda value, other=other: np.array([value, other]))
+    with pytest.raises(OutOfMemory, match=error):
+      memory.check_fits(2 << 30, both, "advice")
+
+
+def test_program_bytes_and_out_of_memory_errors_where_backends_say_less():
+  analysis = lambda **sizes: types.SimpleNamespace(memory_analysis=lambda: types.SimpleNamespace(**sizes))
+  assert memory.program_bytes(object()) == (0, 0)  # no memory_analysis: nothing known, no check
+  assert memory.program_bytes(types.SimpleNamespace(memory_analysis=lambda: None)) == (0, 0)
+  # More bytes aliased to the arguments than its outputs and temporaries hold: running it adds nothing, not less.
+  assert memory.program_bytes(analysis(argument_size_in_bytes=4 << 20, output_size_in_bytes=2 << 20,
+                                       temp_size_in_bytes=0, alias_size_in_bytes=3 << 20))[1] == 0
+  assert memory.is_out_of_memory(jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory"))
+  assert not memory.is_out_of_memory(ValueError("RESOURCE_EXHAUSTED named in a message of another kind"))

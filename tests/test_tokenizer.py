@@ -329,18 +329,39 @@ def test_a_gguf_token_listed_twice_encodes_to_its_last_id_and_both_ids_decode(tm
   assert again.vocab_size == tok.vocab_size and again.decode([first, first_ll]) == "helloll"
   assert again.encode("hello ll") == tok.encode("hello ll")
   config = tmp_path / "saved" / "tokenizer_config.json"
-  config.write_text(config.read_text().replace('"262": 264', '"262": "x"'))
-  with pytest.raises(ModelLoadError, match="jaxspec_token_aliases is not a map of token ids"):
-    Tokenizer.from_tokenizer_json(tmp_path / "saved")
+  good = json.loads(config.read_text())
+  for bad in ({"262": "x"}, {"262": None}, [[262, 264]], "262"):
+    config.write_text(json.dumps(dict(good, jaxspec_token_aliases=bad)))
+    with pytest.raises(ModelLoadError, match="jaxspec_token_aliases is not a map of token ids"):
+      Tokenizer.from_tokenizer_json(tmp_path / "saved")
 
 
 def test_a_special_token_at_the_earlier_id_of_a_repeated_token_keeps_that_id_through_save(tmp_path):
   """The GGUF names the first id of a token listed twice as EOS (the id the model emits): the saved tokenizer stops at
   that id too, though the token's text reads back as the last id."""
-  base = Tokenizer.from_gguf(_write_gguf(tmp_path / "dup.gguf", extra_tokens=["hello"]))
+  base = Tokenizer.from_gguf(_write_gguf(tmp_path / "dup.gguf", extra_tokens=["hello", "ll"]))
   first, last = 3 + 256 + 3, 3 + 256 + 5
-  tok = Tokenizer(base.backend, bos_id=0, eos_id=first, aliases={first: last})
+  first_ll, last_ll = 3 + 256 + 1, 3 + 256 + 6
+  tok = Tokenizer(base.backend, bos_id=0, eos_id=first, pad_id=first_ll, unk_id=first,
+                  aliases={first: last, first_ll: last_ll})
   tok.save(tmp_path / "saved")
   again = Tokenizer.from_tokenizer_json(tmp_path / "saved")
   assert (again.bos_id, again.eos_id, again.eos_ids) == (0, first, (first,))
+  assert (again.pad_id, again.unk_id) == (first_ll, first)  # every special id, not only EOS
   assert again.encode("hello") == [last]
+  # A special id kept by that name that is no aliased id (the file edited since) is not taken: the text decides.
+  config = tmp_path / "saved" / "tokenizer_config.json"
+  config.write_text(json.dumps(dict(json.loads(config.read_text()), jaxspec_alias_special_ids={"eos_token": 5})))
+  assert Tokenizer.from_tokenizer_json(tmp_path / "saved").eos_id == last
+
+
+def test_a_saved_tokenizer_with_a_repeated_token_takes_an_eos_id_of_config_json_up_to_its_last_id(tmp_path):
+  """Where tokenizer_config.json names no EOS, the model's config.json does: any id of the vocabulary counts, its
+  last ones too, though tokenizer.json holds a repeated token once (fewer entries than ids)."""
+  base = Tokenizer.from_gguf(_write_gguf(tmp_path / "dup.gguf", eos_id=2**32 - 1, extra_tokens=["hello", "ll"]))
+  first, last_ll = 3 + 256 + 3, 3 + 256 + 6  # the earlier "hello", and the vocabulary's last id
+  assert base.eos_id is None
+  base.save(tmp_path / "saved")
+  (tmp_path / "saved" / "config.json").write_text(json.dumps({"eos_token_id": [last_ll, first, 3 + 256 + 7]}))
+  again = Tokenizer.from_tokenizer_json(tmp_path / "saved")
+  assert (again.eos_id, again.eos_ids) == (last_ll, (last_ll, first))  # one past the last id is no id

@@ -472,7 +472,8 @@ class Tokenizer:
     bos_id, eos_id = special_id("bos_token"), special_id("eos_token")
     eos_ids = None
     if bos_id is None or eos_id is None:
-      model_ids = _model_config_ids(folder, backend.get_vocab_size(with_added_tokens=True))
+      # (every id: a token listed twice is one entry of tokenizer.json, its earlier id an alias)
+      model_ids = _model_config_ids(folder, backend.get_vocab_size(with_added_tokens=True) + len(aliases))
       if bos_id is None and model_ids["bos_token_id"]:
         bos_id = model_ids["bos_token_id"][0]
       if eos_id is None and model_ids["eos_token_id"]:
