@@ -153,3 +153,15 @@ LONGEST_FILES = ("test_speculative.py", "test_opt_tree.py", "test_lookup.py", "t
 def pytest_collection_modifyitems(config, items):
   rank = {name: i for i, name in enumerate(LONGEST_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_signal_handlers():
+  """Puts back each test file's SIGINT and SIGTERM handlers when it ends: `jaxspec.cli.main`, called in-process by
+  the CLI tests, installs its own for the life of the process, and a file that runs after them in the same worker
+  must find what it would find alone (which files share a worker depends on timing)."""
+  saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+  yield
+  for s, handler in saved.items():
+    if handler is not None:
+      signal.signal(s, handler)

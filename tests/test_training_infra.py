@@ -686,6 +686,7 @@ def test_fit_seconds_add_up_over_a_resumed_run(tmp_path):
 
 def test_interrupt_saves_a_checkpoint(tmp_path):
   trainer = train_tiny.make_trainer(tmp_path / "run", every=100)
+  sigint_before = signal.getsignal(signal.SIGINT)  # Python's default, or what an earlier test in this worker left
 
   def batches(start, signum):
     for s in range(start, 1000):
@@ -705,7 +706,7 @@ def test_interrupt_saves_a_checkpoint(tmp_path):
     signal.signal(signal.SIGTERM, previous)
   assert got == [signal.SIGTERM]  # handed on to the handler that was there before
   assert int(state.step) == 6 and _committed_steps(tmp_path / "run") == [3, 6]
-  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+  assert signal.getsignal(signal.SIGINT) is sigint_before  # the trainer put back what it found
 
 
 def test_an_ignored_interrupt_stays_ignored(tmp_path):
