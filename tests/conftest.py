@@ -142,19 +142,6 @@ def _release_compiled_programs():
   jax.clear_caches()
 
 
-# The test files that take longest (about 60 % of the default run's time between them), longest first. pytest-xdist
-# hands out whole files (`--dist loadfile`), and starting these first keeps both workers busy to the end: handed out
-# last, one of them ran alone for minutes. `--no-loadscope-reorder` in pyproject.toml keeps this order (xdist would
-# otherwise order files by how many tests they hold).
-LONGEST_FILES = ("test_speculative.py", "test_opt_tree.py", "test_lookup.py", "test_bpd.py", "test_t5.py",
-                 "test_eagle.py", "test_cli.py", "test_cllm.py", "test_model.py", "test_decode.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  rank = {name: i for i, name in enumerate(LONGEST_FILES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests keep their order
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _restore_signal_handlers():
   """Puts back each test file's SIGINT and SIGTERM handlers when it ends: `jaxspec.cli.main`, called in-process by
