@@ -32,36 +32,67 @@ def program_bytes(program) -> tuple[int, int]:
     return 0, 0
 
 
-@functools.lru_cache(maxsize=None)
-def _cgroup_dirs(root: Path) -> tuple[Path, ...]:
-  """This process's cgroup v2 folder and its ancestors up to `_CGROUP`, innermost first: a limit set on any of them
-  binds (a container sees its own cgroup as the root; a SLURM job or systemd unit on a host sits deeper). Read once:
-  a process stays in its cgroup."""
+def _own_cgroups() -> dict[str, str]:
+  """This process's cgroup paths from /proc/self/cgroup: "" for the v2 hierarchy ("0::/path"), and each v1
+  controller's name ("4:memory:/path", or one line for several, "5:cpu,cpuacct:/path")."""
   try:
-    rel = next((line[3:].strip() for line in Path("/proc/self/cgroup").read_text().splitlines()
-                if line.startswith("0::")), "/")
+    lines = Path("/proc/self/cgroup").read_text().splitlines()
   except OSError:
-    rel = "/"
+    return {}
+  paths = {}
+  for line in lines:
+    parts = line.split(":", 2)
+    if len(parts) == 3:
+      for name in parts[1].split(","):
+        paths.setdefault(name, parts[2].strip())
+  return paths
+
+
+def _up_to(root: Path, rel: str) -> tuple[Path, ...]:
+  """`root`/`rel` and its ancestors up to `root`, innermost first."""
   here = root / rel.lstrip("/")
   return tuple(d for d in (here, *here.parents) if d == root or root in d.parents) or (root,)
 
 
+@functools.lru_cache(maxsize=None)
+def _cgroup_dirs(root: Path) -> tuple[Path, ...]:
+  """This process's cgroup v2 folder and its ancestors up to `_CGROUP`, innermost first: a limit set on any of them
+  binds (a container sees its own cgroup as the root; a SLURM job or systemd unit on a host sits deeper). On a host
+  with cgroup v1 (older distributions, some container runtimes), the v1 memory controller's folders under
+  `_CGROUP`/memory instead. Read once: a process stays in its cgroup."""
+  own = _own_cgroups()
+  v1 = root / "memory"
+  if "memory" in own and (v1 / "memory.limit_in_bytes").exists():
+    return _up_to(v1, own["memory"])
+  return _up_to(root, own.get("", "/"))
+
+
 def _cgroup_room(folder: Path) -> int | None:
-  """Room left under `folder`'s memory.max, counting its reclaimable page cache as free (memory.current holds the
-  file cache, e.g. the model's weights as read, which the kernel drops before it kills anything); None: no limit."""
+  """Room left under `folder`'s memory limit (v2 memory.max, v1 memory.limit_in_bytes), counting its reclaimable
+  page cache as free (the usage holds the file cache, e.g. the model's weights as read, which the kernel drops
+  before it kills anything); None: no limit."""
+  v1 = not (folder / "memory.max").exists() and (folder / "memory.limit_in_bytes").exists()
   try:
-    limit = (folder / "memory.max").read_text().strip()
-    if limit == "max":
-      return None
-    used = int((folder / "memory.current").read_text())
+    if v1:
+      limit = int((folder / "memory.limit_in_bytes").read_text())
+      if limit >= 1 << 62:  # v1 writes "no limit" as the largest page-aligned 64-bit count
+        return None
+      used = int((folder / "memory.usage_in_bytes").read_text())
+    else:
+      text = (folder / "memory.max").read_text().strip()
+      if text == "max":
+        return None
+      limit, used = int(text), int((folder / "memory.current").read_text())
   except (OSError, ValueError):
     return None
   try:
     stat = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if line.strip())
-    used -= int(stat.get("inactive_file", 0)) + int(stat.get("active_file", 0))
+    # v1 counts the folder's own pages in inactive_file, its whole subtree's in total_inactive_file, as its usage does
+    prefix = "total_" if v1 and "total_inactive_file" in stat else ""
+    used -= int(stat.get(prefix + "inactive_file", 0)) + int(stat.get(prefix + "active_file", 0))
   except (OSError, ValueError):
     pass
-  return int(limit) - max(used, 0)
+  return limit - max(used, 0)
 
 
 def host_available_bytes() -> int:

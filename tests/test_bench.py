@@ -704,6 +704,31 @@ def test_damaged_progress_lines_lose_only_their_own_runs(tmp_path, prompt_file, 
   assert res["complete"] and "resumed_runs" not in res["environment"]
 
 
+def test_kept_runs_that_do_not_hold_their_batch_go_again(tmp_path, prompt_file, methods, bomb, caplog):
+  """A kept line whose records are not its batch's prompts (one dropped, or another batch's) is run again instead of
+  counting other prompts or too few; the run's results are those of an uninterrupted run."""
+  cfg = BenchConfig(prompts=prompt_file, methods=("bomb",), max_new_tokens=6, batch_size=2, out=str(tmp_path / "out"))
+  bomb["armed"] = False
+  whole = run_bench(dataclasses.replace(cfg, out=str(tmp_path / "whole")), methods, None, ByteTokenizer(),
+                    progress=False)
+  bomb.update(armed=True, calls=[])
+  with pytest.raises(KeyboardInterrupt):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  bomb["armed"] = False
+  prog = tmp_path / "out" / "progress.jsonl"
+  head, *lines = prog.read_text().splitlines()
+  kept = [json.loads(line) for line in lines]
+  assert sorted((e["batch"], len(e["records"])) for e in kept) == [(0, 2), (0, 2)]  # greedy and bomb on batch 0
+  kept[0]["records"] = kept[0]["records"][:1]  # one prompt short
+  kept[1]["batch"] = 1  # batch 0's records named as batch 1's
+  prog.write_text("\n".join([head, *map(json.dumps, kept)]) + "\n")
+  with caplog.at_level("INFO", logger="jaxspec.bench.runner"):
+    res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert "resumed_runs" not in res["environment"] and res["complete"]
+  assert "2 kept run(s) do not hold their batch's prompts; they go again" in caplog.text
+  assert_same_figures(tmp_path, res, whole, ["greedy", "bomb"])
+
+
 def test_progress_files_of_whole_batches_still_resume(tmp_path):
   """Files written when a batch was kept whole (every method's records in one line) and the fingerprint held the
   prompt file's name: their runs are read one by one, and the name does not count."""

@@ -181,6 +181,44 @@ def test_a_limit_on_any_cgroup_above_this_process_binds(tmp_path, monkeypatch):
     memory._cgroup_dirs.cache_clear()
 
 
+def test_a_cgroup_v1_memory_limit_binds(tmp_path, monkeypatch):
+  """On a cgroup v1 host (this project's VMs mount v1 controllers beside an empty v2 hierarchy), the memory
+  controller's folders are read: memory.limit_in_bytes, whose "no limit" is the largest page-aligned 64-bit count,
+  less memory.usage_in_bytes, with the subtree's page cache (total_*_file) taken off."""
+  proc = tmp_path / "proc_self_cgroup"
+  proc.write_text("5:cpu,cpuacct:/x\n4:memory:/job/step\n0::/\n")
+  real_path = memory.Path
+  monkeypatch.setattr(memory, "Path", lambda p: proc if p == "/proc/self/cgroup" else real_path(p))
+  root = tmp_path / "cgroup"
+  v1 = root / "memory"
+  step, job = v1 / "job" / "step", v1 / "job"
+  step.mkdir(parents=True)
+  (root / "unified").mkdir()
+  unlimited = 9223372036854771712
+
+  def limit(folder, most, used):
+    (folder / "memory.limit_in_bytes").write_text(f"{most}\n")
+    (folder / "memory.usage_in_bytes").write_text(f"{used}\n")
+
+  limit(v1, unlimited, 50 << 20)
+  limit(job, 6 << 20, 2 << 20)
+  limit(step, unlimited, 2 << 20)
+  monkeypatch.setattr(memory, "_CGROUP", root)
+  memory._cgroup_dirs.cache_clear()
+  try:
+    assert memory._cgroup_dirs(root) == (step, job, v1)
+    assert memory.host_available_bytes() == 4 << 20  # the job's limit binds; the unlimited folders do not
+    (job / "memory.stat").write_text(f"inactive_file 0\ntotal_inactive_file {1 << 20}\ntotal_active_file {1 << 20}\n")
+    assert memory.host_available_bytes() == 6 << 20
+    limit(job, unlimited, 2 << 20)
+    assert memory.host_available_bytes() > 1 << 30  # no limit anywhere: the host's available memory
+    (v1 / "memory.limit_in_bytes").unlink()  # no v1 memory controller: the v2 hierarchy is read
+    memory._cgroup_dirs.cache_clear()
+    assert memory._cgroup_dirs(root) == (root,)
+  finally:
+    memory._cgroup_dirs.cache_clear()
+
+
 def test_free_memory_of_devices_that_say_only_part(monkeypatch):
   """A device that reports no limit cannot be checked (None); one that reports no use has its whole limit free."""
   def gpu(stats, process=0):

@@ -401,6 +401,14 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   _refuse_other_work(progress_path, saved_head, restored, head)
   batches = [list(range(i, min(i + cfg.batch_size, len(prompts)))) for i in range(0, len(prompts), cfg.batch_size)]
   order = list(runners)
+  # A kept run whose records are not its batch's prompts, one each in order (a hand-edited or otherwise damaged
+  # line; the fingerprint fixes the prompts and the batch size), goes again rather than counting other prompts.
+  mismatched = [key for key, e in restored.items()
+                if key[0] >= len(batches) or [str(r["question_id"]) for r in e["records"]]
+                != [str(prompts[pi].question_id) for pi in batches[key[0]]]]
+  if mismatched:
+    restored = {k: e for k, e in restored.items() if k not in mismatched}
+    log(f"{progress_path}: {len(mismatched)} kept run(s) do not hold their batch's prompts; they go again")
   # The unit of progress: one method's run on one batch, (records, compile s, program bytes), saved as it ends.
   runs: dict[tuple[int, str], tuple[list[Record], float, int]] = {
       key: ([Record(**r) for r in e["records"]], e["compile_s"], e["program_bytes"]) for key, e in restored.items()}
