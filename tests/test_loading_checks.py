@@ -1,7 +1,8 @@
 """Loading refuses or fixes what would otherwise run silently wrong: special tokens a tokenizer.json's
 post-processor adds, EOS ids only the model config names, unreadable tokenizer configs, model variants jaxspec does
-not implement (other families, activations, biases, sliding windows, RoPE scaling), stray weight files, file paths
-passed for folders, a missing tokenizer found only after the weights, and unsupported GGUF quantizations.
+not implement (other families, activations, biases, sliding windows, RoPE scalings but linear and llama3), stray
+weight files, file paths passed for folders, a missing tokenizer found only after the weights, and unsupported GGUF
+quantizations.
 
 Every folder and file is built here from tiny models with the tokenizers / safetensors / gguf libraries."""
 
@@ -186,13 +187,12 @@ def copy_of(folder: Path, tmp_path: Path, **config_changes) -> Path:
     ({"attention_bias": True}, "attention_bias=true.*no bias"),
     ({"mlp_bias": True}, "mlp_bias=true.*no bias"),
     ({"sliding_window": 64}, "sliding_window=64, below max_position_embeddings=512.*set max_position_embeddings to 64"),
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "RoPE scaling 'llama3'"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE scaling 'linear'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling 'dynamic'"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "RoPE scaling 'yarn'"),
     ({"architectures": ["UMT5ForConditionalGeneration"], "model_type": "umt5"},
      r"describes \['UMT5ForConditionalGeneration'\]; jaxspec loads .*MistralForCausalLM and the encoder-decoders "
      "T5ForConditionalGeneration, T5Model, MT5ForConditionalGeneration"),
-], ids=["qwen2-model-type", "gelu", "attention-bias", "mlp-bias", "sliding-window", "llama3-rope", "linear-rope",
+], ids=["qwen2-model-type", "gelu", "attention-bias", "mlp-bias", "sliding-window", "dynamic-rope",
         "yarn-rope-parameters", "umt5"])
 def test_unsupported_variants_are_refused(tiny_hf, tmp_path, changes, message):
   folder = copy_of(tiny_hf, tmp_path, **changes)
@@ -423,11 +423,10 @@ def test_plain_gguf_loads(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    ({"rope_freqs.weight": np.full(8, 8.0, np.float32)}, "rope_freqs.weight: per-frequency RoPE scaling"),
     ({"blk.0.attn_q.bias": np.ones(64, np.float32)}, "'blk.0.attn_q.bias'; jaxspec's LLaMA layers have no bias"),
     ({"blk.1.attn_q_norm.weight": np.ones(16, np.float32)}, "'blk.1.attn_q_norm.weight', a layer tensor"),
     ({"output.bias": np.ones(8, np.float32)}, "'output.bias'; jaxspec's LLaMA layers have no bias"),
-], ids=["rope-freqs", "bias", "qk-norm", "output-bias"])
+], ids=["bias", "qk-norm", "output-bias"])
 def test_gguf_tensors_jaxspec_would_skip_are_refused(tmp_path, extra, message):
   with pytest.raises(ModelLoadError, match=message):
     gguf_loader.load_gguf(str(write_gguf(tmp_path / "m.gguf", extra=extra)))

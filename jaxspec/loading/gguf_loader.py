@@ -20,7 +20,7 @@ import numpy as np
 from jaxspec.loading.errors import (ModelLoadError, model_config, more_layers, positive_number, unread_tensors,
                                      whole_number)
 from jaxspec.loading.tokenizer import GGUF_MAGIC, NOT_GGUF
-from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers
+from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_scaling, stack_layers
 
 LLAMA_FAMILY = ("llama", "mistral")  # architectures stored with llama.cpp's llama layout
 SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -88,10 +88,8 @@ def config_from_gguf(reader) -> LlamaConfig:
   rope_dim = num(f"{a}.rope.dimension_count", head_dim)
   if rope_dim != head_dim:
     raise ModelLoadError(f"Partial rotary embeddings (rope dim {rope_dim} < head dim {head_dim}) are not supported.")
-  scaling = reader.fields.get(f"{a}.rope.scaling.type")
-  if scaling is not None and scaling.contents() not in ("none",):
-    raise ModelLoadError(f"RoPE scaling {scaling.contents()!r} is not supported yet.")
   names = {t.name for t in reader.tensors}
+  scaling = _rope_scaling(reader, a, head_dim)
   vocab = reader.fields.get(f"{a}.vocab_size")
   vocab_size = num(f"{a}.vocab_size") if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"].data)
   return model_config(
@@ -108,7 +106,32 @@ def config_from_gguf(reader) -> LlamaConfig:
                                f"{a}.attention.layer_norm_rms_epsilon", where),
       tie_embeddings="output.weight" not in names,
       max_seq_len=num(f"{a}.context_length", 2048),
+      rope_scaling=scaling,
   )
+
+
+def _rope_scaling(reader, arch: str, head_dim: int) -> tuple:
+  """`LlamaConfig.rope_scaling` from the metadata's scaling type (linear, with its factor) and the rope_freqs tensor
+  (per-frequency divisors, as llama.cpp's converter stores Llama 3.1+'s scaling); other scalings are refused."""
+  kind = reader.fields.get(f"{arch}.rope.scaling.type")
+  kind = "none" if kind is None else kind.contents()
+  freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+  if kind not in ("none", "linear"):
+    raise ModelLoadError(f"The file asks for RoPE scaling {kind!r}; jaxspec implements plain RoPE, linear scaling "
+                         "and per-frequency factors (rope_freqs, as Llama 3.1+ uses), so this model's positions would "
+                         "be encoded wrongly.")
+  if kind == "linear" and freqs is not None:
+    raise ModelLoadError("The file asks for linear RoPE scaling and holds per-frequency factors (rope_freqs) too; "
+                         "jaxspec applies one or the other: convert the model again.")
+  if kind == "linear":
+    return rope_scaling({"rope_type": "linear", "factor": _field(reader, f"{arch}.rope.scaling.factor")})
+  if freqs is None:
+    return ()
+  factors = _dequantize(freqs).reshape(-1)
+  if factors.size != head_dim // 2:
+    raise ModelLoadError(f"rope_freqs.weight holds {factors.size} factors where head_dim {head_dim} needs "
+                         f"{head_dim // 2}: the file is damaged; download or convert it again.")
+  return rope_scaling({"rope_type": "factors", "factors": tuple(float(f) for f in factors)})
 
 
 def _unpermute_rows(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
@@ -148,9 +171,8 @@ def _target(name: str, cfg: LlamaConfig):
     ModelLoadError: a tensor that changes what the model computes and that jaxspec does not implement: skipping it
       would run another function than the model's.
   """
-  if name == "rope_freqs.weight":
-    raise ModelLoadError("The file holds rope_freqs.weight: per-frequency RoPE scaling (as Llama 3.1+ uses), which "
-                         "jaxspec does not implement (plain RoPE only); positions would be encoded wrongly.")
+  if name == "rope_freqs.weight":  # read into the config (`_rope_scaling`)
+    return None, None
   if name.endswith(".bias") and (name.startswith("blk.") or name in ("token_embd.bias", "output_norm.bias",
                                                                       "output.bias")):
     # (a bias outside the blocks on a tensor jaxspec does not read, a vision projector's say, is skipped with it)

@@ -15,7 +15,7 @@ from jaxspec import files
 from jaxspec.loading.errors import (ModelLoadError, model_config, more_layers, positive_number, unread_tensors,
                                      whole_number)
 from jaxspec.loading.gguf_loader import check_complete
-from jaxspec.models.llama import LlamaConfig, LlamaLM, stack_layers, unstack_layers
+from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_scaling, stack_layers, unstack_layers
 
 SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
 MODEL_TYPES = ("llama", "mistral")  # the `model_type` of those, which is all a config without `architectures` says
@@ -27,7 +27,7 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
 
   Raises:
     ModelLoadError: a missing key, or a model jaxspec's LLaMA would compute differently from the original: another
-      architecture, another activation, biases, sliding-window attention, RoPE scaling.
+      architecture, another activation, biases, sliding-window attention, RoPE scaling other than linear and llama3.
   """
   archs = cfg.get("architectures") or []
   if archs and not set(archs) & set(SUPPORTED):
@@ -42,6 +42,7 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
     raise ModelLoadError(f"config.json describes model_type {model_type!r}; jaxspec loads {', '.join(MODEL_TYPES)} "
                          f"({', '.join(SUPPORTED)}).")
   _check_features(cfg)
+  theta, scaling = _rope(cfg)
   where = "config.json"
   try:
     n_heads = whole_number(cfg["num_attention_heads"], "num_attention_heads", where)
@@ -53,7 +54,7 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
         n_layers=whole_number(cfg["num_hidden_layers"], "num_hidden_layers", where),
         n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=optional("head_dim", max(d_model // n_heads, 1)),
         d_ff=whole_number(cfg["intermediate_size"], "intermediate_size", where),
-        rope_theta=_rope_theta(cfg),
+        rope_theta=theta, rope_scaling=scaling,
         norm_eps=positive_number(_or_default(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_seq_len=optional("max_position_embeddings", 2048))
@@ -88,11 +89,19 @@ def _check_features(cfg: dict) -> None:
           f"max_position_embeddings to {window} in config.json.")
 
 
-def _rope_theta(cfg: dict) -> float:
-  """The RoPE base, after refusing any RoPE scaling (jaxspec implements plain RoPE only)."""
+# What each RoPE scaling's settings hold beside the base (`rope_parameters` carries the base too): transformers'
+# linear and llama3, and jaxspec's own "factors" (per-frequency divisors, as read from a GGUF file's rope_freqs).
+_ROPE_KEYS = {"linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+              "factors": ("factors",)}
+
+
+def _rope(cfg: dict) -> tuple[float, tuple]:
+  """The RoPE base and scaling (`LlamaConfig.rope_theta`, `rope_scaling`); scalings other than linear and llama3
+  (dynamic NTK, YaRN, LongRoPE: they depend on the sequence length or scale attention too) are refused."""
   # transformers 5 writes the base and the scaling together under `rope_parameters`; older configs write
   # `rope_theta` and `rope_scaling` at the top level.
-  theta = cfg.get("rope_theta")
+  theta, scaling = cfg.get("rope_theta"), ()
   for key in ("rope_scaling", "rope_parameters"):
     block = cfg.get(key)
     if block is None:
@@ -101,12 +110,26 @@ def _rope_theta(cfg: dict) -> float:
       raise ModelLoadError(f"config.json has {key}={block!r}, not the object transformers writes there; fix the "
                            "config or download it again.")
     kind = block.get("rope_type", block.get("type"))
-    if kind not in (None, "default"):
+    if kind in _ROPE_KEYS:
+      missing = [k for k in _ROPE_KEYS[kind] if k not in block]
+      if missing:
+        raise ModelLoadError(f"config.json asks for RoPE scaling {kind!r} ({key}={block}) without "
+                             f"{', '.join(missing)}; fix the config or download it again.")
+      scaling = rope_scaling({"rope_type": kind, **{k: block[k] for k in _ROPE_KEYS[kind]}})
+    elif kind not in (None, "default"):
       raise ModelLoadError(f"config.json asks for RoPE scaling {kind!r} ({key}={block}); jaxspec implements plain "
-                           "RoPE only (rope_type 'default'), so this model's positions would be encoded wrongly.")
+                           f"RoPE and the scalings linear and llama3, so this model's positions would be "
+                           "encoded wrongly.")
     if theta is None and key == "rope_parameters":
       theta = block.get("rope_theta")
-  return positive_number(10000.0 if theta is None else theta, "rope_theta", "config.json")
+  return positive_number(10000.0 if theta is None else theta, "rope_theta", "config.json"), scaling
+
+
+def rope_entries(cfg) -> dict:
+  """config.json's RoPE scaling entry for `cfg` ({} for plain RoPE), the inverse of `_rope`. A model whose scaling
+  came from a GGUF file's rope_freqs gets jaxspec's own rope_type "factors", which transformers refuses as unknown
+  rather than computing another model."""
+  return {"rope_scaling": dict(cfg.rope_scaling)} if cfg.rope_scaling else {}
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -390,7 +413,8 @@ def save_hf(folder: str, model: LlamaLM, params: dict) -> None:
       "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
       "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-      "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": "float32"}
+      "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": "float32",
+      **rope_entries(cfg)}
   tag = {files.EXPORT_TAG: files.export_tag(tensors)}  # the pair's link (files.check_export_tag)
   hf_cfg.update(tag)
   pt = {"format": "pt", **tag}  # transformers 4.x refuses metadata without a format

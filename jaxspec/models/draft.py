@@ -32,6 +32,7 @@ import numpy as np
 
 from jaxspec import files, sharding
 from jaxspec.errors import ModelLoadError
+from jaxspec.loading.hf import rope_entries
 from jaxspec.models.llama import LlamaLM
 
 FORMAT = 1
@@ -107,7 +108,7 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
       "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
       "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": dtype,
-      "jaxspec_draft": info}
+      **rope_entries(cfg), "jaxspec_draft": info}
   ids = None if vocab_ids is None else _vocab_ids(vocab_ids)
   tag = {files.EXPORT_TAG: files.export_tag(tensors, {} if ids is None else {"vocab_ids": ids})}  # the files' link
   hf_cfg.update(tag)

@@ -17,6 +17,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxspec.models.cache import KVCache
 
@@ -76,6 +77,8 @@ class LlamaConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = True
   max_seq_len: int = 8192
+  # RoPE frequency scaling as sorted (key, value) pairs (hashable), () for plain RoPE: see `rope_divisors`.
+  rope_scaling: tuple = ()
   dtype: str = "float32"  # activations; XLA:CPU runs bf16 far slower than f32, so f32 is the CPU default
   param_dtype: str = "float32"
   scan_layers: bool = False  # stack layers under lax.scan: faster compiles (TPU), slower steps on CPU
@@ -91,6 +94,7 @@ class LlamaConfig:
       raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+    rope_divisors(self.head_dim, self.rope_theta, self.rope_scaling)
 
   @property
   def n_params(self) -> int:
@@ -133,9 +137,66 @@ class RMSNorm(nn.Module):
     return (y * scale.reshape((1,) * (y.ndim - 1) + (-1,))).astype(self.dtype)
 
 
-def rope_tables(positions_BxT: Array, head_dim: int, theta: float) -> tuple[Array, Array]:
-  """cos and sin `[B, T, H/2]` for rotary embeddings in the half-split (Hugging Face) layout."""
+ROPE_TYPES = ("linear", "llama3", "factors")
+
+
+def rope_scaling(entries: dict) -> tuple:
+  """A `LlamaConfig.rope_scaling` from a dict of settings (lists become tuples, so the config stays hashable)."""
+  return tuple(sorted((str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in entries.items()))
+
+
+def rope_divisors(head_dim: int, theta: float, scaling: tuple) -> np.ndarray | None:
+  """What each of the `head_dim // 2` RoPE frequencies `theta ** (-2i / head_dim)` is divided by, or None for plain
+  RoPE. `scaling` (sorted (key, value) pairs) names a `rope_type`:
+
+  - "linear" (position interpolation): every frequency divided by `factor`.
+  - "llama3" (Llama 3.1+): frequencies whose wavelength is over `original_max_position_embeddings /
+    low_freq_factor` divided by `factor`, those under `original_max_position_embeddings / high_freq_factor` kept,
+    and those between blended linearly in `original_max_position_embeddings / wavelength`, as transformers computes.
+  - "factors": the divisors themselves (`factors`), as llama.cpp stores them in a GGUF file's rope_freqs tensor.
+
+  Raises:
+    ValueError: another rope_type, a missing or non-positive setting, or factors of the wrong count.
+  """
+  if not scaling:
+    return None
+  s = dict(scaling)
+  kind = s.get("rope_type")
+
+  def number(key: str) -> float:
+    value = s.get(key)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < math.inf:
+      raise ValueError(f"RoPE scaling {kind!r} needs {key} a finite number above 0, not {value!r}")
+    return float(value)
+
+  half = head_dim // 2
+  if kind == "linear":
+    return np.full(half, number("factor"))
+  if kind == "factors":
+    factors = s.get("factors")
+    if (not isinstance(factors, tuple) or len(factors) != half
+        or not all(isinstance(f, numbers.Real) and not isinstance(f, bool) and 0 < f < math.inf for f in factors)):
+      raise ValueError(f"RoPE frequency factors must be {half} finite numbers above 0 (one per frequency pair of "
+                       f"head_dim={head_dim})")
+    return np.asarray(factors, np.float64)
+  if kind == "llama3":
+    factor, low, high = number("factor"), number("low_freq_factor"), number("high_freq_factor")
+    context = number("original_max_position_embeddings")
+    if high <= low:
+      raise ValueError(f"RoPE scaling 'llama3' needs high_freq_factor ({high}) above low_freq_factor ({low})")
+    wavelength = 2 * math.pi * theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    smooth = np.clip((context / wavelength - low) / (high - low), 0.0, 1.0)  # 0: long waves, 1: short ones
+    return 1.0 / ((1.0 - smooth) / factor + smooth)
+  raise ValueError(f"RoPE scaling {kind!r} is not implemented (jaxspec implements {', '.join(ROPE_TYPES)})")
+
+
+def rope_tables(positions_BxT: Array, head_dim: int, theta: float, scaling: tuple = ()) -> tuple[Array, Array]:
+  """cos and sin `[B, T, H/2]` for rotary embeddings in the half-split (Hugging Face) layout, with the frequencies
+  scaled as `scaling` says (`rope_divisors`)."""
   inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  divisors = rope_divisors(head_dim, theta, scaling)
+  if divisors is not None:
+    inv_freq = inv_freq / jnp.asarray(divisors, jnp.float32)
   angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
   return jnp.cos(angles), jnp.sin(angles)
 
@@ -299,7 +360,7 @@ class Llama(nn.Module):
     if mask_BxTxT.ndim == 2:
       mask_BxTxT = jnp.broadcast_to(mask_BxTxT, (tokens_BxT.shape[0], *mask_BxTxT.shape))
     x_BxTxD = self.embed(tokens_BxT)
-    rope = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta)
+    rope = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
     slots = cache.capacity if self.attn_slots is None else self.attn_slots
     committed = jnp.arange(slots)[None, :] < cache.lengths[:, None]
     if cache_mask_BxTxS is not None:

@@ -1,0 +1,193 @@
+"""Scaled RoPE (Llama 3.1+'s per-band scaling, linear position interpolation) against Hugging Face transformers.
+
+The checkpoints and reference numbers are tiny random models written by `scripts/llama_rope_reference.py` with
+transformers (tests/fixtures/llama_rope/ and llama_rope_reference.npz): jaxspec must give transformers' logits on a
+300-token sequence (past the original context of 128) and its greedy tokens, from the Hugging Face folder, from a
+transformers-4 style config, and from a GGUF file as llama.cpp's converter writes one (per-frequency factors in
+`rope_freqs.weight`, or a linear scaling type in the header). Plain RoPE on the same weights gives other logits, so
+the comparisons can fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+from pathlib import Path
+
+import gguf
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxspec.decoding.generate import generate
+from jaxspec.errors import ModelLoadError
+from jaxspec.loading.gguf_loader import load_gguf
+from jaxspec.loading.hf import load_hf, save_hf
+from jaxspec.models.llama import LlamaLM, rope_divisors, rope_scaling
+from tests.test_loading import Q, write_gguf
+
+FIXTURES = Path(__file__).parent / "fixtures"
+VARIANTS = ("llama3", "linear")
+
+
+@pytest.fixture(scope="module")
+def ref():
+  with np.load(FIXTURES / "llama_rope_reference.npz") as z:
+    return {k: z[k] for k in z.files}
+
+
+def folder(name: str) -> str:
+  return str(FIXTURES / "llama_rope" / name)
+
+
+def batch_logits(model, params, ids):
+  """Teacher-forced logits of every row of `ids` [B, T], at every 4th position (as the fixture keeps them)."""
+  b, t = ids.shape
+  out = model.forward(params, jnp.asarray(ids), jnp.broadcast_to(jnp.arange(t), (b, t)), model.init_cache(b, t),
+                      jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (b, t, t)))[0]
+  return np.asarray(out)[:, ::4]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_scaled_rope_matches_transformers(ref, name):
+  """Logits at positions up to 299 and a greedy continuation equal transformers'; without the scaling they do not."""
+  model, params = load_hf(folder(name))
+  assert dict(model.cfg.rope_scaling)["rope_type"] == name
+  got = batch_logits(model, params, ref[f"{name}_ids"])
+  np.testing.assert_allclose(got, ref[f"{name}_logits"], atol=2e-4, rtol=0)
+  plain = LlamaLM(dataclasses.replace(model.cfg, rope_scaling=()))
+  assert np.abs(batch_logits(plain, params, ref[f"{name}_ids"]) - ref[f"{name}_logits"]).max() > 0.05
+  want = ref[f"{name}_greedy"].tolist()
+  prompt = ref[f"{name}_ids"][0, :40].tolist()
+  assert generate(model, params, [prompt], max_new_tokens=len(want)).tokens[0] == want
+
+
+def test_older_config_layout_loads_the_same(ref, tmp_path):
+  """transformers 4 writes `rope_scaling` (with `type` in older files) and `rope_theta` at the top level."""
+  out = tmp_path / "old"
+  shutil.copytree(folder("llama3"), out)
+  cfg = json.loads((out / "config.json").read_text())
+  block = cfg.pop("rope_parameters")
+  cfg["rope_theta"] = block.pop("rope_theta")
+  block["type"] = block.pop("rope_type")
+  cfg["rope_scaling"] = block
+  (out / "config.json").write_text(json.dumps(cfg))
+  model, params = load_hf(str(out))
+  assert model.cfg == load_hf(folder("llama3"))[0].cfg
+  np.testing.assert_allclose(batch_logits(model, params, ref["llama3_ids"]), ref["llama3_logits"], atol=2e-4, rtol=0)
+
+
+def llama_cpp_factors(theta: float, head_dim: int, s: dict) -> np.ndarray:
+  """The rope_freqs tensor llama.cpp's converter writes for a Llama 3.1 config, one frequency at a time (written
+  here from its description, apart from jaxspec's vectorised `rope_divisors`)."""
+  old = s["original_max_position_embeddings"]
+  out = []
+  for i in range(0, head_dim, 2):
+    wavelength = 2 * math.pi * theta ** (i / head_dim)
+    if wavelength < old / s["high_freq_factor"]:
+      out.append(1.0)
+    elif wavelength > old / s["low_freq_factor"]:
+      out.append(s["factor"])
+    else:
+      smooth = (old / wavelength - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+      out.append(1 / ((1 - smooth) / s["factor"] + smooth))
+  return np.asarray(out, np.float32)
+
+
+def test_the_three_llama3_bands():
+  """Short waves keep their frequency, long ones are divided by the factor, and the band between blends the two."""
+  s = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+       "original_max_position_embeddings": 128}
+  d = rope_divisors(16, 10000.0, rope_scaling(s))  # wavelengths 6, 20, 63, 199, 628, ... against bands at 32 and 128
+  assert d[0] == d[1] == 1.0 and np.all(d[3:] == 8.0) and 1.0 < d[2] < 8.0
+  np.testing.assert_allclose(d, llama_cpp_factors(10000.0, 16, s), rtol=1e-6)
+  assert rope_divisors(16, 10000.0, ()) is None
+
+
+def write_rope_gguf(path, model, params, add):
+  def extra(w):
+    add(w)
+    w.add_tensor("output.weight", np.ascontiguousarray(np.asarray(params["lm_head"]["kernel"], np.float32).T))
+  write_gguf(path, model, params, Q.F32, extra=extra)
+
+
+def test_gguf_files_scale_rope_as_llama_cpp_writes_it(ref, tmp_path):
+  """A GGUF file with llama.cpp's per-frequency factors (Llama 3.1+) or its linear scaling type gives transformers'
+  logits; a header with linear scaling and factors both, too few factors, or another scaling type is refused."""
+  model, params = load_hf(folder("llama3"))
+  s = dict(model.cfg.rope_scaling)
+  factors = llama_cpp_factors(model.cfg.rope_theta, model.cfg.head_dim, s)
+  write_rope_gguf(tmp_path / "llama3.gguf", model, params, lambda w: w.add_tensor("rope_freqs.weight", factors))
+  loaded, p = load_gguf(str(tmp_path / "llama3.gguf"))
+  assert dict(loaded.cfg.rope_scaling)["rope_type"] == "factors"
+  np.testing.assert_allclose(batch_logits(loaded, p, ref["llama3_ids"]), ref["llama3_logits"], atol=2e-4, rtol=0)
+  # Written as a folder (a whole-model export), the factors load back as they were.
+  save_hf(str(tmp_path / "hf"), loaded, p)
+  again, p2 = load_hf(str(tmp_path / "hf"))
+  assert again.cfg.rope_scaling == loaded.cfg.rope_scaling
+  np.testing.assert_allclose(batch_logits(again, p2, ref["llama3_ids"]), ref["llama3_logits"], atol=2e-4, rtol=0)
+
+  model, params = load_hf(folder("linear"))
+
+  def linear(w):
+    w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    w.add_rope_scaling_factor(4.0)
+  write_rope_gguf(tmp_path / "linear.gguf", model, params, linear)
+  loaded, p = load_gguf(str(tmp_path / "linear.gguf"))
+  np.testing.assert_allclose(batch_logits(loaded, p, ref["linear_ids"]), ref["linear_logits"], atol=2e-4, rtol=0)
+
+  for name, add, message in (
+      ("both", lambda w: (linear(w), w.add_tensor("rope_freqs.weight", factors)), "linear RoPE scaling and holds "
+       "per-frequency factors"),
+      ("short", lambda w: w.add_tensor("rope_freqs.weight", factors[:3]), "holds 3 factors where head_dim 16 needs 8"),
+      ("yarn", lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.YARN), w.add_rope_scaling_factor(4.0)),
+       "RoPE scaling 'yarn'; jaxspec implements plain RoPE, linear scaling and per-frequency factors")):
+    write_rope_gguf(tmp_path / f"{name}.gguf", model, params, add)
+    with pytest.raises(ModelLoadError, match=message):
+      load_gguf(str(tmp_path / f"{name}.gguf"))
+
+
+def test_a_scaled_model_written_as_a_folder_loads_back(ref, tmp_path):
+  """`save_hf` (whole-model exports) writes the scaling into config.json, so the folder computes the same."""
+  model, params = load_hf(folder("llama3"))
+  save_hf(str(tmp_path / "out"), model, params)
+  again, p = load_hf(str(tmp_path / "out"))
+  assert again.cfg.rope_scaling == model.cfg.rope_scaling
+  np.testing.assert_allclose(batch_logits(again, p, ref["llama3_ids"]), ref["llama3_logits"], atol=2e-4, rtol=0)
+
+
+@pytest.mark.parametrize("block, message", [
+    ({"rope_type": "llama3", "factor": 8.0}, "RoPE scaling 'llama3' .* without low_freq_factor, high_freq_factor, "
+     "original_max_position_embeddings"),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0, "high_freq_factor": 1.0,
+      "original_max_position_embeddings": 128}, "needs high_freq_factor \\(1.0\\) above low_freq_factor \\(4.0\\)"),
+    ({"rope_type": "linear", "factor": 0}, "RoPE scaling 'linear' needs factor a finite number above 0, not 0"),
+    ({"rope_type": "linear", "factor": "4"}, "needs factor a finite number above 0, not '4'"),
+    ({"rope_type": "dynamic", "factor": 2.0},
+     "RoPE scaling 'dynamic'.*implements plain RoPE and the scalings linear and llama3"),
+], ids=["llama3-missing", "llama3-bands", "linear-zero", "linear-string", "dynamic"])
+def test_bad_scaling_settings_are_refused(tmp_path, block, message):
+  out = tmp_path / "m"
+  shutil.copytree(folder("linear"), out)
+  cfg = json.loads((out / "config.json").read_text())
+  cfg["rope_parameters"] = {**block, "rope_theta": 10000.0}
+  (out / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ModelLoadError, match=message):
+    load_hf(str(out))
+
+
+def test_a_draft_of_a_scaled_target_keeps_its_scaling(tmp_path):
+  """A draft made from a scaled target's first layers (`spec`'s distilled draft, `layerskip`) encodes positions as the
+  target does, also after a round trip through the draft's folder."""
+  from jaxspec.models.draft import load_draft, save_draft
+
+  model, params = load_hf(folder("llama3"))
+  draft = LlamaLM(dataclasses.replace(model.cfg, n_layers=1))
+  dparams = {k: v for k, v in params.items() if k != "layers_1"}
+  save_draft(tmp_path / "d", draft, dparams, dtype="float32")
+  again, p = load_draft(tmp_path / "d", params)
+  assert again.cfg.rope_scaling == model.cfg.rope_scaling
+  ids = np.arange(3, 103, dtype=np.int32)[None]
+  np.testing.assert_allclose(batch_logits(again, p, ids), batch_logits(draft, dparams, ids), atol=1e-5, rtol=0)
