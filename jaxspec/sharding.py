@@ -63,6 +63,11 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"attn/o/kernel$", ("heads", "embed")),
     (r"mlp/(gate|up)/kernel$", ("embed", "mlp")),
     (r"mlp/down/kernel$", ("mlp", "embed")),
+    (r"attn/q/bias$", ("heads",)),  # biases (Qwen2; LLaMA's attention_bias / mlp_bias) split with their kernels
+    (r"attn/[kv]/bias$", ("kv_heads",)),
+    (r"attn/o/bias$", ("embed",)),
+    (r"mlp/(gate|up)/bias$", ("mlp",)),
+    (r"mlp/down/bias$", ("embed",)),
     (r"(^|/)shared/embedding$", ("vocab", "embed")),  # T5 (jaxspec.models.t5): shared embedding, gated-GELU MLP
     (r"mlp/wi(_0|_1)?/kernel$", ("embed", "mlp")),
     (r"mlp/wo/kernel$", ("mlp", "embed")),

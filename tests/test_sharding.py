@@ -297,6 +297,31 @@ def test_layerskip_equals_one_device_with_sharded_caches(wide, mesh24):
   assert seen["tokens"].is_equivalent_to(jax.sharding.NamedSharding(mesh24, P("data")), 2)
 
 
+def test_a_model_with_biases_splits_them_with_their_kernels(mesh24):
+  """Bias terms (Qwen2's q/k/v, LLaMA's attention_bias / mlp_bias) are split over the model axis as their kernels'
+  output columns are, and greedy and layer-skip decoding on the mesh give the 1-device tokens."""
+  model = LlamaLM(tiny_config(n_heads=8, n_kv_heads=4, head_dim=4, qkv_bias=True, o_bias=True, mlp_bias=True))
+  params = dict(model.init_params(jax.random.key(4)))
+  params["embed"] = {"embedding": params["embed"]["embedding"] * 8.0}
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map_with_path(  # zero-initialised biases would leave a wrong split unseen
+      lambda path, x: x + rng.normal(0, 0.1, x.shape).astype(x.dtype) if path[-1].key == "bias" else x, params)
+  unbiased = jax.tree_util.tree_map_with_path(lambda path, x: 0 * x if path[-1].key == "bias" else x, params)
+  assert generate(model, unbiased, PROMPTS, max_new_tokens=NEW).tokens != generate(model, params, PROMPTS,
+                                                                                   max_new_tokens=NEW).tokens
+  part = sharding.partitioner(mesh24, model)
+  specs = {sharding.path_str(p): s.spec for p, s in
+           jax.tree_util.tree_leaves_with_path(part.param_shardings(params), is_leaf=lambda x: hasattr(x, "spec"))}
+  assert {k.split("/", 1)[1]: v for k, v in specs.items() if k.startswith("layers_0/") and k.endswith("bias")} == {
+      "attn/q/bias": P("model"), "attn/k/bias": P("model"), "attn/v/bias": P("model"), "attn/o/bias": P(),
+      "mlp/gate/bias": P("model"), "mlp/up/bias": P("model"), "mlp/down/bias": P()}
+  for name in ("greedy", "layerskip"):
+    kw = method(name, model, params)
+    ref = generate(model, params, PROMPTS, max_new_tokens=NEW, **kw)
+    assert len({t for row in ref.tokens for t in row}) >= 10, ref.tokens
+    assert generate(model, params, PROMPTS, max_new_tokens=NEW, mesh=mesh24, **kw).tokens == ref.tokens
+
+
 def test_the_loop_constrains_its_caches_even_from_replicated_inputs(wide, mesh24):
   """With every input replicated, propagation alone would leave the cache replicated: the loop's constraints are
   what split it by rows and kv heads."""

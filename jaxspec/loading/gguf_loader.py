@@ -176,8 +176,9 @@ def _target(name: str, cfg: LlamaConfig):
   if name.endswith(".bias") and (name.startswith("blk.") or name in ("token_embd.bias", "output_norm.bias",
                                                                       "output.bias")):
     # (a bias outside the blocks on a tensor jaxspec does not read, a vision projector's say, is skipped with it)
-    raise ModelLoadError(f"The file holds {name!r}; jaxspec's LLaMA layers have no bias terms, so this model cannot "
-                         "run correctly.")
+    raise ModelLoadError(f"The file holds {name!r}; jaxspec reads bias terms from Hugging Face folders only (Qwen2, "
+                         "LLaMA with attention_bias or mlp_bias), not from GGUF files: load the model's Hugging Face "
+                         "folder instead.")
   if name == "token_embd.weight":
     return ("embed", "embedding"), None
   if name == "output_norm.weight":

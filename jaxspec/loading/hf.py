@@ -12,13 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec import files
+from jaxspec.errors import InputError
 from jaxspec.loading.errors import (ModelLoadError, model_config, more_layers, positive_number, unread_tensors,
                                      whole_number)
 from jaxspec.loading.gguf_loader import check_complete
 from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_scaling, stack_layers, unstack_layers
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM")
-MODEL_TYPES = ("llama", "mistral")  # the `model_type` of those, which is all a config without `architectures` says
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+MODEL_TYPES = ("llama", "mistral", "qwen2")  # their `model_type`, all that a config without `architectures` says
+# Qwen2 is LLaMA with biases on the q, k and v projections (and no `attention_bias` key to say so).
+_QKV_BIAS_ONLY = ("Qwen2ForCausalLM", "qwen2")
 _ACTIVATIONS = ("silu", "swish")  # transformers maps both names to SiLU, the only MLP activation jaxspec's LLaMA has
 
 
@@ -27,7 +30,7 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
 
   Raises:
     ModelLoadError: a missing key, or a model jaxspec's LLaMA would compute differently from the original: another
-      architecture, another activation, biases, sliding-window attention, RoPE scaling other than linear and llama3.
+      architecture, another activation, sliding-window attention, RoPE scaling other than linear and llama3.
   """
   archs = cfg.get("architectures") or []
   if archs and not set(archs) & set(SUPPORTED):
@@ -43,6 +46,7 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
                          f"({', '.join(SUPPORTED)}).")
   _check_features(cfg)
   theta, scaling = _rope(cfg)
+  qwen2 = bool(set(archs) & set(_QKV_BIAS_ONLY)) or (not archs and model_type in _QKV_BIAS_ONLY)
   where = "config.json"
   try:
     n_heads = whole_number(cfg["num_attention_heads"], "num_attention_heads", where)
@@ -54,7 +58,8 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
         n_layers=whole_number(cfg["num_hidden_layers"], "num_hidden_layers", where),
         n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=optional("head_dim", max(d_model // n_heads, 1)),
         d_ff=whole_number(cfg["intermediate_size"], "intermediate_size", where),
-        rope_theta=theta, rope_scaling=scaling,
+        rope_theta=theta, rope_scaling=scaling, qkv_bias=qwen2 or bool(cfg.get("attention_bias")),
+        o_bias=not qwen2 and bool(cfg.get("attention_bias")), mlp_bias=not qwen2 and bool(cfg.get("mlp_bias")),
         norm_eps=positive_number(_or_default(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         max_seq_len=optional("max_position_embeddings", 2048))
@@ -73,10 +78,6 @@ def _check_features(cfg: dict) -> None:
   if act is not None and act not in _ACTIVATIONS:
     raise ModelLoadError(f"config.json sets hidden_act={act!r}; jaxspec's LLaMA MLP computes SiLU (hidden_act "
                          "'silu') only, so this model cannot run correctly.")
-  for key in ("attention_bias", "mlp_bias"):
-    if cfg.get(key):
-      raise ModelLoadError(f"config.json sets {key}=true; jaxspec's LLaMA layers have no bias terms, so this model "
-                           "cannot run correctly.")
   window = cfg.get("sliding_window")
   # A window at least as long as the context never hides anything: attention is the full causal attention jaxspec
   # computes. (Qwen2-style configs carry a window that `use_sliding_window: false` switches off.)
@@ -125,11 +126,27 @@ def _rope(cfg: dict) -> tuple[float, tuple]:
   return positive_number(10000.0 if theta is None else theta, "rope_theta", "config.json"), scaling
 
 
-def rope_entries(cfg) -> dict:
-  """config.json's RoPE scaling entry for `cfg` ({} for plain RoPE), the inverse of `_rope`. A model whose scaling
-  came from a GGUF file's rope_freqs gets jaxspec's own rope_type "factors", which transformers refuses as unknown
-  rather than computing another model."""
-  return {"rope_scaling": dict(cfg.rope_scaling)} if cfg.rope_scaling else {}
+def model_entries(cfg) -> dict:
+  """config.json's entries that name the architecture and what sets it apart from plain LLaMA (biases, RoPE scaling),
+  the inverse of `config_from_hf`: Qwen2 for q/k/v biases alone, LLaMA with attention_bias / mlp_bias otherwise. A
+  model whose RoPE scaling came from a GGUF file's rope_freqs gets jaxspec's own rope_type "factors", which
+  transformers refuses as unknown rather than computing another model.
+
+  Raises:
+    InputError: biases no transformers architecture has together (q/k/v without the output's, plus MLP biases).
+  """
+  if cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias:
+    out = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False}
+  elif cfg.qkv_bias != cfg.o_bias:
+    raise InputError(f"A model with biases on {'q/k/v' if cfg.qkv_bias else 'the attention output'} only and MLP "
+                     "biases has no Hugging Face architecture; it cannot be written as a folder.")
+  else:
+    out = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    if cfg.qkv_bias or cfg.mlp_bias:
+      out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+  if cfg.rope_scaling:
+    out["rope_scaling"] = dict(cfg.rope_scaling)
+  return out
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
@@ -143,6 +160,8 @@ _NAMES = {
     "mlp.gate_proj.weight": ("mlp", "gate", "kernel"),
     "mlp.up_proj.weight": ("mlp", "up", "kernel"),
     "mlp.down_proj.weight": ("mlp", "down", "kernel"),
+    **{f"self_attn.{p}_proj.bias": ("attn", p, "bias") for p in "qkvo"},
+    **{f"mlp.{p}_proj.bias": ("mlp", p, "bias") for p in ("gate", "up", "down")},
 }
 
 
@@ -151,27 +170,33 @@ _NAMES = {
 _READ_BIASES = ("model.embed_tokens.bias", "model.norm.bias", "lm_head.bias")
 
 
-def _target(name: str):
+def _target(name: str, cfg: LlamaConfig):
   """The param path of a tensor name; None for a tensor jaxspec does not use.
 
   Raises:
-    ModelLoadError: a bias in the layers or on the embedding, final norm or output head, or a layer parameter
-      jaxspec's LLaMA lacks (e.g. Qwen3's q_norm): skipping it would run
-      a different function from the model's.
+    ModelLoadError: a bias the config does not give the model (in the layers, or on the embedding, final norm or
+      output head), or a layer parameter jaxspec's LLaMA lacks (e.g. Qwen3's q_norm): skipping it would run a
+      different function from the model's.
   """
-  if name.endswith(".bias") and (_LAYER.fullmatch(name) or name in _READ_BIASES):
-    raise ModelLoadError(f"The weights hold {name!r}; jaxspec's LLaMA layers have no bias terms, so this model "
-                         "cannot run correctly.")
+  if name in _READ_BIASES:
+    raise ModelLoadError(f"The weights hold {name!r}; jaxspec's LLaMA has no bias there, so this model cannot run "
+                         "correctly.")
+  m = _LAYER.fullmatch(name)
+  if m and name.endswith(".bias") and m.group(2) in _NAMES:
+    part = _NAMES[m.group(2)][1]
+    if not {"q": cfg.qkv_bias, "k": cfg.qkv_bias, "v": cfg.qkv_bias, "o": cfg.o_bias}.get(part, cfg.mlp_bias):
+      raise ModelLoadError(f"The weights hold {name!r}, a bias config.json does not give this model (attention_bias, "
+                           "mlp_bias, or model_type qwen2 for q/k/v biases); the config and the weights describe "
+                           "different models, so it cannot run correctly.")
   if name == "model.embed_tokens.weight":
     return ("embed", "embedding")
   if name == "model.norm.weight":
     return ("final_norm", "scale")
   if name == "lm_head.weight":
     return ("lm_head", "kernel")
-  m = _LAYER.fullmatch(name)
   if m and m.group(2) in _NAMES:
     return (f"layers_{int(m.group(1))}", *_NAMES[m.group(2)])
-  if m and m.group(2).endswith(".weight"):
+  if m and m.group(2).endswith((".weight", ".bias")):
     raise ModelLoadError(f"The weights hold {name!r}, a layer parameter jaxspec's LLaMA does not have; this is "
                          f"another architecture than {', '.join(SUPPORTED)}.")
   return None  # buffers such as an old rotary_emb.inv_freq, which jaxspec computes itself
@@ -310,6 +335,7 @@ def check_weights(folder: str, raw: dict) -> list[str]:
   from jaxspec.loading.t5_hf import is_t5_config
 
   llama = not is_t5_config(raw)
+  cfg = config_from_hf(raw) if llama else None
   weights = weight_files(folder)
   seen: dict[str, str] = {}
   for path in weights:
@@ -319,9 +345,9 @@ def check_weights(folder: str, raw: dict) -> list[str]:
                              "the model (e.g. a leftover export): move it out of the folder.")
       seen[name] = path
       if llama:
-        _target(name)
+        _target(name, cfg)
   if llama:
-    layers = config_from_hf(raw).n_layers
+    layers = cfg.n_layers
     beyond = sorted({int(m.group(1)) for m in map(_LAYER.fullmatch, seen) if m and int(m.group(1)) >= layers})
     if beyond:
       raise more_layers(repr(folder), layers, beyond[-1] + 1, "num_hidden_layers in config.json")
@@ -369,7 +395,7 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
       # "flax" hands back jax arrays, which also covers bfloat16 checkpoints that numpy cannot represent.
       with safe_open(path, framework="flax") as f:
         for name in f.keys():
-          target = _target(name)
+          target = _target(name, cfg)
           if target is None and not (_LAYER.fullmatch(name) or name.endswith("inv_freq")):
             unread.append(name)  # not a layer's buffer (a rotary table jaxspec computes itself)
           if target is None or (target[0] == "lm_head" and cfg.tie_embeddings):
@@ -409,12 +435,11 @@ def save_hf(folder: str, model: LlamaLM, params: dict) -> None:
     arr = np.asarray(leaf, np.float32)
     tensors[hf_tensor_name(key)] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
   hf_cfg = {
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+      **model_entries(cfg), "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
       "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
-      "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": "float32",
-      **rope_entries(cfg)}
+      "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": "float32"}
   tag = {files.EXPORT_TAG: files.export_tag(tensors)}  # the pair's link (files.check_export_tag)
   hf_cfg.update(tag)
   pt = {"format": "pt", **tag}  # transformers 4.x refuses metadata without a format

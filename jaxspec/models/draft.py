@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxspec import files, sharding
 from jaxspec.errors import ModelLoadError
-from jaxspec.loading.hf import rope_entries
+from jaxspec.loading.hf import model_entries
 from jaxspec.models.llama import LlamaLM
 
 FORMAT = 1
@@ -103,12 +103,12 @@ def save_draft(folder: str | os.PathLike, draft: LlamaLM, params: dict, *, inclu
                      "embed_fingerprint": embed_fingerprint(params)},
           **(meta or {})}
   hf_cfg = {
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+      **model_entries(cfg), "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
       "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim, "intermediate_size": cfg.d_ff,
       "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
       "max_position_embeddings": cfg.max_seq_len, "hidden_act": "silu", "torch_dtype": dtype,
-      **rope_entries(cfg), "jaxspec_draft": info}
+      "jaxspec_draft": info}
   ids = None if vocab_ids is None else _vocab_ids(vocab_ids)
   tag = {files.EXPORT_TAG: files.export_tag(tensors, {} if ids is None else {"vocab_ids": ids})}  # the files' link
   hf_cfg.update(tag)
@@ -202,7 +202,7 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
     params: dict = {}
     with safe_open(str(w_path), framework="flax") as f:
       for name in f.keys():
-        target = _target(name)
+        target = _target(name, cfg)
         if target is None or (target[0] == "lm_head" and cfg.tie_embeddings):
           continue
         w = f.get_tensor(name).astype(pdt)

@@ -79,6 +79,11 @@ class LlamaConfig:
   max_seq_len: int = 8192
   # RoPE frequency scaling as sorted (key, value) pairs (hashable), () for plain RoPE: see `rope_divisors`.
   rope_scaling: tuple = ()
+  # Bias terms: on the q, k and v projections (Qwen2; LLaMA's attention_bias), on the attention output (LLaMA's
+  # attention_bias), on the three MLP projections (LLaMA's mlp_bias).
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
   dtype: str = "float32"  # activations; XLA:CPU runs bf16 far slower than f32, so f32 is the CPU default
   param_dtype: str = "float32"
   scan_layers: bool = False  # stack layers under lax.scan: faster compiles (TPU), slower steps on CPU
@@ -100,6 +105,8 @@ class LlamaConfig:
   def n_params(self) -> int:
     d, f, h = self.d_model, self.d_ff, self.head_dim
     per_layer = d * h * (self.n_heads * 2 + self.n_kv_heads * 2) + 3 * d * f + 2 * d
+    per_layer += (self.n_heads + 2 * self.n_kv_heads) * h * self.qkv_bias + d * self.o_bias
+    per_layer += (2 * f + d) * self.mlp_bias
     head = 0 if self.tie_embeddings else self.vocab_size * d
     return self.vocab_size * d + self.n_layers * per_layer + d + head
 
@@ -234,9 +241,9 @@ def _write(buf: Array, new: Array, start_B: Array, axis: int, after: Array | Non
   return buf
 
 
-def _dense(cfg: LlamaConfig, features: int, name: str) -> nn.Dense:
-  return nn.Dense(features, use_bias=False, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
-                  name=name)
+def _dense(cfg: LlamaConfig, features: int, name: str, bias: bool = False) -> nn.Dense:
+  return nn.Dense(features, use_bias=bias, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype),
+                  bias_init=nn.initializers.zeros, name=name)
 
 
 class Attention(nn.Module):
@@ -248,7 +255,7 @@ class Attention(nn.Module):
   def __call__(self, x_BxTxD, rope, kv, lengths_B, visible):
     cfg = self.cfg
     dt = jnp.dtype(cfg.dtype)
-    dense = lambda n, name: _dense(cfg, n, name)
+    dense = lambda n, name: _dense(cfg, n, name, cfg.o_bias if name == "o" else cfg.qkv_bias)
     b, t, _ = x_BxTxD.shape
     q_BxTxNxH = dense(cfg.n_heads * cfg.head_dim, "q")(x_BxTxD).reshape(b, t, cfg.n_heads, cfg.head_dim)
     k_BxTxKxH = dense(cfg.n_kv_heads * cfg.head_dim, "k")(x_BxTxD).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
@@ -300,7 +307,7 @@ class MLP(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD):
     cfg = self.cfg
-    dense = lambda n, name: _dense(cfg, n, name)
+    dense = lambda n, name: _dense(cfg, n, name, cfg.mlp_bias)
     return dense(cfg.d_model, "down")(nn.silu(dense(cfg.d_ff, "gate")(x_BxTxD)) * dense(cfg.d_ff, "up")(x_BxTxD))
 
 

@@ -1,11 +1,12 @@
-"""Scaled RoPE (Llama 3.1+'s per-band scaling, linear position interpolation) against Hugging Face transformers.
+"""LLaMA-family variants against Hugging Face transformers: scaled RoPE (Llama 3.1+'s per-band scaling, linear
+position interpolation) and bias terms (Qwen2's on q/k/v, LLaMA's attention_bias and mlp_bias).
 
-The checkpoints and reference numbers are tiny random models written by `scripts/llama_rope_reference.py` with
-transformers (tests/fixtures/llama_rope/ and llama_rope_reference.npz): jaxspec must give transformers' logits on a
-300-token sequence (past the original context of 128) and its greedy tokens, from the Hugging Face folder, from a
-transformers-4 style config, and from a GGUF file as llama.cpp's converter writes one (per-frequency factors in
-`rope_freqs.weight`, or a linear scaling type in the header). Plain RoPE on the same weights gives other logits, so
-the comparisons can fail.
+The checkpoints and reference numbers are tiny random models written by `scripts/llama_variants_reference.py` with
+transformers (tests/fixtures/llama_variants/ and llama_variants_reference.npz): jaxspec must give transformers'
+logits on two 300-token rows (past the scaled models' original context of 128) and its greedy tokens, from the
+Hugging Face folder, from a transformers-4 style config, from a GGUF file as llama.cpp's converter writes one
+(per-frequency factors in `rope_freqs.weight`, or a linear scaling type in the header), and after jaxspec writes the
+model out again. Plain RoPE, or no biases, on the same weights gives other logits, so the comparisons can fail.
 """
 
 from __future__ import annotations
@@ -29,17 +30,17 @@ from jaxspec.models.llama import LlamaLM, rope_divisors, rope_scaling
 from tests.test_loading import Q, write_gguf
 
 FIXTURES = Path(__file__).parent / "fixtures"
-VARIANTS = ("llama3", "linear")
+VARIANTS = ("llama3", "linear", "qwen2", "llama_bias")
 
 
 @pytest.fixture(scope="module")
 def ref():
-  with np.load(FIXTURES / "llama_rope_reference.npz") as z:
+  with np.load(FIXTURES / "llama_variants_reference.npz") as z:
     return {k: z[k] for k in z.files}
 
 
 def folder(name: str) -> str:
-  return str(FIXTURES / "llama_rope" / name)
+  return str(FIXTURES / "llama_variants" / name)
 
 
 def batch_logits(model, params, ids):
@@ -50,15 +51,29 @@ def batch_logits(model, params, ids):
   return np.asarray(out)[:, ::4]
 
 
+def without_variant(model, params, name):
+  """The same weights as plain LLaMA computes them: RoPE unscaled, or biases dropped."""
+  if name in ("llama3", "linear"):
+    return LlamaLM(dataclasses.replace(model.cfg, rope_scaling=())), params
+  plain = {k: ({part: {m: {"kernel": w["kernel"]} for m, w in mods.items()} for part, mods in v.items()
+                if part in ("attn", "mlp")} | {part: v[part] for part in v if part not in ("attn", "mlp")}
+               if k.startswith("layers_") else v) for k, v in params.items()}
+  return LlamaLM(dataclasses.replace(model.cfg, qkv_bias=False, o_bias=False, mlp_bias=False)), plain
+
+
 @pytest.mark.parametrize("name", VARIANTS)
-def test_scaled_rope_matches_transformers(ref, name):
-  """Logits at positions up to 299 and a greedy continuation equal transformers'; without the scaling they do not."""
+def test_variants_match_transformers(ref, name):
+  """Logits at positions up to 299 in a batch of two and a greedy continuation equal transformers'; the same weights
+  without the variant's scaling or biases give other logits."""
   model, params = load_hf(folder(name))
-  assert dict(model.cfg.rope_scaling)["rope_type"] == name
+  cfg = model.cfg
+  assert (dict(cfg.rope_scaling).get("rope_type"), cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) == {
+      "llama3": ("llama3", False, False, False), "linear": ("linear", False, False, False),
+      "qwen2": (None, True, False, False), "llama_bias": (None, True, True, True)}[name]
   got = batch_logits(model, params, ref[f"{name}_ids"])
   np.testing.assert_allclose(got, ref[f"{name}_logits"], atol=2e-4, rtol=0)
-  plain = LlamaLM(dataclasses.replace(model.cfg, rope_scaling=()))
-  assert np.abs(batch_logits(plain, params, ref[f"{name}_ids"]) - ref[f"{name}_logits"]).max() > 0.05
+  plain, plain_params = without_variant(model, params, name)
+  assert np.abs(batch_logits(plain, plain_params, ref[f"{name}_ids"]) - ref[f"{name}_logits"]).max() > 0.05
   want = ref[f"{name}_greedy"].tolist()
   prompt = ref[f"{name}_ids"][0, :40].tolist()
   assert generate(model, params, [prompt], max_new_tokens=len(want)).tokens[0] == want
@@ -149,13 +164,38 @@ def test_gguf_files_scale_rope_as_llama_cpp_writes_it(ref, tmp_path):
       load_gguf(str(tmp_path / f"{name}.gguf"))
 
 
-def test_a_scaled_model_written_as_a_folder_loads_back(ref, tmp_path):
-  """`save_hf` (whole-model exports) writes the scaling into config.json, so the folder computes the same."""
-  model, params = load_hf(folder("llama3"))
+@pytest.mark.parametrize("name", VARIANTS)
+def test_a_variant_written_as_a_folder_loads_back(ref, tmp_path, name):
+  """`save_hf` (whole-model exports) writes the architecture, biases and scaling into config.json, so the folder
+  computes the same (and names the same family: Qwen2 stays Qwen2)."""
+  model, params = load_hf(folder(name))
   save_hf(str(tmp_path / "out"), model, params)
+  written = json.loads((tmp_path / "out" / "config.json").read_text())
+  original = json.loads((Path(folder(name)) / "config.json").read_text())
+  assert written["architectures"] == original["architectures"]
   again, p = load_hf(str(tmp_path / "out"))
-  assert again.cfg.rope_scaling == model.cfg.rope_scaling
-  np.testing.assert_allclose(batch_logits(again, p, ref["llama3_ids"]), ref["llama3_logits"], atol=2e-4, rtol=0)
+  assert again.cfg == model.cfg
+  np.testing.assert_allclose(batch_logits(again, p, ref[f"{name}_ids"]), ref[f"{name}_logits"], atol=2e-4, rtol=0)
+
+
+def test_biases_the_config_does_not_name_are_refused(tmp_path):
+  """A Qwen2 folder whose config says LLaMA, or a LLaMA folder with biases its config does not set, is refused before
+  any weight is read, naming the tensor (skipping the biases would run another model)."""
+  out = tmp_path / "m"
+  shutil.copytree(folder("qwen2"), out)
+  cfg = json.loads((out / "config.json").read_text())
+  cfg.update(architectures=["LlamaForCausalLM"], model_type="llama")
+  (out / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ModelLoadError, match=r"hold 'model.layers.0.self_attn.[qkv]_proj.bias', a bias config.json "
+                                           "does not give this model"):
+    load_hf(str(out))
+  shutil.rmtree(out)
+  shutil.copytree(folder("llama_bias"), out)
+  cfg = json.loads((out / "config.json").read_text())
+  cfg["mlp_bias"] = False
+  (out / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ModelLoadError, match="'model.layers.0.mlp.down_proj.bias', a bias config.json does not give"):
+    load_hf(str(out))
 
 
 @pytest.mark.parametrize("block, message", [

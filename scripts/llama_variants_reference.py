@@ -1,0 +1,127 @@
+"""Writes tiny random LLaMA-family checkpoints of the variants jaxspec's LLaMA computes beside plain LLaMA (scaled
+RoPE, bias terms) and what Hugging Face transformers computes with them (tests/test_llama_variants.py).
+
+Run it with the separate reference venv, never the project's (torch and transformers are not jaxspec dependencies):
+
+  python3 -m venv /work/hfenv
+  /work/hfenv/bin/pip install -q torch==2.13.0 transformers safetensors numpy   # torch: the CPU wheel
+  /work/hfenv/bin/python scripts/llama_variants_reference.py [--out-dir tests/fixtures]
+
+This script imports only torch, transformers and numpy (not jaxspec). It writes, under --out-dir:
+
+  * `llama_variants/<v>/`: `config.json` + `model.safetensors` from `save_pretrained(folder,
+    safe_serialization=True)` of a 2-layer model (vocab 128, width 32, 2 heads of 16, 1 KV head), for `<v>` in
+    - `llama3`: LLaMA whose `rope_scaling` is Llama 3.1's (factor 8, low/high frequency factors 1 and 4, original
+      context 128: with head_dim 16 and theta 10000 the 8 frequencies fall in all three of its bands);
+    - `linear`: LLaMA with linear RoPE scaling (factor 4);
+    - `qwen2`: Qwen2 (biases on the q, k and v projections), tied head, rope theta 1e6;
+    - `llama_bias`: LLaMA with `attention_bias` and `mlp_bias` (biases on all seven projections);
+    biases drawn at a scale that changes the outputs clearly (transformers initialises them to zero);
+  * `llama_variants_reference.npz` with, per variant: `<v>_ids` int32 [2, T] (random tokens, T = 300, past the original
+    context), `<v>_logits` float32 [2, T / 4, V] (teacher forcing, positions 0, 4, 8, ...), `<v>_greedy` int32 [N]
+    (pure-argmax `generate` of N new tokens after the first row's first 40 tokens, no EOS stop) and `<v>_greedy_margin` float32 [N] (each
+    step's top-1 minus top-2 logit, at least 0.02: the weights come from the first seed that gives that), and `meta_*`
+    strings (library versions, the variants and their weight seeds).
+
+The reference numbers come from the model as transformers reloads it from the saved folder. Everything runs on CPU in
+one thread with deterministic algorithms and fixed seeds, so a rerun writes byte-identical files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+
+import numpy as np
+import torch
+import transformers
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_OUT_DIR = os.path.join(REPO_ROOT, "tests", "fixtures")
+LENGTH = 300  # past original_max_position_embeddings (128), where scaled and plain RoPE part ways most
+STRIDE = 4  # logits kept at every 4th position (the file stays small)
+PROMPT = 40
+NEW_TOKENS = 24
+MIN_MARGIN = 0.02  # the smallest top-1 minus top-2 logit a greedy step may have
+MAX_WEIGHT_SEEDS = 20
+SIZES = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+             num_key_value_heads=1, max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+VARIANTS = {
+    "llama3": ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                          "high_freq_factor": 4.0, "original_max_position_embeddings": 128}}),
+    "linear": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
+    "qwen2": ("qwen2", {"rope_theta": 1e6, "tie_word_embeddings": True, "use_sliding_window": False}),
+    "llama_bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
+}
+
+
+def _make(family: str, settings: dict, seed: int) -> transformers.PreTrainedModel:
+  settings = copy.deepcopy(settings)  # transformers writes into the rope_scaling dict it is given
+  if family == "qwen2":
+    cfg = transformers.Qwen2Config(**SIZES, rms_norm_eps=1e-6, **settings)
+    cls = transformers.Qwen2ForCausalLM
+  else:
+    cfg = transformers.LlamaConfig(**SIZES, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                                   **{"rope_theta": 10000.0, **settings})
+    cls = transformers.LlamaForCausalLM
+  torch.manual_seed(seed)
+  model = cls(cfg).float().eval()
+  with torch.no_grad():  # weights larger than the initializer's 0.02, so positions and biases change the logits
+    for name, p in model.named_parameters():
+      if p.dim() == 2:
+        p.normal_(0.0, 0.15)
+      elif name.endswith(".bias"):
+        p.normal_(0.0, 0.5)
+  return model
+
+
+def _reference(folder: str, seed: int) -> dict:
+  """What transformers computes with the model saved in `folder` (reloaded from it)."""
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+  ids = np.random.default_rng(seed).integers(3, 128, size=(2, LENGTH)).astype(np.int32)
+  with torch.no_grad():
+    logits = model(torch.from_numpy(ids).long(), use_cache=False).logits.numpy()
+    gen = model.generate(torch.from_numpy(ids[:1, :PROMPT]).long(), max_new_tokens=NEW_TOKENS,
+                         min_new_tokens=NEW_TOKENS, do_sample=False, num_beams=1, output_scores=True,
+                         return_dict_in_generate=True, eos_token_id=None, pad_token_id=0)
+  top2 = np.sort(torch.stack(gen.scores, 1)[0].numpy(), axis=-1)[:, -2:]
+  return {"ids": ids, "logits": logits[:, ::STRIDE].astype(np.float32),
+          "greedy": gen.sequences[0, PROMPT:].numpy().astype(np.int32),
+          "greedy_margin": (top2[:, 1] - top2[:, 0]).astype(np.float32)}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR)
+  args = parser.parse_args()
+  torch.set_num_threads(1)
+  torch.use_deterministic_algorithms(True)
+  out, seeds = {}, {}
+  for i, (name, (family, settings)) in enumerate(VARIANTS.items()):
+    folder = os.path.join(args.out_dir, "llama_variants", name)
+    # The first weight seed whose greedy continuation has no near tie, so float32 rounding cannot flip a token.
+    for seed in range(100 * i, 100 * i + MAX_WEIGHT_SEEDS):
+      _make(family, settings, seed=seed).save_pretrained(folder, safe_serialization=True)
+      ref = _reference(folder, seed=i)
+      if ref["greedy_margin"].min() >= MIN_MARGIN:
+        break
+    else:
+      raise SystemExit(f"{name}: no seed in {MAX_WEIGHT_SEEDS} gives greedy margins of {MIN_MARGIN}")
+    seeds[name] = seed
+    out.update({f"{name}_{k}": v for k, v in ref.items()})
+  out["meta_transformers_version"] = np.array(transformers.__version__)
+  out["meta_torch_version"] = np.array(torch.__version__)
+  out["meta_numpy_version"] = np.array(np.__version__)
+  out["meta_variants_json"] = np.array(json.dumps({"variants": VARIANTS, "weight_seeds": seeds}, sort_keys=True))
+  path = os.path.join(args.out_dir, "llama_variants_reference.npz")
+  np.savez_compressed(path, **out)
+  print(f"wrote {path}: " + ", ".join(f"{k} {v.shape}" for k, v in out.items() if not k.startswith("meta")))
+  for name in VARIANTS:
+    print(f"{name}: smallest greedy margin {out[f'{name}_greedy_margin'].min():.3f}")
+
+
+if __name__ == "__main__":
+  main()
