@@ -19,9 +19,9 @@ This script imports only torch, transformers and numpy (not jaxspec). It writes,
     biases drawn at a scale that changes the outputs clearly (transformers initialises them to zero);
   * `llama_variants_reference.npz` with, per variant: `<v>_ids` int32 [2, T] (random tokens, T = 300, past the original
     context), `<v>_logits` float32 [2, T / 4, V] (teacher forcing, positions 0, 4, 8, ...), `<v>_greedy` int32 [N]
-    (pure-argmax `generate` of N new tokens after the first row's first 40 tokens, no EOS stop) and `<v>_greedy_margin` float32 [N] (each
-    step's top-1 minus top-2 logit, at least 0.02: the weights come from the first seed that gives that), and `meta_*`
-    strings (library versions, the variants and their weight seeds).
+    (pure-argmax `generate` of N new tokens after the first row's first 40 tokens, no EOS stop) and
+    `<v>_greedy_margin` float32 [N] (each step's top-1 minus top-2 logit, at least 0.02: the weights come from the
+    first seed that gives that), and `meta_*` strings (library versions, the variants and their weight seeds).
 
 The reference numbers come from the model as transformers reloads it from the saved folder. Everything runs on CPU in
 one thread with deterministic algorithms and fixed seeds, so a rerun writes byte-identical files.

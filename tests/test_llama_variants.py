@@ -231,3 +231,48 @@ def test_a_draft_of_a_scaled_target_keeps_its_scaling(tmp_path):
   assert again.cfg.rope_scaling == model.cfg.rope_scaling
   ids = np.arange(3, 103, dtype=np.int32)[None]
   np.testing.assert_allclose(batch_logits(again, p, ids), batch_logits(draft, dparams, ids), atol=1e-5, rtol=0)
+
+
+def test_a_qwen2_gguf_file_matches_transformers(ref, tmp_path):
+  """A Qwen2 GGUF file as llama.cpp's converter writes it (architecture "qwen2": Q/K rows as Hugging Face stores them,
+  q/k/v biases, tied head) gives transformers' logits; the same file read as a "llama" one (rows unpermuted as
+  llama.cpp's LLaMA converter permutes them) does not load its biases."""
+  model, params = load_hf(folder("qwen2"))
+  cfg = model.cfg
+
+  def write(arch):
+    w = gguf.GGUFWriter(str(tmp_path / f"{arch}.gguf"), arch)
+    w.add_block_count(cfg.n_layers)
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_feed_forward_length(cfg.d_ff)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
+    w.add_tensor("token_embd.weight", f32(params["embed"]["embedding"]))
+    w.add_tensor("output_norm.weight", f32(params["final_norm"]["scale"]))
+    names = {("attn", "q"): "attn_q", ("attn", "k"): "attn_k", ("attn", "v"): "attn_v", ("attn", "o"): "attn_output",
+             ("mlp", "gate"): "ffn_gate", ("mlp", "up"): "ffn_up", ("mlp", "down"): "ffn_down"}
+    for i in range(cfg.n_layers):
+      p = params[f"layers_{i}"]
+      w.add_tensor(f"blk.{i}.attn_norm.weight", f32(p["attn_norm"]["scale"]))
+      w.add_tensor(f"blk.{i}.ffn_norm.weight", f32(p["mlp_norm"]["scale"]))
+      for (mod, key), name in names.items():
+        w.add_tensor(f"blk.{i}.{name}.weight", f32(np.asarray(p[mod][key]["kernel"]).T))
+        if "bias" in p[mod][key]:
+          w.add_tensor(f"blk.{i}.{name}.bias", f32(p[mod][key]["bias"]))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return str(tmp_path / f"{arch}.gguf")
+
+  loaded, p = load_gguf(write("qwen2"))
+  assert (loaded.cfg.qkv_bias, loaded.cfg.o_bias, loaded.cfg.tie_embeddings) == (True, False, True)
+  np.testing.assert_allclose(batch_logits(loaded, p, ref["qwen2_ids"]), ref["qwen2_logits"], atol=2e-4, rtol=0)
+  with pytest.raises(ModelLoadError, match="holds 'blk.0.attn_q.bias'; jaxspec reads a GGUF file's biases for "
+                                           "Qwen2's q/k/v only"):
+    load_gguf(write("llama"))

@@ -423,9 +423,10 @@ def test_plain_gguf_loads(tmp_path):
 
 
 @pytest.mark.parametrize("extra,message", [
-    ({"blk.0.attn_q.bias": np.ones(64, np.float32)}, "'blk.0.attn_q.bias'; jaxspec reads bias terms from Hugging Face folders only"),
+    ({"blk.0.attn_q.bias": np.ones(64, np.float32)},
+     "'blk.0.attn_q.bias'; jaxspec reads a GGUF file's biases for Qwen2's q/k/v only"),
     ({"blk.1.attn_q_norm.weight": np.ones(16, np.float32)}, "'blk.1.attn_q_norm.weight', a layer tensor"),
-    ({"output.bias": np.ones(8, np.float32)}, "'output.bias'; jaxspec reads bias terms from Hugging Face"),
+    ({"output.bias": np.ones(8, np.float32)}, "'output.bias'; jaxspec reads a GGUF file's biases for Qwen2"),
 ], ids=["bias", "qk-norm", "output-bias"])
 def test_gguf_tensors_jaxspec_would_skip_are_refused(tmp_path, extra, message):
   with pytest.raises(ModelLoadError, match=message):

@@ -261,10 +261,29 @@ def test_gguf_tokens_written_as_raw_text_are_respelled_in_the_byte_alphabet(tmp_
   assert tok.encode(" wo") == [space_wo] and tok.encode("hello wo") == [tok.token_to_id("hello"), space_wo]
   assert tok.decode([space_wo]) == " wo"
 
+@pytest.mark.parametrize("pre, pieces", [
+    ("llama-bpe", ["I", "'VE", "Ġ", "123", "45", "Ġ", "ok", "!Ċ", "Ċ", "a"]),
+    ("qwen2", ["I", "'VE", "Ġ", "1", "2", "3", "4", "5", "Ġ", "ok", "!Ċ", "Ċ", "a"]),
+    ("gpt-2", ["I", "'", "V", "E", "Ġ", "123", "45", "Ġ", "ok", "!", "Ċ", "Ċ", "a"]),
+])
+def test_llama3_and_qwen2_gguf_pre_tokenizers(tmp_path, pre, pieces):
+  """Llama 3's ("llama-bpe") and Qwen2's ("qwen2") splits, with merges that would cross them if the split were
+  GPT-2's: contractions in any case stay whole, digits go in threes (Llama 3) or one by one (Qwen2), a space before
+  a digit stands alone, and punctuation keeps the line breaks after it."""
+  extra = ["12", "123", "45", "Ġ1", "'V", "'VE", "ok", "!Ċ"]
+  path = _write_gguf(tmp_path / f"{pre}.gguf", pre=pre, extra_tokens=extra,
+                     extra_merges=["1 2", "12 3", "4 5", "Ġ 1", "' V", "'V E", "o k", "! Ċ"])
+  tok = Tokenizer.from_gguf(path)
+  text = "I'VE 12345 ok!\n\na"
+  ids = tok.encode(text)
+  assert [tok.id_to_token(i) for i in ids] == pieces
+  assert tok.decode(ids) == text
+
+
 @pytest.mark.parametrize("model,pre,match", [
     ("llama", "default", "tokenizer model 'llama' is not supported"),
     ("bert", "smollm", "tokenizer model 'bert' is not supported"),
-    ("gpt2", "llama-bpe", "pre-tokenizer 'llama-bpe'"),
+    ("gpt2", "deepseek-llm", "pre-tokenizer 'deepseek-llm'"),
     ("gpt2", None, "pre-tokenizer None"),
     (None, "smollm", "has no tokenizer"),
 ])

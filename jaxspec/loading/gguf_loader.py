@@ -22,7 +22,11 @@ from jaxspec.loading.errors import (ModelLoadError, model_config, more_layers, p
 from jaxspec.loading.tokenizer import GGUF_MAGIC, NOT_GGUF
 from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_scaling, stack_layers
 
-LLAMA_FAMILY = ("llama", "mistral")  # architectures stored with llama.cpp's llama layout
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # architectures jaxspec's LLaMA computes
+# Architectures whose Q/K rows llama.cpp's converter permutes (its rotary pairs interleaved); Qwen2's are stored as
+# Hugging Face holds them (NeoX-style rotary, the half-split layout jaxspec uses).
+_PERMUTED = ("llama", "mistral")
+_QKV_BIAS = ("qwen2",)  # architectures with biases on the q, k and v projections
 SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                     "Q6_K")
 
@@ -107,6 +111,7 @@ def config_from_gguf(reader) -> LlamaConfig:
       tie_embeddings="output.weight" not in names,
       max_seq_len=num(f"{a}.context_length", 2048),
       rope_scaling=scaling,
+      qkv_bias=a in _QKV_BIAS,
   )
 
 
@@ -164,8 +169,9 @@ def _dequantize(t) -> np.ndarray:
   return w.reshape(shape).astype(np.float32, copy=False)
 
 
-def _target(name: str, cfg: LlamaConfig):
-  """Maps a GGUF tensor name to (param path, transform); (None, None) for a tensor jaxspec does not use.
+def _target(name: str, cfg: LlamaConfig, arch: str = "llama"):
+  """Maps a GGUF tensor name to (param path, transform); (None, None) for a tensor jaxspec does not use. `arch`:
+  the file's `general.architecture`, which says whether Q/K rows are permuted and which biases it has.
 
   Raises:
     ModelLoadError: a tensor that changes what the model computes and that jaxspec does not implement: skipping it
@@ -173,12 +179,14 @@ def _target(name: str, cfg: LlamaConfig):
   """
   if name == "rope_freqs.weight":  # read into the config (`_rope_scaling`)
     return None, None
-  if name.endswith(".bias") and (name.startswith("blk.") or name in ("token_embd.bias", "output_norm.bias",
-                                                                      "output.bias")):
+  own_bias = arch in _QKV_BIAS and name.startswith("blk.") and name.endswith(("attn_q.bias", "attn_k.bias",
+                                                                                 "attn_v.bias"))
+  if not own_bias and name.endswith(".bias") and (name.startswith("blk.") or name in (
+      "token_embd.bias", "output_norm.bias", "output.bias")):
     # (a bias outside the blocks on a tensor jaxspec does not read, a vision projector's say, is skipped with it)
-    raise ModelLoadError(f"The file holds {name!r}; jaxspec reads bias terms from Hugging Face folders only (Qwen2, "
-                         "LLaMA with attention_bias or mlp_bias), not from GGUF files: load the model's Hugging Face "
-                         "folder instead.")
+    raise ModelLoadError(f"The file holds {name!r}; jaxspec reads a GGUF file's biases for Qwen2's q/k/v only "
+                         "(other biases from Hugging Face folders: LLaMA with attention_bias or mlp_bias), so this "
+                         "model cannot run correctly from this file: load its Hugging Face folder instead.")
   if name == "token_embd.weight":
     return ("embed", "embedding"), None
   if name == "output_norm.weight":
@@ -198,8 +206,9 @@ def _target(name: str, cfg: LlamaConfig):
   table = {
       "attn_norm.weight": (("attn_norm", "scale"), None),
       "ffn_norm.weight": (("mlp_norm", "scale"), None),
-      "attn_q.weight": (("attn", "q", "kernel"), ("perm", cfg.n_heads)),
-      "attn_k.weight": (("attn", "k", "kernel"), ("perm", cfg.n_kv_heads)),
+      "attn_q.weight": (("attn", "q", "kernel"), ("perm", cfg.n_heads) if arch in _PERMUTED else "T"),
+      "attn_k.weight": (("attn", "k", "kernel"), ("perm", cfg.n_kv_heads) if arch in _PERMUTED else "T"),
+      **{f"attn_{p}.bias": (("attn", p, "bias"), None) for p in "qkv"},
       "attn_v.weight": (("attn", "v", "kernel"), "T"),
       "attn_output.weight": (("attn", "o", "kernel"), "T"),
       "ffn_gate.weight": (("mlp", "gate", "kernel"), "T"),
@@ -235,6 +244,7 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
   reader = open_gguf(path_or_reader) if isinstance(path_or_reader, (str, os.PathLike)) else path_or_reader
   path = getattr(getattr(reader, "data", None), "filename", None) or str(path_or_reader)
   cfg = config_from_gguf(reader)
+  arch = _field(reader, "general.architecture")
   # The parsed metadata (tokenizer vocabularies: ~10^5 small numpy views) costs ~180 MB; release it before the
   # weights arrive so peak memory stays near the f32 weights alone.
   reader.fields.clear()
@@ -243,13 +253,13 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
   cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
   # Every tensor is checked before the first is dequantized, so an unusable file fails at once, not minutes in.
   for t in reader.tensors:
-    if _target(t.name, cfg)[0] is not None and t.tensor_type.name not in SUPPORTED_QTYPES:
+    if _target(t.name, cfg, arch)[0] is not None and t.tensor_type.name not in SUPPORTED_QTYPES:
       raise _unsupported_qtype(t.name, t.tensor_type.name)
   params: dict = {}
   unread_tensors(repr(path), [t.name for t in reader.tensors if not t.name.startswith("blk.")
-                              and _target(t.name, cfg)[0] is None])
+                              and _target(t.name, cfg, arch)[0] is None])
   for t in reader.tensors:
-    target, fn = _target(t.name, cfg)
+    target, fn = _target(t.name, cfg, arch)
     if target is None:
       continue
     w = _dequantize(t)

@@ -61,11 +61,27 @@ def _smollm_pre_tokenizer():
   ])
 
 
+# The split of Llama 3 and Qwen2 (llama.cpp's "llama-bpe" and "qwen2" pre-tokenizers, as their tokenizer.json files
+# write it): contractions in any case, letters with at most one non-letter before them, digits one at a time (Qwen2)
+# or up to three together (Llama 3), punctuation runs with their line breaks, then whitespace.
+_LETTERS_DIGITS_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                         r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _split_then_bytes(digits: str):
+  def make():
+    split = pre_tokenizers.Split(tokenizers.Regex(_LETTERS_DIGITS_SPLIT % digits), behavior="isolated", invert=False)
+    return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  return make
+
+
 # `tokenizer.ggml.pre` values we reproduce exactly, for `tokenizer.ggml.model == "gpt2"`. Others have their own
 # regular expressions in llama.cpp; guessing them would silently give wrong ids, so they are refused.
 GGUF_PRE_TOKENIZERS: dict[str, Callable[[], Any]] = {
     "gpt-2": _gpt2_byte_level_pre_tokenizer,
     "smollm": _smollm_pre_tokenizer,
+    "llama-bpe": _split_then_bytes("{1,3}"),
+    "qwen2": _split_then_bytes(""),
 }
 SUPPORTED_GGUF_MODELS = ("gpt2",)
 
