@@ -420,6 +420,13 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
       else:
         draft, draft_params, draft_tok = load_model(str(path), dtype=kinds["dtype"], param_dtype=kinds["param_dtype"],
                                                     matmul_precision=kinds["matmul_precision"])
+        target_vocab = getattr(ctx.model, "vocab_size", None)
+        if target_vocab is not None and draft.vocab_size != target_vocab and not hasattr(draft, "start"):
+          from jaxspec.models.subset import resize_vocab
+          logger.info("draft=%s has %d ids and the target %d: its logits are %s to the target's ids (exact either "
+                      "way)", path, draft.vocab_size, target_vocab,
+                      "padded" if draft.vocab_size < target_vocab else "cut")
+          draft, draft_params = resize_vocab(draft, draft_params, target_vocab)
       vocab_check(ctx.model, draft)
       _warn_other_tokenizer(path, ctx.tokenizer, draft_tok)
     except PeerFailed:

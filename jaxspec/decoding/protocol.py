@@ -65,8 +65,9 @@ def vocab_check(target: LanguageModel, draft: LanguageModel) -> None:
   """
   if target.vocab_size != draft.vocab_size:
     raise InputError(f"draft and target vocabularies differ: the target has {target.vocab_size} tokens, the draft "
-                     f"{draft.vocab_size}; use a draft model trained with the target's tokenizer and the same "
-                     "number of ids (a vocabulary padded to another size counts as another).")
+                     f"{draft.vocab_size}; use a draft model trained with the target's tokenizer, and where only the "
+                     "number of ids differs (an embedding padded to another size), resize it to the target's with "
+                     "jaxspec.models.subset.resize_vocab (the bench and CLI do that for a draft= model).")
 
 
 def check_target(drafter, model: LanguageModel) -> None:
