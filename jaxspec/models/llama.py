@@ -1,4 +1,6 @@
-"""Decoder-only LLaMA-family transformer (RMSNorm, RoPE, grouped-query attention, SwiGLU) in Flax linen.
+"""Decoder-only LLaMA-family transformer (RMSNorm, RoPE, grouped-query attention, SwiGLU) in Flax linen, with the
+variants other families of the same shape use: bias terms (Qwen2's on q/k/v, LLaMA's attention_bias and mlp_bias)
+and scaled RoPE (Llama 3.1+'s per-band scaling, linear interpolation, per-frequency factors).
 
 One forward takes T new tokens with their positions and a `[B, T, T]` mask among them, attends to the committed
 part of an explicit `KVCache`, and returns logits, final hidden states and the cache with the new keys and values
