@@ -27,7 +27,7 @@ from jaxspec.errors import ModelLoadError
 from jaxspec.loading.gguf_loader import load_gguf
 from jaxspec.loading.hf import load_hf, save_hf
 from jaxspec.models.llama import LlamaLM, rope_divisors, rope_scaling
-from tests.test_loading import Q, write_gguf
+from tests.test_loading import Q, gguf_writer, write_gguf
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VARIANTS = ("llama3", "linear", "qwen2", "llama_bias")
@@ -241,16 +241,7 @@ def test_a_qwen2_gguf_file_matches_transformers(ref, tmp_path):
   cfg = model.cfg
 
   def write(arch):
-    w = gguf.GGUFWriter(str(tmp_path / f"{arch}.gguf"), arch)
-    w.add_block_count(cfg.n_layers)
-    w.add_context_length(cfg.max_seq_len)
-    w.add_embedding_length(cfg.d_model)
-    w.add_feed_forward_length(cfg.d_ff)
-    w.add_head_count(cfg.n_heads)
-    w.add_head_count_kv(cfg.n_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
+    w = gguf_writer(tmp_path / f"{arch}.gguf", cfg, arch)
     f32 = lambda x: np.ascontiguousarray(np.asarray(x, np.float32))  # noqa: E731
     w.add_tensor("token_embd.weight", f32(params["embed"]["embedding"]))
     w.add_tensor("output_norm.weight", f32(params["final_norm"]["scale"]))

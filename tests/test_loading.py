@@ -22,9 +22,9 @@ def llama_cpp_permute(w_OxI, n_heads):
   return w_OxI.reshape(n_heads, 2, o // n_heads // 2, i).swapaxes(1, 2).reshape(o, i)
 
 
-def gguf_writer(path, cfg) -> "gguf.GGUFWriter":
+def gguf_writer(path, cfg, arch: str = "llama") -> "gguf.GGUFWriter":
   """A GGUF writer with a LLaMA model's hyperparameters in its header, as llama.cpp's converter writes them."""
-  w = gguf.GGUFWriter(str(path), "llama")
+  w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(cfg.n_layers)
   w.add_context_length(cfg.max_seq_len)
   w.add_embedding_length(cfg.d_model)

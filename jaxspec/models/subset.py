@@ -25,23 +25,14 @@ Array = jax.Array
 _NEG_INF = -1e30
 
 
-@dataclasses.dataclass(frozen=True)
-class SubsetHeadLM:
-  """`base` with its output head restricted to `params["vocab_ids"]` (decoder-only models).
-
-  Params: `{"base": the base model's params, "vocab_ids": [M] int32, "table_MxD": the base's output rows for those
-  ids}`. Build them with `subset_head`.
-  """
+class _OtherHead:
+  """What a model with another output head than its `base`'s keeps of the base: config, cache and its writes."""
 
   base: Any
 
   @property
   def cfg(self):
     return self.base.cfg
-
-  @property
-  def vocab_size(self) -> int:
-    return self.base.vocab_size
 
   @property
   def can_defer_write(self) -> bool:
@@ -56,6 +47,21 @@ class SubsetHeadLM:
 
   def write_kv(self, cache, new_kv):
     return self.base.write_kv(cache, new_kv)
+
+
+@dataclasses.dataclass(frozen=True)
+class SubsetHeadLM(_OtherHead):
+  """`base` with its output head restricted to `params["vocab_ids"]` (decoder-only models).
+
+  Params: `{"base": the base model's params, "vocab_ids": [M] int32, "table_MxD": the base's output rows for those
+  ids}`. Build them with `subset_head`.
+  """
+
+  base: Any
+
+  @property
+  def vocab_size(self) -> int:
+    return self.base.vocab_size
 
   def forward(self, params, tokens_BxT: Array, positions_BxT: Array, cache, mask_BxTxT: Array, *, logits: bool = True,
               **kwargs):
@@ -90,7 +96,7 @@ def subset_head(model, params, vocab_ids) -> tuple[SubsetHeadLM, dict]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ResizedVocabLM:
+class ResizedVocabLM(_OtherHead):
   """`base` (a draft) made to speak a target's vocabulary of `vocab_size` ids when its own is another size: most
   often the same tokenizer with its embedding padded to another multiple (Qwen2.5's 0.5B-3B models have 151,936 ids,
   its 7B and larger 152,064). Its logits are the base's for the ids they share, -1e30 (probability 0) for target ids
@@ -104,24 +110,6 @@ class ResizedVocabLM:
 
   base: Any
   vocab_size: int
-
-  @property
-  def cfg(self):
-    return self.base.cfg
-
-  @property
-  def can_defer_write(self) -> bool:
-    return getattr(self.base, "can_defer_write", False)
-
-  @property
-  def bounds_attention(self) -> bool:
-    return getattr(self.base, "bounds_attention", False)
-
-  def init_cache(self, batch_size: int, capacity: int, *args, **kwargs):
-    return self.base.init_cache(batch_size, capacity, *args, **kwargs)
-
-  def write_kv(self, cache, new_kv):
-    return self.base.write_kv(cache, new_kv)
 
   def forward(self, params, tokens_BxT: Array, positions_BxT: Array, cache, mask_BxTxT: Array, *, logits: bool = True,
               **kwargs):
