@@ -164,6 +164,18 @@ def test_gguf_files_scale_rope_as_llama_cpp_writes_it(ref, tmp_path):
       load_gguf(str(tmp_path / f"{name}.gguf"))
 
 
+@pytest.mark.parametrize("name", ["llama3", "llama_bias"])
+def test_variants_with_stacked_layers_and_bfloat16_weights(ref, name):
+  """`scan_layers` stacks the biases with the other layer weights, and bfloat16 weights computed in float32 stay
+  near transformers' logits (within the weights' rounding)."""
+  model, params = load_hf(folder(name), scan_layers=True)
+  np.testing.assert_allclose(batch_logits(model, params, ref[f"{name}_ids"]), ref[f"{name}_logits"], atol=2e-4,
+                             rtol=0)
+  model, params = load_hf(folder(name), dtype="float32", param_dtype="bfloat16")
+  np.testing.assert_allclose(batch_logits(model, params, ref[f"{name}_ids"]), ref[f"{name}_logits"], atol=0.1,
+                             rtol=0)
+
+
 @pytest.mark.parametrize("name", VARIANTS)
 def test_a_variant_written_as_a_folder_loads_back(ref, tmp_path, name):
   """`save_hf` (whole-model exports) writes the architecture, biases and scaling into config.json, so the folder
