@@ -1,4 +1,4 @@
-"""What consistency distillation costs in quality: the distilled model against the base model it came from.
+r"""What consistency distillation costs in quality: the distilled model against the base model it came from.
 
 The same for any fine-tuned copy of the base (`--model`), e.g. the base of a joint BPD run. The base is the default
 model unless `--base` names another (a Hugging Face folder or a .gguf file).

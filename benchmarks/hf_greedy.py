@@ -1,9 +1,10 @@
 """Baseline: Hugging Face transformers greedy decoding speed on the default GGUF weights, on CPU.
 
-Run it with the reference venv (torch and transformers are not jaxspec dependencies; see tests/fixtures/README.md):
+Run it with a Python that has torch and transformers (they are not jaxspec dependencies; tests/fixtures/README.md
+shows how the developers make such a venv, e.g. /work/hfenv):
 
-  /work/hfenv/bin/python benchmarks/hf_greedy.py [--model PATH] [--new-tokens 128] [--batches 1 8]
-                                                 [--dtypes float32 bfloat16] [--threads N]
+  python benchmarks/hf_greedy.py [--model PATH] [--new-tokens 128] [--batches 1 8]
+                                 [--dtypes float32 bfloat16] [--threads N]
 
 Prints two tables:
   1. greedy tokens/s of `model.generate` (do_sample=False, eos ignored so every run makes exactly --new-tokens),

@@ -164,7 +164,7 @@ def _cmd_generate(args) -> int:
                      "this model's decoder does not take it (it would run as without it): leave the option out.")
   ctx = BenchContext(model, params, tok, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                      seed=args.seed, max_len=args.max_len, mesh=mesh, buckets=args.cache_buckets,
-                     t5x_src=args.t5x_src)
+                     t5x_src=args.t5x_src, say=lambda message: print(f"jaxspec: {message}", file=sys.stderr))
   from jaxspec.bench.methods import build
   try:
     run = build(ctx, name, opts)  # by every process of a multi-host run, or by none
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="read the input text from a UTF-8 file (- reads stdin); the newlines that end it are dropped")
   g.add_argument("--model", default=None,
                  help="a .gguf file or Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
-  g.add_argument("--max-new-tokens", type=_positive_int, default=128)
+  g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="default 128")
   g.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
   g.add_argument("--top-k", type=_top_k, default=0)
   g.add_argument("--top-p", type=_top_p, default=1.0)

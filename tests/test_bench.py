@@ -110,6 +110,10 @@ def test_tau_counts_exactness_and_files(tmp_path, prompt_file, methods):
   assert "| oracle | 4.00 |" in report and "`liar`: 1 of 6 outputs differ" in report and "no parts" in report
   # Batches of 2 are timed whole: the per-category speedups say they are shares of batch times.
   assert "Prompts ran 2 to a batch" in report.split("## Speedup per category")[1].split("|")[0]
+  # A --batch-size above the prompt count names the batch the run had (--quick with one prompt said 16).
+  from jaxspec.bench.report import markdown
+  one = markdown(dict(saved, config=dict(saved["config"], batch_size=16), prompts=dict(saved["prompts"], n=1)))
+  assert "batch size 1;" in one and "Prompts ran" not in one
   for png in ("tau_per_category.png", "speedup.png", "accept_hist.png"):
     assert (out / png).stat().st_size > 1000
   lines = (out / "outputs.jsonl").read_text().splitlines()

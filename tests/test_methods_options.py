@@ -256,10 +256,14 @@ def test_costs_for_a_budget_or_a_gate_are_measured_at_the_runs_batch(target, hos
   monkeypatch.setattr("jaxspec.bench.cost.forward_cost", fixed)
   from tests.test_bench import ByteTokenizer  # the calibration decodes the quick prompts
 
-  ctx = BenchContext(model, params, ByteTokenizer(), batch_size=3)
+  said = []
+  ctx = BenchContext(model, params, ByteTokenizer(), batch_size=3, say=said.append)
   methods_mod.build(ctx, "opt-tree", {"drafter": "draft", "draft": str(host_parts / "draft"), "nodes": "auto",
                                       "gate": "auto"})
   assert batches == [3, 3, 3]  # the target's verify costs, the draft's, the gate's
+  # Minutes of measuring on a CPU are announced first, so that a run is not taken for hung (found by an audit).
+  assert len(said) == 2 and said[0].startswith("opt-tree:nodes=auto: measuring") and "minutes on a CPU" in said[0]
+  assert said[1].startswith("gate=auto: measuring the verify cost t(")
 
 
 def test_a_resumed_run_takes_the_budget_and_gate_its_killed_run_measured(target, host_parts, monkeypatch):

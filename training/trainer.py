@@ -411,11 +411,18 @@ class Trainer:
     bar = tqdm(total=num_steps, initial=start, desc="train", dynamic_ncols=True,
                disable=None if self.progress is None else not self.progress)
 
+    metas: dict[int, dict[str, Any]] = {}
+
     def meta(s: int) -> dict[str, Any]:
       # fit_s: the seconds the steps up to s took, summed over the processes of a run that was killed and resumed
       # (steps a kill lost after the last checkpoint are not counted twice: only the run that redid them counts).
-      self.fit_s = before + time.perf_counter() - loop_start
-      return {"step": s, "num_steps": num_steps, "time": time.time(), "fit_s": self.fit_s}
+      # Taken once per step: the last step's checkpoint is saved in the loop and again at the end (a no-op), and
+      # this run's figure must be the one a resumed run reads back from it.
+      if s not in metas:
+        self.fit_s = before + time.perf_counter() - loop_start
+        metas[s] = {"step": s, "num_steps": num_steps, "time": time.time(), "fit_s": self.fit_s}
+      self.fit_s = metas[s]["fit_s"]
+      return metas[s]
 
     try:
       while step < num_steps and not guard.stop_requested(step):

@@ -52,6 +52,14 @@ class BenchContext:
   # Choices the method being built measured in the run this one resumes (`Runner.measured` there, e.g. opt-tree's
   # nodes=auto budget): taken as they are, so that a resumed bench's runs all used one setting. Set by the bench.
   measured: dict = dataclasses.field(default_factory=dict)
+  say: Any = None  # shows a line to the user (the bench's log above its progress bar); None: logged at INFO
+
+  def tell(self, message: str) -> None:
+    """A line for the user about long work a build does before it runs (a budget measured for minutes)."""
+    if self.say is not None:
+      self.say(message)
+    else:
+      logger.info(message)
 
   def ready(self, failure: BaseException | None = None) -> None:
     """A method's build calls this before its first work on the devices (a calibration that measures costs, a merge
@@ -396,8 +404,8 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
 
   path = Path(path)
   if not path.exists():
-    raise Unavailable(f"no draft model at {path}: pass draft=PATH (a GGUF file or Hugging Face folder with the "
-                      "target's vocabulary), or build the default one with: jaxspec train configs/draft_smollm2.yaml")
+    raise Unavailable(f"no draft model at {path}: pass draft=PATH (a draft folder `jaxspec train` wrote, or a GGUF "
+                      "file or Hugging Face folder with the target's tokenizer), or build the default one with: jaxspec train configs/draft_smollm2.yaml")
   if path.is_dir() and not (path / "config.json").exists():
     raise Unavailable(f"draft={path} is a folder without config.json: a draft folder holds config.json + "
                       "model.safetensors (as `jaxspec train configs/draft_smollm2.yaml` writes), or is a Hugging Face "
@@ -610,6 +618,8 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
     key = ("opt-tree-calibration", opts.get("drafter", "heads"), opts.get("heads"), opts.get("layers"),
            opts.get("draft"), width, branch)
     if key not in ctx.cache:
+      ctx.tell("opt-tree:nodes=auto: measuring the drafter's calibration tree and the verify cost t(n) at 10 tree "
+               "sizes, each compiled once (minutes on a CPU)")
       stats = calibrate(OptTreeDrafter(make_source(max(width, 8)), nodes=big_n, depth=big_d, width=max(width, 8),
                                        branch=max(branch, 8), warp=warp), sp)
       grid = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
@@ -657,6 +667,7 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   elif gate == "auto":  # verify where E[A] > t(N + 1) / t(1) - 1, the break-even of a calibrated drafter
     key = ("verify-cost", nodes + 1)
     if key not in ctx.cache:
+      ctx.tell(f"gate=auto: measuring the verify cost t({nodes + 1})/t(1)")
       ctx.cache[key] = forward_cost(ctx.model, ctx.params, [1, nodes + 1], context=256, batch=ctx.batch_size,
                                     in_loop=IN_LOOP)
     cost = ctx.cache[key]

@@ -111,6 +111,7 @@ def markdown(res: dict) -> str:
   avail = {k: v for k, v in methods.items() if v["available"]}
   cats = list(res["prompts"]["per_category"])
   greedy = cfg["temperature"] == 0
+  batch = min(cfg["batch_size"], max(res["prompts"]["n"], 1))  # as the run batched them: never more than it had
   lines = ["# jaxspec bench report", ""]
   if not res["complete"]:
     lines += ["**Incomplete run**: these figures cover the batches finished before it stopped.", ""]
@@ -123,7 +124,7 @@ def markdown(res: dict) -> str:
       + (", layers under lax.scan" if cfg.get("scan_layers") else "")
       + (f", matmul precision {cfg['matmul_precision']}" if cfg.get("matmul_precision", "highest") != "highest"
          else "") + f"); max new tokens {cfg['max_new_tokens']}; "
-      f"batch size {cfg['batch_size']}; " + ("greedy" if greedy else
+      f"batch size {batch}; " + ("greedy" if greedy else
                                              f"temperature {cfg['temperature']}, top-k {cfg['top_k']}, "
                                              f"top-p {cfg['top_p']}, seed {cfg.get('seed', 0)}")
       + (f"; params sharded over the mesh {cfg['mesh']} (the Hugging Face baselines run in torch, off it)"
@@ -162,9 +163,9 @@ def markdown(res: dict) -> str:
                  f"{m['drafter_calls']:.0f} | {m['compile_s']:.1f} | {mib} |")
   for key, title in (("tau", "τ per category"), ("speedup", "Speedup per category")):
     lines += ["", f"## {title}", ""]
-    if key == "speedup" and cfg["batch_size"] > 1:
+    if key == "speedup" and batch > 1:
       # One decode call runs a whole batch: its time cannot be told apart by row, so rows share it evenly.
-      lines += [f"Prompts ran {cfg['batch_size']} to a batch and a batch is timed as a whole, so each row gets an "
+      lines += [f"Prompts ran {batch} to a batch and a batch is timed as a whole, so each row gets an "
                 "even share of its batch's time: a category's figure is that of the batches its prompts were in, "
                 "not its own. `--batch-size 1` times each prompt alone.", ""]
     lines += ["| method | " + " | ".join(cats) + " |", "|---" * (len(cats) + 1) + "|"]

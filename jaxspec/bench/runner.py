@@ -357,7 +357,8 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   if mesh is not None:  # placed once (a no-op for params loaded here); generate() then finds them on the mesh
     params = sharding.partitioner(mesh, model).shard_params(params)
   ctx = BenchContext(model, params, tokenizer, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                     seed=cfg.seed, t5x_src=cfg.t5x_src, mesh=mesh, batch_size=min(cfg.batch_size, len(prompts)))
+                     seed=cfg.seed, t5x_src=cfg.t5x_src, mesh=mesh, batch_size=min(cfg.batch_size, len(prompts)),
+                     say=log)
 
   # What the resumed run's methods measured (opt-tree's nodes=auto, gate=auto): taken again, so that every run of a
   # method in these results used the same setting (measured anew they may differ, on a busier machine say).
@@ -480,8 +481,8 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
       files.write_json(out / "results.json", snapshot(complete=False))
     # Warm-up: compile and run each method once, untimed (skipped by --quick: compilation is ahead-of-time and timed
     # apart, so only first-run effects go unexcluded).
-    for label, bi in tqdm(list(first.items()) if not cfg.quick else [], desc="warm-up", disable=not progress,
-                          leave=False):
+    warm = list(first.items()) if not cfg.quick else []  # --quick: no warm-up, and no bar that says there is one
+    for label, bi in tqdm(warm, desc="warm-up", disable=not progress or not warm, leave=False):
       res = runners[label]([ids[i] for i in batches[bi]], cfg.max_new_tokens, cfg.seed)
       warm_compile[label] += res.compile_s
       warm_bytes[label] = max(warm_bytes[label], res.program_bytes)
