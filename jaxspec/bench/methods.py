@@ -405,7 +405,8 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
   path = Path(path)
   if not path.exists():
     raise Unavailable(f"no draft model at {path}: pass draft=PATH (a draft folder `jaxspec train` wrote, or a GGUF "
-                      "file or Hugging Face folder with the target's tokenizer), or build the default one with: jaxspec train configs/draft_smollm2.yaml")
+                      "file or Hugging Face folder with the target's tokenizer), or build the default one with: "
+                      "jaxspec train configs/draft_smollm2.yaml")
   if path.is_dir() and not (path / "config.json").exists():
     raise Unavailable(f"draft={path} is a folder without config.json: a draft folder holds config.json + "
                       "model.safetensors (as `jaxspec train configs/draft_smollm2.yaml` writes), or is a Hugging Face "
