@@ -1,5 +1,6 @@
 """The decode loop: exact token sequences with fake models, greedy equivalence, batching, buckets, sampling."""
 
+import dataclasses
 import re
 
 import jax
@@ -48,6 +49,35 @@ def test_every_eos_id_ends_a_row(k):
   for eos in ([late, early], [unused, early], [early, unused]):
     res = gen.generate(LM, None, [[9], [9]], max_new_tokens=20, eos_ids=eos, drafter=drafter)
     assert res.tokens == [seq[:5], seq[:5]], eos
+
+
+@dataclasses.dataclass(frozen=True)
+class VerifyWhenDone(OracleChain):
+  """Right drafts that ask to be verified (`Draft.verify_B`) only in rows that have finished."""
+
+  def propose(self, draft_params, dstate, loop):
+    draft, dstate = super().propose(draft_params, dstate, loop)
+    return draft.replace(verify_B=loop.done_B), dstate
+
+
+def test_only_active_rows_decide_whether_a_gated_step_verifies():
+  """A gated step verifies the block when some active row asks for it; a finished row's request does not count (it
+  would make the rows still decoding pay a verify forward none of them asked for). Here only finished rows ask, so
+  every step is a one-token step, before and after the short row ends."""
+  res = gen.generate(LM, None, [[9], [2]], max_new_tokens=[3, 12], drafter=VerifyWhenDone(LM, 3))
+  assert res.tokens == [LM.greedy(9, 3), LM.greedy(2, 12)]
+  assert res.active_calls == [2, 11] and res.accept_hist[:, 2:].sum() == 0
+
+
+def test_a_row_done_after_prefill_takes_no_step():
+  """A first token that is an EOS, or max_new_tokens=1, ends a row at prefill: it never becomes active, so it is
+  counted in no step's calls nor histogram, and its output is that one token (the other row decodes on)."""
+  seq = LM.greedy(9, 12)
+  for kw in (dict(eos_ids=[seq[0]], max_new_tokens=[12, 12]), dict(max_new_tokens=[1, 12])):
+    res = gen.generate(LM, None, [[9], [4]], drafter=OracleChain(LM, 2), **kw)
+    assert res.tokens == [seq[:1], LM.greedy(4, 12)], kw
+    assert res.active_calls[0] == 0 and res.accept_hist[0].sum() == 0 and res.step_tokens[0] == 0, kw
+    assert res.active_calls[1] > 0
 
 
 @pytest.mark.parametrize("k", [1, 3, 6])

@@ -86,6 +86,38 @@ def test_tree_rejection_sampling_on_point_mass_targets():
     check_acceptance(tree_rejection(jax.random.key(seed), hand_tree(3), p))
 
 
+@pytest.mark.parametrize("remove_rejected", [True, False])
+def test_tree_rejection_with_drafted_distributions_samples_the_target(remove_rejected):
+  """`tree_rejection` with children drawn from a q (`probs_BxNxV`, SpecInfer's setting) rather than point masses,
+  called directly on 200,000 rows of a 5-token bigram target: the first two tokens of the ancestral sample (a row
+  that commits one token draws its second from the target by hand) fit p_0(a) p(b | a) (χ²). The default tests'
+  trees are point masses (OPT-Tree); this is the only default check of the r <- norm(max(0, r - q_i)) update, of
+  acceptance with probability min(1, r(x) / q(x)) and of the walk to a child's distribution. The broken rule (r kept
+  after a rejection) must fail it."""
+  rng = np.random.default_rng(0)
+  v, rows, parents = 5, 200_000, [-1, -1, 0, 0, 1, 2]  # two root children, two under node 0, one under 1, one under 2
+  p0, bigram = rng.dirichlet(np.ones(v)), rng.dirichlet(np.ones(v), size=v)  # p before the block; p(. | token)
+  q_root, q_child = rng.dirichlet(np.ones(v)), rng.dirichlet(np.ones(v))
+  q_NxV = np.stack([q_root if p < 0 else q_child for p in parents])  # children i.i.d. from their level's q
+  tokens_BxN = np.stack([rng.choice(v, size=rows, p=q) for q in q_NxV], axis=1)
+  depth, mask = tree_arrays(parents)
+  bc = lambda a, dt: jnp.broadcast_to(jnp.asarray(a, dt), (rows, *np.shape(a)))
+  draft = Draft(jnp.asarray(tokens_BxN, jnp.int32), bc(depth, jnp.int32), bc(mask, bool), bc(parents, jnp.int32),
+                bc(q_NxV, jnp.float32))
+  # The target's distribution at block index 0 (the pending token) and after each node (its token's bigram row).
+  p_BxTxV = np.concatenate([np.broadcast_to(p0, (rows, 1, v)), bigram[tokens_BxN]], axis=1)
+  acc = jax.jit(tree_rejection, static_argnums=3)(jax.random.key(1), draft, jnp.asarray(p_BxTxV, jnp.float32),
+                                                  remove_rejected)
+  emitted, n_commit = np.asarray(acc.emitted_BxT), np.asarray(acc.n_commit_B)
+  assert (n_commit == 1).mean() > 0.1 and (n_commit >= 3).mean() > 0.1  # rejections and deep accepts both common
+  first = emitted[:, 0]
+  drawn = (rng.random(rows)[:, None] > np.cumsum(bigram[first], axis=-1)).sum(-1).clip(0, v - 1)
+  second = np.where(n_commit >= 2, emitted[:, 1], drawn)
+  pvalue = chi2_pvalue(np.bincount(first * v + second, minlength=v * v), (p0[:, None] * bigram).ravel())
+  print(f"remove_rejected={remove_rejected}: p = {pvalue:.3g}")
+  assert (pvalue > 1e-3) if remove_rejected else (pvalue < 1e-6)
+
+
 def fake_loop(pending, active=None):
   b = len(pending)
   return types.SimpleNamespace(pending_B=jnp.asarray(pending, jnp.int32),

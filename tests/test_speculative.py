@@ -14,9 +14,9 @@ from scipy import stats as sps
 from jaxspec.decoding import generate as gen
 from jaxspec.decoding.accept import SampleAcceptance
 from jaxspec.decoding.loop import NoDraft, decode
-from jaxspec.decoding.protocol import Acceptance, PrefillInfo, Verified
+from jaxspec.decoding.protocol import Acceptance, Draft, PrefillInfo, Verified
 from jaxspec.decoding.sampling import SamplingParams, Warp
-from jaxspec.decoding.speculative import DraftModelDrafter, layerskip_draft, vocab_check
+from jaxspec.decoding.speculative import DraftModelDrafter, draw, gate_score, layerskip_draft, vocab_check
 from jaxspec.errors import InputError
 from jaxspec.models.llama import LlamaLM, tiny_config
 from tests.conftest import SAMPLING_COMPILE_OPTIONS, make_tiny
@@ -94,6 +94,35 @@ def test_adaptive_and_gated_drafts_equal_greedy(tiny, other_tiny, greedy_ref):
     assert int(res.drafter_stats["draft_forwards"]) == int(hist @ np.arange(len(hist))) - res.target_calls
 
 
+def test_draft_confidences_and_gate_scores_follow_their_definitions():
+  """The numbers `stop` and `gate` decide on: a greedy draft's confidence is its top probability over the whole
+  vocabulary (1 when no confidence is asked for), a sampling draft's is q of the token it drew; a greedy chain scores
+  its expected accepted tokens Σ_i Π_{j<=i} c_j, a sampling chain Σ_{i<=γ} m^i from the top probability m of its
+  first q. The output is exact whatever they are (greedy stays greedy, the χ² tests pass), so only the speed shows a
+  wrong formula: this checks them on hand-made numbers."""
+  probs = np.asarray([[0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.1, 0.7]], np.float32)
+  logits = jnp.asarray(np.log(np.maximum(probs, 1e-30)) + 7.0)  # unnormalised: the offset must not matter
+  sp = SamplingParams.make(1.0)
+  tok, q, conf = draw(Warp(), True, None, logits, sp, confidence=True)
+  assert tok.tolist() == [0, 3]
+  np.testing.assert_array_equal(q, np.eye(4)[[0, 3]])
+  np.testing.assert_allclose(conf, [0.5, 0.7], rtol=1e-5)
+  np.testing.assert_array_equal(draw(Warp(), True, None, logits, sp)[2], [1.0, 1.0])
+  for seed in range(4):
+    tok, q, conf = draw(Warp(), False, jax.random.key(seed), logits, sp)
+    np.testing.assert_allclose(q, probs, atol=1e-6)
+    np.testing.assert_allclose(conf, probs[[0, 1], np.asarray(tok)], rtol=1e-5)
+  gamma = 3
+  conf_BxN = jnp.asarray([[0.5, 0.4, 0.0], [0.9, 1.0, 0.5]])  # row 0 stopped after two tokens
+  q_BxNxV = jnp.asarray(np.stack([np.broadcast_to(probs[0], (gamma, 4)), np.broadcast_to(probs[1], (gamma, 4))]))
+  draft = Draft(jnp.zeros((2, gamma), jnp.int32), jnp.broadcast_to(jnp.arange(1, gamma + 1), (2, gamma)),
+                jnp.broadcast_to(jnp.tril(jnp.ones((gamma, gamma), bool)), (2, gamma, gamma)),
+                jnp.broadcast_to(jnp.arange(-1, gamma - 1), (2, gamma)), q_BxNxV)
+  np.testing.assert_allclose(gate_score(True, draft, conf_BxN), [0.5 + 0.2, 0.9 + 0.9 + 0.45], rtol=1e-6)
+  np.testing.assert_allclose(gate_score(False, draft, conf_BxN), [0.5 + 0.25 + 0.125, 0.7 + 0.49 + 0.343],
+                             rtol=1e-6)
+
+
 def test_layerskip_draft_equals_greedy(tiny, greedy_ref):
   model, params = tiny
   draft_model, draft_params = layerskip_draft(model, params, 1)
@@ -136,6 +165,44 @@ def test_draft_cache_stays_in_step_after_copies():
   # One row a time, a copying step copies in every row: one forward over the copied block, no drafts.
   alone = [drive_draft_cache([q], lookup=1, row=r)[0] for r, q in enumerate(prompts)]
   assert alone == steps
+
+
+def test_a_copy_step_follows_the_match_length_and_the_active_rows():
+  """One propose / update with `lookup=2` by hand: a row whose last 2 tokens (exactly `lookup`) occurred before
+  copies, a row with no match drafts. With both rows active the step drafts, then rewrites the copying row's block:
+  the drafting row's cache must still hold its own drafts' entries (a rewrite of every row with the copy leaves
+  filler there, which the ragged walks above miss when no drafting row of a mixed step accepts a draft). When the
+  drafting row is inactive (finished), the step is a copy-only step: one draft forward over the copied block
+  instead of γ; `copied_steps` counts active rows only (not an idle row that copies). Output never shows these
+  (greedy stays greedy either way); speed and the counters do."""
+  model = LlamaLM(tiny_config(vocab_size=64, n_layers=1))
+  params = model.init_params(jax.random.key(7))
+  gamma = 3
+  drafter = DraftModelDrafter(model, gamma, lookup=2)
+  prompts, first = [[5, 6, 9, 5], [1, 2, 3, 0]], [6, 4]  # contexts [5 6 9 5 6] ([5 6] at 0) and [1 2 3 4] (none)
+  prefill = PrefillInfo(jnp.asarray(prompts), jnp.asarray([4, 3]), jnp.zeros((2, 1)), jnp.zeros((2, 64)),
+                        jnp.asarray(first), capacity=32, rng=jax.random.key(0))
+  for active in ([True, True], [True, False], [False, True]):  # a mixed step, a copy-only step, an idle copying row
+    loop = types.SimpleNamespace(pending_B=jnp.asarray(first), sp=SamplingParams.make(0.0),
+                                 active_B=jnp.asarray(active))
+    dstate = drafter.init(params, prefill)
+    draft, dstate = drafter.propose(params, dstate, loop)
+    assert dstate.copy_B.tolist() == [True, False]
+    assert draft.tokens_BxN[0].tolist() == [9, 5, 6]  # what followed [5 6], then the span repeats
+    assert int(dstate.forwards) == (1 if active == [True, False] else gamma + 1)  # γ drafts, then the rewrite
+    if active == [True, True]:  # the drafting row's entries are those of the same drafter without copies
+      plain = DraftModelDrafter(model, gamma)
+      plain_draft, plain_state = plain.propose(params, plain.init(params, prefill), loop)
+      assert draft.tokens_BxN[1].tolist() == plain_draft.tokens_BxN[1].tolist()
+      end = int(plain_state.cache.lengths[1])
+      for got, want in zip(dstate.cache.k, plain_state.cache.k):  # keys [B, K, H, S]
+        np.testing.assert_allclose(got[1, :, :, :end], want[1, :, :, :end], atol=1e-5)
+      for got, want in zip(dstate.cache.v, plain_state.cache.v):  # values [B, K, S, H]
+        np.testing.assert_allclose(got[1, :, :end], want[1, :, :end], atol=1e-5)
+    acc = Acceptance(jnp.zeros((2, gamma + 1), jnp.int32), jnp.broadcast_to(jnp.arange(gamma + 1), (2, gamma + 1)),
+                     jnp.asarray([2, 1], jnp.int32))
+    dstate = drafter.update(params, dstate, Verified(draft, None, None, acc, jnp.asarray(active)))
+    assert int(drafter.stats(dstate)["copied_steps"]) == int(active[0])
 
 
 def drive_draft_cache(prompts, lookup: int, row: int = 0) -> list[list[tuple[int, bool]]]:
