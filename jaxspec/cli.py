@@ -461,10 +461,22 @@ def run() -> None:
     signal.signal(signal.SIGTERM, _raise_outside_imports)
   if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Python's own: KeyboardInterrupt at once
     signal.signal(signal.SIGINT, _raise_outside_imports)
+  _log_warnings_as_program_lines()
   code = main()
   if code in (130, 143) and _EXIT_AT_ONCE:
     _exit_now(code)
   sys.exit(code)
+
+
+def _log_warnings_as_program_lines() -> None:
+  """Warnings the program's modules log (a draft with another tokenizer, tensors a loader skips, a trainer's last
+  checkpoint) print as `jaxspec: ...` lines, as its errors do. Without a handler of its own the first absl log call
+  (orbax logs one on import) installs Python's default one, which printed them as `WARNING:training.trainer:...`."""
+  root = logging.getLogger()
+  if not root.handlers:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("jaxspec: %(message)s"))
+    root.addHandler(handler)
 
 
 def _exit_now(code: int) -> None:

@@ -506,3 +506,28 @@ def test_unraisable_filters_take_only_their_reports_and_install_once(monkeypatch
   assert before == [other] and seen["a"] == [other] and seen["b"] == [other]
   sys.unraisablehook(taken)
   assert before == [other] and seen["a"] == [other, taken] and seen["b"] == [other, taken]
+
+
+def test_the_programs_warnings_are_jaxspec_lines(tmp_path):
+  """A warning the program logs prints as a `jaxspec: ...` line, as its errors do: without a handler it printed bare,
+  and once orbax was imported (training), absl's first log call installed Python's default handler and warnings
+  printed as `WARNING:training.trainer:...` (found by an audit)."""
+  import subprocess
+  import sys
+
+  import gguf
+  import numpy as np
+
+  from tests.conftest import make_tiny
+  from tests.test_loading import write_gguf
+
+  model, params = make_tiny(seed=0, vocab_size=256)
+  path = tmp_path / "m.gguf"
+  write_gguf(path, model, params, gguf.GGMLQuantizationType.F32, byte_tokenizer=True,
+             extra=lambda w: w.add_tensor("mm.proj.weight", np.ones((4, 4), np.float32)))  # skipped, with a warning
+  proc = subprocess.run([sys.executable, "-m", "jaxspec.cli", "generate", "--model", str(path), "--prompt", "hi",
+                         "--max-new-tokens", "2"], capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  lines = [line for line in proc.stderr.splitlines() if "outside the layers" in line]
+  assert len(lines) == 1 and lines[0].startswith("jaxspec: "), proc.stderr[-2000:]
+  assert "WARNING:" not in proc.stderr
