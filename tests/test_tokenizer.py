@@ -265,6 +265,8 @@ def test_gguf_tokens_written_as_raw_text_are_respelled_in_the_byte_alphabet(tmp_
     ("llama-bpe", ["I", "'VE", "Ġ", "123", "45", "Ġ", "ok", "!Ċ", "Ċ", "a"]),
     ("qwen2", ["I", "'VE", "Ġ", "1", "2", "3", "4", "5", "Ġ", "ok", "!Ċ", "Ċ", "a"]),
     ("gpt-2", ["I", "'", "V", "E", "Ġ", "123", "45", "Ġ", "ok", "!", "Ċ", "Ċ", "a"]),
+    # DeepSeek Coder: letters, punctuation, line breaks and each digit apart, and a space stays with the letters
+    ("deepseek-coder", ["I", "'", "V", "E", "Ġ", "1", "2", "3", "4", "5", "Ġ", "ok", "!", "Ċ", "Ċ", "a"]),
 ])
 def test_llama3_and_qwen2_gguf_pre_tokenizers(tmp_path, pre, pieces):
   """Llama 3's ("llama-bpe") and Qwen2's ("qwen2") splits, with merges that would cross them if the split were
@@ -280,8 +282,22 @@ def test_llama3_and_qwen2_gguf_pre_tokenizers(tmp_path, pre, pieces):
   assert tok.decode(ids) == text
 
 
+@pytest.mark.parametrize("pre, whole", [("llama-bpe", True), ("llama3", True), ("llama-v3", True), ("qwen2", False),
+                                         ("gpt-2", False)])
+def test_llama3_takes_a_word_of_its_vocabulary_whole(tmp_path, pre, whole):
+  """Llama 3's vocabulary holds words its merges do not build (llama.cpp's test: ' Việt'); its tokenizer takes a
+  word found in the vocabulary whole before merging (tokenizer.json's ignore_merges), the others merge. Llama 3
+  vocabularies also want BOS when the file does not say (llama.cpp's default)."""
+  path = _write_gguf(tmp_path / f"{pre}.gguf", pre=pre, extra_tokens=["Ġwow"])
+  tok = Tokenizer.from_gguf(path)
+  pieces = [tok.id_to_token(i) for i in tok.encode("hello wow")]
+  assert pieces == (["hello", "Ġwow"] if whole else ["hello", "Ġw", "o", "w"])
+  assert tok.add_bos_token == whole
+  assert Tokenizer.from_gguf(_write_gguf(tmp_path / "no_bos.gguf", pre=pre, add_bos=False)).add_bos_token is False
+
+
 @pytest.mark.parametrize("model,pre,match", [
-    ("llama", "default", "tokenizer model 'llama' is not supported"),
+    ("llama", None, "SentencePiece vocabulary .* needs a score per token"),
     ("bert", "smollm", "tokenizer model 'bert' is not supported"),
     ("gpt2", "deepseek-llm", "pre-tokenizer 'deepseek-llm'"),
     ("gpt2", None, "pre-tokenizer None"),

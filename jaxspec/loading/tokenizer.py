@@ -1,11 +1,13 @@
-"""Tokenizers for jaxspec models: byte-level BPE built from GGUF metadata, or a Hugging Face `tokenizer.json`.
+"""Tokenizers for jaxspec models: byte-level or SentencePiece BPE built from GGUF metadata, or a `tokenizer.json`.
 
 Both paths produce a `tokenizers.Tokenizer` (the Rust library, no torch or transformers), wrapped in `Tokenizer`,
 which adds the model's special token ids and its chat template rendered with a sandboxed jinja2 environment.
 
-A GGUF file carries no `tokenizer.json`, only llama.cpp's description of one: the vocabulary, the merges, a type per
-token and the name of the pre-tokenizer (`tokenizer.ggml.pre`) whose regular expressions llama.cpp hard-codes. We
-rebuild the same pipeline from those, so ids match llama.cpp and the model's original Hugging Face tokenizer.
+A GGUF file carries no `tokenizer.json`, only llama.cpp's description of one: the vocabulary, the merges (for
+SentencePiece vocabularies a score per token instead), a type per token and the name of the pre-tokenizer
+(`tokenizer.ggml.pre`) whose regular expressions llama.cpp hard-codes. We rebuild the same pipeline from those, so
+ids match llama.cpp and the model's original Hugging Face tokenizer (scripts/llama_cpp_vocab_check.py runs
+llama.cpp's own tokenizer tests).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ _TOKENIZER_KEYS = (
     "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens", "tokenizer.ggml.token_type",
     "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
     "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.add_bos_token",
-    "tokenizer.ggml.add_eos_token", "tokenizer.chat_template",
+    "tokenizer.ggml.add_eos_token", "tokenizer.chat_template", "tokenizer.ggml.scores",
+    "tokenizer.ggml.add_space_prefix",
 )
 
 
@@ -75,15 +78,116 @@ def _split_then_bytes(digits: str):
   return make
 
 
-# `tokenizer.ggml.pre` values we reproduce exactly, for `tokenizer.ggml.model == "gpt2"`. Others have their own
-# regular expressions in llama.cpp; guessing them would silently give wrong ids, so they are refused.
+def _deepseek_coder_pre_tokenizer():
+  # DeepSeek Coder (LLaMA architecture; 1.3B drafts for 6.7B and 33B): each line break alone, then letters with at
+  # most one whitespace before them, then punctuation the same way, then runs of CJK ideographs and Hangul, then every
+  # digit on its own, each split keeping what the earlier ones cut out; no GPT-2 regex after them.
+  splits = [r"[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"]
+  return pre_tokenizers.Sequence(
+      [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated", invert=False) for r in splits]
+      + [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                 use_regex=False)])
+
+
+# The pre-tokenizer names llama.cpp reads as Llama 3's.
+_LLAMA3_NAMES = ("llama-bpe", "llama3", "llama-v3")
+
+# `tokenizer.ggml.pre` values we reproduce exactly, for `tokenizer.ggml.model == "gpt2"`, each with the other names
+# llama.cpp gives the same split (scripts/llama_cpp_vocab_check.py checks them against llama.cpp's own tests). Others
+# have their own regular expressions in llama.cpp; guessing them would silently give wrong ids, so they are refused.
 GGUF_PRE_TOKENIZERS: dict[str, Callable[[], Any]] = {
     "gpt-2": _gpt2_byte_level_pre_tokenizer,
-    "smollm": _smollm_pre_tokenizer,
-    "llama-bpe": _split_then_bytes("{1,3}"),
-    "qwen2": _split_then_bytes(""),
+    **dict.fromkeys(("smollm", "starcoder", "refact", "command-r"), _smollm_pre_tokenizer),
+    **dict.fromkeys(_LLAMA3_NAMES, _split_then_bytes("{1,3}")),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _split_then_bytes("")),
+    "deepseek-coder": _deepseek_coder_pre_tokenizer,
 }
-SUPPORTED_GGUF_MODELS = ("gpt2",)
+SUPPORTED_GGUF_MODELS = ("gpt2", "llama")
+
+
+def _byte_level_backend(meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[int], name: str):
+  """GPT-2-style byte-level BPE (`tokenizer.ggml.model == "gpt2"`) with the file's pre-tokenizer and merges.
+
+  Returns the backend (its added tokens not yet registered), each id's vocabulary spelling and the added tokens.
+  """
+  pre = meta.get("tokenizer.ggml.pre")
+  if pre not in GGUF_PRE_TOKENIZERS:
+    raise ModelLoadError(
+        f"{name}: GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; jaxspec reproduces "
+        f"{', '.join(sorted(GGUF_PRE_TOKENIZERS))}. Load the model from its Hugging Face folder instead "
+        "(config.json, *.safetensors and tokenizer.json: --model FOLDER).")
+  merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or ()]
+  alphabet = _bytes_to_unicode()
+  alphabet_chars = frozenset(alphabet.values())
+  vocab: dict[str, int] = {}
+  spelled: list[str] = []
+  added: list[AddedToken] = []
+  for i, (token, ttype) in enumerate(zip(tokens, types)):
+    whole = ttype in _SPECIAL_TYPES or ttype == TOKEN_USER_DEFINED
+    if not whole and not alphabet_chars.issuperset(token):
+      # A normal token written as raw text (some converters do): respell it in the byte alphabet the BPE uses.
+      token = "".join(alphabet[b] for b in token.encode("utf-8"))
+    # Added tokens are kept as written: they are matched in the raw text, and their vocab entry gives their id.
+    # A token listed twice encodes to its last id, as in llama.cpp (whose text -> id map keeps the last write).
+    vocab[token] = i
+    spelled.append(token)
+    if whole:
+      added.append(AddedToken(token, special=ttype in _SPECIAL_TYPES, normalized=False))
+  # Llama 3's vocabulary holds words that its merges do not build (' Việt'); its tokenizer takes a word that is in the
+  # vocabulary whole before merging, as llama.cpp does for this pre-tokenizer and tokenizer.json says.
+  backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
+                                            ignore_merges=pre in _LLAMA3_NAMES))
+  backend.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
+  backend.decoder = decoders.ByteLevel()
+  return backend, spelled, added
+
+
+def _sentencepiece_backend(meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[int], name: str):
+  """SentencePiece BPE (`tokenizer.ggml.model == "llama"`: Llama 1/2, Mistral 7B v0.1, TinyLlama, Phi-3).
+
+  SentencePiece encodes by repeatedly joining the adjacent pair whose join is the vocabulary entry of highest score
+  (llama.cpp does the same, from `tokenizer.ggml.scores`). A `tokenizers` BPE does it when its merges are every
+  split of every entry into two entries, ranked by the entry's score, which is how the model's own tokenizer.json was
+  converted from its SentencePiece file. Spaces are written '▁', one is put in front of the text and of the text after
+  each special token (`tokenizer.ggml.add_space_prefix`, default true), and characters outside the vocabulary are
+  spelled as their UTF-8 bytes' tokens (`<0x0A>`).
+  """
+  from tokenizers import normalizers
+
+  scores = meta.get("tokenizer.ggml.scores")
+  if scores is None or len(scores) != len(tokens):
+    raise ModelLoadError(f"{name}: a SentencePiece vocabulary (tokenizer.ggml.model 'llama') needs a score per token "
+                         f"(tokenizer.ggml.scores), and the file has {0 if scores is None else len(scores)} for "
+                         f"{len(tokens)} tokens: convert the model again with llama.cpp's convert_hf_to_gguf.py.")
+  vocab: dict[str, int] = {}
+  added: list[AddedToken] = []
+  for i, (token, ttype) in enumerate(zip(tokens, types)):
+    vocab[token] = i
+    if ttype in _SPECIAL_TYPES or ttype == TOKEN_USER_DEFINED:
+      added.append(AddedToken(token, special=ttype in _SPECIAL_TYPES, normalized=False))
+  whole = {t.content for t in added}
+  ranked = []
+  for token, i in vocab.items():
+    if token in whole:
+      continue
+    for cut in range(1, len(token)):
+      left, right = token[:cut], token[cut:]
+      if left in vocab and right in vocab:
+        ranked.append((-float(scores[i]), i, cut, left, right))
+  ranked.sort()
+  backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[(left, right) for *_, left, right in ranked],
+                                            fuse_unk=True, byte_fallback=True,
+                                            unk_token=_token_at(tokens, meta.get("tokenizer.ggml.unknown_token_id"))))
+  prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+  space = [normalizers.Replace(" ", "\u2581")]
+  backend.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if prefix else []) + space)
+  backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                      + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+  return backend, list(tokens), added
+
+
+def _token_at(tokens: Sequence[str], token_id) -> str | None:
+  return tokens[int(token_id)] if token_id is not None and 0 <= int(token_id) < len(tokens) else None
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -353,7 +457,7 @@ class Tokenizer:
 
     Raises:
       ModelLoadError (a ValueError): the file has no tokenizer, or one of a kind we do not rebuild exactly
-        (`tokenizer.ggml.model` other than "gpt2", or an unknown `tokenizer.ggml.pre`).
+        (`tokenizer.ggml.model` other than "gpt2" and "llama", or an unknown `tokenizer.ggml.pre`).
     """
     if hasattr(path_or_reader, "fields"):
       meta = _reader_metadata(path_or_reader, _TOKENIZER_KEYS)
@@ -371,45 +475,24 @@ class Tokenizer:
     if kind not in SUPPORTED_GGUF_MODELS:
       raise ModelLoadError(
           f"{name}: GGUF tokenizer model {kind!r} is not supported; jaxspec builds {', '.join(SUPPORTED_GGUF_MODELS)} "
-          "(byte-level BPE). Load the model from its Hugging Face folder instead (config.json, *.safetensors and "
-          "tokenizer.json: --model FOLDER), whose tokenizer.json jaxspec reads whatever its kind.")
-    pre = meta.get("tokenizer.ggml.pre")
-    if pre not in GGUF_PRE_TOKENIZERS:
-      raise ModelLoadError(
-          f"{name}: GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; jaxspec reproduces "
-          f"{', '.join(sorted(GGUF_PRE_TOKENIZERS))}. Load the model from its Hugging Face folder instead "
-          "(config.json, *.safetensors and tokenizer.json: --model FOLDER).")
-
+          "(byte-level BPE, and SentencePiece BPE as Llama 2 and Mistral use). Load the model from its Hugging Face "
+          "folder instead (config.json, *.safetensors and tokenizer.json: --model FOLDER), whose tokenizer.json "
+          "jaxspec reads whatever its kind.")
     tokens: Sequence[str] = meta["tokenizer.ggml.tokens"]
     types: Sequence[int] = meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
     if len(types) != len(tokens):
       raise ModelLoadError(f"{name}: {len(tokens)} tokens but {len(types)} token types in the GGUF metadata.")
-    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or ()]
-
-    alphabet = _bytes_to_unicode()
-    alphabet_chars = frozenset(alphabet.values())
-    vocab: dict[str, int] = {}
-    spelled: list[str] = []
-    added: list[AddedToken] = []
-    for i, (token, ttype) in enumerate(zip(tokens, types)):
-      whole = ttype in _SPECIAL_TYPES or ttype == TOKEN_USER_DEFINED
-      if not whole and not alphabet_chars.issuperset(token):
-        # A normal token written as raw text (some converters do): respell it in the byte alphabet the BPE uses.
-        token = "".join(alphabet[b] for b in token.encode("utf-8"))
-      # Added tokens are kept as written: they are matched in the raw text, and their vocab entry gives their id.
-      # A token listed twice encodes to its last id, as in llama.cpp (whose text -> id map keeps the last write).
-      vocab[token] = i
-      spelled.append(token)
-      if whole:
-        added.append(AddedToken(token, special=ttype in _SPECIAL_TYPES, normalized=False))
-
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    backend.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
-    backend.decoder = decoders.ByteLevel()
+    if kind == "llama":
+      backend, spelled, added = _sentencepiece_backend(meta, tokens, types, name)
+      add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
+    else:
+      backend, spelled, added = _byte_level_backend(meta, tokens, types, name)
+      add_bos_default = meta.get("tokenizer.ggml.pre") in _LLAMA3_NAMES
     # Special and user-defined tokens are registered in id order; their content is in the vocab already, so
     # adding them grows nothing and only makes them matched whole.
     backend.add_special_tokens([t for t in added if t.special])
     backend.add_tokens([t for t in added if not t.special])
+    vocab = {t: i for i, t in enumerate(spelled)}  # a token listed twice: its last id, as in llama.cpp
 
     def token_id(key):
       value = meta.get(key)
@@ -422,7 +505,7 @@ class Tokenizer:
         pad_id=token_id("tokenizer.ggml.padding_token_id"),
         unk_id=token_id("tokenizer.ggml.unknown_token_id"),
         chat_template=meta.get("tokenizer.chat_template"),
-        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
         name=name,
         aliases={i: vocab[t] for i, t in enumerate(spelled) if vocab[t] != i},  # the earlier ids of repeated tokens
     )

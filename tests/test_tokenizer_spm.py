@@ -1,0 +1,238 @@
+"""SentencePiece vocabularies in GGUF files (`tokenizer.ggml.model == "llama"`: Llama 1/2, Mistral 7B v0.1,
+TinyLlama, Phi-3) against SentencePiece itself.
+
+A BPE model is trained here with `sentencepiece` on the project's training prompts, with the settings of Llama's
+tokenizer (no normalization, a space prefix, digits split, byte fallback), and written to GGUF the way llama.cpp's
+converter writes one: its pieces, their scores and their types. jaxspec rebuilds the tokenizer from that metadata
+alone; SentencePiece's own encoder on the trained model is the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import gguf
+import numpy as np
+import pytest
+import sentencepiece as spm  # the test extra (pip install -e '.[test]')
+
+from jaxspec.loading.errors import ModelLoadError
+from jaxspec.loading.tokenizer import TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_UNUSED, Tokenizer
+
+PROMPTS = os.path.join(os.path.dirname(__file__), os.pardir, "training", "data", "prompts.jsonl")
+
+# Texts the training prompts do not hold: other scripts and emoji (spelled as bytes), runs of spaces, tabs and line
+# breaks, leading and trailing spaces, digits, and words the merges build only in part.
+TEXTS = [
+    "Hello world", " Hello world", "  two leading spaces", "trailing space ", "a  b   c    d", "tab\there",
+    "line one\nline two\n\nthree", "\n", " ", "   ", "", "12345 and 0.5 and 1,000,000", "Café crème brûlée",
+    "нещо на български", "日本語のテキスト", "emoji 🦙 and 👍🏽", "x" * 40, "Write a short blog post about bread.",
+    "unbelievably-hyphenated_words_with_underscores", "  \n  mixed \t whitespace\t\n",
+    "The quick brown fox jumps over the lazy dog. THE QUICK BROWN FOX!", "ʕ•ᴥ•ʔ ¯\\_(ツ)_/¯",
+]
+
+
+def _corpus() -> list[str]:
+  with open(PROMPTS, encoding="utf-8") as f:
+    return [turn for line in f if line.strip() for turn in json.loads(line)["turns"]]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A SentencePiece BPE model trained with Llama's settings, and its GGUF metadata written as llama.cpp does."""
+  folder = tmp_path_factory.mktemp("spm")
+  corpus = folder / "corpus.txt"
+  corpus.write_text("\n".join(_corpus()), encoding="utf-8")
+  spm.SentencePieceTrainer.train(
+      input=str(corpus), model_prefix=str(folder / "m"), model_type="bpe", vocab_size=1200, byte_fallback=True,
+      split_digits=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+      allow_whitespace_only_pieces=True, character_coverage=1.0, num_threads=1, minloglevel=2,
+      user_defined_symbols=["<tool>"])
+  return spm.SentencePieceProcessor(model_file=str(folder / "m.model")), folder
+
+
+def _types(sp) -> list[int]:
+  def kind(i):
+    if sp.IsUnknown(i):
+      return TOKEN_UNKNOWN
+    if sp.IsControl(i):
+      return TOKEN_CONTROL
+    if sp.IsUnused(i):
+      return TOKEN_UNUSED
+    if sp.IsByte(i):
+      return TOKEN_BYTE
+    return 4 if sp.IdToPiece(i) == "<tool>" else TOKEN_NORMAL  # llama.cpp's USER_DEFINED
+  return [kind(i) for i in range(sp.GetPieceSize())]
+
+
+def _write(path, sp, *, scores=True, add_bos=None, add_space_prefix=None, order=None) -> str:
+  """`order`: the SentencePiece id at each GGUF id (default: the same ids)."""
+  n = sp.GetPieceSize()
+  order = list(range(n)) if order is None else order
+  writer = gguf.GGUFWriter(str(path), "llama")
+  writer.add_tokenizer_model("llama")
+  writer.add_token_list([sp.IdToPiece(i) for i in order])
+  if scores:
+    writer.add_token_scores([sp.GetScore(i) for i in order])
+  types = _types(sp)
+  writer.add_token_types([types[i] for i in order])
+  writer.add_bos_token_id(sp.bos_id())
+  writer.add_eos_token_id(sp.eos_id())
+  writer.add_unk_token_id(sp.unk_id())
+  if add_bos is not None:
+    writer.add_add_bos_token(add_bos)
+  if add_space_prefix is not None:
+    writer.add_add_space_prefix(add_space_prefix)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def pair(trained):
+  sp, folder = trained
+  return sp, Tokenizer.from_gguf(_write(folder / "spm.gguf", sp))
+
+
+def test_ids_equal_sentencepiece_on_the_training_prompts(pair):
+  sp, tok = pair
+  texts = _corpus()[::7]
+  assert len(texts) > 50
+  for text in texts:
+    assert tok.encode(text) == sp.encode(text), text
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_and_text_equal_sentencepiece(pair, text):
+  sp, tok = pair
+  ids = tok.encode(text)
+  assert ids == sp.encode(text)
+  assert tok.decode(ids) == sp.decode(ids) == text
+
+
+def test_merges_follow_the_scores_not_the_ids(trained, tmp_path):
+  """SentencePiece joins the pair of highest score first. Trained vocabularies list pieces by falling score, so the
+  normal pieces are shuffled here: the ids move with them and the pieces chosen must not change."""
+  sp, _ = trained
+  n = sp.GetPieceSize()
+  normal = [i for i, t in enumerate(_types(sp)) if t == TOKEN_NORMAL]
+  shuffled = list(np.random.default_rng(0).permutation(normal))
+  order = list(range(n))
+  for slot, i in zip(normal, shuffled):
+    order[slot] = int(i)
+  new_id = {old: new for new, old in enumerate(order)}
+  tok = Tokenizer.from_gguf(_write(tmp_path / "shuffled.gguf", sp, order=order))
+  for text in TEXTS + _corpus()[::41]:
+    ids = tok.encode(text)
+    assert ids == [new_id[i] for i in sp.encode(text)], text
+    assert tok.decode(ids) == text
+
+
+def test_the_texts_use_byte_fallback_and_multi_character_pieces(pair):
+  """The cases above reach the paths that matter: characters outside the vocabulary spelled as byte tokens, and
+  pieces built by several merges."""
+  sp, tok = pair
+  ids = [i for text in TEXTS for i in tok.encode(text)]
+  assert any(sp.IsByte(i) for i in ids)
+  assert max(len(sp.IdToPiece(i)) for i in ids) >= 5
+
+
+def test_special_tokens_in_text_and_bos(pair):
+  """Control and user-defined tokens written in the text are single ids, and the text after one gets the space
+  prefix again, as llama.cpp tokenizes it. SentencePiece vocabularies want BOS unless the file says not."""
+  sp, tok = pair
+  tool = sp.PieceToId("<tool>")
+  assert tok.encode("<s>Hello world</s>") == [sp.bos_id(), *sp.encode("Hello world"), sp.eos_id()]
+  assert tok.encode("a<tool>b") == [*sp.encode("a"), tool, *sp.encode("b")]
+  assert tok.add_bos_token and tok.encode("Hi", add_bos=None) == [sp.bos_id(), *sp.encode("Hi")]
+  assert tok.decode(tok.encode("<s>Hi"), skip_special_tokens=True) == "Hi"
+
+
+def test_add_bos_and_space_prefix_from_the_file(trained, tmp_path):
+  sp, _ = trained
+  tok = Tokenizer.from_gguf(_write(tmp_path / "flags.gguf", sp, add_bos=False, add_space_prefix=False))
+  assert not tok.add_bos_token
+  # No space put in front: a text with its own leading space encodes as SentencePiece's prefixed text.
+  for text in ("Hello world", "bread and butter"):
+    assert tok.encode(" " + text) == sp.encode(text)
+    assert tok.encode(text) != sp.encode(text)
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_a_vocabulary_without_scores_is_refused(trained, tmp_path):
+  sp, _ = trained
+  path = _write(tmp_path / "noscores.gguf", sp, scores=False)
+  with pytest.raises(ModelLoadError, match="needs a score per token .tokenizer.ggml.scores.*convert_hf_to_gguf"):
+    Tokenizer.from_gguf(path)
+
+
+def test_save_and_reload_keeps_the_ids(pair, tmp_path):
+  """`Tokenizer.save` writes a tokenizer.json (as exports do); it reads back with the same ids and text."""
+  sp, tok = pair
+  tok.save(tmp_path)
+  again = Tokenizer.from_tokenizer_json(tmp_path / "tokenizer.json")
+  for text in TEXTS:
+    assert again.encode(text) == sp.encode(text)
+    assert again.decode(again.encode(text)) == text
+
+
+@pytest.mark.slow
+def test_llama_cpp_vocabulary_tests():
+  """llama.cpp's own tokenizer tests on real models' vocabularies (scripts/llama_cpp_vocab_check.py: the files come
+  with llama-cpp-python's source package, downloaded once into the user's cache): every vocabulary jaxspec loads
+  gives llama.cpp's ids and decodes back to the text."""
+  import importlib.util
+  import subprocess
+
+  script = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "llama_cpp_vocab_check.py")
+  spec = importlib.util.spec_from_file_location("llama_cpp_vocab_check", script)
+  check = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(check)
+  try:
+    path = check.download()
+  except subprocess.CalledProcessError as e:
+    pytest.skip(f"could not download {check.SDIST}'s sdist from PyPI ({e}); pass a llama.cpp models/ folder to "
+                "scripts/llama_cpp_vocab_check.py instead")
+  records = {r["name"]: r for r in check.check(path)}
+  wanted = {"llama-spm", "phi-3", "llama-bpe", "qwen2", "gpt-2", "deepseek-coder", "starcoder", "refact", "command-r"}
+  assert wanted <= {name for name, r in records.items() if r["loaded"]}
+  for r in records.values():
+    if r["loaded"]:
+      assert r["texts"] > 40 and r["ids_equal"] == r["round_trips"] == r["texts"], r
+
+
+def test_a_llama_2_style_gguf_model_generates_through_the_cli(trained, tmp_path, capsys):
+  """A LLaMA GGUF file with a SentencePiece vocabulary (as Llama 2 and TinyLlama files are) loads and decodes with
+  `jaxspec generate`; its prompt is the vocabulary's ids and the printed answer is the decoded tokens. Greedy and
+  Jacobi decoding print the same text."""
+  from jaxspec import cli
+  from jaxspec.loading import load_model
+  from tests.conftest import make_tiny
+  from tests.test_loading import write_gguf
+
+  sp, _ = trained
+  n = sp.GetPieceSize()
+  model, params = make_tiny(seed=0, embed_scale=3.0, vocab_size=n)
+
+  def vocabulary(w):
+    w.add_tokenizer_model("llama")
+    w.add_token_list([sp.IdToPiece(i) for i in range(n)])
+    w.add_token_scores([sp.GetScore(i) for i in range(n)])
+    w.add_token_types(_types(sp))
+    w.add_bos_token_id(sp.bos_id())
+    w.add_eos_token_id(sp.eos_id())
+
+  path = str(tmp_path / "llama2_style.gguf")
+  write_gguf(path, model, params, gguf.GGMLQuantizationType.F32, extra=vocabulary)
+  _, _, tok = load_model(path)
+  prompt = "Write a short blog post about bread."
+  assert tok.encode(prompt, add_bos=None) == [sp.bos_id(), *sp.encode(prompt)]
+  texts = []
+  for method in ("greedy", "jacobi"):
+    assert cli.main(["generate", "--model", path, "--prompt", prompt, "--max-new-tokens", "8", "--method",
+                     method]) == 0
+    texts.append(capsys.readouterr().out)
+  assert texts[0] == texts[1] and texts[0].strip()
