@@ -340,6 +340,18 @@ def test_chat_template_environment(tmp_path):
     evil.apply_chat_template([])
 
 
+def test_chat_template_generation_blocks_render_their_text(tmp_path):
+  """Hugging Face templates may wrap the assistant's text in `{% generation %}...{% endgeneration %}` (a marker for
+  training masks; LFM2's and Laguna's templates do): it was a syntax error, and now writes its body, variables set
+  inside staying inside as in transformers."""
+  template = ("{% set n = 'outer' %}{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}"
+              "{% set n = 'inner' %}[{{ m.content }}]{% endgeneration %}{% else %}{{ m.content }}{% endif %}"
+              "{% endfor %}{{ n }}")
+  tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "g.gguf", template=template))
+  messages = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+  assert tok.apply_chat_template(messages) == "a[b]outer"
+
+
 def test_backend_is_a_tokenizers_tokenizer(tok):
   assert isinstance(tok.backend, tokenizers.Tokenizer)
   assert "vocab_size=49152" in repr(tok)

@@ -336,12 +336,30 @@ def _strftime_now(fmt):
   return datetime.datetime.now().strftime(fmt)
 
 
+def _generation_block_extension():
+  """The `{% generation %}...{% endgeneration %}` block of Hugging Face chat templates, which marks the assistant's
+  text for training masks (LFM2's and others' templates use it); rendering a prompt, it writes its body unchanged."""
+  from jinja2 import nodes
+  from jinja2.ext import Extension
+
+  class GenerationBlock(Extension):
+    tags = {"generation"}
+
+    def parse(self, parser):
+      lineno = next(parser.stream).lineno
+      body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+      return nodes.Scope(body, lineno=lineno)
+
+  return GenerationBlock
+
+
 def _compile_chat_template(source: str):
   from jinja2.sandbox import ImmutableSandboxedEnvironment
 
   # The same environment settings as Hugging Face's chat templates, which these templates are written for; the
   # sandbox stops a template shipped inside a model file from reaching Python internals.
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                      extensions=["jinja2.ext.loopcontrols", _generation_block_extension()])
   env.filters["tojson"] = _tojson
   env.globals["raise_exception"] = _raise_exception
   env.globals["strftime_now"] = _strftime_now
