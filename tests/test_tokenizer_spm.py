@@ -66,20 +66,25 @@ def _types(sp) -> list[int]:
   return [kind(i) for i in range(sp.GetPieceSize())]
 
 
-def _write(path, sp, *, scores=True, add_bos=None, add_space_prefix=None, order=None) -> str:
-  """`order`: the SentencePiece id at each GGUF id (default: the same ids)."""
+def _write(path, sp, *, scores=True, add_bos=None, add_space_prefix=None, order=None, arch="llama", name=None,
+           added=(), unk_id=True) -> str:
+  """`order`: the SentencePiece id at each GGUF id (default: the same ids); `added`: control tokens after them, as
+  chat models add (<|user|>, ...); `name`: the file's general.name; `unk_id`: write tokenizer.ggml.unknown_token_id."""
   n = sp.GetPieceSize()
   order = list(range(n)) if order is None else order
-  writer = gguf.GGUFWriter(str(path), "llama")
+  writer = gguf.GGUFWriter(str(path), arch)
+  if name is not None:
+    writer.add_name(name)
   writer.add_tokenizer_model("llama")
-  writer.add_token_list([sp.IdToPiece(i) for i in order])
+  writer.add_token_list([sp.IdToPiece(i) for i in order] + list(added))
   if scores:
-    writer.add_token_scores([sp.GetScore(i) for i in order])
+    writer.add_token_scores([sp.GetScore(i) for i in order] + [0.0] * len(added))
   types = _types(sp)
-  writer.add_token_types([types[i] for i in order])
+  writer.add_token_types([types[i] for i in order] + [TOKEN_CONTROL] * len(added))
   writer.add_bos_token_id(sp.bos_id())
   writer.add_eos_token_id(sp.eos_id())
-  writer.add_unk_token_id(sp.unk_id())
+  if unk_id:
+    writer.add_unk_token_id(sp.unk_id())
   if add_bos is not None:
     writer.add_add_bos_token(add_bos)
   if add_space_prefix is not None:
@@ -151,6 +156,31 @@ def test_special_tokens_in_text_and_bos(pair):
   assert tok.decode(tok.encode("<s>Hi"), skip_special_tokens=True) == "Hi"
 
 
+@pytest.mark.parametrize("name", ["Phi3", "Phi-3-mini-4k-instruct"])
+def test_phi3_chat_tokens_take_the_whitespace_after_them(trained, tmp_path, name):
+  """Phi-3's tokenizer.json strips the whitespace after its chat tokens (rstrip), and llama.cpp does the same for a
+  GGUF file whose general.name says Phi-3 (all special and user-defined tokens but <unk>, <s> and <|endoftext|>):
+  the line break a chat template writes after <|user|> or <|end|> is not tokenized, and the text after it gets the
+  space prefix as after any special token."""
+  sp, _ = trained
+  n = sp.GetPieceSize()
+  added = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>"]
+  eot, assistant, end, user = range(n, n + len(added))
+  tok = Tokenizer.from_gguf(_write(tmp_path / "phi3.gguf", sp, arch="phi3", name=name, added=added))
+  prompt = "<s><|user|>\nWrite a poem.<|end|>\n<|assistant|>\n"
+  assert tok.encode(prompt) == [sp.bos_id(), user, *sp.encode("Write a poem."), end, assistant]
+  # <s>, <unk> and <|endoftext|> keep the whitespace after them; a user-defined token (<tool>) takes it too.
+  assert tok.encode("<s>\nHi") == [sp.bos_id(), *sp.encode("\nHi")]
+  assert tok.encode("<|endoftext|> Hi") == [eot, *sp.encode(" Hi")]
+  assert tok.encode("a<tool> b") == [*sp.encode("a"), sp.PieceToId("<tool>"), *sp.encode("b")]
+  # another model's file keeps the whitespace after its special tokens, as llama.cpp does
+  other = Tokenizer.from_gguf(_write(tmp_path / "other.gguf", sp, name="Llama-2-7b-chat", added=added))
+  assert other.encode("<|user|>\nHi") == [user, *sp.encode("\nHi")]
+  # the rule is kept by save / from_tokenizer_json
+  tok.save(tmp_path / "saved")
+  assert Tokenizer.from_tokenizer_json(tmp_path / "saved").encode(prompt) == tok.encode(prompt)
+
+
 def test_add_bos_and_space_prefix_from_the_file(trained, tmp_path):
   sp, _ = trained
   tok = Tokenizer.from_gguf(_write(tmp_path / "flags.gguf", sp, add_bos=False, add_space_prefix=False))
@@ -166,6 +196,23 @@ def test_a_vocabulary_without_scores_is_refused(trained, tmp_path):
   sp, _ = trained
   path = _write(tmp_path / "noscores.gguf", sp, scores=False)
   with pytest.raises(ModelLoadError, match="needs a score per token .tokenizer.ggml.scores.*convert_hf_to_gguf"):
+    Tokenizer.from_gguf(path)
+
+
+def test_a_vocabulary_without_byte_tokens_uses_its_unknown_token(trained, tmp_path):
+  """Without the 256 byte tokens a character outside the vocabulary is the unknown token (the one the file names, or
+  else the one typed unknown, as llama.cpp falls back); without either it would vanish from the ids, so such a
+  vocabulary is refused."""
+  sp, _ = trained
+  types = _types(sp)
+  no_bytes = [i for i, t in enumerate(types) if t != TOKEN_BYTE]
+  for unk_id in (True, False):
+    tok = Tokenizer.from_gguf(_write(tmp_path / f"nobytes{unk_id}.gguf", sp, order=no_bytes, unk_id=unk_id))
+    ids = tok.encode("a🦙b")
+    assert no_bytes.index(sp.unk_id()) in ids and len(ids) >= 3
+  no_unknown = [i for i in no_bytes if types[i] != TOKEN_UNKNOWN]
+  path = _write(tmp_path / "nothing.gguf", sp, order=no_unknown, unk_id=False)
+  with pytest.raises(ModelLoadError, match="neither the 256 byte tokens .* nor an unknown token"):
     Tokenizer.from_gguf(path)
 
 

@@ -46,8 +46,22 @@ _TOKENIZER_KEYS = (
     "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
     "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.add_bos_token",
     "tokenizer.ggml.add_eos_token", "tokenizer.chat_template", "tokenizer.ggml.scores",
-    "tokenizer.ggml.add_space_prefix",
+    "tokenizer.ggml.add_space_prefix", "general.name",
 )
+
+# Phi-3's tokenizer.json strips the whitespace after its chat tokens (rstrip: the line break after <|user|> or <|end|>
+# that its template writes is not tokenized). GGUF has no field for it: llama.cpp sets it on every special and
+# user-defined token of a file whose general.name says Phi-3, but these three.
+_PHI3_NAMES = ("phi-3", "phi3")
+_PHI3_KEEP_WHITESPACE = ("<unk>", "<s>", "<|endoftext|>")
+
+
+def _with_phi3_rstrip(meta: Mapping[str, Any], added: list[AddedToken]) -> list[AddedToken]:
+  name = str(meta.get("general.name") or "").lower()
+  if not any(n in name for n in _PHI3_NAMES):
+    return added
+  return [AddedToken(t.content, special=t.special, normalized=False, rstrip=t.content not in _PHI3_KEEP_WHITESPACE)
+          for t in added]
 
 
 def _gpt2_byte_level_pre_tokenizer():
@@ -150,7 +164,12 @@ def _sentencepiece_backend(meta: Mapping[str, Any], tokens: Sequence[str], types
   split of every entry into two entries, ranked by the entry's score, which is how the model's own tokenizer.json was
   converted from its SentencePiece file. Spaces are written '▁', one is put in front of the text and of the text after
   each special token (`tokenizer.ggml.add_space_prefix`, default true), and characters outside the vocabulary are
-  spelled as their UTF-8 bytes' tokens (`<0x0A>`).
+  spelled as their UTF-8 bytes' tokens (`<0x0A>`), or are the unknown token where the vocabulary has no byte tokens.
+
+  One difference remains: where two joins have the same score, SentencePiece takes the left-most and the merges the
+  lower id. Trained vocabularies give every piece its own score (Llama 2's share one only among its runs of spaces,
+  where it made no difference on llama.cpp's tests and 3,000 random texts); gguf-py's fallback converter, which
+  writes -1000 for every token, gives files where it can.
   """
   from tokenizers import normalizers
 
@@ -166,6 +185,13 @@ def _sentencepiece_backend(meta: Mapping[str, Any], tokens: Sequence[str], types
     if ttype in _SPECIAL_TYPES or ttype == TOKEN_USER_DEFINED:
       added.append(AddedToken(token, special=ttype in _SPECIAL_TYPES, normalized=False))
   whole = {t.content for t in added}
+  unknown = _token_at(tokens, meta.get("tokenizer.ggml.unknown_token_id"))
+  if unknown is None:  # llama.cpp's fallback: the token typed unknown
+    unknown = next((t for t, ttype in zip(tokens, types) if ttype == TOKEN_UNKNOWN), None)
+  if unknown is None and not all(f"<0x{b:02X}>" in vocab for b in range(256)):
+    raise ModelLoadError(f"{name}: the SentencePiece vocabulary has neither the 256 byte tokens (<0x00> ... <0xFF>) "
+                         "nor an unknown token, so characters outside it could not be encoded: convert the model "
+                         "again with llama.cpp's convert_hf_to_gguf.py, or load it from its Hugging Face folder.")
   ranked = []
   for token, i in vocab.items():
     if token in whole:
@@ -176,8 +202,7 @@ def _sentencepiece_backend(meta: Mapping[str, Any], tokens: Sequence[str], types
         ranked.append((-float(scores[i]), i, cut, left, right))
   ranked.sort()
   backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[(left, right) for *_, left, right in ranked],
-                                            fuse_unk=True, byte_fallback=True,
-                                            unk_token=_token_at(tokens, meta.get("tokenizer.ggml.unknown_token_id"))))
+                                            fuse_unk=True, byte_fallback=True, unk_token=unknown))
   prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
   space = [normalizers.Replace(" ", "\u2581")]
   backend.normalizer = normalizers.Sequence(([normalizers.Prepend("\u2581")] if prefix else []) + space)
@@ -506,6 +531,7 @@ class Tokenizer:
     else:
       backend, spelled, added = _byte_level_backend(meta, tokens, types, name)
       add_bos_default = meta.get("tokenizer.ggml.pre") in _LLAMA3_NAMES
+    added = _with_phi3_rstrip(meta, added)
     # Special and user-defined tokens are registered in id order; their content is in the vocab already, so
     # adding them grows nothing and only makes them matched whole.
     backend.add_special_tokens([t for t in added if t.special])
