@@ -396,3 +396,17 @@ def test_every_64_bit_seed_draws_its_own_samples():
       seed_key(bad)
     with pytest.raises(InputError, match="seed must be"):  # `generate` checks the same range first
       gen.generate(LM, None, [[1, 2]], max_new_tokens=4, temperature=1.0, seed=bad)
+
+
+def test_with_another_key_implementation_every_64_bit_seed_still_has_its_own_key():
+  """Key implementations other than threefry (here rbg) fold a seed's high word into the key of its low word: seeds
+  0 and 2**32, or -1 and 2**32 - 1, get different keys, and a seed below 2**32 still gets `jax.random.key(seed)`."""
+  from jaxspec.decoding.sampling import seed_key
+
+  with jax.default_prng_impl("rbg"):
+    seeds = [0, 2 ** 32, 2 ** 32 - 1, -1, 2 ** 62, -2 ** 62, 2 ** 63 - 1, -2 ** 63]
+    keys = [seed_key(s) for s in seeds]
+    assert {str(jax.random.key_impl(k)) for k in keys} == {"rbg"}
+    assert len({str(jax.random.key_data(k).tolist()) for k in keys}) == len(seeds)
+    for s in [0, 7, 2 ** 31 + 5, 2 ** 32 - 1]:
+      assert np.array_equal(jax.random.key_data(seed_key(s)), jax.random.key_data(jax.random.key(s)))

@@ -110,6 +110,27 @@ def test_one_iteration_shifts_the_argmax_past_the_commit():
     assert new.ff_tokens_B.tolist() == [1, 3, 0] and new.stationary_B.tolist() == [0, 0, 0]
 
 
+def test_stationary_tokens_compare_with_the_verified_draft_when_it_was_not_the_guess():
+  """Under `WithLookup` a step can verify a copy instead of Jacobi's guess, and the counters take the copy as the
+  draft: an accepted token is stationary when the previous iteration verified the same token at its position."""
+  d = JacobiDrafter(window=3)
+  state = d.init(None, PrefillInfo(jnp.zeros((1, 2), jnp.int32), jnp.asarray([2]), None, jnp.zeros((1, 40)),
+                                   jnp.asarray([10], jnp.int32), capacity=16))
+
+  def iterate(state, draft, target, n_commit):  # one verify of `draft` after the pending token; argmax `target`
+    acc = Acceptance(jnp.asarray([target], jnp.int32), jnp.arange(4)[None], jnp.asarray([n_commit], jnp.int32))
+    logits = jnp.asarray(np.eye(40)[[target]], jnp.float32)
+    return d.update(None, state, Verified(chain_draft(jnp.asarray([draft], jnp.int32)), logits, None, acc,
+                                          jnp.asarray([True])))
+
+  assert state.guess_BxN.tolist() == [[10, 10, 10]]
+  # The copy [21 22 23] is verified in place of the guess; its first token is wrong: 20 is committed.
+  state = iterate(state, [21, 22, 23], [20, 5, 6, 7], 1)
+  # After 20 the copy [22 23 24] is verified: 22 and 23 are accepted, and the previous iteration verified them there.
+  state = iterate(state, [22, 23, 24], [22, 23, 8, 9], 3)
+  assert state.ff_tokens_B.tolist() == [2] and state.stationary_B.tolist() == [2]
+
+
 BIGRAM_PROMPTS = [[3], [1, 2, 5, 9], [30, 4], [7, 7, 7, 7, 7, 7, 7]]
 BIGRAM_NEW = [40, 23, 31, 2]  # rows finish at different steps; the finished ones must keep their state
 
@@ -179,6 +200,22 @@ def test_stationary_tokens_wait_behind_a_wrong_one(window=5, new=30):
   assert res.drafter_stats["stationary_tokens"].tolist() == [window - 1]
   check_counters(res, window)
   check_against_reference(lm, res, [[9]], [new], drafter)
+
+
+def test_a_row_that_ended_counts_nothing_while_the_others_go_on(window=5):
+  """The model of the test above: row 0 ends after three one-token iterations, at pending token 4, with the guess
+  5 5 5 5 5: right, and where it overlaps the previous iteration's guess, the same tokens. The loop still verifies
+  the row's frozen block while row 1 goes on, which would accept the whole window each time (4 tokens stationary);
+  the row's counters take none of it."""
+  lm = bigram_with_map({9: 1, 1: 2, 2: 3, 3: 4, 4: 5, 5: 5, 0: 5}, vocab=12, seed=3)
+  drafter = JacobiDrafter(window=window, guess_init="pad", pad_id=0)
+  prompts, new = [[9], [9]], [4, 30]
+  res = generate(lm, None, prompts, max_new_tokens=new, drafter=drafter)
+  assert res.tokens[0] == [1, 2, 3, 4] and res.active_calls == [3, 10]
+  st = res.drafter_stats
+  assert int(st["fast_forward_tokens"][0]) == int(st["stationary_tokens"][0]) == 0
+  check_counters(res, window)
+  check_against_reference(lm, res, prompts, new, drafter)
 
 
 def test_period_two_cycle_stays_at_one_token_per_iteration(window=6, new=25):

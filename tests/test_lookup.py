@@ -287,6 +287,41 @@ def test_bpd_eagle_and_jacobi_with_copies_equal_greedy_on_tiny_model(tiny):
         assert int(alone.drafter_stats["draft_forwards"]) == alone.target_calls + 2 * drafted
 
 
+def test_copied_steps_count_only_the_steps_of_active_rows():
+  """`copied_steps` counts the row-steps that verified a copy: in a batch whose rows end at different steps it is
+  the sum of what each row counts alone (a row that has ended still proposes from its frozen context, and may copy,
+  in the steps the others go on with, but those steps are not its own)."""
+  from jaxspec.decoding.jacobi import JacobiDrafter
+
+  lm = BigramLM.random(97, seed=5)
+  prompts, new = [[1], [0], [1, 2]], [12, 40, 25]
+  drafter = WithLookup(JacobiDrafter(window=3), min_match=1)
+  res = generate(lm, None, prompts, max_new_tokens=new, drafter=drafter)
+  alone = [generate(lm, None, [p], max_new_tokens=n, drafter=drafter) for p, n in zip(prompts, new)]
+  assert res.tokens == [a.tokens[0] for a in alone]
+  counts = [int(a.drafter_stats["copied_steps"]) for a in alone]
+  print("copied steps alone:", counts, "batched:", res.drafter_stats["copied_steps"])
+  assert min(counts) > 0 and int(res.drafter_stats["copied_steps"]) == sum(counts)
+
+
+def test_rows_that_ended_do_not_make_a_skipped_propose_run(tiny):
+  """A chain drafter with `skip_propose` (EAGLE) does not run in a step where every active row copies: a row that
+  has ended (here after its first token, with no match in its context) does not count. The batch's draft forwards
+  are the lone row's."""
+  from jaxspec.decoding.eagle import EagleDrafter
+  from tests.test_eagle import random_draft
+
+  model, params = tiny
+  eagle, ep = random_draft(model, params)
+  drafter, prompt = WithLookup(EagleDrafter(eagle, 3)), [100, 5, 17] * 3
+  alone = generate(model, params, [prompt], max_new_tokens=40, drafter=drafter, draft_params=ep)
+  both = generate(model, params, [prompt, list(range(40, 51))], max_new_tokens=[40, 1], drafter=drafter,
+                  draft_params=ep)
+  assert both.tokens[0] == alone.tokens[0] and both.active_calls == [alone.active_calls[0], 0]
+  assert 0 < int(alone.drafter_stats["copied_steps"]) < alone.target_calls  # some steps copy, some draft
+  assert int(both.drafter_stats["draft_forwards"]) == int(alone.drafter_stats["draft_forwards"])
+
+
 @dataclasses.dataclass(frozen=True)
 class CopiesKeepDraftersQ(WithLookup):
   """Deliberately wrong: a copied token is verified against the q of the token the drafter had drawn there."""
@@ -384,6 +419,34 @@ def test_without_grafting_a_copy_replaces_a_tree_with_a_chain_as_deep_as_the_tre
   assert draft.mask_BxNxN[0].tolist() == np.tril(np.ones((4, 4), bool)).tolist()
   assert draft.mask_BxNxN[1].tolist() == ancestor_mask(jnp.asarray([[-1, -1, 0, 1]]), 2)[0].tolist()
   assert draft.probs_BxNxV is None
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedSampledTree(FixedTree):
+  """`FixedTree` with a drafter's q at each node (a sampled tree), peaked on the node's token."""
+
+  def propose(self, draft_params, dstate, loop):
+    draft, dstate = super().propose(draft_params, dstate, loop)
+    return draft.replace(probs_BxNxV=0.5 * jax.nn.one_hot(draft.tokens_BxN, 16) + 0.5 / 16), dstate
+
+
+def test_a_tree_with_drafted_probabilities_is_replaced_by_the_copy_even_when_grafting():
+  """Grafting keeps the tree's nodes with their q, which holds only for trees of point masses: a tree whose nodes
+  carry a drafter's q is replaced by the copy as with `graft=False`, each copied token with a one-hot q."""
+  rows = [[1, 2, 3, 4, 5, 9, 2, 3, 6, 7, 1, 2, 3], [1, 2, 3, 4, 5]]  # a 3-token match; none
+  context = np.full((2, 16), 5, np.int32)
+  for b, row in enumerate(rows):
+    context[b, :len(row)] = row
+  lookup = LookupState(jnp.asarray(context), jnp.asarray([len(r) for r in rows], jnp.int32))
+  loop = FakeLoop(jnp.asarray([3, 5], jnp.int32))
+  tree, _ = FixedSampledTree().propose(None, None, loop)
+  for graft in (True, False):
+    draft, _ = WithLookup(FixedSampledTree(), graft=graft).propose(
+        None, WithLookupState(None, lookup, jnp.zeros((2,), bool), jnp.int32(0)), loop)
+    assert draft.tokens_BxN.tolist() == [[4, 5, -1, -1], [11, 12, 13, 14]], graft
+    assert draft.parent_BxN.tolist() == [[-1, 0, 1, 2], [-1, -1, 0, 1]], graft
+    np.testing.assert_array_equal(draft.probs_BxNxV[0, :2], jax.nn.one_hot(jnp.asarray([4, 5]), 16))
+    np.testing.assert_array_equal(draft.probs_BxNxV[1], tree.probs_BxNxV[1])
 
 
 def test_a_copy_joins_a_tree_as_a_branch_sharing_the_path_the_tree_already_has():
