@@ -56,6 +56,32 @@ from jaxspec.models.llama import LlamaLM, tiny_config  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
+# Many tests compile the same programs (the same tiny model and method in another test, or in the other xdist worker),
+# and XLA compiles are most of this suite's time: JAX's persistent compilation cache, in a folder made for this run
+# and shared by its workers, compiles each program once (a third off tests/test_speculative.py's time here). The
+# controller process makes the folder before the workers start (they inherit the variable) and removes it at the
+# end; a run in which JAX_COMPILATION_CACHE_DIR or jax_compilation_cache_dir is set uses that folder instead, and
+# JAXSPEC_TEST_COMPILATION_CACHE=off compiles every program in every test.
+_CACHE_VAR = "JAXSPEC_TEST_COMPILATION_CACHE"
+_OWN_CACHE = None
+if (os.environ.get(_CACHE_VAR) != "off" and not os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    and not jax.config.jax_compilation_cache_dir):
+  if not os.environ.get(_CACHE_VAR):
+    import tempfile
+
+    _OWN_CACHE = tempfile.mkdtemp(prefix="jaxspec-test-xla-cache-")
+    os.environ[_CACHE_VAR] = _OWN_CACHE
+  jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VAR])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_unconfigure(config):
+  if _OWN_CACHE is not None:
+    import shutil
+
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
 
 def make_tiny(seed: int = 0, embed_scale: float = 40.0, attend: bool = True, **overrides):
   """A tiny random LLaMA with peaked next-token distributions, so greedy choices are not near-ties. A mild
