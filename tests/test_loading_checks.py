@@ -126,9 +126,13 @@ def test_special_ids_fall_back_to_the_model_config(tmp_path, files, want_eos, wa
 
 
 def test_tokenizer_config_wins_over_the_model_config(tmp_path):
-  folder = write_tokenizer(tmp_path, tok_config={"eos_token": "<|user|>"}, generation_config={"eos_token_id": 2})
+  """tokenizer_config.json's EOS is `eos_id`; the model config's ids end generation too, as in transformers'
+  `generate` (Llama 3.1 Instruct names <|eot_id|> in the first and three ids, <|eom_id|> among them, in the second)."""
+  folder = write_tokenizer(tmp_path, tok_config={"eos_token": "<|user|>"}, generation_config={"eos_token_id": [2, 5]})
   tok = Tokenizer.from_tokenizer_json(folder)
-  assert (tok.eos_id, tok.eos_ids) == (5, (5,))
+  assert (tok.eos_id, tok.eos_ids) == (5, (5, 2))
+  plain = Tokenizer.from_tokenizer_json(write_tokenizer(tmp_path / "plain", tok_config={"eos_token": "<|user|>"}))
+  assert (plain.eos_id, plain.eos_ids) == (5, (5,))
 
 
 

@@ -181,7 +181,7 @@ def _alphabet() -> list[str]:
 
 
 def _write_gguf(path, *, model="gpt2", pre="smollm", endian=gguf.GGUFEndian.LITTLE, template=None, add_bos=None,
-                eos_id=1, extra_tokens=(), extra_merges=()):
+                eos_id=1, extra_tokens=(), extra_merges=(), extra=None):
   tokens = ["<s>", "</s>", "<think>"] + _alphabet() + ["he", "ll", "hell", "hello", "Ġw", *extra_tokens]
   types = [3, 3, 4] + [1] * 256 + [1] * (5 + len(extra_tokens))
   merges = ["h e", "l l", "he ll", "hell o", "Ġ w", *extra_merges]
@@ -202,6 +202,8 @@ def _write_gguf(path, *, model="gpt2", pre="smollm", endian=gguf.GGUFEndian.LITT
     writer.add_add_bos_token(add_bos)
   if template is not None:
     writer.add_chat_template(template)
+  if extra is not None:
+    extra(writer)
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()
@@ -338,6 +340,25 @@ def test_chat_template_environment(tmp_path):
   evil = Tokenizer(tok.backend, chat_template="{{ messages.__class__.__mro__ }}")
   with pytest.raises(ValueError):
     evil.apply_chat_template([])
+
+
+def test_end_of_turn_and_end_of_message_ids_end_generation(tmp_path):
+  """A GGUF file may name an end-of-turn and an end-of-message token beside its EOS (Llama 3.1: <|eot_id|>,
+  <|eom_id|>); llama.cpp ends generation at each, and so does `eos_ids`. An id outside the vocabulary is ignored."""
+  def ids(w):
+    w.add_uint32("tokenizer.ggml.eot_token_id", 2)
+    w.add_uint32("tokenizer.ggml.eom_token_id", 10**6)
+  tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "eot.gguf", extra=ids))
+  assert tok.eos_id == 1 and tok.eos_ids == (1, 2)
+  assert Tokenizer.from_gguf(_write_gguf(tmp_path / "plain.gguf")).eos_ids == (1,)
+  # an export keeps them (generation_config.json's eos_token_id, beside settings already there)
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "generation_config.json").write_text('{"temperature": 0.6}')
+  tok.save(tmp_path / "out")
+  again = Tokenizer.from_tokenizer_json(tmp_path / "out")
+  assert (again.eos_id, again.eos_ids) == (1, (1, 2))
+  assert json.loads((tmp_path / "out" / "generation_config.json").read_text()) == {"temperature": 0.6,
+                                                                                   "eos_token_id": [1, 2]}
 
 
 def test_chat_template_generation_blocks_render_their_text(tmp_path):

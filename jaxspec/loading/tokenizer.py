@@ -46,7 +46,7 @@ _TOKENIZER_KEYS = (
     "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
     "tokenizer.ggml.padding_token_id", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.add_bos_token",
     "tokenizer.ggml.add_eos_token", "tokenizer.chat_template", "tokenizer.ggml.scores",
-    "tokenizer.ggml.add_space_prefix", "general.name",
+    "tokenizer.ggml.add_space_prefix", "general.name", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id",
 )
 
 # Phi-3's tokenizer.json strips the whitespace after its chat tokens (rstrip: the line break after <|user|> or <|end|>
@@ -551,6 +551,9 @@ class Tokenizer:
         chat_template=meta.get("tokenizer.chat_template"),
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
         name=name,
+        # end of turn and end of message (Llama 3.1's <|eot_id|>, <|eom_id|>) end generation too, as in llama.cpp
+        eos_ids=[i for i in (token_id("tokenizer.ggml.eos_token_id"), token_id("tokenizer.ggml.eot_token_id"),
+                             token_id("tokenizer.ggml.eom_token_id")) if i is not None],
         aliases={i: vocab[t] for i, t in enumerate(spelled) if vocab[t] != i},  # the earlier ids of repeated tokens
     )
 
@@ -561,7 +564,8 @@ class Tokenizer:
     The config gives the chat template and the bos/eos/pad/unk tokens; a `chat_template.jinja` file next to it, as
     newer Hugging Face saves write, takes precedence for the template. Where the config names no BOS or EOS, the
     model's `generation_config.json` or `config.json` next to it (`bos_token_id`, `eos_token_id`: an id or a list)
-    give them, as they do for transformers' `generate`.
+    give them, as they do for transformers' `generate`; every id of that `eos_token_id` ends generation too
+    (`eos_ids`), as there.
 
     Args:
       path: the tokenizer.json file, or the folder holding it.
@@ -613,14 +617,15 @@ class Tokenizer:
       return int(value) if isinstance(value, int) and int(value) in aliases else token_id(key)
 
     bos_id, eos_id = special_id("bos_token"), special_id("eos_token")
-    eos_ids = None
-    if bos_id is None or eos_id is None:
-      # (every id: a token listed twice is one entry of tokenizer.json, its earlier id an alias)
-      model_ids = _model_config_ids(folder, backend.get_vocab_size(with_added_tokens=True) + len(aliases))
-      if bos_id is None and model_ids["bos_token_id"]:
-        bos_id = model_ids["bos_token_id"][0]
-      if eos_id is None and model_ids["eos_token_id"]:
-        eos_id, eos_ids = model_ids["eos_token_id"][0], model_ids["eos_token_id"]
+    # (every id: a token listed twice is one entry of tokenizer.json, its earlier id an alias)
+    model_ids = _model_config_ids(folder, backend.get_vocab_size(with_added_tokens=True) + len(aliases))
+    if bos_id is None and model_ids["bos_token_id"]:
+      bos_id = model_ids["bos_token_id"][0]
+    if eos_id is None and model_ids["eos_token_id"]:
+      eos_id = model_ids["eos_token_id"][0]
+    # Generation ends at the tokenizer's EOS and at every id of the model's eos_token_id, where transformers'
+    # `generate` ends (Llama 3.1 Instruct: <|eot_id|>, and <|eom_id|> and <|end_of_text|> from generation_config.json).
+    eos_ids = model_ids["eos_token_id"]
     if eos_id is None:
       # Not an error (a bare tokenizer.json is a valid tokenizer), but generation then only stops at its length limit.
       logger.warning("%s: no EOS token (no eos_token in tokenizer_config.json, no eos_token_id in "
@@ -640,7 +645,9 @@ class Tokenizer:
     )
 
   def save(self, folder: str | os.PathLike) -> None:
-    """Writes `tokenizer.json` and `tokenizer_config.json` into `folder`, readable by `from_tokenizer_json`."""
+    """Writes `tokenizer.json` and `tokenizer_config.json` into `folder`, readable by `from_tokenizer_json`; and,
+    where more ids than the EOS end generation (`eos_ids`), them as generation_config.json's `eos_token_id` (added
+    to a generation_config.json already there)."""
     config: dict[str, Any] = {"add_bos_token": self.add_bos_token}
     for key, token_id in (("bos_token", self._bos_id), ("eos_token", self._eos_id), ("pad_token", self._pad_id),
                           ("unk_token", self._unk_id)):
@@ -656,9 +663,13 @@ class Tokenizer:
                  if token_id is not None and token_id in self._aliases}
       if special:
         config[ALIAS_SPECIAL_IDS_KEY] = special
-    files.write_files(folder, {"tokenizer.json": lambda tmp: self._backend.save(str(tmp)),
-                               "tokenizer_config.json": files.text_writer(json.dumps(config, ensure_ascii=False,
-                                                                                     indent=2))})
+    written = {"tokenizer.json": lambda tmp: self._backend.save(str(tmp)),
+               "tokenizer_config.json": files.text_writer(json.dumps(config, ensure_ascii=False, indent=2))}
+    if len(self._eos_ids) > 1:
+      generation = _read_json_object(os.path.join(folder, "generation_config.json"), "fix it or delete it") or {}
+      generation["eos_token_id"] = list(self._eos_ids)
+      written["generation_config.json"] = files.text_writer(json.dumps(generation, indent=2))
+    files.write_files(folder, written)
 
   # -- text <-> ids --
 
@@ -747,8 +758,8 @@ class Tokenizer:
 
   @property
   def eos_ids(self) -> tuple[int, ...]:
-    """Every id that ends generation: `eos_id` first, then the others of an `eos_token_id` list in
-    generation_config.json / config.json where it gave the EOS (tokenizer_config.json naming none)."""
+    """Every id that ends generation: `eos_id` first, then, from a folder, the ids of generation_config.json's (else
+    config.json's) `eos_token_id`, and from a GGUF file its end-of-turn and end-of-message ids."""
     return self._eos_ids
 
   @property
