@@ -4,7 +4,8 @@
 paths in METHODS are read there, so one host can lack files the others have), with `JAX_COORDINATOR_ADDRESS`,
 `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID` set and two CPU devices per process (`XLA_FLAGS`). It runs the bench of
 the tiny target on a mesh of all processes' devices (`MESH`, default `data=2,model=2`) into OUT; each method run
-first sleeps DELAY seconds (a slower machine, so that a test can signal a run midway). It prints `RESULT {...}` with what it saw.
+first sleeps DELAY seconds (a slower machine, so that a test can signal a run midway). It prints `RESULT {...}` with
+what it saw.
 """
 
 from __future__ import annotations

@@ -57,8 +57,8 @@ def main(workdir: Path, mesh_spec: str) -> None:
                      draft_params=bpd_draft_params(model, params, bpd, heads))
 
   from jaxspec.bench.runner import BenchConfig, run_bench
-  bench = run_bench(BenchConfig(prompts=str(workdir / "prompts.jsonl"), limit=4, methods=("greedy", "lookup"), max_new_tokens=12,
-                                batch_size=2, out=str(workdir / "bench"), mesh=mesh_spec),
+  bench = run_bench(BenchConfig(prompts=str(workdir / "prompts.jsonl"), limit=4, methods=("greedy", "lookup"),
+                                max_new_tokens=12, batch_size=2, out=str(workdir / "bench"), mesh=mesh_spec),
                     model, params, tok, progress=False)
   print("RESULT " + json.dumps({
       "process": jax.process_index(), "processes": jax.process_count(), "devices": jax.device_count(),

@@ -77,7 +77,8 @@ def test_wrong_arguments_are_refused_as_they_are_read(name, argv, said, monkeypa
 
 
 @pytest.mark.parametrize("name, argv, said", [
-    ("cllm_quality", ["--model", "m", "--prompts", "/nonexistent/p.jsonl"], "Prompt file /nonexistent/p.jsonl not found"),
+    ("cllm_quality", ["--model", "m", "--prompts", "/nonexistent/p.jsonl"],
+     "Prompt file /nonexistent/p.jsonl not found"),
     ("bpd_drafts", ["--prompts", "/nonexistent/p.jsonl"], "Prompt file /nonexistent/p.jsonl not found"),
     ("bpd_drafts", ["--k", "9"], "Asked for 9 heads"),
     ("head_inputs", ["--data", "/nonexistent/data"], "No dataset shards"),

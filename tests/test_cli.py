@@ -195,8 +195,8 @@ def test_dtype_and_layer_layout_reach_the_loader_and_the_bench_results(monkeypat
                       "mesh": None}
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--param-dtype", "bfloat16",
                    "--matmul-precision", "default"]) == 0
-  assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": "bfloat16", "matmul_precision": "default",
-                      "mesh": None}
+  assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": "bfloat16",
+                      "matmul_precision": "default", "mesh": None}
   # The bench records what the loaded model is: here a bfloat16 model (the default's first two layers, computing in
   # bfloat16: what is recorded does not depend on the depth, and two layers compile in a fraction of the time).
   import dataclasses

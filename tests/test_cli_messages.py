@@ -112,7 +112,8 @@ def test_an_encoder_decoders_limit_is_its_decoders_tokens(capsys, tmp_path):
   are what the limit bounds, and shortening the prompt is no advice there."""
   t5 = str(ASSETS / "t5_numbers")
   (tmp_path / "long.txt").write_text(" ".join(["twelve"] * 2100))
-  assert cli.main(["generate", "--model", t5, "--prompt-file", str(tmp_path / "long.txt"), "--max-new-tokens", "2"]) == 0
+  assert cli.main(["generate", "--model", t5, "--prompt-file", str(tmp_path / "long.txt"),
+                   "--max-new-tokens", "2"]) == 0
   assert "prompt 2100 tokens" in capsys.readouterr().err  # past max_seq_len, 2048
   err = fails(["generate", "--model", t5, "--prompt", "12", "--max-new-tokens", "2048"], capsys)
   assert ("The decoder's start token plus 2048 new tokens needs 2049 cache slots, more than the cache length 2048: "
@@ -156,7 +157,8 @@ def test_a_key_written_twice_is_refused_and_merges_still_work(tmp_path, capsys):
   for text, want in (("task: seq2seq\ntask: bpd\n", "key 'task' appears twice (line 1 and line 2)"),
                      ("task: bpd\ntrain:\n  steps: 0\n  steps: 10\n", "key 'steps' appears twice (line 3 and line 4)"),
                      # a key written as an alias is named at the alias, not at its anchor
-                     ("keys: [&s steps]\ntrain:\n  steps: 0\n  *s : 10\n", "key 'steps' appears twice (line 3 and line 4)")):
+                     ("keys: [&s steps]\ntrain:\n  steps: 0\n  *s : 10\n",
+                      "key 'steps' appears twice (line 3 and line 4)")):
     config.write_text(text)
     err = fails(["train", str(config)], capsys)
     assert "is not valid YAML" in err and want in err, err
@@ -199,7 +201,8 @@ def test_text_that_encodes_to_no_tokens_is_said_so(tiny, monkeypatch, capsys):
 
 
 def test_a_sampled_run_is_not_labelled_greedy(tiny_target, capsys):
-  assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "3", "--temperature", "0.8", "--top-p", "0.9"]) == 0
+  assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "3", "--temperature", "0.8",
+                   "--top-p", "0.9"]) == 0
   err = capsys.readouterr().err
   assert err.startswith("[sampling, temperature 0.8, top-p 0.9: 3 tokens in "), err
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "3", "--method", "lookup"]) == 0
@@ -250,7 +253,8 @@ def test_an_unknown_option_is_named_by_the_commands_own_usage(capsys):
 def test_an_option_before_the_command_says_where_it_goes(capsys):
   """argparse called `--distributed` unknown there (under a usage line listing it), and took a value for the command."""
   for argv, option, command in ((["--distributed", "train", "c.yaml"], "--distributed", "train"),
-                                (["--max-new-tokens", "3", "generate", "--prompt", "x"], "--max-new-tokens", "generate"),
+                                (["--max-new-tokens", "3", "generate", "--prompt", "x"], "--max-new-tokens",
+                                 "generate"),
                                 (["--mesh=data=2", "bench"], "--mesh", "bench")):
     with pytest.raises(SystemExit) as e:
       cli.parse_args(argv)

@@ -355,7 +355,8 @@ def test_an_adapter_refuses_a_base_it_was_not_trained_on(tiny, tmp_path):
   cfg = LoraConfig(rank=2, alpha=4.0, targets=("v",))
   save_lora(tmp_path / "a", init_lora(params, cfg, 0), cfg, base={"embed_fingerprint": embed_fingerprint(params)})
   check_base(tmp_path / "a", params)
-  with pytest.raises(ModelLoadError, match="trained for a base model whose embedding has fingerprint .*this model's is"):
+  with pytest.raises(ModelLoadError,
+                     match="trained for a base model whose embedding has fingerprint .*this model's is"):
     check_base(tmp_path / "a", other)
   _, name, opts = parse_method(f"cllm:lora={tmp_path / 'a'}")
   with pytest.raises(Unavailable, match="trained for a base model whose embedding has fingerprint .*this model's is"):

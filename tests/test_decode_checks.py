@@ -198,7 +198,8 @@ def test_draft_params_of_another_form_and_mismatched_widths_are_input_errors(tin
       gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=drafter, draft_params=params)
   with pytest.raises(InputError, match=r"EagleTreeSource\(width=2\) serves trees of width 2, and this tree has "
                                        "width=4"):
-    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, draft_params=eagle.init_params(jax.random.key(0), params),
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4,
+                 draft_params=eagle.init_params(jax.random.key(0), params),
                  drafter=OptTreeDrafter(EagleTreeSource(eagle, 2), nodes=4, depth=2, width=4, branch=2))
 
 

@@ -108,7 +108,8 @@ def test_pass_masks_on_a_small_case():
   assert seen is None and own.astype(int).tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
 
 
-@pytest.mark.parametrize("n_commit", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("n_commit", [pytest.param(1, marks=pytest.mark.slow), 2,
+                                      pytest.param(4, marks=pytest.mark.slow)])
 def test_update_leaves_the_state_a_fresh_prefill_would(tiny, n_commit):
   """After a verified step that commits n tokens, the draft's next-token feature is the one a prefill over the
   committed sequence gives: the cache keeps no entry built on the draft's own guesses."""

@@ -556,7 +556,8 @@ def test_a_part_of_another_kind_says_what_it_is_and_where_it_goes(tiny_hf):
 
   with pytest.raises(ModelLoadError, match="holds a distilled draft .*, not BPD heads: pass it to a draft method"):
     load_bpd(ASSETS / "draft_smollm2")
-  with pytest.raises(ModelLoadError, match="holds BPD heads, not the n-gram tables .*: pass them as --method bpd:heads"):
+  with pytest.raises(ModelLoadError,
+                     match="holds BPD heads, not the n-gram tables .*: pass them as --method bpd:heads"):
     load_ngram(ASSETS / "bpd_smollm2")
   with pytest.raises(ModelLoadError, match="holds a feature-level \\(EAGLE\\) draft, not a LoRA adapter"):
     load_lora(ASSETS / "eagle_smollm2")

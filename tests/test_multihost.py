@@ -159,7 +159,8 @@ def test_a_signal_to_one_process_stops_every_process_at_one_checkpoint(tmp_path)
   (saved,) = [int(p.name) for p in ckpt.iterdir() if p.name.isdigit()]  # one checkpoint, the same for both
   assert 12 <= saved < 60 and saved % STOP_CHECK_EVERY == 0, saved
 
-  procs = [_start([ckpt, 60, 1000, 0, tmp_path / f"b{i}.npz"], 2, env, TRAIN_TINY) for i, env in enumerate(_processes(2))]
+  procs = [_start([ckpt, 60, 1000, 0, tmp_path / f"b{i}.npz"], 2, env, TRAIN_TINY)
+           for i, env in enumerate(_processes(2))]
   ref = _start([tmp_path / "ref_ckpt", 60, 1000, 0, tmp_path / "ref.npz"], 2, {}, TRAIN_TINY)  # one process, unbroken
   for p in [*procs, ref]:
     out = _finish(p)
@@ -174,9 +175,11 @@ def test_a_signal_to_one_process_stops_every_process_at_one_checkpoint(tmp_path)
 
   # Nine more steps (60 -> 69): the agreement at step 60 comes before the signal, and none follows until the loop
   # ends; the signal is agreed on then, so both processes still take the same exit after the last save.
-  procs = [_start([ckpt, 69, 1000, 0.2, tmp_path / f"c{i}.npz"], 2, env, TRAIN_TINY) for i, env in enumerate(_processes(2))]
+  procs = [_start([ckpt, 69, 1000, 0.2, tmp_path / f"c{i}.npz"], 2, env, TRAIN_TINY)
+           for i, env in enumerate(_processes(2))]
   while len(metrics.read_text().splitlines()) < 62:
-    assert time.monotonic() < deadline + 300 and all(p.poll() is None for p in procs), [_finish(p)[-2000:] for p in procs]
+    assert time.monotonic() < deadline + 300 and all(p.poll() is None for p in procs), \
+        [_finish(p)[-2000:] for p in procs]
     time.sleep(0.05)
   procs[1].send_signal(signal.SIGTERM)
   outs = [_finish(p) for p in procs]

@@ -19,8 +19,8 @@ def test_shipped_prompt_files_pass_their_checks():
   assert check_prompts.check(check_prompts.TRAINING, check_prompts.BENCH, None, 8) == []
 
 
-@pytest.mark.skipif(not SPEC_BENCH.exists(), reason=f"Spec-Bench dev prompts not at {SPEC_BENCH}: set JAXSPEC_SPEC_BENCH "
-                    "to the file")
+@pytest.mark.skipif(not SPEC_BENCH.exists(),
+                    reason=f"Spec-Bench dev prompts not at {SPEC_BENCH}: set JAXSPEC_SPEC_BENCH to the file")
 def test_no_shipped_prompt_shares_eight_words_with_spec_bench():
   assert check_prompts.check(check_prompts.TRAINING, check_prompts.BENCH, SPEC_BENCH, 8) == []
 

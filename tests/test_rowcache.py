@@ -168,8 +168,10 @@ def test_teacher_topk_and_features_through_the_cache_equal_a_direct_computation(
 def _counting(cached_rows, computed):
   """The real cache with parts of 3 sequences, recording which rows it computes."""
   def run(path, key, order, compute, **kw):
-    return cached_rows(path, key, order, lambda idx, advance: (computed.extend(int(i) for i in idx), compute(idx, advance))[1],
-                       **{**kw, "part_rows": 3})
+    def counted(idx, advance):
+      computed.extend(int(i) for i in idx)
+      return compute(idx, advance)
+    return cached_rows(path, key, order, counted, **{**kw, "part_rows": 3})
   return run
 
 

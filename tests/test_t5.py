@@ -115,7 +115,8 @@ def test_the_decoder_cache_is_sized_by_the_decoder_not_the_encoder_input(t5, t5_
                         draft_params=dp).tokens == res.tokens, name
   # A decoder-only draft of the same vocabulary prefills on the whole source: its own cache holds it.
   llama, llama_params = make_tiny(1, vocab_size=model.vocab_size)
-  for drafter in (DraftModelDrafter(llama, 3), OptTreeDrafter(LMTreeSource(llama), nodes=8, depth=3, width=2, branch=3)):
+  for drafter in (DraftModelDrafter(llama, 3),
+                  OptTreeDrafter(LMTreeSource(llama), nodes=8, depth=3, width=2, branch=3)):
     assert gen.generate(model, params, [long_src, [3, 4]], max_new_tokens=8, drafter=drafter,
                         draft_params=llama_params).tokens == res.tokens
   # The decoder's tokens are what max_len bounds.

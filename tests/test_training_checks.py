@@ -336,7 +336,8 @@ def test_damaged_log_lines_cost_only_themselves(tmp_path, caplog):
   log = tmp_path / "tuning.jsonl"
   good = {"key": "k", "what": "ngram", "weight": 0.1, "value": 1.7}
   log.write_bytes(json.dumps(good).encode() + b"\n\xff\xfe\n" + json.dumps({"key": "k"}).encode() + b"\n"
-                  + json.dumps({"key": "k", "what": "ngram", "weight": [1], "value": 2}).encode() + b'\n{"key": "k", "wh')
+                  + json.dumps({"key": "k", "what": "ngram", "weight": [1], "value": 2}).encode()
+                  + b'\n{"key": "k", "wh')
   tune = TuneLog(log, "k")
   assert tune.done == {("ngram", 0.1): 1.7}
   tune.put("ngram", 1.9, weight=0.2)  # appended on a line of its own after the cut-short one

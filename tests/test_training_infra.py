@@ -128,8 +128,9 @@ def test_files_are_replaced_whole_or_not_at_all(tmp_path):
   # readers skip them by their ending.
   tmp = files.temporary(tmp_path / "shard_00000.npz")
   assert tmp.name.startswith("shard_00000.npz.") and tmp.name.endswith(".tmp.npz") and str(os.getpid()) in tmp.name
-  other = subprocess.run([sys.executable, "-c", "import sys; from jaxspec import files; print(files.temporary(sys.argv[1]))",
-                          str(tmp_path / "shard_00000.npz")], capture_output=True, text=True, check=True)
+  code = "import sys; from jaxspec import files; print(files.temporary(sys.argv[1]))"
+  other = subprocess.run([sys.executable, "-c", code, str(tmp_path / "shard_00000.npz")], capture_output=True,
+                         text=True, check=True)
   assert other.stdout.strip() not in ("", str(tmp))
   # A killed writer's temporary (its process is gone) goes at the next write of that file on this host; a running
   # process's stays.
@@ -426,7 +427,8 @@ def test_a_run_for_another_model_does_not_write_over_the_shipped_parts(tmp_path)
 
   root = Path(__file__).resolve().parents[1]
   mine = str(tmp_path / "my_model")
-  for config, owner in [("bpd_smollm2.yaml", "the embedded default model"), ("draft_smollm2.yaml", "the embedded default model"),
+  for config, owner in [("bpd_smollm2.yaml", "the embedded default model"),
+                        ("draft_smollm2.yaml", "the embedded default model"),
                         ("eagle_smollm2.yaml", "the embedded default model"),
                         ("bpd_rescore_smollm2.yaml", "the embedded default model"),
                         ("bpd_t5_numbers.yaml", "model.path=jaxspec/assets/t5_numbers")]:
@@ -579,10 +581,11 @@ def test_a_diverging_run_stops_before_saving_non_finite_weights(tmp_path):
       batch = train_tiny.batch_at(s)
       yield {**batch, "x": batch["x"] * np.float32("nan")} if s == 5 else batch  # the 6th step
 
-  for log_every, found in ((1, "loss became nan by step 6"), (100, "the weights or the optimizer state hold inf or NaN by step 8")):
+  for log_every, found in ((1, "loss became nan by step 6"),
+                           (100, "the weights or the optimizer state hold inf or NaN by step 8")):
     run = tmp_path / f"log{log_every}"
-    trainer = Trainer(train_tiny.loss_fn, make_optimizer(train_tiny.OPTIM), frozen=train_tiny.FROZEN, checkpoint_dir=run,
-                      checkpoint_every=4, log_every=log_every, progress=False)
+    trainer = Trainer(train_tiny.loss_fn, make_optimizer(train_tiny.OPTIM), frozen=train_tiny.FROZEN,
+                      checkpoint_dir=run, checkpoint_every=4, log_every=log_every, progress=False)
     with pytest.raises(TrainingDiverged, match=f"{found}.*Lower optim.lr.*the last checkpoint, at step 4, holds"):
       trainer.fit(train_tiny.fresh_state(), poisoned, 12)
     assert _committed_steps(run) == [4]

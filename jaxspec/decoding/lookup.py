@@ -218,8 +218,8 @@ class WithLookup:
   every active row copies. A chain drafter's N tokens are replaced by N copied ones. A tree drafter's tree keeps
   most of its nodes and takes a chain of as many copied tokens as its deepest path (`max_path`: its draft state
   expects no longer accepted path) as one more branch (`graft_chain`: the part of the copy the tree already holds
-  costs nothing, and the tree's deepest nodes make room for the rest). With `graft=False` the copy replaces the whole tree instead, and
-  the nodes past it are left unproposed (-1), never accepted.
+  costs nothing, and the tree's deepest nodes make room for the rest). With `graft=False` the copy replaces the whole
+  tree instead, and the nodes past it are left unproposed (-1), never accepted.
 
   The choice reads only committed tokens, so the output is unchanged: greedy decoding's with greedy acceptance, and
   under sampling the target's distribution (a copy is a point mass q, reported as one-hot `probs_BxNxV` when the
