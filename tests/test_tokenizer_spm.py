@@ -66,15 +66,11 @@ def _types(sp) -> list[int]:
   return [kind(i) for i in range(sp.GetPieceSize())]
 
 
-def _write(path, sp, *, scores=True, add_bos=None, add_space_prefix=None, order=None, arch="llama", name=None,
-           added=(), unk_id=True) -> str:
-  """`order`: the SentencePiece id at each GGUF id (default: the same ids); `added`: control tokens after them, as
-  chat models add (<|user|>, ...); `name`: the file's general.name; `unk_id`: write tokenizer.ggml.unknown_token_id."""
-  n = sp.GetPieceSize()
-  order = list(range(n)) if order is None else order
-  writer = gguf.GGUFWriter(str(path), arch)
-  if name is not None:
-    writer.add_name(name)
+def _add_vocabulary(writer, sp, *, scores=True, order=None, added=(), unk_id=True) -> None:
+  """The SentencePiece model's vocabulary as GGUF metadata. `order`: the SentencePiece id at each GGUF id (default:
+  the same ids); `added`: control tokens after them, as chat models add (<|user|>, ...); `unk_id`: write
+  tokenizer.ggml.unknown_token_id."""
+  order = list(range(sp.GetPieceSize())) if order is None else order
   writer.add_tokenizer_model("llama")
   writer.add_token_list([sp.IdToPiece(i) for i in order] + list(added))
   if scores:
@@ -85,6 +81,14 @@ def _write(path, sp, *, scores=True, add_bos=None, add_space_prefix=None, order=
   writer.add_eos_token_id(sp.eos_id())
   if unk_id:
     writer.add_unk_token_id(sp.unk_id())
+
+
+def _write(path, sp, *, add_bos=None, add_space_prefix=None, arch="llama", name=None, **vocabulary) -> str:
+  """A vocabulary-only GGUF file (`vocabulary`: `_add_vocabulary`'s options); `name`: the file's general.name."""
+  writer = gguf.GGUFWriter(str(path), arch)
+  if name is not None:
+    writer.add_name(name)
+  _add_vocabulary(writer, sp, **vocabulary)
   if add_bos is not None:
     writer.add_add_bos_token(add_bos)
   if add_space_prefix is not None:
@@ -264,16 +268,8 @@ def test_a_llama_2_style_gguf_model_generates_through_the_cli(trained, tmp_path,
   n = sp.GetPieceSize()
   model, params = make_tiny(seed=0, embed_scale=3.0, vocab_size=n)
 
-  def vocabulary(w):
-    w.add_tokenizer_model("llama")
-    w.add_token_list([sp.IdToPiece(i) for i in range(n)])
-    w.add_token_scores([sp.GetScore(i) for i in range(n)])
-    w.add_token_types(_types(sp))
-    w.add_bos_token_id(sp.bos_id())
-    w.add_eos_token_id(sp.eos_id())
-
   path = str(tmp_path / "llama2_style.gguf")
-  write_gguf(path, model, params, gguf.GGMLQuantizationType.F32, extra=vocabulary)
+  write_gguf(path, model, params, gguf.GGMLQuantizationType.F32, extra=lambda w: _add_vocabulary(w, sp))
   _, _, tok = load_model(path)
   prompt = "Write a short blog post about bread."
   assert tok.encode(prompt, add_bos=None) == [sp.bos_id(), *sp.encode(prompt)]

@@ -119,6 +119,14 @@ GGUF_PRE_TOKENIZERS: dict[str, Callable[[], Any]] = {
 SUPPORTED_GGUF_MODELS = ("gpt2", "llama")
 
 
+def _added_token(token: str, ttype: int) -> AddedToken | None:
+  """Control, unknown and user-defined tokens as added tokens: matched whole in the raw text, as written (their vocab
+  entry gives their id); control and unknown ones special. None for the others."""
+  if ttype in _SPECIAL_TYPES or ttype == TOKEN_USER_DEFINED:
+    return AddedToken(token, special=ttype in _SPECIAL_TYPES, normalized=False)
+  return None
+
+
 def _byte_level_backend(meta: Mapping[str, Any], tokens: Sequence[str], types: Sequence[int], name: str):
   """GPT-2-style byte-level BPE (`tokenizer.ggml.model == "gpt2"`) with the file's pre-tokenizer and merges.
 
@@ -137,16 +145,15 @@ def _byte_level_backend(meta: Mapping[str, Any], tokens: Sequence[str], types: S
   spelled: list[str] = []
   added: list[AddedToken] = []
   for i, (token, ttype) in enumerate(zip(tokens, types)):
-    whole = ttype in _SPECIAL_TYPES or ttype == TOKEN_USER_DEFINED
-    if not whole and not alphabet_chars.issuperset(token):
+    whole = _added_token(token, ttype)
+    if whole is None and not alphabet_chars.issuperset(token):
       # A normal token written as raw text (some converters do): respell it in the byte alphabet the BPE uses.
       token = "".join(alphabet[b] for b in token.encode("utf-8"))
-    # Added tokens are kept as written: they are matched in the raw text, and their vocab entry gives their id.
     # A token listed twice encodes to its last id, as in llama.cpp (whose text -> id map keeps the last write).
     vocab[token] = i
     spelled.append(token)
-    if whole:
-      added.append(AddedToken(token, special=ttype in _SPECIAL_TYPES, normalized=False))
+    if whole is not None:
+      added.append(whole)
   # Llama 3's vocabulary holds words that its merges do not build (' Việt'); its tokenizer takes a word that is in the
   # vocabulary whole before merging, as llama.cpp does for this pre-tokenizer and tokenizer.json says.
   backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
@@ -178,12 +185,8 @@ def _sentencepiece_backend(meta: Mapping[str, Any], tokens: Sequence[str], types
     raise ModelLoadError(f"{name}: a SentencePiece vocabulary (tokenizer.ggml.model 'llama') needs a score per token "
                          f"(tokenizer.ggml.scores), and the file has {0 if scores is None else len(scores)} for "
                          f"{len(tokens)} tokens: convert the model again with llama.cpp's convert_hf_to_gguf.py.")
-  vocab: dict[str, int] = {}
-  added: list[AddedToken] = []
-  for i, (token, ttype) in enumerate(zip(tokens, types)):
-    vocab[token] = i
-    if ttype in _SPECIAL_TYPES or ttype == TOKEN_USER_DEFINED:
-      added.append(AddedToken(token, special=ttype in _SPECIAL_TYPES, normalized=False))
+  vocab = {token: i for i, token in enumerate(tokens)}
+  added = [t for t in map(_added_token, tokens, types) if t is not None]
   whole = {t.content for t in added}
   unknown = _token_at(tokens, meta.get("tokenizer.ggml.unknown_token_id"))
   if unknown is None:  # llama.cpp's fallback: the token typed unknown
