@@ -54,6 +54,14 @@ VARIANTS = {
     "linear": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
     "qwen2": ("qwen2", {"rope_theta": 1e6, "tie_word_embeddings": True, "use_sliding_window": False}),
     "llama_bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
+    # Phi-3's fused q/k/v and gate/up matrices, with a sliding window longer than the tokens the references use (a
+    # context jaxspec bounds to the window), and Phi-3's LongRoPE within its original context (short factors and the
+    # attention factor transformers derives from the context's growth, 1280 / 320).
+    "phi3": ("phi3", {"sliding_window": 320, "original_max_position_embeddings": 512}),
+    "phi3_longrope": ("phi3", {"max_position_embeddings": 1280, "original_max_position_embeddings": 320,
+                               "rope_scaling": {"rope_type": "longrope",
+                                                "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.3, 4.0],
+                                                "long_factor": [1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0]}}),
 }
 
 
@@ -62,6 +70,9 @@ def _make(family: str, settings: dict, seed: int) -> transformers.PreTrainedMode
   if family == "qwen2":
     cfg = transformers.Qwen2Config(**SIZES, rms_norm_eps=1e-6, **settings)
     cls = transformers.Qwen2ForCausalLM
+  elif family == "phi3":
+    cfg = transformers.Phi3Config(**{**SIZES, **settings}, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    cls = transformers.Phi3ForCausalLM
   else:
     cfg = transformers.LlamaConfig(**SIZES, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=False,
                                    **{"rope_theta": 10000.0, **settings})

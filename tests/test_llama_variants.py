@@ -1,5 +1,6 @@
 """LLaMA-family variants against Hugging Face transformers: scaled RoPE (Llama 3.1+'s per-band scaling, linear
-position interpolation) and bias terms (Qwen2's on q/k/v, LLaMA's attention_bias and mlp_bias).
+position interpolation, Phi-3's LongRoPE), bias terms (Qwen2's on q/k/v, LLaMA's attention_bias and mlp_bias) and
+Phi-3's fused projections.
 
 The checkpoints and reference numbers are tiny random models written by `scripts/llama_variants_reference.py` with
 transformers (tests/fixtures/llama_variants/ and llama_variants_reference.npz): jaxspec must give transformers'
@@ -30,7 +31,7 @@ from jaxspec.models.llama import LlamaLM, rope_divisors, rope_scaling
 from tests.test_loading import Q, gguf_writer, write_gguf
 
 FIXTURES = Path(__file__).parent / "fixtures"
-VARIANTS = ("llama3", "linear", "qwen2", "llama_bias")
+VARIANTS = ("llama3", "linear", "qwen2", "llama_bias", "phi3", "phi3_longrope")
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +53,14 @@ def batch_logits(model, params, ids):
 
 
 def without_variant(model, params, name):
-  """The same weights as plain LLaMA computes them: RoPE unscaled, or biases dropped."""
-  if name in ("llama3", "linear"):
+  """The same weights as plain LLaMA computes them: RoPE unscaled, or biases dropped; for Phi-3, its fused gate/up
+  matrix split the other way round."""
+  if name in ("llama3", "linear", "phi3_longrope"):
     return LlamaLM(dataclasses.replace(model.cfg, rope_scaling=())), params
+  if name == "phi3":
+    swapped = {k: ({**v, "mlp": {**v["mlp"], "gate": v["mlp"]["up"], "up": v["mlp"]["gate"]}}
+                   if k.startswith("layers_") else v) for k, v in params.items()}
+    return model, swapped
   plain = {k: ({part: {m: {"kernel": w["kernel"]} for m, w in mods.items()} for part, mods in v.items()
                 if part in ("attn", "mlp")} | {part: v[part] for part in v if part not in ("attn", "mlp")}
                if k.startswith("layers_") else v) for k, v in params.items()}
@@ -69,7 +75,8 @@ def test_variants_match_transformers(ref, name):
   cfg = model.cfg
   assert (dict(cfg.rope_scaling).get("rope_type"), cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) == {
       "llama3": ("llama3", False, False, False), "linear": ("linear", False, False, False),
-      "qwen2": (None, True, False, False), "llama_bias": (None, True, True, True)}[name]
+      "qwen2": (None, True, False, False), "llama_bias": (None, True, True, True), "phi3": (None, False, False, False),
+      "phi3_longrope": ("longrope", False, False, False)}[name]
   got = batch_logits(model, params, ref[f"{name}_ids"])
   np.testing.assert_allclose(got, ref[f"{name}_logits"], atol=2e-4, rtol=0)
   plain, plain_params = without_variant(model, params, name)
@@ -128,14 +135,17 @@ def write_rope_gguf(path, model, params, add):
   write_gguf(path, model, params, Q.F32, extra=extra)
 
 
-def test_gguf_files_scale_rope_as_llama_cpp_writes_it(ref, tmp_path):
+def test_gguf_files_scale_rope_as_llama_cpp_writes_it(ref, tmp_path, caplog):
   """A GGUF file with llama.cpp's per-frequency factors (Llama 3.1+) or its linear scaling type gives transformers'
-  logits; a header with linear scaling and factors both, too few factors, or another scaling type is refused."""
+  logits (the factors are read, not reported as skipped); a header with linear scaling and factors both, too few
+  factors, or another scaling type is refused."""
   model, params = load_hf(folder("llama3"))
   s = dict(model.cfg.rope_scaling)
   factors = llama_cpp_factors(model.cfg.rope_theta, model.cfg.head_dim, s)
   write_rope_gguf(tmp_path / "llama3.gguf", model, params, lambda w: w.add_tensor("rope_freqs.weight", factors))
-  loaded, p = load_gguf(str(tmp_path / "llama3.gguf"))
+  with caplog.at_level("WARNING", logger="jaxspec.loading"):
+    loaded, p = load_gguf(str(tmp_path / "llama3.gguf"))
+  assert not caplog.records, [r.getMessage() for r in caplog.records]
   assert dict(loaded.cfg.rope_scaling)["rope_type"] == "factors"
   np.testing.assert_allclose(batch_logits(loaded, p, ref["llama3_ids"]), ref["llama3_logits"], atol=2e-4, rtol=0)
   # Written as a folder (a whole-model export), the factors load back as they were.
@@ -179,12 +189,15 @@ def test_variants_with_stacked_layers_and_bfloat16_weights(ref, name):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_a_variant_written_as_a_folder_loads_back(ref, tmp_path, name):
   """`save_hf` (whole-model exports) writes the architecture, biases and scaling into config.json, so the folder
-  computes the same (and names the same family: Qwen2 stays Qwen2)."""
+  computes the same (and names the same family: Qwen2 stays Qwen2; Phi-3 is written as the LLaMA it loads as, its
+  projections split, with its LongRoPE settings and the bounded context, which transformers' LLaMA computes as its
+  Phi-3 does: checked by hand, 0 difference in the logits)."""
   model, params = load_hf(folder(name))
   save_hf(str(tmp_path / "out"), model, params)
   written = json.loads((tmp_path / "out" / "config.json").read_text())
   original = json.loads((Path(folder(name)) / "config.json").read_text())
-  assert written["architectures"] == original["architectures"]
+  phi3 = original["architectures"] == ["Phi3ForCausalLM"]
+  assert written["architectures"] == (["LlamaForCausalLM"] if phi3 else original["architectures"])
   again, p = load_hf(str(tmp_path / "out"))
   assert again.cfg == model.cfg
   np.testing.assert_allclose(batch_logits(again, p, ref[f"{name}_ids"]), ref[f"{name}_logits"], atol=2e-4, rtol=0)
@@ -218,7 +231,7 @@ def test_biases_the_config_does_not_name_are_refused(tmp_path):
     ({"rope_type": "linear", "factor": 0}, "RoPE scaling 'linear' needs factor a finite number above 0, not 0"),
     ({"rope_type": "linear", "factor": "4"}, "needs factor a finite number above 0, not '4'"),
     ({"rope_type": "dynamic", "factor": 2.0},
-     "RoPE scaling 'dynamic'.*implements plain RoPE and the scalings linear and llama3"),
+     "RoPE scaling 'dynamic'.*implements plain RoPE and the scalings linear, llama3 and longrope"),
 ], ids=["llama3-missing", "llama3-bands", "linear-zero", "linear-string", "dynamic"])
 def test_bad_scaling_settings_are_refused(tmp_path, block, message):
   out = tmp_path / "m"
@@ -279,3 +292,112 @@ def test_a_qwen2_gguf_file_matches_transformers(ref, tmp_path):
   with pytest.raises(ModelLoadError, match="holds 'blk.0.attn_q.bias'; jaxspec reads a GGUF file's biases for "
                                            "Qwen2's q/k/v only"):
     load_gguf(write("llama"))
+
+
+def write_phi3_gguf(path, name: str, drop: tuple = (), window: int | None = None):
+  """The Phi-3 fixture `name` as llama.cpp's converter writes a Phi-3 GGUF file: the safetensors' matrices as they
+  are (q/k/v fused in `attn_qkv`, gate and up in `ffn_up`, no row permutation), the original context, the sliding
+  window (0: none), and for LongRoPE the two factor tensors and the attention factor. `drop`: tensors left out."""
+  from safetensors.numpy import load_file
+
+  hf = json.loads((Path(folder(name)) / "config.json").read_text())
+  tensors = load_file(str(Path(folder(name)) / "model.safetensors"))
+  model, _ = load_hf(folder(name))
+  w = gguf.GGUFWriter(str(path), "phi3")
+  cfg = model.cfg
+  w.add_context_length(hf["max_position_embeddings"])
+  w.add_rope_scaling_orig_ctx_len(hf["original_max_position_embeddings"])
+  w.add_embedding_length(cfg.d_model)
+  w.add_feed_forward_length(cfg.d_ff)
+  w.add_block_count(cfg.n_layers)
+  w.add_head_count(cfg.n_heads)
+  w.add_head_count_kv(cfg.n_kv_heads)
+  w.add_layer_norm_rms_eps(cfg.norm_eps)
+  w.add_rope_dimension_count(cfg.head_dim)
+  w.add_rope_freq_base(cfg.rope_theta)
+  w.add_sliding_window(hf["sliding_window"] or 0 if window is None else window)
+  w.add_vocab_size(cfg.vocab_size)
+  rope = hf["rope_parameters"]
+  out = {"token_embd.weight": tensors["model.embed_tokens.weight"], "output_norm.weight": tensors["model.norm.weight"],
+         "output.weight": tensors["lm_head.weight"]}
+  if rope.get("rope_type") == "longrope":
+    growth = hf["max_position_embeddings"] / hf["original_max_position_embeddings"]
+    w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(growth) / math.log(hf["original_max_position_embeddings"])))
+    out["rope_factors_long.weight"] = np.asarray(rope["long_factor"], np.float32)
+    out["rope_factors_short.weight"] = np.asarray(rope["short_factor"], np.float32)
+  names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.qkv_proj": "attn_qkv",
+           "self_attn.o_proj": "attn_output", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+  for i in range(cfg.n_layers):
+    out.update({f"blk.{i}.{g}.weight": tensors[f"model.layers.{i}.{h}.weight"] for h, g in names.items()})
+  for k, v in out.items():
+    if k not in drop:
+      w.add_tensor(k, np.ascontiguousarray(v, np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+@pytest.mark.parametrize("name", ["phi3", "phi3_longrope"])
+def test_a_phi3_gguf_file_matches_transformers(ref, tmp_path, name, caplog):
+  """A Phi-3 GGUF file (fused matrices, LongRoPE factors as tensors) gives transformers' logits and greedy tokens;
+  its context is bounded by the sliding window or LongRoPE's original context, as from the folder."""
+  with caplog.at_level("WARNING", logger="jaxspec.loading"):
+    model, params = load_gguf(write_phi3_gguf(tmp_path / "m.gguf", name))
+  from_folder = load_hf(folder(name))[0].cfg
+  assert model.cfg.max_seq_len == from_folder.max_seq_len == 320
+  assert dict(model.cfg.rope_scaling).keys() == dict(from_folder.rope_scaling).keys()  # values: float32 in the file
+  said = [r.getMessage() for r in caplog.records]
+  assert any("bounded to 320 tokens" in m for m in said) and not any("skipped" in m for m in said), said
+  np.testing.assert_allclose(batch_logits(model, params, ref[f"{name}_ids"]), ref[f"{name}_logits"], atol=2e-4,
+                             rtol=0)
+  want = ref[f"{name}_greedy"].tolist()
+  assert generate(model, params, [ref[f"{name}_ids"][0, :40].tolist()], max_new_tokens=len(want)).tokens[0] == want
+
+
+def test_phi3_files_jaxspec_cannot_run_exactly_are_refused(tmp_path):
+  """Half of LongRoPE's factors, or a fused matrix whose rows are not the config's q/k/v, is refused naming what is
+  wrong; a file whose window is 0 (Phi-4: none) keeps its whole context."""
+  with pytest.raises(ModelLoadError, match="LongRoPE needs both rope_factors_short and rope_factors_long"):
+    load_gguf(write_phi3_gguf(tmp_path / "a.gguf", "phi3_longrope", drop=("rope_factors_long.weight",)))
+  model, _ = load_gguf(write_phi3_gguf(tmp_path / "b.gguf", "phi3", window=0))
+  assert model.cfg.max_seq_len == 512
+  out = tmp_path / "m"
+  shutil.copytree(folder("phi3"), out)
+  cfg = json.loads((out / "config.json").read_text())
+  cfg["num_key_value_heads"] = 2
+  (out / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ModelLoadError, match=r"'model.layers.0.self_attn.qkv_proj.weight' has 64 rows where the "
+                                           r"config's q \+ k \+ v need 32 \+ 32 \+ 32"):
+    load_hf(str(out))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"long_factor": None}, "RoPE scaling 'longrope' .* without long_factor"),
+    ({"short_factor": [1.0] * 3}, "needs short_factor of 8 finite numbers above 0"),
+    ({"original_max_position_embeddings": None}, "without original_max_position_embeddings"),
+], ids=["no-long-factors", "short-factors-short", "no-original-context"])
+def test_bad_longrope_settings_are_refused(tmp_path, change, message):
+  out = tmp_path / "m"
+  shutil.copytree(folder("phi3_longrope"), out)
+  cfg = json.loads((out / "config.json").read_text())
+  cfg["rope_parameters"].update(change)
+  cfg["rope_parameters"] = {k: v for k, v in cfg["rope_parameters"].items() if v is not None}
+  cfg.pop("original_max_position_embeddings")
+  if "original_max_position_embeddings" not in change:
+    cfg["original_max_position_embeddings"] = 320
+  (out / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ModelLoadError, match=message):
+    load_hf(str(out))
+
+
+def test_longrope_runs_within_its_original_context_only():
+  """A config asking for more context than LongRoPE's original one would need its long factors, which jaxspec does
+  not implement: refused when built, whoever builds it."""
+  s = rope_scaling({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                    "original_max_position_embeddings": 64, "attention_factor": 1.1})
+  from jaxspec.models.llama import tiny_config
+  assert tiny_config(head_dim=16, rope_scaling=s, max_seq_len=64).max_seq_len == 64
+  with pytest.raises(ValueError, match="max_seq_len=65 passes the LongRoPE scaling's original context \\(64\\)"):
+    tiny_config(head_dim=16, rope_scaling=s, max_seq_len=65)

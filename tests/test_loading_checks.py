@@ -1,6 +1,7 @@
 """Loading refuses or fixes what would otherwise run silently wrong: special tokens a tokenizer.json's
 post-processor adds, EOS ids only the model config names, unreadable tokenizer configs, model variants jaxspec does
-not implement (other families, activations, biases, sliding windows, RoPE scalings but linear and llama3), stray
+not implement (other families, activations, biases, partial rotary embeddings, RoPE scalings but linear, llama3 and
+longrope) or bounds the context where it computes the model exactly only within it (a sliding window), stray
 weight files, file paths passed for folders, a missing tokenizer found only after the weights, and unsupported GGUF
 quantizations.
 
@@ -186,17 +187,20 @@ def copy_of(folder: Path, tmp_path: Path, **config_changes) -> Path:
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"architectures": None, "model_type": "phi3"}, "model_type 'phi3'; jaxspec loads llama, mistral, qwen2"),
+    ({"architectures": None, "model_type": "phi"}, "model_type 'phi'; jaxspec loads llama, mistral, qwen2, phi3"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'.*SiLU"),
     ({"attention_bias": True}, r"lacks tensors for \[\"\['layers_0'\]\['attn'\]\['k'\]\['bias'\]"),
     ({"mlp_bias": True}, r"lacks tensors for \[\"\['layers_0'\]\['mlp'\]\['down'\]\['bias'\]"),
-    ({"sliding_window": 64}, "sliding_window=64, below max_position_embeddings=512.*set max_position_embeddings to 64"),
+    ({"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75; jaxspec rotates whole heads only"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+     "partial_rotary_factor=0.5"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling 'dynamic'"),
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "RoPE scaling 'yarn'"),
     ({"architectures": ["UMT5ForConditionalGeneration"], "model_type": "umt5"},
-     r"describes \['UMT5ForConditionalGeneration'\]; jaxspec loads .*Qwen2ForCausalLM and the encoder-decoders "
+     r"describes \['UMT5ForConditionalGeneration'\]; jaxspec loads .*Phi3ForCausalLM and the encoder-decoders "
      "T5ForConditionalGeneration, T5Model, MT5ForConditionalGeneration"),
-], ids=["phi3-model-type", "gelu", "attention-bias", "mlp-bias", "sliding-window", "dynamic-rope",
+], ids=["phi-model-type", "gelu", "attention-bias", "mlp-bias", "partial-rotary", "partial-rotary-in-rope",
+        "dynamic-rope",
         "yarn-rope-parameters", "umt5"])
 def test_unsupported_variants_are_refused(tiny_hf, tmp_path, changes, message):
   folder = copy_of(tiny_hf, tmp_path, **changes)
@@ -214,6 +218,18 @@ def test_unsupported_variants_are_refused(tiny_hf, tmp_path, changes, message):
 def test_what_jaxspec_computes_exactly_still_loads(tiny_hf, tmp_path, changes):
   model, _ = load_hf(str(copy_of(tiny_hf, tmp_path, **changes)))
   assert model.cfg.max_seq_len == 512
+
+
+def test_a_sliding_window_bounds_the_context(tiny_hf, tmp_path, caplog):
+  """jaxspec has no sliding-window attention, but within one window (prompt and output) attention is the model's, so
+  a window shorter than max_position_embeddings bounds the context, and the load says so once."""
+  with caplog.at_level("WARNING", logger="jaxspec.loading"):
+    model, _ = load_hf(str(copy_of(tiny_hf, tmp_path, sliding_window=64)))
+  assert model.cfg.max_seq_len == 64
+  said = [r.getMessage() for r in caplog.records if "bounded" in r.getMessage()]
+  assert said == ["The model's context is bounded to 64 tokens (prompt and output), from max_position_embeddings=512,"
+                  " by its sliding window (sliding_window=64), which jaxspec does not implement: within one window "
+                  "attention is the same."]
 
 
 def test_rope_theta_is_read_from_rope_parameters(tiny_hf, tmp_path):

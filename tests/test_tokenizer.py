@@ -361,6 +361,23 @@ def test_end_of_turn_and_end_of_message_ids_end_generation(tmp_path):
                                                                                    "eos_token_id": [1, 2]}
 
 
+@pytest.mark.parametrize("extra, want", [
+    (["<|end|>"], ["<|end|>"]),  # Phi-3: its EOS is <|endoftext|>
+    (["<|eot_id|>", "<|eom_id|>", "<|end_of_text|>"], ["<|eot_id|>", "<|eom_id|>"]),  # Llama 3
+    (["<|im_end|>", "<|endoftext|>", "<|fim_pad|>"], ["<|im_end|>"]),  # Qwen2: end of text and FIM are not turns
+    (["<|end|>", "<|return|>", "<|call|>"], []),  # gpt-oss: <|end|> ends a message within a turn
+    (["<|end|>", "<|calls|>", "<|flush|>"], []),  # Solar Open, likewise
+    (["<|end|>", "<|return|>"], ["<|end|>"]),
+], ids=["phi3", "llama3", "qwen2", "gpt-oss", "solar-open", "return-only"])
+def test_end_of_turn_tokens_a_gguf_file_does_not_name_end_generation(tmp_path, extra, want):
+  """A converter writes the tokenizer's EOS, which for many chat models ends text rather than a turn; llama.cpp ends
+  generation at end-of-turn tokens it knows by their text, and so does `eos_ids` (llama.cpp's end-of-turn and
+  end-of-message texts; not its end-of-text or fill-in-the-middle ones, see `_end_of_turn`)."""
+  tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "t.gguf", extra_tokens=extra))
+  assert tok.eos_id == 1
+  assert [tok.backend.id_to_token(i) for i in tok.eos_ids] == ["</s>", *want]
+
+
 def test_chat_template_generation_blocks_render_their_text(tmp_path):
   """Hugging Face templates may wrap the assistant's text in `{% generation %}...{% endgeneration %}` (a marker for
   training masks; LFM2's and Laguna's templates do): it was a syntax error, and now writes its body, variables set

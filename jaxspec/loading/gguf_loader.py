@@ -17,15 +17,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.loading.errors import (ModelLoadError, model_config, more_layers, positive_number, unread_tensors,
-                                     whole_number)
+from jaxspec.loading.errors import (ModelLoadError, logger, model_config, more_layers, positive_number,
+                                     unread_tensors, whole_number)
 from jaxspec.loading.tokenizer import GGUF_MAGIC, NOT_GGUF
-from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_scaling, stack_layers
+from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_context, rope_scaling, stack_layers
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # architectures jaxspec's LLaMA computes
-# Architectures whose Q/K rows llama.cpp's converter permutes (its rotary pairs interleaved); Qwen2's are stored as
-# Hugging Face holds them (NeoX-style rotary, the half-split layout jaxspec uses).
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "phi3")  # architectures jaxspec's LLaMA computes
+# Architectures whose Q/K rows llama.cpp's converter permutes (its rotary pairs interleaved); Qwen2's and Phi-3's are
+# stored as Hugging Face holds them (NeoX-style rotary, the half-split layout jaxspec uses).
 _PERMUTED = ("llama", "mistral")
+# Phi-3's fused matrices (rows in the order of their parts), split as the Hugging Face loader splits them.
+_FUSED = {"attn_qkv.weight": ("attn", ("q", "k", "v")), "ffn_up.weight": ("mlp", ("gate", "up"))}
 _QKV_BIAS = ("qwen2",)  # architectures with biases on the q, k and v projections
 SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                     "Q6_K")
@@ -85,7 +87,7 @@ def config_from_gguf(reader) -> LlamaConfig:
     raise ModelLoadError(f"GGUF architecture {arch!r} is not supported; jaxspec loads {', '.join(LLAMA_FAMILY)}.")
   a = arch
   where = "the GGUF metadata"
-  num = lambda key, default=None: whole_number(_field(reader, key, default), key, where)
+  num = lambda key, default=None, minimum=1: whole_number(_field(reader, key, default), key, where, minimum)
   n_heads = num(f"{a}.attention.head_count")
   d_model = num(f"{a}.embedding_length")
   head_dim = num(f"{a}.attention.key_length", max(d_model // n_heads, 1))
@@ -94,6 +96,18 @@ def config_from_gguf(reader) -> LlamaConfig:
     raise ModelLoadError(f"Partial rotary embeddings (rope dim {rope_dim} < head dim {head_dim}) are not supported.")
   names = {t.name for t in reader.tensors}
   scaling = _rope_scaling(reader, a, head_dim)
+  context = num(f"{a}.context_length", 2048)
+  window = reader.fields.get(f"{a}.attention.sliding_window")
+  bounds = [(rope_context(scaling), "its LongRoPE scaling's original context, beyond which the long factors apply, "
+             "which jaxspec does not implement")]
+  if window is not None and num(f"{a}.attention.sliding_window", minimum=0) > 0:  # 0: none (Phi-4)
+    bounds.append((num(f"{a}.attention.sliding_window"), "its sliding window, which jaxspec does not implement: "
+                   "within one window attention is the same"))
+  for bound, why in bounds:
+    if bound is not None and bound < context:
+      logger.warning("The model's context is bounded to %d tokens (prompt and output), from %s.context_length=%d, "
+                     "by %s.", bound, a, context, why)
+      context = bound
   vocab = reader.fields.get(f"{a}.vocab_size")
   vocab_size = num(f"{a}.vocab_size") if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"].data)
   return model_config(
@@ -109,7 +123,7 @@ def config_from_gguf(reader) -> LlamaConfig:
       norm_eps=positive_number(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
                                f"{a}.attention.layer_norm_rms_epsilon", where),
       tie_embeddings="output.weight" not in names,
-      max_seq_len=num(f"{a}.context_length", 2048),
+      max_seq_len=context,
       rope_scaling=scaling,
       qkv_bias=a in _QKV_BIAS,
   )
@@ -121,6 +135,9 @@ def _rope_scaling(reader, arch: str, head_dim: int) -> tuple:
   kind = reader.fields.get(f"{arch}.rope.scaling.type")
   kind = "none" if kind is None else kind.contents()
   freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+  long = {t.name: t for t in reader.tensors if t.name in _LONGROPE}
+  if long:
+    return _longrope(reader, arch, head_dim, kind, freqs, long)
   if kind not in ("none", "linear"):
     raise ModelLoadError(f"The file asks for RoPE scaling {kind!r}; jaxspec implements plain RoPE, linear scaling "
                          "and per-frequency factors (rope_freqs, as Llama 3.1+ uses), so this model's positions would "
@@ -137,6 +154,34 @@ def _rope_scaling(reader, arch: str, head_dim: int) -> tuple:
     raise ModelLoadError(f"rope_freqs.weight holds {factors.size} factors where head_dim {head_dim} needs "
                          f"{head_dim // 2}: the file is damaged; download or convert it again.")
   return rope_scaling({"rope_type": "factors", "factors": tuple(float(f) for f in factors)})
+
+
+# LongRoPE's factors as llama.cpp's converter writes Phi-3's: for contexts up to the original one, and beyond.
+_LONGROPE = ("rope_factors_short.weight", "rope_factors_long.weight")
+_CONFIG_TENSORS = ("rope_freqs.weight", *_LONGROPE)  # tensors read into the config, not the params
+
+
+def _longrope(reader, arch: str, head_dim: int, kind: str, freqs, tensors: dict) -> tuple:
+  """`LlamaConfig.rope_scaling` of a file with LongRoPE factors (its original context and attention factor from the
+  metadata, as llama.cpp reads them)."""
+  if kind not in ("none", "longrope") or freqs is not None or len(tensors) != len(_LONGROPE):
+    raise ModelLoadError(f"The file holds {', '.join(sorted(tensors))} with "
+                         f"{'rope_freqs.weight' if freqs is not None else f'RoPE scaling {kind!r}'}; LongRoPE needs "
+                         "both rope_factors_short and rope_factors_long and no other scaling: convert the model again.")
+  factors = {}
+  for name, t in tensors.items():
+    factors[name] = _dequantize(t).reshape(-1)
+    if factors[name].size != head_dim // 2:
+      raise ModelLoadError(f"{name} holds {factors[name].size} factors where head_dim {head_dim} needs "
+                           f"{head_dim // 2}: the file is damaged; download or convert it again.")
+  where = "the GGUF metadata"
+  original = f"{arch}.rope.scaling.original_context_length"
+  attn = f"{arch}.rope.scaling.attn_factor"
+  return rope_scaling({
+      "rope_type": "longrope", "short_factor": tuple(float(f) for f in factors["rope_factors_short.weight"]),
+      "long_factor": tuple(float(f) for f in factors["rope_factors_long.weight"]),
+      "original_max_position_embeddings": whole_number(_field(reader, original), original, where),
+      "attention_factor": positive_number(_field(reader, attn, 1.0), attn, where)})
 
 
 def _unpermute_rows(w_OxI: np.ndarray, n_heads: int) -> np.ndarray:
@@ -177,7 +222,7 @@ def _target(name: str, cfg: LlamaConfig, arch: str = "llama"):
     ModelLoadError: a tensor that changes what the model computes and that jaxspec does not implement: skipping it
       would run another function than the model's.
   """
-  if name == "rope_freqs.weight":  # read into the config (`_rope_scaling`)
+  if name in _CONFIG_TENSORS:  # read into the config (`_rope_scaling`)
     return None, None
   own_bias = arch in _QKV_BIAS and name.startswith("blk.") and name.endswith(("attn_q.bias", "attn_k.bias",
                                                                                  "attn_v.bias"))
@@ -215,6 +260,8 @@ def _target(name: str, cfg: LlamaConfig, arch: str = "llama"):
       "ffn_up.weight": (("mlp", "up", "kernel"), "T"),
       "ffn_down.weight": (("mlp", "down", "kernel"), "T"),
   }
+  if arch == "phi3":
+    table.update({k: ((group, parts), "T") for k, (group, parts) in _FUSED.items()})
   if key not in table:
     if key == "attn_rot_embd.weight":  # a rotary table old conversions stored; jaxspec computes its own
       return None, None
@@ -257,7 +304,7 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
       raise _unsupported_qtype(t.name, t.tensor_type.name)
   params: dict = {}
   unread_tensors(repr(path), [t.name for t in reader.tensors if not t.name.startswith("blk.")
-                              and _target(t.name, cfg, arch)[0] is None])
+                              and t.name not in _CONFIG_TENSORS and _target(t.name, cfg, arch)[0] is None])
   for t in reader.tensors:
     target, fn = _target(t.name, cfg, arch)
     if target is None:
@@ -265,18 +312,43 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
     w = _dequantize(t)
     if isinstance(fn, tuple):  # Q/K: undo the permutation, then [out, in] -> kernel [in, out]
       w = _unpermute_rows(w, fn[1]).T
-    elif fn == "T":
-      w = w.T
-    node = params
-    for k in target[:-1]:
-      node = node.setdefault(k, {})
-    node[target[-1]] = jnp.asarray(w, dtype=param_dtype)  # copies into a JAX buffer; the numpy copy is freed next
-    del w
+    parts = split_fused(target, w, cfg, t.name)  # Phi-3's fused matrices, [out, in]
+    for path, part in parts:
+      if fn == "T":
+        part = part.T
+      node = params
+      for k in path[:-1]:
+        node = node.setdefault(k, {})
+      node[path[-1]] = jnp.asarray(part, dtype=param_dtype)  # copies into a JAX buffer; the numpy copy is freed next
+    del w, parts
   check_complete(params, cfg, path)
   model = LlamaLM(cfg)
   if scan_layers:
     params = stack_layers(params, cfg.n_layers)
   return model, params
+
+
+def split_fused(target: tuple, w_OxI, cfg: LlamaConfig, name: str) -> list:
+  """[(param path, rows of `w_OxI`)]: the one entry `(target, w_OxI)`, or the parts of a fused matrix, whose
+  `target` ends with the names of its parts (`_FUSED`).
+
+  Raises:
+    ModelLoadError: a fused matrix whose rows are not its parts' (the config and the weights disagree).
+  """
+  if not isinstance(target[-1], tuple):
+    return [(target, w_OxI)]
+  *head, parts = target
+  rows = {"q": cfg.n_heads * cfg.head_dim, "k": cfg.n_kv_heads * cfg.head_dim, "v": cfg.n_kv_heads * cfg.head_dim,
+          "gate": cfg.d_ff, "up": cfg.d_ff}
+  if w_OxI.shape[0] != sum(rows[p] for p in parts):
+    raise ModelLoadError(f"{name!r} has {w_OxI.shape[0]} rows where the config's {' + '.join(parts)} need "
+                         f"{' + '.join(str(rows[p]) for p in parts)}; the config and the weights describe different "
+                         "models.")
+  out, start = [], 0
+  for p in parts:
+    out.append(((*head, p, "kernel"), w_OxI[start:start + rows[p]]))
+    start += rows[p]
+  return out
 
 
 def check_complete(params: dict, cfg: LlamaConfig, path: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -13,24 +14,26 @@ import numpy as np
 
 from jaxspec import files
 from jaxspec.errors import InputError
-from jaxspec.loading.errors import (ModelLoadError, model_config, more_layers, positive_number, unread_tensors,
-                                     whole_number)
-from jaxspec.loading.gguf_loader import check_complete
-from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_scaling, stack_layers, unstack_layers
+from jaxspec.loading.errors import (ModelLoadError, logger, model_config, more_layers, positive_number,
+                                     unread_tensors, whole_number)
+from jaxspec.loading.gguf_loader import check_complete, split_fused
+from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_context, rope_scaling, stack_layers, unstack_layers
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-MODEL_TYPES = ("llama", "mistral", "qwen2")  # their `model_type`, all that a config without `architectures` says
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM")
+# their `model_type`, all that a config without `architectures` says
+MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3")
 # Qwen2 is LLaMA with biases on the q, k and v projections (and no `attention_bias` key to say so).
 _QKV_BIAS_ONLY = ("Qwen2ForCausalLM", "qwen2")
 _ACTIVATIONS = ("silu", "swish")  # transformers maps both names to SiLU, the only MLP activation jaxspec's LLaMA has
 
 
-def config_from_hf(cfg: dict) -> LlamaConfig:
-  """A `LlamaConfig` from a transformers `config.json` dict.
+def config_from_hf(cfg: dict, *, log: bool = False) -> LlamaConfig:
+  """A `LlamaConfig` from a transformers `config.json` dict; `log`: say where the context is bounded (`_context`).
 
   Raises:
     ModelLoadError: a missing key, or a model jaxspec's LLaMA would compute differently from the original: another
-      architecture, another activation, sliding-window attention, RoPE scaling other than linear and llama3.
+      architecture, another activation, partial rotary embeddings, RoPE scaling other than linear, llama3 and
+      longrope.
   """
   archs = cfg.get("architectures") or []
   if archs and not set(archs) & set(SUPPORTED):
@@ -46,6 +49,7 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
                          f"({', '.join(SUPPORTED)}).")
   _check_features(cfg)
   theta, scaling = _rope(cfg)
+  context = _context(cfg, scaling, log)
   qwen2 = bool(set(archs) & set(_QKV_BIAS_ONLY)) or (not archs and model_type in _QKV_BIAS_ONLY)
   where = "config.json"
   try:
@@ -62,7 +66,7 @@ def config_from_hf(cfg: dict) -> LlamaConfig:
         o_bias=not qwen2 and bool(cfg.get("attention_bias")), mlp_bias=not qwen2 and bool(cfg.get("mlp_bias")),
         norm_eps=positive_number(_or_default(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_seq_len=optional("max_position_embeddings", 2048))
+        max_seq_len=context)
   except KeyError as e:
     raise ModelLoadError(f"config.json lacks {e.args[0]!r}, which a LLaMA-family model needs.") from e
 
@@ -78,16 +82,38 @@ def _check_features(cfg: dict) -> None:
   if act is not None and act not in _ACTIVATIONS:
     raise ModelLoadError(f"config.json sets hidden_act={act!r}; jaxspec's LLaMA MLP computes SiLU (hidden_act "
                          "'silu') only, so this model cannot run correctly.")
+  for block in (cfg, cfg.get("rope_parameters"), cfg.get("rope_scaling")):
+    part = block.get("partial_rotary_factor") if isinstance(block, dict) else None
+    if part is not None and part != 1:
+      raise ModelLoadError(f"config.json sets partial_rotary_factor={part}; jaxspec rotates whole heads only, so "
+                           "this model's positions would be encoded wrongly.")
+
+
+def _context(cfg: dict, scaling: tuple, log: bool) -> int:
+  """`LlamaConfig.max_seq_len`: max_position_embeddings, bounded by what jaxspec computes exactly as the model does.
+
+  A sliding window jaxspec does not implement, but within one window (prompt and output together) attention sees
+  every earlier token, as jaxspec's does; LongRoPE's long factors it does not implement, but within the original
+  context the short ones apply (`rope_divisors`). Either bound is logged where it shortens the context.
+  """
+  where = "config.json"
+  context = whole_number(_or_default(cfg, "max_position_embeddings", 2048), "max_position_embeddings", where)
+  bounds = []
   window = cfg.get("sliding_window")
-  # A window at least as long as the context never hides anything: attention is the full causal attention jaxspec
-  # computes. (Qwen2-style configs carry a window that `use_sliding_window: false` switches off.)
+  # (Qwen2-style configs carry a window that `use_sliding_window: false` switches off.)
   if window is not None and cfg.get("use_sliding_window", True) is not False:
-    limit = whole_number(_or_default(cfg, "max_position_embeddings", 2048), "max_position_embeddings", "config.json")
-    if whole_number(window, "sliding_window", "config.json") < limit:
-      raise ModelLoadError(
-          f"config.json sets sliding_window={window}, below max_position_embeddings={limit}; jaxspec does not "
-          f"implement sliding-window attention. To run the model within one window, where the two agree, set "
-          f"max_position_embeddings to {window} in config.json.")
+    bounds.append((whole_number(window, "sliding_window", where), f"its sliding window (sliding_window={window}), "
+                   "which jaxspec does not implement: within one window attention is the same"))
+  original = rope_context(scaling)
+  if original is not None:
+    bounds.append((original, f"its LongRoPE scaling's original context ({original}), beyond which the long factors "
+                   "apply, which jaxspec does not implement"))
+  for bound, why in bounds:
+    if bound < context and log:
+      logger.warning("The model's context is bounded to %d tokens (prompt and output), from max_position_embeddings="
+                     "%d, by %s.", bound, context, why)
+    context = min(context, bound)
+  return context
 
 
 # What each RoPE scaling's settings hold beside the base (`rope_parameters` carries the base too): transformers'
@@ -98,8 +124,8 @@ _ROPE_KEYS = {"linear": ("factor",),
 
 
 def _rope(cfg: dict) -> tuple[float, tuple]:
-  """The RoPE base and scaling (`LlamaConfig.rope_theta`, `rope_scaling`); scalings other than linear and llama3
-  (dynamic NTK, YaRN, LongRoPE: they depend on the sequence length or scale attention too) are refused."""
+  """The RoPE base and scaling (`LlamaConfig.rope_theta`, `rope_scaling`); scalings other than linear, llama3 and
+  longrope (dynamic NTK, YaRN: they depend on the sequence length or scale attention too) are refused."""
   # transformers 5 writes the base and the scaling together under `rope_parameters`; older configs write
   # `rope_theta` and `rope_scaling` at the top level.
   theta, scaling = cfg.get("rope_theta"), ()
@@ -111,7 +137,9 @@ def _rope(cfg: dict) -> tuple[float, tuple]:
       raise ModelLoadError(f"config.json has {key}={block!r}, not the object transformers writes there; fix the "
                            "config or download it again.")
     kind = block.get("rope_type", block.get("type"))
-    if kind in _ROPE_KEYS:
+    if kind in ("longrope", "su"):  # Phi-3's LongRoPE ("su" its first name)
+      scaling = _longrope(cfg, block, key)
+    elif kind in _ROPE_KEYS:
       missing = [k for k in _ROPE_KEYS[kind] if k not in block]
       if missing:
         raise ModelLoadError(f"config.json asks for RoPE scaling {kind!r} ({key}={block}) without "
@@ -119,11 +147,36 @@ def _rope(cfg: dict) -> tuple[float, tuple]:
       scaling = rope_scaling({"rope_type": kind, **{k: block[k] for k in _ROPE_KEYS[kind]}})
     elif kind not in (None, "default"):
       raise ModelLoadError(f"config.json asks for RoPE scaling {kind!r} ({key}={block}); jaxspec implements plain "
-                           f"RoPE and the scalings linear and llama3, so this model's positions would be "
+                           f"RoPE and the scalings linear, llama3 and longrope, so this model's positions would be "
                            "encoded wrongly.")
     if theta is None and key == "rope_parameters":
       theta = block.get("rope_theta")
   return positive_number(10000.0 if theta is None else theta, "rope_theta", "config.json"), scaling
+
+
+def _longrope(cfg: dict, block: dict, key: str) -> tuple:
+  """`LlamaConfig.rope_scaling` for LongRoPE: the factors, the original context and the attention factor, which
+  transformers derives from the context's growth when the config does not give it."""
+  where = "config.json"
+  missing = [k for k in ("short_factor", "long_factor") if not isinstance(block.get(k), (list, tuple))]
+  original = block.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+  if original is None:
+    missing.append("original_max_position_embeddings")
+  if missing:
+    raise ModelLoadError(f"config.json asks for RoPE scaling 'longrope' ({key}) without {', '.join(missing)}; fix "
+                         "the config or download it again.")
+  original = whole_number(original, "original_max_position_embeddings", where)
+  factor = block.get("attention_factor")
+  if factor is None:
+    growth = block.get("factor")
+    if growth is None:
+      growth = whole_number(_or_default(cfg, "max_position_embeddings", 2048), "max_position_embeddings",
+                            where) / original
+    growth = positive_number(growth, "factor", where)
+    factor = math.sqrt(1 + math.log(growth) / math.log(original)) if growth > 1 else 1.0
+  return rope_scaling({"rope_type": "longrope", "short_factor": block["short_factor"],
+                       "long_factor": block["long_factor"], "original_max_position_embeddings": original,
+                       "attention_factor": positive_number(factor, "attention_factor", where)})
 
 
 def model_entries(cfg) -> dict:
@@ -164,6 +217,10 @@ _NAMES = {
     **{f"mlp.{p}_proj.bias": ("mlp", p, "bias") for p in ("gate", "up", "down")},
 }
 
+# Phi-3 holds the q, k and v projections in one matrix, and the MLP's gate and up projections in another (their rows
+# in that order); the loaders split them into LLaMA's.
+_FUSED = {"self_attn.qkv_proj.weight": ("attn", ("q", "k", "v")), "mlp.gate_up_proj.weight": ("mlp", ("gate", "up"))}
+
 
 # Biases of the tensors outside the layers that jaxspec reads; biases elsewhere outside the layers (a vision tower's,
 # say) belong to parts jaxspec does not run, and are skipped with the rest of those parts.
@@ -196,6 +253,8 @@ def _target(name: str, cfg: LlamaConfig):
     return ("lm_head", "kernel")
   if m and m.group(2) in _NAMES:
     return (f"layers_{int(m.group(1))}", *_NAMES[m.group(2)])
+  if m and m.group(2) in _FUSED:
+    return (f"layers_{int(m.group(1))}", *_FUSED[m.group(2)])
   if m and m.group(2).endswith((".weight", ".bias")):
     raise ModelLoadError(f"The weights hold {name!r}, a layer parameter jaxspec's LLaMA does not have; this is "
                          f"another architecture than {', '.join(SUPPORTED)}.")
@@ -386,7 +445,8 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
                            "--scan-layers.")
     return load_t5(folder, raw, dtype=dtype, param_dtype=param_dtype)
   param_dtype = param_dtype or dtype
-  cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+  cfg = dataclasses.replace(config_from_hf(raw, log=True), dtype=dtype, param_dtype=param_dtype,
+                            scan_layers=scan_layers)
   weights = check_weights(folder, raw)  # before any weight is read: a large model takes minutes to load
   params: dict = {}
   unread = []
@@ -400,13 +460,13 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
             unread.append(name)  # not a layer's buffer (a rotary table jaxspec computes itself)
           if target is None or (target[0] == "lm_head" and cfg.tie_embeddings):
             continue
-          w = f.get_tensor(name).astype(param_dtype)
-          if target[-1] == "kernel":
-            w = w.T  # torch Linear [out, in] -> kernel [in, out]
-          node = params
-          for k in target[:-1]:
-            node = node.setdefault(k, {})
-          node[target[-1]] = jnp.asarray(w)
+          for path, w in split_fused(target, f.get_tensor(name).astype(param_dtype), cfg, name):
+            if path[-1] == "kernel":
+              w = w.T  # torch Linear [out, in] -> kernel [in, out]
+            node = params
+            for k in path[:-1]:
+              node = node.setdefault(k, {})
+            node[path[-1]] = jnp.asarray(w)
     except ModelLoadError:
       raise
     except Exception as e:  # safetensors raises its own error types on damaged headers

@@ -49,6 +49,28 @@ _TOKENIZER_KEYS = (
     "tokenizer.ggml.add_space_prefix", "general.name", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id",
 )
 
+# Where a turn ends for a GGUF file's chat model. GGUF files rarely name their end-of-turn token, and a converter
+# writes the tokenizer's EOS, which for many chat vocabularies ends text, not turns (Llama 3's <|end_of_text|>, Phi-3's
+# and Qwen2's <|endoftext|>), so llama.cpp ends generation at tokens it knows by their text too. Of its list, jaxspec
+# takes the end-of-turn and end-of-message tokens (`_end_of_turn`); not the end-of-text ones (<|endoftext|>, </s>:
+# in Qwen2's vocabulary "</s>" is plain text) or the fill-in-the-middle ones, which a file's EOS already covers or a
+# chat never writes, and which would make one-EOS baselines (T5X's) unusable.
+_TURN_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|eom_id|>", "<EOT>", "_<EOT>", "[EOT]",
+               "<end_of_utterance>")
+
+
+def _end_of_turn(tokens: Sequence[str], named: list[int]) -> list[int]:
+  """`named` (the metadata's EOS, end of turn and of message), and the vocabulary's `_TURN_TEXTS` tokens (each text's
+  last id, as llama.cpp's map keeps). As llama.cpp does for gpt-oss's and Solar Open's vocabularies, `<|end|>` is
+  left out where `<|return|>` and `<|call|>`, or `<|calls|>` and `<|flush|>`, are in the vocabulary: there it ends a
+  message within a turn."""
+  ids = {t: i for i, t in enumerate(tokens)}
+  texts = set(_TURN_TEXTS)
+  if {"<|return|>", "<|call|>"} <= ids.keys() or {"<|calls|>", "<|flush|>"} <= ids.keys():
+    texts.discard("<|end|>")
+  return list(dict.fromkeys([*named, *sorted(ids[t] for t in texts if t in ids)]))
+
+
 # Phi-3's tokenizer.json strips the whitespace after its chat tokens (rstrip: the line break after <|user|> or <|end|>
 # that its template writes is not tokenized). GGUF has no field for it: llama.cpp sets it on every special and
 # user-defined token of a file whose general.name says Phi-3, but these three.
@@ -555,8 +577,9 @@ class Tokenizer:
         add_bos_token=bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default)),
         name=name,
         # end of turn and end of message (Llama 3.1's <|eot_id|>, <|eom_id|>) end generation too, as in llama.cpp
-        eos_ids=[i for i in (token_id("tokenizer.ggml.eos_token_id"), token_id("tokenizer.ggml.eot_token_id"),
-                             token_id("tokenizer.ggml.eom_token_id")) if i is not None],
+        eos_ids=_end_of_turn(tokens, [i for i in (
+            token_id("tokenizer.ggml.eos_token_id"), token_id("tokenizer.ggml.eot_token_id"),
+            token_id("tokenizer.ggml.eom_token_id")) if i is not None]),
         aliases={i: vocab[t] for i, t in enumerate(spelled) if vocab[t] != i},  # the earlier ids of repeated tokens
     )
 

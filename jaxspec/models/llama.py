@@ -102,6 +102,10 @@ class LlamaConfig:
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
     rope_divisors(self.head_dim, self.rope_theta, self.rope_scaling)
+    context = rope_context(self.rope_scaling)
+    if context is not None and self.max_seq_len > context:
+      raise ValueError(f"max_seq_len={self.max_seq_len} passes the LongRoPE scaling's original context ({context}), "
+                       "beyond which its long factors apply, which jaxspec does not implement")
 
   @property
   def n_params(self) -> int:
@@ -146,7 +150,7 @@ class RMSNorm(nn.Module):
     return (y * scale.reshape((1,) * (y.ndim - 1) + (-1,))).astype(self.dtype)
 
 
-ROPE_TYPES = ("linear", "llama3", "factors")
+ROPE_TYPES = ("linear", "llama3", "factors", "longrope")
 
 
 def rope_scaling(entries: dict) -> tuple:
@@ -163,6 +167,11 @@ def rope_divisors(head_dim: int, theta: float, scaling: tuple) -> np.ndarray | N
     low_freq_factor` divided by `factor`, those under `original_max_position_embeddings / high_freq_factor` kept,
     and those between blended linearly in `original_max_position_embeddings / wavelength`, as transformers computes.
   - "factors": the divisors themselves (`factors`), as llama.cpp stores them in a GGUF file's rope_freqs tensor.
+  - "longrope" (Phi-3's LongRoPE): `short_factor`, the divisors for contexts up to
+    `original_max_position_embeddings`, with cos and sin multiplied by `attention_factor` (`rope_attention_factor`).
+    Its `long_factor` (for longer contexts) is kept for export only: a model with this scaling runs within the
+    original context (`LlamaConfig` checks that `max_seq_len` does not pass it), where transformers and llama.cpp
+    use the short factors too.
 
   Raises:
     ValueError: another rope_type, a missing or non-positive setting, or factors of the wrong count.
@@ -188,6 +197,16 @@ def rope_divisors(head_dim: int, theta: float, scaling: tuple) -> np.ndarray | N
       raise ValueError(f"RoPE frequency factors must be {half} finite numbers above 0 (one per frequency pair of "
                        f"head_dim={head_dim})")
     return np.asarray(factors, np.float64)
+  if kind == "longrope":
+    number("attention_factor")
+    number("original_max_position_embeddings")
+    for key in ("short_factor", "long_factor"):
+      factors = s.get(key)
+      if (not isinstance(factors, tuple) or len(factors) != half
+          or not all(isinstance(f, numbers.Real) and not isinstance(f, bool) and 0 < f < math.inf for f in factors)):
+        raise ValueError(f"RoPE scaling 'longrope' needs {key} of {half} finite numbers above 0 (one per frequency "
+                         f"pair of head_dim={head_dim})")
+    return np.asarray(s["short_factor"], np.float64)
   if kind == "llama3":
     factor, low, high = number("factor"), number("low_freq_factor"), number("high_freq_factor")
     context = number("original_max_position_embeddings")
@@ -199,15 +218,30 @@ def rope_divisors(head_dim: int, theta: float, scaling: tuple) -> np.ndarray | N
   raise ValueError(f"RoPE scaling {kind!r} is not implemented (jaxspec implements {', '.join(ROPE_TYPES)})")
 
 
+def rope_attention_factor(scaling: tuple) -> float:
+  """What a scaling multiplies cos and sin by (LongRoPE's `attention_factor`; 1 for the others)."""
+  s = dict(scaling)
+  return float(s["attention_factor"]) if s.get("rope_type") == "longrope" else 1.0
+
+
+def rope_context(scaling: tuple) -> int | None:
+  """The longest context a scaling is computed for here (LongRoPE's original context), None for no bound."""
+  s = dict(scaling)
+  return int(s["original_max_position_embeddings"]) if s.get("rope_type") == "longrope" else None
+
+
 def rope_tables(positions_BxT: Array, head_dim: int, theta: float, scaling: tuple = ()) -> tuple[Array, Array]:
   """cos and sin `[B, T, H/2]` for rotary embeddings in the half-split (Hugging Face) layout, with the frequencies
-  scaled as `scaling` says (`rope_divisors`)."""
+  scaled as `scaling` says (`rope_divisors`, `rope_attention_factor`)."""
   inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
   divisors = rope_divisors(head_dim, theta, scaling)
   if divisors is not None:
     inv_freq = inv_freq / jnp.asarray(divisors, jnp.float32)
   angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
-  return jnp.cos(angles), jnp.sin(angles)
+  factor = rope_attention_factor(scaling)
+  if factor == 1.0:
+    return jnp.cos(angles), jnp.sin(angles)
+  return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 
 
 def apply_rope(x_BxTxNxH: Array, cos_BxTxH2: Array, sin_BxTxH2: Array) -> Array:
