@@ -16,6 +16,10 @@ This script imports only torch, transformers and numpy (not jaxspec). It writes,
     - `linear`: LLaMA with linear RoPE scaling (factor 4);
     - `qwen2`: Qwen2 (biases on the q, k and v projections), tied head, rope theta 1e6;
     - `llama_bias`: LLaMA with `attention_bias` and `mlp_bias` (biases on all seven projections);
+    - `phi3`: Phi-3 (q/k/v fused in one matrix, gate/up in another) with a sliding window of 320, longer than the
+      references' 300 tokens (jaxspec bounds the context to the window);
+    - `phi3_longrope`: Phi-3 with LongRoPE (original context 320, max_position_embeddings 1280: the references lie
+      within the original context, where the short factors and the attention factor apply);
     biases drawn at a scale that changes the outputs clearly (transformers initialises them to zero);
   * `llama_variants_reference.npz` with, per variant: `<v>_ids` int32 [2, T] (random tokens, T = 300, past the original
     context), `<v>_logits` float32 [2, T / 4, V] (teacher forcing, positions 0, 4, 8, ...), `<v>_greedy` int32 [N]
