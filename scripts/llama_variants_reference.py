@@ -20,6 +20,8 @@ This script imports only torch, transformers and numpy (not jaxspec). It writes,
       references' 300 tokens (jaxspec bounds the context to the window);
     - `phi3_longrope`: Phi-3 with LongRoPE (original context 320, max_position_embeddings 1280: the references lie
       within the original context, where the short factors and the attention factor apply);
+    - `phi4_mini`: Phi-3 as Phi-4-mini uses it: rotary embeddings on 3/4 of each head (partial_rotary_factor),
+      LongRoPE, a tied head;
     biases drawn at a scale that changes the outputs clearly (transformers initialises them to zero);
   * `llama_variants_reference.npz` with, per variant: `<v>_ids` int32 [2, T] (random tokens, T = 300, past the original
     context), `<v>_logits` float32 [2, T / 4, V] (teacher forcing, positions 0, 4, 8, ...), `<v>_greedy` int32 [N]
@@ -66,6 +68,11 @@ VARIANTS = {
                                "rope_scaling": {"rope_type": "longrope",
                                                 "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.3, 4.0],
                                                 "long_factor": [1.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 16.0]}}),
+    # Phi-4-mini's layout: rotary embeddings on the first 3/4 of each head (12 of 16 features), LongRoPE, tied head.
+    "phi4_mini": ("phi3", {"max_position_embeddings": 1280, "original_max_position_embeddings": 320,
+                           "partial_rotary_factor": 0.75, "tie_word_embeddings": True,
+                           "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 2.6, 3.4],
+                                            "long_factor": [1.0, 3.0, 6.0, 9.0, 12.0, 16.0]}}),
 }
 
 
@@ -75,7 +82,7 @@ def _make(family: str, settings: dict, seed: int) -> transformers.PreTrainedMode
     cfg = transformers.Qwen2Config(**SIZES, rms_norm_eps=1e-6, **settings)
     cls = transformers.Qwen2ForCausalLM
   elif family == "phi3":
-    cfg = transformers.Phi3Config(**{**SIZES, **settings}, rms_norm_eps=1e-5, tie_word_embeddings=False)
+    cfg = transformers.Phi3Config(**{**SIZES, "tie_word_embeddings": False, **settings}, rms_norm_eps=1e-5)
     cls = transformers.Phi3ForCausalLM
   else:
     cfg = transformers.LlamaConfig(**SIZES, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=False,

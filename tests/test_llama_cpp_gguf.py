@@ -4,7 +4,8 @@ tests/fixtures/llama_cpp_gguf/ holds the tiny random checkpoints of tests/fixtur
 converter writes them in f32 (made by `scripts/llama_cpp_convert_check.py`, which also checks f16 and q8_0 files and
 the variant jaxspec refuses, LLaMA with biases): Llama 3.1's RoPE scaling as a `rope_freqs.weight` tensor, linear
 scaling in the metadata, Qwen2 with q/k/v biases and a tied head, and Phi-3 (fused q/k/v and gate/up matrices; a
-sliding window; LongRoPE's factors as two tensors and its attention factor in the metadata). jaxspec must give transformers' logits from
+sliding window; LongRoPE's factors as two tensors and its attention factor in the metadata; rotary embeddings on
+part of each head, as Phi-4-mini has them). jaxspec must give transformers' logits from
 them (llama_variants_reference.npz) and its greedy tokens. The same files read without undoing llama.cpp's Q/K row
 permutation, or without the scaling or biases they hold, give other logits, so the comparisons can fail.
 """
@@ -22,7 +23,7 @@ from jaxspec.loading.gguf_loader import load_gguf
 from tests.test_llama_variants import batch_logits, llama_cpp_factors, without_variant
 
 FIXTURES = Path(__file__).parent / "fixtures"
-VARIANTS = ("llama3", "linear", "qwen2", "phi3", "phi3_longrope")
+VARIANTS = ("llama3", "linear", "qwen2", "phi3", "phi3_longrope", "phi4_mini")
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +45,13 @@ def test_llama_cpp_files_match_transformers(ref, name, caplog):
     model, params = load_gguf(converted(name))
   cfg = model.cfg
   bounded = [r.getMessage() for r in caplog.records if "bounded to 320 tokens" in r.getMessage()]
-  assert (len(bounded), len(caplog.records)) == ((1, 1) if name.startswith("phi3") else (0, 0)), caplog.text
+  assert (len(bounded), len(caplog.records)) == ((1, 1) if name.startswith("phi") else (0, 0)), caplog.text
   assert (dict(cfg.rope_scaling).get("rope_type"), cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.tie_embeddings) == {
       "llama3": ("factors", False, False, False, False), "linear": ("linear", False, False, False, False),
       "qwen2": (None, True, False, False, True), "phi3": (None, False, False, False, False),
-      "phi3_longrope": ("longrope", False, False, False, False)}[name]
+      "phi3_longrope": ("longrope", False, False, False, False), "phi4_mini": ("longrope", False, False, False, True)
+  }[name]
+  assert cfg.rotary_dim == (12 if name == "phi4_mini" else 0)
   if name == "llama3":  # the converter's factors are Llama 3.1's bands
     s = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
     np.testing.assert_allclose(dict(cfg.rope_scaling)["factors"], llama_cpp_factors(10000.0, 16, s), rtol=1e-6)
@@ -70,7 +73,7 @@ def test_llama_cpp_files_read_otherwise_differ(ref, name, monkeypatch):
   assert np.abs(batch_logits(plain, plain_params, ids) - want).max() > 0.05
   if name == "qwen2":
     monkeypatch.setattr(gguf_loader, "_PERMUTED", gguf_loader._PERMUTED + ("qwen2",))
-  elif name.startswith("phi3"):
+  elif name.startswith("phi"):
     monkeypatch.setattr(gguf_loader, "_FUSED", {**gguf_loader._FUSED, "attn_qkv.weight": ("attn", ("q", "v", "k"))})
   else:
     monkeypatch.setattr(gguf_loader, "_unpermute_rows", lambda w, n_heads: w)

@@ -31,7 +31,7 @@ from jaxspec.models.llama import LlamaLM, rope_divisors, rope_scaling
 from tests.test_loading import Q, gguf_writer, write_gguf
 
 FIXTURES = Path(__file__).parent / "fixtures"
-VARIANTS = ("llama3", "linear", "qwen2", "llama_bias", "phi3", "phi3_longrope")
+VARIANTS = ("llama3", "linear", "qwen2", "llama_bias", "phi3", "phi3_longrope", "phi4_mini")
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,10 @@ def without_variant(model, params, name):
   matrix split the other way round."""
   if name in ("llama3", "linear", "phi3_longrope"):
     return LlamaLM(dataclasses.replace(model.cfg, rope_scaling=())), params
+  if name == "phi4_mini":  # rotary embeddings over whole heads (its factors stretched over them)
+    s = dict(model.cfg.rope_scaling)
+    s.update({k: s[k] + s[k][-2:] for k in ("short_factor", "long_factor")})
+    return LlamaLM(dataclasses.replace(model.cfg, rotary_dim=0, rope_scaling=rope_scaling(s))), params
   if name == "phi3":
     swapped = {k: ({**v, "mlp": {**v["mlp"], "gate": v["mlp"]["up"], "up": v["mlp"]["gate"]}}
                    if k.startswith("layers_") else v) for k, v in params.items()}
@@ -76,7 +80,8 @@ def test_variants_match_transformers(ref, name):
   assert (dict(cfg.rope_scaling).get("rope_type"), cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) == {
       "llama3": ("llama3", False, False, False), "linear": ("linear", False, False, False),
       "qwen2": (None, True, False, False), "llama_bias": (None, True, True, True), "phi3": (None, False, False, False),
-      "phi3_longrope": ("longrope", False, False, False)}[name]
+      "phi3_longrope": ("longrope", False, False, False), "phi4_mini": ("longrope", False, False, False)}[name]
+  assert cfg.rotary_dim == (12 if name == "phi4_mini" else 0)
   got = batch_logits(model, params, ref[f"{name}_ids"])
   np.testing.assert_allclose(got, ref[f"{name}_logits"], atol=2e-4, rtol=0)
   plain, plain_params = without_variant(model, params, name)
@@ -191,12 +196,13 @@ def test_a_variant_written_as_a_folder_loads_back(ref, tmp_path, name):
   """`save_hf` (whole-model exports) writes the architecture, biases and scaling into config.json, so the folder
   computes the same (and names the same family: Qwen2 stays Qwen2; Phi-3 is written as the LLaMA it loads as, its
   projections split, with its LongRoPE settings and the bounded context, which transformers' LLaMA computes as its
-  Phi-3 does: checked by hand, 0 difference in the logits)."""
+  Phi-3 does, but with partial rotary embeddings, which only transformers' Phi-3 has, as Phi-3 with its projections
+  fused again: checked by hand, 0 difference in transformers' logits either way)."""
   model, params = load_hf(folder(name))
   save_hf(str(tmp_path / "out"), model, params)
   written = json.loads((tmp_path / "out" / "config.json").read_text())
   original = json.loads((Path(folder(name)) / "config.json").read_text())
-  phi3 = original["architectures"] == ["Phi3ForCausalLM"]
+  phi3 = original["architectures"] == ["Phi3ForCausalLM"] and not model.cfg.rotary_dim  # partial rotary: Phi-3
   assert written["architectures"] == (["LlamaForCausalLM"] if phi3 else original["architectures"])
   again, p = load_hf(str(tmp_path / "out"))
   assert again.cfg == model.cfg
@@ -243,17 +249,18 @@ def test_bad_scaling_settings_are_refused(tmp_path, block, message):
     load_hf(str(out))
 
 
-def test_a_draft_of_a_scaled_target_keeps_its_scaling(tmp_path):
+@pytest.mark.parametrize("name", ["llama3", "phi4_mini"])
+def test_a_draft_of_a_scaled_target_keeps_its_scaling(tmp_path, name):
   """A draft made from a scaled target's first layers (`spec`'s distilled draft, `layerskip`) encodes positions as the
-  target does, also after a round trip through the draft's folder."""
+  target does (its scaling; its partial rotary embeddings), also after a round trip through the draft's folder."""
   from jaxspec.models.draft import load_draft, save_draft
 
-  model, params = load_hf(folder("llama3"))
+  model, params = load_hf(folder(name))
   draft = LlamaLM(dataclasses.replace(model.cfg, n_layers=1))
   dparams = {k: v for k, v in params.items() if k != "layers_1"}
   save_draft(tmp_path / "d", draft, dparams, dtype="float32")
   again, p = load_draft(tmp_path / "d", params)
-  assert again.cfg.rope_scaling == model.cfg.rope_scaling
+  assert (again.cfg.rope_scaling, again.cfg.rotary_dim) == (model.cfg.rope_scaling, model.cfg.rotary_dim)
   ids = np.arange(3, 103, dtype=np.int32)[None]
   np.testing.assert_allclose(batch_logits(again, p, ids), batch_logits(draft, dparams, ids), atol=1e-5, rtol=0)
 

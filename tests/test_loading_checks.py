@@ -191,7 +191,8 @@ def copy_of(folder: Path, tmp_path: Path, **config_changes) -> Path:
     ({"hidden_act": "gelu"}, "hidden_act='gelu'.*SiLU"),
     ({"attention_bias": True}, r"lacks tensors for \[\"\['layers_0'\]\['attn'\]\['k'\]\['bias'\]"),
     ({"mlp_bias": True}, r"lacks tensors for \[\"\['layers_0'\]\['mlp'\]\['down'\]\['bias'\]"),
-    ({"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75; jaxspec rotates whole heads only"),
+    ({"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75; jaxspec turns part of each head for Phi-3 models "
+     "only"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
      "partial_rotary_factor=0.5"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "RoPE scaling 'dynamic'"),

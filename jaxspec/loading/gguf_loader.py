@@ -92,10 +92,12 @@ def config_from_gguf(reader) -> LlamaConfig:
   d_model = num(f"{a}.embedding_length")
   head_dim = num(f"{a}.attention.key_length", max(d_model // n_heads, 1))
   rope_dim = num(f"{a}.rope.dimension_count", head_dim)
-  if rope_dim != head_dim:
-    raise ModelLoadError(f"Partial rotary embeddings (rope dim {rope_dim} < head dim {head_dim}) are not supported.")
+  if rope_dim != head_dim and (a in _PERMUTED or not 2 <= rope_dim < head_dim or rope_dim % 2):
+    # (llama.cpp's LLaMA converter permutes whole heads' rows, which a part of a head would not undo)
+    raise ModelLoadError(f"Partial rotary embeddings (rope dim {rope_dim} of head dim {head_dim}) in a {a!r} file are "
+                         "not supported; jaxspec turns part of each head in NeoX-style files only (phi3, qwen2).")
   names = {t.name for t in reader.tensors}
-  scaling = _rope_scaling(reader, a, head_dim)
+  scaling = _rope_scaling(reader, a, rope_dim)
   context = num(f"{a}.context_length", 2048)
   window = reader.fields.get(f"{a}.attention.sliding_window")
   bounds = [(rope_context(scaling), "its LongRoPE scaling's original context, beyond which the long factors apply, "
@@ -125,6 +127,7 @@ def config_from_gguf(reader) -> LlamaConfig:
       tie_embeddings="output.weight" not in names,
       max_seq_len=context,
       rope_scaling=scaling,
+      rotary_dim=0 if rope_dim == head_dim else rope_dim,
       qkv_bias=a in _QKV_BIAS,
   )
 

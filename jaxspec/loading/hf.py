@@ -32,8 +32,8 @@ def config_from_hf(cfg: dict, *, log: bool = False) -> LlamaConfig:
 
   Raises:
     ModelLoadError: a missing key, or a model jaxspec's LLaMA would compute differently from the original: another
-      architecture, another activation, partial rotary embeddings, RoPE scaling other than linear, llama3 and
-      longrope.
+      architecture, another activation, partial rotary embeddings outside Phi-3, RoPE scaling other than linear,
+      llama3 and longrope.
   """
   archs = cfg.get("architectures") or []
   if archs and not set(archs) & set(SUPPORTED):
@@ -51,16 +51,18 @@ def config_from_hf(cfg: dict, *, log: bool = False) -> LlamaConfig:
   theta, scaling = _rope(cfg)
   context = _context(cfg, scaling, log)
   qwen2 = bool(set(archs) & set(_QKV_BIAS_ONLY)) or (not archs and model_type in _QKV_BIAS_ONLY)
+  phi3 = "Phi3ForCausalLM" in archs or (not archs and model_type == "phi3")
   where = "config.json"
   try:
     n_heads = whole_number(cfg["num_attention_heads"], "num_attention_heads", where)
     d_model = whole_number(cfg["hidden_size"], "hidden_size", where)
     optional = lambda key, default: whole_number(_or_default(cfg, key, default), key, where)
     n_kv_heads = optional("num_key_value_heads", n_heads)
-    return model_config(LlamaConfig, where,
+    head_dim = optional("head_dim", max(d_model // n_heads, 1))
+    return model_config(LlamaConfig, where, rotary_dim=_rotary_dim(cfg, head_dim, phi3),
         vocab_size=whole_number(cfg["vocab_size"], "vocab_size", where), d_model=d_model,
         n_layers=whole_number(cfg["num_hidden_layers"], "num_hidden_layers", where),
-        n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=optional("head_dim", max(d_model // n_heads, 1)),
+        n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
         d_ff=whole_number(cfg["intermediate_size"], "intermediate_size", where),
         rope_theta=theta, rope_scaling=scaling, qkv_bias=qwen2 or bool(cfg.get("attention_bias")),
         o_bias=not qwen2 and bool(cfg.get("attention_bias")), mlp_bias=not qwen2 and bool(cfg.get("mlp_bias")),
@@ -82,11 +84,26 @@ def _check_features(cfg: dict) -> None:
   if act is not None and act not in _ACTIVATIONS:
     raise ModelLoadError(f"config.json sets hidden_act={act!r}; jaxspec's LLaMA MLP computes SiLU (hidden_act "
                          "'silu') only, so this model cannot run correctly.")
-  for block in (cfg, cfg.get("rope_parameters"), cfg.get("rope_scaling")):
-    part = block.get("partial_rotary_factor") if isinstance(block, dict) else None
-    if part is not None and part != 1:
-      raise ModelLoadError(f"config.json sets partial_rotary_factor={part}; jaxspec rotates whole heads only, so "
-                           "this model's positions would be encoded wrongly.")
+
+
+def _rotary_dim(cfg: dict, head_dim: int, phi3: bool) -> int:
+  """`LlamaConfig.rotary_dim` from `partial_rotary_factor` (at the top level or in the RoPE block), which
+  transformers' Phi-3 applies to the first features of each head; 0 for whole heads."""
+  parts = [block.get("partial_rotary_factor") for block in (cfg, cfg.get("rope_parameters"), cfg.get("rope_scaling"))
+           if isinstance(block, dict)]
+  part = next((p for p in parts if p is not None and p != 1), None)
+  if part is None:
+    return 0
+  part = positive_number(part, "partial_rotary_factor", "config.json")
+  dim = int(head_dim * part)
+  if not phi3:
+    raise ModelLoadError(f"config.json sets partial_rotary_factor={part}; jaxspec turns part of each head for Phi-3 "
+                         "models only (whose transformers code does), so this model's positions would be encoded "
+                         "wrongly.")
+  if not 2 <= dim <= head_dim or dim % 2:
+    raise ModelLoadError(f"config.json sets partial_rotary_factor={part}, which turns {dim} of head_dim={head_dim} "
+                         "features; rotary embeddings need an even number from 2 to head_dim.")
+  return 0 if dim == head_dim else dim
 
 
 def _context(cfg: dict, scaling: tuple, log: bool) -> int:
@@ -181,14 +198,23 @@ def _longrope(cfg: dict, block: dict, key: str) -> tuple:
 
 def model_entries(cfg) -> dict:
   """config.json's entries that name the architecture and what sets it apart from plain LLaMA (biases, RoPE scaling),
-  the inverse of `config_from_hf`: Qwen2 for q/k/v biases alone, LLaMA with attention_bias / mlp_bias otherwise. A
+  the inverse of `config_from_hf`: Phi-3 for partial rotary embeddings, Qwen2 for q/k/v biases alone, LLaMA with
+  attention_bias / mlp_bias otherwise. A
   model whose RoPE scaling came from a GGUF file's rope_freqs gets jaxspec's own rope_type "factors", which
   transformers refuses as unknown rather than computing another model.
 
   Raises:
-    InputError: biases no transformers architecture has together (q/k/v without the output's, plus MLP biases).
+    InputError: biases no transformers architecture has together (q/k/v without the output's, plus MLP biases; any
+      with partial rotary embeddings).
   """
-  if cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias:
+  if cfg.rotary_dim:  # only transformers' Phi-3 turns part of each head
+    if cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
+      raise InputError("A model with partial rotary embeddings and biases has no Hugging Face architecture; it cannot "
+                       "be written as a folder.")
+    # (Phi-3's config defaults its padding id to 32000, which transformers refuses for a smaller vocabulary)
+    out = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+           "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim, "pad_token_id": None}
+  elif cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias:
     out = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False}
   elif cfg.qkv_bias != cfg.o_bias:
     raise InputError(f"A model with biases on {'q/k/v' if cfg.qkv_bias else 'the attention output'} only and MLP "
@@ -494,6 +520,11 @@ def save_hf(folder: str, model: LlamaLM, params: dict) -> None:
   for key, leaf in _flatten(unstack_layers(params)):
     arr = np.asarray(leaf, np.float32)
     tensors[hf_tensor_name(key)] = np.ascontiguousarray(arr.T if key[-1] == "kernel" else arr)
+  if cfg.rotary_dim:  # written as Phi-3, whose projections are fused
+    for i in range(cfg.n_layers):
+      for fused, (group, parts) in _FUSED.items():
+        names = [f"model.layers.{i}.{'self_attn' if group == 'attn' else 'mlp'}.{p}_proj.weight" for p in parts]
+        tensors[f"model.layers.{i}.{fused}"] = np.concatenate([tensors.pop(n) for n in names])
   hf_cfg = {
       **model_entries(cfg), "vocab_size": cfg.vocab_size,
       "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,

@@ -51,10 +51,12 @@ f32_dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=
 
 
 def precision_key(cfg: Any) -> dict:
-  """`{"precision": ...}` for a cache key of a model's outputs when they are not computed at the default precision;
-  empty at the default, so keys of files written before the setting existed still match."""
+  """What a cache key of a model's outputs adds to the config's repr: `{"precision": ...}` when they are not
+  computed at the default precision, `{"rotary_dim": ...}` for partial rotary embeddings; empty at the defaults, so
+  keys of files written before these settings existed still match."""
   value = getattr(cfg, "matmul_precision", "highest")
-  return {} if value == "highest" else {"precision": value}
+  rotary = getattr(cfg, "rotary_dim", 0)
+  return {**({} if value == "highest" else {"precision": value}), **({"rotary_dim": rotary} if rotary else {})}
 
 
 def f32_logits(hidden: Array, table_VxD: Array, dtype: Any) -> Array:
@@ -92,6 +94,9 @@ class LlamaConfig:
   # See MATMUL_PRECISIONS: float32 products in full on every platform. Left out of the repr, which names the weights'
   # model in cache keys and adapters (`precision_key` adds it where it is not the default).
   matmul_precision: str = dataclasses.field(default="highest", repr=False)
+  # Rotary embeddings on the first `rotary_dim` features of each head only (Phi-4-mini's partial_rotary_factor); 0:
+  # the whole head. Left out of the repr as `matmul_precision` is (`precision_key`).
+  rotary_dim: int = dataclasses.field(default=0, repr=False)
 
   def __post_init__(self):
     check_sizes(self, ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"),
@@ -101,11 +106,20 @@ class LlamaConfig:
       raise ValueError(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for rotary embeddings")
-    rope_divisors(self.head_dim, self.rope_theta, self.rope_scaling)
+    if (isinstance(self.rotary_dim, bool) or not isinstance(self.rotary_dim, numbers.Integral)
+        or not 0 <= self.rotary_dim <= self.head_dim or self.rotary_dim % 2):
+      raise ValueError(f"rotary_dim={self.rotary_dim!r} must be an even number of features from 0 (the whole head) "
+                       f"to head_dim={self.head_dim}")
+    rope_divisors(self.rope_dim, self.rope_theta, self.rope_scaling)
     context = rope_context(self.rope_scaling)
     if context is not None and self.max_seq_len > context:
       raise ValueError(f"max_seq_len={self.max_seq_len} passes the LongRoPE scaling's original context ({context}), "
                        "beyond which its long factors apply, which jaxspec does not implement")
+
+  @property
+  def rope_dim(self) -> int:
+    """How many features of each head the rotary embedding turns."""
+    return self.rotary_dim or self.head_dim
 
   @property
   def n_params(self) -> int:
@@ -232,7 +246,8 @@ def rope_context(scaling: tuple) -> int | None:
 
 def rope_tables(positions_BxT: Array, head_dim: int, theta: float, scaling: tuple = ()) -> tuple[Array, Array]:
   """cos and sin `[B, T, H/2]` for rotary embeddings in the half-split (Hugging Face) layout, with the frequencies
-  scaled as `scaling` says (`rope_divisors`, `rope_attention_factor`)."""
+  scaled as `scaling` says (`rope_divisors`, `rope_attention_factor`). `head_dim`: the features turned
+  (`LlamaConfig.rope_dim`, fewer than the head's for partial rotary embeddings)."""
   inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
   divisors = rope_divisors(head_dim, theta, scaling)
   if divisors is not None:
@@ -244,10 +259,15 @@ def rope_tables(positions_BxT: Array, head_dim: int, theta: float, scaling: tupl
   return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 
 
-def apply_rope(x_BxTxNxH: Array, cos_BxTxH2: Array, sin_BxTxH2: Array) -> Array:
-  x1, x2 = jnp.split(x_BxTxNxH.astype(jnp.float32), 2, axis=-1)
-  cos, sin = cos_BxTxH2[:, :, None, :], sin_BxTxH2[:, :, None, :]
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BxTxNxH.dtype)
+def apply_rope(x_BxTxNxH: Array, cos_BxTxR2: Array, sin_BxTxR2: Array) -> Array:
+  """Turns the first R features of each head (R = twice the tables' width: all H of them, or fewer for partial
+  rotary embeddings) and keeps the rest."""
+  r = 2 * cos_BxTxR2.shape[-1]
+  x = x_BxTxNxH.astype(jnp.float32)
+  x1, x2 = jnp.split(x[..., :r], 2, axis=-1)
+  cos, sin = cos_BxTxR2[:, :, None, :], sin_BxTxR2[:, :, None, :]
+  turned = [x1 * cos - x2 * sin, x2 * cos + x1 * sin] + ([x[..., r:]] if r < x.shape[-1] else [])
+  return jnp.concatenate(turned, axis=-1).astype(x_BxTxNxH.dtype)
 
 
 _UNROLLED_WRITE_MAX_BATCH = 32
@@ -403,7 +423,7 @@ class Llama(nn.Module):
     if mask_BxTxT.ndim == 2:
       mask_BxTxT = jnp.broadcast_to(mask_BxTxT, (tokens_BxT.shape[0], *mask_BxTxT.shape))
     x_BxTxD = self.embed(tokens_BxT)
-    rope = rope_tables(positions_BxT, cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+    rope = rope_tables(positions_BxT, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
     slots = cache.capacity if self.attn_slots is None else self.attn_slots
     committed = jnp.arange(slots)[None, :] < cache.lengths[:, None]
     if cache_mask_BxTxS is not None:
