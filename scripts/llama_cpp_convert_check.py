@@ -53,6 +53,7 @@ VARIANTS = {
     "llama_bias": r"jaxspec reads a GGUF file's biases for Qwen2's q/k/v only",  # LLaMA with all seven biases
     "phi3": None,  # Phi3ForCausalLM: fused attn_qkv and ffn_up, a sliding window (a bounded context)
     "phi3_longrope": None,  # Phi-3's LongRoPE: rope_factors_short/long tensors and the attention factor
+    "qwen2_yarn": None,  # Qwen2 with YaRN: rope.scaling.type yarn, factor and original context in the metadata
     "phi4_mini": None,  # Phi-3 with rotary embeddings on 3/4 of each head (rope.dimension_count), LongRoPE, tied head
 }
 OUTTYPES = ("f32", "f16", "q8_0")

@@ -20,6 +20,7 @@ This script imports only torch, transformers and numpy (not jaxspec). It writes,
       references' 300 tokens (jaxspec bounds the context to the window);
     - `phi3_longrope`: Phi-3 with LongRoPE (original context 320, max_position_embeddings 1280: the references lie
       within the original context, where the short factors and the attention factor apply);
+    - `qwen2_yarn`: Qwen2 with YaRN (factor 4, original context 128);
     - `phi4_mini`: Phi-3 as Phi-4-mini uses it: rotary embeddings on 3/4 of each head (partial_rotary_factor),
       LongRoPE, a tied head;
     biases drawn at a scale that changes the outputs clearly (transformers initialises them to zero);
@@ -73,6 +74,11 @@ VARIANTS = {
                            "partial_rotary_factor": 0.75, "tie_word_embeddings": True,
                            "rope_scaling": {"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 2.6, 3.4],
                                             "long_factor": [1.0, 3.0, 6.0, 9.0, 12.0, 16.0]}}),
+    # YaRN as Qwen2.5's model cards have users switch it on (factor 4 over the original context; here 128 tokens of
+    # the references' 300, with head_dim 16 and theta 1e4 its 8 frequencies fall on both sides of the ramp and on it).
+    "qwen2_yarn": ("qwen2", {"tie_word_embeddings": True, "use_sliding_window": False,
+                             "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
+                                              "original_max_position_embeddings": 128}}),
 }
 
 

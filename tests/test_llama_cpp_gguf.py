@@ -3,7 +3,7 @@
 tests/fixtures/llama_cpp_gguf/ holds the tiny random checkpoints of tests/fixtures/llama_variants/ as llama.cpp's
 converter writes them in f32 (made by `scripts/llama_cpp_convert_check.py`, which also checks f16 and q8_0 files and
 the variant jaxspec refuses, LLaMA with biases): Llama 3.1's RoPE scaling as a `rope_freqs.weight` tensor, linear
-scaling in the metadata, Qwen2 with q/k/v biases and a tied head, and Phi-3 (fused q/k/v and gate/up matrices; a
+scaling in the metadata, Qwen2 with q/k/v biases and a tied head (and with YaRN in the metadata), and Phi-3 (fused q/k/v and gate/up matrices; a
 sliding window; LongRoPE's factors as two tensors and its attention factor in the metadata; rotary embeddings on
 part of each head, as Phi-4-mini has them). jaxspec must give transformers' logits from
 them (llama_variants_reference.npz) and its greedy tokens. The same files read without undoing llama.cpp's Q/K row
@@ -23,7 +23,7 @@ from jaxspec.loading.gguf_loader import load_gguf
 from tests.test_llama_variants import batch_logits, llama_cpp_factors, without_variant
 
 FIXTURES = Path(__file__).parent / "fixtures"
-VARIANTS = ("llama3", "linear", "qwen2", "phi3", "phi3_longrope", "phi4_mini")
+VARIANTS = ("llama3", "linear", "qwen2", "phi3", "phi3_longrope", "phi4_mini", "qwen2_yarn")
 
 
 @pytest.fixture(scope="module")
@@ -49,8 +49,8 @@ def test_llama_cpp_files_match_transformers(ref, name, caplog):
   assert (dict(cfg.rope_scaling).get("rope_type"), cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.tie_embeddings) == {
       "llama3": ("factors", False, False, False, False), "linear": ("linear", False, False, False, False),
       "qwen2": (None, True, False, False, True), "phi3": (None, False, False, False, False),
-      "phi3_longrope": ("longrope", False, False, False, False), "phi4_mini": ("longrope", False, False, False, True)
-  }[name]
+      "phi3_longrope": ("longrope", False, False, False, False), "phi4_mini": ("longrope", False, False, False, True),
+      "qwen2_yarn": ("yarn", True, False, False, True)}[name]
   assert cfg.rotary_dim == (12 if name == "phi4_mini" else 0)
   if name == "llama3":  # the converter's factors are Llama 3.1's bands
     s = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
@@ -71,7 +71,7 @@ def test_llama_cpp_files_read_otherwise_differ(ref, name, monkeypatch):
   model, params = load_gguf(converted(name))
   plain, plain_params = without_variant(model, params, name)
   assert np.abs(batch_logits(plain, plain_params, ids) - want).max() > 0.05
-  if name == "qwen2":
+  if name.startswith("qwen2"):
     monkeypatch.setattr(gguf_loader, "_PERMUTED", gguf_loader._PERMUTED + ("qwen2",))
   elif name.startswith("phi"):
     monkeypatch.setattr(gguf_loader, "_FUSED", {**gguf_loader._FUSED, "attn_qkv.weight": ("attn", ("q", "v", "k"))})

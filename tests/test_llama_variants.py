@@ -1,5 +1,5 @@
 """LLaMA-family variants against Hugging Face transformers: scaled RoPE (Llama 3.1+'s per-band scaling, linear
-position interpolation, Phi-3's LongRoPE), bias terms (Qwen2's on q/k/v, LLaMA's attention_bias and mlp_bias) and
+position interpolation, Phi-3's LongRoPE, YaRN), bias terms (Qwen2's on q/k/v, LLaMA's attention_bias and mlp_bias) and
 Phi-3's fused projections.
 
 The checkpoints and reference numbers are tiny random models written by `scripts/llama_variants_reference.py` with
@@ -31,7 +31,7 @@ from jaxspec.models.llama import LlamaLM, rope_divisors, rope_scaling
 from tests.test_loading import Q, gguf_writer, write_gguf
 
 FIXTURES = Path(__file__).parent / "fixtures"
-VARIANTS = ("llama3", "linear", "qwen2", "llama_bias", "phi3", "phi3_longrope", "phi4_mini")
+VARIANTS = ("llama3", "linear", "qwen2", "llama_bias", "phi3", "phi3_longrope", "phi4_mini", "qwen2_yarn")
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,7 @@ def batch_logits(model, params, ids):
 def without_variant(model, params, name):
   """The same weights as plain LLaMA computes them: RoPE unscaled, or biases dropped; for Phi-3, its fused gate/up
   matrix split the other way round."""
-  if name in ("llama3", "linear", "phi3_longrope"):
+  if name in ("llama3", "linear", "phi3_longrope", "qwen2_yarn"):
     return LlamaLM(dataclasses.replace(model.cfg, rope_scaling=())), params
   if name == "phi4_mini":  # rotary embeddings over whole heads (its factors stretched over them)
     s = dict(model.cfg.rope_scaling)
@@ -80,7 +80,8 @@ def test_variants_match_transformers(ref, name):
   assert (dict(cfg.rope_scaling).get("rope_type"), cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias) == {
       "llama3": ("llama3", False, False, False), "linear": ("linear", False, False, False),
       "qwen2": (None, True, False, False), "llama_bias": (None, True, True, True), "phi3": (None, False, False, False),
-      "phi3_longrope": ("longrope", False, False, False), "phi4_mini": ("longrope", False, False, False)}[name]
+      "phi3_longrope": ("longrope", False, False, False), "phi4_mini": ("longrope", False, False, False),
+      "qwen2_yarn": ("yarn", True, False, False)}[name]
   assert cfg.rotary_dim == (12 if name == "phi4_mini" else 0)
   got = batch_logits(model, params, ref[f"{name}_ids"])
   np.testing.assert_allclose(got, ref[f"{name}_logits"], atol=2e-4, rtol=0)
@@ -143,7 +144,8 @@ def write_rope_gguf(path, model, params, add):
 def test_gguf_files_scale_rope_as_llama_cpp_writes_it(ref, tmp_path, caplog):
   """A GGUF file with llama.cpp's per-frequency factors (Llama 3.1+) or its linear scaling type gives transformers'
   logits (the factors are read, not reported as skipped); a header with linear scaling and factors both, too few
-  factors, or another scaling type is refused."""
+  factors, YaRN without its original context or with settings jaxspec does not implement, or LongRoPE without its
+  factors is refused."""
   model, params = load_hf(folder("llama3"))
   s = dict(model.cfg.rope_scaling)
   factors = llama_cpp_factors(model.cfg.rope_theta, model.cfg.head_dim, s)
@@ -173,7 +175,12 @@ def test_gguf_files_scale_rope_as_llama_cpp_writes_it(ref, tmp_path, caplog):
        "per-frequency factors"),
       ("short", lambda w: w.add_tensor("rope_freqs.weight", factors[:3]), "holds 3 factors where head_dim 16 needs 8"),
       ("yarn", lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.YARN), w.add_rope_scaling_factor(4.0)),
-       "RoPE scaling 'yarn'; jaxspec implements plain RoPE, linear scaling and per-frequency factors")):
+       "no 'llama.rope.scaling.original_context_length'"),
+      ("longrope", lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE), "LongRoPE scaling without its "
+       "factors"),
+      ("yarn-ext", lambda w: (w.add_rope_scaling_type(gguf.RopeScalingType.YARN), w.add_rope_scaling_factor(4.0),
+                              w.add_rope_scaling_orig_ctx_len(128), w.add_rope_scaling_yarn_ext_factor(0.5)),
+       "sets yarn_ext_factor or yarn_log_multiplier")):
     write_rope_gguf(tmp_path / f"{name}.gguf", model, params, add)
     with pytest.raises(ModelLoadError, match=message):
       load_gguf(str(tmp_path / f"{name}.gguf"))
@@ -237,7 +244,7 @@ def test_biases_the_config_does_not_name_are_refused(tmp_path):
     ({"rope_type": "linear", "factor": 0}, "RoPE scaling 'linear' needs factor a finite number above 0, not 0"),
     ({"rope_type": "linear", "factor": "4"}, "needs factor a finite number above 0, not '4'"),
     ({"rope_type": "dynamic", "factor": 2.0},
-     "RoPE scaling 'dynamic'.*implements plain RoPE and the scalings linear, llama3 and longrope"),
+     "RoPE scaling 'dynamic'.*implements plain RoPE and the scalings linear, llama3, longrope and yarn"),
 ], ids=["llama3-missing", "llama3-bands", "linear-zero", "linear-string", "dynamic"])
 def test_bad_scaling_settings_are_refused(tmp_path, block, message):
   out = tmp_path / "m"
@@ -397,6 +404,40 @@ def test_bad_longrope_settings_are_refused(tmp_path, change, message):
   (out / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(ModelLoadError, match=message):
     load_hf(str(out))
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"original_max_position_embeddings": None}, "RoPE scaling 'yarn' .* without original_max_position_embeddings"),
+    ({"factor": 0}, "sets factor to 0"),
+    ({"beta_fast": -1}, "sets beta_fast to -1"),
+], ids=["no-original-context", "zero-factor", "negative-beta"])
+def test_bad_yarn_settings_are_refused(tmp_path, change, message):
+  out = tmp_path / "m"
+  shutil.copytree(folder("qwen2_yarn"), out)
+  cfg = json.loads((out / "config.json").read_text())
+  cfg["rope_parameters"] = {k: v for k, v in {**cfg["rope_parameters"], **change}.items() if v is not None}
+  (out / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ModelLoadError, match=message):
+    load_hf(str(out))
+
+
+def test_yarn_settings_transformers_derives_are_derived_the_same(tmp_path, ref):
+  """A YaRN block without its factor takes max_position_embeddings / the original context; explicit beta_fast,
+  beta_slow, truncate and attention_factor are used as given (transformers' reading), DeepSeek's mscale pair sets the
+  attention factor."""
+  def load(change, top=None):
+    out = tmp_path / str(len(list(tmp_path.iterdir())))
+    shutil.copytree(folder("qwen2_yarn"), out)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["rope_parameters"] = {k: v for k, v in {**cfg["rope_parameters"], **change}.items() if v is not None}
+    cfg.update(top or {})
+    (out / "config.json").write_text(json.dumps(cfg))
+    return dict(load_hf(str(out))[0].cfg.rope_scaling)
+  assert load({"factor": None}, {"max_position_embeddings": 512})["factor"] == 4.0
+  given = load({"beta_fast": 16, "beta_slow": 2, "truncate": False, "attention_factor": 1.5})
+  assert (given["beta_fast"], given["beta_slow"], given["truncate"], given["attention_factor"]) == (16, 2, False, 1.5)
+  deepseek = load({"mscale": 0.707, "mscale_all_dim": 0.707})
+  assert deepseek["attention_factor"] == 1.0
 
 
 def test_longrope_runs_within_its_original_context_only():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import os
 from typing import Any
 
@@ -141,10 +142,15 @@ def _rope_scaling(reader, arch: str, head_dim: int) -> tuple:
   long = {t.name: t for t in reader.tensors if t.name in _LONGROPE}
   if long:
     return _longrope(reader, arch, head_dim, kind, freqs, long)
+  if kind == "yarn" and freqs is None:
+    return _yarn(reader, arch)
+  if kind == "longrope":
+    raise ModelLoadError("The file asks for LongRoPE scaling without its factors (rope_factors_short.weight and "
+                         "rope_factors_long.weight): the file is damaged; download or convert it again.")
   if kind not in ("none", "linear"):
-    raise ModelLoadError(f"The file asks for RoPE scaling {kind!r}; jaxspec implements plain RoPE, linear scaling "
-                         "and per-frequency factors (rope_freqs, as Llama 3.1+ uses), so this model's positions would "
-                         "be encoded wrongly.")
+    raise ModelLoadError(f"The file asks for RoPE scaling {kind!r}{' with rope_freqs' if freqs is not None else ''}; "
+                         "jaxspec implements plain RoPE, linear scaling, YaRN, LongRoPE and per-frequency factors "
+                         "(rope_freqs, as Llama 3.1+ uses), so this model's positions would be encoded wrongly.")
   if kind == "linear" and freqs is not None:
     raise ModelLoadError("The file asks for linear RoPE scaling and holds per-frequency factors (rope_freqs) too; "
                          "jaxspec applies one or the other: convert the model again.")
@@ -157,6 +163,30 @@ def _rope_scaling(reader, arch: str, head_dim: int) -> tuple:
     raise ModelLoadError(f"rope_freqs.weight holds {factors.size} factors where head_dim {head_dim} needs "
                          f"{head_dim // 2}: the file is damaged; download or convert it again.")
   return rope_scaling({"rope_type": "factors", "factors": tuple(float(f) for f in factors)})
+
+
+def _yarn(reader, arch: str) -> tuple:
+  """`LlamaConfig.rope_scaling` for YaRN as llama.cpp computes it from a file: its attention factor is YaRN's
+  `0.1 ln(factor) + 1` times the file's rope.scaling.attn_factor (llama.cpp sets aside the file's yarn_attn_factor),
+  beta_fast and beta_slow from the file or 32 and 1. Settings it computes otherwise (an extrapolation factor other
+  than 1, DeepSeek's log multiplier) are refused."""
+  where = "the GGUF metadata"
+  def key(name: str) -> str:
+    return f"{arch}.rope.scaling.{name}"
+
+  def number(name: str, default=None) -> float:
+    return positive_number(_field(reader, key(name), default), key(name), where)
+
+  if number("yarn_ext_factor", 1.0) != 1.0 or _field(reader, key("yarn_log_multiplier"), 0.0) != 0.0:
+    raise ModelLoadError("The file's YaRN scaling sets yarn_ext_factor or yarn_log_multiplier, which jaxspec does not "
+                         "implement, so this model's positions would be encoded wrongly.")
+  factor = number("factor")
+  return rope_scaling({
+      "rope_type": "yarn", "factor": factor,
+      "original_max_position_embeddings": whole_number(_field(reader, key("original_context_length")),
+                                                       key("original_context_length"), where),
+      "beta_fast": number("yarn_beta_fast", 32.0), "beta_slow": number("yarn_beta_slow", 1.0), "truncate": True,
+      "attention_factor": (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0) * number("attn_factor", 1.0)})
 
 
 # LongRoPE's factors as llama.cpp's converter writes Phi-3's: for contexts up to the original one, and beyond.

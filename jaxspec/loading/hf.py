@@ -33,7 +33,7 @@ def config_from_hf(cfg: dict, *, log: bool = False) -> LlamaConfig:
   Raises:
     ModelLoadError: a missing key, or a model jaxspec's LLaMA would compute differently from the original: another
       architecture, another activation, partial rotary embeddings outside Phi-3, RoPE scaling other than linear,
-      llama3 and longrope.
+      llama3, longrope and yarn.
   """
   archs = cfg.get("architectures") or []
   if archs and not set(archs) & set(SUPPORTED):
@@ -141,8 +141,8 @@ _ROPE_KEYS = {"linear": ("factor",),
 
 
 def _rope(cfg: dict) -> tuple[float, tuple]:
-  """The RoPE base and scaling (`LlamaConfig.rope_theta`, `rope_scaling`); scalings other than linear, llama3 and
-  longrope (dynamic NTK, YaRN: they depend on the sequence length or scale attention too) are refused."""
+  """The RoPE base and scaling (`LlamaConfig.rope_theta`, `rope_scaling`); scalings other than linear, llama3,
+  longrope and yarn (dynamic NTK, which depends on the sequence length) are refused."""
   # transformers 5 writes the base and the scaling together under `rope_parameters`; older configs write
   # `rope_theta` and `rope_scaling` at the top level.
   theta, scaling = cfg.get("rope_theta"), ()
@@ -156,6 +156,8 @@ def _rope(cfg: dict) -> tuple[float, tuple]:
     kind = block.get("rope_type", block.get("type"))
     if kind in ("longrope", "su"):  # Phi-3's LongRoPE ("su" its first name)
       scaling = _longrope(cfg, block, key)
+    elif kind == "yarn":
+      scaling = _yarn(cfg, block, key)
     elif kind in _ROPE_KEYS:
       missing = [k for k in _ROPE_KEYS[kind] if k not in block]
       if missing:
@@ -164,8 +166,8 @@ def _rope(cfg: dict) -> tuple[float, tuple]:
       scaling = rope_scaling({"rope_type": kind, **{k: block[k] for k in _ROPE_KEYS[kind]}})
     elif kind not in (None, "default"):
       raise ModelLoadError(f"config.json asks for RoPE scaling {kind!r} ({key}={block}); jaxspec implements plain "
-                           f"RoPE and the scalings linear, llama3 and longrope, so this model's positions would be "
-                           "encoded wrongly.")
+                           "RoPE and the scalings linear, llama3, longrope and yarn, so this model's positions would "
+                           "be encoded wrongly.")
     if theta is None and key == "rope_parameters":
       theta = block.get("rope_theta")
   return positive_number(10000.0 if theta is None else theta, "rope_theta", "config.json"), scaling
@@ -194,6 +196,33 @@ def _longrope(cfg: dict, block: dict, key: str) -> tuple:
   return rope_scaling({"rope_type": "longrope", "short_factor": block["short_factor"],
                        "long_factor": block["long_factor"], "original_max_position_embeddings": original,
                        "attention_factor": positive_number(factor, "attention_factor", where)})
+
+
+def _yarn(cfg: dict, block: dict, key: str) -> tuple:
+  """`LlamaConfig.rope_scaling` for YaRN, with what transformers derives where the config is silent: the factor
+  from the context's growth, beta_fast 32 and beta_slow 1, truncation, and the attention factor from the factor (and
+  DeepSeek's mscale / mscale_all_dim)."""
+  where = "config.json"
+  original = block.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+  if original is None:
+    raise ModelLoadError(f"config.json asks for RoPE scaling 'yarn' ({key}) without original_max_position_embeddings; "
+                         "fix the config or download it again.")
+  original = whole_number(original, "original_max_position_embeddings", where)
+  factor = block.get("factor")
+  if factor is None:
+    factor = whole_number(_or_default(cfg, "max_position_embeddings", 2048), "max_position_embeddings",
+                          where) / original
+  factor = positive_number(factor, "factor", where)
+  mscale = lambda scale, m=1.0: 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0  # noqa: E731
+  attention = block.get("attention_factor")
+  if attention is None:
+    m, m_all = block.get("mscale"), block.get("mscale_all_dim")
+    attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+  return rope_scaling({"rope_type": "yarn", "factor": factor, "original_max_position_embeddings": original,
+                       "beta_fast": positive_number(block.get("beta_fast") or 32, "beta_fast", where),
+                       "beta_slow": positive_number(block.get("beta_slow") or 1, "beta_slow", where),
+                       "truncate": bool(block.get("truncate", True)),
+                       "attention_factor": positive_number(attention, "attention_factor", where)})
 
 
 def model_entries(cfg) -> dict:

@@ -164,7 +164,7 @@ class RMSNorm(nn.Module):
     return (y * scale.reshape((1,) * (y.ndim - 1) + (-1,))).astype(self.dtype)
 
 
-ROPE_TYPES = ("linear", "llama3", "factors", "longrope")
+ROPE_TYPES = ("linear", "llama3", "factors", "longrope", "yarn")
 
 
 def rope_scaling(entries: dict) -> tuple:
@@ -186,6 +186,10 @@ def rope_divisors(head_dim: int, theta: float, scaling: tuple) -> np.ndarray | N
     Its `long_factor` (for longer contexts) is kept for export only: a model with this scaling runs within the
     original context (`LlamaConfig` checks that `max_seq_len` does not pass it), where transformers and llama.cpp
     use the short factors too.
+  - "yarn" (YaRN, as Qwen2.5 uses it for long contexts): frequencies that turn fewer than `beta_slow` times over
+    `original_max_position_embeddings` divided by `factor`, those that turn more than `beta_fast` times kept, those
+    between blended along a linear ramp over their index (its ends floored and ceiled where `truncate`), with cos and
+    sin multiplied by `attention_factor`, as transformers computes at every length.
 
   Raises:
     ValueError: another rope_type, a missing or non-positive setting, or factors of the wrong count.
@@ -221,6 +225,20 @@ def rope_divisors(head_dim: int, theta: float, scaling: tuple) -> np.ndarray | N
         raise ValueError(f"RoPE scaling 'longrope' needs {key} of {half} finite numbers above 0 (one per frequency "
                          f"pair of head_dim={head_dim})")
     return np.asarray(s["short_factor"], np.float64)
+  if kind == "yarn":
+    factor, context = number("factor"), number("original_max_position_embeddings")
+    fast, slow = number("beta_fast"), number("beta_slow")
+    number("attention_factor")
+    # The pair index at which a frequency turns `turns` times over the original context.
+    at = lambda turns: head_dim * math.log(context / (turns * 2 * math.pi)) / (2 * math.log(theta))  # noqa: E731
+    low, high = at(fast), at(slow)
+    if s.get("truncate", True):
+      low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+      high += 0.001  # as transformers: no division by zero
+    ramp = np.clip((np.arange(half, dtype=np.float64) - low) / (high - low), 0.0, 1.0)  # 0: kept, 1: divided
+    return 1.0 / (ramp / factor + (1.0 - ramp))
   if kind == "llama3":
     factor, low, high = number("factor"), number("low_freq_factor"), number("high_freq_factor")
     context = number("original_max_position_embeddings")
@@ -233,9 +251,9 @@ def rope_divisors(head_dim: int, theta: float, scaling: tuple) -> np.ndarray | N
 
 
 def rope_attention_factor(scaling: tuple) -> float:
-  """What a scaling multiplies cos and sin by (LongRoPE's `attention_factor`; 1 for the others)."""
+  """What a scaling multiplies cos and sin by (LongRoPE's and YaRN's `attention_factor`; 1 for the others)."""
   s = dict(scaling)
-  return float(s["attention_factor"]) if s.get("rope_type") == "longrope" else 1.0
+  return float(s["attention_factor"]) if s.get("rope_type") in ("longrope", "yarn") else 1.0
 
 
 def rope_context(scaling: tuple) -> int | None:
