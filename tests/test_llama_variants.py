@@ -401,9 +401,60 @@ def test_bad_longrope_settings_are_refused(tmp_path, change, message):
   cfg.pop("original_max_position_embeddings")
   if "original_max_position_embeddings" not in change:
     cfg["original_max_position_embeddings"] = 320
+  else:  # (a Phi-3 config always has one for transformers: Phi3Config's default, 4096)
+    cfg.update(architectures=["LlamaForCausalLM"], model_type="llama")
   (out / "config.json").write_text(json.dumps(cfg))
   with pytest.raises(ModelLoadError, match=message):
     load_hf(str(out))
+
+
+@pytest.mark.parametrize("change, context, original, factor", [
+    ({"original_max_position_embeddings": None}, 1280, 4096, 1.0),  # the block's 320 unread: Phi3Config's 4096
+    ({"original_max_position_embeddings": 256}, 256, 256, 1.13588776376054),  # over the block's 320
+    ({"max_position_embeddings": None}, 320, 320, 1.200822021045554),  # Phi3Config's 4096, not 2048
+    ({"original_max_position_embeddings": 256, "architectures": ["LlamaForCausalLM"], "model_type": "llama"}, 256,
+     256, 1.13588776376054),  # LLaMA's too: its rope code reads the config's attribute
+], ids=["block-only", "top-level-wins", "default-max-positions", "llama-top-level-wins"])
+def test_phi3_longrope_settings_are_read_as_transformers_reads_them(tmp_path, change, context, original, factor):
+  """transformers' Phi-3 takes the top-level original_max_position_embeddings over the rope block's, 4096 where it
+  is absent, and 4096 max_position_embeddings where that is absent (the attention factors are transformers' own
+  `rotary_emb.attention_scaling` for these configs; with them the logits agree within 2e-5 up to the context)."""
+  from jaxspec.models.llama import rope_attention_factor, rope_context
+  out = tmp_path / "m"
+  shutil.copytree(folder("phi3_longrope"), out)
+  cfg = json.loads((out / "config.json").read_text())
+  cfg = {k: v for k, v in {**cfg, **change}.items() if v is not None}
+  (out / "config.json").write_text(json.dumps(cfg))
+  model, _ = load_hf(str(out))
+  s = model.cfg.rope_scaling
+  assert (model.cfg.max_seq_len, rope_context(s)) == (context, original)
+  assert rope_attention_factor(s) == pytest.approx(factor, rel=1e-12)
+
+
+def test_yarn_takes_the_top_level_original_context(tmp_path):
+  """As for LongRoPE, transformers' YaRN reads a top-level original_max_position_embeddings over the block's (with 8
+  instead of 128 its ramp, and so its logits, differ)."""
+  out = tmp_path / "m"
+  shutil.copytree(folder("qwen2_yarn"), out)
+  cfg = json.loads((out / "config.json").read_text())
+  (out / "config.json").write_text(json.dumps({**cfg, "original_max_position_embeddings": 8}))
+  assert dict(load_hf(str(out))[0].cfg.rope_scaling)["original_max_position_embeddings"] == 8
+
+
+def test_phi3_applies_its_sliding_window_whatever_use_sliding_window_says(tmp_path):
+  """transformers' Phi-3 (and Mistral) has no `use_sliding_window` switch: the window bounds the context anyway."""
+  out = tmp_path / "m"
+  shutil.copytree(folder("phi3"), out)
+  cfg = json.loads((out / "config.json").read_text())
+  (out / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": False}))
+  assert load_hf(str(out))[0].cfg.max_seq_len == 320
+
+
+def test_a_phi3_folder_loads_as_a_draft(ref):
+  """`load_draft` reads any LLaMA-family folder, Phi-3's fused matrices split as `load_hf` splits them."""
+  from jaxspec.models.draft import load_draft
+  draft, params = load_draft(folder("phi3"))
+  np.testing.assert_allclose(batch_logits(draft, params, ref["phi3_ids"]), ref["phi3_logits"], atol=2e-4, rtol=0)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -449,3 +500,24 @@ def test_longrope_runs_within_its_original_context_only():
   assert tiny_config(head_dim=16, rope_scaling=s, max_seq_len=64).max_seq_len == 64
   with pytest.raises(ValueError, match="max_seq_len=65 passes the LongRoPE scaling's original context \\(64\\)"):
     tiny_config(head_dim=16, rope_scaling=s, max_seq_len=65)
+
+
+def test_context_defaults_follow_transformers_config_classes(tmp_path):
+  """Where config.json is silent, transformers' config classes fill in: Mistral's window of 4096 (which bounds a
+  longer context), and a Phi-3 config asking for YaRN is read as LongRoPE (so without its factors it is refused, as
+  transformers fails on it, rather than run as YaRN)."""
+  out = tmp_path / "mistral"
+  shutil.copytree(folder("linear"), out)
+  cfg = json.loads((out / "config.json").read_text())
+  cfg.pop("rope_parameters", None)
+  cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", max_position_embeddings=8192)
+  cfg.pop("sliding_window", None)
+  (out / "config.json").write_text(json.dumps(cfg))
+  assert load_hf(str(out))[0].cfg.max_seq_len == 4096
+  out = tmp_path / "phi3"
+  shutil.copytree(folder("phi3"), out)
+  cfg = json.loads((out / "config.json").read_text())
+  cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+  (out / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ModelLoadError, match="RoPE scaling 'longrope' .* without short_factor, long_factor"):
+    load_hf(str(out))

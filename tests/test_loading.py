@@ -247,10 +247,11 @@ def test_gguf_metadata_and_untied_head_reach_the_loaded_model(tmp_path):
   np.testing.assert_allclose(logits_of(loaded_model, loaded, tokens), logits_of(model, params, tokens), atol=1e-5)
 
 
-@pytest.mark.parametrize("scaling", ["yarn"])
+@pytest.mark.parametrize("scaling", ["longrope"])
 def test_gguf_rope_scaling_is_refused(tmp_path, scaling):
-  """A GGUF header asking for a RoPE scaling jaxspec does not implement (YaRN; linear is in test_rope_scaling.py) is
-  refused: positions would be encoded wrongly. A header that says "none" loads."""
+  """A GGUF header asking for a RoPE scaling without what it needs (LongRoPE without its factor tensors; linear and
+  YaRN are in test_llama_variants.py) is refused: positions would be encoded wrongly. A header that says "none"
+  loads."""
   model, params = make_tiny(seed=1, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=64)
   for kind in (scaling, "none"):
     path = tmp_path / f"{kind}.gguf"
@@ -266,7 +267,7 @@ def test_gguf_rope_scaling_is_refused(tmp_path, scaling):
       with pytest.raises(ModelLoadError, match="lacks tensors"):  # the scaling passes; the missing layers do not
         load_gguf(str(path))
     else:
-      with pytest.raises(ModelLoadError, match=f"RoPE scaling '{scaling}'; jaxspec implements plain RoPE"):
+      with pytest.raises(ModelLoadError, match="LongRoPE scaling without its factors"):
         load_gguf(str(path))
 
 

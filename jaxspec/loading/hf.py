@@ -78,6 +78,20 @@ def _or_default(cfg: dict, key: str, default):
   return default if cfg.get(key) is None else cfg[key]
 
 
+def _family(cfg: dict, *model_types: str) -> bool:
+  """Whether transformers reads `cfg` with the config class of one of `model_types` (its `model_type`, or for a
+  config without one, its architecture)."""
+  kind = cfg.get("model_type")
+  if kind is None:
+    return any(a.lower() == f"{t}forcausallm" for a in cfg.get("architectures") or [] for t in model_types)
+  return kind in model_types
+
+
+def _max_positions(cfg: dict):
+  """max_position_embeddings, or transformers' default where it is absent (Phi3Config's 4096, LlamaConfig's 2048)."""
+  return _or_default(cfg, "max_position_embeddings", 4096 if _family(cfg, "phi3") else 2048)
+
+
 def _check_features(cfg: dict) -> None:
   """Raises `ModelLoadError` for settings that make the model compute something jaxspec's LLaMA does not."""
   act = cfg.get("hidden_act")
@@ -114,11 +128,13 @@ def _context(cfg: dict, scaling: tuple, log: bool) -> int:
   context the short ones apply (`rope_divisors`). Either bound is logged where it shortens the context.
   """
   where = "config.json"
-  context = whole_number(_or_default(cfg, "max_position_embeddings", 2048), "max_position_embeddings", where)
+  context = whole_number(_max_positions(cfg), "max_position_embeddings", where)
   bounds = []
-  window = cfg.get("sliding_window")
-  # (Qwen2-style configs carry a window that `use_sliding_window: false` switches off.)
-  if window is not None and cfg.get("use_sliding_window", True) is not False:
+  # (transformers' MistralConfig has a window of 4096 where config.json has no sliding_window key)
+  window = cfg.get("sliding_window", 4096 if _family(cfg, "mistral") else None)
+  # (Qwen2-style configs carry a window that `use_sliding_window: false` switches off; transformers' Phi-3 and
+  # Mistral have no such switch and apply the window whatever it says.)
+  if window is not None and (cfg.get("use_sliding_window", True) is not False or _family(cfg, "phi3", "mistral")):
     bounds.append((whole_number(window, "sliding_window", where), f"its sliding window (sliding_window={window}), "
                    "which jaxspec does not implement: within one window attention is the same"))
   original = rope_context(scaling)
@@ -154,7 +170,8 @@ def _rope(cfg: dict) -> tuple[float, tuple]:
       raise ModelLoadError(f"config.json has {key}={block!r}, not the object transformers writes there; fix the "
                            "config or download it again.")
     kind = block.get("rope_type", block.get("type"))
-    if kind in ("longrope", "su"):  # Phi-3's LongRoPE ("su" its first name)
+    if kind in ("longrope", "su") or (kind == "yarn" and _family(cfg, "phi3")):
+      # Phi-3's LongRoPE ("su" its first name; transformers' Phi-3 reads "yarn" as LongRoPE too)
       scaling = _longrope(cfg, block, key)
     elif kind == "yarn":
       scaling = _yarn(cfg, block, key)
@@ -178,7 +195,11 @@ def _longrope(cfg: dict, block: dict, key: str) -> tuple:
   transformers derives from the context's growth when the config does not give it."""
   where = "config.json"
   missing = [k for k in ("short_factor", "long_factor") if not isinstance(block.get(k), (list, tuple))]
-  original = block.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
+  # transformers takes the top-level original_max_position_embeddings over the block's (its rope code reads the
+  # config's attribute), and Phi3Config always has one (4096 by default): a Phi-3 block's own value is never read.
+  original = cfg.get("original_max_position_embeddings")
+  if original is None:
+    original = 4096 if _family(cfg, "phi3") else block.get("original_max_position_embeddings")
   if original is None:
     missing.append("original_max_position_embeddings")
   if missing:
@@ -189,8 +210,7 @@ def _longrope(cfg: dict, block: dict, key: str) -> tuple:
   if factor is None:
     growth = block.get("factor")
     if growth is None:
-      growth = whole_number(_or_default(cfg, "max_position_embeddings", 2048), "max_position_embeddings",
-                            where) / original
+      growth = whole_number(_max_positions(cfg), "max_position_embeddings", where) / original
     growth = positive_number(growth, "factor", where)
     factor = math.sqrt(1 + math.log(growth) / math.log(original)) if growth > 1 else 1.0
   return rope_scaling({"rope_type": "longrope", "short_factor": block["short_factor"],
@@ -203,8 +223,8 @@ def _yarn(cfg: dict, block: dict, key: str) -> tuple:
   from the context's growth, beta_fast 32 and beta_slow 1, truncation, and the attention factor from the factor (and
   DeepSeek's mscale / mscale_all_dim)."""
   where = "config.json"
-  original = block.get("original_max_position_embeddings", cfg.get("original_max_position_embeddings"))
-  if original is None:
+  original = _or_default(cfg, "original_max_position_embeddings", block.get("original_max_position_embeddings"))
+  if original is None:  # (the top-level value first, as for LongRoPE)
     raise ModelLoadError(f"config.json asks for RoPE scaling 'yarn' ({key}) without original_max_position_embeddings; "
                          "fix the config or download it again.")
   original = whole_number(original, "original_max_position_embeddings", where)
@@ -254,6 +274,8 @@ def model_entries(cfg) -> dict:
       out.update(attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
   if cfg.rope_scaling:
     out["rope_scaling"] = dict(cfg.rope_scaling)
+    if out["rope_scaling"].get("rope_type") == "longrope":  # transformers reads the top-level one (Phi-3: 4096 if none)
+      out["original_max_position_embeddings"] = out["rope_scaling"]["original_max_position_embeddings"]
   return out
 
 

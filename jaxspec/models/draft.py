@@ -184,7 +184,7 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
   """
   from safetensors import safe_open
 
-  from jaxspec.loading.gguf_loader import check_complete
+  from jaxspec.loading.gguf_loader import check_complete, split_fused
   from jaxspec.loading.hf import _target, check_part, config_from_hf
 
   folder = Path(folder)
@@ -205,11 +205,11 @@ def load_draft(folder: str | os.PathLike, target_params: dict | None = None, *, 
         target = _target(name, cfg)
         if target is None or (target[0] == "lm_head" and cfg.tie_embeddings):
           continue
-        w = f.get_tensor(name).astype(pdt)
-        node = params
-        for k in target[:-1]:
-          node = node.setdefault(k, {})
-        node[target[-1]] = w.T if target[-1] == "kernel" else w
+        for path, w in split_fused(target, f.get_tensor(name).astype(pdt), cfg, name):  # Phi-3's fused matrices
+          node = params
+          for k in path[:-1]:
+            node = node.setdefault(k, {})
+          node[path[-1]] = w.T if path[-1] == "kernel" else w
   except ModelLoadError:
     raise
   except Exception as e:  # noqa: BLE001 - truncated safetensors, bad JSON
