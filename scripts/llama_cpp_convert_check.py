@@ -54,6 +54,9 @@ VARIANTS = {
     "phi3": None,  # Phi3ForCausalLM: fused attn_qkv and ffn_up, a sliding window (a bounded context)
     "phi3_longrope": None,  # Phi-3's LongRoPE: rope_factors_short/long tensors and the attention factor
     "qwen2_yarn": None,  # Qwen2 with YaRN: rope.scaling.type yarn, factor and original context in the metadata
+    "phi3_window": None,  # Phi-3 with a window of 48 tokens, which the references pass
+    # (not mistral_window: llama.cpp's converter writes a Mistral model as "llama" without its window, the model
+    # llama.cpp runs, so its files differ from transformers past the window whoever reads them)
     "phi4_mini": None,  # Phi-3 with rotary embeddings on 3/4 of each head (rope.dimension_count), LongRoPE, tied head
 }
 OUTTYPES = ("f32", "f16", "q8_0")

@@ -17,10 +17,12 @@ This script imports only torch, transformers and numpy (not jaxspec). It writes,
     - `qwen2`: Qwen2 (biases on the q, k and v projections), tied head, rope theta 1e6;
     - `llama_bias`: LLaMA with `attention_bias` and `mlp_bias` (biases on all seven projections);
     - `phi3`: Phi-3 (q/k/v fused in one matrix, gate/up in another) with a sliding window of 320, longer than the
-      references' 300 tokens (jaxspec bounds the context to the window);
+      references' 300 tokens;
     - `phi3_longrope`: Phi-3 with LongRoPE (original context 320, max_position_embeddings 1280: the references lie
       within the original context, where the short factors and the attention factor apply);
     - `qwen2_yarn`: Qwen2 with YaRN (factor 4, original context 128);
+    - `phi3_window`, `mistral_window`: Phi-3 and Mistral with sliding windows of 48 tokens (the references pass
+      them);
     - `phi4_mini`: Phi-3 as Phi-4-mini uses it: rotary embeddings on 3/4 of each head (partial_rotary_factor),
       LongRoPE, a tied head;
     biases drawn at a scale that changes the outputs clearly (transformers initialises them to zero);
@@ -61,8 +63,8 @@ VARIANTS = {
     "linear": ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
     "qwen2": ("qwen2", {"rope_theta": 1e6, "tie_word_embeddings": True, "use_sliding_window": False}),
     "llama_bias": ("llama", {"attention_bias": True, "mlp_bias": True}),
-    # Phi-3's fused q/k/v and gate/up matrices, with a sliding window longer than the tokens the references use (a
-    # context jaxspec bounds to the window), and Phi-3's LongRoPE within its original context (short factors and the
+    # Phi-3's fused q/k/v and gate/up matrices, with a sliding window longer than the tokens the references use, and
+    # Phi-3's LongRoPE within its original context (short factors and the
     # attention factor transformers derives from the context's growth, 1280 / 320).
     "phi3": ("phi3", {"sliding_window": 320, "original_max_position_embeddings": 512}),
     "phi3_longrope": ("phi3", {"max_position_embeddings": 1280, "original_max_position_embeddings": 320,
@@ -79,6 +81,10 @@ VARIANTS = {
     "qwen2_yarn": ("qwen2", {"tie_word_embeddings": True, "use_sliding_window": False,
                              "rope_scaling": {"rope_type": "yarn", "factor": 4.0,
                                               "original_max_position_embeddings": 128}}),
+    # Sliding windows of 48 tokens, which the references' 300 tokens and the greedy run (40 + 24) pass: Phi-3's
+    # window (fused matrices) and Mistral's (LLaMA's layout).
+    "phi3_window": ("phi3", {"sliding_window": 48, "original_max_position_embeddings": 512}),
+    "mistral_window": ("mistral", {"sliding_window": 48}),
 }
 
 
@@ -87,6 +93,9 @@ def _make(family: str, settings: dict, seed: int) -> transformers.PreTrainedMode
   if family == "qwen2":
     cfg = transformers.Qwen2Config(**SIZES, rms_norm_eps=1e-6, **settings)
     cls = transformers.Qwen2ForCausalLM
+  elif family == "mistral":
+    cfg = transformers.MistralConfig(**SIZES, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=False, **settings)
+    cls = transformers.MistralForCausalLM
   elif family == "phi3":
     cfg = transformers.Phi3Config(**{**SIZES, "tie_word_embeddings": False, **settings}, rms_norm_eps=1e-5)
     cls = transformers.Phi3ForCausalLM

@@ -3,11 +3,12 @@
 tests/fixtures/llama_cpp_gguf/ holds the tiny random checkpoints of tests/fixtures/llama_variants/ as llama.cpp's
 converter writes them in f32 (made by `scripts/llama_cpp_convert_check.py`, which also checks f16 and q8_0 files and
 the variant jaxspec refuses, LLaMA with biases): Llama 3.1's RoPE scaling as a `rope_freqs.weight` tensor, linear
-scaling in the metadata, Qwen2 with q/k/v biases and a tied head (and with YaRN in the metadata), and Phi-3 (fused q/k/v and gate/up matrices; a
-sliding window; LongRoPE's factors as two tensors and its attention factor in the metadata; rotary embeddings on
-part of each head, as Phi-4-mini has them). jaxspec must give transformers' logits from
-them (llama_variants_reference.npz) and its greedy tokens. The same files read without undoing llama.cpp's Q/K row
-permutation, or without the scaling or biases they hold, give other logits, so the comparisons can fail.
+scaling in the metadata, Qwen2 with q/k/v biases and a tied head (and with YaRN in the metadata), and Phi-3 (fused
+q/k/v and gate/up matrices; a sliding window, which a second file's 48 tokens make matter; LongRoPE's factors as two
+tensors and its attention factor in the metadata; rotary embeddings on part of each head, as Phi-4-mini has them).
+jaxspec must give transformers' logits from them (llama_variants_reference.npz) and its greedy tokens. The same files
+read without undoing llama.cpp's Q/K row permutation, or without the scaling, biases or window they hold, give other
+logits, so the comparisons can fail.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from jaxspec.loading.gguf_loader import load_gguf
 from tests.test_llama_variants import batch_logits, llama_cpp_factors, without_variant
 
 FIXTURES = Path(__file__).parent / "fixtures"
-VARIANTS = ("llama3", "linear", "qwen2", "phi3", "phi3_longrope", "phi4_mini", "qwen2_yarn")
+VARIANTS = ("llama3", "linear", "qwen2", "phi3", "phi3_longrope", "phi4_mini", "qwen2_yarn", "phi3_window")
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +41,19 @@ def converted(name: str) -> str:
 def test_llama_cpp_files_match_transformers(ref, name, caplog):
   """Logits at positions up to 299 in a batch of two and a greedy continuation equal transformers', and nothing in
   the file is reported as skipped (rope_freqs.weight and LongRoPE's factors are read, into the config); Phi-3's
-  context is bounded (by its window, or LongRoPE's original context) and the load says so."""
+  sliding window applies, and LongRoPE's original context bounds the context (and the load says so)."""
   with caplog.at_level("WARNING", logger="jaxspec.loading"):
     model, params = load_gguf(converted(name))
   cfg = model.cfg
   bounded = [r.getMessage() for r in caplog.records if "bounded to 320 tokens" in r.getMessage()]
-  assert (len(bounded), len(caplog.records)) == ((1, 1) if name.startswith("phi") else (0, 0)), caplog.text
+  longrope = name in ("phi3_longrope", "phi4_mini")
+  assert (len(bounded), len(caplog.records)) == ((1, 1) if longrope else (0, 0)), caplog.text
+  assert cfg.sliding_window == {"phi3": 320, "phi3_window": 48}.get(name, 0)
   assert (dict(cfg.rope_scaling).get("rope_type"), cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias, cfg.tie_embeddings) == {
       "llama3": ("factors", False, False, False, False), "linear": ("linear", False, False, False, False),
       "qwen2": (None, True, False, False, True), "phi3": (None, False, False, False, False),
       "phi3_longrope": ("longrope", False, False, False, False), "phi4_mini": ("longrope", False, False, False, True),
-      "qwen2_yarn": ("yarn", True, False, False, True)}[name]
+      "qwen2_yarn": ("yarn", True, False, False, True), "phi3_window": (None, False, False, False, False)}[name]
   assert cfg.rotary_dim == (12 if name == "phi4_mini" else 0)
   if name == "llama3":  # the converter's factors are Llama 3.1's bands
     s = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 128}

@@ -1,5 +1,5 @@
 """LLaMA-family variants against Hugging Face transformers: scaled RoPE (Llama 3.1+'s per-band scaling, linear
-position interpolation, Phi-3's LongRoPE, YaRN), bias terms (Qwen2's on q/k/v, LLaMA's attention_bias and mlp_bias) and
+position interpolation, Phi-3's LongRoPE, YaRN), sliding windows (Phi-3's, Mistral's), bias terms (Qwen2's on q/k/v, LLaMA's attention_bias and mlp_bias) and
 Phi-3's fused projections.
 
 The checkpoints and reference numbers are tiny random models written by `scripts/llama_variants_reference.py` with
@@ -31,7 +31,8 @@ from jaxspec.models.llama import LlamaLM, rope_divisors, rope_scaling
 from tests.test_loading import Q, gguf_writer, write_gguf
 
 FIXTURES = Path(__file__).parent / "fixtures"
-VARIANTS = ("llama3", "linear", "qwen2", "llama_bias", "phi3", "phi3_longrope", "phi4_mini", "qwen2_yarn")
+VARIANTS = ("llama3", "linear", "qwen2", "llama_bias", "phi3", "phi3_longrope", "phi4_mini", "qwen2_yarn",
+            "phi3_window", "mistral_window")
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +62,8 @@ def without_variant(model, params, name):
     s = dict(model.cfg.rope_scaling)
     s.update({k: s[k] + s[k][-2:] for k in ("short_factor", "long_factor")})
     return LlamaLM(dataclasses.replace(model.cfg, rotary_dim=0, rope_scaling=rope_scaling(s))), params
+  if name in ("phi3_window", "mistral_window"):
+    return LlamaLM(dataclasses.replace(model.cfg, sliding_window=0)), params
   if name == "phi3":
     swapped = {k: ({**v, "mlp": {**v["mlp"], "gate": v["mlp"]["up"], "up": v["mlp"]["gate"]}}
                    if k.startswith("layers_") else v) for k, v in params.items()}
@@ -81,7 +84,9 @@ def test_variants_match_transformers(ref, name):
       "llama3": ("llama3", False, False, False), "linear": ("linear", False, False, False),
       "qwen2": (None, True, False, False), "llama_bias": (None, True, True, True), "phi3": (None, False, False, False),
       "phi3_longrope": ("longrope", False, False, False), "phi4_mini": ("longrope", False, False, False),
-      "qwen2_yarn": ("yarn", True, False, False)}[name]
+      "qwen2_yarn": ("yarn", True, False, False), "phi3_window": (None, False, False, False),
+      "mistral_window": (None, False, False, False)}[name]
+  assert cfg.sliding_window == (48 if name.endswith("_window") else 320 if name == "phi3" else 0)
   assert cfg.rotary_dim == (12 if name == "phi4_mini" else 0)
   got = batch_logits(model, params, ref[f"{name}_ids"])
   np.testing.assert_allclose(got, ref[f"{name}_logits"], atol=2e-4, rtol=0)
@@ -203,14 +208,15 @@ def test_a_variant_written_as_a_folder_loads_back(ref, tmp_path, name):
   """`save_hf` (whole-model exports) writes the architecture, biases and scaling into config.json, so the folder
   computes the same (and names the same family: Qwen2 stays Qwen2; Phi-3 is written as the LLaMA it loads as, its
   projections split, with its LongRoPE settings and the bounded context, which transformers' LLaMA computes as its
-  Phi-3 does, but with partial rotary embeddings, which only transformers' Phi-3 has, as Phi-3 with its projections
-  fused again: checked by hand, 0 difference in transformers' logits either way)."""
+  Phi-3 does, or as Mistral where it has a window, but with partial rotary embeddings, which only transformers' Phi-3
+  has, as Phi-3 with its projections fused again: checked by hand, 0 difference in transformers' logits)."""
   model, params = load_hf(folder(name))
   save_hf(str(tmp_path / "out"), model, params)
   written = json.loads((tmp_path / "out" / "config.json").read_text())
   original = json.loads((Path(folder(name)) / "config.json").read_text())
   phi3 = original["architectures"] == ["Phi3ForCausalLM"] and not model.cfg.rotary_dim  # partial rotary: Phi-3
-  assert written["architectures"] == (["LlamaForCausalLM"] if phi3 else original["architectures"])
+  as_llama = ["MistralForCausalLM"] if model.cfg.sliding_window else ["LlamaForCausalLM"]  # Mistral: with a window
+  assert written["architectures"] == (as_llama if phi3 else original["architectures"])
   again, p = load_hf(str(tmp_path / "out"))
   assert again.cfg == model.cfg
   np.testing.assert_allclose(batch_logits(again, p, ref[f"{name}_ids"]), ref[f"{name}_logits"], atol=2e-4, rtol=0)
@@ -356,14 +362,18 @@ def write_phi3_gguf(path, name: str, drop: tuple = (), window: int | None = None
 @pytest.mark.parametrize("name", ["phi3", "phi3_longrope"])
 def test_a_phi3_gguf_file_matches_transformers(ref, tmp_path, name, caplog):
   """A Phi-3 GGUF file (fused matrices, LongRoPE factors as tensors) gives transformers' logits and greedy tokens;
-  its context is bounded by the sliding window or LongRoPE's original context, as from the folder."""
+  its sliding window applies, and LongRoPE's original context bounds the context, as from the folder."""
   with caplog.at_level("WARNING", logger="jaxspec.loading"):
     model, params = load_gguf(write_phi3_gguf(tmp_path / "m.gguf", name))
   from_folder = load_hf(folder(name))[0].cfg
-  assert model.cfg.max_seq_len == from_folder.max_seq_len == 320
+  assert (model.cfg.max_seq_len, model.cfg.sliding_window) == (from_folder.max_seq_len, from_folder.sliding_window)
   assert dict(model.cfg.rope_scaling).keys() == dict(from_folder.rope_scaling).keys()  # values: float32 in the file
   said = [r.getMessage() for r in caplog.records]
-  assert any("bounded to 320 tokens" in m for m in said) and not any("skipped" in m for m in said), said
+  assert not any("skipped" in m for m in said), said
+  if name == "phi3":  # the window applies; the context stays whole
+    assert (model.cfg.max_seq_len, model.cfg.sliding_window, said) == (512, 320, [])
+  else:  # LongRoPE: the context is bounded to the original one
+    assert model.cfg.max_seq_len == 320 and any("bounded to 320 tokens" in m for m in said)
   np.testing.assert_allclose(batch_logits(model, params, ref[f"{name}_ids"]), ref[f"{name}_logits"], atol=2e-4,
                              rtol=0)
   want = ref[f"{name}_greedy"].tolist()
@@ -442,12 +452,12 @@ def test_yarn_takes_the_top_level_original_context(tmp_path):
 
 
 def test_phi3_applies_its_sliding_window_whatever_use_sliding_window_says(tmp_path):
-  """transformers' Phi-3 (and Mistral) has no `use_sliding_window` switch: the window bounds the context anyway."""
+  """transformers' Phi-3 (and Mistral) has no `use_sliding_window` switch: the window applies anyway."""
   out = tmp_path / "m"
   shutil.copytree(folder("phi3"), out)
   cfg = json.loads((out / "config.json").read_text())
   (out / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": False}))
-  assert load_hf(str(out))[0].cfg.max_seq_len == 320
+  assert (load_hf(str(out))[0].cfg.sliding_window, load_hf(str(out))[0].cfg.max_seq_len) == (320, 512)
 
 
 def test_a_phi3_folder_loads_as_a_draft(ref):
@@ -503,8 +513,8 @@ def test_longrope_runs_within_its_original_context_only():
 
 
 def test_context_defaults_follow_transformers_config_classes(tmp_path):
-  """Where config.json is silent, transformers' config classes fill in: Mistral's window of 4096 (which bounds a
-  longer context), and a Phi-3 config asking for YaRN is read as LongRoPE (so without its factors it is refused, as
+  """Where config.json is silent, transformers' config classes fill in: Mistral's window of 4096 (within a longer
+  context), and a Phi-3 config asking for YaRN is read as LongRoPE (so without its factors it is refused, as
   transformers fails on it, rather than run as YaRN)."""
   out = tmp_path / "mistral"
   shutil.copytree(folder("linear"), out)
@@ -513,7 +523,7 @@ def test_context_defaults_follow_transformers_config_classes(tmp_path):
   cfg.update(architectures=["MistralForCausalLM"], model_type="mistral", max_position_embeddings=8192)
   cfg.pop("sliding_window", None)
   (out / "config.json").write_text(json.dumps(cfg))
-  assert load_hf(str(out))[0].cfg.max_seq_len == 4096
+  assert (load_hf(str(out))[0].cfg.sliding_window, load_hf(str(out))[0].cfg.max_seq_len) == (4096, 8192)
   out = tmp_path / "phi3"
   shutil.copytree(folder("phi3"), out)
   cfg = json.loads((out / "config.json").read_text())

@@ -222,15 +222,16 @@ def test_what_jaxspec_computes_exactly_still_loads(tiny_hf, tmp_path, changes):
 
 
 def test_a_sliding_window_bounds_the_context(tiny_hf, tmp_path, caplog):
-  """jaxspec has no sliding-window attention, but within one window (prompt and output) attention is the model's, so
-  a window shorter than max_position_embeddings bounds the context, and the load says so once."""
+  """A LLaMA config's window (transformers' LLaMA has none; Qwen2's apply to some layers only) is not jaxspec's:
+  within one window (prompt and output) attention is the model's, so a window shorter than max_position_embeddings
+  bounds the context, and the load says so once. (Phi-3's and Mistral's windows apply: test_sliding_window.py.)"""
   with caplog.at_level("WARNING", logger="jaxspec.loading"):
     model, _ = load_hf(str(copy_of(tiny_hf, tmp_path, sliding_window=64)))
   assert model.cfg.max_seq_len == 64
   said = [r.getMessage() for r in caplog.records if "bounded" in r.getMessage()]
   assert said == ["The model's context is bounded to 64 tokens (prompt and output), from max_position_embeddings=512,"
-                  " by its sliding window (sliding_window=64), which jaxspec does not implement: within one window "
-                  "attention is the same."]
+                  " by its sliding window (sliding_window=64), which jaxspec applies to Phi-3 and Mistral models only: "
+                  "within one window attention is the same."]
 
 
 def test_rope_theta_is_read_from_rope_parameters(tiny_hf, tmp_path):

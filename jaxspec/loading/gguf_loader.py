@@ -29,7 +29,8 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2", "phi3")  # architectures jaxspec's 
 _PERMUTED = ("llama", "mistral")
 # Phi-3's fused matrices (rows in the order of their parts), split as the Hugging Face loader splits them.
 _FUSED = {"attn_qkv.weight": ("attn", ("q", "k", "v")), "ffn_up.weight": ("mlp", ("gate", "up"))}
-_QKV_BIAS = ("qwen2",)  # architectures with biases on the q, k and v projections
+_QKV_BIAS = ("qwen2",)
+_WINDOWED = ("phi3", "mistral")  # architectures whose sliding window covers every layer (as in transformers)
 SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                     "Q6_K")
 
@@ -100,12 +101,15 @@ def config_from_gguf(reader) -> LlamaConfig:
   names = {t.name for t in reader.tensors}
   scaling = _rope_scaling(reader, a, rope_dim)
   context = num(f"{a}.context_length", 2048)
-  window = reader.fields.get(f"{a}.attention.sliding_window")
   bounds = [(rope_context(scaling), "its LongRoPE scaling's original context, beyond which the long factors apply, "
              "which jaxspec does not implement")]
-  if window is not None and num(f"{a}.attention.sliding_window", minimum=0) > 0:  # 0: none (Phi-4)
-    bounds.append((num(f"{a}.attention.sliding_window"), "its sliding window, which jaxspec does not implement: "
-                   "within one window attention is the same"))
+  window = 0
+  if f"{a}.attention.sliding_window" in reader.fields:
+    window = num(f"{a}.attention.sliding_window", minimum=0)  # 0: none (Phi-4)
+    if a not in _WINDOWED and window:  # (another family's window may cover some layers only)
+      bounds.append((window, "its sliding window, which jaxspec applies to Phi-3 and Mistral models only: within one "
+                     "window attention is the same"))
+      window = 0
   for bound, why in bounds:
     if bound is not None and bound < context:
       logger.warning("The model's context is bounded to %d tokens (prompt and output), from %s.context_length=%d, "
@@ -129,6 +133,7 @@ def config_from_gguf(reader) -> LlamaConfig:
       max_seq_len=context,
       rope_scaling=scaling,
       rotary_dim=0 if rope_dim == head_dim else rope_dim,
+      sliding_window=window if window < context else 0,  # as transformers runs the model (llama.cpp leaves Phi-3's off)
       qkv_bias=a in _QKV_BIAS,
   )
 

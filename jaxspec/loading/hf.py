@@ -49,7 +49,7 @@ def config_from_hf(cfg: dict, *, log: bool = False) -> LlamaConfig:
                          f"({', '.join(SUPPORTED)}).")
   _check_features(cfg)
   theta, scaling = _rope(cfg)
-  context = _context(cfg, scaling, log)
+  context, window = _context(cfg, scaling, log)
   qwen2 = bool(set(archs) & set(_QKV_BIAS_ONLY)) or (not archs and model_type in _QKV_BIAS_ONLY)
   phi3 = "Phi3ForCausalLM" in archs or (not archs and model_type == "phi3")
   where = "config.json"
@@ -59,7 +59,7 @@ def config_from_hf(cfg: dict, *, log: bool = False) -> LlamaConfig:
     optional = lambda key, default: whole_number(_or_default(cfg, key, default), key, where)
     n_kv_heads = optional("num_key_value_heads", n_heads)
     head_dim = optional("head_dim", max(d_model // n_heads, 1))
-    return model_config(LlamaConfig, where, rotary_dim=_rotary_dim(cfg, head_dim, phi3),
+    return model_config(LlamaConfig, where, rotary_dim=_rotary_dim(cfg, head_dim, phi3), sliding_window=window,
         vocab_size=whole_number(cfg["vocab_size"], "vocab_size", where), d_model=d_model,
         n_layers=whole_number(cfg["num_hidden_layers"], "num_hidden_layers", where),
         n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
@@ -120,23 +120,26 @@ def _rotary_dim(cfg: dict, head_dim: int, phi3: bool) -> int:
   return 0 if dim == head_dim else dim
 
 
-def _context(cfg: dict, scaling: tuple, log: bool) -> int:
-  """`LlamaConfig.max_seq_len`: max_position_embeddings, bounded by what jaxspec computes exactly as the model does.
+def _context(cfg: dict, scaling: tuple, log: bool) -> tuple[int, int]:
+  """`(LlamaConfig.max_seq_len, sliding_window)`: max_position_embeddings, bounded where jaxspec computes the model
+  exactly only within a shorter context, and the window jaxspec applies (0: none).
 
-  A sliding window jaxspec does not implement, but within one window (prompt and output together) attention sees
-  every earlier token, as jaxspec's does; LongRoPE's long factors it does not implement, but within the original
-  context the short ones apply (`rope_divisors`). Either bound is logged where it shortens the context.
+  Phi-3's and Mistral's sliding window is jaxspec's too (every layer's, as transformers applies it). Another family's
+  (Qwen2's windows apply to some layers only) bounds the context to one window, within which attention sees every
+  earlier token. LongRoPE's long factors jaxspec does not implement, but within the original context the short ones
+  apply (`rope_divisors`): the context is bounded to it. A bound is logged where it shortens the context.
   """
   where = "config.json"
   context = whole_number(_max_positions(cfg), "max_position_embeddings", where)
-  bounds = []
+  bounds, window = [], 0
   # (transformers' MistralConfig has a window of 4096 where config.json has no sliding_window key)
-  window = cfg.get("sliding_window", 4096 if _family(cfg, "mistral") else None)
-  # (Qwen2-style configs carry a window that `use_sliding_window: false` switches off; transformers' Phi-3 and
-  # Mistral have no such switch and apply the window whatever it says.)
-  if window is not None and (cfg.get("use_sliding_window", True) is not False or _family(cfg, "phi3", "mistral")):
-    bounds.append((whole_number(window, "sliding_window", where), f"its sliding window (sliding_window={window}), "
-                   "which jaxspec does not implement: within one window attention is the same"))
+  value = cfg.get("sliding_window", 4096 if _family(cfg, "mistral") else None)
+  if value is not None and _family(cfg, "phi3", "mistral"):  # no switch: the window applies whatever config says
+    window = whole_number(value, "sliding_window", where)
+    window = 0 if window >= context else window  # a window as long as the context hides nothing
+  elif value is not None and cfg.get("use_sliding_window", True) is not False:  # (Qwen2's switch)
+    bounds.append((whole_number(value, "sliding_window", where), f"its sliding window (sliding_window={value}), "
+                   "which jaxspec applies to Phi-3 and Mistral models only: within one window attention is the same"))
   original = rope_context(scaling)
   if original is not None:
     bounds.append((original, f"its LongRoPE scaling's original context ({original}), beyond which the long factors "
@@ -146,7 +149,7 @@ def _context(cfg: dict, scaling: tuple, log: bool) -> int:
       logger.warning("The model's context is bounded to %d tokens (prompt and output), from max_position_embeddings="
                      "%d, by %s.", bound, context, why)
     context = min(context, bound)
-  return context
+  return context, (window if window < context else 0)
 
 
 # What each RoPE scaling's settings hold beside the base (`rope_parameters` carries the base too): transformers'
@@ -247,22 +250,25 @@ def _yarn(cfg: dict, block: dict, key: str) -> tuple:
 
 def model_entries(cfg) -> dict:
   """config.json's entries that name the architecture and what sets it apart from plain LLaMA (biases, RoPE scaling),
-  the inverse of `config_from_hf`: Phi-3 for partial rotary embeddings, Qwen2 for q/k/v biases alone, LLaMA with
-  attention_bias / mlp_bias otherwise. A
-  model whose RoPE scaling came from a GGUF file's rope_freqs gets jaxspec's own rope_type "factors", which
-  transformers refuses as unknown rather than computing another model.
+  the inverse of `config_from_hf`: Phi-3 for partial rotary embeddings, Mistral for a sliding window, Qwen2 for q/k/v
+  biases alone, LLaMA with attention_bias / mlp_bias otherwise. A model whose RoPE scaling came from a GGUF file's
+  rope_freqs gets jaxspec's own rope_type "factors", which transformers refuses as unknown rather than computing
+  another model.
 
   Raises:
     InputError: biases no transformers architecture has together (q/k/v without the output's, plus MLP biases; any
-      with partial rotary embeddings).
+      with partial rotary embeddings or a sliding window).
   """
+  if (cfg.rotary_dim or cfg.sliding_window) and (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias):
+    raise InputError(f"A model with {'partial rotary embeddings' if cfg.rotary_dim else 'a sliding window'} and "
+                     "biases has no Hugging Face architecture; it cannot be written as a folder.")
   if cfg.rotary_dim:  # only transformers' Phi-3 turns part of each head
-    if cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias:
-      raise InputError("A model with partial rotary embeddings and biases has no Hugging Face architecture; it cannot "
-                       "be written as a folder.")
     # (Phi-3's config defaults its padding id to 32000, which transformers refuses for a smaller vocabulary)
     out = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
-           "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim, "pad_token_id": None}
+           "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim, "pad_token_id": None,
+           "sliding_window": cfg.sliding_window or None}
+  elif cfg.sliding_window:  # Mistral: LLaMA with a window
+    out = {"architectures": ["MistralForCausalLM"], "model_type": "mistral", "sliding_window": cfg.sliding_window}
   elif cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias:
     out = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": False}
   elif cfg.qkv_bias != cfg.o_bias:

@@ -52,11 +52,11 @@ f32_dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=
 
 def precision_key(cfg: Any) -> dict:
   """What a cache key of a model's outputs adds to the config's repr: `{"precision": ...}` when they are not
-  computed at the default precision, `{"rotary_dim": ...}` for partial rotary embeddings; empty at the defaults, so
-  keys of files written before these settings existed still match."""
+  computed at the default precision, `rotary_dim` for partial rotary embeddings, `sliding_window` for windowed
+  attention; empty at the defaults, so keys of files written before these settings existed still match."""
   value = getattr(cfg, "matmul_precision", "highest")
-  rotary = getattr(cfg, "rotary_dim", 0)
-  return {**({} if value == "highest" else {"precision": value}), **({"rotary_dim": rotary} if rotary else {})}
+  extra = {k: getattr(cfg, k, 0) for k in ("rotary_dim", "sliding_window") if getattr(cfg, k, 0)}
+  return {**({} if value == "highest" else {"precision": value}), **extra}
 
 
 def f32_logits(hidden: Array, table_VxD: Array, dtype: Any) -> Array:
@@ -97,6 +97,9 @@ class LlamaConfig:
   # Rotary embeddings on the first `rotary_dim` features of each head only (Phi-4-mini's partial_rotary_factor); 0:
   # the whole head. Left out of the repr as `matmul_precision` is (`precision_key`).
   rotary_dim: int = dataclasses.field(default=0, repr=False)
+  # Sliding-window attention (Mistral 7B v0.1, Phi-3): a token at position p sees the keys at positions above
+  # p - sliding_window; 0: every earlier token. Left out of the repr as `matmul_precision` is (`precision_key`).
+  sliding_window: int = dataclasses.field(default=0, repr=False)
 
   def __post_init__(self):
     check_sizes(self, ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"),
@@ -110,6 +113,9 @@ class LlamaConfig:
         or not 0 <= self.rotary_dim <= self.head_dim or self.rotary_dim % 2):
       raise ValueError(f"rotary_dim={self.rotary_dim!r} must be an even number of features from 0 (the whole head) "
                        f"to head_dim={self.head_dim}")
+    if (isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, numbers.Integral)
+        or self.sliding_window < 0):
+      raise ValueError(f"sliding_window={self.sliding_window!r} must be a whole number of tokens (0: no window)")
     rope_divisors(self.rope_dim, self.rope_theta, self.rope_scaling)
     context = rope_context(self.rope_scaling)
     if context is not None and self.max_seq_len > context:
@@ -412,6 +418,20 @@ class _ScanBlock(nn.Module):
     return Block(self.cfg, self.write, self.attn_slots, name="block")(x_BxTxD, kv, rope, lengths_B, visible)
 
 
+def _within_window(window: int, positions_BxT: Array, slots: int, cache_positions_BxS: Array | None,
+                   cache_visible: Array, mask_BxTxT: Array) -> tuple[Array, Array]:
+  """The visibility masks `(cache [B, T, S], new tokens [B, T, T])` narrowed to keys less than `window` positions
+  before each query. A cache slot holds the position of its index unless `cache_positions_BxS` says otherwise (a
+  draft tree grown in the cache)."""
+  pos_BxTx1 = positions_BxT[:, :, None]
+  near_BxTxT = pos_BxTx1 - positions_BxT[:, None, :] < window
+  keys_BxS = (jnp.arange(slots)[None] if cache_positions_BxS is None else cache_positions_BxS[:, :slots])
+  near_BxTxS = pos_BxTx1 - keys_BxS[:, None, :] < window
+  if cache_visible.ndim == 2:
+    cache_visible = cache_visible[:, None, :]
+  return cache_visible & near_BxTxS, mask_BxTxT & near_BxTxT
+
+
 class Llama(nn.Module):
   """The Flax module. Use it through `LlamaLM`, which holds the static parts and the cache layout."""
 
@@ -436,7 +456,8 @@ class Llama(nn.Module):
                               param_dtype=jnp.dtype(cfg.param_dtype), name="lm_head",
                               dot_general=f32_dot_general)
 
-  def __call__(self, tokens_BxT, positions_BxT, cache: KVCache, mask_BxTxT, cache_mask_BxTxS=None):
+  def __call__(self, tokens_BxT, positions_BxT, cache: KVCache, mask_BxTxT, cache_mask_BxTxS=None,
+               cache_positions_BxS=None):
     cfg = self.cfg
     if mask_BxTxT.ndim == 2:
       mask_BxTxT = jnp.broadcast_to(mask_BxTxT, (tokens_BxT.shape[0], *mask_BxTxT.shape))
@@ -447,6 +468,8 @@ class Llama(nn.Module):
     if cache_mask_BxTxS is not None:
       cache_mask_BxTxS = cache_mask_BxTxS[..., :slots]
     visible = (committed if cache_mask_BxTxS is None else cache_mask_BxTxS, mask_BxTxT)
+    if cfg.sliding_window:
+      visible = _within_window(cfg.sliding_window, positions_BxT, slots, cache_positions_BxS, *visible)
     if cfg.scan_layers:
       x_BxTxD, (ks, vs) = self.layers(x_BxTxD, (cache.k, cache.v), rope, cache.lengths, visible)
     else:
@@ -505,9 +528,15 @@ class LlamaLM:
       v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers))
     return KVCache(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32))
 
+  @property
+  def keys_need_positions(self) -> bool:
+    """Whether a forward over a cache whose slots hold other positions than their index (a draft tree grown in the
+    cache) needs them as `cache_positions_BxS`: a sliding window compares positions."""
+    return bool(self.cfg.sliding_window)
+
   def forward(self, params, tokens_BxT: Array, positions_BxT: Array, cache: KVCache, mask_BxTxT: Array, *,
               logits: bool = True, cache_mask_BxTxS: Array | None = None, write: bool = True,
-              attn_slots: int | None = None):
+              attn_slots: int | None = None, cache_positions_BxS: Array | None = None):
     """Runs T new tokens against the cache. Jittable.
 
     Args:
@@ -526,6 +555,8 @@ class LlamaLM:
       attn_slots: static; attention reads only cache slots `[0, attn_slots)`, so its cost follows the filled
         length instead of the buffer's (the decode loop's cache buckets). Every slot a token may read must lie
         below it; 0 skips the cache (a prefill into an empty cache). None reads the whole buffer.
+      cache_positions_BxS: the positions of the keys in the cache's slots (default: the slot index), for a sliding
+        window (`keys_need_positions`).
 
     Returns:
       `(logits_BxTxV or None, hidden_BxTxD, cache)`, `lengths` unchanged; with `write=False`, the new keys and
@@ -535,7 +566,7 @@ class LlamaLM:
       raise ValueError(f"attn_slots={attn_slots} is outside [0, {cache.capacity}], the cache's slots.")
     with jax.default_matmul_precision(self.cfg.matmul_precision):
       hidden, cache = Llama(self.cfg, write, attn_slots).apply({"params": params}, tokens_BxT, positions_BxT, cache,
-                                                               mask_BxTxT, cache_mask_BxTxS)
+                                                               mask_BxTxT, cache_mask_BxTxS, cache_positions_BxS)
     return (self.logits(params, hidden) if logits else None), hidden, cache
 
   @property

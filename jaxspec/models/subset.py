@@ -39,6 +39,10 @@ class _OtherHead:
     return getattr(self.base, "can_defer_write", False)
 
   @property
+  def keys_need_positions(self) -> bool:
+    return getattr(self.base, "keys_need_positions", False)
+
+  @property
   def bounds_attention(self) -> bool:
     return getattr(self.base, "bounds_attention", False)
 
