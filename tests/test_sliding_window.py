@@ -114,3 +114,17 @@ def test_keys_in_slots_past_their_positions_are_windowed_by_position():
   assert np.abs(run(False) - want).max() > 0.05
 
 
+
+
+def test_a_subset_head_draft_of_a_windowed_model_keeps_its_window(windowed, windowed_ref):
+  """A draft with its own output head (`SubsetHeadLM`) over a windowed base asks for its tree slots' positions as the
+  base does, and its draft trees, grown in its cache, give greedy's tokens."""
+  from jaxspec.decoding.opt_tree import LMTreeSource, OptTreeDrafter
+  from jaxspec.models.subset import subset_head
+
+  model, params = windowed
+  sub, sub_params = subset_head(model, params, np.arange(0, 256, 2)[:100])
+  assert sub.keys_need_positions and not subset_head(*make_tiny(), np.arange(10))[0].keys_need_positions
+  drafter = OptTreeDrafter(LMTreeSource(sub), nodes=8, depth=4, width=2, branch=3)
+  res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=drafter, draft_params=sub_params)
+  assert res.tokens == windowed_ref
