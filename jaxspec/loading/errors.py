@@ -73,6 +73,18 @@ def unread_tensors(shown: str, names: list[str], what: str = "outside the layers
                    what, names[0], note)
 
 
+def bounded_context(context: int, key: str, bounds: list, log: bool = True) -> int:
+  """`context` (the config's `key`) shortened to the least of `bounds`, `(bound or None, why)` pairs: the lengths
+  within which jaxspec computes the model exactly; each bound that shortens it is logged with its reason."""
+  for bound, why in bounds:
+    if bound is not None and bound < context:
+      if log:
+        logger.warning("The model's context is bounded to %d tokens (prompt and output), from %s=%d, by %s.", bound,
+                       key, context, why)
+      context = bound
+  return context
+
+
 def more_layers(shown: str, layers: int, found: int, key: str) -> ModelLoadError:
   """The error for weights of more layers than the config names (`shown`: the file or folder, as the message shows
   it)."""

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.loading.errors import (ModelLoadError, logger, model_config, more_layers, positive_number,
+from jaxspec.loading.errors import (ModelLoadError, bounded_context, model_config, more_layers, positive_number,
                                      unread_tensors, whole_number)
 from jaxspec.loading.tokenizer import GGUF_MAGIC, NOT_GGUF
 from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_context, rope_scaling, stack_layers
@@ -110,11 +110,7 @@ def config_from_gguf(reader) -> LlamaConfig:
       bounds.append((window, "its sliding window, which jaxspec applies to Phi-3 and Mistral models only: within one "
                      "window attention is the same"))
       window = 0
-  for bound, why in bounds:
-    if bound is not None and bound < context:
-      logger.warning("The model's context is bounded to %d tokens (prompt and output), from %s.context_length=%d, "
-                     "by %s.", bound, a, context, why)
-      context = bound
+  context = bounded_context(context, f"{a}.context_length", bounds)
   vocab = reader.fields.get(f"{a}.vocab_size")
   vocab_size = num(f"{a}.vocab_size") if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"].data)
   return model_config(

@@ -14,7 +14,7 @@ import numpy as np
 
 from jaxspec import files
 from jaxspec.errors import InputError
-from jaxspec.loading.errors import (ModelLoadError, logger, model_config, more_layers, positive_number,
+from jaxspec.loading.errors import (ModelLoadError, bounded_context, model_config, more_layers, positive_number,
                                      unread_tensors, whole_number)
 from jaxspec.loading.gguf_loader import check_complete, split_fused
 from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_context, rope_scaling, stack_layers, unstack_layers
@@ -141,14 +141,9 @@ def _context(cfg: dict, scaling: tuple, log: bool) -> tuple[int, int]:
     bounds.append((whole_number(value, "sliding_window", where), f"its sliding window (sliding_window={value}), "
                    "which jaxspec applies to Phi-3 and Mistral models only: within one window attention is the same"))
   original = rope_context(scaling)
-  if original is not None:
-    bounds.append((original, f"its LongRoPE scaling's original context ({original}), beyond which the long factors "
-                   "apply, which jaxspec does not implement"))
-  for bound, why in bounds:
-    if bound < context and log:
-      logger.warning("The model's context is bounded to %d tokens (prompt and output), from max_position_embeddings="
-                     "%d, by %s.", bound, context, why)
-    context = min(context, bound)
+  bounds.append((original, f"its LongRoPE scaling's original context ({original}), beyond which the long factors "
+                 "apply, which jaxspec does not implement"))
+  context = bounded_context(context, "max_position_embeddings", bounds, log)
   return context, (window if window < context else 0)
 
 
