@@ -408,7 +408,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.distributed:
       from jaxspec.sharding import initialize_distributed
       initialize_distributed()
-    return args.func(args)
+    code = args.func(args)
+    if _SIGNAL_TAKEN is not None:
+      # The program's handler took SIGINT or SIGTERM, but the work ended as if it had not: the exception was raised
+      # inside library code that swallowed it, or its delivery again after an import was still due. (Seen once in a
+      # test run under load: Ctrl-C half a second in, and the command printed its answer and exited 0.)
+      import signal
+      raise Terminated() if _SIGNAL_TAKEN == signal.SIGTERM else KeyboardInterrupt()
+    return code
   except JaxspecError as e:
     if isinstance(e, OutOfMemory) and getattr(args, "command", None) in _MEMORY_ADVICE:
       e = e.with_advice(_MEMORY_ADVICE[args.command])  # the command's flags, not the library's parameters
@@ -424,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _EXIT_AT_ONCE = False  # set by `main` when it was interrupted
+_SIGNAL_TAKEN: int | None = None  # the signal `_raise_outside_imports` last took (`run` resets it)
 
 # What to make smaller when a decode does not fit the devices' memory, in each command's flags.
 _MEMORY_ADVICE = {
@@ -443,6 +451,8 @@ def _raise_outside_imports(signum, frame) -> None:
   half-initialized module that failed later with a traceback, exit 1 (numpy turns an interrupt inside its import into
   an ImportError): the signal is then delivered again a moment later, after the import."""
   import signal
+  global _SIGNAL_TAKEN
+  _SIGNAL_TAKEN = signum
   error = Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
   f = frame
   while f is not None:
@@ -457,6 +467,8 @@ def _raise_outside_imports(signum, frame) -> None:
 def run() -> None:
   """The `jaxspec` program (`main` is the same without ending the process, for callers and tests)."""
   import signal
+  global _SIGNAL_TAKEN
+  _SIGNAL_TAKEN = None
   if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # (one a caller set, or SIG_IGN, is left alone)
     signal.signal(signal.SIGTERM, _raise_outside_imports)
   if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Python's own: KeyboardInterrupt at once
