@@ -277,8 +277,8 @@ def test_draft_tree_nodes_get_their_paths_probabilities():
                      jnp.zeros((1, model.vocab_size)), jnp.asarray([first], jnp.int32), capacity=cap)
   loop = types.SimpleNamespace(pending_B=jnp.asarray([first], jnp.int32), sp=SamplingParams.make(0.0),
                                active_B=jnp.asarray([True]))
-  state = drafter.init(params, info)
-  draft, state = drafter.propose(params, state, loop)
+  # (jitted: op by op, the tree's growth compiled each small operation on its own, most of this test's time)
+  draft, state = jax.jit(lambda p: drafter.propose(p, drafter.init(p, info), loop))(params)
   tokens, parents, depth = (np.asarray(x[0]) for x in (draft.tokens_BxN, draft.parent_BxN, draft.depth_BxN))
   assert (depth >= 3).sum() >= 2  # nodes whose ancestors sit in slots other than their positions
 
@@ -291,13 +291,16 @@ def test_draft_tree_nodes_get_their_paths_probabilities():
 
   cache = model.init_cache(1, cap, source_len=len(src))
   _, _, cache = model.start(params, jnp.asarray([src]), jnp.asarray([len(src)]), cache)
+  # Each node's path as one plain chain, padded to one length (a causal chain's logits do not see what follows),
+  # so one compiled forward serves every node.
+  chains = [[model.cfg.decoder_start_id, first] + path(i) for i in range(len(tokens))]
+  width = max(map(len, chains))
+  chain_forward = jax.jit(lambda chain_1xW: jax.nn.log_softmax(model.forward(
+      params, chain_1xW, jnp.arange(width)[None], cache, jnp.tril(jnp.ones((1, width, width), bool)))[0][0]))
   want = 0.0
-  for i in range(len(tokens)):
-    chain = [model.cfg.decoder_start_id, first] + path(i)  # the node's path as one plain chain
+  for chain in chains:
     n = len(chain)
-    logits, _, _ = model.forward(params, jnp.asarray([chain]), jnp.arange(n)[None], cache,
-                                 jnp.tril(jnp.ones((1, n, n), bool)))
-    logp = np.asarray(jax.nn.log_softmax(logits[0]))
+    logp = np.asarray(chain_forward(jnp.asarray([chain + [0] * (width - n)])))
     want += float(np.exp(sum(logp[j, chain[j + 1]] for j in range(1, n - 1))))
   got = float(np.asarray(state.expected_accept_DxN)[-1, -1])
   assert got == pytest.approx(want, rel=1e-4)
