@@ -142,25 +142,18 @@ def assert_gates_mix(calls: dict) -> float:
   return mixed[0]
 
 
-# The default model's reference prompts: the shipped drafters' tests decode the first two (their drafts are
-# accepted there); copies and Jacobi need outputs that repeat themselves (the last three).
-DEFAULT_QUESTIONS = ("List the planets of the solar system in order.", "Write a haiku about rain.",
-                     "Copy this list exactly: apple, banana, cherry, apple, banana, cherry.",
-                     "Write a Python function that returns the sum of a list, then call it on [1, 2, 3].",
-                     "Repeat after me: na na na na na na na na na na na na na na na na")
+SHIPPED_QUESTIONS = ("List the planets of the solar system in order.", "Write a haiku about rain.")
 
 
 @pytest.fixture(scope="session")
 def default_greedy(default_model):
-  """`(prompts, kw, result)`: greedy decoding of DEFAULT_QUESTIONS as chat prompts (`kw`: 40 new tokens, the
-  tokenizer's EOS) on the default model, the one reference every default-model method test compares against
-  (computed once per session: each reference of other shapes compiled the 30-layer loop again)."""
+  """`(prompts, result)`: greedy decoding of two chat prompts (40 new tokens) on the default model, the reference the
+  shipped drafters' tests compare against (computed once per session)."""
   from jaxspec.decoding.generate import generate
 
   model, params, tok = default_model
-  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in DEFAULT_QUESTIONS]
-  kw = dict(max_new_tokens=40, eos_ids=[tok.eos_id])
-  return prompts, kw, generate(model, params, prompts, **kw)
+  prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in SHIPPED_QUESTIONS]
+  return prompts, generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id])
 
 
 @pytest.fixture(scope="module", autouse=True)

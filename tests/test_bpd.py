@@ -425,15 +425,13 @@ def test_shipped_heads_equal_greedy_on_default_model(default_model, default_gree
   from jaxspec.bench.methods import DEFAULT_BPD_HEADS
 
   model, params, tok = default_model
-  prompts, kw, greedy = default_greedy
+  prompts, greedy = default_greedy
   bpd, p = load_bpd(DEFAULT_BPD_HEADS, num_heads=4)
   assert bpd.cfg.d_model == model.cfg.d_model
-  res = generate(model, params, prompts, drafter=BPDDrafter(bpd), draft_params=bpd_draft_params(model, params, bpd, p),
-                 **kw)
+  res = generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id], drafter=BPDDrafter(bpd),
+                 draft_params=bpd_draft_params(model, params, bpd, p))
   assert res.tokens == greedy.tokens
-  # the trained heads do get tokens accepted: fewer verify forwards per row (a batch's shared count waits for its
-  # slowest row)
-  assert sum(res.active_calls) < sum(greedy.active_calls)
+  assert res.target_calls < greedy.target_calls  # the trained heads do get tokens accepted
 
 
 @pytest.mark.slow  # one more compile of the default model; the gate's logic is covered on the tiny model
@@ -441,12 +439,12 @@ def test_shipped_heads_with_a_gate_equal_greedy_on_default_model(default_model, 
   from jaxspec.bench.methods import DEFAULT_BPD_HEADS
 
   model, params, tok = default_model
-  prompts, kw, greedy = default_greedy
+  prompts, greedy = default_greedy
   bpd, p = load_bpd(DEFAULT_BPD_HEADS, num_heads=4)
-  gated = generate(model, params, prompts, drafter=BPDDrafter(bpd, gate=0.8),
-                   draft_params=bpd_draft_params(model, params, bpd, p), **kw)
+  gated = generate(model, params, prompts, max_new_tokens=40, eos_ids=[tok.eos_id],
+                   drafter=BPDDrafter(bpd, gate=0.8), draft_params=bpd_draft_params(model, params, bpd, p))
   assert gated.tokens == greedy.tokens
-  assert sum(gated.active_calls) < sum(greedy.active_calls)  # the gate lets confident drafts through
+  assert gated.target_calls < greedy.target_calls  # the gate lets confident drafts through
 
 
 def test_sampled_self_distillation_is_reproducible_and_splits_by_prompt(tmp_path, caplog):

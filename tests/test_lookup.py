@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxspec.bench.runner import chat_prompt_ids
 from jaxspec.decoding.accept import GreedyAcceptance
 from jaxspec.decoding.generate import generate
 from jaxspec.decoding.bpd import chain_draft
@@ -169,9 +170,22 @@ def test_lookup_equals_greedy_on_tiny_model(request, target):
     assert res.tokens == greedy.tokens, gate
 
 
-def test_lookup_equals_greedy_on_default_model(default_model, default_greedy):
+DEFAULT_MODEL_QUESTIONS = ["Copy this list exactly: apple, banana, cherry, apple, banana, cherry.",
+                           "Write a Python function that returns the sum of a list, then call it on [1, 2, 3]."]
+
+
+@pytest.fixture(scope="module")
+def repeating_greedy(default_model):
+  """`(prompts, kw, greedy result)` for DEFAULT_MODEL_QUESTIONS on the default model, shared by this file's tests."""
   model, params, tok = default_model
-  prompts, kw, greedy = default_greedy
+  prompts = chat_prompt_ids(tok, DEFAULT_MODEL_QUESTIONS)
+  kw = dict(max_new_tokens=48, eos_ids=[tok.eos_id])
+  return prompts, kw, generate(model, params, prompts, **kw)
+
+
+def test_lookup_equals_greedy_on_default_model(default_model, repeating_greedy):
+  model, params, tok = default_model
+  prompts, kw, greedy = repeating_greedy
   res = generate(model, params, prompts, drafter=LookupDrafter(), **kw)
   print("default model lookup tau:", res.tau, "target calls", res.target_calls, "vs", greedy.target_calls)
   assert res.tokens == greedy.tokens
@@ -179,9 +193,9 @@ def test_lookup_equals_greedy_on_default_model(default_model, default_greedy):
 
 
 @pytest.mark.slow  # one more compile of the default model; the gate's logic is covered on the tiny model above
-def test_gated_lookup_equals_greedy_on_default_model(default_model, default_greedy):
+def test_gated_lookup_equals_greedy_on_default_model(default_model, repeating_greedy):
   model, params, tok = default_model
-  prompts, kw, greedy = default_greedy
+  prompts, kw, greedy = repeating_greedy
   gated = generate(model, params, prompts, drafter=LookupDrafter(gate=2), **kw)
   print("default model gated lookup tau:", gated.tau, "target calls", gated.target_calls, "vs", greedy.target_calls)
   assert gated.tokens == greedy.tokens and gated.target_calls < greedy.target_calls
@@ -353,13 +367,13 @@ def test_sampling_with_copies_is_exact(stat_models, continuation_logits, inner, 
   assert (pvalue < 1e-6) if broken else (pvalue > 1e-3)
 
 
-def test_shipped_heads_with_copies_equal_greedy_on_default_model(default_model, default_greedy):
+def test_shipped_heads_with_copies_equal_greedy_on_default_model(default_model, repeating_greedy):
   from jaxspec.bench.methods import DEFAULT_BPD_HEADS
   from jaxspec.decoding.bpd import BPDDrafter, bpd_draft_params
   from jaxspec.models.bpd import load_bpd
 
   model, params, tok = default_model
-  prompts, kw, greedy = default_greedy
+  prompts, kw, greedy = repeating_greedy
   bpd, p = load_bpd(DEFAULT_BPD_HEADS, num_heads=4)
   res = generate(model, params, prompts, drafter=WithLookup(BPDDrafter(bpd)),
                  draft_params=bpd_draft_params(model, params, bpd, p), **kw)
