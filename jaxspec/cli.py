@@ -113,6 +113,11 @@ def _model_options(parser) -> None:
                            "high and default (JAX's own: bfloat16 passes on TPU, TensorFloat-32 on recent GPUs) are "
                            "faster and can break the methods' token identity with greedy decoding at near-ties. "
                            "No effect on CPU")
+  parser.add_argument("--context", type=_positive_int, default=None,
+                      help="the model's context in tokens (prompt and output), at most what its file declares "
+                           "(default: that, bounded where jaxspec computes the model exactly only within less, "
+                           "which is logged). Past a LongRoPE model's original context (Phi-3 128k, Phi-3.5, "
+                           "Phi-4-mini) its long factors apply at every position, as in llama.cpp")
 
 
 def _read_prompt_file(path: str) -> str:
@@ -150,7 +155,8 @@ def _cmd_generate(args) -> int:
   label, name, opts = parse_method(args.method)
   mesh = _mesh(args)
   model, params, tok = load_model(args.model, dtype=args.dtype, scan_layers=args.scan_layers,
-                                  param_dtype=args.param_dtype, matmul_precision=args.matmul_precision, mesh=mesh)
+                                  param_dtype=args.param_dtype, matmul_precision=args.matmul_precision, mesh=mesh,
+                                  context=args.context)
   text = tok.apply_chat_template([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
   # A chat template writes the special tokens itself; plain text gets the tokenizer's own (e.g. Llama 3's BOS).
   ids = tok.encode(text, add_bos=False if args.chat else None)
@@ -217,7 +223,7 @@ def _cmd_bench(args) -> int:
                     top_k=args.top_k, top_p=args.top_p, seed=args.seed, out=args.out, t5x_src=args.t5x_src,
                     model=args.model, quick=args.quick, mesh=args.mesh, fresh=args.fresh, dtype=args.dtype,
                     scan_layers=args.scan_layers, param_dtype=args.param_dtype,
-                    matmul_precision=args.matmul_precision)
+                    matmul_precision=args.matmul_precision, context=args.context)
   res = run_bench(cfg, require_all=named)  # on Ctrl-C it says itself how many method runs it kept
   print("\n".join(summary_lines(res)))
   from jaxspec import files
@@ -398,7 +404,8 @@ def _redeliver_swallowed_interrupts() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = None
+  global _SIGNAL_TAKEN
+  args, _SIGNAL_TAKEN = None, None  # (a signal an earlier call took, in a process that calls main more than once)
   try:
     _redeliver_swallowed_interrupts()
     from jaxspec import xla_defaults
@@ -431,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 _EXIT_AT_ONCE = False  # set by `main` when it was interrupted
-_SIGNAL_TAKEN: int | None = None  # the signal `_raise_outside_imports` last took (`run` resets it)
+_SIGNAL_TAKEN: int | None = None  # the signal `_raise_outside_imports` took during `main`
 
 # What to make smaller when a decode does not fit the devices' memory, in each command's flags.
 _MEMORY_ADVICE = {
@@ -467,8 +474,6 @@ def _raise_outside_imports(signum, frame) -> None:
 def run() -> None:
   """The `jaxspec` program (`main` is the same without ending the process, for callers and tests)."""
   import signal
-  global _SIGNAL_TAKEN
-  _SIGNAL_TAKEN = None
   if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:  # (one a caller set, or SIG_IGN, is left alone)
     signal.signal(signal.SIGTERM, _raise_outside_imports)
   if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # Python's own: KeyboardInterrupt at once

@@ -30,7 +30,9 @@ This script imports only torch, transformers and numpy (not jaxspec). It writes,
     context), `<v>_logits` float32 [2, T / 4, V] (teacher forcing, positions 0, 4, 8, ...), `<v>_greedy` int32 [N]
     (pure-argmax `generate` of N new tokens after the first row's first 40 tokens, no EOS stop) and
     `<v>_greedy_margin` float32 [N] (each step's top-1 minus top-2 logit, at least 0.02: the weights come from the
-    first seed that gives that), and `meta_*` strings (library versions, the variants and their weight seeds).
+    first seed that gives that), and `meta_*` strings (library versions, the variants and their weight seeds); for
+    the LongRoPE variants (`phi3_longrope`, `phi4_mini`) also `<v>_long_ids` [2, 400] and `<v>_long_logits` (every
+    4th position): 400 tokens pass the original context of 320, so transformers computes them with the long factors.
 
 The reference numbers come from the model as transformers reloads it from the saved folder. Everything runs on CPU in
 one thread with deterministic algorithms and fixed seeds, so a rerun writes byte-identical files.
@@ -51,6 +53,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT_DIR = os.path.join(REPO_ROOT, "tests", "fixtures")
 LENGTH = 300  # past original_max_position_embeddings (128), where scaled and plain RoPE part ways most
 STRIDE = 4  # logits kept at every 4th position (the file stays small)
+LONG_LENGTH = 400  # the LongRoPE variants' long references: past their original context of 320
 PROMPT = 40
 NEW_TOKENS = 24
 MIN_MARGIN = 0.02  # the smallest top-1 minus top-2 logit a greedy step may have
@@ -130,6 +133,17 @@ def _reference(folder: str, seed: int) -> dict:
           "greedy_margin": (top2[:, 1] - top2[:, 0]).astype(np.float32)}
 
 
+def _long_reference(folder: str, seed: int) -> dict:
+  """For a LongRoPE variant: teacher-forced logits over LONG_LENGTH tokens, past the original context, where
+  transformers computes with the long factors."""
+  model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+  ids = np.random.default_rng(seed).integers(3, 128, size=(2, LONG_LENGTH)).astype(np.int32)
+  with torch.no_grad():
+    logits = model(torch.from_numpy(ids).long(), use_cache=False).logits.numpy()
+  return {"long_ids": ids, "long_logits": logits[:, ::STRIDE].astype(np.float32)}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR)
@@ -148,6 +162,8 @@ def main() -> None:
     else:
       raise SystemExit(f"{name}: no seed in {MAX_WEIGHT_SEEDS} gives greedy margins of {MIN_MARGIN}")
     seeds[name] = seed
+    if settings.get("rope_scaling", {}).get("rope_type") == "longrope":
+      ref.update(_long_reference(folder, seed=1000 + i))
     out.update({f"{name}_{k}": v for k, v in ref.items()})
   out["meta_transformers_version"] = np.array(transformers.__version__)
   out["meta_torch_version"] = np.array(torch.__version__)

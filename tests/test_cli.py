@@ -182,6 +182,17 @@ def test_bad_settings_give_one_clear_message(shared_model, flags, message, capsy
   assert message in err and "Traceback" not in err and err.count("\n") == 1
 
 
+def test_a_context_the_model_file_does_not_declare_is_one_clear_message(capsys):
+  """--context is checked against the file's context before any weight is read."""
+  assert cli.main(["generate", "--prompt", "hi", "--context", "9000"]) == 2
+  err = capsys.readouterr().err
+  assert err == ("jaxspec: error: context=9000 is longer than the model's (llama.context_length=8192): ask for 8192 "
+                 "tokens or fewer.\n")
+  with pytest.raises(SystemExit) as e:
+    cli.main(["generate", "--prompt", "hi", "--context", "0"])
+  assert e.value.code == 2 and "--context: must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_dtype_and_layer_layout_reach_the_loader_and_the_bench_results(monkeypatch, default_model, tmp_path, capsys):
   """The flags reach the loader; the bench records the dtypes and layout of the model it ran, and a bfloat16 run
   says under "Exactness" that near-ties can go the other way."""
@@ -189,14 +200,14 @@ def test_dtype_and_layer_layout_reach_the_loader_and_the_bench_results(monkeypat
   monkeypatch.setattr(jaxspec.loading, "load_model", lambda path=None, **kw: seen.append(kw) or default_model)
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
   assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": None, "matmul_precision": "highest",
-                      "mesh": None}
+                      "mesh": None, "context": None}
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--dtype", "bfloat16", "--scan-layers"]) == 0
   assert seen[-1] == {"dtype": "bfloat16", "scan_layers": True, "param_dtype": None, "matmul_precision": "highest",
-                      "mesh": None}
+                      "mesh": None, "context": None}
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--param-dtype", "bfloat16",
-                   "--matmul-precision", "default"]) == 0
+                   "--matmul-precision", "default", "--context", "4096"]) == 0
   assert seen[-1] == {"dtype": "float32", "scan_layers": False, "param_dtype": "bfloat16",
-                      "matmul_precision": "default", "mesh": None}
+                      "matmul_precision": "default", "mesh": None, "context": 4096}
   # The bench records what the loaded model is: here a bfloat16 model (the default's first two layers, computing in
   # bfloat16: what is recorded does not depend on the depth, and two layers compile in a fraction of the time).
   import dataclasses
@@ -209,9 +220,10 @@ def test_dtype_and_layer_layout_reach_the_loader_and_the_bench_results(monkeypat
   monkeypatch.setattr(jaxspec.loading, "load_model", lambda path=None, **kw: seen.append(kw) or (bf16, params, tok))
   out = tmp_path / "out"
   assert cli.main(["bench", "--methods", "greedy,lookup", "--categories", "qa", "--limit", "1", "--max-new-tokens",
-                   "2", "--dtype", "bfloat16", "--scan-layers", "--matmul-precision", "high", "--out", str(out)]) == 0
+                   "2", "--dtype", "bfloat16", "--scan-layers", "--matmul-precision", "high", "--context", "512",
+                   "--out", str(out)]) == 0
   assert seen[-1] == {"dtype": "bfloat16", "scan_layers": True, "param_dtype": None, "matmul_precision": "high",
-                      "mesh": None}
+                      "mesh": None, "context": 512}
   config = json.loads((out / "results.json").read_text())["config"]
   # The model handed back has separate layers, whatever was asked: the results say what ran.
   assert (config["dtype"], config["param_dtype"], config["scan_layers"], config["matmul_precision"]) == (

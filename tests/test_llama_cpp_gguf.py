@@ -83,3 +83,13 @@ def test_llama_cpp_files_read_otherwise_differ(ref, name, monkeypatch):
   rows, rows_params = load_gguf(converted(name))
   assert rows.cfg == model.cfg
   assert np.abs(batch_logits(rows, rows_params, ids) - want).max() > 0.05
+
+
+@pytest.mark.parametrize("name", ["phi3_longrope", "phi4_mini"])
+def test_a_longer_context_reads_llama_cpp_s_long_factors(ref, name):
+  """llama.cpp computes with LongRoPE's long factors when its context passes the original one; so does jaxspec with
+  a longer context: over 400 tokens, transformers' logits for a sequence that long (its long factors too)."""
+  model, params = load_gguf(converted(name), context=1280)
+  assert model.cfg.max_seq_len == 1280
+  np.testing.assert_allclose(batch_logits(model, params, ref[f"{name}_long_ids"]), ref[f"{name}_long_logits"],
+                             atol=1e-4, rtol=0)

@@ -97,6 +97,43 @@ def test_variants_match_transformers(ref, name):
   assert generate(model, params, [prompt], max_new_tokens=len(want)).tokens[0] == want
 
 
+@pytest.mark.parametrize("name", ["phi3_longrope", "phi4_mini"])
+def test_a_longer_context_turns_longrope_s_long_factors_on(ref, caplog, name):
+  """Loaded with a context past the original 320 tokens, a LongRoPE model computes with its long factors at every
+  position: over 400 tokens its logits equal transformers' (which switches to them for a sequence that long); with
+  the short factors, the default context's, they differ. The default stays bounded to the original context."""
+  model, params = load_hf(folder(name), context=1280)
+  assert model.cfg.max_seq_len == 1280
+  assert "LongRoPE's long factors apply at every position" in caplog.text
+  got = batch_logits(model, params, ref[f"{name}_long_ids"])
+  np.testing.assert_allclose(got, ref[f"{name}_long_logits"], atol=2e-4, rtol=0)
+  short = LlamaLM(dataclasses.replace(model.cfg, max_seq_len=320))
+  assert np.abs(batch_logits(short, params, ref[f"{name}_long_ids"]) - ref[f"{name}_long_logits"]).max() > 0.05
+  assert load_hf(folder(name))[0].cfg.max_seq_len == 320
+  # a context within the original one keeps the short factors (what the references within 320 tokens need)
+  within, _ = load_hf(folder(name), context=300)
+  np.testing.assert_allclose(batch_logits(within, params, ref[f"{name}_ids"]), ref[f"{name}_logits"], atol=2e-4,
+                             rtol=0)
+
+
+def test_a_context_past_the_file_s_or_a_bound_is_refused(tmp_path):
+  with pytest.raises(ModelLoadError, match=r"context=1281 is longer than the model's \(max_position_embeddings=1280\): "
+                                           r"ask for 1280 tokens or fewer\."):
+    load_hf(folder("phi3_longrope"), context=1281)
+  with pytest.raises(ModelLoadError, match=r"context=0: give the model's context as a whole number"):
+    load_hf(folder("phi3_longrope"), context=0)
+  # Qwen2's window covers some layers only: jaxspec runs such a model within one window
+  out = tmp_path / "windowed"
+  shutil.copytree(folder("qwen2"), out)
+  cfg = json.loads((out / "config.json").read_text())
+  (out / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": True, "sliding_window": 100}))
+  assert load_hf(str(out))[0].cfg.max_seq_len == 100
+  assert load_hf(str(out), context=64)[0].cfg.max_seq_len == 64
+  with pytest.raises(ModelLoadError, match=r"context=101 passes its sliding window \(sliding_window=100\), which "
+                                           r"jaxspec applies to Phi-3 and Mistral models only.*ask for 100 tokens"):
+    load_hf(str(out), context=101)
+
+
 def test_older_config_layout_loads_the_same(ref, tmp_path):
   """transformers 4 writes `rope_scaling` (with `type` in older files) and `rope_theta` at the top level."""
   out = tmp_path / "old"
@@ -501,15 +538,20 @@ def test_yarn_settings_transformers_derives_are_derived_the_same(tmp_path, ref):
   assert deepseek["attention_factor"] == 1.0
 
 
-def test_longrope_runs_within_its_original_context_only():
-  """A config asking for more context than LongRoPE's original one would need its long factors, which jaxspec does
-  not implement: refused when built, whoever builds it."""
+def test_longrope_s_factors_follow_the_model_s_context():
+  """The short factors up to the original context, the long ones past it, whoever builds the config; the attention
+  factor either way."""
+  from jaxspec.models.llama import rope_tables, tiny_config
   s = rope_scaling({"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
                     "original_max_position_embeddings": 64, "attention_factor": 1.1})
-  from jaxspec.models.llama import tiny_config
-  assert tiny_config(head_dim=16, rope_scaling=s, max_seq_len=64).max_seq_len == 64
-  with pytest.raises(ValueError, match="max_seq_len=65 passes the LongRoPE scaling's original context \\(64\\)"):
-    tiny_config(head_dim=16, rope_scaling=s, max_seq_len=65)
+  assert rope_divisors(16, 1e4, s, 64).tolist() == [1.0] * 8 == rope_divisors(16, 1e4, s).tolist()
+  assert rope_divisors(16, 1e4, s, 65).tolist() == [2.0] * 8
+  positions = jnp.arange(4)[None]
+  for context, factor in ((64, 1.0), (65, 2.0)):
+    cfg = tiny_config(head_dim=16, rope_scaling=s, max_seq_len=context)
+    cos, _ = rope_tables(positions, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
+    want = np.cos(np.arange(4)[:, None] * 1e4 ** (-np.arange(0, 16, 2) / 16) / factor) * 1.1
+    np.testing.assert_allclose(np.asarray(cos[0]), want, rtol=1e-5, atol=1e-6)
 
 
 def test_context_defaults_follow_transformers_config_classes(tmp_path):

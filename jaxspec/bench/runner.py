@@ -69,6 +69,7 @@ class BenchConfig:
   scan_layers: bool = False  # load the target with its layers stacked under lax.scan
   param_dtype: str | None = None  # the target's weights' dtype when it differs from `dtype`
   matmul_precision: str = "highest"  # the target's float32 products on GPU and TPU (jaxspec.models.llama)
+  context: int | None = None  # the target's context when it is loaded here (None: its file's; jaxspec.loading)
 
   def resolved(self) -> "BenchConfig":
     """The settings left unset, filled in: 128 new tokens at batch size 1; with `--quick`, at most one prompt per
@@ -309,7 +310,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
     from jaxspec.loading import load_model
     model, params, tokenizer = load_model(cfg.model, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
                                           param_dtype=cfg.param_dtype, matmul_precision=cfg.matmul_precision,
-                                          mesh=mesh)  # read on the host, each weight placed on the mesh
+                                          mesh=mesh, context=cfg.context)  # read on the host, placed on the mesh
   cfg = dataclasses.replace(cfg, **model_settings(model, cfg))  # what the model is, loaded here or passed in
   vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
   if cfg.temperature > 0 and vocab and cfg.top_k > vocab:  # before any method is built, not at the first warm-up

@@ -33,7 +33,8 @@ def check_dtype(dtype: str) -> str:
 
 
 def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: bool = False,
-               param_dtype: str | None = None, matmul_precision: str = "highest", mesh=None):
+               param_dtype: str | None = None, matmul_precision: str = "highest", mesh=None,
+               context: int | None = None):
   """Loads a model and its tokenizer.
 
   Args:
@@ -52,6 +53,11 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
     mesh: a `jax.sharding.Mesh` or mesh spec ("data=1,model=8"): the weights are read into host memory (the CPU
       device) and each is placed on the mesh as the partitioner splits it (`jaxspec.sharding`), so no accelerator
       ever holds the whole model: one that fits only split over the chips loads. None: the default device.
+    context: the model's context in tokens (prompt and output; `model.cfg.max_seq_len`), at most what its file
+      declares. None: what it declares, bounded where jaxspec computes the model exactly only within less, each bound
+      logged (LongRoPE's original context: Phi-3 128k, Phi-3.5, Phi-4-mini). A context past a LongRoPE model's
+      original one turns its long factors on at every position, as llama.cpp does for such a context (transformers
+      chooses per forward, by the sequence's length). Decoder-only models only.
 
   Returns:
     `(model, params, tokenizer)`.
@@ -61,7 +67,7 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
     InputError: a `mesh` that is not a valid shape for the devices.
   """
   if mesh is None:
-    return _load(path, dtype, scan_layers, param_dtype, matmul_precision)
+    return _load(path, dtype, scan_layers, param_dtype, matmul_precision, context)
   import jax
 
   from jaxspec import sharding
@@ -72,11 +78,11 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
   except RuntimeError:  # JAX_PLATFORMS without cpu: read onto the default device, as without a mesh
     host = None
   with jax.default_device(host):
-    model, params, tokenizer = _load(path, dtype, scan_layers, param_dtype, matmul_precision)
+    model, params, tokenizer = _load(path, dtype, scan_layers, param_dtype, matmul_precision, context)
   return model, sharding.partitioner(mesh, model).shard_params(params), tokenizer
 
 
-def _load(path, dtype, scan_layers, param_dtype, matmul_precision):
+def _load(path, dtype, scan_layers, param_dtype, matmul_precision, context):
   from jaxspec.loading.tokenizer import Tokenizer
 
   from jaxspec.models.llama import MATMUL_PRECISIONS, with_matmul_precision
@@ -102,7 +108,7 @@ def _load(path, dtype, scan_layers, param_dtype, matmul_precision):
       raise ModelLoadError(f"{path!r} has no tokenizer.json; copy it from the model's original folder (for a model "
                            "`jaxspec train` exported, from the base model's folder, or rerun the training command).")
     tokenizer = Tokenizer.from_tokenizer_json(tok_json)
-    model, params = load_hf(path, dtype=dtype, scan_layers=scan_layers, param_dtype=param_dtype)
+    model, params = load_hf(path, dtype=dtype, scan_layers=scan_layers, param_dtype=param_dtype, context=context)
     return with_matmul_precision(model, matmul_precision), params, tokenizer
   if not os.path.exists(path):
     raise ModelLoadError(f"No model at {path!r}: pass a .gguf file or a Hugging Face model folder.")
@@ -115,7 +121,7 @@ def _load(path, dtype, scan_layers, param_dtype, matmul_precision):
     raise
   except Exception as e:
     raise ModelLoadError(f"Could not build a tokenizer from {path!r}: {e}") from e
-  model, params = load_gguf(reader, dtype=dtype, scan_layers=scan_layers, param_dtype=param_dtype)
+  model, params = load_gguf(reader, dtype=dtype, scan_layers=scan_layers, param_dtype=param_dtype, context=context)
   return with_matmul_precision(model, matmul_precision), params, tokenizer
 
 

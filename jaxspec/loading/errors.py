@@ -73,9 +73,37 @@ def unread_tensors(shown: str, names: list[str], what: str = "outside the layers
                    what, names[0], note)
 
 
-def bounded_context(context: int, key: str, bounds: list, log: bool = True) -> int:
-  """`context` (the config's `key`) shortened to the least of `bounds`, `(bound or None, why)` pairs: the lengths
-  within which jaxspec computes the model exactly; each bound that shortens it is logged with its reason."""
+def bounded_context(context: int, key: str, bounds: list, log: bool = True, requested: int | None = None,
+                    rope_original: int | None = None) -> int:
+  """The model's context (`LlamaConfig.max_seq_len`) from the config's `context` (its `key`).
+
+  By default `context` shortened to the least of `bounds`, `(bound or None, why)` pairs (the lengths within which
+  jaxspec computes the model exactly) and to `rope_original`, LongRoPE's original context, within which its short
+  factors apply as transformers applies them; each bound that shortens it is logged with its reason. `requested` (a
+  user's `context=`) replaces that: at most `context` and within every bound, and past `rope_original` it turns
+  LongRoPE's long factors on at every position (`jaxspec.models.llama.rope_divisors`), as llama.cpp does for a
+  context longer than the original.
+
+  Raises:
+    ModelLoadError: a requested context that is not a whole number, or longer than the model's or a bound.
+  """
+  if requested is not None:
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+      raise ModelLoadError(f"context={requested!r}: give the model's context as a whole number of tokens (prompt and "
+                           "output), or None for the default.")
+    if requested > context:
+      raise ModelLoadError(f"context={requested} is longer than the model's ({key}={context}): ask for {context} "
+                           "tokens or fewer.")
+    for bound, why in bounds:
+      if bound is not None and bound < requested:
+        raise ModelLoadError(f"context={requested} passes {why}; ask for {bound} tokens or fewer.")
+    if rope_original is not None and requested > rope_original:
+      logger.warning("LongRoPE's long factors apply at every position: the context (%d tokens) passes the original "
+                     "%d (below it transformers computes with the short factors).", requested, rope_original)
+    return requested
+  if rope_original is not None:
+    bounds = [*bounds, (rope_original, "its LongRoPE scaling's original context, within which the short factors "
+                        "apply (a longer context, --context, turns the long factors on)")]
   for bound, why in bounds:
     if bound is not None and bound < context:
       if log:

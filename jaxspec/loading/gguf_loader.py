@@ -82,8 +82,9 @@ def _field(reader, key: str, default: Any = None):
   return f.contents()
 
 
-def config_from_gguf(reader) -> LlamaConfig:
-  """The architecture described by a GGUF file's metadata."""
+def config_from_gguf(reader, requested: int | None = None) -> LlamaConfig:
+  """The architecture described by a GGUF file's metadata; `requested`: the context asked for instead of the default
+  (`jaxspec.loading.errors.bounded_context`)."""
   arch = _field(reader, "general.architecture")
   if arch not in LLAMA_FAMILY:
     raise ModelLoadError(f"GGUF architecture {arch!r} is not supported; jaxspec loads {', '.join(LLAMA_FAMILY)}.")
@@ -101,16 +102,15 @@ def config_from_gguf(reader) -> LlamaConfig:
   names = {t.name for t in reader.tensors}
   scaling = _rope_scaling(reader, a, rope_dim)
   context = num(f"{a}.context_length", 2048)
-  bounds = [(rope_context(scaling), "its LongRoPE scaling's original context, beyond which the long factors apply, "
-             "which jaxspec does not implement")]
-  window = 0
+  bounds, window = [], 0
   if f"{a}.attention.sliding_window" in reader.fields:
     window = num(f"{a}.attention.sliding_window", minimum=0)  # 0: none (Phi-4)
     if a not in _WINDOWED and window:  # (another family's window may cover some layers only)
       bounds.append((window, "its sliding window, which jaxspec applies to Phi-3 and Mistral models only: within one "
                      "window attention is the same"))
       window = 0
-  context = bounded_context(context, f"{a}.context_length", bounds)
+  context = bounded_context(context, f"{a}.context_length", bounds, requested=requested,
+                            rope_original=rope_context(scaling))
   vocab = reader.fields.get(f"{a}.vocab_size")
   vocab_size = num(f"{a}.vocab_size") if vocab is not None else len(reader.fields["tokenizer.ggml.tokens"].data)
   return model_config(
@@ -305,8 +305,8 @@ def _target(name: str, cfg: LlamaConfig, arch: str = "llama"):
   return (layer, *path), fn
 
 
-def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = False,
-              param_dtype: str | None = None) -> tuple[LlamaLM, dict]:
+def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = False, param_dtype: str | None = None,
+              context: int | None = None) -> tuple[LlamaLM, dict]:
   """Loads a LLaMA-family GGUF file.
 
   Args:
@@ -315,6 +315,7 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
     dtype: activation dtype, and parameter dtype unless `param_dtype` is given ("float32" is fastest on CPU).
     scan_layers: stack layers for `lax.scan` (faster compiles) instead of unrolling them.
     param_dtype: the weights' dtype when it differs from `dtype` (bfloat16 weights computed in float32).
+    context: the model's context instead of the default (`jaxspec.loading.errors.bounded_context`).
 
   Returns:
     `(model, params)`.
@@ -324,7 +325,7 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
   """
   reader = open_gguf(path_or_reader) if isinstance(path_or_reader, (str, os.PathLike)) else path_or_reader
   path = getattr(getattr(reader, "data", None), "filename", None) or str(path_or_reader)
-  cfg = config_from_gguf(reader)
+  cfg = config_from_gguf(reader, context)
   arch = _field(reader, "general.architecture")
   # The parsed metadata (tokenizer vocabularies: ~10^5 small numpy views) costs ~180 MB; release it before the
   # weights arrive so peak memory stays near the f32 weights alone.

@@ -27,8 +27,9 @@ _QKV_BIAS_ONLY = ("Qwen2ForCausalLM", "qwen2")
 _ACTIVATIONS = ("silu", "swish")  # transformers maps both names to SiLU, the only MLP activation jaxspec's LLaMA has
 
 
-def config_from_hf(cfg: dict, *, log: bool = False) -> LlamaConfig:
-  """A `LlamaConfig` from a transformers `config.json` dict; `log`: say where the context is bounded (`_context`).
+def config_from_hf(cfg: dict, *, log: bool = False, context: int | None = None) -> LlamaConfig:
+  """A `LlamaConfig` from a transformers `config.json` dict; `log`: say where the context is bounded; `context`: the
+  context asked for instead of the default (`jaxspec.loading.errors.bounded_context`).
 
   Raises:
     ModelLoadError: a missing key, or a model jaxspec's LLaMA would compute differently from the original: another
@@ -49,7 +50,7 @@ def config_from_hf(cfg: dict, *, log: bool = False) -> LlamaConfig:
                          f"({', '.join(SUPPORTED)}).")
   _check_features(cfg)
   theta, scaling = _rope(cfg)
-  context, window = _context(cfg, scaling, log)
+  context, window = _context(cfg, scaling, log, context)
   qwen2 = bool(set(archs) & set(_QKV_BIAS_ONLY)) or (not archs and model_type in _QKV_BIAS_ONLY)
   phi3 = "Phi3ForCausalLM" in archs or (not archs and model_type == "phi3")
   where = "config.json"
@@ -120,14 +121,15 @@ def _rotary_dim(cfg: dict, head_dim: int, phi3: bool) -> int:
   return 0 if dim == head_dim else dim
 
 
-def _context(cfg: dict, scaling: tuple, log: bool) -> tuple[int, int]:
-  """`(LlamaConfig.max_seq_len, sliding_window)`: max_position_embeddings, bounded where jaxspec computes the model
-  exactly only within a shorter context, and the window jaxspec applies (0: none).
+def _context(cfg: dict, scaling: tuple, log: bool, requested: int | None) -> tuple[int, int]:
+  """`(LlamaConfig.max_seq_len, sliding_window)`: max_position_embeddings, or the `requested` context, bounded where
+  jaxspec computes the model exactly only within a shorter context (`bounded_context`), and the window jaxspec
+  applies (0: none).
 
   Phi-3's and Mistral's sliding window is jaxspec's too (every layer's, as transformers applies it). Another family's
   (Qwen2's windows apply to some layers only) bounds the context to one window, within which attention sees every
-  earlier token. LongRoPE's long factors jaxspec does not implement, but within the original context the short ones
-  apply (`rope_divisors`): the context is bounded to it. A bound is logged where it shortens the context.
+  earlier token. LongRoPE's original context bounds the default context (the short factors, as transformers
+  computes them there); a longer requested one turns its long factors on.
   """
   where = "config.json"
   context = whole_number(_max_positions(cfg), "max_position_embeddings", where)
@@ -140,10 +142,7 @@ def _context(cfg: dict, scaling: tuple, log: bool) -> tuple[int, int]:
   elif value is not None and cfg.get("use_sliding_window", True) is not False:  # (Qwen2's switch)
     bounds.append((whole_number(value, "sliding_window", where), f"its sliding window (sliding_window={value}), "
                    "which jaxspec applies to Phi-3 and Mistral models only: within one window attention is the same"))
-  original = rope_context(scaling)
-  bounds.append((original, f"its LongRoPE scaling's original context ({original}), beyond which the long factors "
-                 "apply, which jaxspec does not implement"))
-  context = bounded_context(context, "max_position_embeddings", bounds, log)
+  context = bounded_context(context, "max_position_embeddings", bounds, log, requested, rope_context(scaling))
   return context, (window if window < context else 0)
 
 
@@ -503,10 +502,11 @@ def check_hf_folder(folder: str) -> dict:
   return raw
 
 
-def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
-            param_dtype: str | None = None) -> tuple[LlamaLM, dict]:
+def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False, param_dtype: str | None = None,
+            context: int | None = None) -> tuple[LlamaLM, dict]:
   """Loads a Hugging Face LLaMA-family checkpoint folder, one tensor at a time (T5 folders go to
   `jaxspec.loading.t5_hf.load_t5`). Weights are held in `param_dtype` (default: `dtype`) and computed in `dtype`.
+  `context`: the model's context instead of the default (`jaxspec.loading.errors.bounded_context`).
 
   Raises:
     ModelLoadError: a missing or unreadable config or weights file, or an unsupported architecture.
@@ -521,9 +521,12 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False,
     if scan_layers:
       raise ModelLoadError(f"{folder!r} is an encoder-decoder (T5), whose layers load one by one only: leave out "
                            "--scan-layers.")
+    if context is not None:
+      raise ModelLoadError(f"{folder!r} is an encoder-decoder (T5), whose context is not set when it loads: leave out "
+                           "--context (context=); --max-len bounds the decoder's tokens.")
     return load_t5(folder, raw, dtype=dtype, param_dtype=param_dtype)
   param_dtype = param_dtype or dtype
-  cfg = dataclasses.replace(config_from_hf(raw, log=True), dtype=dtype, param_dtype=param_dtype,
+  cfg = dataclasses.replace(config_from_hf(raw, log=True, context=context), dtype=dtype, param_dtype=param_dtype,
                             scan_layers=scan_layers)
   weights = check_weights(folder, raw)  # before any weight is read: a large model takes minutes to load
   params: dict = {}

@@ -54,7 +54,7 @@ class _Core(nn.Module):
   def __call__(self, emb_BxTxD, feat_BxTxD, positions_BxT, cache: KVCache, mask_BxTxT, cache_mask_BxTxS):
     cfg = self.cfg
     x = nn.Dense(cfg.d_model, use_bias=True, name="fc")(jnp.concatenate([emb_BxTxD, feat_BxTxD], axis=-1))
-    rope = rope_tables(positions_BxT, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+    rope = rope_tables(positions_BxT, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
     committed = jnp.arange(cache.capacity)[None, :] < cache.lengths[:, None]
     visible = (committed if cache_mask_BxTxS is None else cache_mask_BxTxS, mask_BxTxT)
     ks, vs = [], []

@@ -116,11 +116,7 @@ class LlamaConfig:
     if (isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, numbers.Integral)
         or self.sliding_window < 0):
       raise ValueError(f"sliding_window={self.sliding_window!r} must be a whole number of tokens (0: no window)")
-    rope_divisors(self.rope_dim, self.rope_theta, self.rope_scaling)
-    context = rope_context(self.rope_scaling)
-    if context is not None and self.max_seq_len > context:
-      raise ValueError(f"max_seq_len={self.max_seq_len} passes the LongRoPE scaling's original context ({context}), "
-                       "beyond which its long factors apply, which jaxspec does not implement")
+    rope_divisors(self.rope_dim, self.rope_theta, self.rope_scaling, self.max_seq_len)
 
   @property
   def rope_dim(self) -> int:
@@ -178,7 +174,7 @@ def rope_scaling(entries: dict) -> tuple:
   return tuple(sorted((str(k), tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in entries.items()))
 
 
-def rope_divisors(head_dim: int, theta: float, scaling: tuple) -> np.ndarray | None:
+def rope_divisors(head_dim: int, theta: float, scaling: tuple, context: int | None = None) -> np.ndarray | None:
   """What each of the `head_dim // 2` RoPE frequencies `theta ** (-2i / head_dim)` is divided by, or None for plain
   RoPE. `scaling` (sorted (key, value) pairs) names a `rope_type`:
 
@@ -187,11 +183,13 @@ def rope_divisors(head_dim: int, theta: float, scaling: tuple) -> np.ndarray | N
     low_freq_factor` divided by `factor`, those under `original_max_position_embeddings / high_freq_factor` kept,
     and those between blended linearly in `original_max_position_embeddings / wavelength`, as transformers computes.
   - "factors": the divisors themselves (`factors`), as llama.cpp stores them in a GGUF file's rope_freqs tensor.
-  - "longrope" (Phi-3's LongRoPE): `short_factor`, the divisors for contexts up to
-    `original_max_position_embeddings`, with cos and sin multiplied by `attention_factor` (`rope_attention_factor`).
-    Its `long_factor` (for longer contexts) is kept for export only: a model with this scaling runs within the
-    original context (`LlamaConfig` checks that `max_seq_len` does not pass it), where transformers and llama.cpp
-    use the short factors too.
+  - "longrope" (Phi-3's LongRoPE): `short_factor`, the divisors for a `context` (the model's `max_seq_len`) up to
+    `original_max_position_embeddings`, `long_factor` for a longer one, with cos and sin multiplied by
+    `attention_factor` (`rope_attention_factor`) either way. The choice is the context's, for every position, as
+    llama.cpp makes it from its context size: a model loaded with its original context (the loaders' default)
+    computes what transformers computes at every length it can run, and one loaded with a longer context what
+    transformers computes for a sequence longer than the original context (transformers chooses per forward, by
+    the sequence's length so far).
   - "yarn" (YaRN, as Qwen2.5 uses it for long contexts): frequencies that turn fewer than `beta_slow` times over
     `original_max_position_embeddings` divided by `factor`, those that turn more than `beta_fast` times kept, those
     between blended along a linear ramp over their index (its ends floored and ceiled where `truncate`), with cos and
@@ -230,7 +228,8 @@ def rope_divisors(head_dim: int, theta: float, scaling: tuple) -> np.ndarray | N
           or not all(isinstance(f, numbers.Real) and not isinstance(f, bool) and 0 < f < math.inf for f in factors)):
         raise ValueError(f"RoPE scaling 'longrope' needs {key} of {half} finite numbers above 0 (one per frequency "
                          f"pair of head_dim={head_dim})")
-    return np.asarray(s["short_factor"], np.float64)
+    original = number("original_max_position_embeddings")
+    return np.asarray(s["long_factor" if context is not None and context > original else "short_factor"], np.float64)
   if kind == "yarn":
     factor, context = number("factor"), number("original_max_position_embeddings")
     fast, slow = number("beta_fast"), number("beta_slow")
@@ -263,17 +262,18 @@ def rope_attention_factor(scaling: tuple) -> float:
 
 
 def rope_context(scaling: tuple) -> int | None:
-  """The longest context a scaling is computed for here (LongRoPE's original context), None for no bound."""
+  """LongRoPE's original context, past which a model's context turns its long factors on; None for others."""
   s = dict(scaling)
   return int(s["original_max_position_embeddings"]) if s.get("rope_type") == "longrope" else None
 
 
-def rope_tables(positions_BxT: Array, head_dim: int, theta: float, scaling: tuple = ()) -> tuple[Array, Array]:
+def rope_tables(positions_BxT: Array, head_dim: int, theta: float, scaling: tuple = (),
+                context: int | None = None) -> tuple[Array, Array]:
   """cos and sin `[B, T, H/2]` for rotary embeddings in the half-split (Hugging Face) layout, with the frequencies
-  scaled as `scaling` says (`rope_divisors`, `rope_attention_factor`). `head_dim`: the features turned
-  (`LlamaConfig.rope_dim`, fewer than the head's for partial rotary embeddings)."""
+  scaled as `scaling` says for a model of `context` tokens (`rope_divisors`, `rope_attention_factor`). `head_dim`: the
+  features turned (`LlamaConfig.rope_dim`, fewer than the head's for partial rotary embeddings)."""
   inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
-  divisors = rope_divisors(head_dim, theta, scaling)
+  divisors = rope_divisors(head_dim, theta, scaling, context)
   if divisors is not None:
     inv_freq = inv_freq / jnp.asarray(divisors, jnp.float32)
   angles = positions_BxT.astype(jnp.float32)[..., None] * inv_freq[None, None, :]
@@ -462,7 +462,7 @@ class Llama(nn.Module):
     if mask_BxTxT.ndim == 2:
       mask_BxTxT = jnp.broadcast_to(mask_BxTxT, (tokens_BxT.shape[0], *mask_BxTxT.shape))
     x_BxTxD = self.embed(tokens_BxT)
-    rope = rope_tables(positions_BxT, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling)
+    rope = rope_tables(positions_BxT, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
     slots = cache.capacity if self.attn_slots is None else self.attn_slots
     committed = jnp.arange(slots)[None, :] < cache.lengths[:, None]
     if cache_mask_BxTxS is not None:
