@@ -64,6 +64,7 @@ def _check_fits(args, model, n_prompt: int) -> None:
   """The checks `generate()` makes on its settings, worded with `jaxspec generate`'s flags (the library's messages
   name its Python parameters: top_k, max_len, max_new_tokens)."""
   from jaxspec.decoding.protocol import decoder_prompt_len
+  from jaxspec.models.llama import rope_context
 
   cfg = getattr(model, "cfg", None)
   vocab, context = getattr(cfg, "vocab_size", None), getattr(cfg, "max_seq_len", None)
@@ -84,6 +85,9 @@ def _check_fits(args, model, n_prompt: int) -> None:
       fixes.append(f"lower --max-new-tokens (to {max_len - slots} or fewer)")
     if not (hard and max_len >= context):
       fixes.append("raise --max-len" + (f" (up to the model's context length, {context})" if hard else ""))
+    elif getattr(args, "context", None) is None and rope_context(getattr(cfg, "rope_scaling", ())) == context:
+      fixes.append(f"load the model with a longer --context (past LongRoPE's original {context} tokens its long "
+                   "factors apply)")
     fix = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])}{',' * (len(fixes) > 2)} or {fixes[-1]}"
     what = "The decoder's start token" if dec else f"A prompt of {n_prompt} tokens"
     raise InputError(f"{what} plus {args.max_new_tokens} new tokens needs {need} cache slots, more than the cache "

@@ -613,3 +613,42 @@ def test_prompt_file_edge_cases(tmp_path, monkeypatch, capsys):
   monkeypatch.setattr("sys.stdin", None)
   err = fails(["generate", "--prompt-file", "-"], capsys)
   assert "standard input, which is closed" in err
+
+
+def test_a_draft_model_loads_at_the_target_s_context_where_its_file_allows(monkeypatch):
+  """A draft loaded as a model of its own gets the target's context: a LongRoPE draft then computes with the factors
+  the target's context calls for. Where its file declares less, it loads with its own."""
+  import dataclasses
+
+  from jaxspec.loading.hf import load_hf
+  from jaxspec.models.llama import LlamaLM
+
+  folder = str(Path(__file__).parent / "fixtures" / "llama_variants" / "phi3_longrope")  # declares 1280 tokens
+  asked = []
+
+  def load(path, **kw):
+    asked.append(kw.get("context"))
+    return (*load_hf(path, context=kw.get("context")), None)
+
+  monkeypatch.setattr(jaxspec.loading, "load_model", load)
+  model, params = load_hf(folder, context=1280)
+  for target_context, draft_context in ((1280, 1280), (300, 300), (2000, 320)):
+    target = LlamaLM(dataclasses.replace(model.cfg, max_seq_len=target_context))
+    ctx = BenchContext(target, params, None)
+    build(ctx, f"spec:draft={folder}")
+    assert ctx.cache[("draft", folder)][0].cfg.max_seq_len == draft_context
+  assert asked == [1280, 300, 2000, None]
+
+
+def test_a_prompt_past_longrope_s_original_context_is_told_about_context(monkeypatch, capsys):
+  """A LongRoPE model loads bounded to its original context; a request that does not fit is told that --context
+  lifts the bound (where --max-len cannot go past it)."""
+  from jaxspec.loading.hf import load_hf
+  from tests.test_bpd import ByteTokenizer
+
+  model, params = load_hf(str(Path(__file__).parent / "fixtures" / "llama_variants" / "phi3_longrope"))
+  monkeypatch.setattr(jaxspec.loading, "load_model", lambda path=None, **kw: (model, params, ByteTokenizer()))
+  err = fails(["generate", "--prompt", "x" * 300, "--max-new-tokens", "40"], capsys)
+  assert err == ("jaxspec: error: A prompt of 300 tokens plus 40 new tokens needs 340 cache slots, more than the cache "
+                 "length 320: shorten --prompt, lower --max-new-tokens (to 20 or fewer), or load the model with a "
+                 "longer --context (past LongRoPE's original 320 tokens its long factors apply).\n")

@@ -427,8 +427,16 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
           from jaxspec.models.llama import with_matmul_precision
           draft = with_matmul_precision(draft, precision)
       else:
-        draft, draft_params, draft_tok = load_model(str(path), dtype=kinds["dtype"], param_dtype=kinds["param_dtype"],
-                                                    matmul_precision=kinds["matmul_precision"])
+        from jaxspec.loading.errors import ContextError
+        load = lambda **kw: load_model(str(path), dtype=kinds["dtype"], param_dtype=kinds["param_dtype"],  # noqa: E731
+                                       matmul_precision=kinds["matmul_precision"], **kw)
+        # At the target's context where the draft's file allows it: a LongRoPE draft bounded to its original context
+        # would compute with its short factors where a target loaded with a longer one uses the long factors.
+        try:
+          draft, draft_params, draft_tok = load(context=getattr(ctx.model.cfg, "max_seq_len", None)
+                                                if getattr(ctx.model, "context_is_limit", False) else None)
+        except ContextError:  # a draft of a shorter context (or an encoder-decoder): its own
+          draft, draft_params, draft_tok = load()
         target_vocab = getattr(ctx.model, "vocab_size", None)
         if target_vocab is not None and draft.vocab_size != target_vocab and not hasattr(draft, "start"):
           from jaxspec.models.subset import resize_vocab

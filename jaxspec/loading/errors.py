@@ -8,9 +8,15 @@ import math
 
 from jaxspec.errors import ModelLoadError
 
-__all__ = ["ModelLoadError", "model_config", "more_layers", "positive_number", "unread_tensors", "whole_number"]
+__all__ = ["ContextError", "ModelLoadError", "model_config", "more_layers", "positive_number", "unread_tensors",
+           "whole_number"]
 
 logger = logging.getLogger("jaxspec.loading")
+
+
+class ContextError(ModelLoadError):
+  """A requested context (`load_model(..., context=N)`) the model cannot be loaded with: longer than its file
+  declares, past a bound, or asked of a model whose context is not set on loading."""
 
 
 def _damaged(where: str, key: str, value, want: str) -> ModelLoadError:
@@ -85,18 +91,18 @@ def bounded_context(context: int, key: str, bounds: list, log: bool = True, requ
   context longer than the original.
 
   Raises:
-    ModelLoadError: a requested context that is not a whole number, or longer than the model's or a bound.
+    ContextError: a requested context that is not a whole number, or longer than the model's or a bound.
   """
   if requested is not None:
     if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
-      raise ModelLoadError(f"context={requested!r}: give the model's context as a whole number of tokens (prompt and "
-                           "output), or None for the default.")
+      raise ContextError(f"context={requested!r}: give the model's context as a whole number of tokens (prompt and "
+                         "output), or None for the default.")
     if requested > context:
-      raise ModelLoadError(f"context={requested} is longer than the model's ({key}={context}): ask for {context} "
-                           "tokens or fewer.")
+      raise ContextError(f"context={requested} is longer than the model's ({key}={context}): ask for {context} "
+                         "tokens or fewer.")
     for bound, why in bounds:
       if bound is not None and bound < requested:
-        raise ModelLoadError(f"context={requested} passes {why}; ask for {bound} tokens or fewer.")
+        raise ContextError(f"context={requested} passes {why}; ask for {bound} tokens or fewer.")
     if rope_original is not None and requested > rope_original:
       logger.warning("LongRoPE's long factors apply at every position: the context (%d tokens) passes the original "
                      "%d (below it transformers computes with the short factors).", requested, rope_original)

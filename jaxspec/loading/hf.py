@@ -14,8 +14,8 @@ import numpy as np
 
 from jaxspec import files
 from jaxspec.errors import InputError
-from jaxspec.loading.errors import (ModelLoadError, bounded_context, model_config, more_layers, positive_number,
-                                     unread_tensors, whole_number)
+from jaxspec.loading.errors import (ContextError, ModelLoadError, bounded_context, model_config, more_layers,
+                                     positive_number, unread_tensors, whole_number)
 from jaxspec.loading.gguf_loader import check_complete, split_fused
 from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_context, rope_scaling, stack_layers, unstack_layers
 
@@ -522,7 +522,7 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False, p
       raise ModelLoadError(f"{folder!r} is an encoder-decoder (T5), whose layers load one by one only: leave out "
                            "--scan-layers.")
     if context is not None:
-      raise ModelLoadError(f"{folder!r} is an encoder-decoder (T5), whose context is not set when it loads: leave out "
+      raise ContextError(f"{folder!r} is an encoder-decoder (T5), whose context is not set when it loads: leave out "
                            "--context (context=); --max-len bounds the decoder's tokens.")
     return load_t5(folder, raw, dtype=dtype, param_dtype=param_dtype)
   param_dtype = param_dtype or dtype
