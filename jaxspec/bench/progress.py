@@ -56,7 +56,7 @@ def _work(conf: dict) -> dict:
   conf = {k: v for k, v in conf.items() if k not in NAMING}
   # Settings added later count only when set, so progress files written before them still resume.
   for key, default in (("dtype", "float32"), ("param_dtype", None), ("scan_layers", False),
-                       ("matmul_precision", "highest")):
+                       ("matmul_precision", "highest"), ("context", None)):
     if conf.get(key, default) == default:
       conf.pop(key, None)
   return conf
