@@ -424,21 +424,30 @@ def main(argv: list[str] | None = None) -> int:
       # The program's handler took SIGINT or SIGTERM, but the work ended as if it had not: the exception was raised
       # inside library code that swallowed it, or its delivery again after an import was still due. (Seen once in a
       # test run under load: Ctrl-C half a second in, and the command printed its answer and exited 0.)
-      import signal
-      raise Terminated() if _SIGNAL_TAKEN == signal.SIGTERM else KeyboardInterrupt()
+      return _interrupted(args)
     return code
   except JaxspecError as e:
+    if _SIGNAL_TAKEN is not None:  # an error the interrupt caused where it landed (a file read cut short, say)
+      return _interrupted(args)
     if isinstance(e, OutOfMemory) and getattr(args, "command", None) in _MEMORY_ADVICE:
       e = e.with_advice(_MEMORY_ADVICE[args.command])  # the command's flags, not the library's parameters
     print(f"jaxspec: error: {e}", file=sys.stderr)
     return 2
   except KeyboardInterrupt as e:
-    terminated = isinstance(e, Terminated)
-    print("jaxspec: terminated (SIGTERM)" if terminated else "jaxspec: interrupted", file=sys.stderr)
-    global _EXIT_AT_ONCE
-    # --distributed keeps the normal shutdown, whose jax.distributed barrier lets every host of the run leave together
-    _EXIT_AT_ONCE = not getattr(args, "distributed", False)
-    return 143 if terminated else 130
+    return _interrupted(args, terminated=isinstance(e, Terminated))
+
+
+def _interrupted(args, terminated: bool | None = None) -> int:
+  """Says the command was stopped and returns its exit code (130 for SIGINT, 143 for SIGTERM); `terminated`: by
+  SIGTERM (None: by the signal the program's handler took)."""
+  if terminated is None:
+    import signal
+    terminated = _SIGNAL_TAKEN == signal.SIGTERM
+  print("jaxspec: terminated (SIGTERM)" if terminated else "jaxspec: interrupted", file=sys.stderr)
+  global _EXIT_AT_ONCE
+  # --distributed keeps the normal shutdown, whose jax.distributed barrier lets every host of the run leave together
+  _EXIT_AT_ONCE = not getattr(args, "distributed", False)
+  return 143 if terminated else 130
 
 
 _EXIT_AT_ONCE = False  # set by `main` when it was interrupted

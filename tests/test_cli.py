@@ -468,10 +468,12 @@ def test_the_program_sets_its_handlers_only_over_python_s_defaults(monkeypatch):
 def test_a_signal_that_library_code_swallows_still_ends_the_command(monkeypatch, capsys, signame, code, message):
   """The program's handler raises the signal where the main thread is; library code that catches and drops it there
   (an `except BaseException`, a C extension clearing errors) let the command finish and exit 0 (seen once: Ctrl-C
-  half a second in, the answer printed, exit 0). A command that ends after the handler took a signal ends as
-  interrupted."""
+  half a second in, the answer printed, exit 0). A command that ends, or fails with an error, after the handler took
+  a signal ends as interrupted."""
   import argparse
   import signal
+
+  from jaxspec.errors import ModelLoadError
 
   signum = getattr(signal, signame)
 
@@ -490,10 +492,24 @@ def test_a_signal_that_library_code_swallows_still_ends_the_command(monkeypatch,
   assert cli.main([]) == code
   out, err = capsys.readouterr()
   assert out == "the answer\n" and err.strip().endswith(message)
-  # without a signal the same command's code stands
-  args.func = lambda args: 0
-  monkeypatch.setattr(cli, "_SIGNAL_TAKEN", None)
-  assert cli.main([]) == 0
+  # An error the interrupt caused where it landed (a read cut short) is not the command's error either.
+  def failing_command(args):
+    try:
+      cli._raise_outside_imports(signum, None)
+    except KeyboardInterrupt:
+      raise ModelLoadError("the file is damaged") from None
+
+  args.func = failing_command
+  assert cli.main([]) == code
+  assert capsys.readouterr().err.strip() == message
+  # without a signal the same commands' codes stand
+  def damaged(args):
+    raise ModelLoadError("the file is damaged")
+
+  for func, want in ((lambda args: 0, 0), (damaged, 2)):
+    args.func = func
+    assert cli.main([]) == want
+  assert capsys.readouterr().err == "jaxspec: error: the file is damaged\n"
 
 
 def test_exiting_at_once_flushes_what_was_printed(monkeypatch):
