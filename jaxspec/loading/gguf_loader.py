@@ -29,7 +29,7 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2", "phi3")  # architectures jaxspec's 
 _PERMUTED = ("llama", "mistral")
 # Phi-3's fused matrices (rows in the order of their parts), split as the Hugging Face loader splits them.
 _FUSED = {"attn_qkv.weight": ("attn", ("q", "k", "v")), "ffn_up.weight": ("mlp", ("gate", "up"))}
-_QKV_BIAS = ("qwen2",)
+_QKV_BIAS = ("qwen2",)  # architectures with biases on the q, k and v projections
 _WINDOWED = ("phi3", "mistral")  # architectures whose sliding window covers every layer (as in transformers)
 SUPPORTED_QTYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
                     "Q6_K")

@@ -137,8 +137,7 @@ def _context(cfg: dict, scaling: tuple, log: bool, requested: int | None) -> tup
   # (transformers' MistralConfig has a window of 4096 where config.json has no sliding_window key)
   value = cfg.get("sliding_window", 4096 if _family(cfg, "mistral") else None)
   if value is not None and _family(cfg, "phi3", "mistral"):  # no switch: the window applies whatever config says
-    window = whole_number(value, "sliding_window", where)
-    window = 0 if window >= context else window  # a window as long as the context hides nothing
+    window = whole_number(value, "sliding_window", where)  # (one as long as the context hides nothing: 0 below)
   elif value is not None and cfg.get("use_sliding_window", True) is not False:  # (Qwen2's switch)
     bounds.append((whole_number(value, "sliding_window", where), f"its sliding window (sliding_window={value}), "
                    "which jaxspec applies to Phi-3 and Mistral models only: within one window attention is the same"))
