@@ -130,6 +130,22 @@ def test_only_process_0_writes_the_results_folder(tmp_path, prompt_file, methods
   assert res["complete"] and res["methods"]["oracle"]["mismatches"] == 0 and res["methods"]["oracle"]["tau"] > 1
   assert not out.exists()
 
+def test_a_context_for_a_model_passed_in_is_refused_unless_it_is_the_models(tmp_path, prompt_file, methods):
+  """`context` is a setting of loading: with a model passed to run_bench it would be recorded in results.json without
+  having applied, so a value other than the model's is refused before anything runs."""
+  from tests.conftest import make_tiny
+
+  cfg = BenchConfig(prompts=prompt_file, methods=("oracle",), max_new_tokens=5, batch_size=2, out=str(tmp_path / "o"),
+                    context=64)
+  with pytest.raises(InputError, match=r"^context=64 is for a target the bench loads; the model passed to run_bench "
+                                       r"has no context length: load it with load_model\(\.\.\., context=64\)"):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  llama, llama_params = make_tiny()
+  with pytest.raises(InputError, match=f"has a context of {llama.cfg.max_seq_len}: load it"):
+    run_bench(cfg, llama, llama_params, ByteTokenizer(), progress=False)
+  assert not (tmp_path / "o" / "results.json").exists()
+
+
 def test_per_category_limit_and_filter(prompt_file):
   assert [p.question_id for p in load_prompts(prompt_file, limit=1)] == [0, 2, 5]
   ps = load_prompts(prompt_file, categories=["math"], limit=2)

@@ -350,6 +350,8 @@ def test_subset_targets_leave_out_tokens_outside_the_heads_vocabulary():
   np.testing.assert_array_equal(bpd_training.subset_targets(jnp, jnp.asarray(vocab), jnp.asarray(targets)), want)
 
 
+# Joint fine-tuning is an option that is not shipped: the default run keeps test_joint_objective_trains_base_and_heads.
+@pytest.mark.slow
 def test_joint_run_starts_from_trained_heads_and_scales_the_base_rate(tiny, tmp_path):
   """heads.init: the joint run starts from trained heads (their first num_heads), so its first steps already
   predict; base_lr_scale=0 leaves the base as it was while the heads go on training; heads that do not fit the

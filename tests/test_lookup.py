@@ -331,7 +331,8 @@ class CopiesKeepDraftersQ(WithLookup):
 
 
 @pytest.mark.parametrize("inner,broken,per_row", [
-    ("eagle", False, False), pytest.param("eagle", False, True, marks=pytest.mark.slow), ("eagle", True, False),
+    pytest.param("eagle", False, False, marks=pytest.mark.slow),
+    pytest.param("eagle", False, True, marks=pytest.mark.slow), ("eagle", True, False),
     ("bpd", False, False), pytest.param("bpd-gated", False, True, marks=pytest.mark.slow)])
 def test_sampling_with_copies_is_exact(stat_models, continuation_logits, inner, broken, per_row):
   """10^5 generations at temperature 1, with copies in place of the drafts after a 1-token match, follow the target's
@@ -367,6 +368,7 @@ def test_sampling_with_copies_is_exact(stat_models, continuation_logits, inner, 
   assert (pvalue < 1e-6) if broken else (pvalue > 1e-3)
 
 
+@pytest.mark.slow  # one more default-model compile; copies with heads are checked on the tiny model by default
 def test_shipped_heads_with_copies_equal_greedy_on_default_model(default_model, repeating_greedy):
   from jaxspec.bench.methods import DEFAULT_BPD_HEADS
   from jaxspec.decoding.bpd import BPDDrafter, bpd_draft_params

@@ -407,6 +407,8 @@ def test_heads_tree_sampling_is_exact(stat_models, continuation_logits):
   assert np.mean(calls == 1) > 0.1
 
 
+# Three programs over 10^5 generations: the default run checks ungated tree sampling and gated greedy trees.
+@pytest.mark.slow
 def test_gated_opt_tree_sampling_is_exact(stat_models, continuation_logits):
   """A gate of 0.9 on these 8-token models: about a fifth of the generations verify one tree for both new tokens,
   the others take one-token steps (each generation is its own batch of one, so the gate decides per generation).

@@ -385,7 +385,7 @@ class ReusedKey(SampleAcceptance):
     return super().accept(jax.random.key(7), draft, logits_BxTxV, sp, is_chain)
 
 
-@pytest.mark.parametrize("broken", [False, True])
+@pytest.mark.parametrize("broken", [False, pytest.param(True, marks=pytest.mark.slow)])  # power: a broken rule below
 def test_speculative_sampling_is_exact_over_several_verify_steps(broken):
   """With 3 new tokens and γ = 2 most generations end after one verify forward, so what a step hands to the next
   (keys, the draft's cache after a rejection) is tested little: 5 tokens of a 4-token vocabulary (1024
@@ -524,7 +524,7 @@ class SampleDependentGate(DraftModelDrafter):
     return jnp.sum(jnp.cumprod(conf_BxN, axis=-1), axis=-1)
 
 
-@pytest.mark.parametrize("case", ["q_kept_at_unproposed_tokens",
+@pytest.mark.parametrize("case", [pytest.param("q_kept_at_unproposed_tokens", marks=pytest.mark.slow),
                                   pytest.param("sample_dependent_gate", marks=pytest.mark.slow)])
 def test_the_exactness_test_catches_a_broken_gate(stat_models, continuation_logits, case):
   """Power: the same χ² test on as many samples rejects (1) a gated step that keeps the draft's q at its unproposed
@@ -583,7 +583,7 @@ def test_the_exactness_test_catches_a_broken_rule(stat_models, continuation_logi
 REPEATING = [[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [1, 2, 3, 4, 5], [9, 10, 9, 10, 9, 10, 9]]  # two of three repeat
 
 
-@pytest.mark.parametrize("stop,gate", [(0.0, 0.0), (0.1, 0.3)])
+@pytest.mark.parametrize("stop,gate", [(0.0, 0.0), pytest.param(0.1, 0.3, marks=pytest.mark.slow)])
 def test_copies_in_place_of_drafts_equal_greedy(tiny, other_tiny, stop, gate):
   """Rows whose context repeats verify a copy, in a batch where rows copy and draft in the same step and in each row
   alone (steps where the only row copies run one draft forward instead of γ). That the draft cache stays in step
@@ -625,7 +625,7 @@ class CopiesWithTheDraftsQ(DraftModelDrafter):
 
 @pytest.mark.parametrize("drafter_cls,per_row", [(DraftModelDrafter, False),
                                                  pytest.param(DraftModelDrafter, True, marks=pytest.mark.slow),
-                                                 (CopiesWithTheDraftsQ, False)])
+                                                 pytest.param(CopiesWithTheDraftsQ, False, marks=pytest.mark.slow)])
 def test_speculative_sampling_with_copies_is_exact(stat_models, continuation_logits, drafter_cls, per_row):
   """Copies under rejection sampling: a point mass q where the context repeats (the prompt does: a first token of 1,
   3, 4 or 5 occurred before). In one batch rows copy and draft in the same step; per row (vmapped) a step copies or
@@ -674,7 +674,7 @@ def ragged_code(tokens) -> int:
   return sum(t * (V + 1) ** (N_NEW - 1 - i) for i, t in enumerate(digits))
 
 
-@pytest.mark.parametrize("drafter_kind", ["chain", "tree"])
+@pytest.mark.parametrize("drafter_kind", ["chain", pytest.param("tree", marks=pytest.mark.slow)])
 def test_each_row_of_a_ragged_batch_samples_the_target(stat_models, drafter_kind):
   """Rows that finish early (by EOS or their own max_new_tokens) next to rows still drafting, with padding between
   prompt lengths: each kind of row's outputs fit its own exact distribution (χ², top-k and top-p on); the rows of

@@ -92,9 +92,8 @@ def test_cached_greedy_equals_full_recomputation(t5, greedy_ref):
 
 def test_the_decoder_cache_is_sized_by_the_decoder_not_the_encoder_input(t5, t5_draft):
   """The decoder's self-attention cache holds the start token and the output: an encoder input longer than
-  max_seq_len (512 here) decodes, with a cache of the same size as a short one's, and lookup still copies from the
-  source (its context buffer holds the source and the output). It was sized as if the source were in it: 7x the cost
-  per step for long sources, and sources past max_seq_len refused."""
+  max_seq_len (512 here) decodes, with a cache of the same size as a short one's. It was sized as if the source were
+  in it: 7x the cost per step for long sources, and sources past max_seq_len refused."""
   model, params = t5
   long_src = ([7, 8, 9, 10, 11, 12] * 110)[:640]
   assert len(long_src) > model.cfg.max_seq_len
@@ -109,20 +108,29 @@ def test_the_decoder_cache_is_sized_by_the_decoder_not_the_encoder_input(t5, t5_
     logits, _ = model.teacher_forced(params, src, jnp.asarray([len(long_src)]), jnp.asarray(dec))
     dec[0, j + 1] = int(jnp.argmax(logits[0, j]))
   assert res.tokens[0] == dec[0, 1:].tolist()
+  # The decoder's tokens are what max_len bounds.
+  with pytest.raises(InputError, match=r"The decoder's start token plus 600 new tokens needs 601 cache slots, more "
+                                       r"than the cache length 512: lower max_new_tokens, or raise max_len\.$"):
+    gen.generate(model, params, [[3, 4]], max_new_tokens=600)
+
+
+@pytest.mark.slow  # five more programs; the default run checks each method on short sources (above)
+def test_methods_decode_an_encoder_input_longer_than_the_cache(t5, t5_draft):
+  """Drafters on a source past max_seq_len: lookup still copies from the source (its context buffer holds the
+  source and the output), a T5 draft has its decoder-sized cache too, and a decoder-only draft of the same vocabulary
+  prefills on the whole source (its own cache holds it)."""
+  model, params = t5
+  long_src = ([7, 8, 9, 10, 11, 12] * 110)[:640]
+  res = gen.generate(model, params, [long_src, [3, 4]], max_new_tokens=8)
   for name in ("lookup", "spec-draft", "tree-draft"):
     drafter, dp = methods(t5, t5_draft)[name]
     assert gen.generate(model, params, [long_src, [3, 4]], max_new_tokens=8, drafter=drafter,
                         draft_params=dp).tokens == res.tokens, name
-  # A decoder-only draft of the same vocabulary prefills on the whole source: its own cache holds it.
   llama, llama_params = make_tiny(1, vocab_size=model.vocab_size)
   for drafter in (DraftModelDrafter(llama, 3),
                   OptTreeDrafter(LMTreeSource(llama), nodes=8, depth=3, width=2, branch=3)):
     assert gen.generate(model, params, [long_src, [3, 4]], max_new_tokens=8, drafter=drafter,
                         draft_params=llama_params).tokens == res.tokens
-  # The decoder's tokens are what max_len bounds.
-  with pytest.raises(InputError, match=r"The decoder's start token plus 600 new tokens needs 601 cache slots, more "
-                                       r"than the cache length 512: lower max_new_tokens, or raise max_len\.$"):
-    gen.generate(model, params, [[3, 4]], max_new_tokens=600)
 
 
 def random_heads(model, k: int, seed: int = 1):

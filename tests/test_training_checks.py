@@ -220,6 +220,7 @@ def test_an_added_prompt_set_leaves_the_first_sets_held_out_prompts_in_place():
   assert first_ids(ev_mixed) & set(range(100, 140)) != first_ids(ev_base)
 
 
+@pytest.mark.slow  # CLLM is not shipped; the LoRA run (tests/test_cllm.py) exports its adapter in the default run
 def test_a_full_cllm_fine_tune_exports_a_model_folder(tiny, tmp_path):
   from jaxspec.loading import load_model
   from tests.conftest import make_tiny
