@@ -176,17 +176,18 @@ DEFAULT_MODEL_QUESTIONS = ["Copy this list exactly: apple, banana, cherry, apple
 
 @pytest.fixture(scope="module")
 def repeating_greedy(default_model):
-  """`(prompts, kw, greedy result)` for DEFAULT_MODEL_QUESTIONS on the default model, shared by this file's tests."""
+  """`(prompts, kw, greedy result)` for DEFAULT_MODEL_QUESTIONS on the default model, shared by this file's slow tests."""
   model, params, tok = default_model
   prompts = chat_prompt_ids(tok, DEFAULT_MODEL_QUESTIONS)
   kw = dict(max_new_tokens=48, eos_ids=[tok.eos_id])
   return prompts, kw, generate(model, params, prompts, **kw)
 
 
-def test_lookup_equals_greedy_on_default_model(default_model, repeating_greedy):
+def test_lookup_equals_greedy_on_default_model(default_model, default_greedy):
+  """On the reference the shipped drafters' tests share (its second answer repeats a line: copies pay there)."""
   model, params, tok = default_model
-  prompts, kw, greedy = repeating_greedy
-  res = generate(model, params, prompts, drafter=LookupDrafter(), **kw)
+  prompts, greedy = default_greedy
+  res = generate(model, params, prompts, drafter=LookupDrafter(), max_new_tokens=40, eos_ids=[tok.eos_id])
   print("default model lookup tau:", res.tau, "target calls", res.target_calls, "vs", greedy.target_calls)
   assert res.tokens == greedy.tokens
   assert res.tau > 1.0 and res.target_calls < greedy.target_calls
