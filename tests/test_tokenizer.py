@@ -284,8 +284,8 @@ def test_llama3_and_qwen2_gguf_pre_tokenizers(tmp_path, pre, pieces):
   assert tok.decode(ids) == text
 
 
-@pytest.mark.parametrize("pre, whole", [("llama-bpe", True), ("llama3", True), ("llama-v3", True), ("qwen2", False),
-                                         ("gpt-2", False)])
+@pytest.mark.parametrize("pre, whole", [("llama-bpe", True), ("llama3", True), ("llama-v3", True), ("falcon3", True),
+                                         ("qwen2", False), ("gpt-2", False)])
 def test_llama3_takes_a_word_of_its_vocabulary_whole(tmp_path, pre, whole):
   """Llama 3's vocabulary holds words its merges do not build (llama.cpp's test: ' Việt'); its tokenizer takes a
   word found in the vocabulary whole before merging (tokenizer.json's ignore_merges), the others merge. Llama 3

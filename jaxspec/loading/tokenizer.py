@@ -125,8 +125,9 @@ def _deepseek_coder_pre_tokenizer():
                                                                                  use_regex=False)])
 
 
-# The pre-tokenizer names llama.cpp reads as Llama 3's.
-_LLAMA3_NAMES = ("llama-bpe", "llama3", "llama-v3")
+# The pre-tokenizer names llama.cpp reads as Llama 3's among LLaMA-architecture models' (Falcon3's GGUF files say
+# "falcon3": the Llama 3 split, whole vocabulary words and BOS by default, as llama.cpp reads them).
+_LLAMA3_NAMES = ("llama-bpe", "llama3", "llama-v3", "falcon3")
 
 # `tokenizer.ggml.pre` values we reproduce exactly, for `tokenizer.ggml.model == "gpt2"`, each with the other names
 # llama.cpp gives the same split (scripts/llama_cpp_vocab_check.py checks them against llama.cpp's own tests). Others
