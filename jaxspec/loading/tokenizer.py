@@ -133,7 +133,7 @@ _LLAMA3_NAMES = ("llama-bpe", "llama3", "llama-v3", "falcon3")
 # llama.cpp gives the same split (scripts/llama_cpp_vocab_check.py checks them against llama.cpp's own tests). Others
 # have their own regular expressions in llama.cpp; guessing them would silently give wrong ids, so they are refused.
 GGUF_PRE_TOKENIZERS: dict[str, Callable[[], Any]] = {
-    "gpt-2": _gpt2_byte_level_pre_tokenizer,
+    **dict.fromkeys(("gpt-2", "mpt"), _gpt2_byte_level_pre_tokenizer),
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r"), _smollm_pre_tokenizer),
     **dict.fromkeys(_LLAMA3_NAMES, _split_then_bytes("{1,3}")),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _split_then_bytes("")),
