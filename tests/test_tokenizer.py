@@ -264,6 +264,24 @@ def test_gguf_tokens_written_as_raw_text_are_respelled_in_the_byte_alphabet(tmp_
   assert tok.decode([space_wo]) == " wo"
 
 @pytest.mark.parametrize("pre, pieces", [
+    ("gpt-2", ["a", ".", "b", "Ġ", "12", "34", "5", "6", "7", "Ġ$=", "x"]),
+    ("mpt", ["a", ".", "b", "Ġ", "12", "34", "5", "6", "7", "Ġ$=", "x"]),  # llama.cpp gives MPT the GPT-2 split
+    # Falcon: punctuation and $+<=>^~|` runs apart (their space too), then digits in threes (no merge across them)
+    ("falcon", ["a", ".", "b", "Ġ", "123", "4", "5", "6", "7", "Ġ", "$", "=", "x"]),
+])
+def test_gpt2_and_falcon_gguf_pre_tokenizers(tmp_path, pre, pieces):
+  """Falcon splits symbol runs off before the GPT-2 regex and digit runs into threes after it: a merge ("3 4") that
+  GPT-2's split lets cross a group of three digits does not apply."""
+  path = _write_gguf(tmp_path / f"{pre}.gguf", pre=pre, extra_tokens=["12", "34", "123", "Ġ$", "Ġ$="],
+                     extra_merges=["1 2", "3 4", "12 3", "Ġ $", "Ġ$ ="])
+  tok = Tokenizer.from_gguf(path)
+  text = "a.b 1234567 $=x"
+  ids = tok.encode(text)
+  assert [tok.id_to_token(i) for i in ids] == pieces
+  assert tok.decode(ids) == text
+
+
+@pytest.mark.parametrize("pre, pieces", [
     ("llama-bpe", ["I", "'VE", "Ġ", "123", "45", "Ġ", "ok", "!Ċ", "Ċ", "a"]),
     ("qwen2", ["I", "'VE", "Ġ", "1", "2", "3", "4", "5", "Ġ", "ok", "!Ċ", "Ċ", "a"]),
     ("gpt-2", ["I", "'", "V", "E", "Ġ", "123", "45", "Ġ", "ok", "!", "Ċ", "Ċ", "a"]),

@@ -125,6 +125,16 @@ def _deepseek_coder_pre_tokenizer():
                                                                                  use_regex=False)])
 
 
+def _falcon_pre_tokenizer():
+  # Falcon's split (tokenizer.json and llama.cpp's "falcon"): runs of punctuation and of the symbols $+<=>^~|` first,
+  # then the GPT-2 regex on each piece, then groups of three ASCII digits within the digit runs it leaves.
+  return pre_tokenizers.Sequence([
+      pre_tokenizers.Split(tokenizers.Regex(r"[\p{P}$+<=>^~|`]+"), behavior="isolated", invert=False),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+      pre_tokenizers.Split(tokenizers.Regex("[0-9]{3}"), behavior="isolated", invert=False),
+  ])
+
+
 # The pre-tokenizer names llama.cpp reads as Llama 3's among LLaMA-architecture models' (Falcon3's GGUF files say
 # "falcon3": the Llama 3 split, whole vocabulary words and BOS by default, as llama.cpp reads them).
 _LLAMA3_NAMES = ("llama-bpe", "llama3", "llama-v3", "falcon3")
@@ -138,6 +148,7 @@ GGUF_PRE_TOKENIZERS: dict[str, Callable[[], Any]] = {
     **dict.fromkeys(_LLAMA3_NAMES, _split_then_bytes("{1,3}")),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _split_then_bytes("")),
     "deepseek-coder": _deepseek_coder_pre_tokenizer,
+    "falcon": _falcon_pre_tokenizer,
 }
 SUPPORTED_GGUF_MODELS = ("gpt2", "llama")
 
