@@ -281,6 +281,20 @@ def test_gpt2_and_falcon_gguf_pre_tokenizers(tmp_path, pre, pieces):
   assert tok.decode(ids) == text
 
 
+@pytest.mark.parametrize("pre, joined", [("qwen2", False), ("qwen35", True)])
+def test_qwen35_keeps_combining_marks_with_their_letters(tmp_path, pre, joined):
+  """"e" + U+0301 (a combining acute accent, category Mn): Qwen2's split starts a new piece at the mark, Qwen3.5's
+  keeps it in the word, where a merge of "e" with the mark's first byte applies."""
+  first, second = (_alphabet()[b] for b in "\u0301".encode())
+  path = _write_gguf(tmp_path / f"{pre}.gguf", pre=pre, extra_tokens=["e" + first], extra_merges=[f"e {first}"])
+  tok = Tokenizer.from_gguf(path)
+  text = "le\u0301t"
+  ids = tok.encode(text)
+  assert [tok.id_to_token(i) for i in ids] == (["l", "e" + first, second, "t"] if joined else ["l", "e", first, second,
+                                                                                             "t"])
+  assert tok.decode(ids) == text
+
+
 @pytest.mark.parametrize("pre, pieces", [
     ("llama-bpe", ["I", "'VE", "Ġ", "123", "45", "Ġ", "ok", "!Ċ", "Ċ", "a"]),
     ("qwen2", ["I", "'VE", "Ġ", "1", "2", "3", "4", "5", "Ġ", "ok", "!Ċ", "Ċ", "a"]),

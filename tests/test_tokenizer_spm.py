@@ -249,7 +249,7 @@ def test_llama_cpp_vocabulary_tests():
                 "scripts/llama_cpp_vocab_check.py instead")
   records = {r["name"]: r for r in check.check(path)}
   wanted = {"llama-spm", "phi-3", "llama-bpe", "qwen2", "gpt-2", "mpt", "falcon", "deepseek-coder", "starcoder",
-            "command-r"}
+            "command-r", "qwen35"}
   assert wanted <= {name for name, r in records.items() if r["loaded"]}
   for r in records.values():
     if r["loaded"]:

@@ -102,14 +102,18 @@ def _smollm_pre_tokenizer():
 
 # The split of Llama 3 and Qwen2 (llama.cpp's "llama-bpe" and "qwen2" pre-tokenizers, as their tokenizer.json files
 # write it): contractions in any case, letters with at most one non-letter before them, digits one at a time (Qwen2)
-# or up to three together (Llama 3), punctuation runs with their line breaks, then whitespace.
-_LETTERS_DIGITS_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}%s| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                         r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+# or up to three together (Llama 3), punctuation runs with their line breaks, then whitespace. Qwen3.5's ("qwen35")
+# keeps combining marks with the letters they follow: its letters are [\p{L}\p{M}].
+_LETTERS_DIGITS_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?%(letters)s+|\p{N}%(digits)s"
+                         r"| ?[^\s%(not_letters)s\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def _split_then_bytes(digits: str):
+def _split_then_bytes(digits: str, marks: bool = False):
+  letters = {"letters": r"[\p{L}\p{M}]" if marks else r"\p{L}", "not_letters": r"\p{L}\p{M}" if marks else r"\p{L}"}
+
   def make():
-    split = pre_tokenizers.Split(tokenizers.Regex(_LETTERS_DIGITS_SPLIT % digits), behavior="isolated", invert=False)
+    regex = _LETTERS_DIGITS_SPLIT % dict(letters, digits=digits)
+    split = pre_tokenizers.Split(tokenizers.Regex(regex), behavior="isolated", invert=False)
     return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   return make
 
@@ -147,6 +151,7 @@ GGUF_PRE_TOKENIZERS: dict[str, Callable[[], Any]] = {
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r"), _smollm_pre_tokenizer),
     **dict.fromkeys(_LLAMA3_NAMES, _split_then_bytes("{1,3}")),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _split_then_bytes("")),
+    "qwen35": _split_then_bytes("", marks=True),
     "deepseek-coder": _deepseek_coder_pre_tokenizer,
     "falcon": _falcon_pre_tokenizer,
 }
