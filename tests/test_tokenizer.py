@@ -281,6 +281,28 @@ def test_gpt2_and_falcon_gguf_pre_tokenizers(tmp_path, pre, pieces):
   assert tok.decode(ids) == text
 
 
+@pytest.mark.parametrize("pre, pieces", [
+    ("gpt-4o", ["hello", "World", " isn't", " ", "123", "45", " HTTPServer", " e\u0301t\u0301", " a", "/\n", "b"]),
+    ("tekken", ["hello", "World", " isn", "'t", " ", "1", "2", "3", "4", "5", " HTTPServer", " e\u0301t\u0301", " a",
+                "/\n", "b"]),
+])
+def test_gpt4o_and_tekken_split_cased_words(tmp_path, pre, pieces):
+  """GPT-4o's and Tekken's splits as the models' tokenizer.json files write them: camel case split, contractions
+  kept (GPT-4o) or not (Tekken), digits in threes or alone, combining marks kept in words. Tekken vocabularies take a
+  word found whole before merging and want BOS by default, as llama.cpp reads them."""
+  from jaxspec.loading.tokenizer import GGUF_PRE_TOKENIZERS
+
+  text = "helloWorld isn't 12345 HTTPServer e\u0301t\u0301 a/\nb"
+  byte_of = {c: b for b, c in enumerate(_alphabet())}  # the pieces come spelled in the byte alphabet
+  split = [bytes(byte_of[c] for c in p).decode() for p, _ in GGUF_PRE_TOKENIZERS[pre]().pre_tokenize_str(text)]
+  assert split == pieces
+  tok = Tokenizer.from_gguf(_write_gguf(tmp_path / f"{pre}.gguf", pre=pre, extra_tokens=["Ġwow"]))
+  assert tok.decode(tok.encode(text)) == text
+  assert [tok.id_to_token(i) for i in tok.encode("hello wow")] == (["hello", "Ġwow"] if pre == "tekken" else
+                                                                   ["hello", "Ġw", "o", "w"])
+  assert tok.add_bos_token == (pre == "tekken")
+
+
 @pytest.mark.parametrize("pre, joined", [("qwen2", False), ("qwen35", True)])
 def test_qwen35_keeps_combining_marks_with_their_letters(tmp_path, pre, joined):
   """"e" + U+0301 (a combining acute accent, category Mn): Qwen2's split starts a new piece at the mark, Qwen3.5's

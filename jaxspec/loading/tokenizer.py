@@ -139,9 +139,33 @@ def _falcon_pre_tokenizer():
   ])
 
 
+# GPT-4o's split (o200k; Phi-4-mini's GGUF files, "gpt-4o") and Mistral's Tekken split (Mistral NeMo, "tekken"), as
+# the models' tokenizer.json files write them: a word is an optional non-letter, then upper-case-like letters followed
+# by lower-case-like ones (or the other way round), so "helloWorld" splits before "World"; combining marks stay in
+# words. GPT-4o keeps an English contraction on its word and takes digits up to three together, Tekken takes each
+# digit alone; punctuation keeps the line breaks and slashes after it. llama.cpp runs a rewrite of these expressions
+# without the Unicode classes, which splits combining marks off (an "e" + U+0301 is two pieces there, one in
+# tokenizer.json): jaxspec follows tokenizer.json, as transformers does.
+_UPPER, _LOWER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]", r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"
+_CASED_WORDS_SPLIT = (r"[^\r\n\p{L}\p{N}]?%(upper)s*%(lower)s+%(tail)s|[^\r\n\p{L}\p{N}]?%(upper)s+%(lower)s*%(tail)s"
+                      r"|\p{N}%(digits)s| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _cased_words_then_bytes(contractions: bool, digits: str):
+  tail = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?" if contractions else ""
+  regex = _CASED_WORDS_SPLIT % {"upper": _UPPER, "lower": _LOWER, "tail": tail, "digits": digits}
+
+  def make():
+    split = pre_tokenizers.Split(tokenizers.Regex(regex), behavior="isolated", invert=False)
+    return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  return make
+
+
 # The pre-tokenizer names llama.cpp reads as Llama 3's among LLaMA-architecture models' (Falcon3's GGUF files say
 # "falcon3": the Llama 3 split, whole vocabulary words and BOS by default, as llama.cpp reads them).
 _LLAMA3_NAMES = ("llama-bpe", "llama3", "llama-v3", "falcon3")
+# Those whose words found whole in the vocabulary are taken whole before merging, as llama.cpp reads them.
+_WHOLE_WORDS = (*_LLAMA3_NAMES, "tekken")
 
 # `tokenizer.ggml.pre` values we reproduce exactly, for `tokenizer.ggml.model == "gpt2"`, each with the other names
 # llama.cpp gives the same split (scripts/llama_cpp_vocab_check.py checks them against llama.cpp's own tests). Others
@@ -154,6 +178,8 @@ GGUF_PRE_TOKENIZERS: dict[str, Callable[[], Any]] = {
     "qwen35": _split_then_bytes("", marks=True),
     "deepseek-coder": _deepseek_coder_pre_tokenizer,
     "falcon": _falcon_pre_tokenizer,
+    "gpt-4o": _cased_words_then_bytes(True, "{1,3}"),
+    "tekken": _cased_words_then_bytes(False, ""),
 }
 SUPPORTED_GGUF_MODELS = ("gpt2", "llama")
 
@@ -196,7 +222,7 @@ def _byte_level_backend(meta: Mapping[str, Any], tokens: Sequence[str], types: S
   # Llama 3's vocabulary holds words that its merges do not build (' Việt'); its tokenizer takes a word that is in the
   # vocabulary whole before merging, as llama.cpp does for this pre-tokenizer and tokenizer.json says.
   backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
-                                            ignore_merges=pre in _LLAMA3_NAMES))
+                                            ignore_merges=pre in _WHOLE_WORDS))
   backend.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
   backend.decoder = decoders.ByteLevel()
   return backend, spelled, added
@@ -572,7 +598,7 @@ class Tokenizer:
       add_bos_default = True  # llama.cpp's default for SentencePiece vocabularies
     else:
       backend, spelled, added = _byte_level_backend(meta, tokens, types, name)
-      add_bos_default = meta.get("tokenizer.ggml.pre") in _LLAMA3_NAMES
+      add_bos_default = meta.get("tokenizer.ggml.pre") in _WHOLE_WORDS  # llama.cpp: BOS by default for these
     added = _with_phi3_rstrip(meta, added)
     # Special and user-defined tokens are registered in id order; their content is in the vocab already, so
     # adding them grows nothing and only makes them matched whole.
