@@ -130,7 +130,7 @@ def _deepseek_coder_pre_tokenizer():
 
 
 def _falcon_pre_tokenizer():
-  # Falcon's split (tokenizer.json and llama.cpp's "falcon"): runs of punctuation and of the symbols $+<=>^~|` first,
+  # Falcon's split (llama.cpp's "falcon"): runs of punctuation and of the symbols $+<=>^~|` first,
   # then the GPT-2 regex on each piece, then groups of three ASCII digits within the digit runs it leaves.
   return pre_tokenizers.Sequence([
       pre_tokenizers.Split(tokenizers.Regex(r"[\p{P}$+<=>^~|`]+"), behavior="isolated", invert=False),
@@ -168,8 +168,9 @@ _LLAMA3_NAMES = ("llama-bpe", "llama3", "llama-v3", "falcon3")
 _WHOLE_WORDS = (*_LLAMA3_NAMES, "tekken")
 
 # `tokenizer.ggml.pre` values we reproduce exactly, for `tokenizer.ggml.model == "gpt2"`, each with the other names
-# llama.cpp gives the same split (scripts/llama_cpp_vocab_check.py checks them against llama.cpp's own tests). Others
-# have their own regular expressions in llama.cpp; guessing them would silently give wrong ids, so they are refused.
+# llama.cpp gives the same split (scripts/llama_cpp_vocab_check.py checks them against llama.cpp's own tests where it
+# has them; GPT-4o's and Tekken's follow tokenizer.json, above). Others have their own regular expressions in
+# llama.cpp; guessing them would silently give wrong ids, so they are refused.
 GGUF_PRE_TOKENIZERS: dict[str, Callable[[], Any]] = {
     **dict.fromkeys(("gpt-2", "mpt"), _gpt2_byte_level_pre_tokenizer),
     **dict.fromkeys(("smollm", "starcoder", "refact", "command-r"), _smollm_pre_tokenizer),
