@@ -25,6 +25,8 @@ This script imports only torch, transformers and numpy (not jaxspec). It writes,
       them);
     - `phi4_mini`: Phi-3 as Phi-4-mini uses it: rotary embeddings on 3/4 of each head (partial_rotary_factor),
       LongRoPE, a tied head;
+    - `qwen3`: Qwen3 (an RMSNorm over each head's queries and keys, q_norm and k_norm, whose weights are drawn around
+      1), heads of 24 features (head_dim apart from hidden_size / heads, as Qwen3 sets it), a tied head;
     biases drawn at a scale that changes the outputs clearly (transformers initialises them to zero);
   * `llama_variants_reference.npz` with, per variant: `<v>_ids` int32 [2, T] (random tokens, T = 300, past the original
     context), `<v>_logits` float32 [2, T / 4, V] (teacher forcing, positions 0, 4, 8, ...), `<v>_greedy` int32 [N]
@@ -88,6 +90,8 @@ VARIANTS = {
     # window (fused matrices) and Mistral's (LLaMA's layout).
     "phi3_window": ("phi3", {"sliding_window": 48, "original_max_position_embeddings": 512}),
     "mistral_window": ("mistral", {"sliding_window": 48}),
+    # Qwen3: q_norm and k_norm before RoPE, an explicit head_dim (24, where hidden_size / heads is 16), a tied head.
+    "qwen3": ("qwen3", {"head_dim": 24, "rope_theta": 1e6, "tie_word_embeddings": True, "use_sliding_window": False}),
 }
 
 
@@ -96,6 +100,9 @@ def _make(family: str, settings: dict, seed: int) -> transformers.PreTrainedMode
   if family == "qwen2":
     cfg = transformers.Qwen2Config(**SIZES, rms_norm_eps=1e-6, **settings)
     cls = transformers.Qwen2ForCausalLM
+  elif family == "qwen3":
+    cfg = transformers.Qwen3Config(**SIZES, rms_norm_eps=1e-6, **settings)
+    cls = transformers.Qwen3ForCausalLM
   elif family == "mistral":
     cfg = transformers.MistralConfig(**SIZES, head_dim=16, rms_norm_eps=1e-5, tie_word_embeddings=False, **settings)
     cls = transformers.MistralForCausalLM
@@ -114,6 +121,9 @@ def _make(family: str, settings: dict, seed: int) -> transformers.PreTrainedMode
         p.normal_(0.0, 0.15)
       elif name.endswith(".bias"):
         p.normal_(0.0, 0.5)
+    for name, p in model.named_parameters():  # (after the others: the other variants' weights stay as they were)
+      if name.endswith(("q_norm.weight", "k_norm.weight")):
+        p.normal_(1.0, 0.3)
   return model
 
 

@@ -32,7 +32,7 @@ from tests.test_loading import Q, gguf_writer, write_gguf
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VARIANTS = ("llama3", "linear", "qwen2", "llama_bias", "phi3", "phi3_longrope", "phi4_mini", "qwen2_yarn",
-            "phi3_window", "mistral_window")
+            "phi3_window", "mistral_window", "qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,10 @@ def without_variant(model, params, name):
     return LlamaLM(dataclasses.replace(model.cfg, rotary_dim=0, rope_scaling=rope_scaling(s))), params
   if name in ("phi3_window", "mistral_window"):
     return LlamaLM(dataclasses.replace(model.cfg, sliding_window=0)), params
+  if name == "qwen3":  # queries and keys not normed
+    plain = {k: ({**v, "attn": {m: w for m, w in v["attn"].items() if m not in ("q_norm", "k_norm")}}
+                 if k.startswith("layers_") else v) for k, v in params.items()}
+    return LlamaLM(dataclasses.replace(model.cfg, qk_norm=False)), plain
   if name == "phi3":
     swapped = {k: ({**v, "mlp": {**v["mlp"], "gate": v["mlp"]["up"], "up": v["mlp"]["gate"]}}
                    if k.startswith("layers_") else v) for k, v in params.items()}
@@ -85,7 +89,8 @@ def test_variants_match_transformers(ref, name):
       "qwen2": (None, True, False, False), "llama_bias": (None, True, True, True), "phi3": (None, False, False, False),
       "phi3_longrope": ("longrope", False, False, False), "phi4_mini": ("longrope", False, False, False),
       "qwen2_yarn": ("yarn", True, False, False), "phi3_window": (None, False, False, False),
-      "mistral_window": (None, False, False, False)}[name]
+      "mistral_window": (None, False, False, False), "qwen3": (None, False, False, False)}[name]
+  assert (cfg.qk_norm, cfg.head_dim) == ((True, 24) if name == "qwen3" else (False, 16))
   assert cfg.sliding_window == (48 if name.endswith("_window") else 320 if name == "phi3" else 0)
   assert cfg.rotary_dim == (12 if name == "phi4_mini" else 0)
   got = batch_logits(model, params, ref[f"{name}_ids"])

@@ -23,7 +23,7 @@ from jaxspec.loading.errors import (ModelLoadError, bounded_context, model_confi
 from jaxspec.loading.tokenizer import GGUF_MAGIC, NOT_GGUF
 from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_context, rope_scaling, stack_layers
 
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "phi3")  # architectures jaxspec's LLaMA computes
+LLAMA_FAMILY = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # architectures jaxspec's LLaMA computes
 # Architectures whose Q/K rows llama.cpp's converter permutes (its rotary pairs interleaved); Qwen2's and Phi-3's are
 # stored as Hugging Face holds them (NeoX-style rotary, the half-split layout jaxspec uses).
 _PERMUTED = ("llama", "mistral")
@@ -98,7 +98,8 @@ def config_from_gguf(reader, requested: int | None = None) -> LlamaConfig:
   if rope_dim != head_dim and (a in _PERMUTED or not 2 <= rope_dim < head_dim or rope_dim % 2):
     # (llama.cpp's LLaMA converter permutes whole heads' rows, which a part of a head would not undo)
     raise ModelLoadError(f"Partial rotary embeddings (rope dim {rope_dim} of head dim {head_dim}) in a {a!r} file are "
-                         "not supported; jaxspec turns part of each head in NeoX-style files only (phi3, qwen2).")
+                         "not supported; jaxspec turns part of each head in NeoX-style files only (phi3, qwen2, "
+                         "qwen3).")
   names = {t.name for t in reader.tensors}
   scaling = _rope_scaling(reader, a, rope_dim)
   context = num(f"{a}.context_length", 2048)
@@ -131,6 +132,7 @@ def config_from_gguf(reader, requested: int | None = None) -> LlamaConfig:
       rotary_dim=0 if rope_dim == head_dim else rope_dim,
       sliding_window=window if window < context else 0,  # as transformers runs the model (llama.cpp leaves Phi-3's off)
       qkv_bias=a in _QKV_BIAS,
+      qk_norm=a == "qwen3",
   )
 
 
@@ -294,6 +296,9 @@ def _target(name: str, cfg: LlamaConfig, arch: str = "llama"):
       "ffn_up.weight": (("mlp", "up", "kernel"), "T"),
       "ffn_down.weight": (("mlp", "down", "kernel"), "T"),
   }
+  if arch == "qwen3":
+    table.update({"attn_q_norm.weight": (("attn", "q_norm", "scale"), None),
+                  "attn_k_norm.weight": (("attn", "k_norm", "scale"), None)})
   if arch == "phi3":
     table.update({k: ((group, parts), "T") for k, (group, parts) in _FUSED.items()})
   if key not in table:

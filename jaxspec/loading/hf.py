@@ -19,9 +19,9 @@ from jaxspec.loading.errors import (ContextError, ModelLoadError, bounded_contex
 from jaxspec.loading.gguf_loader import check_complete, split_fused
 from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_context, rope_scaling, stack_layers, unstack_layers
 
-SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM")
+SUPPORTED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM")
 # their `model_type`, all that a config without `architectures` says
-MODEL_TYPES = ("llama", "mistral", "qwen2", "phi3")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 # Qwen2 is LLaMA with biases on the q, k and v projections (and no `attention_bias` key to say so).
 _QKV_BIAS_ONLY = ("Qwen2ForCausalLM", "qwen2")
 _ACTIVATIONS = ("silu", "swish")  # transformers maps both names to SiLU, the only MLP activation jaxspec's LLaMA has
@@ -53,6 +53,7 @@ def config_from_hf(cfg: dict, *, log: bool = False, context: int | None = None) 
   context, window = _context(cfg, scaling, log, context)
   qwen2 = bool(set(archs) & set(_QKV_BIAS_ONLY)) or (not archs and model_type in _QKV_BIAS_ONLY)
   phi3 = "Phi3ForCausalLM" in archs or (not archs and model_type == "phi3")
+  qwen3 = "Qwen3ForCausalLM" in archs or (not archs and model_type == "qwen3")  # LLaMA with q_norm and k_norm
   where = "config.json"
   try:
     n_heads = whole_number(cfg["num_attention_heads"], "num_attention_heads", where)
@@ -69,7 +70,7 @@ def config_from_hf(cfg: dict, *, log: bool = False, context: int | None = None) 
         o_bias=not qwen2 and bool(cfg.get("attention_bias")), mlp_bias=not qwen2 and bool(cfg.get("mlp_bias")),
         norm_eps=positive_number(_or_default(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        max_seq_len=context)
+        max_seq_len=context, qk_norm=qwen3)
   except KeyError as e:
     raise ModelLoadError(f"config.json lacks {e.args[0]!r}, which a LLaMA-family model needs.") from e
 
@@ -138,7 +139,7 @@ def _context(cfg: dict, scaling: tuple, log: bool, requested: int | None) -> tup
   value = cfg.get("sliding_window", 4096 if _family(cfg, "mistral") else None)
   if value is not None and _family(cfg, "phi3", "mistral"):  # no switch: the window applies whatever config says
     window = whole_number(value, "sliding_window", where)  # (one as long as the context hides nothing: 0 below)
-  elif value is not None and cfg.get("use_sliding_window", True) is not False:  # (Qwen2's switch)
+  elif value is not None and cfg.get("use_sliding_window", True) is not False:  # (Qwen2's and Qwen3's switch)
     bounds.append((whole_number(value, "sliding_window", where), f"its sliding window (sliding_window={value}), "
                    "which jaxspec applies to Phi-3 and Mistral models only: within one window attention is the same"))
   context = bounded_context(context, "max_position_embeddings", bounds, log, requested, rope_context(scaling))
@@ -243,8 +244,8 @@ def _yarn(cfg: dict, block: dict, key: str) -> tuple:
 
 def model_entries(cfg) -> dict:
   """config.json's entries that name the architecture and what sets it apart from plain LLaMA (biases, RoPE scaling),
-  the inverse of `config_from_hf`: Phi-3 for partial rotary embeddings, Mistral for a sliding window, Qwen2 for q/k/v
-  biases alone, LLaMA with attention_bias / mlp_bias otherwise. A model whose RoPE scaling came from a GGUF file's
+  the inverse of `config_from_hf`: Qwen3 for normed queries and keys, Phi-3 for partial rotary embeddings, Mistral for
+  a sliding window, Qwen2 for q/k/v biases alone, LLaMA with attention_bias / mlp_bias otherwise. A model whose RoPE scaling came from a GGUF file's
   rope_freqs gets jaxspec's own rope_type "factors", which transformers refuses as unknown rather than computing
   another model.
 
@@ -252,10 +253,17 @@ def model_entries(cfg) -> dict:
     InputError: biases no transformers architecture has together (q/k/v without the output's, plus MLP biases; any
       with partial rotary embeddings or a sliding window).
   """
-  if (cfg.rotary_dim or cfg.sliding_window) and (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias):
+  if cfg.qk_norm:  # Qwen3: LLaMA with q_norm and k_norm; attention_bias puts biases on q, k, v and o
+    if cfg.rotary_dim or cfg.sliding_window or cfg.mlp_bias or cfg.qkv_bias != cfg.o_bias:
+      raise InputError("A model with normed queries and keys and partial rotary embeddings, a sliding window, MLP "
+                       "biases or attention biases on some projections only has no Hugging Face architecture; it "
+                       "cannot be written as a folder.")
+    out = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": cfg.qkv_bias,
+           "use_sliding_window": False}
+  elif (cfg.rotary_dim or cfg.sliding_window) and (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias):
     raise InputError(f"A model with {'partial rotary embeddings' if cfg.rotary_dim else 'a sliding window'} and "
                      "biases has no Hugging Face architecture; it cannot be written as a folder.")
-  if cfg.rotary_dim:  # only transformers' Phi-3 turns part of each head
+  elif cfg.rotary_dim:  # only transformers' Phi-3 turns part of each head
     # (Phi-3's config defaults its padding id to 32000, which transformers refuses for a smaller vocabulary)
     out = {"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
            "partial_rotary_factor": cfg.rotary_dim / cfg.head_dim, "pad_token_id": None,
@@ -291,6 +299,8 @@ _NAMES = {
     "mlp.down_proj.weight": ("mlp", "down", "kernel"),
     **{f"self_attn.{p}_proj.bias": ("attn", p, "bias") for p in "qkvo"},
     **{f"mlp.{p}_proj.bias": ("mlp", p, "bias") for p in ("gate", "up", "down")},
+    "self_attn.q_norm.weight": ("attn", "q_norm", "scale"),  # Qwen3
+    "self_attn.k_norm.weight": ("attn", "k_norm", "scale"),
 }
 
 # Phi-3 holds the q, k and v projections in one matrix, and the MLP's gate and up projections in another (their rows
@@ -308,8 +318,8 @@ def _target(name: str, cfg: LlamaConfig):
 
   Raises:
     ModelLoadError: a bias the config does not give the model (in the layers, or on the embedding, final norm or
-      output head), or a layer parameter jaxspec's LLaMA lacks (e.g. Qwen3's q_norm): skipping it would run a
-      different function from the model's.
+      output head), or a layer parameter jaxspec's LLaMA lacks (e.g. q_norm where config.json does not describe
+      Qwen3): skipping it would run a different function from the model's.
   """
   if name in _READ_BIASES:
     raise ModelLoadError(f"The weights hold {name!r}; jaxspec's LLaMA has no bias there, so this model cannot run "
@@ -328,6 +338,10 @@ def _target(name: str, cfg: LlamaConfig):
   if name == "lm_head.weight":
     return ("lm_head", "kernel")
   if m and m.group(2) in _NAMES:
+    if _NAMES[m.group(2)][1] in ("q_norm", "k_norm") and not cfg.qk_norm:
+      raise ModelLoadError(f"The weights hold {name!r}, a norm of queries or keys that config.json does not give "
+                           "this model (Qwen3ForCausalLM has them); the config and the weights describe different "
+                           "models, so it cannot run correctly.")
     return (f"layers_{int(m.group(1))}", *_NAMES[m.group(2)])
   if m and m.group(2) in _FUSED:
     return (f"layers_{int(m.group(1))}", *_FUSED[m.group(2)])

@@ -53,9 +53,10 @@ f32_dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=
 def precision_key(cfg: Any) -> dict:
   """What a cache key of a model's outputs adds to the config's repr: `{"precision": ...}` when they are not
   computed at the default precision, `rotary_dim` for partial rotary embeddings, `sliding_window` for windowed
-  attention; empty at the defaults, so keys of files written before these settings existed still match."""
+  attention, `qk_norm` for normed queries and keys; empty at the defaults, so keys of files written before these
+  settings existed still match."""
   value = getattr(cfg, "matmul_precision", "highest")
-  extra = {k: getattr(cfg, k, 0) for k in ("rotary_dim", "sliding_window") if getattr(cfg, k, 0)}
+  extra = {k: getattr(cfg, k, 0) for k in ("rotary_dim", "sliding_window", "qk_norm") if getattr(cfg, k, 0)}
   return {**({} if value == "highest" else {"precision": value}), **extra}
 
 
@@ -100,6 +101,9 @@ class LlamaConfig:
   # Sliding-window attention (Mistral 7B v0.1, Phi-3): a token at position p sees the keys at positions above
   # p - sliding_window; 0: every earlier token. Left out of the repr as `matmul_precision` is (`precision_key`).
   sliding_window: int = dataclasses.field(default=0, repr=False)
+  # An RMSNorm over each head's query and key features before the rotary embedding, with its own weights per layer
+  # (Qwen3's q_norm and k_norm). Left out of the repr as `matmul_precision` is (`precision_key`).
+  qk_norm: bool = dataclasses.field(default=False, repr=False)
 
   def __post_init__(self):
     check_sizes(self, ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len"),
@@ -128,7 +132,7 @@ class LlamaConfig:
     d, f, h = self.d_model, self.d_ff, self.head_dim
     per_layer = d * h * (self.n_heads * 2 + self.n_kv_heads * 2) + 3 * d * f + 2 * d
     per_layer += (self.n_heads + 2 * self.n_kv_heads) * h * self.qkv_bias + d * self.o_bias
-    per_layer += (2 * f + d) * self.mlp_bias
+    per_layer += (2 * f + d) * self.mlp_bias + 2 * h * self.qk_norm
     head = 0 if self.tie_embeddings else self.vocab_size * d
     return self.vocab_size * d + self.n_layers * per_layer + d + head
 
@@ -340,6 +344,9 @@ class Attention(nn.Module):
     q_BxTxNxH = dense(cfg.n_heads * cfg.head_dim, "q")(x_BxTxD).reshape(b, t, cfg.n_heads, cfg.head_dim)
     k_BxTxKxH = dense(cfg.n_kv_heads * cfg.head_dim, "k")(x_BxTxD).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
     v_BxTxKxH = dense(cfg.n_kv_heads * cfg.head_dim, "v")(x_BxTxD).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+      q_BxTxNxH = RMSNorm(cfg.norm_eps, dt, name="q_norm")(q_BxTxNxH)
+      k_BxTxKxH = RMSNorm(cfg.norm_eps, dt, name="k_norm")(k_BxTxKxH)
     q_BxTxNxH = apply_rope(q_BxTxNxH, *rope)
     k_BxTxKxH = apply_rope(k_BxTxKxH, *rope)
 
