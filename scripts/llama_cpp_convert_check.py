@@ -58,6 +58,7 @@ VARIANTS = {
     # (not mistral_window: llama.cpp's converter writes a Mistral model as "llama" without its window, the model
     # llama.cpp runs, so its files differ from transformers past the window whoever reads them)
     "phi4_mini": None,  # Phi-3 with rotary embeddings on 3/4 of each head (rope.dimension_count), LongRoPE, tied head
+    "qwen3": None,  # Qwen3ForCausalLM: attn_q_norm / attn_k_norm, key_length 24 apart from width / heads, tied head
 }
 OUTTYPES = ("f32", "f16", "q8_0")
 TOLERANCE = 1e-4  # largest |logit difference| from the folder (its weights rounded as the file stores them)

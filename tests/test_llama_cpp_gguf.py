@@ -3,7 +3,8 @@
 tests/fixtures/llama_cpp_gguf/ holds the tiny random checkpoints of tests/fixtures/llama_variants/ as llama.cpp's
 converter writes them in f32 (made by `scripts/llama_cpp_convert_check.py`, which also checks f16 and q8_0 files and
 the variant jaxspec refuses, LLaMA with biases): Llama 3.1's RoPE scaling as a `rope_freqs.weight` tensor, linear
-scaling in the metadata, Qwen2 with q/k/v biases and a tied head (and with YaRN in the metadata), and Phi-3 (fused
+scaling in the metadata, Qwen2 with q/k/v biases and a tied head (and with YaRN in the metadata), Qwen3 (a norm over
+each head's queries and keys, attn_q_norm and attn_k_norm, and heads wider than width / heads), and Phi-3 (fused
 q/k/v and gate/up matrices; a sliding window, which a second file's 48 tokens make matter; LongRoPE's factors as two
 tensors and its attention factor in the metadata; rotary embeddings on part of each head, as Phi-4-mini has them).
 jaxspec must give transformers' logits from them (llama_variants_reference.npz) and its greedy tokens. The same files
@@ -24,7 +25,7 @@ from jaxspec.loading.gguf_loader import load_gguf
 from tests.test_llama_variants import batch_logits, llama_cpp_factors, without_variant
 
 FIXTURES = Path(__file__).parent / "fixtures"
-VARIANTS = ("llama3", "linear", "qwen2", "phi3", "phi3_longrope", "phi4_mini", "qwen2_yarn", "phi3_window")
+VARIANTS = ("llama3", "linear", "qwen2", "phi3", "phi3_longrope", "phi4_mini", "qwen2_yarn", "phi3_window", "qwen3")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,9 @@ def test_llama_cpp_files_match_transformers(ref, name, caplog):
       "llama3": ("factors", False, False, False, False), "linear": ("linear", False, False, False, False),
       "qwen2": (None, True, False, False, True), "phi3": (None, False, False, False, False),
       "phi3_longrope": ("longrope", False, False, False, False), "phi4_mini": ("longrope", False, False, False, True),
-      "qwen2_yarn": ("yarn", True, False, False, True), "phi3_window": (None, False, False, False, False)}[name]
+      "qwen2_yarn": ("yarn", True, False, False, True), "phi3_window": (None, False, False, False, False),
+      "qwen3": (None, False, False, False, True)}[name]
+  assert (cfg.qk_norm, cfg.head_dim) == ((True, 24) if name == "qwen3" else (False, 16))
   assert cfg.rotary_dim == (12 if name == "phi4_mini" else 0)
   if name == "llama3":  # the converter's factors are Llama 3.1's bands
     s = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 128}
@@ -68,14 +71,14 @@ def test_llama_cpp_files_match_transformers(ref, name, caplog):
 @pytest.mark.parametrize("name", VARIANTS)
 def test_llama_cpp_files_read_otherwise_differ(ref, name, monkeypatch):
   """Q/K rows left as llama.cpp permutes them (for LLaMA), unpermuted though the converter keeps them (for Qwen2),
-  Phi-3's fused q/k/v split as q/v/k, or the scaling or biases dropped (Phi-3: gate and up split the other way
-  round): each gives logits far from transformers'."""
+  Phi-3's fused q/k/v split as q/v/k, or the scaling, biases or query/key norms dropped (Phi-3: gate and up split the
+  other way round): each gives logits far from transformers'."""
   ids, want = ref[f"{name}_ids"], ref[f"{name}_logits"]
   model, params = load_gguf(converted(name))
   plain, plain_params = without_variant(model, params, name)
   assert np.abs(batch_logits(plain, plain_params, ids) - want).max() > 0.05
-  if name.startswith("qwen2"):
-    monkeypatch.setattr(gguf_loader, "_PERMUTED", gguf_loader._PERMUTED + ("qwen2",))
+  if name.startswith("qwen"):
+    monkeypatch.setattr(gguf_loader, "_PERMUTED", gguf_loader._PERMUTED + (name.split("_")[0],))
   elif name.startswith("phi"):
     monkeypatch.setattr(gguf_loader, "_FUSED", {**gguf_loader._FUSED, "attn_qkv.weight": ("attn", ("q", "v", "k"))})
   else:

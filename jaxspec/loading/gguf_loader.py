@@ -305,7 +305,7 @@ def _target(name: str, cfg: LlamaConfig, arch: str = "llama"):
     if key == "attn_rot_embd.weight":  # a rotary table old conversions stored; jaxspec computes its own
       return None, None
     raise ModelLoadError(f"The file holds {name!r}, a layer tensor jaxspec's LLaMA does not have (e.g. a mixture of "
-                         f"experts or QK norms); jaxspec loads plain {', '.join(LLAMA_FAMILY)} models.")
+                         f"experts, or QK norms outside qwen3); jaxspec loads plain {', '.join(LLAMA_FAMILY)} models.")
   path, fn = table[key]
   return (layer, *path), fn
 
