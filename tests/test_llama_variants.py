@@ -140,6 +140,31 @@ def test_a_longer_context_turns_longrope_s_long_factors_on(ref, caplog, name):
                              rtol=0)
 
 
+def test_an_eagle_draft_takes_its_target_s_context(ref, tmp_path):
+  """A feature-level draft's layer computes with its target's RoPE: saved beside a LongRoPE target at the default
+  context and loaded beside the same target loaded with context=1280, it turns positions past the original 320 with
+  the long factors (not the short ones it was saved with), and decoding there gives the greedy tokens."""
+  from jaxspec.decoding.eagle import EagleDrafter
+  from jaxspec.models.eagle import load_eagle, save_eagle
+  from jaxspec.models.llama import rope_tables
+  from tests.test_eagle import random_draft
+
+  short, short_params = load_hf(folder("phi3_longrope"))
+  draft, dp = random_draft(short, short_params)
+  save_eagle(tmp_path / "eagle", draft, dp, dtype="float32")
+  model, params = load_hf(folder("phi3_longrope"), context=1280)
+  draft, dp = load_eagle(tmp_path / "eagle", model, params)
+  assert (draft.cfg.max_seq_len, draft.cfg.rope_scaling) == (1280, model.cfg.rope_scaling)
+  positions = jnp.arange(330, 340)[None]
+  tables = lambda cfg: rope_tables(positions, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_seq_len)
+  assert np.abs(np.asarray(tables(draft.cfg)[0]) - np.asarray(tables(short.cfg)[0])).max() > 0.05
+  np.testing.assert_array_equal(np.asarray(tables(draft.cfg)[0]), np.asarray(tables(model.cfg)[0]))
+  prompt = ref["phi3_longrope_long_ids"][0, :330].tolist()
+  greedy = generate(model, params, [prompt], max_new_tokens=12)
+  res = generate(model, params, [prompt], max_new_tokens=12, drafter=EagleDrafter(draft, 3), draft_params=dp)
+  assert res.tokens == greedy.tokens
+
+
 def test_a_context_past_the_file_s_or_a_bound_is_refused(tmp_path):
   with pytest.raises(ModelLoadError, match=r"context=1281 is longer than the model's \(max_position_embeddings=1280\): "
                                            r"ask for 1280 tokens or fewer\."):
