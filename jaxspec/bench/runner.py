@@ -311,8 +311,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
     model, params, tokenizer = load_model(cfg.model, dtype=cfg.dtype, scan_layers=cfg.scan_layers,
                                           param_dtype=cfg.param_dtype, matmul_precision=cfg.matmul_precision,
                                           mesh=mesh, context=cfg.context)  # read on the host, placed on the mesh
-  elif cfg.context is not None and getattr(getattr(model, "cfg", None), "max_seq_len", None) != cfg.context:
-    has = getattr(getattr(model, "cfg", None), "max_seq_len", None)  # the context is a setting of loading only
+  elif cfg.context is not None and (has := getattr(getattr(model, "cfg", None), "max_seq_len", None)) != cfg.context:
     raise InputError(f"context={cfg.context} is for a target the bench loads; the model passed to run_bench has "
                      f"{f'a context of {has}' if has else 'no context length'}: load it with "
                      f"load_model(..., context={cfg.context}), or leave context unset.")

@@ -245,9 +245,9 @@ def _yarn(cfg: dict, block: dict, key: str) -> tuple:
 def model_entries(cfg) -> dict:
   """config.json's entries that name the architecture and what sets it apart from plain LLaMA (biases, RoPE scaling),
   the inverse of `config_from_hf`: Qwen3 for normed queries and keys, Phi-3 for partial rotary embeddings, Mistral for
-  a sliding window, Qwen2 for q/k/v biases alone, LLaMA with attention_bias / mlp_bias otherwise. A model whose RoPE scaling came from a GGUF file's
-  rope_freqs gets jaxspec's own rope_type "factors", which transformers refuses as unknown rather than computing
-  another model.
+  a sliding window, Qwen2 for q/k/v biases alone, LLaMA with attention_bias / mlp_bias otherwise. A model whose RoPE
+  scaling came from a GGUF file's rope_freqs gets jaxspec's own rope_type "factors", which transformers refuses as
+  unknown rather than computing another model.
 
   Raises:
     InputError: biases no transformers architecture has together (q/k/v without the output's, plus MLP biases; any
@@ -536,7 +536,7 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False, p
                            "--scan-layers.")
     if context is not None:
       raise ContextError(f"{folder!r} is an encoder-decoder (T5), whose context is not set when it loads: leave out "
-                           "--context (context=); --max-len bounds the decoder's tokens.")
+                         "--context (context=); --max-len bounds the decoder's tokens.")
     return load_t5(folder, raw, dtype=dtype, param_dtype=param_dtype)
   param_dtype = param_dtype or dtype
   cfg = dataclasses.replace(config_from_hf(raw, log=True, context=context), dtype=dtype, param_dtype=param_dtype,

@@ -108,14 +108,18 @@ _LETTERS_DIGITS_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?%(lett
                          r"| ?[^\s%(not_letters)s\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
-def _split_then_bytes(digits: str, marks: bool = False):
-  letters = {"letters": r"[\p{L}\p{M}]" if marks else r"\p{L}", "not_letters": r"\p{L}\p{M}" if marks else r"\p{L}"}
-
+def _regex_then_bytes(regex: str):
+  """A pre-tokenizer maker: `regex`'s matches as pieces (and what lies between them), then the byte alphabet."""
   def make():
-    regex = _LETTERS_DIGITS_SPLIT % dict(letters, digits=digits)
     split = pre_tokenizers.Split(tokenizers.Regex(regex), behavior="isolated", invert=False)
     return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   return make
+
+
+def _split_then_bytes(digits: str, marks: bool = False):
+  letter_props = r"\p{L}\p{M}" if marks else r"\p{L}"
+  return _regex_then_bytes(_LETTERS_DIGITS_SPLIT % {"letters": f"[{letter_props}]" if marks else letter_props,
+                                                     "not_letters": letter_props, "digits": digits})
 
 
 def _deepseek_coder_pre_tokenizer():
@@ -153,12 +157,7 @@ _CASED_WORDS_SPLIT = (r"[^\r\n\p{L}\p{N}]?%(upper)s*%(lower)s+%(tail)s|[^\r\n\p{
 
 def _cased_words_then_bytes(contractions: bool, digits: str):
   tail = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?" if contractions else ""
-  regex = _CASED_WORDS_SPLIT % {"upper": _UPPER, "lower": _LOWER, "tail": tail, "digits": digits}
-
-  def make():
-    split = pre_tokenizers.Split(tokenizers.Regex(regex), behavior="isolated", invert=False)
-    return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-  return make
+  return _regex_then_bytes(_CASED_WORDS_SPLIT % {"upper": _UPPER, "lower": _LOWER, "tail": tail, "digits": digits})
 
 
 # The pre-tokenizer names llama.cpp reads as Llama 3's among LLaMA-architecture models' (Falcon3's GGUF files say
