@@ -86,6 +86,29 @@ def test_tree_rejection_sampling_on_point_mass_targets():
     check_acceptance(tree_rejection(jax.random.key(seed), hand_tree(3), p))
 
 
+def test_a_row_of_tree_rejection_draws_the_same_whatever_the_batch_size():
+  """A row's samples depend on the seed and its row index only (`generate`'s promise): the same rows sampled in a
+  batch of 1 and as the first rows of a batch of 5 accept and correct alike, seed for seed. Near-uniform targets over
+  4 tokens and a 3-token point-mass chain make acceptance a coin flip at each node, so coins taken from another place
+  of the draw (as when they were drawn [N, B]) change the outcome for about a tenth of the seeds."""
+  depth, mask = tree_arrays([-1, 0, 1])
+  tree = Draft(jnp.asarray([[0, 1, 2]], jnp.int32), jnp.asarray(depth[None]), jnp.asarray(mask[None]),
+               jnp.asarray([[-1, 0, 1]], jnp.int32))
+  p_TxV = jax.nn.softmax(jax.random.normal(jax.random.key(0), (4, 4)) * 0.3, axis=-1)
+
+  def outcome(key, rows):
+    wide = jax.tree.map(lambda x: jnp.repeat(x, rows, axis=0), tree)
+    acc = tree_rejection(key, wide, jnp.broadcast_to(p_TxV, (rows, 4, 4)))
+    return acc.n_commit_B[0], acc.emitted_BxT[0]
+
+  keys = jax.random.split(jax.random.key(1), 200)
+  alone = jax.jit(jax.vmap(lambda k: outcome(k, 1)))(keys)
+  in_batch = jax.jit(jax.vmap(lambda k: outcome(k, 5)))(keys)
+  assert 0 < int(jnp.sum(alone[0] < 4)) < 200  # rejections and full acceptances both occur
+  np.testing.assert_array_equal(alone[0], in_batch[0])
+  np.testing.assert_array_equal(alone[1], in_batch[1])
+
+
 @pytest.mark.parametrize("remove_rejected", [True, False])
 def test_tree_rejection_with_drafted_distributions_samples_the_target(remove_rejected):
   """`tree_rejection` with children drawn from a q (`probs_BxNxV`, SpecInfer's setting) rather than point masses,
@@ -276,6 +299,23 @@ def test_a_row_alone_takes_the_steps_it_takes_in_a_batch(tiny, greedy_ref, name)
   res = gen.generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=drafter, draft_params=dp)
   alone = gen.generate(model, params, PROMPTS[2:], max_new_tokens=NEW, drafter=drafter, draft_params=dp)
   assert alone.tokens == greedy_ref[2:] and alone.active_calls == res.active_calls[2:]
+
+
+@pytest.mark.parametrize("name", ["lm-dynamic", "lm-self-early-stop"])
+def test_a_sampled_row_alone_draws_what_it_draws_first_in_a_batch(tiny, name):
+  """`generate`'s promise under sampling: a row's samples depend on the seed and its row index, not on the rows after
+  it. Trees from another draft LM and from the target itself at temperature 1, seed by seed (random heads accept
+  nothing at temperature 1; the function-level test above covers point-mass drafts)."""
+  model, params = tiny
+  drafter, dp = tree_drafters(tiny)[name]
+  accepted = 0
+  for seed in range(4):
+    run = lambda prompts: gen.generate(model, params, prompts, max_new_tokens=NEW, temperature=1.0, seed=seed,
+                                       drafter=drafter, draft_params=dp)
+    batch, alone = run(PROMPTS), run(PROMPTS[:1])
+    assert alone.tokens[0] == batch.tokens[0], f"seed {seed}"
+    accepted += alone.accept_hist[0, 2:].sum()
+  assert accepted > 0  # some steps accepted tree nodes, not only corrections
 
 
 # The draft LM's trees differ from the heads' only in how E[A] is scored, and each gate compiles its own loop: that

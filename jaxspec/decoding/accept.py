@@ -75,7 +75,9 @@ def tree_rejection(rng: Array, draft: Draft, p_BxTxV: Array, remove_rejected: bo
   b, t, _ = p_BxTxV.shape
   n = t - 1
   r_u, r_fix = jax.random.split(rng)
-  u_NxB = jax.random.uniform(r_u, (n, b))
+  # Drawn [B, N] and transposed: a row's coins are then the same whatever the batch size (JAX numbers the bits of
+  # a draw by each element's place in it), as in the chain rule and the [B, V] draws.
+  u_NxB = jax.random.uniform(r_u, (b, n)).T
   q_NxBxV = None if draft.probs_BxNxV is None else jnp.moveaxis(draft.probs_BxNxV, 1, 0)
 
   def visit(carry, xs):
