@@ -219,10 +219,13 @@ def test_the_program_cache_is_bounded_and_can_be_cleared(tiny, monkeypatch):
 def test_a_greedy_only_drafter_refuses_sampling(tiny):
   from jaxspec.decoding.jacobi import JacobiDrafter
   model, params = tiny
-  for drafter in (JacobiDrafter(window=3), WithLookup(JacobiDrafter(window=3))):
-    with pytest.raises(InputError, match="JacobiDrafter is greedy only|WithLookup is greedy only"):
-      gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, temperature=1.0, drafter=drafter)
-    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=drafter)
+  bpd = BPDModel(BPDConfig(num_heads=2, d_model=model.cfg.d_model, d_hidden=8))
+  lattice_params = lattice_draft_params(bpd_draft_params(model, params, bpd, bpd.init_params(jax.random.key(0))))
+  for drafter, dp in ((JacobiDrafter(window=3), None), (WithLookup(JacobiDrafter(window=3)), None),
+                      (LatticeDrafter(bpd, top_t=4), lattice_params)):
+    with pytest.raises(InputError, match="(JacobiDrafter|WithLookup|LatticeDrafter) is greedy only"):
+      gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, temperature=1.0, drafter=drafter, draft_params=dp)
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=drafter, draft_params=dp)
 
 
 def test_drafters_without_their_draft_params_say_what_builds_them(tiny):

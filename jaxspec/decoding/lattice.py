@@ -84,6 +84,10 @@ def output_rows(model, params, ids: Array) -> Array:
 class LatticeDrafter:
   """BPD drafts chosen from the heads' top-t lattice by a rescorer.
 
+  Greedy only (`greedy_only`: the loop refuses a sampling rule), as Kim et al. study it: the rescorers pick drafts to
+  match the target's argmax (the oracle follows the greedy output), and no statistical test covers these drafts under
+  rejection sampling.
+
   Attributes:
     bpd: the heads (static part; params in `draft_params["bpd"]`, built by `lattice_draft_params`).
     rescorer: "none", "ngram", "neural" or "oracle" (see the module docstring).
@@ -102,6 +106,7 @@ class LatticeDrafter:
   ngram: NgramLM | None = None
   lm: DraftModelDrafter | None = None
   needs_params = "jaxspec.decoding.lattice.lattice_draft_params(bpd_draft_params(...), ...)"
+  greedy_only = True
 
   def __post_init__(self):
     if self.rescorer not in RESCORERS:
