@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import sys
+import time
 from pathlib import Path
 
 from jaxspec.errors import InputError, JaxspecError, OutOfMemory, Terminated
@@ -85,13 +86,25 @@ def _check_fits(args, model, n_prompt: int) -> None:
       fixes.append(f"lower --max-new-tokens (to {max_len - slots} or fewer)")
     if not (hard and max_len >= context):
       fixes.append("raise --max-len" + (f" (up to the model's context length, {context})" if hard else ""))
-    elif getattr(args, "context", None) is None and rope_context(getattr(cfg, "rope_scaling", ())) == context:
+    elif getattr(args, "context", None) is not None:
+      fixes.append(f"load the model with a longer --context than {args.context} where its file allows one (leave "
+                   "the option out for the file's own context)")
+    elif rope_context(getattr(cfg, "rope_scaling", ())) == context:
       fixes.append(f"load the model with a longer --context (past LongRoPE's original {context} tokens its long "
                    "factors apply)")
     fix = fixes[0] if len(fixes) == 1 else f"{', '.join(fixes[:-1])}{',' * (len(fixes) > 2)} or {fixes[-1]}"
     what = "The decoder's start token" if dec else f"A prompt of {n_prompt} tokens"
     raise InputError(f"{what} plus {args.max_new_tokens} new tokens needs {need} cache slots, more than the cache "
                      f"length {max_len}: {fix}.")
+
+
+def _note_greedy_filters(args) -> None:
+  """Says so where --top-k or --top-p is given at temperature 0: they filter sampling, and greedy decoding ignores
+  them (they are still checked)."""
+  given = [f for f, on in (("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0)) if on]
+  if given and args.temperature == 0:
+    print(f"jaxspec: {' and '.join(given)} filter sampling only: at --temperature 0 (the default) decoding is greedy "
+          "and ignores them.", file=sys.stderr)
 
 
 def _mesh(args):
@@ -156,7 +169,11 @@ def _cmd_generate(args) -> int:
     where = "standard input" if args.prompt_file == "-" else f"the file {args.prompt_file}"
     raise InputError("The prompt is empty: pass some text with --prompt" + (f" ({where} holds none)."
                                                                               if args.prompt_file else "."))
+  if "," in args.method:
+    raise InputError(f"--method {args.method!r} names several methods: generate runs one (a comma list is for "
+                     "`jaxspec bench --methods`).")
   label, name, opts = parse_method(args.method)
+  _note_greedy_filters(args)
   mesh = _mesh(args)
   model, params, tok = load_model(args.model, dtype=args.dtype, scan_layers=args.scan_layers,
                                   param_dtype=args.param_dtype, matmul_precision=args.matmul_precision, mesh=mesh,
@@ -221,6 +238,7 @@ def _cmd_bench(args) -> int:
                 else None)
   if categories == ():
     raise InputError("--categories names no category: give comma-separated category names.")
+  _note_greedy_filters(args)
   cfg = BenchConfig(prompts=args.prompts, methods=methods, limit=args.limit,
                     categories=categories,
                     max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, temperature=args.temperature,
@@ -277,6 +295,11 @@ class _VersionAction(argparse.Action):
     parser.exit()
 
 
+_TOP_K_HELP = "sample from the K most probable tokens only (0: no filter, the default); with --temperature > 0"
+_TOP_P_HELP = "sample from the smallest set of tokens whose probability reaches P (1: no filter, the default); with " \
+    "--temperature > 0"
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="jaxspec", description="Fast, lossless decoding of autoregressive models in JAX.")
   p.add_argument("--version", action=_VersionAction)
@@ -285,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument("--distributed", action="store_true",
                       help="call jax.distributed.initialize() first: run the same command on every host of a slice")
+  common.add_argument("--join-timeout", type=_positive_int, default=300, metavar="SECONDS",
+                      help="with --distributed: how long to wait for every process to join (default 300, JAX's)")
   g = sub.add_parser("generate", help="generate text from a prompt", parents=[common])
   given = g.add_mutually_exclusive_group(required=True)
   given.add_argument("--prompt", help="the input text")
@@ -294,8 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help="a .gguf file or Hugging Face folder (default: the embedded SmolLM2-135M-Instruct)")
   g.add_argument("--max-new-tokens", type=_positive_int, default=128, help="default 128")
   g.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
-  g.add_argument("--top-k", type=_top_k, default=0)
-  g.add_argument("--top-p", type=_top_p, default=1.0)
+  g.add_argument("--top-k", type=_top_k, default=0, help=_TOP_K_HELP)
+  g.add_argument("--top-p", type=_top_p, default=1.0, help=_TOP_P_HELP)
   g.add_argument("--seed", type=_seed, default=0)
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
   g.add_argument("--max-len", type=_positive_int, default=None, help="cache length (default: model context length)")
@@ -328,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--batch-size", type=_positive_int, default=None,
                  help="prompts decoded together (default 1; 16 with --quick)")
   b.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
-  b.add_argument("--top-k", type=_top_k, default=0)
-  b.add_argument("--top-p", type=_top_p, default=1.0)
+  b.add_argument("--top-k", type=_top_k, default=0, help=_TOP_K_HELP)
+  b.add_argument("--top-p", type=_top_p, default=1.0, help=_TOP_P_HELP)
   b.add_argument("--seed", type=_seed, default=0)
   b.add_argument("--out", type=_folder, default="bench_out", help="folder for results.json, report.md and plots")
   b.add_argument("--t5x-src", default=None, help="a T5X source checkout, for the t5x-greedy baseline")
@@ -417,8 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     _show_sharding_choices()
     if args.distributed:
-      from jaxspec.sharding import initialize_distributed
-      initialize_distributed()
+      _join_processes(args.join_timeout)
     code = args.func(args)
     if _SIGNAL_TAKEN is not None:
       # The program's handler took SIGINT or SIGTERM, but the work ended as if it had not: the exception was raised
@@ -435,6 +459,61 @@ def main(argv: list[str] | None = None) -> int:
     return 2
   except KeyboardInterrupt as e:
     return _interrupted(args, terminated=isinstance(e, Terminated))
+
+
+def _join_processes(timeout_s: int) -> None:
+  """`--distributed`: `jax.distributed.initialize()`, watched from a thread. JAX's wait for the other processes runs
+  in C++ with the interpreter's signal handlers unable to run, so Ctrl-C and SIGTERM did nothing, and after its timeout
+  JAX ended the process with a fatal log and a C++ stack trace. The thread reads the signals the interpreter records
+  (`signal.set_wakeup_fd`) and ends the process with the usual message and exit code; past `timeout_s` it ends it with
+  an error that says what was waited for (JAX's own timeout is set a minute later)."""
+  import os
+  import select
+  import signal
+  import threading
+
+  from jaxspec.sharding import initialize_distributed
+
+  n, address = os.environ.get("JAX_NUM_PROCESSES"), os.environ.get("JAX_COORDINATOR_ADDRESS")
+  what = f"{n} processes at {address}" if n and address else "the other processes of the run"
+  print(f"jaxspec: joining {what} (waiting up to {timeout_s} s, --join-timeout)", file=sys.stderr, flush=True)
+  wake_r, wake_w = os.pipe()
+  stop_r, stop_w = os.pipe()
+  os.set_blocking(wake_w, False)
+  try:
+    previous = signal.set_wakeup_fd(wake_w)
+  except ValueError:  # not the main thread (a caller's): JAX's wait is left as it is
+    previous = None
+
+  def watch():
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+      ready, _, _ = select.select([wake_r, stop_r], [], [], left)
+      if stop_r in ready:
+        return
+      for signum in (os.read(wake_r, 64) if wake_r in ready else b""):
+        if signum in (signal.SIGINT, signal.SIGTERM):
+          sys.stderr.write("jaxspec: terminated (SIGTERM)\n" if signum == signal.SIGTERM else "jaxspec: interrupted\n")
+          sys.stderr.flush()
+          os._exit(143 if signum == signal.SIGTERM else 130)
+    sys.stderr.write(f"jaxspec: error: not every process joined within {timeout_s} s (waiting for {what}): start the "
+                     "same command on every process of the run (each with its own JAX_PROCESS_ID, 0 to N-1, where "
+                     "they are set), or wait longer with --join-timeout.\n")
+    sys.stderr.flush()
+    os._exit(2)
+
+  watcher = threading.Thread(target=watch, name="jaxspec-join", daemon=True)
+  if previous is not None:
+    watcher.start()
+  try:
+    initialize_distributed(timeout_s=timeout_s + 60)
+  finally:
+    os.write(stop_w, b"x")
+    if previous is not None:
+      watcher.join()
+      signal.set_wakeup_fd(previous)
+    for fd in (wake_r, wake_w, stop_r, stop_w):
+      os.close(fd)
 
 
 def _interrupted(args, terminated: bool | None = None) -> int:

@@ -442,15 +442,16 @@ def each_process(value: Any) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(value))
 
 
-def initialize_distributed() -> None:
+def initialize_distributed(timeout_s: int | None = None) -> None:
   """`jax.distributed.initialize()`; once per process, before anything touches a device. Every process then sees all
   processes' devices in `jax.devices()`.
 
   JAX finds the other processes by itself on the clusters it knows (Cloud TPU VMs, SLURM, Open MPI, Kubernetes
   jobs). Anywhere else (GPU machines of your own, several processes on one machine) set on every process
   `JAX_COORDINATOR_ADDRESS` (host:port of process 0, which JAX reads itself), `JAX_NUM_PROCESSES` and
-  `JAX_PROCESS_ID` (0 .. N-1)."""
-  kwargs = {}
+  `JAX_PROCESS_ID` (0 .. N-1). `timeout_s`: how long to wait for every process to join (None: JAX's default, 300 s,
+  after which JAX ends the process)."""
+  kwargs = {} if timeout_s is None else {"initialization_timeout": int(timeout_s)}
   for key, var in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
     if os.environ.get(var):
       try:

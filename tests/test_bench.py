@@ -161,6 +161,8 @@ def test_per_category_limit_and_filter(prompt_file):
     ('{"question_id": 1, "category": null, "turns": ["x"]}', "'category' must be a non-empty string, got None"),
     ('{"question_id": NaN, "category": "qa", "turns": ["x"]}', "'question_id' must be a string or a finite number"),
     ("[" * 100000, "its JSON is nested too deeply to read"),
+    ('{"question_id": 3, "category": "qa", "turns": ["x"]}\n{"question_id": 3.0, "category": "rag", "turns": ["y"]}',
+     ":2: question_id 3.0 is already that of line 1; give each prompt its own"),
 ])
 def test_bad_prompt_files_are_clear_errors(tmp_path, line, msg):
   path = tmp_path / "bad.jsonl"
@@ -1018,6 +1020,14 @@ def test_one_method_written_two_ways_is_refused_and_a_failed_run_leaves_no_empty
   cfg = BenchConfig(prompts=prompt_file, methods=("greedy",), max_new_tokens=600, out=str(out))
   with pytest.raises(InputError, match="with 600 new tokens it needs more than"):
     run_bench(cfg, model, params, ByteTokenizer(), progress=False)
+  # The advice fits the case: no number of new tokens fits a prompt longer than the context, and --context (given
+  # here) is named where it was set.
+  long_file = write_prompts(tmp_path / "long.jsonl", [{"question_id": 7, "category": "qa", "turns": ["w" * 600]}])
+  cfg = BenchConfig(prompts=long_file, methods=("greedy",), max_new_tokens=4, out=str(out), context=512)
+  with pytest.raises(InputError) as e:
+    run_bench(cfg, model, params, ByteTokenizer(), progress=False)
+  assert str(e.value).endswith("needs more than the model's context length (512). Load the target with a longer "
+                               "--context than 512 where its file allows one; or leave the prompt out of the file.")
   assert (tmp_path / "new").is_dir() and not out.exists()
   (tmp_path / "file").write_text("x")
   with pytest.raises(InputError, match="Cannot write the results folder .*file: it is a file. Pass another --out"):

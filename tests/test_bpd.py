@@ -422,6 +422,13 @@ def test_corrupt_or_missing_heads_are_clear_errors(tmp_path, tiny):
   (tmp_path / "heads.safetensors").write_bytes(raw[:len(raw) // 2])
   with pytest.raises(ModelLoadError, match="unreadable"):
     load_bpd(tmp_path)
+  # A config cut down by hand: a default taken for a missing field would misread the weights, so it is refused.
+  save_bpd(tmp_path, bpd, p)
+  config = json.loads((tmp_path / "config.json").read_text())
+  del config["bpd"]["vocab_subset"]
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ModelLoadError, match="unreadable .*the config's 'bpd' section lacks vocab_subset"):
+    load_bpd(tmp_path)
 
 
 def test_shipped_heads_equal_greedy_on_default_model(default_model, default_greedy):

@@ -264,6 +264,52 @@ def test_ctrl_c_while_jax_works_ends_with_the_message_and_130(signum, code, mess
     assert err.strip().endswith(message) and "Traceback" not in err, (delay, err[-2000:])
 
 
+@pytest.mark.parametrize("signame,code,message", [(None, 2, "not every process joined within 3 s (waiting for 2 "
+                                                                "processes at localhost:"),
+                                                   ("SIGINT", 130, "jaxspec: interrupted"),
+                                                   ("SIGTERM", 143, "jaxspec: terminated (SIGTERM)"),
+                                                   ("joins", 0, "jax.distributed: process 0 of 2")])
+def test_a_process_waiting_for_the_others_to_join_can_be_stopped_and_gives_up_with_a_message(signame, code, message):
+  """--distributed with a process that never comes: JAX's wait ignored Ctrl-C and SIGTERM, and after 300 s ended the
+  process with a fatal log and a C++ stack trace that said another task had died (found by a review). The command
+  now says what it waits for, stops at a signal with the usual message, and gives up after --join-timeout; where the
+  other process comes, both decode."""
+  import os
+  import signal
+  import socket
+  import subprocess
+  import sys
+  import time
+  from pathlib import Path
+
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  env = {**os.environ, "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0", "JAX_COORDINATOR_ADDRESS": f"localhost:{port}"}
+  model = Path(jaxspec.__file__).parent / "assets" / "t5_numbers"
+  started = time.monotonic()
+  command = [sys.executable, "-m", "jaxspec.cli", "generate", "--distributed", "--join-timeout",
+             "60" if signame else "3", "--model", str(model), "--prompt", "spell: 12"]
+  proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  first = proc.stderr.readline()
+  assert first.startswith(f"jaxspec: joining 2 processes at localhost:{port} (waiting up to "), first
+  other = None
+  if signame == "joins":
+    other = subprocess.Popen(command, env={**env, "JAX_PROCESS_ID": "1"}, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  elif signame:
+    time.sleep(2)  # inside JAX's wait
+    proc.send_signal(getattr(signal, signame))
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == code, (proc.returncode, err[-2000:])
+  assert message in err and "Traceback" not in err and "Check failure" not in err, err[-2000:]
+  assert time.monotonic() - started < 50  # not JAX's 300 s, nor the 60 given
+  if other:
+    other_out, other_err = other.communicate(timeout=120)
+    assert other.returncode == 0 and "process 1 of 2" in other_err, other_err[-2000:]
+    assert out.splitlines()[-1] == other_out.splitlines()[-1] == "twelve"  # (gloo prints its own lines before)
+
+
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
 def test_a_signal_inside_an_import_is_delivered_after_it(tmp_path, monkeypatch, signame):
   """Ctrl-C or SIGTERM raised inside an import (numpy's and JAX's take a second at start-up) left a half-imported
@@ -416,7 +462,7 @@ def test_an_interrupt_ends_the_command_at_once_unless_distributed(monkeypatch, c
     raise error
 
   monkeypatch.setattr("jaxspec.bench.run_bench", interrupted)
-  monkeypatch.setattr(sharding, "initialize_distributed", lambda: None)
+  monkeypatch.setattr(sharding, "initialize_distributed", lambda **kw: None)
   monkeypatch.setattr(cli, "_EXIT_AT_ONCE", False)
   for flags, at_once in (([], True), (["--distributed"], False)):
     assert cli.main(["bench", "--out", str(tmp_path / "o"), *flags]) == code

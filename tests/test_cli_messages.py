@@ -168,6 +168,15 @@ def test_a_key_written_twice_is_refused_and_merges_still_work(tmp_path, capsys):
 
 # ---- generate's flags --------------------------------------------------------------------------------------------
 
+def test_top_k_and_top_p_at_temperature_0_are_said_to_do_nothing(tiny_target, capsys):
+  assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--top-k", "5", "--top-p", "0.5"]) == 0
+  err = capsys.readouterr().err
+  assert ("jaxspec: --top-k and --top-p filter sampling only: at --temperature 0 (the default) decoding is greedy and "
+          "ignores them.") in err
+  assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--top-k", "5", "--temperature", "1"]) == 0
+  assert "filter sampling only" not in capsys.readouterr().err
+
+
 def test_generate_names_its_flags(tiny_target, capsys):
   err = fails(["generate", "--prompt", "w" * 500, "--max-new-tokens", "20"], capsys)
   assert ("needs 520 cache slots, more than the cache length 512: shorten --prompt or lower --max-new-tokens (to 12 "
@@ -177,8 +186,13 @@ def test_generate_names_its_flags(tiny_target, capsys):
   err = fails(["generate", "--prompt", "w" * 50, "--max-len", "64"], capsys)
   assert ("shorten --prompt, lower --max-new-tokens (to 14 or fewer), or raise --max-len (up to the model's context "
           "length, 512)") in err
+  err = fails(["generate", "--prompt", "w" * 600, "--max-new-tokens", "4", "--context", "512"], capsys)
+  assert ("needs 604 cache slots, more than the cache length 512: shorten --prompt or load the model with a longer "
+          "--context than 512 where its file allows one (leave the option out for the file's own context).") in err
   err = fails(["generate", "--prompt", "hi", "--max-len", "1000"], capsys)
   assert "--max-len 1000 is more than the model's context length (512 tokens)" in err
+  err = fails(["generate", "--prompt", "hi", "--method", "greedy,bpd"], capsys)
+  assert "--method 'greedy,bpd' names several methods: generate runs one (a comma list is for `jaxspec bench" in err
   err = fails(["generate", "--prompt", "hi", "--temperature", "1", "--top-k", "300"], capsys)
   assert "--top-k 300 is more than the model's vocabulary (256 tokens)" in err
   for command in (["generate", "--prompt", "hi", "--top-p", "2"], ["bench", "--top-p", "0", "--out", "unused"]):

@@ -36,14 +36,15 @@ def load_prompts(path: str | os.PathLike, *, categories: Sequence[str] | None = 
     given: how the user names the file, for the error messages (the bench's flag by default).
 
   Raises:
-    InputError: a missing file, a line that is not JSON, a missing field, or a category filter that matches nothing.
+    InputError: a missing file, a line that is not JSON, a missing field, a question_id given twice, or a category
+      filter that matches nothing.
   """
   path = Path(path)
   if path.is_dir():
     raise InputError(f"Prompt file {path} is a folder: pass a JSONL file in Spec-Bench format {given}.")
   if not path.exists():  # a pipe (<(...)) or /dev/stdin is not a regular file, and reads as one
     raise InputError(f"Prompt file {path} not found: pass a JSONL file in Spec-Bench format {given}.")
-  prompts, per_cat, seen = [], {}, set()
+  prompts, per_cat, seen, first_line = [], {}, set(), {}
   try:
     # Split at newlines only: JSON strings may hold U+2028 and the other breaks `str.splitlines` splits at.
     # utf-8-sig: a byte-order mark (as some editors write) is not part of the first line.
@@ -77,6 +78,10 @@ def load_prompts(path: str | os.PathLike, *, categories: Sequence[str] | None = 
     if isinstance(qid, bool) or not (isinstance(qid, str) or (isinstance(qid, int)) or
                                      (isinstance(qid, float) and math.isfinite(qid))):
       raise InputError(f"{path}:{n}: 'question_id' must be a string or a finite number, got {qid!r}.")
+    if qid in first_line:  # results and outputs are keyed by it: two prompts of one id could not be told apart
+      raise InputError(f"{path}:{n}: question_id {qid!r} is already that of line {first_line[qid]}; give each prompt "
+                       "its own.")
+    first_line[qid] = n
     cat = row["category"]
     seen.add(cat)
     if categories and cat not in categories:

@@ -331,9 +331,14 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
                      f"({context}): lower it.")
   for p, row in zip(prompts, ids):
     if context and not dec and len(row) + cfg.max_new_tokens > context:
+      fixes = [f"lower --max-new-tokens (to {context - len(row)} or fewer)"] if len(row) < context else []
+      if cfg.context is not None:
+        fixes.append(f"load the target with a longer --context than {cfg.context} where its file allows one")
+      fixes.append("leave the prompt out of the file" if cfg.prompts else
+                   "pass prompts of your own with --prompts (or --categories without this one's)")
       raise InputError(f"Prompt {p.question_id!r} ({p.category}) is {len(row)} tokens long: with {cfg.max_new_tokens} "
-                       f"new tokens it needs more than {bound} ({context}). Lower --max-new-tokens, or leave the "
-                       "prompt out of the file.")
+                       f"new tokens it needs more than {bound} ({context}). "
+                       + "; or ".join(f[0].upper() + f[1:] if i == 0 else f for i, f in enumerate(fixes)) + ".")
   asked = saved.fingerprint(cfg, prompts, ids, labels)  # the work as named, before any method is built
   if not sharding.same_everywhere(asked["prompts_sha256"]):
     raise InputError(f"The processes of this run read different prompts ({cfg.prompts or 'the quick set'} on process "

@@ -192,9 +192,14 @@ def load_bpd(folder: str | os.PathLike, num_heads: int | None = None,
   files.check_export_tag(folder, ["heads.safetensors"])
   try:
     raw = json.loads(cfg_path.read_text())
+    # Every field: save_bpd writes them all, and a default taken for a missing one would misread the weights (a
+    # missing vocab_subset ignored the stored vocabulary ids and drafted over the whole vocabulary).
+    absent = [f.name for f in dataclasses.fields(BPDConfig) if f.name not in raw["bpd"]]
+    if absent:
+      raise ValueError(f"the config's 'bpd' section lacks {', '.join(absent)}")
     cfg = BPDConfig(**raw["bpd"])
     flat = load_file(str(w_path))
-  except Exception as e:  # noqa: BLE001 - truncated file, bad JSON, unknown keys
+  except Exception as e:  # noqa: BLE001 - truncated file, bad JSON, unknown or missing keys
     raise ModelLoadError(f"BPD heads in {folder} are unreadable ({type(e).__name__}: {e}); retrain or re-copy "
                          "them.") from None
   heads = {k[len("heads."):]: jnp.asarray(v, jnp.float32) for k, v in flat.items() if k.startswith("heads.")}
