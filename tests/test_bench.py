@@ -214,7 +214,10 @@ def test_bad_method_option_values_are_clear_errors():
                     ("opt-tree:gate=x", "must be a finite number >= 0 or auto"),
                     ("bpd:gate=inf", "gate='inf' of 'bpd' must be a finite number >= 0"),
                     ("bpd-ngram:weight=inf", "weight='inf' of 'bpd-ngram' must be a finite number >= 0"),
-                    ("lookup:gate=0.5", "gate='0.5' of 'lookup' must be a whole number in 0..1024")]:
+                    ("lookup:gate=0.5", "gate='0.5' of 'lookup' must be a whole number in 0..1024"),
+                    ("opt-tree:drafter=lm", "drafter='lm' of 'opt-tree' must be one of heads, eagle, draft, layerskip"),
+                    ("opt-tree:shape=tree", "shape='tree' of 'opt-tree' must be one of dynamic, static, chain"),
+                    ("spec:vocab=all", "vocab='all' of 'spec' must be one of auto, subset, full")]:
     with pytest.raises(InputError, match=msg):
       parse_method(text)
   with pytest.raises(InputError, match="option 'k' appears twice in 'bpd:k=4:k=2'"):

@@ -901,7 +901,16 @@ _NUMERIC_OPTIONS: dict = {
 MAX_OPTION = 1024
 
 
+# Options whose values are words, checked when the method string is read (before any model loads), as numbers are.
+_CHOICE_OPTIONS = {("opt-tree", "drafter"): ("heads", "eagle", "draft", "layerskip"),
+                   ("opt-tree", "shape"): ("dynamic", "static", "chain"),
+                   "vocab": ("auto", "subset", "full")}
+
+
 def _check_option(name: str, key: str, value: str) -> None:
+  choices = _CHOICE_OPTIONS.get((name, key), _CHOICE_OPTIONS.get(key))
+  if choices and value not in choices:
+    raise InputError(f"Method option {key}={value!r} of {name!r} must be one of {', '.join(choices)}.")
   kind, low, *below = _NUMERIC_OPTIONS.get((name, key), _NUMERIC_OPTIONS.get(key, (None, None)))
   if kind is None or (kind.endswith("|auto") and value == "auto"):
     return
