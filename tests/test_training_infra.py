@@ -715,6 +715,25 @@ def test_interrupt_saves_a_checkpoint(tmp_path):
   assert signal.getsignal(signal.SIGINT) is sigint_before  # the trainer put back what it found
 
 
+def test_the_steps_after_the_last_record_are_logged_when_a_signal_stops_the_run(tmp_path):
+  """With log_every=4, a run stopped after step 6 logged steps 1-4 only: steps 5-6's metrics were lost, and the
+  resumed run's first record averaged fewer steps than it said (found by a review). They are one record now."""
+  trainer = Trainer(train_tiny.loss_fn, make_optimizer(train_tiny.OPTIM), frozen=train_tiny.FROZEN,
+                    checkpoint_dir=tmp_path / "run", checkpoint_every=100, log_every=4, progress=False)
+
+  def batches(start):
+    for s in range(start, 1000):
+      if s == start + 5:
+        signal.raise_signal(signal.SIGINT)  # acted on when step 6 is done
+      yield train_tiny.batch_at(s)
+
+  with pytest.raises(KeyboardInterrupt):
+    trainer.fit(train_tiny.fresh_state(), batches, 50)
+  records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in records if not any(k.startswith("eval/") for k in r)] == [4, 6]
+  assert _committed_steps(tmp_path / "run") == [6]
+
+
 def test_an_ignored_interrupt_stays_ignored(tmp_path):
   """A job started with SIGINT ignored (`nohup`, a shell's background job) is not stopped by one: training runs on."""
   trainer = train_tiny.make_trainer(tmp_path / "run", every=100)
@@ -958,6 +977,10 @@ def test_prompts_that_fill_the_sequence_length_leave_nothing_to_learn():
   check_targets({"training": seqs}, 8, True)  # with data.loss_on_prompt the prompt's tokens are learnt too
   with pytest.raises(InputError, match="has 2 generated tokens within train.seq_len=2"):  # (from the second token)
     check_targets({"training": seqs}, 2, True, need=2)
+  # One prompt, held out: the draft task failed with an IndexError inside the trainer, BPD in numpy (a review).
+  with pytest.raises(InputError, match=r"No sequence is left to train on: the held-out split \(data.eval_fraction\) "
+                                       r"took all 2\. Give more prompts"):
+    check_targets({"training": Sequences([], np.zeros(0, np.int64)), "held-out": seqs}, 16, False)
   check_targets({"held-out": Sequences([], np.zeros(0, np.int64))}, 8, False)  # no held-out set: nothing to check
 
 

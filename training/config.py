@@ -244,6 +244,11 @@ def dump_config(cfg: Any, path: str | os.PathLike[str]) -> None:
 RESUME_MAY_CHANGE = ("train.steps", "train.checkpoint_every", "train.eval_every", "train.log_every",
                      "train.exact_match_examples", "train.base_lr_scale", "train.checkpoint_dir", "optim.", "out",
                      "mesh", "monitor.", "data.gen_batch_size", "model.matmul_precision")
+# Changes a resume may make that still change the optimizer state's structure, which the checkpoint could then not be
+# restored into: whether gradients are clipped, accumulated, or (joint BPD runs) the base's updates scaled.
+_STATE_SHAPE = {"optim.clip_norm": lambda v, flat: bool(v) and v > 0,
+                "optim.grad_accum": lambda v, flat: (v or 1) > 1,
+                "train.base_lr_scale": lambda v, flat: flat.get("train.objective") == "joint" and v != 1.0}
 # Settings added after runs were checkpointed without them: the value those runs had, where it differs from the
 # default now (a config.yaml without the key is compared as if it held this). With `data.more_prompts`, runs before
 # `data.split_by_set` shuffled both prompt sets together.
@@ -307,6 +312,13 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: 
       raise ConfigError(f"{path.parent} holds checkpoints of a run with other settings ({diffs}). Resuming would "
                         "mix two runs: put those values back to continue it, or set train.checkpoint_dir to a new "
                         "folder to start another.")
+    reshaped = [k for k, on in _STATE_SHAPE.items() if k in old and k in new and on(old[k], old) != on(new[k], new)]
+    if reshaped:
+      diffs = "; ".join(f"{k}: {old[k]!r} there, {new[k]!r} now" for k in reshaped)
+      raise ConfigError(f"{path.parent} holds checkpoints whose optimizer state has another structure ({diffs}): "
+                        "a resume may change these values but not switch them on or off (clipping at 0, "
+                        "accumulation at 1, a joint run's base_lr_scale at 1.0). Keep them so to continue, or set "
+                        "train.checkpoint_dir to a new folder.")
   target_path = path.with_name(TARGET_FILE)
   if target is not None and has_steps and target_path.is_file():  # (runs from before it was recorded take it now)
     try:

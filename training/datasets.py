@@ -114,11 +114,15 @@ def shard_files(folder: Path) -> list[Path]:
 
 
 def check_targets(sides: dict[str, "Sequences"], seq_len: int, loss_on_prompt: bool, need: int = 1) -> None:
-  """Raises `InputError` when a side of the split (name -> sequences) has no sequence with `need` tokens to learn
-  within its first `seq_len` (prompts that fill `train.seq_len` leave none): training would fail deep in the batching,
-  or run on nothing and export an untrained part."""
+  """Raises `InputError` when the "training" side of the split is empty, or a side (name -> sequences) has no
+  sequence with `need` tokens to learn within its first `seq_len` (prompts that fill `train.seq_len` leave none):
+  training would fail deep in the batching, or run on nothing and export an untrained part."""
   for side, seqs in sides.items():
     if not len(seqs.tokens):
+      if side == "training":  # every prompt held out (one prompt, say): the run would fail deep in the batching
+        held = sum(len(s.tokens) for s in sides.values())
+        raise InputError(f"No sequence is left to train on: the held-out split (data.eval_fraction) took all "
+                         f"{held}. Give more prompts (data.limit, data.prompts), or set data.eval_fraction=0.")
       continue
     # (a target at position t + 1 >= 1: with data.loss_on_prompt from the second token on, else from the answer's)
     left = [min(len(t), seq_len) - (1 if loss_on_prompt else max(int(p), 1))

@@ -247,9 +247,12 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
   frozen = {k: v for k, v in all_params.items() if k not in trainable}
   optimizer = make_optimizer(cfg.optim, cfg.train.steps)
   batches_from, eval_batches = datasets.batch_sources(tr, ev, cfg.train.batch_size, cfg.train.seed)
+  # Held-out figures on the features as decoding gives them: the training noise (objective.feature_noise) left out,
+  # else they moved with train.seed.
   trainer = Trainer(eagle_loss(draft, cfg.objective), optimizer, frozen=frozen, checkpoint_dir=ckpt_dir,
                     checkpoint_every=cfg.train.checkpoint_every, log_every=cfg.train.log_every, progress=progress,
-                    mesh=sharding.partitioner(mesh, model))
+                    mesh=sharding.partitioner(mesh, model),
+                    eval_fn=eagle_loss(draft, dataclasses.replace(cfg.objective, feature_noise=0.0)))
   state = init_state(trainable, optimizer, cfg.train.seed)
   init_eval = trainer.initial_evaluation(state, eval_batches, starting_point_key(cfg))
   state, history = trainer.fit(state, batches_from, cfg.train.steps, eval_batches=eval_batches,

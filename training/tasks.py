@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -58,12 +59,27 @@ def load_task_config(path: str, overrides=()) -> tuple[Any, Callable[..., dict]]
   if not isinstance(task, str) or task not in TASKS:
     raise ConfigError(f"unknown task {task!r} in {path}; tasks: {', '.join(TASKS)}")
   cls, fn = TASKS[task]
-  cfg = load_config(path, cls, overrides)
+  cfg = _expand_home(load_config(path, cls, overrides))
   _check_counts(cfg)
   if hasattr(cfg, "optim") and hasattr(getattr(cfg, "train", None), "steps"):
     # A schedule that cannot fit the run fails here, before any data is built (the warnings come with the optimizer).
     cfg.optim.for_steps(cfg.train.steps, warn=False)
   return cfg, fn
+
+
+def _expand_home(cfg: Any) -> Any:
+  """`cfg` with its paths written from the home folder (`~/runs`) expanded, as a shell expands them. Before, the
+  checkpoints of `train.checkpoint_dir=~/ck` went to $HOME/ck and the run's other files there to ./~/ck, so a resume
+  found no checkpoints beside its config.yaml and skipped the check that its settings are the run's."""
+  def expand(v):
+    if isinstance(v, str) and v.startswith("~"):
+      return os.path.expanduser(v)
+    if isinstance(v, (list, tuple)):
+      return type(v)(expand(x) for x in v)
+    return _expand_home(v) if dataclasses.is_dataclass(v) else v
+  changed = {f.name: new for f in dataclasses.fields(cfg)
+             if (new := expand(getattr(cfg, f.name))) != getattr(cfg, f.name)}
+  return dataclasses.replace(cfg, **changed) if changed else cfg
 
 
 def _check_counts(cfg: Any, prefix: str = "") -> None:

@@ -141,7 +141,13 @@ class OptimConfig:
     (steps / grad_accum), and a warmup longer than a cycle of them is shortened to it (with a warning); an explicit
     `total_steps` that differs is kept, with a warning. `warn=False`: the same checks without the warnings (a config
     checked before its run, which warns when it builds its optimizer)."""
-    updates = max(1, steps // self.grad_accum)
+    if steps < self.grad_accum:  # MultiSteps would never apply an update: the run would export what it started from
+      raise ConfigError(f"train.steps={steps} is fewer than optim.grad_accum={self.grad_accum}, the batches of one "
+                        "update: the run would make no update. Raise train.steps or lower optim.grad_accum.")
+    if steps % self.grad_accum and warn:
+      logger.warning("train.steps=%d is not a multiple of optim.grad_accum=%d: the last %d batches make no update.",
+                     steps, self.grad_accum, steps % self.grad_accum)
+    updates = steps // self.grad_accum
     if self.total_steps is None:
       warmup = min(self.warmup_steps, updates // self.cycles)
       if warmup < self.warmup_steps and warn:  # a short run (a smoke test) of a config written for a long one
@@ -450,6 +456,12 @@ class Trainer:
         if not window:  # the next window's clock starts after this step's evaluation and checkpoint
           window_start = time.perf_counter()
       guard.settle(step)  # multi-host: a signal after the last agreement is agreed on now, before the last save
+      if window:  # a signal or the batches' end came between two records: the steps since the last one are logged
+        means = _mean(jax.device_get(window))
+        _check_losses(means, step, ckpt)
+        self._record({"step": step, **means,
+                      "steps_per_sec": len(window) / max(time.perf_counter() - window_start, 1e-9)}, history, bar)
+        window = []
       if ckpt is not None:  # the end, the batches running out, or a signal: keep what was done
         _check_state(state, step, ckpt)
         ckpt.save(step, state, meta(step), force=True)

@@ -244,8 +244,19 @@ def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runne
   eos = ctx.eos_ids
   sample = ctx.temperature > 0
 
+  class StepLengths(transformers.StoppingCriteria):
+    """Never stops; records the output's length after each step (`generate` asks its stopping criteria once per
+    step, a prompt-lookup step included), from which each verify call's committed tokens follow."""
+
+    def __init__(self):
+      self.lengths = []
+
+    def __call__(self, input_ids, scores, **kwargs):
+      self.lengths.append(int(input_ids.shape[-1]))
+      return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
   def run(prompts, max_new_tokens, seed):
-    tokens, active, run_s = [], [], 0.0
+    tokens, active, commits, run_s = [], [], [], 0.0
     for ids in prompts:
       torch.manual_seed(seed)
       config = transformers.GenerationConfig(
@@ -256,12 +267,14 @@ def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runne
           prompt_lookup_num_tokens=num_tokens if lookup else None, use_cache=True)
       x = torch.tensor([list(ids)], device=hf.device)
       calls[0] = 0
+      steps_seen = StepLengths()
       on_gpu = hf.device.type == "cuda"
       if on_gpu:
         torch.cuda.synchronize()
       t0 = time.perf_counter()
       with torch.no_grad():
-        out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config)
+        out = hf.generate(input_ids=x, attention_mask=torch.ones_like(x), generation_config=config,
+                          stopping_criteria=transformers.StoppingCriteriaList([steps_seen]))
       if on_gpu:
         torch.cuda.synchronize()
       run_s += time.perf_counter() - t0
@@ -271,8 +284,12 @@ def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runne
       tokens.append(new)
       active.append(max(calls[0] - 1, 0))  # the first call is the prefill, which also yields the first token (as in
       # jaxspec's loop, a one-token output took no call after it)
+      # the tokens each step after the prefill's committed (its EOS and what it cut included, as jaxspec counts)
+      commits.append(np.diff([len(ids), *steps_seen.lengths])[1:])
     steps = [max(len(t) - 1, 0) for t in tokens]
-    h = np.zeros((len(tokens), 2), np.int64)
+    h = np.zeros((len(tokens), max((int(c.max()) for c in commits if len(c)), default=1) + 1), np.int64)
+    for row, c in zip(h, commits):
+      np.add.at(row, c, 1)
     return GenerationResult(tokens=tokens, target_calls=max(active), drafter_calls=0, active_calls=active,
                             step_tokens=steps, accept_hist=h, compile_s=0.0, run_s=run_s, program_bytes=0)
 

@@ -149,8 +149,9 @@ def markdown(res: dict) -> str:
       "included) / the verify forwards each prompt took part in after prefill (`step_tokens / target_calls` in "
       "results.json). Speedup = wall time of jaxspec's plain decoding loop, `greedy` (one token per target call"
       + ("" if greedy else "; at this run's temperature it samples") + ") / the method's, same prompts, same run, "
-      "after compilation. Program memory = XLA's arguments + outputs + temporaries of the compiled decode program "
-      "(largest shape).",
+      "after compilation. Drafter calls = the drafter's own forwards (0 where it reads the target's), counted as the "
+      "verify forwards are: a batch's forward once per prompt it served. Program memory = XLA's arguments + outputs "
+      "+ temporaries of the compiled decode program (largest shape).",
       "",
       "## Overall", "",
       "| method | τ | speedup | tokens/s | mismatches | drafter calls | compile s | program MiB |",

@@ -2,7 +2,8 @@
 
 Timing: each method first runs the first batch once untimed (compilation and warm-up), then every batch is run by
 every method in turn, in an order that rotates from batch to batch, so drift of this machine's speed touches all
-methods alike. Compilation of a new prompt-length bucket is timed apart (ahead-of-time), never as run time.
+methods alike. Compilation of a new prompt-length bucket is timed apart (ahead-of-time), never as run time, and the
+batch that compiled it runs again for its timing (a program's first run is slower). `--quick` skips both warm-ups.
 
 Exactness: with greedy decoding, every lossless method's output is compared token for token with jaxspec's own
 greedy loop on the same batch; every difference is counted and listed. A method that is not lossless (approximate
@@ -94,7 +95,9 @@ class Record:
   steps_tokens: int  # tokens from steps after prefill (τ's numerator)
   active_calls: int  # target calls while the row was live (τ's denominator)
   seconds: float  # the row's share of its batch's run time
-  drafter_calls: float  # the row's share of the batch's drafter calls
+  # the batch's drafter calls shared by the rows' verify steps (`active_calls` / the batch's target calls), so that
+  # summed over rows they count as `active_calls` do, a batch's forward once per row it served
+  drafter_calls: float
   accept_hist: list[int]
   tokens: list[int]
 
@@ -505,11 +508,18 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
         so_far = " ".join(f"{l}:{t:.2f}" for l, t in taus.items() if math.isfinite(t))
         bar.set_postfix_str(f"batch {bi + 1}/{len(batches)}: {label}" + (f"; tau so far {so_far}" if so_far else ""))
       res = runners[label]([ids[i] for i in batch], cfg.max_new_tokens, cfg.seed + bi)
+      if res.compile_s > 0 and not cfg.quick:
+        # A program compiled for this batch (a new prompt-length bucket) runs slower the first time (a review
+        # measured 30-70 ms against 5-30 ms on a tiny model): that run counts as warm-up, and the same run again is
+        # timed, with its compile time kept.
+        res = dataclasses.replace(runners[label]([ids[i] for i in batch], cfg.max_new_tokens, cfg.seed + bi),
+                                  compile_s=res.compile_s)
       n = len(batch)
       recs = [Record(
           question_id=prompts[pi].question_id, category=prompts[pi].category, new_tokens=len(res.tokens[r]),
           steps_tokens=int(res.step_tokens[r]), active_calls=int(res.active_calls[r]), seconds=res.run_s / n,
-          drafter_calls=res.drafter_calls / n, accept_hist=np.asarray(res.accept_hist[r]).tolist(),
+          drafter_calls=(res.drafter_calls * res.active_calls[r] / res.target_calls if res.target_calls
+                         else res.drafter_calls / n), accept_hist=np.asarray(res.accept_hist[r]).tolist(),
           tokens=list(map(int, res.tokens[r]))) for r, pi in enumerate(batch)]
       if writer:
         saved.append(progress_path, {"batch": bi, "method": label, "records": [dataclasses.asdict(r) for r in recs],
