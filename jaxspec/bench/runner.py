@@ -508,10 +508,10 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
         so_far = " ".join(f"{l}:{t:.2f}" for l, t in taus.items() if math.isfinite(t))
         bar.set_postfix_str(f"batch {bi + 1}/{len(batches)}: {label}" + (f"; tau so far {so_far}" if so_far else ""))
       res = runners[label]([ids[i] for i in batch], cfg.max_new_tokens, cfg.seed + bi)
-      if res.compile_s > 0 and not cfg.quick:
-        # A program compiled for this batch (a new prompt-length bucket) runs slower the first time (a review
-        # measured 30-70 ms against 5-30 ms on a tiny model): that run counts as warm-up, and the same run again is
-        # timed, with its compile time kept.
+      # A program compiled for this batch (a new prompt-length bucket) runs slower the first time (a review measured
+      # 30-70 ms against 5-30 ms on a tiny model): that run counts as warm-up, and the same run again is timed, with
+      # its compile time kept. Multi-host: every process reruns where any compiled, as they run collectives together.
+      if not cfg.quick and sharding.each_process(res.compile_s > 0).any():
         res = dataclasses.replace(runners[label]([ids[i] for i in batch], cfg.max_new_tokens, cfg.seed + bi),
                                   compile_s=res.compile_s)
       n = len(batch)
