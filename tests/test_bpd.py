@@ -570,6 +570,12 @@ def test_more_prompts_add_their_greedy_continuations(tmp_path):
   added = {tuple(t[:p].tolist()) for t, p in zip(both.tokens[2:], both.prompt_lens[2:])}
   assert added == {tuple(tok.encode(x)) for x in ["charlie 333", "delta 4444", "echo 5"]}
   assert max(len(t) - p for t, p in zip(both.tokens[2:], both.prompt_lens[2:])) == 5
+  # data.limit takes the first prompts of each set: a smoke test of a two-set config stays small (the added set was
+  # read whole before, 1300 prompts for configs/bpd_more_smollm2.yaml).
+  small = build(dataset_dir=str(tmp_path / "c"), limit=1, more_prompts=more, more_dataset_dir=str(tmp_path / "d"),
+                more_max_new_tokens=5)
+  assert len(small.tokens) == 2 and tuple(small.tokens[1][:small.prompt_lens[1]].tolist()) == tuple(
+      tok.encode("charlie 333"))
   # A prompt file with nowhere to write its answers fails when the config loads, before any generation.
   with pytest.raises(ConfigError, match="more_dataset_dir"):
     load_bpd_config(Path(__file__).parent.parent / "configs" / "bpd_smollm2.yaml", [f"data.more_prompts={more}"])

@@ -64,7 +64,7 @@ class HeadsSection:
 @dataclasses.dataclass(frozen=True)
 class DataSection:
   prompts: Optional[str] = None  # Spec-Bench-format JSONL; None: training/data/prompts.jsonl
-  limit: Optional[int] = None  # use the first N prompts
+  limit: Optional[int] = None  # use the first N prompts (of each set, with more_prompts: a smoke test stays small)
   max_new_tokens: int = 192
   gen_batch_size: int = 16
   text_files: tuple[str, ...] = ()  # plain text, used instead of self-distillation when given
@@ -141,7 +141,7 @@ def build_sequences(cfg: BPDTrainConfig, model, params, tokenizer, progress: boo
   if cfg.data.text_files:
     return datasets.text_sequences(tokenizer, cfg.data.text_files, cfg.data.dataset_dir, seq_len=cfg.train.seq_len)
   texts = datasets.read_prompt_texts(cfg.data.prompts, cfg.data.limit)
-  more = datasets.read_prompt_texts(cfg.data.more_prompts) if cfg.data.more_prompts else None
+  more = datasets.read_prompt_texts(cfg.data.more_prompts, cfg.data.limit) if cfg.data.more_prompts else None
   more_tokens = ("data.more_max_new_tokens", cfg.data.more_max_new_tokens) if cfg.data.more_max_new_tokens else (
       "data.max_new_tokens", cfg.data.max_new_tokens)
   if more:  # before any answer is written (each set is checked as its answers start: this one's would come last)
