@@ -189,8 +189,8 @@ def copy_of(folder: Path, tmp_path: Path, **config_changes) -> Path:
 @pytest.mark.parametrize("changes,message", [
     ({"architectures": None, "model_type": "phi"}, "model_type 'phi'; jaxspec loads llama, mistral, qwen2, qwen3, phi3"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'.*SiLU"),
-    ({"attention_bias": True}, r"lacks tensors for \[\"\['layers_0'\]\['attn'\]\['k'\]\['bias'\]"),
-    ({"mlp_bias": True}, r"lacks tensors for \[\"\['layers_0'\]\['mlp'\]\['down'\]\['bias'\]"),
+    ({"attention_bias": True}, r"lacks tensors for \['model.layers.0.self_attn.k_proj.bias'"),
+    ({"mlp_bias": True}, r"lacks tensors for \['model.layers.0.mlp.down_proj.bias'"),
     ({"partial_rotary_factor": 0.75}, "partial_rotary_factor=0.75; jaxspec turns part of each head for Phi-3 models "
      "only"),
     ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
@@ -206,6 +206,29 @@ def copy_of(folder: Path, tmp_path: Path, **config_changes) -> Path:
 def test_unsupported_variants_are_refused(tiny_hf, tmp_path, changes, message):
   folder = copy_of(tiny_hf, tmp_path, **changes)
   with pytest.raises(ModelLoadError, match=message):
+    load_hf(str(folder))
+
+
+def test_quantized_and_incomplete_folders_are_refused_saying_why(tiny_hf, tmp_path):
+  """Quantized weights read as floats gave wrong logits without an error, and a missing tensor was named by jaxspec's
+  path with no hint (found by a review)."""
+  from safetensors.numpy import load_file, save_file
+
+  with pytest.raises(ModelLoadError, match=r"weights are quantized \(bitsandbytes\); jaxspec reads float weights"):
+    load_hf(str(copy_of(tiny_hf, tmp_path, quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True})))
+  folder = copy_of(tiny_hf, tmp_path / "int8")
+  weights = load_file(folder / "model.safetensors")
+  name = "model.layers.0.mlp.up_proj.weight"
+  weights[name] = np.round(weights[name] * 100).astype(np.int8)  # as a quantizer stores it, its scale elsewhere
+  save_file(weights, folder / "model.safetensors")
+  with pytest.raises(ModelLoadError, match=rf"{name} in .* holds I8 values; jaxspec reads float weights"):
+    load_hf(str(folder))
+  folder = copy_of(tiny_hf, tmp_path / "untied", tie_word_embeddings=False)
+  weights = load_file(folder / "model.safetensors")
+  weights.pop("lm_head.weight", None)
+  save_file(weights, folder / "model.safetensors")
+  with pytest.raises(ModelLoadError, match=r"lacks tensors for \['lm_head.weight'\]\. config.json's "
+                                           "tie_word_embeddings is false or absent"):
     load_hf(str(folder))
 
 

@@ -106,7 +106,9 @@ def _load(path, dtype, scan_layers, param_dtype, matmul_precision, context):
     tok_json = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(tok_json):
       raise ModelLoadError(f"{path!r} has no tokenizer.json; copy it from the model's original folder (for a model "
-                           "`jaxspec train` exported, from the base model's folder, or rerun the training command).")
+                           "`jaxspec train` exported, from the base model's folder, or rerun the training command), "
+                           "or write one with transformers from its tokenizer.model "
+                           "(`AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`).")
     tokenizer = Tokenizer.from_tokenizer_json(tok_json)
     model, params = load_hf(path, dtype=dtype, scan_layers=scan_layers, param_dtype=param_dtype, context=context)
     return with_matmul_precision(model, matmul_precision), params, tokenizer

@@ -391,22 +391,32 @@ def split_fused(target: tuple, w_OxI, cfg: LlamaConfig, name: str) -> list:
   return out
 
 
-def check_complete(params: dict, cfg: LlamaConfig, path: str) -> None:
-  """Raises `ModelLoadError` naming missing tensors or tensors of the wrong shape."""
+def check_complete(params: dict, cfg: LlamaConfig, path: str, name_of=None, hint=None) -> None:
+  """Raises `ModelLoadError` naming missing tensors or tensors of the wrong shape. `name_of`: a param path (a tuple
+  of keys) as the file names it (default: jaxspec's path); `hint(missing paths)`: what to add to the message."""
   # Shapes of a one-layer model stand for every layer: tracing the full init would take seconds.
   one = jax.eval_shape(LlamaLM(dataclasses.replace(cfg, scan_layers=False, n_layers=1)).init_params, jax.random.key(0))
   one = dict(one)
   layer = one.pop("layers_0")
   expected = {**one, **{f"layers_{i}": layer for i in range(cfg.n_layers)}}
-  want = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(expected)}
-  have = {jax.tree_util.keystr(k): v.shape for k, v in jax.tree_util.tree_leaves_with_path(params)}
+  keys = lambda tree: {tuple(getattr(p, "key", p) for p in k): v.shape
+                       for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  want, have = keys(expected), keys(params)
+
+  def named(k):
+    try:
+      return name_of(k) if name_of else "".join(f"[{p!r}]" for p in k)
+    except (KeyError, IndexError, ValueError):
+      return "".join(f"[{p!r}]" for p in k)
+
   extra = sorted(set(have) - set(want))
   if extra:
-    raise ModelLoadError(f"{path!r} holds tensors its config has no place for: {extra[:5]}"
+    raise ModelLoadError(f"{path!r} holds tensors its config has no place for: {[named(k) for k in extra[:5]]}"
                          f"{' ...' if len(extra) > 5 else ''}; the config and the weights describe different models.")
   missing = sorted(set(want) - set(have))
   if missing:
-    raise ModelLoadError(f"{path!r} lacks tensors for {missing[:5]}{' ...' if len(missing) > 5 else ''}.")
-  bad = [(k, have[k], want[k]) for k in want if have[k] != want[k]]
+    raise ModelLoadError(f"{path!r} lacks tensors for {[named(k) for k in missing[:5]]}"
+                         f"{' ...' if len(missing) > 5 else ''}.{hint(missing) if hint else ''}")
+  bad = [(named(k), have[k], want[k]) for k in want if have[k] != want[k]]
   if bad:
-    raise ModelLoadError(f"{path!r} has tensors of unexpected shapes (name, file, expected): {bad[:3]}.")
+    raise ModelLoadError(f"{path!r} has tensors of unexpected shapes (name, shape read, shape expected): {bad[:3]}.")

@@ -36,6 +36,12 @@ def config_from_hf(cfg: dict, *, log: bool = False, context: int | None = None) 
       architecture, another activation, partial rotary embeddings outside Phi-3, RoPE scaling other than linear,
       llama3, longrope and yarn.
   """
+  quant = cfg.get("quantization_config")
+  if quant:  # integer or float8 weights with scales: read as floats they would give wrong logits without an error
+    method = quant.get("quant_method", "an unnamed method") if isinstance(quant, dict) else "an unnamed method"
+    raise ModelLoadError(f"config.json says the weights are quantized ({method}); jaxspec reads float weights "
+                         "(float32, float16, bfloat16) from Hugging Face folders: use the model's unquantized "
+                         "checkpoint, or a GGUF file (its quantizations load).")
   archs = cfg.get("architectures") or []
   if archs and not set(archs) & set(SUPPORTED):
     from jaxspec.loading.t5_hf import ARCHITECTURES as T5_ARCHITECTURES
@@ -451,7 +457,9 @@ def weight_files(folder: str) -> list[str]:
   if len(every) == 1:
     return [os.path.join(folder, every[0])]
   if not every:
-    raise ModelLoadError(f"{folder!r} has no *.safetensors weights (PyTorch .bin files are not read).")
+    raise ModelLoadError(f"{folder!r} has no *.safetensors weights (PyTorch .bin files are not read): convert them "
+                         "with transformers (`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out)` writes "
+                         "safetensors) and load that folder.")
   raise ModelLoadError(f"{folder!r} holds {every} but no model.safetensors, model-*.safetensors or "
                        "model.safetensors.index.json, so which files hold the model is unclear: name its file "
                        "model.safetensors, or move the others out.")
@@ -554,21 +562,39 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False, p
             unread.append(name)  # not a layer's buffer (a rotary table jaxspec computes itself)
           if target is None or (target[0] == "lm_head" and cfg.tie_embeddings):
             continue
-          for path, w in split_fused(target, f.get_tensor(name).astype(param_dtype), cfg, name):
-            if path[-1] == "kernel":
+          kind = f.get_slice(name).get_dtype()  # from the header: "F32", "BF16", "I8", "F8_E4M3", ...
+          if kind not in _FLOAT_KINDS:
+            raise ModelLoadError(f"{name} in {path!r} holds {kind} values; jaxspec reads float weights (float32, "
+                                 "float16, bfloat16): a quantized checkpoint gives wrong logits read as floats. Use "
+                                 "the model's unquantized checkpoint, or a GGUF file (its quantizations load).")
+          for key, w in split_fused(target, f.get_tensor(name).astype(param_dtype), cfg, name):
+            if key[-1] == "kernel":
               w = w.T  # torch Linear [out, in] -> kernel [in, out]
             node = params
-            for k in path[:-1]:
+            for k in key[:-1]:
               node = node.setdefault(k, {})
-            node[path[-1]] = jnp.asarray(w)
+            node[key[-1]] = jnp.asarray(w)
     except ModelLoadError:
       raise
     except Exception as e:  # safetensors raises its own error types on damaged headers
       raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}); the file may be truncated or corrupt: "
                            "download or export it again.") from e
-  check_complete(params, cfg, folder)
+  check_complete(params, cfg, folder, name_of=hf_tensor_name, hint=lambda missing: _missing_hint(folder, missing))
   unread_tensors(repr(folder), unread)
   return LlamaLM(cfg), (stack_layers(params, cfg.n_layers) if scan_layers else params)
+
+
+def _missing_hint(folder: str, missing: list[tuple]) -> str:
+  """What a folder that lacks tensors may need, for `check_complete`'s message."""
+  if ("lm_head", "kernel") in missing:
+    return (" config.json's tie_word_embeddings is false or absent, and no lm_head.weight is there: if the model "
+            "shares its embedding as its output head, set tie_word_embeddings to true.")
+  if os.path.isfile(os.path.join(folder, "model.safetensors.index.json")):
+    return " model.safetensors.index.json may leave them out: download the model's index and shards again."
+  return " The weights may be another model's than config.json's: download the folder again."
+
+
+_FLOAT_KINDS = ("F64", "F32", "F16", "BF16")  # safetensors dtype names jaxspec reads as weights
 
 
 def hf_tensor_name(key: tuple[str, ...]) -> str:
