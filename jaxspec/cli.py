@@ -6,7 +6,6 @@ import argparse
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 
 from jaxspec.errors import InputError, JaxspecError, OutOfMemory, Terminated
@@ -471,6 +470,7 @@ def _join_processes(timeout_s: int) -> None:
   import select
   import signal
   import threading
+  import time
 
   from jaxspec.sharding import initialize_distributed
 
@@ -491,16 +491,13 @@ def _join_processes(timeout_s: int) -> None:
       ready, _, _ = select.select([wake_r, stop_r], [], [], left)
       if stop_r in ready:
         return
-      for signum in (os.read(wake_r, 64) if wake_r in ready else b""):
-        if signum in (signal.SIGINT, signal.SIGTERM):
-          sys.stderr.write("jaxspec: terminated (SIGTERM)\n" if signum == signal.SIGTERM else "jaxspec: interrupted\n")
-          sys.stderr.flush()
-          os._exit(143 if signum == signal.SIGTERM else 130)
-    sys.stderr.write(f"jaxspec: error: not every process joined within {timeout_s} s (waiting for {what}): start the "
-                     "same command on every process of the run (each with its own JAX_PROCESS_ID, 0 to N-1, where "
-                     "they are set), or wait longer with --join-timeout.\n")
-    sys.stderr.flush()
-    os._exit(2)
+      taken = [s for s in (os.read(wake_r, 64) if wake_r in ready else b"") if s in (signal.SIGINT, signal.SIGTERM)]
+      if taken:  # the message and exit code of any interrupted command, at once
+        _exit_now(_interrupted(None, terminated=taken[0] == signal.SIGTERM))
+    print(f"jaxspec: error: not every process joined within {timeout_s} s (waiting for {what}): start the same "
+          "command on every process of the run (each with its own JAX_PROCESS_ID, 0 to N-1, where they are set), or "
+          "wait longer with --join-timeout.", file=sys.stderr)
+    _exit_now(2)
 
   watcher = threading.Thread(target=watch, name="jaxspec-join", daemon=True)
   if previous is not None:

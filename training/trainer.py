@@ -430,6 +430,14 @@ class Trainer:
       self.fit_s = metas[s]["fit_s"]
       return metas[s]
 
+    def log_window():
+      """One record of the train metrics averaged over the steps since the last one."""
+      means = _mean(jax.device_get(window))  # waits for the window's steps: dispatch alone returns at once
+      _check_losses(means, step, ckpt)
+      elapsed = time.perf_counter() - window_start
+      self._record({"step": step, **means, "steps_per_sec": len(window) / max(elapsed, 1e-9)}, history, bar)
+      window.clear()
+
     try:
       while step < num_steps and not guard.stop_requested(step):
         batch = next(batches, _END)
@@ -441,12 +449,7 @@ class Trainer:
         window.append(metrics)
         bar.update(1)
         if step % self.log_every == 0 or step == num_steps:
-          means = _mean(jax.device_get(window))  # waits for the window's steps: dispatch alone returns at once
-          _check_losses(means, step, ckpt)
-          elapsed = time.perf_counter() - window_start
-          record = {"step": step, **means, "steps_per_sec": len(window) / max(elapsed, 1e-9)}
-          window = []
-          self._record(record, history, bar)
+          log_window()
         if eval_batches is not None and ((eval_every and step % eval_every == 0) or step == num_steps):
           self._record({"step": step, **self.evaluate(state, eval_batches())}, history, bar)
         if ckpt is not None:
@@ -457,11 +460,7 @@ class Trainer:
           window_start = time.perf_counter()
       guard.settle(step)  # multi-host: a signal after the last agreement is agreed on now, before the last save
       if window:  # a signal or the batches' end came between two records: the steps since the last one are logged
-        means = _mean(jax.device_get(window))
-        _check_losses(means, step, ckpt)
-        self._record({"step": step, **means,
-                      "steps_per_sec": len(window) / max(time.perf_counter() - window_start, 1e-9)}, history, bar)
-        window = []
+        log_window()
       if ckpt is not None:  # the end, the batches running out, or a signal: keep what was done
         _check_state(state, step, ckpt)
         ckpt.save(step, state, meta(step), force=True)
