@@ -17,6 +17,7 @@ from typing import Literal, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from jaxspec import files
@@ -1037,11 +1038,11 @@ def test_optimizer_updates_are_clipped_adamw_with_the_configured_settings():
   updates checked against AdamW written out in numpy (Adam's first update alone sees neither b1, b2 nor a clip)."""
   cfg = OptimConfig(lr=0.1, schedule="constant", clip_norm=1.0, weight_decay=0.5, b1=0.5, b2=0.6)
   tx = make_optimizer(cfg)
-  want = np.array([1.0, -2.0, 3.0])
+  want = np.array([[1.0, -2.0, 3.0]])  # a matrix: decayed by default
   params = jnp.asarray(want, jnp.float32)
   state = tx.init(params)
   m = v = np.zeros(3)
-  for t, g in enumerate([np.array([6.0, 0.0, 8.0]), np.array([0.1, -0.3, 0.2])], start=1):  # norm 10 (clipped), 0.37
+  for t, g in enumerate([np.array([[6.0, 0.0, 8.0]]), np.array([[0.1, -0.3, 0.2]])], start=1):  # norm 10, 0.37
     updates, state = tx.update(jnp.asarray(g, jnp.float32), state, params)
     params = params + updates
     g = g * min(1.0, cfg.clip_norm / np.linalg.norm(g))
@@ -1050,6 +1051,23 @@ def test_optimizer_updates_are_clipped_adamw_with_the_configured_settings():
     direction = (m / (1 - cfg.b1**t)) / (np.sqrt(v / (1 - cfg.b2**t)) + 1e-8)
     want = want - cfg.lr * (direction + cfg.weight_decay * want)
     np.testing.assert_allclose(np.asarray(params), want, rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_leaves_norm_scales_and_biases_alone_unless_asked_and_keeps_adamws_state():
+  """AdamW's decay pulls the weight matrices toward 0 but not the 1-D parameters (norm scales, biases), unless
+  `decay_vectors`; with a zero gradient the update is the decay alone. The optimizer state has `optax.adamw`'s
+  structure either way, so checkpoints written before the option resume."""
+  params = {"kernel": jnp.full((2, 3), 2.0), "scale": jnp.full((3,), 2.0)}
+  zero = jax.tree.map(jnp.zeros_like, params)
+  for vectors in (False, True):
+    cfg = OptimConfig(lr=0.1, schedule="constant", weight_decay=0.5, decay_vectors=vectors)
+    tx = make_optimizer(cfg)
+    state = tx.init(params)
+    plain = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(make_schedule(cfg), weight_decay=0.5))
+    assert jax.tree.structure(state) == jax.tree.structure(plain.init(params))
+    updates, _ = tx.update(zero, state, params)
+    np.testing.assert_allclose(np.asarray(updates["kernel"]), -0.1 * 0.5 * 2.0)
+    np.testing.assert_allclose(np.asarray(updates["scale"]), -0.1 * 0.5 * 2.0 if vectors else 0.0)
 
 
 def test_each_step_draws_the_key_of_its_step_also_after_a_resume(tmp_path):

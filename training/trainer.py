@@ -87,7 +87,11 @@ class OptimConfig:
       n / grad_accum updates. None (the default) follows the run: its `train.steps` / `grad_accum`, so
       `train.steps=6000` alone lengthens the schedule too. Set it only to decay over another span (a warning
       says when it differs from the run's updates).
-    weight_decay: AdamW's decoupled weight decay.
+    weight_decay: AdamW's decoupled weight decay, on the weight matrices (parameters of 2+ dimensions: kernels,
+      embeddings).
+    decay_vectors: decay the 1-D parameters too (norm scales, biases), which most LLM recipes leave undecayed.
+      Before this option every parameter was decayed; the shipped T5 BPD heads were trained so, and their config
+      (configs/bpd_t5_numbers.yaml) sets it.
     clip_norm: the global gradient norm is clipped to this; 0 turns clipping off.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
@@ -103,6 +107,7 @@ class OptimConfig:
   schedule: Literal["constant", "cosine", "linear"] = "cosine"
   total_steps: int | None = None
   weight_decay: float = 0.0
+  decay_vectors: bool = False
   clip_norm: float = 1.0
   b1: float = 0.9
   b2: float = 0.999
@@ -198,11 +203,26 @@ def make_optimizer(cfg: OptimConfig, steps: int | None = None) -> optax.Gradient
   parts = []
   if cfg.clip_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.clip_norm))
-  parts.append(optax.adamw(make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay))
+  parts.append(optax.chain(optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2), _decay(cfg.weight_decay, cfg.decay_vectors),
+                           optax.scale_by_learning_rate(make_schedule(cfg))))  # optax.adamw, decay as configured
   tx = optax.chain(*parts)
   if cfg.grad_accum > 1:
     tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum).gradient_transformation()
   return tx
+
+
+def _decay(rate: float, vectors: bool) -> optax.GradientTransformation:
+  """`optax.add_decayed_weights`, over the weight matrices only unless `vectors`. Not through its `mask`, which
+  wraps the state in `optax.MaskedState`: this keeps `optax.adamw`'s state, so checkpoints of either kind resume."""
+  decay = optax.add_decayed_weights(rate)
+  if vectors:
+    return decay
+
+  def update(updates, state, params=None):
+    matrices = None if params is None else jax.tree.map(lambda p: p if p.ndim >= 2 else jnp.zeros_like(p), params)
+    return decay.update(updates, state, matrices)
+
+  return optax.GradientTransformation(decay.init, update)
 
 
 class Trainer:
