@@ -800,6 +800,11 @@ def test_incompatible_checkpoint(tmp_path):
       ckpt.restore(other)
     with pytest.raises(CheckpointError, match=r"not in the checkpoint: params/extra"):
       ckpt.restore(_state(0).replace(params={**_state(0).params, "extra": jnp.zeros(3)}))
+    # The same arrays in other containers (optax.masked wraps a transform's state): not fit, not corrupt, kept.
+    wrapped = _state(0).replace(opt_state=(optax.MaskedState(inner_state=optax.EmptyState()), _state(0).opt_state))
+    ckpt.save(2, _state(0).replace(opt_state=(optax.EmptyState(), _state(0).opt_state)), {"step": 2})
+    with pytest.raises(CheckpointError, match=r"does not fit.*another tree structure.*restore with the same setup"):
+      ckpt.restore(wrapped)
 
 
 def _largest_file(directory: Path) -> Path:

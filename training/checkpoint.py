@@ -199,6 +199,8 @@ class Checkpointer:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # Orbax and TensorStore raise ValueError, OSError, JSONDecodeError or bare Exception
+      if "structures do not match" in str(e):  # same leaves, other containers (e.g. an optimizer's state wrappers)
+        raise self._misfit(step, ["the same arrays, in another tree structure"]) from e
       raise self._corrupt(step, _first_line(e)) from e
     state = restored[_STATE]
     meta = restored[_META]
@@ -273,7 +275,10 @@ class Checkpointer:
       problems.append(
           "different shapes: " + _list([f"{k} (checkpoint {stored[k]}, template {wanted[k]})" for k in reshaped])
       )
-    raise CheckpointError(
+    raise self._misfit(step, problems)
+
+  def _misfit(self, step: int, problems: list[str]) -> CheckpointError:
+    return CheckpointError(
         f"checkpoint at step {step} in {str(self._directory)!r} does not fit the state it is restored into "
         f"({'; '.join(problems)}). It was written for another model or optimizer setup: restore with the same "
         "setup, or use another checkpoint directory"
