@@ -181,13 +181,17 @@ def test_text_files_do_not_overwrite_a_self_distilled_dataset(tiny, tmp_path):
     ("data.eval_fraction=0", "eval_fraction"), ("data.eval_fraction=1.5", "eval_fraction"),
     ("train.eval_every=0", "eval_every"), ("train.checkpoint_every=0", "checkpoint_every"),
     ("train.log_every=0", "log_every"), ("data.limit=0", "limit"), ("train.steps=0", "steps"),
+    ("train.seq_len=2", "seq_len must be >= 3"), ("data.temperature=-1", "temperature=-1"),
+    ("data.samples=2", "several samples of a prompt need temperature > 0"), ("data.samples=0", "samples=0"),
+    ("lora.alpha=0", "alpha must be > 0"),
 ])
 def test_counts_that_cannot_work_fail_when_the_config_loads(tmp_path, override, key):
-  """Before, these passed the config and failed (or did nothing) after the data and hidden states were built."""
+  """Before, these passed the config and failed (or did nothing) after the data and hidden states were built; a
+  zero LoRA alpha trained nothing (its B starts at 0 and no gradient reached either matrix)."""
   from training.tasks import load_task_config
 
   path = tmp_path / "c.yaml"
-  path.write_text("task: bpd\n")
+  path.write_text("task: cllm\n" if override.startswith("lora.") else "task: bpd\n")
   with pytest.raises(ConfigError, match=key):
     load_task_config(str(path), [override])
 
@@ -536,7 +540,7 @@ def test_a_small_eval_fraction_still_holds_out_a_prompt_and_samples_of_a_prompt_
   assert len(held) == 0 and len(train) == 30
 
 
-@pytest.mark.parametrize("key,before,after,same", [("optim.clip_norm", 1.0, 0.0, 3.0), ("optim.grad_accum", 2, 1, 4),
+@pytest.mark.parametrize("key,before,after,same", [("optim.clip_norm", 1.0, 0.0, 3.0),
                                                    ("train.base_lr_scale", 0.1, 1.0, 0.5)])
 def test_a_resume_that_would_change_the_optimizer_state_s_structure_is_refused_before_any_work(tmp_path, key, before,
                                                                                                after, same):
@@ -565,6 +569,27 @@ def test_a_resume_that_would_change_the_optimizer_state_s_structure_is_refused_b
     (other / "4").mkdir(parents=True)
     record_run_config(config(before, "heads"), other)
     record_run_config(config(after, "heads"), other)
+
+
+def test_a_resume_with_another_gradient_accumulation_is_refused(tmp_path):
+  """The optimizer counts updates and the schedule spans train.steps / grad_accum of them: a run resumed at step 8 of
+  16 with grad_accum 2 -> 4 restored a count of 4 into a 4-update schedule and trained the rest at rate 0, silently
+  (found by a review). Any change, on or off included, is refused before any work."""
+  from training.bpd import BPDTrainConfig
+  from training.config import config_from_dict, to_dict
+
+  def config(accum):
+    raw = to_dict(BPDTrainConfig())
+    raw["optim"]["grad_accum"] = accum
+    return config_from_dict(raw, BPDTrainConfig)
+
+  ckpt = tmp_path / "ckpt"
+  (ckpt / "8").mkdir(parents=True)
+  record_run_config(config(2), ckpt)
+  for other in (4, 1):
+    with pytest.raises(ConfigError, match=rf"optim.grad_accum=2 \(now {other}\).*Keep grad_accum to continue"):
+      record_run_config(config(other), ckpt)
+  record_run_config(config(2), ckpt)
 
 
 def test_training_paths_from_the_home_folder_are_expanded_and_accumulation_needs_enough_steps(tmp_path):

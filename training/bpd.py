@@ -97,6 +97,10 @@ class DataSection:
     if self.more_prompts and not self.more_dataset_dir:
       raise ValueError("more_prompts needs more_dataset_dir, the folder its continuations are built into "
                        "(e.g. data.more_dataset_dir=runs/more/data)")
+    if self.samples < 1 or self.temperature < 0 or (self.samples > 1 and self.temperature == 0):
+      raise ValueError(f"samples must be >= 1 and temperature >= 0, and several samples of a prompt need "
+                       f"temperature > 0 (greedy continuations are all the same); got samples={self.samples}, "
+                       f"temperature={self.temperature}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +125,8 @@ class TrainSection:
     if self.base_loss_weight < 0 or self.base_lr_scale < 0:
       raise ValueError(f"base_loss_weight and base_lr_scale must be >= 0, got {self.base_loss_weight} and "
                        f"{self.base_lr_scale}")
+    if self.seq_len < 3:  # head i at position t learns token t+2+i: no head has a target in 2 tokens
+      raise ValueError(f"seq_len must be >= 3 (the first head's target is 2 tokens ahead), got {self.seq_len}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -125,6 +125,8 @@ class LoraSection:
   def __post_init__(self):
     if self.rank < 1:
       raise ValueError(f"rank must be >= 1, got {self.rank}")
+    if not self.alpha > 0:  # B starts at 0 and the update is scaled by alpha / r: at 0 no gradient reaches A or B
+      raise ValueError(f"alpha must be > 0 (the adapter's scale is alpha / rank), got {self.alpha}")
     unknown = [t for t in self.targets if t not in ALL_TARGETS + ("lm_head",)]
     if unknown or not self.targets:
       raise ValueError(f"targets must be among {', '.join(ALL_TARGETS + ('lm_head',))}, got {list(self.targets)}")

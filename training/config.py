@@ -245,9 +245,9 @@ RESUME_MAY_CHANGE = ("train.steps", "train.checkpoint_every", "train.eval_every"
                      "train.exact_match_examples", "train.base_lr_scale", "train.checkpoint_dir", "optim.", "out",
                      "mesh", "monitor.", "data.gen_batch_size", "model.matmul_precision")
 # Changes a resume may make that still change the optimizer state's structure, which the checkpoint could then not be
-# restored into: whether gradients are clipped, accumulated, or (joint BPD runs) the base's updates scaled.
+# restored into: whether gradients are clipped or (joint BPD runs) the base's updates scaled. (`optim.grad_accum` may
+# not change at all: the schedule counts updates.)
 _STATE_SHAPE = {"optim.clip_norm": lambda v, flat: bool(v) and v > 0,
-                "optim.grad_accum": lambda v, flat: (v or 1) > 1,
                 "train.base_lr_scale": lambda v, flat: flat.get("train.objective") == "joint" and v != 1.0}
 # Settings added after runs were checkpointed without them: the value those runs had, where it differs from the
 # default now (a config.yaml without the key is compared as if it held this). With `data.more_prompts`, runs before
@@ -312,12 +312,19 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: 
       raise ConfigError(f"{path.parent} holds checkpoints of a run with other settings ({diffs}). Resuming would "
                         "mix two runs: put those values back to continue it, or set train.checkpoint_dir to a new "
                         "folder to start another.")
+    accum = [old.get("optim.grad_accum") or 1, new.get("optim.grad_accum") or 1]
+    if "optim.grad_accum" in new and accum[0] != accum[1]:
+      raise ConfigError(f"{path.parent} holds checkpoints of a run with optim.grad_accum={accum[0]} (now "
+                        f"{accum[1]}): the optimizer has counted updates of {accum[0]} batches each, and the learning "
+                        f"rate schedule would be redrawn over train.steps / {accum[1]} updates from that count (a "
+                        "larger value can leave the rest of the run at rate 0). Keep grad_accum to continue, or set "
+                        "train.checkpoint_dir to a new folder.")
     reshaped = [k for k, on in _STATE_SHAPE.items() if k in old and k in new and on(old[k], old) != on(new[k], new)]
     if reshaped:
       diffs = "; ".join(f"{k}: {old[k]!r} there, {new[k]!r} now" for k in reshaped)
       raise ConfigError(f"{path.parent} holds checkpoints whose optimizer state has another structure ({diffs}): "
                         "a resume may change these values but not switch them on or off (clipping at 0, "
-                        "accumulation at 1, a joint run's base_lr_scale at 1.0). Keep them so to continue, or set "
+                        "a joint run's base_lr_scale at 1.0). Keep them so to continue, or set "
                         "train.checkpoint_dir to a new folder.")
   target_path = path.with_name(TARGET_FILE)
   if target is not None and has_steps and target_path.is_file():  # (runs from before it was recorded take it now)

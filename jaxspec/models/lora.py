@@ -53,6 +53,8 @@ class LoraConfig:
   def __post_init__(self):
     if self.rank < 1:
       raise ValueError(f"rank must be >= 1, got {self.rank}")
+    if not self.alpha > 0:  # B starts at 0 and the update is scaled by alpha / r: at 0 no gradient reaches A or B
+      raise ValueError(f"alpha must be > 0 (the adapter's scale is alpha / rank), got {self.alpha}")
     if not self.targets:
       raise ValueError("targets must name at least one Dense layer (e.g. q, k, v, o, gate, up, down)")
     object.__setattr__(self, "targets", tuple(self.targets))
