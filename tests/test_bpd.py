@@ -271,6 +271,24 @@ def test_teacher_targets_are_the_targets_own_predictions(tmp_path):
     train_bpd(joint, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
 
 
+def test_the_heads_vocabulary_comes_from_the_training_sequences_only(tmp_path):
+  """Held-out text must not choose what the heads can name (found by a review: the subset was built from every
+  sequence, held-out ones included). Each prompt carries a byte no other has, so the held-out prompts' bytes are
+  left out of the exported subset; held-out targets outside it count as misses."""
+  model, params = make_tiny(embed_scale=1.5, attend=False)
+  words = ["alpha", "bravo", "charlie", "delta", "echo", "fox", "golf", "hotel", "india", "juliet"]
+  (tmp_path / "prompts.jsonl").write_text("\n".join(
+      json.dumps({"question_id": i, "category": "c", "turns": [f"{w} {i} {chr(128 + i)}"]})
+      for i, w in enumerate(words * 4)) + "\n")
+  cfg = tiny_train_config(tmp_path, write_prompts=False, steps=10)
+  train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  train, held = datasets.load_sequences(cfg.data.dataset_dir).split(cfg.data.eval_fraction, seed=cfg.train.seed)
+  seen = set(np.concatenate(train.tokens).tolist())
+  assert set(np.concatenate(held.tokens).tolist()) - seen  # the held-out prompts' own bytes
+  _, heads = load_bpd(cfg.out)
+  assert set(np.asarray(heads["vocab_ids"]).tolist()) == seen
+
+
 def test_training_resumes_from_its_checkpoint(tiny, tmp_path, monkeypatch):
   """The resumed run goes on from the checkpoint and reuses the target's hidden states cached by the first run."""
   model, params = tiny
@@ -342,10 +360,11 @@ def test_joint_loss_ignores_what_lies_past_each_sequence(tiny):
     np.testing.assert_allclose(got[0][1][name], got[1][1][name], rtol=1e-6, err_msg=name)
 
 
-def test_subset_targets_leave_out_tokens_outside_the_heads_vocabulary():
+def test_subset_targets_mark_tokens_outside_the_heads_vocabulary_apart_from_padding():
+  """-2 (a miss, no loss) for a real token the heads cannot name; -1 for padding."""
   vocab = np.array([3, 7, 9], np.int32)
   targets = np.array([[-1, 3, 4], [9, 10, 7]])
-  want = [[-1, 0, -1], [2, -1, 1]]
+  want = [[-1, 0, -2], [2, -2, 1]]
   np.testing.assert_array_equal(bpd_training.subset_targets(np, vocab, targets), want)
   np.testing.assert_array_equal(bpd_training.subset_targets(jnp, jnp.asarray(vocab), jnp.asarray(targets)), want)
 
@@ -722,12 +741,15 @@ def test_head_metrics_average_each_head_over_its_own_targets():
   probs = np.array([[[0.7, 0.2, 0.1], [0.1, 0.6, 0.3]],
                     [[0.2, 0.5, 0.3], [0.3, 0.3, 0.4]],
                     [[0.1, 0.1, 0.8], [0.5, 0.25, 0.25]],
-                    [[0.6, 0.3, 0.1], [0.5, 0.3, 0.2]]])
-  targets = np.array([[0, 1], [2, -1], [2, 2], [1, 0]])  # the last: head 1 wrong, head 2 right (a broken run)
+                    [[0.6, 0.3, 0.1], [0.5, 0.3, 0.2]],
+                    [[0.2, 0.2, 0.6], [0.2, 0.7, 0.1]]])
+  # Row 4: head 1 wrong, head 2 right (a broken run); -2: a token outside the heads' vocabulary (a miss, no loss).
+  targets = np.array([[0, 1], [2, -1], [2, 2], [1, 0], [-2, 1]])
   teacher_probs = np.array([[[0.2, 0.7, 0.1], [0.1, 0.6, 0.3]],
                             [[0.1, 0.6, 0.3], [0.9, 0.05, 0.05]],
                             [[0.05, 0.15, 0.8], [0.3, 0.6, 0.1]],
-                            [[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]]])
+                            [[0.5, 0.3, 0.2], [0.2, 0.2, 0.6]],
+                            [[0.3, 0.3, 0.4], [0.1, 0.8, 0.1]]])
   valid = targets >= 0
   guess = probs.argmax(-1)
   right = (guess == targets) & valid
@@ -742,7 +764,8 @@ def test_head_metrics_average_each_head_over_its_own_targets():
     want_h = [per_example[valid[:, h], h].mean() for h in range(2)]
     np.testing.assert_allclose([m["loss_h1"], m["loss_h2"]], want_h, rtol=1e-5)
     np.testing.assert_allclose(loss, sum(want_h), rtol=1e-5)
-    np.testing.assert_allclose([m["acc_h1"], m["acc_h2"]], [right[valid[:, h], h].mean() for h in range(2)],
+    scored = targets != -1
+    np.testing.assert_allclose([m["acc_h1"], m["acc_h2"]], [right[scored[:, h], h].mean() for h in range(2)],
                                rtol=1e-6)
     np.testing.assert_allclose(m["tau_proxy"], 1 + runs(right).mean(), rtol=1e-6)
     if teacher is not None:

@@ -48,7 +48,7 @@ class HeadsSection:
   num_heads: int = 8
   d_hidden: int = 576
   use_next_token: bool = True
-  vocab_subset: bool = True  # project onto the tokens seen in the data only
+  vocab_subset: bool = True  # project onto the tokens of the training sequences only (not the held-out ones)
   # Start from trained heads (a folder a BPD run exported, e.g. jaxspec/assets/bpd_smollm2; its first num_heads
   # heads) instead of fresh ones: their vocabulary subset is kept, and targets outside it are left out of the loss.
   # The joint objective wants this: fresh heads' losses are ~100x the base's own and would wreck the base early.
@@ -314,11 +314,12 @@ def head_examples(seqs: datasets.Sequences, hidden: list[np.ndarray], k: int, vo
 
 
 def subset_targets(xp, vocab_ids, targets):
-  """Token ids -> their rows in the sorted `vocab_ids` (the heads' output subset); -1 (no loss) for padding and for
-  tokens outside the subset, as when the heads started from trained ones (`heads.init`) and the data has new tokens.
-  `xp` is numpy or jax.numpy."""
+  """Token ids -> their rows in the sorted `vocab_ids` (the heads' output subset); -1 for padding; -2 for a token
+  outside the subset (held-out text has some; so has new data for heads started from trained ones, `heads.init`),
+  which gets no loss but counts as a miss in the accuracies and τ proxies (`head_metrics`). `xp` is numpy or
+  jax.numpy."""
   pos = xp.minimum(xp.searchsorted(vocab_ids, xp.maximum(targets, 0)), len(vocab_ids) - 1)
-  return xp.where((targets >= 0) & (vocab_ids[pos] == targets), pos, -1)
+  return xp.where(targets < 0, -1, xp.where(vocab_ids[pos] == targets, pos, -2))
 
 
 # ---- objectives ----------------------------------------------------------------------------------------------
@@ -335,8 +336,9 @@ def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array, teacher_NxKxM:
   The τ proxies are means over the examples: every row, or the rows `examples_N` marks (the joint objective's rows
   are every position of its batch, padding and prompt included, which are no examples).
   """
-  valid = targets_NxK >= 0
+  valid = targets_NxK >= 0  # -1: padding; -2: a token the heads cannot name (`subset_targets`), a miss with no loss
   count_K = jnp.maximum(valid.sum(0), 1)
+  scored_K = jnp.maximum((targets_NxK != -1).sum(0), 1)
   num_examples = targets_NxK.shape[0] if examples_N is None else jnp.maximum(examples_N.sum(), 1)
   per_example = lambda chains_NxK: chains_NxK.sum() / num_examples  # rows that are no example have no valid target
   guess = jnp.argmax(logits_NxKxM, -1)
@@ -351,7 +353,7 @@ def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array, teacher_NxKxM:
     metrics["tau_teacher"] = 1.0 + per_example(jnp.cumprod(agree.astype(jnp.float32), axis=1))
   loss_K = jnp.where(valid, ce, 0).sum(0) / count_K
   right = (guess == targets_NxK) & valid
-  acc_K = right.sum(0) / count_K
+  acc_K = right.sum(0) / scored_K
   # Chains stop at the first wrong head; positions whose later targets run past the end count as stopping there.
   chain = jnp.cumprod(right.astype(jnp.float32), axis=1)
   metrics.update({f"loss_h{i + 1}": loss_K[i] for i in range(loss_K.shape[0])})
@@ -446,7 +448,8 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
     datasets.check_targets({"training": train_seqs, "held-out": eval_seqs}, cfg.train.seq_len,
                            cfg.data.loss_on_prompt, need=2)  # head 1 learns token t + 2
   k = cfg.heads.num_heads
-  vocab_ids = np.unique(np.concatenate(seqs.tokens)).astype(np.int32) if cfg.heads.vocab_subset else None
+  # The tokens of the training sequences only: held-out text must not choose what the heads can name.
+  vocab_ids = np.unique(np.concatenate(train_seqs.tokens)).astype(np.int32) if cfg.heads.vocab_subset else None
   bpd = BPDModel(BPDConfig(num_heads=k, d_model=model.cfg.d_model, d_hidden=cfg.heads.d_hidden,
                            use_next_token=cfg.heads.use_next_token,
                            vocab_subset=len(vocab_ids) if vocab_ids is not None else 0))
