@@ -101,6 +101,21 @@ def trained(learnable, root):
   return cfg, first, summary
 
 
+def test_held_out_figures_do_not_depend_on_the_batch_size(learnable, root):
+  """Eval means are over the held-out tokens, not means of batch means weighted by rows: with answers of different
+  lengths (the prompts trained on too) a batch of 1 and a batch of 3 gave other figures (found by a review)."""
+  model, params = learnable
+  got = []
+  for bs in (1, 3):
+    cfg = tiny_draft_config(root, f"bs{bs}", 1)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loss_on_prompt=True),
+                              train=dataclasses.replace(cfg.train, batch_size=bs))
+    got.append(train_draft(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)["init_eval"])
+  assert got[0].keys() == got[1].keys() and "eval/tau_proxy" in got[0] and not any("count" in k for k in got[0])
+  for k in got[0]:
+    assert got[0][k] == pytest.approx(got[1][k], rel=1e-4), k  # (float32 sums in another order)
+
+
 def read_metrics(cfg):
   path = f"{cfg.train.checkpoint_dir}/metrics.jsonl"
   return [json.loads(line) for line in open(path).read().splitlines()]

@@ -208,6 +208,52 @@ def test_eval_means_weight_batches_by_their_rows():
   assert got["eval/x"] == pytest.approx(1 / 101)
 
 
+def test_eval_means_weight_batches_by_the_counts_their_metrics_name():
+  """A metric that is a mean over some of a batch's units names their number (`count`, or `count/<name>` for its
+  own): means over batches are then means over those units, whatever the rows; a metric none of whose batches has
+  a unit is a plain mean; counts are not reported."""
+  def loss_fn(params, frozen, batch, rng):
+    m = batch["mask"]
+    x = jnp.sum(batch["x"] * m) / jnp.maximum(m.sum(), 1)
+    first = jnp.sum(batch["x"][:, 0] * m[:, 0]) / jnp.maximum(m[:, 0].sum(), 1)
+    return x, {"x": x, "first": first, "none": 0.0 * x, "count": m.sum(), "count/first": m[:, 0].sum(),
+               "count/none": 0.0}
+
+  tx = make_optimizer(OptimConfig(lr=0.1, schedule="constant"))
+  trainer = Trainer(loss_fn, tx, progress=False)
+  state = init_state({"w": jnp.zeros(())}, tx, 0)
+  mask = np.zeros((3, 100), np.float32)
+  mask[0] = 1  # row 0: 100 units of value 1; rows 1 and 2: one unit each, of value 0
+  mask[1:, 0] = 1
+  x = mask * np.array([[1.0], [0.0], [0.0]], np.float32)
+  for rows in (1, 2, 3):
+    got = trainer.evaluate(state, [{"mask": mask[i:i + rows], "x": x[i:i + rows]} for i in range(0, 3, rows)])
+    assert got["eval/x"] == pytest.approx(100 / 102) and got["eval/loss"] == pytest.approx(100 / 102)
+    assert got["eval/first"] == pytest.approx(1 / 3) and got["eval/none"] == 0.0
+    assert not any("count" in k for k in got)
+
+
+def test_a_limited_evaluation_spreads_its_examples_over_the_whole_held_out_set():
+  """CLLM's examples come a prompt's windows and states at a time: its evaluation of the first 4 batches of 8 saw
+  the first 2 of 5 held-out prompts (found by a review). The picked examples now span the set, in order."""
+  class Examples:
+    def __init__(self, n):
+      self.prompt = np.repeat(np.arange(5), n // 5)
+    def __len__(self):
+      return len(self.prompt)
+    def batch(self, idx):
+      return {"prompt": self.prompt[idx], "idx": np.asarray(idx)}
+
+  ev = Examples(85)
+  got = list(datasets.spread_eval_batches(ev, 8, 4)())
+  assert [len(b["idx"]) for b in got] == [8, 8, 8, 8]
+  idx = np.concatenate([b["idx"] for b in got])
+  assert idx[0] == 0 and idx[-1] == 84 and (np.diff(idx) > 0).all()
+  assert set(np.concatenate([b["prompt"] for b in got])) == {0, 1, 2, 3, 4}
+  assert [len(b["idx"]) for b in datasets.spread_eval_batches(Examples(10), 8, 4)()] == [8, 2]  # all of a small set
+  assert list(datasets.spread_eval_batches(Examples(0), 8, 4)()) == []
+
+
 def test_an_added_prompt_set_leaves_the_first_sets_held_out_prompts_in_place():
   rng = np.random.default_rng(0)
   def seqs(n, first_id):

@@ -359,6 +359,12 @@ def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array, teacher_NxKxM:
   metrics.update({f"loss_h{i + 1}": loss_K[i] for i in range(loss_K.shape[0])})
   metrics.update({f"acc_h{i + 1}": acc_K[i] for i in range(acc_K.shape[0])})
   metrics["tau_proxy"] = 1.0 + per_example(chain)
+  # The units of each mean (`training.trainer`): examples, and per head its valid and its scored targets.
+  metrics["count"] = targets_NxK.shape[0] if examples_N is None else examples_N.sum()
+  for i in range(loss_K.shape[0]):
+    metrics.update({f"count/loss_h{i + 1}": valid[:, i].sum(), f"count/acc_h{i + 1}": (targets_NxK[:, i] != -1).sum()})
+    if teacher_NxKxM is not None:
+      metrics[f"count/agree_h{i + 1}"] = valid[:, i].sum()
   return loss_K.sum(), metrics
 
 
@@ -408,7 +414,7 @@ def joint_loss(model, bpd: BPDModel, base_weight: float):
       tgt = subset_targets(jnp, frozen["vocab_ids"], tgt)
     head_loss, metrics = head_metrics(logits.reshape(b * (l - 1), k, -1), tgt.reshape(b * (l - 1), k),
                                       examples_N=examples.reshape(-1))
-    metrics["base_loss"] = base_loss
+    metrics.update(base_loss=base_loss, **{"count/base_loss": mask.sum()})
     return base_weight * base_loss + head_loss, metrics
 
   return loss_fn

@@ -603,9 +603,13 @@ def cllm_loss(model, objective: ObjectiveSection, lora_alpha: float | None = Non
     loss = objective.consistency_weight * consistency + objective.ar_weight * ar
     metrics = {"consistency": consistency, "ar": ar, "window_acc": jnp.sum(right_BxN * valid_BxN) / count,
                "unconverged_acc": jnp.sum(right_BxN * unconv_BxN) / jnp.maximum(jnp.sum(unconv_BxN), 1.0),
-               "converged_frac": 1.0 - jnp.sum(unconv_BxN) / count}
+               "converged_frac": 1.0 - jnp.sum(unconv_BxN) / count,
+               # the units of each mean: valid window tokens, and the positions the consistency term covers
+               "count": jnp.sum(valid_BxN), "count/consistency": jnp.sum(mask_BxW),
+               "count/unconverged_acc": jnp.sum(unconv_BxN)}
     if objective.anchor_weight:
       metrics["anchor"] = consistency_terms(star_logits, base_logits, batch["valid"], "kl")
+      metrics["count/anchor"] = jnp.sum(batch["valid"])
       loss = loss + objective.anchor_weight * metrics["anchor"]
     return loss, metrics
 
@@ -751,13 +755,14 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
                                 max_new_tokens=cfg.monitor.max_new_tokens, ngram=cfg.monitor.ngram, eos_ids=eos,
                                 pad_id=pad_id, base_params=base, progress=progress)
   optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-  batches_from, all_eval = datasets.batch_sources(tr, ev, t.batch_size, t.seed)
-  eval_batches = lambda: (b for _, b in zip(range(t.eval_batches), all_eval()))
+  batches_from, _ = datasets.batch_sources(tr, ev, t.batch_size, t.seed)
+  eval_batches = datasets.spread_eval_batches(ev, t.batch_size, t.eval_batches)  # over every held-out prompt
   trainer = MonitoredTrainer(loss, optimizer, frozen=frozen, checkpoint_dir=ckpt_dir,
                              checkpoint_every=t.checkpoint_every, log_every=t.log_every, progress=progress,
                              monitor=monitor)
   state = init_state(trainable, optimizer, t.seed)
-  init_eval = trainer.initial_evaluation(state, eval_batches, starting_point_key(cfg))
+  # (keyed by the eval subset's choice too: runs before it evaluated the first examples, the first prompts only)
+  init_eval = trainer.initial_evaluation(state, eval_batches, {**starting_point_key(cfg), "eval_examples": "spread"})
   state, history = trainer.fit(state, batches_from, t.steps, eval_batches=eval_batches, eval_every=t.eval_every)
   train_s = trainer.fit_s  # summed over a killed run's processes, as resumed
   # The evaluations of every process of a killed and resumed run (the repetition record is the run's whole story).

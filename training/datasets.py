@@ -374,3 +374,12 @@ def batch_sources(train, evals, batch: int, seed: int):
       yield evals.batch(np.arange(s, min(s + batch, len(evals))))
 
   return batches_from, eval_batches
+
+
+def spread_eval_batches(evals, batch: int, limit: int):
+  """At most `limit` batches of `evals` (a set with `.batch(indices)` and a length), their examples spread evenly
+  over it in order: where examples come grouped (a prompt's windows and states one after another), the first
+  `limit` batches would hold the first prompts only."""
+  n = min(len(evals), limit * batch)
+  picked = np.linspace(0, len(evals) - 1, n).round().astype(np.int64) if n else np.zeros(0, np.int64)
+  return lambda: (evals.batch(picked[s:s + batch]) for s in range(0, n, batch))

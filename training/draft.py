@@ -322,7 +322,7 @@ def distill_loss(draft: LlamaLM, objective: ObjectiveSection):
     kl, ce = mean(kl_BxL), mean(ce_BxL)
     loss = objective.kl_weight * kl + objective.ce_weight * ce
     return loss, {"kl": kl, "ce": ce, "agree": mean(agree_BxL), "other_mass": mean(jnp.exp(batch["other_logp"])),
-                  "tau_proxy": 1.0 + accepted}
+                  "tau_proxy": 1.0 + accepted, "count": mask.sum()}  # every mean is over the trained tokens
 
   return loss_fn
 

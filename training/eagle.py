@@ -183,6 +183,7 @@ def eagle_loss(draft: EagleDraft, objective: ObjectiveSection):
       agree.append(a)
       loss = loss + objective.kl_weight * kl + objective.feature_weight * feat
       metrics.update({f"kl_{s}": kl, f"feature_{s}": feat, f"agree_{s}": mean(a)})
+      metrics.update({f"count/{name}_{s}": valid.sum() for name in ("kl", "feature", "agree")})
     # Draft token i of a step whose first draft comes from entry t0 is pass i at entry t0 + i - 1.
     run, accepted = jnp.ones_like(w_BxL), 0.0
     count0 = jnp.maximum(w_BxL.sum(), 1.0)
@@ -190,6 +191,7 @@ def eagle_loss(draft: EagleDraft, objective: ObjectiveSection):
       run = run * jnp.concatenate([a[:, i:], jnp.zeros((b, i), a.dtype)], axis=1)
       accepted = accepted + jnp.sum(run * w_BxL) / count0
     metrics["tau_proxy"] = 1.0 + accepted
+    metrics["count"] = w_BxL.sum()  # the trained entries (the loss and the τ proxy)
     return loss / u, metrics
 
   return loss_fn

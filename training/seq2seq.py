@@ -175,7 +175,7 @@ def seq2seq_loss(model: T5LM):
     denom = jnp.maximum(mask.sum(), 1.0)
     loss = jnp.sum(ce * mask) / denom
     acc = jnp.sum((jnp.argmax(logits, -1) == batch["labels"]) * mask) / denom
-    return loss, {"token_acc": acc}
+    return loss, {"token_acc": acc, "count": mask.sum()}
   return loss_fn
 
 

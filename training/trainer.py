@@ -2,7 +2,10 @@
 
 The model is given as a loss function `loss_fn(params, frozen, batch, rng) -> (loss, metrics)`: `params` are
 trained, `frozen` (e.g. a base model's weights) is passed to every step but never updated or donated, `metrics`
-is a dict of scalars to log. A step's random key is `fold_in(state.rng, state.step)`, so a run that resumes
+is a dict of scalars to log. A metric that is a mean over some of the batch's units (valid tokens, say) names
+their number in `count/<name>` (`count`: for every metric without its own, the loss included), so that means over
+several batches (an evaluation, a log window) weight each batch by it: the mean over the units, whatever the batch
+size. Without counts, batches are weighted by their rows. Counts are not logged. A step's random key is `fold_in(state.rng, state.step)`, so a run that resumes
 from a checkpoint draws the same keys as one that never stopped.
 
 The data position is the step: `Trainer.fit` asks `batches_from(step)` for the batches from that step on, so
@@ -289,7 +292,7 @@ class Trainer:
     (loss, metrics), grads = grad_fn(state.params, frozen, batch, rng)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), f"{COUNT}/grad_norm": 1.0}  # per step
     new = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     if self.partitioner is not None:  # the next step then gets (and donates) arrays laid out like this one's
       new = self.partitioner.constrain(new, self.state_shardings(new))
@@ -325,7 +328,8 @@ class Trainer:
 
   def evaluate(self, state: TrainState, batches: Iterable[Batch]) -> dict[str, float]:
     """The mean over `batches` of each eval metric, named `eval/<name>` (empty when there are no batches). Batches
-    are weighted by their rows, so a short last batch counts for its rows only."""
+    are weighted by the metric's count (see the module's doc), or else by their rows, so that a short last batch
+    counts for its rows only."""
     base = jax.random.fold_in(state.rng, _EVAL_STREAM)
     results, sizes = [], []
     # A bar that follows the computation (each batch waited for), not the asynchronous dispatch; it goes when done.
@@ -509,7 +513,8 @@ class Trainer:
     or a finished run run again, reads them instead of evaluating again. Process 0's file decides for every process
     of a multi-host run (an evaluation is a step they must all run or all skip)."""
     path = self.checkpoint_dir / INIT_EVAL_FILE if self.checkpoint_dir is not None else None
-    key = json.loads(json.dumps(key))  # as it reads back
+    # As it reads back; with how means are taken, so figures saved before they were weighted by counts are redone.
+    key = json.loads(json.dumps({"run": key, "means": "weighted by count"}))
     saved = None
     # Only beside checkpoints of this run: `record_run_config` has then checked the target and the settings, and the
     # run goes on from them. Without one the run starts afresh, perhaps on other weights at the same model.path or
@@ -612,13 +617,20 @@ def _batches(source: BatchSource, start: int) -> Iterator[Batch]:
   return itertools.islice(iter(source), start, None)
 
 
+COUNT = "count"  # a metric's units in its batch: `count/<name>`, or `count` for all (see the module's doc)
+
+
 def _mean(records: list[Mapping[str, Any]], weights: list[float] | None = None) -> dict[str, float]:
-  keys = list(dict.fromkeys(k for r in records for k in r))
+  """Each metric's mean over `records`, weighted by its count where the records give one, else by `weights`
+  (rows; 1 each when None). Records whose counts are all 0 (no unit of that kind anywhere) are averaged plainly."""
+  keys = [k for k in dict.fromkeys(k for r in records for k in r) if k != COUNT and not k.startswith(COUNT + "/")]
   weights = [1.0] * len(records) if weights is None else weights
   out = {}
   for k in keys:
-    vals, w = zip(*[(np.asarray(r[k], np.float64), wt) for r, wt in zip(records, weights) if k in r])
-    out[k] = float(np.average(vals, weights=w))
+    rows = [(np.asarray(r[k], np.float64), np.asarray(r.get(f"{COUNT}/{k}", r.get(COUNT, wt)), np.float64))
+            for r, wt in zip(records, weights) if k in r]
+    vals, w = zip(*rows)
+    out[k] = float(np.average(vals, weights=w if sum(w) > 0 else None))
   return out
 
 
