@@ -232,6 +232,44 @@ def test_quantized_and_incomplete_folders_are_refused_saying_why(tiny_hf, tmp_pa
     load_hf(str(folder))
 
 
+@pytest.mark.parametrize("key,value", [("tie_word_embeddings", "false"), ("attention_bias", "false"),
+                                       ("mlp_bias", 0), ("use_sliding_window", "no")])
+def test_switches_that_are_not_true_or_false_are_refused(tiny_hf, tmp_path, key, value):
+  """A string "false" read for its truth switched the setting on: a tied head in place of the file's lm_head, or
+  biases (found by a review). transformers refuses it too."""
+  with pytest.raises(ModelLoadError, match=rf"sets {key} to {value!r}, which is not true or false"):
+    load_hf(str(copy_of(tiny_hf, tmp_path, **{key: value, "sliding_window": 64})))
+
+
+def test_weights_with_nan_or_infinity_are_refused_by_name(tiny_hf, tmp_path):
+  """Every logit would be NaN and decoding one token over and over, with no error (found by a review)."""
+  folder = copy_of(tiny_hf, tmp_path)
+  weights = load_file(folder / "model.safetensors")
+  name = "model.layers.1.input_layernorm.weight"
+  weights[name][3] = np.nan
+  save_file(weights, folder / "model.safetensors")
+  with pytest.raises(ModelLoadError, match=rf"{name} in .* holds NaN or infinite values.*Download or convert it"):
+    load_hf(str(folder))
+
+
+def test_a_tokenizer_larger_than_the_model_s_vocabulary_is_named_when_it_loads(tiny_hf, tmp_path, caplog):
+  """Such a folder loaded quietly, and a prompt with a high id was then refused as encoded with another tokenizer,
+  where the prompt was the model's own tokenizer's and config.json and tokenizer.json disagree (found by a review)."""
+  folder = copy_of(tiny_hf, tmp_path, vocab_size=4)
+  weights = load_file(folder / "model.safetensors")
+  for name in ("model.embed_tokens.weight", "lm_head.weight"):
+    if name in weights:
+      weights[name] = np.ascontiguousarray(weights[name][:4])
+  save_file(weights, folder / "model.safetensors")
+  with caplog.at_level("WARNING", logger="jaxspec.loading"):
+    load_model(str(folder))
+  assert any("tokenizer.json has 6 tokens but config.json's vocab_size is 4" in r.getMessage() for r in caplog.records)
+  caplog.clear()
+  with caplog.at_level("WARNING", logger="jaxspec.loading"):
+    load_model(str(tiny_hf))
+  assert not any("tokenizer.json has" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("changes", [
     {"sliding_window": 512}, {"sliding_window": 4096}, {"sliding_window": None}, {"hidden_act": "silu"},
     {"rope_scaling": {"rope_type": "default"}}, {"architectures": None}, {"architectures": None, "model_type": None},
@@ -432,10 +470,11 @@ def test_the_tokenizer_of_a_folder_model_gets_the_config_eos(tiny_hf, tmp_path):
 Q = gguf.GGMLQuantizationType
 
 
-def write_gguf(path: Path, extra: dict | None = None, raw: dict | None = None, meta: dict | None = None) -> Path:
+def write_gguf(path: Path, extra: dict | None = None, raw: dict | None = None, meta: dict | None = None,
+               drop: tuple[str, ...] = ()) -> Path:
   """A tiny LLaMA GGUF of F32 tensors (values as they come: these tests are about what loads), plus `extra`
-  tensors, and tensors in `raw` replaced by (bytes array, quantization type); `meta` changes the header's
-  hyperparameters (LlamaConfig field names), not the tensors."""
+  tensors, and tensors in `raw` replaced by (bytes array, quantization type), without the tensors `drop` names;
+  `meta` changes the header's hyperparameters (LlamaConfig field names), not the tensors."""
   model, params = make_tiny(seed=1, d_model=64, n_heads=4, n_kv_heads=2, head_dim=16, d_ff=64)
   cfg = model.cfg
   w = gguf_writer(path, types.SimpleNamespace(**{**dataclasses.asdict(cfg), **(meta or {})}))
@@ -449,6 +488,8 @@ def write_gguf(path: Path, extra: dict | None = None, raw: dict | None = None, m
                              ("ffn_down", ("mlp", "down"))):
       tensors[f"blk.{i}.{name}.weight"] = np.asarray(p[mod][key]["kernel"]).T  # torch layout [out, in]
   tensors.update(extra or {})
+  for name in drop:
+    del tensors[name]
   for name, arr in tensors.items():
     if raw and name in raw:
       data, qtype = raw[name]
@@ -502,6 +543,19 @@ def test_gguf_tensors_outside_the_layers_it_does_not_read_are_named(tmp_path, ca
 def test_bad_numbers_in_gguf_metadata_are_clear_errors(tmp_path, meta, message):
   with pytest.raises(ModelLoadError, match=message):
     gguf_loader.load_gguf(str(write_gguf(tmp_path / "m.gguf", meta=meta)))
+
+
+def test_a_gguf_missing_a_tensor_names_the_file_and_the_tensor_and_what_to_do(tmp_path):
+  """The message named the last parameter read in place of the file, and jaxspec's path in place of the GGUF name
+  (found by a review)."""
+  path = write_gguf(tmp_path / "m.gguf", drop=("blk.1.ffn_up.weight",))
+  with pytest.raises(ModelLoadError, match=r"m\.gguf' lacks tensors for \['blk\.1\.ffn_up\.weight'\]\. The file is "
+                                           "incomplete or damaged.*download or convert it again"):
+    gguf_loader.load_gguf(str(path))
+  nan = np.ones(64, np.float32)
+  nan[5] = np.inf
+  with pytest.raises(ModelLoadError, match=r"blk\.0\.attn_norm\.weight in .*n\.gguf' holds NaN or infinite values"):
+    gguf_loader.load_gguf(str(write_gguf(tmp_path / "n.gguf", extra={"blk.0.attn_norm.weight": nan})))
 
 
 def test_unsupported_quantization_names_what_to_requantize_to(tmp_path, monkeypatch):

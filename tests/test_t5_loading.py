@@ -269,6 +269,23 @@ def test_missing_tensor_is_named(tmp_path):
     load_hf(str(path))
 
 
+def test_quantized_t5_folders_are_refused_as_llama_ones_are(tmp_path):
+  """A quantization_config, or integer weights read as floats, loaded and decoded garbage with no error (found by a
+  review): the LLaMA loader's refusals cover T5 folders too."""
+  path = copy_fixture("v11", tmp_path / "q")
+  edit_config(path, quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True})
+  with pytest.raises(ModelLoadError, match=r"weights are quantized \(bitsandbytes\); jaxspec reads float weights"):
+    load_hf(str(path))
+  path = copy_fixture("v11", tmp_path / "int8")
+  weights = str(path / "model.safetensors")
+  tensors = load_file(weights)
+  name = "decoder.block.0.layer.2.DenseReluDense.wo.weight"
+  tensors[name] = np.round(tensors[name] * 100).astype(np.int8)
+  save_file(tensors, weights)
+  with pytest.raises(ModelLoadError, match=rf"{name} in .* holds I8 values; jaxspec reads float weights"):
+    load_hf(str(path))
+
+
 def test_no_weights_is_a_clear_error(tmp_path):
   path = copy_fixture("orig", tmp_path)
   os.remove(path / "model.safetensors")

@@ -181,10 +181,10 @@ def _alphabet() -> list[str]:
 
 
 def _write_gguf(path, *, model="gpt2", pre="smollm", endian=gguf.GGUFEndian.LITTLE, template=None, add_bos=None,
-                eos_id=1, extra_tokens=(), extra_merges=(), extra=None):
+                eos_id=1, extra_tokens=(), extra_merges=(), extra=None, merges=True):
   tokens = ["<s>", "</s>", "<think>"] + _alphabet() + ["he", "ll", "hell", "hello", "Ġw", *extra_tokens]
   types = [3, 3, 4] + [1] * 256 + [1] * (5 + len(extra_tokens))
-  merges = ["h e", "l l", "he ll", "hell o", "Ġ w", *extra_merges]
+  merges = merges and ["h e", "l l", "he ll", "hell o", "Ġ w", *extra_merges]
   writer = gguf.GGUFWriter(str(path), "llama", endianess=endian)
   writer.add_uint32("llama.vocab_size", len(tokens))
   writer.add_float32("test.float", 0.5)
@@ -195,7 +195,8 @@ def _write_gguf(path, *, model="gpt2", pre="smollm", endian=gguf.GGUFEndian.LITT
     writer.add_tokenizer_pre(pre)
   writer.add_token_list(tokens)
   writer.add_token_types(types)
-  writer.add_token_merges(merges)
+  if merges:
+    writer.add_token_merges(merges)
   writer.add_bos_token_id(0)
   writer.add_eos_token_id(eos_id)
   if add_bos is not None:
@@ -209,6 +210,12 @@ def _write_gguf(path, *, model="gpt2", pre="smollm", endian=gguf.GGUFEndian.LITT
   writer.write_tensors_to_file()
   writer.close()
   return str(path)
+
+
+def test_a_byte_level_vocabulary_without_merges_is_refused(tmp_path):
+  """It split every text into single bytes, silently (found by a review; llama.cpp refuses such a file too)."""
+  with pytest.raises(ModelLoadError, match=r"has no merges \(tokenizer\.ggml\.merges\).*convert the model again"):
+    Tokenizer.from_gguf(_write_gguf(tmp_path / "t.gguf", merges=False))
 
 
 @pytest.mark.parametrize("endian", [gguf.GGUFEndian.LITTLE, gguf.GGUFEndian.BIG], ids=["little", "big"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from jaxspec.loading.default import default_model_path
@@ -111,6 +112,11 @@ def _load(path, dtype, scan_layers, param_dtype, matmul_precision, context):
                            "(`AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`).")
     tokenizer = Tokenizer.from_tokenizer_json(tok_json)
     model, params = load_hf(path, dtype=dtype, scan_layers=scan_layers, param_dtype=param_dtype, context=context)
+    if tokenizer.vocab_size > model.cfg.vocab_size:  # (fewer is common: embeddings padded to a round size)
+      logging.getLogger("jaxspec.loading").warning(
+          "%s: tokenizer.json has %d tokens but config.json's vocab_size is %d: text that encodes to an id from %d up "
+          "cannot be fed to the model (such a prompt is refused). The tokenizer may be another model's.",
+          path, tokenizer.vocab_size, model.cfg.vocab_size, model.cfg.vocab_size)
     return with_matmul_precision(model, matmul_precision), params, tokenizer
   if not os.path.exists(path):
     raise ModelLoadError(f"No model at {path!r}: pass a .gguf file or a Hugging Face model folder.")

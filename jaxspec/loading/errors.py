@@ -6,10 +6,13 @@ from __future__ import annotations
 import logging
 import math
 
+import jax.numpy as jnp
+import numpy as np
+
 from jaxspec.errors import ModelLoadError
 
-__all__ = ["ContextError", "ModelLoadError", "model_config", "more_layers", "positive_number", "unread_tensors",
-           "whole_number"]
+__all__ = ["ContextError", "ModelLoadError", "check_finite", "flag", "model_config", "more_layers", "positive_number",
+           "unread_tensors", "whole_number"]
 
 logger = logging.getLogger("jaxspec.loading")
 
@@ -40,6 +43,26 @@ def whole_number(value, key: str, where: str, minimum: int = 1) -> int:
   if not math.isfinite(number) or number != whole or whole < minimum:
     raise _damaged(where, key, value, want)
   return whole
+
+
+def check_finite(w, name: str, where: str) -> None:
+  """`ModelLoadError` when the weight `w` (numpy or jax) holds a NaN or an infinity: every logit downstream would be
+  NaN, decoding a run of one token with no error."""
+  xp = np if isinstance(w, np.ndarray) else jnp
+  if not bool(xp.isfinite(w).all()):
+    raise ModelLoadError(f"{name} in {where} holds NaN or infinite values: the file is damaged (or was saved from a "
+                         "run that diverged). Download or convert it again.")
+
+
+def flag(cfg: dict, key: str, where: str, default: bool) -> bool:
+  """`cfg[key]` as a bool (`default` where absent or null); `ModelLoadError` naming `key` and the file `where` for
+  anything but true or false: a string "false" is truthy, and read as such it would switch the setting on."""
+  value = cfg.get(key)
+  if value is None:
+    return default
+  if not isinstance(value, bool):
+    raise _damaged(where, key, value, "true or false")
+  return value
 
 
 def positive_number(value, key: str, where: str) -> float:

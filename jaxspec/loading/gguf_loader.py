@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxspec.loading.errors import (ModelLoadError, bounded_context, model_config, more_layers, positive_number,
-                                     unread_tensors, whole_number)
+from jaxspec.loading.errors import (ModelLoadError, bounded_context, check_finite, model_config, more_layers,
+                                     positive_number, unread_tensors, whole_number)
 from jaxspec.loading.tokenizer import GGUF_MAGIC, NOT_GGUF
 from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_context, rope_scaling, stack_layers
 
@@ -350,22 +350,47 @@ def load_gguf(path_or_reader, *, dtype: str = "float32", scan_layers: bool = Fal
     if target is None:
       continue
     w = _dequantize(t)
+    check_finite(w, t.name, repr(path))
     if isinstance(fn, tuple):  # Q/K: undo the permutation, then [out, in] -> kernel [in, out]
       w = _unpermute_rows(w, fn[1]).T
     parts = split_fused(target, w, cfg, t.name)  # Phi-3's fused matrices, [out, in]
-    for path, part in parts:
+    for key, part in parts:
       if fn == "T":
         part = part.T
       node = params
-      for k in path[:-1]:
+      for k in key[:-1]:
         node = node.setdefault(k, {})
-      node[path[-1]] = jnp.asarray(part, dtype=param_dtype)  # copies into a JAX buffer; the numpy copy is freed next
+      node[key[-1]] = jnp.asarray(part, dtype=param_dtype)  # copies into a JAX buffer; the numpy copy is freed next
     del w, parts
-  check_complete(params, cfg, path)
+  check_complete(params, cfg, path, name_of=lambda key: gguf_tensor_name(key, cfg, arch),
+                 hint=lambda missing: " The file is incomplete or damaged, or was converted for another architecture: "
+                                      "download or convert it again.")
   model = LlamaLM(cfg)
   if scan_layers:
     params = stack_layers(params, cfg.n_layers)
   return model, params
+
+
+# The tensor names of a block (`blk.N.` + these) that `_target` reads, to name a missing one as the file would.
+_LAYER_TENSORS = ("attn_norm.weight", "ffn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight",
+                  "attn_output.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight", "attn_q.bias",
+                  "attn_k.bias", "attn_v.bias", "attn_q_norm.weight", "attn_k_norm.weight")
+
+
+def gguf_tensor_name(key: tuple, cfg: LlamaConfig, arch: str) -> str:
+  """The GGUF tensor name of a jaxspec param path (`KeyError` where none maps to it, e.g. a part of a fused one)."""
+  fixed = {("embed", "embedding"): "token_embd.weight", ("final_norm", "scale"): "output_norm.weight",
+           ("lm_head", "kernel"): "output.weight"}
+  if key in fixed:
+    return fixed[key]
+  layer = int(key[0].split("_")[1])
+  for tensor in _LAYER_TENSORS:
+    try:
+      if _target(f"blk.{layer}.{tensor}", cfg, arch)[0] == key:
+        return f"blk.{layer}.{tensor}"
+    except ModelLoadError:  # a tensor this architecture has no place for
+      continue
+  raise KeyError(key)
 
 
 def split_fused(target: tuple, w_OxI, cfg: LlamaConfig, name: str) -> list:
@@ -419,4 +444,6 @@ def check_complete(params: dict, cfg: LlamaConfig, path: str, name_of=None, hint
                          f"{' ...' if len(missing) > 5 else ''}.{hint(missing) if hint else ''}")
   bad = [(named(k), have[k], want[k]) for k in want if have[k] != want[k]]
   if bad:
-    raise ModelLoadError(f"{path!r} has tensors of unexpected shapes (name, shape read, shape expected): {bad[:3]}.")
+    raise ModelLoadError(f"{path!r} has tensors of unexpected shapes (name, shape read, shape expected; matrices in "
+                         f"jaxspec's [in, out] layout): {bad[:3]}. The config "
+                         "and the weights describe different models: download or convert the model again.")

@@ -14,8 +14,8 @@ import numpy as np
 
 from jaxspec import files
 from jaxspec.errors import InputError
-from jaxspec.loading.errors import (ContextError, ModelLoadError, bounded_context, model_config, more_layers,
-                                     positive_number, unread_tensors, whole_number)
+from jaxspec.loading.errors import (ContextError, ModelLoadError, bounded_context, check_finite, flag, model_config,
+                                     more_layers, positive_number, unread_tensors, whole_number)
 from jaxspec.loading.gguf_loader import check_complete, split_fused
 from jaxspec.models.llama import LlamaConfig, LlamaLM, rope_context, rope_scaling, stack_layers, unstack_layers
 
@@ -36,12 +36,7 @@ def config_from_hf(cfg: dict, *, log: bool = False, context: int | None = None) 
       architecture, another activation, partial rotary embeddings outside Phi-3, RoPE scaling other than linear,
       llama3, longrope and yarn.
   """
-  quant = cfg.get("quantization_config")
-  if quant:  # integer or float8 weights with scales: read as floats they would give wrong logits without an error
-    method = quant.get("quant_method", "an unnamed method") if isinstance(quant, dict) else "an unnamed method"
-    raise ModelLoadError(f"config.json says the weights are quantized ({method}); jaxspec reads float weights "
-                         "(float32, float16, bfloat16) from Hugging Face folders: use the model's unquantized "
-                         "checkpoint, or a GGUF file (its quantizations load).")
+  refuse_quantized(cfg)
   archs = cfg.get("architectures") or []
   if archs and not set(archs) & set(SUPPORTED):
     from jaxspec.loading.t5_hf import ARCHITECTURES as T5_ARCHITECTURES
@@ -72,13 +67,33 @@ def config_from_hf(cfg: dict, *, log: bool = False, context: int | None = None) 
         n_layers=whole_number(cfg["num_hidden_layers"], "num_hidden_layers", where),
         n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
         d_ff=whole_number(cfg["intermediate_size"], "intermediate_size", where),
-        rope_theta=theta, rope_scaling=scaling, qkv_bias=qwen2 or bool(cfg.get("attention_bias")),
-        o_bias=not qwen2 and bool(cfg.get("attention_bias")), mlp_bias=not qwen2 and bool(cfg.get("mlp_bias")),
+        rope_theta=theta, rope_scaling=scaling, qkv_bias=qwen2 or flag(cfg, "attention_bias", where, False),
+        o_bias=not qwen2 and flag(cfg, "attention_bias", where, False),
+        mlp_bias=not qwen2 and flag(cfg, "mlp_bias", where, False),
         norm_eps=positive_number(_or_default(cfg, "rms_norm_eps", 1e-6), "rms_norm_eps", where),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        tie_embeddings=flag(cfg, "tie_word_embeddings", where, False),
         max_seq_len=context, qk_norm=qwen3)
   except KeyError as e:
     raise ModelLoadError(f"config.json lacks {e.args[0]!r}, which a LLaMA-family model needs.") from e
+
+
+def refuse_quantized(cfg: dict) -> None:
+  """`ModelLoadError` for a config.json with a `quantization_config`: integer or float8 weights with scales, which
+  read as floats would give wrong logits without an error."""
+  quant = cfg.get("quantization_config")
+  if quant:
+    method = quant.get("quant_method", "an unnamed method") if isinstance(quant, dict) else "an unnamed method"
+    raise ModelLoadError(f"config.json says the weights are quantized ({method}); jaxspec reads float weights "
+                         "(float32, float16, bfloat16) from Hugging Face folders: use the model's unquantized "
+                         "checkpoint, or a GGUF file (its quantizations load).")
+
+
+def refuse_non_float(kind: str, name: str, path: str) -> None:
+  """`ModelLoadError` for a safetensors tensor of another dtype than float (`kind` as its header names it)."""
+  if kind not in _FLOAT_KINDS:
+    raise ModelLoadError(f"{name} in {path!r} holds {kind} values; jaxspec reads float weights (float32, float16, "
+                         "bfloat16): a quantized checkpoint gives wrong logits read as floats. Use the model's "
+                         "unquantized checkpoint, or a GGUF file (its quantizations load).")
 
 
 def _or_default(cfg: dict, key: str, default):
@@ -145,7 +160,7 @@ def _context(cfg: dict, scaling: tuple, log: bool, requested: int | None) -> tup
   value = cfg.get("sliding_window", 4096 if _family(cfg, "mistral") else None)
   if value is not None and _family(cfg, "phi3", "mistral"):  # no switch: the window applies whatever config says
     window = whole_number(value, "sliding_window", where)  # (one as long as the context hides nothing: 0 below)
-  elif value is not None and cfg.get("use_sliding_window", True) is not False:  # (Qwen2's and Qwen3's switch)
+  elif value is not None and flag(cfg, "use_sliding_window", where, True):  # (Qwen2's and Qwen3's switch)
     bounds.append((whole_number(value, "sliding_window", where), f"its sliding window (sliding_window={value}), "
                    "which jaxspec applies to Phi-3 and Mistral models only: within one window attention is the same"))
   context = bounded_context(context, "max_position_embeddings", bounds, log, requested, rope_context(scaling))
@@ -419,6 +434,7 @@ def read_hf_config(folder: str) -> dict:
     if isinstance(entry, dict) and field in entry and entry.get("embeddings") != "included":
       raise ModelLoadError(f"{folder!r} holds {what}, not a model of its own: {use}.")
   from jaxspec.loading import t5_hf
+  refuse_quantized(raw)  # (T5 folders too)
   if t5_hf.is_t5_config(raw):
     t5_hf.config_from_hf(raw)
   else:
@@ -562,12 +578,10 @@ def load_hf(folder: str, *, dtype: str = "float32", scan_layers: bool = False, p
             unread.append(name)  # not a layer's buffer (a rotary table jaxspec computes itself)
           if target is None or (target[0] == "lm_head" and cfg.tie_embeddings):
             continue
-          kind = f.get_slice(name).get_dtype()  # from the header: "F32", "BF16", "I8", "F8_E4M3", ...
-          if kind not in _FLOAT_KINDS:
-            raise ModelLoadError(f"{name} in {path!r} holds {kind} values; jaxspec reads float weights (float32, "
-                                 "float16, bfloat16): a quantized checkpoint gives wrong logits read as floats. Use "
-                                 "the model's unquantized checkpoint, or a GGUF file (its quantizations load).")
-          for key, w in split_fused(target, f.get_tensor(name).astype(param_dtype), cfg, name):
+          refuse_non_float(f.get_slice(name).get_dtype(), name, path)  # the header's "F32", "BF16", "I8", ...
+          tensor = f.get_tensor(name)
+          check_finite(tensor, name, repr(path))
+          for key, w in split_fused(target, tensor.astype(param_dtype), cfg, name):
             if key[-1] == "kernel":
               w = w.T  # torch Linear [out, in] -> kernel [in, out]
             node = params

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec import files
-from jaxspec.loading.errors import (ModelLoadError, model_config, more_layers, positive_number, unread_tensors,
-                                     whole_number)
-from jaxspec.loading.hf import _flatten, check_weights
+from jaxspec.loading.errors import (ModelLoadError, check_finite, flag, model_config, more_layers, positive_number,
+                                     unread_tensors, whole_number)
+from jaxspec.loading.hf import _flatten, check_weights, refuse_non_float, refuse_quantized
 from jaxspec.models.t5 import T5Config, T5LM
 
 ARCHITECTURES = ("T5ForConditionalGeneration", "T5Model", "MT5ForConditionalGeneration")
@@ -75,11 +75,11 @@ def config_from_hf(raw: dict) -> T5Config:
 
 def _scales_output(raw: dict) -> bool:
   """Whether transformers scales the decoder output by d_model^-1/2 before the head for this config."""
-  if "scale_decoder_outputs" in raw:  # transformers >= 5 writes it for T5
-    return bool(raw["scale_decoder_outputs"])
+  if raw.get("scale_decoder_outputs") is not None:  # transformers >= 5 writes it for T5
+    return flag(raw, "scale_decoder_outputs", "config.json", True)
   if raw.get("model_type") == "mt5":  # transformers 5's MT5 never scales (and writes tie_word_embeddings: true)
     return False
-  return raw.get("tie_word_embeddings", True) is not False
+  return flag(raw, "tie_word_embeddings", "config.json", True)
 
 
 def _target(name: str) -> tuple[str, ...] | None:
@@ -167,6 +167,7 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32", param_dtype: str 
   """
   from safetensors import safe_open
 
+  refuse_quantized(raw)
   param_dtype = param_dtype or dtype
   cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=param_dtype)
   weights = check_weights(folder, raw)  # before any weight is read
@@ -180,13 +181,18 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32", param_dtype: str 
           if key is None:
             skipped.append(name)
             continue
-          w = f.get_tensor(name).astype(param_dtype)
+          refuse_non_float(f.get_slice(name).get_dtype(), name, path)
+          w = f.get_tensor(name)
+          check_finite(w, name, repr(path))
+          w = w.astype(param_dtype)
           if key[-1] == "kernel":
             w = w.T  # torch Linear [out, in] -> kernel [in, out]
           node = params
           for k in key[:-1]:
             node = node.setdefault(k, {})
           node[key[-1]] = jnp.asarray(w)
+    except ModelLoadError:
+      raise
     except Exception as e:  # safetensors raises its own error types on damaged headers
       raise ModelLoadError(f"Could not read {path!r} ({type(e).__name__}: {e}); the file may be truncated or "
                            "corrupt: download or export it again.") from e

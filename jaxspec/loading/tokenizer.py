@@ -203,6 +203,13 @@ def _byte_level_backend(meta: Mapping[str, Any], tokens: Sequence[str], types: S
         f"{name}: GGUF pre-tokenizer {pre!r} (tokenizer.ggml.pre) is not supported; jaxspec reproduces "
         f"{', '.join(sorted(GGUF_PRE_TOKENIZERS))}. Load the model from its Hugging Face folder instead "
         "(config.json, *.safetensors and tokenizer.json: --model FOLDER).")
+  if not meta.get("tokenizer.ggml.merges") and any(
+      len(t) > 1 and ty not in (*_SPECIAL_TYPES, TOKEN_USER_DEFINED) for t, ty in zip(tokens, types)):
+    # Without merges every text would be split into single bytes (llama.cpp refuses such a file too). A vocabulary of
+    # bytes alone has none to give (gguf-py writes no empty array).
+    raise ModelLoadError(f"{name}: the byte-level BPE vocabulary has no merges (tokenizer.ggml.merges), so text would "
+                         "be split into single bytes: convert the model again (llama.cpp's convert_hf_to_gguf.py), "
+                         "or load its Hugging Face folder (--model FOLDER).")
   merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or ()]
   alphabet = _bytes_to_unicode()
   alphabet_chars = frozenset(alphabet.values())
