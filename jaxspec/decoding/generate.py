@@ -285,7 +285,8 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
       row's samples depend on the seed and its row index, so a prompt sampled in row 2 differs from the same prompt
       sampled alone with the same seed. With a gated drafter (`gate=`) they also depend on the other rows: a step
       verifies the whole batch's drafts when any row asks for it, which draws differently from a one-token step (the
-      distribution is the target's either way).
+      distribution is the target's either way). So with an OPT-Tree drafter whose growth stops at a `threshold`:
+      its trees grow one more depth while any row gains enough from it.
     drafter: proposes tokens to verify (`NoDraft()` = plain decoding).
     draft_params: the drafter's parameters.
     acceptor: acceptance rule; by default chosen from temperature / top_k / top_p. With temperature > 0 it must
