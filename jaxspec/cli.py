@@ -342,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
                      parents=[common])
   b.add_argument("--prompts", default=None,
                  help="JSONL with question_id, category, turns (default: jaxspec's own quick prompt set; the "
-                      "Spec-Bench dev prompts are ../shared/data/spec_bench_dev.jsonl in a development checkout)")
+                      "Spec-Bench dev prompts are ../shared/data/spec_bench_dev.jsonl, beside a development checkout)")
   b.add_argument("--methods", default=None,
                  help="comma-separated method names, options after colons (bpd:k=4); default: all")
   b.add_argument("--list-methods", action="store_true", help="print the method names and exit")
@@ -355,7 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument("--top-k", type=_top_k, default=0, help=_TOP_K_HELP)
   b.add_argument("--top-p", type=_top_p, default=1.0, help=_TOP_P_HELP)
   b.add_argument("--seed", type=_seed, default=0)
-  b.add_argument("--out", type=_folder, default="bench_out", help="folder for results.json, report.md and plots")
+  b.add_argument("--out", type=_folder, default="bench_out",
+                 help="folder for results.json, report.md and plots (default: bench_out)")
   b.add_argument("--t5x-src", default=None, help="a T5X source checkout, for the t5x-greedy baseline")
   b.add_argument("--model", default=None, help="target model (default: the embedded SmolLM2-135M-Instruct)")
   _model_options(b)

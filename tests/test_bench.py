@@ -153,7 +153,8 @@ def test_per_category_limit_and_filter(prompt_file):
 
 
 @pytest.mark.parametrize("line,msg", [
-    ("not json", "not valid JSON"),
+    ("not json", r"not valid JSON \(Expecting value\): each line must be a JSON object with question_id, category and "
+     r"turns \(Spec-Bench.s format\)\. For one text prompt, use jaxspec generate --prompt-file"),
     ('{"question_id": 1, "turns": ["x"]}', r"lacks the field\(s\) category"),
     ('{"question_id": 1, "category": "qa", "turns": []}', "non-empty list"),
     ("123", "is a JSON int, not an object"),
@@ -204,7 +205,11 @@ def test_a_prompt_file_may_be_a_pipe(tmp_path):
 
 
 def test_bad_method_option_values_are_clear_errors():
-  for text, msg in [("bpd:k=abc", "k='abc' of 'bpd' must be a whole number in 1..1024"),
+  for text, msg in [("bpd:k=abc", "k='abc' of 'bpd' must be a whole number in 1..16"),
+                    # (a BPD model has at most 16 heads: k=99 advised training 99, which training refuses)
+                    ("bpd-oracle:k=17", "k='17' of 'bpd-oracle' must be a whole number in 1..16"),
+                    ("bpd:lookup=4", "lookup='4' of 'bpd' must be a whole number in 1..3"),
+                    ("spec:lookup=4", "lookup='4' of 'spec' must be a whole number in 1..3"),
                     ("opt-tree:width=0", "width='0' of 'opt-tree' must be a whole number in 1..1024"),
                     ("spec:gamma=100000", "gamma='100000' of 'spec' must be a whole number in 1..1024"),
                     ("jacobi:n=5000", "n='5000' of 'jacobi' must be a whole number in 1..1024"),
@@ -1394,7 +1399,7 @@ def test_option_bounds_are_inclusive_and_values_may_hold_equals_signs():
   """Whole-number options take 1..1024 (and gate/graft from 0), both ends included; a value is everything after the
   first '=' (a folder may have one in its name)."""
   for text in ("spec:gamma=1024", "spec:gamma=1", "lookup:gate=0", "bpd:gate=0", "opt-tree:lookup=1:graft=0",
-               "spec:stop=0", "opt-tree:threshold=0"):
+               "bpd:k=16", "spec:stop=0", "opt-tree:threshold=0"):
     parse_method(text)
   for text in ("spec:gamma=1025", "spec:gamma=0", "jacobi:n=0", "opt-tree:graft=-1", "bpd:gate=-0.1"):
     with pytest.raises(InputError, match="must be"):

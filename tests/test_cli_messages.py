@@ -96,6 +96,17 @@ def test_a_draft_with_another_tokenizer_of_the_same_size_is_warned_about(t5, tmp
   assert f"draft={other} has another tokenizer than the target: 2 of its" in caplog.text
 
 
+def test_a_t5_draft_of_another_vocabulary_for_a_decoder_only_target_says_why():
+  """The message said the CLI resizes a draft= model's vocabulary, for the draft= model it had just declined to resize
+  (found by a review): an encoder-decoder draft is not resized, and the message now says so."""
+  from tests.conftest import make_tiny
+
+  model, params = make_tiny()
+  with pytest.raises(Unavailable, match=r"t5_numbers_draft is an encoder-decoder \(T5\) model of another vocabulary "
+                                        r"\(148 ids, the target \d+\), which jaxspec does not resize"):
+    build(BenchContext(model, params, CharTokenizer()), f"spec:draft={ASSETS / 't5_numbers_draft'}")
+
+
 # ---- meshes ------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spec", ["foo", "2,4,8", "2", "data=2,4"])  # the last: named and bare sizes mixed

@@ -21,6 +21,8 @@ import numpy as np
 from jaxspec import sharding
 from jaxspec.decoding.generate import GenerationResult, generate
 from jaxspec.errors import InputError, JaxspecError, ModelLoadError
+from jaxspec.decoding.lookup import WithLookup
+from jaxspec.models.bpd import MAX_HEADS
 
 logger = logging.getLogger(__name__)
 
@@ -438,7 +440,11 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
         except ContextError:  # a draft of a shorter context (or an encoder-decoder): its own
           draft, draft_params, draft_tok = load()
         target_vocab = getattr(ctx.model, "vocab_size", None)
-        if target_vocab is not None and draft.vocab_size != target_vocab and not hasattr(draft, "start"):
+        if target_vocab is not None and draft.vocab_size != target_vocab and hasattr(draft, "start"):
+          raise InputError(f"{path} is an encoder-decoder (T5) model of another vocabulary ({draft.vocab_size} ids, "
+                           f"the target {target_vocab}), which jaxspec does not resize: use a draft trained with the "
+                           "target's tokenizer")
+        if target_vocab is not None and draft.vocab_size != target_vocab:
           from jaxspec.models.subset import resize_vocab
           logger.info("draft=%s has %d ids and the target %d: its logits are %s to the target's ids (exact either "
                       "way)", path, draft.vocab_size, target_vocab,
@@ -899,6 +905,9 @@ _NUMERIC_OPTIONS: dict = {
 # The largest whole-number option: counts of draft tokens, nodes, heads, layers, top-t entries. A step verifies at most
 # this many tokens in one forward (the cache grows by as many slots), far past where a verify forward can pay.
 MAX_OPTION = 1024
+# Whole-number options with a lower top: a BPD model has at most MAX_HEADS heads; a copy is verified after a match of
+# at most the n-gram a context is searched with.
+_MAX_OF = {"k": MAX_HEADS, "lookup": WithLookup.max_ngram}
 
 
 # Options whose values are words, checked when the method string is read (before any model loads), as numbers are.
@@ -915,14 +924,15 @@ def _check_option(name: str, key: str, value: str) -> None:
   if kind is None or (kind.endswith("|auto") and value == "auto"):
     return
   whole = kind.startswith("int")
+  top = _MAX_OF.get(key, MAX_OPTION)
   try:
     number = int(value) if whole else float(value)
-    ok = (low <= number <= (MAX_OPTION if whole else float("inf")) and (not below or number < below[0])  # NaN fails
+    ok = (low <= number <= (top if whole else float("inf")) and (not below or number < below[0])  # NaN fails
           and math.isfinite(number))
   except ValueError:
     ok = False
   if not ok:
-    what = (f"a whole number in {low}..{MAX_OPTION}" if whole else
+    what = (f"a whole number in {low}..{top}" if whole else
             f"a number >= {low:g} and below {below[0]:g}" if below else f"a finite number >= {low:g}")
     auto = " or auto" if kind.endswith("|auto") else ""
     raise InputError(f"Method option {key}={value!r} of {name!r} must be {what}{auto}.")

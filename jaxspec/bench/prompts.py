@@ -59,7 +59,9 @@ def load_prompts(path: str | os.PathLike, *, categories: Sequence[str] | None = 
     try:
       row = json.loads(line)
     except json.JSONDecodeError as e:
-      raise InputError(f"{path}:{n} is not valid JSON ({e.msg}).") from None
+      raise InputError(f"{path}:{n} is not valid JSON ({e.msg}): each line must be a JSON object with question_id, "
+                       "category and turns (Spec-Bench's format). For one text prompt, use jaxspec generate "
+                       "--prompt-file.") from None
     except RecursionError:
       raise InputError(f"{path}:{n} is not a prompt: its JSON is nested too deeply to read.") from None
     if not isinstance(row, dict):
