@@ -69,6 +69,26 @@ def _distill(model, params, texts, out, tokenizer=None):
                                batch_size=4, shard_size=4, progress=False)
 
 
+def test_self_distillation_stops_at_every_end_id_the_tokenizer_names(tiny, tmp_path):
+  """Training stopped answers at `eos_id` alone, where decoding stops at every id of `eos_ids` (a generation_config
+  list, an end-of-turn id): it trained on tokens decoding never emits (found by a review)."""
+  model, params = tiny
+  texts = ["alpha 1", "bravo 2", "charlie 3", "delta 4"]
+  kw = dict(max_new_tokens=12, batch_size=4, shard_size=4, progress=False)
+  plain = datasets.self_distill(model, params, ByteTokenizer(), texts, tmp_path / "plain", **kw)
+  answers = [t[p:] for t, p in zip(plain.tokens, plain.prompt_lens)]
+  end = int(answers[0][3])
+
+  class TwoEnds(ByteTokenizer):
+    eos_ids = (int(model.cfg.vocab_size) - 1, end)
+
+  cut = datasets.self_distill(model, params, TwoEnds(), texts, tmp_path / "cut", **kw)
+  for full, t, p in zip(answers, cut.tokens, cut.prompt_lens):
+    stop = next((i for i, x in enumerate(full) if int(x) in TwoEnds.eos_ids), None)
+    assert list(t[p:]) == list(full if stop is None else full[:stop + 1])
+  assert len(cut.tokens[0]) - cut.prompt_lens[0] == 4
+
+
 def test_a_dataset_folder_from_another_model_or_other_prompts_is_refused(tiny, tmp_path):
   from jaxspec.models.llama import LlamaLM, tiny_config
 

@@ -59,6 +59,7 @@ from tqdm.auto import tqdm
 from jaxspec import files
 from jaxspec.decoding.sampling import argmax
 from jaxspec.errors import InputError
+from jaxspec.loading.tokenizer import end_ids
 from jaxspec.models.draft import embed_fingerprint
 from jaxspec.models.llama import LlamaLM
 from jaxspec.models.lora import ALL_TARGETS, LoraConfig, init_lora, lora_size, merge_lora, save_lora
@@ -713,7 +714,7 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
   # Each prompt takes collect.windows windows of collect.window tokens: all must fit in the context, checked before
   # any is collected (the longest come last).
   datasets.check_prompts_fit(model, prompt_ids, texts, c.window * c.windows, "collect.window x collect.windows")
-  eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+  eos = end_ids(tokenizer)  # every id that ends a row, as decoding stops at them
   pad_id = tokenizer.pad_id or 0
   t0 = time.time()
   traj = collect_trajectories(model, params, prompt_ids, c.dataset_dir, window=c.window, windows=c.windows,

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from jaxspec import files, sharding
 from jaxspec.errors import InputError
+from jaxspec.loading.tokenizer import end_ids
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +285,7 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
                        f"the sampling: continue them with data.gen_batch_size={was}, or use another {key}.")
     source["batch_size"] = was if was is not None and done == len(order) else batch_size
   write_meta(meta_path, {**meta, **source})
-  eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+  eos = end_ids(tokenizer)  # every id that ends a row, as decoding stops at them
   if 0 < done < len(order):  # a killed run's answers are kept: say so, as the trainer does for its checkpoints
     logger.warning("continuing the answers in %s: %d of %d are there from an earlier run", out, done, len(order))
   bar = tqdm(total=len(order), desc="self-distill", unit="answer", disable=not progress)

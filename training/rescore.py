@@ -24,6 +24,7 @@ from typing import Literal, Optional
 from tqdm.auto import tqdm
 
 from jaxspec import files
+from jaxspec.loading.tokenizer import end_ids
 from training import datasets
 from training.bpd import BPDTrainConfig, DataSection, ModelSection, build_sequences
 from training.config import ConfigError, load_config, to_dict
@@ -204,7 +205,7 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   # (the data's check bounded data.max_new_tokens; tuning decodes tune.max_new_tokens: named before any decoding)
   datasets.check_prompts_fit(model, prompts, [tokenizer.decode(p) for p in prompts], tc.max_new_tokens,
                              "tune.max_new_tokens", where="the held-out prompts")
-  eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+  eos = end_ids(tokenizer)  # every id that ends a row, as decoding stops at them
   pad = tokenizer.pad_id or 0
   from jaxspec.models.bpd import target_fingerprint
   neural_files = None

@@ -88,10 +88,8 @@ class BenchContext:
   @property
   def eos_ids(self) -> list[int]:
     """Every id that ends a row: a model may name several (a generation_config.json list)."""
-    ids = getattr(self.tokenizer, "eos_ids", None)
-    if ids is not None:
-      return list(ids)
-    return [self.tokenizer.eos_id] if self.tokenizer.eos_id is not None else []
+    from jaxspec.loading.tokenizer import end_ids
+    return end_ids(self.tokenizer)
 
   @property
   def pad_id(self) -> int:

@@ -902,3 +902,12 @@ class Tokenizer:
   def __repr__(self) -> str:
     return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos_id={self._bos_id}, eos_id={self._eos_id}, "
             f"pad_id={self._pad_id}, chat_template={'yes' if self._chat_template else 'no'})")
+
+
+def end_ids(tokenizer) -> list[int]:
+  """Every id that ends a row for `tokenizer`: its `eos_ids` (a model may name several: a generation_config.json list,
+  a GGUF file's end-of-turn id), or, for a tokenizer without them, its `eos_id` alone."""
+  ids = getattr(tokenizer, "eos_ids", None)
+  if ids is not None:
+    return list(ids)
+  return [tokenizer.eos_id] if tokenizer.eos_id is not None else []
