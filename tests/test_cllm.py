@@ -64,8 +64,9 @@ def test_trajectories_end_at_the_greedy_continuation(varied, collected):
     assert len(traj.states[i]) == W
     for w, states in enumerate(traj.states[i]):
       assert states.ndim == 2 and states.shape[1] == N and 1 <= len(states) <= N + 1
-      np.testing.assert_array_equal(states[0], initial_guess(prompts[p], N, 0, p, w))
-      assert set(states[0].tolist()) <= set(prompts[p])  # CLLM's guess: tokens of the prompt
+      context = prompts[p] + greedy[p][:w * N]  # CLLM's guess: tokens of the prompt and the windows before
+      np.testing.assert_array_equal(states[0], initial_guess(context, N, 0, p, w))
+      assert set(states[0].tolist()) <= set(context)
       np.testing.assert_array_equal(states[-1], traj.fixed_point(i, w))
       assert all(not np.array_equal(a, b) for a, b in zip(states[:-1], states[1:]))  # one state per change
 
@@ -84,6 +85,28 @@ def test_a_prompt_stops_at_eos(varied, tmp_path):
     assert len(traj.states[i]) == expect
     assert traj.tokens[i].size == traj.prompt_lens[i] + expect * N
   assert 2 in [len(s) for s in traj.states]
+
+
+def test_a_window_that_does_not_converge_ends_its_prompt_there(varied, tmp_path, monkeypatch, caplog):
+  """Its cache then holds the KV of another guess than the one kept: later windows would read tokens other than the
+  recorded ones (found by a review). The prompt keeps the windows before; the other rows go on."""
+  model, params = varied
+  prompts = tiny_prompts()[:3]
+  real, calls = cllm.jacobi_window, []
+
+  def row_0_stuck_in_window_2(*args):
+    calls.append(1)
+    states, count, fixed, done, cache = real(*args)
+    if len(calls) == 2:
+      done = done.at[0].set(False)
+    return states, count, fixed, done, cache
+
+  monkeypatch.setattr(cllm, "jacobi_window", row_0_stuck_in_window_2)
+  with caplog.at_level("WARNING", logger="training.cllm"):
+    traj = collect_trajectories(model, params, prompts, tmp_path, window=N, windows=W, batch_size=3, progress=False)
+  assert "did not reach its fixed point" in caplog.text
+  lengths = sorted(len(s) for s in traj.states)
+  assert lengths == [1, W, W]
 
 
 def test_collection_resumes_after_an_interruption(varied, collected, tmp_path, monkeypatch):
