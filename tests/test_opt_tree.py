@@ -325,7 +325,7 @@ def test_a_sampled_row_alone_draws_what_it_draws_first_in_a_batch(tiny, name):
 def test_gated_trees_equal_greedy(tiny, greedy_ref, name, gates):
   """Gates among the steps' E[A] values: at some gate, some steps verify the tree and the others take one-token
   steps (more calls than ungated, fewer than never verifying); the output is greedy decoding's in every setting.
-  Rows run alone, since in a batch one row asking to verify verifies every row's tree."""
+  Rows run alone, since a batch verifies by its rows' mean E[A] (the test below)."""
   model, params = tiny
   drafter, dp = tree_drafters(tiny)[name]
   calls = {}
@@ -337,6 +337,18 @@ def test_gated_trees_equal_greedy(tiny, greedy_ref, name, gates):
   print(name, "target calls by gate:", calls)
   assert calls[float(drafter.nodes) + 1] == len(PROMPTS) * (NEW - 1)
   assert_gates_mix(calls)
+
+
+def test_a_batch_verifies_its_trees_when_the_rows_mean_expected_acceptance_pays():
+  """The batch shares the verify forward, so verifying pays when the rows' mean E[A] passes the break-even, not one
+  row's: a row at 1.9 beside a row at 0.1 verified both at gate 1.5 (found by a review). Finished rows do not count."""
+  from jaxspec.decoding.opt_tree import gate_verifies
+
+  ea = jnp.asarray([1.9, 0.1, 5.0])
+  for active, gate, want in [([1, 1, 0], 1.5, False), ([1, 1, 0], 0.95, True), ([1, 0, 0], 1.5, True),
+                             ([0, 0, 0], 0.5, False), ([1, 1, 1], 2.0, True)]:
+    got = gate_verifies(ea, jnp.asarray(active, bool), gate)
+    assert got.tolist() == [want] * 3, (active, gate)
 
 
 def test_budget_follows_the_verify_cost():
@@ -791,3 +803,14 @@ def test_budget_counts_the_draft_forwards_of_each_depth():
   n, d, table = choose_budget(ea, {1: 1.0}, draft_step_s=0.5, draft_base_s=0.25)
   assert (n, d) == (1, 1)
   assert table[(1, 1)] == pytest.approx(2.0 / 1.25) and table[(1, 2)] == pytest.approx(2.5 / 1.75)
+
+
+def test_a_budget_chosen_for_a_given_depth_is_the_best_at_that_depth():
+  """With depth= given, nodes=auto took the budget of the best (n, d) over every depth and ran it at the user's
+  depth, where another budget was best (found by a review)."""
+  ea = np.asarray([[0.5, 0.9, 0.95, 0.97], [0.6, 1.1, 1.6, 2.0], [0.6, 1.2, 1.9, 2.9]])  # by depth 1..3, n = 1..4
+  verify = {1: 1.0, 2: 1.1, 4: 1.8}
+  assert choose_budget(ea, verify)[:2] == (4, 3)
+  n, d, table = choose_budget(ea, verify, depth=2)
+  assert (n, d) == (2, 2) and set(table) == {(1, 2), (2, 2), (4, 2)}
+  assert choose_budget(ea, verify, depth=9)[:2] == (4, 3)  # deeper than the calibration tree: its deepest

@@ -644,7 +644,8 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
         draft_step, draft_base = dcost[width], dcost[big_d + 1]
       ctx.cache[key] = (expected_accept(stats), {n: verify[n + 1] for n in grid}, draft_step, draft_base)
     ea, verify_s, draft_step, draft_base = ctx.cache[key]
-    n_best, d_best, table = choose_budget(ea, verify_s, draft_step, draft_base)
+    n_best, d_best, table = choose_budget(ea, verify_s, draft_step, draft_base,
+                                          depth=int(opts["depth"]) if "depth" in opts else None)
     # Timings differ from host to host: every process of a multi-host run takes process 0's choice (one program).
     n_best, d_best = sharding.from_first_process([n_best, d_best])
     depth = min(int(opts["depth"]), n_best) if "depth" in opts else d_best

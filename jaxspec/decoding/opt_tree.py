@@ -249,10 +249,11 @@ class OptTreeDrafter:
     shape: "dynamic" (OPT-Tree), "static" (a fixed tree from `draft_params["tree_prior_DxC"]`) or "chain".
     warp: None for greedy decoding (trees from the drafter's plain distributions); the acceptor's `Warp` when
       sampling, so the tree follows the drafter's warped distribution.
-    gate: verify the tree only in steps where some active row's tree has E[A] >= gate; other steps run a one-token
-      forward (`Draft.verify_B`), which is cheaper where t(N + 1) > t(1). With the drafter's probabilities
-      calibrated, verifying pays when E[A] > t(N + 1) / t(1) - 1. 0 verifies every tree. Greedy output stays
-      greedy decoding's and sampling stays exact: the decision reads only the draft.
+    gate: verify the trees only in steps where the active rows' mean E[A] >= gate; other steps run a one-token
+      forward (`Draft.verify_B`), which is cheaper where t(N + 1) > t(1). The batch shares the forward, so with the
+      drafter's probabilities calibrated verifying pays when the rows' mean E[A] > t(N + 1) / t(1) - 1 (one row's
+      trees would not pay for the others' one-token steps). 0 verifies every tree. Greedy output stays greedy
+      decoding's and sampling stays exact: the decision reads only the draft.
   """
 
   source: Any
@@ -419,7 +420,8 @@ class OptTreeDrafter:
     d_end, _, pool_tok, pool_lv, pool_key, pool_pf, front_BxDxW, _, ctx, _, rank_DxC = carry
     draft = self._select(pool_tok, pool_key, pool_pf, front_BxDxW)
     if self.gate > 0:  # the draft is the N best nodes by the selection key, so its E[A] is the best tree's value
-      draft = draft.replace(verify_B=best_tree_value(pool_lv, pool_key, dmax) >= self.gate)
+      draft = draft.replace(verify_B=gate_verifies(best_tree_value(pool_lv, pool_key, dmax), loop.active_B,
+                                                   self.gate))
 
     # Statistics: E[A] for every budget n <= N and depth limit d <= D (the best tree by the selection key).
     act_f = loop.active_B.astype(jnp.float32)
@@ -508,8 +510,16 @@ def expected_accept(stats: dict) -> np.ndarray:
   return np.asarray(stats["expected_accept_DxN"], np.float64) / count
 
 
+def gate_verifies(ea_B: jax.Array, active_B: jax.Array, gate: float) -> jax.Array:
+  """`[B]` bool, the same in every row: whether a step verifies the batch's trees, when the active rows' mean E[A]
+  reaches `gate`. The rows share the forward: one row's tree cannot pay for the others' (`OptTreeDrafter.gate`)."""
+  active = active_B.astype(jnp.float32)
+  mean = jnp.sum(ea_B * active) / jnp.maximum(jnp.sum(active), 1.0)
+  return jnp.broadcast_to(mean >= gate, active_B.shape)
+
+
 def choose_budget(ea_DxN: np.ndarray, verify_s: dict[int, float], draft_step_s: float = 0.0,
-                  draft_base_s: float = 0.0) -> tuple[int, int, dict]:
+                  draft_base_s: float = 0.0, depth: int | None = None) -> tuple[int, int, dict]:
   """The node budget and depth that maximise predicted tokens per second, (1 + E[A]) / (cost of a step).
 
   Args:
@@ -517,6 +527,7 @@ def choose_budget(ea_DxN: np.ndarray, verify_s: dict[int, float], draft_step_s: 
     verify_s: measured seconds of one target forward over `[pending, n nodes]`, by n (a grid of budgets).
     draft_step_s: seconds of one draft forward over a frontier (LM drafters; 0 for heads).
     draft_base_s: seconds of the drafter's fixed work per step (the LM's catch-up forward).
+    depth: the depth the tree will have (the user's), where it is not for choosing: the best budget at it.
 
   Returns:
     `(nodes, depth, table)`, table mapping (n, d) to the predicted tokens per second.
@@ -526,7 +537,7 @@ def choose_budget(ea_DxN: np.ndarray, verify_s: dict[int, float], draft_step_s: 
   for n, t in sorted(verify_s.items()):
     if n > n_max or n < 1:
       continue
-    for d in range(1, d_max + 1):
+    for d in ([min(depth, d_max)] if depth is not None else range(1, d_max + 1)):
       cost = t + draft_base_s + (d - 1) * draft_step_s
       table[(n, d)] = (1.0 + float(ea_DxN[d - 1, n - 1])) / cost
   if not table:
