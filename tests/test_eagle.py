@@ -423,3 +423,15 @@ def test_the_loss_counts_each_pass_at_the_entries_a_step_drafts_from(tiny):
     runs.append(i)
   assert 0 < np.mean(runs) < u
   np.testing.assert_allclose(m["tau_proxy"], 1 + np.mean(runs), rtol=1e-6)
+
+
+def test_the_draft_forward_cost_is_measured_for_tree_budgets(tiny):
+  """nodes=auto priced an EAGLE tree's draft forwards at 0 (found by a review), so it always chose the deepest tree;
+  its cost is measured now as an LM draft's is: a forward over n entries with its logits, alone and in a loop."""
+  from jaxspec.bench.cost import eagle_cost
+
+  model, params = tiny
+  draft, dp = random_draft(model, params)
+  for in_loop in (0, 3):
+    cost = eagle_cost(draft, dp, [4, 1, 4], context=8, batch=2, repeats=2, in_loop=in_loop)
+    assert sorted(cost) == [1, 4] and all(0 < s < 10 for s in cost.values())

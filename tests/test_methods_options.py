@@ -186,7 +186,7 @@ def host_parts(target, tmp_path_factory):
   return root
 
 
-DEVICE_WORK = ["jaxspec.decoding.generate.generate", "jaxspec.bench.cost.forward_cost",
+DEVICE_WORK = ["jaxspec.decoding.generate.generate", "jaxspec.bench.cost.forward_cost", "jaxspec.bench.cost.eagle_cost",
                "jaxspec.decoding.bpd.bpd_draft_params", "jaxspec.models.bpd.output_projection",
                "jaxspec.models.draft.embed_fingerprint", "jaxspec.models.eagle.EagleDraft.vocab_params",
                "jaxspec.models.subset.subset_head", "jaxspec.models.lora.check_base"]
@@ -199,6 +199,7 @@ DEVICE_WORK = ["jaxspec.decoding.generate.generate", "jaxspec.bench.cost.forward
     ("spec", {"draft": "draft"}),
     ("eagle", {"draft": "eagle"}),
     ("opt-tree", {"drafter": "eagle", "draft": "eagle"}),
+    ("opt-tree", {"drafter": "eagle", "draft": "eagle", "nodes": "auto"}),
 ])
 def test_a_method_another_process_cannot_build_is_unavailable_before_any_device_work(target, host_parts, peers,
                                                                                      monkeypatch, name, opts):
@@ -264,6 +265,12 @@ def test_costs_for_a_budget_or_a_gate_are_measured_at_the_runs_batch(target, hos
   # Minutes of measuring on a CPU are announced first, so that a run is not taken for hung (found by an audit).
   assert len(said) == 2 and said[0].startswith("opt-tree:nodes=auto: measuring") and "minutes on a CPU" in said[0]
   assert said[1].startswith("gate=auto: measuring the verify cost t(")
+  # A feature-level draft's forwards are priced too (they were taken as free: the deepest tree always won).
+  drafts = []
+  monkeypatch.setattr("jaxspec.bench.cost.eagle_cost",
+                      lambda draft, dp, sizes, **kw: drafts.append(kw["batch"]) or {n: 0.5 for n in sizes})
+  methods_mod.build(ctx, "opt-tree", {"drafter": "eagle", "draft": str(host_parts / "eagle"), "nodes": "auto"})
+  assert drafts == [3]
 
 
 def test_a_resumed_run_takes_the_budget_and_gate_its_killed_run_measured(target, host_parts, monkeypatch):

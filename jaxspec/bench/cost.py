@@ -29,20 +29,41 @@ def forward_cost(model, params, sizes: Sequence[int], *, context: int = 256, bat
   1 ms less in a loop (13.7 against 14.7 ms, likely the host's dispatch and wait per call), 16 tokens the same or
   more. Budget and gate choices should price what the decode loop pays, so they measure in a loop.
   """
+  def step(p, toks, pos, c, m):
+    logits, _, c = model.forward(p, toks, pos, c, m)
+    return argmax(logits), c
+
+  return _cost(step, model.init_cache, params, sizes, context=context, batch=batch, repeats=repeats, in_loop=in_loop)
+
+
+def eagle_cost(draft, params, sizes: Sequence[int], *, context: int = 256, batch: int = 1, repeats: int = 5,
+               in_loop: int = 0) -> dict[int, float]:
+  """`forward_cost` of an EAGLE draft (`jaxspec.models.eagle.EagleDraft`): one forward over n entries and its
+  logits, as a tree's expansion (n = its width) or its update (n = the path) runs them."""
+  def step(p, toks, pos, c, m):
+    b, n = toks.shape
+    out, c = draft.forward(p, jnp.zeros((b, n, draft.d_model), jnp.float32), toks, pos, c, m)
+    return argmax(draft.logits(p, out)), c
+
+  return _cost(step, draft.init_cache, params, sizes, context=context, batch=batch, repeats=repeats, in_loop=in_loop)
+
+
+def _cost(step, init_cache, params, sizes, *, context, batch, repeats, in_loop) -> dict[int, float]:
+  """Seconds per `step(params, tokens, positions, cache, mask) -> (next tokens, cache)` over n tokens, by n."""
   sizes = sorted(set(int(n) for n in sizes))
   capacity = context + max(sizes) + 8
   if in_loop:
     def looped(p, t, pos, c, m):
       def body(_, carry):
         c, toks = carry
-        logits, _, c = model.forward(p, toks, pos, c, m)
-        return c, argmax(logits)
+        toks, c = step(p, toks, pos, c, m)
+        return c, toks
       c, toks = jax.lax.fori_loop(0, in_loop, body, (c, t))
       return toks, c
     fwd = jax.jit(looped, donate_argnums=(3,))
   else:
-    fwd = jax.jit(lambda p, t, pos, c, m: model.forward(p, t, pos, c, m)[::2], donate_argnums=(3,))
-  cache = model.init_cache(batch, capacity).advance(jnp.full((batch,), context, jnp.int32))
+    fwd = jax.jit(step, donate_argnums=(3,))
+  cache = init_cache(batch, capacity).advance(jnp.full((batch,), context, jnp.int32))
   calls = {n: (jnp.zeros((batch, n), jnp.int32), jnp.broadcast_to(context + jnp.arange(n), (batch, n)),
                jnp.broadcast_to(jnp.tril(jnp.ones((n, n), bool)), (batch, n, n))) for n in sizes}
   for n in sizes:  # compile and warm

@@ -561,9 +561,10 @@ def calibration_prompts(ctx: BenchContext, n: int = 4) -> list[list[int]]:
 
 
 def _tree_source(ctx: BenchContext, opts: dict, depth: int | None = None):
-  """`(make_source(width), source params, max depth, draft forward model or None)` for opt-tree's `drafter=` option.
-  The draft model (LM drafters) lets `nodes=auto` measure a draft forward's cost. With `depth`, BPD heads keep only
-  the first `depth` heads: a tree never reads the others, and each head costs a read of its weights per step."""
+  """`(make_source(width), source params, max depth, draft cost or None)` for opt-tree's `drafter=` option. The
+  draft cost (`cost(sizes, batch)`: seconds of a draft forward over n entries, by n; None for heads, whose reads are
+  small beside a verify) lets `nodes=auto` price each depth. With `depth`, BPD heads keep only the first `depth`
+  heads: a tree never reads the others, and each head costs a read of its weights per step."""
   from jaxspec.decoding.opt_tree import HeadsTreeSource, LMTreeSource
 
   kind = opts.get("drafter", "heads")
@@ -573,14 +574,19 @@ def _tree_source(ctx: BenchContext, opts: dict, depth: int | None = None):
   if kind == "eagle":
     from jaxspec.decoding.eagle import EagleTreeSource
     run = _eagle(ctx, {k: v for k, v in opts.items() if k == "draft"})
-    return (lambda width: EagleTreeSource(run.drafter.draft, width)), run.draft_params, 8, None
+    from jaxspec.bench.cost import eagle_cost
+    draft = run.drafter.draft
+    cost = lambda sizes, batch: eagle_cost(draft, run.draft_params, sizes, context=256, batch=batch, in_loop=IN_LOOP)
+    return (lambda width: EagleTreeSource(draft, width)), run.draft_params, 8, cost
   if kind == "layerskip":
     lm, lm_params = _layerskip_lm(ctx, opts)
   elif kind == "draft":
     lm, lm_params = _draft_with_vocab(ctx, opts)
   else:
     raise InputError(f"opt-tree drafter {kind!r} is not one of heads, eagle, layerskip, draft.")
-  return (lambda width: LMTreeSource(lm)), lm_params, 8, (lm, lm_params)
+  from jaxspec.bench.cost import forward_cost
+  cost = lambda sizes, batch: forward_cost(lm, lm_params, sizes, context=256, batch=batch, in_loop=IN_LOOP)
+  return (lambda width: LMTreeSource(lm)), lm_params, 8, cost
 
 
 IN_LOOP = 8  # budget and gate choices time forwards inside a loop, as decoding runs them (no per-call dispatch)
@@ -600,7 +606,7 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   if opts.get("nodes") == "auto" and opts.get("shape") == "chain":
     raise InputError("opt-tree: nodes=auto chooses a tree's budget from an adaptive tree's expected acceptance; "
                      "a chain takes its length as nodes=N.")
-  make_source, sp, max_depth, lm = _tree_source(ctx, opts)
+  make_source, sp, max_depth, draft_cost = _tree_source(ctx, opts)
   ctx.ready()  # the calibrations below run on the devices, with every process
   warp = Warp(top_k=int(ctx.top_k), use_top_p=ctx.top_p < 1.0) if ctx.temperature > 0 else None
   shape = opts.get("shape", "dynamic")
@@ -639,8 +645,8 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
       verify = forward_cost(ctx.model, ctx.params, [n + 1 for n in grid], context=256, batch=ctx.batch_size,
                             in_loop=IN_LOOP)
       draft_step = draft_base = 0.0
-      if lm is not None:
-        dcost = forward_cost(lm[0], lm[1], [width, big_d + 1], context=256, batch=ctx.batch_size, in_loop=IN_LOOP)
+      if draft_cost is not None:  # a forward over a frontier per depth, and the catch-up over the accepted path
+        dcost = draft_cost([width, big_d + 1], ctx.batch_size)
         draft_step, draft_base = dcost[width], dcost[big_d + 1]
       ctx.cache[key] = (expected_accept(stats), {n: verify[n + 1] for n in grid}, draft_step, draft_base)
     ea, verify_s, draft_step, draft_base = ctx.cache[key]
