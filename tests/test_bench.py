@@ -470,10 +470,13 @@ def test_a_killed_run_goes_on_where_it_stopped(tmp_path, prompt_file, methods, b
   assert "method runs (a method on a prompt batch) restored from earlier processes: 4" in report_md
   assert res["environment"]["resumed_commits"] == sorted(["0123abc", str(source_commit())])
   assert f"the restored runs ran jaxspec commit {', '.join(res['environment']['resumed_commits'])}" in report_md
+  # Batch 1 was begun by the killed process and finished by this one: its speedups compare two processes' times.
+  assert res["environment"]["batches_timed_across_processes"] == 1
+  assert "in 1 prompt batch(es) the methods were timed by different processes" in report_md
 
   whole = run_bench(dataclasses.replace(cfg, out=str(tmp_path / "whole")), methods, None, ByteTokenizer(),
                     progress=False)
-  assert "resumed_runs" not in whole["environment"]
+  assert "resumed_runs" not in whole["environment"] and "batches_timed_across_processes" not in whole["environment"]
   assert_same_figures(tmp_path, res, whole, ("greedy", "liar", "bomb"))
   assert res["methods"]["liar"]["mismatches"] == 1  # found in batch 1, decoded after the resume
 
@@ -521,6 +524,19 @@ def test_ctrl_c_says_how_much_was_kept(tmp_path, prompt_file, methods, bomb, mon
   err = capsys.readouterr().err
   assert "nothing was kept" in err and "kept in" not in err and "goes on from there" not in err
   assert not (out / "progress.jsonl").exists()
+
+
+def test_a_method_that_fails_says_what_is_kept(tmp_path, prompt_file, methods, bomb, caplog):
+  """A method's error ended the bench with its traceback alone; the runs kept are said as after Ctrl-C (found by a
+  review)."""
+  cfg = BenchConfig(prompts=prompt_file, methods=("liar", "bomb"), max_new_tokens=13, batch_size=2, seed=5,
+                    out=str(tmp_path / "out"))
+  bomb.update(error=RuntimeError("a method's own fault"))
+  with caplog.at_level("INFO"), pytest.raises(RuntimeError, match="a method's own fault"):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  assert ("stopped by an error (RuntimeError(\"a method's own fault\")): 4 of 9 method runs (a method on a prompt "
+          "batch) are kept in") in caplog.text
+  assert "once the error is dealt with, the same command goes on from there" in caplog.text
 
 
 def test_quick_keeps_the_settings_given(tmp_path, prompt_file, methods, monkeypatch):
@@ -856,6 +872,37 @@ def _record(qid, category, seconds, new_tokens, steps_tokens, active_calls):
   return Record(question_id=qid, category=category, new_tokens=new_tokens, steps_tokens=steps_tokens,
                 active_calls=active_calls, seconds=seconds, drafter_calls=0.0, accept_hist=[0, active_calls],
                 tokens=[1] * new_tokens)
+
+
+def test_the_report_says_what_its_speedups_leave_out():
+  """From a review: an analysis method (its run decodes greedily first, untimed) shows no speedup or tokens/s;
+  transformers' baselines, one prompt at a time, are said to be against greedy at the run's batch; a --quick run's
+  timings are first runs; τ is pooled over the prompts."""
+  from jaxspec.bench import report
+  from jaxspec.bench.prompts import Prompt
+  from jaxspec.bench.runner import environment
+
+  prompts = [Prompt(0, "qa", "a"), Prompt(1, "math", "b")]
+  rec = lambda seconds: [_record(p.question_id, p.category, seconds, 10, 9, 9) for p in prompts]
+  specs = {"greedy": MethodSpec("greedy", "greedy", True, None),
+           "bpd-oracle": MethodSpec("bpd-oracle", "analysis", True, None, analysis=True),
+           "hf-greedy": MethodSpec("hf-greedy", "transformers", True, None, baseline=True)}
+  records = {"greedy": rec(1.0), "bpd-oracle": rec(0.5), "hf-greedy": rec(4.0)}
+  for quick, batch in ((True, 2), (False, 1)):
+    cfg = BenchConfig(prompts="p.jsonl", methods=tuple(specs), quick=quick, batch_size=batch)
+    res = report.results(cfg, environment(), prompts, specs, {}, records, {k: 0.0 for k in specs},
+                         {k: 0 for k in specs}, {k: [] for k in specs}, {}, complete=True, wall_s=1.0,
+                         peak_rss_bytes=0)
+    oracle = res["methods"]["bpd-oracle"]
+    assert oracle["speedup"] is None and oracle["tokens_per_s"] is None and oracle["tau"] == 1.0
+    assert all(c["speedup"] is None for c in oracle["per_category"].values())
+    md = report.markdown(res)
+    assert "| bpd-oracle | 1.00 | n/a | n/a |" in md and "`bpd-oracle`: an analysis of τ" in md
+    assert "| hf-greedy | 1.00 | 0.25× |" in md
+    assert ("`hf-greedy`: transformers' generate decodes one prompt at a time; its speedup is against jaxspec's "
+            "greedy at batch 2" in md) == (batch == 2)
+    assert ("each timed run is its program's first" in md) == quick
+    assert "pooled over the prompts (all their tokens over all their forwards, not a mean of per-prompt τ)" in md
 
 
 def test_report_speedup_tokens_per_second_and_tau_per_category():
@@ -1483,7 +1530,10 @@ def test_results_name_the_jaxspec_source_they_were_measured_with(tmp_path, monke
   monkeypatch.setattr(runner, "__file__", str(src / "jaxspec" / "bench" / "runner.py"))
   assert runner.source_commit() == head
   (src / "jaxspec" / "x.py").write_text("x = 2\n")
-  assert runner.source_commit() == head + "+changes"
+  first = runner.source_commit()
+  assert first.startswith(head + "+changes:") and runner.source_commit() == first
+  (src / "jaxspec" / "x.py").write_text("x = 3\n")  # another edit of the same commit is another source
+  assert runner.source_commit().startswith(head + "+changes:") and runner.source_commit() != first
   (src / "other.txt").write_text("not jaxspec")
   git("add", "other.txt")
   (src / "jaxspec" / "x.py").write_text("x = 1\n")

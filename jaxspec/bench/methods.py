@@ -109,6 +109,7 @@ class MethodSpec:
   build: Callable[[BenchContext, dict], Runner]
   baseline: bool = False  # other code driving the same weights (checked for agreement, not part of jaxspec)
   options: tuple[str, ...] = ()
+  analysis: bool = False  # measures τ only: its run holds untimed work (no speedup or tokens/s is reported)
 
 
 def build(ctx: BenchContext, name: str, opts: dict) -> Runner:
@@ -802,7 +803,8 @@ for _spec in [
                "shipped distilled draft; Kim et al. 2024)", True, _bpd_neural,
                options=("k", "heads", "rescore", "t", "weight", "layers", "draft")),
     MethodSpec("bpd-oracle", "analysis: the greedy continuation wherever it lies in the heads' top-t lattice (the "
-               "block efficiency of a perfect rescorer)", True, _bpd_oracle, options=("k", "heads", "t")),
+               "block efficiency of a perfect rescorer)", True, _bpd_oracle, options=("k", "heads", "t"),
+               analysis=True),
     MethodSpec("spec", "speculative sampling with a draft model (Leviathan et al. 2023, Chen et al. 2023)", True,
                _spec, options=("draft", "gamma", "stop", "gate", "vocab", "lookup")),
     MethodSpec("eagle", "speculative sampling with a feature-level draft (EAGLE, Li et al. 2024): one layer that "

@@ -80,14 +80,18 @@ def results(cfg, env: dict, prompts, specs: dict, lossless: dict, records: dict,
     refs = ref[:len(recs)]
     mism = mismatches[label]
     compared = None if cfg.temperature > 0 else "mismatches" if entry["lossless"] else "differ_from_greedy"
-    entry.update(available=True, **_figures(recs, refs, mism, compared), compile_s=compile_s[label],
+    untimed = getattr(spec, "analysis", False)  # its run holds untimed work: its times compare with nothing
+    if untimed:
+      entry["analysis"] = True
+    figures = lambda *a: {**_figures(*a), **({"speedup": None, "tokens_per_s": None} if untimed else {})}
+    entry.update(available=True, **figures(recs, refs, mism, compared), compile_s=compile_s[label],
                  program_bytes=program_bytes[label])
     entry["per_category"] = {}
     for c in cats:
       idx = [i for i, r in enumerate(recs) if r.category == c]
       if idx:
-        entry["per_category"][c] = _figures([recs[i] for i in idx], [refs[i] for i in idx],
-                                            [m for m in mism if m["category"] == c], compared)
+        entry["per_category"][c] = figures([recs[i] for i in idx], [refs[i] for i in idx],
+                                           [m for m in mism if m["category"] == c], compared)
     entry["difference_list" if compared == "differ_from_greedy" else "mismatch_list"] = mism
     entry["per_prompt"] = [{k: v for k, v in dataclasses.asdict(r).items() if k != "tokens"} for r in recs]
     methods[label] = entry
@@ -136,22 +140,29 @@ def markdown(res: dict) -> str:
       f"- wall time {env['wall_s']:.0f} s, peak RSS {env['peak_rss_bytes'] / 2**20:.0f} MiB"
       + (f", peak memory of the fullest device {env['device_peak_bytes'] / 2**20:.0f} MiB (JAX's arrays)"
          if env.get("device_peak_bytes") else "")
-      + (f"; resumed after a kill: method runs (a method on a prompt batch) restored from earlier processes: "
+      + (f"; resumed: method runs (a method on a prompt batch) restored from earlier processes: "
          f"{env['resumed_runs']} (wall time, peak RSS and warm-up compile time are the last process's; each run's "
          "own compile time is that of the process that ran it)"
          + (f"; the restored runs ran jaxspec commit {', '.join(env['resumed_commits'])}, not only the one above"
             if env.get("resumed_commits") else "")
+         + (f"; in {env['batches_timed_across_processes']} prompt batch(es) the methods were timed by different "
+            "processes, so their speedups there compare times taken at different times"
+            if env.get("batches_timed_across_processes") else "")
          if env.get("resumed_runs") else "")
       + (f"; persistent compilation cache {env['compilation_cache_dir']} (a compile time may be a load from it)"
          if env.get("compilation_cache_dir") else ""),
       "",
       "τ = new tokens from verify steps (every output token but the first, which prefill gives; bonus token "
       "included) / the verify forwards each prompt took part in after prefill (`step_tokens / target_calls` in "
-      "results.json). Speedup = wall time of jaxspec's plain decoding loop, `greedy` (one token per target call"
+      "results.json), pooled over the prompts (all their tokens over all their forwards, not a mean of per-prompt "
+      "τ). Speedup = wall time of jaxspec's plain decoding loop, `greedy` (one token per target call"
       + ("" if greedy else "; at this run's temperature it samples") + ") / the method's, same prompts, same run, "
       "after compilation. Drafter calls = the drafter's own forwards (0 where it reads the target's), counted as the "
       "verify forwards are: a batch's forward once per prompt it served. Program memory = XLA's arguments + outputs "
-      "+ temporaries of the compiled decode program (largest shape).",
+      "+ temporaries of the compiled decode program (largest shape)."
+      + (" With --quick no untimed warm-up runs: each timed run is its program's first, which is slower by an "
+         "amount that differs by method and prompt length, so the speedups are indicative." if cfg.get("quick")
+         else ""),
       "",
       "## Overall", "",
       "| method | τ | speedup | tokens/s | mismatches | drafter calls | compile s | program MiB |",
@@ -160,8 +171,17 @@ def markdown(res: dict) -> str:
   for label, m in avail.items():
     mm = compared_mismatches(res, label)
     mib = _fmt(m["program_bytes"] / 2**20 or None, ".0f")
-    lines.append(f"| {label} | {_fmt(m['tau'])} | {_fmt(m['speedup'])}× | {_fmt(m['tokens_per_s'], '.1f')} | {mm} | "
+    speedup = "n/a" if m.get("analysis") else f"{_fmt(m['speedup'])}×"
+    lines.append(f"| {label} | {_fmt(m['tau'])} | {speedup} | {_fmt(m['tokens_per_s'], '.1f', 'n/a')} | {mm} | "
                  f"{m['drafter_calls']:.0f} | {m['compile_s']:.1f} | {mib} |")
+  analysis = [label for label, m in avail.items() if m.get("analysis")]
+  if analysis:
+    lines += ["", f"{', '.join(f'`{l}`' for l in analysis)}: an analysis of τ, whose run first decodes greedily "
+              "(untimed) to know what to look for: no speedup or tokens/s."]
+  one_by_one = [label for label in avail if label.split(":")[0] in ("hf-greedy", "hf-lookup")]
+  if one_by_one and batch > 1:
+    lines += ["", f"{', '.join(f'`{l}`' for l in one_by_one)}: transformers' generate decodes one prompt at a time; "
+              f"its speedup is against jaxspec's greedy at batch {batch}, so it includes what batching gains."]
   for key, title in (("tau", "τ per category"), ("speedup", "Speedup per category")):
     lines += ["", f"## {title}", ""]
     if key == "speedup" and batch > 1:

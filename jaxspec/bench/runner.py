@@ -17,6 +17,7 @@ only (every method's run done), so each method is always compared with greedy on
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -129,8 +130,9 @@ def environment() -> dict:
 
 
 def source_commit() -> str | None:
-  """The git commit of the jaxspec source that runs, with "+changes" where its tracked files differ from it; None
-  where jaxspec is not run from a git checkout (an installed wheel) or git is missing."""
+  """The git commit of the jaxspec source that runs, with "+changes:<hash>" where its tracked files differ from it
+  (a hash of the difference, so that two edited versions of one commit are told apart); None where jaxspec is not
+  run from a git checkout (an installed wheel) or git is missing."""
   import subprocess
 
   root = Path(__file__).resolve().parents[2]
@@ -142,8 +144,12 @@ def source_commit() -> str | None:
     top, commit = head.stdout.splitlines()  # (a path may hold spaces)
     if Path(top).resolve() != root:  # jaxspec installed inside another project's checkout
       return None
-    changed = git("status", "--porcelain", "--untracked-files=no", "--", "jaxspec", "training")
-    return commit + ("+changes" if changed.returncode != 0 or changed.stdout.strip() else "")
+    changed = git("diff", "HEAD", "--", "jaxspec", "training")
+    if changed.returncode != 0:
+      return commit + "+changes"
+    if not changed.stdout.strip():
+      return commit
+    return commit + "+changes:" + hashlib.sha256(changed.stdout.encode("utf-8", "surrogateescape")).hexdigest()[:12]
   except (OSError, ValueError, subprocess.SubprocessError):
     return None
 
@@ -432,6 +438,10 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   if given:
     env["model_given"] = given  # not the default model, which `config.model` null would say
   started = time.time()
+  # Which process timed each run: a batch's speedups compare its methods' times with its greedy run's, and a batch
+  # a killed process left unfinished is finished by another, perhaps on a busier machine (the report says so).
+  process_id = f"{os.getpid()}@{started:.0f}"
+  timed_by = {key: e.get("process", "not recorded") for key, e in restored.items()}
   if runs:
     env["resumed_runs"] = len(runs)  # decoded by an earlier process of the same settings
     # Each saved run names the source it ran (progress files from before 2026-12-06 do not: "not recorded").
@@ -464,7 +474,9 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
     records = {l: [] for l in runners}
     compile_s, program_bytes = dict(warm_compile), dict(warm_bytes)
     mismatches: dict[str, list[dict]] = {l: [] for l in runners}
+    split = 0  # whole batches whose methods more than one process timed
     for bi in filter(whole, range(len(batches))):
+      split += len({timed_by[bi, label] for label in order}) > 1
       ref = runs[bi, REFERENCE][0]
       for label in order:
         recs, comp, size = runs[bi, label]
@@ -478,6 +490,8 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
                          unavailable, complete=complete, wall_s=time.time() - started,
                          peak_rss_bytes=_peak_rss_bytes(), device_peak_bytes=device_peak_bytes(), notes=notes)
     res["fingerprint"] = head  # what a later run into the same --out compares with before replacing these results
+    if split:
+      res["environment"]["batches_timed_across_processes"] = split
     return res
 
   # Every batch is run by every method in turn, in an order that rotates from batch to batch; runs restored from a
@@ -524,20 +538,24 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
       if writer:
         saved.append(progress_path, {"batch": bi, "method": label, "records": [dataclasses.asdict(r) for r in recs],
                                      "compile_s": res.compile_s, "program_bytes": res.program_bytes,
-                                     "commit": env["jaxspec_commit"]})
+                                     "commit": env["jaxspec_commit"], "process": process_id})
       runs[bi, label] = (recs, res.compile_s, res.program_bytes)  # kept: from here a stop keeps progress.jsonl
+      timed_by[bi, label] = process_id
       if writer:
         kept_a_run()
       bar.update(1)
       if writer and whole(bi):
         files.write_json(out / "results.json", snapshot(complete=False))
       stop_point()  # after the run is saved: the processes keep the same runs
-  except (KeyboardInterrupt, _Stopped):
+  except (KeyboardInterrupt, _Stopped, Exception) as e:
     bar.close()
+    signal_ = isinstance(e, (KeyboardInterrupt, _Stopped))
     if runs:
-      log(f"interrupted: {len(runs)} of {len(batches) * len(order)} method runs (a method on a prompt batch) are kept "
-          f"in {progress_path}; the same command goes on from there")
-    elif writer:  # only the fingerprint: nothing to go on from, so no file that says there is
+      log(f"{'interrupted' if signal_ else f'stopped by an error ({e!r})'}: {len(runs)} of "
+          f"{len(batches) * len(order)} method runs (a method on a prompt batch) are kept in {progress_path}; "
+          + ("the same command goes on from there" if signal_ else
+             "once the error is dealt with, the same command goes on from there"))
+    elif writer and signal_:  # only the fingerprint: nothing to go on from, so no file that says there is
       progress_path.unlink(missing_ok=True)
       old = " (the previous run's results there are as they were)" if (out / "results.json").exists() else ""
       log(f"interrupted before any method finished a prompt batch: nothing was kept{old}")
