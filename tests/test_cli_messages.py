@@ -337,9 +337,12 @@ def test_heads_of_another_width_name_the_option_and_the_shipped_ones(t5, monkeyp
 
 
 def test_too_many_heads_says_how_many_there_are_and_how_to_train_more(tiny_target, capsys):
+  err = fails(["generate", "--prompt", "hi", "--method", "bpd:k=12"], capsys)
+  assert "k=12 asks for 12 heads" in err and "use k=8 or fewer" in err
+  assert "jaxspec train configs/bpd_smollm2.yaml heads.num_heads=12" in err and "then heads=DIR" in err
+  # Past the most heads a BPD model has, nothing is advised to train: the option is refused when it is read.
   err = fails(["generate", "--prompt", "hi", "--method", "bpd:k=20"], capsys)
-  assert "k=20 asks for 20 heads" in err and "use k=8 or fewer" in err
-  assert "jaxspec train configs/bpd_smollm2.yaml heads.num_heads=20" in err and "then heads=DIR" in err
+  assert "k='20' of 'bpd' must be a whole number in 1..16" in err and "train" not in err
   from jaxspec.models.bpd import load_bpd
   with pytest.raises(ModelLoadError, match=r"has 6: ask for 1 to 6, or train more \(heads.num_heads"):
     load_bpd(T5_HEADS, 7)
