@@ -371,13 +371,17 @@ def test_the_defaults_the_method_help_states_are_the_ones_built(target, parts, m
            ("jacobi", {"n": "window"}),
            ("spec:draft={p}/draft", {"gamma": "gamma", "stop": "stop", "gate": "gate"}),
            ("bpd:heads={p}/heads8:k=8", {"gate": "gate"}),
-           ("opt-tree:heads={p}/heads8", {"nodes": "nodes", "depth": "depth", "width": "width", "branch": "branch",
-                                          "threshold": "threshold", "gate": "gate"})]
+           ("opt-tree:heads={p}/heads8", {"nodes": "nodes", "depth": "depth", "threshold": "threshold",
+                                          "gate": "gate"}),
+           ("opt-tree:drafter=draft:draft={p}/draft", {"width": "width", "branch": "branch"})]
   for text, attributes in cases:
     name, d = drafter(text)
     for key, attribute in attributes.items():
       default = re.search(r"default:? (\d+)", methods_mod.option_help(name, key)).group(1)
       assert getattr(d, attribute) == int(default), (name, key)
+  # From heads the tree is the exact one by default: width and branch as the help says, equal to nodes.
+  _, d = drafter("opt-tree:heads={p}/heads8")
+  assert "BPD heads: nodes" in methods_mod.option_help("opt-tree", "width") and d.width == d.branch == d.nodes == 16
   assert type(drafter("lookup")[1]) is LookupDrafter  # no copies unless lookup= is given
   name, d = drafter("bpd:heads={p}/heads:lookup=2")
   assert "default 1" in methods_mod.option_help(name, "graft") and d.graft is True

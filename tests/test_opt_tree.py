@@ -190,15 +190,22 @@ def draft_paths(draft: Draft, row: int = 0) -> list[tuple]:
   return paths
 
 
-def test_more_candidates_than_tokens_is_a_clear_error():
+def test_more_children_than_tokens_is_a_clear_error_and_a_wide_level_is_not():
+  """A node's children are its drafter's top tokens: more than there are is an error. A level of width x branch
+  candidates past the vocabulary is fine (the root takes no more than the N nodes a tree can hold): it was refused,
+  which kept exact trees (width = branch = nodes) from small vocabularies."""
   draft_model, draft_params = make_tiny(seed=3)
   v = draft_model.vocab_size
-  drafter = OptTreeDrafter(LMTreeSource(draft_model), nodes=4, depth=2, width=v, branch=2)
   prefill = PrefillInfo(jnp.asarray([[3, 14, 15]], jnp.int32), jnp.asarray([3]), jnp.zeros((1, 8)), jnp.zeros((1, 8)),
                         jnp.asarray([92]), capacity=2 * v + 32)
+  drafter = OptTreeDrafter(LMTreeSource(draft_model), nodes=4, depth=2, width=2, branch=v + 1)
   dstate = jax.jit(drafter.init)(draft_params, prefill)
-  with pytest.raises(InputError, match=f"width x branch = {v} x 2 = {2 * v} candidates per level, more than the {v}"):
+  with pytest.raises(InputError, match=f"branch={v + 1} children per node, more than the {v} tokens"):
     jax.jit(lambda p, s: drafter.propose(p, s, fake_loop([92])))(draft_params, dstate)
+  wide = OptTreeDrafter(LMTreeSource(draft_model), nodes=4, depth=2, width=v, branch=2)
+  draft, _ = jax.jit(lambda p, s: wide.propose(p, s, fake_loop([92])))(draft_params, jax.jit(wide.init)(draft_params,
+                                                                                                         prefill))
+  assert draft.tokens_BxN.shape == (1, 4) and (np.asarray(draft.parent_BxN) < np.arange(4)).all()
 
 
 def test_tree_is_the_n_most_probable_paths(tiny):
@@ -230,7 +237,9 @@ def test_tree_is_the_n_most_probable_paths(tiny):
     np.testing.assert_allclose(dstate.expected_accept_DxN[d - 1], np.cumsum(best), atol=1e-4, err_msg=f"depth {d}")
   assert dstate.reached_D.tolist() == [0, 0, 0, 1] and int(dstate.forwards) == drafter.depth
   root = np.exp(_logp_after(draft_model, draft_params, prompt))
-  np.testing.assert_allclose(dstate.rank_prob_DxC[0], np.sort(root)[::-1][:n * n], atol=1e-5)
+  # (the root keeps no more children than the tree can hold: ranks past N, never in an N-node tree, count 0)
+  np.testing.assert_allclose(dstate.rank_prob_DxC[0][:n], np.sort(root)[::-1][:n], atol=1e-5)
+  assert not np.asarray(dstate.rank_prob_DxC[0][n:]).any()
   child = np.exp(_logp_after(draft_model, draft_params, prompt + [int(np.argmax(root))]))
   np.testing.assert_allclose(dstate.rank_prob_DxC[1, :n], np.sort(child)[::-1][:n], atol=1e-5)
 
@@ -707,8 +716,10 @@ def test_a_heads_tree_is_the_n_best_paths_of_the_heads_lattice(tiny):
     if b == 0:
       for d in range(3):
         np.testing.assert_allclose(state.expected_accept_DxN[d], np.cumsum(np.exp(by_depth[d])), rtol=1e-4)
+  # (the root keeps no more children than the tree can hold: ranks past N count 0)
+  np.testing.assert_allclose(state.rank_prob_DxC[0][:n], np.sort(np.exp(logp[0, 0]))[::-1][:n], atol=1e-6)
+  assert not np.asarray(state.rank_prob_DxC[0][n:]).any()
   c = drafter.width * drafter.branch
-  np.testing.assert_allclose(state.rank_prob_DxC[0], np.sort(np.exp(logp[0, 0]))[::-1][:c], atol=1e-6)
   for d in (1, 2):
     np.testing.assert_allclose(state.rank_prob_DxC[d], np.pad(np.sort(np.exp(logp[0, d]))[::-1][:8], (0, c - 8)),
                                atol=1e-6)

@@ -613,6 +613,13 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   shape = opts.get("shape", "dynamic")
   width, branch = int(opts.get("width", 4)), int(opts.get("branch", 4))
   depth = int(opts.get("depth", min(6, max_depth)))
+  # BPD heads score every node of a depth alike (no draft forward per node), so by default their tree is the exact
+  # one, the N most probable paths: every node of a depth may expand into N children. An LM drafter pays a forward
+  # per frontier node: its width and branch bound the search (the tree is then the best one within them).
+  exact = opts.get("drafter", "heads") == "heads" and "width" not in opts and "branch" not in opts
+
+  def tree_shape(n: int, d: int) -> tuple[int, int]:
+    return (n, n) if exact else (width, max(branch, -(-n // (width * d))))
   threshold = float(opts.get("threshold", 0.0))
   notes = []
 
@@ -635,20 +642,20 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
     measured.update(nodes=n_best, depth=d_best, nodes_note=note)
   elif nodes == "auto":  # budget from cost: E[A](n, d) of a large calibration tree, t(n) measured here
     big_n, big_d = 64, max_depth
+    cw, cb = tree_shape(big_n, big_d)  # the shape the run's trees take: E[A](n, d) must describe them
     key = ("opt-tree-calibration", opts.get("drafter", "heads"), opts.get("heads"), opts.get("layers"),
-           opts.get("draft"), width, branch)
+           opts.get("draft"), cw, cb)
     if key not in ctx.cache:
       ctx.tell("opt-tree:nodes=auto: measuring the drafter's calibration tree and the verify cost t(n) at 10 tree "
                "sizes, each compiled once (minutes on a CPU)")
-      stats = calibrate(OptTreeDrafter(make_source(max(width, 8)), nodes=big_n, depth=big_d, width=max(width, 8),
-                                       branch=max(branch, 8), warp=warp), sp)
+      stats = calibrate(OptTreeDrafter(make_source(cw), nodes=big_n, depth=big_d, width=cw, branch=cb, warp=warp), sp)
       grid = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
       verify = forward_cost(ctx.model, ctx.params, [n + 1 for n in grid], context=256, batch=ctx.batch_size,
                             in_loop=IN_LOOP)
       draft_step = draft_base = 0.0
       if draft_cost is not None:  # a forward over a frontier per depth, and the catch-up over the accepted path
-        dcost = draft_cost([width, big_d + 1], ctx.batch_size)
-        draft_step, draft_base = dcost[width], dcost[big_d + 1]
+        dcost = draft_cost([cw, big_d + 1], ctx.batch_size)
+        draft_step, draft_base = dcost[cw], dcost[big_d + 1]
       ctx.cache[key] = (expected_accept(stats), {n: verify[n + 1] for n in grid}, draft_step, draft_base)
     ea, verify_s, draft_step, draft_base = ctx.cache[key]
     n_best, d_best, table = choose_budget(ea, verify_s, draft_step, draft_base,
@@ -700,7 +707,7 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   if shape == "chain":
     drafter = dataclasses.replace(OptTreeDrafter.chain(make_source(1), nodes, warp), gate=gate)
   else:
-    branch = max(branch, -(-nodes // (width * depth)))
+    width, branch = tree_shape(nodes, depth)
     drafter = OptTreeDrafter(make_source(width), nodes=nodes, depth=depth, width=width, branch=branch,
                              threshold=threshold, shape=shape, warp=warp, gate=gate)
     if shape == "static":  # Medusa-style: a fixed tree from the drafter's calibrated confidence by depth and rank
@@ -884,8 +891,9 @@ OPTION_HELP: dict = {
     "nodes": "node budget N, or auto: chosen from the verify cost measured here (default 16)",
     "depth": "deepest level of the tree (default 6, or with nodes=auto the depth chosen with the budget; at most "
              "nodes and the drafter's reach)",
-    "width": "frontier nodes expanded per level (default 4)",
-    "branch": "children considered per expanded node (default 4, raised where width x depth x branch < nodes)",
+    "width": "frontier nodes expanded per level (default 4; BPD heads: nodes, the exact tree)",
+    "branch": "children considered per expanded node (default 4, raised where width x depth x branch < nodes; BPD "
+              "heads: nodes)",
     "threshold": "stop growing when a level adds less than this to E[A] (default 0)",
     "shape": "dynamic (default: OPT-Tree), static (a Medusa-style tree) or chain",
 }
@@ -1010,12 +1018,13 @@ _FIXED_DEFAULTS: dict = {
     "layerskip": {"gamma": "4", "stop": "0", "gate": "0"},
     "jacobi": {"n": "8"},
     "cllm": {"n": "16"},
-    "opt-tree": {"drafter": "heads", "nodes": "16", "width": "4", "branch": "4", "threshold": "0",
-                 "shape": "dynamic", "gate": "0"},
+    "opt-tree": {"drafter": "heads", "nodes": "16", "threshold": "0", "shape": "dynamic", "gate": "0"},
     "hf-lookup": {"n": "10"},
 }
-_TREE_DRAFTER_DEFAULTS = {"heads": {"heads": DEFAULT_BPD_HEADS}, "eagle": {"draft": DEFAULT_EAGLE},
-                          "draft": {"draft": DEFAULT_DRAFT, "vocab": "auto"}}
+# (BPD heads' default tree is the exact one, width = branch = nodes: no fixed width or branch there)
+_LM_TREE = {"width": "4", "branch": "4"}
+_TREE_DRAFTER_DEFAULTS = {"heads": {"heads": DEFAULT_BPD_HEADS}, "eagle": {"draft": DEFAULT_EAGLE, **_LM_TREE},
+                          "draft": {"draft": DEFAULT_DRAFT, "vocab": "auto", **_LM_TREE}, "layerskip": _LM_TREE}
 _PATH_OPTIONS = ("heads", "rescore", "draft", "lora")
 
 

@@ -355,12 +355,16 @@ class OptTreeDrafter:
     static = self.shape == "static"
     src_params = self._source_params(draft_params)
     root_BxV, ctx, sstate = self.source.begin(src_params, dstate.source, loop, logp_fn)
-    if c > root_BxV.shape[-1]:  # a trace-time check: top_k would fail with a shape error
-      raise InputError(f"opt-tree: width x branch = {w} x {k} = {c} candidates per level, more than the "
-                       f"{root_BxV.shape[-1]} tokens its drafter predicts over; use a smaller width or branch.")
-    lp1_BxC, tok1_BxC = jax.lax.top_k(root_BxV, c)
-    tok1_BxC = self.source.to_tokens(src_params, tok1_BxC)
-    key1_BxC = (jnp.broadcast_to(self._prior(draft_params, 0, jnp.arange(c)), (b, c)) if static else lp1_BxC)
+    if k > root_BxV.shape[-1]:  # a trace-time check: top_k would fail with a shape error
+      raise InputError(f"opt-tree: branch={k} children per node, more than the {root_BxV.shape[-1]} tokens its "
+                       "drafter predicts over; use a smaller branch.")
+    # The root's best children, no more than the tree can hold (N), in a level of C slots (the rest empty).
+    c1 = min(c, n, root_BxV.shape[-1])
+    lp1_BxC, tok1_BxC = jax.lax.top_k(root_BxV, c1)
+    tok1_BxC = jnp.pad(self.source.to_tokens(src_params, tok1_BxC), ((0, 0), (0, c - c1)))
+    lp1_BxC = jnp.pad(lp1_BxC, ((0, 0), (0, c - c1)), constant_values=-jnp.inf)
+    key1_BxC = (jnp.broadcast_to(jnp.where(jnp.arange(c) < c1, self._prior(draft_params, 0, jnp.arange(c)), -jnp.inf),
+                                 (b, c)) if static else lp1_BxC)
 
     pool_tok = jnp.zeros((b, dmax, c), jnp.int32).at[:, 0].set(tok1_BxC)
     pool_lv = jnp.full((b, dmax, c), -jnp.inf, jnp.float32).at[:, 0].set(lp1_BxC)
