@@ -11,6 +11,14 @@ whose x_{t+2} is a generated token:
            draft's vocabulary (the tokens of the training data)
   feature  smooth-L1 distance between the predicted and the true f_{t+1}, per dimension
 
+Where this differs from EAGLE's reference code: it weights the feature regression 1.0 and the token loss 0.1 (a
+cross-entropy over the whole vocabulary) and adds uniform noise to the input features; here the token term leads
+(`kl_weight` 1.0, `feature_weight` 0.1, over the draft's vocabulary, which is all it can propose) and there is no
+noise by default (`objective.feature_noise`). The draft block also keeps its input norm and ends in a final norm
+(`jaxspec.models.eagle`), where the reference's first layer has neither: its prediction lives in the target's
+post-norm feature space, which is what the target's output rows read. The weights are options; the shipped draft
+was trained with the ones above.
+
 Unrolled training ("training-time test"). At decode time only the first draft token comes from an entry built on a
 true feature; token i comes from an entry whose feature the draft predicted i - 1 entries earlier, attending to the
 true entries before the step and to its own earlier predictions. `objective.unroll` = U trains exactly that: pass 1
