@@ -505,3 +505,22 @@ def test_heads_over_a_vocabulary_subset_draft_token_ids(setup):
                  draft_params=lattice_draft_params(dp))
   assert res.tokens == greedy.tokens and plain.accept_hist[:, 2:].sum() > 0
   np.testing.assert_array_equal(res.accept_hist, plain.accept_hist)
+
+
+def test_the_rescorer_splits_its_prompts_as_the_heads_were_split(tmp_path):
+  """Its weights are tuned on held-out prompts: another split seed or fraction than the heads' would tune on prompts
+  the heads were trained on, silently (found by a review). The shipped heads and config agree."""
+  import json
+
+  from jaxspec.bench.methods import DEFAULT_BPD_HEADS
+  from training.config import ConfigError
+  from training.rescore import _check_split, load_rescore_config
+
+  root = Path(__file__).resolve().parents[1]
+  cfg = load_rescore_config(str(root / "configs/bpd_rescore_smollm2.yaml"))
+  _check_split(cfg, DEFAULT_BPD_HEADS)
+  with pytest.raises(ConfigError, match=r"trained with train.seed=0 and data.eval_fraction=0.05, this run splits "
+                                        r"with split_seed=1 .*Set split_seed=0 data.eval_fraction=0.05"):
+    _check_split(dataclasses.replace(cfg, split_seed=1), DEFAULT_BPD_HEADS)
+  (tmp_path / "config.json").write_text(json.dumps({"bpd": {}}))  # heads saved by hand: nothing recorded
+  _check_split(dataclasses.replace(cfg, split_seed=1), tmp_path)

@@ -138,6 +138,21 @@ def tune_weight(model, params, prompts, eos_ids, pad_id, make, weights, greedy_t
   return rows
 
 
+def _check_split(cfg, heads: Path) -> None:
+  """`ConfigError` where the heads' recorded training split (their config.json's `train.seed` and
+  `data.eval_fraction`) is not this run's: the weights would be tuned on prompts the heads were trained on."""
+  try:
+    recorded = json.loads((heads / "config.json").read_text(encoding="utf-8"))["training"]["config"]
+    seed, fraction = recorded["train"]["seed"], recorded["data"]["eval_fraction"]
+  except (OSError, ValueError, KeyError, TypeError):
+    return  # heads without a recorded run (saved by hand): nothing to compare
+  if (seed, fraction) != (cfg.split_seed, cfg.data.eval_fraction):
+    raise ConfigError(f"the heads in {heads} were trained with train.seed={seed} and data.eval_fraction={fraction}, "
+                      f"this run splits with split_seed={cfg.split_seed} and data.eval_fraction="
+                      f"{cfg.data.eval_fraction}: its held-out prompts would include prompts the heads were trained "
+                      f"on. Set split_seed={seed} data.eval_fraction={fraction}.")
+
+
 def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None, progress: bool = True) -> dict:
   """Builds the n-gram LM and tunes both rescorers' weights; writes `cfg.out`. Returns a summary."""
   import jax.numpy as jnp
@@ -165,6 +180,7 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   have = saved_num_heads(heads)
   if have is not None and tc.k > have:
     raise ConfigError(f"tune.k={tc.k} asks for {tc.k} heads; the heads in {heads} have {have}: lower tune.k.")
+  _check_split(cfg, heads)
   try:
     bpd, bpd_params = load_bpd(heads, tc.k, target_params=params)
     bdp = bpd_draft_params(model, params, bpd, bpd_params)

@@ -801,10 +801,11 @@ def register(spec: MethodSpec) -> MethodSpec:
 for _spec in [
     MethodSpec("greedy", "jaxspec's own autoregressive loop: one token per target call (the reference)", True,
                _greedy),
-    MethodSpec("bpd", "blockwise parallel decoding with k trained heads (Stern et al. 2018); approx=K is Stern's "
-               "approximate acceptance", True, _bpd, options=("k", "heads", "approx", "gate", "lookup")),
-    MethodSpec("bpd-ngram", "BPD with the heads' top-t lattice rescored by an n-gram LM, the p best paths verified "
-               "as one tree (Kim et al. 2024)", True, _bpd_ngram,
+    MethodSpec("bpd", "blockwise parallel decoding with k trained heads (Stern et al. 2018; each head also reads "
+               "the pending token's embedding); approx=K is Stern's approximate acceptance", True, _bpd,
+               options=("k", "heads", "approx", "gate", "lookup")),
+    MethodSpec("bpd-ngram", "BPD with the heads' top-t lattice rescored by an n-gram LM, the p paths of a width-p "
+               "beam search verified as one tree (Kim et al. 2024)", True, _bpd_ngram,
                options=("k", "heads", "rescore", "t", "beams", "weight")),
     MethodSpec("bpd-neural", "BPD with the lattice rescored left to right by a small neural LM (default: the "
                "shipped distilled draft; Kim et al. 2024)", True, _bpd_neural,

@@ -6,8 +6,10 @@ fit together (the heads do not see each other, so drafts often repeat a token or
 paths by an interpolated score, (1 - w) * log p_head + w * log p_LM, where w is a runtime weight (`draft_params`,
 tuned on training prompts, so changing it does not recompile):
 
-- `ngram`: global rescoring with an n-gram LM (`jaxspec.models.ngram`): a beam search over the lattice keeps the p
-  best paths; the p drafts are verified in one target forward as p branches of a tree.
+- `ngram`: global rescoring with an n-gram LM (`jaxspec.models.ngram`): a beam search of width p over the lattice
+  keeps p paths, column by column (exact with the heads' scores alone; with the LM's a path whose prefix left the
+  beam is lost, so they are the p best paths only approximately, where Kim et al. take the exact p best); the p
+  drafts are verified in one target forward as p branches of a tree.
 - `neural`: local rescoring with a small neural LM (any model with the target's vocabulary; the bench's default is
   the shipped distilled draft, the target's first layers also work): left to right, the LM reads the chosen prefix
   and picks, in column i, the candidate with the best interpolated score. Only the t candidates' logits are computed
