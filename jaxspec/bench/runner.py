@@ -27,6 +27,7 @@ import resource
 import signal
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -440,7 +441,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   started = time.time()
   # Which process timed each run: a batch's speedups compare its methods' times with its greedy run's, and a batch
   # a killed process left unfinished is finished by another, perhaps on a busier machine (the report says so).
-  process_id = f"{os.getpid()}@{started:.0f}"
+  process_id = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"  # (one per run: two runs of one process are two timings)
   timed_by = {key: e.get("process", "not recorded") for key, e in restored.items()}
   if runs:
     env["resumed_runs"] = len(runs)  # decoded by an earlier process of the same settings
