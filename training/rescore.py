@@ -180,13 +180,13 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
   have = saved_num_heads(heads)
   if have is not None and tc.k > have:
     raise ConfigError(f"tune.k={tc.k} asks for {tc.k} heads; the heads in {heads} have {have}: lower tune.k.")
-  _check_split(cfg, heads)
   try:
     bpd, bpd_params = load_bpd(heads, tc.k, target_params=params)
     bdp = bpd_draft_params(model, params, bpd, bpd_params)
   except (ModelLoadError, InputError) as e:
     raise ConfigError(f"{what}: {str(e).rstrip('.')}. Set heads= to a folder of BPD heads trained for this model.") \
         from None
+  _check_split(cfg, heads)  # (heads of this target: of another, that is what to say first)
   if tc.neural:
     # Recorded as `neural_lm`; bpd-neural loads the same LM from it through the same function, from any folder
     # (a path in the recorded config is whole; the shipped draft is named "default", wherever jaxspec is installed).
