@@ -389,7 +389,8 @@ def test_joint_run_starts_from_trained_heads_and_scales_the_base_rate(tiny, tmp_
                                 log_every=1))
   train_bpd(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   metrics = [json.loads(l) for l in (tmp_path / "b" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
-  assert metrics[0]["step"] == 1 and metrics[0]["acc_h1"] > 0.3  # fresh heads start near 1/vocab
+  # Fresh heads start near 1/vocab; targets the heads cannot name (tokens of the new data) count as misses.
+  assert metrics[0]["step"] == 1 and metrics[0]["acc_h1"] > 0.2
   # The frozen-base objective from the same heads, on data with tokens the heads never saw: the targets are mapped
   # to the heads' own vocabulary rows (the data's would misalign them), so it also starts where the heads were.
   data_vocab = np.unique(np.concatenate(datasets.load_sequences(tmp_path / "b" / "data").tokens))
@@ -398,7 +399,7 @@ def test_joint_run_starts_from_trained_heads_and_scales_the_base_rate(tiny, tmp_
       base.train, steps=5, log_every=1, checkpoint_dir=str(tmp_path / "c" / "ckpt")))
   train_bpd(heads_cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
   metrics = [json.loads(l) for l in (tmp_path / "c" / "ckpt" / "metrics.jsonl").read_text().splitlines()]
-  assert metrics[0]["step"] == 1 and metrics[0]["acc_h1"] > 0.3
+  assert metrics[0]["step"] == 1 and metrics[0]["acc_h1"] > 0.2
   with pytest.raises(ConfigError, match="objective=joint only"):
     train_bpd(dataclasses.replace(heads_cfg, train=dataclasses.replace(heads_cfg.train, base_lr_scale=0.5)),
               model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
