@@ -337,8 +337,8 @@ def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array, teacher_NxKxM:
   are every position of its batch, padding and prompt included, which are no examples).
   """
   valid = targets_NxK >= 0  # -1: padding; -2: a token the heads cannot name (`subset_targets`), a miss with no loss
-  count_K = jnp.maximum(valid.sum(0), 1)
-  scored_K = jnp.maximum((targets_NxK != -1).sum(0), 1)
+  valid_K, scored_K = valid.sum(0), (targets_NxK != -1).sum(0)  # the targets of the losses, of the accuracies
+  count_K = jnp.maximum(valid_K, 1)
   num_examples = targets_NxK.shape[0] if examples_N is None else jnp.maximum(examples_N.sum(), 1)
   per_example = lambda chains_NxK: chains_NxK.sum() / num_examples  # rows that are no example have no valid target
   guess = jnp.argmax(logits_NxKxM, -1)
@@ -353,7 +353,7 @@ def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array, teacher_NxKxM:
     metrics["tau_teacher"] = 1.0 + per_example(jnp.cumprod(agree.astype(jnp.float32), axis=1))
   loss_K = jnp.where(valid, ce, 0).sum(0) / count_K
   right = (guess == targets_NxK) & valid
-  acc_K = right.sum(0) / scored_K
+  acc_K = right.sum(0) / jnp.maximum(scored_K, 1)
   # Chains stop at the first wrong head; positions whose later targets run past the end count as stopping there.
   chain = jnp.cumprod(right.astype(jnp.float32), axis=1)
   metrics.update({f"loss_h{i + 1}": loss_K[i] for i in range(loss_K.shape[0])})
@@ -362,9 +362,9 @@ def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array, teacher_NxKxM:
   # The units of each mean (`training.trainer`): examples, and per head its valid and its scored targets.
   metrics["count"] = targets_NxK.shape[0] if examples_N is None else examples_N.sum()
   for i in range(loss_K.shape[0]):
-    metrics.update({f"count/loss_h{i + 1}": valid[:, i].sum(), f"count/acc_h{i + 1}": (targets_NxK[:, i] != -1).sum()})
+    metrics.update({f"count/loss_h{i + 1}": valid_K[i], f"count/acc_h{i + 1}": scored_K[i]})
     if teacher_NxKxM is not None:
-      metrics[f"count/agree_h{i + 1}"] = valid[:, i].sum()
+      metrics[f"count/agree_h{i + 1}"] = valid_K[i]
   return loss_K.sum(), metrics
 
 
@@ -414,7 +414,7 @@ def joint_loss(model, bpd: BPDModel, base_weight: float):
       tgt = subset_targets(jnp, frozen["vocab_ids"], tgt)
     head_loss, metrics = head_metrics(logits.reshape(b * (l - 1), k, -1), tgt.reshape(b * (l - 1), k),
                                       examples_N=examples.reshape(-1))
-    metrics.update(base_loss=base_loss, **{"count/base_loss": mask.sum()})
+    metrics["base_loss"], metrics["count/base_loss"] = base_loss, mask.sum()
     return base_weight * base_loss + head_loss, metrics
 
   return loss_fn

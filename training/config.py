@@ -312,11 +312,11 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: 
       raise ConfigError(f"{path.parent} holds checkpoints of a run with other settings ({diffs}). Resuming would "
                         "mix two runs: put those values back to continue it, or set train.checkpoint_dir to a new "
                         "folder to start another.")
-    accum = [old.get("optim.grad_accum") or 1, new.get("optim.grad_accum") or 1]
-    if "optim.grad_accum" in new and accum[0] != accum[1]:
-      raise ConfigError(f"{path.parent} holds checkpoints of a run with optim.grad_accum={accum[0]} (now "
-                        f"{accum[1]}): the optimizer has counted updates of {accum[0]} batches each, and the learning "
-                        f"rate schedule would be redrawn over train.steps / {accum[1]} updates from that count (a "
+    was, now = old.get("optim.grad_accum") or 1, new.get("optim.grad_accum") or 1
+    if was != now:
+      raise ConfigError(f"{path.parent} holds checkpoints of a run with optim.grad_accum={was} (now "
+                        f"{now}): the optimizer has counted updates of {was} batches each, and the learning "
+                        f"rate schedule would be redrawn over train.steps / {now} updates from that count (a "
                         "larger value can leave the rest of the run at rate 0). Keep grad_accum to continue, or set "
                         "train.checkpoint_dir to a new folder.")
     reshaped = [k for k, on in _STATE_SHAPE.items() if k in old and k in new and on(old[k], old) != on(new[k], new)]

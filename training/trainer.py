@@ -5,8 +5,9 @@ trained, `frozen` (e.g. a base model's weights) is passed to every step but neve
 is a dict of scalars to log. A metric that is a mean over some of the batch's units (valid tokens, say) names
 their number in `count/<name>` (`count`: for every metric without its own, the loss included), so that means over
 several batches (an evaluation, a log window) weight each batch by it: the mean over the units, whatever the batch
-size. Without counts, batches are weighted by their rows. Counts are not logged. A step's random key is `fold_in(state.rng, state.step)`, so a run that resumes
-from a checkpoint draws the same keys as one that never stopped.
+size. Without counts, batches are weighted by their rows. Counts are not logged. A step's random key is
+`fold_in(state.rng, state.step)`, so a run that resumes from a checkpoint draws the same keys as one that never
+stopped.
 
 The data position is the step: `Trainer.fit` asks `batches_from(step)` for the batches from that step on, so
 a resumed run continues the data where the checkpoint left it.

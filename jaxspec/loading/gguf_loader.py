@@ -445,5 +445,5 @@ def check_complete(params: dict, cfg: LlamaConfig, path: str, name_of=None, hint
   bad = [(named(k), have[k], want[k]) for k in want if have[k] != want[k]]
   if bad:
     raise ModelLoadError(f"{path!r} has tensors of unexpected shapes (name, shape read, shape expected; matrices in "
-                         f"jaxspec's [in, out] layout): {bad[:3]}. The config "
-                         "and the weights describe different models: download or convert the model again.")
+                         f"jaxspec's [in, out] layout): {bad[:3]}. The config and the weights describe different "
+                         "models: download or convert the model again.")

@@ -434,7 +434,6 @@ def read_hf_config(folder: str) -> dict:
     if isinstance(entry, dict) and field in entry and entry.get("embeddings") != "included":
       raise ModelLoadError(f"{folder!r} holds {what}, not a model of its own: {use}.")
   from jaxspec.loading import t5_hf
-  refuse_quantized(raw)  # (T5 folders too)
   if t5_hf.is_t5_config(raw):
     t5_hf.config_from_hf(raw)
   else:

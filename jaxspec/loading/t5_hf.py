@@ -42,6 +42,7 @@ def is_t5_config(raw: dict) -> bool:
 
 def config_from_hf(raw: dict) -> T5Config:
   """A `T5Config` from a transformers T5 `config.json` dict."""
+  refuse_quantized(raw)
   try:
     proj = raw.get("feed_forward_proj", "relu")
     if proj in ("gated-gelu", "gated-gelu_new"):
@@ -167,7 +168,6 @@ def load_t5(folder: str, raw: dict, *, dtype: str = "float32", param_dtype: str 
   """
   from safetensors import safe_open
 
-  refuse_quantized(raw)
   param_dtype = param_dtype or dtype
   cfg = dataclasses.replace(config_from_hf(raw), dtype=dtype, param_dtype=param_dtype)
   weights = check_weights(folder, raw)  # before any weight is read
