@@ -18,6 +18,8 @@ from jaxspec.models.bpd import save_bpd
 from jaxspec.models.ngram import build_ngram, exact_prob, load_ngram, save_ngram, sorted_lookup
 from tests.test_bpd import ByteTokenizer, random_heads, tiny_train_config
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
 PROMPTS = [[1, 2, 3], [7] * 9, [100, 5]]
 NEW = 40
 
@@ -191,8 +193,11 @@ def test_bad_lattice_settings_are_clear_errors(setup):
   with pytest.raises(InputError, match="gamma equal to the number of heads"):
     LatticeDrafter(bpd, "neural", lm=DraftModelDrafter(setup[0], bpd.num_heads + 1))
   assert LatticeDrafter(bpd, "none", top_t=2, beams=2).beams == 2  # as many beams as candidates is fine
+  with pytest.raises(InputError, match="search width"):
+    LatticeDrafter(bpd, "none", top_t=4, beams=3, width=2)
   model = setup[0]  # a lattice wider than the heads' vocabulary: before, a top_k shape error while compiling
-  with pytest.raises(InputError, match=f"width t={model.vocab_size + 1} is more than the {model.vocab_size} tokens"):
+  v = model.vocab_size
+  with pytest.raises(InputError, match=f"t={v + 1} candidates per column are more than the {v} tokens"):
     _run(setup, LatticeDrafter(bpd, "none", top_t=model.vocab_size + 1))
 
 
@@ -280,6 +285,17 @@ def test_the_rescore_task_checks_its_heads_and_neural_lm_before_building_data(ti
     cfg = RescoreConfig(out=str(tmp_path / "rescore"), data=data, **{"tune": TuneSection(k=3), **fields})
     with pytest.raises(ConfigError, match=message):
       train_rescore(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+
+
+def test_rescore_configs_with_impossible_search_settings_fail_when_loaded():
+  """beams outside 1..top_t, or a search narrower than the drafts it keeps, are refused with the key to change."""
+  from training.config import ConfigError
+  from training.rescore import load_rescore_config
+  assert load_rescore_config(CONFIGS / "bpd_rescore_smollm2.yaml", ["tune.width=4096"]).tune.width == 4096
+  for overrides, message in ((["tune.width=4"], r"'tune': width .* at least beams \(8\), got 4"),
+                             (["tune.beams=32"], r"'tune': beams must be in 1..top_t \(16\), got 32")):
+    with pytest.raises(ConfigError, match=message):
+      load_rescore_config(CONFIGS / "bpd_rescore_smollm2.yaml", overrides)
 
 
 def test_the_tuning_log_keeps_finished_weights_of_its_own_key(tmp_path):
@@ -463,6 +479,19 @@ def test_the_beam_search_keeps_the_best_lattice_paths():
     score = {tuple(int(cand[b, i, c]) for i, c in enumerate(ch)): sum(logp[b, i, c] for i, c in enumerate(ch))
              for ch in np.ndindex(*(t,) * k)}
     assert got[b] == sorted(score, key=score.get, reverse=True)[:p], b
+  # a search as wide as a column's t^(k-1) prefixes is exhaustive: the exact p best of all t^k paths (Kim et al.)
+  exact = []
+  for b in range(2):
+    score = {}
+    for ch in np.ndindex(*(t,) * k):
+      path = tuple(int(cand[b, i, c]) for i, c in enumerate(ch))
+      score[path] = sum((1 - w) * logp[b, i, c] + w * math.log(exact_prob(
+          tables, lm, hist[b] + [pending[b]] + list(path[:i]), path[i])) for i, c in enumerate(ch))
+    exact.append(sorted(score, key=score.get, reverse=True)[:p])
+  for width in (t ** (k - 1), 10 * t ** k):
+    drafter = LatticeDrafter(None, "ngram", top_t=t, beams=p, width=width, ngram=lm)
+    assert beams(True) == exact
+  assert got != exact  # a beam of p loses some of them here, so the wide search is what finds them
 
 
 def test_init_history_is_the_prompts_last_tokens(setup):

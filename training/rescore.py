@@ -40,6 +40,7 @@ class TuneSection:
   k: int = 4  # heads used
   top_t: int = 16  # lattice width
   beams: int = 4  # n-gram drafts verified per step (as a tree)
+  width: int = 0  # partial paths the n-gram beam search keeps per column (0: beams; top_t^(k-1): exhaustive)
   weights: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7)  # n-gram weights tried
   neural: bool = True  # also tune the neural rescorer
   # The neural LM: a distilled-draft folder (None: the shipped jaxspec/assets/draft_smollm2) or "layerskip" (the
@@ -49,6 +50,13 @@ class TuneSection:
   neural_weights: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8)
   max_new_tokens: int = 64
   batch_size: int = 16
+
+  def __post_init__(self):
+    if not 1 <= self.beams <= self.top_t:
+      raise ValueError(f"beams must be in 1..top_t ({self.top_t}), got {self.beams}")
+    if self.width and self.width < self.beams:
+      raise ValueError(f"width (partial paths the search keeps) must be 0 or at least beams ({self.beams}), got "
+                       f"{self.width}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,12 +246,12 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
     log.put("greedy", greedy)
   ng = {k: jnp.asarray(v) for k, v in tables.items()}
   t0 = time.time()
-  ngram_drafter = LatticeDrafter(bpd, "ngram", top_t=tc.top_t, beams=tc.beams, ngram=lm)
+  ngram_drafter = LatticeDrafter(bpd, "ngram", top_t=tc.top_t, beams=tc.beams, width=tc.width, ngram=lm)
   ngram_rows = tune_weight(model, params, prompts, eos, pad,
                            lambda w: (ngram_drafter, lattice_draft_params(bdp, weight=w, ngram=ng)), tc.weights,
                            greedy, tc.max_new_tokens, tc.batch_size, "tune n-gram weight", progress, log)
   best_ngram = max(ngram_rows, key=lambda r: r["tau"])
-  tuned = {"k": tc.k, "top_t": tc.top_t, "beams": tc.beams, "ngram_weight": best_ngram["weight"],
+  tuned = {"k": tc.k, "top_t": tc.top_t, "beams": tc.beams, "width": tc.width, "ngram_weight": best_ngram["weight"],
            "ngram_tuning": ngram_rows}
   if not shipped_heads:  # the rescorers' default heads from then on (none recorded: the shipped ones)
     tuned["heads"] = str(heads.resolve())

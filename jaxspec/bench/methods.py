@@ -303,7 +303,8 @@ def _bpd_ngram(ctx: BenchContext, opts: dict) -> Runner:
 
   lm, tables, tuned, bpd, dp, opts = _rescore_setup(ctx, opts, "bpd-ngram")
   drafter = LatticeDrafter(bpd, "ngram", top_t=int(opts.get("t", tuned.get("top_t", 16))),
-                           beams=int(opts.get("beams", tuned.get("beams", 4))), ngram=lm)
+                           beams=int(opts.get("beams", tuned.get("beams", 4))),
+                           width=int(opts.get("width", tuned.get("width", 0))), ngram=lm)
   weight = float(opts.get("weight", tuned.get("ngram_weight", 0.3)))
   return loop_runner(ctx, drafter, lattice_draft_params(dp, weight=weight, ngram=tables))
 
@@ -804,9 +805,9 @@ for _spec in [
     MethodSpec("bpd", "blockwise parallel decoding with k trained heads (Stern et al. 2018; each head also reads "
                "the pending token's embedding); approx=K is Stern's approximate acceptance", True, _bpd,
                options=("k", "heads", "approx", "gate", "lookup")),
-    MethodSpec("bpd-ngram", "BPD with the heads' top-t lattice rescored by an n-gram LM, the p paths of a width-p "
-               "beam search verified as one tree (Kim et al. 2024)", True, _bpd_ngram,
-               options=("k", "heads", "rescore", "t", "beams", "weight")),
+    MethodSpec("bpd-ngram", "BPD with the heads' top-t lattice rescored by an n-gram LM, the p best paths of a beam "
+               "search verified as one tree (Kim et al. 2024)", True, _bpd_ngram,
+               options=("k", "heads", "rescore", "t", "beams", "width", "weight")),
     MethodSpec("bpd-neural", "BPD with the lattice rescored left to right by a small neural LM (default: the "
                "shipped distilled draft; Kim et al. 2024)", True, _bpd_neural,
                options=("k", "heads", "rescore", "t", "weight", "layers", "draft")),
@@ -893,6 +894,8 @@ OPTION_HELP: dict = {
     "depth": "deepest level of the tree (default 6, or with nodes=auto the depth chosen with the budget; at most "
              "nodes and the drafter's reach)",
     "width": "frontier nodes expanded per level (default 4; BPD heads: nodes, the exact tree)",
+    ("bpd-ngram", "width"): "partial paths the beam search keeps per column (default: the rescorer's tuned value, "
+                            "else beams); t^(k-1) or more searches every path: the exact p best",
     "branch": "children considered per expanded node (default 4, raised where width x depth x branch < nodes; BPD "
               "heads: nodes)",
     "threshold": "stop growing when a level adds less than this to E[A] (default 0)",

@@ -6,10 +6,11 @@ fit together (the heads do not see each other, so drafts often repeat a token or
 paths by an interpolated score, (1 - w) * log p_head + w * log p_LM, where w is a runtime weight (`draft_params`,
 tuned on training prompts, so changing it does not recompile):
 
-- `ngram`: global rescoring with an n-gram LM (`jaxspec.models.ngram`): a beam search of width p over the lattice
-  keeps p paths, column by column (exact with the heads' scores alone; with the LM's a path whose prefix left the
-  beam is lost, so they are the p best paths only approximately, where Kim et al. take the exact p best); the p
-  drafts are verified in one target forward as p branches of a tree.
+- `ngram`: global rescoring with an n-gram LM (`jaxspec.models.ngram`): a beam search over the lattice keeps the
+  `width` best partial paths column by column (default p) and the p best complete ones are verified in one target
+  forward as p branches of a tree. With the heads' scores alone any width is exact; with the LM's a path whose
+  prefix left the beam is lost, so the p drafts are the p best of the t^k paths only approximately, unless
+  width >= t^(k-1), where the beam holds every prefix and the search is exhaustive: Kim et al.'s exact p best.
 - `neural`: local rescoring with a small neural LM (any model with the target's vocabulary; the bench's default is
   the shipped distilled draft, the target's first layers also work): left to right, the LM reads the chosen prefix
   and picks, in column i, the candidate with the best interpolated score. Only the t candidates' logits are computed
@@ -95,6 +96,7 @@ class LatticeDrafter:
     rescorer: "none", "ngram", "neural" or "oracle" (see the module docstring).
     top_t: candidates per lattice column.
     beams: p, drafts verified per step (ngram and none; neural and oracle verify one chain).
+    width: partial paths the n-gram search keeps per column (0: p); t^(k-1) or more makes it exact.
     keep_raw: make the heads' own per-column argmax one of the p drafts (needs beams >= 2).
     ngram: the n-gram LM (rescorer "ngram").
     lm: the neural LM's drafter (rescorer "neural"): a greedy `DraftModelDrafter` with gamma = k.
@@ -104,6 +106,7 @@ class LatticeDrafter:
   rescorer: str = "none"
   top_t: int = 16
   beams: int = 1
+  width: int = 0
   keep_raw: bool = False
   ngram: NgramLM | None = None
   lm: DraftModelDrafter | None = None
@@ -115,6 +118,9 @@ class LatticeDrafter:
       raise InputError(f"Unknown lattice rescorer {self.rescorer!r}; choose from {', '.join(RESCORERS)}.")
     if self.beams < 1 or self.top_t < self.beams:
       raise InputError(f"Need 1 <= beams <= top_t, got beams={self.beams}, top_t={self.top_t}.")
+    if self.width and self.width < self.beams:
+      raise InputError(f"The search width ({self.width}) must be at least the number of drafts it keeps (beams="
+                       f"{self.beams}); 0 means as many as beams.")
     if self.rescorer in ("neural", "oracle") and self.beams != 1:
       raise InputError(f"The {self.rescorer} rescorer picks one draft per step: use beams=1.")
     if self.keep_raw and self.beams < 2:
@@ -143,7 +149,8 @@ class LatticeDrafter:
     require_entries("LatticeDrafter's heads", bpd_params, ("proj_DxM",), "jaxspec.decoding.bpd.bpd_draft_params")
     m = int(jnp.shape(bpd_params["proj_DxM"])[-1])
     if self.top_t > m:
-      raise InputError(f"The lattice's width t={self.top_t} is more than the {m} tokens these heads draft from: "
+      raise InputError(f"The lattice's t={self.top_t} candidates per column are more than the {m} tokens these heads "
+                       "draft from: "
                        f"give t={m} or less.")
 
   def check_target(self, target) -> None:
@@ -212,29 +219,32 @@ class LatticeDrafter:
     return forest_draft(drafts_BxPxK), dstate
 
   def _beam(self, draft_params, dstate, pending_B, cand_BxKxT, logp_BxKxT, use_ngram: bool) -> Array:
-    """The p beams of a beam search over the lattice by (1 - w) * head + w * n-gram log-probability: exact by heads
-    alone (without the n-gram), and with it a path whose early prefix fell out of the beam is not found."""
+    """The p best paths of a beam search over the lattice by (1 - w) * head + w * n-gram log-probability that keeps
+    `width` partial paths: exact by heads alone (without the n-gram) at any width, and with it a path whose
+    early prefix fell out of the beam is not found unless the width holds every prefix (t^(k-1))."""
     b, k, t = cand_BxKxT.shape
     p = self.beams
+    width = min(self.width or p, t ** max(k - 1, 1))
     h = self._hist_len
     base_BxH = jnp.concatenate([dstate.hist_BxH, pending_B[:, None]], axis=1)[:, -h:]
     w = draft_params["weight"] if use_ngram else 0.0
-    beams_BxPxK = jnp.zeros((b, p, k), jnp.int32)
-    score_BxP = jnp.where(jnp.arange(p) == 0, 0.0, -jnp.inf)[None].repeat(b, axis=0)
+    paths_BxWxK = jnp.zeros((b, 1, k), jnp.int32)
+    score_BxW = jnp.zeros((b, 1), jnp.float32)
     for i in range(k):
-      step_BxPxT = jnp.broadcast_to((1.0 - w) * logp_BxKxT[:, None, i], (b, p, t))
+      n = paths_BxWxK.shape[1]  # partial paths kept: min(width, t^i), so no slot ever holds an impossible path
+      step_BxWxT = jnp.broadcast_to((1.0 - w) * logp_BxKxT[:, None, i], (b, n, t))
       if use_ngram:
-        ctx_BxPxH = jnp.concatenate([jnp.broadcast_to(base_BxH[:, None], (b, p, h)), beams_BxPxK[:, :, :i]],
+        ctx_BxWxH = jnp.concatenate([jnp.broadcast_to(base_BxH[:, None], (b, n, h)), paths_BxWxK[:, :, :i]],
                                     axis=-1)[..., -h:]
-        lp_BxPxT = self.ngram.log_prob(draft_params["ngram"], jnp.broadcast_to(ctx_BxPxH[:, :, None], (b, p, t, h)),
-                                       jnp.broadcast_to(cand_BxKxT[:, None, i], (b, p, t)))
-        step_BxPxT = step_BxPxT + w * lp_BxPxT
-      total_BxPT = (score_BxP[:, :, None] + step_BxPxT).reshape(b, p * t)
-      score_BxP, top_BxP = jax.lax.top_k(total_BxPT, p)
-      parent_BxP, c_BxP = top_BxP // t, top_BxP % t
-      beams_BxPxK = jnp.take_along_axis(beams_BxPxK, parent_BxP[:, :, None], axis=1)
-      beams_BxPxK = beams_BxPxK.at[:, :, i].set(jnp.take_along_axis(cand_BxKxT[:, i], c_BxP, axis=1))
-    return beams_BxPxK
+        lp_BxWxT = self.ngram.log_prob(draft_params["ngram"], jnp.broadcast_to(ctx_BxWxH[:, :, None], (b, n, t, h)),
+                                       jnp.broadcast_to(cand_BxKxT[:, None, i], (b, n, t)))
+        step_BxWxT = step_BxWxT + w * lp_BxWxT
+      keep = min(width, n * t) if i < k - 1 else p
+      score_BxW, top_BxW = jax.lax.top_k((score_BxW[:, :, None] + step_BxWxT).reshape(b, n * t), keep)
+      parent_BxW, c_BxW = top_BxW // t, top_BxW % t
+      paths_BxWxK = jnp.take_along_axis(paths_BxWxK, parent_BxW[:, :, None], axis=1)
+      paths_BxWxK = paths_BxWxK.at[:, :, i].set(jnp.take_along_axis(cand_BxKxT[:, i], c_BxW, axis=1))
+    return paths_BxWxK
 
   def _neural(self, draft_params, dstate, pending_B, cand_BxKxT, logp_BxKxT) -> tuple[Array, Any]:
     """Left to right, the neural LM picks each column's candidate with the best interpolated score."""
