@@ -322,7 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--top-p", type=_top_p, default=1.0, help=_TOP_P_HELP)
   g.add_argument("--seed", type=_seed, default=0)
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-  g.add_argument("--max-len", type=_positive_int, default=None, help="cache length (default: model context length)")
+  g.add_argument("--max-len", type=_positive_int, default=None, help="upper limit on prompt + new tokens (default: the model's context "
+                 "length; the cache is sized from the request)")
   _model_options(g)
   g.add_argument("--method", default="greedy",
                  help="decoding method, as in `jaxspec bench --list-methods` (e.g. bpd, bpd:k=4). The lossless ones "
@@ -537,9 +538,11 @@ _MEMORY_ADVICE = {
                 "(--mesh).",
     "bench": "lower --batch-size or --max-new-tokens (or a method's draft size), pass shorter prompts (--prompts), "
              "run in --dtype bfloat16, or shard over more devices (--mesh).",
-    "train": "lower the config's data.gen_batch_size or data.max_new_tokens (the target's answers are decoded "
-             "in batches), pass shorter prompts, set model.dtype=bfloat16, or shard over more devices (mesh=, for "
-             "the bpd, draft and eagle tasks).",
+    "train": "make the config's decoding or batches smaller: data.gen_batch_size or data.max_new_tokens (bpd, "
+             "draft, eagle, rescore: the target's answers are decoded in batches), collect.batch_size, "
+             "monitor.prompts or monitor.max_new_tokens (cllm), train.exact_match_examples (seq2seq), or "
+             "train.batch_size; pass shorter prompts, set model.dtype=bfloat16 (not seq2seq), or shard over more "
+             "devices (mesh=, for the bpd, draft and eagle tasks).",
 }
 
 

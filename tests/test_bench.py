@@ -211,6 +211,7 @@ def test_bad_method_option_values_are_clear_errors():
                     ("bpd:lookup=4", "lookup='4' of 'bpd' must be a whole number in 1..3"),
                     ("spec:lookup=4", "lookup='4' of 'spec' must be a whole number in 1..3"),
                     ("opt-tree:width=0", "width='0' of 'opt-tree' must be a whole number in 1..1024"),
+                    ("bpd-ngram:width=65537", "width='65537' of 'bpd-ngram' must be a whole number in 1..65536"),
                     ("spec:gamma=100000", "gamma='100000' of 'spec' must be a whole number in 1..1024"),
                     ("jacobi:n=5000", "n='5000' of 'jacobi' must be a whole number in 1..1024"),
                     ("spec:stop=nan", "stop='nan' of 'spec' must be a number >= 0 and below 1"),
@@ -1446,9 +1447,10 @@ def test_option_bounds_are_inclusive_and_values_may_hold_equals_signs():
   """Whole-number options take 1..1024 (and gate/graft from 0), both ends included; a value is everything after the
   first '=' (a folder may have one in its name)."""
   for text in ("spec:gamma=1024", "spec:gamma=1", "lookup:gate=0", "bpd:gate=0", "opt-tree:lookup=1:graft=0",
-               "bpd:k=16", "spec:stop=0", "opt-tree:threshold=0"):
+               "bpd:k=16", "spec:stop=0", "opt-tree:threshold=0", "bpd-ngram:width=65536"):
     parse_method(text)
-  for text in ("spec:gamma=1025", "spec:gamma=0", "jacobi:n=0", "opt-tree:graft=-1", "bpd:gate=-0.1"):
+  for text in ("spec:gamma=1025", "spec:gamma=0", "jacobi:n=0", "opt-tree:graft=-1", "bpd:gate=-0.1",
+               "opt-tree:width=1025"):
     with pytest.raises(InputError, match="must be"):
       parse_method(text)
   assert parse_method("bpd:heads=/data/run=3/heads:k=2")[2] == {"heads": "/data/run=3/heads", "k": "2"}

@@ -170,9 +170,9 @@ def test_eagle_sampling_is_exact(stat_models, continuation_logits, temperature, 
   assert pvalue > 1e-3
 
 
-@pytest.mark.slow  # the gate score is DraftModelDrafter's (its gated χ² tests run by default)
 def test_gated_eagle_sampling_with_a_subset_head_is_exact(stat_models, continuation_logits):
-  """A draft that proposes 4 of the 8 tokens, gated per row (some rows verify, some take one-token steps)."""
+  """A draft that proposes 4 of the 8 tokens, gated per row (some rows verify, some take one-token steps). EAGLE
+  wires the gate score itself: a gate that read the draft's own draws instead of its probabilities fails this."""
   target = stat_models[0]
   draft, dp = random_draft(*target, seed=4, vocab_ids=[0, 2, 3, 6], scale=2.0)
   probs = exact_distribution(continuation_logits, Warp(), SamplingParams.make(1.0))

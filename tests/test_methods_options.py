@@ -14,12 +14,16 @@ from jaxspec.bench import methods as methods_mod
 from jaxspec.bench.methods import METHODS, BenchContext, parse_method
 from jaxspec.decoding.bpd import BPDDrafter, TopKAcceptance
 from jaxspec.decoding.generate import generate
+from jaxspec.decoding.eagle import EagleDrafter
 from jaxspec.decoding.jacobi import JacobiDrafter
+from jaxspec.decoding.lattice import LatticeDrafter
 from jaxspec.decoding.lookup import WithLookup
 from jaxspec.decoding.opt_tree import HeadsTreeSource, OptTreeDrafter
 from jaxspec.decoding.speculative import DraftModelDrafter
 from jaxspec.models.bpd import save_bpd
 from jaxspec.models.draft import save_draft
+from jaxspec.models.eagle import EagleDraft, save_eagle
+from jaxspec.models.ngram import build_ngram, save_ngram
 from tests.test_bpd import random_heads
 
 # Prompts whose greedy continuations repeat some of their own tokens (so prompt-lookup copies are verified) and
@@ -42,12 +46,22 @@ def target(tiny):
 
 @pytest.fixture(scope="module")
 def parts(target, tmp_path_factory):
-  """Folders for `heads=` (3 random BPD heads) and `draft=` (the target's own layers, saved as draft training saves
-  a draft: every greedy draft token is right, and its flat distributions make adaptive drafts stop early)."""
+  """Folders for `heads=` (3 random BPD heads), `draft=` (the target's own layers, saved as draft training saves
+  a draft: every greedy draft token is right, and its flat distributions make adaptive drafts stop early), an EAGLE
+  draft (random) and a rescorer (`rescore=`: a 3-gram LM counted on the target's own greedy outputs, with tuned
+  settings recorded as `jaxspec train` records them)."""
   root = tmp_path_factory.mktemp("parts")
   bpd, p = random_heads(target, 3)
   save_bpd(root / "heads", bpd, p)
   save_draft(root / "draft", *target, dtype="float32")
+  model, params = target
+  eagle = EagleDraft(model.cfg, 1)
+  save_eagle(root / "eagle", eagle, eagle.init_params(jax.random.key(3), params, None, init="random"), dtype="float32")
+  seqs = generate(model, params, [[i, i + 1] for i in range(1, 60, 3)], max_new_tokens=NEW).tokens
+  lm, tables, _ = build_ngram(seqs, 3, model.vocab_size)
+  save_ngram(root / "rescore", lm, tables, meta={"tuned": {"k": 3, "top_t": 4, "beams": 2, "width": 8,
+                                                           "ngram_weight": 0.5, "neural_lm": "default",
+                                                           "neural_weight": 0.4}})
   return root
 
 
@@ -127,6 +141,44 @@ def test_method_options_reach_the_drafter_and_keep_greedy_output(target, parts, 
     assert int(res.drafter_stats["copied_steps"]) > 0  # the lookup option did verify copies
   else:
     assert "copied_steps" not in res.drafter_stats
+
+
+# The bench's other lossless methods, each run through its runner: (method, check of the drafter the loop ran).
+RUNNERS = [
+    ("layerskip:layers=1", lambda d: type(d) is DraftModelDrafter and d.gamma == 4 and d.greedy),
+    ("eagle:draft={p}/eagle:gamma=3", lambda d: type(d) is EagleDrafter and d.gamma == 3 and d.greedy),
+    ("bpd-ngram:heads={p}/heads:rescore={p}/rescore",  # the rescorer's tuned k, t, beams, width and weight
+     lambda d: type(d) is LatticeDrafter and (d.rescorer, d.bpd.num_heads, d.top_t, d.beams, d.width) == (
+         "ngram", 3, 4, 2, 8)),
+    ("bpd-ngram:heads={p}/heads:rescore={p}/rescore:beams=3:width=27:t=3",
+     lambda d: (d.top_t, d.beams, d.width) == (3, 3, 27)),
+    ("bpd-neural:heads={p}/heads:rescore={p}/rescore:draft={p}/draft",
+     lambda d: type(d) is LatticeDrafter and d.rescorer == "neural" and d.lm.gamma == 3),
+]
+
+
+@pytest.mark.parametrize("text,check", RUNNERS, ids=[c[0].replace("{p}/", "") for c in RUNNERS])
+def test_each_methods_runner_decodes_greedy_output(target, parts, greedy, monkeypatch, text, check):
+  """The runners the method table builds for these names decode (not only build) and give greedy decoding's
+  tokens, with the options and the rescorer's recorded settings reaching the drafter."""
+  run, res, kwargs = build_and_run(target, parts, text, monkeypatch)
+  assert check(kwargs["drafter"]), kwargs["drafter"]
+  assert kwargs["acceptor"] is None and getattr(run, "lossless", True)
+  assert res.tokens == greedy
+
+
+def test_the_lattice_oracle_runner_drafts_the_greedy_output(target, parts, greedy, monkeypatch):
+  """bpd-oracle over the whole vocabulary finds every greedy token in its lattice: each step accepts all k drafts
+  (until a row's last tokens), and the output is greedy decoding's."""
+  model, params = target
+  seen = spy_generate(monkeypatch)
+  _, name, opts = parse_method(f"bpd-oracle:heads={parts}/heads:k=3:t={model.vocab_size}")
+  run = METHODS[name].build(BenchContext(model, params, Tokenizer()), opts)
+  res = run(PROMPTS, NEW, 0)
+  assert res.tokens == greedy
+  assert type(seen[-1]["drafter"]) is LatticeDrafter and seen[-1]["drafter"].rescorer == "oracle"
+  hist = np.asarray(res.accept_hist).sum(axis=0)
+  assert hist[4] >= 3 * (NEW // 4 - 1) and hist[1:4].sum() <= 3 * 3  # full blocks but for a row's last step
 
 
 def test_spec_stop_reaches_the_draft_and_ends_drafts_early(target, parts, greedy, monkeypatch):

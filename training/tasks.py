@@ -218,7 +218,8 @@ def earlier_export(folder: Path) -> bool:
 
 
 # The model each shipped folder of jaxspec/assets belongs to (None: the embedded default model; a name: another
-# shipped folder). `jaxspec generate` and the bench load these folders for that model by default.
+# shipped folder). `jaxspec generate` and the bench load the default model's folders when a method names none; the
+# T5's are named (`heads=`, `draft=`).
 ASSET_TARGETS: dict[str, str | None] = {"bpd_smollm2": None, "draft_smollm2": None, "eagle_smollm2": None,
                                         "bpd_rescore_smollm2": None, "bpd_t5_numbers": "t5_numbers",
                                         "t5_numbers_draft": "t5_numbers"}

