@@ -249,8 +249,7 @@ def test_jacobi_equals_greedy_on_tiny_model(request, target):
     assert taus[1] < taus[4] < taus[9]
 
 
-@pytest.mark.slow  # a compile of the 30-layer default model; the default run checks Jacobi on the shipped T5
-def test_jacobi_equals_greedy_on_default_model(default_model):
+def test_jacobi_equals_greedy_on_default_model(default_model):  # (25 s here: one compile of the default model)
   model, params, tok = default_model
   questions = ["List the first ten prime numbers, separated by commas.",
                "Explain in two sentences why the sky is blue.",

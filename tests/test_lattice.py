@@ -314,7 +314,7 @@ def test_the_tuning_log_keeps_finished_weights_of_its_own_key(tmp_path):
   assert TuneLog(path, "a").get("tune", 0.3) == {"weight": 0.3, "tau": 1.2}
 
 
-@pytest.mark.slow  # 75 s; the default run keeps the default-model checks of bpd and lookup (jacobi: the shipped T5)
+@pytest.mark.slow  # 75 s; the default run keeps the default-model checks of bpd, jacobi and lookup
 def test_shipped_rescorers_equal_greedy_on_default_model(default_model):
   from jaxspec.bench.methods import METHODS, BenchContext
 
