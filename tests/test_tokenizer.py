@@ -330,6 +330,8 @@ def test_qwen35_keeps_combining_marks_with_their_letters(tmp_path, pre, joined):
     ("gpt-2", ["I", "'", "V", "E", "Ġ", "123", "45", "Ġ", "ok", "!", "Ċ", "Ċ", "a"]),
     # DeepSeek Coder: letters, punctuation, line breaks and each digit apart, and a space stays with the letters
     ("deepseek-coder", ["I", "'", "V", "E", "Ġ", "1", "2", "3", "4", "5", "Ġ", "ok", "!", "Ċ", "Ċ", "a"]),
+    # DeepSeek LLM: the same, but a run of digits stays together (llama.cpp's split), so merges within it apply
+    ("deepseek-llm", ["I", "'", "V", "E", "Ġ", "123", "45", "Ġ", "ok", "!", "Ċ", "Ċ", "a"]),
 ])
 def test_llama3_and_qwen2_gguf_pre_tokenizers(tmp_path, pre, pieces):
   """Llama 3's ("llama-bpe") and Qwen2's ("qwen2") splits, with merges that would cross them if the split were
@@ -343,6 +345,26 @@ def test_llama3_and_qwen2_gguf_pre_tokenizers(tmp_path, pre, pieces):
   ids = tok.encode(text)
   assert [tok.id_to_token(i) for i in ids] == pieces
   assert tok.decode(ids) == text
+
+
+def test_deepseek_llm_split(tmp_path):
+  """DeepSeek LLM's split ("deepseek-llm") as llama.cpp's splitter gives it: runs of the letters on its own list with
+  one whitespace before them (lower-case Armenian is not on it, so " ք" and "Ж" part); ASCII punctuation's range
+  covers the ASCII letters, so they are cut out again from a run that holds other letters (" Été"); full-width
+  punctuation and CJK runs apart; digits in one run; the whitespace that ends a piece apart (after the emoji).
+  DeepSeek Coder's split, for contrast, keeps " Été", " քЖ" and " 😀  " whole and splits every digit off."""
+  from jaxspec.loading.tokenizer import GGUF_PRE_TOKENIZERS
+
+  text = "Hi Été! քЖ ok，你好 12345 😀  \nx"
+  byte_of = {c: b for b, c in enumerate(_alphabet())}  # the pieces come spelled in the byte alphabet
+  def split(pre):
+    return [bytes(byte_of[c] for c in p).decode() for p, _ in GGUF_PRE_TOKENIZERS[pre]().pre_tokenize_str(text)]
+  assert split("deepseek-llm") == ["Hi", " É", "t", "é", "!", " ք", "Ж", " ok", "，", "你好", " ", "12345", " 😀",
+                                   "  ", "\n", "x"]
+  assert split("deepseek-coder") == ["Hi", " Été", "!", " քЖ", " ok", "，", "你好", " ", "1", "2", "3", "4", "5",
+                                     " 😀  ", "\n", "x"]
+  tok = Tokenizer.from_gguf(_write_gguf(tmp_path / "deepseek-llm.gguf", pre="deepseek-llm"))
+  assert tok.decode(tok.encode(text)) == text
 
 
 @pytest.mark.parametrize("pre, whole", [("llama-bpe", True), ("llama3", True), ("llama-v3", True), ("falcon3", True),
@@ -362,7 +384,7 @@ def test_llama3_takes_a_word_of_its_vocabulary_whole(tmp_path, pre, whole):
 @pytest.mark.parametrize("model,pre,match", [
     ("llama", None, "SentencePiece vocabulary .* needs a score per token"),
     ("bert", "smollm", "tokenizer model 'bert' is not supported"),
-    ("gpt2", "deepseek-llm", "pre-tokenizer 'deepseek-llm'"),
+    ("gpt2", "viking", "pre-tokenizer 'viking'"),
     ("gpt2", None, "pre-tokenizer None"),
     (None, "smollm", "has no tokenizer"),
 ])

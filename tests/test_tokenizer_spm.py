@@ -248,8 +248,8 @@ def test_llama_cpp_vocabulary_tests():
     pytest.skip(f"could not download {check.SDIST}'s sdist from PyPI ({e}); pass a llama.cpp models/ folder to "
                 "scripts/llama_cpp_vocab_check.py instead")
   records = {r["name"]: r for r in check.check(path)}
-  wanted = {"llama-spm", "phi-3", "llama-bpe", "qwen2", "gpt-2", "mpt", "falcon", "deepseek-coder", "starcoder",
-            "command-r", "qwen35"}
+  wanted = {"llama-spm", "phi-3", "llama-bpe", "qwen2", "gpt-2", "mpt", "falcon", "deepseek-coder", "deepseek-llm",
+            "starcoder", "command-r", "qwen35"}
   assert wanted <= {name for name, r in records.items() if r["loaded"]}
   for r in records.values():
     if r["loaded"]:

@@ -133,6 +133,56 @@ def _deepseek_coder_pre_tokenizer():
                                                                                  use_regex=False)])
 
 
+# The letters of DeepSeek LLM's split (llama.cpp's "deepseek-llm"), as (first, last) code points: upper-, lower- and
+# title-case letters of Latin, Greek, Cyrillic, Coptic, Glagolitic, Cherokee, Deseret, Osage, Adlam and a few other
+# scripts, capital Armenian and Georgian, letter-like symbols and the full-width Latin letters. This is the model's own
+# list, not all of Unicode's cased letters: lower-case Armenian and Georgian, the newer Latin Extended-D letters, the
+# mathematical letters and every uncased script (CJK, Arabic, Hebrew, Thai, ...) are left out of it.
+_DEEPSEEK_LLM_LETTERS = (
+    (0x41, 0x5A), (0x61, 0x7A), (0xB5, 0xB5), (0xC0, 0xD6), (0xD8, 0xF6), (0xF8, 0x1BA), (0x1BC, 0x1BF),
+    (0x1C4, 0x293), (0x295, 0x2AF), (0x370, 0x373), (0x376, 0x377), (0x37B, 0x37D), (0x37F, 0x37F), (0x386, 0x386),
+    (0x388, 0x38A), (0x38C, 0x38C), (0x38E, 0x3A1), (0x3A3, 0x3F5), (0x3F7, 0x481), (0x48A, 0x52F), (0x531, 0x556),
+    (0x10A0, 0x10C5), (0x13A0, 0x13F5), (0x13F8, 0x13FD), (0x1C90, 0x1CBA), (0x1CBD, 0x1CBF), (0x1D00, 0x1D2B),
+    (0x1D6B, 0x1D77), (0x1D79, 0x1D9A), (0x1E00, 0x1F15), (0x1F18, 0x1F1D), (0x1F20, 0x1F45), (0x1F48, 0x1F4D),
+    (0x1F50, 0x1F57), (0x1F59, 0x1F59), (0x1F5B, 0x1F5B), (0x1F5D, 0x1F5D), (0x1F5F, 0x1F7D), (0x1F80, 0x1FB4),
+    (0x1FB6, 0x1FBC), (0x1FBE, 0x1FBE), (0x1FC2, 0x1FC4), (0x1FC6, 0x1FCC), (0x1FD0, 0x1FD3), (0x1FD6, 0x1FDB),
+    (0x1FE0, 0x1FEC), (0x1FF2, 0x1FF4), (0x1FF6, 0x1FFC), (0x2102, 0x2102), (0x2107, 0x2107), (0x210A, 0x2113),
+    (0x2115, 0x2115), (0x2119, 0x211D), (0x2124, 0x2124), (0x2126, 0x2126), (0x2128, 0x2128), (0x212A, 0x212D),
+    (0x212F, 0x2134), (0x2139, 0x2139), (0x213C, 0x213F), (0x2145, 0x2149), (0x214E, 0x214E), (0x2183, 0x2184),
+    (0x2C00, 0x2C7B), (0x2C7E, 0x2CE4), (0x2CEB, 0x2CEE), (0x2CF2, 0x2CF3), (0xA640, 0xA66D), (0xA680, 0xA69B),
+    (0xA722, 0xA76F), (0xA771, 0xA787), (0xA78B, 0xA78E), (0xAB70, 0xABBF), (0xFB00, 0xFB06), (0xFB13, 0xFB17),
+    (0xFF21, 0xFF3A), (0xFF41, 0xFF5A), (0x10400, 0x1044F), (0x104B0, 0x104D3), (0x104D8, 0x104FB),
+    (0x10C80, 0x10CB2), (0x10CC0, 0x10CF2), (0x118A0, 0x118DF), (0x1E900, 0x1E943),
+)
+
+
+def _char_class(ranges) -> str:
+  """A regular expression's class of the (first, last) code point ranges, each code point written as \\x{HHHH}."""
+  return "[" + "".join(f"\\x{{{a:X}}}" + (f"-\\x{{{b:X}}}" if b != a else "") for a, b in ranges) + "]"
+
+
+def _deepseek_llm_pre_tokenizer():
+  # DeepSeek LLM (LLaMA architecture; 7B and 67B), llama.cpp's "deepseek-llm": each line break alone; then runs of the
+  # letters above with at most one whitespace before them; then runs of ASCII punctuation and symbols, their
+  # full-width forms, the curly quotes and the ideographic space, comma and full stop, again with at most one
+  # whitespace before; then the whitespace that ends a piece; then runs of CJK ideographs, Hangul and everything from
+  # U+0800 up to the ideographs; then runs of digits (any numeric character). Each split works within the pieces the
+  # earlier ones left and keeps what it cuts out. The ASCII range of the punctuation split runs from ":" to "~" over
+  # the ASCII letters, so it also cuts ASCII letters out of a letter run that holds others (" Été" becomes " É", "t",
+  # "é"), in llama.cpp as in the model's tokenizer.json. That file (as others copy it) splits each digit off where
+  # llama.cpp keeps a run together; no token of the vocabulary holds two numeric characters, so the ids are the same.
+  # No GPT-2 regex after the splits. As with DeepSeek Coder, llama.cpp takes a space beyond ASCII (U+2003, U+3000,
+  # ...) as whitespace only, where these expressions (with transformers too) also let the CJK split's range from
+  # U+0800 and the punctuation split's ideographic space take it, so a text with such a space can split differently.
+  punctuation = ((0x21, 0x2F), (0x3A, 0x7E), (0xFF01, 0xFF0F), (0xFF1A, 0xFF5E), (0x2018, 0x201F), (0x3000, 0x3002))
+  splits = [r"[\r\n]", r"\s?" + _char_class(_DEEPSEEK_LLM_LETTERS) + "+", r"\s?" + _char_class(punctuation) + "+",
+            r"\s+$", "[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+"]
+  return pre_tokenizers.Sequence(
+      [pre_tokenizers.Split(tokenizers.Regex(r), behavior="isolated", invert=False) for r in splits]
+      + [pre_tokenizers.Digits(individual_digits=False), pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                  use_regex=False)])
+
+
 def _falcon_pre_tokenizer():
   # Falcon's split (llama.cpp's "falcon"): runs of punctuation and of the symbols $+<=>^~|` first,
   # then the GPT-2 regex on each piece, then groups of three ASCII digits within the digit runs it leaves.
@@ -177,6 +227,7 @@ GGUF_PRE_TOKENIZERS: dict[str, Callable[[], Any]] = {
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen"), _split_then_bytes("")),
     "qwen35": _split_then_bytes("", marks=True),
     "deepseek-coder": _deepseek_coder_pre_tokenizer,
+    "deepseek-llm": _deepseek_llm_pre_tokenizer,
     "falcon": _falcon_pre_tokenizer,
     "gpt-4o": _cased_words_then_bytes(True, "{1,3}"),
     "tekken": _cased_words_then_bytes(False, ""),
