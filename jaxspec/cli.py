@@ -259,7 +259,7 @@ def _cmd_train(args) -> int:
   except ImportError as e:
     raise InputError(f"The training package is not importable ({e}); install jaxspec from a source checkout "
                      "(pip install -e .).") from None
-  main_train(args.config, args.overrides)
+  main_train(args.config, args.overrides, check_only=args.check)
   return 0
 
 
@@ -376,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
   t.add_argument("config", help="a YAML or TOML file, e.g. configs/bpd_smollm2.yaml")
   t.add_argument("overrides", nargs="*", default=[],  # (a default: argparse called it required without one)
                  help="key=value overrides, dotted for sections (optim.lr=3e-4); mesh=data=2,model=4 trains sharded")
+  t.add_argument("--check", action="store_true",
+                 help="check the config and its overrides (keys, types, ranges, the folders it reads and writes) as a "
+                      "run does before any work, print the settings it would use, and exit without training")
   t.set_defaults(func=_cmd_train)
   return p
 

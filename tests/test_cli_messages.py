@@ -177,6 +177,26 @@ def test_a_key_written_twice_is_refused_and_merges_still_work(tmp_path, capsys):
   assert read_config_file(config)["train"] == {"steps": 5, "lr": 1}
 
 
+def test_train_check_prints_the_settings_and_trains_nothing(tmp_path, capsys, monkeypatch):
+  """`jaxspec train CONFIG --check [overrides]`: the settings the run would use (overrides applied) on stdout, exit
+  0, no task run and no folder written; a config that fails a check fails the same way as a run."""
+  import json
+
+  import training.tasks as tasks
+  monkeypatch.setitem(tasks.TASKS, "bpd", (tasks.TASKS["bpd"][0], lambda *a, **k: pytest.fail("trained")))
+  config = tmp_path / "c.yaml"
+  config.write_text(f"task: bpd\nout: {tmp_path / 'out'}\ntrain:\n  checkpoint_dir: {tmp_path / 'ckpt'}\n")
+  assert cli.main(["train", str(config), "--check", "optim.lr=1e-4", "heads.num_heads=3"]) == 0
+  out, err = capsys.readouterr()
+  settings = json.loads(out)
+  assert settings["task"] == "bpd" and settings["optim"]["lr"] == 1e-4 and settings["heads"]["num_heads"] == 3
+  assert "passes the checks made before any work" in err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]
+  assert "did you mean 'optim.lr'" in fails(["train", str(config), "--check", "optim.lrr=1"], capsys)
+  (tmp_path / "out").write_text("a file")
+  assert "is a file, not a folder" in fails(["train", str(config), "--check"], capsys)
+
+
 # ---- generate's flags --------------------------------------------------------------------------------------------
 
 def test_top_k_and_top_p_at_temperature_0_are_said_to_do_nothing(tiny_target, capsys):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -286,13 +287,21 @@ def check_inputs(cfg: Any) -> None:
     datasets.load_finished(folder)
 
 
-def main_train(path: str, overrides=(), progress: bool = True) -> dict:
-  """`jaxspec train CONFIG [key=value ...]`: runs the task the file names and prints its summary."""
+def main_train(path: str, overrides=(), progress: bool = True, check_only: bool = False) -> dict:
+  """`jaxspec train CONFIG [key=value ...]`: runs the task the file names and prints its summary. With `check_only`
+  (`--check`), runs the checks made before any work and prints the settings the run would use instead."""
   cfg, fn = load_task_config(path, overrides)
   check_processes(cfg)
   check_writable(cfg)
   check_assets(cfg)
   check_inputs(cfg)
+  if check_only:
+    from training.config import to_dict
+    task = next(name for name, (cls, _) in TASKS.items() if isinstance(cfg, cls))
+    print(json.dumps({"task": task, **to_dict(cfg)}, indent=1))
+    print(f"{path}: a {task} run with these settings passes the checks made before any work; what needs the model "
+          "(heads or drafts that fit it, prompts within its context) is checked when the run starts.", file=sys.stderr)
+    return {}
   summary = fn(cfg, progress=progress)
   print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
   return summary
