@@ -553,3 +553,78 @@ def test_the_rescorer_splits_its_prompts_as_the_heads_were_split(tmp_path):
     _check_split(dataclasses.replace(cfg, split_seed=1), DEFAULT_BPD_HEADS)
   (tmp_path / "config.json").write_text(json.dumps({"bpd": {}}))  # heads saved by hand: nothing recorded
   _check_split(dataclasses.replace(cfg, split_seed=1), tmp_path)
+
+
+# ---- OPT-Tree over the rescored lattice --------------------------------------------------------------------------
+
+def _rescored_tree(bpd, lm, n, depth, t, **kw):
+  from jaxspec.decoding.lattice import NgramHeadsTreeSource
+  from jaxspec.decoding.opt_tree import OptTreeDrafter
+  return OptTreeDrafter(NgramHeadsTreeSource(bpd, lm, top_t=t, width=n), nodes=n, depth=depth, width=n, branch=n,
+                        **kw)
+
+
+def test_a_tree_of_rescored_heads_holds_the_best_paths_by_interpolated_score(setup):
+  """One propose of the tree over n-gram-rescored heads (frontier as wide as the budget) holds exactly the N best
+  paths of the top-t lattice, each path scored by sum over its tokens of (1 - w) * head log-prob + w * n-gram log-prob
+  given the history, the pending token and the path before it (brute force over every path up to the depth): so
+  each node reads its own path's context, not its depth's or a sibling's."""
+  from jaxspec.decoding.bpd import BPDDrafter
+  from jaxspec.decoding.protocol import PrefillInfo
+  from tests.test_opt_tree import fake_loop
+
+  model, params, bpd, dp, _, _, _ = setup
+  rng = np.random.default_rng(5)
+  lm, tables, _ = build_ngram([rng.integers(0, 40, 80).tolist() for _ in range(30)], 3, model.vocab_size)
+  t, n, depth, w = 4, 7, 3, 0.6
+  drafter = _rescored_tree(bpd, lm, n, depth, t)
+  tdp = lattice_draft_params(dp, weight=w, ngram={k: jnp.asarray(v) for k, v in tables.items()})
+  prompts, pending = [[3, 17, 25], [9, 9, 30]], [12, 30]
+  hidden = jnp.asarray(rng.normal(size=(2, model.cfg.d_model)), jnp.float32)
+  prefill = PrefillInfo(jnp.asarray(prompts, jnp.int32), jnp.asarray([3, 3]), hidden, jnp.zeros((2, model.vocab_size)),
+                        jnp.asarray(pending, jnp.int32), capacity=16)
+  draft, _ = jax.jit(lambda p, s: drafter.propose(p, s, fake_loop(pending)))(tdp, drafter.init(tdp, prefill))
+  logits = np.asarray(BPDDrafter(bpd).head_logits(dp, hidden, jnp.asarray(pending, jnp.int32)), np.float64)
+  logp = logits - logits.max(-1, keepdims=True)
+  logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  for b in range(2):
+    cands = [np.argsort(-logp[b, i])[:t] for i in range(depth)]
+    score = {}
+    for d in range(1, depth + 1):
+      for ch in np.ndindex(*(t,) * d):
+        path = tuple(int(cands[i][c]) for i, c in enumerate(ch))
+        score[path] = sum((1 - w) * logp[b, i, path[i]] + w * math.log(exact_prob(
+            tables, lm, prompts[b] + [pending[b]] + list(path[:i]), path[i])) for i in range(d))
+    want = set(sorted(score, key=lambda p: score[p] - 1e-3 * len(p), reverse=True)[:n])
+    toks, parents = np.asarray(draft.tokens_BxN[b]).tolist(), np.asarray(draft.parent_BxN[b]).tolist()
+    got = set()
+    for i in range(n):
+      path, j = [], i
+      while j >= 0:
+        path.insert(0, toks[j])
+        j = parents[j]
+      got.add(tuple(path))
+    assert got == want, b
+
+
+def test_rescored_trees_equal_greedy_and_accept_more(setup):
+  """Trees over heads rescored by an n-gram LM of the target's own text give greedy decoding's tokens and accept
+  more than the heads' own trees of the same budget; at weight 0 with the whole vocabulary as candidates they are
+  the heads' own trees (the same steps). Greedy only: a sampling rule is refused."""
+  from jaxspec.decoding.opt_tree import HeadsTreeSource, OptTreeDrafter
+  from jaxspec.decoding.accept import SampleAcceptance
+
+  model, params, bpd, dp, greedy, lm, ng = setup
+  plain = generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=OptTreeDrafter(
+      HeadsTreeSource(bpd), nodes=8, depth=3, width=8, branch=8), draft_params=dp)
+  rescored = generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=_rescored_tree(bpd, lm, 8, 3, 8),
+                      draft_params=lattice_draft_params(dp, weight=0.7, ngram=ng))
+  assert plain.tokens == rescored.tokens == greedy.tokens
+  assert rescored.tau > plain.tau * 1.2, (rescored.tau, plain.tau)
+  same = generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=_rescored_tree(bpd, lm, 8, 3, model.vocab_size),
+                  draft_params=lattice_draft_params(dp, weight=0.0, ngram=ng))
+  assert same.tokens == greedy.tokens and same.target_calls == plain.target_calls
+  np.testing.assert_array_equal(same.accept_hist, plain.accept_hist)
+  with pytest.raises(InputError, match="greedy"):
+    generate(model, params, PROMPTS, max_new_tokens=4, drafter=_rescored_tree(bpd, lm, 8, 3, 8),
+             draft_params=lattice_draft_params(dp, weight=0.7, ngram=ng), temperature=1.0)

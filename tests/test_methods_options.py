@@ -16,10 +16,11 @@ from jaxspec.decoding.bpd import BPDDrafter, TopKAcceptance
 from jaxspec.decoding.generate import generate
 from jaxspec.decoding.eagle import EagleDrafter
 from jaxspec.decoding.jacobi import JacobiDrafter
-from jaxspec.decoding.lattice import LatticeDrafter
+from jaxspec.decoding.lattice import LatticeDrafter, NgramHeadsTreeSource
 from jaxspec.decoding.lookup import WithLookup
 from jaxspec.decoding.opt_tree import HeadsTreeSource, OptTreeDrafter
 from jaxspec.decoding.speculative import DraftModelDrafter
+from jaxspec.errors import InputError
 from jaxspec.models.bpd import save_bpd
 from jaxspec.models.draft import save_draft
 from jaxspec.models.eagle import EagleDraft, save_eagle
@@ -154,6 +155,9 @@ RUNNERS = [
      lambda d: (d.top_t, d.beams, d.width) == (3, 3, 27)),
     ("bpd-neural:heads={p}/heads:rescore={p}/rescore:draft={p}/draft",
      lambda d: type(d) is LatticeDrafter and d.rescorer == "neural" and d.lm.gamma == 3),
+    ("opt-tree:heads={p}/heads:rescore={p}/rescore:nodes=8:depth=3",  # the exact tree over the rescored lattice
+     lambda d: type(d) is OptTreeDrafter and type(d.source) is NgramHeadsTreeSource and d.source.top_t == 4
+     and (d.nodes, d.depth, d.width, d.branch, d.source.width) == (8, 3, 8, 8, 8)),
 ]
 
 
@@ -165,6 +169,22 @@ def test_each_methods_runner_decodes_greedy_output(target, parts, greedy, monkey
   assert check(kwargs["drafter"]), kwargs["drafter"]
   assert kwargs["acceptor"] is None and getattr(run, "lossless", True)
   assert res.tokens == greedy
+
+
+def test_tree_rescoring_options_say_what_they_need(target, parts):
+  """rescore= applies to the heads' trees (another drafter has its own LM); t= and weight= only with it; the
+  rescored tree is greedy only. Each is one clear error when the method is built."""
+  from jaxspec.bench.methods import Unavailable
+  model, params = target
+  ctx = BenchContext(model, params, Tokenizer())
+  for text, message in ((f"opt-tree:drafter=layerskip:rescore={parts}/rescore", "drafter=layerskip drafts with its"),
+                        (f"opt-tree:heads={parts}/heads:weight=0.5", "give rescore=default")):
+    _, name, opts = parse_method(text)
+    with pytest.raises(InputError, match=message):
+      METHODS[name].build(ctx, opts)
+  _, name, opts = parse_method(f"opt-tree:heads={parts}/heads:rescore={parts}/rescore")
+  with pytest.raises(Unavailable, match="greedy only"):
+    METHODS[name].build(BenchContext(model, params, Tokenizer(), temperature=1.0), opts)
 
 
 def test_the_lattice_oracle_runner_drafts_the_greedy_output(target, parts, greedy, monkeypatch):

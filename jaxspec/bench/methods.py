@@ -269,13 +269,14 @@ def _bpd(ctx: BenchContext, opts: dict) -> Runner:
 DEFAULT_RESCORE = ASSETS / "bpd_rescore_smollm2"
 
 
-def _rescore_setup(ctx: BenchContext, opts: dict, what: str):
-  """The tuned settings of the shipped rescorers (or `rescore=FOLDER`), the n-gram tables and the heads."""
+def _ngram_rescorer(ctx: BenchContext, opts: dict, what: str):
+  """`(n-gram LM, its tables, the tuned settings)` of the shipped rescorer (or `rescore=FOLDER`; `default` names the
+  shipped one), checked against the target's vocabulary; greedy only."""
   from jaxspec.models.ngram import load_ngram
 
   if ctx.temperature > 0:
     raise Unavailable(f"{what} drafts carry no probabilities: greedy only")
-  folder = Path(opts.get("rescore", DEFAULT_RESCORE))
+  folder = Path(DEFAULT_RESCORE if opts.get("rescore", "default") == "default" else opts["rescore"])
   try:
     lm, tables, cfg = load_ngram(folder)
   except ModelLoadError as e:
@@ -285,7 +286,13 @@ def _rescore_setup(ctx: BenchContext, opts: dict, what: str):
                       f"{ctx.model.vocab_size}: pass rescore=FOLDER with a rescorer built for this model (a `task: "
                       "rescore` config whose model.path is this model, as configs/bpd_rescore_smollm2.yaml is for the "
                       "default one)")
-  tuned = cfg.get("tuned", {})
+  return lm, tables, cfg.get("tuned", {})
+
+
+def _rescore_setup(ctx: BenchContext, opts: dict, what: str):
+  """The tuned settings of the shipped rescorers (or `rescore=FOLDER`), the n-gram tables and the heads."""
+  lm, tables, tuned = _ngram_rescorer(ctx, opts, what)
+  folder = Path(DEFAULT_RESCORE if opts.get("rescore", "default") == "default" else opts["rescore"])
   # the heads the weights were tuned with, when the rescorer names them (else the shipped ones), unless given
   if "heads" not in opts and tuned.get("heads"):
     if not (Path(tuned["heads"]) / "heads.safetensors").exists():
@@ -570,6 +577,19 @@ def _tree_source(ctx: BenchContext, opts: dict, depth: int | None = None):
   from jaxspec.decoding.opt_tree import HeadsTreeSource, LMTreeSource
 
   kind = opts.get("drafter", "heads")
+  if "rescore" in opts and kind != "heads":
+    raise InputError(f"opt-tree: rescore= rescores the BPD heads' lattice; drafter={kind} drafts with its own LM.")
+  if "rescore" not in opts and ("t" in opts or "weight" in opts):
+    raise InputError("opt-tree: t= and weight= set the n-gram rescoring of the heads' tree: give rescore=default "
+                     "(or rescore=FOLDER) too.")
+  if kind == "heads" and "rescore" in opts:  # the heads' lattice rescored by an n-gram LM along each path
+    from jaxspec.decoding.lattice import NgramHeadsTreeSource, lattice_draft_params
+    lm, tables, tuned = _ngram_rescorer(ctx, opts, "opt-tree:rescore")
+    bpd, dp = _load_heads(ctx, {"heads": opts["heads"]} if "heads" in opts else {}, depth)
+    t = int(opts.get("t", tuned.get("top_t", 16)))
+    weight = float(opts.get("weight", tuned.get("ngram_weight", 0.3)))
+    return ((lambda width: NgramHeadsTreeSource(bpd, lm, top_t=t, width=width)),
+            lattice_draft_params(dp, weight=weight, ngram=tables), bpd.num_heads, None)
   if kind == "heads":
     bpd, dp = _load_heads(ctx, {"heads": opts["heads"]} if "heads" in opts else {}, depth)
     return (lambda width: HeadsTreeSource(bpd)), dp, bpd.num_heads, None
@@ -645,7 +665,7 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
     big_n, big_d = 64, max_depth
     cw, cb = tree_shape(big_n, big_d)  # the shape the run's trees take: E[A](n, d) must describe them
     key = ("opt-tree-calibration", opts.get("drafter", "heads"), opts.get("heads"), opts.get("layers"),
-           opts.get("draft"), cw, cb)
+           opts.get("draft"), opts.get("rescore"), opts.get("t"), opts.get("weight"), cw, cb)
     if key not in ctx.cache:
       ctx.tell("opt-tree:nodes=auto: measuring the drafter's calibration tree and the verify cost t(n) at 10 tree "
                "sizes, each compiled once (minutes on a CPU)")
@@ -829,7 +849,7 @@ for _spec in [
     MethodSpec("opt-tree", "draft trees grown to maximise expected acceptance length under a node budget (Wang et al. "
                "2024); shape=static / shape=chain: fixed trees on the same drafter, as baselines", True, _opt_tree,
                options=("drafter", "heads", "layers", "draft", "vocab", "nodes", "depth", "width", "branch",
-                        "threshold", "shape", "lookup", "graft", "gate")),
+                        "threshold", "shape", "lookup", "graft", "gate", "rescore", "t", "weight")),
     MethodSpec("t5x-greedy", "T5X's decoding.temperature_sample driving the same model: temperature=0, or the run's "
                "temperature / top-k / top-p (baseline)",
                True, _t5x, baseline=True),
@@ -864,6 +884,8 @@ OPTION_HELP: dict = {
                             "tokens occurred before, M in 1..3 (default: off)",
     "graft": "with lookup=M: 1 adds the copy as a branch, 0 puts it in place of the tree (default 1)",
     "rescore": "rescorer folder (default jaxspec/assets/bpd_rescore_smollm2)",
+    ("opt-tree", "rescore"): "with the BPD heads: score each node's children with this rescorer's n-gram LM along the "
+                             "node's path (a folder, or default: jaxspec/assets/bpd_rescore_smollm2; greedy only)",
     "t": "lattice entries per head (default: the rescorer's tuned t)",
     ("bpd-oracle", "t"): "lattice entries per head (default 16)",
     "beams": "n-gram drafts verified per step, as one tree (default: the rescorer's tuned value)",

@@ -305,3 +305,136 @@ def lattice_draft_params(bpd_draft: dict, *, weight: float = 0.0, ngram: dict | 
   if reference_BxR is not None:
     out["reference_BxR"] = jnp.asarray(reference_BxR, jnp.int32)
   return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Rescored trees: OPT-Tree over the heads' lattice, each node's children scored with the n-gram LM along its path.
+
+
+@flax.struct.dataclass
+class RescoredTreeState:
+  hidden_BxD: Array  # the target's hidden state that predicted the pending token
+  hist_BxH: Array  # the H committed tokens before the pending token, oldest first (-1: before the text)
+  pending_B: Array  # the pending token of the last propose
+
+
+@dataclasses.dataclass(frozen=True)
+class NgramHeadsTreeSource:
+  """OPT-Tree's distributions from BPD heads rescored by an n-gram LM along each node's path.
+
+  A node at depth d - 1 proposes as children its depth's head's top-t tokens, each scored (1 - w) * log p_head +
+  w * log p_ngram(token | the history, the pending token and the node's path): the same interpolation as the `ngram`
+  lattice rescorer, here per tree node, so siblings under different parents get different scores (with the heads
+  alone every node of a depth has the same children). The scores are not renormalised: at w = 0 the tree is the heads'
+  own over their top-t tokens, and every score is <= 0, so a path never scores above its prefix and a frontier of N
+  nodes still finds the N best paths. The tree's expected acceptance is then a proxy (a geometric mixture, at most
+  the probability it would be), which changes the budget a calibration picks, never the output: every draft is
+  verified with greedy acceptance. Greedy only (no statistical test covers these scores as a sampling q).
+
+  `draft_params`: `lattice_draft_params(bpd_draft_params(...), weight=w, ngram=tables)`. `width` is the tree's
+  frontier width (the paths of its frontiers are kept in a buffer of that width).
+  """
+
+  bpd: BPDModel
+  ngram: NgramLM
+  top_t: int = 16
+  width: int = 4
+  needs_params = "jaxspec.decoding.lattice.lattice_draft_params(bpd_draft_params(...), weight=w, ngram=tables)"
+  greedy_only = True
+
+  def __post_init__(self):
+    if self.top_t < 1 or self.width < 1:
+      raise InputError(f"Need top_t >= 1 and width >= 1, got top_t={self.top_t}, width={self.width}.")
+
+  @property
+  def _heads(self):
+    from jaxspec.decoding.opt_tree import HeadsTreeSource
+    return HeadsTreeSource(self.bpd)
+
+  @property
+  def _hist_len(self) -> int:
+    return self.ngram.order - 1
+
+  def calls(self, depth):
+    return 0
+
+  def check_target(self, target) -> None:
+    self._heads.check_target(target)
+    vocab = getattr(target, "vocab_size", None)
+    if vocab is not None and self.ngram.vocab_size != vocab:
+      raise InputError(f"The n-gram LM was counted over {self.ngram.vocab_size} token ids and the target has {vocab}: "
+                       "count it on the target's tokens (jaxspec.models.ngram.build_ngram with its vocabulary size).")
+
+  def check_draft_params(self, target, draft_params) -> None:
+    require_entries("NgramHeadsTreeSource", draft_params, ("bpd", "ngram", "weight"), self.needs_params)
+    self._heads.check_draft_params(target, draft_params["bpd"])
+    m = int(jnp.shape(draft_params["bpd"]["proj_DxM"])[-1])
+    if self.top_t > m:
+      raise InputError(f"The lattice's t={self.top_t} candidates per column are more than the {m} tokens these heads "
+                       f"draft from: give t={m} or less.")
+
+  def init(self, draft_params, prefill: PrefillInfo, extra_slots: int, depth: int) -> RescoredTreeState:
+    hidden_BxD = self._heads.init(draft_params["bpd"], prefill, extra_slots, depth)
+    h = self._hist_len
+    idx_BxH = prefill.lengths_B[:, None] - h + jnp.arange(h, dtype=jnp.int32)[None]
+    hist_BxH = jnp.where(idx_BxH >= 0, jnp.take_along_axis(prefill.tokens_BxP, jnp.maximum(idx_BxH, 0), axis=1), -1)
+    return RescoredTreeState(hidden_BxD, hist_BxH.astype(jnp.int32), prefill.first_B.astype(jnp.int32))
+
+  def to_tokens(self, draft_params, idx):
+    return self._heads.to_tokens(draft_params["bpd"], idx)
+
+  def _scores(self, draft_params, ctx_BxWxH, val_BxT, idx_BxT, ids_BxT, m: int) -> Array:
+    """`[B, W, M]`: the interpolated scores of the t candidates after each of W contexts, -inf elsewhere."""
+    b, w, h = ctx_BxWxH.shape
+    t = val_BxT.shape[-1]
+    wt = draft_params["weight"]
+    lp_BxWxT = self.ngram.log_prob(draft_params["ngram"], jnp.broadcast_to(ctx_BxWxH[:, :, None], (b, w, t, h)),
+                                   jnp.broadcast_to(ids_BxT[:, None], (b, w, t)))
+    score_BxWxT = (1.0 - wt) * val_BxT[:, None] + wt * lp_BxWxT
+    out = jnp.full((b, w, m), -jnp.inf, jnp.float32)
+    return out.at[jnp.arange(b)[:, None, None], jnp.arange(w)[None, :, None], idx_BxT[:, None]].set(score_BxWxT)
+
+  def begin(self, draft_params, sstate: RescoredTreeState, loop, logp_fn):
+    logits_BxKxM = BPDDrafter(self.bpd).head_logits(draft_params["bpd"], sstate.hidden_BxD, loop.pending_B)
+    logp_BxKxM = logp_fn(logits_BxKxM)
+    b, k, m = logp_BxKxM.shape
+    val_BxKxT, idx_BxKxT = jax.lax.top_k(logp_BxKxM, min(self.top_t, m))
+    ids_BxKxT = self.to_tokens(draft_params, idx_BxKxT)
+    base_BxH = jnp.concatenate([sstate.hist_BxH, loop.pending_B[:, None].astype(jnp.int32)], axis=1)[:, 1:]
+    root_BxM = self._scores(draft_params, base_BxH[:, None], val_BxKxT[:, 0], idx_BxKxT[:, 0], ids_BxKxT[:, 0], m)
+    paths_BxR = jnp.zeros((b, k * self.width), jnp.int32)  # each depth's frontier tokens, depth by depth
+    ctx = (val_BxKxT, idx_BxKxT, ids_BxKxT, base_BxH, paths_BxR)
+    return root_BxM[:, 0], ctx, sstate.replace(pending_B=loop.pending_B.astype(jnp.int32))
+
+  def expand(self, draft_params, ctx, d: Array, front_BxW: Array, anc_BxWxR: Array, logp_fn) -> tuple[Array, Any]:
+    """The children's scores `[B, W, M]` of the depth-(d-1) frontier `front_BxW`: its nodes' paths are their
+    ancestors' tokens (one per earlier depth, read from the frontiers kept so far through `anc_BxWxR`) and their own."""
+    val_BxKxT, idx_BxKxT, ids_BxKxT, base_BxH, paths_BxR = ctx
+    b, w = front_BxW.shape
+    r = anc_BxWxR.shape[-1]
+    h = self._hist_len
+    paths_BxR = jax.lax.dynamic_update_slice_in_dim(paths_BxR, front_BxW.astype(jnp.int32), (d - 2) * w, axis=1)
+    j = r // w  # earlier depths the ancestor mask covers
+    anc_tok_BxWxJ = jnp.sum(jnp.where(anc_BxWxR.reshape(b, w, j, w), paths_BxR[:, None, :r].reshape(b, 1, j, w), 0),
+                            axis=-1)
+    path_BxWxJ = jax.lax.dynamic_update_slice_in_dim(anc_tok_BxWxJ, front_BxW[:, :, None].astype(jnp.int32), d - 2,
+                                                     axis=2)  # depths 1 .. d-1; later ones unused
+    seq_BxWxL = jnp.concatenate([jnp.broadcast_to(base_BxH[:, None], (b, w, h)), path_BxWxJ], axis=-1)
+    ctx_BxWxH = jax.lax.dynamic_slice_in_dim(seq_BxWxL, d - 1, h, axis=2)  # the h tokens up to the node's own
+    pick = lambda x: jax.lax.dynamic_index_in_dim(x, d - 1, axis=1, keepdims=False)  # noqa: E731
+    m = self.bpd_vocab(draft_params)
+    scores = self._scores(draft_params, ctx_BxWxH, pick(val_BxKxT), pick(idx_BxKxT), pick(ids_BxKxT), m)
+    return scores, (val_BxKxT, idx_BxKxT, ids_BxKxT, base_BxH, paths_BxR)
+
+  def bpd_vocab(self, draft_params) -> int:
+    """M, the tokens the heads draft from (a vocabulary subset's size, or the target's vocabulary)."""
+    return int(jnp.shape(draft_params["bpd"]["proj_DxM"])[-1])
+
+  def update(self, draft_params, sstate: RescoredTreeState, ctx, verified: Verified) -> RescoredTreeState:
+    hidden_BxD = self._heads.update(draft_params["bpd"], sstate.hidden_BxD, None, verified)
+    acc = verified.acceptance
+    h = self._hist_len
+    buf_BxL = jnp.concatenate([sstate.hist_BxH, sstate.pending_B[:, None], acc.emitted_BxT.astype(jnp.int32)], axis=1)
+    hist_BxH = jnp.take_along_axis(buf_BxL, acc.n_commit_B[:, None] + jnp.arange(h, dtype=jnp.int32)[None], axis=1)
+    return sstate.replace(hidden_BxD=hidden_BxD, hist_BxH=jnp.where(verified.active_B[:, None], hist_BxH,
+                                                                     sstate.hist_BxH))

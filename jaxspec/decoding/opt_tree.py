@@ -291,6 +291,11 @@ class OptTreeDrafter:
     return self.nodes
 
   @property
+  def greedy_only(self) -> bool:
+    """As its source (the n-gram-rescored heads are greedy only): the loop then refuses a sampling rule."""
+    return getattr(self.source, "greedy_only", False)
+
+  @property
   def is_chain(self) -> bool:
     return self.shape == "chain"
 
