@@ -612,7 +612,6 @@ def test_rescored_trees_equal_greedy_and_accept_more(setup):
   more than the heads' own trees of the same budget; at weight 0 with the whole vocabulary as candidates they are
   the heads' own trees (the same steps). Greedy only: a sampling rule is refused."""
   from jaxspec.decoding.opt_tree import HeadsTreeSource, OptTreeDrafter
-  from jaxspec.decoding.accept import SampleAcceptance
 
   model, params, bpd, dp, greedy, lm, ng = setup
   plain = generate(model, params, PROMPTS, max_new_tokens=NEW, drafter=OptTreeDrafter(
