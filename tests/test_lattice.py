@@ -627,3 +627,5 @@ def test_rescored_trees_equal_greedy_and_accept_more(setup):
   with pytest.raises(InputError, match="greedy"):
     generate(model, params, PROMPTS, max_new_tokens=4, drafter=_rescored_tree(bpd, lm, 8, 3, 8),
              draft_params=lattice_draft_params(dp, weight=0.7, ngram=ng), temperature=1.0)
+  with pytest.raises(InputError, match="share in 0..1"):  # past 1 a child could outscore its parent
+    lattice_draft_params(dp, weight=1.5, ngram=ng)

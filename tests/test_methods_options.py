@@ -178,13 +178,31 @@ def test_tree_rescoring_options_say_what_they_need(target, parts):
   model, params = target
   ctx = BenchContext(model, params, Tokenizer())
   for text, message in ((f"opt-tree:drafter=layerskip:rescore={parts}/rescore", "drafter=layerskip drafts with its"),
-                        (f"opt-tree:heads={parts}/heads:weight=0.5", "give rescore=default")):
+                        (f"opt-tree:heads={parts}/heads:weight=0.5", "give rescore=default"),
+                        (f"opt-tree:heads={parts}/heads:rescore={parts}/rescore:nodes=auto", "give nodes=N and no gate"),
+                        (f"opt-tree:heads={parts}/heads:rescore={parts}/rescore:gate=auto", "give nodes=N and no gate"),
+                        (f"opt-tree:heads={parts}/heads:rescore={parts}/rescore:gate=0.5", "give nodes=N and no gate")):
     _, name, opts = parse_method(text)
     with pytest.raises(InputError, match=message):
       METHODS[name].build(ctx, opts)
   _, name, opts = parse_method(f"opt-tree:heads={parts}/heads:rescore={parts}/rescore")
   with pytest.raises(Unavailable, match="greedy only"):
     METHODS[name].build(BenchContext(model, params, Tokenizer(), temperature=1.0), opts)
+  # Without heads=, the heads the rescorer was tuned with (as bpd-ngram takes them), not the shipped ones, which
+  # read another model's hidden states.
+  import json
+  import shutil
+  tuned = parts / "rescore_tuned_heads"
+  shutil.copytree(parts / "rescore", tuned, dirs_exist_ok=True)
+  cfg = json.loads((tuned / "config.json").read_text())
+  cfg["tuned"]["heads"] = str(parts / "heads")
+  (tuned / "config.json").write_text(json.dumps(cfg))
+  for text in (f"opt-tree:rescore={tuned}:nodes=4:depth=2", f"bpd-ngram:rescore={tuned}"):
+    _, name, opts = parse_method(text)
+    METHODS[name].build(ctx, opts)
+  from jaxspec.bench.methods import DEFAULT_RESCORE, same_method_key
+  assert same_method_key("bpd-ngram", {"rescore": "default"}) == same_method_key(
+      "bpd-ngram", {"rescore": str(DEFAULT_RESCORE)})
 
 
 def test_the_lattice_oracle_runner_drafts_the_greedy_output(target, parts, greedy, monkeypatch):

@@ -292,17 +292,23 @@ def _ngram_rescorer(ctx: BenchContext, opts: dict, what: str):
 def _rescore_setup(ctx: BenchContext, opts: dict, what: str):
   """The tuned settings of the shipped rescorers (or `rescore=FOLDER`), the n-gram tables and the heads."""
   lm, tables, tuned = _ngram_rescorer(ctx, opts, what)
+  opts = _with_tuned_heads(opts, tuned)
+  opts = {"k": str(tuned.get("k", 4)), **opts}
+  bpd, dp = _load_heads(ctx, opts)
+  return lm, tables, tuned, bpd, dp, opts
+
+
+def _with_tuned_heads(opts: dict, tuned: dict) -> dict:
+  """`opts` with the heads the rescorer's weights were tuned with, when it names them (else the shipped ones), unless
+  the options give heads."""
   folder = Path(DEFAULT_RESCORE if opts.get("rescore", "default") == "default" else opts["rescore"])
-  # the heads the weights were tuned with, when the rescorer names them (else the shipped ones), unless given
   if "heads" not in opts and tuned.get("heads"):
     if not (Path(tuned["heads"]) / "heads.safetensors").exists():
       raise Unavailable(f"the rescorer in {_shown(folder)} was tuned with the heads in {tuned['heads']} (its "
                         "config.json), which are not there: pass heads=FOLDER with those heads, or others trained "
                         "for this model")
     opts = {"heads": tuned["heads"], **opts}
-  opts = {"k": str(tuned.get("k", 4)), **opts}
-  bpd, dp = _load_heads(ctx, opts)
-  return lm, tables, tuned, bpd, dp, opts
+  return opts
 
 
 def _bpd_ngram(ctx: BenchContext, opts: dict) -> Runner:
@@ -579,12 +585,17 @@ def _tree_source(ctx: BenchContext, opts: dict, depth: int | None = None):
   kind = opts.get("drafter", "heads")
   if "rescore" in opts and kind != "heads":
     raise InputError(f"opt-tree: rescore= rescores the BPD heads' lattice; drafter={kind} drafts with its own LM.")
+  gated = opts.get("gate", "0") == "auto" or float(opts.get("gate", "0")) > 0
+  if "rescore" in opts and (opts.get("nodes") == "auto" or gated):
+    raise InputError("opt-tree: with rescore= a tree's expected acceptance is a score (the n-gram term pulls it far "
+                     "below what the tree accepts), so it cannot price a budget or a gate: give nodes=N and no gate.")
   if "rescore" not in opts and ("t" in opts or "weight" in opts):
     raise InputError("opt-tree: t= and weight= set the n-gram rescoring of the heads' tree: give rescore=default "
                      "(or rescore=FOLDER) too.")
   if kind == "heads" and "rescore" in opts:  # the heads' lattice rescored by an n-gram LM along each path
     from jaxspec.decoding.lattice import NgramHeadsTreeSource, lattice_draft_params
     lm, tables, tuned = _ngram_rescorer(ctx, opts, "opt-tree:rescore")
+    opts = _with_tuned_heads(opts, tuned)
     bpd, dp = _load_heads(ctx, {"heads": opts["heads"]} if "heads" in opts else {}, depth)
     t = int(opts.get("t", tuned.get("top_t", 16)))
     weight = float(opts.get("weight", tuned.get("ngram_weight", 0.3)))
@@ -734,7 +745,7 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
     if shape == "static":  # Medusa-style: a fixed tree from the drafter's calibrated confidence by depth and rank
       dyn = dataclasses.replace(drafter, shape="dynamic", threshold=0.0, gate=0.0)
       key = ("opt-tree-prior", opts.get("drafter", "heads"), opts.get("heads"), opts.get("layers"), opts.get("draft"),
-             nodes, depth, width, branch)
+             opts.get("rescore"), opts.get("t"), opts.get("weight"), nodes, depth, width, branch)
       if key not in ctx.cache:
         ctx.cache[key] = calibrated_prior(calibrate(dyn, sp))
       dp = static_draft_params(sp, ctx.cache[key])
@@ -949,7 +960,8 @@ MAX_OPTION = 1024
 # Whole-number options with another top: a BPD model has at most MAX_HEADS heads; a copy is verified after a match of
 # at most the n-gram a context is searched with; the n-gram search's width is partial paths scored, not tokens
 # verified (65536 x t queries per row and column at most; 4096 is exhaustive for the shipped k = 4, t = 16).
-_MAX_OF = {"k": MAX_HEADS, "lookup": WithLookup.max_ngram, ("bpd-ngram", "width"): 65536}
+_MAX_OF = {"k": MAX_HEADS, "lookup": WithLookup.max_ngram, ("bpd-ngram", "width"): 65536,
+           "weight": 1.0}  # a rescoring LM's weight: (1 - w) * heads + w * LM
 
 
 # Options whose values are words, checked when the method string is read (before any model loads), as numbers are.
@@ -966,16 +978,17 @@ def _check_option(name: str, key: str, value: str) -> None:
   if kind is None or (kind.endswith("|auto") and value == "auto"):
     return
   whole = kind.startswith("int")
-  top = _MAX_OF.get((name, key), _MAX_OF.get(key, MAX_OPTION))
+  top = _MAX_OF.get((name, key), _MAX_OF.get(key, MAX_OPTION if whole else float("inf")))
   try:
     number = int(value) if whole else float(value)
-    ok = (low <= number <= (top if whole else float("inf")) and (not below or number < below[0])  # NaN fails
+    ok = (low <= number <= top and (not below or number < below[0])  # NaN fails
           and math.isfinite(number))
   except ValueError:
     ok = False
   if not ok:
     what = (f"a whole number in {low}..{top}" if whole else
-            f"a number >= {low:g} and below {below[0]:g}" if below else f"a finite number >= {low:g}")
+            f"a number >= {low:g} and below {below[0]:g}" if below else
+            f"a number in {low:g}..{top:g}" if math.isfinite(top) else f"a finite number >= {low:g}")
     auto = " or auto" if kind.endswith("|auto") else ""
     raise InputError(f"Method option {key}={value!r} of {name!r} must be {what}{auto}.")
 
@@ -1074,6 +1087,8 @@ def same_method_key(name: str, opts: dict) -> tuple:
 
   def value(key, text):
     kind = _NUMERIC_OPTIONS.get((name, key), _NUMERIC_OPTIONS.get(key, (None,)))[0]
+    if key == "rescore" and text == "default":
+      return os.path.abspath(DEFAULT_RESCORE)
     if key in _PATH_OPTIONS:
       return os.path.abspath(text)
     if kind is None or text == "auto":

@@ -296,7 +296,10 @@ class LatticeDrafter:
 
 def lattice_draft_params(bpd_draft: dict, *, weight: float = 0.0, ngram: dict | None = None, lm: Any = None,
                          reference_BxR: Array | None = None) -> dict:
-  """The drafter's arrays: the BPD drafter's (`bpd_draft_params`), the interpolation weight and the rescorer's."""
+  """The drafter's arrays: the BPD drafter's (`bpd_draft_params`), the interpolation weight (0..1) and the
+  rescorer's."""
+  if not 0.0 <= float(weight) <= 1.0:  # (1 - w) * heads + w * LM: past 1 the heads' term would count against a token
+    raise InputError(f"The rescoring weight is a share in 0..1 of the LM's score against the heads', got {weight}.")
   out = {"bpd": bpd_draft, "weight": jnp.float32(weight)}
   if ngram is not None:
     out["ngram"] = ngram
@@ -327,9 +330,10 @@ class NgramHeadsTreeSource:
   lattice rescorer, here per tree node, so siblings under different parents get different scores (with the heads
   alone every node of a depth has the same children). The scores are not renormalised: at w = 0 the tree is the heads'
   own over their top-t tokens, and every score is <= 0, so a path never scores above its prefix and a frontier of N
-  nodes still finds the N best paths. The tree's expected acceptance is then a proxy (a geometric mixture, at most
-  the probability it would be), which changes the budget a calibration picks, never the output: every draft is
-  verified with greedy acceptance. Greedy only (no statistical test covers these scores as a sampling q).
+  nodes still finds the N best paths. The tree's expected acceptance is then a score, not a probability (the n-gram
+  term pulls it far below what the tree accepts), so nothing should price a budget or a gate with it (the bench
+  refuses `nodes=auto` and `gate=` with `rescore=`); the output never depends on it: every draft is verified with
+  greedy acceptance. Greedy only (no statistical test covers these scores as a sampling q).
 
   `draft_params`: `lattice_draft_params(bpd_draft_params(...), weight=w, ngram=tables)`. `width` is the tree's
   frontier width (the paths of its frontiers are kept in a buffer of that width).
@@ -390,7 +394,9 @@ class NgramHeadsTreeSource:
     wt = draft_params["weight"]
     lp_BxWxT = self.ngram.log_prob(draft_params["ngram"], jnp.broadcast_to(ctx_BxWxH[:, :, None], (b, w, t, h)),
                                    jnp.broadcast_to(ids_BxT[:, None], (b, w, t)))
-    score_BxWxT = (1.0 - wt) * val_BxT[:, None] + wt * lp_BxWxT
+    # <= 0 (both terms are, for a weight in 0..1; the minimum holds it for any weight): a path never scores above
+    # its prefix, which keeps the chosen nodes a tree
+    score_BxWxT = jnp.minimum((1.0 - wt) * val_BxT[:, None] + wt * lp_BxWxT, 0.0)
     out = jnp.full((b, w, m), -jnp.inf, jnp.float32)
     return out.at[jnp.arange(b)[:, None, None], jnp.arange(w)[None, :, None], idx_BxT[:, None]].set(score_BxWxT)
 

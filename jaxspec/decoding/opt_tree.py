@@ -7,12 +7,12 @@ exceeds its parent's, those N nodes always form a tree. The drafter grows it dep
 
 1. depth 1: the root's (the pending token's) top C = W * K children, each valued by its draft log-probability;
 2. depth d + 1: the W most valuable depth-d nodes (the frontier) each get their top K children from the drafter,
-   valued by the parent's value plus the child's log-probability;
+   valued by the parent's value plus the child's log-probability (or the source's score, <= 0 like one);
 3. growth stops at the maximum depth D, or earlier when one more depth raises the best tree's E[A] by less than a
    threshold for every row;
 4. the N most valuable nodes of all depths are the draft, sorted by depth (a parent always comes first).
 
-Every shape is static: the pool of candidates is `[B, D, C]`, the draft always has N nodes. Two drafters plug in:
+Every shape is static: the pool of candidates is `[B, D, C]`, the draft always has N nodes. These drafters plug in:
 
 - `LMTreeSource`: a draft language model with its own KV cache (e.g. a distilled draft or the target's first
   layers). Each depth is one draft forward over the W frontier nodes; the nodes are written into the draft cache past
@@ -21,6 +21,8 @@ Every shape is static: the pool of candidates is `[B, D, C]`, the draft always h
   start of the next step (one forward of at most D + 1 tokens, which also yields the root's distribution).
 - `HeadsTreeSource`: BPD heads. Head d's distribution is the same for every depth-d node (the heads read the
   target's hidden state, not the draft), so the tree is the top-N paths of the heads' lattice. No draft forwards.
+- `jaxspec.decoding.lattice.NgramHeadsTreeSource`: BPD heads whose top-t candidates are scored, node by node, with an
+  n-gram LM along the node's own path (Kim et al.'s lattice rescoring inside the tree; greedy only). No draft forwards.
 
 Fixed trees for comparison run on the same code: `shape="chain"` is one path of N nodes (W = K = 1), and
 `shape="static"` grows a Medusa-style static tree, chosen by a fixed prior of log-probability by depth and rank
