@@ -322,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--top-p", type=_top_p, default=1.0, help=_TOP_P_HELP)
   g.add_argument("--seed", type=_seed, default=0)
   g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-  g.add_argument("--max-len", type=_positive_int, default=None, help="upper limit on prompt + new tokens (default: the model's context "
-                 "length; the cache is sized from the request)")
+  g.add_argument("--max-len", type=_positive_int, default=None,
+                 help="upper limit on prompt + new tokens (default: the model's context length; the cache is sized "
+                      "from the request)")
   _model_options(g)
   g.add_argument("--method", default="greedy",
                  help="decoding method, as in `jaxspec bench --list-methods` (e.g. bpd, bpd:k=4). The lossless ones "

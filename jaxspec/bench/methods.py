@@ -269,6 +269,11 @@ def _bpd(ctx: BenchContext, opts: dict) -> Runner:
 DEFAULT_RESCORE = ASSETS / "bpd_rescore_smollm2"
 
 
+def _rescore_folder(opts: dict) -> Path:
+  """The rescorer folder `rescore=` names (`default`, or no option: the shipped one)."""
+  return Path(DEFAULT_RESCORE if opts.get("rescore", "default") == "default" else opts["rescore"])
+
+
 def _ngram_rescorer(ctx: BenchContext, opts: dict, what: str):
   """`(n-gram LM, its tables, the tuned settings)` of the shipped rescorer (or `rescore=FOLDER`; `default` names the
   shipped one), checked against the target's vocabulary; greedy only."""
@@ -276,7 +281,7 @@ def _ngram_rescorer(ctx: BenchContext, opts: dict, what: str):
 
   if ctx.temperature > 0:
     raise Unavailable(f"{what} drafts carry no probabilities: greedy only")
-  folder = Path(DEFAULT_RESCORE if opts.get("rescore", "default") == "default" else opts["rescore"])
+  folder = _rescore_folder(opts)
   try:
     lm, tables, cfg = load_ngram(folder)
   except ModelLoadError as e:
@@ -301,7 +306,7 @@ def _rescore_setup(ctx: BenchContext, opts: dict, what: str):
 def _with_tuned_heads(opts: dict, tuned: dict) -> dict:
   """`opts` with the heads the rescorer's weights were tuned with, when it names them (else the shipped ones), unless
   the options give heads."""
-  folder = Path(DEFAULT_RESCORE if opts.get("rescore", "default") == "default" else opts["rescore"])
+  folder = _rescore_folder(opts)
   if "heads" not in opts and tuned.get("heads"):
     if not (Path(tuned["heads"]) / "heads.safetensors").exists():
       raise Unavailable(f"the rescorer in {_shown(folder)} was tuned with the heads in {tuned['heads']} (its "
@@ -583,17 +588,17 @@ def _tree_source(ctx: BenchContext, opts: dict, depth: int | None = None):
   from jaxspec.decoding.opt_tree import HeadsTreeSource, LMTreeSource
 
   kind = opts.get("drafter", "heads")
-  if "rescore" in opts and kind != "heads":
-    raise InputError(f"opt-tree: rescore= rescores the BPD heads' lattice; drafter={kind} drafts with its own LM.")
-  gated = opts.get("gate", "0") == "auto" or float(opts.get("gate", "0")) > 0
-  if "rescore" in opts and (opts.get("nodes") == "auto" or gated):
-    raise InputError("opt-tree: with rescore= a tree's expected acceptance is a score (the n-gram term pulls it far "
-                     "below what the tree accepts), so it cannot price a budget or a gate: give nodes=N and no gate.")
   if "rescore" not in opts and ("t" in opts or "weight" in opts):
     raise InputError("opt-tree: t= and weight= set the n-gram rescoring of the heads' tree: give rescore=default "
                      "(or rescore=FOLDER) too.")
-  if kind == "heads" and "rescore" in opts:  # the heads' lattice rescored by an n-gram LM along each path
+  if "rescore" in opts:  # the heads' lattice rescored by an n-gram LM along each path
     from jaxspec.decoding.lattice import NgramHeadsTreeSource, lattice_draft_params
+    if kind != "heads":
+      raise InputError(f"opt-tree: rescore= rescores the BPD heads' lattice; drafter={kind} drafts with its own LM.")
+    if opts.get("nodes") == "auto" or opts.get("gate", "0") == "auto" or float(opts.get("gate", "0")) > 0:
+      raise InputError("opt-tree: with rescore= a tree's expected acceptance is a score (the n-gram term pulls it "
+                       "far below what the tree accepts), so it cannot price a budget or a gate: give nodes=N and no "
+                       "gate.")
     lm, tables, tuned = _ngram_rescorer(ctx, opts, "opt-tree:rescore")
     opts = _with_tuned_heads(opts, tuned)
     bpd, dp = _load_heads(ctx, {"heads": opts["heads"]} if "heads" in opts else {}, depth)
@@ -1087,10 +1092,8 @@ def same_method_key(name: str, opts: dict) -> tuple:
 
   def value(key, text):
     kind = _NUMERIC_OPTIONS.get((name, key), _NUMERIC_OPTIONS.get(key, (None,)))[0]
-    if key == "rescore" and text == "default":
-      return os.path.abspath(DEFAULT_RESCORE)
     if key in _PATH_OPTIONS:
-      return os.path.abspath(text)
+      return os.path.abspath(_rescore_folder({key: text}) if key == "rescore" else text)
     if kind is None or text == "auto":
       return text  # a choice
     return int(text) if kind.startswith("int") else float(text)

@@ -78,6 +78,42 @@ def _repeats(pending_B: Array, draft_BxK: Array) -> Array:
   return jnp.sum((seq_BxT[:, 1:] == seq_BxT[:, :-1]).astype(jnp.int32), axis=-1)
 
 
+def _heads_vocab(bpd_params) -> int:
+  """M, the tokens the heads draft from (a vocabulary subset's size, or the target's vocabulary)."""
+  return int(jnp.shape(bpd_params["proj_DxM"])[-1])
+
+
+def _check_top_t(top_t: int, bpd_params) -> None:
+  m = _heads_vocab(bpd_params)
+  if top_t > m:
+    raise InputError(f"The lattice's t={top_t} candidates per column are more than the {m} tokens these heads draft "
+                     f"from: give t={m} or less.")
+
+
+def _check_ngram_vocab(ngram: NgramLM, target) -> None:
+  vocab = getattr(target, "vocab_size", None)
+  if vocab is not None and ngram.vocab_size != vocab:
+    raise InputError(f"The n-gram LM was counted over {ngram.vocab_size} token ids and the target has {vocab}: "
+                     "count it on the target's tokens (jaxspec.models.ngram.build_ngram with its vocabulary size).")
+
+
+def _prompt_history(prefill: PrefillInfo, h: int) -> Array:
+  """`[B, h]`: each prompt's last h tokens, oldest first (-1 before the text)."""
+  idx_BxH = prefill.lengths_B[:, None] - h + jnp.arange(h, dtype=jnp.int32)[None]
+  hist_BxH = jnp.where(idx_BxH >= 0, jnp.take_along_axis(prefill.tokens_BxP, jnp.maximum(idx_BxH, 0), axis=1), -1)
+  return hist_BxH.astype(jnp.int32)
+
+
+def _next_history(hist_BxH: Array, pending_B: Array, verified: Verified) -> Array:
+  """The h committed tokens before the new pending one: the old history, the old pending token and the accepted
+  drafts, read from there (active rows; the others keep theirs)."""
+  acc = verified.acceptance
+  h = hist_BxH.shape[1]
+  buf_BxL = jnp.concatenate([hist_BxH, pending_B[:, None], acc.emitted_BxT.astype(jnp.int32)], axis=1)
+  new_BxH = jnp.take_along_axis(buf_BxL, acc.n_commit_B[:, None] + jnp.arange(h, dtype=jnp.int32)[None], axis=1)
+  return jnp.where(verified.active_B[:, None], new_BxH, hist_BxH)
+
+
 def output_rows(model, params, ids: Array) -> Array:
   """Rows of a model's output projection for token ids: `[..., D]` f32."""
   return model.output_table(params)[ids].astype(jnp.float32)
@@ -147,34 +183,25 @@ class LatticeDrafter:
     bpd_params = draft_params["bpd"]
     check_bpd_draft_params(target, bpd_params)
     require_entries("LatticeDrafter's heads", bpd_params, ("proj_DxM",), "jaxspec.decoding.bpd.bpd_draft_params")
-    m = int(jnp.shape(bpd_params["proj_DxM"])[-1])
-    if self.top_t > m:
-      raise InputError(f"The lattice's t={self.top_t} candidates per column are more than the {m} tokens these heads "
-                       "draft from: "
-                       f"give t={m} or less.")
+    _check_top_t(self.top_t, bpd_params)
 
   def check_target(self, target) -> None:
     BPDDrafter(self.bpd).check_target(target)
     if self.rescorer == "neural":
       self.lm.check_target(target)
-    vocab = getattr(target, "vocab_size", None)
-    if self.rescorer == "ngram" and vocab is not None and self.ngram.vocab_size != vocab:
-      raise InputError(f"The n-gram LM was counted over {self.ngram.vocab_size} token ids and the target has {vocab}: "
-                       "count it on the target's tokens (jaxspec.models.ngram.build_ngram with its vocabulary size).")
+    if self.rescorer == "ngram":
+      _check_ngram_vocab(self.ngram, target)
 
   @property
   def _hist_len(self) -> int:
     return self.ngram.order - 1 if self.ngram is not None else 1
 
   def init(self, draft_params, prefill: PrefillInfo) -> LatticeState:
-    h = self._hist_len
-    idx_BxH = prefill.lengths_B[:, None] - h + jnp.arange(h, dtype=jnp.int32)[None]
-    hist_BxH = jnp.where(idx_BxH >= 0, jnp.take_along_axis(prefill.tokens_BxP, jnp.maximum(idx_BxH, 0), axis=1), -1)
     lm = self.lm.init(draft_params["lm"], prefill) if self.rescorer == "neural" else ()
     k = self.bpd.num_heads
     z_K = jnp.zeros((k,), jnp.float32)
     zero = jnp.int32(0)
-    return LatticeState(prefill.hidden_BxD.astype(jnp.float32), hist_BxH.astype(jnp.int32),
+    return LatticeState(prefill.hidden_BxD.astype(jnp.float32), _prompt_history(prefill, self._hist_len),
                         prefill.first_B.astype(jnp.int32), lm, z_K, z_K, zero, zero, zero)
 
   def lattice(self, draft_params, dstate: LatticeState, pending_B: Array) -> tuple[Array, Array, Array]:
@@ -280,13 +307,9 @@ class LatticeDrafter:
     n_commit_B = acc.n_commit_B
     last_B = jnp.take_along_axis(acc.path_BxT, (n_commit_B - 1)[:, None], axis=1)[:, 0]
     h_BxD = jnp.take_along_axis(verified.hidden_BxTxD, last_B[:, None, None], axis=1)[:, 0].astype(jnp.float32)
-    # The committed tokens before the new pending one: the old history, the old pending token, the accepted drafts.
-    h = self._hist_len
-    buf_BxL = jnp.concatenate([dstate.hist_BxH, dstate.pending_B[:, None], acc.emitted_BxT.astype(jnp.int32)], axis=1)
-    hist_BxH = jnp.take_along_axis(buf_BxL, n_commit_B[:, None] + jnp.arange(h, dtype=jnp.int32)[None], axis=1)
     lm = self.lm.update(draft_params["lm"], dstate.lm, verified) if self.rescorer == "neural" else dstate.lm
     return dstate.replace(hidden_BxD=jnp.where(active_B[:, None], h_BxD, dstate.hidden_BxD),
-                          hist_BxH=jnp.where(active_B[:, None], hist_BxH, dstate.hist_BxH), lm=lm)
+                          hist_BxH=_next_history(dstate.hist_BxH, dstate.pending_B, verified), lm=lm)
 
   def stats(self, dstate: LatticeState) -> dict[str, Array]:
     """Sums for the analysis (divide by `proposals`, or by k * `proposals` for the repeat counts)."""
@@ -364,25 +387,16 @@ class NgramHeadsTreeSource:
 
   def check_target(self, target) -> None:
     self._heads.check_target(target)
-    vocab = getattr(target, "vocab_size", None)
-    if vocab is not None and self.ngram.vocab_size != vocab:
-      raise InputError(f"The n-gram LM was counted over {self.ngram.vocab_size} token ids and the target has {vocab}: "
-                       "count it on the target's tokens (jaxspec.models.ngram.build_ngram with its vocabulary size).")
+    _check_ngram_vocab(self.ngram, target)
 
   def check_draft_params(self, target, draft_params) -> None:
     require_entries("NgramHeadsTreeSource", draft_params, ("bpd", "ngram", "weight"), self.needs_params)
     self._heads.check_draft_params(target, draft_params["bpd"])
-    m = int(jnp.shape(draft_params["bpd"]["proj_DxM"])[-1])
-    if self.top_t > m:
-      raise InputError(f"The lattice's t={self.top_t} candidates per column are more than the {m} tokens these heads "
-                       f"draft from: give t={m} or less.")
+    _check_top_t(self.top_t, draft_params["bpd"])
 
   def init(self, draft_params, prefill: PrefillInfo, extra_slots: int, depth: int) -> RescoredTreeState:
     hidden_BxD = self._heads.init(draft_params["bpd"], prefill, extra_slots, depth)
-    h = self._hist_len
-    idx_BxH = prefill.lengths_B[:, None] - h + jnp.arange(h, dtype=jnp.int32)[None]
-    hist_BxH = jnp.where(idx_BxH >= 0, jnp.take_along_axis(prefill.tokens_BxP, jnp.maximum(idx_BxH, 0), axis=1), -1)
-    return RescoredTreeState(hidden_BxD, hist_BxH.astype(jnp.int32), prefill.first_B.astype(jnp.int32))
+    return RescoredTreeState(hidden_BxD, _prompt_history(prefill, self._hist_len), prefill.first_B.astype(jnp.int32))
 
   def to_tokens(self, draft_params, idx):
     return self._heads.to_tokens(draft_params["bpd"], idx)
@@ -428,19 +442,10 @@ class NgramHeadsTreeSource:
     seq_BxWxL = jnp.concatenate([jnp.broadcast_to(base_BxH[:, None], (b, w, h)), path_BxWxJ], axis=-1)
     ctx_BxWxH = jax.lax.dynamic_slice_in_dim(seq_BxWxL, d - 1, h, axis=2)  # the h tokens up to the node's own
     pick = lambda x: jax.lax.dynamic_index_in_dim(x, d - 1, axis=1, keepdims=False)  # noqa: E731
-    m = self.bpd_vocab(draft_params)
+    m = _heads_vocab(draft_params["bpd"])
     scores = self._scores(draft_params, ctx_BxWxH, pick(val_BxKxT), pick(idx_BxKxT), pick(ids_BxKxT), m)
     return scores, (val_BxKxT, idx_BxKxT, ids_BxKxT, base_BxH, paths_BxR)
 
-  def bpd_vocab(self, draft_params) -> int:
-    """M, the tokens the heads draft from (a vocabulary subset's size, or the target's vocabulary)."""
-    return int(jnp.shape(draft_params["bpd"]["proj_DxM"])[-1])
-
   def update(self, draft_params, sstate: RescoredTreeState, ctx, verified: Verified) -> RescoredTreeState:
-    hidden_BxD = self._heads.update(draft_params["bpd"], sstate.hidden_BxD, None, verified)
-    acc = verified.acceptance
-    h = self._hist_len
-    buf_BxL = jnp.concatenate([sstate.hist_BxH, sstate.pending_B[:, None], acc.emitted_BxT.astype(jnp.int32)], axis=1)
-    hist_BxH = jnp.take_along_axis(buf_BxL, acc.n_commit_B[:, None] + jnp.arange(h, dtype=jnp.int32)[None], axis=1)
-    return sstate.replace(hidden_BxD=hidden_BxD, hist_BxH=jnp.where(verified.active_B[:, None], hist_BxH,
-                                                                     sstate.hist_BxH))
+    return sstate.replace(hidden_BxD=self._heads.update(draft_params["bpd"], sstate.hidden_BxD, None, verified),
+                          hist_BxH=_next_history(sstate.hist_BxH, sstate.pending_B, verified))
