@@ -583,10 +583,11 @@ def test_a_tree_of_rescored_heads_holds_the_best_paths_by_interpolated_score(set
   hidden = jnp.asarray(rng.normal(size=(2, model.cfg.d_model)), jnp.float32)
   prefill = PrefillInfo(jnp.asarray(prompts, jnp.int32), jnp.asarray([3, 3]), hidden, jnp.zeros((2, model.vocab_size)),
                         jnp.asarray(pending, jnp.int32), capacity=16)
-  draft, _ = jax.jit(lambda p, s: drafter.propose(p, s, fake_loop(pending)))(tdp, drafter.init(tdp, prefill))
+  draft, dstate = jax.jit(lambda p, s: drafter.propose(p, s, fake_loop(pending)))(tdp, drafter.init(tdp, prefill))
   logits = np.asarray(BPDDrafter(bpd).head_logits(dp, hidden, jnp.asarray(pending, jnp.int32)), np.float64)
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+  value = 0.0
   for b in range(2):
     cands = [np.argsort(-logp[b, i])[:t] for i in range(depth)]
     score = {}
@@ -605,6 +606,10 @@ def test_a_tree_of_rescored_heads_holds_the_best_paths_by_interpolated_score(set
         j = parents[j]
       got.add(tuple(path))
     assert got == want, b
+    value += sum(math.exp(sum(logp[b, i, tok] for i, tok in enumerate(path))) for path in got)
+  # The tree's E[A] (what nodes=auto and a gate read) is the chosen paths' probability under the heads, not their
+  # scores (it was: the n-gram term pulled it far below what trees accept, so both had to be refused).
+  np.testing.assert_allclose(float(drafter.stats(dstate)["expected_accept_DxN"][depth - 1, n - 1]), value, rtol=1e-4)
 
 
 def test_rescored_trees_equal_greedy_and_accept_more(setup):

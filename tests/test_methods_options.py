@@ -158,6 +158,9 @@ RUNNERS = [
     ("opt-tree:heads={p}/heads:rescore={p}/rescore:nodes=8:depth=3",  # the exact tree over the rescored lattice
      lambda d: type(d) is OptTreeDrafter and type(d.source) is NgramHeadsTreeSource and d.source.top_t == 4
      and (d.nodes, d.depth, d.width, d.branch, d.source.width) == (8, 3, 8, 8, 8)),
+    # its E[A] is the heads' probability of the chosen paths, so a gate can price it
+    ("opt-tree:heads={p}/heads:rescore={p}/rescore:nodes=8:depth=3:gate=0.5",
+     lambda d: type(d.source) is NgramHeadsTreeSource and d.gate == 0.5),
 ]
 
 
@@ -178,10 +181,7 @@ def test_tree_rescoring_options_say_what_they_need(target, parts):
   model, params = target
   ctx = BenchContext(model, params, Tokenizer())
   for text, message in ((f"opt-tree:drafter=layerskip:rescore={parts}/rescore", "drafter=layerskip drafts with its"),
-                        (f"opt-tree:heads={parts}/heads:weight=0.5", "give rescore=default"),
-                        (f"opt-tree:heads={parts}/heads:rescore={parts}/rescore:nodes=auto", "give nodes=N and no gate"),
-                        (f"opt-tree:heads={parts}/heads:rescore={parts}/rescore:gate=auto", "give nodes=N and no gate"),
-                        (f"opt-tree:heads={parts}/heads:rescore={parts}/rescore:gate=0.5", "give nodes=N and no gate")):
+                        (f"opt-tree:heads={parts}/heads:weight=0.5", "give rescore=default")):
     _, name, opts = parse_method(text)
     with pytest.raises(InputError, match=message):
       METHODS[name].build(ctx, opts)
@@ -334,7 +334,7 @@ def test_every_build_meets_the_other_processes_once(target, parts, peers):
   assert peers.calls == [0, 1, 1, 2, 1]
 
 
-def test_costs_for_a_budget_or_a_gate_are_measured_at_the_runs_batch(target, host_parts, monkeypatch):
+def test_costs_for_a_budget_or_a_gate_are_measured_at_the_runs_batch(target, host_parts, parts, monkeypatch):
   """`nodes=auto` and `gate=auto` price verify and draft forwards at the rows the run decodes together: on an
   accelerator a forward's cost depends on batch x nodes, so costs taken at one row would pick trees too large."""
   model, params = target
@@ -355,6 +355,10 @@ def test_costs_for_a_budget_or_a_gate_are_measured_at_the_runs_batch(target, hos
   # Minutes of measuring on a CPU are announced first, so that a run is not taken for hung (found by an audit).
   assert len(said) == 2 and said[0].startswith("opt-tree:nodes=auto: measuring") and "minutes on a CPU" in said[0]
   assert said[1].startswith("gate=auto: measuring the verify cost t(")
+  # The heads' tree rescored by an n-gram LM prices its budget and gate from the heads' probabilities alike.
+  run = methods_mod.build(ctx, "opt-tree", {"heads": str(parts / "heads"), "rescore": str(parts / "rescore"),
+                                            "nodes": "auto", "gate": "auto"})
+  assert "budget from cost: nodes=" in run.note and "gate from cost" in run.note, run.note
   # A feature-level draft's forwards are priced too (they were taken as free: the deepest tree always won).
   drafts = []
   monkeypatch.setattr("jaxspec.bench.cost.eagle_cost",

@@ -595,10 +595,6 @@ def _tree_source(ctx: BenchContext, opts: dict, depth: int | None = None):
     from jaxspec.decoding.lattice import NgramHeadsTreeSource, lattice_draft_params
     if kind != "heads":
       raise InputError(f"opt-tree: rescore= rescores the BPD heads' lattice; drafter={kind} drafts with its own LM.")
-    if opts.get("nodes") == "auto" or opts.get("gate", "0") == "auto" or float(opts.get("gate", "0")) > 0:
-      raise InputError("opt-tree: with rescore= a tree's expected acceptance is a score (the n-gram term pulls it "
-                       "far below what the tree accepts), so it cannot price a budget or a gate: give nodes=N and no "
-                       "gate.")
     lm, tables, tuned = _ngram_rescorer(ctx, opts, "opt-tree:rescore")
     opts = _with_tuned_heads(opts, tuned)
     bpd, dp = _load_heads(ctx, {"heads": opts["heads"]} if "heads" in opts else {}, depth)

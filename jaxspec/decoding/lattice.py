@@ -353,10 +353,10 @@ class NgramHeadsTreeSource:
   lattice rescorer, here per tree node, so siblings under different parents get different scores (with the heads
   alone every node of a depth has the same children). The scores are not renormalised: at w = 0 the tree is the heads'
   own over their top-t tokens, and every score is <= 0, so a path never scores above its prefix and a frontier of N
-  nodes still finds the N best paths. The tree's expected acceptance is then a score, not a probability (the n-gram
-  term pulls it far below what the tree accepts), so nothing should price a budget or a gate with it (the bench
-  refuses `nodes=auto` and `gate=` with `rescore=`); the output never depends on it: every draft is verified with
-  greedy acceptance. Greedy only (no statistical test covers these scores as a sampling q).
+  nodes still finds the N best paths. The scores only choose the nodes: each node's value, and so the tree's expected
+  acceptance (what `nodes=auto`, a gate and the growth threshold read), is its path's probability under the heads,
+  as in the heads' own tree. The output never depends on either: every draft is verified with greedy acceptance.
+  Greedy only (no statistical test covers these scores as a sampling q).
 
   `draft_params`: `lattice_draft_params(bpd_draft_params(...), weight=w, ngram=tables)`. `width` is the tree's
   frontier width (the paths of its frontiers are kept in a buffer of that width).
@@ -423,13 +423,14 @@ class NgramHeadsTreeSource:
     base_BxH = jnp.concatenate([sstate.hist_BxH, loop.pending_B[:, None].astype(jnp.int32)], axis=1)[:, 1:]
     root_BxM = self._scores(draft_params, base_BxH[:, None], val_BxKxT[:, 0], idx_BxKxT[:, 0], ids_BxKxT[:, 0], m)
     paths_BxR = jnp.zeros((b, k * self.width), jnp.int32)  # each depth's frontier tokens, depth by depth
-    ctx = (val_BxKxT, idx_BxKxT, ids_BxKxT, base_BxH, paths_BxR)
-    return root_BxM[:, 0], ctx, sstate.replace(pending_B=loop.pending_B.astype(jnp.int32))
+    ctx = (logp_BxKxM, val_BxKxT, idx_BxKxT, ids_BxKxT, base_BxH, paths_BxR)
+    # (scores that choose the children, the heads' log-probabilities that value them: `OptTreeDrafter`)
+    return (root_BxM[:, 0], logp_BxKxM[:, 0]), ctx, sstate.replace(pending_B=loop.pending_B.astype(jnp.int32))
 
   def expand(self, draft_params, ctx, d: Array, front_BxW: Array, anc_BxWxR: Array, logp_fn) -> tuple[Array, Any]:
     """The children's scores `[B, W, M]` of the depth-(d-1) frontier `front_BxW`: its nodes' paths are their
     ancestors' tokens (one per earlier depth, read from the frontiers kept so far through `anc_BxWxR`) and their own."""
-    val_BxKxT, idx_BxKxT, ids_BxKxT, base_BxH, paths_BxR = ctx
+    logp_BxKxM, val_BxKxT, idx_BxKxT, ids_BxKxT, base_BxH, paths_BxR = ctx
     b, w = front_BxW.shape
     r = anc_BxWxR.shape[-1]
     h = self._hist_len
@@ -444,7 +445,8 @@ class NgramHeadsTreeSource:
     pick = lambda x: jax.lax.dynamic_index_in_dim(x, d - 1, axis=1, keepdims=False)  # noqa: E731
     m = _heads_vocab(draft_params["bpd"])
     scores = self._scores(draft_params, ctx_BxWxH, pick(val_BxKxT), pick(idx_BxKxT), pick(ids_BxKxT), m)
-    return scores, (val_BxKxT, idx_BxKxT, ids_BxKxT, base_BxH, paths_BxR)
+    logp_BxWxM = jnp.broadcast_to(pick(logp_BxKxM)[:, None], (b, w, m))
+    return (scores, logp_BxWxM), (logp_BxKxM, val_BxKxT, idx_BxKxT, ids_BxKxT, base_BxH, paths_BxR)
 
   def update(self, draft_params, sstate: RescoredTreeState, ctx, verified: Verified) -> RescoredTreeState:
     return sstate.replace(hidden_BxD=self._heads.update(draft_params["bpd"], sstate.hidden_BxD, None, verified),

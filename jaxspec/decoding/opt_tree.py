@@ -7,10 +7,14 @@ exceeds its parent's, those N nodes always form a tree. The drafter grows it dep
 
 1. depth 1: the root's (the pending token's) top C = W * K children, each valued by its draft log-probability;
 2. depth d + 1: the W most valuable depth-d nodes (the frontier) each get their top K children from the drafter,
-   valued by the parent's value plus the child's log-probability (or the source's score, <= 0 like one);
+   valued by the parent's value plus the child's log-probability;
 3. growth stops at the maximum depth D, or earlier when one more depth raises the best tree's E[A] by less than a
    threshold for every row;
 4. the N most valuable nodes of all depths are the draft, sorted by depth (a parent always comes first).
+
+A source may rank children by scores of its own (<= 0, summed along the path like log-probabilities) beside its
+probabilities: the nodes are then chosen by their paths' scores, and E[A] is still the sum of the chosen nodes' path
+probabilities (what the budget, the gate and the growth threshold read).
 
 Every shape is static: the pool of candidates is `[B, D, C]`, the draft always has N nodes. These drafters plug in:
 
@@ -361,17 +365,20 @@ class OptTreeDrafter:
     logp_fn = self._logp_fn(loop)
     static = self.shape == "static"
     src_params = self._source_params(draft_params)
-    root_BxV, ctx, sstate = self.source.begin(src_params, dstate.source, loop, logp_fn)
+    root, ctx, sstate = self.source.begin(src_params, dstate.source, loop, logp_fn)
+    root_key_BxV, root_BxV = _key_and_logp(root)
     if k > root_BxV.shape[-1]:  # a trace-time check: top_k would fail with a shape error
       raise InputError(f"opt-tree: branch={k} children per node, more than the {root_BxV.shape[-1]} tokens its "
                        "drafter predicts over; use a smaller branch.")
     # The root's best children, no more than the tree can hold (N), in a level of C slots (the rest empty).
     c1 = min(c, n, root_BxV.shape[-1])
-    lp1_BxC, tok1_BxC = jax.lax.top_k(root_BxV, c1)
+    sc1_BxC, tok1_BxC = jax.lax.top_k(root_key_BxV, c1)
+    lp1_BxC = jnp.take_along_axis(root_BxV, tok1_BxC, axis=-1)
     tok1_BxC = jnp.pad(self.source.to_tokens(src_params, tok1_BxC), ((0, 0), (0, c - c1)))
     lp1_BxC = jnp.pad(lp1_BxC, ((0, 0), (0, c - c1)), constant_values=-jnp.inf)
+    sc1_BxC = jnp.pad(sc1_BxC, ((0, 0), (0, c - c1)), constant_values=-jnp.inf)
     key1_BxC = (jnp.broadcast_to(jnp.where(jnp.arange(c) < c1, self._prior(draft_params, 0, jnp.arange(c)), -jnp.inf),
-                                 (b, c)) if static else lp1_BxC)
+                                 (b, c)) if static else sc1_BxC)
 
     pool_tok = jnp.zeros((b, dmax, c), jnp.int32).at[:, 0].set(tok1_BxC)
     pool_lv = jnp.full((b, dmax, c), -jnp.inf, jnp.float32).at[:, 0].set(lp1_BxC)
@@ -404,14 +411,16 @@ class OptTreeDrafter:
       parent_slot = jax.nn.one_hot((d - 3) * w + pf_BxW, r, dtype=bool)
       anc_BxWxR = jnp.where(d > 2, parent_anc | parent_slot, False)
       front = jax.lax.dynamic_update_index_in_dim(front, fslot_BxW, d - 2, axis=1)
-      logp_BxWxV, ctx = self.source.expand(src_params, ctx, d, ftok_BxW, anc_BxWxR, logp_fn)
-      lp_BxWxK, tok_BxWxK = jax.lax.top_k(logp_BxWxV, k)
+      out, ctx = self.source.expand(src_params, ctx, d, ftok_BxW, anc_BxWxR, logp_fn)
+      skey_BxWxV, logp_BxWxV = _key_and_logp(out)
+      sc_BxWxK, tok_BxWxK = jax.lax.top_k(skey_BxWxV, k)
+      lp_BxWxK = jnp.take_along_axis(logp_BxWxV, tok_BxWxK, axis=-1)
       tok_BxWxK = self.source.to_tokens(src_params, tok_BxWxK)
       lv_BxWxK = flv_BxW[:, :, None] + lp_BxWxK
       if static:
         key_BxWxK = fkey_BxW[:, :, None] + self._prior(draft_params, d - 1, jnp.arange(k))[None, None]
-      else:
-        key_BxWxK = lv_BxWxK
+      else:  # for a source without scores of its own, the same sum as lv (the keys were the values at depth 1)
+        key_BxWxK = fkey_BxW[:, :, None] + sc_BxWxK
       key_BxWxK = jnp.where(fkey_BxW[:, :, None] > -jnp.inf, key_BxWxK, -jnp.inf)
       put = lambda pool, x: jax.lax.dynamic_update_index_in_dim(pool, x.reshape(b, c), d - 1, axis=1)
       pool_tok, pool_lv, pool_key = put(pool_tok, tok_BxWxK), put(pool_lv, lv_BxWxK), put(pool_key, key_BxWxK)
@@ -487,6 +496,12 @@ class OptTreeDrafter:
     forwards run (`draft_forwards`, what the loop reports as drafter calls)."""
     return {"expected_accept_DxN": dstate.expected_accept_DxN, "reached_D": dstate.reached_D,
             "rank_prob_DxC": dstate.rank_prob_DxC, "proposals": dstate.proposals, "draft_forwards": dstate.forwards}
+
+
+def _key_and_logp(out) -> tuple[Array, Array]:
+  """A source's `begin` / `expand` output as (selection scores, log-probabilities): a source that ranks children
+  by scores of its own (`NgramHeadsTreeSource`) returns both; others return log-probabilities, which are both."""
+  return out if isinstance(out, tuple) else (out, out)
 
 
 # --------------------------------------------------------------------------------------------------------------------
