@@ -625,6 +625,23 @@ def test_a_run_that_starts_over_removes_the_previous_runs_files(tmp_path, prompt
     assert run_bench(again, methods, None, ByteTokenizer(), progress=False)["complete"]
 
 
+def test_a_folder_with_a_report_or_results_no_bench_wrote_is_not_written_over(tmp_path, prompt_file, methods):
+  """--out into a folder of one's own with a report.md or results.json replaced them silently (found by a review):
+  refused before anything runs, as other work's results are; --fresh replaces them, and a bench's own go again."""
+  out = tmp_path / "out"
+  out.mkdir()
+  cfg = BenchConfig(prompts=prompt_file, methods=("oracle",), quick=True, out=str(out))
+  for name, text in (("report.md", "my notes\n"), ("results.json", '{"mine": 1}')):
+    (out / name).write_text(text)
+    with pytest.raises(InputError, match=f"holds {name}, which no jaxspec bench wrote"):
+      run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+    assert (out / name).read_text() == text
+    (out / name).unlink()
+  (out / "report.md").write_text("my notes\n")
+  assert run_bench(dataclasses.replace(cfg, fresh=True), methods, None, ByteTokenizer(), progress=False)["complete"]
+  assert run_bench(cfg, methods, None, ByteTokenizer(), progress=False)["complete"]
+
+
 def test_fresh_over_an_unfinished_run_discards_its_partial_results(tmp_path, prompt_file, methods, bomb, monkeypatch):
   """--fresh over a killed run, stopped before it kept a run of its own, left the killed run's partial results.json
   without its progress, and the next run refused it as 'finished results of another bench' (found by a review)."""

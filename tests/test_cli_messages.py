@@ -197,6 +197,28 @@ def test_train_check_prints_the_settings_and_trains_nothing(tmp_path, capsys, mo
   assert "is a file, not a folder" in fails(["train", str(config), "--check"], capsys)
 
 
+def test_train_check_reads_the_prompt_files_folders_and_mesh_a_run_reads(tmp_path, capsys):
+  """--check passed configs whose prompt file, rescoring heads or neural draft was missing, or whose mesh was
+  malformed or did not fit the devices (found by a review): the run failed on them once it started."""
+  config = tmp_path / "c.yaml"
+  config.write_text(f"task: bpd\nout: {tmp_path / 'out'}\ntrain:\n  checkpoint_dir: {tmp_path / 'ckpt'}\n")
+  missing = tmp_path / "missing.jsonl"
+  assert "not found: pass a JSONL file in Spec-Bench format as data.prompts=" in fails(
+      ["train", str(config), "--check", f"data.prompts={missing}"], capsys)
+  assert "Bad mesh 'foo'" in fails(["train", str(config), "--check", "mesh=foo"], capsys)
+  assert "needs 9 devices" in fails(["train", str(config), "--check", "mesh=data=9"], capsys)
+  assert cli.main(["train", str(config), "--check", "mesh=data=-1,model=1"]) == 0
+  capsys.readouterr()
+  config.write_text(f"task: cllm\nout: {tmp_path / 'lora'}\ntrain:\n  checkpoint_dir: {tmp_path / 'ckpt'}\n")
+  assert "as collect.prompts=" in fails(["train", str(config), "--check", f"collect.prompts={missing}"], capsys)
+  config.write_text(f"task: rescore\nout: {tmp_path / 'rescore'}\n")
+  assert "is not a folder of trained BPD heads" in fails(
+      ["train", str(config), "--check", f"heads={tmp_path / 'none'}"], capsys)
+  assert "tune.neural_draft=" in fails(["train", str(config), "--check", f"tune.neural_draft={tmp_path / 'none'}"],
+                                       capsys)
+  assert cli.main(["train", str(config), "--check", "tune.neural_draft=layerskip"]) == 0
+
+
 # ---- generate's flags --------------------------------------------------------------------------------------------
 
 def test_top_k_and_top_p_at_temperature_0_are_said_to_do_nothing(tiny_target, capsys):

@@ -285,6 +285,33 @@ def check_inputs(cfg: Any) -> None:
     check_part(init, "bpd")  # a draft, an EAGLE draft or a model in its place is named now, not after the data
   for folder in getattr(getattr(cfg, "data", None), "extra_dataset_dirs", None) or ():
     datasets.load_finished(folder)
+  check_read_files(cfg)
+
+
+def check_read_files(cfg: Any) -> None:
+  """Fails before any work on a prompt file, heads or draft folder the run reads once its target has loaded, and on a
+  mesh that is malformed or does not fit the devices: `--check` said such a config passed."""
+  from jaxspec.bench.prompts import load_prompts
+
+  data, collect = getattr(cfg, "data", None), getattr(cfg, "collect", None)
+  prompt_files = [] if getattr(data, "text_files", None) else [
+      (f"data.{key}", getattr(data, key, None)) for key in ("prompts", "more_prompts")]
+  prompt_files.append(("collect.prompts", getattr(collect, "prompts", None)))
+  for key, path in prompt_files:
+    if path:  # None: the shipped prompts
+      load_prompts(path, given=f"as {key}=")
+  heads = getattr(cfg, "heads", None)
+  if isinstance(heads, str) and not (Path(heads) / "config.json").is_file():  # the rescore task's BPD heads
+    raise ConfigError(f"heads={heads!r} is not a folder of trained BPD heads (no config.json): give the folder a BPD "
+                      "run exported (its `out`), or heads=null for the shipped jaxspec/assets/bpd_smollm2.")
+  tune = getattr(cfg, "tune", None)
+  draft = getattr(tune, "neural_draft", None)
+  if getattr(tune, "neural", False) and draft not in (None, "layerskip") and not Path(draft).exists():
+    raise ConfigError(f"tune.neural_draft={draft!r} does not exist: give a draft folder or model file, layerskip "
+                      "(the target's first layers), null (the shipped draft), or tune.neural=false.")
+  if getattr(cfg, "mesh", None) is not None:
+    from jaxspec import sharding
+    sharding.make_mesh(cfg.mesh)
 
 
 def main_train(path: str, overrides=(), progress: bool = True, check_only: bool = False) -> dict:

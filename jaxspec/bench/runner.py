@@ -359,7 +359,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
     try:
       saved_head, restored, why_not = saved.read(progress_path)
       if not restored:
-        refused = _finished_other_work(out, asked, cfg)
+        refused = _files_of_another_program(out) or _finished_other_work(out, asked, cfg)
     except InputError as e:
       refused = str(e)
   # Every process resumes the runs process 0 found, so all of them decode the same batches (or all refuse).
@@ -626,6 +626,28 @@ def _finished_other_work(out: Path, asked: dict, cfg) -> str | None:
   which = "finished" if res.get("complete") is True else "unfinished"
   return (f"{out} holds the {which} results of another bench ({'; '.join(diff)}). Pass another --out to keep them, "
           "or --fresh to replace them.")
+
+
+def _files_of_another_program(out: Path) -> str | None:
+  """Why `out` may not be written, or None: a `report.md` or a `results.json` (a JSON object without the run's
+  config) that no bench wrote, which a run would replace (found by a review: a folder of one's own notes lost them)."""
+  theirs = []
+  try:
+    with open(out / "report.md", encoding="utf-8", errors="replace") as f:
+      if f.readline().rstrip("\n") != "# jaxspec bench report":
+        theirs.append("report.md")
+  except OSError:
+    pass
+  try:
+    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    if isinstance(res, dict) and "config" not in res:
+      theirs.append("results.json")
+  except (OSError, ValueError, RecursionError):
+    pass
+  if not theirs:
+    return None
+  return (f"{out} holds {' and '.join(theirs)}, which no jaxspec bench wrote and a run would replace. Pass another "
+          "--out, or --fresh to replace them.")
 
 
 def _result_files() -> tuple[str, ...]:
