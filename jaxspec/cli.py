@@ -102,8 +102,9 @@ def _note_greedy_filters(args) -> None:
   them (they are still checked)."""
   given = [f for f, on in (("--top-k", args.top_k != 0), ("--top-p", args.top_p != 1.0)) if on]
   if given and args.temperature == 0:
-    print(f"jaxspec: {' and '.join(given)} filter sampling only: at --temperature 0 (the default) decoding is greedy "
-          "and ignores them.", file=sys.stderr)
+    one = len(given) == 1
+    print(f"jaxspec: {' and '.join(given)} {'filters' if one else 'filter'} sampling only: at --temperature 0 (the "
+          f"default) decoding is greedy and ignores {'it' if one else 'them'}.", file=sys.stderr)
 
 
 def _mesh(args):

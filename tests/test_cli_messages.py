@@ -226,8 +226,11 @@ def test_top_k_and_top_p_at_temperature_0_are_said_to_do_nothing(tiny_target, ca
   err = capsys.readouterr().err
   assert ("jaxspec: --top-k and --top-p filter sampling only: at --temperature 0 (the default) decoding is greedy and "
           "ignores them.") in err
+  assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--top-p", "0.5"]) == 0
+  assert "--top-p filters sampling only: at --temperature 0 (the default) decoding is greedy and ignores it." in (
+      capsys.readouterr().err)
   assert cli.main(["generate", "--prompt", "hi", "--max-new-tokens", "2", "--top-k", "5", "--temperature", "1"]) == 0
-  assert "filter sampling only" not in capsys.readouterr().err
+  assert "sampling only" not in capsys.readouterr().err
 
 
 def test_generate_names_its_flags(tiny_target, capsys):
