@@ -212,12 +212,18 @@ def _ones_hist(steps) -> np.ndarray:
   return h
 
 
+# The versions the Hugging Face baselines were last run and tested with (tests/test_hf_baselines.py); jaxspec does not
+# depend on either.
+TESTED_TORCH = "2.13.0"
+TESTED_TRANSFORMERS = "5.25.0"
+
+
 def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runner:
   """Hugging Face `generate` (greedy, or prompt lookup with `num_tokens` candidates) on the same weights, written
-  out as a Hugging Face folder first. One prompt at a time: prompt lookup in transformers takes batch 1. When JAX
-  runs on a GPU and torch has CUDA, the model runs on the GPU too (timed after `torch.cuda.synchronize`), so the
-  two are compared on the same hardware. JAX takes 75 % of GPU memory when it starts: for a model that torch cannot
-  fit in the rest, run the bench with XLA_PYTHON_CLIENT_PREALLOCATE=false."""
+  out as a Hugging Face folder first and run in the target's compute dtype. One prompt at a time: prompt lookup in
+  transformers takes batch 1. When JAX runs on a GPU and torch has CUDA, the model runs on the GPU too (timed after
+  `torch.cuda.synchronize`), so the two are compared on the same hardware. JAX takes 75 % of GPU memory when it
+  starts: for a model that torch cannot fit in the rest, run the bench with XLA_PYTHON_CLIENT_PREALLOCATE=false."""
   from jaxspec.models.llama import LlamaLM
 
   if not isinstance(ctx.model, LlamaLM):  # save_hf writes LLaMA folders: a T5 would fail half-way, with a traceback
@@ -226,14 +232,20 @@ def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runne
   try:
     import torch
     import transformers
-  except Exception as e:  # noqa: BLE001
-    raise Unavailable(f"torch + transformers are not importable here ({type(e).__name__}: {e})") from None
+  except Exception as e:  # noqa: BLE001 - a broken install may fail in other ways than ImportError
+    raise Unavailable(f"the Hugging Face baselines need torch and transformers, which jaxspec does not install, and "
+                      f"they are not importable here ({type(e).__name__}: {e}): install both into this environment, "
+                      f"e.g. `pip install torch transformers` (checked with torch {TESTED_TORCH}, transformers "
+                      f"{TESTED_TRANSFORMERS})") from None
   key = ("hf", id(ctx.params))
   if key not in ctx.cache:
     from jaxspec.loading.hf import save_hf
+    # In the target's compute dtype (--dtype): save_hf writes float32 copies of the weights (bfloat16 ones exactly),
+    # and a bfloat16 target timed against a float32 transformers would compare two precisions.
+    dtype = getattr(torch, jnp.dtype(getattr(getattr(ctx.model, "cfg", None), "dtype", None) or "float32").name)
     with tempfile.TemporaryDirectory() as tmp:
       save_hf(tmp, ctx.model, jax.device_get(ctx.params))
-      hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32)
+      hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype)
     hf.eval()
     if jax.default_backend() == "gpu" and torch.cuda.is_available():
       hf.to("cuda")
@@ -290,7 +302,8 @@ def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runne
     h = np.zeros((len(tokens), max((int(c.max()) for c in commits if len(c)), default=1) + 1), np.int64)
     for row, c in zip(h, commits):
       np.add.at(row, c, 1)
-    return GenerationResult(tokens=tokens, target_calls=max(active), drafter_calls=0, active_calls=active,
+    # One prompt at a time: each forward served one row, so the batch's forwards are the rows' sum (not their max)
+    return GenerationResult(tokens=tokens, target_calls=sum(active), drafter_calls=0, active_calls=active,
                             step_tokens=steps, accept_hist=h, compile_s=0.0, run_s=run_s, program_bytes=0)
 
   return run
