@@ -349,12 +349,19 @@ def test_costs_for_a_budget_or_a_gate_are_measured_at_the_runs_batch(target, hos
 
   said = []
   ctx = BenchContext(model, params, ByteTokenizer(), batch_size=3, say=said.append)
-  methods_mod.build(ctx, "opt-tree", {"drafter": "draft", "draft": str(host_parts / "draft"), "nodes": "auto",
-                                      "gate": "auto"})
-  assert batches == [3, 3, 3]  # the target's verify costs, the draft's, the gate's
+  run = methods_mod.build(ctx, "opt-tree", {"drafter": "draft", "draft": str(host_parts / "draft"), "nodes": "auto",
+                                            "gate": "auto"})
+  assert batches == [3, 3]  # the target's verify costs (t(1) among them, which the gate reads), the draft's
   # Minutes of measuring on a CPU are announced first, so that a run is not taken for hung (found by an audit).
-  assert len(said) == 2 and said[0].startswith("opt-tree:nodes=auto: measuring") and "minutes on a CPU" in said[0]
-  assert said[1].startswith("gate=auto: measuring the verify cost t(")
+  assert len(said) == 1 and said[0].startswith("opt-tree:nodes=auto: measuring") and "minutes on a CPU" in said[0]
+  # The gate prices the chosen tree from the budget's own measurement: t(n + 1) / t(1) - 1 = 0.05 n with these costs.
+  n = int(re.search(r"budget from cost: nodes=(\d+)", run.note).group(1))
+  assert f"gate from cost: t({n + 1})/t(1) - 1 = {0.05 * n:.2f}" in run.note, run.note
+  # A gate alone measures t(N + 1) and t(1) itself, and says so.
+  said.clear()
+  fresh = BenchContext(model, params, ByteTokenizer(), batch_size=3, say=said.append)
+  methods_mod.build(fresh, "opt-tree", {"heads": str(parts / "heads"), "nodes": "8", "depth": "3", "gate": "auto"})
+  assert batches == [3, 3, 3] and said == ["gate=auto: measuring the verify cost t(9)/t(1)"]
   # The heads' tree rescored by an n-gram LM prices its budget and gate from the heads' probabilities alike.
   run = methods_mod.build(ctx, "opt-tree", {"heads": str(parts / "heads"), "rescore": str(parts / "rescore"),
                                             "nodes": "auto", "gate": "auto"})

@@ -683,18 +683,21 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
                "sizes, each compiled once (minutes on a CPU)")
       stats = calibrate(OptTreeDrafter(make_source(cw), nodes=big_n, depth=big_d, width=cw, branch=cb, warp=warp), sp)
       grid = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
-      verify = forward_cost(ctx.model, ctx.params, [n + 1 for n in grid], context=256, batch=ctx.batch_size,
+      # t(1) too, in the same rounds: gate=auto prices the chosen tree from these, one measurement for both choices
+      # (and one compile fewer)
+      verify = forward_cost(ctx.model, ctx.params, [1] + [n + 1 for n in grid], context=256, batch=ctx.batch_size,
                             in_loop=IN_LOOP)
       draft_step = draft_base = 0.0
       if draft_cost is not None:  # a forward over a frontier per depth, and the catch-up over the accepted path
         dcost = draft_cost([cw, big_d + 1], ctx.batch_size)
         draft_step, draft_base = dcost[cw], dcost[big_d + 1]
-      ctx.cache[key] = (expected_accept(stats), {n: verify[n + 1] for n in grid}, draft_step, draft_base)
-    ea, verify_s, draft_step, draft_base = ctx.cache[key]
+      ctx.cache[key] = (expected_accept(stats), {n: verify[n + 1] for n in grid}, draft_step, draft_base, verify[1])
+    ea, verify_s, draft_step, draft_base, verify_one = ctx.cache[key]
     n_best, d_best, table = choose_budget(ea, verify_s, draft_step, draft_base,
                                           depth=int(opts["depth"]) if "depth" in opts else None)
     # Timings differ from host to host: every process of a multi-host run takes process 0's choice (one program).
     n_best, d_best = sharding.from_first_process([n_best, d_best])
+    ctx.cache[("verify-cost", n_best + 1)] = {1: verify_one, n_best + 1: verify_s[n_best]}  # what gate=auto reads
     depth = min(int(opts["depth"]), n_best) if "depth" in opts else d_best
     nodes = n_best
     notes.append(f"budget from cost: nodes={n_best}, depth={d_best} (predicted {table[(n_best, d_best)]:.1f} "
