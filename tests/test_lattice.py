@@ -575,16 +575,19 @@ def test_a_tree_of_rescored_heads_holds_the_best_paths_by_interpolated_score(set
 
   model, params, bpd, dp, _, _, _ = setup
   rng = np.random.default_rng(5)
-  lm, tables, _ = build_ngram([rng.integers(0, 40, 80).tolist() for _ in range(30)], 3, model.vocab_size)
   t, n, depth, w = 4, 7, 3, 0.6
-  drafter = _rescored_tree(bpd, lm, n, depth, t)
-  tdp = lattice_draft_params(dp, weight=w, ngram={k: jnp.asarray(v) for k, v in tables.items()})
   prompts, pending = [[3, 17, 25], [9, 9, 30]], [12, 30]
   hidden = jnp.asarray(rng.normal(size=(2, model.cfg.d_model)), jnp.float32)
+  logits = np.asarray(BPDDrafter(bpd).head_logits(dp, hidden, jnp.asarray(pending, jnp.int32)), np.float64)
+  # The n-gram LM is counted on text over the lattice's own tokens and the contexts': over other tokens its scores
+  # are one unseen-token estimate whatever the context, blind to a node reading the wrong one (an audit's mutants).
+  alphabet = sorted({int(x) for x in np.argsort(-logits, axis=-1)[:, :depth, :t].ravel()} | {3, 9, 12, 17, 25, 30})
+  lm, tables, _ = build_ngram([rng.choice(alphabet, 80).tolist() for _ in range(30)], 3, model.vocab_size)
+  drafter = _rescored_tree(bpd, lm, n, depth, t)
+  tdp = lattice_draft_params(dp, weight=w, ngram={k: jnp.asarray(v) for k, v in tables.items()})
   prefill = PrefillInfo(jnp.asarray(prompts, jnp.int32), jnp.asarray([3, 3]), hidden, jnp.zeros((2, model.vocab_size)),
                         jnp.asarray(pending, jnp.int32), capacity=16)
   draft, dstate = jax.jit(lambda p, s: drafter.propose(p, s, fake_loop(pending)))(tdp, drafter.init(tdp, prefill))
-  logits = np.asarray(BPDDrafter(bpd).head_logits(dp, hidden, jnp.asarray(pending, jnp.int32)), np.float64)
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   value = 0.0
@@ -610,6 +613,11 @@ def test_a_tree_of_rescored_heads_holds_the_best_paths_by_interpolated_score(set
   # The tree's E[A] (what nodes=auto and a gate read) is the chosen paths' probability under the heads, not their
   # scores (it was: the n-gram term pulled it far below what trees accept, so both had to be refused).
   np.testing.assert_allclose(float(drafter.stats(dstate)["expected_accept_DxN"][depth - 1, n - 1]), value, rtol=1e-4)
+  # A gate reads the same E[A]: the rows' mean (a little under it verifies the trees, a little over it does not).
+  for gate, verifies in ((0.99 * value / 2, True), (1.01 * value / 2, False)):
+    gated = _rescored_tree(bpd, lm, n, depth, t, gate=gate)
+    draft = jax.jit(lambda p, s: gated.propose(p, s, fake_loop(pending))[0])(tdp, gated.init(tdp, prefill))
+    assert np.asarray(draft.verify_B).tolist() == [verifies] * 2, gate
 
 
 def test_rescored_trees_equal_greedy_and_accept_more(setup):
@@ -634,3 +642,51 @@ def test_rescored_trees_equal_greedy_and_accept_more(setup):
              draft_params=lattice_draft_params(dp, weight=0.7, ngram=ng), temperature=1.0)
   with pytest.raises(InputError, match="share in 0..1"):  # past 1 a child could outscore its parent
     lattice_draft_params(dp, weight=1.5, ngram=ng)
+
+
+def test_a_rescored_tree_reads_the_pending_token_and_advances_its_history(setup):
+  """The tree source's n-gram history: `begin` keeps the step's pending token and `update` moves the last h committed
+  tokens on (the old history, that pending token, then the accepted drafts; an ended row keeps its own). Wrong here,
+  the output stays exact and only the drafts get worse, which the end-to-end tests did not see (an audit's mutants)."""
+  from jaxspec.decoding.lattice import NgramHeadsTreeSource, RescoredTreeState
+  from jaxspec.decoding.protocol import Acceptance, Verified
+  from tests.test_opt_tree import fake_loop
+
+  model, _, bpd, dp, _, lm, ng = setup  # a 3-gram LM: h = 2
+  source = NgramHeadsTreeSource(bpd, lm, top_t=4, width=2)
+  tdp = lattice_draft_params(dp, weight=0.5, ngram=ng)
+  b, T = 2, 4
+  state = RescoredTreeState(hidden_BxD=jnp.zeros((b, model.cfg.d_model), jnp.float32),
+                            hist_BxH=jnp.asarray([[7, 8], [17, 18]], jnp.int32), pending_B=jnp.asarray([0, 0]))
+  _, _, state = source.begin(tdp, state, fake_loop([10, 20]), lambda x: jax.nn.log_softmax(x, axis=-1))
+  assert state.pending_B.tolist() == [10, 20]
+  acc = Acceptance(emitted_BxT=jnp.asarray([[50, 51, 52, 0], [60, 61, 0, 0]], jnp.int32),
+                   path_BxT=jnp.asarray([[0, 1, 2, 0], [0, 1, 0, 0]], jnp.int32), n_commit_B=jnp.asarray([3, 2]),
+                   is_prefix=True)
+
+  def update(active):
+    return source.update(tdp, state, None, Verified(draft=None, logits_BxTxV=jnp.zeros((b, T, 1)),
+                                                    hidden_BxTxD=jnp.zeros((b, T, model.cfg.d_model)),
+                                                    acceptance=acc, active_B=jnp.asarray(active))).hist_BxH.tolist()
+
+  # committed: 10, then 50, 51 (52 is the new pending); 20, then 60 (61 pending)
+  assert update((True, True)) == [[50, 51], [20, 60]]
+  assert update((True, False)) == [[50, 51], [17, 18]]
+
+
+def test_rescored_tree_settings_are_clear_errors(setup):
+  """The tree source refuses what would otherwise run silently wrong: no candidates or frontier, more candidates
+  than the heads draft from (they were clamped to the heads' vocabulary), an n-gram LM of another vocabulary (its
+  scores would read other tokens' counts)."""
+  from jaxspec.decoding.lattice import NgramHeadsTreeSource
+
+  model, _, bpd, dp, _, lm, ng = setup
+  for kw in ({"top_t": 0}, {"width": 0}):
+    with pytest.raises(InputError, match="Need top_t >= 1 and width >= 1"):
+      NgramHeadsTreeSource(bpd, lm, **kw)
+  v = model.vocab_size
+  with pytest.raises(InputError, match=f"t={v + 1} candidates per column are more than the {v} tokens"):
+    NgramHeadsTreeSource(bpd, lm, top_t=v + 1).check_draft_params(model, lattice_draft_params(dp, weight=0.5, ngram=ng))
+  other, _, _ = build_ngram([[1, 2, 3, 1, 2]], 3, vocab_size=v + 4)
+  with pytest.raises(InputError, match=f"counted over {v + 4} token ids and the target has {v}"):
+    NgramHeadsTreeSource(bpd, other).check_target(model)

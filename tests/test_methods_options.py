@@ -205,6 +205,22 @@ def test_tree_rescoring_options_say_what_they_need(target, parts):
       "bpd-ngram", {"rescore": str(DEFAULT_RESCORE)})
 
 
+
+def test_tree_rescoring_takes_its_options_over_the_tuned_settings(target, parts):
+  """opt-tree:rescore= takes the rescorer's tuned t and weight, t= and weight= in their place; either without
+  rescore= is refused (it was ignored), as weight= is."""
+  from jaxspec.bench.methods import _tree_source
+  ctx = BenchContext(*target, Tokenizer())
+  opts = {"heads": str(parts / "heads"), "rescore": str(parts / "rescore")}
+  make, dp, _, _ = _tree_source(ctx, opts)
+  assert (make(8).top_t, float(dp["weight"])) == (4, 0.5)  # the fixture's tuned top_t and ngram_weight
+  make, dp, _, _ = _tree_source(ctx, {**opts, "t": "3", "weight": "0.25"})
+  assert (make(8).top_t, float(dp["weight"])) == (3, 0.25)
+  for key, value in (("t", "3"), ("weight", "0.25")):
+    with pytest.raises(InputError, match="give rescore=default"):
+      _tree_source(ctx, {"heads": str(parts / "heads"), key: value})
+
+
 def test_the_lattice_oracle_runner_drafts_the_greedy_output(target, parts, greedy, monkeypatch):
   """bpd-oracle over the whole vocabulary finds every greedy token in its lattice: each step accepts all k drafts
   (until a row's last tokens), and the output is greedy decoding's."""
