@@ -564,7 +564,9 @@ def _rescored_tree(bpd, lm, n, depth, t, **kw):
                         **kw)
 
 
-def test_a_tree_of_rescored_heads_holds_the_best_paths_by_interpolated_score(setup):
+@pytest.mark.parametrize("t,n,depth", [(4, 7, 3), (3, 16, 3)])  # the second holds depth-3 nodes, whose context
+# is read through the ancestors kept in the frontiers' paths (an audit's mutants survived the first alone)
+def test_a_tree_of_rescored_heads_holds_the_best_paths_by_interpolated_score(setup, t, n, depth):
   """One propose of the tree over n-gram-rescored heads (frontier as wide as the budget) holds exactly the N best
   paths of the top-t lattice, each path scored by sum over its tokens of (1 - w) * head log-prob + w * n-gram log-prob
   given the history, the pending token and the path before it (brute force over every path up to the depth): so
@@ -575,7 +577,7 @@ def test_a_tree_of_rescored_heads_holds_the_best_paths_by_interpolated_score(set
 
   model, params, bpd, dp, _, _, _ = setup
   rng = np.random.default_rng(5)
-  t, n, depth, w = 4, 7, 3, 0.6
+  w = 0.6
   prompts, pending = [[3, 17, 25], [9, 9, 30]], [12, 30]
   hidden = jnp.asarray(rng.normal(size=(2, model.cfg.d_model)), jnp.float32)
   logits = np.asarray(BPDDrafter(bpd).head_logits(dp, hidden, jnp.asarray(pending, jnp.int32)), np.float64)
@@ -609,6 +611,7 @@ def test_a_tree_of_rescored_heads_holds_the_best_paths_by_interpolated_score(set
         j = parents[j]
       got.add(tuple(path))
     assert got == want, b
+    assert n < 16 or max(map(len, got)) == 3, got  # the larger tree holds nodes whose context is an ancestor's
     value += sum(math.exp(sum(logp[b, i, tok] for i, tok in enumerate(path))) for path in got)
   # The tree's E[A] (what nodes=auto and a gate read) is the chosen paths' probability under the heads, not their
   # scores (it was: the n-gram term pulled it far below what trees accept, so both had to be refused).
