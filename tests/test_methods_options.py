@@ -221,6 +221,17 @@ def test_tree_rescoring_takes_its_options_over_the_tuned_settings(target, parts)
       _tree_source(ctx, {"heads": str(parts / "heads"), key: value})
 
 
+@pytest.mark.parametrize("method,tuned", [("bpd-ngram", 0.5), ("bpd-neural", 0.4)])
+def test_lattice_rescorers_take_the_tuned_weight_or_the_given_one(target, parts, monkeypatch, method, tuned):
+  """bpd-ngram and bpd-neural interpolate with the rescorer's tuned weight (the fixture records 0.5 and 0.4), or
+  weight= in its place (an audit's mutant that ignored the tuned n-gram weight passed every test)."""
+  extra = ":draft={p}/draft" if method == "bpd-neural" else ""
+  for opt, want in (("", tuned), (":weight=0.25", 0.25)):
+    _, _, kwargs = build_and_run(target, parts, f"{method}:heads={{p}}/heads:rescore={{p}}/rescore{extra}{opt}",
+                                 monkeypatch)
+    assert float(kwargs["draft_params"]["weight"]) == pytest.approx(want)
+
+
 def test_the_lattice_oracle_runner_drafts_the_greedy_output(target, parts, greedy, monkeypatch):
   """bpd-oracle over the whole vocabulary finds every greedy token in its lattice: each step accepts all k drafts
   (until a row's last tokens), and the output is greedy decoding's."""
