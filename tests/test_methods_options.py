@@ -393,6 +393,13 @@ def test_costs_for_a_budget_or_a_gate_are_measured_at_the_runs_batch(target, hos
   run = methods_mod.build(ctx, "opt-tree", {"heads": str(parts / "heads"), "rescore": str(parts / "rescore"),
                                             "nodes": "auto", "gate": "auto"})
   assert "budget from cost: nodes=" in run.note and "gate from cost" in run.note, run.note
+  # Its calibration is kept per rescorer setting: another weight calibrates again, the same one does not.
+  measured = len(batches)
+  for weight, more in (("0.2", 1), ("0.2", 0)):
+    methods_mod.build(ctx, "opt-tree", {"heads": str(parts / "heads"), "rescore": str(parts / "rescore"),
+                                        "nodes": "auto", "weight": weight})
+    assert len(batches) == measured + more
+    measured = len(batches)
   # A feature-level draft's forwards are priced too (they were taken as free: the deepest tree always won).
   drafts = []
   monkeypatch.setattr("jaxspec.bench.cost.eagle_cost",
