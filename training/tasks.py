@@ -326,8 +326,10 @@ def main_train(path: str, overrides=(), progress: bool = True, check_only: bool 
     from training.config import to_dict
     task = next(name for name, (cls, _) in TASKS.items() if isinstance(cfg, cls))
     print(json.dumps({"task": task, **to_dict(cfg)}, indent=1))
-    print(f"{path}: {'an' if task[0] in 'aeiou' else 'a'} {task} run with these settings passes the checks made before any work; what needs the model "
-          "(heads or drafts that fit it, prompts within its context) is checked when the run starts.", file=sys.stderr)
+    article = "an" if task[0] in "aeiou" else "a"
+    print(f"{path}: {article} {task} run with these settings passes the checks made before any work; what needs the "
+          "model (heads or drafts that fit it, prompts within its context) is checked when the run starts.",
+          file=sys.stderr)
     return {}
   summary = fn(cfg, progress=progress)
   print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
