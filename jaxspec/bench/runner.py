@@ -359,7 +359,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
     try:
       saved_head, restored, why_not = saved.read(progress_path)
       if not restored:
-        refused = _files_of_another_program(out) or _finished_other_work(out, asked, cfg)
+        refused = _report_of_another_program(out) or _finished_other_work(out, asked, cfg)
     except InputError as e:
       refused = str(e)
   # Every process resumes the runs process 0 found, so all of them decode the same batches (or all refuse).
@@ -607,9 +607,12 @@ def _refuse_other_work(path: Path, head: dict | None, restored: dict, want: dict
 
 def _finished_other_work(out: Path, asked: dict, cfg) -> str | None:
   """Why `out`'s finished results (results.json) may not be replaced by this run, or None: results of other work are
-  not thrown away unasked either (the same command again replaces them; so does --fresh)."""
+  not thrown away unasked either (the same command again replaces them; so does --fresh), nor is a JSON object no
+  bench wrote."""
   try:
     res = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    if isinstance(res, dict) and "config" not in res:  # a JSON object of someone else's
+      return _not_a_bench_file(out, "results.json")
     conf = dict(res["config"])
     have = res.get("fingerprint")
     if isinstance(have, dict):
@@ -628,26 +631,21 @@ def _finished_other_work(out: Path, asked: dict, cfg) -> str | None:
           "or --fresh to replace them.")
 
 
-def _files_of_another_program(out: Path) -> str | None:
-  """Why `out` may not be written, or None: a `report.md` or a `results.json` (a JSON object without the run's
-  config) that no bench wrote, which a run would replace (found by a review: a folder of one's own notes lost them)."""
-  theirs = []
+def _not_a_bench_file(out: Path, name: str) -> str:
+  return (f"{out} holds {name}, which no jaxspec bench wrote and a run would replace. Pass another --out, or --fresh "
+          "to replace it.")
+
+
+def _report_of_another_program(out: Path) -> str | None:
+  """Why `out` may not be written, or None: a `report.md` that no bench wrote, which a run would replace (found by a
+  review: a folder of one's own notes lost them; `_finished_other_work` does the same for results.json)."""
   try:
     with open(out / "report.md", encoding="utf-8", errors="replace") as f:
       if f.readline().rstrip("\n") != "# jaxspec bench report":
-        theirs.append("report.md")
+        return _not_a_bench_file(out, "report.md")
   except OSError:
     pass
-  try:
-    res = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    if isinstance(res, dict) and "config" not in res:
-      theirs.append("results.json")
-  except (OSError, ValueError, RecursionError):
-    pass
-  if not theirs:
-    return None
-  return (f"{out} holds {' and '.join(theirs)}, which no jaxspec bench wrote and a run would replace. Pass another "
-          "--out, or --fresh to replace them.")
+  return None
 
 
 def _result_files() -> tuple[str, ...]:
