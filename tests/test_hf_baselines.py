@@ -1,7 +1,7 @@
 """The Hugging Face baselines, `hf-greedy` and `hf-lookup` (jaxspec/bench/baselines.py), on the default model.
 
 torch and transformers are not jaxspec dependencies: the slow tests here need them and are skipped, with the reason,
-where they are not installed (run them from a venv that has both: README, "Tests"). What a user without them is told
+where they are not installed (run them from a venv that has both: docs/testing.md). What a user without them is told
 is checked in the default run, with neither imported.
 """
 
