@@ -825,3 +825,48 @@ def test_a_budget_chosen_for_a_given_depth_is_the_best_at_that_depth():
   n, d, table = choose_budget(ea, verify, depth=2)
   assert (n, d) == (2, 2) and set(table) == {(1, 2), (2, 2), (4, 2)}
   assert choose_budget(ea, verify, depth=9)[:2] == (4, 3)  # deeper than the calibration tree: its deepest
+
+
+@dataclasses.dataclass(frozen=True)
+class _ScoredSource:
+  """A source that ranks children by scores of its own beside its probabilities (as `NgramHeadsTreeSource` does):
+  the same per depth whatever the parent; the root's rows first, then every deeper depth's."""
+
+  keys: tuple  # ([V] root scores, [V] deeper scores)
+  probs: tuple  # ([V] root probabilities, [V] deeper ones)
+
+  def calls(self, depth):
+    return 0
+
+  def init(self, draft_params, prefill, extra_slots, depth):
+    return ()
+
+  def to_tokens(self, draft_params, idx):
+    return idx.astype(jnp.int32)
+
+  def _out(self, i, shape):
+    key, lp = jnp.asarray(self.keys[i], jnp.float32), jnp.log(jnp.asarray(self.probs[i], jnp.float32))
+    return jnp.broadcast_to(key, (*shape, key.shape[0])), jnp.broadcast_to(lp, (*shape, lp.shape[0]))
+
+  def begin(self, draft_params, sstate, loop, logp_fn):
+    return self._out(0, loop.pending_B.shape), (), sstate
+
+  def expand(self, draft_params, ctx, d, front_BxW, anc_BxWxR, logp_fn):
+    return self._out(1, front_BxW.shape), ctx
+
+
+def test_a_tree_chosen_by_scores_grows_to_its_depth_at_threshold_0():
+  """A source's scores choose the nodes and its probabilities value them, so one more depth may lower E[A] (a
+  deeper node of better score displaces a more probable one): at threshold 0 (always grow to D) growth still goes
+  on, and the tree is the N best paths by score. Roots t0, t1, t2 score -0.1, -3, -4 (probabilities .5, .3, .15);
+  below any node, t0 scores -0.1 with probability .02. The 3 best paths by score of depth <= 3 are t0, t0 t0 and
+  t0 t0 t0; depth 2 alone lowers E[A] from .95 to .81 (t0 t0 in place of t1), which stopped the growth there."""
+  source = _ScoredSource(keys=((-0.1, -3.0, -4.0, -5.0), (-0.1, -6.0, -7.0, -8.0)),
+                         probs=((0.5, 0.3, 0.15, 0.05), (0.02, 0.9, 0.05, 0.03)))
+  drafter = OptTreeDrafter(source, nodes=3, depth=3, width=2, branch=2)
+  state = drafter.init(None, None)
+  draft, state = jax.jit(lambda s: drafter.propose(None, s, fake_loop([0])))(state)
+  check_tree(draft)
+  assert state.reached_D.tolist() == [0, 0, 1]
+  assert draft_paths(draft) == [(0,), (0, 0), (0, 0, 0)]
+  np.testing.assert_allclose(state.expected_accept_DxN[:, -1], [0.95, 0.81, 0.5 + 0.01 + 0.0002], rtol=1e-5)

@@ -431,7 +431,10 @@ class OptTreeDrafter:
           rank_DxC, jnp.zeros((c,), jnp.float32).at[:k].set(jnp.sum(jnp.exp(best_lp_BxK) * loop.active_B[:, None], 0)),
           d - 1, axis=0)
       ea_B = best_tree_value(pool_lv, pool_key, d)
-      go = jnp.any(loop.active_B & (ea_B - ea_prev >= self.threshold)) | (self.shape == "chain")
+      # Threshold 0 always grows: where scores of a source's own choose the nodes, one more depth may lower E[A] (a
+      # deeper node of better score displaces a more probable one), and `>= 0` then stopped the growth short of D
+      grows_B = (ea_B - ea_prev >= self.threshold) if self.threshold > 0 else jnp.ones_like(loop.active_B)
+      go = jnp.any(loop.active_B & grows_B) | (self.shape == "chain")
       return (d + 1, go, pool_tok, pool_lv, pool_key, pool_pf, front, anc_BxWxR, ctx, ea_B, rank_DxC)
 
     carry = (jnp.int32(2), jnp.bool_(dmax >= 2), pool_tok, pool_lv, pool_key, pool_pf, front_BxDxW,
