@@ -291,8 +291,9 @@ def hf_runner(ctx: BenchContext, *, lookup: bool, num_tokens: int = 10) -> Runne
         torch.cuda.synchronize()
       run_s += time.perf_counter() - t0
       new = out[0, len(ids):].tolist()
-      if eos and eos[0] in new:
-        new = new[:new.index(eos[0]) + 1]
+      ends = [i for i, t in enumerate(new) if t in eos]
+      if ends:  # the first of any EOS id ends the output, as jaxspec's loop ends a row (a pad run after it is cut)
+        new = new[:ends[0] + 1]
       tokens.append(new)
       active.append(max(calls[0] - 1, 0))  # the first call is the prefill, which also yields the first token (as in
       # jaxspec's loop, a one-token output took no call after it)
