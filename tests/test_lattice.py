@@ -693,3 +693,35 @@ def test_rescored_tree_settings_are_clear_errors(setup):
   other, _, _ = build_ngram([[1, 2, 3, 1, 2]], 3, vocab_size=v + 4)
   with pytest.raises(InputError, match=f"counted over {v + 4} token ids and the target has {v}"):
     NgramHeadsTreeSource(bpd, other).check_target(model)
+
+
+def test_a_static_rescored_tree_takes_no_child_past_the_top_t(setup):
+  """A static tree ranks children by its prior, not by their scores; a rescored source scores only each node's top-t
+  children (the rest -inf, their slots holding arbitrary tokens), and the prior ranked those slots too, so a tree
+  with more children per node than t drafted such tokens (found by a review). Every node is now one of its depth's
+  top-t head tokens, and the tree holds only the nodes there are: t^2 at depth 2 and t^3 at depth 3 here."""
+  from jaxspec.decoding.bpd import BPDDrafter
+  from jaxspec.decoding.lattice import NgramHeadsTreeSource
+  from jaxspec.decoding.opt_tree import OptTreeDrafter, geometric_prior, static_draft_params
+  from jaxspec.decoding.protocol import PrefillInfo
+  from tests.test_opt_tree import fake_loop
+
+  model, params, bpd, dp, _, lm, ng = setup
+  t, n, depth = 2, 16, 3
+  pending = [12, 30]
+  hidden = jnp.asarray(np.random.default_rng(7).normal(size=(2, model.cfg.d_model)), jnp.float32)
+  drafter = OptTreeDrafter(NgramHeadsTreeSource(bpd, lm, top_t=t, width=4), nodes=n, depth=depth, width=4, branch=4,
+                           shape="static")
+  tdp = static_draft_params(lattice_draft_params(dp, weight=0.5, ngram=ng), geometric_prior(depth, 16))
+  prefill = PrefillInfo(jnp.asarray([[3, 17, 25], [9, 9, 30]], jnp.int32), jnp.asarray([3, 3]), hidden,
+                        jnp.zeros((2, model.vocab_size)), jnp.asarray(pending, jnp.int32), capacity=16)
+  draft, _ = jax.jit(lambda p, s: drafter.propose(p, s, fake_loop(pending)))(tdp, drafter.init(tdp, prefill))
+  logits = np.asarray(BPDDrafter(bpd).head_logits(dp, hidden, jnp.asarray(pending, jnp.int32)))
+  for b in range(2):
+    top = [set(np.argsort(-logits[b, i])[:t].tolist()) for i in range(depth)]
+    depths, toks = np.asarray(draft.depth_BxN[b]).tolist(), np.asarray(draft.tokens_BxN[b]).tolist()
+    # (slots the tree leaves empty are drafted as depth-1 nodes without parents: only deeper nodes tell them apart)
+    deeper = [(dd, tok) for dd, tok in zip(depths, toks) if dd > 1]
+    assert all(tok in top[dd - 1] for dd, tok in deeper), (deeper, top)
+    assert [sum(dd == x for dd, _ in deeper) for x in (2, 3)] == [4, 8], deeper
+    assert top[0] <= {tok for dd, tok in zip(depths, toks) if dd == 1}

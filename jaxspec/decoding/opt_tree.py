@@ -377,8 +377,10 @@ class OptTreeDrafter:
     tok1_BxC = jnp.pad(self.source.to_tokens(src_params, tok1_BxC), ((0, 0), (0, c - c1)))
     lp1_BxC = jnp.pad(lp1_BxC, ((0, 0), (0, c - c1)), constant_values=-jnp.inf)
     sc1_BxC = jnp.pad(sc1_BxC, ((0, 0), (0, c - c1)), constant_values=-jnp.inf)
-    key1_BxC = (jnp.broadcast_to(jnp.where(jnp.arange(c) < c1, self._prior(draft_params, 0, jnp.arange(c)), -jnp.inf),
-                                 (b, c)) if static else sc1_BxC)
+    # A static tree ranks by its prior, but never takes a child its source scored -inf (a rescored source's children
+    # past its top t): those slots hold arbitrary tokens
+    key1_BxC = (jnp.where(sc1_BxC > -jnp.inf, self._prior(draft_params, 0, jnp.arange(c))[None], -jnp.inf)
+                if static else sc1_BxC)
 
     pool_tok = jnp.zeros((b, dmax, c), jnp.int32).at[:, 0].set(tok1_BxC)
     pool_lv = jnp.full((b, dmax, c), -jnp.inf, jnp.float32).at[:, 0].set(lp1_BxC)
@@ -421,7 +423,7 @@ class OptTreeDrafter:
         key_BxWxK = fkey_BxW[:, :, None] + self._prior(draft_params, d - 1, jnp.arange(k))[None, None]
       else:  # for a source without scores of its own, the same sum as lv (the keys were the values at depth 1)
         key_BxWxK = fkey_BxW[:, :, None] + sc_BxWxK
-      key_BxWxK = jnp.where(fkey_BxW[:, :, None] > -jnp.inf, key_BxWxK, -jnp.inf)
+      key_BxWxK = jnp.where((fkey_BxW[:, :, None] > -jnp.inf) & (sc_BxWxK > -jnp.inf), key_BxWxK, -jnp.inf)
       put = lambda pool, x: jax.lax.dynamic_update_index_in_dim(pool, x.reshape(b, c), d - 1, axis=1)
       pool_tok, pool_lv, pool_key = put(pool_tok, tok_BxWxK), put(pool_lv, lv_BxWxK), put(pool_key, key_BxWxK)
       pool_pf = put(pool_pf, jnp.broadcast_to(jnp.arange(w, dtype=jnp.int32)[None, :, None], (b, w, k)))
