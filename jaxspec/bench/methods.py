@@ -924,7 +924,8 @@ OPTION_HELP: dict = {
     ("hf-lookup", "n"): "prompt_lookup_num_tokens of transformers (default 10)",
     "layers": "the target's first N layers draft (default: a quarter of its layers)",
     ("opt-tree", "layers"): "with drafter=layerskip: the target's first N layers draft (default: a quarter of them)",
-    ("opt-tree", "heads"): "with drafter=heads: the BPD heads folder (default jaxspec/assets/bpd_smollm2)",
+    ("opt-tree", "heads"): "with drafter=heads: the BPD heads folder (default jaxspec/assets/bpd_smollm2; with "
+                           "rescore=, the heads the rescorer was tuned with)",
     ("opt-tree", "vocab"): "with drafter=draft: the draft's output head, auto (default), subset or full",
     "drafter": "heads (default), eagle, draft or layerskip",
     "nodes": "node budget N, or auto: chosen from the verify cost measured here (default 16)",
