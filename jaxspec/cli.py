@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -412,14 +413,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if command:
       parser.error(f"{option} goes after the command's name: jaxspec {command} {argv[0]} ... (jaxspec {command} "
                    "--help lists its options).")
+  # `--mesh -1,4` (README: "2,4", and "-1 takes the devices left over"): argparse takes a value that starts with "-"
+  # and is no plain negative number for an option, and said "--mesh: expected one argument".
+  for i in range(len(argv) - 2, -1, -1):
+    if argv[i] == "--mesh" and re.match(r"-\d", argv[i + 1]):
+      argv[i:i + 2] = [f"--mesh={argv[i + 1]}"]
+  # generate's required --prompt / --prompt-file is checked after the unknown arguments: `--promt x` was told that
+  # --prompt is required, not that --promt is not an option.
+  # (Each such command's usage line is written first, so that it still shows the group as required.)
+  required = {}
+  for sub in _subparsers(parser).values():
+    groups = [g for g in sub._mutually_exclusive_groups if g.required]
+    if groups and sub.usage is None:
+      sub.usage = sub.format_usage().removeprefix("usage: ").rstrip("\n").replace("%", "%%")
+    for group in groups:
+      group.required = False
+    required[sub] = groups
   args, extra = parser.parse_known_args(argv)
+  sub = _subparsers(parser).get(getattr(args, "command", None))
   if extra and args.command == "train" and all("=" in e and not e.startswith("-") for e in extra):
     args.overrides = [*args.overrides, *extra]
   elif extra:  # said by the command's own parser, whose usage line shows the options it takes
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    sub = subs[0].choices.get(getattr(args, "command", None)) if subs else None
-    (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}{_did_you_mean(sub, extra)}")
+  for group in required.get(sub, ()):
+    if all(getattr(args, a.dest) is None for a in group._group_actions):
+      names = " ".join(a.option_strings[0] for a in group._group_actions)
+      sub.error(f"one of the arguments {names} is required")
   return args
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+  subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+  return dict(subs[0].choices) if subs else {}
+
+
+def _did_you_mean(sub: argparse.ArgumentParser | None, extra: list[str]) -> str:
+  """What to add to "unrecognized arguments": ` (--promt: did you mean --prompt?)` for each option in `extra` close
+  to one `sub` takes."""
+  import difflib
+
+  if sub is None:
+    return ""
+  options = [o for o in sub._option_string_actions if o.startswith("--")]
+  pairs = [(e.split("=", 1)[0], difflib.get_close_matches(e.split("=", 1)[0], options, n=1, cutoff=0.75))
+           for e in extra if e.startswith("--")]
+  said = [f"{given}: did you mean {close[0]}?" for given, close in pairs if close]
+  return f" ({' '.join(said)})" if said else ""
 
 
 def _redeliver_swallowed_interrupts() -> None:

@@ -320,6 +320,34 @@ def test_an_unknown_option_is_named_by_the_commands_own_usage(capsys):
     assert f"jaxspec {command}: error: unrecognized arguments: " in err, err
 
 
+def test_a_misspelled_option_is_named_not_taken_for_a_missing_prompt(capsys):
+  """`generate --promt x` said "one of the arguments --prompt --prompt-file is required": argparse checks the required
+  group before it returns the unknown arguments. The unknown option is named, with the one it is close to."""
+  for argv, said in ((["generate", "--promt", "x"],
+                      "unrecognized arguments: --promt x (--promt: did you mean --prompt?)"),
+                     (["generate", "--prompt", "x", "--max-tokens", "4"],
+                      "(--max-tokens: did you mean --max-new-tokens?)"),
+                     (["bench", "--catagories", "qa"], "(--catagories: did you mean --categories?)"),
+                     (["generate"], "jaxspec generate: error: one of the arguments --prompt --prompt-file is required"),
+                     (["generate", "--prompt", "x", "--prompt-file", "f"], "not allowed with argument --prompt")):
+    with pytest.raises(SystemExit) as e:
+      cli.parse_args(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and said in err, err
+    if argv[0] == "generate":  # the usage line still shows the group as required
+      assert "(--prompt PROMPT | --prompt-file PATH)" in err, err
+  assert cli.parse_args(["generate", "--prompt-file", "-"]).prompt_file == "-"
+
+
+def test_a_mesh_that_starts_with_minus_one_is_a_value(capsys):
+  """README: a mesh may be written `2,4`, and -1 takes the devices left over; `--mesh -1,4` was refused by argparse
+  ("--mesh: expected one argument"), which takes a value starting with "-" for an option."""
+  assert cli.parse_args(["generate", "--mesh", "-1,4", "--prompt", "x"]).mesh == "-1,4"
+  assert cli.parse_args(["bench", "--mesh", "-1,1", "--methods", "greedy"]).mesh == "-1,1"
+  assert cli.parse_args(["generate", "--prompt", "x", "--mesh=-1,2"]).mesh == "-1,2"
+  assert sharding.parse_mesh_shape("-1,4") == {"data": -1, "model": 4}
+
+
 def test_an_option_before_the_command_says_where_it_goes(capsys):
   """argparse called `--distributed` unknown there (under a usage line listing it), and took a value for the command."""
   for argv, option, command in ((["--distributed", "train", "c.yaml"], "--distributed", "train"),
