@@ -219,6 +219,35 @@ def test_train_check_reads_the_prompt_files_folders_and_mesh_a_run_reads(tmp_pat
   assert cli.main(["train", str(config), "--check", "tune.neural_draft=layerskip"]) == 0
 
 
+def test_train_check_makes_the_checks_a_run_made_before_loading_its_target(tmp_path, capsys):
+  """--check passed a model.path or seq2seq data.tokenizer that does not exist, BPD settings that do not go together,
+  and a resume whose settings differ from its checkpoints' (found by a README walk-through): a run refused each of
+  them seconds later, once started."""
+  from training.config import record_run_config
+  from training.tasks import load_task_config
+
+  config = tmp_path / "c.yaml"
+  config.write_text(f"task: bpd\nout: {tmp_path / 'out'}\ntrain:\n  checkpoint_dir: {tmp_path / 'ckpt'}\n")
+  assert f"model.path='{tmp_path / 'none.gguf'}' does not exist: give a .gguf file or a Hugging Face" in fails(
+      ["train", str(config), "--check", f"model.path={tmp_path / 'none.gguf'}"], capsys)
+  assert "use train.targets=tokens there" in fails(
+      ["train", str(config), "--check", "train.objective=joint", "train.targets=teacher"], capsys)
+  assert "apply to train.objective=joint only" in fails(["train", str(config), "--check", "train.base_lr_scale=0.5"],
+                                                        capsys)
+  # Checkpoints of a run with train.seed=0: a resume with another seed is refused, one with more steps is not.
+  cfg, _ = load_task_config(str(config))
+  record_run_config(cfg, tmp_path / "ckpt")
+  (tmp_path / "ckpt" / "250").mkdir()
+  assert "holds checkpoints of a run with other settings (train.seed: 0 there, 1 now)" in fails(
+      ["train", str(config), "--check", "train.seed=1"], capsys)
+  assert cli.main(["train", str(config), "--check", "train.steps=5000"]) == 0
+  capsys.readouterr()
+  config.write_text(f"task: seq2seq\nout: {tmp_path / 'draft'}\ntrain:\n  checkpoint_dir: {tmp_path / 'ck2'}\n")
+  assert "data.tokenizer: no tokenizer.json at" in fails(
+      ["train", str(config), "--check", f"data.tokenizer={tmp_path / 'none'}"], capsys)
+  assert cli.main(["train", str(config), "--check", f"data.tokenizer={ASSETS / 't5_numbers'}"]) == 0
+
+
 # ---- generate's flags --------------------------------------------------------------------------------------------
 
 def test_top_k_and_top_p_at_temperature_0_are_said_to_do_nothing(tiny_target, capsys):

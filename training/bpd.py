@@ -422,18 +422,23 @@ def joint_loss(model, bpd: BPDModel, base_weight: float):
 
 # ---- the run -------------------------------------------------------------------------------------------------
 
-def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, progress: bool = True) -> dict:
-  """Builds the data (resumable), trains the heads (resumable from Orbax checkpoints) and exports them to
-  `cfg.out`. Returns a summary: data size, final metrics, times."""
-  from jaxspec.loading import load_model
-
-  t_start = time.time()
+def check_bpd_settings(cfg: BPDTrainConfig) -> None:
+  """The settings that do not go together, refused before any work (and by `jaxspec train CONFIG --check`)."""
   if cfg.train.objective == "joint" and cfg.train.targets == "teacher":
     raise ConfigError("train.targets=teacher distils the frozen target's distributions into the heads; with "
                       "train.objective=joint the base itself changes, so use train.targets=tokens there.")
   if cfg.train.objective == "heads" and (cfg.train.base_loss_weight != 1.0 or cfg.train.base_lr_scale != 1.0):
     raise ConfigError("train.base_loss_weight and train.base_lr_scale apply to train.objective=joint only; the "
                       "heads objective keeps the base frozen.")
+
+
+def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, progress: bool = True) -> dict:
+  """Builds the data (resumable), trains the heads (resumable from Orbax checkpoints) and exports them to
+  `cfg.out`. Returns a summary: data size, final metrics, times."""
+  from jaxspec.loading import load_model
+
+  t_start = time.time()
+  check_bpd_settings(cfg)
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh is not None else None  # a bad mesh fails before any work
   if model is None:
     # On the mesh as each weight is read: a target that fits the mesh but not one device trains too.

@@ -290,6 +290,31 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: 
       also picks the held-out prompts, or the data), naming each key; or with another target.
   """
   path = Path(checkpoint_dir) / "config.yaml"
+  has_steps = check_run_settings(cfg, checkpoint_dir)
+  target_path = path.with_name(TARGET_FILE)
+  if target is not None and has_steps and target_path.is_file():  # (runs from before it was recorded take it now)
+    try:
+      was = json.loads(target_path.read_text(encoding="utf-8")).get("embed_fingerprint")
+    except (OSError, ValueError, AttributeError):
+      was = None
+    if was is not None and was != target:  # (after the settings: a changed model.path is named as such)
+      raise ConfigError(f"{path.parent} holds checkpoints trained on another target model (embedding fingerprint "
+                        f"{was} there, {target} now: other weights at model.path). Resuming would continue them on "
+                        "this one: set train.checkpoint_dir to a new folder.")
+  dump_config(cfg, path)
+  if target is not None:
+    files.write_json(target_path, {"embed_fingerprint": target})
+
+
+def check_run_settings(cfg: Any, checkpoint_dir: str | os.PathLike[str]) -> bool:
+  """The settings half of `record_run_config`, which needs no target (so `jaxspec train --check` makes it too):
+  when `checkpoint_dir` holds checkpoints of an earlier run, `cfg` may change only keys a resumed run may change.
+  Returns whether the folder holds checkpoints.
+
+  Raises:
+    ConfigError: as `record_run_config`, for the settings.
+  """
+  path = Path(checkpoint_dir) / "config.yaml"
   has_steps = has_step_folders(path.parent)
   if has_steps and path.is_file():
     try:
@@ -326,19 +351,7 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: 
                         "a resume may change these values but not switch them on or off (clipping at 0, "
                         "a joint run's base_lr_scale at 1.0). Keep them so to continue, or set "
                         "train.checkpoint_dir to a new folder.")
-  target_path = path.with_name(TARGET_FILE)
-  if target is not None and has_steps and target_path.is_file():  # (runs from before it was recorded take it now)
-    try:
-      was = json.loads(target_path.read_text(encoding="utf-8")).get("embed_fingerprint")
-    except (OSError, ValueError, AttributeError):
-      was = None
-    if was is not None and was != target:  # (after the settings: a changed model.path is named as such)
-      raise ConfigError(f"{path.parent} holds checkpoints trained on another target model (embedding fingerprint "
-                        f"{was} there, {target} now: other weights at model.path). Resuming would continue them on "
-                        "this one: set train.checkpoint_dir to a new folder.")
-  dump_config(cfg, path)
-  if target is not None:
-    files.write_json(target_path, {"embed_fingerprint": target})
+  return has_steps
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:

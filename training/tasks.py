@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from training.bpd import BPDTrainConfig, DataSection, train_bpd
+from training.bpd import BPDTrainConfig, DataSection, check_bpd_settings, train_bpd
 from training.cllm import CLLMTrainConfig, train_cllm
 from training.config import ConfigError, load_config, read_config_file
 from training.draft import DraftTrainConfig, train_draft
@@ -62,6 +62,8 @@ def load_task_config(path: str, overrides=()) -> tuple[Any, Callable[..., dict]]
   cls, fn = TASKS[task]
   cfg = _expand_home(load_config(path, cls, overrides))
   _check_counts(cfg)
+  if isinstance(cfg, BPDTrainConfig):
+    check_bpd_settings(cfg)
   if hasattr(cfg, "optim") and hasattr(getattr(cfg, "train", None), "steps"):
     # A schedule that cannot fit the run fails here, before any data is built (the warnings come with the optimizer).
     cfg.optim.for_steps(cfg.train.steps, warn=False)
@@ -289,11 +291,17 @@ def check_inputs(cfg: Any) -> None:
 
 
 def check_read_files(cfg: Any) -> None:
-  """Fails before any work on a prompt file, heads or draft folder the run reads once its target has loaded, and on a
-  mesh that is malformed or does not fit the devices: `--check` said such a config passed."""
+  """Fails before any work on a prompt file, heads or draft folder the run reads once its target has loaded, on a
+  mesh that is malformed or does not fit the devices, and on a target (`model.path`) or seq2seq tokenizer that is not
+  there: `--check` said such a config passed."""
   from jaxspec.bench.prompts import load_prompts
 
   data, collect = getattr(cfg, "data", None), getattr(cfg, "collect", None)
+  tokenizer = getattr(data, "tokenizer", None)  # seq2seq: the target's tokenizer for its draft
+  if isinstance(tokenizer, str) and not (Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir()
+                                         else Path(tokenizer)).is_file():
+    raise ConfigError(f"data.tokenizer: no tokenizer.json at {tokenizer!r}; train the target first or set "
+                      "data.tokenizer=null to build a new one.")
   prompt_files = [] if getattr(data, "text_files", None) else [
       (f"data.{key}", getattr(data, key, None)) for key in ("prompts", "more_prompts")]
   prompt_files.append(("collect.prompts", getattr(collect, "prompts", None)))
@@ -312,6 +320,20 @@ def check_read_files(cfg: Any) -> None:
   if getattr(cfg, "mesh", None) is not None:
     from jaxspec import sharding
     sharding.make_mesh(cfg.mesh)
+  model = getattr(getattr(cfg, "model", None), "path", None)  # (seq2seq's model section is the model it trains)
+  if isinstance(model, str) and not Path(model).exists():
+    raise ConfigError(f"model.path={model!r} does not exist: give a .gguf file or a Hugging Face model folder, or "
+                      "model.path=null for the embedded default model.")
+
+
+def check_resume(cfg: Any) -> None:
+  """Fails before any work when `train.checkpoint_dir` holds checkpoints of a run with other settings: the run
+  refuses them once its target has loaded (`training.config.record_run_config`), and `--check` passed them."""
+  from training.config import check_run_settings
+
+  folder = getattr(getattr(cfg, "train", None), "checkpoint_dir", None)
+  if folder:
+    check_run_settings(cfg, folder)
 
 
 def main_train(path: str, overrides=(), progress: bool = True, check_only: bool = False) -> dict:
@@ -322,6 +344,7 @@ def main_train(path: str, overrides=(), progress: bool = True, check_only: bool 
   check_writable(cfg)
   check_assets(cfg)
   check_inputs(cfg)
+  check_resume(cfg)
   if check_only:
     from training.config import to_dict
     task = next(name for name, (cls, _) in TASKS.items() if isinstance(cfg, cls))
