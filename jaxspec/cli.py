@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "Spec-Bench dev prompts are ../shared/data/spec_bench_dev.jsonl, beside a development checkout)")
   b.add_argument("--methods", default=None,
                  help="comma-separated method names, options after colons (bpd:k=4); default: all")
-  b.add_argument("--list-methods", action="store_true", help="print the method names and exit")
+  b.add_argument("--list-methods", action="store_true", help="print the methods and their options, and exit")
   b.add_argument("--limit", type=_positive_int, default=None, help="prompts per category")
   b.add_argument("--categories", default=None, help="comma-separated categories to keep")
   b.add_argument("--max-new-tokens", type=_positive_int, default=None, help="default 128 (32 with --quick)")

@@ -368,6 +368,16 @@ def test_a_misspelled_option_is_named_not_taken_for_a_missing_prompt(capsys):
   assert cli.parse_args(["generate", "--prompt-file", "-"]).prompt_file == "-"
 
 
+def test_list_methods_says_it_lists_the_options_too(capsys):
+  """`bench --help` said --list-methods prints "the method names"; it prints each method's options as well."""
+  with pytest.raises(SystemExit):
+    cli.parse_args(["bench", "--help"])
+  assert "print the methods and their options, and exit" in " ".join(capsys.readouterr().out.split())
+  assert cli.main(["bench", "--list-methods"]) == 0
+  out = capsys.readouterr().out
+  assert "\nbpd " in out and "k=  heads used" in out
+
+
 def test_a_mesh_that_starts_with_minus_one_is_a_value(capsys):
   """README: a mesh may be written `2,4`, and -1 takes the devices left over; `--mesh -1,4` was refused by argparse
   ("--mesh: expected one argument"), which takes a value starting with "-" for an option."""
