@@ -248,6 +248,21 @@ def test_train_check_makes_the_checks_a_run_made_before_loading_its_target(tmp_p
   assert cli.main(["train", str(config), "--check", f"data.tokenizer={ASSETS / 't5_numbers'}"]) == 0
 
 
+def test_a_list_setting_given_one_value_shows_the_bracket_form(tmp_path, capsys):
+  """`data.extra_dataset_dirs=/tmp/x` said only "must be a list of str, got '/tmp/x' (str)": how an override writes a
+  list (YAML's brackets) was nowhere. A list given in brackets is checked item by item as before."""
+  config = tmp_path / "c.yaml"
+  config.write_text(f"task: bpd\nout: {tmp_path / 'out'}\ntrain:\n  checkpoint_dir: {tmp_path / 'ckpt'}\n")
+  err = fails(["train", str(config), "--check", f"data.extra_dataset_dirs={tmp_path}"], capsys)
+  assert f"an override writes a list in brackets, data.extra_dataset_dirs=[{tmp_path}]" in err
+  config.write_text(f"task: rescore\nout: {tmp_path / 'rescore'}\n")
+  assert "tune.weights=[0.5]" in fails(["train", str(config), "--check", "tune.weights=0.5"], capsys)
+  err = fails(["train", str(config), "--check", "tune.weights=[a]"], capsys)
+  assert "'tune.weights[0]' must be a finite float" in err and "brackets" not in err
+  config.write_text(f"task: rescore\nout: {tmp_path / 'rescore'}\ntune:\n  weights: 0.5\n")
+  assert "brackets" not in fails(["train", str(config), "--check"], capsys)  # a file's YAML is not an override
+
+
 # ---- generate's flags --------------------------------------------------------------------------------------------
 
 def test_top_k_and_top_p_at_temperature_0_are_said_to_do_nothing(tiny_target, capsys):

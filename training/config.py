@@ -376,7 +376,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return _convert(value, tp, key)
   except _Mismatch:
     shown = value.parsed() if isinstance(value, _Override) else value
-    raise ConfigError(f"{key!r} must be {_type_name(tp)}, got {_show(shown)}") from None
+    hint = ""
+    if isinstance(value, _Override) and "a list of" in _type_name(tp) and not isinstance(shown, (list, tuple)):
+      hint = f": an override writes a list in brackets, {key}=[{value.text}]"  # `key=a` for `key=[a]`
+    raise ConfigError(f"{key!r} must be {_type_name(tp)}, got {_show(shown)}{hint}") from None
 
 
 def _convert(value: Any, tp: Any, key: str) -> Any:
