@@ -216,6 +216,19 @@ def test_the_program_cache_is_bounded_and_can_be_cleared(tiny, monkeypatch):
   assert not gen._PROGRAMS
 
 
+def test_cleared_programs_are_compiled_again_not_taken_back_from_jax(tiny):
+  """`clear_programs()` emptied jaxspec's cache only: JAX's kept each executable, so the programs stayed in memory and
+  the next call took the same one back (its compile_s a few milliseconds, where README says it frees them)."""
+  model, params = tiny
+  args = ([[1, 2, 3]],)
+  gen.generate(model, params, *args, max_new_tokens=6)
+  first = next(reversed(gen._PROGRAMS.values()))[0]
+  gen.clear_programs()
+  gen.generate(model, params, *args, max_new_tokens=6)
+  again = next(reversed(gen._PROGRAMS.values()))[0]
+  assert again.runtime_executable() is not first.runtime_executable()
+
+
 def test_a_greedy_only_drafter_refuses_sampling(tiny):
   from jaxspec.decoding.jacobi import JacobiDrafter
   model, params = tiny

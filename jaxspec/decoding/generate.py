@@ -400,8 +400,12 @@ MAX_PROGRAMS = 64
 
 
 def clear_programs() -> None:
-  """Forgets every compiled decode program (`jax.clear_caches()` does not reach them); the next call compiles."""
+  """Forgets every compiled decode program (`jax.clear_caches()` does not reach them); the next call compiles.
+
+  JAX's own caches are cleared too: they keep each executable that `.lower(...).compile()` built, so without that the
+  programs stayed in memory and the next call took them back from JAX in milliseconds instead of compiling."""
   _PROGRAMS.clear()
+  jax.clear_caches()
 
 
 def compiled_program(args: tuple, static: dict, fn=None):
