@@ -92,8 +92,8 @@ def test_gated_bpd_equals_greedy_on_tiny_model(tiny, monkeypatch, bucket):
   calls = {}
   # These random heads are flat (scores about 0.01 to 0.03) yet their first token is often right; 4.0 = k: no step's
   # score reaches it. (Calls here: 84 ungated, 85 / 115 / 116 at 0.01 / 0.015 / 0.02, 117 never verifying; each gate
-  # compiles its own loop.)
-  for g in (0.0, 0.01, 0.015, 0.02, 4.0):
+  # compiles its own loop, so only 0.015 runs between the ends: 0.01 and 0.02 mixed the same way.)
+  for g in (0.0, 0.015, 4.0):
     runs = [generate(model, params, [prompt], max_new_tokens=40, drafter=BPDDrafter(bpd, gate=g), draft_params=dp,
                      buckets=bucket is not None) for prompt in prompts]
     assert [r.tokens[0] for r in runs] == greedy.tokens, g

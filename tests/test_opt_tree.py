@@ -328,8 +328,9 @@ def test_a_sampled_row_alone_draws_what_it_draws_first_in_a_batch(tiny, name):
 
 
 # The draft LM's trees differ from the heads' only in how E[A] is scored, and each gate compiles its own loop: that
-# setting runs with -m slow.
-@pytest.mark.parametrize("name,gates", [("heads-dynamic", (0.05, 0.1, 0.2)),
+# setting runs with -m slow. Heads' calls by gate: 55 at 0 and at 0.05, 84 at 0.1, 87 at 0.2 and never verifying: 0.1
+# alone mixes, so it alone runs between the ends.
+@pytest.mark.parametrize("name,gates", [("heads-dynamic", (0.1,)),
                                         pytest.param("lm-dynamic", (1.5, 1.8, 2.2, 3.0), marks=pytest.mark.slow)])
 def test_gated_trees_equal_greedy(tiny, greedy_ref, name, gates):
   """Gates among the steps' E[A] values: at some gate, some steps verify the tree and the others take one-token
