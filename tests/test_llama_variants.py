@@ -104,21 +104,19 @@ def test_variants_match_transformers(ref, name):
 
 def test_drafters_on_qwen3_equal_greedy(ref):
   """Chains and trees verified in one forward through Qwen3's query/key norms (applied per token, before RoPE): a
-  draft model that is the target itself, a tree grown from it, and Jacobi iterations give transformers' greedy
-  tokens."""
-  from jaxspec.decoding.jacobi import JacobiDrafter
+  draft model that is the target itself and a tree grown from it give transformers' greedy tokens. (Jacobi's window
+  is verified as the same kind of one-forward chain: it was cut here as a repeat of that path.)"""
   from jaxspec.decoding.opt_tree import LMTreeSource, OptTreeDrafter
   from jaxspec.decoding.speculative import DraftModelDrafter
 
   model, params = load_hf(folder("qwen3"))
   want = ref["qwen3_greedy"].tolist()
   prompt = ref["qwen3_ids"][0, :40].tolist()
-  for drafter in (DraftModelDrafter(model, 3), OptTreeDrafter(LMTreeSource(model), nodes=6, depth=3, width=2, branch=2),
-                  JacobiDrafter(window=4)):
+  for drafter in (DraftModelDrafter(model, 3),
+                  OptTreeDrafter(LMTreeSource(model), nodes=6, depth=3, width=2, branch=2)):
     res = generate(model, params, [prompt], max_new_tokens=len(want), drafter=drafter, draft_params=params)
     assert res.tokens[0] == want, drafter
-    if not isinstance(drafter, JacobiDrafter):  # the target drafting for itself: every draft is accepted
-      assert res.tau > 2, drafter
+    assert res.tau > 2, drafter  # the target drafting for itself: every draft is accepted
 
 
 @pytest.mark.parametrize("name", ["phi3_longrope", "phi4_mini"])

@@ -280,7 +280,8 @@ def test_bpd_eagle_and_jacobi_with_copies_equal_greedy_on_tiny_model(tiny):
     assert 0 < copied <= sum(res.active_calls)
     assert res.tau > plain.tau
     # One row at a time every copying step copies in all rows: the wrapped drafter does not run (its work saved).
-    for prompt, want in zip(prompts, greedy.tokens):
+    # Jacobi has no skip_propose: alone it runs the batch's path, checked above (one program fewer).
+    for prompt, want in zip(prompts if hasattr(inner, "skip_propose") else [], greedy.tokens):
       alone = generate(model, params, [prompt], max_new_tokens=40, drafter=WithLookup(inner), draft_params=dp)
       assert alone.tokens == [want], (inner, prompt)
       if isinstance(inner, EagleDrafter):  # γ - 1 draft forwards in a drafting propose, 1 in every update
@@ -545,7 +546,8 @@ def test_trees_with_copies_equal_greedy_on_tiny_model(tiny):
   for name in ("lm-dynamic", "heads-dynamic"):
     inner, dp = drafters[name]
     plain = generate(model, params, prompts, max_new_tokens=40, drafter=inner, draft_params=dp)
-    for graft in (True, False):
+    # The heads' tree with graft=False: tests/test_methods_options.py (opt-tree:...:lookup=1:graft=0) decodes it.
+    for graft in (True, False) if name == "lm-dynamic" else (True,):
       res = generate(model, params, prompts, max_new_tokens=40, drafter=WithLookup(inner, graft=graft),
                      draft_params=dp)
       assert res.tokens == greedy.tokens == plain.tokens, name
