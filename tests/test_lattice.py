@@ -122,7 +122,9 @@ def _run(setup, drafter, **dp):
                   draft_params=lattice_draft_params(bdp, **dp))
 
 
-@pytest.mark.parametrize("rescorer,beams,keep_raw", [("none", 1, False), ("none", 3, False), ("ngram", 1, False),
+# ngram with one beam is slow: the n-gram scores are checked with beams of 3 and 2, the one-beam chain with the others
+@pytest.mark.parametrize("rescorer,beams,keep_raw", [("none", 1, False), ("none", 3, False),
+                                                     pytest.param("ngram", 1, False, marks=pytest.mark.slow),
                                                      ("ngram", 3, False), ("ngram", 2, True), ("neural", 1, False),
                                                      ("oracle", 1, False)])
 def test_rescored_bpd_equals_greedy(setup, rescorer, beams, keep_raw):
@@ -564,8 +566,10 @@ def _rescored_tree(bpd, lm, n, depth, t, **kw):
                         **kw)
 
 
-@pytest.mark.parametrize("t,n,depth", [(4, 7, 3), (3, 16, 3)])  # the second holds depth-3 nodes, whose context
-# is read through the ancestors kept in the frontiers' paths (an audit's mutants survived the first alone)
+# The second holds depth-3 nodes, whose context is read through the ancestors kept in the frontiers' paths (an audit's
+# mutants survived the first alone); the first is slow: the second checks the same paths, E[A] and gate on a larger
+# tree.
+@pytest.mark.parametrize("t,n,depth", [pytest.param(4, 7, 3, marks=pytest.mark.slow), (3, 16, 3)])
 def test_a_tree_of_rescored_heads_holds_the_best_paths_by_interpolated_score(setup, t, n, depth):
   """One propose of the tree over n-gram-rescored heads (frontier as wide as the budget) holds exactly the N best
   paths of the top-t lattice, each path scored by sum over its tokens of (1 - w) * head log-prob + w * n-gram log-prob

@@ -283,8 +283,9 @@ def tree_drafters(tiny):
   }
 
 
+# heads-static is slow: lm-static checks the static shape, heads-dynamic the heads' source
 @pytest.mark.parametrize("name", ["lm-dynamic", "lm-self-early-stop", "lm-chain", "lm-subset-head", "lm-static",
-                                  "heads-dynamic", "heads-static"])
+                                  "heads-dynamic", pytest.param("heads-static", marks=pytest.mark.slow)])
 def test_trees_equal_greedy_and_rows_are_independent(tiny, greedy_ref, name):
   model, params = tiny
   drafter, dp = tree_drafters(tiny)[name]
@@ -310,7 +311,8 @@ def test_a_row_alone_takes_the_steps_it_takes_in_a_batch(tiny, greedy_ref, name)
   assert alone.tokens == greedy_ref[2:] and alone.active_calls == res.active_calls[2:]
 
 
-@pytest.mark.parametrize("name", ["lm-dynamic", "lm-self-early-stop"])
+# lm-dynamic is slow: lm-self-early-stop samples the same draft-LM tree source (and accepts more of its nodes)
+@pytest.mark.parametrize("name", [pytest.param("lm-dynamic", marks=pytest.mark.slow), "lm-self-early-stop"])
 def test_a_sampled_row_alone_draws_what_it_draws_first_in_a_batch(tiny, name):
   """`generate`'s promise under sampling: a row's samples depend on the seed and its row index, not on the rows after
   it. Trees from another draft LM and from the target itself at temperature 1, seed by seed (random heads accept

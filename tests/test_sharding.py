@@ -216,7 +216,9 @@ def method(name, model, params):
 # Layer-skip greedy is checked with its caches in test_layerskip_equals_one_device_with_sharded_caches.
 # The lattice and layer-skip sampling cases are slow-marked for time (run before resolving): by default, sampling and
 # BPD cover sharded warps and heads, and test_layerskip_equals_one_device_with_sharded_caches a sharded draft cache.
-METHODS = ["greedy", "sampling", "bpd", pytest.param("bpd-ngram", marks=pytest.mark.slow), "lookup", "jacobi",
+# bpd alone is slow: bpd-copies runs the same heads on the mesh in every step that does not copy
+METHODS = ["greedy", "sampling", pytest.param("bpd", marks=pytest.mark.slow),
+           pytest.param("bpd-ngram", marks=pytest.mark.slow), "lookup", "jacobi",
            pytest.param("layerskip-sampling", marks=pytest.mark.slow), "bpd-copies"]
 
 
@@ -297,7 +299,9 @@ def test_layerskip_equals_one_device_with_sharded_caches(wide, mesh24):
   assert seen["tokens"].is_equivalent_to(jax.sharding.NamedSharding(mesh24, P("data")), 2)
 
 
-def test_a_model_with_biases_splits_them_with_their_kernels(mesh24):
+# layerskip is slow: its draft's layers are the target's, split by the same rules (layer-skip on the mesh: just above)
+@pytest.mark.parametrize("name", ["greedy", pytest.param("layerskip", marks=pytest.mark.slow)])
+def test_a_model_with_biases_splits_them_with_their_kernels(mesh24, name):
   """Bias terms (Qwen2's q/k/v, LLaMA's attention_bias / mlp_bias) are split over the model axis as their kernels'
   output columns are, and greedy and layer-skip decoding on the mesh give the 1-device tokens."""
   model = LlamaLM(tiny_config(n_heads=8, n_kv_heads=4, head_dim=4, qkv_bias=True, o_bias=True, mlp_bias=True))
@@ -315,11 +319,10 @@ def test_a_model_with_biases_splits_them_with_their_kernels(mesh24):
   assert {k.split("/", 1)[1]: v for k, v in specs.items() if k.startswith("layers_0/") and k.endswith("bias")} == {
       "attn/q/bias": P("model"), "attn/k/bias": P("model"), "attn/v/bias": P("model"), "attn/o/bias": P(),
       "mlp/gate/bias": P("model"), "mlp/up/bias": P("model"), "mlp/down/bias": P()}
-  for name in ("greedy", "layerskip"):
-    kw = method(name, model, params)
-    ref = generate(model, params, PROMPTS, max_new_tokens=NEW, **kw)
-    assert len({t for row in ref.tokens for t in row}) >= 10, ref.tokens
-    assert generate(model, params, PROMPTS, max_new_tokens=NEW, mesh=mesh24, **kw).tokens == ref.tokens
+  kw = method(name, model, params)
+  ref = generate(model, params, PROMPTS, max_new_tokens=NEW, **kw)
+  assert len({t for row in ref.tokens for t in row}) >= 10, ref.tokens
+  assert generate(model, params, PROMPTS, max_new_tokens=NEW, mesh=mesh24, **kw).tokens == ref.tokens
 
 
 def test_the_loop_constrains_its_caches_even_from_replicated_inputs(wide, mesh24):

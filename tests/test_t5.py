@@ -158,7 +158,10 @@ def methods(t5, t5_draft):
   }
 
 
-@pytest.mark.parametrize("name", ["bpd", "spec-self", "spec-draft", "jacobi", "lookup", "tree-heads", "tree-draft",
+# The random draft's chain and tree (never accepted) are slow: spec-self and tree-self run the same drafters on a T5
+# draft, and tests/test_t5_numbers.py runs both with a separate (trained, accepted) T5 draft.
+@pytest.mark.parametrize("name", ["bpd", "spec-self", pytest.param("spec-draft", marks=pytest.mark.slow), "jacobi",
+                                  "lookup", "tree-heads", pytest.param("tree-draft", marks=pytest.mark.slow),
                                   "tree-self"])
 def test_methods_are_token_identical_to_greedy(t5, t5_draft, greedy_ref, name):
   model, params = t5
