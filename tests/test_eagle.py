@@ -438,3 +438,148 @@ def test_the_draft_forward_cost_is_measured_for_tree_budgets(tiny):
   for in_loop in (0, 3):
     cost = eagle_cost(draft, dp, [4, 1, 4], context=8, batch=2, repeats=2, in_loop=in_loop)
     assert sorted(cost) == [1, 4] and all(0 < s < 10 for s in cost.values())
+
+
+def test_target_last_init_copies_the_targets_last_layers_and_final_norm():
+  """`init="target_last"` (the training default) starts the draft's blocks as the target's last `n_layers` layers, in
+  order, and its norm as the target's final norm; `init="random"` does neither. (A mutation audit found that copying
+  another layer, or leaving the norm at its unit init, passed every other test.)"""
+  model, params = make_tiny(seed=0, n_layers=3)
+  # A final norm that is not the unit init, so a norm left at 1 shows.
+  params = {**params, "final_norm": {"scale": params["final_norm"]["scale"] * 1.5 + 0.25}}
+  for n in (1, 2):
+    dp = EagleDraft(model.cfg, n).init_params(jax.random.key(0), params)
+    for i in range(n):
+      src = params[f"layers_{3 - n + i}"]
+      assert jax.tree.structure(dp[f"layers_{i}"]) == jax.tree.structure(src)
+      for a, b in zip(jax.tree.leaves(dp[f"layers_{i}"]), jax.tree.leaves(src)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b, np.float32))
+    np.testing.assert_array_equal(dp["norm"]["scale"], params["final_norm"]["scale"])
+  fresh = EagleDraft(model.cfg, 1).init_params(jax.random.key(0), params, init="random")
+  assert not np.array_equal(fresh["norm"]["scale"], params["final_norm"]["scale"])
+  with pytest.raises(ValueError, match="copies the target's last 4 layers"):
+    EagleDraft(model.cfg, 4).init_params(jax.random.key(0), params)
+
+
+def test_vocab_ids_must_lie_in_the_targets_vocabulary(tiny):
+  model, params = tiny
+  draft = EagleDraft(model.cfg, 1)
+  v = model.vocab_size
+  assert draft.vocab_params(params, [v - 1, 0])["vocab_ids"].tolist() == [0, v - 1]
+  for bad in ([], [-1, 3], [v], [0, v]):
+    with pytest.raises(ValueError, match="vocab_ids must be token ids"):
+      draft.vocab_params(params, bad)
+
+
+def test_a_two_layer_draft_round_trips_and_tensors_that_do_not_fit_are_refused(tiny, tmp_path):
+  """The folder keeps the draft's depth (a 2-layer draft loads as one), and a folder whose tensors do not fit the
+  draft its config describes is refused even where its config names this target."""
+  model, params = tiny
+  draft = EagleDraft(model.cfg, 2)
+  dp = draft.init_params(jax.random.key(1), params, init="random")
+  save_eagle(tmp_path / "two", draft, dp, dtype="float32")
+  d2, dp2 = load_eagle(tmp_path / "two", model, params)
+  assert d2 == draft and d2.n_layers == 2
+  assert jax.tree.structure(dp2) == jax.tree.structure(dp)
+  for a, b in zip(jax.tree.leaves(dp), jax.tree.leaves(dp2)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # Tensors of a draft for a target with a narrower MLP, under a config edited to name this target.
+  narrow_model, narrow_params = make_tiny(seed=0, embed_scale=3.0, d_ff=48)
+  narrow = EagleDraft(narrow_model.cfg, 1)
+  save_eagle(tmp_path / "narrow", narrow, narrow.init_params(jax.random.key(1), narrow_params, init="random"),
+             dtype="float32")
+  config = tmp_path / "narrow" / "config.json"
+  raw = json.loads(config.read_text())
+  raw["jaxspec_eagle"]["target"]["d_ff"] = model.cfg.d_ff
+  config.write_text(json.dumps(raw))
+  with pytest.raises(ModelLoadError, match="does not have the tensors of a 1-layer draft"):
+    load_eagle(tmp_path / "narrow", model, params)
+
+
+def test_an_eagle_tree_holds_the_drafts_most_probable_paths(tiny):
+  """With a frontier and branching as wide as the budget, the feature-level tree (its depths >= 2 fed from the draft
+  cache through ancestor masks) is exactly the N most probable root paths of the draft, with their probabilities,
+  each path scored as the chain drafter feeds it: (f̂, d_1), then (its output, d_2), ..., from the position after the
+  committed ones. (A mutation audit found tree entries at the next position or written one frontier late, or a
+  sibling's entry read as an ancestor's, still gave greedy output: only the drafts' quality changed.)"""
+  import heapq
+
+  from jaxspec.decoding.eagle import EagleTreeSource
+  from jaxspec.decoding.opt_tree import OptTreeDrafter
+  from tests.test_opt_tree import draft_paths, fake_loop
+
+  model, params = tiny
+  draft, dp = random_draft(model, params, scale=3.0)
+  dp = dict(dp, table_MxD=dp["table_MxD"] * 20.0)  # top probabilities about 0.46, 0.24, 0.13: the best paths branch
+  prompt, pending, n, depth = [5, 17, 33, 2, 90], 41, 8, 4
+  info = prefill_info(model, params, prompt, pending)
+  state = EagleDrafter(draft, 1).init(dp, info)
+  step = jax.jit(lambda cache, feat, tok: draft.forward(dp, feat[:, None], tok[:, None], cache.lengths[:, None], cache,
+                                                        jnp.ones((1, 1, 1), bool)))
+
+  def logp(path):  # log q of the token after `path`, one cached forward per token as `EagleDrafter.propose` feeds
+    cache, feat = state.cache, state.feat_BxD
+    for tok in path:
+      out, cache = step(cache, feat, jnp.asarray([tok], jnp.int32))
+      cache, feat = cache.advance(jnp.ones((1,), jnp.int32)), out[:, 0]
+    return np.asarray(jax.nn.log_softmax(draft.logits(dp, feat[:, None])[0, 0]), np.float64)
+
+  heap = [(-v, (x,)) for x, v in enumerate(logp(()))]
+  heapq.heapify(heap)
+  want = {}
+  while len(want) < n:
+    neg, path = heapq.heappop(heap)
+    want[path] = -neg
+    if len(path) < depth:
+      for x, v in enumerate(logp(path)):
+        heapq.heappush(heap, (neg - v, path + (x,)))
+  assert max(map(len, want)) >= 3 and len({p[0] for p in want}) >= 2, want  # deep and branching: both compared
+  drafter = OptTreeDrafter(EagleTreeSource(draft, n), nodes=n, depth=depth, width=n, branch=n)
+  tree, dstate = jax.jit(lambda p, s: drafter.propose(p, s, fake_loop([pending])))(dp, drafter.init(dp, info))
+  assert sorted(draft_paths(tree)) == sorted(want)
+  # E[A] of the best m-node tree for every m: the tree's own path probabilities, not just their order.
+  best = sorted(np.exp(list(want.values())))[::-1]
+  np.testing.assert_allclose(dstate.expected_accept_DxN[-1], np.cumsum(best), rtol=1e-5, atol=1e-6)
+
+
+def test_a_tree_update_leaves_the_state_a_fresh_prefill_would(tiny):
+  """As for the chain drafter: after a tree step that commits n tokens, the feature-level source's next-token feature
+  and cache length are those of a fresh prefill over the committed sequence, also where the whole deepest path and the
+  bonus token are committed (depth + 1 entries rewritten; a mutation audit found one entry fewer passed the suite,
+  since random drafts are never accepted to full depth)."""
+  from jaxspec.decoding.eagle import EagleTreeSource
+  from jaxspec.decoding.opt_tree import OptTreeDrafter
+  from tests.test_opt_tree import fake_loop
+
+  model, params = tiny
+  draft, dp = random_draft(model, params, scale=3.0)
+  drafter = OptTreeDrafter.chain(EagleTreeSource(draft, 1), 3)
+  prompt, pending, correction = [5, 17, 33, 2, 90], 41, 77
+  for n_commit in (2, 4):
+    dstate = drafter.init(dp, prefill_info(model, params, prompt, pending))
+    tree, dstate = drafter.propose(dp, dstate, fake_loop([pending]))
+    block = [pending] + [int(x) for x in tree.tokens_BxN[0]]
+    emitted = block[1:n_commit] + [correction] + [0] * (4 - n_commit)
+    hidden = features(model, params, prompt + block)[:, len(prompt):]
+    acc = Acceptance(jnp.asarray([emitted], jnp.int32), jnp.arange(4)[None], jnp.asarray([n_commit], jnp.int32))
+    dstate = drafter.update(dp, dstate, Verified(tree, jnp.zeros((1, 4, model.vocab_size)), hidden, acc,
+                                                 jnp.asarray([True])))
+    fresh = EagleDrafter(draft, 1).init(dp, prefill_info(model, params, prompt + block[:n_commit], correction))
+    assert int(dstate.source.cache.lengths[0]) == len(prompt) + n_commit, n_commit
+    np.testing.assert_allclose(dstate.source.feat_BxD, fresh.feat_BxD, atol=1e-5, err_msg=f"n_commit={n_commit}")
+
+
+def test_a_subset_drafts_other_tokens_have_probability_zero(tiny):
+  """A draft over a vocabulary subset scores its tokens with the target's output rows and gives every other token
+  logit -1e30: probability exactly 0, so a sampling draft never proposes them. (Exact sampling holds for any q, so
+  the χ² tests cannot see a finite logit there; a mutation audit found -30 passed them.)"""
+  model, params = tiny
+  ids = [1, 5, 9, 200]
+  draft, dp = random_draft(model, params, vocab_ids=ids)
+  feat = jax.random.normal(jax.random.key(0), (2, 3, model.cfg.d_model))
+  logits = np.asarray(draft.logits(dp, feat))
+  table = np.asarray(model.output_table(params))[ids]
+  np.testing.assert_allclose(logits[..., ids], np.asarray(feat) @ table.T, rtol=1e-4, atol=1e-4)
+  q = np.asarray(jax.nn.softmax(draft.logits(dp, feat), axis=-1))
+  assert np.all(np.delete(q, ids, axis=-1) == 0.0)
+  np.testing.assert_allclose(q[..., ids].sum(-1), 1.0, rtol=1e-5)
