@@ -159,6 +159,22 @@ def test_bpd_equals_greedy_on_tiny_model(tiny, k, use_next):
   assert res.accept_hist[:, 2:].sum() > 0  # some drafted tokens were accepted (τ 1.29 and 1.65 here)
 
 
+def test_heads_read_the_pending_tokens_embedding(tiny):
+  """With `use_next_token` each row's heads read h_t and the embedding of that row's pending token (the target's choice
+  at t + 1): their logits are the heads' states for that embedding through the target's output table. (A mutation
+  audit found heads fed another token's embedding passed every test: the trained heads' targets follow from h_t.)"""
+  model, params = tiny
+  bpd, p = random_heads(tiny, 3)
+  drafter = BPDDrafter(bpd)
+  dp = bpd_draft_params(model, params, bpd, p)
+  hidden = jax.random.normal(jax.random.key(0), (2, model.cfg.d_model))
+  pending = jnp.asarray([5, 200], jnp.int32)
+  got = np.asarray(drafter.head_logits(dp, hidden, pending))
+  want = bpd.head_states(p, hidden, model.input_table(params)[pending]) @ model.output_table(params).T
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  assert not np.allclose(got, drafter.head_logits(dp, hidden, pending[::-1]), atol=1e-3)
+
+
 def test_approximate_acceptance_keeps_target_top_k_tokens(tiny):
   model, params = tiny
   bpd, p = random_heads(tiny, 3)
@@ -433,6 +449,40 @@ def test_config_errors_name_the_key(tmp_path):
   assert load_bpd_config(path, ["heads.num_heads=6"]).heads.num_heads == 6
 
 
+def test_heads_compute_the_residual_layer_over_h_then_the_next_tokens_embedding():
+  """Head i is h + W_out,i silu(W_in,i [h; e] + b_in,i), h first in W_in's rows (the layout of the shipped heads'
+  files): checked against numpy with random weights. (A mutation audit found the heads reading [e; h] passed every
+  test: training and decoding agree with each other either way, and the shipped heads still got some drafts
+  accepted.)"""
+  k, d, f = 3, 4, 5
+  bpd = BPDModel(BPDConfig(num_heads=k, d_model=d, d_hidden=f))
+  keys = jax.random.split(jax.random.key(0), 5)
+  p = {"heads": {"w_in": jax.random.normal(keys[0], (k, 2 * d, f)), "b_in": jax.random.normal(keys[1], (k, f)),
+                 "w_out": jax.random.normal(keys[2], (k, f, d))}}
+  h, e = np.asarray(jax.random.normal(keys[3], (2, d))), np.asarray(jax.random.normal(keys[4], (2, d)))
+  w_in, b_in, w_out = (np.asarray(p["heads"][n], np.float64) for n in ("w_in", "b_in", "w_out"))
+  pre = np.einsum("nd,kdf->nkf", np.concatenate([h, e], axis=-1), w_in) + b_in
+  want = h[:, None] + np.einsum("nkf,kfd->nkd", pre / (1 + np.exp(-pre)), w_out)
+  np.testing.assert_allclose(bpd.head_states(p, jnp.asarray(h), jnp.asarray(e)), want, rtol=1e-4, atol=1e-4)
+
+
+def test_bpd_config_takes_1_to_max_heads_heads():
+  from jaxspec.models.bpd import MAX_HEADS
+
+  assert BPDConfig(num_heads=MAX_HEADS, d_model=8).num_heads == MAX_HEADS == 16  # `bpd:k=16` is a valid method
+  for k in (0, MAX_HEADS + 1):
+    with pytest.raises(ValueError, match=f"num_heads must be in 1..{MAX_HEADS}, got {k}"):
+      BPDConfig(num_heads=k, d_model=8)
+
+
+def test_heads_over_a_vocabulary_subset_need_that_many_ids():
+  bpd = BPDModel(BPDConfig(num_heads=2, d_model=8, d_hidden=4, vocab_subset=3))
+  assert bpd.init_params(jax.random.key(0), [4, 1, 7])["vocab_ids"].tolist() == [4, 1, 7]
+  for ids in (None, [4, 1], [4, 1, 7, 9]):
+    with pytest.raises(ValueError, match="vocab_subset=3 needs that many vocab_ids"):
+      bpd.init_params(jax.random.key(0), ids)
+
+
 def test_corrupt_or_missing_heads_are_clear_errors(tmp_path, tiny):
   with pytest.raises(ModelLoadError, match="does not hold BPD heads"):
     load_bpd(tmp_path)
@@ -444,6 +494,10 @@ def test_corrupt_or_missing_heads_are_clear_errors(tmp_path, tiny):
     load_bpd(tmp_path)
   # A config cut down by hand: a default taken for a missing field would misread the weights, so it is refused.
   save_bpd(tmp_path, bpd, p)
+  assert load_bpd(tmp_path, num_heads=2)[0].num_heads == 2  # all of them
+  for n in (0, 3):
+    with pytest.raises(ModelLoadError, match=f"Asked for {n} heads; .* has 2: ask for 1 to 2"):
+      load_bpd(tmp_path, num_heads=n)
   config = json.loads((tmp_path / "config.json").read_text())
   del config["bpd"]["vocab_subset"]
   (tmp_path / "config.json").write_text(json.dumps(config))

@@ -120,6 +120,13 @@ def test_heads_or_draft_params_for_another_vocabulary_are_refused(tiny):
   dp["bpd"] = dict(dp["bpd"], vocab_ids=jnp.asarray([1, 2, 3, 400]))
   with pytest.raises(InputError, match="up to 400, past this target's vocabulary of 256"):
     gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=BPDDrafter(subset), draft_params=dp)
+  with pytest.raises(InputError, match="up to 256, past this target's vocabulary of 256"):  # the first id past it
+    bpd_draft_params(model, params, subset, dict(ok, vocab_ids=jnp.asarray([1, 2, 3, 256])))
+  # Subset heads that read the next token's embedding, with draft params built with the larger target: the output
+  # rows are the subset's either way, so the embedding's rows are what tells (a mutation audit found them unchecked).
+  with pytest.raises(InputError, match="built for a target with 512 tokens, and this target has 256"):
+    gen.generate(model, params, [[1, 2, 3]], max_new_tokens=4, drafter=BPDDrafter(subset),
+                 draft_params=bpd_draft_params(big, big_params, subset, ok))
 
 
 def test_params_of_another_model_are_an_input_error(tiny):
