@@ -1,6 +1,7 @@
 """Better BPD drafts: the n-gram LM, lattice rescoring (n-gram, neural, oracle), exactness, the tuning task."""
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -79,14 +80,50 @@ def test_ngram_files_round_trip_and_corrupt_files_are_clear_errors(tmp_path):
   lm2, t2, cfg = load_ngram(tmp_path)
   assert lm2 == lm and cfg["tuned"]["ngram_weight"] == 0.3
   assert all(np.array_equal(np.asarray(t2[k]), v) for k, v in tables.items())
+  # A config whose vocabulary is not the unigram table's (edited, or copied from another model) is refused.
+  config = json.loads((tmp_path / "config.json").read_text())
+  config["ngram"]["vocab_size"] = 9
+  (tmp_path / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ModelLoadError, match="inconsistent with its config.json"):
+    load_ngram(tmp_path)
   raw = (tmp_path / "ngram.safetensors").read_bytes()
   (tmp_path / "ngram.safetensors").write_bytes(raw[:len(raw) // 3])
   with pytest.raises(ModelLoadError, match="unreadable"):
     load_ngram(tmp_path)
   with pytest.raises(ModelLoadError, match="missing"):
     load_ngram(tmp_path / "nothing")
-  with pytest.raises(InputError, match="vocabulary"):
-    build_ngram([[1, 9]], 2, 8)
+  for seqs, bad in (([[1, 9]], 9), ([[1, 2], [8]], 8)):  # 8: the first id past a vocabulary of 8
+    with pytest.raises(InputError, match=f"token id {bad} is outside the vocabulary of 8"):
+      build_ngram(seqs, 2, 8)
+
+
+def test_sorted_lookup_finds_every_key_in_tables_of_any_size():
+  """Tables of 1 to 17 keys and of 256: a power-of-two size needs every one of the ceil(log2(S + 1)) search steps
+  (one step fewer missed the last keys of a 2-, 4- or 256-key table). Each stored key is found with its value; keys
+  before, between and after them are not."""
+  for s in list(range(1, 18)) + [256]:
+    i = np.arange(s)
+    k_hi, k_lo = (i // 4).astype(np.uint32), (2 * (i % 4) + 1).astype(np.uint32)  # sorted by (hi, lo)
+    vals = jnp.arange(s, dtype=jnp.float32)
+    q_hi = np.concatenate([k_hi, k_hi, k_hi, [k_hi[-1] + 1]]).astype(np.uint32)
+    q_lo = np.concatenate([k_lo, k_lo - 1, k_lo + 1, [0]]).astype(np.uint32)
+    got = sorted_lookup(jnp.asarray(k_hi), jnp.asarray(k_lo), vals, jnp.asarray(q_hi), jnp.asarray(q_lo), -1.0)
+    assert got.tolist() == i.tolist() + [-1] * (2 * s + 1), s
+
+
+def test_a_context_from_before_the_text_scores_with_the_lower_orders():
+  """A -1 (a context token before the start of the text, e.g. in a short prompt) is a token no n-gram holds: with an
+  order-3 model the context [-1, x] scores every token as the order-2 model of the same text does after [x]. (Read
+  as left padding instead, (-1, x, w) was looked up as the bigram key (x, w): the distribution still summed to one
+  and the tests of all-known or all-unknown contexts passed.)"""
+  text = [[1, 2, 1, 2, 1, 3, 2, 2, 4, 1]]
+  lm3, t3, _ = build_ngram(text, 3, vocab_size=5)
+  lm2, t2, _ = build_ngram(text, 2, vocab_size=5)
+  for x in range(5):
+    for w in range(5):
+      p3 = ngram_logp(lm3, t3, [-1, x], w)
+      assert math.isclose(p3, ngram_logp(lm2, t2, [x], w), rel_tol=1e-5), (x, w)
+      assert math.isclose(math.exp(p3), exact_prob(t3, lm3, [-1, x], w), rel_tol=1e-5), (x, w)
 
 
 def test_forest_draft_is_independent_chains():
