@@ -351,6 +351,64 @@ def test_lora_files_round_trip(tiny, tmp_path):
     load_lora(tmp_path / "h")
 
 
+def test_lora_config_refuses_a_scale_rank_or_targets_that_could_not_train():
+  """alpha = 0 scales the update to 0 (no gradient reaches A or B), so it is refused with rank 0 and no targets; the
+  training config's own check (tests/test_training_checks.py) does not cover LoraConfig built in code."""
+  assert LoraConfig(rank=1, alpha=1e-3, targets=["q"]).targets == ("q",)
+  for kwargs, match in ((dict(alpha=0.0), "alpha must be > 0"), (dict(alpha=-1.0), "alpha must be > 0"),
+                        (dict(rank=0), "rank must be >= 1"), (dict(targets=()), "targets must name")):
+    with pytest.raises(ValueError, match=match):
+      LoraConfig(**kwargs)
+
+
+def test_fresh_adapters_scale_a_by_the_kernels_input_width(tiny):
+  """A ~ N(0, init_scale / in), drawn for each kernel on its own: the update A @ B x keeps the scale of x whatever the
+  kernel's shape (`up` reads 32 features and writes 64, `down` the reverse, so a scale by the output width shows in
+  both)."""
+  _, params = tiny
+  for scale in (1.0, 4.0):
+    lora = init_lora(params, LoraConfig(rank=16, alpha=32.0, targets=("up", "down")), 0, init_scale=scale)
+    for name, d_in in (("up", 32), ("down", 64)):
+      a = np.concatenate([np.ravel(lora[f"layers_{i}"]["mlp"][name]["a"]) for i in range(2)])
+      assert a.size == 2 * d_in * 16
+      np.testing.assert_allclose(a.std(), np.sqrt(scale / d_in), rtol=0.12, err_msg=name)
+      assert not np.any(np.asarray(lora["layers_0"]["mlp"][name]["b"]))
+    # Each kernel draws its own A (one key for all gave every layer the same start).
+    assert not np.array_equal(lora["layers_0"]["mlp"]["up"]["a"], lora["layers_1"]["mlp"]["up"]["a"])
+
+
+def test_adapter_folders_that_do_not_match_their_config_are_refused(tiny, tmp_path):
+  """load_lora refuses a config of another format, a tensor for a kernel outside the config's targets, and an
+  adapter with A but no B for some kernel; merging per-layer adapters that lack a layer into stacked params names
+  the kernel it has no place for (it was a KeyError)."""
+  _, params = tiny
+  cfg = LoraConfig(rank=2, alpha=4.0, targets=("v", "up"))
+  lora = jax.tree.map(lambda x: x + 0.1, init_lora(params, cfg, 0))
+  save_lora(tmp_path / "a", lora, cfg)
+  config = tmp_path / "a" / "config.json"
+  saved = json.loads(config.read_text())
+  for edit, match in ((lambda c: c["lora"].update(format=2), "unreadable .*format 2, expected 1"),
+                      (lambda c: c["lora"].update(targets=["v"]),
+                       r"adapts 'layers_\d/mlp/up', which is not in its targets")):
+    raw = json.loads(json.dumps(saved))
+    edit(raw)
+    config.write_text(json.dumps(raw))
+    with pytest.raises(ModelLoadError, match=match):
+      load_lora(tmp_path / "a")
+  no_b = jax.tree.map(lambda x: x, lora)
+  del no_b["layers_1"]["attn"]["v"]["b"]
+  save_lora(tmp_path / "b", no_b, cfg)
+  with pytest.raises(ModelLoadError, match=r"incomplete \(A or B missing for \['layers_1/attn/v'\]\)"):
+    load_lora(tmp_path / "b")
+  with pytest.raises(ValueError, match="has no kernel"):
+    merge_lora(stack_layers(params, 2), {"layers_0": lora["layers_0"]}, cfg.alpha)
+  # A stacked adapter whose B lacks the layer axis would broadcast one B over every layer: refused.
+  stacked = stack_layers(lora, 2)
+  stacked["layers"]["block"]["attn"]["v"]["b"] = stacked["layers"]["block"]["attn"]["v"]["b"][0]
+  with pytest.raises(ValueError, match="layers/block/attn/v has A .* which do not fit the kernel"):
+    merge_lora(stack_layers(params, 2), stacked, cfg.alpha)
+
+
 
 def test_a_saved_adapter_keeps_its_alpha(tiny, tmp_path):
   """The merge scale alpha / r comes from the adapter's config.json: an alpha other than the 2 r the tests above
