@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -111,3 +112,21 @@ def test_a_draft_model_of_another_size_given_to_spec_is_resized(target, tmp_path
   assert f"draft={tmp_path} has 200 ids and the target 256: its logits are padded to the target's ids" in caplog.text
   res = run(PROMPTS, 16, 0)
   assert res.tokens == generate(model, params, PROMPTS, max_new_tokens=16).tokens and res.tau > 1.0
+
+
+def test_a_resized_drafts_output_table_holds_its_rows_for_the_targets_ids(target):
+  """`output_table` of a resized draft (what a subset head or a rescorer over it scores with) is the base's rows for
+  the ids it shares with the target and zero rows past the base's: hidden @ table.T is the resized draft's logits
+  wherever the base has a row. (A mutation audit found the last rows of a larger base's table taken instead passed
+  every test.)"""
+  model, params = target
+  one = {k: v for k, v in params.items() if not k.startswith("layers_") or k == "layers_0"}
+  hidden = jax.random.normal(jax.random.key(0), (1, 3, model.cfg.d_model))
+  for vocab in (200, 300):
+    draft, dparams = with_vocab(LlamaLM(dataclasses.replace(model.cfg, n_layers=1)), one, vocab)
+    resized, rparams = resize_vocab(draft, dparams, model.vocab_size)
+    table = np.asarray(resized.output_table(rparams))
+    shared = min(vocab, model.vocab_size)
+    assert table.shape == (model.vocab_size, model.cfg.d_model) and not table[shared:].any()
+    want = np.asarray(resized.logits(rparams, hidden))[..., :shared]
+    np.testing.assert_allclose((np.asarray(hidden) @ table.T)[..., :shared], want, rtol=1e-4, atol=1e-4)
