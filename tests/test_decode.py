@@ -243,6 +243,7 @@ def test_prompt_batches_as_arrays_decode_like_lists(tiny):
     (dict(eos_ids=2), r"list or tuple of token ids, e.g. \[2\]"),
     (dict(eos_ids=[None]), "contains None"),
     (dict(eos_ids=[2 ** 40]), "int32 range"),
+    (dict(eos_ids=[2 ** 31]), "int32 range"),  # the first value past it
     (dict(pad_id=-1), "pad_id=-1 is outside"),
     # Each sampling setting is checked on the call that has it, greedy or not, before anything is traced: before,
     # some ended in Python's TypeError or a tracer error, some ran with another value (top_k=2.5 as 2, max_len=0 as
@@ -260,6 +261,7 @@ def test_prompt_batches_as_arrays_decode_like_lists(tiny):
     (dict(top_k=-1), r"top_k \(0: no top-k filter\) must be >= 0, got -1"),
     (dict(max_len=0), r"max_len \(None: the model's context length\) must be >= 1, got 0"),
     (dict(eos_ids=[999]), r"eos_ids has 999, outside the model's vocabulary \[0, 256\)"),
+    (dict(eos_ids=[7, 256]), r"eos_ids has 256, outside the model's vocabulary \[0, 256\)"),  # the first id past it
     (dict(eos_ids=[-5]), r"eos_ids has -5"),
     (dict(eos_ids=[[1, 2]]), r"eos_ids must be a flat list of token ids"),
     (dict(eos_ids={3}), r"eos_ids must be a list or tuple of token ids, e.g. \[3\], got \{3\}"),

@@ -293,6 +293,8 @@ def test_prompt_ids_outside_the_vocabulary_are_refused():
     gen.generate(LM, None, [[-3, 1]], max_new_tokens=3)
   with pytest.raises(InputError, match="token id -1"):  # negative ids are refused even where the vocabulary is unknown
     gen.prepare([[1, -1]], 3, 64, 0, 0)
+  with pytest.raises(InputError, match=r"token id 32 at position 1, outside .* \[0, 32\)"):  # the first id past it
+    gen.generate(LM, None, [[31, 32]], max_new_tokens=3)
   # The last id of the vocabulary is fine.
   assert gen.generate(LM, None, [[31]], max_new_tokens=3).tokens == [LM.greedy(31, 3)]
 
@@ -332,6 +334,36 @@ def test_too_long_error_names_the_row_and_its_own_numbers():
     gen.prepare([[1] * 100, [2] * 3], [1, 200], 150, 0, 0)
   with pytest.raises(InputError, match="A prompt of 100 tokens plus 60 new tokens needs 160"):
     gen.prepare([[1] * 100], 60, 150, 0, 0)
+
+
+def test_a_request_that_exactly_fills_the_cache_length_is_served(tiny):
+  """`max_len` bounds a row's prompt plus new tokens inclusively: a row that needs exactly `max_len` slots is served
+  (a mutation audit found refusing it passed every test), one that needs one more is refused."""
+  gen.prepare([[1] * 100, [2] * 3], [1, 147], 150, 0, 0)
+  with pytest.raises(InputError, match="Prompt 1 \\(3 tokens\\) plus 148 new tokens needs 151 cache slots"):
+    gen.prepare([[1] * 100, [2] * 3], [1, 148], 150, 0, 0)
+  model, params = tiny
+  assert len(gen.generate(model, params, [[5, 6, 7]], max_new_tokens=5, max_len=8).tokens[0]) == 5
+  with pytest.raises(InputError, match="needs 9 cache slots"):
+    gen.generate(model, params, [[5, 6, 7]], max_new_tokens=6, max_len=8)
+
+
+def test_the_last_value_each_limit_allows_is_served(tiny):
+  """Each bound admits its last value and refuses the next (a mutation audit found refusing the last one passed every
+  test): top_k up to the vocabulary, max_len up to the context length; prompts pad to the next power of two (a power
+  of two is its own bucket); and a request whose prompt bucket and output buffer fill whole rounds of the cache still
+  gets the slot past them that the loop needs."""
+  model, params = tiny
+  v, ctx = model.vocab_size, model.cfg.max_seq_len
+  assert len(gen.generate(model, params, [[5, 6, 7]], max_new_tokens=4, temperature=1.0, top_k=v).tokens[0]) == 4
+  with pytest.raises(InputError, match=f"top_k={v + 1} is more than the model's vocabulary"):
+    gen.generate(model, params, [[5, 6, 7]], max_new_tokens=4, temperature=1.0, top_k=v + 1)
+  assert len(gen.generate(model, params, [[5, 6, 7]], max_new_tokens=4, max_len=ctx).tokens[0]) == 4
+  with pytest.raises(InputError, match=f"max_len={ctx + 1} is more than the model's context length"):
+    gen.generate(model, params, [[5, 6, 7]], max_new_tokens=4, max_len=ctx + 1)
+  assert [gen.bucket(n) for n in (1, 16, 17, 32, 33, 64, 65)] == [16, 16, 32, 32, 64, 64, 128]
+  # 32 prompt slots + 96 output slots = 128, one CAPACITY_ROUND.
+  assert len(gen.generate(model, params, [list(range(1, 21))], max_new_tokens=96).tokens[0]) == 96
 
 
 # --- Counters ------------------------------------------------------------------------------------------------------
