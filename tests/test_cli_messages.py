@@ -212,8 +212,11 @@ def test_train_check_reads_the_prompt_files_folders_and_mesh_a_run_reads(tmp_pat
   config.write_text(f"task: cllm\nout: {tmp_path / 'lora'}\ntrain:\n  checkpoint_dir: {tmp_path / 'ckpt'}\n")
   assert "as collect.prompts=" in fails(["train", str(config), "--check", f"collect.prompts={missing}"], capsys)
   config.write_text(f"task: rescore\nout: {tmp_path / 'rescore'}\n")
-  assert "is not a folder of trained BPD heads" in fails(
+  assert "is not a folder of trained BPD heads (no config.json or heads.safetensors)" in fails(
       ["train", str(config), "--check", f"heads={tmp_path / 'none'}"], capsys)
+  (tmp_path / "half").mkdir()  # a config without its weights (an export killed before them, or copied in part)
+  (tmp_path / "half" / "config.json").write_text("{}")
+  assert "(no heads.safetensors)" in fails(["train", str(config), "--check", f"heads={tmp_path / 'half'}"], capsys)
   assert "tune.neural_draft=" in fails(["train", str(config), "--check", f"tune.neural_draft={tmp_path / 'none'}"],
                                        capsys)
   assert cli.main(["train", str(config), "--check", "tune.neural_draft=layerskip"]) == 0

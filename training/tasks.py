@@ -309,9 +309,10 @@ def check_read_files(cfg: Any) -> None:
     if path:  # None: the shipped prompts
       load_prompts(path, given=f"as {key}=")
   heads = getattr(cfg, "heads", None)
-  if isinstance(heads, str) and not (Path(heads) / "config.json").is_file():  # the rescore task's BPD heads
-    raise ConfigError(f"heads={heads!r} is not a folder of trained BPD heads (no config.json): give the folder a BPD "
-                      "run exported (its `out`), or heads=null for the shipped jaxspec/assets/bpd_smollm2.")
+  lacks = [f for f in ("config.json", "heads.safetensors") if isinstance(heads, str) and not (Path(heads) / f).is_file()]
+  if lacks:  # the rescore task's BPD heads, as a BPD run exports them
+    raise ConfigError(f"heads={heads!r} is not a folder of trained BPD heads (no {' or '.join(lacks)}): give the "
+                      "folder a BPD run exported (its `out`), or heads=null for the shipped jaxspec/assets/bpd_smollm2.")
   tune = getattr(cfg, "tune", None)
   draft = getattr(tune, "neural_draft", None)
   if getattr(tune, "neural", False) and draft not in (None, "layerskip") and not Path(draft).exists():
