@@ -251,6 +251,30 @@ def test_train_check_makes_the_checks_a_run_made_before_loading_its_target(tmp_p
   assert cli.main(["train", str(config), "--check", f"data.tokenizer={ASSETS / 't5_numbers'}"]) == 0
 
 
+def test_train_check_passes_a_seq2seq_resume_whose_tokenizer_folder_is_gone(tmp_path, capsys):
+  """A resumed seq2seq run takes the tokenizer its checkpoint folder saved, not `data.tokenizer`'s folder (which may
+  be gone since): the run resumed, and --check (and the run's own checks) must not refuse it."""
+  import shutil
+
+  from jaxspec.loading.tokenizer import Tokenizer
+  from training import seq2seq
+  from training.tasks import load_task_config
+
+  target = tmp_path / "target"
+  shutil.copytree(ASSETS / "t5_numbers", target)
+  config = tmp_path / "c.yaml"
+  config.write_text(f"task: seq2seq\nout: {tmp_path / 'draft'}\ntrain:\n  checkpoint_dir: {tmp_path / 'ck'}\n"
+                    f"data:\n  tokenizer: {target}\n")
+  cfg, _ = load_task_config(str(config))
+  seq2seq._save_tokenizer(Tokenizer.from_tokenizer_json(target / "tokenizer.json"), tmp_path / "ck" / "tokenizer",
+                          seq2seq.built_with(cfg))
+  shutil.rmtree(target)
+  assert cli.main(["train", str(config), "--check"]) == 0
+  capsys.readouterr()
+  assert "data.tokenizer: no tokenizer.json at" in fails(["train", str(config), "--check", "data.vocab_size=300"],
+                                                         capsys)  # another tokenizer than the saved one: read again
+
+
 def test_a_list_setting_given_one_value_shows_the_bracket_form(tmp_path, capsys):
   """`data.extra_dataset_dirs=/tmp/x` said only "must be a list of str, got '/tmp/x' (str)": how an override writes a
   list (YAML's brackets) was nowhere. A list given in brackets is checked item by item as before."""

@@ -83,19 +83,37 @@ class Seq2SeqTrainConfig:
   train: TrainSection = TrainSection()
 
 
+def _tokenizer_file(cfg: DataSection) -> Path:
+  """The tokenizer.json `data.tokenizer` names (a folder holding one, or the file)."""
+  path = Path(cfg.tokenizer)
+  path = path / "tokenizer.json" if path.is_dir() else path
+  if not path.is_file():
+    raise ConfigError(f"data.tokenizer: no tokenizer.json at {cfg.tokenizer!r}; train the target first or set "
+                      "data.tokenizer=null to build a new one.")
+  return path
+
+
+def check_tokenizer(cfg: Seq2SeqTrainConfig) -> None:
+  """Fails before any work when the run would read `data.tokenizer` and finds no tokenizer.json there. A resume that
+  takes the tokenizer its checkpoint folder saved reads none (the target's folder may be gone since)."""
+  if cfg.data.tokenizer and _resumed_tokenizer(Path(cfg.train.checkpoint_dir) / "tokenizer", built_with(cfg)) is None:
+    _tokenizer_file(cfg.data)
+
+
 def _tokenizer(cfg: DataSection, train_rows):
   if cfg.tokenizer:
     from jaxspec.loading.tokenizer import Tokenizer
-    path = Path(cfg.tokenizer)
-    path = path / "tokenizer.json" if path.is_dir() else path
-    if not path.is_file():
-      raise ConfigError(f"data.tokenizer: no tokenizer.json at {cfg.tokenizer!r}; train the target first or set "
-                        "data.tokenizer=null to build a new one.")
-    return Tokenizer.from_tokenizer_json(path)
+    return Tokenizer.from_tokenizer_json(_tokenizer_file(cfg))
   return synthetic.train_tokenizer([t for _, s, tg in train_rows for t in (s, tg)], cfg.vocab_size)
 
 
 _BUILT_WITH = "built_with.json"
+
+
+def built_with(cfg: Seq2SeqTrainConfig) -> dict:
+  """The data settings a tokenizer saved in the checkpoint folder was built with (`_resumed_tokenizer` compares)."""
+  return {"tokenizer": cfg.data.tokenizer, "vocab_size": cfg.data.vocab_size,
+          "train_examples": cfg.data.train_examples, "seed": cfg.data.seed}
 
 
 def _resumed_tokenizer(tok_dir: Path, built_with: dict):
@@ -208,12 +226,10 @@ def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
   if not eval_rows:
     raise ConfigError("data: every eval example's source is also a training source; raise data.eval_examples.")
   tok_dir = ckpt_dir / "tokenizer"
-  built_with = {"tokenizer": cfg.data.tokenizer, "vocab_size": cfg.data.vocab_size,
-                "train_examples": cfg.data.train_examples, "seed": cfg.data.seed}
-  tokenizer = _resumed_tokenizer(tok_dir, built_with)
+  tokenizer = _resumed_tokenizer(tok_dir, built_with(cfg))
   if tokenizer is None:
     tokenizer = _tokenizer(cfg.data, train_rows)
-    _save_tokenizer(tokenizer, tok_dir, built_with)
+    _save_tokenizer(tokenizer, tok_dir, built_with(cfg))
   m = cfg.model
   model = T5LM(T5Config(vocab_size=tokenizer.vocab_size, d_model=m.d_model, d_kv=m.d_kv, d_ff=m.d_ff,
                         n_heads=m.n_heads, n_enc_layers=m.n_enc_layers, n_dec_layers=m.n_dec_layers,

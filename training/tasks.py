@@ -27,7 +27,7 @@ from training.config import ConfigError, load_config, read_config_file
 from training.draft import DraftTrainConfig, train_draft
 from training.eagle import EagleTrainConfig, train_eagle
 from training.rescore import RescoreConfig, train_rescore
-from training.seq2seq import Seq2SeqTrainConfig, train_seq2seq
+from training.seq2seq import Seq2SeqTrainConfig, check_tokenizer, train_seq2seq
 
 TASKS: dict[str, tuple[type, Callable[..., dict]]] = {
     "bpd": (BPDTrainConfig, train_bpd),
@@ -297,11 +297,8 @@ def check_read_files(cfg: Any) -> None:
   from jaxspec.bench.prompts import load_prompts
 
   data, collect = getattr(cfg, "data", None), getattr(cfg, "collect", None)
-  tokenizer = getattr(data, "tokenizer", None)  # seq2seq: the target's tokenizer for its draft
-  if isinstance(tokenizer, str) and not (Path(tokenizer) / "tokenizer.json" if Path(tokenizer).is_dir()
-                                         else Path(tokenizer)).is_file():
-    raise ConfigError(f"data.tokenizer: no tokenizer.json at {tokenizer!r}; train the target first or set "
-                      "data.tokenizer=null to build a new one.")
+  if isinstance(cfg, Seq2SeqTrainConfig):  # data.tokenizer: the target's tokenizer for its draft
+    check_tokenizer(cfg)
   prompt_files = [] if getattr(data, "text_files", None) else [
       (f"data.{key}", getattr(data, key, None)) for key in ("prompts", "more_prompts")]
   prompt_files.append(("collect.prompts", getattr(collect, "prompts", None)))
