@@ -156,9 +156,8 @@ def test_a_skipped_propose_leaves_update_what_it_needs(tiny):
   assert int(state.forwards) == 1  # the update's forward only
 
 
-# Slow: tests/test_lookup.py's test_sampling_with_copies_is_exact[eagle-False-False] samples this draft (same seed,
-# γ) in every step without a copy, and test_gated_eagle_sampling_with_a_subset_head_is_exact samples EAGLE chains.
-@pytest.mark.parametrize("temperature,top_p", [pytest.param(1.0, 1.0, marks=pytest.mark.slow),
+# `eagle` is a shipped method: its plain chain is sampled in the default run (top-p with -m slow)
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0),
                                                pytest.param(0.7, 0.9, marks=pytest.mark.slow)])
 def test_eagle_sampling_is_exact(stat_models, continuation_logits, temperature, top_p):
   """10^5 generations with a sampling feature-level draft follow the target's warped distribution (χ²)."""
