@@ -458,6 +458,9 @@ def _did_you_mean(sub: argparse.ArgumentParser | None, extra: list[str]) -> str:
   pairs = [(e.split("=", 1)[0], difflib.get_close_matches(e.split("=", 1)[0], options, n=1, cutoff=0.75))
            for e in extra if e.startswith("--")]
   said = [f"{given}: did you mean {close[0]}?" for given, close in pairs if close]
+  if sub.prog.endswith(" train"):  # options that are config keys there: `--mesh -1,4` is `mesh=-1,4`
+    said += [f"{e.split('=', 1)[0]}: train takes it as the config key, {e[2:].split('=', 1)[0]}=VALUE" for e in extra
+             if e.split("=", 1)[0] == "--mesh"]
   return f" ({' '.join(said)})" if said else ""
 
 

@@ -286,6 +286,8 @@ def test_a_list_setting_given_one_value_shows_the_bracket_form(tmp_path, capsys)
   assert "tune.weights=[0.5]" in fails(["train", str(config), "--check", "tune.weights=0.5"], capsys)
   err = fails(["train", str(config), "--check", "tune.weights=[a]"], capsys)
   assert "'tune.weights[0]' must be a finite float" in err and "brackets" not in err
+  err = fails(["train", str(config), "--check", "tune.weights=abc"], capsys)  # [abc] would be refused too
+  assert "'tune.weights' must be a" in err and "brackets" not in err
   config.write_text(f"task: rescore\nout: {tmp_path / 'rescore'}\ntune:\n  weights: 0.5\n")
   assert "brackets" not in fails(["train", str(config), "--check"], capsys)  # a file's YAML is not an override
 
@@ -427,6 +429,10 @@ def test_a_mesh_that_starts_with_minus_one_is_a_value(capsys):
   assert cli.parse_args(["bench", "--mesh", "-1,1", "--methods", "greedy"]).mesh == "-1,1"
   assert cli.parse_args(["generate", "--prompt", "x", "--mesh=-1,2"]).mesh == "-1,2"
   assert sharding.parse_mesh_shape("-1,4") == {"data": -1, "model": 4}
+  # train's mesh is a config key: the option is unknown there, and the message says which key it is
+  with pytest.raises(SystemExit):
+    cli.parse_args(["train", "c.yaml", "--mesh", "-1,4"])
+  assert "train takes it as the config key, mesh=VALUE" in capsys.readouterr().err
 
 
 def test_an_option_before_the_command_says_where_it_goes(capsys):

@@ -378,7 +378,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     shown = value.parsed() if isinstance(value, _Override) else value
     hint = ""
     if isinstance(value, _Override) and "a list of" in _type_name(tp) and not isinstance(shown, (list, tuple)):
-      hint = f": an override writes a list in brackets, {key}=[{value.text}]"  # `key=a` for `key=[a]`
+      try:  # `key=a` for `key=[a]`, said only where `[a]` would be taken (`tune.weights=abc` would not)
+        _convert([shown], tp, key)
+        hint = f": an override writes a list in brackets, {key}=[{value.text}]"
+      except (_Mismatch, ConfigError):
+        pass
     raise ConfigError(f"{key!r} must be {_type_name(tp)}, got {_show(shown)}{hint}") from None
 
 
