@@ -408,7 +408,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # `jaxspec --distributed train ...`: argparse calls the option unknown, or takes its value for the command. Said
     # when a command named later takes the option (a command's name may also be an option's value: --prompt train).
     option = argv[0].split("=", 1)[0]
-    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    subs = _subparsers(parser)
     command = next((a for a in argv[1:] if a in subs and option in subs[a]._option_string_actions), None)
     if command:
       parser.error(f"{option} goes after the command's name: jaxspec {command} {argv[0]} ... (jaxspec {command} "
@@ -459,8 +459,7 @@ def _did_you_mean(sub: argparse.ArgumentParser | None, extra: list[str]) -> str:
            for e in extra if e.startswith("--")]
   said = [f"{given}: did you mean {close[0]}?" for given, close in pairs if close]
   if sub.prog.endswith(" train"):  # options that are config keys there: `--mesh -1,4` is `mesh=-1,4`
-    said += [f"{e.split('=', 1)[0]}: train takes it as the config key, {e[2:].split('=', 1)[0]}=VALUE" for e in extra
-             if e.split("=", 1)[0] == "--mesh"]
+    said += ["--mesh: train takes it as the config key, mesh=VALUE" for e in extra if e.split("=", 1)[0] == "--mesh"]
   return f" ({' '.join(said)})" if said else ""
 
 

@@ -226,10 +226,11 @@ def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
   if not eval_rows:
     raise ConfigError("data: every eval example's source is also a training source; raise data.eval_examples.")
   tok_dir = ckpt_dir / "tokenizer"
-  tokenizer = _resumed_tokenizer(tok_dir, built_with(cfg))
+  settings = built_with(cfg)
+  tokenizer = _resumed_tokenizer(tok_dir, settings)
   if tokenizer is None:
     tokenizer = _tokenizer(cfg.data, train_rows)
-    _save_tokenizer(tokenizer, tok_dir, built_with(cfg))
+    _save_tokenizer(tokenizer, tok_dir, settings)
   m = cfg.model
   model = T5LM(T5Config(vocab_size=tokenizer.vocab_size, d_model=m.d_model, d_kv=m.d_kv, d_ff=m.d_ff,
                         n_heads=m.n_heads, n_enc_layers=m.n_enc_layers, n_dec_layers=m.n_dec_layers,

@@ -306,7 +306,8 @@ def check_read_files(cfg: Any) -> None:
     if path:  # None: the shipped prompts
       load_prompts(path, given=f"as {key}=")
   heads = getattr(cfg, "heads", None)
-  lacks = [f for f in ("config.json", "heads.safetensors") if isinstance(heads, str) and not (Path(heads) / f).is_file()]
+  lacks = ([f for f in ("config.json", "heads.safetensors") if not (Path(heads) / f).is_file()]
+           if isinstance(heads, str) else [])
   if lacks:  # the rescore task's BPD heads, as a BPD run exports them
     raise ConfigError(f"heads={heads!r} is not a folder of trained BPD heads (no {' or '.join(lacks)}): give the "
                       "folder a BPD run exported (its `out`), or heads=null for the shipped jaxspec/assets/bpd_smollm2.")
