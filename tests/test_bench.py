@@ -1511,6 +1511,26 @@ def test_kept_runs_of_another_machine_are_refused(monkeypatch):
                                             f"device_count: {n + 1} there, {n} here"]
 
 
+def test_kept_runs_whose_relative_paths_lead_elsewhere_are_refused(tmp_path, monkeypatch):
+  """A method's relative path (spec:draft=d) names the folder it leads to from where the command runs: the same
+  command from another folder may name another draft, whose kept runs are other work. Runs kept by a jaxspec that
+  did not record the paths still resume."""
+  from jaxspec.bench import progress as saved
+
+  labels = ["greedy", "spec:draft=d:gamma=4"]
+  for name in ("a", "b"):
+    (tmp_path / name).mkdir()
+  monkeypatch.chdir(tmp_path / "a")
+  there = saved.fingerprint(BenchConfig(), [], [], labels)
+  assert saved.differences(there, saved.fingerprint(BenchConfig(), [], [], labels)) == []
+  monkeypatch.chdir(tmp_path / "b")
+  here = saved.fingerprint(BenchConfig(), [], [], labels)
+  assert saved.differences(there, here) == [f"spec:draft=d:gamma=4: draft= leads to {tmp_path / 'a' / 'd'} there, "
+                                            f"{tmp_path / 'b' / 'd'} here"]
+  old = {k: v for k, v in there.items() if k != "method_paths"}
+  assert saved.differences(old, here) == []
+
+
 def test_a_reference_that_cannot_run_stops_the_run(tmp_path, prompt_file, methods, monkeypatch):
   """Speedups and exactness are measured against greedy decoding: without it there is nothing to report."""
   import jaxspec.bench.runner as runner_mod

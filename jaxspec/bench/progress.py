@@ -37,8 +37,23 @@ def fingerprint(cfg, prompts, prompt_ids, labels) -> dict:
   conf = resolve_paths({k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()})
   h = hashlib.sha256(json.dumps([[str(p.question_id), p.category, ids] for p, ids in zip(prompts, prompt_ids)])
                      .encode()).hexdigest()
-  return {"config": _work(conf), "prompts_sha256": h, "methods": list(labels), "backend": jax.default_backend(),
-          "device_count": jax.device_count()}
+  return {"config": _work(conf), "prompts_sha256": h, "methods": list(labels), "method_paths": method_paths(labels),
+          "backend": jax.default_backend(), "device_count": jax.device_count()}
+
+
+def method_paths(labels) -> dict:
+  """The folders and files the methods' path options name (`spec:draft=d`), as resolved from here: a label names
+  the same work only where its relative paths lead to the same place (the same command run from another folder may
+  name another draft)."""
+  from jaxspec.bench.methods import _PATH_OPTIONS
+
+  paths = {}
+  for label in labels:
+    options = dict(part.split("=", 1) for part in str(label).split(":")[1:] if "=" in part)
+    named = {k: os.path.realpath(v) for k, v in options.items() if k in _PATH_OPTIONS and v != "default"}
+    if named:
+      paths[str(label)] = named
+  return paths
 
 
 def resolve_paths(conf: dict) -> dict:
@@ -77,6 +92,11 @@ def differences(have: dict, want: dict, skip: Iterable[str] = ()) -> list[str]:
       diff.append("the prompts (their ids, categories or text)")
     elif key == "methods":
       diff.append(f"methods that can run: {', '.join(a or [])} there, {', '.join(b)} here")
+    elif key == "method_paths":  # of the methods both name (which methods is the key above); none kept: not compared
+      if isinstance(a, dict) and isinstance(b, dict):
+        diff += [f"{label}: {k}= leads to {a[label].get(k)} there, {b[label].get(k)} here"
+                 for label in sorted(a.keys() & b.keys()) if isinstance(a[label], dict)
+                 for k in sorted(set(a[label]) | set(b[label])) if a[label].get(k) != b[label].get(k)]
     else:
       diff.append(f"{key}: {a!r} there, {b!r} here")
   return diff
