@@ -164,6 +164,12 @@ def test_per_category_limit_and_filter(prompt_file):
     ("[" * 100000, "its JSON is nested too deeply to read"),
     ('{"question_id": 3, "category": "qa", "turns": ["x"]}\n{"question_id": 3.0, "category": "rag", "turns": ["y"]}',
      ":2: question_id 3.0 is already that of line 1; give each prompt its own"),
+    # an escaped lone surrogate (\udc80): no Unicode character; said with its line, not later by the tokenizer or
+    # when the report is written
+    ('{"question_id": 1, "category": "qa", "turns": ["a\\udc80b"]}',
+     r"bad.jsonl:1: the prompt holds '\\udc80' at character 1, which is not a Unicode character"),
+    ('{"question_id": 1, "category": "q\\udc80", "turns": ["x"]}',  # (the report's tables failed with a traceback)
+     r"bad.jsonl:1: 'category' holds '\\udc80' at character 1, which is not a Unicode character"),
 ])
 def test_bad_prompt_files_are_clear_errors(tmp_path, line, msg):
   path = tmp_path / "bad.jsonl"

@@ -74,6 +74,14 @@ def load_prompts(path: str | os.PathLike, *, categories: Sequence[str] | None = 
     turns = row["turns"]
     if not isinstance(turns, list) or not turns or not isinstance(turns[0], str) or not turns[0].strip():
       raise InputError(f"{path}:{n}: 'turns' must be a non-empty list whose first item is the prompt text.")
+    # JSON's escapes can write a lone surrogate ("\udc80"): no tokenizer takes it, and reports cannot write it
+    for field, text in (("the prompt", turns[0]), ("'category'", row["category"]),
+                        ("'question_id'", row["question_id"])):
+      try:
+        text.encode("utf-8") if isinstance(text, str) else None
+      except UnicodeEncodeError as e:
+        raise InputError(f"{path}:{n}: {field} holds {text[e.start:e.end]!r} at character {e.start}, which is not a "
+                         "Unicode character (an escaped lone surrogate): write the text as UTF-8.") from None
     if not isinstance(row["category"], str) or not row["category"].strip():
       raise InputError(f"{path}:{n}: 'category' must be a non-empty string, got {row['category']!r}.")
     qid = row["question_id"]
