@@ -240,8 +240,10 @@ def write_json(path: str | os.PathLike, obj: Any, indent: int | None = 1) -> Non
 
 
 def text_writer(text: str) -> Writer:
-  """A writer of `text`, for `write_files`."""
-  return lambda tmp: tmp.write_text(text, encoding="utf-8")
+  """A writer of `text`, for `write_files`. Text taken from the command line or from file names holds the bytes that
+  were not UTF-8 as lone surrogates (Python's surrogateescape): they are written back as those bytes (a report that
+  names a folder `h\xe9ads` names it as it is on disk), not refused with a traceback after the work is done."""
+  return lambda tmp: tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
 def json_writer(obj: Any, indent: int | None = 1) -> Writer:

@@ -326,6 +326,23 @@ def test_list_methods_cli(capsys):
     assert all(len(l.split("=  ", 1)[1]) > 10 for l in block[:len(listed)]), name
 
 
+def test_a_method_path_that_is_not_utf8_is_written_into_the_report(tmp_path, prompt_file, methods, monkeypatch):
+  """A folder named with bytes that are not UTF-8 (h\xe9ads, Latin-1) reaches Python as a lone surrogate: the whole
+  bench ran, then writing report.md ended in a UnicodeEncodeError traceback (and the plots in a TypeError). The report
+  names the folder as it is on disk; the plots draw the byte as U+FFFD."""
+  from jaxspec.bench import methods as methods_mod
+
+  specs = dict(methods_mod.METHODS)
+  specs["oracle"] = dataclasses.replace(specs["oracle"], options=("heads",))
+  monkeypatch.setattr(methods_mod, "METHODS", specs)
+  monkeypatch.setattr("jaxspec.bench.runner.METHODS", specs)
+  label = "oracle:heads=" + os.fsdecode(b"h\xe9ads")
+  cfg = BenchConfig(prompts=prompt_file, methods=(label,), max_new_tokens=4, batch_size=8, out=str(tmp_path / "o"))
+  assert run_bench(cfg, methods, None, ByteTokenizer(), progress=False)["complete"]
+  assert b"oracle:heads=h\xe9ads" in (tmp_path / "o" / "report.md").read_bytes()
+  assert all((tmp_path / "o" / png).exists() for png in ("tau_per_category.png", "speedup.png", "accept_hist.png"))
+
+
 def test_missing_t5x_checkout_is_reported_unavailable(tmp_path, prompt_file, methods):
   cfg = BenchConfig(prompts=prompt_file, methods=("t5x-greedy",), max_new_tokens=4, limit=1, out=str(tmp_path),
                     t5x_src=str(tmp_path))

@@ -257,8 +257,11 @@ def plots(res: dict, out: Path) -> list[Path]:
   tau_png, speedup_png, hist_png = PLOTS
   greedy = res["config"]["temperature"] == 0
   run = "greedy" if greedy else f"temperature {res['config']['temperature']}"
-  # Long labels (a heads folder in the options) are wrapped rather than let run off the figure.
-  wrap = lambda label, width=38: "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
+  # Long labels (a heads folder in the options) are wrapped rather than let run off the figure. A folder's bytes that
+  # are not UTF-8 (lone surrogates in the label, which matplotlib refuses with a TypeError) are drawn as U+FFFD.
+  def wrap(label: str, width: int = 38) -> str:
+    label = label.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
 
   # Missing figures (a category a method did not reach) are gaps, not bars of height 0.
   value = lambda x: float("nan") if x is None else x
