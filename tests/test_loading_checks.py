@@ -57,6 +57,22 @@ def write_tokenizer(folder: Path, post=None, tok_config: dict | None = None, **j
   return folder
 
 
+def test_a_tokenizer_in_a_folder_named_with_bytes_that_are_not_utf8_loads(tmp_path):
+  """A folder named in Latin-1 (caf\xe9) reaches Python as a lone surrogate, which tokenizers' from_file cannot
+  take: a sound tokenizer.json was called damaged. A damaged one still is."""
+  import os
+
+  folder = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
+  write_tokenizer(tmp_path / "plain").rename(folder)  # (tokenizers cannot save there either)
+  tok = Tokenizer.from_tokenizer_json(folder)
+  assert tok.encode("hello world") == [3, 4]
+  tok.save(folder / "again")  # (an export into such a folder failed the same way)
+  assert Tokenizer.from_tokenizer_json(folder / "again").encode("hello world") == [3, 4]
+  (folder / "tokenizer.json").write_text('{"version": ')
+  with pytest.raises(ModelLoadError, match="is not a readable tokenizer.json .*damaged or cut short"):
+    Tokenizer.from_tokenizer_json(folder)
+
+
 LLAMA3_POST = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
 T5_POST = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 2)])
 # A template that writes the BOS itself, as Llama 3's does.

@@ -707,7 +707,12 @@ class Tokenizer:
     if not os.path.isfile(path):
       raise ModelLoadError(f"No tokenizer.json at {path!r}.")
     try:
-      backend = tokenizers.Tokenizer.from_file(path)
+      # Read here, not by tokenizers: its from_file cannot open a path with bytes that are not UTF-8 (a folder named
+      # in Latin-1), and said that the file was damaged.
+      with open(path, "rb") as f:
+        backend = tokenizers.Tokenizer.from_str(f.read().decode("utf-8"))
+    except OSError as e:
+      raise ModelLoadError(f"Cannot read {path!r}: {e.strerror or e}.") from None
     except Exception as e:  # tokenizers raises a bare Exception on malformed JSON
       raise ModelLoadError(f"{path!r} is not a readable tokenizer.json ({e}): it is damaged or cut short; copy it "
                            "again from where the model came from (or rerun the training command that exported "
@@ -790,7 +795,8 @@ class Tokenizer:
                  if token_id is not None and token_id in self._aliases}
       if special:
         config[ALIAS_SPECIAL_IDS_KEY] = special
-    written = {"tokenizer.json": lambda tmp: self._backend.save(str(tmp)),
+    # (the text written here, as save() writes it: tokenizers cannot open a path that is not UTF-8 itself)
+    written = {"tokenizer.json": files.text_writer(self._backend.to_str(pretty=True)),
                "tokenizer_config.json": files.text_writer(json.dumps(config, ensure_ascii=False, indent=2))}
     if len(self._eos_ids) > 1:
       generation = _read_json_object(os.path.join(folder, "generation_config.json"), "fix it or delete it") or {}
