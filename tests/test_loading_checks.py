@@ -338,6 +338,14 @@ def test_bad_numbers_in_the_config_are_clear_errors(tiny_hf, tmp_path, changes, 
     load_hf(str(copy_of(tiny_hf, tmp_path, **changes)))
 
 
+@pytest.mark.parametrize("archs", ["LlamaForCausalLM", "T5ForConditionalGeneration", [1]])
+def test_architectures_that_are_not_a_list_of_names_are_a_clear_error(tiny_hf, tmp_path, archs):
+  """A hand-written `"architectures": "LlamaForCausalLM"` was read letter by letter and refused as "config.json
+  describes LlamaForCausalLM; jaxspec loads LlamaForCausalLM, ...", which contradicts itself."""
+  with pytest.raises(ModelLoadError, match=r"has architectures=.*, not the list of class names transformers writes"):
+    load_hf(str(copy_of(tiny_hf, tmp_path, architectures=archs)))
+
+
 def test_whole_floats_in_the_config_still_load(tiny_hf, tmp_path):
   """JSON writers may write 64.0 for 64: that is the same number."""
   cfg = json.loads((tiny_hf / "config.json").read_text())

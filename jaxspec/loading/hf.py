@@ -427,6 +427,11 @@ def read_hf_config(folder: str) -> dict:
   if not isinstance(raw, dict):
     raise ModelLoadError(f"{cfg_path!r} holds a JSON {type(raw).__name__}, not the object of a Hugging Face model "
                          "config.")
+  archs = raw.get("architectures")
+  if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+    # (a string was read as its letters, and refused as "describes LlamaForCausalLM; jaxspec loads LlamaForCausalLM")
+    raise ModelLoadError(f"{cfg_path!r} has architectures={archs!r}, not the list of class names transformers writes "
+                         'there (e.g. ["LlamaForCausalLM"]): fix the config or download it again.')
   for key, field, what, use in _JAXSPEC_PARTS:
     entry = raw.get(key)
     # Only jaxspec's own entries (other configs may use the same key, e.g. ProphetNet's integer "ngram"). A draft
