@@ -57,9 +57,14 @@ def config_from_hf(raw: dict) -> T5Config:
                                                        minimum)
     n_layers = num("num_layers")
     buckets = opt("relative_attention_num_buckets", 32, minimum=4)
+    vocab, start = num("vocab_size"), opt("decoder_start_token_id", 0, minimum=0)
+    if start >= vocab:  # embedded as NaN inside the program: every answer came out as token 0, without a word
+      raise ModelLoadError(f"config.json sets decoder_start_token_id to {start}, outside the model's vocabulary "
+                           f"(vocab_size {vocab}: ids 0 to {vocab - 1}). The file is damaged or was edited: restore "
+                           "the value the model was trained with (or the original config.json).")
     return model_config(
         T5Config, where,
-        vocab_size=num("vocab_size"), d_model=num("d_model"), d_kv=num("d_kv"),
+        vocab_size=vocab, d_model=num("d_model"), d_kv=num("d_kv"),
         d_ff=num("d_ff"), n_heads=num("num_heads"), n_enc_layers=n_layers,
         n_dec_layers=opt("num_decoder_layers", n_layers),
         # T5's buckets: half per direction in the encoder, and half of those exact; the rest are log-spaced from
@@ -68,7 +73,7 @@ def config_from_hf(raw: dict) -> T5Config:
         rel_buckets=buckets, rel_max_distance=opt("relative_attention_max_distance", 128, minimum=buckets // 2 + 1),
         norm_eps=positive_number(raw.get("layer_norm_epsilon", 1e-6), "layer_norm_epsilon", where), ff=ff,
         tie_embeddings=_scales_output(raw),  # `load_t5` settles it with the checkpoint's lm_head.weight
-        decoder_start_id=opt("decoder_start_token_id", 0, minimum=0),
+        decoder_start_id=start,
         max_seq_len=opt("n_positions", 2048))
   except KeyError as e:
     raise ModelLoadError(f"config.json lacks {e.args[0]!r}, which a T5 model needs.") from e
