@@ -408,9 +408,11 @@ def _warn_other_tokenizer(path, target_tok, draft_tok) -> None:
   va, vb = a(with_added_tokens=True), b(with_added_tokens=True)
   if va != vb:
     differ = sum(vb.get(token) != i for token, i in va.items())
-    logger.warning("draft=%s has another tokenizer than the target: %d of its %d tokens are spelled or numbered "
-                   "differently, so its drafts name other tokens and few will be accepted (the output is still the "
-                   "target's). Use a draft trained with the target's tokenizer.", path, differ, len(va))
+    # (counted over the target's tokens: "of its" read as the draft's, which may have far more)
+    logger.warning("draft=%s has another tokenizer than the target: %d of the target's %d tokens are spelled or "
+                   "numbered differently in the draft's, so its drafts name other tokens and few will be accepted "
+                   "(the output is still the target's). Use a draft trained with the target's tokenizer.", path,
+                   differ, len(va))
 
 
 def _draft_model(ctx: BenchContext, path) -> tuple:
