@@ -625,7 +625,8 @@ def test_layer_skipping_a_one_layer_target_says_there_is_nothing_to_skip(tmp_pat
       build(ctx, method)
   two, two_params = make_tiny(0)  # 2 layers: the option the user wrote is the one named, with the range
   for method in ("layerskip:layers=5", "opt-tree:drafter=layerskip:layers=5"):
-    with pytest.raises(InputError, match=r"keeps 1 to 1 of the target's 2 layers, not 5\.$") as e:
+    with pytest.raises(InputError, match=r"^Method option layers=5: A layer-skip draft keeps 1 to 1 of the target's "
+                                         r"2 layers, not 5\.$") as e:
       build(BenchContext(two, two_params, CharTokenizer()), method)
     assert "n_layers" not in str(e.value)
 

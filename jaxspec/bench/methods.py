@@ -334,7 +334,7 @@ def rescore_lm(ctx: BenchContext, tuned: dict, opts: dict | None = None) -> tupl
   tuned_lm = tuned.get("neural_lm", "layerskip")
   if "draft" in opts or ("layers" not in opts and not tuned_lm.startswith("layerskip")):
     return _draft_model(ctx, opts.get("draft", DEFAULT_DRAFT if tuned_lm == "default" else tuned_lm))
-  return _layerskip_lm(ctx, {"layers": opts.get("layers", tuned.get("neural_layers", 4))})
+  return _layerskip_lm(ctx, {"layers": opts.get("layers", tuned.get("neural_layers", 4))}, named="layers" in opts)
 
 
 def _bpd_neural(ctx: BenchContext, opts: dict) -> Runner:
@@ -552,14 +552,21 @@ def _eagle(ctx: BenchContext, opts: dict) -> Runner:
   return run
 
 
-def _layerskip_lm(ctx: BenchContext, opts: dict) -> tuple:
-  """The target's first `layers=` layers as a draft (default: a quarter of its decoder layers)."""
+def _layerskip_lm(ctx: BenchContext, opts: dict, named: bool = True) -> tuple:
+  """The target's first `layers=` layers as a draft (default: a quarter of its decoder layers); `named`: `layers=`
+  is the method's option, which an error names (not a rescorer's recorded setting)."""
   from jaxspec.decoding.speculative import check_layerskip_target, decoder_layers, layerskip_draft
   try:
     check_layerskip_target(ctx.model)
   except InputError as e:  # a fact of the model, not of the options: listed as unavailable in a bench
     raise Unavailable(str(e)) from None
-  return layerskip_draft(ctx.model, ctx.params, int(opts.get("layers", max(1, decoder_layers(ctx.model) // 4))))
+  n = int(opts.get("layers", max(1, decoder_layers(ctx.model) // 4)))
+  try:
+    return layerskip_draft(ctx.model, ctx.params, n)
+  except InputError as e:  # named by the option (layerskip, opt-tree and bpd-neural all take layers=)
+    if not named or "layers" not in opts:
+      raise
+    raise InputError(f"Method option layers={n}: {e}") from None
 
 
 def _layerskip(ctx: BenchContext, opts: dict) -> Runner:
