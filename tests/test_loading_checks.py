@@ -565,8 +565,12 @@ def test_gguf_tensors_outside_the_layers_it_does_not_read_are_named(tmp_path, ca
     ({"n_layers": 1}, "the GGUF file holds weights for 2 layers and its config says 1 \\(block_count"),
 ], ids=["zero-heads", "zero-kv-heads", "kv-heads-not-dividing", "negative-theta", "fewer-layers-than-weights"])
 def test_bad_numbers_in_gguf_metadata_are_clear_errors(tmp_path, meta, message):
-  with pytest.raises(ModelLoadError, match=message):
+  with pytest.raises(ModelLoadError, match=message) as e:
     gguf_loader.load_gguf(str(write_gguf(tmp_path / "m.gguf", meta=meta)))
+  # (what to do was "restore ... the original the GGUF metadata")
+  assert "the original the" not in str(e.value) and "original config.json" not in str(e.value)
+  if "damaged or was edited" in str(e.value):
+    assert str(e.value).endswith("The file is damaged or was edited: download or convert the model again.")
 
 
 def test_a_gguf_missing_a_tensor_names_the_file_and_the_tensor_and_what_to_do(tmp_path):

@@ -22,9 +22,19 @@ class ContextError(ModelLoadError):
   declares, past a bound, or asked of a model whose context is not set on loading."""
 
 
+def _restore(where: str, value: bool = True) -> str:
+  """What to do about a bad setting in `where`: a config file is restored (or its value); a GGUF file's metadata,
+  written by a converter, is not edited by hand (the message read "or the original the GGUF metadata")."""
+  if "GGUF" in where:
+    return "download or convert the model again"
+  if value:
+    return f"restore the value the model was trained with (or the original {where})"
+  return f"restore the model's original {where}"
+
+
 def _damaged(where: str, key: str, value, want: str) -> ModelLoadError:
   return ModelLoadError(f"{where} sets {key} to {value!r}, which is not {want}. The file is damaged or was edited: "
-                        f"restore the value the model was trained with (or the original {where}).")
+                        f"{_restore(where)}.")
 
 
 def whole_number(value, key: str, where: str, minimum: int = 1) -> int:
@@ -86,7 +96,7 @@ def model_config(cls, where: str, **fields):
     return cls(**fields)
   except ValueError as e:
     raise ModelLoadError(f"{where} describes a model that cannot be built: {e}. The file is damaged or was edited: "
-                         f"restore the model's original {where}.") from None
+                         f"{_restore(where, value=False)}.") from None
 
 
 def unread_tensors(shown: str, names: list[str], what: str = "outside the layers that jaxspec's LLaMA does not read",
