@@ -498,6 +498,9 @@ def test_corrupt_or_missing_heads_are_clear_errors(tmp_path, tiny):
   for n in (0, 3):
     with pytest.raises(ModelLoadError, match=f"Asked for {n} heads; .* has 2: ask for 1 to 2"):
       load_bpd(tmp_path, num_heads=n)
+  for n in ("2", 1.5, True):
+    with pytest.raises(ModelLoadError, match=r"num_heads must be a whole number \(1 to 2 for .*\) or None for all"):
+      load_bpd(tmp_path, num_heads=n)
   config = json.loads((tmp_path / "config.json").read_text())
   del config["bpd"]["vocab_subset"]
   (tmp_path / "config.json").write_text(json.dumps(config))

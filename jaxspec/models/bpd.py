@@ -214,6 +214,10 @@ def load_bpd(folder: str | os.PathLike, num_heads: int | None = None,
   if target_params is not None:
     check_heads_target(folder, target_params, raw)
   if num_heads is not None:
+    # (a string failed with a TypeError, 2.5 deep in the slicing, and True loaded one head)
+    if isinstance(num_heads, (bool, np.bool_)) or not isinstance(num_heads, (int, np.integer)):
+      raise ModelLoadError(f"num_heads must be a whole number (1 to {cfg.num_heads} for {folder}) or None for all, "
+                           f"got {num_heads!r}.")
     if not 1 <= num_heads <= cfg.num_heads:
       raise ModelLoadError(f"Asked for {num_heads} heads; {folder} has {cfg.num_heads}: ask for 1 to {cfg.num_heads}, "
                            "or train more (heads.num_heads in the training config, e.g. configs/bpd_smollm2.yaml).")
