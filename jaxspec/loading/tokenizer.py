@@ -817,6 +817,9 @@ class Tokenizer:
         tokens of tokenizer.json's post-processor (e.g. Llama 3's BOS in front, T5's </s> at the end), and `bos_id`
         first where the model sets `add_bos_token`.
     """
+    if not isinstance(text, str):  # (bytes and None failed with an AttributeError from the check below)
+      hint = ": decode it first, e.g. text.decode('utf-8')" if isinstance(text, (bytes, bytearray)) else ""
+      raise InputError(f"encode takes text (a str), got {type(text).__name__}{hint}.")
     try:
       text.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8 on the command line or in a file
