@@ -1129,6 +1129,8 @@ def test_one_method_written_two_ways_is_refused_and_a_failed_run_leaves_no_empty
   (tmp_path / "file").write_text("x")
   with pytest.raises(InputError, match="Cannot write the results folder .*file: it is a file. Pass another --out"):
     run_bench(dataclasses.replace(cfg, out=str(tmp_path / "file")), None, None, ByteTokenizer(), progress=False)
+  with pytest.raises(InputError, match="Cannot write the results folder /dev/null: it is not a folder. Pass another"):
+    run_bench(dataclasses.replace(cfg, out="/dev/null"), None, None, ByteTokenizer(), progress=False)
 
 
 def test_a_resumed_bench_takes_what_its_methods_measured(tmp_path, prompt_file, methods, monkeypatch):

@@ -305,7 +305,9 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
       (out / ".write_check").touch()
       (out / ".write_check").unlink()
   except OSError as e:
-    why = "it is a file" if out.is_file() else e.strerror or e
+    # (a device or pipe, such as /dev/null, was said as "File exists")
+    why = "it is a file" if out.is_file() else "it is not a folder" if out.exists() and not out.is_dir() else \
+        e.strerror or e
     unwritable = f"Cannot write the results folder {out}: {why}. Pass another --out."
   if writer and not unwritable:
     taken = [name for name in _result_files() if (out / name).is_dir()]
