@@ -282,6 +282,8 @@ def test_a_list_setting_given_one_value_shows_the_bracket_form(tmp_path, capsys)
   config.write_text(f"task: bpd\nout: {tmp_path / 'out'}\ntrain:\n  checkpoint_dir: {tmp_path / 'ckpt'}\n")
   err = fails(["train", str(config), "--check", f"data.extra_dataset_dirs={tmp_path}"], capsys)
   assert f"an override writes a list in brackets, data.extra_dataset_dirs=[{tmp_path}]" in err
+  err = fails(["train", str(config), "--check", "data.extra_dataset_dirs=[a,"], capsys)  # not [[a,]: YAML's fault
+  assert err.endswith("got '[a,' (str): '[a,' is not a YAML list or mapping (an unclosed bracket or quote?)\n")
   config.write_text(f"task: rescore\nout: {tmp_path / 'rescore'}\n")
   assert "tune.weights=[0.5]" in fails(["train", str(config), "--check", "tune.weights=0.5"], capsys)
   err = fails(["train", str(config), "--check", "tune.weights=[a]"], capsys)

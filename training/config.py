@@ -377,7 +377,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
   except _Mismatch:
     shown = value.parsed() if isinstance(value, _Override) else value
     hint = ""
-    if isinstance(value, _Override) and "a list of" in _type_name(tp) and not isinstance(shown, (list, tuple)):
+    if isinstance(value, _Override) and isinstance(shown, str) and shown.lstrip().startswith(("[", "{")):
+      # brackets that YAML could not read (`key=[a,`): the bracket form was suggested around them, `key=[[a,]`
+      hint = f": {value.text!r} is not a YAML list or mapping (an unclosed bracket or quote?)"
+    elif isinstance(value, _Override) and "a list of" in _type_name(tp) and not isinstance(shown, (list, tuple)):
       try:  # `key=a` for `key=[a]`, said only where `[a]` would be taken (`tune.weights=abc` would not)
         _convert([shown], tp, key)
         hint = f": an override writes a list in brackets, {key}=[{value.text}]"
