@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -439,6 +440,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if all(getattr(args, a.dest) is None for a in group._group_actions):
       names = " ".join(a.option_strings[0] for a in group._group_actions)
       sub.error(f"one of the arguments {names} is required")
+  # `--model=~/m` (and `--out=~/o`): the shell expands a leading ~ of a word, not one after `--model=`, and the path
+  # was taken as a folder named ~ (bench wrote its results into ./~/o). Expanded as the shell would, as train's
+  # config paths are.
+  for dest in ("model", "prompts", "prompt_file", "out", "t5x_src"):
+    value = getattr(args, dest, None)
+    if isinstance(value, str) and value.startswith("~"):
+      setattr(args, dest, os.path.expanduser(value))
   return args
 
 

@@ -384,6 +384,21 @@ def test_distributed_goes_after_the_command_name():
     assert e.value.code == 2, argv
 
 
+def test_a_leading_tilde_the_shell_leaves_is_expanded_in_paths(monkeypatch, tmp_path):
+  """`--model=~/m`, `--out=~/o` and `spec:draft=~/d`: the shell expands a leading ~ of a word only, so these reached
+  jaxspec as is; "No model at '~/m'", and bench wrote its results into a folder named ./~/o. They are expanded, as
+  train's config paths are (a ~ elsewhere in a path is a name)."""
+  from jaxspec.bench.methods import parse_method
+
+  monkeypatch.setenv("HOME", str(tmp_path))
+  args = cli.parse_args(["generate", "--prompt-file=~/p.txt", "--model=~/m", "--t5x-src=~/t5x"])
+  assert (args.prompt_file, args.model, args.t5x_src) == (f"{tmp_path}/p.txt", f"{tmp_path}/m", f"{tmp_path}/t5x")
+  args = cli.parse_args(["bench", "--prompts=~/p.jsonl", "--out=~/o", "--model", "a~b"])
+  assert (args.prompts, args.out, args.model) == (f"{tmp_path}/p.jsonl", f"{tmp_path}/o", "a~b")
+  label, name, opts = parse_method("spec:draft=~/d:gamma=4")
+  assert label == "spec:draft=~/d:gamma=4" and opts == {"draft": f"{tmp_path}/d", "gamma": "4"}
+
+
 def test_an_unknown_option_is_named_by_the_commands_own_usage(capsys):
   """A misspelled option after a command shows that command's usage (the options it takes), not the top level's."""
   for argv, command in ((["train", "c.yaml", "a=1", "--distributd"], "train"),

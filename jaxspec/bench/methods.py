@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
@@ -1030,7 +1031,8 @@ def parse_method(text: str) -> tuple[str, str, dict]:
     if not v.strip():
       raise InputError(f"Method option {k!r} in {label!r} has no value: write {k}=VALUE.")
     _check_option(name, k, v)
-    opts[k] = v
+    # a path's leading ~, which no shell expands inside spec:draft=~/d, as train's config paths are expanded
+    opts[k] = os.path.expanduser(v) if k in _PATH_OPTIONS and v.startswith("~") else v
   _check_combination(name, label, opts)
   return label, name, opts
 

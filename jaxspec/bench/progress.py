@@ -50,7 +50,8 @@ def method_paths(labels) -> dict:
   paths = {}
   for label in labels:
     options = dict(part.split("=", 1) for part in str(label).split(":")[1:] if "=" in part)
-    named = {k: os.path.realpath(v) for k, v in options.items() if k in _PATH_OPTIONS and v != "default"}
+    named = {k: os.path.realpath(os.path.expanduser(v)) for k, v in options.items()
+             if k in _PATH_OPTIONS and v != "default"}
     if named:
       paths[str(label)] = named
   return paths
