@@ -72,6 +72,21 @@ def test_opt_tree_quotes_the_depth_that_was_asked(t5):
     build(ctx, f"opt-tree:heads={T5_HEADS}:shape=chain")
 
 
+def test_a_file_of_a_part_s_folder_names_the_folder(t5):
+  """bpd:heads=DIR/heads.safetensors said "no BPD heads in DIR/heads.safetensors ... train them", and
+  bpd-ngram:rescore=DIR/ngram.safetensors that the n-gram model was unreadable (NotADirectoryError): --model with a
+  file of a model folder names the folder to pass, and so do these."""
+  ctx = BenchContext(*t5)
+  for name in ("heads.safetensors", "config.json"):
+    with pytest.raises(Unavailable, match=rf"{name} is a file, not a folder of BPD heads: pass the folder that "
+                                          rf"holds it \(.*bpd_t5_numbers\)\.$"):
+      build(ctx, f"bpd:heads={T5_HEADS / name}")
+  rescorer = ASSETS / "bpd_rescore_smollm2"
+  with pytest.raises(Unavailable, match=r"ngram.safetensors is a file, not a folder of the n-gram tables of BPD "
+                                        r"lattice rescoring: pass the folder that holds it \(.*bpd_rescore_smollm2\)"):
+    build(ctx, f"bpd-ngram:rescore={rescorer / 'ngram.safetensors'}")
+
+
 # ---- a draft with another tokenizer ------------------------------------------------------------------------------
 
 def test_a_draft_with_another_tokenizer_of_the_same_size_is_warned_about(t5, tmp_path, caplog):

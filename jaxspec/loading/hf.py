@@ -387,14 +387,19 @@ _JAXSPEC_PARTS = (
 def check_part(folder, key: str, *, models_ok: bool = False) -> None:
   """Raises `ModelLoadError` when `folder` holds another kind of thing than the jaxspec part `key` names (a key of
   `_JAXSPEC_PARTS`): another part, or (unless `models_ok`) a whole model, saying where that one goes. Does nothing
-  without a readable config.json: the caller's own checks say what is missing or damaged."""
+  without a readable config.json: the caller's own checks say what is missing or damaged. A file in place of the
+  folder (DIR/heads.safetensors for DIR) is named, with the folder that holds it, as --model does for a model's."""
+  want = next(what for k, _, what, _ in _JAXSPEC_PARTS if k == key)
+  if Path(folder).is_file():  # (said "no BPD heads in DIR/heads.safetensors: train them", or "unreadable")
+    parent = Path(folder).parent
+    raise ModelLoadError(f"{folder} is a file, not a folder of {want}" + (
+        f": pass the folder that holds it ({parent})." if (parent / "config.json").is_file() else "."))
   try:
     raw = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, ValueError, RecursionError):
     return
   if not isinstance(raw, dict) or isinstance(raw.get(key), dict):
     return
-  want = next(what for k, _, what, _ in _JAXSPEC_PARTS if k == key)
   for k, field, what, use in _JAXSPEC_PARTS:
     entry = raw.get(k)
     if isinstance(entry, dict) and field in entry:
