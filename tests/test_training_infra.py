@@ -303,6 +303,9 @@ def test_config_other_errors(tmp_path):
     load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, ["optim.lr"])
   with pytest.raises(ConfigError, match=r"does not exist"):
     load_config(tmp_path / "nope.yaml", RunConfig)
+  (tmp_path / "dir.yaml").mkdir()  # (said "does not exist")
+  with pytest.raises(ConfigError, match=r"config file '.*dir\.yaml' is a folder: pass a YAML or TOML file"):
+    load_config(tmp_path / "dir.yaml", RunConfig)
   with pytest.raises(ConfigError, match=r"not valid TOML"):
     load_config(_write(tmp_path, "bad.toml", "name = \n"), RunConfig)
   with pytest.raises(ConfigError, match=r"grad_accum must be >= 1"):

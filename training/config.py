@@ -128,8 +128,12 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
   suffix = path.suffix.lower()
   if suffix not in _YAML_SUFFIXES + _TOML_SUFFIXES:
     raise ConfigError(f"config file {str(path)!r} must end in .yaml, .yml or .toml")
-  if not path.is_file():
+  if path.is_dir():  # (said "does not exist")
+    raise ConfigError(f"config file {str(path)!r} is a folder: pass a YAML or TOML file (see configs/)")
+  if not path.exists():
     raise ConfigError(f"config file {str(path)!r} does not exist")
+  if not path.is_file():  # a pipe: the run reads its config more than once
+    raise ConfigError(f"config file {str(path)!r} is not a regular file: pass a YAML or TOML file (see configs/)")
   try:
     if suffix in _TOML_SUFFIXES:
       with path.open("rb") as f:
@@ -143,6 +147,8 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
       raise ConfigError(f"config file {str(path)!r} holds a whole number of more than {digits} digits, which Python "
                         "does not read: no setting needs one") from e
     raise ConfigError(f"config file {str(path)!r} is not valid {suffix[1:].upper()}: {_one_line(e)}") from e
+  except OSError as e:
+    raise ConfigError(f"config file {str(path)!r} cannot be read: {e.strerror or e}") from None
   if data is None:
     return {}
   if not isinstance(data, Mapping):
