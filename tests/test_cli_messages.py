@@ -248,6 +248,11 @@ def test_train_check_makes_the_checks_a_run_made_before_loading_its_target(tmp_p
   config.write_text(f"task: bpd\nout: {tmp_path / 'out'}\ntrain:\n  checkpoint_dir: {tmp_path / 'ckpt'}\n")
   assert f"model.path='{tmp_path / 'none.gguf'}' does not exist: give a .gguf file or a Hugging Face" in fails(
       ["train", str(config), "--check", f"model.path={tmp_path / 'none.gguf'}"], capsys)
+  (tmp_path / "empty").mkdir()  # a folder that is no model (it passed --check; the run refused it once started)
+  assert f"model.path='{tmp_path / 'empty'}': " in (err := fails(
+      ["train", str(config), "--check", f"model.path={tmp_path / 'empty'}"], capsys)) and "config.json" in err
+  assert cli.main(["train", str(config), "--check", f"model.path={ASSETS / 't5_numbers'}"]) == 0  # a model folder
+  capsys.readouterr()
   assert "use train.targets=tokens there" in fails(
       ["train", str(config), "--check", "train.objective=joint", "train.targets=teacher"], capsys)
   assert "apply to train.objective=joint only" in fails(["train", str(config), "--check", "train.base_lr_scale=0.5"],

@@ -323,6 +323,12 @@ def check_read_files(cfg: Any) -> None:
   if isinstance(model, str) and not Path(model).exists():
     raise ConfigError(f"model.path={model!r} does not exist: give a .gguf file or a Hugging Face model folder, or "
                       "model.path=null for the embedded default model.")
+  if isinstance(model, str) and Path(model).is_dir():  # what loading it checks before the weights (a folder with no
+    from jaxspec.loading import ModelLoadError, check_model_folder  # config.json passed --check and failed the run)
+    try:
+      check_model_folder(model)
+    except ModelLoadError as e:
+      raise ConfigError(f"model.path={model!r}: {e}") from None
 
 
 def check_resume(cfg: Any) -> None:

@@ -83,6 +83,26 @@ def load_model(path: str | None = None, *, dtype: str = "float32", scan_layers: 
   return model, sharding.partitioner(mesh, model).shard_params(params), tokenizer
 
 
+def check_model_folder(path: str) -> str:
+  """Checks everything of a model folder that needs no weights (the config, the weight files' headers, that a
+  tokenizer.json is there), as loading it does first (a model's weights can take minutes to load); returns the
+  tokenizer.json path.
+
+  Raises:
+    ModelLoadError: what is wrong, and what to do.
+  """
+  from jaxspec.loading.hf import check_hf_folder
+
+  check_hf_folder(path)
+  tok_json = os.path.join(path, "tokenizer.json")
+  if not os.path.isfile(tok_json):
+    raise ModelLoadError(f"{path!r} has no tokenizer.json; copy it from the model's original folder (for a model "
+                         "`jaxspec train` exported, from the base model's folder, or rerun the training command), "
+                         "or write one with transformers from its tokenizer.model "
+                         "(`AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`).")
+  return tok_json
+
+
 def _load(path, dtype, scan_layers, param_dtype, matmul_precision, context):
   from jaxspec.loading.tokenizer import Tokenizer
 
@@ -99,17 +119,9 @@ def _load(path, dtype, scan_layers, param_dtype, matmul_precision, context):
     except FileNotFoundError as e:
       raise ModelLoadError(str(e)) from e
   if os.path.isdir(path):
-    from jaxspec.loading.hf import check_hf_folder, load_hf
+    from jaxspec.loading.hf import load_hf
 
-    # Everything that needs no weights (config, weight file headers, tokenizer) is checked first: a model's weights
-    # can take minutes to load.
-    check_hf_folder(path)
-    tok_json = os.path.join(path, "tokenizer.json")
-    if not os.path.isfile(tok_json):
-      raise ModelLoadError(f"{path!r} has no tokenizer.json; copy it from the model's original folder (for a model "
-                           "`jaxspec train` exported, from the base model's folder, or rerun the training command), "
-                           "or write one with transformers from its tokenizer.model "
-                           "(`AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`).")
+    tok_json = check_model_folder(path)
     tokenizer = Tokenizer.from_tokenizer_json(tok_json)
     model, params = load_hf(path, dtype=dtype, scan_layers=scan_layers, param_dtype=param_dtype, context=context)
     if tokenizer.vocab_size > model.cfg.vocab_size:  # (fewer is common: embeddings padded to a round size)
@@ -133,4 +145,4 @@ def _load(path, dtype, scan_layers, param_dtype, matmul_precision, context):
   return with_matmul_precision(model, matmul_precision), params, tokenizer
 
 
-__all__ = ["DTYPES", "ModelLoadError", "check_dtype", "default_model_path", "load_model"]
+__all__ = ["DTYPES", "ModelLoadError", "check_dtype", "check_model_folder", "default_model_path", "load_model"]
