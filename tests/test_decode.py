@@ -234,6 +234,9 @@ def test_prompt_batches_as_arrays_decode_like_lists(tiny):
     (dict(prompts=[5, 6, 7]), "give a list of prompts"),
     (dict(prompts=np.asarray([5, 6, 7])), "must be 2-D"),
     (dict(prompts="hello"), "not text"),
+    # a list of texts was told to give "a list of prompts", which it was: the fix is the tokenizer
+    (dict(prompts=["hello", "world"]), r"not text: encode each prompt with the model's tokenizer"),
+    (dict(prompts=[[5, 6], b"hi"]), "not text"),
     (dict(prompts=[[5, 6.5]]), "whole numbers"),
     (dict(prompts=[[5, float("nan")]]), "whole numbers"),
     (dict(prompts=[[5, 2 ** 70]]), "int32 range"),

@@ -146,6 +146,9 @@ def _as_rows(prompts) -> list:
     rows = list(prompts)
   except TypeError:
     raise InputError(f"prompts must be a list of prompts, each a sequence of token ids, got {prompts!r}.") from None
+  if any(isinstance(r, (str, bytes)) for r in rows):  # a list of texts: 0-d rows, but the fix is the tokenizer
+    raise InputError("prompts must be token ids, not text: encode each prompt with the model's tokenizer first "
+                     "([tok.encode(text) for text in texts]).")
   if rows and any(_ndim(r) == 0 for r in rows):
     raise InputError("prompts is a batch: give a list of prompts, each a sequence of token ids (e.g. [ids] for one "
                      "prompt).")
