@@ -277,6 +277,24 @@ def test_malformed_arguments_are_clear_errors(tiny, kwargs, match):
     gen.generate(model, params, args.pop("prompts"), **args)
 
 
+def test_a_drafter_acceptor_or_model_of_the_wrong_kind_is_a_clear_error(tiny):
+  """A method's name as the CLI takes it, a class instead of an instance, or the model and params swapped ended in
+  an AttributeError (or a TypeError) from inside tracing."""
+  from jaxspec.decoding.lookup import LookupDrafter
+  model, params = tiny
+  cases = [(dict(drafter="bpd"), r"drafter must be a drafter object \(e.g. BPDDrafter\(bpd\).*got 'bpd'.*jaxspec "
+                                 r"command"),
+           (dict(drafter=LookupDrafter), r"drafter=LookupDrafter is a class: pass an instance, LookupDrafter\(...\)"),
+           (dict(acceptor="greedy"), r"acceptor must be an acceptance rule \(e.g. GreedyAcceptance\(\)"),
+           (dict(acceptor=GreedyAcceptance), r"acceptor=GreedyAcceptance is a class")]
+  for kwargs, match in cases:
+    with pytest.raises(InputError, match=match):
+      gen.generate(model, params, [[5, 6]], max_new_tokens=2, **kwargs)
+  with pytest.raises(InputError, match=r"model must be a LanguageModel \(the model load_model returns first"):
+    gen.generate(params, model, [[5, 6]], max_new_tokens=2)
+  assert len(gen.generate(model, params, [[5, 6]], max_new_tokens=2, drafter=LookupDrafter()).tokens[0]) == 2
+
+
 def test_numpy_and_jax_scalars_are_settings_like_python_numbers(tiny):
   """The settings' checks take a number in any form a caller holds it: numpy and JAX scalars and 0-d arrays."""
   model, params = tiny

@@ -265,6 +265,33 @@ def check_settings(temperature, top_k, top_p, seed, max_len) -> tuple[float, int
   return temperature, top_k, top_p, seed, max_len
 
 
+# What each part of a request must have (the protocols' methods), what it is called and what to pass.
+_PARTS = {"model": ("init_cache", "forward"), "drafter": ("num_nodes", "init", "propose", "update"),
+          "acceptor": ("first_token", "accept")}
+_KINDS = {"model": "a LanguageModel", "drafter": "a drafter object", "acceptor": "an acceptance rule"}
+_EXAMPLES = {"model": "the model load_model returns first: model, params, tok = load_model(...)",
+             "drafter": "e.g. BPDDrafter(bpd), DraftModelDrafter(draft, 4), LookupDrafter(); None for plain decoding",
+             "acceptor": "e.g. GreedyAcceptance() or SampleAcceptance(Warp()); None to choose from the temperature"}
+
+
+def check_parts(model, drafter, acceptor) -> None:
+  """Raises `InputError` where `model`, `drafter` or `acceptor` is not such an object (a method's name as the CLI
+  takes it, a class instead of an instance, model and params swapped): each failed later, inside tracing, with an
+  AttributeError or a TypeError."""
+  for what, value in (("model", model), ("drafter", drafter), ("acceptor", acceptor)):
+    if value is None and what != "model":
+      continue
+    if isinstance(value, type):
+      raise InputError(f"{what}={value.__name__} is a class: pass an instance, {value.__name__}(...) "
+                       f"({_EXAMPLES[what]}).")
+    missing = [a for a in _PARTS[what] if not hasattr(value, a)]
+    if missing:
+      shown = repr(value) if isinstance(value, (str, int, float)) else f"a {type(value).__name__}"
+      cli = " (method names such as 'bpd' are for the jaxspec command)" if isinstance(value, str) else ""
+      raise InputError(f"{what} must be {_KINDS[what]} ({_EXAMPLES[what]}), got {shown}, which has no "
+                       f"{missing[0]}{cli}.")
+
+
 def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens: int | Sequence[int] = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, eos_ids: Sequence[int] = (),
              pad_id: int = 0, seed: int = 0, drafter=None, draft_params: Any = None, acceptor=None,
@@ -312,10 +339,11 @@ def generate(model, params, prompts: Sequence[Sequence[int]], *, max_new_tokens:
     InputError: empty prompts, token ids outside the model's vocabulary (prompts, `eos_ids`, `pad_id`), a request
       that does not fit the cache, `max_new_tokens` or sampling settings of the wrong type or out of range, a
       drafter that cannot serve this target (a draft model with another vocabulary, heads or draft params built for
-      another target, a greedy-only drafter or acceptor with sampling), params that do not fit the model, or a mesh
-      that does not fit the devices.
+      another target, a greedy-only drafter or acceptor with sampling), a model, drafter or acceptor that is not
+      one (a method's name, a class), params that do not fit the model, or a mesh that does not fit the devices.
   """
   temperature, top_k, top_p, seed, max_len = check_settings(temperature, top_k, top_p, seed, max_len)
+  check_parts(model, drafter, acceptor)
   drafter = drafter or NoDraft()
   vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
   if temperature > 0 and vocab is not None and top_k > vocab:
