@@ -57,18 +57,6 @@ def write_tokenizer(folder: Path, post=None, tok_config: dict | None = None, **j
   return folder
 
 
-def test_encoding_what_is_not_text_is_a_clear_error(tmp_path):
-  """tok.encode(b"...") or tok.encode(None) failed with an AttributeError ('bytes' object has no attribute
-  'encode'), which said nothing of what encode takes."""
-  from jaxspec.errors import InputError
-
-  tok = Tokenizer.from_tokenizer_json(write_tokenizer(tmp_path))
-  with pytest.raises(InputError, match=r"encode takes text \(a str\), got bytes: decode it first"):
-    tok.encode(b"hello")
-  with pytest.raises(InputError, match=r"encode takes text \(a str\), got NoneType\.$"):
-    tok.encode(None)
-
-
 def test_a_tokenizer_in_a_folder_named_with_bytes_that_are_not_utf8_loads(tmp_path):
   """A folder named in Latin-1 (caf\xe9) reaches Python as a lone surrogate, which tokenizers' from_file cannot
   take: a sound tokenizer.json was called damaged. A damaged one still is."""

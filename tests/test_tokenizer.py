@@ -60,6 +60,28 @@ def test_decode_refuses_negative_ids_and_skips_ids_past_the_vocabulary(tok):
   assert tok.decode([5, tok.backend.get_vocab_size() + 10]) == tok.decode([5])
 
 
+def test_encode_and_decode_of_the_wrong_kind_are_clear_errors(tok):
+  """tok.decode(res.tokens) (a batch) was a TypeError from int(), tok.decode([2.5]) decoded id 2, and tok.encode of
+  a list of texts, bytes or None an AttributeError: each is an InputError that says what to pass."""
+  import jax.numpy as jnp
+  with pytest.raises(InputError, match=r"holds sequences \(a batch\?\): decode each row, e.g. \[tok.decode\(row\)"):
+    tok.decode([[5, 6], [7]])
+  with pytest.raises(InputError, match="holds sequences"):
+    tok.decode(np.asarray([[5, 6], [7, 8]]))
+  with pytest.raises(InputError, match=r"decode takes token ids \(whole numbers\), got 2.5"):
+    tok.decode([5, 2.5])
+  with pytest.raises(InputError, match="decode takes token ids, got str"):
+    tok.decode("hello")
+  want = tok.decode([5, 6])
+  assert tok.decode(np.asarray([5, 6])) == tok.decode(jnp.asarray([5, 6])) == tok.decode((np.int64(5), 6.0)) == want
+  with pytest.raises(InputError, match=r"encode takes one text \(a str\), got list: encode each: \[tok.encode"):
+    tok.encode(["a", "b"])
+  with pytest.raises(InputError, match=r"got bytes: decode bytes to str first"):
+    tok.encode(b"abc")
+  with pytest.raises(InputError, match="got NoneType"):
+    tok.encode(None)
+
+
 def test_digits_split_like_llama_cpp_not_like_transformers_gguf(tok, ref):
   # The fixture holds strings where transformers' GGUF loader (no "smollm" pre-tokenizer) gives other ids; we follow
   # llama.cpp and the model's own tokenizer.json, which split digits off before the GPT-2 regex.

@@ -16,6 +16,7 @@ import datetime
 import json
 import logging
 import mmap
+import operator
 import os
 import struct
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -817,9 +818,11 @@ class Tokenizer:
         tokens of tokenizer.json's post-processor (e.g. Llama 3's BOS in front, T5's </s> at the end), and `bos_id`
         first where the model sets `add_bos_token`.
     """
-    if not isinstance(text, str):  # (bytes and None failed with an AttributeError from the check below)
-      hint = ": decode it first, e.g. text.decode('utf-8')" if isinstance(text, (bytes, bytearray)) else ""
-      raise InputError(f"encode takes text (a str), got {type(text).__name__}{hint}.")
+    if not isinstance(text, str):
+      hint = ("encode each: [tok.encode(t) for t in texts]" if isinstance(text, (list, tuple)) else
+              "decode bytes to str first (data.decode('utf-8'))" if isinstance(text, (bytes, bytearray)) else
+              "pass the prompt's text")
+      raise InputError(f"encode takes one text (a str), got {type(text).__name__}: {hint}.")
     try:
       text.encode("utf-8")
     except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8 on the command line or in a file
@@ -857,9 +860,12 @@ class Tokenizer:
     rows than its tokenizer has entries).
 
     Raises:
-      InputError: a negative id.
+      InputError: a negative id, or something other than one sequence of whole numbers (a batch of rows, text).
     """
-    ids = [int(i) for i in ids]
+    if isinstance(ids, (str, bytes)):
+      raise InputError(f"decode takes token ids, got {type(ids).__name__} {ids[:20]!r}: pass the ids (e.g. "
+                       "res.tokens[0]).")
+    ids = [_token_id(i) for i in ids]
     if ids and min(ids) < 0:
       raise InputError(f"Token id {min(ids)} is negative: token ids start at 0.")
     if self._aliases:
@@ -962,6 +968,22 @@ class Tokenizer:
   def __repr__(self) -> str:
     return (f"Tokenizer({self.name!r}, vocab_size={self.vocab_size}, bos_id={self._bos_id}, eos_id={self._eos_id}, "
             f"pad_id={self._pad_id}, chat_template={'yes' if self._chat_template else 'no'})")
+
+
+def _token_id(value) -> int:
+  """One token id for `Tokenizer.decode`: a Python, numpy or JAX integer (or a whole float); a nested sequence is a
+  batch, which `decode` does not take (`int()` failed on it with a TypeError, and truncated 2.5 to 2)."""
+  if isinstance(value, float) and value.is_integer():
+    return int(value)
+  if not isinstance(value, bool):
+    try:
+      return operator.index(value)
+    except TypeError:
+      pass
+  if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0):
+    raise InputError("decode takes one sequence of token ids, and this one holds sequences (a batch?): decode each "
+                     "row, e.g. [tok.decode(row) for row in res.tokens].")
+  raise InputError(f"decode takes token ids (whole numbers), got {value!r}.")
 
 
 def end_ids(tokenizer) -> list[int]:
