@@ -501,6 +501,12 @@ def test_corrupt_or_missing_heads_are_clear_errors(tmp_path, tiny):
   for n in ("2", 1.5, True):
     with pytest.raises(ModelLoadError, match=r"num_heads must be a whole number \(1 to 2 for .*\) or None for all"):
       load_bpd(tmp_path, num_heads=n)
+  for n in (np.int64(1), jnp.int32(1), np.asarray(1), jnp.asarray(1)):  # any integer a caller holds (a JAX one too)
+    bpd_n, heads_n = load_bpd(tmp_path, num_heads=n)
+    assert type(bpd_n.cfg.num_heads) is int and bpd_n.num_heads == 1 and heads_n["heads"]["w_in"].shape[0] == 1
+  for n in (np.bool_(True), jnp.asarray(True)):
+    with pytest.raises(ModelLoadError, match="num_heads must be a whole number"):
+      load_bpd(tmp_path, num_heads=n)
   config = json.loads((tmp_path / "config.json").read_text())
   del config["bpd"]["vocab_subset"]
   (tmp_path / "config.json").write_text(json.dumps(config))

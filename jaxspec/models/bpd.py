@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import os
 from pathlib import Path
 
@@ -214,10 +215,15 @@ def load_bpd(folder: str | os.PathLike, num_heads: int | None = None,
   if target_params is not None:
     check_heads_target(folder, target_params, raw)
   if num_heads is not None:
-    # (a string failed with a TypeError, 2.5 deep in the slicing, and True loaded one head)
-    if isinstance(num_heads, (bool, np.bool_)) or not isinstance(num_heads, (int, np.integer)):
+    # (a string failed with a TypeError, 2.5 deep in the slicing, and True loaded one head). Any integer a caller
+    # holds (numpy or JAX, 0-d arrays too) is taken, as a Python int: the config is a jit static argument.
+    try:
+      if isinstance(num_heads, (bool, np.bool_)) or np.dtype(getattr(num_heads, "dtype", int)) == bool:
+        raise TypeError
+      num_heads = operator.index(num_heads)
+    except TypeError:
       raise ModelLoadError(f"num_heads must be a whole number (1 to {cfg.num_heads} for {folder}) or None for all, "
-                           f"got {num_heads!r}.")
+                           f"got {num_heads!r}.") from None
     if not 1 <= num_heads <= cfg.num_heads:
       raise ModelLoadError(f"Asked for {num_heads} heads; {folder} has {cfg.num_heads}: ask for 1 to {cfg.num_heads}, "
                            "or train more (heads.num_heads in the training config, e.g. configs/bpd_smollm2.yaml).")
