@@ -74,6 +74,10 @@ def test_encode_and_decode_of_the_wrong_kind_are_clear_errors(tok):
     tok.decode("hello")
   want = tok.decode([5, 6])
   assert tok.decode(np.asarray([5, 6])) == tok.decode(jnp.asarray([5, 6])) == tok.decode((np.int64(5), 6.0)) == want
+  # whole floats of any kind, as of Python floats (np.float64 is one; np.float32 and JAX floats were refused)
+  assert tok.decode(np.asarray([5, 6], np.float32)) == tok.decode(jnp.asarray([5.0, 6.0])) == want
+  with pytest.raises(InputError, match=r"decode takes token ids \(whole numbers\), got .*2\.5"):
+    tok.decode(np.asarray([5, 2.5], np.float32))
   with pytest.raises(InputError, match=r"encode takes one text \(a str\), got list: encode each: \[tok.encode"):
     tok.encode(["a", "b"])
   with pytest.raises(InputError, match=r"got bytes: decode bytes to str first"):

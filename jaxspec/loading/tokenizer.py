@@ -973,13 +973,15 @@ class Tokenizer:
 def _token_id(value) -> int:
   """One token id for `Tokenizer.decode`: a Python, numpy or JAX integer (or a whole float); a nested sequence is a
   batch, which `decode` does not take (`int()` failed on it with a TypeError, and truncated 2.5 to 2)."""
-  if isinstance(value, float) and value.is_integer():
-    return int(value)
   if not isinstance(value, bool):
     try:
       return operator.index(value)
     except TypeError:
       pass
+  # a float of any kind (numpy's and JAX's float32 too, not only Python's float and np.float64 that subclasses it)
+  if isinstance(value, float) or getattr(getattr(value, "dtype", None), "kind", None) == "f" and not value.ndim:
+    if float(value).is_integer():
+      return int(value)
   if isinstance(value, (list, tuple)) or getattr(value, "ndim", 0):
     raise InputError("decode takes one sequence of token ids, and this one holds sequences (a batch?): decode each "
                      "row, e.g. [tok.decode(row) for row in res.tokens].")
