@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxspec import files
-from jaxspec.loading.errors import (ModelLoadError, check_finite, flag, model_config, more_layers, positive_number,
-                                     unread_tensors, whole_number)
+from jaxspec.loading.errors import (ModelLoadError, _damaged, check_finite, flag, model_config, more_layers,
+                                     positive_number, unread_tensors, whole_number)
 from jaxspec.loading.hf import _flatten, check_weights, refuse_non_float, refuse_quantized
 from jaxspec.models.t5 import T5Config, T5LM
 
@@ -59,9 +59,8 @@ def config_from_hf(raw: dict) -> T5Config:
     buckets = opt("relative_attention_num_buckets", 32, minimum=4)
     vocab, start = num("vocab_size"), opt("decoder_start_token_id", 0, minimum=0)
     if start >= vocab:  # embedded as NaN inside the program: every answer came out as token 0, without a word
-      raise ModelLoadError(f"config.json sets decoder_start_token_id to {start}, outside the model's vocabulary "
-                           f"(vocab_size {vocab}: ids 0 to {vocab - 1}). The file is damaged or was edited: restore "
-                           "the value the model was trained with (or the original config.json).")
+      raise _damaged(where, "decoder_start_token_id", start, f"an id in the model's vocabulary (vocab_size {vocab}: "
+                     f"ids 0 to {vocab - 1})")
     return model_config(
         T5Config, where,
         vocab_size=vocab, d_model=num("d_model"), d_kv=num("d_kv"),
