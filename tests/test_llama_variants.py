@@ -1,6 +1,6 @@
 """LLaMA-family variants against Hugging Face transformers: scaled RoPE (Llama 3.1+'s per-band scaling, linear
-position interpolation, Phi-3's LongRoPE, YaRN), sliding windows (Phi-3's, Mistral's), bias terms (Qwen2's on q/k/v, LLaMA's attention_bias and mlp_bias) and
-Phi-3's fused projections.
+position interpolation, Phi-3's LongRoPE, YaRN), sliding windows (Phi-3's, Mistral's), bias terms (Qwen2's on q/k/v,
+LLaMA's attention_bias and mlp_bias) and Phi-3's fused projections.
 
 The checkpoints and reference numbers are tiny random models written by `scripts/llama_variants_reference.py` with
 transformers (tests/fixtures/llama_variants/ and llama_variants_reference.npz): jaxspec must give transformers'

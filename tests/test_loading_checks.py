@@ -203,7 +203,8 @@ def copy_of(folder: Path, tmp_path: Path, **config_changes) -> Path:
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"architectures": None, "model_type": "phi"}, "model_type 'phi'; jaxspec loads llama, mistral, qwen2, qwen3, phi3"),
+    ({"architectures": None, "model_type": "phi"},
+     "model_type 'phi'; jaxspec loads llama, mistral, qwen2, qwen3, phi3"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu'.*SiLU"),
     ({"attention_bias": True}, r"lacks tensors for \['model.layers.0.self_attn.k_proj.bias'"),
     ({"mlp_bias": True}, r"lacks tensors for \['model.layers.0.mlp.down_proj.bias'"),

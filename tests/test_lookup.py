@@ -176,7 +176,8 @@ DEFAULT_MODEL_QUESTIONS = ["Copy this list exactly: apple, banana, cherry, apple
 
 @pytest.fixture(scope="module")
 def repeating_greedy(default_model):
-  """`(prompts, kw, greedy result)` for DEFAULT_MODEL_QUESTIONS on the default model, shared by this file's slow tests."""
+  """`(prompts, kw, greedy result)` for DEFAULT_MODEL_QUESTIONS on the default model, shared by this file's slow
+  tests."""
   model, params, tok = default_model
   prompts = chat_prompt_ids(tok, DEFAULT_MODEL_QUESTIONS)
   kw = dict(max_new_tokens=48, eos_ids=[tok.eos_id])

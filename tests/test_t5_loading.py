@@ -307,7 +307,8 @@ def test_unsupported_feed_forward_is_a_clear_error(tmp_path, proj):
     ({"layer_norm_epsilon": -1}, "sets layer_norm_epsilon to -1, which is not a finite number above 0"),
     ({"num_layers": 1, "num_decoder_layers": 1}, "holds weights for 2 layers and its config says 1 \\(num_layers"),
     # (a start id past the vocabulary embedded as NaN: every answer was token 0, without a word)
-    ({"decoder_start_token_id": 10 ** 6}, "sets decoder_start_token_id to 1000000, which is not an id in the model's vocabulary"),
+    ({"decoder_start_token_id": 10 ** 6},
+     "sets decoder_start_token_id to 1000000, which is not an id in the model's vocabulary"),
 ], ids=["text", "zero", "negative-eps", "fewer-layers-than-weights", "start-id-past-the-vocabulary"])
 def test_bad_numbers_in_the_config_are_clear_errors(tmp_path, changes, message):
   path = copy_fixture("orig", tmp_path)

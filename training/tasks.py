@@ -310,7 +310,8 @@ def check_read_files(cfg: Any) -> None:
            if isinstance(heads, str) else [])
   if lacks:  # the rescore task's BPD heads, as a BPD run exports them
     raise ConfigError(f"heads={heads!r} is not a folder of trained BPD heads (no {' or '.join(lacks)}): give the "
-                      "folder a BPD run exported (its `out`), or heads=null for the shipped jaxspec/assets/bpd_smollm2.")
+                      "folder a BPD run exported (its `out`), or heads=null for the shipped "
+                      "jaxspec/assets/bpd_smollm2.")
   tune = getattr(cfg, "tune", None)
   draft = getattr(tune, "neural_draft", None)
   if getattr(tune, "neural", False) and draft not in (None, "layerskip") and not Path(draft).exists():

@@ -483,8 +483,8 @@ def weight_files(folder: str) -> list[str]:
     return [os.path.join(folder, every[0])]
   if not every:
     raise ModelLoadError(f"{folder!r} has no *.safetensors weights (PyTorch .bin files are not read): convert them "
-                         "with transformers (`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out)` writes "
-                         "safetensors) and load that folder.")
+                         "with transformers (`AutoModelForCausalLM.from_pretrained(folder).save_pretrained(out)` "
+                         "writes safetensors) and load that folder.")
   raise ModelLoadError(f"{folder!r} holds {every} but no model.safetensors, model-*.safetensors or "
                        "model.safetensors.index.json, so which files hold the model is unclear: name its file "
                        "model.safetensors, or move the others out.")
