@@ -434,6 +434,30 @@ def test_llama_only_tasks_refuse_an_encoder_decoder_target_before_any_data(tmp_p
       run(cfg, model=t5, params=params, tokenizer=ByteTokenizer(), progress=False)
 
 
+def test_a_draft_deeper_than_its_target_says_which_setting_fits_before_any_data(tmp_path, monkeypatch):
+  """README's own-model commands keep the default draft.n_layers=4: with a 2-layer target the error named the
+  numbers only, not the setting that fits (draft.n_layers=2) or draft.init=random; so with eagle.n_layers."""
+  from tests.conftest import make_tiny
+  from tests.test_draft import tiny_draft_config
+  from tests.test_eagle import tiny_eagle_config
+  from training import draft, eagle
+
+  model, params = make_tiny(n_layers=2)
+  d = tiny_draft_config(tmp_path, "d", 100)
+  e = tiny_eagle_config(tmp_path / "e", 100)
+  for module, cfg, run, key, init in (
+      (draft, dataclasses.replace(d, draft=dataclasses.replace(d.draft, n_layers=4)), draft.train_draft, "draft",
+       "target_layers"),
+      (eagle, dataclasses.replace(e, eagle=dataclasses.replace(e.eagle, n_layers=3)), eagle.train_eagle, "eagle",
+       "target_last")):
+    monkeypatch.setattr(module, "record_run_config", lambda *a: pytest.fail("got past the check"))
+    with pytest.raises(ConfigError) as err:
+      run(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+    assert "is more than the target's 2 layers" in str(err.value)
+    assert f"{key}.init={init}" in str(err.value) and f"set {key}.n_layers=2 or fewer, or {key}.init=random" in str(
+        err.value)
+
+
 def test_checkpoints_of_another_target_under_the_same_path_are_refused(tmp_path):
   """The settings name the target by its path: weights replaced at that path resumed the checkpoints trained on the
   old ones and exported them under the new fingerprint (found by an audit). The target's fingerprint is recorded

@@ -346,7 +346,9 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
                       "T5 trained on the same task serves as the draft (configs/t5_numbers_draft.yaml trains one for "
                       "the shipped numbers T5 with task seq2seq).")
   if cfg.draft.init == "target_layers" and cfg.draft.n_layers > model.cfg.n_layers:
-    raise ConfigError(f"draft.n_layers={cfg.draft.n_layers} is more than the target's {model.cfg.n_layers} layers")
+    raise ConfigError(f"draft.n_layers={cfg.draft.n_layers} is more than the target's {model.cfg.n_layers} layers, "
+                      f"which draft.init=target_layers starts the draft from: set draft.n_layers={model.cfg.n_layers} "
+                      "or fewer, or draft.init=random")
   ckpt_dir = Path(cfg.train.checkpoint_dir)
   record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params))  # checkpoints of another target are refused
   t0 = time.time()

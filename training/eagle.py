@@ -228,7 +228,9 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
     raise ConfigError("task eagle reads the target's per-layer params: load it without stacked layers "
                       "(scan_layers=False).")
   if cfg.eagle.init == "target_last" and cfg.eagle.n_layers > model.cfg.n_layers:
-    raise ConfigError(f"eagle.n_layers={cfg.eagle.n_layers} is more than the target's {model.cfg.n_layers} layers")
+    raise ConfigError(f"eagle.n_layers={cfg.eagle.n_layers} is more than the target's {model.cfg.n_layers} layers, "
+                      f"whose last ones eagle.init=target_last starts the draft from: set "
+                      f"eagle.n_layers={model.cfg.n_layers} or fewer, or eagle.init=random")
   ckpt_dir = Path(cfg.train.checkpoint_dir)
   record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params))  # checkpoints of another target are refused
   t0 = time.time()
