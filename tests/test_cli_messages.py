@@ -628,6 +628,26 @@ def test_the_default_draft_on_a_t5_target_names_the_shipped_t5_draft(t5):
   build(BenchContext(model, params, tok), f"spec:draft={ASSETS / 't5_numbers_draft'}")
 
 
+def test_a_draft_of_another_model_names_a_shipped_draft_only_where_it_fits_this_one(default_model, tmp_path):
+  """Your own model with the default model's tokenizer: a draft of another target was refused with "a shipped draft
+  for this target's vocabulary: draft=.../draft_smollm2", which was distilled for the default model and is refused
+  too. The shipped distilled drafts are named only for the target they were trained for."""
+  from jaxspec.models.draft import save_draft
+  from tests.conftest import make_tiny
+  from training.draft import init_draft
+
+  vocab = default_model[0].vocab_size
+  model, params = make_tiny(0, vocab_size=vocab)
+  other, other_params = make_tiny(1, vocab_size=vocab)  # the same shapes and tokenizer, other weights
+  save_draft(tmp_path / "d", *init_draft(model, params, 1), dtype="float32")
+  with pytest.raises(Unavailable) as e:
+    build(BenchContext(other, other_params, default_model[2]), f"spec:draft={tmp_path / 'd'}")
+  assert "trained for a target whose embedding has fingerprint" in str(e.value)
+  assert "draft_smollm2" not in str(e.value) and "a shipped draft" not in str(e.value)
+  with pytest.raises(Unavailable, match=r"a shipped draft for this target's vocabulary: draft=.*draft_smollm2$"):
+    build(BenchContext(*default_model), f"spec:draft={tmp_path / 'd'}")  # the default model: it fits
+
+
 def test_the_shipped_heads_record_their_target(default_model, t5):
   """The shipped heads carry the fingerprint of their own target (SmolLM2's equals its distilled draft's; T5's
   covers the shared embedding), and each refuses the other's."""

@@ -476,18 +476,30 @@ def _draft_model(ctx: BenchContext, path) -> tuple:
     except PeerFailed:
       raise
     except (ModelLoadError, InputError) as e:  # as for heads=: this method cannot run, the others can
-      vocab = getattr(ctx.model, "vocab_size", None)
-      others = [f for f in _drafts_for_vocab(vocab) if Path(f).resolve() != path.resolve()]
+      others = [f for f in _drafts_for(ctx) if Path(f).resolve() != path.resolve()]
       hint = f"; a shipped draft for this target's vocabulary: draft={others[0]}" if others else ""
       raise Unavailable(f"draft={path}: {str(e).rstrip('.')}{hint}") from None
     ctx.cache[key] = (draft, draft_params)
   return ctx.cache[key]
 
 
-def _drafts_for_vocab(vocab: int | None) -> list[str]:
-  """The shipped draft models (asset folders named `*draft*`) over a vocabulary of `vocab` tokens."""
-  drafts = _shipped("*draft*", lambda folder, raw: vocab is not None and raw.get("vocab_size") == vocab)
-  return [_shown(folder) for folder, _ in drafts]
+def _drafts_for(ctx: BenchContext) -> list[str]:
+  """The shipped draft models (asset folders named `*draft*`) over the target's vocabulary; of those that take their
+  target's embedding (distilled by `jaxspec train`), only the ones trained for this target: another model of the
+  same tokenizer (the default one's, say) would be refused them too."""
+  vocab = getattr(ctx.model, "vocab_size", None)
+  found = []
+  for folder, raw in _shipped("*draft*", lambda folder, raw: vocab is not None and raw.get("vocab_size") == vocab):
+    want = (raw.get("jaxspec_draft") or {}).get("target", {}).get("embed_fingerprint")
+    if want is not None:
+      if "draft_fingerprint" not in ctx.cache:
+        from jaxspec.models.draft import embed_fingerprint
+        ctx.ready()  # it gathers split embeddings, with every process
+        ctx.cache["draft_fingerprint"] = embed_fingerprint(ctx.params)
+      if want != ctx.cache["draft_fingerprint"]:
+        continue
+    found.append(_shown(folder))
+  return found
 
 
 def _draft_with_vocab(ctx: BenchContext, opts: dict) -> tuple:
