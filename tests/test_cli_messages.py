@@ -713,6 +713,36 @@ def test_a_rescorer_brings_its_heads_and_names_rescore_for_another_vocabulary(ti
     build(ctx, f"bpd-ngram:rescore={tmp_path / 'other'}")
 
 
+def test_a_rescorer_of_another_model_names_a_rescorer_for_this_one_not_heads(tiny, tmp_path):
+  """rescore=DIR built for another model of the same tokenizer: its recorded heads are refused by fingerprint, and
+  the message said "Use heads trained for this one, with heads=FOLDER", which would leave the other model's n-gram LM
+  and tuned weights in place. It names the rescorer and a rescorer built for this model."""
+  import jax
+
+  from jaxspec.models.bpd import BPDConfig, BPDModel, save_bpd
+  from jaxspec.models.draft import embed_fingerprint
+  from jaxspec.models.ngram import build_ngram, save_ngram
+  from tests.conftest import make_tiny
+
+  model, params = tiny
+  other, other_params = make_tiny(1)  # the same shapes, other weights
+  bpd = BPDModel(BPDConfig(num_heads=2, d_model=model.cfg.d_model, d_hidden=8))
+  save_bpd(tmp_path / "heads", bpd, bpd.init_params(jax.random.key(0)),
+           meta={"target": {"embed_fingerprint": embed_fingerprint(params)}})
+  lm, tables, _ = build_ngram([[1, 2, 3, 4, 5, 1, 2, 3]], 3, model.vocab_size)
+  save_ngram(tmp_path / "rescore", lm, tables, meta={"tuned": {"k": 2, "heads": str(tmp_path / "heads")}})
+  build(BenchContext(model, params, CharTokenizer()), f"bpd-ngram:rescore={tmp_path / 'rescore'}")  # its own model
+  with pytest.raises(Unavailable) as e:
+    build(BenchContext(other, other_params, CharTokenizer()), f"bpd-ngram:rescore={tmp_path / 'rescore'}")
+  assert f"The BPD heads in {tmp_path / 'heads'} were trained for a target whose embedding" in str(e.value)
+  assert f"The rescorer in {tmp_path / 'rescore'} was tuned with them, for that model: pass rescore=FOLDER" in str(
+      e.value)
+  assert "heads=FOLDER" not in str(e.value) and "Use heads trained for this one" not in str(e.value)
+  with pytest.raises(Unavailable, match="Use heads trained for this one, with heads=FOLDER$"):  # heads= given
+    build(BenchContext(other, other_params, CharTokenizer()),
+          f"bpd-ngram:rescore={tmp_path / 'rescore'}:heads={tmp_path / 'heads'}")
+
+
 def test_the_command_line_prints_sharding_fallbacks(capsys):
   """A replicated dimension changes what a mesh buys: the CLI shows the sharding's INFO records on stderr, once each
   however often `main` runs (tests and library callers run it many times in one process: a handler added at each

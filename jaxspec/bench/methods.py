@@ -192,9 +192,10 @@ _TRAIN_MORE_HEADS = ("jaxspec train configs/bpd_smollm2.yaml heads.num_heads={n}
                      "train.checkpoint_dir=DIR/ckpt, then heads=DIR")
 
 
-def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None):
+def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None, rescorer: Path | None = None):
   """`(bpd, bpd_draft_params)` for the heads a method's options name (default: the shipped ones): the first `k` of
-  them (an option), or the first `num_heads`, or all."""
+  them (an option), or the first `num_heads`, or all. `rescorer`: the rescorer folder that named the heads, which a
+  target of another model then needs in their place."""
   from jaxspec.decoding.bpd import bpd_draft_params
   from jaxspec.models.bpd import check_heads_target, load_bpd, target_fingerprint
 
@@ -230,10 +231,14 @@ def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None):
   ctx.ready()  # the output projection is taken from the target's table on the devices, with every process
   if "target_fingerprint" not in ctx.cache:  # after ready(): it gathers split embeddings, with every process
     ctx.cache["target_fingerprint"] = target_fingerprint(ctx.params)
+  todo = None if rescorer is None else (
+      f"The rescorer in {_shown(rescorer)} was tuned with them, for that model: pass rescore=FOLDER with a rescorer "
+      "built for this one (a `task: rescore` config whose model.path is this model and heads= its BPD heads, as "
+      "configs/bpd_rescore_smollm2.yaml is for the default one; README, \"Training for your own model\")")
   try:
-    check_heads_target(folder, ctx.params, fingerprint=ctx.cache["target_fingerprint"])
+    check_heads_target(folder, ctx.params, fingerprint=ctx.cache["target_fingerprint"], todo=todo)
   except ModelLoadError as e:
-    raise Unavailable(f"{str(e).rstrip('.')}, with heads=FOLDER") from None
+    raise Unavailable(str(e).rstrip(".") + (", with heads=FOLDER" if rescorer is None else "")) from None
   try:
     return bpd, bpd_draft_params(ctx.model, ctx.params, bpd, bpd_params)
   except InputError as e:  # heads over another vocabulary
@@ -298,9 +303,10 @@ def _ngram_rescorer(ctx: BenchContext, opts: dict, what: str):
 def _rescore_setup(ctx: BenchContext, opts: dict, what: str):
   """The tuned settings of the shipped rescorers (or `rescore=FOLDER`), the n-gram tables and the heads."""
   lm, tables, tuned = _ngram_rescorer(ctx, opts, what)
+  named = "heads" not in opts and bool(tuned.get("heads"))  # the heads the rescorer names, not the options
   opts = _with_tuned_heads(opts, tuned)
   opts = {"k": str(tuned.get("k", 4)), **opts}
-  bpd, dp = _load_heads(ctx, opts)
+  bpd, dp = _load_heads(ctx, opts, rescorer=_rescore_folder(opts) if named else None)
   return lm, tables, tuned, bpd, dp, opts
 
 

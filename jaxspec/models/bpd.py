@@ -142,12 +142,13 @@ def target_fingerprint(target_params: dict) -> str:
 
 
 def check_heads_target(folder: str | os.PathLike, target_params: dict, config: dict | None = None,
-                       fingerprint: str | None = None) -> None:
+                       fingerprint: str | None = None, todo: str | None = None) -> None:
   """Raises `ModelLoadError` where the heads in `folder` record the embedding fingerprint of the target they were
   trained for (`target_fingerprint`) and `target_params` have another: heads of the right shapes
   trained for another model run without an error and keep the output exact, but their drafts are rarely accepted.
   Heads written without a fingerprint are not checked. `config`: the folder's config.json, where already read;
-  `fingerprint`: the target's `target_fingerprint`, where already computed."""
+  `fingerprint`: the target's `target_fingerprint`, where already computed; `todo`: what to do about heads of
+  another model (not jointly trained ones), where not to use heads trained for this one."""
   if config is None:
     try:
       config = json.loads((Path(folder) / "config.json").read_text())
@@ -164,8 +165,8 @@ def check_heads_target(folder: str | os.PathLike, target_params: dict, config: d
     todo = (f"They were trained jointly with a fine-tuned base: they go with the base their run exported, "
             f"{Path(folder) / 'base'} (load it as the model, e.g. --model FOLDER/base).")
   else:
-    todo = ("They were trained for another model (their drafts would be accepted less often, or hardly at all). Use "
-            "heads trained for this one.")
+    todo = ("They were trained for another model (their drafts would be accepted less often, or hardly at all). "
+            + (todo or "Use heads trained for this one."))
   check_fingerprint(want, got, what, todo)
 
 
