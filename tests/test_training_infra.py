@@ -455,6 +455,25 @@ def test_a_run_for_another_model_does_not_write_over_the_shipped_parts(tmp_path)
     check_assets(load_task_config(str(root / "configs/bpd_joint_smollm2.yaml"), [f"out={ASSETS / 'bpd_smollm2'}"])[0])
 
 
+def test_a_t5_draft_for_another_tokenizer_does_not_write_over_the_shipped_t5_draft(tmp_path):
+  """configs/t5_numbers_draft.yaml with `data.tokenizer=` your own T5 (the way to train a draft for it) has no
+  model.path, and wrote over jaxspec/assets/t5_numbers_draft with a draft of another tokenizer. Refused before any
+  work; the shipped tokenizer (the folder or its file) and another `out` are fine."""
+  from jaxspec.bench.methods import ASSETS
+  from training.tasks import check_assets, load_task_config
+
+  path = str(Path(__file__).resolve().parents[1] / "configs" / "t5_numbers_draft.yaml")
+  out = f"out={ASSETS / 't5_numbers_draft'}"
+  for tokenizer in (str(tmp_path / "my_t5"), "null"):
+    with pytest.raises(ConfigError, match=r"is the shipped folder jaxspec/assets/t5_numbers_draft, the draft of "
+                       r"model.path=jaxspec/assets/t5_numbers.*a draft for another model.*out=runs/"):
+      check_assets(load_task_config(path, [out, f"data.tokenizer={tokenizer}"])[0])
+    check_assets(load_task_config(path, [f"out={tmp_path / 'out'}", f"data.tokenizer={tokenizer}"])[0])
+  for tokenizer in (ASSETS / "t5_numbers", ASSETS / "t5_numbers" / "tokenizer.json"):
+    check_assets(load_task_config(path, [out, f"data.tokenizer={tokenizer}"])[0])
+  check_assets(load_task_config(str(Path(path).with_name("t5_numbers.yaml")), [f"out={ASSETS / 't5_numbers'}"])[0])
+
+
 def test_every_shipped_config_passes_the_checks_before_work_as_written(monkeypatch):
   """From the repository root, as the configs' comments run them (they rebuild the shipped folders)."""
   from training.tasks import check_assets, check_inputs, load_task_config

@@ -237,15 +237,18 @@ def check_assets(cfg: Any) -> None:
   from jaxspec.loading.default import default_model_path
 
   out, model = getattr(cfg, "out", None), getattr(cfg, "model", None)
-  if not out or not hasattr(model, "path"):  # seq2seq's model section describes the model it trains, not a path
+  if not out:
     return
-  path = model.path
   try:
     name = Path(out).resolve().relative_to(ASSETS.resolve()).parts[0]
   except (ValueError, IndexError):
     return
   if name not in ASSET_TARGETS:
     return
+  if not hasattr(model, "path"):  # seq2seq: its model section describes the model it trains, not a path
+    _check_seq2seq_asset(cfg, out, name)
+    return
+  path = model.path
   if getattr(getattr(cfg, "train", None), "objective", None) == "joint":
     raise ConfigError(f"out={out} is the shipped folder jaxspec/assets/{name}, and train.objective=joint makes a new "
                       "model: its heads go with the base it exports to out/base, not with the model the shipped "
@@ -269,6 +272,27 @@ def check_assets(cfg: Any) -> None:
                     f"trains for {given}. Write the result to a folder of your own, e.g. "
                     f"out=runs/{Path(out).name}_mine (and give train.checkpoint_dir and the data.*dataset_dir "
                     "folders paths of your own too; README: \"Training for your own model\").")
+
+
+def _check_seq2seq_asset(cfg: Any, out: str, name: str) -> None:
+  """A seq2seq run into a shipped draft's folder (`t5_numbers_draft`): the draft shares its target's tokenizer, so
+  one trained with another `data.tokenizer` (your own T5's, or a new one) is a draft for another model."""
+  from jaxspec.bench.methods import ASSETS
+
+  owner = ASSET_TARGETS[name]
+  if owner is None:
+    return
+  tokenizer = getattr(getattr(cfg, "data", None), "tokenizer", None)
+  if tokenizer is not None:
+    given = Path(tokenizer).resolve()
+    if given in ((ASSETS / owner).resolve(), (ASSETS / owner / "tokenizer.json").resolve()):
+      return
+  raise ConfigError(f"out={out} is the shipped folder jaxspec/assets/{name}, the draft of "
+                    f"model.path=jaxspec/assets/{owner}, which shares its tokenizer; this run trains with "
+                    f"data.tokenizer={tokenizer}" + (" (a new tokenizer)" if tokenizer is None else "")
+                    + f", a draft for another model. Write the result to a folder of your own, e.g. "
+                    f"out=runs/{Path(out).name}_mine (and give train.checkpoint_dir a path of your own too; README: "
+                    "\"Training for your own model\").")
 
 
 def check_inputs(cfg: Any) -> None:
