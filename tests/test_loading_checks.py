@@ -57,10 +57,15 @@ def write_tokenizer(folder: Path, post=None, tok_config: dict | None = None, **j
   return folder
 
 
-def test_a_tokenizer_in_a_folder_named_with_bytes_that_are_not_utf8_loads(tmp_path):
+def test_a_tokenizer_in_a_folder_named_with_bytes_that_are_not_utf8_loads(tmp_path, caplog):
   """A folder named in Latin-1 (caf\xe9) reaches Python as a lone surrogate, which tokenizers' from_file cannot
   take: a sound tokenizer.json was called damaged. A damaged one still is."""
+  import logging
   import os
+
+  # The tokenizer's no-EOS warning names the path: a captured record holding a lone surrogate cannot be sent from a
+  # pytest-xdist worker (it ended the whole `-n 2` run), so it is not emitted here.
+  caplog.set_level(logging.ERROR, logger="jaxspec.loading.tokenizer")
 
   folder = Path(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))
   write_tokenizer(tmp_path / "plain").rename(folder)  # (tokenizers cannot save there either)
