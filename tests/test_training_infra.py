@@ -474,6 +474,20 @@ def test_a_t5_draft_for_another_tokenizer_does_not_write_over_the_shipped_t5_dra
   check_assets(load_task_config(str(Path(path).with_name("t5_numbers.yaml")), [f"out={ASSETS / 't5_numbers'}"])[0])
 
 
+def test_a_seq2seq_run_does_not_write_over_a_folder_of_the_default_model(tmp_path):
+  """A seq2seq run (a T5) with out= a shipped folder of the embedded default model (jaxspec/assets/draft_smollm2)
+  passed the checks and replaced the default model's distilled draft with a T5, whatever data.tokenizer was."""
+  from jaxspec.bench.methods import ASSETS
+  from training.tasks import check_assets, load_task_config
+
+  path = str(Path(__file__).resolve().parents[1] / "configs" / "t5_numbers_draft.yaml")
+  for name in ("draft_smollm2", "bpd_smollm2"):
+    for tokenizer in (str(ASSETS / "t5_numbers"), "null"):
+      with pytest.raises(ConfigError, match=rf"out=.*{name} is the shipped folder jaxspec/assets/{name}, which "
+                         r"belongs to the embedded default model \(model.path: null\); a seq2seq run trains a T5"):
+        check_assets(load_task_config(path, [f"out={ASSETS / name}", f"data.tokenizer={tokenizer}"])[0])
+
+
 def test_every_shipped_config_passes_the_checks_before_work_as_written(monkeypatch):
   """From the repository root, as the configs' comments run them (they rebuild the shipped folders)."""
   from training.tasks import check_assets, check_inputs, load_task_config

@@ -276,12 +276,16 @@ def check_assets(cfg: Any) -> None:
 
 def _check_seq2seq_asset(cfg: Any, out: str, name: str) -> None:
   """A seq2seq run into a shipped draft's folder (`t5_numbers_draft`): the draft shares its target's tokenizer, so
-  one trained with another `data.tokenizer` (your own T5's, or a new one) is a draft for another model."""
+  one trained with another `data.tokenizer` (your own T5's, or a new one) is a draft for another model. A folder of
+  the embedded default model's (`draft_smollm2`, `bpd_smollm2`, ...) is never a seq2seq run's: it trains a T5."""
   from jaxspec.bench.methods import ASSETS
 
   owner = ASSET_TARGETS[name]
-  if owner is None:
-    return
+  if owner is None:  # (was let through: the T5 replaced the default model's shipped draft or heads)
+    raise ConfigError(f"out={out} is the shipped folder jaxspec/assets/{name}, which belongs to the embedded default "
+                      "model (model.path: null); a seq2seq run trains a T5 model. Write the result to a folder of "
+                      f"your own, e.g. out=runs/{Path(out).name}_mine (and give train.checkpoint_dir a path of your "
+                      "own too; README: \"Training for your own model\").")
   tokenizer = getattr(getattr(cfg, "data", None), "tokenizer", None)
   if tokenizer is not None:
     given = Path(tokenizer).resolve()
