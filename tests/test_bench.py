@@ -170,6 +170,8 @@ def test_per_category_limit_and_filter(prompt_file):
      r"bad.jsonl:1: the prompt holds '\\udc80' at character 1, which is not a Unicode character"),
     ('{"question_id": 1, "category": "q\\udc80", "turns": ["x"]}',  # (the report's tables failed with a traceback)
      r"bad.jsonl:1: 'category' holds '\\udc80' at character 1, which is not a Unicode character"),
+    ('{"question_id": "7\\udc80", "category": "qa", "turns": ["x"]}',
+     r"bad.jsonl:1: 'question_id' holds '\\udc80' at character 1, which is not a Unicode character"),
 ])
 def test_bad_prompt_files_are_clear_errors(tmp_path, line, msg):
   path = tmp_path / "bad.jsonl"
@@ -1554,6 +1556,28 @@ def test_kept_runs_whose_relative_paths_lead_elsewhere_are_refused(tmp_path, mon
                                             f"{tmp_path / 'b' / 'd'} here"]
   old = {k: v for k, v in there.items() if k != "method_paths"}
   assert saved.differences(old, here) == []
+
+
+def test_kept_runs_compare_only_the_method_paths_that_moved(tmp_path, monkeypatch):
+  """Of the methods' path options only those that lead elsewhere are named: `draft=default` (the shipped draft, no
+  path), an absolute path and a `~/` path (expanded as the command does) name the same work from any folder; a kept
+  entry that is not a mapping (a damaged progress file) is not compared."""
+  from jaxspec.bench import progress as saved
+
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  labels = ["spec:draft=default", f"spec:draft={tmp_path / 'abs'}", "spec:draft=~/d", "spec:draft=d:gamma=3"]
+  assert saved.method_paths(labels[:1]) == {}
+  assert saved.method_paths(labels[2:3]) == {labels[2]: {"draft": str(tmp_path / "home" / "d")}}
+  for name in ("a", "b"):
+    (tmp_path / name).mkdir()
+  monkeypatch.chdir(tmp_path / "a")
+  there = saved.fingerprint(BenchConfig(), [], [], labels)
+  monkeypatch.chdir(tmp_path / "b")
+  here = saved.fingerprint(BenchConfig(), [], [], labels)
+  assert saved.differences(there, here) == [f"spec:draft=d:gamma=3: draft= leads to {tmp_path / 'a' / 'd'} there, "
+                                            f"{tmp_path / 'b' / 'd'} here"]
+  damaged = dict(there, method_paths={**there["method_paths"], labels[3]: "x"})
+  assert saved.differences(damaged, here) == []
 
 
 def test_a_reference_that_cannot_run_stops_the_run(tmp_path, prompt_file, methods, monkeypatch):

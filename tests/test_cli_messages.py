@@ -304,6 +304,9 @@ def test_a_list_setting_given_one_value_shows_the_bracket_form(tmp_path, capsys)
   assert f"an override writes a list in brackets, data.extra_dataset_dirs=[{tmp_path}]" in err
   err = fails(["train", str(config), "--check", "data.extra_dataset_dirs=[a,"], capsys)  # not [[a,]: YAML's fault
   assert err.endswith("got '[a,' (str): '[a,' is not a YAML list or mapping (an unclosed bracket or quote?)\n")
+  for text in ("{a", " [a,"):  # a mapping's brace, and a bracket after a space, are YAML's fault too
+    err = fails(["train", str(config), "--check", f"data.extra_dataset_dirs={text}"], capsys)
+    assert err.endswith(f"{text!r} is not a YAML list or mapping (an unclosed bracket or quote?)\n"), err
   config.write_text(f"task: rescore\nout: {tmp_path / 'rescore'}\n")
   assert "tune.weights=[0.5]" in fails(["train", str(config), "--check", "tune.weights=0.5"], capsys)
   err = fails(["train", str(config), "--check", "tune.weights=[a]"], capsys)
@@ -628,6 +631,19 @@ def test_the_default_draft_on_a_t5_target_names_the_shipped_t5_draft(t5):
   build(BenchContext(model, params, tok), f"spec:draft={ASSETS / 't5_numbers_draft'}")
 
 
+def test_a_shipped_draft_that_fails_is_not_offered_in_its_own_place(t5, monkeypatch):
+  """The hint names another shipped draft for this target's vocabulary, never the one that just failed."""
+  import jaxspec.decoding.speculative as speculative
+
+  def refuse(target, draft):
+    raise InputError("refused here")
+
+  monkeypatch.setattr(speculative, "vocab_check", refuse)
+  model, params, tok = t5
+  with pytest.raises(Unavailable, match=r"draft=.*t5_numbers_draft: refused here$"):
+    build(BenchContext(model, params, tok), f"spec:draft={ASSETS / 't5_numbers_draft'}")
+
+
 def test_a_draft_of_another_model_names_a_shipped_draft_only_where_it_fits_this_one(default_model, tmp_path):
   """Your own model with the default model's tokenizer: a draft of another target was refused with "a shipped draft
   for this target's vocabulary: draft=.../draft_smollm2", which was distilled for the default model and is refused
@@ -741,6 +757,51 @@ def test_a_rescorer_of_another_model_names_a_rescorer_for_this_one_not_heads(tin
   with pytest.raises(Unavailable, match="Use heads trained for this one, with heads=FOLDER$"):  # heads= given
     build(BenchContext(other, other_params, CharTokenizer()),
           f"bpd-ngram:rescore={tmp_path / 'rescore'}:heads={tmp_path / 'heads'}")
+
+
+def test_a_rescorer_that_names_no_heads_leaves_the_heads_to_heads_option(tiny, tmp_path, monkeypatch):
+  """A rescorer that recorded no heads runs with the default ones: heads of another model are then the heads
+  option's problem (heads=FOLDER), not the rescorer's."""
+  import jax
+
+  import jaxspec.bench.methods as methods
+  from jaxspec.models.bpd import BPDConfig, BPDModel, save_bpd
+  from jaxspec.models.draft import embed_fingerprint
+  from jaxspec.models.ngram import build_ngram, save_ngram
+  from tests.conftest import make_tiny
+
+  model, params = tiny
+  other, other_params = make_tiny(1)
+  bpd = BPDModel(BPDConfig(num_heads=2, d_model=model.cfg.d_model, d_hidden=8))
+  save_bpd(tmp_path / "heads", bpd, bpd.init_params(jax.random.key(0)),
+           meta={"target": {"embed_fingerprint": embed_fingerprint(params)}})
+  monkeypatch.setattr(methods, "DEFAULT_BPD_HEADS", tmp_path / "heads")
+  lm, tables, _ = build_ngram([[1, 2, 3, 4, 5, 1, 2, 3]], 3, model.vocab_size)
+  save_ngram(tmp_path / "rescore", lm, tables, meta={"tuned": {"k": 2}})
+  with pytest.raises(Unavailable) as e:
+    build(BenchContext(other, other_params, CharTokenizer()), f"bpd-ngram:rescore={tmp_path / 'rescore'}")
+  assert str(e.value).endswith(", with heads=FOLDER") and "The rescorer in" not in str(e.value)
+
+
+def test_a_rescorer_s_recorded_layers_are_not_called_a_method_option(tiny, tmp_path):
+  """bpd-neural with a rescorer tuned on a deeper target's layer-skip draft (neural_layers=5 for a 2-layer one):
+  the error is the draft's, not "Method option layers=5", which the user never wrote."""
+  import jax
+
+  from jaxspec.models.bpd import BPDConfig, BPDModel, save_bpd
+  from jaxspec.models.ngram import build_ngram, save_ngram
+
+  model, params = tiny
+  bpd = BPDModel(BPDConfig(num_heads=2, d_model=model.cfg.d_model, d_hidden=8))
+  save_bpd(tmp_path / "heads", bpd, bpd.init_params(jax.random.key(0)))
+  lm, tables, _ = build_ngram([[1, 2, 3, 4, 5, 1, 2, 3]], 3, model.vocab_size)
+  save_ngram(tmp_path / "rescore", lm, tables, meta={"tuned": {"k": 2, "heads": str(tmp_path / "heads"),
+                                                               "neural_lm": "layerskip", "neural_layers": 5}})
+  ctx = BenchContext(model, params, CharTokenizer())
+  with pytest.raises(InputError, match=r"^A layer-skip draft keeps 1 to 1 of the target's 2 layers, not 5"):
+    build(ctx, f"bpd-neural:rescore={tmp_path / 'rescore'}")
+  with pytest.raises(InputError, match=r"^Method option layers=5: A layer-skip draft"):
+    build(ctx, f"bpd-neural:rescore={tmp_path / 'rescore'}:layers=5")
 
 
 def test_the_command_line_prints_sharding_fallbacks(capsys):

@@ -295,6 +295,18 @@ def test_a_drafter_acceptor_or_model_of_the_wrong_kind_is_a_clear_error(tiny):
   assert len(gen.generate(model, params, [[5, 6]], max_new_tokens=2, drafter=LookupDrafter()).tokens[0]) == 2
 
 
+def test_a_missing_model_or_a_partial_drafter_is_a_clear_error(tiny):
+  """None stands for "no drafter" and "no acceptor", not for the model; and a drafter is checked for each method the
+  decode loop calls (an object with num_nodes alone failed inside tracing)."""
+  import types
+  model, params = tiny
+  with pytest.raises(InputError, match=r"model must be a LanguageModel .*got a NoneType, which has no init_cache"):
+    gen.generate(None, params, [[5, 6]], max_new_tokens=2)
+  with pytest.raises(InputError, match=r"drafter must be a drafter object .*got a SimpleNamespace, which has no "
+                                       r"init\.$"):
+    gen.generate(model, params, [[5, 6]], max_new_tokens=2, drafter=types.SimpleNamespace(num_nodes=lambda: 2))
+
+
 def test_numpy_and_jax_scalars_are_settings_like_python_numbers(tiny):
   """The settings' checks take a number in any form a caller holds it: numpy and JAX scalars and 0-d arrays."""
   model, params = tiny

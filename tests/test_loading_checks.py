@@ -352,6 +352,33 @@ def test_architectures_that_are_not_a_list_of_names_are_a_clear_error(tiny_hf, t
     load_hf(str(copy_of(tiny_hf, tmp_path, architectures=archs)))
 
 
+def test_what_to_do_about_a_bad_config_value_names_the_file(tiny_hf, tmp_path):
+  """A bad value in config.json is restored (or the file); a config that cannot be built, the original file (GGUF
+  metadata is downloaded or converted again: test_bad_numbers_in_gguf_metadata_are_clear_errors)."""
+  with pytest.raises(ModelLoadError) as e:
+    load_hf(str(copy_of(tiny_hf, tmp_path, num_attention_heads=0)))
+  assert str(e.value).endswith("The file is damaged or was edited: restore the value the model was trained with (or "
+                               "the original config.json).")
+  shutil.rmtree(tmp_path / "copy")
+  with pytest.raises(ModelLoadError) as e:
+    load_hf(str(copy_of(tiny_hf, tmp_path, num_key_value_heads=3)))
+  assert str(e.value).endswith("The file is damaged or was edited: restore the model's original config.json.")
+
+
+def test_a_file_of_a_part_s_folder_names_its_folder_only_where_it_holds_a_part(tmp_path):
+  """check_part names the folder that holds a file (DIR/heads.safetensors for DIR) where that folder has a
+  config.json; a stray file elsewhere is only said to be no folder."""
+  from jaxspec.loading.hf import check_part
+
+  (tmp_path / "loose.safetensors").write_bytes(b"")
+  with pytest.raises(ModelLoadError, match=r"loose\.safetensors is a file, not a folder of BPD heads\.$"):
+    check_part(tmp_path / "loose.safetensors", "bpd")
+  (tmp_path / "config.json").write_text("{}")
+  with pytest.raises(ModelLoadError, match=rf"is a file, not a folder of BPD heads: pass the folder that holds it "
+                                           rf"\({tmp_path}\)\.$"):
+    check_part(tmp_path / "loose.safetensors", "bpd")
+
+
 def test_whole_floats_in_the_config_still_load(tiny_hf, tmp_path):
   """JSON writers may write 64.0 for 64: that is the same number."""
   cfg = json.loads((tiny_hf / "config.json").read_text())

@@ -317,6 +317,18 @@ def test_bad_numbers_in_the_config_are_clear_errors(tmp_path, changes, message):
     load_hf(str(path))
 
 
+def test_a_start_id_of_the_vocabulary_size_is_past_it(tmp_path):
+  """The first id past the vocabulary (vocab_size itself) is refused, and the message gives the ids there are."""
+  path = copy_fixture("orig", tmp_path)
+  vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+  edit_config(path, decoder_start_token_id=vocab)
+  with pytest.raises(ModelLoadError, match=rf"sets decoder_start_token_id to {vocab}, which is not an id in the "
+                                           rf"model's vocabulary \(vocab_size {vocab}: ids 0 to {vocab - 1}\)"):
+    load_hf(str(path))
+  edit_config(path, decoder_start_token_id=vocab - 1)
+  assert load_hf(str(path))[0].cfg.decoder_start_id == vocab - 1
+
+
 def test_loaded_params_are_float32_by_default():
   model, params = loaded("orig")
   assert model.cfg.dtype == model.cfg.param_dtype == "float32"

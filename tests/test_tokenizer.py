@@ -84,6 +84,13 @@ def test_encode_and_decode_of_the_wrong_kind_are_clear_errors(tok):
     tok.encode(b"abc")
   with pytest.raises(InputError, match="got NoneType"):
     tok.encode(None)
+  # a tuple of texts as a list of them; bytes are not ids (each byte decoded as an id); True is not id 1
+  with pytest.raises(InputError, match=r"got tuple: encode each: \[tok.encode"):
+    tok.encode(("a", "b"))
+  with pytest.raises(InputError, match="decode takes token ids, got bytes"):
+    tok.decode(b"hi")
+  with pytest.raises(InputError, match=r"decode takes token ids \(whole numbers\), got True"):
+    tok.decode([5, True])
 
 
 def test_digits_split_like_llama_cpp_not_like_transformers_gguf(tok, ref):

@@ -312,6 +312,24 @@ def test_config_other_errors(tmp_path):
     load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, ["optim.grad_accum=0"])
 
 
+def test_a_config_that_is_a_pipe_or_cannot_be_read_is_a_config_error(tmp_path, monkeypatch):
+  """A pipe (the run reads its config more than once) and a file that cannot be opened are said as such, not as a
+  missing file or an OSError's traceback."""
+  os.mkfifo(tmp_path / "pipe.yaml")
+  import threading  # a writer, so that a regression that opens the pipe fails rather than waits for one forever
+  threading.Thread(target=lambda: open(tmp_path / "pipe.yaml", "w").close(), daemon=True).start()
+  with pytest.raises(ConfigError, match=r"config file '.*pipe\.yaml' is not a regular file: pass a YAML or TOML"):
+    load_config(tmp_path / "pipe.yaml", RunConfig)
+  path = _write(tmp_path, "locked.yaml", YAML)
+
+  def refuse(self, *args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(Path, "open", refuse)
+  with pytest.raises(ConfigError, match=r"config file '.*locked\.yaml' cannot be read: Permission denied$"):
+    load_config(path, RunConfig)
+
+
 # --- optimizer -----------------------------------------------------------------------------------------------
 
 
