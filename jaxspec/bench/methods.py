@@ -498,11 +498,11 @@ def _drafts_for(ctx: BenchContext) -> list[str]:
   for folder, raw in _shipped("*draft*", lambda folder, raw: vocab is not None and raw.get("vocab_size") == vocab):
     want = (raw.get("jaxspec_draft") or {}).get("target", {}).get("embed_fingerprint")
     if want is not None:
-      if "draft_fingerprint" not in ctx.cache:
+      if "embed_fingerprint" not in ctx.cache:  # the target's, as distilled drafts record it
         from jaxspec.models.draft import embed_fingerprint
         ctx.ready()  # it gathers split embeddings, with every process
-        ctx.cache["draft_fingerprint"] = embed_fingerprint(ctx.params)
-      if want != ctx.cache["draft_fingerprint"]:
+        ctx.cache["embed_fingerprint"] = embed_fingerprint(ctx.params)
+      if want != ctx.cache["embed_fingerprint"]:
         continue
     found.append(_shown(folder))
   return found
