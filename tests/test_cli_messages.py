@@ -192,6 +192,17 @@ def test_a_key_written_twice_is_refused_and_merges_still_work(tmp_path, capsys):
   assert read_config_file(config)["train"] == {"steps": 5, "lr": 1}
 
 
+def test_train_refuses_an_override_given_twice(tmp_path, capsys):
+  """`jaxspec train CONFIG train.steps=2 train.steps=5` trained 5 steps without a word, also with the second override
+  after an option (`--check`), where the CLI adds it to the others. Refused in one line naming the key and both."""
+  config = tmp_path / "c.yaml"
+  config.write_text(f"task: bpd\nout: {tmp_path / 'out'}\ntrain:\n  checkpoint_dir: {tmp_path / 'ckpt'}\n")
+  err = fails(["train", str(config), "train.steps=2", "--check", "train.steps=5"], capsys)
+  assert err.endswith(": override 'train.steps' appears twice (train.steps=2, then train.steps=5): give it once.\n")
+  assert "'optim={lr: 2}' gives the section 'optim' whole" in fails(
+      ["train", str(config), "--check", "optim.lr=1", "optim={lr: 2}"], capsys)
+
+
 def test_train_check_prints_the_settings_and_trains_nothing(tmp_path, capsys, monkeypatch):
   """`jaxspec train CONFIG --check [overrides]`: the settings the run would use (overrides applied) on stdout, exit
   0, no task run and no folder written; a config that fails a check fails the same way as a run."""

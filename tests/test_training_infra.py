@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -310,6 +311,26 @@ def test_config_other_errors(tmp_path):
     load_config(_write(tmp_path, "bad.toml", "name = \n"), RunConfig)
   with pytest.raises(ConfigError, match=r"grad_accum must be >= 1"):
     load_config(_write(tmp_path, "run.yaml", YAML), RunConfig, ["optim.grad_accum=0"])
+
+
+def test_an_override_given_twice_is_refused(tmp_path):
+  """A key given twice on the command line took the last value without a word (`optim.lr=1e-3 optim.lr=3e-4` trained
+  at 3e-4); a key given both dotted and inside a section given whole (which replaces the file's section) lost the
+  dotted one when it came first, and failed naming the parser's internals when it came second. Each is refused, naming
+  the key and both overrides; overrides that do not overlap still combine, and a section given whole still loads."""
+  path = _write(tmp_path, "run.yaml", YAML)
+  for given in (["optim.lr=1e-3", "optim.lr=3e-4"], ["optim.lr=1e-3", "optim.lr=1e-3"], [" optim.lr=1", "optim.lr =2"]):
+    with pytest.raises(ConfigError, match=rf"^override 'optim\.lr' appears twice \({re.escape(given[0])}, then "
+                       rf"{re.escape(given[1])}\): give it once\.$"):
+      load_config(path, RunConfig, given)
+  for given in (["data.max_len=3", "data={prompts: p}"], ["data={prompts: p}", "data.max_len=3"]):
+    with pytest.raises(ConfigError) as e:
+      load_config(path, RunConfig, given)
+    assert str(e.value).startswith(f"overrides {given[0]!r} and {given[1]!r} overlap: 'data={{prompts: p}}' gives the "
+                                   "section 'data' whole (in place of the file's), and 'data.max_len=3' a key inside "
+                                   "it, so one of them would be lost. Give each key once"), str(e.value)
+  cfg = load_config(path, RunConfig, ["optim.lr=1e-3", "optim.warmup_steps=5", "data={prompts: p, max_len: 3}"])
+  assert (cfg.optim.lr, cfg.optim.warmup_steps, cfg.data) == (1e-3, 5, DataConfig(prompts="p", max_len=3))
 
 
 def test_a_config_that_is_a_pipe_or_cannot_be_read_is_a_config_error(tmp_path, monkeypatch):

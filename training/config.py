@@ -165,6 +165,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], cls: type 
   if isinstance(overrides, str):
     raise TypeError("overrides must be a sequence of 'key=value' strings, not one string")
   result = _copy_sections(raw)
+  given: dict[tuple[str, ...], str] = {}  # each key set so far, to the override that set it
   for item in overrides:
     key, sep, value = item.partition("=")
     key = key.strip()
@@ -175,6 +176,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], cls: type 
       raise ConfigError(f"override {item!r} has an empty part in its key {key!r}")
     if cls is not None:
       _check_override_path(parts, cls)
+    _check_given_once(tuple(parts), item, given)
     node = result
     for depth, part in enumerate(parts[:-1]):
       child = node.get(part)
@@ -186,6 +188,25 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str], cls: type 
       node = child
     node[parts[-1]] = _Override(value)
   return result
+
+
+def _check_given_once(parts: tuple[str, ...], item: str, given: dict[tuple[str, ...], str]) -> None:
+  """Refuses an override of a key an earlier one set (the last one was taken without a word: `train.steps=2
+  train.steps=5` trained 5 steps), or of a key inside a section an earlier one gave whole (`optim={lr: 2}` replaces
+  the file's section, so the dotted override given before it was lost, and one given after it failed oddly), or the
+  reverse; then records `parts` as set by `item`."""
+  key = ".".join(parts)
+  for earlier, earlier_item in given.items():
+    if earlier == parts:
+      raise ConfigError(f"override {key!r} appears twice ({earlier_item}, then {item}): give it once.")
+    if parts[:len(earlier)] == earlier or earlier[:len(parts)] == parts:
+      whole, inner = (earlier_item, item) if len(earlier) < len(parts) else (item, earlier_item)
+      section = ".".join(min(earlier, parts, key=len))
+      raise ConfigError(f"overrides {earlier_item!r} and {item!r} overlap: {whole!r} gives the section {section!r} "
+                        f"whole (in place of the file's), and {inner!r} a key inside it, so one of them would be "
+                        f"lost. Give each key once: as dotted keys alone ({section}.KEY=VALUE), or all in the one "
+                        "mapping.")
+  given[parts] = item
 
 
 def config_from_dict(d: Mapping[str, Any], cls: type[T], *, prefix: str = "") -> T:
