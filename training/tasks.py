@@ -220,19 +220,31 @@ def earlier_export(folder: Path) -> bool:
   return export_kind(folder) is not None
 
 
-# The model each shipped folder of jaxspec/assets belongs to (None: the embedded default model; a name: another
-# shipped folder). `jaxspec generate` and the bench load the default model's folders when a method names none; the
-# T5's are named (`heads=`, `draft=`).
+# The model each shipped folder of jaxspec/assets belongs to (None: the embedded default model; a name: a shipped
+# folder, the T5's own included). `jaxspec generate` and the bench load the default model's folders when a method
+# names none; the T5's are named (`heads=`, `draft=`, `--model`).
 ASSET_TARGETS: dict[str, str | None] = {"bpd_smollm2": None, "draft_smollm2": None, "eagle_smollm2": None,
                                         "bpd_rescore_smollm2": None, "bpd_t5_numbers": "t5_numbers",
-                                        "t5_numbers_draft": "t5_numbers"}
+                                        "t5_numbers": "t5_numbers", "t5_numbers_draft": "t5_numbers"}
+# The task whose export each shipped folder holds (configs/NAME.yaml rebuilds it), and what that is. A run of another
+# task would put its own kind of export there: check_writable refuses that while the folder holds its part, but not
+# where the folder is gone (deleted to rebuild it, say).
+ASSET_TASKS: dict[str, tuple[str, str]] = {
+    "bpd_smollm2": ("bpd", "the default model's BPD heads"),
+    "draft_smollm2": ("draft", "the default model's distilled draft"),
+    "eagle_smollm2": ("eagle", "the default model's EAGLE draft"),
+    "bpd_rescore_smollm2": ("rescore", "the default model's n-gram rescorer"),
+    "bpd_t5_numbers": ("bpd", "the BPD heads of the shipped T5 (jaxspec/assets/t5_numbers)"),
+    "t5_numbers": ("seq2seq", "the shipped T5 numbers model"),
+    "t5_numbers_draft": ("seq2seq", "the shipped T5's draft model")}
 
 
 def check_assets(cfg: Any) -> None:
   """Fails before any work when a run would write over a shipped folder of `jaxspec/assets` with parts trained for
-  another model than the one the folder belongs to: the shipped configs export there, and a user who points one at
-  their own model with `model.path=...` alone would replace the default model's heads or drafts (which `generate`
-  and the bench then refuse, or use to no gain)."""
+  another model than the one the folder belongs to, or with another task's export (`ASSET_TASKS`): the shipped configs
+  export there, and a user who points one at their own model with `model.path=...` (a seq2seq one: `data.tokenizer=`)
+  alone would replace the default model's heads or drafts, or the T5's (which `generate` and the bench then refuse,
+  or use to no gain)."""
   from jaxspec.bench.methods import ASSETS
   from jaxspec.loading.default import default_model_path
 
@@ -248,6 +260,7 @@ def check_assets(cfg: Any) -> None:
   if not hasattr(model, "path"):  # seq2seq: its model section describes the model it trains, not a path
     _check_seq2seq_asset(cfg, out, name)
     return
+  _check_asset_task(cfg, out, name)
   path = model.path
   if getattr(getattr(cfg, "train", None), "objective", None) == "joint":
     raise ConfigError(f"out={out} is the shipped folder jaxspec/assets/{name}, and train.objective=joint makes a new "
@@ -274,10 +287,23 @@ def check_assets(cfg: Any) -> None:
                     "folders paths of your own too; README: \"Training for your own model\").")
 
 
+def _check_asset_task(cfg: Any, out: str, name: str) -> None:
+  """Refuses a run into a shipped folder that holds another task's export (`ASSET_TASKS`)."""
+  task, what = ASSET_TASKS[name]
+  if cfg.task != task:
+    raise ConfigError(f"out={out} is the shipped folder jaxspec/assets/{name}, which holds {what}, the export of a "
+                      f"{task} run (configs/{name}.yaml); this {cfg.task} run's export would take its place. Write the "
+                      f"result to a folder of your own, e.g. out=runs/{Path(out).name}_mine (and give "
+                      "train.checkpoint_dir a path of your own too).")
+
+
 def _check_seq2seq_asset(cfg: Any, out: str, name: str) -> None:
-  """A seq2seq run into a shipped draft's folder (`t5_numbers_draft`): the draft shares its target's tokenizer, so
-  one trained with another `data.tokenizer` (your own T5's, or a new one) is a draft for another model. A folder of
-  the embedded default model's (`draft_smollm2`, `bpd_smollm2`, ...) is never a seq2seq run's: it trains a T5."""
+  """A seq2seq run into a shipped folder. A folder of the embedded default model's (`draft_smollm2`, `bpd_smollm2`,
+  ...) is never a seq2seq run's: it trains a T5; nor is the T5's BPD heads' (`bpd_t5_numbers`). Into the shipped T5's
+  own folder (`t5_numbers`) or its draft's (`t5_numbers_draft`), the run must read the shipped T5's tokenizer (or,
+  for the T5 itself, build it anew as configs/t5_numbers.yaml does): the draft shares its target's tokenizer, and the
+  shipped draft and heads read the T5's, so one trained with another `data.tokenizer` (your own T5's) is another
+  model."""
   from jaxspec.bench.methods import ASSETS
 
   owner = ASSET_TARGETS[name]
@@ -286,17 +312,23 @@ def _check_seq2seq_asset(cfg: Any, out: str, name: str) -> None:
                       "model (model.path: null); a seq2seq run trains a T5 model. Write the result to a folder of "
                       f"your own, e.g. out=runs/{Path(out).name}_mine (and give train.checkpoint_dir a path of your "
                       "own too; README: \"Training for your own model\").")
+  _check_asset_task(cfg, out, name)  # (bpd_t5_numbers was let through with the shipped T5's tokenizer)
   tokenizer = getattr(getattr(cfg, "data", None), "tokenizer", None)
+  if tokenizer is None and name == owner:  # the shipped T5 rebuilt, its tokenizer with it (configs/t5_numbers.yaml)
+    return
   if tokenizer is not None:
     given = Path(tokenizer).resolve()
     if given in ((ASSETS / owner).resolve(), (ASSETS / owner / "tokenizer.json").resolve()):
       return
-  raise ConfigError(f"out={out} is the shipped folder jaxspec/assets/{name}, the draft of "
-                    f"model.path=jaxspec/assets/{owner}, which shares its tokenizer; this run trains with "
+  what, result = (("the shipped T5, whose tokenizer its draft and BPD heads (jaxspec/assets/t5_numbers_draft, "
+                   "jaxspec/assets/bpd_t5_numbers) read", "a model of another vocabulary") if name == owner else
+                  (f"the draft of model.path=jaxspec/assets/{owner}, which shares its tokenizer",
+                   "a draft for another model"))
+  raise ConfigError(f"out={out} is the shipped folder jaxspec/assets/{name}, {what}; this run trains with "
                     f"data.tokenizer={tokenizer}" + (" (a new tokenizer)" if tokenizer is None else "")
-                    + f", a draft for another model. Write the result to a folder of your own, e.g. "
-                    f"out=runs/{Path(out).name}_mine (and give train.checkpoint_dir a path of your own too; README: "
-                    "\"Training for your own model\").")
+                    + f", {result}. Write the result to a folder of your own, e.g. out=runs/{Path(out).name}_mine "
+                    "(and give train.checkpoint_dir a path of your own too; README: \"Training for your own "
+                    "model\").")
 
 
 def check_inputs(cfg: Any) -> None:
