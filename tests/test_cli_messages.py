@@ -203,6 +203,39 @@ def test_train_refuses_an_override_given_twice(tmp_path, capsys):
       ["train", str(config), "--check", "optim.lr=1", "optim={lr: 2}"], capsys)
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_train_check_of_each_shipped_config_with_a_wrong_override_is_one_line(config, capsys, tmp_path, monkeypatch):
+  """A walk-through of every config with one wrong override of each kind (an unknown key, a wrong type, a count below
+  1, a missing file): one line and exit 2 from --check. Counts below 1 of the seq2seq and rescore tasks passed it
+  (data.src_len, data.tgt_len, data.vocab_size, data.eval_examples ended the run in a traceback from numpy, the
+  tokenizer trainer or islice; train.exact_match_examples=-1 scored all but one example, and 0 reported an exact
+  match of 0; tune.k and tune.neural_layers were refused once the target had loaded), and an n-gram order outside
+  2..4 failed only after the target's data was built."""
+  import yaml
+
+  monkeypatch.chdir(CONFIGS.parent)  # the configs' paths are the repository's
+  raw = yaml.safe_load((CONFIGS / config).read_text())
+  missing = tmp_path / "missing"
+  if raw["task"] == "seq2seq":
+    counts = ["data.src_len=-1", "data.tgt_len=0", "data.vocab_size=-1", "data.eval_examples=-1",
+              "train.exact_match_examples=0"]
+    read = (f"data.tokenizer={missing}", f"data.tokenizer: no tokenizer.json at '{missing}'")
+  else:
+    counts = (["tune.k=0", "tune.neural_layers=-1", "ngram.order=1", "ngram.order=5"] if raw["task"] == "rescore"
+              else ["train.steps=-1"])
+    key = f"{'collect' if raw['task'] == 'cllm' else 'data'}.prompts"
+    read = (f"{key}={missing}", f"Prompt file {missing} not found: pass a JSONL file in Spec-Bench format as {key}=")
+  section = "tune" if raw["task"] == "rescore" else "train"
+  wrong = [(f"{section}.batch_sise=4", "unknown key"), (f"{section}.batch_size=four", "must be int, got 'four'"),
+           *((c, f"must be {'in 2..4' if 'order' in c else '>= 1'}") for c in counts), read]
+  for override, want in wrong:
+    assert want in fails(["train", "--check", str(CONFIGS / config), override, f"out={tmp_path / 'out'}"],
+                         capsys), override
+
+
 def test_train_check_prints_the_settings_and_trains_nothing(tmp_path, capsys, monkeypatch):
   """`jaxspec train CONFIG --check [overrides]`: the settings the run would use (overrides applied) on stdout, exit
   0, no task run and no folder written; a config that fails a check fails the same way as a run."""

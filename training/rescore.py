@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from jaxspec import files
 from jaxspec.loading.tokenizer import end_ids
+from jaxspec.models.ngram import MAX_ORDER
 from training import datasets
 from training.bpd import BPDTrainConfig, DataSection, ModelSection, build_sequences
 from training.config import ConfigError, load_config, to_dict
@@ -33,6 +34,11 @@ from training.config import ConfigError, load_config, to_dict
 @dataclasses.dataclass(frozen=True)
 class NgramSection:
   order: int = 4
+
+  def __post_init__(self):
+    if not 2 <= self.order <= MAX_ORDER:  # (the n-gram model refused it after the target's data was built)
+      raise ValueError(f"order must be in 2..{MAX_ORDER} (the n-gram orders the rescorer decodes with), got "
+                       f"{self.order}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +58,9 @@ class TuneSection:
   batch_size: int = 16
 
   def __post_init__(self):
+    for name in ("k", "neural_layers"):  # (a run refused them only once its target had loaded)
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
     if not 1 <= self.beams <= self.top_t:
       raise ValueError(f"beams must be in 1..top_t ({self.top_t}), got {self.beams}")
     if self.width and self.width < self.beams:

@@ -40,7 +40,8 @@ TASKS: dict[str, tuple[type, Callable[..., dict]]] = {
 # Settings that count something a run needs at least one of (a 0 or negative value would train nothing, divide by
 # zero, or export an untrained model), wherever they appear in a task's config.
 POSITIVE = ("steps", "batch_size", "gen_batch_size", "train_examples", "shard_size", "seq_len", "window", "windows",
-            "max_new_tokens", "more_max_new_tokens", "samples", "limit", "checkpoint_every", "eval_every", "log_every")
+            "max_new_tokens", "more_max_new_tokens", "samples", "limit", "checkpoint_every", "eval_every", "log_every",
+            "eval_examples", "exact_match_examples", "src_len", "tgt_len", "vocab_size")
 
 
 def load_task_config(path: str, overrides=()) -> tuple[Any, Callable[..., dict]]:
