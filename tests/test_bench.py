@@ -1135,6 +1135,21 @@ def test_one_method_written_two_ways_is_refused_and_a_failed_run_leaves_no_empty
     run_bench(dataclasses.replace(cfg, out="/dev/null"), None, None, ByteTokenizer(), progress=False)
 
 
+def test_a_results_folder_that_cannot_be_written_says_why(tmp_path, prompt_file, monkeypatch):
+  """A folder that is there but cannot be written (no permission) is said as such, not as "it is not a folder"."""
+  from pathlib import Path
+
+  def refuse(self, *args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+  (tmp_path / "out").mkdir()
+  monkeypatch.setattr(Path, "touch", refuse)
+  cfg = BenchConfig(prompts=prompt_file, methods=("greedy",), max_new_tokens=4, out=str(tmp_path / "out"))
+  with pytest.raises(InputError) as e:
+    run_bench(cfg, None, None, ByteTokenizer(), progress=False)
+  assert str(e.value) == f"Cannot write the results folder {tmp_path / 'out'}: Permission denied. Pass another --out."
+
+
 def test_a_resumed_bench_takes_what_its_methods_measured(tmp_path, prompt_file, methods, monkeypatch):
   """A choice a method measures when it is built (opt-tree's nodes=auto budget, gate=auto) is kept with the runs, and
   a resumed run's build is given it back: measured anew (on a busier machine, say) it could differ, and the results
@@ -1578,6 +1593,18 @@ def test_kept_runs_compare_only_the_method_paths_that_moved(tmp_path, monkeypatc
                                             f"{tmp_path / 'b' / 'd'} here"]
   damaged = dict(there, method_paths={**there["method_paths"], labels[3]: "x"})
   assert saved.differences(damaged, here) == []
+
+
+def test_kept_runs_of_other_methods_compare_the_paths_of_those_both_name(tmp_path, monkeypatch):
+  """Runs kept for other methods (each with a path) are named by the methods line; the paths are compared only for
+  the methods both runs name, and a method the other run lacks is no error."""
+  from jaxspec.bench import progress as saved
+
+  monkeypatch.chdir(tmp_path)
+  there = saved.fingerprint(BenchConfig(), [], [], ["greedy", "spec:draft=d", "spec:draft=e"])
+  here = saved.fingerprint(BenchConfig(), [], [], ["greedy", "spec:draft=d", "spec:draft=f"])
+  assert saved.differences(there, here) == ["methods that can run: greedy, spec:draft=d, spec:draft=e there, greedy, "
+                                            "spec:draft=d, spec:draft=f here"]
 
 
 def test_a_reference_that_cannot_run_stops_the_run(tmp_path, prompt_file, methods, monkeypatch):

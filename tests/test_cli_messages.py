@@ -111,6 +111,22 @@ def test_a_draft_with_another_tokenizer_of_the_same_size_is_warned_about(t5, tmp
   assert f"draft={other} has another tokenizer than the target: 2 of the target's 148 tokens are spelled" in caplog.text
 
 
+def test_the_other_tokenizer_warning_counts_over_the_target_s_tokens(caplog):
+  """The counts are the target's: of its tokens, how many the draft's tokenizer spells or numbers otherwise (a draft
+  tokenizer with more tokens than the target's, whose extra ones are not counted)."""
+  import types
+
+  from jaxspec.bench.methods import _warn_other_tokenizer
+
+  def fake(vocab):
+    return types.SimpleNamespace(backend=types.SimpleNamespace(get_vocab=lambda with_added_tokens: dict(vocab)))
+
+  target, draft = fake({"a": 0, "b": 1, "c": 2}), fake({"a": 0, "b": 2, "c": 1, "d": 3, "e": 4})
+  with caplog.at_level("WARNING", logger="jaxspec.bench.methods"):
+    _warn_other_tokenizer("D", target, draft)
+  assert "draft=D has another tokenizer than the target: 2 of the target's 3 tokens are spelled" in caplog.text
+
+
 def test_a_t5_draft_of_another_vocabulary_for_a_decoder_only_target_says_why():
   """The message said the CLI resizes a draft= model's vocabulary, for the draft= model it had just declined to resize
   (found by a review): an encoder-decoder draft is not resized, and the message now says so."""
@@ -296,6 +312,8 @@ def test_train_check_makes_the_checks_a_run_made_before_loading_its_target(tmp_p
   assert f"model.path='{tmp_path / 'empty'}': " in (err := fails(
       ["train", str(config), "--check", f"model.path={tmp_path / 'empty'}"], capsys)) and "config.json" in err
   assert cli.main(["train", str(config), "--check", f"model.path={ASSETS / 't5_numbers'}"]) == 0  # a model folder
+  gguf = Path(__file__).parent / "fixtures" / "llama_cpp_gguf" / "qwen3-f32.gguf"  # a file: no folder checks
+  assert cli.main(["train", str(config), "--check", f"model.path={gguf}"]) == 0
   capsys.readouterr()
   assert "use train.targets=tokens there" in fails(
       ["train", str(config), "--check", "train.objective=joint", "train.targets=teacher"], capsys)

@@ -305,6 +305,13 @@ def test_a_missing_model_or_a_partial_drafter_is_a_clear_error(tiny):
   with pytest.raises(InputError, match=r"drafter must be a drafter object .*got a SimpleNamespace, which has no "
                                        r"init\.$"):
     gen.generate(model, params, [[5, 6]], max_new_tokens=2, drafter=types.SimpleNamespace(num_nodes=lambda: 2))
+  # each of an acceptor's and a model's methods is asked for too, not only the first
+  with pytest.raises(InputError, match=r"acceptor must be an acceptance rule .*got a SimpleNamespace, which has no "
+                                       r"first_token\.$"):
+    gen.generate(model, params, [[5, 6]], max_new_tokens=2, acceptor=types.SimpleNamespace(accept=lambda: None))
+  with pytest.raises(InputError, match=r"model must be a LanguageModel .*got a SimpleNamespace, which has no "
+                                       r"forward\.$"):
+    gen.generate(types.SimpleNamespace(init_cache=model.init_cache), params, [[5, 6]], max_new_tokens=2)
 
 
 def test_numpy_and_jax_scalars_are_settings_like_python_numbers(tiny):

@@ -78,6 +78,21 @@ def test_a_tokenizer_in_a_folder_named_with_bytes_that_are_not_utf8_loads(tmp_pa
     Tokenizer.from_tokenizer_json(folder)
 
 
+def test_a_tokenizer_json_that_cannot_be_opened_is_not_called_damaged(tmp_path, monkeypatch):
+  """A tokenizer.json that cannot be read (no permission) is said as such, not as a damaged file to copy again."""
+  import jaxspec.loading.tokenizer as tokenizer_mod
+
+  folder = write_tokenizer(tmp_path / "tok")
+
+  def refuse(path, *args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(path))
+
+  monkeypatch.setattr(tokenizer_mod, "open", refuse, raising=False)
+  with pytest.raises(ModelLoadError) as e:
+    Tokenizer.from_tokenizer_json(folder)
+  assert str(e.value) == f"Cannot read {str(folder / 'tokenizer.json')!r}: Permission denied."
+
+
 LLAMA3_POST = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
 T5_POST = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 2)])
 # A template that writes the BOS itself, as Llama 3's does.

@@ -91,6 +91,12 @@ def test_encode_and_decode_of_the_wrong_kind_are_clear_errors(tok):
     tok.decode(b"hi")
   with pytest.raises(InputError, match=r"decode takes token ids \(whole numbers\), got True"):
     tok.decode([5, True])
+  # a bytearray is bytes; a batch of one-id rows of floats is a batch (float() read each row as its one id)
+  with pytest.raises(InputError, match=r"got bytearray: decode bytes to str first"):
+    tok.encode(bytearray(b"abc"))
+  for rows in (np.asarray([[5.0], [6.0]], np.float32), jnp.asarray([[5.0], [6.0]])):
+    with pytest.raises(InputError, match=r"holds sequences \(a batch\?\)"):
+      tok.decode(rows)
 
 
 def test_digits_split_like_llama_cpp_not_like_transformers_gguf(tok, ref):

@@ -442,6 +442,12 @@ def test_a_draft_deeper_than_its_target_says_which_setting_fits_before_any_data(
   from tests.test_eagle import tiny_eagle_config
   from training import draft, eagle
 
+  class PastTheCheck(Exception):
+    pass
+
+  def past_the_check(*args, **kwargs):
+    raise PastTheCheck
+
   model, params = make_tiny(n_layers=2)
   d = tiny_draft_config(tmp_path, "d", 100)
   e = tiny_eagle_config(tmp_path / "e", 100)
@@ -456,6 +462,11 @@ def test_a_draft_deeper_than_its_target_says_which_setting_fits_before_any_data(
     assert "is more than the target's 2 layers" in str(err.value)
     assert f"{key}.init={init}" in str(err.value) and f"set {key}.n_layers=2 or fewer, or {key}.init=random" in str(
         err.value)
+    # as many layers as the target's is what the message offers: it gets past the check
+    fits = dataclasses.replace(cfg, **{key: dataclasses.replace(getattr(cfg, key), n_layers=2)})
+    monkeypatch.setattr(module, "record_run_config", past_the_check)
+    with pytest.raises(PastTheCheck):
+      run(fits, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
 
 
 def test_checkpoints_of_another_target_under_the_same_path_are_refused(tmp_path):
