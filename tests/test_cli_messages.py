@@ -810,12 +810,14 @@ def test_a_rescorer_of_another_model_names_a_rescorer_for_this_one_not_heads(tin
   lm, tables, _ = build_ngram([[1, 2, 3, 4, 5, 1, 2, 3]], 3, model.vocab_size)
   save_ngram(tmp_path / "rescore", lm, tables, meta={"tuned": {"k": 2, "heads": str(tmp_path / "heads")}})
   build(BenchContext(model, params, CharTokenizer()), f"bpd-ngram:rescore={tmp_path / 'rescore'}")  # its own model
-  with pytest.raises(Unavailable) as e:
-    build(BenchContext(other, other_params, CharTokenizer()), f"bpd-ngram:rescore={tmp_path / 'rescore'}")
-  assert f"The BPD heads in {tmp_path / 'heads'} were trained for a target whose embedding" in str(e.value)
-  assert f"The rescorer in {tmp_path / 'rescore'} was tuned with them, for that model: pass rescore=FOLDER" in str(
-      e.value)
-  assert "heads=FOLDER" not in str(e.value) and "Use heads trained for this one" not in str(e.value)
+  # (opt-tree's rescored tree reads the rescorer's heads as bpd-ngram does, and said "with heads=FOLDER")
+  for method in ("bpd-ngram", "opt-tree:nodes=4:depth=2"):
+    with pytest.raises(Unavailable) as e:
+      build(BenchContext(other, other_params, CharTokenizer()), f"{method}:rescore={tmp_path / 'rescore'}")
+    assert f"The BPD heads in {tmp_path / 'heads'} were trained for a target whose embedding" in str(e.value)
+    assert f"The rescorer in {tmp_path / 'rescore'} was tuned with them, for that model: pass rescore=FOLDER" in str(
+        e.value)
+    assert "heads=FOLDER" not in str(e.value) and "Use heads trained for this one" not in str(e.value)
   with pytest.raises(Unavailable, match="Use heads trained for this one, with heads=FOLDER$"):  # heads= given
     build(BenchContext(other, other_params, CharTokenizer()),
           f"bpd-ngram:rescore={tmp_path / 'rescore'}:heads={tmp_path / 'heads'}")
@@ -843,6 +845,55 @@ def test_a_rescorer_that_names_no_heads_leaves_the_heads_to_heads_option(tiny, t
   with pytest.raises(Unavailable) as e:
     build(BenchContext(other, other_params, CharTokenizer()), f"bpd-ngram:rescore={tmp_path / 'rescore'}")
   assert str(e.value).endswith(", with heads=FOLDER") and "The rescorer in" not in str(e.value)
+
+
+def test_the_shipped_rescorer_and_heads_on_another_model_name_both_options(tiny, tmp_path, monkeypatch):
+  """bpd-ngram (or bpd-neural, opt-tree:rescore=default) on another model than the default, with neither heads= nor
+  rescore=: the shipped heads and the shipped rescorer, tuned with them, are both the default model's. The error said
+  only "pass heads=FOLDER" (or, over another vocabulary, only rescore=), leaving the other part of another model in
+  place. Here a rescorer of the tiny target's vocabulary stands in for the shipped one, as it would for a model of
+  SmolLM2's tokenizer; a rescorer the user names, or heads= given, keep their own messages."""
+  import shutil
+
+  import jax
+
+  import jaxspec.bench.methods as methods
+  from jaxspec.models.bpd import BPDConfig, BPDModel, save_bpd
+  from jaxspec.models.draft import embed_fingerprint
+  from jaxspec.models.ngram import build_ngram, save_ngram
+  from tests.conftest import make_tiny
+
+  model, params = tiny
+  ctx = BenchContext(model, params, CharTokenizer())
+  both = "pass heads=FOLDER and rescore=FOLDER with BPD heads and a rescorer built for this model"
+  # The real shipped rescorer (SmolLM2's vocabulary) on the tiny target: its vocabulary is the first check.
+  for method in ("bpd-ngram", "bpd-neural", "opt-tree:rescore=default"):
+    with pytest.raises(Unavailable, match="has a vocabulary of 49152, the target 256: " + both):
+      build(ctx, method)
+  with pytest.raises(Unavailable, match="the target 256: pass rescore=FOLDER with a rescorer built for this model "
+                                        r"\(a `task: rescore`"):
+    build(ctx, f"bpd-ngram:heads={tmp_path}")  # heads= given: only the rescorer is left to change
+  # A stand-in of the target's vocabulary: then the shipped heads (d_model 576) are what does not fit.
+  lm, tables, _ = build_ngram([[1, 2, 3, 4, 5, 1, 2, 3]], 3, model.vocab_size)
+  save_ngram(tmp_path / "shipped_rescore", lm, tables, meta={"tuned": {"k": 2}})
+  monkeypatch.setattr(methods, "DEFAULT_RESCORE", tmp_path / "shipped_rescore")
+  for method in ("bpd-ngram", "bpd-neural", "opt-tree:rescore=default:nodes=4:depth=2"):
+    with pytest.raises(Unavailable, match="d_model 576, this target's is 32: " + both):
+      build(ctx, method)
+  # Heads of the target's width, trained for another model (its embedding fingerprint): both are named again.
+  other, other_params = make_tiny(1)
+  bpd = BPDModel(BPDConfig(num_heads=2, d_model=model.cfg.d_model, d_hidden=8))
+  save_bpd(tmp_path / "heads", bpd, bpd.init_params(jax.random.key(0)),
+           meta={"target": {"embed_fingerprint": embed_fingerprint(other_params)}})
+  monkeypatch.setattr(methods, "DEFAULT_BPD_HEADS", tmp_path / "heads")
+  with pytest.raises(Unavailable) as e:
+    build(ctx, "bpd-ngram")
+  assert "were trained for a target whose embedding" in str(e.value) and both[1:] in str(e.value)
+  assert "with heads=FOLDER" not in str(e.value)
+  # A rescorer the user names, recording no heads, leaves the heads to heads= (as before).
+  shutil.copytree(tmp_path / "shipped_rescore", tmp_path / "user_rescore")
+  with pytest.raises(Unavailable, match="Use heads trained for this one, with heads=FOLDER$"):
+    build(ctx, f"bpd-ngram:rescore={tmp_path / 'user_rescore'}")
 
 
 def test_a_rescorer_s_recorded_layers_are_not_called_a_method_option(tiny, tmp_path):

@@ -192,10 +192,12 @@ _TRAIN_MORE_HEADS = ("jaxspec train configs/bpd_smollm2.yaml heads.num_heads={n}
                      "train.checkpoint_dir=DIR/ckpt, then heads=DIR")
 
 
-def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None, rescorer: Path | None = None):
+def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None, rescorer: Path | None = None,
+                shipped_rescorer: bool = False):
   """`(bpd, bpd_draft_params)` for the heads a method's options name (default: the shipped ones): the first `k` of
   them (an option), or the first `num_heads`, or all. `rescorer`: the rescorer folder that named the heads, which a
-  target of another model then needs in their place."""
+  target of another model then needs in their place. `shipped_rescorer`: the default heads, read with the shipped
+  rescorer, which is the default model's too: a target of another model needs both replaced."""
   from jaxspec.decoding.bpd import bpd_draft_params
   from jaxspec.models.bpd import check_heads_target, load_bpd, target_fingerprint
 
@@ -220,30 +222,40 @@ def _load_heads(ctx: BenchContext, opts: dict, num_heads: int | None = None, res
     bpd, bpd_params = load_bpd(folder, int(opts["k"]) if "k" in opts else num_heads)
   except ModelLoadError as e:
     raise Unavailable(str(e)) from None
+  pass_heads = _BOTH_PARTS if shipped_rescorer else "pass heads=FOLDER with heads trained for this model"
   d_model = ctx.model.cfg.d_model
   if bpd.cfg.d_model != d_model:
     fitting = [f + (f" (for {m})" if m else "") for f, m in _heads_for_width(d_model)]
     shipped = f"; the shipped ones of this width: {', '.join(fitting)}" if fitting else ""
+    train = ("the heads from a `task: bpd` config and the rescorer from a `task: rescore` one, each with this model "
+             "as model.path (README, \"Training for your own model\")" if shipped_rescorer else
+             "them from a `task: bpd` config whose model.path is this model, as configs/bpd_t5_numbers.yaml does for "
+             "jaxspec/assets/t5_numbers")
     raise Unavailable(f"the heads in {folder} were trained for a target with d_model {bpd.cfg.d_model}, this target's "
-                      f"is {d_model}: pass heads=FOLDER with heads trained for this model{shipped}. `jaxspec train` "
-                      "trains them from a `task: bpd` config whose model.path is this model, as "
-                      "configs/bpd_t5_numbers.yaml does for jaxspec/assets/t5_numbers")
+                      f"is {d_model}: {pass_heads}{shipped}. `jaxspec train` trains {train}")
   ctx.ready()  # the output projection is taken from the target's table on the devices, with every process
   if "target_fingerprint" not in ctx.cache:  # after ready(): it gathers split embeddings, with every process
     ctx.cache["target_fingerprint"] = target_fingerprint(ctx.params)
-  todo = None if rescorer is None else (
-      f"The rescorer in {_shown(rescorer)} was tuned with them, for that model: pass rescore=FOLDER with a rescorer "
-      "built for this one (a `task: rescore` config whose model.path is this model and heads= its BPD heads, as "
-      "configs/bpd_rescore_smollm2.yaml is for the default one; README, \"Training for your own model\")")
+  if rescorer is not None:
+    todo = (f"The rescorer in {_shown(rescorer)} was tuned with them, for that model: pass rescore=FOLDER with a "
+            "rescorer built for this one (a `task: rescore` config whose model.path is this model and heads= its BPD "
+            "heads, as configs/bpd_rescore_smollm2.yaml is for the default one; README, \"Training for your own "
+            "model\")")
+  else:
+    todo = _sentence(_BOTH_PARTS) if shipped_rescorer else None
   try:
     check_heads_target(folder, ctx.params, fingerprint=ctx.cache["target_fingerprint"], todo=todo)
   except ModelLoadError as e:
-    raise Unavailable(str(e).rstrip(".") + (", with heads=FOLDER" if rescorer is None else "")) from None
+    raise Unavailable(str(e).rstrip(".") + ("" if todo else ", with heads=FOLDER")) from None
   try:
     return bpd, bpd_draft_params(ctx.model, ctx.params, bpd, bpd_params)
   except InputError as e:  # heads over another vocabulary
-    raise Unavailable(f"the heads in {_shown(folder)}: {str(e).rstrip('.')}. Pass heads=FOLDER with heads trained "
-                      "for this model") from None
+    raise Unavailable(f"the heads in {_shown(folder)}: {str(e).rstrip('.')}. {_sentence(pass_heads)}") from None
+
+
+def _sentence(text: str) -> str:
+  """`text` as a sentence of its own: its first letter capitalised."""
+  return text[:1].upper() + text[1:]
 
 
 def with_lookup(drafter, opts: dict):
@@ -280,6 +292,18 @@ def _rescore_folder(opts: dict) -> Path:
   return Path(DEFAULT_RESCORE if opts.get("rescore", "default") == "default" else opts["rescore"])
 
 
+def _with_shipped_rescorer(opts: dict) -> bool:
+  """Whether a rescoring method reads the shipped rescorer with the shipped heads (no heads=): the default model's
+  parts both, so that on another model each must be replaced, not heads= alone (nor rescore= alone)."""
+  return "heads" not in opts and _rescore_folder(opts).resolve() == Path(DEFAULT_RESCORE).resolve()
+
+
+# What to pass where the shipped heads and rescorer do not fit the target (`_with_shipped_rescorer`).
+_BOTH_PARTS = ("pass heads=FOLDER and rescore=FOLDER with BPD heads and a rescorer built for this model (the shipped "
+               "rescorer was tuned with the shipped heads, and both are the default model's; a rescorer built with "
+               "heads= records them, and then rescore=FOLDER alone will do)")
+
+
 def _ngram_rescorer(ctx: BenchContext, opts: dict, what: str):
   """`(n-gram LM, its tables, the tuned settings)` of the shipped rescorer (or `rescore=FOLDER`; `default` names the
   shipped one), checked against the target's vocabulary; greedy only."""
@@ -293,10 +317,11 @@ def _ngram_rescorer(ctx: BenchContext, opts: dict, what: str):
   except ModelLoadError as e:
     raise Unavailable(str(e)) from None
   if lm.vocab_size != ctx.model.vocab_size:
+    fix = (_BOTH_PARTS if _with_shipped_rescorer(opts) else
+           "pass rescore=FOLDER with a rescorer built for this model (a `task: rescore` config whose model.path is "
+           "this model, as configs/bpd_rescore_smollm2.yaml is for the default one)")
     raise Unavailable(f"the n-gram LM in {_shown(folder)} has a vocabulary of {lm.vocab_size}, the target "
-                      f"{ctx.model.vocab_size}: pass rescore=FOLDER with a rescorer built for this model (a `task: "
-                      "rescore` config whose model.path is this model, as configs/bpd_rescore_smollm2.yaml is for the "
-                      "default one)")
+                      f"{ctx.model.vocab_size}: {fix}")
   return lm, tables, cfg.get("tuned", {})
 
 
@@ -304,9 +329,10 @@ def _rescore_setup(ctx: BenchContext, opts: dict, what: str):
   """The tuned settings of the shipped rescorers (or `rescore=FOLDER`), the n-gram tables and the heads."""
   lm, tables, tuned = _ngram_rescorer(ctx, opts, what)
   named = "heads" not in opts and bool(tuned.get("heads"))  # the heads the rescorer names, not the options
+  shipped = not named and _with_shipped_rescorer(opts)
   opts = _with_tuned_heads(opts, tuned)
   opts = {"k": str(tuned.get("k", 4)), **opts}
-  bpd, dp = _load_heads(ctx, opts, rescorer=_rescore_folder(opts) if named else None)
+  bpd, dp = _load_heads(ctx, opts, rescorer=_rescore_folder(opts) if named else None, shipped_rescorer=shipped)
   return lm, tables, tuned, bpd, dp, opts
 
 
@@ -624,8 +650,11 @@ def _tree_source(ctx: BenchContext, opts: dict, depth: int | None = None):
     if kind != "heads":
       raise InputError(f"opt-tree: rescore= rescores the BPD heads' lattice; drafter={kind} drafts with its own LM.")
     lm, tables, tuned = _ngram_rescorer(ctx, opts, "opt-tree:rescore")
+    named = "heads" not in opts and bool(tuned.get("heads"))  # as bpd-ngram reads them (`_rescore_setup`)
+    shipped = not named and _with_shipped_rescorer(opts)
     opts = _with_tuned_heads(opts, tuned)
-    bpd, dp = _load_heads(ctx, {"heads": opts["heads"]} if "heads" in opts else {}, depth)
+    bpd, dp = _load_heads(ctx, {"heads": opts["heads"]} if "heads" in opts else {}, depth,
+                          rescorer=_rescore_folder(opts) if named else None, shipped_rescorer=shipped)
     t = int(opts.get("t", tuned.get("top_t", 16)))
     weight = float(opts.get("weight", tuned.get("ngram_weight", 0.3)))
     return ((lambda width: NgramHeadsTreeSource(bpd, lm, top_t=t, width=width)),
