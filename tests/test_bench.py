@@ -1574,13 +1574,13 @@ def test_kept_runs_whose_relative_paths_lead_elsewhere_are_refused(tmp_path, mon
 
 
 def test_kept_runs_compare_only_the_method_paths_that_moved(tmp_path, monkeypatch):
-  """Of the methods' path options only those that lead elsewhere are named: `draft=default` (the shipped draft, no
-  path), an absolute path and a `~/` path (expanded as the command does) name the same work from any folder; a kept
-  entry that is not a mapping (a damaged progress file) is not compared."""
+  """Of the methods' path options only those that lead elsewhere are named: `rescore=default` (the shipped rescorer,
+  no path), an absolute path and a `~/` path (expanded as the command does) name the same work from any folder; a
+  kept entry that is not a mapping (a damaged progress file) is not compared."""
   from jaxspec.bench import progress as saved
 
   monkeypatch.setenv("HOME", str(tmp_path / "home"))
-  labels = ["spec:draft=default", f"spec:draft={tmp_path / 'abs'}", "spec:draft=~/d", "spec:draft=d:gamma=3"]
+  labels = ["bpd-ngram:rescore=default", f"spec:draft={tmp_path / 'abs'}", "spec:draft=~/d", "spec:draft=d:gamma=3"]
   assert saved.method_paths(labels[:1]) == {}
   assert saved.method_paths(labels[2:3]) == {labels[2]: {"draft": str(tmp_path / "home" / "d")}}
   for name in ("a", "b"):
@@ -1605,6 +1605,32 @@ def test_kept_runs_of_other_methods_compare_the_paths_of_those_both_name(tmp_pat
   here = saved.fingerprint(BenchConfig(), [], [], ["greedy", "spec:draft=d", "spec:draft=f"])
   assert saved.differences(there, here) == ["methods that can run: greedy, spec:draft=d, spec:draft=e there, greedy, "
                                             "spec:draft=d, spec:draft=f here"]
+
+
+def test_method_paths_read_labels_as_the_methods_do(tmp_path, monkeypatch):
+  """The paths a progress file records are read from each label by `parse_method`, as the build reads them, so the
+  two cannot disagree: a path holding "=" is one value (split at the first "=" only), and `draft=default` names a
+  folder called default, as the spec build loads it (it was recorded as no path at all, so runs kept with one
+  folder's ./default resumed in another folder, with another draft); only `rescore=default` names the shipped one."""
+  from jaxspec.bench import progress as saved
+  from jaxspec.bench.methods import named_paths
+
+  monkeypatch.chdir(tmp_path)
+  for label in ("spec:draft=/tmp/x=y:gamma=2", "spec:draft=default", "bpd:heads=a=b", "bpd-ngram:rescore=default",
+                "cllm:lora=~/l", "opt-tree:heads=h:rescore=r=s"):
+    opts = parse_method(label)[2]
+    want = {k: os.path.realpath(v) for k, v in named_paths(opts).items()}
+    assert saved.method_paths([label]) == ({label: want} if want else {}), label
+  assert saved.method_paths(["spec:draft=/tmp/x=y:gamma=2"]) == {"spec:draft=/tmp/x=y:gamma=2": {"draft": "/tmp/x=y"}}
+  assert saved.method_paths(["spec:draft=default"]) == {"spec:draft=default": {"draft": str(tmp_path / "default")}}
+  assert saved.method_paths(["spec:draft=a:draft=b"]) == {}  # refused by parse_method, so run by no build
+  for name in ("a", "b"):
+    (tmp_path / name).mkdir()
+  monkeypatch.chdir(tmp_path / "a")
+  there = saved.fingerprint(BenchConfig(), [], [], ["spec:draft=default"])
+  monkeypatch.chdir(tmp_path / "b")
+  assert saved.differences(there, saved.fingerprint(BenchConfig(), [], [], ["spec:draft=default"])) == [
+      f"spec:draft=default: draft= leads to {tmp_path / 'a' / 'default'} there, {tmp_path / 'b' / 'default'} here"]
 
 
 def test_a_reference_that_cannot_run_stops_the_run(tmp_path, prompt_file, methods, monkeypatch):

@@ -1131,6 +1131,13 @@ _TREE_DRAFTER_DEFAULTS = {"heads": {"heads": DEFAULT_BPD_HEADS}, "eagle": {"draf
 _PATH_OPTIONS = ("heads", "rescore", "draft", "lora")
 
 
+def named_paths(opts: dict) -> dict:
+  """The path options among a parsed method's `opts` (`parse_method`), as its build reads them: each names a file or
+  folder (relative ones from the working directory), except rescore=default, which names the shipped rescorer (so
+  the same one from any folder). draft=default and heads=default name a folder called default."""
+  return {k: v for k, v in opts.items() if k in _PATH_OPTIONS and not (k == "rescore" and v == "default")}
+
+
 def with_fixed_defaults(name: str, opts: dict) -> dict:
   """`opts` with the defaults of `_FIXED_DEFAULTS` that apply filled in, as strings."""
   full = {k: str(v) for k, v in _FIXED_DEFAULTS.get(name, {}).items()}

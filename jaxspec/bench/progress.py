@@ -44,14 +44,17 @@ def fingerprint(cfg, prompts, prompt_ids, labels) -> dict:
 def method_paths(labels) -> dict:
   """The folders and files the methods' path options name (`spec:draft=d`), as resolved from here: a label names
   the same work only where its relative paths lead to the same place (the same command run from another folder may
-  name another draft)."""
-  from jaxspec.bench.methods import _PATH_OPTIONS
+  name another draft). Read by `parse_method`, as the methods' builds read them (`named_paths`); a label it refuses
+  names none (no build runs it)."""
+  from jaxspec.bench.methods import named_paths, parse_method
 
   paths = {}
   for label in labels:
-    options = dict(part.split("=", 1) for part in str(label).split(":")[1:] if "=" in part)
-    named = {k: os.path.realpath(os.path.expanduser(v)) for k, v in options.items()
-             if k in _PATH_OPTIONS and v != "default"}
+    try:
+      opts = parse_method(str(label))[2]
+    except InputError:
+      continue
+    named = {k: os.path.realpath(v) for k, v in named_paths(opts).items()}
     if named:
       paths[str(label)] = named
   return paths
