@@ -751,6 +751,59 @@ def test_kept_runs_of_other_work_are_refused_not_wiped(tmp_path, prompt_file, me
   assert saved.read(prog) == (None, {}, f"{prog} holds no run that can be read; starting over")
 
 
+def test_a_method_written_another_way_resumes_its_kept_runs(tmp_path, prompt_file, methods, bomb, monkeypatch):
+  """A run killed under `lookup` goes on under `lookup:ngram=3:n=08`: the options at their stated defaults, in another
+  order, name the same method (`same_method_key`, which --methods already refuses twice), so its kept runs are its
+  own (they were refused as other work). Other settings stay refused, and so do paths that lead elsewhere; finished
+  results are replaced by the same methods written another way, not kept as another bench's."""
+  from jaxspec.bench import progress as saved
+
+  calls = count_calls(monkeypatch, ("lookup",))
+  cfg = BenchConfig(prompts=prompt_file, methods=("lookup", "bomb"), max_new_tokens=6, batch_size=2,
+                    out=str(tmp_path / "out"))
+  with pytest.raises(KeyboardInterrupt):
+    run_bench(cfg, methods, None, ByteTokenizer(), progress=False)
+  prog = tmp_path / "out" / "progress.jsonl"
+  kept = prog.read_text()
+  bomb["armed"] = False
+  with pytest.raises(InputError, match=r"methods that can run: greedy, lookup, bomb there, greedy, lookup:n=4, bomb "
+                                       r"here\)\. Pass another --out"):
+    run_bench(dataclasses.replace(cfg, methods=("lookup:n=4", "bomb")), methods, None, ByteTokenizer(), progress=False)
+  assert prog.read_text() == kept
+  calls["lookup"].clear()
+  spelled = ("lookup:ngram=3:n=08", "bomb")
+  res = run_bench(dataclasses.replace(cfg, methods=spelled), methods, None, ByteTokenizer(), progress=False)
+  assert res["environment"]["resumed_runs"] == 4 and calls["lookup"] == [0, 2]  # a warm-up, then batch 2 only
+  assert list(res["methods"]) == ["greedy", "lookup:ngram=3:n=08", "bomb"] and not prog.exists()
+  whole = run_bench(dataclasses.replace(cfg, methods=spelled, out=str(tmp_path / "whole")), methods, None,
+                    ByteTokenizer(), progress=False)
+  assert_same_figures(tmp_path, res, whole, ("greedy", "lookup:ngram=3:n=08", "bomb"))
+  # Finished results: the first spelling again replaces them (the same command would); other settings do not.
+  with pytest.raises(InputError, match=r"holds the finished results of another bench \(methods: "
+                                       "lookup:ngram=3:n=08,bomb there, lookup:n=4,bomb here"):
+    run_bench(dataclasses.replace(cfg, methods=("lookup:n=4", "bomb")), methods, None, ByteTokenizer(), progress=False)
+  assert run_bench(cfg, methods, None, ByteTokenizer(), progress=False)["complete"]
+
+  # What the file kept under a label (the runs, the paths, what a build measured) follows it to this run's spelling;
+  # a relative path is compared where it led when the run was kept.
+  (tmp_path / "a").mkdir()
+  monkeypatch.chdir(tmp_path)
+  head = saved.fingerprint(BenchConfig(), [], [], ["greedy", "spec:draft=a/d", "opt-tree:nodes=auto"])
+  head["measured"] = {"opt-tree:nodes=auto": {"nodes": 8}}
+  runs = {(0, "spec:draft=a/d"): {"method": "spec:draft=a/d"}, (0, "greedy"): {"method": "greedy"}}
+  labels = ["greedy", "spec:gamma=4:draft=./a/d/", "opt-tree:nodes=auto:drafter=heads"]
+  new_head, new_runs = saved.relabel(head, runs, labels)
+  assert new_head["methods"] == labels and new_head["measured"] == {labels[2]: {"nodes": 8}}
+  assert new_runs == {(0, labels[1]): {"method": labels[1]}, (0, "greedy"): {"method": "greedy"}}
+  assert saved.differences(new_head, saved.fingerprint(BenchConfig(), [], [], labels)) == []
+  monkeypatch.chdir(tmp_path / "a")  # from here a/d is another folder, and ./d is the one the runs were kept with
+  assert saved.relabel(head, runs, ["greedy", "spec:draft=a/d/", "opt-tree:nodes=auto"])[1] == runs
+  assert saved.relabel(head, runs, ["greedy", "spec:draft=d", "opt-tree:nodes=auto"])[1] == {
+      (0, "spec:draft=d"): {"method": "spec:draft=d"}, (0, "greedy"): {"method": "greedy"}}
+  damaged = dict(head, method_paths={"spec:draft=a/d": {"gamma": "x"}})  # not a number, nor a path option
+  assert saved.relabel(damaged, runs, ["greedy", "spec:draft=d", "opt-tree:nodes=auto"])[1] == runs
+
+
 def test_damaged_progress_lines_lose_only_their_own_runs(tmp_path, prompt_file, methods, bomb):
   """A garbled line, or bytes that are not UTF-8, in the middle of the progress file lose only that line's run (all
   later runs used to be dropped, or, for a bad byte, every run); a damaged first line, the settings the runs belong

@@ -60,6 +60,55 @@ def method_paths(labels) -> dict:
   return paths
 
 
+def method_key(label: str, paths: dict | None = None) -> tuple | None:
+  """`same_method_key` of a label: what it runs, however it is written (`spec` is `spec:gamma=4`). `paths`: where its
+  path options led where the label was written (a progress file's `method_paths` entry), else from here. None for a
+  label this jaxspec cannot read (a method or option it does not know)."""
+  from jaxspec.bench.methods import named_paths, parse_method, same_method_key
+
+  try:
+    _, name, opts = parse_method(str(label))
+  except InputError:
+    return None
+  if paths is None:
+    paths = method_paths([label]).get(str(label), {})
+  paths = paths if isinstance(paths, dict) else {}  # (of a damaged file: only the label's own path options count)
+  return same_method_key(name, {**opts, **{k: paths[k] for k in named_paths(opts) if isinstance(paths.get(k), str)}})
+
+
+def relabel(head: dict, runs: dict, labels) -> tuple[dict, dict]:
+  """A saved fingerprint and its runs ((batch, method) -> entry) with each method the file names as this run writes
+  it, where the two spellings name the same method (`method_key`): a run started with `spec` goes on under
+  `spec:gamma=4` (the default), `lookup:n=08` under `lookup:n=8`. Labels that match as written, or match no label of
+  this run, stay as they are (`differences` then compares them)."""
+  labels = [str(label) for label in labels]
+  # (a file written before paths were recorded: its labels' paths are read from here, as its runs' were compared)
+  saved_paths = head.get("method_paths") if isinstance(head.get("method_paths"), dict) else None
+  listed = head.get("methods") if isinstance(head.get("methods"), list) else []
+  names = list(dict.fromkeys([*map(str, listed), *(method for _, method in runs)]))
+  free = [label for label in labels if label not in names]  # this run's labels the file does not name as written
+  here = {}
+  for label in free:
+    here.setdefault(method_key(label), []).append(label)
+  rename = {}
+  for name in names:
+    if name in labels:
+      continue
+    key = method_key(name, None if saved_paths is None else saved_paths.get(name, {}))
+    if key is not None and len(here.get(key, [])) == 1:
+      rename[name] = here[key][0]
+  if not rename or len(set(rename.values())) < len(rename):  # (two saved labels of one method: no file of ours)
+    return head, runs
+  new = lambda label: rename.get(label, label)
+  head = dict(head, methods=[new(str(label)) for label in listed])
+  if saved_paths is not None:  # where a renamed label's paths led was compared in its key: not again by label
+    head["method_paths"] = {label: v for label, v in saved_paths.items() if label not in rename}
+  if isinstance(head.get("measured"), dict):
+    head["measured"] = {new(label): v for label, v in head["measured"].items()}
+  runs = {(batch, new(method)): dict(entry, method=new(method)) for (batch, method), entry in runs.items()}
+  return head, runs
+
+
 def resolve_paths(conf: dict) -> dict:
   """`conf` with its `model` and `t5x_src` paths resolved: a path given relative or absolute, or through a link,
   names the same files."""

@@ -360,6 +360,8 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   if writer and not cfg.fresh:
     try:
       saved_head, restored, why_not = saved.read(progress_path)
+      if saved_head is not None:  # a method written another way (`spec`, then `spec:gamma=4`) goes on under this name
+        saved_head, restored = saved.relabel(saved_head, restored, labels)
       if not restored:
         refused = _report_of_another_program(out) or _finished_other_work(out, asked, cfg)
     except InputError as e:
@@ -617,12 +619,18 @@ def _finished_other_work(out: Path, asked: dict, cfg) -> str | None:
       return _not_a_bench_file(out, "results.json")
     conf = dict(res["config"])
     have = res.get("fingerprint")
+    # where the labels' paths led there (none recorded: read from here, as before they were recorded)
+    paths = have.get("method_paths") if isinstance(have, dict) else None
+    paths = paths if isinstance(paths, dict) else None
     if isinstance(have, dict):
+      have, _ = saved.relabel(have, {}, asked["methods"])  # a method written another way is the same method
       diff = saved.differences(have, asked, skip=("methods",))
     else:  # written before results recorded their fingerprint: the settings are what can be compared
       diff = saved.differences({"config": saved.resolve_paths(conf)}, {"config": asked["config"]})
     methods = conf.get("methods")
-    if methods is not None and list(map(str, methods)) != list(cfg.methods):
+    if methods is not None and list(map(str, methods)) != list(cfg.methods) and (
+        [saved.method_key(m, None if paths is None else paths.get(str(m), {})) for m in methods]
+        != [saved.method_key(m) for m in cfg.methods]):  # the same methods, one written another way, are the same
       diff.append(f"methods: {','.join(map(str, methods))} there, {','.join(cfg.methods)} here")
   except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
     return None  # none, or nothing readable to keep
