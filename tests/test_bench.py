@@ -277,6 +277,44 @@ def test_named_methods_must_all_run_and_the_results_folder_must_be_writable(tmp_
     (tmp_path / name).rmdir()
 
 
+def test_methods_that_cannot_run_say_each_reason_once(tmp_path, prompt_file, methods, monkeypatch, capsys):
+  """Methods stopped by one missing part (the shipped heads for bpd, bpd-oracle and opt-tree on another model) gave
+  that reason once per method, in one long line; each reason is said once now, naming its methods. Baselines whose
+  code is missing stay rows of the report, unless no method asked for can run: that run timed greedy decoding alone
+  and ended with exit 0, each baseline's reason in the table."""
+  import jaxspec.bench.runner as runner_mod
+
+  def unavailable(why):
+    return lambda ctx, opts: (_ for _ in ()).throw(Unavailable(why))
+
+  for name, why, baseline in (("missing2", "no parts", False), ("other", "no other parts.", False),
+                              ("base1", "not installed", True), ("base2", "not installed", True)):
+    monkeypatch.setitem(runner_mod.METHODS, name, MethodSpec(name, "test", True, unavailable(why), baseline=baseline))
+  cfg = BenchConfig(prompts=prompt_file, max_new_tokens=3, limit=1, out=str(tmp_path / "o"))
+  for names, message in ((("missing", "oracle", "missing2", "base1"), "Cannot run missing, missing2: no parts."),
+                         (("missing", "other", "missing2"), "Cannot run missing, missing2: no parts.\n"
+                          "Cannot run other: no other parts.\nNone of the methods asked for can run, so there is "
+                          "nothing to compare with greedy decoding."),
+                         (("base1", "base2"), "Cannot run base1, base2: not installed.\nNone of the methods asked "
+                          "for can run, so there is nothing to compare with greedy decoding.")):
+    with pytest.raises(InputError) as e:
+      run_bench(dataclasses.replace(cfg, methods=names), methods, None, ByteTokenizer(), progress=False,
+                require_all=True)
+    assert str(e.value) == message
+  assert not (tmp_path / "o").exists()
+  # Named with greedy, or not required to run, the baselines are rows of the report (as before).
+  for i, (names, require_all) in enumerate(((("greedy", "base1", "base2"), True), (("base1", "base2"), False))):
+    res = run_bench(dataclasses.replace(cfg, methods=names, out=str(tmp_path / f"o{i}")), methods, None,
+                    ByteTokenizer(), progress=False, require_all=require_all)
+    assert res["methods"]["base2"] == dict(res["methods"]["base2"], available=False, reason="not installed")
+  # The command line: one message, exit status 2.
+  monkeypatch.setattr("jaxspec.loading.load_model", lambda *a, **k: (methods, None, ByteTokenizer()))
+  assert main(["bench", "--prompts", prompt_file, "--limit", "1", "--methods", "base1,base2", "--out",
+               str(tmp_path / "cli")]) == 2
+  err = capsys.readouterr().err
+  assert err.count("not installed") == 1 and "None of the methods asked for can run" in err
+
+
 def test_a_prompt_longer_than_the_context_is_named_before_the_run(tmp_path, tiny, monkeypatch):
   model, params = tiny  # context: 512 tokens
   path = write_prompts(tmp_path / "p.jsonl", [{"question_id": "short", "category": "qa", "turns": ["hi"]},

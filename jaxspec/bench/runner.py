@@ -293,6 +293,7 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   twice = sharding.from_first_process(twice)
   if twice:
     raise InputError(twice)
+  named = list(labels)  # the methods asked for
   if REFERENCE not in labels:
     labels.insert(0, REFERENCE)  # speedups and exactness are measured against it, in the same run
   out = Path(cfg.out)
@@ -406,10 +407,12 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
   notes = {l: getattr(r, "note", None) for l, r in runners.items()}
   if REFERENCE in unavailable:
     raise InputError(f"The reference method cannot run: {unavailable[REFERENCE]}")
-  # Baselines (T5X, Hugging Face) depend on what is installed: those stay listed as unavailable.
+  # Baselines (T5X, Hugging Face) depend on what is installed: those stay listed as unavailable, unless no method
+  # asked for can run (the run would time greedy decoding alone).
   failed = {l: why for l, why in unavailable.items() if not specs[l].baseline}
-  if require_all and failed:
-    raise InputError("Cannot run " + "; ".join(f"{l}: {why.rstrip('.')}" for l, why in failed.items()) + ".")
+  nothing = bool(named) and all(l in unavailable for l in named)
+  if require_all and (failed or nothing):
+    raise InputError(_cannot_run({l: unavailable[l] for l in named} if nothing else failed, nothing))
 
   stop_point()  # a signal while the methods were built: nothing decoded yet
   head = saved.fingerprint(cfg, prompts, ids, list(runners))
@@ -581,6 +584,18 @@ def _run(cfg: BenchConfig, model, params, tokenizer, progress: bool, require_all
     raise
   progress_path.unlink()  # everything it held is in results.json and outputs.jsonl now
   return results
+
+
+def _cannot_run(reasons: dict[str, str], nothing: bool) -> str:
+  """Why methods cannot run, each reason once with the methods it stops (the shipped heads missing for this model
+  stop bpd, bpd-oracle and opt-tree alike: one reason, not three copies of it); `nothing`: no method asked for can."""
+  by_reason: dict[str, list[str]] = {}
+  for label, why in reasons.items():
+    by_reason.setdefault(why.strip().rstrip("."), []).append(label)
+  lines = [f"Cannot run {', '.join(labels)}: {why}." for why, labels in by_reason.items()]
+  if nothing:
+    lines.append("None of the methods asked for can run, so there is nothing to compare with greedy decoding.")
+  return "\n".join(lines)
 
 
 def _done(runs: dict, label: str) -> list[Record]:
