@@ -1803,3 +1803,70 @@ def test_the_t5x_runner_takes_the_compiled_program_generate_compiles_with():
   arr = np.array([[5, 6, 0, 0]], np.int32)
   res = baselines._run_t5x(ctx, None, program, arr, [2], 128, 3, 0, -1, starts=[2])
   assert res.tokens == [[1, 1, 1]] and res.program_bytes >= 0
+
+
+def test_finished_results_of_a_method_written_another_way_compare_where_its_paths_led(tmp_path, monkeypatch):
+  """Finished results of `spec:draft=d` written in one folder, and `spec:draft=./d` asked for in another: the two
+  spellings are the same method only where their paths lead to the same place, judged where each was written (the
+  results' recorded paths, not this folder's); a damaged paths entry is read from here."""
+  from jaxspec.bench import progress as saved
+  from jaxspec.bench.runner import _finished_other_work
+
+  for name in ("a", "b"):
+    (tmp_path / name).mkdir()
+  cfg = BenchConfig(methods=("spec:draft=d",), out=str(tmp_path / "out"))
+  monkeypatch.chdir(tmp_path / "a")
+  there = saved.fingerprint(cfg, [], [], ["greedy", "spec:draft=d"])
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "results.json").write_text(json.dumps(
+      {"config": dataclasses.asdict(cfg), "fingerprint": there, "complete": True}))
+  again = dataclasses.replace(cfg, methods=("spec:draft=./d",))
+  for folder, refused in (("a", False), ("b", True)):
+    monkeypatch.chdir(tmp_path / folder)
+    why = _finished_other_work(tmp_path / "out", saved.fingerprint(again, [], [], ["greedy", "spec:draft=./d"]),
+                               again)
+    assert (why is not None) == refused, (folder, why)
+    if refused:
+      assert "methods: spec:draft=d there, spec:draft=./d here" in why
+
+
+def test_relabel_leaves_a_damaged_or_doubled_file_as_it_is(tmp_path):
+  """`relabel` of a progress file no bench of ours wrote so: two saved labels of one method (both would take this
+  run's one label, their runs merged) stay as they are; a paths entry that is not a mapping, or a path in it that is
+  not a string, counts as none recorded (the label's own path is read), never an error."""
+  from jaxspec.bench import progress as saved
+
+  runs = {(0, "spec"): {"method": "spec"}, (0, "spec:gamma=4"): {"method": "spec:gamma=4"}}
+  head = saved.fingerprint(BenchConfig(), [], [], ["greedy", "spec", "spec:gamma=4"])
+  assert saved.relabel(head, runs, ["greedy", "spec:gamma=04"]) == (head, runs)
+  path = os.path.realpath(tmp_path / "d")
+  label, written = f"spec:draft={path}", f"spec:gamma=4:draft={path}"
+  runs = {(0, label): {"method": label}}
+  for entry in ("x", ["x"], {"draft": 5}, {"draft": ["x"]}):
+    head = dict(saved.fingerprint(BenchConfig(), [], [], ["greedy", label]), method_paths={label: entry})
+    assert saved.relabel(head, runs, ["greedy", written])[1] == {(0, written): {"method": written}}, entry
+
+
+def test_relabel_reads_this_run_s_paths_through_links_as_the_file_recorded_them(tmp_path, monkeypatch):
+  """A kept label's paths were recorded where they led (through links); this run's spelling of the same method is read
+  the same way (`method_paths`), so `spec:draft=link` kept goes on under `spec:gamma=4:draft=link`."""
+  from jaxspec.bench import progress as saved
+
+  (tmp_path / "real").mkdir()
+  (tmp_path / "link").symlink_to(tmp_path / "real")
+  monkeypatch.chdir(tmp_path)
+  head = saved.fingerprint(BenchConfig(), [], [], ["greedy", "spec:draft=link"])
+  assert head["method_paths"] == {"spec:draft=link": {"draft": os.path.realpath(tmp_path / "real")}}
+  runs = {(0, "spec:draft=link"): {"method": "spec:draft=link"}}
+  assert saved.method_key("spec:gamma=4:draft=link") == saved.method_key("spec:draft=link", head["method_paths"][
+      "spec:draft=link"])
+  assert saved.relabel(head, runs, ["greedy", "spec:gamma=4:draft=link"])[1] == {
+      (0, "spec:gamma=4:draft=link"): {"method": "spec:gamma=4:draft=link"}}
+
+
+def test_a_bench_of_greedy_decoding_alone_is_no_bench_of_methods_that_cannot_run(tmp_path, prompt_file, methods):
+  """No method asked for (methods=(), greedy decoding alone, as the API allows) is not "none of the methods asked for
+  can run": the run times greedy decoding, as before."""
+  cfg = BenchConfig(prompts=prompt_file, methods=(), max_new_tokens=3, limit=1, out=str(tmp_path / "o"))
+  res = run_bench(cfg, methods, None, ByteTokenizer(), progress=False, require_all=True)
+  assert list(res["methods"]) == ["greedy"]

@@ -1102,3 +1102,46 @@ def test_a_prompt_past_longrope_s_original_context_is_told_about_context(monkeyp
   assert err == ("jaxspec: error: A prompt of 300 tokens plus 40 new tokens needs 340 cache slots, more than the cache "
                  "length 320: shorten --prompt, lower --max-new-tokens (to 20 or fewer), or load the model with a "
                  "longer --context (past LongRoPE's original 320 tokens its long factors apply).\n")
+
+
+def test_the_shipped_heads_and_rescorer_on_another_model_say_how_to_train_and_pass_each_part(tiny, tmp_path,
+                                                                                            monkeypatch):
+  """bpd-ngram with the shipped heads and rescorer (a stand-in of the target's vocabulary here) on another model: each
+  message names both parts as a sentence of its own ("Pass heads=FOLDER and rescore=FOLDER"), and the heads' width
+  says which config trains each part; bpd alone still names heads= and the BPD config only."""
+  import jax
+  import numpy as np
+
+  import jaxspec.bench.methods as methods
+  from jaxspec.models.bpd import BPDConfig, BPDModel, save_bpd
+  from jaxspec.models.draft import embed_fingerprint
+  from jaxspec.models.ngram import build_ngram, save_ngram
+  from tests.conftest import make_tiny
+
+  model, params = tiny
+  ctx = BenchContext(model, params, CharTokenizer())
+  both = "Pass heads=FOLDER and rescore=FOLDER with BPD heads and a rescorer built for this model"
+  lm, tables, _ = build_ngram([[1, 2, 3, 4, 5, 1, 2, 3]], 3, model.vocab_size)
+  save_ngram(tmp_path / "shipped_rescore", lm, tables, meta={"tuned": {"k": 2}})
+  monkeypatch.setattr(methods, "DEFAULT_RESCORE", tmp_path / "shipped_rescore")
+  with pytest.raises(Unavailable) as e:  # the shipped heads: d_model 576
+    build(ctx, "bpd-ngram")
+  assert str(e.value).endswith("`jaxspec train` trains the heads from a `task: bpd` config and the rescorer from a "
+                               "`task: rescore` one, each with this model as model.path (README, \"Training for your "
+                               "own model\")")
+  with pytest.raises(Unavailable) as e:
+    build(ctx, "bpd")
+  assert "pass heads=FOLDER with heads trained for this model" in str(e.value) and "rescore" not in str(e.value)
+  assert str(e.value).endswith("trains them from a `task: bpd` config whose model.path is this model, as "
+                               "configs/bpd_t5_numbers.yaml does for jaxspec/assets/t5_numbers")
+  d = model.cfg.d_model
+  other = BPDModel(BPDConfig(num_heads=2, d_model=d, d_hidden=8))  # trained for another model (its fingerprint)
+  save_bpd(tmp_path / "other", other, other.init_params(jax.random.key(0)),
+           meta={"target": {"embed_fingerprint": embed_fingerprint(make_tiny(1)[1])}})
+  far = BPDModel(BPDConfig(num_heads=2, d_model=d, d_hidden=8, vocab_subset=4))  # ids past the target's vocabulary
+  save_bpd(tmp_path / "far", far, far.init_params(jax.random.key(1), vocab_ids=np.array([300, 301, 302, 303])))
+  for heads in ("other", "far"):
+    monkeypatch.setattr(methods, "DEFAULT_BPD_HEADS", tmp_path / heads)
+    with pytest.raises(Unavailable) as e:
+      build(ctx, "bpd-ngram")
+    assert f". {both}" in str(e.value), (heads, str(e.value))
