@@ -545,3 +545,36 @@ def test_the_defaults_two_labels_are_compared_with_are_the_stated_ones():
   assert key("opt-tree", {"drafter": "draft"}) != key("opt-tree", {"drafter": "draft", "vocab": "full"})
   assert key("opt-tree", {"lookup": "2"}) != key("opt-tree", {"lookup": "2", "graft": "0"})
   assert key("bpd", {}) != key("bpd", {"k": "4"})  # k's default is the number of heads the folder holds
+
+
+def test_a_static_tree_calibrates_on_a_model_of_a_short_context(parts, monkeypatch):
+  """`shape=static` (and `nodes=auto`) calibrate on the project's own prompts with 48 new tokens: on a model of a
+  short context (40 tokens) the build was refused with "Prompt 3 (397 tokens) plus 48 new tokens needs 445 cache
+  slots", about prompts the user never gave (found by a randomized differential test). The calibration prompts now
+  keep their last tokens and the new ones fit; the output is greedy decoding's."""
+  from tests.conftest import make_tiny
+  from tests.test_bench import ByteTokenizer
+
+  model, params = make_tiny(embed_scale=3.0, max_seq_len=40)  # the `tiny` target's weights, a shorter context
+  seen = []
+
+  def spy(model, params, prompts, **kwargs):
+    seen.append(max(len(p) for p in prompts) + kwargs["max_new_tokens"])
+    return generate(model, params, prompts, **kwargs)
+
+  monkeypatch.setattr("jaxspec.decoding.generate.generate", spy)  # (the opt-tree build imports it where it runs)
+  run = methods_mod.build(BenchContext(model, params, ByteTokenizer()), "opt-tree",
+                          {"heads": str(parts / "heads"), "shape": "static", "nodes": "6", "depth": "3"})
+  assert len(seen) == 1 and seen[0] <= 40  # the calibration, within the context
+  assert run(PROMPTS, NEW, 0).tokens == generate(model, params, PROMPTS, max_new_tokens=NEW).tokens
+
+
+def test_an_oracle_lattice_wider_than_the_heads_vocabulary_is_refused_at_build(target, parts, monkeypatch):
+  """bpd-oracle's t= above the heads' vocabulary was refused only when the runner ran, after its untimed greedy
+  pass (found by a randomized differential test): now when the method is built, with the same message."""
+  model, params = target
+  seen = spy_generate(monkeypatch)
+  _, name, opts = parse_method(f"bpd-oracle:heads={parts}/heads:k=3:t={model.vocab_size + 1}")
+  with pytest.raises(InputError, match=f"t={model.vocab_size + 1} candidates per column .* give t={model.vocab_size}"):
+    METHODS[name].build(BenchContext(model, params, Tokenizer()), opts)
+  assert seen == []

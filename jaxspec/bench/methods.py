@@ -383,13 +383,14 @@ def _bpd_neural(ctx: BenchContext, opts: dict) -> Runner:
 
 
 def _bpd_oracle(ctx: BenchContext, opts: dict) -> Runner:
-  from jaxspec.decoding.lattice import LatticeDrafter, lattice_draft_params
+  from jaxspec.decoding.lattice import LatticeDrafter, _check_top_t, lattice_draft_params
 
   if ctx.temperature > 0:
     raise Unavailable("the lattice oracle follows the greedy output: greedy only")
   opts = {"k": "4", **opts}
   bpd, dp = _load_heads(ctx, opts)
   drafter = LatticeDrafter(bpd, "oracle", top_t=int(opts.get("t", 16)))
+  _check_top_t(drafter.top_t, dp)  # here, not after the greedy pass each run makes first
   greedy = loop_runner(ctx)
 
   def run(prompts, max_new_tokens, seed):
@@ -716,7 +717,12 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
   def calibrate(drafter, dp):
     # At the run's sampling settings: a sampling tree's probabilities are the warped ones, and its budget and static
     # prior come from those (at temperature 0 they would all sit on each level's first child).
-    res = generate(ctx.model, ctx.params, calibration_prompts(ctx), max_new_tokens=48, eos_ids=ctx.eos_ids,
+    # On a model of a short context the calibration prompts keep their last tokens, so that they fit with the new
+    # ones (a prompt the user never gave would be refused as too long for the context).
+    room = ctx.max_len or getattr(getattr(ctx.model, "cfg", None), "max_seq_len", None)
+    new = min(48, max(1, room // 2)) if room else 48
+    prompts = [p[-(room - new):] for p in calibration_prompts(ctx)] if room else calibration_prompts(ctx)
+    res = generate(ctx.model, ctx.params, prompts, max_new_tokens=new, eos_ids=ctx.eos_ids,
                    pad_id=ctx.pad_id, drafter=drafter, draft_params=dp, max_len=ctx.max_len,
                    temperature=ctx.temperature, top_k=ctx.top_k, top_p=ctx.top_p, seed=ctx.seed)
     return res.drafter_stats
