@@ -229,7 +229,7 @@ def test_train_check_of_each_shipped_config_with_a_wrong_override_is_one_line(co
   (data.src_len, data.tgt_len, data.vocab_size, data.eval_examples ended the run in a traceback from numpy, the
   tokenizer trainer or islice; train.exact_match_examples=-1 scored all but one example, and 0 reported an exact
   match of 0; tune.k and tune.neural_layers were refused once the target had loaded), and an n-gram order outside
-  2..4 failed only after the target's data was built."""
+  2..4 failed only after the target's data was built, rescoring weights outside 0..1 at the first decode with them."""
   import yaml
 
   monkeypatch.chdir(CONFIGS.parent)  # the configs' paths are the repository's
@@ -240,13 +240,14 @@ def test_train_check_of_each_shipped_config_with_a_wrong_override_is_one_line(co
               "train.exact_match_examples=0"]
     read = (f"data.tokenizer={missing}", f"data.tokenizer: no tokenizer.json at '{missing}'")
   else:
-    counts = (["tune.k=0", "tune.neural_layers=-1", "ngram.order=1", "ngram.order=5"] if raw["task"] == "rescore"
-              else ["train.steps=-1"])
+    counts = (["tune.k=0", "tune.neural_layers=-1", "ngram.order=1", "ngram.order=5", "tune.weights=[-0.1,0.5]",
+               "tune.neural_weights=[1.5]", "tune.weights=[]"] if raw["task"] == "rescore" else ["train.steps=-1"])
     key = f"{'collect' if raw['task'] == 'cllm' else 'data'}.prompts"
     read = (f"{key}={missing}", f"Prompt file {missing} not found: pass a JSONL file in Spec-Bench format as {key}=")
   section = "tune" if raw["task"] == "rescore" else "train"
   wrong = [(f"{section}.batch_sise=4", "unknown key"), (f"{section}.batch_size=four", "must be int, got 'four'"),
-           *((c, f"must be {'in 2..4' if 'order' in c else '>= 1'}") for c in counts), read]
+           *((c, "each in 0..1 (and at least one)" if "weights" in c else
+              f"must be {'in 2..4' if 'order' in c else '>= 1'}") for c in counts), read]
   for override, want in wrong:
     assert want in fails(["train", "--check", str(CONFIGS / config), override, f"out={tmp_path / 'out'}"],
                          capsys), override

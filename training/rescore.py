@@ -66,6 +66,11 @@ class TuneSection:
     if self.width and self.width < self.beams:
       raise ValueError(f"width (partial paths the search keeps) must be 0 or at least beams ({self.beams}), got "
                        f"{self.width}")
+    for name in ("weights", "neural_weights"):  # (else refused by the first decode with it, after the data was built)
+      bad = [w for w in getattr(self, name) if not 0.0 <= w <= 1.0]
+      if bad or not (getattr(self, name) or (name == "neural_weights" and not self.neural)):
+        raise ValueError(f"{name} are the LM's shares of each draft's score, each in 0..1 (and at least one), got "
+                         f"{list(getattr(self, name))}")
 
 
 @dataclasses.dataclass(frozen=True)
