@@ -325,14 +325,21 @@ def _ngram_rescorer(ctx: BenchContext, opts: dict, what: str):
   return lm, tables, cfg.get("tuned", {})
 
 
+def _rescorer_heads(opts: dict, tuned: dict) -> dict:
+  """`_load_heads`' say on whose heads a rescoring method reads (before `_with_tuned_heads` fills in the ones the
+  rescorer names): the rescorer folder that names them, or whether they are the shipped heads of the shipped one."""
+  named = "heads" not in opts and bool(tuned.get("heads"))  # the heads the rescorer names, not the options
+  return {"rescorer": _rescore_folder(opts) if named else None,
+          "shipped_rescorer": not named and _with_shipped_rescorer(opts)}
+
+
 def _rescore_setup(ctx: BenchContext, opts: dict, what: str):
   """The tuned settings of the shipped rescorers (or `rescore=FOLDER`), the n-gram tables and the heads."""
   lm, tables, tuned = _ngram_rescorer(ctx, opts, what)
-  named = "heads" not in opts and bool(tuned.get("heads"))  # the heads the rescorer names, not the options
-  shipped = not named and _with_shipped_rescorer(opts)
+  whose = _rescorer_heads(opts, tuned)
   opts = _with_tuned_heads(opts, tuned)
   opts = {"k": str(tuned.get("k", 4)), **opts}
-  bpd, dp = _load_heads(ctx, opts, rescorer=_rescore_folder(opts) if named else None, shipped_rescorer=shipped)
+  bpd, dp = _load_heads(ctx, opts, **whose)
   return lm, tables, tuned, bpd, dp, opts
 
 
@@ -651,11 +658,9 @@ def _tree_source(ctx: BenchContext, opts: dict, depth: int | None = None):
     if kind != "heads":
       raise InputError(f"opt-tree: rescore= rescores the BPD heads' lattice; drafter={kind} drafts with its own LM.")
     lm, tables, tuned = _ngram_rescorer(ctx, opts, "opt-tree:rescore")
-    named = "heads" not in opts and bool(tuned.get("heads"))  # as bpd-ngram reads them (`_rescore_setup`)
-    shipped = not named and _with_shipped_rescorer(opts)
+    whose = _rescorer_heads(opts, tuned)
     opts = _with_tuned_heads(opts, tuned)
-    bpd, dp = _load_heads(ctx, {"heads": opts["heads"]} if "heads" in opts else {}, depth,
-                          rescorer=_rescore_folder(opts) if named else None, shipped_rescorer=shipped)
+    bpd, dp = _load_heads(ctx, {"heads": opts["heads"]} if "heads" in opts else {}, depth, **whose)
     t = int(opts.get("t", tuned.get("top_t", 16)))
     weight = float(opts.get("weight", tuned.get("ngram_weight", 0.3)))
     return ((lambda width: NgramHeadsTreeSource(bpd, lm, top_t=t, width=width)),
@@ -720,8 +725,10 @@ def _opt_tree(ctx: BenchContext, opts: dict) -> Runner:
     # On a model of a short context the calibration prompts keep their last tokens, so that they fit with the new
     # ones (a prompt the user never gave would be refused as too long for the context).
     room = ctx.max_len or getattr(getattr(ctx.model, "cfg", None), "max_seq_len", None)
-    new = min(48, max(1, room // 2)) if room else 48
-    prompts = [p[-(room - new):] for p in calibration_prompts(ctx)] if room else calibration_prompts(ctx)
+    new, prompts = 48, calibration_prompts(ctx)
+    if room:
+      new = min(new, max(1, room // 2))
+      prompts = [p[-(room - new):] for p in prompts]
     res = generate(ctx.model, ctx.params, prompts, max_new_tokens=new, eos_ids=ctx.eos_ids,
                    pad_id=ctx.pad_id, drafter=drafter, draft_params=dp, max_len=ctx.max_len,
                    temperature=ctx.temperature, top_k=ctx.top_k, top_p=ctx.top_p, seed=ctx.seed)
