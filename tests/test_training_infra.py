@@ -513,6 +513,29 @@ def test_a_t5_draft_for_another_tokenizer_does_not_write_over_the_shipped_t5_dra
   check_assets(load_task_config(str(Path(path).with_name("t5_numbers.yaml")), [f"out={ASSETS / 't5_numbers'}"])[0])
 
 
+def test_a_rebuild_of_the_shipped_t5_with_another_vocabulary_is_refused_before_training(tmp_path):
+  """configs/t5_numbers.yaml rebuilds the shipped T5 with a new tokenizer; with other data settings
+  (data.vocab_size=100) that tokenizer has other ids, and the run wrote over the T5 whose shipped draft and BPD heads
+  read the old ones. Refused once the tokenizer is built, before any step; the shipped settings build the shipped
+  vocabulary, and another `out` may build any."""
+  from jaxspec.bench.methods import ASSETS
+  from training import seq2seq, synthetic
+  from training.tasks import load_task_config
+
+  path = str(Path(__file__).resolve().parents[1] / "configs" / "t5_numbers.yaml")
+  before = {p.name: p.stat().st_mtime_ns for p in (ASSETS / "t5_numbers").iterdir()}
+  cfg = load_task_config(path, ["data.vocab_size=100", f"train.checkpoint_dir={tmp_path / 'ckpt'}"])[0]
+  with pytest.raises(ConfigError, match=r"out=.*t5_numbers is the shipped T5, .* this run's data settings .*"
+                     r"data\.vocab_size=100\) built a tokenizer of another vocabulary \(100 tokens.*out=runs/"):
+    seq2seq.train_seq2seq(cfg, progress=False)
+  assert {p.name: p.stat().st_mtime_ns for p in (ASSETS / "t5_numbers").iterdir()} == before
+  rows = synthetic.examples(cfg.data.train_examples, cfg.data.seed)
+  shipped = load_task_config(path, [])[0]
+  seq2seq.check_shipped_vocabulary(shipped, seq2seq._tokenizer(shipped.data, rows))
+  elsewhere = load_task_config(path, ["data.vocab_size=100", f"out={tmp_path / 't5'}"])[0]
+  seq2seq.check_shipped_vocabulary(elsewhere, seq2seq._tokenizer(elsewhere.data, rows))
+
+
 def test_a_seq2seq_run_does_not_write_over_a_folder_of_the_default_model(tmp_path):
   """A seq2seq run (a T5) with out= a shipped folder of the embedded default model (jaxspec/assets/draft_smollm2)
   passed the checks and replaced the default model's distilled draft with a T5, whatever data.tokenizer was."""
@@ -601,6 +624,8 @@ def test_schedule():
     OptimConfig(total_steps=10, cycles=3)
   with pytest.raises(ConfigError, match="cycles must be >= 1; got optim.cycles=0"):  # not a ZeroDivisionError
     OptimConfig(total_steps=10, cycles=0)
+  with pytest.raises(ConfigError, match=r"lr must be > 0 .*; got optim.lr=0.0"):  # (a run at 0 trained nothing)
+    OptimConfig(lr=0.0)
 
 
 def test_schedule_follows_the_runs_steps_unless_set(caplog):

@@ -149,6 +149,31 @@ def _save_tokenizer(tokenizer, tok_dir: Path, built_with: dict) -> None:
   tmp.rename(tok_dir)
 
 
+def check_shipped_vocabulary(cfg: Seq2SeqTrainConfig, tokenizer) -> None:
+  """Fails before training when a run rebuilding the shipped T5 (out=jaxspec/assets/t5_numbers, a new tokenizer)
+  built another vocabulary than the shipped one: the shipped draft and BPD heads read the T5's token ids, so other
+  data settings (`data.train_examples`, `data.seed`, `data.vocab_size`: the texts and size the tokenizer is trained
+  on) would leave them serving a model of other ids. `check_assets` refuses a reused tokenizer of another model
+  before any work; a new one is known only once built (seconds)."""
+  from jaxspec.bench.methods import ASSETS
+  from jaxspec.loading.tokenizer import Tokenizer
+
+  shipped = ASSETS / "t5_numbers"
+  if cfg.data.tokenizer or Path(cfg.out).resolve() != shipped.resolve():
+    return
+  if not (shipped / "tokenizer.json").is_file():  # (deleted to rebuild all three parts: nothing to keep in step)
+    return
+  if Tokenizer.from_tokenizer_json(shipped / "tokenizer.json").backend.get_vocab() == tokenizer.backend.get_vocab():
+    return
+  raise ConfigError(f"out={cfg.out} is the shipped T5, whose tokenizer its draft and BPD heads "
+                    "(jaxspec/assets/t5_numbers_draft, jaxspec/assets/bpd_t5_numbers) read; this run's data "
+                    f"settings (data.train_examples={cfg.data.train_examples}, data.seed={cfg.data.seed}, "
+                    f"data.vocab_size={cfg.data.vocab_size}) built a tokenizer of another vocabulary "
+                    f"({tokenizer.vocab_size} tokens, not the same ids). Keep configs/t5_numbers.yaml's data settings "
+                    "to rebuild the shipped T5, or write the result to a folder of your own, e.g. "
+                    "out=runs/t5_numbers_mine (and give train.checkpoint_dir a path of your own too).")
+
+
 def encode_pairs(tokenizer, rows, src_len: int, tgt_len: int, start_id: int) -> tuple[dict, int]:
   """Padded arrays `src`, `src_len`, `dec_in` (start token + target), `labels` (target + EOS), `mask`; and how many
   examples were too long."""
@@ -231,6 +256,7 @@ def train_seq2seq(cfg: Seq2SeqTrainConfig, *, progress: bool = True) -> dict:
   if tokenizer is None:
     tokenizer = _tokenizer(cfg.data, train_rows)
     _save_tokenizer(tokenizer, tok_dir, settings)
+  check_shipped_vocabulary(cfg, tokenizer)
   m = cfg.model
   model = T5LM(T5Config(vocab_size=tokenizer.vocab_size, d_model=m.d_model, d_kv=m.d_kv, d_ff=m.d_ff,
                         n_heads=m.n_heads, n_enc_layers=m.n_enc_layers, n_dec_layers=m.n_dec_layers,

@@ -120,7 +120,7 @@ class OptimConfig:
 
   def __post_init__(self):
     checks = [
-        (self.lr >= 0, "lr must be >= 0", ("lr",)),
+        (self.lr > 0, "lr must be > 0 (at 0 the run would export the parameters it started from)", ("lr",)),
         (self.warmup_steps >= 0, "warmup_steps must be >= 0", ("warmup_steps",)),
         (self.grad_accum >= 1, "grad_accum must be >= 1", ("grad_accum",)),
         (self.cycles >= 1, "cycles must be >= 1", ("cycles",)),
