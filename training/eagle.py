@@ -232,7 +232,10 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
                       f"whose last ones eagle.init=target_last starts the draft from: set "
                       f"eagle.n_layers={model.cfg.n_layers} or fewer, or eagle.init=random")
   ckpt_dir = Path(cfg.train.checkpoint_dir)
-  record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params))  # checkpoints of another target are refused
+  # checkpoints of another target are refused, and an export for another one in `out` (which records the
+  # embedding alone, `save_eagle`)
+  record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params),
+                    export_target=embed_fingerprint({"embed": params["embed"]}))
   t0 = time.time()
   seqs = build_sequences(cfg, model, params, tokenizer, progress)
   data_s = time.time() - t0
