@@ -143,8 +143,11 @@ def test_collection_resumes_after_an_interruption(varied, collected, tmp_path, m
   other = jax.tree.map(lambda x: x * 1.01, params)
   with pytest.raises(InputError, match="holds trajectories another model collected"):
     collect_trajectories(model, other, prompts, tmp_path, **kwargs)
+  tuned = {**params, "layers_0": jax.tree.map(lambda x: x * 1.01, params["layers_0"])}  # the embedding kept
+  with pytest.raises(InputError, match="holds trajectories another model collected \\(weights fingerprint"):
+    collect_trajectories(model, tuned, prompts, tmp_path, **kwargs)
   meta = json.loads((tmp_path / "meta.json").read_text())
-  (tmp_path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "target"}))
+  (tmp_path / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if k not in ("target", "weights")}))
   collect_trajectories(model, params, prompts, tmp_path, **kwargs)
   assert json.loads((tmp_path / "meta.json").read_text()) == meta
   (tmp_path / "shard_00001.npz").write_bytes(b"not a shard")

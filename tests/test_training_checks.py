@@ -105,9 +105,14 @@ def test_a_dataset_folder_from_another_model_or_other_prompts_is_refused(tiny, t
                           max_new_tokens=4, batch_size=4, shard_size=4, progress=False, key="data.greedy_dataset_dir")
   with pytest.raises(InputError, match="other prompts"):
     _distill(model, params, ["alpha 1", "bravo 2", "charlie 4"], tmp_path / "d")
+  # A model with this one's embedding but other layers (a fine-tune of it, a model with layers removed) reused its
+  # answers: only the embedding was compared.
+  tuned = {**params, "layers_1": jax.tree.map(lambda x: x * 1.01, params["layers_1"])}
+  with pytest.raises(InputError, match=r"another target model \(one of other weights with this one's embedding"):
+    _distill(model, tuned, texts, tmp_path / "d")
   # A folder written before the source was recorded takes it on first use, and is checked from then on.
   meta = json.loads((tmp_path / "d" / "meta.json").read_text())
-  legacy = {k: v for k, v in meta.items() if k not in ("target", "prompt_ids_sha256")}
+  legacy = {k: v for k, v in meta.items() if k not in ("target", "weights", "prompt_ids_sha256")}
   (tmp_path / "d" / "meta.json").write_text(json.dumps(legacy))
   assert len(_distill(model, params, texts, tmp_path / "d")) == 3
   assert json.loads((tmp_path / "d" / "meta.json").read_text()) == meta
@@ -489,6 +494,13 @@ def test_checkpoints_of_another_target_under_the_same_path_are_refused(tmp_path)
   record_run_config(cfg, ckpt, target="bf16-crc32:2")
   with pytest.raises(ConfigError, match="another target model"):
     record_run_config(cfg, ckpt, target="bf16-crc32:1")
+  # Weights of the same embedding (a fine-tune at the same path) are told apart by the weights' fingerprint, which
+  # checkpoints from before it was recorded take on first use.
+  record_run_config(cfg, ckpt, target="bf16-crc32:2", weights="bf16-crc32:a")
+  record_run_config(cfg, ckpt, target="bf16-crc32:2", weights="bf16-crc32:a")
+  with pytest.raises(ConfigError, match=r"trained on another target model \(weights fingerprint bf16-crc32:a there, "
+                                        r"bf16-crc32:b now"):
+    record_run_config(cfg, ckpt, target="bf16-crc32:2", weights="bf16-crc32:b")
 
 
 def test_train_tasks_name_prompts_that_fill_seq_len_or_the_context_before_training(tiny, tmp_path):

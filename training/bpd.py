@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from jaxspec import sharding
 from jaxspec.decoding.sampling import seed_key
 from jaxspec.models.bpd import MAX_HEADS, BPDConfig, BPDModel, save_bpd, target_fingerprint
+from jaxspec.models.draft import weights_fingerprint
 from jaxspec.models.llama import precision_key
 from training import datasets, rowcache
 from training.config import ConfigError, record_run_config, load_config, starting_point_key, to_dict
@@ -225,7 +226,8 @@ def cached_features(path: Path, model, params, seqs: datasets.Sequences, seq_len
 
   cut = [np.asarray(t[:seq_len]) for t in seqs.tokens]
   key = json.dumps({"seq_len": seq_len, "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
-                    "embed": target_fingerprint(params), **precision_key(model.cfg)}, sort_keys=True)
+                    "embed": target_fingerprint(params), "weights": weights_fingerprint(params),
+                    **precision_key(model.cfg)}, sort_keys=True)
 
   def compute(idx: np.ndarray, advance) -> dict[str, np.ndarray]:
     part = datasets.Sequences([cut[i] for i in idx], np.asarray(seqs.prompt_lens)[idx])
@@ -450,7 +452,8 @@ def train_bpd(cfg: BPDTrainConfig, *, model=None, params=None, tokenizer=None, p
   # Heads to start from are read and checked against the run before the data is built (which can take an hour).
   initial = _initial_heads(cfg, model) if cfg.heads.init else None
   ckpt_dir = Path(cfg.train.checkpoint_dir)
-  record_run_config(cfg, ckpt_dir, target=target_fingerprint(params))  # checkpoints of another target are refused
+  # checkpoints of another target are refused
+  record_run_config(cfg, ckpt_dir, target=target_fingerprint(params), weights=weights_fingerprint(params))
   t0 = time.time()
   seqs = build_sequences(cfg, model, params, tokenizer, progress)
   data_s = time.time() - t0

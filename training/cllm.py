@@ -70,7 +70,7 @@ from jaxspec import files
 from jaxspec.decoding.sampling import argmax
 from jaxspec.errors import InputError
 from jaxspec.loading.tokenizer import end_ids
-from jaxspec.models.draft import embed_fingerprint
+from jaxspec.models.draft import embed_fingerprint, weights_fingerprint
 from jaxspec.models.llama import LlamaLM
 from jaxspec.models.lora import ALL_TARGETS, LoraConfig, init_lora, lora_size, merge_lora, save_lora
 from training import datasets
@@ -397,18 +397,19 @@ def collect_trajectories(model, params, prompts: Sequence[Sequence[int]], out: s
           "guess_from": "context"}
   # Which model's trajectories (a fine-tune of another model with the same tokenizer has the same prompts and
   # settings); folders collected before it was recorded take it on first use.
-  target = embed_fingerprint(params)
+  target, weights = embed_fingerprint(params), weights_fingerprint(params)
   meta_path = out / META_FILE
   old = datasets.read_meta(meta_path)
   if old is not None:
-    if {k: v for k, v in old.items() if k != "target"} != meta:
+    if {k: v for k, v in old.items() if k not in ("target", "weights")} != meta:
       raise InputError(f"{out} holds trajectories collected with other settings or prompts ({meta_path}); use "
                        "another folder.")
-    if old.get("target") not in (None, target):
-      raise InputError(f"{out} holds trajectories another model collected (embedding fingerprint {old['target']} "
-                       f"there, {target} here): use another collect.dataset_dir for this run, or delete that folder "
-                       "to collect again.")
-  datasets.write_meta(meta_path, {**meta, "target": target})
+    for key, value, what in (("target", target, "embedding"), ("weights", weights, "weights")):
+      if old.get(key) not in (None, value):  # (the weights: a model with this one's embedding, a fine-tune of it)
+        raise InputError(f"{out} holds trajectories another model collected ({what} fingerprint {old[key]} there, "
+                         f"{value} here): use another collect.dataset_dir for this run, or delete that folder to "
+                         "collect again.")
+  datasets.write_meta(meta_path, {**meta, "target": target, "weights": weights})
   eos = np.asarray(list(eos_ids), np.int32)
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
@@ -723,7 +724,8 @@ def train_cllm(cfg: CLLMTrainConfig, *, model=None, params=None, tokenizer=None,
                       "its consistency training is not implemented.")
   c, t, o = cfg.collect, cfg.train, cfg.objective
   ckpt_dir = Path(t.checkpoint_dir)
-  record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params))  # checkpoints of another target are refused
+  # checkpoints of another target are refused
+  record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params), weights=weights_fingerprint(params))
   texts = datasets.read_prompt_texts(c.prompts, c.limit)
   prompt_ids = chat_prompt_ids(tokenizer, texts)
   # Each prompt takes collect.windows windows of collect.window tokens: all must fit in the context, checked before

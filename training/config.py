@@ -307,13 +307,14 @@ TARGET_FILE = "target.json"  # beside config.yaml: the fingerprint of the target
 
 
 def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: str | None = None,
-                      export_target: str | None = None) -> None:
+                      export_target: str | None = None, weights: str | None = None) -> None:
   """Writes `cfg` to `checkpoint_dir/config.yaml`, after checking, when the folder holds checkpoints of an earlier
   run, that the new config changes only keys a resumed run may change (`RESUME_MAY_CHANGE`), and, given the target's
   fingerprint (`jaxspec.models.draft.embed_fingerprint`), that the checkpoints were trained on this target: the
   weights at `model.path` may change while the path does not; and that `out` holds no export of this task trained
   for another target (`check_out_target`; `export_target`: the fingerprint the export records, where it is not
-  `target`).
+  `target`). `weights` (`jaxspec.models.draft.weights_fingerprint`) tells apart targets that share an embedding (a
+  fine-tune of it); checkpoints from before it was recorded take it on first use.
 
   Raises:
     ConfigError: a resume with other settings than the checkpoints were trained with (e.g. `train.seed`, which
@@ -323,19 +324,23 @@ def record_run_config(cfg: Any, checkpoint_dir: str | os.PathLike[str], target: 
   path = Path(checkpoint_dir) / "config.yaml"
   has_steps = check_run_settings(cfg, checkpoint_dir)
   target_path = path.with_name(TARGET_FILE)
+  recorded = {"embed_fingerprint": target, "weights_fingerprint": weights}
   if target is not None and has_steps and target_path.is_file():  # (runs from before it was recorded take it now)
     try:
-      was = json.loads(target_path.read_text(encoding="utf-8")).get("embed_fingerprint")
-    except (OSError, ValueError, AttributeError):
+      was = json.loads(target_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
       was = None
-    if was is not None and was != target:  # (after the settings: a changed model.path is named as such)
-      raise ConfigError(f"{path.parent} holds checkpoints trained on another target model (embedding fingerprint "
-                        f"{was} there, {target} now: other weights at model.path). Resuming would continue them on "
-                        "this one: set train.checkpoint_dir to a new folder.")
+    for key, what in (("embed_fingerprint", "embedding"), ("weights_fingerprint", "weights")):
+      old = was.get(key) if isinstance(was, dict) else None
+      # (after the settings: a changed model.path is named as such)
+      if old is not None and recorded[key] is not None and old != recorded[key]:
+        raise ConfigError(f"{path.parent} holds checkpoints trained on another target model ({what} fingerprint "
+                          f"{old} there, {recorded[key]} now: other weights at model.path). Resuming would continue "
+                          "them on this one: set train.checkpoint_dir to a new folder.")
   check_out_target(cfg, export_target or target)
   dump_config(cfg, path)
   if target is not None:
-    files.write_json(target_path, {"embed_fingerprint": target})
+    files.write_json(target_path, {k: v for k, v in recorded.items() if v is not None})
 
 
 # Where each kind of export (`training.tasks.export_kind`) records the embedding fingerprint of the model it was

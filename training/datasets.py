@@ -245,8 +245,11 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
   # (`target_fingerprint` reads a T5's shared embedding too: `embed_fingerprint` alone saw nothing of a tied T5, so
   # every tied T5 looked the same; folders written with that older fingerprint are taken where it saw something)
   from jaxspec.models.bpd import target_fingerprint
-  from jaxspec.models.draft import embed_fingerprint
+  from jaxspec.models.draft import embed_fingerprint, weights_fingerprint
+  # (`weights`: every array sampled, for a model that shares another's embedding, a merged fine-tune say; folders
+  # written before it was recorded take it on first use)
   source = {"target": target_fingerprint(params) if params is not None else None,
+            "weights": weights_fingerprint(params) if params is not None else None,
             "prompt_ids_sha256": hashlib.sha256(json.dumps([list(map(int, p)) for p in ids]).encode()).hexdigest()}
   meta_path = out / "meta.json"
   shards = [order[i:i + shard_size] for i in range(0, len(order), shard_size)]
@@ -271,7 +274,8 @@ def self_distill(model, params, tokenizer, prompt_texts: Sequence[str], out: str
       if field == "target" and old.get(field) is not None and old[field] == older:
         continue
       if old.get(field) is not None and value is not None and old[field] != value:
-        what = "another target model" if field == "target" else "other prompts (or another tokenizer)"
+        what = {"target": "another target model", "weights": "another target model (one of other weights with "
+                "this one's embedding: a fine-tune of it, say)"}.get(field, "other prompts (or another tokenizer)")
         raise InputError(f"{out} holds answers written by {what} than this run's ({field} {old[field]} there, {value} "
                          f"here): use another {key} for this run, or delete that folder to rebuild it.")
   elif has_shards:

@@ -37,6 +37,7 @@ import numpy as np
 
 from jaxspec.models.bpd import target_fingerprint
 from jaxspec.models.draft import VOCAB_PARAMS, embed_fingerprint, load_draft, save_draft  # noqa: F401 (re-export)
+from jaxspec.models.draft import weights_fingerprint
 from jaxspec import sharding
 from jaxspec.decoding.sampling import seed_key
 from jaxspec.models.llama import LlamaLM, precision_key
@@ -249,7 +250,8 @@ def cached_teacher_topk(path: Path, model, params, tokens_NxL, lengths_N, k: int
   killed run keeps (`training.rowcache`)."""
   key = json.dumps({"k": min(k, model.vocab_size), "width": int(tokens_NxL.shape[1]),
                     "target": repr(dataclasses.replace(model.cfg, scan_layers=False)),
-                    "embed": target_fingerprint(params), **precision_key(model.cfg)}, sort_keys=True)
+                    "embed": target_fingerprint(params), "weights": weights_fingerprint(params),
+                    **precision_key(model.cfg)}, sort_keys=True)
 
   def compute(idx: np.ndarray, advance) -> dict[str, np.ndarray]:
     ids, logp, other = teacher_topk(model, params, tokens_NxL, lengths_N, k, rows=idx, advance=advance)
@@ -350,7 +352,8 @@ def train_draft(cfg: DraftTrainConfig, *, model=None, params=None, tokenizer=Non
                       f"which draft.init=target_layers starts the draft from: set draft.n_layers={model.cfg.n_layers} "
                       "or fewer, or draft.init=random")
   ckpt_dir = Path(cfg.train.checkpoint_dir)
-  record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params))  # checkpoints of another target are refused
+  # checkpoints of another target are refused
+  record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params), weights=weights_fingerprint(params))
   t0 = time.time()
   seqs = build_sequences(cfg, model, params, tokenizer, progress)
   data_s = time.time() - t0

@@ -42,7 +42,7 @@ import numpy as np
 
 from jaxspec import sharding
 from jaxspec.decoding.sampling import seed_key
-from jaxspec.models.draft import embed_fingerprint
+from jaxspec.models.draft import embed_fingerprint, weights_fingerprint
 from jaxspec.models.eagle import EagleDraft, own_params, save_eagle
 from training import datasets, rowcache
 from training.bpd import FEATURES_FILE, DataSection, ModelSection, build_sequences, cached_features
@@ -235,7 +235,7 @@ def train_eagle(cfg: EagleTrainConfig, *, model=None, params=None, tokenizer=Non
   # checkpoints of another target are refused, and an export for another one in `out` (which records the
   # embedding alone, `save_eagle`)
   record_run_config(cfg, ckpt_dir, target=embed_fingerprint(params),
-                    export_target=embed_fingerprint({"embed": params["embed"]}))
+                    export_target=embed_fingerprint({"embed": params["embed"]}), weights=weights_fingerprint(params))
   t0 = time.time()
   seqs = build_sequences(cfg, model, params, tokenizer, progress)
   data_s = time.time() - t0
