@@ -245,8 +245,8 @@ def test_folder_round_trip_and_clear_errors(tiny, tmp_path):
   with pytest.raises(ModelLoadError, match="fingerprint"):
     load_eagle(tmp_path / "d", other_model, other_params)
   wide_model, wide_params = make_tiny(seed=0, d_model=48)
-  with pytest.raises(ModelLoadError, match="another target"):
-    load_eagle(tmp_path / "d", wide_model, wide_params)
+  with pytest.raises(ModelLoadError, match=r"another target \(d_model 32 there, 48 here\); train one"):  # (it printed
+    load_eagle(tmp_path / "d", wide_model, wide_params)                                   # a Python dict of pairs)
   w = tmp_path / "d" / "model.safetensors"
   w.write_bytes(w.read_bytes()[:200])
   with pytest.raises(ModelLoadError, match="unreadable"):

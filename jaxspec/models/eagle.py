@@ -225,10 +225,10 @@ def load_eagle(folder: str | os.PathLike, target: LlamaLM, target_params: dict, 
   want = info.get("target", {})
   got = {"vocab_size": cfg.vocab_size, "d_model": cfg.d_model, "n_heads": cfg.n_heads, "n_kv_heads": cfg.n_kv_heads,
          "head_dim": cfg.head_dim, "d_ff": cfg.d_ff}
-  wrong = {k: (want.get(k), v) for k, v in got.items() if want.get(k) != v}
+  wrong = [f"{k} {want.get(k)} there, {v} here" for k, v in got.items() if want.get(k) != v]
   if wrong:
-    raise ModelLoadError(f"The feature-level draft in {folder} was trained for another target ({wrong}, as "
-                         "(draft's target, this target)); train one for this target.")
+    raise ModelLoadError(f"The feature-level draft in {folder} was trained for another target ({'; '.join(wrong)}); "
+                         "train one for this target.")
   if ready is not None:
     ready()
   draft = EagleDraft(cfg, n_layers)
