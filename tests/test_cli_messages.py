@@ -1146,3 +1146,23 @@ def test_the_shipped_heads_and_rescorer_on_another_model_say_how_to_train_and_pa
     with pytest.raises(Unavailable) as e:
       build(ctx, "bpd-ngram")
     assert f". {both}" in str(e.value), (heads, str(e.value))
+
+
+def test_a_run_for_another_model_that_keeps_the_configs_folders_is_warned(tmp_path, capsys, caplog):
+  """Following README "Training for your own model" with one folder setting forgotten (`data.dataset_dir`), the run
+  wrote its model's answers into the default model's data folder without a word: `--check` and the run name each
+  folder setting left at the config file's value while model.path names another model, and say nothing when every
+  folder is the run's own or the model is the file's."""
+  model = tmp_path / "mine.gguf"
+  model.write_bytes(b"GGUF")
+  config = str(CONFIGS / "bpd_smollm2.yaml")
+  own = [f"out={tmp_path}/heads", f"train.checkpoint_dir={tmp_path}/ckpt", f"data.greedy_dataset_dir={tmp_path}/g"]
+  assert cli.main(["train", config, "--check", f"model.path={model}", *own]) == 0
+  assert (f"model.path={model} is another model than {config}'s, but data.dataset_dir=runs/smollm2_sampled/data "
+          "keeps its folders, which hold (or will hold) that model's data, checkpoints or export: give it a path of "
+          "your own (README: \"Training for your own model\")") in caplog.text
+  caplog.clear()
+  assert cli.main(["train", config, "--check", f"model.path={model}", *own, f"data.dataset_dir={tmp_path}/s"]) == 0
+  assert "is another model" not in caplog.text
+  assert cli.main(["train", config, "--check", *own]) == 0  # the file's own model: its folders are its own
+  assert "is another model" not in caplog.text

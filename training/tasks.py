@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -28,6 +29,8 @@ from training.draft import DraftTrainConfig, train_draft
 from training.eagle import EagleTrainConfig, train_eagle
 from training.rescore import RescoreConfig, train_rescore
 from training.seq2seq import Seq2SeqTrainConfig, check_tokenizer, train_seq2seq
+
+logger = logging.getLogger(__name__)
 
 TASKS: dict[str, tuple[type, Callable[..., dict]]] = {
     "bpd": (BPDTrainConfig, train_bpd),
@@ -403,6 +406,38 @@ def check_resume(cfg: Any) -> None:
     check_run_settings(cfg, folder)
 
 
+# The settings naming a folder a run writes (or fills once and reuses): a run for another model than its config's
+# should give each one a path of its own.
+_FOLDER_KEYS = ("out", "checkpoint_dir", "dataset_dir", "greedy_dataset_dir", "more_dataset_dir")
+
+
+def folders_left_to_the_config(path: str, cfg: Any) -> list[str]:
+  """The folder settings (`_FOLDER_KEYS`) a run keeps at its config file's values while `model.path` names another
+  model than the file's: the file's folders hold (or will hold) its own model's data, checkpoints and export. A run
+  for your own model that forgot one wrote its answers into the default model's data folder (where a later run for
+  the default model then refuses them) or exported over its parts (`check_out_target` refuses that once the model
+  has loaded). Empty where the file names the same model, or the task reads no model.path."""
+  model = getattr(cfg, "model", None)
+  if not hasattr(model, "path"):
+    return []
+  own = load_config(path, type(cfg), ())
+  if model.path is None or (own.model.path is not None and Path(model.path).resolve() == Path(
+      os.path.expanduser(own.model.path)).resolve()):
+    return []
+  left = []
+
+  def walk(a: Any, b: Any, prefix: str) -> None:
+    for f in dataclasses.fields(a):
+      x, y = getattr(a, f.name), getattr(b, f.name)
+      if dataclasses.is_dataclass(x) and dataclasses.is_dataclass(y):
+        walk(x, y, f"{prefix}{f.name}.")
+      elif f.name in _FOLDER_KEYS and x and x == y:
+        left.append(f"{prefix}{f.name}={x}")
+
+  walk(_expand_home(own), cfg, "")
+  return left
+
+
 def main_train(path: str, overrides=(), progress: bool = True, check_only: bool = False) -> dict:
   """`jaxspec train CONFIG [key=value ...]`: runs the task the file names and prints its summary. With `check_only`
   (`--check`), runs the checks made before any work and prints the settings the run would use instead."""
@@ -410,6 +445,12 @@ def main_train(path: str, overrides=(), progress: bool = True, check_only: bool 
   check_processes(cfg)
   check_writable(cfg)
   check_assets(cfg)
+  left = folders_left_to_the_config(path, cfg)
+  if left:
+    logger.warning("model.path=%s is another model than %s's, but %s keep%s its folders, which hold (or will hold) "
+                   "that model's data, checkpoints or export: give %s of your own (README: \"Training for your own "
+                   "model\").", cfg.model.path, path, ", ".join(left), "s" if len(left) == 1 else "",
+                   "it a path" if len(left) == 1 else "them paths")
   check_inputs(cfg)
   check_resume(cfg)
   if check_only:
