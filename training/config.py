@@ -374,7 +374,7 @@ def check_out_target(cfg: Any, target: str | None) -> None:
     return
   from jaxspec.loading.hf import _JAXSPEC_PARTS
 
-  for kind, *_ in _JAXSPEC_PARTS:
+  for kind, _, what, _ in _JAXSPEC_PARTS:
     keys = EXPORT_TARGET_KEYS.get(kind)
     if keys is None or not isinstance(config.get(kind), dict):
       continue
@@ -383,7 +383,6 @@ def check_out_target(cfg: Any, target: str | None) -> None:
       entry = entry.get(key) if isinstance(entry, dict) else None
     was = entry.get("embed_fingerprint") if isinstance(entry, dict) else None
     if was is not None and was != target:
-      what = next(w for k, _, w, _ in _JAXSPEC_PARTS if k == kind)
       raise ConfigError(f"out={str(out)!r} holds {what} trained for another model (embedding fingerprint {was} there, "
                         f"{target} for this run's target): this run's export would replace it. Set out to a folder "
                         "of your own (README: \"Training for your own model\"), or delete that one to replace it.")
