@@ -374,6 +374,8 @@ def test_joint_loss_ignores_what_lies_past_each_sequence(tiny):
   np.testing.assert_allclose(got[0][0], got[1][0], rtol=1e-6)
   for name in got[0][1]:
     np.testing.assert_allclose(got[0][1][name], got[1][1][name], rtol=1e-6, err_msg=name)
+  # The joint loss (base + heads) is measured wherever the base is: its weight is the base's positions.
+  assert int(got[0][1]["count/loss"]) == int(mask.sum()) == int(got[0][1]["count/base_loss"])
 
 
 def test_subset_targets_mark_tokens_outside_the_heads_vocabulary_apart_from_padding():
@@ -839,6 +841,17 @@ def test_head_metrics_average_each_head_over_its_own_targets():
       np.testing.assert_allclose(m["tau_teacher"], 1 + runs(agree).mean(), rtol=1e-6)
 
 
+def test_a_batch_without_a_valid_target_measures_no_loss():
+  """Held-out targets all outside the heads' vocabulary subset (-2: misses, no loss) or padding: the loss is 0 for
+  want of terms, and its count must be 0 too, so an evaluation leaves `eval/loss` out rather than report 0 (seen
+  with a random model: `eval/loss 0.0` read as perfect). The accuracies still count the misses."""
+  logits = jnp.zeros((3, 2, 5), jnp.float32)
+  for targets, loss_count in (([[-2, -2], [-2, -1], [-1, -1]], 0), ([[-2, 4], [-2, -1], [-1, -1]], 3)):
+    loss, m = bpd_training.head_metrics(logits, jnp.asarray(targets))
+    assert int(m["count/loss"]) == loss_count and int(m["count/acc_h1"]) == 2 and float(m["acc_h1"]) == 0.0
+  assert float(loss) == pytest.approx(np.log(5))
+
+
 def test_head_examples_start_at_the_last_prompt_token_and_line_up_their_targets():
   """An example per position t from the last prompt token on (from 0 with loss_on_prompt) while head 1 has a target:
   it reads h_t and x_{t+1}, head i targets x_{t+1+i} (-1 past the end); with a teacher, head i's row is the state that
@@ -882,5 +895,5 @@ def test_the_joint_objective_gives_the_heads_the_examples_of_the_heads_objective
   frozen = {"proj_DxM": output_projection(model, params, heads), "embed_VxD": model.input_table(params)}
   _, alone = jax.jit(bpd_training.heads_loss(bpd))(heads, frozen, ex.batch(np.arange(len(ex))), None)
   assert set(alone) <= set(joint) and 0 < float(alone["acc_h1"]) < 1 and float(alone["tau_proxy"]) > 1
-  for name in alone:
+  for name in set(alone) - {"count/loss"}:  # (the joint loss adds the base's: it counts the base's positions)
     np.testing.assert_allclose(joint[name], alone[name], rtol=1e-4, atol=1e-5, err_msg=name)

@@ -316,6 +316,13 @@ def test_train_check_makes_the_checks_a_run_made_before_loading_its_target(tmp_p
   gguf = Path(__file__).parent / "fixtures" / "llama_cpp_gguf" / "qwen3-f32.gguf"  # a file: no folder checks
   assert cli.main(["train", str(config), "--check", f"model.path={gguf}"]) == 0
   capsys.readouterr()
+  # A damaged model file passed --check too (the run refused it once loading): a cut-short copy, a file of junk.
+  (tmp_path / "cut.gguf").write_bytes(gguf.read_bytes()[:4096])
+  (tmp_path / "junk.gguf").write_bytes(b"not a model" * 100)
+  assert "is not a readable GGUF file" in fails(["train", str(config), "--check", f"model.path={tmp_path / 'cut.gguf'}"],
+                                                capsys)
+  assert "model.path=" in (err := fails(["train", str(config), "--check", f"model.path={tmp_path / 'junk.gguf'}"],
+                                        capsys)) and "download or convert it again" in err
   assert "use train.targets=tokens there" in fails(
       ["train", str(config), "--check", "train.objective=joint", "train.targets=teacher"], capsys)
   assert "apply to train.objective=joint only" in fails(["train", str(config), "--check", "train.base_lr_scale=0.5"],
@@ -1153,8 +1160,7 @@ def test_a_run_for_another_model_that_keeps_the_configs_folders_is_warned(tmp_pa
   wrote its model's answers into the default model's data folder without a word: `--check` and the run name each
   folder setting left at the config file's value while model.path names another model, and say nothing when every
   folder is the run's own or the model is the file's."""
-  model = tmp_path / "mine.gguf"
-  model.write_bytes(b"GGUF")
+  model = Path(__file__).parent / "fixtures" / "llama_cpp_gguf" / "qwen3-f32.gguf"  # (--check reads its header)
   config = str(CONFIGS / "bpd_smollm2.yaml")
   own = [f"out={tmp_path}/heads", f"train.checkpoint_dir={tmp_path}/ckpt", f"data.greedy_dataset_dir={tmp_path}/g"]
   assert cli.main(["train", config, "--check", f"model.path={model}", *own]) == 0

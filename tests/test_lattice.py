@@ -268,6 +268,7 @@ def test_rescore_task_builds_the_ngram_and_tunes_the_weights(tiny, tmp_path, neu
   assert tuned["neural_weight"] == max(tuned["neural_tuning"], key=lambda r: r["tau"])["weight"]
   # a folder is recorded whole, so bpd-neural finds it from any working directory; so are the heads
   assert tuned["neural_lm"] == ("layerskip:1" if neural_lm == "layerskip" else str(Path(neural_draft).resolve()))
+  assert tuned.get("neural_layers") == (1 if neural_lm == "layerskip" else None)  # only where they chose the LM
   assert tuned["heads"] == str((tmp_path / "heads").resolve())
   # A rerun (after a kill, or with a weight added) reuses what the log holds: the same rows, timings included.
   log = tmp_path / "data" / "rescore_tuning.jsonl"

@@ -233,10 +233,11 @@ def test_eval_means_weight_batches_by_their_rows():
   assert got["eval/x"] == pytest.approx(1 / 101)
 
 
-def test_eval_means_weight_batches_by_the_counts_their_metrics_name():
+def test_eval_means_weight_batches_by_the_counts_their_metrics_name(caplog):
   """A metric that is a mean over some of a batch's units names their number (`count`, or `count/<name>` for its
   own): means over batches are then means over those units, whatever the rows; a metric none of whose batches has
-  a unit is a plain mean; counts are not reported."""
+  a unit measured nothing and is left out with a warning naming it (it was reported as the 0 its batches hold, which
+  for a loss reads as perfect); counts are not reported."""
   def loss_fn(params, frozen, batch, rng):
     m = batch["mask"]
     x = jnp.sum(batch["x"] * m) / jnp.maximum(m.sum(), 1)
@@ -254,8 +255,10 @@ def test_eval_means_weight_batches_by_the_counts_their_metrics_name():
   for rows in (1, 2, 3):
     got = trainer.evaluate(state, [{"mask": mask[i:i + rows], "x": x[i:i + rows]} for i in range(0, 3, rows)])
     assert got["eval/x"] == pytest.approx(100 / 102) and got["eval/loss"] == pytest.approx(100 / 102)
-    assert got["eval/first"] == pytest.approx(1 / 3) and got["eval/none"] == 0.0
+    assert got["eval/first"] == pytest.approx(1 / 3) and "eval/none" not in got
     assert not any("count" in k for k in got)
+    assert "counted no unit for eval/none (" in caplog.text and "eval/first" not in caplog.text
+    caplog.clear()
 
 
 def test_a_limited_evaluation_spreads_its_examples_over_the_whole_held_out_set():

@@ -363,6 +363,8 @@ def head_metrics(logits_NxKxM: jax.Array, targets_NxK: jax.Array, teacher_NxKxM:
   metrics["tau_proxy"] = 1.0 + per_example(chain)
   # The units of each mean (`training.trainer`): examples, and per head its valid and its scored targets.
   metrics["count"] = targets_NxK.shape[0] if examples_N is None else examples_N.sum()
+  # The loss sums the heads' means over their valid targets: a batch with none measures nothing (its loss is 0).
+  metrics["count/loss"] = jnp.where(valid_K.sum() > 0, metrics["count"], 0)
   for i in range(loss_K.shape[0]):
     metrics.update({f"count/loss_h{i + 1}": valid_K[i], f"count/acc_h{i + 1}": scored_K[i]})
     if teacher_NxKxM is not None:
@@ -417,6 +419,7 @@ def joint_loss(model, bpd: BPDModel, base_weight: float):
     head_loss, metrics = head_metrics(logits.reshape(b * (l - 1), k, -1), tgt.reshape(b * (l - 1), k),
                                       examples_N=examples.reshape(-1))
     metrics["base_loss"], metrics["count/base_loss"] = base_loss, mask.sum()
+    metrics["count/loss"] = mask.sum()  # the base loss's positions: every example of the heads is one of them
     return base_weight * base_loss + head_loss, metrics
 
   return loss_fn

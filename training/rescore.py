@@ -275,7 +275,8 @@ def train_rescore(cfg: RescoreConfig, *, model=None, params=None, tokenizer=None
                               lambda w: (neural, lattice_draft_params(bdp, weight=w, lm=draft_params)),
                               tc.neural_weights, greedy, tc.max_new_tokens, tc.batch_size, "tune neural weight",
                               progress, log)
-    tuned.update(neural_lm=neural_lm, neural_layers=tc.neural_layers,
+    # (neural_layers only where they chose the LM: beside a trained draft they would read as that draft's layers)
+    tuned.update(neural_lm=neural_lm, **({"neural_layers": tc.neural_layers} if layerskip else {}),
                  neural_weight=max(neural_rows, key=lambda r: r["tau"])["weight"], neural_tuning=neural_rows)
   tune_s = time.time() - t0
   summary = {"sequences": len(train_seqs), "held_out_prompts": len(prompts), **info, "tuned": tuned,

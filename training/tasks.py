@@ -394,6 +394,13 @@ def check_read_files(cfg: Any) -> None:
       check_model_folder(model)
     except ModelLoadError as e:
       raise ConfigError(f"model.path={model!r}: {e}") from None
+  elif isinstance(model, str):  # a model file: its header and metadata (a damaged one passed --check; seconds)
+    from jaxspec.loading import ModelLoadError
+    from jaxspec.loading.gguf_loader import config_from_gguf, open_gguf
+    try:
+      config_from_gguf(open_gguf(model))
+    except ModelLoadError as e:
+      raise ConfigError(f"model.path={model!r}: {e}") from None
 
 
 def check_resume(cfg: Any) -> None:
