@@ -350,8 +350,8 @@ class Trainer:
     unmeasured = [k for k in dict.fromkeys(k for r in records for k in r)
                   if k not in means and k != COUNT and not k.startswith(COUNT + "/")]
     if unmeasured:
-      logger.warning("the held-out evaluation counted no unit for %s (every one was masked out: with BPD heads on a "
-                     "vocabulary subset, heads.vocab_subset, every held-out target outside it, say), so these figures "
+      logger.warning("the held-out evaluation counted no unit for %s (none occurred in the held-out batches: for "
+                     "BPD heads on a vocabulary subset, heads.vocab_subset, every held-out target outside it, say), so these figures "
                      "are left out, not reported as 0; more held-out prompts (data.eval_fraction) may give them",
                      ", ".join(f"eval/{k}" for k in unmeasured))
     return {f"eval/{k}": v for k, v in means.items()}
