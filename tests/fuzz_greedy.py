@@ -20,6 +20,7 @@ the target and parts from the seed and decodes the one label on the one batch ag
 from __future__ import annotations
 
 import dataclasses
+import os
 import tempfile
 import traceback
 from pathlib import Path
@@ -127,8 +128,8 @@ def make_parts(model, params, root: Path, rng) -> dict:
   return dict(root=root, kmax=kmax, has_ids=ids is not None, tuned_heads=tuned_heads, vocab=model.vocab_size)
 
 
-class _Draws:
-  """The few kinds of draw a method label is made of."""
+class Draws:
+  """The few kinds of draw a method label is made of (tests/fuzz_sampling.py draws its labels with them too)."""
 
   def __init__(self, rng):
     self.rng = rng
@@ -142,12 +143,16 @@ class _Draws:
   def upto(self, hi: int, lo: int = 1) -> int:
     return int(self.rng.integers(lo, hi + 1))
 
+  def between(self, lo: float, hi: float) -> float:
+    """A uniform number in [lo, hi), rounded to 2 decimals so that a label shows it exactly."""
+    return round(float(self.rng.uniform(lo, hi)), 2)
+
 
 def random_method(rng, parts: dict, n_layers: int) -> str:
   """A random label of a lossless method on the parts of `make_parts` (`jaxspec bench --methods` syntax), its
   folders under PARTS."""
   kmax = parts["kmax"]
-  d = _Draws(rng)
+  d = Draws(rng)
   pick, maybe, upto = d.pick, d.maybe, d.upto
   kind = pick(["bpd", "bpd", "bpd-ngram", "bpd-neural", "bpd-oracle", "spec", "spec", "eagle", "lookup", "lookup",
                "layerskip", "jacobi", "opt-tree", "opt-tree", "opt-tree", "opt-tree"])
@@ -226,7 +231,7 @@ def random_method(rng, parts: dict, n_layers: int) -> str:
   return ":".join([kind] + [f"{k}={v}" for k, v in o.items()])
 
 
-def _tree_options(o: dict, d: _Draws, parts: dict, n_layers: int) -> None:
+def _tree_options(o: dict, d: Draws, parts: dict, n_layers: int) -> None:
   """opt-tree's options, into `o`: a drafter and its parts, then the tree's shape and budget."""
   kmax = parts["kmax"]
   pick, maybe, upto = d.pick, d.maybe, d.upto
@@ -502,6 +507,19 @@ def reproduce(seed: int, label: str, prompts, max_new, eos, buckets: bool, **_) 
     finally:
       gen.BUCKET_SMALLEST = saved
       gen.clear_programs()
+
+
+def seeds(default: tuple, var: str = "JAXSPEC_FUZZ_SEEDS") -> tuple:
+  """The seeds the environment variable `var` names, or `default` without it: `A-B` is A to B inclusive, and commas
+  join seeds and ranges (`3,8,20-25`)."""
+  text = os.environ.get(var, "").strip()
+  if not text:
+    return default
+  out = []
+  for part in text.split(","):
+    lo, _, hi = part.strip().partition("-")
+    out += range(int(lo), int(hi or lo) + 1)
+  return tuple(out)
 
 
 def describe(problem: dict) -> str:

@@ -13,7 +13,6 @@ workers, which the default `--dist loadfile` would keep on one). Both tests run 
 holds the call that replays it: `from tests.fuzz_greedy import reproduce; reproduce(seed=..., label=..., ...)`.
 """
 
-import os
 from collections import Counter
 from pathlib import Path
 
@@ -33,20 +32,6 @@ DIFFERENTIAL_SEEDS = (3, 98, 129, 229, 285)
 RECOMPUTE_SEEDS = (3, 22, 25, 26, 27, 28, 34, 37, 47, 54, 55, 112)
 LABELS = 6  # random methods per seed (each compiles its programs: most of the time)
 DRAWS = 3  # batches per batch shape (two shapes per seed; each batch costs a decode, not a compile)
-
-
-def seeds(default: tuple) -> tuple:
-  """The seeds in JAXSPEC_FUZZ_SEEDS, or `default` without it."""
-  text = os.environ.get("JAXSPEC_FUZZ_SEEDS", "").strip()
-  if not text:
-    return default
-  out = []
-  for part in text.split(","):
-    lo, _, hi = part.strip().partition("-")
-    out += range(int(lo), int(hi or lo) + 1)
-  return tuple(out)
-
-
 SHOWN = 4  # problems described in full in a failure's message; the rest are counted by method
 
 
@@ -60,7 +45,7 @@ def report(problems: list[dict]) -> str:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", seeds(DIFFERENTIAL_SEEDS))
+@pytest.mark.parametrize("seed", fuzz_greedy.seeds(DIFFERENTIAL_SEEDS))
 def test_random_methods_give_greedy_tokens(seed):
   """Every random lossless method gives greedy decoding's tokens on every batch, with counters that add up; no
   method crashes. Methods may refuse (an option this target cannot serve), but not more than half of them, or the
@@ -75,7 +60,7 @@ def test_random_methods_give_greedy_tokens(seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", seeds(RECOMPUTE_SEEDS))
+@pytest.mark.parametrize("seed", fuzz_greedy.seeds(RECOMPUTE_SEEDS))
 def test_greedy_matches_recomputation(seed):
   """Cached greedy decoding (with and without attention buckets) gives the tokens of a full recomputation."""
   problems = fuzz_greedy.reference_check(seed)
