@@ -1172,3 +1172,25 @@ def test_a_run_for_another_model_that_keeps_the_configs_folders_is_warned(tmp_pa
   assert "is another model" not in caplog.text
   assert cli.main(["train", config, "--check", *own]) == 0  # the file's own model: its folders are its own
   assert "is another model" not in caplog.text
+  caplog.clear()
+  assert cli.main(["train", config, "--check", f"model.path={model}", f"out={tmp_path}/heads"]) == 0
+  assert ("but data.dataset_dir=runs/smollm2_sampled/data, data.greedy_dataset_dir=runs/bpd_smollm2/data, "
+          "train.checkpoint_dir=runs/bpd_smollm2/ckpt keep its folders, which hold (or will hold) that model's data, "
+          "checkpoints or export: give them paths of your own") in caplog.text
+
+
+def test_the_folders_left_to_a_config_are_each_folder_setting_with_home_paths_as_the_run_reads_them(tmp_path,
+                                                                                                  monkeypatch):
+  """Every folder setting (out, the data folders, the checkpoints) kept at the file's value is named; a file that
+  writes its model and folders from the home folder (`~/...`) is compared as the run reads it, expanded."""
+  from training.tasks import folders_left_to_the_config, load_task_config
+
+  monkeypatch.setenv("HOME", str(tmp_path))
+  path = tmp_path / "mine.yaml"
+  path.write_text("task: bpd\nout: ~/heads\nmodel:\n  path: ~/models/a.gguf\ndata:\n  dataset_dir: ~/data\n"
+                  "  greedy_dataset_dir: runs/g\n  more_dataset_dir: runs/m\ntrain:\n  checkpoint_dir: runs/ck\n")
+  assert folders_left_to_the_config(str(path), load_task_config(str(path))[0]) == []  # the file's own model
+  other = load_task_config(str(path), [f"model.path={tmp_path}/models/b.gguf"])[0]
+  assert folders_left_to_the_config(str(path), other) == [
+      f"out={tmp_path}/heads", f"data.dataset_dir={tmp_path}/data", "data.greedy_dataset_dir=runs/g",
+      "data.more_dataset_dir=runs/m", "train.checkpoint_dir=runs/ck"]

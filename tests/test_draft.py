@@ -223,6 +223,29 @@ def test_draft_files_round_trip(tiny, tmp_path):
 
 
 
+def test_the_weights_fingerprint_reads_every_array_in_either_layout(tiny):
+  """`weights_fingerprint` tells apart models of one embedding: a value changed in any array changes it (every value
+  of an array of at most `samples` values, the later rows of a larger one), while the layout of a scan_layers load
+  and bf16 weights of the same values keep it."""
+  from jaxspec.models.draft import weights_fingerprint
+  from jaxspec.models.llama import stack_layers
+
+  _, params = tiny
+  fp = weights_fingerprint(params)
+  assert weights_fingerprint(stack_layers(params, 2)) == fp
+  assert weights_fingerprint(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)) == fp
+  paths = [path for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+
+  def changed(path, where):
+    return jax.tree_util.tree_map_with_path(lambda p, x: x.at[where].add(1.0) if p == path else x, params)
+
+  for path in paths:  # the last quarter of each array's rows (of its values, for a vector)
+    leaf = functools.reduce(lambda t, k: t[k.key], path, params)
+    assert weights_fingerprint(changed(path, slice(leaf.shape[0] * 3 // 4, None))) != fp, jax.tree_util.keystr(path)
+  o = next(path for path in paths if jax.tree_util.keystr(path) == "['layers_0']['attn']['o']['kernel']")  # 32x32
+  assert weights_fingerprint(changed(o, (31, 31))) != fp
+
+
 def test_a_draft_of_an_untied_target_takes_the_target_s_head(tmp_path):
   """An untied target's output head is one of the vocabulary-sized matrices a draft shares: not in the folder, taken
   from the target's params on load (the same values), so the draft scores with the target's head."""

@@ -247,6 +247,9 @@ def test_folder_round_trip_and_clear_errors(tiny, tmp_path):
   wide_model, wide_params = make_tiny(seed=0, d_model=48)
   with pytest.raises(ModelLoadError, match=r"another target \(d_model 32 there, 48 here\); train one"):  # (it printed
     load_eagle(tmp_path / "d", wide_model, wide_params)                                   # a Python dict of pairs)
+  wider_model, wider_params = make_tiny(seed=0, d_model=48, d_ff=96)  # each setting named
+  with pytest.raises(ModelLoadError, match=r"another target \(d_model 32 there, 48 here; d_ff 64 there, 96 here\)"):
+    load_eagle(tmp_path / "d", wider_model, wider_params)
   w = tmp_path / "d" / "model.safetensors"
   w.write_bytes(w.read_bytes()[:200])
   with pytest.raises(ModelLoadError, match="unreadable"):

@@ -165,6 +165,29 @@ def test_teacher_topk_and_features_through_the_cache_equal_a_direct_computation(
     assert not f[len(h):].any()
 
 
+def test_the_caches_are_not_reused_for_a_target_of_other_layers(tiny, tmp_path, monkeypatch):
+  """A target with the same embedding but other layers (a fine-tune of it) computes its teacher top-k and hidden
+  states again: their keys name all the weights, not only the embedding."""
+  import jax
+
+  model, params = tiny
+  tuned = {**params, "layers_1": jax.tree.map(lambda x: x * 1.01, params["layers_1"])}
+  lengths = np.array([5, 17, 9])
+  tokens = np.zeros((len(lengths), 40), np.int32)
+  for i, l in enumerate(lengths):
+    tokens[i, :l] = np.arange(1, l + 1)
+  seqs = datasets.Sequences([tokens[i, :l] for i, l in enumerate(lengths)], np.ones(len(lengths), np.int32))
+  computed = []
+  monkeypatch.setattr(rowcache, "cached_rows", _counting(rowcache.cached_rows, computed))
+  for target in (params, tuned):
+    computed.clear()
+    cached_teacher_topk(tmp_path / "t.npz", model, target, tokens, lengths, 4, progress=False)
+    assert sorted(computed) == [0, 1, 2]
+    computed.clear()
+    cached_features(tmp_path / "f.npz", model, target, seqs, 24, progress=False)
+    assert sorted(computed) == [0, 1, 2]
+
+
 def _counting(cached_rows, computed):
   """The real cache with parts of 3 sequences, recording which rows it computes."""
   def run(path, key, order, compute, **kw):

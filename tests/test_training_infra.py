@@ -513,7 +513,7 @@ def test_a_t5_draft_for_another_tokenizer_does_not_write_over_the_shipped_t5_dra
   check_assets(load_task_config(str(Path(path).with_name("t5_numbers.yaml")), [f"out={ASSETS / 't5_numbers'}"])[0])
 
 
-def test_a_rebuild_of_the_shipped_t5_with_another_vocabulary_is_refused_before_training(tmp_path):
+def test_a_rebuild_of_the_shipped_t5_with_another_vocabulary_is_refused_before_training(tmp_path, monkeypatch):
   """configs/t5_numbers.yaml rebuilds the shipped T5 with a new tokenizer; with other data settings
   (data.vocab_size=100) that tokenizer has other ids, and the run wrote over the T5 whose shipped draft and BPD heads
   read the old ones. Refused once the tokenizer is built, before any step; the shipped settings build the shipped
@@ -534,6 +534,17 @@ def test_a_rebuild_of_the_shipped_t5_with_another_vocabulary_is_refused_before_t
   seq2seq.check_shipped_vocabulary(shipped, seq2seq._tokenizer(shipped.data, rows))
   elsewhere = load_task_config(path, ["data.vocab_size=100", f"out={tmp_path / 't5'}"])[0]
   seq2seq.check_shipped_vocabulary(elsewhere, seq2seq._tokenizer(elsewhere.data, rows))
+  # Fewer examples build as many tokens as the shipped vocabulary (148) but other ids: the ids are compared.
+  fewer = load_task_config(path, ["data.train_examples=2000"])[0]
+  tokenizer = seq2seq._tokenizer(fewer.data, synthetic.examples(2000, fewer.data.seed))
+  with pytest.raises(ConfigError, match=r"another vocabulary \(148 tokens"):
+    seq2seq.check_shipped_vocabulary(fewer, tokenizer)
+  # A shipped folder without its tokenizer (deleted to rebuild the T5, its draft and heads) has nothing to keep.
+  import jaxspec.bench.methods
+
+  monkeypatch.setattr(jaxspec.bench.methods, "ASSETS", tmp_path / "assets")
+  (tmp_path / "assets" / "t5_numbers").mkdir(parents=True)
+  seq2seq.check_shipped_vocabulary(dataclasses.replace(fewer, out=str(tmp_path / "assets" / "t5_numbers")), tokenizer)
 
 
 def test_a_seq2seq_run_does_not_write_over_a_folder_of_the_default_model(tmp_path):
