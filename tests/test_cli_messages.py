@@ -319,8 +319,8 @@ def test_train_check_makes_the_checks_a_run_made_before_loading_its_target(tmp_p
   # A damaged model file passed --check too (the run refused it once loading): a cut-short copy, a file of junk.
   (tmp_path / "cut.gguf").write_bytes(gguf.read_bytes()[:4096])
   (tmp_path / "junk.gguf").write_bytes(b"not a model" * 100)
-  assert "is not a readable GGUF file" in fails(["train", str(config), "--check", f"model.path={tmp_path / 'cut.gguf'}"],
-                                                capsys)
+  cut = f"model.path={tmp_path / 'cut.gguf'}"
+  assert "is not a readable GGUF file" in fails(["train", str(config), "--check", cut], capsys)
   assert "model.path=" in (err := fails(["train", str(config), "--check", f"model.path={tmp_path / 'junk.gguf'}"],
                                         capsys)) and "download or convert it again" in err
   assert "use train.targets=tokens there" in fails(

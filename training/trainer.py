@@ -347,13 +347,12 @@ class Trainer:
       return {}
     records = jax.device_get(results)
     means = _mean(records, sizes)
-    unmeasured = [k for k in dict.fromkeys(k for r in records for k in r)
-                  if k not in means and k != COUNT and not k.startswith(COUNT + "/")]
+    unmeasured = [k for k in _metric_names(records) if k not in means]
     if unmeasured:
       logger.warning("the held-out evaluation counted no unit for %s (none occurred in the held-out batches: for "
-                     "BPD heads on a vocabulary subset, heads.vocab_subset, every held-out target outside it, say), so these figures "
-                     "are left out, not reported as 0; more held-out prompts (data.eval_fraction) may give them",
-                     ", ".join(f"eval/{k}" for k in unmeasured))
+                     "BPD heads on a vocabulary subset, heads.vocab_subset, every held-out target outside it, say), "
+                     "so these figures are left out, not reported as 0; more held-out prompts (data.eval_fraction) "
+                     "may give them", ", ".join(f"eval/{k}" for k in unmeasured))
     return {f"eval/{k}": v for k, v in means.items()}
 
   # --- the loop ------------------------------------------------------------------------------------------
@@ -630,14 +629,18 @@ def _batches(source: BatchSource, start: int) -> Iterator[Batch]:
 COUNT = "count"  # a metric's units in its batch: `count/<name>`, or `count` for all (see the module's doc)
 
 
+def _metric_names(records: list[Mapping[str, Any]]) -> list[str]:
+  """The metrics `records` hold, in order of appearance, less their counts."""
+  return [k for k in dict.fromkeys(k for r in records for k in r) if k != COUNT and not k.startswith(COUNT + "/")]
+
+
 def _mean(records: list[Mapping[str, Any]], weights: list[float] | None = None) -> dict[str, float]:
   """Each metric's mean over `records`, weighted by its count where the records give one, else by `weights`
   (rows; 1 each when None). A metric whose counts are all 0 (no unit of its kind anywhere: every target masked, say)
   was not measured and is left out, rather than reported as the 0 its batches hold."""
-  keys = [k for k in dict.fromkeys(k for r in records for k in r) if k != COUNT and not k.startswith(COUNT + "/")]
   weights = [1.0] * len(records) if weights is None else weights
   out = {}
-  for k in keys:
+  for k in _metric_names(records):
     rows = [(np.asarray(r[k], np.float64), np.asarray(r.get(f"{COUNT}/{k}", r.get(COUNT, wt)), np.float64))
             for r, wt in zip(records, weights) if k in r]
     vals, w = zip(*rows)
